@@ -1,0 +1,226 @@
+"""`advtune train | info | evaluate | analyze | finetune | experiment | report | demo`.
+
+Thin: each subcommand is `add_<cmd>_parser` + `run_<cmd>(args) -> int`, which builds the API's
+config objects and calls the API. A YAML `--config` gives defaults, flags override them.
+Errors for people (AdvtuneError) print as one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import AdvtuneError
+
+log = logging.getLogger("advtune")
+
+
+def number(text: str) -> float:
+    """A float that may be written as a fraction: `0.3`, `8/255`."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
+
+
+def number_list(text: str) -> list[float]:
+    return [number(t) for t in text.split(",") if t.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("general")
+    g.add_argument("--config", help="YAML file of defaults for this command's flags (flags override it)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    from .data import list_datasets
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=dataset_required, help="one of: " + ", ".join(list_datasets()))
+    g.add_argument("--data-dir", help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)")
+    g.add_argument("--limit", type=int, help="use only the first N training examples")
+    g.add_argument("--limit-test", type=int, help="use only the first N test examples")
+
+
+def _train_args(p: argparse.ArgumentParser, epochs: int = 2, lr: float = 1e-3) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--lr", type=number, default=lr)
+    g.add_argument("--momentum", type=number, default=0.9)
+    g.add_argument("--weight-decay", type=number, default=0.0)
+    g.add_argument("--schedule", choices=["constant", "cosine", "step", "onecycle"], default="constant")
+    g.add_argument("--warmup-epochs", type=number, default=0.0)
+    g.add_argument("--val", type=number, default=0, help="hold out N training examples (or a fraction < 1) for validation")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
+    g.add_argument("--out", required=True, help="run folder to write (runs/<name>)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                       warmup_epochs=args.warmup_epochs, seed=args.seed, checkpoint_every=args.checkpoint_every)
+
+# ---------------------------------------------------------------- train
+
+
+def add_train_parser(sub) -> None:
+    from .models import list_models
+
+    p = sub.add_parser("train", help="train a model (standard or adversarial) into a run folder",
+                       description="Train a model by name on a dataset by name. Writes model.safetensors, "
+                                   "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.")
+    _data_args(p)
+    p.add_argument("--model", required=True, help="one of: " + ", ".join(list_models()))
+    _train_args(p)
+    a = p.add_argument_group("adversarial training")
+    a.add_argument("--adversarial", metavar="ATTACK", help="train on adversarial examples of this attack spec, e.g. pgd:steps=10")
+    a.add_argument("--eps", type=number, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
+    a.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    a.add_argument("--attack-mode", choices=["eval", "train"], default="eval", help="model mode while the attack runs")
+    _common(p)
+
+
+def run_train(args) -> int:
+    from .runs import TrainRun, train_run
+
+    run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args),
+                   data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
+                   device=args.device, adversarial=args.adversarial, norm=args.norm, eps=args.eps,
+                   attack_mode=args.attack_mode, resume=args.resume, overwrite=args.overwrite)
+    summary = train_run(run)
+    print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
+    return 0
+
+# ---------------------------------------------------------------- info
+
+
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="show what a run recorded", description="Config, seed, versions, metrics, cost and evaluations of a run.")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--json", action="store_true", help="print the raw record as JSON")
+    _common(p)
+
+
+def run_info(args) -> int:
+    from .runs import format_info, run_info as info_of
+
+    info = info_of(args.run)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+# ---------------------------------------------------------------- demo
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job end to end on MNIST", description="Train, attack, analyse, fine-tune, report.")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and report (default: runs/demo)")
+    p.add_argument("--full", action="store_true", help="real sizes instead of the few-minute CPU demo")
+    p.add_argument("--data-dir", help="folder holding mnist/ (default: search, else download)")
+    _common(p)
+
+
+def run_demo(args) -> int:
+    from .demo import DemoConfig, run_demo as demo
+
+    demo(DemoConfig(out=args.out, full=args.full, data_dir=args.data_dir, seed=args.seed, device=args.device))
+    return 0
+
+# ---------------------------------------------------------------- main
+
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "train": (add_train_parser, run_train),
+    "info": (add_info_parser, run_info),
+    "demo": (add_demo_parser, run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="advtune", description="Make CNNs robust by adversarially fine-tuning only their most vulnerable components.")
+    parser.add_argument("--version", action="version", version=f"advtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def _apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """timm's two stages: YAML gives the subcommand's defaults, explicit flags override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    import yaml
+
+    path = Path(known.config)
+    if not path.is_file():
+        raise AdvtuneError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise AdvtuneError(f"{path} must be a mapping of flag names to values")
+    command = next((a for a in argv if a in COMMANDS), None)
+    subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    dests = {a.dest for a in subparser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests:
+            close = difflib.get_close_matches(dest, sorted(dests), n=1)
+            raise AdvtuneError(f"{path}: unknown key {key!r}" + (f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""))
+        defaults[dest] = value
+    subparser.set_defaults(**defaults)
+    for action in subparser._actions:  # a required flag given by the YAML is no longer required
+        if action.dest in defaults:
+            action.required = False
+
+
+def _setup_logging(args) -> None:
+    from .utils import set_progress
+
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    set_progress(not getattr(args, "quiet", False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        _apply_yaml_defaults(parser, argv)
+        args = parser.parse_args(argv)
+        _setup_logging(args)
+        return COMMANDS[args.command][1](args)
+    except AdvtuneError as e:
+        print(f"advtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("advtune: interrupted; continue a training run with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The cost meter: wall time, gradient evaluations per example, FLOPs, trainable parameters, peak memory.
+
+Unit of cost: one *gradient evaluation* = one forward + one backward pass of one example. A clean
+training step costs 1; PGD-k adversarial training costs k (attack) + 1 (the update) per example.
+Attack backward passes need only input gradients, but they still run through every layer, frozen or
+not: selective fine-tuning saves only in the parameter-gradient share, which the FLOPs split shows.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CostMeter:
+    wall_s: float = 0.0
+    examples: int = 0                 # examples that went through a training update
+    attack_grad_evals: int = 0        # example-passes of forward+backward for input gradients (attacks)
+    update_grad_evals: int = 0        # example-passes of forward+backward for parameter updates
+    forward_evals: int = 0            # forward-only example-passes (evaluation, checks)
+    trainable_params: int = 0
+    total_params: int = 0
+    flops_forward: float = 0.0        # per example, measured once with torch.utils.flop_counter
+    flops_attack_step: float = 0.0    # per example: forward + input-gradient backward
+    flops_update_step: float = 0.0    # per example: forward + backward for the trainable parameters
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+    phases: dict = field(default_factory=dict)
+    _t0: float | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ counting
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            self.wall_s += time.perf_counter() - self._t0
+            self._t0 = None
+        self._update_memory()
+
+    def add_update(self, n: int, attack_grad_evals_per_example: int = 0) -> None:
+        self.examples += n
+        self.update_grad_evals += n
+        self.attack_grad_evals += n * attack_grad_evals_per_example
+
+    def add_attack(self, n: int, grad_evals_per_example: int) -> None:
+        self.attack_grad_evals += n * grad_evals_per_example
+
+    def add_forward(self, n: int) -> None:
+        self.forward_evals += n
+
+    @property
+    def grad_evals(self) -> int:
+        return self.attack_grad_evals + self.update_grad_evals
+
+    @property
+    def flops(self) -> float:
+        return (self.attack_grad_evals * self.flops_attack_step + self.update_grad_evals * self.flops_update_step
+                + self.forward_evals * self.flops_forward)
+
+    # ------------------------------------------------------------ measuring
+    def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Count FLOPs per example for a forward, an attack step and an update step, and the
+        trainable parameters, with the model's *current* requires_grad flags (so a selection counts)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        import copy
+
+        params = list(model.parameters())
+        self.trainable_params = sum(p.numel() for p in params if p.requires_grad)
+        self.total_params = sum(p.numel() for p in params)
+        dev = params[0].device if params else torch.device("cpu")
+        self.device = str(dev)
+        # a private copy in eval mode: the probe must not touch the real model's .grad or BN stats
+        # (FlopCounterMode cannot wrap autograd.grad on a leaf, so the probe uses backward()).
+        probe = copy.deepcopy(model).eval()
+        x = torch.rand(1, *input_shape, device=dev)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            probe(x)
+        self.flops_forward = float(fc.get_total_flops())
+        flags = [p.requires_grad for p in probe.parameters()]
+        for p in probe.parameters():
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False) as fc:
+            probe(x.clone().requires_grad_(True)).sum().backward()
+        self.flops_attack_step = float(fc.get_total_flops())
+        for p, f in zip(probe.parameters(), flags):
+            p.requires_grad_(f)
+        with FlopCounterMode(display=False) as fc:
+            out = probe(x).sum()
+            if out.requires_grad:
+                out.backward()
+        self.flops_update_step = float(fc.get_total_flops())
+
+    def _update_memory(self) -> None:
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            self.peak_memory_bytes = max(self.peak_memory_bytes, int(torch.cuda.max_memory_allocated(torch.device(self.device))))
+        else:
+            # process peak RSS (KiB on Linux, bytes on macOS): an upper bound for this run on CPU
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_memory_bytes = max(self.peak_memory_bytes, rss if sys.platform == "darwin" else rss * 1024)
+
+    # ------------------------------------------------------------ records
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["grad_evals"] = self.grad_evals
+        d["grad_evals_per_example"] = self.grad_evals / self.examples if self.examples else None
+        d["flops"] = self.flops
+        d["peak_memory_kind"] = "cuda_max_allocated" if self.device.startswith("cuda") else "process_peak_rss"
+        return d
+
+    def load_json(self, d: dict) -> "CostMeter":
+        for k, v in d.items():
+            if k in self.__dataclass_fields__ and not k.startswith("_"):
+                setattr(self, k, v)
+        return self

@@ -1,0 +1,238 @@
+"""Architectures by name, each starting with a `Normalize` layer (inputs are pixels in [0,1]);
+save/load as safetensors weights + JSON metadata (loading never unpickles)."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import AdvtuneError
+from .utils import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as a layer, so attacks and eps live in pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def _flat(c: int, h: int, w: int, pools: int) -> int:
+    return c * (h >> pools) * (w >> pools)
+
+
+def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """Fast MNIST net: conv32-pool-conv64-pool-fc128-fc."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 32, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(), fc1=nn.Linear(_flat(64, h, w, 2), 128), relu3=nn.ReLU(), fc2=nn.Linear(128, classes)))
+
+
+def madry_mnist(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """The MNIST-challenge architecture (Madry et al. 2018): conv32 5x5, pool, conv64 5x5, pool, fc1024, fc."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 32, 5, padding=2), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, 5, padding=2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(), fc1=nn.Linear(_flat(64, h, w, 2), 1024), relu3=nn.ReLU(), fc2=nn.Linear(1024, classes)))
+
+
+def lenet5(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """LeNet-5 (ReLU, max-pool): conv6 5x5 (padded to keep 28x28 -> 14), pool, conv16 5x5, pool, fc120, fc84, fc."""
+    pad = 2 if h < 32 else 0
+    h2, w2 = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
+    h3, w3 = (h2 - 4) // 2, (w2 - 4) // 2
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 6, 5, padding=pad), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(6, 16, 5), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(), fc1=nn.Linear(16 * h3 * w3, 120), relu3=nn.ReLU(),
+        fc2=nn.Linear(120, 84), relu4=nn.ReLU(), fc3=nn.Linear(84, classes)))
+
+
+def vgg_cifar(c: int, h: int, w: int, classes: int, widths=(32, 64, 128)) -> nn.Module:
+    """Small VGG-style net: 3 stages of 2x(conv3x3-BN-ReLU) + max-pool, then fc256, fc."""
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    cin = c
+    for s, width in enumerate(widths, start=1):
+        for j in (1, 2):
+            layers[f"conv{s}_{j}"] = nn.Conv2d(cin, width, 3, padding=1, bias=False)
+            layers[f"bn{s}_{j}"] = nn.BatchNorm2d(width)
+            layers[f"relu{s}_{j}"] = nn.ReLU()
+            cin = width
+        layers[f"pool{s}"] = nn.MaxPool2d(2)
+    layers["flatten"] = nn.Flatten()
+    layers["fc1"] = nn.Linear(_flat(cin, h, w, len(widths)), 256)
+    layers["relu_fc"] = nn.ReLU()
+    layers["fc2"] = nn.Linear(256, classes)
+    return nn.Sequential(layers)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016), as used in fast adversarial training."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        sc = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + sc
+
+
+class PreActResNet18(nn.Module):
+    def __init__(self, c: int, classes: int, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, width, 3, 1, 1, bias=False)
+        stages, cin = [], width
+        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
+            blocks = [PreActBlock(cin, width * mult, stride), PreActBlock(width * mult, width * mult, 1)]
+            cin = width * mult
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = nn.BatchNorm2d(cin)
+        self.linear = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = torch.relu(self.bn(out))
+        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+ARCHITECTURES: dict[str, Callable[[int, int, int, int], nn.Module]] = {
+    "small-cnn": small_cnn,
+    "madry-mnist": madry_mnist,
+    "lenet5": lenet5,
+    "vgg-cifar": vgg_cifar,
+    "preact-resnet18": lambda c, h, w, k: PreActResNet18(c, k),
+}
+
+
+def list_models() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=None, std=None) -> nn.Sequential:
+    """`Sequential(normalize=Normalize(mean, std), net=<architecture>)` for inputs in [0,1]."""
+    if name not in ARCHITECTURES:
+        raise AdvtuneError(f"unknown model {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    c, h, w = (int(v) for v in input_shape)
+    min_side = 8 if name != "lenet5" else 28
+    if h < min_side or w < min_side:
+        raise AdvtuneError(f"model {name} needs inputs of at least {min_side}x{min_side}, got {h}x{w}; pick small-cnn or resize")
+    mean = tuple(mean) if mean is not None else (0.5,) * c
+    std = tuple(std) if std is not None else (0.5,) * c
+    if len(mean) != c or len(std) != c:
+        raise AdvtuneError(f"normalisation has {len(mean)} channels but inputs have {c}")
+    model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=ARCHITECTURES[name](c, h, w, num_classes)))
+    model.advtune_architecture = name  # type: ignore[attr-defined]  # save_model records it
+    return model
+
+
+def model_for(dataset, name: str) -> nn.Sequential:
+    """The named architecture sized for a `data.Dataset`."""
+    return build_model(name, dataset.input_shape, dataset.num_classes, dataset.mean, dataset.std)
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "advtune": "1"}))
+    meta = dict(meta)
+    meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
+    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
+    atomic_write_json(directory / META_FILE, meta)
+    return directory / WEIGHTS_FILE
+
+
+def read_meta(directory: str | Path) -> dict:
+    from .utils import read_json
+
+    directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        raise AdvtuneError(f"{directory} holds no saved model ({META_FILE} missing); pass a run folder written by `advtune train`")
+    return read_json(directory / META_FILE, "model metadata")
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file; a truncated or foreign file gives a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdvtuneError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]}); "
+                           "re-save the model or retrain") from None
+
+
+def load_weights(model: nn.Module, path: str | Path, what: str = "checkpoint") -> nn.Module:
+    """Load safetensors weights into a (possibly user-defined) model, refusing any shape/name mismatch."""
+    state = load_state(path)
+    check_compatible(model, state, what)
+    model.load_state_dict(state)
+    return model
+
+
+def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[:3]}" if missing else "") or (f"unexpected {extra[:3]}" if extra else "") or f"shape {wrong[0]}"
+        raise AdvtuneError(f"{what} is for another architecture or input shape ({detail}); "
+                           "load it into the model it was saved from")
+
+
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
+    """Rebuild a saved model from its metadata and load its weights (no code is executed from files)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    arch = meta.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise AdvtuneError(f"{directory}: unknown architecture {arch!r} in {META_FILE}; valid: {', '.join(ARCHITECTURES)}")
+    model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
+    load_weights(model, directory / WEIGHTS_FILE, f"{directory / WEIGHTS_FILE}")
+    return model.to(device).eval(), meta
+
+
+def describe_meta(name: str, dataset) -> dict:
+    """The metadata a model needs to be rebuilt: architecture, input shape, classes, normalisation."""
+    return {"architecture": name, "dataset": dataset.name, "input_shape": list(dataset.input_shape),
+            "num_classes": dataset.num_classes, "classes": dataset.classes,
+            "mean": list(dataset.mean), "std": list(dataset.std)}

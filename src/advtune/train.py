@@ -1,0 +1,443 @@
+"""ONE training loop for standard, adversarial and selective training.
+
+`fit(model, train, objective, config, selection=...)`: the objective decides what a step optimises
+(clean CE, adversarial CE on any attack, TRADES); the selection decides which parameters may move.
+Every step is a pure function of (seed, epoch, step), so a run killed at any point resumes from its
+last checkpoint to bit-identical final weights.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .cost import CostMeter
+from .data import TensorData, num_batches
+from .errors import AdvtuneError
+from .utils import atomic_write_bytes, derive_seed, eval_mode, make_generator, model_device, progress
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    warmup_epochs: float = 0.0
+    seed: int | None = 0
+    eval_batch_size: int = 512
+    checkpoint_every: int = 0          # also checkpoint every N steps (0: at epoch ends only)
+    val_attack_limit: int = 500        # examples of the validation split attacked each epoch
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise AdvtuneError(f"epochs must be a non-negative integer, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise AdvtuneError(f"batch size must be positive, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise AdvtuneError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise AdvtuneError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        if self.schedule not in ("constant", "cosine", "step", "onecycle"):
+            raise AdvtuneError(f"unknown schedule {self.schedule!r}; use constant, cosine, step or onecycle")
+        if self.weight_decay < 0 or not (0 <= self.momentum < 1):
+            raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.warmup_epochs < 0 or self.checkpoint_every < 0:
+            raise AdvtuneError("warmup epochs and checkpoint interval must be >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate at a global step (a pure function: nothing to save for resume)."""
+    warm = int(cfg.warmup_epochs * total / max(cfg.epochs, 1))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+    if cfg.schedule == "onecycle":  # triangular: up to the peak at 40%, then down to 0 (fast-AT style)
+        return cfg.lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
+    return cfg.lr
+
+# ---------------------------------------------------------------- objectives
+
+
+class Objective(Protocol):
+    name: str
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 generator: torch.Generator | None) -> dict[str, torch.Tensor]: ...
+
+    def attack_grad_evals(self) -> int: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Clean:
+    """Cross-entropy on clean inputs (standard training)."""
+
+    name: str = "clean"
+
+    def __call__(self, model, x, y, *, generator=None):
+        logits = model(x)
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits}
+
+    def attack_grad_evals(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        return {"objective": self.name}
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    """Cross-entropy on adversarial inputs (Madry et al. 2018); `clean_weight` mixes in clean CE.
+
+    attack_mode: the mode the model is in while the attack runs ("eval": BN uses running stats, as
+    torchattacks does; "train": batch statistics, as fast adversarial training does). Recorded.
+    """
+
+    attack: Any
+    attack_mode: Literal["eval", "train"] = "eval"
+    clean_weight: float = 0.0
+    name: str = "adversarial"
+
+    def __post_init__(self) -> None:
+        if self.attack_mode not in ("eval", "train"):
+            raise AdvtuneError(f"attack_mode must be eval or train, got {self.attack_mode!r}")
+        if not 0 <= self.clean_weight <= 1:
+            raise AdvtuneError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
+
+    def __call__(self, model, x, y, *, generator=None):
+        if self.attack_mode == "eval":
+            with eval_mode(model):
+                x_adv = self.attack(model, x, y, generator=generator)
+        else:
+            x_adv = self.attack(model, x, y, generator=generator)
+        logits = model(x_adv)
+        loss = nn.functional.cross_entropy(logits, y)
+        if self.clean_weight:
+            loss = (1 - self.clean_weight) * loss + self.clean_weight * nn.functional.cross_entropy(model(x), y)
+        return {"loss": loss, "logits": logits, "x_adv": x_adv}
+
+    def attack_grad_evals(self) -> int:
+        return int(self.attack.grad_evals()) + (1 if self.clean_weight else 0)  # the clean term's extra pass
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "attack": getattr(self.attack, "spec", repr(self.attack)),
+                "attack_mode": self.attack_mode, "clean_weight": self.clean_weight}
+
+
+def clean() -> Clean:
+    return Clean()
+
+
+def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0) -> Adversarial:
+    return Adversarial(attack, attack_mode, clean_weight)
+
+# ---------------------------------------------------------------- selection inside fit (one place)
+
+
+class _Trainable:
+    """Applies a Selection for the duration of fit:
+    (a) tensors with no selected entry get requires_grad=False and stay out of the optimizer;
+    (b) partially selected tensors get masked gradients AND their unselected slices are restored
+        after every optimizer step (momentum and weight decay move entries with zero gradient);
+    (c) BatchNorms whose parameters are all frozen run in eval mode (running stats don't move);
+        partially selected BNs have their unselected running-stat entries restored after each step;
+    (d) a selection covering everything changes nothing: exactly the full-training path.
+    """
+
+    def __init__(self, model: nn.Module, selection) -> None:
+        self.model = model
+        self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.frozen_bns: list[_BatchNorm] = []
+        self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if selection is None:
+            return
+        masks = selection.masks(model)
+        for name, p in model.named_parameters():
+            m = masks.get(name)
+            if m is None or not bool(m.any()):
+                p.requires_grad_(False)
+            elif not bool(m.all()):
+                m = m.to(p.device)
+                self.partial.append((p, m, p.detach().clone()))
+        for mod in model.modules():
+            if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
+                continue
+            own = [p for p in mod.parameters(recurse=False)]
+            if not own or not any(p.requires_grad for p in own):
+                self.frozen_bns.append(mod)
+            elif mod.weight is not None:
+                wmask = next((m for p, m, _ in self.partial if p is mod.weight), None)
+                if wmask is not None:
+                    self.partial_bns.append((mod, ~wmask, mod.running_mean.clone(), mod.running_var.clone()))
+
+    def snapshot(self) -> None:
+        self.partial = [(p, m, p.detach().clone()) for p, m, _ in self.partial]
+        self.partial_bns = [(bn, keep, bn.running_mean.clone(), bn.running_var.clone()) for bn, keep, _, _ in self.partial_bns]
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        for bn in self.frozen_bns:
+            bn.eval()
+
+    def mask_grads(self) -> None:
+        for p, m, _ in self.partial:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        for p, m, frozen in self.partial:
+            torch.where(m, p, frozen, out=p)
+        for bn, keep, mean, var in self.partial_bns:
+            bn.running_mean[keep] = mean[keep]
+            bn.running_var[keep] = var[keep]
+
+    def close(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.flags[name])
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+    stopped: str | None = None      # why training stopped early (a callback said so), if it did
+
+    @property
+    def last(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+EpochCallback = Callable[[nn.Module, dict], "str | None"]
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise AdvtuneError("nothing to train: every parameter is frozen (empty selection?)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: TensorData, batch_size: int = 512, meter: CostMeter | None = None) -> float:
+    """Clean accuracy of `model` on a split (eval mode, restored afterwards)."""
+    device = model_device(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with eval_mode(model):
+        for x, y in data.batches(batch_size, device=device):
+            correct += (model(x).argmax(1) == y).sum()
+    if meter is not None:
+        meter.add_forward(len(data))
+    return correct.item() / max(len(data), 1)
+
+
+def robust_accuracy_quick(model: nn.Module, data: TensorData, attack, batch_size: int, seed: int | None,
+                          meter: CostMeter | None = None) -> float:
+    """Accuracy under one attack (validation monitor during training; evaluate.py is the full protocol)."""
+    device = model_device(model)
+    correct = 0
+    with eval_mode(model):
+        for i, (x, y) in enumerate(data.batches(batch_size, device=device)):
+            x_adv = attack(model, x, y, generator=make_generator(derive_seed(seed, "val-attack", i), device))
+            with torch.no_grad():
+                correct += int((model(x_adv).argmax(1) == y).sum())
+    if meter is not None:
+        meter.add_attack(len(data), int(attack.grad_evals()))
+        meter.add_forward(len(data))
+    return correct / max(len(data), 1)
+
+
+def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainConfig, *,
+        val: TensorData | None = None, val_attack=None, selection=None, meter: CostMeter | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = False,
+        callbacks: Sequence[EpochCallback] = (), on_record: Callable[[History], None] | None = None,
+        desc: str = "train") -> History:
+    """Train `model` in place and return its per-epoch history.
+
+    checkpoint_dir: where `checkpoint.pt` is written atomically after every epoch (and every
+    `cfg.checkpoint_every` steps); with resume=True training continues from it exactly.
+    callbacks: called after each epoch with (model, record); returning "stop" ends training.
+    on_record: called with the history after each epoch (the CLI writes metrics.jsonl there).
+    """
+    if len(train) == 0:
+        raise AdvtuneError("the training split is empty; check --limit and the dataset")
+    device = model_device(model)
+    rank, world = _dist()
+    meter = meter if meter is not None else CostMeter()
+    trainable = _Trainable(model, selection)
+    try:
+        params = trainable.params()
+        opt = _make_optimizer(params, cfg)
+        if not meter.flops_forward:
+            meter.measure_model(model, tuple(train.x.shape[1:]))
+        steps_per_epoch = num_batches(len(train) // world, cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        history = History()
+        epoch, step = 0, 0
+        acc_state = _zero_acc(device)
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        if resume and ckpt is not None and ckpt.is_file():
+            epoch, step, acc_state = _load_checkpoint(ckpt, model, opt, meter, history, cfg, device)
+            trainable.snapshot()  # unselected slices: the loaded weights are the reference
+            log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
+        elif resume and ckpt is not None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
+        attack_ge = int(objective.attack_grad_evals())
+
+        while epoch < cfg.epochs and history.stopped is None:
+            meter.start()
+            gen = make_generator(derive_seed(cfg.seed, "epoch", epoch))
+            batches = train.batches(cfg.batch_size, shuffle=True, generator=gen, device=device, start=step,
+                                    rank=rank, world_size=world)
+            bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch - step,
+                           disable=None if rank == 0 else True)
+            trainable.train_mode()
+            for x, y in bar:
+                g = make_generator(derive_seed(cfg.seed, "step", epoch, step), device)
+                lr = lr_at(cfg, epoch * steps_per_epoch + step, total)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                out = objective(model, x, y, generator=g)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                trainable.mask_grads()
+                if world > 1:
+                    _all_reduce_grads(params, world)
+                opt.step()
+                trainable.restore_frozen()
+                with torch.no_grad():
+                    acc_state[0] += out["loss"].detach() * len(y)
+                    acc_state[1] += (out["logits"].argmax(1) == y).sum()
+                    acc_state[2] += len(y)
+                meter.add_update(len(y), attack_ge)
+                step += 1
+                if step % 50 == 0 and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{(acc_state[0] / acc_state[2]).item():.3f}", acc=f"{(acc_state[1] / acc_state[2]).item():.3f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch and ckpt and rank == 0:
+                    meter.stop()
+                    _save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+                    meter.start()
+            meter.stop()
+            totals = _reduce(acc_state, world)
+            record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
+                      "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total), "examples": int(totals[2]),
+                      "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
+            if val is not None and len(val):
+                record["val_acc"] = accuracy(model, val, cfg.eval_batch_size, meter)
+                if val_attack is not None:
+                    record["val_robust_acc"] = robust_accuracy_quick(
+                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed, meter)
+            history.epochs.append(record)
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+            for cb in callbacks:
+                if cb(model, record) == "stop":
+                    history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
+            epoch, step = epoch + 1, 0
+            acc_state = _zero_acc(device)
+            if ckpt is not None and rank == 0:
+                _save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+            if on_record is not None and rank == 0:
+                on_record(history)
+        return history
+    finally:
+        trainable.close()
+
+
+def _zero_acc(device) -> torch.Tensor:
+    return torch.zeros(3, dtype=torch.float64, device=device)
+
+
+def _reduce(t: torch.Tensor, world: int) -> list[float]:
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig,
+                     epoch: int, step: int, acc_state: torch.Tensor) -> None:
+    state = {"format": "advtune-checkpoint-1", "epoch": epoch, "step": step, "config": cfg.to_json(),
+             "model": model.state_dict(), "optimizer": opt.state_dict(), "meter": meter.to_json(),
+             "history": {"epochs": history.epochs, "stopped": history.stopped},
+             "acc_state": acc_state.cpu(), "rng": torch.get_rng_state()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device):
+    from .models import check_compatible
+
+    try:
+        # weights_only: tensors and plain containers only, never code from the file
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise AdvtuneError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+                           "delete it and rerun without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
+        raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
+    saved = dict(state["config"])
+    mine = cfg.to_json()
+    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k) != mine[k]]
+    if changed:
+        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {saved.get(k)} -> {mine[k]}' for k in changed)}); "
+                           "use the original settings or start a new run")
+    check_compatible(model, state["model"], f"checkpoint {path}")
+    model.load_state_dict(state["model"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise AdvtuneError(f"checkpoint {path} has optimizer state for other parameters ({e}); start a new run") from None
+    meter.load_json(state["meter"])
+    history.epochs = list(state["history"]["epochs"])
+    history.stopped = state["history"]["stopped"]
+    torch.set_rng_state(state["rng"].cpu())
+    return int(state["epoch"]), int(state["step"]), state["acc_state"].to(device)

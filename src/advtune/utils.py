@@ -1,0 +1,196 @@
+"""Small shared helpers: seeding, generators, devices, atomic writes, progress bars, versions."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AdvtuneError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- randomness
+
+def seed_everything(seed: int | None) -> None:
+    """Seed Python, NumPy and torch. Only entry points (CLI, experiment runner) call this."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator on `device`, or None when seed is None (recorded as nondeterministic)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def derive_seed(seed: int | None, *keys: int | str) -> int | None:
+    """A stable sub-seed, e.g. derive_seed(seed, "epoch", 3): independent streams per purpose."""
+    if seed is None:
+        return None
+    h = int(seed) & 0xFFFFFFFFFFFF
+    for k in keys:
+        for ch in str(k).encode():
+            h = (h * 1000003 ^ ch) & 0xFFFFFFFFFFFF
+        h = (h * 1000003 ^ 0x5F) & 0xFFFFFFFFFFFF
+    return h
+
+
+def sample_on(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where to draw random numbers: on the generator's device (the rule: sample there, then move)."""
+    return generator.device if generator is not None else device
+
+# ---------------------------------------------------------------- devices
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto|cpu|cuda|cuda:i` -> torch.device, with a clear error when CUDA is asked for but absent."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AdvtuneError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise AdvtuneError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:<index>")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (device follows the model, never cached)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode for the block, then restore each submodule's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+# ---------------------------------------------------------------- files
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:  # NaN -> null keeps the JSON strict
+        return None
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
+
+# ---------------------------------------------------------------- progress + environment
+
+_progress_disabled = False
+
+
+def set_progress(enabled: bool) -> None:
+    """The CLI's --quiet switches progress bars off globally."""
+    global _progress_disabled
+    _progress_disabled = not enabled
+
+
+def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
+             disable: bool | None = None, leave: bool = False) -> Iterable[T]:
+    """One wrapper around tqdm: bars go to stderr and are off with --quiet or when not a terminal."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = _progress_disabled or not sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=leave, dynamic_ncols=True)
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"advtune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "platform": platform.platform()}
+    sha = git_sha()
+    if sha:
+        out["git_sha"] = sha
+    return out
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None

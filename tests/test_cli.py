@@ -1,0 +1,127 @@
+"""The command line: help, an end-to-end run's records, one-line errors, YAML config, kill -9 + resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from advtune.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: advtune " + command in capsys.readouterr().out
+
+
+def train_args(out, *extra):
+    return ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "2", "--batch-size", "64",
+            "--limit", "400", "--limit-test", "100", "--out", str(out), "--quiet", *extra]
+
+
+def test_train_writes_a_complete_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(out, "--val", "80", "--seed", "3")) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == 3 and cfg["command"] == "train" and cfg["versions"]["torch"].startswith("2.")
+    assert cfg["run"]["train"]["epochs"] == 2 and cfg["run"]["dataset"] == "synthetic" and cfg["dataset"]["val"] == 80
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all({"train_loss", "train_acc", "val_acc", "lr"} <= set(r) for r in rows)
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["update_grad_evals"] == 2 * 320 and cost["flops"] > 0 and cost["wall_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["test_acc"] <= 1 and summary["test_examples"] == 100
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["architecture"] == "small-cnn" and meta["input_shape"] == [1, 16, 16]
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "seed 3" in shown and "test acc" in shown and "grad evals" in shown
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["test_examples"] == 100
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--dataset", "imagenet", "--model", "small-cnn", "--out", "{tmp}/a"], "unknown dataset 'imagenet'; valid:"),
+    (["train", "--dataset", "synthetic", "--model", "resnet50", "--out", "{tmp}/a"], "unknown model 'resnet50'; valid:"),
+    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "-2", "--out", "{tmp}/a"], "epochs must be"),
+    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--lr", "-1", "--out", "{tmp}/a"], "learning rate must be positive"),
+    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "{tmp}/file/sub"], "cannot write to output folder|is a file"),
+    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--device", "tpu", "--out", "{tmp}/a"], "unknown device"),
+    (["info", "{tmp}/nothing"], "run folder .* not found"),
+])
+def test_bad_input_is_one_line_exit_2(argv, match, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("advtune: error:")
+    import re
+    assert re.search(match, err), err
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    assert main(train_args(out)) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert main(train_args(out, "--overwrite")) == 0
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "precious.txt").write_text("keep me")
+    assert main(train_args(tmp_path / "notarun", "--overwrite")) == 2
+    assert (tmp_path / "notarun" / "precious.txt").read_text() == "keep me"
+
+
+def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: synthetic\nmodel: small-cnn\nepochs: 1\nlimit: 200\nlimit-test: 50\nbatch_size: 50\nlr: 0.002\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--lr", "0.003", "--quiet"]) == 0
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert run["train"]["epochs"] == 1 and run["train"]["batch_size"] == 50 and run["train"]["lr"] == 0.003
+    cfg.write_text("dataset: synthetic\nmodl: small-cnn\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r2")]) == 2
+    assert "unknown key 'modl'; did you mean 'model'?" in capsys.readouterr().err
+    cfg.write_text("dataset: synthetic\nmodel: [small-cnn\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r3")]) == 2
+    assert "not valid YAML at line" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_eps_fraction(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "advtune", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("advtune ")
+    from advtune.cli import number
+    assert number("8/255") == pytest.approx(8 / 255) and number("0.3") == 0.3
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """A real SIGKILL mid-run: --resume must end with exactly the weights of an uninterrupted run."""
+    base = [sys.executable, "-m", "advtune", "train", "--dataset", "synthetic", "--model", "madry-mnist",
+            "--epochs", "3", "--batch-size", "32", "--limit", "640", "--limit-test", "50", "--optimizer", "sgd",
+            "--lr", "0.02", "--checkpoint-every", "5", "--quiet"]
+    env = {**os.environ, "ADVTUNE_NO_DOWNLOAD": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(base + ["--out", str(ref)], check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(base + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "model.safetensors").exists()
+
+    r = subprocess.run(base + ["--out", str(run), "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((run / "summary.json").read_text())["test_acc"] == json.loads((ref / "summary.json").read_text())["test_acc"]

@@ -1,0 +1,93 @@
+"""Architectures, the Normalize layer, and safetensors save/load with its refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.errors import AdvtuneError
+from advtune.models import (META_FILE, WEIGHTS_FILE, Normalize, build_model, list_models, load_model, load_weights,
+                            save_model)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_every_architecture_builds_with_normalize_first(name, shape):
+    model = build_model(name, shape, 10, mean=[0.5] * shape[0], std=[0.25] * shape[0])
+    assert isinstance(model.normalize, Normalize) and list(dict(model.named_children())) == ["normalize", "net"]
+    out = model(torch.rand(3, *shape))
+    assert out.shape == (3, 10)
+
+
+def test_normalize_is_per_channel_affine():
+    n = Normalize([0.1, 0.2, 0.3], [0.5, 0.5, 0.25])
+    x = torch.rand(2, 3, 4, 4)
+    expected = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.5, 0.25]).view(1, 3, 1, 1)
+    assert torch.allclose(n(x), expected)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = build_model("vgg-cifar", (3, 32, 32), 10, (0.4, 0.5, 0.6), (0.2, 0.2, 0.2))
+    model.eval()
+    with torch.no_grad():  # give BN non-trivial running stats
+        model.net.bn1_1.running_mean.uniform_()
+    save_model(tmp_path, model, {"architecture": "vgg-cifar", "input_shape": [3, 32, 32], "num_classes": 10,
+                                 "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2]})
+    raw = (tmp_path / WEIGHTS_FILE).read_bytes()
+    assert not raw.startswith(b"PK") and not raw.startswith(b"\x80")  # a safetensors header, no zip/pickle
+    loaded, meta = load_model(tmp_path)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path):
+    small = build_model("small-cnn", (1, 28, 28), 10)
+    save_model(tmp_path, small, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})
+    with pytest.raises(AdvtuneError, match="another architecture or input shape"):
+        load_weights(build_model("madry-mnist", (1, 28, 28), 10), tmp_path / WEIGHTS_FILE)
+    with pytest.raises(AdvtuneError, match="another architecture or input shape .*shape"):
+        load_weights(build_model("small-cnn", (1, 32, 32), 10), tmp_path / WEIGHTS_FILE)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["architecture"] = "lenet5"
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(AdvtuneError, match="another architecture"):
+        load_model(tmp_path)
+
+
+def test_truncated_weights_are_refused(tmp_path):
+    model = build_model("small-cnn", (1, 28, 28), 10)
+    save_model(tmp_path, model, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})
+    p = tmp_path / WEIGHTS_FILE
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(AdvtuneError, match="truncated or not a safetensors file"):
+        load_model(tmp_path)
+
+
+def test_missing_metadata_and_unknown_model(tmp_path):
+    with pytest.raises(AdvtuneError, match="holds no saved model"):
+        load_model(tmp_path)
+    with pytest.raises(AdvtuneError, match="unknown model 'resnet50'; valid: small-cnn"):
+        build_model("resnet50")
+    with pytest.raises(AdvtuneError, match="normalisation has 1 channels but inputs have 3"):
+        build_model("small-cnn", (3, 32, 32), 10, mean=[0.5], std=[0.5])
+
+
+def test_user_module_loads_weights(tmp_path):
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    a, b = Mine(), Mine()
+    save_model(tmp_path, a, {"architecture": None})
+    load_weights(b, tmp_path / WEIGHTS_FILE)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(a(x), b(x))

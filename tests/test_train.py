@@ -1,0 +1,154 @@
+"""The one training loop: learning, schedules, costs, checkpoints and exact resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.cost import CostMeter
+from advtune.data import TensorData, load_dataset
+from advtune.errors import AdvtuneError
+from advtune.models import model_for
+from advtune.train import CHECKPOINT_FILE, TrainConfig, accuracy, adversarial, clean, fit, lr_at
+from advtune.utils import atomic_write_bytes
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return load_dataset("synthetic", limit=600, limit_test=200)
+
+
+def fresh(ds, seed=0):
+    torch.manual_seed(seed)
+    return model_for(ds, "small-cnn")
+
+
+def test_fit_learns_and_counts_costs(synth):
+    model = fresh(synth)
+    meter = CostMeter()
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=2e-3)
+    hist = fit(model, synth.train, clean(), cfg, val=synth.test, meter=meter)
+    assert accuracy(model, synth.test) > 0.95
+    assert [r["epoch"] for r in hist.epochs] == [1, 2] and "val_acc" in hist.last
+    assert meter.update_grad_evals == 2 * 600 and meter.attack_grad_evals == 0 and meter.examples == 1200
+    assert meter.trainable_params == sum(p.numel() for p in model.parameters())
+    assert meter.flops_update_step > meter.flops_attack_step > meter.flops_forward > 0
+    assert meter.wall_s > 0 and meter.peak_memory_bytes > 0
+
+
+class CountingAttack:
+    """A stand-in attack (adds a fixed shift) that reports 3 gradient evaluations per example."""
+
+    spec = "counting"
+
+    def __call__(self, model, x, y, *, generator=None):
+        return (x + 0.01).clamp(0, 1)
+
+    def grad_evals(self) -> int:
+        return 3
+
+
+def test_adversarial_cost_is_attack_plus_update(synth):
+    meter = CostMeter()
+    fit(fresh(synth), synth.train.take(128), adversarial(CountingAttack()), TrainConfig(epochs=2, batch_size=64), meter=meter)
+    # CostMeter counts exactly steps x (attack.grad_evals() + 1) per example
+    assert meter.grad_evals == 2 * 128 * (3 + 1)
+
+
+def test_fit_leaves_requires_grad_as_found(synth):
+    model = fresh(synth)
+    model.net.conv1.weight.requires_grad_(False)
+    fit(model, synth.train.take(64), clean(), TrainConfig(epochs=1, batch_size=32))
+    assert not model.net.conv1.weight.requires_grad and model.net.conv2.weight.requires_grad
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step", "onecycle"])
+def test_lr_schedules(schedule):
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, warmup_epochs=1 if schedule == "cosine" else 0)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert max(lrs) <= 0.1 + 1e-12 and min(lrs) >= 0
+    if schedule == "constant":
+        assert set(lrs) == {0.1}
+    if schedule == "cosine":
+        assert lrs[0] < lrs[24] and lrs[-1] < 0.01  # warm-up then decay
+    if schedule == "step":
+        assert lrs[0] == 0.1 and abs(lrs[60] - 0.01) < 1e-12 and abs(lrs[90] - 0.001) < 1e-12
+    if schedule == "onecycle":
+        assert lrs[0] < lrs[39] and lrs[99] < lrs[60]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"epochs": -1}, "epochs must be a non-negative"), ({"lr": -0.1}, "learning rate must be positive"),
+                                          ({"batch_size": 0}, "batch size"), ({"optimizer": "lbfgs"}, "unknown optimizer"),
+                                          ({"schedule": "exp"}, "unknown schedule")])
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(AdvtuneError, match=match):
+        TrainConfig(**kwargs)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                      schedule="cosine", checkpoint_every=4)
+    full = fresh(synth)
+    h_full = fit(full, synth.train, clean(), cfg)
+
+    class Crash:
+        """The clean objective, until the 15th step (mid epoch 2: 10 steps per epoch)."""
+        name = "clean"
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, model, x, y, *, generator=None):
+            self.calls += 1
+            if self.calls == 15:
+                raise Interrupt()
+            return clean()(model, x, y, generator=generator)
+
+        def attack_grad_evals(self):
+            return 0
+
+    with pytest.raises(Interrupt):
+        fit(fresh(synth), synth.train, Crash(), cfg, checkpoint_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    resumed = fresh(synth, seed=99)  # different init: everything must come from the checkpoint
+    h_res = fit(resumed, synth.train, clean(), cfg, checkpoint_dir=tmp_path, resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["train_loss"] for r in h_full.epochs] == [r["train_loss"] for r in h_res.epochs]
+
+
+def test_resume_with_other_config_is_refused(synth, tmp_path):
+    fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=1, batch_size=32), checkpoint_dir=tmp_path)
+    with pytest.raises(AdvtuneError, match="different config .*lr"):
+        fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=2, batch_size=32, lr=0.5), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_truncated_checkpoint_is_refused(synth, tmp_path):
+    fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=1, batch_size=32), checkpoint_dir=tmp_path)
+    p = tmp_path / CHECKPOINT_FILE
+    p.write_bytes(p.read_bytes()[:500])
+    with pytest.raises(AdvtuneError, match="truncated or corrupt"):
+        fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=2, batch_size=32), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
+    p = tmp_path / "ckpt.bin"
+    atomic_write_bytes(p, b"old complete checkpoint")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("advtune.utils.os.replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(p, b"new" * 1000)
+    assert p.read_bytes() == b"old complete checkpoint" and [q.name for q in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+def test_empty_training_split_is_refused(synth):
+    empty = TensorData(torch.zeros(0, 1, 16, 16, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(AdvtuneError, match="training split is empty"):
+        fit(fresh(synth), empty, clean(), TrainConfig(epochs=1))
