@@ -96,7 +96,7 @@ def add_train_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .runs import TrainRun, train_run
+    from .jobs import TrainRun, train_run
 
     run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args),
                    data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
@@ -104,6 +104,51 @@ def run_train(args) -> int:
                    attack_mode=args.attack_mode, resume=args.resume, overwrite=args.overwrite)
     summary = train_run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
+    return 0
+
+# ---------------------------------------------------------------- finetune
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="adversarially fine-tune a trained run: selected components, all, or a random control",
+                       description="Adversarial fine-tuning of BASE (a run folder) through the one training loop. "
+                                   "--select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` folder "
+                                   "(top --share of its --criterion ranking).")
+    p.add_argument("base", help="run folder of the trained model")
+    s = p.add_argument_group("selection")
+    s.add_argument("--select", default="all", help="all | random | layers:<name,...> | <analyze folder> (default: all)")
+    s.add_argument("--share", type=number, default=0.1, help="share of components to fine-tune, in (0, 1] (default: 0.1)")
+    s.add_argument("--criterion", default="taylor", help="score table of the analyze folder to rank by (default: taylor)")
+    s.add_argument("--per-layer", action="store_true", help="take the top share within each layer instead of globally")
+    a = p.add_argument_group("attack")
+    a.add_argument("--attack", default="pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, fgsm, ...) or trades[:steps=10,beta=6]")
+    a.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
+    a.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    a.add_argument("--attack-mode", choices=["eval", "train"], default="eval")
+    a.add_argument("--guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="catastrophic-overfitting guard (default: on for FGSM attacks)")
+    a.add_argument("--monitor", type=int, default=500, help="test examples for the quick PGD-10 monitor (0: off)")
+    _data_args(p, dataset_required=False)
+    p.set_defaults(dataset=None)
+    _train_args(p, epochs=1)
+    _common(p)
+
+
+def run_finetune(args) -> int:
+    from .jobs import FinetuneRun, finetune_run
+
+    if args.dataset:
+        raise AdvtuneError("finetune uses the base run's dataset; drop --dataset (use --data-dir to point at its files)")
+    run = FinetuneRun(base=args.base, out=args.out, eps=args.eps, select=args.select, share=args.share,
+                      criterion=args.criterion, per_layer=args.per_layer, attack=args.attack, norm=args.norm,
+                      attack_mode=args.attack_mode, guard=args.guard, train=_train_config(args), data_dir=args.data_dir,
+                      limit=args.limit, limit_test=args.limit_test, val=args.val, monitor=args.monitor,
+                      device=args.device, resume=args.resume, overwrite=args.overwrite)
+    s = finetune_run(run)
+    sel = s.get("selection")
+    what = f"{sel['units']} units, {sel['trainable_params']:,} params" if sel else "all parameters"
+    quick = f", PGD-10 (quick, {s['pgd10_examples']} ex.) {100 * s['pgd10_acc_quick']:.2f}%" if "pgd10_acc_quick" in s else ""
+    print(f"fine-tuned {what}: clean test accuracy {100 * s['test_acc']:.2f}%{quick}  -> {args.out}")
     return 0
 
 # ---------------------------------------------------------------- info
@@ -145,6 +190,7 @@ def run_demo(args) -> int:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train_parser, run_train),
+    "finetune": (add_finetune_parser, run_finetune),
     "info": (add_info_parser, run_info),
     "demo": (add_demo_parser, run_demo),
 }

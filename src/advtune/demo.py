@@ -18,7 +18,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .runs import TrainRun, train_run
+    from .jobs import TrainRun, train_run
     from .train import TrainConfig
 
     out = Path(cfg.out)

@@ -1,6 +1,6 @@
 """Runs are records: `runs/<name>/` holds config.json (resolved config, seed, versions), metrics.jsonl,
 cost.json, summary.json and artifacts (model.safetensors + model.json, checkpoint.pt), all written
-atomically. `train_run` is the one recipe behind `advtune train` (and, later, finetune/experiment)."""
+atomically. The jobs that fill them live in jobs.py."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .cost import CostMeter
 from .errors import AdvtuneError
-from .utils import atomic_write_json, atomic_write_text, read_json, resolve_device, seed_everything, to_jsonable, versions
+from .utils import atomic_write_json, atomic_write_text, read_json, to_jsonable, versions
 
 log = logging.getLogger(__name__)
 
@@ -89,91 +86,6 @@ def open_run(path: str | os.PathLike) -> RunDir:
     if not (p / CONFIG).is_file():
         raise AdvtuneError(f"{p} is not an advtune run (no {CONFIG})")
     return RunDir(p)
-
-# ---------------------------------------------------------------- the train recipe
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """Everything `advtune train` needs; recorded verbatim in config.json."""
-
-    dataset: str
-    model: str
-    out: str
-    train: "Any" = None                  # TrainConfig (default: TrainConfig())
-    data_dir: str | None = None
-    limit: int | None = None
-    limit_test: int | None = None
-    val: float = 0
-    device: str = "auto"
-    adversarial: str | None = None      # attack spec for adversarial training, e.g. "pgd:steps=10"
-    norm: str = "linf"
-    eps: float | None = None
-    attack_mode: str = "eval"
-    resume: bool = False
-    overwrite: bool = False
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_json()
-        return d
-
-
-def train_run(run: TrainRun) -> dict:
-    """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
-    from .data import load_dataset
-    from .models import describe_meta, model_for, save_model
-    from .train import TrainConfig, accuracy, adversarial, clean, fit
-
-    run = replace(run, train=run.train or TrainConfig())
-    cfg = run.train
-    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
-    if run.resume and rd.file(CONFIG).is_file():
-        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
-    device = resolve_device(run.device)
-    seed_everything(cfg.seed)
-    ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
-                      seed=cfg.seed or 0)
-    model = model_for(ds, run.model).to(device)
-    objective, val_attack = clean(), None
-    if run.adversarial:
-        attack = _attack(run.adversarial, run.norm, run.eps)
-        objective, val_attack = adversarial(attack, run.attack_mode), attack
-    rd.write_config({"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
-                     "objective": objective.describe(), "device": str(device)})
-    meter = CostMeter()
-    history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
-                  checkpoint_dir=rd.path, resume=run.resume,
-                  on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
-                  desc=f"{run.model}/{ds.name}")
-    test_acc = accuracy(model, ds.test, cfg.eval_batch_size, meter)
-    summary = {"test_acc": test_acc, "test_examples": len(ds.test), "epochs": len(history.epochs),
-               "stopped": history.stopped, "final": history.last, "cost": meter.to_json()}
-    meta = describe_meta(run.model, ds)
-    meta["training"] = {"objective": objective.describe(), "config": cfg.to_json(), "test_acc": test_acc,
-                        "run": str(rd.path)}
-    save_model(rd.path, model, meta)
-    rd.write_metrics(history.epochs)
-    rd.write_cost(meter)
-    rd.write_json(SUMMARY, summary)
-    return summary
-
-
-def _attack(spec: str, norm: str, eps: float | None):
-    from .attacks import build_attack
-    from .threat import ThreatModel
-
-    if eps is None:
-        raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
-    return build_attack(spec, ThreatModel(norm, eps))
-
-
-def _check_same_run(saved: dict, now: dict) -> None:
-    ignore = {"resume", "overwrite", "device"}
-    changed = [k for k in now if k not in ignore and k != "train" and saved.get(k) != now[k]]
-    if changed:
-        raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); "
-                           "use the original flags or a new --out")
 
 # ---------------------------------------------------------------- info
 

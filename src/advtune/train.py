@@ -151,12 +151,95 @@ class Adversarial:
                 "attack_mode": self.attack_mode, "clean_weight": self.clean_weight}
 
 
+@dataclass(frozen=True)
+class Trades:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), where x_adv maximises the
+    KL term by `steps` of projected steepest ascent from x + 0.001*N(0,1), run in eval mode."""
+
+    threat: Any
+    steps: int = 10
+    step_size: float | None = None     # None -> 2.5 * eps / steps
+    beta: float = 6.0
+    name: str = "trades"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.beta < 0:
+            raise AdvtuneError("TRADES needs steps > 0 and beta >= 0")
+
+    def _inner(self, model, x, p_clean, generator):
+        step = self.step_size or 2.5 * self.threat.eps / self.steps
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        x_adv = self.threat.project(x + 0.001 * noise.to(x.device, x.dtype), x)
+        for _ in range(self.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                kl = nn.functional.kl_div(nn.functional.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
+                (g,) = torch.autograd.grad(kl, x_adv)
+            x_adv = self.threat.project(x_adv.detach() + self.threat.steepest_step(g, step), x)
+        return x_adv.detach()
+
+    def __call__(self, model, x, y, *, generator=None):
+        with eval_mode(model), torch.no_grad():
+            p_clean = nn.functional.softmax(model(x), 1)
+        with eval_mode(model):
+            x_adv = self._inner(model, x, p_clean, generator)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        robust = nn.functional.kl_div(nn.functional.log_softmax(logits_adv, 1), nn.functional.softmax(logits, 1),
+                                      reduction="batchmean")
+        return {"loss": nn.functional.cross_entropy(logits, y) + self.beta * robust, "logits": logits_adv, "x_adv": x_adv}
+
+    def attack_grad_evals(self) -> int:
+        return self.steps + 1  # inner steps, plus the second forward/backward of the update (x and x_adv)
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "threat": self.threat.to_json(), "steps": self.steps,
+                "step_size": self.step_size, "beta": self.beta}
+
+
+class OverfitGuard:
+    """Catastrophic-overfitting guard for single-step (FGSM) training (Wong et al. 2020): after each
+    epoch, PGD accuracy on a fixed training subset; if it falls more than `drop` below the best seen,
+    the best weights are restored and training stops."""
+
+    name = "overfit-guard"
+
+    def __init__(self, attack, x: torch.Tensor, y: torch.Tensor, drop: float = 0.2, seed: int | None = 0,
+                 meter: CostMeter | None = None):
+        self.attack, self.x, self.y, self.drop, self.seed, self.meter = attack, x, y, drop, seed, meter
+        self.best_acc = -1.0
+        self.best_state: dict | None = None
+        self.tripped_at: int | None = None
+
+    def __call__(self, model: nn.Module, record: dict) -> str | None:
+        device = model_device(model)
+        data = TensorData(self.x, self.y)
+        acc = robust_accuracy_quick(model, data, self.attack, 256, self.seed, self.meter)
+        record["guard_pgd_acc"] = acc
+        if acc >= self.best_acc:
+            self.best_acc = acc
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return None
+        if acc < self.best_acc - self.drop:
+            log.warning("catastrophic overfitting: PGD accuracy on the guard subset fell from %.3f to %.3f; "
+                        "restoring the best weights and stopping", self.best_acc, acc)
+            model.load_state_dict(self.best_state)
+            record["guard_reverted_to_acc"] = self.best_acc
+            self.tripped_at = record.get("epoch")
+            return "stop"
+        return None
+
+
 def clean() -> Clean:
     return Clean()
 
 
 def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0) -> Adversarial:
     return Adversarial(attack, attack_mode, clean_weight)
+
+
+def trades(threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0) -> Trades:
+    return Trades(threat, steps, step_size, beta)
 
 # ---------------------------------------------------------------- selection inside fit (one place)
 
@@ -171,7 +254,7 @@ class _Trainable:
     (d) a selection covering everything changes nothing: exactly the full-training path.
     """
 
-    def __init__(self, model: nn.Module, selection) -> None:
+    def __init__(self, model: nn.Module, selection, example_input: torch.Tensor | None = None) -> None:
         self.model = model
         self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -179,7 +262,8 @@ class _Trainable:
         self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if selection is None:
             return
-        masks = selection.masks(model)
+        # a traced forward finds the BatchNorm that follows each selected conv (see components.py)
+        masks = selection.masks(model, example_input=example_input)
         for name, p in model.named_parameters():
             m = masks.get(name)
             if m is None or not bool(m.any()):
@@ -201,6 +285,11 @@ class _Trainable:
     def snapshot(self) -> None:
         self.partial = [(p, m, p.detach().clone()) for p, m, _ in self.partial]
         self.partial_bns = [(bn, keep, bn.running_mean.clone(), bn.running_var.clone()) for bn, keep, _, _ in self.partial_bns]
+
+    def count(self) -> int:
+        """Parameters that can change: full trainable tensors plus the selected entries of partial ones."""
+        partial = {id(p): int(m.sum()) for p, m, _ in self.partial}
+        return sum(partial.get(id(p), p.numel()) for p in self.model.parameters() if p.requires_grad)
 
     def params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -303,12 +392,14 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
     device = model_device(model)
     rank, world = _dist()
     meter = meter if meter is not None else CostMeter()
-    trainable = _Trainable(model, selection)
+    example = train.to_float(train.x[:1], device)
+    trainable = _Trainable(model, selection, example)
     try:
         params = trainable.params()
         opt = _make_optimizer(params, cfg)
         if not meter.flops_forward:
             meter.measure_model(model, tuple(train.x.shape[1:]))
+        meter.trainable_params = trainable.count()
         steps_per_epoch = num_batches(len(train) // world, cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         history = History()

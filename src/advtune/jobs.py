@@ -1,0 +1,270 @@
+"""The jobs behind the CLI commands: each takes a frozen config, writes a run folder, returns a summary.
+
+`advtune train` -> train_run, `advtune finetune` -> finetune_run, `advtune analyze` -> analyze_run,
+`advtune evaluate` -> evaluate_run. The CLI only builds these configs; experiments and the demo
+call the same functions.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .cost import CostMeter
+from .errors import AdvtuneError
+from .runs import CONFIG, SUMMARY, RunDir, open_run
+from .utils import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Everything `advtune train` needs; recorded verbatim in config.json."""
+
+    dataset: str
+    model: str
+    out: str
+    train: "Any" = None                  # TrainConfig (default: TrainConfig())
+    data_dir: str | None = None
+    limit: int | None = None
+    limit_test: int | None = None
+    val: float = 0
+    device: str = "auto"
+    adversarial: str | None = None      # attack spec for adversarial training, e.g. "pgd:steps=10"
+    norm: str = "linf"
+    eps: float | None = None
+    attack_mode: str = "eval"
+    resume: bool = False
+    overwrite: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["train"] = self.train.to_json()
+        return d
+
+
+def train_run(run: TrainRun) -> dict:
+    """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
+    from .data import load_dataset
+    from .models import describe_meta, model_for, save_model
+    from .train import TrainConfig, accuracy, adversarial, clean, fit
+
+    run = replace(run, train=run.train or TrainConfig())
+    cfg = run.train
+    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    if run.resume and rd.file(CONFIG).is_file():
+        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
+    device = resolve_device(run.device)
+    seed_everything(cfg.seed)
+    ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
+                      seed=cfg.seed or 0)
+    model = model_for(ds, run.model).to(device)
+    objective, val_attack = clean(), None
+    if run.adversarial:
+        attack = _attack(run.adversarial, run.norm, run.eps)
+        objective, val_attack = adversarial(attack, run.attack_mode), attack
+    rd.write_config({"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
+                     "objective": objective.describe(), "device": str(device)})
+    meter = CostMeter()
+    history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
+                  checkpoint_dir=rd.path, resume=run.resume,
+                  on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
+                  desc=f"{run.model}/{ds.name}")
+    test_acc = accuracy(model, ds.test, cfg.eval_batch_size, meter)
+    summary = {"test_acc": test_acc, "test_examples": len(ds.test), "epochs": len(history.epochs),
+               "stopped": history.stopped, "final": history.last, "cost": meter.to_json()}
+    meta = describe_meta(run.model, ds)
+    meta["training"] = {"objective": objective.describe(), "config": cfg.to_json(), "test_acc": test_acc,
+                        "run": str(rd.path)}
+    save_model(rd.path, model, meta)
+    rd.write_metrics(history.epochs)
+    rd.write_cost(meter)
+    rd.write_json(SUMMARY, summary)
+    return summary
+
+
+def _attack(spec: str, norm: str, eps: float | None):
+    from .attacks import build_attack
+    from .threat import ThreatModel
+
+    if eps is None:
+        raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
+    return build_attack(spec, ThreatModel(norm, eps))
+
+
+def _check_same_run(saved: dict, now: dict) -> None:
+    ignore = {"resume", "overwrite", "device"}
+    changed = [k for k in now if k not in ignore and k != "train" and saved.get(k) != now[k]]
+    if changed:
+        raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); "
+                           "use the original flags or a new --out")
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def load_base(path: str, device) -> tuple[Any, dict, dict]:
+    """A trained run's model, its model.json, and its config.json."""
+    from .models import load_model
+
+    rd = open_run(path)
+    model, meta = load_model(rd.path, device)
+    return model, meta, rd.read_json(CONFIG)
+
+
+def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
+    """The dataset a base run was trained on (same name/path, optionally another data folder)."""
+    from .data import load_dataset
+
+    run = base_config.get("run", {})
+    name = run.get("dataset") or meta.get("dataset")
+    if not name:
+        raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
+    return load_dataset(name, data_dir or run.get("data_dir"), **kw)
+
+
+def build_objective(spec: str, threat, attack_mode: str = "eval"):
+    """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES."""
+    from .attacks import build_attack
+    from .train import adversarial, trades
+
+    name, _, params = spec.partition(":")
+    if name.strip().lower() == "trades":
+        kw: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in params.split(","))):
+            k, _, v = item.partition("=")
+            if k not in ("steps", "step", "step_size", "beta"):
+                raise AdvtuneError(f"unknown TRADES parameter {k!r}; valid: steps, step, beta")
+            try:
+                kw["step_size" if k in ("step", "step_size") else k] = int(v) if k == "steps" else float(v)
+            except ValueError:
+                raise AdvtuneError(f"TRADES parameter {k} needs a number, got {v!r}") from None
+        return trades(threat, **kw)
+    return adversarial(build_attack(spec, threat), attack_mode)
+
+
+def quick_robust_acc(model, data, threat, seed, meter=None, steps: int = 10) -> float:
+    """PGD-10 accuracy, a quick monitor only; `advtune evaluate` is the honest protocol."""
+    from .attacks import PGD
+    from .train import robust_accuracy_quick
+
+    return robust_accuracy_quick(model, data, PGD(threat, steps=steps), 256, seed, meter)
+
+# ---------------------------------------------------------------- finetune
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """Adversarial fine-tuning of a trained run: all parameters, a selection of components, or a
+    random control of equal size, through the one training loop."""
+
+    base: str                          # run folder of the model to fine-tune
+    out: str
+    eps: float | None = None
+    select: str = "all"                # all | random | <analyze folder> | layers:<name,name,...>
+    share: float = 0.1
+    criterion: str = "taylor"          # which score table of the analyze folder ranks components
+    per_layer: bool = False
+    attack: str = "pgd:steps=10"       # attack spec, or trades[:steps=..,beta=..]
+    norm: str = "linf"
+    attack_mode: str = "eval"
+    guard: bool | None = None          # catastrophic-overfitting guard; None: on for FGSM attacks
+    train: Any = None                  # TrainConfig
+    data_dir: str | None = None
+    limit: int | None = None
+    limit_test: int | None = None
+    val: float = 0
+    monitor: int = 500                 # test examples for the quick PGD-10 monitor (0: none)
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["train"] = self.train.to_json() if self.train is not None else None
+        return d
+
+
+def make_selection(model, select: str, share: float, criterion: str, per_layer: bool, seed: int):
+    """Resolve `--select` into a Selection (None means everything: the full-network path)."""
+    from pathlib import Path
+
+    from .components import Selection
+    from .vulnerability import ScoreTable, check_share, select_layers, select_random, select_top
+
+    check_share(share)
+    if select == "all":
+        return None
+    if select.startswith("layers:"):
+        return select_layers(model, [n for n in select[len("layers:"):].split(",") if n])
+    if select == "random":
+        return select_random(model, share=share, seed=seed, per_layer=per_layer)
+    folder = Path(select)
+    table_file = folder / f"scores-{criterion}.json" if folder.is_dir() else folder
+    if folder.is_dir() and not table_file.is_file():
+        have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
+        raise AdvtuneError(f"{folder} has no scores for criterion {criterion!r}" +
+                           (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first"))
+    if not table_file.is_file():
+        raise AdvtuneError(f"--select {select!r}: not all, random, layers:<names>, or an analyze folder/score file")
+    from .utils import read_json
+
+    table = ScoreTable.from_json(read_json(table_file, "score table"))
+    selection = select_top(table, share, per_layer=per_layer)
+    selection.validate(model)
+    return selection
+
+
+def finetune_run(run: FinetuneRun) -> dict:
+    from .models import save_model
+    from .threat import ThreatModel
+    from .train import OverfitGuard, TrainConfig, accuracy, fit
+
+    run = replace(run, train=run.train or TrainConfig(epochs=1))
+    cfg = run.train
+    if run.eps is None:
+        raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
+    device = resolve_device(run.device)
+    model, meta, base_cfg = load_base(run.base, device)
+    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    seed_everything(cfg.seed)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
+    threat = ThreatModel(run.norm, run.eps)
+    objective = build_objective(run.attack, threat, run.attack_mode)
+    selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0)
+    meter = CostMeter()
+    callbacks = []
+    use_guard = run.guard if run.guard is not None else run.attack.strip().lower().startswith("fgsm")
+    if use_guard:
+        from .attacks import PGD
+
+        gx, gy = ds.train.take(512).tensors(device)
+        callbacks.append(OverfitGuard(PGD(threat, steps=10), gx, gy, seed=cfg.seed, meter=meter))
+    sel_info = None
+    if selection is not None:
+        rd.write_json("selection.json", selection.to_json())
+        sel_info = {"components": len(selection), "units": selection.n_units(model),
+                    "trainable_params": selection.trainable_params(model), "by_layer": selection.by_layer(model)}
+    rd.write_config({"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
+                     "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
+                     "selection": sel_info, "guard": bool(use_guard), "device": str(device)})
+    history = fit(model, ds.train, objective, cfg, val=ds.val, selection=selection, meter=meter,
+                  checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
+                  on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)), desc="finetune")
+    summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size, meter), "test_examples": len(ds.test)}
+    if run.monitor:
+        n = min(run.monitor, len(ds.test))
+        summary[f"pgd10_acc_quick"] = quick_robust_acc(model, ds.test.take(n), threat, cfg.seed, meter)
+        summary["pgd10_examples"] = n
+    summary.update({"epochs": len(history.epochs), "stopped": history.stopped, "final": history.last,
+                    "selection": sel_info, "cost": meter.to_json()})
+    new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
+    new_meta["training"] = {"finetuned_from": str(run.base), "objective": objective.describe(),
+                            "config": cfg.to_json(), "selection": sel_info, "test_acc": summary["test_acc"]}
+    save_model(rd.path, model, new_meta)
+    rd.write_metrics(history.epochs)
+    rd.write_cost(meter)
+    rd.write_json(SUMMARY, summary)
+    return summary

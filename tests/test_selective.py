@@ -1,0 +1,158 @@
+"""Selective training inside the one loop: bit-exact freezing, BN statistics, the everything==full
+identity, the overfitting guard, TRADES, and the finetune job."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.attacks import FGSM, PGD
+from advtune.components import Component, Selection
+from advtune.cost import CostMeter
+from advtune.data import TensorData
+from advtune.errors import AdvtuneError
+from advtune.models import Normalize
+from advtune.threat import ThreatModel
+from advtune.train import OverfitGuard, TrainConfig, accuracy, adversarial, clean, fit, trades
+
+THREAT = ThreatModel("linf", 0.1)
+
+
+def bn_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        normalize=Normalize([0.2], [0.3]),
+        net=nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(1, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(8, 16, 3, padding=1), bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(), fc=nn.Linear(16 * 4 * 4, 4)))))
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    from advtune.data import synthetic_blobs
+
+    x, y = synthetic_blobs(256, generator=torch.Generator().manual_seed(3))
+    return TensorData((x * 255).round().to(torch.uint8), y)
+
+
+SGD = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, seed=1)
+
+
+def test_unselected_slices_are_bitwise_unchanged(train_data):
+    model = bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sel = Selection.of(model, ["net.conv1[2]", "net.conv1[5]", "net.fc[1]"])
+    masks = sel.masks(model)
+    fit(model, train_data, adversarial(FGSM(THREAT)), SGD, selection=sel)  # 16 steps, momentum + weight decay
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        m = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(after[name][~m], before[name][~m]), f"{name}: an unselected entry moved"
+        if m.any():
+            assert not torch.equal(after[name][m], before[name][m]), f"{name}: selected entries did not train"
+    # BN of conv2 has no selected channel: its running statistics must not move at all
+    assert torch.equal(after["net.bn2.running_mean"], before["net.bn2.running_mean"])
+    assert torch.equal(after["net.bn2.running_var"], before["net.bn2.running_var"])
+    # BN of conv1 follows selected channels 2 and 5: only those statistics move
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[2, 5]] = False
+    assert torch.equal(after["net.bn1.running_mean"][keep], before["net.bn1.running_mean"][keep])
+    assert not torch.equal(after["net.bn1.running_mean"][~keep], before["net.bn1.running_mean"][~keep])
+    assert all(p.requires_grad for p in model.parameters()), "fit must restore requires_grad"
+
+
+def test_frozen_tensors_stay_out_of_the_optimizer(train_data):
+    model = bn_net()
+    sel = Selection.of(model, [Component("net.fc", None)])
+    meter = CostMeter()
+    fit(model, train_data, clean(), TrainConfig(epochs=1, batch_size=64), selection=sel, meter=meter)
+    assert meter.trainable_params == model.net.fc.weight.numel() + model.net.fc.bias.numel() == sel.trainable_params(model)
+    # selective training pays the same attack backward, but a smaller update step
+    full = CostMeter()
+    full.measure_model(bn_net(), (1, 16, 16))
+    assert meter.flops_attack_step == full.flops_attack_step and meter.flops_update_step < full.flops_update_step
+
+
+def test_selecting_everything_is_exactly_full_training(train_data):
+    a, b = bn_net(seed=5), bn_net(seed=5)
+    objective = adversarial(PGD(THREAT, steps=3))
+    fit(a, train_data, objective, SGD)
+    fit(b, train_data, objective, SGD, selection=Selection.everything(b))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_overfit_guard_restores_best_weights_and_stops(tiny_model, blobs):
+    import copy
+
+    x, y, _, _ = blobs
+    model = copy.deepcopy(tiny_model)
+
+    class Identity:  # "attack" that returns x: the guard then tracks clean accuracy, which we can break
+        def __call__(self, model, x, y, *, generator=None):
+            return x
+
+        def grad_evals(self):
+            return 0
+
+    guard = OverfitGuard(Identity(), x[:200], y[:200], drop=0.2)
+    assert guard(model, {"epoch": 1}) is None and guard.best_acc > 0.95
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.fc.weight.mul_(-1)  # a collapse
+    record = {"epoch": 2}
+    assert guard(model, record) == "stop" and record["guard_reverted_to_acc"] > 0.95
+    assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
+
+
+def test_trades_objective_trains_within_the_ball(train_data):
+    model = bn_net()
+    objective = trades(THREAT, steps=3, beta=6.0)
+    x, y = train_data.tensors()
+    out = objective(model, x[:16], y[:16], generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and (out["x_adv"] - x[:16]).abs().max() <= 0.1 + 1e-6
+    meter = CostMeter()
+    fit(model, train_data, objective, TrainConfig(epochs=1, batch_size=64), meter=meter)
+    assert meter.grad_evals == 256 * (3 + 1 + 1)
+
+
+def test_finetune_job_select_random_all_layers(tmp_path):
+    from advtune.cli import main
+
+    base = tmp_path / "std"
+    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "300",
+                 "--limit-test", "100", "--out", str(base), "--quiet"]) == 0
+    common = ["--eps", "0.1", "--epochs", "1", "--limit", "200", "--limit-test", "60", "--attack", "pgd:steps=2", "--quiet"]
+    for select, extra in (("random", ["--share", "0.2"]), ("all", []), ("layers:net.conv2,net.fc2", [])):
+        out = tmp_path / select.replace(":", "_").replace(",", "_")
+        assert main(["finetune", str(base), "--select", select, "--out", str(out), *common, *extra]) == 0
+        import json
+        summary = json.loads((out / "summary.json").read_text())
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["objective"]["attack"].startswith("pgd") and "pgd10_acc_quick" in summary
+        if select == "all":
+            assert cfg["selection"] is None and summary["cost"]["trainable_params"] == summary["cost"]["total_params"]
+        else:
+            assert 0 < summary["cost"]["trainable_params"] < summary["cost"]["total_params"]
+            assert summary["cost"]["trainable_params"] == cfg["selection"]["trainable_params"]
+        # PGD-2 + the update: 3 gradient evaluations per example
+        assert summary["cost"]["update_grad_evals"] == 200 and summary["cost"]["attack_grad_evals"] >= 200 * 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--select", "random", "--share", "0"], "share"),
+    (["--select", "random", "--share", "1.5"], "share"),
+    (["--select", "nowhere/at/all"], "not all, random, layers"),
+    (["--attack", "trades:gamma=3"], "unknown TRADES parameter"),
+])
+def test_finetune_bad_input(argv, match, tmp_path, capsys):
+    from advtune.cli import main
+
+    base = tmp_path / "std"
+    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "100",
+                 "--limit-test", "20", "--out", str(base), "--quiet"]) == 0
+    rc = main(["finetune", str(base), "--eps", "0.1", "--out", str(tmp_path / "ft"), "--quiet", *argv])
+    assert rc == 2 and match in capsys.readouterr().err
