@@ -106,6 +106,54 @@ def run_train(args) -> int:
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
 
+# ---------------------------------------------------------------- analyze
+
+
+def add_analyze_parser(sub) -> None:
+    from .vulnerability import list_criteria
+
+    p = sub.add_parser("analyze", help="vulnerability map of a trained run: per-component scores, per-layer summary, concentration curve",
+                       description="Score every conv channel / linear unit of BASE under an attack on training data, "
+                                   "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out.")
+    p.add_argument("base", help="run folder of the trained model")
+    p.add_argument("--attack", default="pgd:steps=20", help="attack spec (default: pgd:steps=20)")
+    p.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--criteria", default="activation-shift,taylor,restoration", help="comma list of: " + ", ".join(list_criteria()))
+    p.add_argument("--granularity", default="channel", help="channel (= unit): one conv channel or linear unit per component")
+    p.add_argument("--limit", type=int, default=2000, help="training examples to score (default: 2000)")
+    p.add_argument("--curve-limit", type=int, default=1000, help="training examples for the concentration curve (0: skip)")
+    p.add_argument("--shares", type=number_list, default=None, help="shares for the concentration curve, e.g. 0.01,0.05,0.1,1")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+
+def run_analyze(args) -> int:
+    from .jobs import AnalyzeRun, analyze_run
+
+    kw = {"shares": tuple(args.shares)} if args.shares else {}
+    run = AnalyzeRun(base=args.base, out=args.out, eps=args.eps, attack=args.attack, norm=args.norm,
+                     criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()), granularity=args.granularity,
+                     limit=args.limit, curve_limit=args.curve_limit, batch_size=args.batch_size, seed=args.seed,
+                     data_dir=args.data_dir, device=args.device, overwrite=args.overwrite, **kw)
+    s = analyze_run(run)
+    print(f"scored {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.1f}%, under {s['attack']} {100 * s['adv_acc']:.1f}%")
+    for name, c in s["criteria"].items():
+        line = f"  {name:17s} top: {', '.join(n for n, _ in c['top10'][:5])}"
+        if "curve" in c:
+            pts = {round(r["share"], 4): r for r in c["curve"]}
+            at = [f"{100 * k:g}%: {100 * v['repaired']:.0f}% (random {100 * v['random_mean']:.0f}%)" for k, v in pts.items() if k in (0.01, 0.05, 0.1)]
+            line += "\n  " + " " * 17 + " errors repaired by restoring top " + "; ".join(at)
+        print(line)
+    for k, v in s.get("rank_agreement_with_restoration", {}).items():
+        print(f"  rank agreement of {k} with restoration (Spearman): {v:.3f}")
+    print(f"-> {args.out} (scores-*.json/csv, layers-*.json, concentration.json/png, layers.png)")
+    return 0
+
+
 # ---------------------------------------------------------------- finetune
 
 
@@ -190,6 +238,7 @@ def run_demo(args) -> int:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train_parser, run_train),
+    "analyze": (add_analyze_parser, run_analyze),
     "finetune": (add_finetune_parser, run_finetune),
     "info": (add_info_parser, run_info),
     "demo": (add_demo_parser, run_demo),

@@ -10,6 +10,8 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
+
 from .cost import CostMeter
 from .errors import AdvtuneError
 from .runs import CONFIG, SUMMARY, RunDir, open_run
@@ -268,3 +270,127 @@ def finetune_run(run: FinetuneRun) -> dict:
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
     return summary
+
+# ---------------------------------------------------------------- analyze
+
+
+@dataclass(frozen=True)
+class AnalyzeRun:
+    """Score every component of a trained run under an attack, on training data (never the test
+    split), and measure how concentrated the adversarial errors are."""
+
+    base: str
+    out: str
+    eps: float | None = None
+    attack: str = "pgd:steps=20"
+    norm: str = "linf"
+    criteria: tuple[str, ...] = ("activation-shift", "taylor", "restoration")
+    granularity: str = "channel"
+    limit: int = 2000                  # training examples scored
+    curve_limit: int = 1000            # training examples for the concentration curve
+    shares: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 256
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def analyze_run(run: AnalyzeRun) -> dict:
+    from .attacks import build_attack
+    from .threat import ThreatModel
+    from .vulnerability import concentration_curve, layer_scores, list_criteria, rank_agreement, score_many
+
+    if run.eps is None:
+        raise AdvtuneError("analyze needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
+    if run.granularity not in ("channel", "unit"):
+        raise AdvtuneError(f"granularity {run.granularity!r} is not supported; use channel (= unit). "
+                           "Per-layer figures come with every analysis (layers-*.json)")
+    unknown = [c for c in run.criteria if c not in list_criteria()]
+    if unknown or not run.criteria:
+        raise AdvtuneError(f"unknown criterion {unknown[0] if unknown else '(none)'}; valid: {', '.join(list_criteria())}")
+    if run.limit <= 0 or run.curve_limit < 0:
+        raise AdvtuneError("--limit must be positive and --curve-limit non-negative")
+    device = resolve_device(run.device)
+    model, meta, base_cfg = load_base(run.base, device)
+    rd = RunDir.create(run.out, overwrite=run.overwrite)
+    seed_everything(run.seed)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
+    threat = ThreatModel(run.norm, run.eps)
+    attack = build_attack(run.attack, threat)
+    rd.write_config({"command": "analyze", "run": run.to_json(), "seed": run.seed, "base": str(run.base),
+                     "dataset": ds.describe(), "split": "train", "threat": threat.to_json(), "attack": attack.spec,
+                     "device": str(device)})
+    meter = CostMeter()
+    meter.start()
+    # one attack run serves every criterion and the curves: adversarials are computed once, here
+    x, y = ds.train.take(max(run.limit, run.curve_limit)).tensors(device)
+    x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
+    meter.add_attack(len(x), attack.grad_evals())
+    clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
+    n_score = min(run.limit, len(x))
+    tables = score_many(model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size)
+    summary: dict[str, Any] = {"examples_scored": n_score, "clean_acc": float(clean_ok[:n_score].float().mean()),
+                               "adv_acc": float(adv_ok[:n_score].float().mean()), "attack": attack.spec,
+                               "threat": threat.to_json(), "criteria": {}}
+    curves = {}
+    for name, table in tables.items():
+        rd.write_json(f"scores-{name}.json", table.to_json())
+        table.to_csv(rd.file(f"scores-{name}.csv"))
+        layers = layer_scores(table)
+        rd.write_json(f"layers-{name}.json", layers)
+        top = [(str(c), s) for c, s in table.ranked()[:10]]
+        summary["criteria"][name] = {"components": len(table), "top10": top}
+        if run.curve_limit:
+            n = min(run.curve_limit, len(x))
+            curve = concentration_curve(model, (x[:n], y[:n], x_adv[:n]), None, table, run.shares, run.random_seeds,
+                                        batch_size=run.batch_size)
+            curves[name] = curve
+            summary["criteria"][name]["curve"] = curve.rows()
+            summary["criteria"][name]["adversarial_errors"] = curve.n_errors
+    if curves:
+        rd.write_json("concentration.json", {k: c.to_json() for k, c in curves.items()})
+    if "restoration" in tables:
+        summary["rank_agreement_with_restoration"] = {
+            k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
+    meter.stop()
+    summary["cost"] = meter.to_json()
+    _analysis_plots(rd, tables, curves)
+    rd.write_cost(meter)
+    rd.write_json(SUMMARY, summary)
+    return summary
+
+
+def _analysis_plots(rd: RunDir, tables: dict, curves: dict) -> None:
+    from .report import plot_concentration, plot_layer_scores
+    from .vulnerability import layer_scores
+
+    if curves:
+        plot_concentration({k: c.to_json() for k, c in curves.items()}, rd.file("concentration.png"))
+    plot_layer_scores({k: layer_scores(t) for k, t in tables.items()}, rd.file("layers.png"))
+
+
+def adversarial_examples(model, attack, x, y, batch_size: int, seed: int) -> torch.Tensor:
+    """x_adv for all of x, batch by batch, each batch with its own derived generator (reproducible)."""
+    from .utils import derive_seed, eval_mode, make_generator, model_device, progress
+
+    out = []
+    dev = model_device(model)
+    with eval_mode(model):
+        for i in progress(range(0, len(x), batch_size), desc=f"attack {attack.spec}", total=-(-len(x) // batch_size)):
+            g = make_generator(derive_seed(seed, "analyze", i), dev)
+            out.append(attack(model, x[i:i + batch_size], y[i:i + batch_size], generator=g))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def correct(model, x, y, batch_size: int) -> torch.Tensor:
+    """Per-example correctness of the model's predictions (eval mode)."""
+    from .utils import eval_mode
+
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(x), batch_size)])
