@@ -11,7 +11,6 @@ import difflib
 import json
 import logging
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,10 +21,12 @@ log = logging.getLogger("advtune")
 
 def number(text: str) -> float:
     """A float that may be written as a fraction: `0.3`, `8/255`."""
+    from .utils import parse_number
+
     try:
-        return float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
+        return parse_number(text)
+    except AdvtuneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def number_list(text: str) -> list[float]:
@@ -105,6 +106,43 @@ def run_train(args) -> int:
     summary = train_run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
+
+# ---------------------------------------------------------------- evaluate
+
+
+def add_evaluate_parser(sub) -> None:
+    from .attacks import list_attacks
+
+    p = sub.add_parser("evaluate", help="clean and robust accuracy of a run under attacks, with the gradient-masking gate",
+                       description="Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
+                                   "Attacks: " + ", ".join(list_attacks()))
+    p.add_argument("run", help="run folder of the model to evaluate")
+    p.add_argument("--attacks", help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t")
+    p.add_argument("--suite", choices=["standard", "quick"], help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20")
+    p.add_argument("--eps", type=number_list, required=True, help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--limit", type=int, default=1000, help="first N test examples (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cascade", action="store_true", help="run each attack only on samples still robust (cheaper; per-attack numbers cumulative)")
+    p.add_argument("--plot", action="store_true", help="with several eps: write the accuracy-vs-eps PNG")
+    p.add_argument("--name", help="name of the record (eval-<name>.json)")
+    p.add_argument("--data-dir")
+    _common(p)
+
+
+def run_evaluate(args) -> int:
+    from .jobs import EvaluateRun, evaluate_run, format_evaluation
+
+    if not args.attacks and not args.suite:
+        raise AdvtuneError("give --attacks (e.g. fgsm,pgd:steps=40) or --suite standard")
+    run = EvaluateRun(run=args.run, eps=tuple(args.eps), attacks=args.attacks, suite=args.suite, norm=args.norm,
+                      limit=args.limit, batch_size=args.batch_size, cascade=args.cascade, plot=args.plot,
+                      name=args.name, seed=args.seed, data_dir=args.data_dir, device=args.device)
+    record = evaluate_run(run)
+    print(format_evaluation(record))
+    print(f"-> {record['path']}" + (f" (+ {record['plot']})" if record.get("plot") else ""))
+    return 0
+
 
 # ---------------------------------------------------------------- analyze
 
@@ -199,6 +237,52 @@ def run_finetune(args) -> int:
     print(f"fine-tuned {what}: clean test accuracy {100 * s['test_acc']:.2f}%{quick}  -> {args.out}")
     return 0
 
+# ---------------------------------------------------------------- experiment
+
+
+def add_experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="run a YAML experiment: variants side by side, resumable",
+                       description="Run every variant of CONFIG not yet finished under --out, evaluate each with the "
+                                   "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
+                                   "variants and resumes an interrupted one.")
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--out", required=True, help="experiment folder (runs/<name>)")
+    p.add_argument("--only", help="comma list of variant names to run")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write the report afterwards (default: yes)")
+    _common(p)
+
+
+def run_experiment(args) -> int:
+    from .experiment import format_results, run_experiment as run
+
+    rows = run(args.config, args.out, device=None if args.device == "auto" else args.device,
+               only=[o.strip() for o in args.only.split(",")] if args.only else None)
+    print(format_results(rows))
+    if args.report:
+        from .report import write_report
+
+        paths = write_report(args.out)
+        print(f"report: {paths['html']}")
+    return 0
+
+# ---------------------------------------------------------------- report
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="HTML + Markdown report of an experiment folder",
+                       description="Write <folder>/report.html (self-contained, plots embedded), report.md and PNGs from the records.")
+    p.add_argument("folder", help="experiment folder written by `advtune experiment`")
+    _common(p)
+
+
+def run_report(args) -> int:
+    from .report import write_report
+
+    paths = write_report(args.folder)
+    print(f"report: {paths['html']} and {paths['md']}")
+    return 0
+
+
 # ---------------------------------------------------------------- info
 
 
@@ -238,8 +322,11 @@ def run_demo(args) -> int:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train_parser, run_train),
+    "evaluate": (add_evaluate_parser, run_evaluate),
     "analyze": (add_analyze_parser, run_analyze),
     "finetune": (add_finetune_parser, run_finetune),
+    "experiment": (add_experiment_parser, run_experiment),
+    "report": (add_report_parser, run_report),
     "info": (add_info_parser, run_info),
     "demo": (add_demo_parser, run_demo),
 }

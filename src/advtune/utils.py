@@ -58,6 +58,21 @@ def sample_on(generator: torch.Generator | None, device: torch.device) -> torch.
     """Where to draw random numbers: on the generator's device (the rule: sample there, then move)."""
     return generator.device if generator is not None else device
 
+# ---------------------------------------------------------------- numbers
+
+
+def parse_number(text: str | float | int) -> float:
+    """A float that may be written as a fraction: `0.3`, `8/255` (eps in pixel units)."""
+    from fractions import Fraction
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        s = str(text).strip()
+        return float(Fraction(s)) if "/" in s else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise AdvtuneError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
+
 # ---------------------------------------------------------------- devices
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -1,0 +1,347 @@
+"""Run a YAML experiment: one base model, one evaluation protocol, a list of variants side by side.
+
+    name: mnist-claim
+    base: {dataset: mnist, model: small-cnn, train: {epochs: 2}}        # or base: {pretrained: runs/x}
+    threat: {norm: linf, eps: 0.3}                                       # eps may be a list (a sweep)
+    evaluation: {attacks: "apgd-ce,apgd-t", limit: 1000}                 # or suite: standard
+    analysis: {attack: "pgd:steps=20", limit: 2000, curve_limit: 1000}
+    variants:
+      - {name: standard, kind: standard}
+      - {name: pgd-at, kind: train, attack: "pgd:steps=10", train: {epochs: 3}}
+      - {name: full-ft, kind: finetune, select: all, attack: "pgd:steps=10"}
+      - {name: sel, kind: finetune, select: top, share: [0.05, 0.1, 0.2]}   # list -> one variant each
+      - {name: random, kind: finetune, select: random, share: 0.1}
+
+Every variant is recorded under `<out>/<variant>/` (a normal run folder plus `eval-protocol.json`);
+a finished variant is skipped when the experiment is run again, an interrupted one resumes from its
+checkpoint. `<out>/results.json` and `results.csv` hold one row per variant.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import difflib
+import io
+import itertools
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .errors import AdvtuneError
+from .utils import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}
+BASE_KEYS = {"dataset", "model", "train", "pretrained", "limit", "limit_test", "data_dir"}
+THREAT_KEYS = {"norm", "eps"}
+EVAL_KEYS = {"attacks", "suite", "limit", "batch_size", "cascade"}
+ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
+TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
+              "checkpoint_every", "eval_batch_size", "val_attack_limit"}
+VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "train", "select", "share", "criterion", "per_layer", "guard",
+                "limit", "model", "eps", "notes"}
+KINDS = ("standard", "train", "finetune")
+SWEEPABLE = ("eps", "share", "attack", "criterion", "select")
+EVAL_NAME = "protocol"
+
+
+def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise AdvtuneError(f"{where} must be a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            raise AdvtuneError(f"{where}: unknown key {k!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                 f"; valid: {', '.join(sorted(allowed))}"))
+    return d
+
+
+def load_config(path: str | Path) -> dict:
+    """Parse and validate an experiment YAML; errors name the line or the key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"experiment config not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return validate_config(cfg, str(path))
+
+
+def validate_config(cfg: Any, where: str = "config") -> dict:
+    cfg = copy.deepcopy(_check_keys(cfg, TOP_KEYS, where))
+    for key in ("base", "threat", "evaluation", "variants"):
+        if key not in cfg:
+            raise AdvtuneError(f"{where}: missing required key {key!r}")
+    _check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
+    _check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
+    _check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
+    _check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
+    _check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
+    if "pretrained" not in cfg["base"] and not {"dataset", "model"} <= set(cfg["base"]):
+        raise AdvtuneError(f"{where}: base needs either pretrained: <run folder> or dataset: and model:")
+    if "eps" not in cfg["threat"]:
+        raise AdvtuneError(f"{where}: threat needs eps (e.g. 0.3 or [0.1, 0.2, 0.3])")
+    if not cfg["evaluation"].get("attacks") and not cfg["evaluation"].get("suite"):
+        raise AdvtuneError(f"{where}: evaluation needs attacks: or suite:")
+    if not isinstance(cfg["variants"], list) or not cfg["variants"]:
+        raise AdvtuneError(f"{where}: variants must be a non-empty list")
+    seen = set()
+    for i, v in enumerate(cfg["variants"]):
+        vw = f"{where}: variants[{i}]" + (f" ({v.get('name')})" if isinstance(v, dict) and v.get("name") else "")
+        _check_keys(v, VARIANT_KEYS, vw)
+        _check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
+        if not v.get("name"):
+            raise AdvtuneError(f"{vw}: every variant needs a name")
+        if v.get("kind", "finetune") not in KINDS:
+            raise AdvtuneError(f"{vw}: unknown kind {v.get('kind')!r}; valid: {', '.join(KINDS)}")
+        if v["name"] in seen:
+            raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
+        seen.add(v["name"])
+    return cfg
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def expand_variants(cfg: dict) -> list[dict]:
+    """List-valued sweepable keys (eps, share, attack, criterion, select) become one variant each;
+    the threat's eps list applies to every variant."""
+    out = []
+    eps_all = _as_list(cfg["threat"]["eps"])
+    for v in cfg["variants"]:
+        v = dict(v)
+        v.setdefault("kind", "finetune")
+        v.setdefault("eps", eps_all if len(eps_all) > 1 else eps_all[0])
+        axes = [(k, _as_list(v[k])) for k in SWEEPABLE if k in v and isinstance(v[k], (list, tuple))]
+        if v["kind"] == "standard":
+            axes = [(k, vals) for k, vals in axes if k != "eps"]  # the standard model is one model
+            v["eps"] = eps_all[0] if isinstance(v["eps"], list) else v["eps"]
+        for combo in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
+            w = dict(v)
+            suffix = []
+            for (k, _), val in zip(axes, combo):
+                w[k] = val
+                suffix.append(f"{k}{val:g}" if isinstance(val, float) else f"{k}-{val}")
+            w["name"] = "-".join([v["name"], *suffix]).replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+            w["sweep_of"] = v["name"] if suffix else None
+            out.append(w)
+    names = [w["name"] for w in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise AdvtuneError(f"variant names collide after sweeping: {', '.join(sorted(dup))}; rename the variants")
+    return out
+
+
+def _train_config(base: dict | None, over: dict | None, seed: int):
+    from .train import TrainConfig
+
+    merged = {**(base or {}), **(over or {})}
+    return TrainConfig(seed=seed, **merged)
+
+
+def _eps_value(v: Any) -> float:
+    from .utils import parse_number
+
+    return parse_number(v)
+
+
+def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | None = None,
+                   only: list[str] | None = None) -> list[dict]:
+    """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
+    from .jobs import (AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun, analyze_run, evaluate_run, finetune_run,
+                       train_run)
+    from .runs import CONFIG, SUMMARY, RunDir
+
+    cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    device = device or cfg.get("device", "auto")
+    data_dir = cfg.get("data_dir") or cfg["base"].get("data_dir")
+    atomic_write_json(out / "experiment.json", {"config": cfg, "source": str(config) if not isinstance(config, dict) else None})
+    norm = cfg["threat"].get("norm", "linf")
+    ev = cfg["evaluation"]
+    variants = expand_variants(cfg)
+    if only:
+        missing = [o for o in only if o not in {v["name"] for v in variants}]
+        if missing:
+            raise AdvtuneError(f"--only {missing[0]!r}: no such variant; variants: {', '.join(v['name'] for v in variants)}")
+        variants = [v for v in variants if v["name"] in only]
+
+    def finished(folder: Path) -> bool:
+        return (folder / SUMMARY).is_file() and (folder / f"eval-{EVAL_NAME}.json").is_file()
+
+    def started(folder: Path) -> bool:
+        return (folder / CONFIG).is_file()
+
+    # the base model: a pretrained run, or trained here once
+    base = cfg["base"]
+    if base.get("pretrained"):
+        base_dir = Path(base["pretrained"])
+        if not (base_dir / "model.safetensors").is_file():
+            raise AdvtuneError(f"base.pretrained: {base_dir} holds no trained model; train it first or fix the path")
+    else:
+        base_dir = out / "standard"
+        if not (base_dir / SUMMARY).is_file():
+            log.info("experiment %s: training the base model", cfg.get("name", out.name))
+            train_run(TrainRun(dataset=base["dataset"], model=base["model"], out=str(base_dir), data_dir=data_dir,
+                               limit=base.get("limit"), limit_test=base.get("limit_test"), device=device,
+                               train=_train_config(base.get("train"), None, seed), resume=started(base_dir),
+                               overwrite=base_dir.exists() and not started(base_dir)))
+    analysis_cfg = cfg.get("analysis") or {}
+    analyses: dict[float, Path] = {}
+
+    def analysis_for(eps: float) -> Path:
+        if eps in analyses:
+            return analyses[eps]
+        folder = out / (f"analysis-eps{eps:g}" if len(_as_list(cfg["threat"]["eps"])) > 1 else "analysis")
+        if not (folder / SUMMARY).is_file():
+            kw = {k: tuple(analysis_cfg[k]) if k in ("criteria", "shares", "random_seeds") else analysis_cfg[k]
+                  for k in ANALYSIS_KEYS if k in analysis_cfg}
+            analyze_run(AnalyzeRun(base=str(base_dir), out=str(folder), eps=eps, norm=norm, seed=seed, data_dir=data_dir,
+                                   device=device, overwrite=folder.exists(), **kw))
+        analyses[eps] = folder
+        return folder
+
+    for v in variants:
+        folder = out / v["name"]
+        if finished(folder):
+            log.info("variant %s: finished earlier, skipped", v["name"])
+            continue
+        eps = _eps_value(v["eps"])
+        kind = v["kind"]
+        if kind == "standard":
+            model_dir = base_dir
+        elif kind == "train":
+            model_dir = folder
+            if not (folder / SUMMARY).is_file():
+                train_run(TrainRun(dataset=base.get("dataset") or _base_dataset(base_dir), model=v.get("model") or base.get("model") or _base_model(base_dir),
+                                   out=str(folder), data_dir=data_dir, limit=v.get("limit", base.get("limit")),
+                                   limit_test=base.get("limit_test"), device=device, adversarial=v.get("attack"), norm=norm,
+                                   eps=eps if v.get("attack") else None, attack_mode=v.get("attack_mode", "eval"),
+                                   train=_train_config(base.get("train"), v.get("train"), seed),
+                                   resume=started(folder), overwrite=folder.exists() and not started(folder)))
+        else:
+            model_dir = folder
+            if not (folder / SUMMARY).is_file():
+                select = v.get("select", "top")
+                if select == "top":
+                    select = str(analysis_for(eps))
+                finetune_run(FinetuneRun(base=str(base_dir), out=str(folder), eps=eps, select=select,
+                                         share=float(v.get("share", 0.1)), criterion=v.get("criterion", "taylor"),
+                                         per_layer=bool(v.get("per_layer", False)), attack=v.get("attack", "pgd:steps=10"),
+                                         norm=norm, attack_mode=v.get("attack_mode", "eval"), guard=v.get("guard"),
+                                         train=_train_config({"epochs": 1}, v.get("train"), seed), data_dir=data_dir,
+                                         limit=v.get("limit", base.get("limit")), limit_test=base.get("limit_test"),
+                                         monitor=0, device=device, resume=started(folder),
+                                         overwrite=folder.exists() and not started(folder)))
+        if kind == "standard":
+            folder.mkdir(parents=True, exist_ok=True)
+        record = evaluate_run(EvaluateRun(run=str(model_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
+                                          norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
+                                          cascade=bool(ev.get("cascade", False)), name=EVAL_NAME, seed=seed, data_dir=data_dir,
+                                          device=device))
+        if kind == "standard" and model_dir != folder:
+            _link_standard(folder, model_dir, record)
+        log.info("variant %s: clean %.2f%%, worst case %.2f%%", v["name"], 100 * record["clean_accuracy"],
+                 100 * record["worst_case_accuracy"])
+    rows = collect_results(out, expand_variants(cfg), base_dir)
+    write_results(out, rows)
+    return rows
+
+
+def _base_dataset(base_dir: Path) -> str:
+    return read_json(base_dir / "config.json", "base config")["run"]["dataset"]
+
+
+def _base_model(base_dir: Path) -> str:
+    return read_json(base_dir / "model.json", "base model")["architecture"]
+
+
+def _link_standard(folder: Path, model_dir: Path, record: dict) -> None:
+    """The `standard` variant evaluates the base model itself; its folder points there."""
+    atomic_write_json(folder / "variant.json", {"kind": "standard", "model_dir": str(model_dir)})
+    atomic_write_json(folder / f"eval-{EVAL_NAME}.json", {k: v for k, v in record.items() if k != "path"})
+    src = model_dir / "summary.json"
+    if src.is_file():
+        atomic_write_text(folder / "summary.json", src.read_text())
+
+
+def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dict]:
+    """One row per variant from its records (nothing is recomputed: the report reads these)."""
+    rows = []
+    base_cost = _cost(base_dir)
+    for v in variants:
+        folder = out / v["name"]
+        ev_path = folder / f"eval-{EVAL_NAME}.json"
+        if not ev_path.is_file():
+            continue
+        ev = read_json(ev_path, "evaluation")
+        kind = v["kind"]
+        cost = base_cost if kind == "standard" else _cost(folder)
+        analysis_cost = {}
+        if kind == "finetune" and str(v.get("select", "top")) == "top":
+            eps = _eps_value(v["eps"])
+            a = out / (f"analysis-eps{eps:g}" if (out / f"analysis-eps{eps:g}").is_dir() else "analysis")
+            analysis_cost = _cost(a) if a.is_dir() else {}
+        summary = read_json(folder / "summary.json", "summary") if (folder / "summary.json").is_file() else {}
+        sel = summary.get("selection") or {}
+        row = {
+            "variant": v["name"], "kind": kind, "sweep_of": v.get("sweep_of"), "eps": _eps_value(v["eps"]),
+            "select": v.get("select", "top") if kind == "finetune" else None,
+            "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random") else None,
+            "criterion": v.get("criterion", "taylor") if kind == "finetune" and v.get("select", "top") == "top" else None,
+            "attack": v.get("attack", "pgd:steps=10") if kind != "standard" else None,
+            "clean_acc": ev["clean_accuracy"], "robust_acc": ev["worst_case_accuracy"],
+            **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
+            "suspect": "; ".join(ev.get("suspect", [])),
+            "grad_evals": cost.get("grad_evals", 0), "analysis_grad_evals": analysis_cost.get("grad_evals", 0),
+            "base_grad_evals": base_cost.get("grad_evals", 0) if kind == "finetune" else 0,
+            "wall_s": cost.get("wall_s", 0.0), "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
+            "flops": cost.get("flops", 0.0),
+            "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
+            "total_params": cost.get("total_params"),
+            "epochs": summary.get("epochs"), "stopped": summary.get("stopped"),
+            "eval_examples": ev.get("examples"), "eval_attacks": ",".join(ev.get("attacks", [])),
+            "eval_grad_evals": sum(ev.get("grad_evals", {}).values()),
+        }
+        rows.append(row)
+    return rows
+
+
+def _cost(folder: Path) -> dict:
+    p = folder / "cost.json"
+    return read_json(p, "cost") if p.is_file() else {}
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    atomic_write_json(out / "results.json", {"rows": rows})
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+
+def format_results(rows: list[dict]) -> str:
+    """The terminal table: robustness next to what it cost."""
+    lines = [f"{'variant':24s} {'clean':>7s} {'robust':>7s} {'grad evals':>12s} {'+analysis':>10s} {'wall s':>8s} {'trainable':>10s}  note"]
+    for r in rows:
+        lines.append(f"{r['variant'][:24]:24s} {100 * r['clean_acc']:6.2f}% {100 * r['robust_acc']:6.2f}% "
+                     f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} {r['trainable_params'] or 0:10,d}  "
+                     + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or ""))
+    return "\n".join(lines)

@@ -1,0 +1,333 @@
+"""Plots (PNG) from results. Figures are drawn on an Agg canvas directly: no global pyplot state,
+no display needed, and the caller's matplotlib backend is left alone."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from .errors import AdvtuneError
+
+
+def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Robust accuracy against eps as a PNG.
+
+    curves: an `EpsCurve`, or a mapping label -> `EpsCurve` to compare models (e.g. base vs fine-tuned).
+    Dashed lines show the raw per-eps accuracies where they differ from the monotone curve.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not isinstance(curves, Mapping):
+        curves = {"": curves}
+    if not curves:
+        raise AdvtuneError("plot_eps_curve needs at least one curve")
+    fig = Figure(figsize=(5.0, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, c in curves.items():
+        if not hasattr(c, "eps") or not hasattr(c, "accuracy"):
+            raise AdvtuneError(f"plot_eps_curve expects EpsCurve objects (from evaluate.eps_curve), got {type(c).__name__}")
+        line, = ax.plot(c.eps, c.accuracy, marker="o", label=label or None)
+        if list(c.raw_accuracy) != list(c.accuracy):
+            ax.plot(c.eps, c.raw_accuracy, ls="--", lw=0.8, color=line.get_color(), alpha=0.7)
+    ax.set_xlabel("eps")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if any(curves):
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")   # atomic: write then rename
+    os.replace(tmp, path)
+    return path
+
+
+def _figure(w: float = 5.0, h: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_concentration(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Adversarial errors repaired vs share of components restored: one line per criterion, and the
+    random control (mean ± std over seeds) in grey. `curves`: criterion -> ConcentrationCurve.to_json()."""
+    if not curves:
+        raise AdvtuneError("plot_concentration needs at least one curve")
+    fig = _figure(5.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    first = next(iter(curves.values()))
+    if not first["n_errors"]:
+        ax.text(0.5, 0.5, "the attack caused no adversarial errors:\nnothing to repair, no curve", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
+    xs = [100 * s for s in first["shares"]]
+    mean = [m if m is not None else float("nan") for m in first["random_mean"]]
+    std = [d if d is not None else 0.0 for d in first["random_std"]]
+    ax.plot(xs, [100 * m for m in mean], color="grey", ls="--", marker=".", label=f"random ({len(first['random_seeds'])} seeds)")
+    ax.fill_between(xs, [100 * (m - d) for m, d in zip(mean, std)], [100 * (m + d) for m, d in zip(mean, std)], color="grey", alpha=0.2)
+    for (name, c), marker in zip(curves.items(), "osD^v*"):
+        ax.plot([100 * s for s in c["shares"]], [100 * (r if r is not None else float("nan")) for r in c["repaired"]],
+                marker=marker, markersize=5, alpha=0.85, label=f"top-p by {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("components restored to clean activation (% of all, log scale)")
+    ax.set_ylabel("adversarial errors repaired (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"Concentration of adversarial errors ({first['n_errors']} errors, {first['n_samples']} examples)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_layer_scores(layers: Mapping[str, Mapping[str, dict]], path: str | os.PathLike) -> Path:
+    """Per-layer vulnerability bars: for each criterion, each layer's share of the total score."""
+    if not layers:
+        raise AdvtuneError("plot_layer_scores needs at least one criterion")
+    import numpy as np
+
+    names = list(next(iter(layers.values())).keys())
+    fig = _figure(max(5.0, 0.9 * len(names) + 2), 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(layers)
+    for i, (crit, rows) in enumerate(layers.items()):
+        sums = np.array([max(rows[n]["sum"], 0.0) if n in rows else 0.0 for n in names])
+        total = sums.sum() or 1.0
+        ax.bar(np.arange(len(names)) + i * width - 0.4 + width / 2, 100 * sums / total, width, label=crit)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("share of total score (%)")
+    ax.set_title("Vulnerability by layer", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- experiment report
+
+
+def plot_pareto(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Robust accuracy against training cost (gradient evaluations, log scale): the Pareto view.
+    Selective variants include the analysis cost (the scoring attack) in their x position."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {"standard": "grey", "train": "tab:red", "finetune": "tab:blue"}
+    for r in rows:
+        x = max(1, r["grad_evals"] + r.get("analysis_grad_evals", 0))
+        c = colors.get(r["kind"], "k")
+        if r["kind"] == "finetune" and r.get("select") == "random":
+            c = "tab:orange"
+        elif r["kind"] == "finetune" and r.get("select") == "all":
+            c = "tab:purple"
+        ax.scatter([x], [100 * r["robust_acc"]], color=c, marker="x" if r.get("suspect") else "o", s=40, zorder=3)
+        ax.annotate(r["variant"], (x, 100 * r["robust_acc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training cost: gradient evaluations (log; selective incl. analysis)")
+    ax.set_ylabel("robust accuracy, worst case (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("Robustness vs compute (x marks a suspect evaluation)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_eps_sweep(rows: list[dict], path: str | os.PathLike) -> Path | None:
+    """Robust accuracy vs eps for each variant family, when the experiment sweeps eps."""
+    fams: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        fams.setdefault(_family(r), []).append((r["eps"], r["robust_acc"]))
+    if not any(len({e for e, _ in pts}) > 1 for pts in fams.values()):
+        return None
+    fig = _figure(5.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for fam, pts in fams.items():
+        pts.sort()
+        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o", label=fam)
+    ax.set_xlabel("eps (training and evaluation)")
+    ax.set_ylabel("robust accuracy, worst case (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _family(r: dict) -> str:
+    """A variant's name without its eps suffix (eps sweeps are drawn as one line per family)."""
+    import re
+
+    return re.sub(r"-eps[0-9.e-]+", "", r["variant"])
+
+
+def _fmt_int(v) -> str:
+    return f"{int(v):,}" if v is not None else "–"
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    attack_cols = []
+    for r in rows:
+        attack_cols += [k for k in r if k.startswith("acc[") and k not in attack_cols]
+    head = ["variant", "eps", "clean", *[c[4:-1] for c in attack_cols], "worst case", "grad evals (train)",
+            "+ analysis", "wall s", "FLOPs", "trainable params", "gate"]
+    body = []
+    for r in rows:
+        body.append([r["variant"], f"{r['eps']:.4g}", f"{100 * r['clean_acc']:.2f}%",
+                     *[f"{100 * r[c]:.2f}%" if c in r else "–" for c in attack_cols],
+                     f"{100 * r['robust_acc']:.2f}%", _fmt_int(r["grad_evals"]),
+                     _fmt_int(r.get("analysis_grad_evals")) if r.get("analysis_grad_evals") else "–",
+                     f"{r['wall_s'] + r.get('analysis_wall_s', 0):.0f}", f"{r['flops']:.3g}",
+                     _fmt_int(r.get("trainable_params")), "SUSPECT" if r.get("suspect") else "passed"])
+    return head, body
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Plain-language findings, computed from the rows (no claim is written that the numbers don't make)."""
+    out = []
+    by_eps: dict[float, list[dict]] = {}
+    for r in rows:
+        by_eps.setdefault(r["eps"], []).append(r)
+    for eps, rs in sorted(by_eps.items()):
+        full = [r for r in rs if r["kind"] == "train" and r.get("attack") and not r.get("suspect")]
+        sel = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "top"]
+        rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random"]
+        for r in rs:
+            if r.get("suspect"):
+                out.append(f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
+                           "its robust accuracy is not trustworthy and it is not called robust here.")
+        if full and sel:
+            ref = max(full, key=lambda r: r["robust_acc"])
+            best = max((r for r in sel if not r.get("suspect")), key=lambda r: r["robust_acc"], default=None)
+            if best is not None:
+                cost = best["grad_evals"] + best.get("analysis_grad_evals", 0)
+                ratio = cost / max(ref["grad_evals"], 1)
+                diff = 100 * (best["robust_acc"] - ref["robust_acc"])
+                verdict = "within 1 point of" if diff >= -1 else f"{-diff:.1f} points below"
+                if diff > 1:
+                    verdict = f"{diff:.1f} points above"
+                out.append(f"eps={eps:g}: the best selective fine-tuning (**{best['variant']}**) reached "
+                           f"{100 * best['robust_acc']:.2f}% worst-case robust accuracy, {verdict} full adversarial training "
+                           f"(**{ref['variant']}**, {100 * ref['robust_acc']:.2f}%), with {100 * ratio:.1f}% of its gradient "
+                           f"evaluations (analysis included; the standard model's own training not counted).")
+        if sel and rnd:
+            for r in rnd:
+                same = [s for s in sel if s.get("share") == r.get("share")]
+                if same:
+                    s = max(same, key=lambda q: q["robust_acc"])
+                    out.append(f"eps={eps:g}: at share {r['share']:g}, selected components gave {100 * s['robust_acc']:.2f}% "
+                               f"vs {100 * r['robust_acc']:.2f}% for the same share chosen at random "
+                               f"({100 * (s['robust_acc'] - r['robust_acc']):+.1f} points).")
+    return out
+
+
+def write_report(folder: str | os.PathLike) -> dict[str, Path]:
+    """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
+    records. Every number comes from results.json and the analysis files; nothing is recomputed."""
+    import base64
+    import html
+    import json
+
+    folder = Path(folder)
+    res = folder / "results.json"
+    if not res.is_file():
+        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment CONFIG --out {folder}` first")
+    rows = json.loads(res.read_text())["rows"]
+    if not rows:
+        raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
+    exp = json.loads((folder / "experiment.json").read_text()) if (folder / "experiment.json").is_file() else {}
+    cfg = exp.get("config", {})
+    figs: list[tuple[str, Path]] = [("Robustness vs compute", plot_pareto(rows, folder / "pareto.png"))]
+    eps_png = plot_eps_sweep(rows, folder / "eps-sweep.png")
+    if eps_png:
+        figs.append(("Robust accuracy vs eps", eps_png))
+    analysis_notes = []
+    for a in sorted(folder.glob("analysis*")):
+        if (a / "concentration.json").is_file():
+            curves = json.loads((a / "concentration.json").read_text())
+            figs.append((f"Concentration of adversarial errors ({a.name})", plot_concentration(curves, folder / f"{a.name}-concentration.png")))
+            for name, c in curves.items():
+                pts = {round(s, 4): (r, m) for s, r, m in zip(c["shares"], c["repaired"], c["random_mean"])}
+                for share in (0.01, 0.05, 0.1):
+                    if share in pts and pts[share][0] is not None:
+                        analysis_notes.append(f"{a.name}: restoring the top {100 * share:g}% of components by {name} repairs "
+                                              f"{100 * pts[share][0]:.1f}% of {c['n_errors']} adversarial errors "
+                                              f"(random {100 * (pts[share][1] or 0):.1f}%).")
+        layer_files = sorted(a.glob("layers-*.json"))
+        if layer_files:
+            layers = {p.stem[len("layers-"):]: json.loads(p.read_text()) for p in layer_files}
+            figs.append((f"Vulnerability by layer ({a.name})", plot_layer_scores(layers, folder / f"{a.name}-layers.png")))
+        summ = a / "summary.json"
+        if summ.is_file():
+            agree = json.loads(summ.read_text()).get("rank_agreement_with_restoration", {})
+            for k, v in agree.items():
+                analysis_notes.append(f"{a.name}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}.")
+    head, body = _table(rows)
+    findings = headline(rows)
+    ev = cfg.get("evaluation", {})
+    protocol = (f"Threat model {cfg.get('threat', {}).get('norm', 'linf')}, eps {cfg.get('threat', {}).get('eps')}. "
+                f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
+                "worst case per example over the attacks; the gradient-masking gate ran on every model.")
+    base = cfg.get("base", {})
+    setup = (f"Base: {base.get('pretrained') or (str(base.get('model')) + ' on ' + str(base.get('dataset')))}"
+             + (f", training subset {base['limit']}" if base.get("limit") else "") + ".")
+    notes = cfg.get("notes")
+    title = f"advtune report: {cfg.get('name', folder.name)}"
+
+    md = [f"# {title}", "", setup, "", protocol, ""]
+    if notes:
+        md += [f"> {notes}", ""]
+    if findings:
+        md += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
+    md += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in body]
+    md += ["", "Costs: gradient evaluations = forward+backward passes of one example during training (attack steps "
+           "plus the update). Selective and full fine-tuning start from the standard model; its training cost is not "
+           "included. '+ analysis' is the scoring attack behind a selection.", ""]
+    if analysis_notes:
+        md += ["## Vulnerability analysis", ""] + [f"- {n}" for n in analysis_notes] + [""]
+    for caption, p in figs:
+        md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
+    from .utils import atomic_write_text
+
+    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+
+    def img(p: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+
+    esc = html.escape
+    cells = "".join(f"<th>{esc(h)}</th>" for h in head)
+    trs = "".join("<tr" + (' class="suspect"' if r[-1] == "SUSPECT" else "") + ">" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
+                  for r in body)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}tr.suspect{background:#fde2e2}"
+             "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
+             "</style></head><body>", f"<h1>{esc(title)}</h1>", f"<p>{esc(setup)}</p><p>{esc(protocol)}</p>"]
+    if notes:
+        parts.append(f"<p class='note'>{esc(str(notes))}</p>")
+    if findings:
+        parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f).replace('**', '')}</li>" for f in findings) + "</ul>")
+    parts.append(f"<h2>Results</h2><table><thead><tr>{cells}</tr></thead><tbody>{trs}</tbody></table>")
+    parts.append("<p class='note'>Gradient evaluations: forward+backward passes of one example during training. "
+                 "Fine-tuning variants start from the standard model (its training not included); '+ analysis' is the "
+                 "scoring attack behind a selection. A red row tripped the gradient-masking gate and is not called robust.</p>")
+    if analysis_notes:
+        parts.append("<h2>Vulnerability analysis</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in analysis_notes) + "</ul>")
+    parts.append("<h2>Figures</h2>" + "".join(f"<figure><img src='{img(p)}' alt='{esc(c)}'><figcaption>{esc(c)}</figcaption></figure>"
+                                              for c, p in figs))
+    parts.append("</body></html>")
+    atomic_write_text(folder / "report.html", "".join(parts))
+    return {"html": folder / "report.html", "md": folder / "report.md"}

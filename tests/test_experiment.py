@@ -1,0 +1,153 @@
+"""`advtune experiment` + `advtune report`: records, resume without redoing, report == records, refusals."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from advtune import experiment
+from advtune.cli import main
+from advtune.errors import AdvtuneError
+
+TINY = {
+    "name": "tiny", "seed": 0,
+    "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 300, "limit_test": 100,
+             "train": {"epochs": 1, "batch_size": 64}},
+    "threat": {"norm": "linf", "eps": 0.25},
+    "evaluation": {"attacks": "fgsm,pgd:steps=5", "limit": 100},
+    "analysis": {"attack": "pgd:steps=3", "criteria": ["taylor"], "limit": 100, "curve_limit": 100,
+                 "shares": [0.05, 0.2, 1.0], "random_seeds": [0]},
+    "variants": [
+        {"name": "standard", "kind": "standard"},
+        {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=2"},
+        {"name": "sel", "kind": "finetune", "select": "top", "share": [0.1, 0.3], "attack": "pgd:steps=2"},
+        {"name": "random", "kind": "finetune", "select": "random", "share": 0.1, "attack": "pgd:steps=2"},
+    ],
+}
+
+
+def write(tmp_path, cfg, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    out = tmp / "out"
+    assert main(["experiment", str(write(tmp, TINY)), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_every_variant_is_recorded_and_tabled(finished):
+    rows = json.loads((finished / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["standard", "full-ft", "sel-share0.1", "sel-share0.3", "random"]
+    for r in rows:
+        ev = json.loads((finished / r["variant"] / "eval-protocol.json").read_text())
+        assert r["robust_acc"] == ev["worst_case_accuracy"] and r["clean_acc"] == ev["clean_accuracy"]
+        assert r["robust_acc"] <= min(r["acc[fgsm]"], r["acc[pgd:steps=5]"])
+    sel = {r["variant"]: r for r in rows}
+    assert sel["sel-share0.1"]["analysis_grad_evals"] > 0 and sel["random"]["analysis_grad_evals"] == 0
+    assert sel["sel-share0.1"]["trainable_params"] < sel["sel-share0.3"]["trainable_params"] < sel["full-ft"]["trainable_params"]
+    # PGD-2 fine-tuning: 3 gradient evaluations per example and epoch
+    assert sel["full-ft"]["grad_evals"] == 3 * 300
+    assert (finished / "results.csv").read_text().splitlines()[0].startswith("variant,kind")
+
+
+def test_report_numbers_match_the_records(finished):
+    assert main(["report", str(finished), "--quiet"]) == 0
+    md = (finished / "report.md").read_text()
+    html = (finished / "report.html").read_text()
+    rows = json.loads((finished / "results.json").read_text())["rows"]
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    shown = {cells[0]: dict(zip(head, cells)) for cells in
+             ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
+    for r in rows:
+        s = shown[r["variant"]]
+        assert s["clean"] == f"{100 * r['clean_acc']:.2f}%" and s["worst case"] == f"{100 * r['robust_acc']:.2f}%"
+        assert s["grad evals (train)"] == f"{r['grad_evals']:,}"
+        assert s["gate"] == ("SUSPECT" if r["suspect"] else "passed")
+        assert f"<td>{100 * r['robust_acc']:.2f}%</td>" in html
+    assert html.count("data:image/png;base64,") >= 3 and "<img src='data:image/png" in html  # self-contained
+    assert re.search(r"restoring the top 5% of components by taylor repairs [0-9.]+% of \d+ adversarial errors", md)
+
+
+def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch):
+    cfg = write(tmp_path, TINY)
+    out = tmp_path / "out"
+    import advtune.jobs as jobs
+
+    real = jobs.finetune_run
+    calls = []
+
+    def crash_on_second(run):
+        calls.append(run.out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(jobs, "finetune_run", crash_on_second)
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 130
+    monkeypatch.setattr(jobs, "finetune_run", real)
+    first = out / "full-ft" / "model.safetensors"
+    stamp = first.stat().st_mtime_ns
+    std_stamp = (out / "standard" / "model.safetensors").stat().st_mtime_ns
+
+    redone = []
+    monkeypatch.setattr(jobs, "finetune_run", lambda run: (redone.append(run.out), real(run))[1])
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert first.stat().st_mtime_ns == stamp and (out / "standard" / "model.safetensors").stat().st_mtime_ns == std_stamp
+    assert str(out / "full-ft") not in redone and len(redone) == 3  # sel x2 (one of them interrupted) + random
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 5
+    redone.clear()
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert redone == []  # everything finished: nothing is trained again
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nbase: {dataset: synthetic\nthreat: {eps: 0.1}\n")
+    assert main(["experiment", str(p), "--out", str(tmp_path / "o")]) == 2
+    assert re.search(r"not valid YAML at line \d+", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.update(variantz=[]), "unknown key 'variantz'; did you mean 'variants'"),
+    (lambda c: c["variants"][1].update(shar=0.1), r"variants\[1\] \(full-ft\): unknown key 'shar'; did you mean 'share'"),
+    (lambda c: c["base"].update(pretrained="runs/does-not-exist"), "holds no trained model"),
+    (lambda c: c["variants"].append({"name": "x", "kind": "distill"}), "unknown kind 'distill'"),
+    (lambda c: c["threat"].pop("eps"), "threat needs eps"),
+])
+def test_bad_experiment_configs(tmp_path, mutate, match):
+    import copy
+
+    cfg = copy.deepcopy(TINY)
+    mutate(cfg)
+    with pytest.raises(AdvtuneError, match=match):
+        experiment.run_experiment(write(tmp_path, cfg), tmp_path / "o")
+
+
+def test_report_on_a_folder_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no results.json" in capsys.readouterr().err
+
+
+def test_sweep_expansion_names():
+    cfg = experiment.validate_config({**TINY, "threat": {"eps": [0.1, 0.2]}})
+    names = [v["name"] for v in experiment.expand_variants(cfg)]
+    assert names == ["standard", "full-ft-eps0.1", "full-ft-eps0.2", "sel-eps0.1-share0.1", "sel-eps0.1-share0.3",
+                     "sel-eps0.2-share0.1", "sel-eps0.2-share0.3", "random-eps0.1", "random-eps0.2"]
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(shipped) >= 3
+    for p in shipped:
+        cfg = experiment.load_config(p)
+        assert experiment.expand_variants(cfg)
