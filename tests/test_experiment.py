@@ -139,8 +139,23 @@ def test_report_on_a_folder_without_results(tmp_path, capsys):
 def test_sweep_expansion_names():
     cfg = experiment.validate_config({**TINY, "threat": {"eps": [0.1, 0.2]}})
     names = [v["name"] for v in experiment.expand_variants(cfg)]
-    assert names == ["standard", "full-ft-eps0.1", "full-ft-eps0.2", "sel-eps0.1-share0.1", "sel-eps0.1-share0.3",
+    assert names == ["standard-eps0.1", "standard-eps0.2", "full-ft-eps0.1", "full-ft-eps0.2", "sel-eps0.1-share0.1", "sel-eps0.1-share0.3",
                      "sel-eps0.2-share0.1", "sel-eps0.2-share0.3", "random-eps0.1", "random-eps0.2"]
+
+
+def test_standard_variant_over_a_pretrained_base_records_in_its_own_folder(finished, tmp_path):
+    """Evaluating a pretrained base must never write into that base's run folder."""
+    import copy
+
+    before = sorted(p.name for p in (finished / "standard").iterdir())
+    cfg = copy.deepcopy(TINY)
+    cfg["base"] = {"pretrained": str(finished / "standard")}
+    cfg["threat"] = {"eps": [0.1, 0.2]}
+    cfg["variants"] = [{"name": "standard", "kind": "standard"}]
+    rows = experiment.run_experiment(write(tmp_path, cfg), tmp_path / "o")
+    assert [r["variant"] for r in rows] == ["standard-eps0.1", "standard-eps0.2"] and rows[0]["eps"] == 0.1
+    assert (tmp_path / "o" / "standard-eps0.2" / "eval-protocol.json").is_file()
+    assert sorted(p.name for p in (finished / "standard").iterdir()) == before
 
 
 def test_shipped_configs_are_valid():

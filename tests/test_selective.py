@@ -156,3 +156,32 @@ def test_finetune_bad_input(argv, match, tmp_path, capsys):
                  "--limit-test", "20", "--out", str(base), "--quiet"]) == 0
     rc = main(["finetune", str(base), "--eps", "0.1", "--out", str(tmp_path / "ft"), "--quiet", *argv])
     assert rc == 2 and match in capsys.readouterr().err
+
+
+def test_eps_warmup_ramps_the_attack_then_holds():
+    objective = adversarial(PGD(ThreatModel("linf", 0.3), steps=2), eps_warmup=0.5)
+    eps = [objective.at(t).attack.threat.eps for t in (0.0, 0.1, 0.25, 0.5, 0.9)]
+    assert eps[0] > 0 and eps[1] == pytest.approx(0.06) and eps[2] == pytest.approx(0.15) and eps[3:] == [0.3, 0.3]
+    assert objective.at(0.9) is objective
+    with pytest.raises(AdvtuneError, match="eps warm-up"):
+        adversarial(PGD(THREAT), eps_warmup=1.5)
+
+
+def test_warmup_training_is_resume_exact(train_data, tmp_path):
+    """The ramp is a function of the global step, so an interrupted run resumes bit-exactly."""
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=2, checkpoint_every=2)
+    objective = adversarial(PGD(THREAT, steps=2), eps_warmup=0.6)
+    ref = bn_net()
+    fit(ref, train_data, objective, cfg)
+
+    class Stop(Exception):
+        pass
+
+    def crash_after_epoch_one(model, record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit(bn_net(), train_data, objective, cfg, checkpoint_dir=tmp_path, callbacks=[crash_after_epoch_one])
+    resumed = bn_net(seed=9)
+    fit(resumed, train_data, objective, cfg, checkpoint_dir=tmp_path, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))

@@ -93,6 +93,9 @@ def add_train_parser(sub) -> None:
     a.add_argument("--eps", type=number, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
     a.add_argument("--norm", choices=["linf", "l2"], default="linf")
     a.add_argument("--attack-mode", choices=["eval", "train"], default="eval", help="model mode while the attack runs")
+    a.add_argument("--eps-warmup", type=number, default=0.0, help="share of training over which eps ramps up from 0 (e.g. 0.3)")
+    a.add_argument("--guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="catastrophic-overfitting guard (default: on for FGSM attacks)")
     _common(p)
 
 
@@ -102,7 +105,8 @@ def run_train(args) -> int:
     run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args),
                    data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
                    device=args.device, adversarial=args.adversarial, norm=args.norm, eps=args.eps,
-                   attack_mode=args.attack_mode, resume=args.resume, overwrite=args.overwrite)
+                   attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
+                   resume=args.resume, overwrite=args.overwrite)
     summary = train_run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
@@ -211,6 +215,7 @@ def add_finetune_parser(sub) -> None:
     a.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
     a.add_argument("--norm", choices=["linf", "l2"], default="linf")
     a.add_argument("--attack-mode", choices=["eval", "train"], default="eval")
+    a.add_argument("--eps-warmup", type=number, default=0.0, help="share of training over which eps ramps up from 0 (e.g. 0.2)")
     a.add_argument("--guard", action=argparse.BooleanOptionalAction, default=None,
                    help="catastrophic-overfitting guard (default: on for FGSM attacks)")
     a.add_argument("--monitor", type=int, default=500, help="test examples for the quick PGD-10 monitor (0: off)")
@@ -227,7 +232,8 @@ def run_finetune(args) -> int:
         raise AdvtuneError("finetune uses the base run's dataset; drop --dataset (use --data-dir to point at its files)")
     run = FinetuneRun(base=args.base, out=args.out, eps=args.eps, select=args.select, share=args.share,
                       criterion=args.criterion, per_layer=args.per_layer, attack=args.attack, norm=args.norm,
-                      attack_mode=args.attack_mode, guard=args.guard, train=_train_config(args), data_dir=args.data_dir,
+                      attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
+                      train=_train_config(args), data_dir=args.data_dir,
                       limit=args.limit, limit_test=args.limit_test, val=args.val, monitor=args.monitor,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
     s = finetune_run(run)

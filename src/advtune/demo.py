@@ -29,9 +29,9 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
         "variants": [
             {"name": "standard", "kind": "standard"},
             {"name": "selective-10", "kind": "finetune", "select": "top", "criterion": "taylor", "share": 0.1,
-             "attack": "pgd:steps=10", "limit": 6000},
-            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=10", "limit": 6000},
-            {"name": "random-10", "kind": "finetune", "select": "random", "share": 0.1, "attack": "pgd:steps=10", "limit": 6000},
+             "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
+            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
+            {"name": "random-10", "kind": "finetune", "select": "random", "share": 0.1, "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
         ],
     }
 

@@ -40,7 +40,7 @@ EVAL_KEYS = {"attacks", "suite", "limit", "batch_size", "cascade"}
 ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
               "checkpoint_every", "eval_batch_size", "val_attack_limit"}
-VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "train", "select", "share", "criterion", "per_layer", "guard",
+VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "eps_warmup", "train", "select", "share", "criterion", "per_layer", "guard",
                 "limit", "model", "eps", "notes"}
 KINDS = ("standard", "train", "finetune")
 SWEEPABLE = ("eps", "share", "attack", "criterion", "select")
@@ -123,9 +123,8 @@ def expand_variants(cfg: dict) -> list[dict]:
         v.setdefault("kind", "finetune")
         v.setdefault("eps", eps_all if len(eps_all) > 1 else eps_all[0])
         axes = [(k, _as_list(v[k])) for k in SWEEPABLE if k in v and isinstance(v[k], (list, tuple))]
-        if v["kind"] == "standard":
-            axes = [(k, vals) for k, vals in axes if k != "eps"]  # the standard model is one model
-            v["eps"] = eps_all[0] if isinstance(v["eps"], list) else v["eps"]
+        if v["kind"] == "standard":  # one model, evaluated at each eps: only eps sweeps apply
+            axes = [(k, vals) for k, vals in axes if k == "eps"]
         for combo in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
             w = dict(v)
             suffix = []
@@ -229,6 +228,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                                    out=str(folder), data_dir=data_dir, limit=v.get("limit", base.get("limit")),
                                    limit_test=base.get("limit_test"), device=device, adversarial=v.get("attack"), norm=norm,
                                    eps=eps if v.get("attack") else None, attack_mode=v.get("attack_mode", "eval"),
+                                   eps_warmup=float(v.get("eps_warmup", 0.0)), guard=v.get("guard"),
                                    train=_train_config(base.get("train"), v.get("train"), seed),
                                    resume=started(folder), overwrite=folder.exists() and not started(folder)))
         else:
@@ -241,18 +241,17 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                                          share=float(v.get("share", 0.1)), criterion=v.get("criterion", "taylor"),
                                          per_layer=bool(v.get("per_layer", False)), attack=v.get("attack", "pgd:steps=10"),
                                          norm=norm, attack_mode=v.get("attack_mode", "eval"), guard=v.get("guard"),
+                                         eps_warmup=float(v.get("eps_warmup", 0.0)),
                                          train=_train_config({"epochs": 1}, v.get("train"), seed), data_dir=data_dir,
                                          limit=v.get("limit", base.get("limit")), limit_test=base.get("limit_test"),
                                          monitor=0, device=device, resume=started(folder),
                                          overwrite=folder.exists() and not started(folder)))
-        if kind == "standard":
-            folder.mkdir(parents=True, exist_ok=True)
         record = evaluate_run(EvaluateRun(run=str(model_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
                                           norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
-                                          cascade=bool(ev.get("cascade", False)), name=EVAL_NAME, seed=seed, data_dir=data_dir,
-                                          device=device))
+                                          cascade=bool(ev.get("cascade", False)), name=EVAL_NAME, record_dir=str(folder),
+                                          seed=seed, data_dir=data_dir, device=device))
         if kind == "standard" and model_dir != folder:
-            _link_standard(folder, model_dir, record)
+            _link_standard(folder, model_dir)
         log.info("variant %s: clean %.2f%%, worst case %.2f%%", v["name"], 100 * record["clean_accuracy"],
                  100 * record["worst_case_accuracy"])
     rows = collect_results(out, expand_variants(cfg), base_dir)
@@ -268,10 +267,10 @@ def _base_model(base_dir: Path) -> str:
     return read_json(base_dir / "model.json", "base model")["architecture"]
 
 
-def _link_standard(folder: Path, model_dir: Path, record: dict) -> None:
-    """The `standard` variant evaluates the base model itself; its folder points there."""
+def _link_standard(folder: Path, model_dir: Path) -> None:
+    """The `standard` variant evaluates the base model itself: its folder holds the evaluation and
+    points at the model's run folder."""
     atomic_write_json(folder / "variant.json", {"kind": "standard", "model_dir": str(model_dir)})
-    atomic_write_json(folder / f"eval-{EVAL_NAME}.json", {k: v for k, v in record.items() if k != "path"})
     src = model_dir / "summary.json"
     if src.is_file():
         atomic_write_text(folder / "summary.json", src.read_text())

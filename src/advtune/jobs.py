@@ -38,6 +38,8 @@ class TrainRun:
     norm: str = "linf"
     eps: float | None = None
     attack_mode: str = "eval"
+    eps_warmup: float = 0.0             # share of training over which eps ramps up from 0
+    guard: bool | None = None           # catastrophic-overfitting guard; None: on for FGSM attacks
     resume: bool = False
     overwrite: bool = False
 
@@ -51,7 +53,7 @@ def train_run(run: TrainRun) -> dict:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
     from .data import load_dataset
     from .models import describe_meta, model_for, save_model
-    from .train import TrainConfig, accuracy, adversarial, clean, fit
+    from .train import TrainConfig, accuracy, clean, fit
 
     run = replace(run, train=run.train or TrainConfig())
     cfg = run.train
@@ -63,15 +65,21 @@ def train_run(run: TrainRun) -> dict:
     ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
                       seed=cfg.seed or 0)
     model = model_for(ds, run.model).to(device)
-    objective, val_attack = clean(), None
-    if run.adversarial:
-        attack = _attack(run.adversarial, run.norm, run.eps)
-        objective, val_attack = adversarial(attack, run.attack_mode), attack
-    rd.write_config({"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
-                     "objective": objective.describe(), "device": str(device)})
+    objective, val_attack, callbacks = clean(), None, []
     meter = CostMeter()
+    if run.adversarial:
+        from .threat import ThreatModel
+
+        if run.eps is None:
+            raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
+        threat = ThreatModel(run.norm, run.eps)
+        objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup)
+        val_attack = getattr(objective, "attack", None)
+        callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
+    rd.write_config({"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
+                     "objective": objective.describe(), "guard": bool(callbacks), "device": str(device)})
     history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
-                  checkpoint_dir=rd.path, resume=run.resume,
+                  checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
                   desc=f"{run.model}/{ds.name}")
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size, meter)
@@ -85,15 +93,6 @@ def train_run(run: TrainRun) -> dict:
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
     return summary
-
-
-def _attack(spec: str, norm: str, eps: float | None):
-    from .attacks import build_attack
-    from .threat import ThreatModel
-
-    if eps is None:
-        raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
-    return build_attack(spec, ThreatModel(norm, eps))
 
 
 def _check_same_run(saved: dict, now: dict) -> None:
@@ -127,7 +126,19 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     return load_dataset(name, data_dir or run.get("data_dir"), **kw)
 
 
-def build_objective(spec: str, threat, attack_mode: str = "eval"):
+def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter) -> list:
+    """The catastrophic-overfitting guard as a fit callback: on by default for FGSM-type training."""
+    use = guard if guard is not None else spec.strip().lower().startswith("fgsm")
+    if not use:
+        return []
+    from .attacks import PGD
+    from .train import OverfitGuard
+
+    gx, gy = ds.train.take(512).tensors(device)
+    return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
+
+
+def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0):
     """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES."""
     from .attacks import build_attack
     from .train import adversarial, trades
@@ -143,8 +154,10 @@ def build_objective(spec: str, threat, attack_mode: str = "eval"):
                 kw["step_size" if k in ("step", "step_size") else k] = int(v) if k == "steps" else float(v)
             except ValueError:
                 raise AdvtuneError(f"TRADES parameter {k} needs a number, got {v!r}") from None
+        if eps_warmup:
+            raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
         return trades(threat, **kw)
-    return adversarial(build_attack(spec, threat), attack_mode)
+    return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
 
 
 def quick_robust_acc(model, data, threat, seed, meter=None, steps: int = 10) -> float:
@@ -172,6 +185,7 @@ class FinetuneRun:
     attack: str = "pgd:steps=10"       # attack spec, or trades[:steps=..,beta=..]
     norm: str = "linf"
     attack_mode: str = "eval"
+    eps_warmup: float = 0.0            # share of training over which eps ramps up from 0
     guard: bool | None = None          # catastrophic-overfitting guard; None: on for FGSM attacks
     train: Any = None                  # TrainConfig
     data_dir: str | None = None
@@ -222,7 +236,7 @@ def make_selection(model, select: str, share: float, criterion: str, per_layer: 
 def finetune_run(run: FinetuneRun) -> dict:
     from .models import save_model
     from .threat import ThreatModel
-    from .train import OverfitGuard, TrainConfig, accuracy, fit
+    from .train import TrainConfig, accuracy, fit
 
     run = replace(run, train=run.train or TrainConfig(epochs=1))
     cfg = run.train
@@ -234,16 +248,10 @@ def finetune_run(run: FinetuneRun) -> dict:
     seed_everything(cfg.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
     threat = ThreatModel(run.norm, run.eps)
-    objective = build_objective(run.attack, threat, run.attack_mode)
+    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup)
     selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0)
     meter = CostMeter()
-    callbacks = []
-    use_guard = run.guard if run.guard is not None else run.attack.strip().lower().startswith("fgsm")
-    if use_guard:
-        from .attacks import PGD
-
-        gx, gy = ds.train.take(512).tensors(device)
-        callbacks.append(OverfitGuard(PGD(threat, steps=10), gx, gy, seed=cfg.seed, meter=meter))
+    callbacks = overfit_guard(run.guard, run.attack, threat, ds, device, cfg.seed, meter)
     sel_info = None
     if selection is not None:
         rd.write_json("selection.json", selection.to_json())
@@ -251,7 +259,7 @@ def finetune_run(run: FinetuneRun) -> dict:
                     "trainable_params": selection.trainable_params(model), "by_layer": selection.by_layer(model)}
     rd.write_config({"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
                      "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
-                     "selection": sel_info, "guard": bool(use_guard), "device": str(device)})
+                     "selection": sel_info, "guard": bool(callbacks), "device": str(device)})
     history = fit(model, ds.train, objective, cfg, val=ds.val, selection=selection, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)), desc="finetune")
@@ -430,6 +438,7 @@ class EvaluateRun:
     cascade: bool = False
     plot: bool = False
     name: str | None = None             # eval-<name>.json; default from the attacks and eps
+    record_dir: str | None = None       # where eval-<name>.json goes (default: the run folder itself)
     seed: int = 0
     data_dir: str | None = None
     device: str = "auto"
@@ -490,7 +499,9 @@ def evaluate_run(run: EvaluateRun) -> dict:
     label = run.name or (f"{run.suite or '-'.join(split_attack_list(run.attacks or ''))}-{run.norm}-eps"
                          + "_".join(f"{e:.4g}" for e in run.eps))
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:120]
-    path = open_run(run.run).file(f"eval-{label}.json")
+    if run.record_dir:
+        RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
+    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(f"eval-{label}.json")
     if curve is not None and run.plot:
         from .report import plot_eps_curve
 

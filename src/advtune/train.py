@@ -7,7 +7,7 @@ last checkpoint to bit-identical final weights.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import io
 import logging
 import math
@@ -123,6 +123,7 @@ class Adversarial:
     attack: Any
     attack_mode: Literal["eval", "train"] = "eval"
     clean_weight: float = 0.0
+    eps_warmup: float = 0.0           # share of training over which eps ramps linearly from 0 to eps
     name: str = "adversarial"
 
     def __post_init__(self) -> None:
@@ -130,6 +131,17 @@ class Adversarial:
             raise AdvtuneError(f"attack_mode must be eval or train, got {self.attack_mode!r}")
         if not 0 <= self.clean_weight <= 1:
             raise AdvtuneError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
+        if not 0 <= self.eps_warmup < 1:
+            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+
+    def at(self, progress: float) -> "Adversarial":
+        """This objective at a point of training (0..1): during the warm-up the attack's eps is
+        scaled down linearly (MNIST at eps=0.3 does not start training from scratch otherwise)."""
+        if not self.eps_warmup or progress >= self.eps_warmup:
+            return self
+        threat = self.attack.threat
+        eps = threat.eps * max(progress / self.eps_warmup, 1e-3)
+        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, threat=threat.with_eps(eps)))
 
     def __call__(self, model, x, y, *, generator=None):
         if self.attack_mode == "eval":
@@ -148,7 +160,8 @@ class Adversarial:
 
     def describe(self) -> dict:
         return {"objective": self.name, "attack": getattr(self.attack, "spec", repr(self.attack)),
-                "attack_mode": self.attack_mode, "clean_weight": self.clean_weight}
+                "threat": self.attack.threat.to_json() if hasattr(self.attack, "threat") else None,
+                "attack_mode": self.attack_mode, "clean_weight": self.clean_weight, "eps_warmup": self.eps_warmup}
 
 
 @dataclass(frozen=True)
@@ -234,8 +247,9 @@ def clean() -> Clean:
     return Clean()
 
 
-def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0) -> Adversarial:
-    return Adversarial(attack, attack_mode, clean_weight)
+def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0,
+                eps_warmup: float = 0.0) -> Adversarial:
+    return Adversarial(attack, attack_mode, clean_weight, eps_warmup)
 
 
 def trades(threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0) -> Trades:
@@ -427,7 +441,8 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                out = objective(model, x, y, generator=g)
+                step_objective = objective.at((epoch * steps_per_epoch + step) / max(total, 1)) if hasattr(objective, "at") else objective
+                out = step_objective(model, x, y, generator=g)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 trainable.mask_grads()

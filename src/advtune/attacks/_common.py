@@ -1,0 +1,216 @@
+"""Shared pieces of the attacks: losses, the input gradient, best-keeping, restarts on survivors.
+
+Conventions every attack follows (DESIGN.md, "Attacks are pure"):
+- gradients w.r.t. the input only, via `torch.autograd.grad` under `torch.enable_grad()`;
+  parameters' `.grad` and `model.training` are never touched, the input is never mutated;
+- every loss here is per sample and is *maximised* by the attacker (targeted losses are negated);
+- the result is detached and has the input's shape, dtype and device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import AdvtuneError
+from ..threat import ThreatModel
+
+LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """What `evaluate` and `train` rely on: a callable, immutable configuration."""
+
+    threat: ThreatModel
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                 generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor: ...
+
+    def grad_evals(self) -> int: ...
+
+    @property
+    def spec(self) -> str: ...
+
+
+# ------------------------------------------------------------------ losses (maximised)
+
+def ce_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the true class; targeted: minus the cross-entropy of the target."""
+    if target is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    return -F.cross_entropy(logits, target, reduction="none")
+
+
+def _need_classes(logits: Tensor, k: int, what: str) -> None:
+    if logits.shape[1] < k:
+        raise AdvtuneError(f"{what} needs a model with at least {k} classes, this one has {logits.shape[1]}; "
+                           "use the 'ce' loss (e.g. apgd-ce or pgd) instead")
+
+
+def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020, eq. 6): shift- and scale-invariant margin.
+
+    untargeted: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)
+    targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    """
+    zs, order = logits.sort(dim=1, descending=True)
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    if target is None:
+        _need_classes(logits, 3, "the DLR loss")
+        top_is_y = order[:, 0] == y
+        z_other = torch.where(top_is_y, zs[:, 1], zs[:, 0])
+        return -(z_y - z_other) / (zs[:, 0] - zs[:, 2] + 1e-12)
+    _need_classes(logits, 4, "the targeted DLR loss")
+    z_t = logits.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / (zs[:, 0] - 0.5 * (zs[:, 2] + zs[:, 3]) + 1e-12)
+
+
+def margin(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """How far the attack is from success (<0 means success): z_y - max_{i!=y} z_i, or max_{i!=t} z_i - z_t."""
+    cls = y if target is None else target
+    z_c = logits.gather(1, cls[:, None])[:, 0]
+    others = logits.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
+    return z_c - others if target is None else others - z_c
+
+
+def margin_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """The Carlini-Wagner style margin, negated so that larger is better for the attacker."""
+    return -margin(logits, y, target)
+
+
+LOSSES: dict[str, LossFn] = {"ce": ce_loss, "dlr": dlr_loss, "margin": margin_loss}
+
+
+def success(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Per-sample bool: misclassified (untargeted) or classified as the target (targeted)."""
+    pred = logits.argmax(dim=1)
+    return pred != y if target is None else pred == target
+
+
+# ------------------------------------------------------------------ gradient
+
+def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, loss_fn: LossFn,
+                  need_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(per-sample loss, logits, d loss / d x) with autograd w.r.t. the input only.
+
+    `torch.autograd.grad(..., [x])` skips the weight gradients that `loss.backward()` would compute
+    (20-30% of a step) and never writes to `.grad`. With `need_grad=False` it is a plain forward
+    (used for the final iterate, whose gradient would be thrown away).
+    """
+    if not need_grad:
+        with torch.no_grad():
+            logits = model(x)
+            return loss_fn(logits, y, target).detach(), logits.detach(), None
+    with torch.enable_grad():
+        x_var = x.detach().requires_grad_(True)
+        logits = model(x_var)
+        loss = loss_fn(logits, y, target)
+        (grad,) = torch.autograd.grad(loss.sum(), [x_var])
+    return loss.detach(), logits.detach(), grad.detach()
+
+
+# ------------------------------------------------------------------ best-keeping
+
+def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+class Best:
+    """Per sample, the worst case found so far: successful beats unsuccessful, then higher loss wins.
+
+    Keeping the highest loss among successful points (not just the first success) also makes the
+    result useful for adversarial training, where the loss value matters.
+    """
+
+    def __init__(self, x: Tensor, loss: Tensor, fooled: Tensor):
+        self.x, self.loss, self.fooled = x.detach().clone(), loss.detach().clone(), fooled.clone()
+
+    def update(self, x: Tensor, loss: Tensor, fooled: Tensor) -> None:
+        better = (fooled & ~self.fooled) | ((fooled == self.fooled) & (loss > self.loss))
+        self.x = torch.where(_bcast(better, x), x.detach(), self.x)
+        self.loss = torch.where(better, loss, self.loss)
+        self.fooled = self.fooled | fooled
+
+    def update_at(self, idx: Tensor, other: "Best") -> None:
+        """Merge the result of a run on the subset `idx` (restarts run on survivors only)."""
+        sub = Best(self.x[idx], self.loss[idx], self.fooled[idx])
+        sub.update(other.x, other.loss, other.fooled)
+        self.x[idx], self.loss[idx], self.fooled[idx] = sub.x, sub.loss, sub.fooled
+
+
+def with_restarts(run_once: Callable[[Tensor, Tensor, "Tensor | None"], Best], x: Tensor, y: Tensor,
+                  target: Tensor | None, restarts: int) -> Best:
+    """Run `run_once` on all samples, then `restarts - 1` more times on the samples not yet fooled."""
+    best = run_once(x, y, target)
+    for _ in range(restarts - 1):
+        idx = (~best.fooled).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        best.update_at(idx, run_once(x[idx], y[idx], None if target is None else target[idx]))
+    return best
+
+
+# ------------------------------------------------------------------ validation
+
+def check_call(x: Tensor, y: Tensor, target: Tensor | None, name: str) -> None:
+    """Cheap checks at every attack call (`evaluate` validates data more thoroughly)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise AdvtuneError(f"{name}: x must be a floating-point tensor in pixel space, got "
+                           f"{getattr(x, 'dtype', type(x).__name__)}; divide uint8 images by 255")
+    if x.dim() < 2:
+        raise AdvtuneError(f"{name}: x must be a batch (N, ...), got shape {tuple(x.shape)}; add x[None]")
+    for t, what in ((y, "y"), (target, "target")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 1 or len(t) != len(x) or t.is_floating_point():
+            raise AdvtuneError(f"{name}: {what} must be an integer tensor of shape ({len(x)},), got "
+                               f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdvtuneError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value, *, low: float = 0.0, high: float = math.inf, allow_none: bool = False,
+                low_inclusive: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value >= low if low_inclusive else value > low) and value <= high
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
+        raise AdvtuneError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise AdvtuneError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_threat(threat, name: str, norms=("linf", "l2")) -> None:
+    if not isinstance(threat, ThreatModel):
+        raise AdvtuneError(f"{name}: threat must be a ThreatModel, got {type(threat).__name__}; "
+                           "e.g. ThreatModel('linf', 8/255)")
+    if threat.norm not in norms:
+        raise AdvtuneError(f"{name} supports only the {'/'.join(norms)} threat model, not {threat.norm}; "
+                           f"use apgd-ce or pgd for {threat.norm}")
+
+
+def fmt_spec(name: str, obj, skip: tuple[str, ...] = ()) -> str:
+    """`name:k=v,...` listing the fields that differ from their defaults (round-trips through build_attack)."""
+    import dataclasses
+
+    parts = []
+    for f in dataclasses.fields(obj):
+        if f.name == "threat" or f.name in skip:
+            continue
+        v = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING and v == f.default:
+            continue
+        parts.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else v}")
+    return name + (":" + ",".join(parts) if parts else "")

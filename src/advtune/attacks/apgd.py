@@ -1,0 +1,221 @@
+"""APGD-CE, APGD-DLR and APGD-T: step-size-free PGD with momentum.
+
+Paper: Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks" (Algorithm 1, section 3). Initial step 2*eps; momentum alpha = 0.75; at the
+checkpoints w_j the step is halved, and the run restarts from the best point, when
+(1) the loss increased in fewer than rho * (w_j - w_{j-1}) of the steps since the last checkpoint, or
+(2) the step was not halved at the last checkpoint and the best loss has not improved since.
+APGD-T runs the targeted DLR loss against each of the top `n_target_classes` other classes
+(capped at classes - 1), only on the samples no earlier target has fooled.
+Parameters: `steps`, `restarts` (on samples not yet fooled), `loss` ("ce" | "dlr"), `rho`,
+`n_target_classes` (APGD-T).
+Norms: linf and l2.
+Cost: steps * restarts gradient evaluations per example (APGD-T: times n_target_classes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import AdvtuneError
+from ..threat import ThreatModel
+from ._common import (LOSSES, Best, LossFn, check_call, check_choice, check_float, check_int, check_threat,
+                      fmt_spec, loss_and_grad, success, with_restarts)
+
+MOMENTUM = 0.75   # alpha in the paper
+INITIAL_STEP = 2.0  # eta^(0) = 2 * eps
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations where the step size is reconsidered: w_j = ceil(p_j * steps), p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06). Returns w_1 < w_2 < ... <= steps (w_0 = 0 omitted)."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    # the tiny offset stops float noise (0.22 * 100 = 22.000000000000004) from rounding up
+    return sorted({math.ceil(q * steps - 1e-9) for q in p[1:]} - {0})
+
+
+def oscillating(increases: Tensor, window: int, rho: float) -> Tensor:
+    """Condition 1: the loss went up in fewer than rho * window of the last `window` steps."""
+    return increases < rho * window
+
+
+def stalled(halved_last: Tensor, best_at_last_check: Tensor, best_now: Tensor) -> Tensor:
+    """Condition 2: the step was not halved at the last checkpoint and the best loss has not improved."""
+    return ~halved_last & (best_now <= best_at_last_check)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int, loss_fn: LossFn,
+              rho: float, generator: torch.Generator | None, loss_target: Tensor | None,
+              success_target: Tensor | None) -> Best:
+    """One APGD run from a random start (Algorithm 1): gradients at x_0..x_{steps-1}, a forward at x_steps."""
+    x_cur = threat.random_start(x, generator)
+    f_cur, logits, g = loss_and_grad(model, x_cur, y, loss_target, loss_fn, need_grad=True)
+    best = Best(x_cur, f_cur, success(logits, y, success_target))           # what we return
+    x_max, g_max, f_max = x_cur, g, f_cur.clone()                           # where APGD restarts from
+    eta = torch.full((len(x),), INITIAL_STEP * threat.eps, dtype=x.dtype, device=x.device)
+    x_prev = x_cur
+    ckpts, j, last_ckpt = checkpoints(steps), 0, 0
+    increases = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    f_max_last = f_max.clone()
+    for k in range(steps):                          # iterate x_k -> x_{k+1}
+        z = threat.project(x_cur + threat.steepest_step(g, _bcast(eta, x)), x)
+        a = 1.0 if k == 0 else MOMENTUM
+        x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x)
+        last = k == steps - 1  # the final iterate only needs a forward pass
+        f_next, logits, g_next = loss_and_grad(model, x_next, y, loss_target, loss_fn, need_grad=not last)
+        best.update(x_next, f_next, success(logits, y, success_target))
+        increases += (f_next > f_cur).long()
+        up = f_next > f_max
+        x_max = torch.where(_bcast(up, x), x_next, x_max)
+        if g_next is not None:
+            g_max = torch.where(_bcast(up, x), g_next, g_max)
+        f_max = torch.where(up, f_next, f_max)
+        x_prev, x_cur, g, f_cur = x_cur, x_next, g_next, f_next
+        if last or j >= len(ckpts) or k + 1 != ckpts[j]:
+            continue
+        halve = oscillating(increases, ckpts[j] - last_ckpt, rho) | stalled(halved_last, f_max_last, f_max)
+        eta = torch.where(halve, eta / 2, eta)
+        hb = _bcast(halve, x)
+        # restart the halved samples from their best point, without momentum
+        x_cur = torch.where(hb, x_max, x_cur)
+        x_prev = torch.where(hb, x_max, x_prev)
+        g = torch.where(hb, g_max, g)
+        f_cur = torch.where(halve, f_max, f_cur)
+        halved_last, f_max_last, last_ckpt, j = halve, f_max.clone(), ckpts[j], j + 1
+        increases.zero_()
+    return best
+
+
+def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
+         loss: str = "ce", rho: float = 0.75, target: Tensor | None = None,
+         generator: torch.Generator | None = None) -> Tensor:
+    """APGD on `loss`, each sample's worst case over steps and restarts (restarts on survivors)."""
+    check_call(x, y, target, "apgd")
+    x = x.detach()
+    if len(x) == 0:
+        return x.clone()
+    loss_fn = LOSSES[loss]
+
+    def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
+        return _apgd_run(model, xs, ys, threat, steps, loss_fn, rho, generator, ts, ts)
+
+    return with_restarts(run_once, x, y, target, restarts).x.detach()
+
+
+def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100,
+                  restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only."""
+    check_call(x, y, None, "apgd-t")
+    x = x.detach()
+    if len(x) == 0:
+        return x.clone()
+    loss_fn = LOSSES["dlr"]
+    best = None
+    for rank in range(1, n_target_classes + 1):
+        idx = torch.arange(len(x), device=x.device) if best is None else (~best.fooled).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        with torch.no_grad():
+            logits = model(xs)
+        if rank == 1 and logits.shape[1] < 4:
+            raise AdvtuneError(f"apgd-t needs a model with at least 4 classes (targeted DLR), this one has "
+                               f"{logits.shape[1]}; use apgd-ce instead")
+        if rank >= logits.shape[1]:  # n_target_classes is capped at classes - 1
+            break
+        tgt = logits.argsort(dim=1, descending=True)[:, rank]
+
+        # success stays untargeted: any misclassification counts, the target only steers the loss
+        def run_once(xr: Tensor, yr: Tensor, tr: Tensor | None) -> Best:
+            return _apgd_run(model, xr, yr, threat, steps, loss_fn, rho, generator, tr, None)
+
+        sub = with_restarts(run_once, xs, ys, tgt, restarts)
+        if best is None:
+            best = sub
+        else:
+            best.update_at(idx, sub)
+    return best.x.detach()
+
+
+@dataclass(frozen=True)
+class APGD:
+    """APGD-CE (`apgd-ce`) or APGD-DLR (`apgd-dlr`); see the module docstring."""
+
+    threat: ThreatModel
+    steps: int = 100
+    restarts: int = 1
+    loss: str = "ce"
+    rho: float = 0.75
+
+    norms = ("linf", "l2")
+    supports_target = True
+
+    def __post_init__(self) -> None:
+        check_threat(self.threat, self.name, self.norms)
+        check_choice("apgd loss", self.loss, ("ce", "dlr"))
+        check_int(f"{self.name} steps", self.steps)
+        check_int(f"{self.name} restarts", self.restarts)
+        check_float(f"{self.name} rho", self.rho, high=1.0)
+
+    @property
+    def name(self) -> str:
+        return f"apgd-{self.loss}"
+
+    @property
+    def spec(self) -> str:
+        return fmt_spec(self.name, self, skip=("loss",))
+
+    def grad_evals(self) -> int:
+        return self.steps * self.restarts
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 target: Tensor | None = None) -> Tensor:
+        return apgd(model, x, y, self.threat, steps=self.steps, restarts=self.restarts, loss=self.loss,
+                    rho=self.rho, target=target, generator=generator)
+
+
+@dataclass(frozen=True)
+class APGDT:
+    """APGD-T (`apgd-t`): targeted DLR over the top classes; see the module docstring."""
+
+    threat: ThreatModel
+    steps: int = 100
+    restarts: int = 1
+    n_target_classes: int = 9
+    rho: float = 0.75
+
+    name = "apgd-t"
+    norms = ("linf", "l2")
+    supports_target = False  # it picks its own targets
+
+    def __post_init__(self) -> None:
+        check_threat(self.threat, self.name, self.norms)
+        check_int(f"{self.name} steps", self.steps)
+        check_int(f"{self.name} restarts", self.restarts)
+        check_int(f"{self.name} n_target_classes", self.n_target_classes)
+        check_float(f"{self.name} rho", self.rho, high=1.0)
+
+    @property
+    def spec(self) -> str:
+        return fmt_spec(self.name, self)
+
+    def grad_evals(self) -> int:
+        return self.steps * self.restarts * self.n_target_classes
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 target: Tensor | None = None) -> Tensor:
+        if target is not None:
+            raise AdvtuneError("apgd-t chooses its own targets; pass target= to apgd-ce/apgd-dlr or pgd instead")
+        return apgd_targeted(model, x, y, self.threat, steps=self.steps, restarts=self.restarts,
+                             n_target_classes=self.n_target_classes, rho=self.rho, generator=generator)

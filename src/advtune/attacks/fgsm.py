@@ -1,0 +1,68 @@
+"""FGSM and FGSM-RS: one gradient step.
+
+Papers: Goodfellow et al. 2015, "Explaining and Harnessing Adversarial Examples" (FGSM);
+Wong, Rice & Kolter 2020, "Fast is better than free" (FGSM-RS: uniform random start, step 1.25*eps).
+Parameters: `random_start` (False: FGSM, True: FGSM-RS), `step_size` (alias `step`; None: eps for FGSM, 1.25*eps for FGSM-RS).
+Norms: linf (sign of the gradient) and l2 (normalised gradient, a.k.a. FGM).
+Cost: 1 gradient evaluation per example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..threat import ThreatModel
+from ._common import ce_loss, check_call, check_float, check_threat, fmt_spec, loss_and_grad
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, step_size: float | None = None,
+         random_start: bool = False, target: Tensor | None = None,
+         generator: torch.Generator | None = None) -> Tensor:
+    """One steepest-ascent step on the cross-entropy from x (or from a random start), projected.
+
+    The single-step result is returned as is (no best-keeping): FGSM is the reference point that
+    the masking gate compares iterative attacks against, and training recipes expect exactly it.
+    """
+    check_call(x, y, target, "fgsm")
+    if len(x) == 0:
+        return x.detach().clone()
+    step = step_size
+    if step is None:
+        step = 1.25 * threat.eps if random_start else threat.eps
+    x0 = threat.random_start(x, generator) if random_start else x.detach()
+    _, _, grad = loss_and_grad(model, x0, y, target, ce_loss)
+    return threat.project(x0 + threat.steepest_step(grad, step), x).detach()
+
+
+@dataclass(frozen=True)
+class FGSM:
+    """FGSM (`fgsm`) or FGSM-RS (`fgsm-rs`); see the module docstring."""
+
+    threat: ThreatModel
+    random_start: bool = False
+    step_size: float | None = None
+
+    norms = ("linf", "l2")
+    supports_target = True
+
+    def __post_init__(self) -> None:
+        check_threat(self.threat, self.name, self.norms)
+        check_float(f"{self.name} step_size", self.step_size, allow_none=True)
+
+    @property
+    def name(self) -> str:
+        return "fgsm-rs" if self.random_start else "fgsm"
+
+    @property
+    def spec(self) -> str:
+        return fmt_spec(self.name, self, skip=("random_start",))
+
+    def grad_evals(self) -> int:
+        return 1
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 target: Tensor | None = None) -> Tensor:
+        return fgsm(model, x, y, self.threat, step_size=self.step_size, random_start=self.random_start,
+                    target=target, generator=generator)

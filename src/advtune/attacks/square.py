@@ -1,0 +1,132 @@
+"""Square Attack: score-based black-box random search (linf).
+
+Paper: Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a query-efficient black-box
+adversarial attack via random search" (Algorithm 1 with the linf sampling of section 3.1).
+Start from vertical stripes of +-eps; each iteration sets a random square window (side shrinking on
+the paper's p-schedule) of each still-robust sample to x +- eps (one random sign per channel) and keeps
+the change if the margin loss z_y - max_{i!=y} z_i decreased. It only queries the model: no gradients,
+so it is the masking gate's witness (a black-box attack must not beat the white-box ones).
+Parameters: `queries` (forward passes per sample and restart, the start included), `p_init` (initial
+fraction of pixels per square), `restarts` (on samples not yet fooled).
+Norms: linf only; images must be (N, C, H, W).
+Cost: 0 gradient evaluations; up to queries * restarts forward passes per example.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import AdvtuneError
+from ..threat import ThreatModel
+from ..utils import sample_on
+from ._common import (Best, check_call, check_float, check_int, check_threat, fmt_spec, margin, success,
+                      with_restarts)
+
+# the paper's p-schedule, on a 10,000-query scale: (upper end of the iteration range, divisor of p_init)
+_P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+               (8000, 256))
+
+
+def p_selection(i: int, queries: int, p_init: float) -> float:
+    """Fraction of pixels the square covers at iteration i (rescaled to the query budget)."""
+    it = int(i / queries * 10000)
+    for end, div in _P_SCHEDULE:
+        if it <= end:
+            return p_init / div
+    return p_init / 512
+
+
+def _rand_sign(shape, generator, dev, like: Tensor) -> Tensor:
+    s = torch.randint(0, 2, shape, generator=generator, device=dev).to(device=like.device, dtype=like.dtype)
+    return 2 * s - 1
+
+
+def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, threat: ThreatModel,
+                queries: int, p_init: float, generator: torch.Generator | None) -> Best:
+    n, c, h, w = x.shape
+    dev = sample_on(generator, x.device)
+    eps = threat.eps
+    x_best = threat.project(x + eps * _rand_sign((n, c, 1, w), generator, dev, x), x)
+    with torch.no_grad():
+        logits = model(x_best)
+    m, fooled = margin(logits, y, target), success(logits, y, target)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    for i in range(queries - 1):
+        idx = (~fooled).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        k = idx.numel()
+        s = min(max(int(round(math.sqrt(p_selection(i, queries, p_init) * h * w))), 1), h, w)
+        vh = torch.randint(0, h - s + 1, (k,), generator=generator, device=dev).to(x.device)
+        vw = torch.randint(0, w - s + 1, (k,), generator=generator, device=dev).to(x.device)
+        in_rows = (rows[None] >= vh[:, None]) & (rows[None] < vh[:, None] + s)
+        in_cols = (cols[None] >= vw[:, None]) & (cols[None] < vw[:, None] + s)
+        window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]          # (k, 1, h, w)
+        xs, xb = x[idx], x_best[idx]
+        x_new = threat.project(torch.where(window, xs + eps * _rand_sign((k, c, 1, 1), generator, dev, x), xb), xs)
+        with torch.no_grad():
+            logits = model(x_new)
+        ts = None if target is None else target[idx]
+        m_new, f_new = margin(logits, y[idx], ts), success(logits, y[idx], ts)
+        accept = (m_new < m[idx]) | f_new
+        x_best[idx] = torch.where(accept.view(-1, 1, 1, 1), x_new, xb)
+        m[idx] = torch.where(accept, m_new, m[idx])
+        fooled[idx] = fooled[idx] | f_new
+    return Best(x_best, -m, fooled)
+
+
+def square(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, queries: int = 5000,
+           p_init: float = 0.8, restarts: int = 1, target: Tensor | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Square Attack (linf); returns each sample's lowest-margin point found."""
+    check_call(x, y, target, "square")
+    if x.dim() != 4:
+        raise AdvtuneError(f"square needs images (N, C, H, W), got shape {tuple(x.shape)}; use pgd or apgd-ce")
+    x = x.detach()
+    if len(x) == 0:
+        return x.clone()
+
+    def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
+        return _square_run(model, xs, ys, ts, threat, queries, p_init, generator)
+
+    return with_restarts(run_once, x, y, target, restarts).x.detach()
+
+
+@dataclass(frozen=True)
+class Square:
+    """Square Attack (`square`); see the module docstring."""
+
+    threat: ThreatModel
+    queries: int = 5000
+    p_init: float = 0.8
+    restarts: int = 1
+
+    name = "square"
+    black_box = True  # the masking gate compares it against the white-box attacks
+    norms = ("linf",)
+    supports_target = True
+
+    def __post_init__(self) -> None:
+        check_threat(self.threat, self.name, self.norms)
+        check_int(f"{self.name} queries", self.queries)
+        check_float(f"{self.name} p_init", self.p_init, high=1.0)
+        check_int(f"{self.name} restarts", self.restarts)
+
+    @property
+    def spec(self) -> str:
+        return fmt_spec(self.name, self)
+
+    def grad_evals(self) -> int:
+        return 0
+
+    def forward_evals(self) -> int:
+        return self.queries * self.restarts
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+                 target: Tensor | None = None) -> Tensor:
+        return square(model, x, y, self.threat, queries=self.queries, p_init=self.p_init, restarts=self.restarts,
+                      target=target, generator=generator)

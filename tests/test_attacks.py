@@ -1,0 +1,357 @@
+"""Attacks: properties parametrized over the registry, strength with tolerances, references, error paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advtune.attacks import (APGD, FGSM, PGD, Square, attack_class, attack_params, build_attack, list_attacks,
+                             register_attack)
+from advtune.attacks.apgd import checkpoints
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+from conftest import TinyCNN
+
+EPS = {"linf": 0.15, "l2": 1.5}
+CASES = [(name, norm) for name in list_attacks() for norm in attack_class(name).norms]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-wait stalls when the 2 cores are shared."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def cheap(name: str, threat: ThreatModel, **extra):
+    """The registered attack with a small budget (restarts=2 where possible, to exercise restarts)."""
+    params = attack_params(name)
+    budget = {"steps": 3, "queries": 15, "restarts": 2}
+    parts = [f"{k}={v}" for k, v in {**budget, **extra}.items() if k in params]
+    return build_attack(name + (":" + ",".join(parts) if parts else ""), threat)
+
+
+@pytest.fixture(scope="module")
+def batch(blobs):
+    _, _, xt, yt = blobs
+    return xt[:7].clone(), yt[:7].clone()   # odd N
+
+
+def fresh_model(training: bool) -> nn.Module:
+    torch.manual_seed(1)
+    m = TinyCNN()
+    return m.train(training)
+
+
+# ------------------------------------------------------------------ properties over the registry
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_output_is_inside_threat_model_with_same_shape_dtype_device(name, norm, tiny_model, batch, gen):
+    x, y = batch
+    threat = ThreatModel(norm, EPS[norm])
+    x_adv = cheap(name, threat)(tiny_model, x, y, generator=gen)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+    assert (threat.distance(x_adv, x) <= threat.eps + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,norm", CASES)
+def test_attack_is_pure(name, norm, training, batch, gen):
+    model = fresh_model(training)
+    x, y = batch
+    x_before = x.clone()
+    cheap(name, ThreatModel(norm, EPS[norm]))(model, x, y, generator=gen)
+    assert torch.equal(x, x_before)                      # input not mutated
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training == training for m in model.modules())
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_same_seed_gives_bitwise_equal_output_also_under_no_grad(name, norm, tiny_model, batch):
+    x, y = batch
+    attack = cheap(name, ThreatModel(norm, EPS[norm]))
+    a = attack(tiny_model, x, y, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # evaluation code calls attacks from no_grad blocks
+        b = attack(tiny_model, x, y, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_tiny_eps_returns_about_x(name, norm, tiny_model, batch, gen):
+    x, y = batch
+    x_adv = cheap(name, ThreatModel(norm, 1e-8))(tiny_model, x, y, generator=gen)
+    assert torch.allclose(x_adv, x, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("name,norm", CASES)
+def test_small_batches(name, norm, n, tiny_model, batch, gen):
+    x, y = batch[0][:n], batch[1][:n]
+    threat = ThreatModel(norm, EPS[norm])
+    x_adv = cheap(name, threat)(tiny_model, x, y, generator=gen)
+    assert x_adv.shape == x.shape
+    threat.check(x_adv, x)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_float64_model_and_inputs(name, norm, batch, gen):
+    model = fresh_model(False).double()
+    x, y = batch[0].double(), batch[1]
+    threat = ThreatModel(norm, EPS[norm])
+    x_adv = cheap(name, threat)(model, x, y, generator=gen)
+    assert x_adv.dtype == torch.float64
+    threat.check(x_adv, x)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_counted_gradient_evaluations_within_declared_cost(name, norm, tiny_model, batch, gen):
+    x, y = batch
+    attack = cheap(name, ThreatModel(norm, EPS[norm]))
+    counted = []
+
+    def hook(module, args):
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            counted.append(len(args[0]))
+
+    handle = tiny_model.register_forward_pre_hook(hook)
+    attack(tiny_model, x, y, generator=gen)
+    handle.remove()
+    assert sum(counted) <= attack.grad_evals() * len(x)
+    if name in ("fgsm", "fgsm-rs", "bim", "mifgsm"):  # no survivor logic: exactly the declared cost
+        assert sum(counted) == attack.grad_evals() * len(x)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_spec_round_trips(name, norm):
+    threat = ThreatModel(norm, EPS[norm])
+    for attack in (build_attack(name, threat), cheap(name, threat)):
+        assert build_attack(attack.spec, threat) == attack
+        assert attack.spec.split(":")[0] == name
+
+
+@pytest.mark.parametrize("name", [n for n in list_attacks() if attack_class(n).supports_target])
+def test_targeted_mode_stays_inside(name, tiny_model, batch, gen):
+    x, y = batch
+    threat = ThreatModel("linf", 0.15)
+    x_adv = cheap(name, threat)(tiny_model, x, y, generator=gen, target=(y + 1) % 4)
+    threat.check(x_adv, x)
+
+
+# ------------------------------------------------------------------ strength (tolerances, not golden numbers)
+
+@pytest.fixture(scope="module")
+def test_set(blobs):
+    _, _, xt, yt = blobs
+    return xt[:120], yt[:120]
+
+
+def error(model, x_adv, y) -> float:
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) != y).float().mean().item()
+
+
+def test_pgd_at_least_as_strong_as_fgsm_and_apgd_as_pgd(tiny_model, test_set):
+    x, y = test_set
+    t = ThreatModel("linf", 0.15)
+    e_fgsm = error(tiny_model, FGSM(t)(tiny_model, x, y), y)
+    e_pgd = error(tiny_model, PGD(t, steps=20)(tiny_model, x, y, generator=torch.Generator().manual_seed(0)), y)
+    e_apgd = error(tiny_model, APGD(t, steps=20)(tiny_model, x, y, generator=torch.Generator().manual_seed(0)), y)
+    assert e_fgsm > 0.02  # the eps is in the interesting range
+    assert e_pgd >= e_fgsm
+    assert e_apgd >= e_pgd - 0.03
+
+
+def test_large_eps_breaks_everything(tiny_model, test_set):
+    x, y = test_set
+    x_adv = PGD(ThreatModel("linf", 0.35), steps=10)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    assert error(tiny_model, x_adv, y) >= 0.98
+
+
+def test_l2_pgd_breaks_everything_at_a_large_radius(tiny_model, test_set):
+    x, y = test_set
+    x_adv = PGD(ThreatModel("l2", 4.0), steps=10)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    assert error(tiny_model, x_adv, y) >= 0.95
+
+
+def test_targeted_pgd_reaches_the_target(tiny_model, test_set):
+    x, y = test_set
+    target = (y + 1) % 4
+    x_adv = PGD(ThreatModel("linf", 0.35), steps=20)(tiny_model, x, y, target=target,
+                                                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tiny_model(x_adv).argmax(1) == target).float().mean() >= 0.9
+
+
+def test_fgsm_equals_the_closed_form(tiny_model, test_set):
+    x, y = test_set
+    eps = 0.1
+    xv = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(tiny_model(xv), y), [xv])   # independent autograd call
+    expected = (x + eps * g.sign()).clamp(0, 1)
+    assert torch.allclose(FGSM(ThreatModel("linf", eps))(tiny_model, x, y), expected, atol=1e-7)
+
+
+def test_fgsm_flips_a_linear_model_exactly_when_eps_exceeds_margin_over_l1_norm():
+    g = torch.Generator().manual_seed(0)
+    d = 20
+    for trial in range(8):
+        model = nn.Linear(d, 2)
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, d, generator=g) * 0.2)
+            model.bias.copy_(torch.randn(2, generator=g) * 0.5)
+        x = torch.full((1, d), 0.5)
+        with torch.no_grad():
+            z = model(x)[0]
+        y = z.argmax().view(1)
+        w = model.weight[y.item()] - model.weight[1 - y.item()]
+        threshold = ((z[y] - z[1 - y]).abs() / w.abs().sum()).item()
+        for factor, flips in ((0.98, False), (1.02, True)):
+            eps = factor * threshold
+            if not 0 < eps < 0.5:  # no clipping at the box
+                continue
+            x_adv = FGSM(ThreatModel("linf", eps))(model, x, y)
+            with torch.no_grad():
+                assert (model(x_adv).argmax(1) != y).item() == flips, (trial, factor)
+
+
+def test_square_needs_no_gradients(tiny_model, test_set):
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise AssertionError("square must not call backward")
+
+    class Guarded(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(NoBackward.apply(x))
+
+    x, y = test_set
+    model = Guarded(tiny_model)
+    x_adv = Square(ThreatModel("linf", 0.25), queries=100)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert error(tiny_model, x_adv, y) > 0.3
+
+
+def test_restarts_only_rerun_survivors(tiny_model, test_set):
+    x, y = test_set
+    seen = []
+    handle = tiny_model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])) if a[0].requires_grad else None)
+    PGD(ThreatModel("linf", 0.2), steps=2, restarts=3)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert seen[0] == len(x) and max(seen[2:]) < len(x)
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(5)[-1] <= 5 and checkpoints(5) == sorted(set(checkpoints(5)))
+
+
+# ------------------------------------------------------------------ differential references (optional packages)
+
+@pytest.mark.reference
+def test_pgd_matches_torchattacks(tiny_model, test_set):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = test_set
+    eps = 0.15
+    ref = torchattacks.PGD(tiny_model, eps=eps, alpha=2.5 * eps / 20, steps=20, random_start=True)(x, y)
+    ours = PGD(ThreatModel("linf", eps), steps=20)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    assert abs(error(tiny_model, ours, y) - error(tiny_model, ref, y)) <= 0.03
+
+
+@pytest.mark.reference
+def test_apgd_ce_matches_pyautoattack(tiny_model, test_set):
+    pyautoattack = pytest.importorskip("pyautoattack")
+    from pyautoattack.autopgd_base import APGDAttack
+
+    x, y = test_set
+    eps = 0.15
+    ref = APGDAttack(tiny_model, n_iter=30, eps=eps, loss="ce", device=x.device).perturb(x, y)
+    ours = APGD(ThreatModel("linf", eps), steps=30)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    assert pyautoattack is not None
+    assert abs(error(tiny_model, ours, y) - error(tiny_model, ref, y)) <= 0.03
+
+
+# ------------------------------------------------------------------ error paths
+
+def test_unknown_attack_lists_the_valid_names():
+    with pytest.raises(AdvtuneError, match="unknown attack 'pgdd'.*valid attacks: fgsm, fgsm-rs, bim, pgd"):
+        build_attack("pgdd:steps=3", ThreatModel())
+
+
+def test_unknown_parameter_lists_the_valid_parameters():
+    with pytest.raises(AdvtuneError, match="unknown parameter 'stepz'.*valid parameters: steps, step_size, restarts"):
+        build_attack("pgd:stepz=3", ThreatModel())
+
+
+def test_bim_has_no_restarts_parameter():
+    with pytest.raises(AdvtuneError, match="unknown parameter 'restarts'"):
+        build_attack("bim:restarts=2", ThreatModel())
+
+
+@pytest.mark.parametrize("spec", ["pgd:steps=0", "pgd:steps=-3", "apgd-ce:steps=0", "mifgsm:steps=0"])
+def test_steps_must_be_positive(spec):
+    with pytest.raises(AdvtuneError, match="steps must be an integer >= 1"):
+        build_attack(spec, ThreatModel())
+
+
+@pytest.mark.parametrize("spec,match", [("pgd:steps=ten", "steps='ten' is not a valid int"),
+                                        ("pgd:step=fast", "step_size='fast' is not a valid float"),
+                                        ("pgd:steps", "needs a value"),
+                                        ("pgd:steps=3,steps=4", "given twice"),
+                                        ("pgd:loss=hinge", "loss must be one of ce, dlr, margin"),
+                                        ("square:p_init=2", "p_init must be a number"),
+                                        ("pgd:step=-0.1", "step_size must be a number > 0")])
+def test_bad_values_are_rejected(spec, match):
+    with pytest.raises(AdvtuneError, match=match):
+        build_attack(spec, ThreatModel())
+
+
+def test_step_alias_and_fractions():
+    attack = build_attack("PGD: steps=40, step=2/255, restarts=5", ThreatModel())
+    assert attack == PGD(ThreatModel(), steps=40, step_size=2 / 255, restarts=5)
+
+
+def test_linf_only_attack_rejects_l2():
+    l2_only_missing = [n for n in list_attacks() if "l2" not in attack_class(n).norms]
+    assert "square" in l2_only_missing
+    with pytest.raises(AdvtuneError, match="square supports only the linf threat model, not l2"):
+        build_attack("square", ThreatModel("l2", 0.5))
+
+
+def test_dlr_needs_enough_classes(gen):
+    model = nn.Linear(4, 2)
+    x, y = torch.rand(3, 4, generator=gen), torch.tensor([0, 1, 0])
+    with pytest.raises(AdvtuneError, match="DLR loss needs a model with at least 3 classes"):
+        APGD(ThreatModel(), steps=2, loss="dlr")(model, x, y)
+    with pytest.raises(AdvtuneError, match="apgd-t needs a model with at least 4 classes"):
+        build_attack("apgd-t:steps=2", ThreatModel())(model, x, y)
+
+
+def test_apgd_t_rejects_a_target(tiny_model, batch):
+    x, y = batch
+    with pytest.raises(AdvtuneError, match="chooses its own targets"):
+        build_attack("apgd-t:steps=2", ThreatModel())(tiny_model, x, y, target=y)
+
+
+def test_bad_inputs_to_an_attack(tiny_model, batch):
+    x, y = batch
+    with pytest.raises(AdvtuneError, match="floating-point"):
+        FGSM(ThreatModel())(tiny_model, (x * 255).to(torch.uint8), y)
+    with pytest.raises(AdvtuneError, match="y must be an integer tensor"):
+        FGSM(ThreatModel())(tiny_model, x, y[:3])
+
+
+def test_register_attack_rejects_duplicates():
+    with pytest.raises(AdvtuneError, match="already registered"):
+        register_attack("pgd", PGD)

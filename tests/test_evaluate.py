@@ -1,0 +1,263 @@
+"""robust_accuracy, eps_curve, suites, the gradient-masking gate and the eps-curve plot."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.attacks import FGSM, PGD, build_attack
+from advtune.errors import AdvtuneError
+from advtune.evaluate import eps_curve, robust_accuracy, suite
+from advtune.report import plot_eps_curve
+from advtune.threat import ThreatModel
+from conftest import TinyCNN
+
+THREAT = ThreatModel("linf", 0.15)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-wait stalls when the 2 cores are shared."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def data(blobs):
+    _, _, xt, yt = blobs
+    return xt[:100], yt[:100]
+
+
+def quick(threat=THREAT):
+    return [FGSM(threat), PGD(threat, steps=10)]
+
+
+class ZeroGradRound(torch.autograd.Function):
+    """Input quantiser with a zero gradient: a real (planted) case of gradient masking."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+class Wrap(nn.Module):
+    def __init__(self, net, pre=None, softmax=False):
+        super().__init__()
+        self.net, self.pre, self.softmax = net, pre, softmax
+
+    def forward(self, x):
+        out = self.net(self.pre(x) if self.pre else x)
+        return out.softmax(1) if self.softmax else out
+
+
+# ------------------------------------------------------------------ robust_accuracy
+
+def test_robust_accuracy_reports_comparable_numbers_and_costs(tiny_model, data):
+    x, y = data
+    r = robust_accuracy(tiny_model, (x, y), quick(), generator=torch.Generator().manual_seed(0))
+    assert r.n == 100 and r.clean_accuracy == 1.0
+    acc = r.accuracy
+    assert set(acc) == {"fgsm", "pgd"}
+    assert r.worst_case_accuracy <= min(acc.values())          # worst case per sample
+    assert acc["pgd"] <= acc["fgsm"] < 1.0
+    assert r.grad_evals == {"fgsm": 100, "pgd": 1000}          # counted, not assumed
+    assert r.forward_evals["pgd"] == 100                        # the last PGD iterate is a forward only
+    assert all(v <= THREAT.eps + 1e-6 for v in r.max_perturbation.values())
+    assert r.suspect == []                                      # an honest model passes the gate
+    j = r.to_json()
+    json.dumps(j)
+    for key in ("threat", "attacks", "seed", "accuracy", "worst_case_accuracy", "clean_accuracy", "n",
+                "grad_evals", "wall_time_s", "max_perturbation", "suspect"):
+        assert key in j
+    assert j["seed"] == 0 and j["threat"]["eps"] == 0.15
+
+
+def test_batches_iterable_equals_tensor_pair_and_limit(tiny_model, data):
+    x, y = data
+    attacks = [build_attack("bim:steps=3", THREAT)]
+    a = robust_accuracy(tiny_model, (x, y), attacks, batch_size=32, gate=False)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 100, 32)]
+    b = robust_accuracy(tiny_model, batches, attacks, gate=False)
+    assert a.accuracy == b.accuracy and torch.equal(a.robust, b.robust)
+    c = robust_accuracy(tiny_model, iter(batches), attacks, limit=40, gate=False)
+    assert c.n == 40 and torch.equal(c.robust, a.robust[:40])
+
+
+def test_cascade_gives_the_same_worst_case_for_less_work(tiny_model, data):
+    x, y = data
+    attacks = [FGSM(THREAT), build_attack("bim:steps=5", THREAT)]
+    full = robust_accuracy(tiny_model, (x, y), attacks, gate=False)
+    casc = robust_accuracy(tiny_model, (x, y), attacks, gate=False, cascade=True)
+    assert abs(full.worst_case_accuracy - casc.worst_case_accuracy) <= 0.01
+    assert casc.grad_evals["bim:steps=5"] < full.grad_evals["bim:steps=5"]
+    assert casc.to_json()["mode"] == "cascade"
+
+
+def test_model_mode_is_restored(data):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.0), TinyCNN()).train()
+    x, y = data
+    robust_accuracy(model, (x[:10], y[:10]), [FGSM(THREAT)], gate=False)
+    assert all(m.training for m in model.modules())
+
+
+def test_a_buggy_attack_is_caught(tiny_model, data):
+    class TooFar:
+        threat = THREAT
+        spec = "too-far"
+
+        def grad_evals(self):
+            return 0
+
+        def __call__(self, model, x, y, *, generator=None):
+            return (x + 2 * THREAT.eps).clamp(0, 1)
+
+    x, y = data
+    with pytest.raises(AdvtuneError, match="too-far output is outside the linf ball"):
+        robust_accuracy(tiny_model, (x, y), [TooFar()], gate=False)
+
+
+# ------------------------------------------------------------------ gradient-masking gate
+
+def test_gate_flags_a_planted_masking_model(tiny_model, data, caplog):
+    x, y = data
+    masked = Wrap(tiny_model, pre=ZeroGradRound.apply)
+    threat = ThreatModel("linf", 0.2)
+    attacks = quick(threat) + [build_attack("square:queries=200", threat)]
+    with caplog.at_level(logging.WARNING, logger="advtune.evaluate"):
+        r = robust_accuracy(masked, (x, y), attacks, generator=torch.Generator().manual_seed(0))
+    assert r.clean_accuracy > 0.95
+    assert r.accuracy["pgd"] == r.clean_accuracy      # gradient attacks are blind here ...
+    assert r.accuracy["square:queries=200"] < 0.95    # ... the black-box one is not
+    kinds = {s.split(":")[0] for s in r.suspect}
+    assert {"zero-gradients", "black-box-stronger"} <= kinds
+    assert "large-eps-not-broken" in kinds
+    assert "gradient masking" in caplog.text
+
+
+def test_gate_flags_probability_outputs(tiny_model, data):
+    x, y = data
+    r = robust_accuracy(Wrap(tiny_model, softmax=True), (x[:40], y[:40]), quick(),
+                        generator=torch.Generator().manual_seed(0))
+    assert any(s.startswith("probability-outputs") for s in r.suspect)
+
+
+def test_gate_flags_iterative_weaker_than_fgsm(tiny_model, data):
+    x, y = data
+    useless = PGD(THREAT, steps=5, step_size=1e-6)  # an iterative attack that barely moves
+    r = robust_accuracy(tiny_model, (x, y), [useless], generator=torch.Generator().manual_seed(0))
+    assert any(s.startswith("iterative-weaker-than-fgsm") and useless.spec in s for s in r.suspect)
+
+
+# ------------------------------------------------------------------ eps curve
+
+def test_eps_curve_is_monotone_and_reaches_zero(tiny_model, data, tmp_path):
+    x, y = data
+    x, y = x[:60], y[:60]
+    curve = eps_curve(tiny_model, (x, y), lambda e: [PGD(ThreatModel("linf", e), steps=10)],
+                      [0.3, 0.0, 0.1, 0.2], generator=torch.Generator().manual_seed(0))
+    assert curve.eps == [0.0, 0.1, 0.2, 0.3]
+    assert curve.accuracy[0] == curve.clean_accuracy == 1.0
+    assert all(b <= a for a, b in zip(curve.accuracy, curve.accuracy[1:]))
+    assert curve.accuracy[-1] <= 0.02
+    json.dumps(curve.to_json())
+    png = plot_eps_curve({"tiny": curve}, tmp_path / "curve.png", title="tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eps_curve_repairs_and_flags_a_non_monotone_attack(tiny_model, data):
+    x, y = data
+
+    def factory(e):  # a strong attack at 0.2, a useless one at 0.25
+        t = ThreatModel("linf", e)
+        return [PGD(t, steps=10)] if e < 0.25 else [FGSM(t, step_size=1e-6)]
+
+    curve = eps_curve(tiny_model, (x, y), factory, [0.2, 0.25], gate=False)
+    assert curve.raw_accuracy[1] > curve.raw_accuracy[0]           # the raw numbers rise ...
+    assert curve.accuracy[1] <= curve.accuracy[0]                  # ... the reported curve does not
+    assert any(s.startswith("accuracy-rises-with-eps") for s in curve.suspect)
+
+
+def test_eps_curve_rejects_one_shot_iterators_and_reordered_data(tiny_model, data):
+    x, y = data
+    make = lambda e: [FGSM(ThreatModel("linf", e))]  # noqa: E731
+    with pytest.raises(AdvtuneError, match="not a one-shot iterator"):
+        eps_curve(tiny_model, iter([(x, y)]), make, [0.1, 0.2], gate=False)
+
+    class Shuffled:
+        def __init__(self):
+            self.g = torch.Generator().manual_seed(0)
+
+        def __iter__(self):
+            p = torch.randperm(len(x), generator=self.g)
+            yield x[p], y[p]
+
+    with pytest.raises(AdvtuneError, match="different order"):
+        eps_curve(tiny_model, Shuffled(), make, [0.1, 0.2], gate=False)
+    with pytest.raises(AdvtuneError, match="returned fgsm for eps=0.1"):
+        eps_curve(tiny_model, (x, y), lambda e: [FGSM(ThreatModel("linf", 0.1))], [0.2], gate=False)
+
+
+# ------------------------------------------------------------------ suites
+
+def test_suites():
+    std = suite("standard", THREAT)
+    assert [a.spec for a in std] == ["apgd-ce", "apgd-t", "square"]
+    assert [a.spec for a in suite("standard", ThreatModel("l2", 0.5))] == ["apgd-ce", "apgd-t"]
+    assert [a.spec for a in suite("quick", THREAT)] == ["fgsm", "pgd:steps=20"]
+    with pytest.raises(AdvtuneError, match="unknown suite 'strong'.*standard, quick"):
+        suite("strong", THREAT)
+
+
+# ------------------------------------------------------------------ error paths
+
+def test_inputs_outside_unit_range_are_rejected(tiny_model, data):
+    x, y = data
+    with pytest.raises(AdvtuneError, match=r"inputs must lie in \[0, 1\].*divide by 255"):
+        robust_accuracy(tiny_model, ((x - 0.5) / 0.25, y), quick(), gate=False)
+    with pytest.raises(AdvtuneError, match="uint8.*/ 255"):
+        robust_accuracy(tiny_model, ((x * 255).to(torch.uint8), y), quick(), gate=False)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 8, 8)], ids=["channels", "size"])
+def test_wrong_shape_is_rejected(tiny_model, shape, gen):
+    x = torch.rand(4, *shape, generator=gen)
+    with pytest.raises(AdvtuneError, match="cannot take inputs of shape"):
+        robust_accuracy(tiny_model, (x, torch.zeros(4, dtype=torch.long)), quick(), gate=False)
+
+
+def test_labels_out_of_range_are_rejected(tiny_model, data):
+    x, y = data
+    with pytest.raises(AdvtuneError, match=r"labels must be in \[0, 3\] for a model with 4 outputs"):
+        robust_accuracy(tiny_model, (x, y + 4), quick(), gate=False)
+    with pytest.raises(AdvtuneError, match="labels must be integer class indices"):
+        robust_accuracy(tiny_model, (x, y.float()), quick(), gate=False)
+
+
+@pytest.mark.parametrize("empty", ["pair", "list"])
+def test_empty_data_is_rejected(tiny_model, data, empty):
+    x, y = data
+    source = (x[:0], y[:0]) if empty == "pair" else []
+    with pytest.raises(AdvtuneError, match="no examples to evaluate"):
+        robust_accuracy(tiny_model, source, quick(), gate=False)
+
+
+def test_bad_attack_lists_are_rejected(tiny_model, data):
+    x, y = data
+    with pytest.raises(AdvtuneError, match="no attacks given"):
+        robust_accuracy(tiny_model, (x, y), [], gate=False)
+    with pytest.raises(AdvtuneError, match="share one threat model"):
+        robust_accuracy(tiny_model, (x, y), [FGSM(THREAT), FGSM(ThreatModel("linf", 0.1))], gate=False)
+    with pytest.raises(AdvtuneError, match="appears twice"):
+        robust_accuracy(tiny_model, (x, y), [FGSM(THREAT), FGSM(THREAT)], gate=False)
+    with pytest.raises(AdvtuneError, match="is not an attack"):
+        robust_accuracy(tiny_model, (x, y), ["pgd"], gate=False)
