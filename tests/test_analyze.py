@@ -38,6 +38,9 @@ def test_analyze_writes_scores_curves_and_plots(vuln):
     cfg = json.loads((vuln / "config.json").read_text())
     assert cfg["split"] == "train" and cfg["attack"].startswith("pgd")
     assert (vuln / "concentration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the analysis cost counts every pass: the attack (5 steps) and Taylor's backward, at least
+    assert summary["cost"]["attack_grad_evals"] >= 200 * (5 + 1) and summary["cost"]["forward_evals"] > 0
+    assert main(["info", str(vuln)]) == 0
     rows = (vuln / "scores-taylor.csv").read_text().splitlines()
     assert rows[0].startswith("rank,component,layer,unit,taylor") and rows[1].startswith("1,net.")
 

@@ -86,6 +86,14 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--out", str(out), "--lr", "0.003", "--quiet"]) == 0
     run = json.loads((out / "config.json").read_text())["run"]
     assert run["train"]["epochs"] == 1 and run["train"]["batch_size"] == 50 and run["train"]["lr"] == 0.003
+    cfg.write_text("dataset: synthetic\nmodel: small-cnn\nlr: 1e-3\nepochs: 1\nlimit: 100\nlimit-test: 20\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "sci"), "--quiet"]) == 0  # 1e-3 is a str to YAML
+    assert json.loads((tmp_path / "sci" / "config.json").read_text())["run"]["train"]["lr"] == 0.001
+    cfg.write_text("dataset: synthetic\nmodel: small-cnn\noptimizer: lbfgs\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r4")]) == 2
+    assert "optimizer must be one of adam, sgd" in capsys.readouterr().err
+    assert main(["--config", str(cfg)]) == 2
+    assert "--config needs a command" in capsys.readouterr().err
     cfg.write_text("dataset: synthetic\nmodl: small-cnn\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r2")]) == 2
     assert "unknown key 'modl'; did you mean 'model'?" in capsys.readouterr().err

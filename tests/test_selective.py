@@ -185,3 +185,30 @@ def test_warmup_training_is_resume_exact(train_data, tmp_path):
     resumed = bn_net(seed=9)
     fit(resumed, train_data, objective, cfg, checkpoint_dir=tmp_path, resume=True)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_everything_on_preact_resnet_freezes_nothing():
+    """(d) holds on a pre-activation ResNet too, whose BNs do not all follow a conv."""
+    from advtune.models import build_model
+    from advtune.train import _Trainable
+
+    model = build_model("preact-resnet18", (3, 16, 16), 10)
+    t = _Trainable(model, Selection.everything(model), torch.rand(1, 3, 16, 16))
+    try:
+        assert all(p.requires_grad for p in model.parameters()) and not t.partial and not t.frozen_bns
+    finally:
+        t.close()
+
+
+def test_finetune_refuses_resume_with_other_settings_and_writing_into_base(tmp_path, capsys):
+    from advtune.cli import main
+
+    base = tmp_path / "std"
+    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "100",
+                 "--limit-test", "20", "--out", str(base), "--quiet"]) == 0
+    args = ["finetune", str(base), "--eps", "0.1", "--attack", "pgd:steps=1", "--limit", "64", "--monitor", "0", "--quiet"]
+    assert main(args + ["--select", "random", "--share", "0.2", "--out", str(tmp_path / "ft")]) == 0
+    assert main(args + ["--select", "random", "--share", "0.5", "--out", str(tmp_path / "ft"), "--resume"]) == 2
+    assert "different settings (share: 0.2 -> 0.5)" in capsys.readouterr().err
+    assert main(args + ["--out", str(base), "--overwrite"]) == 2
+    assert "is the base run itself" in capsys.readouterr().err and (base / "model.safetensors").is_file()

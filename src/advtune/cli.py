@@ -371,14 +371,26 @@ def _apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> No
     if not isinstance(values, dict):
         raise AdvtuneError(f"{path} must be a mapping of flag names to values")
     command = next((a for a in argv if a in COMMANDS), None)
+    if command is None:
+        raise AdvtuneError(f"--config needs a command, e.g. advtune train --config {path}")
     subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
-    dests = {a.dest for a in subparser._actions}
+    actions = {a.dest: a for a in subparser._actions}
     defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in dests:
-            close = difflib.get_close_matches(dest, sorted(dests), n=1)
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, sorted(actions), n=1)
             raise AdvtuneError(f"{path}: unknown key {key!r}" + (f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""))
+        action = actions[dest]
+        if isinstance(value, list):  # a YAML list stands for the flag's comma list
+            value = ",".join(str(v) for v in value)
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise AdvtuneError(f"{path}: {key}: {e}") from None
+        if action.choices is not None and value not in action.choices:
+            raise AdvtuneError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
         defaults[dest] = value
     subparser.set_defaults(**defaults)
     for action in subparser._actions:  # a required flag given by the YAML is no longer required

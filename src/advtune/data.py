@@ -223,7 +223,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     key = name.strip().lower().replace("_", "-")
     key = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
     if key == "synthetic":
-        ds = _synthetic_dataset(seed)
+        ds = _synthetic_dataset()  # the same data for every run: only shuffles and splits use the seed
     elif key in SPECS:
         ds = _load_named(key, data_dir, download, mirrors)
     else:
@@ -404,6 +404,8 @@ def read_idx(path: Path) -> np.ndarray:
 def _pair(x: np.ndarray, y: np.ndarray, xpath, ypath, num_classes: int) -> TensorData:
     if len(x) != len(y):
         raise AdvtuneError(f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels; the files belong to different sets")
+    if y.size and int(y.min()) < 0:
+        raise AdvtuneError(f"{ypath} has a negative label ({int(y.min())}); labels must be 0..classes-1")
     if y.size and int(y.max()) >= num_classes:
         raise AdvtuneError(f"{ypath} has label {int(y.max())} but the dataset has {num_classes} classes")
     xt = torch.from_numpy(np.ascontiguousarray(x))

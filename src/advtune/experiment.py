@@ -141,10 +141,23 @@ def expand_variants(cfg: dict) -> list[dict]:
     return out
 
 
+INT_KEYS = {"epochs", "batch_size", "checkpoint_every", "eval_batch_size", "val_attack_limit"}
+
+
 def _train_config(base: dict | None, over: dict | None, seed: int):
     from .train import TrainConfig
+    from .utils import parse_number
 
     merged = {**(base or {}), **(over or {})}
+    for k, v in merged.items():
+        if k in ("optimizer", "schedule"):
+            continue
+        n = parse_number(v)  # YAML reads 1e-3 as a string; 8/255 is a fraction
+        if k in INT_KEYS:
+            if n != int(n):
+                raise AdvtuneError(f"train.{k} must be an integer, got {v!r}")
+            n = int(n)
+        merged[k] = n
     return TrainConfig(seed=seed, **merged)
 
 
@@ -203,7 +216,9 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     def analysis_for(eps: float) -> Path:
         if eps in analyses:
             return analyses[eps]
-        folder = out / (f"analysis-eps{eps:g}" if len(_as_list(cfg["threat"]["eps"])) > 1 else "analysis")
+        folder = analysis_folder(out, cfg, eps)
+        if (folder / SUMMARY).is_file() and read_json(folder / SUMMARY, "analysis summary")["threat"]["eps"] != eps:
+            raise AdvtuneError(f"{folder} was analysed at another eps; delete it or use a new --out")
         if not (folder / SUMMARY).is_file():
             kw = {k: tuple(analysis_cfg[k]) if k in ("criteria", "shares", "random_seeds") else analysis_cfg[k]
                   for k in ANALYSIS_KEYS if k in analysis_cfg}
@@ -214,9 +229,16 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
 
     for v in variants:
         folder = out / v["name"]
+        settings = {k: val for k, val in v.items() if k != "sweep_of"}
+        settings_file = folder / "variant-settings.json"
+        if settings_file.is_file() and read_json(settings_file, "variant settings") != settings:
+            raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
+                               f"or delete {folder} to run it again")
         if finished(folder):
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(settings_file, settings)
         eps = _eps_value(v["eps"])
         kind = v["kind"]
         if kind == "standard":
@@ -259,6 +281,17 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     return rows
 
 
+def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
+    """`analysis/` when the experiment has one eps, else `analysis-eps<eps>/`."""
+    single = out / "analysis"
+    per_eps = out / f"analysis-eps{eps:g}"
+    if cfg is None:  # reading records: whichever exists
+        return per_eps if per_eps.is_dir() else single
+    eps_all = {_eps_value(e) for e in _as_list(cfg["threat"]["eps"])}
+    eps_all |= {_eps_value(e) for v in cfg["variants"] for e in _as_list(v.get("eps", []))}
+    return single if eps_all == {eps} else per_eps
+
+
 def _base_dataset(base_dir: Path) -> str:
     return read_json(base_dir / "config.json", "base config")["run"]["dataset"]
 
@@ -290,8 +323,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
         cost = base_cost if kind == "standard" else _cost(folder)
         analysis_cost = {}
         if kind == "finetune" and str(v.get("select", "top")) == "top":
-            eps = _eps_value(v["eps"])
-            a = out / (f"analysis-eps{eps:g}" if (out / f"analysis-eps{eps:g}").is_dir() else "analysis")
+            a = analysis_folder(out, None, _eps_value(v["eps"]))
             analysis_cost = _cost(a) if a.is_dir() else {}
         summary = read_json(folder / "summary.json", "summary") if (folder / "summary.json").is_file() else {}
         sel = summary.get("selection") or {}
@@ -300,7 +332,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
             "select": v.get("select", "top") if kind == "finetune" else None,
             "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random") else None,
             "criterion": v.get("criterion", "taylor") if kind == "finetune" and v.get("select", "top") == "top" else None,
-            "attack": v.get("attack", "pgd:steps=10") if kind != "standard" else None,
+            "attack": v.get("attack") if kind == "train" else v.get("attack", "pgd:steps=10") if kind == "finetune" else None,
             "clean_acc": ev["clean_accuracy"], "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),

@@ -76,16 +76,17 @@ def train_run(run: TrainRun) -> dict:
         objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup)
         val_attack = getattr(objective, "attack", None)
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
-    rd.write_config({"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
-                     "objective": objective.describe(), "guard": bool(callbacks), "device": str(device)})
+    write_config_once(rd, {"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
+                           "objective": objective.describe(), "guard": bool(callbacks), "device": str(device)})
     history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
                   desc=f"{run.model}/{ds.name}")
-    test_acc = accuracy(model, ds.test, cfg.eval_batch_size, meter)
+    test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
     summary = {"test_acc": test_acc, "test_examples": len(ds.test), "epochs": len(history.epochs),
                "stopped": history.stopped, "final": history.last, "cost": meter.to_json()}
     meta = describe_meta(run.model, ds)
+    meta["dataset_spec"] = dataset_spec(run.dataset)
     meta["training"] = {"objective": objective.describe(), "config": cfg.to_json(), "test_acc": test_acc,
                         "run": str(rd.path)}
     save_model(rd.path, model, meta)
@@ -93,6 +94,34 @@ def train_run(run: TrainRun) -> dict:
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
     return summary
+
+
+def dataset_spec(name: str) -> str:
+    """What rebuilds the dataset later: a registry name, or the absolute path of a file/folder."""
+    from pathlib import Path
+
+    from .data import DATASETS
+
+    return name if name.strip().lower() in DATASETS else str(Path(name).expanduser().resolve())
+
+
+def write_config_once(rd: RunDir, config: dict) -> None:
+    """config.json records how a run started; a resume appends when, and keeps the original."""
+    import time
+
+    if rd.file(CONFIG).is_file():
+        old = rd.read_json(CONFIG)
+        old.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        rd.write_json(CONFIG, old)
+    else:
+        rd.write_config(config)
+
+
+def refuse_same_folder(out: str, base: str) -> None:
+    from pathlib import Path
+
+    if Path(out).resolve() == Path(base).resolve():
+        raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
 
 
 def _check_same_run(saved: dict, now: dict) -> None:
@@ -120,7 +149,7 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     from .data import load_dataset
 
     run = base_config.get("run", {})
-    name = run.get("dataset") or meta.get("dataset")
+    name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
     if not name:
         raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
     return load_dataset(name, data_dir or run.get("data_dir"), **kw)
@@ -160,12 +189,12 @@ def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: fl
     return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
 
 
-def quick_robust_acc(model, data, threat, seed, meter=None, steps: int = 10) -> float:
+def quick_robust_acc(model, data, threat, seed, steps: int = 10) -> float:
     """PGD-10 accuracy, a quick monitor only; `advtune evaluate` is the honest protocol."""
     from .attacks import PGD
     from .train import robust_accuracy_quick
 
-    return robust_accuracy_quick(model, data, PGD(threat, steps=steps), 256, seed, meter)
+    return robust_accuracy_quick(model, data, PGD(threat, steps=steps), 256, seed)
 
 # ---------------------------------------------------------------- finetune
 
@@ -242,9 +271,12 @@ def finetune_run(run: FinetuneRun) -> dict:
     cfg = run.train
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
+    refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    if run.resume and rd.file(CONFIG).is_file():
+        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     seed_everything(cfg.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
     threat = ThreatModel(run.norm, run.eps)
@@ -255,18 +287,21 @@ def finetune_run(run: FinetuneRun) -> dict:
     sel_info = None
     if selection is not None:
         rd.write_json("selection.json", selection.to_json())
+        example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
         sel_info = {"components": len(selection), "units": selection.n_units(model),
-                    "trainable_params": selection.trainable_params(model), "by_layer": selection.by_layer(model)}
-    rd.write_config({"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
+                    "trainable_params": selection.trainable_params(model, example_input=example),
+                    "by_layer": selection.by_layer(model)}
+    write_config_once(rd, {"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
                      "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
                      "selection": sel_info, "guard": bool(callbacks), "device": str(device)})
     history = fit(model, ds.train, objective, cfg, val=ds.val, selection=selection, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)), desc="finetune")
-    summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size, meter), "test_examples": len(ds.test)}
+    # monitoring after training: not counted as training cost
+    summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size), "test_examples": len(ds.test)}
     if run.monitor:
         n = min(run.monitor, len(ds.test))
-        summary[f"pgd10_acc_quick"] = quick_robust_acc(model, ds.test.take(n), threat, cfg.seed, meter)
+        summary["pgd10_acc_quick"] = quick_robust_acc(model, ds.test.take(n), threat, cfg.seed)
         summary["pgd10_examples"] = n
     summary.update({"epochs": len(history.epochs), "stopped": history.stopped, "final": history.last,
                     "selection": sel_info, "cost": meter.to_json()})
@@ -321,8 +356,9 @@ def analyze_run(run: AnalyzeRun) -> dict:
     unknown = [c for c in run.criteria if c not in list_criteria()]
     if unknown or not run.criteria:
         raise AdvtuneError(f"unknown criterion {unknown[0] if unknown else '(none)'}; valid: {', '.join(list_criteria())}")
-    if run.limit <= 0 or run.curve_limit < 0:
-        raise AdvtuneError("--limit must be positive and --curve-limit non-negative")
+    if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
+        raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
+    refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     rd = RunDir.create(run.out, overwrite=run.overwrite)
@@ -333,15 +369,20 @@ def analyze_run(run: AnalyzeRun) -> dict:
     rd.write_config({"command": "analyze", "run": run.to_json(), "seed": run.seed, "base": str(run.base),
                      "dataset": ds.describe(), "split": "train", "threat": threat.to_json(), "attack": attack.spec,
                      "device": str(device)})
+    from .evaluate import _PassCounter
+
     meter = CostMeter()
+    meter.measure_model(model, ds.input_shape)
+    counter = _PassCounter()  # every example through the model: attack, criteria, curves
     meter.start()
     # one attack run serves every criterion and the curves: adversarials are computed once, here
     x, y = ds.train.take(max(run.limit, run.curve_limit)).tensors(device)
-    x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
-    meter.add_attack(len(x), attack.grad_evals())
+    with counter.attached(model):
+        x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
     clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
     n_score = min(run.limit, len(x))
-    tables = score_many(model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size)
+    with counter.attached(model):
+        tables = score_many(model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size)
     summary: dict[str, Any] = {"examples_scored": n_score, "clean_acc": float(clean_ok[:n_score].float().mean()),
                                "adv_acc": float(adv_ok[:n_score].float().mean()), "attack": attack.spec,
                                "threat": threat.to_json(), "criteria": {}}
@@ -355,8 +396,9 @@ def analyze_run(run: AnalyzeRun) -> dict:
         summary["criteria"][name] = {"components": len(table), "top10": top}
         if run.curve_limit:
             n = min(run.curve_limit, len(x))
-            curve = concentration_curve(model, (x[:n], y[:n], x_adv[:n]), None, table, run.shares, run.random_seeds,
-                                        batch_size=run.batch_size)
+            with counter.attached(model):
+                curve = concentration_curve(model, (x[:n], y[:n], x_adv[:n]), None, table, run.shares, run.random_seeds,
+                                            batch_size=run.batch_size)
             curves[name] = curve
             summary["criteria"][name]["curve"] = curve.rows()
             summary["criteria"][name]["adversarial_errors"] = curve.n_errors
@@ -366,6 +408,7 @@ def analyze_run(run: AnalyzeRun) -> dict:
         summary["rank_agreement_with_restoration"] = {
             k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
     meter.stop()
+    meter.attack_grad_evals, meter.forward_evals = counter.take()
     summary["cost"] = meter.to_json()
     _analysis_plots(rd, tables, curves)
     rd.write_cost(meter)
@@ -476,7 +519,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
         return {"kind": "single", **result.to_json()}
     curve = eps_curve(model, data, lambda e: attacks_for(run, e), list(run.eps), batch_size=run.batch_size,
                       generator=gen, limit=run.limit)
-    return {"kind": "curve", **curve.to_json(), "_curve": curve}
+    return {"kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
 
 
 def evaluate_run(run: EvaluateRun) -> dict:
@@ -493,8 +536,11 @@ def evaluate_run(run: EvaluateRun) -> dict:
     t0 = time.perf_counter()
     record = evaluate_model(model, (x, y), run)
     curve = record.pop("_curve", None)
+    config = run.to_json()
+    if record["kind"] == "curve":
+        config["cascade"] = False  # eps curves always run every attack on every sample
     record.update({"run": str(run.run), "split": "test", "dataset": ds.name, "examples": len(x),
-                   "config": run.to_json(), "versions": versions(), "wall_s": time.perf_counter() - t0,
+                   "config": config, "versions": versions(), "wall_s": time.perf_counter() - t0,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     label = run.name or (f"{run.suite or '-'.join(split_attack_list(run.attacks or ''))}-{run.norm}-eps"
                          + "_".join(f"{e:.4g}" for e in run.eps))

@@ -226,6 +226,9 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     arch = meta.get("architecture")
     if arch not in ARCHITECTURES:
         raise AdvtuneError(f"{directory}: unknown architecture {arch!r} in {META_FILE}; valid: {', '.join(ARCHITECTURES)}")
+    missing = [k for k in ("input_shape", "num_classes") if k not in meta]
+    if missing:
+        raise AdvtuneError(f"{directory / META_FILE} lacks {', '.join(missing)}; it was not written by advtune's save_model")
     model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
     load_weights(model, directory / WEIGHTS_FILE, f"{directory / WEIGHTS_FILE}")
     return model.to(device).eval(), meta

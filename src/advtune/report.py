@@ -201,8 +201,8 @@ def headline(rows: list[dict]) -> list[str]:
         by_eps.setdefault(r["eps"], []).append(r)
     for eps, rs in sorted(by_eps.items()):
         full = [r for r in rs if r["kind"] == "train" and r.get("attack") and not r.get("suspect")]
-        sel = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "top"]
-        rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random"]
+        sel = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "top" and not r.get("suspect")]
+        rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random" and not r.get("suspect")]
         for r in rs:
             if r.get("suspect"):
                 out.append(f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
@@ -223,7 +223,7 @@ def headline(rows: list[dict]) -> list[str]:
                            f"evaluations (analysis included; the standard model's own training not counted).")
         if sel and rnd:
             for r in rnd:
-                same = [s for s in sel if s.get("share") == r.get("share")]
+                same = [s for s in sel if s.get("share") == r.get("share") and s.get("attack") == r.get("attack")]
                 if same:
                     s = max(same, key=lambda q: q["robust_acc"])
                     out.append(f"eps={eps:g}: at share {r['share']:g}, selected components gave {100 * s['robust_acc']:.2f}% "
@@ -243,10 +243,12 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
     res = folder / "results.json"
     if not res.is_file():
         raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment CONFIG --out {folder}` first")
-    rows = json.loads(res.read_text())["rows"]
+    from .utils import read_json
+
+    rows = read_json(res, "results")["rows"]
     if not rows:
         raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
-    exp = json.loads((folder / "experiment.json").read_text()) if (folder / "experiment.json").is_file() else {}
+    exp = read_json(folder / "experiment.json", "experiment record") if (folder / "experiment.json").is_file() else {}
     cfg = exp.get("config", {})
     figs: list[tuple[str, Path]] = [("Robustness vs compute", plot_pareto(rows, folder / "pareto.png"))]
     eps_png = plot_eps_sweep(rows, folder / "eps-sweep.png")

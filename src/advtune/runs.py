@@ -121,10 +121,13 @@ def format_info(info: dict) -> str:
     for row in info.get("metrics", []):
         lines.append("epoch " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch")
                      .join([f"{row.get('epoch')}: ", ""]))
-    if "summary" in info:
-        s = info["summary"]
+    s = info.get("summary", {})
+    if "test_acc" in s:
         lines.append(f"test acc   {100 * s['test_acc']:.2f}% on {s['test_examples']} examples" + (f"   ({s['stopped']})" if s.get("stopped") else ""))
-    if "cost" in info:
+    if "adv_acc" in s:  # an analysis run
+        lines.append(f"analysis   {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.2f}%, "
+                     f"under {s['attack']} {100 * s['adv_acc']:.2f}%; criteria: {', '.join(s.get('criteria', {}))}")
+    if info.get("cost", {}).get("wall_s") is not None:
         c = info["cost"]
         gpe = c.get("grad_evals_per_example")
         lines.append(f"cost       wall {c['wall_s']:.1f}s, grad evals {c['grad_evals']:,}" + (f" ({gpe:.2f}/example)" if gpe else "")
@@ -138,10 +141,12 @@ def format_info(info: dict) -> str:
 
 def _eval_line(ev: dict) -> str:
     parts = []
-    if "clean_acc" in ev:
-        parts.append(f"clean {100 * ev['clean_acc']:.2f}%")
-    if "robust_acc" in ev:
-        parts.append(f"robust {100 * ev['robust_acc']:.2f}%")
+    if "clean_accuracy" in ev:
+        parts.append(f"clean {100 * ev['clean_accuracy']:.2f}%")
+    if "worst_case_accuracy" in ev:
+        parts.append(f"worst case {100 * ev['worst_case_accuracy']:.2f}% over {', '.join(ev.get('attacks', []))}")
+    elif "eps" in ev and "accuracy" in ev:
+        parts.append("curve " + ", ".join(f"eps {e:g}: {100 * a:.1f}%" for e, a in zip(ev["eps"], ev["accuracy"])))
     if ev.get("suspect"):
         parts.append("SUSPECT: " + "; ".join(ev["suspect"]))
     return ", ".join(parts) or "(see file)"

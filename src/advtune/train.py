@@ -48,6 +48,16 @@ class TrainConfig:
     val_attack_limit: int = 500        # examples of the validation split attacked each epoch
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AdvtuneError(f"{name} must be a finite number, got {v!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "val_attack_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise AdvtuneError(f"{name} must be an integer, got {v!r}")
+        if self.eval_batch_size <= 0 or self.val_attack_limit <= 0:
+            raise AdvtuneError("eval batch size and val attack limit must be positive")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise AdvtuneError(f"epochs must be a non-negative integer, got {self.epochs}")
         if self.batch_size <= 0:
@@ -225,7 +235,6 @@ class OverfitGuard:
         self.tripped_at: int | None = None
 
     def __call__(self, model: nn.Module, record: dict) -> str | None:
-        device = model_device(model)
         data = TensorData(self.x, self.y)
         acc = robust_accuracy_quick(model, data, self.attack, 256, self.seed, self.meter)
         record["guard_pgd_acc"] = acc
@@ -274,8 +283,8 @@ class _Trainable:
         self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.frozen_bns: list[_BatchNorm] = []
         self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if selection is None:
-            return
+        if selection is None or selection.is_everything(model):
+            return  # (d): selecting everything is exactly the full-training path
         # a traced forward finds the BatchNorm that follows each selected conv (see components.py)
         masks = selection.masks(model, example_input=example_input)
         for name, p in model.named_parameters():
@@ -467,11 +476,11 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
             record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
                       "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total), "examples": int(totals[2]),
                       "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
-            if val is not None and len(val):
-                record["val_acc"] = accuracy(model, val, cfg.eval_batch_size, meter)
+            if val is not None and len(val):  # monitoring: not counted as training cost
+                record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
                 if val_attack is not None:
                     record["val_robust_acc"] = robust_accuracy_quick(
-                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed, meter)
+                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed)
             history.epochs.append(record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
             for cb in callbacks:
