@@ -173,3 +173,15 @@ def test_yaml_numbers_written_the_usual_ways():
     assert cfg.lr == 0.001 and cfg.epochs == 2 and cfg.weight_decay == 0.0005 and cfg.momentum == 0.9
     with pytest.raises(AdvtuneError, match="train.epochs must be an integer"):
         experiment._train_config({"epochs": 1.5}, None, seed=0)
+
+
+def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
+    import copy
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    cfg = copy.deepcopy(TINY)
+    cfg["variants"][3]["share"] = 0.5  # "random" was run with share 0.1
+    with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
+        experiment.run_experiment(write(tmp_path, cfg), out)

@@ -227,18 +227,20 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
         analyses[eps] = folder
         return folder
 
+    # each variant's resolved settings, as first run: a re-run with other settings is refused, never mixed in
+    settings_file = out / "variant-settings.json"
+    recorded = read_json(settings_file, "variant settings") if settings_file.is_file() else {}
     for v in variants:
         folder = out / v["name"]
         settings = {k: val for k, val in v.items() if k != "sweep_of"}
-        settings_file = folder / "variant-settings.json"
-        if settings_file.is_file() and read_json(settings_file, "variant settings") != settings:
+        if v["name"] in recorded and recorded[v["name"]] != settings:
             raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
                                f"or delete {folder} to run it again")
         if finished(folder):
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(settings_file, settings)
+        recorded[v["name"]] = settings
+        atomic_write_json(settings_file, recorded)
         eps = _eps_value(v["eps"])
         kind = v["kind"]
         if kind == "standard":
