@@ -8,6 +8,7 @@ Conventions every attack follows (DESIGN.md, "Attacks are pure"):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Protocol, runtime_checkable
 
@@ -203,8 +204,6 @@ def check_threat(threat, name: str, norms=("linf", "l2")) -> None:
 
 def fmt_spec(name: str, obj, skip: tuple[str, ...] = ()) -> str:
     """`name:k=v,...` listing the fields that differ from their defaults (round-trips through build_attack)."""
-    import dataclasses
-
     parts = []
     for f in dataclasses.fields(obj):
         if f.name == "threat" or f.name in skip:
