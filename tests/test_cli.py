@@ -133,3 +133,19 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((run / "summary.json").read_text())["test_acc"] == json.loads((ref / "summary.json").read_text())["test_acc"]
+
+
+def test_evaluate_command_records_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    assert main(["evaluate", str(out), "--attacks", "fgsm,pgd:steps=3,restarts=2", "--eps", "0.2", "--limit", "50", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "worst case over attacks" in shown and "masking gate" in shown
+    rec = json.loads(next(out.glob("eval-fgsm-pgd*.json")).read_text())
+    assert rec["attacks"] == ["fgsm", "pgd:steps=3,restarts=2"] and rec["examples"] == 50 and rec["split"] == "test"
+    assert rec["max_perturbation"]["pgd:steps=3,restarts=2"] <= 0.2 + 1e-6
+    assert main(["evaluate", str(out), "--suite", "quick", "--eps", "0.1,0.3", "--limit", "40", "--plot", "--name", "curve", "--quiet"]) == 0
+    curve = json.loads((out / "eval-curve.json").read_text())
+    assert curve["eps"] == [0.1, 0.3] and curve["accuracy"][1] <= curve["accuracy"][0] and (out / "eval-curve.png").is_file()
+    assert main(["evaluate", str(out), "--attacks", "cw", "--eps", "0.1", "--quiet"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
