@@ -15,15 +15,11 @@ def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None)
     curves: an `EpsCurve`, or a mapping label -> `EpsCurve` to compare models (e.g. base vs fine-tuned).
     Dashed lines show the raw per-eps accuracies where they differ from the monotone curve.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not isinstance(curves, Mapping):
         curves = {"": curves}
     if not curves:
         raise AdvtuneError("plot_eps_curve needs at least one curve")
-    fig = Figure(figsize=(5.0, 3.6), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = _figure(5.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for label, c in curves.items():
         if not hasattr(c, "eps") or not hasattr(c, "accuracy"):
@@ -39,13 +35,7 @@ def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None)
         ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")   # atomic: write then rename
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def _figure(w: float = 5.0, h: float = 3.6):
