@@ -152,3 +152,42 @@ def test_empty_training_split_is_refused(synth):
     empty = TensorData(torch.zeros(0, 1, 16, 16, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
     with pytest.raises(AdvtuneError, match="training split is empty"):
         fit(fresh(synth), empty, clean(), TrainConfig(epochs=1))
+
+
+def test_steps_ends_mid_epoch_and_on_step_sees_every_step(synth):
+    """steps stops training after that many optimizer steps (the schedule spans them), and
+    on_step is called after each step with the cost so far (the frontier's snapshots hang there)."""
+    seen = []
+    meter = CostMeter()
+    cfg = TrainConfig(epochs=5, batch_size=60, steps=13, schedule="ssfd", lr=1e-2)
+    hist = fit(fresh(synth), synth.train, clean(), cfg, meter=meter,
+               on_step=lambda m, step, mt: seen.append((step, mt.grad_evals, m.training)))
+    assert [s for s, _, _ in seen] == list(range(1, 14))
+    assert [g for _, g, _ in seen] == [60 * s for s in range(1, 14)]
+    assert all(training for _, _, training in seen)
+    assert meter.update_grad_evals == 13 * 60 and len(hist.epochs) == 2   # 10 steps per epoch: 10 + 3
+    # slow start, fast decay: linear rise over the first 10% of steps, then linear decay to 0
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2) and lrs[99] == pytest.approx(1e-2 / 90)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_steps_resume_is_exact(synth, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=64, steps=17, checkpoint_every=4, schedule="ssfd", lr=1e-2)
+    ref = fresh(synth)
+    fit(ref, synth.train, clean(), cfg)
+
+    class Kill(Exception):
+        pass
+
+    def die(model, step, meter):
+        if step == 14:
+            raise Kill
+
+    half = fresh(synth)
+    with pytest.raises(Kill):
+        fit(half, synth.train, clean(), cfg, checkpoint_dir=tmp_path, on_step=die)
+    resumed = fresh(synth, seed=5)
+    fit(resumed, synth.train, clean(), cfg, checkpoint_dir=tmp_path, resume=True)
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -391,6 +391,12 @@ class Selection:
                 mark(modules[bn], idx)
         return out
 
+    def params_by_layer(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, int]:
+        """``{layer: parameter entries its selected units train}`` (layer weight/bias slices plus the
+        following BatchNorm's, as :meth:`masks` marks them)."""
+        per_unit = unit_params(model, example_input)
+        return {name: len(us) * per_unit[name] for name, us in self.units(model).items()}
+
     def trainable_params(self, model: nn.Module, example_input: torch.Tensor | None = None) -> int:
         """Number of parameter entries the masks select."""
         return int(sum(int(m.sum()) for m in self.masks(model, example_input).values()))
@@ -419,6 +425,28 @@ class Selection:
         if model is not None:
             sel.validate(model)
         return sel
+
+
+def unit_params(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, int]:
+    """``{layer: parameter entries one of its units owns}``: the unit's weight slice and bias entry,
+    plus the weight/bias entries of the BatchNorm that follows the layer (see :func:`followers`).
+    This is what selecting the unit makes trainable, so parameter budgets are counted with it."""
+    found = layers(model)
+    modules = dict(model.named_modules())
+    follow = followers(model, example_input)
+    out: dict[str, int] = {}
+    for name, m in found:
+        n = m.weight.numel() // _units(m) + (1 if getattr(m, "bias", None) is not None else 0)
+        bn = follow.get(name)
+        if bn is not None and getattr(modules[bn], "affine", False):
+            n += 2
+        out[name] = n
+    return out
+
+
+def model_params(model: nn.Module) -> int:
+    """All parameter entries of the model (the denominator of a parameter share)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def everything(model: nn.Module) -> Selection:

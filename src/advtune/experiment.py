@@ -39,11 +39,11 @@ THREAT_KEYS = {"norm", "eps"}
 EVAL_KEYS = {"attacks", "suite", "limit", "batch_size", "cascade"}
 ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
-              "checkpoint_every", "eval_batch_size", "val_attack_limit"}
+              "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
 VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "eps_warmup", "train", "select", "share", "criterion", "per_layer", "guard",
-                "limit", "model", "eps", "notes"}
+                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference"}
 KINDS = ("standard", "train", "finetune")
-SWEEPABLE = ("eps", "share", "attack", "criterion", "select")
+SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
 EVAL_NAME = "protocol"
 
 
@@ -141,7 +141,7 @@ def expand_variants(cfg: dict) -> list[dict]:
     return out
 
 
-INT_KEYS = {"epochs", "batch_size", "checkpoint_every", "eval_batch_size", "val_attack_limit"}
+INT_KEYS = {"epochs", "batch_size", "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
 
 
 def _train_config(base: dict | None, over: dict | None, seed: int):
@@ -171,7 +171,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                    only: list[str] | None = None) -> list[dict]:
     """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
     from .jobs import (AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun, analyze_run, evaluate_run, finetune_run,
-                       train_run)
+                       list_snapshots, train_run)
     from .runs import CONFIG, SUMMARY, RunDir
 
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
@@ -254,6 +254,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                                    eps=eps if v.get("attack") else None, attack_mode=v.get("attack_mode", "eval"),
                                    eps_warmup=float(v.get("eps_warmup", 0.0)), guard=v.get("guard"),
                                    train=_train_config(base.get("train"), v.get("train"), seed),
+                                   budget=_budget(v), points=_points(v),
                                    resume=started(folder), overwrite=folder.exists() and not started(folder)))
         else:
             model_dir = folder
@@ -268,12 +269,29 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                                          eps_warmup=float(v.get("eps_warmup", 0.0)),
                                          train=_train_config({"epochs": 1}, v.get("train"), seed), data_dir=data_dir,
                                          limit=v.get("limit", base.get("limit")), limit_test=base.get("limit_test"),
+                                         params=_params(v), granularity=v.get("granularity", "unit"),
+                                         budget=_budget(v), points=_points(v),
                                          monitor=0, device=device, resume=started(folder),
                                          overwrite=folder.exists() and not started(folder)))
-        record = evaluate_run(EvaluateRun(run=str(model_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
-                                          norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
-                                          cascade=bool(ev.get("cascade", False)), name=EVAL_NAME, record_dir=str(folder),
-                                          seed=seed, data_dir=data_dir, device=device))
+
+        def protocol(run_dir: Path, record_dir: Path) -> dict:
+            return evaluate_run(EvaluateRun(run=str(run_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
+                                            norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
+                                            cascade=bool(ev.get("cascade", False)), name=EVAL_NAME,
+                                            record_dir=str(record_dir), seed=seed, data_dir=data_dir, device=device))
+
+        # the curve: every snapshot along the run gets the same protocol (resumable: done ones are kept)
+        snaps = list_snapshots(folder) if kind != "standard" else []
+        for i, (step, snap) in enumerate(snaps):
+            if not (snap / f"eval-{EVAL_NAME}.json").is_file():
+                log.info("variant %s: evaluating snapshot %d/%d (step %d)", v["name"], i + 1, len(snaps), step)
+                protocol(snap, snap)
+        final_snap = _same_point(folder, snaps)
+        if final_snap is not None:  # the run ended on its last snapshot: that evaluation is the final one
+            atomic_write_text(folder / f"eval-{EVAL_NAME}.json", (final_snap / f"eval-{EVAL_NAME}.json").read_text())
+            record = read_json(folder / f"eval-{EVAL_NAME}.json", "evaluation")
+        else:
+            record = protocol(model_dir, folder)
         if kind == "standard" and model_dir != folder:
             _link_standard(folder, model_dir)
         log.info("variant %s: clean %.2f%%, worst case %.2f%%", v["name"], 100 * record["clean_accuracy"],
@@ -281,6 +299,38 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     rows = collect_results(out, expand_variants(cfg), base_dir)
     write_results(out, rows)
     return rows
+
+
+def _budget(v: dict) -> int | None:
+    from .utils import parse_number
+
+    return None if v.get("budget") is None else int(parse_number(v["budget"]))
+
+
+def _points(v: dict) -> int:
+    n = v.get("points", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise AdvtuneError(f"variant {v['name']}: points must be a non-negative integer (snapshots along the run), got {n!r}")
+    return n
+
+
+def _params(v: dict) -> float | int | None:
+    from .utils import parse_number
+
+    if v.get("params") is None:
+        return None
+    n = parse_number(v["params"])
+    return n if n < 1 else int(n)
+
+
+def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
+    """The last snapshot when it is the run's final model (same training cost), else None."""
+    if not snaps or not (folder / "cost.json").is_file():
+        return None
+    last = snaps[-1][1]
+    final = read_json(folder / "cost.json", "cost")
+    mine = read_json(last / "cost.json", "cost")
+    return last if mine.get("grad_evals") == final.get("grad_evals") else None
 
 
 def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
@@ -347,9 +397,33 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
             "epochs": summary.get("epochs"), "stopped": summary.get("stopped"),
             "eval_examples": ev.get("examples"), "eval_attacks": ",".join(ev.get("attacks", [])),
             "eval_grad_evals": sum(ev.get("grad_evals", {}).values()),
+            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0) / max(cost.get("total_params") or 1, 1),
+            "reference": bool(v.get("reference", kind == "train" and bool(v.get("attack")))),
+            "curve": _curve(folder, kind, cost, ev),
         }
         rows.append(row)
     return rows
+
+
+def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[dict]:
+    """The run's robustness-vs-compute points: each evaluated snapshot, and the final model when it
+    is not its last snapshot. Training cost only; the frontier adds the base and analysis costs."""
+    from .jobs import list_snapshots
+
+    pts = []
+    if kind != "standard":
+        for step, snap in list_snapshots(folder):
+            e = snap / f"eval-{EVAL_NAME}.json"
+            if e.is_file():
+                ev, cost = read_json(e, "evaluation"), _cost(snap)
+                pts.append({"step": step, "grad_evals": cost.get("grad_evals", 0), "wall_s": cost.get("wall_s", 0.0),
+                            "flops": cost.get("flops", 0.0), "clean_acc": ev["clean_accuracy"],
+                            "robust_acc": ev["worst_case_accuracy"], "suspect": "; ".join(ev.get("suspect", []))})
+    if not pts or pts[-1]["grad_evals"] != final_cost.get("grad_evals", 0):
+        pts.append({"step": None, "grad_evals": final_cost.get("grad_evals", 0), "wall_s": final_cost.get("wall_s", 0.0),
+                    "flops": final_cost.get("flops", 0.0), "clean_acc": final_eval["clean_accuracy"],
+                    "robust_acc": final_eval["worst_case_accuracy"], "suspect": "; ".join(final_eval.get("suspect", []))})
+    return pts
 
 
 def _cost(folder: Path) -> dict:
@@ -357,8 +431,7 @@ def _cost(folder: Path) -> dict:
     return read_json(p, "cost") if p.is_file() else {}
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
-    atomic_write_json(out / "results.json", {"rows": rows})
+def _csv(rows: list[dict]) -> str:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
@@ -367,7 +440,33 @@ def write_results(out: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow(r)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def frontier_points(rows: list[dict]) -> list[dict]:
+    """One flat row per (variant, point) with the cost counted the same way on every curve:
+    total = this run's training + the base model's training (fine-tuning) + the analysis (selective)."""
+    out = []
+    for r in rows:
+        for p in r.get("curve") or []:
+            extra = (r.get("base_grad_evals") or 0) + (r.get("analysis_grad_evals") or 0)
+            out.append({"variant": r["variant"], "kind": r["kind"], "select": r.get("select"), "eps": r["eps"],
+                        "reference": r.get("reference", False), "step": p["step"], "train_grad_evals": p["grad_evals"],
+                        "base_grad_evals": r.get("base_grad_evals") or 0, "analysis_grad_evals": r.get("analysis_grad_evals") or 0,
+                        "total_grad_evals": p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
+                        "wall_s": p["wall_s"], "clean_acc": p["clean_acc"], "robust_acc": p["robust_acc"],
+                        "trainable_params": r.get("trainable_params"), "param_share": r.get("param_share"),
+                        "suspect": p.get("suspect", "")})
+    return out
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    atomic_write_json(out / "results.json", {"rows": rows})
+    atomic_write_text(out / "results.csv", _csv([{k: v for k, v in r.items() if k != "curve"} for r in rows]))
+    points = frontier_points(rows)
+    if any(r["step"] is not None for r in points):
+        atomic_write_json(out / "frontier.json", {"points": points})
+        atomic_write_text(out / "frontier.csv", _csv(points))
 
 
 def format_results(rows: list[dict]) -> str:

@@ -40,6 +40,8 @@ class TrainRun:
     attack_mode: str = "eval"
     eps_warmup: float = 0.0             # share of training over which eps ramps up from 0
     guard: bool | None = None           # catastrophic-overfitting guard; None: on for FGSM attacks
+    budget: int | None = None           # training gradient evaluations; ends training early (steps)
+    points: int = 0                     # snapshots along the run (evenly spaced in steps), for curves
     resume: bool = False
     overwrite: bool = False
 
@@ -76,17 +78,21 @@ def train_run(run: TrainRun) -> dict:
         objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup)
         val_attack = getattr(objective, "attack", None)
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
-    write_config_once(rd, {"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
-                           "objective": objective.describe(), "guard": bool(callbacks), "device": str(device)})
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train))
+    config = {"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
+              "objective": objective.describe(), "guard": bool(callbacks), "device": str(device),
+              "steps": cfg.steps}
+    write_config_once(rd, config)
+    meta = describe_meta(run.model, ds)
+    meta["dataset_spec"] = dataset_spec(run.dataset)
     history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
+                  on_step=snapshot_saver(rd, meta, config, snapshot_steps(cfg, len(ds.train), run.points)),
                   desc=f"{run.model}/{ds.name}")
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
     summary = {"test_acc": test_acc, "test_examples": len(ds.test), "epochs": len(history.epochs),
                "stopped": history.stopped, "final": history.last, "cost": meter.to_json()}
-    meta = describe_meta(run.model, ds)
-    meta["dataset_spec"] = dataset_spec(run.dataset)
     meta["training"] = {"objective": objective.describe(), "config": cfg.to_json(), "test_acc": test_acc,
                         "run": str(rd.path)}
     save_model(rd.path, model, meta)
@@ -94,6 +100,70 @@ def train_run(run: TrainRun) -> dict:
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
     return summary
+
+
+SNAPSHOTS = "snapshots"
+
+
+def with_budget(cfg, budget: int | None, objective, n_train: int):
+    """`cfg` with steps set so that training spends `budget` gradient evaluations (attack steps
+    + the update, per example), rounded up to whole steps."""
+    from .train import steps_for_budget
+
+    if budget is None:
+        return cfg
+    return replace(cfg, steps=steps_for_budget(budget, objective, cfg.batch_size, n_train))
+
+
+def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
+    """`points` optimizer steps evenly spaced over the run, the last one at its end."""
+    from .data import num_batches
+    from .train import total_steps
+
+    if isinstance(points, bool) or not isinstance(points, int) or points < 0:
+        raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {points!r}")
+    total = total_steps(cfg, num_batches(n_train, cfg.batch_size))
+    return sorted({max(1, round(total * i / points)) for i in range(1, points + 1)}) if points else []
+
+
+def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
+    """An on_step callback that saves the model at the given steps into `snapshots/step-NNNNNNN/`
+    (a loadable run folder: model, config.json, cost.json with the cost *up to that step*).
+    cost.json is written last, so a folder with it is complete; a resumed run skips those."""
+    if not steps:
+        return None
+    from .models import save_model
+    from .train import is_main_process
+
+    wanted = set(steps)
+
+    def on_step(model, step: int, meter: CostMeter) -> None:
+        if step not in wanted or not is_main_process():
+            return
+        folder = rd.path / SNAPSHOTS / f"step-{step:07d}"
+        if (folder / "cost.json").is_file():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, model, {**meta, "snapshot": {"of": str(rd.path), "step": step}})
+        sub = RunDir(folder)
+        sub.write_config({**{k: v for k, v in config.items() if k not in ("created", "versions")},
+                          "snapshot": {"of": str(rd.path), "step": step}})
+        sub.write_cost(meter)
+    return on_step
+
+
+def list_snapshots(folder) -> list[tuple[int, "Path"]]:
+    """Complete snapshots of a run, as (step, folder), by step."""
+    from pathlib import Path
+
+    root = Path(folder) / SNAPSHOTS
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.glob("step-*"):
+        if (p / "cost.json").is_file() and p.name[5:].isdigit():
+            out.append((int(p.name[5:]), p))
+    return sorted(out)
 
 
 def dataset_spec(name: str) -> str:
@@ -222,6 +292,10 @@ class FinetuneRun:
     limit_test: int | None = None
     val: float = 0
     monitor: int = 500                 # test examples for the quick PGD-10 monitor (0: none)
+    params: float | None = None        # parameter budget of the selection (entries, or a share < 1), instead of share
+    granularity: str = "unit"          # unit | layer: what a parameter budget selects from an analysis
+    budget: int | None = None          # training gradient evaluations; ends training early (steps)
+    points: int = 0                    # snapshots along the run (evenly spaced in steps), for curves
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
@@ -232,19 +306,31 @@ class FinetuneRun:
         return d
 
 
-def make_selection(model, select: str, share: float, criterion: str, per_layer: bool, seed: int):
-    """Resolve `--select` into a Selection (None means everything: the full-network path)."""
+def make_selection(model, select: str, share: float, criterion: str, per_layer: bool, seed: int,
+                   params: float | None = None, granularity: str = "unit", example_input=None):
+    """Resolve `--select` into a Selection (None means everything: the full-network path).
+
+    select: all | random | layers:<name,...> | an analyze folder (or score file). With `params`, a
+    random or analysed selection fills a parameter budget instead of a share of components;
+    granularity=layer picks whole layers from the analysis (best summed score first)."""
     from pathlib import Path
 
-    from .components import Selection
-    from .vulnerability import ScoreTable, check_share, select_layers, select_random, select_top
+    from .vulnerability import (ScoreTable, check_params, check_share, select_layers, select_random, select_top,
+                                select_top_layers)
 
-    check_share(share)
+    if params is None:
+        check_share(share)
+    else:
+        check_params(params, model)
+    if granularity not in ("unit", "layer"):
+        raise AdvtuneError(f"granularity {granularity!r}: use unit or layer")
     if select == "all":
         return None
     if select.startswith("layers:"):
         return select_layers(model, [n for n in select[len("layers:"):].split(",") if n])
     if select == "random":
+        if params is not None:
+            return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
     folder = Path(select)
     table_file = folder / f"scores-{criterion}.json" if folder.is_dir() else folder
@@ -257,7 +343,12 @@ def make_selection(model, select: str, share: float, criterion: str, per_layer: 
     from .utils import read_json
 
     table = ScoreTable.from_json(read_json(table_file, "score table"))
-    selection = select_top(table, share, per_layer=per_layer)
+    if params is not None and granularity == "layer":
+        selection = select_top_layers(table, model, params, example_input=example_input)
+    elif params is not None:
+        selection = select_top(table, params=params, model=model, example_input=example_input)
+    else:
+        selection = select_top(table, share, per_layer=per_layer)
     selection.validate(model)
     return selection
 
@@ -281,22 +372,26 @@ def finetune_run(run: FinetuneRun) -> dict:
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
     threat = ThreatModel(run.norm, run.eps)
     objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup)
-    selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0)
+    example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
+    selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0,
+                               run.params, run.granularity, example)
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train))
     meter = CostMeter()
     callbacks = overfit_guard(run.guard, run.attack, threat, ds, device, cfg.seed, meter)
     sel_info = None
     if selection is not None:
         rd.write_json("selection.json", selection.to_json())
-        example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
-        sel_info = {"components": len(selection), "units": selection.n_units(model),
-                    "trainable_params": selection.trainable_params(model, example_input=example),
-                    "by_layer": selection.by_layer(model)}
-    write_config_once(rd, {"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
-                     "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
-                     "selection": sel_info, "guard": bool(callbacks), "device": str(device)})
+        sel_info = describe_selection(selection, model, example)
+    config = {"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
+              "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
+              "selection": sel_info, "guard": bool(callbacks), "device": str(device), "steps": cfg.steps}
+    write_config_once(rd, config)
+    snap_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     history = fit(model, ds.train, objective, cfg, val=ds.val, selection=selection, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
-                  on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)), desc="finetune")
+                  on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
+                  on_step=snapshot_saver(rd, snap_meta, config, snapshot_steps(cfg, len(ds.train), run.points)),
+                  desc="finetune")
     # monitoring after training: not counted as training cost
     summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size), "test_examples": len(ds.test)}
     if run.monitor:
@@ -313,6 +408,15 @@ def finetune_run(run: FinetuneRun) -> dict:
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
     return summary
+
+def describe_selection(selection, model, example=None) -> dict:
+    """What a selection trains, for the records: components, units, parameters (also per layer)."""
+    from .components import model_params
+
+    trainable = selection.trainable_params(model, example_input=example)
+    return {"components": len(selection), "units": selection.n_units(model), "trainable_params": trainable,
+            "param_share": trainable / model_params(model), "by_layer": selection.by_layer(model),
+            "params_by_layer": selection.params_by_layer(model, example)}
 
 # ---------------------------------------------------------------- analyze
 

@@ -136,6 +136,52 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Worst-case robust accuracy against total gradient evaluations, one curve per variant (from its
+    snapshots), with the reference's plateau as a dashed line. The x axis counts every curve the same
+    way: fine-tuning curves include the base model's training and the analysis behind a selection."""
+    from .frontier import PLATEAU_TOLERANCE, curves, reference_plateau
+
+    fig = _figure(7.0, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    by = curves(points)
+    cmap = matplotlib_colors(len(by))
+    for (name, pts), color in zip(by.items(), cmap):
+        xs = [max(1, p["total_grad_evals"]) for p in pts]
+        ys = [100 * p["robust_acc"] for p in pts]
+        style = "-" if len(pts) > 1 else ""
+        ref = pts[0].get("reference")
+        ax.plot(xs, ys, style, marker="s" if ref else "o", ms=4, lw=2.2 if ref else 1.4, color=color, label=name)
+        for x, y, p in zip(xs, ys, pts):
+            if p.get("suspect"):
+                ax.scatter([x], [y], marker="x", color="red", s=50, zorder=4)
+    try:
+        plat = reference_plateau(points)
+        ax.axhline(100 * plat.robust_acc, ls="--", color="grey", lw=1)
+        ax.axhline(100 * (plat.robust_acc - 0.02), ls=":", color="grey", lw=1)
+        ax.axvline(plat.cost, ls=":", color="grey", lw=1)
+        ax.annotate(f"reference plateau {100 * plat.robust_acc:.1f}% (within {100 * PLATEAU_TOLERANCE:g} pt at {plat.cost:,})",
+                    (plat.cost, 100 * plat.robust_acc), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    except AdvtuneError:
+        pass
+    ax.set_xscale("log")
+    ax.set_xlabel("gradient evaluations (log): training + base model + analysis")
+    ax.set_ylabel("worst-case robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.set_title(title or "Robustness per compute (x: suspect evaluation)", fontsize=9)
+    return _save(fig, path)
+
+
+def matplotlib_colors(n: int) -> list:
+    """n distinct colours, stable per position (one colour per variant across figures)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_eps_sweep(rows: list[dict], path: str | os.PathLike) -> Path | None:
     """Robust accuracy vs eps for each variant family, when the experiment sweeps eps."""
     fams: dict[str, list[tuple[float, float]]] = {}
@@ -240,7 +286,16 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
         raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
     exp = read_json(folder / "experiment.json", "experiment record") if (folder / "experiment.json").is_file() else {}
     cfg = exp.get("config", {})
-    figs: list[tuple[str, Path]] = [("Robustness vs compute", plot_pareto(rows, folder / "pareto.png"))]
+    figs: list[tuple[str, Path]] = []
+    frontier_notes: list[str] = []
+    if (folder / "frontier.json").is_file():
+        from .frontier import findings as frontier_findings
+
+        points = read_json(folder / "frontier.json", "frontier")["points"]
+        figs.append(("Robustness per compute: the frontier", plot_frontier(points, folder / "frontier.png",
+                                                                          title=cfg.get("name"))))
+        frontier_notes = frontier_findings(points)
+    figs.append(("Robustness vs compute (final models)", plot_pareto(rows, folder / "pareto.png")))
     eps_png = plot_eps_sweep(rows, folder / "eps-sweep.png")
     if eps_png:
         figs.append(("Robust accuracy vs eps", eps_png))
@@ -266,7 +321,7 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
             for k, v in agree.items():
                 analysis_notes.append(f"{a.name}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}.")
     head, body = _table(rows)
-    findings = headline(rows)
+    findings = frontier_notes + headline(rows)
     ev = cfg.get("evaluation", {})
     protocol = (f"Threat model {cfg.get('threat', {}).get('norm', 'linf')}, eps {cfg.get('threat', {}).get('eps')}. "
                 f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "

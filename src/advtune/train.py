@@ -28,6 +28,7 @@ from .utils import atomic_write_bytes, derive_seed, eval_mode, make_generator, m
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 # ---------------------------------------------------------------- configuration
 
@@ -40,19 +41,21 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    schedule: Literal["constant", "cosine", "step", "onecycle", "ssfd"] = "constant"
     warmup_epochs: float = 0.0
     seed: int | None = 0
     eval_batch_size: int = 512
     checkpoint_every: int = 0          # also checkpoint every N steps (0: at epoch ends only)
     val_attack_limit: int = 500        # examples of the validation split attacked each epoch
+    steps: int = 0                     # > 0: train exactly this many optimizer steps (as many epochs as
+                                       # that takes; `epochs` is then ignored); schedules span them
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise AdvtuneError(f"{name} must be a finite number, got {v!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "val_attack_limit"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "val_attack_limit", "steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise AdvtuneError(f"{name} must be an integer, got {v!r}")
@@ -66,19 +69,37 @@ class TrainConfig:
             raise AdvtuneError(f"learning rate must be positive, got {self.lr}")
         if self.optimizer not in ("sgd", "adam"):
             raise AdvtuneError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
-        if self.schedule not in ("constant", "cosine", "step", "onecycle"):
-            raise AdvtuneError(f"unknown schedule {self.schedule!r}; use constant, cosine, step or onecycle")
+        if self.schedule not in SCHEDULES:
+            raise AdvtuneError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.weight_decay < 0 or not (0 <= self.momentum < 1):
             raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
-        if self.warmup_epochs < 0 or self.checkpoint_every < 0:
-            raise AdvtuneError("warmup epochs and checkpoint interval must be >= 0")
+        if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
+            raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `cfg.steps` when set, else every step of every epoch."""
+    return cfg.steps if cfg.steps else steps_per_epoch * cfg.epochs
+
+
+def epochs_for(steps: int, steps_per_epoch: int) -> int:
+    """Epochs needed to run `steps` optimizer steps."""
+    return max(1, -(-steps // max(steps_per_epoch, 1)))
+
+
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    """Learning rate at a global step (a pure function: nothing to save for resume)."""
+    """Learning rate at a global step (a pure function: nothing to save for resume).
+
+    ssfd ("slow start, fast decay", Jeddi et al. 2020, for adversarial fine-tuning): linear rise over
+    the first 10% of steps (warmup_epochs, when set, overrides that), then linear decay to 0."""
+    if cfg.schedule == "ssfd":
+        warm = int(cfg.warmup_epochs * total / max(cfg.epochs, 1)) if cfg.warmup_epochs else max(1, total // 10)
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        return cfg.lr * max(0.0, (total - step) / max(total - warm, 1))
     warm = int(cfg.warmup_epochs * total / max(cfg.epochs, 1))
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -353,12 +374,27 @@ class History:
 
 
 EpochCallback = Callable[[nn.Module, dict], "str | None"]
+StepCallback = Callable[[nn.Module, int, CostMeter], None]   # (model, optimizer steps done, meter)
 
 
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the one process that writes records."""
+    return _dist()[0] == 0
+
+
+def steps_for_budget(budget: int, objective, batch_size: int, n_train: int | None = None) -> int:
+    """Optimizer steps that spend `budget` training gradient evaluations: each step costs
+    batch x (the attack's gradient evaluations + 1 for the update). Rounded up; at least one step."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise AdvtuneError(f"budget must be a positive number of gradient evaluations, got {budget!r}")
+    per_step = (int(objective.attack_grad_evals()) + 1) * (min(batch_size, n_train) if n_train else batch_size)
+    return max(1, math.ceil(budget / per_step))
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -402,13 +438,15 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
         val: TensorData | None = None, val_attack=None, selection=None, meter: CostMeter | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = False,
         callbacks: Sequence[EpochCallback] = (), on_record: Callable[[History], None] | None = None,
-        desc: str = "train") -> History:
+        on_step: StepCallback | None = None, desc: str = "train") -> History:
     """Train `model` in place and return its per-epoch history.
 
     checkpoint_dir: where `checkpoint.pt` is written atomically after every epoch (and every
     `cfg.checkpoint_every` steps); with resume=True training continues from it exactly.
     callbacks: called after each epoch with (model, record); returning "stop" ends training.
     on_record: called with the history after each epoch (the CLI writes metrics.jsonl there).
+    on_step: called after every optimizer step with (model, steps done, meter), outside the timed
+    part (the frontier benchmark saves snapshots there). `cfg.steps` sets the run's length in steps.
     """
     if len(train) == 0:
         raise AdvtuneError("the training split is empty; check --limit and the dataset")
@@ -424,7 +462,8 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
             meter.measure_model(model, tuple(train.x.shape[1:]))
         meter.trainable_params = trainable.count()
         steps_per_epoch = num_batches(len(train) // world, cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
+        total = total_steps(cfg, steps_per_epoch)
+        n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
         history = History()
         epoch, step = 0, 0
         acc_state = _zero_acc(device)
@@ -437,15 +476,18 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
             log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         attack_ge = int(objective.attack_grad_evals())
 
-        while epoch < cfg.epochs and history.stopped is None:
+        while epoch < n_epochs and history.stopped is None:
             meter.start()
             gen = make_generator(derive_seed(cfg.seed, "epoch", epoch))
             batches = train.batches(cfg.batch_size, shuffle=True, generator=gen, device=device, start=step,
                                     rank=rank, world_size=world)
-            bar = progress(batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch - step,
+            bar = progress(batches, desc=f"{desc} {epoch + 1}/{n_epochs}",
+                           total=min(steps_per_epoch, total - epoch * steps_per_epoch) - step,
                            disable=None if rank == 0 else True)
             trainable.train_mode()
             for x, y in bar:
+                if epoch * steps_per_epoch + step >= total:
+                    break
                 g = make_generator(derive_seed(cfg.seed, "step", epoch, step), device)
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total)
                 for group in opt.param_groups:
@@ -465,6 +507,11 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                     acc_state[2] += len(y)
                 meter.add_update(len(y), attack_ge)
                 step += 1
+                if on_step is not None:
+                    meter.stop()
+                    on_step(model, epoch * steps_per_epoch + step, meter)
+                    trainable.train_mode()
+                    meter.start()
                 if step % 50 == 0 and hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{(acc_state[0] / acc_state[2]).item():.3f}", acc=f"{(acc_state[1] / acc_state[2]).item():.3f}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch and ckpt and rank == 0:
@@ -474,7 +521,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
             meter.stop()
             totals = _reduce(acc_state, world)
             record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
-                      "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total), "examples": int(totals[2]),
+                      "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total), "examples": int(totals[2]),
                       "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
             if val is not None and len(val):  # monitoring: not counted as training cost
                 record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)

@@ -1,0 +1,126 @@
+"""The robustness-per-compute frontier: what the curves of an experiment say, computed from its records.
+
+An experiment whose variants take snapshots (`points:`) writes `frontier.json`: one row per
+(variant, snapshot) with its worst-case robust accuracy and its cost in gradient evaluations,
+counted the same way on every curve (a fine-tuning curve includes the base model's training and,
+for a selective recipe, the analysis behind its selection; training from scratch starts at 0).
+
+Here: the reference's plateau (adversarial training from scratch, `reference: true`), the cost it
+needed to get there, and for every other curve how close it came and at what share of that cost.
+Nothing is recomputed from models; the report and docs/RESULTS.md read these numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from .errors import AdvtuneError
+
+PLATEAU_TOLERANCE = 0.01   # a curve is on its plateau within 1 point of its best
+TARGET_GAP = 0.02          # the issue's target: the reference plateau minus 2 points
+
+
+@dataclass(frozen=True)
+class Plateau:
+    variant: str
+    robust_acc: float          # the best robust accuracy on the reference curve
+    cost: int                  # total gradient evaluations of its first point within PLATEAU_TOLERANCE
+    clean_acc: float
+    points: int
+
+
+@dataclass(frozen=True)
+class CurveVerdict:
+    variant: str
+    kind: str
+    select: str | None
+    param_share: float | None
+    best_robust_acc: float
+    best_clean_acc: float
+    best_cost: int
+    reached_target: bool                 # robust >= plateau - TARGET_GAP at some point
+    cost_to_target: int | None           # total gradient evaluations of the first such point
+    cost_share_of_reference: float | None  # cost_to_target / the reference's cost to its plateau
+    robust_at_reference_budget: float | None  # best robust at or below the given budget share of the reference
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def curves(points: Sequence[dict]) -> dict[str, list[dict]]:
+    """{variant: its points by cost}."""
+    out: dict[str, list[dict]] = {}
+    for p in points:
+        out.setdefault(p["variant"], []).append(p)
+    for v in out.values():
+        v.sort(key=lambda p: p["total_grad_evals"])
+    return out
+
+
+def reference_plateau(points: Sequence[dict], reference: str | None = None) -> Plateau:
+    """The plateau of the reference curve (by name, or the one row marked `reference`)."""
+    by = curves(points)
+    if reference is None:
+        refs = sorted({p["variant"] for p in points if p.get("reference")})
+        if not refs:
+            raise AdvtuneError("no reference curve: mark adversarial training from scratch with reference: true")
+        reference = refs[0]
+    if reference not in by:
+        raise AdvtuneError(f"reference curve {reference!r} has no points; curves: {', '.join(by)}")
+    pts = [p for p in by[reference] if not p.get("suspect")]
+    if not pts:
+        raise AdvtuneError(f"every point of the reference curve {reference!r} tripped the masking gate")
+    best = max(p["robust_acc"] for p in pts)
+    first = next(p for p in pts if p["robust_acc"] >= best - PLATEAU_TOLERANCE)
+    return Plateau(reference, best, int(first["total_grad_evals"]), first["clean_acc"], len(pts))
+
+
+def verdicts(points: Sequence[dict], plateau: Plateau, budget_share: float = 0.25) -> list[CurveVerdict]:
+    """How every other curve compares with the reference plateau. Suspect points (gate) never count."""
+    out = []
+    for name, pts in curves(points).items():
+        if name == plateau.variant:
+            continue
+        ok = [p for p in pts if not p.get("suspect")]
+        if not ok:
+            continue
+        best = max(ok, key=lambda p: (p["robust_acc"], -p["total_grad_evals"]))
+        hit = next((p for p in ok if p["robust_acc"] >= plateau.robust_acc - TARGET_GAP), None)
+        within = [p["robust_acc"] for p in ok if p["total_grad_evals"] <= budget_share * plateau.cost]
+        out.append(CurveVerdict(
+            name, ok[0]["kind"], ok[0].get("select"), ok[0].get("param_share"), best["robust_acc"], best["clean_acc"],
+            int(best["total_grad_evals"]), hit is not None, int(hit["total_grad_evals"]) if hit else None,
+            hit["total_grad_evals"] / plateau.cost if hit and plateau.cost else None, max(within) if within else None))
+    return out
+
+
+def robust_at(points: Sequence[dict], variant: str, budget: float) -> float | None:
+    """The best robust accuracy a curve reached at or below `budget` total gradient evaluations."""
+    vals = [p["robust_acc"] for p in curves(points).get(variant, []) if p["total_grad_evals"] <= budget
+            and not p.get("suspect")]
+    return max(vals) if vals else None
+
+
+def findings(points: Sequence[dict], budget_share: float = 0.25) -> list[str]:
+    """Plain sentences computed from the frontier points (no claim the numbers do not make)."""
+    try:
+        plateau = reference_plateau(points)
+    except AdvtuneError:
+        return []
+    lines = [f"Reference **{plateau.variant}** (adversarial training from scratch) plateaus at "
+             f"{100 * plateau.robust_acc:.2f}% worst-case robust accuracy (clean {100 * plateau.clean_acc:.2f}%), "
+             f"first reached at {plateau.cost:,} gradient evaluations."]
+    for v in verdicts(points, plateau, budget_share):
+        share = f"{100 * v.param_share:.1f}% of the parameters" if v.param_share is not None else "all parameters"
+        if v.reached_target:
+            lines.append(f"**{v.variant}** ({share}) reached {100 * (plateau.robust_acc - TARGET_GAP):.2f}% "
+                         f"(the plateau minus {100 * TARGET_GAP:g} points) at {v.cost_to_target:,} gradient evaluations = "
+                         f"{100 * v.cost_share_of_reference:.1f}% of the reference's cost to its plateau; "
+                         f"best {100 * v.best_robust_acc:.2f}%.")
+        else:
+            at = (f"; within {100 * budget_share:g}% of the reference's cost it reached "
+                  f"{100 * v.robust_at_reference_budget:.2f}%" if v.robust_at_reference_budget is not None else "")
+            lines.append(f"**{v.variant}** ({share}) did not reach the plateau minus {100 * TARGET_GAP:g} points: best "
+                         f"{100 * v.best_robust_acc:.2f}% at {v.best_cost:,} gradient evaluations"
+                         f" ({100 * v.best_cost / max(plateau.cost, 1):.1f}% of the reference's cost){at}.")
+    return lines

@@ -1,0 +1,109 @@
+"""The frontier: snapshots along each run, each evaluated with the protocol, costs counted alike on
+every curve, resumable, and the findings computed from the records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from advtune.cli import main
+from advtune.frontier import reference_plateau, robust_at, verdicts
+
+FRONTIER = {
+    "name": "tiny-frontier", "seed": 0,
+    "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 256, "limit_test": 64,
+             "train": {"epochs": 1, "batch_size": 64}},
+    "threat": {"norm": "linf", "eps": 0.25},
+    "evaluation": {"attacks": "pgd:steps=3", "limit": 64},
+    "analysis": {"attack": "pgd:steps=2", "criteria": ["taylor"], "limit": 64, "curve_limit": 0},
+    "variants": [
+        {"name": "standard", "kind": "standard"},
+        {"name": "at", "kind": "train", "attack": "pgd:steps=2", "reference": True, "budget": 1536, "points": 3},
+        {"name": "sel", "kind": "finetune", "select": "top", "params": 2000, "attack": "pgd:steps=2",
+         "budget": 1536, "points": 2},
+        {"name": "rnd", "kind": "finetune", "select": "random", "params": 2000, "attack": "pgd:steps=2",
+         "budget": 1536, "points": 2},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("frontier")
+    cfg = tmp / "f.yaml"
+    cfg.write_text(yaml.safe_dump(FRONTIER))
+    out = tmp / "out"
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return cfg, out
+
+
+def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
+    _, out = done
+    pts = json.loads((out / "frontier.json").read_text())["points"]
+    by = {}
+    for p in pts:
+        by.setdefault(p["variant"], []).append(p)
+    # AT from scratch: budget 1536 = 8 steps of 64 x (2 + 1); 3 points at steps 3, 5, 8
+    assert [p["step"] for p in by["at"]] == [3, 5, 8]
+    assert [p["train_grad_evals"] for p in by["at"]] == [3 * 192, 5 * 192, 8 * 192]
+    assert all(p["base_grad_evals"] == 0 and p["total_grad_evals"] == p["train_grad_evals"] for p in by["at"])
+    # fine-tuning curves include the base model's training (256 clean gradient evaluations) ...
+    for name in ("sel", "rnd"):
+        assert [p["step"] for p in by[name]] == [2, 4]       # batch 128 (the fine-tuning default): 4 steps
+        assert all(p["base_grad_evals"] == 256 for p in by[name])
+    # ... and the selective one also its analysis
+    assert all(p["analysis_grad_evals"] > 0 for p in by["sel"]) and all(p["analysis_grad_evals"] == 0 for p in by["rnd"])
+    assert all(p["total_grad_evals"] == p["train_grad_evals"] + p["base_grad_evals"] + p["analysis_grad_evals"]
+               for p in pts if p["kind"] != "standard")
+    # every snapshot holds its own protocol record, and the final row is the last snapshot's
+    for name in ("at", "sel", "rnd"):
+        snaps = sorted((out / name / "snapshots").glob("step-*"))
+        assert len(snaps) == len(by[name])
+        for snap, p in zip(snaps, by[name]):
+            ev = json.loads((snap / "eval-protocol.json").read_text())
+            assert ev["worst_case_accuracy"] == p["robust_acc"] and ev["examples"] == 64
+        final = json.loads((out / name / "eval-protocol.json").read_text())
+        assert final["worst_case_accuracy"] == by[name][-1]["robust_acc"]
+    # parameter budgets: both selections fit in 2000 entries, neither is far below it
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    for name in ("sel", "rnd"):
+        assert 2000 - 600 < rows[name]["trainable_params"] <= 2000
+
+
+def test_rerun_evaluates_nothing_again(done, monkeypatch):
+    cfg, out = done
+    from advtune import jobs
+
+    def boom(*a, **k):
+        raise AssertionError("a finished curve was evaluated again")
+    monkeypatch.setattr(jobs, "evaluate_run", boom)
+    monkeypatch.setattr("advtune.jobs.evaluate_run", boom)
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
+
+
+def test_report_shows_the_frontier_and_its_findings(done):
+    _, out = done
+    assert main(["report", str(out), "--quiet"]) == 0
+    md = (out / "report.md").read_text()
+    assert (out / "frontier.png").is_file() and "frontier.png" in md
+    pts = json.loads((out / "frontier.json").read_text())["points"]
+    plat = reference_plateau(pts)
+    assert plat.variant == "at" and plat.robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == "at")
+    assert f"plateaus at {100 * plat.robust_acc:.2f}%" in md
+    for v in verdicts(pts, plat):
+        assert v.best_robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == v.variant)
+        assert f"**{v.variant}**" in md
+
+
+def test_plateau_and_budget_arithmetic():
+    pts = [{"variant": "at", "kind": "train", "reference": True, "total_grad_evals": c, "robust_acc": r, "clean_acc": 0.9}
+           for c, r in ((100, 0.2), (200, 0.80), (300, 0.895), (400, 0.90), (500, 0.899))]
+    pts += [{"variant": "s", "kind": "finetune", "select": "top", "param_share": 0.05, "total_grad_evals": c,
+             "robust_acc": r, "clean_acc": 0.95} for c, r in ((30, 0.5), (70, 0.885), (90, 0.89))]
+    plat = reference_plateau(pts)
+    assert plat.robust_acc == 0.90 and plat.cost == 300          # first point within 1 point of the best
+    (v,) = verdicts(pts, plat)
+    assert v.reached_target and v.cost_to_target == 70 and v.cost_share_of_reference == pytest.approx(70 / 300)
+    assert v.robust_at_reference_budget == 0.885                   # 25% of 300 = 75: the points at 30 and 70
+    assert robust_at(pts, "s", 50) == 0.5 and robust_at(pts, "s", 10) is None
