@@ -1,4 +1,4 @@
-"""`advtune train | info | evaluate | analyze | finetune | experiment | report | demo`.
+"""`advtune train | info | evaluate | analyze | finetune | harden | experiment | report | demo`.
 
 Thin: each subcommand is `add_<cmd>_parser` + `run_<cmd>(args) -> int`, which builds the API's
 config objects and calls the API. A YAML `--config` gives defaults, flags override them.
@@ -306,6 +306,58 @@ def run_info(args) -> int:
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
+# ---------------------------------------------------------------- harden
+
+
+def add_harden_parser(sub) -> None:
+    from .harden import PROTOCOL, Recipe
+
+    r = Recipe()
+    p = sub.add_parser("harden", help="make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
+                                      "strong evaluation and report in one command",
+                       description="The method with the best measured recipe as its default (docs/RESULTS.md): rank the "
+                                   "components of BASE by how much the attack exploits them, adversarially fine-tune only the "
+                                   "best-ranked ones within a parameter budget, evaluate before/after with the strong protocol "
+                                   "and the gradient-masking gate, and write a report to --out.")
+    p.add_argument("base", help="run folder of the trained model (from advtune train)")
+    p.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model norm (default: linf)")
+    p.add_argument("--budget", type=int, help=f"training gradient evaluations (default: {r.epochs:g} passes over the "
+                                              "training data with the training attack)")
+    p.add_argument("--params", type=number, default=r.params,
+                   help=f"parameter budget: share (< 1) or number of parameter entries that may change (default: {r.params})")
+    p.add_argument("--granularity", choices=["layer", "unit"], default=r.granularity,
+                   help=f"select whole layers or single units (default: {r.granularity})")
+    p.add_argument("--attack", default=r.attack, help=f"training attack (default: {r.attack})")
+    p.add_argument("--eps-warmup", type=number, default=r.eps_warmup,
+                   help=f"share of the fine-tuning over which eps ramps up from 0 (default: {r.eps_warmup})")
+    p.add_argument("--lr", type=number, default=r.lr, help=f"learning rate (default: {r.lr})")
+    p.add_argument("--limit", type=int, help="use only the first N training examples (default: all)")
+    p.add_argument("--limit-test", type=int, default=1000, help="test examples for the evaluation (default: 1000)")
+    p.add_argument("--evaluation", default=PROTOCOL, help=f"attack list of the evaluation (default: {PROTOCOL})")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True, help="folder to write the hardened model and its report to")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted harden run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _common(p)
+
+
+def run_harden(args) -> int:
+    from dataclasses import replace
+
+    from .harden import HardenRun, Recipe, format_summary, harden_run
+
+    params = args.params if args.params < 1 else int(args.params)
+    recipe = replace(Recipe(), params=params, granularity=args.granularity, attack=args.attack,
+                     eps_warmup=args.eps_warmup, lr=args.lr)
+    s = harden_run(HardenRun(base=args.base, out=args.out, eps=args.eps, norm=args.norm, budget=args.budget,
+                             recipe=recipe, limit=args.limit, limit_test=args.limit_test, evaluation=args.evaluation,
+                             seed=args.seed, data_dir=args.data_dir, device=args.device, resume=args.resume,
+                             overwrite=args.overwrite))
+    print(format_summary(s))
+    print(f"-> {args.out} (hardened model, records, report.html)")
+    return 0
+
 # ---------------------------------------------------------------- demo
 
 
@@ -331,6 +383,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "evaluate": (add_evaluate_parser, run_evaluate),
     "analyze": (add_analyze_parser, run_analyze),
     "finetune": (add_finetune_parser, run_finetune),
+    "harden": (add_harden_parser, run_harden),
     "experiment": (add_experiment_parser, run_experiment),
     "report": (add_report_parser, run_report),
     "info": (add_info_parser, run_info),

@@ -378,3 +378,97 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
     parts.append("</body></html>")
     atomic_write_text(folder / "report.html", "".join(parts))
     return {"html": folder / "report.html", "md": folder / "report.md"}
+
+
+# ---------------------------------------------------------------- harden report
+
+
+def write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
+    """report.html (self-contained) and report.md of an `advtune harden` folder, from its records:
+    before/after robustness, what was trained and where it sits, what every stage cost."""
+    import base64
+    import html
+    import json
+
+    from .utils import atomic_write_text, read_json
+
+    folder = Path(folder)
+    if not (folder / "summary.json").is_file():
+        raise AdvtuneError(f"{folder} has no summary.json; run `advtune harden ... --out {folder}` first")
+    s = read_json(folder / "summary.json", "harden summary")
+    c = s["cost"]
+    sel = s.get("selection") or {}
+    figs: list[tuple[str, Path]] = []
+    conc = folder / "analysis" / "concentration.json"
+    if conc.is_file():
+        figs.append(("Concentration of adversarial errors (the vulnerability map)",
+                     plot_concentration(json.loads(conc.read_text()), folder / "concentration.png")))
+    if sel.get("by_layer"):
+        figs.append(("Where the trained parameters sit", plot_selection(sel, folder / "selection.png")))
+    share = 100 * (s.get("param_share") or 0)
+    headline_ = (f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the model) "
+                 f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
+                 f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
+                 f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
+                 f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}); the base model's own "
+                 f"training took {c['base_training_grad_evals'] or 0:,}.")
+    rows = [("", "clean", "worst-case robust", "gate"),
+            ("before (base model)", f"{100 * s['before']['clean_acc']:.2f}%", f"{100 * s['before']['robust_acc']:.2f}%",
+             "SUSPECT" if s["before"].get("suspect") else "passed"),
+            ("after (hardened)", f"{100 * s['after']['clean_acc']:.2f}%", f"{100 * s['after']['robust_acc']:.2f}%",
+             "SUSPECT" if s["after"].get("suspect") else "passed")]
+    recipe = s.get("recipe", {})
+    recipe_line = (f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
+                   f"(analysis: {recipe.get('analysis_attack')} on {recipe.get('analysis_limit')} training images) within "
+                   f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
+                   f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr {recipe.get('lr')}, "
+                   f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient evaluations.")
+    protocol = (f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
+                "(the same images before and after), gradient-masking gate on.")
+    layer_lines = [f"{n}: {u}/{t} units, {sel.get('params_by_layer', {}).get(n, 0):,} parameters"
+                   for n, (u, t) in sel.get("by_layer", {}).items() if u]
+    md = [f"# advtune harden: {s['architecture']} at {s['norm']} eps={s['eps']:g}", "", headline_, "",
+          "| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md += ["", recipe_line, "", protocol, "", "## Trained components", ""] + [f"- {x}" for x in layer_lines] + [""]
+    for caption, p in figs:
+        md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
+    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+    esc = html.escape
+
+    def img(p: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+
+    table = "<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{esc(x)}</{'th' if i == 0 else 'td'}>"
+                                                  for x in r) + "</tr>" for i, r in enumerate(rows)) + "</table>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>advtune harden</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 10px}"
+             "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
+             "</style></head><body>", f"<h1>advtune harden: {esc(str(s['architecture']))} at {esc(s['norm'])} eps={s['eps']:g}</h1>",
+             f"<p><b>{esc(headline_)}</b></p>", table, f"<p class='note'>{esc(recipe_line)}</p><p class='note'>{esc(protocol)}</p>",
+             "<h2>Trained components</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in layer_lines) + "</ul>",
+             "".join(f"<figure><img src='{img(p)}' alt='{esc(cap)}'><figcaption>{esc(cap)}</figcaption></figure>" for cap, p in figs),
+             "</body></html>"]
+    atomic_write_text(folder / "report.html", "".join(parts))
+    return {"html": folder / "report.html", "md": folder / "report.md"}
+
+
+def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
+    """Per layer: the share of its units that the selection trains, and its trained parameters."""
+    names = list(sel["by_layer"])
+    units = [sel["by_layer"][n][0] / max(sel["by_layer"][n][1], 1) for n in names]
+    params = [sel.get("params_by_layer", {}).get(n, 0) for n in names]
+    fig = _figure(6.0, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(range(len(names)), [100 * u for u in units], color="tab:blue")
+    for b, n in zip(bars, params):
+        if n:
+            ax.annotate(f"{n:,}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("units trained (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title("Selected units per layer (labels: trained parameters)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -389,12 +389,24 @@ def is_main_process() -> bool:
 
 
 def steps_for_budget(budget: int, objective, batch_size: int, n_train: int | None = None) -> int:
-    """Optimizer steps that spend `budget` training gradient evaluations: each step costs
-    batch x (the attack's gradient evaluations + 1 for the update). Rounded up; at least one step."""
+    """Optimizer steps that spend at least `budget` training gradient evaluations: a step costs its
+    batch x (the attack's gradient evaluations + 1 for the update); the last batch of an epoch of
+    `n_train` examples is smaller. At least one step."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise AdvtuneError(f"budget must be a positive number of gradient evaluations, got {budget!r}")
-    per_step = (int(objective.attack_grad_evals()) + 1) * (min(batch_size, n_train) if n_train else batch_size)
-    return max(1, math.ceil(budget / per_step))
+    per_example = int(objective.attack_grad_evals()) + 1
+    if not n_train:
+        return max(1, math.ceil(budget / (per_example * batch_size)))
+    sizes = [min(batch_size, n_train - i) for i in range(0, n_train, batch_size)]
+    per_epoch = per_example * n_train
+    epochs, rest = divmod(budget, per_epoch)
+    steps = int(epochs) * len(sizes)
+    for size in sizes:
+        if rest <= 0:
+            break
+        rest -= per_example * size
+        steps += 1
+    return max(1, steps)
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,88 @@
+"""`advtune harden`: one command from a trained run to a hardened model with its report; bad input
+gives one-line errors and overwrites nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.cli import main
+from advtune.models import load_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harden")
+    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "600",
+                 "--out", str(root / "base"), "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def hardened(base):
+    out = base / "hard"
+    assert main(["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "100",
+                 "--budget", "20000", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardened):
+    s = json.loads((hardened / "summary.json").read_text())
+    assert s["after"]["robust_acc"] > s["before"]["robust_acc"] + 0.2
+    assert s["after"]["clean_acc"] >= 0.9
+    # the parameter budget holds on the weights themselves: count the entries that changed
+    before, _ = load_model(base / "base")
+    after, _ = load_model(hardened)
+    changed = sum(int((a != b).sum()) for a, b in zip(before.parameters(), after.parameters()))
+    total = sum(p.numel() for p in before.parameters())
+    assert 0 < changed <= s["trainable_params"] <= 0.05 * total
+    # every stage left its record, and the summary's numbers are those records'
+    ev = json.loads((hardened / "eval-protocol.json").read_text())
+    assert s["after"]["robust_acc"] == ev["worst_case_accuracy"] and ev["examples"] == 100
+    assert json.loads((hardened / "eval-base.json").read_text())["worst_case_accuracy"] == s["before"]["robust_acc"]
+    cost = json.loads((hardened / "finetune" / "cost.json").read_text())
+    assert s["cost"]["finetune_grad_evals"] == cost["grad_evals"] >= 20000
+    assert (hardened / "analysis" / "scores-taylor.json").is_file()
+    report = (hardened / "report.md").read_text()
+    assert f"{100 * s['after']['robust_acc']:.2f}%" in report and f"{s['trainable_params']:,} parameters" in report
+    # the hardened folder is a run: evaluate and info work on it
+    assert main(["info", str(hardened)]) == 0
+
+
+def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
+    import advtune.jobs as jobs
+
+    monkeypatch.setattr(jobs, "finetune_run", lambda *a, **k: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr(jobs, "analyze_run", lambda *a, **k: pytest.fail("analysed again"))
+    monkeypatch.setattr(jobs, "evaluate_run", lambda *a, **k: pytest.fail("evaluated again"))
+    assert main(["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "100",
+                 "--budget", "20000", "--out", str(hardened), "--resume", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "1.5"], "exceeds the pixel range"),
+    (["--eps", "0"], "eps"),
+    (["--eps", "-0.1"], "eps"),
+    (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
+    (["--eps", "0.2", "--params", "-3"], "parameter budget"),
+])
+def test_bad_input_is_one_line_and_overwrites_nothing(base, hardened, capsys, args, message):
+    before = {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()}
+    code = main(["harden", str(base / "base"), *args, "--out", str(hardened), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()} == before
+
+
+def test_not_a_run_and_a_model_without_layers(base, tmp_path, capsys, monkeypatch):
+    assert main(["harden", str(tmp_path), "--eps", "0.2", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "not an advtune run" in capsys.readouterr().err
+    import advtune.jobs as jobs
+
+    real = jobs.load_base
+    monkeypatch.setattr(jobs, "load_base", lambda p, d: (nn.Sequential(nn.Flatten(), nn.ReLU()), *real(p, d)[1:]))
+    assert main(["harden", str(base / "base"), "--eps", "0.2", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "has no Conv2d or Linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
