@@ -191,3 +191,41 @@ def test_steps_resume_is_exact(synth, tmp_path):
     fit(resumed, synth.train, clean(), cfg, checkpoint_dir=tmp_path, resume=True)
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_local_objective_runs_only_the_block_and_counts_partial_passes(synth):
+    """The local objective's attack and update back-propagate through the early block only: later
+    layers never run, the cost is counted in FLOPs-weighted block passes, and training pulls the
+    block's features on attacked inputs toward the original features on clean inputs."""
+    from advtune.components import Selection
+    from advtune.threat import ThreatModel
+    from advtune.train import forward_to, local_feature
+
+    model = fresh(synth)
+    fit(model, synth.train, clean(), TrainConfig(epochs=1, batch_size=64, lr=2e-3))
+    x, y = synth.train.take(64).tensors()
+    ran = []
+    hook = model.net.fc1.register_forward_hook(lambda *a: ran.append(1))
+    feats = forward_to(model, "net.pool1", x)
+    hook.remove()
+    assert not ran and feats.shape == (64, 32, 8, 8)          # fc1 never ran
+    threat = ThreatModel("linf", 0.2)
+    obj = local_feature(model, "net.pool1", threat, steps=3)
+    frac = obj.block_fraction(model, x[:1])
+    assert 0 < frac < 0.5                                       # conv1 is a small share of small-cnn's FLOPs
+
+    def gap(m):
+        out = obj(m, x, y, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return float((forward_to(m, "net.pool1", out["x_adv"]) - forward_to(obj.reference, "net.pool1", x)).pow(2).mean())
+
+    before = gap(model)
+    meter = CostMeter()
+    sel = Selection.of(model, ["net.conv1"])
+    hist = fit(model, synth.train, obj, TrainConfig(epochs=2, batch_size=64, lr=3e-3), selection=sel, meter=meter)
+    assert gap(model) < 0.85 * before                          # (one conv layer can only do so much)
+    n = 2 * 600
+    assert meter.attack_grad_evals == 0 and meter.update_grad_evals == 0
+    assert meter.partial_passes == n * (3 + 2)                  # 3 attack steps + adversarial and clean terms
+    assert meter.grad_evals == round(n * 5 * frac) < n * 5
+    assert hist.last["train_acc"] is None                       # no logits: no accuracy to report

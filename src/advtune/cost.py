@@ -23,6 +23,8 @@ class CostMeter:
     attack_grad_evals: int = 0        # example-passes of forward+backward for input gradients (attacks)
     update_grad_evals: int = 0        # example-passes of forward+backward for parameter updates
     forward_evals: int = 0            # forward-only example-passes (evaluation, checks)
+    partial_passes: int = 0           # example-passes (forward+backward) through an early block only
+    partial_grad_evals: float = 0.0   # the same in full-network equivalents (passes x the block's FLOPs share)
     trainable_params: int = 0
     total_params: int = 0
     flops_forward: float = 0.0        # per example, measured once with torch.utils.flop_counter
@@ -54,14 +56,22 @@ class CostMeter:
     def add_forward(self, n: int) -> None:
         self.forward_evals += n
 
+    def add_partial(self, n: int, passes_per_example: int, fraction: float) -> None:
+        """A training step of a local objective: `passes_per_example` forward+backward passes through
+        a block whose FLOPs are `fraction` of the whole network's."""
+        self.examples += n
+        self.partial_passes += n * passes_per_example
+        self.partial_grad_evals += n * passes_per_example * fraction
+
     @property
     def grad_evals(self) -> int:
-        return self.attack_grad_evals + self.update_grad_evals
+        """Full-network gradient evaluations; partial (block) passes count by their FLOPs share."""
+        return self.attack_grad_evals + self.update_grad_evals + int(round(self.partial_grad_evals))
 
     @property
     def flops(self) -> float:
         return (self.attack_grad_evals * self.flops_attack_step + self.update_grad_evals * self.flops_update_step
-                + self.forward_evals * self.flops_forward)
+                + self.forward_evals * self.flops_forward + self.partial_grad_evals * self.flops_attack_step)
 
     # ------------------------------------------------------------ measuring
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:

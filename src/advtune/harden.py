@@ -126,7 +126,7 @@ def harden_run(run: HardenRun) -> dict:
     from .vulnerability import check_params
 
     check_params(run.recipe.params, model)
-    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup)
+    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, objective, len(ds.train))
     check_budget(budget, objective, run.recipe.batch_size, len(ds.train))

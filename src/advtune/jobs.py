@@ -237,25 +237,41 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 
-def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0):
-    """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES."""
+def _spec_params(name: str, params: str, types: dict[str, type]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        k, _, v = item.partition("=")
+        k = {"step": "step_size"}.get(k.strip(), k.strip())
+        if k not in types:
+            raise AdvtuneError(f"unknown {name} parameter {k!r}; valid: {', '.join(types)}")
+        try:
+            kw[k] = types[k](v)
+        except ValueError:
+            raise AdvtuneError(f"{name} parameter {k} needs a {types[k].__name__}, got {v!r}") from None
+    return kw
+
+
+def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
+    """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
+    `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
+    that module (needs the model: its current weights are the reference)."""
     from .attacks import build_attack
-    from .train import adversarial, trades
+    from .train import adversarial, local_feature, trades
 
     name, _, params = spec.partition(":")
-    if name.strip().lower() == "trades":
-        kw: dict[str, Any] = {}
-        for item in filter(None, (p.strip() for p in params.split(","))):
-            k, _, v = item.partition("=")
-            if k not in ("steps", "step", "step_size", "beta"):
-                raise AdvtuneError(f"unknown TRADES parameter {k!r}; valid: steps, step, beta")
-            try:
-                kw["step_size" if k in ("step", "step_size") else k] = int(v) if k == "steps" else float(v)
-            except ValueError:
-                raise AdvtuneError(f"TRADES parameter {k} needs a number, got {v!r}") from None
+    name = name.strip().lower()
+    if name == "trades":
+        kw = _spec_params("TRADES", params, {"steps": int, "step_size": float, "beta": float})
         if eps_warmup:
             raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
         return trades(threat, **kw)
+    if name == "local":
+        kw = _spec_params("local", params, {"layer": str, "steps": int, "clean": float})
+        if "layer" not in kw:
+            raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
+        if model is None:
+            raise AdvtuneError("the local objective needs the model (its current features are the reference)")
+        return local_feature(model, kw["layer"], threat, kw.get("steps", 10), kw.get("clean", 1.0), eps_warmup)
     return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
 
 
@@ -371,7 +387,7 @@ def finetune_run(run: FinetuneRun) -> dict:
     seed_everything(cfg.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
     threat = ThreatModel(run.norm, run.eps)
-    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup)
+    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
     example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
     selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0,
                                run.params, run.granularity, example)

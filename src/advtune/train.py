@@ -241,6 +241,106 @@ class Trades:
                 "step_size": self.step_size, "beta": self.beta}
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass at a layer (the rest of the network never runs)."""
+
+
+def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of module `layer` for input x, running only the part of the forward before it:
+    a hook on `layer` stores its output and stops the pass, so a backward from it is also partial.
+    Works for any nn.Module whose forward calls `layer` once."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise AdvtuneError(f"no module named {layer!r} in the model; modules: {', '.join(n for n in modules if n)[:300]}")
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        box["out"] = output
+        raise _StopForward
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in box:
+        raise AdvtuneError(f"module {layer!r} did not run in the forward pass; pick a module the forward calls")
+    return box["out"]
+
+
+@dataclass(frozen=True)
+class LocalFeature:
+    """A local adversarial objective for an early block that ends at module `layer` (advtune's own
+    cost lever, issue 8): the attack *maximises* ||F(x + d) - F_ref(x)||^2 and the update minimises
+    it (plus `clean_weight` x ||F(x) - F_ref(x)||^2), where F is the model's block output and F_ref
+    the original model's on the clean input. Both back-propagate only through the block, so a step
+    costs the block's share of the network (`block_fraction`, measured in FLOPs), not a full pass.
+    Only the block's parameters get gradients: select them (e.g. layers up to `layer`)."""
+
+    reference: nn.Module               # the original model (frozen, eval mode): the features to keep
+    layer: str                         # module whose output ends the block, e.g. "net.pool2"
+    threat: Any
+    steps: int = 10
+    step_size: float | None = None     # None -> 2.5 * eps / steps
+    clean_weight: float = 1.0
+    eps_warmup: float = 0.0
+    name: str = "local-feature"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.clean_weight < 0:
+            raise AdvtuneError("the local objective needs steps > 0 and clean_weight >= 0")
+        if not 0 <= self.eps_warmup < 1:
+            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+
+    def at(self, progress: float) -> "LocalFeature":
+        if not self.eps_warmup or progress >= self.eps_warmup:
+            return self
+        return dataclasses.replace(self, threat=self.threat.with_eps(self.threat.eps * max(progress / self.eps_warmup, 1e-3)))
+
+    def __call__(self, model, x, y, *, generator=None):
+        with torch.no_grad():
+            target = forward_to(self.reference, self.layer, x)
+        step = self.step_size or 2.5 * self.threat.eps / self.steps
+        with eval_mode(model):
+            x_adv = self.threat.random_start(x, generator)
+            for _ in range(self.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    dist_ = (forward_to(model, self.layer, x_adv) - target).pow(2).sum()
+                    (g,) = torch.autograd.grad(dist_, x_adv)
+                x_adv = self.threat.project(x_adv.detach() + self.threat.steepest_step(g, step), x)
+        loss = (forward_to(model, self.layer, x_adv.detach()) - target).pow(2).mean()
+        if self.clean_weight:
+            loss = loss + self.clean_weight * (forward_to(model, self.layer, x) - target).pow(2).mean()
+        return {"loss": loss, "logits": None, "x_adv": x_adv.detach()}
+
+    def attack_grad_evals(self) -> int:
+        return self.steps                       # block passes (see block_fraction)
+
+    def update_passes(self) -> int:
+        return 2 if self.clean_weight else 1
+
+    def block_fraction(self, model: nn.Module, example: torch.Tensor) -> float:
+        """FLOPs of a forward+backward through the block / through the whole model (one example)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        # backward() on a fresh input (FlopCounterMode cannot wrap autograd.grad on a leaf); the
+        # reference's parameters are frozen, so only the input-gradient path is counted on both sides
+        flops = []
+        for run in (lambda x: forward_to(self.reference, self.layer, x), self.reference):
+            x = example[:1].detach().clone().requires_grad_(True)
+            with FlopCounterMode(display=False) as fc:
+                run(x).sum().backward()
+            flops.append(fc.get_total_flops())
+        return float(flops[0] / max(flops[1], 1))
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "layer": self.layer, "threat": self.threat.to_json(), "steps": self.steps,
+                "step_size": self.step_size, "clean_weight": self.clean_weight, "eps_warmup": self.eps_warmup}
+
+
 class OverfitGuard:
     """Catastrophic-overfitting guard for single-step (FGSM) training (Wong et al. 2020): after each
     epoch, PGD accuracy on a fixed training subset; if it falls more than `drop` below the best seen,
@@ -284,6 +384,18 @@ def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_we
 
 def trades(threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0) -> Trades:
     return Trades(threat, steps, step_size, beta)
+
+
+def local_feature(model: nn.Module, layer: str, threat, steps: int = 10, clean_weight: float = 1.0,
+                  eps_warmup: float = 0.0) -> LocalFeature:
+    """The local objective for the block of `model` ending at `layer`; the reference is a frozen copy
+    of the model as it is now."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return LocalFeature(ref, layer, threat, steps, None, clean_weight, eps_warmup)
 
 # ---------------------------------------------------------------- selection inside fit (one place)
 
@@ -487,6 +599,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
         elif resume and ckpt is not None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         attack_ge = int(objective.attack_grad_evals())
+        block_fraction = objective.block_fraction(model, example) if hasattr(objective, "block_fraction") else None
 
         while epoch < n_epochs and history.stopped is None:
             meter.start()
@@ -515,9 +628,13 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                 trainable.restore_frozen()
                 with torch.no_grad():
                     acc_state[0] += out["loss"].detach() * len(y)
-                    acc_state[1] += (out["logits"].argmax(1) == y).sum()
+                    if out.get("logits") is not None:   # a local objective has no logits
+                        acc_state[1] += (out["logits"].argmax(1) == y).sum()
                     acc_state[2] += len(y)
-                meter.add_update(len(y), attack_ge)
+                if block_fraction is None:
+                    meter.add_update(len(y), attack_ge)
+                else:  # partial passes through an early block, counted in full-network equivalents
+                    meter.add_partial(len(y), attack_ge + objective.update_passes(), block_fraction)
                 step += 1
                 if on_step is not None:
                     meter.stop()
@@ -532,7 +649,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                     meter.start()
             meter.stop()
             totals = _reduce(acc_state, world)
-            record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1),
+            record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1) if block_fraction is None else None,
                       "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total), "examples": int(totals[2]),
                       "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
             if val is not None and len(val):  # monitoring: not counted as training cost
