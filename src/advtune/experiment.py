@@ -41,7 +41,7 @@ ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
               "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
 VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "eps_warmup", "train", "select", "share", "criterion", "per_layer", "guard",
-                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference"}
+                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference", "recipe"}
 KINDS = ("standard", "train", "finetune")
 SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
 EVAL_NAME = "protocol"
@@ -113,13 +113,30 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def with_recipe(v: dict) -> dict:
+    """`recipe: harden` fills a fine-tuning variant with `advtune harden`'s default recipe (the keys the
+    variant sets itself win), so an experiment measures exactly what the command runs."""
+    if v.get("recipe") is None:
+        return v
+    if v["recipe"] != "harden":
+        raise AdvtuneError(f"variant {v.get('name')}: unknown recipe {v['recipe']!r}; valid: harden")
+    from .harden import Recipe
+
+    r = Recipe()
+    filled = {"kind": "finetune", "select": "top", "granularity": r.granularity, "params": r.params,
+              "criterion": r.criterion, "attack": r.attack, "eps_warmup": r.eps_warmup}
+    train = {"optimizer": r.optimizer, "lr": r.lr, "schedule": r.schedule, "batch_size": r.batch_size,
+             **(v.get("train") or {})}
+    return {**filled, **v, "train": train}
+
+
 def expand_variants(cfg: dict) -> list[dict]:
     """List-valued sweepable keys (eps, share, attack, criterion, select) become one variant each;
     the threat's eps list applies to every variant."""
     out = []
     eps_all = _as_list(cfg["threat"]["eps"])
     for v in cfg["variants"]:
-        v = dict(v)
+        v = with_recipe(dict(v))
         v.setdefault("kind", "finetune")
         v.setdefault("eps", eps_all if len(eps_all) > 1 else eps_all[0])
         axes = [(k, _as_list(v[k])) for k in SWEEPABLE if k in v and isinstance(v[k], (list, tuple))]
@@ -382,7 +399,10 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
         row = {
             "variant": v["name"], "kind": kind, "sweep_of": v.get("sweep_of"), "eps": _eps_value(v["eps"]),
             "select": v.get("select", "top") if kind == "finetune" else None,
-            "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random") else None,
+            "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random")
+            and v.get("params") is None else None,
+            "params_budget": v.get("params") if kind == "finetune" else None,
+            "granularity": v.get("granularity", "unit") if kind == "finetune" and v.get("select", "top") == "top" else None,
             "criterion": v.get("criterion", "taylor") if kind == "finetune" and v.get("select", "top") == "top" else None,
             "attack": v.get("attack") if kind == "train" else v.get("attack", "pgd:steps=10") if kind == "finetune" else None,
             "clean_acc": ev["clean_accuracy"], "robust_acc": ev["worst_case_accuracy"],

@@ -259,11 +259,18 @@ def headline(rows: list[dict]) -> list[str]:
                            f"evaluations (analysis included; the standard model's own training not counted).")
         if sel and rnd:
             for r in rnd:
-                same = [s for s in sel if s.get("share") == r.get("share") and s.get("attack") == r.get("attack")]
+                if r.get("share") is not None:   # the same share of components
+                    same = [s for s in sel if s.get("share") == r["share"] and s.get("attack") == r.get("attack")]
+                    what, ctrl = f"at share {r['share']:g}", "the same share chosen at random"
+                else:                            # the same number of trainable parameters (within 10%)
+                    n = r.get("trainable_params") or 0
+                    same = [s for s in sel if s.get("attack") == r.get("attack") and s.get("trainable_params")
+                            and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]]
+                    what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
                 if same:
                     s = max(same, key=lambda q: q["robust_acc"])
-                    out.append(f"eps={eps:g}: at share {r['share']:g}, selected components gave {100 * s['robust_acc']:.2f}% "
-                               f"vs {100 * r['robust_acc']:.2f}% for the same share chosen at random "
+                    out.append(f"eps={eps:g}: {what}, selected components ({s['variant']}) gave {100 * s['robust_acc']:.2f}% "
+                               f"vs {100 * r['robust_acc']:.2f}% for {ctrl} "
                                f"({100 * (s['robust_acc'] - r['robust_acc']):+.1f} points).")
     return out
 
