@@ -60,10 +60,14 @@ def _train_args(p: argparse.ArgumentParser, epochs: int = 2, lr: float = 1e-3) -
     g.add_argument("--lr", type=number, default=lr)
     g.add_argument("--momentum", type=number, default=0.9)
     g.add_argument("--weight-decay", type=number, default=0.0)
-    g.add_argument("--schedule", choices=["constant", "cosine", "step", "onecycle"], default="constant")
+    g.add_argument("--schedule", choices=["constant", "cosine", "step", "onecycle", "ssfd"], default="constant",
+                   help="learning-rate schedule; ssfd = slow start, fast decay (default: constant)")
     g.add_argument("--warmup-epochs", type=number, default=0.0)
     g.add_argument("--val", type=number, default=0, help="hold out N training examples (or a fraction < 1) for validation")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
+    g.add_argument("--budget", type=int, help="train for this many gradient evaluations (attack steps + update, per "
+                                              "example) instead of --epochs")
+    g.add_argument("--points", type=int, default=0, help="save this many snapshots along the run under snapshots/ (default: 0)")
     g.add_argument("--out", required=True, help="run folder to write (runs/<name>)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -106,7 +110,7 @@ def run_train(args) -> int:
                    data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
                    device=args.device, adversarial=args.adversarial, norm=args.norm, eps=args.eps,
                    attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
-                   resume=args.resume, overwrite=args.overwrite)
+                   budget=args.budget, points=args.points, resume=args.resume, overwrite=args.overwrite)
     summary = train_run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
@@ -210,6 +214,10 @@ def add_finetune_parser(sub) -> None:
     s.add_argument("--share", type=number, default=0.1, help="share of components to fine-tune, in (0, 1] (default: 0.1)")
     s.add_argument("--criterion", default="taylor", help="score table of the analyze folder to rank by (default: taylor)")
     s.add_argument("--per-layer", action="store_true", help="take the top share within each layer instead of globally")
+    s.add_argument("--params", type=number, help="parameter budget instead of --share: entries (or a share < 1 of the "
+                                                 "model's) that the selection may train; with random: the matched control")
+    s.add_argument("--granularity", choices=["unit", "layer"], default="unit",
+                   help="with --params and an analyze folder: best units, or whole layers (default: unit)")
     a = p.add_argument_group("attack")
     a.add_argument("--attack", default="pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, fgsm, ...) or trades[:steps=10,beta=6]")
     a.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
@@ -235,6 +243,8 @@ def run_finetune(args) -> int:
                       attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
                       train=_train_config(args), data_dir=args.data_dir,
                       limit=args.limit, limit_test=args.limit_test, val=args.val, monitor=args.monitor,
+                      params=None if args.params is None else args.params if args.params < 1 else int(args.params),
+                      granularity=args.granularity, budget=args.budget, points=args.points,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
     s = finetune_run(run)
     sel = s.get("selection")

@@ -1,9 +1,11 @@
 """`advtune demo`: the main job end to end on MNIST, sized for a few minutes on 2 CPU cores.
 
 standard model -> its collapse under FGSM/PGD/APGD -> vulnerability map and concentration curve ->
-selective adversarial fine-tuning of the top 10% -> the same budget on all parameters and on a random
-10% for comparison -> strong evaluation of each -> report (HTML + Markdown). `--full` runs
-configs/mnist-claim.yaml instead (real sizes: tens of minutes on a CPU).
+`advtune harden`'s recipe (whole layers within 5% of the parameters, selective adversarial fine-tuning)
+next to the same budget spent on all parameters, on random units with as many parameters, and on
+adversarial training from scratch, each as a curve of snapshots -> evaluation -> report with the
+frontier (HTML + Markdown). `--full` runs configs/frontier-mnist-eps0.3.yaml instead (real sizes:
+hours on a CPU).
 """
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEMO_NOTE = ("Demo sizes (CPU, a few minutes): standard small-cnn trained 1 epoch on 20k MNIST images; analysis on 500 "
-             "training images; each fine-tuning = PGD-10 on 6k images for 1 epoch; evaluation on the first 500 test "
-             "images. `advtune demo --full` runs the real sizes (configs/mnist-claim.yaml).")
+             "training images; every curve = 150k training gradient evaluations with 3 snapshots; evaluation on the first "
+             "500 test images. The measured frontier at real sizes, with adversarial training run to its plateau, is in "
+             "docs/RESULTS.md (bench/frontier.py).")
+BUDGET = 150_000
 
 
 def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
+    """standard -> harden (advtune harden's recipe) next to full-network fine-tuning, a random selection
+    with as many trainable parameters, and adversarial training from scratch, all at the same budget."""
+    curve = {"budget": BUDGET, "points": 3, "limit": 20000}
     return {
         "name": "advtune-demo", "seed": seed, "notes": DEMO_NOTE, "data_dir": data_dir,
         "base": {"dataset": "mnist", "model": "small-cnn", "limit": 20000,
@@ -28,10 +35,11 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
         "analysis": {"attack": "pgd:steps=10", "criteria": ["activation-shift", "taylor"], "limit": 500, "curve_limit": 500},
         "variants": [
             {"name": "standard", "kind": "standard"},
-            {"name": "selective-10", "kind": "finetune", "select": "top", "criterion": "taylor", "share": 0.1,
-             "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
-            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
-            {"name": "random-10", "kind": "finetune", "select": "random", "share": 0.1, "attack": "pgd:steps=10", "eps_warmup": 0.2, "limit": 6000},
+            {"name": "harden", "recipe": "harden", **curve},
+            {"name": "random-same-params", "recipe": "harden", "select": "random", "params": 18816, **curve},
+            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=5", "eps_warmup": 0.3, **curve},
+            {"name": "pgd-at-same-budget", "kind": "train", "attack": "pgd:steps=5", "eps_warmup": 0.3, "reference": False,
+             **curve},
         ],
     }
 
@@ -51,7 +59,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
 
     out = Path(cfg.out)
     if cfg.full:
-        config = str(Path(__file__).resolve().parents[2] / "configs" / "mnist-claim.yaml")
+        config = str(Path(__file__).resolve().parents[2] / "configs" / "frontier-mnist-eps0.3.yaml")
         if not Path(config).is_file():
             from .errors import AdvtuneError
 

@@ -124,3 +124,20 @@ def findings(points: Sequence[dict], budget_share: float = 0.25) -> list[str]:
                          f"{100 * v.best_robust_acc:.2f}% at {v.best_cost:,} gradient evaluations"
                          f" ({100 * v.best_cost / max(plateau.cost, 1):.1f}% of the reference's cost){at}.")
     return lines
+
+
+def markdown_table(points: Sequence[dict]) -> str:
+    """The frontier as a Markdown table: one row per point, cost columns first (docs/RESULTS.md)."""
+    head = ("variant", "trainable params", "point", "training grad evals", "+ base + analysis", "total grad evals",
+            "clean", "worst-case robust", "gate")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, pts in curves(points).items():
+        for i, p in enumerate(pts):
+            share = p.get("param_share")
+            tp = f"{p['trainable_params']:,} ({100 * share:.1f}%)" if p.get("trainable_params") and share is not None else "–"
+            lines.append("| " + " | ".join([
+                name if i == 0 else "", tp if i == 0 else "", "final" if p["step"] is None else f"step {p['step']}",
+                f"{p['train_grad_evals']:,}", f"{p['base_grad_evals'] + p['analysis_grad_evals']:,}",
+                f"{p['total_grad_evals']:,}", f"{100 * p['clean_acc']:.2f}%", f"{100 * p['robust_acc']:.2f}%",
+                "SUSPECT" if p.get("suspect") else "passed"]) + " |")
+    return "\n".join(lines)
