@@ -22,7 +22,7 @@ FRONTIER = {
         {"name": "at", "kind": "train", "attack": "pgd:steps=2", "reference": True, "budget": 1536, "points": 3},
         {"name": "sel", "kind": "finetune", "select": "top", "params": 2000, "attack": "pgd:steps=2",
          "budget": 1536, "points": 2},
-        {"name": "rnd", "kind": "finetune", "select": "random", "params": 2000, "attack": "pgd:steps=2",
+        {"name": "rnd", "kind": "finetune", "select": "random", "params_like": "sel", "attack": "pgd:steps=2",
          "budget": 1536, "points": 2},
     ],
 }
@@ -65,10 +65,11 @@ def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
             assert ev["worst_case_accuracy"] == p["robust_acc"] and ev["examples"] == 64
         final = json.loads((out / name / "eval-protocol.json").read_text())
         assert final["worst_case_accuracy"] == by[name][-1]["robust_acc"]
-    # parameter budgets: both selections fit in 2000 entries, neither is far below it
+    # parameter budgets: the selection fits in 2000 entries, and the random control matches what it trains
     rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    for name in ("sel", "rnd"):
-        assert 2000 - 600 < rows[name]["trainable_params"] <= 2000
+    used = rows["sel"]["trainable_params"]
+    assert 2000 - 600 < used <= 2000
+    assert used - 600 < rows["rnd"]["trainable_params"] <= used
 
 
 def test_rerun_evaluates_nothing_again(done, monkeypatch):

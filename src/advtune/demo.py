@@ -36,7 +36,7 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
         "variants": [
             {"name": "standard", "kind": "standard"},
             {"name": "harden", "recipe": "harden", **curve},
-            {"name": "random-same-params", "recipe": "harden", "select": "random", "params": 18816, **curve},
+            {"name": "random-same-params", "recipe": "harden", "select": "random", "params_like": "harden", **curve},
             {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=5", "eps_warmup": 0.3, **curve},
             {"name": "pgd-at-same-budget", "kind": "train", "attack": "pgd:steps=5", "eps_warmup": 0.3, "reference": False,
              **curve},

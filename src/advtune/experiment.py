@@ -41,7 +41,8 @@ ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
               "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
 VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "eps_warmup", "train", "select", "share", "criterion", "per_layer", "guard",
-                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference", "recipe"}
+                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference", "recipe",
+                "params_like"}
 KINDS = ("standard", "train", "finetune")
 SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
 EVAL_NAME = "protocol"
@@ -279,6 +280,8 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                 select = v.get("select", "top")
                 if select == "top":
                     select = str(analysis_for(eps))
+                if v.get("params_like"):   # the control: as many trainable parameters as another variant's selection
+                    v = {**v, "params": _trainable_of(out, v["params_like"], v["name"])}
                 finetune_run(FinetuneRun(base=str(base_dir), out=str(folder), eps=eps, select=select,
                                          share=float(v.get("share", 0.1)), criterion=v.get("criterion", "taylor"),
                                          per_layer=bool(v.get("per_layer", False)), attack=v.get("attack", "pgd:steps=10"),
@@ -338,6 +341,16 @@ def _params(v: dict) -> float | int | None:
         return None
     n = parse_number(v["params"])
     return n if n < 1 else int(n)
+
+
+def _trainable_of(out: Path, other: str, me: str) -> int:
+    summary = out / other / "summary.json"
+    if not summary.is_file():
+        raise AdvtuneError(f"variant {me}: params_like: {other} needs {other} to run first (list it earlier in the config)")
+    sel = read_json(summary, "summary").get("selection") or {}
+    if not sel.get("trainable_params"):
+        raise AdvtuneError(f"variant {me}: params_like: {other} trained no selection (select: all?); give params: instead")
+    return int(sel["trainable_params"])
 
 
 def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
