@@ -86,3 +86,25 @@ def test_not_a_run_and_a_model_without_layers(base, tmp_path, capsys, monkeypatc
     assert main(["harden", str(base / "base"), "--eps", "0.2", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "has no Conv2d or Linear layer" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_python_api_hardens_a_users_own_model(blobs):
+    """advtune.harden.harden on any nn.Module and (x, y) tensors: robust after, only the selection
+    changed, the input model untouched."""
+    import copy
+
+    from advtune.harden import Recipe, harden
+    from conftest import TinyCNN, train_tiny
+
+    x, y, xt, yt = blobs
+    model = train_tiny(x, y)
+    original = copy.deepcopy(model.state_dict())
+    res = harden(model, (x, y), (xt, yt), eps=0.2, recipe=Recipe(params=0.3, analysis_limit=200), budget=60000,
+                 evaluation="pgd:steps=10")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())   # the input model is left alone
+    assert res.after.worst_case_accuracy > res.before.worst_case_accuracy + 0.2
+    changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), res.model.parameters()))
+    assert 0 < changed <= res.selection.trainable_params(model) <= 0.3 * sum(p.numel() for p in model.parameters())
+    assert res.finetune_cost["grad_evals"] >= 60000 and res.summary()["after"]["robust_acc"] == res.after.worst_case_accuracy
+    with pytest.raises(Exception, match="pixels in \\[0, 1\\]"):
+        harden(model, (x * 255, y), eps=0.2)

@@ -102,6 +102,105 @@ def check_budget(budget: Any, objective, batch_size: int, n_train: int) -> int:
     return int(budget)
 
 
+@dataclass
+class HardenResult:
+    """What `harden` returns: the hardened model (a copy; the input model is left as it was), the
+    selection it trained, the score table behind it, the evaluations before and after (when test
+    data was given), and the costs."""
+
+    model: Any
+    selection: Any
+    table: Any
+    before: Any
+    after: Any
+    finetune_cost: dict
+    analysis_grad_evals: int
+    budget: int
+
+    def summary(self) -> dict:
+        out = {"trainable_params": self.finetune_cost.get("trainable_params"), "budget": self.budget,
+               "analysis_grad_evals": self.analysis_grad_evals, "finetune_grad_evals": self.finetune_cost.get("grad_evals")}
+        for name in ("before", "after"):
+            r = getattr(self, name)
+            if r is not None:
+                out[name] = {"clean_acc": r.clean_accuracy, "robust_acc": r.worst_case_accuracy, "suspect": r.suspect}
+        return out
+
+
+def _as_data(data, what: str):
+    from .data import TensorData
+
+    if isinstance(data, TensorData):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if not (hasattr(x, "dim") and x.dim() == 4 and x.is_floating_point()):
+            raise AdvtuneError(f"{what}: x must be float images (N, C, H, W) in [0, 1]")
+        if float(x.min()) < 0 or float(x.max()) > 1:
+            raise AdvtuneError(f"{what}: x must be pixels in [0, 1] (normalisation is the model's first layer)")
+        return TensorData(x, y)
+    raise AdvtuneError(f"{what} must be an (x, y) pair of tensors or an advtune TensorData, got {type(data).__name__}")
+
+
+def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: Recipe = Recipe(),
+           budget: int | None = None, evaluation: str = PROTOCOL, test_limit: int = 1000, seed: int = 0) -> HardenResult:
+    """The Python API of `advtune harden`: analysis -> selection within recipe.params -> selective
+    adversarial fine-tuning for `budget` gradient evaluations (default: recipe.epochs passes over
+    `train`) -> the strong evaluation before and after on `test` (optional).
+
+    model: any nn.Module taking pixels in [0, 1] (advtune's models or your own). train/test: (x, y)
+    tensors or advtune TensorData. Returns a HardenResult; `model` itself is not modified."""
+    import copy
+
+    from .attacks import build_attack
+    from .components import layers
+    from .cost import CostMeter
+    from .evaluate import robust_accuracy
+    from .jobs import adversarial_examples, build_objective, split_attack_list
+    from .threat import ThreatModel
+    from .train import TrainConfig, fit, steps_for_budget
+    from .utils import make_generator, model_device
+    from .vulnerability import check_params, score_many, select_top, select_top_layers
+
+    threat = ThreatModel(norm, eps)
+    layers(model)
+    check_params(recipe.params, model)
+    train = _as_data(train, "train")
+    test = _as_data(test, "test") if test is not None else None
+    attacks = [build_attack(s, threat) for s in split_attack_list(evaluation)]
+    hardened = copy.deepcopy(model)
+    objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=hardened)
+    budget = budget if budget is not None else default_budget(recipe, objective, len(train))
+    check_budget(budget, objective, recipe.batch_size, len(train))
+    device = model_device(hardened)
+    # 1. analysis on training data
+    x, y = train.take(recipe.analysis_limit).tensors(device)
+    a_attack = build_attack(recipe.analysis_attack, threat)
+    x_adv = adversarial_examples(hardened, a_attack, x, y, 256, seed)
+    table = score_many(hardened, (x, y, x_adv), None, [recipe.criterion], show_progress=False)[recipe.criterion]
+    analysis_ge = len(x) * (int(a_attack.grad_evals()) + 1)
+    # 2. selection within the parameter budget
+    example = x[:1]
+    if recipe.granularity == "layer":
+        selection = select_top_layers(table, hardened, recipe.params, example_input=example)
+    else:
+        selection = select_top(table, params=recipe.params, model=hardened, example_input=example)
+    # 3. selective adversarial fine-tuning
+    cfg = TrainConfig(epochs=1, batch_size=recipe.batch_size, optimizer=recipe.optimizer, lr=recipe.lr,
+                      schedule=recipe.schedule, seed=seed,
+                      steps=steps_for_budget(budget, objective, recipe.batch_size, len(train)))
+    meter = CostMeter()
+    fit(hardened, train, objective, cfg, selection=selection, meter=meter, desc="harden")
+    hardened.eval()
+    # 4. the strong evaluation, before and after, on the same examples
+    before = after = None
+    if test is not None:
+        xt, yt = test.take(test_limit).tensors(device)
+        before = robust_accuracy(model, (xt, yt), attacks, cascade=True, generator=make_generator(seed, device))
+        after = robust_accuracy(hardened, (xt, yt), attacks, cascade=True, generator=make_generator(seed, device))
+    return HardenResult(hardened, selection, table, before, after, meter.to_json(), analysis_ge, budget)
+
+
 def harden_run(run: HardenRun) -> dict:
     """Harden the model of a run folder into `run.out`; returns the summary record."""
     from .jobs import (AnalyzeRun, EvaluateRun, FinetuneRun, analyze_run, build_objective, dataset_of, evaluate_run,
