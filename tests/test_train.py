@@ -229,3 +229,17 @@ def test_local_objective_runs_only_the_block_and_counts_partial_passes(synth):
     assert meter.partial_passes == n * (3 + 2)                  # 3 attack steps + adversarial and clean terms
     assert meter.grad_evals == round(n * 5 * frac) < n * 5
     assert hist.last["train_acc"] is None                       # no logits: no accuracy to report
+
+
+def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, caplog, monkeypatch):
+    import logging
+
+    import advtune.utils as utils
+
+    monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)      # every step, for the test (30 s in real runs)
+    monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level(logging.INFO, logger="advtune.progress"):
+        fit(fresh(synth), synth.train.take(256), clean(), TrainConfig(epochs=1, batch_size=64))
+    lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
+    assert lines and lines[0].startswith("train 1/1: 1/4 (25%)") and "s left" in lines[0]
+    assert lines[-1].startswith("train 1/1: 4/4 (100%)")
