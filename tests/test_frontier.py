@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
+from advtune.models import load_state
 from advtune.cli import main
 from advtune.frontier import reference_plateau, robust_at, verdicts
 
@@ -65,6 +67,9 @@ def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
             assert ev["worst_case_accuracy"] == p["robust_acc"] and ev["examples"] == 64
         final = json.loads((out / name / "eval-protocol.json").read_text())
         assert final["worst_case_accuracy"] == by[name][-1]["robust_acc"]
+        # ... because the last snapshot IS the final model (same weights), not by construction alone
+        last, final_w = load_state(snaps[-1] / "model.safetensors"), load_state(out / name / "model.safetensors")
+        assert last.keys() == final_w.keys() and all(torch.equal(last[k], final_w[k]) for k in last)
     # parameter budgets: the selection fits in 2000 entries, and the random control matches what it trains
     rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     used = rows["sel"]["trainable_params"]
@@ -81,6 +86,25 @@ def test_rerun_evaluates_nothing_again(done, monkeypatch):
     monkeypatch.setattr(jobs, "evaluate_run", boom)
     monkeypatch.setattr("advtune.jobs.evaluate_run", boom)
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(done, monkeypatch):
+    """Lose one snapshot's evaluation and the final one (as if killed while evaluating): the re-run
+    evaluates exactly that snapshot again, no training, and the records come back the same."""
+    import advtune.jobs as jobs
+
+    cfg, out = done
+    snap = sorted((out / "at" / "snapshots").glob("step-*"))[1]
+    kept = json.loads((snap / "eval-protocol.json").read_text())["worst_case_accuracy"]
+    (snap / "eval-protocol.json").unlink()
+    (out / "at" / "eval-protocol.json").unlink()
+    seen = []
+    real = jobs.evaluate_run
+    monkeypatch.setattr(jobs, "evaluate_run", lambda run: seen.append(run.run) or real(run))
+    monkeypatch.setattr(jobs, "train_run", lambda *a, **k: pytest.fail("trained again"))
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert seen == [str(snap)]
+    assert json.loads((snap / "eval-protocol.json").read_text())["worst_case_accuracy"] == kept
 
 
 def test_report_shows_the_frontier_and_its_findings(done):

@@ -66,13 +66,24 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     (["--eps", "0"], "eps"),
     (["--eps", "-0.1"], "eps"),
     (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
-    (["--eps", "0.2", "--params", "-3"], "parameter budget"),
+    (["--eps", "0.2", "--params", "5"], "no whole layer fits in a budget of 5 parameters"),
+    (["--eps", "0.2", "--lr", "0"], "learning rate"),
+    (["--eps", "0.2", "--attack", "local:layer=net.nope"], "no module named 'net.nope'"),
 ])
 def test_bad_input_is_one_line_and_overwrites_nothing(base, hardened, capsys, args, message):
     before = {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()}
     code = main(["harden", str(base / "base"), *args, "--out", str(hardened), "--overwrite", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()} == before
+
+
+@pytest.mark.parametrize("value", ["-3", "inf", "nan", "1.5"])
+def test_bad_parameter_budget_is_refused_by_the_parser(base, hardened, capsys, value):
+    before = {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["harden", str(base / "base"), "--eps", "0.2", "--params", value, "--out", str(hardened), "--overwrite"])
+    assert e.value.code == 2 and "argument --params" in capsys.readouterr().err.strip().splitlines()[-1]
     assert {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()} == before
 
 

@@ -237,6 +237,7 @@ def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, cap
     import advtune.utils as utils
 
     monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)      # every step, for the test (30 s in real runs)
+    monkeypatch.setattr(utils, "_progress_disabled", False)  # an earlier CLI test may have run with --quiet
     monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: False, raising=False)
     with caplog.at_level(logging.INFO, logger="advtune.progress"):
         fit(fresh(synth), synth.train.take(256), clean(), TrainConfig(epochs=1, batch_size=64))

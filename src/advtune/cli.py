@@ -29,6 +29,18 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def budget_number(text: str) -> float | int:
+    """A parameter budget: a share in (0, 1) or a whole number of entries (finite, positive)."""
+    import math
+
+    v = number(text)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number (a share < 1 or a count of entries)")
+    if v >= 1 and v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of parameter entries must be whole (or give a share < 1)")
+    return v if v < 1 else int(v)
+
+
 def number_list(text: str) -> list[float]:
     return [number(t) for t in text.split(",") if t.strip()]
 
@@ -214,7 +226,7 @@ def add_finetune_parser(sub) -> None:
     s.add_argument("--share", type=number, default=0.1, help="share of components to fine-tune, in (0, 1] (default: 0.1)")
     s.add_argument("--criterion", default="taylor", help="score table of the analyze folder to rank by (default: taylor)")
     s.add_argument("--per-layer", action="store_true", help="take the top share within each layer instead of globally")
-    s.add_argument("--params", type=number, help="parameter budget instead of --share: entries (or a share < 1 of the "
+    s.add_argument("--params", type=budget_number, help="parameter budget instead of --share: entries (or a share < 1 of the "
                                                  "model's) that the selection may train; with random: the matched control")
     s.add_argument("--granularity", choices=["unit", "layer"], default="unit",
                    help="with --params and an analyze folder: best units, or whole layers (default: unit)")
@@ -243,7 +255,7 @@ def run_finetune(args) -> int:
                       attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
                       train=_train_config(args), data_dir=args.data_dir,
                       limit=args.limit, limit_test=args.limit_test, val=args.val, monitor=args.monitor,
-                      params=None if args.params is None else args.params if args.params < 1 else int(args.params),
+                      params=args.params,
                       granularity=args.granularity, budget=args.budget, points=args.points,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
     s = finetune_run(run)
@@ -334,7 +346,7 @@ def add_harden_parser(sub) -> None:
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model norm (default: linf)")
     p.add_argument("--budget", type=int, help=f"training gradient evaluations (default: {r.epochs:g} passes over the "
                                               "training data with the training attack)")
-    p.add_argument("--params", type=number, default=r.params,
+    p.add_argument("--params", type=budget_number, default=r.params,
                    help=f"parameter budget: share (< 1) or number of parameter entries that may change (default: {r.params})")
     p.add_argument("--granularity", choices=["layer", "unit"], default=r.granularity,
                    help=f"select whole layers or single units (default: {r.granularity})")
@@ -357,8 +369,7 @@ def run_harden(args) -> int:
 
     from .harden import HardenRun, Recipe, format_summary, harden_run
 
-    params = args.params if args.params < 1 else int(args.params)
-    recipe = replace(Recipe(), params=params, granularity=args.granularity, attack=args.attack,
+    recipe = replace(Recipe(), params=args.params, granularity=args.granularity, attack=args.attack,
                      eps_warmup=args.eps_warmup, lr=args.lr)
     s = harden_run(HardenRun(base=args.base, out=args.out, eps=args.eps, norm=args.norm, budget=args.budget,
                              recipe=recipe, limit=args.limit, limit_test=args.limit_test, evaluation=args.evaluation,

@@ -321,10 +321,19 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     return rows
 
 
-def _budget(v: dict) -> int | None:
+def _finite(v: dict, key: str) -> float:
+    import math
+
     from .utils import parse_number
 
-    return None if v.get("budget") is None else int(parse_number(v["budget"]))
+    n = parse_number(v[key])
+    if not math.isfinite(n) or n <= 0:
+        raise AdvtuneError(f"variant {v['name']}: {key} must be a positive finite number, got {v[key]!r}")
+    return n
+
+
+def _budget(v: dict) -> int | None:
+    return None if v.get("budget") is None else int(_finite(v, "budget"))
 
 
 def _points(v: dict) -> int:
@@ -335,11 +344,9 @@ def _points(v: dict) -> int:
 
 
 def _params(v: dict) -> float | int | None:
-    from .utils import parse_number
-
     if v.get("params") is None:
         return None
-    n = parse_number(v["params"])
+    n = _finite(v, "params")
     return n if n < 1 else int(n)
 
 
@@ -413,8 +420,9 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
             "variant": v["name"], "kind": kind, "sweep_of": v.get("sweep_of"), "eps": _eps_value(v["eps"]),
             "select": v.get("select", "top") if kind == "finetune" else None,
             "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random")
-            and v.get("params") is None else None,
-            "params_budget": v.get("params") if kind == "finetune" else None,
+            and v.get("params") is None and not v.get("params_like") else None,
+            "params_budget": (sel.get("trainable_params") if v.get("params_like") else v.get("params")) if kind == "finetune" else None,
+            "params_like": v.get("params_like"),
             "granularity": v.get("granularity", "unit") if kind == "finetune" and v.get("select", "top") == "top" else None,
             "criterion": v.get("criterion", "taylor") if kind == "finetune" and v.get("select", "top") == "top" else None,
             "attack": v.get("attack") if kind == "train" else v.get("attack", "pgd:steps=10") if kind == "finetune" else None,

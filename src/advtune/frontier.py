@@ -102,7 +102,21 @@ def robust_at(points: Sequence[dict], variant: str, budget: float) -> float | No
 
 
 def findings(points: Sequence[dict], budget_share: float = 0.25) -> list[str]:
-    """Plain sentences computed from the frontier points (no claim the numbers do not make)."""
+    """Plain sentences computed from the frontier points (no claim the numbers do not make), one
+    group per eps (a curve is only ever compared with the reference at its own eps)."""
+    by_eps: dict[float, list[dict]] = {}
+    for p in points:
+        by_eps.setdefault(p.get("eps"), []).append(p)
+    lines: list[str] = []
+    for eps, pts in sorted(by_eps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        sub = _findings_one(pts, budget_share)
+        if len(by_eps) > 1:
+            sub = [f"eps={eps:g}: {line}" for line in sub]
+        lines += sub
+    return lines
+
+
+def _findings_one(points: Sequence[dict], budget_share: float) -> list[str]:
     try:
         plateau = reference_plateau(points)
     except AdvtuneError:

@@ -56,6 +56,8 @@ class Recipe:
             raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,20 +88,36 @@ class HardenRun:
         return d
 
 
-def default_budget(recipe: Recipe, objective, n_train: int) -> int:
+def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
     """The default training budget in gradient evaluations: `recipe.epochs` passes over the data."""
-    return int(math.ceil(recipe.epochs * n_train)) * (int(objective.attack_grad_evals()) + 1)
+    return int(math.ceil(recipe.epochs * n_train * per_example))
 
 
-def check_budget(budget: Any, objective, batch_size: int, n_train: int) -> int:
+def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int) -> int:
     """A budget must pay for at least one optimizer step."""
-    per_step = (int(objective.attack_grad_evals()) + 1) * min(batch_size, n_train)
+    per_step = per_example * min(batch_size, n_train)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise AdvtuneError(f"--budget must be a number of gradient evaluations, got {budget!r}")
     if budget < per_step:
-        raise AdvtuneError(f"--budget {budget:,} is below one optimizer step ({per_step:,} gradient evaluations: "
-                           f"{min(batch_size, n_train)} examples x {per_step // min(batch_size, n_train)}); raise it")
+        raise AdvtuneError(f"--budget {budget:,} is below one optimizer step ({per_step:,.0f} gradient evaluations: "
+                           f"{min(batch_size, n_train)} examples x {per_example:g}); raise it")
     return int(budget)
+
+
+def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
+    """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
+    from .components import fingerprint, layers, unit_params
+    from .vulnerability import check_params
+
+    budget = check_params(recipe.params, model)
+    per_unit = unit_params(model, example)
+    candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
+    units = dict(fingerprint(model))
+    smallest = min(per_unit[n] * (units[n] if recipe.granularity == "layer" else 1) for n in candidates)
+    if smallest > budget:
+        what = "whole layer" if recipe.granularity == "layer" else "unit"
+        raise AdvtuneError(f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
+                           f"raise --params or use --granularity unit")
 
 
 @dataclass
@@ -160,19 +178,22 @@ def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: R
     from .threat import ThreatModel
     from .train import TrainConfig, fit, steps_for_budget
     from .utils import make_generator, model_device
-    from .vulnerability import check_params, score_many, select_top, select_top_layers
+    from .vulnerability import score_many, select_top, select_top_layers
+
+    from .train import cost_per_example
 
     threat = ThreatModel(norm, eps)
     layers(model)
-    check_params(recipe.params, model)
     train = _as_data(train, "train")
     test = _as_data(test, "test") if test is not None else None
+    device = model_device(model)
+    check_recipe_fits(model, recipe, train.to_float(train.x[:1], device))
     attacks = [build_attack(s, threat) for s in split_attack_list(evaluation)]
     hardened = copy.deepcopy(model)
     objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=hardened)
-    budget = budget if budget is not None else default_budget(recipe, objective, len(train))
-    check_budget(budget, objective, recipe.batch_size, len(train))
-    device = model_device(hardened)
+    per_example = cost_per_example(objective, hardened, train.to_float(train.x[:1], device))
+    budget = budget if budget is not None else default_budget(recipe, per_example, len(train))
+    check_budget(budget, per_example, recipe.batch_size, len(train))
     # 1. analysis on training data
     x, y = train.take(recipe.analysis_limit).tensors(device)
     a_attack = build_attack(recipe.analysis_attack, threat)
@@ -188,7 +209,7 @@ def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: R
     # 3. selective adversarial fine-tuning
     cfg = TrainConfig(epochs=1, batch_size=recipe.batch_size, optimizer=recipe.optimizer, lr=recipe.lr,
                       schedule=recipe.schedule, seed=seed,
-                      steps=steps_for_budget(budget, objective, recipe.batch_size, len(train)))
+                      steps=steps_for_budget(budget, objective, recipe.batch_size, len(train), per_example=per_example))
     meter = CostMeter()
     fit(hardened, train, objective, cfg, selection=selection, meter=meter, desc="harden")
     hardened.eval()
@@ -222,19 +243,23 @@ def harden_run(run: HardenRun) -> dict:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
-    from .vulnerability import check_params
-
-    check_params(run.recipe.params, model)
-    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
-    budget = run.budget if run.budget is not None else default_budget(run.recipe, objective, len(ds.train))
-    check_budget(budget, objective, run.recipe.batch_size, len(ds.train))
+    example = ds.train.to_float(ds.train.x[:1], device)
+    check_recipe_fits(model, run.recipe, example)
+    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
+    from .train import cost_per_example
+
+    per_example = cost_per_example(objective, model, example)
+    budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
+    check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
     from .evaluate import _check_attacks  # noqa: F401  (the evaluation list is validated by building it)
     from .jobs import split_attack_list
     from .attacks import build_attack
 
     for spec in split_attack_list(run.evaluation):
         build_attack(spec, threat)
+    cfg = TrainConfig(epochs=1, batch_size=run.recipe.batch_size, optimizer=run.recipe.optimizer, lr=run.recipe.lr,
+                      schedule=run.recipe.schedule, seed=run.seed)   # validates lr, optimizer, schedule, batch
     out = Path(run.out)
     if out.exists() and run.resume and (out / CONFIG).is_file():
         saved = read_json(out / CONFIG, "harden config").get("run", {})
@@ -260,8 +285,6 @@ def harden_run(run: HardenRun) -> dict:
                                data_dir=run.data_dir, device=run.device, overwrite=analysis.exists()))
     a_sum = read_json(analysis / SUMMARY, "analysis summary")
     # -- 2 + 3. selection and selective fine-tuning (a finetune run in the same folder)
-    cfg = TrainConfig(epochs=1, batch_size=run.recipe.batch_size, optimizer=run.recipe.optimizer, lr=run.recipe.lr,
-                      schedule=run.recipe.schedule, seed=run.seed)
     ft = FinetuneRun(base=run.base, out=str(out / "finetune"), eps=run.eps, select=str(analysis),
                      criterion=run.recipe.criterion, params=run.recipe.params, granularity=run.recipe.granularity,
                      attack=run.recipe.attack, norm=run.norm, eps_warmup=run.recipe.eps_warmup, train=cfg,

@@ -59,9 +59,6 @@ def train_run(run: TrainRun) -> dict:
 
     run = replace(run, train=run.train or TrainConfig())
     cfg = run.train
-    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
-    if run.resume and rd.file(CONFIG).is_file():
-        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
@@ -78,7 +75,12 @@ def train_run(run: TrainRun) -> dict:
         objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup)
         val_attack = getattr(objective, "attack", None)
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
-    cfg = with_budget(cfg, run.budget, objective, len(ds.train))
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, ds.train.to_float(ds.train.x[:1], device))
+    snaps = snapshot_steps(cfg, len(ds.train), run.points)
+    # everything is validated: only now is the run folder created (or an old one replaced)
+    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    if run.resume and rd.file(CONFIG).is_file():
+        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     config = {"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
               "objective": objective.describe(), "guard": bool(callbacks), "device": str(device),
               "steps": cfg.steps}
@@ -88,8 +90,7 @@ def train_run(run: TrainRun) -> dict:
     history = fit(model, ds.train, objective, cfg, val=ds.val, val_attack=val_attack, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
-                  on_step=snapshot_saver(rd, meta, config, snapshot_steps(cfg, len(ds.train), run.points)),
-                  desc=f"{run.model}/{ds.name}")
+                  on_step=snapshot_saver(rd, meta, config, snaps), desc=f"{run.model}/{ds.name}")
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
     summary = {"test_acc": test_acc, "test_examples": len(ds.test), "epochs": len(history.epochs),
                "stopped": history.stopped, "final": history.last, "cost": meter.to_json()}
@@ -105,14 +106,15 @@ def train_run(run: TrainRun) -> dict:
 SNAPSHOTS = "snapshots"
 
 
-def with_budget(cfg, budget: int | None, objective, n_train: int):
+def with_budget(cfg, budget: int | None, objective, n_train: int, model=None, example=None):
     """`cfg` with steps set so that training spends `budget` gradient evaluations (attack steps
-    + the update, per example), rounded up to whole steps."""
-    from .train import steps_for_budget
+    + the update, per example; a local objective's block passes by their FLOPs share)."""
+    from .train import cost_per_example, steps_for_budget
 
     if budget is None:
         return cfg
-    return replace(cfg, steps=steps_for_budget(budget, objective, cfg.batch_size, n_train))
+    per = cost_per_example(objective, model, example)
+    return replace(cfg, steps=steps_for_budget(budget, objective, cfg.batch_size, n_train, per_example=per))
 
 
 def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
@@ -194,9 +196,12 @@ def refuse_same_folder(out: str, base: str) -> None:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
 
 
+RUN_DEFAULTS = {"budget": None, "points": 0, "params": None, "granularity": "unit"}   # keys newer than some records
+
+
 def _check_same_run(saved: dict, now: dict) -> None:
     ignore = {"resume", "overwrite", "device"}
-    changed = [k for k in now if k not in ignore and k != "train" and saved.get(k) != now[k]]
+    changed = [k for k in now if k not in ignore and k != "train" and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]]
     if changed:
         raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in changed)}); "
                            "use the original flags or a new --out")
@@ -381,9 +386,6 @@ def finetune_run(run: FinetuneRun) -> dict:
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
-    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
-    if run.resume and rd.file(CONFIG).is_file():
-        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     seed_everything(cfg.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0)
     threat = ThreatModel(run.norm, run.eps)
@@ -391,23 +393,26 @@ def finetune_run(run: FinetuneRun) -> dict:
     example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
     selection = make_selection(model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0,
                                run.params, run.granularity, example)
-    cfg = with_budget(cfg, run.budget, objective, len(ds.train))
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
+    snaps = snapshot_steps(cfg, len(ds.train), run.points)
     meter = CostMeter()
     callbacks = overfit_guard(run.guard, run.attack, threat, ds, device, cfg.seed, meter)
-    sel_info = None
-    if selection is not None:
-        rd.write_json("selection.json", selection.to_json())
-        sel_info = describe_selection(selection, model, example)
+    sel_info = describe_selection(selection, model, example) if selection is not None else None
+    # everything is validated: only now is the run folder created (or an old one replaced)
+    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    if run.resume and rd.file(CONFIG).is_file():
+        _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     config = {"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
               "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),
               "selection": sel_info, "guard": bool(callbacks), "device": str(device), "steps": cfg.steps}
     write_config_once(rd, config)
+    if selection is not None:
+        rd.write_json("selection.json", selection.to_json())
     snap_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     history = fit(model, ds.train, objective, cfg, val=ds.val, selection=selection, meter=meter,
                   checkpoint_dir=rd.path, resume=run.resume, callbacks=callbacks,
                   on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
-                  on_step=snapshot_saver(rd, snap_meta, config, snapshot_steps(cfg, len(ds.train), run.points)),
-                  desc="finetune")
+                  on_step=snapshot_saver(rd, snap_meta, config, snaps), desc="finetune")
     # monitoring after training: not counted as training cost
     summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size), "test_examples": len(ds.test)}
     if run.monitor:

@@ -259,13 +259,18 @@ def headline(rows: list[dict]) -> list[str]:
                            f"evaluations (analysis included; the standard model's own training not counted).")
         if sel and rnd:
             for r in rnd:
-                if r.get("share") is not None:   # the same share of components
-                    same = [s for s in sel if s.get("share") == r["share"] and s.get("attack") == r.get("attack")]
+                if r.get("params_like"):         # the control of one named selection: compare with that one
+                    same = [s for s in sel if s["variant"] == r["params_like"]]
+                    what, ctrl = f"with ~{r.get('trainable_params') or 0:,} trainable parameters", "random units with as many parameters"
+                elif r.get("share") is not None:   # the same share of components, same attack and budget
+                    same = [s for s in sel if s.get("share") == r["share"] and s.get("attack") == r.get("attack")
+                            and s.get("grad_evals") == r.get("grad_evals")]
                     what, ctrl = f"at share {r['share']:g}", "the same share chosen at random"
-                else:                            # the same number of trainable parameters (within 10%)
+                else:                            # the same trainable parameters (within 10%), attack and budget
                     n = r.get("trainable_params") or 0
                     same = [s for s in sel if s.get("attack") == r.get("attack") and s.get("trainable_params")
-                            and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]]
+                            and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]
+                            and s.get("grad_evals") == r.get("grad_evals")]
                     what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
                 if same:
                     s = max(same, key=lambda q: q["robust_acc"])

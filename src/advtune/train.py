@@ -90,17 +90,18 @@ def epochs_for(steps: int, steps_per_epoch: int) -> int:
     return max(1, -(-steps // max(steps_per_epoch, 1)))
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int | None = None) -> float:
     """Learning rate at a global step (a pure function: nothing to save for resume).
 
     ssfd ("slow start, fast decay", Jeddi et al. 2020, for adversarial fine-tuning): linear rise over
     the first 10% of steps (warmup_epochs, when set, overrides that), then linear decay to 0."""
+    per_epoch = steps_per_epoch or total / max(cfg.epochs, 1)   # with cfg.steps set, epochs says nothing
     if cfg.schedule == "ssfd":
-        warm = int(cfg.warmup_epochs * total / max(cfg.epochs, 1)) if cfg.warmup_epochs else max(1, total // 10)
+        warm = int(cfg.warmup_epochs * per_epoch) if cfg.warmup_epochs else max(1, total // 10)
         if step < warm:
             return cfg.lr * (step + 1) / warm
         return cfg.lr * max(0.0, (total - step) / max(total - warm, 1))
-    warm = int(cfg.warmup_epochs * total / max(cfg.epochs, 1))
+    warm = int(cfg.warmup_epochs * per_epoch)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(total - warm, 1)
@@ -392,6 +393,9 @@ def local_feature(model: nn.Module, layer: str, threat, steps: int = 10, clean_w
     of the model as it is now."""
     import copy
 
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        raise AdvtuneError(f"local: no module named {layer!r}; e.g. {', '.join(n for n in list(modules)[1:6])}")
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -500,13 +504,24 @@ def is_main_process() -> bool:
     return _dist()[0] == 0
 
 
-def steps_for_budget(budget: int, objective, batch_size: int, n_train: int | None = None) -> int:
+def cost_per_example(objective, model: nn.Module | None = None, example: torch.Tensor | None = None) -> float:
+    """Gradient evaluations one training example costs under `objective`: attack steps + the update,
+    or for a local objective its block passes weighted by the block's FLOPs share."""
+    if hasattr(objective, "block_fraction"):
+        if model is None or example is None:
+            raise AdvtuneError("the cost of a local objective needs the model and an example input")
+        return (objective.attack_grad_evals() + objective.update_passes()) * objective.block_fraction(model, example)
+    return float(int(objective.attack_grad_evals()) + 1)
+
+
+def steps_for_budget(budget: int, objective, batch_size: int, n_train: int | None = None,
+                     per_example: float | None = None) -> int:
     """Optimizer steps that spend at least `budget` training gradient evaluations: a step costs its
     batch x (the attack's gradient evaluations + 1 for the update); the last batch of an epoch of
     `n_train` examples is smaller. At least one step."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise AdvtuneError(f"budget must be a positive number of gradient evaluations, got {budget!r}")
-    per_example = int(objective.attack_grad_evals()) + 1
+    per_example = per_example if per_example is not None else cost_per_example(objective)
     if not n_train:
         return max(1, math.ceil(budget / (per_example * batch_size)))
     sizes = [min(batch_size, n_train - i) for i in range(0, n_train, batch_size)]
@@ -614,7 +629,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                 if epoch * steps_per_epoch + step >= total:
                     break
                 g = make_generator(derive_seed(cfg.seed, "step", epoch, step), device)
-                lr = lr_at(cfg, epoch * steps_per_epoch + step, total)
+                lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 step_objective = objective.at((epoch * steps_per_epoch + step) / max(total, 1)) if hasattr(objective, "at") else objective
@@ -650,7 +665,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
             meter.stop()
             totals = _reduce(acc_state, world)
             record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1) if block_fraction is None else None,
-                      "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total), "examples": int(totals[2]),
+                      "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total, steps_per_epoch), "examples": int(totals[2]),
                       "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
             if val is not None and len(val):  # monitoring: not counted as training cost
                 record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
@@ -717,7 +732,8 @@ def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
         raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
     saved = dict(state["config"])
     mine = cfg.to_json()
-    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k) != mine[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # for keys older checkpoints lack
+    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k, defaults[k]) != mine[k]]
     if changed:
         raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {saved.get(k)} -> {mine[k]}' for k in changed)}); "
                            "use the original settings or start a new run")
