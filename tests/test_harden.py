@@ -28,7 +28,7 @@ def hardened(base):
     return out
 
 
-def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardened):
+def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardened, capsys):
     s = json.loads((hardened / "summary.json").read_text())
     assert s["after"]["robust_acc"] > s["before"]["robust_acc"] + 0.2
     assert s["after"]["clean_acc"] >= 0.9
@@ -47,8 +47,12 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     assert (hardened / "analysis" / "scores-taylor.json").is_file()
     report = (hardened / "report.md").read_text()
     assert f"{100 * s['after']['robust_acc']:.2f}%" in report and f"{s['trainable_params']:,} parameters" in report
-    # the hardened folder is a run: evaluate and info work on it
+    # the hardened folder is a run: info tells what happened
+    capsys.readouterr()
     assert main(["info", str(hardened)]) == 0
+    shown = capsys.readouterr().out
+    assert "small-cnn on synthetic" in shown and "None" not in shown.splitlines()[2]
+    assert f"robust {100 * s['before']['robust_acc']:.2f}% -> {100 * s['after']['robust_acc']:.2f}%" in shown
 
 
 def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):

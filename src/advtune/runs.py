@@ -110,7 +110,10 @@ def format_info(info: dict) -> str:
     run = cfg.get("run", {})
     lines = [f"run        {info['run']}", f"command    {cfg.get('command')}   created {cfg.get('created', '?')}"]
     if run:
-        lines.append(f"model      {run.get('model')} on {run.get('dataset')}   seed {cfg.get('seed')}   device {cfg.get('device')}")
+        arch = run.get("model") or info.get("model", {}).get("architecture") or "?"
+        data = run.get("dataset") or (cfg.get("dataset") or {}).get("name") or "?"
+        base = f"   from {cfg['base']}" if cfg.get("base") else ""
+        lines.append(f"model      {arch} on {data}   seed {cfg.get('seed')}   device {cfg.get('device')}{base}")
     if cfg.get("objective"):
         lines.append(f"objective  {json.dumps(cfg['objective'])}")
     if run.get("train"):
@@ -124,6 +127,11 @@ def format_info(info: dict) -> str:
     s = info.get("summary", {})
     if "test_acc" in s:
         lines.append(f"test acc   {100 * s['test_acc']:.2f}% on {s['test_examples']} examples" + (f"   ({s['stopped']})" if s.get("stopped") else ""))
+    if "before" in s and "after" in s:  # a harden run
+        lines.append(f"harden     {s.get('norm')} eps={s.get('eps')}: robust {100 * s['before']['robust_acc']:.2f}% -> "
+                     f"{100 * s['after']['robust_acc']:.2f}%, clean {100 * s['before']['clean_acc']:.2f}% -> "
+                     f"{100 * s['after']['clean_acc']:.2f}% on {s.get('test_examples')} test examples; trained "
+                     f"{s.get('trainable_params') or 0:,} parameters ({100 * (s.get('param_share') or 0):.2f}%)")
     if "adv_acc" in s:  # an analysis run
         lines.append(f"analysis   {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.2f}%, "
                      f"under {s['attack']} {100 * s['adv_acc']:.2f}%; criteria: {', '.join(s.get('criteria', {}))}")
