@@ -143,7 +143,7 @@ def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("advtune.utils.os.replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(AdvtuneError, match="cannot write .*ckpt.bin.*disk full.*free disk space"):
         atomic_write_bytes(p, b"new" * 1000)
     assert p.read_bytes() == b"old complete checkpoint" and [q.name for q in tmp_path.iterdir()] == ["ckpt.bin"]
 

@@ -317,6 +317,7 @@ def harden_run(run: HardenRun) -> dict:
     after = protocol(ft_dir, "protocol")
     summary = summarise(run, meta, base_cfg, a_sum, ft_sum, before, after, budget)
     rd.write_json(SUMMARY, summary)
+    rd.done()
     _publish_model(ft_dir, out)
     from .report import write_harden_report
 

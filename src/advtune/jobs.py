@@ -59,6 +59,13 @@ def train_run(run: TrainRun) -> dict:
 
     run = replace(run, train=run.train or TrainConfig())
     cfg = run.train
+    check_val(run.val)
+    if cfg.epochs == 0 and run.budget is None:
+        raise AdvtuneError("--epochs 0 would save an untrained model; train for at least 1 epoch (or give --budget)")
+    if run.adversarial is not None and not run.adversarial.strip():
+        raise AdvtuneError("--adversarial needs an attack spec, e.g. --adversarial pgd:steps=10 (or drop it for standard training)")
+    if run.eps is not None and not run.adversarial:
+        raise AdvtuneError("--eps without --adversarial does nothing; add --adversarial pgd:steps=10, or drop --eps")
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
@@ -100,6 +107,7 @@ def train_run(run: TrainRun) -> dict:
     rd.write_metrics(history.epochs)
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
+    rd.done()
     return summary
 
 
@@ -166,6 +174,17 @@ def list_snapshots(folder) -> list[tuple[int, "Path"]]:
         if (p / "cost.json").is_file() and p.name[5:].isdigit():
             out.append((int(p.name[5:]), p))
     return sorted(out)
+
+
+def check_val(val) -> None:
+    """--val: a number of training examples (a whole number >= 1) or a fraction in (0, 1); 0 = none."""
+    import math
+
+    ok = (isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+          and (val == 0 or 0 < val < 1 or (val >= 1 and float(val).is_integer())))
+    if not ok:
+        raise AdvtuneError(f"--val must be a number of training examples (e.g. 5000) or a fraction in (0, 1) "
+                           f"(e.g. 0.1), got {val!r}")
 
 
 def dataset_spec(name: str) -> str:
@@ -383,6 +402,11 @@ def finetune_run(run: FinetuneRun) -> dict:
     cfg = run.train
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
+    check_val(run.val)
+    if isinstance(run.monitor, bool) or not isinstance(run.monitor, int) or run.monitor < 0:
+        raise AdvtuneError(f"--monitor must be a number of test examples >= 0 (0: off), got {run.monitor!r}")
+    if cfg.epochs == 0 and run.budget is None:
+        raise AdvtuneError("--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)")
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
@@ -428,6 +452,7 @@ def finetune_run(run: FinetuneRun) -> dict:
     rd.write_metrics(history.epochs)
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
+    rd.done()
     return summary
 
 def describe_selection(selection, model, example=None) -> dict:
@@ -538,6 +563,7 @@ def analyze_run(run: AnalyzeRun) -> dict:
     _analysis_plots(rd, tables, curves)
     rd.write_cost(meter)
     rd.write_json(SUMMARY, summary)
+    rd.done()
     return summary
 
 

@@ -20,27 +20,43 @@ log = logging.getLogger(__name__)
 CONFIG, METRICS, COST, SUMMARY = "config.json", "metrics.jsonl", "cost.json", "summary.json"
 
 
+LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}     # run folders this process holds the writer lock of: path -> fd
+
+
 class RunDir:
     """A run's folder. Creating one refuses to clobber: an existing non-empty folder needs
-    resume=True (continue it) or overwrite=True (replace it, only if it is an advtune run)."""
+    resume=True (continue it) or overwrite=True (replace it, only if it is an advtune run).
+
+    Safety: one writer per folder (an exclusive lock, released when the process ends, so a killed
+    run never blocks its --resume); an overwritten run is moved aside, not deleted, until the new
+    run calls `done()`; temporary files an interrupted write left behind are removed."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.aside: Path | None = None
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
+        if str(path).strip() in ("", ".", "./"):
+            raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
         run = cls(path)
         p = run.path
         if p.exists() and not p.is_dir():
             raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and any(x.name != LOCK_FILE for x in p.iterdir()):
             if resume:
                 if not (p / CONFIG).is_file():
                     raise AdvtuneError(f"--resume: {p} is not an advtune run (no {CONFIG}); pick the run folder")
             elif overwrite:
                 if not (p / CONFIG).is_file():
                     raise AdvtuneError(f"--overwrite: {p} is not an advtune run (no {CONFIG}); refusing to delete it")
-                shutil.rmtree(p)
+                run._lock()  # nobody else may be writing the run we are about to replace
+                aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
+                _release(p)
+                p.rename(aside)
+                run.aside = aside
+                log.info("the run in %s is kept at %s until the new run finishes", p, aside)
             else:
                 raise AdvtuneError(f"output folder {p} already exists; pass --resume to continue it or --overwrite to replace it")
         try:
@@ -50,7 +66,42 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise AdvtuneError(f"cannot write to output folder {p} ({e.strerror}); pick a writable --out") from None
+        run._lock()
+        from .utils import remove_orphan_tmp
+
+        left = remove_orphan_tmp(p)
+        if left:
+            log.info("removed %d temporary file(s) an interrupted write left in %s", len(left), p)
         return run
+
+    def _lock(self) -> None:
+        """Take the folder's writer lock, or refuse with the holder's pid."""
+        import fcntl
+
+        key = self.path.resolve()
+        if key in _HELD:
+            return
+        lock = self.path / LOCK_FILE
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise AdvtuneError(f"cannot write to output folder {self.path} ({e.strerror}); pick a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AdvtuneError(f"{self.path} is being written by another advtune process (pid {holder}); "
+                               "wait for it to finish or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = fd
+
+    def done(self) -> None:
+        """The new run is complete: delete the run it replaced (kept aside until now)."""
+        if self.aside is not None and self.aside.is_dir():
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.aside = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -76,6 +127,12 @@ class RunDir:
 
     def write_cost(self, meter: CostMeter) -> None:
         self.write_json(COST, meter.to_json())
+
+
+def _release(path: Path) -> None:
+    fd = _HELD.pop(path.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def open_run(path: str | os.PathLike) -> RunDir:

@@ -118,21 +118,50 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 # ---------------------------------------------------------------- files
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+TMP_SUFFIX = ".tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file.
+    The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's 0600.
+    A full disk or a read-only folder is a one-line AdvtuneError; the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise AdvtuneError(f"cannot write {path} ({e.strerror or e}); free disk space or pick a writable folder") from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
+
+
+def remove_orphan_tmp(folder: str | os.PathLike) -> list[str]:
+    """Delete temporary files an interrupted atomic write left behind (`.<name>.<random>.tmp`)."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p.name)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

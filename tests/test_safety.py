@@ -1,0 +1,131 @@
+"""Nothing lost, nothing silently wrong (issue 11): overwrite keeps the old run until the new one
+finishes, one writer per run folder, honest records, one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from advtune.cli import main
+from advtune.errors import AdvtuneError
+from advtune.runs import RunDir
+from advtune.utils import atomic_write_bytes
+
+TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "256",
+         "--limit-test", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safety") / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    return out
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--dataset", "no-such-set"], "unknown dataset"),
+    (["--epochs", "0"], "epochs"),
+    (["--adversarial", "", "--eps", "0.1"], "adversarial"),
+    (["--eps", "0.1"], "--eps without --adversarial"),
+    (["--val", "-5"], "--val"),
+    (["--val", "1.5"], "--val"),
+    (["--adversarial", "pgd", "--eps", "0.1", "--budget", "0"], "budget"),
+    (["--adversarial", "pgd", "--eps", "0.1", "--points", "-1"], "points"),
+])
+def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys, bad, message):
+    before = snapshot(finished)
+    args = [*TRAIN, "--out", str(finished), "--overwrite"]
+    for flag in bad[::2]:  # the bad value replaces the good one
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    code = main([*args, *bad])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert snapshot(finished) == before
+
+
+def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    old = snapshot(out)
+    import advtune.jobs as jobs
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(jobs, "fit", killed, raising=False)
+    monkeypatch.setattr("advtune.train.fit", killed)
+    assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 130
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == old        # the old run survives the interruption
+    monkeypatch.undo()
+    assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
+    assert (out / "summary.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-") and p != aside[0]]
+
+
+def test_out_must_name_a_folder(capsys):
+    assert main([*TRAIN, "--out", ""]) == 2
+    assert "--out must name a run folder" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from advtune.runs import RunDir
+        RunDir.create({str(out)!r})
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(AdvtuneError, match=rf"being written by another advtune process \(pid {holder.pid}\)"):
+            RunDir.create(out, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with its process: a resume goes ahead (a stale lock never blocks)
+    (out / "config.json").write_text("{}")
+    RunDir.create(out, resume=True)
+
+
+def test_files_honour_the_umask_and_orphan_tmp_files_are_cleaned(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"half")
+    RunDir.create(run, resume=True)
+    assert not (run / ".checkpoint.pt.abc123.tmp").exists()
+
+
+def test_a_read_only_output_is_a_one_line_error(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        assert main([*TRAIN, "--out", str(ro / "run")]) == 2
+        assert "cannot write" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
