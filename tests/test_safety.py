@@ -129,3 +129,38 @@ def test_a_read_only_output_is_a_one_line_error(tmp_path, capsys):
         assert "cannot write" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)
+
+
+def test_resume_refuses_changed_training_flags_and_leaves_the_record_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    (out / "checkpoint.pt").unlink()            # no checkpoint: the flags must still be compared
+    before = snapshot(out)
+    assert main([*TRAIN, "--out", str(out), "--resume", "--lr", "0.01"]) == 2
+    assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().err
+    assert snapshot(out) == before              # no "resumed" stamp for a refused resume
+
+
+def test_a_moved_run_resumes(tmp_path):
+    first = tmp_path / "first"
+    assert main([*TRAIN, "--out", str(first)]) == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    args = [a if a != "1" else "2" for a in TRAIN]     # --epochs 2: one more epoch
+    assert main([*args, "--out", str(moved), "--resume"]) == 0
+    assert len((moved / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_refused_variant_can_be_corrected(tmp_path, capsys):
+    import yaml
+
+    cfg = {"name": "t", "seed": 0, "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm", "limit": 32},
+           "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
+           "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "no-such-attack"}]}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
+    cfg["variants"][0]["attack"] = "fgsm"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0

@@ -251,6 +251,8 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     for v in variants:
         folder = out / v["name"]
         settings = {k: val for k, val in v.items() if k != "sweep_of"}
+        if v["name"] in recorded and not started(folder) and not (folder / f"eval-{EVAL_NAME}.json").is_file():
+            del recorded[v["name"]]   # recorded, but nothing of it exists (refused, or its folder deleted): start afresh
         if v["name"] in recorded and recorded[v["name"]] != settings:
             raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
                                f"or delete {folder} to run it again")

@@ -90,6 +90,9 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            if holder == str(os.getpid()):   # this process holds it through another path (the folder moved)
+                _HELD[key] = fd
+                return
             os.close(fd)
             raise AdvtuneError(f"{self.path} is being written by another advtune process (pid {holder}); "
                                "wait for it to finish or pick another --out") from None

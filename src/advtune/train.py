@@ -719,6 +719,30 @@ def _save_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
+    mine = cfg.to_json()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # for keys older checkpoints lack
+    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k, defaults[k]) != mine[k]]
+    if changed:
+        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {saved.get(k)} -> {mine[k]}' for k in changed)}); "
+                           "use the original settings or start a new run")
+
+
+def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
+    """Refuse a resume whose training config differs from its checkpoint's, before anything is
+    written (fit checks again when it loads the checkpoint)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise AdvtuneError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+                           "delete it and rerun without --resume") from None
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        _refuse_changed_config(state["config"], cfg)
+
+
 def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device):
     from .models import check_compatible
 
@@ -730,13 +754,7 @@ def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
                            "delete it and rerun without --resume") from None
     if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
         raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
-    saved = dict(state["config"])
-    mine = cfg.to_json()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # for keys older checkpoints lack
-    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k, defaults[k]) != mine[k]]
-    if changed:
-        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {saved.get(k)} -> {mine[k]}' for k in changed)}); "
-                           "use the original settings or start a new run")
+    _refuse_changed_config(dict(state["config"]), cfg)
     check_compatible(model, state["model"], f"checkpoint {path}")
     model.load_state_dict(state["model"])
     try:
