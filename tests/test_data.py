@@ -109,7 +109,38 @@ def test_incomplete_folder_names_the_missing_file(isolated):
 
 def test_missing_dataset_says_where_it_looked(isolated):
     with pytest.raises(AdvtuneError, match="fashion-mnist not found .*looked in.*--data-dir"):
+        load_dataset("fashion-mnist", download=False)
+
+
+def test_a_named_data_dir_must_hold_the_dataset(isolated, tmp_path):
+    """--data-dir never falls back silently to another folder (issue 11)."""
+    with pytest.raises(AdvtuneError, match="--data-dir .*nowhere does not exist"):
         load_dataset("fashion-mnist", isolated / "nowhere", download=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AdvtuneError, match="--data-dir .*empty does not hold fashion-mnist"):
+        load_dataset("fashion-mnist", empty, download=False)
+    part = tmp_path / "part" / "fashion-mnist"
+    part.mkdir(parents=True)
+    (part / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(AdvtuneError, match="incomplete"):
+        load_dataset("fashion-mnist", tmp_path / "part", download=False)
+
+
+def test_npz_refuses_float_labels_and_nan_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 4, 4)).astype(np.float32)
+    ok = {"x_train": x, "y_train": np.arange(8) % 2, "x_test": x, "y_test": np.arange(8) % 2}
+    np.savez(tmp_path / "a.npz", **{**ok, "y_train": (np.arange(8) % 2) + 0.5})
+    with pytest.raises(AdvtuneError, match="non-integer labels"):
+        load_dataset(str(tmp_path / "a.npz"))
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    np.savez(tmp_path / "b.npz", **{**ok, "x_test": bad})
+    with pytest.raises(AdvtuneError, match="NaN or infinite pixels"):
+        load_dataset(str(tmp_path / "b.npz"))
+    np.savez(tmp_path / "c.npz", **{**ok, "y_train": (np.arange(8) % 2).astype(np.float64)})   # whole floats are fine
+    assert load_dataset(str(tmp_path / "c.npz")).train.y.dtype == torch.long
 
 
 def test_unknown_dataset_lists_valid_names():

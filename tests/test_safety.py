@@ -164,3 +164,53 @@ def test_a_refused_variant_can_be_corrected(tmp_path, capsys):
     cfg["variants"][0]["attack"] = "fgsm"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+
+
+def test_bad_records_and_config_values_are_one_line_errors(finished, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    # a model.json with a bad num_classes / input_shape
+    for key, value in (("num_classes", "ten"), ("input_shape", [1, -28, 28])):
+        run = tmp_path / f"bad-{key}"
+        shutil.copytree(finished, run, ignore=shutil.ignore_patterns(".lock"))
+        meta = json.loads((run / "model.json").read_text())
+        meta[key] = value
+        (run / "model.json").write_text(json.dumps(meta))
+        assert main(["evaluate", str(run), "--attacks", "fgsm", "--eps", "0.1", "--limit", "8", "--quiet"]) == 2
+        assert f"{key} must be" in capsys.readouterr().err
+    # a corrupt metrics.jsonl: info says which line
+    run = tmp_path / "bad-metrics"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{not json\n')
+    assert main(["info", str(run)]) == 2 and "line 2 is not valid JSON" in capsys.readouterr().err
+    # experiment YAML numbers that are not numbers
+    base = {"name": "t", "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm"},
+            "base": {"dataset": "synthetic", "model": "small-cnn"}}
+    for variant, message in (({"name": "v", "share": "ten"}, "share must be a number"),
+                             ({"name": "v", "eps_warmup": 1.5}, "eps_warmup = 1.5 is out of range")):
+        path = tmp_path / "e.yaml"
+        path.write_text(yaml.safe_dump({**base, "variants": [variant]}))
+        assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**base, "seed": 2**70, "variants": [{"name": "v"}]}))
+    assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "seed must be an integer" in capsys.readouterr().err
+    # a report on partial results
+    part = tmp_path / "partial"
+    part.mkdir()
+    (part / "results.json").write_text(json.dumps({"rows": [{"variant": "x"}]}))
+    assert main(["report", str(part), "--quiet"]) == 2
+    assert "incomplete or corrupt" in capsys.readouterr().err
+
+
+def test_a_nan_loss_stops_training_with_an_error(tmp_path, capsys):
+    assert main([*TRAIN, "--out", str(tmp_path / "run"), "--lr", "1e30", "--optimizer", "sgd"]) == 2
+    assert "the training loss became" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_finetune_checks_monitor_before_training(finished, tmp_path, capsys):
+    assert main(["finetune", str(finished), "--eps", "0.1", "--monitor", "-5", "--out", str(tmp_path / "ft"), "--quiet"]) == 2
+    assert "--monitor must be" in capsys.readouterr().err and not (tmp_path / "ft").exists()

@@ -41,6 +41,16 @@ def budget_number(text: str) -> float | int:
     return v if v < 1 else int(v)
 
 
+def seed_number(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {v} is out of range: use an integer in [0, 2^63)")
+    return v
+
+
 def number_list(text: str) -> list[float]:
     return [number(t) for t in text.split(",") if t.strip()]
 
@@ -49,7 +59,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("general")
     g.add_argument("--config", help="YAML file of defaults for this command's flags (flags override it)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (default: auto)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
     g.add_argument("--verbose", action="store_true", help="debug logging")
 

@@ -244,6 +244,29 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
 
 def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     spec = SPECS[key]
+    if data_dir:  # a folder the user named must hold the dataset: never fall back silently to another one
+        root = Path(data_dir).expanduser()
+        if not root.is_dir() and not download:
+            raise AdvtuneError(f"--data-dir {root} does not exist; point it at the folder holding {spec.folder}/")
+        for folder in (root / spec.folder, root) if root.is_dir() else ():
+            if folder.is_dir():
+                found = _read_if_present(key, folder)
+                if found is not None:
+                    log.info("%s: read from %s", key, folder)
+                    return found
+                missing = _missing_files(key, folder)
+                if missing and len(missing) < len(_required_files(key)):
+                    raise AdvtuneError(f"{key} in --data-dir is incomplete: {folder} lacks {', '.join(missing)}; "
+                                       "add the missing file(s)")
+        if not download:
+            raise AdvtuneError(f"--data-dir {root} does not hold {key} (expected {root / spec.folder}/ with "
+                               f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download")
+        target = _download_target(data_dir) / spec.folder   # download into the folder the user named
+        download_files(spec, target, mirrors)
+        found = _read_if_present(key, target)
+        if found is None:
+            raise AdvtuneError(f"downloaded {key} into {target} but could not read it")
+        return found
     roots = search_roots(data_dir)
     looked: list[str] = []
     incomplete: list[str] = []
@@ -254,6 +277,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             looked.append(str(folder))
             found = _read_if_present(key, folder)
             if found is not None:
+                log.info("%s: read from %s", key, folder)
                 return found
             missing = _missing_files(key, folder)
             if missing and len(missing) < len(_required_files(key)):
@@ -444,6 +468,17 @@ def load_npz(path: Path) -> Dataset:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
         raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
+    for k in ("y_train", "y_test"):
+        y = arrays[k]
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                raise AdvtuneError(f"{path}:{k} holds non-integer labels (dtype {y.dtype}); labels must be whole class "
+                                   "numbers 0..classes-1 (store them as integers)")
+            arrays[k] = y.astype(np.int64)
+    for k in ("x_train", "x_test"):
+        x = arrays[k]
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise AdvtuneError(f"{path}:{k} contains NaN or infinite pixels; fix or drop those images")
     ytr, yte = arrays["y_train"].reshape(-1), arrays["y_test"].reshape(-1)
     classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
     xtr = _as_uint8(_to_nchw(arrays["x_train"], f"{path}:x_train"), f"{path}:x_train")

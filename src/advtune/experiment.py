@@ -107,7 +107,31 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         if v["name"] in seen:
             raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
         seen.add(v["name"])
+        _check_numbers(v, vw)
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
     return cfg
+
+
+def _check_numbers(v: dict, where: str) -> None:
+    """Numbers in a variant are numbers (YAML gives strings for typos like `0,1` or `ten`)."""
+    import math
+
+    from .utils import parse_number
+
+    rules = {"share": lambda n: 0 < n <= 1, "eps_warmup": lambda n: 0 <= n < 1, "params": lambda n: n > 0,
+             "budget": lambda n: n >= 1, "eps": lambda n: 0 < n < 1e6}
+    for key, ok in rules.items():
+        if key not in v:
+            continue
+        for val in _as_list(v[key]):
+            try:
+                n = parse_number(val)
+            except AdvtuneError:
+                raise AdvtuneError(f"{where}: {key} must be a number, got {val!r}") from None
+            if not math.isfinite(n) or not ok(n):
+                raise AdvtuneError(f"{where}: {key} = {val!r} is out of range")
 
 
 def _as_list(v: Any) -> list:

@@ -229,6 +229,14 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     missing = [k for k in ("input_shape", "num_classes") if k not in meta]
     if missing:
         raise AdvtuneError(f"{directory / META_FILE} lacks {', '.join(missing)}; it was not written by advtune's save_model")
+    shape, classes = meta["input_shape"], meta["num_classes"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                               for v in shape)):
+        raise AdvtuneError(f"{directory / META_FILE}: input_shape must be [channels, height, width] (positive integers), "
+                           f"got {shape!r}; the file was edited or damaged")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 100_000:
+        raise AdvtuneError(f"{directory / META_FILE}: num_classes must be an integer >= 2, got {classes!r}; "
+                           "the file was edited or damaged")
     model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
     load_weights(model, directory / WEIGHTS_FILE, f"{directory / WEIGHTS_FILE}")
     return model.to(device).eval(), meta

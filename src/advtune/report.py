@@ -282,6 +282,20 @@ def headline(rows: list[dict]) -> list[str]:
 
 def write_report(folder: str | os.PathLike) -> dict[str, Path]:
     """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
+    records; a partial or corrupt record is a one-line error naming the folder."""
+    return _guarded(_write_report, folder, "advtune experiment CONFIG --out")
+
+
+def _guarded(fn, folder, how: str) -> dict[str, Path]:
+    try:
+        return fn(folder)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise AdvtuneError(f"{folder}: its records are incomplete or corrupt ({type(e).__name__}: {e}); "
+                           f"re-run `{how} {folder}` to complete them") from None
+
+
+def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
+    """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
     records. Every number comes from results.json and the analysis files; nothing is recomputed."""
     import base64
     import html
@@ -398,6 +412,10 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
 def write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
     """report.html (self-contained) and report.md of an `advtune harden` folder, from its records:
     before/after robustness, what was trained and where it sits, what every stage cost."""
+    return _guarded(_write_harden_report, folder, "advtune harden BASE --resume --out")
+
+
+def _write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
     import base64
     import html
     import json

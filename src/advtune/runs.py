@@ -126,7 +126,15 @@ class RunDir:
         p = self.path / METRICS
         if not p.is_file():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise AdvtuneError(f"{p} line {i} is not valid JSON (a corrupt record); re-create the run or "
+                                       "delete the file") from None
+        return rows
 
     def write_cost(self, meter: CostMeter) -> None:
         self.write_json(COST, meter.to_json())

@@ -59,6 +59,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise AdvtuneError(f"{name} must be an integer, got {v!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.eval_batch_size <= 0 or self.val_attack_limit <= 0:
             raise AdvtuneError("eval batch size and val attack limit must be positive")
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -634,6 +637,9 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
                     group["lr"] = lr
                 step_objective = objective.at((epoch * steps_per_epoch + step) / max(total, 1)) if hasattr(objective, "at") else objective
                 out = step_objective(model, x, y, generator=g)
+                if not bool(torch.isfinite(out["loss"])):   # never train on (or save) a NaN model
+                    raise AdvtuneError(f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step {step + 1}; "
+                                       "lower the learning rate (--lr) or check the data for NaN/huge values")
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 trainable.mask_grads()
