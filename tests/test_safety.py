@@ -214,3 +214,60 @@ def test_a_nan_loss_stops_training_with_an_error(tmp_path, capsys):
 def test_finetune_checks_monitor_before_training(finished, tmp_path, capsys):
     assert main(["finetune", str(finished), "--eps", "0.1", "--monitor", "-5", "--out", str(tmp_path / "ft"), "--quiet"]) == 2
     assert "--monitor must be" in capsys.readouterr().err and not (tmp_path / "ft").exists()
+
+
+# ---------------------------------------------------------------- the Python API boundary of the attacks
+
+@pytest.fixture(scope="module")
+def bn_model():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 5))
+
+
+@pytest.mark.parametrize("spec", ["fgsm", "pgd:steps=2", "mifgsm:steps=2", "apgd-ce:steps=2", "apgd-t:steps=2,n_target_classes=1",
+                                  "square:queries=3"])
+def test_attacks_refuse_bad_calls_and_leave_batchnorm_statistics_alone(bn_model, spec):
+    import torch
+
+    from advtune.attacks import build_attack
+    from advtune.threat import ThreatModel
+
+    attack = build_attack(spec, ThreatModel("linf", 0.3))
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 5, (6,))
+    bad = [((x * 255, y), "must lie in \\[0, 1\\]"),
+           ((torch.where(x > 0.5, float("nan"), x), y), "NaN"),
+           ((x[:, :, :, :4], y), "cannot take inputs of shape"),
+           ((torch.rand(6, 3, 8, 8), y), "cannot take inputs of shape"),
+           ((x.double(), y), "convert x"),
+           ((x, y + 5), "labels must be in \\[0, 4\\]"),
+           ((x, -y - 1), "labels must be class indices >= 0")]
+    for (xb, yb), message in bad:
+        with pytest.raises(AdvtuneError, match=message):
+            attack(bn_model, xb, yb)
+    with pytest.raises(AdvtuneError, match="torch.Generator"):
+        attack(bn_model, x, y, generator=0)
+    # pure in train mode too: the attack uses batch statistics, as the caller chose, but moves none
+    bn_model.train()
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    try:
+        x_adv = attack(bn_model, x, y, generator=torch.Generator().manual_seed(0))
+    finally:
+        bn_model.eval()
+    assert all(torch.equal(v, bn_model.state_dict()[k]) for k, v in before.items())
+    assert float((x_adv - x).abs().max()) <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_robust_accuracy_refuses_a_generator_that_is_not_one(bn_model):
+    import torch
+
+    from advtune.attacks import build_attack
+    from advtune.evaluate import robust_accuracy
+    from advtune.threat import ThreatModel
+
+    with pytest.raises(AdvtuneError, match="torch.Generator"):
+        robust_accuracy(bn_model, (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
+                        [build_attack("fgsm", ThreatModel("linf", 0.1))], generator=42)

@@ -312,6 +312,8 @@ def robust_accuracy(model: nn.Module, data, attacks: Sequence[Attack] | Attack, 
     gate: run `masking_gate` afterwards and record its findings in `EvalResult.suspect`.
     """
     attacks = _check_attacks(attacks)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise AdvtuneError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     threat = attacks[0].threat
     specs = [_spec(a) for a in attacks]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

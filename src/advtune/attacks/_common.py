@@ -8,7 +8,9 @@ Conventions every attack follows (DESIGN.md, "Attacks are pure"):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from typing import Callable, Protocol, runtime_checkable
 
@@ -104,11 +106,11 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
     """
     if not need_grad:
         with torch.no_grad():
-            logits = model(x)
+            logits = checked_logits(model, x, y, target)
             return loss_fn(logits, y, target).detach(), logits.detach(), None
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
-        logits = model(x_var)
+        logits = checked_logits(model, x_var, y, target)
         loss = loss_fn(logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), [x_var])
     return loss.detach(), logits.detach(), grad.detach()
@@ -170,6 +172,89 @@ def check_call(x: Tensor, y: Tensor, target: Tensor | None, name: str) -> None:
         if not isinstance(t, Tensor) or t.dim() != 1 or len(t) != len(x) or t.is_floating_point():
             raise AdvtuneError(f"{name}: {what} must be an integer tensor of shape ({len(x)},), got "
                                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+
+
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, threat: ThreatModel,
+                 generator, name: str) -> None:
+    """The API boundary of every attack: what a person can get wrong, as one-line AdvtuneErrors."""
+    check_call(x, y, target, name)
+    if not isinstance(model, nn.Module):
+        raise AdvtuneError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise AdvtuneError(f"{name}: generator must be a torch.Generator (or None), got {type(generator).__name__}; "
+                           "e.g. torch.Generator().manual_seed(0)")
+    p = next(model.parameters(), None)
+    if p is not None and x.device != p.device:
+        raise AdvtuneError(f"{name}: x is on {x.device} but the model is on {p.device}; move x with x.to({str(p.device)!r})")
+    if p is not None and p.is_floating_point() and x.dtype != p.dtype:
+        raise AdvtuneError(f"{name}: x is {x.dtype} but the model is {p.dtype}; convert x with x.to({p.dtype})")
+    for t, what in ((y, "y"), (target, "target")):
+        if t is not None and t.device != x.device:
+            raise AdvtuneError(f"{name}: {what} is on {t.device} but x on {x.device}; move it with {what}.to(x.device)")
+    if len(x) == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise AdvtuneError(f"{name}: x contains NaN or inf; clean the data first")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < threat.lower - 1e-6 or hi > threat.upper + 1e-6:
+        raise AdvtuneError(f"{name}: x must lie in [{threat.lower:g}, {threat.upper:g}] (pixel space; normalisation is "
+                           f"the model's first layer), got values in [{lo:.4g}, {hi:.4g}]; undo the normalisation or "
+                           "divide by 255")
+    if int(y.min()) < 0:
+        raise AdvtuneError(f"{name}: labels must be class indices >= 0, got {int(y.min())}")
+
+
+def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """model(x), with the mistakes that would surface deep inside torch turned into one-line errors:
+    inputs the model cannot take (channels, size), outputs that are not logits, labels >= classes."""
+    try:
+        out = model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdvtuneError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first[:160]}; "
+                           "check the channels and image size the model was built for") from None
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise AdvtuneError(f"the model must return logits of shape (N, classes), got "
+                           f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+    for t, what in ((y, "labels"), (target, "targets")):
+        if t is not None and len(t) and int(t.max()) >= out.shape[1]:
+            raise AdvtuneError(f"{what} must be in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} "
+                               f"outputs, got {int(t.max())}")
+    return out
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Attacks are pure: a model in train mode runs the attack with batch statistics, as the caller
+    chose, but its BatchNorm running statistics are put back afterwards."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [[b.detach().clone() if b is not None else None
+              for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(bns, saved):
+                for buf, old in ((m.running_mean, mean), (m.running_var, var), (m.num_batches_tracked, count)):
+                    if buf is not None and old is not None:
+                        buf.copy_(old)
+
+
+def attack_entry(name: str):
+    """Decorator for an attack's functional entry point `fn(model, x, y, threat, ..., target=, generator=)`:
+    validates the call (check_inputs) and keeps the model's buffers as they were (preserved_buffers)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(model, x, y, threat, *args, **kwargs):
+            if not isinstance(model, nn.Module):
+                raise AdvtuneError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+            with preserved_buffers(model):   # the check's probe forward must not move BN statistics either
+                check_inputs(model, x, y, kwargs.get("target"), threat, kwargs.get("generator"), name)
+                return fn(model, x, y, threat, *args, **kwargs)
+        return wrapper
+    return deco
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:

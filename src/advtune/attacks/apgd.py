@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
-from ._common import (LOSSES, Best, LossFn, check_call, check_choice, check_float, check_int, check_threat,
+from ._common import (attack_entry, checked_logits, LOSSES, Best, LossFn, check_call, check_choice, check_float, check_int, check_threat,
                       fmt_spec, loss_and_grad, success, with_restarts)
 
 MOMENTUM = 0.75   # alpha in the paper
@@ -96,6 +96,7 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps
     return best
 
 
+@attack_entry('apgd')
 def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
          loss: str = "ce", rho: float = 0.75, target: Tensor | None = None,
          generator: torch.Generator | None = None) -> Tensor:
@@ -112,6 +113,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: 
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
 
+@attack_entry('apgd-t')
 def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100,
                   restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
                   generator: torch.Generator | None = None) -> Tensor:
@@ -128,7 +130,7 @@ def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *
             break
         xs, ys = x[idx], y[idx]
         with torch.no_grad():
-            logits = model(xs)
+            logits = checked_logits(model, xs, ys) if rank == 1 else model(xs)
         if rank == 1 and logits.shape[1] < 4:
             raise AdvtuneError(f"apgd-t needs a model with at least 4 classes (targeted DLR), this one has "
                                f"{logits.shape[1]}; use apgd-ce instead")

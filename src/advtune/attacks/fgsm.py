@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ..threat import ThreatModel
-from ._common import ce_loss, check_call, check_float, check_threat, fmt_spec, loss_and_grad
+from ._common import attack_entry, ce_loss, check_call, check_float, check_threat, fmt_spec, loss_and_grad
 
 
+@attack_entry('fgsm')
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, step_size: float | None = None,
          random_start: bool = False, target: Tensor | None = None,
          generator: torch.Generator | None = None) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
-from ._common import (LOSSES, Best, check_call, check_choice, check_float, check_int, check_threat,
+from ._common import (attack_entry, LOSSES, Best, check_call, check_choice, check_float, check_int, check_threat,
                       fmt_spec, loss_and_grad, success, with_restarts)
 
 
@@ -40,6 +40,7 @@ def _iterate(model, x, y, target, threat, steps, loss_fn, x_start, step_fn) -> B
     return best
 
 
+@attack_entry('pgd')
 def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 10,
         step_size: float | None = None, restarts: int = 1, loss: str = "ce", random_start: bool = True,
         target: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -59,6 +60,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: i
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
 
+@attack_entry('mifgsm')
 def mifgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 10,
            step_size: float | None = None, decay: float = 1.0, loss: str = "ce",
            target: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ..utils import sample_on
-from ._common import (Best, check_call, check_float, check_int, check_threat, fmt_spec, margin, success,
+from ._common import (attack_entry, checked_logits, Best, check_call, check_float, check_int, check_threat, fmt_spec, margin, success,
                       with_restarts)
 
 # the paper's p-schedule, on a 10,000-query scale: (upper end of the iteration range, divisor of p_init)
@@ -51,7 +51,7 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, t
     eps = threat.eps
     x_best = threat.project(x + eps * _rand_sign((n, c, 1, w), generator, dev, x), x)
     with torch.no_grad():
-        logits = model(x_best)
+        logits = checked_logits(model, x_best, y, target)
     m, fooled = margin(logits, y, target), success(logits, y, target)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
@@ -79,6 +79,7 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, t
     return Best(x_best, -m, fooled)
 
 
+@attack_entry('square')
 def square(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, queries: int = 5000,
            p_init: float = 0.8, restarts: int = 1, target: Tensor | None = None,
            generator: torch.Generator | None = None) -> Tensor:
