@@ -271,3 +271,28 @@ def test_robust_accuracy_refuses_a_generator_that_is_not_one(bn_model):
     with pytest.raises(AdvtuneError, match="torch.Generator"):
         robust_accuracy(bn_model, (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
                         [build_attack("fgsm", ThreatModel("linf", 0.1))], generator=42)
+
+
+def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, tmp_path, capsys):
+    import yaml
+
+    ana = tmp_path / "ana"
+    assert main(["analyze", str(finished), "--eps", "0.2", "--criteria", "taylor", "--limit", "32",
+                 "--curve-limit", "0", "--out", str(ana), "--quiet"]) == 0
+    before = snapshot(ana)
+    assert main(["analyze", str(finished), "--eps", "0.2", "--attack", "no-such", "--out", str(ana),
+                 "--overwrite", "--quiet"]) == 2
+    assert "unknown attack" in capsys.readouterr().err and snapshot(ana) == before
+    cfg = {"name": "t", "seed": 0, "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm", "limit": 32},
+           "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
+           "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "fgsm"}]}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "exp"
+    assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 0
+    record = (out / "experiment.json").read_bytes()
+    cfg["variants"][0]["attack"] = "pgd:steps=2"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "was run with other settings" in capsys.readouterr().err
+    assert (out / "experiment.json").read_bytes() == record

@@ -222,10 +222,11 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     seed = int(cfg.get("seed", 0))
     device = device or cfg.get("device", "auto")
     data_dir = cfg.get("data_dir") or cfg["base"].get("data_dir")
-    atomic_write_json(out / "experiment.json", {"config": cfg, "source": str(config) if not isinstance(config, dict) else None})
     norm = cfg["threat"].get("norm", "linf")
     ev = cfg["evaluation"]
     variants = expand_variants(cfg)
+    _refuse_changed_variants(out, variants)   # before anything of a finished experiment is rewritten
+    atomic_write_json(out / "experiment.json", {"config": cfg, "source": str(config) if not isinstance(config, dict) else None})
     if only:
         missing = [o for o in only if o not in {v["name"] for v in variants}]
         if missing:
@@ -356,6 +357,20 @@ def _finite(v: dict, key: str) -> float:
     if not math.isfinite(n) or n <= 0:
         raise AdvtuneError(f"variant {v['name']}: {key} must be a positive finite number, got {v[key]!r}")
     return n
+
+
+def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
+    path = out / "variant-settings.json"
+    if not path.is_file():
+        return
+    recorded = read_json(path, "variant settings")
+    for v in variants:
+        folder = out / v["name"]
+        exists = (folder / "config.json").is_file() or (folder / f"eval-{EVAL_NAME}.json").is_file()
+        settings = {k: val for k, val in v.items() if k != "sweep_of"}
+        if exists and v["name"] in recorded and recorded[v["name"]] != settings:
+            raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
+                               f"or delete {folder} to run it again")
 
 
 def _budget(v: dict) -> int | None:

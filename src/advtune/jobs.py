@@ -532,11 +532,11 @@ def analyze_run(run: AnalyzeRun) -> dict:
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
-    rd = RunDir.create(run.out, overwrite=run.overwrite)
     seed_everything(run.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
     threat = ThreatModel(run.norm, run.eps)
     attack = build_attack(run.attack, threat)
+    rd = RunDir.create(run.out, overwrite=run.overwrite)   # everything validated: only now create/replace
     rd.write_config({"command": "analyze", "run": run.to_json(), "seed": run.seed, "base": str(run.base),
                      "dataset": ds.describe(), "split": "train", "threat": threat.to_json(), "attack": attack.spec,
                      "device": str(device)})
