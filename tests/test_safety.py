@@ -118,17 +118,30 @@ def test_files_honour_the_umask_and_orphan_tmp_files_are_cleaned(tmp_path):
     assert not (run / ".checkpoint.pt.abc123.tmp").exists()
 
 
-def test_a_read_only_output_is_a_one_line_error(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that can write anywhere (root)")
-        assert main([*TRAIN, "--out", str(ro / "run")]) == 2
-        assert "cannot write" in capsys.readouterr().err
-    finally:
-        ro.chmod(0o700)
+def test_a_read_only_or_full_output_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *a, **k):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    assert main([*TRAIN, "--out", str(tmp_path / "ro" / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write to output folder" in err and "Read-only" in err and len(err.splitlines()) == 1
+    monkeypatch.undo()
+    # a disk that fills up while training: the checkpoint write fails as one line, the run can resume
+    import advtune.utils as utils
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(utils.os, "replace", full)
+    assert main([*TRAIN, "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "free disk space" in err and len(err.splitlines()) == 1
 
 
 def test_resume_refuses_changed_training_flags_and_leaves_the_record_alone(tmp_path, capsys):
