@@ -79,7 +79,7 @@ def verdicts(points: Sequence[dict], plateau: Plateau, budget_share: float = 0.2
     """How every other curve compares with the reference plateau. Suspect points (gate) never count."""
     out = []
     for name, pts in curves(points).items():
-        if name == plateau.variant:
+        if name == plateau.variant or pts[0].get("kind") == "standard":   # the starting point is no curve
             continue
         ok = [p for p in pts if not p.get("suspect")]
         if not ok:

@@ -160,8 +160,12 @@ def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | N
         ax.axhline(100 * plat.robust_acc, ls="--", color="grey", lw=1)
         ax.axhline(100 * (plat.robust_acc - 0.02), ls=":", color="grey", lw=1)
         ax.axvline(plat.cost, ls=":", color="grey", lw=1)
-        ax.annotate(f"reference plateau {100 * plat.robust_acc:.1f}% (within {100 * PLATEAU_TOLERANCE:g} pt at {plat.cost:,})",
-                    (plat.cost, 100 * plat.robust_acc), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axvline(0.25 * plat.cost, ls=":", color="tab:green", lw=1)
+        ax.annotate(f"{plat.variant} plateau {100 * plat.robust_acc:.1f}% (reached within {100 * PLATEAU_TOLERANCE:g} pt at "
+                    f"{plat.cost:,}); dotted: plateau - 2 pt", (plat.cost, 100 * plat.robust_acc), fontsize=7, ha="right",
+                    xytext=(-4, 4), textcoords="offset points")
+        ax.annotate("25% of that cost", (0.25 * plat.cost, 2), fontsize=7, color="tab:green", ha="right",
+                    xytext=(-3, 0), textcoords="offset points")
     except AdvtuneError:
         pass
     ax.set_xscale("log")
@@ -169,7 +173,7 @@ def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | N
     ax.set_ylabel("worst-case robust accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.set_title(title or "Robustness per compute (x: suspect evaluation)", fontsize=9)
     return _save(fig, path)
 
@@ -229,8 +233,10 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def headline(rows: list[dict]) -> list[str]:
-    """Plain-language findings, computed from the rows (no claim is written that the numbers don't make)."""
+def headline(rows: list[dict], frontier: bool = False) -> list[str]:
+    """Plain-language findings, computed from the rows (no claim is written that the numbers don't make).
+    frontier=True: the frontier's findings already compare with adversarial training (counting costs
+    alike on every curve), so the final-model comparison with it is left out."""
     out = []
     by_eps: dict[float, list[dict]] = {}
     for r in rows:
@@ -243,7 +249,7 @@ def headline(rows: list[dict]) -> list[str]:
             if r.get("suspect"):
                 out.append(f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
                            "its robust accuracy is not trustworthy and it is not called robust here.")
-        if full and sel:
+        if full and sel and not frontier:
             ref = max(full, key=lambda r: r["robust_acc"])
             best = max((r for r in sel if not r.get("suspect")), key=lambda r: r["robust_acc"], default=None)
             if best is not None:
@@ -347,7 +353,7 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
             for k, v in agree.items():
                 analysis_notes.append(f"{a.name}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}.")
     head, body = _table(rows)
-    findings = frontier_notes + headline(rows)
+    findings = frontier_notes + headline(rows, frontier=bool(frontier_notes))
     ev = cfg.get("evaluation", {})
     protocol = (f"Threat model {cfg.get('threat', {}).get('norm', 'linf')}, eps {cfg.get('threat', {}).get('eps')}. "
                 f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
@@ -366,8 +372,9 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
     md += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in body]
     md += ["", "Costs: gradient evaluations = forward+backward passes of one example during training (attack steps "
-           "plus the update). Selective and full fine-tuning start from the standard model; its training cost is not "
-           "included. '+ analysis' is the scoring attack behind a selection.", ""]
+           "plus the update). Selective and full fine-tuning start from the standard model; this table shows their own "
+           "training only, '+ analysis' the scoring attack behind a selection. The frontier (figure and findings) counts "
+           "every curve alike: fine-tuning curves there include the base model's training and the analysis.", ""]
     if analysis_notes:
         md += ["## Vulnerability analysis", ""] + [f"- {n}" for n in analysis_notes] + [""]
     for caption, p in figs:
