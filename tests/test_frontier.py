@@ -128,6 +128,7 @@ def test_plateau_and_budget_arithmetic():
              "robust_acc": r, "clean_acc": 0.95} for c, r in ((30, 0.5), (70, 0.885), (90, 0.89))]
     plat = reference_plateau(pts)
     assert plat.robust_acc == 0.90 and plat.cost == 300          # first point within 1 point of the best
+    assert plat.first_robust_acc == 0.895 and plat.best_cost == 400   # the two checkpoints are told apart
     (v,) = verdicts(pts, plat)
     assert v.reached_target and v.cost_to_target == 70 and v.cost_share_of_reference == pytest.approx(70 / 300)
     assert v.robust_at_reference_budget == 0.885                   # 25% of 300 = 75: the points at 30 and 70

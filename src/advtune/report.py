@@ -175,7 +175,7 @@ def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | N
     top = max([100 * p["robust_acc"] for p in points] + [10.0])
     ax.set_ylim(-2, min(102, top * 1.25 + 5))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="best", ncol=2)
     ax.set_title(title or "Robustness per compute (x: suspect evaluation)", fontsize=9)
     return _save(fig, path)
 
