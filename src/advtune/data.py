@@ -242,6 +242,19 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     return ds
 
 
+def _probe_folder(key: str, folder: Path) -> tuple[Dataset | None, str | None]:
+    """(the dataset, None) when `folder` holds all of it; (None, "<folder> lacks ...") when it holds only
+    some of its files; (None, None) when it holds none."""
+    found = _read_if_present(key, folder)
+    if found is not None:
+        log.info("%s: read from %s", key, folder)
+        return found, None
+    missing = _missing_files(key, folder)
+    if missing and len(missing) < len(_required_files(key)):
+        return None, f"{folder} lacks {', '.join(missing)}"
+    return None, None
+
+
 def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     spec = SPECS[key]
     if data_dir:  # a folder the user named must hold the dataset: never fall back silently to another one
@@ -250,14 +263,11 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             raise AdvtuneError(f"--data-dir {root} does not exist; point it at the folder holding {spec.folder}/")
         for folder in (root / spec.folder, root) if root.is_dir() else ():
             if folder.is_dir():
-                found = _read_if_present(key, folder)
+                found, lacking = _probe_folder(key, folder)
                 if found is not None:
-                    log.info("%s: read from %s", key, folder)
                     return found
-                missing = _missing_files(key, folder)
-                if missing and len(missing) < len(_required_files(key)):
-                    raise AdvtuneError(f"{key} in --data-dir is incomplete: {folder} lacks {', '.join(missing)}; "
-                                       "add the missing file(s)")
+                if lacking:
+                    raise AdvtuneError(f"{key} in --data-dir is incomplete: {lacking}; add the missing file(s)")
         if not download:
             raise AdvtuneError(f"--data-dir {root} does not hold {key} (expected {root / spec.folder}/ with "
                                f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download")
@@ -275,13 +285,11 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             if not folder.is_dir():
                 continue
             looked.append(str(folder))
-            found = _read_if_present(key, folder)
+            found, lacking = _probe_folder(key, folder)
             if found is not None:
-                log.info("%s: read from %s", key, folder)
                 return found
-            missing = _missing_files(key, folder)
-            if missing and len(missing) < len(_required_files(key)):
-                incomplete.append(f"{folder} lacks {', '.join(missing)}")
+            if lacking:
+                incomplete.append(lacking)
     if incomplete:
         raise AdvtuneError(f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download")
     if not download:

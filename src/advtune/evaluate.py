@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attacks import APGD, APGDT, FGSM, PGD, Attack, Square
+from .attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from .attacks._common import margin
 from .errors import AdvtuneError
 from .threat import ThreatModel
@@ -225,18 +225,9 @@ def _check_batch(x: Tensor, y: Tensor, threat: ThreatModel) -> None:
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
-    """First forward on a tiny batch: turn shape errors into a message a person can act on."""
-    try:
-        with torch.no_grad():
-            out = model(x[:2])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdvtuneError(f"the model cannot take inputs of shape {tuple(x.shape[1:])} (per example): {first}; "
-                           "check the number of channels and the image size the model was built for") from None
-    if not isinstance(out, Tensor) or out.dim() != 2:
-        raise AdvtuneError(f"the model must return logits of shape (N, classes), got "
-                           f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-    return out.shape[1]
+    """First forward on a tiny batch: shape errors become a message a person can act on."""
+    with torch.no_grad():
+        return logits_of(model, x[:2]).shape[1]
 
 
 def _check_attacks(attacks) -> list[Attack]:

@@ -275,16 +275,12 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
     recorded = read_json(settings_file, "variant settings") if settings_file.is_file() else {}
     for v in variants:
         folder = out / v["name"]
-        settings = {k: val for k, val in v.items() if k != "sweep_of"}
-        if v["name"] in recorded and not started(folder) and not (folder / f"eval-{EVAL_NAME}.json").is_file():
-            del recorded[v["name"]]   # recorded, but nothing of it exists (refused, or its folder deleted): start afresh
-        if v["name"] in recorded and recorded[v["name"]] != settings:
-            raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
-                               f"or delete {folder} to run it again")
+        # a variant run with other settings was refused up front (_refuse_changed_variants); one recorded but
+        # with nothing of it on disk (refused, or its folder deleted) starts afresh with the settings it has now
         if finished(folder):
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
-        recorded[v["name"]] = settings
+        recorded[v["name"]] = _settings(v)
         atomic_write_json(settings_file, recorded)
         eps = _eps_value(v["eps"])
         kind = v["kind"]
@@ -359,7 +355,14 @@ def _finite(v: dict, key: str) -> float:
     return n
 
 
+def _settings(v: dict) -> dict:
+    """A variant's resolved settings as variant-settings.json records them."""
+    return {k: val for k, val in v.items() if k != "sweep_of"}
+
+
 def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
+    """A variant with something on disk (its run or its evaluation) that was run with other settings
+    is refused before anything of the experiment is rewritten: never mixed in."""
     path = out / "variant-settings.json"
     if not path.is_file():
         return
@@ -367,8 +370,7 @@ def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
     for v in variants:
         folder = out / v["name"]
         exists = (folder / "config.json").is_file() or (folder / f"eval-{EVAL_NAME}.json").is_file()
-        settings = {k: val for k, val in v.items() if k != "sweep_of"}
-        if exists and v["name"] in recorded and recorded[v["name"]] != settings:
+        if exists and v["name"] in recorded and recorded[v["name"]] != _settings(v):
             raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
                                f"or delete {folder} to run it again")
 

@@ -89,6 +89,8 @@ def train_run(run: TrainRun) -> dict:
     if run.resume and rd.file(CONFIG).is_file():
         _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     if run.resume:
+        from .train import check_resume
+
         check_resume(rd.path, cfg)
     config = {"command": "train", "run": run.to_json(), "seed": cfg.seed, "dataset": ds.describe(),
               "objective": objective.describe(), "guard": bool(callbacks), "device": str(device),
@@ -198,12 +200,6 @@ def dataset_spec(name: str) -> str:
     return name if name.strip().lower() in DATASETS else str(Path(name).expanduser().resolve())
 
 
-def check_resume(folder, cfg) -> None:
-    from .train import check_resume as check
-
-    check(folder, cfg)
-
-
 def write_config_once(rd: RunDir, config: dict) -> None:
     """config.json records how a run started; a resume appends when, and keeps the original."""
     import time
@@ -230,16 +226,13 @@ def _check_same_run(saved: dict, now: dict) -> None:
     """A resume must use the settings the run started with (training ones included, whether or not a
     checkpoint exists yet); only where it runs may change: the folder's path (a moved run resumes),
     the device, and the number of epochs."""
-    from .train import TrainConfig
+    from .train import config_changes
 
     ignore = {"resume", "overwrite", "device", "out", "train"}
     changed = [(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k]) for k in now
                if k not in ignore and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]]
     if isinstance(now.get("train"), dict):
-        defaults = {f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}
-        old = saved.get("train") or {}
-        changed += [(f"train.{k}", old.get(k, defaults.get(k)), v) for k, v in now["train"].items()
-                    if k not in ("epochs", "checkpoint_every") and old.get(k, defaults.get(k)) != v]
+        changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]
     if changed:
         raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changed)}); "
                            "use the original flags or a new --out")
@@ -446,6 +439,8 @@ def finetune_run(run: FinetuneRun) -> dict:
     if run.resume and rd.file(CONFIG).is_file():
         _check_same_run(rd.read_json(CONFIG).get("run", {}), run.to_json())
     if run.resume:
+        from .train import check_resume
+
         check_resume(rd.path, cfg)
     config = {"command": "finetune", "run": run.to_json(), "seed": cfg.seed, "base": str(run.base),
               "dataset": ds.describe(), "objective": objective.describe(), "threat": threat.to_json(),

@@ -725,12 +725,21 @@ def _save_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
     atomic_write_bytes(path, buf.getvalue())
 
 
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every")   # the training settings a resume may change
+
+
+def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, now) for every training setting a resume would change, other than
+    RESUMABLE_CHANGES; a key an older record lacks counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [(k, saved.get(k, defaults.get(k)), v) for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v]
+
+
 def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
-    mine = cfg.to_json()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # for keys older checkpoints lack
-    changed = [k for k in mine if k not in ("epochs", "checkpoint_every") and saved.get(k, defaults[k]) != mine[k]]
+    changed = config_changes(saved, cfg.to_json())
     if changed:
-        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {saved.get(k)} -> {mine[k]}' for k in changed)}); "
+        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {a} -> {b}' for k, a, b in changed)}); "
                            "use the original settings or start a new run")
 
 

@@ -178,8 +178,6 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, 
                  generator, name: str) -> None:
     """The API boundary of every attack: what a person can get wrong, as one-line AdvtuneErrors."""
     check_call(x, y, target, name)
-    if not isinstance(model, nn.Module):
-        raise AdvtuneError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise AdvtuneError(f"{name}: generator must be a torch.Generator (or None), got {type(generator).__name__}; "
                            "e.g. torch.Generator().manual_seed(0)")
@@ -204,9 +202,9 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, 
         raise AdvtuneError(f"{name}: labels must be class indices >= 0, got {int(y.min())}")
 
 
-def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
     """model(x), with the mistakes that would surface deep inside torch turned into one-line errors:
-    inputs the model cannot take (channels, size), outputs that are not logits, labels >= classes."""
+    inputs the model cannot take (channels, size) and outputs that are not (N, classes) logits."""
     try:
         out = model(x)
     except RuntimeError as e:
@@ -216,6 +214,12 @@ def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise AdvtuneError(f"the model must return logits of shape (N, classes), got "
                            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+    return out
+
+
+def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """:func:`logits_of`, and labels (and targets) that fit the model's number of outputs."""
+    out = logits_of(model, x)
     for t, what in ((y, "labels"), (target, "targets")):
         if t is not None and len(t) and int(t.max()) >= out.shape[1]:
             raise AdvtuneError(f"{what} must be in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} "
@@ -250,7 +254,7 @@ def attack_entry(name: str):
         def wrapper(model, x, y, threat, *args, **kwargs):
             if not isinstance(model, nn.Module):
                 raise AdvtuneError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
-            with preserved_buffers(model):   # the check's probe forward must not move BN statistics either
+            with preserved_buffers(model):
                 check_inputs(model, x, y, kwargs.get("target"), threat, kwargs.get("generator"), name)
                 return fn(model, x, y, threat, *args, **kwargs)
         return wrapper
