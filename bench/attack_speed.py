@@ -28,7 +28,7 @@ from torch import nn
 
 from advtune.attacks import APGD, APGDT, PGD, Square
 from advtune.data import synthetic_blobs
-from advtune.evaluate import robust_accuracy, suite
+from advtune.evaluation import robust_accuracy, suite
 from advtune.threat import ThreatModel
 
 

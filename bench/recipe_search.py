@@ -16,7 +16,7 @@ from advtune.data import load_dataset
 from advtune.models import model_for
 from advtune.threat import ThreatModel
 from advtune.attacks import build_attack
-from advtune.train import accuracy, robust_accuracy_quick
+from advtune.metrics import accuracy, robust_accuracy_quick
 from advtune.utils import make_generator, eval_mode
 
 ap = argparse.ArgumentParser()

@@ -10,7 +10,7 @@ from torch import nn
 
 from advtune.attacks import FGSM, PGD, build_attack
 from advtune.errors import AdvtuneError
-from advtune.evaluate import eps_curve, robust_accuracy, suite
+from advtune.evaluation import eps_curve, robust_accuracy, suite
 from advtune.report import plot_eps_curve
 from advtune.threat import ThreatModel
 from conftest import TinyCNN
@@ -133,7 +133,7 @@ def test_gate_flags_a_planted_masking_model(tiny_model, data, caplog):
     masked = Wrap(tiny_model, pre=ZeroGradRound.apply)
     threat = ThreatModel("linf", 0.2)
     attacks = quick(threat) + [build_attack("square:queries=200", threat)]
-    with caplog.at_level(logging.WARNING, logger="advtune.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="advtune.evaluation"):
         r = robust_accuracy(masked, (x, y), attacks, generator=torch.Generator().manual_seed(0))
     assert r.clean_accuracy > 0.95
     assert r.accuracy["pgd"] == r.clean_accuracy      # gradient attacks are blind here ...
@@ -222,7 +222,7 @@ def test_suites():
 
 def test_inputs_outside_unit_range_are_rejected(tiny_model, data):
     x, y = data
-    with pytest.raises(AdvtuneError, match=r"inputs must lie in \[0, 1\].*divide by 255"):
+    with pytest.raises(AdvtuneError, match=r"images must lie in \[0, 1\].*divide by 255"):
         robust_accuracy(tiny_model, ((x - 0.5) / 0.25, y), quick(), gate=False)
     with pytest.raises(AdvtuneError, match="uint8.*/ 255"):
         robust_accuracy(tiny_model, ((x * 255).to(torch.uint8), y), quick(), gate=False)

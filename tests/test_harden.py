@@ -104,11 +104,11 @@ def test_not_a_run_and_a_model_without_layers(base, tmp_path, capsys, monkeypatc
 
 
 def test_python_api_hardens_a_users_own_model(blobs):
-    """advtune.harden.harden on any nn.Module and (x, y) tensors: robust after, only the selection
+    """advtune.hardening.harden on any nn.Module and (x, y) tensors: robust after, only the selection
     changed, the input model untouched."""
     import copy
 
-    from advtune.harden import Recipe, harden
+    from advtune.hardening import Recipe, harden
     from conftest import TinyCNN, train_tiny
 
     x, y, xt, yt = blobs
@@ -121,5 +121,5 @@ def test_python_api_hardens_a_users_own_model(blobs):
     changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), res.model.parameters()))
     assert 0 < changed <= res.selection.trainable_params(model) <= 0.3 * sum(p.numel() for p in model.parameters())
     assert res.finetune_cost["grad_evals"] >= 60000 and res.summary()["after"]["robust_acc"] == res.after.worst_case_accuracy
-    with pytest.raises(Exception, match="pixels in \\[0, 1\\]"):
+    with pytest.raises(Exception, match="must lie in \\[0, 1\\]"):
         harden(model, (x * 255, y), eps=0.2)

@@ -8,10 +8,11 @@ import torch
 
 from advtune.attacks import FGSM, PGD
 from advtune.data import load_dataset
-from advtune.evaluate import robust_accuracy
+from advtune.evaluation import robust_accuracy
 from advtune.models import model_for
 from advtune.threat import ThreatModel
-from advtune.train import TrainConfig, accuracy, clean, fit
+from advtune.metrics import accuracy
+from advtune.train import TrainConfig, clean, fit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/mnist not present")]

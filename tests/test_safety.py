@@ -278,7 +278,7 @@ def test_robust_accuracy_refuses_a_generator_that_is_not_one(bn_model):
     import torch
 
     from advtune.attacks import build_attack
-    from advtune.evaluate import robust_accuracy
+    from advtune.evaluation import robust_accuracy
     from advtune.threat import ThreatModel
 
     with pytest.raises(AdvtuneError, match="torch.Generator"):

@@ -15,7 +15,8 @@ from advtune.data import TensorData
 from advtune.errors import AdvtuneError
 from advtune.models import Normalize
 from advtune.threat import ThreatModel
-from advtune.train import OverfitGuard, TrainConfig, accuracy, adversarial, clean, fit, trades
+from advtune.metrics import accuracy
+from advtune.train import OverfitGuard, TrainConfig, adversarial, clean, fit, trades
 
 THREAT = ThreatModel("linf", 0.1)
 

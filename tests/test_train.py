@@ -9,7 +9,8 @@ from advtune.cost import CostMeter
 from advtune.data import TensorData, load_dataset
 from advtune.errors import AdvtuneError
 from advtune.models import model_for
-from advtune.train import CHECKPOINT_FILE, TrainConfig, accuracy, adversarial, clean, fit, lr_at
+from advtune.metrics import accuracy
+from advtune.train import CHECKPOINT_FILE, TrainConfig, adversarial, clean, fit, lr_at
 from advtune.utils import atomic_write_bytes
 
 

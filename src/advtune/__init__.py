@@ -1,2 +1,66 @@
-"""advtune: find the CNN components adversarial attacks exploit and fine-tune only those."""
+"""advtune: find the CNN components adversarial attacks exploit and fine-tune only those.
+
+    import advtune
+    result = advtune.evaluate(model, (x, y), eps=0.3)          # honest robustness, gate on
+    vmap = advtune.analyze(model, train_loader, eps=0.3)        # which units the attack exploits
+    hardened = advtune.harden(model, train_loader, eps=0.3, test=(x, y)).model
+
+See docs/api.md. Names are imported on first use, so `import advtune` (and `advtune --help`) does
+not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it (one home each)
+_EXPORTS = {
+    # the four jobs, for any nn.Module and any (x, y) data
+    "evaluate": "api", "analyze": "api", "harden": "api", "fit": "api",
+    "VulnerabilityMap": "api", "load_model": "api", "save_model": "api",
+    # results and settings
+    "EvalResult": "evaluation", "suite": "evaluation", "eps_curve": "evaluation",
+    "HardenResult": "hardening", "Recipe": "hardening",
+    "TrainConfig": "train", "History": "train", "clean": "train", "adversarial": "train", "trades": "train",
+    "ScoreTable": "vulnerability", "ConcentrationCurve": "vulnerability",
+    "Selection": "components", "Component": "components",
+    # threat model and attacks
+    "ThreatModel": "threat",
+    "Attack": "attacks", "FGSM": "attacks", "PGD": "attacks", "MIFGSM": "attacks", "APGD": "attacks",
+    "APGDT": "attacks", "Square": "attacks", "build_attack": "attacks", "list_attacks": "attacks",
+    # data and models
+    "load_dataset": "data", "list_datasets": "data", "Dataset": "data", "TensorData": "data",
+    "build_model": "models", "list_models": "models",
+    "AdvtuneError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'advtune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value   # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
+    from .api import VulnerabilityMap, analyze, evaluate, fit, harden, load_model, save_model
+    from .attacks import APGD, APGDT, FGSM, MIFGSM, PGD, Attack, Square, build_attack, list_attacks
+    from .components import Component, Selection
+    from .data import Dataset, TensorData, list_datasets, load_dataset
+    from .errors import AdvtuneError
+    from .evaluation import EvalResult, eps_curve, suite
+    from .hardening import HardenResult, Recipe
+    from .models import build_model, list_models
+    from .threat import ThreatModel
+    from .train import History, TrainConfig, adversarial, clean, trades
+    from .vulnerability import ConcentrationCurve, ScoreTable

@@ -112,7 +112,12 @@ def add_train_parser(sub) -> None:
                        description="Train a model by name on a dataset by name. Writes model.safetensors, "
                                    "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.")
     _data_args(p)
-    p.add_argument("--model", required=True, help="one of: " + ", ".join(list_models()))
+    p.add_argument("--model", required=True,
+                   help="one of: " + ", ".join(list_models()) + "; or your own: path/to/file.py:factory or "
+                        "package.module:factory (a function returning an nn.Module on pixels in [0, 1]; it gets "
+                        "input_shape= and num_classes= if its signature names them)")
+    p.add_argument("--weights", help="start from these weights (a .safetensors file of the model's state_dict); "
+                                     "with --epochs 0 the run records the model as it is, for evaluate/analyze/harden")
     _train_args(p)
     a = p.add_argument_group("adversarial training")
     a.add_argument("--adversarial", metavar="ATTACK", help="train on adversarial examples of this attack spec, e.g. pgd:steps=10")
@@ -128,7 +133,7 @@ def add_train_parser(sub) -> None:
 def run_train(args) -> int:
     from .jobs import TrainRun, train_run
 
-    run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args),
+    run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args), weights=args.weights,
                    data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
                    device=args.device, adversarial=args.adversarial, norm=args.norm, eps=args.eps,
                    attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
@@ -342,7 +347,7 @@ def run_info(args) -> int:
 
 
 def add_harden_parser(sub) -> None:
-    from .harden import PROTOCOL, Recipe
+    from .hardening import PROTOCOL, Recipe
 
     r = Recipe()
     p = sub.add_parser("harden", help="make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
@@ -377,7 +382,7 @@ def add_harden_parser(sub) -> None:
 def run_harden(args) -> int:
     from dataclasses import replace
 
-    from .harden import HardenRun, Recipe, format_summary, harden_run
+    from .hardening import HardenRun, Recipe, format_summary, harden_run
 
     recipe = replace(Recipe(), params=args.params, granularity=args.granularity, attack=args.attack,
                      eps_warmup=args.eps_warmup, lr=args.lr)

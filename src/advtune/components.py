@@ -108,7 +108,8 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
-def _units(module: nn.Module) -> int:
+def unit_count(module: nn.Module) -> int:
+    """Units of a Conv2d (output channels) or Linear (output features) layer."""
     return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
 
 
@@ -153,7 +154,7 @@ def output_layer(model: nn.Module, example_input: torch.Tensor | None = None) ->
 
 def fingerprint(model: nn.Module) -> list[tuple[str, int]]:
     """``[(layer name, out units), ...]``: what a selection or score table must match to be reused."""
-    return [(name, _units(m)) for name, m in layers(model)]
+    return [(name, unit_count(m)) for name, m in layers(model)]
 
 
 def enumerate_components(model: nn.Module, granularity: Granularity = "unit", *,
@@ -165,7 +166,7 @@ def enumerate_components(model: nn.Module, granularity: Granularity = "unit", *,
     found = layers(model, include_output=include_output)
     if granularity == "layer":
         return [Component(name, None) for name, _ in found]
-    return [Component(name, c) for name, m in found for c in range(_units(m))]
+    return [Component(name, c) for name, m in found for c in range(unit_count(m))]
 
 
 # ---------------------------------------------------------------- tracing / BatchNorm followers
@@ -211,7 +212,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Trace:
                 keep.append(output)
         elif isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
             src = last_output.get(id(args[0]))
-            if src is not None and module.num_features == _units(known[src]):
+            if src is not None and module.num_features == unit_count(known[src]):
                 follow.setdefault(src, name)
 
     handles = []
@@ -234,7 +235,7 @@ def _static_followers(model: nn.Module) -> dict[str, str]:
         children = list(parent.named_children())
         for (a, ma), (b, mb) in zip(children, children[1:]):
             full_a = f"{parent_name}.{a}" if parent_name else a
-            if full_a in found and isinstance(mb, _BatchNorm) and mb.num_features == _units(ma):
+            if full_a in found and isinstance(mb, _BatchNorm) and mb.num_features == unit_count(ma):
                 out[full_a] = f"{parent_name}.{b}" if parent_name else b
     return out
 
@@ -321,8 +322,8 @@ class Selection:
                 raise AdvtuneError(f"selection names {c.module!r}, which is not a Conv2d/Linear layer of this "
                                    f"model (layers: {', '.join(list(found)[:8])}{', ...' if len(found) > 8 else ''}); "
                                    "the selection was made for a different model")
-            if c.unit is not None and c.unit >= _units(found[c.module]):
-                raise AdvtuneError(f"selection names unit {c} but {c.module} has only {_units(found[c.module])} "
+            if c.unit is not None and c.unit >= unit_count(found[c.module]):
+                raise AdvtuneError(f"selection names unit {c} but {c.module} has only {unit_count(found[c.module])} "
                                    "units; the selection was made for a different model")
 
     def units(self, model: nn.Module) -> dict[str, list[int]]:
@@ -333,7 +334,7 @@ class Selection:
         for c in self.components:
             s = out.setdefault(c.module, set())
             if c.unit is None:
-                s.update(range(_units(found[c.module])))
+                s.update(range(unit_count(found[c.module])))
             else:
                 s.add(c.unit)
         return {name: sorted(out[name]) for name in found if name in out}
@@ -349,7 +350,7 @@ class Selection:
     def by_layer(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """``{layer: (selected units, total units)}`` for every layer, in registration order."""
         sel = self.units(model)
-        return {name: (len(sel.get(name, ())), _units(m)) for name, m in layers(model)}
+        return {name: (len(sel.get(name, ())), unit_count(m)) for name, m in layers(model)}
 
     def is_everything(self, model: nn.Module) -> bool:
         """True when every unit of every layer is selected (the full-training path applies)."""
@@ -436,7 +437,7 @@ def unit_params(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     follow = followers(model, example_input)
     out: dict[str, int] = {}
     for name, m in found:
-        n = m.weight.numel() // _units(m) + (1 if getattr(m, "bias", None) is not None else 0)
+        n = m.weight.numel() // unit_count(m) + (1 if getattr(m, "bias", None) is not None else 0)
         bn = follow.get(name)
         if bn is not None and getattr(modules[bn], "affine", False):
             n += 2

@@ -7,13 +7,15 @@ not: selective fine-tuning saves only in the parameter-gradient share, which the
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -129,3 +131,32 @@ class CostMeter:
             if k in self.__dataclass_fields__ and not k.startswith("_"):
                 setattr(self, k, v)
         return self
+
+
+class PassCounter:
+    """Counts examples through the model: with a graph (gradient evaluations) or without (forwards)."""
+
+    def __init__(self) -> None:
+        self.grad = 0
+        self.fwd = 0
+
+    def _hook(self, module: nn.Module, args) -> None:
+        x = args[0] if args else None
+        n = len(x) if isinstance(x, Tensor) and x.dim() > 0 else 1
+        if torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad:
+            self.grad += n
+        else:
+            self.fwd += n
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator["PassCounter"]:
+        handle = model.register_forward_pre_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def take(self) -> tuple[int, int]:
+        g, f = self.grad, self.fwd
+        self.grad = self.fwd = 0
+        return g, f

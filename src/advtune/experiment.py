@@ -145,7 +145,7 @@ def with_recipe(v: dict) -> dict:
         return v
     if v["recipe"] != "harden":
         raise AdvtuneError(f"variant {v.get('name')}: unknown recipe {v['recipe']!r}; valid: harden")
-    from .harden import Recipe
+    from .hardening import Recipe
 
     r = Recipe()
     filled = {"kind": "finetune", "select": "top", "granularity": r.granularity, "params": r.params,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .cost import CostMeter
+from .cost import CostMeter, PassCounter
 from .errors import AdvtuneError
 from .runs import CONFIG, SUMMARY, RunDir, open_run
 from .utils import resolve_device, seed_everything
@@ -26,9 +26,10 @@ class TrainRun:
     """Everything `advtune train` needs; recorded verbatim in config.json."""
 
     dataset: str
-    model: str
+    model: str                          # a zoo name, or path/to/file.py:factory / package.module:factory
     out: str
     train: "Any" = None                  # TrainConfig (default: TrainConfig())
+    weights: str | None = None          # start from these safetensors weights (with epochs 0: record them as is)
     data_dir: str | None = None
     limit: int | None = None
     limit_test: int | None = None
@@ -54,14 +55,16 @@ class TrainRun:
 def train_run(run: TrainRun) -> dict:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
     from .data import load_dataset
-    from .models import describe_meta, model_for, save_model
-    from .train import TrainConfig, accuracy, clean, fit
+    from .models import describe_meta, load_weights, model_for, save_model
+    from .metrics import accuracy
+    from .train import TrainConfig, clean, fit
 
     run = replace(run, train=run.train or TrainConfig())
     cfg = run.train
     check_val(run.val)
-    if cfg.epochs == 0 and run.budget is None:
-        raise AdvtuneError("--epochs 0 would save an untrained model; train for at least 1 epoch (or give --budget)")
+    if cfg.epochs == 0 and run.budget is None and run.weights is None:
+        raise AdvtuneError("--epochs 0 would save an untrained model; train for at least 1 epoch (or give --budget, "
+                           "or --weights to record a trained model as it is)")
     if run.adversarial is not None and not run.adversarial.strip():
         raise AdvtuneError("--adversarial needs an attack spec, e.g. --adversarial pgd:steps=10 (or drop it for standard training)")
     if run.eps is not None and not run.adversarial:
@@ -70,7 +73,10 @@ def train_run(run: TrainRun) -> dict:
     seed_everything(cfg.seed)
     ds = load_dataset(run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val,
                       seed=cfg.seed or 0)
-    model = model_for(ds, run.model).to(device)
+    model = model_for(ds, run.model)
+    if run.weights is not None:
+        load_weights(model, run.weights, f"--weights {run.weights}")
+    model = model.to(device)
     objective, val_attack, callbacks = clean(), None, []
     meter = CostMeter()
     if run.adversarial:
@@ -219,7 +225,7 @@ def refuse_same_folder(out: str, base: str) -> None:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
 
 
-RUN_DEFAULTS = {"budget": None, "points": 0, "params": None, "granularity": "unit"}   # keys newer than some records
+RUN_DEFAULTS = {"budget": None, "points": 0, "params": None, "granularity": "unit", "weights": None}   # keys newer than some records
 
 
 def _check_same_run(saved: dict, now: dict) -> None:
@@ -311,13 +317,6 @@ def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: fl
     return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
 
 
-def quick_robust_acc(model, data, threat, seed, steps: int = 10) -> float:
-    """PGD-10 accuracy, a quick monitor only; `advtune evaluate` is the honest protocol."""
-    from .attacks import PGD
-    from .train import robust_accuracy_quick
-
-    return robust_accuracy_quick(model, data, PGD(threat, steps=steps), 256, seed)
-
 # ---------------------------------------------------------------- finetune
 
 
@@ -408,7 +407,8 @@ def make_selection(model, select: str, share: float, criterion: str, per_layer: 
 def finetune_run(run: FinetuneRun) -> dict:
     from .models import save_model
     from .threat import ThreatModel
-    from .train import TrainConfig, accuracy, fit
+    from .metrics import accuracy, quick_robust_acc
+    from .train import TrainConfig, fit
 
     run = replace(run, train=run.train or TrainConfig(epochs=1))
     cfg = run.train
@@ -512,6 +512,7 @@ class AnalyzeRun:
 def analyze_run(run: AnalyzeRun) -> dict:
     from .attacks import build_attack
     from .threat import ThreatModel
+    from .metrics import adversarial_examples, correct
     from .vulnerability import concentration_curve, layer_scores, list_criteria, rank_agreement, score_many
 
     if run.eps is None:
@@ -535,11 +536,9 @@ def analyze_run(run: AnalyzeRun) -> dict:
     rd.write_config({"command": "analyze", "run": run.to_json(), "seed": run.seed, "base": str(run.base),
                      "dataset": ds.describe(), "split": "train", "threat": threat.to_json(), "attack": attack.spec,
                      "device": str(device)})
-    from .evaluate import _PassCounter
-
     meter = CostMeter()
     meter.measure_model(model, ds.input_shape)
-    counter = _PassCounter()  # every example through the model: attack, criteria, curves
+    counter = PassCounter()  # every example through the model: attack, criteria, curves
     meter.start()
     # one attack run serves every criterion and the curves: adversarials are computed once, here
     x, y = ds.train.take(max(run.limit, run.curve_limit)).tensors(device)
@@ -592,27 +591,6 @@ def _analysis_plots(rd: RunDir, tables: dict, curves: dict) -> None:
     plot_layer_scores({k: layer_scores(t) for k, t in tables.items()}, rd.file("layers.png"))
 
 
-def adversarial_examples(model, attack, x, y, batch_size: int, seed: int) -> torch.Tensor:
-    """x_adv for all of x, batch by batch, each batch with its own derived generator (reproducible)."""
-    from .utils import derive_seed, eval_mode, make_generator, model_device, progress
-
-    out = []
-    dev = model_device(model)
-    with eval_mode(model):
-        for i in progress(range(0, len(x), batch_size), desc=f"attack {attack.spec}", total=-(-len(x) // batch_size)):
-            g = make_generator(derive_seed(seed, "analyze", i), dev)
-            out.append(attack(model, x[i:i + batch_size], y[i:i + batch_size], generator=g))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def correct(model, x, y, batch_size: int) -> torch.Tensor:
-    """Per-example correctness of the model's predictions (eval mode)."""
-    from .utils import eval_mode
-
-    with eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(x), batch_size)])
-
 # ---------------------------------------------------------------- evaluate
 
 
@@ -659,7 +637,7 @@ class EvaluateRun:
 
 def attacks_for(run: EvaluateRun, eps: float):
     from .attacks import build_attack
-    from .evaluate import suite
+    from .evaluation import suite
     from .threat import ThreatModel
 
     threat = ThreatModel(run.norm, eps)
@@ -672,7 +650,7 @@ def attacks_for(run: EvaluateRun, eps: float):
 
 def evaluate_model(model, data, run: EvaluateRun) -> dict:
     """The evaluation record for one model on (x, y): one eps -> robust_accuracy, several -> eps_curve."""
-    from .evaluate import eps_curve, robust_accuracy
+    from .evaluation import eps_curve, robust_accuracy
     from .utils import make_generator, model_device
 
     if not run.eps:

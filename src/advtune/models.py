@@ -1,12 +1,18 @@
 """Architectures by name, each starting with a `Normalize` layer (inputs are pixels in [0,1]);
-save/load as safetensors weights + JSON metadata (loading never unpickles)."""
+your own model from a `file.py:factory` or `package.module:factory` spec; save/load as safetensors
+weights + JSON metadata (loading never unpickles)."""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
+import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -153,9 +159,126 @@ def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=
     return model
 
 
-def model_for(dataset, name: str) -> nn.Sequential:
-    """The named architecture sized for a `data.Dataset`."""
+def model_for(dataset, name: str) -> nn.Module:
+    """The named architecture (or a `file.py:factory` spec) sized for a `data.Dataset`."""
+    if is_factory_spec(name):
+        return build_from_factory(name, dataset.input_shape, dataset.num_classes)
     return build_model(name, dataset.input_shape, dataset.num_classes, dataset.mean, dataset.std)
+
+# ---------------------------------------------------------------- your own model: file.py:factory
+
+
+def is_factory_spec(spec: str) -> bool:
+    """`path/to/file.py:factory` or `package.module:factory` (a zoo name has no colon)."""
+    return isinstance(spec, str) and ":" in spec and spec.strip().lower() not in ARCHITECTURES
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    where, _, name = spec.strip().rpartition(":")
+    if not where or not name.isidentifier():
+        raise AdvtuneError(f"--model {spec!r}: write path/to/file.py:factory or package.module:factory "
+                           "(factory = a function returning an nn.Module)")
+    return where, name
+
+
+def factory_record(spec: str) -> dict[str, Any]:
+    """What rebuilds the model later: the spec with the file's absolute path, and the file's sha256
+    (a run refuses a changed file). Validates that the file and the name exist."""
+    where, name = _split_spec(spec)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise AdvtuneError(f"--model {spec!r}: no such file {path}; check the path")
+        return {"spec": f"{path}:{name}", "file": str(path), "name": name, "sha256": _sha256(path)}
+    record: dict[str, Any] = {"spec": f"{where}:{name}", "module": where, "name": name}
+    _importable_from_cwd()
+    try:
+        found = importlib.util.find_spec(where)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise AdvtuneError(f"--model {spec!r}: no module {where!r} on the Python path; run from the folder that holds "
+                           "it, or give path/to/file.py:factory")
+    if found.origin and Path(found.origin).is_file():
+        record.update(module_file=found.origin, sha256=_sha256(Path(found.origin)))
+    return record
+
+
+def _importable_from_cwd() -> None:
+    """Like `python -m`: a package in the working folder is importable."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
+    name = record["name"]
+    if "file" in record:
+        path = Path(record["file"])
+        mod_name = f"advtune_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise AdvtuneError(f"--model: cannot load {path} as Python; it must be a .py file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module   # dataclasses and pickling in the user's file look modules up here
+        where = str(path)
+    else:
+        where = record["module"]
+        module = None
+    try:
+        if module is not None:
+            spec.loader.exec_module(module)
+        else:
+            _importable_from_cwd()
+            module = importlib.import_module(where)
+    except Exception as e:   # the user's code: any error becomes one line naming the file
+        raise AdvtuneError(f"--model: importing {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                           [:300]) from None
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))[:8]
+        raise AdvtuneError(f"--model: {where} has no function {name!r}" + (f"; it has: {', '.join(have)}" if have else ""))
+    return factory
+
+
+def build_from_factory(spec: str | dict[str, Any], input_shape, num_classes: int,
+                       expect_sha256: str | None = None) -> nn.Module:
+    """Call the user's factory and check what it returns: an nn.Module that maps a batch of
+    `input_shape` pixels to (N, num_classes) logits. The factory gets `input_shape` and/or
+    `num_classes` as keywords when its signature names them, nothing otherwise."""
+    record = factory_record(spec) if isinstance(spec, str) else spec
+    if expect_sha256 is not None and record.get("sha256") not in (None, expect_sha256):
+        raise AdvtuneError(f"the model file {record.get('file') or record.get('module_file')} changed since this run was written (sha256 "
+                           f"{record['sha256'][:12]}... vs {expect_sha256[:12]}... recorded); restore it, or train a new run")
+    factory = _load_factory(record)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    offer = {"input_shape": tuple(int(v) for v in input_shape), "num_classes": int(num_classes)}
+    kwargs = {k: v for k, v in offer.items() if k in params}
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        raise AdvtuneError(f"--model {record['spec']}: the factory raised {type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise AdvtuneError(f"--model {record['spec']}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    from .attacks import logits_of
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = logits_of(model, torch.zeros(2, *offer["input_shape"]))
+    model.train(was)
+    if out.shape[1] != num_classes:
+        raise AdvtuneError(f"--model {record['spec']}: the model returns {out.shape[1]} outputs per example but the "
+                           f"data has {num_classes} classes; make its last layer output {num_classes}")
+    model.advtune_factory = record  # type: ignore[attr-defined]  # save_model records it
+    return model
 
 # ---------------------------------------------------------------- save / load
 
@@ -169,6 +292,8 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
     atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = dict(meta)
     meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
+    if getattr(model, "advtune_factory", None) is not None:
+        meta.setdefault("factory", model.advtune_factory)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
     atomic_write_json(directory / META_FILE, meta)
@@ -219,12 +344,18 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], what: str
                            "load it into the model it was saved from")
 
 
-def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
-    """Rebuild a saved model from its metadata and load its weights (no code is executed from files)."""
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a saved model from its metadata and load its weights. No code is executed from the
+    weights or metadata files; a model from a `file.py:factory` spec is rebuilt by calling that
+    (recorded, hash-checked) factory, as the user asked when training it."""
     directory = Path(directory)
     meta = read_meta(directory)
     arch = meta.get("architecture")
-    if arch not in ARCHITECTURES:
+    factory = meta.get("factory")
+    if factory is not None and not (isinstance(factory, dict) and isinstance(factory.get("spec"), str)
+                                    and isinstance(factory.get("name"), str)):
+        raise AdvtuneError(f"{directory / META_FILE}: the factory record is damaged; retrain the run")
+    if factory is None and arch not in ARCHITECTURES:
         raise AdvtuneError(f"{directory}: unknown architecture {arch!r} in {META_FILE}; valid: {', '.join(ARCHITECTURES)}")
     missing = [k for k in ("input_shape", "num_classes") if k not in meta]
     if missing:
@@ -237,13 +368,22 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 100_000:
         raise AdvtuneError(f"{directory / META_FILE}: num_classes must be an integer >= 2, got {classes!r}; "
                            "the file was edited or damaged")
-    model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
+    if factory is not None:
+        now = factory_record(factory["spec"])
+        model = build_from_factory(now, shape, classes, expect_sha256=factory.get("sha256"))
+    else:
+        model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
     load_weights(model, directory / WEIGHTS_FILE, f"{directory / WEIGHTS_FILE}")
     return model.to(device).eval(), meta
 
 
 def describe_meta(name: str, dataset) -> dict:
-    """The metadata a model needs to be rebuilt: architecture, input shape, classes, normalisation."""
+    """The metadata a model needs to be rebuilt: architecture (or factory), input shape, classes,
+    normalisation (the zoo's; a factory model carries its own)."""
+    if is_factory_spec(name):
+        return {"architecture": None, "factory": factory_record(name), "dataset": dataset.name,
+                "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+                "classes": dataset.classes}
     return {"architecture": name, "dataset": dataset.name, "input_shape": list(dataset.input_shape),
             "num_classes": dataset.num_classes, "classes": dataset.classes,
             "mean": list(dataset.mean), "std": list(dataset.std)}

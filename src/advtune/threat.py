@@ -54,6 +54,16 @@ class ThreatModel:
 
     # ------------------------------------------------------------ helpers
 
+    @classmethod
+    def linf(cls, eps: float, lower: float = 0.0, upper: float = 1.0) -> "ThreatModel":
+        """``ThreatModel.linf(8/255)``: every pixel may move by at most eps."""
+        return cls("linf", eps, lower, upper)
+
+    @classmethod
+    def l2(cls, eps: float, lower: float = 0.0, upper: float = 1.0) -> "ThreatModel":
+        """``ThreatModel.l2(0.5)``: the perturbation's Euclidean norm is at most eps."""
+        return cls("l2", eps, lower, upper)
+
     def with_eps(self, eps: float) -> "ThreatModel":
         """The same threat model with another radius (validated)."""
         return dataclasses.replace(self, eps=eps)

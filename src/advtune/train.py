@@ -23,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .cost import CostMeter
 from .data import TensorData, num_batches
 from .errors import AdvtuneError
+from .inputs import as_tensor_data
+from .metrics import accuracy, robust_accuracy_quick
 from .utils import atomic_write_bytes, derive_seed, eval_mode, make_generator, model_device, progress
 
 log = logging.getLogger(__name__)
@@ -547,42 +549,16 @@ def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: TensorData, batch_size: int = 512, meter: CostMeter | None = None) -> float:
-    """Clean accuracy of `model` on a split (eval mode, restored afterwards)."""
-    device = model_device(model)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with eval_mode(model):
-        for x, y in data.batches(batch_size, device=device):
-            correct += (model(x).argmax(1) == y).sum()
-    if meter is not None:
-        meter.add_forward(len(data))
-    return correct.item() / max(len(data), 1)
-
-
-def robust_accuracy_quick(model: nn.Module, data: TensorData, attack, batch_size: int, seed: int | None,
-                          meter: CostMeter | None = None) -> float:
-    """Accuracy under one attack (validation monitor during training; evaluate.py is the full protocol)."""
-    device = model_device(model)
-    correct = 0
-    with eval_mode(model):
-        for i, (x, y) in enumerate(data.batches(batch_size, device=device)):
-            x_adv = attack(model, x, y, generator=make_generator(derive_seed(seed, "val-attack", i), device))
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == y).sum())
-    if meter is not None:
-        meter.add_attack(len(data), int(attack.grad_evals()))
-        meter.add_forward(len(data))
-    return correct / max(len(data), 1)
-
-
-def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainConfig, *,
+def fit(model: nn.Module, train: TensorData, objective: Objective | None = None, cfg: TrainConfig | None = None, *,
         val: TensorData | None = None, val_attack=None, selection=None, meter: CostMeter | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = False,
         callbacks: Sequence[EpochCallback] = (), on_record: Callable[[History], None] | None = None,
         on_step: StepCallback | None = None, desc: str = "train") -> History:
     """Train `model` in place and return its per-epoch history.
 
+    train / val: an (x, y) pair of tensors, an iterable of (x, y) batches such as a DataLoader (read
+    once into memory), or an advtune split (see advtune.inputs). objective: clean() by default;
+    cfg: TrainConfig() by default.
     checkpoint_dir: where `checkpoint.pt` is written atomically after every epoch (and every
     `cfg.checkpoint_every` steps); with resume=True training continues from it exactly.
     callbacks: called after each epoch with (model, record); returning "stop" ends training.
@@ -590,6 +566,10 @@ def fit(model: nn.Module, train: TensorData, objective: Objective, cfg: TrainCon
     on_step: called after every optimizer step with (model, steps done, meter), outside the timed
     part (the frontier benchmark saves snapshots there). `cfg.steps` sets the run's length in steps.
     """
+    train = as_tensor_data(train, what="train")
+    val = as_tensor_data(val, what="val") if val is not None else None
+    objective = objective if objective is not None else clean()
+    cfg = cfg if cfg is not None else TrainConfig()
     if len(train) == 0:
         raise AdvtuneError("the training split is empty; check --limit and the dataset")
     device = model_device(model)

@@ -10,7 +10,7 @@ dtype and device, inside `attack.threat`), `attack.grad_evals()` (per example, w
 `attack.spec` (round-trips through `build_attack`). See docs/attacks.md.
 """
 from ..threat import ThreatModel
-from ._common import Attack, logits_of
+from ._common import Attack, logits_of, margin
 from .apgd import APGD, APGDT, apgd, apgd_targeted
 from .fgsm import FGSM, fgsm
 from .pgd import MIFGSM, PGD, mifgsm, pgd
@@ -19,6 +19,6 @@ from .square import Square, square
 
 __all__ = [
     "APGD", "APGDT", "Attack", "FGSM", "MIFGSM", "PGD", "REGISTRY", "Square", "ThreatModel",
-    "apgd", "apgd_targeted", "attack_class", "attack_params", "build_attack", "fgsm", "list_attacks", "logits_of",
+    "apgd", "apgd_targeted", "attack_class", "attack_params", "build_attack", "fgsm", "list_attacks", "logits_of", "margin",
     "mifgsm", "pgd", "register_attack", "square",
 ]

@@ -14,19 +14,19 @@ How the numbers are made (see docs/attacks.md):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
-from .attacks._common import margin
+from .attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of, margin
+from .cost import PassCounter
 from .errors import AdvtuneError
+from .inputs import batches
 from .threat import ThreatModel
 from .utils import eval_mode, model_device, model_dtype, progress
 
@@ -144,85 +144,12 @@ SUITES = ("standard", "quick")
 
 # ------------------------------------------------------------------ cost counting
 
-class _PassCounter:
-    """Counts examples through the model: with a graph (gradient evaluations) or without (forwards)."""
-
-    def __init__(self) -> None:
-        self.grad = 0
-        self.fwd = 0
-
-    def _hook(self, module: nn.Module, args) -> None:
-        x = args[0] if args else None
-        n = len(x) if isinstance(x, Tensor) and x.dim() > 0 else 1
-        if torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad:
-            self.grad += n
-        else:
-            self.fwd += n
-
-    @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator["_PassCounter"]:
-        handle = model.register_forward_pre_hook(self._hook)
-        try:
-            yield self
-        finally:
-            handle.remove()
-
-    def take(self) -> tuple[int, int]:
-        g, f = self.grad, self.fwd
-        self.grad = self.fwd = 0
-        return g, f
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # honest wall times on asynchronous devices
         torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------ input handling
-
-def _is_pair(data) -> bool:
-    # a list of two batches holds tuples, never two bare tensors
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
-
-
-def _batches(data, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    if _is_pair(data):
-        x, y = data
-        if len(x) != len(y):
-            raise AdvtuneError(f"x has {len(x)} examples but y has {len(y)}; pass matching (x, y)")
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        return
-    if isinstance(data, Tensor) or not isinstance(data, Iterable):
-        raise AdvtuneError("data must be an (x, y) tensor pair or an iterable of (x, y) batches, got "
-                           f"{type(data).__name__}")
-    for item in data:
-        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor)
-                and isinstance(item[1], Tensor)):
-            raise AdvtuneError("each batch must be an (x, y) pair of tensors, got "
-                               f"{type(item).__name__}; pass a DataLoader over (image, label) pairs")
-        yield item[0], item[1]
-
-
-def _check_batch(x: Tensor, y: Tensor, threat: ThreatModel) -> None:
-    if x.dtype == torch.uint8:
-        raise AdvtuneError("inputs are uint8; advtune works in pixel space [0, 1]: pass x.float() / 255")
-    if not x.is_floating_point():
-        raise AdvtuneError(f"inputs must be floating point in [0, 1], got {x.dtype}")
-    if x.dim() < 2:
-        raise AdvtuneError(f"inputs must be a batch (N, ...), got shape {tuple(x.shape)}")
-    if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.dtype == torch.bool:
-        raise AdvtuneError(f"labels must be integer class indices of shape ({len(x)},), got "
-                           f"{y.dtype} {tuple(y.shape)}")
-    if len(x) and not torch.isfinite(x).all():
-        raise AdvtuneError("inputs contain NaN or inf; clean the data first")
-    if len(x):
-        lo, hi = x.min().item(), x.max().item()
-        if lo < threat.lower - 1e-6 or hi > threat.upper + 1e-6:
-            raise AdvtuneError(f"inputs must lie in [{threat.lower:g}, {threat.upper:g}] (pixel space; normalisation is "
-                               f"the model's first layer), got values in [{lo:.4g}, {hi:.4g}]; "
-                               "undo the normalisation or divide by 255")
-
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     """First forward on a tiny batch: shape errors become a message a person can act on."""
@@ -271,7 +198,7 @@ class _Tally:
 
 
 def _attack_once(model: nn.Module, attack: Attack, spec: str, x: Tensor, y: Tensor, threat: ThreatModel,
-                 generator, counter: _PassCounter, tally: _Tally) -> Tensor:
+                 generator, counter: PassCounter, tally: _Tally) -> Tensor:
     """Run one attack on (x, y), check its output against the threat model, return which it broke."""
     device = x.device
     _sync(device)
@@ -312,19 +239,18 @@ def robust_accuracy(model: nn.Module, data, attacks: Sequence[Attack] | Attack, 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
     device, dtype = model_device(model), model_dtype(model)
-    counter = _PassCounter()
+    counter = PassCounter()
     tallies = {s: _Tally() for s in specs}
     n, classes = 0, None
     clean_parts, label_parts, sum_parts = [], [], []
     probe_x, probe_y, probe_idx = [], [], []
 
     with eval_mode(model), counter.attached(model):
-        for xb, yb in progress(_batches(data, batch_size), desc="evaluate"):
+        for xb, yb in progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate"):
             if limit is not None:
                 if n >= limit:
                     break
                 xb, yb = xb[:limit - n], yb[:limit - n]
-            _check_batch(xb, yb, threat)
             if len(xb) == 0:
                 continue
             xb, yb = xb.to(device=device, dtype=dtype), yb.to(device=device, dtype=torch.long)

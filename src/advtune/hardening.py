@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdvtuneError
+from .inputs import as_tensor_data
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +146,6 @@ class HardenResult:
         return out
 
 
-def _as_data(data, what: str):
-    from .data import TensorData
-
-    if isinstance(data, TensorData):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        if not (hasattr(x, "dim") and x.dim() == 4 and x.is_floating_point()):
-            raise AdvtuneError(f"{what}: x must be float images (N, C, H, W) in [0, 1]")
-        if float(x.min()) < 0 or float(x.max()) > 1:
-            raise AdvtuneError(f"{what}: x must be pixels in [0, 1] (normalisation is the model's first layer)")
-        return TensorData(x, y)
-    raise AdvtuneError(f"{what} must be an (x, y) pair of tensors or an advtune TensorData, got {type(data).__name__}")
-
-
 def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: Recipe = Recipe(),
            budget: int | None = None, evaluation: str = PROTOCOL, test_limit: int = 1000, seed: int = 0) -> HardenResult:
     """The Python API of `advtune harden`: analysis -> selection within recipe.params -> selective
@@ -173,8 +159,9 @@ def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: R
     from .attacks import build_attack
     from .components import layers
     from .cost import CostMeter
-    from .evaluate import robust_accuracy
-    from .jobs import adversarial_examples, build_objective, split_attack_list
+    from .evaluation import robust_accuracy
+    from .jobs import build_objective, split_attack_list
+    from .metrics import adversarial_examples
     from .threat import ThreatModel
     from .train import TrainConfig, fit, steps_for_budget
     from .utils import make_generator, model_device
@@ -184,8 +171,8 @@ def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: R
 
     threat = ThreatModel(norm, eps)
     layers(model)
-    train = _as_data(train, "train")
-    test = _as_data(test, "test") if test is not None else None
+    train = as_tensor_data(train, what="train")
+    test = as_tensor_data(test, what="test") if test is not None else None
     device = model_device(model)
     check_recipe_fits(model, recipe, train.to_float(train.x[:1], device))
     attacks = [build_attack(s, threat) for s in split_attack_list(evaluation)]
@@ -252,7 +239,7 @@ def harden_run(run: HardenRun) -> dict:
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
-    from .evaluate import _check_attacks  # noqa: F401  (the evaluation list is validated by building it)
+    from .evaluation import _check_attacks  # noqa: F401  (the evaluation list is validated by building it)
     from .jobs import split_attack_list
     from .attacks import build_attack
 

@@ -1,0 +1,238 @@
+"""The public API for your own model and data: evaluate, analyze, harden, fit (see docs/api.md).
+
+Every function takes any `nn.Module` whose input is pixels in [0, 1] (normalisation, if any, is the
+model's first layer), with or without BatchNorm, on the model's device; and `data` as an ``(x, y)``
+pair of tensors, any iterable of ``(x, y)`` batches (a DataLoader), or an advtune dataset. The data
+goes through one input adapter (`advtune.inputs`), so mistakes are one-line `AdvtuneError`s.
+
+These functions leave the model in the mode they found it, and (except `fit`) never change its
+weights: `harden` returns a hardened copy.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attacks import Attack, build_attack
+from .components import Selection, model_params
+from .cost import PassCounter
+from .data import Dataset
+from .errors import AdvtuneError
+from .evaluation import SUITES, EvalResult, robust_accuracy, suite
+from .hardening import PROTOCOL, HardenResult, Recipe
+from .hardening import harden as _harden
+from .inputs import batches, resolve_split
+from .metrics import adversarial_examples, correct
+from .models import load_model as _load_model
+from .models import save_model as _save_model
+from .threat import ThreatModel
+from .train import History, Objective, TrainConfig
+from .train import fit as _fit
+from .utils import make_generator, model_device, model_dtype
+from .vulnerability import (DEFAULT_SHARES, ConcentrationCurve, ScoreTable, concentration_curve, layer_scores,
+                            score_many, select_random, select_top, select_top_layers)
+
+
+def _threat(eps: float, norm: str) -> ThreatModel:
+    return ThreatModel(norm, eps)  # validates norm and eps with one-line errors
+
+
+def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> list[Attack]:
+    """A suite name ("standard", "quick"), a comma list of specs ("apgd-ce,apgd-t"), or attack objects."""
+    from .jobs import split_attack_list
+
+    if isinstance(attacks, str):
+        if attacks in SUITES:
+            return suite(attacks, threat)
+        return [build_attack(s, threat) for s in split_attack_list(attacks)]
+    built = [attacks] if not isinstance(attacks, (list, tuple)) else list(attacks)
+    for a in built:
+        if isinstance(getattr(a, "threat", None), ThreatModel) and a.threat != threat:
+            raise AdvtuneError(f"attack {getattr(a, 'spec', a)!r} was built for {a.threat}, but eps/norm say {threat}; "
+                               "build it with ThreatModel.linf(eps) (or pass attacks by name)")
+    return built
+
+
+def _take(model: nn.Module, data: Any, limit: int | None, what: str, threat: ThreatModel | None = None,
+          batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """The first `limit` examples of `data` as validated tensors on the model's device."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
+    device, dtype = model_device(model), model_dtype(model)
+    lower, upper = (threat.lower, threat.upper) if threat is not None else (0.0, 1.0)
+    xs, ys, n = [], [], 0
+    for x, y in batches(data, batch_size, lower=lower, upper=upper, what=what):
+        if limit is not None:
+            x, y = x[:limit - n], y[:limit - n]
+        xs.append(x.to(device=device, dtype=dtype))
+        ys.append(y.to(device=device, dtype=torch.long))
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
+    if n == 0:
+        raise AdvtuneError(f"{what} is empty; check the split, the DataLoader or the limit")
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate(model: nn.Module, data: Any, *, eps: float, norm: str = "linf",
+             attacks: str | Attack | Sequence[Attack] = "standard", limit: int | None = 1000, batch_size: int = 256,
+             seed: int = 0, cascade: bool = True, gate: bool = True) -> EvalResult:
+    """Clean and worst-case robust accuracy of `model` on `data` (an advtune Dataset: its test split).
+
+    attacks: "standard" (APGD-CE, APGD-T, Square: AutoAttack without FAB), "quick" (FGSM, PGD-20),
+    a comma list of attack specs such as "apgd-ce,apgd-t:n_target_classes=3", or attack objects.
+    cascade: each attack runs only on the examples still robust (AutoAttack's protocol; the worst case
+    is the same, per-attack numbers become cumulative). gate: the gradient-masking checks, whose
+    findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
+    """
+    threat = _threat(eps, norm)
+    return robust_accuracy(model, resolve_split(data, "test"), _attacks(attacks, threat), batch_size=batch_size,
+                           generator=make_generator(seed, model_device(model)), limit=limit, cascade=cascade,
+                           gate=gate)
+
+
+# ---------------------------------------------------------------- analyze
+
+@dataclass
+class VulnerabilityMap:
+    """Which components (conv channels, linear units) adversarial perturbations exploit, ranked.
+
+    `table` holds one score per component; `curve` (when computed) says how concentrated the
+    adversarial errors are: the share of them repaired by restoring the top-p components to their
+    clean activations, against random p shares. `select` turns the ranking into a `Selection` to
+    fine-tune (see `fit(..., selection=...)` and `harden`)."""
+
+    table: ScoreTable
+    threat: ThreatModel
+    attack: str
+    n_examples: int
+    clean_accuracy: float
+    adversarial_accuracy: float
+    grad_evals: int                              # counted: attack + scoring + curve
+    curve: ConcentrationCurve | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def criterion(self) -> str:
+        return self.table.criterion
+
+    def ranked(self, top: int | None = None) -> list[tuple[str, float]]:
+        """Components, most vulnerable first, as ("layer:unit", score)."""
+        rows = self.table.ranked()
+        return [(str(c), s) for c, s in (rows[:top] if top is not None else rows)]
+
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """Per layer: units, the layer's summed and mean score, its share of the total, top units."""
+        return layer_scores(self.table)
+
+    def select(self, share: float | None = None, *, params: int | float | None = None, granularity: str = "unit",
+               per_layer: bool = False) -> Selection:
+        """The most vulnerable components: the top `share` of them, or as many as fit in `params`
+        trainable parameters (a count, or a share < 1 of the model's). granularity="layer" picks
+        whole layers (best summed score first) within `params`."""
+        if (share is None) == (params is None):
+            raise AdvtuneError("select needs exactly one of share=... (of the components) or params=... (a parameter "
+                               "budget)")
+        model = self._model_for("select")
+        if granularity not in ("unit", "layer"):
+            raise AdvtuneError(f"granularity must be 'unit' or 'layer', got {granularity!r}")
+        if granularity == "layer":
+            if params is None:
+                raise AdvtuneError("granularity='layer' selects within a parameter budget: pass params=...")
+            return select_top_layers(self.table, model, params)
+        if params is not None:
+            return select_top(self.table, params=params, model=model)
+        return select_top(self.table, share, per_layer=per_layer)
+
+    def random_like(self, selection: Selection, seed: int = 0) -> Selection:
+        """The control: random units with as many trainable parameters as `selection`."""
+        model = self._model_for("random_like")
+        return select_random(model, params=selection.trainable_params(model), seed=seed, pool=self.table)
+
+    def _model_for(self, what: str) -> nn.Module:
+        if self.model is None:
+            raise AdvtuneError(f"{what} needs the model this map was made for (a map read from a file has none)")
+        return self.model
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threat": self.threat.to_json(), "attack": self.attack, "criterion": self.criterion,
+                "n_examples": self.n_examples, "clean_accuracy": self.clean_accuracy,
+                "adversarial_accuracy": self.adversarial_accuracy, "grad_evals": self.grad_evals,
+                "scores": self.table.to_json(), "curve": self.curve.to_json() if self.curve else None,
+                "params": model_params(self.model) if self.model is not None else None}
+
+
+def analyze(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", attack: str | Attack = "pgd:steps=10",
+            criterion: str = "taylor", limit: int | None = 1000, curve: bool = True,
+            shares: Sequence[float] = DEFAULT_SHARES, batch_size: int = 256, seed: int = 0) -> VulnerabilityMap:
+    """Score every conv channel and linear unit of `model` by how much it carries the adversarial
+    perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
+    evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
+    curve: also measure the concentration curve on the same examples."""
+    threat = _threat(eps, norm)
+    atk = build_attack(attack, threat) if isinstance(attack, str) else attack
+    if getattr(atk, "threat", threat) != threat:
+        raise AdvtuneError(f"the attack was built for {atk.threat}, but eps/norm say {threat}")
+    x, y = _take(model, resolve_split(data, "train"), limit, "data", threat)
+    counter = PassCounter()
+    with counter.attached(model):
+        x_adv = adversarial_examples(model, atk, x, y, batch_size, seed)
+        table = score_many(model, (x, y, x_adv), None, [criterion], batch_size=batch_size)[criterion]
+        crv = concentration_curve(model, (x, y, x_adv), None, table, shares, batch_size=batch_size) if curve else None
+    clean_ok = correct(model, x, y, batch_size).float().mean().item()
+    adv_ok = correct(model, x_adv, y, batch_size).float().mean().item()
+    return VulnerabilityMap(table, threat, getattr(atk, "spec", type(atk).__name__), len(x), clean_ok, adv_ok,
+                            counter.take()[0], crv, model)
+
+
+# ---------------------------------------------------------------- harden and fit
+
+def harden(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", test: Any = None,
+           budget: int | None = None, recipe: Recipe | None = None, evaluation: str = PROTOCOL,
+           limit_test: int = 1000, seed: int = 0) -> HardenResult:
+    """Analyse, select the most vulnerable layers within 5% of the parameters, adversarially
+    fine-tune only those for `budget` gradient evaluations (default: two passes over the data), and
+    evaluate before and after with the strong protocol on `test` (an advtune Dataset gives both:
+    train for the work, test for the evaluation). Returns a `HardenResult`; `.model` is the hardened
+    copy, `model` itself is untouched."""
+    train = resolve_split(data, "train")
+    if test is None and isinstance(data, Dataset):
+        test = data.test
+    return _harden(model, train, resolve_split(test, "test") if test is not None else None, eps=eps, norm=norm,
+                   recipe=recipe or Recipe(), budget=budget, evaluation=evaluation, test_limit=limit_test, seed=seed)
+
+
+def fit(model: nn.Module, data: Any, objective: Objective | None = None, config: TrainConfig | None = None, *,
+        selection: Selection | None = None, val: Any = None, **kwargs: Any) -> History:
+    """Train `model` in place (advtune's one training loop) and return its per-epoch history.
+
+    objective: `clean()` (default), `adversarial(PGD(ThreatModel.linf(0.3), steps=10), eps_warmup=0.3)`,
+    `trades(threat)`. selection: train only these components (every other weight stays bit-exact).
+    Further keywords go to `advtune.train.fit` (checkpoint_dir, resume, meter, callbacks, ...)."""
+    return _fit(model, resolve_split(data, "train"), objective, config, selection=selection,
+                val=resolve_split(val, "test") if val is not None else None, **kwargs)
+
+
+# ---------------------------------------------------------------- models on disk
+
+def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `model.safetensors` (weights only) and `model.json` into the folder `path`. A model from
+    advtune's zoo or from a `--model file.py:factory` spec can be rebuilt by `load_model`."""
+    return _save_model(path, model, dict(meta or {}))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The model saved in the folder `path` (a run folder or `save_model`'s), in eval mode. Weights are
+    read with safetensors: loading never executes code from the file."""
+    model, _ = _load_model(path, device)
+    return model.eval()
+
+
+__all__ = ["VulnerabilityMap", "analyze", "evaluate", "fit", "harden", "load_model", "save_model"]

@@ -1,0 +1,128 @@
+"""The one input adapter: every public entry point (evaluate, analyze, harden, fit) reads data here.
+
+Accepted as `data`:
+- an ``(x, y)`` pair of tensors: x float images ``(N, C, H, W)`` in [0, 1], y integer labels ``(N,)``;
+- any iterable of ``(x, y)`` batches, such as a ``torch.utils.data.DataLoader``;
+- an advtune split (``TensorData``: ``Dataset.train`` / ``Dataset.test``); a whole advtune
+  ``Dataset`` is resolved to the split the caller names (evaluation: test; training, analysis: train).
+
+Each batch is validated once, with one-line `AdvtuneError`s that name the problem and the fix
+(shape, dtype, range, NaN, labels). Tensors on another device than the model are moved to it, and
+float64 images are cast to the model's dtype, since neither is a mistake worth an error.
+Pixel space is the convention (DESIGN.md): normalisation is the model's first layer, so inputs
+outside [0, 1] are refused rather than clipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import AdvtuneError
+
+_FIX_RANGE = "undo the normalisation (make it the model's first layer) or divide by 255"
+
+
+def check_batch(x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper: float = 1.0,
+                what: str = "data") -> None:
+    """Raise a one-line AdvtuneError unless (x, y[, x_adv]) is a valid batch of pixel-space images."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise AdvtuneError(f"{what}: a batch must be a pair of tensors (x, y), got "
+                           f"({type(x).__name__}, {type(y).__name__})")
+    if x.dtype == torch.uint8:
+        raise AdvtuneError(f"{what}: images are uint8; advtune works in pixel space [0, 1]: pass x.float() / 255")
+    if not x.is_floating_point():
+        raise AdvtuneError(f"{what}: images must be floating point in [0, 1], got {x.dtype}")
+    if x.dim() < 2:
+        raise AdvtuneError(f"{what}: images must be a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise AdvtuneError(f"{what}: labels must be integer class indices of shape ({len(x)},), got "
+                           f"{y.dtype} {tuple(y.shape)}; pass y.long()")
+    if len(y) and int(y.min()) < 0:
+        raise AdvtuneError(f"{what}: labels must be class indices >= 0, got {int(y.min())}")
+    if len(x) and not bool(torch.isfinite(x).all()):
+        raise AdvtuneError(f"{what}: images contain NaN or inf; clean the data first")
+    if len(x):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < lower - 1e-6 or hi > upper + 1e-6:
+            raise AdvtuneError(f"{what}: images must lie in [{lower:g}, {upper:g}] (pixel space), got values in "
+                               f"[{lo:.4g}, {hi:.4g}]; {_FIX_RANGE}")
+    if x_adv is not None and (not isinstance(x_adv, Tensor) or x_adv.shape != x.shape):
+        got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+        raise AdvtuneError(f"{what}: x_adv must have the shape of x {tuple(x.shape)}, got {got}")
+
+
+def is_tensor_tuple(data: Any, sizes: tuple[int, ...] = (2,)) -> bool:
+    """An (x, y) (or, with sizes=(2, 3), (x, y, x_adv)) tuple of tensors, not a list of batches."""
+    return isinstance(data, (tuple, list)) and len(data) in sizes and all(isinstance(t, Tensor) for t in data)
+
+
+def resolve_split(data: Any, split: str) -> Any:
+    """A whole advtune Dataset becomes its `split` ("train" or "test"); anything else is returned as is."""
+    from .data import Dataset
+
+    return getattr(data, split) if isinstance(data, Dataset) else data
+
+
+def batches(data: Any, batch_size: int, *, allow_adv: bool = False, lower: float = 0.0, upper: float = 1.0,
+            what: str = "data") -> Iterator[tuple[Tensor, ...]]:
+    """Validated float batches ``(x, y)`` (or ``(x, y, x_adv or None)`` with allow_adv) from any
+    accepted `data`. Tensor pairs and advtune splits are sliced; iterables are streamed as they come."""
+    from .data import Dataset, TensorData
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
+    sizes = (2, 3) if allow_adv else (2,)
+    if isinstance(data, Dataset):
+        raise AdvtuneError(f"{what}: pass one split of the dataset (ds.train or ds.test), not the whole dataset")
+    if isinstance(data, TensorData):
+        source: Iterable = data.batches(batch_size)
+    elif is_tensor_tuple(data, sizes):
+        n = len(data[0])
+        if any(len(t) != n for t in data[1:]):
+            raise AdvtuneError(f"{what}: x has {n} examples but y has {len(data[1])}; pass matching (x, y)")
+        source = (tuple(t[i:i + batch_size] for t in data) for i in range(0, n, batch_size))
+    elif isinstance(data, Tensor) or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise AdvtuneError(f"{what} must be an (x, y) pair of tensors, an iterable of (x, y) batches such as a "
+                           f"DataLoader, or an advtune dataset split; got {type(data).__name__}")
+    else:
+        source = data
+    for item in source:
+        if not is_tensor_tuple(item, sizes):
+            want = "(x, y) or (x, y, x_adv)" if allow_adv else "(x, y)"
+            raise AdvtuneError(f"{what}: each batch must be an {want} pair of tensors, got {type(item).__name__}"
+                               f"{' of ' + str(len(item)) if isinstance(item, (tuple, list)) else ''}; "
+                               "a DataLoader must yield (image, label) pairs")
+        x, y = item[0], item[1]
+        xa = item[2] if len(item) == 3 else None
+        check_batch(x, y, x_adv=xa, lower=lower, upper=upper, what=what)
+        yield (x, y, xa) if allow_adv else (x, y)
+
+
+def as_tensor_data(data: Any, *, what: str = "data"):
+    """Any accepted `data` as an in-memory advtune split (TensorData), validated once.
+
+    Training shuffles with its own seeded permutation (exact resume), so an iterable such as a
+    DataLoader is read once into memory; a random transform in it is therefore sampled once."""
+    from .data import Dataset, TensorData
+
+    if isinstance(data, TensorData):
+        return data
+    if isinstance(data, Dataset):
+        raise AdvtuneError(f"{what}: pass one split of the dataset (ds.train or ds.test), not the whole dataset")
+    xs, ys = [], []
+    for x, y in batches(data, 4096, what=what):
+        xs.append(x.detach().cpu())
+        ys.append(y.detach().cpu())
+    if not xs or sum(len(y) for y in ys) == 0:
+        raise AdvtuneError(f"{what} is empty; check the split or the DataLoader")
+    shapes = {tuple(x.shape[1:]) for x in xs}
+    if len(shapes) > 1:
+        raise AdvtuneError(f"{what}: batches have different image shapes {sorted(shapes)}; resize them to one shape")
+    x = torch.cat(xs)
+    if x.dim() != 4:
+        raise AdvtuneError(f"{what}: images must be (N, C, H, W), got shape {tuple(x.shape)}; "
+                           "add the channel dimension, e.g. x.unsqueeze(1)")
+    return TensorData(x.float(), torch.cat(ys).long())
