@@ -156,6 +156,8 @@ def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=
         raise AdvtuneError(f"normalisation has {len(mean)} channels but inputs have {c}")
     model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=ARCHITECTURES[name](c, h, w, num_classes)))
     model.advtune_architecture = name  # type: ignore[attr-defined]  # save_model records it
+    model.advtune_build = {"input_shape": [c, h, w], "num_classes": int(num_classes),  # type: ignore[attr-defined]
+                           "mean": list(mean), "std": list(std)}
     return model
 
 
@@ -278,6 +280,7 @@ def build_from_factory(spec: str | dict[str, Any], input_shape, num_classes: int
         raise AdvtuneError(f"--model {record['spec']}: the model returns {out.shape[1]} outputs per example but the "
                            f"data has {num_classes} classes; make its last layer output {num_classes}")
     model.advtune_factory = record  # type: ignore[attr-defined]  # save_model records it
+    model.advtune_build = {"input_shape": list(offer["input_shape"]), "num_classes": int(num_classes)}  # type: ignore[attr-defined]
     return model
 
 # ---------------------------------------------------------------- save / load
@@ -294,6 +297,8 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
     meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
     if getattr(model, "advtune_factory", None) is not None:
         meta.setdefault("factory", model.advtune_factory)
+    for k, v in (getattr(model, "advtune_build", None) or {}).items():   # what rebuilds it
+        meta.setdefault(k, v)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
     atomic_write_json(directory / META_FILE, meta)
@@ -355,6 +360,10 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     if factory is not None and not (isinstance(factory, dict) and isinstance(factory.get("spec"), str)
                                     and isinstance(factory.get("name"), str)):
         raise AdvtuneError(f"{directory / META_FILE}: the factory record is damaged; retrain the run")
+    if factory is None and arch is None:
+        raise AdvtuneError(f"{directory}: this model was saved without a way to rebuild it (not a zoo architecture, "
+                           "no --model file.py:factory); load the weights into your own model: "
+                           "model.load_state_dict(safetensors.torch.load_file('.../model.safetensors'))")
     if factory is None and arch not in ARCHITECTURES:
         raise AdvtuneError(f"{directory}: unknown architecture {arch!r} in {META_FILE}; valid: {', '.join(ARCHITECTURES)}")
     missing = [k for k in ("input_shape", "num_classes") if k not in meta]

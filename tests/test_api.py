@@ -1,0 +1,135 @@
+"""The public API (advtune.evaluate/analyze/harden/fit, exports) and its one input adapter:
+tensors, DataLoaders and advtune splits give the same answers; bad input is one line."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import advtune
+from advtune import AdvtuneError, ThreatModel
+from advtune.data import TensorData
+
+from conftest import TinyCNN
+
+
+def test_import_advtune_does_not_load_torch():
+    code = "import sys, advtune; assert 'torch' not in sys.modules, 'torch loaded'; print(len(advtune.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 30
+
+
+def test_every_export_resolves_and_functions_are_not_shadowed_by_modules():
+    import advtune.evaluation  # noqa: F401  (a module import must not replace the function)
+    import advtune.hardening  # noqa: F401
+
+    for name in advtune.__all__:
+        assert getattr(advtune, name) is not None, name
+    assert callable(advtune.evaluate) and advtune.evaluate.__module__ == "advtune.api"
+    assert callable(advtune.harden) and advtune.harden.__module__ == "advtune.api"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        advtune.nope  # noqa: B018
+
+
+def test_threat_model_shorthands():
+    assert ThreatModel.linf(8 / 255) == ThreatModel("linf", 8 / 255)
+    assert ThreatModel.l2(0.5).norm == "l2"
+    with pytest.raises(AdvtuneError, match="write 8/255, not 8"):
+        ThreatModel.linf(8)
+
+
+def test_evaluate_gives_the_same_answer_for_tensors_a_dataloader_and_a_split(tiny_model, blobs):
+    _, _, xt, yt = blobs
+    kw = dict(eps=0.15, attacks="fgsm,pgd:steps=10", limit=120, batch_size=60, seed=3)
+    a = advtune.evaluate(tiny_model, (xt, yt), **kw)
+    b = advtune.evaluate(tiny_model, DataLoader(TensorDataset(xt, yt), batch_size=60), **kw)
+    c = advtune.evaluate(tiny_model, TensorData(xt, yt), **kw)
+    assert a.n == b.n == c.n == 120
+    assert torch.equal(a.robust, b.robust) and torch.equal(a.robust, c.robust)
+    assert 0 < a.worst_case_accuracy < a.clean_accuracy   # eps 0.15 breaks some, not all
+
+
+def test_fit_from_a_dataloader_equals_fit_from_tensors(blobs):
+    x, y, _, _ = blobs
+    cfg = advtune.TrainConfig(epochs=1, batch_size=50, lr=3e-3, seed=1)
+    torch.manual_seed(0)
+    m1 = TinyCNN()
+    m2 = copy.deepcopy(m1)
+    advtune.fit(m1, (x[:300], y[:300]), config=cfg)
+    advtune.fit(m2, DataLoader(TensorDataset(x[:300], y[:300]), batch_size=64, shuffle=False), config=cfg)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_analyze_select_and_random_control(tiny_model, blobs):
+    x, y, _, _ = blobs
+    vmap = advtune.analyze(tiny_model, DataLoader(TensorDataset(x, y), batch_size=100), eps=0.2, limit=300)
+    assert vmap.n_examples == 300 and vmap.adversarial_accuracy < vmap.clean_accuracy
+    assert vmap.grad_evals >= 300 * 10   # the PGD-10 attack's gradient evaluations were counted
+    ranked = vmap.ranked()
+    assert len(ranked) == 8 + 16 and ranked[0][1] >= ranked[-1][1]
+    sel = vmap.select(params=0.1)
+    n_params = sum(p.numel() for p in tiny_model.parameters())
+    assert 0 < sel.trainable_params(tiny_model) <= 0.1 * n_params
+    ctrl = vmap.random_like(sel, seed=2)
+    assert ctrl != sel and abs(ctrl.trainable_params(tiny_model) - sel.trainable_params(tiny_model)) <= 150
+    assert len(vmap.select(share=0.25)) == 6
+    assert vmap.curve is not None and vmap.curve.errors_repaired_at(1.0) > 0.9
+    with pytest.raises(AdvtuneError, match="exactly one of share"):
+        vmap.select(share=0.1, params=100)
+    with pytest.raises(AdvtuneError, match="granularity='layer' selects within a parameter budget"):
+        vmap.select(share=0.1, granularity="layer")
+
+
+def test_a_whole_dataset_resolves_to_the_right_split():
+    ds = advtune.load_dataset("synthetic")
+    model = advtune.build_model("small-cnn", ds.input_shape, ds.num_classes, ds.mean, ds.std)
+    r = advtune.evaluate(model, ds, eps=0.1, attacks="fgsm", limit=50, gate=False)
+    assert r.n == 50 and torch.equal(r.labels, ds.test.y[:50])
+    from advtune.inputs import batches
+
+    with pytest.raises(AdvtuneError, match="pass one split of the dataset"):
+        list(batches(ds, 10))
+
+
+def _bad(model, data, match):
+    with pytest.raises(AdvtuneError, match=match) as e:
+        advtune.evaluate(model, data, eps=0.1, attacks="fgsm", gate=False)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_input_is_one_line(tiny_model, blobs):
+    _, _, xt, yt = blobs
+    x, y = xt[:20], yt[:20]
+    _bad(tiny_model, ((x * 255).to(torch.uint8), y), r"uint8.*x.float\(\) / 255")
+    _bad(tiny_model, (x * 2 - 1, y), r"must lie in \[0, 1\].*undo the normalisation")
+    _bad(tiny_model, (torch.where(x > 0.5, float("nan"), x), y), "NaN")
+    _bad(tiny_model, (x, y.float()), r"integer class indices.*y.long\(\)")
+    _bad(tiny_model, (x, y[:10]), "x has 20 examples but y has 10")
+    _bad(tiny_model, (x, y + 4), r"labels must be in \[0, 3\]")
+    _bad(tiny_model, (x, -y - 1), "labels must be class indices >= 0")
+    _bad(tiny_model, [{"x": x, "y": y}], r"each batch must be an \(x, y\) pair")
+    _bad(tiny_model, "data.npz", "must be an \\(x, y\\) pair of tensors, an iterable")
+    _bad(tiny_model, (x[:, :, :8], y), "cannot take inputs of shape")
+    _bad(nn.Sequential(nn.Conv2d(1, 2, 3)), (x, y), r"logits of shape \(N, classes\)")
+    with pytest.raises(AdvtuneError, match="built for linf eps=0.3"):
+        advtune.evaluate(tiny_model, (x, y), eps=0.1, attacks=[advtune.PGD(ThreatModel.linf(0.3))])
+    with pytest.raises(AdvtuneError, match="x.unsqueeze\\(1\\)"):
+        advtune.fit(TinyCNN(), (x[:, 0], y))
+
+
+def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
+    x, y, xt, yt = blobs
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    res = advtune.harden(tiny_model, DataLoader(TensorDataset(x[:400], y[:400]), batch_size=100), eps=0.2,
+                         test=(xt[:60], yt[:60]), budget=12000, limit_test=60)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
+    assert res.after.worst_case_accuracy > res.before.worst_case_accuracy
+    changed = [k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and len(changed) < len(before)   # only the selected layers moved
