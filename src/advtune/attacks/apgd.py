@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
+from .registry import register
 from ._common import (attack_entry, checked_logits, LOSSES, Best, LossFn, check_call, check_choice, check_float, check_int, check_threat,
                       fmt_spec, loss_and_grad, success, with_restarts)
 
@@ -150,6 +151,8 @@ def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *
     return best.x.detach()
 
 
+@register("apgd-dlr", loss="dlr")
+@register("apgd-ce", loss="ce")
 @dataclass(frozen=True)
 class APGD:
     """APGD-CE (`apgd-ce`) or APGD-DLR (`apgd-dlr`); see the module docstring."""
@@ -187,6 +190,7 @@ class APGD:
                     rho=self.rho, target=target, generator=generator)
 
 
+@register("apgd-t")
 @dataclass(frozen=True)
 class APGDT:
     """APGD-T (`apgd-t`): targeted DLR over the top classes; see the module docstring."""

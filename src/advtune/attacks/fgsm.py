@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..threat import ThreatModel
+from .registry import register
 from ._common import attack_entry, ce_loss, check_call, check_float, check_threat, fmt_spec, loss_and_grad
 
 
@@ -37,6 +38,8 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, step_si
     return threat.project(x0 + threat.steepest_step(grad, step), x).detach()
 
 
+@register("fgsm-rs", random_start=True)
+@register("fgsm", random_start=False)
 @dataclass(frozen=True)
 class FGSM:
     """FGSM (`fgsm`) or FGSM-RS (`fgsm-rs`); see the module docstring."""

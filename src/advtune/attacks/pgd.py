@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
+from .registry import register
 from ._common import (attack_entry, LOSSES, Best, check_call, check_choice, check_float, check_int, check_threat,
                       fmt_spec, loss_and_grad, success, with_restarts)
 
@@ -89,6 +90,8 @@ def _check_common(obj, name: str) -> None:
     check_choice(f"{name} loss", obj.loss, tuple(LOSSES))
 
 
+@register("pgd", random_start=True)
+@register("bim", random_start=False, restarts=1)
 @dataclass(frozen=True)
 class PGD:
     """PGD (`pgd`, random start) or BIM / I-FGSM (`bim`, `random_start=False`); see the module docstring."""
@@ -127,6 +130,7 @@ class PGD:
                    loss=self.loss, random_start=self.random_start, target=target, generator=generator)
 
 
+@register("mifgsm")
 @dataclass(frozen=True)
 class MIFGSM:
     """MI-FGSM (`mifgsm`); see the module docstring."""

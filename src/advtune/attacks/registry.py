@@ -1,4 +1,7 @@
-"""Attack specs: `"pgd:steps=40,step=0.01,restarts=5"` -> a configured attack. A plain dict registry.
+"""Attack specs: `"pgd:steps=40,step=0.01,restarts=5"` -> a configured attack.
+
+Each attack class registers itself where it is defined, with the `@register("name", **fixed)` class
+decorator, so a new attack is one file (plus its import in `attacks/__init__.py`).
 
 A spec is `name[:key=value,...]`. Values are parsed by the attack's field type: integers, floats
 (fractions like `2/255` allowed), booleans (`true`/`false`), strings, or `none` for optional fields.
@@ -13,24 +16,19 @@ from fractions import Fraction
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ._common import Attack
-from .apgd import APGD, APGDT
-from .fgsm import FGSM
-from .pgd import MIFGSM, PGD
-from .square import Square
 
 # name -> (class, fixed keyword arguments that the name implies; they are not settable in the spec)
-REGISTRY: dict[str, tuple[type, dict]] = {
-    "fgsm": (FGSM, {"random_start": False}),
-    "fgsm-rs": (FGSM, {"random_start": True}),
-    "bim": (PGD, {"random_start": False, "restarts": 1}),
-    "pgd": (PGD, {"random_start": True}),
-    "mifgsm": (MIFGSM, {}),
-    "apgd-ce": (APGD, {"loss": "ce"}),
-    "apgd-dlr": (APGD, {"loss": "dlr"}),
-    "apgd-t": (APGDT, {}),
-    "square": (Square, {}),
-}
+REGISTRY: dict[str, tuple[type, dict]] = {}
 ALIASES = {"step": "step_size"}
+
+
+def register(name: str, **fixed):
+    """Class decorator: make the attack class (a frozen dataclass with a `threat` field) buildable
+    from specs as `name`; `fixed` are keyword arguments the name implies (not settable in the spec)."""
+    def decorate(cls: type) -> type:
+        register_attack(name, cls, **fixed)
+        return cls
+    return decorate
 
 
 def register_attack(name: str, cls: type, **fixed) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ..utils import sample_on
+from .registry import register
 from ._common import (attack_entry, checked_logits, Best, check_call, check_float, check_int, check_threat, fmt_spec, margin, success,
                       with_restarts)
 
@@ -97,6 +98,7 @@ def square(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, queri
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
 
+@register("square")
 @dataclass(frozen=True)
 class Square:
     """Square Attack (`square`); see the module docstring."""
