@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from advtune.experiment import format_results, run_experiment
+from advtune.runs.experiment import format_results, run
 from advtune.report import headline, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t = time.perf_counter()
-    rows = run_experiment(args.config, args.out, device=args.device)
+    rows = run(args.config, args.out, device=args.device)
     paths = write_report(args.out)
     print(format_results(rows))
     print("\n".join(headline(rows)))

@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from advtune.experiment import format_results, load_config, run_experiment
+from advtune.runs.experiment import format_results, load_config, run
 from advtune.frontier import findings
 from advtune.report import write_report
 from advtune.utils import read_json
@@ -36,7 +36,7 @@ def main() -> None:
     cfg = load_config(args.config)
     out = Path(args.out or ROOT / "runs" / cfg["name"])
     t = time.perf_counter()
-    rows = run_experiment(args.config, out, device=args.device,
+    rows = run(args.config, out, device=args.device,
                           only=[o.strip() for o in args.only.split(",")] if args.only else None)
     paths = write_report(out)
     print(format_results(rows))

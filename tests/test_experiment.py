@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from advtune import experiment
+from advtune.runs import experiment
 from advtune.cli import main
 from advtune.errors import AdvtuneError
 
@@ -79,9 +79,9 @@ def test_report_numbers_match_the_records(finished):
 def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch):
     cfg = write(tmp_path, TINY)
     out = tmp_path / "out"
-    import advtune.jobs as jobs
+    import advtune.runs.finetune as finetune_job
 
-    real = jobs.finetune_run
+    real = finetune_job.run
     calls = []
 
     def crash_on_second(run):
@@ -90,15 +90,15 @@ def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(run)
 
-    monkeypatch.setattr(jobs, "finetune_run", crash_on_second)
+    monkeypatch.setattr(finetune_job, "run", crash_on_second)
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 130
-    monkeypatch.setattr(jobs, "finetune_run", real)
+    monkeypatch.setattr(finetune_job, "run", real)
     first = out / "full-ft" / "model.safetensors"
     stamp = first.stat().st_mtime_ns
     std_stamp = (out / "standard" / "model.safetensors").stat().st_mtime_ns
 
     redone = []
-    monkeypatch.setattr(jobs, "finetune_run", lambda run: (redone.append(run.out), real(run))[1])
+    monkeypatch.setattr(finetune_job, "run", lambda run: (redone.append(run.out), real(run))[1])
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet", "--no-report"]) == 0
     assert first.stat().st_mtime_ns == stamp and (out / "standard" / "model.safetensors").stat().st_mtime_ns == std_stamp
     assert str(out / "full-ft") not in redone and len(redone) == 3  # sel x2 (one of them interrupted) + random
@@ -128,7 +128,7 @@ def test_bad_experiment_configs(tmp_path, mutate, match):
     cfg = copy.deepcopy(TINY)
     mutate(cfg)
     with pytest.raises(AdvtuneError, match=match):
-        experiment.run_experiment(write(tmp_path, cfg), tmp_path / "o")
+        experiment.run(write(tmp_path, cfg), tmp_path / "o")
 
 
 def test_report_on_a_folder_without_results(tmp_path, capsys):
@@ -152,7 +152,7 @@ def test_standard_variant_over_a_pretrained_base_records_in_its_own_folder(finis
     cfg["base"] = {"pretrained": str(finished / "standard")}
     cfg["threat"] = {"eps": [0.1, 0.2]}
     cfg["variants"] = [{"name": "standard", "kind": "standard"}]
-    rows = experiment.run_experiment(write(tmp_path, cfg), tmp_path / "o")
+    rows = experiment.run(write(tmp_path, cfg), tmp_path / "o")
     assert [r["variant"] for r in rows] == ["standard-eps0.1", "standard-eps0.2"] and rows[0]["eps"] == 0.1
     assert (tmp_path / "o" / "standard-eps0.2" / "eval-protocol.json").is_file()
     assert sorted(p.name for p in (finished / "standard").iterdir()) == before
@@ -184,4 +184,4 @@ def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["variants"][3]["share"] = 0.5  # "random" was run with share 0.1
     with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
-        experiment.run_experiment(write(tmp_path, cfg), out)
+        experiment.run(write(tmp_path, cfg), out)

@@ -79,19 +79,16 @@ def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
 
 def test_rerun_evaluates_nothing_again(done, monkeypatch):
     cfg, out = done
-    from advtune import jobs
-
     def boom(*a, **k):
         raise AssertionError("a finished curve was evaluated again")
-    monkeypatch.setattr(jobs, "evaluate_run", boom)
-    monkeypatch.setattr("advtune.jobs.evaluate_run", boom)
+    monkeypatch.setattr("advtune.runs.evaluate.run", boom)
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(done, monkeypatch):
     """Lose one snapshot's evaluation and the final one (as if killed while evaluating): the re-run
     evaluates exactly that snapshot again, no training, and the records come back the same."""
-    import advtune.jobs as jobs
+    import advtune.runs.evaluate as evaluate_job
 
     cfg, out = done
     snap = sorted((out / "at" / "snapshots").glob("step-*"))[1]
@@ -99,9 +96,9 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(done, monkeypatch):
     (snap / "eval-protocol.json").unlink()
     (out / "at" / "eval-protocol.json").unlink()
     seen = []
-    real = jobs.evaluate_run
-    monkeypatch.setattr(jobs, "evaluate_run", lambda run: seen.append(run.run) or real(run))
-    monkeypatch.setattr(jobs, "train_run", lambda *a, **k: pytest.fail("trained again"))
+    real = evaluate_job.run
+    monkeypatch.setattr(evaluate_job, "run", lambda run: seen.append(run.run) or real(run))
+    monkeypatch.setattr("advtune.runs.train.run", lambda *a, **k: pytest.fail("trained again"))
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert seen == [str(snap)]
     assert json.loads((snap / "eval-protocol.json").read_text())["worst_case_accuracy"] == kept

@@ -56,11 +56,9 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
 
 
 def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
-    import advtune.jobs as jobs
-
-    monkeypatch.setattr(jobs, "finetune_run", lambda *a, **k: pytest.fail("fine-tuned again"))
-    monkeypatch.setattr(jobs, "analyze_run", lambda *a, **k: pytest.fail("analysed again"))
-    monkeypatch.setattr(jobs, "evaluate_run", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
+    monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
     assert main(["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "100",
                  "--budget", "20000", "--out", str(hardened), "--resume", "--quiet"]) == 0
 
@@ -94,10 +92,10 @@ def test_bad_parameter_budget_is_refused_by_the_parser(base, hardened, capsys, v
 def test_not_a_run_and_a_model_without_layers(base, tmp_path, capsys, monkeypatch):
     assert main(["harden", str(tmp_path), "--eps", "0.2", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "not an advtune run" in capsys.readouterr().err
-    import advtune.jobs as jobs
+    import advtune.runs.harden as harden_job
 
-    real = jobs.load_base
-    monkeypatch.setattr(jobs, "load_base", lambda p, d: (nn.Sequential(nn.Flatten(), nn.ReLU()), *real(p, d)[1:]))
+    real = harden_job.load_base
+    monkeypatch.setattr(harden_job, "load_base", lambda p, d: (nn.Sequential(nn.Flatten(), nn.ReLU()), *real(p, d)[1:]))
     assert main(["harden", str(base / "base"), "--eps", "0.2", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "has no Conv2d or Linear layer" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()

@@ -59,12 +59,9 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, m
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     old = snapshot(out)
-    import advtune.jobs as jobs
-
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(jobs, "fit", killed, raising=False)
-    monkeypatch.setattr("advtune.train.fit", killed)
+    monkeypatch.setattr("advtune.runs.train.fit", killed)
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 130
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-")]
     assert len(aside) == 1 and snapshot(aside[0]) == old        # the old run survives the interruption

@@ -53,8 +53,26 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
-    from .api import VulnerabilityMap, analyze, evaluate, fit, harden, load_model, save_model
-    from .attacks import APGD, APGDT, FGSM, MIFGSM, PGD, Attack, Square, build_attack, list_attacks
+    from .api import (
+        VulnerabilityMap,
+        analyze,
+        evaluate,
+        fit,
+        harden,
+        load_model,
+        save_model,
+    )
+    from .attacks import (
+        APGD,
+        APGDT,
+        FGSM,
+        MIFGSM,
+        PGD,
+        Attack,
+        Square,
+        build_attack,
+        list_attacks,
+    )
     from .components import Component, Selection
     from .data import Dataset, TensorData, list_datasets, load_dataset
     from .errors import AdvtuneError

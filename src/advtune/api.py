@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, build_attack
+from .attacks import Attack, build_attack, split_attack_list
 from .components import Selection, model_params
 from .cost import PassCounter
 from .data import Dataset
@@ -34,8 +34,17 @@ from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
 from .train import fit as _fit
 from .utils import make_generator, model_device, model_dtype
-from .vulnerability import (DEFAULT_SHARES, ConcentrationCurve, ScoreTable, concentration_curve, layer_scores,
-                            score_many, select_random, select_top, select_top_layers)
+from .vulnerability import (
+    DEFAULT_SHARES,
+    ConcentrationCurve,
+    ScoreTable,
+    concentration_curve,
+    layer_scores,
+    score_many,
+    select_random,
+    select_top,
+    select_top_layers,
+)
 
 
 def _threat(eps: float, norm: str) -> ThreatModel:
@@ -44,8 +53,6 @@ def _threat(eps: float, norm: str) -> ThreatModel:
 
 def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> list[Attack]:
     """A suite name ("standard", "quick"), a comma list of specs ("apgd-ce,apgd-t"), or attack objects."""
-    from .jobs import split_attack_list
-
     if isinstance(attacks, str):
         if attacks in SUITES:
             return suite(attacks, threat)

@@ -131,14 +131,15 @@ def add_train_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .jobs import TrainRun, train_run
+    from .runs import train as train_job
+    from .runs.train import TrainRun
 
     run = TrainRun(dataset=args.dataset, model=args.model, out=args.out, train=_train_config(args), weights=args.weights,
                    data_dir=args.data_dir, limit=args.limit, limit_test=args.limit_test, val=args.val,
                    device=args.device, adversarial=args.adversarial, norm=args.norm, eps=args.eps,
                    attack_mode=args.attack_mode, eps_warmup=args.eps_warmup, guard=args.guard,
                    budget=args.budget, points=args.points, resume=args.resume, overwrite=args.overwrite)
-    summary = train_run(run)
+    summary = train_job.run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
 
@@ -166,14 +167,15 @@ def add_evaluate_parser(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .jobs import EvaluateRun, evaluate_run, format_evaluation
+    from .runs import evaluate as evaluate_job
+    from .runs.evaluate import EvaluateRun, format_evaluation
 
     if not args.attacks and not args.suite:
         raise AdvtuneError("give --attacks (e.g. fgsm,pgd:steps=40) or --suite standard")
     run = EvaluateRun(run=args.run, eps=tuple(args.eps), attacks=args.attacks, suite=args.suite, norm=args.norm,
                       limit=args.limit, batch_size=args.batch_size, cascade=args.cascade, plot=args.plot,
                       name=args.name, seed=args.seed, data_dir=args.data_dir, device=args.device)
-    record = evaluate_run(run)
+    record = evaluate_job.run(run)
     print(format_evaluation(record))
     print(f"-> {record['path']}" + (f" (+ {record['plot']})" if record.get("plot") else ""))
     return 0
@@ -205,14 +207,15 @@ def add_analyze_parser(sub) -> None:
 
 
 def run_analyze(args) -> int:
-    from .jobs import AnalyzeRun, analyze_run
+    from .runs import analyze as analyze_job
+    from .runs.analyze import AnalyzeRun
 
     kw = {"shares": tuple(args.shares)} if args.shares else {}
     run = AnalyzeRun(base=args.base, out=args.out, eps=args.eps, attack=args.attack, norm=args.norm,
                      criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()), granularity=args.granularity,
                      limit=args.limit, curve_limit=args.curve_limit, batch_size=args.batch_size, seed=args.seed,
                      data_dir=args.data_dir, device=args.device, overwrite=args.overwrite, **kw)
-    s = analyze_run(run)
+    s = analyze_job.run(run)
     print(f"scored {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.1f}%, under {s['attack']} {100 * s['adv_acc']:.1f}%")
     for name, c in s["criteria"].items():
         line = f"  {name:17s} top: {', '.join(n for n, _ in c['top10'][:5])}"
@@ -261,7 +264,8 @@ def add_finetune_parser(sub) -> None:
 
 
 def run_finetune(args) -> int:
-    from .jobs import FinetuneRun, finetune_run
+    from .runs import finetune as finetune_job
+    from .runs.finetune import FinetuneRun
 
     if args.dataset:
         raise AdvtuneError("finetune uses the base run's dataset; drop --dataset (use --data-dir to point at its files)")
@@ -273,7 +277,7 @@ def run_finetune(args) -> int:
                       params=args.params,
                       granularity=args.granularity, budget=args.budget, points=args.points,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
-    s = finetune_run(run)
+    s = finetune_job.run(run)
     sel = s.get("selection")
     what = f"{sel['units']} units, {sel['trainable_params']:,} params" if sel else "all parameters"
     quick = f", PGD-10 (quick, {s['pgd10_examples']} ex.) {100 * s['pgd10_acc_quick']:.2f}%" if "pgd10_acc_quick" in s else ""
@@ -296,7 +300,8 @@ def add_experiment_parser(sub) -> None:
 
 
 def run_experiment(args) -> int:
-    from .experiment import format_results, run_experiment as run
+    from .runs.experiment import format_results
+    from .runs.experiment import run
 
     rows = run(args.config, args.out, device=None if args.device == "auto" else args.device,
                only=[o.strip() for o in args.only.split(",")] if args.only else None)
@@ -337,7 +342,8 @@ def add_info_parser(sub) -> None:
 
 
 def run_info(args) -> int:
-    from .runs import format_info, run_info as info_of
+    from .runs.record import format_info
+    from .runs.record import run_info as info_of
 
     info = info_of(args.run)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -382,11 +388,13 @@ def add_harden_parser(sub) -> None:
 def run_harden(args) -> int:
     from dataclasses import replace
 
-    from .hardening import HardenRun, Recipe, format_summary, harden_run
+    from .hardening import Recipe
+    from .runs import harden as harden_job
+    from .runs.harden import HardenRun, format_summary
 
     recipe = replace(Recipe(), params=args.params, granularity=args.granularity, attack=args.attack,
                      eps_warmup=args.eps_warmup, lr=args.lr)
-    s = harden_run(HardenRun(base=args.base, out=args.out, eps=args.eps, norm=args.norm, budget=args.budget,
+    s = harden_job.run(HardenRun(base=args.base, out=args.out, eps=args.eps, norm=args.norm, budget=args.budget,
                              recipe=recipe, limit=args.limit, limit_test=args.limit_test, evaluation=args.evaluation,
                              seed=args.seed, data_dir=args.data_dir, device=args.device, resume=args.resume,
                              overwrite=args.overwrite))
@@ -406,7 +414,8 @@ def add_demo_parser(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from .demo import DemoConfig, run_demo as demo
+    from .runs.demo import DemoConfig
+    from .runs.demo import run as demo
 
     demo(DemoConfig(out=args.out, full=args.full, data_dir=args.data_dir, seed=args.seed, device=args.device))
     return 0

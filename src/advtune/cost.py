@@ -79,9 +79,9 @@ class CostMeter:
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Count FLOPs per example for a forward, an attack step and an update step, and the
         trainable parameters, with the model's *current* requires_grad flags (so a selection counts)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         import copy
+
+        from torch.utils.flop_counter import FlopCounterMode
 
         params = list(model.parameters())
         self.trainable_params = sum(p.numel() for p in params if p.requires_grad)

@@ -7,7 +7,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import sys
 from collections import OrderedDict

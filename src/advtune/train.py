@@ -20,12 +20,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .attacks import build_attack
 from .cost import CostMeter
 from .data import TensorData, num_batches
 from .errors import AdvtuneError
 from .inputs import as_tensor_data
 from .metrics import accuracy, robust_accuracy_quick
-from .utils import atomic_write_bytes, derive_seed, eval_mode, make_generator, model_device, progress
+from .utils import (
+    atomic_write_bytes,
+    derive_seed,
+    eval_mode,
+    make_generator,
+    model_device,
+    progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +415,43 @@ def local_feature(model: nn.Module, layer: str, threat, steps: int = 10, clean_w
     return LocalFeature(ref, layer, threat, steps, None, clean_weight, eps_warmup)
 
 # ---------------------------------------------------------------- selection inside fit (one place)
+
+
+# ---------------------------------------------------------------- objectives from specs
+
+def _spec_params(name: str, params: str, types: dict[str, type]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        k, _, v = item.partition("=")
+        k = {"step": "step_size"}.get(k.strip(), k.strip())
+        if k not in types:
+            raise AdvtuneError(f"unknown {name} parameter {k!r}; valid: {', '.join(types)}")
+        try:
+            kw[k] = types[k](v)
+        except ValueError:
+            raise AdvtuneError(f"{name} parameter {k} needs a {types[k].__name__}, got {v!r}") from None
+    return kw
+
+
+def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
+    """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
+    `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
+    that module (needs the model: its current weights are the reference)."""
+    name, _, params = spec.partition(":")
+    name = name.strip().lower()
+    if name == "trades":
+        kw = _spec_params("TRADES", params, {"steps": int, "step_size": float, "beta": float})
+        if eps_warmup:
+            raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
+        return trades(threat, **kw)
+    if name == "local":
+        kw = _spec_params("local", params, {"layer": str, "steps": int, "clean": float})
+        if "layer" not in kw:
+            raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
+        if model is None:
+            raise AdvtuneError("the local objective needs the model (its current features are the reference)")
+        return local_feature(model, kw["layer"], threat, kw.get("steps", 10), kw.get("clean", 1.0), eps_warmup)
+    return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
 
 
 class _Trainable:

@@ -11,16 +11,19 @@ dtype and device, inside `attack.threat`), `attack.grad_evals()` (per example, w
 """
 from ..threat import ThreatModel
 from ._common import Attack, logits_of, margin
-from .registry import REGISTRY, attack_class, attack_params, build_attack, list_attacks, register, register_attack
+from .registry import (REGISTRY, attack_class, attack_params, build_attack, list_attacks, register, register_attack,
+                       split_attack_list)
 
+# isort: off
 # importing an attack module registers its attacks (@register); this order is list_attacks()' order
-from .fgsm import FGSM, fgsm  # noqa: E402
-from .pgd import MIFGSM, PGD, mifgsm, pgd  # noqa: E402
-from .apgd import APGD, APGDT, apgd, apgd_targeted  # noqa: E402
-from .square import Square, square  # noqa: E402
+from .fgsm import FGSM, fgsm
+from .pgd import MIFGSM, PGD, mifgsm, pgd
+from .apgd import APGD, APGDT, apgd, apgd_targeted
+from .square import Square, square
+# isort: on
 
 __all__ = [
     "APGD", "APGDT", "Attack", "FGSM", "MIFGSM", "PGD", "REGISTRY", "Square", "ThreatModel",
     "apgd", "apgd_targeted", "attack_class", "attack_params", "build_attack", "fgsm", "list_attacks", "logits_of", "margin",
-    "mifgsm", "pgd", "register", "register_attack", "square",
+    "mifgsm", "pgd", "register", "register_attack", "split_attack_list", "square",
 ]

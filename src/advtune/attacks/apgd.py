@@ -22,9 +22,23 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
+from ._common import (
+    LOSSES,
+    Best,
+    LossFn,
+    attack_entry,
+    check_call,
+    check_choice,
+    check_float,
+    check_int,
+    check_threat,
+    checked_logits,
+    fmt_spec,
+    loss_and_grad,
+    success,
+    with_restarts,
+)
 from .registry import register
-from ._common import (attack_entry, checked_logits, LOSSES, Best, LossFn, check_call, check_choice, check_float, check_int, check_threat,
-                      fmt_spec, loss_and_grad, success, with_restarts)
 
 MOMENTUM = 0.75   # alpha in the paper
 INITIAL_STEP = 2.0  # eta^(0) = 2 * eps

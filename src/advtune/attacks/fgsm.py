@@ -14,8 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from ..threat import ThreatModel
+from ._common import (
+    attack_entry,
+    ce_loss,
+    check_call,
+    check_float,
+    check_threat,
+    fmt_spec,
+    loss_and_grad,
+)
 from .registry import register
-from ._common import attack_entry, ce_loss, check_call, check_float, check_threat, fmt_spec, loss_and_grad
 
 
 @attack_entry('fgsm')

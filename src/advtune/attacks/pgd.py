@@ -20,9 +20,21 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
+from ._common import (
+    LOSSES,
+    Best,
+    attack_entry,
+    check_call,
+    check_choice,
+    check_float,
+    check_int,
+    check_threat,
+    fmt_spec,
+    loss_and_grad,
+    success,
+    with_restarts,
+)
 from .registry import register
-from ._common import (attack_entry, LOSSES, Best, check_call, check_choice, check_float, check_int, check_threat,
-                      fmt_spec, loss_and_grad, success, with_restarts)
 
 
 def _iterate(model, x, y, target, threat, steps, loss_fn, x_start, step_fn) -> Best:

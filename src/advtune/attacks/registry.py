@@ -78,6 +78,24 @@ def build_attack(spec: str, threat: ThreatModel) -> Attack:
     return cls(threat=threat, **fixed, **kwargs)
 
 
+def split_attack_list(text: str) -> list[str]:
+    """`fgsm,pgd:steps=40,restarts=2,apgd-ce` -> ["fgsm", "pgd:steps=40,restarts=2", "apgd-ce"]:
+    a comma-separated item with `=` and no `:` is one more parameter of the attack before it."""
+    specs: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not specs:
+                raise AdvtuneError(f"attack list {text!r} starts with a parameter; write name:key=value")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    if not specs:
+        raise AdvtuneError("no attack given; e.g. --attacks fgsm,pgd:steps=40 or --suite standard")
+    return specs
+
+
 def _lookup(name: str) -> tuple[type, dict]:
     if name not in REGISTRY:
         raise AdvtuneError(f"unknown attack {name!r}; valid attacks: {', '.join(REGISTRY)}")

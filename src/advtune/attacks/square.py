@@ -22,9 +22,20 @@ from torch import Tensor, nn
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ..utils import sample_on
+from ._common import (
+    Best,
+    attack_entry,
+    check_call,
+    check_float,
+    check_int,
+    check_threat,
+    checked_logits,
+    fmt_spec,
+    margin,
+    success,
+    with_restarts,
+)
 from .registry import register
-from ._common import (attack_entry, checked_logits, Best, check_call, check_float, check_int, check_threat, fmt_spec, margin, success,
-                      with_restarts)
 
 # the paper's p-schedule, on a 10,000-query scale: (upper end of the iteration range, divisor of p_init)
 _P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),

@@ -24,12 +24,26 @@ import difflib
 import io
 import itertools
 import logging
-from dataclasses import replace
+import math
 from pathlib import Path
 from typing import Any
 
-from .errors import AdvtuneError
-from .utils import atomic_write_json, atomic_write_text, read_json
+import yaml
+
+from ..errors import AdvtuneError
+from ..hardening import Recipe
+from ..train import TrainConfig
+from ..utils import atomic_write_json, atomic_write_text, parse_number, read_json
+from . import analyze as analyze_job
+from . import evaluate as evaluate_job
+from . import finetune as finetune_job
+from . import train as train_job
+from .analyze import AnalyzeRun
+from .common import list_snapshots
+from .evaluate import EvaluateRun
+from .finetune import FinetuneRun
+from .record import CONFIG, SUMMARY
+from .train import TrainRun
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +77,6 @@ def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
 
 def load_config(path: str | Path) -> dict:
     """Parse and validate an experiment YAML; errors name the line or the key."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -116,9 +129,6 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
 
 def _check_numbers(v: dict, where: str) -> None:
     """Numbers in a variant are numbers (YAML gives strings for typos like `0,1` or `ten`)."""
-    import math
-
-    from .utils import parse_number
 
     rules = {"share": lambda n: 0 < n <= 1, "eps_warmup": lambda n: 0 <= n < 1, "params": lambda n: n > 0,
              "budget": lambda n: n >= 1, "eps": lambda n: 0 < n < 1e6}
@@ -145,7 +155,6 @@ def with_recipe(v: dict) -> dict:
         return v
     if v["recipe"] != "harden":
         raise AdvtuneError(f"variant {v.get('name')}: unknown recipe {v['recipe']!r}; valid: harden")
-    from .hardening import Recipe
 
     r = Recipe()
     filled = {"kind": "finetune", "select": "top", "granularity": r.granularity, "params": r.params,
@@ -187,8 +196,6 @@ INT_KEYS = {"epochs", "batch_size", "checkpoint_every", "eval_batch_size", "val_
 
 
 def _train_config(base: dict | None, over: dict | None, seed: int):
-    from .train import TrainConfig
-    from .utils import parse_number
 
     merged = {**(base or {}), **(over or {})}
     for k, v in merged.items():
@@ -204,17 +211,13 @@ def _train_config(base: dict | None, over: dict | None, seed: int):
 
 
 def _eps_value(v: Any) -> float:
-    from .utils import parse_number
 
     return parse_number(v)
 
 
-def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | None = None,
+def run(config: str | Path | dict, out: str | Path, *, device: str | None = None,
                    only: list[str] | None = None) -> list[dict]:
     """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
-    from .jobs import (AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun, analyze_run, evaluate_run, finetune_run,
-                       list_snapshots, train_run)
-    from .runs import CONFIG, SUMMARY, RunDir
 
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
     out = Path(out)
@@ -249,7 +252,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
         base_dir = out / "standard"
         if not (base_dir / SUMMARY).is_file():
             log.info("experiment %s: training the base model", cfg.get("name", out.name))
-            train_run(TrainRun(dataset=base["dataset"], model=base["model"], out=str(base_dir), data_dir=data_dir,
+            train_job.run(TrainRun(dataset=base["dataset"], model=base["model"], out=str(base_dir), data_dir=data_dir,
                                limit=base.get("limit"), limit_test=base.get("limit_test"), device=device,
                                train=_train_config(base.get("train"), None, seed), resume=started(base_dir),
                                overwrite=base_dir.exists() and not started(base_dir)))
@@ -265,7 +268,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
         if not (folder / SUMMARY).is_file():
             kw = {k: tuple(analysis_cfg[k]) if k in ("criteria", "shares", "random_seeds") else analysis_cfg[k]
                   for k in ANALYSIS_KEYS if k in analysis_cfg}
-            analyze_run(AnalyzeRun(base=str(base_dir), out=str(folder), eps=eps, norm=norm, seed=seed, data_dir=data_dir,
+            analyze_job.run(AnalyzeRun(base=str(base_dir), out=str(folder), eps=eps, norm=norm, seed=seed, data_dir=data_dir,
                                    device=device, overwrite=folder.exists(), **kw))
         analyses[eps] = folder
         return folder
@@ -289,7 +292,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
         elif kind == "train":
             model_dir = folder
             if not (folder / SUMMARY).is_file():
-                train_run(TrainRun(dataset=base.get("dataset") or _base_dataset(base_dir), model=v.get("model") or base.get("model") or _base_model(base_dir),
+                train_job.run(TrainRun(dataset=base.get("dataset") or _base_dataset(base_dir), model=v.get("model") or base.get("model") or _base_model(base_dir),
                                    out=str(folder), data_dir=data_dir, limit=v.get("limit", base.get("limit")),
                                    limit_test=base.get("limit_test"), device=device, adversarial=v.get("attack"), norm=norm,
                                    eps=eps if v.get("attack") else None, attack_mode=v.get("attack_mode", "eval"),
@@ -305,7 +308,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                     select = str(analysis_for(eps))
                 if v.get("params_like"):   # the control: as many trainable parameters as another variant's selection
                     v = {**v, "params": _trainable_of(out, v["params_like"], v["name"])}
-                finetune_run(FinetuneRun(base=str(base_dir), out=str(folder), eps=eps, select=select,
+                finetune_job.run(FinetuneRun(base=str(base_dir), out=str(folder), eps=eps, select=select,
                                          share=float(v.get("share", 0.1)), criterion=v.get("criterion", "taylor"),
                                          per_layer=bool(v.get("per_layer", False)), attack=v.get("attack", "pgd:steps=10"),
                                          norm=norm, attack_mode=v.get("attack_mode", "eval"), guard=v.get("guard"),
@@ -318,7 +321,7 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
                                          overwrite=folder.exists() and not started(folder)))
 
         def protocol(run_dir: Path, record_dir: Path) -> dict:
-            return evaluate_run(EvaluateRun(run=str(run_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
+            return evaluate_job.run(EvaluateRun(run=str(run_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
                                             norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
                                             cascade=bool(ev.get("cascade", False)), name=EVAL_NAME,
                                             record_dir=str(record_dir), seed=seed, data_dir=data_dir, device=device))
@@ -345,9 +348,6 @@ def run_experiment(config: str | Path | dict, out: str | Path, *, device: str | 
 
 
 def _finite(v: dict, key: str) -> float:
-    import math
-
-    from .utils import parse_number
 
     n = parse_number(v[key])
     if not math.isfinite(n) or n <= 0:
@@ -492,7 +492,6 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
 def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[dict]:
     """The run's robustness-vs-compute points: each evaluated snapshot, and the final model when it
     is not its last snapshot. Training cost only; the frontier adds the base and analysis costs."""
-    from .jobs import list_snapshots
 
     pts = []
     if kind != "standard":

@@ -1,6 +1,6 @@
 """Runs are records: `runs/<name>/` holds config.json (resolved config, seed, versions), metrics.jsonl,
 cost.json, summary.json and artifacts (model.safetensors + model.json, checkpoint.pt), all written
-atomically. The jobs that fill them live in jobs.py."""
+atomically. The jobs that fill them are the other modules of this package."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cost import CostMeter
-from .errors import AdvtuneError
-from .utils import atomic_write_json, atomic_write_text, read_json, to_jsonable, versions
+from ..cost import CostMeter
+from ..errors import AdvtuneError
+from ..utils import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    remove_orphan_tmp,
+    to_jsonable,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,6 @@ class RunDir:
         except OSError as e:
             raise AdvtuneError(f"cannot write to output folder {p} ({e.strerror}); pick a writable --out") from None
         run._lock()
-        from .utils import remove_orphan_tmp
 
         left = remove_orphan_tmp(p)
         if left:

@@ -13,6 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import AdvtuneError
+from ..report import headline, write_report
+from . import experiment as experiment_job
+from .experiment import format_results
+
 log = logging.getLogger(__name__)
 
 DEMO_NOTE = ("Demo sizes (CPU, a few minutes): standard small-cnn trained 1 epoch on 20k MNIST images; analysis on 500 "
@@ -53,21 +58,18 @@ class DemoConfig:
     device: str = "auto"
 
 
-def run_demo(cfg: DemoConfig) -> list[dict]:
-    from .experiment import format_results, run_experiment
-    from .report import headline, write_report
+def run(cfg: DemoConfig) -> list[dict]:
 
     out = Path(cfg.out)
     if cfg.full:
         config = str(Path(__file__).resolve().parents[2] / "configs" / "frontier-mnist-eps0.3.yaml")
         if not Path(config).is_file():
-            from .errors import AdvtuneError
 
             raise AdvtuneError(f"--full needs {config} (it ships with the source checkout)")
     else:
         config = demo_config(cfg.data_dir, cfg.seed)
     print(f"advtune demo -> {out}  ({'full sizes' if cfg.full else DEMO_NOTE})")
-    rows = run_experiment(config, out, device=None if cfg.device == "auto" else cfg.device)
+    rows = experiment_job.run(config, out, device=None if cfg.device == "auto" else cfg.device)
     std = next((r for r in rows if r["kind"] == "standard"), None)
     if std:
         per = ", ".join(f"{k[4:-1]} {100 * v:.1f}%" for k, v in std.items() if k.startswith("acc["))

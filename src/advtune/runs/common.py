@@ -1,0 +1,227 @@
+"""Pieces the jobs share: the base run a job starts from, its dataset, budgets and snapshots,
+resume checks, selections from `--select`."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..attacks import PGD
+from ..components import model_params
+from ..cost import CostMeter
+from ..data import DATASETS, load_dataset, num_batches
+from ..errors import AdvtuneError
+from ..models import load_model, save_model
+from ..train import (
+    OverfitGuard,
+    config_changes,
+    cost_per_example,
+    is_main_process,
+    steps_for_budget,
+    total_steps,
+)
+from ..utils import read_json
+from ..vulnerability import (
+    ScoreTable,
+    check_params,
+    check_share,
+    select_layers,
+    select_random,
+    select_top,
+    select_top_layers,
+)
+from .record import CONFIG, RunDir, open_run
+
+log = logging.getLogger(__name__)
+
+
+SNAPSHOTS = "snapshots"
+
+
+def with_budget(cfg, budget: int | None, objective, n_train: int, model=None, example=None):
+    """`cfg` with steps set so that training spends `budget` gradient evaluations (attack steps
+    + the update, per example; a local objective's block passes by their FLOPs share)."""
+
+    if budget is None:
+        return cfg
+    per = cost_per_example(objective, model, example)
+    return replace(cfg, steps=steps_for_budget(budget, objective, cfg.batch_size, n_train, per_example=per))
+
+
+def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
+    """`points` optimizer steps evenly spaced over the run, the last one at its end."""
+
+    if isinstance(points, bool) or not isinstance(points, int) or points < 0:
+        raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {points!r}")
+    total = total_steps(cfg, num_batches(n_train, cfg.batch_size))
+    return sorted({max(1, round(total * i / points)) for i in range(1, points + 1)}) if points else []
+
+
+def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
+    """An on_step callback that saves the model at the given steps into `snapshots/step-NNNNNNN/`
+    (a loadable run folder: model, config.json, cost.json with the cost *up to that step*).
+    cost.json is written last, so a folder with it is complete; a resumed run skips those."""
+    if not steps:
+        return None
+
+    wanted = set(steps)
+
+    def on_step(model, step: int, meter: CostMeter) -> None:
+        if step not in wanted or not is_main_process():
+            return
+        folder = rd.path / SNAPSHOTS / f"step-{step:07d}"
+        if (folder / "cost.json").is_file():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, model, {**meta, "snapshot": {"of": str(rd.path), "step": step}})
+        sub = RunDir(folder)
+        sub.write_config({**{k: v for k, v in config.items() if k not in ("created", "versions")},
+                          "snapshot": {"of": str(rd.path), "step": step}})
+        sub.write_cost(meter)
+    return on_step
+
+
+def list_snapshots(folder) -> list[tuple[int, "Path"]]:
+    """Complete snapshots of a run, as (step, folder), by step."""
+
+    root = Path(folder) / SNAPSHOTS
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.glob("step-*"):
+        if (p / "cost.json").is_file() and p.name[5:].isdigit():
+            out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def check_val(val) -> None:
+    """--val: a number of training examples (a whole number >= 1) or a fraction in (0, 1); 0 = none."""
+
+    ok = (isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+          and (val == 0 or 0 < val < 1 or (val >= 1 and float(val).is_integer())))
+    if not ok:
+        raise AdvtuneError(f"--val must be a number of training examples (e.g. 5000) or a fraction in (0, 1) "
+                           f"(e.g. 0.1), got {val!r}")
+
+
+def dataset_spec(name: str) -> str:
+    """What rebuilds the dataset later: a registry name, or the absolute path of a file/folder."""
+
+    return name if name.strip().lower() in DATASETS else str(Path(name).expanduser().resolve())
+
+
+def write_config_once(rd: RunDir, config: dict) -> None:
+    """config.json records how a run started; a resume appends when, and keeps the original."""
+
+    if rd.file(CONFIG).is_file():
+        old = rd.read_json(CONFIG)
+        old.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        rd.write_json(CONFIG, old)
+    else:
+        rd.write_config(config)
+
+
+def refuse_same_folder(out: str, base: str) -> None:
+
+    if Path(out).resolve() == Path(base).resolve():
+        raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
+
+
+RUN_DEFAULTS = {"budget": None, "points": 0, "params": None, "granularity": "unit", "weights": None}   # keys newer than some records
+
+
+def check_same_run(saved: dict, now: dict) -> None:
+    """A resume must use the settings the run started with (training ones included, whether or not a
+    checkpoint exists yet); only where it runs may change: the folder's path (a moved run resumes),
+    the device, and the number of epochs."""
+
+    ignore = {"resume", "overwrite", "device", "out", "train"}
+    changed = [(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k]) for k in now
+               if k not in ignore and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]]
+    if isinstance(now.get("train"), dict):
+        changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]
+    if changed:
+        raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changed)}); "
+                           "use the original flags or a new --out")
+
+
+def load_base(path: str, device) -> tuple[Any, dict, dict]:
+    """A trained run's model, its model.json, and its config.json."""
+
+    rd = open_run(path)
+    model, meta = load_model(rd.path, device)
+    return model, meta, rd.read_json(CONFIG)
+
+
+def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
+    """The dataset a base run was trained on (same name/path, optionally another data folder)."""
+
+    run = base_config.get("run", {})
+    name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
+    if not name:
+        raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
+    return load_dataset(name, data_dir or run.get("data_dir"), **kw)
+
+
+def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter) -> list:
+    """The catastrophic-overfitting guard as a fit callback: on by default for FGSM-type training."""
+    use = guard if guard is not None else spec.strip().lower().startswith("fgsm")
+    if not use:
+        return []
+
+    gx, gy = ds.train.take(512).tensors(device)
+    return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
+
+
+def make_selection(model, select: str, share: float, criterion: str, per_layer: bool, seed: int,
+                   params: float | None = None, granularity: str = "unit", example_input=None):
+    """Resolve `--select` into a Selection (None means everything: the full-network path).
+
+    select: all | random | layers:<name,...> | an analyze folder (or score file). With `params`, a
+    random or analysed selection fills a parameter budget instead of a share of components;
+    granularity=layer picks whole layers from the analysis (best summed score first)."""
+
+    if params is None:
+        check_share(share)
+    else:
+        check_params(params, model)
+    if granularity not in ("unit", "layer"):
+        raise AdvtuneError(f"granularity {granularity!r}: use unit or layer")
+    if select == "all":
+        return None
+    if select.startswith("layers:"):
+        return select_layers(model, [n for n in select[len("layers:"):].split(",") if n])
+    if select == "random":
+        if params is not None:
+            return select_random(model, params=params, seed=seed, example_input=example_input)
+        return select_random(model, share=share, seed=seed, per_layer=per_layer)
+    folder = Path(select)
+    table_file = folder / f"scores-{criterion}.json" if folder.is_dir() else folder
+    if folder.is_dir() and not table_file.is_file():
+        have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
+        raise AdvtuneError(f"{folder} has no scores for criterion {criterion!r}" +
+                           (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first"))
+    if not table_file.is_file():
+        raise AdvtuneError(f"--select {select!r}: not all, random, layers:<names>, or an analyze folder/score file")
+
+    table = ScoreTable.from_json(read_json(table_file, "score table"))
+    if params is not None and granularity == "layer":
+        selection = select_top_layers(table, model, params, example_input=example_input)
+    elif params is not None:
+        selection = select_top(table, params=params, model=model, example_input=example_input)
+    else:
+        selection = select_top(table, share, per_layer=per_layer)
+    selection.validate(model)
+    return selection
+
+
+def describe_selection(selection, model, example=None) -> dict:
+    """What a selection trains, for the records: components, units, parameters (also per layer)."""
+
+    trainable = selection.trainable_params(model, example_input=example)
+    return {"components": len(selection), "units": selection.n_units(model), "trainable_params": trainable,
+            "param_share": trainable / model_params(model), "by_layer": selection.by_layer(model),
+            "params_by_layer": selection.params_by_layer(model, example)}
