@@ -11,6 +11,7 @@ Prints a markdown table and writes bench/out/attack_speed.json. No dataset neede
 trained for a few seconds on synthetic 28x28 blobs so that attacks face a model with real margins
 (and the standard suite has survivors to work on).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def train_model(steps: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     model = SmallCNN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for s in range(steps):
-        loss = F.cross_entropy(model(x[s * 64:(s + 1) * 64]), y[s * 64:(s + 1) * 64])
+        loss = F.cross_entropy(model(x[s * 64 : (s + 1) * 64]), y[s * 64 : (s + 1) * 64])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -81,9 +82,11 @@ def overhead_ms_per_step(x, y, eps, steps=40, repeats=15) -> dict[str, float]:
     lin = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 10)).eval()
     threat = ThreatModel("linf", eps)
     alpha = 2.5 * eps / steps
-    fns = {"hand": lambda: hand_pgd(lin, x, y, eps, alpha, steps, torch.Generator().manual_seed(0)),
-           "pgd": lambda: PGD(threat, steps=steps)(lin, x, y, generator=torch.Generator().manual_seed(0)),
-           "apgd": lambda: APGD(threat, steps=steps)(lin, x, y, generator=torch.Generator().manual_seed(0))}
+    fns = {
+        "hand": lambda: hand_pgd(lin, x, y, eps, alpha, steps, torch.Generator().manual_seed(0)),
+        "pgd": lambda: PGD(threat, steps=steps)(lin, x, y, generator=torch.Generator().manual_seed(0)),
+        "apgd": lambda: APGD(threat, steps=steps)(lin, x, y, generator=torch.Generator().manual_seed(0)),
+    }
     t: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats + 1):
         for k, f in fns.items():
@@ -92,8 +95,11 @@ def overhead_ms_per_step(x, y, eps, steps=40, repeats=15) -> dict[str, float]:
             if r:
                 t[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1000 / steps for k, v in t.items()}
-    return {"hand_ms_per_step": med["hand"], "advtune_pgd_extra_ms_per_step": med["pgd"] - med["hand"],
-            "advtune_apgd_extra_ms_per_step": med["apgd"] - med["hand"]}
+    return {
+        "hand_ms_per_step": med["hand"],
+        "advtune_pgd_extra_ms_per_step": med["pgd"] - med["hand"],
+        "advtune_apgd_extra_ms_per_step": med["apgd"] - med["hand"],
+    }
 
 
 def contenders(model, x, y, eps, steps):
@@ -101,9 +107,12 @@ def contenders(model, x, y, eps, steps):
     threat = ThreatModel("linf", eps)
     out = {
         f"hand-written PGD-{steps}": lambda: hand_pgd(model, x, y, eps, alpha, steps, torch.Generator().manual_seed(0)),
-        f"advtune PGD-{steps}": lambda: PGD(threat, steps=steps)(model, x, y, generator=torch.Generator().manual_seed(0)),
-        f"advtune APGD-CE-{steps}": lambda: APGD(threat, steps=steps)(model, x, y,
-                                                                     generator=torch.Generator().manual_seed(0)),
+        f"advtune PGD-{steps}": lambda: PGD(threat, steps=steps)(
+            model, x, y, generator=torch.Generator().manual_seed(0)
+        ),
+        f"advtune APGD-CE-{steps}": lambda: APGD(threat, steps=steps)(
+            model, x, y, generator=torch.Generator().manual_seed(0)
+        ),
     }
     if importlib.util.find_spec("torchattacks"):
         import torchattacks
@@ -120,10 +129,12 @@ def contenders(model, x, y, eps, steps):
         from art.attacks.evasion import ProjectedGradientDescent
         from art.estimators.classification import PyTorchClassifier
 
-        clf = PyTorchClassifier(model, nn.CrossEntropyLoss(), input_shape=(1, 28, 28), nb_classes=10,
-                                clip_values=(0.0, 1.0))
-        art_pgd = ProjectedGradientDescent(clf, eps=eps, eps_step=alpha, max_iter=steps, batch_size=len(x),
-                                           verbose=False)
+        clf = PyTorchClassifier(
+            model, nn.CrossEntropyLoss(), input_shape=(1, 28, 28), nb_classes=10, clip_values=(0.0, 1.0)
+        )
+        art_pgd = ProjectedGradientDescent(
+            clf, eps=eps, eps_step=alpha, max_iter=steps, batch_size=len(x), verbose=False
+        )
         xn, yn = x.numpy(), y.numpy()
         out[f"ART PGD-{steps}"] = lambda: art_pgd.generate(xn, yn)
     return out
@@ -136,8 +147,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--suite-n", type=int, default=None,
-                    help="examples for the standard-suite timing (default 256, --quick 32; 0 skips it)")
+    ap.add_argument(
+        "--suite-n",
+        type=int,
+        default=None,
+        help="examples for the standard-suite timing (default 256, --quick 32; 0 skips it)",
+    )
     ap.add_argument("--out", default="bench/out/attack_speed.json")
     args = ap.parse_args()
     steps = args.steps or (10 if args.quick else 40)
@@ -179,26 +194,41 @@ def main() -> None:
         res = robust_accuracy(model, (x[:n_suite], y[:n_suite]), attacks, generator=torch.Generator().manual_seed(0))
         suite_s = time.perf_counter() - t
 
-    print(f"\nAttack speed, batch {len(x)}, SmallCNN 1x28x28, linf eps={args.eps}, {steps} steps, "
-          f"median of {repeats} interleaved repeats, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load avg {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\nAttack speed, batch {len(x)}, SmallCNN 1x28x28, linf eps={args.eps}, {steps} steps, "
+        f"median of {repeats} interleaved repeats, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load avg {os.getloadavg()[0]:.1f}\n"
+    )
     print("| attack | median s | / hand-written PGD (medians) | / hand-written PGD (paired per round) |")
     print("| --- | ---: | ---: | ---: |")
     for k in names:
         print(f"| {k} | {med[k]:.3f} | {med[k] / base:.3f} | {paired[k]:.3f} |")
-    print(f"\nbookkeeping per step on a linear model (batch {len(x)}): hand-written loop "
-          f"{overhead['hand_ms_per_step']:.2f} ms, advtune PGD +{overhead['advtune_pgd_extra_ms_per_step']:.2f} ms, "
-          f"APGD +{overhead['advtune_apgd_extra_ms_per_step']:.2f} ms (a SmallCNN step at batch 256 is ~"
-          f"{1000 * base / steps:.0f} ms)")
+    print(
+        f"\nbookkeeping per step on a linear model (batch {len(x)}): hand-written loop "
+        f"{overhead['hand_ms_per_step']:.2f} ms, advtune PGD +{overhead['advtune_pgd_extra_ms_per_step']:.2f} ms, "
+        f"APGD +{overhead['advtune_apgd_extra_ms_per_step']:.2f} ms (a SmallCNN step at batch 256 is ~"
+        f"{1000 * base / steps:.0f} ms)"
+    )
     if res is not None:
-        print(f"\nstandard suite ({', '.join(res.attacks)}) on {n_suite} examples: {suite_s:.1f} s "
-              f"(clean {res.clean_accuracy:.3f}, worst case {res.worst_case_accuracy:.3f}); per attack: "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in res.wall_time_s.items())
-              + f"; suspect: {res.suspect or 'none'}")
+        print(
+            f"\nstandard suite ({', '.join(res.attacks)}) on {n_suite} examples: {suite_s:.1f} s "
+            f"(clean {res.clean_accuracy:.3f}, worst case {res.worst_case_accuracy:.3f}); per attack: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in res.wall_time_s.items())
+            + f"; suspect: {res.suspect or 'none'}"
+        )
     out = {
-        "config": {"batch": len(x), "steps": steps, "repeats": repeats, "eps": args.eps, "quick": args.quick,
-                   "clean_accuracy": clean, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "python": platform.python_version(), "load_avg_1min": os.getloadavg()[0]},
+        "config": {
+            "batch": len(x),
+            "steps": steps,
+            "repeats": repeats,
+            "eps": args.eps,
+            "quick": args.quick,
+            "clean_accuracy": clean,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "load_avg_1min": os.getloadavg()[0],
+        },
         "median_s": med,
         "ratio_to_hand_written_pgd": {k: v / base for k, v in med.items()},
         "paired_ratio_to_hand_written_pgd": paired,

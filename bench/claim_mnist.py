@@ -7,6 +7,7 @@ epoch; evaluation = worst case of APGD-CE and APGD-T (3 targets) on the first 10
 
     .venv/bin/python bench/claim_mnist.py [--out runs/mnist-claim] [--config configs/mnist-claim.yaml]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from advtune.runs.experiment import format_results, run
 from advtune.report import headline, write_report
+from advtune.runs.experiment import format_results, run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The robustness-per-compute frontier of one setting (issue 8): `advtune experiment CONFIG` with
+"""The robustness-per-compute frontier of one setting (issue 8): `advtune experiment files.CONFIG` with
 snapshots along every run, the strong protocol on each snapshot, then the report, and the frontier
 data (JSON/CSV) and plot copied to docs/results/ for docs/RESULTS.md. Resumable: re-running skips
 every finished run and every evaluated snapshot.
@@ -8,6 +8,7 @@ every finished run and every evaluated snapshot.
 
 Settings shipped: configs/frontier-mnist-eps0.1.yaml, -eps0.3.yaml, configs/frontier-cifar10.yaml.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from advtune.runs.experiment import format_results, load_config, run
 from advtune.frontier import findings
 from advtune.report import write_report
+from advtune.runs.experiment import format_results, load_config, run
 from advtune.utils import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,9 @@ def main() -> None:
     cfg = load_config(args.config)
     out = Path(args.out or ROOT / "runs" / cfg["name"])
     t = time.perf_counter()
-    rows = run(args.config, out, device=args.device,
-                          only=[o.strip() for o in args.only.split(",")] if args.only else None)
+    rows = run(
+        args.config, out, device=args.device, only=[o.strip() for o in args.only.split(",")] if args.only else None
+    )
     paths = write_report(out)
     print(format_results(rows))
     if (out / "frontier.json").is_file():

@@ -10,26 +10,35 @@ its own optimizer loop) so one lever can change at a time.
 
 The base model (2 epochs, Adam 1e-3, first 55k images) is trained once and cached at --base.
 """
-import argparse, json, time, math, torch, sys
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
 import torch.nn.functional as F
+
+from advtune.attacks import build_attack
 from advtune.data import load_dataset
+from advtune.metrics import accuracy, robust_accuracy_quick
 from advtune.models import model_for
 from advtune.threat import ThreatModel
-from advtune.attacks import build_attack
-from advtune.metrics import accuracy, robust_accuracy_quick
-from advtune.utils import make_generator, eval_mode
+from advtune.utils import eval_mode, make_generator
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--name", required=True)
-ap.add_argument("--train", default="all")       # comma list of module names, or all
+ap.add_argument("--train", default="all")  # comma list of module names, or all
 ap.add_argument("--attack", default="pgd:steps=10")
 ap.add_argument("--eps", type=float, default=0.3)
 ap.add_argument("--opt", default="adam")
 ap.add_argument("--lr", type=float, default=1e-3)
-ap.add_argument("--sched", default="const")       # const | cos | jeddi
+ap.add_argument("--sched", default="const")  # const | cos | jeddi
 ap.add_argument("--steps", type=int, default=430)
 ap.add_argument("--evals", default="50,100,200,430")
-ap.add_argument("--warm", type=float, default=0.0) # eps warm-up share
+ap.add_argument("--warm", type=float, default=0.0)  # eps warm-up share
 ap.add_argument("--bs", type=int, default=128)
 ap.add_argument("--base", default="runs/recipe-search-base.pt")
 ap.add_argument("--log", default="runs/recipe-search.jsonl")
@@ -38,108 +47,175 @@ ap.add_argument("--trades", type=float, default=0.0)
 ap.add_argument("--feat", type=float, default=0.0)  # feature-matching weight at --featlayer
 ap.add_argument("--featlayer", default="relu2")
 ap.add_argument("--clean", type=float, default=0.0)
-ap.add_argument("--local", default="")   # local objective: feature matching at this net child (prefix only)
+ap.add_argument("--local", default="")  # local objective: feature matching at this net child (prefix only)
 ap.add_argument("--lsteps", type=int, default=10)
 args = ap.parse_args()
 torch.manual_seed(0)
 ds = load_dataset("mnist")
-tr = ds.train.index(torch.arange(0, 55000)); va = ds.train.index(torch.arange(55000, 60000))
+tr = ds.train.index(torch.arange(0, 55000))
+va = ds.train.index(torch.arange(55000, 60000))
 model = model_for(ds, "small-cnn")
-import os
+
 if not os.path.isfile(args.base):  # the standard model, trained once on the first 55k images
     from advtune.train import TrainConfig, clean, fit
+
     fit(model, tr, clean(), TrainConfig(epochs=2, seed=0))
     os.makedirs(os.path.dirname(args.base) or ".", exist_ok=True)
     torch.save(model.state_dict(), args.base)
 model.load_state_dict(torch.load(args.base, weights_only=True))
-import copy; orig = copy.deepcopy(model).eval()
-for p in orig.parameters(): p.requires_grad_(False)
+
+orig = copy.deepcopy(model).eval()
+for p in orig.parameters():
+    p.requires_grad_(False)
 if args.train != "all":
     names = args.train.split(",")
     for n, p in model.named_parameters():
         p.requires_grad_(any(n.startswith("net." + m + ".") for m in names))
 params = [p for p in model.parameters() if p.requires_grad]
 ntrain = sum(p.numel() for p in params)
-opt = torch.optim.Adam(params, lr=args.lr) if args.opt == "adam" else torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
+opt = (
+    torch.optim.Adam(params, lr=args.lr)
+    if args.opt == "adam"
+    else torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
+)
 threat = ThreatModel("linf", args.eps)
 evals = [int(s) for s in args.evals.split(",")]
 val_attack = build_attack("pgd:steps=20", threat)
 vx = va.take(1000)
+
+
 def lr_at(s):
     t = s / args.steps
-    if args.sched == "cos": return args.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if args.sched == "cos":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * t))
     if args.sched == "jeddi":  # slow start (linear up over 10%), then fast decay (linear to 0)
         return args.lr * (t / 0.1 if t < 0.1 else max(0.0, (1 - t) / 0.9))
     return args.lr
+
+
 feats = {}
-def hook(m, i, o): feats["f"] = o
-mods = dict(model.named_modules()); omods = dict(orig.named_modules())
+
+
+def hook(m, i, o):
+    feats["f"] = o
+
+
+mods = dict(model.named_modules())
+omods = dict(orig.named_modules())
+
+
 def attack_for(s):
     eps = args.eps * min(1.0, max(s / (args.warm * args.steps), 1e-3)) if args.warm else args.eps
     return build_attack(args.attack, threat.with_eps(eps))
+
+
 def prefix(m, upto):
     kids = []
     for n, c in m.net.named_children():
         kids.append(c)
-        if n == upto: break
+        if n == upto:
+            break
     return torch.nn.Sequential(m.normalize, *kids)
+
+
 if args.local:
     pre, opre = prefix(model, args.local), prefix(orig, args.local)
-step = 0; t0 = time.time(); grad_evals = 0; train_s = 0.0
+step = 0
+t0 = time.time()
+grad_evals = 0
+train_s = 0.0
 out = open(args.log, "a")
 gen = torch.Generator().manual_seed(0)
 while step < args.steps:
     perm = torch.randperm(len(tr), generator=gen)
     for i in range(0, len(perm) - args.bs + 1, args.bs):
         ts = time.time()
-        idx = perm[i:i+args.bs]; x = tr.x[idx].float() / 255; y = tr.y[idx]
+        idx = perm[i : i + args.bs]
+        x = tr.x[idx].float() / 255
+        y = tr.y[idx]
         atk = attack_for(step)
         g = make_generator(step)
         if args.local:
             e = atk.threat.eps
-            with torch.no_grad(): target = opre(x)
+            with torch.no_grad():
+                target = opre(x)
             pre.eval()
             d = (torch.rand(x.shape, generator=g) * 2 - 1) * e
             for _ in range(args.lsteps):
                 d.requires_grad_(True)
-                l = (pre((x + d).clamp(0, 1)) - target).pow(2).sum()
-                gr, = torch.autograd.grad(l, d)
+                loss = (pre((x + d).clamp(0, 1)) - target).pow(2).sum()
+                (gr,) = torch.autograd.grad(loss, d)
                 d = (d.detach() + 2.5 * e / args.lsteps * gr.sign()).clamp(-e, e)
             xa = (x + d).clamp(0, 1).detach()
             pre.train()
-            for gr_ in opt.param_groups: gr_["lr"] = lr_at(step)
+            for gr_ in opt.param_groups:
+                gr_["lr"] = lr_at(step)
             loss = (pre(xa) - target).pow(2).mean() + (pre(x) - target).pow(2).mean()
-            opt.zero_grad(); loss.backward(); opt.step()
-            step += 1; train_s += time.time() - ts
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            train_s += time.time() - ts
             if step in evals:
                 va_clean = accuracy(model, va.take(2000))
                 va_rob = robust_accuracy_quick(model, vx, val_attack, 500, 0)
-                rec = dict(name=args.name, step=step, grad_evals=None, train_s=round(train_s,1), val_clean=va_clean, val_pgd20=va_rob, trainable=ntrain, args=vars(args))
-                print(json.dumps(rec), flush=True); out.write(json.dumps(rec) + "\n"); out.flush()
-            if step >= args.steps: break
+                rec = dict(
+                    name=args.name,
+                    step=step,
+                    grad_evals=None,
+                    train_s=round(train_s, 1),
+                    val_clean=va_clean,
+                    val_pgd20=va_rob,
+                    trainable=ntrain,
+                    args=vars(args),
+                )
+                print(json.dumps(rec), flush=True)
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+            if step >= args.steps:
+                break
             continue
         with eval_mode(model):
             xa = atk(model, x, y, generator=g)
         model.train()
-        for gr in opt.param_groups: gr["lr"] = lr_at(step)
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step)
         logits = model(xa)
         loss = F.cross_entropy(logits, y)
         if args.clean:
             loss = (1 - args.clean) * loss + args.clean * F.cross_entropy(model(x), y)
         if args.feat:
             h = mods["net." + args.featlayer].register_forward_hook(hook)
-            model(xa); fa = feats["f"]; h.remove()
+            model(xa)
+            fa = feats["f"]
+            h.remove()
             h = omods["net." + args.featlayer].register_forward_hook(hook)
-            with torch.no_grad(): orig(x)
-            fc = feats["f"]; h.remove()
+            with torch.no_grad():
+                orig(x)
+            fc = feats["f"]
+            h.remove()
             loss = loss + args.feat * (fa - fc).pow(2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         grad_evals += len(y) * (atk.grad_evals() + 1)
-        step += 1; train_s += time.time() - ts
+        step += 1
+        train_s += time.time() - ts
         if step in evals:
             va_clean = accuracy(model, va.take(2000))
             va_rob = robust_accuracy_quick(model, vx, val_attack, 500, 0)
-            rec = dict(name=args.name, step=step, grad_evals=grad_evals, train_s=round(train_s,1), val_clean=va_clean, val_pgd20=va_rob,
-                       trainable=ntrain, args=vars(args))
-            print(json.dumps(rec), flush=True); out.write(json.dumps(rec) + "\n"); out.flush()
-        if step >= args.steps: break
+            rec = dict(
+                name=args.name,
+                step=step,
+                grad_evals=grad_evals,
+                train_s=round(train_s, 1),
+                val_clean=va_clean,
+                val_pgd20=va_rob,
+                trainable=ntrain,
+                args=vars(args),
+            )
+            print(json.dumps(rec), flush=True)
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+        if step >= args.steps:
+            break

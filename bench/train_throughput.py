@@ -3,6 +3,7 @@ optimizer, number of steps. Repeats are interleaved and the medians compared, in
 
     .venv/bin/python bench/train_throughput.py [--model small-cnn] [--steps 120] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def bare_loop(model, x_u8, y, batch_size, steps, lr, seed):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     for s in range(steps):
-        idx = perm[s * batch_size:(s + 1) * batch_size]
+        idx = perm[s * batch_size : (s + 1) * batch_size]
         xb, yb = x_u8[idx].float().div_(255), y[idx]
         loss = nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
@@ -62,10 +63,19 @@ def main() -> None:
             if r:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"dataset": args.dataset, "model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-              "repeats": args.repeats, "images_per_s": {k: n / v for k, v in med.items()},
-              "ratio_fit_over_bare": med["bare"] / med["fit"], "seconds": times,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    result = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "images_per_s": {k: n / v for k, v in med.items()},
+        "ratio_fit_over_bare": med["bare"] / med["fit"],
+        "seconds": times,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"| loop | images/s (median of {args.repeats}) |\n|---|---|")

@@ -1,4 +1,5 @@
 """Shared fixtures: a synthetic task a tiny CNN learns in seconds, trained once per session."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,7 @@ def train_tiny(x: torch.Tensor, y: torch.Tensor, epochs: int = 8, seed: int = 0)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

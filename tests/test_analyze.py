@@ -1,4 +1,5 @@
 """`advtune analyze` -> `advtune finetune --select <folder>`: the records, and the refusals."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,55 @@ from advtune.cli import main
 @pytest.fixture(scope="module")
 def std_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs") / "std"
-    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "400",
-                 "--limit-test", "100", "--out", str(base), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "1",
+                "--limit",
+                "400",
+                "--limit-test",
+                "100",
+                "--out",
+                str(base),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return base
 
 
 @pytest.fixture(scope="module")
 def vuln(std_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "vuln"
-    assert main(["analyze", str(std_run), "--eps", "0.15", "--attack", "pgd:steps=5", "--limit", "200",
-                 "--curve-limit", "150", "--shares", "0.01,0.05,0.1,1", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(std_run),
+                "--eps",
+                "0.15",
+                "--attack",
+                "pgd:steps=5",
+                "--limit",
+                "200",
+                "--curve-limit",
+                "150",
+                "--shares",
+                "0.01,0.05,0.1,1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -28,7 +68,14 @@ def test_analyze_writes_scores_curves_and_plots(vuln):
     names = {p.name for p in vuln.iterdir()}
     for crit in ("activation-shift", "taylor", "restoration"):
         assert {f"scores-{crit}.json", f"scores-{crit}.csv", f"layers-{crit}.json"} <= names
-    assert {"concentration.json", "concentration.png", "layers.png", "summary.json", "config.json", "cost.json"} <= names
+    assert {
+        "concentration.json",
+        "concentration.png",
+        "layers.png",
+        "summary.json",
+        "config.json",
+        "cost.json",
+    } <= names
     summary = json.loads((vuln / "summary.json").read_text())
     assert summary["examples_scored"] == 200 and summary["adv_acc"] <= summary["clean_acc"]
     assert set(summary["rank_agreement_with_restoration"]) == {"activation-shift", "taylor"}
@@ -47,9 +94,34 @@ def test_analyze_writes_scores_curves_and_plots(vuln):
 
 def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):
     out = tmp_path / "sft"
-    assert main(["finetune", str(std_run), "--select", str(vuln), "--share", "0.1", "--criterion", "restoration",
-                 "--eps", "0.15", "--attack", "pgd:steps=2", "--epochs", "1", "--limit", "200", "--monitor", "50",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(std_run),
+                "--select",
+                str(vuln),
+                "--share",
+                "0.1",
+                "--criterion",
+                "restoration",
+                "--eps",
+                "0.15",
+                "--attack",
+                "pgd:steps=2",
+                "--epochs",
+                "1",
+                "--limit",
+                "200",
+                "--monitor",
+                "50",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     sel = json.loads((out / "selection.json").read_text())
     ranked = [line.split(",")[1] for line in (vuln / "scores-restoration.csv").read_text().splitlines()[1:]]
     k = len(sel["components"])
@@ -59,18 +131,40 @@ def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):
 
 def test_selection_for_another_model_is_refused(vuln, tmp_path, capsys):
     other = tmp_path / "lenet"
-    assert main(["train", "--dataset", "synthetic", "--model", "vgg-cifar", "--epochs", "1", "--limit", "64",
-                 "--limit-test", "10", "--out", str(other), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "vgg-cifar",
+                "--epochs",
+                "1",
+                "--limit",
+                "64",
+                "--limit-test",
+                "10",
+                "--out",
+                str(other),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rc = main(["finetune", str(other), "--select", str(vuln), "--eps", "0.1", "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "different model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--criteria", "gradcam"], "unknown criterion gradcam; valid:"),
-    (["--granularity", "layer"], "granularity 'layer' is not supported"),
-    (["--eps", "0"], "eps must be > 0"),
-    (["--attack", "cw"], "unknown attack"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--criteria", "gradcam"], "unknown criterion gradcam; valid:"),
+        (["--granularity", "layer"], "granularity 'layer' is not supported"),
+        (["--eps", "0"], "eps must be > 0"),
+        (["--attack", "cw"], "unknown attack"),
+    ],
+)
 def test_analyze_bad_input(std_run, argv, match, tmp_path, capsys):
     args = ["analyze", str(std_run), "--eps", "0.1", "--out", str(tmp_path / "a"), "--quiet"]
     rc = main(args + argv)
@@ -78,6 +172,23 @@ def test_analyze_bad_input(std_run, argv, match, tmp_path, capsys):
 
 
 def test_finetune_unknown_criterion_in_folder(std_run, vuln, tmp_path, capsys):
-    rc = main(["finetune", str(std_run), "--select", str(vuln), "--criterion", "gradcam", "--eps", "0.1",
-               "--out", str(tmp_path / "x"), "--quiet"])
-    assert rc == 2 and "no scores for criterion 'gradcam'; it has: activation-shift, restoration, taylor" in capsys.readouterr().err
+    rc = main(
+        [
+            "finetune",
+            str(std_run),
+            "--select",
+            str(vuln),
+            "--criterion",
+            "gradcam",
+            "--eps",
+            "0.1",
+            "--out",
+            str(tmp_path / "x"),
+            "--quiet",
+        ]
+    )
+    assert (
+        rc == 2
+        and "no scores for criterion 'gradcam'; it has: activation-shift, restoration, taylor"
+        in capsys.readouterr().err
+    )

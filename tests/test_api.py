@@ -1,5 +1,6 @@
 """The public API (advtune.evaluate/analyze/harden/fit, exports) and its one input adapter:
 tensors, DataLoaders and advtune splits give the same answers; bad input is one line."""
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import advtune
 from advtune import AdvtuneError, ThreatModel
 from advtune.data import TensorData
-
 from conftest import TinyCNN
 
 
@@ -52,7 +52,7 @@ def test_evaluate_gives_the_same_answer_for_tensors_a_dataloader_and_a_split(tin
     c = advtune.evaluate(tiny_model, TensorData(xt, yt), **kw)
     assert a.n == b.n == c.n == 120
     assert torch.equal(a.robust, b.robust) and torch.equal(a.robust, c.robust)
-    assert 0 < a.worst_case_accuracy < a.clean_accuracy   # eps 0.15 breaks some, not all
+    assert 0 < a.worst_case_accuracy < a.clean_accuracy  # eps 0.15 breaks some, not all
 
 
 def test_fit_from_a_dataloader_equals_fit_from_tensors(blobs):
@@ -71,7 +71,7 @@ def test_analyze_select_and_random_control(tiny_model, blobs):
     x, y, _, _ = blobs
     vmap = advtune.analyze(tiny_model, DataLoader(TensorDataset(x, y), batch_size=100), eps=0.2, limit=300)
     assert vmap.n_examples == 300 and vmap.adversarial_accuracy < vmap.clean_accuracy
-    assert vmap.grad_evals >= 300 * 10   # the PGD-10 attack's gradient evaluations were counted
+    assert vmap.grad_evals >= 300 * 10  # the PGD-10 attack's gradient evaluations were counted
     ranked = vmap.ranked()
     assert len(ranked) == 8 + 16 and ranked[0][1] >= ranked[-1][1]
     sel = vmap.select(params=0.1)
@@ -127,9 +127,15 @@ def test_bad_input_is_one_line(tiny_model, blobs):
 def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
     x, y, xt, yt = blobs
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    res = advtune.harden(tiny_model, DataLoader(TensorDataset(x[:400], y[:400]), batch_size=100), eps=0.2,
-                         test=(xt[:60], yt[:60]), budget=12000, limit_test=60)
+    res = advtune.harden(
+        tiny_model,
+        DataLoader(TensorDataset(x[:400], y[:400]), batch_size=100),
+        eps=0.2,
+        test=(xt[:60], yt[:60]),
+        budget=12000,
+        limit_test=60,
+    )
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
     assert res.after.worst_case_accuracy > res.before.worst_case_accuracy
     changed = [k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed and len(changed) < len(before)   # only the selected layers moved
+    assert changed and len(changed) < len(before)  # only the selected layers moved

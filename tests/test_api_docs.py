@@ -1,5 +1,6 @@
 """docs/api.md is executable: its Python blocks run top to bottom in one namespace, and what they
 print is checked against what they promise (robust after harden, the gate passes, ...)."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Attacks: properties parametrized over the registry, strength with tolerances, references, error paths."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advtune.attacks import (APGD, FGSM, PGD, Square, attack_class, attack_params, build_attack, list_attacks,
-                             register_attack)
+from advtune.attacks import (
+    APGD,
+    FGSM,
+    PGD,
+    Square,
+    attack_class,
+    attack_params,
+    build_attack,
+    list_attacks,
+    register_attack,
+)
 from advtune.attacks.apgd import checkpoints
 from advtune.errors import AdvtuneError
 from advtune.threat import ThreatModel
@@ -37,7 +47,7 @@ def cheap(name: str, threat: ThreatModel, **extra):
 @pytest.fixture(scope="module")
 def batch(blobs):
     _, _, xt, yt = blobs
-    return xt[:7].clone(), yt[:7].clone()   # odd N
+    return xt[:7].clone(), yt[:7].clone()  # odd N
 
 
 def fresh_model(training: bool) -> nn.Module:
@@ -47,6 +57,7 @@ def fresh_model(training: bool) -> nn.Module:
 
 
 # ------------------------------------------------------------------ properties over the registry
+
 
 @pytest.mark.parametrize("name,norm", CASES)
 def test_output_is_inside_threat_model_with_same_shape_dtype_device(name, norm, tiny_model, batch, gen):
@@ -66,7 +77,7 @@ def test_attack_is_pure(name, norm, training, batch, gen):
     x, y = batch
     x_before = x.clone()
     cheap(name, ThreatModel(norm, EPS[norm]))(model, x, y, generator=gen)
-    assert torch.equal(x, x_before)                      # input not mutated
+    assert torch.equal(x, x_before)  # input not mutated
     assert all(p.grad is None for p in model.parameters())
     assert all(m.training == training for m in model.modules())
 
@@ -144,6 +155,7 @@ def test_targeted_mode_stays_inside(name, tiny_model, batch, gen):
 
 # ------------------------------------------------------------------ strength (tolerances, not golden numbers)
 
+
 @pytest.fixture(scope="module")
 def test_set(blobs):
     _, _, xt, yt = blobs
@@ -181,8 +193,9 @@ def test_l2_pgd_breaks_everything_at_a_large_radius(tiny_model, test_set):
 def test_targeted_pgd_reaches_the_target(tiny_model, test_set):
     x, y = test_set
     target = (y + 1) % 4
-    x_adv = PGD(ThreatModel("linf", 0.35), steps=20)(tiny_model, x, y, target=target,
-                                                      generator=torch.Generator().manual_seed(0))
+    x_adv = PGD(ThreatModel("linf", 0.35), steps=20)(
+        tiny_model, x, y, target=target, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         assert (tiny_model(x_adv).argmax(1) == target).float().mean() >= 0.9
 
@@ -191,7 +204,7 @@ def test_fgsm_equals_the_closed_form(tiny_model, test_set):
     x, y = test_set
     eps = 0.1
     xv = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(tiny_model(xv), y), [xv])   # independent autograd call
+    (g,) = torch.autograd.grad(F.cross_entropy(tiny_model(xv), y), [xv])  # independent autograd call
     expected = (x + eps * g.sign()).clamp(0, 1)
     assert torch.allclose(FGSM(ThreatModel("linf", eps))(tiny_model, x, y), expected, atol=1e-7)
 
@@ -259,6 +272,7 @@ def test_apgd_checkpoints_follow_the_paper():
 
 # ------------------------------------------------------------------ differential references (optional packages)
 
+
 @pytest.mark.reference
 def test_pgd_matches_torchattacks(tiny_model, test_set):
     torchattacks = pytest.importorskip("torchattacks")
@@ -284,6 +298,7 @@ def test_apgd_ce_matches_pyautoattack(tiny_model, test_set):
 
 # ------------------------------------------------------------------ error paths
 
+
 def test_unknown_attack_lists_the_valid_names():
     with pytest.raises(AdvtuneError, match="unknown attack 'pgdd'.*valid attacks: fgsm, fgsm-rs, bim, pgd"):
         build_attack("pgdd:steps=3", ThreatModel())
@@ -305,13 +320,18 @@ def test_steps_must_be_positive(spec):
         build_attack(spec, ThreatModel())
 
 
-@pytest.mark.parametrize("spec,match", [("pgd:steps=ten", "steps='ten' is not a valid int"),
-                                        ("pgd:step=fast", "step_size='fast' is not a valid float"),
-                                        ("pgd:steps", "needs a value"),
-                                        ("pgd:steps=3,steps=4", "given twice"),
-                                        ("pgd:loss=hinge", "loss must be one of ce, dlr, margin"),
-                                        ("square:p_init=2", "p_init must be a number"),
-                                        ("pgd:step=-0.1", "step_size must be a number > 0")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("pgd:steps=ten", "steps='ten' is not a valid int"),
+        ("pgd:step=fast", "step_size='fast' is not a valid float"),
+        ("pgd:steps", "needs a value"),
+        ("pgd:steps=3,steps=4", "given twice"),
+        ("pgd:loss=hinge", "loss must be one of ce, dlr, margin"),
+        ("square:p_init=2", "p_init must be a number"),
+        ("pgd:step=-0.1", "step_size must be a number > 0"),
+    ],
+)
 def test_bad_values_are_rejected(spec, match):
     with pytest.raises(AdvtuneError, match=match):
         build_attack(spec, ThreatModel())

@@ -1,4 +1,5 @@
 """The command line: help, an end-to-end run's records, one-line errors, YAML config, kill -9 + resume."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -23,8 +23,25 @@ def test_help_for_every_subcommand(command, capsys):
 
 
 def train_args(out, *extra):
-    return ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "2", "--batch-size", "64",
-            "--limit", "400", "--limit-test", "100", "--out", str(out), "--quiet", *extra]
+    return [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "small-cnn",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--limit",
+        "400",
+        "--limit-test",
+        "100",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_train_writes_a_complete_record(tmp_path, capsys):
@@ -35,7 +52,9 @@ def test_train_writes_a_complete_record(tmp_path, capsys):
     assert cfg["seed"] == 3 and cfg["command"] == "train" and cfg["versions"]["torch"].startswith("2.")
     assert cfg["run"]["train"]["epochs"] == 2 and cfg["run"]["dataset"] == "synthetic" and cfg["dataset"]["val"] == 80
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and all({"train_loss", "train_acc", "val_acc", "lr"} <= set(r) for r in rows)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(
+        {"train_loss", "train_acc", "val_acc", "lr"} <= set(r) for r in rows
+    )
     cost = json.loads((out / "cost.json").read_text())
     assert cost["update_grad_evals"] == 2 * 320 and cost["flops"] > 0 and cost["wall_s"] > 0
     summary = json.loads((out / "summary.json").read_text())
@@ -49,21 +68,43 @@ def test_train_writes_a_complete_record(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["summary"]["test_examples"] == 100
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["train", "--dataset", "imagenet", "--model", "small-cnn", "--out", "{tmp}/a"], "unknown dataset 'imagenet'; valid:"),
-    (["train", "--dataset", "synthetic", "--model", "resnet50", "--out", "{tmp}/a"], "unknown model 'resnet50'; valid:"),
-    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "-2", "--out", "{tmp}/a"], "epochs must be"),
-    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--lr", "-1", "--out", "{tmp}/a"], "learning rate must be positive"),
-    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "{tmp}/file/sub"], "cannot write to output folder|is a file"),
-    (["train", "--dataset", "synthetic", "--model", "small-cnn", "--device", "tpu", "--out", "{tmp}/a"], "unknown device"),
-    (["info", "{tmp}/nothing"], "run folder .* not found"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (
+            ["train", "--dataset", "imagenet", "--model", "small-cnn", "--out", "{tmp}/a"],
+            "unknown dataset 'imagenet'; valid:",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "resnet50", "--out", "{tmp}/a"],
+            "unknown model 'resnet50'; valid:",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "-2", "--out", "{tmp}/a"],
+            "epochs must be",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--lr", "-1", "--out", "{tmp}/a"],
+            "learning rate must be positive",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "{tmp}/file/sub"],
+            "cannot write to output folder|is a file",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--device", "tpu", "--out", "{tmp}/a"],
+            "unknown device",
+        ),
+        (["info", "{tmp}/nothing"], "run folder .* not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(argv, match, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("advtune: error:")
     import re
+
     assert re.search(match, err), err
 
 
@@ -81,13 +122,17 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
 
 def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("dataset: synthetic\nmodel: small-cnn\nepochs: 1\nlimit: 200\nlimit-test: 50\nbatch_size: 50\nlr: 0.002\n")
+    cfg.write_text(
+        "dataset: synthetic\nmodel: small-cnn\nepochs: 1\nlimit: 200\nlimit-test: 50\nbatch_size: 50\nlr: 0.002\n"
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(out), "--lr", "0.003", "--quiet"]) == 0
     run = json.loads((out / "config.json").read_text())["run"]
     assert run["train"]["epochs"] == 1 and run["train"]["batch_size"] == 50 and run["train"]["lr"] == 0.003
     cfg.write_text("dataset: synthetic\nmodel: small-cnn\nlr: 1e-3\nepochs: 1\nlimit: 100\nlimit-test: 20\n")
-    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "sci"), "--quiet"]) == 0  # 1e-3 is a str to YAML
+    assert (
+        main(["train", "--config", str(cfg), "--out", str(tmp_path / "sci"), "--quiet"]) == 0
+    )  # 1e-3 is a str to YAML
     assert json.loads((tmp_path / "sci" / "config.json").read_text())["run"]["train"]["lr"] == 0.001
     cfg.write_text("dataset: synthetic\nmodel: small-cnn\noptimizer: lbfgs\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r4")]) == 2
@@ -106,14 +151,37 @@ def test_python_dash_m_and_eps_fraction(tmp_path):
     r = subprocess.run([sys.executable, "-m", "advtune", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("advtune ")
     from advtune.cli import number
+
     assert number("8/255") == pytest.approx(8 / 255) and number("0.3") == 0.3
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     """A real SIGKILL mid-run: --resume must end with exactly the weights of an uninterrupted run."""
-    base = [sys.executable, "-m", "advtune", "train", "--dataset", "synthetic", "--model", "madry-mnist",
-            "--epochs", "3", "--batch-size", "32", "--limit", "640", "--limit-test", "50", "--optimizer", "sgd",
-            "--lr", "0.02", "--checkpoint-every", "5", "--quiet"]
+    base = [
+        sys.executable,
+        "-m",
+        "advtune",
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "madry-mnist",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--limit",
+        "640",
+        "--limit-test",
+        "50",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.02",
+        "--checkpoint-every",
+        "5",
+        "--quiet",
+    ]
     env = {**os.environ, "ADVTUNE_NO_DOWNLOAD": "1"}
     ref = tmp_path / "ref"
     subprocess.run(base + ["--out", str(ref)], check=True, env=env, capture_output=True)
@@ -132,20 +200,60 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert json.loads((run / "summary.json").read_text())["test_acc"] == json.loads((ref / "summary.json").read_text())["test_acc"]
+    assert (
+        json.loads((run / "summary.json").read_text())["test_acc"]
+        == json.loads((ref / "summary.json").read_text())["test_acc"]
+    )
 
 
 def test_evaluate_command_records_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(out)) == 0
-    assert main(["evaluate", str(out), "--attacks", "fgsm,pgd:steps=3,restarts=2", "--eps", "0.2", "--limit", "50", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--attacks",
+                "fgsm,pgd:steps=3,restarts=2",
+                "--eps",
+                "0.2",
+                "--limit",
+                "50",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     shown = capsys.readouterr().out
     assert "worst case over attacks" in shown and "masking gate" in shown
     rec = json.loads(next(out.glob("eval-fgsm-pgd*.json")).read_text())
     assert rec["attacks"] == ["fgsm", "pgd:steps=3,restarts=2"] and rec["examples"] == 50 and rec["split"] == "test"
     assert rec["max_perturbation"]["pgd:steps=3,restarts=2"] <= 0.2 + 1e-6
-    assert main(["evaluate", str(out), "--suite", "quick", "--eps", "0.1,0.3", "--limit", "40", "--plot", "--name", "curve", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--suite",
+                "quick",
+                "--eps",
+                "0.1,0.3",
+                "--limit",
+                "40",
+                "--plot",
+                "--name",
+                "curve",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     curve = json.loads((out / "eval-curve.json").read_text())
-    assert curve["eps"] == [0.1, 0.3] and curve["accuracy"][1] <= curve["accuracy"][0] and (out / "eval-curve.png").is_file()
+    assert (
+        curve["eps"] == [0.1, 0.3]
+        and curve["accuracy"][1] <= curve["accuracy"][0]
+        and (out / "eval-curve.png").is_file()
+    )
     assert main(["evaluate", str(out), "--attacks", "cw", "--eps", "0.1", "--quiet"]) == 2
     assert "unknown attack" in capsys.readouterr().err

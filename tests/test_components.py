@@ -1,4 +1,5 @@
 """Components, BatchNorm followers, selections and their parameter masks."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from advtune.components import (Component, Selection, enumerate_components, fingerprint, followers, layers,
-                                output_layer, trace)
+from advtune.components import (
+    Component,
+    Selection,
+    enumerate_components,
+    fingerprint,
+    followers,
+    layers,
+    output_layer,
+    trace,
+)
 from advtune.errors import AdvtuneError
 from conftest import TinyCNN
 
@@ -31,9 +40,16 @@ def conv_bn_model() -> nn.Module:
     """normalize -> conv(3->4) bn relu -> conv(4->6) bn relu -> pool -> linear(6->5)."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
     return nn.Sequential(OrderedDict(normalize=Normalize(), net=net)).eval()
 
 
@@ -42,7 +58,7 @@ class BnRegisteredFirst(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.pre = nn.BatchNorm2d(3)      # applied to the input: follows nothing
+        self.pre = nn.BatchNorm2d(3)  # applied to the input: follows nothing
         self.bn = nn.BatchNorm2d(3)
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.fc = nn.Linear(3, 2)
@@ -54,14 +70,19 @@ class BnRegisteredFirst(nn.Module):
 
 # ---------------------------------------------------------------- Component
 
+
 def test_component_string_round_trip_and_order():
     c = Component("net.conv1", 17)
     assert str(c) == "net.conv1[17]"
     assert Component.parse("net.conv1[17]") == c
     assert Component.parse("net.layer2.0.conv1") == Component("net.layer2.0.conv1", None)
     assert str(Component("fc")) == "fc"
-    assert sorted([Component("b", 0), Component("a", 3), Component("a", None), Component("a", 1)]) == \
-        [Component("a", None), Component("a", 1), Component("a", 3), Component("b", 0)]
+    assert sorted([Component("b", 0), Component("a", 3), Component("a", None), Component("a", 1)]) == [
+        Component("a", None),
+        Component("a", 1),
+        Component("a", 3),
+        Component("b", 0),
+    ]
     assert len({Component("a", 1), Component("a", 1)}) == 1
 
 
@@ -78,6 +99,7 @@ def test_component_bad_unit(unit):
 
 
 # ---------------------------------------------------------------- enumeration
+
 
 def test_enumerate_tiny_cnn():
     model = TinyCNN()
@@ -116,6 +138,7 @@ def test_model_without_layers_is_refused():
 
 # ---------------------------------------------------------------- BatchNorm followers
 
+
 def test_followers_static_and_traced_agree_on_sequential():
     model = conv_bn_model()
     expected = {"net.0": "net.1", "net.3": "net.4"}
@@ -125,22 +148,34 @@ def test_followers_static_and_traced_agree_on_sequential():
 
 def test_followers_traced_rule_finds_bn_registered_first():
     model = BnRegisteredFirst().eval()
-    assert followers(model) == {}                          # static rule: next sibling of conv is fc
-    assert followers(model, torch.rand(2, 3, 6, 6)) == {"conv": "bn"}   # `pre` consumes the input
+    assert followers(model) == {}  # static rule: next sibling of conv is fc
+    assert followers(model, torch.rand(2, 3, 6, 6)) == {"conv": "bn"}  # `pre` consumes the input
     masks = Selection.of(model, [Component("conv", 1)]).masks(model, torch.rand(2, 3, 6, 6))
     assert set(masks) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias"}
 
 
 # ---------------------------------------------------------------- masks
 
+
 def test_masks_cover_exactly_the_selected_slices():
     model = conv_bn_model()
-    sel = Selection.of(model, [Component("net.0", 1), Component("net.0", 3), Component("net.3", 2),
-                               Component("net.8", 0)])
+    sel = Selection.of(
+        model, [Component("net.0", 1), Component("net.0", 3), Component("net.3", 2), Component("net.8", 0)]
+    )
     masks = sel.masks(model)
     params = dict(model.named_parameters())
-    assert set(masks) == {"net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias", "net.3.weight",
-                          "net.3.bias", "net.4.weight", "net.4.bias", "net.8.weight", "net.8.bias"}
+    assert set(masks) == {
+        "net.0.weight",
+        "net.0.bias",
+        "net.1.weight",
+        "net.1.bias",
+        "net.3.weight",
+        "net.3.bias",
+        "net.4.weight",
+        "net.4.bias",
+        "net.8.weight",
+        "net.8.bias",
+    }
     for name, m in masks.items():
         assert m.dtype == torch.bool and m.shape == params[name].shape
     rows = {"net.0": [1, 3], "net.1": [1, 3], "net.3": [2], "net.4": [2], "net.8": [0]}
@@ -173,7 +208,7 @@ def test_everything_covers_every_conv_linear_param():
     masks = sel.masks(model)
     params = dict(model.named_parameters())
     covered = {n for n, p in params.items() if not n.startswith("normalize.")}
-    assert set(masks) == covered                       # conv, linear and the BNs that follow convs
+    assert set(masks) == covered  # conv, linear and the BNs that follow convs
     assert all(bool(m.all()) for m in masks.values())
     assert sel.is_everything(model)
     assert sel.trainable_params(model) == sum(p.numel() for n, p in params.items() if n in covered)
@@ -189,6 +224,7 @@ def test_user_module_with_tiny_cnn():
 
 
 # ---------------------------------------------------------------- serialisation and validation
+
 
 def test_json_round_trip():
     model = conv_bn_model()

@@ -1,4 +1,5 @@
 """Dataset readers, lookup, download verification and batching."""
+
 from __future__ import annotations
 
 import gzip
@@ -31,10 +32,12 @@ def write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> None:
 def write_fake_mnist(folder: Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test)}
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test),
+    }
     for name, arr in arrays.items():
         write_idx(folder / name, arr)
     return arrays
@@ -61,8 +64,12 @@ def test_uncompressed_idx_and_env_var_lookup(isolated, monkeypatch):
     folder = isolated / "env" / "fashion-mnist"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for name, arr in (("train-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28))), ("train-labels-idx1-ubyte", rng.integers(0, 10, 5)),
-                      ("t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28))), ("t10k-labels-idx1-ubyte", rng.integers(0, 10, 3))):
+    for name, arr in (
+        ("train-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28))),
+        ("train-labels-idx1-ubyte", rng.integers(0, 10, 5)),
+        ("t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28))),
+        ("t10k-labels-idx1-ubyte", rng.integers(0, 10, 3)),
+    ):
         write_idx(folder / name, arr, compress=False)
     monkeypatch.setenv("ADVTUNE_DATA", str(isolated / "env"))
     ds = load_dataset("fashion-mnist")
@@ -139,7 +146,7 @@ def test_npz_refuses_float_labels_and_nan_pixels(tmp_path):
     np.savez(tmp_path / "b.npz", **{**ok, "x_test": bad})
     with pytest.raises(AdvtuneError, match="NaN or infinite pixels"):
         load_dataset(str(tmp_path / "b.npz"))
-    np.savez(tmp_path / "c.npz", **{**ok, "y_train": (np.arange(8) % 2).astype(np.float64)})   # whole floats are fine
+    np.savez(tmp_path / "c.npz", **{**ok, "y_train": (np.arange(8) % 2).astype(np.float64)})  # whole floats are fine
     assert load_dataset(str(tmp_path / "c.npz")).train.y.dtype == torch.long
 
 
@@ -151,8 +158,13 @@ def test_unknown_dataset_lists_valid_names():
 def test_npz_layouts_and_errors(tmp_path):
     rng = np.random.default_rng(0)
     p = tmp_path / "mine.npz"
-    np.savez(p, x_train=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), y_train=rng.integers(0, 3, 12),
-             x_test=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), y_test=np.array([0, 1, 2, 2]))
+    np.savez(
+        p,
+        x_train=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 3, 12),
+        x_test=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+        y_test=np.array([0, 1, 2, 2]),
+    )
     ds = load_dataset(str(p))
     assert ds.input_shape == (3, 8, 8) and ds.num_classes == 3 and len(ds.train) == 12
     np.savez(tmp_path / "nokeys.npz", x_train=np.zeros((2, 4, 4), np.uint8))
@@ -161,7 +173,9 @@ def test_npz_layouts_and_errors(tmp_path):
     (tmp_path / "broken.npz").write_bytes(p.read_bytes()[:200])
     with pytest.raises(AdvtuneError, match="corrupt or truncated"):
         load_dataset(str(tmp_path / "broken.npz"))
-    np.savez(tmp_path / "float.npz", x_train=np.full((2, 4, 4), 3.0), y_train=[0, 1], x_test=np.zeros((1, 4, 4)), y_test=[0])
+    np.savez(
+        tmp_path / "float.npz", x_train=np.full((2, 4, 4), 3.0), y_train=[0, 1], x_test=np.zeros((1, 4, 4)), y_test=[0]
+    )
     with pytest.raises(AdvtuneError, match=r"float images must lie in \[0,1\]"):
         load_dataset(str(tmp_path / "float.npz"))
 
@@ -222,6 +236,7 @@ def test_image_folder(tmp_path):
     with pytest.raises(AdvtuneError, match="resize all images to one size"):
         load_dataset(str(tmp_path / "imgs"))
 
+
 # ---------------------------------------------------------------- download
 
 
@@ -247,8 +262,12 @@ def http_server(tmp_path):
 
 
 def _spec_for(folder: Path, base: data.Spec, corrupt: str | None = None) -> data.Spec:
-    files = tuple(data.RemoteFile(f.name, "0" * 32 if f.name == corrupt else hashlib.md5((folder / f.name).read_bytes()).hexdigest())
-                  for f in base.files)
+    files = tuple(
+        data.RemoteFile(
+            f.name, "0" * 32 if f.name == corrupt else hashlib.md5((folder / f.name).read_bytes()).hexdigest()
+        )
+        for f in base.files
+    )
     return replace(base, files=files)
 
 
@@ -278,6 +297,7 @@ def test_download_unreachable_mirror_gives_one_line(isolated, monkeypatch):
     with pytest.raises(AdvtuneError, match="could not download"):
         data.download_files(data.SPECS["fashion-mnist"], isolated / "x", mirrors=("http://127.0.0.1:9/",), timeout=2)
 
+
 # ---------------------------------------------------------------- batching
 
 
@@ -290,27 +310,47 @@ def test_batches_seeded_complete_and_resumable():
     skipped = [y for _, y in td.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), start=2)]
     assert all(torch.equal(u, v) for u, v in zip(a[2:], skipped)) and len(skipped) == len(a) - 2
     x, _ = next(iter(td.batches(4)))
-    assert x.dtype == torch.float32 and float(x.max()) <= 1.0 and torch.allclose(x.flatten(), torch.tensor([0, 1, 2, 3]) / 255)
+    assert (
+        x.dtype == torch.float32
+        and float(x.max()) <= 1.0
+        and torch.allclose(x.flatten(), torch.tensor([0, 1, 2, 3]) / 255)
+    )
 
 
 def test_batches_shard_across_ranks():
     td = TensorData(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
-    shards = [torch.cat([y for _, y in td.batches(3, shuffle=True, generator=torch.Generator().manual_seed(0), rank=r, world_size=2)])
-              for r in (0, 1)]
+    shards = [
+        torch.cat(
+            [
+                y
+                for _, y in td.batches(
+                    3, shuffle=True, generator=torch.Generator().manual_seed(0), rank=r, world_size=2
+                )
+            ]
+        )
+        for r in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) == 5 and not set(shards[0].tolist()) & set(shards[1].tolist())
 
 
 def test_validation_split_and_limit():
     ds = load_dataset("synthetic", limit=300, limit_test=50, val=0.2, seed=1)
     assert len(ds.train) == 240 and len(ds.val) == 60 and len(ds.test) == 50
-    ident = data.Dataset("ids", TensorData(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50)),
-                         TensorData(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1)), ["a"], (0.5,), (0.5,))
+    ident = data.Dataset(
+        "ids",
+        TensorData(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50)),
+        TensorData(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1)),
+        ["a"],
+        (0.5,),
+        (0.5,),
+    )
     split = ident.split_validation(10, seed=4)
     tr, va = set(split.train.y.tolist()), set(split.val.y.tolist())
     assert len(va) == 10 and not tr & va and tr | va == set(range(50))
     assert split.val.y.tolist() == ident.split_validation(10, seed=4).val.y.tolist()
     with pytest.raises(AdvtuneError, match="leaves no training data"):
         load_dataset("synthetic", val=5000)
+
 
 # ---------------------------------------------------------------- the real files beside the checkout
 

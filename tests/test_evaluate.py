@@ -1,4 +1,5 @@
 """robust_accuracy, eps_curve, suites, the gradient-masking gate and the eps-curve plot."""
+
 from __future__ import annotations
 
 import json
@@ -61,22 +62,34 @@ class Wrap(nn.Module):
 
 # ------------------------------------------------------------------ robust_accuracy
 
+
 def test_robust_accuracy_reports_comparable_numbers_and_costs(tiny_model, data):
     x, y = data
     r = robust_accuracy(tiny_model, (x, y), quick(), generator=torch.Generator().manual_seed(0))
     assert r.n == 100 and r.clean_accuracy == 1.0
     acc = r.accuracy
     assert set(acc) == {"fgsm", "pgd"}
-    assert r.worst_case_accuracy <= min(acc.values())          # worst case per sample
+    assert r.worst_case_accuracy <= min(acc.values())  # worst case per sample
     assert acc["pgd"] <= acc["fgsm"] < 1.0
-    assert r.grad_evals == {"fgsm": 100, "pgd": 1000}          # counted, not assumed
-    assert r.forward_evals["pgd"] == 100                        # the last PGD iterate is a forward only
+    assert r.grad_evals == {"fgsm": 100, "pgd": 1000}  # counted, not assumed
+    assert r.forward_evals["pgd"] == 100  # the last PGD iterate is a forward only
     assert all(v <= THREAT.eps + 1e-6 for v in r.max_perturbation.values())
-    assert r.suspect == []                                      # an honest model passes the gate
+    assert r.suspect == []  # an honest model passes the gate
     j = r.to_json()
     json.dumps(j)
-    for key in ("threat", "attacks", "seed", "accuracy", "worst_case_accuracy", "clean_accuracy", "n",
-                "grad_evals", "wall_time_s", "max_perturbation", "suspect"):
+    for key in (
+        "threat",
+        "attacks",
+        "seed",
+        "accuracy",
+        "worst_case_accuracy",
+        "clean_accuracy",
+        "n",
+        "grad_evals",
+        "wall_time_s",
+        "max_perturbation",
+        "suspect",
+    ):
         assert key in j
     assert j["seed"] == 0 and j["threat"]["eps"] == 0.15
 
@@ -85,7 +98,7 @@ def test_batches_iterable_equals_tensor_pair_and_limit(tiny_model, data):
     x, y = data
     attacks = [build_attack("bim:steps=3", THREAT)]
     a = robust_accuracy(tiny_model, (x, y), attacks, batch_size=32, gate=False)
-    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 100, 32)]
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 100, 32)]
     b = robust_accuracy(tiny_model, batches, attacks, gate=False)
     assert a.accuracy == b.accuracy and torch.equal(a.robust, b.robust)
     c = robust_accuracy(tiny_model, iter(batches), attacks, limit=40, gate=False)
@@ -128,6 +141,7 @@ def test_a_buggy_attack_is_caught(tiny_model, data):
 
 # ------------------------------------------------------------------ gradient-masking gate
 
+
 def test_gate_flags_a_planted_masking_model(tiny_model, data, caplog):
     x, y = data
     masked = Wrap(tiny_model, pre=ZeroGradRound.apply)
@@ -136,8 +150,8 @@ def test_gate_flags_a_planted_masking_model(tiny_model, data, caplog):
     with caplog.at_level(logging.WARNING, logger="advtune.evaluation"):
         r = robust_accuracy(masked, (x, y), attacks, generator=torch.Generator().manual_seed(0))
     assert r.clean_accuracy > 0.95
-    assert r.accuracy["pgd"] == r.clean_accuracy      # gradient attacks are blind here ...
-    assert r.accuracy["square:queries=200"] < 0.95    # ... the black-box one is not
+    assert r.accuracy["pgd"] == r.clean_accuracy  # gradient attacks are blind here ...
+    assert r.accuracy["square:queries=200"] < 0.95  # ... the black-box one is not
     kinds = {s.split(":")[0] for s in r.suspect}
     assert {"zero-gradients", "black-box-stronger"} <= kinds
     assert "large-eps-not-broken" in kinds
@@ -146,8 +160,9 @@ def test_gate_flags_a_planted_masking_model(tiny_model, data, caplog):
 
 def test_gate_flags_probability_outputs(tiny_model, data):
     x, y = data
-    r = robust_accuracy(Wrap(tiny_model, softmax=True), (x[:40], y[:40]), quick(),
-                        generator=torch.Generator().manual_seed(0))
+    r = robust_accuracy(
+        Wrap(tiny_model, softmax=True), (x[:40], y[:40]), quick(), generator=torch.Generator().manual_seed(0)
+    )
     assert any(s.startswith("probability-outputs") for s in r.suspect)
 
 
@@ -160,11 +175,17 @@ def test_gate_flags_iterative_weaker_than_fgsm(tiny_model, data):
 
 # ------------------------------------------------------------------ eps curve
 
+
 def test_eps_curve_is_monotone_and_reaches_zero(tiny_model, data, tmp_path):
     x, y = data
     x, y = x[:60], y[:60]
-    curve = eps_curve(tiny_model, (x, y), lambda e: [PGD(ThreatModel("linf", e), steps=10)],
-                      [0.3, 0.0, 0.1, 0.2], generator=torch.Generator().manual_seed(0))
+    curve = eps_curve(
+        tiny_model,
+        (x, y),
+        lambda e: [PGD(ThreatModel("linf", e), steps=10)],
+        [0.3, 0.0, 0.1, 0.2],
+        generator=torch.Generator().manual_seed(0),
+    )
     assert curve.eps == [0.0, 0.1, 0.2, 0.3]
     assert curve.accuracy[0] == curve.clean_accuracy == 1.0
     assert all(b <= a for a, b in zip(curve.accuracy, curve.accuracy[1:]))
@@ -182,8 +203,8 @@ def test_eps_curve_repairs_and_flags_a_non_monotone_attack(tiny_model, data):
         return [PGD(t, steps=10)] if e < 0.25 else [FGSM(t, step_size=1e-6)]
 
     curve = eps_curve(tiny_model, (x, y), factory, [0.2, 0.25], gate=False)
-    assert curve.raw_accuracy[1] > curve.raw_accuracy[0]           # the raw numbers rise ...
-    assert curve.accuracy[1] <= curve.accuracy[0]                  # ... the reported curve does not
+    assert curve.raw_accuracy[1] > curve.raw_accuracy[0]  # the raw numbers rise ...
+    assert curve.accuracy[1] <= curve.accuracy[0]  # ... the reported curve does not
     assert any(s.startswith("accuracy-rises-with-eps") for s in curve.suspect)
 
 
@@ -209,6 +230,7 @@ def test_eps_curve_rejects_one_shot_iterators_and_reordered_data(tiny_model, dat
 
 # ------------------------------------------------------------------ suites
 
+
 def test_suites():
     std = suite("standard", THREAT)
     assert [a.spec for a in std] == ["apgd-ce", "apgd-t", "square"]
@@ -219,6 +241,7 @@ def test_suites():
 
 
 # ------------------------------------------------------------------ error paths
+
 
 def test_inputs_outside_unit_range_are_rejected(tiny_model, data):
     x, y = data

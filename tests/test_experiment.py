@@ -1,4 +1,5 @@
 """`advtune experiment` + `advtune report`: records, resume without redoing, report == records, refusals."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,30 @@ import re
 import pytest
 import yaml
 
-from advtune.runs import experiment
 from advtune.cli import main
 from advtune.errors import AdvtuneError
+from advtune.runs import experiment
 
 TINY = {
-    "name": "tiny", "seed": 0,
-    "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 300, "limit_test": 100,
-             "train": {"epochs": 1, "batch_size": 64}},
+    "name": "tiny",
+    "seed": 0,
+    "base": {
+        "dataset": "synthetic",
+        "model": "small-cnn",
+        "limit": 300,
+        "limit_test": 100,
+        "train": {"epochs": 1, "batch_size": 64},
+    },
     "threat": {"norm": "linf", "eps": 0.25},
     "evaluation": {"attacks": "fgsm,pgd:steps=5", "limit": 100},
-    "analysis": {"attack": "pgd:steps=3", "criteria": ["taylor"], "limit": 100, "curve_limit": 100,
-                 "shares": [0.05, 0.2, 1.0], "random_seeds": [0]},
+    "analysis": {
+        "attack": "pgd:steps=3",
+        "criteria": ["taylor"],
+        "limit": 100,
+        "curve_limit": 100,
+        "shares": [0.05, 0.2, 1.0],
+        "random_seeds": [0],
+    },
     "variants": [
         {"name": "standard", "kind": "standard"},
         {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=2"},
@@ -51,7 +64,11 @@ def test_every_variant_is_recorded_and_tabled(finished):
         assert r["robust_acc"] <= min(r["acc[fgsm]"], r["acc[pgd:steps=5]"])
     sel = {r["variant"]: r for r in rows}
     assert sel["sel-share0.1"]["analysis_grad_evals"] > 0 and sel["random"]["analysis_grad_evals"] == 0
-    assert sel["sel-share0.1"]["trainable_params"] < sel["sel-share0.3"]["trainable_params"] < sel["full-ft"]["trainable_params"]
+    assert (
+        sel["sel-share0.1"]["trainable_params"]
+        < sel["sel-share0.3"]["trainable_params"]
+        < sel["full-ft"]["trainable_params"]
+    )
     # PGD-2 fine-tuning: 3 gradient evaluations per example and epoch
     assert sel["full-ft"]["grad_evals"] == 3 * 300
     assert (finished / "results.csv").read_text().splitlines()[0].startswith("variant,kind")
@@ -64,8 +81,10 @@ def test_report_numbers_match_the_records(finished):
     rows = json.loads((finished / "results.json").read_text())["rows"]
     table = [line for line in md.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
-    shown = {cells[0]: dict(zip(head, cells)) for cells in
-             ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
+    shown = {
+        cells[0]: dict(zip(head, cells))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])
+    }
     for r in rows:
         s = shown[r["variant"]]
         assert s["clean"] == f"{100 * r['clean_acc']:.2f}%" and s["worst case"] == f"{100 * r['robust_acc']:.2f}%"
@@ -100,7 +119,9 @@ def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch)
     redone = []
     monkeypatch.setattr(finetune_job, "run", lambda run: (redone.append(run.out), real(run))[1])
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet", "--no-report"]) == 0
-    assert first.stat().st_mtime_ns == stamp and (out / "standard" / "model.safetensors").stat().st_mtime_ns == std_stamp
+    assert (
+        first.stat().st_mtime_ns == stamp and (out / "standard" / "model.safetensors").stat().st_mtime_ns == std_stamp
+    )
     assert str(out / "full-ft") not in redone and len(redone) == 3  # sel x2 (one of them interrupted) + random
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 5
     redone.clear()
@@ -115,13 +136,19 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
     assert re.search(r"not valid YAML at line \d+", capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda c: c.update(variantz=[]), "unknown key 'variantz'; did you mean 'variants'"),
-    (lambda c: c["variants"][1].update(shar=0.1), r"variants\[1\] \(full-ft\): unknown key 'shar'; did you mean 'share'"),
-    (lambda c: c["base"].update(pretrained="runs/does-not-exist"), "holds no trained model"),
-    (lambda c: c["variants"].append({"name": "x", "kind": "distill"}), "unknown kind 'distill'"),
-    (lambda c: c["threat"].pop("eps"), "threat needs eps"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda c: c.update(variantz=[]), "unknown key 'variantz'; did you mean 'variants'"),
+        (
+            lambda c: c["variants"][1].update(shar=0.1),
+            r"variants\[1\] \(full-ft\): unknown key 'shar'; did you mean 'share'",
+        ),
+        (lambda c: c["base"].update(pretrained="runs/does-not-exist"), "holds no trained model"),
+        (lambda c: c["variants"].append({"name": "x", "kind": "distill"}), "unknown kind 'distill'"),
+        (lambda c: c["threat"].pop("eps"), "threat needs eps"),
+    ],
+)
 def test_bad_experiment_configs(tmp_path, mutate, match):
     import copy
 
@@ -139,8 +166,18 @@ def test_report_on_a_folder_without_results(tmp_path, capsys):
 def test_sweep_expansion_names():
     cfg = experiment.validate_config({**TINY, "threat": {"eps": [0.1, 0.2]}})
     names = [v["name"] for v in experiment.expand_variants(cfg)]
-    assert names == ["standard-eps0.1", "standard-eps0.2", "full-ft-eps0.1", "full-ft-eps0.2", "sel-eps0.1-share0.1", "sel-eps0.1-share0.3",
-                     "sel-eps0.2-share0.1", "sel-eps0.2-share0.3", "random-eps0.1", "random-eps0.2"]
+    assert names == [
+        "standard-eps0.1",
+        "standard-eps0.2",
+        "full-ft-eps0.1",
+        "full-ft-eps0.2",
+        "sel-eps0.1-share0.1",
+        "sel-eps0.1-share0.3",
+        "sel-eps0.2-share0.1",
+        "sel-eps0.2-share0.3",
+        "random-eps0.1",
+        "random-eps0.2",
+    ]
 
 
 def test_standard_variant_over_a_pretrained_base_records_in_its_own_folder(finished, tmp_path):

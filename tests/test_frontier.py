@@ -1,5 +1,6 @@
 """The frontier: snapshots along each run, each evaluated with the protocol, costs counted alike on
 every curve, resumable, and the findings computed from the records."""
+
 from __future__ import annotations
 
 import json
@@ -8,24 +9,44 @@ import pytest
 import torch
 import yaml
 
-from advtune.models import load_state
 from advtune.cli import main
 from advtune.frontier import reference_plateau, robust_at, verdicts
+from advtune.models import load_state
 
 FRONTIER = {
-    "name": "tiny-frontier", "seed": 0,
-    "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 256, "limit_test": 64,
-             "train": {"epochs": 1, "batch_size": 64}},
+    "name": "tiny-frontier",
+    "seed": 0,
+    "base": {
+        "dataset": "synthetic",
+        "model": "small-cnn",
+        "limit": 256,
+        "limit_test": 64,
+        "train": {"epochs": 1, "batch_size": 64},
+    },
     "threat": {"norm": "linf", "eps": 0.25},
     "evaluation": {"attacks": "pgd:steps=3", "limit": 64},
     "analysis": {"attack": "pgd:steps=2", "criteria": ["taylor"], "limit": 64, "curve_limit": 0},
     "variants": [
         {"name": "standard", "kind": "standard"},
         {"name": "at", "kind": "train", "attack": "pgd:steps=2", "reference": True, "budget": 1536, "points": 3},
-        {"name": "sel", "kind": "finetune", "select": "top", "params": 2000, "attack": "pgd:steps=2",
-         "budget": 1536, "points": 2},
-        {"name": "rnd", "kind": "finetune", "select": "random", "params_like": "sel", "attack": "pgd:steps=2",
-         "budget": 1536, "points": 2},
+        {
+            "name": "sel",
+            "kind": "finetune",
+            "select": "top",
+            "params": 2000,
+            "attack": "pgd:steps=2",
+            "budget": 1536,
+            "points": 2,
+        },
+        {
+            "name": "rnd",
+            "kind": "finetune",
+            "select": "random",
+            "params_like": "sel",
+            "attack": "pgd:steps=2",
+            "budget": 1536,
+            "points": 2,
+        },
     ],
 }
 
@@ -52,12 +73,17 @@ def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
     assert all(p["base_grad_evals"] == 0 and p["total_grad_evals"] == p["train_grad_evals"] for p in by["at"])
     # fine-tuning curves include the base model's training (256 clean gradient evaluations) ...
     for name in ("sel", "rnd"):
-        assert [p["step"] for p in by[name]] == [2, 4]       # batch 128 (the fine-tuning default): 4 steps
+        assert [p["step"] for p in by[name]] == [2, 4]  # batch 128 (the fine-tuning default): 4 steps
         assert all(p["base_grad_evals"] == 256 for p in by[name])
     # ... and the selective one also its analysis
-    assert all(p["analysis_grad_evals"] > 0 for p in by["sel"]) and all(p["analysis_grad_evals"] == 0 for p in by["rnd"])
-    assert all(p["total_grad_evals"] == p["train_grad_evals"] + p["base_grad_evals"] + p["analysis_grad_evals"]
-               for p in pts if p["kind"] != "standard")
+    assert all(p["analysis_grad_evals"] > 0 for p in by["sel"]) and all(
+        p["analysis_grad_evals"] == 0 for p in by["rnd"]
+    )
+    assert all(
+        p["total_grad_evals"] == p["train_grad_evals"] + p["base_grad_evals"] + p["analysis_grad_evals"]
+        for p in pts
+        if p["kind"] != "standard"
+    )
     # every snapshot holds its own protocol record, and the final row is the last snapshot's
     for name in ("at", "sel", "rnd"):
         snaps = sorted((out / name / "snapshots").glob("step-*"))
@@ -79,8 +105,10 @@ def test_snapshots_are_taken_at_the_budget_points_and_evaluated(done):
 
 def test_rerun_evaluates_nothing_again(done, monkeypatch):
     cfg, out = done
+
     def boom(*a, **k):
         raise AssertionError("a finished curve was evaluated again")
+
     monkeypatch.setattr("advtune.runs.evaluate.run", boom)
     assert main(["experiment", str(cfg), "--out", str(out), "--quiet"]) == 0
 
@@ -119,14 +147,26 @@ def test_report_shows_the_frontier_and_its_findings(done):
 
 
 def test_plateau_and_budget_arithmetic():
-    pts = [{"variant": "at", "kind": "train", "reference": True, "total_grad_evals": c, "robust_acc": r, "clean_acc": 0.9}
-           for c, r in ((100, 0.2), (200, 0.80), (300, 0.895), (400, 0.90), (500, 0.899))]
-    pts += [{"variant": "s", "kind": "finetune", "select": "top", "param_share": 0.05, "total_grad_evals": c,
-             "robust_acc": r, "clean_acc": 0.95} for c, r in ((30, 0.5), (70, 0.885), (90, 0.89))]
+    pts = [
+        {"variant": "at", "kind": "train", "reference": True, "total_grad_evals": c, "robust_acc": r, "clean_acc": 0.9}
+        for c, r in ((100, 0.2), (200, 0.80), (300, 0.895), (400, 0.90), (500, 0.899))
+    ]
+    pts += [
+        {
+            "variant": "s",
+            "kind": "finetune",
+            "select": "top",
+            "param_share": 0.05,
+            "total_grad_evals": c,
+            "robust_acc": r,
+            "clean_acc": 0.95,
+        }
+        for c, r in ((30, 0.5), (70, 0.885), (90, 0.89))
+    ]
     plat = reference_plateau(pts)
-    assert plat.robust_acc == 0.90 and plat.cost == 300          # first point within 1 point of the best
-    assert plat.first_robust_acc == 0.895 and plat.best_cost == 400   # the two checkpoints are told apart
+    assert plat.robust_acc == 0.90 and plat.cost == 300  # first point within 1 point of the best
+    assert plat.first_robust_acc == 0.895 and plat.best_cost == 400  # the two checkpoints are told apart
     (v,) = verdicts(pts, plat)
     assert v.reached_target and v.cost_to_target == 70 and v.cost_share_of_reference == pytest.approx(70 / 300)
-    assert v.robust_at_reference_budget == 0.885                   # 25% of 300 = 75: the points at 30 and 70
+    assert v.robust_at_reference_budget == 0.885  # 25% of 300 = 75: the points at 30 and 70
     assert robust_at(pts, "s", 50) == 0.5 and robust_at(pts, "s", 10) is None

@@ -1,5 +1,6 @@
 """`advtune harden`: one command from a trained run to a hardened model with its report; bad input
 gives one-line errors and overwrites nothing."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,51 @@ from advtune.models import load_model
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("harden")
-    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "600",
-                 "--out", str(root / "base"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "1",
+                "--limit",
+                "600",
+                "--out",
+                str(root / "base"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def hardened(base):
     out = base / "hard"
-    assert main(["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "100",
-                 "--budget", "20000", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "harden",
+                str(base / "base"),
+                "--eps",
+                "0.2",
+                "--limit",
+                "600",
+                "--limit-test",
+                "100",
+                "--budget",
+                "20000",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -59,19 +95,41 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
     monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
     monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
-    assert main(["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "100",
-                 "--budget", "20000", "--out", str(hardened), "--resume", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "harden",
+                str(base / "base"),
+                "--eps",
+                "0.2",
+                "--limit",
+                "600",
+                "--limit-test",
+                "100",
+                "--budget",
+                "20000",
+                "--out",
+                str(hardened),
+                "--resume",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--eps", "1.5"], "exceeds the pixel range"),
-    (["--eps", "0"], "eps"),
-    (["--eps", "-0.1"], "eps"),
-    (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
-    (["--eps", "0.2", "--params", "5"], "no whole layer fits in a budget of 5 parameters"),
-    (["--eps", "0.2", "--lr", "0"], "learning rate"),
-    (["--eps", "0.2", "--attack", "local:layer=net.nope"], "no module named 'net.nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--eps", "1.5"], "exceeds the pixel range"),
+        (["--eps", "0"], "eps"),
+        (["--eps", "-0.1"], "eps"),
+        (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
+        (["--eps", "0.2", "--params", "5"], "no whole layer fits in a budget of 5 parameters"),
+        (["--eps", "0.2", "--lr", "0"], "learning rate"),
+        (["--eps", "0.2", "--attack", "local:layer=net.nope"], "no module named 'net.nope'"),
+    ],
+)
 def test_bad_input_is_one_line_and_overwrites_nothing(base, hardened, capsys, args, message):
     before = {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()}
     code = main(["harden", str(base / "base"), *args, "--out", str(hardened), "--overwrite", "--quiet"])
@@ -107,17 +165,27 @@ def test_python_api_hardens_a_users_own_model(blobs):
     import copy
 
     from advtune.hardening import Recipe, harden
-    from conftest import TinyCNN, train_tiny
+    from conftest import train_tiny
 
     x, y, xt, yt = blobs
     model = train_tiny(x, y)
     original = copy.deepcopy(model.state_dict())
-    res = harden(model, (x, y), (xt, yt), eps=0.2, recipe=Recipe(params=0.3, analysis_limit=200), budget=60000,
-                 evaluation="pgd:steps=10")
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())   # the input model is left alone
+    res = harden(
+        model,
+        (x, y),
+        (xt, yt),
+        eps=0.2,
+        recipe=Recipe(params=0.3, analysis_limit=200),
+        budget=60000,
+        evaluation="pgd:steps=10",
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # the input model is left alone
     assert res.after.worst_case_accuracy > res.before.worst_case_accuracy + 0.2
     changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), res.model.parameters()))
     assert 0 < changed <= res.selection.trainable_params(model) <= 0.3 * sum(p.numel() for p in model.parameters())
-    assert res.finetune_cost["grad_evals"] >= 60000 and res.summary()["after"]["robust_acc"] == res.after.worst_case_accuracy
+    assert (
+        res.finetune_cost["grad_evals"] >= 60000
+        and res.summary()["after"]["robust_acc"] == res.after.worst_case_accuracy
+    )
     with pytest.raises(Exception, match="must lie in \\[0, 1\\]"):
         harden(model, (x * 255, y), eps=0.2)

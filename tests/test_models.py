@@ -1,4 +1,5 @@
 """Architectures, the Normalize layer, and safetensors save/load with its refusals."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from advtune import filenames as files
 from advtune.errors import AdvtuneError
-from advtune.models import (META_FILE, WEIGHTS_FILE, Normalize, build_model, list_models, load_model, load_weights,
-                            save_model)
+from advtune.models import Normalize, build_model, list_models, load_model, load_weights, save_model
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -33,9 +34,18 @@ def test_save_load_roundtrip(tmp_path):
     model.eval()
     with torch.no_grad():  # give BN non-trivial running stats
         model.net.bn1_1.running_mean.uniform_()
-    save_model(tmp_path, model, {"architecture": "vgg-cifar", "input_shape": [3, 32, 32], "num_classes": 10,
-                                 "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2]})
-    raw = (tmp_path / WEIGHTS_FILE).read_bytes()
+    save_model(
+        tmp_path,
+        model,
+        {
+            "architecture": "vgg-cifar",
+            "input_shape": [3, 32, 32],
+            "num_classes": 10,
+            "mean": [0.4, 0.5, 0.6],
+            "std": [0.2, 0.2, 0.2],
+        },
+    )
+    raw = (tmp_path / files.WEIGHTS).read_bytes()
     assert not raw.startswith(b"PK") and not raw.startswith(b"\x80")  # a safetensors header, no zip/pickle
     loaded, meta = load_model(tmp_path)
     x = torch.rand(4, 3, 32, 32)
@@ -48,12 +58,12 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     small = build_model("small-cnn", (1, 28, 28), 10)
     save_model(tmp_path, small, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})
     with pytest.raises(AdvtuneError, match="another architecture or input shape"):
-        load_weights(build_model("madry-mnist", (1, 28, 28), 10), tmp_path / WEIGHTS_FILE)
+        load_weights(build_model("madry-mnist", (1, 28, 28), 10), tmp_path / files.WEIGHTS)
     with pytest.raises(AdvtuneError, match="another architecture or input shape .*shape"):
-        load_weights(build_model("small-cnn", (1, 32, 32), 10), tmp_path / WEIGHTS_FILE)
-    meta = json.loads((tmp_path / META_FILE).read_text())
+        load_weights(build_model("small-cnn", (1, 32, 32), 10), tmp_path / files.WEIGHTS)
+    meta = json.loads((tmp_path / files.MODEL_META).read_text())
     meta["architecture"] = "lenet5"
-    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    (tmp_path / files.MODEL_META).write_text(json.dumps(meta))
     with pytest.raises(AdvtuneError, match="another architecture"):
         load_model(tmp_path)
 
@@ -61,7 +71,7 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
 def test_truncated_weights_are_refused(tmp_path):
     model = build_model("small-cnn", (1, 28, 28), 10)
     save_model(tmp_path, model, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})
-    p = tmp_path / WEIGHTS_FILE
+    p = tmp_path / files.WEIGHTS
     p.write_bytes(p.read_bytes()[:1000])
     with pytest.raises(AdvtuneError, match="truncated or not a safetensors file"):
         load_model(tmp_path)
@@ -88,6 +98,6 @@ def test_user_module_loads_weights(tmp_path):
 
     a, b = Mine(), Mine()
     save_model(tmp_path, a, {"architecture": None})
-    load_weights(b, tmp_path / WEIGHTS_FILE)
+    load_weights(b, tmp_path / files.WEIGHTS)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(a(x), b(x))

@@ -1,4 +1,5 @@
 """Checks on the real MNIST files beside the checkout (../shared/data), sized to stay quick on a CPU."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,9 @@ import torch
 from advtune.attacks import FGSM, PGD
 from advtune.data import load_dataset
 from advtune.evaluation import robust_accuracy
+from advtune.metrics import accuracy
 from advtune.models import model_for
 from advtune.threat import ThreatModel
-from advtune.metrics import accuracy
 from advtune.train import TrainConfig, clean, fit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -38,7 +39,9 @@ def test_pgd40_collapses_the_standard_mnist_model(mnist_std):
     model, ds = mnist_std
     x, y = ds.test.take(300).tensors()
     threat = ThreatModel("linf", 0.3)
-    res = robust_accuracy(model, (x, y), [FGSM(threat), PGD(threat, steps=40)], generator=torch.Generator().manual_seed(0))
+    res = robust_accuracy(
+        model, (x, y), [FGSM(threat), PGD(threat, steps=40)], generator=torch.Generator().manual_seed(0)
+    )
     acc = res.accuracy
     assert acc["pgd:steps=40"] < 0.02 and acc["pgd:steps=40"] <= acc["fgsm"]
     assert res.max_perturbation["pgd:steps=40"] <= 0.3 + 1e-6 and not res.suspect

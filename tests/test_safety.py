@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong (issue 11): overwrite keeps the old run until the new one
 finishes, one writer per run folder, honest records, one-line errors for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,20 @@ from advtune.errors import AdvtuneError
 from advtune.runs import RunDir
 from advtune.utils import atomic_write_bytes
 
-TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "256",
-         "--limit-test", "64", "--quiet"]
+TRAIN = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "small-cnn",
+    "--epochs",
+    "1",
+    "--limit",
+    "256",
+    "--limit-test",
+    "64",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +44,27 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--model", "no-such-model"], "unknown model"),
-    (["--dataset", "no-such-set"], "unknown dataset"),
-    (["--epochs", "0"], "epochs"),
-    (["--adversarial", "", "--eps", "0.1"], "adversarial"),
-    (["--eps", "0.1"], "--eps without --adversarial"),
-    (["--val", "-5"], "--val"),
-    (["--val", "1.5"], "--val"),
-    (["--adversarial", "pgd", "--eps", "0.1", "--budget", "0"], "budget"),
-    (["--adversarial", "pgd", "--eps", "0.1", "--points", "-1"], "points"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--dataset", "no-such-set"], "unknown dataset"),
+        (["--epochs", "0"], "epochs"),
+        (["--adversarial", "", "--eps", "0.1"], "adversarial"),
+        (["--eps", "0.1"], "--eps without --adversarial"),
+        (["--val", "-5"], "--val"),
+        (["--val", "1.5"], "--val"),
+        (["--adversarial", "pgd", "--eps", "0.1", "--budget", "0"], "budget"),
+        (["--adversarial", "pgd", "--eps", "0.1", "--points", "-1"], "points"),
+    ],
+)
 def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys, bad, message):
     before = snapshot(finished)
     args = [*TRAIN, "--out", str(finished), "--overwrite"]
     for flag in bad[::2]:  # the bad value replaces the good one
         if flag in args:
             i = args.index(flag)
-            del args[i:i + 2]
+            del args[i : i + 2]
     code = main([*args, *bad])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -59,12 +75,14 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, m
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     old = snapshot(out)
+
     def killed(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr("advtune.runs.train.fit", killed)
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 130
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-")]
-    assert len(aside) == 1 and snapshot(aside[0]) == old        # the old run survives the interruption
+    assert len(aside) == 1 and snapshot(aside[0]) == old  # the old run survives the interruption
     monkeypatch.undo()
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
     assert (out / "summary.json").is_file()
@@ -78,13 +96,21 @@ def test_out_must_name_a_folder(capsys):
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from advtune.runs import RunDir
         RunDir.create({str(out)!r})
         print("locked", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(AdvtuneError, match=rf"being written by another advtune process \(pid {holder.pid}\)"):
@@ -125,6 +151,7 @@ def test_a_read_only_or_full_output_is_a_one_line_error(tmp_path, capsys, monkey
         if "ro" in self.parts:
             raise OSError(errno.EROFS, "Read-only file system")
         return real_mkdir(self, *a, **k)
+
     monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
     assert main([*TRAIN, "--out", str(tmp_path / "ro" / "run")]) == 2
     err = capsys.readouterr().err.strip()
@@ -135,6 +162,7 @@ def test_a_read_only_or_full_output_is_a_one_line_error(tmp_path, capsys, monkey
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(utils.os, "replace", full)
     assert main([*TRAIN, "--out", str(tmp_path / "full")]) == 2
     err = capsys.readouterr().err.strip()
@@ -144,11 +172,11 @@ def test_a_read_only_or_full_output_is_a_one_line_error(tmp_path, capsys, monkey
 def test_resume_refuses_changed_training_flags_and_leaves_the_record_alone(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
-    (out / "checkpoint.pt").unlink()            # no checkpoint: the flags must still be compared
+    (out / "checkpoint.pt").unlink()  # no checkpoint: the flags must still be compared
     before = snapshot(out)
     assert main([*TRAIN, "--out", str(out), "--resume", "--lr", "0.01"]) == 2
     assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().err
-    assert snapshot(out) == before              # no "resumed" stamp for a refused resume
+    assert snapshot(out) == before  # no "resumed" stamp for a refused resume
 
 
 def test_a_moved_run_resumes(tmp_path):
@@ -156,7 +184,7 @@ def test_a_moved_run_resumes(tmp_path):
     assert main([*TRAIN, "--out", str(first)]) == 0
     moved = tmp_path / "moved"
     first.rename(moved)
-    args = [a if a != "1" else "2" for a in TRAIN]     # --epochs 2: one more epoch
+    args = [a if a != "1" else "2" for a in TRAIN]  # --epochs 2: one more epoch
     assert main([*args, "--out", str(moved), "--resume"]) == 0
     assert len((moved / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -164,9 +192,14 @@ def test_a_moved_run_resumes(tmp_path):
 def test_a_refused_variant_can_be_corrected(tmp_path, capsys):
     import yaml
 
-    cfg = {"name": "t", "seed": 0, "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm", "limit": 32},
-           "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
-           "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "no-such-attack"}]}
+    cfg = {
+        "name": "t",
+        "seed": 0,
+        "threat": {"eps": 0.2},
+        "evaluation": {"attacks": "fgsm", "limit": 32},
+        "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
+        "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "no-such-attack"}],
+    }
     path = tmp_path / "e.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -196,10 +229,16 @@ def test_bad_records_and_config_values_are_one_line_errors(finished, tmp_path, c
     (run / "metrics.jsonl").write_text('{"epoch": 1}\n{not json\n')
     assert main(["info", str(run)]) == 2 and "line 2 is not valid JSON" in capsys.readouterr().err
     # experiment YAML numbers that are not numbers
-    base = {"name": "t", "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm"},
-            "base": {"dataset": "synthetic", "model": "small-cnn"}}
-    for variant, message in (({"name": "v", "share": "ten"}, "share must be a number"),
-                             ({"name": "v", "eps_warmup": 1.5}, "eps_warmup = 1.5 is out of range")):
+    base = {
+        "name": "t",
+        "threat": {"eps": 0.2},
+        "evaluation": {"attacks": "fgsm"},
+        "base": {"dataset": "synthetic", "model": "small-cnn"},
+    }
+    for variant, message in (
+        ({"name": "v", "share": "ten"}, "share must be a number"),
+        ({"name": "v", "eps_warmup": 1.5}, "eps_warmup = 1.5 is out of range"),
+    ):
         path = tmp_path / "e.yaml"
         path.write_text(yaml.safe_dump({**base, "variants": [variant]}))
         assert main(["experiment", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -222,11 +261,15 @@ def test_a_nan_loss_stops_training_with_an_error(tmp_path, capsys):
 
 
 def test_finetune_checks_monitor_before_training(finished, tmp_path, capsys):
-    assert main(["finetune", str(finished), "--eps", "0.1", "--monitor", "-5", "--out", str(tmp_path / "ft"), "--quiet"]) == 2
+    assert (
+        main(["finetune", str(finished), "--eps", "0.1", "--monitor", "-5", "--out", str(tmp_path / "ft"), "--quiet"])
+        == 2
+    )
     assert "--monitor must be" in capsys.readouterr().err and not (tmp_path / "ft").exists()
 
 
 # ---------------------------------------------------------------- the Python API boundary of the attacks
+
 
 @pytest.fixture(scope="module")
 def bn_model():
@@ -234,12 +277,22 @@ def bn_model():
     from torch import nn
 
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 5))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)
+    )
 
 
-@pytest.mark.parametrize("spec", ["fgsm", "pgd:steps=2", "mifgsm:steps=2", "apgd-ce:steps=2", "apgd-t:steps=2,n_target_classes=1",
-                                  "square:queries=3"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "fgsm",
+        "pgd:steps=2",
+        "mifgsm:steps=2",
+        "apgd-ce:steps=2",
+        "apgd-t:steps=2,n_target_classes=1",
+        "square:queries=3",
+    ],
+)
 def test_attacks_refuse_bad_calls_and_leave_batchnorm_statistics_alone(bn_model, spec):
     import torch
 
@@ -248,13 +301,15 @@ def test_attacks_refuse_bad_calls_and_leave_batchnorm_statistics_alone(bn_model,
 
     attack = build_attack(spec, ThreatModel("linf", 0.3))
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 5, (6,))
-    bad = [((x * 255, y), "must lie in \\[0, 1\\]"),
-           ((torch.where(x > 0.5, float("nan"), x), y), "NaN"),
-           ((x[:, :, :, :4], y), "cannot take inputs of shape"),
-           ((torch.rand(6, 3, 8, 8), y), "cannot take inputs of shape"),
-           ((x.double(), y), "convert x"),
-           ((x, y + 5), "labels must be in \\[0, 4\\]"),
-           ((x, -y - 1), "labels must be class indices >= 0")]
+    bad = [
+        ((x * 255, y), "must lie in \\[0, 1\\]"),
+        ((torch.where(x > 0.5, float("nan"), x), y), "NaN"),
+        ((x[:, :, :, :4], y), "cannot take inputs of shape"),
+        ((torch.rand(6, 3, 8, 8), y), "cannot take inputs of shape"),
+        ((x.double(), y), "convert x"),
+        ((x, y + 5), "labels must be in \\[0, 4\\]"),
+        ((x, -y - 1), "labels must be class indices >= 0"),
+    ]
     for (xb, yb), message in bad:
         with pytest.raises(AdvtuneError, match=message):
             attack(bn_model, xb, yb)
@@ -279,23 +334,65 @@ def test_robust_accuracy_refuses_a_generator_that_is_not_one(bn_model):
     from advtune.threat import ThreatModel
 
     with pytest.raises(AdvtuneError, match="torch.Generator"):
-        robust_accuracy(bn_model, (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
-                        [build_attack("fgsm", ThreatModel("linf", 0.1))], generator=42)
+        robust_accuracy(
+            bn_model,
+            (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
+            [build_attack("fgsm", ThreatModel("linf", 0.1))],
+            generator=42,
+        )
 
 
 def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, tmp_path, capsys):
     import yaml
 
     ana = tmp_path / "ana"
-    assert main(["analyze", str(finished), "--eps", "0.2", "--criteria", "taylor", "--limit", "32",
-                 "--curve-limit", "0", "--out", str(ana), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(finished),
+                "--eps",
+                "0.2",
+                "--criteria",
+                "taylor",
+                "--limit",
+                "32",
+                "--curve-limit",
+                "0",
+                "--out",
+                str(ana),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     before = snapshot(ana)
-    assert main(["analyze", str(finished), "--eps", "0.2", "--attack", "no-such", "--out", str(ana),
-                 "--overwrite", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                str(finished),
+                "--eps",
+                "0.2",
+                "--attack",
+                "no-such",
+                "--out",
+                str(ana),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "unknown attack" in capsys.readouterr().err and snapshot(ana) == before
-    cfg = {"name": "t", "seed": 0, "threat": {"eps": 0.2}, "evaluation": {"attacks": "fgsm", "limit": 32},
-           "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
-           "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "fgsm"}]}
+    cfg = {
+        "name": "t",
+        "seed": 0,
+        "threat": {"eps": 0.2},
+        "evaluation": {"attacks": "fgsm", "limit": 32},
+        "base": {"dataset": "synthetic", "model": "small-cnn", "limit": 128, "limit_test": 32, "train": {"epochs": 1}},
+        "variants": [{"name": "ft", "kind": "finetune", "select": "all", "attack": "fgsm"}],
+    }
     path = tmp_path / "e.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "exp"

@@ -1,5 +1,6 @@
 """Selective training inside the one loop: bit-exact freezing, BN statistics, the everything==full
 identity, the overfitting guard, TRADES, and the finetune job."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -15,7 +16,6 @@ from advtune.data import TensorData
 from advtune.errors import AdvtuneError
 from advtune.models import Normalize
 from advtune.threat import ThreatModel
-from advtune.metrics import accuracy
 from advtune.train import OverfitGuard, TrainConfig, adversarial, clean, fit, trades
 
 THREAT = ThreatModel("linf", 0.1)
@@ -23,12 +23,25 @@ THREAT = ThreatModel("linf", 0.1)
 
 def bn_net(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(
-        normalize=Normalize([0.2], [0.3]),
-        net=nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(1, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-            conv2=nn.Conv2d(8, 16, 3, padding=1), bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-            flatten=nn.Flatten(), fc=nn.Linear(16 * 4 * 4, 4)))))
+    return nn.Sequential(
+        OrderedDict(
+            normalize=Normalize([0.2], [0.3]),
+            net=nn.Sequential(
+                OrderedDict(
+                    conv1=nn.Conv2d(1, 8, 3, padding=1),
+                    bn1=nn.BatchNorm2d(8),
+                    relu1=nn.ReLU(),
+                    pool1=nn.MaxPool2d(2),
+                    conv2=nn.Conv2d(8, 16, 3, padding=1),
+                    bn2=nn.BatchNorm2d(16),
+                    relu2=nn.ReLU(),
+                    pool2=nn.MaxPool2d(2),
+                    flatten=nn.Flatten(),
+                    fc=nn.Linear(16 * 4 * 4, 4),
+                )
+            ),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +83,9 @@ def test_frozen_tensors_stay_out_of_the_optimizer(train_data):
     sel = Selection.of(model, [Component("net.fc", None)])
     meter = CostMeter()
     fit(model, train_data, clean(), TrainConfig(epochs=1, batch_size=64), selection=sel, meter=meter)
-    assert meter.trainable_params == model.net.fc.weight.numel() + model.net.fc.bias.numel() == sel.trainable_params(model)
+    assert (
+        meter.trainable_params == model.net.fc.weight.numel() + model.net.fc.bias.numel() == sel.trainable_params(model)
+    )
     # selective training pays the same attack backward, but a smaller update step
     full = CostMeter()
     full.measure_model(bn_net(), (1, 16, 16))
@@ -124,13 +139,45 @@ def test_finetune_job_select_random_all_layers(tmp_path):
     from advtune.cli import main
 
     base = tmp_path / "std"
-    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "300",
-                 "--limit-test", "100", "--out", str(base), "--quiet"]) == 0
-    common = ["--eps", "0.1", "--epochs", "1", "--limit", "200", "--limit-test", "60", "--attack", "pgd:steps=2", "--quiet"]
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "1",
+                "--limit",
+                "300",
+                "--limit-test",
+                "100",
+                "--out",
+                str(base),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--eps",
+        "0.1",
+        "--epochs",
+        "1",
+        "--limit",
+        "200",
+        "--limit-test",
+        "60",
+        "--attack",
+        "pgd:steps=2",
+        "--quiet",
+    ]
     for select, extra in (("random", ["--share", "0.2"]), ("all", []), ("layers:net.conv2,net.fc2", [])):
         out = tmp_path / select.replace(":", "_").replace(",", "_")
         assert main(["finetune", str(base), "--select", select, "--out", str(out), *common, *extra]) == 0
         import json
+
         summary = json.loads((out / "summary.json").read_text())
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["objective"]["attack"].startswith("pgd") and "pgd10_acc_quick" in summary
@@ -143,18 +190,40 @@ def test_finetune_job_select_random_all_layers(tmp_path):
         assert summary["cost"]["update_grad_evals"] == 200 and summary["cost"]["attack_grad_evals"] >= 200 * 2
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--select", "random", "--share", "0"], "share"),
-    (["--select", "random", "--share", "1.5"], "share"),
-    (["--select", "nowhere/at/all"], "not all, random, layers"),
-    (["--attack", "trades:gamma=3"], "unknown TRADES parameter"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--select", "random", "--share", "0"], "share"),
+        (["--select", "random", "--share", "1.5"], "share"),
+        (["--select", "nowhere/at/all"], "not all, random, layers"),
+        (["--attack", "trades:gamma=3"], "unknown TRADES parameter"),
+    ],
+)
 def test_finetune_bad_input(argv, match, tmp_path, capsys):
     from advtune.cli import main
 
     base = tmp_path / "std"
-    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "100",
-                 "--limit-test", "20", "--out", str(base), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "1",
+                "--limit",
+                "100",
+                "--limit-test",
+                "20",
+                "--out",
+                str(base),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rc = main(["finetune", str(base), "--eps", "0.1", "--out", str(tmp_path / "ft"), "--quiet", *argv])
     assert rc == 2 and match in capsys.readouterr().err
 
@@ -205,9 +274,40 @@ def test_finetune_refuses_resume_with_other_settings_and_writing_into_base(tmp_p
     from advtune.cli import main
 
     base = tmp_path / "std"
-    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "100",
-                 "--limit-test", "20", "--out", str(base), "--quiet"]) == 0
-    args = ["finetune", str(base), "--eps", "0.1", "--attack", "pgd:steps=1", "--limit", "64", "--monitor", "0", "--quiet"]
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "1",
+                "--limit",
+                "100",
+                "--limit-test",
+                "20",
+                "--out",
+                str(base),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    args = [
+        "finetune",
+        str(base),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd:steps=1",
+        "--limit",
+        "64",
+        "--monitor",
+        "0",
+        "--quiet",
+    ]
     assert main(args + ["--select", "random", "--share", "0.2", "--out", str(tmp_path / "ft")]) == 0
     assert main(args + ["--select", "random", "--share", "0.5", "--out", str(tmp_path / "ft"), "--resume"]) == 2
     assert "different settings (share: 0.2 -> 0.5)" in capsys.readouterr().err

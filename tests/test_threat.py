@@ -1,4 +1,5 @@
 """ThreatModel: validation, projection, random starts, steps and the bound check."""
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ def _eps(norm: str) -> float:
 
 
 # ------------------------------------------------------------------ validation
+
 
 @pytest.mark.parametrize("eps", [0.0, -0.1])
 def test_eps_not_positive_is_rejected(eps):
@@ -59,6 +61,7 @@ def test_int_eps_is_stored_as_float_and_the_model_is_frozen():
 
 
 # ------------------------------------------------------------------ geometry
+
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_project_lands_in_ball_and_box_and_is_idempotent(norm, gen):

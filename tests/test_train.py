@@ -1,16 +1,17 @@
 """The one training loop: learning, schedules, costs, checkpoints and exact resume."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from advtune import filenames as files
 from advtune.cost import CostMeter
 from advtune.data import TensorData, load_dataset
 from advtune.errors import AdvtuneError
-from advtune.models import model_for
 from advtune.metrics import accuracy
-from advtune.train import CHECKPOINT_FILE, TrainConfig, adversarial, clean, fit, lr_at
+from advtune.models import model_for
+from advtune.train import TrainConfig, adversarial, clean, fit, lr_at
 from advtune.utils import atomic_write_bytes
 
 
@@ -51,7 +52,13 @@ class CountingAttack:
 
 def test_adversarial_cost_is_attack_plus_update(synth):
     meter = CostMeter()
-    fit(fresh(synth), synth.train.take(128), adversarial(CountingAttack()), TrainConfig(epochs=2, batch_size=64), meter=meter)
+    fit(
+        fresh(synth),
+        synth.train.take(128),
+        adversarial(CountingAttack()),
+        TrainConfig(epochs=2, batch_size=64),
+        meter=meter,
+    )
     # CostMeter counts exactly steps x (attack.grad_evals() + 1) per example
     assert meter.grad_evals == 2 * 128 * (3 + 1)
 
@@ -78,9 +85,16 @@ def test_lr_schedules(schedule):
         assert lrs[0] < lrs[39] and lrs[99] < lrs[60]
 
 
-@pytest.mark.parametrize("kwargs,match", [({"epochs": -1}, "epochs must be a non-negative"), ({"lr": -0.1}, "learning rate must be positive"),
-                                          ({"batch_size": 0}, "batch size"), ({"optimizer": "lbfgs"}, "unknown optimizer"),
-                                          ({"schedule": "exp"}, "unknown schedule")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"epochs": -1}, "epochs must be a non-negative"),
+        ({"lr": -0.1}, "learning rate must be positive"),
+        ({"batch_size": 0}, "batch size"),
+        ({"optimizer": "lbfgs"}, "unknown optimizer"),
+        ({"schedule": "exp"}, "unknown schedule"),
+    ],
+)
 def test_bad_train_config(kwargs, match):
     with pytest.raises(AdvtuneError, match=match):
         TrainConfig(**kwargs)
@@ -91,13 +105,22 @@ class Interrupt(Exception):
 
 
 def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
-    cfg = TrainConfig(epochs=3, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                      schedule="cosine", checkpoint_every=4)
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=64,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        checkpoint_every=4,
+    )
     full = fresh(synth)
     h_full = fit(full, synth.train, clean(), cfg)
 
     class Crash:
         """The clean objective, until the 15th step (mid epoch 2: 10 steps per epoch)."""
+
         name = "clean"
 
         def __init__(self):
@@ -114,7 +137,7 @@ def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
 
     with pytest.raises(Interrupt):
         fit(fresh(synth), synth.train, Crash(), cfg, checkpoint_dir=tmp_path)
-    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    assert (tmp_path / files.CHECKPOINT).is_file()
     resumed = fresh(synth, seed=99)  # different init: everything must come from the checkpoint
     h_res = fit(resumed, synth.train, clean(), cfg, checkpoint_dir=tmp_path, resume=True)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -125,15 +148,29 @@ def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
 def test_resume_with_other_config_is_refused(synth, tmp_path):
     fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=1, batch_size=32), checkpoint_dir=tmp_path)
     with pytest.raises(AdvtuneError, match="different config .*lr"):
-        fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=2, batch_size=32, lr=0.5), checkpoint_dir=tmp_path, resume=True)
+        fit(
+            fresh(synth),
+            synth.train.take(64),
+            clean(),
+            TrainConfig(epochs=2, batch_size=32, lr=0.5),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
 
 
 def test_truncated_checkpoint_is_refused(synth, tmp_path):
     fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=1, batch_size=32), checkpoint_dir=tmp_path)
-    p = tmp_path / CHECKPOINT_FILE
+    p = tmp_path / files.CHECKPOINT
     p.write_bytes(p.read_bytes()[:500])
     with pytest.raises(AdvtuneError, match="truncated or corrupt"):
-        fit(fresh(synth), synth.train.take(64), clean(), TrainConfig(epochs=2, batch_size=32), checkpoint_dir=tmp_path, resume=True)
+        fit(
+            fresh(synth),
+            synth.train.take(64),
+            clean(),
+            TrainConfig(epochs=2, batch_size=32),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
 
 
 def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
@@ -161,12 +198,18 @@ def test_steps_ends_mid_epoch_and_on_step_sees_every_step(synth):
     seen = []
     meter = CostMeter()
     cfg = TrainConfig(epochs=5, batch_size=60, steps=13, schedule="ssfd", lr=1e-2)
-    hist = fit(fresh(synth), synth.train, clean(), cfg, meter=meter,
-               on_step=lambda m, step, mt: seen.append((step, mt.grad_evals, m.training)))
+    hist = fit(
+        fresh(synth),
+        synth.train,
+        clean(),
+        cfg,
+        meter=meter,
+        on_step=lambda m, step, mt: seen.append((step, mt.grad_evals, m.training)),
+    )
     assert [s for s, _, _ in seen] == list(range(1, 14))
     assert [g for _, g, _ in seen] == [60 * s for s in range(1, 14)]
     assert all(training for _, _, training in seen)
-    assert meter.update_grad_evals == 13 * 60 and len(hist.epochs) == 2   # 10 steps per epoch: 10 + 3
+    assert meter.update_grad_evals == 13 * 60 and len(hist.epochs) == 2  # 10 steps per epoch: 10 + 3
     # slow start, fast decay: linear rise over the first 10% of steps, then linear decay to 0
     lrs = [lr_at(cfg, s, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2) and lrs[99] == pytest.approx(1e-2 / 90)
@@ -209,27 +252,29 @@ def test_local_objective_runs_only_the_block_and_counts_partial_passes(synth):
     hook = model.net.fc1.register_forward_hook(lambda *a: ran.append(1))
     feats = forward_to(model, "net.pool1", x)
     hook.remove()
-    assert not ran and feats.shape == (64, 32, 8, 8)          # fc1 never ran
+    assert not ran and feats.shape == (64, 32, 8, 8)  # fc1 never ran
     threat = ThreatModel("linf", 0.2)
     obj = local_feature(model, "net.pool1", threat, steps=3)
     frac = obj.block_fraction(model, x[:1])
-    assert 0 < frac < 0.5                                       # conv1 is a small share of small-cnn's FLOPs
+    assert 0 < frac < 0.5  # conv1 is a small share of small-cnn's FLOPs
 
     def gap(m):
         out = obj(m, x, y, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            return float((forward_to(m, "net.pool1", out["x_adv"]) - forward_to(obj.reference, "net.pool1", x)).pow(2).mean())
+            return float(
+                (forward_to(m, "net.pool1", out["x_adv"]) - forward_to(obj.reference, "net.pool1", x)).pow(2).mean()
+            )
 
     before = gap(model)
     meter = CostMeter()
     sel = Selection.of(model, ["net.conv1"])
     hist = fit(model, synth.train, obj, TrainConfig(epochs=2, batch_size=64, lr=3e-3), selection=sel, meter=meter)
-    assert gap(model) < 0.85 * before                          # (one conv layer can only do so much)
+    assert gap(model) < 0.85 * before  # (one conv layer can only do so much)
     n = 2 * 600
     assert meter.attack_grad_evals == 0 and meter.update_grad_evals == 0
-    assert meter.partial_passes == n * (3 + 2)                  # 3 attack steps + adversarial and clean terms
+    assert meter.partial_passes == n * (3 + 2)  # 3 attack steps + adversarial and clean terms
     assert meter.grad_evals == round(n * 5 * frac) < n * 5
-    assert hist.last["train_acc"] is None                       # no logits: no accuracy to report
+    assert hist.last["train_acc"] is None  # no logits: no accuracy to report
 
 
 def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, caplog, monkeypatch):
@@ -237,7 +282,7 @@ def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, cap
 
     import advtune.utils as utils
 
-    monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)      # every step, for the test (30 s in real runs)
+    monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)  # every step, for the test (30 s in real runs)
     monkeypatch.setattr(utils, "_progress_disabled", False)  # an earlier CLI test may have run with --quiet
     monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: False, raising=False)
     with caplog.at_level(logging.INFO, logger="advtune.progress"):

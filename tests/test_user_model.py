@@ -1,5 +1,6 @@
 """Your own model on the command line: --model file.py:factory / package.module:factory (+ --weights),
 rebuilt from the run by every command, the file's hash checked; bad specs are one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import advtune
 from advtune.cli import main
 
-NETS = '''
+NETS = """
 import torch
 from torch import nn
 
@@ -31,12 +32,27 @@ def three_outputs():
 
 def not_a_module():
     return "model"
-'''
+"""
 
 
 def _train(out, model, *extra):
-    return ["train", "--dataset", "synthetic", "--model", model, "--epochs", "1", "--limit", "300",
-            "--limit-test", "100", "--out", str(out), "--quiet", *extra]
+    return [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        model,
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--limit-test",
+        "100",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -52,11 +68,50 @@ def test_a_factory_model_trains_and_every_command_rebuilds_it(nets, tmp_path, ca
     meta = json.loads((run / "model.json").read_text())
     assert meta["factory"]["file"] == str(nets) and len(meta["factory"]["sha256"]) == 64
     assert main(["evaluate", str(run), "--eps", "0.1", "--attacks", "fgsm", "--limit", "50", "--quiet"]) == 0
-    assert main(["analyze", str(run), "--eps", "0.1", "--out", str(tmp_path / "an"), "--limit", "100",
-                 "--curve-limit", "50", "--criteria", "taylor", "--quiet"]) == 0
-    assert main(["finetune", str(run), "--eps", "0.1", "--select", str(tmp_path / "an"), "--share", "0.2",
-                 "--out", str(tmp_path / "ft"), "--limit", "200", "--monitor", "0", "--eps-warmup", "0.3",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(run),
+                "--eps",
+                "0.1",
+                "--out",
+                str(tmp_path / "an"),
+                "--limit",
+                "100",
+                "--curve-limit",
+                "50",
+                "--criteria",
+                "taylor",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                str(run),
+                "--eps",
+                "0.1",
+                "--select",
+                str(tmp_path / "an"),
+                "--share",
+                "0.2",
+                "--out",
+                str(tmp_path / "ft"),
+                "--limit",
+                "200",
+                "--monitor",
+                "0",
+                "--eps-warmup",
+                "0.3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     loaded = advtune.load_model(tmp_path / "ft")
     assert type(loaded).__name__ == "Sequential" and isinstance(loaded[1], torch.nn.BatchNorm2d)
     # the file changes: every command refuses the run, in one line
@@ -71,8 +126,12 @@ def test_weights_with_zero_epochs_record_the_model_as_it_is(nets, tmp_path):
     model = advtune.models.build_from_factory("nets.py:make", (1, 16, 16), 4)
     torch.nn.init.constant_(model[0].bias, 0.25)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    assert main(_train(tmp_path / "imported", "nets.py:make", "--weights", str(tmp_path / "w.safetensors"),
-                       "--epochs", "0")) == 0
+    assert (
+        main(
+            _train(tmp_path / "imported", "nets.py:make", "--weights", str(tmp_path / "w.safetensors"), "--epochs", "0")
+        )
+        == 0
+    )
     saved = load_file(str(tmp_path / "imported" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
@@ -87,20 +146,23 @@ def test_a_package_module_factory(nets, tmp_path):
     assert meta["factory"]["module"] == "mypkg.arch" and len(meta["factory"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("missing.py:make", "no such file"),
-    ("nets.py:nothere", "has no function 'nothere'; it has: make, no_args"),
-    ("nets.py:raises", "the factory raised ValueError: bad width"),
-    ("nets.py:three_outputs", "returns 3 outputs per example but the data has 4 classes"),
-    ("nets.py:not_a_module", "returned str, not a torch.nn.Module"),
-    ("nets.py:", "write path/to/file.py:factory"),
-    ("nomodule.sub:make", "no module 'nomodule.sub' on the Python path"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing.py:make", "no such file"),
+        ("nets.py:nothere", "has no function 'nothere'; it has: make, no_args"),
+        ("nets.py:raises", "the factory raised ValueError: bad width"),
+        ("nets.py:three_outputs", "returns 3 outputs per example but the data has 4 classes"),
+        ("nets.py:not_a_module", "returned str, not a torch.nn.Module"),
+        ("nets.py:", "write path/to/file.py:factory"),
+        ("nomodule.sub:make", "no module 'nomodule.sub' on the Python path"),
+    ],
+)
 def test_bad_model_specs_are_one_line_errors(nets, tmp_path, capsys, spec, message):
     assert main(_train(tmp_path / "bad", spec)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-    assert not (tmp_path / "bad").exists()   # nothing written
+    assert not (tmp_path / "bad").exists()  # nothing written
 
 
 def test_a_plain_user_model_saved_without_a_factory_says_how_to_load_it(tmp_path):

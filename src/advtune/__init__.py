@@ -8,6 +8,7 @@
 See docs/api.md. Names are imported on first use, so `import advtune` (and `advtune --help`) does
 not load torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,21 +19,46 @@ __version__ = "0.1.0"
 # public name -> module that defines it (one home each)
 _EXPORTS = {
     # the four jobs, for any nn.Module and any (x, y) data
-    "evaluate": "api", "analyze": "api", "harden": "api", "fit": "api",
-    "VulnerabilityMap": "api", "load_model": "api", "save_model": "api",
+    "evaluate": "api",
+    "analyze": "api",
+    "harden": "api",
+    "fit": "api",
+    "VulnerabilityMap": "api",
+    "load_model": "api",
+    "save_model": "api",
     # results and settings
-    "EvalResult": "evaluation", "suite": "evaluation", "eps_curve": "evaluation",
-    "HardenResult": "hardening", "Recipe": "hardening",
-    "TrainConfig": "train", "History": "train", "clean": "train", "adversarial": "train", "trades": "train",
-    "ScoreTable": "vulnerability", "ConcentrationCurve": "vulnerability",
-    "Selection": "components", "Component": "components",
+    "EvalResult": "evaluation",
+    "suite": "evaluation",
+    "eps_curve": "evaluation",
+    "HardenResult": "hardening",
+    "Recipe": "hardening",
+    "TrainConfig": "train",
+    "History": "train",
+    "clean": "train",
+    "adversarial": "train",
+    "trades": "train",
+    "ScoreTable": "vulnerability",
+    "ConcentrationCurve": "vulnerability",
+    "Selection": "components",
+    "Component": "components",
     # threat model and attacks
     "ThreatModel": "threat",
-    "Attack": "attacks", "FGSM": "attacks", "PGD": "attacks", "MIFGSM": "attacks", "APGD": "attacks",
-    "APGDT": "attacks", "Square": "attacks", "build_attack": "attacks", "list_attacks": "attacks",
+    "Attack": "attacks",
+    "FGSM": "attacks",
+    "PGD": "attacks",
+    "MIFGSM": "attacks",
+    "APGD": "attacks",
+    "APGDT": "attacks",
+    "Square": "attacks",
+    "build_attack": "attacks",
+    "list_attacks": "attacks",
     # data and models
-    "load_dataset": "data", "list_datasets": "data", "Dataset": "data", "TensorData": "data",
-    "build_model": "models", "list_models": "models",
+    "load_dataset": "data",
+    "list_datasets": "data",
+    "Dataset": "data",
+    "TensorData": "data",
+    "build_model": "models",
+    "list_models": "models",
     "AdvtuneError": "errors",
 }
 
@@ -44,7 +70,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'advtune' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value   # later lookups are plain attribute reads
+    globals()[name] = value  # later lookups are plain attribute reads
     return value
 
 

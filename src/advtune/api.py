@@ -8,6 +8,7 @@ goes through one input adapter (`advtune.inputs`), so mistakes are one-line `Adv
 These functions leave the model in the mode they found it, and (except `fit`) never change its
 weights: `harden` returns a hardened copy.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -60,13 +61,16 @@ def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> l
     built = [attacks] if not isinstance(attacks, (list, tuple)) else list(attacks)
     for a in built:
         if isinstance(getattr(a, "threat", None), ThreatModel) and a.threat != threat:
-            raise AdvtuneError(f"attack {getattr(a, 'spec', a)!r} was built for {a.threat}, but eps/norm say {threat}; "
-                               "build it with ThreatModel.linf(eps) (or pass attacks by name)")
+            raise AdvtuneError(
+                f"attack {getattr(a, 'spec', a)!r} was built for {a.threat}, but eps/norm say {threat}; "
+                "build it with ThreatModel.linf(eps) (or pass attacks by name)"
+            )
     return built
 
 
-def _take(model: nn.Module, data: Any, limit: int | None, what: str, threat: ThreatModel | None = None,
-          batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+def _take(
+    model: nn.Module, data: Any, limit: int | None, what: str, threat: ThreatModel | None = None, batch_size: int = 1024
+) -> tuple[Tensor, Tensor]:
     """The first `limit` examples of `data` as validated tensors on the model's device."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
@@ -75,7 +79,7 @@ def _take(model: nn.Module, data: Any, limit: int | None, what: str, threat: Thr
     xs, ys, n = [], [], 0
     for x, y in batches(data, batch_size, lower=lower, upper=upper, what=what):
         if limit is not None:
-            x, y = x[:limit - n], y[:limit - n]
+            x, y = x[: limit - n], y[: limit - n]
         xs.append(x.to(device=device, dtype=dtype))
         ys.append(y.to(device=device, dtype=torch.long))
         n += len(y)
@@ -88,9 +92,20 @@ def _take(model: nn.Module, data: Any, limit: int | None, what: str, threat: Thr
 
 # ---------------------------------------------------------------- evaluate
 
-def evaluate(model: nn.Module, data: Any, *, eps: float, norm: str = "linf",
-             attacks: str | Attack | Sequence[Attack] = "standard", limit: int | None = 1000, batch_size: int = 256,
-             seed: int = 0, cascade: bool = True, gate: bool = True) -> EvalResult:
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attacks: str | Attack | Sequence[Attack] = "standard",
+    limit: int | None = 1000,
+    batch_size: int = 256,
+    seed: int = 0,
+    cascade: bool = True,
+    gate: bool = True,
+) -> EvalResult:
     """Clean and worst-case robust accuracy of `model` on `data` (an advtune Dataset: its test split).
 
     attacks: "standard" (APGD-CE, APGD-T, Square: AutoAttack without FAB), "quick" (FGSM, PGD-20),
@@ -100,12 +115,20 @@ def evaluate(model: nn.Module, data: Any, *, eps: float, norm: str = "linf",
     findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
     """
     threat = _threat(eps, norm)
-    return robust_accuracy(model, resolve_split(data, "test"), _attacks(attacks, threat), batch_size=batch_size,
-                           generator=make_generator(seed, model_device(model)), limit=limit, cascade=cascade,
-                           gate=gate)
+    return robust_accuracy(
+        model,
+        resolve_split(data, "test"),
+        _attacks(attacks, threat),
+        batch_size=batch_size,
+        generator=make_generator(seed, model_device(model)),
+        limit=limit,
+        cascade=cascade,
+        gate=gate,
+    )
 
 
 # ---------------------------------------------------------------- analyze
+
 
 @dataclass
 class VulnerabilityMap:
@@ -122,7 +145,7 @@ class VulnerabilityMap:
     n_examples: int
     clean_accuracy: float
     adversarial_accuracy: float
-    grad_evals: int                              # counted: attack + scoring + curve
+    grad_evals: int  # counted: attack + scoring + curve
     curve: ConcentrationCurve | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -139,14 +162,21 @@ class VulnerabilityMap:
         """Per layer: units, the layer's summed and mean score, its share of the total, top units."""
         return layer_scores(self.table)
 
-    def select(self, share: float | None = None, *, params: int | float | None = None, granularity: str = "unit",
-               per_layer: bool = False) -> Selection:
+    def select(
+        self,
+        share: float | None = None,
+        *,
+        params: int | float | None = None,
+        granularity: str = "unit",
+        per_layer: bool = False,
+    ) -> Selection:
         """The most vulnerable components: the top `share` of them, or as many as fit in `params`
         trainable parameters (a count, or a share < 1 of the model's). granularity="layer" picks
         whole layers (best summed score first) within `params`."""
         if (share is None) == (params is None):
-            raise AdvtuneError("select needs exactly one of share=... (of the components) or params=... (a parameter "
-                               "budget)")
+            raise AdvtuneError(
+                "select needs exactly one of share=... (of the components) or params=... (a parameter budget)"
+            )
         model = self._model_for("select")
         if granularity not in ("unit", "layer"):
             raise AdvtuneError(f"granularity must be 'unit' or 'layer', got {granularity!r}")
@@ -169,16 +199,34 @@ class VulnerabilityMap:
         return self.model
 
     def to_json(self) -> dict[str, Any]:
-        return {"threat": self.threat.to_json(), "attack": self.attack, "criterion": self.criterion,
-                "n_examples": self.n_examples, "clean_accuracy": self.clean_accuracy,
-                "adversarial_accuracy": self.adversarial_accuracy, "grad_evals": self.grad_evals,
-                "scores": self.table.to_json(), "curve": self.curve.to_json() if self.curve else None,
-                "params": model_params(self.model) if self.model is not None else None}
+        return {
+            "threat": self.threat.to_json(),
+            "attack": self.attack,
+            "criterion": self.criterion,
+            "n_examples": self.n_examples,
+            "clean_accuracy": self.clean_accuracy,
+            "adversarial_accuracy": self.adversarial_accuracy,
+            "grad_evals": self.grad_evals,
+            "scores": self.table.to_json(),
+            "curve": self.curve.to_json() if self.curve else None,
+            "params": model_params(self.model) if self.model is not None else None,
+        }
 
 
-def analyze(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", attack: str | Attack = "pgd:steps=10",
-            criterion: str = "taylor", limit: int | None = 1000, curve: bool = True,
-            shares: Sequence[float] = DEFAULT_SHARES, batch_size: int = 256, seed: int = 0) -> VulnerabilityMap:
+def analyze(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attack: str | Attack = "pgd:steps=10",
+    criterion: str = "taylor",
+    limit: int | None = 1000,
+    curve: bool = True,
+    shares: Sequence[float] = DEFAULT_SHARES,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> VulnerabilityMap:
     """Score every conv channel and linear unit of `model` by how much it carries the adversarial
     perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
     evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
@@ -195,15 +243,27 @@ def analyze(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", atta
         crv = concentration_curve(model, (x, y, x_adv), None, table, shares, batch_size=batch_size) if curve else None
     clean_ok = correct(model, x, y, batch_size).float().mean().item()
     adv_ok = correct(model, x_adv, y, batch_size).float().mean().item()
-    return VulnerabilityMap(table, threat, getattr(atk, "spec", type(atk).__name__), len(x), clean_ok, adv_ok,
-                            counter.take()[0], crv, model)
+    return VulnerabilityMap(
+        table, threat, getattr(atk, "spec", type(atk).__name__), len(x), clean_ok, adv_ok, counter.take()[0], crv, model
+    )
 
 
 # ---------------------------------------------------------------- harden and fit
 
-def harden(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", test: Any = None,
-           budget: int | None = None, recipe: Recipe | None = None, evaluation: str = PROTOCOL,
-           limit_test: int = 1000, seed: int = 0) -> HardenResult:
+
+def harden(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+    test: Any = None,
+    budget: int | None = None,
+    recipe: Recipe | None = None,
+    evaluation: str = PROTOCOL,
+    limit_test: int = 1000,
+    seed: int = 0,
+) -> HardenResult:
     """Analyse, select the most vulnerable layers within 5% of the parameters, adversarially
     fine-tune only those for `budget` gradient evaluations (default: two passes over the data), and
     evaluate before and after with the strong protocol on `test` (an advtune Dataset gives both:
@@ -212,22 +272,48 @@ def harden(model: nn.Module, data: Any, *, eps: float, norm: str = "linf", test:
     train = resolve_split(data, "train")
     if test is None and isinstance(data, Dataset):
         test = data.test
-    return _harden(model, train, resolve_split(test, "test") if test is not None else None, eps=eps, norm=norm,
-                   recipe=recipe or Recipe(), budget=budget, evaluation=evaluation, test_limit=limit_test, seed=seed)
+    return _harden(
+        model,
+        train,
+        resolve_split(test, "test") if test is not None else None,
+        eps=eps,
+        norm=norm,
+        recipe=recipe or Recipe(),
+        budget=budget,
+        evaluation=evaluation,
+        test_limit=limit_test,
+        seed=seed,
+    )
 
 
-def fit(model: nn.Module, data: Any, objective: Objective | None = None, config: TrainConfig | None = None, *,
-        selection: Selection | None = None, val: Any = None, **kwargs: Any) -> History:
+def fit(
+    model: nn.Module,
+    data: Any,
+    objective: Objective | None = None,
+    config: TrainConfig | None = None,
+    *,
+    selection: Selection | None = None,
+    val: Any = None,
+    **kwargs: Any,
+) -> History:
     """Train `model` in place (advtune's one training loop) and return its per-epoch history.
 
     objective: `clean()` (default), `adversarial(PGD(ThreatModel.linf(0.3), steps=10), eps_warmup=0.3)`,
     `trades(threat)`. selection: train only these components (every other weight stays bit-exact).
     Further keywords go to `advtune.train.fit` (checkpoint_dir, resume, meter, callbacks, ...)."""
-    return _fit(model, resolve_split(data, "train"), objective, config, selection=selection,
-                val=resolve_split(val, "test") if val is not None else None, **kwargs)
+    return _fit(
+        model,
+        resolve_split(data, "train"),
+        objective,
+        config,
+        selection=selection,
+        val=resolve_split(val, "test") if val is not None else None,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------- models on disk
+
 
 def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write `model.safetensors` (weights only) and `model.json` into the folder `path`. A model from

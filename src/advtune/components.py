@@ -19,6 +19,7 @@ The output layer
     (:func:`enumerate_components`, :meth:`Selection.everything`) includes it by default, because
     a selection that trains "everything" must train the classifier too.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -43,6 +44,7 @@ _COMPONENT_RE = re.compile(r"^(?P<module>[^\[\]]*)(?:\[(?P<unit>\d+)\])?$")
 
 
 # ---------------------------------------------------------------- Component
+
 
 @dataclass(frozen=True)
 class Component:
@@ -92,8 +94,9 @@ class Component:
             raise AdvtuneError(f"a component is written as 'module[unit]' or 'module', got {text!r}")
         m = _COMPONENT_RE.match(text.strip())
         if m is None:
-            raise AdvtuneError(f"cannot parse component {text!r}; write it as 'net.conv1[17]' (one unit) "
-                               "or 'net.conv1' (whole layer)")
+            raise AdvtuneError(
+                f"cannot parse component {text!r}; write it as 'net.conv1[17]' (one unit) or 'net.conv1' (whole layer)"
+            )
         unit = m.group("unit")
         return cls(m.group("module"), None if unit is None else int(unit))
 
@@ -103,6 +106,7 @@ def parse_component(text: str) -> Component:
 
 
 # ---------------------------------------------------------------- layers
+
 
 def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear))
@@ -138,8 +142,10 @@ def layers(model: nn.Module, *, include_output: bool = True) -> list[tuple[str, 
     """
     found = _all_layers(model)
     if not found:
-        raise AdvtuneError(f"{type(model).__name__} has no Conv2d or Linear layer, so it has no components to "
-                           "score or select; advtune works on CNNs/MLPs built from nn.Conv2d and nn.Linear")
+        raise AdvtuneError(
+            f"{type(model).__name__} has no Conv2d or Linear layer, so it has no components to "
+            "score or select; advtune works on CNNs/MLPs built from nn.Conv2d and nn.Linear"
+        )
     return found if include_output else found[:-1]
 
 
@@ -157,8 +163,9 @@ def fingerprint(model: nn.Module) -> list[tuple[str, int]]:
     return [(name, unit_count(m)) for name, m in layers(model)]
 
 
-def enumerate_components(model: nn.Module, granularity: Granularity = "unit", *,
-                         include_output: bool = True) -> list[Component]:
+def enumerate_components(
+    model: nn.Module, granularity: Granularity = "unit", *, include_output: bool = True
+) -> list[Component]:
     """Every component of the model in layer order: one per unit (``"unit"``, alias ``"channel"``) or
     one per layer (``"layer"``, ``unit=None``). ``include_output=False`` leaves out the output layer."""
     if granularity not in _GRANULARITIES:
@@ -170,6 +177,7 @@ def enumerate_components(model: nn.Module, granularity: Granularity = "unit", *,
 
 
 # ---------------------------------------------------------------- tracing / BatchNorm followers
+
 
 @dataclass(frozen=True)
 class Trace:
@@ -258,6 +266,7 @@ def followers(model: nn.Module, example_input: torch.Tensor | None = None) -> di
 
 # ---------------------------------------------------------------- Selection
 
+
 def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
@@ -315,16 +324,22 @@ class Selection:
             mine = dict(self.fingerprint)
             theirs = dict(fingerprint(model))
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:4]
-            raise AdvtuneError("selection was made for a different model (its layers/unit counts differ, e.g. "
-                               f"{diff}); re-run the vulnerability analysis on this model")
+            raise AdvtuneError(
+                "selection was made for a different model (its layers/unit counts differ, e.g. "
+                f"{diff}); re-run the vulnerability analysis on this model"
+            )
         for c in self.components:
             if c.module not in found:
-                raise AdvtuneError(f"selection names {c.module!r}, which is not a Conv2d/Linear layer of this "
-                                   f"model (layers: {', '.join(list(found)[:8])}{', ...' if len(found) > 8 else ''}); "
-                                   "the selection was made for a different model")
+                raise AdvtuneError(
+                    f"selection names {c.module!r}, which is not a Conv2d/Linear layer of this "
+                    f"model (layers: {', '.join(list(found)[:8])}{', ...' if len(found) > 8 else ''}); "
+                    "the selection was made for a different model"
+                )
             if c.unit is not None and c.unit >= unit_count(found[c.module]):
-                raise AdvtuneError(f"selection names unit {c} but {c.module} has only {unit_count(found[c.module])} "
-                                   "units; the selection was made for a different model")
+                raise AdvtuneError(
+                    f"selection names unit {c} but {c.module} has only {unit_count(found[c.module])} "
+                    "units; the selection was made for a different model"
+                )
 
     def units(self, model: nn.Module) -> dict[str, list[int]]:
         """``{layer: sorted selected unit indices}``; whole-layer components expand to all units."""
@@ -414,14 +429,18 @@ class Selection:
     def from_json(cls, data: Mapping[str, Any], model: nn.Module | None = None) -> Selection:
         """Inverse of :meth:`to_json`; with ``model``, also :meth:`validate` against it."""
         if not isinstance(data, Mapping) or data.get("format") != SELECTION_FORMAT or "components" not in data:
-            raise AdvtuneError(f"not an advtune selection (expected a JSON object with format {SELECTION_FORMAT!r} "
-                               "and components); re-create it with Selection.to_json()")
+            raise AdvtuneError(
+                f"not an advtune selection (expected a JSON object with format {SELECTION_FORMAT!r} "
+                "and components); re-create it with Selection.to_json()"
+            )
         fp = data.get("fingerprint")
         try:
             fp_t = None if fp is None else tuple((str(n), int(u)) for n, u in fp)
         except (TypeError, ValueError):
-            raise AdvtuneError("selection JSON has a malformed fingerprint (expected [[layer, units], ...]); "
-                               "re-create it with Selection.to_json()") from None
+            raise AdvtuneError(
+                "selection JSON has a malformed fingerprint (expected [[layer, units], ...]); "
+                "re-create it with Selection.to_json()"
+            ) from None
         sel = cls(frozenset(Component.parse(c) for c in data["components"]), fp_t)
         if model is not None:
             sel.validate(model)
@@ -454,8 +473,7 @@ def everything(model: nn.Module) -> Selection:
     return Selection.everything(model)
 
 
-def select_layers_by_name(model: nn.Module, names: Sequence[str] | str, *,
-                          include_output: bool = True) -> list[str]:
+def select_layers_by_name(model: nn.Module, names: Sequence[str] | str, *, include_output: bool = True) -> list[str]:
     """Resolve layer names or glob patterns (``"net.layer4.*"``) to layer names, in model order."""
     if isinstance(names, str):
         names = [names]

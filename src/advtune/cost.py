@@ -5,6 +5,7 @@ training step costs 1; PGD-k adversarial training costs k (attack) + 1 (the upda
 Attack backward passes need only input gradients, but they still run through every layer, frozen or
 not: selective fine-tuning saves only in the parameter-gradient share, which the FLOPs split shows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,17 +22,17 @@ from torch import Tensor, nn
 @dataclass
 class CostMeter:
     wall_s: float = 0.0
-    examples: int = 0                 # examples that went through a training update
-    attack_grad_evals: int = 0        # example-passes of forward+backward for input gradients (attacks)
-    update_grad_evals: int = 0        # example-passes of forward+backward for parameter updates
-    forward_evals: int = 0            # forward-only example-passes (evaluation, checks)
-    partial_passes: int = 0           # example-passes (forward+backward) through an early block only
-    partial_grad_evals: float = 0.0   # the same in full-network equivalents (passes x the block's FLOPs share)
+    examples: int = 0  # examples that went through a training update
+    attack_grad_evals: int = 0  # example-passes of forward+backward for input gradients (attacks)
+    update_grad_evals: int = 0  # example-passes of forward+backward for parameter updates
+    forward_evals: int = 0  # forward-only example-passes (evaluation, checks)
+    partial_passes: int = 0  # example-passes (forward+backward) through an early block only
+    partial_grad_evals: float = 0.0  # the same in full-network equivalents (passes x the block's FLOPs share)
     trainable_params: int = 0
     total_params: int = 0
-    flops_forward: float = 0.0        # per example, measured once with torch.utils.flop_counter
-    flops_attack_step: float = 0.0    # per example: forward + input-gradient backward
-    flops_update_step: float = 0.0    # per example: forward + backward for the trainable parameters
+    flops_forward: float = 0.0  # per example, measured once with torch.utils.flop_counter
+    flops_attack_step: float = 0.0  # per example: forward + input-gradient backward
+    flops_update_step: float = 0.0  # per example: forward + backward for the trainable parameters
     peak_memory_bytes: int = 0
     device: str = "cpu"
     phases: dict = field(default_factory=dict)
@@ -72,8 +73,12 @@ class CostMeter:
 
     @property
     def flops(self) -> float:
-        return (self.attack_grad_evals * self.flops_attack_step + self.update_grad_evals * self.flops_update_step
-                + self.forward_evals * self.flops_forward + self.partial_grad_evals * self.flops_attack_step)
+        return (
+            self.attack_grad_evals * self.flops_attack_step
+            + self.update_grad_evals * self.flops_update_step
+            + self.forward_evals * self.flops_forward
+            + self.partial_grad_evals * self.flops_attack_step
+        )
 
     # ------------------------------------------------------------ measuring
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -111,7 +116,9 @@ class CostMeter:
 
     def _update_memory(self) -> None:
         if self.device.startswith("cuda") and torch.cuda.is_available():
-            self.peak_memory_bytes = max(self.peak_memory_bytes, int(torch.cuda.max_memory_allocated(torch.device(self.device))))
+            self.peak_memory_bytes = max(
+                self.peak_memory_bytes, int(torch.cuda.max_memory_allocated(torch.device(self.device)))
+            )
         else:
             # process peak RSS (KiB on Linux, bytes on macOS): an upper bound for this run on CPU
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -7,6 +7,7 @@ Lookup order for the named sets: `data_dir` (CLI `--data-dir`), `$ADVTUNE_DATA`,
 (`$XDG_CACHE_HOME/advtune` or `~/.cache/advtune`), a `shared/data` folder beside the checkout, then
 a download from the official mirrors with md5 verification into the first writable of those.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -70,9 +71,18 @@ class TensorData:
         """The whole split as float [0,1] images and labels."""
         return self.to_float(self.x, device), self.y.to(device) if device is not None else self.y
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False, device: torch.device | None = None, start: int = 0,
-                rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        device: torch.device | None = None,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Float [0,1] batches on `device`. One gather per batch: no per-sample Python.
 
         `start` skips the first batches (resume mid-epoch with the same permutation). With
@@ -84,10 +94,12 @@ class TensorData:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         if world_size > 1:
             per_rank = n // world_size
-            order = order[rank * per_rank:(rank + 1) * per_rank] if not shuffle else order[rank::world_size][:per_rank]
+            order = (
+                order[rank * per_rank : (rank + 1) * per_rank] if not shuffle else order[rank::world_size][:per_rank]
+            )
         count = num_batches(len(order), batch_size, drop_last)
         for b in range(start, count):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             yield self.to_float(self.x[idx], device), self.y[idx].to(device) if device is not None else self.y[idx]
 
 
@@ -126,15 +138,24 @@ class Dataset:
         if k >= n:
             raise AdvtuneError(f"validation size {k} leaves no training data (train has {n}); use a smaller --val")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return replace(self, train=self.train.index(perm[k:].sort().values), val=self.train.index(perm[:k].sort().values))
+        return replace(
+            self, train=self.train.index(perm[k:].sort().values), val=self.train.index(perm[:k].sort().values)
+        )
 
     def limit(self, train: int | None = None, test: int | None = None) -> "Dataset":
         return replace(self, train=self.train.take(train), test=self.test.take(test))
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "input_shape": list(self.input_shape),
-                "classes": self.classes, "train": len(self.train), "test": len(self.test),
-                "val": len(self.val) if self.val is not None else 0}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "input_shape": list(self.input_shape),
+            "classes": self.classes,
+            "train": len(self.train),
+            "test": len(self.test),
+            "val": len(self.val) if self.val is not None else 0,
+        }
+
 
 # ---------------------------------------------------------------- registry of named sets
 
@@ -155,30 +176,60 @@ class Spec:
     std: tuple[float, ...] | None = None
 
 
-_IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_IDX = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 SPECS: dict[str, Spec] = {
     "mnist": Spec(
         "mnist",
-        tuple(RemoteFile(n, m) for n, m in zip(_IDX, (
-            "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-            "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
+        tuple(
+            RemoteFile(n, m)
+            for n, m in zip(
+                _IDX,
+                (
+                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                    "d53e105ee54ea40749a09fcbcd1e9432",
+                    "9fb629c4189551a2d022fa330f9573f3",
+                    "ec29112dd5afa0611ce80d1b7f02629c",
+                ),
+            )
+        ),
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        tuple(str(i) for i in range(10)), (0.1307,), (0.3081,)),
+        tuple(str(i) for i in range(10)),
+        (0.1307,),
+        (0.3081,),
+    ),
     "fashion-mnist": Spec(
         "fashion-mnist",
-        tuple(RemoteFile(n, m) for n, m in zip(_IDX, (
-            "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-            "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
+        tuple(
+            RemoteFile(n, m)
+            for n, m in zip(
+                _IDX,
+                (
+                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                    "25c81989df183df01b3e8a0aad5dffbe",
+                    "bef4ecab320f06d8554ea6380940ec79",
+                    "bb300cfdad3c16e7a12a480ee83cd310",
+                ),
+            )
+        ),
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        (0.2860,), (0.3530,)),
+        (0.2860,),
+        (0.3530,),
+    ),
     "cifar10": Spec(
         "cifar10",
         (RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
         ("https://www.cs.toronto.edu/~kriz/",),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
 }
 DATASETS = tuple(SPECS) + ("synthetic",)
 
@@ -209,9 +260,17 @@ def cache_dir() -> Path:
     return Path(base) / "advtune"
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool | None = None,
-                 limit: int | None = None, limit_test: int | None = None, val: int | float = 0,
-                 seed: int = 0, mirrors: tuple[str, ...] | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool | None = None,
+    limit: int | None = None,
+    limit_test: int | None = None,
+    val: int | float = 0,
+    seed: int = 0,
+    mirrors: tuple[str, ...] | None = None,
+) -> Dataset:
     """Load a dataset by name or path. `limit`/`limit_test` take the first examples of each split;
     `val` holds out that many training examples (or a fraction) as a seeded validation split.
 
@@ -232,7 +291,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
         elif path.is_dir() and (path / "train").is_dir():
             ds = load_image_folder(path)
         elif path.suffix == ".npz" or os.sep in name:
-            raise AdvtuneError(f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/)")
+            raise AdvtuneError(
+                f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/)"
+            )
         else:
             raise AdvtuneError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
     ds = ds.limit(limit, limit_test)
@@ -268,9 +329,11 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 if lacking:
                     raise AdvtuneError(f"{key} in --data-dir is incomplete: {lacking}; add the missing file(s)")
         if not download:
-            raise AdvtuneError(f"--data-dir {root} does not hold {key} (expected {root / spec.folder}/ with "
-                               f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download")
-        target = _download_target(data_dir) / spec.folder   # download into the folder the user named
+            raise AdvtuneError(
+                f"--data-dir {root} does not hold {key} (expected {root / spec.folder}/ with "
+                f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download"
+            )
+        target = _download_target(data_dir) / spec.folder  # download into the folder the user named
         download_files(spec, target, mirrors)
         found = _read_if_present(key, target)
         if found is None:
@@ -290,11 +353,15 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             if lacking:
                 incomplete.append(lacking)
     if incomplete:
-        raise AdvtuneError(f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download")
+        raise AdvtuneError(
+            f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download"
+        )
     if not download:
-        raise AdvtuneError(f"{key} not found (looked in: {', '.join(looked) or ', '.join(map(str, roots))}); "
-                           f"put its files in <dir>/{spec.folder}/ and pass --data-dir <dir> or set ADVTUNE_DATA, "
-                           "or allow the download")
+        raise AdvtuneError(
+            f"{key} not found (looked in: {', '.join(looked) or ', '.join(map(str, roots))}); "
+            f"put its files in <dir>/{spec.folder}/ and pass --data-dir <dir> or set ADVTUNE_DATA, "
+            "or allow the download"
+        )
     target = _download_target(data_dir) / spec.folder
     download_files(spec, target, mirrors)
     found = _read_if_present(key, target)
@@ -304,7 +371,11 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
 
 
 def _required_files(key: str) -> list[str]:
-    return list(_IDX) if key in ("mnist", "fashion-mnist") else ["cifar10.npz | cifar-10-batches-py/ | cifar-10-python.tar.gz"]
+    return (
+        list(_IDX)
+        if key in ("mnist", "fashion-mnist")
+        else ["cifar10.npz | cifar-10-batches-py/ | cifar-10-python.tar.gz"]
+    )
 
 
 def _missing_files(key: str, folder: Path) -> list[str]:
@@ -344,8 +415,11 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
 
 
 def _download_target(data_dir) -> Path:
-    for cand in ([Path(data_dir)] if data_dir else []) + (
-            [Path(os.environ["ADVTUNE_DATA"])] if os.environ.get("ADVTUNE_DATA") else []) + [cache_dir()]:
+    for cand in (
+        ([Path(data_dir)] if data_dir else [])
+        + ([Path(os.environ["ADVTUNE_DATA"])] if os.environ.get("ADVTUNE_DATA") else [])
+        + [cache_dir()]
+    ):
         try:
             cand.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -353,6 +427,7 @@ def _download_target(data_dir) -> Path:
         if os.access(cand, os.W_OK):
             return cand
     raise AdvtuneError("no writable folder to download into; pass --data-dir <writable dir> or set ADVTUNE_DATA")
+
 
 # ---------------------------------------------------------------- download with verification
 
@@ -389,7 +464,11 @@ def download_files(spec: Spec, target: Path, mirrors: tuple[str, ...] | None = N
                 log.info("downloading %s", url)
                 with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
                     total = int(resp.headers.get("Content-Length") or 0) or None
-                    bar = progress(iter(lambda: resp.read(1 << 16), b""), desc=rf.name, total=(total // (1 << 16) + 1) if total else None)
+                    bar = progress(
+                        iter(lambda: resp.read(1 << 16), b""),
+                        desc=rf.name,
+                        total=(total // (1 << 16) + 1) if total else None,
+                    )
                     for chunk in bar:
                         out.write(chunk)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -399,13 +478,18 @@ def download_files(spec: Spec, target: Path, mirrors: tuple[str, ...] | None = N
             got = md5sum(tmp)
             if got != rf.md5:
                 tmp.unlink(missing_ok=True)
-                raise AdvtuneError(f"checksum mismatch for {url}: md5 {got}, expected {rf.md5}; the file was "
-                                   "refused and deleted: try another mirror (ADVTUNE_MIRROR) or download it by hand")
+                raise AdvtuneError(
+                    f"checksum mismatch for {url}: md5 {got}, expected {rf.md5}; the file was "
+                    "refused and deleted: try another mirror (ADVTUNE_MIRROR) or download it by hand"
+                )
             os.replace(tmp, dest)
             break
         else:
-            raise AdvtuneError(f"could not download {rf.name} ({'; '.join(errors)}); without network, put the "
-                               f"files in <dir>/{spec.folder}/ and pass --data-dir <dir>")
+            raise AdvtuneError(
+                f"could not download {rf.name} ({'; '.join(errors)}); without network, put the "
+                f"files in <dir>/{spec.folder}/ and pass --data-dir <dir>"
+            )
+
 
 # ---------------------------------------------------------------- file formats
 
@@ -427,14 +511,18 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(">" + "I" * ndim, raw[4:header])
     expected = int(np.prod(dims)) if dims else 0
     if len(raw) - header != expected:
-        raise AdvtuneError(f"{path} is truncated or padded: header says {expected} bytes of data, file has "
-                           f"{len(raw) - header}; delete it and download it again")
+        raise AdvtuneError(
+            f"{path} is truncated or padded: header says {expected} bytes of data, file has "
+            f"{len(raw) - header}; delete it and download it again"
+        )
     return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)  # writable copy
 
 
 def _pair(x: np.ndarray, y: np.ndarray, xpath, ypath, num_classes: int) -> TensorData:
     if len(x) != len(y):
-        raise AdvtuneError(f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels; the files belong to different sets")
+        raise AdvtuneError(
+            f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels; the files belong to different sets"
+        )
     if y.size and int(y.min()) < 0:
         raise AdvtuneError(f"{ypath} has a negative label ({int(y.min())}); labels must be 0..classes-1")
     if y.size and int(y.max()) >= num_classes:
@@ -460,7 +548,10 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
         return x
     if np.issubdtype(x.dtype, np.floating):
         if x.size and (x.min() < 0 or x.max() > 1):
-            raise AdvtuneError(f"{where}: float images must lie in [0,1] (found {x.min():.3g}..{x.max():.3g}); scale them or store uint8")
+            raise AdvtuneError(
+                f"{where}: float images must lie in [0,1] (found {x.min():.3g}..{x.max():.3g}); scale them or store "
+                "uint8"
+            )
         return np.round(x * 255).astype(np.uint8)
     raise AdvtuneError(f"{where}: images must be uint8 or float in [0,1], got {x.dtype}")
 
@@ -471,7 +562,9 @@ def load_npz(path: Path) -> Dataset:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
             if missing:
-                raise AdvtuneError(f"{path} lacks arrays {', '.join(missing)}; an .npz dataset needs x_train, y_train, x_test, y_test")
+                raise AdvtuneError(
+                    f"{path} lacks arrays {', '.join(missing)}; an .npz dataset needs x_train, y_train, x_test, y_test"
+                )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
         raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
@@ -479,8 +572,10 @@ def load_npz(path: Path) -> Dataset:
         y = arrays[k]
         if not np.issubdtype(y.dtype, np.integer):
             if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-                raise AdvtuneError(f"{path}:{k} holds non-integer labels (dtype {y.dtype}); labels must be whole class "
-                                   "numbers 0..classes-1 (store them as integers)")
+                raise AdvtuneError(
+                    f"{path}:{k} holds non-integer labels (dtype {y.dtype}); labels must be whole class "
+                    "numbers 0..classes-1 (store them as integers)"
+                )
             arrays[k] = y.astype(np.int64)
     for k in ("x_train", "x_test"):
         x = arrays[k]
@@ -493,7 +588,9 @@ def load_npz(path: Path) -> Dataset:
     train = _pair(xtr, ytr, f"{path}:x_train", f"{path}:y_train", classes)
     test = _pair(xte, yte, f"{path}:x_test", f"{path}:y_test", classes)
     if train.x.shape[1:] != test.x.shape[1:]:
-        raise AdvtuneError(f"{path}: train images {tuple(train.x.shape[1:])} and test images {tuple(test.x.shape[1:])} differ in shape")
+        raise AdvtuneError(
+            f"{path}: train images {tuple(train.x.shape[1:])} and test images {tuple(test.x.shape[1:])} differ in shape"
+        )
     mean, std = channel_stats(train.x)
     return Dataset(path.stem, train, test, [str(i) for i in range(classes)], mean, std, str(path))
 
@@ -504,31 +601,42 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     for i in range(0, len(x), 4096):
-        chunk = x[i:i + 4096].double() / 255.0
+        chunk = x[i : i + 4096].double() / 255.0
         s += chunk.sum((0, 2, 3))
-        s2 += (chunk ** 2).sum((0, 2, 3))
+        s2 += (chunk**2).sum((0, 2, 3))
     n = max(1, len(x) * x.shape[2] * x.shape[3])
     mean = s / n
-    std = (s2 / n - mean ** 2).clamp_min(1e-12).sqrt()
+    std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches are pickles; allow only what rebuilds numpy arrays, nothing that runs code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
         if name == "encode":
             import codecs
+
             return codecs.encode
         core = getattr(np, "_core", None) or np.core
-        return {"_reconstruct": core.multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype,
-                "scalar": core.multiarray.scalar}[name]
+        return {
+            "_reconstruct": core.multiarray._reconstruct,
+            "ndarray": np.ndarray,
+            "dtype": np.dtype,
+            "scalar": core.multiarray.scalar,
+        }[name]
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -536,7 +644,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
-        raise AdvtuneError(f"{path} is corrupt, truncated or not a CIFAR-10 batch ({e}); delete it and download again") from None
+        raise AdvtuneError(
+            f"{path} is corrupt, truncated or not a CIFAR-10 batch ({e}); delete it and download again"
+        ) from None
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise AdvtuneError(f"{path} is not a CIFAR-10 batch (no data/labels); delete it and download again")
@@ -550,7 +660,9 @@ def _load_cifar_batches(folder: Path, spec: Spec) -> Dataset:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise AdvtuneError(f"cifar10 is incomplete: {folder} lacks {', '.join(missing)}; delete the folder to re-extract/re-download")
+        raise AdvtuneError(
+            f"cifar10 is incomplete: {folder} lacks {', '.join(missing)}; delete the folder to re-extract/re-download"
+        )
     parts = [_read_cifar_batch(folder / n) for n in names]
     xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])
@@ -597,7 +709,9 @@ def load_image_folder(root: Path) -> Dataset:
                 if size is None:
                     size = arr.shape
                 if arr.shape != size:
-                    raise AdvtuneError(f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size")
+                    raise AdvtuneError(
+                        f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size"
+                    )
                 xs.append(arr)
                 ys.append(ci)
         if not xs:
@@ -607,11 +721,18 @@ def load_image_folder(root: Path) -> Dataset:
     mean, std = channel_stats(splits["train"].x)
     return Dataset(root.name, splits["train"], splits["test"], classes, mean, std, str(root))
 
+
 # ---------------------------------------------------------------- synthetic task
 
 
-def synthetic_blobs(n: int, classes: int = 4, size: int = 16, channels: int = 1,
-                    generator: torch.Generator | None = None, noise: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_blobs(
+    n: int,
+    classes: int = 4,
+    size: int = 16,
+    channels: int = 1,
+    generator: torch.Generator | None = None,
+    noise: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A task a 2-conv CNN learns in seconds: the class is the image region holding a bright blob.
 
     Returns float32 images in [0,1] of shape (n, channels, size, size) and int64 labels.
@@ -637,7 +758,7 @@ def synthetic_blobs(n: int, classes: int = 4, size: int = 16, channels: int = 1,
         dc = torch.randint(0, cc + 1, (len(idx),), generator=generator)
         for k, i in enumerate(idx.tolist()):
             r, q = r0 + int(dr[k]), c0 + int(dc[k])
-            x[i, :, r:r + blob, q:q + blob] += 0.8
+            x[i, :, r : r + blob, q : q + blob] += 0.8
     return x.clamp_(0, 1), y
 
 
@@ -648,4 +769,6 @@ def _synthetic_dataset(seed: int = 0, n_train: int = 2000, n_test: int = 500) ->
     xu = (x * 255).round().to(torch.uint8)
     train, test = TensorData(xu[:n_train], y[:n_train]), TensorData(xu[n_train:], y[n_train:])
     mean, std = channel_stats(train.x)
-    return Dataset("synthetic", train, test, ["top-left", "top-right", "bottom-left", "bottom-right"], mean, std, "generated")
+    return Dataset(
+        "synthetic", train, test, ["top-left", "top-right", "bottom-left", "bottom-right"], mean, std, "generated"
+    )

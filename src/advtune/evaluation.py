@@ -12,6 +12,7 @@ How the numbers are made (see docs/attacks.md):
 - The masking gate runs after every evaluation (AutoAttack checks.py, extended) and records what
   looks wrong in `EvalResult.suspect`, with a loud log warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,39 +34,40 @@ from .utils import eval_mode, model_device, model_dtype, progress
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ masking-gate thresholds
-GATE_SAMPLES = 64          # size of the probe subset the gate attacks itself (cheap: ~32 grads/sample)
-TOL_FGSM = 0.05            # an iterative attack may leave this much more accuracy than FGSM on the probe
-TOL_BLACK_BOX = 0.01       # share of clean-correct samples only a black-box attack broke
-TOL_EPS_RISE = 0.05        # accuracy may rise this much with eps on the probe (noise), eps_curve uses 0.02
-LARGE_EPS_MAX_ACC = 0.10   # accuracy allowed at linf eps = the full pixel range (should be ~0)
-PROB_ATOL = 1e-5           # outputs within this of a probability simplex are flagged
+GATE_SAMPLES = 64  # size of the probe subset the gate attacks itself (cheap: ~32 grads/sample)
+TOL_FGSM = 0.05  # an iterative attack may leave this much more accuracy than FGSM on the probe
+TOL_BLACK_BOX = 0.01  # share of clean-correct samples only a black-box attack broke
+TOL_EPS_RISE = 0.05  # accuracy may rise this much with eps on the probe (noise), eps_curve uses 0.02
+LARGE_EPS_MAX_ACC = 0.10  # accuracy allowed at linf eps = the full pixel range (should be ~0)
+PROB_ATOL = 1e-5  # outputs within this of a probability simplex are flagged
 
 
 # ------------------------------------------------------------------ results
+
 
 @dataclass
 class EvalResult:
     """Clean, per-attack and worst-case accuracy with costs. Counts are kept so results can be summed."""
 
     threat: ThreatModel
-    attacks: list[str]                      # specs, in the order run
-    n: int                                  # examples evaluated
+    attacks: list[str]  # specs, in the order run
+    n: int  # examples evaluated
     n_clean_correct: int
-    n_robust: dict[str, int]                # per attack: clean-correct samples it did not break
-    n_robust_worst: int                     # robust to every attack
-    grad_evals: dict[str, int]              # counted gradient evaluations (examples through forward+backward)
-    forward_evals: dict[str, int]           # counted forward-only passes (queries)
+    n_robust: dict[str, int]  # per attack: clean-correct samples it did not break
+    n_robust_worst: int  # robust to every attack
+    grad_evals: dict[str, int]  # counted gradient evaluations (examples through forward+backward)
+    forward_evals: dict[str, int]  # counted forward-only passes (queries)
     wall_time_s: dict[str, float]
-    max_perturbation: dict[str, float]      # largest ||x_adv - x|| observed, in the threat's norm
-    seed: int | None = None                 # None: nondeterministic
+    max_perturbation: dict[str, float]  # largest ||x_adv - x|| observed, in the threat's norm
+    seed: int | None = None  # None: nondeterministic
     cascade: bool = False
     suspect: list[str] = field(default_factory=list)
     gate_grad_evals: int = 0
     # per evaluated example (CPU tensors, not serialised)
-    robust: Tensor = field(default=None, repr=False)       # bool: clean-correct and robust to all attacks
-    broken: dict[str, Tensor] = field(default=None, repr=False)   # int8: 1 broken, 0 survived, -1 not attacked
+    robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
+    broken: dict[str, Tensor] = field(default=None, repr=False)  # int8: 1 broken, 0 survived, -1 not attacked
     labels: Tensor = field(default=None, repr=False)
-    checksum: Tensor = field(default=None, repr=False)     # per-example sum of pixels (order fingerprint)
+    checksum: Tensor = field(default=None, repr=False)  # per-example sum of pixels (order fingerprint)
 
     @property
     def clean_accuracy(self) -> float:
@@ -108,8 +110,8 @@ class EpsCurve:
     """Robust accuracy against eps, monotone by construction (see `eps_curve`)."""
 
     eps: list[float]
-    accuracy: list[float]            # monotone: broken at eps_i => broken at every eps_j > eps_i
-    raw_accuracy: list[float]        # each eps evaluated on its own
+    accuracy: list[float]  # monotone: broken at eps_i => broken at every eps_j > eps_i
+    raw_accuracy: list[float]  # each eps evaluated on its own
     clean_accuracy: float
     n: int
     attacks: list[list[str]]
@@ -117,12 +119,20 @@ class EpsCurve:
     suspect: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"eps": self.eps, "accuracy": self.accuracy, "raw_accuracy": self.raw_accuracy,
-                "clean_accuracy": self.clean_accuracy, "n": self.n, "attacks": self.attacks,
-                "suspect": list(self.suspect), "results": [r.to_json() for r in self.results]}
+        return {
+            "eps": self.eps,
+            "accuracy": self.accuracy,
+            "raw_accuracy": self.raw_accuracy,
+            "clean_accuracy": self.clean_accuracy,
+            "n": self.n,
+            "attacks": self.attacks,
+            "suspect": list(self.suspect),
+            "results": [r.to_json() for r in self.results],
+        }
 
 
 # ------------------------------------------------------------------ suites
+
 
 def suite(name: str, threat: ThreatModel) -> list[Attack]:
     """Named attack lists. standard: APGD-CE, APGD-T, Square (AutoAttack without FAB; Square is linf
@@ -144,12 +154,14 @@ SUITES = ("standard", "quick")
 
 # ------------------------------------------------------------------ cost counting
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # honest wall times on asynchronous devices
         torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------ input handling
+
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     """First forward on a tiny batch: shape errors become a message a person can act on."""
@@ -167,8 +179,10 @@ def _check_attacks(attacks) -> list[Attack]:
             raise AdvtuneError(f"{a!r} is not an attack; build one with build_attack('pgd', threat)")
     threats = {a.threat for a in attacks}
     if len(threats) > 1:
-        raise AdvtuneError(f"all attacks must share one threat model, got {', '.join(map(str, threats))}; "
-                           "evaluate each threat model separately (or use eps_curve)")
+        raise AdvtuneError(
+            f"all attacks must share one threat model, got {', '.join(map(str, threats))}; "
+            "evaluate each threat model separately (or use eps_curve)"
+        )
     specs = [_spec(a) for a in attacks]
     dup = {s for s in specs if specs.count(s) > 1}
     if dup:
@@ -186,6 +200,7 @@ def _is_black_box(a) -> bool:
 
 # ------------------------------------------------------------------ robust accuracy
 
+
 @dataclass
 class _Tally:
     """One attack's running totals over the batches."""
@@ -194,11 +209,20 @@ class _Tally:
     fwds: int = 0
     seconds: float = 0.0
     max_pert: float = 0.0
-    status: list[Tensor] = field(default_factory=list)   # per batch, int8 per example
+    status: list[Tensor] = field(default_factory=list)  # per batch, int8 per example
 
 
-def _attack_once(model: nn.Module, attack: Attack, spec: str, x: Tensor, y: Tensor, threat: ThreatModel,
-                 generator, counter: PassCounter, tally: _Tally) -> Tensor:
+def _attack_once(
+    model: nn.Module,
+    attack: Attack,
+    spec: str,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    generator,
+    counter: PassCounter,
+    tally: _Tally,
+) -> Tensor:
     """Run one attack on (x, y), check its output against the threat model, return which it broke."""
     device = x.device
     _sync(device)
@@ -218,9 +242,17 @@ def _attack_once(model: nn.Module, attack: Attack, spec: str, x: Tensor, y: Tens
     return hit
 
 
-def robust_accuracy(model: nn.Module, data, attacks: Sequence[Attack] | Attack, *, batch_size: int = 256,
-                    generator: torch.Generator | None = None, limit: int | None = None, cascade: bool = False,
-                    gate: bool = True) -> EvalResult:
+def robust_accuracy(
+    model: nn.Module,
+    data,
+    attacks: Sequence[Attack] | Attack,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    limit: int | None = None,
+    cascade: bool = False,
+    gate: bool = True,
+) -> EvalResult:
     """Clean, per-attack and worst-case robust accuracy of `model` on `data`, with costs and the masking gate.
 
     data: an (x, y) tensor pair (float in [0, 1]) or any iterable of (x, y) batches.
@@ -250,28 +282,30 @@ def robust_accuracy(model: nn.Module, data, attacks: Sequence[Attack] | Attack, 
             if limit is not None:
                 if n >= limit:
                     break
-                xb, yb = xb[:limit - n], yb[:limit - n]
+                xb, yb = xb[: limit - n], yb[: limit - n]
             if len(xb) == 0:
                 continue
             xb, yb = xb.to(device=device, dtype=dtype), yb.to(device=device, dtype=torch.long)
             if classes is None:
                 classes = _num_classes(model, xb)
             if yb.min().item() < 0 or yb.max().item() >= classes:
-                raise AdvtuneError(f"labels must be in [0, {classes - 1}] for a model with {classes} outputs, got "
-                                   f"values in [{yb.min().item()}, {yb.max().item()}]")
+                raise AdvtuneError(
+                    f"labels must be in [0, {classes - 1}] for a model with {classes} outputs, got "
+                    f"values in [{yb.min().item()}, {yb.max().item()}]"
+                )
             with torch.no_grad():
                 correct = model(xb).argmax(1) == yb
             counter.take()
             idx_c = correct.nonzero().flatten()
             xc, yc = xb[idx_c], yb[idx_c]
-            need = GATE_SAMPLES - sum(len(p) for p in probe_y)   # the gate's probe: first clean-correct examples
+            need = GATE_SAMPLES - sum(len(p) for p in probe_y)  # the gate's probe: first clean-correct examples
             if need > 0 and len(idx_c):
                 probe_x.append(xc[:need])
                 probe_y.append(yc[:need])
                 probe_idx.append((idx_c[:need] + n).cpu())
             alive = torch.ones(len(xc), dtype=torch.bool, device=device)
             for a, s in zip(attacks, specs):
-                status = torch.full((len(xb),), -1, dtype=torch.int8)   # -1: not attacked
+                status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
                 run = alive.nonzero().flatten() if cascade else torch.arange(len(xc), device=device)
                 if len(run):
                     hit = _attack_once(model, a, s, xc[run], yc[run], threat, generator, counter, tallies[s])
@@ -285,20 +319,50 @@ def robust_accuracy(model: nn.Module, data, attacks: Sequence[Attack] | Attack, 
 
         if n == 0:
             raise AdvtuneError("no examples to evaluate (empty data); check the dataset split or the limit")
-        result = _summarise(threat, specs, tallies, torch.cat(clean_parts), torch.cat(label_parts),
-                            torch.cat(sum_parts), generator, cascade)
-        log.info("clean %.4f, worst case %.4f over %s (n=%d, %s)", result.clean_accuracy,
-                 result.worst_case_accuracy, ", ".join(specs), n, threat)
+        result = _summarise(
+            threat,
+            specs,
+            tallies,
+            torch.cat(clean_parts),
+            torch.cat(label_parts),
+            torch.cat(sum_parts),
+            generator,
+            cascade,
+        )
+        log.info(
+            "clean %.4f, worst case %.4f over %s (n=%d, %s)",
+            result.clean_accuracy,
+            result.worst_case_accuracy,
+            ", ".join(specs),
+            n,
+            threat,
+        )
         if gate:
             cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
-            result.suspect = masking_gate(model, cat(probe_x), cat(probe_y), threat, result, attacks=attacks,
-                                          probe_idx=cat(probe_idx), generator=generator)
+            result.suspect = masking_gate(
+                model,
+                cat(probe_x),
+                cat(probe_y),
+                threat,
+                result,
+                attacks=attacks,
+                probe_idx=cat(probe_idx),
+                generator=generator,
+            )
             result.gate_grad_evals = counter.take()[0]
     return result
 
 
-def _summarise(threat: ThreatModel, specs: list[str], tallies: dict[str, _Tally], clean: Tensor, labels: Tensor,
-               checksum: Tensor, generator, cascade: bool) -> EvalResult:
+def _summarise(
+    threat: ThreatModel,
+    specs: list[str],
+    tallies: dict[str, _Tally],
+    clean: Tensor,
+    labels: Tensor,
+    checksum: Tensor,
+    generator,
+    cascade: bool,
+) -> EvalResult:
     broken = {s: torch.cat(tallies[s].status) for s in specs}
     n_correct = int(clean.sum())
     robust, n_robust = clean.clone(), {}
@@ -307,24 +371,42 @@ def _summarise(threat: ThreatModel, specs: list[str], tallies: dict[str, _Tally]
         # cascade: cumulative (robust to this attack and every earlier one); full: this attack alone
         n_robust[s] = int(robust.sum()) if cascade else n_correct - int((broken[s] == 1).sum())
     return EvalResult(
-        threat=threat, attacks=specs, n=len(clean), n_clean_correct=n_correct, n_robust=n_robust,
-        n_robust_worst=int(robust.sum()), grad_evals={s: t.grads for s, t in tallies.items()},
+        threat=threat,
+        attacks=specs,
+        n=len(clean),
+        n_clean_correct=n_correct,
+        n_robust=n_robust,
+        n_robust_worst=int(robust.sum()),
+        grad_evals={s: t.grads for s, t in tallies.items()},
         forward_evals={s: t.fwds for s, t in tallies.items()},
         wall_time_s={s: t.seconds for s, t in tallies.items()},
         max_perturbation={s: t.max_pert for s, t in tallies.items()},
-        seed=None if generator is None else generator.initial_seed(), cascade=cascade,
-        robust=robust, broken=broken, labels=labels, checksum=checksum)
+        seed=None if generator is None else generator.initial_seed(),
+        cascade=cascade,
+        robust=robust,
+        broken=broken,
+        labels=labels,
+        checksum=checksum,
+    )
 
 
 # ------------------------------------------------------------------ gradient-masking gate
+
 
 def _acc(model: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def sanity_check_large_eps(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
-                           generator: torch.Generator | None = None, steps: int = 10) -> list[tuple[str, float]]:
+def sanity_check_large_eps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    generator: torch.Generator | None = None,
+    steps: int = 10,
+) -> list[tuple[str, float]]:
     """PGD-`steps` accuracy on (x, y) at eps, 4*eps (same norm) and linf eps = the whole pixel range.
 
     The balls are nested (the last one is the whole box), so accuracy must not rise along the list,
@@ -332,16 +414,27 @@ def sanity_check_large_eps(model: nn.Module, x: Tensor, y: Tensor, threat: Threa
     """
     out = []
     cap = (threat.upper - threat.lower) if threat.norm == "linf" else math.inf
-    for t in (threat, threat.with_eps(min(4 * threat.eps, cap)),
-              ThreatModel("linf", threat.upper - threat.lower, threat.lower, threat.upper)):
+    for t in (
+        threat,
+        threat.with_eps(min(4 * threat.eps, cap)),
+        ThreatModel("linf", threat.upper - threat.lower, threat.lower, threat.upper),
+    ):
         x_adv = PGD(t, steps=steps)(model, x, y, generator=generator)
         out.append((str(t), _acc(model, x_adv, y)))
     return out
 
 
-def masking_gate(model: nn.Module, x: Tensor | None, y: Tensor | None, threat: ThreatModel,
-                 result: EvalResult | None = None, *, attacks: Sequence[Attack] = (), probe_idx: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> list[str]:
+def masking_gate(
+    model: nn.Module,
+    x: Tensor | None,
+    y: Tensor | None,
+    threat: ThreatModel,
+    result: EvalResult | None = None,
+    *,
+    attacks: Sequence[Attack] = (),
+    probe_idx: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[str]:
     """Checks that an evaluation is not fooled by gradient masking; returns short `suspect` strings.
 
     (a) an iterative attack leaves more accuracy than single-step FGSM; (b) a black-box attack breaks
@@ -360,10 +453,11 @@ def masking_gate(model: nn.Module, x: Tensor | None, y: Tensor | None, threat: T
             with torch.no_grad():
                 out = model(x)
             # (e) probabilities instead of logits: attacks on softmax outputs see vanishing gradients
-            if (out.min() > -PROB_ATOL and out.max() < 1 + PROB_ATOL
-                    and ((out.sum(1) - 1).abs() < PROB_ATOL).all()):
-                flag("probability-outputs: the model returns probabilities (rows in [0,1] sum to 1); "
-                     "attack the logits (remove the final softmax)")
+            if out.min() > -PROB_ATOL and out.max() < 1 + PROB_ATOL and ((out.sum(1) - 1).abs() < PROB_ATOL).all():
+                flag(
+                    "probability-outputs: the model returns probabilities (rows in [0,1] sum to 1); "
+                    "attack the logits (remove the final softmax)"
+                )
             # (d) input gradients of the (non-saturating) margin loss
             with torch.enable_grad():
                 xv = x.detach().requires_grad_(True)
@@ -372,19 +466,25 @@ def masking_gate(model: nn.Module, x: Tensor | None, y: Tensor | None, threat: T
             nonfinite = (~torch.isfinite(g)).any(1)
             zero = (g.abs().sum(1) == 0) & ~nonfinite
             if nonfinite.any():
-                flag(f"nonfinite-gradients: {nonfinite.float().mean().item():.0%} of probe samples have NaN/inf "
-                     "input gradients")
+                flag(
+                    f"nonfinite-gradients: {nonfinite.float().mean().item():.0%} of probe samples have NaN/inf "
+                    "input gradients"
+                )
             if zero.any():
-                flag(f"zero-gradients: {zero.float().mean().item():.0%} of probe samples have an all-zero input "
-                     "gradient; gradient attacks cannot work there (non-differentiable or saturated layer)")
+                flag(
+                    f"zero-gradients: {zero.float().mean().item():.0%} of probe samples have an all-zero input "
+                    "gradient; gradient attacks cannot work there (non-differentiable or saturated layer)"
+                )
             # (c) eps sanity and (a) FGSM vs iterative, on the probe
             curve = sanity_check_large_eps(model, x, y, threat, generator=generator)
             for (e0, a0), (e1, a1) in zip(curve, curve[1:]):
                 if a1 > a0 + TOL_EPS_RISE:
                     flag(f"accuracy-rises-with-eps: PGD-10 accuracy {a0:.2f} at {e0} but {a1:.2f} at {e1}")
             if curve[-1][1] > LARGE_EPS_MAX_ACC:
-                flag(f"large-eps-not-broken: PGD-10 accuracy {curve[-1][1]:.2f} at {curve[-1][0]} (the whole "
-                     "pixel box) should be ~0")
+                flag(
+                    f"large-eps-not-broken: PGD-10 accuracy {curve[-1][1]:.2f} at {curve[-1][0]} (the whole "
+                    "pixel box) should be ~0"
+                )
             acc_fgsm = _acc(model, FGSM(threat)(model, x, y, generator=generator), y)
             iterative = {"gate pgd-10": curve[0][1]}
             if result is not None and probe_idx is not None:
@@ -396,8 +496,10 @@ def masking_gate(model: nn.Module, x: Tensor | None, y: Tensor | None, threat: T
                     iterative[s] = 1 - st.float().mean().item()
             for s, acc in iterative.items():
                 if acc > acc_fgsm + TOL_FGSM:
-                    flag(f"iterative-weaker-than-fgsm: {s} leaves accuracy {acc:.2f} > FGSM {acc_fgsm:.2f} "
-                         f"on {len(x)} probe samples")
+                    flag(
+                        f"iterative-weaker-than-fgsm: {s} leaves accuracy {acc:.2f} > FGSM {acc_fgsm:.2f} "
+                        f"on {len(x)} probe samples"
+                    )
         # (b) black-box beats white-box, on all evaluated samples
         if result is not None and result.n_clean_correct:
             white = [_spec(a) for a in attacks if not _is_black_box(a)]
@@ -410,16 +512,27 @@ def masking_gate(model: nn.Module, x: Tensor | None, y: Tensor | None, threat: T
                     only &= result.broken[w] != 1
                 share = only.sum().item() / result.n_clean_correct
                 if share > TOL_BLACK_BOX:
-                    flag(f"black-box-stronger: {s} broke {share:.1%} of clean-correct samples that "
-                         f"{', '.join(white)} did not")
+                    flag(
+                        f"black-box-stronger: {s} broke {share:.1%} of clean-correct samples that "
+                        f"{', '.join(white)} did not"
+                    )
     return suspect
 
 
 # ------------------------------------------------------------------ eps curve
 
-def eps_curve(model: nn.Module, data, attack_factory: Callable[[float], Sequence[Attack] | Attack],
-              eps_list: Sequence[float], *, batch_size: int = 256, generator: torch.Generator | None = None,
-              limit: int | None = None, gate: bool = True) -> EpsCurve:
+
+def eps_curve(
+    model: nn.Module,
+    data,
+    attack_factory: Callable[[float], Sequence[Attack] | Attack],
+    eps_list: Sequence[float],
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    limit: int | None = None,
+    gate: bool = True,
+) -> EpsCurve:
     """Robust accuracy at each eps (ascending), monotone by construction.
 
     An example broken at eps_i is broken at every eps_j > eps_i (its adversarial is feasible there),
@@ -432,8 +545,10 @@ def eps_curve(model: nn.Module, data, attack_factory: Callable[[float], Sequence
         raise AdvtuneError(f"eps_list must be non-empty finite numbers >= 0, got {list(eps_list)}")
     positive = [e for e in eps_sorted if e > 0]
     if len(positive) > 1 and isinstance(data, Iterator):
-        raise AdvtuneError("eps_curve evaluates the data once per eps: pass an (x, y) pair or a list/DataLoader, "
-                           "not a one-shot iterator")
+        raise AdvtuneError(
+            "eps_curve evaluates the data once per eps: pass an (x, y) pair or a list/DataLoader, "
+            "not a one-shot iterator"
+        )
     if not positive:
         raise AdvtuneError("eps_list needs at least one eps > 0")
     results: list[EvalResult] = []
@@ -442,15 +557,23 @@ def eps_curve(model: nn.Module, data, attack_factory: Callable[[float], Sequence
         attacks = list(attacks) if isinstance(attacks, (list, tuple)) else [attacks]
         for a in attacks:
             if not isinstance(getattr(a, "threat", None), ThreatModel) or not math.isclose(a.threat.eps, e):
-                raise AdvtuneError(f"attack_factory({e}) returned {_spec(a)} for "
-                                   f"eps={getattr(getattr(a, 'threat', None), 'eps', None)}; build the attacks with "
-                                   "ThreatModel(norm, eps) from the eps it is given")
-        r = robust_accuracy(model, data, attacks, batch_size=batch_size, generator=generator, limit=limit,
-                            gate=gate and i == 0)
-        if results and (r.n != results[0].n or not torch.equal(r.labels, results[0].labels)
-                        or not torch.equal(r.checksum, results[0].checksum)):
-            raise AdvtuneError("the data came in a different order or size on a second pass; eps_curve needs the "
-                               "same examples in the same order for every eps (no shuffling)")
+                raise AdvtuneError(
+                    f"attack_factory({e}) returned {_spec(a)} for "
+                    f"eps={getattr(getattr(a, 'threat', None), 'eps', None)}; build the attacks with "
+                    "ThreatModel(norm, eps) from the eps it is given"
+                )
+        r = robust_accuracy(
+            model, data, attacks, batch_size=batch_size, generator=generator, limit=limit, gate=gate and i == 0
+        )
+        if results and (
+            r.n != results[0].n
+            or not torch.equal(r.labels, results[0].labels)
+            or not torch.equal(r.checksum, results[0].checksum)
+        ):
+            raise AdvtuneError(
+                "the data came in a different order or size on a second pass; eps_curve needs the "
+                "same examples in the same order for every eps (no shuffling)"
+            )
         results.append(r)
     first = results[0]
     n = first.n
@@ -468,10 +591,26 @@ def eps_curve(model: nn.Module, data, attack_factory: Callable[[float], Sequence
         prev = raw
         by_eps[e] = (cum.sum().item() / n, raw)
     eps_out = eps_sorted
-    return EpsCurve(eps=eps_out, accuracy=[by_eps[e][0] for e in eps_out], raw_accuracy=[by_eps[e][1] for e in eps_out],
-                    clean_accuracy=first.clean_accuracy, n=n, attacks=[r.attacks for r in results],
-                    results=results, suspect=suspect)
+    return EpsCurve(
+        eps=eps_out,
+        accuracy=[by_eps[e][0] for e in eps_out],
+        raw_accuracy=[by_eps[e][1] for e in eps_out],
+        clean_accuracy=first.clean_accuracy,
+        n=n,
+        attacks=[r.attacks for r in results],
+        results=results,
+        suspect=suspect,
+    )
 
 
-__all__ = ["EvalResult", "EpsCurve", "robust_accuracy", "eps_curve", "masking_gate", "sanity_check_large_eps",
-           "suite", "SUITES", "GATE_SAMPLES"]
+__all__ = [
+    "EvalResult",
+    "EpsCurve",
+    "robust_accuracy",
+    "eps_curve",
+    "masking_gate",
+    "sanity_check_large_eps",
+    "suite",
+    "SUITES",
+    "GATE_SAMPLES",
+]

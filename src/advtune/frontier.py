@@ -9,6 +9,7 @@ Here: the reference's plateau (adversarial training from scratch, `reference: tr
 needed to get there, and for every other curve how close it came and at what share of that cost.
 Nothing is recomputed from models; the report and docs/RESULTS.md read these numbers.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -16,19 +17,19 @@ from typing import Any, Sequence
 
 from .errors import AdvtuneError
 
-PLATEAU_TOLERANCE = 0.01   # a curve is on its plateau within 1 point of its best
-TARGET_GAP = 0.02          # the issue's target: the reference plateau minus 2 points
+PLATEAU_TOLERANCE = 0.01  # a curve is on its plateau within 1 point of its best
+TARGET_GAP = 0.02  # the issue's target: the reference plateau minus 2 points
 
 
 @dataclass(frozen=True)
 class Plateau:
     variant: str
-    robust_acc: float          # the best robust accuracy on the reference curve
-    cost: int                  # total gradient evaluations of its first point within PLATEAU_TOLERANCE
-    clean_acc: float           # clean accuracy of that first point
+    robust_acc: float  # the best robust accuracy on the reference curve
+    cost: int  # total gradient evaluations of its first point within PLATEAU_TOLERANCE
+    clean_acc: float  # clean accuracy of that first point
     points: int
-    first_robust_acc: float = 0.0   # robust accuracy of that first point (the plateau's cost is paid there)
-    best_cost: int = 0              # total gradient evaluations of the best point
+    first_robust_acc: float = 0.0  # robust accuracy of that first point (the plateau's cost is paid there)
+    best_cost: int = 0  # total gradient evaluations of the best point
     best_clean_acc: float = 0.0
 
 
@@ -41,8 +42,8 @@ class CurveVerdict:
     best_robust_acc: float
     best_clean_acc: float
     best_cost: int
-    reached_target: bool                 # robust >= plateau - TARGET_GAP at some point
-    cost_to_target: int | None           # total gradient evaluations of the first such point
+    reached_target: bool  # robust >= plateau - TARGET_GAP at some point
+    cost_to_target: int | None  # total gradient evaluations of the first such point
     cost_share_of_reference: float | None  # cost_to_target / the reference's cost to its plateau
     robust_at_reference_budget: float | None  # best robust at or below the given budget share of the reference
 
@@ -76,15 +77,23 @@ def reference_plateau(points: Sequence[dict], reference: str | None = None) -> P
     top = max(pts, key=lambda p: (p["robust_acc"], -p["total_grad_evals"]))
     best = top["robust_acc"]
     first = next(p for p in pts if p["robust_acc"] >= best - PLATEAU_TOLERANCE)
-    return Plateau(reference, best, int(first["total_grad_evals"]), first["clean_acc"], len(pts),
-                   first["robust_acc"], int(top["total_grad_evals"]), top["clean_acc"])
+    return Plateau(
+        reference,
+        best,
+        int(first["total_grad_evals"]),
+        first["clean_acc"],
+        len(pts),
+        first["robust_acc"],
+        int(top["total_grad_evals"]),
+        top["clean_acc"],
+    )
 
 
 def verdicts(points: Sequence[dict], plateau: Plateau, budget_share: float = 0.25) -> list[CurveVerdict]:
     """How every other curve compares with the reference plateau. Suspect points (gate) never count."""
     out = []
     for name, pts in curves(points).items():
-        if name == plateau.variant or pts[0].get("kind") == "standard":   # the starting point is no curve
+        if name == plateau.variant or pts[0].get("kind") == "standard":  # the starting point is no curve
             continue
         ok = [p for p in pts if not p.get("suspect")]
         if not ok:
@@ -92,17 +101,31 @@ def verdicts(points: Sequence[dict], plateau: Plateau, budget_share: float = 0.2
         best = max(ok, key=lambda p: (p["robust_acc"], -p["total_grad_evals"]))
         hit = next((p for p in ok if p["robust_acc"] >= plateau.robust_acc - TARGET_GAP), None)
         within = [p["robust_acc"] for p in ok if p["total_grad_evals"] <= budget_share * plateau.cost]
-        out.append(CurveVerdict(
-            name, ok[0]["kind"], ok[0].get("select"), ok[0].get("param_share"), best["robust_acc"], best["clean_acc"],
-            int(best["total_grad_evals"]), hit is not None, int(hit["total_grad_evals"]) if hit else None,
-            hit["total_grad_evals"] / plateau.cost if hit and plateau.cost else None, max(within) if within else None))
+        out.append(
+            CurveVerdict(
+                name,
+                ok[0]["kind"],
+                ok[0].get("select"),
+                ok[0].get("param_share"),
+                best["robust_acc"],
+                best["clean_acc"],
+                int(best["total_grad_evals"]),
+                hit is not None,
+                int(hit["total_grad_evals"]) if hit else None,
+                hit["total_grad_evals"] / plateau.cost if hit and plateau.cost else None,
+                max(within) if within else None,
+            )
+        )
     return out
 
 
 def robust_at(points: Sequence[dict], variant: str, budget: float) -> float | None:
     """The best robust accuracy a curve reached at or below `budget` total gradient evaluations."""
-    vals = [p["robust_acc"] for p in curves(points).get(variant, []) if p["total_grad_evals"] <= budget
-            and not p.get("suspect")]
+    vals = [
+        p["robust_acc"]
+        for p in curves(points).get(variant, [])
+        if p["total_grad_evals"] <= budget and not p.get("suspect")
+    ]
     return max(vals) if vals else None
 
 
@@ -127,39 +150,74 @@ def _findings_one(points: Sequence[dict], budget_share: float) -> list[str]:
     except AdvtuneError:
         return []
     # two checkpoints, named apart: the best one sets the level, the first one within the tolerance sets the cost
-    lines = [f"Reference **{plateau.variant}** (adversarial training from scratch) plateaus at "
-             f"{100 * plateau.robust_acc:.2f}% worst-case robust accuracy, its best checkpoint (clean "
-             f"{100 * plateau.best_clean_acc:.2f}%, at {plateau.best_cost:,} gradient evaluations); it was first within "
-             f"{100 * PLATEAU_TOLERANCE:g} point of that at {plateau.cost:,} ({100 * plateau.first_robust_acc:.2f}%, "
-             f"clean {100 * plateau.clean_acc:.2f}%): the plateau's cost."]
+    lines = [
+        f"Reference **{plateau.variant}** (adversarial training from scratch) plateaus at "
+        f"{100 * plateau.robust_acc:.2f}% worst-case robust accuracy, its best checkpoint (clean "
+        f"{100 * plateau.best_clean_acc:.2f}%, at {plateau.best_cost:,} gradient evaluations); it was first within "
+        f"{100 * PLATEAU_TOLERANCE:g} point of that at {plateau.cost:,} ({100 * plateau.first_robust_acc:.2f}%, "
+        f"clean {100 * plateau.clean_acc:.2f}%): the plateau's cost."
+    ]
     for v in verdicts(points, plateau, budget_share):
         share = f"{100 * v.param_share:.1f}% of the parameters" if v.param_share is not None else "all parameters"
         if v.reached_target:
-            lines.append(f"**{v.variant}** ({share}) reached {100 * (plateau.robust_acc - TARGET_GAP):.2f}% "
-                         f"(the plateau minus {100 * TARGET_GAP:g} points) at {v.cost_to_target:,} gradient evaluations = "
-                         f"{100 * v.cost_share_of_reference:.1f}% of the reference's cost to its plateau; "
-                         f"best {100 * v.best_robust_acc:.2f}%.")
+            lines.append(
+                f"**{v.variant}** ({share}) reached {100 * (plateau.robust_acc - TARGET_GAP):.2f}% "
+                f"(the plateau minus {100 * TARGET_GAP:g} points) at {v.cost_to_target:,} gradient evaluations = "
+                f"{100 * v.cost_share_of_reference:.1f}% of the reference's cost to its plateau; "
+                f"best {100 * v.best_robust_acc:.2f}%."
+            )
         else:
-            at = (f"; within {100 * budget_share:g}% of the reference's cost it reached "
-                  f"{100 * v.robust_at_reference_budget:.2f}%" if v.robust_at_reference_budget is not None else "")
-            lines.append(f"**{v.variant}** ({share}) did not reach the plateau minus {100 * TARGET_GAP:g} points: best "
-                         f"{100 * v.best_robust_acc:.2f}% at {v.best_cost:,} gradient evaluations"
-                         f" ({100 * v.best_cost / max(plateau.cost, 1):.1f}% of the reference's cost){at}.")
+            at = (
+                f"; within {100 * budget_share:g}% of the reference's cost it reached "
+                f"{100 * v.robust_at_reference_budget:.2f}%"
+                if v.robust_at_reference_budget is not None
+                else ""
+            )
+            lines.append(
+                f"**{v.variant}** ({share}) did not reach the plateau minus {100 * TARGET_GAP:g} points: best "
+                f"{100 * v.best_robust_acc:.2f}% at {v.best_cost:,} gradient evaluations"
+                f" ({100 * v.best_cost / max(plateau.cost, 1):.1f}% of the reference's cost){at}."
+            )
     return lines
 
 
 def markdown_table(points: Sequence[dict]) -> str:
     """The frontier as a Markdown table: one row per point, cost columns first (docs/RESULTS.md)."""
-    head = ("variant", "trainable params", "point", "training grad evals", "+ base + analysis", "total grad evals",
-            "clean", "worst-case robust", "gate")
+    head = (
+        "variant",
+        "trainable params",
+        "point",
+        "training grad evals",
+        "+ base + analysis",
+        "total grad evals",
+        "clean",
+        "worst-case robust",
+        "gate",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, pts in curves(points).items():
         for i, p in enumerate(pts):
             share = p.get("param_share")
-            tp = f"{p['trainable_params']:,} ({100 * share:.1f}%)" if p.get("trainable_params") and share is not None else "–"
-            lines.append("| " + " | ".join([
-                name if i == 0 else "", tp if i == 0 else "", "final" if p["step"] is None else f"step {p['step']}",
-                f"{p['train_grad_evals']:,}", f"{p['base_grad_evals'] + p['analysis_grad_evals']:,}",
-                f"{p['total_grad_evals']:,}", f"{100 * p['clean_acc']:.2f}%", f"{100 * p['robust_acc']:.2f}%",
-                "SUSPECT" if p.get("suspect") else "passed"]) + " |")
+            tp = (
+                f"{p['trainable_params']:,} ({100 * share:.1f}%)"
+                if p.get("trainable_params") and share is not None
+                else "–"
+            )
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name if i == 0 else "",
+                        tp if i == 0 else "",
+                        "final" if p["step"] is None else f"step {p['step']}",
+                        f"{p['train_grad_evals']:,}",
+                        f"{p['base_grad_evals'] + p['analysis_grad_evals']:,}",
+                        f"{p['total_grad_evals']:,}",
+                        f"{100 * p['clean_acc']:.2f}%",
+                        f"{100 * p['robust_acc']:.2f}%",
+                        "SUSPECT" if p.get("suspect") else "passed",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ Output folder:
     metrics.jsonl, selection.json, checkpoint.pt  `evaluate`, `info` and `--resume` work on it)
     eval-protocol.json, eval-base.json            the strong evaluation after and before
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,25 +28,25 @@ from .inputs import as_tensor_data
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"   # the strong protocol: worst case of APGD-CE and APGD-T
+PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst case of APGD-CE and APGD-T
 
 
 @dataclass(frozen=True)
 class Recipe:
     """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier."""
 
-    granularity: str = "layer"          # whole layers, best-ranked first, within the parameter budget
-    params: float = 0.05                # parameter budget: at most this share of the entries may change
-    criterion: str = "taylor"           # ranking of components (layers: summed unit scores)
+    granularity: str = "layer"  # whole layers, best-ranked first, within the parameter budget
+    params: float = 0.05  # parameter budget: at most this share of the entries may change
+    criterion: str = "taylor"  # ranking of components (layers: summed unit scores)
     analysis_attack: str = "pgd:steps=10"
-    analysis_limit: int = 1000          # training examples scored
-    attack: str = "pgd:steps=5"         # the training attack (PGD-5: as good per step as PGD-10 at half the cost)
-    eps_warmup: float = 0.3             # eps ramps linearly from 0 over this share of the fine-tuning
+    analysis_limit: int = 1000  # training examples scored
+    attack: str = "pgd:steps=5"  # the training attack (PGD-5: as good per step as PGD-10 at half the cost)
+    eps_warmup: float = 0.3  # eps ramps linearly from 0 over this share of the fine-tuning
     optimizer: str = "adam"
-    lr: float = 3e-3                    # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
+    lr: float = 3e-3  # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
     schedule: str = "constant"
-    batch_size: int = 64                # more, smaller steps for the same gradient evaluations (validation: +5 points)
-    epochs: float = 2.0                 # default budget: this many passes over the training split
+    batch_size: int = 64  # more, smaller steps for the same gradient evaluations (validation: +5 points)
+    epochs: float = 2.0  # default budget: this many passes over the training split
 
     def __post_init__(self) -> None:
         if self.granularity not in ("layer", "unit"):
@@ -74,8 +75,10 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise AdvtuneError(f"--budget must be a number of gradient evaluations, got {budget!r}")
     if budget < per_step:
-        raise AdvtuneError(f"--budget {budget:,} is below one optimizer step ({per_step:,.0f} gradient evaluations: "
-                           f"{min(batch_size, n_train)} examples x {per_example:g}); raise it")
+        raise AdvtuneError(
+            f"--budget {budget:,} is below one optimizer step ({per_step:,.0f} gradient evaluations: "
+            f"{min(batch_size, n_train)} examples x {per_example:g}); raise it"
+        )
     return int(budget)
 
 
@@ -91,8 +94,10 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     smallest = min(per_unit[n] * (units[n] if recipe.granularity == "layer" else 1) for n in candidates)
     if smallest > budget:
         what = "whole layer" if recipe.granularity == "layer" else "unit"
-        raise AdvtuneError(f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
-                           f"raise --params or use --granularity unit")
+        raise AdvtuneError(
+            f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
+            f"raise --params or use --granularity unit"
+        )
 
 
 @dataclass
@@ -111,8 +116,12 @@ class HardenResult:
     budget: int
 
     def summary(self) -> dict:
-        out = {"trainable_params": self.finetune_cost.get("trainable_params"), "budget": self.budget,
-               "analysis_grad_evals": self.analysis_grad_evals, "finetune_grad_evals": self.finetune_cost.get("grad_evals")}
+        out = {
+            "trainable_params": self.finetune_cost.get("trainable_params"),
+            "budget": self.budget,
+            "analysis_grad_evals": self.analysis_grad_evals,
+            "finetune_grad_evals": self.finetune_cost.get("grad_evals"),
+        }
         for name in ("before", "after"):
             r = getattr(self, name)
             if r is not None:
@@ -120,8 +129,19 @@ class HardenResult:
         return out
 
 
-def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: Recipe = Recipe(),
-           budget: int | None = None, evaluation: str = PROTOCOL, test_limit: int = 1000, seed: int = 0) -> HardenResult:
+def harden(
+    model,
+    train,
+    test=None,
+    *,
+    eps: float,
+    norm: str = "linf",
+    recipe: Recipe = Recipe(),
+    budget: int | None = None,
+    evaluation: str = PROTOCOL,
+    test_limit: int = 1000,
+    seed: int = 0,
+) -> HardenResult:
     """The Python API of `advtune harden`: analysis -> selection within recipe.params -> selective
     adversarial fine-tuning for `budget` gradient evaluations (default: recipe.epochs passes over
     `train`) -> the strong evaluation before and after on `test` (optional).
@@ -171,9 +191,15 @@ def harden(model, train, test=None, *, eps: float, norm: str = "linf", recipe: R
     else:
         selection = select_top(table, params=recipe.params, model=hardened, example_input=example)
     # 3. selective adversarial fine-tuning
-    cfg = TrainConfig(epochs=1, batch_size=recipe.batch_size, optimizer=recipe.optimizer, lr=recipe.lr,
-                      schedule=recipe.schedule, seed=seed,
-                      steps=steps_for_budget(budget, objective, recipe.batch_size, len(train), per_example=per_example))
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=recipe.batch_size,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        schedule=recipe.schedule,
+        seed=seed,
+        steps=steps_for_budget(budget, objective, recipe.batch_size, len(train), per_example=per_example),
+    )
     meter = CostMeter()
     fit(hardened, train, objective, cfg, selection=selection, meter=meter, desc="harden")
     hardened.eval()

@@ -12,6 +12,7 @@ float64 images are cast to the model's dtype, since neither is a mistake worth a
 Pixel space is the convention (DESIGN.md): normalisation is the model's first layer, so inputs
 outside [0, 1] are refused rather than clipped.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -25,12 +26,14 @@ from .errors import AdvtuneError
 _FIX_RANGE = "undo the normalisation (make it the model's first layer) or divide by 255"
 
 
-def check_batch(x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper: float = 1.0,
-                what: str = "data") -> None:
+def check_batch(
+    x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper: float = 1.0, what: str = "data"
+) -> None:
     """Raise a one-line AdvtuneError unless (x, y[, x_adv]) is a valid batch of pixel-space images."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise AdvtuneError(f"{what}: a batch must be a pair of tensors (x, y), got "
-                           f"({type(x).__name__}, {type(y).__name__})")
+        raise AdvtuneError(
+            f"{what}: a batch must be a pair of tensors (x, y), got ({type(x).__name__}, {type(y).__name__})"
+        )
     if x.dtype == torch.uint8:
         raise AdvtuneError(f"{what}: images are uint8; advtune works in pixel space [0, 1]: pass x.float() / 255")
     if not x.is_floating_point():
@@ -38,8 +41,10 @@ def check_batch(x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper:
     if x.dim() < 2:
         raise AdvtuneError(f"{what}: images must be a batch (N, C, H, W), got shape {tuple(x.shape)}")
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise AdvtuneError(f"{what}: labels must be integer class indices of shape ({len(x)},), got "
-                           f"{y.dtype} {tuple(y.shape)}; pass y.long()")
+        raise AdvtuneError(
+            f"{what}: labels must be integer class indices of shape ({len(x)},), got "
+            f"{y.dtype} {tuple(y.shape)}; pass y.long()"
+        )
     if len(y) and int(y.min()) < 0:
         raise AdvtuneError(f"{what}: labels must be class indices >= 0, got {int(y.min())}")
     if len(x) and not bool(torch.isfinite(x).all()):
@@ -47,8 +52,10 @@ def check_batch(x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper:
     if len(x):
         lo, hi = float(x.min()), float(x.max())
         if lo < lower - 1e-6 or hi > upper + 1e-6:
-            raise AdvtuneError(f"{what}: images must lie in [{lower:g}, {upper:g}] (pixel space), got values in "
-                               f"[{lo:.4g}, {hi:.4g}]; {_FIX_RANGE}")
+            raise AdvtuneError(
+                f"{what}: images must lie in [{lower:g}, {upper:g}] (pixel space), got values in "
+                f"[{lo:.4g}, {hi:.4g}]; {_FIX_RANGE}"
+            )
     if x_adv is not None and (not isinstance(x_adv, Tensor) or x_adv.shape != x.shape):
         got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
         raise AdvtuneError(f"{what}: x_adv must have the shape of x {tuple(x.shape)}, got {got}")
@@ -66,8 +73,9 @@ def resolve_split(data: Any, split: str) -> Any:
     return getattr(data, split) if isinstance(data, Dataset) else data
 
 
-def batches(data: Any, batch_size: int, *, allow_adv: bool = False, lower: float = 0.0, upper: float = 1.0,
-            what: str = "data") -> Iterator[tuple[Tensor, ...]]:
+def batches(
+    data: Any, batch_size: int, *, allow_adv: bool = False, lower: float = 0.0, upper: float = 1.0, what: str = "data"
+) -> Iterator[tuple[Tensor, ...]]:
     """Validated float batches ``(x, y)`` (or ``(x, y, x_adv or None)`` with allow_adv) from any
     accepted `data`. Tensor pairs and advtune splits are sliced; iterables are streamed as they come."""
     from .data import Dataset, TensorData
@@ -83,18 +91,22 @@ def batches(data: Any, batch_size: int, *, allow_adv: bool = False, lower: float
         n = len(data[0])
         if any(len(t) != n for t in data[1:]):
             raise AdvtuneError(f"{what}: x has {n} examples but y has {len(data[1])}; pass matching (x, y)")
-        source = (tuple(t[i:i + batch_size] for t in data) for i in range(0, n, batch_size))
+        source = (tuple(t[i : i + batch_size] for t in data) for i in range(0, n, batch_size))
     elif isinstance(data, Tensor) or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise AdvtuneError(f"{what} must be an (x, y) pair of tensors, an iterable of (x, y) batches such as a "
-                           f"DataLoader, or an advtune dataset split; got {type(data).__name__}")
+        raise AdvtuneError(
+            f"{what} must be an (x, y) pair of tensors, an iterable of (x, y) batches such as a "
+            f"DataLoader, or an advtune dataset split; got {type(data).__name__}"
+        )
     else:
         source = data
     for item in source:
         if not is_tensor_tuple(item, sizes):
             want = "(x, y) or (x, y, x_adv)" if allow_adv else "(x, y)"
-            raise AdvtuneError(f"{what}: each batch must be an {want} pair of tensors, got {type(item).__name__}"
-                               f"{' of ' + str(len(item)) if isinstance(item, (tuple, list)) else ''}; "
-                               "a DataLoader must yield (image, label) pairs")
+            raise AdvtuneError(
+                f"{what}: each batch must be an {want} pair of tensors, got {type(item).__name__}"
+                f"{' of ' + str(len(item)) if isinstance(item, (tuple, list)) else ''}; "
+                "a DataLoader must yield (image, label) pairs"
+            )
         x, y = item[0], item[1]
         xa = item[2] if len(item) == 3 else None
         check_batch(x, y, x_adv=xa, lower=lower, upper=upper, what=what)
@@ -123,6 +135,8 @@ def as_tensor_data(data: Any, *, what: str = "data"):
         raise AdvtuneError(f"{what}: batches have different image shapes {sorted(shapes)}; resize them to one shape")
     x = torch.cat(xs)
     if x.dim() != 4:
-        raise AdvtuneError(f"{what}: images must be (N, C, H, W), got shape {tuple(x.shape)}; "
-                           "add the channel dimension, e.g. x.unsqueeze(1)")
+        raise AdvtuneError(
+            f"{what}: images must be (N, C, H, W), got shape {tuple(x.shape)}; "
+            "add the channel dimension, e.g. x.unsqueeze(1)"
+        )
     return TensorData(x.float(), torch.cat(ys).long())

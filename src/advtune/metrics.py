@@ -4,6 +4,7 @@ correctness, adversarial examples of a whole split, and the quick single-attack 
 The honest robustness protocol (several attacks, worst case per example, the masking gate) is
 `advtune.evaluation.robust_accuracy`; what is here is for monitoring and analysis only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def accuracy(model: nn.Module, data: TensorData, batch_size: int = 512, meter: C
     return correct.item() / max(len(data), 1)
 
 
-def robust_accuracy_quick(model: nn.Module, data: TensorData, attack, batch_size: int, seed: int | None,
-                          meter: CostMeter | None = None) -> float:
+def robust_accuracy_quick(
+    model: nn.Module, data: TensorData, attack, batch_size: int, seed: int | None, meter: CostMeter | None = None
+) -> float:
     """Accuracy under one attack (validation monitor during training; evaluation.py is the full protocol)."""
     device = model_device(model)
     correct = 0
@@ -56,7 +58,7 @@ def adversarial_examples(model, attack, x, y, batch_size: int, seed: int) -> tor
     with eval_mode(model):
         for i in progress(range(0, len(x), batch_size), desc=f"attack {attack.spec}", total=-(-len(x) // batch_size)):
             g = make_generator(derive_seed(seed, "analyze", i), dev)
-            out.append(attack(model, x[i:i + batch_size], y[i:i + batch_size], generator=g))
+            out.append(attack(model, x[i : i + batch_size], y[i : i + batch_size], generator=g))
     return torch.cat(out)
 
 
@@ -64,4 +66,6 @@ def adversarial_examples(model, attack, x, y, batch_size: int, seed: int) -> tor
 def correct(model, x, y, batch_size: int) -> torch.Tensor:
     """Per-example correctness of the model's predictions (eval mode)."""
     with eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
+        )

@@ -1,6 +1,7 @@
 """Architectures by name, each starting with a `Normalize` layer (inputs are pixels in [0,1]);
 your own model from a `file.py:factory` or `package.module:factory` spec; save/load as safetensors
 weights + JSON metadata (loading never unpickles)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +17,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import filenames as files
 from .errors import AdvtuneError
 from .utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 
 
 class Normalize(nn.Module):
@@ -46,18 +45,38 @@ def _flat(c: int, h: int, w: int, pools: int) -> int:
 
 def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
     """Fast MNIST net: conv32-pool-conv64-pool-fc128-fc."""
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(c, 32, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(32, 64, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-        flatten=nn.Flatten(), fc1=nn.Linear(_flat(64, h, w, 2), 128), relu3=nn.ReLU(), fc2=nn.Linear(128, classes)))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c, 32, 3, padding=1),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(32, 64, 3, padding=1),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(_flat(64, h, w, 2), 128),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(128, classes),
+        )
+    )
 
 
 def madry_mnist(c: int, h: int, w: int, classes: int) -> nn.Module:
     """The MNIST-challenge architecture (Madry et al. 2018): conv32 5x5, pool, conv64 5x5, pool, fc1024, fc."""
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(c, 32, 5, padding=2), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(32, 64, 5, padding=2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-        flatten=nn.Flatten(), fc1=nn.Linear(_flat(64, h, w, 2), 1024), relu3=nn.ReLU(), fc2=nn.Linear(1024, classes)))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c, 32, 5, padding=2),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(32, 64, 5, padding=2),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(_flat(64, h, w, 2), 1024),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(1024, classes),
+        )
+    )
 
 
 def lenet5(c: int, h: int, w: int, classes: int) -> nn.Module:
@@ -65,11 +84,22 @@ def lenet5(c: int, h: int, w: int, classes: int) -> nn.Module:
     pad = 2 if h < 32 else 0
     h2, w2 = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
     h3, w3 = (h2 - 4) // 2, (w2 - 4) // 2
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(c, 6, 5, padding=pad), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(6, 16, 5), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-        flatten=nn.Flatten(), fc1=nn.Linear(16 * h3 * w3, 120), relu3=nn.ReLU(),
-        fc2=nn.Linear(120, 84), relu4=nn.ReLU(), fc3=nn.Linear(84, classes)))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c, 6, 5, padding=pad),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(6, 16, 5),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(16 * h3 * w3, 120),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(120, 84),
+            relu4=nn.ReLU(),
+            fc3=nn.Linear(84, classes),
+        )
+    )
 
 
 def vgg_cifar(c: int, h: int, w: int, classes: int, widths=(32, 64, 128)) -> nn.Module:
@@ -148,15 +178,21 @@ def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=
     c, h, w = (int(v) for v in input_shape)
     min_side = 8 if name != "lenet5" else 28
     if h < min_side or w < min_side:
-        raise AdvtuneError(f"model {name} needs inputs of at least {min_side}x{min_side}, got {h}x{w}; pick small-cnn or resize")
+        raise AdvtuneError(
+            f"model {name} needs inputs of at least {min_side}x{min_side}, got {h}x{w}; pick small-cnn or resize"
+        )
     mean = tuple(mean) if mean is not None else (0.5,) * c
     std = tuple(std) if std is not None else (0.5,) * c
     if len(mean) != c or len(std) != c:
         raise AdvtuneError(f"normalisation has {len(mean)} channels but inputs have {c}")
     model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=ARCHITECTURES[name](c, h, w, num_classes)))
     model.advtune_architecture = name  # type: ignore[attr-defined]  # save_model records it
-    model.advtune_build = {"input_shape": [c, h, w], "num_classes": int(num_classes),  # type: ignore[attr-defined]
-                           "mean": list(mean), "std": list(std)}
+    model.advtune_build = {
+        "input_shape": [c, h, w],
+        "num_classes": int(num_classes),  # type: ignore[attr-defined]
+        "mean": list(mean),
+        "std": list(std),
+    }
     return model
 
 
@@ -165,6 +201,7 @@ def model_for(dataset, name: str) -> nn.Module:
     if is_factory_spec(name):
         return build_from_factory(name, dataset.input_shape, dataset.num_classes)
     return build_model(name, dataset.input_shape, dataset.num_classes, dataset.mean, dataset.std)
+
 
 # ---------------------------------------------------------------- your own model: file.py:factory
 
@@ -177,8 +214,10 @@ def is_factory_spec(spec: str) -> bool:
 def _split_spec(spec: str) -> tuple[str, str]:
     where, _, name = spec.strip().rpartition(":")
     if not where or not name.isidentifier():
-        raise AdvtuneError(f"--model {spec!r}: write path/to/file.py:factory or package.module:factory "
-                           "(factory = a function returning an nn.Module)")
+        raise AdvtuneError(
+            f"--model {spec!r}: write path/to/file.py:factory or package.module:factory "
+            "(factory = a function returning an nn.Module)"
+        )
     return where, name
 
 
@@ -198,8 +237,10 @@ def factory_record(spec: str) -> dict[str, Any]:
     except (ImportError, ValueError):
         found = None
     if found is None:
-        raise AdvtuneError(f"--model {spec!r}: no module {where!r} on the Python path; run from the folder that holds "
-                           "it, or give path/to/file.py:factory")
+        raise AdvtuneError(
+            f"--model {spec!r}: no module {where!r} on the Python path; run from the folder that holds "
+            "it, or give path/to/file.py:factory"
+        )
     if found.origin and Path(found.origin).is_file():
         record.update(module_file=found.origin, sha256=_sha256(Path(found.origin)))
     return record
@@ -224,7 +265,7 @@ def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
         if spec is None or spec.loader is None:
             raise AdvtuneError(f"--model: cannot load {path} as Python; it must be a .py file")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module   # dataclasses and pickling in the user's file look modules up here
+        sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look modules up here
         where = str(path)
     else:
         where = record["module"]
@@ -235,25 +276,32 @@ def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
         else:
             _importable_from_cwd()
             module = importlib.import_module(where)
-    except Exception as e:   # the user's code: any error becomes one line naming the file
-        raise AdvtuneError(f"--model: importing {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                           [:300]) from None
+    except Exception as e:  # the user's code: any error becomes one line naming the file
+        raise AdvtuneError(
+            f"--model: importing {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        ) from None
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))[:8]
-        raise AdvtuneError(f"--model: {where} has no function {name!r}" + (f"; it has: {', '.join(have)}" if have else ""))
+        raise AdvtuneError(
+            f"--model: {where} has no function {name!r}" + (f"; it has: {', '.join(have)}" if have else "")
+        )
     return factory
 
 
-def build_from_factory(spec: str | dict[str, Any], input_shape, num_classes: int,
-                       expect_sha256: str | None = None) -> nn.Module:
+def build_from_factory(
+    spec: str | dict[str, Any], input_shape, num_classes: int, expect_sha256: str | None = None
+) -> nn.Module:
     """Call the user's factory and check what it returns: an nn.Module that maps a batch of
     `input_shape` pixels to (N, num_classes) logits. The factory gets `input_shape` and/or
     `num_classes` as keywords when its signature names them, nothing otherwise."""
     record = factory_record(spec) if isinstance(spec, str) else spec
     if expect_sha256 is not None and record.get("sha256") not in (None, expect_sha256):
-        raise AdvtuneError(f"the model file {record.get('file') or record.get('module_file')} changed since this run was written (sha256 "
-                           f"{record['sha256'][:12]}... vs {expect_sha256[:12]}... recorded); restore it, or train a new run")
+        raise AdvtuneError(
+            f"the model file {record.get('file') or record.get('module_file')} changed since this run was written "
+            "(sha256 "
+            f"{record['sha256'][:12]}... vs {expect_sha256[:12]}... recorded); restore it, or train a new run"
+        )
     factory = _load_factory(record)
     try:
         params = inspect.signature(factory).parameters
@@ -264,10 +312,13 @@ def build_from_factory(spec: str | dict[str, Any], input_shape, num_classes: int
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise AdvtuneError(f"--model {record['spec']}: the factory raised {type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0][:200]}") from None
+        raise AdvtuneError(
+            f"--model {record['spec']}: the factory raised {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise AdvtuneError(f"--model {record['spec']}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise AdvtuneError(
+            f"--model {record['spec']}: the factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
     from .attacks import logits_of
 
     was = model.training
@@ -276,11 +327,14 @@ def build_from_factory(spec: str | dict[str, Any], input_shape, num_classes: int
         out = logits_of(model, torch.zeros(2, *offer["input_shape"]))
     model.train(was)
     if out.shape[1] != num_classes:
-        raise AdvtuneError(f"--model {record['spec']}: the model returns {out.shape[1]} outputs per example but the "
-                           f"data has {num_classes} classes; make its last layer output {num_classes}")
+        raise AdvtuneError(
+            f"--model {record['spec']}: the model returns {out.shape[1]} outputs per example but the "
+            f"data has {num_classes} classes; make its last layer output {num_classes}"
+        )
     model.advtune_factory = record  # type: ignore[attr-defined]  # save_model records it
     model.advtune_build = {"input_shape": list(offer["input_shape"]), "num_classes": int(num_classes)}  # type: ignore[attr-defined]
     return model
+
 
 # ---------------------------------------------------------------- save / load
 
@@ -291,26 +345,29 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
 
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt", "advtune": "1"}))
+    atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = dict(meta)
     meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
     if getattr(model, "advtune_factory", None) is not None:
         meta.setdefault("factory", model.advtune_factory)
-    for k, v in (getattr(model, "advtune_build", None) or {}).items():   # what rebuilds it
+    for k, v in (getattr(model, "advtune_build", None) or {}).items():  # what rebuilds it
         meta.setdefault(k, v)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
-    atomic_write_json(directory / META_FILE, meta)
-    return directory / WEIGHTS_FILE
+    atomic_write_json(directory / files.MODEL_META, meta)
+    return directory / files.WEIGHTS
 
 
 def read_meta(directory: str | Path) -> dict:
     from .utils import read_json
 
     directory = Path(directory)
-    if not (directory / META_FILE).is_file():
-        raise AdvtuneError(f"{directory} holds no saved model ({META_FILE} missing); pass a run folder written by `advtune train`")
-    return read_json(directory / META_FILE, "model metadata")
+    if not (directory / files.MODEL_META).is_file():
+        raise AdvtuneError(
+            f"{directory} holds no saved model ({files.MODEL_META} missing); pass a run folder written by `advtune "
+            "train`"
+        )
+    return read_json(directory / files.MODEL_META, "model metadata")
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -324,8 +381,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdvtuneError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]}); "
-                           "re-save the model or retrain") from None
+        raise AdvtuneError(
+            f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]}); re-save the model or retrain"
+        ) from None
 
 
 def load_weights(model: nn.Module, path: str | Path, what: str = "checkpoint") -> nn.Module:
@@ -340,12 +398,20 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], what: str
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or extra or wrong:
-        detail = (f"missing {missing[:3]}" if missing else "") or (f"unexpected {extra[:3]}" if extra else "") or f"shape {wrong[0]}"
-        raise AdvtuneError(f"{what} is for another architecture or input shape ({detail}); "
-                           "load it into the model it was saved from")
+        detail = (
+            (f"missing {missing[:3]}" if missing else "")
+            or (f"unexpected {extra[:3]}" if extra else "")
+            or f"shape {wrong[0]}"
+        )
+        raise AdvtuneError(
+            f"{what} is for another architecture or input shape ({detail}); load it into the model it was saved from"
+        )
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -356,32 +422,46 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     meta = read_meta(directory)
     arch = meta.get("architecture")
     factory = meta.get("factory")
-    if factory is not None and not (isinstance(factory, dict) and isinstance(factory.get("spec"), str)
-                                    and isinstance(factory.get("name"), str)):
-        raise AdvtuneError(f"{directory / META_FILE}: the factory record is damaged; retrain the run")
+    if factory is not None and not (
+        isinstance(factory, dict) and isinstance(factory.get("spec"), str) and isinstance(factory.get("name"), str)
+    ):
+        raise AdvtuneError(f"{directory / files.MODEL_META}: the factory record is damaged; retrain the run")
     if factory is None and arch is None:
-        raise AdvtuneError(f"{directory}: this model was saved without a way to rebuild it (not a zoo architecture, "
-                           "no --model file.py:factory); load the weights into your own model: "
-                           "model.load_state_dict(safetensors.torch.load_file('.../model.safetensors'))")
+        raise AdvtuneError(
+            f"{directory}: this model was saved without a way to rebuild it (not a zoo architecture, "
+            "no --model file.py:factory); load the weights into your own model: "
+            "model.load_state_dict(safetensors.torch.load_file('.../model.safetensors'))"
+        )
     if factory is None and arch not in ARCHITECTURES:
-        raise AdvtuneError(f"{directory}: unknown architecture {arch!r} in {META_FILE}; valid: {', '.join(ARCHITECTURES)}")
+        raise AdvtuneError(
+            f"{directory}: unknown architecture {arch!r} in {files.MODEL_META}; valid: {', '.join(ARCHITECTURES)}"
+        )
     missing = [k for k in ("input_shape", "num_classes") if k not in meta]
     if missing:
-        raise AdvtuneError(f"{directory / META_FILE} lacks {', '.join(missing)}; it was not written by advtune's save_model")
+        raise AdvtuneError(
+            f"{directory / files.MODEL_META} lacks {', '.join(missing)}; it was not written by advtune's save_model"
+        )
     shape, classes = meta["input_shape"], meta["num_classes"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                               for v in shape)):
-        raise AdvtuneError(f"{directory / META_FILE}: input_shape must be [channels, height, width] (positive integers), "
-                           f"got {shape!r}; the file was edited or damaged")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
+        raise AdvtuneError(
+            f"{directory / files.MODEL_META}: input_shape must be [channels, height, width] (positive integers), "
+            f"got {shape!r}; the file was edited or damaged"
+        )
     if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= 100_000:
-        raise AdvtuneError(f"{directory / META_FILE}: num_classes must be an integer >= 2, got {classes!r}; "
-                           "the file was edited or damaged")
+        raise AdvtuneError(
+            f"{directory / files.MODEL_META}: num_classes must be an integer >= 2, got {classes!r}; "
+            "the file was edited or damaged"
+        )
     if factory is not None:
         now = factory_record(factory["spec"])
         model = build_from_factory(now, shape, classes, expect_sha256=factory.get("sha256"))
     else:
         model = build_model(arch, meta["input_shape"], meta["num_classes"], meta.get("mean"), meta.get("std"))
-    load_weights(model, directory / WEIGHTS_FILE, f"{directory / WEIGHTS_FILE}")
+    load_weights(model, directory / files.WEIGHTS, f"{directory / files.WEIGHTS}")
     return model.to(device).eval(), meta
 
 
@@ -389,9 +469,20 @@ def describe_meta(name: str, dataset) -> dict:
     """The metadata a model needs to be rebuilt: architecture (or factory), input shape, classes,
     normalisation (the zoo's; a factory model carries its own)."""
     if is_factory_spec(name):
-        return {"architecture": None, "factory": factory_record(name), "dataset": dataset.name,
-                "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-                "classes": dataset.classes}
-    return {"architecture": name, "dataset": dataset.name, "input_shape": list(dataset.input_shape),
-            "num_classes": dataset.num_classes, "classes": dataset.classes,
-            "mean": list(dataset.mean), "std": list(dataset.std)}
+        return {
+            "architecture": None,
+            "factory": factory_record(name),
+            "dataset": dataset.name,
+            "input_shape": list(dataset.input_shape),
+            "num_classes": dataset.num_classes,
+            "classes": dataset.classes,
+        }
+    return {
+        "architecture": name,
+        "dataset": dataset.name,
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "classes": dataset.classes,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+    }

@@ -1,11 +1,13 @@
 """Plots (PNG) from results. Figures are drawn on an Agg canvas directly: no global pyplot state,
 no display needed, and the caller's matplotlib backend is left alone."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Mapping
 
+from . import filenames as files
 from .errors import AdvtuneError
 
 
@@ -23,8 +25,10 @@ def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None)
     ax = fig.add_subplot(1, 1, 1)
     for label, c in curves.items():
         if not hasattr(c, "eps") or not hasattr(c, "accuracy"):
-            raise AdvtuneError(f"plot_eps_curve expects EpsCurve objects (from evaluate.eps_curve), got {type(c).__name__}")
-        line, = ax.plot(c.eps, c.accuracy, marker="o", label=label or None)
+            raise AdvtuneError(
+                f"plot_eps_curve expects EpsCurve objects (from evaluate.eps_curve), got {type(c).__name__}"
+            )
+        (line,) = ax.plot(c.eps, c.accuracy, marker="o", label=label or None)
         if list(c.raw_accuracy) != list(c.accuracy):
             ax.plot(c.eps, c.raw_accuracy, ls="--", lw=0.8, color=line.get_color(), alpha=0.7)
     ax.set_xlabel("eps")
@@ -66,24 +70,48 @@ def plot_concentration(curves: Mapping[str, dict], path: str | os.PathLike, *, t
     ax = fig.add_subplot(1, 1, 1)
     first = next(iter(curves.values()))
     if not first["n_errors"]:
-        ax.text(0.5, 0.5, "the attack caused no adversarial errors:\nnothing to repair, no curve", ha="center", va="center")
+        ax.text(
+            0.5, 0.5, "the attack caused no adversarial errors:\nnothing to repair, no curve", ha="center", va="center"
+        )
         ax.set_axis_off()
         return _save(fig, path)
     xs = [100 * s for s in first["shares"]]
     mean = [m if m is not None else float("nan") for m in first["random_mean"]]
     std = [d if d is not None else 0.0 for d in first["random_std"]]
-    ax.plot(xs, [100 * m for m in mean], color="grey", ls="--", marker=".", label=f"random ({len(first['random_seeds'])} seeds)")
-    ax.fill_between(xs, [100 * (m - d) for m, d in zip(mean, std)], [100 * (m + d) for m, d in zip(mean, std)], color="grey", alpha=0.2)
+    ax.plot(
+        xs,
+        [100 * m for m in mean],
+        color="grey",
+        ls="--",
+        marker=".",
+        label=f"random ({len(first['random_seeds'])} seeds)",
+    )
+    ax.fill_between(
+        xs,
+        [100 * (m - d) for m, d in zip(mean, std)],
+        [100 * (m + d) for m, d in zip(mean, std)],
+        color="grey",
+        alpha=0.2,
+    )
     for (name, c), marker in zip(curves.items(), "osD^v*"):
-        ax.plot([100 * s for s in c["shares"]], [100 * (r if r is not None else float("nan")) for r in c["repaired"]],
-                marker=marker, markersize=5, alpha=0.85, label=f"top-p by {name}")
+        ax.plot(
+            [100 * s for s in c["shares"]],
+            [100 * (r if r is not None else float("nan")) for r in c["repaired"]],
+            marker=marker,
+            markersize=5,
+            alpha=0.85,
+            label=f"top-p by {name}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("components restored to clean activation (% of all, log scale)")
     ax.set_ylabel("adversarial errors repaired (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title(title or f"Concentration of adversarial errors ({first['n_errors']} errors, {first['n_samples']} examples)", fontsize=9)
+    ax.set_title(
+        title or f"Concentration of adversarial errors ({first['n_errors']} errors, {first['n_samples']} examples)",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -161,11 +189,24 @@ def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | N
         ax.axhline(100 * (plat.robust_acc - 0.02), ls=":", color="grey", lw=1)
         ax.axvline(plat.cost, ls=":", color="grey", lw=1)
         ax.axvline(0.25 * plat.cost, ls=":", color="tab:green", lw=1)
-        ax.annotate(f"{plat.variant} plateau {100 * plat.robust_acc:.1f}% (reached within {100 * PLATEAU_TOLERANCE:g} pt at "
-                    f"{plat.cost:,}); dotted: plateau - 2 pt", (plat.cost, 100 * plat.robust_acc), fontsize=7, ha="right",
-                    xytext=(-4, 4), textcoords="offset points")
-        ax.annotate("25% of that cost", (0.25 * plat.cost, 2), fontsize=7, color="tab:green", ha="right",
-                    xytext=(-3, 0), textcoords="offset points")
+        ax.annotate(
+            f"{plat.variant} plateau {100 * plat.robust_acc:.1f}% (reached within {100 * PLATEAU_TOLERANCE:g} pt at "
+            f"{plat.cost:,}); dotted: plateau - 2 pt",
+            (plat.cost, 100 * plat.robust_acc),
+            fontsize=7,
+            ha="right",
+            xytext=(-4, 4),
+            textcoords="offset points",
+        )
+        ax.annotate(
+            "25% of that cost",
+            (0.25 * plat.cost, 2),
+            fontsize=7,
+            color="tab:green",
+            ha="right",
+            xytext=(-3, 0),
+            textcoords="offset points",
+        )
     except AdvtuneError:
         pass
     ax.set_xscale("log")
@@ -222,16 +263,36 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     attack_cols = []
     for r in rows:
         attack_cols += [k for k in r if k.startswith("acc[") and k not in attack_cols]
-    head = ["variant", "eps", "clean", *[c[4:-1] for c in attack_cols], "worst case", "grad evals (train)",
-            "+ analysis", "wall s", "FLOPs", "trainable params", "gate"]
+    head = [
+        "variant",
+        "eps",
+        "clean",
+        *[c[4:-1] for c in attack_cols],
+        "worst case",
+        "grad evals (train)",
+        "+ analysis",
+        "wall s",
+        "FLOPs",
+        "trainable params",
+        "gate",
+    ]
     body = []
     for r in rows:
-        body.append([r["variant"], f"{r['eps']:.4g}", f"{100 * r['clean_acc']:.2f}%",
-                     *[f"{100 * r[c]:.2f}%" if c in r else "–" for c in attack_cols],
-                     f"{100 * r['robust_acc']:.2f}%", _fmt_int(r["grad_evals"]),
-                     _fmt_int(r.get("analysis_grad_evals")) if r.get("analysis_grad_evals") else "–",
-                     f"{r['wall_s'] + r.get('analysis_wall_s', 0):.0f}", f"{r['flops']:.3g}",
-                     _fmt_int(r.get("trainable_params")), "SUSPECT" if r.get("suspect") else "passed"])
+        body.append(
+            [
+                r["variant"],
+                f"{r['eps']:.4g}",
+                f"{100 * r['clean_acc']:.2f}%",
+                *[f"{100 * r[c]:.2f}%" if c in r else "–" for c in attack_cols],
+                f"{100 * r['robust_acc']:.2f}%",
+                _fmt_int(r["grad_evals"]),
+                _fmt_int(r.get("analysis_grad_evals")) if r.get("analysis_grad_evals") else "–",
+                f"{r['wall_s'] + r.get('analysis_wall_s', 0):.0f}",
+                f"{r['flops']:.3g}",
+                _fmt_int(r.get("trainable_params")),
+                "SUSPECT" if r.get("suspect") else "passed",
+            ]
+        )
     return head, body
 
 
@@ -249,8 +310,10 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
         rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random" and not r.get("suspect")]
         for r in rs:
             if r.get("suspect"):
-                out.append(f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
-                           "its robust accuracy is not trustworthy and it is not called robust here.")
+                out.append(
+                    f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
+                    "its robust accuracy is not trustworthy and it is not called robust here."
+                )
         if full and sel and not frontier:
             ref = max(full, key=lambda r: r["robust_acc"])
             best = max((r for r in sel if not r.get("suspect")), key=lambda r: r["robust_acc"], default=None)
@@ -261,45 +324,64 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
                 verdict = "within 1 point of" if diff >= -1 else f"{-diff:.1f} points below"
                 if diff > 1:
                     verdict = f"{diff:.1f} points above"
-                out.append(f"eps={eps:g}: the best selective fine-tuning (**{best['variant']}**) reached "
-                           f"{100 * best['robust_acc']:.2f}% worst-case robust accuracy, {verdict} full adversarial training "
-                           f"(**{ref['variant']}**, {100 * ref['robust_acc']:.2f}%), with {100 * ratio:.1f}% of its gradient "
-                           f"evaluations (analysis included; the standard model's own training not counted).")
+                out.append(
+                    f"eps={eps:g}: the best selective fine-tuning (**{best['variant']}**) reached "
+                    f"{100 * best['robust_acc']:.2f}% worst-case robust accuracy, {verdict} full adversarial training "
+                    f"(**{ref['variant']}**, {100 * ref['robust_acc']:.2f}%), with {100 * ratio:.1f}% of its gradient "
+                    f"evaluations (analysis included; the standard model's own training not counted)."
+                )
         if sel and rnd:
             for r in rnd:
-                if r.get("params_like"):         # the control of one named selection: compare with that one
+                if r.get("params_like"):  # the control of one named selection: compare with that one
                     same = [s for s in sel if s["variant"] == r["params_like"]]
-                    what, ctrl = f"with ~{r.get('trainable_params') or 0:,} trainable parameters", "random units with as many parameters"
-                elif r.get("share") is not None:   # the same share of components, same attack and budget
-                    same = [s for s in sel if s.get("share") == r["share"] and s.get("attack") == r.get("attack")
-                            and s.get("grad_evals") == r.get("grad_evals")]
+                    what, ctrl = (
+                        f"with ~{r.get('trainable_params') or 0:,} trainable parameters",
+                        "random units with as many parameters",
+                    )
+                elif r.get("share") is not None:  # the same share of components, same attack and budget
+                    same = [
+                        s
+                        for s in sel
+                        if s.get("share") == r["share"]
+                        and s.get("attack") == r.get("attack")
+                        and s.get("grad_evals") == r.get("grad_evals")
+                    ]
                     what, ctrl = f"at share {r['share']:g}", "the same share chosen at random"
-                else:                            # the same trainable parameters (within 10%), attack and budget
+                else:  # the same trainable parameters (within 10%), attack and budget
                     n = r.get("trainable_params") or 0
-                    same = [s for s in sel if s.get("attack") == r.get("attack") and s.get("trainable_params")
-                            and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]
-                            and s.get("grad_evals") == r.get("grad_evals")]
+                    same = [
+                        s
+                        for s in sel
+                        if s.get("attack") == r.get("attack")
+                        and s.get("trainable_params")
+                        and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]
+                        and s.get("grad_evals") == r.get("grad_evals")
+                    ]
                     what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
                 if same:
                     s = max(same, key=lambda q: q["robust_acc"])
-                    out.append(f"eps={eps:g}: {what}, selected components ({s['variant']}) gave {100 * s['robust_acc']:.2f}% "
-                               f"vs {100 * r['robust_acc']:.2f}% for {ctrl} "
-                               f"({100 * (s['robust_acc'] - r['robust_acc']):+.1f} points).")
+                    out.append(
+                        f"eps={eps:g}: {what}, selected components ({s['variant']}) gave {100 * s['robust_acc']:.2f}% "
+                        f"vs {100 * r['robust_acc']:.2f}% for {ctrl} "
+                        f"({100 * (s['robust_acc'] - r['robust_acc']):+.1f} points)."
+                    )
     return out
 
 
 def write_report(folder: str | os.PathLike) -> dict[str, Path]:
     """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
     records; a partial or corrupt record is a one-line error naming the folder."""
-    return _guarded(_write_report, folder, "advtune experiment CONFIG --out")
+    return _guarded(_write_report, folder, "advtune experiment files.CONFIG --out")
 
 
 def _guarded(fn, folder, how: str) -> dict[str, Path]:
     try:
         return fn(folder)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise AdvtuneError(f"{folder}: its records are incomplete or corrupt ({type(e).__name__}: {e}); "
-                           f"re-run `{how} {folder}` to complete them") from None
+        raise AdvtuneError(
+            f"{folder}: its records are incomplete or corrupt ({type(e).__name__}: {e}); "
+            f"re-run `{how} {folder}` to complete them"
+        ) from None
 
 
 def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
@@ -310,24 +392,28 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
     import json
 
     folder = Path(folder)
-    res = folder / "results.json"
+    res = folder / files.RESULTS
     if not res.is_file():
-        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment CONFIG --out {folder}` first")
+        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment files.CONFIG --out {folder}` first")
     from .utils import read_json
 
     rows = read_json(res, "results")["rows"]
     if not rows:
         raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
-    exp = read_json(folder / "experiment.json", "experiment record") if (folder / "experiment.json").is_file() else {}
+    exp = read_json(folder / files.EXPERIMENT, "experiment record") if (folder / files.EXPERIMENT).is_file() else {}
     cfg = exp.get("config", {})
     figs: list[tuple[str, Path]] = []
     frontier_notes: list[str] = []
-    if (folder / "frontier.json").is_file():
+    if (folder / files.FRONTIER).is_file():
         from .frontier import findings as frontier_findings
 
-        points = read_json(folder / "frontier.json", "frontier")["points"]
-        figs.append(("Robustness per compute: the frontier", plot_frontier(points, folder / "frontier.png",
-                                                                          title=cfg.get("name"))))
+        points = read_json(folder / files.FRONTIER, "frontier")["points"]
+        figs.append(
+            (
+                "Robustness per compute: the frontier",
+                plot_frontier(points, folder / "frontier.png", title=cfg.get("name")),
+            )
+        )
         frontier_notes = frontier_findings(points)
     figs.append(("Robustness vs compute (final models)", plot_pareto(rows, folder / "pareto.png")))
     eps_png = plot_eps_sweep(rows, folder / "eps-sweep.png")
@@ -335,34 +421,50 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
         figs.append(("Robust accuracy vs eps", eps_png))
     analysis_notes = []
     for a in sorted(folder.glob("analysis*")):
-        if (a / "concentration.json").is_file():
-            curves = json.loads((a / "concentration.json").read_text())
-            figs.append((f"Concentration of adversarial errors ({a.name})", plot_concentration(curves, folder / f"{a.name}-concentration.png")))
+        if (a / files.CONCENTRATION).is_file():
+            curves = json.loads((a / files.CONCENTRATION).read_text())
+            figs.append(
+                (
+                    f"Concentration of adversarial errors ({a.name})",
+                    plot_concentration(curves, folder / f"{a.name}-concentration.png"),
+                )
+            )
             for name, c in curves.items():
                 pts = {round(s, 4): (r, m) for s, r, m in zip(c["shares"], c["repaired"], c["random_mean"])}
                 for share in (0.01, 0.05, 0.1):
                     if share in pts and pts[share][0] is not None:
-                        analysis_notes.append(f"{a.name}: restoring the top {100 * share:g}% of components by {name} repairs "
-                                              f"{100 * pts[share][0]:.1f}% of {c['n_errors']} adversarial errors "
-                                              f"(random {100 * (pts[share][1] or 0):.1f}%).")
+                        analysis_notes.append(
+                            f"{a.name}: restoring the top {100 * share:g}% of components by {name} repairs "
+                            f"{100 * pts[share][0]:.1f}% of {c['n_errors']} adversarial errors "
+                            f"(random {100 * (pts[share][1] or 0):.1f}%)."
+                        )
         layer_files = sorted(a.glob("layers-*.json"))
         if layer_files:
-            layers = {p.stem[len("layers-"):]: json.loads(p.read_text()) for p in layer_files}
-            figs.append((f"Vulnerability by layer ({a.name})", plot_layer_scores(layers, folder / f"{a.name}-layers.png")))
-        summ = a / "summary.json"
+            layers = {p.stem[len("layers-") :]: json.loads(p.read_text()) for p in layer_files}
+            figs.append(
+                (f"Vulnerability by layer ({a.name})", plot_layer_scores(layers, folder / f"{a.name}-layers.png"))
+            )
+        summ = a / files.SUMMARY
         if summ.is_file():
             agree = json.loads(summ.read_text()).get("rank_agreement_with_restoration", {})
             for k, v in agree.items():
-                analysis_notes.append(f"{a.name}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}.")
+                analysis_notes.append(
+                    f"{a.name}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}."
+                )
     head, body = _table(rows)
     findings = frontier_notes + headline(rows, frontier=bool(frontier_notes))
     ev = cfg.get("evaluation", {})
-    protocol = (f"Threat model {cfg.get('threat', {}).get('norm', 'linf')}, eps {cfg.get('threat', {}).get('eps')}. "
-                f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
-                "worst case per example over the attacks; the gradient-masking gate ran on every model.")
+    protocol = (
+        f"Threat model {cfg.get('threat', {}).get('norm', 'linf')}, eps {cfg.get('threat', {}).get('eps')}. "
+        f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
+        "worst case per example over the attacks; the gradient-masking gate ran on every model."
+    )
     base = cfg.get("base", {})
-    setup = (f"Base: {base.get('pretrained') or (str(base.get('model')) + ' on ' + str(base.get('dataset')))}"
-             + (f", training subset {base['limit']}" if base.get("limit") else "") + ".")
+    setup = (
+        f"Base: {base.get('pretrained') or (str(base.get('model')) + ' on ' + str(base.get('dataset')))}"
+        + (f", training subset {base['limit']}" if base.get("limit") else "")
+        + "."
+    )
     notes = cfg.get("notes")
     title = f"advtune report: {cfg.get('name', folder.name)}"
 
@@ -373,46 +475,70 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
         md += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
     md += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in body]
-    md += ["", "Costs: gradient evaluations = forward+backward passes of one example during training (attack steps "
-           "plus the update). Selective and full fine-tuning start from the standard model; this table shows their own "
-           "training only, '+ analysis' the scoring attack behind a selection. The frontier (figure and findings) counts "
-           "every curve alike: fine-tuning curves there include the base model's training and the analysis.", ""]
+    md += [
+        "",
+        "Costs: gradient evaluations = forward+backward passes of one example during training (attack steps "
+        "plus the update). Selective and full fine-tuning start from the standard model; this table shows their own "
+        "training only, '+ analysis' the scoring attack behind a selection. The frontier (figure and findings) counts "
+        "every curve alike: fine-tuning curves there include the base model's training and the analysis.",
+        "",
+    ]
     if analysis_notes:
         md += ["## Vulnerability analysis", ""] + [f"- {n}" for n in analysis_notes] + [""]
     for caption, p in figs:
         md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
     from .utils import atomic_write_text
 
-    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(folder / files.REPORT_MD, "\n".join(md) + "\n")
 
     def img(p: Path) -> str:
         return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
 
     esc = html.escape
     cells = "".join(f"<th>{esc(h)}</th>" for h in head)
-    trs = "".join("<tr" + (' class="suspect"' if r[-1] == "SUSPECT" else "") + ">" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
-                  for r in body)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}tr.suspect{background:#fde2e2}"
-             "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
-             "</style></head><body>", f"<h1>{esc(title)}</h1>", f"<p>{esc(setup)}</p><p>{esc(protocol)}</p>"]
+    trs = "".join(
+        "<tr"
+        + (' class="suspect"' if r[-1] == "SUSPECT" else "")
+        + ">"
+        + "".join(f"<td>{esc(c)}</td>" for c in r)
+        + "</tr>"
+        for r in body
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}tr.suspect{background:#fde2e2}"
+        "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
+        "</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f"<p>{esc(setup)}</p><p>{esc(protocol)}</p>",
+    ]
     if notes:
         parts.append(f"<p class='note'>{esc(str(notes))}</p>")
     if findings:
-        parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f).replace('**', '')}</li>" for f in findings) + "</ul>")
+        parts.append(
+            "<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f).replace('**', '')}</li>" for f in findings) + "</ul>"
+        )
     parts.append(f"<h2>Results</h2><table><thead><tr>{cells}</tr></thead><tbody>{trs}</tbody></table>")
-    parts.append("<p class='note'>Gradient evaluations: forward+backward passes of one example during training. "
-                 "Fine-tuning variants start from the standard model (its training not included); '+ analysis' is the "
-                 "scoring attack behind a selection. A red row tripped the gradient-masking gate and is not called robust.</p>")
+    parts.append(
+        "<p class='note'>Gradient evaluations: forward+backward passes of one example during training. "
+        "Fine-tuning variants start from the standard model (its training not included); '+ analysis' is the "
+        "scoring attack behind a selection. A red row tripped the gradient-masking gate and is not called robust.</p>"
+    )
     if analysis_notes:
-        parts.append("<h2>Vulnerability analysis</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in analysis_notes) + "</ul>")
-    parts.append("<h2>Figures</h2>" + "".join(f"<figure><img src='{img(p)}' alt='{esc(c)}'><figcaption>{esc(c)}</figcaption></figure>"
-                                              for c, p in figs))
+        parts.append(
+            "<h2>Vulnerability analysis</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in analysis_notes) + "</ul>"
+        )
+    parts.append(
+        "<h2>Figures</h2>"
+        + "".join(
+            f"<figure><img src='{img(p)}' alt='{esc(c)}'><figcaption>{esc(c)}</figcaption></figure>" for c, p in figs
+        )
+    )
     parts.append("</body></html>")
-    atomic_write_text(folder / "report.html", "".join(parts))
-    return {"html": folder / "report.html", "md": folder / "report.md"}
+    atomic_write_text(folder / files.REPORT_HTML, "".join(parts))
+    return {"html": folder / files.REPORT_HTML, "md": folder / files.REPORT_MD}
 
 
 # ---------------------------------------------------------------- harden report
@@ -432,64 +558,110 @@ def _write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
     from .utils import atomic_write_text, read_json
 
     folder = Path(folder)
-    if not (folder / "summary.json").is_file():
+    if not (folder / files.SUMMARY).is_file():
         raise AdvtuneError(f"{folder} has no summary.json; run `advtune harden ... --out {folder}` first")
-    s = read_json(folder / "summary.json", "harden summary")
+    s = read_json(folder / files.SUMMARY, "harden summary")
     c = s["cost"]
     sel = s.get("selection") or {}
     figs: list[tuple[str, Path]] = []
-    conc = folder / "analysis" / "concentration.json"
+    conc = folder / files.ANALYSIS / files.CONCENTRATION
     if conc.is_file():
-        figs.append(("Concentration of adversarial errors (the vulnerability map)",
-                     plot_concentration(json.loads(conc.read_text()), folder / "concentration.png")))
+        figs.append(
+            (
+                "Concentration of adversarial errors (the vulnerability map)",
+                plot_concentration(json.loads(conc.read_text()), folder / "concentration.png"),
+            )
+        )
     if sel.get("by_layer"):
         figs.append(("Where the trained parameters sit", plot_selection(sel, folder / "selection.png")))
     share = 100 * (s.get("param_share") or 0)
-    headline_ = (f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the model) "
-                 f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
-                 f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
-                 f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
-                 f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}); the base model's own "
-                 f"training took {c['base_training_grad_evals'] or 0:,}.")
-    rows = [("", "clean", "worst-case robust", "gate"),
-            ("before (base model)", f"{100 * s['before']['clean_acc']:.2f}%", f"{100 * s['before']['robust_acc']:.2f}%",
-             "SUSPECT" if s["before"].get("suspect") else "passed"),
-            ("after (hardened)", f"{100 * s['after']['clean_acc']:.2f}%", f"{100 * s['after']['robust_acc']:.2f}%",
-             "SUSPECT" if s["after"].get("suspect") else "passed")]
+    headline_ = (
+        f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the "
+        "model) "
+        f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
+        f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
+        f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
+        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}); the base model's own "
+        f"training took {c['base_training_grad_evals'] or 0:,}."
+    )
+    rows = [
+        ("", "clean", "worst-case robust", "gate"),
+        (
+            "before (base model)",
+            f"{100 * s['before']['clean_acc']:.2f}%",
+            f"{100 * s['before']['robust_acc']:.2f}%",
+            "SUSPECT" if s["before"].get("suspect") else "passed",
+        ),
+        (
+            "after (hardened)",
+            f"{100 * s['after']['clean_acc']:.2f}%",
+            f"{100 * s['after']['robust_acc']:.2f}%",
+            "SUSPECT" if s["after"].get("suspect") else "passed",
+        ),
+    ]
     recipe = s.get("recipe", {})
-    recipe_line = (f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
-                   f"(analysis: {recipe.get('analysis_attack')} on {recipe.get('analysis_limit')} training images) within "
-                   f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
-                   f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr {recipe.get('lr')}, "
-                   f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient evaluations.")
-    protocol = (f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
-                "(the same images before and after), gradient-masking gate on.")
-    layer_lines = [f"{n}: {u}/{t} units, {sel.get('params_by_layer', {}).get(n, 0):,} parameters"
-                   for n, (u, t) in sel.get("by_layer", {}).items() if u]
-    md = [f"# advtune harden: {s['architecture']} at {s['norm']} eps={s['eps']:g}", "", headline_, "",
-          "| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    recipe_line = (
+        f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
+        f"(analysis: {recipe.get('analysis_attack')} on {recipe.get('analysis_limit')} training images) within "
+        f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
+        f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr "
+        f"{recipe.get('lr')}, "
+        f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient "
+        "evaluations."
+    )
+    protocol = (
+        f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
+        "(the same images before and after), gradient-masking gate on."
+    )
+    layer_lines = [
+        f"{n}: {u}/{t} units, {sel.get('params_by_layer', {}).get(n, 0):,} parameters"
+        for n, (u, t) in sel.get("by_layer", {}).items()
+        if u
+    ]
+    md = [
+        f"# advtune harden: {s['architecture']} at {s['norm']} eps={s['eps']:g}",
+        "",
+        headline_,
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|---|---|---|---|",
+    ] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
     md += ["", recipe_line, "", protocol, "", "## Trained components", ""] + [f"- {x}" for x in layer_lines] + [""]
     for caption, p in figs:
         md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
-    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(folder / files.REPORT_MD, "\n".join(md) + "\n")
     esc = html.escape
 
     def img(p: Path) -> str:
         return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
 
-    table = "<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{esc(x)}</{'th' if i == 0 else 'td'}>"
-                                                  for x in r) + "</tr>" for i, r in enumerate(rows)) + "</table>"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>advtune harden</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 10px}"
-             "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
-             "</style></head><body>", f"<h1>advtune harden: {esc(str(s['architecture']))} at {esc(s['norm'])} eps={s['eps']:g}</h1>",
-             f"<p><b>{esc(headline_)}</b></p>", table, f"<p class='note'>{esc(recipe_line)}</p><p class='note'>{esc(protocol)}</p>",
-             "<h2>Trained components</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in layer_lines) + "</ul>",
-             "".join(f"<figure><img src='{img(p)}' alt='{esc(cap)}'><figcaption>{esc(cap)}</figcaption></figure>" for cap, p in figs),
-             "</body></html>"]
-    atomic_write_text(folder / "report.html", "".join(parts))
-    return {"html": folder / "report.html", "md": folder / "report.md"}
+    table = (
+        "<table>"
+        + "".join(
+            "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{esc(x)}</{'th' if i == 0 else 'td'}>" for x in r) + "</tr>"
+            for i, r in enumerate(rows)
+        )
+        + "</table>"
+    )
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>advtune harden</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 10px}"
+        "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"
+        "</style></head><body>",
+        f"<h1>advtune harden: {esc(str(s['architecture']))} at {esc(s['norm'])} eps={s['eps']:g}</h1>",
+        f"<p><b>{esc(headline_)}</b></p>",
+        table,
+        f"<p class='note'>{esc(recipe_line)}</p><p class='note'>{esc(protocol)}</p>",
+        "<h2>Trained components</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in layer_lines) + "</ul>",
+        "".join(
+            f"<figure><img src='{img(p)}' alt='{esc(cap)}'><figcaption>{esc(cap)}</figcaption></figure>"
+            for cap, p in figs
+        ),
+        "</body></html>",
+    ]
+    atomic_write_text(folder / files.REPORT_HTML, "".join(parts))
+    return {"html": folder / files.REPORT_HTML, "md": folder / files.REPORT_MD}
 
 
 def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
@@ -502,8 +674,14 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
     bars = ax.bar(range(len(names)), [100 * u for u in units], color="tab:blue")
     for b, n in zip(bars, params):
         if n:
-            ax.annotate(f"{n:,}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                f"{n:,}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("units trained (%)")

@@ -5,6 +5,7 @@ box [lower, upper]. Attacks never compute norms, projections or step directions 
 the threat model (`project`, `random_start`, `steepest_step`, `distance`, `check`), so adding a norm
 means editing this file only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,13 +45,16 @@ class ThreatModel:
                 raise AdvtuneError(f"threat model {name} must be a finite number, got {v!r}; e.g. eps=8/255")
             object.__setattr__(self, name, float(v))  # ints are accepted, stored as floats
         if not self.lower < self.upper:
-            raise AdvtuneError(f"threat model needs lower < upper, got [{self.lower}, {self.upper}]; "
-                               "pixel space is [0, 1]")
+            raise AdvtuneError(
+                f"threat model needs lower < upper, got [{self.lower}, {self.upper}]; pixel space is [0, 1]"
+            )
         if self.eps <= 0:
             raise AdvtuneError(f"eps must be > 0, got {self.eps}; e.g. eps=8/255 (linf) or eps=0.5 (l2)")
         if self.norm == "linf" and self.eps > self.upper - self.lower:
-            raise AdvtuneError(f"linf eps={self.eps} exceeds the pixel range {self.upper - self.lower}; "
-                               "eps is in pixel units: write 8/255, not 8")
+            raise AdvtuneError(
+                f"linf eps={self.eps} exceeds the pixel range {self.upper - self.lower}; "
+                "eps is in pixel units: write 8/255, not 8"
+            )
 
     # ------------------------------------------------------------ helpers
 
@@ -133,23 +137,31 @@ class ThreatModel:
     def check(self, x_adv: Tensor, x: Tensor, atol: float = 1e-6, what: str = "x_adv") -> None:
         """Raise AdvtuneError if `x_adv` leaves the threat model (outside the ball or the box, NaN, shape)."""
         if x_adv.shape != x.shape:
-            raise AdvtuneError(f"{what} has shape {tuple(x_adv.shape)} but the clean input has {tuple(x.shape)}; "
-                               "an attack must return one adversarial per input")
+            raise AdvtuneError(
+                f"{what} has shape {tuple(x_adv.shape)} but the clean input has {tuple(x.shape)}; "
+                "an attack must return one adversarial per input"
+            )
         if x_adv.device != x.device or x_adv.dtype != x.dtype:
-            raise AdvtuneError(f"{what} is {x_adv.dtype} on {x_adv.device} but the input is {x.dtype} on {x.device}; "
-                               "an attack must keep the input's dtype and device")
+            raise AdvtuneError(
+                f"{what} is {x_adv.dtype} on {x_adv.device} but the input is {x.dtype} on {x.device}; "
+                "an attack must keep the input's dtype and device"
+            )
         if x_adv.numel() == 0:
             return
         if not torch.isfinite(x_adv).all():
             raise AdvtuneError(f"{what} contains NaN or inf: the attack is broken (a bug, please report it)")
         dist = self.distance(x_adv, x).max().item()
         if dist > self.eps + atol:
-            raise AdvtuneError(f"{what} is outside the {self.norm} ball: max distance {dist:.8g} > eps {self.eps:.8g} "
-                               f"(+{atol:g}); the attack is broken (a bug, please report it)")
+            raise AdvtuneError(
+                f"{what} is outside the {self.norm} ball: max distance {dist:.8g} > eps {self.eps:.8g} "
+                f"(+{atol:g}); the attack is broken (a bug, please report it)"
+            )
         lo, hi = x_adv.min().item(), x_adv.max().item()
         if lo < self.lower - atol or hi > self.upper + atol:
-            raise AdvtuneError(f"{what} leaves the pixel box [{self.lower}, {self.upper}]: values in [{lo:.8g}, {hi:.8g}]; "
-                               "the attack is broken (a bug, please report it)")
+            raise AdvtuneError(
+                f"{what} leaves the pixel box [{self.lower}, {self.upper}]: values in [{lo:.8g}, {hi:.8g}]; "
+                "the attack is broken (a bug, please report it)"
+            )
 
     def _norm(self, v: Tensor) -> Tensor:
         f = v.flatten(1)

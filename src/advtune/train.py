@@ -5,6 +5,7 @@
 Every step is a pure function of (seed, epoch, step), so a run killed at any point resumes from its
 last checkpoint to bit-identical final weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import filenames as files
 from .attacks import build_attack
 from .cost import CostMeter
 from .data import TensorData, num_batches
@@ -37,7 +39,6 @@ from .utils import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 # ---------------------------------------------------------------- configuration
@@ -55,10 +56,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     seed: int | None = 0
     eval_batch_size: int = 512
-    checkpoint_every: int = 0          # also checkpoint every N steps (0: at epoch ends only)
-    val_attack_limit: int = 500        # examples of the validation split attacked each epoch
-    steps: int = 0                     # > 0: train exactly this many optimizer steps (as many epochs as
-                                       # that takes; `epochs` is then ignored); schedules span them
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    val_attack_limit: int = 500  # examples of the validation split attacked each epoch
+    steps: int = 0  # > 0: train exactly this many optimizer steps (as many epochs as
+    # that takes; `epochs` is then ignored); schedules span them
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
@@ -69,8 +70,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise AdvtuneError(f"{name} must be an integer, got {v!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
             raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.eval_batch_size <= 0 or self.val_attack_limit <= 0:
             raise AdvtuneError("eval batch size and val attack limit must be positive")
@@ -108,7 +110,7 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int | None =
 
     ssfd ("slow start, fast decay", Jeddi et al. 2020, for adversarial fine-tuning): linear rise over
     the first 10% of steps (warmup_epochs, when set, overrides that), then linear decay to 0."""
-    per_epoch = steps_per_epoch or total / max(cfg.epochs, 1)   # with cfg.steps set, epochs says nothing
+    per_epoch = steps_per_epoch or total / max(cfg.epochs, 1)  # with cfg.steps set, epochs says nothing
     if cfg.schedule == "ssfd":
         warm = int(cfg.warmup_epochs * per_epoch) if cfg.warmup_epochs else max(1, total // 10)
         if step < warm:
@@ -126,14 +128,16 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int | None =
         return cfg.lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
     return cfg.lr
 
+
 # ---------------------------------------------------------------- objectives
 
 
 class Objective(Protocol):
     name: str
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 generator: torch.Generator | None) -> dict[str, torch.Tensor]: ...
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]: ...
 
     def attack_grad_evals(self) -> int: ...
 
@@ -168,7 +172,7 @@ class Adversarial:
     attack: Any
     attack_mode: Literal["eval", "train"] = "eval"
     clean_weight: float = 0.0
-    eps_warmup: float = 0.0           # share of training over which eps ramps linearly from 0 to eps
+    eps_warmup: float = 0.0  # share of training over which eps ramps linearly from 0 to eps
     name: str = "adversarial"
 
     def __post_init__(self) -> None:
@@ -204,9 +208,14 @@ class Adversarial:
         return int(self.attack.grad_evals()) + (1 if self.clean_weight else 0)  # the clean term's extra pass
 
     def describe(self) -> dict:
-        return {"objective": self.name, "attack": getattr(self.attack, "spec", repr(self.attack)),
-                "threat": self.attack.threat.to_json() if hasattr(self.attack, "threat") else None,
-                "attack_mode": self.attack_mode, "clean_weight": self.clean_weight, "eps_warmup": self.eps_warmup}
+        return {
+            "objective": self.name,
+            "attack": getattr(self.attack, "spec", repr(self.attack)),
+            "threat": self.attack.threat.to_json() if hasattr(self.attack, "threat") else None,
+            "attack_mode": self.attack_mode,
+            "clean_weight": self.clean_weight,
+            "eps_warmup": self.eps_warmup,
+        }
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ class Trades:
 
     threat: Any
     steps: int = 10
-    step_size: float | None = None     # None -> 2.5 * eps / steps
+    step_size: float | None = None  # None -> 2.5 * eps / steps
     beta: float = 6.0
     name: str = "trades"
 
@@ -243,16 +252,26 @@ class Trades:
             x_adv = self._inner(model, x, p_clean, generator)
         logits = model(x)
         logits_adv = model(x_adv)
-        robust = nn.functional.kl_div(nn.functional.log_softmax(logits_adv, 1), nn.functional.softmax(logits, 1),
-                                      reduction="batchmean")
-        return {"loss": nn.functional.cross_entropy(logits, y) + self.beta * robust, "logits": logits_adv, "x_adv": x_adv}
+        robust = nn.functional.kl_div(
+            nn.functional.log_softmax(logits_adv, 1), nn.functional.softmax(logits, 1), reduction="batchmean"
+        )
+        return {
+            "loss": nn.functional.cross_entropy(logits, y) + self.beta * robust,
+            "logits": logits_adv,
+            "x_adv": x_adv,
+        }
 
     def attack_grad_evals(self) -> int:
         return self.steps + 1  # inner steps, plus the second forward/backward of the update (x and x_adv)
 
     def describe(self) -> dict:
-        return {"objective": self.name, "threat": self.threat.to_json(), "steps": self.steps,
-                "step_size": self.step_size, "beta": self.beta}
+        return {
+            "objective": self.name,
+            "threat": self.threat.to_json(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "beta": self.beta,
+        }
 
 
 class _StopForward(Exception):
@@ -265,7 +284,9 @@ def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     Works for any nn.Module whose forward calls `layer` once."""
     modules = dict(model.named_modules())
     if layer not in modules:
-        raise AdvtuneError(f"no module named {layer!r} in the model; modules: {', '.join(n for n in modules if n)[:300]}")
+        raise AdvtuneError(
+            f"no module named {layer!r} in the model; modules: {', '.join(n for n in modules if n)[:300]}"
+        )
     box: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
@@ -293,11 +314,11 @@ class LocalFeature:
     costs the block's share of the network (`block_fraction`, measured in FLOPs), not a full pass.
     Only the block's parameters get gradients: select them (e.g. layers up to `layer`)."""
 
-    reference: nn.Module               # the original model (frozen, eval mode): the features to keep
-    layer: str                         # module whose output ends the block, e.g. "net.pool2"
+    reference: nn.Module  # the original model (frozen, eval mode): the features to keep
+    layer: str  # module whose output ends the block, e.g. "net.pool2"
     threat: Any
     steps: int = 10
-    step_size: float | None = None     # None -> 2.5 * eps / steps
+    step_size: float | None = None  # None -> 2.5 * eps / steps
     clean_weight: float = 1.0
     eps_warmup: float = 0.0
     name: str = "local-feature"
@@ -311,7 +332,9 @@ class LocalFeature:
     def at(self, progress: float) -> "LocalFeature":
         if not self.eps_warmup or progress >= self.eps_warmup:
             return self
-        return dataclasses.replace(self, threat=self.threat.with_eps(self.threat.eps * max(progress / self.eps_warmup, 1e-3)))
+        return dataclasses.replace(
+            self, threat=self.threat.with_eps(self.threat.eps * max(progress / self.eps_warmup, 1e-3))
+        )
 
     def __call__(self, model, x, y, *, generator=None):
         with torch.no_grad():
@@ -331,7 +354,7 @@ class LocalFeature:
         return {"loss": loss, "logits": None, "x_adv": x_adv.detach()}
 
     def attack_grad_evals(self) -> int:
-        return self.steps                       # block passes (see block_fraction)
+        return self.steps  # block passes (see block_fraction)
 
     def update_passes(self) -> int:
         return 2 if self.clean_weight else 1
@@ -351,8 +374,15 @@ class LocalFeature:
         return float(flops[0] / max(flops[1], 1))
 
     def describe(self) -> dict:
-        return {"objective": self.name, "layer": self.layer, "threat": self.threat.to_json(), "steps": self.steps,
-                "step_size": self.step_size, "clean_weight": self.clean_weight, "eps_warmup": self.eps_warmup}
+        return {
+            "objective": self.name,
+            "layer": self.layer,
+            "threat": self.threat.to_json(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "clean_weight": self.clean_weight,
+            "eps_warmup": self.eps_warmup,
+        }
 
 
 class OverfitGuard:
@@ -362,8 +392,15 @@ class OverfitGuard:
 
     name = "overfit-guard"
 
-    def __init__(self, attack, x: torch.Tensor, y: torch.Tensor, drop: float = 0.2, seed: int | None = 0,
-                 meter: CostMeter | None = None):
+    def __init__(
+        self,
+        attack,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        drop: float = 0.2,
+        seed: int | None = 0,
+        meter: CostMeter | None = None,
+    ):
         self.attack, self.x, self.y, self.drop, self.seed, self.meter = attack, x, y, drop, seed, meter
         self.best_acc = -1.0
         self.best_state: dict | None = None
@@ -378,8 +415,12 @@ class OverfitGuard:
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return None
         if acc < self.best_acc - self.drop:
-            log.warning("catastrophic overfitting: PGD accuracy on the guard subset fell from %.3f to %.3f; "
-                        "restoring the best weights and stopping", self.best_acc, acc)
+            log.warning(
+                "catastrophic overfitting: PGD accuracy on the guard subset fell from %.3f to %.3f; "
+                "restoring the best weights and stopping",
+                self.best_acc,
+                acc,
+            )
             model.load_state_dict(self.best_state)
             record["guard_reverted_to_acc"] = self.best_acc
             self.tripped_at = record.get("epoch")
@@ -391,8 +432,9 @@ def clean() -> Clean:
     return Clean()
 
 
-def adversarial(attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0,
-                eps_warmup: float = 0.0) -> Adversarial:
+def adversarial(
+    attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0, eps_warmup: float = 0.0
+) -> Adversarial:
     return Adversarial(attack, attack_mode, clean_weight, eps_warmup)
 
 
@@ -400,8 +442,9 @@ def trades(threat, steps: int = 10, step_size: float | None = None, beta: float 
     return Trades(threat, steps, step_size, beta)
 
 
-def local_feature(model: nn.Module, layer: str, threat, steps: int = 10, clean_weight: float = 1.0,
-                  eps_warmup: float = 0.0) -> LocalFeature:
+def local_feature(
+    model: nn.Module, layer: str, threat, steps: int = 10, clean_weight: float = 1.0, eps_warmup: float = 0.0
+) -> LocalFeature:
     """The local objective for the block of `model` ending at `layer`; the reference is a frozen copy
     of the model as it is now."""
     import copy
@@ -414,10 +457,12 @@ def local_feature(model: nn.Module, layer: str, threat, steps: int = 10, clean_w
         p.requires_grad_(False)
     return LocalFeature(ref, layer, threat, steps, None, clean_weight, eps_warmup)
 
+
 # ---------------------------------------------------------------- selection inside fit (one place)
 
 
 # ---------------------------------------------------------------- objectives from specs
+
 
 def _spec_params(name: str, params: str, types: dict[str, type]) -> dict[str, Any]:
     kw: dict[str, Any] = {}
@@ -494,7 +539,9 @@ class _Trainable:
 
     def snapshot(self) -> None:
         self.partial = [(p, m, p.detach().clone()) for p, m, _ in self.partial]
-        self.partial_bns = [(bn, keep, bn.running_mean.clone(), bn.running_var.clone()) for bn, keep, _, _ in self.partial_bns]
+        self.partial_bns = [
+            (bn, keep, bn.running_mean.clone(), bn.running_var.clone()) for bn, keep, _, _ in self.partial_bns
+        ]
 
     def count(self) -> int:
         """Parameters that can change: full trainable tensors plus the selected entries of partial ones."""
@@ -526,13 +573,14 @@ class _Trainable:
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.flags[name])
 
+
 # ---------------------------------------------------------------- the loop
 
 
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
-    stopped: str | None = None      # why training stopped early (a callback said so), if it did
+    stopped: str | None = None  # why training stopped early (a callback said so), if it did
 
     @property
     def last(self) -> dict:
@@ -540,7 +588,7 @@ class History:
 
 
 EpochCallback = Callable[[nn.Module, dict], "str | None"]
-StepCallback = Callable[[nn.Module, int, CostMeter], None]   # (model, optimizer steps done, meter)
+StepCallback = Callable[[nn.Module, int, CostMeter], None]  # (model, optimizer steps done, meter)
 
 
 def _dist() -> tuple[int, int]:
@@ -564,8 +612,9 @@ def cost_per_example(objective, model: nn.Module | None = None, example: torch.T
     return float(int(objective.attack_grad_evals()) + 1)
 
 
-def steps_for_budget(budget: int, objective, batch_size: int, n_train: int | None = None,
-                     per_example: float | None = None) -> int:
+def steps_for_budget(
+    budget: int, objective, batch_size: int, n_train: int | None = None, per_example: float | None = None
+) -> int:
     """Optimizer steps that spend at least `budget` training gradient evaluations: a step costs its
     batch x (the attack's gradient evaluations + 1 for the update); the last batch of an epoch of
     `n_train` examples is smaller. At least one step."""
@@ -594,11 +643,23 @@ def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(model: nn.Module, train: TensorData, objective: Objective | None = None, cfg: TrainConfig | None = None, *,
-        val: TensorData | None = None, val_attack=None, selection=None, meter: CostMeter | None = None,
-        checkpoint_dir: str | Path | None = None, resume: bool = False,
-        callbacks: Sequence[EpochCallback] = (), on_record: Callable[[History], None] | None = None,
-        on_step: StepCallback | None = None, desc: str = "train") -> History:
+def fit(
+    model: nn.Module,
+    train: TensorData,
+    objective: Objective | None = None,
+    cfg: TrainConfig | None = None,
+    *,
+    val: TensorData | None = None,
+    val_attack=None,
+    selection=None,
+    meter: CostMeter | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
+    on_record: Callable[[History], None] | None = None,
+    on_step: StepCallback | None = None,
+    desc: str = "train",
+) -> History:
     """Train `model` in place and return its per-epoch history.
 
     train / val: an (x, y) pair of tensors, an iterable of (x, y) batches such as a DataLoader (read
@@ -634,7 +695,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective | None = None,
         history = History()
         epoch, step = 0, 0
         acc_state = _zero_acc(device)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
         if resume and ckpt is not None and ckpt.is_file():
             epoch, step, acc_state = _load_checkpoint(ckpt, model, opt, meter, history, cfg, device)
             trainable.snapshot()  # unselected slices: the loaded weights are the reference
@@ -647,11 +708,15 @@ def fit(model: nn.Module, train: TensorData, objective: Objective | None = None,
         while epoch < n_epochs and history.stopped is None:
             meter.start()
             gen = make_generator(derive_seed(cfg.seed, "epoch", epoch))
-            batches = train.batches(cfg.batch_size, shuffle=True, generator=gen, device=device, start=step,
-                                    rank=rank, world_size=world)
-            bar = progress(batches, desc=f"{desc} {epoch + 1}/{n_epochs}",
-                           total=min(steps_per_epoch, total - epoch * steps_per_epoch) - step,
-                           disable=None if rank == 0 else True)
+            batches = train.batches(
+                cfg.batch_size, shuffle=True, generator=gen, device=device, start=step, rank=rank, world_size=world
+            )
+            bar = progress(
+                batches,
+                desc=f"{desc} {epoch + 1}/{n_epochs}",
+                total=min(steps_per_epoch, total - epoch * steps_per_epoch) - step,
+                disable=None if rank == 0 else True,
+            )
             trainable.train_mode()
             for x, y in bar:
                 if epoch * steps_per_epoch + step >= total:
@@ -660,11 +725,18 @@ def fit(model: nn.Module, train: TensorData, objective: Objective | None = None,
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                step_objective = objective.at((epoch * steps_per_epoch + step) / max(total, 1)) if hasattr(objective, "at") else objective
+                step_objective = (
+                    objective.at((epoch * steps_per_epoch + step) / max(total, 1))
+                    if hasattr(objective, "at")
+                    else objective
+                )
                 out = step_objective(model, x, y, generator=g)
-                if not bool(torch.isfinite(out["loss"])):   # never train on (or save) a NaN model
-                    raise AdvtuneError(f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step {step + 1}; "
-                                       "lower the learning rate (--lr) or check the data for NaN/huge values")
+                if not bool(torch.isfinite(out["loss"])):  # never train on (or save) a NaN model
+                    raise AdvtuneError(
+                        f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step "
+                        f"{step + 1}; "
+                        "lower the learning rate (--lr) or check the data for NaN/huge values"
+                    )
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 trainable.mask_grads()
@@ -674,7 +746,7 @@ def fit(model: nn.Module, train: TensorData, objective: Objective | None = None,
                 trainable.restore_frozen()
                 with torch.no_grad():
                     acc_state[0] += out["loss"].detach() * len(y)
-                    if out.get("logits") is not None:   # a local objective has no logits
+                    if out.get("logits") is not None:  # a local objective has no logits
                         acc_state[1] += (out["logits"].argmax(1) == y).sum()
                     acc_state[2] += len(y)
                 if block_fraction is None:
@@ -688,23 +760,41 @@ def fit(model: nn.Module, train: TensorData, objective: Objective | None = None,
                     trainable.train_mode()
                     meter.start()
                 if step % 50 == 0 and hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{(acc_state[0] / acc_state[2]).item():.3f}", acc=f"{(acc_state[1] / acc_state[2]).item():.3f}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch and ckpt and rank == 0:
+                    bar.set_postfix(
+                        loss=f"{(acc_state[0] / acc_state[2]).item():.3f}",
+                        acc=f"{(acc_state[1] / acc_state[2]).item():.3f}",
+                    )
+                if (
+                    cfg.checkpoint_every
+                    and step % cfg.checkpoint_every == 0
+                    and step < steps_per_epoch
+                    and ckpt
+                    and rank == 0
+                ):
                     meter.stop()
                     _save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
                     meter.start()
             meter.stop()
             totals = _reduce(acc_state, world)
-            record = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[2], 1), "train_acc": totals[1] / max(totals[2], 1) if block_fraction is None else None,
-                      "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total, steps_per_epoch), "examples": int(totals[2]),
-                      "grad_evals": meter.grad_evals, "wall_s": round(meter.wall_s, 3)}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": totals[0] / max(totals[2], 1),
+                "train_acc": totals[1] / max(totals[2], 1) if block_fraction is None else None,
+                "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total, steps_per_epoch),
+                "examples": int(totals[2]),
+                "grad_evals": meter.grad_evals,
+                "wall_s": round(meter.wall_s, 3),
+            }
             if val is not None and len(val):  # monitoring: not counted as training cost
                 record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
                 if val_attack is not None:
                     record["val_robust_acc"] = robust_accuracy_quick(
-                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed)
+                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed
+                    )
             history.epochs.append(record)
-            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+            log.info(
+                "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            )
             for cb in callbacks:
                 if cb(model, record) == "stop":
                     history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
@@ -736,49 +826,74 @@ def _all_reduce_grads(params, world: int) -> None:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
 
+
 # ---------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig,
-                     epoch: int, step: int, acc_state: torch.Tensor) -> None:
-    state = {"format": "advtune-checkpoint-1", "epoch": epoch, "step": step, "config": cfg.to_json(),
-             "model": model.state_dict(), "optimizer": opt.state_dict(), "meter": meter.to_json(),
-             "history": {"epochs": history.epochs, "stopped": history.stopped},
-             "acc_state": acc_state.cpu(), "rng": torch.get_rng_state()}
+def _save_checkpoint(
+    path: Path,
+    model,
+    opt,
+    meter: CostMeter,
+    history: History,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+    acc_state: torch.Tensor,
+) -> None:
+    state = {
+        "format": "advtune-checkpoint-1",
+        "epoch": epoch,
+        "step": step,
+        "config": cfg.to_json(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "meter": meter.to_json(),
+        "history": {"epochs": history.epochs, "stopped": history.stopped},
+        "acc_state": acc_state.cpu(),
+        "rng": torch.get_rng_state(),
+    }
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-RESUMABLE_CHANGES = ("epochs", "checkpoint_every")   # the training settings a resume may change
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every")  # the training settings a resume may change
 
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     """(key, recorded, now) for every training setting a resume would change, other than
     RESUMABLE_CHANGES; a key an older record lacks counts as its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return [(k, saved.get(k, defaults.get(k)), v) for k, v in now.items()
-            if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v]
+    return [
+        (k, saved.get(k, defaults.get(k)), v)
+        for k, v in now.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+    ]
 
 
 def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
     changed = config_changes(saved, cfg.to_json())
     if changed:
-        raise AdvtuneError(f"--resume with a different config ({', '.join(f'{k}: {a} -> {b}' for k, a, b in changed)}); "
-                           "use the original settings or start a new run")
+        raise AdvtuneError(
+            f"--resume with a different config ({', '.join(f'{k}: {a} -> {b}' for k, a, b in changed)}); "
+            "use the original settings or start a new run"
+        )
 
 
 def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
     """Refuse a resume whose training config differs from its checkpoint's, before anything is
     written (fit checks again when it loads the checkpoint)."""
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    path = Path(checkpoint_dir) / files.CHECKPOINT
     if not path.is_file():
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
-        raise AdvtuneError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-                           "delete it and rerun without --resume") from None
+        raise AdvtuneError(
+            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            "delete it and rerun without --resume"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         _refuse_changed_config(state["config"], cfg)
 
@@ -790,8 +905,10 @@ def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
         # weights_only: tensors and plain containers only, never code from the file
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
-        raise AdvtuneError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-                           "delete it and rerun without --resume") from None
+        raise AdvtuneError(
+            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            "delete it and rerun without --resume"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
         raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
     _refuse_changed_config(dict(state["config"]), cfg)
@@ -800,7 +917,9 @@ def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History,
     try:
         opt.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
-        raise AdvtuneError(f"checkpoint {path} has optimizer state for other parameters ({e}); start a new run") from None
+        raise AdvtuneError(
+            f"checkpoint {path} has optimizer state for other parameters ({e}); start a new run"
+        ) from None
     meter.load_json(state["meter"])
     history.epochs = list(state["history"]["epochs"])
     history.stopped = state["history"]["stopped"]

@@ -1,4 +1,5 @@
 """Small shared helpers: seeding, generators, devices, atomic writes, progress bars, versions."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # ---------------------------------------------------------------- randomness
+
 
 def seed_everything(seed: int | None) -> None:
     """Seed Python, NumPy and torch. Only entry points (CLI, experiment runner) call this."""
@@ -58,6 +60,7 @@ def sample_on(generator: torch.Generator | None, device: torch.device) -> torch.
     """Where to draw random numbers: on the generator's device (the rule: sample there, then move)."""
     return generator.device if generator is not None else device
 
+
 # ---------------------------------------------------------------- numbers
 
 
@@ -73,7 +76,9 @@ def parse_number(text: str | float | int) -> float:
     except (ValueError, ZeroDivisionError):
         raise AdvtuneError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
 
+
 # ---------------------------------------------------------------- devices
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """`auto|cpu|cuda|cuda:i` -> torch.device, with a clear error when CUDA is asked for but absent."""
@@ -116,7 +121,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         for m, training in modes:
             m.training = training
 
+
 # ---------------------------------------------------------------- files
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -146,7 +153,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise AdvtuneError(f"cannot write {path} ({e.strerror or e}); free disk space or pick a writable folder") from None
+        raise AdvtuneError(
+            f"cannot write {path} ({e.strerror or e}); free disk space or pick a writable folder"
+        ) from None
     except BaseException:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -197,6 +206,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
 
+
 # ---------------------------------------------------------------- progress + environment
 
 _progress_disabled = False
@@ -241,15 +251,29 @@ class _LogProgress:
                 rate = done / (now - t0)
                 if self.total:
                     left = (self.total - done) / rate if rate > 0 else float("nan")
-                    log.info("%s: %d/%d (%.0f%%), %.0f s elapsed, about %.0f s left%s", self.desc, done, self.total,
-                             100 * done / self.total, now - t0, left, f" [{self.postfix}]" if self.postfix else "")
+                    log.info(
+                        "%s: %d/%d (%.0f%%), %.0f s elapsed, about %.0f s left%s",
+                        self.desc,
+                        done,
+                        self.total,
+                        100 * done / self.total,
+                        now - t0,
+                        left,
+                        f" [{self.postfix}]" if self.postfix else "",
+                    )
                 else:
-                    log.info("%s: %d done, %.0f s elapsed%s", self.desc, done, now - t0,
-                             f" [{self.postfix}]" if self.postfix else "")
+                    log.info(
+                        "%s: %d done, %.0f s elapsed%s",
+                        self.desc,
+                        done,
+                        now - t0,
+                        f" [{self.postfix}]" if self.postfix else "",
+                    )
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
-             disable: bool | None = None, leave: bool = False) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T], desc: str = "", total: int | None = None, disable: bool | None = None, leave: bool = False
+) -> Iterable[T]:
     """One wrapper around tqdm: bars go to stderr on a terminal; in a log (not a terminal) a line every
     30 s instead; nothing with --quiet (or disable=True)."""
     from tqdm.auto import tqdm
@@ -264,8 +288,13 @@ def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
 def versions() -> dict[str, str]:
     from . import __version__
 
-    out = {"advtune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "platform": platform.platform()}
+    out = {
+        "advtune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
     sha = git_sha()
     if sha:
         out["git_sha"] = sha

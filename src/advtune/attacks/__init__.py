@@ -9,10 +9,19 @@ Every attack: `attack(model, x, y, *, generator=None, target=None) -> x_adv` (de
 dtype and device, inside `attack.threat`), `attack.grad_evals()` (per example, worst case) and
 `attack.spec` (round-trips through `build_attack`). See docs/attacks.md.
 """
+
 from ..threat import ThreatModel
 from ._common import Attack, logits_of, margin
-from .registry import (REGISTRY, attack_class, attack_params, build_attack, list_attacks, register, register_attack,
-                       split_attack_list)
+from .registry import (
+    REGISTRY,
+    attack_class,
+    attack_params,
+    build_attack,
+    list_attacks,
+    register,
+    register_attack,
+    split_attack_list,
+)
 
 # isort: off
 # importing an attack module registers its attacks (@register); this order is list_attacks()' order
@@ -23,7 +32,28 @@ from .square import Square, square
 # isort: on
 
 __all__ = [
-    "APGD", "APGDT", "Attack", "FGSM", "MIFGSM", "PGD", "REGISTRY", "Square", "ThreatModel",
-    "apgd", "apgd_targeted", "attack_class", "attack_params", "build_attack", "fgsm", "list_attacks", "logits_of", "margin",
-    "mifgsm", "pgd", "register", "register_attack", "split_attack_list", "square",
+    "APGD",
+    "APGDT",
+    "Attack",
+    "FGSM",
+    "MIFGSM",
+    "PGD",
+    "REGISTRY",
+    "Square",
+    "ThreatModel",
+    "apgd",
+    "apgd_targeted",
+    "attack_class",
+    "attack_params",
+    "build_attack",
+    "fgsm",
+    "list_attacks",
+    "logits_of",
+    "margin",
+    "mifgsm",
+    "pgd",
+    "register",
+    "register_attack",
+    "split_attack_list",
+    "square",
 ]

@@ -6,6 +6,7 @@ Conventions every attack follows (DESIGN.md, "Attacks are pure"):
 - every loss here is per sample and is *maximised* by the attacker (targeted losses are negated);
 - the result is detached and has the input's shape, dtype and device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,15 @@ class Attack(Protocol):
 
     threat: ThreatModel
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *,
-                 generator: torch.Generator | None = None, target: Tensor | None = None) -> Tensor: ...
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor: ...
 
     def grad_evals(self) -> int: ...
 
@@ -40,6 +48,7 @@ class Attack(Protocol):
 
 
 # ------------------------------------------------------------------ losses (maximised)
+
 
 def ce_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     """Cross-entropy of the true class; targeted: minus the cross-entropy of the target."""
@@ -50,8 +59,10 @@ def ce_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
 
 def _need_classes(logits: Tensor, k: int, what: str) -> None:
     if logits.shape[1] < k:
-        raise AdvtuneError(f"{what} needs a model with at least {k} classes, this one has {logits.shape[1]}; "
-                           "use the 'ce' loss (e.g. apgd-ce or pgd) instead")
+        raise AdvtuneError(
+            f"{what} needs a model with at least {k} classes, this one has {logits.shape[1]}; "
+            "use the 'ce' loss (e.g. apgd-ce or pgd) instead"
+        )
 
 
 def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
@@ -96,8 +107,10 @@ def success(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
 
 # ------------------------------------------------------------------ gradient
 
-def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, loss_fn: LossFn,
-                  need_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+
+def loss_and_grad(
+    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, loss_fn: LossFn, need_grad: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(per-sample loss, logits, d loss / d x) with autograd w.r.t. the input only.
 
     `torch.autograd.grad(..., [x])` skips the weight gradients that `loss.backward()` would compute
@@ -117,6 +130,7 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
 
 
 # ------------------------------------------------------------------ best-keeping
+
 
 def _bcast(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
@@ -145,8 +159,13 @@ class Best:
         self.x[idx], self.loss[idx], self.fooled[idx] = sub.x, sub.loss, sub.fooled
 
 
-def with_restarts(run_once: Callable[[Tensor, Tensor, "Tensor | None"], Best], x: Tensor, y: Tensor,
-                  target: Tensor | None, restarts: int) -> Best:
+def with_restarts(
+    run_once: Callable[[Tensor, Tensor, "Tensor | None"], Best],
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    restarts: int,
+) -> Best:
     """Run `run_once` on all samples, then `restarts - 1` more times on the samples not yet fooled."""
     best = run_once(x, y, target)
     for _ in range(restarts - 1):
@@ -159,31 +178,41 @@ def with_restarts(run_once: Callable[[Tensor, Tensor, "Tensor | None"], Best], x
 
 # ------------------------------------------------------------------ validation
 
+
 def check_call(x: Tensor, y: Tensor, target: Tensor | None, name: str) -> None:
     """Cheap checks at every attack call (`evaluate` validates data more thoroughly)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise AdvtuneError(f"{name}: x must be a floating-point tensor in pixel space, got "
-                           f"{getattr(x, 'dtype', type(x).__name__)}; divide uint8 images by 255")
+        raise AdvtuneError(
+            f"{name}: x must be a floating-point tensor in pixel space, got "
+            f"{getattr(x, 'dtype', type(x).__name__)}; divide uint8 images by 255"
+        )
     if x.dim() < 2:
         raise AdvtuneError(f"{name}: x must be a batch (N, ...), got shape {tuple(x.shape)}; add x[None]")
     for t, what in ((y, "y"), (target, "target")):
         if t is None:
             continue
         if not isinstance(t, Tensor) or t.dim() != 1 or len(t) != len(x) or t.is_floating_point():
-            raise AdvtuneError(f"{name}: {what} must be an integer tensor of shape ({len(x)},), got "
-                               f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            raise AdvtuneError(
+                f"{name}: {what} must be an integer tensor of shape ({len(x)},), got "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+            )
 
 
-def check_inputs(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, threat: ThreatModel,
-                 generator, name: str) -> None:
+def check_inputs(
+    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, threat: ThreatModel, generator, name: str
+) -> None:
     """The API boundary of every attack: what a person can get wrong, as one-line AdvtuneErrors."""
     check_call(x, y, target, name)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise AdvtuneError(f"{name}: generator must be a torch.Generator (or None), got {type(generator).__name__}; "
-                           "e.g. torch.Generator().manual_seed(0)")
+        raise AdvtuneError(
+            f"{name}: generator must be a torch.Generator (or None), got {type(generator).__name__}; "
+            "e.g. torch.Generator().manual_seed(0)"
+        )
     p = next(model.parameters(), None)
     if p is not None and x.device != p.device:
-        raise AdvtuneError(f"{name}: x is on {x.device} but the model is on {p.device}; move x with x.to({str(p.device)!r})")
+        raise AdvtuneError(
+            f"{name}: x is on {x.device} but the model is on {p.device}; move x with x.to({str(p.device)!r})"
+        )
     if p is not None and p.is_floating_point() and x.dtype != p.dtype:
         raise AdvtuneError(f"{name}: x is {x.dtype} but the model is {p.dtype}; convert x with x.to({p.dtype})")
     for t, what in ((y, "y"), (target, "target")):
@@ -195,9 +224,11 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, 
         raise AdvtuneError(f"{name}: x contains NaN or inf; clean the data first")
     lo, hi = float(x.min()), float(x.max())
     if lo < threat.lower - 1e-6 or hi > threat.upper + 1e-6:
-        raise AdvtuneError(f"{name}: x must lie in [{threat.lower:g}, {threat.upper:g}] (pixel space; normalisation is "
-                           f"the model's first layer), got values in [{lo:.4g}, {hi:.4g}]; undo the normalisation or "
-                           "divide by 255")
+        raise AdvtuneError(
+            f"{name}: x must lie in [{threat.lower:g}, {threat.upper:g}] (pixel space; normalisation is "
+            f"the model's first layer), got values in [{lo:.4g}, {hi:.4g}]; undo the normalisation or "
+            "divide by 255"
+        )
     if int(y.min()) < 0:
         raise AdvtuneError(f"{name}: labels must be class indices >= 0, got {int(y.min())}")
 
@@ -209,11 +240,15 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
         out = model(x)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdvtuneError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first[:160]}; "
-                           "check the channels and image size the model was built for") from None
+        raise AdvtuneError(
+            f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first[:160]}; "
+            "check the channels and image size the model was built for"
+        ) from None
     if not isinstance(out, Tensor) or out.dim() != 2:
-        raise AdvtuneError(f"the model must return logits of shape (N, classes), got "
-                           f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        raise AdvtuneError(
+            f"the model must return logits of shape (N, classes), got "
+            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+        )
     return out
 
 
@@ -222,8 +257,9 @@ def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None
     out = logits_of(model, x)
     for t, what in ((y, "labels"), (target, "targets")):
         if t is not None and len(t) and int(t.max()) >= out.shape[1]:
-            raise AdvtuneError(f"{what} must be in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} "
-                               f"outputs, got {int(t.max())}")
+            raise AdvtuneError(
+                f"{what} must be in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} outputs, got {int(t.max())}"
+            )
     return out
 
 
@@ -234,8 +270,10 @@ def preserved_buffers(model: nn.Module):
     from torch.nn.modules.batchnorm import _BatchNorm
 
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    saved = [[b.detach().clone() if b is not None else None
-              for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    saved = [
+        [b.detach().clone() if b is not None else None for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        for m in bns
+    ]
     try:
         yield
     finally:
@@ -249,6 +287,7 @@ def preserved_buffers(model: nn.Module):
 def attack_entry(name: str):
     """Decorator for an attack's functional entry point `fn(model, x, y, threat, ..., target=, generator=)`:
     validates the call (check_inputs) and keeps the model's buffers as they were (preserved_buffers)."""
+
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(model, x, y, threat, *args, **kwargs):
@@ -257,7 +296,9 @@ def attack_entry(name: str):
             with preserved_buffers(model):
                 check_inputs(model, x, y, kwargs.get("target"), threat, kwargs.get("generator"), name)
                 return fn(model, x, y, threat, *args, **kwargs)
+
         return wrapper
+
     return deco
 
 
@@ -266,8 +307,9 @@ def check_int(name: str, value, minimum: int = 1) -> None:
         raise AdvtuneError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def check_float(name: str, value, *, low: float = 0.0, high: float = math.inf, allow_none: bool = False,
-                low_inclusive: bool = False) -> None:
+def check_float(
+    name: str, value, *, low: float = 0.0, high: float = math.inf, allow_none: bool = False, low_inclusive: bool = False
+) -> None:
     if value is None and allow_none:
         return
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -284,11 +326,14 @@ def check_choice(name: str, value, choices) -> None:
 
 def check_threat(threat, name: str, norms=("linf", "l2")) -> None:
     if not isinstance(threat, ThreatModel):
-        raise AdvtuneError(f"{name}: threat must be a ThreatModel, got {type(threat).__name__}; "
-                           "e.g. ThreatModel('linf', 8/255)")
+        raise AdvtuneError(
+            f"{name}: threat must be a ThreatModel, got {type(threat).__name__}; e.g. ThreatModel('linf', 8/255)"
+        )
     if threat.norm not in norms:
-        raise AdvtuneError(f"{name} supports only the {'/'.join(norms)} threat model, not {threat.norm}; "
-                           f"use apgd-ce or pgd for {threat.norm}")
+        raise AdvtuneError(
+            f"{name} supports only the {'/'.join(norms)} threat model, not {threat.norm}; "
+            f"use apgd-ce or pgd for {threat.norm}"
+        )
 
 
 def fmt_spec(name: str, obj, skip: tuple[str, ...] = ()) -> str:

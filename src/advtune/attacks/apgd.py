@@ -12,6 +12,7 @@ Parameters: `steps`, `restarts` (on samples not yet fooled), `loss` ("ce" | "dlr
 Norms: linf and l2.
 Cost: steps * restarts gradient evaluations per example (APGD-T: times n_target_classes).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ from ._common import (
 )
 from .registry import register
 
-MOMENTUM = 0.75   # alpha in the paper
+MOMENTUM = 0.75  # alpha in the paper
 INITIAL_STEP = 2.0  # eta^(0) = 2 * eps
 
 
@@ -68,21 +69,30 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *[1] * (like.dim() - 1))
 
 
-def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int, loss_fn: LossFn,
-              rho: float, generator: torch.Generator | None, loss_target: Tensor | None,
-              success_target: Tensor | None) -> Best:
+def _apgd_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    steps: int,
+    loss_fn: LossFn,
+    rho: float,
+    generator: torch.Generator | None,
+    loss_target: Tensor | None,
+    success_target: Tensor | None,
+) -> Best:
     """One APGD run from a random start (Algorithm 1): gradients at x_0..x_{steps-1}, a forward at x_steps."""
     x_cur = threat.random_start(x, generator)
     f_cur, logits, g = loss_and_grad(model, x_cur, y, loss_target, loss_fn, need_grad=True)
-    best = Best(x_cur, f_cur, success(logits, y, success_target))           # what we return
-    x_max, g_max, f_max = x_cur, g, f_cur.clone()                           # where APGD restarts from
+    best = Best(x_cur, f_cur, success(logits, y, success_target))  # what we return
+    x_max, g_max, f_max = x_cur, g, f_cur.clone()  # where APGD restarts from
     eta = torch.full((len(x),), INITIAL_STEP * threat.eps, dtype=x.dtype, device=x.device)
     x_prev = x_cur
     ckpts, j, last_ckpt = checkpoints(steps), 0, 0
     increases = torch.zeros(len(x), dtype=torch.long, device=x.device)
     halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     f_max_last = f_max.clone()
-    for k in range(steps):                          # iterate x_k -> x_{k+1}
+    for k in range(steps):  # iterate x_k -> x_{k+1}
         z = threat.project(x_cur + threat.steepest_step(g, _bcast(eta, x)), x)
         a = 1.0 if k == 0 else MOMENTUM
         x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x)
@@ -111,10 +121,20 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps
     return best
 
 
-@attack_entry('apgd')
-def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-         loss: str = "ce", rho: float = 0.75, target: Tensor | None = None,
-         generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("apgd")
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 100,
+    restarts: int = 1,
+    loss: str = "ce",
+    rho: float = 0.75,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """APGD on `loss`, each sample's worst case over steps and restarts (restarts on survivors)."""
     check_call(x, y, target, "apgd")
     x = x.detach()
@@ -128,10 +148,19 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: 
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
 
-@attack_entry('apgd-t')
-def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 100,
-                  restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
-                  generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("apgd-t")
+def apgd_targeted(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 100,
+    restarts: int = 1,
+    n_target_classes: int = 9,
+    rho: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only."""
     check_call(x, y, None, "apgd-t")
     x = x.detach()
@@ -147,8 +176,10 @@ def apgd_targeted(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *
         with torch.no_grad():
             logits = checked_logits(model, xs, ys) if rank == 1 else model(xs)
         if rank == 1 and logits.shape[1] < 4:
-            raise AdvtuneError(f"apgd-t needs a model with at least 4 classes (targeted DLR), this one has "
-                               f"{logits.shape[1]}; use apgd-ce instead")
+            raise AdvtuneError(
+                f"apgd-t needs a model with at least 4 classes (targeted DLR), this one has "
+                f"{logits.shape[1]}; use apgd-ce instead"
+            )
         if rank >= logits.shape[1]:  # n_target_classes is capped at classes - 1
             break
         tgt = logits.argsort(dim=1, descending=True)[:, rank]
@@ -198,10 +229,27 @@ class APGD:
     def grad_evals(self) -> int:
         return self.steps * self.restarts
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
-        return apgd(model, x, y, self.threat, steps=self.steps, restarts=self.restarts, loss=self.loss,
-                    rho=self.rho, target=target, generator=generator)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return apgd(
+            model,
+            x,
+            y,
+            self.threat,
+            steps=self.steps,
+            restarts=self.restarts,
+            loss=self.loss,
+            rho=self.rho,
+            target=target,
+            generator=generator,
+        )
 
 
 @register("apgd-t")
@@ -233,9 +281,25 @@ class APGDT:
     def grad_evals(self) -> int:
         return self.steps * self.restarts * self.n_target_classes
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
         if target is not None:
             raise AdvtuneError("apgd-t chooses its own targets; pass target= to apgd-ce/apgd-dlr or pgd instead")
-        return apgd_targeted(model, x, y, self.threat, steps=self.steps, restarts=self.restarts,
-                             n_target_classes=self.n_target_classes, rho=self.rho, generator=generator)
+        return apgd_targeted(
+            model,
+            x,
+            y,
+            self.threat,
+            steps=self.steps,
+            restarts=self.restarts,
+            n_target_classes=self.n_target_classes,
+            rho=self.rho,
+            generator=generator,
+        )

@@ -2,10 +2,12 @@
 
 Papers: Goodfellow et al. 2015, "Explaining and Harnessing Adversarial Examples" (FGSM);
 Wong, Rice & Kolter 2020, "Fast is better than free" (FGSM-RS: uniform random start, step 1.25*eps).
-Parameters: `random_start` (False: FGSM, True: FGSM-RS), `step_size` (alias `step`; None: eps for FGSM, 1.25*eps for FGSM-RS).
+Parameters: `random_start` (False: FGSM, True: FGSM-RS), `step_size` (alias `step`; None: eps for FGSM,
+1.25*eps for FGSM-RS).
 Norms: linf (sign of the gradient) and l2 (normalised gradient, a.k.a. FGM).
 Cost: 1 gradient evaluation per example.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +28,18 @@ from ._common import (
 from .registry import register
 
 
-@attack_entry('fgsm')
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, step_size: float | None = None,
-         random_start: bool = False, target: Tensor | None = None,
-         generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("fgsm")
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    step_size: float | None = None,
+    random_start: bool = False,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One steepest-ascent step on the cross-entropy from x (or from a random start), projected.
 
     The single-step result is returned as is (no best-keeping): FGSM is the reference point that
@@ -74,7 +84,22 @@ class FGSM:
     def grad_evals(self) -> int:
         return 1
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
-        return fgsm(model, x, y, self.threat, step_size=self.step_size, random_start=self.random_start,
-                    target=target, generator=generator)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return fgsm(
+            model,
+            x,
+            y,
+            self.threat,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            target=target,
+            generator=generator,
+        )

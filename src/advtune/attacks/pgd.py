@@ -11,6 +11,7 @@ Norms: linf and l2 (the step direction comes from `ThreatModel.steepest_step`).
 Cost: steps * restarts gradient evaluations per example (+1 forward per run for the last iterate).
 Every iterate is a candidate: each sample keeps its worst case over steps and restarts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,10 +54,21 @@ def _iterate(model, x, y, target, threat, steps, loss_fn, x_start, step_fn) -> B
     return best
 
 
-@attack_entry('pgd')
-def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 10,
-        step_size: float | None = None, restarts: int = 1, loss: str = "ce", random_start: bool = True,
-        target: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("pgd")
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+    restarts: int = 1,
+    loss: str = "ce",
+    random_start: bool = True,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Projected gradient ascent on `loss`; returns each sample's worst case over steps and restarts."""
     check_call(x, y, target, "pgd")
     x = x.detach()
@@ -67,16 +79,27 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: i
 
     def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
         start = threat.random_start(xs, generator) if random_start else xs
-        return _iterate(model, xs, ys, ts, threat, steps, loss_fn, start,
-                        lambda xa, g: xa + threat.steepest_step(g, alpha))
+        return _iterate(
+            model, xs, ys, ts, threat, steps, loss_fn, start, lambda xa, g: xa + threat.steepest_step(g, alpha)
+        )
 
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
 
-@attack_entry('mifgsm')
-def mifgsm(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int = 10,
-           step_size: float | None = None, decay: float = 1.0, loss: str = "ce",
-           target: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("mifgsm")
+def mifgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+    decay: float = 1.0,
+    loss: str = "ce",
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Momentum iterative FGSM: g <- decay*g + grad/||grad||_1, step along `steepest_step(g)`."""
     check_call(x, y, target, "mifgsm")
     x = x.detach()
@@ -122,8 +145,9 @@ class PGD:
         _check_common(self, self.name)
         check_int(f"{self.name} restarts", self.restarts)
         if not self.random_start and self.restarts > 1:
-            raise AdvtuneError("bim has no random start, so restarts would repeat the same run; "
-                               "use pgd:restarts=N instead")
+            raise AdvtuneError(
+                "bim has no random start, so restarts would repeat the same run; use pgd:restarts=N instead"
+            )
 
     @property
     def name(self) -> str:
@@ -136,10 +160,28 @@ class PGD:
     def grad_evals(self) -> int:
         return self.steps * self.restarts
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
-        return pgd(model, x, y, self.threat, steps=self.steps, step_size=self.step_size, restarts=self.restarts,
-                   loss=self.loss, random_start=self.random_start, target=target, generator=generator)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return pgd(
+            model,
+            x,
+            y,
+            self.threat,
+            steps=self.steps,
+            step_size=self.step_size,
+            restarts=self.restarts,
+            loss=self.loss,
+            random_start=self.random_start,
+            target=target,
+            generator=generator,
+        )
 
 
 @register("mifgsm")
@@ -168,7 +210,24 @@ class MIFGSM:
     def grad_evals(self) -> int:
         return self.steps
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
-        return mifgsm(model, x, y, self.threat, steps=self.steps, step_size=self.step_size, decay=self.decay,
-                      loss=self.loss, target=target, generator=generator)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return mifgsm(
+            model,
+            x,
+            y,
+            self.threat,
+            steps=self.steps,
+            step_size=self.step_size,
+            decay=self.decay,
+            loss=self.loss,
+            target=target,
+            generator=generator,
+        )

@@ -7,6 +7,7 @@ A spec is `name[:key=value,...]`. Values are parsed by the attack's field type: 
 (fractions like `2/255` allowed), booleans (`true`/`false`), strings, or `none` for optional fields.
 `step` is an alias for `step_size`. Every attack's `.spec` round-trips: `build_attack(a.spec, a.threat) == a`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,11 @@ ALIASES = {"step": "step_size"}
 def register(name: str, **fixed):
     """Class decorator: make the attack class (a frozen dataclass with a `threat` field) buildable
     from specs as `name`; `fixed` are keyword arguments the name implies (not settable in the spec)."""
+
     def decorate(cls: type) -> type:
         register_attack(name, cls, **fixed)
         return cls
+
     return decorate
 
 
@@ -120,6 +123,8 @@ def _parse(name: str, key: str, raw: str, hint) -> object:
             return float(Fraction(raw)) if "/" in raw else float(raw)
     except (ValueError, ZeroDivisionError):
         kind = next(t.__name__ for t in types if t is not type(None))
-        raise AdvtuneError(f"{name}: {key}={raw!r} is not a valid {kind}; e.g. {key}="
-                           f"{ {'int': '10', 'float': '0.01', 'bool': 'true'}.get(kind, 'ce') }") from None
+        raise AdvtuneError(
+            f"{name}: {key}={raw!r} is not a valid {kind}; e.g. {key}="
+            f"{ {'int': '10', 'float': '0.01', 'bool': 'true'}.get(kind, 'ce') }"
+        ) from None
     return low  # strings (loss names) are case-insensitive

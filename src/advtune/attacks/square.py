@@ -11,6 +11,7 @@ fraction of pixels per square), `restarts` (on samples not yet fooled).
 Norms: linf only; images must be (N, C, H, W).
 Cost: 0 gradient evaluations; up to queries * restarts forward passes per example.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,7 @@ from ._common import (
 from .registry import register
 
 # the paper's p-schedule, on a 10,000-query scale: (upper end of the iteration range, divisor of p_init)
-_P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
-               (8000, 256))
+_P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 
 
 def p_selection(i: int, queries: int, p_init: float) -> float:
@@ -56,8 +56,16 @@ def _rand_sign(shape, generator, dev, like: Tensor) -> Tensor:
     return 2 * s - 1
 
 
-def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, threat: ThreatModel,
-                queries: int, p_init: float, generator: torch.Generator | None) -> Best:
+def _square_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    threat: ThreatModel,
+    queries: int,
+    p_init: float,
+    generator: torch.Generator | None,
+) -> Best:
     n, c, h, w = x.shape
     dev = sample_on(generator, x.device)
     eps = threat.eps
@@ -77,7 +85,7 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, t
         vw = torch.randint(0, w - s + 1, (k,), generator=generator, device=dev).to(x.device)
         in_rows = (rows[None] >= vh[:, None]) & (rows[None] < vh[:, None] + s)
         in_cols = (cols[None] >= vw[:, None]) & (cols[None] < vw[:, None] + s)
-        window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]          # (k, 1, h, w)
+        window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (k, 1, h, w)
         xs, xb = x[idx], x_best[idx]
         x_new = threat.project(torch.where(window, xs + eps * _rand_sign((k, c, 1, 1), generator, dev, x), xb), xs)
         with torch.no_grad():
@@ -91,10 +99,19 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, t
     return Best(x_best, -m, fooled)
 
 
-@attack_entry('square')
-def square(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, queries: int = 5000,
-           p_init: float = 0.8, restarts: int = 1, target: Tensor | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
+@attack_entry("square")
+def square(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    queries: int = 5000,
+    p_init: float = 0.8,
+    restarts: int = 1,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Square Attack (linf); returns each sample's lowest-margin point found."""
     check_call(x, y, target, "square")
     if x.dim() != 4:
@@ -140,7 +157,23 @@ class Square:
     def forward_evals(self) -> int:
         return self.queries * self.restarts
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-                 target: Tensor | None = None) -> Tensor:
-        return square(model, x, y, self.threat, queries=self.queries, p_init=self.p_init, restarts=self.restarts,
-                      target=target, generator=generator)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return square(
+            model,
+            x,
+            y,
+            self.threat,
+            queries=self.queries,
+            p_init=self.p_init,
+            restarts=self.restarts,
+            target=target,
+            generator=generator,
+        )

@@ -12,15 +12,7 @@ which validates everything, then writes a run folder (`record.RunDir`) and retur
 The library underneath (data, models, attacks, train, evaluation, vulnerability) never imports this
 package; the CLI (`advtune.cli`) only builds the configs and prints what `run` returns.
 """
-from .record import (
-    CONFIG,
-    COST,
-    METRICS,
-    SUMMARY,
-    RunDir,
-    format_info,
-    open_run,
-    run_info,
-)
 
-__all__ = ["COST", "CONFIG", "METRICS", "SUMMARY", "RunDir", "format_info", "open_run", "run_info"]
+from .record import RunDir, format_info, open_run, run_info
+
+__all__ = ["RunDir", "format_info", "open_run", "run_info"]

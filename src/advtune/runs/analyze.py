@@ -1,11 +1,13 @@
 """`advtune analyze`: score every component of a trained run under an attack, on training data,
 and measure how concentrated the adversarial errors are."""
+
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import filenames as files
 from ..attacks import build_attack
 from ..cost import CostMeter, PassCounter
 from ..errors import AdvtuneError
@@ -21,7 +23,7 @@ from ..vulnerability import (
     score_many,
 )
 from .common import dataset_of, load_base, refuse_same_folder
-from .record import SUMMARY, RunDir
+from .record import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,8 @@ class AnalyzeRun:
     norm: str = "linf"
     criteria: tuple[str, ...] = ("activation-shift", "taylor", "restoration")
     granularity: str = "channel"
-    limit: int = 2000                  # training examples scored
-    curve_limit: int = 1000            # training examples for the concentration curve
+    limit: int = 2000  # training examples scored
+    curve_limit: int = 1000  # training examples for the concentration curve
     shares: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
     random_seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 256
@@ -57,11 +59,15 @@ def run(run: AnalyzeRun) -> dict:
     if run.eps is None:
         raise AdvtuneError("analyze needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     if run.granularity not in ("channel", "unit"):
-        raise AdvtuneError(f"granularity {run.granularity!r} is not supported; use channel (= unit). "
-                           "Per-layer figures come with every analysis (layers-*.json)")
+        raise AdvtuneError(
+            f"granularity {run.granularity!r} is not supported; use channel (= unit). "
+            "Per-layer figures come with every analysis (layers-*.json)"
+        )
     unknown = [c for c in run.criteria if c not in list_criteria()]
     if unknown or not run.criteria:
-        raise AdvtuneError(f"unknown criterion {unknown[0] if unknown else '(none)'}; valid: {', '.join(list_criteria())}")
+        raise AdvtuneError(
+            f"unknown criterion {unknown[0] if unknown else '(none)'}; valid: {', '.join(list_criteria())}"
+        )
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
     refuse_same_folder(run.out, run.base)
@@ -71,10 +77,20 @@ def run(run: AnalyzeRun) -> dict:
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
     threat = ThreatModel(run.norm, run.eps)
     attack = build_attack(run.attack, threat)
-    rd = RunDir.create(run.out, overwrite=run.overwrite)   # everything validated: only now create/replace
-    rd.write_config({"command": "analyze", "run": run.to_json(), "seed": run.seed, "base": str(run.base),
-                     "dataset": ds.describe(), "split": "train", "threat": threat.to_json(), "attack": attack.spec,
-                     "device": str(device)})
+    rd = RunDir.create(run.out, overwrite=run.overwrite)  # everything validated: only now create/replace
+    rd.write_config(
+        {
+            "command": "analyze",
+            "run": run.to_json(),
+            "seed": run.seed,
+            "base": str(run.base),
+            "dataset": ds.describe(),
+            "split": "train",
+            "threat": threat.to_json(),
+            "attack": attack.spec,
+            "device": str(device),
+        }
+    )
     meter = CostMeter()
     meter.measure_model(model, ds.input_shape)
     counter = PassCounter()  # every example through the model: attack, criteria, curves
@@ -86,37 +102,52 @@ def run(run: AnalyzeRun) -> dict:
     clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
     n_score = min(run.limit, len(x))
     with counter.attached(model):
-        tables = score_many(model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size)
-    summary: dict[str, Any] = {"examples_scored": n_score, "clean_acc": float(clean_ok[:n_score].float().mean()),
-                               "adv_acc": float(adv_ok[:n_score].float().mean()), "attack": attack.spec,
-                               "threat": threat.to_json(), "criteria": {}}
+        tables = score_many(
+            model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size
+        )
+    summary: dict[str, Any] = {
+        "examples_scored": n_score,
+        "clean_acc": float(clean_ok[:n_score].float().mean()),
+        "adv_acc": float(adv_ok[:n_score].float().mean()),
+        "attack": attack.spec,
+        "threat": threat.to_json(),
+        "criteria": {},
+    }
     curves = {}
     for name, table in tables.items():
-        rd.write_json(f"scores-{name}.json", table.to_json())
-        table.to_csv(rd.file(f"scores-{name}.csv"))
+        rd.write_json(files.scores(name), table.to_json())
+        table.to_csv(rd.file(files.scores(name, "csv")))
         layers = layer_scores(table)
-        rd.write_json(f"layers-{name}.json", layers)
+        rd.write_json(files.layer_scores(name), layers)
         top = [(str(c), s) for c, s in table.ranked()[:10]]
         summary["criteria"][name] = {"components": len(table), "top10": top}
         if run.curve_limit:
             n = min(run.curve_limit, len(x))
             with counter.attached(model):
-                curve = concentration_curve(model, (x[:n], y[:n], x_adv[:n]), None, table, run.shares, run.random_seeds,
-                                            batch_size=run.batch_size)
+                curve = concentration_curve(
+                    model,
+                    (x[:n], y[:n], x_adv[:n]),
+                    None,
+                    table,
+                    run.shares,
+                    run.random_seeds,
+                    batch_size=run.batch_size,
+                )
             curves[name] = curve
             summary["criteria"][name]["curve"] = curve.rows()
             summary["criteria"][name]["adversarial_errors"] = curve.n_errors
     if curves:
-        rd.write_json("concentration.json", {k: c.to_json() for k, c in curves.items()})
+        rd.write_json(files.CONCENTRATION, {k: c.to_json() for k, c in curves.items()})
     if "restoration" in tables:
         summary["rank_agreement_with_restoration"] = {
-            k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
+            k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"
+        }
     meter.stop()
     meter.attack_grad_evals, meter.forward_evals = counter.take()
     summary["cost"] = meter.to_json()
     _analysis_plots(rd, tables, curves)
     rd.write_cost(meter)
-    rd.write_json(SUMMARY, summary)
+    rd.write_json(files.SUMMARY, summary)
     rd.done()
     return summary
 

@@ -1,5 +1,6 @@
 """Pieces the jobs share: the base run a job starts from, its dataset, budgets and snapshots,
 resume checks, selections from `--select`."""
+
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .. import filenames as files
 from ..attacks import PGD
 from ..components import model_params
 from ..cost import CostMeter
@@ -33,12 +35,9 @@ from ..vulnerability import (
     select_top,
     select_top_layers,
 )
-from .record import CONFIG, RunDir, open_run
+from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
-
-
-SNAPSHOTS = "snapshots"
 
 
 def with_budget(cfg, budget: int | None, objective, n_train: int, model=None, example=None):
@@ -72,27 +71,32 @@ def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
     def on_step(model, step: int, meter: CostMeter) -> None:
         if step not in wanted or not is_main_process():
             return
-        folder = rd.path / SNAPSHOTS / f"step-{step:07d}"
-        if (folder / "cost.json").is_file():
+        folder = rd.path / files.SNAPSHOTS / files.snapshot(step)
+        if (folder / files.COST).is_file():
             return
         folder.mkdir(parents=True, exist_ok=True)
         save_model(folder, model, {**meta, "snapshot": {"of": str(rd.path), "step": step}})
         sub = RunDir(folder)
-        sub.write_config({**{k: v for k, v in config.items() if k not in ("created", "versions")},
-                          "snapshot": {"of": str(rd.path), "step": step}})
+        sub.write_config(
+            {
+                **{k: v for k, v in config.items() if k not in ("created", "versions")},
+                "snapshot": {"of": str(rd.path), "step": step},
+            }
+        )
         sub.write_cost(meter)
+
     return on_step
 
 
 def list_snapshots(folder) -> list[tuple[int, "Path"]]:
     """Complete snapshots of a run, as (step, folder), by step."""
 
-    root = Path(folder) / SNAPSHOTS
+    root = Path(folder) / files.SNAPSHOTS
     if not root.is_dir():
         return []
     out = []
     for p in root.glob("step-*"):
-        if (p / "cost.json").is_file() and p.name[5:].isdigit():
+        if (p / files.COST).is_file() and p.name[5:].isdigit():
             out.append((int(p.name[5:]), p))
     return sorted(out)
 
@@ -100,11 +104,16 @@ def list_snapshots(folder) -> list[tuple[int, "Path"]]:
 def check_val(val) -> None:
     """--val: a number of training examples (a whole number >= 1) or a fraction in (0, 1); 0 = none."""
 
-    ok = (isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
-          and (val == 0 or 0 < val < 1 or (val >= 1 and float(val).is_integer())))
+    ok = (
+        isinstance(val, (int, float))
+        and not isinstance(val, bool)
+        and math.isfinite(val)
+        and (val == 0 or 0 < val < 1 or (val >= 1 and float(val).is_integer()))
+    )
     if not ok:
-        raise AdvtuneError(f"--val must be a number of training examples (e.g. 5000) or a fraction in (0, 1) "
-                           f"(e.g. 0.1), got {val!r}")
+        raise AdvtuneError(
+            f"--val must be a number of training examples (e.g. 5000) or a fraction in (0, 1) (e.g. 0.1), got {val!r}"
+        )
 
 
 def dataset_spec(name: str) -> str:
@@ -116,10 +125,10 @@ def dataset_spec(name: str) -> str:
 def write_config_once(rd: RunDir, config: dict) -> None:
     """config.json records how a run started; a resume appends when, and keeps the original."""
 
-    if rd.file(CONFIG).is_file():
-        old = rd.read_json(CONFIG)
+    if rd.file(files.CONFIG).is_file():
+        old = rd.read_json(files.CONFIG)
         old.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        rd.write_json(CONFIG, old)
+        rd.write_json(files.CONFIG, old)
     else:
         rd.write_config(config)
 
@@ -130,7 +139,13 @@ def refuse_same_folder(out: str, base: str) -> None:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
 
 
-RUN_DEFAULTS = {"budget": None, "points": 0, "params": None, "granularity": "unit", "weights": None}   # keys newer than some records
+RUN_DEFAULTS = {
+    "budget": None,
+    "points": 0,
+    "params": None,
+    "granularity": "unit",
+    "weights": None,
+}  # keys newer than some records
 
 
 def check_same_run(saved: dict, now: dict) -> None:
@@ -139,13 +154,18 @@ def check_same_run(saved: dict, now: dict) -> None:
     the device, and the number of epochs."""
 
     ignore = {"resume", "overwrite", "device", "out", "train"}
-    changed = [(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k]) for k in now
-               if k not in ignore and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]]
+    changed = [
+        (k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
+        for k in now
+        if k not in ignore and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]
+    ]
     if isinstance(now.get("train"), dict):
         changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]
     if changed:
-        raise AdvtuneError(f"--resume with different settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changed)}); "
-                           "use the original flags or a new --out")
+        raise AdvtuneError(
+            f"--resume with different settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changed)}); "
+            "use the original flags or a new --out"
+        )
 
 
 def load_base(path: str, device) -> tuple[Any, dict, dict]:
@@ -153,7 +173,7 @@ def load_base(path: str, device) -> tuple[Any, dict, dict]:
 
     rd = open_run(path)
     model, meta = load_model(rd.path, device)
-    return model, meta, rd.read_json(CONFIG)
+    return model, meta, rd.read_json(files.CONFIG)
 
 
 def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
@@ -176,8 +196,17 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 
-def make_selection(model, select: str, share: float, criterion: str, per_layer: bool, seed: int,
-                   params: float | None = None, granularity: str = "unit", example_input=None):
+def make_selection(
+    model,
+    select: str,
+    share: float,
+    criterion: str,
+    per_layer: bool,
+    seed: int,
+    params: float | None = None,
+    granularity: str = "unit",
+    example_input=None,
+):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
     select: all | random | layers:<name,...> | an analyze folder (or score file). With `params`, a
@@ -193,17 +222,19 @@ def make_selection(model, select: str, share: float, criterion: str, per_layer: 
     if select == "all":
         return None
     if select.startswith("layers:"):
-        return select_layers(model, [n for n in select[len("layers:"):].split(",") if n])
+        return select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
     if select == "random":
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
     folder = Path(select)
-    table_file = folder / f"scores-{criterion}.json" if folder.is_dir() else folder
+    table_file = folder / files.scores(criterion) if folder.is_dir() else folder
     if folder.is_dir() and not table_file.is_file():
         have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
-        raise AdvtuneError(f"{folder} has no scores for criterion {criterion!r}" +
-                           (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first"))
+        raise AdvtuneError(
+            f"{folder} has no scores for criterion {criterion!r}"
+            + (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first")
+        )
     if not table_file.is_file():
         raise AdvtuneError(f"--select {select!r}: not all, random, layers:<names>, or an analyze folder/score file")
 
@@ -222,6 +253,11 @@ def describe_selection(selection, model, example=None) -> dict:
     """What a selection trains, for the records: components, units, parameters (also per layer)."""
 
     trainable = selection.trainable_params(model, example_input=example)
-    return {"components": len(selection), "units": selection.n_units(model), "trainable_params": trainable,
-            "param_share": trainable / model_params(model), "by_layer": selection.by_layer(model),
-            "params_by_layer": selection.params_by_layer(model, example)}
+    return {
+        "components": len(selection),
+        "units": selection.n_units(model),
+        "trainable_params": trainable,
+        "param_share": trainable / model_params(model),
+        "by_layer": selection.by_layer(model),
+        "params_by_layer": selection.params_by_layer(model, example),
+    }

@@ -7,6 +7,7 @@ adversarial training from scratch, each as a curve of snapshots -> evaluation ->
 frontier (HTML + Markdown). `--full` runs configs/frontier-mnist-eps0.3.yaml instead (real sizes:
 hours on a CPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,10 +21,12 @@ from .experiment import format_results
 
 log = logging.getLogger(__name__)
 
-DEMO_NOTE = ("Demo sizes (CPU, a few minutes): standard small-cnn trained 1 epoch on 20k MNIST images; analysis on 500 "
-             "training images; every curve = 150k training gradient evaluations with 3 snapshots; evaluation on the first "
-             "500 test images. The measured frontier at real sizes, with adversarial training run to its plateau, is in "
-             "docs/RESULTS.md (bench/frontier.py).")
+DEMO_NOTE = (
+    "Demo sizes (CPU, a few minutes): standard small-cnn trained 1 epoch on 20k MNIST images; analysis on 500 "
+    "training images; every curve = 150k training gradient evaluations with 3 snapshots; evaluation on the first "
+    "500 test images. The measured frontier at real sizes, with adversarial training run to its plateau, is in "
+    "docs/RESULTS.md (bench/frontier.py)."
+)
 BUDGET = 150_000
 
 
@@ -32,19 +35,44 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
     with as many trainable parameters, and adversarial training from scratch, all at the same budget."""
     curve = {"budget": BUDGET, "points": 3, "limit": 20000}
     return {
-        "name": "advtune-demo", "seed": seed, "notes": DEMO_NOTE, "data_dir": data_dir,
-        "base": {"dataset": "mnist", "model": "small-cnn", "limit": 20000,
-                 "train": {"epochs": 1, "batch_size": 128, "optimizer": "adam", "lr": 0.001}},
+        "name": "advtune-demo",
+        "seed": seed,
+        "notes": DEMO_NOTE,
+        "data_dir": data_dir,
+        "base": {
+            "dataset": "mnist",
+            "model": "small-cnn",
+            "limit": 20000,
+            "train": {"epochs": 1, "batch_size": 128, "optimizer": "adam", "lr": 0.001},
+        },
         "threat": {"norm": "linf", "eps": 0.3},
         "evaluation": {"attacks": "fgsm,pgd:steps=20,apgd-ce:steps=50", "limit": 500, "batch_size": 500},
-        "analysis": {"attack": "pgd:steps=10", "criteria": ["activation-shift", "taylor"], "limit": 500, "curve_limit": 500},
+        "analysis": {
+            "attack": "pgd:steps=10",
+            "criteria": ["activation-shift", "taylor"],
+            "limit": 500,
+            "curve_limit": 500,
+        },
         "variants": [
             {"name": "standard", "kind": "standard"},
             {"name": "harden", "recipe": "harden", **curve},
             {"name": "random-same-params", "recipe": "harden", "select": "random", "params_like": "harden", **curve},
-            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=5", "eps_warmup": 0.3, **curve},
-            {"name": "pgd-at-same-budget", "kind": "train", "attack": "pgd:steps=5", "eps_warmup": 0.3, "reference": False,
-             **curve},
+            {
+                "name": "full-ft",
+                "kind": "finetune",
+                "select": "all",
+                "attack": "pgd:steps=5",
+                "eps_warmup": 0.3,
+                **curve,
+            },
+            {
+                "name": "pgd-at-same-budget",
+                "kind": "train",
+                "attack": "pgd:steps=5",
+                "eps_warmup": 0.3,
+                "reference": False,
+                **curve,
+            },
         ],
     }
 
@@ -64,7 +92,6 @@ def run(cfg: DemoConfig) -> list[dict]:
     if cfg.full:
         config = str(Path(__file__).resolve().parents[2] / "configs" / "frontier-mnist-eps0.3.yaml")
         if not Path(config).is_file():
-
             raise AdvtuneError(f"--full needs {config} (it ships with the source checkout)")
     else:
         config = demo_config(cfg.data_dir, cfg.seed)

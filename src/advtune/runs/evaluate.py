@@ -1,5 +1,6 @@
 """`advtune evaluate`: a trained run on its test split under an attack list or a suite, at one or
 more eps; the record goes to eval-<name>.json."""
+
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..errors import AdvtuneError
 from ..evaluation import eps_curve, robust_accuracy, suite
@@ -32,15 +34,15 @@ class EvaluateRun:
 
     run: str
     eps: tuple[float, ...] = ()
-    attacks: str | None = None          # comma list of specs
-    suite: str | None = None            # standard | quick
+    attacks: str | None = None  # comma list of specs
+    suite: str | None = None  # standard | quick
     norm: str = "linf"
     limit: int | None = 1000
     batch_size: int = 256
     cascade: bool = False
     plot: bool = False
-    name: str | None = None             # eval-<name>.json; default from the attacks and eps
-    record_dir: str | None = None       # where eval-<name>.json goes (default: the run folder itself)
+    name: str | None = None  # eval-<name>.json; default from the attacks and eps
+    record_dir: str | None = None  # where eval-<name>.json goes (default: the run folder itself)
     seed: int = 0
     data_dir: str | None = None
     device: str = "auto"
@@ -68,11 +70,25 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
         attacks_for(run, e)  # validate every eps and spec before any work
     gen = make_generator(run.seed, model_device(model))
     if len(run.eps) == 1:
-        result = robust_accuracy(model, data, attacks_for(run, run.eps[0]), batch_size=run.batch_size,
-                                 generator=gen, limit=run.limit, cascade=run.cascade)
+        result = robust_accuracy(
+            model,
+            data,
+            attacks_for(run, run.eps[0]),
+            batch_size=run.batch_size,
+            generator=gen,
+            limit=run.limit,
+            cascade=run.cascade,
+        )
         return {"kind": "single", **result.to_json()}
-    curve = eps_curve(model, data, lambda e: attacks_for(run, e), list(run.eps), batch_size=run.batch_size,
-                      generator=gen, limit=run.limit)
+    curve = eps_curve(
+        model,
+        data,
+        lambda e: attacks_for(run, e),
+        list(run.eps),
+        batch_size=run.batch_size,
+        generator=gen,
+        limit=run.limit,
+    )
     return {"kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
 
 
@@ -89,19 +105,31 @@ def run(run: EvaluateRun) -> dict:
     config = run.to_json()
     if record["kind"] == "curve":
         config["cascade"] = False  # eps curves always run every attack on every sample
-    record.update({"run": str(run.run), "split": "test", "dataset": ds.name, "examples": len(x),
-                   "config": config, "versions": versions(), "wall_s": time.perf_counter() - t0,
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    label = run.name or (f"{run.suite or '-'.join(split_attack_list(run.attacks or ''))}-{run.norm}-eps"
-                         + "_".join(f"{e:.4g}" for e in run.eps))
+    record.update(
+        {
+            "run": str(run.run),
+            "split": "test",
+            "dataset": ds.name,
+            "examples": len(x),
+            "config": config,
+            "versions": versions(),
+            "wall_s": time.perf_counter() - t0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    label = run.name or (
+        f"{run.suite or '-'.join(split_attack_list(run.attacks or ''))}-{run.norm}-eps"
+        + "_".join(f"{e:.4g}" for e in run.eps)
+    )
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:120]
     if run.record_dir:
         RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
-    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(f"eval-{label}.json")
+    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(label))
     if curve is not None and run.plot:
-
         png = path.with_suffix(".png")
-        plot_eps_curve({meta.get("architecture", "model"): curve}, png, title=f"{run.run}: accuracy vs eps ({run.norm})")
+        plot_eps_curve(
+            {meta.get("architecture", "model"): curve}, png, title=f"{run.run}: accuracy vs eps ({run.norm})"
+        )
         record["plot"] = png.name
     atomic_write_json(path, record)
     record["path"] = str(path)
@@ -112,15 +140,21 @@ def format_evaluation(record: dict) -> str:
     """A terminal table of an evaluation record."""
     lines = []
     if record["kind"] == "single":
-        lines.append(f"{record['examples']} test examples, {record['threat']['norm']} eps={record['threat']['eps']:.4g}, "
-                     f"mode {record['mode']}")
+        lines.append(
+            f"{record['examples']} test examples, {record['threat']['norm']} eps={record['threat']['eps']:.4g}, "
+            f"mode {record['mode']}"
+        )
         lines.append(f"  {'clean':28s} {100 * record['clean_accuracy']:6.2f}%")
         for spec, acc in record["accuracy"].items():
-            lines.append(f"  {spec:28s} {100 * acc:6.2f}%   grad evals/ex {record['grad_evals_per_example'][spec]:7.1f}   "
-                         f"{record['wall_time_s'][spec]:6.1f}s   max pert {record['max_perturbation'][spec]:.4g}")
+            lines.append(
+                f"  {spec:28s} {100 * acc:6.2f}%   grad evals/ex {record['grad_evals_per_example'][spec]:7.1f}   "
+                f"{record['wall_time_s'][spec]:6.1f}s   max pert {record['max_perturbation'][spec]:.4g}"
+            )
         lines.append(f"  {'worst case over attacks':28s} {100 * record['worst_case_accuracy']:6.2f}%")
     else:
-        lines.append(f"{record['examples']} test examples, accuracy vs eps (monotone: broken at eps_i counts as broken above)")
+        lines.append(
+            f"{record['examples']} test examples, accuracy vs eps (monotone: broken at eps_i counts as broken above)"
+        )
         lines.append(f"  {'eps':>8s}  {'robust':>7s}  {'raw':>7s}")
         for e, a, r in zip(record["eps"], record["accuracy"], record["raw_accuracy"]):
             lines.append(f"  {e:8.4g}  {100 * a:6.2f}%  {100 * r:6.2f}%")

@@ -16,6 +16,7 @@ Every variant is recorded under `<out>/<variant>/` (a normal run folder plus `ev
 a finished variant is skipped when the experiment is run again, an interrupted one resumes from its
 checkpoint. `<out>/results.json` and `results.csv` hold one row per variant.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from .. import filenames as files
 from ..errors import AdvtuneError
 from ..hardening import Recipe
 from ..train import TrainConfig
@@ -42,7 +44,6 @@ from .analyze import AnalyzeRun
 from .common import list_snapshots
 from .evaluate import EvaluateRun
 from .finetune import FinetuneRun
-from .record import CONFIG, SUMMARY
 from .train import TrainRun
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,44 @@ BASE_KEYS = {"dataset", "model", "train", "pretrained", "limit", "limit_test", "
 THREAT_KEYS = {"norm", "eps"}
 EVAL_KEYS = {"attacks", "suite", "limit", "batch_size", "cascade"}
 ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
-TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
-              "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
-VARIANT_KEYS = {"name", "kind", "attack", "attack_mode", "eps_warmup", "train", "select", "share", "criterion", "per_layer", "guard",
-                "limit", "model", "eps", "notes", "budget", "points", "params", "granularity", "reference", "recipe",
-                "params_like"}
+TRAIN_KEYS = {
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "checkpoint_every",
+    "eval_batch_size",
+    "val_attack_limit",
+    "steps",
+}
+VARIANT_KEYS = {
+    "name",
+    "kind",
+    "attack",
+    "attack_mode",
+    "eps_warmup",
+    "train",
+    "select",
+    "share",
+    "criterion",
+    "per_layer",
+    "guard",
+    "limit",
+    "model",
+    "eps",
+    "notes",
+    "budget",
+    "points",
+    "params",
+    "granularity",
+    "reference",
+    "recipe",
+    "params_like",
+}
 KINDS = ("standard", "train", "finetune")
 SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
 EVAL_NAME = "protocol"
@@ -70,8 +104,10 @@ def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
     for k in d:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            raise AdvtuneError(f"{where}: unknown key {k!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                                 f"; valid: {', '.join(sorted(allowed))}"))
+            raise AdvtuneError(
+                f"{where}: unknown key {k!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(allowed))}")
+            )
     return d
 
 
@@ -130,8 +166,13 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
 def _check_numbers(v: dict, where: str) -> None:
     """Numbers in a variant are numbers (YAML gives strings for typos like `0,1` or `ten`)."""
 
-    rules = {"share": lambda n: 0 < n <= 1, "eps_warmup": lambda n: 0 <= n < 1, "params": lambda n: n > 0,
-             "budget": lambda n: n >= 1, "eps": lambda n: 0 < n < 1e6}
+    rules = {
+        "share": lambda n: 0 < n <= 1,
+        "eps_warmup": lambda n: 0 <= n < 1,
+        "params": lambda n: n > 0,
+        "budget": lambda n: n >= 1,
+        "eps": lambda n: 0 < n < 1e6,
+    }
     for key, ok in rules.items():
         if key not in v:
             continue
@@ -157,10 +198,22 @@ def with_recipe(v: dict) -> dict:
         raise AdvtuneError(f"variant {v.get('name')}: unknown recipe {v['recipe']!r}; valid: harden")
 
     r = Recipe()
-    filled = {"kind": "finetune", "select": "top", "granularity": r.granularity, "params": r.params,
-              "criterion": r.criterion, "attack": r.attack, "eps_warmup": r.eps_warmup}
-    train = {"optimizer": r.optimizer, "lr": r.lr, "schedule": r.schedule, "batch_size": r.batch_size,
-             **(v.get("train") or {})}
+    filled = {
+        "kind": "finetune",
+        "select": "top",
+        "granularity": r.granularity,
+        "params": r.params,
+        "criterion": r.criterion,
+        "attack": r.attack,
+        "eps_warmup": r.eps_warmup,
+    }
+    train = {
+        "optimizer": r.optimizer,
+        "lr": r.lr,
+        "schedule": r.schedule,
+        "batch_size": r.batch_size,
+        **(v.get("train") or {}),
+    }
     return {**filled, **v, "train": train}
 
 
@@ -182,7 +235,9 @@ def expand_variants(cfg: dict) -> list[dict]:
             for (k, _), val in zip(axes, combo):
                 w[k] = val
                 suffix.append(f"{k}{val:g}" if isinstance(val, float) else f"{k}-{val}")
-            w["name"] = "-".join([v["name"], *suffix]).replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+            w["name"] = (
+                "-".join([v["name"], *suffix]).replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+            )
             w["sweep_of"] = v["name"] if suffix else None
             out.append(w)
     names = [w["name"] for w in out]
@@ -215,8 +270,9 @@ def _eps_value(v: Any) -> float:
     return parse_number(v)
 
 
-def run(config: str | Path | dict, out: str | Path, *, device: str | None = None,
-                   only: list[str] | None = None) -> list[dict]:
+def run(
+    config: str | Path | dict, out: str | Path, *, device: str | None = None, only: list[str] | None = None
+) -> list[dict]:
     """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
 
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
@@ -228,34 +284,48 @@ def run(config: str | Path | dict, out: str | Path, *, device: str | None = None
     norm = cfg["threat"].get("norm", "linf")
     ev = cfg["evaluation"]
     variants = expand_variants(cfg)
-    _refuse_changed_variants(out, variants)   # before anything of a finished experiment is rewritten
-    atomic_write_json(out / "experiment.json", {"config": cfg, "source": str(config) if not isinstance(config, dict) else None})
+    _refuse_changed_variants(out, variants)  # before anything of a finished experiment is rewritten
+    atomic_write_json(
+        out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else None}
+    )
     if only:
         missing = [o for o in only if o not in {v["name"] for v in variants}]
         if missing:
-            raise AdvtuneError(f"--only {missing[0]!r}: no such variant; variants: {', '.join(v['name'] for v in variants)}")
+            raise AdvtuneError(
+                f"--only {missing[0]!r}: no such variant; variants: {', '.join(v['name'] for v in variants)}"
+            )
         variants = [v for v in variants if v["name"] in only]
 
     def finished(folder: Path) -> bool:
-        return (folder / SUMMARY).is_file() and (folder / f"eval-{EVAL_NAME}.json").is_file()
+        return (folder / files.SUMMARY).is_file() and (folder / files.evaluation(EVAL_NAME)).is_file()
 
     def started(folder: Path) -> bool:
-        return (folder / CONFIG).is_file()
+        return (folder / files.CONFIG).is_file()
 
     # the base model: a pretrained run, or trained here once
     base = cfg["base"]
     if base.get("pretrained"):
         base_dir = Path(base["pretrained"])
-        if not (base_dir / "model.safetensors").is_file():
+        if not (base_dir / files.WEIGHTS).is_file():
             raise AdvtuneError(f"base.pretrained: {base_dir} holds no trained model; train it first or fix the path")
     else:
         base_dir = out / "standard"
-        if not (base_dir / SUMMARY).is_file():
+        if not (base_dir / files.SUMMARY).is_file():
             log.info("experiment %s: training the base model", cfg.get("name", out.name))
-            train_job.run(TrainRun(dataset=base["dataset"], model=base["model"], out=str(base_dir), data_dir=data_dir,
-                               limit=base.get("limit"), limit_test=base.get("limit_test"), device=device,
-                               train=_train_config(base.get("train"), None, seed), resume=started(base_dir),
-                               overwrite=base_dir.exists() and not started(base_dir)))
+            train_job.run(
+                TrainRun(
+                    dataset=base["dataset"],
+                    model=base["model"],
+                    out=str(base_dir),
+                    data_dir=data_dir,
+                    limit=base.get("limit"),
+                    limit_test=base.get("limit_test"),
+                    device=device,
+                    train=_train_config(base.get("train"), None, seed),
+                    resume=started(base_dir),
+                    overwrite=base_dir.exists() and not started(base_dir),
+                )
+            )
     analysis_cfg = cfg.get("analysis") or {}
     analyses: dict[float, Path] = {}
 
@@ -263,13 +333,29 @@ def run(config: str | Path | dict, out: str | Path, *, device: str | None = None
         if eps in analyses:
             return analyses[eps]
         folder = analysis_folder(out, cfg, eps)
-        if (folder / SUMMARY).is_file() and read_json(folder / SUMMARY, "analysis summary")["threat"]["eps"] != eps:
+        if (folder / files.SUMMARY).is_file() and read_json(folder / files.SUMMARY, "analysis summary")["threat"][
+            "eps"
+        ] != eps:
             raise AdvtuneError(f"{folder} was analysed at another eps; delete it or use a new --out")
-        if not (folder / SUMMARY).is_file():
-            kw = {k: tuple(analysis_cfg[k]) if k in ("criteria", "shares", "random_seeds") else analysis_cfg[k]
-                  for k in ANALYSIS_KEYS if k in analysis_cfg}
-            analyze_job.run(AnalyzeRun(base=str(base_dir), out=str(folder), eps=eps, norm=norm, seed=seed, data_dir=data_dir,
-                                   device=device, overwrite=folder.exists(), **kw))
+        if not (folder / files.SUMMARY).is_file():
+            kw = {
+                k: tuple(analysis_cfg[k]) if k in ("criteria", "shares", "random_seeds") else analysis_cfg[k]
+                for k in ANALYSIS_KEYS
+                if k in analysis_cfg
+            }
+            analyze_job.run(
+                AnalyzeRun(
+                    base=str(base_dir),
+                    out=str(folder),
+                    eps=eps,
+                    norm=norm,
+                    seed=seed,
+                    data_dir=data_dir,
+                    device=device,
+                    overwrite=folder.exists(),
+                    **kw,
+                )
+            )
         analyses[eps] = folder
         return folder
 
@@ -291,57 +377,107 @@ def run(config: str | Path | dict, out: str | Path, *, device: str | None = None
             model_dir = base_dir
         elif kind == "train":
             model_dir = folder
-            if not (folder / SUMMARY).is_file():
-                train_job.run(TrainRun(dataset=base.get("dataset") or _base_dataset(base_dir), model=v.get("model") or base.get("model") or _base_model(base_dir),
-                                   out=str(folder), data_dir=data_dir, limit=v.get("limit", base.get("limit")),
-                                   limit_test=base.get("limit_test"), device=device, adversarial=v.get("attack"), norm=norm,
-                                   eps=eps if v.get("attack") else None, attack_mode=v.get("attack_mode", "eval"),
-                                   eps_warmup=float(v.get("eps_warmup", 0.0)), guard=v.get("guard"),
-                                   train=_train_config(base.get("train"), v.get("train"), seed),
-                                   budget=_budget(v), points=_points(v),
-                                   resume=started(folder), overwrite=folder.exists() and not started(folder)))
+            if not (folder / files.SUMMARY).is_file():
+                train_job.run(
+                    TrainRun(
+                        dataset=base.get("dataset") or _base_dataset(base_dir),
+                        model=v.get("model") or base.get("model") or _base_model(base_dir),
+                        out=str(folder),
+                        data_dir=data_dir,
+                        limit=v.get("limit", base.get("limit")),
+                        limit_test=base.get("limit_test"),
+                        device=device,
+                        adversarial=v.get("attack"),
+                        norm=norm,
+                        eps=eps if v.get("attack") else None,
+                        attack_mode=v.get("attack_mode", "eval"),
+                        eps_warmup=float(v.get("eps_warmup", 0.0)),
+                        guard=v.get("guard"),
+                        train=_train_config(base.get("train"), v.get("train"), seed),
+                        budget=_budget(v),
+                        points=_points(v),
+                        resume=started(folder),
+                        overwrite=folder.exists() and not started(folder),
+                    )
+                )
         else:
             model_dir = folder
-            if not (folder / SUMMARY).is_file():
+            if not (folder / files.SUMMARY).is_file():
                 select = v.get("select", "top")
                 if select == "top":
                     select = str(analysis_for(eps))
-                if v.get("params_like"):   # the control: as many trainable parameters as another variant's selection
+                if v.get("params_like"):  # the control: as many trainable parameters as another variant's selection
                     v = {**v, "params": _trainable_of(out, v["params_like"], v["name"])}
-                finetune_job.run(FinetuneRun(base=str(base_dir), out=str(folder), eps=eps, select=select,
-                                         share=float(v.get("share", 0.1)), criterion=v.get("criterion", "taylor"),
-                                         per_layer=bool(v.get("per_layer", False)), attack=v.get("attack", "pgd:steps=10"),
-                                         norm=norm, attack_mode=v.get("attack_mode", "eval"), guard=v.get("guard"),
-                                         eps_warmup=float(v.get("eps_warmup", 0.0)),
-                                         train=_train_config({"epochs": 1}, v.get("train"), seed), data_dir=data_dir,
-                                         limit=v.get("limit", base.get("limit")), limit_test=base.get("limit_test"),
-                                         params=_params(v), granularity=v.get("granularity", "unit"),
-                                         budget=_budget(v), points=_points(v),
-                                         monitor=0, device=device, resume=started(folder),
-                                         overwrite=folder.exists() and not started(folder)))
+                finetune_job.run(
+                    FinetuneRun(
+                        base=str(base_dir),
+                        out=str(folder),
+                        eps=eps,
+                        select=select,
+                        share=float(v.get("share", 0.1)),
+                        criterion=v.get("criterion", "taylor"),
+                        per_layer=bool(v.get("per_layer", False)),
+                        attack=v.get("attack", "pgd:steps=10"),
+                        norm=norm,
+                        attack_mode=v.get("attack_mode", "eval"),
+                        guard=v.get("guard"),
+                        eps_warmup=float(v.get("eps_warmup", 0.0)),
+                        train=_train_config({"epochs": 1}, v.get("train"), seed),
+                        data_dir=data_dir,
+                        limit=v.get("limit", base.get("limit")),
+                        limit_test=base.get("limit_test"),
+                        params=_params(v),
+                        granularity=v.get("granularity", "unit"),
+                        budget=_budget(v),
+                        points=_points(v),
+                        monitor=0,
+                        device=device,
+                        resume=started(folder),
+                        overwrite=folder.exists() and not started(folder),
+                    )
+                )
 
         def protocol(run_dir: Path, record_dir: Path) -> dict:
-            return evaluate_job.run(EvaluateRun(run=str(run_dir), eps=(eps,), attacks=ev.get("attacks"), suite=ev.get("suite"),
-                                            norm=norm, limit=ev.get("limit", 1000), batch_size=ev.get("batch_size", 256),
-                                            cascade=bool(ev.get("cascade", False)), name=EVAL_NAME,
-                                            record_dir=str(record_dir), seed=seed, data_dir=data_dir, device=device))
+            return evaluate_job.run(
+                EvaluateRun(
+                    run=str(run_dir),
+                    eps=(eps,),
+                    attacks=ev.get("attacks"),
+                    suite=ev.get("suite"),
+                    norm=norm,
+                    limit=ev.get("limit", 1000),
+                    batch_size=ev.get("batch_size", 256),
+                    cascade=bool(ev.get("cascade", False)),
+                    name=EVAL_NAME,
+                    record_dir=str(record_dir),
+                    seed=seed,
+                    data_dir=data_dir,
+                    device=device,
+                )
+            )
 
         # the curve: every snapshot along the run gets the same protocol (resumable: done ones are kept)
         snaps = list_snapshots(folder) if kind != "standard" else []
         for i, (step, snap) in enumerate(snaps):
-            if not (snap / f"eval-{EVAL_NAME}.json").is_file():
+            if not (snap / files.evaluation(EVAL_NAME)).is_file():
                 log.info("variant %s: evaluating snapshot %d/%d (step %d)", v["name"], i + 1, len(snaps), step)
                 protocol(snap, snap)
         final_snap = _same_point(folder, snaps)
         if final_snap is not None:  # the run ended on its last snapshot: that evaluation is the final one
-            atomic_write_text(folder / f"eval-{EVAL_NAME}.json", (final_snap / f"eval-{EVAL_NAME}.json").read_text())
-            record = read_json(folder / f"eval-{EVAL_NAME}.json", "evaluation")
+            atomic_write_text(
+                folder / files.evaluation(EVAL_NAME), (final_snap / files.evaluation(EVAL_NAME)).read_text()
+            )
+            record = read_json(folder / files.evaluation(EVAL_NAME), "evaluation")
         else:
             record = protocol(model_dir, folder)
         if kind == "standard" and model_dir != folder:
             _link_standard(folder, model_dir)
-        log.info("variant %s: clean %.2f%%, worst case %.2f%%", v["name"], 100 * record["clean_accuracy"],
-                 100 * record["worst_case_accuracy"])
+        log.info(
+            "variant %s: clean %.2f%%, worst case %.2f%%",
+            v["name"],
+            100 * record["clean_accuracy"],
+            100 * record["worst_case_accuracy"],
+        )
     rows = collect_results(out, expand_variants(cfg), base_dir)
     write_results(out, rows)
     return rows
@@ -369,10 +505,12 @@ def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
     recorded = read_json(path, "variant settings")
     for v in variants:
         folder = out / v["name"]
-        exists = (folder / "config.json").is_file() or (folder / f"eval-{EVAL_NAME}.json").is_file()
+        exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
         if exists and v["name"] in recorded and recorded[v["name"]] != _settings(v):
-            raise AdvtuneError(f"variant {v['name']} in {out} was run with other settings; use a new --out, "
-                               f"or delete {folder} to run it again")
+            raise AdvtuneError(
+                f"variant {v['name']} in {out} was run with other settings; use a new --out, "
+                f"or delete {folder} to run it again"
+            )
 
 
 def _budget(v: dict) -> int | None:
@@ -382,7 +520,9 @@ def _budget(v: dict) -> int | None:
 def _points(v: dict) -> int:
     n = v.get("points", 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise AdvtuneError(f"variant {v['name']}: points must be a non-negative integer (snapshots along the run), got {n!r}")
+        raise AdvtuneError(
+            f"variant {v['name']}: points must be a non-negative integer (snapshots along the run), got {n!r}"
+        )
     return n
 
 
@@ -394,28 +534,32 @@ def _params(v: dict) -> float | int | None:
 
 
 def _trainable_of(out: Path, other: str, me: str) -> int:
-    summary = out / other / "summary.json"
+    summary = out / other / files.SUMMARY
     if not summary.is_file():
-        raise AdvtuneError(f"variant {me}: params_like: {other} needs {other} to run first (list it earlier in the config)")
+        raise AdvtuneError(
+            f"variant {me}: params_like: {other} needs {other} to run first (list it earlier in the config)"
+        )
     sel = read_json(summary, "summary").get("selection") or {}
     if not sel.get("trainable_params"):
-        raise AdvtuneError(f"variant {me}: params_like: {other} trained no selection (select: all?); give params: instead")
+        raise AdvtuneError(
+            f"variant {me}: params_like: {other} trained no selection (select: all?); give params: instead"
+        )
     return int(sel["trainable_params"])
 
 
 def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
     """The last snapshot when it is the run's final model (same training cost), else None."""
-    if not snaps or not (folder / "cost.json").is_file():
+    if not snaps or not (folder / files.COST).is_file():
         return None
     last = snaps[-1][1]
-    final = read_json(folder / "cost.json", "cost")
-    mine = read_json(last / "cost.json", "cost")
+    final = read_json(folder / files.COST, "cost")
+    mine = read_json(last / files.COST, "cost")
     return last if mine.get("grad_evals") == final.get("grad_evals") else None
 
 
 def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
     """`analysis/` when the experiment has one eps, else `analysis-eps<eps>/`."""
-    single = out / "analysis"
+    single = out / files.ANALYSIS
     per_eps = out / f"analysis-eps{eps:g}"
     if cfg is None:  # reading records: whichever exists
         return per_eps if per_eps.is_dir() else single
@@ -425,20 +569,20 @@ def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
 
 
 def _base_dataset(base_dir: Path) -> str:
-    return read_json(base_dir / "config.json", "base config")["run"]["dataset"]
+    return read_json(base_dir / files.CONFIG, "base config")["run"]["dataset"]
 
 
 def _base_model(base_dir: Path) -> str:
-    return read_json(base_dir / "model.json", "base model")["architecture"]
+    return read_json(base_dir / files.MODEL_META, "base model")["architecture"]
 
 
 def _link_standard(folder: Path, model_dir: Path) -> None:
     """The `standard` variant evaluates the base model itself: its folder holds the evaluation and
     points at the model's run folder."""
     atomic_write_json(folder / "variant.json", {"kind": "standard", "model_dir": str(model_dir)})
-    src = model_dir / "summary.json"
+    src = model_dir / files.SUMMARY
     if src.is_file():
-        atomic_write_text(folder / "summary.json", src.read_text())
+        atomic_write_text(folder / files.SUMMARY, src.read_text())
 
 
 def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dict]:
@@ -447,7 +591,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
     base_cost = _cost(base_dir)
     for v in variants:
         folder = out / v["name"]
-        ev_path = folder / f"eval-{EVAL_NAME}.json"
+        ev_path = folder / files.evaluation(EVAL_NAME)
         if not ev_path.is_file():
             continue
         ev = read_json(ev_path, "evaluation")
@@ -457,31 +601,54 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
         if kind == "finetune" and str(v.get("select", "top")) == "top":
             a = analysis_folder(out, None, _eps_value(v["eps"]))
             analysis_cost = _cost(a) if a.is_dir() else {}
-        summary = read_json(folder / "summary.json", "summary") if (folder / "summary.json").is_file() else {}
+        summary = read_json(folder / files.SUMMARY, "summary") if (folder / files.SUMMARY).is_file() else {}
         sel = summary.get("selection") or {}
         row = {
-            "variant": v["name"], "kind": kind, "sweep_of": v.get("sweep_of"), "eps": _eps_value(v["eps"]),
+            "variant": v["name"],
+            "kind": kind,
+            "sweep_of": v.get("sweep_of"),
+            "eps": _eps_value(v["eps"]),
             "select": v.get("select", "top") if kind == "finetune" else None,
-            "share": float(v.get("share", 0.1)) if kind == "finetune" and v.get("select", "top") in ("top", "random")
-            and v.get("params") is None and not v.get("params_like") else None,
-            "params_budget": (sel.get("trainable_params") if v.get("params_like") else v.get("params")) if kind == "finetune" else None,
+            "share": float(v.get("share", 0.1))
+            if kind == "finetune"
+            and v.get("select", "top") in ("top", "random")
+            and v.get("params") is None
+            and not v.get("params_like")
+            else None,
+            "params_budget": (sel.get("trainable_params") if v.get("params_like") else v.get("params"))
+            if kind == "finetune"
+            else None,
             "params_like": v.get("params_like"),
-            "granularity": v.get("granularity", "unit") if kind == "finetune" and v.get("select", "top") == "top" else None,
-            "criterion": v.get("criterion", "taylor") if kind == "finetune" and v.get("select", "top") == "top" else None,
-            "attack": v.get("attack") if kind == "train" else v.get("attack", "pgd:steps=10") if kind == "finetune" else None,
-            "clean_acc": ev["clean_accuracy"], "robust_acc": ev["worst_case_accuracy"],
+            "granularity": v.get("granularity", "unit")
+            if kind == "finetune" and v.get("select", "top") == "top"
+            else None,
+            "criterion": v.get("criterion", "taylor")
+            if kind == "finetune" and v.get("select", "top") == "top"
+            else None,
+            "attack": v.get("attack")
+            if kind == "train"
+            else v.get("attack", "pgd:steps=10")
+            if kind == "finetune"
+            else None,
+            "clean_acc": ev["clean_accuracy"],
+            "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),
-            "grad_evals": cost.get("grad_evals", 0), "analysis_grad_evals": analysis_cost.get("grad_evals", 0),
+            "grad_evals": cost.get("grad_evals", 0),
+            "analysis_grad_evals": analysis_cost.get("grad_evals", 0),
             "base_grad_evals": base_cost.get("grad_evals", 0) if kind == "finetune" else 0,
-            "wall_s": cost.get("wall_s", 0.0), "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
+            "wall_s": cost.get("wall_s", 0.0),
+            "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
             "flops": cost.get("flops", 0.0),
             "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
             "total_params": cost.get("total_params"),
-            "epochs": summary.get("epochs"), "stopped": summary.get("stopped"),
-            "eval_examples": ev.get("examples"), "eval_attacks": ",".join(ev.get("attacks", [])),
+            "epochs": summary.get("epochs"),
+            "stopped": summary.get("stopped"),
+            "eval_examples": ev.get("examples"),
+            "eval_attacks": ",".join(ev.get("attacks", [])),
             "eval_grad_evals": sum(ev.get("grad_evals", {}).values()),
-            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0) / max(cost.get("total_params") or 1, 1),
+            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0)
+            / max(cost.get("total_params") or 1, 1),
             "reference": bool(v.get("reference", kind == "train" and bool(v.get("attack")))),
             "curve": _curve(folder, kind, cost, ev),
         }
@@ -496,21 +663,37 @@ def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[
     pts = []
     if kind != "standard":
         for step, snap in list_snapshots(folder):
-            e = snap / f"eval-{EVAL_NAME}.json"
+            e = snap / files.evaluation(EVAL_NAME)
             if e.is_file():
                 ev, cost = read_json(e, "evaluation"), _cost(snap)
-                pts.append({"step": step, "grad_evals": cost.get("grad_evals", 0), "wall_s": cost.get("wall_s", 0.0),
-                            "flops": cost.get("flops", 0.0), "clean_acc": ev["clean_accuracy"],
-                            "robust_acc": ev["worst_case_accuracy"], "suspect": "; ".join(ev.get("suspect", []))})
+                pts.append(
+                    {
+                        "step": step,
+                        "grad_evals": cost.get("grad_evals", 0),
+                        "wall_s": cost.get("wall_s", 0.0),
+                        "flops": cost.get("flops", 0.0),
+                        "clean_acc": ev["clean_accuracy"],
+                        "robust_acc": ev["worst_case_accuracy"],
+                        "suspect": "; ".join(ev.get("suspect", [])),
+                    }
+                )
     if not pts or pts[-1]["grad_evals"] != final_cost.get("grad_evals", 0):
-        pts.append({"step": None, "grad_evals": final_cost.get("grad_evals", 0), "wall_s": final_cost.get("wall_s", 0.0),
-                    "flops": final_cost.get("flops", 0.0), "clean_acc": final_eval["clean_accuracy"],
-                    "robust_acc": final_eval["worst_case_accuracy"], "suspect": "; ".join(final_eval.get("suspect", []))})
+        pts.append(
+            {
+                "step": None,
+                "grad_evals": final_cost.get("grad_evals", 0),
+                "wall_s": final_cost.get("wall_s", 0.0),
+                "flops": final_cost.get("flops", 0.0),
+                "clean_acc": final_eval["clean_accuracy"],
+                "robust_acc": final_eval["worst_case_accuracy"],
+                "suspect": "; ".join(final_eval.get("suspect", [])),
+            }
+        )
     return pts
 
 
 def _cost(folder: Path) -> dict:
-    p = folder / "cost.json"
+    p = folder / files.COST
     return read_json(p, "cost") if p.is_file() else {}
 
 
@@ -533,30 +716,48 @@ def frontier_points(rows: list[dict]) -> list[dict]:
     for r in rows:
         for p in r.get("curve") or []:
             extra = (r.get("base_grad_evals") or 0) + (r.get("analysis_grad_evals") or 0)
-            out.append({"variant": r["variant"], "kind": r["kind"], "select": r.get("select"), "eps": r["eps"],
-                        "reference": r.get("reference", False), "step": p["step"], "train_grad_evals": p["grad_evals"],
-                        "base_grad_evals": r.get("base_grad_evals") or 0, "analysis_grad_evals": r.get("analysis_grad_evals") or 0,
-                        "total_grad_evals": p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
-                        "wall_s": p["wall_s"], "clean_acc": p["clean_acc"], "robust_acc": p["robust_acc"],
-                        "trainable_params": r.get("trainable_params"), "param_share": r.get("param_share"),
-                        "suspect": p.get("suspect", "")})
+            out.append(
+                {
+                    "variant": r["variant"],
+                    "kind": r["kind"],
+                    "select": r.get("select"),
+                    "eps": r["eps"],
+                    "reference": r.get("reference", False),
+                    "step": p["step"],
+                    "train_grad_evals": p["grad_evals"],
+                    "base_grad_evals": r.get("base_grad_evals") or 0,
+                    "analysis_grad_evals": r.get("analysis_grad_evals") or 0,
+                    "total_grad_evals": p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
+                    "wall_s": p["wall_s"],
+                    "clean_acc": p["clean_acc"],
+                    "robust_acc": p["robust_acc"],
+                    "trainable_params": r.get("trainable_params"),
+                    "param_share": r.get("param_share"),
+                    "suspect": p.get("suspect", ""),
+                }
+            )
     return out
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
-    atomic_write_json(out / "results.json", {"rows": rows})
-    atomic_write_text(out / "results.csv", _csv([{k: v for k, v in r.items() if k != "curve"} for r in rows]))
+    atomic_write_json(out / files.RESULTS, {"rows": rows})
+    atomic_write_text(out / files.RESULTS_CSV, _csv([{k: v for k, v in r.items() if k != "curve"} for r in rows]))
     points = frontier_points(rows)
     if any(r["step"] is not None for r in points):
-        atomic_write_json(out / "frontier.json", {"points": points})
+        atomic_write_json(out / files.FRONTIER, {"points": points})
         atomic_write_text(out / "frontier.csv", _csv(points))
 
 
 def format_results(rows: list[dict]) -> str:
     """The terminal table: robustness next to what it cost."""
-    lines = [f"{'variant':24s} {'clean':>7s} {'robust':>7s} {'grad evals':>12s} {'+analysis':>10s} {'wall s':>8s} {'trainable':>10s}  note"]
+    lines = [
+        f"{'variant':24s} {'clean':>7s} {'robust':>7s} {'grad evals':>12s} {'+analysis':>10s} {'wall s':>8s} "
+        f"{'trainable':>10s}  note"
+    ]
     for r in rows:
-        lines.append(f"{r['variant'][:24]:24s} {100 * r['clean_acc']:6.2f}% {100 * r['robust_acc']:6.2f}% "
-                     f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} {r['trainable_params'] or 0:10,d}  "
-                     + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or ""))
+        lines.append(
+            f"{r['variant'][:24]:24s} {100 * r['clean_acc']:6.2f}% {100 * r['robust_acc']:6.2f}% "
+            f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} "
+            f"{r['trainable_params'] or 0:10,d}  " + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or "")
+        )
     return "\n".join(lines)

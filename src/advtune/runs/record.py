@@ -1,6 +1,7 @@
 """Runs are records: `runs/<name>/` holds config.json (resolved config, seed, versions), metrics.jsonl,
 cost.json, summary.json and artifacts (model.safetensors + model.json, checkpoint.pt), all written
 atomically. The jobs that fill them are the other modules of this package."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import filenames as files
 from ..cost import CostMeter
 from ..errors import AdvtuneError
 from ..utils import (
@@ -24,11 +26,8 @@ from ..utils import (
 
 log = logging.getLogger(__name__)
 
-CONFIG, METRICS, COST, SUMMARY = "config.json", "metrics.jsonl", "cost.json", "summary.json"
 
-
-LOCK_FILE = ".lock"
-_HELD: dict[Path, int] = {}     # run folders this process holds the writer lock of: path -> fd
+_HELD: dict[Path, int] = {}  # run folders this process holds the writer lock of: path -> fd
 
 
 class RunDir:
@@ -51,13 +50,15 @@ class RunDir:
         p = run.path
         if p.exists() and not p.is_dir():
             raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
-        if p.is_dir() and any(x.name != LOCK_FILE for x in p.iterdir()):
+        if p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):
             if resume:
-                if not (p / CONFIG).is_file():
-                    raise AdvtuneError(f"--resume: {p} is not an advtune run (no {CONFIG}); pick the run folder")
+                if not (p / files.CONFIG).is_file():
+                    raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
             elif overwrite:
-                if not (p / CONFIG).is_file():
-                    raise AdvtuneError(f"--overwrite: {p} is not an advtune run (no {CONFIG}); refusing to delete it")
+                if not (p / files.CONFIG).is_file():
+                    raise AdvtuneError(
+                        f"--overwrite: {p} is not an advtune run (no {files.CONFIG}); refusing to delete it"
+                    )
                 run._lock()  # nobody else may be writing the run we are about to replace
                 aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
                 _release(p)
@@ -65,7 +66,9 @@ class RunDir:
                 run.aside = aside
                 log.info("the run in %s is kept at %s until the new run finishes", p, aside)
             else:
-                raise AdvtuneError(f"output folder {p} already exists; pass --resume to continue it or --overwrite to replace it")
+                raise AdvtuneError(
+                    f"output folder {p} already exists; pass --resume to continue it or --overwrite to replace it"
+                )
         try:
             p.mkdir(parents=True, exist_ok=True)
             probe = p / ".write-test"
@@ -87,21 +90,25 @@ class RunDir:
         key = self.path.resolve()
         if key in _HELD:
             return
-        lock = self.path / LOCK_FILE
+        lock = self.path / files.LOCK
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise AdvtuneError(f"cannot write to output folder {self.path} ({e.strerror}); pick a writable --out") from None
+            raise AdvtuneError(
+                f"cannot write to output folder {self.path} ({e.strerror}); pick a writable --out"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            if holder == str(os.getpid()):   # this process holds it through another path (the folder moved)
+            if holder == str(os.getpid()):  # this process holds it through another path (the folder moved)
                 _HELD[key] = fd
                 return
             os.close(fd)
-            raise AdvtuneError(f"{self.path} is being written by another advtune process (pid {holder}); "
-                               "wait for it to finish or pick another --out") from None
+            raise AdvtuneError(
+                f"{self.path} is being written by another advtune process (pid {holder}); "
+                "wait for it to finish or pick another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _HELD[key] = fd
@@ -123,13 +130,13 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **config, "versions": versions()}
-        self.write_json(CONFIG, record)
+        self.write_json(files.CONFIG, record)
 
     def write_metrics(self, rows: list[dict]) -> None:
-        atomic_write_text(self.path / METRICS, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+        atomic_write_text(self.path / files.METRICS, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict]:
-        p = self.path / METRICS
+        p = self.path / files.METRICS
         if not p.is_file():
             return []
         rows = []
@@ -138,12 +145,13 @@ class RunDir:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise AdvtuneError(f"{p} line {i} is not valid JSON (a corrupt record); re-create the run or "
-                                       "delete the file") from None
+                    raise AdvtuneError(
+                        f"{p} line {i} is not valid JSON (a corrupt record); re-create the run or delete the file"
+                    ) from None
         return rows
 
     def write_cost(self, meter: CostMeter) -> None:
-        self.write_json(COST, meter.to_json())
+        self.write_json(files.COST, meter.to_json())
 
 
 def _release(path: Path) -> None:
@@ -157,9 +165,10 @@ def open_run(path: str | os.PathLike) -> RunDir:
     p = Path(path)
     if not p.is_dir():
         raise AdvtuneError(f"run folder {p} not found; pass the --out folder of an earlier `advtune train`")
-    if not (p / CONFIG).is_file():
-        raise AdvtuneError(f"{p} is not an advtune run (no {CONFIG})")
+    if not (p / files.CONFIG).is_file():
+        raise AdvtuneError(f"{p} is not an advtune run (no {files.CONFIG})")
     return RunDir(p)
+
 
 # ---------------------------------------------------------------- info
 
@@ -167,8 +176,8 @@ def open_run(path: str | os.PathLike) -> RunDir:
 def run_info(path: str | os.PathLike) -> dict:
     """What a run recorded: config, seed, versions, per-epoch metrics, cost, summary, evaluations."""
     rd = open_run(path)
-    info: dict[str, Any] = {"run": str(rd.path), "config": rd.read_json(CONFIG), "metrics": rd.read_metrics()}
-    for name, key in ((COST, "cost"), (SUMMARY, "summary"), ("model.json", "model")):
+    info: dict[str, Any] = {"run": str(rd.path), "config": rd.read_json(files.CONFIG), "metrics": rd.read_metrics()}
+    for name, key in ((files.COST, "cost"), (files.SUMMARY, "summary"), (files.MODEL_META, "model")):
         if rd.file(name).is_file():
             info[key] = rd.read_json(name)
     evals = sorted(rd.path.glob("eval-*.json"))
@@ -192,29 +201,46 @@ def format_info(info: dict) -> str:
         lines.append(f"objective  {json.dumps(cfg['objective'])}")
     if run.get("train"):
         t = run["train"]
-        lines.append("training   " + ", ".join(f"{k}={t[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay")))
+        lines.append(
+            "training   "
+            + ", ".join(f"{k}={t[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay"))
+        )
     v = cfg.get("versions", {})
     lines.append("versions   " + ", ".join(f"{k} {v[k]}" for k in ("advtune", "torch", "python", "git_sha") if k in v))
     for row in info.get("metrics", []):
-        lines.append("epoch " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch")
-                     .join([f"{row.get('epoch')}: ", ""]))
+        lines.append(
+            "epoch "
+            + "  ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"
+            ).join([f"{row.get('epoch')}: ", ""])
+        )
     s = info.get("summary", {})
     if "test_acc" in s:
-        lines.append(f"test acc   {100 * s['test_acc']:.2f}% on {s['test_examples']} examples" + (f"   ({s['stopped']})" if s.get("stopped") else ""))
+        lines.append(
+            f"test acc   {100 * s['test_acc']:.2f}% on {s['test_examples']} examples"
+            + (f"   ({s['stopped']})" if s.get("stopped") else "")
+        )
     if "before" in s and "after" in s:  # a harden run
-        lines.append(f"harden     {s.get('norm')} eps={s.get('eps')}: robust {100 * s['before']['robust_acc']:.2f}% -> "
-                     f"{100 * s['after']['robust_acc']:.2f}%, clean {100 * s['before']['clean_acc']:.2f}% -> "
-                     f"{100 * s['after']['clean_acc']:.2f}% on {s.get('test_examples')} test examples; trained "
-                     f"{s.get('trainable_params') or 0:,} parameters ({100 * (s.get('param_share') or 0):.2f}%)")
+        lines.append(
+            f"harden     {s.get('norm')} eps={s.get('eps')}: robust {100 * s['before']['robust_acc']:.2f}% -> "
+            f"{100 * s['after']['robust_acc']:.2f}%, clean {100 * s['before']['clean_acc']:.2f}% -> "
+            f"{100 * s['after']['clean_acc']:.2f}% on {s.get('test_examples')} test examples; trained "
+            f"{s.get('trainable_params') or 0:,} parameters ({100 * (s.get('param_share') or 0):.2f}%)"
+        )
     if "adv_acc" in s:  # an analysis run
-        lines.append(f"analysis   {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.2f}%, "
-                     f"under {s['attack']} {100 * s['adv_acc']:.2f}%; criteria: {', '.join(s.get('criteria', {}))}")
+        lines.append(
+            f"analysis   {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.2f}%, "
+            f"under {s['attack']} {100 * s['adv_acc']:.2f}%; criteria: {', '.join(s.get('criteria', {}))}"
+        )
     if info.get("cost", {}).get("wall_s") is not None:
         c = info["cost"]
         gpe = c.get("grad_evals_per_example")
-        lines.append(f"cost       wall {c['wall_s']:.1f}s, grad evals {c['grad_evals']:,}" + (f" ({gpe:.2f}/example)" if gpe else "")
-                     + f", FLOPs {c['flops']:.3g}, trainable params {c['trainable_params']:,}/{c['total_params']:,}, "
-                     f"peak memory {c['peak_memory_bytes'] / 2**20:.0f} MiB")
+        lines.append(
+            f"cost       wall {c['wall_s']:.1f}s, grad evals {c['grad_evals']:,}"
+            + (f" ({gpe:.2f}/example)" if gpe else "")
+            + f", FLOPs {c['flops']:.3g}, trainable params {c['trainable_params']:,}/{c['total_params']:,}, "
+            f"peak memory {c['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
     for name, ev in info.get("evaluations", {}).items():
         lines.append(f"eval       {name}: " + _eval_line(ev))
     lines.append("files      " + ", ".join(info.get("files", [])))
