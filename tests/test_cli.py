@@ -150,7 +150,7 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
 def test_python_dash_m_and_eps_fraction(tmp_path):
     r = subprocess.run([sys.executable, "-m", "advtune", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("advtune ")
-    from advtune.cli import number
+    from advtune.settings import number
 
     assert number("8/255") == pytest.approx(8 / 255) and number("0.3") == 0.3
 

@@ -1,8 +1,10 @@
 """`advtune train | info | evaluate | analyze | finetune | harden | experiment | report | demo`.
 
-Thin: each subcommand is `add_<cmd>_parser` + `run_<cmd>(args) -> int`, which builds the API's
-config objects and calls the API. A YAML `--config` gives defaults, flags override them.
-Errors for people (AdvtuneError) print as one line and exit 2.
+Thin: each subcommand is `add_<cmd>_parser` + `run_<cmd>(args) -> int`. The flags of a job are
+derived from its config dataclass (`advtune.settings`: declared once, with help and defaults), the
+run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
+A YAML `--config` gives defaults, flags override them. Errors for people (AdvtuneError) print as
+one line and exit 2.
 """
 
 from __future__ import annotations
@@ -16,46 +18,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import AdvtuneError
+from .settings import add_flags, from_args, seed_number
 
 log = logging.getLogger("advtune")
-
-
-def number(text: str) -> float:
-    """A float that may be written as a fraction: `0.3`, `8/255`."""
-    from .utils import parse_number
-
-    try:
-        return parse_number(text)
-    except AdvtuneError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def budget_number(text: str) -> float | int:
-    """A parameter budget: a share in (0, 1) or a whole number of entries (finite, positive)."""
-    import math
-
-    v = number(text)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive finite number (a share < 1 or a count of entries)"
-        )
-    if v >= 1 and v != int(v):
-        raise argparse.ArgumentTypeError(f"{text!r}: a count of parameter entries must be whole (or give a share < 1)")
-    return v if v < 1 else int(v)
-
-
-def seed_number(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"seed {v} is out of range: use an integer in [0, 2^63)")
-    return v
-
-
-def number_list(text: str) -> list[float]:
-    return [number(t) for t in text.split(",") if t.strip()]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,111 +32,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", action="store_true", help="debug logging")
 
 
-def _data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
-    from .data import list_datasets
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=dataset_required, help="one of: " + ", ".join(list_datasets()))
-    g.add_argument(
-        "--data-dir", help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)"
-    )
-    g.add_argument("--limit", type=int, help="use only the first N training examples")
-    g.add_argument("--limit-test", type=int, help="use only the first N test examples")
-
-
-def _train_args(p: argparse.ArgumentParser, epochs: int = 2, lr: float = 1e-3) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    g.add_argument("--lr", type=number, default=lr)
-    g.add_argument("--momentum", type=number, default=0.9)
-    g.add_argument("--weight-decay", type=number, default=0.0)
-    g.add_argument(
-        "--schedule",
-        choices=["constant", "cosine", "step", "onecycle", "ssfd"],
-        default="constant",
-        help="learning-rate schedule; ssfd = slow start, fast decay (default: constant)",
-    )
-    g.add_argument("--warmup-epochs", type=number, default=0.0)
-    g.add_argument(
-        "--val", type=number, default=0, help="hold out N training examples (or a fraction < 1) for validation"
-    )
-    g.add_argument(
-        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)"
-    )
-    g.add_argument(
-        "--budget",
-        type=int,
-        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
-    )
-    g.add_argument(
-        "--points", type=int, default=0, help="save this many snapshots along the run under snapshots/ (default: 0)"
-    )
-    g.add_argument("--out", required=True, help="run folder to write (runs/<name>)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-
-
-def _train_config(args):
-    from .train import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+def _train_config(args, base):
+    """The TrainConfig of a job from the training flags (defaults from the job's own, `base`)."""
+    return from_args(type(base), args, seed=args.seed, steps=base.steps)
 
 
 # ---------------------------------------------------------------- train
 
 
 def add_train_parser(sub) -> None:
-    from .models import list_models
+    from .runs.train import TrainRun
+    from .train import TrainConfig
 
     p = sub.add_parser(
         "train",
         help="train a model (standard or adversarial) into a run folder",
-        description="Train a model by name on a dataset by name. Writes model.safetensors, "
+        description="Train a model by name (or your own, file.py:factory) on a dataset. Writes model.safetensors, "
         "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.",
     )
-    _data_args(p)
-    p.add_argument(
-        "--model",
-        required=True,
-        help="one of: " + ", ".join(list_models()) + "; or your own: path/to/file.py:factory or "
-        "package.module:factory (a function returning an nn.Module on pixels in [0, 1]; it gets "
-        "input_shape= and num_classes= if its signature names them)",
-    )
-    p.add_argument(
-        "--weights",
-        help="start from these weights (a .safetensors file of the model's state_dict); "
-        "with --epochs 0 the run records the model as it is, for evaluate/analyze/harden",
-    )
-    _train_args(p)
-    a = p.add_argument_group("adversarial training")
-    a.add_argument(
-        "--adversarial", metavar="ATTACK", help="train on adversarial examples of this attack spec, e.g. pgd:steps=10"
-    )
-    a.add_argument("--eps", type=number, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
-    a.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    a.add_argument("--attack-mode", choices=["eval", "train"], default="eval", help="model mode while the attack runs")
-    a.add_argument(
-        "--eps-warmup", type=number, default=0.0, help="share of training over which eps ramps up from 0 (e.g. 0.3)"
-    )
-    a.add_argument(
-        "--guard",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="catastrophic-overfitting guard (default: on for FGSM attacks)",
-    )
+    groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
+    add_flags(p, TrainRun, groups=groups)
+    add_flags(p, TrainConfig, groups=groups)
     _common(p)
 
 
@@ -179,31 +60,17 @@ def run_train(args) -> int:
     from .runs import train as train_job
     from .runs.train import TrainRun
 
-    run = TrainRun(
-        dataset=args.dataset,
-        model=args.model,
-        out=args.out,
-        train=_train_config(args),
-        weights=args.weights,
-        data_dir=args.data_dir,
-        limit=args.limit,
-        limit_test=args.limit_test,
-        val=args.val,
-        device=args.device,
-        adversarial=args.adversarial,
-        norm=args.norm,
-        eps=args.eps,
-        attack_mode=args.attack_mode,
-        eps_warmup=args.eps_warmup,
-        guard=args.guard,
-        budget=args.budget,
-        points=args.points,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    run = from_args(TrainRun, args, train=_train_config(args, _default(TrainRun)))
     summary = train_job.run(run)
     print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
     return 0
+
+
+def _default(cls):
+    """The TrainConfig default of a job config class (its `train` field)."""
+    import dataclasses
+
+    return next(f.default for f in dataclasses.fields(cls) if f.name == "train")
 
 
 # ---------------------------------------------------------------- evaluate
@@ -211,6 +78,7 @@ def run_train(args) -> int:
 
 def add_evaluate_parser(sub) -> None:
     from .attacks import list_attacks
+    from .runs.evaluate import EvaluateRun
 
     p = sub.add_parser(
         "evaluate",
@@ -218,28 +86,7 @@ def add_evaluate_parser(sub) -> None:
         description="Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
         "Attacks: " + ", ".join(list_attacks()),
     )
-    p.add_argument("run", help="run folder of the model to evaluate")
-    p.add_argument("--attacks", help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t")
-    p.add_argument(
-        "--suite", choices=["standard", "quick"], help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20"
-    )
-    p.add_argument(
-        "--eps",
-        type=number_list,
-        required=True,
-        help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255",
-    )
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    p.add_argument("--limit", type=int, default=1000, help="first N test examples (default: 1000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument(
-        "--cascade",
-        action="store_true",
-        help="run each attack only on samples still robust (cheaper; per-attack numbers cumulative)",
-    )
-    p.add_argument("--plot", action="store_true", help="with several eps: write the accuracy-vs-eps PNG")
-    p.add_argument("--name", help="name of the record (eval-<name>.json)")
-    p.add_argument("--data-dir")
+    add_flags(p, EvaluateRun, required={"eps"})
     _common(p)
 
 
@@ -249,22 +96,7 @@ def run_evaluate(args) -> int:
 
     if not args.attacks and not args.suite:
         raise AdvtuneError("give --attacks (e.g. fgsm,pgd:steps=40) or --suite standard")
-    run = EvaluateRun(
-        run=args.run,
-        eps=tuple(args.eps),
-        attacks=args.attacks,
-        suite=args.suite,
-        norm=args.norm,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        cascade=args.cascade,
-        plot=args.plot,
-        name=args.name,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        device=args.device,
-    )
-    record = evaluate_job.run(run)
+    record = evaluate_job.run(from_args(EvaluateRun, args))
     print(format_evaluation(record))
     print(f"-> {record['path']}" + (f" (+ {record['plot']})" if record.get("plot") else ""))
     return 0
@@ -274,35 +106,16 @@ def run_evaluate(args) -> int:
 
 
 def add_analyze_parser(sub) -> None:
-    from .vulnerability import list_criteria
+    from .runs.analyze import AnalyzeRun
 
     p = sub.add_parser(
         "analyze",
         help="vulnerability map of a trained run: per-component scores, per-layer summary, concentration curve",
         description="Score every conv channel / linear unit of BASE under an attack on training data, "
-        "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out.",
+        "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
+        "Criteria: activation-shift, taylor, restoration.",
     )
-    p.add_argument("base", help="run folder of the trained model")
-    p.add_argument("--attack", default="pgd:steps=20", help="attack spec (default: pgd:steps=20)")
-    p.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    p.add_argument(
-        "--criteria", default="activation-shift,taylor,restoration", help="comma list of: " + ", ".join(list_criteria())
-    )
-    p.add_argument(
-        "--granularity", default="channel", help="channel (= unit): one conv channel or linear unit per component"
-    )
-    p.add_argument("--limit", type=int, default=2000, help="training examples to score (default: 2000)")
-    p.add_argument(
-        "--curve-limit", type=int, default=1000, help="training examples for the concentration curve (0: skip)"
-    )
-    p.add_argument(
-        "--shares", type=number_list, default=None, help="shares for the concentration curve, e.g. 0.01,0.05,0.1,1"
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--data-dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_flags(p, AnalyzeRun, required={"eps"})
     _common(p)
 
 
@@ -310,28 +123,10 @@ def run_analyze(args) -> int:
     from .runs import analyze as analyze_job
     from .runs.analyze import AnalyzeRun
 
-    kw = {"shares": tuple(args.shares)} if args.shares else {}
-    run = AnalyzeRun(
-        base=args.base,
-        out=args.out,
-        eps=args.eps,
-        attack=args.attack,
-        norm=args.norm,
-        criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()),
-        granularity=args.granularity,
-        limit=args.limit,
-        curve_limit=args.curve_limit,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        device=args.device,
-        overwrite=args.overwrite,
-        **kw,
-    )
-    s = analyze_job.run(run)
+    s = analyze_job.run(from_args(AnalyzeRun, args))
     print(
-        f"scored {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.1f}%, under {s['attack']} "
-        f"{100 * s['adv_acc']:.1f}%"
+        f"scored {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.1f}%, "
+        f"under {s['attack']} {100 * s['adv_acc']:.1f}%"
     )
     for name, c in s["criteria"].items():
         line = f"  {name:17s} top: {', '.join(n for n, _ in c['top10'][:5])}"
@@ -354,57 +149,18 @@ def run_analyze(args) -> int:
 
 
 def add_finetune_parser(sub) -> None:
+    from .runs.finetune import FinetuneRun
+
     p = sub.add_parser(
         "finetune",
         help="adversarially fine-tune a trained run: selected components, all, or a random control",
-        description="Adversarial fine-tuning of BASE (a run folder) through the one training loop. "
-        "--select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` folder "
-        "(top --share of its --criterion ranking).",
+        description="Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
+        "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
+        "folder (top --share of its --criterion ranking).",
     )
-    p.add_argument("base", help="run folder of the trained model")
-    s = p.add_argument_group("selection")
-    s.add_argument("--select", default="all", help="all | random | layers:<name,...> | <analyze folder> (default: all)")
-    s.add_argument(
-        "--share", type=number, default=0.1, help="share of components to fine-tune, in (0, 1] (default: 0.1)"
-    )
-    s.add_argument(
-        "--criterion", default="taylor", help="score table of the analyze folder to rank by (default: taylor)"
-    )
-    s.add_argument("--per-layer", action="store_true", help="take the top share within each layer instead of globally")
-    s.add_argument(
-        "--params",
-        type=budget_number,
-        help="parameter budget instead of --share: entries (or a share < 1 of the "
-        "model's) that the selection may train; with random: the matched control",
-    )
-    s.add_argument(
-        "--granularity",
-        choices=["unit", "layer"],
-        default="unit",
-        help="with --params and an analyze folder: best units, or whole layers (default: unit)",
-    )
-    a = p.add_argument_group("attack")
-    a.add_argument(
-        "--attack",
-        default="pgd:steps=10",
-        help="attack spec (pgd:steps=10, fgsm-rs, fgsm, ...) or trades[:steps=10,beta=6]",
-    )
-    a.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
-    a.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    a.add_argument("--attack-mode", choices=["eval", "train"], default="eval")
-    a.add_argument(
-        "--eps-warmup", type=number, default=0.0, help="share of training over which eps ramps up from 0 (e.g. 0.2)"
-    )
-    a.add_argument(
-        "--guard",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="catastrophic-overfitting guard (default: on for FGSM attacks)",
-    )
-    a.add_argument("--monitor", type=int, default=500, help="test examples for the quick PGD-10 monitor (0: off)")
-    _data_args(p, dataset_required=False)
-    p.set_defaults(dataset=None)
-    _train_args(p, epochs=1)
+    groups = {g: p.add_argument_group(g) for g in ("selection", "attack", "data", "training", "output")}
+    add_flags(p, FinetuneRun, groups=groups, required={"eps"})
+    add_flags(p, type(_default(FinetuneRun)), base=_default(FinetuneRun), groups=groups)
     _common(p)
 
 
@@ -412,38 +168,7 @@ def run_finetune(args) -> int:
     from .runs import finetune as finetune_job
     from .runs.finetune import FinetuneRun
 
-    if args.dataset:
-        raise AdvtuneError(
-            "finetune uses the base run's dataset; drop --dataset (use --data-dir to point at its files)"
-        )
-    run = FinetuneRun(
-        base=args.base,
-        out=args.out,
-        eps=args.eps,
-        select=args.select,
-        share=args.share,
-        criterion=args.criterion,
-        per_layer=args.per_layer,
-        attack=args.attack,
-        norm=args.norm,
-        attack_mode=args.attack_mode,
-        eps_warmup=args.eps_warmup,
-        guard=args.guard,
-        train=_train_config(args),
-        data_dir=args.data_dir,
-        limit=args.limit,
-        limit_test=args.limit_test,
-        val=args.val,
-        monitor=args.monitor,
-        params=args.params,
-        granularity=args.granularity,
-        budget=args.budget,
-        points=args.points,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
-    s = finetune_job.run(run)
+    s = finetune_job.run(from_args(FinetuneRun, args, train=_train_config(args, _default(FinetuneRun))))
     sel = s.get("selection")
     what = f"{sel['units']} units, {sel['trainable_params']:,} params" if sel else "all parameters"
     quick = (
@@ -544,9 +269,9 @@ def run_info(args) -> int:
 
 
 def add_harden_parser(sub) -> None:
-    from .hardening import PROTOCOL, Recipe
+    from .hardening import Recipe
+    from .runs.harden import HardenRun
 
-    r = Recipe()
     p = sub.add_parser(
         "harden",
         help="make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
@@ -556,78 +281,17 @@ def add_harden_parser(sub) -> None:
         "best-ranked ones within a parameter budget, evaluate before/after with the strong protocol "
         "and the gradient-masking gate, and write a report to --out.",
     )
-    p.add_argument("base", help="run folder of the trained model (from advtune train)")
-    p.add_argument("--eps", type=number, required=True, help="perturbation budget in pixel units, e.g. 0.3 or 8/255")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model norm (default: linf)")
-    p.add_argument(
-        "--budget",
-        type=int,
-        help=f"training gradient evaluations (default: {r.epochs:g} passes over the "
-        "training data with the training attack)",
-    )
-    p.add_argument(
-        "--params",
-        type=budget_number,
-        default=r.params,
-        help=f"parameter budget: share (< 1) or number of parameter entries that may change (default: {r.params})",
-    )
-    p.add_argument(
-        "--granularity",
-        choices=["layer", "unit"],
-        default=r.granularity,
-        help=f"select whole layers or single units (default: {r.granularity})",
-    )
-    p.add_argument("--attack", default=r.attack, help=f"training attack (default: {r.attack})")
-    p.add_argument(
-        "--eps-warmup",
-        type=number,
-        default=r.eps_warmup,
-        help=f"share of the fine-tuning over which eps ramps up from 0 (default: {r.eps_warmup})",
-    )
-    p.add_argument("--lr", type=number, default=r.lr, help=f"learning rate (default: {r.lr})")
-    p.add_argument("--limit", type=int, help="use only the first N training examples (default: all)")
-    p.add_argument("--limit-test", type=int, default=1000, help="test examples for the evaluation (default: 1000)")
-    p.add_argument("--evaluation", default=PROTOCOL, help=f"attack list of the evaluation (default: {PROTOCOL})")
-    p.add_argument("--data-dir")
-    p.add_argument("--out", required=True, help="folder to write the hardened model and its report to")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted harden run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_flags(p, HardenRun, required={"eps"})
+    add_flags(p, Recipe)
     _common(p)
 
 
 def run_harden(args) -> int:
-    from dataclasses import replace
-
     from .hardening import Recipe
     from .runs import harden as harden_job
     from .runs.harden import HardenRun, format_summary
 
-    recipe = replace(
-        Recipe(),
-        params=args.params,
-        granularity=args.granularity,
-        attack=args.attack,
-        eps_warmup=args.eps_warmup,
-        lr=args.lr,
-    )
-    s = harden_job.run(
-        HardenRun(
-            base=args.base,
-            out=args.out,
-            eps=args.eps,
-            norm=args.norm,
-            budget=args.budget,
-            recipe=recipe,
-            limit=args.limit,
-            limit_test=args.limit_test,
-            evaluation=args.evaluation,
-            seed=args.seed,
-            data_dir=args.data_dir,
-            device=args.device,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-    )
+    s = harden_job.run(from_args(HardenRun, args, recipe=from_args(Recipe, args)))
     print(format_summary(s))
     print(f"-> {args.out} (hardened model, records, report.html)")
     return 0
@@ -637,20 +301,20 @@ def run_harden(args) -> int:
 
 
 def add_demo_parser(sub) -> None:
+    from .runs.demo import DemoConfig
+
     p = sub.add_parser(
         "demo", help="the main job end to end on MNIST", description="Train, attack, analyse, fine-tune, report."
     )
-    p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and report (default: runs/demo)")
-    p.add_argument("--full", action="store_true", help="real sizes instead of the few-minute CPU demo")
-    p.add_argument("--data-dir", help="folder holding mnist/ (default: search, else download)")
+    add_flags(p, DemoConfig)
     _common(p)
 
 
 def run_demo(args) -> int:
+    from .runs import demo as demo_job
     from .runs.demo import DemoConfig
-    from .runs.demo import run as demo
 
-    demo(DemoConfig(out=args.out, full=args.full, data_dir=args.data_dir, seed=args.seed, device=args.device))
+    demo_job.run(from_args(DemoConfig, args))
     return 0
 
 

@@ -59,6 +59,12 @@ class CostMeter:
     def add_forward(self, n: int) -> None:
         self.forward_evals += n
 
+    def add_counted(self, counter: "PassCounter") -> None:
+        """Add what a PassCounter saw (examples through the model with and without gradients), and reset it."""
+        grad, fwd = counter.take()
+        self.attack_grad_evals += grad
+        self.forward_evals += fwd
+
     def add_partial(self, n: int, passes_per_example: int, fraction: float) -> None:
         """A training step of a local objective: `passes_per_example` forward+backward passes through
         a block whose FLOPs are `fraction` of the whole network's."""

@@ -28,6 +28,7 @@ from .attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of, margin
 from .cost import PassCounter
 from .errors import AdvtuneError
 from .inputs import batches
+from .metrics import correct
 from .threat import ThreatModel
 from .utils import eval_mode, model_device, model_dtype, progress
 
@@ -394,8 +395,7 @@ def _summarise(
 
 
 def _acc(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+    return correct(model, x, y, len(x)).float().mean().item()
 
 
 def sanity_check_large_eps(

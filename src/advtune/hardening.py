@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import AdvtuneError
 from .inputs import as_tensor_data
+from .settings import budget_number, number, setting
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,38 @@ PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst cas
 
 @dataclass(frozen=True)
 class Recipe:
-    """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier."""
+    """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier
+    (docs/RESULTS.md); each field is a flag of `advtune harden` and a key of an experiment's `recipe`."""
 
-    granularity: str = "layer"  # whole layers, best-ranked first, within the parameter budget
-    params: float = 0.05  # parameter budget: at most this share of the entries may change
-    criterion: str = "taylor"  # ranking of components (layers: summed unit scores)
-    analysis_attack: str = "pgd:steps=10"
-    analysis_limit: int = 1000  # training examples scored
-    attack: str = "pgd:steps=5"  # the training attack (PGD-5: as good per step as PGD-10 at half the cost)
-    eps_warmup: float = 0.3  # eps ramps linearly from 0 over this share of the fine-tuning
-    optimizer: str = "adam"
-    lr: float = 3e-3  # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
-    schedule: str = "constant"
-    batch_size: int = 64  # more, smaller steps for the same gradient evaluations (validation: +5 points)
-    epochs: float = 2.0  # default budget: this many passes over the training split
+    granularity: str = setting(
+        "layer",
+        help="select whole layers (best-ranked first) or single units",
+        choices=("layer", "unit"),
+        group="recipe",
+    )
+    params: float = setting(
+        0.05,
+        help="parameter budget: share (< 1) or number of parameter entries that may change",
+        type=budget_number,
+        group="recipe",
+    )
+    criterion: str = setting("taylor", help="ranking of components (layers: summed unit scores)", group="recipe")
+    analysis_attack: str = setting("pgd:steps=10", help="attack of the analysis", group="recipe")
+    analysis_limit: int = setting(1000, help="training examples scored by the analysis", group="recipe")
+    # PGD-5: as good per gradient evaluation as PGD-10 at half the cost (validation)
+    attack: str = setting("pgd:steps=5", help="training attack", group="recipe")
+    eps_warmup: float = setting(
+        0.3, help="share of the fine-tuning over which eps ramps up from 0", type=number, group="recipe"
+    )
+    optimizer: str = setting("adam", help="optimizer", choices=("adam", "sgd"), group="recipe")
+    # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
+    lr: float = setting(3e-3, help="learning rate", type=number, group="recipe")
+    schedule: str = setting("constant", help="learning-rate schedule", group="recipe")
+    # more, smaller steps for the same gradient evaluations (validation: +5 points)
+    batch_size: int = setting(64, help="examples per optimizer step", group="recipe")
+    epochs: float = setting(
+        2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
+    )
 
     def __post_init__(self) -> None:
         if self.granularity not in ("layer", "unit"):

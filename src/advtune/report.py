@@ -3,12 +3,14 @@ no display needed, and the caller's matplotlib backend is left alone."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping
 
 from . import filenames as files
 from .errors import AdvtuneError
+from .utils import atomic_write_bytes
 
 
 def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -55,9 +57,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())  # the one atomic write (utils)
     return path
 
 

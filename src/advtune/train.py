@@ -28,6 +28,7 @@ from .data import TensorData, num_batches
 from .errors import AdvtuneError
 from .inputs import as_tensor_data
 from .metrics import accuracy, robust_accuracy_quick
+from .settings import number, setting
 from .utils import (
     atomic_write_bytes,
     derive_seed,
@@ -36,6 +37,7 @@ from .utils import (
     model_device,
     progress,
 )
+from .weights import check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +48,25 @@ SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine", "step", "onecycle", "ssfd"] = "constant"
-    warmup_epochs: float = 0.0
-    seed: int | None = 0
-    eval_batch_size: int = 512
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    val_attack_limit: int = 500  # examples of the validation split attacked each epoch
-    steps: int = 0  # > 0: train exactly this many optimizer steps (as many epochs as
-    # that takes; `epochs` is then ignored); schedules span them
+    """How a model is trained (every job that trains takes one; its fields are the training flags)."""
+
+    epochs: int = setting(2, help="passes over the training data", group="training")
+    batch_size: int = setting(128, help="examples per optimizer step", group="training")
+    optimizer: Literal["sgd", "adam"] = setting("adam", help="optimizer", choices=("adam", "sgd"), group="training")
+    lr: float = setting(1e-3, help="learning rate", type=number, group="training")
+    momentum: float = setting(0.9, help="SGD momentum", type=number, group="training")
+    weight_decay: float = setting(0.0, help="weight decay", type=number, group="training")
+    schedule: Literal["constant", "cosine", "step", "onecycle", "ssfd"] = setting(
+        "constant", help="learning-rate schedule; ssfd = slow start, fast decay", choices=SCHEDULES, group="training"
+    )
+    warmup_epochs: float = setting(0.0, help="epochs of linear learning-rate warm-up", type=number, group="training")
+    seed: int | None = setting(0, help="random seed (None: nondeterministic)", cli=False)  # the shared --seed
+    eval_batch_size: int = setting(512, help="batch size of the accuracy checks", group="training")
+    checkpoint_every: int = setting(0, help="also checkpoint every N steps (0: at epoch ends only)", group="training")
+    val_attack_limit: int = setting(500, help="validation examples attacked after each epoch", group="training")
+    # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
+    # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
+    steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
@@ -899,8 +906,6 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
 
 
 def _load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device):
-    from .models import check_compatible
-
     try:
         # weights_only: tensors and plain containers only, never code from the file
         state = torch.load(path, map_location=device, weights_only=True)

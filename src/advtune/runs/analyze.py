@@ -13,6 +13,7 @@ from ..cost import CostMeter, PassCounter
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
 from ..report import plot_concentration, plot_layer_scores
+from ..settings import number, setting
 from ..threat import ThreatModel
 from ..utils import resolve_device, seed_everything
 from ..vulnerability import (
@@ -31,24 +32,30 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AnalyzeRun:
     """Score every component of a trained run under an attack, on training data (never the test
-    split), and measure how concentrated the adversarial errors are."""
+    split), and measure how concentrated the adversarial errors are. Its fields are the flags."""
 
-    base: str
-    out: str
-    eps: float | None = None
-    attack: str = "pgd:steps=20"
-    norm: str = "linf"
-    criteria: tuple[str, ...] = ("activation-shift", "taylor", "restoration")
-    granularity: str = "channel"
-    limit: int = 2000  # training examples scored
-    curve_limit: int = 1000  # training examples for the concentration curve
-    shares: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-    random_seeds: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 256
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "auto"
-    overwrite: bool = False
+    base: str = setting(help="run folder of the trained model", positional=True)
+    out: str = setting(help="folder to write the analysis to")
+    eps: float | None = setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number)
+    attack: str = setting("pgd:steps=20", help="attack spec")
+    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    criteria: tuple[str, ...] = setting(
+        ("activation-shift", "taylor", "restoration"), help="comma list of vulnerability criteria"
+    )
+    granularity: str = setting("channel", help="channel (= unit): one conv channel or linear unit per component")
+    limit: int = setting(2000, help="training examples to score")
+    curve_limit: int = setting(1000, help="training examples for the concentration curve (0: skip)")
+    shares: tuple[float, ...] = setting(
+        (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), help="shares of the concentration curve"
+    )
+    random_seeds: tuple[int, ...] = setting((0, 1, 2), help="seeds of the random shares of the curve")
+    batch_size: int = setting(256, help="examples per batch")
+    seed: int = setting(0, help="random seed", cli=False)
+    data_dir: str | None = setting(
+        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
+    )
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    overwrite: bool = setting(False, help="replace an existing analysis in --out")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -143,7 +150,7 @@ def run(run: AnalyzeRun) -> dict:
             k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"
         }
     meter.stop()
-    meter.attack_grad_evals, meter.forward_evals = counter.take()
+    meter.add_counted(counter)
     summary["cost"] = meter.to_json()
     _analysis_plots(rd, tables, curves)
     rd.write_cost(meter)

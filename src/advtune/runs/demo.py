@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import AdvtuneError
 from ..report import headline, write_report
+from ..settings import setting
 from . import experiment as experiment_job
 from .experiment import format_results
 
@@ -79,11 +80,13 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "runs/demo"
-    full: bool = False
-    data_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"
+    """`advtune demo`; its fields are the flags."""
+
+    out: str = setting("runs/demo", help="folder for the demo's runs and report")
+    full: bool = setting(False, help="real sizes instead of the few-minute CPU demo")
+    data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
+    seed: int = setting(0, help="random seed", cli=False)
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
 
 
 def run(cfg: DemoConfig) -> list[dict]:

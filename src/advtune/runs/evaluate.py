@@ -13,6 +13,7 @@ from ..attacks import build_attack, split_attack_list
 from ..errors import AdvtuneError
 from ..evaluation import eps_curve, robust_accuracy, suite
 from ..report import plot_eps_curve
+from ..settings import setting
 from ..threat import ThreatModel
 from ..utils import (
     atomic_write_json,
@@ -30,22 +31,31 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvaluateRun:
-    """Evaluate a trained run on its test split under an attack list or a named suite, at one or more eps."""
+    """Evaluate a trained run on its test split under an attack list or a named suite, at one or more
+    eps. Its fields are the flags."""
 
-    run: str
-    eps: tuple[float, ...] = ()
-    attacks: str | None = None  # comma list of specs
-    suite: str | None = None  # standard | quick
-    norm: str = "linf"
-    limit: int | None = 1000
-    batch_size: int = 256
-    cascade: bool = False
-    plot: bool = False
-    name: str | None = None  # eval-<name>.json; default from the attacks and eps
-    record_dir: str | None = None  # where eval-<name>.json goes (default: the run folder itself)
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "auto"
+    run: str = setting(help="run folder of the model to evaluate", positional=True)
+    eps: tuple[float, ...] = setting((), help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255")
+    attacks: str | None = setting(
+        None, help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t"
+    )
+    suite: str | None = setting(
+        None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
+    )
+    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    limit: int | None = setting(1000, help="first N test examples")
+    batch_size: int = setting(256, help="examples per batch")
+    cascade: bool = setting(
+        False, help="run each attack only on samples still robust (cheaper; per-attack numbers cumulative)"
+    )
+    plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
+    name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
+    record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
+    seed: int = setting(0, help="random seed", cli=False)
+    data_dir: str | None = setting(
+        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
+    )
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import difflib
+import dataclasses
 import io
 import itertools
 import logging
@@ -34,6 +34,7 @@ import yaml
 from .. import filenames as files
 from ..errors import AdvtuneError
 from ..hardening import Recipe
+from ..settings import check_keys, keys
 from ..train import TrainConfig
 from ..utils import atomic_write_json, atomic_write_text, parse_number, read_json
 from . import analyze as analyze_job
@@ -49,66 +50,27 @@ from .train import TrainRun
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}
-BASE_KEYS = {"dataset", "model", "train", "pretrained", "limit", "limit_test", "data_dir"}
+# YAML keys are the config dataclasses' fields (advtune.settings): a new setting needs no edit here.
+# `only` names the fields a section may set (the experiment sets the others itself).
+BASE_KEYS = keys(TrainRun, only={"dataset", "model", "train", "limit", "limit_test", "data_dir"}) | {"pretrained"}
 THREAT_KEYS = {"norm", "eps"}
-EVAL_KEYS = {"attacks", "suite", "limit", "batch_size", "cascade"}
-ANALYSIS_KEYS = {"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
-TRAIN_KEYS = {
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "warmup_epochs",
-    "checkpoint_every",
-    "eval_batch_size",
-    "val_attack_limit",
-    "steps",
-}
-VARIANT_KEYS = {
-    "name",
-    "kind",
-    "attack",
-    "attack_mode",
-    "eps_warmup",
-    "train",
-    "select",
-    "share",
-    "criterion",
-    "per_layer",
-    "guard",
-    "limit",
-    "model",
-    "eps",
-    "notes",
-    "budget",
-    "points",
-    "params",
-    "granularity",
-    "reference",
-    "recipe",
-    "params_like",
-}
+EVAL_KEYS = keys(EvaluateRun, only={"attacks", "suite", "limit", "batch_size", "cascade"})
+ANALYSIS_KEYS = keys(
+    AnalyzeRun, only={"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
+)
+TRAIN_KEYS = keys(TrainConfig, exclude={"seed"})
+# a variant: the fine-tuning (or training) settings it may change, and the experiment's own keys
+VARIANT_KEYS = (
+    keys(
+        FinetuneRun,
+        exclude={"base", "out", "norm", "data_dir", "limit_test", "val", "monitor", "device", "resume", "overwrite"},
+    )
+    | keys(TrainRun, only={"model"})
+    | {"name", "kind", "notes", "reference", "recipe", "params_like"}
+)
 KINDS = ("standard", "train", "finetune")
 SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
 EVAL_NAME = "protocol"
-
-
-def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise AdvtuneError(f"{where} must be a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            raise AdvtuneError(
-                f"{where}: unknown key {k!r}"
-                + (f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(allowed))}")
-            )
-    return d
 
 
 def load_config(path: str | Path) -> dict:
@@ -127,15 +89,15 @@ def load_config(path: str | Path) -> dict:
 
 
 def validate_config(cfg: Any, where: str = "config") -> dict:
-    cfg = copy.deepcopy(_check_keys(cfg, TOP_KEYS, where))
+    cfg = copy.deepcopy(check_keys(cfg, TOP_KEYS, where))
     for key in ("base", "threat", "evaluation", "variants"):
         if key not in cfg:
             raise AdvtuneError(f"{where}: missing required key {key!r}")
-    _check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
-    _check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
-    _check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
-    _check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
-    _check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
+    check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
+    check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
+    check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
+    check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
+    check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
     if "pretrained" not in cfg["base"] and not {"dataset", "model"} <= set(cfg["base"]):
         raise AdvtuneError(f"{where}: base needs either pretrained: <run folder> or dataset: and model:")
     if "eps" not in cfg["threat"]:
@@ -147,8 +109,8 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     seen = set()
     for i, v in enumerate(cfg["variants"]):
         vw = f"{where}: variants[{i}]" + (f" ({v.get('name')})" if isinstance(v, dict) and v.get("name") else "")
-        _check_keys(v, VARIANT_KEYS, vw)
-        _check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
+        check_keys(v, VARIANT_KEYS, vw)
+        check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
         if not v.get("name"):
             raise AdvtuneError(f"{vw}: every variant needs a name")
         if v.get("kind", "finetune") not in KINDS:
@@ -247,7 +209,7 @@ def expand_variants(cfg: dict) -> list[dict]:
     return out
 
 
-INT_KEYS = {"epochs", "batch_size", "checkpoint_every", "eval_batch_size", "val_attack_limit", "steps"}
+INT_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "int"}
 
 
 def _train_config(base: dict | None, over: dict | None, seed: int):

@@ -12,6 +12,7 @@ from ..cost import CostMeter
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..models import save_model
+from ..settings import budget_number, number, setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
 from ..utils import resolve_device, seed_everything
@@ -37,33 +38,64 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FinetuneRun:
     """Adversarial fine-tuning of a trained run: all parameters, a selection of components, or a
-    random control of equal size, through the one training loop."""
+    random control of equal size, through the one training loop. Its fields are the flags."""
 
-    base: str  # run folder of the model to fine-tune
-    out: str
-    eps: float | None = None
-    select: str = "all"  # all | random | <analyze folder> | layers:<name,name,...>
-    share: float = 0.1
-    criterion: str = "taylor"  # which score table of the analyze folder ranks components
-    per_layer: bool = False
-    attack: str = "pgd:steps=10"  # attack spec, or trades[:steps=..,beta=..]
-    norm: str = "linf"
-    attack_mode: str = "eval"
-    eps_warmup: float = 0.0  # share of training over which eps ramps up from 0
-    guard: bool | None = None  # catastrophic-overfitting guard; None: on for FGSM attacks
-    train: Any = None  # TrainConfig
-    data_dir: str | None = None
-    limit: int | None = None
-    limit_test: int | None = None
-    val: float = 0
-    monitor: int = 500  # test examples for the quick PGD-10 monitor (0: none)
-    params: float | None = None  # parameter budget of the selection (entries, or a share < 1), instead of share
-    granularity: str = "unit"  # unit | layer: what a parameter budget selects from an analysis
-    budget: int | None = None  # training gradient evaluations; ends training early (steps)
-    points: int = 0  # snapshots along the run (evenly spaced in steps), for curves
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
+    base: str = setting(help="run folder of the trained model", positional=True)
+    out: str = setting(help="run folder to write (runs/<name>)", group="output")
+    eps: float | None = setting(
+        None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group="attack"
+    )
+    select: str = setting(
+        "all", help="all | random | layers:<name,...> | <analyze folder> (its --criterion ranking)", group="selection"
+    )
+    share: float = setting(0.1, help="share of components to fine-tune, in (0, 1]", type=number, group="selection")
+    criterion: str = setting("taylor", help="score table of the analyze folder to rank by", group="selection")
+    per_layer: bool = setting(False, help="take the top share within each layer instead of globally", group="selection")
+    attack: str = setting(
+        "pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, ...) or trades[:steps=10,beta=6]", group="attack"
+    )
+    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"), group="attack")
+    attack_mode: str = setting(
+        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
+    )
+    eps_warmup: float = setting(
+        0.0, help="share of training over which eps ramps up from 0 (e.g. 0.3)", type=number, group="attack"
+    )
+    guard: bool | None = setting(
+        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
+    )
+    train: TrainConfig = setting(TrainConfig(epochs=1), help="the training settings", cli=False)
+    data_dir: str | None = setting(
+        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group="data"
+    )
+    limit: int | None = setting(None, help="use only the first N training examples", group="data")
+    limit_test: int | None = setting(None, help="use only the first N test examples", group="data")
+    val: float = setting(
+        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
+    )
+    monitor: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
+    params: float | None = setting(
+        None,
+        help="parameter budget instead of --share: entries (or a share < 1 of the model's) that the selection may "
+        "train; with random: the matched control",
+        type=budget_number,
+        group="selection",
+    )
+    granularity: str = setting(
+        "unit",
+        help="with --params and an analyze folder: best units, or whole layers",
+        choices=("unit", "layer"),
+        group="selection",
+    )
+    budget: int | None = setting(
+        None,
+        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
+        group="training",
+    )
+    points: int = setting(0, help="save this many snapshots along the run under snapshots/", group="training")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    resume: bool = setting(False, help="continue an interrupted run in --out", group="output")
+    overwrite: bool = setting(False, help="replace an existing run in --out", group="output")
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -33,6 +33,7 @@ from ..hardening import (
     default_budget,
 )
 from ..report import write_harden_report
+from ..settings import number, setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..utils import atomic_write_bytes, read_json, resolve_device
@@ -50,22 +51,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HardenRun:
-    """Everything `advtune harden` needs; recorded verbatim in config.json."""
+    """Everything `advtune harden` needs; recorded verbatim in config.json. Its fields (and the
+    recipe's) are the flags."""
 
-    base: str  # run folder of the trained model
-    out: str
-    eps: float | None = None
-    norm: str = "linf"
-    budget: int | None = None  # training gradient evaluations (default: recipe.epochs of the data)
-    recipe: Recipe = Recipe()
-    limit: int | None = None  # training examples (analysis and fine-tuning)
-    limit_test: int = 1000  # test examples for the strong evaluation
-    evaluation: str = PROTOCOL  # attack list of the strong evaluation (worst case per example)
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
+    base: str = setting(help="run folder of the trained model (from advtune train)", positional=True)
+    out: str = setting(help="folder to write the hardened model and its report to")
+    eps: float | None = setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number)
+    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    budget: int | None = setting(
+        None,
+        help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
+        "the training attack)",
+    )
+    recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
+    limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
+    limit_test: int = setting(1000, help="test examples for the evaluation")
+    evaluation: str = setting(PROTOCOL, help="attack list of the evaluation (worst case per example)")
+    seed: int = setting(0, help="random seed", cli=False)
+    data_dir: str | None = setting(
+        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
+    )
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    resume: bool = setting(False, help="continue an interrupted harden run in --out")
+    overwrite: bool = setting(False, help="replace an existing run in --out")
 
     def to_json(self) -> dict:
         d = asdict(self)

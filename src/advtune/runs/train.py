@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from .. import filenames as files
 from ..cost import CostMeter
@@ -12,6 +11,7 @@ from ..data import load_dataset
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import describe_meta, load_weights, model_for, save_model
+from ..settings import number, setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, clean, fit
 from ..utils import resolve_device, seed_everything
@@ -32,28 +32,62 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainRun:
-    """Everything `advtune train` needs; recorded verbatim in config.json."""
+    """Everything `advtune train` needs; recorded verbatim in config.json. Its fields are the flags."""
 
-    dataset: str
-    model: str  # a zoo name, or path/to/file.py:factory / package.module:factory
-    out: str
-    train: "Any" = None  # TrainConfig (default: TrainConfig())
-    weights: str | None = None  # start from these safetensors weights (with epochs 0: record them as is)
-    data_dir: str | None = None
-    limit: int | None = None
-    limit_test: int | None = None
-    val: float = 0
-    device: str = "auto"
-    adversarial: str | None = None  # attack spec for adversarial training, e.g. "pgd:steps=10"
-    norm: str = "linf"
-    eps: float | None = None
-    attack_mode: str = "eval"
-    eps_warmup: float = 0.0  # share of training over which eps ramps up from 0
-    guard: bool | None = None  # catastrophic-overfitting guard; None: on for FGSM attacks
-    budget: int | None = None  # training gradient evaluations; ends training early (steps)
-    points: int = 0  # snapshots along the run (evenly spaced in steps), for curves
-    resume: bool = False
-    overwrite: bool = False
+    dataset: str = setting(
+        help="mnist, fashion-mnist, cifar10, synthetic, a .npz file or an image folder", group="data"
+    )
+    model: str = setting(
+        help="a zoo model (small-cnn, madry-mnist, lenet5, vgg-cifar, preact-resnet18) or your own: "
+        "path/to/file.py:factory or package.module:factory (a function returning an nn.Module on pixels in "
+        "[0, 1]; it gets input_shape= and num_classes= if its signature names them)"
+    )
+    out: str = setting(help="run folder to write (runs/<name>)", group="output")
+    train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
+    weights: str | None = setting(
+        None,
+        help="start from these weights (a .safetensors file of the model's state_dict); with --epochs 0 the run "
+        "records the model as it is, for evaluate/analyze/harden",
+    )
+    data_dir: str | None = setting(
+        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group="data"
+    )
+    limit: int | None = setting(None, help="use only the first N training examples", group="data")
+    limit_test: int | None = setting(None, help="use only the first N test examples", group="data")
+    val: float = setting(
+        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
+    )
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    adversarial: str | None = setting(
+        None,
+        help="train on adversarial examples of this attack spec, e.g. pgd:steps=10",
+        metavar="ATTACK",
+        group="adversarial training",
+    )
+    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"), group="adversarial training")
+    eps: float | None = setting(
+        None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group="adversarial training"
+    )
+    attack_mode: str = setting(
+        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="adversarial training"
+    )
+    eps_warmup: float = setting(
+        0.0,
+        help="share of training over which eps ramps up from 0 (e.g. 0.3)",
+        type=number,
+        group="adversarial training",
+    )
+    guard: bool | None = setting(
+        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="adversarial training"
+    )
+    budget: int | None = setting(
+        None,
+        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
+        group="training",
+    )
+    points: int = setting(0, help="save this many snapshots along the run under snapshots/", group="training")
+    resume: bool = setting(False, help="continue an interrupted run in --out", group="output")
+    overwrite: bool = setting(False, help="replace an existing run in --out", group="output")
 
     def to_json(self) -> dict:
         d = asdict(self)

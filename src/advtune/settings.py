@@ -1,0 +1,221 @@
+"""Settings declared once: a job's frozen config dataclass is the schema; CLI flags and YAML keys are
+derived from its fields (name, type, default, help), so a new setting is one field.
+
+    @dataclass(frozen=True)
+    class EvaluateRun:
+        run: str = setting(help="run folder of the model to evaluate", positional=True)
+        limit: int | None = setting(1000, help="first N test examples")
+
+`add_flags(parser, EvaluateRun)` adds `run` and `--limit` (with "(default: 1000)" in the help);
+`from_args(EvaluateRun, args)` builds the config from the parsed flags; `keys(EvaluateRun)` are the
+YAML keys, and `check_keys` refuses an unknown key with a did-you-mean. No torch here: the CLI's
+help stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .errors import AdvtuneError
+
+_MISSING = dataclasses.MISSING
+
+
+# ---------------------------------------------------------------- value parsers (argparse types)
+
+
+def number(text: str) -> float:
+    """A float that may be written as a fraction: `0.3`, `8/255`."""
+    from .utils import parse_number
+
+    try:
+        return parse_number(text)
+    except AdvtuneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """`0.1,0.2,8/255` -> (0.1, 0.2, 0.0314...)."""
+    return tuple(number(t) for t in str(text).split(",") if t.strip())
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
+def str_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(text).split(",") if t.strip())
+
+
+def seed_number(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {v} is out of range: use an integer in [0, 2^63)")
+    return v
+
+
+def budget_number(text: str) -> float | int:
+    """A parameter budget: a share in (0, 1) or a whole number of entries (finite, positive)."""
+    v = number(text)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive finite number (a share < 1 or a count of entries)"
+        )
+    if v >= 1 and v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of parameter entries must be whole (or give a share < 1)")
+    return v if v < 1 else int(v)
+
+
+# annotation (as written, `from __future__ import annotations`) -> parser
+_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "int | None": int,
+    "float": number,
+    "float | None": number,
+    "str": str,
+    "str | None": str,
+    "tuple[float, ...]": number_list,
+    "tuple[int, ...]": int_list,
+    "tuple[str, ...]": str_list,
+}
+
+
+# ---------------------------------------------------------------- declaring
+
+
+def setting(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    type: Callable[[str], Any] | None = None,
+    choices: Iterable[str] | None = None,
+    group: str | None = None,
+    positional: bool = False,
+    cli: bool = True,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with what the CLI and YAML need: help text, parser, choices, group.
+    `cli=False`: not a flag of its own (set by the command, e.g. --device and --seed are shared)."""
+    meta = {
+        "help": help,
+        "type": type,
+        "choices": tuple(choices) if choices else None,
+        "group": group,
+        "positional": positional,
+        "cli": cli,
+        "metavar": metavar,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(_show(x) for x in v) or "none"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "none" if v is None else str(v)
+
+
+def add_flags(
+    parser,
+    cls,
+    *,
+    base: Any = None,
+    exclude: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    required: Iterable[str] = (),
+) -> None:
+    """Add one flag per field of `cls` (defaults from the `base` instance when given). Nested config
+    dataclasses are not flattened here: call add_flags for them too. `groups` maps a field's group
+    name to an argparse group; `required` makes flags required whatever their default."""
+    exclude, required = set(exclude), set(required)
+    keep = set(only) if only is not None else None
+    groups = dict(groups or {})
+    for f in _fields(cls):
+        m = f.metadata
+        if not m["cli"] or f.name in exclude or (keep is not None and f.name not in keep):
+            continue
+        default = getattr(base, f.name) if base is not None else f.default
+        target = parser
+        if m["group"]:
+            if m["group"] not in groups:
+                groups[m["group"]] = parser.add_argument_group(m["group"])
+            target = groups[m["group"]]
+        kw: dict[str, Any] = {"help": m["help"]}
+        if m["positional"]:
+            target.add_argument(f.name, **kw)
+            continue
+        kind = str(f.type)
+        must = f.name in required or (default is _MISSING and f.default_factory is _MISSING)
+        if kind.startswith("bool"):
+            if default is True or kind == "bool | None":
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["action"] = "store_true"
+        else:
+            kw["type"] = m["type"] or _TYPES.get(kind) or str
+            if m["choices"]:
+                kw["choices"] = m["choices"]
+            if m["metavar"]:
+                kw["metavar"] = m["metavar"]
+        if must:
+            kw["required"] = True
+        else:
+            kw["default"] = None if default is _MISSING else default
+            if "default" not in m["help"] and kw.get("action") != "store_true":  # a switch is off by default
+                kw["help"] = f"{m['help']} (default: {_show(kw['default'])})"
+        target.add_argument(flag_name(f.name), **kw)
+
+
+def from_args(cls, args: argparse.Namespace, **given: Any):
+    """`cls` built from the parsed flags (every field whose name the namespace has) and `given`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(given)
+    return cls(**values)
+
+
+# ---------------------------------------------------------------- YAML keys
+
+
+def keys(cls, *, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> set[str]:
+    """The YAML keys of a config: its field names, or the `only` ones (which must be fields), minus
+    those in `exclude` (the caller sets them itself)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = (set(only) | set(exclude)) - names if only is not None else set(exclude) - names
+    if unknown:  # a renamed field must not silently drop a YAML key
+        raise AdvtuneError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return (names if only is None else set(only)) - set(exclude)
+
+
+def check_keys(d: Any, allowed: set[str], where: str) -> dict:
+    """`d` must be a mapping whose keys are all in `allowed`; an unknown key gets a did-you-mean."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise AdvtuneError(f"{where} must be a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(allowed))}"
+            raise AdvtuneError(f"{where}: unknown key {k!r}{hint}")
+    return d
