@@ -260,10 +260,10 @@ def test_warmup_training_is_resume_exact(train_data, tmp_path):
 def test_everything_on_preact_resnet_freezes_nothing():
     """(d) holds on a pre-activation ResNet too, whose BNs do not all follow a conv."""
     from advtune.models import build_model
-    from advtune.train import _Trainable
+    from advtune.train import Trainable
 
     model = build_model("preact-resnet18", (3, 16, 16), 10)
-    t = _Trainable(model, Selection.everything(model), torch.rand(1, 3, 16, 16))
+    t = Trainable(model, Selection.everything(model), torch.rand(1, 3, 16, 16))
     try:
         assert all(p.requires_grad for p in model.parameters()) and not t.partial and not t.frozen_bns
     finally:

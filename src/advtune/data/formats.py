@@ -1,0 +1,234 @@
+"""File formats: MNIST IDX, CIFAR-10 python batches (numpy-only unpickling), .npz, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import pickle
+import struct
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import AdvtuneError
+from .registry import Spec
+from .splits import Dataset, TensorData, channel_stats
+
+log = logging.getLogger(__name__)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (.gz or raw) of unsigned bytes, checking header and length."""
+    try:
+        raw = gzip.open(path, "rb").read() if str(path).endswith(".gz") else Path(path).read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise AdvtuneError(f"{path} is corrupt or truncated ({e}); delete it and download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise AdvtuneError(f"{path} is not an IDX file (bad magic number); delete it and download it again")
+    if raw[2] != 0x08:
+        raise AdvtuneError(f"{path}: only unsigned-byte IDX files are supported (type code {raw[2]:#x})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise AdvtuneError(f"{path} is truncated (header incomplete); delete it and download it again")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
+    expected = int(np.prod(dims)) if dims else 0
+    if len(raw) - header != expected:
+        raise AdvtuneError(
+            f"{path} is truncated or padded: header says {expected} bytes of data, file has "
+            f"{len(raw) - header}; delete it and download it again"
+        )
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)  # writable copy
+
+
+def pair_split(x: np.ndarray, y: np.ndarray, xpath, ypath, num_classes: int) -> TensorData:
+    if len(x) != len(y):
+        raise AdvtuneError(
+            f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels; the files belong to different sets"
+        )
+    if y.size and int(y.min()) < 0:
+        raise AdvtuneError(f"{ypath} has a negative label ({int(y.min())}); labels must be 0..classes-1")
+    if y.size and int(y.max()) >= num_classes:
+        raise AdvtuneError(f"{ypath} has label {int(y.max())} but the dataset has {num_classes} classes")
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    if xt.ndim == 3:
+        xt = xt.unsqueeze(1)
+    return TensorData(xt, torch.from_numpy(y.astype(np.int64)))
+
+
+def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise AdvtuneError(f"{where}: images must have 3 (N,H,W) or 4 dimensions, got shape {x.shape}")
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+    return x
+
+
+def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.floating):
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise AdvtuneError(
+                f"{where}: float images must lie in [0,1] (found {x.min():.3g}..{x.max():.3g}); scale them or store "
+                "uint8"
+            )
+        return np.round(x * 255).astype(np.uint8)
+    raise AdvtuneError(f"{where}: images must be uint8 or float in [0,1], got {x.dtype}")
+
+
+def load_npz(path: Path) -> Dataset:
+    """An .npz with x_train, y_train, x_test, y_test (NHWC or NCHW or NHW; uint8 or float [0,1])."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise AdvtuneError(
+                    f"{path} lacks arrays {', '.join(missing)}; an .npz dataset needs x_train, y_train, x_test, y_test"
+                )
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+        raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
+    for k in ("y_train", "y_test"):
+        y = arrays[k]
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                raise AdvtuneError(
+                    f"{path}:{k} holds non-integer labels (dtype {y.dtype}); labels must be whole class "
+                    "numbers 0..classes-1 (store them as integers)"
+                )
+            arrays[k] = y.astype(np.int64)
+    for k in ("x_train", "x_test"):
+        x = arrays[k]
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise AdvtuneError(f"{path}:{k} contains NaN or infinite pixels; fix or drop those images")
+    ytr, yte = arrays["y_train"].reshape(-1), arrays["y_test"].reshape(-1)
+    classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+    xtr = _as_uint8(_to_nchw(arrays["x_train"], f"{path}:x_train"), f"{path}:x_train")
+    xte = _as_uint8(_to_nchw(arrays["x_test"], f"{path}:x_test"), f"{path}:x_test")
+    train = pair_split(xtr, ytr, f"{path}:x_train", f"{path}:y_train", classes)
+    test = pair_split(xte, yte, f"{path}:x_test", f"{path}:y_test", classes)
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise AdvtuneError(
+            f"{path}: train images {tuple(train.x.shape[1:])} and test images {tuple(test.x.shape[1:])} differ in shape"
+        )
+    mean, std = channel_stats(train.x)
+    return Dataset(path.stem, train, test, [str(i) for i in range(classes)], mean, std, str(path))
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; allow only what rebuilds numpy arrays, nothing that runs code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        if name == "encode":
+            import codecs
+
+            return codecs.encode
+        core = getattr(np, "_core", None) or np.core
+        return {
+            "_reconstruct": core.multiarray._reconstruct,
+            "ndarray": np.ndarray,
+            "dtype": np.dtype,
+            "scalar": core.multiarray.scalar,
+        }[name]
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
+        raise AdvtuneError(
+            f"{path} is corrupt, truncated or not a CIFAR-10 batch ({e}); delete it and download again"
+        ) from None
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise AdvtuneError(f"{path} is not a CIFAR-10 batch (no data/labels); delete it and download again")
+    x = np.asarray(d["data"], dtype=np.uint8)
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise AdvtuneError(f"{path}: expected data of shape (N, 3072), got {x.shape}")
+    return x.reshape(-1, 3, 32, 32), np.asarray(d["labels"], dtype=np.int64)
+
+
+def load_cifar_batches(folder: Path, spec: Spec) -> Dataset:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise AdvtuneError(
+            f"cifar10 is incomplete: {folder} lacks {', '.join(missing)}; delete the folder to re-extract/re-download"
+        )
+    parts = [_read_cifar_batch(folder / n) for n in names]
+    xtr = np.concatenate([p[0] for p in parts[:5]])
+    ytr = np.concatenate([p[1] for p in parts[:5]])
+    train = pair_split(xtr, ytr, folder / "data_batch_*", folder / "data_batch_*", 10)
+    test = pair_split(parts[5][0], parts[5][1], folder / "test_batch", folder / "test_batch", 10)
+    return Dataset("cifar10", train, test, list(spec.classes), spec.mean, spec.std, str(folder))
+
+
+def extract_cifar(archive: Path, folder: Path) -> None:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("cifar-10-batches-py/") and m.isfile()]
+            tar.extractall(folder, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise AdvtuneError(f"{archive} is corrupt or truncated ({e}); delete it and download again") from None
+
+
+def load_image_folder(root: Path) -> Dataset:
+    """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP)."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")
+    if not (root / "test").is_dir():
+        raise AdvtuneError(f"{root} has no test/ folder; expected {root}/test/<class>/<image>")
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+    splits = {}
+    mode = None
+    size = None
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            for p in sorted((root / split / c).glob("*")) if (root / split / c).is_dir() else []:
+                if p.suffix.lower() not in exts:
+                    continue
+                try:
+                    with Image.open(p) as im:
+                        if mode is None:
+                            mode = "L" if im.mode in ("L", "1", "P", "I;16") and im.mode != "P" else "RGB"
+                        arr = np.asarray(im.convert(mode), dtype=np.uint8)
+                except (UnidentifiedImageError, OSError) as e:
+                    raise AdvtuneError(f"cannot read image {p} ({e}); remove or fix it") from None
+                if size is None:
+                    size = arr.shape
+                if arr.shape != size:
+                    raise AdvtuneError(
+                        f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size"
+                    )
+                xs.append(arr)
+                ys.append(ci)
+        if not xs:
+            raise AdvtuneError(f"{root}/{split} holds no images")
+        x = _to_nchw(np.stack(xs), str(root))
+        splits[split] = TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys))
+    mean, std = channel_stats(splits["train"].x)
+    return Dataset(root.name, splits["train"], splits["test"], classes, mean, std, str(root))

@@ -1,0 +1,215 @@
+"""`load_dataset(name)`: find a dataset locally (in the documented order), else download it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import AdvtuneError
+from .download import download_files
+from .formats import (
+    extract_cifar,
+    load_cifar_batches,
+    load_image_folder,
+    load_npz,
+    pair_split,
+    read_idx,
+)
+from .registry import IDX_FILES, SPECS, list_datasets
+from .splits import Dataset
+from .synthetic import synthetic_dataset
+
+log = logging.getLogger(__name__)
+
+
+def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched, in order, for a dataset's subfolder."""
+    roots: list[Path] = []
+    if data_dir:
+        roots.append(Path(data_dir).expanduser())
+    if os.environ.get("ADVTUNE_DATA"):
+        roots.append(Path(os.environ["ADVTUNE_DATA"]).expanduser())
+    roots.append(cache_dir())
+    # the checkout's neighbour (CI and this workplace keep datasets in ../shared/data)
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *here.parents[2:4]):
+        cand = base.parent / "shared" / "data"
+        if cand not in roots and cand.is_dir():
+            roots.append(cand)
+    return roots
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "advtune"
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool | None = None,
+    limit: int | None = None,
+    limit_test: int | None = None,
+    val: int | float = 0,
+    seed: int = 0,
+    mirrors: tuple[str, ...] | None = None,
+) -> Dataset:
+    """Load a dataset by name or path. `limit`/`limit_test` take the first examples of each split;
+    `val` holds out that many training examples (or a fraction) as a seeded validation split.
+
+    `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set".
+    """
+    if download is None:
+        download = not os.environ.get("ADVTUNE_NO_DOWNLOAD")
+    key = name.strip().lower().replace("_", "-")
+    key = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    if key == "synthetic":
+        ds = synthetic_dataset()  # the same data for every run: only shuffles and splits use the seed
+    elif key in SPECS:
+        ds = _load_named(key, data_dir, download, mirrors)
+    else:
+        path = Path(name).expanduser()
+        if path.suffix == ".npz" and path.is_file():
+            ds = load_npz(path)
+        elif path.is_dir() and (path / "train").is_dir():
+            ds = load_image_folder(path)
+        elif path.suffix == ".npz" or os.sep in name:
+            raise AdvtuneError(
+                f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/)"
+            )
+        else:
+            raise AdvtuneError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
+    ds = ds.limit(limit, limit_test)
+    if val:
+        ds = ds.split_validation(val, seed)
+    return ds
+
+
+def _probe_folder(key: str, folder: Path) -> tuple[Dataset | None, str | None]:
+    """(the dataset, None) when `folder` holds all of it; (None, "<folder> lacks ...") when it holds only
+    some of its files; (None, None) when it holds none."""
+    found = _read_if_present(key, folder)
+    if found is not None:
+        log.info("%s: read from %s", key, folder)
+        return found, None
+    missing = _missing_files(key, folder)
+    if missing and len(missing) < len(_required_files(key)):
+        return None, f"{folder} lacks {', '.join(missing)}"
+    return None, None
+
+
+def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
+    spec = SPECS[key]
+    if data_dir:  # a folder the user named must hold the dataset: never fall back silently to another one
+        root = Path(data_dir).expanduser()
+        if not root.is_dir() and not download:
+            raise AdvtuneError(f"--data-dir {root} does not exist; point it at the folder holding {spec.folder}/")
+        for folder in (root / spec.folder, root) if root.is_dir() else ():
+            if folder.is_dir():
+                found, lacking = _probe_folder(key, folder)
+                if found is not None:
+                    return found
+                if lacking:
+                    raise AdvtuneError(f"{key} in --data-dir is incomplete: {lacking}; add the missing file(s)")
+        if not download:
+            raise AdvtuneError(
+                f"--data-dir {root} does not hold {key} (expected {root / spec.folder}/ with "
+                f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download"
+            )
+        target = _download_target(data_dir) / spec.folder  # download into the folder the user named
+        download_files(spec, target, mirrors)
+        found = _read_if_present(key, target)
+        if found is None:
+            raise AdvtuneError(f"downloaded {key} into {target} but could not read it")
+        return found
+    roots = search_roots(data_dir)
+    looked: list[str] = []
+    incomplete: list[str] = []
+    for root in roots:
+        for folder in (root / spec.folder, root):
+            if not folder.is_dir():
+                continue
+            looked.append(str(folder))
+            found, lacking = _probe_folder(key, folder)
+            if found is not None:
+                return found
+            if lacking:
+                incomplete.append(lacking)
+    if incomplete:
+        raise AdvtuneError(
+            f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download"
+        )
+    if not download:
+        raise AdvtuneError(
+            f"{key} not found (looked in: {', '.join(looked) or ', '.join(map(str, roots))}); "
+            f"put its files in <dir>/{spec.folder}/ and pass --data-dir <dir> or set ADVTUNE_DATA, "
+            "or allow the download"
+        )
+    target = _download_target(data_dir) / spec.folder
+    download_files(spec, target, mirrors)
+    found = _read_if_present(key, target)
+    if found is None:
+        raise AdvtuneError(f"downloaded {key} into {target} but could not read it")
+    return found
+
+
+def _required_files(key: str) -> list[str]:
+    return (
+        list(IDX_FILES)
+        if key in ("mnist", "fashion-mnist")
+        else ["cifar10.npz | cifar-10-batches-py/ | cifar-10-python.tar.gz"]
+    )
+
+
+def _missing_files(key: str, folder: Path) -> list[str]:
+    if key in ("mnist", "fashion-mnist"):
+        return [f for f in IDX_FILES if not _idx_path(folder, f)]
+    return []
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    """Accept both the .gz files and their decompressed forms."""
+    for cand in (folder / name, folder / name[:-3]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_if_present(key: str, folder: Path) -> Dataset | None:
+    spec = SPECS[key]
+    if key in ("mnist", "fashion-mnist"):
+        paths = [_idx_path(folder, f) for f in IDX_FILES]
+        if not all(paths):
+            return None
+        xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+        train = pair_split(xtr, ytr, paths[0], paths[1], len(spec.classes))
+        test = pair_split(xte, yte, paths[2], paths[3], len(spec.classes))
+        return Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder))
+    # cifar10: the .npz layout, the extracted python batches, or the downloaded archive
+    if (folder / "cifar10.npz").is_file():
+        ds = load_npz(folder / "cifar10.npz")
+        return replace(ds, name=key, classes=list(spec.classes), mean=spec.mean, std=spec.std)
+    batches = folder / "cifar-10-batches-py"
+    if not batches.is_dir() and (folder / "cifar-10-python.tar.gz").is_file():
+        extract_cifar(folder / "cifar-10-python.tar.gz", folder)
+    if batches.is_dir():
+        return load_cifar_batches(batches, spec)
+    return None
+
+
+def _download_target(data_dir) -> Path:
+    for cand in (
+        ([Path(data_dir)] if data_dir else [])
+        + ([Path(os.environ["ADVTUNE_DATA"])] if os.environ.get("ADVTUNE_DATA") else [])
+        + [cache_dir()]
+    ):
+        try:
+            cand.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(cand, os.W_OK):
+            return cand
+    raise AdvtuneError("no writable folder to download into; pass --data-dir <writable dir> or set ADVTUNE_DATA")

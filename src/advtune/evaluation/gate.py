@@ -1,0 +1,170 @@
+"""The gradient-masking gate (AutoAttack's checks, extended): run after every evaluation, it records
+what looks wrong in `EvalResult.suspect`, with a loud log warning."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import FGSM, PGD, Attack, margin
+from ..metrics import correct
+from ..threat import ThreatModel
+from ..utils import eval_mode
+from .results import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+GATE_SAMPLES = 64  # size of the probe subset the gate attacks itself (cheap: ~32 grads/sample)
+
+
+TOL_FGSM = 0.05  # an iterative attack may leave this much more accuracy than FGSM on the probe
+
+
+TOL_BLACK_BOX = 0.01  # share of clean-correct samples only a black-box attack broke
+
+
+TOL_EPS_RISE = 0.05  # accuracy may rise this much with eps on the probe (noise), eps_curve uses 0.02
+
+
+LARGE_EPS_MAX_ACC = 0.10  # accuracy allowed at linf eps = the full pixel range (should be ~0)
+
+
+PROB_ATOL = 1e-5  # outputs within this of a probability simplex are flagged
+
+
+def spec_of(a) -> str:
+    return getattr(a, "spec", None) or type(a).__name__
+
+
+def is_black_box(a) -> bool:
+    return bool(getattr(a, "black_box", False))
+
+
+def _acc(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return correct(model, x, y, len(x)).float().mean().item()
+
+
+def sanity_check_large_eps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    generator: torch.Generator | None = None,
+    steps: int = 10,
+) -> list[tuple[str, float]]:
+    """PGD-`steps` accuracy on (x, y) at eps, 4*eps (same norm) and linf eps = the whole pixel range.
+
+    The balls are nested (the last one is the whole box), so accuracy must not rise along the list,
+    and at the last one any input can be turned into any other: accuracy should be ~0.
+    """
+    out = []
+    cap = (threat.upper - threat.lower) if threat.norm == "linf" else math.inf
+    for t in (
+        threat,
+        threat.with_eps(min(4 * threat.eps, cap)),
+        ThreatModel("linf", threat.upper - threat.lower, threat.lower, threat.upper),
+    ):
+        x_adv = PGD(t, steps=steps)(model, x, y, generator=generator)
+        out.append((str(t), _acc(model, x_adv, y)))
+    return out
+
+
+def masking_gate(
+    model: nn.Module,
+    x: Tensor | None,
+    y: Tensor | None,
+    threat: ThreatModel,
+    result: EvalResult | None = None,
+    *,
+    attacks: Sequence[Attack] = (),
+    probe_idx: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Checks that an evaluation is not fooled by gradient masking; returns short `suspect` strings.
+
+    (a) an iterative attack leaves more accuracy than single-step FGSM; (b) a black-box attack breaks
+    samples the white-box ones did not; (c) accuracy rises with eps or stays well above 0 at
+    linf eps = the full range; (d) zero or non-finite input gradients; (e) probability-like outputs.
+    (x, y) is a small probe of clean-correct samples (`probe_idx`: their positions in `result`).
+    """
+    suspect: list[str] = []
+
+    def flag(msg: str) -> None:
+        log.warning("evaluation may be unreliable (gradient masking?): %s", msg)
+        suspect.append(msg)
+
+    with eval_mode(model):
+        if x is not None and len(x):
+            with torch.no_grad():
+                out = model(x)
+            # (e) probabilities instead of logits: attacks on softmax outputs see vanishing gradients
+            if out.min() > -PROB_ATOL and out.max() < 1 + PROB_ATOL and ((out.sum(1) - 1).abs() < PROB_ATOL).all():
+                flag(
+                    "probability-outputs: the model returns probabilities (rows in [0,1] sum to 1); "
+                    "attack the logits (remove the final softmax)"
+                )
+            # (d) input gradients of the (non-saturating) margin loss
+            with torch.enable_grad():
+                xv = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(-margin(model(xv), y).sum(), [xv])
+            g = g.flatten(1)
+            nonfinite = (~torch.isfinite(g)).any(1)
+            zero = (g.abs().sum(1) == 0) & ~nonfinite
+            if nonfinite.any():
+                flag(
+                    f"nonfinite-gradients: {nonfinite.float().mean().item():.0%} of probe samples have NaN/inf "
+                    "input gradients"
+                )
+            if zero.any():
+                flag(
+                    f"zero-gradients: {zero.float().mean().item():.0%} of probe samples have an all-zero input "
+                    "gradient; gradient attacks cannot work there (non-differentiable or saturated layer)"
+                )
+            # (c) eps sanity and (a) FGSM vs iterative, on the probe
+            curve = sanity_check_large_eps(model, x, y, threat, generator=generator)
+            for (e0, a0), (e1, a1) in zip(curve, curve[1:]):
+                if a1 > a0 + TOL_EPS_RISE:
+                    flag(f"accuracy-rises-with-eps: PGD-10 accuracy {a0:.2f} at {e0} but {a1:.2f} at {e1}")
+            if curve[-1][1] > LARGE_EPS_MAX_ACC:
+                flag(
+                    f"large-eps-not-broken: PGD-10 accuracy {curve[-1][1]:.2f} at {curve[-1][0]} (the whole "
+                    "pixel box) should be ~0"
+                )
+            acc_fgsm = _acc(model, FGSM(threat)(model, x, y, generator=generator), y)
+            iterative = {"gate pgd-10": curve[0][1]}
+            if result is not None and probe_idx is not None:
+                for a in attacks:
+                    s = spec_of(a)
+                    st = result.broken[s][probe_idx]
+                    if is_black_box(a) or a.grad_evals() <= 1 or (st < 0).any():
+                        continue  # single-step, black-box, or not run on the whole probe (cascade)
+                    iterative[s] = 1 - st.float().mean().item()
+            for s, acc in iterative.items():
+                if acc > acc_fgsm + TOL_FGSM:
+                    flag(
+                        f"iterative-weaker-than-fgsm: {s} leaves accuracy {acc:.2f} > FGSM {acc_fgsm:.2f} "
+                        f"on {len(x)} probe samples"
+                    )
+        # (b) black-box beats white-box, on all evaluated samples
+        if result is not None and result.n_clean_correct:
+            white = [spec_of(a) for a in attacks if not is_black_box(a)]
+            for a in attacks:
+                if not is_black_box(a) or not white:
+                    continue
+                s = spec_of(a)
+                only = result.broken[s] == 1
+                for w in white:
+                    only &= result.broken[w] != 1
+                share = only.sum().item() / result.n_clean_correct
+                if share > TOL_BLACK_BOX:
+                    flag(
+                        f"black-box-stronger: {s} broke {share:.1%} of clean-correct samples that "
+                        f"{', '.join(white)} did not"
+                    )
+    return suspect

@@ -1,0 +1,266 @@
+"""Robust accuracy: every attack on every clean-correct example (or cascaded), the worst case per
+example, counted costs, the threat model checked after each attack, then the gate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
+from ..cost import PassCounter
+from ..errors import AdvtuneError
+from ..inputs import batches
+from ..threat import ThreatModel
+from ..utils import eval_mode, model_device, model_dtype, progress
+from .gate import (
+    GATE_SAMPLES,
+    masking_gate,
+    spec_of,
+)
+from .results import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+def suite(name: str, threat: ThreatModel) -> list[Attack]:
+    """Named attack lists. standard: APGD-CE, APGD-T, Square (AutoAttack without FAB; Square is linf
+    only, so the l2 suite has no black-box attack). quick: FGSM and PGD-20."""
+    if name == "standard":
+        attacks: list[Attack] = [APGD(threat, loss="ce"), APGDT(threat)]
+        if threat.norm == "linf":
+            attacks.append(Square(threat))
+        else:
+            log.info("standard suite for %s: Square is linf-only, running APGD-CE and APGD-T", threat.norm)
+        return attacks
+    if name == "quick":
+        return [FGSM(threat), PGD(threat, steps=20)]
+    raise AdvtuneError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
+
+
+SUITES = ("standard", "quick")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # honest wall times on asynchronous devices
+        torch.cuda.synchronize(device)
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """First forward on a tiny batch: shape errors become a message a person can act on."""
+    with torch.no_grad():
+        return logits_of(model, x[:2]).shape[1]
+
+
+def _check_attacks(attacks) -> list[Attack]:
+    if not isinstance(attacks, (list, tuple)):
+        attacks = [attacks]
+    if not attacks:
+        raise AdvtuneError("no attacks given; pass e.g. suite('standard', threat) or [build_attack('pgd', threat)]")
+    for a in attacks:
+        if not callable(a) or not isinstance(getattr(a, "threat", None), ThreatModel) or not hasattr(a, "grad_evals"):
+            raise AdvtuneError(f"{a!r} is not an attack; build one with build_attack('pgd', threat)")
+    threats = {a.threat for a in attacks}
+    if len(threats) > 1:
+        raise AdvtuneError(
+            f"all attacks must share one threat model, got {', '.join(map(str, threats))}; "
+            "evaluate each threat model separately (or use eps_curve)"
+        )
+    specs = [spec_of(a) for a in attacks]
+    dup = {s for s in specs if specs.count(s) > 1}
+    if dup:
+        raise AdvtuneError(f"attack {sorted(dup)[0]!r} appears twice in the list; remove the duplicate")
+    return list(attacks)
+
+
+@dataclass
+class _Tally:
+    """One attack's running totals over the batches."""
+
+    grads: int = 0
+    fwds: int = 0
+    seconds: float = 0.0
+    max_pert: float = 0.0
+    status: list[Tensor] = field(default_factory=list)  # per batch, int8 per example
+
+
+def _attack_once(
+    model: nn.Module,
+    attack: Attack,
+    spec: str,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    generator,
+    counter: PassCounter,
+    tally: _Tally,
+) -> Tensor:
+    """Run one attack on (x, y), check its output against the threat model, return which it broke."""
+    device = x.device
+    _sync(device)
+    t0 = time.perf_counter()
+    x_adv = attack(model, x, y, generator=generator)
+    _sync(device)
+    tally.seconds += time.perf_counter() - t0
+    g, f = counter.take()
+    tally.grads, tally.fwds = tally.grads + g, tally.fwds + f
+    if not isinstance(x_adv, Tensor):
+        raise AdvtuneError(f"attack {spec} returned {type(x_adv).__name__}, not a tensor")
+    threat.check(x_adv, x, what=f"{spec} output")  # a violation is a bug in the attack: raise
+    tally.max_pert = max(tally.max_pert, threat.distance(x_adv, x).max().item())
+    with torch.no_grad():
+        hit = model(x_adv).argmax(1) != y
+    counter.take()  # the verification forward is not the attack's cost
+    return hit
+
+
+def robust_accuracy(
+    model: nn.Module,
+    data,
+    attacks: Sequence[Attack] | Attack,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    limit: int | None = None,
+    cascade: bool = False,
+    gate: bool = True,
+) -> EvalResult:
+    """Clean, per-attack and worst-case robust accuracy of `model` on `data`, with costs and the masking gate.
+
+    data: an (x, y) tensor pair (float in [0, 1]) or any iterable of (x, y) batches.
+    attacks: attacks sharing one threat model (e.g. `suite("standard", threat)`).
+    limit: evaluate at most this many examples. The model runs in eval mode (restored afterwards).
+    cascade: run each attack only on the examples still robust (cheaper; per-attack numbers cumulative).
+    gate: run `masking_gate` afterwards and record its findings in `EvalResult.suspect`.
+    """
+    attacks = _check_attacks(attacks)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise AdvtuneError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
+    threat = attacks[0].threat
+    specs = [spec_of(a) for a in attacks]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
+    device, dtype = model_device(model), model_dtype(model)
+    counter = PassCounter()
+    tallies = {s: _Tally() for s in specs}
+    n, classes = 0, None
+    clean_parts, label_parts, sum_parts = [], [], []
+    probe_x, probe_y, probe_idx = [], [], []
+
+    with eval_mode(model), counter.attached(model):
+        for xb, yb in progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate"):
+            if limit is not None:
+                if n >= limit:
+                    break
+                xb, yb = xb[: limit - n], yb[: limit - n]
+            if len(xb) == 0:
+                continue
+            xb, yb = xb.to(device=device, dtype=dtype), yb.to(device=device, dtype=torch.long)
+            if classes is None:
+                classes = _num_classes(model, xb)
+            if yb.min().item() < 0 or yb.max().item() >= classes:
+                raise AdvtuneError(
+                    f"labels must be in [0, {classes - 1}] for a model with {classes} outputs, got "
+                    f"values in [{yb.min().item()}, {yb.max().item()}]"
+                )
+            with torch.no_grad():
+                correct = model(xb).argmax(1) == yb
+            counter.take()
+            idx_c = correct.nonzero().flatten()
+            xc, yc = xb[idx_c], yb[idx_c]
+            need = GATE_SAMPLES - sum(len(p) for p in probe_y)  # the gate's probe: first clean-correct examples
+            if need > 0 and len(idx_c):
+                probe_x.append(xc[:need])
+                probe_y.append(yc[:need])
+                probe_idx.append((idx_c[:need] + n).cpu())
+            alive = torch.ones(len(xc), dtype=torch.bool, device=device)
+            for a, s in zip(attacks, specs):
+                status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
+                run = alive.nonzero().flatten() if cascade else torch.arange(len(xc), device=device)
+                if len(run):
+                    hit = _attack_once(model, a, s, xc[run], yc[run], threat, generator, counter, tallies[s])
+                    alive[run[hit]] = False
+                    status[idx_c[run].cpu()] = hit.to(torch.int8).cpu()
+                tallies[s].status.append(status)
+            clean_parts.append(correct.cpu())
+            label_parts.append(yb.cpu())
+            sum_parts.append(xb.flatten(1).double().sum(1).cpu())
+            n += len(xb)
+
+        if n == 0:
+            raise AdvtuneError("no examples to evaluate (empty data); check the dataset split or the limit")
+        result = _summarise(
+            threat,
+            specs,
+            tallies,
+            torch.cat(clean_parts),
+            torch.cat(label_parts),
+            torch.cat(sum_parts),
+            generator,
+            cascade,
+        )
+        log.info(
+            "clean %.4f, worst case %.4f over %s (n=%d, %s)",
+            result.clean_accuracy,
+            result.worst_case_accuracy,
+            ", ".join(specs),
+            n,
+            threat,
+        )
+        if gate:
+            cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+            result.suspect = masking_gate(
+                model,
+                cat(probe_x),
+                cat(probe_y),
+                threat,
+                result,
+                attacks=attacks,
+                probe_idx=cat(probe_idx),
+                generator=generator,
+            )
+            result.gate_grad_evals = counter.take()[0]
+    return result
+
+
+def _summarise(
+    threat: ThreatModel,
+    specs: list[str],
+    tallies: dict[str, _Tally],
+    clean: Tensor,
+    labels: Tensor,
+    checksum: Tensor,
+    generator,
+    cascade: bool,
+) -> EvalResult:
+    broken = {s: torch.cat(tallies[s].status) for s in specs}
+    n_correct = int(clean.sum())
+    robust, n_robust = clean.clone(), {}
+    for s in specs:
+        robust &= broken[s] != 1
+        # cascade: cumulative (robust to this attack and every earlier one); full: this attack alone
+        n_robust[s] = int(robust.sum()) if cascade else n_correct - int((broken[s] == 1).sum())
+    return EvalResult(
+        threat=threat,
+        attacks=specs,
+        n=len(clean),
+        n_clean_correct=n_correct,
+        n_robust=n_robust,
+        n_robust_worst=int(robust.sum()),
+        grad_evals={s: t.grads for s, t in tallies.items()},
+        forward_evals={s: t.fwds for s, t in tallies.items()},
+        wall_time_s={s: t.seconds for s, t in tallies.items()},
+        max_perturbation={s: t.max_pert for s, t in tallies.items()},
+        seed=None if generator is None else generator.initial_seed(),
+        cascade=cascade,
+        robust=robust,
+        broken=broken,
+        labels=labels,
+        checksum=checksum,
+    )

@@ -1,0 +1,129 @@
+"""Exact resume: the checkpoint (weights, optimizer, RNG-free step position, cost, history) written
+atomically after each epoch, validated and refused when the settings changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import filenames as files
+from ..cost import CostMeter
+from ..errors import AdvtuneError
+from ..utils import (
+    atomic_write_bytes,
+)
+from ..weights import check_compatible
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+    stopped: str | None = None  # why training stopped early (a callback said so), if it did
+
+    @property
+    def last(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def save_checkpoint(
+    path: Path,
+    model,
+    opt,
+    meter: CostMeter,
+    history: History,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+    acc_state: torch.Tensor,
+) -> None:
+    state = {
+        "format": "advtune-checkpoint-1",
+        "epoch": epoch,
+        "step": step,
+        "config": cfg.to_json(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "meter": meter.to_json(),
+        "history": {"epochs": history.epochs, "stopped": history.stopped},
+        "acc_state": acc_state.cpu(),
+        "rng": torch.get_rng_state(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every")  # the training settings a resume may change
+
+
+def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, now) for every training setting a resume would change, other than
+    RESUMABLE_CHANGES; a key an older record lacks counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [
+        (k, saved.get(k, defaults.get(k)), v)
+        for k, v in now.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+    ]
+
+
+def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
+    changed = config_changes(saved, cfg.to_json())
+    if changed:
+        raise AdvtuneError(
+            f"--resume with a different config ({', '.join(f'{k}: {a} -> {b}' for k, a, b in changed)}); "
+            "use the original settings or start a new run"
+        )
+
+
+def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
+    """Refuse a resume whose training config differs from its checkpoint's, before anything is
+    written (fit checks again when it loads the checkpoint)."""
+    path = Path(checkpoint_dir) / files.CHECKPOINT
+    if not path.is_file():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise AdvtuneError(
+            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            "delete it and rerun without --resume"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        _refuse_changed_config(state["config"], cfg)
+
+
+def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device):
+    try:
+        # weights_only: tensors and plain containers only, never code from the file
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise AdvtuneError(
+            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            "delete it and rerun without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
+        raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
+    _refuse_changed_config(dict(state["config"]), cfg)
+    check_compatible(model, state["model"], f"checkpoint {path}")
+    model.load_state_dict(state["model"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise AdvtuneError(
+            f"checkpoint {path} has optimizer state for other parameters ({e}); start a new run"
+        ) from None
+    meter.load_json(state["meter"])
+    history.epochs = list(state["history"]["epochs"])
+    history.stopped = state["history"]["stopped"]
+    torch.set_rng_state(state["rng"].cpu())
+    return int(state["epoch"]), int(state["step"]), state["acc_state"].to(device)

@@ -1,0 +1,107 @@
+"""How a model is trained: `TrainConfig` (its fields are the training flags) and the learning-rate
+schedules over steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ..errors import AdvtuneError
+from ..settings import number, setting
+
+log = logging.getLogger(__name__)
+
+
+SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained (every job that trains takes one; its fields are the training flags)."""
+
+    epochs: int = setting(2, help="passes over the training data", group="training")
+    batch_size: int = setting(128, help="examples per optimizer step", group="training")
+    optimizer: Literal["sgd", "adam"] = setting("adam", help="optimizer", choices=("adam", "sgd"), group="training")
+    lr: float = setting(1e-3, help="learning rate", type=number, group="training")
+    momentum: float = setting(0.9, help="SGD momentum", type=number, group="training")
+    weight_decay: float = setting(0.0, help="weight decay", type=number, group="training")
+    schedule: Literal["constant", "cosine", "step", "onecycle", "ssfd"] = setting(
+        "constant", help="learning-rate schedule; ssfd = slow start, fast decay", choices=SCHEDULES, group="training"
+    )
+    warmup_epochs: float = setting(0.0, help="epochs of linear learning-rate warm-up", type=number, group="training")
+    seed: int | None = setting(0, help="random seed (None: nondeterministic)", cli=False)  # the shared --seed
+    eval_batch_size: int = setting(512, help="batch size of the accuracy checks", group="training")
+    checkpoint_every: int = setting(0, help="also checkpoint every N steps (0: at epoch ends only)", group="training")
+    val_attack_limit: int = setting(500, help="validation examples attacked after each epoch", group="training")
+    # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
+    # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
+    steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AdvtuneError(f"{name} must be a finite number, got {v!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "val_attack_limit", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise AdvtuneError(f"{name} must be an integer, got {v!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.eval_batch_size <= 0 or self.val_attack_limit <= 0:
+            raise AdvtuneError("eval batch size and val attack limit must be positive")
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise AdvtuneError(f"epochs must be a non-negative integer, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise AdvtuneError(f"batch size must be positive, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise AdvtuneError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise AdvtuneError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        if self.schedule not in SCHEDULES:
+            raise AdvtuneError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0 or not (0 <= self.momentum < 1):
+            raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
+            raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `cfg.steps` when set, else every step of every epoch."""
+    return cfg.steps if cfg.steps else steps_per_epoch * cfg.epochs
+
+
+def epochs_for(steps: int, steps_per_epoch: int) -> int:
+    """Epochs needed to run `steps` optimizer steps."""
+    return max(1, -(-steps // max(steps_per_epoch, 1)))
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int | None = None) -> float:
+    """Learning rate at a global step (a pure function: nothing to save for resume).
+
+    ssfd ("slow start, fast decay", Jeddi et al. 2020, for adversarial fine-tuning): linear rise over
+    the first 10% of steps (warmup_epochs, when set, overrides that), then linear decay to 0."""
+    per_epoch = steps_per_epoch or total / max(cfg.epochs, 1)  # with cfg.steps set, epochs says nothing
+    if cfg.schedule == "ssfd":
+        warm = int(cfg.warmup_epochs * per_epoch) if cfg.warmup_epochs else max(1, total // 10)
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        return cfg.lr * max(0.0, (total - step) / max(total - warm, 1))
+    warm = int(cfg.warmup_epochs * per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+    if cfg.schedule == "onecycle":  # triangular: up to the peak at 40%, then down to 0 (fast-AT style)
+        return cfg.lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
+    return cfg.lr

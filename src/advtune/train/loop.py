@@ -1,0 +1,242 @@
+"""ONE training loop for standard, adversarial and selective training (`fit`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import filenames as files
+from ..cost import CostMeter
+from ..data import TensorData, num_batches
+from ..errors import AdvtuneError
+from ..inputs import as_tensor_data
+from ..metrics import accuracy, robust_accuracy_quick
+from ..utils import (
+    derive_seed,
+    make_generator,
+    model_device,
+    progress,
+)
+from .checkpoint import History, load_checkpoint, save_checkpoint
+from .config import TrainConfig, epochs_for, lr_at, total_steps
+from .objectives import (
+    Objective,
+    clean,
+)
+from .selection import Trainable
+
+log = logging.getLogger(__name__)
+
+
+EpochCallback = Callable[[nn.Module, dict], "str | None"]
+
+
+StepCallback = Callable[[nn.Module, int, CostMeter], None]  # (model, optimizer steps done, meter)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the one process that writes records."""
+    return _dist()[0] == 0
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise AdvtuneError("nothing to train: every parameter is frozen (empty selection?)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    train: TensorData,
+    objective: Objective | None = None,
+    cfg: TrainConfig | None = None,
+    *,
+    val: TensorData | None = None,
+    val_attack=None,
+    selection=None,
+    meter: CostMeter | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
+    on_record: Callable[[History], None] | None = None,
+    on_step: StepCallback | None = None,
+    desc: str = "train",
+) -> History:
+    """Train `model` in place and return its per-epoch history.
+
+    train / val: an (x, y) pair of tensors, an iterable of (x, y) batches such as a DataLoader (read
+    once into memory), or an advtune split (see advtune.inputs). objective: clean() by default;
+    cfg: TrainConfig() by default.
+    checkpoint_dir: where `checkpoint.pt` is written atomically after every epoch (and every
+    `cfg.checkpoint_every` steps); with resume=True training continues from it exactly.
+    callbacks: called after each epoch with (model, record); returning "stop" ends training.
+    on_record: called with the history after each epoch (the CLI writes metrics.jsonl there).
+    on_step: called after every optimizer step with (model, steps done, meter), outside the timed
+    part (the frontier benchmark saves snapshots there). `cfg.steps` sets the run's length in steps.
+    """
+    train = as_tensor_data(train, what="train")
+    val = as_tensor_data(val, what="val") if val is not None else None
+    objective = objective if objective is not None else clean()
+    cfg = cfg if cfg is not None else TrainConfig()
+    if len(train) == 0:
+        raise AdvtuneError("the training split is empty; check --limit and the dataset")
+    device = model_device(model)
+    rank, world = _dist()
+    meter = meter if meter is not None else CostMeter()
+    example = train.to_float(train.x[:1], device)
+    trainable = Trainable(model, selection, example)
+    try:
+        params = trainable.params()
+        opt = _make_optimizer(params, cfg)
+        if not meter.flops_forward:
+            meter.measure_model(model, tuple(train.x.shape[1:]))
+        meter.trainable_params = trainable.count()
+        steps_per_epoch = num_batches(len(train) // world, cfg.batch_size)
+        total = total_steps(cfg, steps_per_epoch)
+        n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
+        history = History()
+        epoch, step = 0, 0
+        acc_state = _zero_acc(device)
+        ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
+        if resume and ckpt is not None and ckpt.is_file():
+            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device)
+            trainable.snapshot()  # unselected slices: the loaded weights are the reference
+            log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
+        elif resume and ckpt is not None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
+        attack_ge = int(objective.attack_grad_evals())
+        block_fraction = objective.block_fraction(model, example) if hasattr(objective, "block_fraction") else None
+
+        while epoch < n_epochs and history.stopped is None:
+            meter.start()
+            gen = make_generator(derive_seed(cfg.seed, "epoch", epoch))
+            batches = train.batches(
+                cfg.batch_size, shuffle=True, generator=gen, device=device, start=step, rank=rank, world_size=world
+            )
+            bar = progress(
+                batches,
+                desc=f"{desc} {epoch + 1}/{n_epochs}",
+                total=min(steps_per_epoch, total - epoch * steps_per_epoch) - step,
+                disable=None if rank == 0 else True,
+            )
+            trainable.train_mode()
+            for x, y in bar:
+                if epoch * steps_per_epoch + step >= total:
+                    break
+                g = make_generator(derive_seed(cfg.seed, "step", epoch, step), device)
+                lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                step_objective = (
+                    objective.at((epoch * steps_per_epoch + step) / max(total, 1))
+                    if hasattr(objective, "at")
+                    else objective
+                )
+                out = step_objective(model, x, y, generator=g)
+                if not bool(torch.isfinite(out["loss"])):  # never train on (or save) a NaN model
+                    raise AdvtuneError(
+                        f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step "
+                        f"{step + 1}; "
+                        "lower the learning rate (--lr) or check the data for NaN/huge values"
+                    )
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                trainable.mask_grads()
+                if world > 1:
+                    _all_reduce_grads(params, world)
+                opt.step()
+                trainable.restore_frozen()
+                with torch.no_grad():
+                    acc_state[0] += out["loss"].detach() * len(y)
+                    if out.get("logits") is not None:  # a local objective has no logits
+                        acc_state[1] += (out["logits"].argmax(1) == y).sum()
+                    acc_state[2] += len(y)
+                if block_fraction is None:
+                    meter.add_update(len(y), attack_ge)
+                else:  # partial passes through an early block, counted in full-network equivalents
+                    meter.add_partial(len(y), attack_ge + objective.update_passes(), block_fraction)
+                step += 1
+                if on_step is not None:
+                    meter.stop()
+                    on_step(model, epoch * steps_per_epoch + step, meter)
+                    trainable.train_mode()
+                    meter.start()
+                if step % 50 == 0 and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(
+                        loss=f"{(acc_state[0] / acc_state[2]).item():.3f}",
+                        acc=f"{(acc_state[1] / acc_state[2]).item():.3f}",
+                    )
+                if (
+                    cfg.checkpoint_every
+                    and step % cfg.checkpoint_every == 0
+                    and step < steps_per_epoch
+                    and ckpt
+                    and rank == 0
+                ):
+                    meter.stop()
+                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+                    meter.start()
+            meter.stop()
+            totals = _reduce(acc_state, world)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": totals[0] / max(totals[2], 1),
+                "train_acc": totals[1] / max(totals[2], 1) if block_fraction is None else None,
+                "lr": lr_at(cfg, min((epoch + 1) * steps_per_epoch, total) - 1, total, steps_per_epoch),
+                "examples": int(totals[2]),
+                "grad_evals": meter.grad_evals,
+                "wall_s": round(meter.wall_s, 3),
+            }
+            if val is not None and len(val):  # monitoring: not counted as training cost
+                record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
+                if val_attack is not None:
+                    record["val_robust_acc"] = robust_accuracy_quick(
+                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed
+                    )
+            history.epochs.append(record)
+            log.info(
+                "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            )
+            for cb in callbacks:
+                if cb(model, record) == "stop":
+                    history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
+            epoch, step = epoch + 1, 0
+            acc_state = _zero_acc(device)
+            if ckpt is not None and rank == 0:
+                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+            if on_record is not None and rank == 0:
+                on_record(history)
+        return history
+    finally:
+        trainable.close()
+
+
+def _zero_acc(device) -> torch.Tensor:
+    return torch.zeros(3, dtype=torch.float64, device=device)
+
+
+def _reduce(t: torch.Tensor, world: int) -> list[float]:
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)

@@ -1,0 +1,338 @@
+"""What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES,
+the local feature objective; `build_objective(spec, threat)` makes one from a CLI/YAML spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from ..attacks import build_attack
+from ..errors import AdvtuneError
+from ..utils import (
+    eval_mode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    name: str
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]: ...
+
+    def attack_grad_evals(self) -> int: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Clean:
+    """Cross-entropy on clean inputs (standard training)."""
+
+    name: str = "clean"
+
+    def __call__(self, model, x, y, *, generator=None):
+        logits = model(x)
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits}
+
+    def attack_grad_evals(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        return {"objective": self.name}
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    """Cross-entropy on adversarial inputs (Madry et al. 2018); `clean_weight` mixes in clean CE.
+
+    attack_mode: the mode the model is in while the attack runs ("eval": BN uses running stats, as
+    torchattacks does; "train": batch statistics, as fast adversarial training does). Recorded.
+    """
+
+    attack: Any
+    attack_mode: Literal["eval", "train"] = "eval"
+    clean_weight: float = 0.0
+    eps_warmup: float = 0.0  # share of training over which eps ramps linearly from 0 to eps
+    name: str = "adversarial"
+
+    def __post_init__(self) -> None:
+        if self.attack_mode not in ("eval", "train"):
+            raise AdvtuneError(f"attack_mode must be eval or train, got {self.attack_mode!r}")
+        if not 0 <= self.clean_weight <= 1:
+            raise AdvtuneError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
+        if not 0 <= self.eps_warmup < 1:
+            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+
+    def at(self, progress: float) -> "Adversarial":
+        """This objective at a point of training (0..1): during the warm-up the attack's eps is
+        scaled down linearly (MNIST at eps=0.3 does not start training from scratch otherwise)."""
+        if not self.eps_warmup or progress >= self.eps_warmup:
+            return self
+        threat = self.attack.threat
+        eps = threat.eps * max(progress / self.eps_warmup, 1e-3)
+        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, threat=threat.with_eps(eps)))
+
+    def __call__(self, model, x, y, *, generator=None):
+        if self.attack_mode == "eval":
+            with eval_mode(model):
+                x_adv = self.attack(model, x, y, generator=generator)
+        else:
+            x_adv = self.attack(model, x, y, generator=generator)
+        logits = model(x_adv)
+        loss = nn.functional.cross_entropy(logits, y)
+        if self.clean_weight:
+            loss = (1 - self.clean_weight) * loss + self.clean_weight * nn.functional.cross_entropy(model(x), y)
+        return {"loss": loss, "logits": logits, "x_adv": x_adv}
+
+    def attack_grad_evals(self) -> int:
+        return int(self.attack.grad_evals()) + (1 if self.clean_weight else 0)  # the clean term's extra pass
+
+    def describe(self) -> dict:
+        return {
+            "objective": self.name,
+            "attack": getattr(self.attack, "spec", repr(self.attack)),
+            "threat": self.attack.threat.to_json() if hasattr(self.attack, "threat") else None,
+            "attack_mode": self.attack_mode,
+            "clean_weight": self.clean_weight,
+            "eps_warmup": self.eps_warmup,
+        }
+
+
+@dataclass(frozen=True)
+class Trades:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), where x_adv maximises the
+    KL term by `steps` of projected steepest ascent from x + 0.001*N(0,1), run in eval mode."""
+
+    threat: Any
+    steps: int = 10
+    step_size: float | None = None  # None -> 2.5 * eps / steps
+    beta: float = 6.0
+    name: str = "trades"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.beta < 0:
+            raise AdvtuneError("TRADES needs steps > 0 and beta >= 0")
+
+    def _inner(self, model, x, p_clean, generator):
+        step = self.step_size or 2.5 * self.threat.eps / self.steps
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        x_adv = self.threat.project(x + 0.001 * noise.to(x.device, x.dtype), x)
+        for _ in range(self.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                kl = nn.functional.kl_div(nn.functional.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
+                (g,) = torch.autograd.grad(kl, x_adv)
+            x_adv = self.threat.project(x_adv.detach() + self.threat.steepest_step(g, step), x)
+        return x_adv.detach()
+
+    def __call__(self, model, x, y, *, generator=None):
+        with eval_mode(model), torch.no_grad():
+            p_clean = nn.functional.softmax(model(x), 1)
+        with eval_mode(model):
+            x_adv = self._inner(model, x, p_clean, generator)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        robust = nn.functional.kl_div(
+            nn.functional.log_softmax(logits_adv, 1), nn.functional.softmax(logits, 1), reduction="batchmean"
+        )
+        return {
+            "loss": nn.functional.cross_entropy(logits, y) + self.beta * robust,
+            "logits": logits_adv,
+            "x_adv": x_adv,
+        }
+
+    def attack_grad_evals(self) -> int:
+        return self.steps + 1  # inner steps, plus the second forward/backward of the update (x and x_adv)
+
+    def describe(self) -> dict:
+        return {
+            "objective": self.name,
+            "threat": self.threat.to_json(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "beta": self.beta,
+        }
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass at a layer (the rest of the network never runs)."""
+
+
+def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of module `layer` for input x, running only the part of the forward before it:
+    a hook on `layer` stores its output and stops the pass, so a backward from it is also partial.
+    Works for any nn.Module whose forward calls `layer` once."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise AdvtuneError(
+            f"no module named {layer!r} in the model; modules: {', '.join(n for n in modules if n)[:300]}"
+        )
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        box["out"] = output
+        raise _StopForward
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in box:
+        raise AdvtuneError(f"module {layer!r} did not run in the forward pass; pick a module the forward calls")
+    return box["out"]
+
+
+@dataclass(frozen=True)
+class LocalFeature:
+    """A local adversarial objective for an early block that ends at module `layer` (advtune's own
+    cost lever, issue 8): the attack *maximises* ||F(x + d) - F_ref(x)||^2 and the update minimises
+    it (plus `clean_weight` x ||F(x) - F_ref(x)||^2), where F is the model's block output and F_ref
+    the original model's on the clean input. Both back-propagate only through the block, so a step
+    costs the block's share of the network (`block_fraction`, measured in FLOPs), not a full pass.
+    Only the block's parameters get gradients: select them (e.g. layers up to `layer`)."""
+
+    reference: nn.Module  # the original model (frozen, eval mode): the features to keep
+    layer: str  # module whose output ends the block, e.g. "net.pool2"
+    threat: Any
+    steps: int = 10
+    step_size: float | None = None  # None -> 2.5 * eps / steps
+    clean_weight: float = 1.0
+    eps_warmup: float = 0.0
+    name: str = "local-feature"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.clean_weight < 0:
+            raise AdvtuneError("the local objective needs steps > 0 and clean_weight >= 0")
+        if not 0 <= self.eps_warmup < 1:
+            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+
+    def at(self, progress: float) -> "LocalFeature":
+        if not self.eps_warmup or progress >= self.eps_warmup:
+            return self
+        return dataclasses.replace(
+            self, threat=self.threat.with_eps(self.threat.eps * max(progress / self.eps_warmup, 1e-3))
+        )
+
+    def __call__(self, model, x, y, *, generator=None):
+        with torch.no_grad():
+            target = forward_to(self.reference, self.layer, x)
+        step = self.step_size or 2.5 * self.threat.eps / self.steps
+        with eval_mode(model):
+            x_adv = self.threat.random_start(x, generator)
+            for _ in range(self.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    dist_ = (forward_to(model, self.layer, x_adv) - target).pow(2).sum()
+                    (g,) = torch.autograd.grad(dist_, x_adv)
+                x_adv = self.threat.project(x_adv.detach() + self.threat.steepest_step(g, step), x)
+        loss = (forward_to(model, self.layer, x_adv.detach()) - target).pow(2).mean()
+        if self.clean_weight:
+            loss = loss + self.clean_weight * (forward_to(model, self.layer, x) - target).pow(2).mean()
+        return {"loss": loss, "logits": None, "x_adv": x_adv.detach()}
+
+    def attack_grad_evals(self) -> int:
+        return self.steps  # block passes (see block_fraction)
+
+    def update_passes(self) -> int:
+        return 2 if self.clean_weight else 1
+
+    def block_fraction(self, model: nn.Module, example: torch.Tensor) -> float:
+        """FLOPs of a forward+backward through the block / through the whole model (one example)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        # backward() on a fresh input (FlopCounterMode cannot wrap autograd.grad on a leaf); the
+        # reference's parameters are frozen, so only the input-gradient path is counted on both sides
+        flops = []
+        for run in (lambda x: forward_to(self.reference, self.layer, x), self.reference):
+            x = example[:1].detach().clone().requires_grad_(True)
+            with FlopCounterMode(display=False) as fc:
+                run(x).sum().backward()
+            flops.append(fc.get_total_flops())
+        return float(flops[0] / max(flops[1], 1))
+
+    def describe(self) -> dict:
+        return {
+            "objective": self.name,
+            "layer": self.layer,
+            "threat": self.threat.to_json(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "clean_weight": self.clean_weight,
+            "eps_warmup": self.eps_warmup,
+        }
+
+
+def clean() -> Clean:
+    return Clean()
+
+
+def adversarial(
+    attack, attack_mode: Literal["eval", "train"] = "eval", clean_weight: float = 0.0, eps_warmup: float = 0.0
+) -> Adversarial:
+    return Adversarial(attack, attack_mode, clean_weight, eps_warmup)
+
+
+def trades(threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0) -> Trades:
+    return Trades(threat, steps, step_size, beta)
+
+
+def local_feature(
+    model: nn.Module, layer: str, threat, steps: int = 10, clean_weight: float = 1.0, eps_warmup: float = 0.0
+) -> LocalFeature:
+    """The local objective for the block of `model` ending at `layer`; the reference is a frozen copy
+    of the model as it is now."""
+    import copy
+
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        raise AdvtuneError(f"local: no module named {layer!r}; e.g. {', '.join(n for n in list(modules)[1:6])}")
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return LocalFeature(ref, layer, threat, steps, None, clean_weight, eps_warmup)
+
+
+def _spec_params(name: str, params: str, types: dict[str, type]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        k, _, v = item.partition("=")
+        k = {"step": "step_size"}.get(k.strip(), k.strip())
+        if k not in types:
+            raise AdvtuneError(f"unknown {name} parameter {k!r}; valid: {', '.join(types)}")
+        try:
+            kw[k] = types[k](v)
+        except ValueError:
+            raise AdvtuneError(f"{name} parameter {k} needs a {types[k].__name__}, got {v!r}") from None
+    return kw
+
+
+def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
+    """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
+    `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
+    that module (needs the model: its current weights are the reference)."""
+    name, _, params = spec.partition(":")
+    name = name.strip().lower()
+    if name == "trades":
+        kw = _spec_params("TRADES", params, {"steps": int, "step_size": float, "beta": float})
+        if eps_warmup:
+            raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
+        return trades(threat, **kw)
+    if name == "local":
+        kw = _spec_params("local", params, {"layer": str, "steps": int, "clean": float})
+        if "layer" not in kw:
+            raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
+        if model is None:
+            raise AdvtuneError("the local objective needs the model (its current features are the reference)")
+        return local_feature(model, kw["layer"], threat, kw.get("steps", 10), kw.get("clean", 1.0), eps_warmup)
+    return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)

@@ -1,0 +1,87 @@
+"""Selective training inside the loop: only the selected slices of the selected parameters move;
+every other entry is restored bit-exactly after each step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+
+class Trainable:
+    """Applies a Selection for the duration of fit:
+    (a) tensors with no selected entry get requires_grad=False and stay out of the optimizer;
+    (b) partially selected tensors get masked gradients AND their unselected slices are restored
+        after every optimizer step (momentum and weight decay move entries with zero gradient);
+    (c) BatchNorms whose parameters are all frozen run in eval mode (running stats don't move);
+        partially selected BNs have their unselected running-stat entries restored after each step;
+    (d) a selection covering everything changes nothing: exactly the full-training path.
+    """
+
+    def __init__(self, model: nn.Module, selection, example_input: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.frozen_bns: list[_BatchNorm] = []
+        self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if selection is None or selection.is_everything(model):
+            return  # (d): selecting everything is exactly the full-training path
+        # a traced forward finds the BatchNorm that follows each selected conv (see components.py)
+        masks = selection.masks(model, example_input=example_input)
+        for name, p in model.named_parameters():
+            m = masks.get(name)
+            if m is None or not bool(m.any()):
+                p.requires_grad_(False)
+            elif not bool(m.all()):
+                m = m.to(p.device)
+                self.partial.append((p, m, p.detach().clone()))
+        for mod in model.modules():
+            if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
+                continue
+            own = [p for p in mod.parameters(recurse=False)]
+            if not own or not any(p.requires_grad for p in own):
+                self.frozen_bns.append(mod)
+            elif mod.weight is not None:
+                wmask = next((m for p, m, _ in self.partial if p is mod.weight), None)
+                if wmask is not None:
+                    self.partial_bns.append((mod, ~wmask, mod.running_mean.clone(), mod.running_var.clone()))
+
+    def snapshot(self) -> None:
+        self.partial = [(p, m, p.detach().clone()) for p, m, _ in self.partial]
+        self.partial_bns = [
+            (bn, keep, bn.running_mean.clone(), bn.running_var.clone()) for bn, keep, _, _ in self.partial_bns
+        ]
+
+    def count(self) -> int:
+        """Parameters that can change: full trainable tensors plus the selected entries of partial ones."""
+        partial = {id(p): int(m.sum()) for p, m, _ in self.partial}
+        return sum(partial.get(id(p), p.numel()) for p in self.model.parameters() if p.requires_grad)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        for bn in self.frozen_bns:
+            bn.eval()
+
+    def mask_grads(self) -> None:
+        for p, m, _ in self.partial:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        for p, m, frozen in self.partial:
+            torch.where(m, p, frozen, out=p)
+        for bn, keep, mean, var in self.partial_bns:
+            bn.running_mean[keep] = mean[keep]
+            bn.running_var[keep] = var[keep]
+
+    def close(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.flags[name])
