@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import AdvtuneError
+from .utils import eval_mode, model_device
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,6 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Trace:
     - followers: a BatchNorm whose input tensor *is* (Python identity) a layer's output tensor and
       whose ``num_features`` equals that layer's out units (the trace rule of :func:`followers`).
     Hooks are removed whatever happens."""
-    from .utils import eval_mode, model_device
-
     known = dict(_all_layers(model))
     if not known:
         layers(model)  # raises the no-layers error

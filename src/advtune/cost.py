@@ -9,6 +9,7 @@ not: selective fine-tuning saves only in the parameter-gradient share, which the
 from __future__ import annotations
 
 import contextlib
+import copy
 import resource
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass
@@ -90,10 +92,6 @@ class CostMeter:
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         """Count FLOPs per example for a forward, an attack step and an update step, and the
         trainable parameters, with the model's *current* requires_grad flags (so a selection counts)."""
-        import copy
-
-        from torch.utils.flop_counter import FlopCounterMode
-
         params = list(model.parameters())
         self.trainable_params = sum(p.numel() for p in params if p.requires_grad)
         self.total_params = sum(p.numel() for p in params)

@@ -18,14 +18,24 @@ Output folder:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .attacks import build_attack, split_attack_list
+from .components import fingerprint, layers, unit_params
+from .cost import CostMeter
 from .errors import AdvtuneError
+from .evaluation import robust_accuracy
 from .inputs import as_tensor_data
+from .metrics import adversarial_examples
 from .settings import budget_number, number, setting
+from .threat import ThreatModel
+from .train import TrainConfig, build_objective, cost_per_example, fit, steps_for_budget
+from .utils import make_generator, model_device
+from .vulnerability import check_params, score_many, select_top, select_top_layers
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +113,6 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
-    from .components import fingerprint, layers, unit_params
-    from .vulnerability import check_params
-
     budget = check_params(recipe.params, model)
     per_unit = unit_params(model, example)
     candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
@@ -167,24 +174,6 @@ def harden(
 
     model: any nn.Module taking pixels in [0, 1] (advtune's models or your own). train/test: (x, y)
     tensors or advtune TensorData. Returns a HardenResult; `model` itself is not modified."""
-    import copy
-
-    from .attacks import build_attack, split_attack_list
-    from .components import layers
-    from .cost import CostMeter
-    from .evaluation import robust_accuracy
-    from .metrics import adversarial_examples
-    from .threat import ThreatModel
-    from .train import (
-        TrainConfig,
-        build_objective,
-        cost_per_example,
-        fit,
-        steps_for_budget,
-    )
-    from .utils import make_generator, model_device
-    from .vulnerability import score_many, select_top, select_top_layers
-
     threat = ThreatModel(norm, eps)
     layers(model)
     train = as_tensor_data(train, what="train")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import Dataset, TensorData
 from .errors import AdvtuneError
 
 _FIX_RANGE = "undo the normalisation (make it the model's first layer) or divide by 255"
@@ -68,8 +69,6 @@ def is_tensor_tuple(data: Any, sizes: tuple[int, ...] = (2,)) -> bool:
 
 def resolve_split(data: Any, split: str) -> Any:
     """A whole advtune Dataset becomes its `split` ("train" or "test"); anything else is returned as is."""
-    from .data import Dataset
-
     return getattr(data, split) if isinstance(data, Dataset) else data
 
 
@@ -78,8 +77,6 @@ def batches(
 ) -> Iterator[tuple[Tensor, ...]]:
     """Validated float batches ``(x, y)`` (or ``(x, y, x_adv or None)`` with allow_adv) from any
     accepted `data`. Tensor pairs and advtune splits are sliced; iterables are streamed as they come."""
-    from .data import Dataset, TensorData
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
     sizes = (2, 3) if allow_adv else (2,)
@@ -118,8 +115,6 @@ def as_tensor_data(data: Any, *, what: str = "data"):
 
     Training shuffles with its own seeded permutation (exact resume), so an iterable such as a
     DataLoader is read once into memory; a random transform in it is therefore sampled once."""
-    from .data import Dataset, TensorData
-
     if isinstance(data, TensorData):
         return data
     if isinstance(data, Dataset):

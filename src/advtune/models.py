@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from . import filenames as files
+from .attacks import logits_of
 from .errors import AdvtuneError
-from .utils import atomic_write_bytes, atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_json, read_json
 from .weights import check_compatible, load_state, load_weights  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -320,7 +322,6 @@ def build_from_factory(
         raise AdvtuneError(
             f"--model {record['spec']}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
-    from .attacks import logits_of
 
     was = model.training
     model.eval()
@@ -342,8 +343,6 @@ def build_from_factory(
 
 def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically."""
-    from safetensors.torch import save
-
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
@@ -360,8 +359,6 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
 
 
 def read_meta(directory: str | Path) -> dict:
-    from .utils import read_json
-
     directory = Path(directory)
     if not (directory / files.MODEL_META).is_file():
         raise AdvtuneError(

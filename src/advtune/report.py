@@ -3,14 +3,22 @@ no display needed, and the caller's matplotlib backend is left alone."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
+import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from . import filenames as files
 from .errors import AdvtuneError
-from .utils import atomic_write_bytes
+from .frontier import PLATEAU_TOLERANCE, curves, reference_plateau
+from .frontier import findings as frontier_findings
+from .utils import atomic_write_bytes, atomic_write_text, read_json
 
 
 def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -121,7 +129,6 @@ def plot_layer_scores(layers: Mapping[str, Mapping[str, dict]], path: str | os.P
     """Per-layer vulnerability bars: for each criterion, each layer's share of the total score."""
     if not layers:
         raise AdvtuneError("plot_layer_scores needs at least one criterion")
-    import numpy as np
 
     names = list(next(iter(layers.values())).keys())
     fig = _figure(max(5.0, 0.9 * len(names) + 2), 3.6)
@@ -170,8 +177,6 @@ def plot_frontier(points: list[dict], path: str | os.PathLike, *, title: str | N
     """Worst-case robust accuracy against total gradient evaluations, one curve per variant (from its
     snapshots), with the reference's plateau as a dashed line. The x axis counts every curve the same
     way: fine-tuning curves include the base model's training and the analysis behind a selection."""
-    from .frontier import PLATEAU_TOLERANCE, curves, reference_plateau
-
     fig = _figure(7.0, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     by = curves(points)
@@ -252,8 +257,6 @@ def plot_eps_sweep(rows: list[dict], path: str | os.PathLike) -> Path | None:
 
 def _family(r: dict) -> str:
     """A variant's name without its eps suffix (eps sweeps are drawn as one line per family)."""
-    import re
-
     return re.sub(r"-eps[0-9.e-]+", "", r["variant"])
 
 
@@ -389,15 +392,10 @@ def _guarded(fn, folder, how: str) -> dict[str, Path]:
 def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
     """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
     records. Every number comes from results.json and the analysis files; nothing is recomputed."""
-    import base64
-    import html
-    import json
-
     folder = Path(folder)
     res = folder / files.RESULTS
     if not res.is_file():
         raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment files.CONFIG --out {folder}` first")
-    from .utils import read_json
 
     rows = read_json(res, "results")["rows"]
     if not rows:
@@ -407,8 +405,6 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
     figs: list[tuple[str, Path]] = []
     frontier_notes: list[str] = []
     if (folder / files.FRONTIER).is_file():
-        from .frontier import findings as frontier_findings
-
         points = read_json(folder / files.FRONTIER, "frontier")["points"]
         figs.append(
             (
@@ -489,7 +485,6 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
         md += ["## Vulnerability analysis", ""] + [f"- {n}" for n in analysis_notes] + [""]
     for caption, p in figs:
         md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
-    from .utils import atomic_write_text
 
     atomic_write_text(folder / files.REPORT_MD, "\n".join(md) + "\n")
 
@@ -553,12 +548,6 @@ def write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def _write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
-    import base64
-    import html
-    import json
-
-    from .utils import atomic_write_text, read_json
-
     folder = Path(folder)
     if not (folder / files.SUMMARY).is_file():
         raise AdvtuneError(f"{folder} has no summary.json; run `advtune harden ... --out {folder}` first")

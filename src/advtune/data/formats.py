@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import logging
 import pickle
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import AdvtuneError
 from .registry import Spec
@@ -139,8 +141,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
         if name == "encode":
-            import codecs
-
             return codecs.encode
         core = getattr(np, "_core", None) or np.core
         return {
@@ -194,8 +194,6 @@ def extract_cifar(archive: Path, folder: Path) -> None:
 
 def load_image_folder(root: Path) -> Dataset:
     """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP)."""
-    from PIL import Image, UnidentifiedImageError
-
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")

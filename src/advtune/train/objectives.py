@@ -3,6 +3,7 @@ the local feature objective; `build_objective(spec, threat)` makes one from a CL
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..attacks import build_attack
 from ..errors import AdvtuneError
@@ -249,8 +251,6 @@ class LocalFeature:
 
     def block_fraction(self, model: nn.Module, example: torch.Tensor) -> float:
         """FLOPs of a forward+backward through the block / through the whole model (one example)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         # backward() on a fresh input (FlopCounterMode cannot wrap autograd.grad on a leaf); the
         # reference's parameters are frozen, so only the input-gradient path is counted on both sides
         flops = []
@@ -292,8 +292,6 @@ def local_feature(
 ) -> LocalFeature:
     """The local objective for the block of `model` ending at `layer`; the reference is a frozen copy
     of the model as it is now."""
-    import copy
-
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         raise AdvtuneError(f"local: no module named {layer!r}; e.g. {', '.join(n for n in list(modules)[1:6])}")
