@@ -62,7 +62,7 @@ def run_train(args) -> int:
 
     run = from_args(TrainRun, args, train=_train_config(args, _default(TrainRun)))
     summary = train_job.run(run)
-    print(f"test accuracy: {100 * summary['test_acc']:.2f}% ({summary['test_examples']} examples)  -> {args.out}")
+    print(f"test accuracy: {100 * summary.test_acc:.2f}% ({summary.test_examples} examples)  -> {args.out}")
     return 0
 
 
@@ -123,7 +123,7 @@ def run_analyze(args) -> int:
     from .runs import analyze as analyze_job
     from .runs.analyze import AnalyzeRun
 
-    s = analyze_job.run(from_args(AnalyzeRun, args))
+    s = analyze_job.run(from_args(AnalyzeRun, args)).to_json()
     print(
         f"scored {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.1f}%, "
         f"under {s['attack']} {100 * s['adv_acc']:.1f}%"
@@ -168,7 +168,7 @@ def run_finetune(args) -> int:
     from .runs import finetune as finetune_job
     from .runs.finetune import FinetuneRun
 
-    s = finetune_job.run(from_args(FinetuneRun, args, train=_train_config(args, _default(FinetuneRun))))
+    s = finetune_job.run(from_args(FinetuneRun, args, train=_train_config(args, _default(FinetuneRun)))).to_json()
     sel = s.get("selection")
     what = f"{sel['units']} units, {sel['trainable_params']:,} params" if sel else "all parameters"
     quick = (

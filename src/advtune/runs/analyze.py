@@ -61,7 +61,27 @@ class AnalyzeRun:
         return asdict(self)
 
 
-def run(run: AnalyzeRun) -> dict:
+@dataclass(frozen=True)
+class AnalyzeSummary:
+    """What `advtune analyze` returns and writes to summary.json."""
+
+    examples_scored: int
+    clean_acc: float  # on the scored training examples
+    adv_acc: float  # under the analysis attack
+    attack: str
+    threat: dict
+    criteria: dict  # per criterion: components, top10, and the concentration curve when measured
+    cost: dict
+    rank_agreement_with_restoration: dict | None = None  # Spearman, per fast criterion (when restoration ran)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.rank_agreement_with_restoration is None:
+            d.pop("rank_agreement_with_restoration")
+        return d
+
+
+def run(run: AnalyzeRun) -> AnalyzeSummary:
 
     if run.eps is None:
         raise AdvtuneError("analyze needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
@@ -112,14 +132,7 @@ def run(run: AnalyzeRun) -> dict:
         tables = score_many(
             model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size
         )
-    summary: dict[str, Any] = {
-        "examples_scored": n_score,
-        "clean_acc": float(clean_ok[:n_score].float().mean()),
-        "adv_acc": float(adv_ok[:n_score].float().mean()),
-        "attack": attack.spec,
-        "threat": threat.to_json(),
-        "criteria": {},
-    }
+    per_criterion: dict[str, Any] = {}
     curves = {}
     for name, table in tables.items():
         rd.write_json(files.scores(name), table.to_json())
@@ -127,7 +140,7 @@ def run(run: AnalyzeRun) -> dict:
         layers = layer_scores(table)
         rd.write_json(files.layer_scores(name), layers)
         top = [(str(c), s) for c, s in table.ranked()[:10]]
-        summary["criteria"][name] = {"components": len(table), "top10": top}
+        per_criterion[name] = {"components": len(table), "top10": top}
         if run.curve_limit:
             n = min(run.curve_limit, len(x))
             with counter.attached(model):
@@ -141,20 +154,28 @@ def run(run: AnalyzeRun) -> dict:
                     batch_size=run.batch_size,
                 )
             curves[name] = curve
-            summary["criteria"][name]["curve"] = curve.rows()
-            summary["criteria"][name]["adversarial_errors"] = curve.n_errors
+            per_criterion[name]["curve"] = curve.rows()
+            per_criterion[name]["adversarial_errors"] = curve.n_errors
     if curves:
         rd.write_json(files.CONCENTRATION, {k: c.to_json() for k, c in curves.items()})
+    agreement = None
     if "restoration" in tables:
-        summary["rank_agreement_with_restoration"] = {
-            k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"
-        }
+        agreement = {k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
     meter.stop()
     meter.add_counted(counter)
-    summary["cost"] = meter.to_json()
+    summary = AnalyzeSummary(
+        n_score,
+        float(clean_ok[:n_score].float().mean()),
+        float(adv_ok[:n_score].float().mean()),
+        attack.spec,
+        threat.to_json(),
+        per_criterion,
+        meter.to_json(),
+        agreement,
+    )
     _analysis_plots(rd, tables, curves)
     rd.write_cost(meter)
-    rd.write_json(files.SUMMARY, summary)
+    rd.write_json(files.SUMMARY, summary.to_json())
     rd.done()
     return summary
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from .. import filenames as files
 from ..cost import CostMeter
@@ -103,7 +102,29 @@ class FinetuneRun:
         return d
 
 
-def run(run: FinetuneRun) -> dict:
+@dataclass(frozen=True)
+class FinetuneSummary:
+    """What `advtune finetune` returns and writes to summary.json."""
+
+    test_acc: float  # clean accuracy on the test split
+    test_examples: int
+    epochs: int
+    stopped: str | None
+    final: dict  # the last epoch's record
+    selection: dict | None  # what was trained (None: every parameter)
+    cost: dict
+    pgd10_acc_quick: float | None = None  # the quick PGD-10 monitor (not the honest protocol), if on
+    pgd10_examples: int | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.pgd10_acc_quick is None:  # the monitor was off: the record has no such keys
+            d.pop("pgd10_acc_quick")
+            d.pop("pgd10_examples")
+        return d
+
+
+def run(run: FinetuneRun) -> FinetuneSummary:
 
     run = replace(run, train=run.train or TrainConfig(epochs=1))
     cfg = run.train
@@ -173,19 +194,21 @@ def run(run: FinetuneRun) -> dict:
         desc="finetune",
     )
     # monitoring after training: not counted as training cost
-    summary: dict[str, Any] = {"test_acc": accuracy(model, ds.test, cfg.eval_batch_size), "test_examples": len(ds.test)}
+    test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
+    quick, n_quick = None, None
     if run.monitor:
-        n = min(run.monitor, len(ds.test))
-        summary["pgd10_acc_quick"] = quick_robust_acc(model, ds.test.take(n), threat, cfg.seed)
-        summary["pgd10_examples"] = n
-    summary.update(
-        {
-            "epochs": len(history.epochs),
-            "stopped": history.stopped,
-            "final": history.last,
-            "selection": sel_info,
-            "cost": meter.to_json(),
-        }
+        n_quick = min(run.monitor, len(ds.test))
+        quick = quick_robust_acc(model, ds.test.take(n_quick), threat, cfg.seed)
+    summary = FinetuneSummary(
+        test_acc,
+        len(ds.test),
+        len(history.epochs),
+        history.stopped,
+        history.last,
+        sel_info,
+        meter.to_json(),
+        quick,
+        n_quick,
     )
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {
@@ -193,11 +216,11 @@ def run(run: FinetuneRun) -> dict:
         "objective": objective.describe(),
         "config": cfg.to_json(),
         "selection": sel_info,
-        "test_acc": summary["test_acc"],
+        "test_acc": summary.test_acc,
     }
     save_model(rd.path, model, new_meta)
     rd.write_metrics(history.epochs)
     rd.write_cost(meter)
-    rd.write_json(files.SUMMARY, summary)
+    rd.write_json(files.SUMMARY, summary.to_json())
     rd.done()
     return summary

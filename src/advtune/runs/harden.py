@@ -18,7 +18,7 @@ Output folder:
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .. import filenames as files
@@ -81,7 +81,7 @@ class HardenRun:
         return d
 
 
-def run(run: HardenRun) -> dict:
+def run(run: HardenRun) -> HardenSummary:
     """Harden the model of a run folder into `run.out`; returns the summary record."""
 
     # -- validate everything before anything is created or replaced
@@ -232,13 +232,12 @@ def run(run: HardenRun) -> dict:
     before = protocol(Path(run.base), "base")
     after = protocol(ft_dir, "protocol")
     summary = summarise(run, meta, base_cfg, a_sum, ft_sum, before, after, budget)
-    rd.write_json(files.SUMMARY, summary)
+    rd.write_json(files.SUMMARY, summary.to_json())
     rd.done()
     _publish_model(ft_dir, out)
 
     paths = write_harden_report(out)
-    summary["report"] = str(paths["html"])
-    return summary
+    return replace(summary, report=str(paths["html"]))
 
 
 def _publish_model(ft_dir: Path, out: Path) -> None:
@@ -250,9 +249,37 @@ def _publish_model(ft_dir: Path, out: Path) -> None:
             atomic_write_bytes(out / name, src.read_bytes())
 
 
+@dataclass(frozen=True)
+class HardenSummary:
+    """What `advtune harden` returns and writes to summary.json (each figure from its own record)."""
+
+    eps: float
+    norm: str
+    base: str
+    architecture: str | None
+    before: dict  # clean_acc, robust_acc (worst case of the evaluation), suspect (the gate's findings)
+    after: dict  # the same after hardening, plus the per-attack accuracy
+    test_examples: int
+    evaluation: str  # the attack list of the evaluation
+    selection: dict  # what was trained: components, units, parameters (per layer too)
+    trainable_params: int | None
+    param_share: float | None
+    recipe: dict
+    budget: int  # fine-tuning gradient evaluations
+    cost: dict  # base training, analysis, fine-tuning and evaluation gradient evaluations, wall times
+    concentration: list | None  # the analysis' concentration curve
+    report: str | None = None  # report.html, once written
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.report is None:
+            d.pop("report")
+        return d
+
+
 def summarise(
     run: HardenRun, meta: dict, base_cfg: dict, a_sum: dict, ft_sum: dict, before: dict, after: dict, budget: int
-) -> dict:
+) -> HardenSummary:
     """The harden record: robustness before/after and every cost, each from its own record."""
 
     base_cost_file = Path(run.base) / files.COST
@@ -260,7 +287,7 @@ def summarise(
     sel = ft_sum.get("selection") or {}
     ft_cost = ft_sum.get("cost", {})
     a_cost = a_sum.get("cost", {})
-    return {
+    record = {
         "eps": run.eps,
         "norm": run.norm,
         "base": str(run.base),
@@ -295,10 +322,12 @@ def summarise(
         },
         "concentration": a_sum.get("criteria", {}).get(run.recipe.criterion, {}).get("curve"),
     }
+    return HardenSummary(**record)
 
 
-def format_summary(s: dict) -> str:
+def format_summary(summary: HardenSummary) -> str:
     """What `advtune harden` prints at the end."""
+    s = summary.to_json()
     sel = s.get("selection") or {}
     layers = ", ".join(f"{n} ({u}/{t} units)" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
     c = s["cost"]

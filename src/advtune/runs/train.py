@@ -95,7 +95,22 @@ class TrainRun:
         return d
 
 
-def run(run: TrainRun) -> dict:
+@dataclass(frozen=True)
+class TrainSummary:
+    """What `advtune train` returns and writes to summary.json."""
+
+    test_acc: float  # clean accuracy on the test split (limit_test examples)
+    test_examples: int
+    epochs: int  # epochs run
+    stopped: str | None  # why training stopped early, if it did
+    final: dict  # the last epoch's record (metrics.jsonl)
+    cost: dict  # the CostMeter record (cost.json)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run(run: TrainRun) -> TrainSummary:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
 
     run = replace(run, train=run.train or TrainConfig())
@@ -167,14 +182,7 @@ def run(run: TrainRun) -> dict:
         desc=f"{run.model}/{ds.name}",
     )
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
-    summary = {
-        "test_acc": test_acc,
-        "test_examples": len(ds.test),
-        "epochs": len(history.epochs),
-        "stopped": history.stopped,
-        "final": history.last,
-        "cost": meter.to_json(),
-    }
+    summary = TrainSummary(test_acc, len(ds.test), len(history.epochs), history.stopped, history.last, meter.to_json())
     meta["training"] = {
         "objective": objective.describe(),
         "config": cfg.to_json(),
@@ -184,6 +192,6 @@ def run(run: TrainRun) -> dict:
     save_model(rd.path, model, meta)
     rd.write_metrics(history.epochs)
     rd.write_cost(meter)
-    rd.write_json(files.SUMMARY, summary)
+    rd.write_json(files.SUMMARY, summary.to_json())
     rd.done()
     return summary
