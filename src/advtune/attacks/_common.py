@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -347,3 +347,37 @@ def fmt_spec(name: str, obj, skip: tuple[str, ...] = ()) -> str:
             continue
         parts.append(f"{f.name}={str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else v}")
     return name + (":" + ",".join(parts) if parts else "")
+
+
+class AttackConfig:
+    """What every attack class shares; a subclass is a frozen dataclass whose fields (besides `threat`)
+    are its pure function's keyword arguments, so it only declares fields, checks, `name`,
+    `grad_evals` and `function = staticmethod(<the pure function>)`.
+
+    `spec_skip`: fields the registered name implies (`random_start` of pgd vs bim), left out of `spec`.
+    `supports_target = False`: the attack picks its own targets and refuses `target=`."""
+
+    function: ClassVar[Callable[..., Tensor]]
+    spec_skip: ClassVar[tuple[str, ...]] = ()
+    supports_target: ClassVar[bool] = True
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    @property
+    def spec(self) -> str:
+        return fmt_spec(self.name, self, skip=self.spec_skip)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "threat"}
+        if self.supports_target:
+            kwargs["target"] = target
+        elif target is not None:
+            raise AdvtuneError(f"{self.name} chooses its own targets; pass target= to apgd-ce/apgd-dlr or pgd instead")
+        return type(self).function(model, x, y, self.threat, generator=generator, **kwargs)

@@ -25,6 +25,7 @@ from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ._common import (
     LOSSES,
+    AttackConfig,
     Best,
     LossFn,
     attack_entry,
@@ -34,7 +35,6 @@ from ._common import (
     check_int,
     check_threat,
     checked_logits,
-    fmt_spec,
     loss_and_grad,
     success,
     with_restarts,
@@ -199,7 +199,7 @@ def apgd_targeted(
 @register("apgd-dlr", loss="dlr")
 @register("apgd-ce", loss="ce")
 @dataclass(frozen=True)
-class APGD:
+class APGD(AttackConfig):
     """APGD-CE (`apgd-ce`) or APGD-DLR (`apgd-dlr`); see the module docstring."""
 
     threat: ThreatModel
@@ -209,6 +209,8 @@ class APGD:
     rho: float = 0.75
 
     norms = ("linf", "l2")
+    function = staticmethod(apgd)
+    spec_skip = ("loss",)
     supports_target = True
 
     def __post_init__(self) -> None:
@@ -222,39 +224,13 @@ class APGD:
     def name(self) -> str:
         return f"apgd-{self.loss}"
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self, skip=("loss",))
-
     def grad_evals(self) -> int:
         return self.steps * self.restarts
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return apgd(
-            model,
-            x,
-            y,
-            self.threat,
-            steps=self.steps,
-            restarts=self.restarts,
-            loss=self.loss,
-            rho=self.rho,
-            target=target,
-            generator=generator,
-        )
 
 
 @register("apgd-t")
 @dataclass(frozen=True)
-class APGDT:
+class APGDT(AttackConfig):
     """APGD-T (`apgd-t`): targeted DLR over the top classes; see the module docstring."""
 
     threat: ThreatModel
@@ -266,6 +242,7 @@ class APGDT:
     name = "apgd-t"
     norms = ("linf", "l2")
     supports_target = False  # it picks its own targets
+    function = staticmethod(apgd_targeted)
 
     def __post_init__(self) -> None:
         check_threat(self.threat, self.name, self.norms)
@@ -274,32 +251,5 @@ class APGDT:
         check_int(f"{self.name} n_target_classes", self.n_target_classes)
         check_float(f"{self.name} rho", self.rho, high=1.0)
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self)
-
     def grad_evals(self) -> int:
         return self.steps * self.restarts * self.n_target_classes
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        if target is not None:
-            raise AdvtuneError("apgd-t chooses its own targets; pass target= to apgd-ce/apgd-dlr or pgd instead")
-        return apgd_targeted(
-            model,
-            x,
-            y,
-            self.threat,
-            steps=self.steps,
-            restarts=self.restarts,
-            n_target_classes=self.n_target_classes,
-            rho=self.rho,
-            generator=generator,
-        )

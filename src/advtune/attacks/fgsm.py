@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from ..threat import ThreatModel
 from ._common import (
+    AttackConfig,
     attack_entry,
     ce_loss,
     check_call,
     check_float,
     check_threat,
-    fmt_spec,
     loss_and_grad,
 )
 from .registry import register
@@ -59,7 +59,7 @@ def fgsm(
 @register("fgsm-rs", random_start=True)
 @register("fgsm", random_start=False)
 @dataclass(frozen=True)
-class FGSM:
+class FGSM(AttackConfig):
     """FGSM (`fgsm`) or FGSM-RS (`fgsm-rs`); see the module docstring."""
 
     threat: ThreatModel
@@ -67,6 +67,8 @@ class FGSM:
     step_size: float | None = None
 
     norms = ("linf", "l2")
+    function = staticmethod(fgsm)
+    spec_skip = ("random_start",)
     supports_target = True
 
     def __post_init__(self) -> None:
@@ -77,29 +79,5 @@ class FGSM:
     def name(self) -> str:
         return "fgsm-rs" if self.random_start else "fgsm"
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self, skip=("random_start",))
-
     def grad_evals(self) -> int:
         return 1
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return fgsm(
-            model,
-            x,
-            y,
-            self.threat,
-            step_size=self.step_size,
-            random_start=self.random_start,
-            target=target,
-            generator=generator,
-        )

@@ -23,6 +23,7 @@ from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ._common import (
     LOSSES,
+    AttackConfig,
     Best,
     attack_entry,
     check_call,
@@ -30,7 +31,6 @@ from ._common import (
     check_float,
     check_int,
     check_threat,
-    fmt_spec,
     loss_and_grad,
     success,
     with_restarts,
@@ -128,7 +128,7 @@ def _check_common(obj, name: str) -> None:
 @register("pgd", random_start=True)
 @register("bim", random_start=False, restarts=1)
 @dataclass(frozen=True)
-class PGD:
+class PGD(AttackConfig):
     """PGD (`pgd`, random start) or BIM / I-FGSM (`bim`, `random_start=False`); see the module docstring."""
 
     threat: ThreatModel
@@ -139,6 +139,8 @@ class PGD:
     random_start: bool = True
 
     norms = ("linf", "l2")
+    function = staticmethod(pgd)
+    spec_skip = ("random_start",)
     supports_target = True
 
     def __post_init__(self) -> None:
@@ -153,40 +155,13 @@ class PGD:
     def name(self) -> str:
         return "pgd" if self.random_start else "bim"
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self, skip=("random_start",))
-
     def grad_evals(self) -> int:
         return self.steps * self.restarts
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return pgd(
-            model,
-            x,
-            y,
-            self.threat,
-            steps=self.steps,
-            step_size=self.step_size,
-            restarts=self.restarts,
-            loss=self.loss,
-            random_start=self.random_start,
-            target=target,
-            generator=generator,
-        )
 
 
 @register("mifgsm")
 @dataclass(frozen=True)
-class MIFGSM:
+class MIFGSM(AttackConfig):
     """MI-FGSM (`mifgsm`); see the module docstring."""
 
     threat: ThreatModel
@@ -198,36 +173,11 @@ class MIFGSM:
     name = "mifgsm"
     norms = ("linf", "l2")
     supports_target = True
+    function = staticmethod(mifgsm)
 
     def __post_init__(self) -> None:
         _check_common(self, self.name)
         check_float(f"{self.name} decay", self.decay, low_inclusive=True)
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self)
-
     def grad_evals(self) -> int:
         return self.steps
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return mifgsm(
-            model,
-            x,
-            y,
-            self.threat,
-            steps=self.steps,
-            step_size=self.step_size,
-            decay=self.decay,
-            loss=self.loss,
-            target=target,
-            generator=generator,
-        )

@@ -24,6 +24,7 @@ from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ..utils import sample_on
 from ._common import (
+    AttackConfig,
     Best,
     attack_entry,
     check_call,
@@ -31,7 +32,6 @@ from ._common import (
     check_int,
     check_threat,
     checked_logits,
-    fmt_spec,
     margin,
     success,
     with_restarts,
@@ -128,7 +128,7 @@ def square(
 
 @register("square")
 @dataclass(frozen=True)
-class Square:
+class Square(AttackConfig):
     """Square Attack (`square`); see the module docstring."""
 
     threat: ThreatModel
@@ -139,6 +139,7 @@ class Square:
     name = "square"
     black_box = True  # the masking gate compares it against the white-box attacks
     norms = ("linf",)
+    function = staticmethod(square)
     supports_target = True
 
     def __post_init__(self) -> None:
@@ -147,33 +148,8 @@ class Square:
         check_float(f"{self.name} p_init", self.p_init, high=1.0)
         check_int(f"{self.name} restarts", self.restarts)
 
-    @property
-    def spec(self) -> str:
-        return fmt_spec(self.name, self)
-
     def grad_evals(self) -> int:
         return 0
 
     def forward_evals(self) -> int:
         return self.queries * self.restarts
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return square(
-            model,
-            x,
-            y,
-            self.threat,
-            queries=self.queries,
-            p_init=self.p_init,
-            restarts=self.restarts,
-            target=target,
-            generator=generator,
-        )
