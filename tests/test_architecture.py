@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from advtune.threat import ThreatModel  # module level: the registry resolves field annotations here
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "advtune"
 APP = {"runs", "api", "cli", "__init__", "__main__"}  # the application layer and the entry points
 
@@ -103,3 +105,83 @@ def test_typed_summaries_are_their_records(trained, tmp_path):
     )
     assert f.pgd10_acc_quick is None and "pgd10_acc_quick" not in f.to_json()
     assert _as_record(f) == json.loads((tmp_path / "ft" / "summary.json").read_text())
+
+
+def test_adding_an_attack_is_one_class_as_documented(tiny_model, blobs):
+    """The recipe of docs/architecture.md, verbatim: a pure function + a registered AttackConfig."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from advtune.attacks import REGISTRY, build_attack, register
+    from advtune.attacks._common import AttackConfig, check_int, check_threat
+
+    def myattack(model, x, y, threat, *, steps, target=None, generator=None):
+        x_adv = x.clone()
+        for _ in range(steps):  # a signed-gradient ascent, projected by the threat model
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(model(x_adv), y)
+                (g,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = threat.project(threat.steepest_step(g, threat.eps / 4) + x_adv.detach(), x)
+        return x_adv.detach()
+
+    try:
+
+        @register("myattack")
+        @dataclass(frozen=True)
+        class MyAttack(AttackConfig):
+            threat: ThreatModel
+            steps: int = 10
+            name = "myattack"
+            function = staticmethod(myattack)
+
+            def __post_init__(self) -> None:
+                check_threat(self.threat, self.name, self.norms)
+                check_int(f"{self.name} steps", self.steps)
+
+            def grad_evals(self) -> int:
+                return self.steps
+
+        threat = ThreatModel.linf(0.2)
+        attack = build_attack("myattack:steps=5", threat)
+        assert attack == MyAttack(threat, steps=5) and attack.spec == "myattack:steps=5"
+        x, y, _, _ = blobs
+        x_adv = attack(tiny_model, x[:64], y[:64])
+        threat.check(x_adv, x[:64])
+        with torch.no_grad():
+            assert (tiny_model(x_adv).argmax(1) == y[:64]).float().mean() < 0.9
+    finally:
+        REGISTRY.pop("myattack", None)
+
+
+def test_adding_a_criterion_is_one_class_as_documented(tiny_model, blobs):
+    import torch
+
+    from advtune.vulnerability import CRITERIA, Criterion, build_criterion, register_criterion, score
+
+    try:
+
+        @register_criterion
+        class AbsShift(Criterion):
+            name = "abs-shift"
+
+            def _init_state(self, model):
+                self.sums = {n: self._zeros(n, torch.device("cpu")) for n in self.layer_names}
+
+            def _update(self, model, x, x_adv, y):
+                clean, _ = self._clean_pass(model, x)
+                adv, _ = self._clean_pass(model, x_adv)
+                for n in self.layer_names:
+                    d = (adv[n] - clean[n]).abs()
+                    self.sums[n] += d.transpose(0, 1).flatten(1).sum(1).cpu()
+
+            def _unit_scores(self):
+                return {n: s / self.n_samples for n, s in self.sums.items()}
+
+        assert isinstance(build_criterion("abs-shift"), AbsShift)
+        x, y, _, _ = blobs
+        table = score(tiny_model, (x[:64], y[:64], (x[:64] + 0.1).clamp(0, 1)), None, "abs-shift")
+        assert len(table) == 8 + 16 and table.ranked()[0][1] > 0
+    finally:
+        CRITERIA.pop("abs-shift", None)
