@@ -403,3 +403,19 @@ def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, t
     assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
     assert "was run with other settings" in capsys.readouterr().err
     assert (out / "experiment.json").read_bytes() == record
+
+
+def test_only_the_main_process_creates_or_writes_a_run_folder(tmp_path, monkeypatch):
+    """Under torch.distributed, ranks other than 0 never create, replace or write the record."""
+    import advtune.runs.record as record
+
+    monkeypatch.setattr(record, "is_main_process", lambda: False)
+    rd = RunDir.create(tmp_path / "other-rank")
+    rd.write_json("summary.json", {"x": 1})
+    rd.write_metrics([{"epoch": 1}])
+    rd.done()
+    assert not (tmp_path / "other-rank").exists()
+    monkeypatch.setattr(record, "is_main_process", lambda: True)
+    rd = RunDir.create(tmp_path / "main-rank")
+    rd.write_json("summary.json", {"x": 1})
+    assert (tmp_path / "main-rank" / "summary.json").is_file()

@@ -15,13 +15,13 @@ from ..attacks import PGD
 from ..components import model_params
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
+from ..distributed import is_main_process
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
 from ..train import (
     OverfitGuard,
     config_changes,
     cost_per_example,
-    is_main_process,
     steps_for_budget,
     total_steps,
 )

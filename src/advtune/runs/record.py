@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import filenames as files
 from ..cost import CostMeter
+from ..distributed import is_main_process
 from ..errors import AdvtuneError
 from ..utils import (
     atomic_write_json,
@@ -41,6 +42,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.aside: Path | None = None
+        self.writer = is_main_process()  # under torch.distributed only rank 0 writes the record
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
@@ -48,6 +50,8 @@ class RunDir:
             raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
         run = cls(path)
         p = run.path
+        if not run.writer:  # other ranks never create, replace or lock the folder
+            return run
         if p.exists() and not p.is_dir():
             raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
         if p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):
@@ -115,7 +119,7 @@ class RunDir:
 
     def done(self) -> None:
         """The new run is complete: delete the run it replaced (kept aside until now)."""
-        if self.aside is not None and self.aside.is_dir():
+        if self.writer and self.aside is not None and self.aside.is_dir():
             shutil.rmtree(self.aside, ignore_errors=True)
         self.aside = None
 
@@ -123,7 +127,8 @@ class RunDir:
         return self.path / name
 
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_json(self.path / name, obj)
+        if self.writer:
+            atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str) -> Any:
         return read_json(self.path / name, name)
@@ -133,7 +138,8 @@ class RunDir:
         self.write_json(files.CONFIG, record)
 
     def write_metrics(self, rows: list[dict]) -> None:
-        atomic_write_text(self.path / files.METRICS, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+        if self.writer:
+            atomic_write_text(self.path / files.METRICS, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
 
     def read_metrics(self) -> list[dict]:
         p = self.path / files.METRICS

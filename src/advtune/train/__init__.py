@@ -13,7 +13,7 @@ from .budget import cost_per_example, steps_for_budget
 from .checkpoint import RESUMABLE_CHANGES, History, check_resume, config_changes, load_checkpoint, save_checkpoint
 from .config import SCHEDULES, TrainConfig, epochs_for, lr_at, total_steps
 from .guard import OverfitGuard
-from .loop import EpochCallback, StepCallback, fit, is_main_process
+from .loop import EpochCallback, StepCallback, fit
 from .objectives import (
     Adversarial,
     Clean,
@@ -52,7 +52,6 @@ __all__ = [
     "epochs_for",
     "fit",
     "forward_to",
-    "is_main_process",
     "load_checkpoint",
     "local_feature",
     "lr_at",

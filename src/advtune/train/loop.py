@@ -13,6 +13,7 @@ from torch import nn
 from .. import filenames as files
 from ..cost import CostMeter
 from ..data import TensorData, num_batches
+from ..distributed import rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import as_tensor_data
 from ..metrics import accuracy, robust_accuracy_quick
@@ -37,17 +38,6 @@ EpochCallback = Callable[[nn.Module, dict], "str | None"]
 
 
 StepCallback = Callable[[nn.Module, int, CostMeter], None]  # (model, optimizer steps done, meter)
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or no process group): the one process that writes records."""
-    return _dist()[0] == 0
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -94,7 +84,7 @@ def fit(
     if len(train) == 0:
         raise AdvtuneError("the training split is empty; check --limit and the dataset")
     device = model_device(model)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     meter = meter if meter is not None else CostMeter()
     example = train.to_float(train.x[:1], device)
     trainable = Trainable(model, selection, example)
