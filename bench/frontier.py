@@ -1,4 +1,4 @@
-"""The robustness-per-compute frontier of one setting (issue 8): `advtune experiment files.CONFIG` with
+"""The robustness-per-compute frontier of one setting (issue 8): `advtune experiment CONFIG` with
 snapshots along every run, the strong protocol on each snapshot, then the report, and the frontier
 data (JSON/CSV) and plot copied to docs/results/ for docs/RESULTS.md. Resumable: re-running skips
 every finished run and every evaluated snapshot.

@@ -218,7 +218,7 @@ def test_evaluate_command_records_and_plots(tmp_path, capsys):
                 "fgsm,pgd:steps=3,restarts=2",
                 "--eps",
                 "0.2",
-                "--limit",
+                "--limit-test",
                 "50",
                 "--quiet",
             ]
@@ -239,7 +239,7 @@ def test_evaluate_command_records_and_plots(tmp_path, capsys):
                 "quick",
                 "--eps",
                 "0.1,0.3",
-                "--limit",
+                "--limit-test",
                 "40",
                 "--plot",
                 "--name",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from advtune.models import model_for
 from advtune.threat import ThreatModel
 from advtune.train import TrainConfig, clean, fit
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/mnist not present")]
+# $ADVTUNE_DATA when set (load_dataset looks there first), else the data beside the checkout
+SHARED = Path(os.environ.get("ADVTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "mnist"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")]
 
 
 @pytest.fixture(scope="module")

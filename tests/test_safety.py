@@ -221,7 +221,7 @@ def test_bad_records_and_config_values_are_one_line_errors(finished, tmp_path, c
         meta = json.loads((run / "model.json").read_text())
         meta[key] = value
         (run / "model.json").write_text(json.dumps(meta))
-        assert main(["evaluate", str(run), "--attacks", "fgsm", "--eps", "0.1", "--limit", "8", "--quiet"]) == 2
+        assert main(["evaluate", str(run), "--attacks", "fgsm", "--eps", "0.1", "--limit-test", "8", "--quiet"]) == 2
         assert f"{key} must be" in capsys.readouterr().err
     # a corrupt metrics.jsonl: info says which line
     run = tmp_path / "bad-metrics"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -36,7 +37,8 @@ def _subparser(command):
 
 @pytest.mark.parametrize("command", sorted(JOBS))
 def test_every_flag_is_a_field_and_every_field_a_flag(command):
-    dests = {a.dest for a in _subparser(command)._actions} - COMMON
+    # a hidden flag (help suppressed) only points at a renamed one, e.g. evaluate --limit -> --limit-test
+    dests = {a.dest for a in _subparser(command)._actions if a.help != argparse.SUPPRESS} - COMMON
     fields = {
         f.name
         for cls in JOBS[command]
@@ -49,7 +51,13 @@ def test_every_flag_is_a_field_and_every_field_a_flag(command):
 @pytest.mark.parametrize("command", sorted(JOBS))
 def test_every_optional_flag_says_its_default(command):
     for a in _subparser(command)._actions:
-        if a.option_strings and not a.required and a.dest not in COMMON and a.nargs != 0:
+        if (
+            a.option_strings
+            and not a.required
+            and a.dest not in COMMON
+            and a.nargs != 0
+            and a.help != argparse.SUPPRESS
+        ):
             assert "default" in (a.help or ""), f"{command} {a.option_strings[0]}: {a.help}"
 
 
@@ -92,3 +100,18 @@ def test_yaml_keys_come_from_the_fields():
         keys(AnalyzeRun, only={"limit", "curve_limt"})
     with pytest.raises(AdvtuneError, match="unknown key 'epohcs'; did you mean 'epochs'"):
         check_keys({"epohcs": 2}, keys(TrainConfig), "base.train")
+
+
+def test_limit_means_training_examples_and_limit_test_test_examples_everywhere(capsys):
+    for command in ("train", "finetune", "analyze", "harden"):
+        helps = {a.dest: a.help for a in _subparser(command)._actions}
+        assert "training examples" in helps["limit"], command
+        if "limit_test" in helps:
+            assert "test examples" in helps["limit_test"], command
+    ev = {a.dest: a.help for a in _subparser("evaluate")._actions}
+    assert "test examples" in ev["limit_test"] and ev["limit"] == argparse.SUPPRESS
+    from advtune.cli import main
+
+    assert main(["evaluate", "runs/x", "--eps", "0.1", "--suite", "quick", "--limit", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "use --limit-test 50" in err and err.count("\n") == 1

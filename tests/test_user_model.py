@@ -67,7 +67,7 @@ def test_a_factory_model_trains_and_every_command_rebuilds_it(nets, tmp_path, ca
     assert main(_train(run, "nets.py:make")) == 0
     meta = json.loads((run / "model.json").read_text())
     assert meta["factory"]["file"] == str(nets) and len(meta["factory"]["sha256"]) == 64
-    assert main(["evaluate", str(run), "--eps", "0.1", "--attacks", "fgsm", "--limit", "50", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eps", "0.1", "--attacks", "fgsm", "--limit-test", "50", "--quiet"]) == 0
     assert (
         main(
             [
@@ -117,7 +117,7 @@ def test_a_factory_model_trains_and_every_command_rebuilds_it(nets, tmp_path, ca
     # the file changes: every command refuses the run, in one line
     nets.write_text(NETS + "\n# edited\n")
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--eps", "0.1", "--attacks", "fgsm", "--limit", "50", "--quiet"]) == 2
+    assert main(["evaluate", str(run), "--eps", "0.1", "--attacks", "fgsm", "--limit-test", "50", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "changed since this run was written" in err and err.count("\n") == 1
 

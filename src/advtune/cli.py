@@ -17,10 +17,26 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import filenames as files
 from .errors import AdvtuneError
 from .settings import add_flags, from_args, seed_number
 
 log = logging.getLogger("advtune")
+
+
+# one line per command: `advtune --help` lists them without building (or importing) the rest
+HELP = {
+    "train": "train a model (standard or adversarial) into a run folder",
+    "evaluate": "clean and robust accuracy of a run under attacks, with the gradient-masking gate",
+    "analyze": "vulnerability map of a trained run: per-component scores, per-layer summary, concentration curve",
+    "finetune": "adversarially fine-tune a trained run: selected components, all, or a random control",
+    "experiment": "run a YAML experiment: variants side by side, resumable",
+    "report": "HTML + Markdown report of run folders (experiment, harden, train, finetune, analyze)",
+    "info": "show what a run recorded",
+    "harden": "make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
+    "strong evaluation and report in one command",
+    "demo": "the main job end to end on MNIST",
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,7 +62,7 @@ def add_train_parser(sub) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train a model (standard or adversarial) into a run folder",
+        help=HELP["train"],
         description="Train a model by name (or your own, file.py:factory) on a dataset. Writes model.safetensors, "
         "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.",
     )
@@ -82,11 +98,12 @@ def add_evaluate_parser(sub) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="clean and robust accuracy of a run under attacks, with the gradient-masking gate",
+        help=HELP["evaluate"],
         description="Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
         "Attacks: " + ", ".join(list_attacks()),
     )
     add_flags(p, EvaluateRun, required={"eps"})
+    p.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # only to point at --limit-test
     _common(p)
 
 
@@ -94,6 +111,10 @@ def run_evaluate(args) -> int:
     from .runs import evaluate as evaluate_job
     from .runs.evaluate import EvaluateRun, format_evaluation
 
+    if args.limit is not None:
+        raise AdvtuneError(
+            f"evaluate reads test examples: use --limit-test {args.limit} (--limit means training examples everywhere)"
+        )
     if not args.attacks and not args.suite:
         raise AdvtuneError("give --attacks (e.g. fgsm,pgd:steps=40) or --suite standard")
     record = evaluate_job.run(from_args(EvaluateRun, args))
@@ -110,7 +131,7 @@ def add_analyze_parser(sub) -> None:
 
     p = sub.add_parser(
         "analyze",
-        help="vulnerability map of a trained run: per-component scores, per-layer summary, concentration curve",
+        help=HELP["analyze"],
         description="Score every conv channel / linear unit of BASE under an attack on training data, "
         "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
         "Criteria: activation-shift, taylor, restoration.",
@@ -153,7 +174,7 @@ def add_finetune_parser(sub) -> None:
 
     p = sub.add_parser(
         "finetune",
-        help="adversarially fine-tune a trained run: selected components, all, or a random control",
+        help=HELP["finetune"],
         description="Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
         "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
         "folder (top --share of its --criterion ranking).",
@@ -186,8 +207,8 @@ def run_finetune(args) -> int:
 def add_experiment_parser(sub) -> None:
     p = sub.add_parser(
         "experiment",
-        help="run a YAML experiment: variants side by side, resumable",
-        description="Run every variant of files.CONFIG not yet finished under --out, evaluate each with the "
+        help=HELP["experiment"],
+        description="Run every variant of CONFIG not yet finished under --out, evaluate each with the "
         "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
         "variants and resumes an interrupted one.",
     )
@@ -227,18 +248,35 @@ def run_experiment(args) -> int:
 def add_report_parser(sub) -> None:
     p = sub.add_parser(
         "report",
-        help="HTML + Markdown report of an experiment folder",
-        description="Write <folder>/report.html (self-contained, plots embedded), report.md and PNGs from the records.",
+        help=HELP["report"],
+        description="Write <folder>/report.html (self-contained, plots embedded) and report.md from each folder's "
+        "records: the full report of an experiment or a harden run, or a run's record with its plots.",
     )
-    p.add_argument("folder", help="experiment folder written by `advtune experiment`")
+    p.add_argument("folders", nargs="+", help="run folders written by advtune")
     _common(p)
 
 
 def run_report(args) -> int:
-    from .report import write_report
+    from .report import write_harden_report, write_report, write_run_report
+    from .runs.record import format_info, run_info
 
-    paths = write_report(args.folder)
-    print(f"report: {paths['html']} and {paths['md']}")
+    for folder in args.folders:
+        path = Path(folder)
+        if (path / files.EXPERIMENT).is_file() or (path / files.RESULTS).is_file():
+            paths = write_report(path)
+        elif (path / files.SUMMARY).is_file() and (path / files.ANALYSIS).is_dir():  # a harden folder
+            paths = write_harden_report(path)
+        elif (path / files.CONFIG).is_file():
+            info = run_info(path)
+            paths = write_run_report(path, format_info(info), info.get("metrics", []))
+        elif path.is_dir():
+            raise AdvtuneError(
+                f"{folder} has no results.json (an experiment) nor config.json (a run); pass a folder written by "
+                "advtune train, finetune, analyze, harden or experiment"
+            )
+        else:
+            raise AdvtuneError(f"run folder {folder} not found; pass the --out folder of an earlier advtune command")
+        print(f"report: {paths['html']} and {paths['md']}")
     return 0
 
 
@@ -248,7 +286,7 @@ def run_report(args) -> int:
 def add_info_parser(sub) -> None:
     p = sub.add_parser(
         "info",
-        help="show what a run recorded",
+        help=HELP["info"],
         description="Config, seed, versions, metrics, cost and evaluations of a run.",
     )
     p.add_argument("run", help="run folder")
@@ -260,6 +298,12 @@ def run_info(args) -> int:
     from .runs.record import format_info
     from .runs.record import run_info as info_of
 
+    if (Path(args.run) / files.EXPERIMENT).is_file() and not (Path(args.run) / files.CONFIG).is_file():
+        from .runs.experiment import experiment_info, format_experiment_info
+
+        info = experiment_info(args.run)
+        print(json.dumps(info, indent=2) if args.json else format_experiment_info(info))
+        return 0
     info = info_of(args.run)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -274,8 +318,7 @@ def add_harden_parser(sub) -> None:
 
     p = sub.add_parser(
         "harden",
-        help="make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
-        "strong evaluation and report in one command",
+        help=HELP["harden"],
         description="The method with the best measured recipe as its default (docs/RESULTS.md): rank the "
         "components of BASE by how much the attack exploits them, adversarially fine-tune only the "
         "best-ranked ones within a parameter budget, evaluate before/after with the strong protocol "
@@ -303,9 +346,7 @@ def run_harden(args) -> int:
 def add_demo_parser(sub) -> None:
     from .runs.demo import DemoConfig
 
-    p = sub.add_parser(
-        "demo", help="the main job end to end on MNIST", description="Train, attack, analyse, fine-tune, report."
-    )
+    p = sub.add_parser("demo", help=HELP["demo"], description="Train, attack, analyse, fine-tune, report.")
     add_flags(p, DemoConfig)
     _common(p)
 
@@ -334,7 +375,9 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the named command's parser is built in full (the others are
+    one-line entries), so `advtune --help` never imports torch."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -344,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"advtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add, _ in COMMANDS.values():
-        add(sub)
+    wanted = None if argv is None else next((a for a in argv if a in COMMANDS), "")
+    for name, (add, _) in COMMANDS.items():
+        if wanted is None or name == wanted:
+            add(sub)
+        else:
+            sub.add_parser(name, help=HELP[name])
     return parser
 
 
@@ -415,7 +462,7 @@ def _setup_logging(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         _apply_yaml_defaults(parser, argv)
         args = parser.parse_args(argv)

@@ -376,7 +376,7 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
 def write_report(folder: str | os.PathLike) -> dict[str, Path]:
     """report.html (self-contained: plots embedded) and report.md (+ PNGs) from an experiment folder's
     records; a partial or corrupt record is a one-line error naming the folder."""
-    return _guarded(_write_report, folder, "advtune experiment files.CONFIG --out")
+    return _guarded(_write_report, folder, "advtune experiment CONFIG --out")
 
 
 def _guarded(fn, folder, how: str) -> dict[str, Path]:
@@ -395,7 +395,7 @@ def _write_report(folder: str | os.PathLike) -> dict[str, Path]:
     folder = Path(folder)
     res = folder / files.RESULTS
     if not res.is_file():
-        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment files.CONFIG --out {folder}` first")
+        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment CONFIG --out {folder}` first")
 
     rows = read_json(res, "results")["rows"]
     if not rows:
@@ -679,4 +679,55 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
     ax.set_ylim(0, 110)
     ax.set_title("Selected units per layer (labels: trained parameters)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def write_run_report(folder: str | os.PathLike, info_text: str, metrics: list[dict]) -> dict[str, Path]:
+    """report.html (self-contained) and report.md of one run folder (train, finetune, analyze): what
+    it recorded (`info_text`, from the run's records), its training curve, and every plot it holds."""
+    folder = Path(folder)
+    figs: list[tuple[str, Path]] = []
+    if metrics:
+        figs.append(("Training: loss and accuracy per epoch", plot_training(metrics, folder / "training.png")))
+    for p in sorted(folder.glob("*.png")):
+        if p.name != "training.png":
+            figs.append((p.stem.replace("-", " "), p))
+    md = [f"# advtune run: {folder.name}", "", "```", info_text, "```", ""]
+    for caption, p in figs:
+        md += [f"### {caption}", "", f"![{caption}]({p.name})", ""]
+    atomic_write_text(folder / files.REPORT_MD, "\n".join(md) + "\n")
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>advtune run</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "pre{background:#f6f6f6;padding:1em;font-size:13px;overflow-x:auto}"
+        "figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555}</style></head><body>",
+        f"<h1>advtune run: {esc(folder.name)}</h1><pre>{esc(info_text)}</pre>",
+        "".join(
+            f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}' alt='{esc(c)}'>"
+            f"<figcaption>{esc(c)}</figcaption></figure>"
+            for c, p in figs
+        ),
+        "</body></html>",
+    ]
+    atomic_write_text(folder / files.REPORT_HTML, "".join(parts))
+    return {"html": folder / files.REPORT_HTML, "md": folder / files.REPORT_MD}
+
+
+def plot_training(metrics: list[dict], path: str | os.PathLike) -> Path:
+    """Training loss and accuracy (and validation accuracy, when recorded) per epoch."""
+    fig = _figure(5.5, 3.4)
+    ax = fig.add_subplot(111)
+    epochs = [m.get("epoch") for m in metrics]
+    ax.plot(epochs, [m.get("train_loss") for m in metrics], marker="o", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    acc = ax.twinx()
+    for key, style in (("train_acc", "-"), ("val_acc", "--"), ("val_robust_acc", ":")):
+        ys = [m.get(key) for m in metrics]
+        if any(y is not None for y in ys):
+            acc.plot(epochs, ys, linestyle=style, color="tab:orange", label=key.replace("_", " "))
+    acc.set_ylabel("accuracy")
+    acc.set_ylim(0, 1)
+    fig.legend(loc="lower center", ncol=4, fontsize=8)
     return _save(fig, path)

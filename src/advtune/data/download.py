@@ -71,5 +71,5 @@ def download_files(spec: Spec, target: Path, mirrors: tuple[str, ...] | None = N
         else:
             raise AdvtuneError(
                 f"could not download {rf.name} ({'; '.join(errors)}); without network, put the "
-                f"files in <dir>/{spec.folder}/ and pass --data-dir <dir>"
+                f"files in <dir>/{spec.folder}/ and pass --data-dir <dir> or set ADVTUNE_DATA=<dir>"
             )

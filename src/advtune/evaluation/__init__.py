@@ -1,11 +1,12 @@
 """Honest robustness evaluation: clean and robust accuracy, worst case per sample, eps curves, masking gate.
 
 How the numbers are made (see docs/attacks.md):
-- Every attack runs on *all* clean-correct samples (default `cascade=False`), so the per-attack
-  accuracies are comparable with each other; the worst case per sample is then exact and free: a
-  sample is robust only if no attack broke it. `cascade=True` runs each attack only on the samples
-  still robust after the previous ones (AutoAttack's order, cheaper); the worst case is the same
-  but the per-attack numbers become cumulative.
+- By default each attack runs only on the examples still robust after the previous ones, cheapest
+  first and black-box attacks last (`cascade=True`: AutoAttack's protocol; once no example survives,
+  no further attack runs). The worst case per example is exact: an example is robust only if no
+  attack broke it; the per-attack numbers are cumulative along the list. `cascade=False` runs every
+  attack on *all* clean-correct examples, so the per-attack accuracies are comparable with each
+  other (what eps curves and attack comparisons use), at the cost of attacking broken examples.
 - After each attack the eps bound and the pixel box are asserted (a violation is a bug: it raises).
 - Costs are counted, not assumed: a forward pre-hook counts every example that goes through the
   model with gradients on (a gradient evaluation) or off (a forward pass / query).

@@ -63,8 +63,15 @@ def eps_curve(
                     f"eps={getattr(getattr(a, 'threat', None), 'eps', None)}; build the attacks with "
                     "ThreatModel(norm, eps) from the eps it is given"
                 )
-        r = robust_accuracy(
-            model, data, attacks, batch_size=batch_size, generator=generator, limit=limit, gate=gate and i == 0
+        r = robust_accuracy(  # every attack on every example: the raw per-eps numbers stay comparable
+            model,
+            data,
+            attacks,
+            batch_size=batch_size,
+            generator=generator,
+            limit=limit,
+            cascade=False,
+            gate=gate and i == 0,
         )
         if results and (
             r.n != results[0].n

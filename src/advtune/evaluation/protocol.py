@@ -19,6 +19,7 @@ from ..threat import ThreatModel
 from ..utils import eval_mode, model_device, model_dtype, progress
 from .gate import (
     GATE_SAMPLES,
+    is_black_box,
     masking_gate,
     spec_of,
 )
@@ -48,6 +49,16 @@ SUITES = ("standard", "quick")
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # honest wall times on asynchronous devices
         torch.cuda.synchronize(device)
+
+
+def _length(data) -> int | None:
+    """How many examples `data` holds, when that is known without reading it (for progress)."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
+        return len(data[0])
+    try:
+        return len(data) if not isinstance(data, (tuple, list)) and hasattr(data, "tensors") else None
+    except TypeError:
+        return None
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
@@ -126,7 +137,7 @@ def robust_accuracy(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     limit: int | None = None,
-    cascade: bool = False,
+    cascade: bool = True,
     gate: bool = True,
 ) -> EvalResult:
     """Clean, per-attack and worst-case robust accuracy of `model` on `data`, with costs and the masking gate.
@@ -134,10 +145,14 @@ def robust_accuracy(
     data: an (x, y) tensor pair (float in [0, 1]) or any iterable of (x, y) batches.
     attacks: attacks sharing one threat model (e.g. `suite("standard", threat)`).
     limit: evaluate at most this many examples. The model runs in eval mode (restored afterwards).
-    cascade: run each attack only on the examples still robust (cheaper; per-attack numbers cumulative).
+    cascade: run each attack only on the examples still robust, cheapest first and black-box attacks last
+        (AutoAttack's protocol, the default; per-attack numbers cumulative). False: every attack on every
+        clean-correct example (per-attack numbers comparable).
     gate: run `masking_gate` afterwards and record its findings in `EvalResult.suspect`.
     """
     attacks = _check_attacks(attacks)
+    if cascade:  # the cheapest attack breaks the easy examples, so the expensive ones see fewer
+        attacks = sorted(attacks, key=lambda a: (is_black_box(a), int(a.grad_evals())))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise AdvtuneError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     threat = attacks[0].threat
@@ -147,14 +162,19 @@ def robust_accuracy(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
     device, dtype = model_device(model), model_dtype(model)
+    started = time.perf_counter()
     counter = PassCounter()
     tallies = {s: _Tally() for s in specs}
     n, classes = 0, None
     clean_parts, label_parts, sum_parts = [], [], []
     probe_x, probe_y, probe_idx = [], [], []
 
+    n_known = _length(data)
+    total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
+    n_clean = n_alive = 0
     with eval_mode(model), counter.attached(model):
-        for xb, yb in progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate"):
+        bar = progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate", total=total)
+        for xb, yb in bar:
             if limit is not None:
                 if n >= limit:
                     break
@@ -192,6 +212,9 @@ def robust_accuracy(
             label_parts.append(yb.cpu())
             sum_parts.append(xb.flatten(1).double().sum(1).cpu())
             n += len(xb)
+            n_clean, n_alive = n_clean + len(idx_c), n_alive + int(alive.sum())
+            if hasattr(bar, "set_postfix"):  # what the log line (or the bar) says so far
+                bar.set_postfix(clean=f"{n_clean / n:.1%}", robust=f"{n_alive / n:.1%}", n=n)
 
         if n == 0:
             raise AdvtuneError("no examples to evaluate (empty data); check the dataset split or the limit")
@@ -226,6 +249,8 @@ def robust_accuracy(
                 generator=generator,
             )
             result.gate_grad_evals = counter.take()[0]
+    _sync(device)
+    result.total_wall_s = time.perf_counter() - started
     return result
 
 

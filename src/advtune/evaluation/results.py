@@ -30,6 +30,7 @@ class EvalResult:
     cascade: bool = False
     suspect: list[str] = field(default_factory=list)
     gate_grad_evals: int = 0
+    total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
     # per evaluated example (CPU tensors, not serialised)
     robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
     broken: dict[str, Tensor] = field(default=None, repr=False)  # int8: 1 broken, 0 survived, -1 not attacked
@@ -66,6 +67,7 @@ class EvalResult:
             "grad_evals_per_example": {k: v / max(self.n_clean_correct, 1) for k, v in self.grad_evals.items()},
             "forward_evals": dict(self.forward_evals),
             "wall_time_s": dict(self.wall_time_s),
+            "total_wall_s": self.total_wall_s,
             "max_perturbation": dict(self.max_perturbation),
             "gate_grad_evals": self.gate_grad_evals,
             "suspect": list(self.suspect),

@@ -47,7 +47,7 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
             "train": {"epochs": 1, "batch_size": 128, "optimizer": "adam", "lr": 0.001},
         },
         "threat": {"norm": "linf", "eps": 0.3},
-        "evaluation": {"attacks": "fgsm,pgd:steps=20,apgd-ce:steps=50", "limit": 500, "batch_size": 500},
+        "evaluation": {"attacks": "fgsm,pgd:steps=20,apgd-ce:steps=50", "limit_test": 500, "batch_size": 500},
         "analysis": {
             "attack": "pgd:steps=10",
             "criteria": ["activation-shift", "taylor"],

@@ -43,10 +43,12 @@ class EvaluateRun:
         None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
     )
     norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
-    limit: int | None = setting(1000, help="first N test examples")
+    limit_test: int | None = setting(1000, help="evaluate the first N test examples")
     batch_size: int = setting(256, help="examples per batch")
     cascade: bool = setting(
-        False, help="run each attack only on samples still robust (cheaper; per-attack numbers cumulative)"
+        True,
+        help="each attack only on the examples still robust, cheapest first (AutoAttack's protocol); "
+        "--no-cascade: every attack on every example, per-attack numbers comparable",
     )
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
     name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
@@ -86,7 +88,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
             attacks_for(run, run.eps[0]),
             batch_size=run.batch_size,
             generator=gen,
-            limit=run.limit,
+            limit=run.limit_test,
             cascade=run.cascade,
         )
         return {"kind": "single", **result.to_json()}
@@ -97,7 +99,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
         list(run.eps),
         batch_size=run.batch_size,
         generator=gen,
-        limit=run.limit,
+        limit=run.limit_test,
     )
     return {"kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
 
@@ -106,7 +108,7 @@ def run(run: EvaluateRun) -> dict:
 
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
-    ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
     x, y = ds.test.tensors(device)
     seed_everything(run.seed)
     t0 = time.perf_counter()
@@ -161,6 +163,8 @@ def format_evaluation(record: dict) -> str:
                 f"{record['wall_time_s'][spec]:6.1f}s   max pert {record['max_perturbation'][spec]:.4g}"
             )
         lines.append(f"  {'worst case over attacks':28s} {100 * record['worst_case_accuracy']:6.2f}%")
+        if record.get("total_wall_s") is not None:
+            lines.append(f"  {'total time (gate included)':28s} {record['total_wall_s']:6.1f}s")
     else:
         lines.append(
             f"{record['examples']} test examples, accuracy vs eps (monotone: broken at eps_i counts as broken above)"

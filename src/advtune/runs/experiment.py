@@ -54,7 +54,10 @@ TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "see
 # `only` names the fields a section may set (the experiment sets the others itself).
 BASE_KEYS = keys(TrainRun, only={"dataset", "model", "train", "limit", "limit_test", "data_dir"}) | {"pretrained"}
 THREAT_KEYS = {"norm", "eps"}
-EVAL_KEYS = keys(EvaluateRun, only={"attacks", "suite", "limit", "batch_size", "cascade"})
+EVAL_KEYS = keys(EvaluateRun, only={"attacks", "suite", "limit_test", "batch_size", "cascade"}) | {
+    "limit"
+}  # limit: the
+# older name of limit_test, still read
 ANALYSIS_KEYS = keys(
     AnalyzeRun, only={"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
 )
@@ -407,9 +410,9 @@ def run(
                     attacks=ev.get("attacks"),
                     suite=ev.get("suite"),
                     norm=norm,
-                    limit=ev.get("limit", 1000),
+                    limit_test=ev.get("limit_test", ev.get("limit", 1000)),
                     batch_size=ev.get("batch_size", 256),
-                    cascade=bool(ev.get("cascade", False)),
+                    cascade=bool(ev.get("cascade", True)),
                     name=EVAL_NAME,
                     record_dir=str(record_dir),
                     seed=seed,
@@ -722,4 +725,33 @@ def format_results(rows: list[dict]) -> str:
             f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} "
             f"{r['trainable_params'] or 0:10,d}  " + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or "")
         )
+    return "\n".join(lines)
+
+
+def experiment_info(folder: str | Path) -> dict:
+    """What an experiment folder recorded: its config, the variants' result rows, its files."""
+    folder = Path(folder)
+    record = read_json(folder / files.EXPERIMENT, "experiment record")
+    rows = read_json(folder / files.RESULTS, "results")["rows"] if (folder / files.RESULTS).is_file() else []
+    return {
+        "run": str(folder),
+        "kind": "experiment",
+        "experiment": record,
+        "rows": rows,
+        "files": sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")),
+    }
+
+
+def format_experiment_info(info: dict) -> str:
+    cfg = info["experiment"].get("config", {})
+    threat = cfg.get("threat", {})
+    lines = [
+        f"experiment {info['run']}   name {cfg.get('name', '?')}   "
+        f"source {info['experiment'].get('source') or '(dict)'}",
+        f"threat     {threat.get('norm', 'linf')} eps={threat.get('eps')}   {len(cfg.get('variants', []))} variants, "
+        f"{len(info['rows'])} finished",
+    ]
+    if info["rows"]:
+        lines += ["", format_results(info["rows"]), ""]
+    lines.append("files      " + ", ".join(info["files"]))
     return "\n".join(lines)

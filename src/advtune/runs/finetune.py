@@ -24,6 +24,7 @@ from .common import (
     make_selection,
     overfit_guard,
     refuse_same_folder,
+    resolve_eps_warmup,
     snapshot_saver,
     snapshot_steps,
     with_budget,
@@ -57,8 +58,12 @@ class FinetuneRun:
     attack_mode: str = setting(
         "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
     )
-    eps_warmup: float = setting(
-        0.0, help="share of training over which eps ramps up from 0 (e.g. 0.3)", type=number, group="attack"
+    eps_warmup: float | None = setting(
+        None,
+        help="share of training over which eps ramps up from 0 "
+        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
+        type=number,
+        group="attack",
     )
     guard: bool | None = setting(
         None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
@@ -126,7 +131,9 @@ class FinetuneSummary:
 
 def run(run: FinetuneRun) -> FinetuneSummary:
 
-    run = replace(run, train=run.train or TrainConfig(epochs=1))
+    run = replace(
+        run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(run.eps_warmup, run.attack)
+    )
     cfg = run.train
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")

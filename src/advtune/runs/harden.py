@@ -219,7 +219,7 @@ def run(run: HardenRun) -> HardenSummary:
                 eps=(run.eps,),
                 attacks=run.evaluation,
                 norm=run.norm,
-                limit=run.limit_test,
+                limit_test=run.limit_test,
                 cascade=True,
                 name=name,
                 record_dir=str(out),

@@ -20,6 +20,7 @@ from .common import (
     check_val,
     dataset_spec,
     overfit_guard,
+    resolve_eps_warmup,
     snapshot_saver,
     snapshot_steps,
     with_budget,
@@ -71,9 +72,10 @@ class TrainRun:
     attack_mode: str = setting(
         "eval", help="model mode while the attack runs", choices=("eval", "train"), group="adversarial training"
     )
-    eps_warmup: float = setting(
-        0.0,
-        help="share of training over which eps ramps up from 0 (e.g. 0.3)",
+    eps_warmup: float | None = setting(
+        None,
+        help="share of training over which eps ramps up from 0 "
+        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
         type=number,
         group="adversarial training",
     )
@@ -114,6 +116,8 @@ def run(run: TrainRun) -> TrainSummary:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
 
     run = replace(run, train=run.train or TrainConfig())
+    if run.adversarial:
+        run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial))
     cfg = run.train
     check_val(run.val)
     if cfg.epochs == 0 and run.budget is None and run.weights is None:

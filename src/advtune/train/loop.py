@@ -108,6 +108,7 @@ def fit(
         elif resume and ckpt is not None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         attack_ge = int(objective.attack_grad_evals())
+        n_classes = None
         block_fraction = objective.block_fraction(model, example) if hasattr(objective, "block_fraction") else None
 
         while epoch < n_epochs and history.stopped is None:
@@ -153,6 +154,7 @@ def fit(
                     acc_state[0] += out["loss"].detach() * len(y)
                     if out.get("logits") is not None:  # a local objective has no logits
                         acc_state[1] += (out["logits"].argmax(1) == y).sum()
+                        n_classes = out["logits"].shape[1]
                     acc_state[2] += len(y)
                 if block_fraction is None:
                     meter.add_update(len(y), attack_ge)
@@ -197,6 +199,7 @@ def fit(
                         model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed
                     )
             history.epochs.append(record)
+            warn_if_at_chance(record, n_classes, attack_ge)
             log.info(
                 "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             )
@@ -230,3 +233,21 @@ def _all_reduce_grads(params, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
+
+
+def warn_if_at_chance(record: dict, n_classes: int | None, attack_grad_evals: int) -> bool:
+    """Adversarial training whose training accuracy (under the attack) is at chance is not learning:
+    say so in the log, with the usual fixes, instead of training on silently."""
+    acc = record.get("train_acc")
+    if not attack_grad_evals or acc is None or not n_classes:
+        return False
+    if acc > 1.0 / n_classes + 0.05:
+        return False
+    log.warning(
+        "training accuracy under attack is %.1f%% after epoch %d, chance for %d classes: the model is not learning; "
+        "ramp eps up (--eps-warmup 0.3), lower eps or --lr, or start from a trained model",
+        100 * acc,
+        record.get("epoch", 0),
+        n_classes,
+    )
+    return True

@@ -1,0 +1,124 @@
+"""The CLI explains itself: `info` and `report` work on every kind of run folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from advtune.cli import main
+
+SMALL = {
+    "name": "small",
+    "seed": 0,
+    "base": {
+        "dataset": "synthetic",
+        "model": "small-cnn",
+        "limit": 200,
+        "limit_test": 50,
+        "train": {"epochs": 1, "batch_size": 64},
+    },
+    "threat": {"norm": "linf", "eps": 0.25},
+    "evaluation": {"attacks": "fgsm", "limit_test": 50},
+    "analysis": {
+        "attack": "pgd:steps=2",
+        "criteria": ["taylor"],
+        "limit": 64,
+        "curve_limit": 64,
+        "shares": [0.1, 1.0],
+        "random_seeds": [0],
+    },
+    "variants": [
+        {"name": "standard", "kind": "standard"},
+        {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=2"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("ux")
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "2",
+                "--limit",
+                "200",
+                "--limit-test",
+                "50",
+                "--out",
+                str(root / "train"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "analyze",
+                str(root / "train"),
+                "--eps",
+                "0.2",
+                "--criteria",
+                "taylor",
+                "--limit",
+                "64",
+                "--curve-limit",
+                "64",
+                "--out",
+                str(root / "analyze"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    (root / "exp.yaml").write_text(yaml.safe_dump(SMALL))
+    assert main(["experiment", str(root / "exp.yaml"), "--out", str(root / "exp"), "--no-report", "--quiet"]) == 0
+    return root
+
+
+def test_info_describes_every_kind_of_run(runs, capsys):
+    for name, expect in (
+        ("train", "small-cnn on synthetic"),
+        ("analyze", "analysis   64 training examples"),
+        ("exp", "2 variants, 2 finished"),
+    ):
+        assert main(["info", str(runs / name)]) == 0
+        shown = capsys.readouterr().out
+        assert expect in shown and "None on None" not in shown, shown
+    assert "full-ft" in shown and "standard" in shown  # the experiment's results table
+
+
+def test_report_works_on_any_run_folder_and_on_several(runs, capsys):
+    assert main(["report", str(runs / "train"), str(runs / "analyze"), str(runs / "exp")]) == 0
+    for name in ("train", "analyze", "exp"):
+        html = (runs / name / "report.html").read_text()
+        assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert (runs / "train" / "training.png").is_file()
+    assert "concentration" in (runs / "analyze" / "report.md").read_text()
+    assert main(["report", str(runs / "nope")]) == 2
+    assert "nope not found" in capsys.readouterr().err
+
+
+def test_top_level_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from advtune.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'harden' in out.getvalue() and 'experiment' in out.getvalue()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
