@@ -63,7 +63,7 @@ def _length(data) -> int | None:
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     """First forward on a tiny batch: shape errors become a message a person can act on."""
-    with torch.no_grad():
+    with torch.inference_mode():
         return logits_of(model, x[:2]).shape[1]
 
 
@@ -123,7 +123,7 @@ def _attack_once(
         raise AdvtuneError(f"attack {spec} returned {type(x_adv).__name__}, not a tensor")
     threat.check(x_adv, x, what=f"{spec} output")  # a violation is a bug in the attack: raise
     tally.max_pert = max(tally.max_pert, threat.distance(x_adv, x).max().item())
-    with torch.no_grad():
+    with torch.inference_mode():
         hit = model(x_adv).argmax(1) != y
     counter.take()  # the verification forward is not the attack's cost
     return hit
@@ -189,7 +189,7 @@ def robust_accuracy(
                     f"labels must be in [0, {classes - 1}] for a model with {classes} outputs, got "
                     f"values in [{yb.min().item()}, {yb.max().item()}]"
                 )
-            with torch.no_grad():
+            with torch.inference_mode():
                 correct = model(xb).argmax(1) == yb
             counter.take()
             idx_c = correct.nonzero().flatten()

@@ -1,0 +1,134 @@
+"""Evaluation at AutoAttack strength: advtune's standard suite against reference AutoAttack, in one run.
+
+For each model (a run folder), on the same first N test images: reference AutoAttack (`pyautoattack`,
+the PyPI packaging of Croce & Hein's code, version "standard": APGD-CE, APGD-T, FAB-T, Square, each on
+the points still robust) and advtune's `evaluate` (suite "standard": APGD-CE, APGD-T, Square, cascaded,
+cheapest first, then the masking gate, whose time is included). Both robust accuracies and both wall
+times are measured in this one process, the two runs interleaved per model, so machine load hits both.
+
+    pip install -e '.[reference]'          # pyautoattack
+    .venv/bin/python bench/eval_speed.py runs/a-standard-run runs/an-adversarially-trained-run --n 1000
+
+Targets (issue 12): robust accuracy within ±0.3 points of AutoAttack's, wall time ≤ 0.5× AutoAttack's.
+Prints a markdown table and writes bench/out/eval_speed.json (with the machine and versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from advtune.data import load_dataset
+from advtune.evaluation import robust_accuracy, suite
+from advtune.models import load_model, read_meta
+from advtune.threat import ThreatModel
+from advtune.utils import versions
+
+
+def reference(model, x, y, eps: float, batch_size: int) -> tuple[float, float]:
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=0, device=x.device)
+    t0 = time.perf_counter()
+    out = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    x_adv = out[0] if isinstance(out, tuple) else out
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    with torch.no_grad():
+        acc = float((model(x_adv).argmax(1) == y).float().mean())
+    return acc, seconds
+
+
+def ours(model, x, y, eps: float, batch_size: int, name: str) -> tuple[float, float, dict]:
+    threat = ThreatModel.linf(eps)
+    t0 = time.perf_counter()
+    r = robust_accuracy(
+        model,
+        (x, y),
+        suite(name, threat),
+        batch_size=batch_size,
+        cascade=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seconds = time.perf_counter() - t0
+    return (
+        r.worst_case_accuracy,
+        seconds,
+        {"per_attack_s": r.wall_time_s, "suspect": r.suspect, "accuracy": r.accuracy, "clean": r.clean_accuracy},
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders of the models to evaluate")
+    ap.add_argument("--n", type=int, default=1000, help="first N test images (default: 1000)")
+    ap.add_argument("--eps", type=float, help="linf eps (default: the run's training eps, else 0.3)")
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--suite", default="standard", help="advtune suite to compare (default: standard)")
+    ap.add_argument("--out", default="bench/out/eval_speed.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for run in args.runs:
+        model, meta = load_model(run)
+        cfg = json.loads((Path(run) / "config.json").read_text())
+        eps = args.eps or cfg.get("run", {}).get("eps") or 0.3
+        ds = load_dataset(meta.get("dataset_spec") or meta["dataset"], limit=1, limit_test=args.n)
+        x, y = ds.test.tensors()
+        mine_acc, mine_s, detail = ours(model, x, y, eps, args.batch_size, args.suite)
+        ref_acc, ref_s = reference(model, x, y, eps, args.batch_size)
+        rows.append(
+            {
+                "run": run,
+                "architecture": read_meta(run).get("architecture"),
+                "n": len(y),
+                "eps": eps,
+                "clean": detail["clean"],
+                "autoattack_acc": ref_acc,
+                "advtune_acc": mine_acc,
+                "diff_points": 100 * (mine_acc - ref_acc),
+                "autoattack_s": ref_s,
+                "advtune_s": mine_s,
+                "time_ratio": mine_s / ref_s,
+                "advtune_per_attack_s": detail["per_attack_s"],
+                "advtune_suspect": detail["suspect"],
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{run}: AutoAttack {100 * ref_acc:.2f}% in {ref_s:.0f} s; advtune {100 * mine_acc:.2f}% in "
+            f"{mine_s:.0f} s (ratio {r['time_ratio']:.2f})",
+            flush=True,
+        )
+    print("\n| model | n | eps | clean | AutoAttack | advtune | diff (points) | AA time | advtune time | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['run']} | {r['n']} | {r['eps']:g} | {100 * r['clean']:.1f}% | {100 * r['autoattack_acc']:.2f}% | "
+            f"{100 * r['advtune_acc']:.2f}% | {r['diff_points']:+.2f} | {r['autoattack_s']:.0f} s | "
+            f"{r['advtune_s']:.0f} s | {r['time_ratio']:.2f} |"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "omp": os.environ.get("OMP_NUM_THREADS"),
+                "versions": versions(),
+                "suite": args.suite,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
