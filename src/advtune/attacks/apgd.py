@@ -8,7 +8,8 @@ checkpoints w_j the step is halved, and the run restarts from the best point, wh
 APGD-T runs the targeted DLR loss against each of the top `n_target_classes` other classes
 (capped at classes - 1), only on the samples no earlier target has fooled.
 Parameters: `steps`, `restarts` (on samples not yet fooled), `loss` ("ce" | "dlr"), `rho`,
-`n_target_classes` (APGD-T).
+`n_target_classes` (APGD-T), `early_stop` (default true: a sample leaves the batch once fooled, so no
+pass is spent on it; false: every sample runs all steps and keeps its highest-loss point).
 Norms: linf and l2.
 Cost: steps * restarts gradient evaluations per example (APGD-T: times n_target_classes).
 """
@@ -80,11 +81,16 @@ def _apgd_run(
     generator: torch.Generator | None,
     loss_target: Tensor | None,
     success_target: Tensor | None,
+    early_stop: bool = True,
 ) -> Best:
-    """One APGD run from a random start (Algorithm 1): gradients at x_0..x_{steps-1}, a forward at x_steps."""
+    """One APGD run from a random start (Algorithm 1): gradients at x_0..x_{steps-1}, a forward at x_steps.
+
+    early_stop: a sample leaves the batch once it is fooled (its state is per sample, so the others'
+    trajectories are unchanged); its result is the first fooling point instead of the highest-loss one
+    over all steps, and no model pass is spent on it any more. False keeps every sample to the end."""
     x_cur = threat.random_start(x, generator)
     f_cur, logits, g = loss_and_grad(model, x_cur, y, loss_target, loss_fn, need_grad=True)
-    best = Best(x_cur, f_cur, success(logits, y, success_target))  # what we return
+    best = Best(x_cur, f_cur, success(logits, y, success_target))  # what we return (the whole batch)
     x_max, g_max, f_max = x_cur, g, f_cur.clone()  # where APGD restarts from
     eta = torch.full((len(x),), INITIAL_STEP * threat.eps, dtype=x.dtype, device=x.device)
     x_prev = x_cur
@@ -92,25 +98,44 @@ def _apgd_run(
     increases = torch.zeros(len(x), dtype=torch.long, device=x.device)
     halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     f_max_last = f_max.clone()
+    active = None  # indices into the batch of the samples still attacked (None: all of them)
+    xs, ys, lt, st = x, y, loss_target, success_target
     for k in range(steps):  # iterate x_k -> x_{k+1}
-        z = threat.project(x_cur + threat.steepest_step(g, _bcast(eta, x)), x)
+        if early_stop:
+            done = best.fooled if active is None else best.fooled[active]
+            if bool(done.all()):
+                break
+            if bool(done.any()):  # shrink every per-sample state to the samples still robust
+                keep = (~done).nonzero().flatten()
+                active = keep if active is None else active[keep]
+                xs, ys = x[active], y[active]
+                lt = None if loss_target is None else loss_target[active]
+                st = None if success_target is None else success_target[active]
+                x_cur, x_prev, g, f_cur = x_cur[keep], x_prev[keep], g[keep], f_cur[keep]
+                x_max, g_max, f_max, f_max_last = x_max[keep], g_max[keep], f_max[keep], f_max_last[keep]
+                eta, increases, halved_last = eta[keep], increases[keep], halved_last[keep]
+        z = threat.project(x_cur + threat.steepest_step(g, _bcast(eta, xs)), xs)
         a = 1.0 if k == 0 else MOMENTUM
-        x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x)
+        x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), xs)
         last = k == steps - 1  # the final iterate only needs a forward pass
-        f_next, logits, g_next = loss_and_grad(model, x_next, y, loss_target, loss_fn, need_grad=not last)
-        best.update(x_next, f_next, success(logits, y, success_target))
+        f_next, logits, g_next = loss_and_grad(model, x_next, ys, lt, loss_fn, need_grad=not last)
+        fooled = success(logits, ys, st)
+        if active is None:
+            best.update(x_next, f_next, fooled)
+        else:
+            best.update_at(active, Best(x_next, f_next, fooled))
         increases += (f_next > f_cur).long()
         up = f_next > f_max
-        x_max = torch.where(_bcast(up, x), x_next, x_max)
+        x_max = torch.where(_bcast(up, xs), x_next, x_max)
         if g_next is not None:
-            g_max = torch.where(_bcast(up, x), g_next, g_max)
+            g_max = torch.where(_bcast(up, xs), g_next, g_max)
         f_max = torch.where(up, f_next, f_max)
         x_prev, x_cur, g, f_cur = x_cur, x_next, g_next, f_next
         if last or j >= len(ckpts) or k + 1 != ckpts[j]:
             continue
         halve = oscillating(increases, ckpts[j] - last_ckpt, rho) | stalled(halved_last, f_max_last, f_max)
         eta = torch.where(halve, eta / 2, eta)
-        hb = _bcast(halve, x)
+        hb = _bcast(halve, xs)
         # restart the halved samples from their best point, without momentum
         x_cur = torch.where(hb, x_max, x_cur)
         x_prev = torch.where(hb, x_max, x_prev)
@@ -132,10 +157,12 @@ def apgd(
     restarts: int = 1,
     loss: str = "ce",
     rho: float = 0.75,
+    early_stop: bool = True,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """APGD on `loss`, each sample's worst case over steps and restarts (restarts on survivors)."""
+    """APGD on `loss`, each sample's worst case over steps and restarts (restarts on survivors);
+    early_stop: stop attacking a sample once it is fooled (see `_apgd_run`)."""
     check_call(x, y, target, "apgd")
     x = x.detach()
     if len(x) == 0:
@@ -143,7 +170,7 @@ def apgd(
     loss_fn = LOSSES[loss]
 
     def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
-        return _apgd_run(model, xs, ys, threat, steps, loss_fn, rho, generator, ts, ts)
+        return _apgd_run(model, xs, ys, threat, steps, loss_fn, rho, generator, ts, ts, early_stop)
 
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
@@ -159,6 +186,7 @@ def apgd_targeted(
     restarts: int = 1,
     n_target_classes: int = 9,
     rho: float = 0.75,
+    early_stop: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only."""
@@ -186,7 +214,7 @@ def apgd_targeted(
 
         # success stays untargeted: any misclassification counts, the target only steers the loss
         def run_once(xr: Tensor, yr: Tensor, tr: Tensor | None) -> Best:
-            return _apgd_run(model, xr, yr, threat, steps, loss_fn, rho, generator, tr, None)
+            return _apgd_run(model, xr, yr, threat, steps, loss_fn, rho, generator, tr, None, early_stop)
 
         sub = with_restarts(run_once, xs, ys, tgt, restarts)
         if best is None:
@@ -207,6 +235,7 @@ class APGD(AttackConfig):
     restarts: int = 1
     loss: str = "ce"
     rho: float = 0.75
+    early_stop: bool = True  # evaluation: no pass on a sample once fooled; false: highest loss (training)
 
     norms = ("linf", "l2")
     function = staticmethod(apgd)
@@ -238,6 +267,7 @@ class APGDT(AttackConfig):
     restarts: int = 1
     n_target_classes: int = 9
     rho: float = 0.75
+    early_stop: bool = True
 
     name = "apgd-t"
     norms = ("linf", "l2")
