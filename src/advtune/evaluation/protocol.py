@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from ..cost import PassCounter
+from ..data import TensorData
 from ..errors import AdvtuneError
 from ..inputs import batches
 from ..threat import ThreatModel
@@ -55,10 +56,7 @@ def _length(data) -> int | None:
     """How many examples `data` holds, when that is known without reading it (for progress)."""
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
         return len(data[0])
-    try:
-        return len(data) if not isinstance(data, (tuple, list)) and hasattr(data, "tensors") else None
-    except TypeError:
-        return None
+    return len(data) if isinstance(data, TensorData) else None  # a DataLoader's len counts batches
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:

@@ -13,7 +13,7 @@ from ..cost import CostMeter, PassCounter
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
 from ..report import plot_concentration, plot_layer_scores
-from ..settings import number, setting
+from ..settings import setting
 from ..threat import ThreatModel
 from ..utils import resolve_device, seed_everything
 from ..vulnerability import (
@@ -23,7 +23,16 @@ from ..vulnerability import (
     rank_agreement,
     score_many,
 )
-from .common import dataset_of, load_base, refuse_same_folder
+from .common import (
+    base_data_dir_setting,
+    dataset_of,
+    device_setting,
+    eps_setting,
+    load_base,
+    norm_setting,
+    refuse_same_folder,
+    seed_setting,
+)
 from .record import RunDir
 
 log = logging.getLogger(__name__)
@@ -36,9 +45,9 @@ class AnalyzeRun:
 
     base: str = setting(help="run folder of the trained model", positional=True)
     out: str = setting(help="folder to write the analysis to")
-    eps: float | None = setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number)
+    eps: float | None = eps_setting()
     attack: str = setting("pgd:steps=20", help="attack spec")
-    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    norm: str = norm_setting()
     criteria: tuple[str, ...] = setting(
         ("activation-shift", "taylor", "restoration"), help="comma list of vulnerability criteria"
     )
@@ -50,11 +59,9 @@ class AnalyzeRun:
     )
     random_seeds: tuple[int, ...] = setting((0, 1, 2), help="seeds of the random shares of the curve")
     batch_size: int = setting(256, help="examples per batch")
-    seed: int = setting(0, help="random seed", cli=False)
-    data_dir: str | None = setting(
-        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
-    )
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
     overwrite: bool = setting(False, help="replace an existing analysis in --out")
 
     def to_json(self) -> dict:

@@ -18,6 +18,7 @@ from ..errors import AdvtuneError
 from ..report import headline, write_report
 from ..settings import setting
 from . import experiment as experiment_job
+from .common import device_setting, seed_setting
 from .experiment import format_results
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ class DemoConfig:
     out: str = setting("runs/demo", help="folder for the demo's runs and report")
     full: bool = setting(False, help="real sizes instead of the few-minute CPU demo")
     data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
-    seed: int = setting(0, help="random seed", cli=False)
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    seed: int = seed_setting()
+    device: str = device_setting()
 
 
 def run(cfg: DemoConfig) -> list[dict]:

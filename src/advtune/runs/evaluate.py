@@ -23,7 +23,7 @@ from ..utils import (
     seed_everything,
     versions,
 )
-from .common import dataset_of, load_base
+from .common import base_data_dir_setting, dataset_of, device_setting, load_base, norm_setting, seed_setting
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class EvaluateRun:
     suite: str | None = setting(
         None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
     )
-    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    norm: str = norm_setting()
     limit_test: int | None = setting(1000, help="evaluate the first N test examples")
     batch_size: int = setting(256, help="examples per batch")
     cascade: bool = setting(
@@ -53,11 +53,9 @@ class EvaluateRun:
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
     name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
     record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
-    seed: int = setting(0, help="random seed", cli=False)
-    data_dir: str | None = setting(
-        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
-    )
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -16,17 +16,30 @@ from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
 from ..utils import resolve_device, seed_everything
 from .common import (
+    budget_setting,
     check_same_run,
     check_val,
+    data_dir_setting,
     dataset_of,
     describe_selection,
+    device_setting,
+    eps_setting,
+    eps_warmup_setting,
+    limit_setting,
+    limit_test_setting,
     load_base,
     make_selection,
+    norm_setting,
+    out_setting,
     overfit_guard,
+    overwrite_setting,
+    points_setting,
     refuse_same_folder,
     resolve_eps_warmup,
+    resume_setting,
     snapshot_saver,
     snapshot_steps,
+    val_setting,
     with_budget,
     write_config_once,
 )
@@ -41,10 +54,8 @@ class FinetuneRun:
     random control of equal size, through the one training loop. Its fields are the flags."""
 
     base: str = setting(help="run folder of the trained model", positional=True)
-    out: str = setting(help="run folder to write (runs/<name>)", group="output")
-    eps: float | None = setting(
-        None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group="attack"
-    )
+    out: str = out_setting()
+    eps: float | None = eps_setting("attack")
     select: str = setting(
         "all", help="all | random | layers:<name,...> | <analyze folder> (its --criterion ranking)", group="selection"
     )
@@ -54,29 +65,19 @@ class FinetuneRun:
     attack: str = setting(
         "pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, ...) or trades[:steps=10,beta=6]", group="attack"
     )
-    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"), group="attack")
+    norm: str = norm_setting("attack")
     attack_mode: str = setting(
         "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
     )
-    eps_warmup: float | None = setting(
-        None,
-        help="share of training over which eps ramps up from 0 "
-        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
-        type=number,
-        group="attack",
-    )
+    eps_warmup: float | None = eps_warmup_setting("attack")
     guard: bool | None = setting(
         None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
     )
     train: TrainConfig = setting(TrainConfig(epochs=1), help="the training settings", cli=False)
-    data_dir: str | None = setting(
-        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group="data"
-    )
-    limit: int | None = setting(None, help="use only the first N training examples", group="data")
-    limit_test: int | None = setting(None, help="use only the first N test examples", group="data")
-    val: float = setting(
-        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
-    )
+    data_dir: str | None = data_dir_setting("data")
+    limit: int | None = limit_setting()
+    limit_test: int | None = limit_test_setting()
+    val: float = val_setting()
     monitor: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
     params: float | None = setting(
         None,
@@ -91,15 +92,11 @@ class FinetuneRun:
         choices=("unit", "layer"),
         group="selection",
     )
-    budget: int | None = setting(
-        None,
-        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
-        group="training",
-    )
-    points: int = setting(0, help="save this many snapshots along the run under snapshots/", group="training")
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
-    resume: bool = setting(False, help="continue an interrupted run in --out", group="output")
-    overwrite: bool = setting(False, help="replace an existing run in --out", group="output")
+    budget: int | None = budget_setting()
+    points: int = points_setting()
+    device: str = device_setting()
+    resume: bool = resume_setting()
+    overwrite: bool = overwrite_setting()
 
     def to_json(self) -> dict:
         d = asdict(self)

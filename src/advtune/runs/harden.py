@@ -33,7 +33,7 @@ from ..hardening import (
     default_budget,
 )
 from ..report import write_harden_report
-from ..settings import number, setting
+from ..settings import setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..utils import atomic_write_bytes, read_json, resolve_device
@@ -41,7 +41,18 @@ from . import analyze as analyze_job
 from . import evaluate as evaluate_job
 from . import finetune as finetune_job
 from .analyze import AnalyzeRun
-from .common import dataset_of, load_base, refuse_same_folder
+from .common import (
+    base_data_dir_setting,
+    dataset_of,
+    device_setting,
+    eps_setting,
+    load_base,
+    norm_setting,
+    overwrite_setting,
+    refuse_same_folder,
+    resume_setting,
+    seed_setting,
+)
 from .evaluate import EvaluateRun
 from .finetune import FinetuneRun
 from .record import RunDir, open_run
@@ -56,8 +67,8 @@ class HardenRun:
 
     base: str = setting(help="run folder of the trained model (from advtune train)", positional=True)
     out: str = setting(help="folder to write the hardened model and its report to")
-    eps: float | None = setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number)
-    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"))
+    eps: float | None = eps_setting()
+    norm: str = norm_setting()
     budget: int | None = setting(
         None,
         help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
@@ -67,13 +78,11 @@ class HardenRun:
     limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
     limit_test: int = setting(1000, help="test examples for the evaluation")
     evaluation: str = setting(PROTOCOL, help="attack list of the evaluation (worst case per example)")
-    seed: int = setting(0, help="random seed", cli=False)
-    data_dir: str | None = setting(
-        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
-    )
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
-    resume: bool = setting(False, help="continue an interrupted harden run in --out")
-    overwrite: bool = setting(False, help="replace an existing run in --out")
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
+    resume: bool = resume_setting(None, "continue an interrupted harden run in --out")
+    overwrite: bool = overwrite_setting(None)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -11,18 +11,31 @@ from ..data import load_dataset
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import describe_meta, load_weights, model_for, save_model
-from ..settings import number, setting
+from ..settings import setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, clean, fit
 from ..utils import resolve_device, seed_everything
 from .common import (
+    budget_setting,
     check_same_run,
     check_val,
+    data_dir_setting,
     dataset_spec,
+    device_setting,
+    eps_setting,
+    eps_warmup_setting,
+    limit_setting,
+    limit_test_setting,
+    norm_setting,
+    out_setting,
     overfit_guard,
+    overwrite_setting,
+    points_setting,
     resolve_eps_warmup,
+    resume_setting,
     snapshot_saver,
     snapshot_steps,
+    val_setting,
     with_budget,
     write_config_once,
 )
@@ -43,53 +56,37 @@ class TrainRun:
         "path/to/file.py:factory or package.module:factory (a function returning an nn.Module on pixels in "
         "[0, 1]; it gets input_shape= and num_classes= if its signature names them)"
     )
-    out: str = setting(help="run folder to write (runs/<name>)", group="output")
+    out: str = out_setting()
     train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
     weights: str | None = setting(
         None,
         help="start from these weights (a .safetensors file of the model's state_dict); with --epochs 0 the run "
         "records the model as it is, for evaluate/analyze/harden",
     )
-    data_dir: str | None = setting(
-        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group="data"
-    )
-    limit: int | None = setting(None, help="use only the first N training examples", group="data")
-    limit_test: int | None = setting(None, help="use only the first N test examples", group="data")
-    val: float = setting(
-        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
-    )
-    device: str = setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)
+    data_dir: str | None = data_dir_setting("data")
+    limit: int | None = limit_setting()
+    limit_test: int | None = limit_test_setting()
+    val: float = val_setting()
+    device: str = device_setting()
     adversarial: str | None = setting(
         None,
         help="train on adversarial examples of this attack spec, e.g. pgd:steps=10",
         metavar="ATTACK",
         group="adversarial training",
     )
-    norm: str = setting("linf", help="threat model norm", choices=("linf", "l2"), group="adversarial training")
-    eps: float | None = setting(
-        None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group="adversarial training"
-    )
+    norm: str = norm_setting("adversarial training")
+    eps: float | None = eps_setting("adversarial training")
     attack_mode: str = setting(
         "eval", help="model mode while the attack runs", choices=("eval", "train"), group="adversarial training"
     )
-    eps_warmup: float | None = setting(
-        None,
-        help="share of training over which eps ramps up from 0 "
-        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
-        type=number,
-        group="adversarial training",
-    )
+    eps_warmup: float | None = eps_warmup_setting("adversarial training")
     guard: bool | None = setting(
         None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="adversarial training"
     )
-    budget: int | None = setting(
-        None,
-        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
-        group="training",
-    )
-    points: int = setting(0, help="save this many snapshots along the run under snapshots/", group="training")
-    resume: bool = setting(False, help="continue an interrupted run in --out", group="output")
-    overwrite: bool = setting(False, help="replace an existing run in --out", group="output")
+    budget: int | None = budget_setting()
+    points: int = points_setting()
+    resume: bool = resume_setting()
+    overwrite: bool = overwrite_setting()
 
     def to_json(self) -> dict:
         d = asdict(self)
