@@ -122,3 +122,32 @@ def test_top_level_help_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+COMMANDS = ("train", "finetune", "analyze", "evaluate", "harden", "experiment", "demo", "info", "report")
+
+
+def test_every_command_help_does_not_import_torch():
+    """`advtune <command> --help` answers at once: the job settings (runs/configs.py) load without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from advtune.cli import main\n"
+        f"for cmd in {COMMANDS!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        try: main([cmd, '--help'])\n"
+        "        except SystemExit as e: assert e.code == 0, (cmd, e.code)\n"
+        "    assert 'torch' not in sys.modules, f'{cmd} --help imported torch'\n"
+        "    assert f'usage: advtune {cmd}' in out.getvalue() and '(default' in out.getvalue(), cmd\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_attack_names_in_the_help_are_the_registry():
+    from advtune import list_attacks
+    from advtune.cli import ATTACK_NAMES
+
+    assert list(ATTACK_NAMES) == list_attacks(), "a new attack: add its name to advtune.cli.ATTACK_NAMES"

@@ -88,11 +88,53 @@ def test_report_numbers_match_the_records(finished):
     for r in rows:
         s = shown[r["variant"]]
         assert s["clean"] == f"{100 * r['clean_acc']:.2f}%" and s["worst case"] == f"{100 * r['robust_acc']:.2f}%"
-        assert s["grad evals (train)"] == f"{r['grad_evals']:,}"
+        assert s["own grad evals"] == f"{r['grad_evals']:,}"
+        # one cost basis: a fine-tuned model counts the base model's training and the analysis behind it
+        total = r["grad_evals"] + r["analysis_grad_evals"] + r["base_grad_evals"]
+        assert s["total grad evals"] == f"{total:,}"
+        assert (r["base_grad_evals"] > 0) == (r["kind"] == "finetune")
         assert s["gate"] == ("SUSPECT" if r["suspect"] else "passed")
         assert f"<td>{100 * r['robust_acc']:.2f}%</td>" in html
-    assert html.count("data:image/png;base64,") >= 3 and "<img src='data:image/png" in html  # self-contained
+        assert s["training data"] == "300 images"  # every row says what it was trained on
+    # each row says what the variant was: method, selection and where its trained units sit
+    assert shown["full-ft"]["what it is"].startswith("adversarial fine-tuning of all parameters with pgd:steps=2")
+    assert shown["random"]["what it is"].startswith("control: a random 10% of the units")
+    by_layer = next(r for r in rows if r["variant"] == "sel-share0.1")["selected_by_layer"]
+    assert "the top 10% of units by taylor" in shown["sel-share0.1"]["what it is"]
+    assert all(
+        f"{n.split('.')[-1]} {u}/{t}" in shown["sel-share0.1"]["what it is"] for n, (u, t) in by_layer.items() if u
+    )
+    assert shown["sel-share0.1"]["trainable params"].endswith("%)")
+    assert html.count("data:image/png;base64,") >= 4 and "<img src='data:image/png" in html  # self-contained
+    for png in ("pareto.png", "trained-units.png", "analysis-unit-scores.png", "analysis-concentration.png"):
+        assert (finished / png).is_file() and png in md
     assert re.search(r"restoring the top 5% of components by taylor repairs [0-9.]+% of \d+ adversarial errors", md)
+
+
+def test_report_leads_with_what_won_and_at_what_cost(finished):
+    rows = json.loads((finished / "results.json").read_text())["rows"]
+    assert main(["report", str(finished), "--quiet"]) == 0
+    md = (finished / "report.md").read_text()
+    ok = [r for r in rows if not r["suspect"] and r["kind"] != "standard"]
+    win = max(ok, key=lambda r: r["robust_acc"])
+    first = [line for line in md.splitlines()[1:] if line.strip()][:2]
+    assert first[0].startswith(f"**{win['variant']} won** at eps=0.25: {100 * win['robust_acc']:.2f}%")
+    sel = max((r for r in ok if r["select"] == "top"), key=lambda r: r["robust_acc"])
+    full = next(r for r in rows if r["variant"] == "full-ft")
+    assert first[1].startswith(f"Selective fine-tuning of {100 * sel['param_share']:.1f}% of the parameters")
+    assert f"full-network fine-tuning (**full-ft**) {100 * full['robust_acc']:.2f}%" in first[1]
+
+
+def test_the_lead_never_crowns_a_suspect_model():
+    from advtune.report import lead
+
+    base = {"eps": 0.3, "clean_acc": 0.9, "grad_evals": 10, "suspect": ""}
+    rows = [
+        {**base, "variant": "masked", "kind": "train", "attack": "pgd", "robust_acc": 0.99, "suspect": "gap"},
+        {**base, "variant": "honest", "kind": "train", "attack": "pgd", "robust_acc": 0.5},
+    ]
+    assert lead(rows)[0].startswith("**honest won**")
+    assert lead([rows[0]]) == []
 
 
 def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch):

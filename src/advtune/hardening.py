@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .attacks import build_attack, split_attack_list
@@ -31,66 +31,13 @@ from .errors import AdvtuneError
 from .evaluation import robust_accuracy
 from .inputs import as_tensor_data
 from .metrics import adversarial_examples
-from .settings import budget_number, number, setting
+from .recipe import PROTOCOL, Recipe
 from .threat import ThreatModel
 from .train import TrainConfig, build_objective, cost_per_example, fit, steps_for_budget
 from .utils import make_generator, model_device
 from .vulnerability import check_params, score_many, select_top, select_top_layers
 
 log = logging.getLogger(__name__)
-
-PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst case of APGD-CE and APGD-T
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier
-    (docs/RESULTS.md); each field is a flag of `advtune harden` and a key of an experiment's `recipe`."""
-
-    granularity: str = setting(
-        "layer",
-        help="select whole layers (best-ranked first) or single units",
-        choices=("layer", "unit"),
-        group="recipe",
-    )
-    params: float = setting(
-        0.05,
-        help="parameter budget: share (< 1) or number of parameter entries that may change",
-        type=budget_number,
-        group="recipe",
-    )
-    criterion: str = setting("taylor", help="ranking of components (layers: summed unit scores)", group="recipe")
-    analysis_attack: str = setting("pgd:steps=10", help="attack of the analysis", group="recipe")
-    analysis_limit: int = setting(1000, help="training examples scored by the analysis", group="recipe")
-    # PGD-5: as good per gradient evaluation as PGD-10 at half the cost (validation)
-    attack: str = setting("pgd:steps=5", help="training attack", group="recipe")
-    eps_warmup: float = setting(
-        0.3, help="share of the fine-tuning over which eps ramps up from 0", type=number, group="recipe"
-    )
-    optimizer: str = setting("adam", help="optimizer", choices=("adam", "sgd"), group="recipe")
-    # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
-    lr: float = setting(3e-3, help="learning rate", type=number, group="recipe")
-    schedule: str = setting("constant", help="learning-rate schedule", group="recipe")
-    # more, smaller steps for the same gradient evaluations (validation: +5 points)
-    batch_size: int = setting(64, help="examples per optimizer step", group="recipe")
-    epochs: float = setting(
-        2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
-    )
-
-    def __post_init__(self) -> None:
-        if self.granularity not in ("layer", "unit"):
-            raise AdvtuneError(f"recipe granularity must be layer or unit, got {self.granularity!r}")
-        if not (isinstance(self.params, (int, float)) and 0 < self.params):
-            raise AdvtuneError(f"recipe params must be a positive parameter budget, got {self.params!r}")
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:

@@ -8,11 +8,31 @@ which validates everything, then writes a run folder (`record.RunDir`) and retur
     harden      advtune harden      analyze -> select -> fine-tune -> evaluate, with the measured recipe
     experiment  advtune experiment  a YAML list of variants side by side, resumable
     demo        advtune demo        the main job at demo sizes
+    configs     every job's settings (the flags), importable without torch
 
 The library underneath (data, models, attacks, train, evaluation, vulnerability) never imports this
 package; the CLI (`advtune.cli`) only builds the configs and prints what `run` returns.
 """
 
-from .record import RunDir, format_info, open_run, run_info
+from __future__ import annotations
 
-__all__ = ["RunDir", "format_info", "open_run", "run_info"]
+import importlib
+from typing import Any
+
+# loaded on first use: `configs` (every job's settings, no torch) stays light for the CLI's help
+_EXPORTS = {"RunDir": "record", "format_info": "record", "open_run": "record", "run_info": "record"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

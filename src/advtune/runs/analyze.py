@@ -12,8 +12,7 @@ from ..attacks import build_attack
 from ..cost import CostMeter, PassCounter
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
-from ..report import plot_concentration, plot_layer_scores
-from ..settings import setting
+from ..report import plot_concentration, plot_unit_scores
 from ..threat import ThreatModel
 from ..utils import resolve_device, seed_everything
 from ..vulnerability import (
@@ -24,48 +23,14 @@ from ..vulnerability import (
     score_many,
 )
 from .common import (
-    base_data_dir_setting,
     dataset_of,
-    device_setting,
-    eps_setting,
     load_base,
-    norm_setting,
     refuse_same_folder,
-    seed_setting,
 )
+from .configs import AnalyzeRun
 from .record import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AnalyzeRun:
-    """Score every component of a trained run under an attack, on training data (never the test
-    split), and measure how concentrated the adversarial errors are. Its fields are the flags."""
-
-    base: str = setting(help="run folder of the trained model", positional=True)
-    out: str = setting(help="folder to write the analysis to")
-    eps: float | None = eps_setting()
-    attack: str = setting("pgd:steps=20", help="attack spec")
-    norm: str = norm_setting()
-    criteria: tuple[str, ...] = setting(
-        ("activation-shift", "taylor", "restoration"), help="comma list of vulnerability criteria"
-    )
-    granularity: str = setting("channel", help="channel (= unit): one conv channel or linear unit per component")
-    limit: int = setting(2000, help="training examples to score")
-    curve_limit: int = setting(1000, help="training examples for the concentration curve (0: skip)")
-    shares: tuple[float, ...] = setting(
-        (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), help="shares of the concentration curve"
-    )
-    random_seeds: tuple[int, ...] = setting((0, 1, 2), help="seeds of the random shares of the curve")
-    batch_size: int = setting(256, help="examples per batch")
-    seed: int = seed_setting()
-    data_dir: str | None = base_data_dir_setting()
-    device: str = device_setting()
-    overwrite: bool = setting(False, help="replace an existing analysis in --out")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -191,4 +156,4 @@ def _analysis_plots(rd: RunDir, tables: dict, curves: dict) -> None:
 
     if curves:
         plot_concentration({k: c.to_json() for k, c in curves.items()}, rd.file("concentration.png"))
-    plot_layer_scores({k: layer_scores(t) for k, t in tables.items()}, rd.file("layers.png"))
+    plot_unit_scores({k: t.to_json() for k, t in tables.items()}, rd.file("layers.png"))

@@ -18,7 +18,6 @@ from ..data import DATASETS, load_dataset, num_batches
 from ..distributed import is_main_process
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
-from ..settings import number, setting
 from ..train import (
     OverfitGuard,
     config_changes,
@@ -278,85 +277,3 @@ def resolve_eps_warmup(value: float | None, spec: str) -> float:
         100 * DEFAULT_EPS_WARMUP,
     )
     return DEFAULT_EPS_WARMUP
-
-
-# ---------------------------------------------------------------- settings several jobs share
-# One declaration each (help, type, default); a job only says which help group shows it.
-
-
-def eps_setting(group: str | None = None):
-    return setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group=group)
-
-
-def norm_setting(group: str | None = None):
-    return setting("linf", help="threat model norm", choices=("linf", "l2"), group=group)
-
-
-def device_setting():
-    return setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)  # the shared --device
-
-
-def seed_setting():
-    return setting(0, help="random seed", cli=False)  # the shared --seed
-
-
-def data_dir_setting(group: str | None = None):
-    """Where a new run's dataset is found."""
-    return setting(
-        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group=group
-    )
-
-
-def base_data_dir_setting():
-    """Where the dataset of the run a job starts from is found."""
-    return setting(
-        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
-    )
-
-
-def limit_setting(group: str | None = "data"):
-    return setting(None, help="use only the first N training examples", group=group)
-
-
-def limit_test_setting(group: str | None = "data"):
-    return setting(None, help="use only the first N test examples", group=group)
-
-
-def val_setting():
-    return setting(
-        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
-    )
-
-
-def budget_setting():
-    return setting(
-        None,
-        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
-        group="training",
-    )
-
-
-def points_setting():
-    return setting(0, help="save this many snapshots along the run under snapshots/", group="training")
-
-
-def eps_warmup_setting(group: str):
-    return setting(
-        None,
-        help="share of training over which eps ramps up from 0 "
-        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
-        type=number,
-        group=group,
-    )
-
-
-def out_setting():
-    return setting(help="run folder to write (runs/<name>)", group="output")
-
-
-def resume_setting(group: str | None = "output", help: str = "continue an interrupted run in --out"):
-    return setting(False, help=help, group=group)
-
-
-def overwrite_setting(group: str | None = "output", help: str = "replace an existing run in --out"):
-    return setting(False, help=help, group=group)

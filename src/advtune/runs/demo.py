@@ -11,14 +11,12 @@ hours on a CPU).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdvtuneError
 from ..report import headline, write_report
-from ..settings import setting
 from . import experiment as experiment_job
-from .common import device_setting, seed_setting
+from .configs import DemoConfig
 from .experiment import format_results
 
 log = logging.getLogger(__name__)
@@ -77,17 +75,6 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
             },
         ],
     }
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """`advtune demo`; its fields are the flags."""
-
-    out: str = setting("runs/demo", help="folder for the demo's runs and report")
-    full: bool = setting(False, help="real sizes instead of the few-minute CPU demo")
-    data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
-    seed: int = seed_setting()
-    device: str = device_setting()
 
 
 def run(cfg: DemoConfig) -> list[dict]:

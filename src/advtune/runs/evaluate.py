@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..errors import AdvtuneError
 from ..evaluation import eps_curve, robust_accuracy, suite
 from ..report import plot_eps_curve
-from ..settings import setting
 from ..threat import ThreatModel
 from ..utils import (
     atomic_write_json,
@@ -23,42 +21,11 @@ from ..utils import (
     seed_everything,
     versions,
 )
-from .common import base_data_dir_setting, dataset_of, device_setting, load_base, norm_setting, seed_setting
+from .common import dataset_of, load_base
+from .configs import EvaluateRun
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvaluateRun:
-    """Evaluate a trained run on its test split under an attack list or a named suite, at one or more
-    eps. Its fields are the flags."""
-
-    run: str = setting(help="run folder of the model to evaluate", positional=True)
-    eps: tuple[float, ...] = setting((), help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255")
-    attacks: str | None = setting(
-        None, help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t"
-    )
-    suite: str | None = setting(
-        None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
-    )
-    norm: str = norm_setting()
-    limit_test: int | None = setting(1000, help="evaluate the first N test examples")
-    batch_size: int = setting(256, help="examples per batch")
-    cascade: bool = setting(
-        True,
-        help="each attack only on the examples still robust, cheapest first (AutoAttack's protocol); "
-        "--no-cascade: every attack on every example, per-attack numbers comparable",
-    )
-    plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
-    name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
-    record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
-    seed: int = seed_setting()
-    data_dir: str | None = base_data_dir_setting()
-    device: str = device_setting()
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def attacks_for(run: EvaluateRun, eps: float):

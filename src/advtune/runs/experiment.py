@@ -443,7 +443,7 @@ def run(
             100 * record["clean_accuracy"],
             100 * record["worst_case_accuracy"],
         )
-    rows = collect_results(out, expand_variants(cfg), base_dir)
+    rows = collect_results(out, expand_variants(cfg), base_dir, base.get("limit"))
     write_results(out, rows)
     return rows
 
@@ -550,7 +550,7 @@ def _link_standard(folder: Path, model_dir: Path) -> None:
         atomic_write_text(folder / files.SUMMARY, src.read_text())
 
 
-def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dict]:
+def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
     """One row per variant from its records (nothing is recomputed: the report reads these)."""
     rows = []
     base_cost = _cost(base_dir)
@@ -604,6 +604,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
             "base_grad_evals": base_cost.get("grad_evals", 0) if kind == "finetune" else 0,
             "wall_s": cost.get("wall_s", 0.0),
             "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
+            "base_wall_s": base_cost.get("wall_s", 0.0) if kind == "finetune" else 0.0,
             "flops": cost.get("flops", 0.0),
             "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
             "total_params": cost.get("total_params"),
@@ -615,6 +616,11 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path) -> list[dic
             "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0)
             / max(cost.get("total_params") or 1, 1),
             "reference": bool(v.get("reference", kind == "train" and bool(v.get("attack")))),
+            # what the variant was, for the report's rows: its data, budget, warm-up and where its units sit
+            "train_examples": v.get("limit", base_limit) if kind != "standard" else base_limit,
+            "budget": _budget(v) if kind != "standard" else None,
+            "eps_warmup": float(v.get("eps_warmup", 0.0)) if kind != "standard" else None,
+            "selected_by_layer": sel.get("by_layer"),
             "curve": _curve(folder, kind, cost, ev),
         }
         rows.append(row)
@@ -706,7 +712,10 @@ def frontier_points(rows: list[dict]) -> list[dict]:
 
 def write_results(out: Path, rows: list[dict]) -> None:
     atomic_write_json(out / files.RESULTS, {"rows": rows})
-    atomic_write_text(out / files.RESULTS_CSV, _csv([{k: v for k, v in r.items() if k != "curve"} for r in rows]))
+    atomic_write_text(
+        out / files.RESULTS_CSV,
+        _csv([{k: v for k, v in r.items() if k not in ("curve", "selected_by_layer")} for r in rows]),
+    )
     points = frontier_points(rows)
     if any(r["step"] is not None for r in points):
         atomic_write_json(out / files.FRONTIER, {"points": points})

@@ -11,97 +11,28 @@ from ..cost import CostMeter
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..models import save_model
-from ..settings import budget_number, number, setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
 from ..utils import resolve_device, seed_everything
 from .common import (
-    budget_setting,
     check_same_run,
     check_val,
-    data_dir_setting,
     dataset_of,
     describe_selection,
-    device_setting,
-    eps_setting,
-    eps_warmup_setting,
-    limit_setting,
-    limit_test_setting,
     load_base,
     make_selection,
-    norm_setting,
-    out_setting,
     overfit_guard,
-    overwrite_setting,
-    points_setting,
     refuse_same_folder,
     resolve_eps_warmup,
-    resume_setting,
     snapshot_saver,
     snapshot_steps,
-    val_setting,
     with_budget,
     write_config_once,
 )
+from .configs import FinetuneRun
 from .record import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneRun:
-    """Adversarial fine-tuning of a trained run: all parameters, a selection of components, or a
-    random control of equal size, through the one training loop. Its fields are the flags."""
-
-    base: str = setting(help="run folder of the trained model", positional=True)
-    out: str = out_setting()
-    eps: float | None = eps_setting("attack")
-    select: str = setting(
-        "all", help="all | random | layers:<name,...> | <analyze folder> (its --criterion ranking)", group="selection"
-    )
-    share: float = setting(0.1, help="share of components to fine-tune, in (0, 1]", type=number, group="selection")
-    criterion: str = setting("taylor", help="score table of the analyze folder to rank by", group="selection")
-    per_layer: bool = setting(False, help="take the top share within each layer instead of globally", group="selection")
-    attack: str = setting(
-        "pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, ...) or trades[:steps=10,beta=6]", group="attack"
-    )
-    norm: str = norm_setting("attack")
-    attack_mode: str = setting(
-        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
-    )
-    eps_warmup: float | None = eps_warmup_setting("attack")
-    guard: bool | None = setting(
-        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
-    )
-    train: TrainConfig = setting(TrainConfig(epochs=1), help="the training settings", cli=False)
-    data_dir: str | None = data_dir_setting("data")
-    limit: int | None = limit_setting()
-    limit_test: int | None = limit_test_setting()
-    val: float = val_setting()
-    monitor: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
-    params: float | None = setting(
-        None,
-        help="parameter budget instead of --share: entries (or a share < 1 of the model's) that the selection may "
-        "train; with random: the matched control",
-        type=budget_number,
-        group="selection",
-    )
-    granularity: str = setting(
-        "unit",
-        help="with --params and an analyze folder: best units, or whole layers",
-        choices=("unit", "layer"),
-        group="selection",
-    )
-    budget: int | None = budget_setting()
-    points: int = points_setting()
-    device: str = device_setting()
-    resume: bool = resume_setting()
-    overwrite: bool = overwrite_setting()
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_json() if self.train is not None else None
-        return d
 
 
 @dataclass(frozen=True)

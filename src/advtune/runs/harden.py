@@ -26,14 +26,11 @@ from ..attacks import build_attack, split_attack_list
 from ..components import layers
 from ..errors import AdvtuneError
 from ..hardening import (
-    PROTOCOL,
-    Recipe,
     check_budget,
     check_recipe_fits,
     default_budget,
 )
 from ..report import write_harden_report
-from ..settings import setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..utils import atomic_write_bytes, read_json, resolve_device
@@ -42,52 +39,16 @@ from . import evaluate as evaluate_job
 from . import finetune as finetune_job
 from .analyze import AnalyzeRun
 from .common import (
-    base_data_dir_setting,
     dataset_of,
-    device_setting,
-    eps_setting,
     load_base,
-    norm_setting,
-    overwrite_setting,
     refuse_same_folder,
-    resume_setting,
-    seed_setting,
 )
+from .configs import HardenRun
 from .evaluate import EvaluateRun
 from .finetune import FinetuneRun
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HardenRun:
-    """Everything `advtune harden` needs; recorded verbatim in config.json. Its fields (and the
-    recipe's) are the flags."""
-
-    base: str = setting(help="run folder of the trained model (from advtune train)", positional=True)
-    out: str = setting(help="folder to write the hardened model and its report to")
-    eps: float | None = eps_setting()
-    norm: str = norm_setting()
-    budget: int | None = setting(
-        None,
-        help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
-        "the training attack)",
-    )
-    recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
-    limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
-    limit_test: int = setting(1000, help="test examples for the evaluation")
-    evaluation: str = setting(PROTOCOL, help="attack list of the evaluation (worst case per example)")
-    seed: int = seed_setting()
-    data_dir: str | None = base_data_dir_setting()
-    device: str = device_setting()
-    resume: bool = resume_setting(None, "continue an interrupted harden run in --out")
-    overwrite: bool = overwrite_setting(None)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["recipe"] = self.recipe.to_json()
-        return d
 
 
 def run(run: HardenRun) -> HardenSummary:

@@ -11,87 +11,24 @@ from ..data import load_dataset
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import describe_meta, load_weights, model_for, save_model
-from ..settings import setting
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, clean, fit
 from ..utils import resolve_device, seed_everything
 from .common import (
-    budget_setting,
     check_same_run,
     check_val,
-    data_dir_setting,
     dataset_spec,
-    device_setting,
-    eps_setting,
-    eps_warmup_setting,
-    limit_setting,
-    limit_test_setting,
-    norm_setting,
-    out_setting,
     overfit_guard,
-    overwrite_setting,
-    points_setting,
     resolve_eps_warmup,
-    resume_setting,
     snapshot_saver,
     snapshot_steps,
-    val_setting,
     with_budget,
     write_config_once,
 )
+from .configs import TrainRun
 from .record import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """Everything `advtune train` needs; recorded verbatim in config.json. Its fields are the flags."""
-
-    dataset: str = setting(
-        help="mnist, fashion-mnist, cifar10, synthetic, a .npz file or an image folder", group="data"
-    )
-    model: str = setting(
-        help="a zoo model (small-cnn, madry-mnist, lenet5, vgg-cifar, preact-resnet18) or your own: "
-        "path/to/file.py:factory or package.module:factory (a function returning an nn.Module on pixels in "
-        "[0, 1]; it gets input_shape= and num_classes= if its signature names them)"
-    )
-    out: str = out_setting()
-    train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
-    weights: str | None = setting(
-        None,
-        help="start from these weights (a .safetensors file of the model's state_dict); with --epochs 0 the run "
-        "records the model as it is, for evaluate/analyze/harden",
-    )
-    data_dir: str | None = data_dir_setting("data")
-    limit: int | None = limit_setting()
-    limit_test: int | None = limit_test_setting()
-    val: float = val_setting()
-    device: str = device_setting()
-    adversarial: str | None = setting(
-        None,
-        help="train on adversarial examples of this attack spec, e.g. pgd:steps=10",
-        metavar="ATTACK",
-        group="adversarial training",
-    )
-    norm: str = norm_setting("adversarial training")
-    eps: float | None = eps_setting("adversarial training")
-    attack_mode: str = setting(
-        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="adversarial training"
-    )
-    eps_warmup: float | None = eps_warmup_setting("adversarial training")
-    guard: bool | None = setting(
-        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="adversarial training"
-    )
-    budget: int | None = budget_setting()
-    points: int = points_setting()
-    resume: bool = resume_setting()
-    overwrite: bool = overwrite_setting()
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_json()
-        return d
 
 
 @dataclass(frozen=True)

@@ -9,54 +9,56 @@ Layout: config.py (TrainConfig, schedules), objectives.py, loop.py (fit), select
 move), checkpoint.py (exact resume), budget.py (steps for a compute budget), guard.py.
 """
 
-from .budget import cost_per_example, steps_for_budget
-from .checkpoint import RESUMABLE_CHANGES, History, check_resume, config_changes, load_checkpoint, save_checkpoint
-from .config import SCHEDULES, TrainConfig, epochs_for, lr_at, total_steps
-from .guard import OverfitGuard
-from .loop import EpochCallback, StepCallback, fit
-from .objectives import (
-    Adversarial,
-    Clean,
-    LocalFeature,
-    Objective,
-    Trades,
-    adversarial,
-    build_objective,
-    clean,
-    forward_to,
-    local_feature,
-    trades,
-)
-from .selection import Trainable
+from __future__ import annotations
 
-__all__ = [
-    "Adversarial",
-    "Clean",
-    "EpochCallback",
-    "History",
-    "LocalFeature",
-    "Objective",
-    "OverfitGuard",
-    "RESUMABLE_CHANGES",
-    "SCHEDULES",
-    "StepCallback",
-    "Trades",
-    "TrainConfig",
-    "Trainable",
-    "adversarial",
-    "build_objective",
-    "check_resume",
-    "clean",
-    "config_changes",
-    "cost_per_example",
-    "epochs_for",
-    "fit",
-    "forward_to",
-    "load_checkpoint",
-    "local_feature",
-    "lr_at",
-    "save_checkpoint",
-    "steps_for_budget",
-    "total_steps",
-    "trades",
-]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it. Loaded on first use, so config.py (TrainConfig: no
+# torch) can be imported on its own, e.g. by the CLI's help.
+_EXPORTS = {
+    "Adversarial": "objectives",
+    "Clean": "objectives",
+    "EpochCallback": "loop",
+    "History": "checkpoint",
+    "LocalFeature": "objectives",
+    "Objective": "objectives",
+    "OverfitGuard": "guard",
+    "RESUMABLE_CHANGES": "checkpoint",
+    "SCHEDULES": "config",
+    "StepCallback": "loop",
+    "Trades": "objectives",
+    "TrainConfig": "config",
+    "Trainable": "selection",
+    "adversarial": "objectives",
+    "build_objective": "objectives",
+    "check_resume": "checkpoint",
+    "clean": "objectives",
+    "config_changes": "checkpoint",
+    "cost_per_example": "budget",
+    "epochs_for": "config",
+    "fit": "loop",
+    "forward_to": "objectives",
+    "load_checkpoint": "checkpoint",
+    "local_feature": "objectives",
+    "lr_at": "config",
+    "save_checkpoint": "checkpoint",
+    "steps_for_budget": "budget",
+    "total_steps": "config",
+    "trades": "objectives",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

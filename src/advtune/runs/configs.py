@@ -1,0 +1,303 @@
+"""Every job's settings as a frozen dataclass: `TrainRun`, `FinetuneRun`, `AnalyzeRun`, `EvaluateRun`,
+`HardenRun`, `DemoConfig` (the experiment's settings are its YAML). Their fields are the CLI's flags
+and the keys a record stores; each job module (train.py, ...) holds the `run(config)` that carries
+one out. This module imports no torch, so `advtune <command> --help` answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..recipe import PROTOCOL, Recipe
+from ..settings import budget_number, number, setting
+from ..train.config import TrainConfig
+
+# ---------------------------------------------------------------- settings several jobs share
+# One declaration each (help, type, default); a job only says which help group shows it.
+
+
+def eps_setting(group: str | None = None):
+    return setting(None, help="perturbation budget in pixel units, e.g. 0.3 or 8/255", type=number, group=group)
+
+
+def norm_setting(group: str | None = None):
+    return setting("linf", help="threat model norm", choices=("linf", "l2"), group=group)
+
+
+def device_setting():
+    return setting("auto", help="auto | cpu | cuda | cuda:<i>", cli=False)  # the shared --device
+
+
+def seed_setting():
+    return setting(0, help="random seed", cli=False)  # the shared --seed
+
+
+def data_dir_setting(group: str | None = None):
+    """Where a new run's dataset is found."""
+    return setting(
+        None, help="folder holding <dataset>/ (default: $ADVTUNE_DATA, cache, ../shared/data, download)", group=group
+    )
+
+
+def base_data_dir_setting():
+    """Where the dataset of the run a job starts from is found."""
+    return setting(
+        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
+    )
+
+
+def limit_setting(group: str | None = "data"):
+    return setting(None, help="use only the first N training examples", group=group)
+
+
+def limit_test_setting(group: str | None = "data"):
+    return setting(None, help="use only the first N test examples", group=group)
+
+
+def val_setting():
+    return setting(
+        0, help="hold out N training examples (or a fraction < 1) for validation", type=number, group="training"
+    )
+
+
+def budget_setting():
+    return setting(
+        None,
+        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
+        group="training",
+    )
+
+
+def points_setting():
+    return setting(0, help="save this many snapshots along the run under snapshots/", group="training")
+
+
+def eps_warmup_setting(group: str):
+    return setting(
+        None,
+        help="share of training over which eps ramps up from 0 "
+        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
+        type=number,
+        group=group,
+    )
+
+
+def out_setting():
+    return setting(help="run folder to write (runs/<name>)", group="output")
+
+
+def resume_setting(group: str | None = "output", help: str = "continue an interrupted run in --out"):
+    return setting(False, help=help, group=group)
+
+
+def overwrite_setting(group: str | None = "output", help: str = "replace an existing run in --out"):
+    return setting(False, help=help, group=group)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Everything `advtune train` needs; recorded verbatim in config.json. Its fields are the flags."""
+
+    dataset: str = setting(
+        help="mnist, fashion-mnist, cifar10, synthetic, a .npz file or an image folder", group="data"
+    )
+    model: str = setting(
+        help="a zoo model (small-cnn, madry-mnist, lenet5, vgg-cifar, preact-resnet18) or your own: "
+        "path/to/file.py:factory or package.module:factory (a function returning an nn.Module on pixels in "
+        "[0, 1]; it gets input_shape= and num_classes= if its signature names them)"
+    )
+    out: str = out_setting()
+    train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
+    weights: str | None = setting(
+        None,
+        help="start from these weights (a .safetensors file of the model's state_dict); with --epochs 0 the run "
+        "records the model as it is, for evaluate/analyze/harden",
+    )
+    data_dir: str | None = data_dir_setting("data")
+    limit: int | None = limit_setting()
+    limit_test: int | None = limit_test_setting()
+    val: float = val_setting()
+    device: str = device_setting()
+    adversarial: str | None = setting(
+        None,
+        help="train on adversarial examples of this attack spec, e.g. pgd:steps=10",
+        metavar="ATTACK",
+        group="adversarial training",
+    )
+    norm: str = norm_setting("adversarial training")
+    eps: float | None = eps_setting("adversarial training")
+    attack_mode: str = setting(
+        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="adversarial training"
+    )
+    eps_warmup: float | None = eps_warmup_setting("adversarial training")
+    guard: bool | None = setting(
+        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="adversarial training"
+    )
+    budget: int | None = budget_setting()
+    points: int = points_setting()
+    resume: bool = resume_setting()
+    overwrite: bool = overwrite_setting()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["train"] = self.train.to_json()
+        return d
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """Adversarial fine-tuning of a trained run: all parameters, a selection of components, or a
+    random control of equal size, through the one training loop. Its fields are the flags."""
+
+    base: str = setting(help="run folder of the trained model", positional=True)
+    out: str = out_setting()
+    eps: float | None = eps_setting("attack")
+    select: str = setting(
+        "all", help="all | random | layers:<name,...> | <analyze folder> (its --criterion ranking)", group="selection"
+    )
+    share: float = setting(0.1, help="share of components to fine-tune, in (0, 1]", type=number, group="selection")
+    criterion: str = setting("taylor", help="score table of the analyze folder to rank by", group="selection")
+    per_layer: bool = setting(False, help="take the top share within each layer instead of globally", group="selection")
+    attack: str = setting(
+        "pgd:steps=10", help="attack spec (pgd:steps=10, fgsm-rs, ...) or trades[:steps=10,beta=6]", group="attack"
+    )
+    norm: str = norm_setting("attack")
+    attack_mode: str = setting(
+        "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
+    )
+    eps_warmup: float | None = eps_warmup_setting("attack")
+    guard: bool | None = setting(
+        None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
+    )
+    train: TrainConfig = setting(TrainConfig(epochs=1), help="the training settings", cli=False)
+    data_dir: str | None = data_dir_setting("data")
+    limit: int | None = limit_setting()
+    limit_test: int | None = limit_test_setting()
+    val: float = val_setting()
+    monitor: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
+    params: float | None = setting(
+        None,
+        help="parameter budget instead of --share: entries (or a share < 1 of the model's) that the selection may "
+        "train; with random: the matched control",
+        type=budget_number,
+        group="selection",
+    )
+    granularity: str = setting(
+        "unit",
+        help="with --params and an analyze folder: best units, or whole layers",
+        choices=("unit", "layer"),
+        group="selection",
+    )
+    budget: int | None = budget_setting()
+    points: int = points_setting()
+    device: str = device_setting()
+    resume: bool = resume_setting()
+    overwrite: bool = overwrite_setting()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["train"] = self.train.to_json() if self.train is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class AnalyzeRun:
+    """Score every component of a trained run under an attack, on training data (never the test
+    split), and measure how concentrated the adversarial errors are. Its fields are the flags."""
+
+    base: str = setting(help="run folder of the trained model", positional=True)
+    out: str = setting(help="folder to write the analysis to")
+    eps: float | None = eps_setting()
+    attack: str = setting("pgd:steps=20", help="attack spec")
+    norm: str = norm_setting()
+    criteria: tuple[str, ...] = setting(
+        ("activation-shift", "taylor", "restoration"), help="comma list of vulnerability criteria"
+    )
+    granularity: str = setting("channel", help="channel (= unit): one conv channel or linear unit per component")
+    limit: int = setting(2000, help="training examples to score")
+    curve_limit: int = setting(1000, help="training examples for the concentration curve (0: skip)")
+    shares: tuple[float, ...] = setting(
+        (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), help="shares of the concentration curve"
+    )
+    random_seeds: tuple[int, ...] = setting((0, 1, 2), help="seeds of the random shares of the curve")
+    batch_size: int = setting(256, help="examples per batch")
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
+    overwrite: bool = setting(False, help="replace an existing analysis in --out")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateRun:
+    """Evaluate a trained run on its test split under an attack list or a named suite, at one or more
+    eps. Its fields are the flags."""
+
+    run: str = setting(help="run folder of the model to evaluate", positional=True)
+    eps: tuple[float, ...] = setting((), help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255")
+    attacks: str | None = setting(
+        None, help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t"
+    )
+    suite: str | None = setting(
+        None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
+    )
+    norm: str = norm_setting()
+    limit_test: int | None = setting(1000, help="evaluate the first N test examples")
+    batch_size: int = setting(256, help="examples per batch")
+    cascade: bool = setting(
+        True,
+        help="each attack only on the examples still robust, cheapest first (AutoAttack's protocol); "
+        "--no-cascade: every attack on every example, per-attack numbers comparable",
+    )
+    plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
+    name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
+    record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HardenRun:
+    """Everything `advtune harden` needs; recorded verbatim in config.json. Its fields (and the
+    recipe's) are the flags."""
+
+    base: str = setting(help="run folder of the trained model (from advtune train)", positional=True)
+    out: str = setting(help="folder to write the hardened model and its report to")
+    eps: float | None = eps_setting()
+    norm: str = norm_setting()
+    budget: int | None = setting(
+        None,
+        help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
+        "the training attack)",
+    )
+    recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
+    limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
+    limit_test: int = setting(1000, help="test examples for the evaluation")
+    evaluation: str = setting(PROTOCOL, help="attack list of the evaluation (worst case per example)")
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
+    resume: bool = resume_setting(None, "continue an interrupted harden run in --out")
+    overwrite: bool = overwrite_setting(None)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["recipe"] = self.recipe.to_json()
+        return d
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`advtune demo`; its fields are the flags."""
+
+    out: str = setting("runs/demo", help="folder for the demo's runs and report")
+    full: bool = setting(False, help="real sizes instead of the few-minute CPU demo")
+    data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
+    seed: int = seed_setting()
+    device: str = device_setting()
