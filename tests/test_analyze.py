@@ -113,7 +113,7 @@ def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):
                 "1",
                 "--limit",
                 "200",
-                "--monitor",
+                "--monitor-test",
                 "50",
                 "--out",
                 str(out),

@@ -101,7 +101,9 @@ def test_typed_summaries_are_their_records(trained, tmp_path):
     assert a.examples_scored == 64 and "rank_agreement_with_restoration" not in a.to_json()
     assert _as_record(a) == json.loads((tmp_path / "an" / "summary.json").read_text())
     f = finetune_job.run(
-        FinetuneRun(base=str(out), out=str(tmp_path / "ft"), eps=0.2, monitor=0, limit=128, train=TrainConfig(epochs=1))
+        FinetuneRun(
+            base=str(out), out=str(tmp_path / "ft"), eps=0.2, monitor_test=0, limit=128, train=TrainConfig(epochs=1)
+        )
     )
     assert f.pgd10_acc_quick is None and "pgd10_acc_quick" not in f.to_json()
     assert _as_record(f) == json.loads((tmp_path / "ft" / "summary.json").read_text())

@@ -51,7 +51,7 @@ def test_adversarial_training_ramps_eps_by_default_and_says_so(tmp_path, capsys)
                 str(tmp_path / "ft"),
                 "--limit",
                 "100",
-                "--monitor",
+                "--monitor-test",
                 "0",
                 "--quiet",
             ]

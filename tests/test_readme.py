@@ -20,7 +20,7 @@ TINY = {
     "train": ["--limit", "300", "--limit-test", "60"],
     "harden": ["--limit", "300", "--limit-test", "60", "--budget", "6000"],
     "analyze": ["--limit", "100", "--curve-limit", "60"],
-    "finetune": ["--limit", "200", "--monitor", "0"],
+    "finetune": ["--limit", "200", "--monitor-test", "0"],
 }
 
 

@@ -262,10 +262,22 @@ def test_a_nan_loss_stops_training_with_an_error(tmp_path, capsys):
 
 def test_finetune_checks_monitor_before_training(finished, tmp_path, capsys):
     assert (
-        main(["finetune", str(finished), "--eps", "0.1", "--monitor", "-5", "--out", str(tmp_path / "ft"), "--quiet"])
+        main(
+            [
+                "finetune",
+                str(finished),
+                "--eps",
+                "0.1",
+                "--monitor-test",
+                "-5",
+                "--out",
+                str(tmp_path / "ft"),
+                "--quiet",
+            ]
+        )
         == 2
     )
-    assert "--monitor must be" in capsys.readouterr().err and not (tmp_path / "ft").exists()
+    assert "--monitor-test must be" in capsys.readouterr().err and not (tmp_path / "ft").exists()
 
 
 # ---------------------------------------------------------------- the Python API boundary of the attacks
@@ -403,19 +415,3 @@ def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, t
     assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
     assert "was run with other settings" in capsys.readouterr().err
     assert (out / "experiment.json").read_bytes() == record
-
-
-def test_only_the_main_process_creates_or_writes_a_run_folder(tmp_path, monkeypatch):
-    """Under torch.distributed, ranks other than 0 never create, replace or write the record."""
-    import advtune.runs.record as record
-
-    monkeypatch.setattr(record, "is_main_process", lambda: False)
-    rd = RunDir.create(tmp_path / "other-rank")
-    rd.write_json("summary.json", {"x": 1})
-    rd.write_metrics([{"epoch": 1}])
-    rd.done()
-    assert not (tmp_path / "other-rank").exists()
-    monkeypatch.setattr(record, "is_main_process", lambda: True)
-    rd = RunDir.create(tmp_path / "main-rank")
-    rd.write_json("summary.json", {"x": 1})
-    assert (tmp_path / "main-rank" / "summary.json").is_file()

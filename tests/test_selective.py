@@ -304,7 +304,7 @@ def test_finetune_refuses_resume_with_other_settings_and_writing_into_base(tmp_p
         "pgd:steps=1",
         "--limit",
         "64",
-        "--monitor",
+        "--monitor-test",
         "0",
         "--quiet",
     ]

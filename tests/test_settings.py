@@ -19,7 +19,7 @@ from advtune.runs.train import TrainRun
 from advtune.settings import check_keys, from_args, keys
 from advtune.train import TrainConfig
 
-COMMON = {"help", "config", "device", "seed", "quiet", "verbose"}
+COMMON = {"help", "config", "device", "seed", "quiet", "verbose", "dist_backend"}
 JOBS = {
     "train": (TrainRun, TrainConfig),
     "finetune": (FinetuneRun, TrainConfig),

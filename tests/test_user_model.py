@@ -103,7 +103,7 @@ def test_a_factory_model_trains_and_every_command_rebuilds_it(nets, tmp_path, ca
                 str(tmp_path / "ft"),
                 "--limit",
                 "200",
-                "--monitor",
+                "--monitor-test",
                 "0",
                 "--eps-warmup",
                 "0.3",

@@ -10,9 +10,12 @@ one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,6 +49,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
     g.add_argument("--verbose", action="store_true", help="debug logging")
+    g.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=("auto", "gloo", "nccl"),
+        help="under torchrun: the process group's backend (default: auto = nccl on GPUs, gloo on CPU)",
+    )
 
 
 def _train_config(args, base):
@@ -462,8 +471,12 @@ def _setup_logging(args) -> None:
         if getattr(args, "quiet", False)
         else logging.INFO
     )
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    set_progress(not getattr(args, "quiet", False))
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 logs progress and info
+    if rank > 0:
+        level = max(level, logging.WARNING)
+    fmt = "%(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
+    set_progress(not getattr(args, "quiet", False) and rank == 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,9 +486,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _apply_yaml_defaults(parser, argv)
         args = parser.parse_args(argv)
         _setup_logging(args)
-        return COMMANDS[args.command][1](args)
+        from .distributed import session  # torch: only once a command runs, never for --help
+
+        # under torchrun rank 0 prints the results; the other ranks only print errors
+        quiet_rank = contextlib.redirect_stdout(io.StringIO()) if os.environ.get("RANK", "0") != "0" else None
+        with session(getattr(args, "dist_backend", "auto"), getattr(args, "device", "auto")):
+            with quiet_rank or contextlib.nullcontext():
+                return COMMANDS[args.command][1](args)
     except AdvtuneError as e:
-        print(f"advtune: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"advtune: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("advtune: interrupted; continue a training run with --resume", file=sys.stderr)

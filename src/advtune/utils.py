@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import is_main_process, local_device
 from .errors import AdvtuneError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def parse_number(text: str | float | int) -> float:
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """`auto|cpu|cuda|cuda:i` -> torch.device, with a clear error when CUDA is asked for but absent."""
-    spec = (spec or "auto").strip().lower()
+    spec = local_device((spec or "auto").strip().lower())  # under torchrun: this rank's GPU
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
@@ -138,6 +139,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half-written file.
     The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's 0600.
     A full disk or a read-only folder is a one-line AdvtuneError; the temporary file is removed."""
+    if not is_main_process():  # under torch.distributed rank 0 alone writes files (its peers wait at barriers)
+        return
     path = Path(path)
     tmp = None
     try:

@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..distributed import on_main
 from ..errors import AdvtuneError
 from .download import download_files
 from .formats import (
@@ -120,7 +121,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download"
             )
         target = _download_target(data_dir) / spec.folder  # download into the folder the user named
-        download_files(spec, target, mirrors)
+        on_main(lambda: download_files(spec, target, mirrors))  # torchrun: one download, the others wait
         found = _read_if_present(key, target)
         if found is None:
             raise AdvtuneError(f"downloaded {key} into {target} but could not read it")
@@ -149,7 +150,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             "or allow the download"
         )
     target = _download_target(data_dir) / spec.folder
-    download_files(spec, target, mirrors)
+    on_main(lambda: download_files(spec, target, mirrors))  # torchrun: one download, the others wait
     found = _read_if_present(key, target)
     if found is None:
         raise AdvtuneError(f"downloaded {key} into {target} but could not read it")

@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from ..cost import PassCounter
 from ..data import TensorData
+from ..distributed import all_gather, all_max, all_sum, broadcast, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import batches
 from ..threat import ThreatModel
-from ..utils import eval_mode, model_device, model_dtype, progress
+from ..utils import derive_seed, eval_mode, make_generator, model_device, model_dtype, progress
 from .gate import (
     GATE_SAMPLES,
     is_black_box,
@@ -97,6 +98,25 @@ class _Tally:
     status: list[Tensor] = field(default_factory=list)  # per batch, int8 per example
 
 
+@dataclass
+class _Batch:
+    """What one batch of the evaluation found, per example (CPU), kept to reassemble the batches in order."""
+
+    index: int
+    correct: Tensor
+    labels: Tensor
+    checksum: Tensor
+    status: dict[str, Tensor] = field(default_factory=dict)  # per attack: -1 not attacked, 0 held, 1 broken
+    probe: tuple[Tensor, Tensor, Tensor] | None = None  # gate candidates: x, y, example index
+
+
+def _batch_generator(generator: torch.Generator | None, index: int) -> torch.Generator | None:
+    """Batch `index`'s own stream, derived from the caller's generator (None: the global RNG)."""
+    if generator is None:
+        return None
+    return make_generator(derive_seed(generator.initial_seed(), "batch", index), generator.device)
+
+
 def _attack_once(
     model: nn.Module,
     attack: Attack,
@@ -163,21 +183,25 @@ def robust_accuracy(
     started = time.perf_counter()
     counter = PassCounter()
     tallies = {s: _Tally() for s in specs}
+    rank, world = rank_and_world()
     n, classes = 0, None
-    clean_parts, label_parts, sum_parts = [], [], []
-    probe_x, probe_y, probe_idx = [], [], []
+    done: list[_Batch] = []  # this rank's batches; under torch.distributed batch b belongs to rank b % world
+    n_probe = 0
 
     n_known = _length(data)
     total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
-    n_clean = n_alive = 0
+    n_clean = n_alive = n_mine = 0
     with eval_mode(model), counter.attached(model):
         bar = progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate", total=total)
-        for xb, yb in bar:
+        for b, (xb, yb) in enumerate(bar):
             if limit is not None:
                 if n >= limit:
                     break
                 xb, yb = xb[: limit - n], yb[: limit - n]
             if len(xb) == 0:
+                continue
+            offset, n = n, n + len(xb)
+            if b % world != rank:
                 continue
             xb, yb = xb.to(device=device, dtype=dtype), yb.to(device=device, dtype=torch.long)
             if classes is None:
@@ -192,37 +216,49 @@ def robust_accuracy(
             counter.take()
             idx_c = correct.nonzero().flatten()
             xc, yc = xb[idx_c], yb[idx_c]
-            need = GATE_SAMPLES - sum(len(p) for p in probe_y)  # the gate's probe: first clean-correct examples
+            batch = _Batch(b, correct.cpu(), yb.cpu(), xb.flatten(1).double().sum(1).cpu())
+            # the gate's probe: the first clean-correct examples overall; a rank's share of them is a
+            # prefix of its own, so no rank keeps more than GATE_SAMPLES
+            need = GATE_SAMPLES - n_probe
             if need > 0 and len(idx_c):
-                probe_x.append(xc[:need])
-                probe_y.append(yc[:need])
-                probe_idx.append((idx_c[:need] + n).cpu())
+                batch.probe = (xc[:need].cpu(), yc[:need].cpu(), (idx_c[:need] + offset).cpu())
+                n_probe += len(batch.probe[1])
+            # random attacks draw from a stream of their batch's own, so the numbers do not depend on how
+            # the batches were split over processes
+            gen = _batch_generator(generator, b)
             alive = torch.ones(len(xc), dtype=torch.bool, device=device)
             for a, s in zip(attacks, specs):
                 status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
                 run = alive.nonzero().flatten() if cascade else torch.arange(len(xc), device=device)
                 if len(run):
-                    hit = _attack_once(model, a, s, xc[run], yc[run], threat, generator, counter, tallies[s])
+                    hit = _attack_once(model, a, s, xc[run], yc[run], threat, gen, counter, tallies[s])
                     alive[run[hit]] = False
                     status[idx_c[run].cpu()] = hit.to(torch.int8).cpu()
-                tallies[s].status.append(status)
-            clean_parts.append(correct.cpu())
-            label_parts.append(yb.cpu())
-            sum_parts.append(xb.flatten(1).double().sum(1).cpu())
-            n += len(xb)
+                batch.status[s] = status
+            done.append(batch)
+            n_mine += len(xb)
             n_clean, n_alive = n_clean + len(idx_c), n_alive + int(alive.sum())
             if hasattr(bar, "set_postfix"):  # what the log line (or the bar) says so far
-                bar.set_postfix(clean=f"{n_clean / n:.1%}", robust=f"{n_alive / n:.1%}", n=n)
+                bar.set_postfix(clean=f"{n_clean / n_mine:.1%}", robust=f"{n_alive / n_mine:.1%}", n=n)
 
         if n == 0:
             raise AdvtuneError("no examples to evaluate (empty data); check the dataset split or the limit")
+        if world > 1:  # every rank's batches, back in order; costs summed, times and perturbations the max
+            done = sorted((bt for part in all_gather(done) for bt in part), key=lambda bt: bt.index)
+            for s in specs:
+                t = tallies[s]
+                t.grads, t.fwds = (int(v) for v in all_sum([t.grads, t.fwds]))
+                t.seconds, t.max_pert = all_max([t.seconds, t.max_pert])
+        for bt in done:
+            for s in specs:
+                tallies[s].status.append(bt.status[s])
         result = _summarise(
             threat,
             specs,
             tallies,
-            torch.cat(clean_parts),
-            torch.cat(label_parts),
-            torch.cat(sum_parts),
+            torch.cat([bt.correct for bt in done]),
+            torch.cat([bt.labels for bt in done]),
+            torch.cat([bt.checksum for bt in done]),
             generator,
             cascade,
         )
@@ -235,18 +271,26 @@ def robust_accuracy(
             threat,
         )
         if gate:
-            cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
-            result.suspect = masking_gate(
-                model,
-                cat(probe_x),
-                cat(probe_y),
-                threat,
-                result,
-                attacks=attacks,
-                probe_idx=cat(probe_idx),
-                generator=generator,
-            )
-            result.gate_grad_evals = counter.take()[0]
+            probes = [bt.probe for bt in done if bt.probe is not None]
+
+            def cat(i: int):
+                return torch.cat([p[i] for p in probes])[:GATE_SAMPLES].to(device) if probes else None
+
+            def run_gate():
+                suspect = masking_gate(
+                    model,
+                    cat(0),
+                    cat(1),
+                    threat,
+                    result,
+                    attacks=attacks,
+                    probe_idx=cat(2),
+                    generator=generator,
+                )
+                return suspect, counter.take()[0]
+
+            # rank 0 runs the gate on the same probe one process would use; every rank gets its verdict
+            result.suspect, result.gate_grad_evals = broadcast(on_main(run_gate))
     _sync(device)
     result.total_wall_s = time.perf_counter() - started
     return result

@@ -15,7 +15,7 @@ from ..attacks import PGD
 from ..components import model_params
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
-from ..distributed import is_main_process
+from ..distributed import check_global_batch, is_main_process
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
 from ..train import (
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 def with_budget(cfg, budget: int | None, objective, n_train: int, model=None, example=None):
     """`cfg` with steps set so that training spends `budget` gradient evaluations (attack steps
-    + the update, per example; a local objective's block passes by their FLOPs share)."""
-
+    + the update, per example; a local objective's block passes by their FLOPs share). Under torchrun
+    the batch must split over the processes: checked here, before any run folder exists."""
+    check_global_batch(cfg.batch_size)
     if budget is None:
         return cfg
     per = cost_per_example(objective, model, example)

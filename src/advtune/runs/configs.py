@@ -174,7 +174,7 @@ class FinetuneRun:
     limit: int | None = limit_setting()
     limit_test: int | None = limit_test_setting()
     val: float = val_setting()
-    monitor: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
+    monitor_test: int = setting(500, help="test examples for the quick PGD-10 monitor (0: off)", group="attack")
     params: float | None = setting(
         None,
         help="parameter budget instead of --share: entries (or a share < 1 of the model's) that the selection may "

@@ -9,6 +9,7 @@ import time
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
+from ..distributed import barrier, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..evaluation import eps_curve, robust_accuracy, suite
 from ..report import plot_eps_curve
@@ -90,6 +91,7 @@ def run(run: EvaluateRun) -> dict:
             "examples": len(x),
             "config": config,
             "versions": versions(),
+            "processes": rank_and_world()[1],  # torchrun: the examples were split over this many
             "wall_s": time.perf_counter() - t0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -99,7 +101,7 @@ def run(run: EvaluateRun) -> dict:
         + "_".join(f"{e:.4g}" for e in run.eps)
     )
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:120]
-    if run.record_dir:
+    if run.record_dir and is_main_process():
         RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
     path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(label))
     if curve is not None and run.plot:
@@ -109,6 +111,7 @@ def run(run: EvaluateRun) -> dict:
         )
         record["plot"] = png.name
     atomic_write_json(path, record)
+    barrier()  # under torchrun: every rank returns once rank 0 has written the record
     record["path"] = str(path)
     return record
 

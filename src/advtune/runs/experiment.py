@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from .. import filenames as files
+from ..distributed import on_main
 from ..errors import AdvtuneError
 from ..hardening import Recipe
 from ..settings import check_keys, keys
@@ -66,7 +67,18 @@ TRAIN_KEYS = keys(TrainConfig, exclude={"seed"})
 VARIANT_KEYS = (
     keys(
         FinetuneRun,
-        exclude={"base", "out", "norm", "data_dir", "limit_test", "val", "monitor", "device", "resume", "overwrite"},
+        exclude={
+            "base",
+            "out",
+            "norm",
+            "data_dir",
+            "limit_test",
+            "val",
+            "monitor_test",
+            "device",
+            "resume",
+            "overwrite",
+        },
     )
     | keys(TrainRun, only={"model"})
     | {"name", "kind", "notes", "reference", "recipe", "params_like"}
@@ -242,7 +254,7 @@ def run(
 
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
     seed = int(cfg.get("seed", 0))
     device = device or cfg.get("device", "auto")
     data_dir = cfg.get("data_dir") or cfg["base"].get("data_dir")
@@ -395,7 +407,7 @@ def run(
                         granularity=v.get("granularity", "unit"),
                         budget=_budget(v),
                         points=_points(v),
-                        monitor=0,
+                        monitor_test=0,
                         device=device,
                         resume=started(folder),
                         overwrite=folder.exists() and not started(folder),
@@ -432,7 +444,7 @@ def run(
             atomic_write_text(
                 folder / files.evaluation(EVAL_NAME), (final_snap / files.evaluation(EVAL_NAME)).read_text()
             )
-            record = read_json(folder / files.evaluation(EVAL_NAME), "evaluation")
+            record = read_json(final_snap / files.evaluation(EVAL_NAME), "evaluation")  # what every rank can read
         else:
             record = protocol(model_dir, folder)
         if kind == "standard" and model_dir != folder:

@@ -66,8 +66,8 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
-    if isinstance(run.monitor, bool) or not isinstance(run.monitor, int) or run.monitor < 0:
-        raise AdvtuneError(f"--monitor must be a number of test examples >= 0 (0: off), got {run.monitor!r}")
+    if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
+        raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if cfg.epochs == 0 and run.budget is None:
         raise AdvtuneError(
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
@@ -131,8 +131,8 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
     quick, n_quick = None, None
-    if run.monitor:
-        n_quick = min(run.monitor, len(ds.test))
+    if run.monitor_test:
+        n_quick = min(run.monitor_test, len(ds.test))
         quick = quick_robust_acc(model, ds.test.take(n_quick), threat, cfg.seed)
     summary = FinetuneSummary(
         test_acc,

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..components import layers
+from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..hardening import (
     check_budget,
@@ -93,6 +94,7 @@ def run(run: HardenRun) -> HardenSummary:
             raise AdvtuneError(
                 f"--resume with different settings ({', '.join(changed)}); use the original flags or a new --out"
             )
+    check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
     if not rd.file(files.CONFIG).is_file():
         rd.write_config(
@@ -152,7 +154,7 @@ def run(run: HardenRun) -> HardenSummary:
         data_dir=run.data_dir,
         limit=run.limit,
         limit_test=run.limit_test,
-        monitor=0,
+        monitor_test=0,
         budget=budget,
         device=run.device,
         resume=(out / "finetune" / files.CONFIG).is_file(),

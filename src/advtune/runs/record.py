@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import filenames as files
 from ..cost import CostMeter
-from ..distributed import is_main_process
+from ..distributed import barrier, is_main_process, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..utils import (
     atomic_write_json,
@@ -49,9 +49,12 @@ class RunDir:
         if str(path).strip() in ("", ".", "./"):
             raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
         run = cls(path)
-        p = run.path
-        if not run.writer:  # other ranks never create, replace or lock the folder
-            return run
+        # rank 0 alone checks, creates, replaces and locks the folder; a refusal stops every rank with it
+        on_main(lambda: run._create(resume=resume, overwrite=overwrite))
+        return run
+
+    def _create(self, *, resume: bool, overwrite: bool) -> None:
+        run, p = self, self.path
         if p.exists() and not p.is_dir():
             raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
         if p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):
@@ -85,7 +88,6 @@ class RunDir:
         left = remove_orphan_tmp(p)
         if left:
             log.info("removed %d temporary file(s) an interrupted write left in %s", len(left), p)
-        return run
 
     def _lock(self) -> None:
         """Take the folder's writer lock, or refuse with the holder's pid."""
@@ -118,10 +120,13 @@ class RunDir:
         _HELD[key] = fd
 
     def done(self) -> None:
-        """The new run is complete: delete the run it replaced (kept aside until now)."""
+        """The new run is complete: delete the run it replaced (kept aside until now). Under
+        torch.distributed every rank waits here until rank 0 has written everything, so the next job
+        (or a peer) reads a finished run."""
         if self.writer and self.aside is not None and self.aside.is_dir():
             shutil.rmtree(self.aside, ignore_errors=True)
         self.aside = None
+        barrier()
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -134,7 +139,12 @@ class RunDir:
         return read_json(self.path / name, name)
 
     def write_config(self, config: dict) -> None:
-        record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **config, "versions": versions()}
+        record = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **config,
+            "versions": versions(),
+            "processes": rank_and_world()[1],  # torchrun: the work was split over this many
+        }
         self.write_json(files.CONFIG, record)
 
     def write_metrics(self, rows: list[dict]) -> None:

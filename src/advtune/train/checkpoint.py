@@ -62,7 +62,7 @@ def save_checkpoint(
     atomic_write_bytes(path, buf.getvalue())
 
 
-RESUMABLE_CHANGES = ("epochs", "checkpoint_every")  # the training settings a resume may change
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "compile")  # the training settings a resume may change
 
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:

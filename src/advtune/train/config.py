@@ -35,6 +35,18 @@ class TrainConfig:
     eval_batch_size: int = setting(512, help="batch size of the accuracy checks", group="training")
     checkpoint_every: int = setting(0, help="also checkpoint every N steps (0: at epoch ends only)", group="training")
     val_attack_limit: int = setting(500, help="validation examples attacked after each epoch", group="training")
+    amp: Literal["off", "bf16", "fp16"] = setting(
+        "off",
+        help="mixed precision (autocast) of training and its attacks: bf16 (CPU or GPU) or fp16 (GPU, with a "
+        "gradient scaler); the adversarial examples' step and projection stay float32, evaluation is always float32",
+        choices=("off", "bf16", "fp16"),
+        group="training",
+    )
+    compile: bool = setting(
+        False,
+        help="torch.compile the model for training (opt-in: no gain measured on CPU for attack+update steps)",
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -66,6 +78,8 @@ class TrainConfig:
             raise AdvtuneError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.weight_decay < 0 or not (0 <= self.momentum < 1):
             raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise AdvtuneError(f"unknown --amp {self.amp!r}; use off, bf16 or fp16")
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 

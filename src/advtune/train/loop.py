@@ -13,7 +13,7 @@ from torch import nn
 from .. import filenames as files
 from ..cost import CostMeter
 from ..data import TensorData, num_batches
-from ..distributed import rank_and_world
+from ..distributed import broadcast_state, check_global_batch, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import as_tensor_data
 from ..metrics import accuracy, robust_accuracy_quick
@@ -87,14 +87,24 @@ def fit(
     rank, world = rank_and_world()
     meter = meter if meter is not None else CostMeter()
     example = train.to_float(train.x[:1], device)
+    broadcast_state(model)  # every rank starts from rank 0's weights (before the frozen entries are recorded)
+    autocast_dtype = amp_dtype(cfg.amp, device)  # fp16 without CUDA: refused before any step
+    if autocast_dtype is not None and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # where mixed precision helps: tensor-core convolutions
     trainable = Trainable(model, selection, example)
     try:
         params = trainable.params()
         opt = _make_optimizer(params, cfg)
+        # fp16 gradients underflow without a scale; bf16 has float32's range and needs none
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        step_model = torch.compile(model) if cfg.compile else model  # shares model's parameters
         if not meter.flops_forward:
             meter.measure_model(model, tuple(train.x.shape[1:]))
         meter.trainable_params = trainable.count()
-        steps_per_epoch = num_batches(len(train) // world, cfg.batch_size)
+        # --batch-size is the global batch: each of the `world` ranks takes its share of every step's
+        # examples, so N processes take the same steps, on the same examples, as one process
+        local_batch = check_global_batch(cfg.batch_size)
+        steps_per_epoch = num_batches(len(train) // world, local_batch)
         total = total_steps(cfg, steps_per_epoch)
         n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
         history = History()
@@ -115,7 +125,7 @@ def fit(
             meter.start()
             gen = make_generator(derive_seed(cfg.seed, "epoch", epoch))
             batches = train.batches(
-                cfg.batch_size, shuffle=True, generator=gen, device=device, start=step, rank=rank, world_size=world
+                local_batch, shuffle=True, generator=gen, device=device, start=step, rank=rank, world_size=world
             )
             bar = progress(
                 batches,
@@ -127,7 +137,8 @@ def fit(
             for x, y in bar:
                 if epoch * steps_per_epoch + step >= total:
                     break
-                g = make_generator(derive_seed(cfg.seed, "step", epoch, step), device)
+                # each rank draws its own attack noise (one process: the same stream as always)
+                g = make_generator(derive_seed(cfg.seed, "step", epoch, step, *([rank] if world > 1 else [])), device)
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -136,7 +147,8 @@ def fit(
                     if hasattr(objective, "at")
                     else objective
                 )
-                out = step_objective(model, x, y, generator=g)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)):
+                    out = step_objective(step_model, x, y, generator=g)
                 if not bool(torch.isfinite(out["loss"])):  # never train on (or save) a NaN model
                     raise AdvtuneError(
                         f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step "
@@ -144,11 +156,15 @@ def fit(
                         "lower the learning rate (--lr) or check the data for NaN/huge values"
                     )
                 opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
                 trainable.mask_grads()
                 if world > 1:
                     _all_reduce_grads(params, world)
-                opt.step()
+                if scaler:  # skips the step when the scaled gradients overflowed, then adapts the scale
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 trainable.restore_frozen()
                 with torch.no_grad():
                     acc_state[0] += out["loss"].detach() * len(y)
@@ -156,10 +172,12 @@ def fit(
                         acc_state[1] += (out["logits"].argmax(1) == y).sum()
                         n_classes = out["logits"].shape[1]
                     acc_state[2] += len(y)
+                # costs count every rank's examples (the shards are equal: local x world is exact), so a
+                # record says the same whatever the number of processes
                 if block_fraction is None:
-                    meter.add_update(len(y), attack_ge)
+                    meter.add_update(len(y) * world, attack_ge)
                 else:  # partial passes through an early block, counted in full-network equivalents
-                    meter.add_partial(len(y), attack_ge + objective.update_passes(), block_fraction)
+                    meter.add_partial(len(y) * world, attack_ge + objective.update_passes(), block_fraction)
                 step += 1
                 if on_step is not None:
                     meter.stop()
@@ -182,6 +200,7 @@ def fit(
                     save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
                     meter.start()
             meter.stop()
+            broadcast_state(model, buffers_only=True)  # BatchNorm statistics: rank 0's, on every rank
             totals = _reduce(acc_state, world)
             record = {
                 "epoch": epoch + 1,
@@ -215,6 +234,15 @@ def fit(
         return history
     finally:
         trainable.close()
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `--amp` on `device` (None: off); fp16 without CUDA is a one-line error."""
+    if amp == "off":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise AdvtuneError("--amp fp16 needs a CUDA device (its gradient scaler is CUDA's); use --amp bf16 on CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _zero_acc(device) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""Scale-out: training and evaluation throughput with 1 vs N processes (torchrun, gloo on CPU), as
+ratios measured in one run, and — only when a GPU is present — the CIFAR-10 GPU suite of issue 9.
+
+    .venv/bin/python bench/scale.py                       # CPU: 1 vs 2 processes
+    .venv/bin/python bench/scale.py --gpu-suite           # on a CUDA machine: preact-resnet18 at 8/255
+
+CPU: the same adversarial training (PGD-3, global batch 128) and the same evaluation, first in one
+process with all the cores, then in N processes with cores/N threads each, so the machine does the
+same arithmetic both ways; examples/s comes from the runs' own records (cost.json, eval-*.json).
+The GPU suite trains FGSM-RS (fast AT) and PGD-10 adversarial training from scratch and hardens a
+standard model with `advtune harden`, then evaluates each with APGD-CE + APGD-T on 1000 test images,
+recording wall time, gradient evaluations, robust accuracy and the GPU's name next to the published
+fast-AT anchor (Wong et al. 2020, PreAct ResNet-18: FGSM-RS 12 min, 46.06% PGD-20 / 43.21% AutoAttack;
+PGD-7 AT 4966 min). Nothing in the project depends on a GPU; this only measures one when there is.
+Writes bench/out/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ANCHOR = {
+    "source": "Wong, Rice, Kolter 2020 (Fast is better than free), PreAct ResNet-18, CIFAR-10, eps 8/255",
+    "fgsm_rs_minutes": 12,
+    "fgsm_rs_pgd20": 0.4606,
+    "fgsm_rs_autoattack": 0.4321,
+    "pgd7_minutes": 4966,
+}
+
+
+def run(cmd: list[str], cwd: Path, threads: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def launcher(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [str(BIN / "advtune")]
+    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "advtune"]
+
+
+def cpu_scale(args, work: Path) -> list[dict]:
+    data = ["--dataset", args.dataset, "--limit", str(args.examples), "--limit-test", str(args.test)]
+    if args.data_dir:
+        data += ["--data-dir", args.data_dir]
+    base = work / "base"
+    run(
+        [str(BIN / "advtune"), "train", *data, "--model", "small-cnn", "--epochs", "1", "--out", str(base), "--quiet"],
+        work,
+        args.cores,
+    )
+    rows = []
+    for nproc in (1, args.nproc):
+        threads = max(1, args.cores // nproc)
+        out = work / f"at-{nproc}"
+        wall = run(
+            [
+                *launcher(nproc),
+                "train",
+                *data,
+                "--model",
+                "small-cnn",
+                "--adversarial",
+                "pgd:steps=3",
+                "--eps",
+                str(args.eps),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                "128",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            work,
+            threads,
+        )
+        cost = json.loads((out / "cost.json").read_text())
+        ev_wall = run(
+            [
+                *launcher(nproc),
+                "evaluate",
+                str(base),
+                "--eps",
+                str(args.eps),
+                "--attacks",
+                "pgd:steps=20,apgd-ce",
+                "--limit-test",
+                str(args.test),
+                "--name",
+                f"scale{nproc}",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            work,
+            threads,
+        )
+        ev = json.loads((base / f"eval-scale{nproc}.json").read_text())
+        rows.append(
+            {
+                "processes": nproc,
+                "threads_each": threads,
+                "train_examples_per_s": cost["examples"] / cost["wall_s"],
+                "train_grad_evals": cost["grad_evals"],
+                "train_wall_s": cost["wall_s"],
+                "train_command_s": wall,
+                "eval_examples_per_s": ev["examples"] / ev["total_wall_s"],
+                "eval_worst_case": ev["worst_case_accuracy"],
+                "eval_command_s": ev_wall,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    one, many = rows
+    for k in ("train_examples_per_s", "eval_examples_per_s"):
+        many[f"{k}_ratio"] = many[k] / one[k]
+    return rows
+
+
+def gpu_suite(args, work: Path) -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-suite needs a CUDA GPU; this machine has none")
+    gpu = torch.cuda.get_device_name(0)
+    eps = "8/255"
+    common = ["--dataset", "cifar10", "--model", "preact-resnet18", "--device", "cuda", "--quiet"]
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    ev = ["--eps", eps, "--attacks", "apgd-ce,apgd-t:n_target_classes=9", "--limit-test", "1000", "--name", "suite"]
+    jobs = {
+        "fgsm-rs": [
+            "train",
+            *common,
+            "--adversarial",
+            "fgsm-rs",
+            "--eps",
+            eps,
+            "--epochs",
+            "15",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.2",
+            "--schedule",
+            "onecycle",
+            "--batch-size",
+            "128",
+            "--amp",
+            args.amp,
+        ],
+        "pgd10-at": [
+            "train",
+            *common,
+            "--adversarial",
+            "pgd:steps=10",
+            "--eps",
+            eps,
+            "--epochs",
+            str(args.pgd_epochs),
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--schedule",
+            "cosine",
+            "--batch-size",
+            "128",
+            "--amp",
+            args.amp,
+        ],
+        "standard": [
+            "train",
+            *common,
+            "--epochs",
+            "30",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--schedule",
+            "cosine",
+            "--batch-size",
+            "128",
+            "--amp",
+            args.amp,
+        ],
+    }
+    rows = []
+    for name, cmd in jobs.items():
+        wall = run([str(BIN / "advtune"), *cmd, "--out", str(work / name)], work, 8)
+        run([str(BIN / "advtune"), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
+        rows.append(_gpu_row(name, work / name, wall, gpu))
+    wall = run(
+        [
+            str(BIN / "advtune"),
+            "harden",
+            str(work / "standard"),
+            "--eps",
+            eps,
+            "--device",
+            "cuda",
+            "--out",
+            str(work / "harden"),
+            "--quiet",
+        ],
+        work,
+        8,
+    )
+    run([str(BIN / "advtune"), "evaluate", str(work / "harden"), *ev, "--device", "cuda", "--quiet"], work, 8)
+    rows.append(_gpu_row("harden (of standard)", work / "harden", wall, gpu))
+    return rows
+
+
+def _gpu_row(name: str, folder: Path, wall: float, gpu: str) -> dict:
+    cost = json.loads((folder / "cost.json").read_text())
+    ev = json.loads((folder / "eval-suite.json").read_text())
+    row = {
+        "job": name,
+        "gpu": gpu,
+        "wall_min": wall / 60,
+        "grad_evals": cost.get("grad_evals"),
+        "clean": ev["clean_accuracy"],
+        "robust_worst_case": ev["worst_case_accuracy"],
+        "n": ev["examples"],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nproc", type=int, default=2, help="processes to compare with one (default: 2)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="threads of the 1-process run")
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--examples", type=int, default=4096, help="training examples (default: 4096)")
+    ap.add_argument("--test", type=int, default=500, help="test examples evaluated (default: 500)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--gpu-suite", action="store_true", help="also run the CIFAR-10 GPU suite (needs CUDA)")
+    ap.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"), help="precision of the GPU suite")
+    ap.add_argument("--pgd-epochs", type=int, default=10, help="PGD-10 AT epochs in the GPU suite")
+    ap.add_argument("--out", default="bench/out/scale.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="advtune-scale-"))
+    try:
+        record = {
+            "machine": platform.processor() or platform.machine(),
+            "cores": args.cores,
+            "cpu": cpu_scale(args, work),
+        }
+        if args.gpu_suite:
+            record["gpu"] = gpu_suite(args, work)
+            record["anchor"] = ANCHOR
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    one, many = record["cpu"]
+    print(
+        f"\ntraining: {one['train_examples_per_s']:.0f} -> {many['train_examples_per_s']:.0f} examples/s "
+        f"({many['train_examples_per_s_ratio']:.2f}x with {many['processes']} processes); evaluation: "
+        f"{one['eval_examples_per_s']:.1f} -> {many['eval_examples_per_s']:.1f} examples/s "
+        f"({many['eval_examples_per_s_ratio']:.2f}x); worst case {one['eval_worst_case']:.4f} vs "
+        f"{many['eval_worst_case']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
