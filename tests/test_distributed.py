@@ -262,3 +262,14 @@ def test_no_advtune_flag_is_taken_by_torchrun():
                 if o != "--help" and any(t.startswith(o) for t in theirs)
             ]
     assert taken == []
+
+
+def test_ddp_harden_composes_every_job_and_writes_one_report(trained):
+    """harden = analyze -> finetune -> evaluate x2 -> report: every hand-over between jobs waits for
+    rank 0's records, and the report (which reads back its figures) is written once."""
+    r = two(trained, "harden", "single", "--eps", "0.1", "--limit", "256", "--limit-test", "100", "--budget", "3000",
+            "--out", "hard", "--device", "cpu", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((trained / "hard" / "summary.json").read_text())
+    assert s["after"]["robust_acc"] >= 0 and (trained / "hard" / "report.html").is_file()
+    assert r.stdout.count("-> ") == 1  # rank 0 alone reports

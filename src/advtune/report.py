@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from . import filenames as files
+from .distributed import on_main
 from .errors import AdvtuneError
 from .frontier import PLATEAU_TOLERANCE, curves, reference_plateau
 from .frontier import findings as frontier_findings
@@ -628,13 +629,20 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def _guarded(fn, folder, how: str) -> dict[str, Path]:
-    try:
-        return fn(folder)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise AdvtuneError(
-            f"{folder}: its records are incomplete or corrupt ({type(e).__name__}: {e}); "
-            f"re-run `{how} {folder}` to complete them"
-        ) from None
+    """Write a report: rank 0 alone under torchrun (it reads back the figures it wrote), a corrupt
+    record as a one-line error on every rank; every rank gets the report's paths."""
+
+    def write() -> None:
+        try:
+            fn(folder)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise AdvtuneError(
+                f"{folder}: its records are incomplete or corrupt ({type(e).__name__}: {e}); "
+                f"re-run `{how} {folder}` to complete them"
+            ) from None
+
+    on_main(write)
+    return {"html": Path(folder) / files.REPORT_HTML, "md": Path(folder) / files.REPORT_MD}
 
 
 def _selections(folder: Path, rows: list[dict], eps: float | None, colors: Mapping[str, tuple]) -> dict:
@@ -973,7 +981,11 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
 def write_run_report(folder: str | os.PathLike, info_text: str, metrics: list[dict]) -> dict[str, Path]:
     """report.html (self-contained) and report.md of one run folder (train, finetune, analyze): what
     it recorded (`info_text`, from the run's records), its training curve, and every plot it holds."""
-    folder = Path(folder)
+    on_main(lambda: _write_run_report(Path(folder), info_text, metrics))  # torchrun: rank 0 writes
+    return {"html": Path(folder) / files.REPORT_HTML, "md": Path(folder) / files.REPORT_MD}
+
+
+def _write_run_report(folder: Path, info_text: str, metrics: list[dict]) -> None:
     figs: list[tuple[str, Path]] = []
     if metrics:
         figs.append(("Training: loss and accuracy per epoch", plot_training(metrics, folder / "training.png")))
@@ -988,7 +1000,6 @@ def write_run_report(folder: str | os.PathLike, info_text: str, metrics: list[di
     title = f"advtune run: {folder.name}"
     blocks = [f"<h1>{esc(title)}</h1><pre>{esc(info_text)}</pre>", _figures_html(figs)]
     atomic_write_text(folder / files.REPORT_HTML, _page(title, blocks))
-    return {"html": folder / files.REPORT_HTML, "md": folder / files.REPORT_MD}
 
 
 def plot_training(metrics: list[dict], path: str | os.PathLike) -> Path:
