@@ -233,13 +233,13 @@ def test_a_taken_out_folder_stops_every_rank_with_the_same_error(trained):
 
 def test_ddp_analyze_gives_the_one_process_scores(trained):
     args = ["analyze", "single", "--eps", "0.2", "--attack", "pgd:steps=3", "--criteria", "taylor,activation-shift"]
-    args += ["--limit", "128", "--curve-limit", "0", "--batch-size", "32", "--quiet"]
+    args += ["--limit", "64", "--curve-limit", "0", "--batch-size", "16", "--quiet"]
     r1 = one(trained, *args, "--out", "an1")
     r2 = two(trained, *args, "--out", "an2")
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
     for crit in ("taylor", "activation-shift"):
         a, b = (json.loads((trained / f / f"scores-{crit}.json").read_text()) for f in ("an1", "an2"))
-        assert a["components"] == b["components"] and a["metadata"]["n_samples"] == b["metadata"]["n_samples"] == 128
+        assert a["components"] == b["components"] and a["metadata"]["n_samples"] == b["metadata"]["n_samples"] == 64
         assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) < 1e-6 * max(map(abs, a["scores"]))
 
 
@@ -267,8 +267,8 @@ def test_no_advtune_flag_is_taken_by_torchrun():
 def test_ddp_harden_composes_every_job_and_writes_one_report(trained):
     """harden = analyze -> finetune -> evaluate x2 -> report: every hand-over between jobs waits for
     rank 0's records, and the report (which reads back its figures) is written once."""
-    r = two(trained, "harden", "single", "--eps", "0.1", "--limit", "256", "--limit-test", "100", "--budget", "3000",
-            "--out", "hard", "--device", "cpu", "--quiet")  # fmt: skip
+    r = two(trained, "harden", "single", "--eps", "0.1", "--limit", "128", "--limit-test", "50", "--budget", "1000",
+            "--analysis-limit", "128", "--out", "hard", "--device", "cpu", "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((trained / "hard" / "summary.json").read_text())
     assert s["after"]["robust_acc"] >= 0 and (trained / "hard" / "report.html").is_file()
