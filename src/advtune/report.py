@@ -970,7 +970,8 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
                 textcoords="offset points",
             )
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    short = short_layer_names(names)
+    ax.set_xticklabels([short[n] for n in names], fontsize=8)
     ax.set_ylabel("units trained (%)")
     ax.set_ylim(0, 110)
     ax.set_title("Selected units per layer (labels: trained parameters)", fontsize=9)
