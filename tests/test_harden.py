@@ -67,6 +67,9 @@ def hardened(base):
 def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardened, capsys):
     s = json.loads((hardened / "summary.json").read_text())
     assert s["after"]["robust_acc"] > s["before"]["robust_acc"] + 0.2
+    # --limit 600 caps the analysis as well as the fine-tuning (the recipe alone would score 1000)
+    assert s["analysis_examples"] == 600
+    assert json.loads((hardened / "analysis" / "summary.json").read_text())["examples_scored"] == 600
     assert s["after"]["clean_acc"] >= 0.9
     # the parameter budget holds on the weights themselves: count the entries that changed
     before, _ = load_model(base / "base")

@@ -901,7 +901,8 @@ def _write_harden_report(folder: str | os.PathLike) -> dict[str, Path]:
     recipe = s.get("recipe", {})
     recipe_line = (
         f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
-        f"(analysis: {recipe.get('analysis_attack')} on {recipe.get('analysis_limit')} training images) within "
+        f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
+        "training images) within "
         f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
         f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr "
         f"{recipe.get('lr')}, "

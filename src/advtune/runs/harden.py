@@ -116,10 +116,12 @@ def run(run: HardenRun) -> HardenSummary:
     )
     # -- 1. the vulnerability analysis
     analysis = out / files.ANALYSIS
+    # --limit caps the analysis too (it scores the first training examples)
+    n_analysis = min(run.recipe.analysis_limit, len(ds.train))
     if not (analysis / files.SUMMARY).is_file():
         print(
             f"[1/4] analysis: {run.recipe.criterion} scores under {run.recipe.analysis_attack} on "
-            f"{min(run.recipe.analysis_limit, len(ds.train))} training examples"
+            f"{n_analysis} training examples"
         )
         analyze_job.run(
             AnalyzeRun(
@@ -129,8 +131,8 @@ def run(run: HardenRun) -> HardenSummary:
                 attack=run.recipe.analysis_attack,
                 norm=run.norm,
                 criteria=(run.recipe.criterion,),
-                limit=run.recipe.analysis_limit,
-                curve_limit=min(run.recipe.analysis_limit, 1000),
+                limit=n_analysis,
+                curve_limit=min(n_analysis, 1000),
                 seed=run.seed,
                 data_dir=run.data_dir,
                 device=run.device,
@@ -240,6 +242,7 @@ class HardenSummary:
     budget: int  # fine-tuning gradient evaluations
     cost: dict  # base training, analysis, fine-tuning and evaluation gradient evaluations, wall times
     concentration: list | None  # the analysis' concentration curve
+    analysis_examples: int | None = None  # training examples the analysis scored
     report: str | None = None  # report.html, once written
 
     def to_json(self) -> dict:
@@ -293,6 +296,7 @@ def summarise(
             + sum(before.get("grad_evals", {}).values()),
         },
         "concentration": a_sum.get("criteria", {}).get(run.recipe.criterion, {}).get("curve"),
+        "analysis_examples": a_sum.get("examples_scored"),
     }
     return HardenSummary(**record)
 
