@@ -22,8 +22,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# test files run in parallel, one worker per core (a file's tests stay together: they share fixtures)
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not reference"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not reference"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
