@@ -4,7 +4,8 @@ ratios measured in one run, and — only when a GPU is present — the CIFAR-10 
     .venv/bin/python bench/scale.py                       # CPU: 1 vs 2 processes
     .venv/bin/python bench/scale.py --gpu-suite           # on a CUDA machine: preact-resnet18 at 8/255
 
-CPU: the same adversarial training (PGD-3, global batch 128) and the same evaluation, first in one
+CPU: the same adversarial training (PGD-3, global batch 128) and the same evaluation (PGD-20 and
+APGD-CE against the adversarially trained model, so the attacks have work to do), first in one
 process with all the cores, then in N processes with cores/N threads each, so the machine does the
 same arithmetic both ways; examples/s comes from the runs' own records (cost.json, eval-*.json).
 The GPU suite trains FGSM-RS (fast AT) and PGD-10 adversarial training from scratch and hardens a
@@ -57,12 +58,6 @@ def cpu_scale(args, work: Path) -> list[dict]:
     data = ["--dataset", args.dataset, "--limit", str(args.examples), "--limit-test", str(args.test)]
     if args.data_dir:
         data += ["--data-dir", args.data_dir]
-    base = work / "base"
-    run(
-        [str(BIN / "advtune"), "train", *data, "--model", "small-cnn", "--epochs", "1", "--out", str(base), "--quiet"],
-        work,
-        args.cores,
-    )
     rows = []
     for nproc in (1, args.nproc):
         threads = max(1, args.cores // nproc)
@@ -92,11 +87,12 @@ def cpu_scale(args, work: Path) -> list[dict]:
             threads,
         )
         cost = json.loads((out / "cost.json").read_text())
+        # both evaluations attack the same model: the one the single process trained
         ev_wall = run(
             [
                 *launcher(nproc),
                 "evaluate",
-                str(base),
+                str(work / "at-1"),
                 "--eps",
                 str(args.eps),
                 "--attacks",
@@ -112,7 +108,7 @@ def cpu_scale(args, work: Path) -> list[dict]:
             work,
             threads,
         )
-        ev = json.loads((base / f"eval-scale{nproc}.json").read_text())
+        ev = json.loads((work / "at-1" / f"eval-scale{nproc}.json").read_text())
         rows.append(
             {
                 "processes": nproc,
@@ -252,8 +248,8 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--examples", type=int, default=4096, help="training examples (default: 4096)")
     ap.add_argument("--test", type=int, default=500, help="test examples evaluated (default: 500)")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--eps", type=float, default=0.1, help="eps of training and evaluation (default: 0.1)")
     ap.add_argument("--gpu-suite", action="store_true", help="also run the CIFAR-10 GPU suite (needs CUDA)")
     ap.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"), help="precision of the GPU suite")
     ap.add_argument("--pgd-epochs", type=int, default=10, help="PGD-10 AT epochs in the GPU suite")
