@@ -11,8 +11,9 @@ not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,7 @@ _EXPORTS = {
     "suite": "evaluation",
     "eps_curve": "evaluation",
     "HardenResult": "hardening",
-    "Recipe": "hardening",
+    "Recipe": "recipe",
     "TrainConfig": "train",
     "History": "train",
     "clean": "train",
@@ -65,17 +66,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'advtune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
@@ -103,8 +94,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .data import Dataset, TensorData, list_datasets, load_dataset
     from .errors import AdvtuneError
     from .evaluation import EvalResult, eps_curve, suite
-    from .hardening import HardenResult, Recipe
+    from .hardening import HardenResult
     from .models import build_model, list_models
+    from .recipe import Recipe
     from .threat import ThreatModel
     from .train import History, TrainConfig, adversarial, clean, trades
     from .vulnerability import ConcentrationCurve, ScoreTable

@@ -16,8 +16,7 @@ package; the CLI (`advtune.cli`) only builds the configs and prints what `run` r
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 # loaded on first use: `configs` (every job's settings, no torch) stays light for the CLI's help
 _EXPORTS = {"RunDir": "record", "format_info": "record", "open_run": "record", "run_info": "record"}
@@ -25,14 +24,4 @@ _EXPORTS = {"RunDir": "record", "format_info": "record", "open_run": "record", "
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
