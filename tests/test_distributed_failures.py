@@ -44,8 +44,11 @@ theirs = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
 dist.all_gather(theirs, mine)
 assert all(torch.equal(t, theirs[0]) for t in theirs), "the ranks disagree"
 print(f"rank {dist.get_rank()} ok", flush=True)  # one write: the ranks share stdout
-dist.barrier()  # no rank leaves while a peer's collective is in flight (gloo aborts at exit otherwise)
+dist.barrier()  # no rank leaves while a peer's collective is in flight
 dist.destroy_process_group()
+import os, sys
+sys.stdout.flush()
+os._exit(0)  # as advtune's CLI does under torchrun: gloo's threads can abort the interpreter's shutdown
 """
 
 

@@ -480,6 +480,19 @@ def _setup_logging(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun worker whose work is done and written leaves now: gloo's threads can abort the
+        # interpreter's own shutdown ("terminate called without an active exception"), which torchrun
+        # would report as a failed run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     try:
