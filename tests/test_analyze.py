@@ -7,32 +7,13 @@ import json
 import pytest
 
 from advtune.cli import main
+from cli_helpers import train_argv
 
 
 @pytest.fixture(scope="module")
 def std_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs") / "std"
-    assert (
-        main(
-            [
-                "train",
-                "--dataset",
-                "synthetic",
-                "--model",
-                "small-cnn",
-                "--epochs",
-                "1",
-                "--limit",
-                "400",
-                "--limit-test",
-                "100",
-                "--out",
-                str(base),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(base, limit=400, limit_test=100)) == 0
     return base
 
 

@@ -8,26 +8,11 @@ import logging
 
 from advtune.cli import main
 from advtune.train.loop import warn_if_at_chance
+from cli_helpers import train_argv
 
 
 def _train(out, *extra):
-    return [
-        "train",
-        "--dataset",
-        "synthetic",
-        "--model",
-        "small-cnn",
-        "--epochs",
-        "1",
-        "--limit",
-        "200",
-        "--limit-test",
-        "50",
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
+    return train_argv(out, limit=200, limit_test=50, extra=extra)
 
 
 def test_adversarial_training_ramps_eps_by_default_and_says_so(tmp_path, capsys):

@@ -11,30 +11,13 @@ from torch import nn
 
 from advtune.cli import main
 from advtune.models import load_model
+from cli_helpers import train_argv
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("harden")
-    assert (
-        main(
-            [
-                "train",
-                "--dataset",
-                "synthetic",
-                "--model",
-                "small-cnn",
-                "--epochs",
-                "1",
-                "--limit",
-                "600",
-                "--out",
-                str(root / "base"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(root / "base", limit=600)) == 0
     return root
 
 

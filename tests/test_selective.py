@@ -17,6 +17,7 @@ from advtune.errors import AdvtuneError
 from advtune.models import Normalize
 from advtune.threat import ThreatModel
 from advtune.train import OverfitGuard, TrainConfig, adversarial, clean, fit, trades
+from cli_helpers import train_argv
 
 THREAT = ThreatModel("linf", 0.1)
 
@@ -139,27 +140,7 @@ def test_finetune_job_select_random_all_layers(tmp_path):
     from advtune.cli import main
 
     base = tmp_path / "std"
-    assert (
-        main(
-            [
-                "train",
-                "--dataset",
-                "synthetic",
-                "--model",
-                "small-cnn",
-                "--epochs",
-                "1",
-                "--limit",
-                "300",
-                "--limit-test",
-                "100",
-                "--out",
-                str(base),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(base, limit=300, limit_test=100)) == 0
     common = [
         "--eps",
         "0.1",

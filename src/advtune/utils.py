@@ -45,6 +45,14 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
+def batch_generator(generator: torch.Generator | None, index: int, device=None) -> torch.Generator | None:
+    """Batch `index`'s own random stream, derived from `generator` (None: the global RNG): work split
+    over batches, or over processes, draws the same numbers however it is split."""
+    if generator is None:
+        return None
+    return make_generator(derive_seed(generator.initial_seed(), "batch", index), device or generator.device)
+
+
 def derive_seed(seed: int | None, *keys: int | str) -> int | None:
     """A stable sub-seed, e.g. derive_seed(seed, "epoch", 3): independent streams per purpose."""
     if seed is None:

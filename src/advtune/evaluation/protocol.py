@@ -18,7 +18,7 @@ from ..distributed import all_gather, all_max, all_sum, broadcast, on_main, rank
 from ..errors import AdvtuneError
 from ..inputs import batches
 from ..threat import ThreatModel
-from ..utils import derive_seed, eval_mode, make_generator, model_device, model_dtype, progress
+from ..utils import batch_generator, eval_mode, model_device, model_dtype, progress
 from .gate import (
     GATE_SAMPLES,
     is_black_box,
@@ -108,13 +108,6 @@ class _Batch:
     checksum: Tensor
     status: dict[str, Tensor] = field(default_factory=dict)  # per attack: -1 not attacked, 0 held, 1 broken
     probe: tuple[Tensor, Tensor, Tensor] | None = None  # gate candidates: x, y, example index
-
-
-def _batch_generator(generator: torch.Generator | None, index: int) -> torch.Generator | None:
-    """Batch `index`'s own stream, derived from the caller's generator (None: the global RNG)."""
-    if generator is None:
-        return None
-    return make_generator(derive_seed(generator.initial_seed(), "batch", index), generator.device)
 
 
 def _attack_once(
@@ -225,7 +218,7 @@ def robust_accuracy(
                 n_probe += len(batch.probe[1])
             # random attacks draw from a stream of their batch's own, so the numbers do not depend on how
             # the batches were split over processes
-            gen = _batch_generator(generator, b)
+            gen = batch_generator(generator, b)
             alive = torch.ones(len(xc), dtype=torch.bool, device=device)
             for a, s in zip(attacks, specs):
                 status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
