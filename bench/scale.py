@@ -3,6 +3,7 @@ ratios measured in one run, and — only when a GPU is present — the CIFAR-10 
 
     .venv/bin/python bench/scale.py                       # CPU: 1 vs 2 processes
     .venv/bin/python bench/scale.py --gpu-suite           # on a CUDA machine: preact-resnet18 at 8/255
+    python bench/scale.py --gpu-suite --gpu-limit 10000 --gpu-epochs 0.2 --gpu-test 500   # a sized-down suite
 
 CPU: the same adversarial training (PGD-3, global batch 128) and the same evaluation (PGD-20 and
 APGD-CE against the adversarially trained model, so the attacks have work to do), first in one
@@ -12,7 +13,10 @@ The GPU suite trains FGSM-RS (fast AT) and PGD-10 adversarial training from scra
 standard model with `advtune harden`, then evaluates each with APGD-CE + APGD-T on 1000 test images,
 recording wall time, gradient evaluations, robust accuracy and the GPU's name next to the published
 fast-AT anchor (Wong et al. 2020, PreAct ResNet-18: FGSM-RS 12 min, 46.06% PGD-20 / 43.21% AutoAttack;
-PGD-7 AT 4966 min). Nothing in the project depends on a GPU; this only measures one when there is.
+PGD-7 AT 4966 min). `--gpu-limit/--gpu-epochs/--gpu-test` size it down (training examples, a factor
+on every job's epochs, test images): each row records examples/s, so a full run's time is
+(50,000 x epochs) / examples/s. `--gpu-suite` runs the GPU suite alone (no CPU comparison).
+Nothing in the project depends on a GPU; this only measures one when there is.
 Writes bench/out/scale.json.
 """
 
@@ -29,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
 ANCHOR = {
     "source": "Wong, Rice, Kolter 2020 (Fast is better than free), PreAct ResNet-18, CIFAR-10, eps 8/255",
     "fgsm_rs_minutes": 12,
@@ -49,9 +52,19 @@ def run(cmd: list[str], cwd: Path, threads: int) -> float:
 
 
 def launcher(nproc: int) -> list[str]:
+    """`python -m advtune` (works from a checkout on PYTHONPATH too), under torchrun for nproc > 1."""
     if nproc == 1:
-        return [str(BIN / "advtune")]
-    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "advtune"]
+        return [sys.executable, "-m", "advtune"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "advtune",
+    ]
 
 
 def cpu_scale(args, work: Path) -> list[dict]:
@@ -129,7 +142,7 @@ def cpu_scale(args, work: Path) -> list[dict]:
     return rows
 
 
-def gpu_suite(args, work: Path) -> list[dict]:
+def gpu_suite(args, work: Path, out: Path) -> list[dict]:
     import torch
 
     if not torch.cuda.is_available():
@@ -139,39 +152,41 @@ def gpu_suite(args, work: Path) -> list[dict]:
     common = ["--dataset", "cifar10", "--model", "preact-resnet18", "--device", "cuda", "--quiet"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
-    ev = ["--eps", eps, "--attacks", "apgd-ce,apgd-t:n_target_classes=9", "--limit-test", "1000", "--name", "suite"]
+    if args.gpu_limit:
+        common += ["--limit", str(args.gpu_limit)]
+    test = ["--limit-test", str(args.gpu_test)]
+    ev = ["--eps", eps, "--attacks", "apgd-ce,apgd-t:n_target_classes=9", *test, "--name", "suite"]
     sgd = ["--optimizer", "sgd", "--lr", "0.1", "--schedule", "cosine", "--batch-size", "128", "--amp", args.amp]
+
+    def epochs(n: int) -> str:
+        return str(max(1, round(n * args.gpu_epochs)))
+
     jobs = {  # fast AT's own schedule for FGSM-RS (Wong et al.: one-cycle, peak lr 0.2, 15 epochs)
-        "fgsm-rs": ["train", *common, "--adversarial", "fgsm-rs", "--eps", eps, "--epochs", "15", *sgd,
+        "fgsm-rs": ["train", *common, "--adversarial", "fgsm-rs", "--eps", eps, "--epochs", epochs(15), *sgd,
                     "--lr", "0.2", "--schedule", "onecycle"],
         "pgd10-at": ["train", *common, "--adversarial", "pgd:steps=10", "--eps", eps, "--epochs",
-                     str(args.pgd_epochs), *sgd],
-        "standard": ["train", *common, "--epochs", "30", *sgd],
+                     epochs(args.pgd_epochs), *sgd],
+        "standard": ["train", *common, "--epochs", epochs(30), *sgd],
     }  # fmt: skip
     rows = []
     for name, cmd in jobs.items():
-        wall = run([str(BIN / "advtune"), *cmd, "--out", str(work / name)], work, 8)
-        run([str(BIN / "advtune"), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
+        wall = run([*launcher(1), *cmd, "--out", str(work / name)], work, 8)
+        run([*launcher(1), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
         rows.append(_gpu_row(name, work / name, wall, gpu))
-    wall = run(
-        [
-            str(BIN / "advtune"),
-            "harden",
-            str(work / "standard"),
-            "--eps",
-            eps,
-            "--device",
-            "cuda",
-            "--out",
-            str(work / "harden"),
-            "--quiet",
-        ],
-        work,
-        8,
-    )
-    run([str(BIN / "advtune"), "evaluate", str(work / "harden"), *ev, "--device", "cuda", "--quiet"], work, 8)
+        _save(out, rows)  # a sized run can be cut off: what is done is kept
+    harden = [*launcher(1), "harden", str(work / "standard"), "--eps", eps, *test, "--device", "cuda"]
+    if args.gpu_limit:
+        harden += ["--limit", str(args.gpu_limit)]
+    wall = run([*harden, "--out", str(work / "harden"), "--quiet"], work, 8)
+    run([*launcher(1), "evaluate", str(work / "harden"), *ev, "--device", "cuda", "--quiet"], work, 8)
     rows.append(_gpu_row("harden (of standard)", work / "harden", wall, gpu))
+    _save(out, rows)
     return rows
+
+
+def _save(out: Path, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": rows, "anchor": ANCHOR}, indent=2))
 
 
 def _gpu_row(name: str, folder: Path, wall: float, gpu: str) -> dict:
@@ -181,9 +196,13 @@ def _gpu_row(name: str, folder: Path, wall: float, gpu: str) -> dict:
         "job": name,
         "gpu": gpu,
         "wall_min": wall / 60,
+        "train_examples": cost.get("examples"),
+        "train_wall_s": cost.get("wall_s"),
+        "examples_per_s": cost["examples"] / cost["wall_s"] if cost.get("wall_s") else None,
         "grad_evals": cost.get("grad_evals"),
         "clean": ev["clean_accuracy"],
         "robust_worst_case": ev["worst_case_accuracy"],
+        "eval_wall_s": ev.get("total_wall_s"),
         "n": ev["examples"],
     }
     print(json.dumps(row), flush=True)
@@ -200,25 +219,29 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500, help="test examples evaluated (default: 500)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--eps", type=float, default=0.1, help="eps of training and evaluation (default: 0.1)")
-    ap.add_argument("--gpu-suite", action="store_true", help="also run the CIFAR-10 GPU suite (needs CUDA)")
+    ap.add_argument("--gpu-suite", action="store_true", help="run the CIFAR-10 GPU suite instead (needs CUDA)")
+    ap.add_argument("--gpu-limit", type=int, help="GPU suite: training examples (default: all 50,000)")
+    ap.add_argument("--gpu-epochs", type=float, default=1.0, help="GPU suite: factor on every job's epochs")
+    ap.add_argument("--gpu-test", type=int, default=1000, help="GPU suite: test images evaluated (default: 1000)")
     ap.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"), help="precision of the GPU suite")
     ap.add_argument("--pgd-epochs", type=int, default=10, help="PGD-10 AT epochs in the GPU suite")
     ap.add_argument("--out", default="bench/out/scale.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="advtune-scale-"))
+    out = Path(args.out)
     try:
+        if args.gpu_suite:
+            gpu_suite(args, work, out)  # writes its rows as each job ends
+            return
         record = {
             "machine": platform.processor() or platform.machine(),
             "cores": args.cores,
             "cpu": cpu_scale(args, work),
         }
-        if args.gpu_suite:
-            record["gpu"] = gpu_suite(args, work)
-            record["anchor"] = ANCHOR
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
     one, many = record["cpu"]
     print(
         f"\ntraining: {one['train_examples_per_s']:.0f} -> {many['train_examples_per_s']:.0f} examples/s "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,62 @@ def test_square_needs_no_gradients(tiny_model, test_set):
     model = Guarded(tiny_model)
     x_adv = Square(ThreatModel("linf", 0.25), queries=100)(model, x, y, generator=torch.Generator().manual_seed(0))
     assert error(tiny_model, x_adv, y) > 0.3
+
+
+def test_square_compiled_queries_match_eager(tiny_model, test_set, monkeypatch):
+    """compile=True queries torch.compile(model): same eps-ball and box, the same examples fooled
+    (logits differ by ~1e-6, so only a tie could change an accept decision)."""
+    square_module = importlib.import_module("advtune.attacks.square")
+    real_compile, compiled_calls = torch.compile, []
+
+    def counting_compile(model, **kwargs):
+        compiled = real_compile(model, **kwargs)
+
+        def call(x):
+            compiled_calls.append(len(x))
+            return compiled(x)
+
+        return call
+
+    monkeypatch.setattr(square_module.torch, "compile", counting_compile)
+    monkeypatch.setattr(square_module._QueryForward, "broken", False)
+    x, y = test_set
+    threat = ThreatModel("linf", 0.25)
+    runs = {}
+    for compiled in (False, True):
+        attack = Square(threat, queries=100, compile=compiled)
+        assert ("compile=true" in attack.spec) == compiled
+        runs[compiled] = attack(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    for x_adv in runs.values():
+        assert (x_adv - x).abs().max() <= 0.25 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        fooled = {k: (tiny_model(v).argmax(1) != y) for k, v in runs.items()}
+    assert fooled[True].float().mean() > 0.3
+    assert (fooled[True] != fooled[False]).sum() <= 1
+    assert len(compiled_calls) > 10 and not square_module._QueryForward.broken  # the queries did go compiled
+
+
+def test_square_falls_back_to_eager_when_compiling_fails(tiny_model, test_set, monkeypatch, caplog):
+    square_module = importlib.import_module("advtune.attacks.square")
+
+    def broken_compile(model, **kwargs):
+        def fail(x):
+            raise RuntimeError("no C compiler")
+
+        return fail
+
+    monkeypatch.setattr(square_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(square_module._QueryForward, "broken", False)
+    x, y = test_set
+    threat = ThreatModel("linf", 0.25)
+    eager = Square(threat, queries=40)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="advtune.attacks.square"):
+        fell_back = Square(threat, queries=40, compile=True)(
+            tiny_model, x, y, generator=torch.Generator().manual_seed(0)
+        )
+    assert torch.equal(fell_back, eager)
+    assert sum("compiling the model failed" in r.message for r in caplog.records) == 1
+    assert square_module._QueryForward.broken
 
 
 def test_restarts_only_rerun_survivors(tiny_model, test_set):

@@ -284,3 +284,53 @@ def test_bad_attack_lists_are_rejected(tiny_model, data):
         robust_accuracy(tiny_model, (x, y), [FGSM(THREAT), FGSM(THREAT)], gate=False)
     with pytest.raises(AdvtuneError, match="is not an attack"):
         robust_accuracy(tiny_model, (x, y), ["pgd"], gate=False)
+
+
+def test_evaluate_compile_flag_compiles_only_the_black_box_queries():
+    """`evaluate --compile`: Square (suite or attack list) queries a compiled forward; the white-box
+    attacks and the default are unchanged."""
+    from advtune.runs.configs import EvaluateRun
+    from advtune.runs.evaluate import attacks_for
+
+    for source in ({"suite": "standard"}, {"attacks": "apgd-ce,square:queries=100"}):
+        plain = attacks_for(EvaluateRun(run="r", **source), 0.3)
+        compiled = attacks_for(EvaluateRun(run="r", compile=True, **source), 0.3)
+        assert [a.name for a in plain] == [a.name for a in compiled]
+        for a, b in zip(plain, compiled, strict=True):
+            if a.name == "square":
+                assert not a.compile and b.compile and b.queries == a.queries
+                assert "compile" not in a.spec and "compile=true" in b.spec  # the record names it
+            else:
+                assert a == b
+
+
+def test_compiled_queries_count_every_forward_and_compile_once(blobs, monkeypatch):
+    """The evaluation counts forwards with a hook on the model (PassCounter); traced by torch.compile,
+    that hook's counter was a constant changing every call, so each query recompiled until dynamo gave
+    up (and ran eagerly). The hook stays outside the compiled graph: one compile for every batch size,
+    and the same forward count as eager queries."""
+    import importlib
+
+    from torch._dynamo.testing import CompileCounter
+
+    from advtune.cost import PassCounter
+    from advtune.models import build_model
+
+    square_module = importlib.import_module("advtune.attacks.square")
+    real_compile, frames = torch.compile, CompileCounter()
+    monkeypatch.setattr(square_module.torch, "compile", lambda m, **kw: real_compile(m, backend=frames, **kw))
+    monkeypatch.setattr(square_module._QueryForward, "broken", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 28, 28), 10).eval()
+    x = torch.rand(40, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # at eps 1e-4 nothing flips: every example takes every query
+    for compiled in (False, True):
+        counter = PassCounter()
+        with counter.attached(model):
+            attack = build_attack(f"square:queries=30,compile={str(compiled).lower()}", ThreatModel.linf(1e-4))
+            for n in (40, 31, 25):  # three batch sizes
+                attack(model, x[:n], y[:n], generator=torch.Generator().manual_seed(0))
+        assert counter.take()[1] == 30 * (40 + 31 + 25)
+    assert 1 <= frames.frame_count <= 3, frames.frame_count

@@ -3,6 +3,8 @@ in the threat model; fp16 needs CUDA (a one-line error otherwise); the CUDA test
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -86,8 +88,59 @@ def test_cuda_mixed_precision_training_and_attacks(data, amp):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_training_matches_eager_closely(data):
+    """Compiled kernels sum in another order than eager cuDNN ones, and Adam's first steps divide by
+    tiny second moments, so parameters drift by more than on CPU: the training itself must agree."""
     eager, compiled = model_for(data, "cuda"), model_for(data, "cuda")
-    fit(eager, data.train, config=TrainConfig(epochs=1))
-    fit(compiled, data.train, config=TrainConfig(epochs=1, compile=True))
-    for a, b in zip(eager.parameters(), compiled.parameters()):
-        assert torch.allclose(a, b, atol=1e-4)
+    h_eager = fit(eager, data.train, config=TrainConfig(epochs=1))
+    h_compiled = fit(compiled, data.train, config=TrainConfig(epochs=1, compile=True))
+    drift = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), compiled.parameters()))
+    loss_e, loss_c = h_eager.epochs[-1]["train_loss"], h_compiled.epochs[-1]["train_loss"]
+    assert drift < 1e-2 and abs(loss_e - loss_c) <= 1e-3 * max(1.0, abs(loss_e)), (drift, loss_e, loss_c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_evaluation_with_the_gate_agrees_with_cpu(data):
+    """The whole protocol on CUDA (cascade, Square, the gate indexing the CPU-side records): the same
+    verdicts as on the CPU, up to an example whose margin is a float apart."""
+    from advtune.evaluation import robust_accuracy, suite
+
+    model = model_for(data)
+    fit(model, data.train, config=TrainConfig(epochs=2))
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device).eval()
+        attacks = suite("standard", ThreatModel.linf(EPS))
+        results[device] = robust_accuracy(
+            m, data.test.tensors(device), attacks, generator=torch.Generator().manual_seed(0)
+        )
+    cpu, cuda = results["cpu"], results["cuda"]
+    assert cuda.clean_accuracy == cpu.clean_accuracy and cuda.gate_grad_evals > 0
+    assert abs(cuda.worst_case_accuracy - cpu.worst_case_accuracy) <= 1 / len(data.test) + 1e-9
+    assert cuda.suspect == cpu.suspect
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_job_runs_on_the_gpu(tmp_path):
+    every_job_runs_on(tmp_path, "cuda")
+
+
+def every_job_runs_on(tmp_path, device: str) -> None:
+    """train (AMP), evaluate (suite, --compile), analyze, finetune, harden with --device <device>."""
+    from cli_helpers import train_argv
+
+    base, cuda = tmp_path / "base", ["--device", device]
+    assert main(train_argv(base, limit=512, limit_test=64, epochs=2, extra=(*cuda, "--amp", "bf16"))) == 0
+    ev = ["evaluate", str(base), "--eps", "0.1", "--suite", "standard", "--limit-test", "64", "--quiet", *cuda]
+    assert main([*ev, "--compile", "--name", "gpu"]) == 0
+    assert json.loads((base / "eval-gpu.json").read_text())["examples"] == 64
+    analysis = tmp_path / "analysis"
+    assert main(["analyze", str(base), "--eps", "0.1", "--limit", "128", "--out", str(analysis), "--quiet", *cuda]) == 0
+    tuned = tmp_path / "tuned"
+    ft = ["finetune", str(base), "--select", str(analysis), "--eps", "0.1", "--limit", "256", "--epochs", "1"]
+    assert main([*ft, "--out", str(tuned), "--quiet", *cuda]) == 0
+    hardened = tmp_path / "hardened"
+    hd = ["harden", str(base), "--eps", "0.1", "--limit", "256", "--limit-test", "64", "--budget", "5000"]
+    assert main([*hd, "--out", str(hardened), "--quiet", *cuda]) == 0
+    assert json.loads((hardened / "summary.json").read_text())["after"]["robust_acc"] >= 0

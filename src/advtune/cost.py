@@ -161,7 +161,9 @@ class PassCounter:
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator["PassCounter"]:
-        handle = model.register_forward_pre_hook(self._hook)
+        # outside torch.compile: traced, the counter (an int attribute) is a constant that changes every
+        # call, so a compiled model recompiled on each call until dynamo gave up and ran it eagerly
+        handle = model.register_forward_pre_hook(torch.compiler.disable(self._hook))
         try:
             yield self
         finally:

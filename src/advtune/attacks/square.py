@@ -7,14 +7,19 @@ the paper's p-schedule) of each still-robust sample to x +- eps (one random sign
 the change if the margin loss z_y - max_{i!=y} z_i decreased. It only queries the model: no gradients,
 so it is the masking gate's witness (a black-box attack must not beat the white-box ones).
 Parameters: `queries` (forward passes per sample and restart, the start included), `p_init` (initial
-fraction of pixels per square), `restarts` (on samples not yet fooled).
+fraction of pixels per square), `restarts` (on samples not yet fooled), `compile` (run the queries
+through `torch.compile(model, dynamic=True)`: ~1.6-2x faster forwards on CPU for a VGG on CIFAR-10
+after a one-off compile of ~5-20 s, logits equal to ~1e-6, so an accept decision on a tie can differ
+from eager; falls back to the eager forward, with a warning, where compiling fails).
 Norms: linf only; images must be (N, C, H, W).
 Cost: 0 gradient evaluations; up to queries * restarts forward passes per example.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +43,8 @@ from ._common import (
 )
 from .registry import register
 
+log = logging.getLogger(__name__)
+
 # the paper's p-schedule, on a 10,000-query scale: (upper end of the iteration range, divisor of p_init)
 _P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 
@@ -56,6 +63,33 @@ def _rand_sign(shape, generator, dev, like: Tensor) -> Tensor:
     return 2 * s - 1
 
 
+class _QueryForward:
+    """The forward Square queries with: the model, or its compiled form (`compile=True`).
+
+    A new `torch.compile` wrapper per call costs nothing after the first: dynamo caches the compiled
+    code on the model class's forward, guarded on shapes and dtypes, not on the instance. Batches of
+    one run eager (a size-1 dimension is specialised: compiling it again would cost seconds for one
+    example), and the first failure to compile (no C compiler, an unsupported Python or layer)
+    switches to eager for the rest of the process, with one warning.
+    """
+
+    broken = False  # set once compiling failed in this process
+
+    def __init__(self, model: nn.Module, compile: bool):
+        self.model = model
+        use = compile and not _QueryForward.broken
+        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(model, dynamic=True) if use else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.compiled is not None and len(x) > 1:
+            try:
+                return self.compiled(x)
+            except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager forward is the same model
+                log.warning("square: compiling the model failed (%s: %s); querying it eagerly", type(e).__name__, e)
+                self.compiled, _QueryForward.broken = None, True
+        return self.model(x)
+
+
 def _square_run(
     model: nn.Module,
     x: Tensor,
@@ -65,8 +99,10 @@ def _square_run(
     queries: int,
     p_init: float,
     generator: torch.Generator | None,
+    compile: bool = False,
 ) -> Best:
     n, c, h, w = x.shape
+    forward = _QueryForward(model, compile)
     dev = sample_on(generator, x.device)
     eps = threat.eps
     x_best = threat.project(x + eps * _rand_sign((n, c, 1, w), generator, dev, x), x)
@@ -89,7 +125,7 @@ def _square_run(
         xs, xb = x[idx], x_best[idx]
         x_new = threat.project(torch.where(window, xs + eps * _rand_sign((k, c, 1, 1), generator, dev, x), xb), xs)
         with torch.inference_mode():  # a query: no autograd bookkeeping at all (~15% faster forwards here)
-            logits = model(x_new)
+            logits = forward(x_new)
         ts = None if target is None else target[idx]
         m_new, f_new = margin(logits, y[idx], ts), success(logits, y[idx], ts)
         accept = (m_new < m[idx]) | f_new
@@ -109,6 +145,7 @@ def square(
     queries: int = 5000,
     p_init: float = 0.8,
     restarts: int = 1,
+    compile: bool = False,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -121,7 +158,7 @@ def square(
         return x.clone()
 
     def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
-        return _square_run(model, xs, ys, ts, threat, queries, p_init, generator)
+        return _square_run(model, xs, ys, ts, threat, queries, p_init, generator, compile)
 
     return with_restarts(run_once, x, y, target, restarts).x.detach()
 
@@ -135,6 +172,7 @@ class Square(AttackConfig):
     queries: int = 5000
     p_init: float = 0.8
     restarts: int = 1
+    compile: bool = False
 
     name = "square"
     black_box = True  # the masking gate compares it against the white-box attacks

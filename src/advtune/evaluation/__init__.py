@@ -30,7 +30,7 @@ from .gate import (
     sanity_check_large_eps,
     spec_of,
 )
-from .protocol import SUITES, robust_accuracy, suite
+from .protocol import SUITES, compiled_queries, robust_accuracy, suite
 from .results import EpsCurve, EvalResult
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "TOL_BLACK_BOX",
     "TOL_EPS_RISE",
     "TOL_FGSM",
+    "compiled_queries",
     "eps_curve",
     "is_black_box",
     "masking_gate",

@@ -141,7 +141,7 @@ def masking_gate(
             if result is not None and probe_idx is not None:
                 for a in attacks:
                     s = spec_of(a)
-                    st = result.broken[s][probe_idx]
+                    st = result.broken[s][probe_idx.to(result.broken[s].device)]  # records stay on the CPU
                     if is_black_box(a) or a.grad_evals() <= 1 or (st < 0).any():
                         continue  # single-step, black-box, or not run on the whole probe (cascade)
                     iterative[s] = 1 - st.float().mean().item()

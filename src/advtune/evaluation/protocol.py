@@ -3,6 +3,7 @@ example, counted costs, the threat model checked after each attack, then the gat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -46,6 +47,15 @@ def suite(name: str, threat: ThreatModel) -> list[Attack]:
 
 
 SUITES = ("standard", "quick")
+
+
+def compiled_queries(attacks: Sequence[Attack]) -> list[Attack]:
+    """The same attacks with the black-box ones (Square) querying a compiled forward (`compile=True`)."""
+    return [dataclasses.replace(a, compile=True) if "compile" in _field_names(a) else a for a in attacks]
+
+
+def _field_names(attack: Attack) -> set[str]:
+    return {f.name for f in dataclasses.fields(attack)} if dataclasses.is_dataclass(attack) else set()
 
 
 def _sync(device: torch.device) -> None:

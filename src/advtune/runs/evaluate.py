@@ -11,7 +11,7 @@ from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..distributed import barrier, is_main_process, rank_and_world
 from ..errors import AdvtuneError
-from ..evaluation import eps_curve, robust_accuracy, suite
+from ..evaluation import compiled_queries, eps_curve, robust_accuracy, suite
 from ..report import plot_eps_curve
 from ..threat import ThreatModel
 from ..utils import (
@@ -35,8 +35,10 @@ def attacks_for(run: EvaluateRun, eps: float):
     if run.suite and run.attacks:
         raise AdvtuneError("give --suite or --attacks, not both")
     if run.suite:
-        return suite(run.suite, threat)
-    return [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
+        attacks = suite(run.suite, threat)
+    else:
+        attacks = [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
+    return compiled_queries(attacks) if run.compile else attacks
 
 
 def evaluate_model(model, data, run: EvaluateRun) -> dict:
