@@ -161,9 +161,12 @@ class PassCounter:
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator["PassCounter"]:
-        # outside torch.compile: traced, the counter (an int attribute) is a constant that changes every
-        # call, so a compiled model recompiled on each call until dynamo gave up and ran it eagerly
-        handle = model.register_forward_pre_hook(torch.compiler.disable(self._hook))
+        # Outside torch.compile: traced, the counter (an int attribute) is a constant that changes every
+        # call, so a compiled model recompiled on each call until dynamo gave up and ran it eagerly.
+        # Wrapped only once dynamo is loaded (importing it costs ~1.3 s, and nothing compiles before it
+        # is): whoever compiles inside `attached` imports torch._dynamo first (robust_accuracy does).
+        hook = torch.compiler.disable(self._hook) if "torch._dynamo" in sys.modules else self._hook
+        handle = model.register_forward_pre_hook(hook)
         try:
             yield self
         finally:

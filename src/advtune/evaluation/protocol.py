@@ -4,6 +4,7 @@ example, counted costs, the threat model checked after each attack, then the gat
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
 from collections.abc import Sequence
@@ -194,6 +195,8 @@ def robust_accuracy(
     n_known = _length(data)
     total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
     n_clean = n_alive = n_mine = 0
+    if any(getattr(a, "compile", False) for a in attacks):  # load dynamo before the counter's hook: it
+        importlib.import_module("torch._dynamo")  # then stays out of compiled code (PassCounter.attached)
     with eval_mode(model), counter.attached(model):
         bar = progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate", total=total)
         for b, (xb, yb) in enumerate(bar):
