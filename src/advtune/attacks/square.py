@@ -8,7 +8,7 @@ the change if the margin loss z_y - max_{i!=y} z_i decreased. It only queries th
 so it is the masking gate's witness (a black-box attack must not beat the white-box ones).
 Parameters: `queries` (forward passes per sample and restart, the start included), `p_init` (initial
 fraction of pixels per square), `restarts` (on samples not yet fooled), `compile` (run the queries
-through `torch.compile(model, dynamic=True)`: ~1.6-2x faster forwards on CPU for a VGG on CIFAR-10
+through `torch.compile(model, dynamic=True)`: ~1.3-2x faster forwards on CPU for a VGG on CIFAR-10
 after a one-off compile of ~5-20 s, logits equal to ~1e-6, so an accept decision on a tie can differ
 from eager; falls back to the eager forward, with a warning, where compiling fails).
 Norms: linf only; images must be (N, C, H, W).
@@ -111,7 +111,7 @@ def _square_run(
         _QueryForward.hinted = True  # once per process
         log.info(
             "square: %d examples x %d queries on the CPU; --compile (evaluate) or compile=true makes "
-            "each query ~1.6-2x faster after a one-off compile",
+            "each query ~1.3-2x faster after a one-off compile",
             n,
             queries,
         )

@@ -253,7 +253,7 @@ class EvaluateRun:
     )
     compile: bool = setting(
         False,
-        help="torch.compile the model for Square's queries: ~1.6-2x faster black-box queries on CPU after a "
+        help="torch.compile the model for Square's queries: ~1.3-2x faster black-box queries on CPU after a "
         "one-off compile of ~5-20 s (logits equal to ~1e-6; eager again where compiling fails)",
     )
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
