@@ -149,11 +149,10 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
         raise SystemExit("--gpu-suite needs a CUDA GPU; this machine has none")
     gpu = torch.cuda.get_device_name(0)
     eps = "8/255"
-    common = ["--dataset", "cifar10", "--model", "preact-resnet18", "--device", "cuda", "--quiet"]
-    if args.data_dir:
-        common += ["--data-dir", args.data_dir]
-    if args.gpu_limit:
-        common += ["--limit", str(args.gpu_limit)]
+    where = ["--device", "cuda", "--quiet"]
+    where += ["--data-dir", args.data_dir] if args.data_dir else []
+    where += ["--limit", str(args.gpu_limit)] if args.gpu_limit else []
+    common = ["--dataset", "cifar10", "--model", "preact-resnet18", *where]
     test = ["--limit-test", str(args.gpu_test)]
     ev = ["--eps", eps, "--attacks", "apgd-ce,apgd-t:n_target_classes=9", *test, "--name", "suite"]
     sgd = ["--optimizer", "sgd", "--lr", "0.1", "--schedule", "cosine", "--batch-size", "128", "--amp", args.amp]
@@ -167,6 +166,7 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
         "pgd10-at": ["train", *common, "--adversarial", "pgd:steps=10", "--eps", eps, "--epochs",
                      epochs(args.pgd_epochs), *sgd],
         "standard": ["train", *common, "--epochs", epochs(30), *sgd],
+        "harden": ["harden", str(work / "standard"), "--eps", eps, *test, *where],  # of the standard model
     }  # fmt: skip
     rows = []
     for name, cmd in jobs.items():
@@ -174,13 +174,6 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
         run([*launcher(1), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
         rows.append(_gpu_row(name, work / name, wall, gpu))
         _save(out, rows)  # a sized run can be cut off: what is done is kept
-    harden = [*launcher(1), "harden", str(work / "standard"), "--eps", eps, *test, "--device", "cuda"]
-    if args.gpu_limit:
-        harden += ["--limit", str(args.gpu_limit)]
-    wall = run([*harden, "--out", str(work / "harden"), "--quiet"], work, 8)
-    run([*launcher(1), "evaluate", str(work / "harden"), *ev, "--device", "cuda", "--quiet"], work, 8)
-    rows.append(_gpu_row("harden (of standard)", work / "harden", wall, gpu))
-    _save(out, rows)
     return rows
 
 

@@ -52,11 +52,7 @@ SUITES = ("standard", "quick")
 
 def compiled_queries(attacks: Sequence[Attack]) -> list[Attack]:
     """The same attacks with the black-box ones (Square) querying a compiled forward (`compile=True`)."""
-    return [dataclasses.replace(a, compile=True) if "compile" in _field_names(a) else a for a in attacks]
-
-
-def _field_names(attack: Attack) -> set[str]:
-    return {f.name for f in dataclasses.fields(attack)} if dataclasses.is_dataclass(attack) else set()
+    return [dataclasses.replace(a, compile=True) if getattr(a, "compile", None) is False else a for a in attacks]
 
 
 def _sync(device: torch.device) -> None:
@@ -279,8 +275,8 @@ def robust_accuracy(
         if gate:
             probes = [bt.probe for bt in done if bt.probe is not None]
 
-            def cat(i: int):
-                return torch.cat([p[i] for p in probes])[:GATE_SAMPLES].to(device) if probes else None
+            def cat(i: int, on: torch.device | str = device):
+                return torch.cat([p[i] for p in probes])[:GATE_SAMPLES].to(on) if probes else None
 
             def run_gate():
                 suspect = masking_gate(
@@ -290,7 +286,7 @@ def robust_accuracy(
                     threat,
                     result,
                     attacks=attacks,
-                    probe_idx=cat(2),
+                    probe_idx=cat(2, "cpu"),  # positions in the per-example records, which stay on the CPU
                     generator=generator,
                 )
                 return suspect, counter.take()[0]
