@@ -21,6 +21,7 @@ from torch import nn
 from . import filenames as files
 from .attacks import logits_of
 from .errors import AdvtuneError
+from .registry import Registry
 from .utils import atomic_write_bytes, atomic_write_json, read_json
 from .weights import check_compatible, load_state, load_weights  # noqa: F401  (re-exported)
 
@@ -42,10 +43,15 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
+# name -> builder `(channels, height, width, classes) -> nn.Module`; `build_model` puts Normalize first
+ARCHITECTURES: Registry[Callable[[int, int, int, int], nn.Module]] = Registry("model")
+
+
 def _flat(c: int, h: int, w: int, pools: int) -> int:
     return c * (h >> pools) * (w >> pools)
 
 
+@ARCHITECTURES.register("small-cnn")
 def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
     """Fast MNIST net: conv32-pool-conv64-pool-fc128-fc."""
     return nn.Sequential(
@@ -64,6 +70,7 @@ def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
     )
 
 
+@ARCHITECTURES.register("madry-mnist")
 def madry_mnist(c: int, h: int, w: int, classes: int) -> nn.Module:
     """The MNIST-challenge architecture (Madry et al. 2018): conv32 5x5, pool, conv64 5x5, pool, fc1024, fc."""
     return nn.Sequential(
@@ -82,6 +89,7 @@ def madry_mnist(c: int, h: int, w: int, classes: int) -> nn.Module:
     )
 
 
+@ARCHITECTURES.register("lenet5")
 def lenet5(c: int, h: int, w: int, classes: int) -> nn.Module:
     """LeNet-5 (ReLU, max-pool): conv6 5x5 (padded to keep 28x28 -> 14), pool, conv16 5x5, pool, fc120, fc84, fc."""
     pad = 2 if h < 32 else 0
@@ -105,6 +113,7 @@ def lenet5(c: int, h: int, w: int, classes: int) -> nn.Module:
     )
 
 
+@ARCHITECTURES.register("vgg-cifar")
 def vgg_cifar(c: int, h: int, w: int, classes: int, widths=(32, 64, 128)) -> nn.Module:
     """Small VGG-style net: 3 stages of 2x(conv3x3-BN-ReLU) + max-pool, then fc256, fc."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
@@ -161,23 +170,19 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-ARCHITECTURES: dict[str, Callable[[int, int, int, int], nn.Module]] = {
-    "small-cnn": small_cnn,
-    "madry-mnist": madry_mnist,
-    "lenet5": lenet5,
-    "vgg-cifar": vgg_cifar,
-    "preact-resnet18": lambda c, h, w, k: PreActResNet18(c, k),
-}
+@ARCHITECTURES.register("preact-resnet18")
+def preact_resnet18(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """PreAct ResNet-18 (He et al. 2016), the network of fast adversarial training."""
+    return PreActResNet18(c, classes)
 
 
 def list_models() -> list[str]:
-    return list(ARCHITECTURES)
+    return ARCHITECTURES.names()
 
 
 def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=None, std=None) -> nn.Sequential:
     """`Sequential(normalize=Normalize(mean, std), net=<architecture>)` for inputs in [0,1]."""
-    if name not in ARCHITECTURES:
-        raise AdvtuneError(f"unknown model {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    architecture = ARCHITECTURES.get(name)  # unknown: "unknown model ...; valid: ..."
     c, h, w = (int(v) for v in input_shape)
     min_side = 8 if name != "lenet5" else 28
     if h < min_side or w < min_side:
@@ -188,7 +193,7 @@ def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=
     std = tuple(std) if std is not None else (0.5,) * c
     if len(mean) != c or len(std) != c:
         raise AdvtuneError(f"normalisation has {len(mean)} channels but inputs have {c}")
-    model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=ARCHITECTURES[name](c, h, w, num_classes)))
+    model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=architecture(c, h, w, num_classes)))
     model.advtune_architecture = name  # type: ignore[attr-defined]  # save_model records it
     model.advtune_build = {
         "input_shape": [c, h, w],

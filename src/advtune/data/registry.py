@@ -1,9 +1,14 @@
-"""The named datasets: where their files come from (mirrors, md5) and what they are called."""
+"""The named datasets: where their files come from (mirrors, md5) and what they are called.
+
+`SPECS` is the registry (`advtune.registry.Registry`) of the downloadable sets, `SPECS.register(name,
+Spec(...))`; `synthetic` and paths are not in it (`load_dataset` handles them, and how each set is read)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,11 @@ IDX_FILES = (
 )
 
 
-SPECS: dict[str, Spec] = {
-    "mnist": Spec(
+SPECS: Registry[Spec] = Registry("dataset")
+
+SPECS.register(
+    "mnist",
+    Spec(
         "mnist",
         tuple(
             RemoteFile(n, m)
@@ -52,7 +60,10 @@ SPECS: dict[str, Spec] = {
         (0.1307,),
         (0.3081,),
     ),
-    "fashion-mnist": Spec(
+)
+SPECS.register(
+    "fashion-mnist",
+    Spec(
         "fashion-mnist",
         tuple(
             RemoteFile(n, m)
@@ -71,7 +82,10 @@ SPECS: dict[str, Spec] = {
         (0.2860,),
         (0.3530,),
     ),
-    "cifar10": Spec(
+)
+SPECS.register(
+    "cifar10",
+    Spec(
         "cifar10",
         (RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
         ("https://www.cs.toronto.edu/~kriz/",),
@@ -79,11 +93,11 @@ SPECS: dict[str, Spec] = {
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
     ),
-}
+)
 
 
-DATASETS = tuple(SPECS) + ("synthetic",)
+DATASETS = tuple(SPECS) + ("synthetic",)  # the built-in names (a snapshot; `list_datasets()` is current)
 
 
 def list_datasets() -> list[str]:
-    return list(DATASETS) + ["<path/to/file.npz>", "<path/to/image-folder>"]
+    return [*SPECS.names(), "synthetic", "<path/to/file.npz>", "<path/to/image-folder>"]

@@ -1,5 +1,9 @@
 """What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES,
-the local feature objective; `build_objective(spec, threat)` makes one from a CLI/YAML spec."""
+the local feature objective; `build_objective(spec, threat)` makes one from a CLI/YAML spec.
+
+Spec objectives other than the attacks are builders in `OBJECTIVES` (an `advtune.registry.Registry`):
+`builder(threat, model, attack_mode, eps_warmup, /, *, <spec parameters>)`, the spec parameters
+keyword-only and typed, parsed with the attacks' one spec grammar (`advtune.registry.parse_spec`)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -15,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..attacks import build_attack
 from ..errors import AdvtuneError
+from ..registry import Registry, convert_params, parse_spec
 from ..utils import (
     eval_mode,
 )
@@ -301,36 +306,44 @@ def local_feature(
     return LocalFeature(ref, layer, threat, steps, None, clean_weight, eps_warmup)
 
 
-def _spec_params(name: str, params: str, types: dict[str, type]) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in params.split(","))):
-        k, _, v = item.partition("=")
-        k = {"step": "step_size"}.get(k.strip(), k.strip())
-        if k not in types:
-            raise AdvtuneError(f"unknown {name} parameter {k!r}; valid: {', '.join(types)}")
-        try:
-            kw[k] = types[k](v)
-        except ValueError:
-            raise AdvtuneError(f"{name} parameter {k} needs a {types[k].__name__}, got {v!r}") from None
-    return kw
+# name -> builder of an objective spec that is not an attack (any other name is `adversarial(attack)`)
+OBJECTIVES: Registry[Callable[..., Any]] = Registry("objective")
+
+
+@OBJECTIVES.register("trades")
+def _build_trades(
+    threat, model, attack_mode, eps_warmup, /, *, steps: int = 10, step_size: float | None = None, beta: float = 6.0
+) -> Trades:
+    """`trades[:steps=..,step=..,beta=..]`: TRADES."""
+    if eps_warmup:
+        raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
+    return trades(threat, steps, step_size, beta)
+
+
+_build_trades.title = "TRADES"  # type: ignore[attr-defined]  # how errors name it (default: the spec name)
+
+
+@OBJECTIVES.register("local")
+def _build_local(
+    threat, model, attack_mode, eps_warmup, /, *, layer: str | None = None, steps: int = 10, clean: float = 1.0
+) -> LocalFeature:
+    """`local:layer=<module>[,steps=..,clean=..]`: the local feature objective of the block ending at
+    that module (needs the model: its current weights are the reference)."""
+    if layer is None:
+        raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
+    if model is None:
+        raise AdvtuneError("the local objective needs the model (its current features are the reference)")
+    return local_feature(model, layer, threat, steps, clean, eps_warmup)
 
 
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
     """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
     `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
-    that module (needs the model: its current weights are the reference)."""
-    name, _, params = spec.partition(":")
-    name = name.strip().lower()
-    if name == "trades":
-        kw = _spec_params("TRADES", params, {"steps": int, "step_size": float, "beta": float})
-        if eps_warmup:
-            raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
-        return trades(threat, **kw)
-    if name == "local":
-        kw = _spec_params("local", params, {"layer": str, "steps": int, "clean": float})
-        if "layer" not in kw:
-            raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
-        if model is None:
-            raise AdvtuneError("the local objective needs the model (its current features are the reference)")
-        return local_feature(model, kw["layer"], threat, kw.get("steps", 10), kw.get("clean", 1.0), eps_warmup)
-    return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
+    that module (needs the model: its current weights are the reference). The names in `OBJECTIVES`
+    are objectives, any other is an attack."""
+    name, raw = parse_spec(spec, "objective")
+    builder = OBJECTIVES.get(name, None)
+    if builder is None:
+        return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
+    kwargs = convert_params(name, raw, builder, title=getattr(builder, "title", name))
+    return builder(threat, model, attack_mode, eps_warmup, **kwargs)
