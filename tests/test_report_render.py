@@ -1,13 +1,16 @@
-"""The HTML report renders in a real headless browser (Debian's chromium), when one is installed."""
+"""The HTML report renders in a real headless browser (Debian's chromium), when one is installed; a
+record that lacks a field the report needs, or holds it malformed, is one line naming file and field."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
 import pytest
 
-from advtune.report import write_report
+from advtune.errors import AdvtuneError
+from advtune.report import write_harden_report, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = [
@@ -97,3 +100,100 @@ def test_report_renders_in_headless_chromium(tmp_path):
         timeout=120,
     )
     assert r.returncode == 0 and shot.stat().st_size > 20_000  # a page with a table and plots, not a blank one
+
+
+def fake_harden(folder):
+    """A summary.json as `advtune harden` writes it, without hardening anything."""
+    summary = {
+        "eps": 0.2,
+        "norm": "linf",
+        "base": "runs/base",
+        "architecture": "small-cnn",
+        "before": {"clean_acc": 0.99, "robust_acc": 0.02, "suspect": []},
+        "after": {"clean_acc": 0.97, "robust_acc": 0.61, "accuracy": {"apgd-ce": 0.61}, "suspect": []},
+        "test_examples": 100,
+        "evaluation": "apgd-ce",
+        "selection": {
+            "components": ["net.conv1"],
+            "trainable_params": 320,
+            "param_share": 0.002,
+            "by_layer": {"net.conv1": [32, 32], "net.conv2": [0, 64]},
+            "params_by_layer": {"net.conv1": 320},
+        },
+        "trainable_params": 320,
+        "param_share": 0.002,
+        "recipe": {"granularity": "layer", "criterion": "taylor", "eps_warmup": 0.3},
+        "budget": 20000,
+        "cost": {
+            "base_training_grad_evals": 600,
+            "analysis_grad_evals": 6600,
+            "finetune_grad_evals": 20304,
+            "harden_grad_evals": 26904,
+        },
+        "concentration": None,
+        "analysis_examples": 600,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def rewrite(path, edit):
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+def report_error(write, folder) -> str:
+    with pytest.raises(AdvtuneError) as e:
+        write(folder)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_a_complete_harden_record_gives_its_report(tmp_path):
+    fake_harden(tmp_path / "hard")
+    paths = write_harden_report(tmp_path / "hard")
+    md = paths["md"].read_text()
+    assert "from 2.00% to 61.00%" in md and "net.conv1: 32/32 units, 320 parameters" in md
+    assert (tmp_path / "hard" / "selection.png").is_file()
+
+
+def test_a_missing_field_names_the_file_and_the_field(tmp_path):
+    folder = tmp_path / "hard"
+    fake_harden(folder)
+    rewrite(folder / "summary.json", lambda s: s["after"].pop("robust_acc"))
+    message = report_error(write_harden_report, folder)
+    assert message.startswith(f"{folder / 'summary.json'}: missing field 'after.robust_acc'")
+    assert f"advtune harden BASE --resume --out {folder}" in message
+    assert not (folder / "report.html").exists()
+    # an experiment: the row and the field
+    exp = tmp_path / "exp"
+    fake_experiment(exp)
+    rewrite(exp / "results.json", lambda r: r["rows"][1].pop("kind"))
+    message = report_error(write_report, exp)
+    assert message.startswith(f"{exp / 'results.json'}: missing field 'rows[1].kind'")
+    assert f"advtune experiment CONFIG --out {exp}" in message
+
+
+def test_a_malformed_field_names_the_file_and_the_field(tmp_path):
+    folder = tmp_path / "hard"
+    fake_harden(folder)
+    rewrite(folder / "summary.json", lambda s: s["before"].update(clean_acc="high"))
+    message = report_error(write_harden_report, folder)
+    assert message.startswith(f"{folder / 'summary.json'}: field 'before.clean_acc' is \"high\", not a number")
+    rewrite(folder / "summary.json", lambda s: s["before"].update(clean_acc=0.99) or s.update(cost=[1, 2]))
+    message = report_error(write_harden_report, folder)
+    assert message.startswith(f"{folder / 'summary.json'}: field 'cost' is [1, 2], not an object")
+    # an experiment: a row's number as a string, an analysis file's list with a hole in it
+    exp = tmp_path / "exp"
+    fake_experiment(exp)
+    rewrite(exp / "results.json", lambda r: r["rows"][0].update({"acc[pgd]": "0.5"}))
+    message = report_error(write_report, exp)
+    assert message.startswith(f"{exp / 'results.json'}: field 'rows[0].acc[pgd]' is \"0.5\", not a number")
+    fake_experiment(exp)
+    (exp / "analysis").mkdir()
+    (exp / "analysis" / "scores-taylor.json").write_text(json.dumps({"components": ["conv1[0]"], "scores": [None]}))
+    message = report_error(write_report, exp)
+    assert message.startswith(f"{exp / 'analysis' / 'scores-taylor.json'}: field 'scores' is [null]")

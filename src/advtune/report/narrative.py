@@ -1,0 +1,279 @@
+"""The report's words, computed from the records: what a variant was, the lead (what won and at what
+cost), the findings, and the sentences of the experiment and harden reports. No claim is written that
+the numbers don't make."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from .costs import total_cost
+
+
+def short_layer_names(names: list[str]) -> dict[str, str]:
+    """Layer names without the dotted prefix they all share ("net.conv1" -> "conv1"): readable labels."""
+    parts = [n.split(".") for n in names]
+    common = os.path.commonprefix(parts) if len(parts) > 1 else parts[0][:-1] if parts else []
+    k = len(common) if all(len(p) > len(common) for p in parts) else 0
+    return {n: ".".join(p[k:]) for n, p in zip(names, parts)}
+
+
+def where_trained(by_layer: Mapping[str, list] | None) -> str:
+    """ "conv1 32/32, conv2 8/64": the layers a selection touches, units trained of units in the layer."""
+    if not by_layer:
+        return ""
+    short = short_layer_names(list(by_layer))
+    return ", ".join(f"{short[n]} {u}/{t}" for n, (u, t) in by_layer.items() if u)
+
+
+def describe(r: dict) -> str:
+    """What a variant was, in words, from its row: method, selection and where its trained units sit."""
+    kind, attack = r["kind"], r.get("attack")
+    if kind == "standard":
+        return "the base model: standard training"
+    if kind == "train":
+        what = f"adversarial training from scratch with {attack}" if attack else "standard training from scratch"
+    elif r.get("select") == "all":
+        what = f"adversarial fine-tuning of all parameters with {attack}"
+    else:
+        if r.get("select") == "random":
+            if r.get("params_like"):
+                what = f"control: random units with as many parameters as {r['params_like']}"
+            elif r.get("share") is not None:
+                what = f"control: a random {100 * r['share']:g}% of the units"
+            else:
+                what = f"control: random units within {_budget_words(r.get('params_budget'))} of the parameters"
+        else:
+            crit = r.get("criterion")
+            if r.get("granularity") == "layer":
+                what = f"whole layers ranked by {crit}"
+            elif r.get("share") is not None:
+                what = f"the top {100 * r['share']:g}% of units by {crit}"
+            else:
+                what = f"top units by {crit}"
+            if r.get("share") is None and r.get("params_budget") is not None:
+                what += f", within {_budget_words(r['params_budget'])} of the parameters"
+        what += f"; fine-tuned with {attack}"
+    where = where_trained(r.get("selected_by_layer"))
+    return what + (f"; trains {where}" if where else "")
+
+
+def _budget_words(p) -> str:
+    if p is None:
+        return "?"
+    p = float(p)
+    return f"{100 * p:g}%" if p <= 1 else f"{int(p):,}"
+
+
+def describe_short(r: dict) -> str:
+    """A variant and its trainable parameters, for a legend."""
+    n = r.get("trainable_params")
+    return f"{r['variant']}: {n:,} params" if n else r["variant"]
+
+
+def lead(rows: list[dict]) -> list[str]:
+    """The report's first lines: what won and at what cost, then selective vs full fine-tuning vs the
+    random control vs adversarial training, all on the `total_cost` basis. Computed from the rows; a
+    variant that tripped the gradient-masking gate is never called the winner."""
+    out = []
+    by_eps: dict[float, list[dict]] = {}
+    for r in rows:
+        by_eps.setdefault(r["eps"], []).append(r)
+    for eps, rs in sorted(by_eps.items()):
+        at = f"at eps={eps:g}"
+        ok = [r for r in rs if not r.get("suspect") and r["kind"] != "standard"]
+        if not ok:
+            continue
+        win = max(ok, key=lambda r: (r["robust_acc"], -total_cost(r)))
+        out.append(
+            f"**{win['variant']} won** {at}: {100 * win['robust_acc']:.2f}% worst-case robust accuracy (clean "
+            f"{100 * win['clean_acc']:.2f}%) for {total_cost(win):,} gradient evaluations in total — {describe(win)}."
+        )
+        sel = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "top"]
+        full = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "all"]
+        at_ = [r for r in ok if r["kind"] == "train" and r.get("attack")]
+        if not sel:
+            continue
+        best = max(sel, key=lambda r: r["robust_acc"])
+        share = f"{100 * best['param_share']:.1f}% of the parameters" if best.get("param_share") else "a selection"
+        parts = [f"Selective fine-tuning of {share} (**{best['variant']}**) reached {100 * best['robust_acc']:.2f}%"]
+        if at_:
+            ref = max(at_, key=lambda r: r["robust_acc"])
+            ratio = total_cost(best) / max(total_cost(ref), 1)
+            parts[0] += (
+                f" at {100 * ratio:.0f}% of the cost of adversarial training (**{ref['variant']}**: "
+                f"{100 * ref['robust_acc']:.2f}%)"
+            )
+        if full:
+            f = max(full, key=lambda r: r["robust_acc"])
+            ratio = total_cost(f) / max(total_cost(best), 1)
+            parts.append(
+                f"full-network fine-tuning (**{f['variant']}**) {100 * f['robust_acc']:.2f}% "
+                f"(at {ratio:.2g}x the selective cost)"
+            )
+        for r in ok:
+            if r["kind"] == "finetune" and r.get("select") == "random" and r.get("params_like") == best["variant"]:
+                parts.append(
+                    f"random units with as many trainable parameters (**{r['variant']}**) {100 * r['robust_acc']:.2f}%"
+                )
+        out.append("; ".join(parts) + ".")
+    return out
+
+
+def headline(rows: list[dict], frontier: bool = False) -> list[str]:
+    """Plain-language findings, computed from the rows (no claim is written that the numbers don't make):
+    the lead (what won, at what cost), gate warnings, and each random control against the selection it
+    controls. `frontier` is kept for callers; the lead counts costs like the frontier does."""
+    out = lead(rows)
+    by_eps: dict[float, list[dict]] = {}
+    for r in rows:
+        by_eps.setdefault(r["eps"], []).append(r)
+    for eps, rs in sorted(by_eps.items()):
+        sel = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "top" and not r.get("suspect")]
+        rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random" and not r.get("suspect")]
+        for r in rs:
+            if r.get("suspect"):
+                out.append(
+                    f"eps={eps:g}: **{r['variant']}** tripped the gradient-masking gate ({r['suspect']}); "
+                    "its robust accuracy is not trustworthy and it is not called robust here."
+                )
+        for r in rnd if sel else []:
+            n = r.get("trainable_params") or 0
+            if r.get("params_like"):  # the control of one named selection: compare with that one
+                same = [s for s in sel if s["variant"] == r["params_like"]]
+                what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
+            elif r.get("share") is not None:  # the same share of components, same attack and budget
+                same = [
+                    s
+                    for s in sel
+                    if s.get("share") == r["share"]
+                    and s.get("attack") == r.get("attack")
+                    and s.get("grad_evals") == r.get("grad_evals")
+                ]
+                what, ctrl = f"at share {r['share']:g}", "the same share of units chosen at random"
+            else:  # the same trainable parameters (within 10%), attack and budget
+                same = [
+                    s
+                    for s in sel
+                    if s.get("attack") == r.get("attack")
+                    and s.get("trainable_params")
+                    and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]
+                    and s.get("grad_evals") == r.get("grad_evals")
+                ]
+                what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
+            if same:
+                s = max(same, key=lambda q: q["robust_acc"])
+                matched = ""
+                if s.get("trainable_params") and n and abs(s["trainable_params"] - n) > 0.1 * s["trainable_params"]:
+                    matched = (
+                        f" (not matched on parameters: the control trains {n:,}, the selection "
+                        f"{s['trainable_params']:,})"
+                    )
+                out.append(
+                    f"eps={eps:g}: {what}, selected components ({s['variant']}) gave {100 * s['robust_acc']:.2f}% "
+                    f"vs {100 * r['robust_acc']:.2f}% for {ctrl} "
+                    f"({100 * (s['robust_acc'] - r['robust_acc']):+.1f} points){matched}."
+                )
+    return out
+
+
+# ---------------------------------------------------------------- the experiment report's sentences
+
+
+def experiment_setup(cfg: dict) -> str:
+    """The base model of an experiment, from its config."""
+    base = cfg.get("base") or {}
+    return (
+        f"Base: {base.get('pretrained') or (str(base.get('model')) + ' on ' + str(base.get('dataset')))}"
+        + (f", training subset {base['limit']}" if base.get("limit") else "")
+        + "."
+    )
+
+
+def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
+    """The threat model and the evaluation of an experiment."""
+    ev = cfg.get("evaluation") or {}
+    threat = cfg.get("threat") or {}
+    return (
+        f"Threat model {threat.get('norm', 'linf')}, eps {threat.get('eps')}. "
+        f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
+        "worst case per example over the attacks; the gradient-masking gate ran on every model."
+    )
+
+
+def concentration_notes(analysis: str, curves: Mapping[str, dict]) -> list[str]:
+    """What restoring the top 1%, 5% and 10% of components repairs, against the random control."""
+    notes = []
+    for name, c in curves.items():
+        pts = {round(s, 4): (r, m) for s, r, m in zip(c["shares"], c["repaired"], c["random_mean"])}
+        for share in (0.01, 0.05, 0.1):
+            if share in pts and pts[share][0] is not None:
+                notes.append(
+                    f"{analysis}: restoring the top {100 * share:g}% of components by {name} repairs "
+                    f"{100 * pts[share][0]:.1f}% of {c['n_errors']} adversarial errors "
+                    f"(random {100 * (pts[share][1] or 0):.1f}%)."
+                )
+    return notes
+
+
+def agreement_notes(analysis: str, agreement: Mapping[str, float]) -> list[str]:
+    """Each criterion's rank agreement with the restoration ground truth."""
+    return [
+        f"{analysis}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}."
+        for k, v in agreement.items()
+    ]
+
+
+# ---------------------------------------------------------------- the harden report's sentences
+
+
+def harden_title(s: dict) -> str:
+    return f"advtune harden: {s['architecture']} at {s['norm']} eps={s['eps']:g}"
+
+
+def harden_lead(s: dict) -> str:
+    """What hardening did and what it cost, in one sentence."""
+    c = s["cost"]
+    sel = s.get("selection") or {}
+    share = 100 * (s.get("param_share") or 0)
+    return (
+        f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the "
+        "model) "
+        f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
+        f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
+        f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
+        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}); the base model's own "
+        f"training took {c['base_training_grad_evals'] or 0:,}."
+    )
+
+
+def harden_recipe(s: dict) -> str:
+    """The recipe a harden run used, from its summary."""
+    recipe = s.get("recipe") or {}
+    return (
+        f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
+        f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
+        "training images) within "
+        f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
+        f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr "
+        f"{recipe.get('lr')}, "
+        f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient "
+        "evaluations."
+    )
+
+
+def harden_protocol(s: dict) -> str:
+    return (
+        f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
+        "(the same images before and after), gradient-masking gate on."
+    )
+
+
+def harden_layers(s: dict) -> list[str]:
+    """One line per layer the selection trains: units and parameters."""
+    sel = s.get("selection") or {}
+    return [
+        f"{n}: {u}/{t} units, {(sel.get('params_by_layer') or {}).get(n, 0):,} parameters"
+        for n, (u, t) in (sel.get("by_layer") or {}).items()
+        if u
+    ]
