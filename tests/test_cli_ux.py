@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from advtune.cli import main
@@ -117,7 +120,104 @@ def test_every_help_does_not_import_torch():
 
 
 def test_the_attack_names_in_the_help_are_the_registry():
+    """`evaluate --help` reads the names from the attacks' `@register` decorators (no torch, no list to
+    keep in cli.py): they are the registry's, in its order."""
     from advtune import list_attacks
-    from advtune.cli import ATTACK_NAMES
+    from advtune.cli import attack_names
 
-    assert list(ATTACK_NAMES) == list_attacks(), "a new attack: add its name to advtune.cli.ATTACK_NAMES"
+    assert attack_names() == list_attacks()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "advtune: error: the following arguments are required: COMMAND (see advtune --help)"),
+        (
+            ["trian"],
+            "advtune: error: argument COMMAND: invalid choice: 'trian' (choose from "
+            + ", ".join(repr(c) for c in ("train", "evaluate", "analyze", "finetune", "harden", "experiment"))
+            + ", 'report', 'info', 'demo') (see advtune --help)",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "x", "--bogus"],
+            "advtune train: error: unrecognized arguments: --bogus (see advtune train --help)",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "x", "--epochs", "abc"],
+            "advtune train: error: argument --epochs: invalid int value: 'abc' (see advtune train --help)",
+        ),
+        (
+            ["evaluate", "run", "--eps", "0.1", "--dist-backend", "mpi"],
+            "advtune evaluate: error: argument --dist-backend: invalid choice: 'mpi' (choose from 'auto', 'gloo', "
+            "'nccl') (see advtune evaluate --help)",
+        ),
+        (["info"], "advtune info: error: the following arguments are required: run (see advtune info --help)"),
+        (["info", "run", "--bogus"], "advtune info: error: unrecognized arguments: --bogus (see advtune info --help)"),
+        (
+            ["report", "--config"],
+            "advtune report: error: argument --config: expected one argument (see advtune report --help)",
+        ),
+    ],
+    ids=["no-command", "bad-command", "unknown-flag", "bad-type", "bad-choice", "missing", "info-flag", "config"],
+)
+def test_argparse_errors_are_one_line_pointing_at_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""
+    assert captured.err.strip() == message and "usage:" not in captured.err
+
+
+def test_help_still_shows_the_usage(capsys):
+    for argv, usage in (
+        (["--help"], "usage: advtune [-h] [--version] COMMAND ..."),
+        (["info", "--help"], "usage: advtune info"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(usage)
+
+
+def _no_space(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_the_run_lock_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    """The lock's pid write fails on a full disk: one line naming the folder and the reason; an existing
+    run that --overwrite was replacing is put back in its place, as it was."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(os, "pwrite", _no_space)
+    assert main(train_argv(out, limit=64, limit_test=32)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"advtune: error: cannot write the run lock in {out}: No space left on device; "
+        "free disk space or choose another --out\n"
+    )
+    monkeypatch.undo()
+    assert main(train_argv(out, limit=64, limit_test=32)) == 0  # the folder it left is usable
+    before = _snapshot(out)
+    # in this process the old run's lock is held already: the new folder's lock is the one that fails
+    monkeypatch.setattr(os, "pwrite", _no_space)
+    assert main(train_argv(out, limit=64, limit_test=32, extra=("--overwrite",))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"advtune: error: cannot write the run lock in {out}: No space left on device")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("call", ["fsync", "replace"])
+def test_a_full_disk_while_writing_a_record_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch, call):
+    out = tmp_path / "run"
+    assert main(train_argv(out, limit=64, limit_test=32)) == 0
+    before = _snapshot(out)
+    monkeypatch.setattr(os, call, _no_space)
+    assert main(train_argv(out, limit=64, limit_test=32, epochs=2, extra=("--resume",))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"advtune: error: cannot write {out}{os.sep}") and "No space left on device" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert _snapshot(out) == before  # every record as it was, and no temporary file left behind
+
+
+def _snapshot(folder):
+    """Every file of a run folder (temporary ones included), but the lock holder's pid."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}

@@ -286,6 +286,39 @@ def test_bad_attack_lists_are_rejected(tiny_model, data):
         robust_accuracy(tiny_model, (x, y), ["pgd"], gate=False)
 
 
+def test_a_model_or_data_on_the_meta_device_is_a_one_line_error(tiny_model, data):
+    """A meta tensor has a shape and no values: a meta model, or meta data, is a one-line error naming
+    both devices and the fix, not a failed Tensor.item() (nor the generator made on the model's device)."""
+    import copy
+
+    import advtune
+
+    x, y = data
+    meta_model, mx, my = copy.deepcopy(tiny_model).to("meta"), x.to("meta"), y.to("meta")
+    model_on_meta = (
+        "the model is on meta and the data on cpu: meta tensors hold no values, nothing can be computed; "
+        "move the model or the data: model.to_empty(device='cpu') and load its weights (a meta model has none to copy)"
+    )
+    data_on_meta = (
+        "the model is on cpu and the data on meta: meta tensors hold no values, nothing can be computed; "
+        "move the model or the data: create the data on cpu, the model's device (a meta tensor has no values to copy)"
+    )
+    for call, message in (
+        (lambda: robust_accuracy(meta_model, (x, y), quick()), model_on_meta),
+        (lambda: robust_accuracy(tiny_model, (mx, my), quick()), data_on_meta),
+        (lambda: robust_accuracy(tiny_model, [(mx, my)], quick()), data_on_meta),  # batches: the first one says it
+        (lambda: advtune.evaluate(meta_model, (x, y), eps=0.1, attacks="fgsm"), model_on_meta),
+        (lambda: advtune.evaluate(tiny_model, (mx, my), eps=0.1, attacks="fgsm"), data_on_meta),
+    ):
+        with pytest.raises(AdvtuneError) as e:
+            call()
+        assert str(e.value) == message
+    with pytest.raises(AdvtuneError, match=r"^the model is on meta: .*model.to_empty\(device='cpu'\)"):
+        robust_accuracy(meta_model, iter([(x, y)]), quick())  # a loader's device is not known before reading it
+    # data on the CPU for a model elsewhere is moved to the model's device, as before
+    assert robust_accuracy(tiny_model, (x[:20], y[:20]), quick(), gate=False).n == 20
+
+
 def test_evaluate_compile_flag_compiles_only_the_black_box_queries():
     """`evaluate --compile`: Square (suite or attack list) queries a compiled forward; the white-box
     attacks and the default are unchanged."""

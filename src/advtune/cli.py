@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import filenames as files
 from .errors import AdvtuneError
@@ -101,9 +101,42 @@ def _default(cls):
 # ---------------------------------------------------------------- evaluate
 
 
-# the registered attacks, named here so `evaluate --help` needs no torch; a test keeps it equal to
-# advtune.list_attacks() (adding an attack: add its name here too, the test says so)
-ATTACK_NAMES = ("fgsm", "fgsm-rs", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square")
+def attack_names() -> list[str]:
+    """The built-in attacks' names, read from the `@register("name")` decorators (and `register_attack`
+    calls) in the source of `advtune/attacks/` with ast, so that `evaluate --help` needs no torch and a
+    new attack needs no edit here; in registration order (the modules as `attacks/__init__.py` imports
+    them, stacked decorators bottom-up). `advtune.list_attacks()` also has attacks registered at run time."""
+    import ast
+
+    folder = Path(__file__).resolve().parent / "attacks"
+
+    def tree(path: Path) -> ast.Module | None:
+        try:
+            return ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            return None
+
+    init = tree(folder / "__init__.py")
+    order = [n.module for n in ast.walk(init) if isinstance(n, ast.ImportFrom) and n.level == 1] if init else []
+    names: list[str] = []
+    for module in dict.fromkeys(order):  # first import of each module, in order
+        if not module or not (folder / f"{module}.py").is_file() or module in ("registry", "_common"):
+            continue
+        for stmt in getattr(tree(folder / f"{module}.py"), "body", []):
+            decorators = getattr(stmt, "decorator_list", [])
+            calls = [*reversed(decorators), *(n for n in ast.walk(stmt) if not any(n is d for d in decorators))]
+            for call in calls:
+                callee = getattr(call, "func", None)
+                if (
+                    isinstance(call, ast.Call)
+                    and getattr(callee, "id", getattr(callee, "attr", None)) in ("register", "register_attack")
+                    and call.args
+                    and isinstance(call.args[0], ast.Constant)
+                    and isinstance(call.args[0].value, str)
+                    and call.args[0].value not in names
+                ):
+                    names.append(call.args[0].value)
+    return names
 
 
 def add_evaluate_parser(sub) -> None:
@@ -113,7 +146,8 @@ def add_evaluate_parser(sub) -> None:
         "evaluate",
         help=HELP["evaluate"],
         description="Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
-        "Attacks: " + ", ".join(ATTACK_NAMES),
+        "Attacks: " + (", ".join(attack_names()) or "see docs/attacks.md") + " (spec: name:key=value,...; "
+        "docs/attacks.md).",
     )
     add_flags(p, EvaluateRun, required={"eps"})
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # only to point at --limit-test
@@ -344,7 +378,7 @@ def add_harden_parser(sub) -> None:
 
 
 def run_harden(args) -> int:
-    from .hardening import Recipe
+    from .recipe import Recipe
     from .runs import harden as harden_job
     from .runs.configs import HardenRun
     from .runs.harden import format_summary
@@ -390,17 +424,26 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing command, an unknown flag, a bad value or choice) as one line that
+    points at --help, instead of the whole usage block; exit status 2 as argparse's. --help is unchanged.
+    The root parser and, through add_subparsers, every command's parser are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the named command's parser is built in full (the others are
     one-line entries), so `advtune --help` never imports torch."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="advtune",
         description="Make CNNs robust by adversarially fine-tuning only their most vulnerable components.",
     )
     parser.add_argument("--version", action="version", version=f"advtune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     wanted = None if argv is None else next((a for a in argv if a in COMMANDS), "")
     for name, (add, _) in COMMANDS.items():
@@ -413,7 +456,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def _apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """timm's two stages: YAML gives the subcommand's defaults, explicit flags override them."""
-    pre = argparse.ArgumentParser(add_help=False)
+    command = next((a for a in argv if a in COMMANDS), None)
+    pre = Parser(prog="advtune" + (f" {command}" if command else ""), add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if not known.config:
@@ -431,7 +475,6 @@ def _apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> No
         raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(values, dict):
         raise AdvtuneError(f"{path} must be a mapping of flag names to values")
-    command = next((a for a in argv if a in COMMANDS), None)
     if command is None:
         raise AdvtuneError(f"--config needs a command, e.g. advtune train --config {path}")
     subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
@@ -497,7 +540,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     try:
         _apply_yaml_defaults(parser, argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # parse_args's own check, said by the command's parser: "advtune train: error: ..."
+            commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+            commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
         _setup_logging(args)
         from .distributed import session  # torch: only once a command runs, never for --help
 

@@ -27,13 +27,57 @@ from .errors import AdvtuneError
 _FIX_RANGE = "undo the normalisation (make it the model's first layer) or divide by 255"
 
 
+def check_devices(model_device: Any, data_device: Any = None, *, what: str = "data") -> None:
+    """Raise a one-line AdvtuneError unless a model on `model_device` can compute on data on `data_device`
+    (None: not known yet). Data on another real device is fine (it is moved to the model's), but a meta
+    tensor has a shape and no values: neither a meta model nor meta data can be computed with or moved."""
+    model = torch.device(model_device)
+    data = None if data_device is None else torch.device(data_device)
+    if model.type != "meta" and (data is None or data.type != "meta"):
+        return
+    real = next((str(d) for d in (data, model) if d is not None and d.type != "meta"), "cpu")
+    on = f"the model is on {model}" + (f" and the {what} on {data}" if data is not None else "")
+    if model.type == "meta":
+        fix = f"model.to_empty(device={real!r}) and load its weights (a meta model has none to copy)"
+        if data is not None and data.type == "meta":
+            fix += f", and create the {what} on {real}"
+    else:
+        fix = f"create the {what} on {model}, the model's device (a meta tensor has no values to copy)"
+    raise AdvtuneError(f"{on}: meta tensors hold no values, nothing can be computed; move the model or the data: {fix}")
+
+
+def data_device(data: Any) -> torch.device | None:
+    """The device of `data` when known without reading it (a tensor pair, an advtune split), else None."""
+    if is_tensor_tuple(data, (2, 3)):
+        return data[0].device
+    if isinstance(data, TensorData):
+        return data.x.device
+    return None
+
+
 def check_batch(
-    x: Any, y: Any, *, x_adv: Any = None, lower: float = 0.0, upper: float = 1.0, what: str = "data"
+    x: Any,
+    y: Any,
+    *,
+    x_adv: Any = None,
+    lower: float = 0.0,
+    upper: float = 1.0,
+    what: str = "data",
+    device: Any = None,
 ) -> None:
-    """Raise a one-line AdvtuneError unless (x, y[, x_adv]) is a valid batch of pixel-space images."""
+    """Raise a one-line AdvtuneError unless (x, y[, x_adv]) is a valid batch of pixel-space images
+    (for a model on `device`, when given)."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise AdvtuneError(
             f"{what}: a batch must be a pair of tensors (x, y), got ({type(x).__name__}, {type(y).__name__})"
+        )
+    meta = next((t.device for t in (x, y, x_adv) if isinstance(t, Tensor) and t.device.type == "meta"), None)
+    if device is not None:  # before any value is read: a meta tensor has none
+        check_devices(device, meta or x.device, what=what)
+    elif meta is not None:
+        raise AdvtuneError(
+            f"{what} is on {meta}: meta tensors hold no values, nothing can be computed; "
+            f"create the {what} on a real device (cpu, cuda)"
         )
     if x.dtype == torch.uint8:
         raise AdvtuneError(f"{what}: images are uint8; advtune works in pixel space [0, 1]: pass x.float() / 255")
@@ -73,10 +117,18 @@ def resolve_split(data: Any, split: str) -> Any:
 
 
 def batches(
-    data: Any, batch_size: int, *, allow_adv: bool = False, lower: float = 0.0, upper: float = 1.0, what: str = "data"
+    data: Any,
+    batch_size: int,
+    *,
+    allow_adv: bool = False,
+    lower: float = 0.0,
+    upper: float = 1.0,
+    what: str = "data",
+    device: Any = None,
 ) -> Iterator[tuple[Tensor, ...]]:
     """Validated float batches ``(x, y)`` (or ``(x, y, x_adv or None)`` with allow_adv) from any
-    accepted `data`. Tensor pairs and advtune splits are sliced; iterables are streamed as they come."""
+    accepted `data`. Tensor pairs and advtune splits are sliced; iterables are streamed as they come.
+    device: the model's, when known: each batch must be one it can compute on (see check_devices)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
     sizes = (2, 3) if allow_adv else (2,)
@@ -106,7 +158,7 @@ def batches(
             )
         x, y = item[0], item[1]
         xa = item[2] if len(item) == 3 else None
-        check_batch(x, y, x_adv=xa, lower=lower, upper=upper, what=what)
+        check_batch(x, y, x_adv=xa, lower=lower, upper=upper, what=what, device=device)
         yield (x, y, xa) if allow_adv else (x, y)
 
 

@@ -18,7 +18,7 @@ from ..cost import PassCounter
 from ..data import TensorData
 from ..distributed import all_gather, all_max, all_sum, broadcast, on_main, rank_and_world
 from ..errors import AdvtuneError
-from ..inputs import batches
+from ..inputs import batches, check_devices, data_device
 from ..threat import ThreatModel
 from ..utils import batch_generator, eval_mode, model_device, model_dtype, progress
 from .gate import (
@@ -180,6 +180,7 @@ def robust_accuracy(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
     device, dtype = model_device(model), model_dtype(model)
+    check_devices(device, data_device(data))  # a meta model (or meta data): one line, not a failed .item()
     started = time.perf_counter()
     counter = PassCounter()
     tallies = {s: _Tally() for s in specs}
@@ -194,7 +195,11 @@ def robust_accuracy(
     if any(getattr(a, "compile", False) for a in attacks):  # load dynamo before the counter's hook: it
         importlib.import_module("torch._dynamo")  # then stays out of compiled code (PassCounter.attached)
     with eval_mode(model), counter.attached(model):
-        bar = progress(batches(data, batch_size, lower=threat.lower, upper=threat.upper), desc="evaluate", total=total)
+        bar = progress(
+            batches(data, batch_size, lower=threat.lower, upper=threat.upper, device=device),
+            desc="evaluate",
+            total=total,
+        )
         for b, (xb, yb) in enumerate(bar):
             if limit is not None:
                 if n >= limit:

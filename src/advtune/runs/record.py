@@ -69,7 +69,13 @@ class RunDir:
                 run._lock()  # nobody else may be writing the run we are about to replace
                 aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
                 _release(p)
-                p.rename(aside)
+                try:
+                    p.rename(aside)
+                except OSError as e:  # the run stays where it was, untouched
+                    raise AdvtuneError(
+                        f"--overwrite: cannot move the run in {p} aside to {aside.name} ({e.strerror or e}); "
+                        "make its parent folder writable or choose another --out"
+                    ) from None
                 run.aside = aside
                 log.info("the run in %s is kept at %s until the new run finishes", p, aside)
             else:
@@ -77,17 +83,36 @@ class RunDir:
                     f"output folder {p} already exists; pass --resume to continue it or --overwrite to replace it"
                 )
         try:
-            p.mkdir(parents=True, exist_ok=True)
-            probe = p / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise AdvtuneError(f"cannot write to output folder {p} ({e.strerror}); pick a writable --out") from None
-        run._lock()
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+                probe = p / ".write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise AdvtuneError(f"cannot write to output folder {p} ({e.strerror}); pick a writable --out") from None
+            run._lock()
+        except AdvtuneError as e:
+            if run.aside is not None and not run._put_back():
+                raise AdvtuneError(f"{e} (the run it was to replace is kept at {run.aside})") from None
+            raise
 
         left = remove_orphan_tmp(p)
         if left:
             log.info("removed %d temporary file(s) an interrupted write left in %s", len(left), p)
+
+    def _put_back(self) -> bool:
+        """The new run could not start: the run it was to replace goes back in its place."""
+        assert self.aside is not None
+        _release(self.path)
+        try:
+            (self.path / files.LOCK).unlink(missing_ok=True)
+            if self.path.exists():
+                self.path.rmdir()  # only an empty folder: nothing of the new run is deleted
+            self.aside.rename(self.path)
+        except OSError:
+            return False
+        self.aside = None
+        return True
 
     def _lock(self) -> None:
         """Take the folder's writer lock, or refuse with the holder's pid."""
@@ -100,9 +125,7 @@ class RunDir:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise AdvtuneError(
-                f"cannot write to output folder {self.path} ({e.strerror}); pick a writable --out"
-            ) from None
+            raise _lock_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,8 +138,15 @@ class RunDir:
                 f"{self.path} is being written by another advtune process (pid {holder}); "
                 "wait for it to finish or pick another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:  # a file system without locks (ENOLCK), ...
+            os.close(fd)
+            raise _lock_error(self.path, e) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:  # a full disk: the lock is released with its fd, nothing else was touched
+            os.close(fd)
+            raise _lock_error(self.path, e) from None
         _HELD[key] = fd
 
     def done(self) -> None:
@@ -168,6 +198,15 @@ class RunDir:
 
     def write_cost(self, meter: CostMeter) -> None:
         self.write_json(files.COST, meter.to_json())
+
+
+def _lock_error(folder: Path, e: OSError) -> AdvtuneError:
+    """The one-line error of a run lock the OS refused: the folder, the OS's reason, the fix."""
+    import errno
+
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free disk space or choose another --out" if full else "choose a writable --out"
+    return AdvtuneError(f"cannot write the run lock in {folder}: {e.strerror or e}; {fix}")
 
 
 def _release(path: Path) -> None:
