@@ -27,7 +27,7 @@ def test_import_advtune_does_not_load_torch():
 
 def test_every_export_resolves_and_functions_are_not_shadowed_by_modules():
     import advtune.evaluation  # noqa: F401  (a module import must not replace the function)
-    import advtune.hardening  # noqa: F401
+    import advtune.runs.harden  # noqa: F401
 
     for name in advtune.__all__:
         assert getattr(advtune, name) is not None, name

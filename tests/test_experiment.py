@@ -248,10 +248,10 @@ def test_shipped_configs_are_valid():
 
 
 def test_yaml_numbers_written_the_usual_ways():
-    cfg = experiment._train_config({"lr": "1e-3", "epochs": 2.0, "weight_decay": "5e-4"}, {"momentum": "9/10"}, seed=0)
+    cfg = experiment.train_config({"lr": "1e-3", "epochs": 2.0, "weight_decay": "5e-4"}, {"momentum": "9/10"}, seed=0)
     assert cfg.lr == 0.001 and cfg.epochs == 2 and cfg.weight_decay == 0.0005 and cfg.momentum == 0.9
     with pytest.raises(AdvtuneError, match="train.epochs must be an integer"):
-        experiment._train_config({"epochs": 1.5}, None, seed=0)
+        experiment.train_config({"epochs": 1.5}, None, seed=0)
 
 
 def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):

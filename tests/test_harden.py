@@ -146,11 +146,11 @@ def test_not_a_run_and_a_model_without_layers(base, tmp_path, capsys, monkeypatc
 
 
 def test_python_api_hardens_a_users_own_model(blobs):
-    """advtune.hardening.harden on any nn.Module and (x, y) tensors: robust after, only the selection
-    changed, the input model untouched."""
+    """advtune.harden on any nn.Module and (x, y) tensors: robust after, only the selection changed,
+    the input model untouched."""
     import copy
 
-    from advtune.hardening import Recipe, harden
+    from advtune import Recipe, harden
     from conftest import train_tiny
 
     x, y, xt, yt = blobs
@@ -159,7 +159,7 @@ def test_python_api_hardens_a_users_own_model(blobs):
     res = harden(
         model,
         (x, y),
-        (xt, yt),
+        test=(xt, yt),
         eps=0.2,
         recipe=Recipe(params=0.3, analysis_limit=200),
         budget=60000,

@@ -9,7 +9,7 @@ import pytest
 
 from advtune.cli import build_parser
 from advtune.errors import AdvtuneError
-from advtune.hardening import Recipe
+from advtune.recipe import Recipe
 from advtune.runs.analyze import AnalyzeRun
 from advtune.runs.demo import DemoConfig
 from advtune.runs.evaluate import EvaluateRun

@@ -31,7 +31,7 @@ _EXPORTS = {
     "EvalResult": "evaluation",
     "suite": "evaluation",
     "eps_curve": "evaluation",
-    "HardenResult": "hardening",
+    "HardenResult": "api",
     "Recipe": "recipe",
     "TrainConfig": "train",
     "History": "train",
@@ -71,6 +71,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
     from .api import (
+        HardenResult,
         VulnerabilityMap,
         analyze,
         evaluate,
@@ -94,7 +95,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .data import Dataset, TensorData, list_datasets, load_dataset
     from .errors import AdvtuneError
     from .evaluation import EvalResult, eps_curve, suite
-    from .hardening import HardenResult
     from .models import build_model, list_models
     from .recipe import Recipe
     from .threat import ThreatModel

@@ -21,27 +21,25 @@ from torch import Tensor, nn
 
 from .attacks import Attack, build_attack, split_attack_list
 from .components import Selection, model_params
-from .cost import PassCounter
 from .data import Dataset
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
-from .hardening import PROTOCOL, HardenResult, Recipe
-from .hardening import harden as _harden
-from .inputs import batches, resolve_split
-from .metrics import adversarial_examples, correct
+from .inputs import as_tensor_data, batches, resolve_split
 from .models import load_model as _load_model
 from .models import save_model as _save_model
+from .recipe import Recipe
+from .runs.analyze import analyze_model
+from .runs.configs import AnalyzeRun, HardenRun
+from .runs.harden import HardenResult, harden_model
+from .settings import default
 from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
 from .train import fit as _fit
 from .utils import make_generator, model_device, model_dtype
 from .vulnerability import (
-    DEFAULT_SHARES,
     ConcentrationCurve,
     ScoreTable,
-    concentration_curve,
     layer_scores,
-    score_many,
     select_random,
     select_top,
     select_top_layers,
@@ -114,10 +112,14 @@ def evaluate(
     is the same, per-attack numbers become cumulative). gate: the gradient-masking checks, whose
     findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
     """
+    from .inputs import check_devices, data_device
+
     threat = _threat(eps, norm)
+    data = resolve_split(data, "test")
+    check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
         model,
-        resolve_split(data, "test"),
+        data,
         _attacks(attacks, threat),
         batch_size=batch_size,
         generator=make_generator(seed, model_device(model)),
@@ -219,32 +221,51 @@ def analyze(
     *,
     eps: float,
     norm: str = "linf",
-    attack: str | Attack = "pgd:steps=10",
+    attack: str | Attack | None = None,
     criterion: str = "taylor",
-    limit: int | None = 1000,
+    limit: int | None = None,
     curve: bool = True,
-    shares: Sequence[float] = DEFAULT_SHARES,
-    batch_size: int = 256,
+    shares: Sequence[float] | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
 ) -> VulnerabilityMap:
     """Score every conv channel and linear unit of `model` by how much it carries the adversarial
     perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
     evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
-    curve: also measure the concentration curve on the same examples."""
+    curve: also measure the concentration curve on the same examples. The defaults (attack, limit,
+    shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
     threat = _threat(eps, norm)
-    atk = build_attack(attack, threat) if isinstance(attack, str) else attack
+    atk = attack if attack is not None else default(AnalyzeRun, "attack")
+    atk = build_attack(atk, threat) if isinstance(atk, str) else atk
     if getattr(atk, "threat", threat) != threat:
         raise AdvtuneError(f"the attack was built for {atk.threat}, but eps/norm say {threat}")
+    limit = limit if limit is not None else default(AnalyzeRun, "limit")
     x, y = _take(model, resolve_split(data, "train"), limit, "data", threat)
-    counter = PassCounter()
-    with counter.attached(model):
-        x_adv = adversarial_examples(model, atk, x, y, batch_size, seed)
-        table = score_many(model, (x, y, x_adv), None, [criterion], batch_size=batch_size)[criterion]
-        crv = concentration_curve(model, (x, y, x_adv), None, table, shares, batch_size=batch_size) if curve else None
-    clean_ok = correct(model, x, y, batch_size).float().mean().item()
-    adv_ok = correct(model, x_adv, y, batch_size).float().mean().item()
+    settings = AnalyzeRun(
+        base="",
+        out="",
+        eps=eps,
+        norm=norm,
+        attack=getattr(atk, "spec", type(atk).__name__),
+        criteria=(criterion,),
+        limit=len(x),
+        curve_limit=len(x) if curve else 0,
+        shares=tuple(shares) if shares is not None else default(AnalyzeRun, "shares"),
+        batch_size=batch_size if batch_size is not None else default(AnalyzeRun, "batch_size"),
+        seed=seed,
+    )
+    result = analyze_model(model, x, y, settings, attack=atk)
+    s = result.summary
     return VulnerabilityMap(
-        table, threat, getattr(atk, "spec", type(atk).__name__), len(x), clean_ok, adv_ok, counter.take()[0], crv, model
+        result.tables[criterion],
+        threat,
+        s.attack,
+        s.examples_scored,
+        s.clean_acc,
+        s.adv_acc,
+        s.cost["grad_evals"],
+        result.curves.get(criterion),
+        model,
     )
 
 
@@ -260,30 +281,41 @@ def harden(
     test: Any = None,
     budget: int | None = None,
     recipe: Recipe | None = None,
-    evaluation: str = PROTOCOL,
-    limit_test: int = 1000,
+    evaluation: str | None = None,
+    limit_test: int | None = None,
     seed: int = 0,
 ) -> HardenResult:
-    """Analyse, select the most vulnerable layers within 5% of the parameters, adversarially
-    fine-tune only those for `budget` gradient evaluations (default: two passes over the data), and
-    evaluate before and after with the strong protocol on `test` (an advtune Dataset gives both:
-    train for the work, test for the evaluation). Returns a `HardenResult`; `.model` is the hardened
-    copy, `model` itself is untouched."""
-    train = resolve_split(data, "train")
+    """`advtune harden` in memory: analyse, select the most vulnerable layers within the recipe's
+    parameter budget, adversarially fine-tune only those for `budget` gradient evaluations (default:
+    the recipe's passes over the data), and evaluate before and after with the strong protocol on
+    `test` (an advtune Dataset gives both: train for the work, test for the evaluation). The same
+    code as the command (`runs.harden.harden_model`): the same settings give the same weights.
+    Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
+    train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test
-    return _harden(
-        model,
-        train,
-        resolve_split(test, "test") if test is not None else None,
+    test = as_tensor_data(resolve_split(test, "test"), what="test") if test is not None else None
+    run = HardenRun(
+        base="(in memory)",
+        out="",
         eps=eps,
         norm=norm,
-        recipe=recipe or Recipe(),
         budget=budget,
-        evaluation=evaluation,
-        test_limit=limit_test,
+        recipe=recipe or Recipe(),
+        limit_test=limit_test if limit_test is not None else default(HardenRun, "limit_test"),
+        evaluation=evaluation if evaluation is not None else default(HardenRun, "evaluation"),
         seed=seed,
     )
+    ds = Dataset(
+        data.name if isinstance(data, Dataset) else "in-memory",
+        train,
+        test.take(run.limit_test) if test is not None else None,
+        [],
+        (),
+        (),
+    )
+    meta = {"architecture": type(model).__name__}
+    return harden_model(model, meta, ds, run)
 
 
 def fit(

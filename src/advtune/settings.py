@@ -194,6 +194,26 @@ def from_args(cls, args: argparse.Namespace, **given: Any):
     return cls(**values)
 
 
+def default(cls, name: str) -> Any:
+    """The declared default of field `name` of the config `cls`: the API's keywords read their
+    defaults here, so the CLI, the API and YAML share one declaration."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise AdvtuneError(f"{cls.__name__}.{name} has no default")
+    raise AdvtuneError(f"{cls.__name__} has no field {name!r}")
+
+
+def settings_from(cls, values: dict, **fixed: Any):
+    """`cls` from the keys of `values` it has (the others keep their declared defaults) and `fixed`:
+    how an experiment variant becomes a job config, so a key it does not set means the CLI default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in values.items() if k in names}, **fixed})
+
+
 # ---------------------------------------------------------------- YAML keys
 
 

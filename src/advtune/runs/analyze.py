@@ -7,15 +7,18 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from torch import Tensor
+
 from .. import filenames as files
-from ..attacks import build_attack
+from ..attacks import Attack, build_attack
 from ..cost import CostMeter, PassCounter
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
-from ..report import plot_concentration, plot_unit_scores
 from ..threat import ThreatModel
 from ..utils import resolve_device, seed_everything
 from ..vulnerability import (
+    ConcentrationCurve,
+    ScoreTable,
     concentration_curve,
     layer_scores,
     list_criteria,
@@ -53,8 +56,8 @@ class AnalyzeSummary:
         return d
 
 
-def run(run: AnalyzeRun) -> AnalyzeSummary:
-
+def check_analysis(run: AnalyzeRun) -> None:
+    """The analysis settings, refused in one line before any work."""
     if run.eps is None:
         raise AdvtuneError("analyze needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     if run.granularity not in ("channel", "unit"):
@@ -69,10 +72,99 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
         )
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
+
+
+@dataclass
+class Analysis:
+    """What the analysis computed: the summary record, one score table and (when measured) one
+    concentration curve per criterion."""
+
+    summary: AnalyzeSummary
+    tables: dict[str, ScoreTable]
+    curves: dict[str, ConcentrationCurve]
+
+
+def analyze_model(model, x: Tensor, y: Tensor, run: AnalyzeRun, attack: Attack | None = None) -> Analysis:
+    """The analysis itself (the one implementation behind `advtune analyze`, `advtune.analyze` and
+    harden's first stage): attack the first max(limit, curve_limit) examples of (x, y) once, score the
+    first `limit` under every criterion, and measure the concentration curve on the first
+    `curve_limit`. Every pass through the model is counted. `attack` overrides `run.attack` (an object
+    from the Python API)."""
+    check_analysis(run)
+    seed_everything(run.seed)
+    threat = ThreatModel(run.norm, run.eps)
+    attack = attack if attack is not None else build_attack(run.attack, threat)
+    meter = CostMeter()
+    meter.measure_model(model, tuple(x.shape[1:]))
+    counter = PassCounter()  # every example through the model: attack, criteria, curves
+    meter.start()
+    # one attack run serves every criterion and the curves: adversarials are computed once, here
+    x, y = x[: max(run.limit, run.curve_limit)], y[: max(run.limit, run.curve_limit)]
+    with counter.attached(model):
+        x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
+    clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
+    n_score = min(run.limit, len(x))
+    with counter.attached(model):
+        tables = score_many(
+            model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size
+        )
+    per_criterion: dict[str, Any] = {}
+    curves = {}
+    for name, table in tables.items():
+        per_criterion[name] = {"components": len(table), "top10": [(str(c), s) for c, s in table.ranked()[:10]]}
+        if run.curve_limit:
+            n = min(run.curve_limit, len(x))
+            with counter.attached(model):
+                curve = concentration_curve(
+                    model,
+                    (x[:n], y[:n], x_adv[:n]),
+                    None,
+                    table,
+                    run.shares,
+                    run.random_seeds,
+                    batch_size=run.batch_size,
+                )
+            curves[name] = curve
+            per_criterion[name]["curve"] = curve.rows()
+            per_criterion[name]["adversarial_errors"] = curve.n_errors
+    agreement = None
+    if "restoration" in tables:
+        agreement = {k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
+    meter.stop()
+    meter.add_counted(counter)
+    summary = AnalyzeSummary(
+        n_score,
+        float(clean_ok[:n_score].float().mean()),
+        float(adv_ok[:n_score].float().mean()),
+        getattr(attack, "spec", type(attack).__name__),
+        threat.to_json(),
+        per_criterion,
+        meter.to_json(),
+        agreement,
+    )
+    return Analysis(summary, tables, curves)
+
+
+def write_analysis(rd: RunDir, analysis: Analysis) -> None:
+    """An analysis' records: score tables (JSON + CSV), per-layer figures, curves, plots, cost, summary."""
+    for name, table in analysis.tables.items():
+        rd.write_json(files.scores(name), table.to_json())
+        table.to_csv(rd.file(files.scores(name, "csv")))
+        rd.write_json(files.layer_scores(name), layer_scores(table))
+    if analysis.curves:
+        rd.write_json(files.CONCENTRATION, {k: c.to_json() for k, c in analysis.curves.items()})
+    _analysis_plots(rd, analysis.tables, analysis.curves)
+    rd.write_json(files.COST, analysis.summary.cost)
+    rd.write_json(files.SUMMARY, analysis.summary.to_json())
+    rd.done()
+
+
+def run(run: AnalyzeRun) -> AnalyzeSummary:
+    """`advtune analyze`: the analysis of a run folder's model into `run.out`."""
+    check_analysis(run)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
-    seed_everything(run.seed)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
     threat = ThreatModel(run.norm, run.eps)
     attack = build_attack(run.attack, threat)
@@ -90,69 +182,14 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
             "device": str(device),
         }
     )
-    meter = CostMeter()
-    meter.measure_model(model, ds.input_shape)
-    counter = PassCounter()  # every example through the model: attack, criteria, curves
-    meter.start()
-    # one attack run serves every criterion and the curves: adversarials are computed once, here
     x, y = ds.train.take(max(run.limit, run.curve_limit)).tensors(device)
-    with counter.attached(model):
-        x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
-    clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
-    n_score = min(run.limit, len(x))
-    with counter.attached(model):
-        tables = score_many(
-            model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size
-        )
-    per_criterion: dict[str, Any] = {}
-    curves = {}
-    for name, table in tables.items():
-        rd.write_json(files.scores(name), table.to_json())
-        table.to_csv(rd.file(files.scores(name, "csv")))
-        layers = layer_scores(table)
-        rd.write_json(files.layer_scores(name), layers)
-        top = [(str(c), s) for c, s in table.ranked()[:10]]
-        per_criterion[name] = {"components": len(table), "top10": top}
-        if run.curve_limit:
-            n = min(run.curve_limit, len(x))
-            with counter.attached(model):
-                curve = concentration_curve(
-                    model,
-                    (x[:n], y[:n], x_adv[:n]),
-                    None,
-                    table,
-                    run.shares,
-                    run.random_seeds,
-                    batch_size=run.batch_size,
-                )
-            curves[name] = curve
-            per_criterion[name]["curve"] = curve.rows()
-            per_criterion[name]["adversarial_errors"] = curve.n_errors
-    if curves:
-        rd.write_json(files.CONCENTRATION, {k: c.to_json() for k, c in curves.items()})
-    agreement = None
-    if "restoration" in tables:
-        agreement = {k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
-    meter.stop()
-    meter.add_counted(counter)
-    summary = AnalyzeSummary(
-        n_score,
-        float(clean_ok[:n_score].float().mean()),
-        float(adv_ok[:n_score].float().mean()),
-        attack.spec,
-        threat.to_json(),
-        per_criterion,
-        meter.to_json(),
-        agreement,
-    )
-    _analysis_plots(rd, tables, curves)
-    rd.write_cost(meter)
-    rd.write_json(files.SUMMARY, summary.to_json())
-    rd.done()
-    return summary
+    analysis = analyze_model(model, x, y, run)
+    write_analysis(rd, analysis)
+    return analysis.summary
 
 
 def _analysis_plots(rd: RunDir, tables: dict, curves: dict) -> None:
+    from ..report import plot_concentration, plot_unit_scores  # matplotlib only where figures are drawn
 
     if curves:
         plot_concentration({k: c.to_json() for k, c in curves.items()}, rd.file("concentration.png"))

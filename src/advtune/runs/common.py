@@ -199,7 +199,7 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
 
 def make_selection(
     model,
-    select: str,
+    select: str | ScoreTable,
     share: float,
     criterion: str,
     per_layer: bool,
@@ -210,7 +210,7 @@ def make_selection(
 ):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
-    select: all | random | layers:<name,...> | an analyze folder (or score file). With `params`, a
+    select: all | random | layers:<name,...> | an analyze folder (or score file) | a ScoreTable. With `params`, a
     random or analysed selection fills a parameter budget instead of a share of components;
     granularity=layer picks whole layers from the analysis (best summed score first)."""
 
@@ -220,6 +220,8 @@ def make_selection(
         check_params(params, model)
     if granularity not in ("unit", "layer"):
         raise AdvtuneError(f"granularity {granularity!r}: use unit or layer")
+    if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
+        return select_from_table(select, model, share, per_layer, params, granularity, example_input)
     if select == "all":
         return None
     if select.startswith("layers:"):
@@ -228,7 +230,12 @@ def make_selection(
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
-    folder = Path(select)
+    return select_from_table(read_table(select, criterion), model, share, per_layer, params, granularity, example_input)
+
+
+def read_table(source: str | Path, criterion: str) -> ScoreTable:
+    """The score table of `criterion` in an analysis folder (or a score file itself)."""
+    folder = Path(source)
     table_file = folder / files.scores(criterion) if folder.is_dir() else folder
     if folder.is_dir() and not table_file.is_file():
         have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
@@ -237,9 +244,17 @@ def make_selection(
             + (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first")
         )
     if not table_file.is_file():
-        raise AdvtuneError(f"--select {select!r}: not all, random, layers:<names>, or an analyze folder/score file")
+        raise AdvtuneError(
+            f"--select {str(source)!r}: not all, random, layers:<names>, or an analyze folder/score file"
+        )
+    return ScoreTable.from_json(read_json(table_file, "score table"))
 
-    table = ScoreTable.from_json(read_json(table_file, "score table"))
+
+def select_from_table(
+    table: ScoreTable, model, share: float, per_layer: bool, params=None, granularity: str = "unit", example_input=None
+):
+    """The most vulnerable components of a score table: whole layers (granularity=layer) or units
+    within a parameter budget, or the top share of units (globally or per layer)."""
     if params is not None and granularity == "layer":
         selection = select_top_layers(table, model, params, example_input=example_input)
     elif params is not None:

@@ -284,7 +284,9 @@ class HardenRun:
     recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
     limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
     limit_test: int = setting(1000, help="test examples for the evaluation")
-    evaluation: str = setting(PROTOCOL, help="attack list of the evaluation (worst case per example)")
+    evaluation: str = setting(
+        PROTOCOL, help="attack list of the evaluation (worst case per example), or a suite: standard, quick"
+    )
     seed: int = seed_setting()
     data_dir: str | None = base_data_dir_setting()
     device: str = device_setting()

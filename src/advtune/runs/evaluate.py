@@ -12,7 +12,6 @@ from ..attacks import build_attack, split_attack_list
 from ..distributed import barrier, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..evaluation import compiled_queries, eps_curve, robust_accuracy, suite
-from ..report import plot_eps_curve
 from ..threat import ThreatModel
 from ..utils import (
     atomic_write_json,
@@ -59,7 +58,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
             limit=run.limit_test,
             cascade=run.cascade,
         )
-        return {"kind": "single", **result.to_json()}
+        return {"kind": "single", **result.to_json(), "_result": result}
     curve = eps_curve(
         model,
         data,
@@ -72,16 +71,14 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
     return {"kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
 
 
-def run(run: EvaluateRun) -> dict:
-
-    device = resolve_device(run.device)
-    model, meta, base_cfg = load_base(run.run, device)
-    ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
-    x, y = ds.test.tensors(device)
+def evaluation_record(model, test, dataset: str, run: EvaluateRun) -> dict:
+    """The evaluation of `model` on the test examples `test` (the one implementation behind
+    `advtune evaluate`, harden's before/after and every experiment variant): the record as
+    eval-<name>.json holds it, plus "_result" (the EvalResult) or "_curve" (an eps curve)."""
+    x, y = test.tensors(model_device(model))
     seed_everything(run.seed)
     t0 = time.perf_counter()
     record = evaluate_model(model, (x, y), run)
-    curve = record.pop("_curve", None)
     config = run.to_json()
     if record["kind"] == "curve":
         config["cascade"] = False  # eps curves always run every attack on every sample
@@ -89,7 +86,7 @@ def run(run: EvaluateRun) -> dict:
         {
             "run": str(run.run),
             "split": "test",
-            "dataset": ds.name,
+            "dataset": dataset,
             "examples": len(x),
             "config": config,
             "versions": versions(),
@@ -98,24 +95,48 @@ def run(run: EvaluateRun) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )
+    return record
+
+
+def record_name(run: EvaluateRun) -> str:
+    """eval-<name>.json's name: --name, or one made of the attacks and eps."""
     label = run.name or (
         f"{run.suite or '-'.join(split_attack_list(run.attacks or ''))}-{run.norm}-eps"
         + "_".join(f"{e:.4g}" for e in run.eps)
     )
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:120]
-    if run.record_dir and is_main_process():
-        RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
-    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(label))
-    if curve is not None and run.plot:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:120]
+
+
+def write_evaluation(record: dict, path, plot_title: str | None = None, label: str = "model") -> dict:
+    """Write an evaluation record (and, for an eps curve with a title, its plot) to `path`; returns
+    the record as written, with "path"."""
+    from ..report import plot_eps_curve  # matplotlib only where a figure is drawn
+
+    record = dict(record)
+    record.pop("_result", None)
+    curve = record.pop("_curve", None)
+    if curve is not None and plot_title:
         png = path.with_suffix(".png")
-        plot_eps_curve(
-            {meta.get("architecture", "model"): curve}, png, title=f"{run.run}: accuracy vs eps ({run.norm})"
-        )
+        plot_eps_curve({label: curve}, png, title=plot_title)
         record["plot"] = png.name
     atomic_write_json(path, record)
     barrier()  # under torchrun: every rank returns once rank 0 has written the record
     record["path"] = str(path)
     return record
+
+
+def run(run: EvaluateRun) -> dict:
+    """`advtune evaluate`: the model of a run folder on its test split; the record goes to
+    eval-<name>.json in the run folder (or `record_dir`)."""
+    device = resolve_device(run.device)
+    model, meta, base_cfg = load_base(run.run, device)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
+    record = evaluation_record(model, ds.test, ds.name, run)
+    if run.record_dir and is_main_process():
+        RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
+    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(record_name(run)))
+    title = f"{run.run}: accuracy vs eps ({run.norm})" if run.plot else None
+    return write_evaluation(record, path, title, meta.get("architecture", "model"))
 
 
 def format_evaluation(record: dict) -> str:

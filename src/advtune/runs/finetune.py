@@ -13,7 +13,7 @@ from ..metrics import accuracy, quick_robust_acc
 from ..models import save_model
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
-from ..utils import resolve_device, seed_everything
+from ..utils import model_device, resolve_device, seed_everything
 from .common import (
     check_same_run,
     check_val,
@@ -57,39 +57,134 @@ class FinetuneSummary:
         return d
 
 
-def run(run: FinetuneRun) -> FinetuneSummary:
-
+def check_finetune(run: FinetuneRun) -> FinetuneRun:
+    """The fine-tuning settings, refused in one line before any work; the eps ramp resolved."""
     run = replace(
         run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(run.eps_warmup, run.attack)
     )
-    cfg = run.train
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
-    if cfg.epochs == 0 and run.budget is None:
+    if run.train.epochs == 0 and run.budget is None:
         raise AdvtuneError(
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
         )
+    return run
+
+
+@dataclass
+class Finetuning:
+    """A fine-tuning prepared and validated, before any folder exists: what `finetune_model` trains."""
+
+    run: FinetuneRun  # eps ramp resolved
+    cfg: TrainConfig  # steps set from the budget
+    threat: ThreatModel
+    objective: object
+    selection: object  # a Selection, or None: every parameter
+    selection_info: dict | None
+    example: object  # one training input, for the traced BN rule and the parameter counts
+
+
+def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
+    """Everything a fine-tuning needs, validated: the objective, the selection (`select` overrides
+    `run.select`, e.g. a ScoreTable already in memory) and the steps of the budget."""
+    run = check_finetune(run)
+    cfg = run.train
+    seed_everything(cfg.seed)
+    threat = ThreatModel(run.norm, run.eps)
+    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
+    example = ds.train.to_float(ds.train.x[:1], model_device(model))  # the traced BN rule, as fit uses it
+    selection = make_selection(
+        model,
+        run.select if select is None else select,
+        run.share,
+        run.criterion,
+        run.per_layer,
+        cfg.seed or 0,
+        run.params,
+        run.granularity,
+        example,
+    )
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
+    snapshot_steps(cfg, len(ds.train), run.points)  # validates points
+    info = describe_selection(selection, model, example) if selection is not None else None
+    return Finetuning(run, cfg, threat, objective, selection, info, example)
+
+
+def finetune_model(
+    model, ds, job: Finetuning, rd: RunDir | None = None, meta: dict | None = None, config: dict | None = None
+) -> FinetuneSummary:
+    """Adversarial fine-tuning of `model` in place (the one implementation behind `advtune finetune`,
+    harden's fine-tuning stage and experiment variants). With a run folder `rd`, it checkpoints there
+    (and resumes from it with run.resume), writes metrics and cost as it goes, and saves snapshots
+    (a loadable model with `meta` and the run's `config`)."""
+    run, cfg = job.run, job.cfg
+    meter = CostMeter()
+    callbacks = overfit_guard(run.guard, run.attack, job.threat, ds, model_device(model), cfg.seed, meter)
+    snaps = snapshot_steps(cfg, len(ds.train), run.points)
+    snap_meta = {k: v for k, v in (meta or {}).items() if k not in ("parameters", "tensors", "training")}
+    history = fit(
+        model,
+        ds.train,
+        job.objective,
+        cfg,
+        val=ds.val,
+        selection=job.selection,
+        meter=meter,
+        checkpoint_dir=rd.path if rd is not None else None,
+        resume=run.resume and rd is not None,
+        callbacks=callbacks,
+        on_record=(lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter))) if rd is not None else None,
+        on_step=snapshot_saver(rd, snap_meta, config or {}, snaps) if rd is not None else None,
+        desc="finetune",
+    )
+    # monitoring after training: not counted as training cost
+    test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
+    quick, n_quick = None, None
+    if run.monitor_test:
+        n_quick = min(run.monitor_test, len(ds.test))
+        quick = quick_robust_acc(model, ds.test.take(n_quick), job.threat, cfg.seed)
+    summary = FinetuneSummary(
+        test_acc,
+        len(ds.test),
+        len(history.epochs),
+        history.stopped,
+        history.last,
+        job.selection_info,
+        meter.to_json(),
+        quick,
+        n_quick,
+    )
+    if rd is not None:
+        rd.write_metrics(history.epochs)
+    return summary
+
+
+def run(run: FinetuneRun) -> FinetuneSummary:
+    """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
+    run = check_finetune(run)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
-    seed_everything(cfg.seed)
     ds = dataset_of(
-        base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0
+        base_cfg,
+        meta,
+        run.data_dir,
+        limit=run.limit,
+        limit_test=run.limit_test,
+        val=run.val,
+        seed=run.train.seed or 0,
     )
-    threat = ThreatModel(run.norm, run.eps)
-    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
-    example = ds.train.to_float(ds.train.x[:1], device)  # the traced BN rule, as fit uses it
-    selection = make_selection(
-        model, run.select, run.share, run.criterion, run.per_layer, cfg.seed or 0, run.params, run.granularity, example
-    )
-    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
-    snaps = snapshot_steps(cfg, len(ds.train), run.points)
-    meter = CostMeter()
-    callbacks = overfit_guard(run.guard, run.attack, threat, ds, device, cfg.seed, meter)
-    sel_info = describe_selection(selection, model, example) if selection is not None else None
+    return finetune_folder(model, meta, ds, run)
+
+
+def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> FinetuneSummary:
+    """The fine-tuning of `model` (the base run's, with its model.json `meta`) recorded in the run
+    folder `run.out`: created only once everything is validated; resumable."""
+    job = prepare_finetune(model, ds, run, select)
+    run, cfg = job.run, job.cfg
     # everything is validated: only now is the run folder created (or an old one replaced)
     rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
     if run.resume and rd.file(files.CONFIG).is_file():
@@ -102,60 +197,27 @@ def run(run: FinetuneRun) -> FinetuneSummary:
         "seed": cfg.seed,
         "base": str(run.base),
         "dataset": ds.describe(),
-        "objective": objective.describe(),
-        "threat": threat.to_json(),
-        "selection": sel_info,
-        "guard": bool(callbacks),
-        "device": str(device),
+        "objective": job.objective.describe(),
+        "threat": job.threat.to_json(),
+        "selection": job.selection_info,
+        "guard": run.guard if run.guard is not None else run.attack.strip().lower().startswith("fgsm"),
+        "device": str(model_device(model)),
         "steps": cfg.steps,
     }
     write_config_once(rd, config)
-    if selection is not None:
-        rd.write_json(files.SELECTION, selection.to_json())
-    snap_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
-    history = fit(
-        model,
-        ds.train,
-        objective,
-        cfg,
-        val=ds.val,
-        selection=selection,
-        meter=meter,
-        checkpoint_dir=rd.path,
-        resume=run.resume,
-        callbacks=callbacks,
-        on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
-        on_step=snapshot_saver(rd, snap_meta, config, snaps),
-        desc="finetune",
-    )
-    # monitoring after training: not counted as training cost
-    test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
-    quick, n_quick = None, None
-    if run.monitor_test:
-        n_quick = min(run.monitor_test, len(ds.test))
-        quick = quick_robust_acc(model, ds.test.take(n_quick), threat, cfg.seed)
-    summary = FinetuneSummary(
-        test_acc,
-        len(ds.test),
-        len(history.epochs),
-        history.stopped,
-        history.last,
-        sel_info,
-        meter.to_json(),
-        quick,
-        n_quick,
-    )
+    if job.selection is not None:
+        rd.write_json(files.SELECTION, job.selection.to_json())
+    summary = finetune_model(model, ds, job, rd, meta, config)
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {
         "finetuned_from": str(run.base),
-        "objective": objective.describe(),
+        "objective": job.objective.describe(),
         "config": cfg.to_json(),
-        "selection": sel_info,
+        "selection": job.selection_info,
         "test_acc": summary.test_acc,
     }
     save_model(rd.path, model, new_meta)
-    rd.write_metrics(history.epochs)
-    rd.write_cost(meter)
+    rd.write_json(files.COST, summary.cost)
     rd.write_json(files.SUMMARY, summary.to_json())
     rd.done()
     return summary

@@ -4,80 +4,114 @@
     adversarial fine-tuning of only that selection (eps ramped up) -> the strong evaluation with the
     gradient-masking gate, before and after -> a report of what it did and what it cost.
 
-The default recipe (`Recipe`) is the one measured on the frontier (docs/RESULTS.md, "The recipe"):
-every default there says where its number comes from. This module works on run folders (the CLI);
-`advtune.hardening.harden` works on an in-memory model and data (the Python API).
+The default recipe (`Recipe`) is the one measured on the frontier (docs/RESULTS.md, "The recipe").
+`harden_model` is the one implementation: the CLI (`run`, on run folders), the Python API
+(`advtune.harden`, in memory) and experiment variants (`kind: harden`) all call it, so the same
+settings give the same weights and records everywhere. Its stages are the other jobs' cores
+(`analyze_model`, `finetune_model`, `evaluation_record`).
 
-Output folder:
+Output folder (with a run folder):
     config.json, summary.json, report.html/.md    the harden record
     analysis/                                     the vulnerability analysis (an `advtune analyze` run)
-    model.safetensors, model.json, cost.json,     the hardened model (an `advtune finetune` run, so
-    metrics.jsonl, selection.json, checkpoint.pt  `evaluate`, `info` and `--resume` work on it)
-    eval-protocol.json, eval-base.json            the strong evaluation after and before"""
+    finetune/                                     the fine-tuning (an `advtune finetune` run: resumable)
+    model.safetensors, model.json, cost.json,     the hardened model, published from finetune/ (so
+    metrics.jsonl, selection.json                 `evaluate`, `info` and `harden --resume` work on it)
+    eval-protocol.json, eval-base.json            the strong evaluation after and before
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
-from ..components import layers
+from ..components import fingerprint, layers, unit_params
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
-from ..hardening import (
-    check_budget,
-    check_recipe_fits,
-    default_budget,
-)
-from ..report import write_harden_report
+from ..models import load_model
+from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
-from ..utils import atomic_write_bytes, read_json, resolve_device
-from . import analyze as analyze_job
-from . import evaluate as evaluate_job
-from . import finetune as finetune_job
-from .analyze import AnalyzeRun
-from .common import (
-    dataset_of,
-    load_base,
-    refuse_same_folder,
-)
-from .configs import HardenRun
-from .evaluate import EvaluateRun
-from .finetune import FinetuneRun
+from ..utils import atomic_write_bytes, model_device, read_json, resolve_device
+from ..vulnerability import check_params
+from .analyze import analyze_model, write_analysis
+from .common import dataset_of, load_base, read_table, refuse_same_folder
+from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
+from .evaluate import evaluation_record, write_evaluation
+from .finetune import finetune_folder, finetune_model, prepare_finetune
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
 
+FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
+SUITES = ("standard", "quick")  # --evaluation may name a suite (advtune evaluate --suite)
 
-def run(run: HardenRun) -> HardenSummary:
-    """Harden the model of a run folder into `run.out`; returns the summary record."""
 
-    # -- validate everything before anything is created or replaced
+def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
+    """The default training budget in gradient evaluations: `recipe.epochs` passes over the data."""
+    return int(math.ceil(recipe.epochs * n_train * per_example))
+
+
+def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int) -> int:
+    """A budget must pay for at least one optimizer step."""
+    per_step = per_example * min(batch_size, n_train)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise AdvtuneError(f"--budget must be a number of gradient evaluations, got {budget!r}")
+    if budget < per_step:
+        raise AdvtuneError(
+            f"--budget {budget:,} is below one optimizer step ({per_step:,.0f} gradient evaluations: "
+            f"{min(batch_size, n_train)} examples x {per_example:g}); raise it"
+        )
+    return int(budget)
+
+
+def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
+    """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
+    budget = check_params(recipe.params, model)
+    per_unit = unit_params(model, example)
+    candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
+    units = dict(fingerprint(model))
+    smallest = min(per_unit[n] * (units[n] if recipe.granularity == "layer" else 1) for n in candidates)
+    if smallest > budget:
+        what = "whole layer" if recipe.granularity == "layer" else "unit"
+        raise AdvtuneError(
+            f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
+            f"raise --params or use --granularity unit"
+        )
+
+
+@dataclass(frozen=True)
+class HardenPlan:
+    """A harden run validated before any work: its threat model, budget and training settings."""
+
+    threat: ThreatModel
+    budget: int  # fine-tuning gradient evaluations
+    train: TrainConfig
+
+
+def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
+    """Validate everything a harden run needs, before anything is written or computed."""
     if run.eps is None:
         raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
     threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
-    open_run(run.base)
-    refuse_same_folder(run.out, run.base)
-    device = resolve_device(run.device)
-    model, meta, base_cfg = load_base(run.base, device)
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
-    ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
-    example = ds.train.to_float(ds.train.x[:1], device)
+    example = ds.train.to_float(ds.train.x[:1], model_device(model))
     check_recipe_fits(model, run.recipe, example)
     objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
-
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
-    check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
-
-    for spec in split_attack_list(run.evaluation):
-        build_attack(spec, threat)
-    cfg = TrainConfig(
+    budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
+    if run.evaluation not in SUITES:
+        for spec in split_attack_list(run.evaluation):
+            build_attack(spec, threat)
+    train = TrainConfig(
         epochs=1,
         batch_size=run.recipe.batch_size,
         optimizer=run.recipe.optimizer,
@@ -85,6 +119,210 @@ def run(run: HardenRun) -> HardenSummary:
         schedule=run.recipe.schedule,
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch
+    check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
+    return HardenPlan(threat, budget, train)
+
+
+def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
+    """The analysis stage: the recipe's criterion under its attack on the first training examples
+    (--limit caps it too)."""
+    n = min(run.recipe.analysis_limit, n_train)
+    return AnalyzeRun(
+        base=run.base,
+        out=str(out / files.ANALYSIS) if out else "",
+        eps=run.eps,
+        attack=run.recipe.analysis_attack,
+        norm=run.norm,
+        criteria=(run.recipe.criterion,),
+        limit=n,
+        curve_limit=min(n, 1000),
+        seed=run.seed,
+        data_dir=run.data_dir,
+        device=run.device,
+        overwrite=bool(out) and (out / files.ANALYSIS).exists(),
+    )
+
+
+def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> FinetuneRun:
+    """The fine-tuning stage: the recipe on the analysis' selection, for the plan's budget."""
+    ft_dir = out / FINETUNE if out else None
+    return FinetuneRun(
+        base=run.base,
+        out=str(ft_dir) if ft_dir else "",
+        eps=run.eps,
+        select=str(out / files.ANALYSIS) if out else "analysis",
+        criterion=run.recipe.criterion,
+        params=run.recipe.params,
+        granularity=run.recipe.granularity,
+        attack=run.recipe.attack,
+        norm=run.norm,
+        eps_warmup=run.recipe.eps_warmup,
+        train=plan.train,
+        data_dir=run.data_dir,
+        limit=run.limit,
+        limit_test=run.limit_test,
+        monitor_test=0,
+        budget=plan.budget,
+        device=run.device,
+        resume=bool(ft_dir) and (ft_dir / files.CONFIG).is_file(),
+        overwrite=False,
+    )
+
+
+def evaluation_settings(run: HardenRun, model_dir: str, name: str, out: Path | None) -> EvaluateRun:
+    """The strong evaluation, before and after, on the same test examples."""
+    suite = run.evaluation if run.evaluation in SUITES else None
+    return EvaluateRun(
+        run=model_dir,
+        eps=(run.eps,),
+        attacks=None if suite else run.evaluation,
+        suite=suite,
+        norm=run.norm,
+        limit_test=run.limit_test,
+        cascade=True,
+        name=name,
+        record_dir=str(out) if out else None,
+        seed=run.seed,
+        data_dir=run.data_dir,
+        device=run.device,
+    )
+
+
+@dataclass
+class Hardened:
+    """What `harden_model` returns (and `advtune.harden`): the hardened model (a copy; the input
+    model is left as it was), the selection it trained and the score table behind it, the
+    evaluations before and after (EvalResults, when test data was given and they ran here), and
+    the record as summary.json holds it."""
+
+    model: Any
+    selection: Any
+    table: Any
+    before: Any
+    after: Any
+    record: HardenSummary
+    finetune_cost: dict  # the fine-tuning's cost record (cost.json)
+
+    @property
+    def budget(self) -> int:
+        return self.record.budget
+
+    @property
+    def analysis_grad_evals(self) -> int:
+        return self.record.cost["analysis_grad_evals"]
+
+    def summary(self) -> dict:
+        """The harden record (summary.json's contents)."""
+        return self.record.to_json()
+
+
+HardenResult = Hardened  # the Python API's name
+
+
+def harden_model(
+    model,
+    meta: dict,
+    ds,
+    run: HardenRun,
+    *,
+    rd: RunDir | None = None,
+    base_cost: dict | None = None,
+    say: Callable[[str], None] = log.info,
+) -> Hardened:
+    """The one implementation of harden: analysis -> selection within recipe.params -> selective
+    adversarial fine-tuning for the budget -> the strong evaluation before and after (when `ds`
+    has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
+    there and a finished stage is read back instead of run again (resume)."""
+    plan = plan_harden(model, ds, run)
+    out = rd.path if rd is not None else None
+    recipe = run.recipe
+    # -- 1. the vulnerability analysis
+    acfg = analysis_settings(run, len(ds.train), out)
+    if out is not None and (out / files.ANALYSIS / files.SUMMARY).is_file():
+        a_sum = read_json(out / files.ANALYSIS / files.SUMMARY, "analysis summary")
+        table = read_table(out / files.ANALYSIS, recipe.criterion)
+    else:
+        say(
+            f"[1/4] analysis: {recipe.criterion} scores under {recipe.analysis_attack} on {acfg.limit} "
+            "training examples"
+        )
+        x, y = ds.train.take(acfg.limit).tensors(model_device(model))
+        analysis = analyze_model(model, x, y, acfg)
+        if rd is not None:
+            ard = RunDir.create(acfg.out, overwrite=acfg.overwrite)
+            ard.write_config(
+                {
+                    "command": "analyze",
+                    "run": acfg.to_json(),
+                    "seed": acfg.seed,
+                    "base": str(acfg.base),
+                    "dataset": ds.describe(),
+                    "split": "train",
+                    "threat": plan.threat.to_json(),
+                    "attack": analysis.summary.attack,
+                    "device": str(model_device(model)),
+                    "of": "harden",
+                }
+            )
+            write_analysis(ard, analysis)
+        a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
+    # -- 2 + 3. selection and selective fine-tuning
+    what = "whole layers" if recipe.granularity == "layer" else "units"
+    budget_words = (
+        f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
+    )
+    say(f"[2/4] selection: {what} by {recipe.criterion}, at most {budget_words}")
+    ft = finetune_settings(run, plan, out)
+    hardened, selection = copy.deepcopy(model), None
+    if out is not None and (out / FINETUNE / files.SUMMARY).is_file():
+        hardened, _ = load_model(out / FINETUNE, model_device(model))
+    else:
+        say(
+            f"[3/4] fine-tuning the selection with {recipe.attack}, eps ramped over the first "
+            f"{100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
+        )
+        if rd is not None:
+            finetune_folder(hardened, meta, ds, ft, select=table)
+        else:
+            job = prepare_finetune(hardened, ds, ft, select=table)
+            ft_sum = finetune_model(hardened, ds, job)
+            selection = job.selection
+    if out is not None:
+        ft_sum = read_json(out / FINETUNE / files.SUMMARY, "fine-tuning summary")
+    else:
+        ft_sum = ft_sum.to_json()
+    hardened.eval()
+    # -- 4. the strong evaluation, before and after, on the same test examples
+    results, records = {}, {}
+    if ds.test is not None:
+        say(f"[4/4] evaluation: worst case of {run.evaluation} on {len(ds.test)} test examples, masking gate on")
+        for name, m, where in (("base", model, run.base), ("protocol", hardened, str(out / FINETUNE) if out else "")):
+            path = out / files.evaluation(name) if out is not None else None
+            if path is not None and path.is_file():
+                records[name] = read_json(path, "evaluation")
+                continue
+            rec = evaluation_record(m, ds.test, ds.name, evaluation_settings(run, where, name, out))
+            results[name] = rec["_result"]
+            records[name] = write_evaluation(rec, path) if path is not None else rec
+    record = summarise(
+        run, meta, base_cost or {}, a_sum, ft_sum, records.get("base"), records.get("protocol"), plan.budget
+    )
+    return Hardened(
+        hardened, selection, table, results.get("base"), results.get("protocol"), record, ft_sum.get("cost", {})
+    )
+
+
+def run(run: HardenRun) -> HardenSummary:
+    """`advtune harden`: harden the model of a run folder into `run.out`; returns the summary record."""
+    # -- validate everything before anything is created or replaced
+    if run.eps is None:
+        raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
+    open_run(run.base)
+    refuse_same_folder(run.out, run.base)
+    device = resolve_device(run.device)
+    model, meta, base_cfg = load_base(run.base, device)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
+    plan = plan_harden(model, ds, run)
     out = Path(run.out)
     if out.exists() and run.resume and (out / files.CONFIG).is_file():
         saved = read_json(out / files.CONFIG, "harden config").get("run", {})
@@ -94,7 +332,6 @@ def run(run: HardenRun) -> HardenSummary:
             raise AdvtuneError(
                 f"--resume with different settings ({', '.join(changed)}); use the original flags or a new --out"
             )
-    check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
     if not rd.file(files.CONFIG).is_file():
         rd.write_config(
@@ -103,115 +340,26 @@ def run(run: HardenRun) -> HardenSummary:
                 "run": run.to_json(),
                 "seed": run.seed,
                 "base": str(run.base),
-                "threat": threat.to_json(),
+                "threat": plan.threat.to_json(),
                 "dataset": ds.describe(),
                 "device": str(device),
-                "budget": budget,
+                "budget": plan.budget,
             }
         )
-
     print(
-        f"advtune harden: {meta.get('architecture')} from {run.base}, {threat}, "
-        f"{len(ds.train):,} training examples, budget {budget:,} gradient evaluations"
+        f"advtune harden: {meta.get('architecture')} from {run.base}, {plan.threat}, "
+        f"{len(ds.train):,} training examples, budget {plan.budget:,} gradient evaluations"
     )
-    # -- 1. the vulnerability analysis
-    analysis = out / files.ANALYSIS
-    # --limit caps the analysis too (it scores the first training examples)
-    n_analysis = min(run.recipe.analysis_limit, len(ds.train))
-    if not (analysis / files.SUMMARY).is_file():
-        print(
-            f"[1/4] analysis: {run.recipe.criterion} scores under {run.recipe.analysis_attack} on "
-            f"{n_analysis} training examples"
-        )
-        analyze_job.run(
-            AnalyzeRun(
-                base=run.base,
-                out=str(analysis),
-                eps=run.eps,
-                attack=run.recipe.analysis_attack,
-                norm=run.norm,
-                criteria=(run.recipe.criterion,),
-                limit=n_analysis,
-                curve_limit=min(n_analysis, 1000),
-                seed=run.seed,
-                data_dir=run.data_dir,
-                device=run.device,
-                overwrite=analysis.exists(),
-            )
-        )
-    a_sum = read_json(analysis / files.SUMMARY, "analysis summary")
-    # -- 2 + 3. selection and selective fine-tuning (a finetune run in the same folder)
-    ft = FinetuneRun(
-        base=run.base,
-        out=str(out / "finetune"),
-        eps=run.eps,
-        select=str(analysis),
-        criterion=run.recipe.criterion,
-        params=run.recipe.params,
-        granularity=run.recipe.granularity,
-        attack=run.recipe.attack,
-        norm=run.norm,
-        eps_warmup=run.recipe.eps_warmup,
-        train=cfg,
-        data_dir=run.data_dir,
-        limit=run.limit,
-        limit_test=run.limit_test,
-        monitor_test=0,
-        budget=budget,
-        device=run.device,
-        resume=(out / "finetune" / files.CONFIG).is_file(),
-        overwrite=False,
-    )
-
-    print(
-        f"[2/4] selection: whole {run.recipe.granularity}s by {run.recipe.criterion}, at most "
-        f"{100 * run.recipe.params:g}% of the parameters"
-        if run.recipe.params < 1
-        else (
-            f"[2/4] selection: {run.recipe.granularity}s by {run.recipe.criterion}, at most {run.recipe.params:,} "
-            "parameters"
-        )
-    )
-    ft_dir = out / "finetune"
-    if not (ft_dir / files.SUMMARY).is_file():
-        print(
-            f"[3/4] fine-tuning the selection with {run.recipe.attack}, eps ramped over the first "
-            f"{100 * run.recipe.eps_warmup:g}% of {budget:,} gradient evaluations"
-        )
-        finetune_job.run(ft)
-    ft_sum = read_json(ft_dir / files.SUMMARY, "fine-tuning summary")
-    # -- 4. the strong evaluation, before and after, on the same test examples
-    print(f"[4/4] evaluation: worst case of {run.evaluation} on {len(ds.test)} test examples, masking gate on")
-
-    def protocol(model_dir: Path, name: str) -> dict:
-        path = out / files.evaluation(name)
-        if path.is_file():
-            return read_json(path, "evaluation")
-        return evaluate_job.run(
-            EvaluateRun(
-                run=str(model_dir),
-                eps=(run.eps,),
-                attacks=run.evaluation,
-                norm=run.norm,
-                limit_test=run.limit_test,
-                cascade=True,
-                name=name,
-                record_dir=str(out),
-                seed=run.seed,
-                data_dir=run.data_dir,
-                device=run.device,
-            )
-        )
-
-    before = protocol(Path(run.base), "base")
-    after = protocol(ft_dir, "protocol")
-    summary = summarise(run, meta, base_cfg, a_sum, ft_sum, before, after, budget)
-    rd.write_json(files.SUMMARY, summary.to_json())
+    base_cost_file = Path(run.base) / files.COST
+    base_cost = read_json(base_cost_file, "base cost") if base_cost_file.is_file() else {}
+    hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print)
+    rd.write_json(files.SUMMARY, hardened.record.to_json())
     rd.done()
-    _publish_model(ft_dir, out)
+    _publish_model(out / FINETUNE, out)
+    from ..report import write_harden_report  # matplotlib only where the report is drawn
 
     paths = write_harden_report(out)
-    return replace(summary, report=str(paths["html"]))
+    return replace(hardened.record, report=str(paths["html"]))
 
 
 def _publish_model(ft_dir: Path, out: Path) -> None:
@@ -231,8 +379,8 @@ class HardenSummary:
     norm: str
     base: str
     architecture: str | None
-    before: dict  # clean_acc, robust_acc (worst case of the evaluation), suspect (the gate's findings)
-    after: dict  # the same after hardening, plus the per-attack accuracy
+    before: dict | None  # clean_acc, robust_acc (worst case of the evaluation), suspect (the gate's findings)
+    after: dict | None  # the same after hardening, plus the per-attack accuracy (None: no test data)
     test_examples: int
     evaluation: str  # the attack list of the evaluation
     selection: dict  # what was trained: components, units, parameters (per layer too)
@@ -253,12 +401,25 @@ class HardenSummary:
 
 
 def summarise(
-    run: HardenRun, meta: dict, base_cfg: dict, a_sum: dict, ft_sum: dict, before: dict, after: dict, budget: int
+    run: HardenRun,
+    meta: dict,
+    base_cost: dict,
+    a_sum: dict,
+    ft_sum: dict,
+    before: dict | None,
+    after: dict | None,
+    budget: int,
 ) -> HardenSummary:
-    """The harden record: robustness before/after and every cost, each from its own record."""
+    """The harden record: robustness before/after (None without test data) and every cost, each
+    from its own record."""
 
-    base_cost_file = Path(run.base) / files.COST
-    base_cost = read_json(base_cost_file, "base cost") if base_cost_file.is_file() else {}
+    def robustness(ev: dict | None, *extra: str) -> dict | None:
+        if ev is None:
+            return None
+        out = {"clean_acc": ev["clean_accuracy"], "robust_acc": ev["worst_case_accuracy"]}
+        out.update({k: ev[k] for k in extra})
+        return {**out, "suspect": ev.get("suspect", [])}
+
     sel = ft_sum.get("selection") or {}
     ft_cost = ft_sum.get("cost", {})
     a_cost = a_sum.get("cost", {})
@@ -267,18 +428,9 @@ def summarise(
         "norm": run.norm,
         "base": str(run.base),
         "architecture": meta.get("architecture"),
-        "before": {
-            "clean_acc": before["clean_accuracy"],
-            "robust_acc": before["worst_case_accuracy"],
-            "suspect": before.get("suspect", []),
-        },
-        "after": {
-            "clean_acc": after["clean_accuracy"],
-            "robust_acc": after["worst_case_accuracy"],
-            "accuracy": after["accuracy"],
-            "suspect": after.get("suspect", []),
-        },
-        "test_examples": after["examples"],
+        "before": robustness(before),
+        "after": robustness(after, "accuracy"),
+        "test_examples": after["examples"] if after else 0,
         "evaluation": run.evaluation,
         "selection": sel,
         "trainable_params": sel.get("trainable_params"),
@@ -292,8 +444,7 @@ def summarise(
             "harden_grad_evals": a_cost.get("grad_evals", 0) + ft_cost.get("grad_evals", 0),
             "analysis_wall_s": a_cost.get("wall_s", 0.0),
             "finetune_wall_s": ft_cost.get("wall_s", 0.0),
-            "evaluation_grad_evals": sum(after.get("grad_evals", {}).values())
-            + sum(before.get("grad_evals", {}).values()),
+            "evaluation_grad_evals": sum(sum((ev or {}).get("grad_evals", {}).values()) for ev in (before, after)),
         },
         "concentration": a_sum.get("criteria", {}).get(run.recipe.criterion, {}).get("curve"),
         "analysis_examples": a_sum.get("examples_scored"),

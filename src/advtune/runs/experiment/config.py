@@ -1,0 +1,260 @@
+"""An experiment's YAML: its keys (the job configs' fields), validation with one-line errors, the
+recipe fill-in and the sweep expansion. Variants become job configs in `runner.py` through the
+configs' own defaults (`settings_from`): a key a variant does not set means the CLI's default."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ... import filenames as files
+from ...errors import AdvtuneError
+from ...recipe import Recipe
+from ...settings import check_keys, keys
+from ...train.config import TrainConfig
+from ...utils import parse_number
+from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
+
+TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}
+# YAML keys are the config dataclasses' fields (advtune.settings): a new setting needs no edit here.
+# `only` names the fields a section may set (the experiment sets the others itself).
+BASE_KEYS = keys(TrainRun, only={"dataset", "model", "train", "limit", "limit_test", "data_dir"}) | {"pretrained"}
+THREAT_KEYS = {"norm", "eps"}
+EVAL_KEYS = keys(EvaluateRun, only={"attacks", "suite", "limit_test", "batch_size", "cascade"}) | {
+    "limit"
+}  # limit: the
+# older name of limit_test, still read
+ANALYSIS_KEYS = keys(
+    AnalyzeRun, only={"attack", "criteria", "limit", "curve_limit", "shares", "random_seeds", "batch_size"}
+)
+TRAIN_KEYS = keys(TrainConfig, exclude={"seed"})
+# a variant: the fine-tuning (or training) settings it may change, and the experiment's own keys
+VARIANT_KEYS = (
+    keys(
+        FinetuneRun,
+        exclude={
+            "base",
+            "out",
+            "norm",
+            "data_dir",
+            "limit_test",
+            "val",
+            "monitor_test",
+            "device",
+            "resume",
+            "overwrite",
+        },
+    )
+    | keys(TrainRun, only={"model"})
+    | keys(Recipe, only={"analysis_attack", "analysis_limit"})  # kind: harden
+    | {"name", "kind", "notes", "reference", "recipe", "params_like"}
+)
+KINDS = ("standard", "train", "finetune", "harden")
+SWEEPABLE = ("eps", "share", "attack", "criterion", "select", "params", "budget")
+EVAL_NAME = "protocol"
+
+
+def load_config(path: str | Path) -> dict:
+    """Parse and validate an experiment YAML; errors name the line or the key."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"experiment config not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return validate_config(cfg, str(path))
+
+
+def validate_config(cfg: Any, where: str = "config") -> dict:
+    cfg = copy.deepcopy(check_keys(cfg, TOP_KEYS, where))
+    for key in ("base", "threat", "evaluation", "variants"):
+        if key not in cfg:
+            raise AdvtuneError(f"{where}: missing required key {key!r}")
+    check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
+    check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
+    check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
+    check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
+    check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
+    if "pretrained" not in cfg["base"] and not {"dataset", "model"} <= set(cfg["base"]):
+        raise AdvtuneError(f"{where}: base needs either pretrained: <run folder> or dataset: and model:")
+    if "eps" not in cfg["threat"]:
+        raise AdvtuneError(f"{where}: threat needs eps (e.g. 0.3 or [0.1, 0.2, 0.3])")
+    if not cfg["evaluation"].get("attacks") and not cfg["evaluation"].get("suite"):
+        raise AdvtuneError(f"{where}: evaluation needs attacks: or suite:")
+    if not isinstance(cfg["variants"], list) or not cfg["variants"]:
+        raise AdvtuneError(f"{where}: variants must be a non-empty list")
+    seen = set()
+    for i, v in enumerate(cfg["variants"]):
+        vw = f"{where}: variants[{i}]" + (f" ({v.get('name')})" if isinstance(v, dict) and v.get("name") else "")
+        check_keys(v, VARIANT_KEYS, vw)
+        check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
+        if not v.get("name"):
+            raise AdvtuneError(f"{vw}: every variant needs a name")
+        if v.get("kind", "finetune") not in KINDS:
+            raise AdvtuneError(f"{vw}: unknown kind {v.get('kind')!r}; valid: {', '.join(KINDS)}")
+        if v["name"] in seen:
+            raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
+        seen.add(v["name"])
+        _check_numbers(v, vw)
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
+    return cfg
+
+
+def _check_numbers(v: dict, where: str) -> None:
+    """Numbers in a variant are numbers (YAML gives strings for typos like `0,1` or `ten`)."""
+
+    rules = {
+        "share": lambda n: 0 < n <= 1,
+        "eps_warmup": lambda n: 0 <= n < 1,
+        "params": lambda n: n > 0,
+        "budget": lambda n: n >= 1,
+        "eps": lambda n: 0 < n < 1e6,
+    }
+    for key, ok in rules.items():
+        if key not in v:
+            continue
+        for val in as_list(v[key]):
+            try:
+                n = parse_number(val)
+            except AdvtuneError:
+                raise AdvtuneError(f"{where}: {key} must be a number, got {val!r}") from None
+            if not math.isfinite(n) or not ok(n):
+                raise AdvtuneError(f"{where}: {key} = {val!r} is out of range")
+
+
+def as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def with_recipe(v: dict) -> dict:
+    """`recipe: harden` fills a fine-tuning variant with `advtune harden`'s default recipe (the keys the
+    variant sets itself win), so an experiment measures exactly what the command runs."""
+    if v.get("recipe") is None:
+        return v
+    if v["recipe"] != "harden":
+        raise AdvtuneError(f"variant {v.get('name')}: unknown recipe {v['recipe']!r}; valid: harden")
+
+    r = Recipe()
+    filled = {
+        "kind": "finetune",
+        "select": "top",
+        "granularity": r.granularity,
+        "params": r.params,
+        "criterion": r.criterion,
+        "attack": r.attack,
+        "eps_warmup": r.eps_warmup,
+    }
+    train = {
+        "optimizer": r.optimizer,
+        "lr": r.lr,
+        "schedule": r.schedule,
+        "batch_size": r.batch_size,
+        **(v.get("train") or {}),
+    }
+    return {**filled, **v, "train": train}
+
+
+def expand_variants(cfg: dict) -> list[dict]:
+    """List-valued sweepable keys (eps, share, attack, criterion, select) become one variant each;
+    the threat's eps list applies to every variant."""
+    out = []
+    eps_all = as_list(cfg["threat"]["eps"])
+    for v in cfg["variants"]:
+        v = with_recipe(dict(v))
+        v.setdefault("kind", "finetune")
+        v.setdefault("eps", eps_all if len(eps_all) > 1 else eps_all[0])
+        axes = [(k, as_list(v[k])) for k in SWEEPABLE if k in v and isinstance(v[k], (list, tuple))]
+        if v["kind"] == "standard":  # one model, evaluated at each eps: only eps sweeps apply
+            axes = [(k, vals) for k, vals in axes if k == "eps"]
+        for combo in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
+            w = dict(v)
+            suffix = []
+            for (k, _), val in zip(axes, combo):
+                w[k] = val
+                suffix.append(f"{k}{val:g}" if isinstance(val, float) else f"{k}-{val}")
+            w["name"] = (
+                "-".join([v["name"], *suffix]).replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+            )
+            w["sweep_of"] = v["name"] if suffix else None
+            out.append(w)
+    names = [w["name"] for w in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise AdvtuneError(f"variant names collide after sweeping: {', '.join(sorted(dup))}; rename the variants")
+    return out
+
+
+INT_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "int"}
+
+
+def train_config(base: dict | None, over: dict | None, seed: int):
+
+    merged = {**(base or {}), **(over or {})}
+    for k, v in merged.items():
+        if k in ("optimizer", "schedule"):
+            continue
+        n = parse_number(v)  # YAML reads 1e-3 as a string; 8/255 is a fraction
+        if k in INT_KEYS:
+            if n != int(n):
+                raise AdvtuneError(f"train.{k} must be an integer, got {v!r}")
+            n = int(n)
+        merged[k] = n
+    return TrainConfig(seed=seed, **merged)
+
+
+def eps_value(v: Any) -> float:
+
+    return parse_number(v)
+
+
+def finite(v: dict, key: str) -> float:
+    n = parse_number(v[key])
+    if not math.isfinite(n) or n <= 0:
+        raise AdvtuneError(f"variant {v['name']}: {key} must be a positive finite number, got {v[key]!r}")
+    return n
+
+
+def budget_of(v: dict) -> int | None:
+    """The variant's training budget in gradient evaluations (None: its epochs)."""
+    return None if v.get("budget") is None else int(finite(v, "budget"))
+
+
+def points_of(v: dict) -> int:
+    """Snapshots along the variant's run."""
+    n = v.get("points", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise AdvtuneError(
+            f"variant {v['name']}: points must be a non-negative integer (snapshots along the run), got {n!r}"
+        )
+    return n
+
+
+def params_of(v: dict) -> float | int | None:
+    """The variant's parameter budget: a share (< 1) or a count."""
+    if v.get("params") is None:
+        return None
+    n = finite(v, "params")
+    return n if n < 1 else int(n)
+
+
+def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
+    """`analysis/` when the experiment has one eps, else `analysis-eps<eps>/`."""
+    single = out / files.ANALYSIS
+    per_eps = out / f"analysis-eps{eps:g}"
+    if cfg is None:  # reading records: whichever exists
+        return per_eps if per_eps.is_dir() else single
+    eps_all = {eps_value(e) for e in as_list(cfg["threat"]["eps"])}
+    eps_all |= {eps_value(e) for v in cfg["variants"] for e in as_list(v.get("eps", []))}
+    return single if eps_all == {eps} else per_eps

@@ -1,0 +1,254 @@
+"""An experiment's results: one row per variant read from its records (the config it ran, its
+cost, its evaluation; nothing recomputed), the frontier's points, results.{json,csv}, the terminal
+table and `advtune info` of an experiment folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ... import filenames as files
+from ...utils import atomic_write_json, atomic_write_text, read_json
+from ..common import list_snapshots
+from .config import EVAL_NAME, analysis_folder, eps_value
+
+SELECTIVE = ("finetune", "harden")  # kinds that start from the base model (its cost counts)
+
+
+def what_ran(folder: Path, kind: str, v: dict) -> dict:
+    """What a variant ran, as its run folder's config.json recorded it (defaults resolved by the job
+    itself, so a row never guesses one): select, share, params, granularity, criterion, attack,
+    eps_warmup, budget, limit."""
+    if kind == "standard" or not (folder / files.CONFIG).is_file():
+        return {}
+    run = read_json(folder / files.CONFIG, "config").get("run", {})
+    if kind == "train":
+        return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run)}
+    if kind == "harden":
+        r = run.get("recipe", {})
+        keys = ("granularity", "criterion", "attack", "eps_warmup", "params")
+        return {"select": "top", "share": None, **{k: r.get(k) for k in keys}, **_cost_keys(run)}
+    select = str(run.get("select", "all"))
+    if select not in ("all", "random") and not select.startswith("layers:"):
+        select = "top"  # an analysis folder
+    by_share = select in ("top", "random") and run.get("params") is None
+    return {
+        "select": select,
+        "share": run.get("share") if by_share else None,
+        "params": run.get("params"),
+        "granularity": run.get("granularity") if select == "top" else None,
+        "criterion": run.get("criterion") if select == "top" else None,
+        "attack": run.get("attack"),
+        "eps_warmup": run.get("eps_warmup"),
+        **_cost_keys(run),
+    }
+
+
+def _cost_keys(run: dict) -> dict:
+    return {"budget": run.get("budget"), "limit": run.get("limit")}
+
+
+def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
+    """One row per variant from its records (nothing is recomputed: the report reads these)."""
+    rows = []
+    base_cost = read_cost(base_dir)
+    for v in variants:
+        folder = out / v["name"]
+        ev_path = folder / files.evaluation(EVAL_NAME)
+        if not ev_path.is_file():
+            continue
+        ev = read_json(ev_path, "evaluation")
+        kind = v["kind"]
+        ran = what_ran(folder, kind, v)
+        cost = base_cost if kind == "standard" else read_cost(folder)
+        analysis_cost = {}
+        if kind == "harden":
+            analysis_cost = read_cost(folder / files.ANALYSIS)
+        elif kind == "finetune" and ran.get("select") == "top":
+            a = analysis_folder(out, None, eps_value(v["eps"]))
+            analysis_cost = read_cost(a) if a.is_dir() else {}
+        summary = read_json(folder / files.SUMMARY, "summary") if (folder / files.SUMMARY).is_file() else {}
+        sel = summary.get("selection") or {}
+        selective = kind in SELECTIVE
+        row = {
+            "variant": v["name"],
+            "kind": kind,
+            "sweep_of": v.get("sweep_of"),
+            "eps": eps_value(v["eps"]),
+            "select": ran.get("select"),
+            "share": ran.get("share"),
+            "params_budget": (sel.get("trainable_params") if v.get("params_like") else ran.get("params")),
+            "params_like": v.get("params_like"),
+            "granularity": ran.get("granularity"),
+            "criterion": ran.get("criterion"),
+            "attack": ran.get("attack"),
+            "clean_acc": ev["clean_accuracy"],
+            "robust_acc": ev["worst_case_accuracy"],
+            **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
+            "suspect": "; ".join(ev.get("suspect", [])),
+            "grad_evals": cost.get("grad_evals", 0),
+            "analysis_grad_evals": analysis_cost.get("grad_evals", 0),
+            "base_grad_evals": base_cost.get("grad_evals", 0) if selective else 0,
+            "wall_s": cost.get("wall_s", 0.0),
+            "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
+            "base_wall_s": base_cost.get("wall_s", 0.0) if selective else 0.0,
+            "flops": cost.get("flops", 0.0),
+            "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
+            "total_params": cost.get("total_params"),
+            "epochs": summary.get("epochs"),
+            "stopped": summary.get("stopped"),
+            "eval_examples": ev.get("examples"),
+            "eval_attacks": ",".join(ev.get("attacks", [])),
+            "eval_grad_evals": sum(ev.get("grad_evals", {}).values()),
+            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0)
+            / max(cost.get("total_params") or 1, 1),
+            "reference": bool(v.get("reference", kind == "train" and bool(ran.get("attack")))),
+            # what the variant was, for the report's rows: its data, budget, warm-up and where its units sit
+            "train_examples": ran.get("limit", base_limit) if kind != "standard" else base_limit,
+            "budget": ran.get("budget") if kind != "standard" else None,
+            "eps_warmup": float(ran.get("eps_warmup") or 0.0) if kind != "standard" else None,
+            "selected_by_layer": sel.get("by_layer"),
+            "curve": _curve(folder, kind, cost, ev),
+        }
+        rows.append(row)
+    return rows
+
+
+def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[dict]:
+    """The run's robustness-vs-compute points: each evaluated snapshot, and the final model when it
+    is not its last snapshot. Training cost only; the frontier adds the base and analysis costs."""
+
+    pts = []
+    if kind != "standard":
+        for step, snap in list_snapshots(folder):
+            e = snap / files.evaluation(EVAL_NAME)
+            if e.is_file():
+                ev, cost = read_json(e, "evaluation"), read_cost(snap)
+                pts.append(
+                    {
+                        "step": step,
+                        "grad_evals": cost.get("grad_evals", 0),
+                        "wall_s": cost.get("wall_s", 0.0),
+                        "flops": cost.get("flops", 0.0),
+                        "clean_acc": ev["clean_accuracy"],
+                        "robust_acc": ev["worst_case_accuracy"],
+                        "suspect": "; ".join(ev.get("suspect", [])),
+                    }
+                )
+    if not pts or pts[-1]["grad_evals"] != final_cost.get("grad_evals", 0):
+        pts.append(
+            {
+                "step": None,
+                "grad_evals": final_cost.get("grad_evals", 0),
+                "wall_s": final_cost.get("wall_s", 0.0),
+                "flops": final_cost.get("flops", 0.0),
+                "clean_acc": final_eval["clean_accuracy"],
+                "robust_acc": final_eval["worst_case_accuracy"],
+                "suspect": "; ".join(final_eval.get("suspect", [])),
+            }
+        )
+    return pts
+
+
+def read_cost(folder: Path) -> dict:
+    p = folder / files.COST
+    return read_json(p, "cost") if p.is_file() else {}
+
+
+def _csv(rows: list[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def frontier_points(rows: list[dict]) -> list[dict]:
+    """One flat row per (variant, point) with the cost counted the same way on every curve:
+    total = this run's training + the base model's training (fine-tuning) + the analysis (selective)."""
+    out = []
+    for r in rows:
+        for p in r.get("curve") or []:
+            extra = (r.get("base_grad_evals") or 0) + (r.get("analysis_grad_evals") or 0)
+            out.append(
+                {
+                    "variant": r["variant"],
+                    "kind": r["kind"],
+                    "select": r.get("select"),
+                    "eps": r["eps"],
+                    "reference": r.get("reference", False),
+                    "step": p["step"],
+                    "train_grad_evals": p["grad_evals"],
+                    "base_grad_evals": r.get("base_grad_evals") or 0,
+                    "analysis_grad_evals": r.get("analysis_grad_evals") or 0,
+                    "total_grad_evals": p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
+                    "wall_s": p["wall_s"],
+                    "clean_acc": p["clean_acc"],
+                    "robust_acc": p["robust_acc"],
+                    "trainable_params": r.get("trainable_params"),
+                    "param_share": r.get("param_share"),
+                    "suspect": p.get("suspect", ""),
+                }
+            )
+    return out
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    atomic_write_json(out / files.RESULTS, {"rows": rows})
+    atomic_write_text(
+        out / files.RESULTS_CSV,
+        _csv([{k: v for k, v in r.items() if k not in ("curve", "selected_by_layer")} for r in rows]),
+    )
+    points = frontier_points(rows)
+    if any(r["step"] is not None for r in points):
+        atomic_write_json(out / files.FRONTIER, {"points": points})
+        atomic_write_text(out / "frontier.csv", _csv(points))
+
+
+def format_results(rows: list[dict]) -> str:
+    """The terminal table: robustness next to what it cost."""
+    lines = [
+        f"{'variant':24s} {'clean':>7s} {'robust':>7s} {'grad evals':>12s} {'+analysis':>10s} {'wall s':>8s} "
+        f"{'trainable':>10s}  note"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['variant'][:24]:24s} {100 * r['clean_acc']:6.2f}% {100 * r['robust_acc']:6.2f}% "
+            f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} "
+            f"{r['trainable_params'] or 0:10,d}  " + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or "")
+        )
+    return "\n".join(lines)
+
+
+def experiment_info(folder: str | Path) -> dict:
+    """What an experiment folder recorded: its config, the variants' result rows, its files."""
+    folder = Path(folder)
+    record = read_json(folder / files.EXPERIMENT, "experiment record")
+    rows = read_json(folder / files.RESULTS, "results")["rows"] if (folder / files.RESULTS).is_file() else []
+    return {
+        "run": str(folder),
+        "kind": "experiment",
+        "experiment": record,
+        "rows": rows,
+        "files": sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")),
+    }
+
+
+def format_experiment_info(info: dict) -> str:
+    cfg = info["experiment"].get("config", {})
+    threat = cfg.get("threat", {})
+    lines = [
+        f"experiment {info['run']}   name {cfg.get('name', '?')}   "
+        f"source {info['experiment'].get('source') or '(dict)'}",
+        f"threat     {threat.get('norm', 'linf')} eps={threat.get('eps')}   {len(cfg.get('variants', []))} variants, "
+        f"{len(info['rows'])} finished",
+    ]
+    if info["rows"]:
+        lines += ["", format_results(info["rows"]), ""]
+    lines.append("files      " + ", ".join(info["files"]))
+    return "\n".join(lines)

@@ -1,0 +1,404 @@
+"""Running an experiment: the base model, the analyses, every variant through its job's own code
+(train, finetune, harden: the CLI's, with the job config built from the variant's keys over the
+config's declared defaults), the protocol on each variant and on its snapshots, then the results.
+Resumable: a finished variant is skipped, an interrupted one resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ... import filenames as files
+from ...distributed import on_main
+from ...errors import AdvtuneError
+from ...recipe import Recipe
+from ...settings import settings_from
+from ...utils import atomic_write_json, atomic_write_text, parse_number, read_json
+from .. import analyze as analyze_job
+from .. import evaluate as evaluate_job
+from .. import finetune as finetune_job
+from .. import harden as harden_job
+from .. import train as train_job
+from ..common import list_snapshots
+from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun, TrainRun
+from .config import (
+    ANALYSIS_KEYS,
+    EVAL_NAME,
+    analysis_folder,
+    budget_of,
+    eps_value,
+    expand_variants,
+    load_config,
+    params_of,
+    points_of,
+    train_config,
+    validate_config,
+)
+from .results import collect_results, write_results
+
+log = logging.getLogger(__name__)
+
+SETTINGS = "variant-settings.json"  # each variant's resolved settings, as first run
+
+
+@dataclass
+class Experiment:
+    """One experiment run: its validated config and where things go."""
+
+    cfg: dict
+    out: Path
+    seed: int
+    device: str
+    data_dir: str | None
+    norm: str
+    base_dir: Path
+    analyses: dict[float, Path] = field(default_factory=dict)
+
+    @property
+    def base(self) -> dict:
+        return self.cfg["base"]
+
+    @property
+    def evaluation(self) -> dict:
+        return self.cfg["evaluation"]
+
+
+def run(
+    config: str | Path | dict, out: str | Path, *, device: str | None = None, only: list[str] | None = None
+) -> list[dict]:
+    """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
+    cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
+    out = Path(out)
+    ex = Experiment(
+        cfg,
+        out,
+        int(cfg.get("seed", 0)),
+        device or cfg.get("device", "auto"),
+        cfg.get("data_dir") or cfg["base"].get("data_dir"),
+        cfg["threat"].get("norm", "linf"),
+        Path(cfg["base"]["pretrained"]) if cfg["base"].get("pretrained") else out / "standard",
+    )
+    variants = _chosen(expand_variants(cfg), only)
+    # everything is validated before the first write: a refused re-run leaves the folder as it was
+    _refuse_changed_variants(out, variants)
+    if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
+        raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
+    on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
+    atomic_write_json(
+        out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else None}
+    )
+    _train_base(ex)
+    recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
+    for v in variants:
+        folder = out / v["name"]
+        if _finished(folder):
+            log.info("variant %s: finished earlier, skipped", v["name"])
+            continue
+        # a variant recorded but with nothing of it on disk (refused, or its folder deleted) starts afresh
+        recorded[v["name"]] = _settings(v)
+        atomic_write_json(out / SETTINGS, recorded)
+        model_dir = JOBS[v["kind"]](ex, v, folder)
+        _evaluate_variant(ex, v, folder, model_dir)
+    rows = collect_results(out, expand_variants(cfg), ex.base_dir, ex.base.get("limit"))
+    write_results(out, rows)
+    return rows
+
+
+def _chosen(variants: list[dict], only: list[str] | None) -> list[dict]:
+    if not only:
+        return variants
+    missing = [o for o in only if o not in {v["name"] for v in variants}]
+    if missing:
+        raise AdvtuneError(
+            f"--only {missing[0]!r}: no such variant; variants: {', '.join(v['name'] for v in variants)}"
+        )
+    return [v for v in variants if v["name"] in only]
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / files.SUMMARY).is_file() and (folder / files.evaluation(EVAL_NAME)).is_file()
+
+
+def _folder_flags(folder: Path) -> dict:
+    """Resume a started run; replace a folder that holds no started run."""
+    started = (folder / files.CONFIG).is_file()
+    return {"resume": started, "overwrite": folder.exists() and not started}
+
+
+def _train_base(ex: Experiment) -> None:
+    """The base model, trained here once unless the experiment names a pretrained run."""
+    base = ex.base
+    if base.get("pretrained") or (ex.base_dir / files.SUMMARY).is_file():
+        return
+    log.info("experiment %s: training the base model", ex.cfg.get("name", ex.out.name))
+    train_job.run(
+        TrainRun(
+            dataset=base["dataset"],
+            model=base["model"],
+            out=str(ex.base_dir),
+            data_dir=ex.data_dir,
+            limit=base.get("limit"),
+            limit_test=base.get("limit_test"),
+            device=ex.device,
+            train=train_config(base.get("train"), None, ex.seed),
+            **_folder_flags(ex.base_dir),
+        )
+    )
+
+
+def _analysis_for(ex: Experiment, eps: float) -> Path:
+    """The experiment's shared analysis at `eps` (run once, the first time a variant needs it)."""
+    if eps in ex.analyses:
+        return ex.analyses[eps]
+    folder = analysis_folder(ex.out, ex.cfg, eps)
+    summary = folder / files.SUMMARY
+    if summary.is_file() and read_json(summary, "analysis summary")["threat"]["eps"] != eps:
+        raise AdvtuneError(f"{folder} was analysed at another eps; delete it or use a new --out")
+    if not summary.is_file():
+        given = ex.cfg.get("analysis") or {}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in ANALYSIS_KEYS}
+        analyze_job.run(
+            AnalyzeRun(
+                base=str(ex.base_dir),
+                out=str(folder),
+                eps=eps,
+                norm=ex.norm,
+                seed=ex.seed,
+                data_dir=ex.data_dir,
+                device=ex.device,
+                overwrite=folder.exists(),
+                **kw,
+            )
+        )
+    ex.analyses[eps] = folder
+    return folder
+
+
+def _numbers(v: dict, *names: str) -> dict:
+    """The variant's numeric keys as numbers (YAML reads 1e-3 as a string; 8/255 is a fraction)."""
+    return {k: parse_number(v[k]) for k in names if v.get(k) is not None}
+
+
+def _run_standard(ex: Experiment, v: dict, folder: Path) -> Path:
+    return ex.base_dir  # the base model itself, evaluated at the variant's eps
+
+
+def _run_train(ex: Experiment, v: dict, folder: Path) -> Path:
+    """Training from scratch (standard, or adversarial with `attack`): `advtune train`."""
+    if not (folder / files.SUMMARY).is_file():
+        base = ex.base
+        attack = v.get("attack")
+        train_job.run(
+            settings_from(
+                TrainRun,
+                {**v, **_numbers(v, "eps_warmup")},
+                dataset=base.get("dataset") or _base_dataset(ex.base_dir),
+                model=v.get("model") or base.get("model") or _base_model(ex.base_dir),
+                out=str(folder),
+                data_dir=ex.data_dir,
+                limit=v.get("limit", base.get("limit")),
+                limit_test=base.get("limit_test"),
+                device=ex.device,
+                adversarial=attack,
+                norm=ex.norm,
+                eps=eps_value(v["eps"]) if attack else None,
+                train=train_config(base.get("train"), v.get("train"), ex.seed),
+                budget=budget_of(v),
+                points=points_of(v),
+                **_folder_flags(folder),
+            )
+        )
+    return folder
+
+
+def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
+    """Fine-tuning of the base model (all, random, layers or the analysis' top): `advtune finetune`."""
+    if not (folder / files.SUMMARY).is_file():
+        eps = eps_value(v["eps"])
+        select = v.get("select", "top")  # a variant names what it trains; the experiment's analysis by default
+        if select == "top":
+            select = str(_analysis_for(ex, eps))
+        if v.get("params_like"):  # the control: as many trainable parameters as another variant's selection
+            v = {**v, "params": _trainable_of(ex.out, v["params_like"], v["name"])}
+        finetune_job.run(
+            settings_from(
+                FinetuneRun,
+                {**v, **_numbers(v, "share", "eps_warmup")},
+                base=str(ex.base_dir),
+                out=str(folder),
+                eps=eps,
+                select=select,
+                norm=ex.norm,
+                train=train_config({"epochs": 1}, v.get("train"), ex.seed),
+                data_dir=ex.data_dir,
+                limit=v.get("limit", ex.base.get("limit")),
+                limit_test=ex.base.get("limit_test"),
+                params=params_of(v),
+                budget=budget_of(v),
+                points=points_of(v),
+                monitor_test=0,
+                device=ex.device,
+                **_folder_flags(folder),
+            )
+        )
+    return folder
+
+
+RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size")  # a harden variant's `train:` keys
+
+
+def _run_harden(ex: Experiment, v: dict, folder: Path) -> Path:
+    """`advtune harden` itself (its own analysis, fine-tuning and the experiment's protocol as its
+    evaluation): the same weights and records as the command with the same settings."""
+    if not (folder / files.SUMMARY).is_file():
+        ev = ex.evaluation
+        if not ev.get("cascade", True) or ev.get("batch_size", 256) != 256:
+            raise AdvtuneError(
+                f"variant {v['name']}: a harden variant is evaluated by harden itself (cascade, batch 256); "
+                "drop evaluation.cascade/batch_size or use kind: finetune with recipe: harden"
+            )
+        train = v.get("train") or {}
+        extra = sorted(set(train) - set(RECIPE_TRAIN_KEYS))
+        if extra:
+            raise AdvtuneError(
+                f"variant {v['name']}: a harden variant's train: takes {', '.join(RECIPE_TRAIN_KEYS)}; "
+                f"not {', '.join(extra)} (use budget: for its length)"
+            )
+        given = {**v, **train, **_numbers(v, "eps_warmup"), **_numbers(train, "lr", "batch_size")}
+        if "batch_size" in given:
+            given["batch_size"] = int(given["batch_size"])
+        if v.get("params") is not None:
+            given["params"] = params_of(v)
+        harden_job.run(
+            HardenRun(
+                base=str(ex.base_dir),
+                out=str(folder),
+                eps=eps_value(v["eps"]),
+                norm=ex.norm,
+                budget=budget_of(v),
+                recipe=settings_from(Recipe, given),
+                limit=v.get("limit", ex.base.get("limit")),
+                limit_test=ev.get("limit_test", ev.get("limit", 1000)),
+                evaluation=ev.get("suite") or ev["attacks"],
+                seed=ex.seed,
+                data_dir=ex.data_dir,
+                device=ex.device,
+                **_folder_flags(folder),
+            )
+        )
+    return folder
+
+
+JOBS = {"standard": _run_standard, "train": _run_train, "finetune": _run_finetune, "harden": _run_harden}
+
+
+def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) -> None:
+    """The protocol on every snapshot along the run (resumable: done ones are kept) and on the final
+    model (a harden variant's own evaluation is the protocol already)."""
+    eps, ev = eps_value(v["eps"]), ex.evaluation
+
+    def protocol(run_dir: Path, record_dir: Path) -> dict:
+        return evaluate_job.run(
+            EvaluateRun(
+                run=str(run_dir),
+                eps=(eps,),
+                attacks=ev.get("attacks"),
+                suite=ev.get("suite"),
+                norm=ex.norm,
+                limit_test=ev.get("limit_test", ev.get("limit", 1000)),
+                batch_size=ev.get("batch_size", 256),
+                cascade=bool(ev.get("cascade", True)),
+                name=EVAL_NAME,
+                record_dir=str(record_dir),
+                seed=ex.seed,
+                data_dir=ex.data_dir,
+                device=ex.device,
+            )
+        )
+
+    snaps = list_snapshots(folder) if v["kind"] != "standard" else []
+    for i, (step, snap) in enumerate(snaps):
+        if not (snap / files.evaluation(EVAL_NAME)).is_file():
+            log.info("variant %s: evaluating snapshot %d/%d (step %d)", v["name"], i + 1, len(snaps), step)
+            protocol(snap, snap)
+    final = folder / files.evaluation(EVAL_NAME)
+    final_snap = _same_point(folder, snaps)
+    if v["kind"] == "harden" and final.is_file():
+        record = read_json(final, "evaluation")
+    elif final_snap is not None:  # the run ended on its last snapshot: that evaluation is the final one
+        atomic_write_text(final, (final_snap / files.evaluation(EVAL_NAME)).read_text())
+        record = read_json(final_snap / files.evaluation(EVAL_NAME), "evaluation")  # what every rank can read
+    else:
+        record = protocol(model_dir, folder)
+    if v["kind"] == "standard" and model_dir != folder:
+        _link_standard(folder, model_dir)
+    log.info(
+        "variant %s: clean %.2f%%, worst case %.2f%%",
+        v["name"],
+        100 * record["clean_accuracy"],
+        100 * record["worst_case_accuracy"],
+    )
+
+
+def _settings(v: dict) -> dict:
+    """A variant's resolved settings as variant-settings.json records them."""
+    return {k: val for k, val in v.items() if k != "sweep_of"}
+
+
+def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
+    """A variant with something on disk (its run or its evaluation) that was run with other settings
+    is refused before anything of the experiment is rewritten: never mixed in."""
+    path = out / SETTINGS
+    if not path.is_file():
+        return
+    recorded = read_json(path, "variant settings")
+    for v in variants:
+        folder = out / v["name"]
+        exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
+        if exists and v["name"] in recorded and recorded[v["name"]] != _settings(v):
+            raise AdvtuneError(
+                f"variant {v['name']} in {out} was run with other settings; use a new --out, "
+                f"or delete {folder} to run it again"
+            )
+
+
+def _trainable_of(out: Path, other: str, me: str) -> int:
+    summary = out / other / files.SUMMARY
+    if not summary.is_file():
+        raise AdvtuneError(
+            f"variant {me}: params_like: {other} needs {other} to run first (list it earlier in the config)"
+        )
+    sel = read_json(summary, "summary").get("selection") or {}
+    if not sel.get("trainable_params"):
+        raise AdvtuneError(
+            f"variant {me}: params_like: {other} trained no selection (select: all?); give params: instead"
+        )
+    return int(sel["trainable_params"])
+
+
+def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
+    """The last snapshot when it is the run's final model (same training cost), else None."""
+    if not snaps or not (folder / files.COST).is_file():
+        return None
+    last = snaps[-1][1]
+    final = read_json(folder / files.COST, "cost")
+    mine = read_json(last / files.COST, "cost")
+    return last if mine.get("grad_evals") == final.get("grad_evals") else None
+
+
+def _base_dataset(base_dir: Path) -> str:
+    return read_json(base_dir / files.CONFIG, "base config")["run"]["dataset"]
+
+
+def _base_model(base_dir: Path) -> str:
+    return read_json(base_dir / files.MODEL_META, "base model")["architecture"]
+
+
+def _link_standard(folder: Path, model_dir: Path) -> None:
+    """The `standard` variant evaluates the base model itself: its folder holds the evaluation and
+    points at the model's run folder."""
+    atomic_write_json(folder / "variant.json", {"kind": "standard", "model_dir": str(model_dir)})
+    src = model_dir / files.SUMMARY
+    if src.is_file():
+        atomic_write_text(folder / files.SUMMARY, src.read_text())
