@@ -27,8 +27,8 @@ import torch
 from advtune.data import load_dataset
 from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.models import load_model, read_meta
+from advtune.provenance import versions
 from advtune.threat import ThreatModel
-from advtune.utils import versions
 
 
 def reference(model, x, y, eps: float, batch_size: int) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from advtune.frontier import findings
 from advtune.report import write_report
 from advtune.runs.experiment import format_results, load_config, run
-from advtune.utils import read_json
+from advtune.storage import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from advtune.attacks import build_attack
 from advtune.data import load_dataset
+from advtune.devices import eval_mode
 from advtune.metrics import accuracy, robust_accuracy_quick
 from advtune.models import model_for
+from advtune.seeding import make_generator
 from advtune.threat import ThreatModel
-from advtune.utils import eval_mode, make_generator
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--name", required=True)

@@ -31,13 +31,71 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _library_files():
-    return [p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0].removesuffix(".py") not in APP]
+# The layers of docs/architecture.md, lowest first: a module imports only from its own layer or below.
+LAYERS = [
+    (
+        "ground",
+        {"errors", "version", "filenames", "lazy", "registry", "settings", "recipe", "distributed", "seeding"}
+        | {"devices", "storage", "progress", "provenance", "threat", "weights", "cost", "data"},
+    ),
+    ("foundations", {"attacks", "components", "models", "inputs"}),
+    ("library", {"train", "evaluation", "vulnerability", "metrics", "frontier", "report"}),
+    ("application", {"runs"}),
+    ("entry points", {"api", "cli", "__init__", "__main__"}),
+]
+LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
 
 
-def test_the_library_never_imports_the_application_layer():
-    bad = [(str(p.relative_to(SRC)), top) for p in _library_files() for top, _ in _imports(p) if top in APP]
-    assert bad == []
+def _unit(path: Path) -> str:
+    """The top-level module or package of src/advtune a file belongs to."""
+    return path.relative_to(SRC).parts[0].removesuffix(".py")
+
+
+def _arrows() -> list[tuple[str, str, str]]:
+    """(file, its unit, the unit it imports) for every relative import between top-level units."""
+    out = []
+    for p in SRC.rglob("*.py"):
+        me = _unit(p)
+        for top, _ in _imports(p):
+            if top != me and top != "__version__":
+                out.append((str(p.relative_to(SRC)), me, top))
+    return out
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(p) for p in SRC.rglob("*.py")} | {top for _, _, top in _arrows()}
+    assert units - set(LAYER_OF) == set(), "add the new module to LAYERS here and to docs/architecture.md"
+
+
+def test_imports_run_downward_only():
+    up = [(f, top) for f, me, top in _arrows() if LAYER_OF.get(top, -1) > LAYER_OF.get(me, -1)]
+    assert up == []
+
+
+def test_no_import_circle_between_modules():
+    graph: dict[str, set[str]] = {}
+    for _, me, top in _arrows():
+        graph.setdefault(me, set()).add(top)
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+
+    def circle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := circle_from(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for unit in sorted(graph):
+        if unit not in state:
+            assert circle_from(unit, [unit]) is None
+
+
+def test_no_module_over_500_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
 
 
 def test_the_training_loop_does_not_import_the_model_zoo():

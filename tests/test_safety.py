@@ -15,7 +15,7 @@ import pytest
 from advtune.cli import main
 from advtune.errors import AdvtuneError
 from advtune.runs import RunDir
-from advtune.utils import atomic_write_bytes
+from advtune.storage import atomic_write_bytes
 
 TRAIN = [
     "train",
@@ -158,12 +158,12 @@ def test_a_read_only_or_full_output_is_a_one_line_error(tmp_path, capsys, monkey
     assert "cannot write to output folder" in err and "Read-only" in err and len(err.splitlines()) == 1
     monkeypatch.undo()
     # a disk that fills up while training: the checkpoint write fails as one line, the run can resume
-    import advtune.utils as utils
+    import advtune.storage as storage
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(utils.os, "replace", full)
+    monkeypatch.setattr(storage.os, "replace", full)
     assert main([*TRAIN, "--out", str(tmp_path / "full")]) == 2
     err = capsys.readouterr().err.strip()
     assert "No space left on device" in err and "free disk space" in err and len(err.splitlines()) == 1

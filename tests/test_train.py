@@ -11,8 +11,8 @@ from advtune.data import TensorData, load_dataset
 from advtune.errors import AdvtuneError
 from advtune.metrics import accuracy
 from advtune.models import model_for
+from advtune.storage import atomic_write_bytes
 from advtune.train import TrainConfig, adversarial, clean, fit, lr_at
-from advtune.utils import atomic_write_bytes
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("advtune.utils.os.replace", broken_replace)
+    monkeypatch.setattr("advtune.storage.os.replace", broken_replace)
     with pytest.raises(AdvtuneError, match="cannot write .*ckpt.bin.*disk full.*free disk space"):
         atomic_write_bytes(p, b"new" * 1000)
     assert p.read_bytes() == b"old complete checkpoint" and [q.name for q in tmp_path.iterdir()] == ["ckpt.bin"]
@@ -280,11 +280,11 @@ def test_local_objective_runs_only_the_block_and_counts_partial_passes(synth):
 def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, caplog, monkeypatch):
     import logging
 
-    import advtune.utils as utils
+    import advtune.progress as progress
 
-    monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)  # every step, for the test (30 s in real runs)
-    monkeypatch.setattr(utils, "_progress_disabled", False)  # an earlier CLI test may have run with --quiet
-    monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # every step, for the test (30 s in real runs)
+    monkeypatch.setattr(progress, "_progress_disabled", False)  # an earlier CLI test may have run with --quiet
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
     with caplog.at_level(logging.INFO, logger="advtune.progress"):
         fit(fresh(synth), synth.train.take(256), clean(), TrainConfig(epochs=1, batch_size=64))
     lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .lazy import lazy_exports
+from .version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 # public name -> module that defines it (one home each)
 _EXPORTS = {

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .attacks import Attack, build_attack, split_attack_list
 from .components import Selection, model_params
 from .data import Dataset
+from .devices import model_device, model_dtype
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, resolve_split
@@ -31,11 +32,11 @@ from .recipe import Recipe
 from .runs.analyze import analyze_model
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
+from .seeding import make_generator
 from .settings import default
 from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
 from .train import fit as _fit
-from .utils import make_generator, model_device, model_dtype
 from .vulnerability import (
     ConcentrationCurve,
     ScoreTable,

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 from . import filenames as files
 from .errors import AdvtuneError
-from .settings import add_flags, from_args, seed_number
+from .settings import Parser, add_flags, apply_yaml_defaults, from_args, seed_number
 
 log = logging.getLogger("advtune")
 
@@ -102,41 +101,11 @@ def _default(cls):
 
 
 def attack_names() -> list[str]:
-    """The built-in attacks' names, read from the `@register("name")` decorators (and `register_attack`
-    calls) in the source of `advtune/attacks/` with ast, so that `evaluate --help` needs no torch and a
-    new attack needs no edit here; in registration order (the modules as `attacks/__init__.py` imports
-    them, stacked decorators bottom-up). `advtune.list_attacks()` also has attacks registered at run time."""
-    import ast
+    """The built-in attacks' names, read from the attack modules' source (no torch for --help; a new
+    attack needs no edit here). `advtune.list_attacks()` also has attacks registered at run time."""
+    from .registry import registered_in_source
 
-    folder = Path(__file__).resolve().parent / "attacks"
-
-    def tree(path: Path) -> ast.Module | None:
-        try:
-            return ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, ValueError):
-            return None
-
-    init = tree(folder / "__init__.py")
-    order = [n.module for n in ast.walk(init) if isinstance(n, ast.ImportFrom) and n.level == 1] if init else []
-    names: list[str] = []
-    for module in dict.fromkeys(order):  # first import of each module, in order
-        if not module or not (folder / f"{module}.py").is_file() or module in ("registry", "_common"):
-            continue
-        for stmt in getattr(tree(folder / f"{module}.py"), "body", []):
-            decorators = getattr(stmt, "decorator_list", [])
-            calls = [*reversed(decorators), *(n for n in ast.walk(stmt) if not any(n is d for d in decorators))]
-            for call in calls:
-                callee = getattr(call, "func", None)
-                if (
-                    isinstance(call, ast.Call)
-                    and getattr(callee, "id", getattr(callee, "attr", None)) in ("register", "register_attack")
-                    and call.args
-                    and isinstance(call.args[0], ast.Constant)
-                    and isinstance(call.args[0].value, str)
-                    and call.args[0].value not in names
-                ):
-                    names.append(call.args[0].value)
-    return names
+    return registered_in_source(Path(__file__).resolve().parent / "attacks", ("register", "register_attack"))
 
 
 def add_evaluate_parser(sub) -> None:
@@ -424,15 +393,6 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse's own errors (a missing command, an unknown flag, a bad value or choice) as one line that
-    points at --help, instead of the whole usage block; exit status 2 as argparse's. --help is unchanged.
-    The root parser and, through add_subparsers, every command's parser are of this class."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the named command's parser is built in full (the others are
     one-line entries), so `advtune --help` never imports torch."""
@@ -454,58 +414,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """timm's two stages: YAML gives the subcommand's defaults, explicit flags override them."""
-    command = next((a for a in argv if a in COMMANDS), None)
-    pre = Parser(prog="advtune" + (f" {command}" if command else ""), add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if not known.config:
-        return
-    import yaml
-
-    path = Path(known.config)
-    if not path.is_file():
-        raise AdvtuneError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(values, dict):
-        raise AdvtuneError(f"{path} must be a mapping of flag names to values")
-    if command is None:
-        raise AdvtuneError(f"--config needs a command, e.g. advtune train --config {path}")
-    subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
-    actions = {a.dest: a for a in subparser._actions}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions:
-            close = difflib.get_close_matches(dest, sorted(actions), n=1)
-            raise AdvtuneError(
-                f"{path}: unknown key {key!r}" + (f"; did you mean {close[0].replace('_', '-')!r}?" if close else "")
-            )
-        action = actions[dest]
-        if isinstance(value, list):  # a YAML list stands for the flag's comma list
-            value = ",".join(str(v) for v in value)
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            try:
-                value = action.type(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                raise AdvtuneError(f"{path}: {key}: {e}") from None
-        if action.choices is not None and value not in action.choices:
-            raise AdvtuneError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-        defaults[dest] = value
-    subparser.set_defaults(**defaults)
-    for action in subparser._actions:  # a required flag given by the YAML is no longer required
-        if action.dest in defaults:
-            action.required = False
-
-
 def _setup_logging(args) -> None:
-    from .utils import set_progress
+    from .progress import set_progress
 
     level = (
         logging.DEBUG
@@ -539,7 +449,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     try:
-        _apply_yaml_defaults(parser, argv)
+        apply_yaml_defaults(parser, COMMANDS, argv)
         args, extra = parser.parse_known_args(argv)
         if extra:  # parse_args's own check, said by the command's parser: "advtune train: error: ..."
             commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .devices import eval_mode, model_device
 from .errors import AdvtuneError
-from .utils import eval_mode, model_device
 
 log = logging.getLogger(__name__)
 

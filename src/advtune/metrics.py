@@ -13,7 +13,9 @@ from torch import nn
 from .attacks import PGD
 from .cost import CostMeter
 from .data import TensorData
-from .utils import derive_seed, eval_mode, make_generator, model_device, progress
+from .devices import eval_mode, model_device
+from .progress import progress
+from .seeding import derive_seed, make_generator
 
 
 @torch.no_grad()

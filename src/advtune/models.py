@@ -22,7 +22,7 @@ from . import filenames as files
 from .attacks import logits_of
 from .errors import AdvtuneError
 from .registry import Registry
-from .utils import atomic_write_bytes, atomic_write_json, read_json
+from .storage import atomic_write_bytes, atomic_write_json, read_json
 from .weights import check_compatible, load_state, load_weights  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ import inspect
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .errors import AdvtuneError
@@ -212,3 +213,39 @@ def convert_value(name: str, key: str, raw: str, hint: Any, *, fold_case: bool =
             f"{ {'int': '10', 'float': '0.01', 'bool': 'true'}.get(kind, 'ce') }"
         ) from None
     return low if fold_case else raw
+
+
+def registered_in_source(folder: Path, callees: tuple[str, ...]) -> list[str]:
+    """The names a plug-in package registers, read from its source with ast (nothing imported, so a
+    command's --help needs no torch): the first string argument of every call to one of `callees`
+    (decorators included), module by module in the order the package's `__init__.py` imports them,
+    stacked decorators bottom-up (their order of registration)."""
+    import ast
+
+    def tree(path: Path) -> ast.Module | None:
+        try:
+            return ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            return None
+
+    init = tree(folder / "__init__.py")
+    order = [n.module for n in ast.walk(init) if isinstance(n, ast.ImportFrom) and n.level == 1] if init else []
+    names: list[str] = []
+    for module in dict.fromkeys(order):  # first import of each module, in order
+        if not module or not (folder / f"{module}.py").is_file() or module in ("registry", "_common"):
+            continue
+        for stmt in getattr(tree(folder / f"{module}.py"), "body", []):
+            decorators = getattr(stmt, "decorator_list", [])
+            calls = [*reversed(decorators), *(n for n in ast.walk(stmt) if not any(n is d for d in decorators))]
+            for call in calls:
+                callee = getattr(call, "func", None)
+                if (
+                    isinstance(call, ast.Call)
+                    and getattr(callee, "id", getattr(callee, "attr", None)) in callees
+                    and call.args
+                    and isinstance(call.args[0], ast.Constant)
+                    and isinstance(call.args[0].value, str)
+                    and call.args[0].value not in names
+                ):
+                    names.append(call.args[0].value)
+    return names

@@ -19,7 +19,8 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .errors import AdvtuneError
 
@@ -29,10 +30,21 @@ _MISSING = dataclasses.MISSING
 # ---------------------------------------------------------------- value parsers (argparse types)
 
 
-def number(text: str) -> float:
-    """A float that may be written as a fraction: `0.3`, `8/255`."""
-    from .utils import parse_number
+def parse_number(text: str | float | int) -> float:
+    """A float that may be written as a fraction: `0.3`, `8/255` (eps in pixel units)."""
+    from fractions import Fraction
 
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        s = str(text).strip()
+        return float(Fraction(s)) if "/" in s else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise AdvtuneError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
+
+
+def number(text: str) -> float:
+    """A float that may be written as a fraction: `0.3`, `8/255` (the CLI's type for such flags)."""
     try:
         return parse_number(text)
     except AdvtuneError as e:
@@ -212,6 +224,69 @@ def settings_from(cls, values: dict, **fixed: Any):
     how an experiment variant becomes a job config, so a key it does not set means the CLI default."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in values.items() if k in names}, **fixed})
+
+
+# ---------------------------------------------------------------- the command line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing command, an unknown flag, a bad value or choice) as one line that
+    points at --help, instead of the whole usage block; exit status 2 as argparse's. --help is unchanged.
+    The root parser and, through add_subparsers, every command's parser are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str], argv: list[str]) -> None:
+    """`--config FILE`: timm's two stages, YAML gives the command's defaults and explicit flags override
+    them; a key that is not a flag of the command, or a value its flag refuses, is one line."""
+    command = next((a for a in argv if a in commands), None)
+    pre = Parser(prog="advtune" + (f" {command}" if command else ""), add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    import yaml
+
+    path = Path(known.config)
+    if not path.is_file():
+        raise AdvtuneError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise AdvtuneError(f"{path} must be a mapping of flag names to values")
+    if command is None:
+        raise AdvtuneError(f"--config needs a command, e.g. advtune train --config {path}")
+    subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    actions = {a.dest: a for a in subparser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, sorted(actions), n=1)
+            raise AdvtuneError(
+                f"{path}: unknown key {key!r}" + (f"; did you mean {close[0].replace('_', '-')!r}?" if close else "")
+            )
+        action = actions[dest]
+        if isinstance(value, list):  # a YAML list stands for the flag's comma list
+            value = ",".join(str(v) for v in value)
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise AdvtuneError(f"{path}: {key}: {e}") from None
+        if action.choices is not None and value not in action.choices:
+            raise AdvtuneError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        defaults[dest] = value
+    subparser.set_defaults(**defaults)
+    for action in subparser._actions:  # a required flag given by the YAML is no longer required
+        if action.dest in defaults:
+            action.required = False
 
 
 # ---------------------------------------------------------------- YAML keys

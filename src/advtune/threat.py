@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import AdvtuneError
-from .utils import sample_on
+from .seeding import sample_on
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12  # guards divisions by a zero norm

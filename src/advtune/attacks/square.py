@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtuneError
+from ..seeding import sample_on
 from ..threat import ThreatModel
-from ..utils import sample_on
 from ._common import (
     AttackConfig,
     Best,

@@ -30,7 +30,7 @@ def download_files(spec: Spec, target: Path, mirrors: tuple[str, ...] | None = N
     A file is written to a temporary name and renamed only after its checksum matches, so a failed
     or corrupted download never leaves a file that looks complete. `$ADVTUNE_MIRROR` overrides mirrors.
     """
-    from ..utils import progress
+    from ..progress import progress
 
     if os.environ.get("ADVTUNE_MIRROR"):
         mirrors = (os.environ["ADVTUNE_MIRROR"],)

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD, Attack, margin
+from ..devices import eval_mode
 from ..metrics import correct
 from ..threat import ThreatModel
-from ..utils import eval_mode
 from .results import EvalResult
 
 log = logging.getLogger(__name__)

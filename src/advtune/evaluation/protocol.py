@@ -16,11 +16,13 @@ from torch import Tensor, nn
 from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from ..cost import PassCounter
 from ..data import TensorData
+from ..devices import eval_mode, model_device, model_dtype
 from ..distributed import all_gather, all_max, all_sum, broadcast, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import batches, check_devices, data_device
+from ..progress import progress
+from ..seeding import batch_generator
 from ..threat import ThreatModel
-from ..utils import batch_generator, eval_mode, model_device, model_dtype, progress
 from .gate import (
     GATE_SAMPLES,
     is_black_box,

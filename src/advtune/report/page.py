@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .. import filenames as files
-from ..utils import atomic_write_text
+from ..storage import atomic_write_text
 
 
 def bold(escaped: str) -> str:

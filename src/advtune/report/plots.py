@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import AdvtuneError
-from ..utils import atomic_write_bytes
+from ..storage import atomic_write_bytes
 from .narrative import short_layer_names
 
 
@@ -34,7 +34,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")  # legends beside the axes stay on the page
-    atomic_write_bytes(path, buf.getvalue())  # the one atomic write (utils)
+    atomic_write_bytes(path, buf.getvalue())  # the one atomic write (storage)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import AdvtuneError
-from ..utils import read_json
+from ..storage import read_json
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from torch import Tensor
 from .. import filenames as files
 from ..attacks import Attack, build_attack
 from ..cost import CostMeter, PassCounter
+from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
+from ..seeding import seed_everything
 from ..threat import ThreatModel
-from ..utils import resolve_device, seed_everything
 from ..vulnerability import (
     ConcentrationCurve,
     ScoreTable,

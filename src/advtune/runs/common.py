@@ -18,6 +18,7 @@ from ..data import DATASETS, load_dataset, num_batches
 from ..distributed import check_global_batch, is_main_process
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
+from ..storage import read_json
 from ..train import (
     OverfitGuard,
     config_changes,
@@ -25,7 +26,6 @@ from ..train import (
     steps_for_budget,
     total_steps,
 )
-from ..utils import read_json
 from ..vulnerability import (
     ScoreTable,
     check_params,

@@ -9,18 +9,14 @@ import time
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
+from ..devices import model_device, resolve_device
 from ..distributed import barrier, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..evaluation import compiled_queries, eps_curve, robust_accuracy, suite
+from ..provenance import versions
+from ..seeding import make_generator, seed_everything
+from ..storage import atomic_write_json
 from ..threat import ThreatModel
-from ..utils import (
-    atomic_write_json,
-    make_generator,
-    model_device,
-    resolve_device,
-    seed_everything,
-    versions,
-)
 from .common import dataset_of, load_base
 from .configs import EvaluateRun
 from .record import RunDir, open_run

@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass, replace
 
 from .. import filenames as files
 from ..cost import CostMeter
+from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..models import save_model
+from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
-from ..utils import model_device, resolve_device, seed_everything
 from .common import (
     check_same_run,
     check_val,

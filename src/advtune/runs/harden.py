@@ -31,13 +31,14 @@ from typing import Any, Callable
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..components import fingerprint, layers, unit_params
+from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..models import load_model
 from ..recipe import Recipe
+from ..storage import atomic_write_bytes, read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
-from ..utils import atomic_write_bytes, model_device, read_json, resolve_device
 from ..vulnerability import check_params
 from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, read_table, refuse_same_folder

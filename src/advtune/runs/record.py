@@ -16,14 +16,8 @@ from .. import filenames as files
 from ..cost import CostMeter
 from ..distributed import barrier, is_main_process, on_main, rank_and_world
 from ..errors import AdvtuneError
-from ..utils import (
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-    remove_orphan_tmp,
-    to_jsonable,
-    versions,
-)
+from ..provenance import versions
+from ..storage import atomic_write_json, atomic_write_text, read_json, remove_orphan_tmp, to_jsonable
 
 log = logging.getLogger(__name__)
 

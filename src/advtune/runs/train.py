@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass, replace
 from .. import filenames as files
 from ..cost import CostMeter
 from ..data import load_dataset
+from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import describe_meta, load_weights, model_for, save_model
+from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, clean, fit
-from ..utils import resolve_device, seed_everything
 from .common import (
     check_same_run,
     check_val,

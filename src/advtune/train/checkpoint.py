@@ -15,9 +15,7 @@ import torch
 from .. import filenames as files
 from ..cost import CostMeter
 from ..errors import AdvtuneError
-from ..utils import (
-    atomic_write_bytes,
-)
+from ..storage import atomic_write_bytes
 from ..weights import check_compatible
 from .config import TrainConfig
 

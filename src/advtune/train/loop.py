@@ -13,16 +13,13 @@ from torch import nn
 from .. import filenames as files
 from ..cost import CostMeter
 from ..data import TensorData, num_batches
+from ..devices import model_device
 from ..distributed import broadcast_state, check_global_batch, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import as_tensor_data
 from ..metrics import accuracy, robust_accuracy_quick
-from ..utils import (
-    derive_seed,
-    make_generator,
-    model_device,
-    progress,
-)
+from ..progress import progress
+from ..seeding import derive_seed, make_generator
 from .checkpoint import History, load_checkpoint, save_checkpoint
 from .config import TrainConfig, epochs_for, lr_at, total_steps
 from .objectives import (

@@ -18,11 +18,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..attacks import build_attack
+from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
-from ..utils import (
-    eval_mode,
-)
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ import yaml
 from ... import filenames as files
 from ...errors import AdvtuneError
 from ...recipe import Recipe
-from ...settings import check_keys, keys
+from ...settings import check_keys, keys, parse_number
 from ...train.config import TrainConfig
-from ...utils import parse_number
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 
 TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}

@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 from ... import filenames as files
-from ...utils import atomic_write_json, atomic_write_text, read_json
+from ...storage import atomic_write_json, atomic_write_text, read_json
 from ..common import list_snapshots
 from .config import EVAL_NAME, analysis_folder, eps_value
 

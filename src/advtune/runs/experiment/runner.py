@@ -13,8 +13,8 @@ from ... import filenames as files
 from ...distributed import on_main
 from ...errors import AdvtuneError
 from ...recipe import Recipe
-from ...settings import settings_from
-from ...utils import atomic_write_json, atomic_write_text, parse_number, read_json
+from ...settings import parse_number, settings_from
+from ...storage import atomic_write_json, atomic_write_text, read_json
 from .. import analyze as analyze_job
 from .. import evaluate as evaluate_job
 from .. import finetune as finetune_job

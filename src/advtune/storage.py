@@ -1,0 +1,101 @@
+"""Records on disk: atomic writes (never a half-written file), JSON that stays strict, and reading
+JSON with a one-line error."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import is_main_process
+from .errors import AdvtuneError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file.
+    The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's 0600.
+    A full disk or a read-only folder is a one-line AdvtuneError; the temporary file is removed."""
+    if not is_main_process():  # under torch.distributed rank 0 alone writes files (its peers wait at barriers)
+        return
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise AdvtuneError(
+            f"cannot write {path} ({e.strerror or e}); free disk space or pick a writable folder"
+        ) from None
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def remove_orphan_tmp(folder: str | os.PathLike) -> list[str]:
+    """Delete temporary files an interrupted atomic write left behind (`.<name>.<random>.tmp`)."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:  # NaN -> null keeps the JSON strict
+        return None
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
