@@ -1,8 +1,9 @@
 """`advtune train | info | evaluate | analyze | finetune | harden | experiment | report | demo`.
 
-Thin: each subcommand is `add_<cmd>_parser` + `run_<cmd>(args) -> int`. The flags of a job are
-derived from its config dataclass (`advtune.settings`: declared once, with help and defaults), the
-run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
+Thin: each subcommand is its entry in HELP and DESCRIPTION, `add_<cmd>_parser(p)` (its own flags on the
+parser that `build_parser` makes with those texts and ends with the general flags) + `run_<cmd>(args) -> int`.
+The flags of a job are derived from its config dataclass (`advtune.settings`: declared once, with help and
+defaults), the run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
 A YAML `--config` gives defaults, flags override them. Errors for people (AdvtuneError) print as
 one line and exit 2.
 """
@@ -40,6 +41,31 @@ HELP = {
     "demo": "the main job end to end on MNIST",
 }
 
+# the paragraph atop `advtune <command> --help`
+DESCRIPTION = {
+    "train": "Train a model by name (or your own, file.py:factory) on a dataset. Writes model.safetensors, "
+    "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.",
+    "evaluate": "Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
+    "Attacks: {attacks} (spec: name:key=value,...; docs/attacks.md).",
+    "analyze": "Score every conv channel / linear unit of BASE under an attack on training data, "
+    "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
+    "Criteria: activation-shift, taylor, restoration.",
+    "finetune": "Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
+    "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
+    "folder (top --share of its --criterion ranking).",
+    "experiment": "Run every variant of CONFIG not yet finished under --out, evaluate each with the "
+    "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
+    "variants and resumes an interrupted one.",
+    "report": "Write <folder>/report.html (self-contained, plots embedded) and report.md from each folder's "
+    "records: the full report of an experiment or a harden run, or a run's record with its plots.",
+    "info": "Config, seed, versions, metrics, cost and evaluations of a run.",
+    "harden": "The method with the best measured recipe as its default (docs/RESULTS.md): rank the "
+    "components of BASE by how much the attack exploits them, adversarially fine-tune only the "
+    "best-ranked ones within a parameter budget, evaluate before/after with the strong protocol "
+    "and the gradient-masking gate, and write a report to --out.",
+    "demo": "Train, attack, analyse, fine-tune, report.",
+}
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("general")
@@ -64,20 +90,13 @@ def _train_config(args, base):
 # ---------------------------------------------------------------- train
 
 
-def add_train_parser(sub) -> None:
+def add_train_parser(p) -> None:
     from .runs.configs import TrainRun
     from .train import TrainConfig
 
-    p = sub.add_parser(
-        "train",
-        help=HELP["train"],
-        description="Train a model by name (or your own, file.py:factory) on a dataset. Writes model.safetensors, "
-        "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.",
-    )
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
     add_flags(p, TrainConfig, groups=groups)
-    _common(p)
 
 
 def run_train(args) -> int:
@@ -108,19 +127,12 @@ def attack_names() -> list[str]:
     return registered_in_source(Path(__file__).resolve().parent / "attacks", ("register", "register_attack"))
 
 
-def add_evaluate_parser(sub) -> None:
+def add_evaluate_parser(p) -> None:
     from .runs.configs import EvaluateRun
 
-    p = sub.add_parser(
-        "evaluate",
-        help=HELP["evaluate"],
-        description="Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
-        "Attacks: " + (", ".join(attack_names()) or "see docs/attacks.md") + " (spec: name:key=value,...; "
-        "docs/attacks.md).",
-    )
+    p.description = p.description.format(attacks=", ".join(attack_names()) or "see docs/attacks.md")
     add_flags(p, EvaluateRun, required={"eps"})
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # only to point at --limit-test
-    _common(p)
 
 
 def run_evaluate(args) -> int:
@@ -143,18 +155,10 @@ def run_evaluate(args) -> int:
 # ---------------------------------------------------------------- analyze
 
 
-def add_analyze_parser(sub) -> None:
+def add_analyze_parser(p) -> None:
     from .runs.configs import AnalyzeRun
 
-    p = sub.add_parser(
-        "analyze",
-        help=HELP["analyze"],
-        description="Score every conv channel / linear unit of BASE under an attack on training data, "
-        "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
-        "Criteria: activation-shift, taylor, restoration.",
-    )
     add_flags(p, AnalyzeRun, required={"eps"})
-    _common(p)
 
 
 def run_analyze(args) -> int:
@@ -186,20 +190,12 @@ def run_analyze(args) -> int:
 # ---------------------------------------------------------------- finetune
 
 
-def add_finetune_parser(sub) -> None:
+def add_finetune_parser(p) -> None:
     from .runs.configs import FinetuneRun
 
-    p = sub.add_parser(
-        "finetune",
-        help=HELP["finetune"],
-        description="Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
-        "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
-        "folder (top --share of its --criterion ranking).",
-    )
     groups = {g: p.add_argument_group(g) for g in ("selection", "attack", "data", "training", "output")}
     add_flags(p, FinetuneRun, groups=groups, required={"eps"})
     add_flags(p, type(_default(FinetuneRun)), base=_default(FinetuneRun), groups=groups)
-    _common(p)
 
 
 def run_finetune(args) -> int:
@@ -221,14 +217,7 @@ def run_finetune(args) -> int:
 # ---------------------------------------------------------------- experiment
 
 
-def add_experiment_parser(sub) -> None:
-    p = sub.add_parser(
-        "experiment",
-        help=HELP["experiment"],
-        description="Run every variant of CONFIG not yet finished under --out, evaluate each with the "
-        "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
-        "variants and resumes an interrupted one.",
-    )
+def add_experiment_parser(p) -> None:
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("--out", required=True, help="experiment folder (runs/<name>)")
     p.add_argument("--only", help="comma list of variant names to run")
@@ -238,7 +227,6 @@ def add_experiment_parser(sub) -> None:
         default=True,
         help="write the report afterwards (default: yes)",
     )
-    _common(p)
 
 
 def run_experiment(args) -> int:
@@ -262,15 +250,8 @@ def run_experiment(args) -> int:
 # ---------------------------------------------------------------- report
 
 
-def add_report_parser(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help=HELP["report"],
-        description="Write <folder>/report.html (self-contained, plots embedded) and report.md from each folder's "
-        "records: the full report of an experiment or a harden run, or a run's record with its plots.",
-    )
+def add_report_parser(p) -> None:
     p.add_argument("folders", nargs="+", help="run folders written by advtune")
-    _common(p)
 
 
 def run_report(args) -> int:
@@ -300,15 +281,9 @@ def run_report(args) -> int:
 # ---------------------------------------------------------------- info
 
 
-def add_info_parser(sub) -> None:
-    p = sub.add_parser(
-        "info",
-        help=HELP["info"],
-        description="Config, seed, versions, metrics, cost and evaluations of a run.",
-    )
+def add_info_parser(p) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--json", action="store_true", help="print the raw record as JSON")
-    _common(p)
 
 
 def run_info(args) -> int:
@@ -329,21 +304,12 @@ def run_info(args) -> int:
 # ---------------------------------------------------------------- harden
 
 
-def add_harden_parser(sub) -> None:
+def add_harden_parser(p) -> None:
     from .recipe import Recipe
     from .runs.configs import HardenRun
 
-    p = sub.add_parser(
-        "harden",
-        help=HELP["harden"],
-        description="The method with the best measured recipe as its default (docs/RESULTS.md): rank the "
-        "components of BASE by how much the attack exploits them, adversarially fine-tune only the "
-        "best-ranked ones within a parameter budget, evaluate before/after with the strong protocol "
-        "and the gradient-masking gate, and write a report to --out.",
-    )
     add_flags(p, HardenRun, required={"eps"})
     add_flags(p, Recipe)
-    _common(p)
 
 
 def run_harden(args) -> int:
@@ -361,12 +327,10 @@ def run_harden(args) -> int:
 # ---------------------------------------------------------------- demo
 
 
-def add_demo_parser(sub) -> None:
+def add_demo_parser(p) -> None:
     from .runs.configs import DemoConfig
 
-    p = sub.add_parser("demo", help=HELP["demo"], description="Train, attack, analyse, fine-tune, report.")
     add_flags(p, DemoConfig)
-    _common(p)
 
 
 def run_demo(args) -> int:
@@ -408,7 +372,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     wanted = None if argv is None else next((a for a in argv if a in COMMANDS), "")
     for name, (add, _) in COMMANDS.items():
         if wanted is None or name == wanted:
-            add(sub)
+            p = sub.add_parser(name, help=HELP[name], description=DESCRIPTION[name])
+            add(p)
+            _common(p)
         else:
             sub.add_parser(name, help=HELP[name])
     return parser

@@ -51,42 +51,35 @@ def _flat(c: int, h: int, w: int, pools: int) -> int:
     return c * (h >> pools) * (w >> pools)
 
 
-@ARCHITECTURES.register("small-cnn")
-def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
-    """Fast MNIST net: conv32-pool-conv64-pool-fc128-fc."""
+def _two_conv(c: int, h: int, w: int, classes: int, kernel: int, hidden: int) -> nn.Module:
+    """conv32-pool-conv64-pool-fc<hidden>-fc, `kernel` x `kernel` convolutions padded to keep the size."""
+    pad = kernel // 2
     return nn.Sequential(
         OrderedDict(
-            conv1=nn.Conv2d(c, 32, 3, padding=1),
+            conv1=nn.Conv2d(c, 32, kernel, padding=pad),
             relu1=nn.ReLU(),
             pool1=nn.MaxPool2d(2),
-            conv2=nn.Conv2d(32, 64, 3, padding=1),
+            conv2=nn.Conv2d(32, 64, kernel, padding=pad),
             relu2=nn.ReLU(),
             pool2=nn.MaxPool2d(2),
             flatten=nn.Flatten(),
-            fc1=nn.Linear(_flat(64, h, w, 2), 128),
+            fc1=nn.Linear(_flat(64, h, w, 2), hidden),
             relu3=nn.ReLU(),
-            fc2=nn.Linear(128, classes),
+            fc2=nn.Linear(hidden, classes),
         )
     )
+
+
+@ARCHITECTURES.register("small-cnn")
+def small_cnn(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """Fast MNIST net: conv32-pool-conv64-pool-fc128-fc."""
+    return _two_conv(c, h, w, classes, kernel=3, hidden=128)
 
 
 @ARCHITECTURES.register("madry-mnist")
 def madry_mnist(c: int, h: int, w: int, classes: int) -> nn.Module:
     """The MNIST-challenge architecture (Madry et al. 2018): conv32 5x5, pool, conv64 5x5, pool, fc1024, fc."""
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(c, 32, 5, padding=2),
-            relu1=nn.ReLU(),
-            pool1=nn.MaxPool2d(2),
-            conv2=nn.Conv2d(32, 64, 5, padding=2),
-            relu2=nn.ReLU(),
-            pool2=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(_flat(64, h, w, 2), 1024),
-            relu3=nn.ReLU(),
-            fc2=nn.Linear(1024, classes),
-        )
-    )
+    return _two_conv(c, h, w, classes, kernel=5, hidden=1024)
 
 
 @ARCHITECTURES.register("lenet5")

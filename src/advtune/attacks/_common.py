@@ -284,9 +284,10 @@ def preserved_buffers(model: nn.Module):
                         buf.copy_(old)
 
 
-def attack_entry(name: str):
+def attack_entry(name: str, *, images: bool = False):
     """Decorator for an attack's functional entry point `fn(model, x, y, threat, ..., target=, generator=)`:
-    validates the call (check_inputs) and keeps the model's buffers as they were (preserved_buffers)."""
+    validates the call (check_inputs; `images`: x must be (N, C, H, W)), keeps the model's buffers as
+    they were (preserved_buffers), answers an empty batch itself and hands `fn` a detached, non-empty x."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -295,6 +296,13 @@ def attack_entry(name: str):
                 raise AdvtuneError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
             with preserved_buffers(model):
                 check_inputs(model, x, y, kwargs.get("target"), threat, kwargs.get("generator"), name)
+                if images and x.dim() != 4:
+                    raise AdvtuneError(
+                        f"{name} needs images (N, C, H, W), got shape {tuple(x.shape)}; use pgd or apgd-ce"
+                    )
+                x = x.detach()
+                if len(x) == 0:
+                    return x.clone()
                 return fn(model, x, y, threat, *args, **kwargs)
 
         return wrapper
@@ -355,7 +363,8 @@ class AttackConfig:
     `grad_evals` and `function = staticmethod(<the pure function>)`.
 
     `spec_skip`: fields the registered name implies (`random_start` of pgd vs bim), left out of `spec`.
-    `supports_target = False`: the attack picks its own targets and refuses `target=`."""
+    `supports_target = False`: the attack picks its own targets and refuses `target=`.
+    `norms`: the threat-model norms it supports (default: linf and l2; Square sets linf only)."""
 
     function: ClassVar[Callable[..., Tensor]]
     spec_skip: ClassVar[tuple[str, ...]] = ()

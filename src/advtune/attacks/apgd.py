@@ -30,7 +30,6 @@ from ._common import (
     Best,
     LossFn,
     attack_entry,
-    check_call,
     check_choice,
     check_float,
     check_int,
@@ -163,10 +162,6 @@ def apgd(
 ) -> Tensor:
     """APGD on `loss`, each sample's worst case over steps and restarts (restarts on survivors);
     early_stop: stop attacking a sample once it is fooled (see `_apgd_run`)."""
-    check_call(x, y, target, "apgd")
-    x = x.detach()
-    if len(x) == 0:
-        return x.clone()
     loss_fn = LOSSES[loss]
 
     def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
@@ -190,10 +185,6 @@ def apgd_targeted(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only."""
-    check_call(x, y, None, "apgd-t")
-    x = x.detach()
-    if len(x) == 0:
-        return x.clone()
     loss_fn = LOSSES["dlr"]
     best = None
     for rank in range(1, n_target_classes + 1):
@@ -237,10 +228,8 @@ class APGD(AttackConfig):
     rho: float = 0.75
     early_stop: bool = True  # evaluation: no pass on a sample once fooled; false: highest loss (training)
 
-    norms = ("linf", "l2")
     function = staticmethod(apgd)
     spec_skip = ("loss",)
-    supports_target = True
 
     def __post_init__(self) -> None:
         check_threat(self.threat, self.name, self.norms)
@@ -270,7 +259,6 @@ class APGDT(AttackConfig):
     early_stop: bool = True
 
     name = "apgd-t"
-    norms = ("linf", "l2")
     supports_target = False  # it picks its own targets
     function = staticmethod(apgd_targeted)
 

@@ -20,7 +20,6 @@ from ._common import (
     AttackConfig,
     attack_entry,
     ce_loss,
-    check_call,
     check_float,
     check_threat,
     loss_and_grad,
@@ -45,13 +44,10 @@ def fgsm(
     The single-step result is returned as is (no best-keeping): FGSM is the reference point that
     the masking gate compares iterative attacks against, and training recipes expect exactly it.
     """
-    check_call(x, y, target, "fgsm")
-    if len(x) == 0:
-        return x.detach().clone()
     step = step_size
     if step is None:
         step = 1.25 * threat.eps if random_start else threat.eps
-    x0 = threat.random_start(x, generator) if random_start else x.detach()
+    x0 = threat.random_start(x, generator) if random_start else x
     _, _, grad = loss_and_grad(model, x0, y, target, ce_loss)
     return threat.project(x0 + threat.steepest_step(grad, step), x).detach()
 
@@ -66,10 +62,8 @@ class FGSM(AttackConfig):
     random_start: bool = False
     step_size: float | None = None
 
-    norms = ("linf", "l2")
     function = staticmethod(fgsm)
     spec_skip = ("random_start",)
-    supports_target = True
 
     def __post_init__(self) -> None:
         check_threat(self.threat, self.name, self.norms)

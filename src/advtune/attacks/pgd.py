@@ -26,7 +26,6 @@ from ._common import (
     AttackConfig,
     Best,
     attack_entry,
-    check_call,
     check_choice,
     check_float,
     check_int,
@@ -70,10 +69,6 @@ def pgd(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient ascent on `loss`; returns each sample's worst case over steps and restarts."""
-    check_call(x, y, target, "pgd")
-    x = x.detach()
-    if len(x) == 0:
-        return x.clone()
     alpha = 2.5 * threat.eps / steps if step_size is None else step_size
     loss_fn = LOSSES[loss]
 
@@ -101,10 +96,6 @@ def mifgsm(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Momentum iterative FGSM: g <- decay*g + grad/||grad||_1, step along `steepest_step(g)`."""
-    check_call(x, y, target, "mifgsm")
-    x = x.detach()
-    if len(x) == 0:
-        return x.clone()
     alpha = threat.eps / steps if step_size is None else step_size
     momentum = torch.zeros_like(x)
 
@@ -138,10 +129,8 @@ class PGD(AttackConfig):
     loss: str = "ce"
     random_start: bool = True
 
-    norms = ("linf", "l2")
     function = staticmethod(pgd)
     spec_skip = ("random_start",)
-    supports_target = True
 
     def __post_init__(self) -> None:
         _check_common(self, self.name)
@@ -171,8 +160,6 @@ class MIFGSM(AttackConfig):
     loss: str = "ce"
 
     name = "mifgsm"
-    norms = ("linf", "l2")
-    supports_target = True
     function = staticmethod(mifgsm)
 
     def __post_init__(self) -> None:

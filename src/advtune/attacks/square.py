@@ -25,14 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import AdvtuneError
 from ..seeding import sample_on
 from ..threat import ThreatModel
 from ._common import (
     AttackConfig,
     Best,
     attack_entry,
-    check_call,
     check_float,
     check_int,
     check_threat,
@@ -147,7 +145,7 @@ def _square_run(
     return Best(x_best, -m, fooled)
 
 
-@attack_entry("square")
+@attack_entry("square", images=True)
 def square(
     model: nn.Module,
     x: Tensor,
@@ -162,12 +160,6 @@ def square(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Square Attack (linf); returns each sample's lowest-margin point found."""
-    check_call(x, y, target, "square")
-    if x.dim() != 4:
-        raise AdvtuneError(f"square needs images (N, C, H, W), got shape {tuple(x.shape)}; use pgd or apgd-ce")
-    x = x.detach()
-    if len(x) == 0:
-        return x.clone()
 
     def run_once(xs: Tensor, ys: Tensor, ts: Tensor | None) -> Best:
         return _square_run(model, xs, ys, ts, threat, queries, p_init, generator, compile)
@@ -190,7 +182,6 @@ class Square(AttackConfig):
     black_box = True  # the masking gate compares it against the white-box attacks
     norms = ("linf",)
     function = staticmethod(square)
-    supports_target = True
 
     def __post_init__(self) -> None:
         check_threat(self.threat, self.name, self.norms)

@@ -15,7 +15,7 @@ from ..errors import AdvtuneError
 from ..frontier import PLATEAU_TOLERANCE, curves, reference_plateau
 from .costs import total_cost
 from .narrative import describe_short, short_layer_names
-from .plots import figure, save_figure
+from .plots import figure, label_bars, save_figure
 
 
 def matplotlib_colors(n: int) -> list:
@@ -94,16 +94,7 @@ def plot_trained_units(rows: list[dict], path: str | os.PathLike, colors: Mappin
         pct = [100 * u / max(by.get(n, [0, 1])[1], 1) for n, u in zip(names, units)]
         xs = np.arange(len(names)) + i * width - 0.4 + width / 2
         bars = ax.bar(xs, pct, width, color=colors.get(r["variant"], "k"), label=describe_short(r))
-        for b, u in zip(bars, units):
-            if u:
-                ax.annotate(
-                    str(u),
-                    (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center",
-                    fontsize=6,
-                    xytext=(0, 1),
-                    textcoords="offset points",
-                )
+        label_bars(ax, bars, [str(u) if u else "" for u in units], fontsize=6, lift=1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([short[n] for n in names], fontsize=8)
     ax.set_ylabel("units trained (% of the layer)")

@@ -38,6 +38,20 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def label_bars(ax, bars, labels: list[str], *, fontsize: float, lift: float) -> None:
+    """Write each non-empty label centred `lift` points above the top of its bar."""
+    for b, label in zip(bars, labels):
+        if label:
+            ax.annotate(
+                label,
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                fontsize=fontsize,
+                xytext=(0, lift),
+                textcoords="offset points",
+            )
+
+
 def plot_eps_curve(curves, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Robust accuracy against eps as a PNG.
 
@@ -186,16 +200,7 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
     fig = figure(6.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
     bars = ax.bar(range(len(names)), [100 * u for u in units], color="tab:blue")
-    for b, n in zip(bars, params):
-        if n:
-            ax.annotate(
-                f"{n:,}",
-                (b.get_x() + b.get_width() / 2, b.get_height()),
-                ha="center",
-                fontsize=7,
-                xytext=(0, 2),
-                textcoords="offset points",
-            )
+    label_bars(ax, bars, [f"{n:,}" if n else "" for n in params], fontsize=7, lift=2)
     ax.set_xticks(range(len(names)))
     short = short_layer_names(names)
     ax.set_xticklabels([short[n] for n in names], fontsize=8)

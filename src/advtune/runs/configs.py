@@ -94,6 +94,17 @@ def overwrite_setting(group: str | None = "output", help: str = "replace an exis
     return setting(False, help=help, group=group)
 
 
+# ---------------------------------------------------------------- the jobs' configs
+
+
+def _json_with(config, nested: str) -> dict:
+    """`asdict(config)`, with its field `nested` (a config of its own, or None) written by its own `to_json`."""
+    d = asdict(config)
+    value = getattr(config, nested)
+    d[nested] = value.to_json() if value is not None else None
+    return d
+
+
 @dataclass(frozen=True)
 class TrainRun:
     """Everything `advtune train` needs; recorded verbatim in config.json. Its fields are the flags."""
@@ -139,9 +150,7 @@ class TrainRun:
     overwrite: bool = overwrite_setting()
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_json()
-        return d
+        return _json_with(self, "train")
 
 
 @dataclass(frozen=True)
@@ -195,9 +204,7 @@ class FinetuneRun:
     overwrite: bool = overwrite_setting()
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["train"] = self.train.to_json() if self.train is not None else None
-        return d
+        return _json_with(self, "train")
 
 
 @dataclass(frozen=True)
@@ -294,9 +301,7 @@ class HardenRun:
     overwrite: bool = overwrite_setting(None)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["recipe"] = self.recipe.to_json()
-        return d
+        return _json_with(self, "recipe")
 
 
 @dataclass(frozen=True)

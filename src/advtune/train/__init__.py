@@ -13,39 +13,37 @@ from __future__ import annotations
 
 from ..lazy import lazy_exports
 
-# public name -> the submodule that defines it. Loaded on first use, so config.py (TrainConfig: no
+# public names by the submodule that defines them. Loaded on first use, so config.py (TrainConfig: no
 # torch) can be imported on its own, e.g. by the CLI's help.
-_EXPORTS = {
-    "Adversarial": "objectives",
-    "Clean": "objectives",
-    "EpochCallback": "loop",
-    "History": "checkpoint",
-    "LocalFeature": "objectives",
-    "Objective": "objectives",
-    "OverfitGuard": "guard",
-    "RESUMABLE_CHANGES": "checkpoint",
-    "SCHEDULES": "config",
-    "StepCallback": "loop",
-    "Trades": "objectives",
-    "TrainConfig": "config",
-    "Trainable": "selection",
-    "adversarial": "objectives",
-    "build_objective": "objectives",
-    "check_resume": "checkpoint",
-    "clean": "objectives",
-    "config_changes": "checkpoint",
-    "cost_per_example": "budget",
-    "epochs_for": "config",
-    "fit": "loop",
-    "forward_to": "objectives",
-    "load_checkpoint": "checkpoint",
-    "local_feature": "objectives",
-    "lr_at": "config",
-    "save_checkpoint": "checkpoint",
-    "steps_for_budget": "budget",
-    "total_steps": "config",
-    "trades": "objectives",
+_MODULES = {
+    "config": ("SCHEDULES", "TrainConfig", "epochs_for", "lr_at", "total_steps"),
+    "objectives": (
+        "Adversarial",
+        "Clean",
+        "LocalFeature",
+        "Objective",
+        "Trades",
+        "adversarial",
+        "build_objective",
+        "clean",
+        "forward_to",
+        "local_feature",
+        "trades",
+    ),
+    "loop": ("EpochCallback", "StepCallback", "fit"),
+    "selection": ("Trainable",),
+    "checkpoint": (
+        "History",
+        "RESUMABLE_CHANGES",
+        "check_resume",
+        "config_changes",
+        "load_checkpoint",
+        "save_checkpoint",
+    ),
+    "budget": ("cost_per_example", "steps_for_budget"),
+    "guard": ("OverfitGuard",),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 
