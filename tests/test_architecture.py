@@ -1,6 +1,6 @@
 """The house rules of docs/architecture.md, checked on the code: layers import downward only, no
 private name crosses a module, run-file names have one home, every job returns a typed summary
-that is exactly its summary.json."""
+that is exactly its summary.json (and its reader reads it back)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ LAYERS = [
     (
         "ground",
         {"errors", "version", "filenames", "lazy", "registry", "settings", "recipe", "distributed", "seeding"}
-        | {"devices", "storage", "progress", "provenance", "threat", "weights", "cost", "data"},
+        | {"devices", "storage", "progress", "provenance", "threat", "weights", "cost", "data", "records"},
     ),
     ("foundations", {"attacks", "components", "models", "inputs"}),
     ("library", {"train", "evaluation", "vulnerability", "metrics", "frontier", "report"}),
@@ -153,11 +153,13 @@ def test_typed_summaries_are_their_records(trained, tmp_path):
     out, summary = trained
     assert summary.test_examples == 100 and 0 <= summary.test_acc <= 1
     assert _as_record(summary) == json.loads((out / "summary.json").read_text())
+    assert _as_record(type(summary).read(out / "summary.json")) == _as_record(summary)  # its reader gives it back
     a = analyze_job.run(
         AnalyzeRun(base=str(out), out=str(tmp_path / "an"), eps=0.2, criteria=("taylor",), limit=64, curve_limit=32)
     )
     assert a.examples_scored == 64 and "rank_agreement_with_restoration" not in a.to_json()
     assert _as_record(a) == json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert _as_record(type(a).read(tmp_path / "an" / "summary.json")) == _as_record(a)
     f = finetune_job.run(
         FinetuneRun(
             base=str(out), out=str(tmp_path / "ft"), eps=0.2, monitor_test=0, limit=128, train=TrainConfig(epochs=1)
@@ -165,6 +167,7 @@ def test_typed_summaries_are_their_records(trained, tmp_path):
     )
     assert f.pgd10_acc_quick is None and "pgd10_acc_quick" not in f.to_json()
     assert _as_record(f) == json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert _as_record(type(f).read(tmp_path / "ft" / "summary.json")) == _as_record(f)
 
 
 def test_adding_an_attack_is_one_class_as_documented(tiny_model, blobs):

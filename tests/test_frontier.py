@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from advtune.cli import main
-from advtune.frontier import reference_plateau, robust_at, verdicts
+from advtune.frontier import Frontier, reference_plateau, robust_at, verdicts
 from advtune.models import load_state
 
 FRONTIER = {
@@ -137,7 +137,10 @@ def test_report_shows_the_frontier_and_its_findings(done):
     assert main(["report", str(out), "--quiet"]) == 0
     md = (out / "report.md").read_text()
     assert (out / "frontier.png").is_file() and "frontier.png" in md
-    pts = json.loads((out / "frontier.json").read_text())["points"]
+    record = json.loads((out / "frontier.json").read_text())
+    assert record["schema"] == 1 and record["kind"] == "frontier"  # a typed record: Frontier of FrontierPoints
+    assert [p.to_json() for p in Frontier.read(out / "frontier.json").points] == record["points"]
+    pts = record["points"]
     plat = reference_plateau(pts)
     assert plat.variant == "at" and plat.robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == "at")
     assert f"plateaus at {100 * plat.robust_acc:.2f}%" in md

@@ -14,36 +14,40 @@ import advtune
 from advtune.cli import main
 from advtune.data import load_dataset
 from advtune.models import load_model
-from advtune.recipe import PROTOCOL
 from advtune.runs import experiment
 from advtune.runs.configs import FinetuneRun
 from advtune.settings import default
 from cli_helpers import train_argv
 
-SETTINGS = ["--eps", "0.2", "--limit", "400", "--limit-test", "60", "--budget", "12000"]
+SETTINGS = ["--eps", "0.2", "--limit", "300", "--limit-test", "40", "--budget", "8000", "--evaluation", "pgd:steps=5"]
 
 
 @pytest.fixture(scope="module")
 def three_ways(tmp_path_factory):
     root = tmp_path_factory.mktemp("core")
-    assert main(train_argv(root / "base", limit=400, limit_test=60)) == 0
+    assert main(train_argv(root / "base", limit=300, limit_test=40)) == 0
     # 1. the command
     assert main(["harden", str(root / "base"), *SETTINGS, "--out", str(root / "cli"), "--quiet"]) == 0
     # 2. the Python API, on the same model and data in memory
     model = advtune.load_model(root / "base")
     api = advtune.harden(
-        model, load_dataset("synthetic", limit=400, limit_test=60), eps=0.2, budget=12000, limit_test=60
+        model,
+        load_dataset("synthetic", limit=300, limit_test=40),
+        eps=0.2,
+        budget=8000,
+        limit_test=40,
+        evaluation="pgd:steps=5",
     )
     # 3. an experiment variant, next to a fine-tuning variant that sets nothing but its selection
     cfg = {
         "name": "core",
-        "base": {"pretrained": str(root / "base"), "limit": 400, "limit_test": 60},
+        "base": {"pretrained": str(root / "base"), "limit": 300, "limit_test": 40},
         "threat": {"eps": 0.2},
-        "evaluation": {"attacks": PROTOCOL, "limit_test": 60},
+        "evaluation": {"attacks": "pgd:steps=5", "limit_test": 40},
         "analysis": {"limit": 200, "curve_limit": 0, "criteria": ["taylor"]},
         "variants": [
-            {"name": "hard", "kind": "harden", "budget": 12000},
-            {"name": "plain", "kind": "finetune", "select": "all", "budget": 3000},
+            {"name": "hard", "kind": "harden", "budget": 8000},
+            {"name": "plain", "kind": "finetune", "select": "all", "budget": 1000},
         ],
     }
     (root / "exp.yaml").write_text(yaml.safe_dump(cfg))

@@ -186,12 +186,23 @@ def test_a_malformed_field_names_the_file_and_the_field(tmp_path):
     rewrite(folder / "summary.json", lambda s: s["before"].update(clean_acc=0.99) or s.update(cost=[1, 2]))
     message = report_error(write_harden_report, folder)
     assert message.startswith(f"{folder / 'summary.json'}: field 'cost' is [1, 2], not an object")
+    fake_harden(folder)
+    rewrite(folder / "summary.json", lambda s: s.update(after=None))  # a record with no evaluation after
+    message = report_error(write_harden_report, folder)
+    assert message.startswith(f"{folder / 'summary.json'}: field 'after' is null, not an object")
     # an experiment: a row's number as a string, an analysis file's list with a hole in it
     exp = tmp_path / "exp"
     fake_experiment(exp)
     rewrite(exp / "results.json", lambda r: r["rows"][0].update({"acc[pgd]": "0.5"}))
     message = report_error(write_report, exp)
     assert message.startswith(f"{exp / 'results.json'}: field 'rows[0].acc[pgd]' is \"0.5\", not a number")
+    fake_experiment(exp)
+    point = {"variant": "standard", "kind": "standard", "total_grad_evals": 120000, "clean_acc": 0.99}
+    (exp / "frontier.json").write_text(json.dumps({"points": [{**point, "robust_acc": "none"}]}))
+    message = report_error(write_report, exp)
+    assert message.startswith(f"{exp / 'frontier.json'}: field 'points[0].robust_acc' is \"none\", not a number")
+    assert f"advtune experiment CONFIG --out {exp}" in message
+    (exp / "frontier.json").unlink()
     fake_experiment(exp)
     (exp / "analysis").mkdir()
     (exp / "analysis" / "scores-taylor.json").write_text(json.dumps({"components": ["conv1[0]"], "scores": [None]}))

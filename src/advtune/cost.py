@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .records import Record
+
 
 @dataclass
 class CostMeter:
@@ -129,19 +131,55 @@ class CostMeter:
             self.peak_memory_bytes = max(self.peak_memory_bytes, rss if sys.platform == "darwin" else rss * 1024)
 
     # ------------------------------------------------------------ records
-    def to_json(self) -> dict:
+    def record(self) -> "CostRecord":
+        """What the meter counted, as cost.json holds it."""
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        d["grad_evals"] = self.grad_evals
-        d["grad_evals_per_example"] = self.grad_evals / self.examples if self.examples else None
-        d["flops"] = self.flops
-        d["peak_memory_kind"] = "cuda_max_allocated" if self.device.startswith("cuda") else "process_peak_rss"
-        return d
+        return CostRecord(
+            **d,
+            grad_evals=self.grad_evals,
+            grad_evals_per_example=self.grad_evals / self.examples if self.examples else None,
+            flops=self.flops,
+            peak_memory_kind="cuda_max_allocated" if self.device.startswith("cuda") else "process_peak_rss",
+        )
+
+    def to_json(self) -> dict:
+        """cost.json: the `CostRecord` of what the meter counted."""
+        return self.record().to_json()
 
     def load_json(self, d: dict) -> "CostMeter":
         for k, v in d.items():
             if k in self.__dataclass_fields__ and not k.startswith("_"):
                 setattr(self, k, v)
         return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostRecord(Record):
+    """cost.json: what a `CostMeter` counted (its fields, then the totals). Every field but the total
+    gradient evaluations has a default, so older records (before a counter existed) still read."""
+
+    SCHEMA = 1
+    KIND = "cost"
+
+    wall_s: float = 0.0
+    examples: int = 0
+    attack_grad_evals: int = 0
+    update_grad_evals: int = 0
+    forward_evals: int = 0
+    partial_passes: int = 0
+    partial_grad_evals: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    flops_forward: float = 0.0
+    flops_attack_step: float = 0.0
+    flops_update_step: float = 0.0
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+    phases: dict = field(default_factory=dict)
+    grad_evals: int  # full-network gradient evaluations (partial passes by their FLOPs share)
+    grad_evals_per_example: float | None = None  # None: no training example
+    flops: float = 0.0
+    peak_memory_kind: str = "process_peak_rss"  # or cuda_max_allocated
 
 
 class PassCounter:

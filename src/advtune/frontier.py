@@ -8,17 +8,67 @@ for a selective recipe, the analysis behind its selection; training from scratch
 Here: the reference's plateau (adversarial training from scratch, `reference: true`), the cost it
 needed to get there, and for every other curve how close it came and at what share of that cost.
 Nothing is recomputed from models; the report and docs/RESULTS.md read these numbers.
+
+The points are typed records (`FrontierPoint`, in frontier.json's `Frontier`); every function here
+also takes them as the dicts the file holds, checked as they are read.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar, Union
 
 from .errors import AdvtuneError
+from .records import Record
 
 PLATEAU_TOLERANCE = 0.01  # a curve is on its plateau within 1 point of its best
 TARGET_GAP = 0.02  # the issue's target: the reference plateau minus 2 points
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontierPoint(Record):
+    """One (variant, checkpoint) of the frontier: its accuracy and its cost, counted the same way on
+    every curve (total = the run's training + the base model's training + the analysis)."""
+
+    variant: str
+    kind: str  # the variant's kind: standard, train, finetune, harden
+    select: str | None = None
+    eps: float | None = None
+    reference: bool = False  # the reference curve (adversarial training from scratch)
+    step: int | None = None  # the snapshot's optimizer step (None: the final model)
+    train_grad_evals: int = 0  # this run's training up to the point
+    base_grad_evals: int = 0
+    analysis_grad_evals: int = 0
+    total_grad_evals: int
+    wall_s: float = 0.0
+    clean_acc: float
+    robust_acc: float  # worst case over the evaluation's attacks
+    trainable_params: int | None = None
+    param_share: float | None = None
+    suspect: str = ""  # what the masking gate found ("": passed)
+
+
+@dataclass(frozen=True)
+class Frontier(Record):
+    """frontier.json: the points of an experiment's curves."""
+
+    SCHEMA = 1
+    KIND = "frontier"
+
+    points: tuple[FrontierPoint, ...]
+
+
+Point = Union[FrontierPoint, dict]
+P = TypeVar("P", FrontierPoint, dict)
+
+
+def as_points(points: Sequence[Point], source: str = "frontier points") -> list[FrontierPoint]:
+    """Frontier points as records: dicts (as frontier.json holds them) are checked and read, a missing
+    or malformed field is one line naming `source` and the field."""
+    return [
+        p if isinstance(p, FrontierPoint) else FrontierPoint.from_json(p, source, at=f"points[{i}]")
+        for i, p in enumerate(points)
+    ]
 
 
 @dataclass(frozen=True)
@@ -51,90 +101,89 @@ class CurveVerdict:
         return asdict(self)
 
 
-def curves(points: Sequence[dict]) -> dict[str, list[dict]]:
-    """{variant: its points by cost}."""
-    out: dict[str, list[dict]] = {}
-    for p in points:
-        out.setdefault(p["variant"], []).append(p)
-    for v in out.values():
-        v.sort(key=lambda p: p["total_grad_evals"])
-    return out
+def curves(points: Sequence[P]) -> dict[str, list[P]]:
+    """{variant: its points by cost}, each point as given (a FrontierPoint or its dict)."""
+    out: dict[str, list[tuple[int, P]]] = {}
+    for rec, p in zip(as_points(points), points):
+        out.setdefault(rec.variant, []).append((rec.total_grad_evals, p))
+    return {v: [p for _, p in sorted(pts, key=lambda cp: cp[0])] for v, pts in out.items()}
 
 
-def reference_plateau(points: Sequence[dict], reference: str | None = None) -> Plateau:
+def reference_plateau(points: Sequence[Point], reference: str | None = None) -> Plateau:
     """The plateau of the reference curve (by name, or the one row marked `reference`)."""
+    points = as_points(points)
     by = curves(points)
     if reference is None:
-        refs = sorted({p["variant"] for p in points if p.get("reference")})
+        refs = sorted({p.variant for p in points if p.reference})
         if not refs:
             raise AdvtuneError("no reference curve: mark adversarial training from scratch with reference: true")
         reference = refs[0]
     if reference not in by:
         raise AdvtuneError(f"reference curve {reference!r} has no points; curves: {', '.join(by)}")
-    pts = [p for p in by[reference] if not p.get("suspect")]
+    pts = [p for p in by[reference] if not p.suspect]
     if not pts:
         raise AdvtuneError(f"every point of the reference curve {reference!r} tripped the masking gate")
-    top = max(pts, key=lambda p: (p["robust_acc"], -p["total_grad_evals"]))
-    best = top["robust_acc"]
-    first = next(p for p in pts if p["robust_acc"] >= best - PLATEAU_TOLERANCE)
+    top = max(pts, key=lambda p: (p.robust_acc, -p.total_grad_evals))
+    best = top.robust_acc
+    first = next(p for p in pts if p.robust_acc >= best - PLATEAU_TOLERANCE)
     return Plateau(
         reference,
         best,
-        int(first["total_grad_evals"]),
-        first["clean_acc"],
+        int(first.total_grad_evals),
+        first.clean_acc,
         len(pts),
-        first["robust_acc"],
-        int(top["total_grad_evals"]),
-        top["clean_acc"],
+        first.robust_acc,
+        int(top.total_grad_evals),
+        top.clean_acc,
     )
 
 
-def verdicts(points: Sequence[dict], plateau: Plateau, budget_share: float = 0.25) -> list[CurveVerdict]:
+def verdicts(points: Sequence[Point], plateau: Plateau, budget_share: float = 0.25) -> list[CurveVerdict]:
     """How every other curve compares with the reference plateau. Suspect points (gate) never count."""
     out = []
-    for name, pts in curves(points).items():
-        if name == plateau.variant or pts[0].get("kind") == "standard":  # the starting point is no curve
+    for name, pts in curves(as_points(points)).items():
+        if name == plateau.variant or pts[0].kind == "standard":  # the starting point is no curve
             continue
-        ok = [p for p in pts if not p.get("suspect")]
+        ok = [p for p in pts if not p.suspect]
         if not ok:
             continue
-        best = max(ok, key=lambda p: (p["robust_acc"], -p["total_grad_evals"]))
-        hit = next((p for p in ok if p["robust_acc"] >= plateau.robust_acc - TARGET_GAP), None)
-        within = [p["robust_acc"] for p in ok if p["total_grad_evals"] <= budget_share * plateau.cost]
+        best = max(ok, key=lambda p: (p.robust_acc, -p.total_grad_evals))
+        hit = next((p for p in ok if p.robust_acc >= plateau.robust_acc - TARGET_GAP), None)
+        within = [p.robust_acc for p in ok if p.total_grad_evals <= budget_share * plateau.cost]
         out.append(
             CurveVerdict(
                 name,
-                ok[0]["kind"],
-                ok[0].get("select"),
-                ok[0].get("param_share"),
-                best["robust_acc"],
-                best["clean_acc"],
-                int(best["total_grad_evals"]),
+                ok[0].kind,
+                ok[0].select,
+                ok[0].param_share,
+                best.robust_acc,
+                best.clean_acc,
+                int(best.total_grad_evals),
                 hit is not None,
-                int(hit["total_grad_evals"]) if hit else None,
-                hit["total_grad_evals"] / plateau.cost if hit and plateau.cost else None,
+                int(hit.total_grad_evals) if hit else None,
+                hit.total_grad_evals / plateau.cost if hit and plateau.cost else None,
                 max(within) if within else None,
             )
         )
     return out
 
 
-def robust_at(points: Sequence[dict], variant: str, budget: float) -> float | None:
+def robust_at(points: Sequence[Point], variant: str, budget: float) -> float | None:
     """The best robust accuracy a curve reached at or below `budget` total gradient evaluations."""
     vals = [
-        p["robust_acc"]
-        for p in curves(points).get(variant, [])
-        if p["total_grad_evals"] <= budget and not p.get("suspect")
+        p.robust_acc
+        for p in curves(as_points(points)).get(variant, [])
+        if p.total_grad_evals <= budget and not p.suspect
     ]
     return max(vals) if vals else None
 
 
-def findings(points: Sequence[dict], budget_share: float = 0.25) -> list[str]:
+def findings(points: Sequence[Point], budget_share: float = 0.25) -> list[str]:
     """Plain sentences computed from the frontier points (no claim the numbers do not make), one
     group per eps (a curve is only ever compared with the reference at its own eps)."""
-    by_eps: dict[float, list[dict]] = {}
-    for p in points:
-        by_eps.setdefault(p.get("eps"), []).append(p)
+    by_eps: dict[float | None, list[FrontierPoint]] = {}
+    for p in as_points(points):
+        by_eps.setdefault(p.eps, []).append(p)
     lines: list[str] = []
     for eps, pts in sorted(by_eps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
         sub = _findings_one(pts, budget_share)
@@ -144,7 +193,7 @@ def findings(points: Sequence[dict], budget_share: float = 0.25) -> list[str]:
     return lines
 
 
-def _findings_one(points: Sequence[dict], budget_share: float) -> list[str]:
+def _findings_one(points: Sequence[FrontierPoint], budget_share: float) -> list[str]:
     try:
         plateau = reference_plateau(points)
     except AdvtuneError:
@@ -181,7 +230,7 @@ def _findings_one(points: Sequence[dict], budget_share: float) -> list[str]:
     return lines
 
 
-def markdown_table(points: Sequence[dict]) -> str:
+def markdown_table(points: Sequence[Point]) -> str:
     """The frontier as a Markdown table: one row per point, cost columns first (docs/RESULTS.md)."""
     head = (
         "variant",
@@ -195,27 +244,23 @@ def markdown_table(points: Sequence[dict]) -> str:
         "gate",
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, pts in curves(points).items():
+    for name, pts in curves(as_points(points)).items():
         for i, p in enumerate(pts):
-            share = p.get("param_share")
-            tp = (
-                f"{p['trainable_params']:,} ({100 * share:.1f}%)"
-                if p.get("trainable_params") and share is not None
-                else "–"
-            )
+            share = p.param_share
+            tp = f"{p.trainable_params:,} ({100 * share:.1f}%)" if p.trainable_params and share is not None else "–"
             lines.append(
                 "| "
                 + " | ".join(
                     [
                         name if i == 0 else "",
                         tp if i == 0 else "",
-                        "final" if p["step"] is None else f"step {p['step']}",
-                        f"{p['train_grad_evals']:,}",
-                        f"{p['base_grad_evals'] + p['analysis_grad_evals']:,}",
-                        f"{p['total_grad_evals']:,}",
-                        f"{100 * p['clean_acc']:.2f}%",
-                        f"{100 * p['robust_acc']:.2f}%",
-                        "SUSPECT" if p.get("suspect") else "passed",
+                        "final" if p.step is None else f"step {p.step}",
+                        f"{p.train_grad_evals:,}",
+                        f"{p.base_grad_evals + p.analysis_grad_evals:,}",
+                        f"{p.total_grad_evals:,}",
+                        f"{100 * p.clean_acc:.2f}%",
+                        f"{100 * p.robust_acc:.2f}%",
+                        "SUSPECT" if p.suspect else "passed",
                     ]
                 )
                 + " |"

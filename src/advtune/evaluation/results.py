@@ -1,20 +1,58 @@
-"""What an evaluation returns: `EvalResult` (counts, so results can be summed) and `EpsCurve`."""
+"""What an evaluation returns: `EvalResult` (counts, so results can be summed; `EvalResult.read` reads
+one back from its record) and `EpsCurve`."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
 
 from torch import Tensor
 
+from ..errors import AdvtuneError
+from ..records import check, check_schema, problem
+from ..storage import read_json
 from ..threat import ThreatModel
 
 log = logging.getLogger(__name__)
 
 
+class ThreatRecord(TypedDict):
+    norm: str
+    eps: float
+    lower: float
+    upper: float
+
+
+class EvalCounts(TypedDict):
+    threat: ThreatRecord
+    attacks: list[str]
+    n: int
+    n_clean_correct: int
+    n_robust: dict[str, int]
+    n_robust_worst: int
+    grad_evals: dict[str, int]
+    forward_evals: dict[str, int]
+    wall_time_s: dict[str, float]
+    max_perturbation: dict[str, float | None]  # null: NaN
+
+
+class EvalRecord(EvalCounts, total=False):
+    """The fields of an evaluation record (eval-<name>.json of one eps) that `EvalResult` is made of."""
+
+    seed: int | None
+    mode: str  # cascade or full
+    suspect: list[str]
+    gate_grad_evals: int
+    total_wall_s: float
+
+
 @dataclass
 class EvalResult:
     """Clean, per-attack and worst-case accuracy with costs. Counts are kept so results can be summed."""
+
+    SCHEMA = 1  # of the evaluation record (eval-<name>.json) that holds it: its "schema"
 
     threat: ThreatModel
     attacks: list[str]  # specs, in the order run
@@ -72,6 +110,44 @@ class EvalResult:
             "gate_grad_evals": self.gate_grad_evals,
             "suspect": list(self.suspect),
         }
+
+    @classmethod
+    def from_json(cls, data: Any, path: Any = "evaluation record", *, rerun: str | None = None) -> "EvalResult":
+        """The result an evaluation record holds (its `to_json()`, or eval-<name>.json of one eps), each
+        field checked: a missing or malformed one is one line naming the file (`path`) and the field.
+        The per-example tensors are not recorded: they are None."""
+        check_schema(data, path, cls.SCHEMA, None, rerun=rerun)
+        if data.get("kind", "single") != "single":
+            raise problem(
+                path, f"field 'kind' is {data['kind']!r}, not 'single': an eps curve, one result per eps", rerun
+            )
+        d = check(data, EvalRecord, path, rerun=rerun)
+        try:
+            threat = ThreatModel(**d["threat"])
+        except AdvtuneError as e:
+            raise problem(path, f"field 'threat' is no threat model ({e})", rerun) from None
+        return cls(
+            threat=threat,
+            attacks=d["attacks"],
+            n=d["n"],
+            n_clean_correct=d["n_clean_correct"],
+            n_robust=d["n_robust"],
+            n_robust_worst=d["n_robust_worst"],
+            grad_evals=d["grad_evals"],
+            forward_evals=d["forward_evals"],
+            wall_time_s=d["wall_time_s"],
+            max_perturbation={k: float("nan") if v is None else v for k, v in d["max_perturbation"].items()},
+            seed=d.get("seed"),
+            cascade=d.get("mode") == "cascade",
+            suspect=d.get("suspect", []),
+            gate_grad_evals=d.get("gate_grad_evals", 0),
+            total_wall_s=d.get("total_wall_s", 0.0),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path, *, rerun: str | None = None) -> "EvalResult":
+        """The result of the evaluation record in the file `path` (eval-<name>.json of one eps)."""
+        return cls.from_json(read_json(path, "evaluation"), path, rerun=rerun)
 
 
 @dataclass

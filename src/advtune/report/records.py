@@ -1,21 +1,21 @@
-"""The fields a report reads from each record file, checked as the file is read: a record that lacks
-a field, or holds it in the wrong form, is one line naming the file, the field and the command that
-completes the records, e.g.
+"""The fields a report reads from each record file that has no typed record, checked as the file is
+read: a record that lacks a field, or holds it in the wrong form, is one line naming the file, the
+field and the command that completes the records, e.g.
 
-    runs/x/summary.json: missing field 'after.robust_acc' (the record is incomplete or corrupt);
-    re-run `advtune harden BASE --resume --out runs/x` to complete it
+    runs/x/results.json: missing field 'rows[1].kind' (the record is incomplete or corrupt);
+    re-run `advtune experiment CONFIG --out runs/x` to complete it
 
-(one line), instead of a KeyError from deep inside a plot."""
+(one line), instead of a KeyError from deep inside a plot. Typed records (advtune.records: a harden
+or analysis summary.json, frontier.json) are read by their own class, with the same messages."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import AdvtuneError
+from ..records import problem, show
 from ..storage import read_json
 
 
@@ -62,29 +62,19 @@ UNITS = object_of(
 )
 
 
-def problem(path: Path, what: str, rerun: str) -> AdvtuneError:
-    """The one-line error of a record file that is incomplete or corrupt."""
-    return AdvtuneError(f"{path}: {what} (the record is incomplete or corrupt); re-run `{rerun}` to complete it")
-
-
-def _show(v: Any) -> str:
-    text = json.dumps(v, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def field(record: Any, name: str, path: Path, kind: Kind = ANY, *, rerun: str, at: str = "", required: bool = True):
     """`record[name]`, checked to be `kind`; `at` is where `record` sits in the file ("rows[2]", "after"),
     for the message. A field that is not `required` may be absent (None is returned)."""
     where = f"{at}.{name}" if at else name
     if not isinstance(record, dict):
-        raise problem(path, f"'{at}' is {_show(record)}, not an object" if at else "not an object", rerun)
+        raise problem(path, f"'{at}' is {show(record)}, not an object" if at else "not an object", rerun)
     if name not in record:
         if required:
             raise problem(path, f"missing field '{where}'", rerun)
         return None
     value = record[name]
     if not kind.ok(value):
-        raise problem(path, f"field '{where}' is {_show(value)}, not {kind.words}", rerun)
+        raise problem(path, f"field '{where}' is {show(value)}, not {kind.words}", rerun)
     return value
 
 
@@ -130,12 +120,6 @@ def read_results(path: Path, *, rerun: str) -> list[dict]:
     return rows
 
 
-def read_points(path: Path, *, rerun: str) -> list[dict]:
-    """The points of an experiment's frontier.json, each checked (`FRONTIER_POINT`)."""
-    points = read_record(path, "frontier", FRONTIER, rerun=rerun)["points"]
-    return require_each(points, path, FRONTIER_POINT, rerun=rerun, at="points")
-
-
 def read_scores(folder: Path, *, rerun: str) -> dict[str, dict]:
     """Every scores-<criterion>.json of an analysis folder: {criterion: table}, each checked (`SCORES`)."""
     return {
@@ -148,7 +132,7 @@ def read_curves(path: Path, *, rerun: str) -> dict[str, dict]:
     """concentration.json: {criterion: curve}, each curve checked (`CURVE`)."""
     curves = read_json(path, "concentration")
     if not OBJECT.ok(curves):
-        raise problem(path, f"{_show(curves)} is not an object of curves", rerun)
+        raise problem(path, f"{show(curves)} is not an object of curves", rerun)
     for name, curve in curves.items():
         require(curve, path, CURVE, rerun=rerun, at=name)
     return curves
@@ -188,18 +172,7 @@ EXPERIMENT = {  # experiment.json: the experiment's config, for the report's set
     "config?": OBJECT,
     **{f"config.{k}?": nullable(OBJECT) for k in ("base", "evaluation", "threat")},
 }
-FRONTIER = {"points": list_of(OBJECT)}  # frontier.json
-FRONTIER_POINT = {
-    "variant": TEXT,
-    "kind": TEXT,
-    "total_grad_evals": NUMBER,
-    "clean_acc": NUMBER,
-    "robust_acc": NUMBER,
-    "eps?": nullable(NUMBER),
-    "param_share?": nullable(NUMBER),
-}
 ANALYSIS_CONFIG = {"run?": OBJECT, "run.eps?": nullable(NUMBER)}  # an analysis folder's config.json
-ANALYSIS_SUMMARY = {"rank_agreement_with_restoration?": object_of(NUMBER)}  # its summary.json
 SCORES = {"components": list_of(TEXT), "scores": list_of(NUMBER)}  # scores-<criterion>.json
 CURVE = {  # one criterion's curve in concentration.json
     "n_errors": NUMBER,
@@ -211,21 +184,3 @@ CURVE = {  # one criterion's curve in concentration.json
     "random_seeds": LIST,
 }
 SELECTION = {"components": list_of(TEXT)}  # selection.json
-HARDEN_SUMMARY = {  # summary.json of `advtune harden`
-    "eps": NUMBER,
-    "norm": TEXT,
-    "architecture": ANY,
-    "evaluation": ANY,
-    "test_examples": ANY,
-    "budget": NUMBER,
-    **{f"{when}.{acc}": NUMBER for when in ("before", "after") for acc in ("clean_acc", "robust_acc")},
-    **{f"cost.{k}": NUMBER for k in ("harden_grad_evals", "analysis_grad_evals", "finetune_grad_evals")},
-    "cost.base_training_grad_evals": nullable(NUMBER),
-    "param_share?": nullable(NUMBER),
-    "selection?": nullable(OBJECT),
-    "selection.trainable_params?": NUMBER,
-    "selection.by_layer?": nullable(UNITS),
-    "selection.params_by_layer?": object_of(NUMBER),
-    "recipe?": nullable(OBJECT),
-    "recipe.eps_warmup?": NUMBER,
-}

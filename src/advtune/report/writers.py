@@ -1,9 +1,10 @@
 """The three reports, each written from a folder's records: an experiment (`write_report`), an
 `advtune harden` run (`write_harden_report`) and one run (`write_run_report`). Each writes report.md
 (+ its PNGs) and report.html (self-contained: figures embedded). Under torchrun rank 0 writes (it reads
-back the figures it wrote) and every rank gets the report's paths. Every field a report reads from a
-record file is checked as the file is read (`records`): a missing or malformed one is a one-line
-error naming the file, the field and the command that completes the records."""
+back the figures it wrote) and every rank gets the report's paths. Every record file is checked as it
+is read, a typed record by its class (advtune.records: `HardenSummary`, `AnalyzeSummary`, `Frontier`),
+any other by the fields the report reads from it (`records`): a missing or malformed field is a
+one-line error naming the file, the field and the command that completes the records."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Mapping
 from .. import filenames as files
 from ..distributed import on_main
 from ..errors import AdvtuneError
+from ..frontier import Frontier
 from ..frontier import findings as frontier_findings
+from ..records import AnalyzeSummary, HardenSummary, problem
 from . import records
 from .costs import COST_BASIS
 from .experiment_plots import plot_eps_sweep, plot_frontier, plot_pareto, plot_trained_units, variant_colors
@@ -78,11 +81,13 @@ def _write_report(folder: Path) -> None:
     figs: Figures = []
     frontier_notes: list[str] = []
     if (folder / files.FRONTIER).is_file():
-        points = records.read_points(folder / files.FRONTIER, rerun=rerun)
+        points = Frontier.read(folder / files.FRONTIER, rerun=rerun).points
         figs.append(
             (
                 "Robustness per compute: each variant's checkpoints (the frontier)",
-                plot_frontier(points, folder / "frontier.png", title=cfg.get("name"), colors=colors),
+                plot_frontier(
+                    [p.to_json() for p in points], folder / "frontier.png", title=cfg.get("name"), colors=colors
+                ),
             )
         )
         frontier_notes = frontier_findings(points)
@@ -173,8 +178,8 @@ def _analysis(
         notes += concentration_notes(a.name, curves_)
     summ = a / files.SUMMARY
     if summ.is_file():
-        agree = records.read_record(summ, "analysis summary", records.ANALYSIS_SUMMARY, rerun=rerun)
-        notes += agreement_notes(a.name, agree.get("rank_agreement_with_restoration", {}))
+        agree = AnalyzeSummary.read(summ, rerun=rerun).rank_agreement_with_restoration
+        notes += agreement_notes(a.name, agree or {})
     return figs, notes
 
 
@@ -209,7 +214,11 @@ def _write_harden_report(folder: Path) -> None:
     rerun = f"advtune harden BASE --resume --out {folder}"
     if not (folder / files.SUMMARY).is_file():
         raise AdvtuneError(f"{folder} has no summary.json; run `advtune harden ... --out {folder}` first")
-    s = records.read_record(folder / files.SUMMARY, "harden summary", records.HARDEN_SUMMARY, rerun=rerun)
+    summary = HardenSummary.read(folder / files.SUMMARY, rerun=rerun)
+    for when in ("before", "after"):  # the report compares the two evaluations
+        if getattr(summary, when) is None:
+            raise problem(folder / files.SUMMARY, f"field '{when}' is null, not an object", rerun)
+    s = summary.to_json()
     sel = s.get("selection") or {}
     figs: Figures = []
     conc = folder / files.ANALYSIS / files.CONCENTRATION

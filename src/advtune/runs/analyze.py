@@ -4,7 +4,7 @@ and measure how concentrated the adversarial errors are."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -15,6 +15,7 @@ from ..cost import CostMeter, PassCounter
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
+from ..records import AnalyzeSummary  # the summary record, in records.py: the report reads it
 from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..vulnerability import (
@@ -35,26 +36,6 @@ from .configs import AnalyzeRun
 from .record import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AnalyzeSummary:
-    """What `advtune analyze` returns and writes to summary.json."""
-
-    examples_scored: int
-    clean_acc: float  # on the scored training examples
-    adv_acc: float  # under the analysis attack
-    attack: str
-    threat: dict
-    criteria: dict  # per criterion: components, top10, and the concentration curve when measured
-    cost: dict
-    rank_agreement_with_restoration: dict | None = None  # Spearman, per fast criterion (when restoration ran)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        if self.rank_agreement_with_restoration is None:
-            d.pop("rank_agreement_with_restoration")
-        return d
 
 
 def check_analysis(run: AnalyzeRun) -> None:

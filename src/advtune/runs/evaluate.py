@@ -12,7 +12,7 @@ from ..attacks import build_attack, split_attack_list
 from ..devices import model_device, resolve_device
 from ..distributed import barrier, is_main_process, rank_and_world
 from ..errors import AdvtuneError
-from ..evaluation import compiled_queries, eps_curve, robust_accuracy, suite
+from ..evaluation import EvalResult, compiled_queries, eps_curve, robust_accuracy, suite
 from ..provenance import versions
 from ..seeding import make_generator, seed_everything
 from ..storage import atomic_write_json
@@ -54,7 +54,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
             limit=run.limit_test,
             cascade=run.cascade,
         )
-        return {"kind": "single", **result.to_json(), "_result": result}
+        return {"schema": EvalResult.SCHEMA, "kind": "single", **result.to_json(), "_result": result}
     curve = eps_curve(
         model,
         data,
@@ -64,7 +64,7 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
         generator=gen,
         limit=run.limit_test,
     )
-    return {"kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
+    return {"schema": EvalResult.SCHEMA, "kind": "curve", **curve.to_json(), "mode": "full", "_curve": curve}
 
 
 def evaluation_record(model, test, dataset: str, run: EvaluateRun) -> dict:

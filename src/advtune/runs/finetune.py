@@ -4,7 +4,7 @@ components, or a random control, through the one training loop."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from .. import filenames as files
 from ..cost import CostMeter
@@ -12,6 +12,7 @@ from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..models import save_model
+from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, fit
@@ -37,8 +38,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FinetuneSummary:
-    """What `advtune finetune` returns and writes to summary.json."""
+class FinetuneSummary(Record):
+    """What `advtune finetune` returns and writes to summary.json (`FinetuneSummary.read` reads it back)."""
+
+    SCHEMA = 1
+    KIND = "finetune-summary"
+    OMIT_NONE = ("pgd10_acc_quick", "pgd10_examples")  # the monitor was off: the record has no such keys
 
     test_acc: float  # clean accuracy on the test split
     test_examples: int
@@ -49,13 +54,6 @@ class FinetuneSummary:
     cost: dict
     pgd10_acc_quick: float | None = None  # the quick PGD-10 monitor (not the honest protocol), if on
     pgd10_examples: int | None = None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        if self.pgd10_acc_quick is None:  # the monitor was off: the record has no such keys
-            d.pop("pgd10_acc_quick")
-            d.pop("pgd10_examples")
-        return d
 
 
 def check_finetune(run: FinetuneRun) -> FinetuneRun:

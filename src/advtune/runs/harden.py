@@ -24,18 +24,20 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..components import fingerprint, layers, unit_params
+from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..models import load_model
 from ..recipe import Recipe
+from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..storage import atomic_write_bytes, read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
@@ -44,7 +46,7 @@ from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, read_table, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
-from .finetune import finetune_folder, finetune_model, prepare_finetune
+from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -240,7 +242,7 @@ def harden_model(
     # -- 1. the vulnerability analysis
     acfg = analysis_settings(run, len(ds.train), out)
     if out is not None and (out / files.ANALYSIS / files.SUMMARY).is_file():
-        a_sum = read_json(out / files.ANALYSIS / files.SUMMARY, "analysis summary")
+        a_sum = AnalyzeSummary.read(out / files.ANALYSIS / files.SUMMARY).to_json()
         table = read_table(out / files.ANALYSIS, recipe.criterion)
     else:
         say(
@@ -289,7 +291,7 @@ def harden_model(
             ft_sum = finetune_model(hardened, ds, job)
             selection = job.selection
     if out is not None:
-        ft_sum = read_json(out / FINETUNE / files.SUMMARY, "fine-tuning summary")
+        ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()
     else:
         ft_sum = ft_sum.to_json()
     hardened.eval()
@@ -352,7 +354,7 @@ def run(run: HardenRun) -> HardenSummary:
         f"{len(ds.train):,} training examples, budget {plan.budget:,} gradient evaluations"
     )
     base_cost_file = Path(run.base) / files.COST
-    base_cost = read_json(base_cost_file, "base cost") if base_cost_file.is_file() else {}
+    base_cost = CostRecord.read(base_cost_file).to_json() if base_cost_file.is_file() else {}
     hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print)
     rd.write_json(files.SUMMARY, hardened.record.to_json())
     rd.done()
@@ -370,35 +372,6 @@ def _publish_model(ft_dir: Path, out: Path) -> None:
         src = ft_dir / name
         if src.is_file():
             atomic_write_bytes(out / name, src.read_bytes())
-
-
-@dataclass(frozen=True)
-class HardenSummary:
-    """What `advtune harden` returns and writes to summary.json (each figure from its own record)."""
-
-    eps: float
-    norm: str
-    base: str
-    architecture: str | None
-    before: dict | None  # clean_acc, robust_acc (worst case of the evaluation), suspect (the gate's findings)
-    after: dict | None  # the same after hardening, plus the per-attack accuracy (None: no test data)
-    test_examples: int
-    evaluation: str  # the attack list of the evaluation
-    selection: dict  # what was trained: components, units, parameters (per layer too)
-    trainable_params: int | None
-    param_share: float | None
-    recipe: dict
-    budget: int  # fine-tuning gradient evaluations
-    cost: dict  # base training, analysis, fine-tuning and evaluation gradient evaluations, wall times
-    concentration: list | None  # the analysis' concentration curve
-    analysis_examples: int | None = None  # training examples the analysis scored
-    report: str | None = None  # report.html, once written
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        if self.report is None:
-            d.pop("report")
-        return d
 
 
 def summarise(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from .. import filenames as files
 from ..cost import CostMeter
@@ -12,6 +12,7 @@ from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import describe_meta, load_weights, model_for, save_model
+from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_resume, clean, fit
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainSummary:
-    """What `advtune train` returns and writes to summary.json."""
+class TrainSummary(Record):
+    """What `advtune train` returns and writes to summary.json (`TrainSummary.read` reads it back)."""
+
+    SCHEMA = 1
+    KIND = "train-summary"
 
     test_acc: float  # clean accuracy on the test split (limit_test examples)
     test_examples: int
@@ -42,9 +46,6 @@ class TrainSummary:
     stopped: str | None  # why training stopped early, if it did
     final: dict  # the last epoch's record (metrics.jsonl)
     cost: dict  # the CostMeter record (cost.json)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def run(run: TrainRun) -> TrainSummary:

@@ -9,6 +9,8 @@ import io
 from pathlib import Path
 
 from ... import filenames as files
+from ...cost import CostRecord
+from ...frontier import Frontier, FrontierPoint
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from ..common import list_snapshots
 from .config import EVAL_NAME, analysis_folder, eps_value
@@ -152,8 +154,9 @@ def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[
 
 
 def read_cost(folder: Path) -> dict:
+    """A run folder's cost.json, checked (`CostRecord`); {} when it has none."""
     p = folder / files.COST
-    return read_json(p, "cost") if p.is_file() else {}
+    return CostRecord.read(p).to_json() if p.is_file() else {}
 
 
 def _csv(rows: list[dict]) -> str:
@@ -168,32 +171,32 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def frontier_points(rows: list[dict]) -> list[dict]:
-    """One flat row per (variant, point) with the cost counted the same way on every curve:
+def frontier_points(rows: list[dict]) -> list[FrontierPoint]:
+    """One point per (variant, checkpoint) with the cost counted the same way on every curve:
     total = this run's training + the base model's training (fine-tuning) + the analysis (selective)."""
     out = []
     for r in rows:
         for p in r.get("curve") or []:
             extra = (r.get("base_grad_evals") or 0) + (r.get("analysis_grad_evals") or 0)
             out.append(
-                {
-                    "variant": r["variant"],
-                    "kind": r["kind"],
-                    "select": r.get("select"),
-                    "eps": r["eps"],
-                    "reference": r.get("reference", False),
-                    "step": p["step"],
-                    "train_grad_evals": p["grad_evals"],
-                    "base_grad_evals": r.get("base_grad_evals") or 0,
-                    "analysis_grad_evals": r.get("analysis_grad_evals") or 0,
-                    "total_grad_evals": p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
-                    "wall_s": p["wall_s"],
-                    "clean_acc": p["clean_acc"],
-                    "robust_acc": p["robust_acc"],
-                    "trainable_params": r.get("trainable_params"),
-                    "param_share": r.get("param_share"),
-                    "suspect": p.get("suspect", ""),
-                }
+                FrontierPoint(
+                    variant=r["variant"],
+                    kind=r["kind"],
+                    select=r.get("select"),
+                    eps=r["eps"],
+                    reference=r.get("reference", False),
+                    step=p["step"],
+                    train_grad_evals=p["grad_evals"],
+                    base_grad_evals=r.get("base_grad_evals") or 0,
+                    analysis_grad_evals=r.get("analysis_grad_evals") or 0,
+                    total_grad_evals=p["grad_evals"] + extra if r["kind"] != "standard" else p["grad_evals"],
+                    wall_s=p["wall_s"],
+                    clean_acc=p["clean_acc"],
+                    robust_acc=p["robust_acc"],
+                    trainable_params=r.get("trainable_params"),
+                    param_share=r.get("param_share"),
+                    suspect=p.get("suspect", ""),
+                )
             )
     return out
 
@@ -205,9 +208,9 @@ def write_results(out: Path, rows: list[dict]) -> None:
         _csv([{k: v for k, v in r.items() if k not in ("curve", "selected_by_layer")} for r in rows]),
     )
     points = frontier_points(rows)
-    if any(r["step"] is not None for r in points):
-        atomic_write_json(out / files.FRONTIER, {"points": points})
-        atomic_write_text(out / "frontier.csv", _csv(points))
+    if any(p.step is not None for p in points):
+        atomic_write_json(out / files.FRONTIER, Frontier(tuple(points)).to_json())
+        atomic_write_text(out / "frontier.csv", _csv([p.to_json() for p in points]))
 
 
 def format_results(rows: list[dict]) -> str:
