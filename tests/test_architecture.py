@@ -36,7 +36,7 @@ LAYERS = [
     (
         "ground",
         {"errors", "version", "filenames", "lazy", "registry", "settings", "recipe", "distributed", "seeding"}
-        | {"devices", "storage", "progress", "provenance", "threat", "weights", "cost", "data", "records"},
+        | {"devices", "storage", "progress", "provenance", "threat", "weights", "patch", "cost", "data", "records"},
     ),
     ("foundations", {"attacks", "components", "models", "inputs"}),
     ("library", {"train", "evaluation", "vulnerability", "metrics", "frontier", "report"}),

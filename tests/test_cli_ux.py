@@ -136,7 +136,7 @@ def test_the_attack_names_in_the_help_are_the_registry():
             ["trian"],
             "advtune: error: argument COMMAND: invalid choice: 'trian' (choose from "
             + ", ".join(repr(c) for c in ("train", "evaluate", "analyze", "finetune", "harden", "experiment"))
-            + ", 'report', 'info', 'demo') (see advtune --help)",
+            + ", 'report', 'info', 'apply', 'export', 'demo') (see advtune --help)",
         ),
         (
             ["train", "--dataset", "synthetic", "--model", "small-cnn", "--out", "x", "--bogus"],

@@ -59,7 +59,7 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     save_model(tmp_path, small, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})
     with pytest.raises(AdvtuneError, match="another architecture or input shape"):
         load_weights(build_model("madry-mnist", (1, 28, 28), 10), tmp_path / files.WEIGHTS)
-    with pytest.raises(AdvtuneError, match="another architecture or input shape .*shape"):
+    with pytest.raises(AdvtuneError, match="of another shape .*another architecture or input shape"):
         load_weights(build_model("small-cnn", (1, 32, 32), 10), tmp_path / files.WEIGHTS)
     meta = json.loads((tmp_path / files.MODEL_META).read_text())
     meta["architecture"] = "lenet5"

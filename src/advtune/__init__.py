@@ -28,6 +28,10 @@ _EXPORTS = {
     "VulnerabilityMap": "api",
     "load_model": "api",
     "save_model": "api",
+    # your checkpoints in, a robustness patch out
+    "load_checkpoint": "weights",
+    "apply_patch": "patch",
+    "write_patch": "patch",
     # results and settings
     "EvalResult": "evaluation",
     "suite": "evaluation",
@@ -97,6 +101,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .errors import AdvtuneError
     from .evaluation import EvalResult, eps_curve, suite
     from .models import build_model, list_models
+    from .patch import apply_patch, write_patch
+    from .weights import load_checkpoint
     from .recipe import Recipe
     from .threat import ThreatModel
     from .train import History, TrainConfig, adversarial, clean, trades

@@ -21,6 +21,7 @@ from ..models import load_model, save_model
 from ..storage import read_json
 from ..train import (
     OverfitGuard,
+    check_resume,
     config_changes,
     cost_per_example,
     steps_for_budget,
@@ -58,6 +59,44 @@ def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
         raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {points!r}")
     total = total_steps(cfg, num_batches(n_train, cfg.batch_size))
     return sorted({max(1, round(total * i / points)) for i in range(1, points + 1)}) if points else []
+
+
+def open_training_folder(run, cfg, config: dict) -> RunDir:
+    """The run folder of a training job (train, finetune), once everything is validated: created (or
+    an old run replaced), or reopened with --resume after checking the settings and the checkpoint
+    match; config.json written once (a resume appends when)."""
+    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
+    if run.resume and rd.file(files.CONFIG).is_file():
+        check_same_run(rd.read_json(files.CONFIG).get("run", {}), run.to_json())
+    if run.resume:
+        check_resume(rd.path, cfg)
+    write_config_once(rd, config)
+    return rd
+
+
+def fit_in_folder(
+    rd: RunDir | None, meter: CostMeter, meta: dict, config: dict, snaps: list[int], resume: bool
+) -> dict:
+    """`fit`'s keywords that keep a training run in its folder: the checkpoint (and resuming from it),
+    metrics and cost written after every epoch, snapshots at `snaps`; none without a folder."""
+    if rd is None:
+        return {}
+    return {
+        "checkpoint_dir": rd.path,
+        "resume": resume,
+        "on_record": lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
+        "on_step": snapshot_saver(rd, meta, config, snaps),
+    }
+
+
+def close_training_folder(rd: RunDir, model, meta: dict, summary, epochs: list[dict] | None = None) -> None:
+    """A finished training run's records: the model, metrics (when given), cost and summary, then done."""
+    save_model(rd.path, model, meta)
+    if epochs is not None:
+        rd.write_metrics(epochs)
+    rd.write_json(files.COST, summary.cost)
+    rd.write_json(files.SUMMARY, summary.to_json())
+    rd.done()
 
 
 def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
@@ -146,6 +185,7 @@ RUN_DEFAULTS = {
     "params": None,
     "granularity": "unit",
     "weights": None,
+    "weights_key": None,
 }  # keys newer than some records
 
 

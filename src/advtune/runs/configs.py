@@ -121,9 +121,12 @@ class TrainRun:
     train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
     weights: str | None = setting(
         None,
-        help="start from these weights (a .safetensors file of the model's state_dict); with --epochs 0 the run "
-        "records the model as it is, for evaluate/analyze/harden",
+        help="start from these weights: a .safetensors file or a PyTorch checkpoint (.pt/.pth, read with "
+        "weights_only=True: never executing code; a state_dict, or one under state_dict/model/model_state_dict or "
+        "--weights-key; DataParallel's module. prefixes removed); with --epochs 0 the run records the model as it "
+        "is, for evaluate/analyze/harden",
     )
+    weights_key: str | None = setting(None, help="the key of the checkpoint that holds the state_dict")
     data_dir: str | None = data_dir_setting("data")
     limit: int | None = limit_setting()
     limit_test: int | None = limit_test_setting()
@@ -313,3 +316,35 @@ class DemoConfig:
     data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
     seed: int = seed_setting()
     device: str = device_setting()
+
+
+@dataclass(frozen=True)
+class ApplyRun:
+    """`advtune apply`: a robustness patch applied to its base model. Its fields are the flags."""
+
+    base: str = setting(help="the base model: its run folder, or its weights file (.safetensors/.pt)", positional=True)
+    patch: str = setting(help="patch.safetensors of a harden or finetune run", positional=True)
+    out: str = setting(help="folder to write the patched model to")
+    weights_key: str | None = setting(None, help="with a .pt base: the key of the checkpoint holding the state_dict")
+    overwrite: bool = overwrite_setting(None)
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """`advtune export`: the model of a run for serving, checked against the model that was evaluated.
+    Its fields are the flags."""
+
+    run: str = setting(help="run folder of the model to export (a harden, finetune or train run)", positional=True)
+    out: str = setting(help="file to write")
+    format: str = setting("onnx", help="file format", choices=("onnx", "safetensors", "pt"))
+    eps: float | None = setting(
+        None, help="eps of the adversarial inputs of the ONNX check (default: the run's)", type=number
+    )
+    attack: str | None = setting(None, help="attack of the ONNX check's adversarial inputs (default: the run's)")
+    norm: str | None = setting(None, help="threat model norm of the check (default: the run's)")
+    limit_test: int = setting(1000, help="test examples the ONNX check compares on, clean and adversarial")
+    batch_size: int = setting(256, help="examples per batch in the check")
+    seed: int = seed_setting()
+    data_dir: str | None = base_data_dir_setting()
+    device: str = device_setting()
+    overwrite: bool = overwrite_setting(None, "replace an existing --out file")

@@ -11,25 +11,25 @@ from ..cost import CostMeter
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
-from ..models import save_model
+from ..patch import cpu_state, write_patch
 from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, check_resume, fit
+from ..train import TrainConfig, build_objective, fit
 from .common import (
-    check_same_run,
     check_val,
+    close_training_folder,
     dataset_of,
     describe_selection,
+    fit_in_folder,
     load_base,
     make_selection,
+    open_training_folder,
     overfit_guard,
     refuse_same_folder,
     resolve_eps_warmup,
-    snapshot_saver,
     snapshot_steps,
     with_budget,
-    write_config_once,
 )
 from .configs import FinetuneRun
 from .record import RunDir
@@ -132,12 +132,9 @@ def finetune_model(
         val=ds.val,
         selection=job.selection,
         meter=meter,
-        checkpoint_dir=rd.path if rd is not None else None,
-        resume=run.resume and rd is not None,
         callbacks=callbacks,
-        on_record=(lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter))) if rd is not None else None,
-        on_step=snapshot_saver(rd, snap_meta, config or {}, snaps) if rd is not None else None,
         desc="finetune",
+        **fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume),
     )
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
@@ -184,12 +181,7 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
     folder `run.out`: created only once everything is validated; resumable."""
     job = prepare_finetune(model, ds, run, select)
     run, cfg = job.run, job.cfg
-    # everything is validated: only now is the run folder created (or an old one replaced)
-    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
-    if run.resume and rd.file(files.CONFIG).is_file():
-        check_same_run(rd.read_json(files.CONFIG).get("run", {}), run.to_json())
-    if run.resume:
-        check_resume(rd.path, cfg)
+    base_state = cpu_state(model)  # for the patch: what the fine-tuning changed
     config = {
         "command": "finetune",
         "run": run.to_json(),
@@ -203,7 +195,7 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
         "device": str(model_device(model)),
         "steps": cfg.steps,
     }
-    write_config_once(rd, config)
+    rd = open_training_folder(run, cfg, config)  # everything is validated: only now is the folder created
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
     summary = finetune_model(model, ds, job, rd, meta, config)
@@ -215,8 +207,8 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
         "selection": job.selection_info,
         "test_acc": summary.test_acc,
     }
-    save_model(rd.path, model, new_meta)
-    rd.write_json(files.COST, summary.cost)
-    rd.write_json(files.SUMMARY, summary.to_json())
-    rd.done()
+    info = {"job": "finetune", "base": str(run.base), "eps": run.eps, "norm": run.norm, "attack": run.attack}
+    info["trainable_params"] = (job.selection_info or {}).get("trainable_params")
+    write_patch(rd.file(files.PATCH), base_state, model, {**info, "test_acc": summary.test_acc})
+    close_training_folder(rd, model, new_meta, summary)
     return summary

@@ -16,6 +16,7 @@ Output folder (with a run folder):
     finetune/                                     the fine-tuning (an `advtune finetune` run: resumable)
     model.safetensors, model.json, cost.json,     the hardened model, published from finetune/ (so
     metrics.jsonl, selection.json                 `evaluate`, `info` and `harden --resume` work on it)
+    patch.safetensors                             only what changed, for `advtune apply BASE PATCH`
     eval-protocol.json, eval-base.json            the strong evaluation after and before
 """
 
@@ -36,6 +37,7 @@ from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..models import load_model
+from ..patch import write_patch
 from ..recipe import Recipe
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..storage import atomic_write_bytes, read_json
@@ -356,7 +358,11 @@ def run(run: HardenRun) -> HardenSummary:
     base_cost_file = Path(run.base) / files.COST
     base_cost = CostRecord.read(base_cost_file).to_json() if base_cost_file.is_file() else {}
     hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print)
-    rd.write_json(files.SUMMARY, hardened.record.to_json())
+    rec = hardened.record
+    info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}
+    info.update(evaluation=rec.evaluation, test_examples=rec.test_examples, before=rec.before, after=rec.after)
+    write_patch(rd.file(files.PATCH), model, hardened.model, info)  # what a fleet with the base model needs
+    rd.write_json(files.SUMMARY, rec.to_json())
     rd.done()
     _publish_model(out / FINETUNE, out)
     from ..report import write_harden_report  # matplotlib only where the report is drawn

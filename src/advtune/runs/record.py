@@ -233,6 +233,13 @@ def run_info(path: str | os.PathLike) -> dict:
     if evals:
         info["evaluations"] = {p.name: read_json(p, p.name) for p in evals}
     info["files"] = sorted(p.name for p in rd.path.iterdir() if not p.name.startswith("."))
+    sizes = {
+        k: rd.file(n).stat().st_size
+        for k, n in (("model", files.WEIGHTS), ("patch", files.PATCH))
+        if rd.file(n).is_file()
+    }
+    if sizes:
+        info["bytes"] = sizes
     return info
 
 
@@ -254,6 +261,15 @@ def format_info(info: dict) -> str:
             "training   "
             + ", ".join(f"{k}={t[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay"))
         )
+    size = info.get("bytes", {})
+    if "model" in size:
+        patch = (
+            f"   patch {size['patch']:,} bytes ({100 * size['patch'] / max(size['model'], 1):.1f}% of the model: "
+            "advtune apply BASE patch.safetensors)"
+            if "patch" in size
+            else ""
+        )
+        lines.append(f"files      model {size['model']:,} bytes{patch}")
     v = cfg.get("versions", {})
     lines.append("versions   " + ", ".join(f"{k} {v[k]}" for k in ("advtune", "torch", "python", "git_sha") if k in v))
     for row in info.get("metrics", []):

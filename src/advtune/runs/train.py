@@ -5,30 +5,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from .. import filenames as files
 from ..cost import CostMeter
 from ..data import load_dataset
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
-from ..models import describe_meta, load_weights, model_for, save_model
+from ..models import describe_meta, load_weights, model_for
 from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, check_resume, clean, fit
+from ..train import TrainConfig, build_objective, clean, fit
 from .common import (
-    check_same_run,
     check_val,
+    close_training_folder,
     dataset_spec,
+    fit_in_folder,
+    open_training_folder,
     overfit_guard,
     resolve_eps_warmup,
-    snapshot_saver,
     snapshot_steps,
     with_budget,
-    write_config_once,
 )
 from .configs import TrainRun
-from .record import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def run(run: TrainRun) -> TrainSummary:
     )
     model = model_for(ds, run.model)
     if run.weights is not None:
-        load_weights(model, run.weights, f"--weights {run.weights}")
+        load_weights(model, run.weights, f"--weights {run.weights}", run.weights_key)
     model = model.to(device)
     objective, val_attack, callbacks = clean(), None, []
     meter = CostMeter()
@@ -87,12 +85,6 @@ def run(run: TrainRun) -> TrainSummary:
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, ds.train.to_float(ds.train.x[:1], device))
     snaps = snapshot_steps(cfg, len(ds.train), run.points)
-    # everything is validated: only now is the run folder created (or an old one replaced)
-    rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
-    if run.resume and rd.file(files.CONFIG).is_file():
-        check_same_run(rd.read_json(files.CONFIG).get("run", {}), run.to_json())
-    if run.resume:
-        check_resume(rd.path, cfg)
     config = {
         "command": "train",
         "run": run.to_json(),
@@ -103,7 +95,7 @@ def run(run: TrainRun) -> TrainSummary:
         "device": str(device),
         "steps": cfg.steps,
     }
-    write_config_once(rd, config)
+    rd = open_training_folder(run, cfg, config)  # everything is validated: only now is the folder created
     meta = describe_meta(run.model, ds)
     meta["dataset_spec"] = dataset_spec(run.dataset)
     history = fit(
@@ -114,12 +106,9 @@ def run(run: TrainRun) -> TrainSummary:
         val=ds.val,
         val_attack=val_attack,
         meter=meter,
-        checkpoint_dir=rd.path,
-        resume=run.resume,
         callbacks=callbacks,
-        on_record=lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
-        on_step=snapshot_saver(rd, meta, config, snaps),
         desc=f"{run.model}/{ds.name}",
+        **fit_in_folder(rd, meter, meta, config, snaps, run.resume),
     )
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
     summary = TrainSummary(test_acc, len(ds.test), len(history.epochs), history.stopped, history.last, meter.to_json())
@@ -129,9 +118,5 @@ def run(run: TrainRun) -> TrainSummary:
         "test_acc": test_acc,
         "run": str(rd.path),
     }
-    save_model(rd.path, model, meta)
-    rd.write_metrics(history.epochs)
-    rd.write_cost(meter)
-    rd.write_json(files.SUMMARY, summary.to_json())
-    rd.done()
+    close_training_folder(rd, model, meta, summary, history.epochs)
     return summary

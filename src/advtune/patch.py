@@ -1,0 +1,159 @@
+"""The robustness patch: only what hardening changed, to ship to a fleet that already has the base model.
+
+A patch is a safetensors file. For every tensor of the state_dict that changed, it holds either the
+changed entries (`<name>::index`, flat int64 positions, and `<name>::value`) or, when most entries
+changed, the whole tensor (`<name>::full`). Its metadata names the base it applies to and the result
+it must give, by the sha256 of their state_dicts (`state_sha256`: names, dtypes, shapes and bytes), so
+`apply_patch` refuses another base in one line and proves the result bit-identical. The metadata also
+carries what produced the patch (recipe, eps, measured accuracies) as JSON.
+
+Reading never executes code (safetensors holds tensors only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .errors import AdvtuneError
+from .storage import atomic_write_bytes
+
+FORMAT = "advtune-patch"
+VERSION = "1"
+SPARSE_UP_TO = 0.5  # store changed entries (index + value) while at most this share of a tensor changed
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cpu_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The patch from `base` to `hardened` (models or state_dicts of the same architecture): its
+    tensors and its metadata."""
+    old, new = cpu_state(base), cpu_state(hardened)
+    if old.keys() != new.keys() or any(old[k].shape != new[k].shape or old[k].dtype != new[k].dtype for k in old):
+        raise AdvtuneError("a patch needs two states of the same architecture (the same names, shapes and dtypes)")
+    tensors: dict[str, torch.Tensor] = {}
+    changed_entries = 0
+    for name in sorted(new):
+        diff = (old[name] != new[name]).flatten()
+        if old[name].is_floating_point():  # NaN != NaN: a NaN that stayed NaN did not change
+            diff &= ~(old[name].isnan() & new[name].isnan()).flatten()
+        n = int(diff.sum())
+        if n == 0:
+            continue
+        changed_entries += n
+        if n <= SPARSE_UP_TO * diff.numel():
+            index = diff.nonzero().flatten()
+            tensors[f"{name}::index"] = index
+            tensors[f"{name}::value"] = new[name].flatten()[index].clone()
+        else:
+            tensors[f"{name}::full"] = new[name]
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_sha256": state_sha256(old),
+        "result_sha256": state_sha256(new),
+        "changed_entries": str(changed_entries),
+        "total_entries": str(sum(v.numel() for v in new.values())),
+        "info": json.dumps(info or {}, sort_keys=True),
+    }
+    return tensors, meta
+
+
+def write_patch(path: str | Path, base, hardened, info: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata."""
+    tensors, meta = make_patch(base, hardened, info)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return meta
+
+
+def read_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A patch's tensors and metadata; a truncated, foreign or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdvtuneError(f"patch not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdvtuneError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != FORMAT:
+        raise AdvtuneError(f"{path} is not an advtune patch (no '{FORMAT}' format in its metadata)")
+    if meta.get("version") != VERSION:
+        raise AdvtuneError(f"{path} is a version {meta.get('version')!r} patch; this advtune reads {VERSION}")
+    for key in ("base_sha256", "result_sha256"):
+        if len(meta.get(key, "")) != 64:
+            raise AdvtuneError(f"{path}: the patch's metadata lacks {key}; the file is damaged")
+    return tensors, meta
+
+
+def patch_info(path: str | Path) -> dict[str, Any]:
+    """What a patch says about itself: its hashes, entry counts and the producer's info."""
+    _, meta = read_patch(path)
+    return {**{k: v for k, v in meta.items() if k != "info"}, "info": json.loads(meta.get("info") or "{}")}
+
+
+def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """`state` with the patch applied, checked: the base must be the patch's base, and the result
+    must be the patch's result, bit for bit."""
+    tensors, meta = read_patch(path)
+    state = cpu_state(state)
+    have = state_sha256(state)
+    if have != meta["base_sha256"]:
+        raise AdvtuneError(
+            f"{path} is a patch for another base model (its base has sha256 {meta['base_sha256'][:12]}..., "
+            f"this one {have[:12]}...); apply it to the model it was made from"
+        )
+    out = {k: v.clone() for k, v in state.items()}
+    for key, value in tensors.items():
+        name, _, part = key.rpartition("::")
+        if name not in out or part not in ("full", "index", "value"):
+            raise AdvtuneError(f"{path}: entry {key!r} does not fit this model; the file is damaged")
+        if part == "full":
+            out[name] = value.to(out[name].dtype).reshape(out[name].shape).clone()
+        elif part == "index":
+            values = tensors.get(f"{name}::value")
+            if (
+                values is None
+                or values.numel() != value.numel()
+                or (value.numel() and value.max() >= out[name].numel())
+            ):
+                raise AdvtuneError(
+                    f"{path}: the changed entries of {name!r} do not fit this model; the file is damaged"
+                )
+            flat = out[name].flatten()
+            flat[value.long()] = values.to(flat.dtype)
+            out[name] = flat.reshape(out[name].shape)
+    if state_sha256(out) != meta["result_sha256"]:
+        raise AdvtuneError(f"{path}: applying it did not give the recorded result; the file is damaged")
+    return out
+
+
+def apply_patch(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the patch at `path` to `model` in place (its weights become the hardened ones, bit for
+    bit) and return it; a model that is not the patch's base is refused before anything changes."""
+    patched = apply_to_state(model.state_dict(), path)
+    model.load_state_dict(patched)
+    return model

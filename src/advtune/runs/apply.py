@@ -1,0 +1,67 @@
+"""`advtune apply BASE PATCH --out DIR`: the hardened model rebuilt from its base and its patch.
+
+The patch names the base it was made from and the result it gives by their hashes: another base is
+refused in one line before anything is written, and the result is checked bit for bit. With a run
+folder as BASE, DIR is a model folder like the base's (model.json copied, so `evaluate`, `info` and
+`export` work on it); with a weights file, DIR holds the patched weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from safetensors.torch import save
+
+from .. import filenames as files
+from ..errors import AdvtuneError
+from ..patch import apply_to_state, patch_info, state_sha256
+from ..provenance import versions
+from ..storage import atomic_write_bytes, read_json
+from ..weights import load_checkpoint, load_state
+from .configs import ApplyRun
+from .record import RunDir
+
+
+def run(run: ApplyRun) -> dict:
+    """Apply `run.patch` to `run.base` into `run.out`; returns the record written to applied.json."""
+    base = Path(run.base)
+    if Path(run.out).resolve() in (base.resolve(), Path(run.patch).resolve().parent):
+        raise AdvtuneError(f"--out {run.out} would overwrite the base or the patch's run; write to a new folder")
+    if base.is_dir():
+        if not (base / files.WEIGHTS).is_file():
+            raise AdvtuneError(f"{base} holds no model ({files.WEIGHTS}); pass a run folder or a weights file")
+        state = load_state(base / files.WEIGHTS)
+    else:
+        state = load_checkpoint(base, run.weights_key)
+    info = patch_info(run.patch)
+    patched = apply_to_state(state, run.patch)  # refuses another base; checks the result
+    rd = RunDir.create(run.out, overwrite=run.overwrite)  # everything is checked: only now is --out created
+    record = {
+        "command": "apply",
+        "run": {"base": str(base), "patch": str(run.patch)},
+        "base_sha256": state_sha256(state),
+        "result_sha256": info["result_sha256"],
+        "changed_entries": int(info["changed_entries"]),
+        "total_entries": int(info["total_entries"]),
+        "patch_bytes": Path(run.patch).stat().st_size,
+        "patch_info": info["info"],
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    rd.write_config(record if not base.is_dir() else {**record, **_base_run(base)})
+    atomic_write_bytes(rd.file(files.WEIGHTS), save(patched, metadata={"format": "pt", "advtune": "1"}))
+    if base.is_dir() and (base / files.MODEL_META).is_file():
+        meta = read_json(base / files.MODEL_META, "model metadata")
+        rd.write_json(files.MODEL_META, {**meta, "patched": {"base": str(base), "patch": str(run.patch)}})
+    atomic_write_bytes(rd.file(files.PATCH), Path(run.patch).read_bytes())
+    rd.write_json(files.APPLIED, record)
+    rd.done()
+    return record
+
+
+def _base_run(base: Path) -> dict:
+    """What the base run recorded of its data, so that `evaluate` finds the same test split."""
+    if not (base / files.CONFIG).is_file():
+        return {}
+    cfg = read_json(base / files.CONFIG, "base config")
+    return {"dataset": cfg.get("dataset"), "base": str(base)}

@@ -1,0 +1,187 @@
+"""`advtune export RUN --format onnx|safetensors|pt --out FILE`: the model of a run for serving.
+
+safetensors and pt hold exactly the state_dict of the model's own module (the keys its strict
+`load_state_dict` expects; for a zoo model the `Normalize` first layer is part of it), loadable without
+advtune. ONNX (the `onnx` extra) is checked before it is called good: onnxruntime runs the exported
+file on the run's test images, clean and under the run's attack, and its logits are compared with
+PyTorch's (max abs difference, agreement of the predicted classes); the check is written next to the
+file (`FILE.check.json`), and an export that disagrees is refused and not written. The model takes
+pixels in [0, 1], as the evaluation did: the normalisation travels inside it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from ..attacks import build_attack
+from ..devices import resolve_device
+from ..errors import AdvtuneError
+from ..metrics import adversarial_examples
+from ..provenance import versions
+from ..storage import atomic_write_bytes, atomic_write_json, read_json
+from ..threat import ThreatModel
+from .common import dataset_of, load_base
+from .configs import ExportRun
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the logits' scale (float32 kernels differ)
+
+
+def run(run: ExportRun) -> dict:
+    """Export the model of `run.run` to `run.out`; returns the export record (with the check for ONNX)."""
+    out = Path(run.out)
+    if out.exists() and not run.overwrite:
+        raise AdvtuneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if out.is_dir():
+        raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
+    if run.format == "onnx":
+        onnx_runtime()  # the extra is installed: checked before any work
+    device = resolve_device(run.device)
+    model, meta, base_cfg = load_base(run.run, device)
+    model.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    record = {"run": str(run.run), "format": run.format, "file": str(out), "tensors": len(state)}
+    if run.format == "safetensors":
+        atomic_write_bytes(out, save(state, metadata={"format": "pt"}))
+    elif run.format == "pt":
+        buf = io.BytesIO()
+        torch.save(state, buf)  # plain tensors: torch.load(..., weights_only=True) reads it
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        record["check"] = _export_onnx(model, meta, base_cfg, run, out)
+    record["bytes"] = out.stat().st_size
+    return record
+
+
+def onnx_runtime():
+    """onnxruntime (and onnx), or a one-line error naming the extra to install."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise AdvtuneError(
+            "ONNX export needs the onnx extra: pip install 'advtune[onnx]' (onnx, onnxruntime)"
+        ) from None
+    return onnxruntime
+
+
+def _threat_and_attack(run: ExportRun, base_cfg: dict) -> tuple[ThreatModel, str]:
+    """The check's adversarial inputs: the flags, else what the run recorded (its eps, norm, attack)."""
+    saved = base_cfg.get("run", {})
+    recipe = saved.get("recipe") or {}
+    eps = run.eps if run.eps is not None else saved.get("eps")
+    if eps is None:
+        raise AdvtuneError(f"{run.run} records no eps (a standard run?); give --eps for the check's adversarial inputs")
+    attack = run.attack or recipe.get("attack") or saved.get("attack") or saved.get("adversarial") or "pgd:steps=10"
+    if attack.strip().lower().startswith(("trades", "local")):
+        attack = "pgd:steps=10"  # a training objective, not an attack: the check uses PGD
+    return ThreatModel(run.norm or saved.get("norm") or "linf", float(eps)), attack
+
+
+def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -> dict:
+    ort = onnx_runtime()
+    threat, spec = _threat_and_attack(run, base_cfg)
+    attack = build_attack(spec, threat)
+    ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
+    x, y = ds.test.tensors(next(model.parameters()).device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        _to_onnx(model.cpu(), x[:2].cpu(), tmp)
+        model.to(x.device)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        t0 = time.perf_counter()
+        x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
+        check = {
+            "examples": len(x),
+            "attack": attack.spec,
+            "threat": threat.to_json(),
+            "clean": _compare(model, session, x, run.batch_size),
+            "adversarial": _compare(model, session, x_adv, run.batch_size),
+            "tolerance": TOLERANCE,
+            "versions": {**versions(), "onnxruntime": ort.__version__},
+        }
+        check["check_wall_s"] = time.perf_counter() - t0
+        check["ok"] = check["clean"]["ok"] and check["adversarial"]["ok"]
+        if not check["ok"]:
+            bad = check["clean"] if not check["clean"]["ok"] else check["adversarial"]
+            raise AdvtuneError(
+                f"the ONNX export disagrees with PyTorch (max |logit difference| {bad['max_abs_diff']:.2e}, "
+                f"{bad['disagreements']} predictions differ); not written: report this model with its run"
+            )
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    atomic_write_json(out.with_name(out.name + ".check.json"), {"run": str(run.run), "file": str(out), **check})
+    return check
+
+
+def _to_onnx(model, example: torch.Tensor, path: Path) -> None:
+    """torch's TorchScript exporter (fast, no extra packages), then its dynamo exporter; one line when
+    neither can export the model. The batch dimension stays dynamic."""
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                kw = (
+                    {"dynamic_shapes": ({0: torch.export.Dim("batch")},)}
+                    if dynamo
+                    else {"dynamic_axes": {"pixels": {0: "batch"}, "logits": {0: "batch"}}}
+                )
+                torch.onnx.export(
+                    model, (example,), str(path), input_names=["pixels"], output_names=["logits"], dynamo=dynamo, **kw
+                )
+            return
+        except Exception as e:  # noqa: BLE001  (an exporter's failure is a message for the user)
+            errors.append(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+    raise AdvtuneError(
+        f"ONNX cannot export this model ({errors[-1]}); export --format safetensors and convert it with your "
+        "serving stack's tools"
+    )
+
+
+@torch.no_grad()
+def _compare(model, session, x: torch.Tensor, batch_size: int) -> dict:
+    """PyTorch's and onnxruntime's logits on x: the largest difference and the predicted classes.
+    A prediction whose top-2 margin is within the difference is a tie, not a disagreement."""
+    diffs, disagree, ties, scale = [], 0, 0, 1.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        ref = model(xb).float().cpu()
+        got = torch.from_numpy(session.run(None, {"pixels": xb.cpu().numpy()})[0]).float()
+        d = (ref - got).abs().max(dim=1).values
+        top2 = ref.topk(2, dim=1).values
+        tie = (top2[:, 0] - top2[:, 1]) <= 2 * d
+        differ = ref.argmax(1) != got.argmax(1)
+        disagree += int((differ & ~tie).sum())
+        ties += int((differ & tie).sum())
+        diffs.append(d)
+        scale = max(scale, float(ref.abs().max()))
+    max_diff = float(torch.cat(diffs).max()) if diffs else 0.0
+    agreement = 1 - (disagree + ties) / max(len(x), 1)
+    return {
+        "max_abs_diff": max_diff,
+        "agreement": agreement,
+        "disagreements": disagree,
+        "ties": ties,
+        "ok": max_diff <= TOLERANCE * scale and disagree == 0,
+    }
+
+
+def read_check(path: str | Path) -> dict:
+    """The record of an ONNX export's check."""
+    return read_json(Path(str(path) + ".check.json"), "export check")

@@ -1,0 +1,223 @@
+"""From a deployed model in to a deployed model out: a user's own module with a PyTorch checkpoint saved
+from DataParallel goes through harden, ships as a robustness patch that rebuilds it bit for bit, and as
+ONNX checked against PyTorch, or as a state_dict that loads without advtune; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import advtune
+from advtune.cli import main
+from advtune.errors import AdvtuneError
+from advtune.weights import load_checkpoint
+
+NET = textwrap.dedent(
+    """
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    def net():
+        return Net()
+    """
+)
+HARDEN = ["--eps", "0.2", "--limit", "300", "--limit-test", "40", "--budget", "6000", "--evaluation", "pgd:steps=5"]
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """A user's module trained outside advtune, saved from DataParallel in a nested checkpoint, brought
+    in with train --epochs 0, hardened, and exported three ways."""
+    root = tmp_path_factory.mktemp("deploy")
+    (root / "mynet.py").write_text(NET)
+    sys.path.insert(0, str(root))
+    try:
+        import mynet
+    finally:
+        sys.path.remove(str(root))
+    torch.manual_seed(0)
+    model = mynet.net()
+    advtune.fit(model, advtune.load_dataset("synthetic", limit=300), config=advtune.TrainConfig(epochs=2, lr=3e-3))
+    parallel = nn.DataParallel(model)  # keys start with module., as many production checkpoints do
+    torch.save({"epoch": 2, "model_state_dict": parallel.state_dict(), "best_acc": 0.9}, root / "ckpt.pt")
+    spec = f"{root / 'mynet.py'}:net"
+    argv = ["train", "--dataset", "synthetic", "--model", spec, "--weights", str(root / "ckpt.pt"), "--epochs", "0"]
+    assert main([*argv, "--limit", "300", "--limit-test", "40", "--out", str(root / "base"), "--quiet"]) == 0
+    assert main(["harden", str(root / "base"), *HARDEN, "--out", str(root / "hard"), "--quiet"]) == 0
+    for fmt, name in (("onnx", "model.onnx"), ("safetensors", "model.safetensors"), ("pt", "model.pt")):
+        argv = ["export", str(root / "hard"), "--format", fmt, "--out", str(root / "ship" / name), "--quiet"]
+        assert main([*argv, "--limit-test", "40"]) == 0
+    return root, model
+
+
+def test_a_dataparallel_checkpoint_comes_in_as_the_model_it_was(shipped):
+    root, model = shipped
+    base = load_file(str(root / "base" / "model.safetensors"))
+    assert base.keys() == model.state_dict().keys()  # module. prefixes gone, the user's own names
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_patch_is_small_and_rebuilds_the_hardened_weights_bit_for_bit(shipped, capsys):
+    root, _ = shipped
+    patch, model_file = root / "hard" / "patch.safetensors", root / "hard" / "model.safetensors"
+    assert patch.stat().st_size < 0.5 * model_file.stat().st_size  # a few layers of a tiny model
+    assert main(["apply", str(root / "base"), str(patch), "--out", str(root / "applied"), "--quiet"]) == 0
+    rebuilt, hardened = load_file(str(root / "applied" / "model.safetensors")), load_file(str(model_file))
+    assert rebuilt.keys() == hardened.keys() and all(torch.equal(rebuilt[k], hardened[k]) for k in hardened)
+    # the API does the same on a live model
+    base = advtune.load_model(root / "base")
+    advtune.apply_patch(base, patch)
+    assert all(torch.equal(v, hardened[k]) for k, v in base.state_dict().items())
+    # the applied folder is a model folder: evaluate works on it
+    assert main(["evaluate", str(root / "applied"), "--eps", "0.2", "--attacks", "fgsm", "--limit-test", "20"]) == 0
+    assert main(["info", str(root / "hard")]) == 0
+    assert "% of the model: advtune apply" in capsys.readouterr().out
+
+
+def test_a_patch_for_another_base_or_damaged_is_refused_in_one_line(shipped, tmp_path, capsys):
+    root, _ = shipped
+    patch = root / "hard" / "patch.safetensors"
+    other = {k: v + 1e-3 for k, v in load_file(str(root / "base" / "model.safetensors")).items()}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    assert main(["apply", str(tmp_path / "other.safetensors"), str(patch), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a patch for another base model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(patch.read_bytes()[:200])
+    assert main(["apply", str(root / "base"), str(cut), "--out", str(tmp_path / "o")]) == 2
+    assert "truncated or not a safetensors file" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["apply", str(root / "base"), str(patch), "--out", str(root / "hard")]) == 2  # over its own run
+    assert "would overwrite" in capsys.readouterr().err
+
+
+def test_onnx_export_equals_pytorch_clean_and_adversarial(shipped):
+    root, _ = shipped
+    check = json.loads((root / "ship" / "model.onnx.check.json").read_text())
+    assert check["ok"] and check["examples"] == 40 and check["attack"].startswith("pgd")
+    for kind in ("clean", "adversarial"):
+        assert check[kind]["disagreements"] == 0 and check[kind]["max_abs_diff"] < 1e-4
+    import onnxruntime as ort
+
+    x = torch.rand(5, 1, 16, 16)  # pixels in [0, 1]: the normalisation (if any) is inside the model
+    got = ort.InferenceSession(str(root / "ship" / "model.onnx")).run(None, {"pixels": x.numpy()})[0]
+    want = advtune.load_model(root / "hard")(x).detach()
+    assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
+
+
+def test_the_state_dict_loads_into_the_users_module_without_advtune(shipped, tmp_path):
+    """A fresh virtual environment that has torch and safetensors (this one's packages) but not advtune."""
+    root, _ = shipped
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = Path(sysconfig.get_paths()["purelib"])  # torch, safetensors; advtune's editable hook is not read
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "deps.pth").write_text(str(purelib) + "\n")
+    x = torch.rand(6, 1, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    want = advtune.load_model(root / "hard")(x).detach()
+    torch.save(want, tmp_path / "want.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        from safetensors.torch import load_file
+        assert importlib.util.find_spec("advtune") is None, "advtune is installed here"
+        sys.path.insert(0, {str(root)!r})
+        from mynet import Net
+        x, want = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "want.pt")!r})
+        for state in (load_file({str(root / "ship" / "model.safetensors")!r}),
+                      torch.load({str(root / "ship" / "model.pt")!r}, weights_only=True)):
+            net = Net()
+            net.load_state_dict(state, strict=True)
+            assert torch.allclose(net.eval()(x), want, atol=1e-6)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+class Payload:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_that_need_code_or_do_not_fit_are_one_line_errors(shipped, tmp_path, capsys):
+    root, model = shipped
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": model.state_dict(), "hook": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(AdvtuneError, match="cannot be read without executing code"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save(model, tmp_path / "whole.pt")  # a pickled module, not a state_dict
+    with pytest.raises(AdvtuneError, match="cannot be read without executing code"):
+        load_checkpoint(tmp_path / "whole.pt")
+    torch.save({"weights": model.state_dict()}, tmp_path / "odd.pt")
+    with pytest.raises(AdvtuneError, match="top-level keys: weights; name the one"):
+        load_checkpoint(tmp_path / "odd.pt")
+    assert load_checkpoint(tmp_path / "odd.pt", key="weights").keys() == model.state_dict().keys()
+    (tmp_path / "cut.pt").write_bytes((root / "ckpt.pt").read_bytes()[:100])
+    with pytest.raises(AdvtuneError, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    wrong = {k: v for k, v in model.state_dict().items() if not k.startswith("head.3")}
+    wrong["features.0.weight"] = torch.zeros(4, 1, 3, 3)
+    torch.save(wrong, tmp_path / "wrong.pt")
+    spec = f"{root / 'mynet.py'}:net"
+    argv = ["train", "--dataset", "synthetic", "--model", spec, "--weights", str(tmp_path / "wrong.pt")]
+    assert main([*argv, "--epochs", "0", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 missing (head.3.weight, head.3.bias)" in err and "1 of another shape (features.0.weight" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_export_refusals_write_nothing(shipped, tmp_path, capsys, monkeypatch):
+    root, _ = shipped
+    target = root / "ship" / "model.onnx"
+    before = target.read_bytes()
+    assert main(["export", str(root / "hard"), "--out", str(target), "--limit-test", "10"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and target.read_bytes() == before
+    import onnxruntime
+
+    class Off:  # an exported graph that disagrees with PyTorch
+        def __init__(self, *a, **k):
+            self.real = real(*a, **k)
+
+        def run(self, *a, **k):
+            return [y + 1.0 for y in self.real.run(*a, **k)]
+
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Off)
+    out = tmp_path / "bad.onnx"
+    assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10"]) == 2
+    assert "disagrees with PyTorch" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".bad.onnx*"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra is not installed
+    assert main(["export", str(root / "hard"), "--out", str(out)]) == 2
+    assert "pip install 'advtune[onnx]'" in capsys.readouterr().err and not out.exists()
