@@ -102,8 +102,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .evaluation import EvalResult, eps_curve, suite
     from .models import build_model, list_models
     from .patch import apply_patch, write_patch
-    from .weights import load_checkpoint
     from .recipe import Recipe
     from .threat import ThreatModel
     from .train import History, TrainConfig, adversarial, clean, trades
     from .vulnerability import ConcentrationCurve, ScoreTable
+    from .weights import load_checkpoint
