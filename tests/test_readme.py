@@ -7,11 +7,14 @@ a few hundred examples, one epoch, a small budget, the `quick` suite instead of 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from advtune.cli import main
 
@@ -21,6 +24,7 @@ TINY = {
     "harden": ["--limit", "300", "--limit-test", "60", "--budget", "6000"],
     "analyze": ["--limit", "100", "--curve-limit", "60"],
     "finetune": ["--limit", "200", "--monitor-test", "0"],
+    "export": ["--limit-test", "60"],
 }
 
 
@@ -62,3 +66,6 @@ def test_every_readme_command_runs_at_a_tiny_size(tmp_path, capsys, monkeypatch)
     assert (tmp_path / "mnist-hard" / "report.html").is_file()
     assert (tmp_path / "mnist-claim" / "report.html").is_file()  # written by the README's `advtune report`
     assert next((tmp_path / "mnist-std").glob("eval-*.png"))  # the accuracy-vs-eps plot
+    assert json.loads((tmp_path / "mnist-hard.onnx.check.json").read_text())["ok"]
+    patched, hardened = (load_file(str(tmp_path / f / "model.safetensors")) for f in ("mnist-patched", "mnist-hard"))
+    assert patched.keys() == hardened.keys() and all(torch.equal(patched[k], hardened[k]) for k in hardened)
