@@ -83,6 +83,14 @@ def test_the_patch_is_small_and_rebuilds_the_hardened_weights_bit_for_bit(shippe
     assert main(["apply", str(root / "base"), str(patch), "--out", str(root / "applied"), "--quiet"]) == 0
     rebuilt, hardened = load_file(str(root / "applied" / "model.safetensors")), load_file(str(model_file))
     assert rebuilt.keys() == hardened.keys() and all(torch.equal(rebuilt[k], hardened[k]) for k in hardened)
+    # the fine-tuning stage's own patch rebuilds its model too (a finetune run writes one)
+    ft = root / "hard" / "finetune"
+    assert main(["apply", str(root / "base"), str(ft / "patch.safetensors"), "--out", str(root / "ft-applied")]) == 0
+    rebuilt_ft = load_file(str(root / "ft-applied" / "model.safetensors"))
+    assert all(torch.equal(rebuilt_ft[k], v) for k, v in load_file(str(ft / "model.safetensors")).items())
+    assert any(
+        not torch.equal(rebuilt_ft[k], v) for k, v in load_file(str(root / "base" / "model.safetensors")).items()
+    )
     # the API does the same on a live model
     base = advtune.load_model(root / "base")
     advtune.apply_patch(base, patch)

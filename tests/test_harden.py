@@ -34,7 +34,7 @@ def hardened(base):
                 "--limit",
                 "600",
                 "--limit-test",
-                "100",
+                "60",
                 "--budget",
                 "20000",
                 "--out",
@@ -62,7 +62,7 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     assert 0 < changed <= s["trainable_params"] <= 0.05 * total
     # every stage left its record, and the summary's numbers are those records'
     ev = json.loads((hardened / "eval-protocol.json").read_text())
-    assert s["after"]["robust_acc"] == ev["worst_case_accuracy"] and ev["examples"] == 100
+    assert s["after"]["robust_acc"] == ev["worst_case_accuracy"] and ev["examples"] == 60
     assert json.loads((hardened / "eval-base.json").read_text())["worst_case_accuracy"] == s["before"]["robust_acc"]
     cost = json.loads((hardened / "finetune" / "cost.json").read_text())
     assert s["cost"]["finetune_grad_evals"] == cost["grad_evals"] >= 20000
@@ -91,7 +91,7 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
                 "--limit",
                 "600",
                 "--limit-test",
-                "100",
+                "60",
                 "--budget",
                 "20000",
                 "--out",

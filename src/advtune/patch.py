@@ -41,8 +41,9 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def cpu_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of the state_dict on the CPU (a copy: training the model in place must not change it)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
