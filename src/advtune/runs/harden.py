@@ -407,7 +407,7 @@ def summarise(
         "eps": run.eps,
         "norm": run.norm,
         "base": str(run.base),
-        "architecture": meta.get("architecture"),
+        "architecture": meta.get("architecture") or (meta.get("factory") or {}).get("spec"),
         "before": robustness(before),
         "after": robustness(after, "accuracy"),
         "test_examples": after["examples"] if after else 0,
