@@ -229,3 +229,19 @@ def test_export_refusals_write_nothing(shipped, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra is not installed
     assert main(["export", str(root / "hard"), "--out", str(out)]) == 2
     assert "pip install 'advtune[onnx]'" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_patch_of_a_model_with_batchnorm_scalars_round_trips(tmp_path):
+    """BatchNorm's num_batches_tracked is a 0-dim integer tensor: hashed and patched like the rest."""
+    from advtune.patch import state_sha256
+
+    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    tuned = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    tuned.load_state_dict(base.state_dict())
+    tuned.train()(torch.rand(8, 1, 8, 8))  # moves the running stats and the 0-dim counter
+    with torch.no_grad():
+        tuned[3].bias.add_(1.0)
+    advtune.write_patch(tmp_path / "p.safetensors", base, tuned)
+    advtune.apply_patch(base, tmp_path / "p.safetensors")
+    assert state_sha256(base.state_dict()) == state_sha256(tuned.state_dict())
+    assert int(base[1].num_batches_tracked) == 1
