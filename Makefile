@@ -22,9 +22,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-# test files run in parallel, one worker per core (a file's tests stay together: they share fixtures)
+# test files run in parallel (a file's tests stay together: they share fixtures); three workers on two cores:
+# the tests that wait on subprocesses (torchrun, the CLI) leave a core idle otherwise
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not reference"
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile -m "not reference"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,7 @@ from advtune.data import synthetic_blobs
 # pass download=True explicitly and point at a local HTTP server).
 os.environ["ADVTUNE_NO_DOWNLOAD"] = "1"
 
-# `make test` runs one pytest worker per core (pytest-xdist): each takes its share of the threads
+# `make test` runs several pytest workers (pytest-xdist): each takes its share of the cores, at least one thread
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
