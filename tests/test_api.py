@@ -139,3 +139,7 @@ def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
     assert res.after.worst_case_accuracy > res.before.worst_case_accuracy
     changed = [k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and len(changed) < len(before)  # only the selected layers moved
+    # without test data: the same fine-tuning, no evaluation
+    alone = advtune.harden(tiny_model, (x[:400], y[:400]), eps=0.2, budget=12000)
+    assert alone.before is None and alone.after is None and alone.summary()["after"] is None
+    assert all(torch.equal(v, res.model.state_dict()[k]) for k, v in alone.model.state_dict().items())

@@ -46,12 +46,23 @@ def test_ddp_train_gives_one_process_weights_and_records(trained):
 
 
 def test_exactly_one_run_folder_is_written(trained):
-    assert sorted(p.name for p in trained.iterdir() if p.name in ("ddp", "single") or "rank" in p.name) == [
-        "ddp",
-        "single",
-    ]
+    # the training wrote one folder per launch (the other tests' folders are named below)
+    assert {p.name for p in trained.iterdir()} - {"hard1", "hard2"} == {"ddp", "single"}
     assert sorted(p.name for p in (trained / "ddp").iterdir()) == sorted(p.name for p in (trained / "single").iterdir())
     assert not [p for p in (trained / "ddp").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ddp_evaluate_gives_the_one_process_robust_accuracy(trained):
+    """`advtune evaluate` itself under torchrun (harden below covers the evaluation inside a job)."""
+    attacks = ["--eps", "0.2", "--attacks", "fgsm,pgd:steps=3", "--limit-test", "64"]
+    assert one(trained, "evaluate", "single", *attacks, "--batch-size", "16", "--name", "one").returncode == 0
+    r = two(trained, "evaluate", "single", *attacks, "--batch-size", "16", "--name", "two")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((trained / "single" / f"eval-{n}.json").read_text()) for n in ("one", "two"))
+    for key in ("accuracy", "worst_case_accuracy", "clean_accuracy", "grad_evals", "n", "suspect"):
+        assert a[key] == b[key], key
+    assert b["processes"] == 2 and a["processes"] == 1
+    assert r.stdout.count("worst case") == 1  # rank 0 alone prints the result
 
 
 def test_a_taken_out_folder_stops_every_rank_with_the_same_error(trained):

@@ -264,3 +264,38 @@ def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
     cfg["variants"][3]["share"] = 0.5  # "random" was run with share 0.1
     with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
         experiment.run(write(tmp_path, cfg), out)
+
+
+def test_a_started_variant_resumes_with_the_settings_it_started_with(tmp_path, monkeypatch):
+    """A variant begun before a default changed (variants once trained without the eps ramp) resumes
+    with what it recorded, not the new default: its resume check would refuse a change."""
+    from pathlib import Path
+
+    from advtune.runs import finetune as finetune_job
+    from advtune.runs.experiment import runner
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"run": {"eps_warmup": 0.0, "criterion": "taylor"}}))
+    seen = []
+    monkeypatch.setattr(finetune_job, "run", lambda cfg: seen.append(cfg))
+    ex = runner.Experiment(TINY, tmp_path, 0, "cpu", None, "linf", Path(tmp_path / "base"))
+    runner._run_finetune(ex, {"name": "ft", "kind": "finetune", "select": "all", "eps": 0.25}, folder)
+    runner._run_finetune(ex, {"name": "new", "kind": "finetune", "select": "all", "eps": 0.25}, tmp_path / "new")
+    assert seen[0].eps_warmup == 0.0 and seen[0].resume  # as it started
+    assert seen[1].eps_warmup is None  # a new variant: the CLI's default (the job resolves it to 0.3)
+
+
+def test_a_bad_harden_variant_is_refused_before_anything_is_written(tmp_path):
+    cfg = {**TINY, "variants": [{"name": "h", "kind": "harden", "train": {"epochs": 3}}]}
+    with pytest.raises(AdvtuneError, match="a harden variant's train: takes optimizer, lr, schedule, batch_size"):
+        experiment.run(cfg, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    cfg = {
+        **TINY,
+        "evaluation": {**TINY["evaluation"], "cascade": False},
+        "variants": [{"name": "h", "kind": "harden"}],
+    }
+    with pytest.raises(AdvtuneError, match="evaluated by harden itself"):
+        experiment.run(cfg, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -67,7 +67,8 @@ DESCRIPTION = {
     "and the gradient-masking gate, and write a report to --out.",
     "apply": "Rebuild the hardened model from BASE (a run folder or a weights file) and PATCH (a harden or "
     "finetune run's patch.safetensors: only what changed). A base whose hash is not the patch's is refused; "
-    "the result is checked bit for bit. Writes a model folder to --out (evaluate, info and export work on it).",
+    "the result is checked bit for bit. Writes the patched weights to --out; from a run folder BASE, a model "
+    "folder evaluate, info and export work on.",
     "export": "Write RUN's model to --out: safetensors or pt (exactly the state_dict of the model's own module, "
     "for its strict load_state_dict, no advtune needed) or onnx (the onnx extra; the file is run with "
     "onnxruntime on the test images, clean and under the run's attack, and compared with PyTorch before it "

@@ -17,7 +17,6 @@ CHECKPOINT = "checkpoint.pt"  # exact resume: weights, optimizer, RNG, step (wei
 SELECTION = "selection.json"  # the components a selective fine-tuning trained
 SNAPSHOTS = "snapshots"  # snapshots/step-NNNNNNN/: loadable models along a run
 PATCH = "patch.safetensors"  # what fine-tuning changed, against the base model's hash (advtune apply)
-APPLIED = "applied.json"  # how `advtune apply` made a model: base, patch, hashes
 
 # analysis, evaluation, experiments, reports
 CONCENTRATION = "concentration.json"

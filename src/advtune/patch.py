@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from .distributed import is_main_process
 from .errors import AdvtuneError
 from .storage import atomic_write_bytes
 
@@ -81,7 +82,10 @@ def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict
 
 
 def write_patch(path: str | Path, base, hardened, info: dict[str, Any] | None = None) -> dict[str, str]:
-    """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata."""
+    """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata. Under
+    torchrun rank 0 alone builds and writes it (the others return {})."""
+    if not is_main_process():
+        return {}
     tensors, meta = make_patch(base, hardened, info)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return meta

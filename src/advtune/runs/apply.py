@@ -7,7 +7,6 @@ folder as BASE, DIR is a model folder like the base's (model.json copied, so `ev
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from safetensors.torch import save
@@ -15,7 +14,6 @@ from safetensors.torch import save
 from .. import filenames as files
 from ..errors import AdvtuneError
 from ..patch import apply_to_state, patch_info, state_sha256
-from ..provenance import versions
 from ..storage import atomic_write_bytes, read_json
 from ..weights import load_checkpoint, load_state
 from .configs import ApplyRun
@@ -23,7 +21,8 @@ from .record import RunDir
 
 
 def run(run: ApplyRun) -> dict:
-    """Apply `run.patch` to `run.base` into `run.out`; returns the record written to applied.json."""
+    """Apply `run.patch` to `run.base` into `run.out`; returns the record (config.json, with the
+    versions and time of the application)."""
     base = Path(run.base)
     if Path(run.out).resolve() in (base.resolve(), Path(run.patch).resolve().parent):
         raise AdvtuneError(f"--out {run.out} would overwrite the base or the patch's run; write to a new folder")
@@ -45,8 +44,6 @@ def run(run: ApplyRun) -> dict:
         "total_entries": int(info["total_entries"]),
         "patch_bytes": Path(run.patch).stat().st_size,
         "patch_info": info["info"],
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     rd.write_config(record if not base.is_dir() else {**record, **_base_run(base)})
     atomic_write_bytes(rd.file(files.WEIGHTS), save(patched, metadata={"format": "pt", "advtune": "1"}))
@@ -54,7 +51,6 @@ def run(run: ApplyRun) -> dict:
         meta = read_json(base / files.MODEL_META, "model metadata")
         rd.write_json(files.MODEL_META, {**meta, "patched": {"base": str(base), "patch": str(run.patch)}})
     atomic_write_bytes(rd.file(files.PATCH), Path(run.patch).read_bytes())
-    rd.write_json(files.APPLIED, record)
     rd.done()
     return record
 

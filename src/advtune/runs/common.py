@@ -227,10 +227,14 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     return load_dataset(name, data_dir or run.get("data_dir"), **kw)
 
 
+def guard_on(guard: bool | None, spec: str) -> bool:
+    """--guard as given, or on by default for FGSM-type training (catastrophic overfitting)."""
+    return guard if guard is not None else spec.strip().lower().startswith("fgsm")
+
+
 def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter) -> list:
-    """The catastrophic-overfitting guard as a fit callback: on by default for FGSM-type training."""
-    use = guard if guard is not None else spec.strip().lower().startswith("fgsm")
-    if not use:
+    """The catastrophic-overfitting guard as a fit callback (when `guard_on`)."""
+    if not guard_on(guard, spec):
         return []
 
     gx, gy = ds.train.take(512).tensors(device)

@@ -11,6 +11,7 @@ pixels in [0, 1], as the evaluation did: the normalisation travels inside it."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -23,11 +24,11 @@ import torch
 from safetensors.torch import save
 
 from ..attacks import build_attack
-from ..devices import resolve_device
+from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples
 from ..provenance import versions
-from ..storage import atomic_write_bytes, atomic_write_json, read_json
+from ..storage import atomic_write_bytes, atomic_write_json
 from ..threat import ThreatModel
 from .common import dataset_of, load_base
 from .configs import ExportRun
@@ -93,7 +94,8 @@ def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -
     threat, spec = _threat_and_attack(run, base_cfg)
     attack = build_attack(spec, threat)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
-    x, y = ds.test.tensors(next(model.parameters()).device)
+    x, y = ds.test.tensors(model_device(model))
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # removed again if refused
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -125,6 +127,10 @@ def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not out.exists():
+            for d in made:  # innermost first: the folders this export created for a file it did not write
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     atomic_write_json(out.with_name(out.name + ".check.json"), {"run": str(run.run), "file": str(out), **check})
     return check
 
@@ -133,7 +139,8 @@ def _to_onnx(model, example: torch.Tensor, path: Path) -> None:
     """torch's TorchScript exporter (fast, no extra packages), then its dynamo exporter; one line when
     neither can export the model. The batch dimension stays dynamic."""
     errors = []
-    for dynamo in (False, True):
+    takes_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5
+    for dynamo in (False, True) if takes_dynamo else (None,):
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
@@ -142,9 +149,9 @@ def _to_onnx(model, example: torch.Tensor, path: Path) -> None:
                     if dynamo
                     else {"dynamic_axes": {"pixels": {0: "batch"}, "logits": {0: "batch"}}}
                 )
-                torch.onnx.export(
-                    model, (example,), str(path), input_names=["pixels"], output_names=["logits"], dynamo=dynamo, **kw
-                )
+                if dynamo is not None:
+                    kw["dynamo"] = dynamo
+                torch.onnx.export(model, (example,), str(path), input_names=["pixels"], output_names=["logits"], **kw)
             return
         except Exception as e:  # noqa: BLE001  (an exporter's failure is a message for the user)
             errors.append(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
@@ -180,8 +187,3 @@ def _compare(model, session, x: torch.Tensor, batch_size: int) -> dict:
         "ties": ties,
         "ok": max_diff <= TOLERANCE * scale and disagree == 0,
     }
-
-
-def read_check(path: str | Path) -> dict:
-    """The record of an ONNX export's check."""
-    return read_json(Path(str(path) + ".check.json"), "export check")

@@ -22,6 +22,7 @@ from .common import (
     dataset_of,
     describe_selection,
     fit_in_folder,
+    guard_on,
     load_base,
     make_selection,
     open_training_folder,
@@ -45,7 +46,7 @@ class FinetuneSummary(Record):
     KIND = "finetune-summary"
     OMIT_NONE = ("pgd10_acc_quick", "pgd10_examples")  # the monitor was off: the record has no such keys
 
-    test_acc: float  # clean accuracy on the test split
+    test_acc: float | None  # clean accuracy on the test split (None: no test data, the Python API)
     test_examples: int
     epochs: int
     stopped: str | None
@@ -137,14 +138,14 @@ def finetune_model(
         **fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume),
     )
     # monitoring after training: not counted as training cost
-    test_acc = accuracy(model, ds.test, cfg.eval_batch_size)
+    test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None
     quick, n_quick = None, None
-    if run.monitor_test:
+    if run.monitor_test and ds.test is not None:
         n_quick = min(run.monitor_test, len(ds.test))
         quick = quick_robust_acc(model, ds.test.take(n_quick), job.threat, cfg.seed)
     summary = FinetuneSummary(
         test_acc,
-        len(ds.test),
+        len(ds.test) if ds.test is not None else 0,
         len(history.epochs),
         history.stopped,
         history.last,
@@ -191,7 +192,7 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
         "objective": job.objective.describe(),
         "threat": job.threat.to_json(),
         "selection": job.selection_info,
-        "guard": run.guard if run.guard is not None else run.attack.strip().lower().startswith("fgsm"),
+        "guard": guard_on(run.guard, run.attack),
         "device": str(model_device(model)),
         "steps": cfg.steps,
     }

@@ -31,11 +31,12 @@ from typing import Any, Callable
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
-from ..components import fingerprint, layers, unit_params
+from ..components import Selection, fingerprint, layers, unit_params
 from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
+from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..models import load_model
 from ..patch import write_patch
 from ..recipe import Recipe
@@ -54,7 +55,6 @@ from .record import RunDir, open_run
 log = logging.getLogger(__name__)
 
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
-SUITES = ("standard", "quick")  # --evaluation may name a suite (advtune evaluate --suite)
 
 
 def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
@@ -155,7 +155,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         base=run.base,
         out=str(ft_dir) if ft_dir else "",
         eps=run.eps,
-        select=str(out / files.ANALYSIS) if out else "analysis",
+        select=str(out / files.ANALYSIS) if out else "all",  # in memory: the analysis' table is passed in
         criterion=run.recipe.criterion,
         params=run.recipe.params,
         granularity=run.recipe.granularity,
@@ -233,12 +233,13 @@ def harden_model(
     rd: RunDir | None = None,
     base_cost: dict | None = None,
     say: Callable[[str], None] = log.info,
+    plan: HardenPlan | None = None,
 ) -> Hardened:
     """The one implementation of harden: analysis -> selection within recipe.params -> selective
     adversarial fine-tuning for the budget -> the strong evaluation before and after (when `ds`
     has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
     there and a finished stage is read back instead of run again (resume)."""
-    plan = plan_harden(model, ds, run)
+    plan = plan or plan_harden(model, ds, run)  # the CLI planned it before creating the folder
     out = rd.path if rd is not None else None
     recipe = run.recipe
     # -- 1. the vulnerability analysis
@@ -278,10 +279,10 @@ def harden_model(
     )
     say(f"[2/4] selection: {what} by {recipe.criterion}, at most {budget_words}")
     ft = finetune_settings(run, plan, out)
-    hardened, selection = copy.deepcopy(model), None
-    if out is not None and (out / FINETUNE / files.SUMMARY).is_file():
+    if out is not None and (out / FINETUNE / files.SUMMARY).is_file():  # finished earlier: read it back
         hardened, _ = load_model(out / FINETUNE, model_device(model))
     else:
+        hardened = copy.deepcopy(model)
         say(
             f"[3/4] fine-tuning the selection with {recipe.attack}, eps ramped over the first "
             f"{100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
@@ -290,12 +291,11 @@ def harden_model(
             finetune_folder(hardened, meta, ds, ft, select=table)
         else:
             job = prepare_finetune(hardened, ds, ft, select=table)
-            ft_sum = finetune_model(hardened, ds, job)
-            selection = job.selection
-    if out is not None:
+            ft_sum, selection = finetune_model(hardened, ds, job).to_json(), job.selection
+    if out is not None:  # the fine-tuning's records are the truth: the same whether run now or earlier
         ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()
-    else:
-        ft_sum = ft_sum.to_json()
+        chosen = out / FINETUNE / files.SELECTION
+        selection = Selection.from_json(read_json(chosen, "selection"), model) if chosen.is_file() else None
     hardened.eval()
     # -- 4. the strong evaluation, before and after, on the same test examples
     results, records = {}, {}
@@ -320,8 +320,6 @@ def harden_model(
 def run(run: HardenRun) -> HardenSummary:
     """`advtune harden`: harden the model of a run folder into `run.out`; returns the summary record."""
     # -- validate everything before anything is created or replaced
-    if run.eps is None:
-        raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
     open_run(run.base)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
@@ -357,7 +355,7 @@ def run(run: HardenRun) -> HardenSummary:
     )
     base_cost_file = Path(run.base) / files.COST
     base_cost = CostRecord.read(base_cost_file).to_json() if base_cost_file.is_file() else {}
-    hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print)
+    hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print, plan=plan)
     rec = hardened.record
     info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}
     info.update(evaluation=rec.evaluation, test_examples=rec.test_examples, before=rec.before, after=rec.after)

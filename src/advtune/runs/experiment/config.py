@@ -16,7 +16,7 @@ import yaml
 from ... import filenames as files
 from ...errors import AdvtuneError
 from ...recipe import Recipe
-from ...settings import check_keys, keys, parse_number
+from ...settings import check_keys, default, keys, parse_number, settings_from
 from ...train.config import TrainConfig
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 
@@ -105,6 +105,9 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
         seen.add(v["name"])
         _check_numbers(v, vw)
+    for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
+        if w["kind"] == "harden":
+            harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
@@ -257,3 +260,31 @@ def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
     eps_all = {eps_value(e) for e in as_list(cfg["threat"]["eps"])}
     eps_all |= {eps_value(e) for v in cfg["variants"] for e in as_list(v.get("eps", []))}
     return single if eps_all == {eps} else per_eps
+
+
+RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size")  # a harden variant's `train:` keys
+
+
+def harden_recipe(v: dict, evaluation: dict, where: str) -> Recipe:
+    """A harden variant's recipe: the keys it sets over `Recipe`'s defaults (its `train:` keys are the
+    recipe's optimizer settings); what harden cannot do is refused before anything runs."""
+    batch = default(EvaluateRun, "batch_size")
+    if not evaluation.get("cascade", True) or evaluation.get("batch_size", batch) != batch:
+        raise AdvtuneError(
+            f"{where}: a harden variant is evaluated by harden itself (cascade, batch {batch}); drop "
+            "evaluation.cascade/batch_size or use kind: finetune with recipe: harden"
+        )
+    train = v.get("train") or {}
+    extra = sorted(set(train) - set(RECIPE_TRAIN_KEYS))
+    if extra:
+        raise AdvtuneError(
+            f"{where}: a harden variant's train: takes {', '.join(RECIPE_TRAIN_KEYS)}; not {', '.join(extra)} "
+            "(use budget: for its length)"
+        )
+    given = {**v, **train}
+    given.update({k: parse_number(given[k]) for k in ("eps_warmup", "lr") if given.get(k) is not None})
+    if given.get("batch_size") is not None:
+        given["batch_size"] = int(parse_number(given["batch_size"]))
+    if v.get("params") is not None:
+        given["params"] = params_of(v)
+    return settings_from(Recipe, given)

@@ -12,8 +12,7 @@ from pathlib import Path
 from ... import filenames as files
 from ...distributed import on_main
 from ...errors import AdvtuneError
-from ...recipe import Recipe
-from ...settings import parse_number, settings_from
+from ...settings import default, parse_number, settings_from
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from .. import analyze as analyze_job
 from .. import evaluate as evaluate_job
@@ -29,6 +28,7 @@ from .config import (
     budget_of,
     eps_value,
     expand_variants,
+    harden_recipe,
     load_config,
     params_of,
     points_of,
@@ -175,6 +175,13 @@ def _analysis_for(ex: Experiment, eps: float) -> Path:
     return folder
 
 
+def _as_started(folder: Path, v: dict) -> dict:
+    """The variant's keys over the settings its run started with, when it started: a resume continues
+    what ran, even where a default changed since (the keys it sets itself were checked unchanged)."""
+    started = folder / files.CONFIG
+    return {**(read_json(started, "config").get("run", {}) if started.is_file() else {}), **v}
+
+
 def _numbers(v: dict, *names: str) -> dict:
     """The variant's numeric keys as numbers (YAML reads 1e-3 as a string; 8/255 is a fraction)."""
     return {k: parse_number(v[k]) for k in names if v.get(k) is not None}
@@ -192,7 +199,7 @@ def _run_train(ex: Experiment, v: dict, folder: Path) -> Path:
         train_job.run(
             settings_from(
                 TrainRun,
-                {**v, **_numbers(v, "eps_warmup")},
+                {**_as_started(folder, v), **_numbers(v, "eps_warmup")},
                 dataset=base.get("dataset") or _base_dataset(ex.base_dir),
                 model=v.get("model") or base.get("model") or _base_model(ex.base_dir),
                 out=str(folder),
@@ -224,7 +231,7 @@ def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
         finetune_job.run(
             settings_from(
                 FinetuneRun,
-                {**v, **_numbers(v, "share", "eps_warmup")},
+                {**_as_started(folder, v), **_numbers(v, "share", "eps_warmup")},
                 base=str(ex.base_dir),
                 out=str(folder),
                 eps=eps,
@@ -245,31 +252,11 @@ def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
     return folder
 
 
-RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size")  # a harden variant's `train:` keys
-
-
 def _run_harden(ex: Experiment, v: dict, folder: Path) -> Path:
     """`advtune harden` itself (its own analysis, fine-tuning and the experiment's protocol as its
     evaluation): the same weights and records as the command with the same settings."""
     if not (folder / files.SUMMARY).is_file():
         ev = ex.evaluation
-        if not ev.get("cascade", True) or ev.get("batch_size", 256) != 256:
-            raise AdvtuneError(
-                f"variant {v['name']}: a harden variant is evaluated by harden itself (cascade, batch 256); "
-                "drop evaluation.cascade/batch_size or use kind: finetune with recipe: harden"
-            )
-        train = v.get("train") or {}
-        extra = sorted(set(train) - set(RECIPE_TRAIN_KEYS))
-        if extra:
-            raise AdvtuneError(
-                f"variant {v['name']}: a harden variant's train: takes {', '.join(RECIPE_TRAIN_KEYS)}; "
-                f"not {', '.join(extra)} (use budget: for its length)"
-            )
-        given = {**v, **train, **_numbers(v, "eps_warmup"), **_numbers(train, "lr", "batch_size")}
-        if "batch_size" in given:
-            given["batch_size"] = int(given["batch_size"])
-        if v.get("params") is not None:
-            given["params"] = params_of(v)
         harden_job.run(
             HardenRun(
                 base=str(ex.base_dir),
@@ -277,9 +264,9 @@ def _run_harden(ex: Experiment, v: dict, folder: Path) -> Path:
                 eps=eps_value(v["eps"]),
                 norm=ex.norm,
                 budget=budget_of(v),
-                recipe=settings_from(Recipe, given),
+                recipe=harden_recipe(v, ev, f"variant {v['name']}"),
                 limit=v.get("limit", ex.base.get("limit")),
-                limit_test=ev.get("limit_test", ev.get("limit", 1000)),
+                limit_test=ev.get("limit_test", ev.get("limit", default(EvaluateRun, "limit_test"))),
                 evaluation=ev.get("suite") or ev["attacks"],
                 seed=ex.seed,
                 data_dir=ex.data_dir,
@@ -306,8 +293,8 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
                 attacks=ev.get("attacks"),
                 suite=ev.get("suite"),
                 norm=ex.norm,
-                limit_test=ev.get("limit_test", ev.get("limit", 1000)),
-                batch_size=ev.get("batch_size", 256),
+                limit_test=ev.get("limit_test", ev.get("limit", default(EvaluateRun, "limit_test"))),
+                batch_size=ev.get("batch_size", default(EvaluateRun, "batch_size")),
                 cascade=bool(ev.get("cascade", True)),
                 name=EVAL_NAME,
                 record_dir=str(record_dir),
