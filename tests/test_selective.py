@@ -294,3 +294,23 @@ def test_finetune_refuses_resume_with_other_settings_and_writing_into_base(tmp_p
     assert "different settings (share: 0.2 -> 0.5)" in capsys.readouterr().err
     assert main(args + ["--out", str(base), "--overwrite"]) == 2
     assert "is the base run itself" in capsys.readouterr().err and (base / "model.safetensors").is_file()
+
+
+def test_selected_units_of_a_residual_network_train_and_nothing_else_moves(train_data):
+    """preact-resnet20 (batch norm before every conv, skip connections): units in two residual blocks
+    and the head train; every other parameter entry stays bit for bit, as on the plain CNNs."""
+    from advtune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("preact-resnet20", (1, 16, 16), 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sel = Selection.of(model, ["net.layer1.1.conv2[3]", "net.layer2.0.conv1[7]", "net.linear[2]"])
+    masks = sel.masks(model)
+    fit(model, train_data, adversarial(FGSM(THREAT)), SGD, selection=sel)
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        m = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(after[name][~m], before[name][~m]), f"{name}: an unselected entry moved"
+    moved = [name for name, m in masks.items() if not torch.equal(after[name][m], before[name][m])]
+    assert {"net.layer1.1.conv2.weight", "net.layer2.0.conv1.weight", "net.linear.weight"} <= set(moved)
+    assert 250_000 < sum(p.numel() for p in model.parameters()) < 300_000  # ResNet-20-sized

@@ -144,29 +144,42 @@ class PreActBlock(nn.Module):
         return out + sc
 
 
-class PreActResNet18(nn.Module):
-    def __init__(self, c: int, classes: int, width: int = 64):
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet (He et al. 2016): a 3x3 stem, stages of `PreActBlock`s (every stage but
+    the first halves the resolution), BN-ReLU, global average pooling, a linear head. The names of its
+    modules (conv1, layer<i>, bn, linear) are those of the fast-adversarial-training code."""
+
+    def __init__(self, c: int, classes: int, widths: tuple[int, ...], blocks: tuple[int, ...]):
         super().__init__()
-        self.conv1 = nn.Conv2d(c, width, 3, 1, 1, bias=False)
-        stages, cin = [], width
-        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
-            blocks = [PreActBlock(cin, width * mult, stride), PreActBlock(width * mult, width * mult, 1)]
-            cin = width * mult
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.conv1 = nn.Conv2d(c, widths[0], 3, 1, 1, bias=False)
+        cin = widths[0]
+        for i, (width, n) in enumerate(zip(widths, blocks), 1):
+            stage = [PreActBlock(cin, width, 1 if i == 1 else 2)] + [PreActBlock(width, width, 1) for _ in range(n - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*stage))
+            cin = width
+        self.stages = len(widths)
         self.bn = nn.BatchNorm2d(cin)
         self.linear = nn.Linear(cin, classes)
 
     def forward(self, x):
-        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = self.conv1(x)
+        for i in range(1, self.stages + 1):
+            out = getattr(self, f"layer{i}")(out)
         out = torch.relu(self.bn(out))
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
 @ARCHITECTURES.register("preact-resnet18")
 def preact_resnet18(c: int, h: int, w: int, classes: int) -> nn.Module:
-    """PreAct ResNet-18 (He et al. 2016), the network of fast adversarial training."""
-    return PreActResNet18(c, classes)
+    """PreAct ResNet-18 (He et al. 2016), the network of fast adversarial training: 11.2M parameters."""
+    return PreActResNet(c, classes, (64, 128, 256, 512), (2, 2, 2, 2))
+
+
+@ARCHITECTURES.register("preact-resnet20")
+def preact_resnet20(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """A ResNet-20-sized pre-activation ResNet for CPU work (He et al. 2016's CIFAR depth: three stages of
+    three blocks, widths 16/32/64): 0.27M parameters, batch norm and skip connections."""
+    return PreActResNet(c, classes, (16, 32, 64), (3, 3, 3))
 
 
 def list_models() -> list[str]:
