@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import advtune
 from advtune import AdvtuneError, ThreatModel
 from advtune.data import TensorData
+from advtune.recipe import PROTOCOL
 from conftest import TinyCNN
 
 
@@ -134,6 +135,7 @@ def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
         test=(xt[:60], yt[:60]),
         budget=12000,
         limit_test=60,
+        evaluation=PROTOCOL,  # harden's default adds Square: tests/test_harden.py runs it
     )
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
     assert res.after.worst_case_accuracy > res.before.worst_case_accuracy

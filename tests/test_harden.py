@@ -11,6 +11,7 @@ from torch import nn
 
 from advtune.cli import main
 from advtune.models import load_model
+from advtune.recipe import PROTOCOL
 from cli_helpers import train_argv
 
 
@@ -37,6 +38,8 @@ def hardened(base):
                 "60",
                 "--budget",
                 "20000",
+                "--evaluation",
+                PROTOCOL,  # the default adds Square: test_the_default_evaluation_includes_the_black_box_attack
                 "--out",
                 str(out),
                 "--quiet",
@@ -94,6 +97,8 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
                 "60",
                 "--budget",
                 "20000",
+                "--evaluation",
+                PROTOCOL,
                 "--out",
                 str(hardened),
                 "--resume",
@@ -175,3 +180,18 @@ def test_python_api_hardens_a_users_own_model(blobs):
     )
     with pytest.raises(Exception, match="must lie in \\[0, 1\\]"):
         harden(model, (x * 255, y), eps=0.2)
+
+
+def test_the_default_evaluation_includes_the_black_box_attack(base):
+    """harden's own evaluation runs Square after APGD-CE and APGD-T, so the gate's black-box check can
+    fire (an APGD-only evaluation passed a model Square broke further); dropped for l2, which Square does
+    not support. (Square itself, and the gate firing on it: tests/test_evaluate.py.)"""
+    from advtune.data import load_dataset
+    from advtune.runs.configs import HardenRun
+    from advtune.runs.harden import plan_harden
+
+    model, ds = load_model(base / "base")[0], load_dataset("synthetic", limit=300, limit_test=20)
+    linf = plan_harden(model, ds, HardenRun(base=str(base / "base"), out="x", eps=0.2))
+    assert linf.evaluation == PROTOCOL + ",square"
+    l2 = plan_harden(model, ds, HardenRun(base=str(base / "base"), out="x", eps=1.0, norm="l2"))
+    assert l2.evaluation == PROTOCOL

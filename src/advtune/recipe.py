@@ -11,6 +11,9 @@ from .errors import AdvtuneError
 from .settings import budget_number, number, setting
 
 PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst case of APGD-CE and APGD-T
+# harden's evaluation adds the black-box Square, so the masking gate's black-box check can fire: on a
+# hardened small-cnn Square broke 2.2 points more than APGD-T while the APGD-only gate passed (#21)
+EVALUATION = PROTOCOL + ",square"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..recipe import PROTOCOL, Recipe
+from ..recipe import EVALUATION, Recipe
 from ..settings import budget_number, number, setting
 from ..train.config import TrainConfig
 
@@ -295,7 +295,9 @@ class HardenRun:
     limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
     limit_test: int = setting(1000, help="test examples for the evaluation")
     evaluation: str = setting(
-        PROTOCOL, help="attack list of the evaluation (worst case per example), or a suite: standard, quick"
+        EVALUATION,
+        help="attack list of the evaluation before and after (worst case per example, masking gate on), or a "
+        "suite: standard, quick; Square (black-box) is dropped for l2, which it does not support",
     )
     seed: int = seed_setting()
     data_dir: str | None = base_data_dir_setting()

@@ -97,6 +97,7 @@ class HardenPlan:
     threat: ThreatModel
     budget: int  # fine-tuning gradient evaluations
     train: TrainConfig
+    evaluation: str  # the attack list (or suite) the evaluation runs under this threat model
 
 
 def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
@@ -113,9 +114,14 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
-    if run.evaluation not in SUITES:
-        for spec in split_attack_list(run.evaluation):
+    evaluation = run.evaluation
+    if evaluation not in SUITES:
+        specs = split_attack_list(evaluation)
+        if threat.norm != "linf":  # Square is linf-only (as in the standard suite)
+            specs = [a for a in specs if not a.strip().lower().startswith("square")] or specs
+        for spec in specs:
             build_attack(spec, threat)
+        evaluation = ",".join(specs)
     train = TrainConfig(
         epochs=1,
         batch_size=run.recipe.batch_size,
@@ -125,7 +131,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
-    return HardenPlan(threat, budget, train)
+    return HardenPlan(threat, budget, train, evaluation)
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -174,13 +180,13 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
     )
 
 
-def evaluation_settings(run: HardenRun, model_dir: str, name: str, out: Path | None) -> EvaluateRun:
+def evaluation_settings(run: HardenRun, plan: HardenPlan, model_dir: str, name: str, out: Path | None) -> EvaluateRun:
     """The strong evaluation, before and after, on the same test examples."""
-    suite = run.evaluation if run.evaluation in SUITES else None
+    suite = plan.evaluation if plan.evaluation in SUITES else None
     return EvaluateRun(
         run=model_dir,
         eps=(run.eps,),
-        attacks=None if suite else run.evaluation,
+        attacks=None if suite else plan.evaluation,
         suite=suite,
         norm=run.norm,
         limit_test=run.limit_test,
@@ -300,18 +306,17 @@ def harden_model(
     # -- 4. the strong evaluation, before and after, on the same test examples
     results, records = {}, {}
     if ds.test is not None:
-        say(f"[4/4] evaluation: worst case of {run.evaluation} on {len(ds.test)} test examples, masking gate on")
+        say(f"[4/4] evaluation: worst case of {plan.evaluation} on {len(ds.test)} test examples, masking gate on")
         for name, m, where in (("base", model, run.base), ("protocol", hardened, str(out / FINETUNE) if out else "")):
             path = out / files.evaluation(name) if out is not None else None
             if path is not None and path.is_file():
                 records[name] = read_json(path, "evaluation")
                 continue
-            rec = evaluation_record(m, ds.test, ds.name, evaluation_settings(run, where, name, out))
+            rec = evaluation_record(m, ds.test, ds.name, evaluation_settings(run, plan, where, name, out))
             results[name] = rec["_result"]
             records[name] = write_evaluation(rec, path) if path is not None else rec
-    record = summarise(
-        run, meta, base_cost or {}, a_sum, ft_sum, records.get("base"), records.get("protocol"), plan.budget
-    )
+    before, after = records.get("base"), records.get("protocol")
+    record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation)
     return Hardened(
         hardened, selection, table, results.get("base"), results.get("protocol"), record, ft_sum.get("cost", {})
     )
@@ -387,6 +392,7 @@ def summarise(
     before: dict | None,
     after: dict | None,
     budget: int,
+    evaluation: str | None = None,
 ) -> HardenSummary:
     """The harden record: robustness before/after (None without test data) and every cost, each
     from its own record."""
@@ -409,7 +415,7 @@ def summarise(
         "before": robustness(before),
         "after": robustness(after, "accuracy"),
         "test_examples": after["examples"] if after else 0,
-        "evaluation": run.evaluation,
+        "evaluation": evaluation or run.evaluation,
         "selection": sel,
         "trainable_params": sel.get("trainable_params"),
         "param_share": sel.get("param_share"),
