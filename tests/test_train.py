@@ -104,7 +104,8 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
+@pytest.mark.parametrize("augment", ["none", "crop-flip"])
+def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path, augment):
     cfg = TrainConfig(
         epochs=3,
         batch_size=64,
@@ -114,6 +115,7 @@ def test_resume_mid_epoch_equals_uninterrupted(synth, tmp_path):
         weight_decay=5e-4,
         schedule="cosine",
         checkpoint_every=4,
+        augment=augment,  # crop-flip: each step's crops come back the same after a resume
     )
     full = fresh(synth)
     h_full = fit(full, synth.train, clean(), cfg)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 
+AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a model is trained (every job that trains takes one; its fields are the training flags)."""
@@ -47,6 +50,13 @@ class TrainConfig:
         help="torch.compile the model for training (opt-in: no gain measured on CPU for attack+update steps)",
         group="training",
     )
+    augment: Literal["none", "crop-flip"] = setting(
+        "none",
+        help="augmentation of the training batches: crop-flip = a random crop after 4 pixels of zero padding and "
+        "a horizontal flip half the time (CIFAR-10's standard; not for digits)",
+        choices=AUGMENTS,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -72,6 +82,8 @@ class TrainConfig:
             raise AdvtuneError(f"batch size must be positive, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be positive, got {self.lr}")
+        if self.augment not in AUGMENTS:
+            raise AdvtuneError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
         if self.optimizer not in ("sgd", "adam"):
             raise AdvtuneError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
         if self.schedule not in SCHEDULES:

@@ -20,6 +20,7 @@ from ..inputs import as_tensor_data
 from ..metrics import accuracy, robust_accuracy_quick
 from ..progress import progress
 from ..seeding import derive_seed, make_generator
+from .augment import augment
 from .checkpoint import History, load_checkpoint, save_checkpoint
 from .config import TrainConfig, epochs_for, lr_at, total_steps
 from .objectives import (
@@ -136,6 +137,9 @@ def fit(
                     break
                 # each rank draws its own attack noise (one process: the same stream as always)
                 g = make_generator(derive_seed(cfg.seed, "step", epoch, step, *([rank] if world > 1 else [])), device)
+                if cfg.augment != "none":  # a stream of its own: the attack noise stays what it was
+                    keys = ("augment", epoch, step, *([rank] if world > 1 else []))
+                    x = augment(x, cfg.augment, make_generator(derive_seed(cfg.seed, *keys), device))
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
