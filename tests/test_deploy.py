@@ -245,3 +245,17 @@ def test_a_patch_of_a_model_with_batchnorm_scalars_round_trips(tmp_path):
     advtune.apply_patch(base, tmp_path / "p.safetensors")
     assert state_sha256(base.state_dict()) == state_sha256(tuned.state_dict())
     assert int(base[1].num_batches_tracked) == 1
+
+
+def test_a_model_onnx_cannot_export_is_one_line_and_writes_nothing(shipped, tmp_path, capsys, monkeypatch):
+    root, _ = shipped
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    out = tmp_path / "ship" / "m.onnx"
+    assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ONNX cannot export this model (RuntimeError: Exporting the operator" in err and len(err.splitlines()) == 1
+    assert "--format safetensors" in err and not (tmp_path / "ship").exists()  # not even the folder
