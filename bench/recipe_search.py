@@ -50,6 +50,11 @@ ap.add_argument("--featlayer", default="relu2")
 ap.add_argument("--clean", type=float, default=0.0)
 ap.add_argument("--local", default="")  # local objective: feature matching at this net child (prefix only)
 ap.add_argument("--lsteps", type=int, default=10)
+ap.add_argument(
+    "--lora", type=int, default=0
+)  # low-rank adapters of this rank on the --train layers (all: every conv/linear)
+ap.add_argument("--bias", action="store_true")  # with --lora: also train every bias
+ap.add_argument("--ema", type=float, default=0.0)  # evaluate an exponential moving average of the trained weights
 args = ap.parse_args()
 torch.manual_seed(0)
 ds = load_dataset("mnist")
@@ -68,7 +73,18 @@ model.load_state_dict(torch.load(args.base, weights_only=True))
 orig = copy.deepcopy(model).eval()
 for p in orig.parameters():
     p.requires_grad_(False)
-if args.train != "all":
+if args.lora:
+    from advtune.train.lowrank import adaptable_layers, add_adapters
+
+    layers = adaptable_layers(model)
+    if args.train != "all":
+        layers = [n for n in layers if n.removeprefix("net.") in args.train.split(",")]
+    add_adapters(model, {n: min(args.lora, *getattr(model.get_submodule(n), "weight").shape[:1]) for n in layers})
+    if args.bias:
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.requires_grad_(True)
+elif args.train != "all":
     names = args.train.split(",")
     for n, p in model.named_parameters():
         p.requires_grad_(any(n.startswith("net." + m + ".") for m in names))
@@ -83,6 +99,22 @@ threat = ThreatModel("linf", args.eps)
 evals = [int(s) for s in args.evals.split(",")]
 val_attack = build_attack("pgd:steps=20", threat)
 vx = va.take(1000)
+ema = [p.detach().clone() for p in params] if args.ema else None
+
+
+def evaluate_now():
+    """Validation accuracy, clean and PGD-20, of the weights (or their EMA)."""
+    if ema:
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    out_ = accuracy(model, va.take(2000)), robust_accuracy_quick(model, vx, val_attack, 500, 0)
+    if ema:
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+    return out_
 
 
 def lr_at(s):
@@ -176,13 +208,20 @@ while step < args.steps:
             if step >= args.steps:
                 break
             continue
-        with eval_mode(model):
-            xa = atk(model, x, y, generator=g)
+        if not args.trades:  # TRADES runs its own inner maximisation
+            with eval_mode(model):
+                xa = atk(model, x, y, generator=g)
         model.train()
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step)
-        logits = model(xa)
-        loss = F.cross_entropy(logits, y)
+        if args.trades:  # TRADES at the ramped eps: CE(clean) + beta * KL(clean || adversarial)
+            from advtune.train import trades as trades_objective
+
+            tr_obj = trades_objective(atk.threat, steps=int(args.attack.split("steps=")[1]), beta=args.trades)
+            loss = tr_obj(model, x, y, generator=g)["loss"]
+        else:
+            logits = model(xa)
+            loss = F.cross_entropy(logits, y)
         if args.clean:
             loss = (1 - args.clean) * loss + args.clean * F.cross_entropy(model(x), y)
         if args.feat:
@@ -199,12 +238,15 @@ while step < args.steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if ema:
+            with torch.no_grad():
+                for p, e in zip(params, ema):
+                    e.lerp_(p, 1 - args.ema)
         grad_evals += len(y) * (atk.grad_evals() + 1)
         step += 1
         train_s += time.time() - ts
         if step in evals:
-            va_clean = accuracy(model, va.take(2000))
-            va_rob = robust_accuracy_quick(model, vx, val_attack, 500, 0)
+            va_clean, va_rob = evaluate_now()
             rec = dict(
                 name=args.name,
                 step=step,

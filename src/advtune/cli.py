@@ -213,8 +213,7 @@ def run_finetune(args) -> int:
     from .runs.configs import FinetuneRun
 
     s = finetune_job.run(from_args(FinetuneRun, args, train=_train_config(args, _default(FinetuneRun)))).to_json()
-    sel = s.get("selection")
-    what = f"{sel['units']} units, {sel['trainable_params']:,} params" if sel else "all parameters"
+    what = finetune_job.trained_words(s.get("selection"))
     quick = (
         f", PGD-10 (quick, {s['pgd10_examples']} ex.) {100 * s['pgd10_acc_quick']:.2f}%"
         if "pgd10_acc_quick" in s

@@ -352,10 +352,11 @@ def build_from_factory(
 # ---------------------------------------------------------------- save / load
 
 
-def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
-    """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically."""
+def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict | None = None) -> Path:
+    """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically.
+    `state`: the tensors to write instead of `model.state_dict()` (e.g. with adapters merged)."""
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = dict(meta)
     meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
@@ -363,7 +364,10 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
         meta.setdefault("factory", model.advtune_factory)
     for k, v in (getattr(model, "advtune_build", None) or {}).items():  # what rebuilds it
         meta.setdefault(k, v)
-    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    # a parametrized weight counts once (its original), its parametrization's own tensors not at all
+    meta["parameters"] = sum(
+        p.numel() for n, p in model.named_parameters() if ".parametrizations." not in n or n.endswith(".original")
+    )
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
     atomic_write_json(directory / files.MODEL_META, meta)
     return directory / files.WEIGHTS

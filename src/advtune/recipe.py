@@ -23,8 +23,9 @@ class Recipe:
 
     granularity: str = setting(
         "layer",
-        help="select whole layers (best-ranked first) or single units",
-        choices=("layer", "unit"),
+        help="select whole layers (best-ranked first), single units, or low-rank adapters on every conv/linear "
+        "layer (ranks shared out by the layers' scores; merged into the weights at the end)",
+        choices=("layer", "unit", "lowrank"),
         group="recipe",
     )
     params: float = setting(
@@ -52,8 +53,8 @@ class Recipe:
     )
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("layer", "unit"):
-            raise AdvtuneError(f"recipe granularity must be layer or unit, got {self.granularity!r}")
+        if self.granularity not in ("layer", "unit", "lowrank"):
+            raise AdvtuneError(f"recipe granularity must be layer, unit or lowrank, got {self.granularity!r}")
         if not (isinstance(self.params, (int, float)) and 0 < self.params):
             raise AdvtuneError(f"recipe params must be a positive parameter budget, got {self.params!r}")
         if not 0 <= self.eps_warmup < 1:

@@ -27,10 +27,12 @@ from ..train import (
     steps_for_budget,
     total_steps,
 )
+from ..train.lowrank import LowRank, budget_ranks, has_adapters, plain_state_dict, uniform_ranks
 from ..vulnerability import (
     ScoreTable,
     check_params,
     check_share,
+    rank_layers,
     select_layers,
     select_random,
     select_top,
@@ -115,7 +117,8 @@ def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
         if (folder / files.COST).is_file():
             return
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, model, {**meta, "snapshot": {"of": str(rd.path), "step": step}})
+        state = plain_state_dict(model) if has_adapters(model) else None  # low-rank adapters folded in
+        save_model(folder, model, {**meta, "snapshot": {"of": str(rd.path), "step": step}}, state)
         sub = RunDir(folder)
         sub.write_config(
             {
@@ -262,19 +265,42 @@ def make_selection(
         check_share(share)
     else:
         check_params(params, model)
-    if granularity not in ("unit", "layer"):
-        raise AdvtuneError(f"granularity {granularity!r}: use unit or layer")
+    if granularity not in ("unit", "layer", "lowrank"):
+        raise AdvtuneError(f"granularity {granularity!r}: use unit, layer or lowrank")
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
-        return select_from_table(select, model, share, per_layer, params, granularity, example_input)
+        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed)
     if select == "all":
         return None
+    if select == "lowrank" or select.startswith("lowrank:"):
+        return lowrank_selection(model, select, params, seed)
     if select.startswith("layers:"):
         return select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
     if select == "random":
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
-    return select_from_table(read_table(select, criterion), model, share, per_layer, params, granularity, example_input)
+    table = read_table(select, criterion)
+    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed)
+
+
+def lowrank_selection(model, select: str, params: float | None, seed: int, scores: dict | None = None) -> LowRank:
+    """`lowrank:rank=R`: adapters of rank R on every conv and linear layer; `lowrank` with a parameter
+    budget: ranks that fill it, shared out by the layers' vulnerability scores when given."""
+    _, _, arg = select.partition(":")
+    if arg:
+        key, _, value = arg.partition("=")
+        if key.strip() != "rank" or not value.strip().isdigit() or int(value) < 1:
+            raise AdvtuneError(
+                f"--select {select!r}: write lowrank:rank=<a positive integer>, or lowrank with --params"
+            )
+        selection = LowRank(uniform_ranks(model, int(value)), seed)
+    elif params is None:
+        raise AdvtuneError("--select lowrank needs a rank (lowrank:rank=8) or a parameter budget (--params 0.05)")
+    else:
+        budget = int(params if params >= 1 else params * model_params(model))
+        selection = LowRank(budget_ranks(model, budget, scores), seed)
+    selection.validate(model)
+    return selection
 
 
 def read_table(source: str | Path, criterion: str) -> ScoreTable:
@@ -295,10 +321,22 @@ def read_table(source: str | Path, criterion: str) -> ScoreTable:
 
 
 def select_from_table(
-    table: ScoreTable, model, share: float, per_layer: bool, params=None, granularity: str = "unit", example_input=None
+    table: ScoreTable,
+    model,
+    share: float,
+    per_layer: bool,
+    params=None,
+    granularity: str = "unit",
+    example_input=None,
+    seed: int = 0,
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
-    within a parameter budget, or the top share of units (globally or per layer)."""
+    within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
+    summed scores (granularity=lowrank), or the top share of units (globally or per layer)."""
+    if granularity == "lowrank":
+        if params is None:
+            raise AdvtuneError("low-rank adapters from an analysis need a parameter budget (--params)")
+        return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)))
     if params is not None and granularity == "layer":
         selection = select_top_layers(table, model, params, example_input=example_input)
     elif params is not None:
@@ -313,7 +351,11 @@ def describe_selection(selection, model, example=None) -> dict:
     """What a selection trains, for the records: components, units, parameters (also per layer)."""
 
     trainable = selection.trainable_params(model, example_input=example)
+    extra = {}
+    if isinstance(selection, LowRank):  # degrees of freedom differ from the entries that change
+        extra = {"kind": "lowrank", "ranks": selection.ranks, "changed_params": selection.changed_entries(model)}
     return {
+        **extra,
         "components": len(selection),
         "units": selection.n_units(model),
         "trainable_params": trainable,

@@ -165,7 +165,10 @@ class FinetuneRun:
     out: str = out_setting()
     eps: float | None = eps_setting("attack")
     select: str = setting(
-        "all", help="all | random | layers:<name,...> | <analyze folder> (its --criterion ranking)", group="selection"
+        "all",
+        help="all | random | layers:<name,...> | lowrank:rank=R (adapters on every conv/linear layer) | lowrank "
+        "(with --params) | <analyze folder> (its --criterion ranking)",
+        group="selection",
     )
     share: float = setting(0.1, help="share of components to fine-tune, in (0, 1]", type=number, group="selection")
     criterion: str = setting("taylor", help="score table of the analyze folder to rank by", group="selection")
@@ -196,8 +199,9 @@ class FinetuneRun:
     )
     granularity: str = setting(
         "unit",
-        help="with --params and an analyze folder: best units, or whole layers",
-        choices=("unit", "layer"),
+        help="with --params and an analyze folder: best units, whole layers, or low-rank adapters on every layer "
+        "with ranks shared out by the layers' scores",
+        choices=("unit", "layer", "lowrank"),
         group="selection",
     )
     budget: int | None = budget_setting()

@@ -57,6 +57,15 @@ class FinetuneSummary(Record):
     pgd10_examples: int | None = None
 
 
+def trained_words(selection: dict | None) -> str:
+    """What a fine-tuning trained, in words, from its selection record."""
+    if not selection:
+        return "all parameters"
+    if selection.get("kind") == "lowrank":
+        return f"low-rank adapters on {selection['components']} layers, {selection['trainable_params']:,} params"
+    return f"{selection['units']} units, {selection['trainable_params']:,} params"
+
+
 def check_finetune(run: FinetuneRun) -> FinetuneRun:
     """The fine-tuning settings, refused in one line before any work; the eps ramp resolved."""
     run = replace(

@@ -44,6 +44,7 @@ from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report
 from ..storage import atomic_write_bytes, read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
+from ..train.lowrank import budget_ranks
 from ..vulnerability import check_params
 from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, read_table, refuse_same_folder
@@ -78,6 +79,9 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
     budget = check_params(recipe.params, model)
+    if recipe.granularity == "lowrank":
+        budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
+        return
     per_unit = unit_params(model, example)
     candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
     units = dict(fingerprint(model))
@@ -279,7 +283,7 @@ def harden_model(
             write_analysis(ard, analysis)
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
-    what = "whole layers" if recipe.granularity == "layer" else "units"
+    what = {"layer": "whole layers", "unit": "units", "lowrank": "low-rank adapters on every layer"}[recipe.granularity]
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
@@ -440,7 +444,8 @@ def format_summary(summary: HardenSummary) -> str:
     """What `advtune harden` prints at the end."""
     s = summary.to_json()
     sel = s.get("selection") or {}
-    layers = ", ".join(f"{n} ({u}/{t} units)" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
+    unit = "rank" if sel.get("kind") == "lowrank" else "units"
+    layers = ", ".join(f"{n} ({u}/{t} {unit})" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
     c = s["cost"]
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .lowrank import merge
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +21,9 @@ class Trainable:
         after every optimizer step (momentum and weight decay move entries with zero gradient);
     (c) BatchNorms whose parameters are all frozen run in eval mode (running stats don't move);
         partially selected BNs have their unselected running-stat entries restored after each step;
-    (d) a selection covering everything changes nothing: exactly the full-training path.
+    (d) a selection covering everything changes nothing: exactly the full-training path;
+    (e) a low-rank selection (lowrank.LowRank) adds adapters and trains only them; `close` merges
+        them into the weights, so the model leaves `fit` with its own architecture.
     """
 
     def __init__(self, model: nn.Module, selection, example_input: torch.Tensor | None = None) -> None:
@@ -28,8 +32,14 @@ class Trainable:
         self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.frozen_bns: list[_BatchNorm] = []
         self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.adapted = False
         if selection is None or selection.is_everything(model):
             return  # (d): selecting everything is exactly the full-training path
+        if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
+            selection.adapt(model)
+            self.adapted = True
+            self.frozen_bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+            return
         # a traced forward finds the BatchNorm that follows each selected conv (see components.py)
         masks = selection.masks(model, example_input=example_input)
         for name, p in model.named_parameters():
@@ -83,5 +93,8 @@ class Trainable:
             bn.running_var[keep] = var[keep]
 
     def close(self) -> None:
+        if self.adapted:
+            merge(self.model)
+            self.adapted = False
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.flags[name])

@@ -1,0 +1,208 @@
+"""Low-rank adapters: a small trainable budget spread over every conv and linear layer.
+
+Each adapted layer's weight W (out x in x k x k, or out x in) becomes W + U @ D reshaped, with
+D (rank x fan_in) drawn at random and U (out x rank) starting at zero, so training starts from the
+model as it is; W itself stays frozen. `merge` folds U @ D into W and removes the adapters, so the
+model keeps its architecture and its state_dict keys. The idea is low-rank adaptation (LoRA, Hu et al.
+2021); spreading it over every layer for adversarial fine-tuning is FullLoRA-AT's finding (on vision
+transformers, ~5% of the parameters matched full adversarial fine-tuning).
+
+The degrees of freedom are the adapters' entries (sum over layers of rank * (out + fan_in)); every
+entry of an adapted weight changes, so a patch of a merged model is dense in those layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import AdvtuneError
+
+ADAPTABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class LowRankDelta(nn.Module):
+    """The parametrization W -> W + (up @ down).view_as(W)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        out, fan_in = weight.shape[0], weight[0].numel()
+        down = torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in)
+        self.down = nn.Parameter(down.to(weight.device, weight.dtype))
+        self.up = nn.Parameter(torch.zeros(out, rank, device=weight.device, dtype=weight.dtype))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.up @ self.down).view_as(weight)
+
+
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """Names of the conv and linear layers of `model`, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+
+
+def check_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Refuse, in one line, a layer the model lacks or a rank that does not fit it."""
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        mod = modules.get(name)
+        if not isinstance(mod, ADAPTABLE):
+            raise AdvtuneError(
+                f"low-rank: {name!r} is not a conv or linear layer of the model; layers: "
+                + ", ".join(adaptable_layers(model))
+            )
+        top = max_rank(mod.weight)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+            shape = tuple(mod.weight.shape)
+            raise AdvtuneError(f"low-rank: rank {rank!r} does not fit {name} (weight {shape}): use 1..{top}")
+
+
+def add_adapters(model: nn.Module, ranks: dict[str, int], seed: int = 0) -> int:
+    """Adapt the named layers with the given ranks, freeze every other parameter of the model, and
+    return the number of trainable entries (the adapters'). Ranks that do not fit are refused before
+    any layer is changed."""
+    check_ranks(model, ranks)
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, rank in ranks.items():
+        mod = modules[name]
+        delta = LowRankDelta(mod.weight.detach(), rank, gen)
+        order = list(mod._parameters)  # merge puts the weight back in its place (state_dict order)
+        parametrize.register_parametrization(mod, "weight", delta)
+        mod._advtune_order = order
+        mod.parametrizations.weight.original.requires_grad_(False)
+        count += delta.up.numel() + delta.down.numel()
+    return count
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' parameters (what the optimizer trains)."""
+    return [p for m in model.modules() if isinstance(m, LowRankDelta) for p in (m.up, m.down)]
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its weight and remove it: the model has its original architecture
+    and state_dict keys again, with the adapted weights."""
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            for name in getattr(mod, "_advtune_order", ()):
+                mod._parameters[name] = mod._parameters.pop(name)
+            mod.__dict__.pop("_advtune_order", None)
+
+
+def adapter_size(weight: torch.Tensor, rank: int) -> int:
+    """Entries of a rank-`rank` adapter of `weight`: rank * (out + fan_in)."""
+    return rank * (weight.shape[0] + weight[0].numel())
+
+
+def max_rank(weight: torch.Tensor) -> int:
+    return min(weight.shape[0], weight[0].numel())
+
+
+class LowRank:
+    """A selection that trains low-rank adapters instead of a subset of the weights (for `fit`, via
+    `Trainable`): `ranks` maps each adapted layer to its rank; `seed` draws the adapters' start."""
+
+    kind = "lowrank"
+
+    def __init__(self, ranks: dict[str, int], seed: int = 0) -> None:
+        if not ranks:
+            raise AdvtuneError("low-rank: no layer to adapt")
+        self.ranks = dict(ranks)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def is_everything(self, model: nn.Module) -> bool:
+        return False
+
+    def validate(self, model: nn.Module) -> None:
+        check_ranks(model, self.ranks)
+
+    def adapt(self, model: nn.Module) -> int:
+        """Add the adapters to `model` (everything else frozen); the number of trainable entries."""
+        self.validate(model)
+        return add_adapters(model, self.ranks, self.seed)
+
+    def params_by_layer(self, model: nn.Module, example_input=None) -> dict[str, int]:
+        modules = dict(model.named_modules())
+        return {n: adapter_size(modules[n].weight, r) for n, r in self.ranks.items()}
+
+    def trainable_params(self, model: nn.Module, example_input=None) -> int:
+        return sum(self.params_by_layer(model).values())
+
+    def n_units(self, model: nn.Module) -> int:
+        return sum(self.ranks.values())  # rank-one directions
+
+    def by_layer(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        modules = dict(model.named_modules())
+        return {n: (r, max_rank(modules[n].weight)) for n, r in self.ranks.items()}
+
+    def changed_entries(self, model: nn.Module) -> int:
+        """Weight entries a merged adapter changes (all of each adapted weight)."""
+        modules = dict(model.named_modules())
+        return sum(modules[n].weight.numel() for n in self.ranks)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "ranks": self.ranks, "seed": self.seed}
+
+
+def uniform_ranks(model: nn.Module, rank: int, layers: list[str] | None = None) -> dict[str, int]:
+    """Rank `rank` on every conv/linear layer (or the named ones), capped where a layer is smaller."""
+    modules = dict(model.named_modules())
+    names = layers if layers is not None else adaptable_layers(model)
+    return {n: min(rank, max_rank(modules[n].weight)) for n in names}
+
+
+def budget_ranks(model: nn.Module, params: int, scores: dict[str, float] | None = None) -> dict[str, int]:
+    """Ranks for every conv/linear layer within `params` adapter entries: each layer gets rank 1,
+    then the budget left goes out one rank at a time to the layer whose share of the scores (the
+    vulnerability map's per-layer sums; equal shares without scores) is least met by its share of
+    the adapter entries so far. Refused when not even rank 1 everywhere fits."""
+    modules = dict(model.named_modules())
+    names = adaptable_layers(model)
+    cost = {n: adapter_size(modules[n].weight, 1) for n in names}
+    if params < sum(cost.values()):
+        raise AdvtuneError(
+            f"low-rank: a budget of {params} entries does not fit rank 1 on every layer ({sum(cost.values())} "
+            "entries); raise --params"
+        )
+    raw = {n: max(float((scores or {}).get(n, 0.0)), 0.0) for n in names} if scores else {n: 1.0 for n in names}
+    total = sum(raw.values()) or 1.0
+    want = {n: raw[n] / total if sum(raw.values()) else 1 / len(names) for n in names}
+    ranks = {n: 1 for n in names}
+    left = params - sum(cost.values())
+    while True:
+        spent = sum(ranks[k] * cost[k] for k in names)
+        open_ = [n for n in names if ranks[n] < max_rank(modules[n].weight) and cost[n] <= left]
+        if not open_:
+            return ranks
+        n = max(open_, key=lambda k: (want[k] - ranks[k] * cost[k] / spent, -names.index(k)))
+        ranks[n] += 1
+        left -= cost[n]
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankDelta) for m in model.modules())
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with every adapter merged into its weight, under the plain keys, without
+    touching the model (it may keep training). A deep copy cannot be merged instead: removing a
+    parametrization edits the class the copy shares with the model."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".parametrizations.weight.original"):
+            prefix = key.removesuffix(".parametrizations.weight.original")
+            out[prefix + ".weight"] = model.get_submodule(prefix).weight.detach().clone()
+        elif ".parametrizations.weight." not in key:
+            out[key] = value
+    return out

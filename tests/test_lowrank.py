@@ -1,0 +1,171 @@
+"""Low-rank adapters on every layer (#21): only the adapters train, the merged model keeps its
+architecture, each weight moves by a matrix of rank <= r, a resumed run is exact, the budget rule
+fits its budget, and bad ranks or budgets are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advtune import filenames as files
+from advtune.attacks import PGD
+from advtune.data import TensorData
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+from advtune.train import TrainConfig, adversarial, fit
+from advtune.train.lowrank import LowRank, adapter_size, budget_ranks, uniform_ranks
+from cli_helpers import train_argv
+from test_selective import bn_net
+
+THREAT = ThreatModel("linf", 0.1)
+CFG = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=0.01, seed=1, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from advtune.data import synthetic_blobs
+
+    x, y = synthetic_blobs(256, generator=torch.Generator().manual_seed(3))
+    return TensorData((x * 255).round().to(torch.uint8), y)
+
+
+def test_adapters_train_and_merge_into_a_low_rank_change(data):
+    model = bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sel = LowRank(uniform_ranks(model, 2))
+    assert sel.ranks == {"net.conv1": 2, "net.conv2": 2, "net.fc": 2}
+    fit(model, data, adversarial(PGD(THREAT, steps=2)), CFG, selection=sel)
+    after = model.state_dict()
+    assert list(after) == list(before), "the merged model must have the original state_dict keys"
+    for layer in ("net.conv1", "net.conv2", "net.fc"):
+        delta = (after[layer + ".weight"] - before[layer + ".weight"]).flatten(1)
+        assert delta.abs().max() > 0, f"{layer}: the adapter did not train"
+        assert int(torch.linalg.matrix_rank(delta.double(), rtol=1e-6)) <= 2, f"{layer}: change of rank > 2"
+        assert torch.equal(after[layer + ".bias"], before[layer + ".bias"]), f"{layer}: a bias moved"
+    for bn in ("net.bn1", "net.bn2"):  # every original parameter is frozen, so BN statistics stay
+        for k in ("weight", "running_mean", "running_var"):
+            assert torch.equal(after[f"{bn}.{k}"], before[f"{bn}.{k}"]), f"{bn}.{k} moved"
+    assert all(p.requires_grad for p in model.parameters()) and len(list(model.parameters())) == 10
+
+
+def test_trainable_count_is_the_adapters(data):
+    model = bn_net()
+    sel = LowRank({"net.conv2": 3, "net.fc": 1})
+    from advtune.cost import CostMeter
+
+    meter = CostMeter()
+    fit(
+        model,
+        data,
+        adversarial(PGD(THREAT, steps=1)),
+        TrainConfig(epochs=1, batch_size=64, seed=0),
+        selection=sel,
+        meter=meter,
+    )
+    assert meter.trainable_params == 3 * (16 + 8 * 9) + 1 * (4 + 256) == sel.trainable_params(model)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_with_adapters_is_exact(data, tmp_path):
+    objective = adversarial(PGD(THREAT, steps=2))
+    full = bn_net()
+    fit(full, data, objective, CFG, selection=LowRank(uniform_ranks(full, 2), seed=4))
+
+    calls = {"n": 0}
+
+    def crash(model, x, y, *, generator=None):
+        calls["n"] += 1
+        if calls["n"] == 11:  # mid epoch 2 (8 steps per epoch), after the checkpoint at step 3
+            raise Interrupt()
+        return objective(model, x, y, generator=generator)
+
+    crash.attack_grad_evals = objective.attack_grad_evals
+    interrupted = bn_net()
+    with pytest.raises(Interrupt):
+        fit(
+            interrupted,
+            data,
+            crash,
+            CFG,
+            selection=LowRank(uniform_ranks(interrupted, 2), seed=4),
+            checkpoint_dir=tmp_path,
+        )
+    assert list(interrupted.state_dict()) == list(full.state_dict()), "an interrupted fit must still merge"
+    resumed = bn_net(seed=9)
+    fit(
+        resumed,
+        data,
+        objective,
+        CFG,
+        selection=LowRank(uniform_ranks(resumed, 2), seed=4),
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_budget_ranks_fill_the_budget_by_scores():
+    model = bn_net()
+    one = {n: adapter_size(model.get_submodule(n).weight, 1) for n in ("net.conv1", "net.conv2", "net.fc")}
+    budget = 3000
+    ranks = budget_ranks(model, budget, {"net.conv1": 0.1, "net.conv2": 5.0, "net.fc": 1.0})
+    spent = sum(r * one[n] for n, r in ranks.items())
+    assert set(ranks) == set(one) and min(ranks.values()) >= 1 and spent <= budget
+    assert budget - spent < max(one.values()) or all(
+        r == min(model.get_submodule(n).weight.shape[0], model.get_submodule(n).weight[0].numel())
+        for n, r in ranks.items()
+    ), "budget left that a layer could still use"
+    assert (
+        ranks["net.conv2"] * one["net.conv2"] > ranks["net.conv1"] * one["net.conv1"]
+    )  # the vulnerable layer gets more
+    with pytest.raises(AdvtuneError, match="does not fit rank 1 on every layer"):
+        budget_ranks(model, sum(one.values()) - 1)
+
+
+@pytest.mark.parametrize(
+    "ranks,match",
+    [
+        ({"net.conv1": 10}, "rank 10 does not fit net.conv1"),
+        ({"net.bn1": 1}, "not a conv or linear layer"),
+        ({"net.fc": 0}, "rank 0"),
+    ],
+)
+def test_bad_rank_is_one_line_and_changes_nothing(ranks, match):
+    model = bn_net()
+    before = list(model.state_dict())
+    with pytest.raises(AdvtuneError, match=match):
+        LowRank(ranks).adapt(model)
+    assert list(model.state_dict()) == before
+
+
+def test_finetune_lowrank_end_to_end(tmp_path, capsys):
+    from advtune.cli import main
+    from advtune.models import load_model
+
+    base = tmp_path / "std"
+    assert main(train_argv(base, limit=200, limit_test=60)) == 0
+    common = ["--eps", "0.1", "--epochs", "1", "--limit", "200", "--limit-test", "60", "--attack", "pgd:steps=2"]
+    out = tmp_path / "ft"
+    argv = ["finetune", str(base), "--select", "lowrank:rank=2", "--points", "2", "--out", str(out), "--quiet"]
+    assert main([*argv, *common]) == 0
+    selection = json.loads((out / "config.json").read_text())["selection"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert selection["kind"] == "lowrank" and set(selection["ranks"].values()) == {2}
+    assert summary["cost"]["trainable_params"] == selection["trainable_params"] < selection["changed_params"]
+    base_model, _ = load_model(base, torch.device("cpu"))
+    tuned, _ = load_model(out, torch.device("cpu"))  # the plain architecture: loads without adapters
+    for (k, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b) == (not k.endswith("weight")), k  # weights moved, nothing else did
+    snaps = sorted((out / files.SNAPSHOTS).iterdir())
+    assert len(snaps) == 2 and load_model(snaps[0], torch.device("cpu"))[0] is not None
+    # bad specs: one line each, nothing written
+    for spec, match in (("lowrank:rank=0", "lowrank:rank=<a positive integer>"), ("lowrank", "needs a rank")):
+        bad = tmp_path / spec.replace(":", "_").replace("=", "_")
+        assert main(["finetune", str(base), "--select", spec, "--out", str(bad), "--quiet", *common]) == 2
+        assert match in capsys.readouterr().err and not bad.exists()
