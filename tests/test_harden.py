@@ -53,9 +53,15 @@ def hardened(base):
 def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardened, capsys):
     s = json.loads((hardened / "summary.json").read_text())
     assert s["after"]["robust_acc"] > s["before"]["robust_acc"] + 0.2
-    # --limit 600 caps the analysis as well as the fine-tuning (the recipe alone would score 1000)
-    assert s["analysis_examples"] == 600
-    assert json.loads((hardened / "analysis" / "summary.json").read_text())["examples_scored"] == 600
+    # --limit 600 caps the analysis as well as the fine-tuning (the recipe alone would score 1000); a tenth
+    # of them (60) is held out to choose the checkpoint, never analysed or trained on
+    assert s["analysis_examples"] == 540
+    assert json.loads((hardened / "analysis" / "summary.json").read_text())["examples_scored"] == 540
+    k = s["checkpoints"]
+    assert k["examples"] == 60 and len(k["curve"]) == 4 and k["chosen_step"] in [p["step"] for p in k["curve"]]
+    best = max(p["robust_acc"] for p in k["curve"])
+    assert max(p["step"] for p in k["curve"] if p["robust_acc"] == best) == k["chosen_step"]
+    assert s["cost"]["checkpoint_grad_evals"] == 4 * 60 * 10 > 0
     assert s["after"]["clean_acc"] >= 0.9
     # the parameter budget holds on the weights themselves: count the entries that changed
     before, _ = load_model(base / "base")

@@ -308,12 +308,13 @@ class HardenCostCore(TypedDict):
     base_training_grad_evals: int | None  # None: the base run has no cost.json
     analysis_grad_evals: int
     finetune_grad_evals: int
-    harden_grad_evals: int  # analysis + fine-tuning
+    harden_grad_evals: int  # analysis + fine-tuning + choosing the checkpoint
 
 
 class HardenCost(HardenCostCore, total=False):
     analysis_wall_s: float
     finetune_wall_s: float
+    checkpoint_grad_evals: int  # choosing the checkpoint on the held-out split
     evaluation_grad_evals: int
 
 
@@ -334,7 +335,7 @@ class HardenSummary(Record):
 
     SCHEMA = 1
     KIND = "harden-summary"
-    OMIT_NONE = ("report",)
+    OMIT_NONE = ("report", "checkpoints")
 
     eps: float
     norm: str
@@ -352,4 +353,5 @@ class HardenSummary(Record):
     cost: HardenCost  # base training, analysis, fine-tuning and evaluation gradient evaluations, wall times
     concentration: list | None  # the analysis' concentration curve
     analysis_examples: int | None = None  # training examples the analysis scored
+    checkpoints: dict | None = None  # the held-out curve and the step kept (None: the last was kept)
     report: str | None = None  # report.html, once written

@@ -72,6 +72,15 @@ def points_setting():
     return setting(0, help="save this many snapshots along the run under snapshots/", group="training")
 
 
+def keep_best_setting(default: int = 0, group: str | None = "training"):
+    return setting(
+        default,
+        help="measure this many checkpoints after the eps ramp on the held-out split (PGD-10, robust accuracy) and "
+        "keep the best, not the last (robust overfitting); 0: keep the last",
+        group=group,
+    )
+
+
 def eps_warmup_setting(group: str):
     return setting(
         None,
@@ -206,6 +215,7 @@ class FinetuneRun:
     )
     budget: int | None = budget_setting()
     points: int = points_setting()
+    keep_best: int = keep_best_setting()
     device: str = device_setting()
     resume: bool = resume_setting()
     overwrite: bool = overwrite_setting()
@@ -298,6 +308,12 @@ class HardenRun:
     recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
     limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")
     limit_test: int = setting(1000, help="test examples for the evaluation")
+    holdout: int | None = setting(
+        None,
+        help="training examples held out (never analysed or trained on) to choose the checkpoint to keep "
+        "(default: 1000, at most a tenth of the training data; 0: none, keep the last)",
+    )
+    keep_best: int = keep_best_setting(4, None)
     evaluation: str = setting(
         EVALUATION,
         help="attack list of the evaluation before and after (worst case per example, masking gate on), or a "

@@ -7,7 +7,9 @@ import logging
 from dataclasses import dataclass, replace
 
 from .. import filenames as files
+from ..attacks import build_attack
 from ..cost import CostMeter
+from ..data import num_batches
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
@@ -15,7 +17,8 @@ from ..patch import cpu_state, write_patch
 from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, fit
+from ..train import TrainConfig, build_objective, fit, total_steps
+from ..train.keep_best import KeepBest
 from .common import (
     check_val,
     close_training_folder,
@@ -44,7 +47,7 @@ class FinetuneSummary(Record):
 
     SCHEMA = 1
     KIND = "finetune-summary"
-    OMIT_NONE = ("pgd10_acc_quick", "pgd10_examples")  # the monitor was off: the record has no such keys
+    OMIT_NONE = ("pgd10_acc_quick", "pgd10_examples", "checkpoints")  # the monitor was off: the record has no such keys
 
     test_acc: float | None  # clean accuracy on the test split (None: no test data, the Python API)
     test_examples: int
@@ -55,6 +58,26 @@ class FinetuneSummary(Record):
     cost: dict
     pgd10_acc_quick: float | None = None  # the quick PGD-10 monitor (not the honest protocol), if on
     pgd10_examples: int | None = None
+    checkpoints: dict | None = None  # --keep-best: the held-out curve and the step kept
+
+
+def keep_best_steps(total: int, points: int, eps_warmup: float) -> list[int]:
+    """`points` steps evenly spaced after the eps ramp, the last at the end (inside the ramp the model
+    has not met the full eps yet)."""
+    start = eps_warmup * total
+    return sorted({max(1, round(start + (total - start) * i / points)) for i in range(1, points + 1)})
+
+
+def both(first, second):
+    """One on_step callback that calls two (either may be None)."""
+    if first is None:
+        return second
+
+    def on_step(model, step, meter):
+        first(model, step, meter)
+        second(model, step, meter)
+
+    return on_step
 
 
 def trained_words(selection: dict | None) -> str:
@@ -76,6 +99,10 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
     check_val(run.val)
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
+    if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
+        raise AdvtuneError(
+            f"--keep-best must be a number of checkpoints >= 0 (0: keep the last), got {run.keep_best!r}"
+        )
     if run.train.epochs == 0 and run.budget is None:
         raise AdvtuneError(
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
@@ -118,6 +145,8 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     )
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
     snapshot_steps(cfg, len(ds.train), run.points)  # validates points
+    if run.keep_best and (ds.val is None or len(ds.val) == 0):
+        raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     info = describe_selection(selection, model, example) if selection is not None else None
     return Finetuning(run, cfg, threat, objective, selection, info, example)
 
@@ -134,6 +163,23 @@ def finetune_model(
     callbacks = overfit_guard(run.guard, run.attack, job.threat, ds, model_device(model), cfg.seed, meter)
     snaps = snapshot_steps(cfg, len(ds.train), run.points)
     snap_meta = {k: v for k, v in (meta or {}).items() if k not in ("parameters", "tensors", "training")}
+    in_folder = fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume)
+    keep = None
+    if run.keep_best:
+        steps = keep_best_steps(
+            total_steps(cfg, num_batches(len(ds.train), cfg.batch_size)), run.keep_best, run.eps_warmup
+        )
+        spec = "pgd:steps=10"
+        keep = KeepBest(
+            ds.val,
+            build_attack(spec, job.threat),
+            steps,
+            label=spec,
+            folder=rd.path if rd else None,
+            batch_size=cfg.eval_batch_size,
+            seed=cfg.seed or 0,
+        )
+        in_folder["on_step"] = both(in_folder.get("on_step"), keep)
     history = fit(
         model,
         ds.train,
@@ -144,8 +190,11 @@ def finetune_model(
         meter=meter,
         callbacks=callbacks,
         desc="finetune",
-        **fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume),
+        **in_folder,
     )
+    if keep is not None:  # the best held-out point's weights, not the last
+        chosen = keep.restore(model)
+        log.info("kept the checkpoint of step %s (best held-out robust accuracy of %d)", chosen, len(keep.curve))
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None
     quick, n_quick = None, None
@@ -162,6 +211,7 @@ def finetune_model(
         meter.to_json(),
         quick,
         n_quick,
+        keep.record() if keep is not None else None,
     )
     if rd is not None:
         rd.write_metrics(history.epochs)

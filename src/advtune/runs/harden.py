@@ -102,10 +102,31 @@ class HardenPlan:
     budget: int  # fine-tuning gradient evaluations
     train: TrainConfig
     evaluation: str  # the attack list (or suite) the evaluation runs under this threat model
+    holdout: int = 0  # training examples held out to choose the checkpoint (0: keep the last)
+
+
+HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)
+
+
+def with_holdout(ds, run: HardenRun):
+    """The dataset with `run.holdout` training examples held out as its validation split (seeded), unless
+    it has one already; the split that chooses harden's checkpoint, never analysed or trained on."""
+    if ds.val is not None and len(ds.val):
+        return ds
+    n = len(ds.train)
+    size = run.holdout if run.holdout is not None else min(HOLDOUT, n // 10)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise AdvtuneError(f"--holdout must be a number of training examples >= 0, got {size!r}")
+    if run.holdout is not None and size >= n:
+        raise AdvtuneError(f"--holdout {size} leaves no training data (it has {n} examples); hold out fewer")
+    return ds.split_validation(size, run.seed) if size and run.keep_best else ds
 
 
 def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     """Validate everything a harden run needs, before anything is written or computed."""
+    if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
+        raise AdvtuneError(f"--keep-best must be a number of checkpoints >= 0, got {run.keep_best!r}")
+    ds = with_holdout(ds, run)
     if run.eps is None:
         raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
     threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
@@ -135,7 +156,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
-    return HardenPlan(threat, budget, train, evaluation)
+    return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0)
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -177,6 +198,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         limit=run.limit,
         limit_test=run.limit_test,
         monitor_test=0,
+        keep_best=run.keep_best if plan.holdout else 0,
         budget=plan.budget,
         device=run.device,
         resume=bool(ft_dir) and (ft_dir / files.CONFIG).is_file(),
@@ -250,6 +272,7 @@ def harden_model(
     has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
     there and a finished stage is read back instead of run again (resume)."""
     plan = plan or plan_harden(model, ds, run)  # the CLI planned it before creating the folder
+    ds = with_holdout(ds, run)  # the same split the plan saw
     out = rd.path if rd is not None else None
     recipe = run.recipe
     # -- 1. the vulnerability analysis
@@ -360,7 +383,9 @@ def run(run: HardenRun) -> HardenSummary:
         )
     print(
         f"advtune harden: {meta.get('architecture')} from {run.base}, {plan.threat}, "
-        f"{len(ds.train):,} training examples, budget {plan.budget:,} gradient evaluations"
+        f"{len(ds.train) - plan.holdout:,} training examples"
+        + (f" (+ {plan.holdout:,} held out to choose the checkpoint)" if plan.holdout else "")
+        + f", budget {plan.budget:,} gradient evaluations"
     )
     base_cost_file = Path(run.base) / files.COST
     base_cost = CostRecord.read(base_cost_file).to_json() if base_cost_file.is_file() else {}
@@ -429,11 +454,15 @@ def summarise(
             "base_training_grad_evals": base_cost.get("grad_evals"),
             "analysis_grad_evals": a_cost.get("grad_evals", 0),
             "finetune_grad_evals": ft_cost.get("grad_evals", 0),
-            "harden_grad_evals": a_cost.get("grad_evals", 0) + ft_cost.get("grad_evals", 0),
+            "harden_grad_evals": a_cost.get("grad_evals", 0)
+            + ft_cost.get("grad_evals", 0)
+            + (ft_sum.get("checkpoints") or {}).get("grad_evals", 0),
             "analysis_wall_s": a_cost.get("wall_s", 0.0),
             "finetune_wall_s": ft_cost.get("wall_s", 0.0),
+            "checkpoint_grad_evals": (ft_sum.get("checkpoints") or {}).get("grad_evals", 0),
             "evaluation_grad_evals": sum(sum((ev or {}).get("grad_evals", {}).values()) for ev in (before, after)),
         },
+        "checkpoints": ft_sum.get("checkpoints"),
         "concentration": a_sum.get("criteria", {}).get(run.recipe.criterion, {}).get("curve"),
         "analysis_examples": a_sum.get("examples_scored"),
     }
@@ -459,6 +488,13 @@ def format_summary(summary: HardenSummary) -> str:
         f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training took "
         f"{c['base_training_grad_evals'] or 0:,}",
     ]
+    if s.get("checkpoints"):
+        k = s["checkpoints"]
+        curve = ", ".join(f"{p['step']}: {100 * p['robust_acc']:.1f}%" for p in k["curve"])
+        lines.append(
+            f"  kept the checkpoint of step {k['chosen_step']}, the best under {k['attack']} on {k['examples']} "
+            f"held-out training examples (step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
+        )
     if s["after"].get("suspect"):
         lines.append("  !! the gradient-masking gate flagged the hardened model: " + "; ".join(s["after"]["suspect"]))
     else:

@@ -1,0 +1,91 @@
+"""Keep the best checkpoint of a run, chosen on held-out training data (never the test split).
+
+Robust accuracy peaks and then falls as adversarial training goes on (robust overfitting, Rice et
+al. 2020), so the last weights are not always the best. `KeepBest` is a `fit` on_step callback: at
+chosen steps it measures clean and robust accuracy on a held-out split under an attack, keeps the
+weights of the best point (ties: the later one), and `restore` puts them back after training. With
+a folder it records the curve and the best weights there, so a resumed run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save
+
+from ..distributed import is_main_process
+from ..errors import AdvtuneError
+from ..metrics import accuracy, robust_accuracy_quick
+from ..storage import atomic_write_bytes, atomic_write_json, read_json
+from .lowrank import has_adapters, plain_state_dict
+
+CURVE = "keep-best.json"
+WEIGHTS = "keep-best.safetensors"
+
+
+class KeepBest:
+    def __init__(
+        self, data, attack, steps: list[int], *, label: str = "", folder=None, batch_size: int = 500, seed: int = 0
+    ) -> None:
+        if data is None or len(data) == 0:
+            raise AdvtuneError("keeping the best checkpoint needs held-out examples; give --val N (N >= 1)")
+        self.data = data  # a TensorData split
+        self.label = label or type(attack).__name__  # the attack's spec, for the record
+        self.attack, self.steps, self.batch_size, self.seed = attack, sorted(set(steps)), batch_size, seed
+        self.folder = Path(folder) if folder else None
+        self.curve: list[dict] = []
+        self.best_state: dict | None = None
+        if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
+            self.curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
+
+    @property
+    def best(self) -> dict | None:
+        """The best point so far (highest robust accuracy; the later on a tie)."""
+        return max(reversed(self.curve), key=lambda p: p["robust_acc"], default=None)
+
+    def grad_evals(self) -> int:
+        """Gradient evaluations spent choosing (not training): the attack on every held-out example."""
+        return len(self.curve) * len(self.data) * int(self.attack.grad_evals())
+
+    def __call__(self, model, step: int, meter=None) -> None:
+        if step not in self.steps:
+            return
+        point = {
+            "step": step,
+            "grad_evals": meter.grad_evals if meter is not None else None,
+            "clean_acc": accuracy(model, self.data, self.batch_size),
+            "robust_acc": robust_accuracy_quick(model, self.data, self.attack, self.batch_size, self.seed),
+        }
+        self.curve = [p for p in self.curve if p["step"] != step] + [point]
+        self.curve.sort(key=lambda p: p["step"])
+        if self.best is point:
+            state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
+            self.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+            if self.folder is not None and is_main_process():
+                atomic_write_bytes(self.folder / WEIGHTS, save(self.best_state))
+        if self.folder is not None and is_main_process():
+            atomic_write_json(self.folder / CURVE, self.record())
+
+    def restore(self, model) -> int | None:
+        """Load the best point's weights into `model` (its adapters merged already); its step."""
+        best = self.best
+        if best is None:
+            return None
+        state = self.best_state
+        if state is None and self.folder is not None and (self.folder / WEIGHTS).is_file():
+            state = load_file(str(self.folder / WEIGHTS))  # measured before a resume
+        if state is None:
+            raise AdvtuneError(f"the best checkpoint (step {best['step']}) was not kept; rerun without --resume")
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+        return best["step"]
+
+    def record(self) -> dict:
+        best = self.best
+        return {
+            "examples": len(self.data),
+            "attack": self.label,
+            "curve": self.curve,
+            "chosen_step": best["step"] if best else None,
+            "grad_evals": self.grad_evals(),
+        }

@@ -1,0 +1,112 @@
+"""Keeping the best checkpoint on held-out data (#21 item 7): the best point's weights come back, not
+the last; a resumed run keeps what it measured before; finetune refuses --keep-best without --val."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.data import TensorData
+from advtune.train.keep_best import CURVE, WEIGHTS, KeepBest
+
+
+class Scripted:
+    """An 'attack' whose robust accuracy is scripted per call: it returns x unchanged, and the model's
+    single weight decides the prediction."""
+
+    def grad_evals(self):
+        return 10
+
+    def __call__(self, model, x, y, generator=None):
+        return x
+
+
+def setup(folder=None, steps=(2, 4, 6)):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False))
+    x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8) + 255
+    data = TensorData(x, torch.tensor([0, 0, 0, 0]))
+    return model, KeepBest(data, Scripted(), list(steps), label="scripted", folder=folder, batch_size=4)
+
+
+def set_correct(model, correct: bool, tag: float):
+    with torch.no_grad():  # class 0 wins when correct; `tag` marks the weights
+        model[1].weight.copy_(torch.tensor([[tag], [-tag]]) * (1 if correct else -1))
+
+
+def test_the_best_point_comes_back_not_the_last(tmp_path):
+    model, keep = setup(tmp_path)
+    for step, correct in ((1, True), (2, False), (4, True), (6, False)):
+        set_correct(model, correct, float(step))
+        keep(model, step)
+    assert [p["step"] for p in keep.curve] == [2, 4, 6] and [p["robust_acc"] for p in keep.curve] == [0, 1, 0]
+    assert keep.restore(model) == 4 and model[1].weight[0, 0].item() == 4.0
+    rec = json.loads((tmp_path / CURVE).read_text())
+    assert rec["chosen_step"] == 4 and rec["grad_evals"] == 3 * 4 * 10 and rec["attack"] == "scripted"
+    assert (tmp_path / WEIGHTS).is_file()
+
+
+def test_a_resumed_run_keeps_the_best_measured_before(tmp_path):
+    model, keep = setup(tmp_path)
+    set_correct(model, True, 2.0)
+    keep(model, 2)  # the best, measured before the interruption
+    model2, resumed = setup(tmp_path)  # a new process: only the folder remembers
+    set_correct(model2, False, 4.0)
+    resumed(model2, 4)
+    assert resumed.restore(model2) == 2 and model2[1].weight[0, 0].item() == 2.0
+
+
+def test_ties_keep_the_later_point():
+    model, keep = setup()
+    for step in (2, 4):
+        set_correct(model, True, float(step))
+        keep(model, step)
+    assert keep.restore(model) == 4
+
+
+def test_finetune_keep_best_needs_held_out_data(tmp_path, capsys):
+    from advtune.cli import main
+    from cli_helpers import train_argv
+
+    base = tmp_path / "std"
+    assert main(train_argv(base, limit=100, limit_test=20)) == 0
+    out = tmp_path / "ft"
+    argv = ["finetune", str(base), "--eps", "0.1", "--keep-best", "3", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "--keep-best chooses on held-out training examples: give --val N" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        main(
+            [
+                *argv[:-3],
+                "--val",
+                "30",
+                "--limit",
+                "100",
+                "--batch-size",
+                "16",
+                "--attack",
+                "pgd:steps=1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    k = json.loads((out / "summary.json").read_text())["checkpoints"]
+    assert k["examples"] == 30 and len(k["curve"]) == len({p["step"] for p in k["curve"]}) == 3
+
+
+@pytest.mark.parametrize("holdout,match", [(5000, "--holdout 5000 leaves no training data"), (-1, "--holdout must be")])
+def test_harden_refuses_a_holdout_that_does_not_fit(holdout, match, tmp_path, capsys):
+    from advtune.cli import main
+    from cli_helpers import train_argv
+
+    base = tmp_path / "std"
+    assert main(train_argv(base, limit=100, limit_test=20)) == 0
+    out = tmp_path / "h"
+    assert main(["harden", str(base), "--eps", "0.1", "--holdout", str(holdout), "--out", str(out), "--quiet"]) == 2
+    assert match in capsys.readouterr().err and not out.exists()
