@@ -110,3 +110,60 @@ def test_harden_refuses_a_holdout_that_does_not_fit(holdout, match, tmp_path, ca
     out = tmp_path / "h"
     assert main(["harden", str(base), "--eps", "0.1", "--holdout", str(holdout), "--out", str(out), "--quiet"]) == 2
     assert match in capsys.readouterr().err and not out.exists()
+
+
+def test_weight_average_ends_the_run_and_keeps_selective_training_exact(tmp_path):
+    """--ema: the model ends with the average (not the live weights), unselected entries stay bit for
+    bit, and a run interrupted mid-way resumes to the same averaged weights."""
+    from advtune.attacks import PGD
+    from advtune.components import Selection
+    from advtune.data import synthetic_blobs
+    from advtune.threat import ThreatModel
+    from advtune.train import TrainConfig, adversarial, fit
+    from test_selective import bn_net
+
+    x, y = synthetic_blobs(256, generator=torch.Generator().manual_seed(3))
+    data = TensorData((x * 255).round().to(torch.uint8), y)
+    objective = adversarial(PGD(ThreatModel("linf", 0.1), steps=1))
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01, seed=1, ema=0.9, checkpoint_every=3)
+    units = ["net.conv1[2]", "net.fc[1]"]
+
+    def run(cfg, model=None, objective=objective, **kw):
+        model = model if model is not None else bn_net()
+        fit(model, data, objective, cfg, selection=Selection.of(model, units), **kw)
+        return model
+
+    before = bn_net().state_dict()
+    averaged = run(cfg)
+    live = run(TrainConfig(epochs=2, batch_size=32, lr=0.01, seed=1, checkpoint_every=3))
+    masks = Selection.of(bn_net(), units).masks(bn_net())
+    for name, p in averaged.named_parameters():
+        m = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(p.detach()[~m], before[name][~m]), f"{name}: an unselected entry moved"
+    w = "net.fc.weight"
+    assert not torch.equal(averaged.state_dict()[w], live.state_dict()[w]), "the run must end with the average"
+    assert not torch.equal(averaged.state_dict()[w], before[w]), "the average must have moved"
+
+    calls = {"n": 0}
+
+    def crash(model, x, y, *, generator=None):
+        calls["n"] += 1
+        if calls["n"] == 12:  # mid epoch 2 (8 steps per epoch), after the checkpoint at step 3 of it
+            raise KeyboardInterrupt
+        return objective(model, x, y, generator=generator)
+
+    crash.attack_grad_evals = objective.attack_grad_evals
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, objective=crash, checkpoint_dir=tmp_path)
+    resumed = run(cfg, bn_net(seed=7), checkpoint_dir=tmp_path, resume=True)
+    for (k, a), b in zip(averaged.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_ema_out_of_range_is_refused():
+    from advtune.errors import AdvtuneError
+    from advtune.train import TrainConfig
+
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(AdvtuneError, match="--ema must be a decay in"):
+            TrainConfig(ema=bad)

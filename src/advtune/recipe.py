@@ -48,6 +48,12 @@ class Recipe:
     schedule: str = setting("constant", help="learning-rate schedule", group="recipe")
     # more, smaller steps for the same gradient evaluations (validation: +5 points)
     batch_size: int = setting(64, help="examples per optimizer step", group="recipe")
+    ema: float = setting(
+        0.0,
+        help="end with an exponential moving average of the trained weights with this decay (0: off)",
+        type=number,
+        group="recipe",
+    )
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )

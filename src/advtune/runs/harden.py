@@ -24,139 +24,31 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import filenames as files
-from ..attacks import build_attack, split_attack_list
-from ..components import Selection, fingerprint, layers, unit_params
+from ..components import Selection
 from ..cost import CostRecord
 from ..devices import model_device, resolve_device
-from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..models import load_model
 from ..patch import write_patch
-from ..recipe import Recipe
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..storage import atomic_write_bytes, read_json
-from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, cost_per_example
-from ..train.lowrank import budget_ranks
-from ..vulnerability import check_params
 from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, read_table, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
+from .harden_plan import HardenPlan, plan_harden, with_holdout
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
 
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
-
-
-def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
-    """The default training budget in gradient evaluations: `recipe.epochs` passes over the data."""
-    return int(math.ceil(recipe.epochs * n_train * per_example))
-
-
-def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int) -> int:
-    """A budget must pay for at least one optimizer step."""
-    per_step = per_example * min(batch_size, n_train)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-        raise AdvtuneError(f"--budget must be a number of gradient evaluations, got {budget!r}")
-    if budget < per_step:
-        raise AdvtuneError(
-            f"--budget {budget:,} is below one optimizer step ({per_step:,.0f} gradient evaluations: "
-            f"{min(batch_size, n_train)} examples x {per_example:g}); raise it"
-        )
-    return int(budget)
-
-
-def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
-    """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
-    budget = check_params(recipe.params, model)
-    if recipe.granularity == "lowrank":
-        budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
-        return
-    per_unit = unit_params(model, example)
-    candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
-    units = dict(fingerprint(model))
-    smallest = min(per_unit[n] * (units[n] if recipe.granularity == "layer" else 1) for n in candidates)
-    if smallest > budget:
-        what = "whole layer" if recipe.granularity == "layer" else "unit"
-        raise AdvtuneError(
-            f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
-            f"raise --params or use --granularity unit"
-        )
-
-
-@dataclass(frozen=True)
-class HardenPlan:
-    """A harden run validated before any work: its threat model, budget and training settings."""
-
-    threat: ThreatModel
-    budget: int  # fine-tuning gradient evaluations
-    train: TrainConfig
-    evaluation: str  # the attack list (or suite) the evaluation runs under this threat model
-    holdout: int = 0  # training examples held out to choose the checkpoint (0: keep the last)
-
-
-HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)
-
-
-def with_holdout(ds, run: HardenRun):
-    """The dataset with `run.holdout` training examples held out as its validation split (seeded), unless
-    it has one already; the split that chooses harden's checkpoint, never analysed or trained on."""
-    if ds.val is not None and len(ds.val):
-        return ds
-    n = len(ds.train)
-    size = run.holdout if run.holdout is not None else min(HOLDOUT, n // 10)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise AdvtuneError(f"--holdout must be a number of training examples >= 0, got {size!r}")
-    if run.holdout is not None and size >= n:
-        raise AdvtuneError(f"--holdout {size} leaves no training data (it has {n} examples); hold out fewer")
-    return ds.split_validation(size, run.seed) if size and run.keep_best else ds
-
-
-def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
-    """Validate everything a harden run needs, before anything is written or computed."""
-    if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
-        raise AdvtuneError(f"--keep-best must be a number of checkpoints >= 0, got {run.keep_best!r}")
-    ds = with_holdout(ds, run)
-    if run.eps is None:
-        raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
-    threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
-    if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
-        raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
-    layers(model)  # a model with no Conv2d/Linear layer has nothing to select
-    example = ds.train.to_float(ds.train.x[:1], model_device(model))
-    check_recipe_fits(model, run.recipe, example)
-    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
-    per_example = cost_per_example(objective, model, example)
-    budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
-    budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
-    evaluation = run.evaluation
-    if evaluation not in SUITES:
-        specs = split_attack_list(evaluation)
-        if threat.norm != "linf":  # Square is linf-only (as in the standard suite)
-            specs = [a for a in specs if not a.strip().lower().startswith("square")] or specs
-        for spec in specs:
-            build_attack(spec, threat)
-        evaluation = ",".join(specs)
-    train = TrainConfig(
-        epochs=1,
-        batch_size=run.recipe.batch_size,
-        optimizer=run.recipe.optimizer,
-        lr=run.recipe.lr,
-        schedule=run.recipe.schedule,
-        seed=run.seed,
-    )  # validates lr, optimizer, schedule, batch
-    check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
-    return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0)
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:

@@ -42,6 +42,7 @@ def save_checkpoint(
     epoch: int,
     step: int,
     acc_state: torch.Tensor,
+    average=None,
 ) -> None:
     state = {
         "format": "advtune-checkpoint-1",
@@ -55,6 +56,8 @@ def save_checkpoint(
         "acc_state": acc_state.cpu(),
         "rng": torch.get_rng_state(),
     }
+    if average is not None:  # --ema: the weight average resumes with the run
+        state["average"] = average.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -100,7 +103,7 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
         _refuse_changed_config(state["config"], cfg)
 
 
-def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device):
+def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device, average=None):
     try:
         # weights_only: tensors and plain containers only, never code from the file
         state = torch.load(path, map_location=device, weights_only=True)
@@ -120,6 +123,8 @@ def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, 
         raise AdvtuneError(
             f"checkpoint {path} has optimizer state for other parameters ({e}); start a new run"
         ) from None
+    if average is not None:
+        average.load_state_dict(state.get("average"), f"checkpoint {path}")
     meter.load_json(state["meter"])
     history.epochs = list(state["history"]["epochs"])
     history.stopped = state["history"]["stopped"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +22,7 @@ from ..metrics import accuracy, robust_accuracy_quick
 from ..progress import progress
 from ..seeding import derive_seed, make_generator
 from .augment import augment
+from .average import WeightAverage
 from .checkpoint import History, load_checkpoint, save_checkpoint
 from .config import TrainConfig, epochs_for, lr_at, total_steps
 from .objectives import (
@@ -93,6 +95,7 @@ def fit(
     try:
         params = trainable.params()
         opt = _make_optimizer(params, cfg)
+        average = WeightAverage(params, cfg.ema) if cfg.ema else None
         # fp16 gradients underflow without a scale; bf16 has float32's range and needs none
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         step_model = torch.compile(model) if cfg.compile else model  # shares model's parameters
@@ -110,7 +113,7 @@ def fit(
         acc_state = _zero_acc(device)
         ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
         if resume and ckpt is not None and ckpt.is_file():
-            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device)
+            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device, average)
             trainable.snapshot()  # unselected slices: the loaded weights are the reference
             log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
         elif resume and ckpt is not None:
@@ -167,6 +170,8 @@ def fit(
                 else:
                     opt.step()
                 trainable.restore_frozen()
+                if average is not None:
+                    average.update()
                 with torch.no_grad():
                     acc_state[0] += out["loss"].detach() * len(y)
                     if out.get("logits") is not None:  # a local objective has no logits
@@ -182,7 +187,8 @@ def fit(
                 step += 1
                 if on_step is not None:
                     meter.stop()
-                    on_step(model, epoch * steps_per_epoch + step, meter)
+                    with average.swapped() if average is not None else nullcontext():  # what would be kept
+                        on_step(model, epoch * steps_per_epoch + step, meter)
                     trainable.train_mode()
                     meter.start()
                 if step % 50 == 0 and hasattr(bar, "set_postfix"):
@@ -198,7 +204,7 @@ def fit(
                     and rank == 0
                 ):
                     meter.stop()
-                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average)
                     meter.start()
             meter.stop()
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics: rank 0's, on every rank
@@ -212,12 +218,13 @@ def fit(
                 "grad_evals": meter.grad_evals,
                 "wall_s": round(meter.wall_s, 3),
             }
-            if val is not None and len(val):  # monitoring: not counted as training cost
-                record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
-                if val_attack is not None:
-                    record["val_robust_acc"] = robust_accuracy_quick(
-                        model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed
-                    )
+            if val is not None and len(val):  # monitoring (of the average, with --ema): not training cost
+                with average.swapped() if average is not None else nullcontext():
+                    record["val_acc"] = accuracy(model, val, cfg.eval_batch_size)
+                    if val_attack is not None:
+                        record["val_robust_acc"] = robust_accuracy_quick(
+                            model, val.take(cfg.val_attack_limit), val_attack, cfg.eval_batch_size, cfg.seed
+                        )
             history.epochs.append(record)
             warn_if_at_chance(record, n_classes, attack_ge)
             log.info(
@@ -229,9 +236,11 @@ def fit(
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
             if ckpt is not None and rank == 0:
-                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state)
+                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average)
             if on_record is not None and rank == 0:
                 on_record(history)
+        if average is not None:  # the run ends with the averaged weights
+            average.copy_to_model()
         return history
     finally:
         trainable.close()
