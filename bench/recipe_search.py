@@ -53,6 +53,7 @@ ap.add_argument("--lsteps", type=int, default=10)
 ap.add_argument(
     "--lora", type=int, default=0
 )  # low-rank adapters of this rank on the --train layers (all: every conv/linear)
+ap.add_argument("--lora-layers", default="")  # with --lora: adapters only here; --train layers train whole
 ap.add_argument("--bias", action="store_true")  # with --lora: also train every bias
 ap.add_argument("--ema", type=float, default=0.0)  # evaluate an exponential moving average of the trained weights
 args = ap.parse_args()
@@ -73,7 +74,14 @@ model.load_state_dict(torch.load(args.base, weights_only=True))
 orig = copy.deepcopy(model).eval()
 for p in orig.parameters():
     p.requires_grad_(False)
-if args.lora:
+if args.lora and args.lora_layers:  # hybrid: --train layers whole, adapters on --lora-layers
+    from advtune.train.lowrank import add_adapters, uniform_ranks
+
+    add_adapters(model, uniform_ranks(model, args.lora, ["net." + n for n in args.lora_layers.split(",")]))
+    for n, p in model.named_parameters():
+        if any(n.startswith("net." + m + ".") for m in args.train.split(",")):
+            p.requires_grad_(True)
+elif args.lora:
     from advtune.train.lowrank import adaptable_layers, add_adapters
 
     layers = adaptable_layers(model)

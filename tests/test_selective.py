@@ -178,6 +178,8 @@ def test_finetune_job_select_random_all_layers(tmp_path):
         (["--select", "random", "--share", "1.5"], "share"),
         (["--select", "nowhere/at/all"], "not all, random, layers"),
         (["--attack", "trades:gamma=3"], "unknown TRADES parameter"),
+        (["--attack", "trades:beta=0"], "TRADES needs beta > 0"),
+        (["--attack", "trades:steps=0"], "TRADES needs steps > 0"),
     ],
 )
 def test_finetune_bad_input(argv, match, tmp_path, capsys):
@@ -314,3 +316,10 @@ def test_selected_units_of_a_residual_network_train_and_nothing_else_moves(train
     moved = [name for name, m in masks.items() if not torch.equal(after[name][m], before[name][m])]
     assert {"net.layer1.1.conv2.weight", "net.layer2.0.conv1.weight", "net.linear.weight"} <= set(moved)
     assert 250_000 < sum(p.numel() for p in model.parameters()) < 300_000  # ResNet-20-sized
+
+
+def test_trades_eps_ramps_when_asked():
+    objective = trades(ThreatModel("linf", 0.3), steps=2, eps_warmup=0.5)
+    eps = [objective.at(t).threat.eps for t in (0.0, 0.25, 0.5, 0.9)]
+    assert eps[0] > 0 and eps[1] == pytest.approx(0.15) and eps[2:] == [0.3, 0.3]
+    assert trades(ThreatModel("linf", 0.3)).at(0.0).threat.eps == 0.3  # no ramp unless asked

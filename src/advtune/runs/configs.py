@@ -85,7 +85,7 @@ def eps_warmup_setting(group: str):
     return setting(
         None,
         help="share of training over which eps ramps up from 0 "
-        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off)",
+        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off unless given)",
         type=number,
         group=group,
     )

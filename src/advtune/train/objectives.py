@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
@@ -120,11 +121,26 @@ class Trades:
     steps: int = 10
     step_size: float | None = None  # None -> 2.5 * eps / steps
     beta: float = 6.0
+    eps_warmup: float = 0.0  # share of training over which eps ramps linearly from 0 to eps
     name: str = "trades"
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.beta < 0:
-            raise AdvtuneError("TRADES needs steps > 0 and beta >= 0")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise AdvtuneError(f"TRADES needs steps > 0, got {self.steps!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < math.inf:
+            raise AdvtuneError(
+                f"TRADES needs beta > 0 (e.g. trades:beta=6; larger trades clean for robust), got {self.beta!r}"
+            )
+        if not 0 <= self.eps_warmup < 1:
+            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+
+    def at(self, progress: float) -> "Trades":
+        """TRADES at a point of training: during the warm-up its inner maximisation's eps is scaled
+        down linearly, as for adversarial training (a step size left to the default follows eps)."""
+        if not self.eps_warmup or progress >= self.eps_warmup:
+            return self
+        eps = self.threat.eps * max(progress / self.eps_warmup, 1e-3)
+        return dataclasses.replace(self, threat=self.threat.with_eps(eps))
 
     def _inner(self, model, x, p_clean, generator):
         step = self.step_size or 2.5 * self.threat.eps / self.steps
@@ -164,6 +180,7 @@ class Trades:
             "steps": self.steps,
             "step_size": self.step_size,
             "beta": self.beta,
+            "eps_warmup": self.eps_warmup,
         }
 
 
@@ -286,8 +303,10 @@ def adversarial(
     return Adversarial(attack, attack_mode, clean_weight, eps_warmup)
 
 
-def trades(threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0) -> Trades:
-    return Trades(threat, steps, step_size, beta)
+def trades(
+    threat, steps: int = 10, step_size: float | None = None, beta: float = 6.0, eps_warmup: float = 0.0
+) -> Trades:
+    return Trades(threat, steps, step_size, beta, eps_warmup)
 
 
 def local_feature(
@@ -312,10 +331,8 @@ OBJECTIVES: Registry[Callable[..., Any]] = Registry("objective")
 def _build_trades(
     threat, model, attack_mode, eps_warmup, /, *, steps: int = 10, step_size: float | None = None, beta: float = 6.0
 ) -> Trades:
-    """`trades[:steps=..,step=..,beta=..]`: TRADES."""
-    if eps_warmup:
-        raise AdvtuneError("--eps-warmup is not supported with TRADES; drop it")
-    return trades(threat, steps, step_size, beta)
+    """`trades[:steps=..,step=..,beta=..]`: TRADES (with the eps ramp when one is given)."""
+    return trades(threat, steps, step_size, beta, eps_warmup)
 
 
 _build_trades.title = "TRADES"  # type: ignore[attr-defined]  # how errors name it (default: the spec name)
