@@ -169,3 +169,34 @@ def test_finetune_lowrank_end_to_end(tmp_path, capsys):
         bad = tmp_path / spec.replace(":", "_").replace("=", "_")
         assert main(["finetune", str(base), "--select", spec, "--out", str(bad), "--quiet", *common]) == 2
         assert match in capsys.readouterr().err and not bad.exists()
+
+
+def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):
+    """granularity=hybrid: the best whole layers by score, then adapters on the others with the
+    budget they leave; the whole layer moves freely, the adapted one by a low-rank change."""
+    from advtune.components import Component
+    from advtune.runs.common import select_from_table
+    from advtune.vulnerability import ScoreTable
+
+    model = bn_net()
+    comps = [Component("net.conv1", i) for i in range(8)] + [Component("net.conv2", i) for i in range(16)]
+    comps += [Component("net.fc", i) for i in range(4)]
+    scores = [0.1] * 8 + [1.0] * 16 + [0.5] * 4  # conv2 ranks first
+    table = ScoreTable("taylor", tuple(comps), tuple(scores))
+    conv2 = 16 * 8 * 9 + 16 + 32  # its weight and bias; its BN's two affine vectors count with its units
+    budget = conv2 + 2 * adapter_size(model.net.fc.weight, 1) + 3 * adapter_size(model.net.conv1.weight, 1)
+    sel = select_from_table(table, model, 0.1, False, params=budget, granularity="hybrid", seed=0)
+    # whole layers greedily by score while they fit (conv2, then the small conv1), adapters with the rest
+    assert sel.whole == ("net.conv1", "net.conv2") and set(sel.ranks) == {"net.fc"}
+    assert sel.trainable_params(model) <= budget
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, data, adversarial(PGD(THREAT, steps=1)), TrainConfig(epochs=1, batch_size=32, seed=0), selection=sel)
+    after = model.state_dict()
+    whole = (after["net.conv2.weight"] - before["net.conv2.weight"]).flatten(1)
+    assert int(torch.linalg.matrix_rank(whole.double(), rtol=1e-6)) > max(sel.ranks.values()), "whole layer"
+    assert not torch.equal(after["net.conv2.bias"], before["net.conv2.bias"])
+    fc = (after["net.fc.weight"] - before["net.fc.weight"]).flatten(1)
+    assert 0 < int(torch.linalg.matrix_rank(fc.double(), rtol=1e-4)) <= sel.ranks["net.fc"]  # float32 merge noise
+    assert torch.equal(after["net.fc.bias"], before["net.fc.bias"])
+    with pytest.raises(AdvtuneError, match="needs a parameter budget"):
+        select_from_table(table, model, 0.1, False, params=None, granularity="hybrid")

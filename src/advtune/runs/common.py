@@ -27,7 +27,7 @@ from ..train import (
     steps_for_budget,
     total_steps,
 )
-from ..train.lowrank import LowRank, budget_ranks, has_adapters, plain_state_dict, uniform_ranks
+from ..train.lowrank import LowRank, budget_ranks, has_adapters, hybrid_ranks, plain_state_dict, uniform_ranks
 from ..vulnerability import (
     ScoreTable,
     check_params,
@@ -244,6 +244,9 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 
+GRANULARITIES = ("unit", "layer", "lowrank", "hybrid")
+
+
 def make_selection(
     model,
     select: str | ScoreTable,
@@ -265,8 +268,8 @@ def make_selection(
         check_share(share)
     else:
         check_params(params, model)
-    if granularity not in ("unit", "layer", "lowrank"):
-        raise AdvtuneError(f"granularity {granularity!r}: use unit, layer or lowrank")
+    if granularity not in GRANULARITIES:
+        raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
         return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed)
     if select == "all":
@@ -332,11 +335,18 @@ def select_from_table(
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
-    summed scores (granularity=lowrank), or the top share of units (globally or per layer)."""
+    summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
+    they leave (granularity=hybrid), or the top share of units (globally or per layer)."""
+    if granularity in ("lowrank", "hybrid") and params is None:
+        raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
-        if params is None:
-            raise AdvtuneError("low-rank adapters from an analysis need a parameter budget (--params)")
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)))
+    if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
+        budget = check_params(params, model)
+        whole = [c.module for c in select_top_layers(table, model, params, example_input=example_input)]
+        selection = LowRank(hybrid_ranks(model, budget, whole, dict(rank_layers(table))), seed, tuple(whole))
+        selection.validate(model)
+        return selection
     if params is not None and granularity == "layer":
         selection = select_top_layers(table, model, params, example_input=example_input)
     elif params is not None:
@@ -353,7 +363,12 @@ def describe_selection(selection, model, example=None) -> dict:
     trainable = selection.trainable_params(model, example_input=example)
     extra = {}
     if isinstance(selection, LowRank):  # degrees of freedom differ from the entries that change
-        extra = {"kind": "lowrank", "ranks": selection.ranks, "changed_params": selection.changed_entries(model)}
+        extra = {
+            "kind": "hybrid" if selection.whole else "lowrank",
+            "ranks": selection.ranks,
+            "whole": list(selection.whole),
+            "changed_params": selection.changed_entries(model),
+        }
     return {
         **extra,
         "components": len(selection),

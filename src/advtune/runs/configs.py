@@ -208,9 +208,9 @@ class FinetuneRun:
     )
     granularity: str = setting(
         "unit",
-        help="with --params and an analyze folder: best units, whole layers, or low-rank adapters on every layer "
-        "with ranks shared out by the layers' scores",
-        choices=("unit", "layer", "lowrank"),
+        help="with --params and an analyze folder: best units, whole layers, low-rank adapters on every layer "
+        "with ranks shared out by the layers' scores, or hybrid (the best whole layers + adapters on the others)",
+        choices=("unit", "layer", "lowrank", "hybrid"),
         group="selection",
     )
     budget: int | None = budget_setting()

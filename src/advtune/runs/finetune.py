@@ -84,8 +84,10 @@ def trained_words(selection: dict | None) -> str:
     """What a fine-tuning trained, in words, from its selection record."""
     if not selection:
         return "all parameters"
-    if selection.get("kind") == "lowrank":
-        return f"low-rank adapters on {selection['components']} layers, {selection['trainable_params']:,} params"
+    if selection.get("kind") in ("lowrank", "hybrid"):
+        whole = f"{len(selection.get('whole', []))} whole layers + " if selection.get("whole") else ""
+        adapted = len(selection.get("ranks", {}))
+        return f"{whole}low-rank adapters on {adapted} layers, {selection['trainable_params']:,} params"
     return f"{selection['units']} units, {selection['trainable_params']:,} params"
 
 

@@ -198,7 +198,12 @@ def harden_model(
             write_analysis(ard, analysis)
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
-    what = {"layer": "whole layers", "unit": "units", "lowrank": "low-rank adapters on every layer"}[recipe.granularity]
+    what = {
+        "layer": "whole layers",
+        "unit": "units",
+        "lowrank": "low-rank adapters on every layer",
+        "hybrid": "whole layers + low-rank adapters on the others",
+    }[recipe.granularity]
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
@@ -365,8 +370,10 @@ def format_summary(summary: HardenSummary) -> str:
     """What `advtune harden` prints at the end."""
     s = summary.to_json()
     sel = s.get("selection") or {}
-    unit = "rank" if sel.get("kind") == "lowrank" else "units"
-    layers = ", ".join(f"{n} ({u}/{t} {unit})" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
+    layers = ", ".join(f"{n} ({u}/{t} units)" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
+    if sel.get("kind") in ("lowrank", "hybrid"):
+        adapters = [f"{n} (rank {r} adapter)" for n, r in sel.get("ranks", {}).items()]
+        layers = ", ".join([f"{n} (whole)" for n in sel.get("whole", [])] + adapters)
     c = s["cost"]
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "

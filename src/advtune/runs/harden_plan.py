@@ -4,7 +4,7 @@ parameter budget, the held-out split, the evaluation's attacks), as a `HardenPla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..attacks import build_attack, split_attack_list
@@ -45,6 +45,8 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return
+    if recipe.granularity == "hybrid":
+        recipe = replace(recipe, granularity="layer")  # at least one whole layer must fit
     per_unit = unit_params(model, example)
     candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
     units = dict(fingerprint(model))

@@ -112,29 +112,45 @@ class LowRank:
 
     kind = "lowrank"
 
-    def __init__(self, ranks: dict[str, int], seed: int = 0) -> None:
-        if not ranks:
+    def __init__(self, ranks: dict[str, int], seed: int = 0, whole: tuple[str, ...] = ()) -> None:
+        if not ranks and not whole:
             raise AdvtuneError("low-rank: no layer to adapt")
         self.ranks = dict(ranks)
         self.seed = int(seed)
+        self.whole = tuple(whole)  # layers trained whole (every entry) next to the adapters: the hybrid rule
+        both = set(self.whole) & set(self.ranks)
+        if both:
+            raise AdvtuneError(f"low-rank: {', '.join(sorted(both))} cannot be both adapted and trained whole")
 
     def __len__(self) -> int:
-        return len(self.ranks)
+        return len(self.ranks) + len(self.whole)
 
     def is_everything(self, model: nn.Module) -> bool:
         return False
 
     def validate(self, model: nn.Module) -> None:
         check_ranks(model, self.ranks)
+        modules = dict(model.named_modules())
+        for name in self.whole:
+            if not isinstance(modules.get(name), ADAPTABLE):
+                raise AdvtuneError(f"low-rank: {name!r} is not a conv or linear layer of the model")
 
     def adapt(self, model: nn.Module) -> int:
-        """Add the adapters to `model` (everything else frozen); the number of trainable entries."""
+        """Add the adapters to `model` and free the whole layers (everything else frozen); the number
+        of trainable entries."""
         self.validate(model)
-        return add_adapters(model, self.ranks, self.seed)
+        count = add_adapters(model, self.ranks, self.seed)
+        for name in self.whole:
+            for p in model.get_submodule(name).parameters(recurse=False):
+                p.requires_grad_(True)
+                count += p.numel()
+        return count
 
     def params_by_layer(self, model: nn.Module, example_input=None) -> dict[str, int]:
         modules = dict(model.named_modules())
-        return {n: adapter_size(modules[n].weight, r) for n, r in self.ranks.items()}
+        out = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in self.whole}
+        out.update({n: adapter_size(_weight(modules[n]), r) for n, r in self.ranks.items()})
+        return out
 
     def trainable_params(self, model: nn.Module, example_input=None) -> int:
         return sum(self.params_by_layer(model).values())
@@ -143,16 +159,27 @@ class LowRank:
         return sum(self.ranks.values())  # rank-one directions
 
     def by_layer(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """{layer: (rank, its largest rank)}; a whole layer: (largest, largest)."""
         modules = dict(model.named_modules())
-        return {n: (r, max_rank(modules[n].weight)) for n, r in self.ranks.items()}
+        out = {n: (max_rank(_weight(modules[n])),) * 2 for n in self.whole}
+        out.update({n: (r, max_rank(_weight(modules[n]))) for n, r in self.ranks.items()})
+        return out
 
     def changed_entries(self, model: nn.Module) -> int:
-        """Weight entries a merged adapter changes (all of each adapted weight)."""
+        """Entries that change: all of each adapted weight, and the whole layers'."""
         modules = dict(model.named_modules())
-        return sum(modules[n].weight.numel() for n in self.ranks)
+        whole = sum(p.numel() for n in self.whole for p in modules[n].parameters(recurse=False))
+        return whole + sum(_weight(modules[n]).numel() for n in self.ranks)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "ranks": self.ranks, "seed": self.seed}
+        return {"kind": self.kind, "ranks": self.ranks, "whole": list(self.whole), "seed": self.seed}
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight, the original one while an adapter is on it."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
 
 
 def uniform_ranks(model: nn.Module, rank: int, layers: list[str] | None = None) -> dict[str, int]:
@@ -162,13 +189,15 @@ def uniform_ranks(model: nn.Module, rank: int, layers: list[str] | None = None) 
     return {n: min(rank, max_rank(modules[n].weight)) for n in names}
 
 
-def budget_ranks(model: nn.Module, params: int, scores: dict[str, float] | None = None) -> dict[str, int]:
-    """Ranks for every conv/linear layer within `params` adapter entries: each layer gets rank 1,
+def budget_ranks(
+    model: nn.Module, params: int, scores: dict[str, float] | None = None, layers: list[str] | None = None
+) -> dict[str, int]:
+    """Ranks for every conv/linear layer (or `layers`) within `params` adapter entries: each gets rank 1,
     then the budget left goes out one rank at a time to the layer whose share of the scores (the
     vulnerability map's per-layer sums; equal shares without scores) is least met by its share of
     the adapter entries so far. Refused when not even rank 1 everywhere fits."""
     modules = dict(model.named_modules())
-    names = adaptable_layers(model)
+    names = adaptable_layers(model) if layers is None else list(layers)
     cost = {n: adapter_size(modules[n].weight, 1) for n in names}
     if params < sum(cost.values()):
         raise AdvtuneError(
@@ -206,3 +235,14 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         elif ".parametrizations.weight." not in key:
             out[key] = value
     return out
+
+
+def hybrid_ranks(model: nn.Module, params: int, whole: list[str], scores: dict[str, float]) -> dict[str, int]:
+    """The hybrid rule's adapters: the budget left after the whole layers, on the other conv/linear
+    layers, shared out by score; the lowest-scored layers go without when rank 1 on each does not fit."""
+    modules = dict(model.named_modules())
+    left = params - sum(p.numel() for n in whole for p in modules[n].parameters(recurse=False))
+    rest = sorted((n for n in adaptable_layers(model) if n not in whole), key=lambda n: -scores.get(n, 0.0))
+    while rest and left < sum(adapter_size(modules[n].weight, 1) for n in rest):
+        rest.pop()
+    return budget_ranks(model, left, scores, rest) if rest else {}

@@ -163,6 +163,7 @@ def with_recipe(v: dict) -> dict:
         "lr": r.lr,
         "schedule": r.schedule,
         "batch_size": r.batch_size,
+        "ema": r.ema,
         **(v.get("train") or {}),
     }
     return {**filled, **v, "train": train}
@@ -262,7 +263,7 @@ def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
     return single if eps_all == {eps} else per_eps
 
 
-RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size")  # a harden variant's `train:` keys
+RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size", "ema")  # a harden variant's `train:` keys
 
 
 def harden_recipe(v: dict, evaluation: dict, where: str) -> Recipe:
