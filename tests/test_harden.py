@@ -201,3 +201,20 @@ def test_the_default_evaluation_includes_the_black_box_attack(base):
     assert linf.evaluation == PROTOCOL + ",square"
     l2 = plan_harden(model, ds, HardenRun(base=str(base / "base"), out="x", eps=1.0, norm="l2"))
     assert l2.evaluation == PROTOCOL
+
+
+def test_harden_states_its_cost_against_the_frontier_reference(hardened):
+    """On a setting the frontier measured, harden's output compares its cost with PGD-AT's plateau."""
+    from advtune.frontier import at_reference
+    from advtune.records import HardenSummary
+    from advtune.runs.harden import format_summary
+
+    assert at_reference("synthetic", "small-cnn", "linf", 0.2) is None
+    ref = at_reference("mnist", "small-cnn", "linf", 0.3)
+    assert ref["plateau_grad_evals"] == 3_630_000 and ref["robust_acc"] == 0.893
+    record = json.loads((hardened / "summary.json").read_text())
+    assert "at_reference" not in record  # synthetic data: no reference, no line
+    text = format_summary(HardenSummary.from_json({**record, "at_reference": ref}))
+    total = (record["cost"]["base_training_grad_evals"] or 0) + record["cost"]["harden_grad_evals"]
+    assert "PGD-AT from scratch plateaus at 89.3% for 3,630,000 gradient evaluations" in text
+    assert f"this model cost {total:,}" in text

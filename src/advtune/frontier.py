@@ -266,3 +266,29 @@ def markdown_table(points: Sequence[Point]) -> str:
                 + " |"
             )
     return "\n".join(lines)
+
+
+# The PGD-AT references measured on this project's frontiers (docs/RESULTS.md; the numbers are read from
+# docs/results/frontier-*.json): adversarial training from scratch, its plateau (best worst-case robust
+# accuracy, APGD-CE + APGD-T on the first 1000 test images) and the gradient evaluations it needed to get
+# within a point of it. harden compares its own cost with them when it runs the same setting.
+AT_REFERENCES = {
+    ("mnist", "small-cnn", "linf", 0.3): {
+        "robust_acc": 0.893,
+        "plateau_grad_evals": 3_630_000,
+        "source": "docs/results/frontier-mnist-eps0.3.json (PGD-10, 10 epochs on 55k images)",
+    },
+    ("mnist", "small-cnn", "linf", 0.1): {
+        "robust_acc": 0.949,
+        "plateau_grad_evals": 2_420_000,
+        "source": "docs/results/frontier-mnist-eps0.1.json (PGD-10, 5 epochs on 55k images; still rising)",
+    },
+}
+
+
+def at_reference(dataset: str | None, architecture: str | None, norm: str, eps: float) -> dict | None:
+    """The frontier's PGD-AT reference for this setting, if one was measured."""
+    for (d, a, n, e), ref in AT_REFERENCES.items():
+        if d == dataset and a == architecture and n == norm and abs(e - eps) < 1e-9:
+            return dict(ref)
+    return None

@@ -34,6 +34,7 @@ from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
+from ..frontier import at_reference
 from ..models import load_model
 from ..patch import write_patch
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
@@ -240,7 +241,7 @@ def harden_model(
             results[name] = rec["_result"]
             records[name] = write_evaluation(rec, path) if path is not None else rec
     before, after = records.get("base"), records.get("protocol")
-    record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation)
+    record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation, ds.name)
     return Hardened(
         hardened, selection, table, results.get("base"), results.get("protocol"), record, ft_sum.get("cost", {})
     )
@@ -319,6 +320,7 @@ def summarise(
     after: dict | None,
     budget: int,
     evaluation: str | None = None,
+    dataset: str | None = None,
 ) -> HardenSummary:
     """The harden record: robustness before/after (None without test data) and every cost, each
     from its own record."""
@@ -330,6 +332,7 @@ def summarise(
         out.update({k: ev[k] for k in extra})
         return {**out, "suspect": ev.get("suspect", [])}
 
+    architecture = meta.get("architecture") or (meta.get("factory") or {}).get("spec")
     sel = ft_sum.get("selection") or {}
     ft_cost = ft_sum.get("cost", {})
     a_cost = a_sum.get("cost", {})
@@ -337,7 +340,7 @@ def summarise(
         "eps": run.eps,
         "norm": run.norm,
         "base": str(run.base),
-        "architecture": meta.get("architecture") or (meta.get("factory") or {}).get("spec"),
+        "architecture": architecture,
         "before": robustness(before),
         "after": robustness(after, "accuracy"),
         "test_examples": after["examples"] if after else 0,
@@ -360,6 +363,7 @@ def summarise(
             "evaluation_grad_evals": sum(sum((ev or {}).get("grad_evals", {}).values()) for ev in (before, after)),
         },
         "checkpoints": ft_sum.get("checkpoints"),
+        "at_reference": at_reference(dataset, architecture, run.norm, run.eps),
         "concentration": a_sum.get("criteria", {}).get(run.recipe.criterion, {}).get("curve"),
         "analysis_examples": a_sum.get("examples_scored"),
     }
@@ -393,6 +397,15 @@ def format_summary(summary: HardenSummary) -> str:
         lines.append(
             f"  kept the checkpoint of step {k['chosen_step']}, the best under {k['attack']} on {k['examples']} "
             f"held-out training examples (step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
+        )
+    if s.get("at_reference"):
+        ref = s["at_reference"]
+        total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
+        lines.append(
+            f"  against adversarial training: on this setting PGD-AT from scratch plateaus at "
+            f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
+            f"reference, {ref['source'].split(' ')[0]}); this model cost {total:,} with its base training "
+            f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
         )
     if s["after"].get("suspect"):
         lines.append("  !! the gradient-masking gate flagged the hardened model: " + "; ".join(s["after"]["suspect"]))
