@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 
@@ -328,13 +329,30 @@ def test_evaluate_compile_flag_compiles_only_the_black_box_queries():
     for source in ({"suite": "standard"}, {"attacks": "apgd-ce,square:queries=100"}):
         plain = attacks_for(EvaluateRun(run="r", **source), 0.3)
         compiled = attacks_for(EvaluateRun(run="r", compile=True, **source), 0.3)
-        assert [a.name for a in plain] == [a.name for a in compiled]
-        for a, b in zip(plain, compiled, strict=True):
-            if a.name == "square":
-                assert not a.compile and b.compile and b.queries == a.queries
-                assert "compile" not in a.spec and "compile=true" in b.spec  # the record names it
+        eager = attacks_for(EvaluateRun(run="r", compile=False, **source), 0.3)
+        assert [a.name for a in plain] == [a.name for a in compiled] == [a.name for a in eager]
+        for a, b, c in zip(plain, compiled, eager, strict=True):
+            if a.name == "square":  # the default decides by the query load (auto)
+                assert a.compile is None and b.compile is True and c.compile is False and b.queries == a.queries
+                assert "compile" not in a.spec and "compile=true" in b.spec and "compile=false" in c.spec
             else:
-                assert a == b
+                assert a == b == c
+
+
+def test_square_compiles_by_itself_when_the_query_load_pays_for_it(monkeypatch):
+    """compile=None (the default): on the CPU, a call with more than AUTO_QUERIES examples x queries
+    compiles; a small one stays eager unless this process compiled already; other devices, never."""
+    sq = importlib.import_module("advtune.attacks.square")  # the module (the package exports the function)
+
+    monkeypatch.setattr(sq._QueryForward, "warm", False)
+    monkeypatch.setattr(sq._QueryForward, "broken", False)
+    cpu = torch.zeros(1)
+    assert sq.auto_compile(cpu, sq.AUTO_QUERIES + 1) and not sq.auto_compile(cpu, sq.AUTO_QUERIES)
+    assert not sq.auto_compile(torch.zeros(1, device="meta"), 10 * sq.AUTO_QUERIES)
+    monkeypatch.setattr(sq._QueryForward, "warm", True)  # compiled once: every later call reuses it
+    assert sq.auto_compile(cpu, 100)
+    monkeypatch.setattr(sq._QueryForward, "broken", True)  # compiling failed once: eager from then on
+    assert not sq.auto_compile(cpu, 10 * sq.AUTO_QUERIES)
 
 
 COMPILE_COUNT_SCRIPT = """

@@ -52,9 +52,13 @@ def suite(name: str, threat: ThreatModel) -> list[Attack]:
 SUITES = ("standard", "quick")
 
 
-def compiled_queries(attacks: Sequence[Attack]) -> list[Attack]:
-    """The same attacks with the black-box ones (Square) querying a compiled forward (`compile=True`)."""
-    return [dataclasses.replace(a, compile=True) if getattr(a, "compile", None) is False else a for a in attacks]
+def compiled_queries(attacks: Sequence[Attack], compile: bool | None = True) -> list[Attack]:
+    """The same attacks with the black-box ones (Square) querying a compiled forward (`compile=True`),
+    the eager one (False), or deciding by their query load (None: auto, their default)."""
+    return [
+        dataclasses.replace(a, compile=compile) if any(f.name == "compile" for f in dataclasses.fields(a)) else a
+        for a in attacks
+    ]
 
 
 def _sync(device: torch.device) -> None:

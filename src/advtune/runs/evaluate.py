@@ -33,7 +33,7 @@ def attacks_for(run: EvaluateRun, eps: float):
         attacks = suite(run.suite, threat)
     else:
         attacks = [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
-    return compiled_queries(attacks) if run.compile else attacks
+    return compiled_queries(attacks, run.compile) if run.compile is not None else attacks  # None: auto
 
 
 def evaluate_model(model, data, run: EvaluateRun) -> dict:
