@@ -32,9 +32,11 @@ from .gate import (
 )
 from .protocol import SUITES, compiled_queries, robust_accuracy, suite
 from .results import EpsCurve, EvalResult
+from .transfer import Transfer  # registers the `transfer` attack
 
 __all__ = [
     "EpsCurve",
+    "Transfer",
     "EvalResult",
     "GATE_SAMPLES",
     "LARGE_EPS_MAX_ACC",

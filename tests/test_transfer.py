@@ -1,0 +1,59 @@
+"""The transfer attack (#21 item 6's check): examples crafted on a source run, inside the eps-ball,
+identical to the white-box attack when the source is the model itself; bad specs are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advtune.attacks import build_attack
+from advtune.errors import AdvtuneError
+from advtune.evaluation import robust_accuracy
+from advtune.models import load_model
+from advtune.threat import ThreatModel
+from cli_helpers import train_argv
+
+THREAT = ThreatModel("linf", 0.1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from advtune.cli import main
+
+    root = tmp_path_factory.mktemp("transfer")
+    for name, epochs in (("a", 1), ("b", 2)):
+        assert main(train_argv(root / name, limit=200, limit_test=40, epochs=epochs)) == 0
+    return root
+
+
+def test_transfer_from_the_model_itself_is_the_white_box_attack(runs):
+    model, _ = load_model(runs / "a")
+    from advtune.data import load_dataset
+
+    x, y = load_dataset("synthetic").test.take(40).tensors(torch.device("cpu"))
+    attack = build_attack(f"transfer:source={runs / 'a'},attack=pgd", THREAT)
+    assert attack.black_box and attack.spec.startswith("transfer:source=")
+    x_t = attack(model, x, y, generator=torch.Generator().manual_seed(1))
+    x_w = build_attack("pgd", THREAT)(model, x, y, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x_t, x_w)
+    other, _ = load_model(runs / "b")  # crafted on a, tried on b: still inside the ball and the box
+    x_o = attack(other, x, y, generator=torch.Generator().manual_seed(1))
+    assert (x_o - x).abs().max() <= 0.1 + 1e-6 and x_o.min() >= 0 and x_o.max() <= 1
+    result = robust_accuracy(other, (x, y), [build_attack("apgd-ce", THREAT), attack], gate=True)
+    assert result.n == 40  # runs inside the protocol, last in the cascade (black-box)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("transfer", "transfer needs source="),
+        ("transfer:source=nowhere/at/all", "is not a run folder"),
+        ("transfer:source=x,attack=square", "must be a white-box attack"),
+        ("transfer:source=x,attack=nope", "unknown attack"),
+    ],
+)
+def test_bad_transfer_specs_are_one_line(spec, match, runs):
+    with pytest.raises(AdvtuneError, match=match):
+        attack = build_attack(spec, THREAT)
+        model, _ = load_model(runs / "a")
+        attack(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
