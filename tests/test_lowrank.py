@@ -162,6 +162,14 @@ def test_finetune_lowrank_end_to_end(tmp_path, capsys):
     tuned, _ = load_model(out, torch.device("cpu"))  # the plain architecture: loads without adapters
     for (k, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == (not k.endswith("weight")), k  # weights moved, nothing else did
+    # the patch stores the adapters' factors, not the dense weights they change, and rebuilds them exactly
+    from advtune.patch import apply_patch, patch_info
+
+    info = patch_info(out / "patch.safetensors")
+    assert int(info["stored_entries"]) < int(info["changed_entries"]) / 4
+    rebuilt = apply_patch(load_model(base, torch.device("cpu"))[0], out / "patch.safetensors")
+    for (k, a), b in zip(tuned.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
     snaps = sorted((out / files.SNAPSHOTS).iterdir())
     assert len(snaps) == 2 and load_model(snaps[0], torch.device("cpu"))[0] is not None
     # bad specs: one line each, nothing written
@@ -200,3 +208,29 @@ def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):
     assert torch.equal(after["net.fc.bias"], before["net.fc.bias"])
     with pytest.raises(AdvtuneError, match="needs a parameter budget"):
         select_from_table(table, model, 0.1, False, params=None, granularity="hybrid")
+
+
+def test_harden_hybrid_end_to_end(tmp_path):
+    """`advtune harden --granularity hybrid`: whole layers + adapters, the checkpoint kept on held-out
+    data, a report, and a patch with the adapters' factors that `apply` turns into the same weights."""
+    from advtune.cli import main
+    from advtune.models import load_model
+    from advtune.patch import apply_patch, patch_info
+    from advtune.recipe import PROTOCOL
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    out = tmp_path / "hard"
+    argv = ["harden", str(base), "--eps", "0.2", "--granularity", "hybrid", "--params", "0.1", "--limit", "400"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    sel = s["selection"]
+    assert sel["kind"] == "hybrid" and sel["whole"] and sel["ranks"] and s["checkpoints"]["chosen_step"]
+    assert sel["trainable_params"] <= 0.1 * sum(p.numel() for p in load_model(base)[0].parameters()) + 1
+    assert (out / "report.html").is_file()
+    info = patch_info(out / "patch.safetensors")
+    assert int(info["stored_entries"]) < int(info["changed_entries"])
+    rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
+    for (k, a), b in zip(load_model(out)[0].state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -1,11 +1,14 @@
 """The robustness patch: only what hardening changed, to ship to a fleet that already has the base model.
 
 A patch is a safetensors file. For every tensor of the state_dict that changed, it holds either the
-changed entries (`<name>::index`, flat int64 positions, and `<name>::value`) or, when most entries
-changed, the whole tensor (`<name>::full`). Its metadata names the base it applies to and the result
-it must give, by the sha256 of their state_dicts (`state_sha256`: names, dtypes, shapes and bytes), so
-`apply_patch` refuses another base in one line and proves the result bit-identical. The metadata also
-carries what produced the patch (recipe, eps, measured accuracies) as JSON.
+changed entries (`<name>::index`, flat int64 positions, and `<name>::value`), or, when most entries
+changed, the whole tensor (`<name>::full`), or, for a weight a low-rank adapter changed, the adapter's
+factors (`<name>::up`, `<name>::down`, applied by `merged_weight`, which gives the same bits on every
+machine; used only when it reproduces the hardened weight exactly). Its metadata names the base it
+applies to and the result it must give, by the sha256 of their state_dicts (`state_sha256`: names,
+dtypes, shapes and bytes), so `apply_patch` refuses another base in one line and proves the result
+bit-identical. The metadata also carries what produced the patch (recipe, eps, measured accuracies)
+as JSON.
 
 Reading never executes code (safetensors holds tensors only).
 """
@@ -26,8 +29,23 @@ from .distributed import is_main_process
 from .errors import AdvtuneError
 from .storage import atomic_write_bytes
 
+
+def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """W + up @ down, computed the same way on every machine: the rank-one terms summed in a fixed order
+    in float64 (each product of two float32 numbers is exact there), then rounded once. A matmul's
+    summation order depends on the BLAS and its threads; this does not, so a patch that stores the
+    factors gives the hardened weights bit for bit wherever it is applied (train/lowrank.py merges
+    its adapters with it)."""
+    with torch.no_grad():
+        delta = torch.zeros(up.shape[0], down.shape[1], dtype=torch.float64, device=weight.device)
+        for k in range(up.shape[1]):
+            delta += up[:, k : k + 1].double() * down[k : k + 1].double()
+        return (weight.double() + delta.view_as(weight)).to(weight.dtype)
+
+
 FORMAT = "advtune-patch"
-VERSION = "1"
+VERSION = "2"  # 2: low-rank factors (up/down); version 1 patches read the same
+READS = ("1", "2")
 SPARSE_UP_TO = 0.5  # store changed entries (index + value) while at most this share of a tensor changed
 
 
@@ -47,9 +65,12 @@ def cpu_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, 
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def make_patch(
+    base, hardened, info: dict[str, Any] | None = None, factors: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The patch from `base` to `hardened` (models or state_dicts of the same architecture): its
-    tensors and its metadata."""
+    tensors and its metadata. `factors`: {weight name: (up, down)} of merged low-rank adapters, stored
+    instead of the weight where they reproduce it exactly."""
     old, new = cpu_state(base), cpu_state(hardened)
     if old.keys() != new.keys() or any(old[k].shape != new[k].shape or old[k].dtype != new[k].dtype for k in old):
         raise AdvtuneError("a patch needs two states of the same architecture (the same names, shapes and dtypes)")
@@ -63,7 +84,10 @@ def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict
         if n == 0:
             continue
         changed_entries += n
-        if n <= SPARSE_UP_TO * diff.numel():
+        up, down = (factors or {}).get(name, (None, None))
+        if up is not None and torch.equal(merged_weight(old[name], up, down), new[name]):
+            tensors[f"{name}::up"], tensors[f"{name}::down"] = up.contiguous(), down.contiguous()
+        elif n <= SPARSE_UP_TO * diff.numel():
             index = diff.nonzero().flatten()
             tensors[f"{name}::index"] = index
             tensors[f"{name}::value"] = new[name].flatten()[index].clone()
@@ -75,18 +99,21 @@ def make_patch(base, hardened, info: dict[str, Any] | None = None) -> tuple[dict
         "base_sha256": state_sha256(old),
         "result_sha256": state_sha256(new),
         "changed_entries": str(changed_entries),
+        "stored_entries": str(sum(t.numel() for k, t in tensors.items() if not k.endswith("::index"))),
         "total_entries": str(sum(v.numel() for v in new.values())),
         "info": json.dumps(info or {}, sort_keys=True),
     }
     return tensors, meta
 
 
-def write_patch(path: str | Path, base, hardened, info: dict[str, Any] | None = None) -> dict[str, str]:
+def write_patch(
+    path: str | Path, base, hardened, info: dict[str, Any] | None = None, factors: dict | None = None
+) -> dict[str, str]:
     """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata. Under
     torchrun rank 0 alone builds and writes it (the others return {})."""
     if not is_main_process():
         return {}
-    tensors, meta = make_patch(base, hardened, info)
+    tensors, meta = make_patch(base, hardened, info, factors)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return meta
 
@@ -106,12 +133,24 @@ def read_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise AdvtuneError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
     if meta.get("format") != FORMAT:
         raise AdvtuneError(f"{path} is not an advtune patch (no '{FORMAT}' format in its metadata)")
-    if meta.get("version") != VERSION:
-        raise AdvtuneError(f"{path} is a version {meta.get('version')!r} patch; this advtune reads {VERSION}")
+    if meta.get("version") not in READS:
+        raise AdvtuneError(
+            f"{path} is a version {meta.get('version')!r} patch; this advtune reads versions {', '.join(READS)}"
+        )
     for key in ("base_sha256", "result_sha256"):
         if len(meta.get(key, "")) != 64:
             raise AdvtuneError(f"{path}: the patch's metadata lacks {key}; the file is damaged")
     return tensors, meta
+
+
+def patch_factors(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The low-rank factors a patch stores, {weight name: (up, down)} ({} without a patch)."""
+    if not Path(path).is_file():
+        return {}
+    tensors, _ = read_patch(path)
+    return {
+        k[: -len("::up")]: (v, tensors[k[: -len("::up")] + "::down"]) for k, v in tensors.items() if k.endswith("::up")
+    }
 
 
 def patch_info(path: str | Path) -> dict[str, Any]:
@@ -134,9 +173,21 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
     out = {k: v.clone() for k, v in state.items()}
     for key, value in tensors.items():
         name, _, part = key.rpartition("::")
-        if name not in out or part not in ("full", "index", "value"):
+        if name not in out or part not in ("full", "index", "value", "up", "down"):
             raise AdvtuneError(f"{path}: entry {key!r} does not fit this model; the file is damaged")
-        if part == "full":
+        if part == "up":
+            down = tensors.get(f"{name}::down")
+            w = out[name]
+            if down is None or value.dim() != 2 or down.dim() != 2 or value.shape[0] != w.shape[0]:
+                raise AdvtuneError(
+                    f"{path}: the low-rank factors of {name!r} do not fit this model; the file is damaged"
+                )
+            if value.shape[1] != down.shape[0] or down.shape[1] != w[0].numel():
+                raise AdvtuneError(
+                    f"{path}: the low-rank factors of {name!r} do not fit this model; the file is damaged"
+                )
+            out[name] = merged_weight(w, value.to(w.dtype), down.to(w.dtype))
+        elif part == "full":
             out[name] = value.to(out[name].dtype).reshape(out[name].shape).clone()
         elif part == "index":
             values = tensors.get(f"{name}::value")

@@ -196,6 +196,8 @@ def finetune_model(
     )
     if keep is not None:  # the best held-out point's weights, not the last
         chosen = keep.restore(model)
+        if hasattr(job.selection, "factors"):  # low-rank: the kept point's adapters (None: measured before a resume)
+            job.selection.factors = keep.best_factors
         log.info("kept the checkpoint of step %s (best held-out robust accuracy of %d)", chosen, len(keep.curve))
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None
@@ -271,6 +273,7 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
     }
     info = {"job": "finetune", "base": str(run.base), "eps": run.eps, "norm": run.norm, "attack": run.attack}
     info["trainable_params"] = (job.selection_info or {}).get("trainable_params")
-    write_patch(rd.file(files.PATCH), base_state, model, {**info, "test_acc": summary.test_acc})
+    factors = getattr(job.selection, "factors", None)  # low-rank adapters: stored as factors, not weights
+    write_patch(rd.file(files.PATCH), base_state, model, {**info, "test_acc": summary.test_acc}, factors)
     close_training_folder(rd, model, new_meta, summary)
     return summary

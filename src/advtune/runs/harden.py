@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import filenames as files
-from ..components import Selection
 from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
 from ..models import load_model
-from ..patch import write_patch
+from ..patch import patch_factors, write_patch
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..storage import atomic_write_bytes, read_json
+from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, read_table, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
@@ -226,7 +226,7 @@ def harden_model(
     if out is not None:  # the fine-tuning's records are the truth: the same whether run now or earlier
         ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()
         chosen = out / FINETUNE / files.SELECTION
-        selection = Selection.from_json(read_json(chosen, "selection"), model) if chosen.is_file() else None
+        selection = selection_from_json(read_json(chosen, "selection"), model) if chosen.is_file() else None
     hardened.eval()
     # -- 4. the strong evaluation, before and after, on the same test examples
     results, records = {}, {}
@@ -291,7 +291,8 @@ def run(run: HardenRun) -> HardenSummary:
     rec = hardened.record
     info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}
     info.update(evaluation=rec.evaluation, test_examples=rec.test_examples, before=rec.before, after=rec.after)
-    write_patch(rd.file(files.PATCH), model, hardened.model, info)  # what a fleet with the base model needs
+    factors = patch_factors(rd.path / FINETUNE / files.PATCH)  # low-rank adapters, as the stage stored them
+    write_patch(rd.file(files.PATCH), model, hardened.model, info, factors)  # what a fleet with the base needs
     rd.write_json(files.SUMMARY, rec.to_json())
     rd.done()
     _publish_model(out / FINETUNE, out)

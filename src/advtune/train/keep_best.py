@@ -17,7 +17,7 @@ from ..distributed import is_main_process
 from ..errors import AdvtuneError
 from ..metrics import accuracy, robust_accuracy_quick
 from ..storage import atomic_write_bytes, atomic_write_json, read_json
-from .lowrank import has_adapters, plain_state_dict
+from .lowrank import adapter_factors, has_adapters, plain_state_dict
 
 CURVE = "keep-best.json"
 WEIGHTS = "keep-best.safetensors"
@@ -35,6 +35,7 @@ class KeepBest:
         self.folder = Path(folder) if folder else None
         self.curve: list[dict] = []
         self.best_state: dict | None = None
+        self.best_factors: dict | None = None  # the best point's low-rank adapters (for the patch)
         if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
             self.curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
 
@@ -60,6 +61,7 @@ class KeepBest:
         self.curve.sort(key=lambda p: p["step"])
         if self.best is point:
             state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
+            self.best_factors = adapter_factors(model) if has_adapters(model) else None
             self.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
             if self.folder is not None and is_main_process():
                 atomic_write_bytes(self.folder / WEIGHTS, save(self.best_state))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import AdvtuneError
+from ..patch import merged_weight  # one formula for the merge here and a patch's apply
 
 ADAPTABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -86,15 +87,31 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> None:
-    """Fold every adapter into its weight and remove it: the model has its original architecture
-    and state_dict keys again, with the adapted weights."""
+def merge(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fold every adapter into its weight (`merged_weight`) and remove it: the model has its original
+    architecture, parameters and state_dict keys again, with the adapted weights. Returns the factors
+    merged, {weight name: (up, down)} on the CPU, for a patch that stores them instead of the weights."""
+    factors = adapter_factors(model)
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod, "weight"):
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            delta = mod.parametrizations.weight[0]
+            new = merged_weight(mod.parametrizations.weight.original, delta.up, delta.down)
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            mod.weight.copy_(new)
             for name in getattr(mod, "_advtune_order", ()):
                 mod._parameters[name] = mod._parameters.pop(name)
             mod.__dict__.pop("_advtune_order", None)
+    return factors
+
+
+def adapter_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{weight name: (up, down)} of every adapter now on the model, copied to the CPU."""
+    out = {}
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            delta = mod.parametrizations.weight[0]
+            out[f"{name}.weight"] = (delta.up.detach().cpu().clone(), delta.down.detach().cpu().clone())
+    return out
 
 
 def adapter_size(weight: torch.Tensor, rank: int) -> int:
@@ -118,6 +135,7 @@ class LowRank:
         self.ranks = dict(ranks)
         self.seed = int(seed)
         self.whole = tuple(whole)  # layers trained whole (every entry) next to the adapters: the hybrid rule
+        self.factors: dict | None = None  # {weight: (up, down)} merged at the end of fit (or the kept checkpoint's)
         both = set(self.whole) & set(self.ranks)
         if both:
             raise AdvtuneError(f"low-rank: {', '.join(sorted(both))} cannot be both adapted and trained whole")
@@ -172,7 +190,31 @@ class LowRank:
         return whole + sum(_weight(modules[n]).numel() for n in self.ranks)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "ranks": self.ranks, "whole": list(self.whole), "seed": self.seed}
+        components = [*self.whole, *self.ranks]  # every layer it touches (the report marks them)
+        return {
+            "kind": self.kind,
+            "ranks": self.ranks,
+            "whole": list(self.whole),
+            "seed": self.seed,
+            "components": components,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LowRank":
+        return cls(
+            {k: int(v) for k, v in data["ranks"].items()}, int(data.get("seed", 0)), tuple(data.get("whole", ()))
+        )
+
+
+def selection_from_json(data: dict, model: nn.Module):
+    """A selection.json back: a LowRank (kind lowrank) or a Selection of components."""
+    if isinstance(data, dict) and data.get("kind") == LowRank.kind:
+        selection = LowRank.from_json(data)
+        selection.validate(model)
+        return selection
+    from ..components import Selection
+
+    return Selection.from_json(data, model)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -231,7 +273,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if key.endswith(".parametrizations.weight.original"):
             prefix = key.removesuffix(".parametrizations.weight.original")
-            out[prefix + ".weight"] = model.get_submodule(prefix).weight.detach().clone()
+            delta = model.get_submodule(prefix).parametrizations.weight[0]
+            out[prefix + ".weight"] = merged_weight(value, delta.up, delta.down)  # as `merge` will
         elif ".parametrizations.weight." not in key:
             out[key] = value
     return out

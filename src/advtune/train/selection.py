@@ -33,6 +33,7 @@ class Trainable:
         self.frozen_bns: list[_BatchNorm] = []
         self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.adapted = False
+        self.selection = selection
         if selection is None or selection.is_everything(model):
             return  # (d): selecting everything is exactly the full-training path
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
@@ -93,8 +94,8 @@ class Trainable:
             bn.running_var[keep] = var[keep]
 
     def close(self) -> None:
-        if self.adapted:
-            merge(self.model)
+        if self.adapted:  # the factors go with the selection, for a patch that stores them
+            self.selection.factors = merge(self.model)
             self.adapted = False
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.flags[name])
