@@ -98,6 +98,10 @@ def test_finetune_keep_best_needs_held_out_data(tmp_path, capsys):
     )
     k = json.loads((out / "summary.json").read_text())["checkpoints"]
     assert k["examples"] == 30 and len(k["curve"]) == len({p["step"] for p in k["curve"]}) == 3
+    from safetensors.torch import load_file
+
+    kept, saved = load_file(str(out / WEIGHTS)), load_file(str(out / "model.safetensors"))
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[n], saved[n]) for n in kept)  # the kept point
 
 
 @pytest.mark.parametrize("holdout,match", [(5000, "--holdout 5000 leaves no training data"), (-1, "--holdout must be")])

@@ -80,7 +80,7 @@ def test_resume_with_adapters_is_exact(data, tmp_path):
 
     def crash(model, x, y, *, generator=None):
         calls["n"] += 1
-        if calls["n"] == 11:  # mid epoch 2 (8 steps per epoch), after the checkpoint at step 3
+        if calls["n"] == 13:  # epoch 2's 5th step (8 steps per epoch): resumes from its step-3 checkpoint
             raise Interrupt()
         return objective(model, x, y, generator=generator)
 

@@ -36,24 +36,22 @@ def test_transfer_from_the_model_itself_is_the_white_box_attack(runs):
     x_t = attack(model, x, y, generator=torch.Generator().manual_seed(1))
     x_w = build_attack("pgd", THREAT)(model, x, y, generator=torch.Generator().manual_seed(1))
     assert torch.equal(x_t, x_w)
-    other, _ = load_model(runs / "b")  # crafted on a, tried on b: still inside the ball and the box
-    x_o = attack(other, x, y, generator=torch.Generator().manual_seed(1))
-    assert (x_o - x).abs().max() <= 0.1 + 1e-6 and x_o.min() >= 0 and x_o.max() <= 1
-    result = robust_accuracy(other, (x, y), [build_attack("apgd-ce", THREAT), attack], gate=True)
-    assert result.n == 40  # runs inside the protocol, last in the cascade (black-box)
+    other, _ = load_model(runs / "b")  # crafted on a, tried on b: the examples are a's, whatever b is
+    assert torch.equal(attack(other, x, y, generator=torch.Generator().manual_seed(1)), x_w)
+    result = robust_accuracy(other, (x, y), [attack, build_attack("apgd-ce", THREAT)], gate=True)
+    assert list(result.accuracy)[-1].startswith("transfer")  # black-box: last in the cascade
 
 
 @pytest.mark.parametrize(
     "spec,match",
     [
         ("transfer", "transfer needs source="),
-        ("transfer:source=nowhere/at/all", "is not a run folder"),
+        ("transfer:source=nowhere/at/all", "is not a run folder with a saved model"),
         ("transfer:source=x,attack=square", "must be a white-box attack"),
         ("transfer:source=x,attack=nope", "unknown attack"),
     ],
 )
 def test_bad_transfer_specs_are_one_line(spec, match, runs):
-    with pytest.raises(AdvtuneError, match=match):
-        attack = build_attack(spec, THREAT)
-        model, _ = load_model(runs / "a")
-        attack(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
+    spec = spec.replace("source=x", f"source={runs / 'a'}")
+    with pytest.raises(AdvtuneError, match=match):  # when the attack list is built, before any work
+        build_attack(spec, THREAT)

@@ -95,7 +95,7 @@ def make_patch(
             tensors[f"{name}::full"] = new[name]
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if any(k.endswith("::up") for k in tensors) else "1",  # older readers take 1
         "base_sha256": state_sha256(old),
         "result_sha256": state_sha256(new),
         "changed_entries": str(changed_entries),

@@ -198,8 +198,10 @@ def robust_accuracy(
     n_known = _length(data)
     total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
     n_clean = n_alive = n_mine = 0
-    if any(getattr(a, "compile", False) for a in attacks):  # load dynamo before the counter's hook: it
-        importlib.import_module("torch._dynamo")  # then stays out of compiled code (PassCounter.attached)
+    # Square may compile (forced, or auto: its default): load dynamo before the counter's hook, which then
+    # stays out of compiled code (PassCounter.attached); traced, its changing count recompiled every call
+    if any(getattr(a, "compile", False) is not False for a in attacks if hasattr(a, "compile")):
+        importlib.import_module("torch._dynamo")
     with eval_mode(model), counter.attached(model):
         bar = progress(
             batches(data, batch_size, lower=threat.lower, upper=threat.upper, device=device),

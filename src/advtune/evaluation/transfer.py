@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import filenames as files
 from ..attacks import build_attack, register
 from ..attacks._common import AttackConfig, attack_entry
 from ..errors import AdvtuneError
@@ -75,6 +76,10 @@ class Transfer(AttackConfig):
         if not self.source:
             raise AdvtuneError(
                 "transfer needs source=<run folder of the model to craft on>, e.g. transfer:source=runs/at"
+            )
+        if not (Path(self.source) / files.MODEL_META).is_file():  # refused when the list is built, before any work
+            raise AdvtuneError(
+                f"transfer: source {self.source!r} is not a run folder with a saved model; give source=<a trained run>"
             )
         bad = f"transfer: attack={self.attack!r} must be a white-box attack name, e.g. apgd-ce or pgd"
         if ":" in self.attack:

@@ -15,7 +15,7 @@ from ..attacks import PGD
 from ..components import model_params
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
-from ..distributed import check_global_batch, is_main_process
+from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
 from ..storage import read_json
@@ -59,8 +59,15 @@ def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
 
     if isinstance(points, bool) or not isinstance(points, int) or points < 0:
         raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {points!r}")
-    total = total_steps(cfg, num_batches(n_train, cfg.batch_size))
+    total = fit_steps(cfg, n_train)
     return sorted({max(1, round(total * i / points)) for i in range(1, points + 1)}) if points else []
+
+
+def fit_steps(cfg, n_train: int) -> int:
+    """The optimizer steps `fit` will take: under torchrun each rank takes its share of the examples and
+    of the global batch, as `fit` counts them."""
+    world = rank_and_world()[1]
+    return total_steps(cfg, num_batches(n_train // world, check_global_batch(cfg.batch_size)))
 
 
 def open_training_folder(run, cfg, config: dict) -> RunDir:
@@ -189,6 +196,7 @@ RUN_DEFAULTS = {
     "granularity": "unit",
     "weights": None,
     "weights_key": None,
+    "keep_best": 0,
 }  # keys newer than some records
 
 
@@ -300,8 +308,7 @@ def lowrank_selection(model, select: str, params: float | None, seed: int, score
     elif params is None:
         raise AdvtuneError("--select lowrank needs a rank (lowrank:rank=8) or a parameter budget (--params 0.05)")
     else:
-        budget = int(params if params >= 1 else params * model_params(model))
-        selection = LowRank(budget_ranks(model, budget, scores), seed)
+        selection = LowRank(budget_ranks(model, check_params(params, model), scores), seed)
     selection.validate(model)
     return selection
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from .. import filenames as files
 from ..attacks import build_attack
 from ..cost import CostMeter
-from ..data import num_batches
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
@@ -17,7 +16,7 @@ from ..patch import cpu_state, write_patch
 from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, fit, total_steps
+from ..train import TrainConfig, build_objective, fit
 from ..train.keep_best import KeepBest
 from .common import (
     check_val,
@@ -25,6 +24,7 @@ from .common import (
     dataset_of,
     describe_selection,
     fit_in_folder,
+    fit_steps,
     guard_on,
     load_base,
     make_selection,
@@ -168,9 +168,7 @@ def finetune_model(
     in_folder = fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume)
     keep = None
     if run.keep_best:
-        steps = keep_best_steps(
-            total_steps(cfg, num_batches(len(ds.train), cfg.batch_size)), run.keep_best, run.eps_warmup
-        )
+        steps = keep_best_steps(fit_steps(cfg, len(ds.train)), run.keep_best, run.eps_warmup)
         spec = "pgd:steps=10"
         keep = KeepBest(
             ds.val,
@@ -196,8 +194,8 @@ def finetune_model(
     )
     if keep is not None:  # the best held-out point's weights, not the last
         chosen = keep.restore(model)
-        if hasattr(job.selection, "factors"):  # low-rank: the kept point's adapters (None: measured before a resume)
-            job.selection.factors = keep.best_factors
+        if chosen is not None and hasattr(job.selection, "factors"):  # low-rank: the kept point's adapters
+            job.selection.factors = keep.best_factors  # (None when measured before a resume: a dense patch)
         log.info("kept the checkpoint of step %s (best held-out robust accuracy of %d)", chosen, len(keep.curve))
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None

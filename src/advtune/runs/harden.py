@@ -50,6 +50,9 @@ from .record import RunDir, open_run
 log = logging.getLogger(__name__)
 
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
+# what a harden run recorded before these settings existed ran as (its --resume compares with them)
+HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
+RECIPE_DEFAULTS = {"ema": 0.0}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -260,6 +263,7 @@ def run(run: HardenRun) -> HardenSummary:
     if out.exists() and run.resume and (out / files.CONFIG).is_file():
         saved = read_json(out / files.CONFIG, "harden config").get("run", {})
         now = run.to_json()
+        saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
         changed = [k for k in now if k not in ("resume", "overwrite", "device") and saved.get(k) != now[k]]
         if changed:
             raise AdvtuneError(
@@ -395,9 +399,14 @@ def format_summary(summary: HardenSummary) -> str:
     if s.get("checkpoints"):
         k = s["checkpoints"]
         curve = ", ".join(f"{p['step']}: {100 * p['robust_acc']:.1f}%" for p in k["curve"])
+        kept = (
+            f"the checkpoint of step {k['chosen_step']}"
+            if k["chosen_step"]
+            else "the last weights (the best were lost)"
+        )
         lines.append(
-            f"  kept the checkpoint of step {k['chosen_step']}, the best under {k['attack']} on {k['examples']} "
-            f"held-out training examples (step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
+            f"  kept {kept}, chosen under {k['attack']} on {k['examples']} held-out training examples "
+            f"(step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
         )
     if s.get("at_reference"):
         ref = s["at_reference"]

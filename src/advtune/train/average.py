@@ -5,7 +5,11 @@ al. 2020, "Uncovering the limits of adversarial training"). Only the trainable t
 entries a selection freezes never move, and the average of a constant is that constant bit for bit
 (lerp adds (1 - decay) * 0), so selective fine-tuning stays exact. The decay warms up as
 min(decay, (1 + t) / (10 + t)) over the first updates, so the start is not overweighted. Snapshots,
-callbacks and the end of `fit` see the averaged weights; training steps on the live ones.
+the per-epoch validation, keep-best and the end of `fit` see the averaged weights; training steps and
+the epoch callbacks (the overfitting guard judges the model being trained) see the live ones.
+BatchNorm statistics are not averaged (the live ones are used). With low-rank adapters the trained
+tensors are the factors, so the result is W + avg(U) avg(D), an approximation of the average of the
+merged weights.
 """
 
 from __future__ import annotations

@@ -9,15 +9,21 @@ a folder it records the curve and the best weights there, so a resumed run keeps
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..distributed import is_main_process
+from ..distributed import broadcast_state, is_distributed, is_main_process
 from ..errors import AdvtuneError
 from ..metrics import accuracy, robust_accuracy_quick
 from ..storage import atomic_write_bytes, atomic_write_json, read_json
 from .lowrank import adapter_factors, has_adapters, plain_state_dict
+
+log = logging.getLogger(__name__)
 
 CURVE = "keep-best.json"
 WEIGHTS = "keep-best.safetensors"
@@ -36,6 +42,7 @@ class KeepBest:
         self.curve: list[dict] = []
         self.best_state: dict | None = None
         self.best_factors: dict | None = None  # the best point's low-rank adapters (for the patch)
+        self.kept_last = False  # the best point's weights were lost: the run kept its last ones
         if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
             self.curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
 
@@ -49,22 +56,22 @@ class KeepBest:
         return len(self.curve) * len(self.data) * int(self.attack.grad_evals())
 
     def __call__(self, model, step: int, meter=None) -> None:
-        if step not in self.steps:
-            return
-        point = {
-            "step": step,
-            "grad_evals": meter.grad_evals if meter is not None else None,
-            "clean_acc": accuracy(model, self.data, self.batch_size),
-            "robust_acc": robust_accuracy_quick(model, self.data, self.attack, self.batch_size, self.seed),
-        }
-        self.curve = [p for p in self.curve if p["step"] != step] + [point]
-        self.curve.sort(key=lambda p: p["step"])
-        if self.best is point:
-            state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
-            self.best_factors = adapter_factors(model) if has_adapters(model) else None
-            self.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-            if self.folder is not None and is_main_process():
-                atomic_write_bytes(self.folder / WEIGHTS, save(self.best_state))
+        if step not in self.steps or any(p["step"] == step for p in self.curve):
+            return  # measured before a resume: its record (and, if best, its weights) are on file
+        with rank0_buffers(model):  # under torchrun every rank measures (and keeps) one model: rank 0's
+            point = {
+                "step": step,
+                "grad_evals": meter.grad_evals if meter is not None else None,
+                "clean_acc": accuracy(model, self.data, self.batch_size),
+                "robust_acc": robust_accuracy_quick(model, self.data, self.attack, self.batch_size, self.seed),
+            }
+            self.curve = sorted([*self.curve, point], key=lambda p: p["step"])
+            if self.best is point:
+                state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
+                self.best_factors = adapter_factors(model) if has_adapters(model) else None
+                self.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+                if self.folder is not None and is_main_process():  # the weights first, then the curve naming them
+                    atomic_write_bytes(self.folder / WEIGHTS, save(self.best_state, metadata={"step": str(step)}))
         if self.folder is not None and is_main_process():
             atomic_write_json(self.folder / CURVE, self.record())
 
@@ -75,9 +82,13 @@ class KeepBest:
             return None
         state = self.best_state
         if state is None and self.folder is not None and (self.folder / WEIGHTS).is_file():
-            state = load_file(str(self.folder / WEIGHTS))  # measured before a resume
-        if state is None:
-            raise AdvtuneError(f"the best checkpoint (step {best['step']}) was not kept; rerun without --resume")
+            with safe_open(str(self.folder / WEIGHTS), framework="pt") as f:  # measured before a resume
+                if (f.metadata() or {}).get("step") == str(best["step"]):
+                    state = load_file(str(self.folder / WEIGHTS))
+        if state is None:  # its weights are not on file (a crash between two writes): keep the last ones
+            log.warning("the best checkpoint (step %d) was not kept on file; keeping the last weights", best["step"])
+            self.kept_last = True
+            return None
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in state.items()})
         return best["step"]
@@ -88,6 +99,24 @@ class KeepBest:
             "examples": len(self.data),
             "attack": self.label,
             "curve": self.curve,
-            "chosen_step": best["step"] if best else None,
+            "chosen_step": best["step"] if best and not self.kept_last else None,  # None: the last weights
             "grad_evals": self.grad_evals(),
         }
+
+
+@contextmanager
+def rank0_buffers(model):
+    """Under torchrun, rank 0's buffers (BatchNorm statistics, which the ranks only share at epoch
+    ends) in the model for the duration, the rank's own put back after; the parameters are equal
+    already. One process: nothing to do."""
+    if not is_distributed():
+        yield
+        return
+    own = [b.detach().clone() for b in model.buffers()]
+    broadcast_state(model, buffers_only=True)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), own):
+                b.copy_(v)

@@ -142,7 +142,8 @@ def as_list(v: Any) -> list:
 
 def with_recipe(v: dict) -> dict:
     """`recipe: harden` fills a fine-tuning variant with `advtune harden`'s default recipe (the keys the
-    variant sets itself win), so an experiment measures exactly what the command runs."""
+    variant sets itself win): its selection and training. It keeps the last weights (harden holds out
+    data and keeps the best checkpoint; a `kind: harden` variant runs harden itself)."""
     if v.get("recipe") is None:
         return v
     if v["recipe"] != "harden":
