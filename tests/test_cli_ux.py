@@ -122,6 +122,7 @@ def test_every_help_does_not_import_torch():
 def test_the_attack_names_in_the_help_are_the_registry():
     """`evaluate --help` reads the names from the attacks' `@register` decorators (no torch, no list to
     keep in cli.py): they are the registry's, in its order."""
+    import advtune.evaluation  # noqa: F401  (registers the transfer attack, as evaluate does)
     from advtune import list_attacks
     from advtune.cli import attack_names
 

@@ -134,7 +134,8 @@ def attack_names() -> list[str]:
     attack needs no edit here). `advtune.list_attacks()` also has attacks registered at run time."""
     from .registry import registered_in_source
 
-    return registered_in_source(Path(__file__).resolve().parent / "attacks", ("register", "register_attack"))
+    here, marks = Path(__file__).resolve().parent, ("register", "register_attack")
+    return registered_in_source(here / "attacks", marks) + registered_in_source(here / "evaluation", marks)
 
 
 def add_evaluate_parser(p) -> None:
