@@ -73,8 +73,12 @@ class Interrupt(Exception):
 
 def test_resume_with_adapters_is_exact(data, tmp_path):
     objective = adversarial(PGD(THREAT, steps=2))
-    full = bn_net()
-    fit(full, data, objective, CFG, selection=LowRank(uniform_ranks(full, 2), seed=4))
+
+    def adapted_fit(model, objective=objective, **kw):
+        fit(model, data, objective, CFG, selection=LowRank(uniform_ranks(model, 2), seed=4), **kw)
+        return model
+
+    full = adapted_fit(bn_net())
 
     calls = {"n": 0}
 
@@ -87,25 +91,9 @@ def test_resume_with_adapters_is_exact(data, tmp_path):
     crash.attack_grad_evals = objective.attack_grad_evals
     interrupted = bn_net()
     with pytest.raises(Interrupt):
-        fit(
-            interrupted,
-            data,
-            crash,
-            CFG,
-            selection=LowRank(uniform_ranks(interrupted, 2), seed=4),
-            checkpoint_dir=tmp_path,
-        )
+        adapted_fit(interrupted, crash, checkpoint_dir=tmp_path)
     assert list(interrupted.state_dict()) == list(full.state_dict()), "an interrupted fit must still merge"
-    resumed = bn_net(seed=9)
-    fit(
-        resumed,
-        data,
-        objective,
-        CFG,
-        selection=LowRank(uniform_ranks(resumed, 2), seed=4),
-        checkpoint_dir=tmp_path,
-        resume=True,
-    )
+    resumed = adapted_fit(bn_net(seed=9), checkpoint_dir=tmp_path, resume=True)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 

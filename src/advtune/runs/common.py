@@ -59,8 +59,14 @@ def snapshot_steps(cfg, n_train: int, points: int) -> list[int]:
 
     if isinstance(points, bool) or not isinstance(points, int) or points < 0:
         raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {points!r}")
-    total = fit_steps(cfg, n_train)
-    return sorted({max(1, round(total * i / points)) for i in range(1, points + 1)}) if points else []
+    return spaced_steps(fit_steps(cfg, n_train), points)
+
+
+def spaced_steps(total: int, points: int, after: float = 0.0) -> list[int]:
+    """`points` steps evenly spaced over the part of a `total`-step run after its first share `after`,
+    the last one at its end (snapshots: the whole run; keep-best: after the eps ramp)."""
+    start = after * total
+    return sorted({max(1, round(start + (total - start) * i / points)) for i in range(1, points + 1)})
 
 
 def fit_steps(cfg, n_train: int) -> int:

@@ -33,6 +33,7 @@ from .common import (
     refuse_same_folder,
     resolve_eps_warmup,
     snapshot_steps,
+    spaced_steps,
     with_budget,
 )
 from .configs import FinetuneRun
@@ -59,13 +60,6 @@ class FinetuneSummary(Record):
     pgd10_acc_quick: float | None = None  # the quick PGD-10 monitor (not the honest protocol), if on
     pgd10_examples: int | None = None
     checkpoints: dict | None = None  # --keep-best: the held-out curve and the step kept
-
-
-def keep_best_steps(total: int, points: int, eps_warmup: float) -> list[int]:
-    """`points` steps evenly spaced after the eps ramp, the last at the end (inside the ramp the model
-    has not met the full eps yet)."""
-    start = eps_warmup * total
-    return sorted({max(1, round(start + (total - start) * i / points)) for i in range(1, points + 1)})
 
 
 def both(first, second):
@@ -168,7 +162,7 @@ def finetune_model(
     in_folder = fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume)
     keep = None
     if run.keep_best:
-        steps = keep_best_steps(fit_steps(cfg, len(ds.train)), run.keep_best, run.eps_warmup)
+        steps = spaced_steps(fit_steps(cfg, len(ds.train)), run.keep_best, after=run.eps_warmup)  # after the ramp
         spec = "pgd:steps=10"
         keep = KeepBest(
             ds.val,
