@@ -257,3 +257,36 @@ def test_evaluate_command_records_and_plots(tmp_path, capsys):
     )
     assert main(["evaluate", str(out), "--attacks", "cw", "--eps", "0.1", "--quiet"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_an_interrupted_evaluation_leaves_the_last_record_and_reruns(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of `evaluate`: one line, exit 130, the previous record untouched and no
+    half-written file; the same command then runs to the end."""
+    import advtune.evaluation.protocol as protocol
+
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    argv = ["evaluate", str(out), "--attacks", "pgd:steps=2", "--eps", "0.1", "--limit-test", "40"]
+    argv += ["--batch-size", "10", "--name", "e", "--quiet"]
+    assert main(argv) == 0
+    record = (out / "eval-e.json").read_bytes()
+    capsys.readouterr()
+
+    real, calls = protocol._attack_once, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "_attack_once", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "rerun" in err
+    assert (out / "eval-e.json").read_bytes() == record
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(protocol, "_attack_once", real)
+    assert main([*argv[:-3], "--name", "again", "--quiet"]) == 0
+    assert json.loads((out / "eval-again.json").read_text())["examples"] == 40

@@ -394,3 +394,68 @@ def test_compiled_queries_count_every_forward_and_compile_once():
 
     done = subprocess.run([sys.executable, "-c", COMPILE_COUNT_SCRIPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_out_of_memory_retries_in_smaller_chunks(tiny_model, data, caplog):
+    """A batch that does not fit the device is split (and stays split), not a failed run; the numbers are
+    those of the same attack run on batches that fit."""
+    x, y = data
+    pgd = PGD(THREAT, steps=5, random_start=False)  # per example the same, however the batch is split
+    sizes = []
+
+    class Tight:  # PGD on a device that holds at most 16 examples at a time
+        threat = THREAT
+        spec = pgd.spec
+
+        def grad_evals(self):
+            return pgd.grad_evals()
+
+        def __call__(self, model, x, y, *, generator=None):
+            sizes.append(len(x))
+            if len(x) > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return pgd(model, x, y, generator=generator)
+
+    with caplog.at_level(logging.WARNING, logger="advtune.evaluation"):
+        r = robust_accuracy(tiny_model, (x, y), [Tight()], batch_size=50, gate=False)
+    ref = robust_accuracy(tiny_model, (x, y), [pgd], batch_size=12, gate=False)
+    assert r.worst_case_accuracy == ref.worst_case_accuracy < r.clean_accuracy
+    assert "out of memory on 50 examples" in caplog.text and "12 at a time" in caplog.text
+    assert caplog.text.count("out of memory") == 2  # 50 -> 25 -> 12, then the second batch starts at 12
+    assert sizes[:3] == [50, 25, 12] and max(sizes[3:]) <= 12  # what fit is kept for the rest of the run
+
+
+def test_out_of_memory_on_one_example_is_one_line(tiny_model, data):
+    class Hopeless:
+        threat = THREAT
+        spec = "hopeless"
+
+        def grad_evals(self):
+            return 1
+
+        def __call__(self, model, x, y, *, generator=None):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+
+    x, y = data
+    with pytest.raises(AdvtuneError, match="hopeless: out of memory on cpu even for one example"):
+        robust_accuracy(tiny_model, (x[:4], y[:4]), [Hopeless()], gate=False)
+
+
+def test_other_errors_are_not_retried(tiny_model, data):
+    calls = []
+
+    class Broken:
+        threat = THREAT
+        spec = "broken"
+
+        def grad_evals(self):
+            return 1
+
+        def __call__(self, model, x, y, *, generator=None):
+            calls.append(len(x))
+            raise RuntimeError("shape mismatch")
+
+    x, y = data
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        robust_accuracy(tiny_model, (x[:8], y[:8]), [Broken()], gate=False)
+    assert len(calls) == 1

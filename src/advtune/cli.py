@@ -491,7 +491,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"advtune: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("advtune: interrupted; continue a training run with --resume", file=sys.stderr)
+        # records are written atomically at the end: an interruption leaves the previous ones whole
+        print("advtune: interrupted; nothing half-written left: rerun (training: --resume)", file=sys.stderr)
         return 130
 
 

@@ -153,6 +153,60 @@ def _attack_once(
     return hit
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A device (or host) allocation failure, as opposed to a bug: the one error a smaller batch fixes."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("out of memory", "can't allocate memory", "Cannot allocate memory")
+    )
+
+
+def _attack_fitting(
+    model: nn.Module,
+    attack: Attack,
+    spec: str,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    generator,
+    counter: PassCounter,
+    tally: _Tally,
+    fit: dict,
+) -> Tensor:
+    """`_attack_once` in chunks that fit the device: out of memory, the chunk halves (said once per size)
+    and stays halved for the rest of the evaluation (`fit`), so one big batch does not fail a long run."""
+    n, chunk = len(x), min(len(x), fit.get(spec) or len(x))
+    hits, i = [], 0
+    while i < n:
+        j = min(n, i + chunk)
+        try:
+            hits.append(_attack_once(model, attack, spec, x[i:j], y[i:j], threat, generator, counter, tally))
+            i = j
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            g, f = counter.take()  # the failed try's passes were spent: they count
+            tally.grads, tally.fwds = tally.grads + g, tally.fwds + f
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+            if j - i == 1:
+                raise AdvtuneError(
+                    f"{spec}: out of memory on {x.device} even for one example; free the device or use a "
+                    "smaller model or another device"
+                ) from None
+            chunk = fit[spec] = max(1, (j - i) // 2)
+            log.warning(
+                "%s: out of memory on %d examples (%s); retrying %d at a time (a smaller --batch-size "
+                "avoids the retries)",
+                spec,
+                j - i,
+                x.device,
+                chunk,
+            )
+    return torch.cat(hits)
+
+
 def robust_accuracy(
     model: nn.Module,
     data,
@@ -194,6 +248,7 @@ def robust_accuracy(
     n, classes = 0, None
     done: list[_Batch] = []  # this rank's batches; under torch.distributed batch b belongs to rank b % world
     n_probe = 0
+    fit: dict[str, int] = {}  # per attack: the largest chunk known to fit the device after an OOM
 
     n_known = _length(data)
     total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
@@ -246,7 +301,7 @@ def robust_accuracy(
                 status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
                 run = alive.nonzero().flatten() if cascade else torch.arange(len(xc), device=device)
                 if len(run):
-                    hit = _attack_once(model, a, s, xc[run], yc[run], threat, gen, counter, tallies[s])
+                    hit = _attack_fitting(model, a, s, xc[run], yc[run], threat, gen, counter, tallies[s], fit)
                     alive[run[hit]] = False
                     status[idx_c[run].cpu()] = hit.to(torch.int8).cpu()
                 batch.status[s] = status
