@@ -9,7 +9,11 @@ times are measured in this one process, the two runs interleaved per model, so m
     pip install -e '.[reference]'          # pyautoattack
     .venv/bin/python bench/eval_speed.py runs/a-standard-run runs/an-adversarially-trained-run --n 1000
 
-Targets (issue 12): robust accuracy within ±0.3 points of AutoAttack's, wall time ≤ 0.5× AutoAttack's.
+advtune runs with `evaluate`'s defaults (Square compiles its queries by itself when their load is large);
+`--compile` / `--no-compile` force either. `--profile` adds, per model, a separate pass that splits each
+attack's time into forward, backward and the rest (bench/eval_phases.py).
+
+Targets (issues 12, 23): robust accuracy within ±0.3 points of AutoAttack's, wall time ≤ 0.5× AutoAttack's.
 Prints a markdown table and writes bench/out/eval_speed.json (with the machine and versions).
 """
 
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import eval_phases  # bench/: run as a script, its folder is on the path
 from advtune.data import load_dataset
 from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.models import load_model, read_meta
@@ -45,14 +50,14 @@ def reference(model, x, y, eps: float, batch_size: int) -> tuple[float, float]:
     return acc, seconds
 
 
-def ours(model, x, y, eps: float, batch_size: int, name: str, compile: bool) -> tuple[float, float, dict]:
+def ours(model, x, y, eps: float, batch_size: int, name: str, compile: bool | None) -> tuple[float, float, dict]:
     threat = ThreatModel.linf(eps)
-    attacks = suite(name, threat)
+    attacks = suite(name, threat)  # compile None: the suite's own default (auto), as `advtune evaluate`
     t0 = time.perf_counter()  # the compile, when asked for, happens inside and is timed
     r = robust_accuracy(
         model,
         (x, y),
-        compiled_queries(attacks) if compile else attacks,
+        attacks if compile is None else compiled_queries(attacks, compile=compile),
         batch_size=batch_size,
         cascade=True,
         generator=torch.Generator().manual_seed(0),
@@ -73,7 +78,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--suite", default="standard", help="advtune suite to compare (default: standard)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ap.add_argument("--compile", action="store_true", help="compile the model for Square (evaluate --compile)")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force Square's compiled (--compile) or eager (--no-compile) queries (default: evaluate's auto)",
+    )
+    ap.add_argument("--profile", action="store_true", help="also split each attack's time into phases")
     ap.add_argument("--out", default="bench/out/eval_speed.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -87,6 +98,7 @@ def main() -> None:
         model, x, y = model.to(args.device).eval(), x.to(args.device), y.to(args.device)
         mine_acc, mine_s, detail = ours(model, x, y, eps, args.batch_size, args.suite, args.compile)
         ref_acc, ref_s = reference(model, x, y, eps, args.batch_size)
+        phases = eval_phases.profile(model, x, y, eps, args.batch_size, args.suite) if args.profile else None
         rows.append(
             {
                 "run": run,
@@ -102,6 +114,7 @@ def main() -> None:
                 "time_ratio": mine_s / ref_s,
                 "advtune_per_attack_s": detail["per_attack_s"],
                 "advtune_suspect": detail["suspect"],
+                "advtune_phases": phases,
             }
         )
         r = rows[-1]

@@ -459,3 +459,25 @@ def test_other_errors_are_not_retried(tiny_model, data):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         robust_accuracy(tiny_model, (x[:8], y[:8]), [Broken()], gate=False)
     assert len(calls) == 1
+
+
+def test_the_eval_speed_profile_splits_time_into_phases(tiny_model, data, monkeypatch):
+    """bench/eval_phases.py: forward + backward + rest add up to each attack's time; FGSM's and PGD's
+    backward passes are timed, and the model's own outputs are unchanged by the timer."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    eval_phases = importlib.import_module("eval_phases")
+    x, y = data
+    timed = eval_phases.PhaseTimer(tiny_model).eval()
+    with torch.no_grad():
+        assert torch.equal(timed(x), tiny_model(x)) and timed.forward_s > 0 and timed.backward_s == 0
+    out = eval_phases.profile(tiny_model, x, y, 0.15, 50, name="quick")
+    assert set(out["attacks"]) == {"fgsm", "pgd:steps=20"} and "eval_phases" in sys.modules
+    for p in out["attacks"].values():
+        assert p["forward_s"] > 0 and p["backward_s"] > 0 and p["grad_evals"] > 0
+        assert p["forward_s"] + p["backward_s"] <= p["total_s"] + 1e-6
+        assert p["other_s"] == pytest.approx(p["total_s"] - p["forward_s"] - p["backward_s"])
+    ref = robust_accuracy(tiny_model, (x, y), suite("quick", THREAT), batch_size=50, gate=False)
+    assert out["attacks"]["pgd:steps=20"]["grad_evals"] == ref.grad_evals["pgd:steps=20"]
