@@ -481,3 +481,25 @@ def test_the_eval_speed_profile_splits_time_into_phases(tiny_model, data, monkey
         assert p["other_s"] == pytest.approx(p["total_s"] - p["forward_s"] - p["backward_s"])
     ref = robust_accuracy(tiny_model, (x, y), suite("quick", THREAT), batch_size=50, gate=False)
     assert out["attacks"]["pgd:steps=20"]["grad_evals"] == ref.grad_evals["pgd:steps=20"]
+
+
+def test_a_model_that_runs_out_of_memory_in_an_attack_is_retried(tiny_model, data, caplog):
+    """The out-of-memory error raised inside a real attack's forward (through logits_of, which turns
+    other forward errors into one-line input errors) reaches the retry."""
+    x, y = data
+
+    class Hungry(nn.Module):  # a device that holds the gradients of at most 16 examples
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_model
+
+        def forward(self, x):
+            if torch.is_grad_enabled() and len(x) > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.net(x)
+
+    pgd = PGD(THREAT, steps=5, random_start=False)
+    with caplog.at_level(logging.WARNING, logger="advtune.evaluation"):
+        r = robust_accuracy(Hungry(), (x, y), [pgd], batch_size=50, gate=False)
+    ref = robust_accuracy(tiny_model, (x, y), [pgd], batch_size=12, gate=False)
+    assert r.worst_case_accuracy == ref.worst_case_accuracy and "retrying 12 at a time" in caplog.text

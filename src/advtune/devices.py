@@ -52,3 +52,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A device (or host) allocation failure, as opposed to a bug: the one error a smaller batch fixes."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.4+
+    if isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("out of memory", "can't allocate memory", "Cannot allocate memory")
+    )

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import out_of_memory
 from ..errors import AdvtuneError
 from ..threat import ThreatModel
 
@@ -239,6 +240,8 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
     try:
         out = model(x)
     except RuntimeError as e:
+        if out_of_memory(e):  # not the input's fault: the evaluation retries with fewer examples
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdvtuneError(
             f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first[:160]}; "

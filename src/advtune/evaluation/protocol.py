@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from ..cost import PassCounter
 from ..data import TensorData
-from ..devices import eval_mode, model_device, model_dtype
+from ..devices import eval_mode, model_device, model_dtype, out_of_memory
 from ..distributed import all_gather, all_max, all_sum, broadcast, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import batches, check_devices, data_device
@@ -153,15 +153,6 @@ def _attack_once(
     return hit
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """A device (or host) allocation failure, as opposed to a bug: the one error a smaller batch fixes."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and any(
-        m in str(e) for m in ("out of memory", "can't allocate memory", "Cannot allocate memory")
-    )
-
-
 def _attack_fitting(
     model: nn.Module,
     attack: Attack,
@@ -175,35 +166,43 @@ def _attack_fitting(
     fit: dict,
 ) -> Tensor:
     """`_attack_once` in chunks that fit the device: out of memory, the chunk halves (said once per size)
-    and stays halved for the rest of the evaluation (`fit`), so one big batch does not fail a long run."""
+    and stays halved for the rest of the evaluation (`fit`), so one big batch does not fail a long run.
+    A failed try's passes and time count; the generator is rewound, so the retry draws what the try drew
+    (a split batch still draws differently from a whole one, as with any other batch size)."""
     n, chunk = len(x), min(len(x), fit.get(spec) or len(x))
     hits, i = [], 0
     while i < n:
         j = min(n, i + chunk)
+        state = generator.get_state() if generator is not None else None
+        t0 = time.perf_counter()
         try:
             hits.append(_attack_once(model, attack, spec, x[i:j], y[i:j], threat, generator, counter, tally))
             i = j
+            continue
         except Exception as e:
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
-            g, f = counter.take()  # the failed try's passes were spent: they count
-            tally.grads, tally.fwds = tally.grads + g, tally.fwds + f
-            if x.is_cuda:
-                torch.cuda.empty_cache()
-            if j - i == 1:
-                raise AdvtuneError(
-                    f"{spec}: out of memory on {x.device} even for one example; free the device or use a "
-                    "smaller model or another device"
-                ) from None
-            chunk = fit[spec] = max(1, (j - i) // 2)
-            log.warning(
-                "%s: out of memory on %d examples (%s); retrying %d at a time (a smaller --batch-size "
-                "avoids the retries)",
-                spec,
-                j - i,
-                x.device,
-                chunk,
+        # out of memory (outside the except block, so the failed try's tensors are released first)
+        g, f = counter.take()
+        tally.grads, tally.fwds = tally.grads + g, tally.fwds + f
+        tally.seconds += time.perf_counter() - t0
+        if state is not None:
+            generator.set_state(state)
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        if j - i == 1:
+            raise AdvtuneError(
+                f"{spec}: out of memory on {x.device} even for one example; free the device or use a "
+                "smaller model or another device"
             )
+        chunk = fit[spec] = max(1, (j - i) // 2)
+        log.warning(
+            "%s: out of memory on %d examples (%s); retrying %d at a time (a smaller --batch-size avoids the retries)",
+            spec,
+            j - i,
+            x.device,
+            chunk,
+        )
     return torch.cat(hits)
 
 
