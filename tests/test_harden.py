@@ -120,6 +120,18 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     )
 
 
+def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):
+    """A run saved under an older default (here: no weight average) resumed with today's flags: one line
+    that names the recipe keys with their saved values, and nothing rewritten."""
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60"]
+    argv += ["--budget", "20000", "--evaluation", PROTOCOL, "--out", str(hardened), "--resume", "--quiet"]
+    before = (hardened / "summary.json").read_bytes()
+    assert main([*argv, "--ema", "0", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
+    assert (hardened / "summary.json").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -265,9 +265,15 @@ def run(run: HardenRun) -> HardenSummary:
         now = run.to_json()
         saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
         changed = [k for k in now if k not in ("resume", "overwrite", "device") and saved.get(k) != now[k]]
-        if changed:
+        if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
+            recipe = [
+                f"--{k.replace('_', '-')} {saved['recipe'].get(k)}"
+                for k in now.get("recipe", {})
+                if "recipe" in changed and saved["recipe"].get(k) != now["recipe"][k]
+            ]
+            said = [k for k in changed if k != "recipe"] + ([f"recipe, saved as {' '.join(recipe)}"] if recipe else [])
             raise AdvtuneError(
-                f"--resume with different settings ({', '.join(changed)}); use the original flags or a new --out"
+                f"--resume with different settings ({'; '.join(said)}); use the original flags or a new --out"
             )
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
     if not rd.file(files.CONFIG).is_file():
