@@ -59,7 +59,7 @@ class TrainConfig:
     )
     ema: float = setting(
         0.0,
-        help="keep an exponential moving average of the trained weights with this decay (e.g. 0.999) and end with "
+        help="keep an exponential moving average of the trained weights with this decay (e.g. 0.99) and end with "
         "it; snapshots are of the average (0: off)",
         type=number,
         group="training",
@@ -100,7 +100,7 @@ class TrainConfig:
         if self.amp not in ("off", "bf16", "fp16"):
             raise AdvtuneError(f"unknown --amp {self.amp!r}; use off, bf16 or fp16")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
-            raise AdvtuneError(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), got {self.ema!r}")
+            raise AdvtuneError(f"--ema must be a decay in [0, 1) (e.g. 0.99; 0: off), got {self.ema!r}")
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
