@@ -208,3 +208,23 @@ def test_a_malformed_field_names_the_file_and_the_field(tmp_path):
     (exp / "analysis" / "scores-taylor.json").write_text(json.dumps({"components": ["conv1[0]"], "scores": [None]}))
     message = report_error(write_report, exp)
     assert message.startswith(f"{exp / 'analysis' / 'scores-taylor.json'}: field 'scores' is [null]")
+
+
+def test_an_adapter_selection_is_described_by_ranks_not_units():
+    """A hybrid selection's by_layer counts ranks: the report must not call rank 7 of fc1 "7/128 units"."""
+    from advtune.report import describe
+
+    row = {
+        "kind": "finetune",
+        "select": "top",
+        "granularity": "hybrid",
+        "criterion": "taylor",
+        "params_budget": 0.1,
+        "attack": "pgd:steps=5",
+        "selected_by_layer": {"net.conv1": [9, 9], "net.conv2": [64, 64], "net.fc1": [7, 128], "net.fc2": [3, 10]},
+    }
+    text = describe(row)
+    assert "low-rank adapters" in text and "within 10% of the parameters" in text
+    assert text.endswith("trains conv1, conv2 whole; rank 7 on fc1, rank 3 on fc2"), text
+    units = describe({**row, "granularity": "unit"})
+    assert units.endswith("trains conv1 9/9, conv2 64/64, fc1 7/128, fc2 3/10"), units

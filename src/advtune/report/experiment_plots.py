@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import AdvtuneError
 from ..frontier import PLATEAU_TOLERANCE, curves, reference_plateau
 from .costs import total_cost
-from .narrative import describe_short, short_layer_names
+from .narrative import ADAPTER_GRANULARITIES, describe_short, short_layer_names
 from .plots import figure, label_bars, save_figure
 
 
@@ -94,14 +94,19 @@ def plot_trained_units(rows: list[dict], path: str | os.PathLike, colors: Mappin
         pct = [100 * u / max(by.get(n, [0, 1])[1], 1) for n, u in zip(names, units)]
         xs = np.arange(len(names)) + i * width - 0.4 + width / 2
         bars = ax.bar(xs, pct, width, color=colors.get(r["variant"], "k"), label=describe_short(r))
-        label_bars(ax, bars, [str(u) if u else "" for u in units], fontsize=6, lift=1)
+        # adapters' counts are ranks (of the layer's largest rank): labelled "r7", a whole layer "all"
+        adapters = r.get("granularity") in ADAPTER_GRANULARITIES
+        tags = [
+            "" if not u else ("all" if p >= 100 else f"r{u}") if adapters else str(u) for u, p in zip(units, pct)
+        ]
+        label_bars(ax, bars, tags, fontsize=6, lift=1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([short[n] for n in names], fontsize=8)
-    ax.set_ylabel("units trained (% of the layer)")
+    ax.set_ylabel("units (adapters: rank) trained, % of the layer")
     ax.set_ylim(0, 112)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title("Where each fine-tuning variant's trained units sit (labels: units)", fontsize=9)
+    ax.set_title("Where each fine-tuning variant's trained units sit (labels: units; r: an adapter's rank)", fontsize=9)
     return save_figure(fig, path)
 
 

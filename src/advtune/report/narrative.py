@@ -18,12 +18,21 @@ def short_layer_names(names: list[str]) -> dict[str, str]:
     return {n: ".".join(p[k:]) for n, p in zip(names, parts)}
 
 
-def where_trained(by_layer: Mapping[str, list] | None) -> str:
-    """ "conv1 32/32, conv2 8/64": the layers a selection touches, units trained of units in the layer."""
+ADAPTER_GRANULARITIES = ("lowrank", "hybrid")  # their by_layer counts rank-one directions, not units
+
+
+def where_trained(by_layer: Mapping[str, list] | None, adapters: bool = False) -> str:
+    """ "conv1 32/32, conv2 8/64": the layers a selection touches, units trained of units in the layer.
+    With ``adapters`` (a low-rank or hybrid selection, whose counts are ranks of largest ranks):
+    "conv1, conv2 whole; rank 7 on fc1, rank 3 on fc2"."""
     if not by_layer:
         return ""
     short = short_layer_names(list(by_layer))
-    return ", ".join(f"{short[n]} {u}/{t}" for n, (u, t) in by_layer.items() if u)
+    if not adapters:
+        return ", ".join(f"{short[n]} {u}/{t}" for n, (u, t) in by_layer.items() if u)
+    whole = [short[n] for n, (r, m) in by_layer.items() if r and r == m]
+    ranked = [f"rank {r} on {short[n]}" for n, (r, m) in by_layer.items() if r and r != m]
+    return "; ".join(p for p in (", ".join(whole) + " whole" if whole else "", ", ".join(ranked)) if p)
 
 
 def describe(r: dict) -> str:
@@ -47,6 +56,10 @@ def describe(r: dict) -> str:
             crit = r.get("criterion")
             if r.get("granularity") == "layer":
                 what = f"whole layers ranked by {crit}"
+            elif r.get("granularity") == "hybrid":
+                what = f"the best whole layers by {crit} plus low-rank adapters on the others"
+            elif r.get("granularity") == "lowrank":
+                what = f"low-rank adapters on every layer, ranks by {crit}"
             elif r.get("share") is not None:
                 what = f"the top {100 * r['share']:g}% of units by {crit}"
             else:
@@ -54,7 +67,7 @@ def describe(r: dict) -> str:
             if r.get("share") is None and r.get("params_budget") is not None:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
-    where = where_trained(r.get("selected_by_layer"))
+    where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     return what + (f"; trains {where}" if where else "")
 
 
