@@ -26,9 +26,10 @@ class Recipe:
     granularity: str = setting(
         "hybrid",
         help="select whole layers (best-ranked first), single units, low-rank adapters on every conv/linear "
-        "layer (ranks shared out by the layers' scores; merged into the weights at the end), or hybrid: the "
-        "best whole layers plus adapters on the others with the budget they leave",
-        choices=("layer", "unit", "lowrank", "hybrid"),
+        "layer (ranks shared out by the layers' scores; merged into the weights at the end), hybrid: the "
+        "best whole layers plus adapters on the others with the budget they leave, or quota: the best units "
+        "of every layer, the budget shared out by the layers' scores",
+        choices=("layer", "unit", "lowrank", "hybrid", "quota"),
         group="recipe",
     )
     params: float = setting(
@@ -67,8 +68,10 @@ class Recipe:
     )
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("layer", "unit", "lowrank", "hybrid"):
-            raise AdvtuneError(f"recipe granularity must be layer, unit, lowrank or hybrid, got {self.granularity!r}")
+        if self.granularity not in ("layer", "unit", "lowrank", "hybrid", "quota"):
+            raise AdvtuneError(
+                f"recipe granularity must be layer, unit, lowrank, hybrid or quota, got {self.granularity!r}"
+            )
         if not (isinstance(self.params, (int, float)) and 0 < self.params):
             raise AdvtuneError(f"recipe params must be a positive parameter budget, got {self.params!r}")
         if not 0 <= self.eps_warmup < 1:

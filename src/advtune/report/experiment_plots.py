@@ -96,9 +96,7 @@ def plot_trained_units(rows: list[dict], path: str | os.PathLike, colors: Mappin
         bars = ax.bar(xs, pct, width, color=colors.get(r["variant"], "k"), label=describe_short(r))
         # adapters' counts are ranks (of the layer's largest rank): labelled "r7", a whole layer "all"
         adapters = r.get("granularity") in ADAPTER_GRANULARITIES
-        tags = [
-            "" if not u else ("all" if p >= 100 else f"r{u}") if adapters else str(u) for u, p in zip(units, pct)
-        ]
+        tags = ["" if not u else ("all" if p >= 100 else f"r{u}") if adapters else str(u) for u, p in zip(units, pct)]
         label_bars(ax, bars, tags, fontsize=6, lift=1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([short[n] for n in names], fontsize=8)

@@ -58,6 +58,8 @@ def describe(r: dict) -> str:
                 what = f"whole layers ranked by {crit}"
             elif r.get("granularity") == "hybrid":
                 what = f"the best whole layers by {crit} plus low-rank adapters on the others"
+            elif r.get("granularity") == "quota":
+                what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "lowrank":
                 what = f"low-rank adapters on every layer, ranks by {crit}"
             elif r.get("share") is not None:

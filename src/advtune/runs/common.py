@@ -34,6 +34,7 @@ from ..vulnerability import (
     check_share,
     rank_layers,
     select_layers,
+    select_quota,
     select_random,
     select_top,
     select_top_layers,
@@ -258,7 +259,7 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 
-GRANULARITIES = ("unit", "layer", "lowrank", "hybrid")
+GRANULARITIES = ("unit", "layer", "lowrank", "hybrid", "quota")
 
 
 def make_selection(
@@ -349,8 +350,9 @@ def select_from_table(
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
     summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
-    they leave (granularity=hybrid), or the top share of units (globally or per layer)."""
-    if granularity in ("lowrank", "hybrid") and params is None:
+    they leave (granularity=hybrid), units in every layer with the budget shared out by the layers' scores
+    (granularity=quota), or the top share of units (globally or per layer)."""
+    if granularity in ("lowrank", "hybrid", "quota") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)))
@@ -360,7 +362,9 @@ def select_from_table(
         selection = LowRank(hybrid_ranks(model, budget, whole, dict(rank_layers(table))), seed, tuple(whole))
         selection.validate(model)
         return selection
-    if params is not None and granularity == "layer":
+    if granularity == "quota":  # units in every layer, the budget shared out by the layers' scores
+        selection = select_quota(table, model, params, example_input=example_input)
+    elif params is not None and granularity == "layer":
         selection = select_top_layers(table, model, params, example_input=example_input)
     elif params is not None:
         selection = select_top(table, params=params, model=model, example_input=example_input)

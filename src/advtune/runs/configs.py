@@ -209,8 +209,9 @@ class FinetuneRun:
     granularity: str = setting(
         "unit",
         help="with --params and an analyze folder: best units, whole layers, low-rank adapters on every layer "
-        "with ranks shared out by the layers' scores, or hybrid (the best whole layers + adapters on the others)",
-        choices=("unit", "layer", "lowrank", "hybrid"),
+        "with ranks shared out by the layers' scores, hybrid (the best whole layers + adapters on the others), or "
+        "quota (the best units of every layer, the budget shared out by the layers' scores)",
+        choices=("unit", "layer", "lowrank", "hybrid", "quota"),
         group="selection",
     )
     budget: int | None = budget_setting()

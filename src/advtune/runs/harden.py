@@ -207,6 +207,7 @@ def harden_model(
         "unit": "units",
         "lowrank": "low-rank adapters on every layer",
         "hybrid": "whole layers + low-rank adapters on the others",
+        "quota": "units of every layer (quotas by the layers' scores)",
     }[recipe.granularity]
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
