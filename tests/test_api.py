@@ -86,6 +86,9 @@ def test_analyze_select_and_random_control(tiny_model, blobs):
         vmap.select(share=0.1, params=100)
     with pytest.raises(AdvtuneError, match="granularity='layer' selects within a parameter budget"):
         vmap.select(share=0.1, granularity="layer")
+    quota = vmap.select(params=300, granularity="quota")
+    assert {c.module for c in quota.components} == {"conv1", "conv2"}  # units in every scored layer
+    assert quota.trainable_params(tiny_model) <= 300
 
 
 def test_a_whole_dataset_resolves_to_the_right_split():

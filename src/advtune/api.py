@@ -41,6 +41,7 @@ from .vulnerability import (
     ConcentrationCurve,
     ScoreTable,
     layer_scores,
+    select_quota,
     select_random,
     select_top,
     select_top_layers,
@@ -175,17 +176,20 @@ class VulnerabilityMap:
     ) -> Selection:
         """The most vulnerable components: the top `share` of them, or as many as fit in `params`
         trainable parameters (a count, or a share < 1 of the model's). granularity="layer" picks
-        whole layers (best summed score first) within `params`."""
+        whole layers (best summed score first) within `params`; granularity="quota" the best units of
+        every layer, `params` shared out by the layers' summed scores."""
         if (share is None) == (params is None):
             raise AdvtuneError(
                 "select needs exactly one of share=... (of the components) or params=... (a parameter budget)"
             )
         model = self._model_for("select")
-        if granularity not in ("unit", "layer"):
-            raise AdvtuneError(f"granularity must be 'unit' or 'layer', got {granularity!r}")
-        if granularity == "layer":
+        if granularity not in ("unit", "layer", "quota"):
+            raise AdvtuneError(f"granularity must be 'unit', 'layer' or 'quota', got {granularity!r}")
+        if granularity in ("layer", "quota"):
             if params is None:
-                raise AdvtuneError("granularity='layer' selects within a parameter budget: pass params=...")
+                raise AdvtuneError(f"granularity={granularity!r} selects within a parameter budget: pass params=...")
+            if granularity == "quota":
+                return select_quota(self.table, model, params)
             return select_top_layers(self.table, model, params)
         if params is not None:
             return select_top(self.table, params=params, model=model)
