@@ -52,3 +52,13 @@ def test_training_at_chance_under_attack_is_reported(caplog):
         assert not warn_if_at_chance({"epoch": 3, "train_acc": 0.11}, 10, attack_grad_evals=0)  # clean training
         assert not warn_if_at_chance({"epoch": 3, "train_acc": 0.60}, 10, attack_grad_evals=10)
     assert [r.getMessage() for r in caplog.records if "chance for 10 classes" in r.getMessage()]
+
+
+def test_harden_recipe_defaults_are_the_measured_ones():
+    """The recipe's measured defaults (docs/RESULTS.md rounds 3 and 4): a change must be a decision."""
+    from advtune.recipe import GRANULARITY_WORDS, Recipe
+
+    r = Recipe()
+    assert (r.granularity, r.params, r.attack, r.lr, r.batch_size) == ("hybrid", 0.1, "pgd:steps=5", 3e-3, 64)
+    assert r.ema == 0.99 and r.eps_warmup == 0.15
+    assert set(GRANULARITY_WORDS) == {"layer", "unit", "lowrank", "hybrid", "quota"}

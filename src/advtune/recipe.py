@@ -16,6 +16,16 @@ PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst cas
 EVALUATION = PROTOCOL + ",square"
 
 
+# what each selection rule trains, in words (harden's output and its report)
+GRANULARITY_WORDS = {
+    "layer": "whole layers",
+    "unit": "units",
+    "lowrank": "low-rank adapters on every layer",
+    "hybrid": "whole layers + low-rank adapters on the others",
+    "quota": "units of every layer (quotas by the layers' scores)",
+}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier
@@ -71,7 +81,7 @@ class Recipe:
     )
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("layer", "unit", "lowrank", "hybrid", "quota"):
+        if self.granularity not in GRANULARITY_WORDS:
             raise AdvtuneError(
                 f"recipe granularity must be layer, unit, lowrank, hybrid or quota, got {self.granularity!r}"
             )

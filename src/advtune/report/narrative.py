@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..recipe import GRANULARITY_WORDS
 from .costs import total_cost
 
 
@@ -265,8 +266,9 @@ def harden_lead(s: dict) -> str:
 def harden_recipe(s: dict) -> str:
     """The recipe a harden run used, from its summary."""
     recipe = s.get("recipe") or {}
+    g = recipe.get("granularity")
     return (
-        f"Recipe: whole {recipe.get('granularity')}s ranked by {recipe.get('criterion')} "
+        f"Recipe: {GRANULARITY_WORDS.get(g, g)} ranked by {recipe.get('criterion')} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
         "training images) within "
         f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "

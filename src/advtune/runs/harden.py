@@ -36,6 +36,7 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
+from ..recipe import GRANULARITY_WORDS
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..storage import atomic_write_bytes, read_json
 from ..train.lowrank import selection_from_json
@@ -202,13 +203,7 @@ def harden_model(
             write_analysis(ard, analysis)
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
-    what = {
-        "layer": "whole layers",
-        "unit": "units",
-        "lowrank": "low-rank adapters on every layer",
-        "hybrid": "whole layers + low-rank adapters on the others",
-        "quota": "units of every layer (quotas by the layers' scores)",
-    }[recipe.granularity]
+    what = GRANULARITY_WORDS[recipe.granularity]
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
