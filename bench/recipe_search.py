@@ -36,7 +36,8 @@ ap.add_argument("--attack", default="pgd:steps=10")
 ap.add_argument("--eps", type=float, default=0.3)
 ap.add_argument("--opt", default="adam")
 ap.add_argument("--lr", type=float, default=1e-3)
-ap.add_argument("--sched", default="const")  # const | cos | jeddi
+ap.add_argument("--sched", default="const")  # const | cos | jeddi | late (x0.1 from --late-at on)
+ap.add_argument("--late-at", type=float, default=0.85)
 ap.add_argument("--steps", type=int, default=430)
 ap.add_argument("--evals", default="50,100,200,430")
 ap.add_argument("--warm", type=float, default=0.0)  # eps warm-up share
@@ -135,6 +136,8 @@ def lr_at(s):
         return args.lr * 0.5 * (1 + math.cos(math.pi * t))
     if args.sched == "jeddi":  # slow start (linear up over 10%), then fast decay (linear to 0)
         return args.lr * (t / 0.1 if t < 0.1 else max(0.0, (1 - t) / 0.9))
+    if args.sched == "late":  # constant, then one decay late in the run (Rice et al.: robustness peaks right after it)
+        return args.lr * (0.1 if t >= args.late_at else 1.0)
     return args.lr
 
 

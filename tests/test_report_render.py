@@ -228,3 +228,18 @@ def test_an_adapter_selection_is_described_by_ranks_not_units():
     assert text.endswith("trains conv1, conv2 whole; rank 7 on fc1, rank 3 on fc2"), text
     units = describe({**row, "granularity": "unit"})
     assert units.endswith("trains conv1 9/9, conv2 64/64, fc1 7/128, fc2 3/10"), units
+
+
+def test_a_lowrank_select_is_recorded_as_adapters_not_as_an_analysis(tmp_path):
+    """`select: lowrank:rank=R` takes no analysis: its row must say adapters (ranks), not top units."""
+    from advtune.report import describe
+    from advtune.runs.experiment.results import what_ran
+
+    run = {"select": "lowrank:rank=4", "granularity": "unit", "criterion": "taylor", "attack": "pgd:steps=5"}
+    (tmp_path / "config.json").write_text(json.dumps({"run": run}))
+    ran = what_ran(tmp_path, "finetune", {})
+    assert (ran["select"], ran["granularity"], ran["criterion"]) == ("lowrank", "lowrank", None)
+    row = {"kind": "finetune", **ran, "selected_by_layer": {"net.conv1": [4, 9], "net.fc2": [4, 10]}}
+    text = describe(row)
+    assert text.startswith("low-rank adapters on every layer; fine-tuned with pgd:steps=5"), text
+    assert text.endswith("trains rank 4 on conv1, rank 4 on fc2"), text

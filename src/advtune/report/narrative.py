@@ -62,7 +62,7 @@ def describe(r: dict) -> str:
             elif r.get("granularity") == "quota":
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "lowrank":
-                what = f"low-rank adapters on every layer, ranks by {crit}"
+                what = "low-rank adapters on every layer" + (f", ranks by {crit}" if crit else "")
             elif r.get("share") is not None:
                 what = f"the top {100 * r['share']:g}% of units by {crit}"
             else:

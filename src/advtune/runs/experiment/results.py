@@ -32,14 +32,17 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params")
         return {"select": "top", "share": None, **{k: r.get(k) for k in keys}, **_cost_keys(run)}
     select = str(run.get("select", "all"))
-    if select not in ("all", "random") and not select.startswith("layers:"):
+    adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
+    if adapters:
+        select = "lowrank"
+    elif select not in ("all", "random") and not select.startswith("layers:"):
         select = "top"  # an analysis folder
     by_share = select in ("top", "random") and run.get("params") is None
     return {
         "select": select,
         "share": run.get("share") if by_share else None,
         "params": run.get("params"),
-        "granularity": run.get("granularity") if select == "top" else None,
+        "granularity": "lowrank" if adapters else run.get("granularity") if select == "top" else None,
         "criterion": run.get("criterion") if select == "top" else None,
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
