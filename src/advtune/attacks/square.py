@@ -150,7 +150,10 @@ def auto_compile(x: Tensor, load: int) -> bool:
     if x.device.type != "cpu" or _QueryForward.broken:
         return False
     if load > AUTO_QUERIES and not _QueryForward.warm:
-        log.info("square: %d examples x queries on the CPU: querying a compiled forward (compile=false: eager)", load)
+        log.info(
+            "square: %d examples x queries on the CPU: querying a compiled forward (square:compile=false: eagerly)",
+            load,
+        )
     return load > AUTO_QUERIES or _QueryForward.warm
 
 
