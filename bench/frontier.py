@@ -6,7 +6,7 @@ every finished run and every evaluated snapshot.
     .venv/bin/python bench/frontier.py configs/frontier-mnist-eps0.3.yaml [--out runs/frontier-mnist-eps0.3]
         [--only standard,pgd-at] [--publish]
 
-Settings shipped: configs/frontier-mnist-eps0.1.yaml, -eps0.3.yaml, configs/frontier-cifar10.yaml.
+Settings shipped: configs/frontier-*.yaml (MNIST eps 0.1 / 0.2 / 0.3, CIFAR-10 on a VGG and on preact-resnet20).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from advtune.errors import AdvtuneError
 from advtune.frontier import findings
 from advtune.report import write_report
 from advtune.runs.experiment import format_results, load_config, run
@@ -54,4 +55,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, as `advtune experiment` says it
+        raise SystemExit(f"frontier: error: {e}") from None

@@ -189,6 +189,11 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
         (lambda c: c["base"].update(pretrained="runs/does-not-exist"), "holds no trained model"),
         (lambda c: c["variants"].append({"name": "x", "kind": "distill"}), "unknown kind 'distill'"),
         (lambda c: c["threat"].pop("eps"), "threat needs eps"),
+        (lambda c: c["base"]["train"].update(augment="crop-flipp"), r"base.train: unknown augmentation 'crop-flipp'"),
+        (
+            lambda c: c["variants"][1].update(train={"lr": "fast"}),
+            r"variants\[1\] \(full-ft\).train: not a number: 'fast'",
+        ),
     ],
 )
 def test_bad_experiment_configs(tmp_path, mutate, match):
@@ -299,3 +304,17 @@ def test_a_bad_harden_variant_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(AdvtuneError, match="evaluated by harden itself"):
         experiment.run(cfg, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_train_words_reach_the_config_as_written():
+    """augment / amp / optimizer / schedule are words: only numeric fields are parsed as numbers (a base
+    trained with crop-flip once failed with "not a number: 'crop-flip'")."""
+    from advtune.runs.experiment.config import train_config
+
+    cfg = train_config(
+        {"epochs": 30, "optimizer": "sgd", "lr": "1e-1", "weight_decay": "5e-4", "augment": "crop-flip"},
+        {"amp": "bf16", "schedule": "cosine", "batch_size": 64},
+        0,
+    )
+    assert (cfg.augment, cfg.amp, cfg.optimizer, cfg.schedule) == ("crop-flip", "bf16", "sgd", "cosine")
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size) == (0.1, 5e-4, 30, 64)

@@ -81,6 +81,7 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{where}: missing required key {key!r}")
     check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
     check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
+    _check_train(cfg["base"].get("train"), None, f"{where}: base.train")
     check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
     check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
     check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
@@ -97,6 +98,9 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         vw = f"{where}: variants[{i}]" + (f" ({v.get('name')})" if isinstance(v, dict) and v.get("name") else "")
         check_keys(v, VARIANT_KEYS, vw)
         check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
+        if isinstance(v, dict):  # training from scratch starts from the base's settings, fine-tuning from 1 epoch
+            scratch = v.get("kind") == "train"
+            _check_train(cfg["base"].get("train") if scratch else {"epochs": 1}, v.get("train"), f"{vw}.train")
         if not v.get("name"):
             raise AdvtuneError(f"{vw}: every variant needs a name")
         if v.get("kind", "finetune") not in KINDS:
@@ -112,6 +116,14 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
     return cfg
+
+
+def _check_train(base: Any, over: Any, where: str) -> None:
+    """A train: block's values make a TrainConfig (a typo in a word or a number fails here, before any run)."""
+    try:
+        train_config(base if isinstance(base, dict) else None, over if isinstance(over, dict) else None, 0)
+    except AdvtuneError as e:
+        raise AdvtuneError(f"{where}: {e}") from None
 
 
 def _check_numbers(v: dict, where: str) -> None:
@@ -201,13 +213,14 @@ def expand_variants(cfg: dict) -> list[dict]:
 
 
 INT_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "int"}
+NUMBER_KEYS = INT_KEYS | {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", "float | None")}
 
 
 def train_config(base: dict | None, over: dict | None, seed: int):
 
     merged = {**(base or {}), **(over or {})}
     for k, v in merged.items():
-        if k in ("optimizer", "schedule"):
+        if k not in NUMBER_KEYS:  # words (optimizer, schedule, augment, amp) and flags stay as written
             continue
         n = parse_number(v)  # YAML reads 1e-3 as a string; 8/255 is a fraction
         if k in INT_KEYS:
