@@ -57,6 +57,7 @@ ap.add_argument(
 ap.add_argument("--lora-layers", default="")  # with --lora: adapters only here; --train layers train whole
 ap.add_argument("--bias", action="store_true")  # with --lora: also train every bias
 ap.add_argument("--apgd", action="store_true")  # also APGD-CE-100 on the validation images
+ap.add_argument("--free", type=int, default=0)  # free AT: replay each minibatch this many times (see below)
 ap.add_argument("--ema", type=float, default=0.0)  # evaluate an exponential moving average of the trained weights
 args = ap.parse_args()
 torch.manual_seed(0)
@@ -166,8 +167,37 @@ def prefix(m, upto):
     return torch.nn.Sequential(m.normalize, *kids)
 
 
+def average_step(step):
+    """The weight average's update, as train/average.py: the decay warms up as min(decay, (1 + t) / (10 + t))."""
+    if ema:
+        d = min(args.ema, (2 + step) / (11 + step))
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                e.lerp_(p, 1 - d)
+
+
+def log_eval(step, pending_s):
+    """Validation at `step`, one JSON line (train_s + pending_s: the training time so far)."""
+    va_clean, va_rob, *va_apgd = evaluate_now()
+    rec = dict(
+        name=args.name,
+        step=step,
+        grad_evals=grad_evals,
+        train_s=round(train_s + pending_s, 1),
+        val_clean=va_clean,
+        val_pgd20=va_rob,
+        val_apgd_ce=va_apgd[0] if va_apgd else None,
+        trainable=ntrain,
+        args=vars(args),
+    )
+    print(json.dumps(rec), flush=True)
+    out.write(json.dumps(rec) + "\n")
+    out.flush()
+
+
 if args.local:
     pre, opre = prefix(model, args.local), prefix(orig, args.local)
+free_delta = None
 step = 0
 t0 = time.time()
 grad_evals = 0
@@ -223,6 +253,35 @@ while step < args.steps:
             if step >= args.steps:
                 break
             continue
+        if args.free:  # free adversarial training (Shafahi et al. 2019): each minibatch is replayed --free times;
+            # one backward gives the weights' gradient (an optimizer step) and the perturbation's (an FGSM step of
+            # size eps on it), and the perturbation carries over to the next minibatch. 1 gradient evaluation a step
+            if free_delta is None or free_delta.shape != x.shape:
+                free_delta = torch.zeros_like(x)
+            model.train()
+            for _ in range(args.free):
+                e = attack_for(step).threat.eps  # the ramp goes on inside the replays
+                d = free_delta.clamp(-e, e).requires_grad_(True)
+                loss = F.cross_entropy(model((x + d).clamp(0, 1)), y)
+                for gr in opt.param_groups:
+                    gr["lr"] = lr_at(step)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                free_delta = (d.detach() + e * d.grad.sign()).clamp(-e, e)
+                average_step(step)
+                grad_evals += len(y)
+                step += 1
+                if step in evals:  # the evaluation's time is not training time
+                    train_s += time.time() - ts
+                    log_eval(step, 0.0)
+                    ts = time.time()
+                if step >= args.steps:
+                    break
+            train_s += time.time() - ts
+            if step >= args.steps:
+                break
+            continue
         if not args.trades:  # TRADES runs its own inner maximisation
             with eval_mode(model):
                 xa = atk(model, x, y, generator=g)
@@ -253,29 +312,11 @@ while step < args.steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if ema:  # as train/average.py: the decay warms up as min(decay, (1 + t) / (10 + t))
-            d = min(args.ema, (2 + step) / (11 + step))
-            with torch.no_grad():
-                for p, e in zip(params, ema):
-                    e.lerp_(p, 1 - d)
+        average_step(step)
         grad_evals += len(y) * (atk.grad_evals() + 1)
         step += 1
         train_s += time.time() - ts
         if step in evals:
-            va_clean, va_rob, *va_apgd = evaluate_now()
-            rec = dict(
-                name=args.name,
-                step=step,
-                grad_evals=grad_evals,
-                train_s=round(train_s, 1),
-                val_clean=va_clean,
-                val_pgd20=va_rob,
-                val_apgd_ce=va_apgd[0] if va_apgd else None,
-                trainable=ntrain,
-                args=vars(args),
-            )
-            print(json.dumps(rec), flush=True)
-            out.write(json.dumps(rec) + "\n")
-            out.flush()
+            log_eval(step, 0.0)
         if step >= args.steps:
             break
