@@ -222,3 +222,52 @@ def test_harden_hybrid_end_to_end(tmp_path):
     rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
     for (k, a), b in zip(load_model(out)[0].state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_norms_extra_trains_scale_shift_and_statistics_within_the_budget(data):
+    """--norms (#21, item 1): next to the adapters, every BatchNorm's scale and shift train and its running
+    statistics follow the adversarial batches (as in full fine-tuning); the extra is paid out of the
+    parameter budget, counted in the trainable parameters, and survives selection.json."""
+    from advtune.runs.common import describe_selection, make_selection
+    from advtune.train.lowrank import norm_layers, norm_params, selection_from_json
+
+    model = bn_net()
+    assert norm_layers(model) == ["net.bn1", "net.bn2"] and norm_params(model) == 2 * (8 + 16)
+    budget = 1500
+    plain = make_selection(model, "lowrank", 0.1, "taylor", False, 0, params=budget)
+    sel = make_selection(model, "lowrank", 0.1, "taylor", False, 0, params=budget, norms=True)
+    assert sel.norms == ("net.bn1", "net.bn2") and not plain.norms
+    info = describe_selection(sel, model)
+    assert info["trainable_params"] <= budget and info["norms"] == ["net.bn1", "net.bn2"]
+    assert sel.trainable_params(model) == sum(
+        adapter_size(model.get_submodule(n).weight, r) for n, r in sel.ranks.items()
+    ) + norm_params(model)
+    assert selection_from_json(json.loads(json.dumps(sel.to_json())), model).norms == sel.norms
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from advtune.cost import CostMeter
+
+    meter = CostMeter()
+    fit(model, data, adversarial(PGD(THREAT, steps=1)), CFG, selection=sel, meter=meter)
+    assert meter.trainable_params == sel.trainable_params(model)
+    after = model.state_dict()
+    for bn in ("net.bn1", "net.bn2"):
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            assert not torch.equal(after[f"{bn}.{k}"], before[f"{bn}.{k}"]), f"{bn}.{k} did not move"
+    for layer in ("net.conv1", "net.conv2", "net.fc"):  # biases are not part of the extra
+        assert torch.equal(after[layer + ".bias"], before[layer + ".bias"]), f"{layer}.bias moved"
+    # bad input, one line each: a unit selection, a model without normalization, a budget the norms fill
+    with pytest.raises(AdvtuneError, match="use it with --granularity lowrank or hybrid"):
+        make_selection(bn_net(), "random", 0.1, "taylor", False, 0, params=budget, norms=True)
+    with pytest.raises(AdvtuneError, match="raise --params"):
+        make_selection(bn_net(), "lowrank", 0.1, "taylor", False, 0, params=40, norms=True)
+    plain_net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    with pytest.raises(AdvtuneError, match="no normalization layer"):
+        make_selection(plain_net, "lowrank", 0.1, "taylor", False, 0, params=0.5, norms=True)
+
+
+def test_norms_recipe_is_refused_with_a_unit_selection_before_any_work():
+    from advtune.recipe import Recipe
+
+    assert Recipe().norms is False  # off until measured (docs/RESULTS.md)
+    with pytest.raises(AdvtuneError, match="lowrank or hybrid, not quota"):
+        Recipe(granularity="quota", norms=True)

@@ -228,6 +228,8 @@ def test_an_adapter_selection_is_described_by_ranks_not_units():
     assert text.endswith("trains conv1, conv2 whole; rank 7 on fc1, rank 3 on fc2"), text
     units = describe({**row, "granularity": "unit"})
     assert units.endswith("trains conv1 9/9, conv2 64/64, fc1 7/128, fc2 3/10"), units
+    assert "normalization layers" not in text
+    assert "and the normalization layers' scale and shift, within 10%" in describe({**row, "norms": True})
 
 
 def test_a_lowrank_select_is_recorded_as_adapters_not_as_an_analysis(tmp_path):

@@ -76,6 +76,13 @@ class Recipe:
         type=number,
         group="recipe",
     )
+    # the normalization layers' scale and shift as a cheap extra (issue 21, item 1): off until measured
+    norms: bool = setting(
+        False,
+        help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its "
+        "statistics), paid out of --params; with lowrank or hybrid",
+        group="recipe",
+    )
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )
@@ -91,6 +98,11 @@ class Recipe:
             raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
+        if self.norms and self.granularity not in ("lowrank", "hybrid"):
+            raise AdvtuneError(
+                f"--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
+                f"lowrank or hybrid, not {self.granularity}"
+            )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")
 

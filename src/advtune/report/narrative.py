@@ -67,6 +67,8 @@ def describe(r: dict) -> str:
                 what = f"the top {100 * r['share']:g}% of units by {crit}"
             else:
                 what = f"top units by {crit}"
+            if r.get("norms"):
+                what += ", and the normalization layers' scale and shift"
             if r.get("share") is None and r.get("params_budget") is not None:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"

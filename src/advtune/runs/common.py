@@ -27,7 +27,16 @@ from ..train import (
     steps_for_budget,
     total_steps,
 )
-from ..train.lowrank import LowRank, budget_ranks, has_adapters, hybrid_ranks, plain_state_dict, uniform_ranks
+from ..train.lowrank import (
+    LowRank,
+    budget_ranks,
+    has_adapters,
+    hybrid_ranks,
+    norm_layers,
+    norm_params,
+    plain_state_dict,
+    uniform_ranks,
+)
 from ..vulnerability import (
     ScoreTable,
     check_params,
@@ -272,12 +281,27 @@ def make_selection(
     params: float | None = None,
     granularity: str = "unit",
     example_input=None,
+    norms: bool = False,
 ):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
     select: all | random | layers:<name,...> | an analyze folder (or score file) | a ScoreTable. With `params`, a
     random or analysed selection fills a parameter budget instead of a share of components;
-    granularity=layer picks whole layers from the analysis (best summed score first)."""
+    granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
+    normalization layers' scale and shift train too, paid out of `params` (low-rank and hybrid only)."""
+    selection = _make_selection(
+        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms
+    )
+    if norms and not isinstance(selection, LowRank):
+        raise AdvtuneError(
+            "--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
+            "lowrank or hybrid and an analysis (or --select lowrank); unit selections already train the "
+            "BatchNorm that follows each selected unit"
+        )
+    return selection
+
+
+def _make_selection(model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms):
 
     if params is None:
         check_share(share)
@@ -286,11 +310,11 @@ def make_selection(
     if granularity not in GRANULARITIES:
         raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
-        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed)
+        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed, norms)
     if select == "all":
         return None
     if select == "lowrank" or select.startswith("lowrank:"):
-        return lowrank_selection(model, select, params, seed)
+        return lowrank_selection(model, select, params, seed, norms=norms)
     if select.startswith("layers:"):
         return select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
     if select == "random":
@@ -298,12 +322,31 @@ def make_selection(
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
     table = read_table(select, criterion)
-    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed)
+    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms)
 
 
-def lowrank_selection(model, select: str, params: float | None, seed: int, scores: dict | None = None) -> LowRank:
+def budget_after_norms(model, params, norms: bool) -> int:
+    """The parameter budget (entries) left for the selection once the norms extra, if on, is paid."""
+    budget = check_params(params, model)
+    if not norms:
+        return budget
+    cost = norm_params(model)
+    if not norm_layers(model):
+        raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
+    if cost >= budget:
+        raise AdvtuneError(
+            f"--norms: the normalization layers have {cost:,} parameters, the whole budget of {budget:,} or more; "
+            "raise --params"
+        )
+    return budget - cost
+
+
+def lowrank_selection(
+    model, select: str, params: float | None, seed: int, scores: dict | None = None, norms: bool = False
+) -> LowRank:
     """`lowrank:rank=R`: adapters of rank R on every conv and linear layer; `lowrank` with a parameter
     budget: ranks that fill it, shared out by the layers' vulnerability scores when given."""
+    extra = tuple(norm_layers(model)) if norms else ()
     _, _, arg = select.partition(":")
     if arg:
         key, _, value = arg.partition("=")
@@ -311,11 +354,13 @@ def lowrank_selection(model, select: str, params: float | None, seed: int, score
             raise AdvtuneError(
                 f"--select {select!r}: write lowrank:rank=<a positive integer>, or lowrank with --params"
             )
-        selection = LowRank(uniform_ranks(model, int(value)), seed)
+        if norms and not extra:
+            raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
+        selection = LowRank(uniform_ranks(model, int(value)), seed, norms=extra)
     elif params is None:
         raise AdvtuneError("--select lowrank needs a rank (lowrank:rank=8) or a parameter budget (--params 0.05)")
     else:
-        selection = LowRank(budget_ranks(model, check_params(params, model), scores), seed)
+        selection = LowRank(budget_ranks(model, budget_after_norms(model, params, norms), scores), seed, norms=extra)
     selection.validate(model)
     return selection
 
@@ -346,6 +391,7 @@ def select_from_table(
     granularity: str = "unit",
     example_input=None,
     seed: int = 0,
+    norms: bool = False,
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
@@ -355,11 +401,12 @@ def select_from_table(
     if granularity in ("lowrank", "hybrid", "quota") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
-        return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)))
+        return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
     if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
-        budget = check_params(params, model)
-        whole = [c.module for c in select_top_layers(table, model, params, example_input=example_input)]
-        selection = LowRank(hybrid_ranks(model, budget, whole, dict(rank_layers(table))), seed, tuple(whole))
+        budget = budget_after_norms(model, params, norms)
+        whole = [c.module for c in select_top_layers(table, model, budget, example_input=example_input)]
+        ranks = hybrid_ranks(model, budget, whole, dict(rank_layers(table)))
+        selection = LowRank(ranks, seed, tuple(whole), tuple(norm_layers(model)) if norms else ())
         selection.validate(model)
         return selection
     if granularity == "quota":  # units in every layer, the budget shared out by the layers' scores
@@ -384,6 +431,7 @@ def describe_selection(selection, model, example=None) -> dict:
             "kind": "hybrid" if selection.whole else "lowrank",
             "ranks": selection.ranks,
             "whole": list(selection.whole),
+            "norms": list(selection.norms),
             "changed_params": selection.changed_entries(model),
         }
     return {

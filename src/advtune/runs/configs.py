@@ -214,6 +214,12 @@ class FinetuneRun:
         choices=("unit", "layer", "lowrank", "hybrid", "quota"),
         group="selection",
     )
+    norms: bool = setting(
+        False,
+        help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its statistics), "
+        "paid out of --params; with lowrank or hybrid",
+        group="selection",
+    )
     budget: int | None = budget_setting()
     points: int = points_setting()
     keep_best: int = keep_best_setting()

@@ -81,7 +81,8 @@ def trained_words(selection: dict | None) -> str:
     if selection.get("kind") in ("lowrank", "hybrid"):
         whole = f"{len(selection.get('whole', []))} whole layers + " if selection.get("whole") else ""
         adapted = len(selection.get("ranks", {}))
-        return f"{whole}low-rank adapters on {adapted} layers, {selection['trainable_params']:,} params"
+        norms = f" + {len(selection['norms'])} normalization layers" if selection.get("norms") else ""
+        return f"{whole}low-rank adapters on {adapted} layers{norms}, {selection['trainable_params']:,} params"
     return f"{selection['units']} units, {selection['trainable_params']:,} params"
 
 
@@ -138,6 +139,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
         run.params,
         run.granularity,
         example,
+        run.norms,
     )
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
     snapshot_steps(cfg, len(ds.train), run.points)  # validates points

@@ -87,6 +87,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         criterion=run.recipe.criterion,
         params=run.recipe.params,
         granularity=run.recipe.granularity,
+        norms=run.recipe.norms,
         attack=run.recipe.attack,
         norm=run.norm,
         eps_warmup=run.recipe.eps_warmup,
@@ -203,7 +204,7 @@ def harden_model(
             write_analysis(ard, analysis)
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
-    what = GRANULARITY_WORDS[recipe.granularity]
+    what = GRANULARITY_WORDS[recipe.granularity] + (" + the normalization layers" if recipe.norms else "")
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )

@@ -17,7 +17,7 @@ from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..train.lowrank import budget_ranks
-from ..vulnerability import check_params
+from .common import budget_after_norms
 from .configs import HardenRun
 
 
@@ -41,7 +41,7 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
-    budget = check_params(recipe.params, model)
+    budget = budget_after_norms(model, recipe.params, recipe.norms)  # the norms extra is paid first
     if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return

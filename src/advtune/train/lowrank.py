@@ -23,6 +23,20 @@ from ..errors import AdvtuneError
 from ..patch import merged_weight  # one formula for the merge here and a patch's apply
 
 ADAPTABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def norm_layers(model: nn.Module) -> list[str]:
+    """Names of the normalization layers of `model` that have a scale and shift to train, in module order."""
+    return [
+        n for n, m in model.named_modules() if isinstance(m, NORMS) and any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def norm_params(model: nn.Module) -> int:
+    """Entries of every normalization layer's scale and shift: what the norms extra trains."""
+    modules = dict(model.named_modules())
+    return sum(p.numel() for n in norm_layers(model) for p in modules[n].parameters(recurse=False))
 
 
 class LowRankDelta(nn.Module):
@@ -129,12 +143,17 @@ class LowRank:
 
     kind = "lowrank"
 
-    def __init__(self, ranks: dict[str, int], seed: int = 0, whole: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, ranks: dict[str, int], seed: int = 0, whole: tuple[str, ...] = (), norms: tuple[str, ...] = ()
+    ) -> None:
         if not ranks and not whole:
             raise AdvtuneError("low-rank: no layer to adapt")
         self.ranks = dict(ranks)
         self.seed = int(seed)
         self.whole = tuple(whole)  # layers trained whole (every entry) next to the adapters: the hybrid rule
+        # normalization layers whose scale and shift train too (the norms extra); a BatchNorm among them
+        # also keeps updating its running statistics on the adversarial batches, as in full fine-tuning
+        self.norms = tuple(norms)
         self.factors: dict | None = None  # {weight: (up, down)} merged at the end of fit (or the kept checkpoint's)
         both = set(self.whole) & set(self.ranks)
         if both:
@@ -152,13 +171,16 @@ class LowRank:
         for name in self.whole:
             if not isinstance(modules.get(name), ADAPTABLE):
                 raise AdvtuneError(f"low-rank: {name!r} is not a conv or linear layer of the model")
+        for name in self.norms:
+            if not isinstance(modules.get(name), NORMS):
+                raise AdvtuneError(f"low-rank: {name!r} is not a normalization layer of the model")
 
     def adapt(self, model: nn.Module) -> int:
         """Add the adapters to `model` and free the whole layers (everything else frozen); the number
         of trainable entries."""
         self.validate(model)
         count = add_adapters(model, self.ranks, self.seed)
-        for name in self.whole:
+        for name in (*self.whole, *self.norms):
             for p in model.get_submodule(name).parameters(recurse=False):
                 p.requires_grad_(True)
                 count += p.numel()
@@ -166,7 +188,7 @@ class LowRank:
 
     def params_by_layer(self, model: nn.Module, example_input=None) -> dict[str, int]:
         modules = dict(model.named_modules())
-        out = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in self.whole}
+        out = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in (*self.whole, *self.norms)}
         out.update({n: adapter_size(_weight(modules[n]), r) for n, r in self.ranks.items()})
         return out
 
@@ -184,9 +206,9 @@ class LowRank:
         return out
 
     def changed_entries(self, model: nn.Module) -> int:
-        """Entries that change: all of each adapted weight, and the whole layers'."""
+        """Entries that change: all of each adapted weight, and the whole layers' and norms' parameters."""
         modules = dict(model.named_modules())
-        whole = sum(p.numel() for n in self.whole for p in modules[n].parameters(recurse=False))
+        whole = sum(p.numel() for n in (*self.whole, *self.norms) for p in modules[n].parameters(recurse=False))
         return whole + sum(_weight(modules[n]).numel() for n in self.ranks)
 
     def to_json(self) -> dict:
@@ -195,6 +217,7 @@ class LowRank:
             "kind": self.kind,
             "ranks": self.ranks,
             "whole": list(self.whole),
+            "norms": list(self.norms),
             "seed": self.seed,
             "components": components,
         }
@@ -202,7 +225,10 @@ class LowRank:
     @classmethod
     def from_json(cls, data: dict) -> "LowRank":
         return cls(
-            {k: int(v) for k, v in data["ranks"].items()}, int(data.get("seed", 0)), tuple(data.get("whole", ()))
+            {k: int(v) for k, v in data["ranks"].items()},
+            int(data.get("seed", 0)),
+            tuple(data.get("whole", ())),
+            tuple(data.get("norms", ())),
         )
 
 

@@ -39,7 +39,13 @@ class Trainable:
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
             selection.adapt(model)
             self.adapted = True
-            self.frozen_bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+            self.frozen_bns = [  # a BatchNorm the selection trains (the norms extra) keeps moving its statistics
+                m
+                for m in model.modules()
+                if isinstance(m, _BatchNorm)
+                and m.track_running_stats
+                and not any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
             return
         # a traced forward finds the BatchNorm that follows each selected conv (see components.py)
         masks = selection.masks(model, example_input=example_input)

@@ -166,6 +166,7 @@ def with_recipe(v: dict) -> dict:
         "kind": "finetune",
         "select": "top",
         "granularity": r.granularity,
+        "norms": r.norms,
         "params": r.params,
         "criterion": r.criterion,
         "attack": r.attack,

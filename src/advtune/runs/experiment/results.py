@@ -29,7 +29,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run)}
     if kind == "harden":
         r = run.get("recipe", {})
-        keys = ("granularity", "criterion", "attack", "eps_warmup", "params")
+        keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms")
         return {"select": "top", "share": None, **{k: r.get(k) for k in keys}, **_cost_keys(run)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
@@ -43,6 +43,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "share": run.get("share") if by_share else None,
         "params": run.get("params"),
         "granularity": "lowrank" if adapters else run.get("granularity") if select == "top" else None,
+        "norms": run.get("norms"),
         "criterion": run.get("criterion") if select == "top" else None,
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
@@ -86,6 +87,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "params_budget": (sel.get("trainable_params") if v.get("params_like") else ran.get("params")),
             "params_like": v.get("params_like"),
             "granularity": ran.get("granularity"),
+            "norms": bool(ran.get("norms")),  # the normalization layers trained too (--norms)
             "criterion": ran.get("criterion"),
             "attack": ran.get("attack"),
             "clean_acc": ev["clean_accuracy"],
