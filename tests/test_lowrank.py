@@ -271,3 +271,22 @@ def test_norms_recipe_is_refused_with_a_unit_selection_before_any_work():
     assert Recipe().norms is False  # off until measured (docs/RESULTS.md)
     with pytest.raises(AdvtuneError, match="lowrank or hybrid, not quota"):
         Recipe(granularity="quota", norms=True)
+
+
+def test_records_from_before_norms_existed_still_resume():
+    """A finetune or harden run (or an experiment's variant) recorded before --norms existed has no such key:
+    its resume must read the absence as off, not as a changed setting (and an explicit change is refused)."""
+    from advtune.runs.common import check_same_run
+    from advtune.runs.configs import FinetuneRun
+    from advtune.runs.experiment.runner import _same_settings
+    from advtune.runs.harden import RECIPE_DEFAULTS
+
+    now = FinetuneRun(base="b", out="o", eps=0.1).to_json()
+    old = {k: v for k, v in now.items() if k != "norms"}
+    check_same_run(old, now)
+    with pytest.raises(AdvtuneError, match="norms: False -> True"):
+        check_same_run(old, {**now, "norms": True})
+    assert RECIPE_DEFAULTS["norms"] is False
+    variant = {"name": "harden", "kind": "finetune", "granularity": "hybrid"}
+    assert _same_settings(variant, {**variant, "norms": False}) and _same_settings({**variant, "norms": False}, variant)
+    assert not _same_settings(variant, {**variant, "norms": True})

@@ -213,6 +213,7 @@ RUN_DEFAULTS = {
     "weights": None,
     "weights_key": None,
     "keep_best": 0,
+    "norms": False,
 }  # keys newer than some records
 
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0}
+RECIPE_DEFAULTS = {"ema": 0.0, "norms": False}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -385,7 +385,8 @@ def format_summary(summary: HardenSummary) -> str:
     layers = ", ".join(f"{n} ({u}/{t} units)" for n, (u, t) in (sel.get("by_layer") or {}).items() if u)
     if sel.get("kind") in ("lowrank", "hybrid"):
         adapters = [f"{n} (rank {r} adapter)" for n, r in sel.get("ranks", {}).items()]
-        layers = ", ".join([f"{n} (whole)" for n in sel.get("whole", [])] + adapters)
+        norms = [f"{len(sel['norms'])} normalization layers"] if sel.get("norms") else []
+        layers = ", ".join([f"{n} (whole)" for n in sel.get("whole", [])] + adapters + norms)
     c = s["cost"]
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "

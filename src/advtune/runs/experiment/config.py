@@ -166,7 +166,6 @@ def with_recipe(v: dict) -> dict:
         "kind": "finetune",
         "select": "top",
         "granularity": r.granularity,
-        "norms": r.norms,
         "params": r.params,
         "criterion": r.criterion,
         "attack": r.attack,
@@ -180,6 +179,8 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
+    if r.norms and v.get("granularity", r.granularity) in ("lowrank", "hybrid"):  # (recorded only when on, so
+        filled["norms"] = True  # an experiment run before the option existed still resumes as it was)
     return {**filled, **v, "train": train}
 
 

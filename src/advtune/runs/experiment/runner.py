@@ -328,9 +328,19 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
     )
 
 
+UNSET = {"norms": False}  # keys whose off value equals their absence (records from before the key existed)
+
+
 def _settings(v: dict) -> dict:
     """A variant's resolved settings as variant-settings.json records them."""
     return {k: val for k, val in v.items() if k != "sweep_of"}
+
+
+def _same_settings(recorded: dict, now: dict) -> bool:
+    def plain(d: dict) -> dict:
+        return {k: val for k, val in d.items() if not (k in UNSET and val == UNSET[k])}
+
+    return plain(recorded) == plain(now)
 
 
 def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
@@ -343,7 +353,7 @@ def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
     for v in variants:
         folder = out / v["name"]
         exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
-        if exists and v["name"] in recorded and recorded[v["name"]] != _settings(v):
+        if exists and v["name"] in recorded and not _same_settings(recorded[v["name"]], _settings(v)):
             raise AdvtuneError(
                 f"variant {v['name']} in {out} was run with other settings; use a new --out, "
                 f"or delete {folder} to run it again"
