@@ -256,7 +256,7 @@ def test_norms_extra_trains_scale_shift_and_statistics_within_the_budget(data):
     for layer in ("net.conv1", "net.conv2", "net.fc"):  # biases are not part of the extra
         assert torch.equal(after[layer + ".bias"], before[layer + ".bias"]), f"{layer}.bias moved"
     # bad input, one line each: a unit selection, a model without normalization, a budget the norms fill
-    with pytest.raises(AdvtuneError, match="use it with --granularity lowrank or hybrid"):
+    with pytest.raises(AdvtuneError, match="use it with --granularity lowrank, hybrid, shares"):
         make_selection(bn_net(), "random", 0.1, "taylor", False, 0, params=budget, norms=True)
     with pytest.raises(AdvtuneError, match="raise --params"):
         make_selection(bn_net(), "lowrank", 0.1, "taylor", False, 0, params=40, norms=True)
@@ -269,7 +269,7 @@ def test_norms_recipe_is_refused_with_a_unit_selection_before_any_work():
     from advtune.recipe import Recipe
 
     assert Recipe().norms is False  # off until measured (docs/RESULTS.md)
-    with pytest.raises(AdvtuneError, match="lowrank or hybrid, not quota"):
+    with pytest.raises(AdvtuneError, match="lowrank, hybrid, shares, not quota"):
         Recipe(granularity="quota", norms=True)
 
 
@@ -290,3 +290,35 @@ def test_records_from_before_norms_existed_still_resume():
     variant = {"name": "harden", "kind": "finetune", "granularity": "hybrid"}
     assert _same_settings(variant, {**variant, "norms": False}) and _same_settings({**variant, "norms": False}, variant)
     assert not _same_settings(variant, {**variant, "norms": True})
+
+
+def test_shares_rule_pays_whole_layers_from_their_score_share_and_adapts_the_rest():
+    """granularity=shares (#21): each layer is owed budget x its score share; a layer the share pays for
+    trains whole and its surplus goes back to the others; the rest get adapters. Unlike hybrid, a big,
+    most-vulnerable layer that cannot be taken whole still gets the largest adapter, not nothing."""
+    from advtune.components import Component
+    from advtune.runs.common import select_from_table
+    from advtune.train.lowrank import share_ranks
+    from advtune.vulnerability import ScoreTable
+
+    model = bn_net()  # conv1 80 entries, conv2 1168, fc 1028
+    one = {n: adapter_size(model.get_submodule(n).weight, 1) for n in ("net.conv1", "net.conv2", "net.fc")}
+    # conv2 most vulnerable but too big for a small budget; conv1 small and its share pays for it
+    scores = {"net.conv1": 1.0, "net.conv2": 3.0, "net.fc": 1.0}
+    whole, ranks = share_ranks(model, 900, scores)
+    assert whole == ["net.conv1"] and set(ranks) == {"net.conv2", "net.fc"}
+    assert ranks["net.conv2"] * one["net.conv2"] > ranks["net.fc"] * one["net.fc"]  # by score
+    assert 80 + sum(r * one[n] for n, r in ranks.items()) <= 900
+    # hybrid on the same budget takes the best whole layer that fits (conv1, after skipping conv2)
+    # and gives conv2, the most vulnerable, only what is left
+    comps = [Component("net.conv1", i) for i in range(8)] + [Component("net.conv2", i) for i in range(16)]
+    comps += [Component("net.fc", i) for i in range(4)]
+    table = ScoreTable("taylor", tuple(comps), tuple([1.0 / 8] * 8 + [3.0 / 16] * 16 + [1.0 / 4] * 4))
+    sel = select_from_table(table, model, 0.1, False, params=900, granularity="shares", seed=0)
+    assert sel.whole == ("net.conv1",) and sel.ranks == ranks and sel.trainable_params(model) <= 900
+    # a budget that pays every share in full: everything whole, no adapter
+    whole, ranks = share_ranks(model, 10_000, scores)
+    assert whole == ["net.conv1", "net.conv2", "net.fc"] and ranks == {}
+    # a budget below one rank everywhere: refused in one line (as lowrank)
+    with pytest.raises(AdvtuneError, match="raise --params"):
+        select_from_table(table, model, 0.1, False, params=50, granularity="shares", seed=0)

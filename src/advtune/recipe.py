@@ -22,8 +22,11 @@ GRANULARITY_WORDS = {
     "unit": "units",
     "lowrank": "low-rank adapters on every layer",
     "hybrid": "whole layers + low-rank adapters on the others",
+    "shares": "every layer's share of the budget by its score: whole where it pays for the layer, else an adapter",
     "quota": "units of every layer (quotas by the layers' scores)",
 }
+GRANULARITIES = tuple(GRANULARITY_WORDS)
+ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")  # rules that train low-rank adapters (and --norms)
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ class Recipe:
         help="select whole layers (best-ranked first), single units, low-rank adapters on every conv/linear "
         "layer (ranks shared out by the layers' scores; merged into the weights at the end), hybrid: the "
         "best whole layers plus adapters on the others with the budget they leave, or quota: the best units "
-        "of every layer, the budget shared out by the layers' scores",
-        choices=("layer", "unit", "lowrank", "hybrid", "quota"),
+        "of every layer, the budget shared out by the layers' scores; shares: every layer gets a share of the "
+        "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise",
+        choices=GRANULARITIES,
         group="recipe",
     )
     params: float = setting(
@@ -80,7 +84,7 @@ class Recipe:
     norms: bool = setting(
         False,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its "
-        "statistics), paid out of --params; with lowrank or hybrid",
+        "statistics), paid out of --params; with lowrank, hybrid or shares",
         group="recipe",
     )
     epochs: float = setting(
@@ -90,7 +94,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITY_WORDS:
             raise AdvtuneError(
-                f"recipe granularity must be layer, unit, lowrank, hybrid or quota, got {self.granularity!r}"
+                f"recipe granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
         if not (isinstance(self.params, (int, float)) and 0 < self.params):
             raise AdvtuneError(f"recipe params must be a positive parameter budget, got {self.params!r}")
@@ -98,10 +102,10 @@ class Recipe:
             raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
-        if self.norms and self.granularity not in ("lowrank", "hybrid"):
+        if self.norms and self.granularity not in ADAPTER_GRANULARITIES:
             raise AdvtuneError(
                 f"--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
-                f"lowrank or hybrid, not {self.granularity}"
+                f"{', '.join(ADAPTER_GRANULARITIES)}, not {self.granularity}"
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")

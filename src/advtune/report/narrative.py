@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from ..recipe import GRANULARITY_WORDS
+from ..recipe import ADAPTER_GRANULARITIES, GRANULARITY_WORDS
 from .costs import total_cost
 
 
@@ -19,7 +19,7 @@ def short_layer_names(names: list[str]) -> dict[str, str]:
     return {n: ".".join(p[k:]) for n, p in zip(names, parts)}
 
 
-ADAPTER_GRANULARITIES = ("lowrank", "hybrid")  # their by_layer counts rank-one directions, not units
+# (their by_layer counts rank-one directions, not units)
 
 
 def where_trained(by_layer: Mapping[str, list] | None, adapters: bool = False) -> str:
@@ -59,6 +59,8 @@ def describe(r: dict) -> str:
                 what = f"whole layers ranked by {crit}"
             elif r.get("granularity") == "hybrid":
                 what = f"the best whole layers by {crit} plus low-rank adapters on the others"
+            elif r.get("granularity") == "shares":
+                what = f"every layer's share of the budget by {crit}: whole where it pays, else an adapter"
             elif r.get("granularity") == "quota":
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "lowrank":

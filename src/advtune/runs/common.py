@@ -18,6 +18,7 @@ from ..data import DATASETS, load_dataset, num_batches
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
+from ..recipe import ADAPTER_GRANULARITIES, GRANULARITIES
 from ..storage import read_json
 from ..train import (
     OverfitGuard,
@@ -35,6 +36,7 @@ from ..train.lowrank import (
     norm_layers,
     norm_params,
     plain_state_dict,
+    share_ranks,
     uniform_ranks,
 )
 from ..vulnerability import (
@@ -269,9 +271,6 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 
-GRANULARITIES = ("unit", "layer", "lowrank", "hybrid", "quota")
-
-
 def make_selection(
     model,
     select: str | ScoreTable,
@@ -296,8 +295,8 @@ def make_selection(
     if norms and not isinstance(selection, LowRank):
         raise AdvtuneError(
             "--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
-            "lowrank or hybrid and an analysis (or --select lowrank); unit selections already train the "
-            "BatchNorm that follows each selected unit"
+            f"{', '.join(ADAPTER_GRANULARITIES)} and an analysis (or --select lowrank); unit selections already "
+            "train the BatchNorm that follows each selected unit"
         )
     return selection
 
@@ -399,7 +398,7 @@ def select_from_table(
     summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
     they leave (granularity=hybrid), units in every layer with the budget shared out by the layers' scores
     (granularity=quota), or the top share of units (globally or per layer)."""
-    if granularity in ("lowrank", "hybrid", "quota") and params is None:
+    if granularity in (*ADAPTER_GRANULARITIES, "quota") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
@@ -407,6 +406,11 @@ def select_from_table(
         budget = budget_after_norms(model, params, norms)
         whole = [c.module for c in select_top_layers(table, model, budget, example_input=example_input)]
         ranks = hybrid_ranks(model, budget, whole, dict(rank_layers(table)))
+        selection = LowRank(ranks, seed, tuple(whole), tuple(norm_layers(model)) if norms else ())
+        selection.validate(model)
+        return selection
+    if granularity == "shares":  # every layer its score's share: whole where that pays for it, else an adapter
+        whole, ranks = share_ranks(model, budget_after_norms(model, params, norms), dict(rank_layers(table)))
         selection = LowRank(ranks, seed, tuple(whole), tuple(norm_layers(model)) if norms else ())
         selection.validate(model)
         return selection

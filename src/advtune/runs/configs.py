@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..recipe import EVALUATION, Recipe
+from ..recipe import EVALUATION, GRANULARITIES, Recipe
 from ..settings import budget_number, number, setting
 from ..train.config import TrainConfig
 
@@ -210,14 +210,15 @@ class FinetuneRun:
         "unit",
         help="with --params and an analyze folder: best units, whole layers, low-rank adapters on every layer "
         "with ranks shared out by the layers' scores, hybrid (the best whole layers + adapters on the others), or "
-        "quota (the best units of every layer, the budget shared out by the layers' scores)",
-        choices=("unit", "layer", "lowrank", "hybrid", "quota"),
+        "quota (the best units of every layer, the budget shared out by the layers' scores), or shares (every layer "
+        "a share of the budget by its score: whole where the share pays for it, else the adapter it buys)",
+        choices=GRANULARITIES,
         group="selection",
     )
     norms: bool = setting(
         False,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its statistics), "
-        "paid out of --params; with lowrank or hybrid",
+        "paid out of --params; with lowrank, hybrid or shares",
         group="selection",
     )
     budget: int | None = budget_setting()

@@ -42,7 +42,7 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
     budget = budget_after_norms(model, recipe.params, recipe.norms)  # the norms extra is paid first
-    if recipe.granularity == "lowrank":
+    if recipe.granularity in ("lowrank", "shares"):
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return
     if recipe.granularity == "hybrid":

@@ -315,3 +315,39 @@ def hybrid_ranks(model: nn.Module, params: int, whole: list[str], scores: dict[s
     while rest and left < sum(adapter_size(modules[n].weight, 1) for n in rest):
         rest.pop()
     return budget_ranks(model, left, scores, rest) if rest else {}
+
+
+def share_ranks(model: nn.Module, params: int, scores: dict[str, float]) -> tuple[list[str], dict[str, int]]:
+    """The shares rule (#21): every conv/linear layer is owed a share of `params` in proportion to its
+    vulnerability score (negative sums count as 0). A layer whose share pays for all of its parameters
+    trains whole, and what it does not need goes back to the others' shares (repeated until no further
+    layer is paid for in full: water-filling); the other layers get adapters of the ranks their shares buy
+    (`budget_ranks`, at least rank 1 each while that fits; the lowest-scored go without otherwise).
+
+    Why: the hybrid rule takes whole layers best-first while they fit, so where the most vulnerable
+    layers are too big to take whole (the last stage of a residual network) it skips them and spends the
+    budget on smaller, less vulnerable ones. Here every layer gets what its score earns."""
+    modules = dict(model.named_modules())
+    names = adaptable_layers(model)
+    size = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in names}
+    score = {n: max(float(scores.get(n, 0.0)), 0.0) for n in names}
+    whole: list[str] = []
+    while True:
+        rest = [n for n in names if n not in whole]
+        left = params - sum(size[n] for n in whole)
+        total = sum(score[n] for n in rest)
+        if not rest or total <= 0:
+            break
+        paid = [n for n in rest if score[n] / total * left >= size[n]]
+        if not paid:
+            break
+        whole += paid
+    whole = [n for n in names if n in whole]  # model order
+    ranks = hybrid_ranks(model, params, whole, scores)
+    if not whole and not ranks:
+        smallest = min(adapter_size(modules[n].weight, 1) for n in names)
+        raise AdvtuneError(
+            f"low-rank: a budget of {params} entries pays for no layer, not even a rank-1 adapter ({smallest} "
+            "entries on the smallest layer); raise --params"
+        )
+    return whole, ranks

@@ -15,7 +15,7 @@ import yaml
 
 from ... import filenames as files
 from ...errors import AdvtuneError
-from ...recipe import Recipe
+from ...recipe import ADAPTER_GRANULARITIES, Recipe
 from ...settings import check_keys, default, keys, parse_number, settings_from
 from ...train.config import TrainConfig
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
@@ -179,7 +179,7 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
-    if r.norms and v.get("granularity", r.granularity) in ("lowrank", "hybrid"):  # (recorded only when on, so
+    if r.norms and v.get("granularity", r.granularity) in ADAPTER_GRANULARITIES:  # (recorded only when on, so
         filled["norms"] = True  # an experiment run before the option existed still resumes as it was)
     return {**filled, **v, "train": train}
 
