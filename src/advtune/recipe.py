@@ -26,7 +26,8 @@ GRANULARITY_WORDS = {
     "quota": "units of every layer (quotas by the layers' scores)",
 }
 GRANULARITIES = tuple(GRANULARITY_WORDS)
-ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")  # rules that train low-rank adapters (and --norms)
+# rules that train low-rank adapters (and --norms); their by_layer counts rank-one directions, not units
+ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
 
 
 @dataclass(frozen=True)

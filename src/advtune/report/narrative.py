@@ -19,9 +19,6 @@ def short_layer_names(names: list[str]) -> dict[str, str]:
     return {n: ".".join(p[k:]) for n, p in zip(names, parts)}
 
 
-# (their by_layer counts rank-one directions, not units)
-
-
 def where_trained(by_layer: Mapping[str, list] | None, adapters: bool = False) -> str:
     """ "conv1 32/32, conv2 8/64": the layers a selection touches, units trained of units in the layer.
     With ``adapters`` (a low-rank or hybrid selection, whose counts are ranks of largest ranks):

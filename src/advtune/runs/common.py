@@ -325,14 +325,22 @@ def _make_selection(model, select, share, criterion, per_layer, seed, params, gr
     return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms)
 
 
+def norms_of(model, norms: bool) -> tuple[str, ...]:
+    """The normalization layers the norms extra trains (none when it is off); refused on a model without any."""
+    if not norms:
+        return ()
+    found = tuple(norm_layers(model))
+    if not found:
+        raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
+    return found
+
+
 def budget_after_norms(model, params, norms: bool) -> int:
     """The parameter budget (entries) left for the selection once the norms extra, if on, is paid."""
     budget = check_params(params, model)
-    if not norms:
+    if not norms_of(model, norms):
         return budget
     cost = norm_params(model)
-    if not norm_layers(model):
-        raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
     if cost >= budget:
         raise AdvtuneError(
             f"--norms: the normalization layers have {cost:,} parameters, the whole budget of {budget:,} or more; "
@@ -346,7 +354,7 @@ def lowrank_selection(
 ) -> LowRank:
     """`lowrank:rank=R`: adapters of rank R on every conv and linear layer; `lowrank` with a parameter
     budget: ranks that fill it, shared out by the layers' vulnerability scores when given."""
-    extra = tuple(norm_layers(model)) if norms else ()
+    extra = norms_of(model, norms)
     _, _, arg = select.partition(":")
     if arg:
         key, _, value = arg.partition("=")
@@ -354,8 +362,6 @@ def lowrank_selection(
             raise AdvtuneError(
                 f"--select {select!r}: write lowrank:rank=<a positive integer>, or lowrank with --params"
             )
-        if norms and not extra:
-            raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
         selection = LowRank(uniform_ranks(model, int(value)), seed, norms=extra)
     elif params is None:
         raise AdvtuneError("--select lowrank needs a rank (lowrank:rank=8) or a parameter budget (--params 0.05)")
@@ -402,16 +408,14 @@ def select_from_table(
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
-    if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
-        budget = budget_after_norms(model, params, norms)
-        whole = [c.module for c in select_top_layers(table, model, budget, example_input=example_input)]
-        ranks = hybrid_ranks(model, budget, whole, dict(rank_layers(table)))
-        selection = LowRank(ranks, seed, tuple(whole), tuple(norm_layers(model)) if norms else ())
-        selection.validate(model)
-        return selection
-    if granularity == "shares":  # every layer its score's share: whole where that pays for it, else an adapter
-        whole, ranks = share_ranks(model, budget_after_norms(model, params, norms), dict(rank_layers(table)))
-        selection = LowRank(ranks, seed, tuple(whole), tuple(norm_layers(model)) if norms else ())
+    if granularity in ("hybrid", "shares"):
+        budget, scores = budget_after_norms(model, params, norms), dict(rank_layers(table))
+        if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
+            whole = [c.module for c in select_top_layers(table, model, budget, example_input=example_input)]
+            ranks = hybrid_ranks(model, budget, whole, scores)
+        else:  # every layer its score's share: whole where that pays for it, else an adapter
+            whole, ranks = share_ranks(model, budget, scores)
+        selection = LowRank(ranks, seed, tuple(whole), norms_of(model, norms))
         selection.validate(model)
         return selection
     if granularity == "quota":  # units in every layer, the budget shared out by the layers' scores

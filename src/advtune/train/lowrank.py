@@ -33,10 +33,14 @@ def norm_layers(model: nn.Module) -> list[str]:
     ]
 
 
+def own_params(module: nn.Module) -> int:
+    """Entries of a module's own parameters (not its children's): what training it whole trains."""
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
 def norm_params(model: nn.Module) -> int:
     """Entries of every normalization layer's scale and shift: what the norms extra trains."""
-    modules = dict(model.named_modules())
-    return sum(p.numel() for n in norm_layers(model) for p in modules[n].parameters(recurse=False))
+    return sum(own_params(model.get_submodule(n)) for n in norm_layers(model))
 
 
 class LowRankDelta(nn.Module):
@@ -188,7 +192,7 @@ class LowRank:
 
     def params_by_layer(self, model: nn.Module, example_input=None) -> dict[str, int]:
         modules = dict(model.named_modules())
-        out = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in (*self.whole, *self.norms)}
+        out = {n: own_params(modules[n]) for n in (*self.whole, *self.norms)}
         out.update({n: adapter_size(_weight(modules[n]), r) for n, r in self.ranks.items()})
         return out
 
@@ -208,7 +212,7 @@ class LowRank:
     def changed_entries(self, model: nn.Module) -> int:
         """Entries that change: all of each adapted weight, and the whole layers' and norms' parameters."""
         modules = dict(model.named_modules())
-        whole = sum(p.numel() for n in (*self.whole, *self.norms) for p in modules[n].parameters(recurse=False))
+        whole = sum(own_params(modules[n]) for n in (*self.whole, *self.norms))
         return whole + sum(_weight(modules[n]).numel() for n in self.ranks)
 
     def to_json(self) -> dict:
@@ -310,7 +314,7 @@ def hybrid_ranks(model: nn.Module, params: int, whole: list[str], scores: dict[s
     """The hybrid rule's adapters: the budget left after the whole layers, on the other conv/linear
     layers, shared out by score; the lowest-scored layers go without when rank 1 on each does not fit."""
     modules = dict(model.named_modules())
-    left = params - sum(p.numel() for n in whole for p in modules[n].parameters(recurse=False))
+    left = params - sum(own_params(modules[n]) for n in whole)
     rest = sorted((n for n in adaptable_layers(model) if n not in whole), key=lambda n: -scores.get(n, 0.0))
     while rest and left < sum(adapter_size(modules[n].weight, 1) for n in rest):
         rest.pop()
@@ -329,7 +333,7 @@ def share_ranks(model: nn.Module, params: int, scores: dict[str, float]) -> tupl
     budget on smaller, less vulnerable ones. Here every layer gets what its score earns."""
     modules = dict(model.named_modules())
     names = adaptable_layers(model)
-    size = {n: sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in names}
+    size = {n: own_params(modules[n]) for n in names}
     score = {n: max(float(scores.get(n, 0.0)), 0.0) for n in names}
     whole: list[str] = []
     while True:
