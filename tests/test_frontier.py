@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from advtune.cli import main
+from advtune.errors import AdvtuneError
 from advtune.frontier import Frontier, reference_plateau, robust_at, verdicts
 from advtune.models import load_state
 
@@ -173,3 +174,28 @@ def test_plateau_and_budget_arithmetic():
     assert v.reached_target and v.cost_to_target == 70 and v.cost_share_of_reference == pytest.approx(70 / 300)
     assert v.robust_at_reference_budget == 0.885  # 25% of 300 = 75: the points at 30 and 70
     assert robust_at(pts, "s", 50) == 0.5 and robust_at(pts, "s", 10) is None
+
+
+def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monkeypatch, capsys):
+    """bench/val_select.py (choosing a default without the test split, #21): it evaluates a run on the
+    training images past the run's --limit, reports them as such, and refuses a run that saw them all."""
+    from pathlib import Path
+
+    from cli_helpers import train_argv
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import val_select
+
+    run = tmp_path / "std"
+    assert main(train_argv(run, limit=300, limit_test=20)) == 0
+    data, limit = val_select.unseen_tail(run, 50)
+    assert limit == 300 and len(data.test) == 50
+    from advtune.data import load_dataset
+
+    full = load_dataset("synthetic")
+    assert torch.equal(data.test.x, full.train.x[300:350]) and torch.equal(data.test.y, full.train.y[300:350])
+    assert val_select.main([str(run), "--eps", "0.1", "--n", "50", "--attacks", "fgsm"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["val_images"] == "train[300:350]" and 0 <= line["robust"] <= line["clean"] <= 1
+    with pytest.raises(AdvtuneError, match="no 5000 unseen ones"):
+        val_select.unseen_tail(run, 5000)

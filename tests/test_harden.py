@@ -139,7 +139,11 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0"], "eps"),
         (["--eps", "-0.1"], "eps"),
         (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
-        (["--eps", "0.2", "--params", "5"], "no whole layer fits in a budget of 5 parameters"),
+        (["--eps", "0.2", "--params", "5"], "a budget of 5 entries pays for no layer, not even a rank-1 adapter"),
+        (
+            ["--eps", "0.2", "--params", "5", "--granularity", "hybrid"],
+            "no whole layer fits in a budget of 5 parameters",
+        ),
         (["--eps", "0.2", "--lr", "0"], "learning rate"),
         (["--eps", "0.2", "--attack", "local:layer=net.nope"], "no module named 'net.nope'"),
     ],

@@ -268,7 +268,7 @@ def test_norms_extra_trains_scale_shift_and_statistics_within_the_budget(data):
 def test_norms_recipe_is_refused_with_a_unit_selection_before_any_work():
     from advtune.recipe import Recipe
 
-    assert Recipe().norms is False  # off until measured (docs/RESULTS.md)
+    assert Recipe().norms is None and Recipe(granularity="quota").norms is None  # auto: off where it cannot apply
     with pytest.raises(AdvtuneError, match="lowrank, hybrid, shares, not quota"):
         Recipe(granularity="quota", norms=True)
 
@@ -290,6 +290,45 @@ def test_records_from_before_norms_existed_still_resume():
     variant = {"name": "harden", "kind": "finetune", "granularity": "hybrid"}
     assert _same_settings(variant, {**variant, "norms": False}) and _same_settings({**variant, "norms": False}, variant)
     assert not _same_settings(variant, {**variant, "norms": True})
+    # an experiment written before auto (its harden-recipe variants without the key) resumes as recorded
+    assert _same_settings(variant, {**variant, "norms": None})
+
+
+def test_norms_auto_is_on_for_adapters_on_a_model_with_cheap_normalization_layers():
+    """Harden's --norms default (auto, round 7): on exactly where it applies and costs at most a quarter of
+    the budget; a model without normalization layers, a unit/random/all selection, or a budget the norms
+    would eat keep it off; an explicit choice always wins."""
+    from advtune.runs.common import resolve_norms
+    from advtune.vulnerability import ScoreTable
+
+    model, table = bn_net(), ScoreTable("taylor", (), ())
+    assert resolve_norms(model, None, table, "hybrid", 1500) is True  # 48 norm entries <= 1500 / 4
+    assert resolve_norms(model, None, "lowrank", "unit", 1500) is True
+    assert resolve_norms(model, None, "runs/analysis", "shares", 1500) is True
+    assert resolve_norms(model, None, table, "hybrid", 150) is False  # 48 > 150 / 4: the budget's job
+    assert resolve_norms(model, None, table, "unit", 1500) is False
+    assert resolve_norms(model, None, "random", "hybrid", 1500) is False
+    assert resolve_norms(model, None, "all", "hybrid", 1500) is False
+    assert resolve_norms(model, None, table, "hybrid", None) is False
+    assert (
+        resolve_norms(model, False, table, "hybrid", 1500) is False
+        and resolve_norms(model, True, "x", "unit", 1) is True
+    )
+    plain_net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    assert resolve_norms(plain_net, None, table, "hybrid", 0.5) is False
+
+
+def test_harden_decides_norms_auto_for_the_model_and_records_the_decision(data):
+    """`advtune.harden` with the default recipe on a BatchNorm model trains the normalization layers (and
+    records norms: true, so a resume compares what ran); with --no-norms it does not."""
+    import advtune
+    from advtune.recipe import Recipe
+
+    x, y = data.tensors()
+    on = advtune.harden(bn_net(), (x, y), eps=0.1, budget=3000, recipe=Recipe(analysis_limit=64))
+    assert on.selection.norms == ("net.bn1", "net.bn2") and on.summary()["recipe"]["norms"] is True
+    off = advtune.harden(bn_net(), (x, y), eps=0.1, budget=3000, recipe=Recipe(analysis_limit=64, norms=False))
+    assert off.selection.norms == () and off.summary()["recipe"]["norms"] is False
 
 
 def test_shares_rule_pays_whole_layers_from_their_score_share_and_adapts_the_rest():

@@ -325,6 +325,29 @@ def _make_selection(model, select, share, criterion, per_layer, seed, params, gr
     return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms)
 
 
+NORMS_AUTO_SHARE = 0.25  # auto --norms: on only where the normalization layers cost at most this share of --params
+
+
+def resolve_norms(model, norms: bool | None, select: Any, granularity: str, params) -> bool:
+    """--norms as given, or (None: auto) on where it applies and is cheap: a selection that trains low-rank
+    adapters (an analysis with an adapter granularity, or --select lowrank) within a parameter budget, on
+    a model with normalization layers whose scale and shift cost at most a quarter of that budget. On the
+    residual CIFAR-10 frontier it was the best single lever (docs/RESULTS.md, round 7); a model without
+    normalization layers (small-cnn) is unchanged."""
+    if norms is not None:
+        return bool(norms)
+    if params is None or not norm_layers(model):
+        return False
+    if isinstance(select, ScoreTable):
+        adapters = granularity in ADAPTER_GRANULARITIES
+    else:
+        text = str(select)
+        adapters = text.startswith("lowrank") or (
+            granularity in ADAPTER_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:")
+        )
+    return adapters and norm_params(model) <= NORMS_AUTO_SHARE * check_params(params, model)
+
+
 def norms_of(model, norms: bool) -> tuple[str, ...]:
     """The normalization layers the norms extra trains (none when it is off); refused on a model without any."""
     if not norms:

@@ -215,10 +215,10 @@ class FinetuneRun:
         choices=GRANULARITIES,
         group="selection",
     )
-    norms: bool = setting(
+    norms: bool | None = setting(
         False,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its statistics), "
-        "paid out of --params; with lowrank, hybrid or shares",
+        "paid out of --params; with lowrank, hybrid or shares (none in an API call or config: auto, as harden)",
         group="selection",
     )
     budget: int | None = budget_setting()

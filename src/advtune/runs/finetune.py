@@ -32,6 +32,7 @@ from .common import (
     overfit_guard,
     refuse_same_folder,
     resolve_eps_warmup,
+    resolve_norms,
     snapshot_steps,
     spaced_steps,
     with_budget,
@@ -124,6 +125,8 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     """Everything a fine-tuning needs, validated: the objective, the selection (`select` overrides
     `run.select`, e.g. a ScoreTable already in memory) and the steps of the budget."""
     run = check_finetune(run)
+    chosen = run.select if select is None else select
+    run = replace(run, norms=resolve_norms(model, run.norms, chosen, run.granularity, run.params))  # auto: decided
     cfg = run.train
     seed_everything(cfg.seed)
     threat = ThreatModel(run.norm, run.eps)
@@ -131,7 +134,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     example = ds.train.to_float(ds.train.x[:1], model_device(model))  # the traced BN rule, as fit uses it
     selection = make_selection(
         model,
-        run.select if select is None else select,
+        chosen,
         run.share,
         run.criterion,
         run.per_layer,

@@ -170,6 +170,7 @@ def harden_model(
     has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
     there and a finished stage is read back instead of run again (resume)."""
     plan = plan or plan_harden(model, ds, run)  # the CLI planned it before creating the folder
+    run = replace(run, recipe=plan.recipe)  # its auto settings decided for this model
     ds = with_holdout(ds, run)  # the same split the plan saw
     out = rd.path if rd is not None else None
     recipe = run.recipe
@@ -256,6 +257,7 @@ def run(run: HardenRun) -> HardenSummary:
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
     plan = plan_harden(model, ds, run)
+    run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
     if out.exists() and run.resume and (out / files.CONFIG).is_file():
         saved = read_json(out / files.CONFIG, "harden config").get("run", {})

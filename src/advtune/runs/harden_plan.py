@@ -16,8 +16,8 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
-from ..train.lowrank import budget_ranks
-from .common import budget_after_norms
+from ..train.lowrank import budget_ranks, share_ranks
+from .common import budget_after_norms, resolve_norms
 from .configs import HardenRun
 
 
@@ -42,17 +42,19 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
     budget = budget_after_norms(model, recipe.params, recipe.norms)  # the norms extra is paid first
-    if recipe.granularity in ("lowrank", "shares"):
+    if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return
-    if recipe.granularity == "hybrid":
-        recipe = replace(recipe, granularity="layer")  # at least one whole layer must fit
+    if recipe.granularity == "shares":
+        share_ranks(model, budget, {})  # refuses a budget that pays for no layer, not even one rank-1 adapter
+        return
+    whole = recipe.granularity in ("layer", "hybrid")  # hybrid: at least one whole layer must fit
     per_unit = unit_params(model, example)
     candidates = [n for n, _ in layers(model, include_output=False)] or [n for n, _ in layers(model)]
     units = dict(fingerprint(model))
-    smallest = min(per_unit[n] * (units[n] if recipe.granularity == "layer" else 1) for n in candidates)
+    smallest = min(per_unit[n] * (units[n] if whole else 1) for n in candidates)
     if smallest > budget:
-        what = "whole layer" if recipe.granularity == "layer" else "unit"
+        what = "whole layer" if whole else "unit"
         raise AdvtuneError(
             f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
             f"raise --params or use --granularity unit"
@@ -68,6 +70,14 @@ class HardenPlan:
     train: TrainConfig
     evaluation: str  # the attack list (or suite) the evaluation runs under this threat model
     holdout: int = 0  # training examples held out to choose the checkpoint (0: keep the last)
+    recipe: Recipe | None = None  # the run's recipe with its auto settings decided for this model
+
+
+def resolve_recipe(model, recipe: Recipe) -> Recipe:
+    """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
+    layers, runs/common.py resolve_norms): what harden runs and records."""
+    norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
+    return replace(recipe, norms=norms)
 
 
 HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)
@@ -99,8 +109,9 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
     example = ds.train.to_float(ds.train.x[:1], model_device(model))
-    check_recipe_fits(model, run.recipe, example)
-    objective = build_objective(run.recipe.attack, threat, "eval", run.recipe.eps_warmup, model=model)
+    recipe = resolve_recipe(model, run.recipe)
+    check_recipe_fits(model, recipe, example)
+    objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
@@ -122,4 +133,4 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch, ema
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
-    return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0)
+    return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0, recipe)

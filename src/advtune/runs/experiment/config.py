@@ -179,8 +179,8 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
-    if r.norms and v.get("granularity", r.granularity) in ADAPTER_GRANULARITIES:  # (recorded only when on, so
-        filled["norms"] = True  # an experiment run before the option existed still resumes as it was)
+    if r.norms is not False and v.get("granularity", r.granularity) in ADAPTER_GRANULARITIES:
+        filled["norms"] = r.norms  # harden's auto (None) is decided by the fine-tuning, on the base model
     return {**filled, **v, "train": train}
 
 

@@ -328,7 +328,9 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
     )
 
 
-UNSET = {"norms": False}  # keys whose off value equals their absence (records from before the key existed)
+# keys whose values equal their absence (records from before the key existed): --norms off, or auto (a
+# variant that ran with it off before auto existed recorded norms: false in its run's config.json)
+UNSET = {"norms": (False, None)}
 
 
 def _settings(v: dict) -> dict:
@@ -338,7 +340,7 @@ def _settings(v: dict) -> dict:
 
 def _same_settings(recorded: dict, now: dict) -> bool:
     def plain(d: dict) -> dict:
-        return {k: val for k, val in d.items() if not (k in UNSET and val == UNSET[k])}
+        return {k: val for k, val in d.items() if not (k in UNSET and val in UNSET[k])}
 
     return plain(recorded) == plain(now)
 

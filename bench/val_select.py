@@ -1,0 +1,82 @@
+"""Choose between finished runs on held-out *training* images, never on the test split (issue 21).
+
+A frontier trains on the first `limit` training images (`limit: 45000` on CIFAR-10); the rest of the
+training set is never seen by any variant, so it is a validation split every variant shares. This
+script evaluates each run folder's model (and, with --snapshots, each checkpoint the curve kept) on
+the first N of those unseen images with the frontier's protocol, and prints a table and one JSON line
+per model, so a default can be chosen without looking at test numbers.
+
+    python bench/val_select.py runs/frontier-cifar10-resnet/{harden,harden-norms} --eps 8/255 --n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from advtune import api
+from advtune.data import load_dataset
+from advtune.data.splits import Dataset, TensorData
+from advtune.errors import AdvtuneError
+from advtune.settings import parse_number
+
+
+def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
+    """The dataset with `test` replaced by the first n training images beyond the run's `limit`."""
+    config = json.loads((run / "config.json").read_text())
+    args = config["run"]
+    limit = args.get("limit")
+    ds = load_dataset(config["dataset"]["name"], args.get("data_dir"), download=False)
+    if not limit or limit + n > len(ds.train):
+        raise AdvtuneError(
+            f"{run}: trained on {limit or 'all'} of {len(ds.train)} training images; no {n} unseen ones "
+            "to validate on (train with --limit, or ask for fewer with --n)"
+        )
+    tail = TensorData(ds.train.x[limit : limit + n], ds.train.y[limit : limit + n])
+    return Dataset(ds.name, ds.train, tail, ds.classes, ds.mean, ds.std, ds.source), limit
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--eps", required=True, help="e.g. 8/255 or 0.3")
+    p.add_argument("--n", type=int, default=1000, help="unseen training images (default 1000)")
+    p.add_argument("--attacks", default="apgd-ce,apgd-t:n_target_classes=3", help="the frontier's protocol")
+    p.add_argument("--snapshots", action="store_true", help="also every snapshot of each run's curve")
+    p.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    a = p.parse_args(argv)
+    eps = parse_number(a.eps)
+    for run in a.runs:
+        data, limit = unseen_tail(run, a.n)
+        folders = sorted((run / "snapshots").glob("step-*")) if a.snapshots and (run / "snapshots").is_dir() else []
+        for folder in [*folders, run]:
+            model = api.load_model(folder)
+            t0 = time.perf_counter()
+            r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
+            cost = json.loads((folder / "cost.json").read_text()) if (folder / "cost.json").exists() else {}
+            line = {
+                "run": str(run),
+                "model": folder.name if folder != run else "final",
+                "val_images": f"train[{limit}:{limit + a.n}]",
+                "attacks": a.attacks,
+                "eps": eps,
+                "clean": r.clean_accuracy,
+                "robust": r.worst_case_accuracy,
+                "grad_evals": cost.get("grad_evals"),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            print(json.dumps(line), flush=True)
+            if a.out:
+                with a.out.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except AdvtuneError as e:
+        sys.exit(f"error: {e}")
