@@ -130,6 +130,9 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     err = capsys.readouterr().err
     assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
     assert (hardened / "summary.json").read_bytes() == before
+    from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
+
+    assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
 
 
 @pytest.mark.parametrize(

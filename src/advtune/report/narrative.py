@@ -268,8 +268,9 @@ def harden_recipe(s: dict) -> str:
     """The recipe a harden run used, from its summary."""
     recipe = s.get("recipe") or {}
     g = recipe.get("granularity")
+    norms = " + the normalization layers' scale and shift" if recipe.get("norms") else ""
     return (
-        f"Recipe: {GRANULARITY_WORDS.get(g, g)} ranked by {recipe.get('criterion')} "
+        f"Recipe: {GRANULARITY_WORDS.get(g, g)}{norms} ranked by {recipe.get('criterion')} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
         "training images) within "
         f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "

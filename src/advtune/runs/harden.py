@@ -45,7 +45,7 @@ from .common import dataset_of, load_base, read_table, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .harden_plan import HardenPlan, plan_harden, with_holdout
+from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def harden_model(
     has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
     there and a finished stage is read back instead of run again (resume)."""
     plan = plan or plan_harden(model, ds, run)  # the CLI planned it before creating the folder
-    run = replace(run, recipe=plan.recipe)  # its auto settings decided for this model
+    run = replace(run, recipe=plan.recipe or resolve_recipe(model, run.recipe))  # auto settings decided
     ds = with_holdout(ds, run)  # the same split the plan saw
     out = rd.path if rd is not None else None
     recipe = run.recipe
@@ -248,6 +248,14 @@ def harden_model(
     )
 
 
+def flag_words(key: str, value) -> str:
+    """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + key.replace("_", "-")
+    return f"{flag} {value}"
+
+
 def run(run: HardenRun) -> HardenSummary:
     """`advtune harden`: harden the model of a run folder into `run.out`; returns the summary record."""
     # -- validate everything before anything is created or replaced
@@ -266,7 +274,7 @@ def run(run: HardenRun) -> HardenSummary:
         changed = [k for k in now if k not in ("resume", "overwrite", "device") and saved.get(k) != now[k]]
         if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
             recipe = [
-                f"--{k.replace('_', '-')} {saved['recipe'].get(k)}"
+                flag_words(k, saved["recipe"].get(k))
                 for k in now.get("recipe", {})
                 if "recipe" in changed and saved["recipe"].get(k) != now["recipe"][k]
             ]
