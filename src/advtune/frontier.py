@@ -268,20 +268,39 @@ def markdown_table(points: Sequence[Point]) -> str:
     return "\n".join(lines)
 
 
-# The PGD-AT references measured on this project's frontiers (docs/RESULTS.md; the numbers are read from
-# docs/results/frontier-*.json): adversarial training from scratch, its plateau (best worst-case robust
-# accuracy, APGD-CE + APGD-T on the first 1000 test images) and the gradient evaluations it needed to get
-# within a point of it. harden compares its own cost with them when it runs the same setting.
+# The adversarial-training references measured on this project's frontiers (docs/RESULTS.md; the numbers are
+# read from docs/results/frontier-*.json): adversarial training from scratch, its plateau (best worst-case
+# robust accuracy, APGD-CE + APGD-T on the first 1000 test images) and the gradient evaluations it needed to
+# get within a point of it. `method` names the training (PGD-AT where it was run; fast AT where only that
+# was); `plateau: False` marks a curve still rising at the end of its schedule (a lower bound on what AT
+# gives). harden compares its own cost with them when it runs the same setting.
 AT_REFERENCES = {
     ("mnist", "small-cnn", "linf", 0.3): {
+        "method": "PGD-AT",
         "robust_acc": 0.893,
         "plateau_grad_evals": 3_630_000,
         "source": "docs/results/frontier-mnist-eps0.3.json (PGD-10, 10 epochs on 55k images)",
     },
     ("mnist", "small-cnn", "linf", 0.1): {
+        "method": "PGD-AT",
         "robust_acc": 0.949,
         "plateau_grad_evals": 2_420_000,
+        "plateau": False,
         "source": "docs/results/frontier-mnist-eps0.1.json (PGD-10, 5 epochs on 55k images; still rising)",
+    },
+    ("cifar10", "vgg-cifar", "linf", 8 / 255): {
+        "method": "PGD-AT",
+        "robust_acc": 0.259,
+        "plateau_grad_evals": 180_000,
+        "source": "docs/results/frontier-cifar10.json (PGD-5, 6 epochs on 10k images)",
+    },
+    ("cifar10", "preact-resnet20", "linf", 8 / 255): {
+        "method": "fast AT (FGSM-RS)",
+        "robust_acc": 0.363,
+        "plateau_grad_evals": 1_421_680,
+        "plateau": False,
+        "source": "docs/results/frontier-cifar10-resnet.json (FGSM-RS with the overfitting guard, 15 epochs "
+        "one-cycle on 45k images; rising to its last epoch; PGD-AT not run yet)",
     },
 }
 

@@ -426,7 +426,8 @@ def format_summary(summary: HardenSummary) -> str:
         ref = s["at_reference"]
         total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
         lines.append(
-            f"  against adversarial training: on this setting PGD-AT from scratch plateaus at "
+            f"  against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
+            f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
             f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
             f"reference, {ref['source'].split(' ')[0]}); this model cost {total:,} with its base training "
             f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
