@@ -87,6 +87,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also split each attack's time into phases")
     ap.add_argument("--out", default="bench/out/eval_speed.json")
     args = ap.parse_args()
+    try:  # checked before any attack runs: a missing reference must not cost the first half of the run
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        raise SystemExit("eval_speed: reference AutoAttack is not installed; pip install -e '.[reference]'")
     torch.manual_seed(0)
     rows = []
     for run in args.runs:
