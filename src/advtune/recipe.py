@@ -1,6 +1,6 @@
 """The measured recipe of `advtune harden` and its evaluation protocol: plain settings, no torch, so
 the CLI's help and an experiment's YAML checks can read them without loading the library.
-Every default says where its number comes from (docs/RESULTS.md, "The recipe")."""
+Every default says where its number comes from (docs/RESULTS.md, rounds 2-7)."""
 
 from __future__ import annotations
 

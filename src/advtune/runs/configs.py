@@ -320,7 +320,7 @@ class HardenRun:
     holdout: int | None = setting(
         None,
         help="training examples held out (never analysed or trained on) to choose the checkpoint to keep "
-        "(default: 1000, at most a tenth of the training data; 0: none, keep the last)",
+        "(default: 1000, at most a tenth of the training data; 0: none, keep the last; only with --keep-best > 0)",
     )
     keep_best: int = keep_best_setting(4, None)
     evaluation: str = setting(

@@ -4,7 +4,7 @@
     adversarial fine-tuning of only that selection (eps ramped up) -> the strong evaluation with the
     gradient-masking gate, before and after -> a report of what it did and what it cost.
 
-The default recipe (`Recipe`) is the one measured on the frontier (docs/RESULTS.md, "The recipe").
+The default recipe (`Recipe`) is the one measured on the frontier (docs/RESULTS.md, rounds 2-7).
 `harden_model` is the one implementation: the CLI (`run`, on run folders), the Python API
 (`advtune.harden`, in memory) and experiment variants (`kind: harden`) all call it, so the same
 settings give the same weights and records everywhere. Its stages are the other jobs' cores
@@ -429,7 +429,7 @@ def format_summary(summary: HardenSummary) -> str:
             f"  against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
             f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
             f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
-            f"reference, {ref['source'].split(' ')[0]}); this model cost {total:,} with its base training "
+            f"reference, {ref['source'].split(' ')[0]}, measured without Square); this model cost {total:,} with its base training "
             f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
         )
     if s["after"].get("suspect"):
