@@ -273,7 +273,9 @@ def markdown_table(points: Sequence[Point]) -> str:
 # robust accuracy, APGD-CE + APGD-T on the first 1000 test images) and the gradient evaluations it needed to
 # get within a point of it. `method` names the training (PGD-AT where it was run; fast AT where only that
 # was); `plateau: False` marks a curve still rising at the end of its schedule (a lower bound on what AT
-# gives). harden compares its own cost with them when it runs the same setting.
+# gives). harden compares its own cost with them when it runs the same setting; an entry measured with another
+# protocol says so in `protocol`.
+AT_REFERENCE_PROTOCOL = "APGD-CE + APGD-T, without Square"
 AT_REFERENCES = {
     ("mnist", "small-cnn", "linf", 0.3): {
         "method": "PGD-AT",
@@ -309,5 +311,5 @@ def at_reference(dataset: str | None, architecture: str | None, norm: str, eps: 
     """The frontier's PGD-AT reference for this setting, if one was measured."""
     for (d, a, n, e), ref in AT_REFERENCES.items():
         if d == dataset and a == architecture and n == norm and abs(e - eps) < 1e-9:
-            return dict(ref)
+            return {"protocol": AT_REFERENCE_PROTOCOL, **ref}
     return None

@@ -429,7 +429,8 @@ def format_summary(summary: HardenSummary) -> str:
             f"  against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
             f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
             f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
-            f"reference, {ref['source'].split(' ')[0]}, measured without Square); this model cost {total:,} "
+            f"reference, {ref['source'].split(' ')[0]}, measured with {ref.get('protocol', 'APGD-CE + APGD-T')}); "
+            f"this model cost {total:,} "
             "with its base training "
             f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
         )
