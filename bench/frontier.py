@@ -1,10 +1,14 @@
 """The robustness-per-compute frontier of one setting (issue 8): `advtune experiment CONFIG` with
 snapshots along every run, the strong protocol on each snapshot, then the report, and the frontier
-data (JSON/CSV) and plot copied to docs/results/ for docs/RESULTS.md. Resumable: re-running skips
+data (JSON/CSV) and plot published to docs/results/ for docs/RESULTS.md. Resumable: re-running skips
 every finished run and every evaluated snapshot.
 
     .venv/bin/python bench/frontier.py configs/frontier-mnist-eps0.3.yaml [--out runs/frontier-mnist-eps0.3]
-        [--only standard,pgd-at] [--publish]
+        [--only standard,pgd-at] [--publish [--replace]]
+
+--publish updates the published frontier: this run's curves replace those of the same name and the published
+curves this run lacks are kept (a machine that holds only a few variants does not drop the others), provided
+both start from the same standard model; --replace publishes this run's curves alone.
 
 Settings shipped: configs/frontier-*.yaml (MNIST eps 0.1 / 0.2 / 0.3, CIFAR-10 on a VGG and on preact-resnet20).
 """
@@ -13,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from advtune.errors import AdvtuneError
-from advtune.frontier import findings
+from advtune.frontier import Frontier, as_points, findings, merge_curves
 from advtune.report import write_report
-from advtune.runs.experiment import format_results, load_config, run
-from advtune.storage import read_json
+from advtune.report.experiment_plots import plot_frontier
+from advtune.runs.experiment import format_results, frontier_csv, load_config, run
+from advtune.storage import atomic_write_json, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +36,16 @@ def main() -> None:
     ap.add_argument("--out", help="experiment folder (default: runs/<config name>)")
     ap.add_argument("--only", help="comma list of variants to run now (the others are kept as they are)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--publish", action="store_true", help="copy frontier.json/csv/png to docs/results/<name>-*")
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="update docs/results/<name>.{json,csv,png}: this run's curves replace those of the same name, the "
+        "published curves this run lacks are kept",
+    )
+    ap.add_argument("--replace", action="store_true", help="with --publish: publish this run's curves alone")
     args = ap.parse_args()
+    if args.replace and not args.publish:
+        raise AdvtuneError("--replace only changes what --publish writes; add --publish or drop --replace")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config)
     out = Path(args.out or ROOT / "runs" / cfg["name"])
@@ -47,11 +59,22 @@ def main() -> None:
         points = read_json(out / "frontier.json", "frontier")["points"]
         print("\n".join("* " + line.replace("**", "") for line in findings(points)))
         if args.publish:
-            dest = ROOT / "docs" / "results"
-            for suffix in ("json", "csv", "png"):
-                shutil.copyfile(out / f"frontier.{suffix}", dest / f"{cfg['name']}.{suffix}")
-            print(f"published to {dest}/{cfg['name']}.{{json,csv,png}}")
+            publish(points, ROOT / "docs" / "results" / cfg["name"], cfg["name"], replace=args.replace)
     print(f"\nreport: {paths['html']}  ({time.perf_counter() - t:.0f} s this run)")
+
+
+def publish(points: list[dict], dest: Path, title: str, replace: bool) -> None:
+    """Write dest.{json,csv,png}: this run's curves merged into the published ones (or alone)."""
+    published = dest.with_suffix(".json")
+    kept: list[str] = []
+    if published.is_file() and not replace:
+        points, kept = merge_curves(read_json(published, "published frontier")["points"], points)
+    merged = Frontier(tuple(as_points(points, "this run's frontier")))
+    atomic_write_json(published, merged.to_json())
+    atomic_write_text(dest.with_suffix(".csv"), frontier_csv(list(merged.points)))
+    plot_frontier([p.to_json() for p in merged.points], dest.with_suffix(".png"), title=title)
+    also = f" (kept from the published file: {', '.join(kept)})" if kept else ""
+    print(f"published to {dest}.{{json,csv,png}}{also}")
 
 
 if __name__ == "__main__":

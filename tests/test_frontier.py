@@ -11,7 +11,7 @@ import yaml
 
 from advtune.cli import main
 from advtune.errors import AdvtuneError
-from advtune.frontier import Frontier, reference_plateau, robust_at, verdicts
+from advtune.frontier import Frontier, as_points, merge_curves, reference_plateau, robust_at, verdicts
 from advtune.models import load_state
 
 FRONTIER = {
@@ -199,3 +199,50 @@ def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monk
     assert line["val_images"] == "train[300:350]" and 0 <= line["robust"] <= line["clean"] <= 1
     with pytest.raises(AdvtuneError, match="no 5000 unseen ones"):
         val_select.unseen_tail(run, 5000)
+
+
+def _pt(variant, kind, cost, robust, clean=0.9, step=1):
+    return {
+        "variant": variant,
+        "kind": kind,
+        "step": step,
+        "total_grad_evals": cost,
+        "robust_acc": robust,
+        "clean_acc": clean,
+    }
+
+
+def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, monkeypatch):
+    """bench/frontier.py --publish on a machine that reran the base and one variant (#21): the variant's
+    curve replaces the published one, the other published curves stay, and a run from another base model
+    is refused instead of being plotted beside curves it does not share a start with."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier as bench_frontier
+
+    std = _pt("standard", "standard", 1000, 0.0, step=None)
+    published = [std, _pt("a", "finetune", 1100, 0.2), _pt("a", "finetune", 1200, 0.3), _pt("b", "finetune", 1100, 0.1)]
+    new = [dict(std, wall_s=99.0), _pt("b", "finetune", 1100, 0.25), _pt("c", "finetune", 1100, 0.4)]
+    merged, kept = merge_curves(published, new)
+    assert kept == ["a"]  # the standard model and b come from the new run
+    assert [(p.variant, p.robust_acc) for p in merged] == [
+        ("standard", 0.0),
+        ("a", 0.2),
+        ("a", 0.3),
+        ("b", 0.25),
+        ("c", 0.4),
+    ]
+    other_base = [_pt("standard", "standard", 1000, 0.0, clean=0.85, step=None), new[1]]
+    with pytest.raises(AdvtuneError, match="differs from the published one.*--replace"):
+        merge_curves(published, other_base)
+
+    dest = tmp_path / "frontier-x"
+    dest.with_suffix(".json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))
+    bench_frontier.publish(new, dest, "x", replace=False)
+    on_disk = Frontier.read(dest.with_suffix(".json")).points
+    assert sorted({p.variant for p in on_disk}) == ["a", "b", "c", "standard"]
+    assert dest.with_suffix(".csv").read_text().count("\n") == 1 + len(on_disk)
+    assert dest.with_suffix(".png").stat().st_size > 0
+    bench_frontier.publish(new, dest, "x", replace=True)
+    assert sorted({p.variant for p in Frontier.read(dest.with_suffix(".json")).points}) == ["b", "c", "standard"]

@@ -168,6 +168,36 @@ def verdicts(points: Sequence[Point], plateau: Plateau, budget_share: float = 0.
     return out
 
 
+def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list[FrontierPoint], list[str]]:
+    """A frontier published earlier, updated by a run that holds only some of its curves (a machine that
+    reran the base model and a few variants): each curve of `new` replaces the published curve of that
+    name, the others are kept, in the published order. Returns the points and the names kept.
+    Curves of two runs belong on one plot only if they start from the same base model, so where both
+    hold the standard model's curve its points must agree (accuracies and cost; the wall time may not):
+    otherwise the merge is refused with a one-line error."""
+    old, fresh = curves(as_points(published, "the published frontier")), curves(as_points(new))
+
+    def base(by: dict[str, list[FrontierPoint]]) -> dict[str, list[tuple]]:
+        return {
+            v: [(p.step, p.total_grad_evals, p.clean_acc, p.robust_acc) for p in pts]
+            for v, pts in by.items()
+            if pts[0].kind == "standard"
+        }
+
+    old_base, new_base = base(old), base(fresh)
+    for v in old_base.keys() & new_base.keys():
+        if old_base[v] != new_base[v]:
+            raise AdvtuneError(
+                f"the standard model {v!r} of this run differs from the published one "
+                f"({new_base[v][-1][2]:.4f} vs {old_base[v][-1][2]:.4f} clean): the published curves start from "
+                "another base; publish this run alone (--replace) or rerun on the published base"
+            )
+    kept = [v for v in old if v not in fresh]
+    merged = [p for v in old for p in (fresh[v] if v in fresh else old[v])]
+    merged += [p for v in fresh if v not in old for p in fresh[v]]
+    return merged, kept
+
+
 def robust_at(points: Sequence[Point], variant: str, budget: float) -> float | None:
     """The best robust accuracy a curve reached at or below `budget` total gradient evaluations."""
     vals = [

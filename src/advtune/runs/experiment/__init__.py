@@ -26,7 +26,14 @@ results.py (rows, frontier points, results files).
 from __future__ import annotations
 
 from .config import expand_variants, load_config, train_config, validate_config
-from .results import collect_results, experiment_info, format_experiment_info, format_results, frontier_points
+from .results import (
+    collect_results,
+    experiment_info,
+    format_experiment_info,
+    format_results,
+    frontier_csv,
+    frontier_points,
+)
 from .runner import run
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "experiment_info",
     "format_experiment_info",
     "format_results",
+    "frontier_csv",
     "frontier_points",
     "load_config",
     "run",

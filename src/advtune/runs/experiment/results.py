@@ -215,7 +215,12 @@ def write_results(out: Path, rows: list[dict]) -> None:
     points = frontier_points(rows)
     if any(p.step is not None for p in points):
         atomic_write_json(out / files.FRONTIER, Frontier(tuple(points)).to_json())
-        atomic_write_text(out / "frontier.csv", _csv([p.to_json() for p in points]))
+        atomic_write_text(out / "frontier.csv", frontier_csv(points))
+
+
+def frontier_csv(points: list[FrontierPoint]) -> str:
+    """frontier.csv: one row per point, the columns of frontier.json."""
+    return _csv([p.to_json() for p in points])
 
 
 def format_results(rows: list[dict]) -> str:
