@@ -361,3 +361,37 @@ def test_shares_rule_pays_whole_layers_from_their_score_share_and_adapts_the_res
     # a budget below one rank everywhere: refused in one line (as lowrank)
     with pytest.raises(AdvtuneError, match="raise --params"):
         select_from_table(table, model, 0.1, False, params=50, granularity="shares", seed=0)
+
+
+def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data):
+    """--head (#21, round 10): the analysis scores no output layer, so shares and hybrid give the classifier
+    the smallest adapter; with --head it trains whole, paid first out of --params, and the other layers share
+    what is left. Refused in one line where it cannot apply or the head alone costs the budget."""
+    import advtune
+    from advtune.components import Component
+    from advtune.recipe import Recipe
+    from advtune.runs.common import make_selection, select_from_table
+    from advtune.vulnerability import ScoreTable
+
+    model = bn_net()  # conv1 80 entries, conv2 1168, fc (the output layer) 1028
+    comps = [Component("net.conv1", i) for i in range(8)] + [Component("net.conv2", i) for i in range(16)]
+    table = ScoreTable("taylor", tuple(comps), tuple([1.0 / 8] * 8 + [3.0 / 16] * 16))  # as analyses: no fc
+    plain = select_from_table(table, model, 0.1, False, params=2000, granularity="shares", seed=0)
+    assert "net.fc" not in plain.whole and plain.ranks["net.fc"] <= 2  # unscored: only what the others leave
+    for granularity in ("shares", "hybrid"):
+        sel = select_from_table(table, model, 0.1, False, params=2000, granularity=granularity, seed=0, head=True)
+        assert "net.fc" in sel.whole and "net.fc" not in sel.ranks
+        assert 1028 < sel.trainable_params(model) <= 2000  # the head and the rest, within one budget
+    with pytest.raises(AdvtuneError, match="--head: the output layer net.fc has 1,028 parameters.*raise --params"):
+        select_from_table(table, model, 0.1, False, params=900, granularity="shares", seed=0, head=True)
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid or shares"):
+        make_selection(model, table, 0.1, "taylor", False, 0, 2000, "lowrank", None, False, True)
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid or shares"):
+        make_selection(model, "random", 0.1, "taylor", False, 0, 2000, "shares", None, False, True)
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*not unit"):
+        Recipe(granularity="unit", head=True)
+    x, y = data.tensors()
+    run = advtune.harden(
+        bn_net(), (x, y), eps=0.1, budget=3000, recipe=Recipe(analysis_limit=64, params=2000, head=True)
+    )
+    assert "net.fc" in run.selection.whole and run.summary()["recipe"]["head"] is True

@@ -28,6 +28,8 @@ GRANULARITY_WORDS = {
 GRANULARITIES = tuple(GRANULARITY_WORDS)
 # rules that train low-rank adapters (and --norms); their by_layer counts rank-one directions, not units
 ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
+# rules that mix whole layers and adapters: the ones --head can add the output layer to as a whole layer
+HEAD_GRANULARITIES = ("hybrid", "shares")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,15 @@ class Recipe:
         "model has normalization layers and they cost at most a quarter of --params)",
         group="recipe",
     )
+    # the output layer whole (#21, round 10): the analysis scores no output layer, so the shares and hybrid rules
+    # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget); off
+    # until the validation split says otherwise
+    head: bool = setting(
+        False,
+        help="train the output (classifier) layer whole, paid out of --params (the analysis scores no output "
+        "layer, so the hybrid and shares rules otherwise give it the smallest adapter); with hybrid or shares",
+        group="recipe",
+    )
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )
@@ -112,6 +123,11 @@ class Recipe:
             raise AdvtuneError(
                 f"--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
                 f"{', '.join(ADAPTER_GRANULARITIES)}, not {self.granularity}"
+            )
+        if self.head and self.granularity not in HEAD_GRANULARITIES:
+            raise AdvtuneError(
+                f"--head trains the output layer whole next to the other layers' adapters: use it with --granularity "
+                f"{' or '.join(HEAD_GRANULARITIES)}, not {self.granularity}"
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")

@@ -12,13 +12,13 @@ from typing import Any
 
 from .. import filenames as files
 from ..attacks import PGD
-from ..components import model_params
+from ..components import model_params, output_layer
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
-from ..recipe import ADAPTER_GRANULARITIES, GRANULARITIES
+from ..recipe import ADAPTER_GRANULARITIES, GRANULARITIES, HEAD_GRANULARITIES
 from ..storage import read_json
 from ..train import (
     OverfitGuard,
@@ -35,6 +35,7 @@ from ..train.lowrank import (
     hybrid_ranks,
     norm_layers,
     norm_params,
+    own_params,
     plain_state_dict,
     share_ranks,
     uniform_ranks,
@@ -282,15 +283,23 @@ def make_selection(
     granularity: str = "unit",
     example_input=None,
     norms: bool = False,
+    head: bool = False,
 ):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
     select: all | random | layers:<name,...> | an analyze folder (or score file) | a ScoreTable. With `params`, a
     random or analysed selection fills a parameter budget instead of a share of components;
     granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
-    normalization layers' scale and shift train too, paid out of `params` (low-rank and hybrid only)."""
+    normalization layers' scale and shift train too, paid out of `params` (low-rank and hybrid only).
+    `head`: the output layer trains whole, paid out of `params` (hybrid and shares on an analysis only)."""
+    analysed = isinstance(select, ScoreTable) or _analysed(select)
+    if head and (granularity not in HEAD_GRANULARITIES or not analysed):
+        raise AdvtuneError(
+            "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "
+            f"(--select <analyze folder>) and --granularity {' or '.join(HEAD_GRANULARITIES)}"
+        )
     selection = _make_selection(
-        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms
+        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head
     )
     if norms and not isinstance(selection, LowRank):
         raise AdvtuneError(
@@ -301,7 +310,15 @@ def make_selection(
     return selection
 
 
-def _make_selection(model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms):
+def _analysed(select: Any) -> bool:
+    """--select names an analysis (a folder or a score file), not all/random/lowrank/layers."""
+    text = str(select)
+    return text not in ("all", "random") and not text.startswith(("lowrank", "layers:"))
+
+
+def _make_selection(
+    model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head=False
+):
 
     if params is None:
         check_share(share)
@@ -310,7 +327,7 @@ def _make_selection(model, select, share, criterion, per_layer, seed, params, gr
     if granularity not in GRANULARITIES:
         raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
-        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed, norms)
+        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed, norms, head)
     if select == "all":
         return None
     if select == "lowrank" or select.startswith("lowrank:"):
@@ -322,7 +339,7 @@ def _make_selection(model, select, share, criterion, per_layer, seed, params, gr
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
     table = read_table(select, criterion)
-    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms)
+    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms, head)
 
 
 NORMS_AUTO_SHARE = 0.25  # auto --norms: on only where the normalization layers cost at most this share of --params
@@ -370,6 +387,18 @@ def budget_after_norms(model, params, norms: bool) -> int:
             "raise --params"
         )
     return budget - cost
+
+
+def head_layer(model, budget: int, example_input=None) -> list[str]:
+    """[the output layer] for --head, refused where it alone costs the whole budget."""
+    name = output_layer(model, example_input)
+    cost = own_params(model.get_submodule(name))
+    if cost >= budget:
+        raise AdvtuneError(
+            f"--head: the output layer {name} has {cost:,} parameters, the whole budget of {budget:,} or more; "
+            "raise --params"
+        )
+    return [name]
 
 
 def lowrank_selection(
@@ -421,23 +450,27 @@ def select_from_table(
     example_input=None,
     seed: int = 0,
     norms: bool = False,
+    head: bool = False,
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
     summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
     they leave (granularity=hybrid), units in every layer with the budget shared out by the layers' scores
-    (granularity=quota), or the top share of units (globally or per layer)."""
+    (granularity=quota), or the top share of units (globally or per layer). `head` (hybrid, shares): the output
+    layer, which the analysis does not score, trains whole first, out of the same budget."""
     if granularity in (*ADAPTER_GRANULARITIES, "quota") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
     if granularity in ("hybrid", "shares"):
         budget, scores = budget_after_norms(model, params, norms), dict(rank_layers(table))
+        fixed = head_layer(model, budget, example_input) if head else []
         if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
-            whole = [c.module for c in select_top_layers(table, model, budget, example_input=example_input)]
+            left = budget - sum(own_params(model.get_submodule(n)) for n in fixed)
+            whole = fixed + [c.module for c in select_top_layers(table, model, left, example_input=example_input)]
             ranks = hybrid_ranks(model, budget, whole, scores)
         else:  # every layer its score's share: whole where that pays for it, else an adapter
-            whole, ranks = share_ranks(model, budget, scores)
+            whole, ranks = share_ranks(model, budget, scores, fixed)
         selection = LowRank(ranks, seed, tuple(whole), norms_of(model, norms))
         selection.validate(model)
         return selection

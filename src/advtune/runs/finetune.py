@@ -143,6 +143,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
         run.granularity,
         example,
         run.norms,
+        run.head,
     )
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
     snapshot_steps(cfg, len(ds.train), run.points)  # validates points

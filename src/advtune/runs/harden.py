@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0, "norms": False}
+RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -88,6 +88,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         params=run.recipe.params,
         granularity=run.recipe.granularity,
         norms=run.recipe.norms,
+        head=run.recipe.head,
         attack=run.recipe.attack,
         norm=run.norm,
         eps_warmup=run.recipe.eps_warmup,
@@ -206,6 +207,7 @@ def harden_model(
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
     what = GRANULARITY_WORDS[recipe.granularity] + (" + the normalization layers" if recipe.norms else "")
+    what += " + the output layer whole" if recipe.head else ""
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )

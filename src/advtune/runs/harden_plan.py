@@ -16,8 +16,8 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
-from ..train.lowrank import budget_ranks, share_ranks
-from .common import budget_after_norms, resolve_norms
+from ..train.lowrank import budget_ranks, own_params, share_ranks
+from .common import budget_after_norms, head_layer, resolve_norms
 from .configs import HardenRun
 
 
@@ -42,6 +42,8 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
     budget = budget_after_norms(model, recipe.params, recipe.norms)  # the norms extra is paid first
+    if recipe.head:  # then the output layer, whole
+        budget -= sum(own_params(model.get_submodule(n)) for n in head_layer(model, budget, example))
     if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return

@@ -14,6 +14,7 @@ entry of an adapted weight changes, so a patch of a merged model is dense in tho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -321,7 +322,9 @@ def hybrid_ranks(model: nn.Module, params: int, whole: list[str], scores: dict[s
     return budget_ranks(model, left, scores, rest) if rest else {}
 
 
-def share_ranks(model: nn.Module, params: int, scores: dict[str, float]) -> tuple[list[str], dict[str, int]]:
+def share_ranks(
+    model: nn.Module, params: int, scores: dict[str, float], fixed: Sequence[str] = ()
+) -> tuple[list[str], dict[str, int]]:
     """The shares rule (#21): every conv/linear layer is owed a share of `params` in proportion to its
     vulnerability score (negative sums count as 0). A layer whose share pays for all of its parameters
     trains whole, and what it does not need goes back to the others' shares (repeated until no further
@@ -330,12 +333,13 @@ def share_ranks(model: nn.Module, params: int, scores: dict[str, float]) -> tupl
 
     Why: the hybrid rule takes whole layers best-first while they fit, so where the most vulnerable
     layers are too big to take whole (the last stage of a residual network) it skips them and spends the
-    budget on smaller, less vulnerable ones. Here every layer gets what its score earns."""
+    budget on smaller, less vulnerable ones. Here every layer gets what its score earns.
+    `fixed`: layers trained whole whatever their score (--head: the unscored output layer), paid first."""
     modules = dict(model.named_modules())
     names = adaptable_layers(model)
     size = {n: own_params(modules[n]) for n in names}
     score = {n: max(float(scores.get(n, 0.0)), 0.0) for n in names}
-    whole: list[str] = []
+    whole: list[str] = list(fixed)
     while True:
         rest = [n for n in names if n not in whole]
         left = params - sum(size[n] for n in whole)

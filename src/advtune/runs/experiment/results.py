@@ -29,7 +29,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run)}
     if kind == "harden":
         r = run.get("recipe", {})
-        keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms")
+        keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
         return {"select": "top", "share": None, **{k: r.get(k) for k in keys}, **_cost_keys(run)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
@@ -44,6 +44,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "params": run.get("params"),
         "granularity": "lowrank" if adapters else run.get("granularity") if select == "top" else None,
         "norms": run.get("norms"),
+        "head": run.get("head"),
         "criterion": run.get("criterion") if select == "top" else None,
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
@@ -88,6 +89,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "params_like": v.get("params_like"),
             "granularity": ran.get("granularity"),
             "norms": bool(ran.get("norms")),  # the normalization layers trained too (--norms)
+            "head": bool(ran.get("head")),  # the output layer trained whole (--head)
             "criterion": ran.get("criterion"),
             "attack": ran.get("attack"),
             "clean_acc": ev["clean_accuracy"],
