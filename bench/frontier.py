@@ -23,7 +23,7 @@ from pathlib import Path
 from advtune.errors import AdvtuneError
 from advtune.frontier import Frontier, as_points, findings, merge_curves
 from advtune.report import write_report
-from advtune.report.experiment_plots import plot_frontier
+from advtune.report.experiment_plots import plot_frontier, variant_colors
 from advtune.runs.experiment import format_results, frontier_csv, load_config, run
 from advtune.storage import atomic_write_json, atomic_write_text, read_json
 
@@ -72,9 +72,14 @@ def publish(points: list[dict], dest: Path, title: str, replace: bool) -> None:
     merged = Frontier(tuple(as_points(points, "this run's frontier")))
     atomic_write_json(published, merged.to_json())
     atomic_write_text(dest.with_suffix(".csv"), frontier_csv(list(merged.points)))
-    plot_frontier([p.to_json() for p in merged.points], dest.with_suffix(".png"), title=title)
+    names = list(dict.fromkeys(p.variant for p in merged.points))
+    plot_frontier(
+        [p.to_json() for p in merged.points], dest.with_suffix(".png"), title=title, colors=variant_colors(names)
+    )
     also = f" (kept from the published file: {', '.join(kept)})" if kept else ""
     print(f"published to {dest}.{{json,csv,png}}{also}")
+    if kept:  # the findings of what was published, not only of this run
+        print("\n".join("* " + line.replace("**", "") for line in findings(list(merged.points))))
 
 
 if __name__ == "__main__":

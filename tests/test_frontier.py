@@ -233,9 +233,14 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
         ("b", 0.25),
         ("c", 0.4),
     ]
-    other_base = [_pt("standard", "standard", 1000, 0.0, clean=0.85, step=None), new[1]]
-    with pytest.raises(AdvtuneError, match="differs from the published one.*--replace"):
+    other_base = [_pt("base", "standard", 1000, 0.0, clean=0.85, step=None), new[1]]  # another name, too
+    with pytest.raises(AdvtuneError, match=r"differs from the published one \(variant base vs standard.*--replace"):
         merge_curves(published, other_base)
+    robust_differs = [_pt("standard", "standard", 1000, 0.01, step=None), new[1]]
+    with pytest.raises(AdvtuneError, match=r"\(robust_acc 0.01 vs 0.0\)"):
+        merge_curves(published, robust_differs)
+    with pytest.raises(AdvtuneError, match="this run's frontier has no standard model's curve.*--replace"):
+        merge_curves(published, new[1:])
 
     dest = tmp_path / "frontier-x"
     dest.with_suffix(".json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))

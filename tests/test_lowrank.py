@@ -378,12 +378,19 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
     table = ScoreTable("taylor", tuple(comps), tuple([1.0 / 8] * 8 + [3.0 / 16] * 16))  # as analyses: no fc
     plain = select_from_table(table, model, 0.1, False, params=2000, granularity="shares", seed=0)
     assert "net.fc" not in plain.whole and plain.ranks["net.fc"] <= 2  # unscored: only what the others leave
-    for granularity in ("shares", "hybrid"):
-        sel = select_from_table(table, model, 0.1, False, params=2000, granularity=granularity, seed=0, head=True)
-        assert "net.fc" in sel.whole and "net.fc" not in sel.ranks
-        assert 1028 < sel.trainable_params(model) <= 2000  # the head and the rest, within one budget
+    rank1 = adapter_size(model.get_submodule("net.conv2").weight, 1)
+    scored_head = ScoreTable(  # an analysis that scored the output layer too: hybrid may rank it, not twice
+        "taylor", (*comps, *[Component("net.fc", i) for i in range(4)]), (*table.scores, *[1.0] * 4)
+    )
+    for granularity, t in (("shares", table), ("hybrid", table), ("hybrid", scored_head)):
+        sel = select_from_table(t, model, 0.1, False, params=2000, granularity=granularity, seed=0, head=True)
+        assert sel.whole.count("net.fc") == 1 and "net.fc" not in sel.ranks
+        # the head and the rest within one budget, spent up to less than one more rank-1 adapter
+        assert 2000 - rank1 < sel.trainable_params(model) <= 2000
     with pytest.raises(AdvtuneError, match="--head: the output layer net.fc has 1,028 parameters.*raise --params"):
         select_from_table(table, model, 0.1, False, params=900, granularity="shares", seed=0, head=True)
+    with pytest.raises(AdvtuneError, match="--head: the output layer net.fc leaves no budget.*raise --params"):
+        select_from_table(table, model, 0.1, False, params=1060, granularity="shares", seed=0, head=True)
     with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid or shares"):
         make_selection(model, table, 0.1, "taylor", False, 0, 2000, "lowrank", None, False, True)
     with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid or shares"):
@@ -395,3 +402,13 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
         bn_net(), (x, y), eps=0.1, budget=3000, recipe=Recipe(analysis_limit=64, params=2000, head=True)
     )
     assert "net.fc" in run.selection.whole and run.summary()["recipe"]["head"] is True
+
+
+def test_a_resume_names_the_recorded_switches_as_flags_that_exist():
+    """harden --resume with other settings says what the run was saved with, as flags: --norms has a --no-
+    form, --head (a plain switch) has none, so its off state reads `without --head`."""
+    from advtune.runs.harden import flag_words
+
+    assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
+    assert flag_words("head", False) == "without --head" and flag_words("head", True) == "--head"
+    assert flag_words("lr", 0.003) == "--lr 0.003"

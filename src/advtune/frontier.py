@@ -174,24 +174,29 @@ def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list
     name, the others are kept, in the published order. Returns the points and the names kept.
     Curves of two runs belong on one plot only if they start from the same base model, so where both
     hold the standard model's curve its points must agree (accuracies and cost; the wall time may not):
-    otherwise the merge is refused with a one-line error."""
+    otherwise, or where either lacks that curve, the merge is refused with a one-line error."""
     old, fresh = curves(as_points(published, "the published frontier")), curves(as_points(new))
+    fields = ("variant", "step", "total_grad_evals", "clean_acc", "robust_acc")
 
-    def base(by: dict[str, list[FrontierPoint]]) -> dict[str, list[tuple]]:
-        return {
-            v: [(p.step, p.total_grad_evals, p.clean_acc, p.robust_acc) for p in pts]
-            for v, pts in by.items()
-            if pts[0].kind == "standard"
-        }
-
-    old_base, new_base = base(old), base(fresh)
-    for v in old_base.keys() & new_base.keys():
-        if old_base[v] != new_base[v]:
+    def base(by: dict[str, list[FrontierPoint]], where: str) -> list[tuple]:
+        pts = [tuple(getattr(p, f) for f in fields) for v in by.values() if v[0].kind == "standard" for p in v]
+        if not pts:
             raise AdvtuneError(
-                f"the standard model {v!r} of this run differs from the published one "
-                f"({new_base[v][-1][2]:.4f} vs {old_base[v][-1][2]:.4f} clean): the published curves start from "
-                "another base; publish this run alone (--replace) or rerun on the published base"
+                f"{where} has no standard model's curve, so whether both start from the same base cannot be "
+                "checked; publish this run alone (--replace)"
             )
+        return pts
+
+    old_base, new_base = base(old, "the published frontier"), base(fresh, "this run's frontier")
+    if old_base != new_base:
+        diff = next(
+            (f"{f} {a[i]} vs {b[i]}" for a, b in zip(new_base, old_base) for i, f in enumerate(fields) if a[i] != b[i]),
+            f"{len(new_base)} vs {len(old_base)} points",
+        )
+        raise AdvtuneError(
+            f"the standard model of this run differs from the published one ({diff}): the published curves start "
+            "from another base; publish this run alone (--replace) or rerun on the published base"
+        )
     kept = [v for v in old if v not in fresh]
     merged = [p for v in old for p in (fresh[v] if v in fresh else old[v])]
     merged += [p for v in fresh if v not in old for p in fresh[v]]

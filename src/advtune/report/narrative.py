@@ -68,6 +68,8 @@ def describe(r: dict) -> str:
                 what = f"top units by {crit}"
             if r.get("norms"):
                 what += ", and the normalization layers' scale and shift"
+            if r.get("head"):
+                what += ", and the output layer whole"
             if r.get("share") is None and r.get("params_budget") is not None:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
@@ -269,6 +271,7 @@ def harden_recipe(s: dict) -> str:
     recipe = s.get("recipe") or {}
     g = recipe.get("granularity")
     norms = " + the normalization layers' scale and shift" if recipe.get("norms") else ""
+    norms += " + the output layer whole" if recipe.get("head") else ""
     return (
         f"Recipe: {GRANULARITY_WORDS.get(g, g)}{norms} ranked by {recipe.get('criterion')} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "

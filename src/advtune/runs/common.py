@@ -217,6 +217,7 @@ RUN_DEFAULTS = {
     "weights_key": None,
     "keep_best": 0,
     "norms": False,
+    "head": False,
 }  # keys newer than some records
 
 
@@ -467,10 +468,16 @@ def select_from_table(
         fixed = head_layer(model, budget, example_input) if head else []
         if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
             left = budget - sum(own_params(model.get_submodule(n)) for n in fixed)
-            whole = fixed + [c.module for c in select_top_layers(table, model, left, example_input=example_input)]
+            best = [c.module for c in select_top_layers(table, model, left, example_input=example_input)]
+            whole = fixed + [n for n in best if n not in fixed]  # a table that scored the head: not twice
             ranks = hybrid_ranks(model, budget, whole, scores)
         else:  # every layer its score's share: whole where that pays for it, else an adapter
             whole, ranks = share_ranks(model, budget, scores, fixed)
+        if fixed and whole == fixed and not ranks:
+            raise AdvtuneError(
+                f"--head: the output layer {fixed[0]} leaves no budget for any other layer, not even a rank-1 "
+                "adapter; raise --params"
+            )
         selection = LowRank(ranks, seed, tuple(whole), norms_of(model, norms))
         selection.validate(model)
         return selection

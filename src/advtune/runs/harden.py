@@ -54,6 +54,7 @@ FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
 RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False}
+NEGATABLE = ("norms",)  # the recipe's switches with a --no- form (auto by default); --head is a plain switch
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -251,10 +252,13 @@ def harden_model(
 
 
 def flag_words(key: str, value) -> str:
-    """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`."""
+    """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`, and
+    `without --head` for a switch that has no `--no-` form."""
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
-        return flag if value else "--no-" + key.replace("_", "-")
+        if value:
+            return flag
+        return "--no-" + key.replace("_", "-") if key in NEGATABLE else f"without {flag}"
     return f"{flag} {value}"
 
 
