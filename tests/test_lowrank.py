@@ -171,7 +171,7 @@ def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):
     """granularity=hybrid: the best whole layers by score, then adapters on the others with the
     budget they leave; the whole layer moves freely, the adapted one by a low-rank change."""
     from advtune.components import Component
-    from advtune.runs.common import select_from_table
+    from advtune.runs.selecting import select_from_table
     from advtune.vulnerability import ScoreTable
 
     model = bn_net()
@@ -228,7 +228,7 @@ def test_norms_extra_trains_scale_shift_and_statistics_within_the_budget(data):
     """--norms (#21, item 1): next to the adapters, every BatchNorm's scale and shift train and its running
     statistics follow the adversarial batches (as in full fine-tuning); the extra is paid out of the
     parameter budget, counted in the trainable parameters, and survives selection.json."""
-    from advtune.runs.common import describe_selection, make_selection
+    from advtune.runs.selecting import describe_selection, make_selection
     from advtune.train.lowrank import norm_layers, norm_params, selection_from_json
 
     model = bn_net()
@@ -298,7 +298,7 @@ def test_norms_auto_is_on_for_adapters_on_a_model_with_cheap_normalization_layer
     """Harden's --norms default (auto, round 7): on exactly where it applies and costs at most a quarter of
     the budget; a model without normalization layers, a unit/random/all selection, or a budget the norms
     would eat keep it off; an explicit choice always wins."""
-    from advtune.runs.common import resolve_norms
+    from advtune.runs.selecting import resolve_norms
     from advtune.vulnerability import ScoreTable
 
     model, table = bn_net(), ScoreTable("taylor", (), ())
@@ -336,7 +336,7 @@ def test_shares_rule_pays_whole_layers_from_their_score_share_and_adapts_the_res
     trains whole and its surplus goes back to the others; the rest get adapters. Unlike hybrid, a big,
     most-vulnerable layer that cannot be taken whole still gets the largest adapter, not nothing."""
     from advtune.components import Component
-    from advtune.runs.common import select_from_table
+    from advtune.runs.selecting import select_from_table
     from advtune.train.lowrank import share_ranks
     from advtune.vulnerability import ScoreTable
 
@@ -370,7 +370,7 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
     import advtune
     from advtune.components import Component
     from advtune.recipe import Recipe
-    from advtune.runs.common import make_selection, select_from_table
+    from advtune.runs.selecting import make_selection, select_from_table
     from advtune.vulnerability import ScoreTable
 
     model = bn_net()  # conv1 80 entries, conv2 1168, fc (the output layer) 1028

@@ -22,23 +22,21 @@ from .common import (
     check_val,
     close_training_folder,
     dataset_of,
-    describe_selection,
     fit_in_folder,
     fit_steps,
     guard_on,
     load_base,
-    make_selection,
     open_training_folder,
     overfit_guard,
     refuse_same_folder,
     resolve_eps_warmup,
-    resolve_norms,
     snapshot_steps,
     spaced_steps,
     with_budget,
 )
 from .configs import FinetuneRun
 from .record import RunDir
+from .selecting import describe_selection, make_selection, resolve_norms
 
 log = logging.getLogger(__name__)
 

@@ -41,12 +41,13 @@ from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report
 from ..storage import atomic_write_bytes, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
-from .common import dataset_of, load_base, read_table, refuse_same_folder
+from .common import dataset_of, load_base, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
 from .record import RunDir, open_run
+from .selecting import read_table
 
 log = logging.getLogger(__name__)
 

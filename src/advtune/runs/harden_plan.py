@@ -17,8 +17,8 @@ from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..train.lowrank import budget_ranks, own_params, share_ranks
-from .common import budget_after_norms, head_layer, resolve_norms
 from .configs import HardenRun
+from .selecting import budget_after_norms, head_layer, resolve_norms
 
 
 def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
@@ -77,7 +77,7 @@ class HardenPlan:
 
 def resolve_recipe(model, recipe: Recipe) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
-    layers, runs/common.py resolve_norms): what harden runs and records."""
+    layers, runs/selecting.py resolve_norms): what harden runs and records."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
     return replace(recipe, norms=norms)
 

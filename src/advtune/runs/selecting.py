@@ -1,0 +1,279 @@
+"""How a run's `--select`, `--params`, `--granularity`, `--norms` and `--head` become what it trains: a
+Selection of units or layers, or a LowRank of adapters (with whole layers and normalization layers), checked
+against the model; and how the records describe it. Used by finetune, harden and the experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import filenames as files
+from ..components import model_params, output_layer
+from ..errors import AdvtuneError
+from ..recipe import ADAPTER_GRANULARITIES, GRANULARITIES, HEAD_GRANULARITIES
+from ..storage import read_json
+from ..train.lowrank import (
+    LowRank,
+    budget_ranks,
+    hybrid_ranks,
+    norm_layers,
+    norm_params,
+    own_params,
+    share_ranks,
+    uniform_ranks,
+)
+from ..vulnerability import (
+    ScoreTable,
+    check_params,
+    check_share,
+    rank_layers,
+    select_layers,
+    select_quota,
+    select_random,
+    select_top,
+    select_top_layers,
+)
+
+
+def make_selection(
+    model,
+    select: str | ScoreTable,
+    share: float,
+    criterion: str,
+    per_layer: bool,
+    seed: int,
+    params: float | None = None,
+    granularity: str = "unit",
+    example_input=None,
+    norms: bool = False,
+    head: bool = False,
+):
+    """Resolve `--select` into a Selection (None means everything: the full-network path).
+
+    select: all | random | layers:<name,...> | an analyze folder (or score file) | a ScoreTable. With `params`, a
+    random or analysed selection fills a parameter budget instead of a share of components;
+    granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
+    normalization layers' scale and shift train too, paid out of `params` (low-rank and hybrid only).
+    `head`: the output layer trains whole, paid out of `params` (hybrid and shares on an analysis only)."""
+    analysed = isinstance(select, ScoreTable) or _analysed(select)
+    if head and (granularity not in HEAD_GRANULARITIES or not analysed):
+        raise AdvtuneError(
+            "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "
+            f"(--select <analyze folder>) and --granularity {' or '.join(HEAD_GRANULARITIES)}"
+        )
+    selection = _make_selection(
+        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head
+    )
+    if norms and not isinstance(selection, LowRank):
+        raise AdvtuneError(
+            "--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
+            f"{', '.join(ADAPTER_GRANULARITIES)} and an analysis (or --select lowrank); unit selections already "
+            "train the BatchNorm that follows each selected unit"
+        )
+    return selection
+
+
+def _analysed(select: Any) -> bool:
+    """--select names an analysis (a folder or a score file), not all/random/lowrank/layers."""
+    text = str(select)
+    return text not in ("all", "random") and not text.startswith(("lowrank", "layers:"))
+
+
+def _make_selection(
+    model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head=False
+):
+
+    if params is None:
+        check_share(share)
+    else:
+        check_params(params, model)
+    if granularity not in GRANULARITIES:
+        raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
+    if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
+        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed, norms, head)
+    if select == "all":
+        return None
+    if select == "lowrank" or select.startswith("lowrank:"):
+        return lowrank_selection(model, select, params, seed, norms=norms)
+    if select.startswith("layers:"):
+        return select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
+    if select == "random":
+        if params is not None:
+            return select_random(model, params=params, seed=seed, example_input=example_input)
+        return select_random(model, share=share, seed=seed, per_layer=per_layer)
+    table = read_table(select, criterion)
+    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms, head)
+
+
+NORMS_AUTO_SHARE = 0.25  # auto --norms: on only where the normalization layers cost at most this share of --params
+
+
+def resolve_norms(model, norms: bool | None, select: Any, granularity: str, params) -> bool:
+    """--norms as given, or (None: auto) on where it applies and is cheap: a selection that trains low-rank
+    adapters (an analysis with an adapter granularity, or --select lowrank) within a parameter budget, on
+    a model with normalization layers whose scale and shift cost at most a quarter of that budget. On the
+    residual CIFAR-10 frontier it was the best single lever (docs/RESULTS.md, round 7); a model without
+    normalization layers (small-cnn) is unchanged."""
+    if norms is not None:
+        return bool(norms)
+    if params is None or not norm_layers(model):
+        return False
+    if isinstance(select, ScoreTable):
+        adapters = granularity in ADAPTER_GRANULARITIES
+    else:
+        text = str(select)
+        adapters = text.startswith("lowrank") or (
+            granularity in ADAPTER_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:")
+        )
+    return adapters and norm_params(model) <= NORMS_AUTO_SHARE * check_params(params, model)
+
+
+def norms_of(model, norms: bool) -> tuple[str, ...]:
+    """The normalization layers the norms extra trains (none when it is off); refused on a model without any."""
+    if not norms:
+        return ()
+    found = tuple(norm_layers(model))
+    if not found:
+        raise AdvtuneError("--norms: the model has no normalization layer with a scale and shift to train")
+    return found
+
+
+def budget_after_norms(model, params, norms: bool) -> int:
+    """The parameter budget (entries) left for the selection once the norms extra, if on, is paid."""
+    budget = check_params(params, model)
+    if not norms_of(model, norms):
+        return budget
+    cost = norm_params(model)
+    if cost >= budget:
+        raise AdvtuneError(
+            f"--norms: the normalization layers have {cost:,} parameters, the whole budget of {budget:,} or more; "
+            "raise --params"
+        )
+    return budget - cost
+
+
+def head_layer(model, budget: int, example_input=None) -> list[str]:
+    """[the output layer] for --head, refused where it alone costs the whole budget."""
+    name = output_layer(model, example_input)
+    cost = own_params(model.get_submodule(name))
+    if cost >= budget:
+        raise AdvtuneError(
+            f"--head: the output layer {name} has {cost:,} parameters, the whole budget of {budget:,} or more; "
+            "raise --params"
+        )
+    return [name]
+
+
+def lowrank_selection(
+    model, select: str, params: float | None, seed: int, scores: dict | None = None, norms: bool = False
+) -> LowRank:
+    """`lowrank:rank=R`: adapters of rank R on every conv and linear layer; `lowrank` with a parameter
+    budget: ranks that fill it, shared out by the layers' vulnerability scores when given."""
+    extra = norms_of(model, norms)
+    _, _, arg = select.partition(":")
+    if arg:
+        key, _, value = arg.partition("=")
+        if key.strip() != "rank" or not value.strip().isdigit() or int(value) < 1:
+            raise AdvtuneError(
+                f"--select {select!r}: write lowrank:rank=<a positive integer>, or lowrank with --params"
+            )
+        selection = LowRank(uniform_ranks(model, int(value)), seed, norms=extra)
+    elif params is None:
+        raise AdvtuneError("--select lowrank needs a rank (lowrank:rank=8) or a parameter budget (--params 0.05)")
+    else:
+        selection = LowRank(budget_ranks(model, budget_after_norms(model, params, norms), scores), seed, norms=extra)
+    selection.validate(model)
+    return selection
+
+
+def read_table(source: str | Path, criterion: str) -> ScoreTable:
+    """The score table of `criterion` in an analysis folder (or a score file itself)."""
+    folder = Path(source)
+    table_file = folder / files.scores(criterion) if folder.is_dir() else folder
+    if folder.is_dir() and not table_file.is_file():
+        have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
+        raise AdvtuneError(
+            f"{folder} has no scores for criterion {criterion!r}"
+            + (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first")
+        )
+    if not table_file.is_file():
+        raise AdvtuneError(
+            f"--select {str(source)!r}: not all, random, layers:<names>, or an analyze folder/score file"
+        )
+    return ScoreTable.from_json(read_json(table_file, "score table"))
+
+
+def select_from_table(
+    table: ScoreTable,
+    model,
+    share: float,
+    per_layer: bool,
+    params=None,
+    granularity: str = "unit",
+    example_input=None,
+    seed: int = 0,
+    norms: bool = False,
+    head: bool = False,
+):
+    """The most vulnerable components of a score table: whole layers (granularity=layer) or units
+    within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
+    summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
+    they leave (granularity=hybrid), units in every layer with the budget shared out by the layers' scores
+    (granularity=quota), or the top share of units (globally or per layer). `head` (hybrid, shares): the output
+    layer, which the analysis does not score, trains whole first, out of the same budget."""
+    if granularity in (*ADAPTER_GRANULARITIES, "quota") and params is None:
+        raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
+    if granularity == "lowrank":
+        return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
+    if granularity in ("hybrid", "shares"):
+        budget, scores = budget_after_norms(model, params, norms), dict(rank_layers(table))
+        fixed = head_layer(model, budget, example_input) if head else []
+        if granularity == "hybrid":  # whole layers by score, adapters on the others with what is left
+            left = budget - sum(own_params(model.get_submodule(n)) for n in fixed)
+            best = [c.module for c in select_top_layers(table, model, left, example_input=example_input)]
+            whole = fixed + [n for n in best if n not in fixed]  # a table that scored the head: not twice
+            ranks = hybrid_ranks(model, budget, whole, scores)
+        else:  # every layer its score's share: whole where that pays for it, else an adapter
+            whole, ranks = share_ranks(model, budget, scores, fixed)
+        if fixed and whole == fixed and not ranks:
+            raise AdvtuneError(
+                f"--head: the output layer {fixed[0]} leaves no budget for any other layer, not even a rank-1 "
+                "adapter; raise --params"
+            )
+        selection = LowRank(ranks, seed, tuple(whole), norms_of(model, norms))
+        selection.validate(model)
+        return selection
+    if granularity == "quota":  # units in every layer, the budget shared out by the layers' scores
+        selection = select_quota(table, model, params, example_input=example_input)
+    elif params is not None and granularity == "layer":
+        selection = select_top_layers(table, model, params, example_input=example_input)
+    elif params is not None:
+        selection = select_top(table, params=params, model=model, example_input=example_input)
+    else:
+        selection = select_top(table, share, per_layer=per_layer)
+    selection.validate(model)
+    return selection
+
+
+def describe_selection(selection, model, example=None) -> dict:
+    """What a selection trains, for the records: components, units, parameters (also per layer)."""
+
+    trainable = selection.trainable_params(model, example_input=example)
+    extra = {}
+    if isinstance(selection, LowRank):  # degrees of freedom differ from the entries that change
+        extra = {
+            "kind": "hybrid" if selection.whole else "lowrank",
+            "ranks": selection.ranks,
+            "whole": list(selection.whole),
+            "norms": list(selection.norms),
+            "changed_params": selection.changed_entries(model),
+        }
+    return {
+        **extra,
+        "components": len(selection),
+        "units": selection.n_units(model),
+        "trainable_params": trainable,
+        "param_share": trainable / model_params(model),
+        "by_layer": selection.by_layer(model),
+        "params_by_layer": selection.params_by_layer(model, example),
+    }
