@@ -57,10 +57,14 @@ def main() -> None:
     print(format_results(rows))
     if (out / "frontier.json").is_file():
         points = read_json(out / "frontier.json", "frontier")["points"]
-        print("\n".join("* " + line.replace("**", "") for line in findings(points)))
+        print_findings(points)
         if args.publish:
             publish(points, ROOT / "docs" / "results" / cfg["name"], cfg["name"], replace=args.replace)
     print(f"\nreport: {paths['html']}  ({time.perf_counter() - t:.0f} s this run)")
+
+
+def print_findings(points) -> None:
+    print("\n".join("* " + line.replace("**", "") for line in findings(points)))
 
 
 def publish(points: list[dict], dest: Path, title: str, replace: bool) -> None:
@@ -79,7 +83,7 @@ def publish(points: list[dict], dest: Path, title: str, replace: bool) -> None:
     also = f" (kept from the published file: {', '.join(kept)})" if kept else ""
     print(f"published to {dest}.{{json,csv,png}}{also}")
     if kept:  # the findings of what was published, not only of this run
-        print("\n".join("* " + line.replace("**", "") for line in findings(list(merged.points))))
+        print_findings(list(merged.points))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ GRANULARITIES = tuple(GRANULARITY_WORDS)
 ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
 # rules that mix whole layers and adapters: the ones --head can add the output layer to as a whole layer
 HEAD_GRANULARITIES = ("hybrid", "shares")
+HEAD_HELP = (
+    "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
+    "hybrid and shares rules otherwise give it the smallest adapter); with hybrid or shares on an analysis"
+)
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,7 @@ class Recipe:
     # the output layer whole (#21, round 10): the analysis scores no output layer, so the shares and hybrid rules
     # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget); off
     # until the validation split says otherwise
-    head: bool = setting(
-        False,
-        help="train the output (classifier) layer whole, paid out of --params (the analysis scores no output "
-        "layer, so the hybrid and shares rules otherwise give it the smallest adapter); with hybrid or shares",
-        group="recipe",
-    )
+    head: bool = setting(False, help=HEAD_HELP, group="recipe")
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )

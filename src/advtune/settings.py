@@ -51,6 +51,12 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def negatable(f: Any, default: Any) -> bool:
+    """Whether a boolean setting has a `--no-` form: one that is on by default, or auto (`bool | None`);
+    a plain switch (off by default) is only `--flag`."""
+    return default is True or str(f.type) == "bool | None"
+
+
 def number_list(text: str) -> tuple[float, ...]:
     """`0.1,0.2,8/255` -> (0.1, 0.2, 0.0314...)."""
     return tuple(number(t) for t in str(text).split(",") if t.strip())
@@ -180,7 +186,7 @@ def add_flags(
         kind = str(f.type)
         must = f.name in required or (default is _MISSING and f.default_factory is _MISSING)
         if kind.startswith("bool"):
-            if default is True or kind == "bool | None":
+            if negatable(f, default):
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw["action"] = "store_true"

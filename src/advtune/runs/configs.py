@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..recipe import EVALUATION, GRANULARITIES, Recipe
+from ..recipe import EVALUATION, GRANULARITIES, HEAD_HELP, Recipe
 from ..settings import budget_number, number, setting
 from ..train.config import TrainConfig
 
@@ -221,12 +221,7 @@ class FinetuneRun:
         "paid out of --params; with lowrank, hybrid or shares (none in an API call or config: auto, as harden)",
         group="selection",
     )
-    head: bool = setting(
-        False,
-        help="train the output (classifier) layer whole, paid out of --params: the analysis scores no output "
-        "layer, so the hybrid and shares rules otherwise give it the smallest adapter; with hybrid or shares",
-        group="selection",
-    )
+    head: bool = setting(False, help=HEAD_HELP, group="selection")
     budget: int | None = budget_setting()
     points: int = points_setting()
     keep_best: int = keep_best_setting()

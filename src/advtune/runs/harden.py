@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,8 +36,9 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
-from ..recipe import GRANULARITY_WORDS
+from ..recipe import GRANULARITY_WORDS, Recipe
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
+from ..settings import negatable
 from ..storage import atomic_write_bytes, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
@@ -55,7 +56,6 @@ FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
 RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False}
-NEGATABLE = ("norms",)  # the recipe's switches with a --no- form (auto by default); --head is a plain switch
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -259,7 +259,8 @@ def flag_words(key: str, value) -> str:
     if isinstance(value, bool):
         if value:
             return flag
-        return "--no-" + key.replace("_", "-") if key in NEGATABLE else f"without {flag}"
+        field = next((f for f in fields(Recipe) if f.name == key), None)
+        return "--no-" + key.replace("_", "-") if field and negatable(field, field.default) else f"without {flag}"
     return f"{flag} {value}"
 
 
