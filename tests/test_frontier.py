@@ -251,3 +251,41 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
     assert dest.with_suffix(".png").stat().st_size > 0
     bench_frontier.publish(new, dest, "x", replace=True)
     assert sorted({p.variant for p in Frontier.read(dest.with_suffix(".json")).points}) == ["b", "c", "standard"]
+
+
+def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_merges(done, tmp_path, monkeypatch):
+    """bench/recheck.py (#21, item 6): each curve's best checkpoint on the frontier's protocol is evaluated
+    again with more attacks plus a transfer attack from another robust run (never from itself), and the
+    records merge by variant into one file, refusing a file of another frontier."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import recheck
+
+    _, out = done
+    pts = [p for p in json.loads((out / "frontier.json").read_text())["points"] if p["variant"] == "sel"]
+    folder, record = recheck.frontier_point(out / "sel", "best")
+    assert record["worst_case_accuracy"] == max(p["robust_acc"] for p in pts)
+    assert recheck.frontier_point(out / "sel", "last")[0] == out / "sel"
+    assert recheck.transfer_source(out / "at", [out / "at", out / "sel"]) == out / "sel"
+
+    dest = tmp_path / "recheck.json"
+    argv = [str(out), "sel", "at", "--eps", "0.25", "--n", "32", "--attacks", "pgd:steps=3,fgsm", "--out", str(dest)]
+    argv += ["--transfer", f"{out / 'at'},{out / 'sel'}"]
+    assert recheck.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(dest.read_text())["points"]}
+    assert set(rows) == {"sel", "at"}
+    assert rows["sel"]["transfer_source"] == str(out / "at") and rows["at"]["transfer_source"] == str(out / "sel")
+    for r in rows.values():
+        acc = r["standard_suite"]["accuracy"]
+        assert list(acc) == ["fgsm", "pgd:steps=3", f"transfer:source={r['transfer_source']}"]  # cheapest first
+        assert r["robust"] == min(acc.values()) and 0 <= r["robust"] <= r["clean"] <= 1  # cascaded: the last is worst
+        assert r["gate"] in ("passed", "flagged")
+    assert recheck.main([*argv[:2], *argv[3:]]) == 0  # "sel" again: replaced, "at" kept
+    assert sorted(r["variant"] for r in json.loads(dest.read_text())["points"]) == ["at", "sel"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": 1, "kind": "recheck", "frontier": "else", "points": []}))
+    with pytest.raises(AdvtuneError, match="re-checks of 'else'"):
+        recheck.main([*argv[:-4], "--out", str(other)])
+    with pytest.raises(AdvtuneError, match="no eval-protocol.json"):
+        recheck.frontier_point(tmp_path, "best")
