@@ -8,11 +8,12 @@ the masking gate. Which checkpoint: each curve's best on the frontier's own prot
 issue asks: a masked curve's best point is where an optimistic number would sit) or its last (--point last).
 The records merge by variant into --out, so the variants can be re-checked one session at a time:
 
-    python bench/recheck.py runs/frontier-cifar10-resnet shares-norms-fgsm-rs full-ft-lr3e-3 --eps 8/255 \\
+    python bench/recheck.py runs/frontier-cifar10-resnet shares-norms-fgsm-rs full-ft-lr3e-3 \\
         --transfer runs/frontier-cifar10-resnet/full-ft-lr3e-3,runs/frontier-cifar10-resnet/shares-norms-fgsm-rs \\
         --out docs/results/frontier-cifar10-resnet-recheck.json
 
-The transfer source of a variant is the first of --transfer that is not the variant itself.
+The transfer source of a variant is the first of --transfer that is not the variant itself. Eps, norm, test
+images and seed are those of the frontier's record (--eps and --n, if given, must agree with them).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 
 from advtune import api
-from advtune.data import load_dataset
+from advtune.devices import resolve_device
 from advtune.errors import AdvtuneError
+from advtune.runs.common import dataset_of, load_base
 from advtune.settings import parse_number
 from advtune.storage import atomic_write_json, read_json
 
@@ -43,18 +45,33 @@ def frontier_point(variant: Path, point: str) -> tuple[Path, dict]:
 
 
 def transfer_source(variant: Path, sources: list[Path]) -> Path | None:
-    return next((s for s in sources if s.resolve() != variant.resolve()), None)
+    """The first source that is neither the variant nor one of its snapshots (absolute, so records compare)."""
+    own = variant.resolve()
+    return next((s.resolve() for s in sources if s.resolve() != own and own not in s.resolve().parents), None)
 
 
-def recheck(variant: Path, point: str, eps: float, sources: list[Path], n: int, suite: str = SUITE) -> dict:
+def check_setting(frontier: dict, eps: float | None, n: int | None) -> tuple[float, str, int, int]:
+    """eps, norm, images and seed of the frontier's own record; a different --eps or --n is refused, so a
+    re-check always compares like with like."""
+    threat, examples = frontier["threat"], frontier["examples"]
+    if eps is not None and abs(eps - threat["eps"]) > 1e-9:
+        raise AdvtuneError(f"--eps {eps:g}: the frontier was measured at eps {threat['eps']:g}; leave --eps out")
+    if n is not None and n != examples:
+        raise AdvtuneError(f"--n {n}: the frontier was measured on {examples} test images; leave --n out")
+    return threat["eps"], threat["norm"], examples, frontier["seed"]
+
+
+def recheck(variant: Path, point: str, sources: list[Path], suite: str = SUITE, eps=None, n=None, device="cpu") -> dict:
     folder, frontier = frontier_point(variant, point)
+    eps, norm, n, seed = check_setting(frontier, eps, n)
     source = transfer_source(variant, sources)
+    if sources and source is None:
+        print(f"recheck: {variant.name}: every --transfer source is this variant; no transfer attack", file=sys.stderr)
     attacks = suite + (f",transfer:source={source}" if source else "")
-    model = api.load_model(folder)
-    config = read_json(folder / "config.json")
-    data = load_dataset(config["dataset"]["name"], config["run"].get("data_dir"), download=False)
+    model, meta, config = load_base(str(folder), device)
+    data = dataset_of(config, meta, None, download=False)
     t0 = time.perf_counter()
-    result = api.evaluate(model, data, eps=eps, attacks=attacks, limit=n, batch_size=500)
+    result = api.evaluate(model.eval(), data, eps=eps, norm=norm, attacks=attacks, limit=n, batch_size=500, seed=seed)
     cost = read_json(folder / "cost.json") if (folder / "cost.json").exists() else {}
     record = result.to_json()
     return {
@@ -68,7 +85,7 @@ def recheck(variant: Path, point: str, eps: float, sources: list[Path], n: int, 
             "clean": frontier["clean_accuracy"],
         },
         "transfer_source": str(source) if source else None,
-        "standard_suite": record,
+        "evaluation": record,
         "robust": record["worst_case_accuracy"],
         "clean": record["clean_accuracy"],
         "gate": "passed" if not record["suspect"] else "flagged",
@@ -76,19 +93,26 @@ def recheck(variant: Path, point: str, eps: float, sources: list[Path], n: int, 
     }
 
 
+def read_out(out: Path, frontier: Path) -> dict:
+    """The --out file's records, or a new empty one; a file of another kind or frontier is refused."""
+    name = frontier.resolve().name
+    old = read_json(out) if out.exists() else {"schema": 1, "kind": "recheck", "frontier": name, "points": []}
+    if not isinstance(old, dict) or old.get("kind") != "recheck" or old.get("frontier") != name:
+        theirs = old.get("frontier") if isinstance(old, dict) else None
+        raise AdvtuneError(f"{out} holds no re-checks of {name!r} (it has {theirs!r}); give another --out")
+    return old
+
+
 def merge(out: Path, rows: list[dict], frontier: Path) -> dict:
-    """The --out file with these rows replacing the ones of the same variant (the others kept)."""
-    old = read_json(out) if out.exists() else {"schema": 1, "kind": "recheck", "frontier": frontier.name, "points": []}
-    if old.get("frontier") != frontier.name:
-        theirs = old.get("frontier")
-        raise AdvtuneError(f"{out} holds re-checks of {theirs!r}, not {frontier.name!r}; give another --out")
-    names = {r["variant"] for r in rows}
-    old["points"] = [p for p in old["points"] if p["variant"] not in names] + rows
+    """The --out file with these rows replacing the ones of the same variant and point (the others kept)."""
+    old = read_out(out, frontier)
+    keys = {(r["variant"], r["point"]) for r in rows}
+    old["points"] = [p for p in old["points"] if (p["variant"], p["point"]) not in keys] + rows
     return old
 
 
 def line(r: dict) -> str:
-    acc = r["standard_suite"]["accuracy"]
+    acc = r["evaluation"]["accuracy"]
     steps = ", ".join(f"{k.split(':')[0]} {v:.1%}" for k, v in acc.items())
     return (
         f"{r['variant']:<26} {r['checkpoint']:<13} frontier {r['frontier_protocol']['robust']:.1%} -> "
@@ -100,24 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("frontier", type=Path, help="the frontier's run folder, e.g. runs/frontier-cifar10-resnet")
     p.add_argument("variants", nargs="+", help="variant names (folders of the frontier)")
-    p.add_argument("--eps", required=True, help="the frontier's eps, e.g. 8/255 or 0.3")
-    p.add_argument("--n", type=int, default=1000, help="first N test images (default 1000, the frontier's)")
+    p.add_argument("--eps", help="only checked: eps, norm, images and seed are the frontier's own")
+    p.add_argument("--n", type=int, help="only checked: the frontier's first N test images")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i>")
     p.add_argument("--point", choices=("best", "last"), default="best")
     p.add_argument("--attacks", default=SUITE, help=f"before the transfer attack (default: {SUITE})")
     p.add_argument("--transfer", default="", help="comma list of robust run folders to craft transfer attacks on")
     p.add_argument("--out", type=Path, help="merge the records into this JSON file")
     a = p.parse_args(argv)
-    eps = parse_number(a.eps)
+    eps = parse_number(a.eps) if a.eps else None
     sources = [Path(s) for s in a.transfer.split(",") if s]
     for s in sources:
         if not (s / "model.safetensors").exists():
             raise AdvtuneError(f"--transfer {s}: not a run folder with a saved model")
     variants = [a.frontier / v for v in a.variants]
-    for v in variants:  # every name checked before hours of evaluation
-        frontier_point(v, a.point)
+    for v in variants:  # every name, setting and the --out file checked before hours of evaluation
+        check_setting(frontier_point(v, a.point)[1], eps, a.n)
+    if a.out:
+        read_out(a.out, a.frontier)
+    device = resolve_device(a.device)
     rows = []
     for v in variants:
-        rows.append(recheck(v, a.point, eps, sources, a.n, a.attacks))
+        rows.append(recheck(v, a.point, sources, a.attacks, eps, a.n, device))
         print(line(rows[-1]), flush=True)
         if a.out:  # after each variant: an interrupted re-check keeps what it finished
             atomic_write_json(a.out, merge(a.out, rows[-1:], a.frontier))

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from advtune import api
-from advtune.data import load_dataset
 from advtune.data.splits import Dataset, TensorData
 from advtune.errors import AdvtuneError
+from advtune.runs.common import dataset_of
 from advtune.settings import parse_number
 
 
@@ -29,7 +29,8 @@ def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
     config = json.loads((run / "config.json").read_text())
     args = config["run"]
     limit = args.get("limit")
-    ds = load_dataset(config["dataset"]["name"], args.get("data_dir"), download=False)
+    meta = json.loads((run / "model.json").read_text())
+    ds = dataset_of(config, meta, None, download=False)  # by its spec: a file dataset's name is no loader's
     if not limit or limit + n > len(ds.train):
         raise AdvtuneError(
             f"{run}: trained on {limit or 'all'} of {len(ds.train)} training images; no {n} unseen ones "

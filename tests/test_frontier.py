@@ -255,37 +255,45 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
 
 def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_merges(done, tmp_path, monkeypatch):
     """bench/recheck.py (#21, item 6): each curve's best checkpoint on the frontier's protocol is evaluated
-    again with more attacks plus a transfer attack from another robust run (never from itself), and the
-    records merge by variant into one file, refusing a file of another frontier."""
+    again, on the frontier's own eps, images and seed, with more attacks plus a transfer attack from another
+    robust run (never from itself), and the records merge by variant and point into one file, refusing a
+    file of another frontier or a setting the frontier was not measured at before evaluating anything."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import recheck
 
     _, out = done
-    pts = [p for p in json.loads((out / "frontier.json").read_text())["points"] if p["variant"] == "sel"]
-    folder, record = recheck.frontier_point(out / "sel", "best")
-    assert record["worst_case_accuracy"] == max(p["robust_acc"] for p in pts)
-    assert recheck.frontier_point(out / "sel", "last")[0] == out / "sel"
-    assert recheck.transfer_source(out / "at", [out / "at", out / "sel"]) == out / "sel"
+    pts = [p for p in json.loads((out / "frontier.json").read_text())["points"] if p["variant"] == "at"]
+    folder, record = recheck.frontier_point(out / "at", "best")
+    best = max(pts, key=lambda p: p["robust_acc"])  # first of equals, as recheck picks
+    assert folder.name == f"step-{best['step']:07d}" and record["worst_case_accuracy"] == best["robust_acc"]
+    assert recheck.frontier_point(out / "at", "last")[0] == out / "at"
+    sources = [out / "at", out / "at" / "snapshots" / folder.name, out / "sel"]
+    assert recheck.transfer_source(out / "at", sources) == (out / "sel").resolve()  # not itself, nor its snapshot
 
     dest = tmp_path / "recheck.json"
-    argv = [str(out), "sel", "at", "--eps", "0.25", "--n", "32", "--attacks", "pgd:steps=3,fgsm", "--out", str(dest)]
+    argv = [str(out), "sel", "at", "--eps", "0.25", "--attacks", "pgd:steps=3,fgsm", "--out", str(dest)]
     argv += ["--transfer", f"{out / 'at'},{out / 'sel'}"]
     assert recheck.main(argv) == 0
     rows = {r["variant"]: r for r in json.loads(dest.read_text())["points"]}
-    assert set(rows) == {"sel", "at"}
+    assert set(rows) == {"sel", "at"} and rows["at"]["checkpoint"] == folder.name
+    assert rows["sel"]["checkpoint"] == recheck.frontier_point(out / "sel", "best")[0].name
     assert rows["sel"]["transfer_source"] == str(out / "at") and rows["at"]["transfer_source"] == str(out / "sel")
     for r in rows.values():
-        acc = r["standard_suite"]["accuracy"]
-        assert list(acc) == ["fgsm", "pgd:steps=3", f"transfer:source={r['transfer_source']}"]  # cheapest first
-        assert r["robust"] == min(acc.values()) and 0 <= r["robust"] <= r["clean"] <= 1  # cascaded: the last is worst
+        ev = r["evaluation"]
+        assert ev["n"] == 64 and ev["threat"]["eps"] == 0.25  # the frontier's own setting
+        assert list(ev["accuracy"]) == ["fgsm", "pgd:steps=3", f"transfer:source={r['transfer_source']}"]
+        assert r["robust"] == min(ev["accuracy"].values()) and 0 <= r["robust"] <= r["clean"] <= 1  # cascaded
         assert r["gate"] in ("passed", "flagged")
-    assert recheck.main([*argv[:2], *argv[3:]]) == 0  # "sel" again: replaced, "at" kept
-    assert sorted(r["variant"] for r in json.loads(dest.read_text())["points"]) == ["at", "sel"]
+    assert recheck.main([*argv[:2], *argv[3:], "--point", "last"]) == 0  # "sel" at its last point: added
+    kept = sorted((r["variant"], r["point"]) for r in json.loads(dest.read_text())["points"])
+    assert kept == [("at", "best"), ("sel", "best"), ("sel", "last")]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"schema": 1, "kind": "recheck", "frontier": "else", "points": []}))
-    with pytest.raises(AdvtuneError, match="re-checks of 'else'"):
+    with pytest.raises(AdvtuneError, match="no re-checks of 'out'"):
         recheck.main([*argv[:-4], "--out", str(other)])
+    with pytest.raises(AdvtuneError, match="measured on 64 test images"):
+        recheck.main([*argv, "--n", "32"])
     with pytest.raises(AdvtuneError, match="no eval-protocol.json"):
         recheck.frontier_point(tmp_path, "best")
