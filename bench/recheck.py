@@ -19,6 +19,7 @@ images and seed are those of the frontier's record (--eps and --n, if given, mus
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer", default="", help="comma list of robust run folders to craft transfer attacks on")
     p.add_argument("--out", type=Path, help="merge the records into this JSON file")
     a = p.parse_args(argv)
+    # the attacks' progress (each attack's start, survivors, time) in the log, as bench/frontier.py does
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     eps = parse_number(a.eps) if a.eps else None
     sources = [Path(s) for s in a.transfer.split(",") if s]
     for s in sources:

@@ -4,6 +4,7 @@ fits its budget, and bad ranks or budgets are refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from advtune.data import TensorData
 from advtune.errors import AdvtuneError
 from advtune.threat import ThreatModel
 from advtune.train import TrainConfig, adversarial, fit
-from advtune.train.lowrank import LowRank, adapter_size, budget_ranks, uniform_ranks
+from advtune.train.lowrank import LowRank, adapter_factors, adapter_size, budget_ranks, uniform_ranks
 from cli_helpers import train_argv
 from test_selective import bn_net
 
@@ -74,8 +75,10 @@ class Interrupt(Exception):
 def test_resume_with_adapters_is_exact(data, tmp_path):
     objective = adversarial(PGD(THREAT, steps=2))
 
+    cfg = dataclasses.replace(CFG, adapter_lr_ratio=4.0)  # two optimizer groups (LoRA+) resume as well
+
     def adapted_fit(model, objective=objective, **kw):
-        fit(model, data, objective, CFG, selection=LowRank(uniform_ranks(model, 2), seed=4), **kw)
+        fit(model, data, objective, cfg, selection=LowRank(uniform_ranks(model, 2), seed=4), **kw)
         return model
 
     full = adapted_fit(bn_net())
@@ -165,6 +168,31 @@ def test_finetune_lowrank_end_to_end(tmp_path, capsys):
         bad = tmp_path / spec.replace(":", "_").replace("=", "_")
         assert main(["finetune", str(base), "--select", spec, "--out", str(bad), "--quiet", *common]) == 2
         assert match in capsys.readouterr().err and not bad.exists()
+    # a LoRA+ rate on a selection without adapters, or a ratio that is no rate: refused before any folder
+    for select, ratio, match in (("all", "4", "this selection trains none"), ("lowrank:rank=2", "0", "positive")):
+        bad = tmp_path / f"ratio-{select}-{ratio}".replace(":", "_").replace("=", "_")
+        argv = ["finetune", str(base), "--select", select, "--adapter-lr-ratio", ratio, "--out", str(bad), "--quiet"]
+        assert main([*argv, *common]) == 2
+        assert match in capsys.readouterr().err and not bad.exists()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 8.0])
+def test_adapter_lr_ratio_scales_only_the_up_factors_rate(data, ratio):
+    """LoRA+: Adam's first step moves each up-factor entry by the rate itself (its gradient's sign, the
+    factor starting at zero); the down factors get no gradient while the up factors are zero, so one step
+    leaves them as drawn."""
+    drawn = bn_net()
+    LowRank(uniform_ranks(drawn, 2), seed=4).adapt(drawn)  # the same seed draws the same down factors
+    model = bn_net()
+    sel = LowRank(uniform_ranks(model, 2), seed=4)
+    cfg = TrainConfig(batch_size=32, lr=0.01, weight_decay=0.0, seed=1, steps=1, adapter_lr_ratio=ratio)
+    fit(model, data, None, cfg, selection=sel)
+    for name, (zero, down) in adapter_factors(drawn).items():
+        up, trained_down = sel.factors[name]
+        assert not zero.any() and torch.equal(trained_down, down), name
+        moved = up[up != 0].abs()
+        assert moved.numel() > up.numel() // 2, name
+        assert torch.allclose(moved, torch.full_like(moved, 0.01 * ratio), rtol=1e-3), name
 
 
 def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):

@@ -18,6 +18,7 @@ from ..seeding import seed_everything
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, fit
 from ..train.keep_best import KeepBest
+from ..train.lowrank import check_adapter_lr_ratio
 from .common import (
     check_val,
     close_training_folder,
@@ -143,6 +144,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
         run.norms,
         run.head,
     )
+    check_adapter_lr_ratio(cfg.adapter_lr_ratio, selection)  # the loop checks it too: here before any folder
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
     snapshot_steps(cfg, len(ds.train), run.points)  # validates points
     if run.keep_best and (ds.val is None or len(ds.val) == 0):

@@ -64,6 +64,16 @@ class TrainConfig:
         type=number,
         group="training",
     )
+    # LoRA+ (Hayou, Ghosh and Yu 2024): an adapter's up factor starts at zero and moves W by only
+    # lr * sqrt(rank / fan_in) per step under Adam, while its random down factor moves as fast as a whole
+    # weight; a higher rate on the up factors alone balances the two (their ratio: 16)
+    adapter_lr_ratio: float = setting(
+        1.0,
+        help="learning rate of the low-rank adapters' up factors as a multiple of --lr (LoRA+; e.g. 16); the "
+        "down factors, whole layers and normalization layers keep --lr",
+        type=number,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -101,6 +111,9 @@ class TrainConfig:
             raise AdvtuneError(f"unknown --amp {self.amp!r}; use off, bf16 or fp16")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
             raise AdvtuneError(f"--ema must be a decay in [0, 1) (e.g. 0.99; 0: off), got {self.ema!r}")
+        r = self.adapter_lr_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+            raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 

@@ -94,7 +94,7 @@ def fit(
     trainable = Trainable(model, selection, example)
     try:
         params = trainable.params()
-        opt = _make_optimizer(params, cfg)
+        opt = _make_optimizer(trainable.param_groups(cfg.adapter_lr_ratio), cfg)
         average = WeightAverage(params, cfg.ema) if cfg.ema else None
         # fp16 gradients underflow without a scale; bf16 has float32's range and needs none
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
@@ -145,7 +145,7 @@ def fit(
                     x = augment(x, cfg.augment, make_generator(derive_seed(cfg.seed, *keys), device))
                 lr = lr_at(cfg, epoch * steps_per_epoch + step, total, steps_per_epoch)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # --adapter-lr-ratio's group: scaled
                 step_objective = (
                     objective.at((epoch * steps_per_epoch + step) / max(total, 1))
                     if hasattr(objective, "at")

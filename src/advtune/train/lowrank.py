@@ -123,6 +123,20 @@ def merge(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
+def check_adapter_lr_ratio(ratio: float, selection) -> None:
+    """--adapter-lr-ratio other than 1 only where the selection trains adapters: refused in one line otherwise."""
+    if ratio != 1 and not isinstance(selection, LowRank):
+        raise AdvtuneError(
+            f"--adapter-lr-ratio {ratio:g} scales the low-rank adapters' rate, and this selection trains none: "
+            "use --granularity lowrank, hybrid or shares (or --select lowrank), or leave it at 1"
+        )
+
+
+def up_factors(model: nn.Module) -> list[nn.Parameter]:
+    """The up factors (zero at the start) of every adapter now on the model: what --adapter-lr-ratio speeds up."""
+    return [m.up for m in model.modules() if isinstance(m, LowRankDelta)]
+
+
 def adapter_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{weight name: (up, down)} of every adapter now on the model, copied to the CPU."""
     out = {}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .lowrank import merge
+from .lowrank import check_adapter_lr_ratio, merge, up_factors
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,20 @@ class Trainable:
         self.model.train()
         for bn in self.frozen_bns:
             bn.eval()
+
+    def param_groups(self, lr_ratio: float = 1.0) -> list[nn.Parameter] | list[dict]:
+        """The optimizer's parameters: one group, or (lr_ratio != 1, LoRA+) the adapters' up factors with their
+        rate scaled by `lr_ratio` (the loop reads `lr_scale`) and everything else at the base rate."""
+        params = self.params()
+        if lr_ratio == 1:
+            return params
+        check_adapter_lr_ratio(lr_ratio, self.selection if self.adapted else None)
+        ups = {id(p) for p in up_factors(self.model)}
+        groups = [
+            {"params": [p for p in params if id(p) in ups], "lr_scale": float(lr_ratio)},
+            {"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
+        ]
+        return [g for g in groups if g["params"]]
 
     def mask_grads(self) -> None:
         for p, m, _ in self.partial:
