@@ -306,6 +306,27 @@ def test_a_bad_harden_variant_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"base": {**TINY["base"], "train": {**TINY["base"]["train"], "adapter_lr_ratio": 16}}},
+        {"variants": [{"name": "s", "kind": "train", "train": {"adapter_lr_ratio": 16}}]},
+        {"variants": [{"name": "f", "select": "all", "train": {"adapter_lr_ratio": 16}}]},
+        {"variants": [{"name": "u", "params": 0.1, "train": {"adapter_lr_ratio": 16}}]},  # unit granularity
+    ],
+)
+def test_adapter_lr_ratio_without_adapters_is_refused_before_anything_is_written(tmp_path, where):
+    cfg = {**TINY, **where}
+    with pytest.raises(AdvtuneError, match="adapter_lr_ratio"):
+        experiment.run(cfg, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    ok = {
+        **TINY,
+        "variants": [{"name": "a", "params": 0.1, "granularity": "shares", "train": {"adapter_lr_ratio": 16}}],
+    }
+    experiment.validate_config(ok)  # shares trains adapters: accepted
+
+
 def test_train_words_reach_the_config_as_written():
     """augment / amp / optimizer / schedule are words: only numeric fields are parsed as numbers (a base
     trained with crop-flip once failed with "not a number: 'crop-flip'")."""

@@ -178,21 +178,30 @@ def test_finetune_lowrank_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("ratio", [1.0, 8.0])
 def test_adapter_lr_ratio_scales_only_the_up_factors_rate(data, ratio):
-    """LoRA+: Adam's first step moves each up-factor entry by the rate itself (its gradient's sign, the
-    factor starting at zero); the down factors get no gradient while the up factors are zero, so one step
-    leaves them as drawn."""
+    """LoRA+: Adam's first step moves each entry it trains by the rate itself (its gradient's sign): the
+    adapters' up factors (zero at the start) by lr * ratio, a whole layer and a BatchNorm's scale by lr; the
+    down factors get no gradient while the up factors are zero, so one step leaves them as drawn."""
+    ranks = {"net.conv1": 2, "net.conv2": 2}
     drawn = bn_net()
-    LowRank(uniform_ranks(drawn, 2), seed=4).adapt(drawn)  # the same seed draws the same down factors
+    LowRank(ranks, seed=4).adapt(drawn)  # the same seed draws the same down factors
     model = bn_net()
-    sel = LowRank(uniform_ranks(model, 2), seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sel = LowRank(ranks, seed=4, whole=("net.fc",), norms=("net.bn1",))
     cfg = TrainConfig(batch_size=32, lr=0.01, weight_decay=0.0, seed=1, steps=1, adapter_lr_ratio=ratio)
     fit(model, data, None, cfg, selection=sel)
+
+    def moved_by(delta: torch.Tensor, rate: float, name: str) -> None:
+        nonzero = delta[delta != 0].abs()
+        assert nonzero.numel() > delta.numel() // 2, name
+        assert torch.allclose(nonzero, torch.full_like(nonzero, rate), rtol=1e-3), name
+
     for name, (zero, down) in adapter_factors(drawn).items():
         up, trained_down = sel.factors[name]
         assert not zero.any() and torch.equal(trained_down, down), name
-        moved = up[up != 0].abs()
-        assert moved.numel() > up.numel() // 2, name
-        assert torch.allclose(moved, torch.full_like(moved, 0.01 * ratio), rtol=1e-3), name
+        moved_by(up, 0.01 * ratio, name)
+    after = model.state_dict()
+    for name in ("net.fc.weight", "net.bn1.weight"):  # whole layers and norms keep the base rate
+        moved_by(after[name] - before[name], 0.01, name)
 
 
 def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):
@@ -440,3 +449,14 @@ def test_a_resume_names_the_recorded_switches_as_flags_that_exist():
     assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
     assert flag_words("head", False) == "without --head" and flag_words("head", True) == "--head"
     assert flag_words("lr", 0.003) == "--lr 0.003"
+
+
+def test_training_from_scratch_refuses_an_adapter_rate_before_any_folder(tmp_path):
+    from advtune.runs import train as train_job
+    from advtune.runs.configs import TrainRun
+
+    out = tmp_path / "t"
+    run = TrainRun(dataset="synthetic", model="small-cnn", out=str(out), train=TrainConfig(adapter_lr_ratio=4.0))
+    with pytest.raises(AdvtuneError, match="applies to fine-tuning with low-rank adapters"):
+        train_job.run(run)
+    assert not out.exists()

@@ -53,6 +53,12 @@ def run(run: TrainRun) -> TrainSummary:
     if run.adversarial:
         run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial))
     cfg = run.train
+    if cfg.adapter_lr_ratio != 1:
+        raise AdvtuneError(
+            f"adapter_lr_ratio {cfg.adapter_lr_ratio:g} applies to fine-tuning with low-rank adapters (advtune "
+            "finetune --granularity lowrank, hybrid or shares); training from scratch trains every parameter: "
+            "leave it at 1"
+        )
     check_val(run.val)
     if cfg.epochs == 0 and run.budget is None and run.weights is None:
         raise AdvtuneError(

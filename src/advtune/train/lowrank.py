@@ -125,7 +125,7 @@ def merge(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def check_adapter_lr_ratio(ratio: float, selection) -> None:
     """--adapter-lr-ratio other than 1 only where the selection trains adapters: refused in one line otherwise."""
-    if ratio != 1 and not isinstance(selection, LowRank):
+    if ratio != 1 and not (isinstance(selection, LowRank) and selection.ranks):  # hybrid may pay only whole layers
         raise AdvtuneError(
             f"--adapter-lr-ratio {ratio:g} scales the low-rank adapters' rate, and this selection trains none: "
             "use --granularity lowrank, hybrid or shares (or --select lowrank), or leave it at 1"

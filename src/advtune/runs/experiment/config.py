@@ -109,13 +109,30 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
         seen.add(v["name"])
         _check_numbers(v, vw)
+    if train_config(cfg["base"].get("train"), None, 0).adapter_lr_ratio != 1:
+        raise AdvtuneError(
+            f"{where}: base.train: adapter_lr_ratio is a fine-tuning lever; set it in a variant's train:"
+        )
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
+        if train_config(None, w.get("train"), 0).adapter_lr_ratio != 1 and not trains_adapters(w):
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
+                "trains none: use it with kind: finetune and granularity lowrank, hybrid or shares (or select: lowrank)"
+            )
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
     return cfg
+
+
+def trains_adapters(v: dict) -> bool:
+    """Whether a (recipe-filled) variant fine-tunes low-rank adapters: what adapter_lr_ratio needs."""
+    select = str(v.get("select", "top"))
+    if v.get("kind", "finetune") != "finetune" or select in ("all", "random") or select.startswith("layers:"):
+        return False
+    return select.startswith("lowrank") or v.get("granularity", "unit") in ADAPTER_GRANULARITIES
 
 
 def _check_train(base: Any, over: Any, where: str) -> None:
