@@ -69,17 +69,20 @@ def print_findings(points) -> None:
 
 def publish(points: list[dict], dest: Path, title: str, replace: bool) -> None:
     """Write dest.{json,csv,png}: this run's curves merged into the published ones (or alone)."""
-    published = dest.with_suffix(".json")
+
+    # not with_suffix: a name like frontier-mnist-eps0.2 has a dot of its own (it once wrote frontier-mnist-eps0.*)
+    def beside(ext: str) -> Path:
+        return dest.parent / f"{dest.name}{ext}"
+
+    published = beside(".json")
     kept: list[str] = []
     if published.is_file() and not replace:
         points, kept = merge_curves(read_json(published, "published frontier")["points"], points)
     merged = Frontier(tuple(as_points(points, "this run's frontier")))
     atomic_write_json(published, merged.to_json())
-    atomic_write_text(dest.with_suffix(".csv"), frontier_csv(list(merged.points)))
+    atomic_write_text(beside(".csv"), frontier_csv(list(merged.points)))
     names = list(dict.fromkeys(p.variant for p in merged.points))
-    plot_frontier(
-        [p.to_json() for p in merged.points], dest.with_suffix(".png"), title=title, colors=variant_colors(names)
-    )
+    plot_frontier([p.to_json() for p in merged.points], beside(".png"), title=title, colors=variant_colors(names))
     also = f" (kept from the published file: {', '.join(kept)})" if kept else ""
     print(f"published to {dest}.{{json,csv,png}}{also}")
     if kept:  # the findings of what was published, not only of this run

@@ -242,15 +242,19 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
     with pytest.raises(AdvtuneError, match="this run's frontier has no standard model's curve.*--replace"):
         merge_curves(published, new[1:])
 
-    dest = tmp_path / "frontier-x"
-    dest.with_suffix(".json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))
+    dest = tmp_path / "frontier-x-eps0.2"  # a dot in the name, as the real configs have
+    (tmp_path / "frontier-x-eps0.2.json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))
     bench_frontier.publish(new, dest, "x", replace=False)
-    on_disk = Frontier.read(dest.with_suffix(".json")).points
+    on_disk = Frontier.read(tmp_path / "frontier-x-eps0.2.json").points
     assert sorted({p.variant for p in on_disk}) == ["a", "b", "c", "standard"]
-    assert dest.with_suffix(".csv").read_text().count("\n") == 1 + len(on_disk)
-    assert dest.with_suffix(".png").stat().st_size > 0
+    assert (tmp_path / "frontier-x-eps0.2.csv").read_text().count("\n") == 1 + len(on_disk)
+    assert (tmp_path / "frontier-x-eps0.2.png").stat().st_size > 0
+    assert sorted(f.name for f in tmp_path.glob("frontier-x-eps0.*")) == [
+        f"frontier-x-eps0.2.{e}" for e in ("csv", "json", "png")
+    ]
     bench_frontier.publish(new, dest, "x", replace=True)
-    assert sorted({p.variant for p in Frontier.read(dest.with_suffix(".json")).points}) == ["b", "c", "standard"]
+    again = Frontier.read(tmp_path / "frontier-x-eps0.2.json").points
+    assert sorted({p.variant for p in again}) == ["b", "c", "standard"]
 
 
 def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_merges(done, tmp_path, monkeypatch):
