@@ -30,6 +30,10 @@ JOBS = {
 }
 
 
+# fields a command leaves out on purpose: training from scratch has no adapters for --adapter-lr-ratio
+NOT_FLAGS = {"train": {"adapter_lr_ratio"}}
+
+
 def _subparser(command):
     parser = build_parser()
     return parser._subparsers._group_actions[0].choices[command]
@@ -44,7 +48,7 @@ def test_every_flag_is_a_field_and_every_field_a_flag(command):
         for cls in JOBS[command]
         for f in dataclasses.fields(cls)
         if f.metadata.get("cli", True) and "help" in f.metadata
-    }
+    } - NOT_FLAGS.get(command, set())
     assert dests == fields
 
 
