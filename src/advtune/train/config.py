@@ -64,9 +64,9 @@ class TrainConfig:
         type=number,
         group="training",
     )
-    # LoRA+ (Hayou, Ghosh and Yu 2024): an adapter's up factor starts at zero and moves W by only
-    # lr * sqrt(rank / fan_in) per step under Adam, while its random down factor moves as fast as a whole
-    # weight; a higher rate on the up factors alone balances the two (their ratio: 16)
+    # LoRA+ (Hayou, Ghosh and Yu 2024): under Adam an adapter (up factor from zero, down factor ~1/sqrt(fan_in))
+    # first changes W by ~lr * sqrt(rank / fan_in) per entry, a whole weight by ~lr; a higher rate on the up
+    # factors alone speeds the adapter up without a faster random factor (their ratio: 16; docs/method.md)
     adapter_lr_ratio: float = setting(
         1.0,
         help="learning rate of the low-rank adapters' up factors as a multiple of --lr (LoRA+; e.g. 16); the "

@@ -92,10 +92,8 @@ class Trainable:
         params = self.params()
         if lr_ratio == 1:
             return params
-        check_adapter_lr_ratio(lr_ratio, self.selection if self.adapted else None)
+        check_adapter_lr_ratio(lr_ratio, self.selection if self.adapted else None)  # adapters on the model now
         ups = {id(p) for p in up_factors(self.model)}
-        if not ups:  # a selection of another kind that trains no adapter: refused as the check above words it
-            check_adapter_lr_ratio(lr_ratio, None)
         groups = [
             {"params": [p for p in params if id(p) in ups], "lr_scale": float(lr_ratio)},
             {"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
