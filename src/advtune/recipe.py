@@ -24,12 +24,16 @@ GRANULARITY_WORDS = {
     "hybrid": "whole layers + low-rank adapters on the others",
     "shares": "every layer's share of the budget by its score: whole where it pays for the layer, else an adapter",
     "quota": "units of every layer (quotas by the layers' scores)",
+    "sparse": "single weight entries of every layer (quotas by the layers' scores, entries by adversarial Fisher)",
 }
 GRANULARITIES = tuple(GRANULARITY_WORDS)
 # rules that train low-rank adapters (and --norms); their by_layer counts rank-one directions, not units
 ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
-# rules that mix whole layers and adapters: the ones --head can add the output layer to as a whole layer
-HEAD_GRANULARITIES = ("hybrid", "shares")
+# rules that --norms applies to: the adapter rules and the sparse rule (unit rules train the BatchNorm that
+# follows each selected unit already)
+NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse")
+# rules that mix whole layers and adapters (or entries): the ones --head can add the output layer to whole
+HEAD_GRANULARITIES = ("hybrid", "shares", "sparse")
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter); with hybrid or shares on an analysis"
@@ -50,7 +54,9 @@ class Recipe:
         "layer (ranks shared out by the layers' scores; merged into the weights at the end), hybrid: the "
         "best whole layers plus adapters on the others with the budget they leave, or quota: the best units "
         "of every layer, the budget shared out by the layers' scores; shares: every layer gets a share of the "
-        "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise",
+        "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise; "
+        "sparse: every layer's share as single weight entries, those with the largest squared adversarial-loss "
+        "gradients on training examples (a fixed mask, Sung et al. 2021)",
         choices=GRANULARITIES,
         group="recipe",
     )
@@ -118,10 +124,10 @@ class Recipe:
             raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
-        if self.norms is True and self.granularity not in ADAPTER_GRANULARITIES:
+        if self.norms is True and self.granularity not in NORMS_GRANULARITIES:
             raise AdvtuneError(
-                f"--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
-                f"{', '.join(ADAPTER_GRANULARITIES)}, not {self.granularity}"
+                f"--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "
+                f"--granularity {', '.join(NORMS_GRANULARITIES)}, not {self.granularity}"
             )
         if self.head and self.granularity not in HEAD_GRANULARITIES:
             raise AdvtuneError(

@@ -19,6 +19,7 @@ from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, fit
 from ..train.keep_best import KeepBest
 from ..train.lowrank import check_adapter_lr_ratio
+from ..vulnerability.entries import entry_fisher
 from .common import (
     check_val,
     close_training_folder,
@@ -37,7 +38,7 @@ from .common import (
 )
 from .configs import FinetuneRun
 from .record import RunDir
-from .selecting import describe_selection, make_selection, resolve_norms
+from .selecting import analysed, describe_selection, make_selection, resolve_norms
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ def trained_words(selection: dict | None) -> str:
         adapted = len(selection.get("ranks", {}))
         norms = f" + {len(selection['norms'])} normalization layers" if selection.get("norms") else ""
         return f"{whole}low-rank adapters on {adapted} layers{norms}, {selection['trainable_params']:,} params"
+    if selection.get("kind") == "sparse":
+        norms = f" + {len(selection['norms'])} normalization layers" if selection.get("norms") else ""
+        layers = len(selection.get("params_by_layer") or {})
+        return f"single entries of {layers} layers{norms}, {selection['trainable_params']:,} params"
     return f"{selection['units']} units, {selection['trainable_params']:,} params"
 
 
@@ -131,6 +136,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     threat = ThreatModel(run.norm, run.eps)
     objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
     example = ds.train.to_float(ds.train.x[:1], model_device(model))  # the traced BN rule, as fit uses it
+    entries, scoring = sparse_scores(model, ds, run, threat, chosen)
     selection = make_selection(
         model,
         chosen,
@@ -143,6 +149,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
         example,
         run.norms,
         run.head,
+        entries,
     )
     check_adapter_lr_ratio(cfg.adapter_lr_ratio, selection)  # the loop checks it too: here before any folder
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
@@ -150,7 +157,25 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     if run.keep_best and (ds.val is None or len(ds.val) == 0):
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     info = describe_selection(selection, model, example) if selection is not None else None
+    if info is not None and scoring:
+        info["scoring"] = scoring
     return Finetuning(run, cfg, threat, objective, selection, info, example)
+
+
+SPARSE_SCORING = ("pgd:steps=10", 1024)  # the analysis' attack, on this many training examples
+
+
+def sparse_scores(model, ds, run: FinetuneRun, threat, chosen) -> tuple[dict | None, dict | None]:
+    """The per-entry scores the sparse rule ranks entries by, and what computing them cost (for the records), when
+    the run selects from an analysis with --granularity sparse; (None, None) otherwise. Their cost (about 2% of
+    harden's default budget) is recorded apart from the fine-tuning's, as the analysis' is."""
+    if run.granularity != "sparse" or not analysed(chosen):
+        return None, None
+    spec, n = SPARSE_SCORING
+    fisher, evals = entry_fisher(
+        model, ds.train, build_attack(spec, threat), n=n, batch_size=run.train.eval_batch_size, seed=run.train.seed or 0
+    )
+    return fisher, {"attack": spec, "examples": min(n, len(ds.train)), "grad_evals": evals}
 
 
 def finetune_model(

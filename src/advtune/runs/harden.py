@@ -405,6 +405,17 @@ def format_summary(summary: HardenSummary) -> str:
         adapters = [f"{n} (rank {r} adapter)" for n, r in sel.get("ranks", {}).items()]
         norms = [f"{len(sel['norms'])} normalization layers"] if sel.get("norms") else []
         layers = ", ".join([f"{n} (whole)" for n in sel.get("whole", [])] + adapters + norms)
+    if sel.get("kind") == "sparse":
+        whole = list(sel.get("whole", []))
+        entries = [f"{n} ({k:,} entries)" for n, k in (sel.get("params_by_layer") or {}).items() if n not in whole]
+        norms = [f"{len(sel['norms'])} normalization layers"] if sel.get("norms") else []
+        scoring = sel.get("scoring") or {}
+        layers = ", ".join([f"{n} (whole)" for n in whole] + entries + norms) + (
+            f"; entries chosen on {scoring['examples']} adversarial training examples "
+            f"({scoring['grad_evals']:,} gradient evaluations)"
+            if scoring
+            else ""
+        )
     c = s["cost"]
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "

@@ -10,7 +10,7 @@ from typing import Any
 from .. import filenames as files
 from ..components import model_params, output_layer
 from ..errors import AdvtuneError
-from ..recipe import ADAPTER_GRANULARITIES, GRANULARITIES, HEAD_GRANULARITIES
+from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES
 from ..storage import read_json
 from ..train.lowrank import (
     LowRank,
@@ -22,6 +22,7 @@ from ..train.lowrank import (
     share_ranks,
     uniform_ranks,
 )
+from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import (
     ScoreTable,
     check_params,
@@ -47,40 +48,42 @@ def make_selection(
     example_input=None,
     norms: bool = False,
     head: bool = False,
+    entry_scores: dict | None = None,
 ):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
     select: all | random | layers:<name,...> | an analyze folder (or score file) | a ScoreTable. With `params`, a
     random or analysed selection fills a parameter budget instead of a share of components;
     granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
-    normalization layers' scale and shift train too, paid out of `params` (low-rank and hybrid only).
-    `head`: the output layer trains whole, paid out of `params` (hybrid and shares on an analysis only)."""
-    analysed = isinstance(select, ScoreTable) or _analysed(select)
-    if head and (granularity not in HEAD_GRANULARITIES or not analysed):
+    normalization layers' scale and shift train too, paid out of `params` (the adapter and sparse rules only).
+    `head`: the output layer trains whole, paid out of `params` (hybrid, shares and sparse on an analysis only).
+    `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries)."""
+    from_analysis = isinstance(select, ScoreTable) or analysed(select)
+    if head and (granularity not in HEAD_GRANULARITIES or not from_analysis):
         raise AdvtuneError(
             "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "
             f"(--select <analyze folder>) and --granularity {' or '.join(HEAD_GRANULARITIES)}"
         )
     selection = _make_selection(
-        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head
+        model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head, entry_scores
     )
-    if norms and not isinstance(selection, LowRank):
+    if norms and not isinstance(selection, (LowRank, SparseEntries)):
         raise AdvtuneError(
-            "--norms trains the normalization layers next to low-rank adapters: use it with --granularity "
-            f"{', '.join(ADAPTER_GRANULARITIES)} and an analysis (or --select lowrank); unit selections already "
-            "train the BatchNorm that follows each selected unit"
+            "--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "
+            f"--granularity {', '.join(NORMS_GRANULARITIES)} and an analysis (or --select lowrank); unit selections "
+            "already train the BatchNorm that follows each selected unit"
         )
     return selection
 
 
-def _analysed(select: Any) -> bool:
+def analysed(select: Any) -> bool:
     """--select names an analysis (a folder or a score file), not all/random/lowrank/layers."""
     text = str(select)
     return text not in ("all", "random") and not text.startswith(("lowrank", "layers:"))
 
 
 def _make_selection(
-    model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head=False
+    model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head=False, entry=None
 ):
 
     if params is None:
@@ -90,7 +93,9 @@ def _make_selection(
     if granularity not in GRANULARITIES:
         raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
-        return select_from_table(select, model, share, per_layer, params, granularity, example_input, seed, norms, head)
+        return select_from_table(
+            select, model, share, per_layer, params, granularity, example_input, seed, norms, head, entry
+        )
     if select == "all":
         return None
     if select == "lowrank" or select.startswith("lowrank:"):
@@ -102,7 +107,9 @@ def _make_selection(
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)
     table = read_table(select, criterion)
-    return select_from_table(table, model, share, per_layer, params, granularity, example_input, seed, norms, head)
+    return select_from_table(
+        table, model, share, per_layer, params, granularity, example_input, seed, norms, head, entry
+    )
 
 
 NORMS_AUTO_SHARE = 0.25  # auto --norms: on only where the normalization layers cost at most this share of --params
@@ -119,11 +126,11 @@ def resolve_norms(model, norms: bool | None, select: Any, granularity: str, para
     if params is None or not norm_layers(model):
         return False
     if isinstance(select, ScoreTable):
-        adapters = granularity in ADAPTER_GRANULARITIES
+        adapters = granularity in NORMS_GRANULARITIES
     else:
         text = str(select)
         adapters = text.startswith("lowrank") or (
-            granularity in ADAPTER_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:")
+            granularity in NORMS_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:")
         )
     return adapters and norm_params(model) <= NORMS_AUTO_SHARE * check_params(params, model)
 
@@ -214,15 +221,27 @@ def select_from_table(
     seed: int = 0,
     norms: bool = False,
     head: bool = False,
+    entry_scores: dict | None = None,
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
     summed scores (granularity=lowrank), the best whole layers plus adapters on the others with the budget
     they leave (granularity=hybrid), units in every layer with the budget shared out by the layers' scores
-    (granularity=quota), or the top share of units (globally or per layer). `head` (hybrid, shares): the output
-    layer, which the analysis does not score, trains whole first, out of the same budget."""
-    if granularity in (*ADAPTER_GRANULARITIES, "quota") and params is None:
+    (granularity=quota), single weight entries of every layer, the budget shared out by the layers' scores and
+    the entries ranked by `entry_scores` (granularity=sparse), or the top share of units (globally or per layer).
+    `head` (hybrid, shares, sparse): the output layer, which the analysis does not score, trains whole first,
+    out of the same budget."""
+    if granularity in (*NORMS_GRANULARITIES, "quota") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
+    if granularity == "sparse":
+        if entry_scores is None:
+            raise AdvtuneError(
+                "--granularity sparse ranks single entries by their adversarial-loss gradients on training examples: "
+                "use it through finetune or harden, which compute them"
+            )
+        budget = budget_after_norms(model, params, norms)
+        fixed = head_layer(model, budget, example_input) if head else []
+        return sparse_selection(model, budget, dict(rank_layers(table)), entry_scores, fixed, norms_of(model, norms))
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
     if granularity in ("hybrid", "shares"):
@@ -260,6 +279,13 @@ def describe_selection(selection, model, example=None) -> dict:
 
     trainable = selection.trainable_params(model, example_input=example)
     extra = {}
+    if isinstance(selection, SparseEntries):  # single entries: what trains is what changes
+        extra = {
+            "kind": "sparse",
+            "whole": list(selection.whole),
+            "norms": list(selection.norms),
+            "changed_params": selection.changed_entries(model),
+        }
     if isinstance(selection, LowRank):  # degrees of freedom differ from the entries that change
         extra = {
             "kind": "hybrid" if selection.whole else "lowrank",

@@ -252,11 +252,17 @@ class LowRank:
 
 
 def selection_from_json(data: dict, model: nn.Module):
-    """A selection.json back: a LowRank (kind lowrank) or a Selection of components."""
+    """A selection.json back: a LowRank (kind lowrank), a SparseEntries (kind sparse) or a Selection of components."""
     if isinstance(data, dict) and data.get("kind") == LowRank.kind:
         selection = LowRank.from_json(data)
         selection.validate(model)
         return selection
+    if isinstance(data, dict) and data.get("kind") == "sparse":
+        from .sparse import SparseEntries
+
+        sparse = SparseEntries.from_json(data)
+        sparse.validate(model)
+        return sparse
     from ..components import Selection
 
     return Selection.from_json(data, model)

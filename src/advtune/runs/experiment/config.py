@@ -15,7 +15,7 @@ import yaml
 
 from ... import filenames as files
 from ...errors import AdvtuneError
-from ...recipe import ADAPTER_GRANULARITIES, Recipe
+from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, Recipe
 from ...settings import check_keys, default, keys, parse_number, settings_from
 from ...train.config import TrainConfig
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
@@ -196,7 +196,7 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
-    if r.norms is not False and v.get("granularity", r.granularity) in ADAPTER_GRANULARITIES:
+    if r.norms is not False and v.get("granularity", r.granularity) in NORMS_GRANULARITIES:
         filled["norms"] = r.norms  # harden's auto (None) is decided by the fine-tuning, on the base model
     return {**filled, **v, "train": train}
 

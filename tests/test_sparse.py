@@ -1,0 +1,160 @@
+"""The sparse rule (#21, round 14): single weight entries of every layer, quotas by the layers' scores and entries
+by their adversarial Fisher. Only the selected entries move (every other one bit-exact), the budget is never
+exceeded, the selection survives selection.json, and harden with it records, patches and reloads exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advtune.attacks import PGD
+from advtune.components import Component
+from advtune.data import TensorData
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+from advtune.train import TrainConfig, adversarial, fit
+from advtune.train.sparse import SparseEntries, layer_quotas, sparse_selection
+from advtune.vulnerability import ScoreTable
+from advtune.vulnerability.entries import entry_fisher
+from test_selective import bn_net
+
+THREAT = ThreatModel("linf", 0.1)
+CFG = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=0.01, seed=1)
+SIZES = {"net.conv1": 80, "net.conv2": 1168, "net.fc": 1028}  # bn_net's conv/linear layers: weight + bias
+
+
+@pytest.fixture(scope="module")
+def data():
+    from advtune.data import synthetic_blobs
+
+    x, y = synthetic_blobs(256, generator=torch.Generator().manual_seed(3))
+    return TensorData((x * 255).round().to(torch.uint8), y)
+
+
+def table(with_fc: bool = False) -> ScoreTable:
+    comps = [Component("net.conv1", i) for i in range(8)] + [Component("net.conv2", i) for i in range(16)]
+    scores = [1.0 / 8] * 8 + [3.0 / 16] * 16
+    if with_fc:
+        comps += [Component("net.fc", i) for i in range(4)]
+        scores += [1.0 / 4] * 4
+    return ScoreTable("taylor", tuple(comps), tuple(scores))
+
+
+def test_layer_quotas_share_the_budget_by_score_and_fill_small_layers_whole():
+    q = layer_quotas(SIZES, {"net.conv1": 1.0, "net.conv2": 3.0, "net.fc": 1.0}, 900)
+    assert q["net.conv1"] == 80  # its share (180) pays for the whole layer: the surplus goes to the others
+    assert q["net.conv2"] == 615 and q["net.fc"] == 205 and sum(q.values()) == 900  # 820 split 3:1
+    assert sum(layer_quotas(SIZES, {"net.conv1": 0.3, "net.conv2": 0.7}, 1001).values()) == 1001  # rounding
+    assert layer_quotas(SIZES, {"net.conv1": -1.0, "net.conv2": 2.0}, 500)["net.conv1"] == 0  # negative: nothing
+    assert layer_quotas(SIZES, {}, 99_999) == SIZES  # no score: equal shares, capped at every layer's size
+
+
+def test_entries_are_the_largest_fisher_scores_and_only_they_train(data):
+    model = bn_net()
+    x, y = data.tensors()
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    fisher, evals = entry_fisher(model, data, PGD(THREAT, steps=2), n=64, batch_size=32, seed=0)
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == was  # as it was
+    assert evals == 64 * 3 and all(bool((f >= 0).all()) for f in fisher.values())
+    assert float(fisher["net.conv2.weight"].sum()) > 0
+    sel = sparse_selection(model, 900, {"net.conv1": 1.0, "net.conv2": 3.0}, fisher, norms=("net.bn1",))
+    masks = sel.masks(model)
+    assert bool(masks["net.conv1.weight"].all()) and bool(masks["net.bn1.weight"].all())
+    conv2 = torch.cat([masks["net.conv2.weight"].flatten(), masks["net.conv2.bias"]])
+    scores = torch.cat([fisher["net.conv2.weight"].flatten(), fisher["net.conv2.bias"]])
+    assert int(conv2.sum()) == 900 - 80
+    assert float(scores[conv2].min()) >= float(scores[~conv2].max())  # the largest entries, none passed over
+    assert "net.fc.weight" not in masks  # unscored: frozen
+    assert sel.trainable_params(model) == 900 + 16 and sel.changed_entries() == sel.trainable_params()
+    assert sel.by_layer(model)["net.fc"] == (0, 4) and sel.params_by_layer(model)["net.conv1"] == 80
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from advtune.cost import CostMeter
+
+    meter = CostMeter()
+    fit(model, data, adversarial(PGD(THREAT, steps=1)), CFG, selection=sel, meter=meter)
+    assert meter.trainable_params == sel.trainable_params(model)
+    after = model.state_dict()
+    for name, m in masks.items():  # what is not selected is bit-exact; the selected entries moved
+        assert torch.equal(after[name][~m], before[name][~m]), name
+        assert not torch.equal(after[name][m], before[name][m]), name
+    for name in ("net.fc.weight", "net.fc.bias", "net.bn2.weight", "net.bn2.running_mean"):
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["net.bn1.running_mean"], before["net.bn1.running_mean"])  # norms: stats move
+
+
+def test_selection_json_round_trips_and_a_malformed_or_foreign_one_is_refused(data):
+    from advtune.train.lowrank import selection_from_json
+
+    model = bn_net()
+    fisher, _ = entry_fisher(model, data, PGD(THREAT, steps=1), n=32, seed=0)
+    sel = sparse_selection(model, 1500, {"net.conv1": 1.0, "net.conv2": 2.0}, fisher, whole=("net.fc",))
+    back = selection_from_json(json.loads(json.dumps(sel.to_json())), model)
+    assert isinstance(back, SparseEntries) and back.whole == ("net.fc",)
+    assert back.entries.keys() == sel.entries.keys()
+    assert all(torch.equal(back.entries[n], m) for n, m in sel.entries.items())
+    bad = sel.to_json()
+    bad["entries"]["net.conv1.weight"] = [10**6]
+    with pytest.raises(AdvtuneError, match="sparse selection.json is malformed"):
+        selection_from_json(bad, model)
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
+    with pytest.raises(AdvtuneError, match="made for a different model"):
+        selection_from_json(sel.to_json(), other)
+
+
+def test_bad_sparse_requests_are_one_line_errors():
+    from advtune.recipe import Recipe
+    from advtune.runs.selecting import make_selection, select_from_table
+
+    model = bn_net()
+    with pytest.raises(AdvtuneError, match="use it through finetune or harden"):
+        select_from_table(table(), model, 0.1, False, params=900, granularity="sparse")
+    with pytest.raises(AdvtuneError, match="needs a parameter budget"):
+        select_from_table(table(), model, 0.1, False, granularity="sparse", entry_scores={})
+    with pytest.raises(AdvtuneError, match="raise --params"):  # the norms cost the whole budget
+        make_selection(model, table(), 0.1, "taylor", False, 0, 40, "sparse", None, True, entry_scores={})
+    assert Recipe(granularity="sparse", norms=True, head=True).granularity == "sparse"
+
+
+def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
+    """`advtune harden --granularity sparse` end to end: the record says what trained and what scoring it cost,
+    every changed entry is a selected one, and the patch rebuilds the hardened weights bit for bit."""
+    from advtune.cli import main
+    from advtune.models import load_model
+    from advtune.patch import apply_patch
+    from advtune.recipe import PROTOCOL
+    from advtune.train.lowrank import selection_from_json
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    out = tmp_path / "hard"
+    argv = ["harden", str(base), "--eps", "0.2", "--granularity", "sparse", "--params", "0.1", "--limit", "400"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "entries chosen on 360 adversarial training examples" in printed and "net.conv" in printed
+    s = json.loads((out / "summary.json").read_text())
+    sel = s["selection"]
+    base_model = load_model(base)[0]
+    total = sum(p.numel() for p in base_model.parameters())
+    assert sel["kind"] == "sparse" and 0 < sel["trainable_params"] <= 0.1 * total + 1
+    assert sel["changed_params"] == sel["trainable_params"] and sel["scoring"]["grad_evals"] > 0
+    hardened = load_model(out)[0]
+    chosen = selection_from_json(json.loads((out / "finetune" / "selection.json").read_text()), base_model)
+    masks = chosen.masks(base_model)
+    moved = 0
+    for (name, a), b in zip(base_model.state_dict().items(), hardened.state_dict().values()):
+        m = masks.get(name)
+        if m is None:
+            assert torch.equal(a, b) or "running" in name or "num_batches" in name, name
+        else:
+            assert torch.equal(a[~m], b[~m]), name
+            moved += int((a != b).sum())
+    assert 0 < moved <= sel["trainable_params"]
+    rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
+    for (k, a), b in zip(hardened.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
