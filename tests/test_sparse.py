@@ -56,7 +56,7 @@ def test_entries_are_the_largest_fisher_scores_and_only_they_train(data):
     x, y = data.tensors()
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     model.train()
-    fisher, evals = entry_fisher(model, data, PGD(THREAT, steps=2), n=64, batch_size=32, seed=0)
+    fisher, evals = entry_fisher(model, data, PGD(THREAT, steps=2), n=64, seed=0)
     assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == was  # as it was
     assert evals == 64 * 3 and all(bool((f >= 0).all()) for f in fisher.values())
     assert float(fisher["net.conv2.weight"].sum()) > 0
@@ -83,6 +83,25 @@ def test_entries_are_the_largest_fisher_scores_and_only_they_train(data):
     for name in ("net.fc.weight", "net.fc.bias", "net.bn2.weight", "net.bn2.running_mean"):
         assert torch.equal(after[name], before[name]), name
     assert not torch.equal(after["net.bn1.running_mean"], before["net.bn1.running_mean"])  # norms: stats move
+
+
+def test_entry_scores_are_per_example_squared_gradients_whatever_the_batching(data):
+    """The empirical Fisher FISH uses: each example's own gradient squared, then summed (not the square of a batch
+    mean, which would change with the batch size); the vectorized path equals a plain per-example loop."""
+    import torch.nn.functional as F
+
+    from advtune.vulnerability.entries import _per_example_squares
+
+    model = bn_net().eval()
+    x, y = data.tensors()
+    x, y = x[:10], y[:10]
+    params = dict(model.named_parameters())
+    got = _per_example_squares(model, params, x, y)
+    for i in range(10):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
+        for (k, _), g in zip(params.items(), grads):
+            got[k] -= g.pow(2)
+    assert all(float(v.abs().max()) < 1e-6 for v in got.values())
 
 
 def test_selection_json_round_trips_and_a_malformed_or_foreign_one_is_refused(data):

@@ -172,9 +172,7 @@ def sparse_scores(model, ds, run: FinetuneRun, threat, chosen) -> tuple[dict | N
     if run.granularity != "sparse" or not analysed(chosen):
         return None, None
     spec, n = SPARSE_SCORING
-    fisher, evals = entry_fisher(
-        model, ds.train, build_attack(spec, threat), n=n, batch_size=run.train.eval_batch_size, seed=run.train.seed or 0
-    )
+    fisher, evals = entry_fisher(model, ds.train, build_attack(spec, threat), n=n, seed=run.train.seed or 0)
     return fisher, {"attack": spec, "examples": min(n, len(ds.train)), "grad_evals": evals}
 
 
