@@ -69,7 +69,8 @@ def test_entries_are_the_largest_fisher_scores_and_only_they_train(data):
     assert float(scores[conv2].min()) >= float(scores[~conv2].max())  # the largest entries, none passed over
     assert "net.fc.weight" not in masks  # unscored: frozen
     assert sel.trainable_params(model) == 900 + 16 and sel.changed_entries() == sel.trainable_params()
-    assert sel.by_layer(model)["net.fc"] == (0, 4) and sel.params_by_layer(model)["net.conv1"] == 80
+    assert sel.by_layer(model)["net.fc"] == (0, 1028) and sel.by_layer(model)["net.conv2"] == (820, 1168)
+    assert sel.params_by_layer(model)["net.conv1"] == 80 and not sel.is_everything(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     from advtune.cost import CostMeter
 
@@ -177,3 +178,33 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
     rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
     for (k, a), b in zip(hardened.state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), k
+
+    # the entry scoring is counted with the analysis, as part of choosing what trains
+    assert s["cost"]["analysis_grad_evals"] >= sel["scoring"]["grad_evals"] > 0
+    # `advtune finetune` from harden's analysis: bad input is refused before the scoring's work, and a resume
+    # trains the recorded mask without scoring again
+    import advtune.runs.finetune as finetune_module
+
+    calls = []
+    real = finetune_module.entry_fisher
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    ft = tmp_path / "ft"
+    common = ["finetune", str(base), "--select", str(out / "analysis"), "--granularity", "sparse", "--eps", "0.2"]
+    common += ["--limit", "200", "--limit-test", "40", "--epochs", "1", "--attack", "pgd:steps=1", "--quiet"]
+    finetune_module.entry_fisher = counted
+    try:
+        for extra, match in ((["--params", "0.1", "--keep-best", "2"], "give --val"), ([], "needs a parameter budget")):
+            assert main([*common, *extra, "--out", str(ft)]) == 2
+            assert match in capsys.readouterr().err and not ft.exists() and not calls
+        assert main([*common, "--params", "0.1", "--head", "--out", str(ft)]) == 0 and len(calls) == 1
+        first = json.loads((ft / "selection.json").read_text())
+        assert first["kind"] == "sparse" and first["whole"]
+        assert main([*common, "--params", "0.1", "--head", "--out", str(ft), "--resume"]) == 0
+        assert len(calls) == 1 and json.loads((ft / "selection.json").read_text()) == first
+        assert json.loads((ft / "summary.json").read_text())["selection"]["scoring"]["grad_evals"] > 0
+    finally:
+        finetune_module.entry_fisher = real

@@ -36,7 +36,8 @@ NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse")
 HEAD_GRANULARITIES = ("hybrid", "shares", "sparse")
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
-    "hybrid and shares rules otherwise give it the smallest adapter); with hybrid or shares on an analysis"
+    "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule nothing); with hybrid, shares or "
+    "sparse on an analysis"
 )
 
 

@@ -306,7 +306,7 @@ class Robustness(RobustnessCore, total=False):
 
 class HardenCostCore(TypedDict):
     base_training_grad_evals: int | None  # None: the base run has no cost.json
-    analysis_grad_evals: int
+    analysis_grad_evals: int  # with the sparse rule's entry scoring (selection.scoring), when it ran
     finetune_grad_evals: int
     harden_grad_evals: int  # analysis + fine-tuning + choosing the checkpoint
 

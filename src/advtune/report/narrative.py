@@ -60,6 +60,8 @@ def describe(r: dict) -> str:
                 what = f"every layer's share of the budget by {crit}: whole where it pays, else an adapter"
             elif r.get("granularity") == "quota":
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
+            elif r.get("granularity") == "sparse":
+                what = f"single weight entries of every layer by adversarial Fisher, quotas by {crit}"
             elif r.get("granularity") == "lowrank":
                 what = "low-rank adapters on every layer" + (f", ranks by {crit}" if crit else "")
             elif r.get("share") is not None:
@@ -74,6 +76,8 @@ def describe(r: dict) -> str:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
+    if where and r.get("granularity") == "sparse":  # its counts are entries, not units
+        where += " entries"
     return what + (f"; trains {where}" if where else "")
 
 

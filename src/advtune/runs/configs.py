@@ -211,14 +211,15 @@ class FinetuneRun:
         help="with --params and an analyze folder: best units, whole layers, low-rank adapters on every layer "
         "with ranks shared out by the layers' scores, hybrid (the best whole layers + adapters on the others), or "
         "quota (the best units of every layer, the budget shared out by the layers' scores), or shares (every layer "
-        "a share of the budget by its score: whole where the share pays for it, else the adapter it buys)",
+        "a share of the budget by its score: whole where the share pays for it, else the adapter it buys), or sparse "
+        "(every layer's share as single weight entries, those with the largest adversarial Fisher)",
         choices=GRANULARITIES,
         group="selection",
     )
     norms: bool | None = setting(
         False,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its statistics), "
-        "paid out of --params; with lowrank, hybrid or shares (none in an API call or config: auto, as harden)",
+        "paid out of --params; with lowrank, hybrid, shares or sparse (none in an API call or config: auto, as harden)",
         group="selection",
     )
     head: bool = setting(False, help=HEAD_HELP, group="selection")

@@ -4,21 +4,26 @@ components, or a random control, through the one training loop."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .. import filenames as files
 from ..attacks import build_attack
 from ..cost import CostMeter
 from ..devices import model_device, resolve_device
+from ..distributed import broadcast, is_main_process
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..patch import cpu_state, write_patch
 from ..records import Record
 from ..seeding import seed_everything
+from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, fit
 from ..train.keep_best import KeepBest
-from ..train.lowrank import check_adapter_lr_ratio
+from ..train.lowrank import check_adapter_lr_ratio, selection_from_json
+from ..train.sparse import SparseEntries
 from ..vulnerability.entries import entry_fisher
 from .common import (
     check_val,
@@ -38,7 +43,7 @@ from .common import (
 )
 from .configs import FinetuneRun
 from .record import RunDir
-from .selecting import analysed, describe_selection, make_selection, resolve_norms
+from .selecting import describe_selection, make_selection, resolve_norms
 
 log = logging.getLogger(__name__)
 
@@ -136,44 +141,76 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     threat = ThreatModel(run.norm, run.eps)
     objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
     example = ds.train.to_float(ds.train.x[:1], model_device(model))  # the traced BN rule, as fit uses it
-    entries, scoring = sparse_scores(model, ds, run, threat, chosen)
-    selection = make_selection(
-        model,
-        chosen,
-        run.share,
-        run.criterion,
-        run.per_layer,
-        cfg.seed or 0,
-        run.params,
-        run.granularity,
-        example,
-        run.norms,
-        run.head,
-        entries,
-    )
+    if run.keep_best and (ds.val is None or len(ds.val) == 0):
+        raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
+    if run.granularity == "sparse":  # no adapters to speed up: refused before the scoring's work
+        check_adapter_lr_ratio(cfg.adapter_lr_ratio, None)
+    scoring: dict = {}
+    selection = recorded_sparse(model, run)  # a resumed sparse run keeps the mask it trained with
+    if selection is not None:
+        scoring = recorded_scoring(run)
+    else:
+        selection = make_selection(
+            model,
+            chosen,
+            run.share,
+            run.criterion,
+            run.per_layer,
+            cfg.seed or 0,
+            run.params,
+            run.granularity,
+            example,
+            run.norms,
+            run.head,
+            lambda: sparse_scores(model, ds, threat, cfg.seed or 0, scoring),  # called once the budget is checked
+        )
     check_adapter_lr_ratio(cfg.adapter_lr_ratio, selection)  # the loop checks it too: here before any folder
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
     snapshot_steps(cfg, len(ds.train), run.points)  # validates points
-    if run.keep_best and (ds.val is None or len(ds.val) == 0):
-        raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     info = describe_selection(selection, model, example) if selection is not None else None
     if info is not None and scoring:
         info["scoring"] = scoring
     return Finetuning(run, cfg, threat, objective, selection, info, example)
 
 
-SPARSE_SCORING = ("pgd:steps=10", 1024)  # the analysis' attack, on this many training examples
+SPARSE_SCORING = ("pgd:steps=10", 1024)  # the analysis' default attack, on this many training examples
 
 
-def sparse_scores(model, ds, run: FinetuneRun, threat, chosen) -> tuple[dict | None, dict | None]:
-    """The per-entry scores the sparse rule ranks entries by, and what computing them cost (for the records), when
-    the run selects from an analysis with --granularity sparse; (None, None) otherwise. Their cost (about 2% of
-    harden's default budget) is recorded apart from the fine-tuning's, as the analysis' is."""
-    if run.granularity != "sparse" or not analysed(chosen):
-        return None, None
+def sparse_scores(model, ds, threat, seed: int, record: dict) -> dict:
+    """The per-entry scores the sparse rule ranks entries by (vulnerability.entries), with what computing them cost
+    written into `record` for the records; that cost (about 2% of harden's default budget on CIFAR-10) is counted
+    with the analysis'. Under torchrun rank 0 scores and every rank gets its scores, so all train the same mask."""
     spec, n = SPARSE_SCORING
-    fisher, evals = entry_fisher(model, ds.train, build_attack(spec, threat), n=n, seed=run.train.seed or 0)
-    return fisher, {"attack": spec, "examples": min(n, len(ds.train)), "grad_evals": evals}
+    start = time.perf_counter()
+    fisher, evals = None, 0
+    if is_main_process():
+        fisher, evals = entry_fisher(model, ds.train, build_attack(spec, threat), n=n, seed=seed)
+        fisher = {k: v.cpu() for k, v in fisher.items()}
+    fisher = broadcast(fisher)
+    record.update(
+        attack=spec, examples=min(n, len(ds.train)), grad_evals=evals, wall_s=round(time.perf_counter() - start, 3)
+    )
+    return fisher
+
+
+def recorded_sparse(model, run: FinetuneRun):
+    """The sparse mask of the run being resumed (its selection.json), so that a resume trains the mask the
+    checkpoint was trained with and pays no second scoring; None when there is none to reuse."""
+    if run.granularity != "sparse" or not run.resume or run.out is None:
+        return None
+    chosen = Path(run.out) / files.SELECTION
+    if not chosen.is_file():
+        return None
+    selection = selection_from_json(read_json(chosen, "selection"), model)
+    return selection if isinstance(selection, SparseEntries) else None
+
+
+def recorded_scoring(run: FinetuneRun) -> dict:
+    """What the resumed run's scoring cost, from its config.json (it is not paid again)."""
+    config = Path(run.out) / files.CONFIG
+    if not config.is_file():
+        return {}
+    return dict((read_json(config, "run config").get("selection") or {}).get("scoring") or {})
 
 
 def finetune_model(

@@ -360,6 +360,7 @@ def summarise(
 
     architecture = meta.get("architecture") or (meta.get("factory") or {}).get("spec")
     sel = ft_sum.get("selection") or {}
+    scoring = sel.get("scoring") or {}
     ft_cost = ft_sum.get("cost", {})
     a_cost = a_sum.get("cost", {})
     record = {
@@ -378,12 +379,14 @@ def summarise(
         "budget": budget,
         "cost": {
             "base_training_grad_evals": base_cost.get("grad_evals"),
-            "analysis_grad_evals": a_cost.get("grad_evals", 0),
+            # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
+            "analysis_grad_evals": a_cost.get("grad_evals", 0) + scoring.get("grad_evals", 0),
             "finetune_grad_evals": ft_cost.get("grad_evals", 0),
             "harden_grad_evals": a_cost.get("grad_evals", 0)
+            + scoring.get("grad_evals", 0)
             + ft_cost.get("grad_evals", 0)
             + (ft_sum.get("checkpoints") or {}).get("grad_evals", 0),
-            "analysis_wall_s": a_cost.get("wall_s", 0.0),
+            "analysis_wall_s": a_cost.get("wall_s", 0.0) + scoring.get("wall_s", 0.0),
             "finetune_wall_s": ft_cost.get("wall_s", 0.0),
             "checkpoint_grad_evals": (ft_sum.get("checkpoints") or {}).get("grad_evals", 0),
             "evaluation_grad_evals": sum(sum((ev or {}).get("grad_evals", {}).values()) for ev in (before, after)),

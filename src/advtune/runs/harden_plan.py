@@ -47,6 +47,10 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
         return
+    if recipe.granularity == "sparse":  # single entries: any budget left after the norms and the head fits one
+        if budget <= 0:
+            raise AdvtuneError("--granularity sparse: the norms and the head take the whole budget; raise --params")
+        return
     if recipe.granularity == "shares":
         share_ranks(model, budget, {})  # refuses a budget that pays for no layer, not even one rank-1 adapter
         return

@@ -4,6 +4,7 @@ against the model; and how the records describe it. Used by finetune, harden and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def make_selection(
     example_input=None,
     norms: bool = False,
     head: bool = False,
-    entry_scores: dict | None = None,
+    entry_scores: dict | Callable[[], dict] | None = None,
 ):
     """Resolve `--select` into a Selection (None means everything: the full-network path).
 
@@ -57,7 +58,8 @@ def make_selection(
     granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
     normalization layers' scale and shift train too, paid out of `params` (the adapter and sparse rules only).
     `head`: the output layer trains whole, paid out of `params` (hybrid, shares and sparse on an analysis only).
-    `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries)."""
+    `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries), or a function
+    that computes them, called only once the budget is known to fit (and only for granularity=sparse)."""
     from_analysis = isinstance(select, ScoreTable) or analysed(select)
     if head and (granularity not in HEAD_GRANULARITIES or not from_analysis):
         raise AdvtuneError(
@@ -221,7 +223,7 @@ def select_from_table(
     seed: int = 0,
     norms: bool = False,
     head: bool = False,
-    entry_scores: dict | None = None,
+    entry_scores: dict | Callable[[], dict] | None = None,
 ):
     """The most vulnerable components of a score table: whole layers (granularity=layer) or units
     within a parameter budget, low-rank adapters on every layer with ranks shared out by the layers'
@@ -241,7 +243,8 @@ def select_from_table(
             )
         budget = budget_after_norms(model, params, norms)
         fixed = head_layer(model, budget, example_input) if head else []
-        return sparse_selection(model, budget, dict(rank_layers(table)), entry_scores, fixed, norms_of(model, norms))
+        scores = entry_scores() if callable(entry_scores) else entry_scores  # the costly part: after the checks
+        return sparse_selection(model, budget, dict(rank_layers(table)), scores, fixed, norms_of(model, norms))
     if granularity == "lowrank":
         return lowrank_selection(model, "lowrank", params, seed, dict(rank_layers(table)), norms)
     if granularity in ("hybrid", "shares"):

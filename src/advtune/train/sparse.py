@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..components import unit_count
 from ..errors import AdvtuneError
 from .lowrank import adaptable_layers, own_params
 
@@ -79,20 +78,24 @@ class SparseEntries:
         return len(self.entries)
 
     def by_layer(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        """``{layer: (units with at least one selected entry, units)}`` for every conv/linear layer."""
+        """``{layer: (selected entries, the layer's entries)}`` for every conv/linear layer: for a sparse mask the
+        share of a layer it trains is a share of entries (the reports draw it as the units' share of a unit rule)."""
         out = {}
         for name in adaptable_layers(model):
-            module = model.get_submodule(name)
-            rows = torch.zeros(unit_count(module), dtype=torch.bool)
-            for pname, _ in _layer_params(model, name):
-                m = self.entries.get(pname)
-                if m is not None:
-                    rows |= m.reshape(len(rows), -1).any(1)
-            out[name] = (int(rows.sum()), len(rows))
+            named = _layer_params(model, name)
+            picked = sum(int(self.entries[p].sum()) for p, _ in named if p in self.entries)
+            out[name] = (picked, sum(p.numel() for _, p in named))
         return out
 
     def n_units(self, model: nn.Module) -> int:
-        return sum(u for u, _ in self.by_layer(model).values())
+        """Output units (rows) of the conv/linear layers with at least one selected entry."""
+        touched = 0
+        for name in adaptable_layers(model):
+            for pname, p in _layer_params(model, name):
+                m = self.entries.get(pname)
+                if m is not None and pname.endswith("weight"):
+                    touched += int(m.reshape(p.shape[0], -1).any(1).sum())
+        return touched
 
     def params_by_layer(self, model: nn.Module, example_input: Tensor | None = None) -> dict[str, int]:
         """``{layer: its selected entries}`` for the conv/linear layers it touches."""
@@ -118,10 +121,15 @@ class SparseEntries:
     @classmethod
     def from_json(cls, data: Mapping) -> SparseEntries:
         try:
+            if data.get("format") != SPARSE_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, not {SPARSE_FORMAT!r}")
             entries = {}
             for name, shape in data["shapes"].items():
                 m = torch.zeros(math.prod(shape), dtype=torch.bool)
-                m[torch.tensor(data["entries"][name], dtype=torch.long)] = True
+                idx = torch.tensor(data["entries"][name], dtype=torch.long)
+                if len(idx) and int(idx.min()) < 0:
+                    raise ValueError(f"a negative index in {name}")
+                m[idx] = True
                 entries[name] = m.reshape(shape)
             return cls(entries, tuple(data.get("whole", ())), tuple(data.get("norms", ())))
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
@@ -175,7 +183,6 @@ def sparse_selection(
     scores (:func:`layer_quotas`); `whole` layers (the output layer with --head) are paid first and train
     whole; within every other layer its quota goes to its largest `fisher` entries (weight and bias ranked
     together). `norms`: these normalization layers' scale and shift train whole (paid by the caller)."""
-    params = dict(model.named_parameters())
     entries: dict[str, Tensor] = {}
     for layer in (*whole, *norms):
         for pname, p in _layer_params(model, layer):
@@ -200,7 +207,8 @@ def sparse_selection(
         for pname, p in named:
             entries[pname] = chosen[start : start + p.numel()].reshape(p.shape)
             start += p.numel()
-    selection = SparseEntries(entries, whole, norms)
-    if not any(k in params for k in selection.entries):
-        raise AdvtuneError(f"a budget of {budget:,} entries selects nothing under the sparse rule; raise --params")
-    return selection
+    if not any(m.any() for n, m in entries.items() if n.rpartition(".")[0] in scored):
+        raise AdvtuneError(
+            f"a budget of {budget:,} entries leaves the sparse rule nothing for the scored layers; raise --params"
+        )
+    return SparseEntries(entries, whole, norms)

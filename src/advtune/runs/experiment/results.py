@@ -97,10 +97,11 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),
             "grad_evals": cost.get("grad_evals", 0),
-            "analysis_grad_evals": analysis_cost.get("grad_evals", 0),
+            # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
+            "analysis_grad_evals": analysis_cost.get("grad_evals", 0) + (sel.get("scoring") or {}).get("grad_evals", 0),
             "base_grad_evals": base_cost.get("grad_evals", 0) if selective else 0,
             "wall_s": cost.get("wall_s", 0.0),
-            "analysis_wall_s": analysis_cost.get("wall_s", 0.0),
+            "analysis_wall_s": analysis_cost.get("wall_s", 0.0) + (sel.get("scoring") or {}).get("wall_s", 0.0),
             "base_wall_s": base_cost.get("wall_s", 0.0) if selective else 0.0,
             "flops": cost.get("flops", 0.0),
             "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
