@@ -208,3 +208,18 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
         assert json.loads((ft / "summary.json").read_text())["selection"]["scoring"]["grad_evals"] > 0
     finally:
         finetune_module.entry_fisher = real
+
+
+def test_random_sparse_control_draws_as_many_entries_uniformly_outside_the_output_layer():
+    from advtune.runs.selecting import describe_selection, make_selection
+
+    model = bn_net()
+    sel = make_selection(model, "random", 0.1, "taylor", False, 3, params=900, granularity="sparse", norms=True)
+    again = make_selection(model, "random", 0.1, "taylor", False, 3, params=900, granularity="sparse", norms=True)
+    assert isinstance(sel, SparseEntries) and sel.norms == ("net.bn1", "net.bn2")
+    assert sel.trainable_params(model) == 900 and all(torch.equal(sel.entries[k], m) for k, m in again.entries.items())
+    by = describe_selection(sel, model)["by_layer"]
+    assert by["net.fc"][0] == 0 and by["net.conv1"][0] + by["net.conv2"][0] == 900 - 48  # the norms paid first
+    assert by["net.conv2"][0] > by["net.conv1"][0]  # by size, not by score
+    with pytest.raises(AdvtuneError, match="needs a parameter budget"):
+        make_selection(model, "random", 0.1, "taylor", False, 3, granularity="sparse")

@@ -23,7 +23,7 @@ from ..train.lowrank import (
     share_ranks,
     uniform_ranks,
 )
-from ..train.sparse import SparseEntries, sparse_selection
+from ..train.sparse import SparseEntries, random_entries, sparse_selection
 from ..vulnerability import (
     ScoreTable,
     check_params,
@@ -105,6 +105,11 @@ def _make_selection(
     if select.startswith("layers:"):
         return select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
     if select == "random":
+        if granularity == "sparse":  # the sparse rule's control: random entries, as many
+            if params is None:
+                raise AdvtuneError("--select random --granularity sparse needs a parameter budget (--params)")
+            budget, exclude = budget_after_norms(model, params, norms), [output_layer(model, example_input)]
+            return random_entries(model, budget, seed, exclude, norms_of(model, norms))
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer)

@@ -212,3 +212,27 @@ def sparse_selection(
             f"a budget of {budget:,} entries leaves the sparse rule nothing for the scored layers; raise --params"
         )
     return SparseEntries(entries, whole, norms)
+
+
+def random_entries(
+    model: nn.Module, budget: int, seed: int, exclude: Sequence[str] = (), norms: Sequence[str] = ()
+) -> SparseEntries:
+    """The sparse rule's random control: `budget` entries drawn uniformly from the conv/linear layers' weights and
+    biases (`exclude`: the output layer, which the sparse rule does not score), so that each layer gets entries in
+    proportion to its size instead of its score, and no Fisher ranks them; `norms` train whole as in the rule."""
+    entries: dict[str, Tensor] = {}
+    for layer in norms:
+        for pname, p in _layer_params(model, layer):
+            entries[pname] = torch.ones(p.shape, dtype=torch.bool)
+    layers = [layer for layer in adaptable_layers(model) if layer not in exclude]
+    named = [(n, p) for layer in layers for n, p in _layer_params(model, layer)]
+    total = sum(p.numel() for _, p in named)
+    if budget <= 0 or not named:
+        raise AdvtuneError(f"a budget of {budget:,} entries leaves the random sparse control nothing; raise --params")
+    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen[torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[: min(budget, total)]] = True
+    start = 0
+    for pname, p in named:
+        entries[pname] = chosen[start : start + p.numel()].reshape(p.shape)
+        start += p.numel()
+    return SparseEntries(entries, (), norms)
