@@ -119,6 +119,12 @@ def test_selection_json_round_trips_and_a_malformed_or_foreign_one_is_refused(da
     bad["entries"]["net.conv1.weight"] = [10**6]
     with pytest.raises(AdvtuneError, match="sparse selection.json is malformed"):
         selection_from_json(bad, model)
+    for key, value in (("format", "advtune-selection/1"), ("entries", {**sel.to_json()["entries"]})):
+        bad = {**sel.to_json(), key: value}
+        if key == "entries":
+            bad["entries"]["net.conv1.weight"] = [-1]
+        with pytest.raises(AdvtuneError, match="sparse selection.json is malformed"):
+            selection_from_json(bad, model)
     other = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
     with pytest.raises(AdvtuneError, match="made for a different model"):
         selection_from_json(sel.to_json(), other)
@@ -180,7 +186,11 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
         assert torch.equal(a, b), k
 
     # the entry scoring is counted with the analysis, as part of choosing what trains
-    assert s["cost"]["analysis_grad_evals"] >= sel["scoring"]["grad_evals"] > 0
+    analysis = json.loads((out / "analysis" / "cost.json").read_text())["grad_evals"]
+    assert s["cost"]["analysis_grad_evals"] == analysis + sel["scoring"]["grad_evals"]
+    assert s["cost"]["harden_grad_evals"] == (
+        s["cost"]["analysis_grad_evals"] + s["cost"]["finetune_grad_evals"] + s["cost"]["checkpoint_grad_evals"]
+    )
     # `advtune finetune` from harden's analysis: bad input is refused before the scoring's work, and a resume
     # trains the recorded mask without scoring again
     import advtune.runs.finetune as finetune_module
@@ -223,3 +233,11 @@ def test_random_sparse_control_draws_as_many_entries_uniformly_outside_the_outpu
     assert by["net.conv2"][0] > by["net.conv1"][0]  # by size, not by score
     with pytest.raises(AdvtuneError, match="needs a parameter budget"):
         make_selection(model, "random", 0.1, "taylor", False, 3, granularity="sparse")
+    from advtune.report.narrative import describe
+    from advtune.runs.selecting import resolve_norms
+
+    assert resolve_norms(model, None, "random", "sparse", 900) is True  # auto norms as the rule it controls
+    row = {"kind": "finetune", "select": "random", "granularity": "sparse", "norms": True, "attack": "pgd:steps=5"}
+    row["selected_by_layer"] = by
+    words = describe(row)
+    assert words.startswith("control: random single entries") and "normalization" in words and "entries" in words

@@ -102,7 +102,7 @@ class Recipe:
     norms: bool | None = setting(
         None,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its "
-        "statistics), paid out of --params; with lowrank, hybrid or shares (default: auto = on where the "
+        "statistics), paid out of --params; with lowrank, hybrid, shares or sparse (default: auto = on where the "
         "model has normalization layers and they cost at most a quarter of --params)",
         group="recipe",
     )

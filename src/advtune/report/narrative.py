@@ -43,7 +43,11 @@ def describe(r: dict) -> str:
     elif r.get("select") == "all":
         what = f"adversarial fine-tuning of all parameters with {attack}"
     else:
-        if r.get("select") == "random":
+        if r.get("select") == "random" and r.get("granularity") == "sparse":
+            what = "control: random single entries (by layer size, no score)"
+            if r.get("norms"):
+                what += ", and the normalization layers' scale and shift"
+        elif r.get("select") == "random":
             if r.get("params_like"):
                 what = f"control: random units with as many parameters as {r['params_like']}"
             elif r.get("share") is not None:
@@ -298,8 +302,9 @@ def harden_protocol(s: dict) -> str:
 def harden_layers(s: dict) -> list[str]:
     """One line per layer the selection trains: units and parameters."""
     sel = s.get("selection") or {}
+    what = "entries" if sel.get("kind") == "sparse" else "units"  # a sparse mask counts entries
     return [
-        f"{n}: {u}/{t} units, {(sel.get('params_by_layer') or {}).get(n, 0):,} parameters"
+        f"{n}: {u}/{t} {what}, {(sel.get('params_by_layer') or {}).get(n, 0):,} parameters"
         for n, (u, t) in (sel.get("by_layer") or {}).items()
         if u
     ]

@@ -12,7 +12,7 @@ from .. import filenames as files
 from ..attacks import build_attack
 from ..cost import CostMeter
 from ..devices import model_device, resolve_device
-from ..distributed import broadcast, is_main_process
+from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..patch import cpu_state, write_patch
@@ -145,8 +145,13 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     if run.granularity == "sparse":  # no adapters to speed up: refused before the scoring's work
         check_adapter_lr_ratio(cfg.adapter_lr_ratio, None)
+    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
+    snapshot_steps(cfg, len(ds.train), run.points)  # validates points
+    seed = cfg.seed or 0
     scoring: dict = {}
-    selection = recorded_sparse(model, run)  # a resumed sparse run keeps the mask it trained with
+    selection = None
+    if run.granularity == "sparse" and run.resume:  # rank 0 decides, so every rank takes the same branch
+        selection = broadcast(on_main(lambda: recorded_sparse(model, run)))  # the mask the checkpoint trained with
     if selection is not None:
         scoring = recorded_scoring(run)
     else:
@@ -156,17 +161,15 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
             run.share,
             run.criterion,
             run.per_layer,
-            cfg.seed or 0,
+            seed,
             run.params,
             run.granularity,
             example,
             run.norms,
             run.head,
-            lambda: sparse_scores(model, ds, threat, cfg.seed or 0, scoring),  # called once the budget is checked
+            lambda: sparse_scores(model, ds, threat, seed, scoring),  # called once the budget is checked
         )
     check_adapter_lr_ratio(cfg.adapter_lr_ratio, selection)  # the loop checks it too: here before any folder
-    cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, example)
-    snapshot_steps(cfg, len(ds.train), run.points)  # validates points
     info = describe_selection(selection, model, example) if selection is not None else None
     if info is not None and scoring:
         info["scoring"] = scoring
@@ -182,21 +185,23 @@ def sparse_scores(model, ds, threat, seed: int, record: dict) -> dict:
     with the analysis'. Under torchrun rank 0 scores and every rank gets its scores, so all train the same mask."""
     spec, n = SPARSE_SCORING
     start = time.perf_counter()
-    fisher, evals = None, 0
-    if is_main_process():
+
+    def score() -> tuple[dict, int]:
         fisher, evals = entry_fisher(model, ds.train, build_attack(spec, threat), n=n, seed=seed)
-        fisher = {k: v.cpu() for k, v in fisher.items()}
-    fisher = broadcast(fisher)
+        return {k: v.cpu() for k, v in fisher.items()}, evals
+
+    # rank 0 scores (an error there stops every rank with its message), and every rank gets its scores
+    fisher, evals = broadcast(on_main(score))
     record.update(
         attack=spec, examples=min(n, len(ds.train)), grad_evals=evals, wall_s=round(time.perf_counter() - start, 3)
     )
-    return fisher
+    return fisher  # on the CPU, where the masks are built
 
 
 def recorded_sparse(model, run: FinetuneRun):
     """The sparse mask of the run being resumed (its selection.json), so that a resume trains the mask the
     checkpoint was trained with and pays no second scoring; None when there is none to reuse."""
-    if run.granularity != "sparse" or not run.resume or run.out is None:
+    if run.granularity != "sparse" or not run.resume or not run.out:
         return None
     chosen = Path(run.out) / files.SELECTION
     if not chosen.is_file():

@@ -136,8 +136,10 @@ def resolve_norms(model, norms: bool | None, select: Any, granularity: str, para
         adapters = granularity in NORMS_GRANULARITIES
     else:
         text = str(select)
-        adapters = text.startswith("lowrank") or (
-            granularity in NORMS_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:")
+        adapters = (
+            text.startswith("lowrank")
+            or (text == "random" and granularity == "sparse")  # the sparse rule's control: as the rule
+            or (granularity in NORMS_GRANULARITIES and text not in ("all", "random") and not text.startswith("layers:"))
         )
     return adapters and norm_params(model) <= NORMS_AUTO_SHARE * check_params(params, model)
 

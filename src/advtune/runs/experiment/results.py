@@ -42,7 +42,11 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "select": select,
         "share": run.get("share") if by_share else None,
         "params": run.get("params"),
-        "granularity": "lowrank" if adapters else run.get("granularity") if select == "top" else None,
+        "granularity": "lowrank"
+        if adapters
+        else run.get("granularity")
+        if select == "top" or (select == "random" and run.get("granularity") == "sparse")  # the sparse control
+        else None,
         "norms": run.get("norms"),
         "head": run.get("head"),
         "criterion": run.get("criterion") if select == "top" else None,
