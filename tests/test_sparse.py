@@ -125,6 +125,11 @@ def test_selection_json_round_trips_and_a_malformed_or_foreign_one_is_refused(da
             bad["entries"]["net.conv1.weight"] = [-1]
         with pytest.raises(AdvtuneError, match="sparse selection.json is malformed"):
             selection_from_json(bad, model)
+    for index in (1.5, True, "3"):  # never truncated or coerced into another entry
+        bad = sel.to_json()
+        bad["entries"]["net.conv1.weight"] = [index]
+        with pytest.raises(AdvtuneError, match="sparse selection.json is malformed"):
+            selection_from_json(bad, model)
     other = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
     with pytest.raises(AdvtuneError, match="made for a different model"):
         selection_from_json(sel.to_json(), other)

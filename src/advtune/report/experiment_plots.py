@@ -96,15 +96,22 @@ def plot_trained_units(rows: list[dict], path: str | os.PathLike, colors: Mappin
         bars = ax.bar(xs, pct, width, color=colors.get(r["variant"], "k"), label=describe_short(r))
         # adapters' counts are ranks (of the layer's largest rank): labelled "r7", a whole layer "all"
         adapters = r.get("granularity") in ADAPTER_GRANULARITIES
-        tags = ["" if not u else ("all" if p >= 100 else f"r{u}") if adapters else str(u) for u, p in zip(units, pct)]
+        sparse = r.get("granularity") == "sparse"  # its counts are single weight entries: labelled "e3245"
+        tags = [
+            "" if not u else ("all" if p >= 100 else f"r{u}") if adapters else f"e{u}" if sparse else str(u)
+            for u, p in zip(units, pct)
+        ]
         label_bars(ax, bars, tags, fontsize=6, lift=1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([short[n] for n in names], fontsize=8)
-    ax.set_ylabel("units (adapters: rank) trained, % of the layer")
+    ax.set_ylabel("units (adapters: rank; sparse: entries) trained, % of the layer", fontsize=8)
     ax.set_ylim(0, 112)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title("Where each fine-tuning variant's trained units sit (labels: units; r: an adapter's rank)", fontsize=9)
+    ax.set_title(
+        "Where each fine-tuning variant's trained units sit (labels: units; r: an adapter's rank; e: entries)",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 

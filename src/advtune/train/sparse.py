@@ -126,7 +126,10 @@ class SparseEntries:
             entries = {}
             for name, shape in data["shapes"].items():
                 m = torch.zeros(math.prod(shape), dtype=torch.bool)
-                idx = torch.tensor(data["entries"][name], dtype=torch.long)
+                listed = data["entries"][name]
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+                    raise ValueError(f"an index of {name} is not a whole number")  # torch would truncate 1.5 to 1
+                idx = torch.tensor(listed, dtype=torch.long)
                 if len(idx) and int(idx.min()) < 0:
                     raise ValueError(f"a negative index in {name}")
                 m[idx] = True
