@@ -1,0 +1,143 @@
+"""Re-selection after the eps ramp (issue 21, item 3; the idea from CLAT, which re-picks its critical layers during
+adversarial fine-tuning): does choosing the trained parameters again, on the model the ramp has half-hardened,
+beat keeping the first choice? Measured on the VALIDATION split, never on test.
+
+Three arms, each harden's default recipe (the shares rule, PGD-5, Adam 3e-3, batch 64, EMA 0.99, 10% of the
+parameters) for the same training budget from the same standard model:
+
+  single    one run, eps ramped over the first 15% (what harden does)
+  restart   two runs: the first `--switch` of the budget (the ramp ends at 15%, as in `single`), the trained
+            adapters merged into the weights, then the rest with the SAME layers chosen again from the first
+            analysis: fresh adapters, optimizer and average. It isolates what splitting the run costs.
+  reselect  as restart, but the second run's selection comes from a new analysis of the half-hardened model
+            (its cost counted, like the first analysis').
+
+    .venv/bin/python bench/reselect.py runs/frontier-mnist-eps0.3-spread/standard --eps 0.3 \
+        --arms reselect,restart,single --out docs/results/reselect-mnist-eps0.3.jsonl
+
+Every arm's averaged weights are evaluated at the same shares of the budget with APGD-CE + APGD-T (3 targets) on
+`--n` validation images: the `--val-start`.. of the training split, which the standard model and these runs never
+trained on (the frontier's base trains on the first 55,000 MNIST images). One JSON line per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from dataclasses import replace
+
+import torch
+
+from advtune.attacks import build_attack
+from advtune.cost import CostMeter
+from advtune.evaluation.protocol import robust_accuracy
+from advtune.runs.analyze import analyze_model
+from advtune.runs.common import dataset_of, load_base
+from advtune.runs.configs import HardenRun
+from advtune.runs.finetune import prepare_finetune
+from advtune.runs.harden import analysis_settings, finetune_settings
+from advtune.runs.harden_plan import plan_harden
+from advtune.settings import parse_number
+from advtune.threat import ThreatModel
+from advtune.train import fit
+
+log = logging.getLogger("reselect")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("base", help="the standard model's run folder")
+    ap.add_argument("--eps", type=parse_number, required=True, help="0.3, 8/255, ...")
+    ap.add_argument("--budget", type=int, default=900_000, help="training gradient evaluations of every arm")
+    ap.add_argument("--switch", type=float, default=0.2, help="share of the budget after which the second run starts")
+    ap.add_argument("--ramp", type=float, default=0.15, help="share of the budget over which eps ramps up")
+    ap.add_argument("--limit", type=int, default=55_000, help="training examples (the base model's)")
+    ap.add_argument("--val-start", type=int, default=55_000)
+    ap.add_argument("--n", type=int, default=1000, help="validation images")
+    ap.add_argument("--points", default="0.2,0.6,1.0", help="shares of the budget at which to evaluate")
+    ap.add_argument("--arms", default="reselect,restart,single")
+    ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
+    ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(torch.get_num_threads())
+    base, meta, base_cfg = load_base(args.base, "cpu")
+    ds = dataset_of(base_cfg, meta, None, limit=args.limit)
+    full = dataset_of(base_cfg, meta, None)
+    if len(full.train) < args.val_start + args.n:
+        raise SystemExit(f"no {args.n} validation images after training image {args.val_start}")
+    vx, vy = full.train.index(torch.arange(args.val_start, args.val_start + args.n)).tensors(torch.device("cpu"))
+    threat = ThreatModel("linf", args.eps)
+    protocol = [build_attack(s, threat) for s in ("apgd-ce", "apgd-t:n_target_classes=3")]
+    hrun = HardenRun(base=args.base, out="", eps=args.eps, budget=args.budget, limit=args.limit, holdout=0, keep_best=0)
+    plan = plan_harden(base, ds, hrun)
+    hrun = replace(hrun, recipe=plan.recipe)
+    points = sorted(float(p) for p in args.points.split(","))
+    for arm in args.arms.split(","):
+        run_arm(arm, base, ds, hrun, plan, args, points, (vx, vy), protocol)
+
+
+def analyse(model, ds, hrun) -> tuple[object, int]:
+    acfg = analysis_settings(hrun, len(ds.train), None)
+    x, y = ds.train.take(acfg.limit).tensors(torch.device("cpu"))
+    analysis = analyze_model(model, x, y, acfg)
+    cost = analysis.summary.to_json().get("cost", {})
+    return analysis.tables[hrun.recipe.criterion], int(cost.get("grad_evals", 0))
+
+
+def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
+    if arm not in ("single", "restart", "reselect"):
+        raise SystemExit(f"unknown arm {arm!r}: single, restart or reselect")
+    model = copy.deepcopy(base)
+    table, analysis_ge = analyse(model, ds, hrun)
+    ft = finetune_settings(hrun, plan, None)
+    ft = replace(ft, train=replace(ft.train, augment=args.augment))  # the frontier's CIFAR-10 variants: crop-flip
+    stages = [(1.0, args.ramp)] if arm == "single" else [(args.switch, args.ramp / args.switch), (1 - args.switch, 0.0)]
+    done_share, spent = 0.0, 0
+    start = time.perf_counter()
+    for i, (share, warmup) in enumerate(stages):
+        if i == 1 and arm == "reselect":
+            table, more = analyse(model, ds, hrun)
+            analysis_ge += more
+        job = prepare_finetune(model, ds, replace(ft, budget=int(share * args.budget), eps_warmup=warmup), table)
+        total = job.cfg.steps
+        marks = {
+            max(1, round((p - done_share) / share * total)): p for p in points if done_share < p <= done_share + share
+        }
+
+        def on_step(m, step, meter, marks=marks, spent=spent):
+            if step not in marks:
+                return
+            res = robust_accuracy(
+                m, val, protocol, batch_size=500, generator=torch.Generator().manual_seed(0), gate=False
+            )
+            line = {
+                "arm": arm,
+                "share": marks[step],
+                "train_grad_evals": spent + meter.grad_evals,
+                "analysis_grad_evals": analysis_ge,
+                "val_robust": res.n_robust_worst / res.n,
+                "val_clean": res.n_clean_correct / res.n,
+                "n": res.n,
+                "wall_s": round(time.perf_counter() - start, 1),
+                "switch": args.switch if arm != "single" else None,
+                "selection": job.selection_info.get("kind") if job.selection_info else None,
+                "trainable": job.selection_info.get("trainable_params") if job.selection_info else None,
+                "whole": job.selection_info.get("whole") if job.selection_info else None,
+                "ranks": job.selection_info.get("ranks") if job.selection_info else None,
+            }
+            log.info("%s", line)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+        meter = CostMeter()
+        fit(model, ds.train, job.objective, job.cfg, selection=job.selection, meter=meter, on_step=on_step, desc=arm)
+        spent += meter.grad_evals
+        done_share += share
+
+
+if __name__ == "__main__":
+    main()
