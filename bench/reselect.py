@@ -5,15 +5,22 @@ beat keeping the first choice? Measured on the VALIDATION split, never on test.
 Three arms, each harden's default recipe (the shares rule, PGD-5, Adam 3e-3, batch 64, EMA 0.99, 10% of the
 parameters) for the same training budget from the same standard model:
 
-  single    one run, eps ramped over the first 15% (what harden does)
+  single    one run, eps ramped over the first 15% (harden's recipe, without --keep-best)
   restart   two runs: the first `--switch` of the budget (the ramp ends at 15%, as in `single`), the trained
             adapters merged into the weights, then the rest with the SAME layers chosen again from the first
             analysis: fresh adapters, optimizer and average. It isolates what splitting the run costs.
   reselect  as restart, but the second run's selection comes from a new analysis of the half-hardened model
             (its cost counted, like the first analysis').
 
+restart vs single changes several things at once (the second run starts from the averaged weights, with fresh Adam
+moments, an average that warms up again, and, without --fresh-seed, the first run's batch order and noise replayed);
+restart vs reselect changes only the selection. harden's --keep-best is off in every arm.
+
     .venv/bin/python bench/reselect.py runs/frontier-mnist-eps0.3-spread/standard --eps 0.3 \
         --arms reselect,restart,single --out docs/results/reselect-mnist-eps0.3.jsonl
+    .venv/bin/python bench/reselect.py runs/frontier-cifar10-resnet/standard --eps 8/255 --budget 540000 \
+        --limit 45000 --val-start 45000 --augment crop-flip --points 1.0 --arms reselect,restart \
+        --out docs/results/reselect-cifar10-resnet.jsonl
 
 Every arm's averaged weights are evaluated at the same shares of the budget with APGD-CE + APGD-T (3 targets) on
 `--n` validation images: the `--val-start`.. of the training split, which the standard model and these runs never
@@ -59,6 +66,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="validation images")
     ap.add_argument("--points", default="0.2,0.6,1.0", help="shares of the budget at which to evaluate")
     ap.add_argument("--arms", default="reselect,restart,single")
+    ap.add_argument(
+        "--fresh-seed",
+        action="store_true",
+        help="the second run draws its own batch order, attack noise and adapter init (default, as recorded in "
+        "round 15: it replays the first run's seed)",
+    )
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
     args = ap.parse_args()
@@ -76,6 +89,13 @@ def main() -> None:
     plan = plan_harden(base, ds, hrun)
     hrun = replace(hrun, recipe=plan.recipe)
     points = sorted(float(p) for p in args.points.split(","))
+    # refused in one line before any work (the eps ramp must end inside the first run; validation never trained on)
+    if not 0 < args.ramp < args.switch < 1:
+        raise SystemExit(f"need 0 < --ramp < --switch < 1, got --ramp {args.ramp} --switch {args.switch}")
+    if any(not 0 < p <= 1 for p in points) or len(set(points)) != len(points):
+        raise SystemExit(f"--points must be distinct shares of the budget in (0, 1], got {args.points}")
+    if args.val_start < args.limit:
+        raise SystemExit(f"--val-start {args.val_start} < --limit {args.limit}: validation would overlap training")
     for arm in args.arms.split(","):
         run_arm(arm, base, ds, hrun, plan, args, points, (vx, vy), protocol)
 
@@ -102,7 +122,9 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
         if i == 1 and arm == "reselect":
             table, more = analyse(model, ds, hrun)
             analysis_ge += more
-        job = prepare_finetune(model, ds, replace(ft, budget=int(share * args.budget), eps_warmup=warmup), table)
+        train = ft.train if i == 0 or not args.fresh_seed else replace(ft.train, seed=(ft.train.seed or 0) + 1)
+        stage = replace(ft, budget=int(share * args.budget), eps_warmup=warmup, train=train)
+        job = prepare_finetune(model, ds, stage, table)
         total = job.cfg.steps
         marks = {
             max(1, round((p - done_share) / share * total)): p for p in points if done_share < p <= done_share + share
