@@ -75,8 +75,18 @@ def main() -> None:
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
     args = ap.parse_args()
+    points = sorted(float(p) for p in args.points.split(","))
+    # refused in one line before any work (the eps ramp must end inside the first run; validation never trained on)
+    if not 0 < args.ramp < args.switch < 1:
+        raise SystemExit(f"need 0 < --ramp < --switch < 1, got --ramp {args.ramp} --switch {args.switch}")
+    if any(not 0 < p <= 1 for p in points) or len(set(points)) != len(points):
+        raise SystemExit(f"--points must be distinct shares of the budget in (0, 1], got {args.points}")
+    unknown = set(args.arms.split(",")) - {"single", "restart", "reselect"}
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {', '.join(sorted(unknown))}: single, restart or reselect")
+    if args.val_start < args.limit:
+        raise SystemExit(f"--val-start {args.val_start} < --limit {args.limit}: validation would overlap training")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(torch.get_num_threads())
     base, meta, base_cfg = load_base(args.base, "cpu")
     ds = dataset_of(base_cfg, meta, None, limit=args.limit)
     full = dataset_of(base_cfg, meta, None)
@@ -88,14 +98,6 @@ def main() -> None:
     hrun = HardenRun(base=args.base, out="", eps=args.eps, budget=args.budget, limit=args.limit, holdout=0, keep_best=0)
     plan = plan_harden(base, ds, hrun)
     hrun = replace(hrun, recipe=plan.recipe)
-    points = sorted(float(p) for p in args.points.split(","))
-    # refused in one line before any work (the eps ramp must end inside the first run; validation never trained on)
-    if not 0 < args.ramp < args.switch < 1:
-        raise SystemExit(f"need 0 < --ramp < --switch < 1, got --ramp {args.ramp} --switch {args.switch}")
-    if any(not 0 < p <= 1 for p in points) or len(set(points)) != len(points):
-        raise SystemExit(f"--points must be distinct shares of the budget in (0, 1], got {args.points}")
-    if args.val_start < args.limit:
-        raise SystemExit(f"--val-start {args.val_start} < --limit {args.limit}: validation would overlap training")
     for arm in args.arms.split(","):
         run_arm(arm, base, ds, hrun, plan, args, points, (vx, vy), protocol)
 
@@ -109,8 +111,6 @@ def analyse(model, ds, hrun) -> tuple[object, int]:
 
 
 def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
-    if arm not in ("single", "restart", "reselect"):
-        raise SystemExit(f"unknown arm {arm!r}: single, restart or reselect")
     model = copy.deepcopy(base)
     table, analysis_ge = analyse(model, ds, hrun)
     ft = finetune_settings(hrun, plan, None)
