@@ -38,15 +38,12 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
     elif select not in ("all", "random") and not select.startswith("layers:"):
         select = "top"  # an analysis folder
     by_share = select in ("top", "random") and run.get("params") is None
+    granular = select == "top" or (select == "random" and run.get("granularity") == "sparse")  # + the sparse control
     return {
         "select": select,
         "share": run.get("share") if by_share else None,
         "params": run.get("params"),
-        "granularity": "lowrank"
-        if adapters
-        else run.get("granularity")
-        if select == "top" or (select == "random" and run.get("granularity") == "sparse")  # the sparse control
-        else None,
+        "granularity": "lowrank" if adapters else run.get("granularity") if granular else None,
         "norms": run.get("norms"),
         "head": run.get("head"),
         "criterion": run.get("criterion") if select == "top" else None,
