@@ -4,7 +4,10 @@ data (JSON/CSV) and plot published to docs/results/ for docs/RESULTS.md. Resumab
 every finished run and every evaluated snapshot.
 
     .venv/bin/python bench/frontier.py configs/frontier-mnist-eps0.3.yaml [--out runs/frontier-mnist-eps0.3]
-        [--only standard,pgd-at] [--publish [--replace]]
+        [--only standard,pgd-at] [--seed N] [--publish [--replace]]
+
+--seed N replays the whole setting under another seed (the standard model, the analysis and every run), as
+the experiment `<name>-seedN` in runs/<name>-seedN: the spread of a curve across seeds, next to the published one.
 
 --publish updates the published frontier: this run's curves replace those of the same name and the published
 curves this run lacks are kept (a machine that holds only a few variants does not drop the others), provided
@@ -24,7 +27,7 @@ from advtune.errors import AdvtuneError
 from advtune.frontier import Frontier, as_points, findings, merge_curves
 from advtune.report import write_report
 from advtune.report.experiment_plots import plot_frontier, variant_colors
-from advtune.runs.experiment import format_results, frontier_csv, load_config, run
+from advtune.runs.experiment import format_results, frontier_csv, load_config, run, validate_config
 from advtune.storage import atomic_write_json, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--out", help="experiment folder (default: runs/<config name>)")
     ap.add_argument("--only", help="comma list of variants to run now (the others are kept as they are)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, help="replay the setting under this seed, as the experiment <name>-seed<N>")
     ap.add_argument(
         "--publish",
         action="store_true",
@@ -48,10 +52,15 @@ def main() -> None:
         raise AdvtuneError("--replace only changes what --publish writes; add --publish or drop --replace")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg = seeded(cfg, args.seed, args.config)
     out = Path(args.out or ROOT / "runs" / cfg["name"])
     t = time.perf_counter()
     rows = run(
-        args.config, out, device=args.device, only=[o.strip() for o in args.only.split(",")] if args.only else None
+        args.config if args.seed is None else cfg,
+        out,
+        device=args.device,
+        only=[o.strip() for o in args.only.split(",")] if args.only else None,
     )
     paths = write_report(out)
     print(format_results(rows))
@@ -61,6 +70,12 @@ def main() -> None:
         if args.publish:
             publish(points, ROOT / "docs" / "results" / cfg["name"], cfg["name"], replace=args.replace)
     print(f"\nreport: {paths['html']}  ({time.perf_counter() - t:.0f} s this run)")
+
+
+def seeded(cfg: dict, seed: int, where: str) -> dict:
+    """The setting replayed under another seed, named apart so its runs and records never mix with the
+    original's; the seed is validated as a config's own is, before anything is written."""
+    return validate_config({**cfg, "seed": seed, "name": f"{cfg['name']}-seed{seed}"}, where)
 
 
 def print_findings(points) -> None:

@@ -301,3 +301,26 @@ def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_mer
         recheck.main([*argv, "--n", "32"])
     with pytest.raises(AdvtuneError, match="no eval-protocol.json"):
         recheck.frontier_point(tmp_path, "best")
+
+
+def test_a_seeded_replay_is_named_apart_and_trains_another_standard_model(done, tmp_path, monkeypatch):
+    """bench/frontier.py --seed N (#21: the spread of a curve across seeds): the whole setting under another
+    seed, as the experiment <name>-seedN; a bad seed is refused before anything is written."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier as bench_frontier
+    from advtune.runs.experiment import run
+
+    cfg = bench_frontier.seeded(FRONTIER, 3, "f.yaml")
+    assert (cfg["name"], cfg["seed"]) == ("tiny-frontier-seed3", 3)
+    assert (FRONTIER["name"], FRONTIER["seed"]) == ("tiny-frontier", 0)  # the original is left as it was
+    for bad in (-1, True):
+        with pytest.raises(AdvtuneError, match="seed must be an integer"):
+            bench_frontier.seeded(FRONTIER, bad, "f.yaml")
+    run(cfg, tmp_path / "out", only=["standard"])
+    _, out = done
+    seed0 = load_state(out / "standard" / "model.safetensors")
+    seed3 = load_state(tmp_path / "out" / "standard" / "model.safetensors")
+    assert seed0.keys() == seed3.keys()
+    assert any(not torch.equal(seed0[k], seed3[k]) for k in seed0)
