@@ -67,6 +67,13 @@ def main() -> None:
     ap.add_argument("--points", default="0.2,0.6,1.0", help="shares of the budget at which to evaluate")
     ap.add_argument("--arms", default="reselect,restart,single")
     ap.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="restart and reselect: the budget after --switch split into this many equal runs, each merged and "
+        "restarted (ReLoRA's schedule, Lialin et al. 2023: every merge adds the adapters' rank to the update)",
+    )
+    ap.add_argument(
         "--fresh-seed",
         action="store_true",
         help="the second run draws its own batch order, attack noise and adapter init (default, as recorded in "
@@ -84,6 +91,8 @@ def main() -> None:
     unknown = set(args.arms.split(",")) - {"single", "restart", "reselect"}
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(sorted(unknown))}: single, restart or reselect")
+    if not 1 <= args.restarts <= 20:
+        raise SystemExit(f"--restarts must be 1..20 runs after the switch, got {args.restarts}")
     if args.val_start < args.limit:
         raise SystemExit(f"--val-start {args.val_start} < --limit {args.limit}: validation would overlap training")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -110,19 +119,27 @@ def analyse(model, ds, hrun) -> tuple[object, int]:
     return analysis.tables[hrun.recipe.criterion], int(cost.get("grad_evals", 0))
 
 
+def stages_of(arm: str, switch: float, ramp: float, restarts: int) -> list[tuple[float, float]]:
+    """(share of the budget, share of that run over which eps ramps) for each run of an arm: the ramp ends at the
+    same absolute point in every arm, inside the first run; the runs after the switch share the rest equally."""
+    if arm == "single":
+        return [(1.0, ramp)]
+    return [(switch, ramp / switch)] + [((1 - switch) / restarts, 0.0)] * restarts
+
+
 def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
     model = copy.deepcopy(base)
     table, analysis_ge = analyse(model, ds, hrun)
     ft = finetune_settings(hrun, plan, None)
     ft = replace(ft, train=replace(ft.train, augment=args.augment))  # the frontier's CIFAR-10 variants: crop-flip
-    stages = [(1.0, args.ramp)] if arm == "single" else [(args.switch, args.ramp / args.switch), (1 - args.switch, 0.0)]
+    stages = stages_of(arm, args.switch, args.ramp, args.restarts)
     done_share, spent = 0.0, 0
     start = time.perf_counter()
     for i, (share, warmup) in enumerate(stages):
-        if i == 1 and arm == "reselect":
+        if i >= 1 and arm == "reselect":
             table, more = analyse(model, ds, hrun)
             analysis_ge += more
-        train = ft.train if i == 0 or not args.fresh_seed else replace(ft.train, seed=(ft.train.seed or 0) + 1)
+        train = ft.train if i == 0 or not args.fresh_seed else replace(ft.train, seed=(ft.train.seed or 0) + i)
         stage = replace(ft, budget=int(share * args.budget), eps_warmup=warmup, train=train)
         job = prepare_finetune(model, ds, stage, table)
         total = job.cfg.steps
@@ -146,6 +163,8 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
                 "n": res.n,
                 "wall_s": round(time.perf_counter() - start, 1),
                 "switch": args.switch if arm != "single" else None,
+                "restarts": args.restarts if arm != "single" else 0,
+                "fresh_seed": args.fresh_seed,
                 "selection": job.selection_info.get("kind") if job.selection_info else None,
                 "trainable": job.selection_info.get("trainable_params") if job.selection_info else None,
                 "whole": job.selection_info.get("whole") if job.selection_info else None,

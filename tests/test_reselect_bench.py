@@ -1,0 +1,47 @@
+"""bench/reselect.py (#21, item 3 and the restart follow-up): how an arm's budget is split into runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def reselect(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import reselect
+
+    return reselect
+
+
+@pytest.mark.parametrize("arm", ["restart", "reselect"])
+@pytest.mark.parametrize("restarts", [1, 4])
+def test_restarted_arms_split_the_budget_and_ramp_only_in_the_first_run(reselect, arm, restarts):
+    stages = reselect.stages_of(arm, switch=0.2, ramp=0.15, restarts=restarts)
+    assert len(stages) == 1 + restarts
+    assert sum(share for share, _ in stages) == pytest.approx(1.0)
+    assert stages[0][0] * stages[0][1] == pytest.approx(0.15)  # the ramp ends where the single run's does
+    assert all(warmup == 0.0 for _, warmup in stages[1:])
+    assert len({round(share, 9) for share, _ in stages[1:]}) == 1
+
+
+def test_the_single_arm_is_one_run_with_the_ramp(reselect):
+    assert reselect.stages_of("single", switch=0.2, ramp=0.15, restarts=4) == [(1.0, 0.15)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--restarts", "0"], "--restarts must be 1..20"),
+        (["--ramp", "0.3"], "need 0 < --ramp < --switch < 1"),
+        (["--arms", "single,twice"], "unknown arm(s) twice"),
+        (["--val-start", "100"], "validation would overlap training"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_is_loaded(reselect, argv, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["reselect.py", str(tmp_path / "missing"), "--eps", "0.3", "--out", "x", *argv])
+    with pytest.raises(SystemExit) as e:
+        reselect.main()
+    assert message in str(e.value)
