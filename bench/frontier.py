@@ -61,6 +61,7 @@ def main() -> None:
         out,
         device=args.device,
         only=[o.strip() for o in args.only.split(",")] if args.only else None,
+        source=None if args.seed is None else f"{args.config} --seed {args.seed}",
     )
     paths = write_report(out)
     print(format_results(rows))

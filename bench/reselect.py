@@ -8,9 +8,10 @@ parameters) for the same training budget from the same standard model:
   single    one run, eps ramped over the first 15% (harden's recipe, without --keep-best)
   restart   two runs: the first `--switch` of the budget (the ramp ends at 15%, as in `single`), the trained
             adapters merged into the weights, then the rest with the SAME layers chosen again from the first
-            analysis: fresh adapters, optimizer and average. It isolates what splitting the run costs.
-  reselect  as restart, but the second run's selection comes from a new analysis of the half-hardened model
-            (its cost counted, like the first analysis').
+            analysis: fresh adapters, optimizer and average. It isolates what splitting the run costs. With
+            `--restarts N` the rest is N equal runs, each merged and restarted (ReLoRA's repeated restarts).
+  reselect  as restart, but every run after the first takes its selection from a new analysis of the model as it
+            stands (its cost counted, like the first analysis').
 
 restart vs single changes several things at once (the second run starts from the averaged weights, with fresh Adam
 moments, an average that warms up again, and, without --fresh-seed, the first run's batch order and noise replayed);
@@ -76,8 +77,8 @@ def main() -> None:
     ap.add_argument(
         "--fresh-seed",
         action="store_true",
-        help="the second run draws its own batch order, attack noise and adapter init (default, as recorded in "
-        "round 15: it replays the first run's seed)",
+        help="every run after the first draws its own batch order, attack noise and adapter init (run i: seed + i; "
+        "default, as recorded in round 15: each replays the first run's seed; required with --restarts > 1)",
     )
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
@@ -93,6 +94,8 @@ def main() -> None:
         raise SystemExit(f"unknown arm(s) {', '.join(sorted(unknown))}: single, restart or reselect")
     if not 1 <= args.restarts <= 20:
         raise SystemExit(f"--restarts must be 1..20 runs after the switch, got {args.restarts}")
+    if args.restarts > 1 and not args.fresh_seed:  # each run's epoch 0 would see the same images in the same order
+        raise SystemExit("--restarts > 1 needs --fresh-seed: runs shorter than an epoch would replay the same images")
     if args.val_start < args.limit:
         raise SystemExit(f"--val-start {args.val_start} < --limit {args.limit}: validation would overlap training")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -127,6 +130,19 @@ def stages_of(arm: str, switch: float, ramp: float, restarts: int) -> list[tuple
     return [(switch, ramp / switch)] + [((1 - switch) / restarts, 0.0)] * restarts
 
 
+def marks_of(points: list[float], done: float, share: float, steps: int, last: bool) -> dict[int, float]:
+    """{step of this run: share of the budget} for the points that fall in a run covering (done, done + share] of
+    the budget in `steps` steps. Shares summed in floats miss their boundaries by ~1e-16 (0.2 + 0.2 + 0.2 > 0.6,
+    0.2 + 0.6 < 0.8), so a point within TOL of a run's end belongs to that run and the last run takes every point
+    left: no point is dropped, moved into the next run's first step, or merged with another."""
+    tol = 1e-9
+    mine = [p for p in points if done + tol < p and (last or p <= done + share + tol)]
+    marks = {min(steps, max(1, round((p - done) / share * steps))): p for p in mine}
+    if len(marks) != len(mine):
+        raise SystemExit(f"points {mine} fall on the same step of a {steps}-step run: space them further apart")
+    return marks
+
+
 def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
     model = copy.deepcopy(base)
     table, analysis_ge = analyse(model, ds, hrun)
@@ -143,9 +159,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
         stage = replace(ft, budget=int(share * args.budget), eps_warmup=warmup, train=train)
         job = prepare_finetune(model, ds, stage, table)
         total = job.cfg.steps
-        marks = {
-            max(1, round((p - done_share) / share * total)): p for p in points if done_share < p <= done_share + share
-        }
+        marks = marks_of(points, done_share, share, total, last=i == len(stages) - 1)
 
         def on_step(m, step, meter, marks=marks, spent=spent):
             if step not in marks:

@@ -305,7 +305,8 @@ def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_mer
 
 def test_a_seeded_replay_is_named_apart_and_trains_another_standard_model(done, tmp_path, monkeypatch):
     """bench/frontier.py --seed N (#21: the spread of a curve across seeds): the whole setting under another
-    seed, as the experiment <name>-seedN; a bad seed is refused before anything is written."""
+    seed, as the experiment <name>-seedN in its own folder and published file; a bad seed is refused before
+    anything is written, and so is a folder that holds another seed's experiment."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
@@ -318,9 +319,19 @@ def test_a_seeded_replay_is_named_apart_and_trains_another_standard_model(done, 
     for bad in (-1, True):
         with pytest.raises(AdvtuneError, match="seed must be an integer"):
             bench_frontier.seeded(FRONTIER, bad, "f.yaml")
-    run(cfg, tmp_path / "out", only=["standard"])
-    _, out = done
+    config, out = done
+    with pytest.raises(AdvtuneError, match="seed 0, not 3; use a new --out"):  # never mixed into seed 0's folder
+        run(cfg, out, only=["standard"])
+    monkeypatch.setattr(bench_frontier, "ROOT", tmp_path)
+    argv = ["frontier.py", str(config), "--seed", "3", "--only", "standard,sel", "--publish"]
+    monkeypatch.setattr("sys.argv", argv)
+    bench_frontier.main()
+    replay = tmp_path / "runs" / "tiny-frontier-seed3"
+    record = json.loads((replay / "experiment.json").read_text())
+    assert record["config"]["seed"] == 3 and record["source"] == f"{config} --seed 3"
+    assert (tmp_path / "docs" / "results" / "tiny-frontier-seed3.json").is_file()
+    assert not (tmp_path / "docs" / "results" / "tiny-frontier.json").exists()
     seed0 = load_state(out / "standard" / "model.safetensors")
-    seed3 = load_state(tmp_path / "out" / "standard" / "model.safetensors")
+    seed3 = load_state(replay / "standard" / "model.safetensors")
     assert seed0.keys() == seed3.keys()
     assert any(not torch.equal(seed0[k], seed3[k]) for k in seed0)

@@ -45,3 +45,35 @@ def test_bad_arguments_are_refused_before_the_model_is_loaded(reselect, argv, me
     with pytest.raises(SystemExit) as e:
         reselect.main()
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("switch, restarts", [(0.2, 4), (0.3, 2), (0.2, 8), (0.5, 3), (0.4, 3)])
+def test_every_point_is_evaluated_once_at_the_end_of_its_run_or_inside_it(reselect, switch, restarts):
+    """Shares summed in floats miss the run boundaries by ~1e-16: no point may be dropped (1.0 above all), moved to
+    the next run's first step, or evaluated twice."""
+    points = [0.2, 0.4, 0.6, 0.8, 1.0]
+    stages = reselect.stages_of("restart", switch=switch, ramp=0.1, restarts=restarts)
+    steps, done, seen = 469, 0.0, []
+    for i, (share, _) in enumerate(stages):
+        marks = reselect.marks_of(points, done, share, steps, last=i == len(stages) - 1)
+        assert all(1 <= step <= steps for step in marks)
+        for step, p in marks.items():
+            end = done + share
+            assert p <= end + 1e-9  # never in a run that starts after it
+            if abs(p - end) < 1e-9:
+                assert step == steps  # a point on a boundary is the end of the run before it
+        seen += marks.values()
+        done += share
+    assert sorted(seen) == points
+
+
+def test_points_that_fall_on_one_step_are_refused(reselect):
+    with pytest.raises(SystemExit, match="same step"):
+        reselect.marks_of([0.5, 0.5000001], 0.0, 1.0, 10, last=True)
+
+
+def test_many_restarts_need_fresh_seeds(reselect, monkeypatch, tmp_path):
+    argv = ["reselect.py", str(tmp_path / "missing"), "--eps", "0.3", "--out", "x", "--restarts", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="needs --fresh-seed"):
+        reselect.main()

@@ -65,9 +65,15 @@ class Experiment:
 
 
 def run(
-    config: str | Path | dict, out: str | Path, *, device: str | None = None, only: list[str] | None = None
+    config: str | Path | dict,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    only: list[str] | None = None,
+    source: str | None = None,
 ) -> list[dict]:
-    """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}."""
+    """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}. `source` says
+    where a config given as a dict came from (recorded in experiment.json)."""
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
     out = Path(out)
     ex = Experiment(
@@ -81,12 +87,13 @@ def run(
     )
     variants = _chosen(expand_variants(cfg), only)
     # everything is validated before the first write: a refused re-run leaves the folder as it was
+    _refuse_other_seed(out, ex.seed)
     _refuse_changed_variants(out, variants)
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
     atomic_write_json(
-        out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else None}
+        out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
     )
     _train_base(ex)
     recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
@@ -345,6 +352,16 @@ def _same_settings(recorded: dict, now: dict) -> bool:
         return {k: val for k, val in d.items() if not (k in UNSET and val in UNSET[k])}
 
     return plain(recorded) == plain(now)
+
+
+def _refuse_other_seed(out: Path, seed: int) -> None:
+    """An experiment folder holds one seed: its standard model, analysis and runs would be reused under another."""
+    path = out / files.EXPERIMENT
+    if not path.is_file():
+        return
+    recorded = int((read_json(path, "experiment record").get("config") or {}).get("seed", 0))
+    if recorded != seed:
+        raise AdvtuneError(f"{out} holds an experiment run with seed {recorded}, not {seed}; use a new --out")
 
 
 def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
