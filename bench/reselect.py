@@ -133,7 +133,7 @@ def stages_of(arm: str, switch: float, ramp: float, restarts: int) -> list[tuple
 def marks_of(points: list[float], done: float, share: float, steps: int, last: bool) -> dict[int, float]:
     """{step of this run: share of the budget} for the points that fall in a run covering (done, done + share] of
     the budget in `steps` steps. Shares summed in floats miss their boundaries by ~1e-16 (0.2 + 0.2 + 0.2 > 0.6,
-    0.2 + 0.6 < 0.8), so a point within TOL of a run's end belongs to that run and the last run takes every point
+    0.2 + 0.6 < 0.8), so a point within 1e-9 of a run's end belongs to that run and the last run takes every point
     left: no point is dropped, moved into the next run's first step, or merged with another."""
     tol = 1e-9
     mine = [p for p in points if done + tol < p and (last or p <= done + share + tol)]
