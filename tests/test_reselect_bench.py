@@ -38,6 +38,7 @@ def test_the_single_arm_is_one_run_with_the_ramp(reselect):
         (["--ramp", "0.3"], "need 0 < --ramp < --switch < 1"),
         (["--arms", "single,twice"], "unknown arm(s) twice"),
         (["--val-start", "100"], "validation would overlap training"),
+        (["--restarts", "4"], "needs --fresh-seed"),  # short runs would replay the same images
     ],
 )
 def test_bad_arguments_are_refused_before_the_model_is_loaded(reselect, argv, message, monkeypatch, tmp_path):
@@ -70,10 +71,3 @@ def test_every_point_is_evaluated_once_at_the_end_of_its_run_or_inside_it(resele
 def test_points_that_fall_on_one_step_are_refused(reselect):
     with pytest.raises(SystemExit, match="same step"):
         reselect.marks_of([0.5, 0.5000001], 0.0, 1.0, 10, last=True)
-
-
-def test_many_restarts_need_fresh_seeds(reselect, monkeypatch, tmp_path):
-    argv = ["reselect.py", str(tmp_path / "missing"), "--eps", "0.3", "--out", "x", "--restarts", "4"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit, match="needs --fresh-seed"):
-        reselect.main()
