@@ -10,7 +10,10 @@ times are measured in this one process, the two runs interleaved per model, so m
     .venv/bin/python bench/eval_speed.py runs/a-standard-run runs/an-adversarially-trained-run --n 1000
 
 advtune runs with `evaluate`'s defaults (Square compiles its queries by itself when their load is large);
-`--compile` / `--no-compile` force either. `--profile` adds, per model, a separate pass that splits each
+`--compile` / `--no-compile` force either; `--square sync_every=1` / `--square graphs=false` force Square's
+host syncs per query / eager queries on a GPU (ablations of its defaults). Both tools get the same batch size,
+by default `evaluate`'s for the device (256 on the CPU, 1000 on a GPU), after one warm-up pass of the model.
+`--profile` adds, per model, a separate pass that splits each
 attack's time into forward, backward and the rest (bench/eval_phases.py).
 
 Targets (issues 12, 23): robust accuracy within ±0.3 points of AutoAttack's, wall time ≤ 0.5× AutoAttack's.
@@ -20,6 +23,7 @@ Prints a markdown table and writes bench/out/eval_speed.json (with the machine a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ import torch
 import eval_phases  # bench/: run as a script, its folder is on the path
 from advtune.data import load_dataset
 from advtune.evaluation import compiled_queries, robust_accuracy, suite
+from advtune.evaluation.protocol import default_batch_size
 from advtune.models import load_model, read_meta
 from advtune.provenance import versions
 from advtune.threat import ThreatModel
@@ -50,9 +55,13 @@ def reference(model, x, y, eps: float, batch_size: int) -> tuple[float, float]:
     return acc, seconds
 
 
-def ours(model, x, y, eps: float, batch_size: int, name: str, compile: bool | None) -> tuple[float, float, dict]:
+def ours(
+    model, x, y, eps: float, batch_size: int, name: str, compile: bool | None, square: dict | None = None
+) -> tuple[float, float, dict]:
     threat = ThreatModel.linf(eps)
     attacks = suite(name, threat)  # compile None: the suite's own default (auto), as `advtune evaluate`
+    if square:  # an ablation: Square's parameters forced (e.g. sync_every=1, graphs=false)
+        attacks = [dataclasses.replace(a, **square) if a.name == "square" else a for a in attacks]
     t0 = time.perf_counter()  # the compile, when asked for, happens inside and is timed
     r = robust_accuracy(
         model,
@@ -70,12 +79,40 @@ def ours(model, x, y, eps: float, batch_size: int, name: str, compile: bool | No
     )
 
 
+def option(kv: str) -> tuple[str, object]:
+    """'sync_every=1' -> ('sync_every', 1); true/false -> bool."""
+    key, _, value = kv.partition("=")
+    if not value:
+        raise SystemExit(f"--square takes KEY=VALUE, got {kv!r}")
+    low = value.lower()
+    return key, low == "true" if low in ("true", "false") else int(value)
+
+
+def warm_up(model, x, y) -> None:
+    """One forward and backward on a batch before either tool is timed: the device's lazy set-up (cuDNN and
+    cuBLAS handles, kernel selection) would otherwise be charged to whichever tool runs first."""
+    x = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders of the models to evaluate")
     ap.add_argument("--n", type=int, default=1000, help="first N test images (default: 1000)")
     ap.add_argument("--eps", type=float, help="linf eps (default: the run's training eps, else 0.3)")
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument(
+        "--batch-size", type=int, help="both tools' batch (default: evaluate's for the device: 256 CPU, 1000 GPU)"
+    )
+    ap.add_argument(
+        "--square",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="force one of Square's parameters (an ablation), e.g. sync_every=1 or graphs=false; repeatable",
+    )
     ap.add_argument("--suite", default="standard", help="advtune suite to compare (default: standard)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ap.add_argument(
@@ -91,6 +128,7 @@ def main() -> None:
         import pyautoattack  # noqa: F401
     except ImportError:
         raise SystemExit("eval_speed: reference AutoAttack is not installed; pip install -e '.[reference]'")
+    square = dict(option(kv) for kv in args.square)
     torch.manual_seed(0)
     rows = []
     for run in args.runs:
@@ -100,14 +138,17 @@ def main() -> None:
         ds = load_dataset(meta.get("dataset_spec") or meta["dataset"], limit=1, limit_test=args.n)
         x, y = ds.test.tensors()
         model, x, y = model.to(args.device).eval(), x.to(args.device), y.to(args.device)
-        mine_acc, mine_s, detail = ours(model, x, y, eps, args.batch_size, args.suite, args.compile)
-        ref_acc, ref_s = reference(model, x, y, eps, args.batch_size)
-        phases = eval_phases.profile(model, x, y, eps, args.batch_size, args.suite) if args.profile else None
+        batch = args.batch_size or default_batch_size(x.device)
+        warm_up(model, x[:batch], y[:batch])
+        mine_acc, mine_s, detail = ours(model, x, y, eps, batch, args.suite, args.compile, square)
+        ref_acc, ref_s = reference(model, x, y, eps, batch)
+        phases = eval_phases.profile(model, x, y, eps, batch, args.suite) if args.profile else None
         rows.append(
             {
                 "run": run,
                 "architecture": read_meta(run).get("architecture"),
                 "n": len(y),
+                "batch_size": batch,
                 "eps": eps,
                 "clean": detail["clean"],
                 "autoattack_acc": ref_acc,
@@ -146,6 +187,7 @@ def main() -> None:
                 "versions": versions(),
                 "suite": args.suite,
                 "compile": args.compile,
+                "square": square,
                 "device": args.device,
                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
             },

@@ -80,6 +80,9 @@ def main() -> None:
         help="every run after the first draws its own batch order, attack noise and adapter init (run i: seed + i; "
         "default, as recorded in round 15: each replays the first run's seed; required with --restarts > 1)",
     )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="harden's seed: analysis, batch order, attack noise, adapter init"
+    )
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
     args = ap.parse_args()
@@ -107,7 +110,16 @@ def main() -> None:
     vx, vy = full.train.index(torch.arange(args.val_start, args.val_start + args.n)).tensors(torch.device("cpu"))
     threat = ThreatModel("linf", args.eps)
     protocol = [build_attack(s, threat) for s in ("apgd-ce", "apgd-t:n_target_classes=3")]
-    hrun = HardenRun(base=args.base, out="", eps=args.eps, budget=args.budget, limit=args.limit, holdout=0, keep_best=0)
+    hrun = HardenRun(
+        base=args.base,
+        out="",
+        seed=args.seed,
+        eps=args.eps,
+        budget=args.budget,
+        limit=args.limit,
+        holdout=0,
+        keep_best=0,
+    )
     plan = plan_harden(base, ds, hrun)
     hrun = replace(hrun, recipe=plan.recipe)
     for arm in args.arms.split(","):
@@ -179,6 +191,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
                 "switch": args.switch if arm != "single" else None,
                 "restarts": args.restarts if arm != "single" else 0,
                 "fresh_seed": args.fresh_seed,
+                "seed": args.seed,
                 "selection": job.selection_info.get("kind") if job.selection_info else None,
                 "trainable": job.selection_info.get("trainable_params") if job.selection_info else None,
                 "whole": job.selection_info.get("whole") if job.selection_info else None,

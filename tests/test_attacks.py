@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -317,6 +318,116 @@ def test_square_falls_back_to_eager_when_compiling_fails(tiny_model, test_set, m
     assert torch.equal(fell_back, eager)
     assert sum("compiling the model failed" in r.message for r in caplog.records) == 1
     assert square_module._QueryForward.broken
+
+
+def test_square_syncing_once_per_chunk_keeps_its_contract(tiny_model, test_set):
+    """sync_every > 1 (the accelerator default): survivors re-found once per chunk of queries, the random numbers
+    drawn ahead. Same eps-ball and box, a point reported fooled does fool (one fooled early in a chunk is never
+    changed after), and as strong as one sync per query within a few examples; a value < 1 is refused."""
+    x, y = test_set
+    threat = ThreatModel("linf", 0.25)
+    fooled = {}
+    for every in (1, 8, 32):
+        x_adv = Square(threat, queries=100, sync_every=every)(
+            tiny_model, x, y, generator=torch.Generator().manual_seed(0)
+        )
+        assert (x_adv - x).abs().max() <= 0.25 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            fooled[every] = (tiny_model(x_adv).argmax(1) != y).sum().item()
+    assert fooled[1] > 0.3 * len(x)
+    assert abs(fooled[8] - fooled[1]) <= 0.1 * len(x) and abs(fooled[32] - fooled[1]) <= 0.1 * len(x)
+    with pytest.raises(AdvtuneError, match="sync_every must be an integer >= 1"):
+        Square(threat, sync_every=0)
+
+
+def test_square_falls_back_to_eager_queries_when_a_graph_cannot_be_captured(tiny_model, test_set, monkeypatch, caplog):
+    """graphs=True where no CUDA graph can be captured (here: the CPU): one warning, then the eager queries, with
+    the same numbers as graphs=False."""
+    square_module = importlib.import_module("advtune.attacks.square")
+    monkeypatch.setattr(square_module._Queries, "broken", False)
+    x, y = test_set
+    threat = ThreatModel("linf", 0.25)
+    eager = Square(threat, queries=40, graphs=False)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="advtune.attacks.square"):
+        fell_back = Square(threat, queries=40, graphs=True)(
+            tiny_model, x, y, generator=torch.Generator().manual_seed(0)
+        )
+    assert torch.equal(fell_back, eager)
+    assert sum("CUDA graph failed" in r.message for r in caplog.records) == 1
+    assert square_module._Queries.broken
+
+
+def test_square_graph_replays_are_counted_as_queries(tiny_model, test_set, monkeypatch):
+    """A CUDA graph replay never calls the model, so the evaluation's pass counter (a forward pre-hook) is credited
+    per replay, and the warm-up and capture are not counted: the same forward evaluations as eager queries. A
+    stand-in graph (replay = the step with hooks off) makes this checkable without a GPU."""
+    from advtune.cost import uncounted
+    from advtune.evaluation import robust_accuracy
+
+    square_module = importlib.import_module("advtune.attacks.square")
+
+    class StandInGraph:
+        def __init__(self, queries):
+            queries._step()  # the capture's own pass, as a real capture records one (not counted)
+            self.queries = queries
+
+        def replay(self):
+            with uncounted(self.queries.forward.model):
+                self.queries._step()
+
+    x, y = test_set
+    threat = ThreatModel("linf", 0.25)
+    counts = {}
+    for graphs in (False, True):
+        if graphs:
+            monkeypatch.setattr(square_module._Queries, "_try_capture", lambda q: StandInGraph(q))
+        r = robust_accuracy(
+            tiny_model, (x, y), [Square(threat, queries=30, graphs=graphs)], generator=torch.Generator().manual_seed(0)
+        )
+        counts[graphs] = (list(r.forward_evals.values()), r.n_robust_worst)
+    assert counts[True] == counts[False] and counts[False][0][0] > 30 * r.n_robust_worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_square_graph_replays_compute_what_eager_queries_do(tiny_model, test_set):
+    """On a GPU the queries are CUDA graph replays by default: the same points as eager queries, with the same
+    random draws (same seed, same working sets), so the same examples fooled."""
+    x, y = (t.cuda() for t in test_set)
+    model = copy.deepcopy(tiny_model).cuda()  # the fixture is shared: moved in place it would leave the CPU
+    threat = ThreatModel("linf", 0.25)
+    runs = {
+        graphs: Square(threat, queries=200, graphs=graphs)(model, x, y, generator=torch.Generator().manual_seed(0))
+        for graphs in (False, None)
+    }
+    for x_adv in runs.values():
+        assert (x_adv - x).abs().max() <= 0.25 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.allclose(runs[None], runs[False], atol=1e-6)
+    assert not importlib.import_module("advtune.attacks.square")._Queries.broken
+
+
+@pytest.mark.parametrize("every", [1, 7, 32])
+def test_square_gives_every_survivor_every_query_whatever_the_chunk(every):
+    """A model no square can fool (its logits ignore the input): the start and queries - 1 queries, each on all
+    examples, whether the chunks divide the queries or not (7 into 19, 32 over them)."""
+
+    class Stubborn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[int] = []
+
+        def forward(self, x):
+            self.calls.append(len(x))
+            logits = torch.zeros(len(x), 3)
+            logits[:, 0] = 10.0
+            return logits
+
+    model = Stubborn()
+    x, y = torch.rand(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)
+    x_adv = Square(ThreatModel("linf", 0.1), queries=20, sync_every=every)(
+        model, x, y, generator=torch.Generator().manual_seed(0)
+    )
+    assert model.calls == [5] * 20
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
 def test_restarts_only_rerun_survivors(tiny_model, test_set):

@@ -106,6 +106,21 @@ def test_batches_iterable_equals_tensor_pair_and_limit(tiny_model, data):
     assert c.n == 40 and torch.equal(c.robust, a.robust[:40])
 
 
+def test_the_batch_size_defaults_to_the_device_and_is_recorded(tiny_model, data):
+    """No batch size: 256 examples per batch on the CPU (1000 on an accelerator, where small batches leave the
+    device waiting on launches); the record says which was used and reads back."""
+    from advtune.evaluation import EvalResult
+    from advtune.evaluation.protocol import default_batch_size
+
+    x, y = data
+    attacks = [build_attack("bim:steps=2", THREAT)]
+    r = robust_accuracy(tiny_model, (x, y), attacks, gate=False)
+    assert r.batch_size == 256 and r.to_json()["batch_size"] == 256
+    assert EvalResult.from_json({"schema": 1, **r.to_json()}).batch_size == 256
+    assert robust_accuracy(tiny_model, (x, y), attacks, batch_size=32, gate=False).to_json()["batch_size"] == 32
+    assert (default_batch_size(torch.device("cpu")), default_batch_size(torch.device("cuda", 0))) == (256, 1000)
+
+
 def test_cascade_gives_the_same_worst_case_for_less_work(tiny_model, data):
     x, y = data
     attacks = [FGSM(THREAT), build_attack("bim:steps=5", THREAT)]

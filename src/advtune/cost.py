@@ -205,12 +205,38 @@ class PassCounter:
         # is): whoever compiles inside `attached` imports torch._dynamo first (robust_accuracy does).
         hook = torch.compiler.disable(self._hook) if "torch._dynamo" in sys.modules else self._hook
         handle = model.register_forward_pre_hook(hook)
+        _ATTACHED.setdefault(id(model), []).append(self)
         try:
             yield self
         finally:
             handle.remove()
+            _ATTACHED[id(model)].remove(self)
+            if not _ATTACHED[id(model)]:
+                del _ATTACHED[id(model)]
 
     def take(self) -> tuple[int, int]:
         g, f = self.grad, self.fwd
         self.grad = self.fwd = 0
         return g, f
+
+
+# the counters attached to each model (by id): forwards that run without calling the model, CUDA graph replays
+# (Square's queries on a GPU), are credited to them here, since the pre-hook only fires when the graph is captured
+_ATTACHED: dict[int, list[PassCounter]] = {}
+
+
+def count_forwards(model: nn.Module, n: int) -> None:
+    """Credit `n` forward-only examples to every counter attached to `model`, as its hook would have."""
+    for counter in _ATTACHED.get(id(model), ()):
+        counter.fwd += n
+
+
+@contextlib.contextmanager
+def uncounted(model: nn.Module) -> Iterator[None]:
+    """Passes through `model` inside are not counted (a CUDA graph's warm-up and capture: set-up, not queries)."""
+    saved = [(c, c.grad, c.fwd) for c in _ATTACHED.get(id(model), ())]
+    try:
+        yield
+    finally:
+        for c, grad, fwd in saved:
+            c.grad, c.fwd = grad, fwd

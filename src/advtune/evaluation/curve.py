@@ -29,7 +29,7 @@ def eps_curve(
     attack_factory: Callable[[float], Sequence[Attack] | Attack],
     eps_list: Sequence[float],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,  # None: robust_accuracy's default for the model's device
     generator: torch.Generator | None = None,
     limit: int | None = None,
     gate: bool = True,

@@ -61,6 +61,14 @@ def compiled_queries(attacks: Sequence[Attack], compile: bool | None = True) -> 
     ]
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Examples per batch of an evaluation when none is given: 256 on the CPU; 1000 on an accelerator, where a
+    batch of a few hundred images leaves the device waiting on kernel launches and every batch runs its own
+    attack loops (measured on an H200: docs/benchmarks.md). Where 1000 does not fit, the out-of-memory retry
+    halves it, and says so."""
+    return 256 if device.type == "cpu" else 1000
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # honest wall times on asynchronous devices
         torch.cuda.synchronize(device)
@@ -211,7 +219,7 @@ def robust_accuracy(
     data,
     attacks: Sequence[Attack] | Attack,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     generator: torch.Generator | None = None,
     limit: int | None = None,
     cascade: bool = True,
@@ -226,6 +234,7 @@ def robust_accuracy(
         (AutoAttack's protocol, the default; per-attack numbers cumulative). False: every attack on every
         clean-correct example (per-attack numbers comparable).
     gate: run `masking_gate` afterwards and record its findings in `EvalResult.suspect`.
+    batch_size: examples per batch; None: `default_batch_size` of the model's device.
     """
     attacks = _check_attacks(attacks)
     if cascade:  # the cheapest attack breaks the easy examples, so the expensive ones see fewer
@@ -234,11 +243,12 @@ def robust_accuracy(
         raise AdvtuneError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     threat = attacks[0].threat
     specs = [spec_of(a) for a in attacks]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
     device, dtype = model_device(model), model_dtype(model)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_devices(device, data_device(data))  # a meta model (or meta data): one line, not a failed .item()
     started = time.perf_counter()
     counter = PassCounter()
@@ -331,6 +341,7 @@ def robust_accuracy(
             generator,
             cascade,
         )
+        result.batch_size = batch_size
         log.info(
             "clean %.4f, worst case %.4f over %s (n=%d, %s)",
             result.clean_accuracy,

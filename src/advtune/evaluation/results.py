@@ -46,6 +46,7 @@ class EvalRecord(EvalCounts, total=False):
     suspect: list[str]
     gate_grad_evals: int
     total_wall_s: float
+    batch_size: int | None
 
 
 @dataclass
@@ -69,6 +70,7 @@ class EvalResult:
     suspect: list[str] = field(default_factory=list)
     gate_grad_evals: int = 0
     total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
+    batch_size: int | None = None  # examples per batch (random draws depend on it); None: not recorded
     # per evaluated example (CPU tensors, not serialised)
     robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
     broken: dict[str, Tensor] = field(default=None, repr=False)  # int8: 1 broken, 0 survived, -1 not attacked
@@ -109,6 +111,7 @@ class EvalResult:
             "max_perturbation": dict(self.max_perturbation),
             "gate_grad_evals": self.gate_grad_evals,
             "suspect": list(self.suspect),
+            "batch_size": self.batch_size,
         }
 
     @classmethod
@@ -138,6 +141,7 @@ class EvalResult:
             wall_time_s=d["wall_time_s"],
             max_perturbation={k: float("nan") if v is None else v for k, v in d["max_perturbation"].items()},
             seed=d.get("seed"),
+            batch_size=d.get("batch_size"),
             cascade=d.get("mode") == "cascade",
             suspect=d.get("suspect", []),
             gate_grad_evals=d.get("gate_grad_evals", 0),

@@ -279,7 +279,9 @@ class EvaluateRun:
     )
     norm: str = norm_setting()
     limit_test: int | None = setting(1000, help="evaluate the first N test examples")
-    batch_size: int = setting(256, help="examples per batch")
+    batch_size: int | None = setting(
+        None, help="examples per batch (default: 256 on the CPU, 1000 on a GPU; halved where it runs out of memory)"
+    )
     cascade: bool = setting(
         True,
         help="each attack only on the examples still robust, cheapest first (AutoAttack's protocol); "

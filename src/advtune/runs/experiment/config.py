@@ -305,7 +305,7 @@ def harden_recipe(v: dict, evaluation: dict, where: str) -> Recipe:
     batch = default(EvaluateRun, "batch_size")
     if not evaluation.get("cascade", True) or evaluation.get("batch_size", batch) != batch:
         raise AdvtuneError(
-            f"{where}: a harden variant is evaluated by harden itself (cascade, batch {batch}); drop "
+            f"{where}: a harden variant is evaluated by harden itself (cascade, evaluate's default batch); drop "
             "evaluation.cascade/batch_size or use kind: finetune with recipe: harden"
         )
     train = v.get("train") or {}
