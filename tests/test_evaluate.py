@@ -121,6 +121,19 @@ def test_the_batch_size_defaults_to_the_device_and_is_recorded(tiny_model, data)
     assert (default_batch_size(torch.device("cpu")), default_batch_size(torch.device("cuda", 0))) == (256, 1000)
 
 
+def test_dynamo_is_loaded_only_where_square_may_compile():
+    """Square's auto compile (its default) compiles on the CPU only: on a GPU the evaluation does not pay the
+    1.5-3 s import of torch._dynamo, unless a compile is forced."""
+    from advtune.evaluation.protocol import compiled_queries, may_compile
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    standard = suite("standard", THREAT)
+    assert may_compile(standard, cpu) and not may_compile(standard, gpu)
+    assert may_compile(compiled_queries(standard, True), gpu)
+    assert not may_compile(compiled_queries(standard, False), cpu)
+    assert not may_compile([FGSM(THREAT)], cpu)
+
+
 def test_cascade_gives_the_same_worst_case_for_less_work(tiny_model, data):
     x, y = data
     attacks = [FGSM(THREAT), build_attack("bim:steps=5", THREAT)]

@@ -61,6 +61,13 @@ def compiled_queries(attacks: Sequence[Attack], compile: bool | None = True) -> 
     ]
 
 
+def may_compile(attacks: Sequence[Attack], device: torch.device) -> bool:
+    """Whether an attack may torch.compile on `device`: forced (compile=True), or auto (None, Square's
+    default), which compiles on the CPU only. Elsewhere importing dynamo (1.5-3 s) would be time lost."""
+    modes = {a.compile for a in attacks if hasattr(a, "compile")}
+    return True in modes or (None in modes and device.type == "cpu")
+
+
 def default_batch_size(device: torch.device) -> int:
     """Examples per batch of an evaluation when none is given: 256 on the CPU; 1000 on an accelerator, where a
     batch of a few hundred images leaves the device waiting on kernel launches and every batch runs its own
@@ -262,9 +269,9 @@ def robust_accuracy(
     n_known = _length(data)
     total = None if n_known is None else -(-min(n_known, limit or n_known) // batch_size)
     n_clean = n_alive = n_mine = 0
-    # Square may compile (forced, or auto: its default): load dynamo before the counter's hook, which then
-    # stays out of compiled code (PassCounter.attached); traced, its changing count recompiled every call
-    if any(getattr(a, "compile", False) is not False for a in attacks if hasattr(a, "compile")):
+    # Square may compile: load dynamo before the counter's hook, which then stays out of compiled code
+    # (PassCounter.attached); traced, its changing count recompiled every call
+    if may_compile(attacks, device):
         importlib.import_module("torch._dynamo")
     with eval_mode(model), counter.attached(model):
         bar = progress(
