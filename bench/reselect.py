@@ -51,6 +51,7 @@ from advtune.runs.harden_plan import plan_harden
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
 from advtune.train import fit
+from advtune.train.config import SCHEDULES
 
 log = logging.getLogger("reselect")
 
@@ -82,6 +83,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--seed", type=int, default=0, help="harden's seed: analysis, batch order, attack noise, adapter init"
+    )
+    ap.add_argument(
+        "--schedule", choices=SCHEDULES, help="the fine-tuning's rate schedule, over each run (default: harden's)"
     )
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
@@ -160,6 +164,8 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
     table, analysis_ge = analyse(model, ds, hrun)
     ft = finetune_settings(hrun, plan, None)
     ft = replace(ft, train=replace(ft.train, augment=args.augment))  # the frontier's CIFAR-10 variants: crop-flip
+    if args.schedule:  # a decaying rate (Rice et al. 2020: robust accuracy peaks after a decay)
+        ft = replace(ft, train=replace(ft.train, schedule=args.schedule))
     stages = stages_of(arm, args.switch, args.ramp, args.restarts)
     done_share, spent = 0.0, 0
     start = time.perf_counter()
@@ -192,6 +198,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
                 "restarts": args.restarts if arm != "single" else 0,
                 "fresh_seed": args.fresh_seed,
                 "seed": args.seed,
+                "schedule": job.cfg.schedule,
                 "selection": job.selection_info.get("kind") if job.selection_info else None,
                 "trainable": job.selection_info.get("trainable_params") if job.selection_info else None,
                 "whole": job.selection_info.get("whole") if job.selection_info else None,
