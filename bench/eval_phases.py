@@ -14,6 +14,7 @@ comparison with AutoAttack.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -77,7 +78,11 @@ class PhaseTimer(nn.Module):
 def profile(model: nn.Module, x, y, eps: float, batch_size: int, name: str = "standard") -> dict:
     """Per attack of suite `name`: seconds total, in forward, in backward, and the rest."""
     timer = PhaseTimer(model).eval()
-    attacks = compiled_queries(suite(name, ThreatModel.linf(eps)), compile=False)
+    # eager queries: the timer syncs inside the forward, which no CUDA graph can capture
+    attacks = [
+        dataclasses.replace(a, graphs=False) if hasattr(a, "graphs") else a
+        for a in compiled_queries(suite(name, ThreatModel.linf(eps)), compile=False)
+    ]
     phases: dict[str, dict] = {}
     real = protocol._attack_once
 

@@ -80,12 +80,14 @@ def ours(
 
 
 def option(kv: str) -> tuple[str, object]:
-    """'sync_every=1' -> ('sync_every', 1); true/false -> bool."""
+    """'sync_every=1' -> ('sync_every', 1); true/false -> bool; 0.5 -> float."""
     key, _, value = kv.partition("=")
     if not value:
         raise SystemExit(f"--square takes KEY=VALUE, got {kv!r}")
     low = value.lower()
-    return key, low == "true" if low in ("true", "false") else int(value)
+    if low in ("true", "false"):
+        return key, low == "true"
+    return key, float(value) if "." in value else int(value)
 
 
 def warm_up(model, x, y) -> None:

@@ -382,7 +382,10 @@ def test_square_graph_replays_are_counted_as_queries(tiny_model, test_set, monke
         if graphs:
             monkeypatch.setattr(square_module._Queries, "_try_capture", lambda q: StandInGraph(q))
         r = robust_accuracy(
-            tiny_model, (x, y), [Square(threat, queries=30, graphs=graphs)], generator=torch.Generator().manual_seed(0)
+            tiny_model,
+            (x, y),
+            [Square(threat, queries=30, sync_every=4, graphs=graphs)],  # the same working sets either way
+            generator=torch.Generator().manual_seed(0),
         )
         counts[graphs] = (list(r.forward_evals.values()), r.n_robust_worst)
     assert counts[True] == counts[False] and counts[False][0][0] > 30 * r.n_robust_worst
@@ -403,6 +406,38 @@ def test_square_graph_replays_compute_what_eager_queries_do(tiny_model, test_set
         assert (x_adv - x).abs().max() <= 0.25 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert torch.allclose(runs[None], runs[False], atol=1e-6)
     assert not importlib.import_module("advtune.attacks.square")._Queries.broken
+
+
+@pytest.mark.parametrize("every", [1, 7, 32])
+def test_square_chunks_keep_first_successes_and_every_survivors_queries(every):
+    """A linear model (margin = 3 - sum of the perturbation): examples are fooled along the way, so the working set
+    shrinks. Every example still robust at the end got all its queries, and a fooled one ends at exactly the first
+    fooling point it was queried at (the model sees every query and matches it to its clean image), though points
+    fooled inside a chunk are queried on."""
+
+    class Linear(nn.Module):
+        def __init__(self, clean):
+            super().__init__()
+            self.clean, self.seen = clean, torch.zeros(len(clean), dtype=torch.long)
+            self.first = torch.full_like(clean, float("nan"))  # each example's first fooling point queried
+
+        def forward(self, x):
+            who = ((x[:, None] - self.clean[None]).abs().flatten(2).amax(2) <= 0.1 + 1e-6).float().argmax(1)
+            self.seen += torch.bincount(who, minlength=len(self.clean))
+            s = (x - self.clean[who]).flatten(1).sum(1)
+            new = (s > 3.0) & self.first[who].isnan().flatten(1).all(1)
+            self.first[who[new]] = x[new]
+            return torch.stack([torch.full_like(s, 3.0), s], 1)
+
+    clean = 0.2 + 0.6 * torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, y = Linear(clean), torch.zeros(24, dtype=torch.long)
+    x_adv = Square(ThreatModel("linf", 0.1), queries=60, p_init=0.15, sync_every=every)(
+        model, clean, y, generator=torch.Generator().manual_seed(1)
+    )
+    fooled = (x_adv - clean).flatten(1).sum(1) > 3.0
+    assert 0 < fooled.sum() < 24  # the shrinking path runs
+    assert (model.seen[~fooled] == 60).all() and (model.seen[fooled] <= 60).all()
+    assert torch.equal(x_adv[fooled], model.first[fooled])
 
 
 @pytest.mark.parametrize("every", [1, 7, 32])

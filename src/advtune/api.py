@@ -101,7 +101,7 @@ def evaluate(
     norm: str = "linf",
     attacks: str | Attack | Sequence[Attack] = "standard",
     limit: int | None = 1000,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     seed: int = 0,
     cascade: bool = True,
     gate: bool = True,
@@ -113,6 +113,7 @@ def evaluate(
     cascade: each attack runs only on the examples still robust (AutoAttack's protocol; the worst case
     is the same, per-attack numbers become cumulative). gate: the gradient-masking checks, whose
     findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
+    batch_size: None = 256 on the CPU, 1000 on a GPU (halved where it runs out of memory).
     """
     from .inputs import check_devices, data_device
 

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import count_forwards, uncounted
+from ..devices import out_of_memory
+from ..errors import AdvtuneError
 from ..seeding import sample_on
 from ..threat import ThreatModel
 from ._common import (
@@ -80,7 +82,7 @@ AUTO_QUERIES = 500_000
 # dozen small kernels: one sync per query left a GPU idle most of the time. A point fooled inside a chunk is still
 # queried (never changed) until the chunk ends: wasted work, which is cheap where the launches are the cost.
 DEVICE_SYNC_EVERY = 32
-SHRINK_BELOW = 0.75  # on an accelerator, the working set shrinks to the survivors when fewer than this share is left
+SHRINK_BELOW = 0.75  # on an accelerator, the working set shrinks to the survivors when at most this share is left
 
 
 class _QueryForward:
@@ -142,7 +144,7 @@ class _Queries:
         window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (k, 1, h, w)
         x_new = self.threat.project(torch.where(window, self.xs + self.threat.eps * self.sign, self.xb), self.xs)
         with torch.inference_mode():  # a query: no autograd bookkeeping at all (~15% faster forwards on the CPU)
-            logits = self.forward(x_new)
+            logits = self.logits = self.forward(x_new)
         m_new, f_new = margin(logits, self.y, self.target), success(logits, self.y, self.target)
         accept = ~self.fooled & ((m_new < self.m) | f_new)  # a point once fooled keeps its first success
         self.xb.copy_(torch.where(accept.view(-1, 1, 1, 1), x_new, self.xb))
@@ -151,25 +153,43 @@ class _Queries:
 
     def _capture(self):
         saved = (self.xb.clone(), self.m.clone(), self.fooled.clone())
-        with uncounted(self.forward.model):  # the warm-up and the capture are set-up: each replay is counted as a query
-            graph = self._try_capture()
+        # the warm-up, the capture and the check are set-up: each replay is counted as a query
+        with uncounted(self.forward.model):
+            try:
+                graph = self._try_capture()
+            except Exception as e:  # noqa: BLE001 -- any capture failure: the eager queries compute the same
+                if out_of_memory(e):  # not the model's fault: the evaluation's retry in smaller chunks handles it
+                    raise
+                log.warning(
+                    "square: capturing a query as a CUDA graph failed (%s: %s); querying eagerly", type(e).__name__, e
+                )
+                _Queries.broken, graph = True, None
         for kept, value in zip((self.xb, self.m, self.fooled), saved, strict=True):
-            kept.copy_(value)  # the warm-up's query is undone (it ran on the zeroed draws)
+            kept.copy_(value)  # the warm-up's and the check's queries are undone (they ran on the zeroed draws)
         return graph
 
     def _try_capture(self):
-        try:
-            stream = torch.cuda.Stream(self.xs.device)  # warm-up on a side stream (lazy inits), as capture needs
-            stream.wait_stream(torch.cuda.current_stream(self.xs.device))
-            with torch.cuda.stream(stream):
-                self._step()
-            torch.cuda.current_stream(self.xs.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step()
-        except Exception as e:  # noqa: BLE001 -- any capture failure: the eager queries compute the same
-            log.warning("square: capturing a query as a CUDA graph failed (%s: %s); querying eagerly", type(e), e)
-            _Queries.broken, graph = True, None
+        device = self.xs.device
+        with torch.cuda.device(device):  # the capture stream on the tensors' device, whichever device is current
+            before = torch.cuda.current_stream()
+            stream = torch.cuda.Stream()
+            try:
+                stream.wait_stream(before)
+                with torch.cuda.stream(stream):  # warm-up on a side stream (lazy inits), as capture needs
+                    self._step()
+                before.wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    self._step()
+            finally:  # a capture that failed at its end can leave its stream current
+                torch.cuda.set_stream(before)
+            # a capture on the wrong device or stream records nothing, with only a warning: replay once, and the
+            # logits it wrote must be there
+            with torch.inference_mode():
+                self.logits.fill_(float("nan"))
+            graph.replay()
+            if not bool(torch.isfinite(self.logits).all()):
+                raise RuntimeError("the captured query computed nothing (an empty graph)")
         return graph
 
     def query(self, vh: Tensor, vw: Tensor, sign: Tensor, side: int) -> None:
@@ -203,7 +223,9 @@ def _square_run(
     n, c, h, w = x.shape
     compiled = auto_compile(x, n * queries) if compile is None else compile
     forward = _QueryForward(model, compiled)
-    graphed = (x.device.type == "cuda" and not compiled) if graphs is None else graphs
+    graphed = (x.device.type == "cuda" and forward.compiled is None) if graphs is None else graphs
+    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
+        raise AdvtuneError(f"square sync_every must be an integer >= 1, got {sync_every!r}")
     chunk = sync_every or (1 if x.device.type == "cpu" else DEVICE_SYNC_EVERY)
     dev = sample_on(generator, x.device)
     x_best = threat.project(x + threat.eps * _rand_sign((n, c, 1, w), generator, dev, x), x)
@@ -220,8 +242,11 @@ def _square_run(
         alive = int((~fooled).sum())
         if alive == 0:
             break
-        if work is None or (alive < work.k and (chunk == 1 or alive <= SHRINK_BELOW * work.k)):
+        # (with graphs, always the accelerator's rule: each shrink is a new capture)
+        eager_set = chunk == 1 and not (graphed and not _Queries.broken)
+        if work is None or (alive < work.k and (eager_set or alive <= SHRINK_BELOW * work.k)):
             idx = (~fooled).nonzero().flatten()
+            work = None  # the old working set's graph and its memory pool go before the new one is captured
             work = _Queries(forward, x, x_best, m, fooled, y, target, idx, threat, graphed)
         sides = [_side(t, queries, p_init, h, w) for t in range(i, min(i + chunk, queries - 1))]
         draws = [
