@@ -87,7 +87,10 @@ def option(kv: str) -> tuple[str, object]:
     low = value.lower()
     if low in ("true", "false"):
         return key, low == "true"
-    return key, float(value) if "." in value else int(value)
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, float(value)
 
 
 def warm_up(model, x, y) -> None:

@@ -110,6 +110,8 @@ class _QueryForward:
                 _QueryForward.warm = True
                 return out
             except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager forward is the same model
+                if out_of_memory(e):  # memory, not the compiler: the evaluation's retry in smaller chunks handles it
+                    raise
                 log.warning("square: compiling the model failed (%s: %s); querying it eagerly", type(e).__name__, e)
                 self.compiled, _QueryForward.broken = None, True
         return self.model(x)
@@ -136,6 +138,7 @@ class _Queries:
         self.vw = torch.zeros_like(self.vh)
         self.sign = torch.zeros((self.k, x.shape[1], 1, 1), dtype=x.dtype, device=x.device)
         self.side = torch.zeros((), dtype=torch.long, device=x.device)
+        self.ran = torch.zeros((), dtype=torch.int32, device=x.device)
         self.graph = self._capture() if graphed and not _Queries.broken else None
 
     def _step(self) -> None:
@@ -144,12 +147,13 @@ class _Queries:
         window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (k, 1, h, w)
         x_new = self.threat.project(torch.where(window, self.xs + self.threat.eps * self.sign, self.xb), self.xs)
         with torch.inference_mode():  # a query: no autograd bookkeeping at all (~15% faster forwards on the CPU)
-            logits = self.logits = self.forward(x_new)
+            logits = self.forward(x_new)
         m_new, f_new = margin(logits, self.y, self.target), success(logits, self.y, self.target)
         accept = ~self.fooled & ((m_new < self.m) | f_new)  # a point once fooled keeps its first success
         self.xb.copy_(torch.where(accept.view(-1, 1, 1, 1), x_new, self.xb))
         self.m.copy_(torch.where(accept, m_new, self.m))
         self.fooled.copy_(self.fooled | f_new)
+        self.ran.fill_(1)  # a sentinel the capture check reads: a replay that ran the step sets it
 
     def _capture(self):
         saved = (self.xb.clone(), self.m.clone(), self.fooled.clone())
@@ -158,7 +162,9 @@ class _Queries:
             try:
                 graph = self._try_capture()
             except Exception as e:  # noqa: BLE001 -- any capture failure: the eager queries compute the same
-                if out_of_memory(e):  # not the model's fault: the evaluation's retry in smaller chunks handles it
+                # not the model's fault: the evaluation's retry in smaller chunks handles it (an out-of-memory error
+                # inside a capture can surface as the capture's own failure, with it as the context)
+                if any(c is not None and out_of_memory(c) for c in (e, e.__context__, e.__cause__)):
                     raise
                 log.warning(
                     "square: capturing a query as a CUDA graph failed (%s: %s); querying eagerly", type(e).__name__, e
@@ -183,12 +189,10 @@ class _Queries:
                     self._step()
             finally:  # a capture that failed at its end can leave its stream current
                 torch.cuda.set_stream(before)
-            # a capture on the wrong device or stream records nothing, with only a warning: replay once, and the
-            # logits it wrote must be there
-            with torch.inference_mode():
-                self.logits.fill_(float("nan"))
+            # a capture on the wrong device or stream records nothing, with only a warning: replay once and check
+            self.ran.zero_()
             graph.replay()
-            if not bool(torch.isfinite(self.logits).all()):
+            if not bool(self.ran):
                 raise RuntimeError("the captured query computed nothing (an empty graph)")
         return graph
 
@@ -220,12 +224,12 @@ def _square_run(
     sync_every: int | None = None,
     graphs: bool | None = None,
 ) -> Best:
+    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
+        raise AdvtuneError(f"square sync_every must be an integer >= 1, got {sync_every!r}")
     n, c, h, w = x.shape
     compiled = auto_compile(x, n * queries) if compile is None else compile
     forward = _QueryForward(model, compiled)
     graphed = (x.device.type == "cuda" and forward.compiled is None) if graphs is None else graphs
-    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
-        raise AdvtuneError(f"square sync_every must be an integer >= 1, got {sync_every!r}")
     chunk = sync_every or (1 if x.device.type == "cpu" else DEVICE_SYNC_EVERY)
     dev = sample_on(generator, x.device)
     x_best = threat.project(x + threat.eps * _rand_sign((n, c, 1, w), generator, dev, x), x)
