@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 23's GPU target, in one call of a lent GPU machine (~6 minutes on an H200): train the two
+# Issue 23's GPU target, in one call of a lent GPU machine (~6 minutes on an H200): Square's graph tests, then train the two
 # adversarially trained models the target names (MNIST small-cnn PGD-10 AT at eps 0.3, the frontier's
 # reference; CIFAR-10 vgg-cifar PGD-5 AT at 8/255 on the first 10,000 images, the CIFAR-10 frontier's), then
 # advtune's standard suite against reference AutoAttack on the first 1000 test images of each
@@ -22,6 +22,10 @@ mkdir -p "$work" "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L || true
 $py -c "import torch, pyautoattack; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+
+# Square's graph tests first (the CUDA-only one checks replays against eager queries); a failure is reported, not fatal
+timeout 180 $py -m pytest -q -p no:cacheprovider -o addopts="" tests/test_attacks.py \
+    -k "square_graph or square_chunks or square_falls or square_syncing" 2>&1 | tail -3 | tee "$out/pytest-square.txt" || true
 
 train() {  # name, then advtune train's arguments; skipped when its model is there (a rerun resumes)
     local name=$1
