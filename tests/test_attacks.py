@@ -297,6 +297,19 @@ def test_square_compiled_queries_match_eager(tiny_model, test_set, monkeypatch):
     assert len(compiled_calls) > 10 and not square_module._QueryForward.broken  # the queries did go compiled
 
 
+def _falls_back_once(model, data, caplog, option: str, warning: str) -> None:
+    """Square with `option` forced on (where it cannot work) gives one warning and the numbers of it forced off."""
+    x, y = data
+    threat = ThreatModel("linf", 0.25)
+    eager = Square(threat, queries=40, **{option: False})(model, x, y, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="advtune.attacks.square"):
+        fell_back = Square(threat, queries=40, **{option: True})(
+            model, x, y, generator=torch.Generator().manual_seed(0)
+        )
+    assert torch.equal(fell_back, eager)
+    assert sum(warning in r.message for r in caplog.records) == 1
+
+
 def test_square_falls_back_to_eager_when_compiling_fails(tiny_model, test_set, monkeypatch, caplog):
     square_module = importlib.import_module("advtune.attacks.square")
 
@@ -308,15 +321,7 @@ def test_square_falls_back_to_eager_when_compiling_fails(tiny_model, test_set, m
 
     monkeypatch.setattr(square_module.torch, "compile", broken_compile)
     monkeypatch.setattr(square_module._QueryForward, "broken", False)
-    x, y = test_set
-    threat = ThreatModel("linf", 0.25)
-    eager = Square(threat, queries=40)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
-    with caplog.at_level("WARNING", logger="advtune.attacks.square"):
-        fell_back = Square(threat, queries=40, compile=True)(
-            tiny_model, x, y, generator=torch.Generator().manual_seed(0)
-        )
-    assert torch.equal(fell_back, eager)
-    assert sum("compiling the model failed" in r.message for r in caplog.records) == 1
+    _falls_back_once(tiny_model, test_set, caplog, "compile", "compiling the model failed")
     assert square_module._QueryForward.broken
 
 
@@ -341,19 +346,10 @@ def test_square_syncing_once_per_chunk_keeps_its_contract(tiny_model, test_set):
 
 
 def test_square_falls_back_to_eager_queries_when_a_graph_cannot_be_captured(tiny_model, test_set, monkeypatch, caplog):
-    """graphs=True where no CUDA graph can be captured (here: the CPU): one warning, then the eager queries, with
-    the same numbers as graphs=False."""
+    """graphs=True where no CUDA graph can be captured (here: the CPU)."""
     square_module = importlib.import_module("advtune.attacks.square")
     monkeypatch.setattr(square_module._Queries, "broken", False)
-    x, y = test_set
-    threat = ThreatModel("linf", 0.25)
-    eager = Square(threat, queries=40, graphs=False)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))
-    with caplog.at_level("WARNING", logger="advtune.attacks.square"):
-        fell_back = Square(threat, queries=40, graphs=True)(
-            tiny_model, x, y, generator=torch.Generator().manual_seed(0)
-        )
-    assert torch.equal(fell_back, eager)
-    assert sum("CUDA graph failed" in r.message for r in caplog.records) == 1
+    _falls_back_once(tiny_model, test_set, caplog, "graphs", "CUDA graph failed")
     assert square_module._Queries.broken
 
 

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from ..cost import count_forwards, uncounted
 from ..devices import out_of_memory
-from ..errors import AdvtuneError
 from ..seeding import sample_on
 from ..threat import ThreatModel
 from ._common import (
@@ -224,11 +223,10 @@ def _square_run(
     sync_every: int | None = None,
     graphs: bool | None = None,
 ) -> Best:
-    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
-        raise AdvtuneError(f"square sync_every must be an integer >= 1, got {sync_every!r}")
+    if sync_every is not None:
+        check_int("square sync_every", sync_every)
     n, c, h, w = x.shape
-    compiled = auto_compile(x, n * queries) if compile is None else compile
-    forward = _QueryForward(model, compiled)
+    forward = _QueryForward(model, auto_compile(x, n * queries) if compile is None else compile)
     graphed = (x.device.type == "cuda" and forward.compiled is None) if graphs is None else graphs
     chunk = sync_every or (1 if x.device.type == "cpu" else DEVICE_SYNC_EVERY)
     dev = sample_on(generator, x.device)
@@ -246,9 +244,8 @@ def _square_run(
         alive = int((~fooled).sum())
         if alive == 0:
             break
-        # (with graphs, always the accelerator's rule: each shrink is a new capture)
-        eager_set = chunk == 1 and not (graphed and not _Queries.broken)
-        if work is None or (alive < work.k and (eager_set or alive <= SHRINK_BELOW * work.k)):
+        # (a working set replayed as a graph always follows the accelerator's rule: each shrink is a new capture)
+        if work is None or (alive < work.k and ((chunk == 1 and work.graph is None) or alive <= SHRINK_BELOW * work.k)):
             idx = (~fooled).nonzero().flatten()
             work = None  # the old working set's graph and its memory pool go before the new one is captured
             work = _Queries(forward, x, x_best, m, fooled, y, target, idx, threat, graphed)
