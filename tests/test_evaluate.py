@@ -12,7 +12,7 @@ from torch import nn
 
 from advtune.attacks import FGSM, PGD, build_attack
 from advtune.errors import AdvtuneError
-from advtune.evaluation import eps_curve, robust_accuracy, suite
+from advtune.evaluation import EvalResult, eps_curve, robust_accuracy, suite
 from advtune.report import plot_eps_curve
 from advtune.threat import ThreatModel
 from conftest import TinyCNN
@@ -451,6 +451,9 @@ def test_out_of_memory_retries_in_smaller_chunks(tiny_model, data, caplog):
     assert "out of memory on 50 examples" in caplog.text and "12 at a time" in caplog.text
     assert caplog.text.count("out of memory") == 2  # 50 -> 25 -> 12, then the second batch starts at 12
     assert sizes[:3] == [50, 25, 12] and max(sizes[3:]) <= 12  # what fit is kept for the rest of the run
+    # the record says so (the batch asked for and the chunk the attack ran in), and reads back
+    assert r.batch_size == 50 and r.attack_chunks == {pgd.spec: 12} and ref.attack_chunks == {}
+    assert EvalResult.from_json(r.to_json()).attack_chunks == {pgd.spec: 12}
 
 
 def test_out_of_memory_on_one_example_is_one_line(tiny_model, data):

@@ -335,6 +335,8 @@ def robust_accuracy(
                 t = tallies[s]
                 t.grads, t.fwds = (int(v) for v in all_sum([t.grads, t.fwds]))
                 t.seconds, t.max_pert = all_max([t.seconds, t.max_pert])
+            fits = all_gather(fit)  # a rank's chunk after its out-of-memory halving: the smallest is recorded
+            fit = {s: min(f[s] for f in fits if s in f) for s in specs if any(s in f for f in fits)}
         for bt in done:
             for s in specs:
                 tallies[s].status.append(bt.status[s])
@@ -349,6 +351,7 @@ def robust_accuracy(
             cascade,
         )
         result.batch_size = batch_size
+        result.attack_chunks = dict(fit)
         log.info(
             "clean %.4f, worst case %.4f over %s (n=%d, %s)",
             result.clean_accuracy,

@@ -47,6 +47,7 @@ class EvalRecord(EvalCounts, total=False):
     gate_grad_evals: int
     total_wall_s: float
     batch_size: int | None
+    attack_chunks: dict[str, int]
 
 
 @dataclass
@@ -71,6 +72,9 @@ class EvalResult:
     gate_grad_evals: int = 0
     total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
     batch_size: int | None = None  # examples per batch (random draws depend on it); None: not recorded
+    # per attack that ran out of device memory: the examples per chunk it ran in after halving (the draws of a
+    # split batch differ from a whole one's); absent: every attack ran whole batches
+    attack_chunks: dict[str, int] = field(default_factory=dict)
     # per evaluated example (CPU tensors, not serialised)
     robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
     broken: dict[str, Tensor] = field(default=None, repr=False)  # int8: 1 broken, 0 survived, -1 not attacked
@@ -112,6 +116,7 @@ class EvalResult:
             "gate_grad_evals": self.gate_grad_evals,
             "suspect": list(self.suspect),
             "batch_size": self.batch_size,
+            "attack_chunks": dict(self.attack_chunks),
         }
 
     @classmethod
@@ -142,6 +147,7 @@ class EvalResult:
             max_perturbation={k: float("nan") if v is None else v for k, v in d["max_perturbation"].items()},
             seed=d.get("seed"),
             batch_size=d.get("batch_size"),
+            attack_chunks=d.get("attack_chunks", {}),
             cascade=d.get("mode") == "cascade",
             suspect=d.get("suspect", []),
             gate_grad_evals=d.get("gate_grad_evals", 0),
