@@ -241,6 +241,14 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
         merge_curves(published, robust_differs)
     with pytest.raises(AdvtuneError, match="this run's frontier has no standard model's curve.*--replace"):
         merge_curves(published, new[1:])
+    # curves trained from scratch start from no base: they join the published ones whatever this run's base was,
+    # and the published standard curve stays; one fine-tuned curve beside them brings the check back
+    at = _pt("at", "train", 900, 0.45)
+    merged, kept = merge_curves(published, [*other_base[:1], at])
+    assert kept == ["standard", "a", "b"] and [p.variant for p in merged] == ["standard", "a", "a", "b", "at"]
+    assert merged[0].clean_acc == std["clean_acc"]
+    with pytest.raises(AdvtuneError, match="differs from the published one"):
+        merge_curves(published, [*other_base, at])
 
     dest = tmp_path / "frontier-x-eps0.2"  # a dot in the name, as the real configs have
     (tmp_path / "frontier-x-eps0.2.json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))

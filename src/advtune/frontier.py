@@ -174,9 +174,16 @@ def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list
     name, the others are kept, in the published order. Returns the points and the names kept.
     Curves of two runs belong on one plot only if they start from the same base model, so where both
     hold the standard model's curve its points must agree (accuracies and cost; the wall time may not):
-    otherwise, or where either lacks that curve, the merge is refused with a one-line error."""
+    otherwise, or where either lacks that curve, the merge is refused with a one-line error. A run whose
+    only curves besides the standard model's are trained from scratch (kind train: the references) starts
+    from no base, so its curves join whatever base was published, and the published standard curve stays."""
     old, fresh = curves(as_points(published, "the published frontier")), curves(as_points(new))
     fields = ("variant", "step", "total_grad_evals", "clean_acc", "robust_acc")
+    scratch = {v: c for v, c in fresh.items() if c[0].kind == "train"}
+    if scratch and all(c[0].kind in ("train", "standard") for c in fresh.values()):
+        kept = [v for v in old if v not in scratch]
+        merged = [p for v in old for p in (scratch[v] if v in scratch else old[v])]
+        return merged + [p for v in scratch if v not in old for p in scratch[v]], kept
 
     def base(by: dict[str, list[FrontierPoint]], where: str) -> list[tuple]:
         pts = [tuple(getattr(p, f) for f in fields) for v in by.values() if v[0].kind == "standard" for p in v]
