@@ -1,0 +1,196 @@
+"""How much of full-network adversarial fine-tuning fits in 10% of the parameters? A diagnostic for issue 21.
+
+On the residual network every selective recipe ends 6-8 points under full-network fine-tuning at equal compute
+(RESULTS rounds 6-17), whatever the rule (whole layers, low-rank adapters, single entries), the rate, the
+schedule or the budget (20% bought under a point). Two readings are possible: the optimizer cannot *find* a small
+change as good as the full one, or there *is* none near the standard model. This script asks the second question
+directly: it takes the change full fine-tuning made, D = W_tuned - W_base for every conv and linear weight, keeps
+the best part of it that a budget of parameter entries can hold, puts that back on the base and measures what is
+left, on the VALIDATION split (never test). Each kept part is the best of its shape for the budget, not one a
+selection could find before training, so the numbers are upper bounds on what that shape of selection can
+reach by imitating full fine-tuning (it could still find another, better change of its own).
+
+  full     all of D (must give the fine-tuned model's own accuracy: the check that nothing is lost in between)
+  norms    none of D: the base's weights with the fine-tuned model's normalization layers and biases
+  lowrank  per layer the best low-rank approximation of D (conv: out x in*k*k), singular directions taken across
+           all layers by captured energy per entry (sigma^2 / (out + in*k*k)) while the budget lasts: what
+           low-rank adapters of the best ranks hold at best (LoRA-style; Biderman et al. 2024, "LoRA Learns Less
+           and Forgets Less", found full fine-tuning's change to be of far higher rank than LoRA's, from memory)
+  sparse   the entries with the largest |D| over all layers: what an entry mask holds at best
+  layers   whole layers, by ||D||^2 per entry, while they fit: what whole-layer selection holds at best
+
+Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale, shift and statistics,
+as harden's default trains them) and pays their entries out of the budget, as harden does.
+
+    .venv/bin/advtune finetune runs/frontier-cifar10-resnet/standard --out runs/delta-fullft --eps 8/255 \
+        --select all --attack pgd:steps=5 --eps-warmup 0.15 --budget 540000 --batch-size 64 --lr 0.003 \
+        --ema 0.99 --augment crop-flip --limit 45000 --limit-test 1000 --monitor-test 0 --seed 0
+    .venv/bin/python bench/delta_truncate.py runs/frontier-cifar10-resnet/standard runs/delta-fullft \
+        --eps 8/255 --val-start 45000 --shares 0.1 --out docs/results/delta-truncate-cifar10-resnet.jsonl
+
+One JSON line per arm: validation worst case (APGD-CE + APGD-T with 3 targets) and clean accuracy, the entries
+kept and the share of ||D||^2 they hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+
+from advtune.attacks import build_attack
+from advtune.evaluation.protocol import robust_accuracy
+from advtune.runs.common import dataset_of, load_base
+from advtune.settings import parse_number
+from advtune.threat import ThreatModel
+
+log = logging.getLogger("delta_truncate")
+
+ARMS = ("full", "norms", "lowrank", "sparse", "layers")
+
+
+def weight_deltas(base: nn.Module, tuned: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """{name of a conv or linear module: (its base weight, tuned - base)}; the two models must match."""
+    tuned_mods = dict(tuned.named_modules())
+    out = {}
+    for name, m in base.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            t = tuned_mods.get(name)
+            if t is None or type(t) is not type(m) or t.weight.shape != m.weight.shape:
+                raise SystemExit(f"the tuned model has no {type(m).__name__} {name!r} of shape {tuple(m.weight.shape)}")
+            out[name] = (m.weight.detach().clone(), (t.weight - m.weight).detach().clone())
+    return out
+
+
+def lowrank_part(deltas: dict[str, Tensor], budget: int) -> tuple[dict[str, Tensor], int]:
+    """The best low-rank part of each delta, ranks chosen across layers by sigma^2 per entry of storage."""
+    svds, cands = {}, []
+    for name, d in deltas.items():
+        u, s, vh = torch.linalg.svd(d.flatten(1).double(), full_matrices=False)
+        svds[name] = (u, s, vh)
+        cost = d.shape[0] + d[0].numel()
+        cands += [(float(s[i] ** 2) / cost, name, i, cost) for i in range(len(s))]
+    ranks, spent = dict.fromkeys(deltas, 0), 0
+    for _, name, i, cost in sorted(cands, key=lambda c: -c[0]):
+        if spent + cost <= budget and ranks[name] == i:  # a layer's directions in order (sigma descending)
+            ranks[name], spent = i + 1, spent + cost
+    part = {}
+    for name, d in deltas.items():
+        u, s, vh = svds[name]
+        r = ranks[name]
+        part[name] = ((u[:, :r] * s[:r]) @ vh[:r]).reshape(d.shape).to(d.dtype)
+    return part, spent
+
+
+def sparse_part(deltas: dict[str, Tensor], budget: int) -> tuple[dict[str, Tensor], int]:
+    """The `budget` entries of largest |delta| over every layer."""
+    flat = torch.cat([d.abs().flatten() for d in deltas.values()])
+    k = min(budget, len(flat))
+    if k == 0:
+        return {n: torch.zeros_like(d) for n, d in deltas.items()}, 0
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[flat.topk(k).indices] = True
+    part, at = {}, 0
+    for name, d in deltas.items():
+        part[name] = torch.where(keep[at : at + d.numel()].reshape(d.shape), d, torch.zeros_like(d))
+        at += d.numel()
+    return part, k
+
+
+def layers_part(deltas: dict[str, Tensor], budget: int) -> tuple[dict[str, Tensor], int]:
+    """Whole layers by ||delta||^2 per entry, each taken while it fits."""
+    part, spent = {n: torch.zeros_like(d) for n, d in deltas.items()}, 0
+    for name, d in sorted(deltas.items(), key=lambda kv: -float(kv[1].pow(2).sum()) / kv[1].numel()):
+        if spent + d.numel() <= budget:
+            part[name], spent = d.clone(), spent + d.numel()
+    return part, spent
+
+
+def patched(tuned: nn.Module, weights: dict[str, tuple[Tensor, Tensor]], part: dict[str, Tensor]) -> nn.Module:
+    """The tuned model (its normalization layers and biases) with each conv/linear weight = base + part."""
+    model = copy.deepcopy(tuned)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (w0, _) in weights.items():
+            mods[name].weight.copy_(w0 + part[name])
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base", help="the standard model's run folder")
+    p.add_argument("tuned", help="the full-network fine-tuning's run folder (from BASE)")
+    p.add_argument("--eps", required=True, type=parse_number, help="0.3, 8/255, ...")
+    p.add_argument("--val-start", type=int, required=True, help="first validation image of the training split")
+    p.add_argument("--n", type=int, default=1000, help="validation images")
+    p.add_argument("--shares", default="0.1", help="comma list: budgets as shares of the model's parameters")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--out", required=True, help="JSON lines file the results are appended to")
+    args = p.parse_args()
+    arms = args.arms.split(",")
+    if set(arms) - set(ARMS):
+        raise SystemExit(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}: {', '.join(ARMS)}")
+    shares = [float(s) for s in args.shares.split(",")]
+    if any(not 0 < s < 1 for s in shares):
+        raise SystemExit(f"--shares must be in (0, 1), got {args.shares}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    base, meta, cfg = load_base(args.base, "cpu")
+    tuned, _, tuned_cfg = load_base(args.tuned, "cpu")
+    weights = weight_deltas(base, tuned)
+    deltas = {n: d for n, (_, d) in weights.items()}
+    total = sum(p.numel() for p in base.parameters())
+    extras = total - sum(d.numel() for d in deltas.values())  # normalization layers and biases, always kept
+    energy = sum(float(d.pow(2).sum()) for d in deltas.values())
+    full = dataset_of(cfg, meta, None)
+    if len(full.train) < args.val_start + args.n:
+        raise SystemExit(f"no {args.n} validation images after training image {args.val_start}")
+    limit = tuned_cfg.get("run", {}).get("limit")
+    if limit is not None and limit > args.val_start:
+        raise SystemExit(f"the tuned run trained on {limit} images: --val-start {args.val_start} would overlap them")
+    val = full.train.index(torch.arange(args.val_start, args.val_start + args.n)).tensors(torch.device("cpu"))
+    threat = ThreatModel("linf", args.eps)
+    protocol = [build_attack(s, threat) for s in ("apgd-ce", "apgd-t:n_target_classes=3")]
+    rules = {"lowrank": lowrank_part, "sparse": sparse_part, "layers": layers_part}
+    runs = [(a, None) for a in arms if a in ("full", "norms")] + [(a, s) for s in shares for a in arms if a in rules]
+    for arm, share in runs:
+        t0 = time.perf_counter()
+        if arm == "full":
+            part, kept = deltas, sum(d.numel() for d in deltas.values())
+        elif arm == "norms":
+            part, kept = {n: torch.zeros_like(d) for n, d in deltas.items()}, 0
+        else:
+            part, kept = rules[arm](deltas, int(share * total) - extras)
+        res = robust_accuracy(
+            patched(tuned, weights, part),
+            val,
+            protocol,
+            batch_size=500,
+            generator=torch.Generator().manual_seed(0),
+            gate=False,
+        )
+        line = {
+            "arm": arm,
+            "share": share,
+            "kept_entries": kept,
+            "extras": extras,
+            "trainable_share": (kept + extras) / total,
+            "energy_kept": sum(float(d.pow(2).sum()) for d in part.values()) / energy,
+            "val_robust": res.n_robust_worst / res.n,
+            "val_clean": res.n_clean_correct / res.n,
+            "n": res.n,
+            "eval_s": round(time.perf_counter() - t0, 1),
+            "base": args.base,
+            "tuned": args.tuned,
+        }
+        log.info("%s", line)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

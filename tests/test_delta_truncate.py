@@ -1,0 +1,54 @@
+"""bench/delta_truncate.py (issue 21's diagnostic): each truncation of a fine-tuning's change keeps at most its
+budget of entries, keeps the best part of its shape, and the patched model is the base plus that part."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import delta_truncate as dt  # noqa: E402
+
+
+def _models():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    tuned = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned[0].weight.add_(0.1 * torch.randn_like(tuned[0].weight))
+        tuned[4].weight.add_(torch.outer(torch.randn(10), torch.randn(128)))  # a rank-1 change
+        tuned[1].weight.add_(1.0)  # a normalization change, kept by every arm
+    return base, tuned
+
+
+def test_truncations_keep_their_budget_and_the_best_of_their_shape():
+    base, tuned = _models()
+    weights = dt.weight_deltas(base, tuned)
+    deltas = {n: d for n, (_, d) in weights.items()}
+    # the linear layer's change is rank 1: one direction (10 + 128 entries) holds all of it
+    part, kept = dt.lowrank_part({"4": deltas["4"]}, 138)
+    assert kept == 138 and torch.allclose(part["4"], deltas["4"], atol=1e-5)
+    part, kept = dt.lowrank_part(deltas, 100)  # too little for that direction: the conv's first directions
+    assert kept <= 100 and part["4"].abs().max() == 0 and part["0"].abs().max() > 0
+    part, kept = dt.sparse_part(deltas, 50)
+    assert kept == 50 == sum(int((p != 0).sum()) for p in part.values())
+    smallest_kept = min(p[p != 0].abs().min() for p in part.values() if (p != 0).any())
+    largest_dropped = max((d - p).abs().max() for d, p in zip(deltas.values(), part.values()))
+    assert smallest_kept >= largest_dropped
+    part, kept = dt.layers_part(deltas, 300)  # the conv (216 entries) fits, the linear (1280) does not
+    assert kept == 216 and torch.equal(part["0"], deltas["0"]) and part["4"].abs().max() == 0
+    model = dt.patched(tuned, weights, part)
+    assert torch.equal(model[0].weight, tuned[0].weight) and torch.equal(model[4].weight, base[4].weight)
+    assert torch.equal(model[1].weight, tuned[1].weight)  # normalization layers from the tuned model
+
+
+def test_models_that_do_not_match_are_refused():
+    base, _ = _models()
+    other = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(SystemExit, match="the tuned model has no Conv2d '0' of shape"):
+        dt.weight_deltas(base, other)
