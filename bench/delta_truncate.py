@@ -19,8 +19,11 @@ reach by imitating full fine-tuning (it could still find another, better change 
   sparse   the entries with the largest |D| over all layers: what an entry mask holds at best
   layers   whole layers, by ||D||^2 per entry, while they fit: what whole-layer selection holds at best
 
-Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale, shift and statistics,
-as harden's default trains them) and pays their entries out of the budget, as harden does.
+Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale and shift, as
+harden's default trains them) and pays their entries out of the budget, as harden does. The BatchNorm statistics
+of the tuned model belong to its own weights (with the base's weights under them the tuned statistics leave 9.6%
+clean accuracy), so every arm, `full` included, re-estimates them (`--recalibrate` N training images, PGD-5
+examples of the patched model, batches of 64 as in training, a plain average over the batches).
 
     .venv/bin/advtune finetune runs/frontier-cifar10-resnet/standard --out runs/delta-fullft --eps 8/255 \
         --select all --attack pgd:steps=5 --eps-warmup 0.15 --budget 540000 --batch-size 64 --lr 0.003 \
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 
 from advtune.attacks import build_attack
 from advtune.evaluation.protocol import robust_accuracy
+from advtune.metrics import adversarial_examples
 from advtune.runs.common import dataset_of, load_base
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
@@ -121,6 +125,27 @@ def patched(tuned: nn.Module, weights: dict[str, tuple[Tensor, Tensor]], part: d
     return model
 
 
+def recalibrate(model: nn.Module, x: Tensor, y: Tensor, attack, seed: int = 0, batch: int = 64) -> nn.Module:
+    """Re-estimate every BatchNorm's statistics on adversarial examples of `model` (crafted with the statistics it
+    has): the average over batches of `batch` (momentum None), as the training's batches saw them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    x_adv = adversarial_examples(model, attack, x, y, 256, seed)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x_adv), batch):
+            model(x_adv[i : i + batch])
+    model.eval()
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the standard model's run folder")
@@ -130,6 +155,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000, help="validation images")
     p.add_argument("--shares", default="0.1", help="comma list: budgets as shares of the model's parameters")
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--recalibrate", type=int, default=2000, help="training images for the BatchNorm statistics")
     p.add_argument("--out", required=True, help="JSON lines file the results are appended to")
     args = p.parse_args()
     arms = args.arms.split(",")
@@ -155,6 +181,12 @@ def main() -> None:
     val = full.train.index(torch.arange(args.val_start, args.val_start + args.n)).tensors(torch.device("cpu"))
     threat = ThreatModel("linf", args.eps)
     protocol = [build_attack(s, threat) for s in ("apgd-ce", "apgd-t:n_target_classes=3")]
+    if args.recalibrate < 0:
+        raise SystemExit(
+            f"--recalibrate must be >= 0 training images (0: keep the tuned statistics), got {args.recalibrate}"
+        )
+    rx, ry = full.train.take(max(args.recalibrate, 1)).tensors(torch.device("cpu"))
+    pgd5 = build_attack("pgd:steps=5", threat)
     rules = {"lowrank": lowrank_part, "sparse": sparse_part, "layers": layers_part}
     runs = [(a, None) for a in arms if a in ("full", "norms")] + [(a, s) for s in shares for a in arms if a in rules]
     for arm, share in runs:
@@ -165,8 +197,13 @@ def main() -> None:
             part, kept = {n: torch.zeros_like(d) for n, d in deltas.items()}, 0
         else:
             part, kept = rules[arm](deltas, int(share * total) - extras)
+        model = (
+            recalibrate(patched(tuned, weights, part), rx, ry, pgd5)
+            if args.recalibrate
+            else patched(tuned, weights, part)
+        )
         res = robust_accuracy(
-            patched(tuned, weights, part),
+            model,
             val,
             protocol,
             batch_size=500,
@@ -184,6 +221,7 @@ def main() -> None:
             "val_clean": res.n_clean_correct / res.n,
             "n": res.n,
             "eval_s": round(time.perf_counter() - t0, 1),
+            "recalibrate": args.recalibrate,
             "base": args.base,
             "tuned": args.tuned,
         }

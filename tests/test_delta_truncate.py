@@ -52,3 +52,23 @@ def test_models_that_do_not_match_are_refused():
     other = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(SystemExit, match="the tuned model has no Conv2d '0' of shape"):
         dt.weight_deltas(base, other)
+
+
+def test_recalibrate_reestimates_the_statistics_on_the_attacks_examples():
+    """The tuned statistics belong to the tuned weights: each arm gets statistics of its own, the average of the
+    per-batch statistics of what the attack returns, and the layer's momentum is left as it was."""
+    base, _ = _models()
+    base[1].running_mean.fill_(5.0)
+    x, y = torch.rand(96, 3, 6, 6), torch.randint(0, 10, (96,))
+
+    class Shift:  # an "attack" whose examples are known: every pixel + 0.5
+        spec = "shift"
+
+        def __call__(self, model, x, y, *, generator=None):
+            return x + 0.5
+
+    dt.recalibrate(base, x, y, Shift(), batch=32)
+    with torch.no_grad():
+        per_batch = [base[0](x[i : i + 32] + 0.5).mean((0, 2, 3)) for i in range(0, 96, 32)]
+    assert torch.allclose(base[1].running_mean, torch.stack(per_batch).mean(0), atol=1e-5)
+    assert base[1].momentum == 0.1 and not base.training
