@@ -42,6 +42,7 @@ import torch
 from advtune.attacks import build_attack
 from advtune.cost import CostMeter
 from advtune.evaluation.protocol import robust_accuracy
+from advtune.recipe import Recipe
 from advtune.runs.analyze import analyze_model
 from advtune.runs.common import dataset_of, load_base
 from advtune.runs.configs import HardenRun
@@ -85,6 +86,11 @@ def main() -> None:
         "--seed", type=int, default=0, help="harden's seed: analysis, batch order, attack noise, adapter init"
     )
     ap.add_argument(
+        "--params",
+        type=parse_number,
+        help="the selection's parameter budget: a share (< 1) or a number of entries (default: harden's 10%%)",
+    )
+    ap.add_argument(
         "--schedule", choices=SCHEDULES, help="the fine-tuning's rate schedule, over each run (default: harden's)"
     )
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
@@ -118,6 +124,7 @@ def main() -> None:
         base=args.base,
         out="",
         seed=args.seed,
+        recipe=Recipe() if args.params is None else replace(Recipe(), params=args.params),
         eps=args.eps,
         budget=args.budget,
         limit=args.limit,
@@ -198,6 +205,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
                 "restarts": args.restarts if arm != "single" else 0,
                 "fresh_seed": args.fresh_seed,
                 "seed": args.seed,
+                "params": hrun.recipe.params,
                 "schedule": job.cfg.schedule,
                 "selection": job.selection_info.get("kind") if job.selection_info else None,
                 "trainable": job.selection_info.get("trainable_params") if job.selection_info else None,
