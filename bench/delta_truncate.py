@@ -3,12 +3,12 @@
 On the residual network every selective recipe ends 6-8 points under full-network fine-tuning at equal compute
 (RESULTS rounds 6-17), whatever the rule (whole layers, low-rank adapters, single entries), the rate, the
 schedule or the budget (20% bought under a point). Two readings are possible: the optimizer cannot *find* a small
-change as good as the full one, or there *is* none near the standard model. This script asks the second question
-directly: it takes the change full fine-tuning made, D = W_tuned - W_base for every conv and linear weight, keeps
-the best part of it that a budget of parameter entries can hold, puts that back on the base and measures what is
-left, on the VALIDATION split (never test). Each kept part is the best of its shape for the budget, not one a
-selection could find before training, so the numbers are upper bounds on what that shape of selection can
-reach by imitating full fine-tuning (it could still find another, better change of its own).
+change as good as the full one, or there is none of that size near the standard model. This script asks a first,
+narrower question: does full fine-tuning's own change compress? It takes D = W_tuned - W_base for every conv and
+linear weight, keeps the part of it closest to D in ||D||^2 that a budget of parameter entries can hold, puts that
+back on the base and measures what is left, on the VALIDATION split (never test). The part is cut once and never
+trained again, and closest in ||D||^2 is not best for accuracy: a collapse says the change does not compress, not
+that no good change of that size exists (a mask taken from |D| and trained again within it asks that next).
 
   full     all of D (must give the fine-tuned model's own accuracy: the check that nothing is lost in between)
   norms    none of D: the base's weights with the fine-tuned model's normalization layers and biases
@@ -175,9 +175,15 @@ def main() -> None:
     full = dataset_of(cfg, meta, None)
     if len(full.train) < args.val_start + args.n:
         raise SystemExit(f"no {args.n} validation images after training image {args.val_start}")
-    limit = tuned_cfg.get("run", {}).get("limit")
-    if limit is not None and limit > args.val_start:
-        raise SystemExit(f"the tuned run trained on {limit} images: --val-start {args.val_start} would overlap them")
+    for what, c in (("base", cfg), ("tuned", tuned_cfg)):  # validation must be images neither model trained on
+        limit = c.get("run", {}).get("limit")
+        if limit is None or limit > args.val_start:
+            seen = "every training image" if limit is None else f"the first {limit} training images"
+            raise SystemExit(f"the {what} run trained on {seen}: --val-start {args.val_start} would overlap them")
+    if args.recalibrate > args.val_start:
+        raise SystemExit(
+            f"--recalibrate {args.recalibrate} images would reach the validation images at {args.val_start}"
+        )
     val = full.train.index(torch.arange(args.val_start, args.val_start + args.n)).tensors(torch.device("cpu"))
     threat = ThreatModel("linf", args.eps)
     protocol = [build_attack(s, threat) for s in ("apgd-ce", "apgd-t:n_target_classes=3")]

@@ -4,6 +4,7 @@ every curve, resumable, and the findings computed from the records."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def _pt(variant, kind, cost, robust, clean=0.9, step=1):
     }
 
 
-def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, monkeypatch):
+def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, monkeypatch, caplog):
     """bench/frontier.py --publish on a machine that reran the base and one variant (#21): the variant's
     curve replaces the published one, the other published curves stay, and a run from another base model
     is refused instead of being plotted beside curves it does not share a start with."""
@@ -244,11 +245,16 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
     # curves trained from scratch start from no base: they join the published ones whatever this run's base was,
     # and the published standard curve stays; one fine-tuned curve beside them brings the check back
     at = _pt("at", "train", 900, 0.45)
-    merged, kept = merge_curves(published, [*other_base[:1], at])
+    with caplog.at_level(logging.WARNING, logger="advtune.frontier"):
+        merged, kept = merge_curves(published, [*other_base[:1], at])
+    assert "standard model differs from the published one" in caplog.text  # said, not silently dropped
     assert kept == ["standard", "a", "b"] and [p.variant for p in merged] == ["standard", "a", "a", "b", "at"]
     assert merged[0].clean_acc == std["clean_acc"]
     with pytest.raises(AdvtuneError, match="differs from the published one"):
         merge_curves(published, [*other_base, at])
+    # a published frontier without a standard curve takes this run's
+    merged, kept = merge_curves(published[1:], [std, at])
+    assert kept == ["a", "b"] and [p.variant for p in merged] == ["a", "a", "b", "standard", "at"]
 
     dest = tmp_path / "frontier-x-eps0.2"  # a dot in the name, as the real configs have
     (tmp_path / "frontier-x-eps0.2.json").write_text(json.dumps(Frontier(tuple(as_points(published))).to_json()))

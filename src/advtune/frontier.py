@@ -15,11 +15,14 @@ also takes them as the dicts the file holds, checked as they are read.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence, TypeVar, Union
 
 from .errors import AdvtuneError
 from .records import Record
+
+log = logging.getLogger(__name__)
 
 PLATEAU_TOLERANCE = 0.01  # a curve is on its plateau within 1 point of its best
 TARGET_GAP = 0.02  # the issue's target: the reference plateau minus 2 points
@@ -168,6 +171,10 @@ def verdicts(points: Sequence[Point], plateau: Plateau, budget_share: float = 0.
     return out
 
 
+def _rows(by: dict[str, list[FrontierPoint]], fields: tuple[str, ...]) -> list[tuple]:
+    return [tuple(getattr(p, f) for f in fields) for v in by.values() for p in v]
+
+
 def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list[FrontierPoint], list[str]]:
     """A frontier published earlier, updated by a run that holds only some of its curves (a machine that
     reran the base model and a few variants): each curve of `new` replaces the published curve of that
@@ -181,6 +188,15 @@ def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list
     fields = ("variant", "step", "total_grad_evals", "clean_acc", "robust_acc")
     scratch = {v: c for v, c in fresh.items() if c[0].kind == "train"}
     if scratch and all(c[0].kind in ("train", "standard") for c in fresh.values()):
+        mine = {v: c for v, c in fresh.items() if c[0].kind == "standard"}
+        theirs = {v: c for v, c in old.items() if c[0].kind == "standard"}
+        if mine and theirs and _rows(mine, fields) != _rows(theirs, fields):
+            # the references inherit the base's training recipe, data and evaluation settings, not its weights
+            log.warning(
+                "this run's standard model differs from the published one: its from-scratch curves are merged, "
+                "the published standard curve is kept; check that the setting (data, recipe, evaluation) is the same"
+            )
+        scratch = {**({} if theirs else mine), **scratch}  # a published frontier without a standard curve gets one
         kept = [v for v in old if v not in scratch]
         merged = [p for v in old for p in (scratch[v] if v in scratch else old[v])]
         return merged + [p for v in scratch if v not in old for p in scratch[v]], kept

@@ -72,8 +72,9 @@ class EvalResult:
     gate_grad_evals: int = 0
     total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
     batch_size: int | None = None  # examples per batch (random draws depend on it); None: not recorded
-    # per attack that ran out of device memory: the examples per chunk it ran in after halving (the draws of a
-    # split batch differ from a whole one's); absent: every attack ran whole batches
+    # per attack that ran out of device memory: the chunk it ran in after its last halving, the smallest over
+    # processes (the batches before that ran larger chunks, so this says that draws changed, not how to replay
+    # them); empty: every attack ran whole batches
     attack_chunks: dict[str, int] = field(default_factory=dict)
     # per evaluated example (CPU tensors, not serialised)
     robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
