@@ -18,6 +18,11 @@ that no good change of that size exists (a mask taken from |D| and trained again
            and Forgets Less", found full fine-tuning's change to be of far higher rank than LoRA's, from memory)
   sparse   the entries with the largest |D| over all layers: what an entry mask holds at best
   layers   whole layers, by ||D||^2 per entry, while they fit: what whole-layer selection holds at best
+  sparse-retrain  the sparse arm's mask (with the normalization layers and biases) trained again from the BASE with
+           the tuned run's own recipe and budget, every other entry frozen: an oracle mask (it needs full
+           fine-tuning first, so it is no recipe), asking whether a good 10% change exists where full
+           fine-tuning's lies (pruning's cut-then-retrain; the lottery-ticket question). Evaluated with its own
+           statistics, as harden's output is.
 
 Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale and shift, as
 harden's default trains them) and pays their entries out of the budget, as harden does. The BatchNorm statistics
@@ -47,15 +52,21 @@ import torch
 from torch import Tensor, nn
 
 from advtune.attacks import build_attack
+from advtune.cost import CostMeter
 from advtune.evaluation.protocol import robust_accuracy
 from advtune.metrics import adversarial_examples
 from advtune.runs.common import dataset_of, load_base
+from advtune.runs.configs import FinetuneRun
+from advtune.runs.finetune import prepare_finetune
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
+from advtune.train import fit
+from advtune.train.config import TrainConfig
+from advtune.train.sparse import SparseEntries
 
 log = logging.getLogger("delta_truncate")
 
-ARMS = ("full", "norms", "lowrank", "sparse", "layers")
+ARMS = ("full", "norms", "lowrank", "sparse", "layers", "sparse-retrain")
 
 
 def weight_deltas(base: nn.Module, tuned: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
@@ -146,6 +157,22 @@ def recalibrate(model: nn.Module, x: Tensor, y: Tensor, attack, seed: int = 0, b
     return model
 
 
+def retrain_within(base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, part: dict[str, Tensor]) -> nn.Module:
+    """The base trained again by the tuned run's own recipe and budget, only the entries where `part` is non-zero
+    (and every parameter that is not a conv/linear weight: the normalization layers, biases) free to move."""
+    run = dict(tuned_cfg["run"])
+    ftrun = FinetuneRun(**{**run, "train": TrainConfig(**run["train"]), "out": "", "resume": False})
+    model = copy.deepcopy(base)
+    ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
+    job = prepare_finetune(model, ds, ftrun)
+    weights = {f"{n}.weight" for n in part}
+    entries = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if n not in weights}
+    entries.update({f"{n}.weight": d != 0 for n, d in part.items()})
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    fit(model, ds.train, job.objective, job.cfg, selection=SparseEntries(entries, norms=norms), meter=CostMeter())
+    return model.eval()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the standard model's run folder")
@@ -193,7 +220,7 @@ def main() -> None:
         )
     rx, ry = full.train.take(max(args.recalibrate, 1)).tensors(torch.device("cpu"))
     pgd5 = build_attack("pgd:steps=5", threat)
-    rules = {"lowrank": lowrank_part, "sparse": sparse_part, "layers": layers_part}
+    rules = {"lowrank": lowrank_part, "sparse": sparse_part, "layers": layers_part, "sparse-retrain": sparse_part}
     runs = [(a, None) for a in arms if a in ("full", "norms")] + [(a, s) for s in shares for a in arms if a in rules]
     for arm, share in runs:
         t0 = time.perf_counter()
@@ -203,11 +230,12 @@ def main() -> None:
             part, kept = {n: torch.zeros_like(d) for n, d in deltas.items()}, 0
         else:
             part, kept = rules[arm](deltas, int(share * total) - extras)
-        model = (
-            recalibrate(patched(tuned, weights, part), rx, ry, pgd5)
-            if args.recalibrate
-            else patched(tuned, weights, part)
-        )
+        if arm == "sparse-retrain":
+            model = retrain_within(base, tuned_cfg, (cfg, meta), part)
+        elif args.recalibrate:
+            model = recalibrate(patched(tuned, weights, part), rx, ry, pgd5)
+        else:
+            model = patched(tuned, weights, part)
         res = robust_accuracy(
             model,
             val,
@@ -227,7 +255,7 @@ def main() -> None:
             "val_clean": res.n_clean_correct / res.n,
             "n": res.n,
             "eval_s": round(time.perf_counter() - t0, 1),
-            "recalibrate": args.recalibrate,
+            "recalibrate": 0 if arm == "sparse-retrain" else args.recalibrate,
             "base": args.base,
             "tuned": args.tuned,
         }

@@ -72,3 +72,35 @@ def test_recalibrate_reestimates_the_statistics_on_the_attacks_examples():
         per_batch = [base[0](x[i : i + 32] + 0.5).mean((0, 2, 3)) for i in range(0, 96, 32)]
     assert torch.allclose(base[1].running_mean, torch.stack(per_batch).mean(0), atol=1e-5)
     assert base[1].momentum == 0.1 and not base.training
+
+
+def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch):
+    """The oracle-mask arm trains the base again by the tuned run's recipe: the masked weight entries and the
+    normalization layers and biases move, every other weight entry keeps the base's value bit for bit."""
+    from advtune.data.synthetic import synthetic_dataset
+    from advtune.runs.configs import FinetuneRun
+    from advtune.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4))
+    monkeypatch.setattr(dt, "dataset_of", lambda *a, limit=None, **k: synthetic_dataset(n_train=256, n_test=16))
+    run = FinetuneRun(
+        base="unused",
+        out="",
+        eps=0.1,
+        select="all",
+        attack="pgd:steps=2",
+        budget=3 * 256,
+        limit=256,
+        train=TrainConfig(batch_size=64, lr=0.01, seed=0),
+    )
+    mask = {"0": torch.zeros(4, 1, 3, 3), "4": torch.zeros(4, 784)}
+    mask["0"][0, 0, 1, 1] = 1.0
+    mask["4"][:, :10] = 1.0
+    model = dt.retrain_within(base, {"run": run.to_json()}, (None, None), mask)
+    for name, m in (("0", model[0]), ("4", model[4])):
+        frozen = mask[name] == 0
+        assert torch.equal(m.weight[frozen], dict(base.named_modules())[name].weight[frozen])
+        assert not torch.equal(m.weight[~frozen], dict(base.named_modules())[name].weight[~frozen])
+    assert not torch.equal(model[1].weight, base[1].weight) and not torch.equal(model[4].bias, base[4].bias)
+    assert not model.training
