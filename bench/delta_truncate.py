@@ -23,6 +23,11 @@ that no good change of that size exists (a mask taken from |D| and trained again
            fine-tuning first, so it is no recipe), asking whether a good 10% change exists where full
            fine-tuning's lies (pruning's cut-then-retrain; the lottery-ticket question). Evaluated with its own
            statistics, as harden's output is.
+  probe    a recipe built on what sparse-retrain finds, needing no full fine-tuning: the whole network fine-tuned for
+           the first `--probe` share of the same budget (the eps ramp ending where the tuned run's does), the mask
+           taken from ITS change (largest |D_probe|), every entry outside the mask put back to the base's value, and
+           the rest of the budget trained within the mask (a fresh seed, so the batches are not replayed). The
+           probe is paid out of the budget, so the comparison stays at equal compute; the output changes 10%.
 
 Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale and shift, as
 harden's default trains them) and pays their entries out of the budget, as harden does. The BatchNorm statistics
@@ -47,6 +52,7 @@ import copy
 import json
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +72,7 @@ from advtune.train.sparse import SparseEntries
 
 log = logging.getLogger("delta_truncate")
 
-ARMS = ("full", "norms", "lowrank", "sparse", "layers", "sparse-retrain")
+ARMS = ("full", "norms", "lowrank", "sparse", "layers", "sparse-retrain", "probe")
 
 
 def weight_deltas(base: nn.Module, tuned: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
@@ -157,20 +163,64 @@ def recalibrate(model: nn.Module, x: Tensor, y: Tensor, attack, seed: int = 0, b
     return model
 
 
+def tuned_recipe(tuned_cfg: dict) -> FinetuneRun:
+    """The tuned run's own fine-tuning settings (its config.json), to run again in memory."""
+    run = dict(tuned_cfg["run"])
+    return FinetuneRun(**{**run, "train": TrainConfig(**run["train"]), "out": "", "resume": False})
+
+
+def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tensor] | None) -> int:
+    """Fine-tune `model` in place by `ftrun`: every parameter (`part` None), or only the weight entries where `part`
+    is non-zero plus every parameter that is not a conv/linear weight (normalization layers, biases).
+    Returns the gradient evaluations spent."""
+    job = prepare_finetune(model, ds, ftrun)
+    selection = None
+    if part is not None:
+        weights = {f"{n}.weight" for n in part}
+        entries = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if n not in weights}
+        entries.update({f"{n}.weight": d != 0 for n, d in part.items()})
+        norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        selection = SparseEntries(entries, norms=norms)
+    meter = CostMeter()
+    fit(model, ds.train, job.objective, job.cfg, selection=selection, meter=meter)
+    return meter.grad_evals
+
+
 def retrain_within(base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, part: dict[str, Tensor]) -> nn.Module:
     """The base trained again by the tuned run's own recipe and budget, only the entries where `part` is non-zero
     (and every parameter that is not a conv/linear weight: the normalization layers, biases) free to move."""
-    run = dict(tuned_cfg["run"])
-    ftrun = FinetuneRun(**{**run, "train": TrainConfig(**run["train"]), "out": "", "resume": False})
+    ftrun = tuned_recipe(tuned_cfg)
     model = copy.deepcopy(base)
-    ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
-    job = prepare_finetune(model, ds, ftrun)
-    weights = {f"{n}.weight" for n in part}
-    entries = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if n not in weights}
-    entries.update({f"{n}.weight": d != 0 for n, d in part.items()})
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    fit(model, ds.train, job.objective, job.cfg, selection=SparseEntries(entries, norms=norms), meter=CostMeter())
+    train_within(model, dataset_of(*meta_cfg, None, limit=ftrun.limit), ftrun, part)
     return model.eval()
+
+
+def probe_then_mask(
+    base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, probe: float, budget: int
+) -> tuple[nn.Module, int, int]:
+    """The probe arm: the whole network for `probe` of the tuned run's budget, the mask from that change (`budget`
+    entries of largest |D_probe|), the rest put back to the base, then the rest of the budget within the mask.
+    Returns the model, the entries in the mask and the gradient evaluations spent."""
+    ftrun = tuned_recipe(tuned_cfg)
+    ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
+    model = copy.deepcopy(base)
+    first = int(probe * ftrun.budget)
+    ramp = ftrun.eps_warmup  # a share of the whole budget: it ends at the same gradient evaluation in every arm
+    spent = train_within(model, ds, replace(ftrun, budget=first, eps_warmup=min(1.0, ramp / probe)), None)
+    weights = weight_deltas(base, model)
+    part, kept = sparse_part({n: d for n, (_, d) in weights.items()}, budget)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (w0, _) in weights.items():
+            mods[name].weight.copy_(w0 + part[name])
+    rest = replace(
+        ftrun,
+        budget=ftrun.budget - spent,
+        eps_warmup=max(0.0, (ramp - probe) / (1 - probe)),
+        train=replace(ftrun.train, seed=(ftrun.train.seed or 0) + 1),  # not the probe's batches again
+    )
+    spent += train_within(model, ds, rest, part)
+    return model.eval(), kept, spent
 
 
 def main() -> None:
@@ -182,6 +232,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000, help="validation images")
     p.add_argument("--shares", default="0.1", help="comma list: budgets as shares of the model's parameters")
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--probe", type=float, default=0.2, help="the probe arm: share of the budget fine-tuned whole")
     p.add_argument("--recalibrate", type=int, default=2000, help="training images for the BatchNorm statistics")
     p.add_argument("--out", required=True, help="JSON lines file the results are appended to")
     args = p.parse_args()
@@ -221,6 +272,10 @@ def main() -> None:
     rx, ry = full.train.take(max(args.recalibrate, 1)).tensors(torch.device("cpu"))
     pgd5 = build_attack("pgd:steps=5", threat)
     rules = {"lowrank": lowrank_part, "sparse": sparse_part, "layers": layers_part, "sparse-retrain": sparse_part}
+    rules["probe"] = sparse_part  # its mask is taken from the probe's change, not from D (below)
+    if not 0 < args.probe < 1:
+        raise SystemExit(f"--probe must be a share of the budget in (0, 1), got {args.probe}")
+    spent = overlap = None
     runs = [(a, None) for a in arms if a in ("full", "norms")] + [(a, s) for s in shares for a in arms if a in rules]
     for arm, share in runs:
         t0 = time.perf_counter()
@@ -232,6 +287,11 @@ def main() -> None:
             part, kept = rules[arm](deltas, int(share * total) - extras)
         if arm == "sparse-retrain":
             model = retrain_within(base, tuned_cfg, (cfg, meta), part)
+        elif arm == "probe":
+            model, kept, spent = probe_then_mask(base, tuned_cfg, (cfg, meta), args.probe, int(share * total) - extras)
+            oracle = part  # full fine-tuning's own mask, to see how much of it the probe found
+            part = {n: d for n, (_, d) in weight_deltas(base, model).items()}  # the change the arm made
+            overlap = sum(int(((part[n] != 0) & (oracle[n] != 0)).sum()) for n in part) / max(kept, 1)
         elif args.recalibrate:
             model = recalibrate(patched(tuned, weights, part), rx, ry, pgd5)
         else:
@@ -255,7 +315,10 @@ def main() -> None:
             "val_clean": res.n_clean_correct / res.n,
             "n": res.n,
             "eval_s": round(time.perf_counter() - t0, 1),
-            "recalibrate": 0 if arm == "sparse-retrain" else args.recalibrate,
+            "recalibrate": 0 if arm in ("sparse-retrain", "probe") else args.recalibrate,
+            "probe": args.probe if arm == "probe" else None,
+            "train_grad_evals": spent if arm == "probe" else None,
+            "mask_overlap": overlap if arm == "probe" else None,  # share of its mask in full fine-tuning's
             "base": args.base,
             "tuned": args.tuned,
         }

@@ -104,3 +104,31 @@ def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch)
         assert not torch.equal(m.weight[~frozen], dict(base.named_modules())[name].weight[~frozen])
     assert not torch.equal(model[1].weight, base[1].weight) and not torch.equal(model[4].bias, base[4].bias)
     assert not model.training
+
+
+def test_the_probe_arm_changes_only_its_budget_of_weight_entries_at_the_tuned_runs_cost(monkeypatch):
+    """The probe recipe: the whole network for a share of the budget, then the mask from that change, the rest put
+    back to the base and trained within the mask: the output differs from the base in at most the budget's weight
+    entries, and the two stages together spend the tuned run's budget (equal compute)."""
+    from advtune.data.synthetic import synthetic_dataset
+    from advtune.runs.configs import FinetuneRun
+    from advtune.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4))
+    monkeypatch.setattr(dt, "dataset_of", lambda *a, limit=None, **k: synthetic_dataset(n_train=256, n_test=16))
+    run = FinetuneRun(
+        base="unused",
+        out="",
+        eps=0.1,
+        select="all",
+        attack="pgd:steps=2",
+        eps_warmup=0.3,
+        budget=12 * 256,
+        limit=256,
+        train=TrainConfig(batch_size=64, lr=0.01, seed=0),
+    )
+    model, kept, spent = dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.5, 100)
+    changed = sum(int((m.weight != b.weight).sum()) for m, b in ((model[0], base[0]), (model[4], base[4])))
+    assert kept == 100 and 0 < changed <= 100
+    assert abs(spent - 12 * 256) <= 3 * 64  # the budget, to within one step of the last batch
