@@ -163,10 +163,12 @@ def recalibrate(model: nn.Module, x: Tensor, y: Tensor, attack, seed: int = 0, b
     return model
 
 
-def tuned_recipe(tuned_cfg: dict) -> FinetuneRun:
-    """The tuned run's own fine-tuning settings (its config.json), to run again in memory."""
+def tuned_recipe(tuned_cfg: dict, seed: int | None = None) -> FinetuneRun:
+    """The tuned run's own fine-tuning settings (its config.json), to run again in memory (under `seed`: its batch
+    order, attack noise and initialisation; None: the tuned run's)."""
     run = dict(tuned_cfg["run"])
-    return FinetuneRun(**{**run, "train": TrainConfig(**run["train"]), "out": "", "resume": False})
+    train = TrainConfig(**{**run["train"], **({} if seed is None else {"seed": seed})})
+    return FinetuneRun(**{**run, "train": train, "out": "", "resume": False})
 
 
 def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tensor] | None) -> int:
@@ -186,22 +188,24 @@ def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tenso
     return meter.grad_evals
 
 
-def retrain_within(base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, part: dict[str, Tensor]) -> nn.Module:
+def retrain_within(
+    base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, part: dict[str, Tensor], seed: int | None = None
+) -> nn.Module:
     """The base trained again by the tuned run's own recipe and budget, only the entries where `part` is non-zero
     (and every parameter that is not a conv/linear weight: the normalization layers, biases) free to move."""
-    ftrun = tuned_recipe(tuned_cfg)
+    ftrun = tuned_recipe(tuned_cfg, seed)
     model = copy.deepcopy(base)
     train_within(model, dataset_of(*meta_cfg, None, limit=ftrun.limit), ftrun, part)
     return model.eval()
 
 
 def probe_then_mask(
-    base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, probe: float, budget: int
+    base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, probe: float, budget: int, seed: int | None = None
 ) -> tuple[nn.Module, int, int]:
     """The probe arm: the whole network for `probe` of the tuned run's budget, the mask from that change (`budget`
     entries of largest |D_probe|), the rest put back to the base, then the rest of the budget within the mask.
     Returns the model, the entries in the mask and the gradient evaluations spent."""
-    ftrun = tuned_recipe(tuned_cfg)
+    ftrun = tuned_recipe(tuned_cfg, seed)
     ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
     model = copy.deepcopy(base)
     first = int(probe * ftrun.budget)
@@ -233,6 +237,7 @@ def main() -> None:
     p.add_argument("--shares", default="0.1", help="comma list: budgets as shares of the model's parameters")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--probe", type=float, default=0.2, help="the probe arm: share of the budget fine-tuned whole")
+    p.add_argument("--seed", type=int, help="the training arms' seed (default: the tuned run's)")
     p.add_argument("--recalibrate", type=int, default=2000, help="training images for the BatchNorm statistics")
     p.add_argument("--out", required=True, help="JSON lines file the results are appended to")
     args = p.parse_args()
@@ -286,9 +291,11 @@ def main() -> None:
         else:
             part, kept = rules[arm](deltas, int(share * total) - extras)
         if arm == "sparse-retrain":
-            model = retrain_within(base, tuned_cfg, (cfg, meta), part)
+            model = retrain_within(base, tuned_cfg, (cfg, meta), part, args.seed)
         elif arm == "probe":
-            model, kept, spent = probe_then_mask(base, tuned_cfg, (cfg, meta), args.probe, int(share * total) - extras)
+            model, kept, spent = probe_then_mask(
+                base, tuned_cfg, (cfg, meta), args.probe, int(share * total) - extras, args.seed
+            )
             oracle = part  # full fine-tuning's own mask, to see how much of it the probe found
             part = {n: d for n, (_, d) in weight_deltas(base, model).items()}  # the change the arm made
             overlap = sum(int(((part[n] != 0) & (oracle[n] != 0)).sum()) for n in part) / max(kept, 1)
@@ -317,6 +324,7 @@ def main() -> None:
             "eval_s": round(time.perf_counter() - t0, 1),
             "recalibrate": 0 if arm in ("sparse-retrain", "probe") else args.recalibrate,
             "probe": args.probe if arm == "probe" else None,
+            "seed": args.seed if arm in ("sparse-retrain", "probe") else None,
             "train_grad_evals": spent if arm == "probe" else None,
             "mask_overlap": overlap if arm == "probe" else None,  # share of its mask in full fine-tuning's
             "base": args.base,
