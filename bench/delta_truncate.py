@@ -171,10 +171,10 @@ def tuned_recipe(tuned_cfg: dict, seed: int | None = None) -> FinetuneRun:
     return FinetuneRun(**{**run, "train": train, "out": "", "resume": False})
 
 
-def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tensor] | None) -> int:
+def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tensor] | None) -> tuple[int, dict]:
     """Fine-tune `model` in place by `ftrun`: every parameter (`part` None), or only the weight entries where `part`
     is non-zero plus every parameter that is not a conv/linear weight (normalization layers, biases).
-    Returns the gradient evaluations spent."""
+    Returns the gradient evaluations spent and the last epoch's training record (loss, accuracy)."""
     job = prepare_finetune(model, ds, ftrun)
     selection = None
     if part is not None:
@@ -184,33 +184,41 @@ def train_within(model: nn.Module, ds, ftrun: FinetuneRun, part: dict[str, Tenso
         norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         selection = SparseEntries(entries, norms=norms)
     meter = CostMeter()
-    fit(model, ds.train, job.objective, job.cfg, selection=selection, meter=meter)
-    return meter.grad_evals
+    history = fit(model, ds.train, job.objective, job.cfg, selection=selection, meter=meter)
+    return meter.grad_evals, history.last
 
 
 def retrain_within(
     base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, part: dict[str, Tensor], seed: int | None = None
-) -> nn.Module:
+) -> tuple[nn.Module, dict]:
     """The base trained again by the tuned run's own recipe and budget, only the entries where `part` is non-zero
     (and every parameter that is not a conv/linear weight: the normalization layers, biases) free to move."""
     ftrun = tuned_recipe(tuned_cfg, seed)
     model = copy.deepcopy(base)
-    train_within(model, dataset_of(*meta_cfg, None, limit=ftrun.limit), ftrun, part)
-    return model.eval()
+    _, last = train_within(model, dataset_of(*meta_cfg, None, limit=ftrun.limit), ftrun, part)
+    return model.eval(), {"seeds": [ftrun.train.seed], **_trained(last)}
+
+
+def _trained(last: dict) -> dict:
+    return {"train_loss": last.get("train_loss"), "train_acc": last.get("train_acc")}
 
 
 def probe_then_mask(
     base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, probe: float, budget: int, seed: int | None = None
-) -> tuple[nn.Module, int, int]:
+) -> tuple[nn.Module, int, int, dict]:
     """The probe arm: the whole network for `probe` of the tuned run's budget, the mask from that change (`budget`
     entries of largest |D_probe|), the rest put back to the base, then the rest of the budget within the mask.
-    Returns the model, the entries in the mask and the gradient evaluations spent."""
+    Returns the model, the entries in the mask, the gradient evaluations spent and what to record (the seeds of the
+    two stages, the last training loss and accuracy). The continuation starts fresh Adam moments and a fresh EMA.
+    The probe must end after the eps ramp (a ramp split over the two stages would start eps again from 0)."""
     ftrun = tuned_recipe(tuned_cfg, seed)
     ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
     model = copy.deepcopy(base)
     first = int(probe * ftrun.budget)
     ramp = ftrun.eps_warmup  # a share of the whole budget: it ends at the same gradient evaluation in every arm
-    spent = train_within(model, ds, replace(ftrun, budget=first, eps_warmup=min(1.0, ramp / probe)), None)
+    if probe <= ramp:
+        raise SystemExit(f"--probe {probe} must be larger than the tuned run's eps ramp ({ramp}): the ramp ends in it")
+    spent, _ = train_within(model, ds, replace(ftrun, budget=first, eps_warmup=ramp / probe), None)
     weights = weight_deltas(base, model)
     part, kept = sparse_part({n: d for n, (_, d) in weights.items()}, budget)
     mods = dict(model.named_modules())
@@ -223,8 +231,8 @@ def probe_then_mask(
         eps_warmup=max(0.0, (ramp - probe) / (1 - probe)),
         train=replace(ftrun.train, seed=(ftrun.train.seed or 0) + 1),  # not the probe's batches again
     )
-    spent += train_within(model, ds, rest, part)
-    return model.eval(), kept, spent
+    more, last = train_within(model, ds, rest, part)
+    return model.eval(), kept, spent + more, {"seeds": [ftrun.train.seed, rest.train.seed], **_trained(last)}
 
 
 def main() -> None:
@@ -281,6 +289,7 @@ def main() -> None:
     if not 0 < args.probe < 1:
         raise SystemExit(f"--probe must be a share of the budget in (0, 1), got {args.probe}")
     spent = overlap = None
+    record: dict = {}
     runs = [(a, None) for a in arms if a in ("full", "norms")] + [(a, s) for s in shares for a in arms if a in rules]
     for arm, share in runs:
         t0 = time.perf_counter()
@@ -291,9 +300,9 @@ def main() -> None:
         else:
             part, kept = rules[arm](deltas, int(share * total) - extras)
         if arm == "sparse-retrain":
-            model = retrain_within(base, tuned_cfg, (cfg, meta), part, args.seed)
+            model, record = retrain_within(base, tuned_cfg, (cfg, meta), part, args.seed)
         elif arm == "probe":
-            model, kept, spent = probe_then_mask(
+            model, kept, spent, record = probe_then_mask(
                 base, tuned_cfg, (cfg, meta), args.probe, int(share * total) - extras, args.seed
             )
             oracle = part  # full fine-tuning's own mask, to see how much of it the probe found
@@ -317,14 +326,15 @@ def main() -> None:
             "kept_entries": kept,
             "extras": extras,
             "trainable_share": (kept + extras) / total,
-            "energy_kept": sum(float(d.pow(2).sum()) for d in part.values()) / energy,
+            # the probe's change is no part of D: its energy against D's means nothing
+            "energy_kept": None if arm == "probe" else sum(float(d.pow(2).sum()) for d in part.values()) / energy,
             "val_robust": res.n_robust_worst / res.n,
             "val_clean": res.n_clean_correct / res.n,
             "n": res.n,
             "eval_s": round(time.perf_counter() - t0, 1),
             "recalibrate": 0 if arm in ("sparse-retrain", "probe") else args.recalibrate,
             "probe": args.probe if arm == "probe" else None,
-            "seed": args.seed if arm in ("sparse-retrain", "probe") else None,
+            **(record if arm in ("sparse-retrain", "probe") else {}),  # seeds as run, the last training loss
             "train_grad_evals": spent if arm == "probe" else None,
             "mask_overlap": overlap if arm == "probe" else None,  # share of its mask in full fine-tuning's
             "base": args.base,

@@ -92,12 +92,13 @@ def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch)
         attack="pgd:steps=2",
         budget=3 * 256,
         limit=256,
-        train=TrainConfig(batch_size=64, lr=0.01, seed=0),
+        train=TrainConfig(batch_size=64, lr=0.01, seed=0, ema=0.99),  # the weight average, as the real runs
     )
     mask = {"0": torch.zeros(4, 1, 3, 3), "4": torch.zeros(4, 784)}
     mask["0"][0, 0, 1, 1] = 1.0
     mask["4"][:, :10] = 1.0
-    model = dt.retrain_within(base, {"run": run.to_json()}, (None, None), mask)
+    model, record = dt.retrain_within(base, {"run": run.to_json()}, (None, None), mask)
+    assert record["seeds"] == [0] and record["train_loss"] > 0
     for name, m in (("0", model[0]), ("4", model[4])):
         frozen = mask[name] == 0
         assert torch.equal(m.weight[frozen], dict(base.named_modules())[name].weight[frozen])
@@ -126,9 +127,13 @@ def test_the_probe_arm_changes_only_its_budget_of_weight_entries_at_the_tuned_ru
         eps_warmup=0.3,
         budget=12 * 256,
         limit=256,
-        train=TrainConfig(batch_size=64, lr=0.01, seed=0),
+        train=TrainConfig(batch_size=64, lr=0.01, seed=0, ema=0.99),
     )
-    model, kept, spent = dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.5, 100)
+    model, kept, spent, record = dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.5, 100)
+    assert record["seeds"] == [0, 1]  # the continuation does not replay the probe's batches
     changed = sum(int((m.weight != b.weight).sum()) for m, b in ((model[0], base[0]), (model[4], base[4])))
     assert kept == 100 and 0 < changed <= 100
     assert abs(spent - 12 * 256) <= 3 * 64  # the budget, to within one step of the last batch
+    assert not torch.equal(model[1].weight, base[1].weight)  # the norms train in both stages
+    with pytest.raises(SystemExit, match="must be larger than the tuned run's eps ramp"):
+        dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.3, 100)  # the ramp would end after it
