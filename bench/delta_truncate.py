@@ -133,7 +133,7 @@ def layers_part(deltas: dict[str, Tensor], budget: int) -> tuple[dict[str, Tenso
 
 
 def patched(tuned: nn.Module, weights: dict[str, tuple[Tensor, Tensor]], part: dict[str, Tensor]) -> nn.Module:
-    """The tuned model (its normalization layers and biases) with each conv/linear weight = base + part."""
+    """A copy of the tuned model (its normalization layers and biases) with each conv/linear weight = base + part."""
     model = copy.deepcopy(tuned)
     mods = dict(model.named_modules())
     with torch.no_grad():
@@ -221,10 +221,7 @@ def probe_then_mask(
     spent, _ = train_within(model, ds, replace(ftrun, budget=first, eps_warmup=ramp / probe), None)
     weights = weight_deltas(base, model)
     part, kept = sparse_part({n: d for n, (_, d) in weights.items()}, budget)
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for name, (w0, _) in weights.items():
-            mods[name].weight.copy_(w0 + part[name])
+    model = patched(model, weights, part)  # every entry outside the mask back to the base's value
     rest = replace(
         ftrun,
         budget=ftrun.budget - spent,

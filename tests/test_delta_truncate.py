@@ -74,9 +74,9 @@ def test_recalibrate_reestimates_the_statistics_on_the_attacks_examples():
     assert base[1].momentum == 0.1 and not base.training
 
 
-def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch):
-    """The oracle-mask arm trains the base again by the tuned run's recipe: the masked weight entries and the
-    normalization layers and biases move, every other weight entry keeps the base's value bit for bit."""
+def _tuned_run(monkeypatch, **fields) -> tuple[nn.Module, dict]:
+    """A base with a BatchNorm and a tuned run's config (PGD-2 on 256 synthetic images, the weight average on, as the
+    real runs), `dataset_of` answering with those images."""
     from advtune.data.synthetic import synthetic_dataset
     from advtune.runs.configs import FinetuneRun
     from advtune.train.config import TrainConfig
@@ -84,20 +84,21 @@ def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch)
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4))
     monkeypatch.setattr(dt, "dataset_of", lambda *a, limit=None, **k: synthetic_dataset(n_train=256, n_test=16))
+    train = TrainConfig(batch_size=64, lr=0.01, seed=0, ema=0.99)
     run = FinetuneRun(
-        base="unused",
-        out="",
-        eps=0.1,
-        select="all",
-        attack="pgd:steps=2",
-        budget=3 * 256,
-        limit=256,
-        train=TrainConfig(batch_size=64, lr=0.01, seed=0, ema=0.99),  # the weight average, as the real runs
+        base="unused", out="", eps=0.1, select="all", attack="pgd:steps=2", limit=256, train=train, **fields
     )
+    return base, {"run": run.to_json()}
+
+
+def test_retraining_within_a_mask_moves_only_the_mask_and_the_norms(monkeypatch):
+    """The oracle-mask arm trains the base again by the tuned run's recipe: the masked weight entries and the
+    normalization layers and biases move, every other weight entry keeps the base's value bit for bit."""
+    base, tuned_cfg = _tuned_run(monkeypatch, budget=3 * 256)
     mask = {"0": torch.zeros(4, 1, 3, 3), "4": torch.zeros(4, 784)}
     mask["0"][0, 0, 1, 1] = 1.0
     mask["4"][:, :10] = 1.0
-    model, record = dt.retrain_within(base, {"run": run.to_json()}, (None, None), mask)
+    model, record = dt.retrain_within(base, tuned_cfg, (None, None), mask)
     assert record["seeds"] == [0] and record["train_loss"] > 0
     for name, m in (("0", model[0]), ("4", model[4])):
         frozen = mask[name] == 0
@@ -111,29 +112,12 @@ def test_the_probe_arm_changes_only_its_budget_of_weight_entries_at_the_tuned_ru
     """The probe recipe: the whole network for a share of the budget, then the mask from that change, the rest put
     back to the base and trained within the mask: the output differs from the base in at most the budget's weight
     entries, and the two stages together spend the tuned run's budget (equal compute)."""
-    from advtune.data.synthetic import synthetic_dataset
-    from advtune.runs.configs import FinetuneRun
-    from advtune.train.config import TrainConfig
-
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4))
-    monkeypatch.setattr(dt, "dataset_of", lambda *a, limit=None, **k: synthetic_dataset(n_train=256, n_test=16))
-    run = FinetuneRun(
-        base="unused",
-        out="",
-        eps=0.1,
-        select="all",
-        attack="pgd:steps=2",
-        eps_warmup=0.3,
-        budget=12 * 256,
-        limit=256,
-        train=TrainConfig(batch_size=64, lr=0.01, seed=0, ema=0.99),
-    )
-    model, kept, spent, record = dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.5, 100)
+    base, tuned_cfg = _tuned_run(monkeypatch, budget=12 * 256, eps_warmup=0.3)
+    model, kept, spent, record = dt.probe_then_mask(base, tuned_cfg, (None, None), 0.5, 100)
     assert record["seeds"] == [0, 1]  # the continuation does not replay the probe's batches
     changed = sum(int((m.weight != b.weight).sum()) for m, b in ((model[0], base[0]), (model[4], base[4])))
     assert kept == 100 and 0 < changed <= 100
     assert abs(spent - 12 * 256) <= 3 * 64  # the budget, to within one step of the last batch
     assert not torch.equal(model[1].weight, base[1].weight)  # the norms train in both stages
     with pytest.raises(SystemExit, match="must be larger than the tuned run's eps ramp"):
-        dt.probe_then_mask(base, {"run": run.to_json()}, (None, None), 0.3, 100)  # the ramp would end after it
+        dt.probe_then_mask(base, tuned_cfg, (None, None), 0.3, 100)  # the ramp would end after it

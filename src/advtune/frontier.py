@@ -175,6 +175,11 @@ def _rows(by: dict[str, list[FrontierPoint]], fields: tuple[str, ...]) -> list[t
     return [tuple(getattr(p, f) for f in fields) for v in by.values() for p in v]
 
 
+def _standard(by: dict[str, list[FrontierPoint]]) -> dict[str, list[FrontierPoint]]:
+    """The standard model's curve(s) among `by`."""
+    return {v: c for v, c in by.items() if c[0].kind == "standard"}
+
+
 def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list[FrontierPoint], list[str]]:
     """A frontier published earlier, updated by a run that holds only some of its curves (a machine that
     reran the base model and a few variants): each curve of `new` replaces the published curve of that
@@ -186,43 +191,42 @@ def merge_curves(published: Sequence[Point], new: Sequence[Point]) -> tuple[list
     from no base, so its curves join whatever base was published, and the published standard curve stays."""
     old, fresh = curves(as_points(published, "the published frontier")), curves(as_points(new))
     fields = ("variant", "step", "total_grad_evals", "clean_acc", "robust_acc")
+    mine, theirs = _standard(fresh), _standard(old)
     scratch = {v: c for v, c in fresh.items() if c[0].kind == "train"}
-    if scratch and all(c[0].kind in ("train", "standard") for c in fresh.values()):
-        mine = {v: c for v, c in fresh.items() if c[0].kind == "standard"}
-        theirs = {v: c for v, c in old.items() if c[0].kind == "standard"}
+    if scratch and len(scratch) + len(mine) == len(fresh):  # only from-scratch curves (and a standard one)
         if mine and theirs and _rows(mine, fields) != _rows(theirs, fields):
             # the references inherit the base's training recipe, data and evaluation settings, not its weights
             log.warning(
                 "this run's standard model differs from the published one: its from-scratch curves are merged, "
                 "the published standard curve is kept; check that the setting (data, recipe, evaluation) is the same"
             )
-        scratch = {**({} if theirs else mine), **scratch}  # a published frontier without a standard curve gets one
-        kept = [v for v in old if v not in scratch]
-        merged = [p for v in old for p in (scratch[v] if v in scratch else old[v])]
-        return merged + [p for v in scratch if v not in old for p in scratch[v]], kept
-
-    def base(by: dict[str, list[FrontierPoint]], where: str) -> list[tuple]:
-        pts = [tuple(getattr(p, f) for f in fields) for v in by.values() if v[0].kind == "standard" for p in v]
-        if not pts:
-            raise AdvtuneError(
-                f"{where} has no standard model's curve, so whether both start from the same base cannot be "
-                "checked; publish this run alone (--replace)"
+        replacing = {**({} if theirs else mine), **scratch}  # a published frontier without a standard curve gets one
+    else:
+        for by, where in ((theirs, "the published frontier"), (mine, "this run's frontier")):
+            if not by:
+                raise AdvtuneError(
+                    f"{where} has no standard model's curve, so whether both start from the same base cannot be "
+                    "checked; publish this run alone (--replace)"
+                )
+        old_base, new_base = _rows(theirs, fields), _rows(mine, fields)
+        if old_base != new_base:
+            diff = next(
+                (
+                    f"{f} {a[i]} vs {b[i]}"
+                    for a, b in zip(new_base, old_base)
+                    for i, f in enumerate(fields)
+                    if a[i] != b[i]
+                ),
+                f"{len(new_base)} vs {len(old_base)} points",
             )
-        return pts
-
-    old_base, new_base = base(old, "the published frontier"), base(fresh, "this run's frontier")
-    if old_base != new_base:
-        diff = next(
-            (f"{f} {a[i]} vs {b[i]}" for a, b in zip(new_base, old_base) for i, f in enumerate(fields) if a[i] != b[i]),
-            f"{len(new_base)} vs {len(old_base)} points",
-        )
-        raise AdvtuneError(
-            f"the standard model of this run differs from the published one ({diff}): the published curves start "
-            "from another base; publish this run alone (--replace) or rerun on the published base"
-        )
-    kept = [v for v in old if v not in fresh]
-    merged = [p for v in old for p in (fresh[v] if v in fresh else old[v])]
-    merged += [p for v in fresh if v not in old for p in fresh[v]]
+            raise AdvtuneError(
+                f"the standard model of this run differs from the published one ({diff}): the published curves "
+                "start from another base; publish this run alone (--replace) or rerun on the published base"
+            )
+        replacing = fresh
+    kept = [v for v in old if v not in replacing]
+    merged = [p for v in old for p in (replacing[v] if v in replacing else old[v])]
+    merged += [p for v in replacing if v not in old for p in replacing[v]]
     return merged, kept
 
 
