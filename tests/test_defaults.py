@@ -61,5 +61,5 @@ def test_harden_recipe_defaults_are_the_measured_ones():
     r = Recipe()
     assert (r.granularity, r.params, r.attack, r.lr, r.batch_size) == ("shares", 0.1, "pgd:steps=5", 3e-3, 64)
     assert r.ema == 0.99 and r.eps_warmup == 0.15
-    assert set(GRANULARITY_WORDS) == {"layer", "unit", "lowrank", "hybrid", "shares", "quota", "sparse"}
+    assert set(GRANULARITY_WORDS) == {"layer", "unit", "lowrank", "hybrid", "shares", "quota", "sparse", "probe"}
     assert r.norms is None  # auto: on for a model with normalization layers (round 7), decided per model

@@ -306,7 +306,7 @@ def test_norms_recipe_is_refused_with_a_unit_selection_before_any_work():
     from advtune.recipe import Recipe
 
     assert Recipe().norms is None and Recipe(granularity="quota").norms is None  # auto: off where it cannot apply
-    with pytest.raises(AdvtuneError, match="lowrank, hybrid, shares, sparse, not quota"):
+    with pytest.raises(AdvtuneError, match="lowrank, hybrid, shares, sparse, probe, not quota"):
         Recipe(granularity="quota", norms=True)
 
 

@@ -25,13 +25,15 @@ GRANULARITY_WORDS = {
     "shares": "every layer's share of the budget by its score: whole where it pays for the layer, else an adapter",
     "quota": "units of every layer (quotas by the layers' scores)",
     "sparse": "single weight entries of every layer (quotas by the layers' scores, entries by adversarial Fisher)",
+    "probe": "the weight entries a whole-network probe (the first --probe share of the budget) moved most, biases "
+    "whole",
 }
 GRANULARITIES = tuple(GRANULARITY_WORDS)
 # rules that train low-rank adapters (and --norms); their by_layer counts rank-one directions, not units
 ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
 # rules that --norms applies to: the adapter rules and the sparse rule (unit rules train the BatchNorm that
 # follows each selected unit already)
-NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse")
+NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse", "probe")
 # rules that mix whole layers and adapters (or entries): the ones --head can add the output layer to whole
 HEAD_GRANULARITIES = ("hybrid", "shares", "sparse")
 HEAD_HELP = (
@@ -57,7 +59,9 @@ class Recipe:
         "of every layer, the budget shared out by the layers' scores; shares: every layer gets a share of the "
         "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise; "
         "sparse: every layer's share as single weight entries, those with the largest squared adversarial-loss "
-        "gradients on training examples (a fixed mask, Sung et al. 2021)",
+        "gradients on training examples (a fixed mask, Sung et al. 2021); probe: the whole network trains for the "
+        "first --probe share of the budget, then only the entries it moved most (biases and normalization layers "
+        "whole), every other entry back to the base",
         choices=GRANULARITIES,
         group="recipe",
     )
@@ -110,6 +114,14 @@ class Recipe:
     # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget); off
     # until the validation split says otherwise
     head: bool = setting(False, help=HEAD_HELP, group="recipe")
+    # the probe rule's first stage (#21, round 18): 20% of the budget on the whole network, the mask from its change
+    probe: float = setting(
+        0.2,
+        help="with --granularity probe: the share of the budget the whole network trains first (it must end after "
+        "the eps ramp); the entries it moved most then train for the rest, every other entry back to the base",
+        type=number,
+        group="recipe",
+    )
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )
@@ -134,6 +146,13 @@ class Recipe:
             raise AdvtuneError(
                 f"--head trains the output layer whole next to the other layers' adapters: use it with --granularity "
                 f"{' or '.join(HEAD_GRANULARITIES)}, not {self.granularity}"
+            )
+        if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
+            raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")
+        if self.granularity == "probe" and self.probe <= self.eps_warmup:
+            raise AdvtuneError(
+                f"--probe {self.probe:g} must be larger than --eps-warmup {self.eps_warmup:g}: the eps ramp has to end "
+                "within the probe (the masked stage trains at the full eps)"
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")

@@ -96,7 +96,7 @@ def plot_trained_units(rows: list[dict], path: str | os.PathLike, colors: Mappin
         bars = ax.bar(xs, pct, width, color=colors.get(r["variant"], "k"), label=describe_short(r))
         # adapters' counts are ranks (of the layer's largest rank): labelled "r7", a whole layer "all"
         adapters = r.get("granularity") in ADAPTER_GRANULARITIES
-        sparse = r.get("granularity") == "sparse"  # its counts are single weight entries: labelled "e3245"
+        sparse = r.get("granularity") in ("sparse", "probe")  # its counts are single weight entries: labelled "e3245"
         tags = [
             "" if not u else ("all" if p >= 100 else f"r{u}") if adapters else f"e{u}" if sparse else str(u)
             for u, p in zip(units, pct)

@@ -66,6 +66,8 @@ def describe(r: dict) -> str:
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "sparse":
                 what = f"single weight entries of every layer by adversarial Fisher, quotas by {crit}"
+            elif r.get("granularity") == "probe":
+                what = "the weight entries a whole-network probe (the budget's first share) moved most, biases whole"
             elif r.get("granularity") == "lowrank":
                 what = "low-rank adapters on every layer" + (f", ranks by {crit}" if crit else "")
             elif r.get("share") is not None:
@@ -80,7 +82,7 @@ def describe(r: dict) -> str:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
-    if where and r.get("granularity") == "sparse":  # its counts are entries, not units
+    if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units
         where += " entries"
     return what + (f"; trains {where}" if where else "")
 
@@ -280,12 +282,16 @@ def harden_recipe(s: dict) -> str:
     g = recipe.get("granularity")
     norms = " + the normalization layers' scale and shift" if recipe.get("norms") else ""
     norms += " + the output layer whole" if recipe.get("head") else ""
+    ranked = "" if g == "probe" else f" ranked by {recipe.get('criterion')}"  # the probe's mask: by movement
+    ramp = f"eps ramped over {100 * float(recipe.get('eps_warmup', 0)):g}% of the budget"
+    if g == "probe":
+        ramp = f"the whole network for the first {100 * float(recipe.get('probe', 0.2)):g}% of the budget ({ramp})"
     return (
-        f"Recipe: {GRANULARITY_WORDS.get(g, g)}{norms} ranked by {recipe.get('criterion')} "
+        f"Recipe: {GRANULARITY_WORDS.get(g, g)}{norms}{ranked} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
         "training images) within "
-        f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, eps ramped over "
-        f"{100 * float(recipe.get('eps_warmup', 0)):g}% of the budget, {recipe.get('optimizer')} lr "
+        f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, {ramp}, "
+        f"{recipe.get('optimizer')} lr "
         f"{recipe.get('lr')}, "
         f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient "
         "evaluations."

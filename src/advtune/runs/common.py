@@ -191,6 +191,7 @@ RUN_DEFAULTS = {
     "points": 0,
     "params": None,
     "granularity": "unit",
+    "probe": 0.2,
     "weights": None,
     "weights_key": None,
     "keep_best": 0,

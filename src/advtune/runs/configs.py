@@ -223,6 +223,13 @@ class FinetuneRun:
         group="selection",
     )
     head: bool = setting(False, help=HEAD_HELP, group="selection")
+    probe: float = setting(
+        0.2,
+        help="with --granularity probe: the share of --budget the whole network trains first (its run folder is "
+        "<out>.probe); the entries it moved most then train for the rest, every other entry back to the base",
+        type=number,
+        group="selection",
+    )
     budget: int | None = budget_setting()
     points: int = points_setting()
     keep_best: int = keep_best_setting()

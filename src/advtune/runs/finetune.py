@@ -219,14 +219,21 @@ def recorded_scoring(run: FinetuneRun) -> dict:
 
 
 def finetune_model(
-    model, ds, job: Finetuning, rd: RunDir | None = None, meta: dict | None = None, config: dict | None = None
+    model,
+    ds,
+    job: Finetuning,
+    rd: RunDir | None = None,
+    meta: dict | None = None,
+    config: dict | None = None,
+    spent: dict | None = None,
 ) -> FinetuneSummary:
     """Adversarial fine-tuning of `model` in place (the one implementation behind `advtune finetune`,
     harden's fine-tuning stage and experiment variants). With a run folder `rd`, it checkpoints there
     (and resumes from it with run.resume), writes metrics and cost as it goes, and saves snapshots
-    (a loadable model with `meta` and the run's `config`)."""
+    (a loadable model with `meta` and the run's `config`). `spent`: cost counters of an earlier stage
+    of the same fine-tuning (the probe rule's probe) that its cost meter starts from."""
     run, cfg = job.run, job.cfg
-    meter = CostMeter()
+    meter = CostMeter().load_json(spent or {})
     callbacks = overfit_guard(run.guard, run.attack, job.threat, ds, model_device(model), cfg.seed, meter)
     snaps = snapshot_steps(cfg, len(ds.train), run.points)
     snap_meta = {k: v for k, v in (meta or {}).items() if k not in ("parameters", "tensors", "training")}
@@ -303,12 +310,27 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     return finetune_folder(model, meta, ds, run)
 
 
-def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> FinetuneSummary:
+def finetune_folder(
+    model, meta: dict, ds, run: FinetuneRun, select=None, base_state: dict | None = None, spent: dict | None = None
+) -> FinetuneSummary:
     """The fine-tuning of `model` (the base run's, with its model.json `meta`) recorded in the run
-    folder `run.out`: created only once everything is validated; resumable."""
+    folder `run.out`: created only once everything is validated; resumable. `base_state`: the weights
+    the patch is taken from when `model` does not start at the base (the probe rule); `spent`: as
+    finetune_model's."""
+    if run.granularity == "probe" and select is None:  # the probe stage first, then its mask (runs/probe.py)
+        from .probe import probe_folder, probe_then_mask
+
+        out = Path(run.out)
+        check_finetune(run)
+        if out.is_dir() and any(out.iterdir()) and not (run.resume or run.overwrite):
+            raise AdvtuneError(
+                f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it"
+            )
+        probed = probe_then_mask(model, meta, ds, check_finetune(run), probe_folder(out), log.info)
+        return finetune_folder(probed.start, meta, ds, probed.run, probed.mask, probed.base_state, probed.spent)
     job = prepare_finetune(model, ds, run, select)
     run, cfg = job.run, job.cfg
-    base_state = cpu_state(model)  # for the patch: what the fine-tuning changed
+    base_state = base_state if base_state is not None else cpu_state(model)  # the patch: what changed
     config = {
         "command": "finetune",
         "run": run.to_json(),
@@ -325,7 +347,7 @@ def finetune_folder(model, meta: dict, ds, run: FinetuneRun, select=None) -> Fin
     rd = open_training_folder(run, cfg, config)  # everything is validated: only now is the folder created
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
-    summary = finetune_model(model, ds, job, rd, meta, config)
+    summary = finetune_model(model, ds, job, rd, meta, config, spent)
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {
         "finetuned_from": str(run.base),

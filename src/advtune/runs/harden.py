@@ -47,6 +47,7 @@ from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
+from .probe import PROBE, probe_then_mask
 from .record import RunDir, open_run
 from .selecting import read_table
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False}
+RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -89,6 +90,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         criterion=run.recipe.criterion,
         params=run.recipe.params,
         granularity=run.recipe.granularity,
+        probe=run.recipe.probe,
         norms=run.recipe.norms,
         head=run.recipe.head,
         attack=run.recipe.attack,
@@ -213,21 +215,26 @@ def harden_model(
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
-    say(f"[2/4] selection: {what} by {recipe.criterion}, at most {budget_words}")
+    by = "the probe's movement" if recipe.granularity == "probe" else recipe.criterion
+    say(f"[2/4] selection: {what} by {by}, at most {budget_words}")
     ft = finetune_settings(run, plan, out)
     if out is not None and (out / FINETUNE / files.SUMMARY).is_file():  # finished earlier: read it back
         hardened, _ = load_model(out / FINETUNE, model_device(model))
     else:
-        hardened = copy.deepcopy(model)
-        say(
-            f"[3/4] fine-tuning the selection with {recipe.attack}, eps ramped over the first "
-            f"{100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
-        )
+        hardened, select, stage = copy.deepcopy(model), table, {}
+        ramp = f"eps ramped over the first {100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
+        if recipe.granularity == "probe":  # a whole-network probe first; the entries it moved train (runs/probe.py)
+            probed = probe_then_mask(model, meta, ds, ft, out / PROBE if out else None, lambda m: say(f"[3/4] {m}"))
+            hardened, select, ft = probed.start, probed.mask, probed.run
+            stage = {"base_state": probed.base_state, "spent": probed.spent}
+            ramp = f"at the full eps for the {ft.budget:,} gradient evaluations the probe left"
+        say(f"[3/4] fine-tuning the selection with {recipe.attack}, {ramp}")
         if rd is not None:
-            finetune_folder(hardened, meta, ds, ft, select=table)
+            finetune_folder(hardened, meta, ds, ft, select=select, **stage)
         else:
-            job = prepare_finetune(hardened, ds, ft, select=table)
-            ft_sum, selection = finetune_model(hardened, ds, job).to_json(), job.selection
+            job = prepare_finetune(hardened, ds, ft, select=select)
+            ft_sum = finetune_model(hardened, ds, job, spent=stage.get("spent")).to_json()
+            selection = job.selection
     if out is not None:  # the fine-tuning's records are the truth: the same whether run now or earlier
         ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()
         chosen = out / FINETUNE / files.SELECTION
@@ -412,13 +419,18 @@ def format_summary(summary: HardenSummary) -> str:
         whole = list(sel.get("whole", []))
         entries = [f"{n} ({k:,} entries)" for n, k in (sel.get("params_by_layer") or {}).items() if n not in whole]
         norms = [f"{len(sel['norms'])} normalization layers"] if sel.get("norms") else []
-        scoring = sel.get("scoring") or {}
-        layers = ", ".join([f"{n} (whole)" for n in whole] + entries + norms) + (
-            f"; entries chosen on {scoring['examples']} adversarial training examples "
-            f"({scoring['grad_evals']:,} gradient evaluations)"
-            if scoring
-            else ""
-        )
+        scoring, probe = sel.get("scoring") or {}, sel.get("probe") or {}
+        layers = ", ".join([f"{n} (whole)" for n in whole] + entries + norms)
+        if scoring:
+            layers += (
+                f"; entries chosen on {scoring['examples']} adversarial training examples "
+                f"({scoring['grad_evals']:,} gradient evaluations)"
+            )
+        if probe:
+            layers += (
+                f"; entries the whole network's probe moved most (its first {100 * probe['share']:g}% of the budget, "
+                f"{probe['grad_evals']:,} gradient evaluations, counted with the fine-tuning)"
+            )
     c = s["cost"]
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "

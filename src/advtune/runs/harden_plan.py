@@ -51,6 +51,15 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
         if budget <= 0:
             raise AdvtuneError("--granularity sparse: the norms and the head take the whole budget; raise --params")
         return
+    if recipe.granularity == "probe":  # single weight entries once the biases (whole) are paid
+        from ..train.probe import whole_params
+
+        params = dict(model.named_parameters())
+        if budget - sum(params[n].numel() for n in whole_params(model, ())) <= 0:
+            raise AdvtuneError(
+                "--granularity probe: the biases and normalization layers take the whole budget; raise --params"
+            )
+        return
     if recipe.granularity == "shares":
         share_ranks(model, budget, {})  # refuses a budget that pays for no layer, not even one rank-1 adapter
         return

@@ -94,6 +94,14 @@ def _make_selection(
         check_params(params, model)
     if granularity not in GRANULARITIES:
         raise AdvtuneError(f"granularity {granularity!r}: use {', '.join(GRANULARITIES)}")
+    if isinstance(select, SparseEntries):  # a mask chosen already (the probe rule's, runs/probe.py)
+        select.validate(model)
+        return select
+    if granularity == "probe":
+        raise AdvtuneError(
+            "--granularity probe trains a whole-network probe first and takes its mask from it: run it through "
+            "`advtune finetune` or `advtune harden` (runs.finetune.finetune_folder, runs.harden.harden_model)"
+        )
     if isinstance(select, ScoreTable):  # an analysis already in memory (harden)
         return select_from_table(
             select, model, share, per_layer, params, granularity, example_input, seed, norms, head, entry
@@ -130,6 +138,8 @@ def resolve_norms(model, norms: bool | None, select: Any, granularity: str, para
     normalization layers (small-cnn) is unchanged."""
     if norms is not None:
         return bool(norms)
+    if isinstance(select, SparseEntries):  # a mask chosen already: its normalization layers are in it or not
+        return bool(select.norms)
     if params is None or not norm_layers(model):
         return False
     if isinstance(select, ScoreTable):
@@ -296,6 +306,8 @@ def describe_selection(selection, model, example=None) -> dict:
             "norms": list(selection.norms),
             "changed_params": selection.changed_entries(model),
         }
+        if getattr(selection, "probe", None):  # the probe rule's mask: how it was found and what that cost
+            extra["probe"] = dict(selection.probe)
     if isinstance(selection, LowRank):  # degrees of freedom differ from the entries that change
         extra = {
             "kind": "hybrid" if selection.whole else "lowrank",

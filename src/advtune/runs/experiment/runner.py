@@ -238,7 +238,7 @@ def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
         finetune_job.run(
             settings_from(
                 FinetuneRun,
-                {**_as_started(folder, v), **_numbers(v, "share", "eps_warmup")},
+                {**_as_started(folder, v), **_numbers(v, "share", "eps_warmup", "probe")},
                 base=str(ex.base_dir),
                 out=str(folder),
                 eps=eps,

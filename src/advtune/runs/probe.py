@@ -1,0 +1,136 @@
+"""The probe rule (#21, RESULTS round 18) as two fine-tuning stages, each an `advtune finetune` run folder
+(harden: its probe/ and finetune/; `advtune finetune --granularity probe --out OUT`: OUT.probe and OUT):
+
+    probe/      the whole network, adversarially fine-tuned for the first --probe share of the budget (the eps ramp
+                rescaled to end where the one-stage ramp ends, so the probe must be longer than the ramp)
+    finetune/   the mask: the weight entries the probe moved most within --params (biases and, with the norms,
+                the normalization layers whole, paid first: train/probe.py); every other entry back to the base's
+                value; then the rest of the budget within the mask at the full eps, from a fresh seed (the probe's
+                batches are not replayed), fresh Adam moments and a fresh weight average
+
+The probe is paid out of the budget: the second stage's cost meter starts with the probe's counts, so its cost.json
+(and harden's finetune_grad_evals) is the cost of both stages. Each stage resumes from its own folder; a finished
+probe is read back, and its mask recomputed from the same weights is the same mask.
+On the residual CIFAR-10 network (validation, 540k gradient evaluations) the rule reached 27.2% / 28.2% (two
+seeds) against the Fisher-masked and adapter rules' 22-24%, at equal compute (docs/RESULTS.md, round 18).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .. import filenames as files
+from ..devices import model_device
+from ..errors import AdvtuneError
+from ..models import load_model
+from ..patch import cpu_state
+from ..storage import read_json
+from ..train.probe import movement_mask, start_weights
+from ..train.sparse import SparseEntries
+from ..vulnerability import check_params
+from .common import check_same_run
+from .configs import FinetuneRun
+from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
+from .selecting import norms_of, resolve_norms
+
+PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
+# the cost counters the second stage's meter starts from (the per-example FLOPs it measures itself)
+COUNTERS = (
+    "wall_s",
+    "examples",
+    "attack_grad_evals",
+    "update_grad_evals",
+    "forward_evals",
+    "partial_passes",
+    "partial_grad_evals",
+)
+
+
+@dataclass
+class Probed:
+    """The probe stage done: the masked stage's start weights (a copy; the base is untouched), its mask, its
+    settings, and what the probe cost."""
+
+    start: object
+    mask: SparseEntries
+    run: FinetuneRun  # the masked stage: the budget the probe left, eps at full from its first step, the next seed
+    spent: dict  # the probe's counters, which the masked stage's cost meter starts from
+    base_state: dict  # the base's weights (the masked stage's patch is from them, not from its start)
+
+
+def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
+    """The probe stage: every parameter for ft.probe of the budget, the eps ramp over its first eps_warmup/probe.
+    In a folder it resumes what is there (`ft.overwrite`: starts it again)."""
+    share, ramp = ft.probe, ft.eps_warmup or 0.0
+    if ft.budget is None:
+        raise AdvtuneError("--granularity probe pays its probe out of the budget: give --budget")
+    if ft.params is None:
+        raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {share!r}")
+    if not share > ramp:
+        raise AdvtuneError(
+            f"--probe {share:g} must be larger than --eps-warmup {ramp:g}: the eps ramp has to end within the probe; "
+            "raise --probe or lower --eps-warmup"
+        )
+    return replace(
+        ft,
+        out=str(folder) if folder else "",
+        select="all",
+        granularity="unit",
+        params=None,
+        norms=False,
+        head=False,
+        budget=int(share * ft.budget),
+        eps_warmup=ramp / share,
+        keep_best=0,
+        points=0,
+        resume=bool(folder) and (folder / files.CONFIG).is_file() and not ft.overwrite,
+        overwrite=bool(folder) and ft.overwrite,
+    )
+
+
+def probe_folder(out: str | Path) -> Path:
+    """Where `advtune finetune --granularity probe --out OUT` keeps its probe stage: next to OUT (OUT itself is
+    created only once the mask is known, with the settings it trains with)."""
+    out = Path(out)
+    return out.with_name(out.name + ".probe")
+
+
+def probe_then_mask(model, meta: dict, ds, ft: FinetuneRun, folder: Path | None, say: Callable[[str], None]) -> Probed:
+    """Run (or read back from `folder`) the probe of `model` (left unchanged), take its mask within ft.params and
+    put every entry outside it back to the base: the masked stage's start, mask and settings."""
+    budget = check_params(ft.params, model) if ft.params is not None else None
+    first = probe_settings(ft, folder)  # refuses bad settings before any work
+    norms = norms_of(model, resolve_norms(model, ft.norms, ft.select, "probe", ft.params))
+    base_state = cpu_state(model)
+    done = folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite
+    if done:  # finished earlier: read back, if it ran with these settings
+        check_same_run(read_json(folder / files.CONFIG, "probe config").get("run", {}), first.to_json())
+        probed, _ = load_model(folder, model_device(model))
+        spent = FinetuneSummary.read(folder / files.SUMMARY).cost
+    else:
+        say(
+            f"probe: the whole network for {100 * ft.probe:g}% of the budget ({first.budget:,} gradient "
+            "evaluations), to find the entries that move"
+        )
+        probed = copy.deepcopy(model)
+        if folder is not None:
+            spent = finetune_folder(probed, meta, ds, first).cost
+        else:
+            spent = finetune_model(probed, ds, prepare_finetune(probed, ds, first)).cost
+    mask, entries = movement_mask(model, probed, budget, norms)
+    mask.probe = {  # the selection record says how the mask was found and what finding it cost
+        "share": ft.probe,
+        "grad_evals": spent["grad_evals"],
+        "wall_s": spent.get("wall_s", 0.0),
+        "weight_entries": entries,
+        "folder": str(folder) if folder is not None else None,
+    }
+    seed = None if ft.train.seed is None else ft.train.seed + 1  # not the probe's batches again
+    rest = replace(ft, budget=ft.budget - spent["grad_evals"], eps_warmup=0.0, train=replace(ft.train, seed=seed))
+    counts = {k: spent[k] for k in COUNTERS if k in spent}
+    return Probed(start_weights(probed, base_state, mask), mask, rest, counts, base_state)

@@ -1,0 +1,175 @@
+"""The probe rule (#21, round 18): a whole-network probe for a first share of the budget, then only the entries it
+moved most. The mask holds exactly those entries (biases and normalization layers whole, all within --params), every
+other entry goes back to the base bit for bit, the probe is paid out of the budget and counted, a finished probe is
+read back on --resume, and the command and the Python API give the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advtune.errors import AdvtuneError
+from advtune.recipe import PROTOCOL, Recipe
+from advtune.train.probe import movement_mask, start_weights, weight_changes
+from test_selective import bn_net
+
+
+def moved_copy(base, seed: int = 1):
+    """`base` with every parameter moved by a different random amount."""
+    moved = bn_net()
+    moved.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    return moved
+
+
+def test_movement_mask_takes_the_largest_moves_over_all_layers_with_biases_and_norms_whole():
+    base = bn_net()
+    moved = moved_copy(base)
+    params = dict(base.named_parameters())
+    norms = ("net.bn1", "net.bn2")
+    whole = [n for n in params if n.endswith("bias") or ".bn" in n]
+    paid = sum(params[n].numel() for n in whole)
+    mask, k = movement_mask(base, moved, paid + 300, norms)
+    assert k == 300 and mask.trainable_params() == paid + 300 and mask.norms == norms
+    masks = mask.masks(base)
+    for n in whole:
+        assert bool(masks[n].all()), n
+    changes = weight_changes(base, moved)
+    assert set(changes) == {"net.conv1.weight", "net.conv2.weight", "net.fc.weight"}
+    chosen = torch.cat([changes[n].abs()[masks[n]] for n in changes])
+    left = torch.cat([changes[n].abs()[~masks[n]] for n in changes])
+    assert len(chosen) == 300 and float(chosen.min()) >= float(left.max())  # the largest moves, across layers
+    # without the norms their entries are no part of the mask
+    plain, _ = movement_mask(base, moved, paid + 300)
+    assert "net.bn1.weight" not in plain.masks(base) and plain.trainable_params() < paid + 300 + 1
+    with pytest.raises(AdvtuneError, match="raise --params"):
+        movement_mask(base, moved, paid, norms)
+
+
+def test_start_weights_put_every_entry_outside_the_mask_back_to_the_base():
+    base = bn_net()
+    moved = moved_copy(base)
+    mask, _ = movement_mask(base, moved, 2000, ("net.bn1", "net.bn2"))
+    want = {n: p.detach().clone() for n, p in moved.named_parameters()}
+    start = start_weights(moved, {n: t.clone() for n, t in base.state_dict().items()}, mask)
+    masks = mask.masks(base)
+    for name, p in start.named_parameters():
+        m = masks.get(name, torch.zeros(p.shape, dtype=torch.bool))
+        assert torch.equal(p[m], want[name][m]) and torch.equal(p[~m], dict(base.named_parameters())[name][~m]), name
+
+
+def test_recipe_refuses_a_probe_that_ends_inside_the_eps_ramp_or_is_no_share():
+    with pytest.raises(AdvtuneError, match="larger than --eps-warmup"):
+        Recipe(granularity="probe", probe=0.1, eps_warmup=0.15)
+    with pytest.raises(AdvtuneError, match=r"share of the budget in \(0, 1\)"):
+        Recipe(granularity="probe", probe=1.0)
+    assert Recipe(granularity="probe", probe=0.3).probe == 0.3
+
+
+def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and_matches_the_api(tmp_path, capsys):
+    import advtune
+    from advtune.cli import main
+    from advtune.data import load_dataset
+    from advtune.models import load_model
+    from advtune.patch import apply_patch
+    from advtune.train.lowrank import selection_from_json
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    out = tmp_path / "hard"
+    argv = ["harden", str(base), "--eps", "0.2", "--granularity", "probe", "--params", "0.1", "--limit", "400"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "probe: the whole network for 20% of the budget" in printed and "probe moved most" in printed
+    s = json.loads((out / "summary.json").read_text())
+    sel, cost = s["selection"], s["cost"]
+    base_model = load_model(base)[0]
+    total = sum(p.numel() for p in base_model.parameters())
+    assert sel["kind"] == "sparse" and 0 < sel["trainable_params"] <= 0.1 * total
+    probe = json.loads((out / "probe" / "cost.json").read_text())["grad_evals"]
+    step = 6 * 64  # one optimizer step of PGD-5 on a batch of 64: each stage rounds its budget up to whole steps
+    assert sel["probe"]["grad_evals"] == probe and 0.15 * 12000 < probe <= 0.2 * 12000 + step
+    # the probe is paid out of the budget: the fine-tuning's cost is both stages' (the rest: what the probe left)
+    assert 12000 - step < cost["finetune_grad_evals"] <= 12000 + step
+    ft_cfg = json.loads((out / "finetune" / "config.json").read_text())["run"]
+    assert ft_cfg["eps_warmup"] == 0.0 and ft_cfg["budget"] == 12000 - probe and ft_cfg["train"]["seed"] == 1
+    probe_cfg = json.loads((out / "probe" / "config.json").read_text())["run"]
+    assert probe_cfg["select"] == "all" and probe_cfg["eps_warmup"] == pytest.approx(0.15 / 0.2)
+    # only the mask moved from the base; the patch rebuilds the hardened weights bit for bit
+    hardened = load_model(out)[0]
+    masks = selection_from_json(json.loads((out / "finetune" / "selection.json").read_text()), base_model).masks(
+        base_model
+    )
+    moved = 0
+    for (name, a), b in zip(base_model.state_dict().items(), hardened.state_dict().values()):
+        m = masks.get(name)
+        if m is None:
+            assert torch.equal(a, b) or "running" in name or "num_batches" in name, name
+        else:
+            assert torch.equal(a[~m], b[~m]), name
+            moved += int((a != b).sum())
+    assert 0 < moved <= sel["trainable_params"]
+    rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
+    for (k, a), b in zip(hardened.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
+    # --resume after the probe: the probe is read back (not trained again) and gives the same mask and weights
+    import shutil
+
+    for name in ("finetune", "summary.json", "model.safetensors", "eval-protocol.json"):
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    probe_weights = (out / "probe" / "model.safetensors").read_bytes()
+    assert main([*argv, "--resume"]) == 0
+    assert "probe: the whole network" not in capsys.readouterr().out
+    assert (out / "probe" / "model.safetensors").read_bytes() == probe_weights
+    again = load_model(out)[0]
+    for (k, a), b in zip(hardened.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the Python API runs the same two stages in memory: the same weights
+    ds = load_dataset("synthetic", limit=400, limit_test=40)
+    api = advtune.harden(
+        load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(granularity="probe"), evaluation=PROTOCOL
+    )
+    assert api.record.selection["probe"]["grad_evals"] == probe
+    for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_work_and_overwrites_both(tmp_path, capsys):
+    from advtune.cli import main
+    from advtune.models import load_model
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=200, limit_test=20)) == 0
+    ft = tmp_path / "ft"
+    argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--attack", "pgd:steps=1", "--quiet"]
+    argv += ["--limit", "200", "--limit-test", "20", "--monitor-test", "0", "--out", str(ft)]
+    for extra, match in (
+        (["--budget", "4000"], "needs a parameter budget"),
+        (["--params", "0.1"], "give --budget"),
+        (["--params", "0.1", "--budget", "4000", "--probe", "0.1", "--eps-warmup", "0.2"], "larger than --eps-warmup"),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+        assert not ft.exists() and not (tmp_path / "ft.probe").exists()
+    good = [*argv, "--params", "0.1", "--budget", "4000", "--eps-warmup", "0.15"]  # finetune's PGD default: 0.3
+    assert main(good) == 0
+    s = json.loads((ft / "summary.json").read_text())
+    probe = json.loads((tmp_path / "ft.probe" / "cost.json").read_text())["grad_evals"]
+    assert s["selection"]["kind"] == "sparse" and s["selection"]["probe"]["grad_evals"] == probe > 0
+    assert probe < s["cost"]["grad_evals"] and json.loads((ft / "cost.json").read_text())["grad_evals"] > probe
+    assert main(good) == 2 and "already exists" in capsys.readouterr().err  # nothing lost: refused
+    first = load_model(ft)[0].state_dict()
+    assert main([*good, "--overwrite"]) == 0  # the probe trained again too: the same seeds, the same weights
+    for (k, a), b in zip(first.items(), load_model(ft)[0].state_dict().values()):
+        assert torch.equal(a, b), k
