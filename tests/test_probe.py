@@ -44,9 +44,10 @@ def test_movement_mask_takes_the_largest_moves_over_all_layers_with_biases_and_n
     chosen = torch.cat([changes[n].abs()[masks[n]] for n in changes])
     left = torch.cat([changes[n].abs()[~masks[n]] for n in changes])
     assert len(chosen) == 300 and float(chosen.min()) >= float(left.max())  # the largest moves, across layers
-    # without the norms their entries are no part of the mask
-    plain, _ = movement_mask(base, moved, paid + 300)
-    assert "net.bn1.weight" not in plain.masks(base) and plain.trainable_params() < paid + 300 + 1
+    # without the norms their entries are no part of the mask, and what they paid goes to weight entries
+    plain, k = movement_mask(base, moved, paid + 300)
+    biases = sum(params[n].numel() for n in whole if ".bn" not in n)
+    assert "net.bn1.weight" not in plain.masks(base) and k == paid + 300 - biases == plain.trainable_params() - biases
     with pytest.raises(AdvtuneError, match="raise --params"):
         movement_mask(base, moved, paid, norms)
 
@@ -61,6 +62,21 @@ def test_start_weights_put_every_entry_outside_the_mask_back_to_the_base():
     for name, p in start.named_parameters():
         m = masks.get(name, torch.zeros(p.shape, dtype=torch.bool))
         assert torch.equal(p[m], want[name][m]) and torch.equal(p[~m], dict(base.named_parameters())[name][~m]), name
+
+
+def test_start_weights_give_a_frozen_normalization_layer_the_base_statistics_and_keep_a_trained_ones():
+    base = bn_net()
+    moved = moved_copy(base)
+    with torch.no_grad():
+        for m in moved.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(1.0)
+    base_state = {n: t.clone() for n, t in base.state_dict().items()}
+    mask, _ = movement_mask(base, moved, 2000, ("net.bn1",))  # bn2 frozen: its scale, shift and statistics
+    start = start_weights(moved, base_state, mask).state_dict()
+    assert torch.equal(start["net.bn2.running_mean"], base_state["net.bn2.running_mean"])
+    assert torch.equal(start["net.bn2.weight"], base_state["net.bn2.weight"])
+    assert torch.equal(start["net.bn1.running_mean"], base_state["net.bn1.running_mean"] + 1.0)
 
 
 def test_recipe_refuses_a_probe_that_ends_inside_the_eps_ramp_or_is_no_share():
@@ -99,8 +115,10 @@ def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and
     assert sel["probe"]["grad_evals"] == probe and 0.15 * 12000 < probe <= 0.2 * 12000 + step
     # the probe is paid out of the budget: the fine-tuning's cost is both stages' (the rest: what the probe left)
     assert 12000 - step < cost["finetune_grad_evals"] <= 12000 + step
-    ft_cfg = json.loads((out / "finetune" / "config.json").read_text())["run"]
-    assert ft_cfg["eps_warmup"] == 0.0 and ft_cfg["budget"] == 12000 - probe and ft_cfg["train"]["seed"] == 1
+    ft_cfg = json.loads((out / "finetune" / "config.json").read_text())
+    assert ft_cfg["run"]["budget"] == 12000 and ft_cfg["run"]["eps_warmup"] == 0.15  # as asked; the stage as it ran
+    stage = ft_cfg["stage"]
+    assert stage["eps_warmup"] == 0.0 and stage["budget"] == 12000 - probe and stage["train"]["seed"] == 1
     probe_cfg = json.loads((out / "probe" / "config.json").read_text())["run"]
     assert probe_cfg["select"] == "all" and probe_cfg["eps_warmup"] == pytest.approx(0.15 / 0.2)
     # only the mask moved from the base; the patch rebuilds the hardened weights bit for bit
@@ -162,14 +180,29 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1, err
         assert not ft.exists() and not (tmp_path / "ft.probe").exists()
-    good = [*argv, "--params", "0.1", "--budget", "4000", "--eps-warmup", "0.15"]  # finetune's PGD default: 0.3
+    good = [*argv, "--params", "0.1", "--budget", "4000"]
     assert main(good) == 0
     s = json.loads((ft / "summary.json").read_text())
     probe = json.loads((tmp_path / "ft.probe" / "cost.json").read_text())["grad_evals"]
     assert s["selection"]["kind"] == "sparse" and s["selection"]["probe"]["grad_evals"] == probe > 0
-    assert probe < s["cost"]["grad_evals"] and json.loads((ft / "cost.json").read_text())["grad_evals"] > probe
+    step = 2 * 64  # PGD-1 on a batch of 64: each stage rounds its budget up to whole steps
+    assert 4000 - step < s["cost"]["grad_evals"] <= 4000 + step  # the probe counted once, with the rest
+    assert json.loads((ft / "cost.json").read_text())["grad_evals"] == s["cost"]["grad_evals"]
+    assert json.loads((ft / "config.json").read_text())["run"]["eps_warmup"] == 0.15  # the rule's ramp by default
     assert main(good) == 2 and "already exists" in capsys.readouterr().err  # nothing lost: refused
+    probe_done = tmp_path / "ft.probe" / "summary.json"
+    # a crash after the probe: refused without --resume, then the finished probe read back, not trained again
+    import shutil
+
     first = load_model(ft)[0].state_dict()
-    assert main([*good, "--overwrite"]) == 0  # the probe trained again too: the same seeds, the same weights
+    shutil.rmtree(ft)
+    when = probe_done.stat().st_mtime_ns
+    assert main(good) == 2 and "ft.probe already exists" in capsys.readouterr().err
+    assert main([*good, "--resume", "--probe", "0.3"]) == 2  # its settings changed: refused, nothing lost
+    assert "--resume with different settings" in capsys.readouterr().err and probe_done.stat().st_mtime_ns == when
+    assert main([*good, "--resume"]) == 0 and probe_done.stat().st_mtime_ns == when
     for (k, a), b in zip(first.items(), load_model(ft)[0].state_dict().values()):
         assert torch.equal(a, b), k
+    assert main([*good, "--overwrite"]) == 0 and probe_done.stat().st_mtime_ns > when  # the probe trained again
+    for (k, a), b in zip(first.items(), load_model(ft)[0].state_dict().values()):
+        assert torch.equal(a, b), k  # the same seeds: the same weights

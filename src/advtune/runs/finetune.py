@@ -16,6 +16,7 @@ from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..patch import cpu_state, write_patch
+from ..recipe import Recipe
 from ..records import Record
 from ..seeding import seed_everything
 from ..storage import read_json
@@ -98,9 +99,10 @@ def trained_words(selection: dict | None) -> str:
 
 def check_finetune(run: FinetuneRun) -> FinetuneRun:
     """The fine-tuning settings, refused in one line before any work; the eps ramp resolved."""
-    run = replace(
-        run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(run.eps_warmup, run.attack)
-    )
+    ramp = run.eps_warmup
+    if ramp is None and run.granularity == "probe":  # the probe's ramp must end inside it: the recipe's 15%
+        ramp = Recipe().eps_warmup
+    run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack))
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
@@ -311,29 +313,38 @@ def run(run: FinetuneRun) -> FinetuneSummary:
 
 
 def finetune_folder(
-    model, meta: dict, ds, run: FinetuneRun, select=None, base_state: dict | None = None, spent: dict | None = None
+    model,
+    meta: dict,
+    ds,
+    run: FinetuneRun,
+    select=None,
+    base_state: dict | None = None,
+    spent: dict | None = None,
+    asked: FinetuneRun | None = None,
 ) -> FinetuneSummary:
     """The fine-tuning of `model` (the base run's, with its model.json `meta`) recorded in the run
     folder `run.out`: created only once everything is validated; resumable. `base_state`: the weights
     the patch is taken from when `model` does not start at the base (the probe rule); `spent`: as
-    finetune_model's."""
+    finetune_model's; `asked`: the settings as given, recorded (and compared on --resume) as the run's
+    when `run` is a stage derived from them (the probe rule's masked stage, recorded as `stage`)."""
     if run.granularity == "probe" and select is None:  # the probe stage first, then its mask (runs/probe.py)
         from .probe import probe_folder, probe_then_mask
 
-        out = Path(run.out)
-        check_finetune(run)
-        if out.is_dir() and any(out.iterdir()) and not (run.resume or run.overwrite):
-            raise AdvtuneError(
-                f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        probed = probe_then_mask(model, meta, ds, check_finetune(run), probe_folder(out), log.info)
-        return finetune_folder(probed.start, meta, ds, probed.run, probed.mask, probed.base_state, probed.spent)
+        run, out = check_finetune(run), Path(run.out)
+        for folder in (out, probe_folder(out)):  # nothing started is continued or replaced unasked
+            if folder.is_dir() and any(folder.iterdir()) and not (run.resume or run.overwrite):
+                raise AdvtuneError(
+                    f"output folder {folder} already exists; pass --resume to continue it or --overwrite to replace it"
+                )
+        probed = probe_then_mask(model, meta, ds, run, probe_folder(out), log.info)
+        return finetune_folder(probed.start, meta, ds, probed.run, probed.mask, probed.base_state, probed.spent, run)
     job = prepare_finetune(model, ds, run, select)
     run, cfg = job.run, job.cfg
     base_state = base_state if base_state is not None else cpu_state(model)  # the patch: what changed
     config = {
         "command": "finetune",
-        "run": run.to_json(),
+        "run": (asked or run).to_json(),
+        **({"stage": run.to_json()} if asked is not None else {}),
         "seed": cfg.seed,
         "base": str(run.base),
         "dataset": ds.describe(),
@@ -344,7 +355,7 @@ def finetune_folder(
         "device": str(model_device(model)),
         "steps": cfg.steps,
     }
-    rd = open_training_folder(run, cfg, config)  # everything is validated: only now is the folder created
+    rd = open_training_folder(asked or run, cfg, config)  # everything is validated: only now is it created
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
     summary = finetune_model(model, ds, job, rd, meta, config, spent)

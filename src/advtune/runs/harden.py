@@ -225,8 +225,8 @@ def harden_model(
         ramp = f"eps ramped over the first {100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
         if recipe.granularity == "probe":  # a whole-network probe first; the entries it moved train (runs/probe.py)
             probed = probe_then_mask(model, meta, ds, ft, out / PROBE if out else None, lambda m: say(f"[3/4] {m}"))
+            stage = {"base_state": probed.base_state, "spent": probed.spent, "asked": ft}
             hardened, select, ft = probed.start, probed.mask, probed.run
-            stage = {"base_state": probed.base_state, "spent": probed.spent}
             ramp = f"at the full eps for the {ft.budget:,} gradient evaluations the probe left"
         say(f"[3/4] fine-tuning the selection with {recipe.attack}, {ramp}")
         if rd is not None:

@@ -24,11 +24,12 @@ from typing import Callable
 
 from .. import filenames as files
 from ..devices import model_device
+from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.probe import movement_mask, start_weights
+from ..train.probe import movement_mask, start_weights, whole_params
 from ..train.sparse import SparseEntries
 from ..vulnerability import check_params
 from .common import check_same_run
@@ -46,6 +47,7 @@ COUNTERS = (
     "forward_evals",
     "partial_passes",
     "partial_grad_evals",
+    "peak_memory_bytes",  # the meter keeps the larger of this and its own (the probe's whole-network peak)
 )
 
 
@@ -88,6 +90,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         eps_warmup=ramp / share,
         keep_best=0,
         points=0,
+        monitor_test=0,  # no look at the test split between the stages
         resume=bool(folder) and (folder / files.CONFIG).is_file() and not ft.overwrite,
         overwrite=bool(folder) and ft.overwrite,
     )
@@ -100,14 +103,38 @@ def probe_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".probe")
 
 
+def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...]) -> int:
+    """Everything the masked stage would refuse, refused before the probe trains: returns the mask's entry budget."""
+    if ft.params is None:
+        raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
+    if ft.head:
+        raise AdvtuneError(
+            "--head does not apply to --granularity probe: the output layer's entries compete in the mask"
+        )
+    if ft.keep_best and (ds.val is None or len(ds.val) == 0):
+        raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
+    if isinstance(ft.points, bool) or not isinstance(ft.points, int) or ft.points < 0:
+        raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {ft.points!r}")
+    budget = check_params(ft.params, model)
+    params = dict(model.named_parameters())
+    paid = sum(params[n].numel() for n in whole_params(model, norms))
+    if paid >= budget:
+        raise AdvtuneError(
+            f"--granularity probe: the biases and normalization layers have {paid:,} parameters, the whole budget of "
+            f"{budget:,} or more; raise --params"
+        )
+    return budget
+
+
 def probe_then_mask(model, meta: dict, ds, ft: FinetuneRun, folder: Path | None, say: Callable[[str], None]) -> Probed:
     """Run (or read back from `folder`) the probe of `model` (left unchanged), take its mask within ft.params and
-    put every entry outside it back to the base: the masked stage's start, mask and settings."""
-    budget = check_params(ft.params, model) if ft.params is not None else None
+    put every entry outside it back to the base: the masked stage's start, mask and settings. Under torchrun rank 0
+    decides whether a finished probe is read back and builds the mask, and every rank trains that mask."""
     first = probe_settings(ft, folder)  # refuses bad settings before any work
     norms = norms_of(model, resolve_norms(model, ft.norms, ft.select, "probe", ft.params))
+    budget = check_probe(model, ds, ft, norms)
     base_state = cpu_state(model)
-    done = folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite
+    done = broadcast(on_main(lambda: folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite))
     if done:  # finished earlier: read back, if it ran with these settings
         check_same_run(read_json(folder / files.CONFIG, "probe config").get("run", {}), first.to_json())
         probed, _ = load_model(folder, model_device(model))
@@ -122,7 +149,7 @@ def probe_then_mask(model, meta: dict, ds, ft: FinetuneRun, folder: Path | None,
             spent = finetune_folder(probed, meta, ds, first).cost
         else:
             spent = finetune_model(probed, ds, prepare_finetune(probed, ds, first)).cost
-    mask, entries = movement_mask(model, probed, budget, norms)
+    mask, entries = broadcast(on_main(lambda: movement_mask(model, probed, budget, norms)))
     mask.probe = {  # the selection record says how the mask was found and what finding it cost
         "share": ft.probe,
         "grad_evals": spent["grad_evals"],

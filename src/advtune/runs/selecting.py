@@ -142,7 +142,9 @@ def resolve_norms(model, norms: bool | None, select: Any, granularity: str, para
         return bool(select.norms)
     if params is None or not norm_layers(model):
         return False
-    if isinstance(select, ScoreTable):
+    if granularity == "probe":  # its mask never depends on --select: the norms train where the model has them
+        adapters = True
+    elif isinstance(select, ScoreTable):
         adapters = granularity in NORMS_GRANULARITIES
     else:
         text = str(select)

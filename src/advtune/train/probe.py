@@ -82,10 +82,18 @@ def movement_mask(
 
 
 def start_weights(model: nn.Module, base_state: Mapping[str, Tensor], mask: SparseEntries) -> nn.Module:
-    """`model` (the probe's, in place): every parameter entry outside `mask` put back to the base's value (its
-    buffers, the BatchNorm statistics, stay the probe's: they belong to the weights that trained)."""
+    """`model` (the probe's, in place): every parameter entry outside `mask` put back to the base's value. A
+    normalization layer the mask trains keeps the probe's statistics (they belong to the weights that trained and
+    keep moving); one it does not train (the norms off) gets the base's statistics back with its scale and shift,
+    since it stays frozen in eval mode for the rest of the run."""
     masks = mask.masks(model)
     with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in mask.norms:
+                for b, t in m.named_buffers(recurse=False):
+                    key = f"{name}.{b}" if name else b
+                    if key in base_state and t is not None:
+                        t.copy_(base_state[key].to(t.device, t.dtype))
         for name, p in model.named_parameters():
             m = masks.get(name)
             old = base_state[name].to(p.device, p.dtype)

@@ -21,6 +21,7 @@ from .. import harden as harden_job
 from .. import train as train_job
 from ..common import list_snapshots
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun, TrainRun
+from ..probe import probe_folder
 from .config import (
     ANALYSIS_KEYS,
     EVAL_NAME,
@@ -128,8 +129,9 @@ def _finished(folder: Path) -> bool:
 
 
 def _folder_flags(folder: Path) -> dict:
-    """Resume a started run; replace a folder that holds no started run."""
-    started = (folder / files.CONFIG).is_file()
+    """Resume a started run (the probe rule's starts in its probe folder, next to it); replace a folder that holds
+    no started run."""
+    started = (folder / files.CONFIG).is_file() or (probe_folder(folder) / files.CONFIG).is_file()
     return {"resume": started, "overwrite": folder.exists() and not started}
 
 
