@@ -28,6 +28,7 @@ that no good change of that size exists (a mask taken from |D| and trained again
            taken from ITS change (largest |D_probe|), every entry outside the mask put back to the base's value, and
            the rest of the budget trained within the mask (a fresh seed, so the batches are not replayed). The
            probe is paid out of the budget, so the comparison stays at equal compute; the output changes 10%.
+           Since round 19 the arm runs the library's rule (`--granularity probe`, runs/probe.py).
 
 Every truncated arm keeps the fine-tuned model's normalization layers and biases (their scale and shift, as
 harden's default trains them) and pays their entries out of the budget, as harden does. The BatchNorm statistics
@@ -59,15 +60,19 @@ from torch import Tensor, nn
 
 from advtune.attacks import build_attack
 from advtune.cost import CostMeter
+from advtune.errors import AdvtuneError
 from advtune.evaluation.protocol import robust_accuracy
 from advtune.metrics import adversarial_examples
 from advtune.runs.common import dataset_of, load_base
 from advtune.runs.configs import FinetuneRun
-from advtune.runs.finetune import prepare_finetune
+from advtune.runs.finetune import finetune_model, prepare_finetune
+from advtune.runs.probe import probe_then_mask as probe_rule
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
 from advtune.train import fit
 from advtune.train.config import TrainConfig
+from advtune.train.lowrank import norm_layers
+from advtune.train.probe import whole_params
 from advtune.train.sparse import SparseEntries
 
 log = logging.getLogger("delta_truncate")
@@ -206,30 +211,33 @@ def _trained(last: dict) -> dict:
 def probe_then_mask(
     base: nn.Module, tuned_cfg: dict, meta_cfg: tuple, probe: float, budget: int, seed: int | None = None
 ) -> tuple[nn.Module, int, int, dict]:
-    """The probe arm: the whole network for `probe` of the tuned run's budget, the mask from that change (`budget`
-    entries of largest |D_probe|), the rest put back to the base, then the rest of the budget within the mask.
-    Returns the model, the entries in the mask, the gradient evaluations spent and what to record (the seeds of the
-    two stages, the last training loss and accuracy). The continuation starts fresh Adam moments and a fresh EMA.
-    The probe must end after the eps ramp (a ramp split over the two stages would start eps again from 0)."""
+    """The probe arm: the library's probe rule (`--granularity probe`, runs/probe.py) with the tuned run's recipe:
+    the whole network for `probe` of its budget, the mask = `budget` weight entries of largest |D_probe| (every
+    normalization layer and bias whole, paid on top here as in every arm), the rest put back to the base, then the
+    rest of the budget within the mask. Returns the model, the weight entries in the mask, the gradient evaluations
+    spent (both stages) and what to record (the seeds of the two stages, the last training loss and accuracy)."""
     ftrun = tuned_recipe(tuned_cfg, seed)
     ds = dataset_of(*meta_cfg, None, limit=ftrun.limit)
-    model = copy.deepcopy(base)
-    first = int(probe * ftrun.budget)
-    ramp = ftrun.eps_warmup  # a share of the whole budget: it ends at the same gradient evaluation in every arm
-    if probe <= ramp:
-        raise SystemExit(f"--probe {probe} must be larger than the tuned run's eps ramp ({ramp}): the ramp ends in it")
-    spent, _ = train_within(model, ds, replace(ftrun, budget=first, eps_warmup=ramp / probe), None)
-    weights = weight_deltas(base, model)
-    part, kept = sparse_part({n: d for n, (_, d) in weights.items()}, budget)
-    model = patched(model, weights, part)  # every entry outside the mask back to the base's value
-    rest = replace(
-        ftrun,
-        budget=ftrun.budget - spent,
-        eps_warmup=max(0.0, (ramp - probe) / (1 - probe)),
-        train=replace(ftrun.train, seed=(ftrun.train.seed or 0) + 1),  # not the probe's batches again
+    norms = tuple(norm_layers(base))
+    whole = set(whole_params(base, norms))
+    paid = sum(p.numel() for n, p in base.named_parameters() if n in whole)
+    run = replace(ftrun, granularity="probe", probe=probe, params=budget + paid, norms=bool(norms))
+    try:
+        probed = probe_rule(copy.deepcopy(base), {}, ds, run, None, log.info)
+    except AdvtuneError as e:
+        raise SystemExit(str(e)) from None
+    model = probed.start
+    summary = finetune_model(model, ds, prepare_finetune(model, ds, probed.run, select=probed.mask), spent=probed.spent)
+    seeds = [ftrun.train.seed, probed.run.train.seed]
+    return (
+        model.eval(),
+        probed.mask.probe["weight_entries"],
+        summary.cost["grad_evals"],
+        {
+            "seeds": seeds,
+            **_trained(summary.final),
+        },
     )
-    more, last = train_within(model, ds, rest, part)
-    return model.eval(), kept, spent + more, {"seeds": [ftrun.train.seed, rest.train.seed], **_trained(last)}
 
 
 def main() -> None:

@@ -119,5 +119,5 @@ def test_the_probe_arm_changes_only_its_budget_of_weight_entries_at_the_tuned_ru
     assert kept == 100 and 0 < changed <= 100
     assert abs(spent - 12 * 256) <= 3 * 64  # the budget, to within one step of the last batch
     assert not torch.equal(model[1].weight, base[1].weight)  # the norms train in both stages
-    with pytest.raises(SystemExit, match="must be larger than the tuned run's eps ramp"):
+    with pytest.raises(SystemExit, match="must be larger than --eps-warmup"):
         dt.probe_then_mask(base, tuned_cfg, (None, None), 0.3, 100)  # the ramp would end after it
