@@ -47,9 +47,16 @@ def main() -> None:
         "published curves this run lacks are kept",
     )
     ap.add_argument("--replace", action="store_true", help="with --publish: publish this run's curves alone")
+    ap.add_argument(
+        "--publish-as",
+        help="with --publish: publish under this name (docs/results/<name>.*) instead of the config's, e.g. curves "
+        "from another base model than the published ones (bench/base-models/README.md)",
+    )
     args = ap.parse_args()
-    if args.replace and not args.publish:
-        raise AdvtuneError("--replace only changes what --publish writes; add --publish or drop --replace")
+    if (args.replace or args.publish_as) and not args.publish:
+        raise AdvtuneError("--replace and --publish-as only change what --publish writes; add --publish")
+    if args.publish_as is not None and (not args.publish_as or "/" in args.publish_as or args.publish_as[0] == "."):
+        raise AdvtuneError(f"--publish-as {args.publish_as!r}: give a plain file name, e.g. frontier-cifar10-resnet-b")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config)
     if args.seed is not None:
@@ -69,7 +76,8 @@ def main() -> None:
         points = read_json(out / "frontier.json", "frontier")["points"]
         print_findings(points)
         if args.publish:
-            publish(points, ROOT / "docs" / "results" / cfg["name"], cfg["name"], replace=args.replace)
+            name = args.publish_as or cfg["name"]
+            publish(points, ROOT / "docs" / "results" / name, name, replace=args.replace)
     print(f"\nreport: {paths['html']}  ({time.perf_counter() - t:.0f} s this run)")
 
 

@@ -271,6 +271,23 @@ def test_publishing_a_partial_run_keeps_the_published_curves_it_lacks(tmp_path, 
     assert sorted({p.variant for p in again}) == ["b", "c", "standard"]
 
 
+def test_publish_as_needs_publish_and_a_plain_name(monkeypatch):
+    """bench/frontier.py --publish-as NAME: curves from another base model go to docs/results/NAME.*; it is refused
+    without --publish and with a path for a name, before anything runs."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier as bench_frontier
+
+    for argv, match in (
+        (["--publish-as", "x"], "only change what --publish writes"),
+        (["--publish", "--publish-as", "../x"], "plain file name"),
+    ):
+        monkeypatch.setattr("sys.argv", ["frontier.py", "configs/does-not-exist.yaml", *argv])
+        with pytest.raises(AdvtuneError, match=match):
+            bench_frontier.main()
+
+
 def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_merges(done, tmp_path, monkeypatch):
     """bench/recheck.py (#21, item 6): each curve's best checkpoint on the frontier's protocol is evaluated
     again, on the frontier's own eps, images and seed, with more attacks plus a transfer attack from another
