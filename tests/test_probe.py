@@ -206,3 +206,36 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
     assert main([*good, "--overwrite"]) == 0 and probe_done.stat().st_mtime_ns > when  # the probe trained again
     for (k, a), b in zip(first.items(), load_model(ft)[0].state_dict().values()):
         assert torch.equal(a, b), k  # the same seeds: the same weights
+
+
+def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_within_each_layer(tmp_path, capsys):
+    """--probe-quotas: each layer gets the sparse rule's quota of the budget by the analysis' layer scores, and within
+    it the entries the probe moved most; refused without an analysis, before the probe trains."""
+    import advtune
+    from advtune.cli import main
+    from advtune.data import load_dataset
+    from advtune.models import load_model
+    from advtune.train.lowrank import own_params
+    from advtune.train.sparse import layer_quotas
+    from advtune.vulnerability import rank_layers
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    model = load_model(base)[0]
+    ds = load_dataset("synthetic", limit=400, limit_test=40)
+    recipe = Recipe(granularity="probe", probe_quotas=True, analysis_limit=200)
+    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
+    sel = res.record.selection
+    assert sel["probe"]["quotas"] and sel["kind"] == "sparse"
+    scores = dict(rank_layers(res.table))
+    sizes = {n: own_params(model.get_submodule(n)) for n in scores}
+    total = sum(p.numel() for p in model.parameters())
+    want = {n: k for n, k in layer_quotas(sizes, scores, int(round(0.1 * total))).items() if k}
+    assert sel["params_by_layer"] == want  # small-cnn has no normalization layer: the whole budget in the quotas
+    with pytest.raises(AdvtuneError, match="use it with --granularity probe"):
+        Recipe(probe_quotas=True)
+    ft = tmp_path / "ft"
+    argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--probe-quotas", "--params", "0.1"]
+    assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
+    assert "give --select <analyze folder>" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()

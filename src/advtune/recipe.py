@@ -122,6 +122,14 @@ class Recipe:
         type=number,
         group="recipe",
     )
+    # round 19: on small-cnn the global ranking put 89% of the mask in fc1, where the best selection trains the early
+    # convolutions whole; the quotas keep the analysis' layer shares (the sparse rule's, movement for Fisher)
+    probe_quotas: bool = setting(
+        False,
+        help="with --granularity probe: share the mask out over the layers by the analysis' scores (as the sparse "
+        "rule), the probe's movement ranking the entries within each layer, instead of one ranking over all layers",
+        group="recipe",
+    )
     epochs: float = setting(
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )
@@ -149,6 +157,10 @@ class Recipe:
             )
         if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
             raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")
+        if self.probe_quotas and self.granularity != "probe":
+            raise AdvtuneError(
+                f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {self.granularity}"
+            )
         if self.granularity == "probe" and self.probe <= self.eps_warmup:
             raise AdvtuneError(
                 f"--probe {self.probe:g} must be larger than --eps-warmup {self.eps_warmup:g}: the eps ramp has to end "

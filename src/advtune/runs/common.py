@@ -192,6 +192,7 @@ RUN_DEFAULTS = {
     "params": None,
     "granularity": "unit",
     "probe": 0.2,
+    "probe_quotas": False,
     "weights": None,
     "weights_key": None,
     "keep_best": 0,

@@ -230,6 +230,12 @@ class FinetuneRun:
         type=number,
         group="selection",
     )
+    probe_quotas: bool = setting(
+        False,
+        help="with --granularity probe and an analysis (--select <analyze folder>): the mask shared out over the "
+        "layers by the analysis' scores, the probe's movement ranking the entries within each layer",
+        group="selection",
+    )
     budget: int | None = budget_setting()
     points: int = points_setting()
     keep_best: int = keep_best_setting()

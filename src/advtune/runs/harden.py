@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2}
+RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2, "probe_quotas": False}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -91,6 +91,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         params=run.recipe.params,
         granularity=run.recipe.granularity,
         probe=run.recipe.probe,
+        probe_quotas=run.recipe.probe_quotas,
         norms=run.recipe.norms,
         head=run.recipe.head,
         attack=run.recipe.attack,
@@ -224,7 +225,9 @@ def harden_model(
         hardened, select, stage = copy.deepcopy(model), table, {}
         ramp = f"eps ramped over the first {100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
         if recipe.granularity == "probe":  # a whole-network probe first; the entries it moved train (runs/probe.py)
-            probed = probe_then_mask(model, meta, ds, ft, out / PROBE if out else None, lambda m: say(f"[3/4] {m}"))
+            probed = probe_then_mask(
+                model, meta, ds, ft, out / PROBE if out else None, lambda m: say(f"[3/4] {m}"), table
+            )
             stage = {"base_state": probed.base_state, "spent": probed.spent, "asked": ft}
             hardened, select, ft = probed.start, probed.mask, probed.run
             ramp = f"at the full eps for the {ft.budget:,} gradient evaluations the probe left"

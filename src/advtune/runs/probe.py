@@ -29,13 +29,14 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.probe import movement_mask, start_weights, whole_params
-from ..train.sparse import SparseEntries
-from ..vulnerability import check_params
+from ..train.lowrank import norm_params
+from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
+from ..train.sparse import SparseEntries, sparse_selection
+from ..vulnerability import check_params, rank_layers
 from .common import check_same_run
 from .configs import FinetuneRun
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .selecting import norms_of, resolve_norms
+from .selecting import analysed, norms_of, read_table, resolve_norms
 
 PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
 # the cost counters the second stage's meter starts from (the per-example FLOPs it measures itself)
@@ -103,8 +104,12 @@ def probe_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".probe")
 
 
-def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...]) -> int:
+def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
     """Everything the masked stage would refuse, refused before the probe trains: returns the mask's entry budget."""
+    if ft.probe_quotas and table is None and not analysed(ft.select):
+        raise AdvtuneError(
+            "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"
+        )
     if ft.params is None:
         raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
     if ft.head:
@@ -117,7 +122,8 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...]) -> int:
         raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {ft.points!r}")
     budget = check_params(ft.params, model)
     params = dict(model.named_parameters())
-    paid = sum(params[n].numel() for n in whole_params(model, norms))
+    whole = norm_params(model) if ft.probe_quotas and norms else 0  # quotas rank the biases with the weights
+    paid = whole if ft.probe_quotas else sum(params[n].numel() for n in whole_params(model, norms))
     if paid >= budget:
         raise AdvtuneError(
             f"--granularity probe: the biases and normalization layers have {paid:,} parameters, the whole budget of "
@@ -126,13 +132,18 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...]) -> int:
     return budget
 
 
-def probe_then_mask(model, meta: dict, ds, ft: FinetuneRun, folder: Path | None, say: Callable[[str], None]) -> Probed:
+def probe_then_mask(
+    model, meta: dict, ds, ft: FinetuneRun, folder: Path | None, say: Callable[[str], None], table=None
+) -> Probed:
     """Run (or read back from `folder`) the probe of `model` (left unchanged), take its mask within ft.params and
-    put every entry outside it back to the base: the masked stage's start, mask and settings. Under torchrun rank 0
-    decides whether a finished probe is read back and builds the mask, and every rank trains that mask."""
+    put every entry outside it back to the base: the masked stage's start, mask and settings. `table`: the analysis'
+    scores for --probe-quotas (default: read from ft.select). Under torchrun rank 0 decides whether a finished probe
+    is read back and builds the mask, and every rank trains that mask."""
     first = probe_settings(ft, folder)  # refuses bad settings before any work
     norms = norms_of(model, resolve_norms(model, ft.norms, ft.select, "probe", ft.params))
-    budget = check_probe(model, ds, ft, norms)
+    budget = check_probe(model, ds, ft, norms, table)
+    if ft.probe_quotas and table is None:
+        table = read_table(ft.select, ft.criterion)
     base_state = cpu_state(model)
     done = broadcast(on_main(lambda: folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite))
     if done:  # finished earlier: read back, if it ran with these settings
@@ -149,9 +160,18 @@ def probe_then_mask(model, meta: dict, ds, ft: FinetuneRun, folder: Path | None,
             spent = finetune_folder(probed, meta, ds, first).cost
         else:
             spent = finetune_model(probed, ds, prepare_finetune(probed, ds, first)).cost
-    mask, entries = broadcast(on_main(lambda: movement_mask(model, probed, budget, norms)))
+
+    def mask_of() -> tuple[SparseEntries, int]:
+        if not ft.probe_quotas:
+            return movement_mask(model, probed, budget, norms)
+        left = budget - (norm_params(model) if norms else 0)
+        chosen = sparse_selection(model, left, dict(rank_layers(table)), movement_scores(model, probed), (), norms)
+        return chosen, chosen.trainable_params() - (norm_params(model) if norms else 0)
+
+    mask, entries = broadcast(on_main(mask_of))
     mask.probe = {  # the selection record says how the mask was found and what finding it cost
         "share": ft.probe,
+        "quotas": bool(ft.probe_quotas),
         "grad_evals": spent["grad_evals"],
         "wall_s": spent.get("wall_s", 0.0),
         "weight_entries": entries,

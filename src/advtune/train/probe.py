@@ -81,6 +81,19 @@ def movement_mask(
     return SparseEntries(entries, norms=tuple(norms)), k
 
 
+def movement_scores(base: nn.Module, moved: nn.Module) -> dict[str, Tensor]:
+    """|moved - base| of every conv/linear weight and bias (on the CPU): what the sparse rule's per-layer quotas rank
+    entries by when the probe's movement takes the place of the Fisher (`--probe-quotas`)."""
+    moved_params = dict(moved.named_parameters())
+    out = {}
+    for name, m in base.named_modules():
+        if isinstance(m, MASKED):
+            for p_name, p in m.named_parameters(recurse=False):
+                key = f"{name}.{p_name}" if name else p_name
+                out[key] = (moved_params[key].detach() - p.detach()).abs().cpu()
+    return out
+
+
 def start_weights(model: nn.Module, base_state: Mapping[str, Tensor], mask: SparseEntries) -> nn.Module:
     """`model` (the probe's, in place): every parameter entry outside `mask` put back to the base's value. A
     normalization layer the mask trains keeps the probe's statistics (they belong to the weights that trained and
