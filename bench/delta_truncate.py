@@ -221,7 +221,9 @@ def probe_then_mask(
     norms = tuple(norm_layers(base))
     whole = set(whole_params(base, norms))
     paid = sum(p.numel() for n, p in base.named_parameters() if n in whole)
-    run = replace(ftrun, granularity="probe", probe=probe, params=budget + paid, norms=bool(norms))
+    run = replace(
+        ftrun, granularity="probe", probe=probe, params=budget + paid, norms=bool(norms), monitor_test=0, keep_best=0
+    )
     try:
         probed = probe_rule(copy.deepcopy(base), {}, ds, run, None, log.info)
     except AdvtuneError as e:

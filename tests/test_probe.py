@@ -190,6 +190,10 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
     assert json.loads((ft / "cost.json").read_text())["grad_evals"] == s["cost"]["grad_evals"]
     assert json.loads((ft / "config.json").read_text())["run"]["eps_warmup"] == 0.15  # the rule's ramp by default
     assert main(good) == 2 and "already exists" in capsys.readouterr().err  # nothing lost: refused
+    done = load_model(ft)[0].state_dict()
+    assert main([*good, "--resume"]) == 0  # a finished run resumed: compared as asked, nothing trained again
+    for (k, a), b in zip(done.items(), load_model(ft)[0].state_dict().values()):
+        assert torch.equal(a, b), k
     probe_done = tmp_path / "ft.probe" / "summary.json"
     # a crash after the probe: refused without --resume, then the finished probe read back, not trained again
     import shutil
@@ -239,3 +243,6 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--probe-quotas", "--params", "0.1"]
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "give --select <analyze folder>" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
+    argv[argv.index("probe")] = "sparse"
+    assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
+    assert "use it with --granularity probe" in capsys.readouterr().err and not ft.exists()

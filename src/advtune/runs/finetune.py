@@ -106,6 +106,10 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
+    if run.probe_quotas and run.granularity != "probe":
+        raise AdvtuneError(
+            f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {run.granularity}"
+        )
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
@@ -331,6 +335,8 @@ def finetune_folder(
         from .probe import probe_folder, probe_then_mask
 
         run, out = check_finetune(run), Path(run.out)
+        # recorded as decided, as harden records its recipe (the rows of an experiment read it)
+        run = replace(run, norms=resolve_norms(model, run.norms, run.select, "probe", run.params))
         for folder in (out, probe_folder(out)):  # nothing started is continued or replaced unasked
             if folder.is_dir() and any(folder.iterdir()) and not (run.resume or run.overwrite):
                 raise AdvtuneError(

@@ -30,7 +30,7 @@ from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
 from ..train.lowrank import norm_params
-from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
+from ..train.probe import movement_mask, movement_scores, start_weights, weight_changes, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
 from .common import check_same_run
@@ -91,6 +91,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         eps_warmup=ramp / share,
         keep_best=0,
         points=0,
+        probe_quotas=False,  # how the mask is taken from it: the same probe either way
         monitor_test=0,  # no look at the test split between the stages
         resume=bool(folder) and (folder / files.CONFIG).is_file() and not ft.overwrite,
         overwrite=bool(folder) and ft.overwrite,
@@ -166,7 +167,8 @@ def probe_then_mask(
             return movement_mask(model, probed, budget, norms)
         left = budget - (norm_params(model) if norms else 0)
         chosen = sparse_selection(model, left, dict(rank_layers(table)), movement_scores(model, probed), (), norms)
-        return chosen, chosen.trainable_params() - (norm_params(model) if norms else 0)
+        weights = weight_changes(model, model)  # only its names: the conv/linear weights
+        return chosen, sum(int(m.sum()) for n, m in chosen.entries.items() if n in weights)
 
     mask, entries = broadcast(on_main(mask_of))
     mask.probe = {  # the selection record says how the mask was found and what finding it cost

@@ -375,11 +375,14 @@ def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
     recorded = read_json(path, "variant settings")
     for v in variants:
         folder = out / v["name"]
+        probe = probe_folder(folder)  # the probe rule's first stage, next to the variant's folder
         exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
+        exists = exists or (probe / files.CONFIG).is_file()
         if exists and v["name"] in recorded and not _same_settings(recorded[v["name"]], _settings(v)):
+            also = f" and {probe}" if probe.exists() else ""
             raise AdvtuneError(
                 f"variant {v['name']} in {out} was run with other settings; use a new --out, "
-                f"or delete {folder} to run it again"
+                f"or delete {folder}{also} to run it again"
             )
 
 
