@@ -92,9 +92,7 @@ def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and
     from advtune.cli import main
     from advtune.data import load_dataset
     from advtune.models import load_model
-    from advtune.patch import apply_patch
-    from advtune.train.lowrank import selection_from_json
-    from cli_helpers import train_argv
+    from cli_helpers import check_sparse_harden, train_argv
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
@@ -122,22 +120,7 @@ def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and
     probe_cfg = json.loads((out / "probe" / "config.json").read_text())["run"]
     assert probe_cfg["select"] == "all" and probe_cfg["eps_warmup"] == pytest.approx(0.15 / 0.2)
     # only the mask moved from the base; the patch rebuilds the hardened weights bit for bit
-    hardened = load_model(out)[0]
-    masks = selection_from_json(json.loads((out / "finetune" / "selection.json").read_text()), base_model).masks(
-        base_model
-    )
-    moved = 0
-    for (name, a), b in zip(base_model.state_dict().items(), hardened.state_dict().values()):
-        m = masks.get(name)
-        if m is None:
-            assert torch.equal(a, b) or "running" in name or "num_batches" in name, name
-        else:
-            assert torch.equal(a[~m], b[~m]), name
-            moved += int((a != b).sum())
-    assert 0 < moved <= sel["trainable_params"]
-    rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
-    for (k, a), b in zip(hardened.state_dict().items(), rebuilt.state_dict().values()):
-        assert torch.equal(a, b), k
+    hardened = check_sparse_harden(base, out, sel["trainable_params"])
     # --resume after the probe: the probe is read back (not trained again) and gives the same mask and weights
     import shutil
 

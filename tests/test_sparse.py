@@ -154,10 +154,8 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
     every changed entry is a selected one, and the patch rebuilds the hardened weights bit for bit."""
     from advtune.cli import main
     from advtune.models import load_model
-    from advtune.patch import apply_patch
     from advtune.recipe import PROTOCOL
-    from advtune.train.lowrank import selection_from_json
-    from cli_helpers import train_argv
+    from cli_helpers import check_sparse_harden, train_argv
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
@@ -174,21 +172,7 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
     total = sum(p.numel() for p in base_model.parameters())
     assert sel["kind"] == "sparse" and 0 < sel["trainable_params"] <= 0.1 * total + 1
     assert sel["changed_params"] == sel["trainable_params"] and sel["scoring"]["grad_evals"] > 0
-    hardened = load_model(out)[0]
-    chosen = selection_from_json(json.loads((out / "finetune" / "selection.json").read_text()), base_model)
-    masks = chosen.masks(base_model)
-    moved = 0
-    for (name, a), b in zip(base_model.state_dict().items(), hardened.state_dict().values()):
-        m = masks.get(name)
-        if m is None:
-            assert torch.equal(a, b) or "running" in name or "num_batches" in name, name
-        else:
-            assert torch.equal(a[~m], b[~m]), name
-            moved += int((a != b).sum())
-    assert 0 < moved <= sel["trainable_params"]
-    rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
-    for (k, a), b in zip(hardened.state_dict().items(), rebuilt.state_dict().values()):
-        assert torch.equal(a, b), k
+    check_sparse_harden(base, out, sel["trainable_params"])
 
     # the entry scoring is counted with the analysis, as part of choosing what trains
     analysis = json.loads((out / "analysis" / "cost.json").read_text())["grad_evals"]
