@@ -30,7 +30,7 @@ from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
 from ..train.lowrank import norm_params
-from ..train.probe import movement_mask, movement_scores, start_weights, weight_changes, whole_params
+from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
 from .common import check_same_run
@@ -106,13 +106,12 @@ def probe_folder(out: str | Path) -> Path:
 
 
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
-    """Everything the masked stage would refuse, refused before the probe trains: returns the mask's entry budget."""
+    """Everything the masked stage would refuse, refused before the probe trains (after probe_settings' checks):
+    returns the mask's entry budget."""
     if ft.probe_quotas and table is None and not analysed(ft.select):
         raise AdvtuneError(
             "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"
         )
-    if ft.params is None:
-        raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
     if ft.head:
         raise AdvtuneError(
             "--head does not apply to --granularity probe: the output layer's entries compete in the mask"
@@ -166,9 +165,10 @@ def probe_then_mask(
         if not ft.probe_quotas:
             return movement_mask(model, probed, budget, norms)
         left = budget - (norm_params(model) if norms else 0)
-        chosen = sparse_selection(model, left, dict(rank_layers(table)), movement_scores(model, probed), (), norms)
-        weights = weight_changes(model, model)  # only its names: the conv/linear weights
-        return chosen, sum(int(m.sum()) for n, m in chosen.entries.items() if n in weights)
+        scores = movement_scores(model, probed)
+        chosen = sparse_selection(model, left, dict(rank_layers(table)), scores, (), norms)
+        weights = [n for n in scores if n.rpartition(".")[2] == "weight"]
+        return chosen, sum(int(chosen.entries[n].sum()) for n in weights if n in chosen.entries)
 
     mask, entries = broadcast(on_main(mask_of))
     mask.probe = {  # the selection record says how the mask was found and what finding it cost

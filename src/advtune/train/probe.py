@@ -26,17 +26,27 @@ from .sparse import SparseEntries
 MASKED = (nn.Conv2d, nn.Linear)  # the layers whose weight entries the mask chooses among
 
 
+def masked_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(qualified name, parameter) of every conv/linear weight and bias: the entries the probe rule's masks rank."""
+    return [
+        (f"{name}.{p_name}" if name else p_name, p)
+        for name, m in model.named_modules()
+        if isinstance(m, MASKED)
+        for p_name, p in m.named_parameters(recurse=False)
+    ]
+
+
 def weight_changes(base: nn.Module, moved: nn.Module) -> dict[str, Tensor]:
     """{qualified name of every conv/linear weight: moved - base} (on the CPU); the two models must match."""
     moved_params = dict(moved.named_parameters())
     out = {}
-    for name, m in base.named_modules():
-        if isinstance(m, MASKED):
-            key = f"{name}.weight" if name else "weight"
-            other = moved_params.get(key)
-            if other is None or other.shape != m.weight.shape:
-                raise AdvtuneError(f"the probe's model has no weight {key} of shape {tuple(m.weight.shape)}")
-            out[key] = (other.detach() - m.weight.detach()).cpu()
+    for key, p in masked_params(base):
+        if key.rpartition(".")[2] != "weight":
+            continue
+        other = moved_params.get(key)
+        if other is None or other.shape != p.shape:
+            raise AdvtuneError(f"the probe's model has no weight {key} of shape {tuple(p.shape)}")
+        out[key] = (other.detach() - p.detach()).cpu()
     if not out:
         raise AdvtuneError("the probe rule chooses conv/linear weight entries; the model has no Conv2d or Linear layer")
     return out
@@ -85,13 +95,7 @@ def movement_scores(base: nn.Module, moved: nn.Module) -> dict[str, Tensor]:
     """|moved - base| of every conv/linear weight and bias (on the CPU): what the sparse rule's per-layer quotas rank
     entries by when the probe's movement takes the place of the Fisher (`--probe-quotas`)."""
     moved_params = dict(moved.named_parameters())
-    out = {}
-    for name, m in base.named_modules():
-        if isinstance(m, MASKED):
-            for p_name, p in m.named_parameters(recurse=False):
-                key = f"{name}.{p_name}" if name else p_name
-                out[key] = (moved_params[key].detach() - p.detach()).abs().cpu()
-    return out
+    return {key: (moved_params[key].detach() - p.detach()).abs().cpu() for key, p in masked_params(base)}
 
 
 def start_weights(model: nn.Module, base_state: Mapping[str, Tensor], mask: SparseEntries) -> nn.Module:
