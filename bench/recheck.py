@@ -5,7 +5,8 @@ only. Parameter-efficient adversarial tuning can mask gradients, so the points a
 here on the same test images with the standard suite (APGD-CE, APGD-T with 9 targets, Square with 5000
 queries) plus a transfer attack (APGD-CE crafted on another robust model, tried on this one), cascaded, with
 the masking gate. Which checkpoint: each curve's best on the frontier's own protocol (--point best, what the
-issue asks: a masked curve's best point is where an optimistic number would sit) or its last (--point last).
+issue asks: a masked curve's best point is where an optimistic number would sit), its last (--point last) or
+one by its snapshot name (--point step-0001501: the point a table states).
 The records merge by variant into --out, so the variants can be re-checked one session at a time:
 
     python bench/recheck.py runs/frontier-cifar10-resnet shares-norms-fgsm-rs full-ft-lr3e-3 \\
@@ -42,6 +43,12 @@ def frontier_point(variant: Path, point: str) -> tuple[Path, dict]:
         raise AdvtuneError(f"{variant}: no eval-protocol.json; run the frontier first (bench/frontier.py)")
     if point == "last":
         return measured[-1]
+    if point != "best":  # a snapshot by name: the point a table states (e.g. at AT's 25% budget)
+        named = [fr for fr in measured if fr[0].name == point]
+        if not named:
+            known = ", ".join(f.name for f, _ in measured if f != variant)
+            raise AdvtuneError(f"--point {point}: no measured snapshot of that name in {variant} (measured: {known})")
+        return named[0]
     return max(measured, key=lambda fr: fr[1]["worst_case_accuracy"])  # first of equals: the cheaper point
 
 
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", help="only checked: eps, norm, images and seed are the frontier's own")
     p.add_argument("--n", type=int, help="only checked: the frontier's first N test images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i>")
-    p.add_argument("--point", choices=("best", "last"), default="best")
+    p.add_argument("--point", default="best", help="best | last | a snapshot's name, e.g. step-0001501")
     p.add_argument("--attacks", default=SUITE, help=f"before the transfer attack (default: {SUITE})")
     p.add_argument("--transfer", default="", help="comma list of robust run folders to craft transfer attacks on")
     p.add_argument("--out", type=Path, help="merge the records into this JSON file")

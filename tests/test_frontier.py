@@ -304,6 +304,9 @@ def test_recheck_evaluates_each_curves_best_point_with_a_transfer_attack_and_mer
     best = max(pts, key=lambda p: p["robust_acc"])  # first of equals, as recheck picks
     assert folder.name == f"step-{best['step']:07d}" and record["worst_case_accuracy"] == best["robust_acc"]
     assert recheck.frontier_point(out / "at", "last")[0] == out / "at"
+    assert recheck.frontier_point(out / "at", folder.name) == (folder, record)  # a snapshot by name (a table's point)
+    with pytest.raises(AdvtuneError, match="--point step-9999999: no measured snapshot"):
+        recheck.frontier_point(out / "at", "step-9999999")
     sources = [out / "at", out / "at" / "snapshots" / folder.name, out / "sel"]
     assert recheck.transfer_source(out / "at", sources) == (out / "sel").resolve()  # not itself, nor its snapshot
 
