@@ -51,11 +51,12 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
         if budget <= 0:
             raise AdvtuneError("--granularity sparse: the norms and the head take the whole budget; raise --params")
         return
-    if recipe.granularity == "probe":  # single weight entries once the biases (whole) are paid
+    if recipe.granularity == "probe":  # single weight entries once the biases (whole, but under the quotas) are paid
         from ..train.probe import whole_params
 
         params = dict(model.named_parameters())
-        if budget - sum(params[n].numel() for n in whole_params(model, ())) <= 0:
+        biases = 0 if recipe.quotas else sum(params[n].numel() for n in whole_params(model, ()))
+        if budget - biases <= 0:
             raise AdvtuneError(
                 "--granularity probe: the biases and normalization layers take the whole budget; raise --params"
             )

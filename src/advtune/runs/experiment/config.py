@@ -196,8 +196,15 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
-    if r.norms is not False and v.get("granularity", r.granularity) in NORMS_GRANULARITIES:
+    granularity = v.get("granularity", r.granularity)
+    if v.get("select") == "random" and "granularity" not in v and granularity == "probe":
+        # the probe's mask is its own (it never depends on --select): harden's random control of the same size is
+        # random single entries, as many as the probe's mask holds (the sparse rule's control)
+        filled["granularity"] = granularity = "sparse"
+    if r.norms is not False and granularity in NORMS_GRANULARITIES:
         filled["norms"] = r.norms  # harden's auto (None) is decided by the fine-tuning, on the base model
+    if granularity == "probe" and r.probe_quotas is not False:
+        filled["probe_quotas"] = True  # harden's auto: the analysis' layer quotas with the probe rule
     return {**filled, **v, "train": train}
 
 
