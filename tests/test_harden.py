@@ -92,29 +92,12 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
     monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
     monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
-    assert (
-        main(
-            [
-                "harden",
-                str(base / "base"),
-                "--eps",
-                "0.2",
-                "--limit",
-                "600",
-                "--limit-test",
-                "60",
-                "--budget",
-                "20000",
-                "--evaluation",
-                PROTOCOL,
-                "--out",
-                str(hardened),
-                "--resume",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60"]
+    argv += ["--budget", "20000", "--evaluation", PROTOCOL, "--out", str(hardened), "--resume", "--quiet"]
+    assert main(argv) == 0
+    # the record holds the quotas as decided (auto -> on with the probe rule): the explicit flag is the same run
+    assert json.loads((hardened / "summary.json").read_text())["recipe"]["probe_quotas"] is True
+    assert main([*argv, "--probe-quotas"]) == 0
 
 
 def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):
@@ -126,6 +109,8 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     assert main([*argv, "--ema", "0", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--no-probe-quotas"]) == 2  # the default's quotas, recorded as decided, named as a flag
+    assert "saved as --probe-quotas" in capsys.readouterr().err
     assert (hardened / "summary.json").read_bytes() == before
     from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
 

@@ -196,7 +196,9 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
         assert torch.equal(a, b), k  # the same seeds: the same weights
 
 
-def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_within_each_layer(tmp_path, capsys):
+def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_within_each_layer(
+    tmp_path, capsys, monkeypatch
+):
     """--probe-quotas: each layer gets the sparse rule's quota of the budget by the analysis' layer scores, and within
     it the entries the probe moved most; refused without an analysis, before the probe trains."""
     import advtune
@@ -228,6 +230,14 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--probe-quotas", "--params", "0.1"]
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "give --select <analyze folder>" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
+    # an analysis that scores none of the model's layers: refused before the probe trains, not after
+    analysis = tmp_path / "analysis"
+    argv_a = ["analyze", str(base), "--eps", "0.2", "--attack", "pgd:steps=2", "--limit", "100", "--curve-limit", "0"]
+    assert main([*argv_a, "--out", str(analysis), "--quiet"]) == 0
+    monkeypatch.setattr("advtune.runs.probe.rank_layers", lambda table: [("net.nope", 1.0)])
+    selected = ["--select", str(analysis), "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]
+    assert main([*argv, *selected]) == 2
+    assert "none of the model's layers has one" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
     argv[argv.index("probe")] = "sparse"
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "use it with --granularity probe" in capsys.readouterr().err and not ft.exists()

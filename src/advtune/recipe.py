@@ -72,8 +72,9 @@ class Recipe:
         "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise; "
         "sparse: every layer's share as single weight entries, those with the largest squared adversarial-loss "
         "gradients on training examples (a fixed mask, Sung et al. 2021); probe: the whole network trains for the "
-        "first --probe share of the budget, then only the entries it moved most (biases and normalization layers "
-        "whole), every other entry back to the base",
+        "first --probe share of the budget, then only the entries it moved most (within every layer's quota by its "
+        "score with the probe quotas, the default; else one ranking with the biases whole), every other entry back "
+        "to the base",
         choices=GRANULARITIES,
         group="recipe",
     )

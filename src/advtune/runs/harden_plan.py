@@ -91,9 +91,10 @@ class HardenPlan:
 
 def resolve_recipe(model, recipe: Recipe) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
-    layers, runs/selecting.py resolve_norms): what harden runs and records."""
+    layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule): what harden runs and
+    records, so a resume compares what ran."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
-    return replace(recipe, norms=norms)
+    return replace(recipe, norms=norms, probe_quotas=recipe.quotas)
 
 
 HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)

@@ -116,6 +116,11 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
+        if w["kind"] == "finetune" and w.get("select") == "random" and w.get("granularity") == "probe":
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: select: random with granularity: probe; the probe rule's mask comes "
+                "from its probe, never from select: give the random control granularity: sparse (a variant of its own)"
+            )
         if train_config(None, w.get("train"), 0).adapter_lr_ratio != 1 and not trains_adapters(w):
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
