@@ -2,7 +2,7 @@
 adversarial fine-tuning): does choosing the trained parameters again, on the model the ramp has half-hardened,
 beat keeping the first choice? Measured on the VALIDATION split, never on test.
 
-Three arms, each harden's default recipe (the shares rule, PGD-5, Adam 3e-3, batch 64, EMA 0.99, 10% of the
+Three arms, each harden's recipe of rounds 7-19 (the shares rule, PGD-5, Adam 3e-3, batch 64, EMA 0.99, 10% of the
 parameters) for the same training budget from the same standard model:
 
   single    one run, eps ramped over the first 15% (harden's recipe, without --keep-best)
@@ -54,6 +54,7 @@ from advtune.threat import ThreatModel
 from advtune.train import fit
 from advtune.train.config import SCHEDULES
 
+SHARES = Recipe(granularity="shares")  # the rule measured here (harden's default in rounds 7-19)
 log = logging.getLogger("reselect")
 
 
@@ -124,7 +125,8 @@ def main() -> None:
         base=args.base,
         out="",
         seed=args.seed,
-        recipe=Recipe() if args.params is None else replace(Recipe(), params=args.params),
+        # the rule these arms re-select with (harden's default until round 20; the probe rule finds its own mask)
+        recipe=replace(SHARES, params=SHARES.params if args.params is None else args.params),
         eps=args.eps,
         budget=args.budget,
         limit=args.limit,

@@ -59,7 +59,10 @@ def test_harden_recipe_defaults_are_the_measured_ones():
     from advtune.recipe import GRANULARITY_WORDS, Recipe
 
     r = Recipe()
-    assert (r.granularity, r.params, r.attack, r.lr, r.batch_size) == ("shares", 0.1, "pgd:steps=5", 3e-3, 64)
+    # the probe rule with the analysis' layer quotas since round 20 (shares from round 7)
+    assert (r.granularity, r.params, r.attack, r.lr, r.batch_size) == ("probe", 0.1, "pgd:steps=5", 3e-3, 64)
+    assert r.probe == 0.2 and r.probe_quotas is None and r.quotas  # auto: the quotas on with the probe rule
+    assert not Recipe(granularity="shares").quotas and not Recipe(probe_quotas=False).quotas
     assert r.ema == 0.99 and r.eps_warmup == 0.15
     assert set(GRANULARITY_WORDS) == {"layer", "unit", "lowrank", "hybrid", "shares", "quota", "sparse", "probe"}
     assert r.norms is None  # auto: on for a model with normalization layers (round 7), decided per model

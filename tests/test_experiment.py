@@ -339,3 +339,16 @@ def test_train_words_reach_the_config_as_written():
     )
     assert (cfg.augment, cfg.amp, cfg.optimizer, cfg.schedule) == ("crop-flip", "bf16", "sgd", "cosine")
     assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size) == (0.1, 5e-4, 30, 64)
+
+
+def test_a_random_control_on_the_probe_rule_is_refused_before_anything_is_written(tmp_path):
+    """The probe rule's mask never depends on select, so `select: random` with it (a sweep point included) would
+    silently train the probe rule: refused when the config is read, with the control to use instead."""
+    for variant in (
+        {"name": "r", "select": "random", "granularity": "probe", "params": 0.1},
+        {"name": "h", "recipe": "harden", "select": ["top", "random"]},  # the sweep's random point on the default
+    ):
+        with pytest.raises(AdvtuneError, match="give the random control granularity: sparse"):
+            experiment.run({**TINY, "variants": [variant]}, tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+    experiment.validate_config({**TINY, "variants": [{"name": "c", "recipe": "harden", "select": "random"}]})

@@ -12,7 +12,7 @@ from torch import nn
 from advtune.cli import main
 from advtune.models import load_model
 from advtune.recipe import PROTOCOL
-from cli_helpers import train_argv
+from cli_helpers import check_sparse_harden, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +63,14 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     assert max(p["step"] for p in k["curve"] if p["robust_acc"] == best) == k["chosen_step"]
     assert s["cost"]["checkpoint_grad_evals"] == 4 * 60 * 10 > 0
     assert s["after"]["clean_acc"] >= 0.9
-    # the parameter budget (the default: 10%) holds on what trains; the weights themselves change only
-    # where the selection says: its whole layers, and the weights of the layers its adapters adapt
-    before, _ = load_model(base / "base")
-    after, _ = load_model(hardened)
-    changed = sum(int((a != b).sum()) for a, b in zip(before.parameters(), after.parameters()))
-    total = sum(p.numel() for p in before.parameters())
-    assert s["trainable_params"] <= 0.1 * total and 0 < changed <= s["selection"]["changed_params"]
-    touched = {
-        n.rsplit(".", 1)[0] for (n, a), b in zip(before.named_parameters(), after.parameters()) if (a != b).any()
-    }
-    assert touched <= set(s["selection"]["whole"]) | set(s["selection"]["ranks"])
+    # the default rule (round 20): a whole-network probe, then the entries it moved most within the analysis' layer
+    # quotas. The parameter budget (the default: 10%) holds on what trains; the weights change only in the mask
+    # (every other entry bit-exact, back at the base), and the patch rebuilds them bit for bit
+    chosen = s["selection"]
+    assert chosen["kind"] == "sparse" and chosen["probe"]["quotas"] and chosen["probe"]["share"] == 0.2
+    total = sum(p.numel() for p in load_model(base / "base")[0].parameters())
+    assert s["trainable_params"] <= round(0.1 * total)
+    check_sparse_harden(base / "base", hardened, s["trainable_params"])
     # every stage left its record, and the summary's numbers are those records'
     ev = json.loads((hardened / "eval-protocol.json").read_text())
     assert s["after"]["robust_acc"] == ev["worst_case_accuracy"] and ev["examples"] == 60
@@ -95,29 +92,12 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
     monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
     monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
-    assert (
-        main(
-            [
-                "harden",
-                str(base / "base"),
-                "--eps",
-                "0.2",
-                "--limit",
-                "600",
-                "--limit-test",
-                "60",
-                "--budget",
-                "20000",
-                "--evaluation",
-                PROTOCOL,
-                "--out",
-                str(hardened),
-                "--resume",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60"]
+    argv += ["--budget", "20000", "--evaluation", PROTOCOL, "--out", str(hardened), "--resume", "--quiet"]
+    assert main(argv) == 0
+    # the record holds the quotas as decided (auto -> on with the probe rule): the explicit flag is the same run
+    assert json.loads((hardened / "summary.json").read_text())["recipe"]["probe_quotas"] is True
+    assert main([*argv, "--probe-quotas"]) == 0
 
 
 def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):
@@ -129,6 +109,8 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     assert main([*argv, "--ema", "0", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--no-probe-quotas"]) == 2  # the default's quotas, recorded as decided, named as a flag
+    assert "saved as --probe-quotas" in capsys.readouterr().err
     assert (hardened / "summary.json").read_bytes() == before
     from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
 
@@ -142,7 +124,11 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0"], "eps"),
         (["--eps", "-0.1"], "eps"),
         (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
-        (["--eps", "0.2", "--params", "5"], "a budget of 5 entries pays for no layer, not even a rank-1 adapter"),
+        (
+            ["--eps", "0.2", "--params", "5", "--granularity", "shares"],
+            "a budget of 5 entries pays for no layer, not even a rank-1 adapter",
+        ),
+        (["--eps", "0.2", "--params", "5", "--no-probe-quotas"], "the biases and normalization layers take the whole"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "hybrid"],
             "no whole layer fits in a budget of 5 parameters",
@@ -203,7 +189,7 @@ def test_python_api_hardens_a_users_own_model(blobs):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # the input model is left alone
     assert res.after.worst_case_accuracy > res.before.worst_case_accuracy + 0.2
     changed = sum(int((a != b).sum()) for a, b in zip(model.parameters(), res.model.parameters()))
-    assert res.selection.trainable_params(model) <= 0.3 * sum(p.numel() for p in model.parameters())
+    assert res.selection.trainable_params(model) <= round(0.3 * sum(p.numel() for p in model.parameters()))
     assert 0 < changed <= res.selection.changed_entries(model)
     assert (
         res.finetune_cost["grad_evals"] >= 60000

@@ -436,7 +436,11 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
         Recipe(granularity="unit", head=True)
     x, y = data.tensors()
     run = advtune.harden(
-        bn_net(), (x, y), eps=0.1, budget=3000, recipe=Recipe(analysis_limit=64, params=2000, head=True)
+        bn_net(),
+        (x, y),
+        eps=0.1,
+        budget=3000,
+        recipe=Recipe(granularity="shares", analysis_limit=64, params=2000, head=True),
     )
     assert "net.fc" in run.selection.whole and run.summary()["recipe"]["head"] is True
 

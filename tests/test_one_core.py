@@ -74,6 +74,9 @@ def _comparable(summary: dict) -> dict:
     """A harden record without what names the run's place or its wall-clock times."""
     s = {k: v for k, v in summary.items() if k not in ("base", "report", "architecture")}
     s["cost"] = {k: v for k, v in s["cost"].items() if not k.endswith("wall_s") and k != "base_training_grad_evals"}
+    if s["selection"].get("probe"):  # the probe rule (harden's default): its folder and wall time
+        probe = {k: v for k, v in s["selection"]["probe"].items() if k not in ("folder", "wall_s")}
+        s["selection"] = {**s["selection"], "probe": probe}
     return s
 
 

@@ -158,6 +158,7 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
         (["--budget", "4000"], "needs a parameter budget"),
         (["--params", "0.1"], "give --budget"),
         (["--params", "0.1", "--budget", "4000", "--probe", "0.1", "--eps-warmup", "0.2"], "larger than --eps-warmup"),
+        (["--params", "0.1", "--budget", "4000", "--select", "random"], "use --granularity sparse --select random"),
     ):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err
@@ -195,7 +196,9 @@ def test_finetune_probe_keeps_its_probe_next_to_out_refuses_bad_input_before_wor
         assert torch.equal(a, b), k  # the same seeds: the same weights
 
 
-def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_within_each_layer(tmp_path, capsys):
+def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_within_each_layer(
+    tmp_path, capsys, monkeypatch
+):
     """--probe-quotas: each layer gets the sparse rule's quota of the budget by the analysis' layer scores, and within
     it the entries the probe moved most; refused without an analysis, before the probe trains."""
     import advtune
@@ -221,11 +224,45 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     want = {n: k for n, k in layer_quotas(sizes, scores, int(round(0.1 * total))).items() if k}
     assert sel["params_by_layer"] == want  # small-cnn has no normalization layer: the whole budget in the quotas
     with pytest.raises(AdvtuneError, match="use it with --granularity probe"):
-        Recipe(probe_quotas=True)
+        Recipe(granularity="shares", probe_quotas=True)
+    assert Recipe().quotas and not Recipe(probe_quotas=False).quotas  # auto: on with the probe rule (the default)
     ft = tmp_path / "ft"
     argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--probe-quotas", "--params", "0.1"]
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "give --select <analyze folder>" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
+    # an analysis that scores none of the model's layers: refused before the probe trains, not after
+    analysis = tmp_path / "analysis"
+    argv_a = ["analyze", str(base), "--eps", "0.2", "--attack", "pgd:steps=2", "--limit", "100", "--curve-limit", "0"]
+    assert main([*argv_a, "--out", str(analysis), "--quiet"]) == 0
+    monkeypatch.setattr("advtune.runs.probe.rank_layers", lambda table: [("net.nope", 1.0)])
+    selected = ["--select", str(analysis), "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]
+    assert main([*argv, *selected]) == 2
+    assert "none of the model's layers has one" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
     argv[argv.index("probe")] = "sparse"
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "use it with --granularity probe" in capsys.readouterr().err and not ft.exists()
+
+
+def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_random_control_random_entries():
+    """`recipe: harden` follows harden's default (round 20: the probe rule with the analysis' quotas); a
+    `select: random` control that names no rule gets random single entries (the probe's mask never depends on
+    --select), and a variant that names its rule or its quotas keeps them."""
+    from advtune.runs.experiment.config import with_recipe
+
+    v = with_recipe({"name": "h", "recipe": "harden"})
+    assert (v["select"], v["granularity"], v["probe_quotas"]) == ("top", "probe", True)
+    r = with_recipe({"name": "r", "recipe": "harden", "select": "random", "params_like": "h"})
+    assert (r["select"], r["granularity"]) == ("random", "sparse") and "probe_quotas" not in r
+    assert "probe_quotas" not in with_recipe({"name": "s", "recipe": "harden", "granularity": "shares"})
+    assert with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})["probe_quotas"] is False
+    # the report says what each row drew: the probe's quotas, and random single entries (not units) for its control
+    from advtune.report.narrative import describe, headline
+
+    common = {"kind": "finetune", "eps": 0.3, "attack": "pgd:steps=5", "grad_evals": 9000, "trainable_params": 500}
+    sel = {**common, "variant": "h", "select": "top", "granularity": "probe", "probe_quotas": True}
+    sel["criterion"] = "taylor"
+    ctrl = {**common, "variant": "r", "select": "random", "granularity": "sparse", "params_like": "h"}
+    assert "moved most, quotas by taylor" in describe(sel)
+    rows = [{**sel, "robust_acc": 0.8, "clean_acc": 0.9}, {**ctrl, "robust_acc": 0.1, "clean_acc": 0.9}]
+    said = " ".join(headline(rows))
+    assert "random single entries with as many" in said and "random units" not in said

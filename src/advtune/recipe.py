@@ -29,6 +29,17 @@ GRANULARITY_WORDS = {
     "whole",
 }
 GRANULARITIES = tuple(GRANULARITY_WORDS)
+PROBE_QUOTAS_WORDS = (
+    "the weight entries a whole-network probe (the first --probe share of the budget) moved most, within every "
+    "layer's quota by its score"
+)
+
+
+def rule_words(granularity: str, quotas: bool = False) -> str:
+    """A selection rule in words; the probe rule says whether its mask keeps the analysis' layer quotas."""
+    return PROBE_QUOTAS_WORDS if granularity == "probe" and quotas else GRANULARITY_WORDS.get(granularity, granularity)
+
+
 # rules that train low-rank adapters (and --norms); their by_layer counts rank-one directions, not units
 ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
 # rules that --norms applies to: the adapter rules and the sparse rule (unit rules train the BatchNorm that
@@ -48,11 +59,12 @@ class Recipe:
     """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier
     (docs/RESULTS.md); each field is a flag of `advtune harden` and a key of an experiment's `recipe`."""
 
-    # shares at 10% (round 7): on preact-resnet20 / CIFAR-10 with the norms 24.6% on validation against 20.9%
-    # for hybrid (15.9% without the norms); on small-cnn it picks exactly the hybrid's selection, which on
-    # the MNIST eps 0.3 frontier gave 85.9% where whole layers at 5% gave 80.2% (docs/RESULTS.md, #21)
+    # probe with the analysis' layer quotas (round 20): the first rule to beat the previous default on both networks
+    # at equal compute -- MNIST eps 0.3 (small-cnn) 88.0% against shares' 86.6% on the same base, the residual
+    # CIFAR-10 frontier 30.3% against 23.5% (full fine-tuning 33.0%); shares had been the default since round 7
+    # (docs/RESULTS.md, #21)
     granularity: str = setting(
-        "shares",
+        "probe",
         help="select whole layers (best-ranked first), single units, low-rank adapters on every conv/linear "
         "layer (ranks shared out by the layers' scores; merged into the weights at the end), hybrid: the "
         "best whole layers plus adapters on the others with the budget they leave, or quota: the best units "
@@ -60,8 +72,9 @@ class Recipe:
         "budget by its score, trains whole where the share pays for it and gets the adapter it buys otherwise; "
         "sparse: every layer's share as single weight entries, those with the largest squared adversarial-loss "
         "gradients on training examples (a fixed mask, Sung et al. 2021); probe: the whole network trains for the "
-        "first --probe share of the budget, then only the entries it moved most (biases and normalization layers "
-        "whole), every other entry back to the base",
+        "first --probe share of the budget, then only the entries it moved most (within every layer's quota by its "
+        "score with the probe quotas, the default; else one ranking with the biases whole), every other entry back "
+        "to the base",
         choices=GRANULARITIES,
         group="recipe",
     )
@@ -123,11 +136,13 @@ class Recipe:
         group="recipe",
     )
     # round 19: on small-cnn the global ranking put 89% of the mask in fc1, where the best selection trains the early
-    # convolutions whole; the quotas keep the analysis' layer shares (the sparse rule's, movement for Fisher)
-    probe_quotas: bool = setting(
-        False,
+    # convolutions whole; the quotas keep the analysis' layer shares (the sparse rule's, movement for Fisher): +7.0
+    # points there, +1.0 on the residual network (round 20). Auto = on with the probe rule
+    probe_quotas: bool | None = setting(
+        None,
         help="with --granularity probe: share the mask out over the layers by the analysis' scores (as the sparse "
-        "rule), the probe's movement ranking the entries within each layer, instead of one ranking over all layers",
+        "rule), the probe's movement ranking the entries within each layer; --no-probe-quotas: one ranking over all "
+        "layers (default: auto = on with --granularity probe)",
         group="recipe",
     )
     epochs: float = setting(
@@ -157,7 +172,7 @@ class Recipe:
             )
         if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
             raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")
-        if self.probe_quotas and self.granularity != "probe":
+        if self.probe_quotas is True and self.granularity != "probe":
             raise AdvtuneError(
                 f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {self.granularity}"
             )
@@ -168,6 +183,11 @@ class Recipe:
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")
+
+    @property
+    def quotas(self) -> bool:
+        """Whether the probe rule's mask follows the analysis' layer quotas (auto: on with the probe rule)."""
+        return self.granularity == "probe" and self.probe_quotas is not False
 
     def to_json(self) -> dict:
         return asdict(self)

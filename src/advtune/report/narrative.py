@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from ..recipe import ADAPTER_GRANULARITIES, GRANULARITY_WORDS
+from ..recipe import ADAPTER_GRANULARITIES, rule_words
 from .costs import total_cost
 
 
@@ -66,6 +66,10 @@ def describe(r: dict) -> str:
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "sparse":
                 what = f"single weight entries of every layer by adversarial Fisher, quotas by {crit}"
+            elif r.get("granularity") == "probe" and r.get("probe_quotas"):
+                what = (
+                    f"the weight entries a whole-network probe (the budget's first share) moved most, quotas by {crit}"
+                )
             elif r.get("granularity") == "probe":
                 what = "the weight entries a whole-network probe (the budget's first share) moved most, biases whole"
             elif r.get("granularity") == "lowrank":
@@ -143,10 +147,16 @@ def lead(rows: list[dict]) -> list[str]:
         for r in ok:
             if r["kind"] == "finetune" and r.get("select") == "random" and r.get("params_like") == best["variant"]:
                 parts.append(
-                    f"random units with as many trainable parameters (**{r['variant']}**) {100 * r['robust_acc']:.2f}%"
+                    f"{_random_kind(r)} with as many trainable parameters (**{r['variant']}**) "
+                    f"{100 * r['robust_acc']:.2f}%"
                 )
         out.append("; ".join(parts) + ".")
     return out
+
+
+def _random_kind(r: dict) -> str:
+    """What a random control draws: single weight entries (the sparse and probe rules' control) or units."""
+    return "random single entries" if r.get("granularity") == "sparse" else "random units"
 
 
 def headline(rows: list[dict], frontier: bool = False) -> list[str]:
@@ -170,7 +180,7 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
             n = r.get("trainable_params") or 0
             if r.get("params_like"):  # the control of one named selection: compare with that one
                 same = [s for s in sel if s["variant"] == r["params_like"]]
-                what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
+                what, ctrl = f"with ~{n:,} trainable parameters", f"{_random_kind(r)} with as many parameters"
             elif r.get("share") is not None:  # the same share of components, same attack and budget
                 same = [
                     s
@@ -189,7 +199,7 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
                     and abs(s["trainable_params"] - n) <= 0.1 * s["trainable_params"]
                     and s.get("grad_evals") == r.get("grad_evals")
                 ]
-                what, ctrl = f"with ~{n:,} trainable parameters", "random units with as many parameters"
+                what, ctrl = f"with ~{n:,} trainable parameters", f"{_random_kind(r)} with as many parameters"
             if same:
                 s = max(same, key=lambda q: q["robust_acc"])
                 matched = ""
@@ -287,7 +297,7 @@ def harden_recipe(s: dict) -> str:
     if g == "probe":
         ramp = f"the whole network for the first {100 * float(recipe.get('probe', 0.2)):g}% of the budget ({ramp})"
     return (
-        f"Recipe: {GRANULARITY_WORDS.get(g, g)}{norms}{ranked} "
+        f"Recipe: {rule_words(g, recipe.get('probe_quotas', False) is not False)}{norms}{ranked} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
         "training images) within "
         f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, {ramp}, "

@@ -106,6 +106,11 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
+    if run.granularity == "probe" and run.select == "random":
+        raise AdvtuneError(
+            "--select random with --granularity probe: the probe rule's mask comes from its probe, never from "
+            "--select; for a random control of the same size use --granularity sparse --select random"
+        )
     if run.probe_quotas and run.granularity != "probe":
         raise AdvtuneError(
             f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {run.granularity}"

@@ -36,7 +36,7 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
-from ..recipe import GRANULARITY_WORDS, Recipe
+from ..recipe import Recipe, rule_words
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..settings import negatable
 from ..storage import atomic_write_bytes, read_json
@@ -91,7 +91,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         params=run.recipe.params,
         granularity=run.recipe.granularity,
         probe=run.recipe.probe,
-        probe_quotas=run.recipe.probe_quotas,
+        probe_quotas=run.recipe.quotas,
         norms=run.recipe.norms,
         head=run.recipe.head,
         attack=run.recipe.attack,
@@ -211,7 +211,7 @@ def harden_model(
             write_analysis(ard, analysis)
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
-    what = GRANULARITY_WORDS[recipe.granularity] + (" + the normalization layers" if recipe.norms else "")
+    what = rule_words(recipe.granularity, recipe.quotas) + (" + the normalization layers" if recipe.norms else "")
     what += " + the output layer whole" if recipe.head else ""
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"

@@ -51,11 +51,12 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
         if budget <= 0:
             raise AdvtuneError("--granularity sparse: the norms and the head take the whole budget; raise --params")
         return
-    if recipe.granularity == "probe":  # single weight entries once the biases (whole) are paid
+    if recipe.granularity == "probe":  # single weight entries once the biases (whole, but under the quotas) are paid
         from ..train.probe import whole_params
 
         params = dict(model.named_parameters())
-        if budget - sum(params[n].numel() for n in whole_params(model, ())) <= 0:
+        biases = 0 if recipe.quotas else sum(params[n].numel() for n in whole_params(model, ()))
+        if budget - biases <= 0:
             raise AdvtuneError(
                 "--granularity probe: the biases and normalization layers take the whole budget; raise --params"
             )
@@ -90,9 +91,10 @@ class HardenPlan:
 
 def resolve_recipe(model, recipe: Recipe) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
-    layers, runs/selecting.py resolve_norms): what harden runs and records."""
+    layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule): what harden runs and
+    records, so a resume compares what ran."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
-    return replace(recipe, norms=norms)
+    return replace(recipe, norms=norms, probe_quotas=recipe.quotas)
 
 
 HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)

@@ -18,6 +18,7 @@ seeds) against the Fisher-masked and adapter rules' 22-24%, at equal compute (do
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.lowrank import norm_params
+from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
@@ -144,6 +145,12 @@ def probe_then_mask(
     budget = check_probe(model, ds, ft, norms, table)
     if ft.probe_quotas and table is None:
         table = read_table(ft.select, ft.criterion)
+    scored = {n for n, s in rank_layers(table) if math.isfinite(s)} if ft.probe_quotas else set()
+    if ft.probe_quotas and not scored.intersection(adaptable_layers(model)):
+        raise AdvtuneError(  # what the quotas' mask would refuse once the probe had trained: refused before it
+            "--probe-quotas needs the analysis' layer scores, and none of the model's layers has one: analyse this "
+            "model (advtune analyze) or use --no-probe-quotas"
+        )
     base_state = cpu_state(model)
     done = broadcast(on_main(lambda: folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite))
     if done:  # finished earlier: read back, if it ran with these settings

@@ -116,6 +116,11 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
+        if w["kind"] == "finetune" and w.get("select") == "random" and w.get("granularity") == "probe":
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: select: random with granularity: probe; the probe rule's mask comes "
+                "from its probe, never from select: give the random control granularity: sparse (a variant of its own)"
+            )
         if train_config(None, w.get("train"), 0).adapter_lr_ratio != 1 and not trains_adapters(w):
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
@@ -196,8 +201,15 @@ def with_recipe(v: dict) -> dict:
         "ema": r.ema,
         **(v.get("train") or {}),
     }
-    if r.norms is not False and v.get("granularity", r.granularity) in NORMS_GRANULARITIES:
+    granularity = v.get("granularity", r.granularity)
+    if v.get("select") == "random" and "granularity" not in v and granularity == "probe":
+        # the probe's mask is its own (it never depends on --select): harden's random control of the same size is
+        # random single entries, as many as the probe's mask holds (the sparse rule's control)
+        filled["granularity"] = granularity = "sparse"
+    if r.norms is not False and granularity in NORMS_GRANULARITIES:
         filled["norms"] = r.norms  # harden's auto (None) is decided by the fine-tuning, on the base model
+    if granularity == "probe" and r.probe_quotas is not False:
+        filled["probe_quotas"] = True  # harden's auto: the analysis' layer quotas with the probe rule
     return {**filled, **v, "train": train}
 
 

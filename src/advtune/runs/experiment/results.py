@@ -30,7 +30,9 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
     if kind == "harden":
         r = run.get("recipe", {})
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
-        return {"select": "top", "share": None, **{k: r.get(k) for k in keys}, **_cost_keys(run)}
+        quotas = r.get("granularity") == "probe" and r.get("probe_quotas", False) is not False  # None: harden's auto
+        ran = {"select": "top", "share": None, **{k: r.get(k) for k in keys}, "probe_quotas": quotas}
+        return {**ran, **_cost_keys(run)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
     if adapters:
@@ -46,6 +48,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "granularity": "lowrank" if adapters else run.get("granularity") if granular else None,
         "norms": run.get("norms"),
         "head": run.get("head"),
+        "probe_quotas": bool(run.get("probe_quotas")) and granular,
         "criterion": run.get("criterion") if select == "top" else None,
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
@@ -91,6 +94,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "granularity": ran.get("granularity"),
             "norms": bool(ran.get("norms")),  # the normalization layers trained too (--norms)
             "head": bool(ran.get("head")),  # the output layer trained whole (--head)
+            "probe_quotas": bool(ran.get("probe_quotas")),  # the probe rule's mask within the analysis' layer quotas
             "criterion": ran.get("criterion"),
             "attack": ran.get("attack"),
             "clean_acc": ev["clean_accuracy"],

@@ -341,7 +341,7 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
 # variant that ran with it off before auto existed recorded norms: false in its run's config.json). The price:
 # a finished variant switched between auto and false is not re-run; its config.json still says what ran, and
 # an unfinished one is refused by the fine-tuning's own resume check
-UNSET = {"norms": (False, None), "head": (False, None)}
+UNSET = {"norms": (False, None), "head": (False, None), "probe_quotas": (False, None)}
 
 
 def _settings(v: dict) -> dict:
