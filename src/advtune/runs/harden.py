@@ -216,8 +216,8 @@ def harden_model(
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
-    by = "the probe's movement" if recipe.granularity == "probe" else recipe.criterion
-    say(f"[2/4] selection: {what} by {by}, at most {budget_words}")
+    by = "" if recipe.granularity == "probe" else f" by {recipe.criterion}"  # the probe's words say "moved most"
+    say(f"[2/4] selection: {what}{by}, at most {budget_words}")
     ft = finetune_settings(run, plan, out)
     if out is not None and (out / FINETUNE / files.SUMMARY).is_file():  # finished earlier: read it back
         hardened, _ = load_model(out / FINETUNE, model_device(model))
