@@ -434,6 +434,8 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
         make_selection(model, "random", 0.1, "taylor", False, 0, 2000, "shares", None, False, True)
     with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*not unit"):
         Recipe(granularity="unit", head=True)
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*not probe"):
+        Recipe(head=True)  # the default rule (probe): its output layer's entries compete in the mask
     x, y = data.tensors()
     run = advtune.harden(
         bn_net(),
