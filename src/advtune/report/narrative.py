@@ -66,12 +66,9 @@ def describe(r: dict) -> str:
                 what = f"top units by {crit} in every layer, quotas by the layers' scores"
             elif r.get("granularity") == "sparse":
                 what = f"single weight entries of every layer by adversarial Fisher, quotas by {crit}"
-            elif r.get("granularity") == "probe" and r.get("probe_quotas"):
-                what = (
-                    f"the weight entries a whole-network probe (the budget's first share) moved most, quotas by {crit}"
-                )
             elif r.get("granularity") == "probe":
-                what = "the weight entries a whole-network probe (the budget's first share) moved most, biases whole"
+                how = f"quotas by {crit}" if r.get("probe_quotas") else "biases whole"
+                what = f"the weight entries a whole-network probe (the budget's first share) moved most, {how}"
             elif r.get("granularity") == "lowrank":
                 what = "low-rank adapters on every layer" + (f", ranks by {crit}" if crit else "")
             elif r.get("share") is not None:
