@@ -47,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="unseen training images (default 1000)")
     p.add_argument("--attacks", default="apgd-ce,apgd-t:n_target_classes=3", help="the frontier's protocol")
     p.add_argument("--snapshots", action="store_true", help="also every snapshot of each run's curve")
+    p.add_argument("--snapshot", help="only this snapshot of each run (e.g. step-0001501), not the final model")
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     eps = parse_number(a.eps)
     for run in a.runs:
         data, limit = unseen_tail(run, a.n)
         folders = sorted((run / "snapshots").glob("step-*")) if a.snapshots and (run / "snapshots").is_dir() else []
-        for folder in [*folders, run]:
+        chosen = [*folders, run]
+        if a.snapshot:
+            chosen = [run / "snapshots" / a.snapshot]
+            if not (chosen[0] / "model.json").exists():
+                raise AdvtuneError(f"{run}: no snapshot {a.snapshot} (see {run / 'snapshots'})")
+        for folder in chosen:
             model = api.load_model(folder)
             t0 = time.perf_counter()
             r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
