@@ -266,3 +266,48 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     rows = [{**sel, "robust_acc": 0.8, "clean_acc": 0.9}, {**ctrl, "robust_acc": 0.1, "clean_acc": 0.9}]
     said = " ".join(headline(rows))
     assert "random single entries with as many" in said and "random units" not in said
+
+
+def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_budget(tmp_path, capsys):
+    """--head with the probe's quotas (#21, round 21): the analysis scores no output layer, so the quotas give it
+    nothing; with --head it trains whole, paid first, and the scored layers share what is left by their scores.
+    Without the quotas (the global ranking lets its entries compete) --head is refused before the probe trains."""
+    import advtune
+    from advtune.cli import main
+    from advtune.components import output_layer
+    from advtune.data import load_dataset
+    from advtune.models import load_model
+    from advtune.train.lowrank import own_params
+    from advtune.train.sparse import layer_quotas
+    from advtune.vulnerability import rank_layers
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    model = load_model(base)[0]
+    ds = load_dataset("synthetic", limit=400, limit_test=40)
+    head = output_layer(model, ds.train.to_float(ds.train.x[:1]))
+    recipe = Recipe(granularity="probe", head=True, analysis_limit=200)
+    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
+    sel = res.record.selection
+    total = sum(p.numel() for p in model.parameters())
+    budget = int(round(0.1 * total))
+    cost = own_params(model.get_submodule(head))
+    scores = dict(rank_layers(res.table))
+    assert head not in scores  # the analysis scores no output layer: without --head it would get nothing
+    sizes = {n: own_params(model.get_submodule(n)) for n in scores}
+    want = {n: k for n, k in layer_quotas(sizes, scores, budget - cost).items() if k}
+    assert sel["params_by_layer"] == {**want, head: cost}  # whole, and paid out of the same budget
+    tuned = dict(res.model.named_parameters())
+    for name, p in model.get_submodule(head).named_parameters():
+        # trained (without --head none of its entries moves; an entry behind a dead ReLU gets no gradient)
+        assert (tuned[f"{head}.{name}"] != p).float().mean() > 0.5
+    with pytest.raises(AdvtuneError, match="--head with --no-probe-quotas"):
+        Recipe(granularity="probe", head=True, probe_quotas=False)
+    analysis = tmp_path / "analysis"
+    argv_a = ["analyze", str(base), "--eps", "0.2", "--attack", "pgd:steps=2", "--limit", "100", "--curve-limit", "0"]
+    assert main([*argv_a, "--out", str(analysis), "--quiet"]) == 0
+    ft = tmp_path / "ft"
+    argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--head", "--select", str(analysis)]
+    assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
+    assert "needs --probe-quotas" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()

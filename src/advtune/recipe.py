@@ -45,12 +45,13 @@ ADAPTER_GRANULARITIES = ("lowrank", "hybrid", "shares")
 # rules that --norms applies to: the adapter rules and the sparse rule (unit rules train the BatchNorm that
 # follows each selected unit already)
 NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse", "probe")
-# rules that mix whole layers and adapters (or entries): the ones --head can add the output layer to whole
-HEAD_GRANULARITIES = ("hybrid", "shares", "sparse")
+# rules that mix whole layers and adapters (or entries): the ones --head can add the output layer to whole (the
+# probe rule only with its quotas: its global ranking lets the output layer's entries compete in the mask)
+HEAD_GRANULARITIES = ("hybrid", "shares", "sparse", "probe")
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
-    "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule nothing); with hybrid, shares or "
-    "sparse on an analysis"
+    "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
+    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis"
 )
 
 
@@ -168,7 +169,12 @@ class Recipe:
         if self.head and self.granularity not in HEAD_GRANULARITIES:
             raise AdvtuneError(
                 f"--head trains the output layer whole next to the other layers' adapters: use it with --granularity "
-                f"{' or '.join(HEAD_GRANULARITIES)}, not {self.granularity}"
+                f"{', '.join(HEAD_GRANULARITIES)}, not {self.granularity}"
+            )
+        if self.head and self.granularity == "probe" and self.probe_quotas is False:
+            raise AdvtuneError(
+                "--head with --no-probe-quotas: the probe's global ranking lets the output layer's entries compete in "
+                "the mask; drop --head, or keep the quotas"
             )
         if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
             raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")

@@ -115,6 +115,11 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
         raise AdvtuneError(
             f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {run.granularity}"
         )
+    if run.head and run.granularity == "probe" and not run.probe_quotas:
+        raise AdvtuneError(
+            "--head with the probe rule needs --probe-quotas: its global ranking lets the output layer's entries "
+            "compete in the mask; add --probe-quotas or drop --head"
+        )
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:

@@ -30,14 +30,14 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.lowrank import adaptable_layers, norm_params
+from ..train.lowrank import adaptable_layers, norm_params, own_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
 from .common import check_same_run
 from .configs import FinetuneRun
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .selecting import analysed, norms_of, read_table, resolve_norms
+from .selecting import analysed, head_layer, norms_of, read_table, resolve_norms
 
 PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
 # the cost counters the second stage's meter starts from (the per-example FLOPs it measures itself)
@@ -106,6 +106,11 @@ def probe_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".probe")
 
 
+def _example(model, ds):
+    """One training input on the model's device: how the output layer is found (a traced forward)."""
+    return ds.train.to_float(ds.train.x[:1], model_device(model))
+
+
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
     """Everything the masked stage would refuse, refused before the probe trains (after probe_settings' checks):
     returns the mask's entry budget."""
@@ -113,9 +118,10 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
         raise AdvtuneError(
             "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"
         )
-    if ft.head:
+    if ft.head and not ft.probe_quotas:
         raise AdvtuneError(
-            "--head does not apply to --granularity probe: the output layer's entries compete in the mask"
+            "--head with the probe rule needs --probe-quotas: its global ranking lets the output layer's entries "
+            "compete in the mask; add --probe-quotas or drop --head"
         )
     if ft.keep_best and (ds.val is None or len(ds.val) == 0):
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
@@ -124,6 +130,8 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
     budget = check_params(ft.params, model)
     params = dict(model.named_parameters())
     whole = norm_params(model) if ft.probe_quotas and norms else 0  # quotas rank the biases with the weights
+    if ft.head:  # the output layer whole (quotas only, checked above), paid next to the norms
+        whole += sum(own_params(model.get_submodule(n)) for n in head_layer(model, budget - whole, _example(model, ds)))
     paid = whole if ft.probe_quotas else sum(params[n].numel() for n in whole_params(model, norms))
     if paid >= budget:
         raise AdvtuneError(
@@ -172,8 +180,9 @@ def probe_then_mask(
         if not ft.probe_quotas:
             return movement_mask(model, probed, budget, norms)
         left = budget - (norm_params(model) if norms else 0)
+        head = head_layer(model, left, _example(model, ds)) if ft.head else []  # paid first, inside sparse_selection
         scores = movement_scores(model, probed)
-        chosen = sparse_selection(model, left, dict(rank_layers(table)), scores, (), norms)
+        chosen = sparse_selection(model, left, dict(rank_layers(table)), scores, head, norms)
         weights = [n for n in scores if n.rpartition(".")[2] == "weight"]
         return chosen, sum(int(chosen.entries[n].sum()) for n in weights if n in chosen.entries)
 

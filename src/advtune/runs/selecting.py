@@ -57,14 +57,14 @@ def make_selection(
     random or analysed selection fills a parameter budget instead of a share of components;
     granularity=layer picks whole layers from the analysis (best summed score first). `norms`: the
     normalization layers' scale and shift train too, paid out of `params` (the adapter and sparse rules only).
-    `head`: the output layer trains whole, paid out of `params` (hybrid, shares and sparse on an analysis only).
+    `head`: the output layer trains whole, paid out of `params` (hybrid, shares, sparse and probe on an analysis only).
     `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries), or a function
     that computes them, called only once the budget is known to fit (and only for granularity=sparse)."""
-    from_analysis = isinstance(select, ScoreTable) or analysed(select)
+    from_analysis = isinstance(select, (ScoreTable, SparseEntries)) or analysed(select)  # a mask: the probe's
     if head and (granularity not in HEAD_GRANULARITIES or not from_analysis):
         raise AdvtuneError(
             "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "
-            f"(--select <analyze folder>) and --granularity {' or '.join(HEAD_GRANULARITIES)}"
+            f"(--select <analyze folder>) and --granularity {', '.join(HEAD_GRANULARITIES)}"
         )
     selection = _make_selection(
         model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head, entry_scores
