@@ -352,3 +352,8 @@ def test_a_random_control_on_the_probe_rule_is_refused_before_anything_is_writte
             experiment.run({**TINY, "variants": [variant]}, tmp_path / "o")
         assert not (tmp_path / "o").exists()
     experiment.validate_config({**TINY, "variants": [{"name": "c", "recipe": "harden", "select": "random"}]})
+    # --head with the probe's global ranking (a plain finetune variant has no quotas unless it says so)
+    with pytest.raises(AdvtuneError, match="variant p: head: true with granularity: probe needs probe_quotas: true"):
+        experiment.validate_config({**TINY, "variants": [{"name": "p", "granularity": "probe", "head": True}]})
+    ok = {"name": "p", "granularity": "probe", "head": True, "probe_quotas": True}
+    experiment.validate_config({**TINY, "variants": [ok]})

@@ -254,6 +254,7 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     r = with_recipe({"name": "r", "recipe": "harden", "select": "random", "params_like": "h"})
     assert (r["select"], r["granularity"]) == ("random", "sparse") and "probe_quotas" not in r
     assert "probe_quotas" not in with_recipe({"name": "s", "recipe": "harden", "granularity": "shares"})
+    assert with_recipe({"name": "h", "recipe": "harden", "head": True})["probe_quotas"] is True  # head: quotas on
     assert with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})["probe_quotas"] is False
     # the report says what each row drew: the probe's quotas, and random single entries (not units) for its control
     from advtune.report.narrative import describe, headline
@@ -309,5 +310,12 @@ def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_bud
     assert main([*argv_a, "--out", str(analysis), "--quiet"]) == 0
     ft = tmp_path / "ft"
     argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--head", "--select", str(analysis)]
-    assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
+    assert main([*argv, "--params", "0.1", "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
     assert "needs --probe-quotas" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
+    argv.append("--probe-quotas")  # an output layer that costs the whole budget: refused before the probe trains
+    assert main([*argv, "--params", str(cost), "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
+    assert f"--head: the output layer {head}" in capsys.readouterr().err and not (tmp_path / "ft.probe").exists()
+    assert main([*argv, "--params", "0.1", "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 0
+    kept = json.loads((ft / "selection.json").read_text())
+    sizes = {n: p.numel() for n, p in model.get_submodule(head).named_parameters()}
+    assert kept["whole"] == [head] and all(len(kept["entries"][f"{head}.{n}"]) == k for n, k in sizes.items())

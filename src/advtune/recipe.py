@@ -169,7 +169,7 @@ class Recipe:
         if self.head and self.granularity not in HEAD_GRANULARITIES:
             raise AdvtuneError(
                 f"--head trains the output layer whole next to the other layers' adapters: use it with --granularity "
-                f"{', '.join(HEAD_GRANULARITIES)}, not {self.granularity}"
+                f"{', '.join(HEAD_GRANULARITIES)} (with its quotas), not {self.granularity}"
             )
         if self.head and self.granularity == "probe" and self.probe_quotas is False:
             raise AdvtuneError(

@@ -92,8 +92,9 @@ def trained_words(selection: dict | None) -> str:
         return f"{whole}low-rank adapters on {adapted} layers{norms}, {selection['trainable_params']:,} params"
     if selection.get("kind") == "sparse":
         norms = f" + {len(selection['norms'])} normalization layers" if selection.get("norms") else ""
-        layers = len(selection.get("params_by_layer") or {})
-        return f"single entries of {layers} layers{norms}, {selection['trainable_params']:,} params"
+        layers = len(selection.get("params_by_layer") or {}) - len(selection.get("whole") or [])
+        head = " + the output layer whole" if selection.get("whole") else ""
+        return f"single entries of {layers} layers{head}{norms}, {selection['trainable_params']:,} params"
     return f"{selection['units']} units, {selection['trainable_params']:,} params"
 
 

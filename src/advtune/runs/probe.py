@@ -30,7 +30,7 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.lowrank import adaptable_layers, norm_params, own_params
+from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
@@ -130,14 +130,15 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
     budget = check_params(ft.params, model)
     params = dict(model.named_parameters())
     whole = norm_params(model) if ft.probe_quotas and norms else 0  # quotas rank the biases with the weights
-    if ft.head:  # the output layer whole (quotas only, checked above), paid next to the norms
-        whole += sum(own_params(model.get_submodule(n)) for n in head_layer(model, budget - whole, _example(model, ds)))
     paid = whole if ft.probe_quotas else sum(params[n].numel() for n in whole_params(model, norms))
     if paid >= budget:
+        what = "normalization layers" if ft.probe_quotas else "biases and normalization layers"
         raise AdvtuneError(
-            f"--granularity probe: the biases and normalization layers have {paid:,} parameters, the whole budget of "
-            f"{budget:,} or more; raise --params"
+            f"--granularity probe: the {what} have {paid:,} parameters, the whole budget of {budget:,} or more; "
+            "raise --params"
         )
+    if ft.head:  # the output layer whole (quotas only, checked above), paid after the norms: refused if it fills it
+        head_layer(model, budget - paid, _example(model, ds))
     return budget
 
 
@@ -183,7 +184,8 @@ def probe_then_mask(
         head = head_layer(model, left, _example(model, ds)) if ft.head else []  # paid first, inside sparse_selection
         scores = movement_scores(model, probed)
         chosen = sparse_selection(model, left, dict(rank_layers(table)), scores, head, norms)
-        weights = [n for n in scores if n.rpartition(".")[2] == "weight"]
+        # the entries the movement chose: the output layer's (whole with --head) are counted by the selection
+        weights = [n for n in scores if n.rpartition(".")[2] == "weight" and n.rpartition(".")[0] not in head]
         return chosen, sum(int(chosen.entries[n].sum()) for n in weights if n in chosen.entries)
 
     mask, entries = broadcast(on_main(mask_of))

@@ -60,7 +60,9 @@ def make_selection(
     `head`: the output layer trains whole, paid out of `params` (hybrid, shares, sparse and probe on an analysis only).
     `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries), or a function
     that computes them, called only once the budget is known to fit (and only for granularity=sparse)."""
-    from_analysis = isinstance(select, (ScoreTable, SparseEntries)) or analysed(select)  # a mask: the probe's
+    from_analysis = isinstance(select, ScoreTable) or analysed(select)
+    if head and isinstance(select, SparseEntries) and not select.whole:  # the probe's mask, taken without its head
+        raise AdvtuneError("--head: this mask does not train the output layer whole; take the mask with --head")
     if head and (granularity not in HEAD_GRANULARITIES or not from_analysis):
         raise AdvtuneError(
             "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "

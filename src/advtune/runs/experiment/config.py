@@ -121,6 +121,11 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 f"{where}: variant {w['name']}: select: random with granularity: probe; the probe rule's mask comes "
                 "from its probe, never from select: give the random control granularity: sparse (a variant of its own)"
             )
+        if w["kind"] == "finetune" and w.get("granularity") == "probe" and w.get("head") and not w.get("probe_quotas"):
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: head: true with granularity: probe needs probe_quotas: true "
+                "(the global ranking lets the output layer's entries compete in the mask)"
+            )
         if train_config(None, w.get("train"), 0).adapter_lr_ratio != 1 and not trains_adapters(w):
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
