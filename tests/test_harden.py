@@ -109,8 +109,8 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     assert main([*argv, "--ema", "0", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
-    assert main([*argv, "--no-probe-quotas"]) == 2  # the default's quotas, recorded as decided, named as a flag
-    assert "saved as --probe-quotas" in capsys.readouterr().err
+    assert main([*argv, "--no-probe-quotas"]) == 2  # the default's quotas (and its head), recorded as decided
+    assert "saved as --head --probe-quotas" in capsys.readouterr().err  # no quotas: --head auto is off too
     assert (hardened / "summary.json").read_bytes() == before
     from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
 

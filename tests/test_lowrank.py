@@ -449,12 +449,13 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
 
 
 def test_a_resume_names_the_recorded_switches_as_flags_that_exist():
-    """harden --resume with other settings says what the run was saved with, as flags: --norms has a --no-
-    form, --head (a plain switch) has none, so its off state reads `without --head`."""
+    """harden --resume with other settings says what the run was saved with, as flags: --norms and (auto since
+    round 21) --head have a --no- form; a plain switch (off by default) would read `without --flag`."""
     from advtune.runs.harden import flag_words
 
     assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
-    assert flag_words("head", False) == "without --head" and flag_words("head", True) == "--head"
+    assert flag_words("head", False) == "--no-head" and flag_words("head", True) == "--head"
+    assert flag_words("quiet", False) == "without --quiet"  # not a recipe switch: no --no- form
     assert flag_words("lr", 0.003) == "--lr 0.003"
 
 

@@ -214,7 +214,7 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
     model = load_model(base)[0]
     ds = load_dataset("synthetic", limit=400, limit_test=40)
-    recipe = Recipe(granularity="probe", probe_quotas=True, analysis_limit=200)
+    recipe = Recipe(granularity="probe", probe_quotas=True, head=False, analysis_limit=200)  # the quotas alone
     res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
     sel = res.record.selection
     assert sel["probe"]["quotas"] and sel["kind"] == "sparse"
@@ -226,6 +226,8 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     with pytest.raises(AdvtuneError, match="use it with --granularity probe"):
         Recipe(granularity="shares", probe_quotas=True)
     assert Recipe().quotas and not Recipe(probe_quotas=False).quotas  # auto: on with the probe rule (the default)
+    assert Recipe().trains_head and not Recipe(probe_quotas=False).trains_head  # --head auto: on with the quotas
+    assert not Recipe(granularity="shares").trains_head and not Recipe(head=False).trains_head
     ft = tmp_path / "ft"
     argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--probe-quotas", "--params", "0.1"]
     assert main([*argv, "--budget", "4000", "--limit", "200", "--out", str(ft), "--quiet"]) == 2
@@ -255,6 +257,9 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     assert (r["select"], r["granularity"]) == ("random", "sparse") and "probe_quotas" not in r
     assert "probe_quotas" not in with_recipe({"name": "s", "recipe": "harden", "granularity": "shares"})
     assert with_recipe({"name": "h", "recipe": "harden", "head": True})["probe_quotas"] is True  # head: quotas on
+    assert v["head"] is True and "head" not in r  # harden's auto: the output layer whole with the probe's quotas
+    assert "head" not in with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})
+    assert with_recipe({"name": "n", "recipe": "harden", "head": False})["head"] is False
     assert with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})["probe_quotas"] is False
     # the report says what each row drew: the probe's quotas, and random single entries (not units) for its control
     from advtune.report.narrative import describe, headline
@@ -288,7 +293,7 @@ def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_bud
     model = load_model(base)[0]
     ds = load_dataset("synthetic", limit=400, limit_test=40)
     head = output_layer(model, ds.train.to_float(ds.train.x[:1]))
-    recipe = Recipe(granularity="probe", head=True, analysis_limit=200)
+    recipe = Recipe(granularity="probe", analysis_limit=200)  # the default: --head auto = on with the quotas
     res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
     sel = res.record.selection
     total = sum(p.numel() for p in model.parameters())

@@ -51,7 +51,8 @@ HEAD_GRANULARITIES = ("hybrid", "shares", "sparse", "probe")
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
-    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis"
+    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis (default: auto = on with the "
+    "probe rule's quotas, off otherwise)"
 )
 
 
@@ -125,9 +126,10 @@ class Recipe:
         group="recipe",
     )
     # the output layer whole (#21, round 10): the analysis scores no output layer, so the shares and hybrid rules
-    # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget); off
-    # until the validation split says otherwise
-    head: bool = setting(False, help=HEAD_HELP, group="recipe")
+    # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget) and the
+    # probe's quotas nothing. Auto = on with the probe's quotas (round 21: validation +0.7 over three MNIST seeds and
+    # the residual network), off with every other rule (round 10: no gain with shares)
+    head: bool | None = setting(None, help=HEAD_HELP, group="recipe")
     # the probe rule's first stage (#21, round 18): 20% of the budget on the whole network, the mask from its change
     probe: float = setting(
         0.2,
@@ -166,12 +168,12 @@ class Recipe:
                 f"--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "
                 f"--granularity {', '.join(NORMS_GRANULARITIES)}, not {self.granularity}"
             )
-        if self.head and self.granularity not in HEAD_GRANULARITIES:
+        if self.head is True and self.granularity not in HEAD_GRANULARITIES:
             raise AdvtuneError(
                 f"--head trains the output layer whole next to the other layers' adapters: use it with --granularity "
                 f"{', '.join(HEAD_GRANULARITIES)} (with its quotas), not {self.granularity}"
             )
-        if self.head and self.granularity == "probe" and self.probe_quotas is False:
+        if self.head is True and self.granularity == "probe" and self.probe_quotas is False:
             raise AdvtuneError(
                 "--head with --no-probe-quotas: the probe's global ranking lets the output layer's entries compete in "
                 "the mask; drop --head, or keep the quotas"
@@ -194,6 +196,11 @@ class Recipe:
     def quotas(self) -> bool:
         """Whether the probe rule's mask follows the analysis' layer quotas (auto: on with the probe rule)."""
         return self.granularity == "probe" and self.probe_quotas is not False
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the output layer trains whole (auto: on with the probe rule's quotas, off with every other rule)."""
+        return self.quotas if self.head is None else bool(self.head)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -93,7 +93,7 @@ def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> Fin
         probe=run.recipe.probe,
         probe_quotas=run.recipe.quotas,
         norms=run.recipe.norms,
-        head=run.recipe.head,
+        head=run.recipe.trains_head,
         attack=run.recipe.attack,
         norm=run.norm,
         eps_warmup=run.recipe.eps_warmup,
@@ -212,7 +212,7 @@ def harden_model(
         a_sum, table = analysis.summary.to_json(), analysis.tables[recipe.criterion]
     # -- 2 + 3. selection and selective fine-tuning
     what = rule_words(recipe.granularity, recipe.quotas) + (" + the normalization layers" if recipe.norms else "")
-    what += " + the output layer whole" if recipe.head else ""
+    what += " + the output layer whole" if recipe.trains_head else ""
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )
@@ -264,7 +264,7 @@ def harden_model(
 
 def flag_words(key: str, value) -> str:
     """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`, and
-    `without --head` for a switch that has no `--no-` form."""
+    `without --flag` for a switch that has no `--no-` form."""
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
         if value:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..attacks import build_attack, split_attack_list
-from ..components import fingerprint, layers, unit_params
+from ..components import fingerprint, layers, output_layer, unit_params
 from ..devices import model_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
@@ -42,7 +42,7 @@ def check_budget(budget: Any, per_example: float, batch_size: int, n_train: int)
 def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
     """Refuse, before any work, a parameter budget that no candidate (a whole layer, or a unit) fits."""
     budget = budget_after_norms(model, recipe.params, recipe.norms)  # the norms extra is paid first
-    if recipe.head:  # then the output layer, whole
+    if recipe.trains_head:  # then the output layer, whole
         budget -= sum(own_params(model.get_submodule(n)) for n in head_layer(model, budget, example))
     if recipe.granularity == "lowrank":
         budget_ranks(model, budget)  # refuses a budget below rank 1 on every layer
@@ -89,12 +89,19 @@ class HardenPlan:
     recipe: Recipe | None = None  # the run's recipe with its auto settings decided for this model
 
 
-def resolve_recipe(model, recipe: Recipe) -> Recipe:
+HEAD_AUTO_SHARE = 0.25  # auto --head: on only where the output layer costs at most this share of what the norms leave
+
+
+def resolve_recipe(model, recipe: Recipe, example=None) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
-    layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule): what harden runs and
-    records, so a resume compares what ran."""
+    layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule; --head auto: on with its
+    quotas where the output layer is cheap): what harden runs and records, so a resume compares what ran."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
-    return replace(recipe, norms=norms, probe_quotas=recipe.quotas)
+    head = recipe.trains_head
+    if recipe.head is None and head:  # auto: a tiny budget keeps the quotas for the scored layers
+        left = budget_after_norms(model, recipe.params, norms)
+        head = own_params(model.get_submodule(output_layer(model, example))) <= HEAD_AUTO_SHARE * left
+    return replace(recipe, norms=norms, probe_quotas=recipe.quotas, head=head)
 
 
 HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)
@@ -126,7 +133,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
     example = ds.train.to_float(ds.train.x[:1], model_device(model))
-    recipe = resolve_recipe(model, run.recipe)
+    recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)
     objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
     per_example = cost_per_example(objective, model, example)
