@@ -127,8 +127,8 @@ class Recipe:
     )
     # the output layer whole (#21, round 10): the analysis scores no output layer, so the shares and hybrid rules
     # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget) and the
-    # probe's quotas nothing. Auto = on with the probe's quotas (round 21: validation +0.7 over three MNIST seeds and
-    # the residual network), off with every other rule (round 10: no gain with shares)
+    # probe's quotas nothing. Auto = on with the probe's quotas (round 21: validation +0.7 over three MNIST seeds, +0.1
+    # on the residual network), off with every other rule (round 10: no gain with shares)
     head: bool | None = setting(None, help=HEAD_HELP, group="recipe")
     # the probe rule's first stage (#21, round 18): 20% of the budget on the whole network, the mask from its change
     probe: float = setting(
