@@ -63,8 +63,8 @@ DESCRIPTION = {
     "info": "Config, seed, versions, metrics, cost and evaluations of a run.",
     "harden": "The method with the best measured recipe as its default (docs/RESULTS.md): rank the components of "
     "BASE by how much the attack exploits them, adversarially fine-tune only a parameter budget shared out by those "
-    "scores (the weight entries a short whole-network probe moved most in each layer), evaluate before/after with "
-    "the strong protocol and the gradient-masking gate, and write a report to --out.",
+    "scores (the weight entries a short whole-network probe moved most in each layer, and the output layer whole), "
+    "evaluate before/after with the strong protocol and the gradient-masking gate, and write a report to --out.",
     "apply": "Rebuild the hardened model from BASE (a run folder or a weights file) and PATCH (a harden or "
     "finetune run's patch.safetensors: only what changed). A base whose hash is not the patch's is refused; "
     "the result is checked bit for bit. Writes the patched weights to --out; from a run folder BASE, a model "

@@ -51,9 +51,9 @@ HEAD_GRANULARITIES = ("hybrid", "shares", "sparse", "probe")
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
-    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis (default: auto = on with the "
-    "probe rule's quotas, off otherwise)"
+    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis"
 )
+HEAD_AUTO_HELP = " (default: auto = on with the probe rule's quotas where it costs at most a quarter of --params)"
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Recipe:
     # give the classifier the smallest adapter (rank 1 on preact-resnet20's 64 -> 10 head at any budget) and the
     # probe's quotas nothing. Auto = on with the probe's quotas (round 21: validation +0.7 over three MNIST seeds, +0.1
     # on the residual network), off with every other rule (round 10: no gain with shares)
-    head: bool | None = setting(None, help=HEAD_HELP, group="recipe")
+    head: bool | None = setting(None, help=HEAD_HELP + HEAD_AUTO_HELP, group="recipe")
     # the probe rule's first stage (#21, round 18): 20% of the budget on the whole network, the mask from its change
     probe: float = setting(
         0.2,

@@ -2,7 +2,7 @@
 
 standard model -> its collapse under FGSM/PGD/APGD -> vulnerability map and concentration curve ->
 `advtune harden`'s recipe (a whole-network probe for the first 20% of the budget, then only the entries it moved
-most within every layer's share of 10% by its score; selective adversarial fine-tuning)
+most within every layer's share of 10% by its score, plus the output layer whole; selective adversarial fine-tuning)
 next to the same budget spent on all parameters, on random entries as many as the mask, and on
 adversarial training from scratch, each as a curve of snapshots -> evaluation -> report with the
 frontier (HTML + Markdown). `--full` runs configs/frontier-mnist-eps0.3.yaml instead (real sizes:
