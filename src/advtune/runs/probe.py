@@ -118,11 +118,6 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
         raise AdvtuneError(
             "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"
         )
-    if ft.head and not ft.probe_quotas:
-        raise AdvtuneError(
-            "--head with the probe rule needs --probe-quotas: its global ranking lets the output layer's entries "
-            "compete in the mask; add --probe-quotas or drop --head"
-        )
     if ft.keep_best and (ds.val is None or len(ds.val) == 0):
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     if isinstance(ft.points, bool) or not isinstance(ft.points, int) or ft.points < 0:
@@ -137,7 +132,7 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
             f"--granularity probe: the {what} have {paid:,} parameters, the whole budget of {budget:,} or more; "
             "raise --params"
         )
-    if ft.head:  # the output layer whole (quotas only, checked above), paid after the norms: refused if it fills it
+    if ft.head:  # the output layer whole (quotas only: check_finetune), paid after the norms: refused if it fills it
         head_layer(model, budget - paid, _example(model, ds))
     return budget
 
