@@ -14,6 +14,7 @@ from .. import filenames as files
 from ..attacks import PGD
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
+from ..devices import model_device
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
@@ -267,3 +268,9 @@ def resolve_eps_warmup(value: float | None, spec: str) -> float:
         100 * DEFAULT_EPS_WARMUP,
     )
     return DEFAULT_EPS_WARMUP
+
+
+def example_input(model, ds):
+    """One training input on the model's device: what the traced rules (the BN rule, the output layer) and the
+    cost per example run on."""
+    return ds.train.to_float(ds.train.x[:1], model_device(model))

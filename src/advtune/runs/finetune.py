@@ -30,6 +30,7 @@ from .common import (
     check_val,
     close_training_folder,
     dataset_of,
+    example_input,
     fit_in_folder,
     fit_steps,
     guard_on,
@@ -157,7 +158,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     seed_everything(cfg.seed)
     threat = ThreatModel(run.norm, run.eps)
     objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
-    example = ds.train.to_float(ds.train.x[:1], model_device(model))  # the traced BN rule, as fit uses it
+    example = example_input(model, ds)  # the traced BN rule, as fit uses it
     if run.keep_best and (ds.val is None or len(ds.val) == 0):
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     if run.granularity == "sparse":  # no adapters to speed up: refused before the scoring's work

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..attacks import build_attack, split_attack_list
 from ..components import fingerprint, layers, output_layer, unit_params
-from ..devices import model_device
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
@@ -17,6 +16,7 @@ from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example
 from ..train.lowrank import budget_ranks, own_params, share_ranks
+from .common import example_input
 from .configs import HardenRun
 from .selecting import budget_after_norms, head_layer, resolve_norms
 
@@ -132,7 +132,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
-    example = ds.train.to_float(ds.train.x[:1], model_device(model))
+    example = example_input(model, ds)
     recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)
     objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=model)

@@ -34,7 +34,7 @@ from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
-from .common import check_same_run
+from .common import check_same_run, example_input
 from .configs import FinetuneRun
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .selecting import analysed, head_layer, norms_of, read_table, resolve_norms
@@ -106,11 +106,6 @@ def probe_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".probe")
 
 
-def _example(model, ds):
-    """One training input on the model's device: how the output layer is found (a traced forward)."""
-    return ds.train.to_float(ds.train.x[:1], model_device(model))
-
-
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
     """Everything the masked stage would refuse, refused before the probe trains (after probe_settings' checks):
     returns the mask's entry budget."""
@@ -133,7 +128,7 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
             "raise --params"
         )
     if ft.head:  # the output layer whole (quotas only: check_finetune), paid after the norms: refused if it fills it
-        head_layer(model, budget - paid, _example(model, ds))
+        head_layer(model, budget - paid, example_input(model, ds))
     return budget
 
 
@@ -176,7 +171,7 @@ def probe_then_mask(
         if not ft.probe_quotas:
             return movement_mask(model, probed, budget, norms)
         left = budget - (norm_params(model) if norms else 0)
-        head = head_layer(model, left, _example(model, ds)) if ft.head else []  # paid first, inside sparse_selection
+        head = head_layer(model, left, example_input(model, ds)) if ft.head else []  # paid inside sparse_selection
         scores = movement_scores(model, probed)
         chosen = sparse_selection(model, left, dict(rank_layers(table)), scores, head, norms)
         # the entries the movement chose: the output layer's (whole with --head) are counted by the selection
