@@ -342,6 +342,9 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
 # a finished variant switched between auto and false is not re-run; its config.json still says what ran, and
 # an unfinished one is refused by the fine-tuning's own resume check
 UNSET = {"norms": (False, None), "head": (False, None), "probe_quotas": (False, None)}
+# keys whose auto (None) now matches whatever a variant recorded: `recipe: harden` filled head: true before the
+# fine-tuning decided it (round 21); the run's config.json holds what was decided, and its resume compares that
+AUTO_NOW = ("head",)
 
 
 def _settings(v: dict) -> dict:
@@ -353,7 +356,8 @@ def _same_settings(recorded: dict, now: dict) -> bool:
     def plain(d: dict) -> dict:
         return {k: val for k, val in d.items() if not (k in UNSET and val in UNSET[k])}
 
-    return plain(recorded) == plain(now)
+    auto = {k for k in AUTO_NOW if k in now and now[k] is None}
+    return plain({k: v for k, v in recorded.items() if k not in auto}) == plain(now)
 
 
 def _refuse_other_seed(out: Path, seed: int) -> None:
