@@ -245,6 +245,22 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     assert "use it with --granularity probe" in capsys.readouterr().err and not ft.exists()
 
 
+PROBE_EXPERIMENT = {  # the smallest experiment a probe-rule variant runs in (synthetic data, small-cnn)
+    "name": "tiny-probe",
+    "seed": 0,
+    "base": {
+        "dataset": "synthetic",
+        "model": "small-cnn",
+        "limit": 200,
+        "limit_test": 40,
+        "train": {"epochs": 1, "batch_size": 64},
+    },
+    "threat": {"norm": "linf", "eps": 0.25},
+    "evaluation": {"attacks": "pgd:steps=2", "limit": 40},
+    "analysis": {"attack": "pgd:steps=2", "criteria": ["taylor"], "limit": 64, "curve_limit": 0},
+}
+
+
 def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_random_control_random_entries():
     """`recipe: harden` follows harden's default (round 20: the probe rule with the analysis' quotas); a
     `select: random` control that names no rule gets random single entries (the probe's mask never depends on
@@ -311,8 +327,35 @@ def test_head_auto_is_decided_alike_by_harden_and_an_experiment_variant_and_a_fi
     plain = FinetuneRun(base="b", out="o", eps=0.3, select="a", granularity="sparse", params=roomy, head=None)
     assert decided(model, ds, plain, "a").head is False  # auto is on with the probe's quotas only
     variant = {"name": "h", "recipe": "harden", "granularity": "probe", "probe_quotas": True, "params": 0.1}
-    assert _same_settings({**variant, "head": True}, {**variant, "head": None})  # recorded before auto reached it
-    assert not _same_settings({**variant, "head": None}, {**variant, "head": True})  # auto may have said no
+    on, off, auto = ({**variant, "head": h} for h in (True, False, None))
+    assert _same_settings(on, auto, decided_head=True)  # round 21 filled head: true before the fine-tuning decided
+    assert not _same_settings(on, auto, decided_head=False) and not _same_settings(off, auto, decided_head=False)
+    assert _same_settings(auto, auto, decided_head=False) and _same_settings(auto, on, decided_head=True)
+    assert not _same_settings(auto, off, decided_head=True) and not _same_settings(auto, on, decided_head=False)
+    assert _same_settings(auto, off) and not _same_settings(auto, on)  # nothing decided yet: auto counts as off
+
+
+def test_an_experiment_harden_variant_whose_output_layer_fills_its_budget_runs_without_it(tmp_path):
+    """End to end: `recipe: harden` with a budget smaller than the output layer (1,290 entries on small-cnn) was
+    refused ("--head: the output layer ... whole budget") where harden turns --head auto off; now the fine-tuning
+    decides it, records head: false, and a later run of the same folder compares settings with what was decided."""
+    from advtune.runs import experiment
+
+    cfg = {
+        **PROBE_EXPERIMENT,
+        "variants": [
+            {"name": "standard", "kind": "standard"},
+            {"name": "h", "recipe": "harden", "params": 1000, "budget": 1200, "points": 0},
+        ],
+    }
+    out = tmp_path / "x"
+    experiment.run(cfg, out)
+    ran = json.loads((out / "h" / "config.json").read_text())["run"]
+    assert ran["head"] is False and ran["probe_quotas"] is True  # decided on the model, recorded as decided
+    assert json.loads((out / "variant-settings.json").read_text())["h"]["head"] is None  # the variant said auto
+    experiment.run({**cfg, "variants": [cfg["variants"][0], {**cfg["variants"][1], "head": False}]}, out)  # as ran
+    with pytest.raises(AdvtuneError, match="variant h in .* was run with other settings"):
+        experiment.run({**cfg, "variants": [cfg["variants"][0], {**cfg["variants"][1], "head": True}]}, out)
 
 
 def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_budget(tmp_path, capsys):

@@ -223,7 +223,10 @@ class FinetuneRun:
         group="selection",
     )
     head: bool | None = setting(
-        False, help=HEAD_HELP + " (none in an API call or config: auto, as harden)", group="selection"
+        False,
+        help=HEAD_HELP
+        + " (none in an API call or config: auto, on with --probe-quotas where the output layer is cheap, as harden)",
+        group="selection",
     )
     probe: float = setting(
         0.2,
