@@ -245,6 +245,22 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     assert "use it with --granularity probe" in capsys.readouterr().err and not ft.exists()
 
 
+PROBE_EXPERIMENT = {  # the smallest experiment a probe-rule variant runs in (synthetic data, small-cnn)
+    "name": "tiny-probe",
+    "seed": 0,
+    "base": {
+        "dataset": "synthetic",
+        "model": "small-cnn",
+        "limit": 200,
+        "limit_test": 40,
+        "train": {"epochs": 1, "batch_size": 64},
+    },
+    "threat": {"norm": "linf", "eps": 0.25},
+    "evaluation": {"attacks": "pgd:steps=2", "limit": 40},
+    "analysis": {"attack": "pgd:steps=2", "criteria": ["taylor"], "limit": 64, "curve_limit": 0},
+}
+
+
 def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_random_control_random_entries():
     """`recipe: harden` follows harden's default (round 20: the probe rule with the analysis' quotas); a
     `select: random` control that names no rule gets random single entries (the probe's mask never depends on
@@ -257,7 +273,7 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     assert (r["select"], r["granularity"]) == ("random", "sparse") and "probe_quotas" not in r
     assert "probe_quotas" not in with_recipe({"name": "s", "recipe": "harden", "granularity": "shares"})
     assert with_recipe({"name": "h", "recipe": "harden", "head": True})["probe_quotas"] is True  # head: quotas on
-    assert v["head"] is True and "head" not in r  # harden's auto: the output layer whole with the probe's quotas
+    assert v["head"] is None and "head" not in r  # harden's auto, decided by the fine-tuning on the model
     assert "head" not in with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})
     assert with_recipe({"name": "n", "recipe": "harden", "head": False})["head"] is False
     assert with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})["probe_quotas"] is False
@@ -272,6 +288,74 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     rows = [{**sel, "robust_acc": 0.8, "clean_acc": 0.9}, {**ctrl, "robust_acc": 0.1, "clean_acc": 0.9}]
     said = " ".join(headline(rows))
     assert "random single entries with as many" in said and "random units" not in said
+
+
+def test_head_auto_is_decided_alike_by_harden_and_an_experiment_variant_and_a_finished_variant_still_matches():
+    """--head auto (None) has one home (runs/selecting.resolve_head): on with the probe's quotas where the output layer
+    costs at most a quarter of the budget the norms leave. harden's recipe and a fine-tuning whose head is None (an
+    experiment's `recipe: harden` variant) decide it alike, so a tiny budget gets the quotas alone instead of a
+    refusal; a variant recorded with head: true before the fine-tuning decided it still matches its settings."""
+    from dataclasses import replace
+
+    from advtune.components import output_layer
+    from advtune.data import load_dataset
+    from advtune.models import model_for
+    from advtune.runs.configs import FinetuneRun
+    from advtune.runs.experiment.runner import _same_settings
+    from advtune.runs.finetune import decided
+    from advtune.runs.harden_plan import resolve_recipe
+    from advtune.runs.selecting import HEAD_AUTO_SHARE, resolve_head
+    from advtune.train.lowrank import own_params
+
+    ds = load_dataset("synthetic", limit=64, limit_test=8)
+    model = model_for(ds, "small-cnn")
+    example = ds.train.to_float(ds.train.x[:1])
+    cost = own_params(model.get_submodule(output_layer(model, example)))
+    roomy = 0.1  # 10% of the model: the output layer is far under a quarter of it
+    tight = int(cost / HEAD_AUTO_SHARE) - 1  # one entry too few for auto to take the output layer
+    assert cost < tight  # with --head on, the output layer would still fit: auto says no, not a refusal
+    assert resolve_head(model, None, True, roomy, False, example) is True
+    assert resolve_head(model, None, True, tight, False, example) is False
+    assert resolve_head(model, None, True, int(cost / HEAD_AUTO_SHARE), False, example) is True  # at the line
+    assert resolve_head(model, None, False, roomy, False, example) is False  # without the quotas: off
+    assert resolve_head(model, True, False, tight, False, example) is True  # given: as given
+    assert resolve_head(model, False, True, roomy, False, example) is False
+    for params, want in ((roomy, True), (tight, False)):
+        recipe = resolve_recipe(model, Recipe(params=params), example)
+        run = FinetuneRun(base="b", out="o", eps=0.3, select="a", granularity="probe", probe_quotas=True, head=None)
+        assert recipe.head is want and decided(model, ds, replace(run, params=params), "a").head is want
+    plain = FinetuneRun(base="b", out="o", eps=0.3, select="a", granularity="sparse", params=roomy, head=None)
+    assert decided(model, ds, plain, "a").head is False  # auto is on with the probe's quotas only
+    variant = {"name": "h", "recipe": "harden", "granularity": "probe", "probe_quotas": True, "params": 0.1}
+    on, off, auto = ({**variant, "head": h} for h in (True, False, None))
+    assert _same_settings(on, auto, decided_head=True)  # round 21 filled head: true before the fine-tuning decided
+    assert not _same_settings(on, auto, decided_head=False) and not _same_settings(off, auto, decided_head=False)
+    assert _same_settings(auto, auto, decided_head=False) and _same_settings(auto, on, decided_head=True)
+    assert not _same_settings(auto, off, decided_head=True) and not _same_settings(auto, on, decided_head=False)
+    assert _same_settings(auto, off) and not _same_settings(auto, on)  # nothing decided yet: auto counts as off
+
+
+def test_an_experiment_harden_variant_whose_output_layer_fills_its_budget_runs_without_it(tmp_path):
+    """End to end: `recipe: harden` with a budget smaller than the output layer (1,290 entries on small-cnn) was
+    refused ("--head: the output layer ... whole budget") where harden turns --head auto off; now the fine-tuning
+    decides it, records head: false, and a later run of the same folder compares settings with what was decided."""
+    from advtune.runs import experiment
+
+    cfg = {
+        **PROBE_EXPERIMENT,
+        "variants": [
+            {"name": "standard", "kind": "standard"},
+            {"name": "h", "recipe": "harden", "params": 1000, "budget": 1200, "points": 0},
+        ],
+    }
+    out = tmp_path / "x"
+    experiment.run(cfg, out)
+    ran = json.loads((out / "h" / "config.json").read_text())["run"]
+    assert ran["head"] is False and ran["probe_quotas"] is True  # decided on the model, recorded as decided
+    assert json.loads((out / "variant-settings.json").read_text())["h"]["head"] is None  # the variant said auto
+    experiment.run({**cfg, "variants": [cfg["variants"][0], {**cfg["variants"][1], "head": False}]}, out)  # as ran
+    with pytest.raises(AdvtuneError, match="variant h in .* was run with other settings"):
+        experiment.run({**cfg, "variants": [cfg["variants"][0], {**cfg["variants"][1], "head": True}]}, out)
 
 
 def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_budget(tmp_path, capsys):

@@ -53,7 +53,10 @@ HEAD_HELP = (
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
     "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis"
 )
-HEAD_AUTO_HELP = " (default: auto = on with the probe rule's quotas where it costs at most a quarter of --params)"
+HEAD_AUTO_HELP = (
+    " (default: auto = on with the probe rule's quotas where it costs at most a quarter of what the norms leave of "
+    "--params)"
+)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,12 @@ class FinetuneRun:
         "paid out of --params; with lowrank, hybrid, shares or sparse (none in an API call or config: auto, as harden)",
         group="selection",
     )
-    head: bool = setting(False, help=HEAD_HELP, group="selection")
+    head: bool | None = setting(
+        False,
+        help=HEAD_HELP
+        + " (none in an API call or config: auto, on with --probe-quotas where the output layer is cheap, as harden)",
+        group="selection",
+    )
     probe: float = setting(
         0.2,
         help="with --granularity probe: the share of --budget the whole network trains first (its run folder is "

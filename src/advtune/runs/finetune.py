@@ -45,7 +45,7 @@ from .common import (
 )
 from .configs import FinetuneRun
 from .record import RunDir
-from .selecting import describe_selection, make_selection, resolve_norms
+from .selecting import describe_selection, make_selection, resolve_head, resolve_norms
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,24 @@ class Finetuning:
     example: object  # one training input, for the traced BN rule and the parameter counts
 
 
+def decided(model, ds, run: FinetuneRun, chosen) -> FinetuneRun:
+    """`run` with its auto settings decided for this model (--norms and --head: None in an API call or an
+    experiment's `recipe: harden` variant), as harden decides its recipe's: what is recorded, so a resume compares
+    what ran. `chosen`: the selection source (run.select, or what overrides it)."""
+    norms = resolve_norms(model, run.norms, chosen, run.granularity, run.params)
+    head = run.head
+    if head is None:  # auto: on with the probe's quotas where the output layer is cheap (runs/selecting.py)
+        quotas = run.granularity == "probe" and bool(run.probe_quotas)
+        head = resolve_head(model, None, quotas, run.params, norms, example_input(model, ds))
+    return replace(run, norms=norms, head=head)
+
+
 def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     """Everything a fine-tuning needs, validated: the objective, the selection (`select` overrides
     `run.select`, e.g. a ScoreTable already in memory) and the steps of the budget."""
     run = check_finetune(run)
     chosen = run.select if select is None else select
-    run = replace(run, norms=resolve_norms(model, run.norms, chosen, run.granularity, run.params))  # auto: decided
+    run = decided(model, ds, run, chosen)
     cfg = run.train
     seed_everything(cfg.seed)
     threat = ThreatModel(run.norm, run.eps)
@@ -347,8 +359,7 @@ def finetune_folder(
         from .probe import probe_folder, probe_then_mask
 
         run, out = check_finetune(run), Path(run.out)
-        # recorded as decided, as harden records its recipe (the rows of an experiment read it)
-        run = replace(run, norms=resolve_norms(model, run.norms, run.select, "probe", run.params))
+        run = decided(model, ds, run, run.select)  # recorded as decided (the rows of an experiment read it)
         for folder in (out, probe_folder(out)):  # nothing started is continued or replaced unasked
             if folder.is_dir() and any(folder.iterdir()) and not (run.resume or run.overwrite):
                 raise AdvtuneError(

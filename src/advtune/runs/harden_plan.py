@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..attacks import build_attack, split_attack_list
-from ..components import fingerprint, layers, output_layer, unit_params
+from ..components import fingerprint, layers, unit_params
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
@@ -18,7 +18,7 @@ from ..train import TrainConfig, build_objective, cost_per_example
 from ..train.lowrank import budget_ranks, own_params, share_ranks
 from .common import example_input
 from .configs import HardenRun
-from .selecting import budget_after_norms, head_layer, resolve_norms
+from .selecting import budget_after_norms, head_layer, resolve_head, resolve_norms
 
 
 def default_budget(recipe: Recipe, per_example: float, n_train: int) -> int:
@@ -89,18 +89,12 @@ class HardenPlan:
     recipe: Recipe | None = None  # the run's recipe with its auto settings decided for this model
 
 
-HEAD_AUTO_SHARE = 0.25  # auto --head: on only where the output layer costs at most this share of what the norms leave
-
-
 def resolve_recipe(model, recipe: Recipe, example=None) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
     layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule; --head auto: on with its
     quotas where the output layer is cheap): what harden runs and records, so a resume compares what ran."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
-    head = recipe.trains_head
-    if recipe.head is None and head:  # auto: a tiny budget keeps the quotas for the scored layers
-        left = budget_after_norms(model, recipe.params, norms)
-        head = own_params(model.get_submodule(output_layer(model, example))) <= HEAD_AUTO_SHARE * left
+    head = resolve_head(model, recipe.head, recipe.quotas, recipe.params, norms, example)
     return replace(recipe, norms=norms, probe_quotas=recipe.quotas, head=head)
 
 

@@ -216,7 +216,7 @@ def with_recipe(v: dict) -> dict:
     if granularity == "probe" and r.probe_quotas is not False:
         filled["probe_quotas"] = True  # harden's auto: the analysis' layer quotas with the probe rule
     if granularity == "probe" and v.get("probe_quotas", filled.get("probe_quotas")) and r.head is not False:
-        filled["head"] = True  # harden's auto: the output layer whole with the probe's quotas
+        filled["head"] = r.head  # harden's auto (None), decided by the fine-tuning on the base model, as harden does
     return {**filled, **v, "train": train}
 
 

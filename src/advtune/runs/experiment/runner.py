@@ -349,11 +349,33 @@ def _settings(v: dict) -> dict:
     return {k: val for k, val in v.items() if k != "sweep_of"}
 
 
-def _same_settings(recorded: dict, now: dict) -> bool:
-    def plain(d: dict) -> dict:
-        return {k: val for k, val in d.items() if not (k in UNSET and val in UNSET[k])}
+def _same_head(recorded: bool | None, now: bool | None, decided: bool | None) -> bool:
+    """head is auto (None) or given. Auto then and now: the same. Auto now, true then: the same where the run decided
+    true (round 21's `recipe: harden` filled head: true before the fine-tuning decided it; the price: an explicit
+    true switched to auto on a model where auto would say no is not re-run). A value now, auto then: what auto
+    decided (`decided`, from the run's config.json; unknown: as UNSET, auto meaning off). Otherwise as given."""
+    if now is None:
+        return recorded is None or (recorded is True and decided is True)
+    if recorded is None and decided is not None:
+        return bool(now) == decided
+    return bool(recorded) == bool(now)
 
-    return plain(recorded) == plain(now)
+
+def _same_settings(recorded: dict, now: dict, decided_head: bool | None = None) -> bool:
+    def plain(d: dict) -> dict:
+        return {k: val for k, val in d.items() if k != "head" and not (k in UNSET and val in UNSET[k])}
+
+    return plain(recorded) == plain(now) and _same_head(recorded.get("head"), now.get("head"), decided_head)
+
+
+def _decided_head(folder: Path) -> bool | None:
+    """The --head a variant's run decided (config.json: a fine-tuning's run, or a harden run's recipe); None: none."""
+    path = folder / files.CONFIG
+    if not path.is_file():
+        return None
+    run = read_json(path, "config").get("run") or {}
+    head = run.get("head", (run.get("recipe") or {}).get("head"))
+    return head if isinstance(head, bool) else None
 
 
 def _refuse_other_seed(out: Path, seed: int) -> None:
@@ -378,7 +400,8 @@ def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
         probe = probe_folder(folder)  # the probe rule's first stage, next to the variant's folder
         exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
         exists = exists or (probe / files.CONFIG).is_file()
-        if exists and v["name"] in recorded and not _same_settings(recorded[v["name"]], _settings(v)):
+        same = _same_settings(recorded.get(v["name"], {}), _settings(v), _decided_head(folder))
+        if exists and v["name"] in recorded and not same:
             also = f" and {probe}" if probe.exists() else ""
             raise AdvtuneError(
                 f"variant {v['name']} in {out} was run with other settings; use a new --out, "
