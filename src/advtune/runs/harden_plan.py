@@ -14,7 +14,7 @@ from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..recipe import Recipe
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, cost_per_example
+from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
 from ..train.lowrank import budget_ranks, own_params, share_ranks
 from .common import example_input
 from .configs import HardenRun
@@ -129,7 +129,10 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     example = example_input(model, ds)
     recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)
-    objective = build_objective(recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
+    teaching = probe_stage_attack(recipe.attack)  # distill:teacher=probe: no teacher before the probe has trained
+    if teaching is not None and recipe.granularity != "probe":
+        raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
+    objective = build_objective(teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))

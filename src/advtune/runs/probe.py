@@ -30,6 +30,7 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
+from ..train.distill import probe_stage_attack, with_probe_teacher
 from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
@@ -75,6 +76,11 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {share!r}")
+    teaching = probe_stage_attack(ft.attack)  # distill:teacher=probe: the probe trains without its teacher
+    if teaching is not None and folder is None:
+        raise AdvtuneError(
+            "distill:teacher=probe reads the probe's model from its run folder: give the fine-tuning an --out folder"
+        )
     if not share > ramp:
         raise AdvtuneError(
             f"--probe {share:g} must be larger than --eps-warmup {ramp:g}: the eps ramp has to end within the probe; "
@@ -83,6 +89,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
     return replace(
         ft,
         out=str(folder) if folder else "",
+        attack=teaching or ft.attack,
         select="all",
         granularity="unit",
         params=None,
@@ -188,6 +195,12 @@ def probe_then_mask(
         "folder": str(folder) if folder is not None else None,
     }
     seed = None if ft.train.seed is None else ft.train.seed + 1  # not the probe's batches again
-    rest = replace(ft, budget=ft.budget - spent["grad_evals"], eps_warmup=0.0, train=replace(ft.train, seed=seed))
+    rest = replace(
+        ft,
+        attack=with_probe_teacher(ft.attack, str(folder)) if folder is not None else ft.attack,
+        budget=ft.budget - spent["grad_evals"],
+        eps_warmup=0.0,
+        train=replace(ft.train, seed=seed),
+    )
     counts = {k: spent[k] for k in COUNTERS if k in spent}
     return Probed(start_weights(probed, base_state, mask), mask, rest, counts, base_state)

@@ -1,5 +1,6 @@
-"""What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES,
-the local feature objective; `build_objective(spec, threat)` makes one from a CLI/YAML spec.
+"""What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES, distillation from a
+teacher on adversarial inputs (distill.py), the local feature objective; `build_objective(spec, threat)` makes one
+from a CLI/YAML spec.
 
 Spec objectives other than the attacks are builders in `OBJECTIVES` (an `advtune.registry.Registry`):
 `builder(threat, model, attack_mode, eps_warmup, /, *, <spec parameters>)`, the spec parameters
@@ -22,6 +23,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
+from .distill import build_distill
 
 log = logging.getLogger(__name__)
 
@@ -351,10 +353,14 @@ def _build_local(
     return local_feature(model, layer, threat, steps, clean, eps_warmup)
 
 
+OBJECTIVES.register("distill")(build_distill)
+
+
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
     """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
     `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
-    that module (needs the model: its current weights are the reference). The names in `OBJECTIVES`
+    that module (needs the model: its current weights are the reference); `distill:teacher=<run folder>[,steps=..,
+    alpha=..,temperature=..]` -> PGD training with a teacher's soft labels (distill.py). The names in `OBJECTIVES`
     are objectives, any other is an attack."""
     name, raw = parse_spec(spec, "objective")
     builder = OBJECTIVES.get(name, None)
