@@ -147,8 +147,19 @@ def test_the_probe_rule_teaches_its_masked_stage_with_its_own_probe(base, tmp_pa
     assert s["selection"]["kind"] == "sparse" and s["selection"]["probe"]["grad_evals"] > 0
     objective = json.loads((ft / "config.json").read_text())["objective"]
     assert objective["objective"] == "distill" and objective["teacher"] == str(tmp_path / "ft.probe")
-    # the masked stage pays PGD-1 + the teacher + the update per example, the probe PGD-1 + the update
+    # the masked stage pays PGD-1 + the teacher + the update per example (the probe PGD-1 + the update)
+    epochs = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    paid = [(b["grad_evals"] - a["grad_evals"], b["examples"]) for a, b in zip(epochs, epochs[1:])]
+    assert paid and all(g == 3 * n for g, n in paid), paid
     assert 4000 - 3 * 64 < s["cost"]["grad_evals"] <= 4000 + 3 * 64
+    assert len(objective["teacher_sha256"]) == 64
+    # a bad setting of the distillation is refused before the probe trains
+    for bad, match in (("alpha=1.5", "alpha"), ("beta=3", "unknown distill parameter")):
+        late = tmp_path / f"late-{bad[:4]}"
+        assert main([*argv[:-4], "--attack", f"distill:teacher=probe,{bad}", "--out", str(late)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+        assert not late.exists() and not late.with_name(late.name + ".probe").exists()
     # teacher=probe needs the probe rule: refused in one line before any work
     assert main([*argv[:4], "--select", "all", *argv[6:-1], str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -163,3 +174,14 @@ def test_harden_refuses_teacher_probe_without_the_probe_rule_before_any_work(bas
     assert main([*argv, "--limit", "200", "--limit-test", "20", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "needs the probe rule" in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
+
+
+def test_adversarial_training_from_scratch_can_learn_from_a_teacher(base, tmp_path):
+    from advtune.cli import main
+    from cli_helpers import train_argv
+
+    out = tmp_path / "student"
+    extra = ("--adversarial", f"distill:teacher={base},steps=1,alpha=0.5", "--eps", "0.1")
+    assert main(train_argv(out, limit=200, limit_test=20, extra=extra)) == 0
+    objective = json.loads((out / "config.json").read_text())["objective"]
+    assert objective["objective"] == "distill" and objective["teacher"] == str(base)

@@ -28,8 +28,10 @@ from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples
 from ..provenance import versions
+from ..registry import parse_spec
 from ..storage import atomic_write_bytes, atomic_write_json
 from ..threat import ThreatModel
+from ..train.objectives import OBJECTIVES
 from .common import dataset_of, load_base
 from .configs import ExportRun
 
@@ -84,8 +86,8 @@ def _threat_and_attack(run: ExportRun, base_cfg: dict) -> tuple[ThreatModel, str
     if eps is None:
         raise AdvtuneError(f"{run.run} records no eps (a standard run?); give --eps for the check's adversarial inputs")
     attack = run.attack or recipe.get("attack") or saved.get("attack") or saved.get("adversarial") or "pgd:steps=10"
-    if attack.strip().lower().startswith(("trades", "local")):
-        attack = "pgd:steps=10"  # a training objective, not an attack: the check uses PGD
+    if parse_spec(attack, "attack")[0] in OBJECTIVES:
+        attack = "pgd:steps=10"  # a training objective (trades, distill, local), not an attack: the check uses PGD
     return ThreatModel(run.norm or saved.get("norm") or "linf", float(eps)), attack
 
 

@@ -15,6 +15,7 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
+from ..train.distill import check_probe_teacher
 from ..train.lowrank import budget_ranks, own_params, share_ranks
 from .common import example_input
 from .configs import HardenRun
@@ -132,6 +133,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     teaching = probe_stage_attack(recipe.attack)  # distill:teacher=probe: no teacher before the probe has trained
     if teaching is not None and recipe.granularity != "probe":
         raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
+    check_probe_teacher(recipe.attack, run.out or None)  # all of it refused now, not after the analysis and probe
     objective = build_objective(teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))

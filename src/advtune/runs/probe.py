@@ -30,7 +30,7 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
-from ..train.distill import probe_stage_attack, with_probe_teacher
+from ..train.distill import check_probe_teacher, with_probe_teacher
 from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
@@ -76,11 +76,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {share!r}")
-    teaching = probe_stage_attack(ft.attack)  # distill:teacher=probe: the probe trains without its teacher
-    if teaching is not None and folder is None:
-        raise AdvtuneError(
-            "distill:teacher=probe reads the probe's model from its run folder: give the fine-tuning an --out folder"
-        )
+    teaching = check_probe_teacher(ft.attack, None if folder is None else str(folder))  # the probe: no teacher yet
     if not share > ramp:
         raise AdvtuneError(
             f"--probe {share:g} must be larger than --eps-warmup {ramp:g}: the eps ramp has to end within the probe; "

@@ -86,7 +86,7 @@ def run(run: TrainRun) -> TrainSummary:
         if run.eps is None:
             raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
         threat = ThreatModel(run.norm, run.eps)
-        objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup)
+        objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup, model=model)
         val_attack = getattr(objective, "attack", None)
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, ds.train.to_float(ds.train.x[:1], device))

@@ -6,18 +6,34 @@ the probe's own whole-network model, read from its folder once it has trained (r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import filenames as files
 from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..models import load_model
-from ..registry import parse_spec
+from ..registry import convert_params, parse_spec
+
+
+def check_mix(alpha, temperature) -> None:
+    """The teacher's weight in [0, 1] and a positive temperature, refused in one line otherwise."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise AdvtuneError(f"distill: alpha (the teacher's weight) must be in [0, 1], got {alpha!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise AdvtuneError(f"distill: temperature must be > 0 (e.g. 2), got {temperature!r}")
+
+
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise AdvtuneError(f"distill: steps must be a positive number of PGD steps, got {steps!r}")
 
 
 @dataclass(frozen=True)
@@ -34,17 +50,14 @@ class Distill:
     attack: Any
     teacher: nn.Module  # frozen, eval mode
     teacher_path: str  # what the record says the teacher was
+    teacher_sha256: str = ""  # and which weights it held (a teacher retrained in the same folder differs)
     alpha: float = 0.5
     temperature: float = 2.0
     eps_warmup: float = 0.0
     name: str = "distill"
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise AdvtuneError(f"distill: alpha (the teacher's weight) must be in [0, 1], got {self.alpha!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
-            raise AdvtuneError(f"distill: temperature must be > 0 (e.g. 2), got {t!r}")
+        check_mix(self.alpha, self.temperature)
         if not 0 <= self.eps_warmup < 1:
             raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
 
@@ -61,7 +74,18 @@ class Distill:
             x_adv = self.attack(model, x, y, generator=generator)
         logits = model(x_adv)
         with torch.no_grad():
-            target = self.teacher(x_adv)
+            try:
+                target = self.teacher(x_adv)
+            except RuntimeError as e:
+                raise AdvtuneError(
+                    f"distill: the teacher in {self.teacher_path} cannot take this data's inputs ({first_line(e)}); "
+                    "give a teacher trained on the same data"
+                ) from None
+        if target.shape != logits.shape:
+            raise AdvtuneError(
+                f"distill: the teacher in {self.teacher_path} gives {target.shape[-1]} outputs and the model "
+                f"{logits.shape[-1]}; give a teacher trained on the same data"
+            )
         t = float(self.temperature)
         soft = nn.functional.kl_div(
             nn.functional.log_softmax(logits / t, 1),
@@ -81,6 +105,7 @@ class Distill:
             "attack": getattr(self.attack, "spec", repr(self.attack)),
             "threat": self.attack.threat.to_json(),
             "teacher": self.teacher_path,
+            "teacher_sha256": self.teacher_sha256,
             "alpha": self.alpha,
             "temperature": self.temperature,
             "eps_warmup": self.eps_warmup,
@@ -111,7 +136,7 @@ def load_teacher(path: str, model: nn.Module | None) -> nn.Module:
         except RuntimeError as e:
             raise AdvtuneError(
                 f"distill: the teacher in {path} takes inputs of shape {meta['input_shape']} and the model does not "
-                f"({str(e).splitlines()[0][:120]}); give a teacher trained on the same data"
+                f"({first_line(e)}); give a teacher trained on the same data"
             ) from None
         if tuple(out.shape) != (1, meta["num_classes"]):
             raise AdvtuneError(
@@ -119,6 +144,10 @@ def load_teacher(path: str, model: nn.Module | None) -> nn.Module:
                 f"{out.shape[-1]}; give a teacher trained on the same data"
             )
     return teacher
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 def _distill_params(spec: str) -> dict[str, str] | None:
@@ -135,6 +164,25 @@ def probe_stage_attack(spec: str) -> str | None:
     keep = {k: raw[k] for k in ("steps", "step_size") if k in raw}
     keep.setdefault("steps", str(DISTILL_STEPS))
     return "pgd:" + ",".join(f"{k}={v}" for k, v in keep.items())
+
+
+def check_probe_teacher(spec: str, folder: str | None) -> str | None:
+    """For `distill:teacher=probe,...`: every parameter checked (the teacher aside, which does not exist yet) before
+    the probe trains, and the attack the probe trains with; None for any other spec."""
+    teaching = probe_stage_attack(spec)
+    if teaching is None:
+        return None
+    if folder is None:
+        raise AdvtuneError(
+            "distill:teacher=probe reads the probe's model from its run folder: give the fine-tuning an output folder "
+            "(--out)"
+        )
+    raw = _distill_params(spec) or {}
+    kwargs = convert_params("distill", raw, build_distill, title="distill")
+    check_steps(kwargs.get("steps", DISTILL_STEPS))
+    check_mix(kwargs.get("alpha", 0.5), kwargs.get("temperature", 2.0))
+    with_probe_teacher(spec, folder)  # a folder a spec cannot carry
+    return teaching
 
 
 def with_probe_teacher(spec: str, folder: str) -> str:
@@ -169,10 +217,20 @@ def build_distill(
     examples with a teacher's soft labels (teacher=probe: the probe rule's own model, in --granularity probe)."""
     if not teacher:
         raise AdvtuneError("distill needs a teacher: distill:teacher=<a run folder with a model>, or teacher=probe")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise AdvtuneError(f"distill: steps must be a positive number of PGD steps, got {steps!r}")
+    check_steps(steps)
+    if attack_mode != "eval":
+        raise AdvtuneError("distill crafts its examples with the model in eval mode; drop --attack-mode train")
     attack = build_attack(f"pgd:steps={steps}" + (f",step_size={step_size}" if step_size else ""), threat)
-    return Distill(attack, load_teacher(teacher, model), teacher, alpha, temperature, eps_warmup)
+    net = load_teacher(teacher, model)
+    return Distill(attack, net, teacher, weights_sha256(teacher), alpha, temperature, eps_warmup)
+
+
+def weights_sha256(folder: str) -> str:
+    digest = hashlib.sha256()
+    with open(Path(folder) / files.WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 build_distill.title = "distill"  # type: ignore[attr-defined]
