@@ -44,7 +44,9 @@ def test_the_loss_is_the_stated_mix_and_the_teachers_pass_is_paid_for(base, tmp_
     threat = ThreatModel("linf", 0.1)
     x = torch.rand(16, *read_meta(base)["input_shape"])
     y = torch.randint(0, read_meta(base)["num_classes"], (16,))
-    obj = build_objective(f"distill:teacher={teacher_dir},steps=2,alpha=0.25,temperature=3", threat, model=student)
+    obj = build_objective(
+        f"distill:teacher={teacher_dir},steps=2,alpha=0.25,temperature=3", threat, model=student, load_model=load_model
+    )
     out = obj(student, x, y, generator=torch.Generator().manual_seed(0))
     x_adv = out["x_adv"]
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
@@ -56,7 +58,9 @@ def test_the_loss_is_the_stated_mix_and_the_teachers_pass_is_paid_for(base, tmp_
     want = 0.75 * nn.functional.cross_entropy(logits, y) + 0.25 * 9 * kl
     assert torch.allclose(out["loss"], want, atol=1e-5), (float(out["loss"]), float(want))
     # alpha=0 is adversarial training with the same attack, step for step
-    plain = build_objective(f"distill:teacher={teacher_dir},steps=2,alpha=0", threat, model=student)
+    plain = build_objective(
+        f"distill:teacher={teacher_dir},steps=2,alpha=0", threat, model=student, load_model=load_model
+    )
     adv = build_objective("pgd:steps=2", threat)
     a = plain(student, x, y, generator=torch.Generator().manual_seed(1))
     b = adv(student, x, y, generator=torch.Generator().manual_seed(1))
@@ -77,11 +81,14 @@ def test_a_bad_distill_spec_or_teacher_is_refused_in_one_line(base, tmp_path):
         (f"distill:teacher={base},temperature=0", "temperature"),
         (f"distill:teacher={base},steps=0", "steps"),
         (f"distill:teacher={base},beta=3", "unknown distill parameter"),
+        (f"distill:teacher={base},load_model=x", "unknown distill parameter"),  # the loader is the caller's
         (f"distill:teacher={tmp_path / 'none'}", "no saved model"),
     ):
         with pytest.raises(AdvtuneError, match=match) as e:
-            build_objective(spec, threat, model=student)
+            build_objective(spec, threat, model=student, load_model=load_model)
         assert "\n" not in str(e.value), str(e.value)
+    with pytest.raises(AdvtuneError, match="load_model=advtune.models.load_model"):
+        build_objective(f"distill:teacher={base}", threat, model=student)  # the training loop knows no model zoo
 
 
 def test_a_teacher_for_other_inputs_or_classes_is_refused(base, tmp_path):
@@ -93,7 +100,7 @@ def test_a_teacher_for_other_inputs_or_classes_is_refused(base, tmp_path):
     model = build_model(meta["architecture"], meta["input_shape"], 12)
     save_model(tmp_path / "twelve", model, wide)
     with pytest.raises(AdvtuneError, match=f"12 classes and the model {meta['num_classes']}"):
-        build_objective(f"distill:teacher={tmp_path / 'twelve'}", threat, model=student)
+        build_objective(f"distill:teacher={tmp_path / 'twelve'}", threat, model=student, load_model=load_model)
 
 
 def test_probe_teacher_specs():

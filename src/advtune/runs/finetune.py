@@ -15,6 +15,7 @@ from ..devices import model_device, resolve_device
 from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
+from ..models import load_model
 from ..patch import cpu_state, write_patch
 from ..recipe import Recipe
 from ..records import Record
@@ -169,7 +170,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
     cfg = run.train
     seed_everything(cfg.seed)
     threat = ThreatModel(run.norm, run.eps)
-    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model)
+    objective = build_objective(run.attack, threat, run.attack_mode, run.eps_warmup, model=model, load_model=load_model)
     example = example_input(model, ds)  # the traced BN rule, as fit uses it
     if run.keep_best and (ds.val is None or len(ds.val) == 0):
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")

@@ -12,6 +12,7 @@ from ..components import fingerprint, layers, unit_params
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
+from ..models import load_model
 from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
@@ -134,7 +135,9 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     if teaching is not None and recipe.granularity != "probe":
         raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
     check_probe_teacher(recipe.attack, run.out or None)  # all of it refused now, not after the analysis and probe
-    objective = build_objective(teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model)
+    objective = build_objective(
+        teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model, load_model=load_model
+    )
     per_example = cost_per_example(objective, model, example)
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))

@@ -10,7 +10,7 @@ from ..data import load_dataset
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
-from ..models import describe_meta, load_weights, model_for
+from ..models import describe_meta, load_model, load_weights, model_for
 from ..records import Record
 from ..seeding import seed_everything
 from ..threat import ThreatModel
@@ -86,7 +86,9 @@ def run(run: TrainRun) -> TrainSummary:
         if run.eps is None:
             raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
         threat = ThreatModel(run.norm, run.eps)
-        objective = build_objective(run.adversarial, threat, run.attack_mode, run.eps_warmup, model=model)
+        objective = build_objective(
+            run.adversarial, threat, run.attack_mode, run.eps_warmup, model=model, load_model=load_model
+        )
         val_attack = getattr(objective, "attack", None)
         callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, ds.train.to_float(ds.train.x[:1], device))

@@ -10,7 +10,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,7 +19,6 @@ from .. import filenames as files
 from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
-from ..models import load_model
 from ..registry import convert_params, parse_spec
 
 
@@ -115,9 +114,16 @@ class Distill:
 PROBE_TEACHER = "probe"  # distill:teacher=probe: the probe rule's own whole-network model teaches its masked stage
 
 
-def load_teacher(path: str, model: nn.Module | None) -> nn.Module:
-    """The teacher model saved in run folder `path` (weights-only, as every load), frozen, on the student's device;
-    refused when it does not take the student's inputs or give its number of classes."""
+def load_teacher(path: str, model: nn.Module | None, load_model: Callable | None) -> nn.Module:
+    """The teacher model saved in run folder `path`, frozen, on the student's device; refused when it does not take
+    the student's inputs or give its number of classes. `load_model(folder, device) -> (model, meta)` is the
+    commands' loader (advtune.models.load_model: weights-only), passed in so the training loop stays free of the
+    model zoo."""
+    if load_model is None:
+        raise AdvtuneError(
+            "distill loads its teacher with the caller's model loader: build_objective(..., "
+            "load_model=advtune.models.load_model)"
+        )
     if path.strip().lower() == PROBE_TEACHER:
         raise AdvtuneError(
             "distill: teacher=probe is the probe rule's own model and only exists inside --granularity probe; "
@@ -178,7 +184,7 @@ def check_probe_teacher(spec: str, folder: str | None) -> str | None:
             "(--out)"
         )
     raw = _distill_params(spec) or {}
-    kwargs = convert_params("distill", raw, build_distill, title="distill")
+    kwargs = convert_params("distill", raw, build_distill, title="distill", skip=INJECTED)
     check_steps(kwargs.get("steps", DISTILL_STEPS))
     check_mix(kwargs.get("alpha", 0.5), kwargs.get("temperature", 2.0))
     with_probe_teacher(spec, folder)  # a folder a spec cannot carry
@@ -197,6 +203,7 @@ def with_probe_teacher(spec: str, folder: str) -> str:
     return "distill:" + ",".join(f"{k}={v}" for k, v in raw.items())
 
 
+INJECTED = ("load_model",)  # a builder's keyword-only parameters the caller passes, never the spec
 DISTILL_STEPS = 5  # distill's PGD steps when the spec gives none: harden's training attack
 
 
@@ -212,6 +219,7 @@ def build_distill(
     step_size: float | None = None,
     alpha: float = 0.5,
     temperature: float = 2.0,
+    load_model: Callable | None = None,
 ) -> Distill:
     """`distill:teacher=<run folder>[,steps=..,step=..,alpha=..,temperature=..]`: adversarial training on PGD
     examples with a teacher's soft labels (teacher=probe: the probe rule's own model, in --granularity probe)."""
@@ -221,7 +229,7 @@ def build_distill(
     if attack_mode != "eval":
         raise AdvtuneError("distill crafts its examples with the model in eval mode; drop --attack-mode train")
     attack = build_attack(f"pgd:steps={steps}" + (f",step_size={step_size}" if step_size else ""), threat)
-    net = load_teacher(teacher, model)
+    net = load_teacher(teacher, model, load_model)
     return Distill(attack, net, teacher, weights_sha256(teacher), alpha, temperature, eps_warmup)
 
 

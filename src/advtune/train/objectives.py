@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
-from .distill import build_distill
+from .distill import INJECTED, build_distill
 
 log = logging.getLogger(__name__)
 
@@ -356,15 +357,18 @@ def _build_local(
 OBJECTIVES.register("distill")(build_distill)
 
 
-def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None):
+def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None, load_model=None):
     """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
     `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
     that module (needs the model: its current weights are the reference); `distill:teacher=<run folder>[,steps=..,
-    alpha=..,temperature=..]` -> PGD training with a teacher's soft labels (distill.py). The names in `OBJECTIVES`
+    alpha=..,temperature=..]` -> PGD training with a teacher's soft labels (distill.py; `load_model` loads the
+    teacher: pass advtune.models.load_model). The names in `OBJECTIVES`
     are objectives, any other is an attack."""
     name, raw = parse_spec(spec, "objective")
     builder = OBJECTIVES.get(name, None)
     if builder is None:
         return adversarial(build_attack(spec, threat), attack_mode, eps_warmup=eps_warmup)
-    kwargs = convert_params(name, raw, builder, title=getattr(builder, "title", name))
+    kwargs = convert_params(name, raw, builder, title=getattr(builder, "title", name), skip=INJECTED)
+    if "load_model" in inspect.signature(builder).parameters:  # distill's teacher: loaded by the caller's loader
+        kwargs["load_model"] = load_model
     return builder(threat, model, attack_mode, eps_warmup, **kwargs)
