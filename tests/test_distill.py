@@ -69,6 +69,12 @@ def test_the_loss_is_the_stated_mix_and_the_teachers_pass_is_paid_for(base, tmp_
     assert obj.attack_grad_evals() == 3 and cost_per_example(obj) == 4.0 == cost_per_example(adv) + 1
     assert obj.describe()["teacher"] == str(teacher_dir) and obj.describe()["alpha"] == 0.25
     assert all(not p.requires_grad for p in obj.teacher.parameters())
+    # the eps ramp: the attack's eps scaled down during the warm-up, the teacher and the mix kept
+    ramped = build_objective(
+        f"distill:teacher={teacher_dir}", threat, "eval", 0.5, model=student, load_model=load_model
+    )
+    assert abs(ramped.at(0.25).attack.threat.eps - 0.05) < 1e-9 and ramped.at(0.25).teacher is ramped.teacher
+    assert ramped.at(0.5) is ramped
 
 
 def test_a_bad_distill_spec_or_teacher_is_refused_in_one_line(base, tmp_path):

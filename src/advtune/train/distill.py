@@ -5,7 +5,6 @@ the probe's own whole-network model, read from its folder once it has trained (r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import convert_params, parse_spec
+from .ramp import ramped_attack
 
 
 def check_mix(alpha, temperature) -> None:
@@ -62,11 +62,7 @@ class Distill:
 
     def at(self, progress: float) -> "Distill":
         """During the warm-up the attack's eps is scaled down linearly, as for adversarial training."""
-        if not self.eps_warmup or progress >= self.eps_warmup:
-            return self
-        threat = self.attack.threat
-        eps = threat.eps * max(progress / self.eps_warmup, 1e-3)
-        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, threat=threat.with_eps(eps)))
+        return ramped_attack(self, progress)
 
     def __call__(self, model, x, y, *, generator=None):
         with eval_mode(model):

@@ -25,6 +25,7 @@ from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
 from .distill import INJECTED, build_distill
+from .ramp import ramped_attack
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,7 @@ class Adversarial:
     def at(self, progress: float) -> "Adversarial":
         """This objective at a point of training (0..1): during the warm-up the attack's eps is
         scaled down linearly (MNIST at eps=0.3 does not start training from scratch otherwise)."""
-        if not self.eps_warmup or progress >= self.eps_warmup:
-            return self
-        threat = self.attack.threat
-        eps = threat.eps * max(progress / self.eps_warmup, 1e-3)
-        return dataclasses.replace(self, attack=dataclasses.replace(self.attack, threat=threat.with_eps(eps)))
+        return ramped_attack(self, progress)
 
     def __call__(self, model, x, y, *, generator=None):
         if self.attack_mode == "eval":
