@@ -131,10 +131,10 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     example = example_input(model, ds)
     recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)
-    teaching = probe_stage_attack(recipe.attack)  # distill:teacher=probe: no teacher before the probe has trained
-    if teaching is not None and recipe.granularity != "probe":
+    if probe_stage_attack(recipe.attack) is not None and recipe.granularity != "probe":
         raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
-    check_probe_teacher(recipe.attack, run.out or None)  # all of it refused now, not after the analysis and probe
+    # distill:teacher=probe: all of it refused now, not after the analysis and probe; no teacher before the probe
+    teaching = check_probe_teacher(recipe.attack, run.out or None)
     objective = build_objective(
         teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model, load_model=load_model
     )

@@ -5,19 +5,17 @@ the probe's own whole-network model, read from its folder once it has trained (r
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .. import filenames as files
 from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
+from ..patch import state_sha256
 from ..registry import convert_params, parse_spec
 from .ramp import ramped_attack
 
@@ -226,15 +224,7 @@ def build_distill(
         raise AdvtuneError("distill crafts its examples with the model in eval mode; drop --attack-mode train")
     attack = build_attack(f"pgd:steps={steps}" + (f",step_size={step_size}" if step_size else ""), threat)
     net = load_teacher(teacher, model, load_model)
-    return Distill(attack, net, teacher, weights_sha256(teacher), alpha, temperature, eps_warmup)
-
-
-def weights_sha256(folder: str) -> str:
-    digest = hashlib.sha256()
-    with open(Path(folder) / files.WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return Distill(attack, net, teacher, state_sha256(net.state_dict()), alpha, temperature, eps_warmup)
 
 
 build_distill.title = "distill"  # type: ignore[attr-defined]
