@@ -1,6 +1,6 @@
 """What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES, distillation from a
-teacher on adversarial inputs (distill.py), the local feature objective; `build_objective(spec, threat)` makes one
-from a CLI/YAML spec.
+teacher on adversarial inputs (distill.py), adversarial weight perturbation (awp.py), the local feature objective;
+`build_objective(spec, threat)` makes one from a CLI/YAML spec.
 
 Spec objectives other than the attacks are builders in `OBJECTIVES` (an `advtune.registry.Registry`):
 `builder(threat, model, attack_mode, eps_warmup, /, *, <spec parameters>)`, the spec parameters
@@ -24,6 +24,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
+from .awp import build_awp
 from .distill import INJECTED, build_distill
 from .ramp import ramped_attack
 
@@ -352,6 +353,7 @@ def _build_local(
 
 
 OBJECTIVES.register("distill")(build_distill)
+OBJECTIVES.register("awp")(build_awp)
 
 
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None, load_model=None):
@@ -359,7 +361,8 @@ def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: fl
     `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
     that module (needs the model: its current weights are the reference); `distill:teacher=<run folder>[,steps=..,
     alpha=..,temperature=..]` -> PGD training with a teacher's soft labels (distill.py; `load_model` loads the
-    teacher: pass advtune.models.load_model). The names in `OBJECTIVES`
+    teacher: pass advtune.models.load_model); `awp[:gamma=..,steps=..]` -> PGD training at adversarially perturbed
+    weights (awp.py). The names in `OBJECTIVES`
     are objectives, any other is an attack."""
     name, raw = parse_spec(spec, "objective")
     builder = OBJECTIVES.get(name, None)

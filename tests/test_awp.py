@@ -1,0 +1,123 @@
+"""Adversarial weight perturbation (`awp[:gamma=..]`, #21 round 26): the update's loss and gradient are taken at the
+weights pushed uphill by gamma ||w|| g/||g|| per weight tensor that trains, the model's weights and BatchNorm
+statistics are left as they were by the pass that finds the push (gamma 0 trains as PGD does, step for step), the
+extra pass is paid for, a bad spec is refused in one line, and it trains through the selective path end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+from advtune.train import TrainConfig, build_objective, cost_per_example, fit
+from advtune.train.awp import weight_perturbation
+
+
+def mlp(seed: int = 0, norm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Flatten(), nn.Linear(12, 16)] + ([nn.BatchNorm1d(16)] if norm else []) + [nn.ReLU(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers)
+
+
+def data(n: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 3, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_the_loss_and_its_gradient_are_taken_at_the_weights_pushed_uphill():
+    model, (x, y) = mlp(), data()
+    threat = ThreatModel("linf", 0.1)
+    obj = build_objective("awp:gamma=0.05,steps=2", threat)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = obj(model, x, y, generator=torch.Generator().manual_seed(0))
+    x_adv = out["x_adv"]
+    assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing moved in place
+    # by hand: each weight matrix pushed by gamma ||w|| g / ||g||, the biases (dim 1) left
+    loss_w = nn.functional.cross_entropy(model(x_adv), y)
+    weights = [model[1].weight, model[3].weight]
+    grads = torch.autograd.grad(loss_w, weights)
+    pushed = mlp()
+    with torch.no_grad():
+        for w, g, layer in zip(weights, grads, (pushed[1], pushed[3])):
+            layer.weight.add_(0.05 * w.norm() / g.norm() * g)
+    want = nn.functional.cross_entropy(pushed(x_adv), y)
+    assert torch.allclose(out["loss"], want, atol=1e-6) and float(out["loss"].detach()) > float(loss_w.detach())
+    # the update's gradient is the pushed point's, landing on the model's own weights
+    out["loss"].backward()
+    want.backward()
+    for a, b in zip(model.parameters(), pushed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    # the attack, the pass that finds the push and the update: PGD-2 + 1 + 1 per example
+    assert obj.attack_grad_evals() == 3 and cost_per_example(obj) == 4.0
+    assert cost_per_example(build_objective("pgd:steps=2", threat)) == 3.0
+    assert obj.describe()["gamma"] == 0.05 and obj.describe()["objective"] == "awp"
+    ramped = build_objective("awp", threat, "eval", 0.5)
+    assert abs(ramped.at(0.25).attack.threat.eps - 0.05) < 1e-9 and ramped.at(0.25).gamma == ramped.gamma
+    assert ramped.at(0.5) is ramped and ramped.attack.steps == 5  # harden's PGD-5 by default
+
+
+def test_only_tensors_that_train_are_pushed():
+    model, (x, y) = mlp(), data()
+    model[1].weight.requires_grad_(False)
+    pushed = weight_perturbation(model, x, y, 0.01)
+    assert set(pushed) == {"3.weight"}
+    rel = ((pushed["3.weight"] - model[3].weight).norm() / model[3].weight.norm()).detach()
+    assert abs(float(rel) - 0.01) < 1e-5
+
+
+def test_gamma_zero_trains_as_pgd_step_for_step_batchnorm_statistics_included():
+    x, y = data(64)
+    threat = ThreatModel("linf", 0.1)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, seed=3)
+    runs = {}
+    for spec in ("pgd:steps=2", "awp:gamma=0,steps=2", "awp:gamma=0.05,steps=2"):
+        model = mlp(norm=True)
+        fit(model, (x, y), build_objective(spec, threat), cfg)
+        runs[spec] = model.state_dict()
+    plain, zero, pushed = runs.values()
+    for k in plain:
+        assert torch.allclose(plain[k], zero[k], atol=1e-6), k  # the proxy pass moves no statistic
+    assert not torch.allclose(plain["1.weight"], pushed["1.weight"], atol=1e-4)
+
+
+def test_a_bad_awp_spec_is_refused_in_one_line():
+    threat = ThreatModel("linf", 0.1)
+    for spec, match in (
+        ("awp:gamma=-0.1", "gamma"),
+        ("awp:gamma=1", "gamma"),
+        ("awp:gamma=nan", "gamma"),
+        ("awp:steps=0", "steps"),
+        ("awp:beta=3", "unknown AWP parameter"),
+    ):
+        with pytest.raises(AdvtuneError, match=match) as e:
+            build_objective(spec, threat)
+        assert "\n" not in str(e.value), str(e.value)
+    with pytest.raises(AdvtuneError, match="attack-mode train"):
+        build_objective("awp", threat, "train")
+
+
+def test_the_probe_rule_trains_with_awp_and_pays_for_it(tmp_path):
+    from advtune.cli import main
+    from cli_helpers import check_sparse_harden, train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=200, limit_test=40)) == 0
+    out = tmp_path / "h"
+    argv = ["harden", str(base), "--eps", "0.2", "--attack", "awp:gamma=0.01,steps=1", "--budget", "4000"]
+    argv += ["--limit", "300", "--limit-test", "40", "--evaluation", "pgd:steps=5", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    ft = out / "finetune"
+    objective = json.loads((ft / "config.json").read_text())["objective"]
+    assert objective["objective"] == "awp" and objective["gamma"] == 0.01
+    # the masked stage pays PGD-1 + the push + the update per example
+    epochs = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    paid = [(b["grad_evals"] - a["grad_evals"], b["examples"]) for a, b in zip(epochs, epochs[1:])]
+    assert paid and all(g == 3 * n for g, n in paid), paid
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selection"]["kind"] == "sparse"  # harden's default rule, the probe's entries
+    check_sparse_harden(base, out, summary["trainable_params"])
