@@ -5,6 +5,8 @@ extra pass is paid for, a bad spec is refused in one line, and it trains through
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -28,24 +30,29 @@ def data(n: int = 32, seed: int = 1):
     return torch.rand(n, 1, 3, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def test_the_loss_and_its_gradient_are_taken_at_the_weights_pushed_uphill():
-    model, (x, y) = mlp(), data()
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_loss_and_its_gradient_are_taken_at_the_weights_pushed_uphill(norm):
+    model, (x, y) = mlp(norm=norm), data()
     threat = ThreatModel("linf", 0.1)
     obj = build_objective("awp:gamma=0.05,steps=2", threat)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = copy.deepcopy(model)
     out = obj(model, x, y, generator=torch.Generator().manual_seed(0))
     x_adv = out["x_adv"]
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing moved in place
-    # by hand: each weight matrix pushed by gamma ||w|| g / ||g||, the biases (dim 1) left
-    loss_w = nn.functional.cross_entropy(model(x_adv), y)
-    weights = [model[1].weight, model[3].weight]
-    grads = torch.autograd.grad(loss_w, weights)
-    pushed = mlp()
+    assert all(torch.equal(p, q) for p, q in zip(start.parameters(), model.parameters()))  # nothing moved in place
+    # by hand (in training mode, BatchNorm on the batch's statistics, on a copy whose statistics may move): each
+    # linear weight pushed by gamma ||w|| g / ||g||, the biases and the norm's scale and shift left
+    twin = copy.deepcopy(start)
+    loss_w = nn.functional.cross_entropy(twin(x_adv), y)
+    linears = [m for m in twin if isinstance(m, nn.Linear)]
+    grads = torch.autograd.grad(loss_w, [m.weight for m in linears])
+    pushed = copy.deepcopy(start)
     with torch.no_grad():
-        for w, g, layer in zip(weights, grads, (pushed[1], pushed[3])):
-            layer.weight.add_(0.05 * w.norm() / g.norm() * g)
+        for w, g, layer in zip(linears, grads, [m for m in pushed if isinstance(m, nn.Linear)]):
+            layer.weight.add_(0.05 * w.weight.norm() / g.norm() * g)
     want = nn.functional.cross_entropy(pushed(x_adv), y)
+    # the statistics moved once, by the update's forward at the pushed point (the push's own pass left them)
+    assert all(torch.allclose(a, b) for a, b in zip(model.buffers(), pushed.buffers()))
     assert torch.allclose(out["loss"], want, atol=1e-6) and float(out["loss"].detach()) > float(loss_w.detach())
     # the update's gradient is the pushed point's, landing on the model's own weights
     out["loss"].backward()
@@ -61,16 +68,29 @@ def test_the_loss_and_its_gradient_are_taken_at_the_weights_pushed_uphill():
     assert ramped.at(0.5) is ramped and ramped.attack.steps == 5  # harden's PGD-5 by default
 
 
-def test_only_tensors_that_train_are_pushed():
-    model, (x, y) = mlp(), data()
-    model[1].weight.requires_grad_(False)
+def test_every_conv_and_linear_weight_is_pushed_frozen_or_adapted_and_nothing_moves():
+    from advtune.train.lowrank import LowRank
+
+    model, (x, y) = mlp(norm=True), data()
+    model[1].weight.requires_grad_(False)  # a frozen layer is pushed too (Wu et al. push every weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     pushed = weight_perturbation(model, x, y, 0.01)
-    assert set(pushed) == {"3.weight"}
-    rel = ((pushed["3.weight"] - model[3].weight).norm() / model[3].weight.norm()).detach()
-    assert abs(float(rel) - 0.01) < 1e-5
+    assert set(pushed) == {"1.weight", "4.weight"}
+    for name, w in (("1.weight", model[1].weight), ("4.weight", model[4].weight)):
+        assert abs(float(((pushed[name] - w).norm() / w.norm()).detach()) - 0.01) < 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BatchNorm statistics included
+    assert weight_perturbation(model, x, y, 0) == {}
+    # a low-rank adapted layer: its base weight is pushed (the adapters start at zero and would push nothing)
+    adapted = mlp()
+    LowRank({"1": 2}).adapt(adapted)
+    pushed = weight_perturbation(adapted, x, y, 0.01)
+    assert set(pushed) == {"1.parametrizations.weight.original", "3.weight"}
+    base = adapted[1].parametrizations.weight.original
+    moved = (pushed["1.parametrizations.weight.original"] - base).norm() / base.norm()
+    assert abs(float(moved.detach()) - 0.01) < 1e-5
 
 
-def test_gamma_zero_trains_as_pgd_step_for_step_batchnorm_statistics_included():
+def test_gamma_zero_trains_as_pgd_step_for_step_and_a_compiled_step_as_the_eager_one(monkeypatch):
     x, y = data(64)
     threat = ThreatModel("linf", 0.1)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, seed=3)
@@ -80,9 +100,17 @@ def test_gamma_zero_trains_as_pgd_step_for_step_batchnorm_statistics_included():
         fit(model, (x, y), build_objective(spec, threat), cfg)
         runs[spec] = model.state_dict()
     plain, zero, pushed = runs.values()
+    assert build_objective("awp:gamma=0,steps=2", threat).attack_grad_evals() == 2  # no push, no pass to pay
     for k in plain:
-        assert torch.allclose(plain[k], zero[k], atol=1e-6), k  # the proxy pass moves no statistic
+        assert torch.equal(plain[k], zero[k]), k
     assert not torch.allclose(plain["1.weight"], pushed["1.weight"], atol=1e-4)
+    # --compile: the step runs torch.compile(model) (here its eager backend), the push found through the wrapper
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager", **kw))
+    model = mlp(norm=True)
+    fit(model, (x, y), build_objective("awp:gamma=0.05,steps=2", threat), dataclasses.replace(cfg, compile=True))
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v.float(), pushed[k].float(), atol=1e-5), k
 
 
 def test_a_bad_awp_spec_is_refused_in_one_line():
@@ -92,6 +120,7 @@ def test_a_bad_awp_spec_is_refused_in_one_line():
         ("awp:gamma=1", "gamma"),
         ("awp:gamma=nan", "gamma"),
         ("awp:steps=0", "steps"),
+        ("awp:step_size=0", "step_size"),
         ("awp:beta=3", "unknown AWP parameter"),
     ):
         with pytest.raises(AdvtuneError, match=match) as e:

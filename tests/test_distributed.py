@@ -124,3 +124,17 @@ def test_ddp_harden_writes_one_report(hardened):
     s = json.loads((d / "hard2" / "summary.json").read_text())
     assert s["after"]["robust_acc"] >= 0 and (d / "hard2" / "report.html").is_file()
     assert r.stdout.count("-> ") == 1  # rank 0 alone reports
+
+
+def test_ddp_awp_pushes_every_rank_to_the_same_weights(tmp_path):
+    """awp's push comes from the ranks' mean gradient, so two processes train as one (each rank's own half-batch
+    gradient would push the ranks to different points). Without a random start: each rank draws its own noise."""
+    spec = "awp:gamma=0.05,steps=1,random_start=false"
+    args = ("train", *TRAIN, "--epochs", "1", "--eps", "0.1", "--adversarial", spec)
+    r1 = one(tmp_path, *args, "--out", "single")
+    r2 = two(tmp_path, *args, "--out", "ddp")
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "ddp")) < ATOL
+    cost = json.loads((tmp_path / "ddp" / "cost.json").read_text())
+    assert cost["grad_evals"] == 3 * 256  # PGD-1, the push's pass, the update

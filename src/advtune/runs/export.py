@@ -87,7 +87,7 @@ def _threat_and_attack(run: ExportRun, base_cfg: dict) -> tuple[ThreatModel, str
         raise AdvtuneError(f"{run.run} records no eps (a standard run?); give --eps for the check's adversarial inputs")
     attack = run.attack or recipe.get("attack") or saved.get("attack") or saved.get("adversarial") or "pgd:steps=10"
     if parse_spec(attack, "attack")[0] in OBJECTIVES:
-        attack = "pgd:steps=10"  # a training objective (trades, distill, local), not an attack: the check uses PGD
+        attack = "pgd:steps=10"  # a training objective (trades, distill, awp, local), not an attack: the check uses PGD
     return ThreatModel(run.norm or saved.get("norm") or "linf", float(eps)), attack
 
 

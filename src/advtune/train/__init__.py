@@ -1,11 +1,12 @@
 """ONE training loop for standard, adversarial and selective training.
 
-`fit(model, train, objective, config, selection=...)`: the objective decides what a step optimises
-(clean CE, adversarial CE on any attack, TRADES, distillation); the selection decides which parameters may move.
+`fit(model, train, objective, config, selection=...)`: the objective decides what a step optimises (clean CE,
+adversarial CE on any attack, TRADES, distillation, adversarial weight perturbation); the selection decides which
+parameters may move.
 Every step is a pure function of (seed, epoch, step), so a run killed at any point resumes from its
 last checkpoint to bit-identical final weights.
 
-Layout: config.py (TrainConfig, schedules), objectives.py (distill.py), loop.py (fit), selection.py (what may
+Layout: config.py (TrainConfig, schedules), objectives.py (distill.py, awp.py), loop.py (fit), selection.py (what may
 move), checkpoint.py (exact resume), budget.py (steps for a compute budget), guard.py.
 """
 
