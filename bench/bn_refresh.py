@@ -15,7 +15,6 @@ cost (attack + forward per example, in gradient evaluations) is printed beside i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from advtune.devices import eval_mode
 from advtune.errors import AdvtuneError
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
-from val_select import unseen_tail
+from val_select import emit, unseen_tail
 
 
 @torch.no_grad()
@@ -98,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 "refresh_batches": a.batches if cost else 0,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            print(json.dumps(line), flush=True)
-            if a.out:
-                with a.out.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit(line, a.out)
     return 0
 
 

@@ -75,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_evals": cost.get("grad_evals"),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            print(json.dumps(line), flush=True)
-            if a.out:
-                with a.out.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit(line, a.out)
     return 0
+
+
+def emit(line: dict, out: Path | None) -> None:
+    """One result as a JSON line on stdout, and appended to `out` when given."""
+    print(json.dumps(line), flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
