@@ -28,7 +28,7 @@ from ..devices import eval_mode
 from ..distributed import rank_and_world
 from ..errors import AdvtuneError
 from .lowrank import ADAPTABLE
-from .ramp import ramped_attack
+from .ramp import check_eps_warmup, ramped_attack
 
 AWP_STEPS = 5  # PGD steps when the spec gives none: harden's training attack
 AWP_GAMMA = 0.005  # Wu et al.'s size for PGD adversarial training
@@ -97,8 +97,7 @@ class WeightPerturbed:
 
     def __post_init__(self) -> None:
         check_gamma(self.gamma)
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+        check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "WeightPerturbed":
         """During the warm-up the attack's eps is scaled down linearly, as for adversarial training."""

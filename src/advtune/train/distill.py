@@ -17,7 +17,7 @@ from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..patch import state_sha256
 from ..registry import convert_params, parse_spec
-from .ramp import ramped_attack
+from .ramp import check_eps_warmup, ramped_attack
 
 
 def check_mix(alpha, temperature) -> None:
@@ -55,8 +55,7 @@ class Distill:
 
     def __post_init__(self) -> None:
         check_mix(self.alpha, self.temperature)
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+        check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "Distill":
         """During the warm-up the attack's eps is scaled down linearly, as for adversarial training."""

@@ -26,7 +26,7 @@ from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
 from .awp import build_awp
 from .distill import INJECTED, build_distill
-from .ramp import ramped_attack
+from .ramp import check_eps_warmup, ramped_attack
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class Adversarial:
             raise AdvtuneError(f"attack_mode must be eval or train, got {self.attack_mode!r}")
         if not 0 <= self.clean_weight <= 1:
             raise AdvtuneError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+        check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "Adversarial":
         """This objective at a point of training (0..1): during the warm-up the attack's eps is
@@ -132,8 +131,7 @@ class Trades:
             raise AdvtuneError(
                 f"TRADES needs beta > 0 (e.g. trades:beta=6; larger trades clean for robust), got {self.beta!r}"
             )
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+        check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "Trades":
         """TRADES at a point of training: during the warm-up its inner maximisation's eps is scaled
@@ -237,8 +235,7 @@ class LocalFeature:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.clean_weight < 0:
             raise AdvtuneError("the local objective needs steps > 0 and clean_weight >= 0")
-        if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {self.eps_warmup}")
+        check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "LocalFeature":
         if not self.eps_warmup or progress >= self.eps_warmup:

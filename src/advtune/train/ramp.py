@@ -1,12 +1,20 @@
-"""The eps ramp of an objective that trains on an attack's examples (`--eps-warmup`): one home for adversarial
-training's and distillation's `at(progress)`."""
+"""The eps ramp of an objective that trains on an attack's examples (`--eps-warmup`): one home for the objectives'
+`at(progress)` and the check of their warm-up share."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TypeVar
 
+from ..errors import AdvtuneError
+
 T = TypeVar("T")
+
+
+def check_eps_warmup(eps_warmup: float) -> None:
+    """An objective's eps warm-up is a share of training in [0, 1), refused in one line otherwise."""
+    if not 0 <= eps_warmup < 1:
+        raise AdvtuneError(f"eps warm-up must be a share of training in [0, 1), got {eps_warmup}")
 
 
 def ramped_attack(objective: T, progress: float) -> T:
