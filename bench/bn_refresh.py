@@ -28,13 +28,18 @@ from advtune.devices import eval_mode
 from advtune.errors import AdvtuneError
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
+from advtune.train.augment import augment, check_augment
 from val_select import emit, unseen_tail
 
 
 @torch.no_grad()
-def refresh_statistics(model, train, limit: int, eps: float, batches: int, batch_size: int, seed: int = 0) -> int:
+def refresh_statistics(
+    model, train, limit: int, eps: float, batches: int, batch_size: int, seed: int = 0, kind: str = "none"
+) -> int:
     """Re-estimate every BatchNorm's running statistics of `model` on PGD-5 examples of `batches` random batches of
-    the first `limit` training images; returns the gradient evaluations it cost (6 per example: 5 steps + 1 pass)."""
+    the first `limit` training images, augmented by `kind` first as training augmented them (train/augment.py);
+    returns the gradient evaluations it cost (6 per example: 5 steps + 1 pass)."""
+    check_augment(kind)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         raise AdvtuneError("the model has no BatchNorm: nothing to re-estimate")
@@ -46,6 +51,7 @@ def refresh_statistics(model, train, limit: int, eps: float, batches: int, batch
     for i in range(0, len(order), batch_size):  # crafted with the statistics the run ended with
         idx = order[i : i + batch_size]
         x, y = train.to_float(train.x[idx], device), train.y[idx].to(device)
+        x = augment(x, kind, torch.Generator(device=device).manual_seed(seed + 7919 + i))
         with torch.enable_grad(), eval_mode(model):
             crafted.append(attack(model, x, y, generator=torch.Generator().manual_seed(seed + i)))
     momenta = [m.momentum for m in norms]
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="unseen training images to validate on (default 1000)")
     p.add_argument("--batches", type=int, default=50, help="training batches for the statistics (default 50)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--augment", default="none", help="augment the refresh's batches as training did: crop-flip")
     p.add_argument("--attacks", default="apgd-ce,apgd-t:n_target_classes=3", help="the frontier's protocol")
     p.add_argument("--skip-before", action="store_true", help="only the refreshed model (the before is known)")
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
@@ -81,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
             rows.append(("as trained", r, 0))
         t0 = time.perf_counter()
-        cost = refresh_statistics(model, data.train, limit, eps, a.batches, a.batch_size)
+        cost = refresh_statistics(model, data.train, limit, eps, a.batches, a.batch_size, kind=a.augment)
         r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
-        rows.append(("statistics re-estimated", r, cost))
+        rows.append((f"statistics re-estimated ({a.augment} batches)", r, cost))
         for what, r, cost in rows:
             line = {
                 "run": str(run),
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "robust": r.worst_case_accuracy,
                 "refresh_grad_evals": cost,
                 "refresh_batches": a.batches if cost else 0,
+                "refresh_augment": a.augment if cost else None,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             emit(line, a.out)
