@@ -4,6 +4,7 @@ gives one-line errors and overwrites nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,7 +232,26 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened):
     assert f"this model cost {total:,}" in text
     # harden's own evaluation has Square: the line says the reference's protocol did not
     assert "measured with APGD-CE + APGD-T, without Square" in text
-    # where only fast AT was run (the residual CIFAR-10 frontier), the line names it and says it was still rising
-    resnet = at_reference("cifar10", "preact-resnet20", "linf", 8 / 255)
-    text = format_summary(HardenSummary.from_json({**record, "at_reference": resnet}))
-    assert "fast AT (FGSM-RS) from scratch reaches (still rising) 36.3% for 1,421,680 gradient evaluations" in text
+    # a reference whose best was its last checkpoint says it was still rising
+    eps02 = at_reference("mnist", "small-cnn", "linf", 0.2)
+    text = format_summary(HardenSummary.from_json({**record, "at_reference": eps02}))
+    assert "PGD-AT from scratch reaches (still rising) 92.0% for 3,630,000 gradient evaluations" in text
+
+
+def test_every_at_reference_is_what_its_published_frontier_record_says():
+    """harden's line against AT quotes AT_REFERENCES: each entry must be its record's best reference checkpoint,
+    the gradient evaluations to get within a point of it, and `plateau: False` exactly where
+    the last checkpoint is half a point or more above every earlier one (still rising)."""
+    from advtune.frontier import AT_REFERENCES
+
+    root = Path(__file__).resolve().parents[1]
+    for setting, ref in AT_REFERENCES.items():
+        record = json.loads((root / ref["source"].split(" ")[0]).read_text())
+        points = sorted((p for p in record["points"] if p.get("reference")), key=lambda p: p["total_grad_evals"])
+        assert points, f"{setting}: no reference curve in {ref['source']}"
+        best = max(p["robust_acc"] for p in points)
+        first = min(p["total_grad_evals"] for p in points if p["robust_acc"] >= best - 0.01)
+        assert (ref["robust_acc"], ref["plateau_grad_evals"]) == (best, first), setting
+        rise = round(points[-1]["robust_acc"] - max(p["robust_acc"] for p in points[:-1]), 4)
+        still_rising = rise >= 0.005
+        assert ref.get("plateau", True) is not still_rising, setting
