@@ -1,10 +1,13 @@
 """The robustness patch: only what hardening changed, to ship to a fleet that already has the base model.
 
-A patch is a safetensors file. For every tensor of the state_dict that changed, it holds either the
-changed entries (`<name>::index`, flat int64 positions, and `<name>::value`), or, when most entries
-changed, the whole tensor (`<name>::full`), or, for a weight a low-rank adapter changed, the adapter's
-factors (`<name>::up`, `<name>::down`, applied by `merged_weight`, which gives the same bits on every
-machine; used only when it reproduces the hardened weight exactly). Its metadata names the base it
+A patch is a safetensors file. For every tensor of the state_dict that changed, it holds the changed
+entries' values (`<name>::value`, in flat order) and where they are, as whichever is smaller: their flat
+positions (`<name>::index`, int32, or int64 for a tensor of 2^31 entries or more) or a bit per entry of the
+tensor (`<name>::mask`, uint8, eight entries a byte, lowest bit first: smaller once more than 1 entry in 32
+changed, as in harden's sparse masks); or, when that is no smaller, the whole tensor (`<name>::full`); or,
+for a weight a low-rank adapter changed, the adapter's factors (`<name>::up`, `<name>::down`, applied by
+`merged_weight`, which gives the same bits on every machine; used only when it reproduces the hardened
+weight exactly). Its metadata names the base it
 applies to and the result it must give, by the sha256 of their state_dicts (`state_sha256`: names,
 dtypes, shapes and bytes), so `apply_patch` refuses another base in one line and proves the result
 bit-identical. The metadata also carries what produced the patch (recipe, eps, measured accuracies)
@@ -44,9 +47,34 @@ def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) ->
 
 
 FORMAT = "advtune-patch"
-VERSION = "2"  # 2: low-rank factors (up/down); version 1 patches read the same
-READS = ("1", "2")
-SPARSE_UP_TO = 0.5  # store changed entries (index + value) while at most this share of a tensor changed
+# 1: changed entries by position or whole tensors; 2: + low-rank factors (up/down); 3: + bit masks. A patch
+# says the lowest version that reads it, so older readers take every patch they can.
+READS = ("1", "2", "3")
+LOCATORS = ("index", "mask")  # the parts that say where changed entries are (not stored entries)
+BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as uint8 bytes, eight entries a byte, the first entry in the lowest bit."""
+    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8)
+    padded[: mask.numel()] = mask.flatten().to(torch.uint8)
+    return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` entries of `pack_bits`'s bytes as a flat bool tensor."""
+    return (packed.to(torch.uint8)[:, None] & BIT_WEIGHTS).ne(0).flatten()[:n]
+
+
+def locate_changes(diff: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Where a tensor's changed entries are (`diff`: flat bool), in the smaller of two encodings: ("index", flat
+    positions as int32, or int64 past int32's range) or ("mask", `pack_bits(diff)`)."""
+    index = diff.nonzero().flatten()
+    index = index.to(torch.int32) if diff.numel() < 2**31 else index
+    mask_bytes = -(-diff.numel() // 8)
+    if mask_bytes < index.numel() * index.element_size():
+        return "mask", pack_bits(diff)
+    return "index", index
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -87,19 +115,21 @@ def make_patch(
         up, down = (factors or {}).get(name, (None, None))
         if up is not None and torch.equal(merged_weight(old[name], up, down), new[name]):
             tensors[f"{name}::up"], tensors[f"{name}::down"] = up.contiguous(), down.contiguous()
-        elif n <= SPARSE_UP_TO * diff.numel():
-            index = diff.nonzero().flatten()
-            tensors[f"{name}::index"] = index
-            tensors[f"{name}::value"] = new[name].flatten()[index].clone()
         else:
-            tensors[f"{name}::full"] = new[name]
+            kind, where = locate_changes(diff)
+            value = new[name].flatten()[diff].clone()
+            if where.numel() * where.element_size() + value.numel() * value.element_size() < new[name].nbytes:
+                tensors[f"{name}::{kind}"], tensors[f"{name}::value"] = where, value
+            else:
+                tensors[f"{name}::full"] = new[name]
+    parts = {k.rpartition("::")[2] for k in tensors}
     meta = {
         "format": FORMAT,
-        "version": VERSION if any(k.endswith("::up") for k in tensors) else "1",  # older readers take 1
+        "version": "3" if "mask" in parts else "2" if "up" in parts else "1",
         "base_sha256": state_sha256(old),
         "result_sha256": state_sha256(new),
         "changed_entries": str(changed_entries),
-        "stored_entries": str(sum(t.numel() for k, t in tensors.items() if not k.endswith("::index"))),
+        "stored_entries": str(sum(t.numel() for k, t in tensors.items() if k.rpartition("::")[2] not in LOCATORS)),
         "total_entries": str(sum(v.numel() for v in new.values())),
         "info": json.dumps(info or {}, sort_keys=True),
     }
@@ -173,7 +203,7 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
     out = {k: v.clone() for k, v in state.items()}
     for key, value in tensors.items():
         name, _, part = key.rpartition("::")
-        if name not in out or part not in ("full", "index", "value", "up", "down"):
+        if name not in out or part not in ("full", "index", "mask", "value", "up", "down"):
             raise AdvtuneError(f"{path}: entry {key!r} does not fit this model; the file is damaged")
         if part == "up":
             down = tensors.get(f"{name}::down")
@@ -201,6 +231,16 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
                 )
             flat = out[name].flatten()
             flat[value.long()] = values.to(flat.dtype)
+            out[name] = flat.reshape(out[name].shape)
+        elif part == "mask":
+            values, n = tensors.get(f"{name}::value"), out[name].numel()
+            if values is None or value.dim() != 1 or value.numel() != -(-n // 8):
+                raise AdvtuneError(f"{path}: the change mask of {name!r} does not fit this model; the file is damaged")
+            changed = unpack_bits(value, n)
+            if int(changed.sum()) != values.numel():
+                raise AdvtuneError(f"{path}: the change mask of {name!r} does not fit its values; the file is damaged")
+            flat = out[name].flatten()
+            flat[changed] = values.to(flat.dtype)
             out[name] = flat.reshape(out[name].shape)
     if state_sha256(out) != meta["result_sha256"]:
         raise AdvtuneError(f"{path}: applying it did not give the recorded result; the file is damaged")
