@@ -9,7 +9,7 @@ from safetensors.torch import save
 from torch import nn
 
 from advtune.errors import AdvtuneError
-from advtune.patch import apply_to_state, make_patch, pack_bits, read_patch, unpack_bits, write_patch
+from advtune.patch import apply_to_state, make_patch, merged_weight, pack_bits, read_patch, unpack_bits, write_patch
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 1003])
@@ -70,3 +70,33 @@ def test_a_mask_that_does_not_fit_its_values_is_refused_in_one_line(tmp_path):
     with pytest.raises(AdvtuneError, match="the change mask of 'weight' does not fit this model"):
         apply_to_state(base.state_dict(), tmp_path / "short.safetensors")
     assert read_patch(tmp_path / "short.safetensors")[1]["version"] == "3"
+
+
+@pytest.mark.parametrize("share", [0.001, 0.1])
+def test_values_of_another_shape_are_refused_in_one_line_not_a_traceback(tmp_path, share):
+    base, tuned = _pair(share)
+    tensors, meta = make_patch(base, tuned)
+    tensors["weight::value"] = tensors["weight::value"][:, None]  # the right count, the wrong shape: the hash judges
+    (tmp_path / "ok.safetensors").write_bytes(save(tensors, metadata=meta))
+    assert torch.equal(apply_to_state(base.state_dict(), tmp_path / "ok.safetensors")["weight"], tuned.weight)
+    tensors["weight::value"] = tensors["weight::value"].flip(0)  # the right shape, the entries out of order
+    (tmp_path / "bad.safetensors").write_bytes(save(tensors, metadata=meta))
+    with pytest.raises(AdvtuneError, match="did not give the recorded result"):
+        apply_to_state(base.state_dict(), tmp_path / "bad.safetensors")
+
+
+def test_a_patch_with_a_mask_and_low_rank_factors_is_version_3_and_rebuilds(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 8, bias=False))
+    tuned = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 8, bias=False))
+    tuned.load_state_dict(base.state_dict())
+    up, down = torch.randn(64, 2), torch.randn(2, 64)
+    with torch.no_grad():
+        tuned[0].weight.copy_(merged_weight(base[0].weight, up, down))
+        tuned[1].weight[:, ::4] += 0.01  # a quarter of the entries: a mask
+    tensors, meta = make_patch(base, tuned, factors={"0.weight": (up, down)})
+    assert {"0.weight::up", "0.weight::down", "1.weight::mask", "1.weight::value"} == set(tensors)
+    assert meta["version"] == "3"
+    write_patch(tmp_path / "p.safetensors", base, tuned, factors={"0.weight": (up, down)})
+    rebuilt = apply_to_state(base.state_dict(), tmp_path / "p.safetensors")
+    assert all(torch.equal(rebuilt[k], v) for k, v in tuned.state_dict().items())

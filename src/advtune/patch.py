@@ -57,13 +57,13 @@ BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A flat bool tensor as uint8 bytes, eight entries a byte, the first entry in the lowest bit."""
     padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8)
-    padded[: mask.numel()] = mask.flatten().to(torch.uint8)
+    padded[: mask.numel()] = mask.flatten().ne(0).cpu().to(torch.uint8)
     return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The first `n` entries of `pack_bits`'s bytes as a flat bool tensor."""
-    return (packed.to(torch.uint8)[:, None] & BIT_WEIGHTS).ne(0).flatten()[:n]
+    return (packed.to(torch.uint8)[:, None] & BIT_WEIGHTS.to(packed.device)).ne(0).flatten()[:n]
 
 
 def locate_changes(diff: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -230,7 +230,9 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
                     f"{path}: the changed entries of {name!r} do not fit this model; the file is damaged"
                 )
             flat = out[name].flatten()
-            flat[value.long()] = values.to(flat.dtype)
+            flat[value.long().flatten()] = values.flatten().to(
+                flat.dtype
+            )  # any shape of the right size: the hash judges
             out[name] = flat.reshape(out[name].shape)
         elif part == "mask":
             values, n = tensors.get(f"{name}::value"), out[name].numel()
@@ -240,7 +242,7 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
             if int(changed.sum()) != values.numel():
                 raise AdvtuneError(f"{path}: the change mask of {name!r} does not fit its values; the file is damaged")
             flat = out[name].flatten()
-            flat[changed] = values.to(flat.dtype)
+            flat[changed] = values.flatten().to(flat.dtype)
             out[name] = flat.reshape(out[name].shape)
     if state_sha256(out) != meta["result_sha256"]:
         raise AdvtuneError(f"{path}: applying it did not give the recorded result; the file is damaged")
