@@ -7,11 +7,10 @@ tensor (`<name>::mask`, uint8, eight entries a byte, lowest bit first: smaller o
 changed, as in harden's sparse masks); or, when that is no smaller, the whole tensor (`<name>::full`); or,
 for a weight a low-rank adapter changed, the adapter's factors (`<name>::up`, `<name>::down`, applied by
 `merged_weight`, which gives the same bits on every machine; used only when it reproduces the hardened
-weight exactly). Its metadata names the base it
-applies to and the result it must give, by the sha256 of their state_dicts (`state_sha256`: names,
-dtypes, shapes and bytes), so `apply_patch` refuses another base in one line and proves the result
-bit-identical. The metadata also carries what produced the patch (recipe, eps, measured accuracies)
-as JSON.
+weight exactly). Its metadata names the base it applies to and the result it must give, by the sha256 of
+their state_dicts (`state_sha256`: names, dtypes, shapes and bytes), so `apply_patch` refuses another base
+in one line and proves the result bit-identical. The metadata also carries what produced the patch (recipe,
+eps, measured accuracies) as JSON.
 
 Reading never executes code (safetensors holds tensors only).
 """
@@ -54,9 +53,14 @@ LOCATORS = ("index", "mask")  # the parts that say where changed entries are (no
 BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
+def packed_size(n: int) -> int:
+    """The bytes `pack_bits` makes of `n` entries."""
+    return -(-n // 8)
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A flat bool tensor as uint8 bytes, eight entries a byte, the first entry in the lowest bit."""
-    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8)
+    padded = torch.zeros(packed_size(mask.numel()) * 8, dtype=torch.uint8)
     padded[: mask.numel()] = mask.flatten().ne(0).cpu().to(torch.uint8)
     return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
 
@@ -66,15 +70,13 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return (packed.to(torch.uint8)[:, None] & BIT_WEIGHTS.to(packed.device)).ne(0).flatten()[:n]
 
 
-def locate_changes(diff: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Where a tensor's changed entries are (`diff`: flat bool), in the smaller of two encodings: ("index", flat
-    positions as int32, or int64 past int32's range) or ("mask", `pack_bits(diff)`)."""
-    index = diff.nonzero().flatten()
-    index = index.to(torch.int32) if diff.numel() < 2**31 else index
-    mask_bytes = -(-diff.numel() // 8)
-    if mask_bytes < index.numel() * index.element_size():
+def locate_changes(diff: torch.Tensor, changed: int) -> tuple[str, torch.Tensor]:
+    """Where a tensor's `changed` entries are (`diff`: flat bool), in the smaller of two encodings: ("index", flat
+    positions as int32, or int64 past int32's range) or ("mask", `pack_bits(diff)`); only the one chosen is built."""
+    position = torch.int32 if diff.numel() < 2**31 else torch.int64
+    if packed_size(diff.numel()) < changed * position.itemsize:
         return "mask", pack_bits(diff)
-    return "index", index
+    return "index", diff.nonzero().flatten().to(position)
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -116,7 +118,7 @@ def make_patch(
         if up is not None and torch.equal(merged_weight(old[name], up, down), new[name]):
             tensors[f"{name}::up"], tensors[f"{name}::down"] = up.contiguous(), down.contiguous()
         else:
-            kind, where = locate_changes(diff)
+            kind, where = locate_changes(diff, n)
             value = new[name].flatten()[diff].clone()
             if where.numel() * where.element_size() + value.numel() * value.element_size() < new[name].nbytes:
                 tensors[f"{name}::{kind}"], tensors[f"{name}::value"] = where, value
@@ -219,30 +221,26 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
             out[name] = merged_weight(w, value.to(w.dtype), down.to(w.dtype))
         elif part == "full":
             out[name] = value.to(out[name].dtype).reshape(out[name].shape).clone()
-        elif part == "index":
-            values = tensors.get(f"{name}::value")
-            if (
-                values is None
-                or values.numel() != value.numel()
-                or (value.numel() and value.max() >= out[name].numel())
-            ):
-                raise AdvtuneError(
-                    f"{path}: the changed entries of {name!r} do not fit this model; the file is damaged"
-                )
-            flat = out[name].flatten()
-            flat[value.long().flatten()] = values.flatten().to(
-                flat.dtype
-            )  # any shape of the right size: the hash judges
-            out[name] = flat.reshape(out[name].shape)
-        elif part == "mask":
+        elif part in LOCATORS:
             values, n = tensors.get(f"{name}::value"), out[name].numel()
-            if values is None or value.dim() != 1 or value.numel() != -(-n // 8):
-                raise AdvtuneError(f"{path}: the change mask of {name!r} does not fit this model; the file is damaged")
-            changed = unpack_bits(value, n)
-            if int(changed.sum()) != values.numel():
-                raise AdvtuneError(f"{path}: the change mask of {name!r} does not fit its values; the file is damaged")
+            if part == "index":
+                if values is None or values.numel() != value.numel() or (value.numel() and value.max() >= n):
+                    raise AdvtuneError(
+                        f"{path}: the changed entries of {name!r} do not fit this model; the file is damaged"
+                    )
+                where = value.long().flatten()
+            else:
+                if values is None or value.dim() != 1 or value.numel() != packed_size(n):
+                    raise AdvtuneError(
+                        f"{path}: the change mask of {name!r} does not fit this model; the file is damaged"
+                    )
+                where = unpack_bits(value, n)
+                if int(where.sum()) != values.numel():
+                    raise AdvtuneError(
+                        f"{path}: the change mask of {name!r} does not fit its values; the file is damaged"
+                    )
             flat = out[name].flatten()
-            flat[changed] = values.flatten().to(flat.dtype)
+            flat[where] = values.flatten().to(flat.dtype)  # values of any shape of the right size: the hash judges
             out[name] = flat.reshape(out[name].shape)
     if state_sha256(out) != meta["result_sha256"]:
         raise AdvtuneError(f"{path}: applying it did not give the recorded result; the file is damaged")
