@@ -109,6 +109,16 @@ class Recipe:
     schedule: str = setting("constant", help="learning-rate schedule", group="recipe")
     # more, smaller steps for the same gradient evaluations (validation: +5 points)
     batch_size: int = setting(64, help="examples per optimizer step", group="recipe")
+    # the batches the model was trained on (#21, round 28): every CIFAR-10 frontier variant fine-tuned with crop-flip,
+    # the augmentation its standard model was trained with, while `advtune harden` itself used none until round 28;
+    # auto = the base run's own training augmentation, recorded in its config.json
+    augment: str | None = setting(
+        None,
+        help="augmentation of the fine-tuning batches: none, or crop-flip (a random crop after 4 pixels of zero "
+        "padding and a horizontal flip half the time) (default: auto = what the base run was trained with; none for "
+        "a model without a training record, e.g. through the API)",
+        group="recipe",
+    )  # checked where harden plans its training (TrainConfig: train/config.py's AUGMENTS), before any work
     # an average of the trained weights over ~100 steps (Gowal et al. 2020): +2.2 validation points and
     # +0.4 clean, at no training cost; 0.999 spanned the eps ramp and collapsed (round 2)
     ema: float = setting(
