@@ -277,6 +277,12 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     assert "head" not in with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})
     assert with_recipe({"name": "n", "recipe": "harden", "head": False})["head"] is False
     assert with_recipe({"name": "g", "recipe": "harden", "probe_quotas": False})["probe_quotas"] is False
+    # harden's augmentation (none, round 28) unless the variant's train: names one
+    assert v["train"]["augment"] == "none"
+    assert (
+        with_recipe({"name": "c", "recipe": "harden", "train": {"augment": "crop-flip"}})["train"]["augment"]
+        == "crop-flip"
+    )
     # the report says what each row drew: the probe's quotas, and random single entries (not units) for its control
     from advtune.report.narrative import describe, headline
 

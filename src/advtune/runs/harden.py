@@ -46,7 +46,7 @@ from .common import dataset_of, load_base, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .harden_plan import HardenPlan, plan_harden, resolve_recipe, trained_augment, with_holdout
+from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
 from .probe import PROBE, probe_then_mask
 from .record import RunDir, open_run
 from .selecting import read_table
@@ -231,7 +231,7 @@ def harden_model(
             stage = {"base_state": probed.base_state, "spent": probed.spent, "asked": ft}
             hardened, select, ft = probed.start, probed.mask, probed.run
             ramp = f"at the full eps for the {ft.budget:,} gradient evaluations the probe left"
-        batches = "" if recipe.augment in (None, "none") else f" on {recipe.augment} batches"
+        batches = "" if recipe.augment == "none" else f" on {recipe.augment} batches"
         say(f"[3/4] fine-tuning the selection with {recipe.attack}{batches}, {ramp}")
         if rd is not None:
             finetune_folder(hardened, meta, ds, ft, select=select, **stage)
@@ -283,7 +283,7 @@ def run(run: HardenRun) -> HardenSummary:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
-    plan = plan_harden(model, ds, run, trained_augment(base_cfg))  # --augment auto: the base's own
+    plan = plan_harden(model, ds, run)
     run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
     if out.exists() and run.resume and (out / files.CONFIG).is_file():

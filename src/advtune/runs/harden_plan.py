@@ -16,7 +16,6 @@ from ..models import load_model
 from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
-from ..train.config import AUGMENTS
 from ..train.distill import check_probe_teacher
 from ..train.lowrank import budget_ranks, own_params, share_ranks
 from .common import example_input
@@ -92,22 +91,13 @@ class HardenPlan:
     recipe: Recipe | None = None  # the run's recipe with its auto settings decided for this model
 
 
-def resolve_recipe(model, recipe: Recipe, example=None, base_augment: str | None = None) -> Recipe:
+def resolve_recipe(model, recipe: Recipe, example=None) -> Recipe:
     """The recipe with what it leaves to the model decided (--norms auto: on for a model with normalization
     layers, runs/selecting.py resolve_norms; --probe-quotas auto: on with the probe rule; --head auto: on with its
-    quotas where the output layer is cheap; --augment auto: `base_augment`, the base run's own, else none): what
-    harden runs and records, so a resume compares what ran."""
+    quotas where the output layer is cheap): what harden runs and records, so a resume compares what ran."""
     norms = resolve_norms(model, recipe.norms, "analysis", recipe.granularity, recipe.params)
     head = resolve_head(model, recipe.head, recipe.quotas, recipe.params, norms, example)
-    augment = recipe.augment or base_augment or "none"
-    return replace(recipe, norms=norms, probe_quotas=recipe.quotas, head=head, augment=augment)
-
-
-def trained_augment(base_config: dict) -> str | None:
-    """The augmentation a base run was trained with, from its config.json (None where it records none, e.g. a run
-    written before the setting existed)."""
-    augment = ((base_config.get("run") or {}).get("train") or {}).get("augment")
-    return augment if augment in AUGMENTS else None
+    return replace(recipe, norms=norms, probe_quotas=recipe.quotas, head=head)
 
 
 HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most a tenth of the data)
@@ -127,9 +117,8 @@ def with_holdout(ds, run: HardenRun):
     return ds.split_validation(size, run.seed) if size and run.keep_best else ds
 
 
-def plan_harden(model, ds, run: HardenRun, base_augment: str | None = None) -> HardenPlan:
-    """Validate everything a harden run needs, before anything is written or computed. `base_augment`: the base
-    run's training augmentation (`trained_augment`), what --augment auto fine-tunes with."""
+def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
+    """Validate everything a harden run needs, before anything is written or computed."""
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
         raise AdvtuneError(f"--keep-best must be a number of checkpoints >= 0, got {run.keep_best!r}")
     ds = with_holdout(ds, run)
@@ -140,7 +129,7 @@ def plan_harden(model, ds, run: HardenRun, base_augment: str | None = None) -> H
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
     example = example_input(model, ds)
-    recipe = resolve_recipe(model, run.recipe, example, base_augment)
+    recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)
     if probe_stage_attack(recipe.attack) is not None and recipe.granularity != "probe":
         raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
@@ -167,8 +156,8 @@ def plan_harden(model, ds, run: HardenRun, base_augment: str | None = None) -> H
         lr=run.recipe.lr,
         schedule=run.recipe.schedule,
         ema=run.recipe.ema,
-        augment=recipe.augment,
+        augment=run.recipe.augment,
         seed=run.seed,
-    )  # validates lr, optimizer, schedule, batch, ema
+    )  # validates lr, optimizer, schedule, batch, ema, augment
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
     return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0, recipe)

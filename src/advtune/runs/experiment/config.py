@@ -204,6 +204,7 @@ def with_recipe(v: dict) -> dict:
         "schedule": r.schedule,
         "batch_size": r.batch_size,
         "ema": r.ema,
+        "augment": r.augment,
         **(v.get("train") or {}),
     }
     granularity = v.get("granularity", r.granularity)
