@@ -9,9 +9,7 @@ import json
 import pytest
 
 from advtune.cli import main
-from advtune.data import load_dataset
 from advtune.errors import AdvtuneError
-from advtune.models import load_model
 from advtune.recipe import PROTOCOL, Recipe
 from cli_helpers import train_argv
 
@@ -62,14 +60,25 @@ def test_crop_flip_on_request_reaches_the_fine_tuning_and_the_probe(base, tmp_pa
 
 def test_an_unknown_augmentation_is_refused_in_one_line_before_anything_is_written(base, tmp_path, capsys):
     argv = ["harden", *argv_of(base), "--augment", "mixup", "--out", str(tmp_path / "x"), "--quiet"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "unknown augmentation 'mixup'; valid: none, crop-flip" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x").exists()
-    from advtune.api import harden
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "invalid choice: 'mixup'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(AdvtuneError, match="unknown augmentation 'mixup'; valid: none, crop-flip"):
+        Recipe(augment="mixup")  # the API's and an experiment's recipe
+    from advtune.runs.experiment.config import harden_recipe
 
-    with pytest.raises(AdvtuneError, match="unknown augmentation 'mixup'"):  # the API: refused before any work
-        harden(load_model(base)[0], load_dataset("synthetic", limit=100), eps=0.2, recipe=Recipe(augment="mixup"))
+    assert harden_recipe({"name": "h", "train": {"augment": "crop-flip"}}, {}, "variant h").augment == "crop-flip"
+    with pytest.raises(AdvtuneError, match="unknown augmentation 'mixup'"):
+        harden_recipe({"name": "h", "train": {"augment": "mixup"}}, {}, "variant h")
+
+
+def test_the_recipes_augmentations_are_the_training_loops():
+    """recipe.py imports nothing torch-side, so it names the augmentations itself: they must be train/config.py's."""
+    from dataclasses import fields
+
+    from advtune.train.config import AUGMENTS
+
+    assert next(f for f in fields(Recipe) if f.name == "augment").metadata["choices"] == AUGMENTS
 
 
 def test_resuming_a_run_recorded_before_the_setting_compares_it_as_none(base, tmp_path, monkeypatch, capsys):

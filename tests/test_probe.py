@@ -339,6 +339,12 @@ def test_head_auto_is_decided_alike_by_harden_and_an_experiment_variant_and_a_fi
     assert _same_settings(auto, auto, decided_head=False) and _same_settings(auto, on, decided_head=True)
     assert not _same_settings(auto, off, decided_head=True) and not _same_settings(auto, on, decided_head=False)
     assert _same_settings(auto, off) and not _same_settings(auto, on)  # nothing decided yet: auto counts as off
+    # a variant recorded before harden's --augment (round 28) has no train.augment: none is the same run
+    filled = {**variant, "train": {"lr": 0.003, "augment": "none"}}
+    assert _same_settings({**variant, "train": {"lr": 0.003}}, filled)
+    assert not _same_settings(
+        {**variant, "train": {"lr": 0.003}}, {**filled, "train": {"lr": 0.003, "augment": "crop-flip"}}
+    )
 
 
 def test_an_experiment_harden_variant_whose_output_layer_fills_its_budget_runs_without_it(tmp_path):

@@ -300,7 +300,8 @@ def harden_recipe(s: dict) -> str:
         f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, {ramp}, "
         f"{recipe.get('optimizer')} lr "
         f"{recipe.get('lr')}, "
-        f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}; budget {s['budget']:,} gradient "
+        f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}, "
+        f"{recipe.get('augment') or 'no'} augmentation; budget {s['budget']:,} gradient "
         "evaluations."
     )
 

@@ -342,6 +342,9 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
 # a finished variant switched between auto and false is not re-run; its config.json still says what ran, and
 # an unfinished one is refused by the fine-tuning's own resume check
 UNSET = {"norms": (False, None), "head": (False, None), "probe_quotas": (False, None)}
+# the same for a variant's train: keys: augment none is TrainConfig's default, which `recipe: harden` variants record
+# since round 28 (harden's --augment) and older records left out
+TRAIN_UNSET = {"augment": ("none",)}
 
 
 def _settings(v: dict) -> dict:
@@ -363,7 +366,10 @@ def _same_head(recorded: bool | None, now: bool | None, decided: bool | None) ->
 
 def _same_settings(recorded: dict, now: dict, decided_head: bool | None = None) -> bool:
     def plain(d: dict) -> dict:
-        return {k: val for k, val in d.items() if k != "head" and not (k in UNSET and val in UNSET[k])}
+        out = {k: val for k, val in d.items() if k != "head" and not (k in UNSET and val in UNSET[k])}
+        if isinstance(out.get("train"), dict):
+            out["train"] = {k: v for k, v in out["train"].items() if not (k in TRAIN_UNSET and v in TRAIN_UNSET[k])}
+        return out
 
     return plain(recorded) == plain(now) and _same_head(recorded.get("head"), now.get("head"), decided_head)
 
