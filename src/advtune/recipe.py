@@ -14,6 +14,9 @@ PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst cas
 # harden's evaluation adds the black-box Square, so the masking gate's black-box check can fire: on a
 # hardened small-cnn Square broke 2.2 points more than APGD-T while the APGD-only gate passed (#21)
 EVALUATION = PROTOCOL + ",square"
+# the fine-tuning batches' augmentations: train/config.py's AUGMENTS, named here because this module imports nothing
+# torch-side (tests/test_harden_augment.py keeps the two the same)
+AUGMENTATIONS = ("none", "crop-flip")
 
 
 # what each selection rule trains, in words (harden's output and its report)
@@ -117,7 +120,7 @@ class Recipe:
         "none",
         help="augmentation of the fine-tuning batches: none, or crop-flip (a random crop after 4 pixels of zero "
         "padding and a horizontal flip half the time)",
-        choices=("none", "crop-flip"),  # train/config.py's AUGMENTS (this module imports no torch-side module)
+        choices=AUGMENTATIONS,
         group="recipe",
     )
     # an average of the trained weights over ~100 steps (Gowal et al. 2020): +2.2 validation points and
@@ -203,8 +206,8 @@ class Recipe:
                 f"--probe {self.probe:g} must be larger than --eps-warmup {self.eps_warmup:g}: the eps ramp has to end "
                 "within the probe (the masked stage trains at the full eps)"
             )
-        if self.augment not in ("none", "crop-flip"):
-            raise AdvtuneError(f"unknown augmentation {self.augment!r}; valid: none, crop-flip")
+        if self.augment not in AUGMENTATIONS:
+            raise AdvtuneError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise AdvtuneError(f"learning rate must be a positive number, got {self.lr!r}")
 
