@@ -92,3 +92,14 @@ def test_resuming_a_run_recorded_before_the_setting_compares_it_as_none(base, tm
     planned(monkeypatch, [*argv_of(base), "--out", str(out), "--resume"])  # the same run: no complaint
     assert main(["harden", *argv_of(base), "--augment", "crop-flip", "--out", str(out), "--resume", "--quiet"]) == 2
     assert "recipe, saved as --augment none" in capsys.readouterr().err
+
+
+def test_the_report_names_the_augmentation():
+    from advtune.report.narrative import harden_recipe
+
+    summary = {"budget": 20000, "recipe": {"granularity": "probe", "params": 0.1}}
+    assert "no augmentation" in harden_recipe(summary)  # a record from before the setting: none
+    assert "no augmentation" in harden_recipe({**summary, "recipe": {**summary["recipe"], "augment": "none"}})
+    assert "crop-flip augmentation" in harden_recipe(
+        {**summary, "recipe": {**summary["recipe"], "augment": "crop-flip"}}
+    )

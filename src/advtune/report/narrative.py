@@ -301,8 +301,8 @@ def harden_recipe(s: dict) -> str:
         f"{recipe.get('optimizer')} lr "
         f"{recipe.get('lr')}, "
         f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}, "
-        f"{recipe.get('augment') or 'no'} augmentation; budget {s['budget']:,} gradient "
-        "evaluations."
+        f"{'no' if recipe.get('augment', 'none') == 'none' else recipe['augment']} augmentation; "
+        f"budget {s['budget']:,} gradient evaluations."
     )
 
 
