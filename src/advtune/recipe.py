@@ -138,8 +138,8 @@ class Recipe:
     norms: bool | None = setting(
         None,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its "
-        "statistics), paid out of --params; with lowrank, hybrid, shares or sparse (default: auto = on where the "
-        "model has normalization layers and they cost at most a quarter of --params)",
+        "statistics), paid out of --params; with lowrank, hybrid, shares, sparse or probe (default: auto = on where "
+        "the model has normalization layers and they cost at most a quarter of --params)",
         group="recipe",
     )
     # the output layer whole (#21, round 10): the analysis scores no output layer, so the shares and hybrid rules

@@ -200,7 +200,7 @@ def add_flags(
             kw["required"] = True
         else:
             kw["default"] = None if default is _MISSING else default
-            if "default" not in m["help"] and kw.get("action") != "store_true":  # a switch is off by default
+            if "(default" not in m["help"] and kw.get("action") != "store_true":  # a switch is off by default
                 kw["help"] = f"{m['help']} (default: {_show(kw['default'])})"
         target.add_argument(flag_name(f.name), **kw)
 

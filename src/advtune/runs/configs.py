@@ -219,7 +219,8 @@ class FinetuneRun:
     norms: bool | None = setting(
         False,
         help="also train every normalization layer's scale and shift (a BatchNorm keeps updating its statistics), "
-        "paid out of --params; with lowrank, hybrid, shares or sparse (none in an API call or config: auto, as harden)",
+        "paid out of --params; with lowrank, hybrid, shares, sparse or probe (none in an API call or config: auto, "
+        "as harden)",
         group="selection",
     )
     head: bool | None = setting(
