@@ -236,6 +236,42 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened):
     eps02 = at_reference("mnist", "small-cnn", "linf", 0.2)
     text = format_summary(HardenSummary.from_json({**record, "at_reference": eps02}))
     assert "PGD-AT from scratch reaches (still rising) 92.0% for 3,630,000 gradient evaluations" in text
+    # the tuned full fine-tuning control's curve, and how it stands against this model at this model's compute
+    assert "fine-tuning every weight of a standard model (tuned) reached 78.8% / 83.8% / 86.7% at 200,064" in text
+    spent = record["cost"]["harden_grad_evals"]
+    within = [r for g, r in eps02["full_ft"]["curve"] if g <= 1.05 * spent]
+    robust = record["after"]["robust_acc"]
+    if within:
+        gap = 100 * (max(within) - robust)
+        assert f"the control {'ahead by' if gap > 0 else 'behind by'} {abs(gap):.1f} points" in text
+    behind = format_summary(
+        HardenSummary.from_json(
+            {
+                **record,
+                "after": {**record["after"], "robust_acc": 0.95},
+                "cost": {**record["cost"], "harden_grad_evals": 700_000},
+                "at_reference": eps02,
+            }
+        )
+    )
+    assert "this model 95.0% at 700,000: the control behind by 8.3 points at no more compute" in behind
+    ahead = format_summary(
+        HardenSummary.from_json(
+            {
+                **record,
+                "after": {**record["after"], "robust_acc": 0.5},
+                "cost": {**record["cost"], "harden_grad_evals": 300_000},
+                "at_reference": eps02,
+            }
+        )
+    )
+    assert "this model 50.0% at 300,000: the control ahead by 28.8 points" in ahead  # only its 200k point counts
+    early = format_summary(
+        HardenSummary.from_json(
+            {**record, "cost": {**record["cost"], "harden_grad_evals": 1000}, "at_reference": eps02}
+        )
+    )
+    assert "at 1,000" in early and "the control" not in early  # no point of the control at that compute
 
 
 def test_every_at_reference_is_what_its_published_frontier_record_says():
@@ -255,3 +291,11 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
         rise = round(points[-1]["robust_acc"] - max(p["robust_acc"] for p in points[:-1]), 4)
         still_rising = rise >= 0.005
         assert ref.get("plateau", True) is not still_rising, setting
+        if "full_ft" in ref:  # the tuned full fine-tuning control: its record's curve, point for point
+            full = json.loads((root / ref["full_ft"]["source"]).read_text())
+            curve = [
+                (p["train_grad_evals"], p["robust_acc"])
+                for p in full["points"]
+                if p["variant"] == ref["full_ft"]["variant"]
+            ]
+            assert tuple(sorted(curve)) == ref["full_ft"]["curve"], setting

@@ -336,7 +336,9 @@ def markdown_table(points: Sequence[Point]) -> str:
 # get within a point of it. `method` names the training (PGD-AT where it was run; fast AT where only that
 # was); `plateau: False` marks a curve still rising at the end of its schedule (a lower bound on what AT
 # gives). harden compares its own cost with them when it runs the same setting; an entry measured with another
-# protocol says so in `protocol`. tests/test_harden.py checks every entry against its record.
+# protocol says so in `protocol`. `full_ft`, where the frontier ran it: the tuned full-network fine-tuning control
+# of a standard model (the other baseline a user weighs a selective patch against), its curve as (gradient
+# evaluations after the standard model, robust accuracy). tests/test_harden.py checks every entry against its record.
 AT_REFERENCE_PROTOCOL = "APGD-CE + APGD-T, without Square"
 AT_REFERENCES = {
     ("mnist", "small-cnn", "linf", 0.3): {
@@ -344,6 +346,11 @@ AT_REFERENCES = {
         "robust_acc": 0.893,
         "plateau_grad_evals": 3_630_000,
         "source": "docs/results/frontier-mnist-eps0.3.json (PGD-10, 10 epochs on 55k images)",
+        "full_ft": {
+            "source": "docs/results/frontier-mnist-eps0.3-spread.json",
+            "variant": "full-ft-b64-ema-w15",
+            "curve": ((180_096, 0.342), (359_952, 0.65), (540_048, 0.765), (719_904, 0.818), (900_000, 0.855)),
+        },
     },
     ("mnist", "small-cnn", "linf", 0.1): {
         "method": "PGD-AT",
@@ -366,6 +373,11 @@ AT_REFERENCES = {
         "source": "docs/results/frontier-cifar10-resnet-base901.json (PGD-5, 10 epochs of SGD on 45k images; best "
         "at its last epoch, within a point of it from 2.16M; "
         "fast AT (FGSM-RS, 15 epochs) reaches 36.3% for 1,421,680 on the same frontier)",
+        "full_ft": {
+            "source": "docs/results/frontier-cifar10-resnet-base901.json",
+            "variant": "full-ft-lr3e-3-noaug",
+            "curve": ((180_096, 0.312), (360_240, 0.321), (540_000, 0.344)),
+        },
     },
     ("mnist", "small-cnn", "linf", 0.2): {
         "method": "PGD-AT",
@@ -373,12 +385,22 @@ AT_REFERENCES = {
         "plateau_grad_evals": 3_630_000,
         "plateau": False,
         "source": "docs/results/frontier-mnist-eps0.2.json (PGD-10, 6 epochs on 55k images; best at its last epoch)",
+        "full_ft": {
+            "source": "docs/results/frontier-mnist-eps0.2.json",
+            "variant": "full-ft-tuned",
+            "curve": ((200_064, 0.788), (400_272, 0.838), (600_336, 0.867)),
+        },
     },
     ("mnist", "madry-mnist", "linf", 0.3): {
         "method": "PGD-AT",
         "robust_acc": 0.901,
         "plateau_grad_evals": 3_025_000,
         "source": "docs/results/frontier-mnist-madry-eps0.3.json (PGD-10, 8 epochs on 55k images)",
+        "full_ft": {
+            "source": "docs/results/frontier-mnist-madry-eps0.3.json",
+            "variant": "full-ft",
+            "curve": ((300_288, 0.702), (599_952, 0.872), (900_000, 0.893)),
+        },
     },
 }
 

@@ -354,5 +354,5 @@ class HardenSummary(Record):
     concentration: list | None  # the analysis' concentration curve
     analysis_examples: int | None = None  # training examples the analysis scored
     checkpoints: dict | None = None  # the held-out curve and the step kept (None: the last was kept)
-    at_reference: dict | None = None  # the frontier's adversarial-training reference for this setting
+    at_reference: dict | None = None  # the frontier's references for this setting: AT, and full fine-tuning (tuned)
     report: str | None = None  # report.html, once written

@@ -472,8 +472,28 @@ def format_summary(summary: HardenSummary) -> str:
             "with its base training "
             f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
         )
+    if (s.get("at_reference") or {}).get("full_ft") and s["after"]:
+        lines.append(full_ft_line(s["at_reference"], s["after"]["robust_acc"], c["harden_grad_evals"]))
     if s["after"].get("suspect"):
         lines.append("  !! the gradient-masking gate flagged the hardened model: " + "; ".join(s["after"]["suspect"]))
     else:
         lines.append("  masking gate: passed")
     return "\n".join(lines)
+
+
+def full_ft_line(ref: dict, robust: float, spent: int) -> str:
+    """harden's line against the tuned full-network fine-tuning of its setting's frontier (`ref`: the setting's
+    references): the control's curve, and how far it was ahead of (or behind) this model at this model's compute."""
+    full_ft = ref["full_ft"]
+    curve = [(int(g), float(r)) for g, r in full_ft["curve"]]
+    line = (
+        f"  against full-network fine-tuning: on this setting's frontier, fine-tuning every weight of a standard model "
+        f"(tuned) reached {' / '.join(f'{100 * r:.1f}%' for _, r in curve)} at "
+        f"{' / '.join(f'{g:,}' for g, _ in curve)} gradient evaluations after it ({full_ft['source']}, "
+        f"{full_ft['variant']}, {ref.get('protocol', 'APGD-CE + APGD-T')}); this model {100 * robust:.1f}% at {spent:,}"
+    )
+    within = [r for g, r in curve if g <= 1.05 * spent]  # its points at about this model's compute or less
+    if within:
+        gap = 100 * (max(within) - robust)
+        line += f": the control {'ahead by' if gap > 0 else 'behind by'} {abs(gap):.1f} points at no more compute"
+    return line
