@@ -309,8 +309,8 @@ class EvaluateRun:
     compile: bool | None = setting(
         None,
         help="torch.compile the model for Square's queries: ~1.3-2.3x faster black-box queries on CPU after a "
-        "one-off compile of ~5-20 s (logits equal to ~1e-6; eager again where compiling fails). Default: auto, "
-        "compiled on the CPU when a batch's query load is large enough to pay for the compile; --no-compile: never",
+        "one-off compile of ~5-20 s (logits equal to ~1e-6; eager again where compiling fails); --no-compile: never "
+        "(default: auto = compiled on the CPU when a batch's query load is large enough to pay for the compile)",
     )
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
     name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")

@@ -33,7 +33,7 @@ from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
-from ..frontier import at_reference
+from ..frontier import at_reference, full_ft_comparison
 from ..models import load_model
 from ..patch import patch_factors, write_patch
 from ..recipe import Recipe, rule_words
@@ -439,8 +439,12 @@ def format_summary(summary: HardenSummary) -> str:
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "
         f"({s['test_examples']} test examples, worst case of {s['evaluation']}):",
-        f"  before: clean {100 * s['before']['clean_acc']:.2f}%, robust {100 * s['before']['robust_acc']:.2f}%",
-        f"  after:  clean {100 * s['after']['clean_acc']:.2f}%, robust {100 * s['after']['robust_acc']:.2f}%",
+        f"  before: clean {100 * s['before']['clean_acc']:.2f}%, robust {100 * s['before']['robust_acc']:.2f}%"
+        if s["before"]
+        else "  before: not evaluated (no test examples)",
+        f"  after:  clean {100 * s['after']['clean_acc']:.2f}%, robust {100 * s['after']['robust_acc']:.2f}%"
+        if s["after"]
+        else "  after:  not evaluated (no test examples)",
         f"  trained {sel.get('trainable_params', 0):,} parameters ({100 * (s.get('param_share') or 0):.2f}% of the "
         f"model): {layers}",
         f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,} gradient "
@@ -473,27 +477,11 @@ def format_summary(summary: HardenSummary) -> str:
             f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
         )
     if (s.get("at_reference") or {}).get("full_ft") and s["after"]:
-        lines.append(full_ft_line(s["at_reference"], s["after"]["robust_acc"], c["harden_grad_evals"]))
-    if s["after"].get("suspect"):
+        lines.append(full_ft_comparison(s["at_reference"], s["after"], c["harden_grad_evals"]))
+    if not s["after"]:
+        lines.append("  masking gate: not run (no test examples)")
+    elif s["after"].get("suspect"):
         lines.append("  !! the gradient-masking gate flagged the hardened model: " + "; ".join(s["after"]["suspect"]))
     else:
         lines.append("  masking gate: passed")
     return "\n".join(lines)
-
-
-def full_ft_line(ref: dict, robust: float, spent: int) -> str:
-    """harden's line against the tuned full-network fine-tuning of its setting's frontier (`ref`: the setting's
-    references): the control's curve, and how far it was ahead of (or behind) this model at this model's compute."""
-    full_ft = ref["full_ft"]
-    curve = [(int(g), float(r)) for g, r in full_ft["curve"]]
-    line = (
-        f"  against full-network fine-tuning: on this setting's frontier, fine-tuning every weight of a standard model "
-        f"(tuned) reached {' / '.join(f'{100 * r:.1f}%' for _, r in curve)} at "
-        f"{' / '.join(f'{g:,}' for g, _ in curve)} gradient evaluations after it ({full_ft['source']}, "
-        f"{full_ft['variant']}, {ref.get('protocol', 'APGD-CE + APGD-T')}); this model {100 * robust:.1f}% at {spent:,}"
-    )
-    within = [r for g, r in curve if g <= 1.05 * spent]  # its points at about this model's compute or less
-    if within:
-        gap = 100 * (max(within) - robust)
-        line += f": the control {'ahead by' if gap > 0 else 'behind by'} {abs(gap):.1f} points at no more compute"
-    return line
