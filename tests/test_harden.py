@@ -215,7 +215,7 @@ def test_the_default_evaluation_includes_the_black_box_attack(base):
     assert l2.evaluation == PROTOCOL
 
 
-def test_harden_states_its_cost_against_the_frontier_reference(hardened):
+def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_path):
     """On a setting the frontier measured, harden's output compares its cost with PGD-AT's plateau."""
     from advtune.frontier import at_reference
     from advtune.records import HardenSummary
@@ -261,6 +261,20 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened):
     assert line(0.5, 300_000, {"fgsm": 0.5}).endswith("not compared: this model's evaluation lacks APGD-CE or APGD-T")
     assert line(0.5, 900_000, apgd).endswith("not compared: the control was measured only up to 600,336")
     assert line(0.5, 1000, apgd).endswith("checkpoint choice)")  # no point of the control at that compute
+    # the report says the same: a run on a setting the frontier measured gets the three sentences in report.md/.html
+    import shutil
+
+    from advtune.report import write_harden_report
+
+    copy = tmp_path / "hardened"
+    shutil.copytree(hardened, copy)
+    (copy / "summary.json").write_text(json.dumps({**record, "at_reference": eps02}))
+    write_harden_report(copy)
+    for page in ("report.md", "report.html"):
+        shown = (copy / page).read_text()
+        assert "against adversarial training: on this setting PGD-AT" in shown, page
+        assert "against full-network fine-tuning" in shown and "kept the checkpoint of step" in shown, page
+    assert "against adversarial training" not in (hardened / "report.md").read_text()  # synthetic: no reference
     # no test data: harden writes a summary without an evaluation; its printout must not crash
     bare = format_summary(HardenSummary.from_json({**record, "before": None, "after": None, "at_reference": eps02}))
     assert "after:  not evaluated (no test examples)" in bare and "against full-network" not in bare

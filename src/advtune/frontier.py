@@ -415,33 +415,3 @@ def at_reference(dataset: str | None, architecture: str | None, norm: str, eps: 
         if d == dataset and a == architecture and n == norm and abs(e - eps) < 1e-9:
             return {"protocol": AT_REFERENCE_PROTOCOL, **ref}
     return None
-
-
-def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
-    """harden's line against the full-network fine-tuning control of its setting (`ref`: the setting's entry of
-    AT_REFERENCES, with `full_ft`): the control's curve, and its best point at no more compute than `spent` (what
-    the hardened model cost after its standard model) against the model's worst case `after` -- only where the
-    model's evaluation includes the references' attacks (APGD-CE and APGD-T), Square or not (said)."""
-    full = ref["full_ft"]
-    curve = [(int(g), float(r)) for g, r in full["curve"]]
-    attacks = list(after.get("accuracy") or {})
-    square = any(a.startswith("square") for a in attacks)
-    line = (
-        f"  against full-network fine-tuning: on this setting's frontier, adversarial fine-tuning of every weight of "
-        f"a standard model ({full['recipe']}) reached {' / '.join(f'{100 * r:.1f}%' for _, r in curve)} at "
-        f"{' / '.join(f'{g:,}' for g, _ in curve)} gradient evaluations after it ({full['source']}, {full['variant']}, "
-        f"{ref.get('protocol', AT_REFERENCE_PROTOCOL)}); this model {100 * after['robust_acc']:.1f}%"
-        f"{' (its evaluation adds Square)' if square else ''} for {spent:,} after its standard model (analysis, "
-        "fine-tuning, checkpoint choice)"
-    )
-    comparable = any(a.startswith("apgd-ce") for a in attacks) and any(a.startswith("apgd-t") for a in attacks)
-    within = [r for g, r in curve if g <= spent]
-    if not comparable:
-        return line + "; not compared: this model's evaluation lacks APGD-CE or APGD-T"
-    if spent > 1.25 * curve[-1][0]:  # far past the control's last point: that point would understate it
-        return line + f"; not compared: the control was measured only up to {curve[-1][0]:,}"
-    if not within:
-        return line
-    gap = 100 * (max(within) - after["robust_acc"])
-    where = "above" if gap >= 0 else "below"
-    return line + f": the control's best point at no more compute, {max(within):.1%}, is {abs(gap):.1f} points {where}"

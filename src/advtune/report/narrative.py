@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..frontier import AT_REFERENCE_PROTOCOL
 from ..recipe import ADAPTER_GRANULARITIES, rule_words
 from .costs import total_cost
 
@@ -322,3 +323,65 @@ def harden_layers(s: dict) -> list[str]:
         for n, (u, t) in (sel.get("by_layer") or {}).items()
         if u
     ]
+
+
+def harden_comparisons(s: dict) -> list[str]:
+    """What a harden run's summary says beyond before/after, one sentence each (harden's printout and its report):
+    the checkpoint its held-out split chose, its cost against adversarial training on the same setting, and its
+    robustness against the full-network fine-tuning control there (where the frontier measured them)."""
+    c, out = s["cost"], []
+    if s.get("checkpoints"):
+        k = s["checkpoints"]
+        curve = ", ".join(f"{p['step']}: {100 * p['robust_acc']:.1f}%" for p in k["curve"])
+        kept = (
+            f"the checkpoint of step {k['chosen_step']}"
+            if k["chosen_step"]
+            else "the last weights (the best were lost)"
+        )
+        out.append(
+            f"kept {kept}, chosen under {k['attack']} on {k['examples']} held-out training examples "
+            f"(step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
+        )
+    ref = s.get("at_reference")
+    if ref:
+        total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
+        out.append(
+            f"against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
+            f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
+            f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
+            f"reference, {ref['source'].split(' ')[0]}, measured with {ref.get('protocol', 'APGD-CE + APGD-T')}); "
+            f"this model cost {total:,} with its base training ({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
+        )
+    if ref and ref.get("full_ft") and s.get("after"):
+        out.append(full_ft_comparison(ref, s["after"], c["harden_grad_evals"]))
+    return out
+
+
+def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
+    """harden's line against the full-network fine-tuning control of its setting (`ref`: the setting's entry of
+    AT_REFERENCES, with `full_ft`): the control's curve, and its best point at no more compute than `spent` (what
+    the hardened model cost after its standard model) against the model's worst case `after` -- only where the
+    model's evaluation includes the references' attacks (APGD-CE and APGD-T), Square or not (said)."""
+    full = ref["full_ft"]
+    curve = [(int(g), float(r)) for g, r in full["curve"]]
+    attacks = list(after.get("accuracy") or {})
+    square = any(a.startswith("square") for a in attacks)
+    line = (
+        f"against full-network fine-tuning: on this setting's frontier, adversarial fine-tuning of every weight of "
+        f"a standard model ({full['recipe']}) reached {' / '.join(f'{100 * r:.1f}%' for _, r in curve)} at "
+        f"{' / '.join(f'{g:,}' for g, _ in curve)} gradient evaluations after it ({full['source']}, {full['variant']}, "
+        f"{ref.get('protocol', AT_REFERENCE_PROTOCOL)}); this model {100 * after['robust_acc']:.1f}%"
+        f"{' (its evaluation adds Square)' if square else ''} for {spent:,} after its standard model (analysis, "
+        "fine-tuning, checkpoint choice)"
+    )
+    comparable = any(a.startswith("apgd-ce") for a in attacks) and any(a.startswith("apgd-t") for a in attacks)
+    within = [r for g, r in curve if g <= spent]
+    if not comparable:
+        return line + "; not compared: this model's evaluation lacks APGD-CE or APGD-T"
+    if spent > 1.25 * curve[-1][0]:  # far past the control's last point: that point would understate it
+        return line + f"; not compared: the control was measured only up to {curve[-1][0]:,}"
+    if not within:
+        return line
+    gap = 100 * (max(within) - after["robust_acc"])
+    where = "above" if gap >= 0 else "below"
+    return line + f": the control's best point at no more compute, {max(within):.1%}, is {abs(gap):.1f} points {where}"

@@ -27,6 +27,7 @@ from .narrative import (
     concentration_notes,
     experiment_protocol,
     experiment_setup,
+    harden_comparisons,
     harden_layers,
     harden_lead,
     harden_protocol,
@@ -248,7 +249,14 @@ def _write_harden_report(folder: Path) -> None:
     layer_lines = harden_layers(s)
     title = harden_title(s)
     md = [f"# {title}", "", headline_, ""] + markdown_table(head, body)
-    md += ["", recipe_line, "", protocol, "", "## Trained components", ""] + [f"- {x}" for x in layer_lines] + [""]
+    comparisons = harden_comparisons(s)  # the checkpoint kept, adversarial training, full fine-tuning
+    md += (
+        ["", recipe_line, "", protocol, ""]
+        + [f"- {x}" for x in comparisons]
+        + ["", "## Trained components", ""]
+        + [f"- {x}" for x in layer_lines]
+        + [""]
+    )
     md += markdown_figures(figs)
     esc = html.escape
     blocks = [
@@ -256,6 +264,7 @@ def _write_harden_report(folder: Path) -> None:
         f"<div class='lead'><p>{esc(headline_)}</p></div>",
         plain_table_html(head, body),
         f"<p class='note'>{esc(recipe_line)}</p><p class='note'>{esc(protocol)}</p>",
+        "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in comparisons) + "</ul>" if comparisons else "",
         "<h2>Trained components</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in layer_lines) + "</ul>",
         figures_html(figs),
     ]

@@ -33,11 +33,12 @@ from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
-from ..frontier import at_reference, full_ft_comparison
+from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
 from ..recipe import Recipe, rule_words
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
+from ..report.narrative import harden_comparisons
 from ..settings import negatable
 from ..storage import atomic_write_bytes, read_json
 from ..train.lowrank import selection_from_json
@@ -452,32 +453,7 @@ def format_summary(summary: HardenSummary) -> str:
         f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training took "
         f"{c['base_training_grad_evals'] or 0:,}",
     ]
-    if s.get("checkpoints"):
-        k = s["checkpoints"]
-        curve = ", ".join(f"{p['step']}: {100 * p['robust_acc']:.1f}%" for p in k["curve"])
-        kept = (
-            f"the checkpoint of step {k['chosen_step']}"
-            if k["chosen_step"]
-            else "the last weights (the best were lost)"
-        )
-        lines.append(
-            f"  kept {kept}, chosen under {k['attack']} on {k['examples']} held-out training examples "
-            f"(step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
-        )
-    if s.get("at_reference"):
-        ref = s["at_reference"]
-        total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
-        lines.append(
-            f"  against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
-            f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
-            f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
-            f"reference, {ref['source'].split(' ')[0]}, measured with {ref.get('protocol', 'APGD-CE + APGD-T')}); "
-            f"this model cost {total:,} "
-            "with its base training "
-            f"({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
-        )
-    if (s.get("at_reference") or {}).get("full_ft") and s["after"]:
-        lines.append(full_ft_comparison(s["at_reference"], s["after"], c["harden_grad_evals"]))
+    lines += [f"  {line}" for line in harden_comparisons(s)]  # the checkpoint kept, AT, full fine-tuning
     if not s["after"]:
         lines.append("  masking gate: not run (no test examples)")
     elif s["after"].get("suspect"):
