@@ -440,12 +440,12 @@ def format_summary(summary: HardenSummary) -> str:
     lines = [
         f"hardened {s['architecture']} at {s['norm']} eps={s['eps']:g} "
         f"({s['test_examples']} test examples, worst case of {s['evaluation']}):",
-        f"  before: clean {100 * s['before']['clean_acc']:.2f}%, robust {100 * s['before']['robust_acc']:.2f}%"
-        if s["before"]
-        else "  before: not evaluated (no test examples)",
-        f"  after:  clean {100 * s['after']['clean_acc']:.2f}%, robust {100 * s['after']['robust_acc']:.2f}%"
-        if s["after"]
-        else "  after:  not evaluated (no test examples)",
+        *(
+            f"  {when} clean {100 * r['clean_acc']:.2f}%, robust {100 * r['robust_acc']:.2f}%"
+            if r
+            else f"  {when} not evaluated (no test examples)"
+            for when, r in (("before:", s["before"]), ("after: ", s["after"]))
+        ),
         f"  trained {sel.get('trainable_params', 0):,} parameters ({100 * (s.get('param_share') or 0):.2f}% of the "
         f"model): {layers}",
         f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,} gradient "
