@@ -359,10 +359,14 @@ def harden_comparisons(s: dict) -> list[str]:
 
 def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     """harden's line against the full-network fine-tuning control of its setting (`ref`: the setting's entry of
-    AT_REFERENCES, with `full_ft`): the control's curve, and its best point at no more compute than `spent` (what
+    AT_REFERENCES, with `full_ft`, and `full_ft_longer` where the model spent past `full_ft`'s reach): the control's
+    curve, and its best point at no more compute than `spent` (what
     the hardened model cost after its standard model) against the model's worst case `after` -- only where the
     model's evaluation includes the references' attacks (APGD-CE and APGD-T), Square or not (said)."""
     full = ref["full_ft"]
+    longer = ref.get("full_ft_longer")
+    if longer and spent > 1.25 * full["curve"][-1][0]:  # past the main control's reach: the longer one speaks
+        full = longer
     curve = [(int(g), float(r)) for g, r in full["curve"]]
     attacks = list(after.get("accuracy") or {})
     square = any(a.startswith("square") for a in attacks)
