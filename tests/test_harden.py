@@ -127,8 +127,14 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "shares"],
-            "a budget of 5 entries pays for no layer, not even a rank-1 adapter",
+            "--granularity shares: a budget of 5 entries may pay for no layer (a rank-1 adapter on the largest",
         ),
+        (["--eps", "0.2", "--params", "100000000"], "more than the model's"),
+        # the analysis stage's own settings: refused before the folder, not after "[1/4] analysis"
+        (["--eps", "0.2", "--criterion", "nosuch"], "unknown --criterion 'nosuch'"),
+        (["--eps", "0.2", "--analysis-attack", "nosuch"], "unknown attack 'nosuch'"),
+        (["--eps", "0.2", "--analysis-limit", "0"], "--analysis-limit must be a positive number"),
+        (["--eps", "0.2", "--limit-test", "0"], "(--limit-test) must be a positive number of examples"),
         (["--eps", "0.2", "--params", "5", "--no-probe-quotas"], "the biases and normalization layers take the whole"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "hybrid"],
@@ -144,6 +150,28 @@ def test_bad_input_is_one_line_and_overwrites_nothing(base, hardened, capsys, ar
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["harden", "--eps", "0.2", "--criterion", "nosuch"], "unknown --criterion"),
+        (["harden", "--eps", "0.2", "--analysis-attack", "pgd:steps=x"], "steps"),
+        (["finetune", "--eps", "0.2", "--select", "lowrank:rank=100000"], "above every layer's full rank"),
+        (["finetune", "--eps", "0.2", "--params", "100000000"], "more than the model's"),
+        (["evaluate", "--eps", "0.2", "--suite", "quick", "--batch-size", "0"], "--batch-size must be a positive"),
+        (["evaluate", "--eps", "0.2", "--suite", "quick", "--limit-test", "0"], "(--limit-test) must be a positive"),
+    ],
+)
+def test_settings_refused_before_a_folder_is_made(base, tmp_path, capsys, argv, message):
+    """One line, and no half-made --out left behind that a corrected rerun would trip over."""
+    out = tmp_path / "new"
+    where = [] if argv[0] == "evaluate" else ["--out", str(out)]
+    before = sorted(p.name for p in (base / "base").iterdir())
+    assert main([argv[0], str(base / "base"), *argv[1:], *where, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists() and sorted(p.name for p in (base / "base").iterdir()) == before
 
 
 @pytest.mark.parametrize("value", ["-3", "inf", "nan", "1.5"])

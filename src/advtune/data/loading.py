@@ -63,6 +63,9 @@ def load_dataset(
 
     `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set".
     """
+    for what, n in (("limit (--limit)", limit), ("limit_test (--limit-test)", limit_test)):
+        if n is not None and n <= 0:  # named, and refused before the data is read
+            raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
     if download is None:
         download = not os.environ.get("ADVTUNE_NO_DOWNLOAD")
     key = name.strip().lower().replace("_", "-")

@@ -124,6 +124,9 @@ def write_evaluation(record: dict, path, plot_title: str | None = None, label: s
 def run(run: EvaluateRun) -> dict:
     """`advtune evaluate`: the model of a run folder on its test split; the record goes to
     eval-<name>.json in the run folder (or `record_dir`)."""
+    bs = run.batch_size
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):  # before the data is read
+        raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)

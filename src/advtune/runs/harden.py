@@ -320,6 +320,11 @@ def run(run: HardenRun) -> HardenSummary:
         f"advtune harden: {meta.get('architecture')} from {run.base}, {plan.threat}, "
         f"{len(ds.train) - plan.holdout:,} training examples"
         + (f" (+ {plan.holdout:,} held out to choose the checkpoint)" if plan.holdout else "")
+        + (
+            " (none held out: --keep-best has no split to choose on, the last weights are kept)"
+            if not plan.holdout and run.keep_best
+            else ""
+        )
         + f", budget {plan.budget:,} gradient evaluations"
     )
     base_cost_file = Path(run.base) / files.COST

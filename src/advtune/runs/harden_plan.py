@@ -17,7 +17,8 @@ from ..recipe import Recipe
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
 from ..train.distill import check_probe_teacher
-from ..train.lowrank import budget_ranks, own_params, share_ranks
+from ..train.lowrank import adaptable_layers, adapter_size, budget_ranks, own_params, share_ranks
+from ..vulnerability import list_criteria
 from .common import example_input
 from .configs import HardenRun
 from .selecting import budget_after_norms, head_layer, resolve_head, resolve_norms
@@ -64,7 +65,16 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
             )
         return
     if recipe.granularity == "shares":
-        share_ranks(model, budget, {})  # refuses a budget that pays for no layer, not even one rank-1 adapter
+        # which layer the shares favour is known only after the analysis; where the best-scored layer's rank-1
+        # adapter did not fit, the rule would refuse then: refuse now any budget under the largest such adapter
+        modules = dict(model.named_modules())
+        need = max(adapter_size(modules[n].weight, 1) for n in adaptable_layers(model))
+        if budget < need:
+            raise AdvtuneError(
+                f"--granularity shares: a budget of {budget:,} entries may pay for no layer (a rank-1 adapter on the "
+                f"largest layer takes {need:,}); raise --params"
+            )
+        share_ranks(model, budget, {})
         return
     whole = recipe.granularity in ("layer", "hybrid")  # hybrid: at least one whole layer must fit
     per_unit = unit_params(model, example)
@@ -117,6 +127,16 @@ def with_holdout(ds, run: HardenRun):
     return ds.split_validation(size, run.seed) if size and run.keep_best else ds
 
 
+def check_analysis_stage(recipe: Recipe, threat: ThreatModel) -> None:
+    """The analysis stage's own settings (its criterion, attack and size), refused before the folder is made."""
+    if recipe.criterion not in list_criteria():
+        raise AdvtuneError(f"unknown --criterion {recipe.criterion!r}; valid: {', '.join(list_criteria())}")
+    n = recipe.analysis_limit
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise AdvtuneError(f"--analysis-limit must be a positive number of training examples, got {n!r}")
+    build_attack(recipe.analysis_attack, threat)  # an unknown or malformed --analysis-attack, in one line
+
+
 def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     """Validate everything a harden run needs, before anything is written or computed."""
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
@@ -128,6 +148,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
+    check_analysis_stage(run.recipe, threat)
     example = example_input(model, ds)
     recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)

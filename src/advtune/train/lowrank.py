@@ -279,6 +279,11 @@ def uniform_ranks(model: nn.Module, rank: int, layers: list[str] | None = None) 
     """Rank `rank` on every conv/linear layer (or the named ones), capped where a layer is smaller."""
     modules = dict(model.named_modules())
     names = layers if layers is not None else adaptable_layers(model)
+    top = max((max_rank(modules[n].weight) for n in names), default=0)
+    if names and rank > top:  # capped on every layer: not what the user asked for, refused rather than changed
+        raise AdvtuneError(
+            f"lowrank:rank={rank} is above every layer's full rank (the largest is {top}); give a rank up to {top}"
+        )
     return {n: min(rank, max_rank(modules[n].weight)) for n in names}
 
 
