@@ -81,6 +81,13 @@ def test_analyze_select_and_random_control(tiny_model, blobs):
     ctrl = vmap.random_like(sel, seed=2)
     assert ctrl != sel and abs(ctrl.trainable_params(tiny_model) - sel.trainable_params(tiny_model)) <= 150
     assert len(vmap.select(share=0.25)) == 6
+    # a selection holding more entries than the model (adapters near full rank): the control takes the whole count
+    big = type("Big", (), {"trainable_params": lambda self, model: n_params + 1000})()
+    assert len(vmap.random_like(big, seed=2)) == 8 + 16  # every unit of the pool, not a refusal
+    with pytest.raises(AdvtuneError, match="more than the model's"):
+        vmap.select(params=n_params + 1)
+    with pytest.raises(AdvtuneError, match="share must be below 1"):  # 1.0 is not one entry in disguise
+        vmap.select(params=1.0)
     assert vmap.curve is not None and vmap.curve.errors_repaired_at(1.0) > 0.9
     with pytest.raises(AdvtuneError, match="exactly one of share"):
         vmap.select(share=0.1, params=100)

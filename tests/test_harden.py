@@ -127,7 +127,7 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "shares"],
-            "--granularity shares: a budget of 5 entries may pay for no layer (a rank-1 adapter on the largest",
+            "--granularity shares: a budget of 5 entries may pay for no layer (a rank-1 adapter on net.fc1, the largest",
         ),
         (["--eps", "0.2", "--params", "100000000"], "more than the model's"),
         # the analysis stage's own settings: refused before the folder, not after "[1/4] analysis"
@@ -174,7 +174,7 @@ def test_settings_refused_before_a_folder_is_made(base, tmp_path, capsys, argv, 
     assert not out.exists() and sorted(p.name for p in (base / "base").iterdir()) == before
 
 
-@pytest.mark.parametrize("value", ["-3", "inf", "nan", "1.5"])
+@pytest.mark.parametrize("value", ["-3", "inf", "nan", "1.5", "1.0"])
 def test_bad_parameter_budget_is_refused_by_the_parser(base, hardened, capsys, value):
     before = {p.name: p.stat().st_mtime_ns for p in hardened.iterdir()}
     with pytest.raises(SystemExit) as e:
@@ -298,6 +298,10 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     )
     assert "(the tuned rate with crop-flip batches, round 25) reached 28.2% / 34.0% / 33.3% / 36.5%" in text
     assert "the control's best point at no more compute, 36.5%, is 6.5 points above" in text
+    # between the two: the longer control's curve, and the better point of both at no more compute (the main one's)
+    mid = {**record["cost"], "harden_grad_evals": 700_000}
+    text = format_summary(HardenSummary.from_json({**record, "after": long_after, "cost": mid, "at_reference": resnet}))
+    assert "best point at no more compute, 34.4% (full-ft-lr3e-3-noaug's), is 4.4 points above" in text
     short = HardenSummary.from_json({**record, "after": long_after, "at_reference": resnet})  # within full_ft's reach
     assert "rounds 9 and 28) reached 31.2% / 32.1% / 34.4%" in format_summary(short)
     # the report says the same: a run on a setting the frontier measured gets the three sentences in report.md/.html

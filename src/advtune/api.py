@@ -199,7 +199,9 @@ class VulnerabilityMap:
     def random_like(self, selection: Selection, seed: int = 0) -> Selection:
         """The control: random units with as many trainable parameters as `selection`."""
         model = self._model_for("random_like")
-        return select_random(model, params=selection.trainable_params(model), seed=seed, pool=self.table)
+        return select_random(
+            model, params=min(selection.trainable_params(model), model_params(model)), seed=seed, pool=self.table
+        )  # adapters near full rank can hold more entries than the model: then the whole model's count
 
     def _model_for(self, what: str) -> nn.Module:
         if self.model is None:

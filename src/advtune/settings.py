@@ -90,6 +90,8 @@ def budget_number(text: str) -> float | int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a positive finite number (a share < 1 or a count of entries)"
         )
+    if v == 1 and text.strip() != "1":  # "1.0" is a share of 1 to its writer, one entry to the rule: refused
+        raise argparse.ArgumentTypeError(f"{text!r}: a share must be below 1 (give 1 for one entry, or select all)")
     if v >= 1 and v != int(v):
         raise argparse.ArgumentTypeError(f"{text!r}: a count of parameter entries must be whole (or give a share < 1)")
     return v if v < 1 else int(v)

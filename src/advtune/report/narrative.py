@@ -357,6 +357,9 @@ def harden_comparisons(s: dict) -> list[str]:
     return out
 
 
+REACH = 1.25  # a control speaks for compute up to a quarter past its last point, not further
+
+
 def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     """harden's line against the full-network fine-tuning control of its setting (`ref`: the setting's entry of
     AT_REFERENCES, with `full_ft`, and `full_ft_longer` where the model spent past `full_ft`'s reach): the control's
@@ -364,9 +367,11 @@ def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     the hardened model cost after its standard model) against the model's worst case `after` -- only where the
     model's evaluation includes the references' attacks (APGD-CE and APGD-T), Square or not (said)."""
     full = ref["full_ft"]
+    points = [(int(g), float(r), full["variant"]) for g, r in full["curve"]]
     longer = ref.get("full_ft_longer")
-    if longer and spent > 1.25 * full["curve"][-1][0]:  # past the main control's reach: the longer one speaks
-        full = longer
+    if longer and spent > REACH * full["curve"][-1][0]:  # past the main control's reach: the longer one speaks,
+        full = longer  # and the best point at no more compute is the better of the two controls'
+        points += [(int(g), float(r), full["variant"]) for g, r in full["curve"]]
     curve = [(int(g), float(r)) for g, r in full["curve"]]
     attacks = list(after.get("accuracy") or {})
     square = any(a.startswith("square") for a in attacks)
@@ -379,13 +384,15 @@ def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
         "fine-tuning, checkpoint choice)"
     )
     comparable = any(a.startswith("apgd-ce") for a in attacks) and any(a.startswith("apgd-t") for a in attacks)
-    within = [r for g, r in curve if g <= spent]
+    within = [(r, variant) for g, r, variant in points if g <= spent]
     if not comparable:
         return line + "; not compared: this model's evaluation lacks APGD-CE or APGD-T"
-    if spent > 1.25 * curve[-1][0]:  # far past the control's last point: that point would understate it
+    if spent > REACH * curve[-1][0]:  # far past the control's last point: that point would understate it
         return line + f"; not compared: the control was measured only up to {curve[-1][0]:,}"
     if not within:
         return line
-    gap = 100 * (max(within) - after["robust_acc"])
+    best, variant = max(within)
+    gap = 100 * (best - after["robust_acc"])
     where = "above" if gap >= 0 else "below"
-    return line + f": the control's best point at no more compute, {max(within):.1%}, is {abs(gap):.1f} points {where}"
+    named = f" ({variant}'s)" if variant != full["variant"] else ""
+    return line + f": the control's best point at no more compute, {best:.1%}{named}, is {abs(gap):.1f} points {where}"

@@ -321,8 +321,8 @@ def run(run: HardenRun) -> HardenSummary:
         f"{len(ds.train) - plan.holdout:,} training examples"
         + (f" (+ {plan.holdout:,} held out to choose the checkpoint)" if plan.holdout else "")
         + (
-            " (none held out: --keep-best has no split to choose on, the last weights are kept)"
-            if not plan.holdout and run.keep_best
+            " (too few to hold any out: the last weights are kept)"
+            if run.holdout is None and run.keep_best and not plan.holdout
             else ""
         )
         + f", budget {plan.budget:,} gradient evaluations"

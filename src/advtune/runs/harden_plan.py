@@ -68,11 +68,12 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
         # which layer the shares favour is known only after the analysis; where the best-scored layer's rank-1
         # adapter did not fit, the rule would refuse then: refuse now any budget under the largest such adapter
         modules = dict(model.named_modules())
-        need = max(adapter_size(modules[n].weight, 1) for n in adaptable_layers(model))
+        scored = [n for n, _ in layers(model, include_output=False)] or adaptable_layers(model)
+        need, name = max((adapter_size(modules[n].weight, 1), n) for n in scored)
         if budget < need:
             raise AdvtuneError(
-                f"--granularity shares: a budget of {budget:,} entries may pay for no layer (a rank-1 adapter on the "
-                f"largest layer takes {need:,}); raise --params"
+                f"--granularity shares: a budget of {budget:,} entries may pay for no layer (a rank-1 adapter on "
+                f"{name}, the largest, takes {need:,}); raise --params"
             )
         share_ranks(model, budget, {})
         return
@@ -134,7 +135,10 @@ def check_analysis_stage(recipe: Recipe, threat: ThreatModel) -> None:
     n = recipe.analysis_limit
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise AdvtuneError(f"--analysis-limit must be a positive number of training examples, got {n!r}")
-    build_attack(recipe.analysis_attack, threat)  # an unknown or malformed --analysis-attack, in one line
+    try:
+        build_attack(recipe.analysis_attack, threat)
+    except AdvtuneError as e:  # harden takes three attack lists: say which one is wrong
+        raise AdvtuneError(f"--analysis-attack: {e}") from None
 
 
 def plan_harden(model, ds, run: HardenRun) -> HardenPlan:

@@ -426,7 +426,9 @@ def _trainable_of(out: Path, other: str, me: str) -> int:
         raise AdvtuneError(
             f"variant {me}: params_like: {other} trained no selection (select: all?); give params: instead"
         )
-    return int(sel["trainable_params"])
+    n = int(sel["trainable_params"])
+    share = sel.get("param_share")  # adapters near full rank can hold more entries than the model: the model's
+    return min(n, round(n / share)) if share else n  # size then, as many as a random control can train
 
 
 def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
