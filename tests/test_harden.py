@@ -127,7 +127,7 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0.2", "--budget", "100"], "below one optimizer step"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "shares"],
-            "--granularity shares: a budget of 5 entries may pay for no layer (a rank-1 adapter on net.fc1, the largest",
+            "a budget of 5 entries may pay for no layer (a rank-1 adapter on net.fc1, the largest",
         ),
         (["--eps", "0.2", "--params", "100000000"], "more than the model's"),
         # the analysis stage's own settings: refused before the folder, not after "[1/4] analysis"
