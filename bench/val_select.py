@@ -26,6 +26,8 @@ from advtune.settings import parse_number
 
 def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
     """The dataset with `test` replaced by the first n training images beyond the run's `limit`."""
+    if not (run / "config.json").is_file() or not (run / "model.json").is_file():
+        raise AdvtuneError(f"{run}: not a finished run folder (no config.json or model.json); check the path")
     config = json.loads((run / "config.json").read_text())
     args = config["run"]
     limit = args.get("limit")

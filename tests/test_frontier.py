@@ -200,6 +200,8 @@ def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monk
     assert line["val_images"] == "train[300:350]" and 0 <= line["robust"] <= line["clean"] <= 1
     with pytest.raises(AdvtuneError, match="no 5000 unseen ones"):
         val_select.unseen_tail(run, 5000)
+    with pytest.raises(AdvtuneError, match="not a finished run folder"):  # a run that never finished: one line
+        val_select.unseen_tail(tmp_path / "never-ran", 50)
 
 
 def _pt(variant, kind, cost, robust, clean=0.9, step=1):
