@@ -366,12 +366,11 @@ def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     curve, and its best point at no more compute than `spent` (what
     the hardened model cost after its standard model) against the model's worst case `after` -- only where the
     model's evaluation includes the references' attacks (APGD-CE and APGD-T), Square or not (said)."""
-    full = ref["full_ft"]
-    points = [(int(g), float(r), full["variant"]) for g, r in full["curve"]]
-    longer = ref.get("full_ft_longer")
-    if longer and spent > REACH * full["curve"][-1][0]:  # past the main control's reach: the longer one speaks,
-        full = longer  # and the best point at no more compute is the better of the two controls'
-        points += [(int(g), float(r), full["variant"]) for g, r in full["curve"]]
+    main, longer = ref["full_ft"], ref.get("full_ft_longer")
+    # past the main control's reach the longer one is shown, and the best point at no more compute is both's best
+    controls = [main, longer] if longer and spent > REACH * main["curve"][-1][0] else [main]
+    full = controls[-1]  # the control whose curve the line shows
+    points = [(int(g), float(r), c["variant"]) for c in controls for g, r in c["curve"]]
     curve = [(int(g), float(r)) for g, r in full["curve"]]
     attacks = list(after.get("accuracy") or {})
     square = any(a.startswith("square") for a in attacks)
