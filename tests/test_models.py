@@ -22,6 +22,18 @@ def test_every_architecture_builds_with_normalize_first(name, shape):
     assert out.shape == (3, 10)
 
 
+def test_the_wide_resnet20_is_the_same_network_at_twice_the_width():
+    """Round 31 compares the two like for like: same layers under the same names (so every selection rule and
+    the probe's quotas see the same components), each conv twice as wide: ~4x the entries."""
+    narrow, wide = (build_model(n, (3, 32, 32), 10) for n in ("preact-resnet20", "preact-resnet20-w2"))
+    shapes = {k: v.shape for k, v in narrow.state_dict().items()}
+    wide_shapes = {k: v.shape for k, v in wide.state_dict().items()}
+    assert shapes.keys() == wide_shapes.keys()
+    assert wide_shapes["net.conv1.weight"] == (32, 3, 3, 3) and wide_shapes["net.linear.weight"] == (10, 128)
+    count = sum(p.numel() for p in wide.parameters())
+    assert count == 1_084_202 and 3.9 < count / sum(p.numel() for p in narrow.parameters()) < 4.0
+
+
 def test_normalize_is_per_channel_affine():
     n = Normalize([0.1, 0.2, 0.3], [0.5, 0.5, 0.25])
     x = torch.rand(2, 3, 4, 4)

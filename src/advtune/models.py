@@ -182,6 +182,14 @@ def preact_resnet20(c: int, h: int, w: int, classes: int) -> nn.Module:
     return PreActResNet(c, classes, (16, 32, 64), (3, 3, 3))
 
 
+@ARCHITECTURES.register("preact-resnet20-w2")
+def preact_resnet20_w2(c: int, h: int, w: int, classes: int) -> nn.Module:
+    """preact-resnet20 at twice the width (32/64/128, as Zagoruyko and Komodakis widen ResNets): 1.08M parameters,
+    four times the entries at ~2.1x the time a step on 2 CPU cores; the network that asks whether the share of
+    entries selective fine-tuning needs falls as the network grows (docs/RESULTS.md, round 31)."""
+    return PreActResNet(c, classes, (32, 64, 128), (3, 3, 3))
+
+
 def list_models() -> list[str]:
     return ARCHITECTURES.names()
 

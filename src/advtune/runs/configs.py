@@ -122,9 +122,9 @@ class TrainRun:
         help="mnist, fashion-mnist, cifar10, synthetic, a .npz file or an image folder", group="data"
     )
     model: str = setting(
-        help="a zoo model (small-cnn, madry-mnist, lenet5, vgg-cifar, preact-resnet18, preact-resnet20) or your own: "
-        "path/to/file.py:factory or package.module:factory (a function returning an nn.Module on pixels in "
-        "[0, 1]; it gets input_shape= and num_classes= if its signature names them)"
+        help="a zoo model (small-cnn, madry-mnist, lenet5, vgg-cifar, preact-resnet18, preact-resnet20, "
+        "preact-resnet20-w2) or your own: path/to/file.py:factory or package.module:factory (a function "
+        "returning an nn.Module on pixels in [0, 1]; it gets input_shape= and num_classes= if its signature names them)"
     )
     out: str = out_setting()
     train: TrainConfig = setting(TrainConfig(), help="the training settings", cli=False)
