@@ -131,9 +131,9 @@ class Recipe:
         type=number,
         group="recipe",
     )
-    # the normalization layers' scale and shift as a cheap extra (issue 21, item 1). Auto: on for a model
-    # with BatchNorm/GroupNorm/LayerNorm scales when the rule trains adapters and they cost at most a
-    # quarter of the budget -- +5.0 validation / +5.4 test points with hybrid, +3.2 / +4.4 with shares, on the
+    # the normalization layers' scale and shift as a cheap extra (issue 21, item 1). Auto: on for a model with
+    # BatchNorm/GroupNorm/LayerNorm scales when the rule trains adapters or is the probe rule and they cost at most
+    # a quarter of the budget -- +5.0 validation / +5.4 test points with hybrid, +3.2 / +4.4 with shares, on the
     # residual CIFAR-10 frontier (docs/RESULTS.md, round 7); a model without norms (small-cnn) is unchanged
     norms: bool | None = setting(
         None,

@@ -133,9 +133,9 @@ NORMS_AUTO_SHARE = 0.25  # auto --norms: on only where the normalization layers 
 
 
 def resolve_norms(model, norms: bool | None, select: Any, granularity: str, params) -> bool:
-    """--norms as given, or (None: auto) on where it applies and is cheap: a selection that trains low-rank
-    adapters (an analysis with an adapter granularity, or --select lowrank) within a parameter budget, on
-    a model with normalization layers whose scale and shift cost at most a quarter of that budget. On the
+    """--norms as given, or (None: auto) on where it applies and is cheap: the probe rule, or a selection that
+    trains low-rank adapters (an analysis with an adapter granularity, or --select lowrank), within a parameter
+    budget, on a model with normalization layers whose scale and shift cost at most a quarter of that budget. On the
     residual CIFAR-10 frontier it was the best single lever (docs/RESULTS.md, round 7); a model without
     normalization layers (small-cnn) is unchanged."""
     if norms is not None:
