@@ -34,6 +34,18 @@ def test_the_wide_resnet20_is_the_same_network_at_twice_the_width():
     assert count == 1_084_202 and 3.9 < count / sum(p.numel() for p in narrow.parameters()) < 4.0
 
 
+def test_the_model_help_names_every_zoo_model():
+    """--model's help lists the zoo by hand (deriving it would import torch when the CLI starts): it must not
+    fall behind the registry."""
+    import dataclasses
+
+    from advtune.runs.configs import TrainRun
+
+    text = next(f for f in dataclasses.fields(TrainRun) if f.name == "model").metadata["help"]
+    listed = text.split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert sorted(listed) == sorted(list_models())
+
+
 def test_normalize_is_per_channel_affine():
     n = Normalize([0.1, 0.2, 0.3], [0.5, 0.5, 0.25])
     x = torch.rand(2, 3, 4, 4)
