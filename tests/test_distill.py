@@ -174,7 +174,7 @@ def test_the_probe_rule_teaches_its_masked_stage_with_its_own_probe(base, tmp_pa
         assert match in err and len(err.strip().splitlines()) == 1, err
         assert not late.exists() and not late.with_name(late.name + ".probe").exists()
     # teacher=probe needs the probe rule: refused in one line before any work
-    assert main([*argv[:4], "--select", "all", *argv[6:-1], str(tmp_path / "x")]) == 2
+    assert main([*argv[:4], "--select", "all", *argv[8:-1], str(tmp_path / "x")]) == 2  # no --params: all
     err = capsys.readouterr().err
     assert "only exists inside --granularity probe" in err and not (tmp_path / "x").exists()
 

@@ -158,7 +158,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(base, hardened, capsys, ar
         (["harden", "--eps", "0.2", "--criterion", "nosuch"], "unknown --criterion"),
         (["harden", "--eps", "0.2", "--analysis-attack", "pgd:steps=x"], "steps"),
         (["finetune", "--eps", "0.2", "--select", "lowrank:rank=100000"], "above every layer's full rank"),
-        (["finetune", "--eps", "0.2", "--params", "100000000"], "more than the model's"),
+        (["finetune", "--eps", "0.2", "--select", "random", "--params", "100000000"], "more than the model's"),
         (["evaluate", "--eps", "0.2", "--suite", "quick", "--batch-size", "0"], "--batch-size must be a positive"),
         (["evaluate", "--eps", "0.2", "--suite", "quick", "--limit-test", "0"], "(--limit-test) must be a positive"),
     ],

@@ -420,3 +420,23 @@ def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_bud
     kept = json.loads((ft / "selection.json").read_text())
     sizes = {n: p.numel() for n, p in model.get_submodule(head).named_parameters()}
     assert kept["whole"] == [head] and all(len(kept["entries"][f"{head}.{n}"]) == k for n, k in sizes.items())
+
+
+def test_probe_share_is_refused_out_of_range_or_without_the_probe_rule_before_the_base_is_read(tmp_path, capsys):
+    """--probe 2, or --probe with another granularity (ignored before: a fine-tuning started on the defaults), and the
+    probe rule's other settings are refused in one line before the base folder or the data are read."""
+    from advtune.cli import main
+
+    missing = tmp_path / "no-such-base"  # never read: the settings are refused first
+    out = ["--out", str(tmp_path / "ft"), "--quiet"]
+    for argv, match in (
+        (["finetune", str(missing), "--eps", "0.2", "--probe", "2"], "--probe must be a share of the budget in (0, 1)"),
+        (["finetune", str(missing), "--eps", "0.2", "--probe", "0.5"], "use it with --granularity probe, not unit"),
+        (["finetune", str(missing), "--eps", "0.2", "--granularity", "sparse", "--probe", "0.3"], "not sparse"),
+        (["finetune", str(missing), "--eps", "0.2", "--granularity", "probe", "--params", "0.1"], "give --budget"),
+        (["harden", str(missing), "--eps", "0.3", "--granularity", "unit", "--probe", "0.5"], "not unit"),
+    ):
+        assert main([*argv, *out]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "ft").exists()

@@ -31,7 +31,7 @@ JOBS = {
 
 
 # fields a command leaves out on purpose: training from scratch has no adapters for --adapter-lr-ratio
-NOT_FLAGS = {"train": {"adapter_lr_ratio"}}
+NOT_FLAGS = {"train": {"adapter_lr_ratio"}, "finetune": {"val_attack_limit"}}  # their jobs never read them
 
 
 def _subparser(command):

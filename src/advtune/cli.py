@@ -77,6 +77,9 @@ DESCRIPTION = {
 }
 
 
+DIST_BACKEND_HELP = "under torchrun: the process group's backend (default: auto = nccl on GPUs, gloo on CPU)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("general")
     g.add_argument("--config", help="YAML file of defaults for this command's flags (flags override it)")
@@ -84,12 +87,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
     g.add_argument("--verbose", action="store_true", help="debug logging")
-    g.add_argument(
-        "--dist-backend",
-        default="auto",
-        choices=("auto", "gloo", "nccl"),
-        help="under torchrun: the process group's backend (default: auto = nccl on GPUs, gloo on CPU)",
-    )
+    backends = ("auto", "gloo", "nccl")
+    g.add_argument("--dist-backend", default="auto", choices=backends, help=DIST_BACKEND_HELP)
 
 
 def _train_config(args, base):
@@ -206,7 +205,8 @@ def add_finetune_parser(p) -> None:
 
     groups = {g: p.add_argument_group(g) for g in ("selection", "attack", "data", "training", "output")}
     add_flags(p, FinetuneRun, groups=groups, required={"eps"})
-    add_flags(p, type(_default(FinetuneRun)), base=_default(FinetuneRun), groups=groups)
+    # no attacked validation after each epoch in a fine-tuning (--keep-best has its own): no --val-attack-limit
+    add_flags(p, type(_default(FinetuneRun)), base=_default(FinetuneRun), groups=groups, exclude={"val_attack_limit"})
 
 
 def run_finetune(args) -> int:

@@ -51,6 +51,7 @@ NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse", "probe")
 # rules that mix whole layers and adapters (or entries): the ones --head can add the output layer to whole (the
 # probe rule only with its quotas: its global ranking lets the output layer's entries compete in the mask)
 HEAD_GRANULARITIES = ("hybrid", "shares", "sparse", "probe")
+PROBE_SHARE = 0.2  # the probe rule's default first stage: 20% of the budget on the whole network (#21, round 18)
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
@@ -149,7 +150,7 @@ class Recipe:
     head: bool | None = setting(None, help=HEAD_HELP + HEAD_AUTO_HELP, group="recipe")
     # the probe rule's first stage (#21, round 18): 20% of the budget on the whole network, the mask from its change
     probe: float = setting(
-        0.2,
+        PROBE_SHARE,
         help="with --granularity probe: the share of the budget the whole network trains first (it must end after "
         "the eps ramp); the entries it moved most then train for the rest, every other entry back to the base",
         type=number,
@@ -197,6 +198,11 @@ class Recipe:
             )
         if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
             raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")
+        if self.probe != PROBE_SHARE and self.granularity != "probe":  # it would be ignored
+            raise AdvtuneError(
+                f"--probe sets the probe rule's share of the budget: use it with --granularity probe, "
+                f"not {self.granularity}"
+            )
         if self.probe_quotas is True and self.granularity != "probe":
             raise AdvtuneError(
                 f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {self.granularity}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..recipe import EVALUATION, GRANULARITIES, HEAD_HELP, Recipe
+from ..recipe import EVALUATION, GRANULARITIES, HEAD_HELP, PROBE_SHARE, Recipe
 from ..settings import budget_number, number, setting
 from ..train.config import TrainConfig
 
@@ -230,7 +230,7 @@ class FinetuneRun:
         group="selection",
     )
     probe: float = setting(
-        0.2,
+        PROBE_SHARE,
         help="with --granularity probe: the share of --budget the whole network trains first (its run folder is "
         "<out>.probe); the entries it moved most then train for the rest, every other entry back to the base",
         type=number,

@@ -127,6 +127,10 @@ def run(run: EvaluateRun) -> dict:
     bs = run.batch_size
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):  # before the data is read
         raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
+    if run.suite and run.attacks:
+        raise AdvtuneError("give --suite or --attacks, not both")
+    if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
+        raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)

@@ -45,8 +45,8 @@ from .common import (
     with_budget,
 )
 from .configs import FinetuneRun
-from .record import RunDir
-from .selecting import describe_selection, make_selection, resolve_head, resolve_norms
+from .record import RunDir, check_resume_overwrite
+from .selecting import check_selection_flags, describe_selection, make_selection, resolve_head, resolve_norms
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,13 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_val(run.val)
+    check_resume_overwrite(run.resume, run.overwrite)
     if run.granularity == "probe" and run.select == "random":
         raise AdvtuneError(
             "--select random with --granularity probe: the probe rule's mask comes from its probe, never from "
             "--select; for a random control of the same size use --granularity sparse --select random"
         )
+    check_probe_rule(run)
     if run.probe_quotas and run.granularity != "probe":
         raise AdvtuneError(
             f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {run.granularity}"
@@ -134,6 +136,26 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
         )
     return run
+
+
+def check_probe_rule(run: FinetuneRun) -> None:
+    """The probe rule's settings (runs/probe.py), refused with the others before the data loads; `run`'s eps ramp
+    resolved. --probe with another granularity would be ignored: refused, as --probe-quotas."""
+    share = run.probe
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {share!r}")
+    if run.granularity != "probe":  # the probe stage itself (granularity unit, its share kept): a --probe given
+        return  # with another granularity is refused by check_selection_flags
+    if run.budget is None:
+        raise AdvtuneError("--granularity probe pays its probe out of the budget: give --budget")
+    if run.params is None:
+        raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
+    ramp = run.eps_warmup or 0.0
+    if not share > ramp:
+        raise AdvtuneError(
+            f"--probe {share:g} must be larger than --eps-warmup {ramp:g}: the eps ramp has to end within the probe; "
+            "raise --probe or lower --eps-warmup"
+        )
 
 
 @dataclass
@@ -326,6 +348,8 @@ def finetune_model(
 def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
+    # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
+    check_selection_flags(run.select, run.params, run.granularity, run.probe)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

@@ -49,7 +49,7 @@ from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
 from .probe import PROBE, probe_then_mask
-from .record import RunDir, open_run
+from .record import RunDir, check_resume_overwrite, open_run
 from .selecting import read_table
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ def flag_words(key: str, value) -> str:
 def run(run: HardenRun) -> HardenSummary:
     """`advtune harden`: harden the model of a run folder into `run.out`; returns the summary record."""
     # -- validate everything before anything is created or replaced
+    check_resume_overwrite(run.resume, run.overwrite)
     open_run(run.base)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)

@@ -37,7 +37,7 @@ from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
 from .common import check_same_run, example_input
 from .configs import FinetuneRun
-from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
+from .finetune import FinetuneSummary, check_probe_rule, finetune_folder, finetune_model, prepare_finetune
 from .selecting import analysed, head_layer, norms_of, read_table, resolve_norms
 
 PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
@@ -69,19 +69,9 @@ class Probed:
 def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
     """The probe stage: every parameter for ft.probe of the budget, the eps ramp over its first eps_warmup/probe.
     In a folder it resumes what is there (`ft.overwrite`: starts it again)."""
+    check_probe_rule(ft)  # as check_finetune does before the data loads; again here for direct callers (bench/)
     share, ramp = ft.probe, ft.eps_warmup or 0.0
-    if ft.budget is None:
-        raise AdvtuneError("--granularity probe pays its probe out of the budget: give --budget")
-    if ft.params is None:
-        raise AdvtuneError("--granularity probe needs a parameter budget for its mask (--params, e.g. 0.1)")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
-        raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {share!r}")
     teaching = check_probe_teacher(ft.attack, None if folder is None else str(folder))  # the probe: no teacher yet
-    if not share > ramp:
-        raise AdvtuneError(
-            f"--probe {share:g} must be larger than --eps-warmup {ramp:g}: the eps ramp has to end within the probe; "
-            "raise --probe or lower --eps-warmup"
-        )
     return replace(
         ft,
         out=str(folder) if folder else "",

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 _HELD: dict[Path, int] = {}  # run folders this process holds the writer lock of: path -> fd
 
 
+def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
+    """Which one wins would be a guess (continue the run, or replace it?): refused, by each job before its data
+    loads and by RunDir.create."""
+    if resume and overwrite:
+        raise AdvtuneError("give --resume (continue the run) or --overwrite (replace it), not both")
+
+
 class RunDir:
     """A run's folder. Creating one refuses to clobber: an existing non-empty folder needs
     resume=True (continue it) or overwrite=True (replace it, only if it is an advtune run).
@@ -42,6 +49,7 @@ class RunDir:
     def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
         if str(path).strip() in ("", ".", "./"):
             raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
+        check_resume_overwrite(resume, overwrite)
         run = cls(path)
         # rank 0 alone checks, creates, replaces and locks the folder; a refusal stops every rank with it
         on_main(lambda: run._create(resume=resume, overwrite=overwrite))

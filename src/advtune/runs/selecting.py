@@ -11,7 +11,7 @@ from typing import Any
 from .. import filenames as files
 from ..components import model_params, output_layer
 from ..errors import AdvtuneError
-from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES
+from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE
 from ..storage import read_json
 from ..train.lowrank import (
     LowRank,
@@ -78,6 +78,46 @@ def make_selection(
             "already train the BatchNorm that follows each selected unit"
         )
     return selection
+
+
+def check_selection_flags(select: str, params, granularity: str, probe: float = PROBE_SHARE) -> None:
+    """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
+    sources that take no budget or granularity (--params 0.05 with the default --select all trained every
+    parameter), --probe without the probe rule, and an analysis' budgeted granularities without --params. The
+    probe rule takes its mask from its probe, whatever --select is (runs/probe.py)."""
+    if granularity != "probe" and probe != PROBE_SHARE:
+        raise AdvtuneError(
+            f"--probe sets the probe rule's share of the budget: use it with --granularity probe, not {granularity}"
+        )
+    if granularity == "probe":
+        return
+    if analysed(select):
+        if granularity in (*NORMS_GRANULARITIES, "quota", "layer") and params is None:
+            raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
+        return
+    text = str(select)
+    if text == "random":
+        if granularity not in ("unit", "sparse"):
+            raise AdvtuneError(
+                f"--select random is the control of the unit rule (or of --granularity sparse); --granularity "
+                f"{granularity} ranks an analysis: give --select <analyze folder>"
+            )
+        return
+    if text == "lowrank":  # the budget's ranks: --params is its size, no granularity
+        if granularity != "unit":
+            raise AdvtuneError(f"--select lowrank takes no --granularity (got {granularity}); drop it")
+        return
+    what = "every parameter" if text == "all" else f"what it names ({text})"
+    if params is not None:
+        raise AdvtuneError(
+            f"--params budgets a selection, but --select {text} trains {what}: give --select <analyze folder>, "
+            "random or lowrank with --params, or drop --params"
+        )
+    if granularity != "unit":
+        raise AdvtuneError(
+            f"--granularity {granularity} chooses within an analysis, but --select {text} trains {what}: give "
+            "--select <analyze folder>, or drop --granularity"
+        )
 
 
 def analysed(select: Any) -> bool:
@@ -270,7 +310,7 @@ def select_from_table(
     the entries ranked by `entry_scores` (granularity=sparse), or the top share of units (globally or per layer).
     `head` (hybrid, shares, sparse): the output layer, which the analysis does not score, trains whole first,
     out of the same budget."""
-    if granularity in (*NORMS_GRANULARITIES, "quota") and params is None:
+    if granularity in (*NORMS_GRANULARITIES, "quota", "layer") and params is None:
         raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
     if granularity == "sparse":
         if entry_scores is None:

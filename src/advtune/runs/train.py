@@ -27,6 +27,7 @@ from .common import (
     with_budget,
 )
 from .configs import TrainRun
+from .record import check_resume_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ class TrainSummary(Record):
     cost: dict  # the CostMeter record (cost.json)
 
 
+# what standard training ignores: refused unless --adversarial (they were dropped without a word)
+ADVERSARIAL_ONLY = (
+    ("--norm", "norm", "linf"),
+    ("--attack-mode", "attack_mode", "eval"),
+    ("--eps-warmup", "eps_warmup", None),
+    ("--guard/--no-guard", "guard", None),
+)
+
+
 def run(run: TrainRun) -> TrainSummary:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
 
@@ -60,6 +70,7 @@ def run(run: TrainRun) -> TrainSummary:
             "leave it at 1"
         )
     check_val(run.val)
+    check_resume_overwrite(run.resume, run.overwrite)
     if cfg.epochs == 0 and run.budget is None and run.weights is None:
         raise AdvtuneError(
             "--epochs 0 would save an untrained model; train for at least 1 epoch (or give --budget, "
@@ -71,6 +82,12 @@ def run(run: TrainRun) -> TrainSummary:
         )
     if run.eps is not None and not run.adversarial:
         raise AdvtuneError("--eps without --adversarial does nothing; add --adversarial pgd:steps=10, or drop --eps")
+    if run.weights_key is not None and run.weights is None:
+        raise AdvtuneError("--weights-key names a key of the --weights checkpoint: give --weights, or drop it")
+    ignored = [flag for flag, value, default in ADVERSARIAL_ONLY if getattr(run, value) != default]
+    if ignored and not run.adversarial:
+        joined = "/".join(ignored)
+        raise AdvtuneError(f"adversarial training's settings without --adversarial ({joined}): add it, or drop them")
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(

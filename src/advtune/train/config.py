@@ -18,6 +18,7 @@ SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 
 AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
+SGD_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TrainConfig:
     batch_size: int = setting(128, help="examples per optimizer step", group="training")
     optimizer: Literal["sgd", "adam"] = setting("adam", help="optimizer", choices=("adam", "sgd"), group="training")
     lr: float = setting(1e-3, help="learning rate", type=number, group="training")
-    momentum: float = setting(0.9, help="SGD momentum", type=number, group="training")
+    momentum: float = setting(SGD_MOMENTUM, help="SGD momentum", type=number, group="training")
     weight_decay: float = setting(0.0, help="weight decay", type=number, group="training")
     schedule: Literal["constant", "cosine", "step", "onecycle", "ssfd"] = setting(
         "constant", help="learning-rate schedule; ssfd = slow start, fast decay", choices=SCHEDULES, group="training"
@@ -107,6 +108,8 @@ class TrainConfig:
             raise AdvtuneError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.weight_decay < 0 or not (0 <= self.momentum < 1):
             raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.optimizer == "adam" and self.momentum != SGD_MOMENTUM:  # Adam has none: it was ignored
+            raise AdvtuneError("--momentum is SGD's (Adam keeps its own moments): use it with --optimizer sgd")
         if self.amp not in ("off", "bf16", "fp16"):
             raise AdvtuneError(f"unknown --amp {self.amp!r}; use off, bf16 or fp16")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:

@@ -330,6 +330,8 @@ def _build_trades(
     threat, model, attack_mode, eps_warmup, /, *, steps: int = 10, step_size: float | None = None, beta: float = 6.0
 ) -> Trades:
     """`trades[:steps=..,step=..,beta=..]`: TRADES (with the eps ramp when one is given)."""
+    if attack_mode != "eval":  # it was ignored without a word
+        raise AdvtuneError("trades crafts its examples with the model in eval mode; drop --attack-mode train")
     return trades(threat, steps, step_size, beta, eps_warmup)
 
 
@@ -342,6 +344,8 @@ def _build_local(
 ) -> LocalFeature:
     """`local:layer=<module>[,steps=..,clean=..]`: the local feature objective of the block ending at
     that module (needs the model: its current weights are the reference)."""
+    if attack_mode != "eval":
+        raise AdvtuneError("local crafts its examples with the model in eval mode; drop --attack-mode train")
     if layer is None:
         raise AdvtuneError("local needs the block's last module, e.g. local:layer=net.pool2,steps=10")
     if model is None:

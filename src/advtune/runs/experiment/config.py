@@ -15,10 +15,11 @@ import yaml
 
 from ... import filenames as files
 from ...errors import AdvtuneError
-from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, Recipe
+from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import check_keys, default, keys, parse_number, settings_from
 from ...train.config import TrainConfig
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
+from ..selecting import check_selection_flags
 
 TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}
 # YAML keys are the config dataclasses' fields (advtune.settings): a new setting needs no edit here.
@@ -121,6 +122,14 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 f"{where}: variant {w['name']}: select: random with granularity: probe; the probe rule's mask comes "
                 "from its probe, never from select: give the random control granularity: sparse (a variant of its own)"
             )
+        if w["kind"] == "finetune":  # the flags its selection would ignore, refused before any variant runs
+            try:
+                params = w.get("params", 0.1 if w.get("params_like") else None)  # params_like: a budget, known later
+                probe = w.get("probe", PROBE_SHARE)
+                probe = parse_number(probe) if isinstance(probe, str) else probe
+                check_selection_flags(w.get("select", "top"), params, w.get("granularity", "unit"), probe)
+            except AdvtuneError as e:
+                raise AdvtuneError(f"{where}: variant {w['name']}: {e}") from None
         if w["kind"] == "finetune" and w.get("granularity") == "probe" and w.get("head") and not w.get("probe_quotas"):
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: head: true with granularity: probe needs probe_quotas: true "

@@ -1,0 +1,105 @@
+"""Flags that one combination would ignore without a word are refused in one line, before the base or the data
+are read: --params with --select all trained every parameter, --momentum with Adam did nothing, --plot with one eps
+drew nothing, --resume with --overwrite picked one of them silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from advtune.cli import main
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+
+MISSING = "no-such-base"  # never read: every case is refused first
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["finetune", MISSING, "--eps", "0.3", "--params", "0.05"], "--select all trains every parameter"),
+        (["finetune", MISSING, "--eps", "0.3", "--granularity", "sparse", "--params", "0.05"], "--select all"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "layers:net.conv1", "--params", "0.1"], "--params budgets"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "lowrank:rank=4", "--params", "0.1"], "--params budgets"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "all", "--granularity", "layer"], "drop --granularity"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "random", "--granularity", "quota"], "ranks an analysis"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "lowrank", "--granularity", "sparse"], "no --granularity"),
+        (["finetune", MISSING, "--eps", "0.3", "--momentum", "0.5"], "--momentum is SGD's"),
+        (["finetune", MISSING, "--eps", "0.3", "--resume", "--overwrite"], "not both"),
+        (["harden", MISSING, "--eps", "0.3", "--resume", "--overwrite"], "not both"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--resume", "--overwrite"], "not both"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--norm", "l2"], "without --adversarial (--norm)"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--no-guard"], "(--guard/--no-guard)"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--eps-warmup", "0.2"], "(--eps-warmup)"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--attack-mode", "train"], "(--attack-mode)"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--weights-key", "model"], "give --weights"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--optimizer", "adam", "--momentum", "0"], "SGD's"),
+        (["evaluate", MISSING, "--eps", "0.3", "--suite", "standard", "--plot"], "give several --eps"),
+        (["evaluate", MISSING, "--eps", "0.3", "--suite", "standard", "--attacks", "fgsm"], "not both"),
+    ],
+)
+def test_a_flag_the_combination_would_ignore_is_refused_in_one_line_before_anything_is_read(
+    tmp_path, monkeypatch, capsys, argv, match
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADVTUNE_DATA", str(tmp_path / "no-data"))  # a data read would fail with another message
+    out = [] if argv[0] == "evaluate" else ["--out", "out"]
+    assert main([*argv, *out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_finetune_has_no_attacked_validation_flag(capsys):
+    """A fine-tuning runs no attacked validation after each epoch (--keep-best has its own): the flag is not offered."""
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", MISSING, "--eps", "0.3", "--val-attack-limit", "100", "--out", "out"])
+    assert e.value.code == 2 and "--val-attack-limit" in capsys.readouterr().err
+
+
+def test_probe_rule_with_its_own_share_passes_the_checks_of_both_stages():
+    """--probe 0.3 with the probe rule: its probe stage (granularity unit, the share kept) is not refused."""
+    from advtune.runs.configs import FinetuneRun
+    from advtune.runs.finetune import check_finetune
+    from advtune.runs.probe import probe_settings
+
+    ft = FinetuneRun(base="b", out="o", eps=0.3, granularity="probe", params=0.1, budget=10000, probe=0.3)
+    stage = probe_settings(check_finetune(ft), None)
+    assert stage.granularity == "unit" and stage.probe == 0.3
+    check_finetune(stage)
+
+
+def test_an_experiment_variant_with_an_ignored_granularity_is_refused_before_any_variant_runs():
+    from advtune.runs.experiment.config import load_config, validate_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic-smoke.yaml")
+    random = next(v for v in cfg["variants"] if v.get("select") == "random")
+    random["granularity"] = "layer"  # what three frontier configs had: random units ran, not layers
+    with pytest.raises(AdvtuneError, match="variant random: --select random is the control of the unit rule"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("spec", ["trades", "local:layer=net.conv1"])
+def test_objectives_that_attack_in_eval_mode_refuse_attack_mode_train(spec):
+    from advtune.train import build_objective
+
+    with pytest.raises(AdvtuneError, match="drop --attack-mode train"):
+        build_objective(spec, ThreatModel("linf", 0.1), attack_mode="train", model=None)
+
+
+def test_layer_granularity_needs_a_parameter_budget():
+    """--granularity layer without --params picked the top share of units instead: refused."""
+    import torch
+
+    from advtune.components import Component
+    from advtune.runs.selecting import select_from_table
+    from advtune.vulnerability import ScoreTable
+    from test_selective import bn_net
+
+    model = bn_net()
+    table = ScoreTable("taylor", tuple(Component("net.conv1", i) for i in range(8)), tuple(float(i) for i in range(8)))
+    with pytest.raises(AdvtuneError, match="--granularity layer needs a parameter budget"):
+        select_from_table(
+            table, model, 0.1, False, params=None, granularity="layer", example_input=torch.zeros(1, 1, 8, 8)
+        )
