@@ -134,7 +134,7 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
         (["--eps", "0.2", "--criterion", "nosuch"], "unknown --criterion 'nosuch'"),
         (["--eps", "0.2", "--analysis-attack", "nosuch"], "unknown attack 'nosuch'"),
         (["--eps", "0.2", "--analysis-limit", "0"], "--analysis-limit must be a positive number"),
-        (["--eps", "0.2", "--limit-test", "0"], "(--limit-test) must be a positive number of examples"),
+        (["--eps", "0.2", "--limit-test", "0"], "--limit-test must be a positive number of test examples"),
         (["--eps", "0.2", "--params", "5", "--no-probe-quotas"], "the biases and normalization layers take the whole"),
         (
             ["--eps", "0.2", "--params", "5", "--granularity", "hybrid"],
@@ -350,3 +350,35 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
             assert tuple(sorted(curve)) == ref[key]["curve"], (setting, key)
             if key == "full_ft_longer":  # longer than the control it stands in for, or it would never be quoted
                 assert ref[key]["curve"][-1][0] > 1.25 * ref["full_ft"]["curve"][-1][0], setting
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eps", "8"], "write 8/255, not 8"),
+        (["--eps", "0.3", "--keep-best", "-1"], "--keep-best must be a number of checkpoints"),
+        (["--eps", "0.3", "--evaluation", "apgd-ce,nosuch"], "unknown attack 'nosuch'"),
+        (["--eps", "0.3", "--analysis-attack", "pgd:steps=0"], "--analysis-attack:"),
+        (["--eps", "0.3", "--limit-test", "0"], "--limit-test must be a positive"),
+    ],
+)
+def test_harden_settings_are_refused_before_the_base_or_the_data_are_read(tmp_path, capsys, flags, message):
+    """What needs neither the model nor the data is refused first: a missing base is never reached (it was
+    reached, and the data loaded, before these were checked)."""
+    from advtune.cli import main
+
+    assert main(["harden", str(tmp_path / "no-such-base"), *flags, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--eps", "8"], "write 8/255"), (["--attack", "nosuch"], "nosuch")])
+def test_analyze_settings_are_refused_before_the_base_is_read(tmp_path, capsys, flags, message):
+    from advtune.cli import main
+
+    argv = ["analyze", str(tmp_path / "no-such-base"), "--eps", "0.3", *flags, "--out", str(tmp_path / "out")]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,8 @@ MISSING = "no-such-base"  # never read: every case is refused first
         (["train", "--dataset", "mnist", "--model", "small-cnn", "--optimizer", "adam", "--momentum", "0"], "SGD's"),
         (["evaluate", MISSING, "--eps", "0.3", "--suite", "standard", "--plot"], "give several --eps"),
         (["evaluate", MISSING, "--eps", "0.3", "--suite", "standard", "--attacks", "fgsm"], "not both"),
+        (["evaluate", MISSING, "--eps", "0.3,8", "--attacks", "fgsm"], "write 8/255, not 8"),
+        (["evaluate", MISSING, "--eps", "0.3", "--attacks", "pgd:stepz=3"], "stepz"),
     ],
 )
 def test_a_flag_the_combination_would_ignore_is_refused_in_one_line_before_anything_is_read(

@@ -144,12 +144,12 @@ def write_analysis(rd: RunDir, analysis: Analysis) -> None:
 def run(run: AnalyzeRun) -> AnalyzeSummary:
     """`advtune analyze`: the analysis of a run folder's model into `run.out`."""
     check_analysis(run)
+    threat = ThreatModel(run.norm, run.eps)
+    attack = build_attack(run.attack, threat)  # refused before the base and the data are read
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
-    threat = ThreatModel(run.norm, run.eps)
-    attack = build_attack(run.attack, threat)
     rd = RunDir.create(run.out, overwrite=run.overwrite)  # everything validated: only now create/replace
     rd.write_config(
         {

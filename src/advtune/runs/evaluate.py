@@ -127,8 +127,8 @@ def run(run: EvaluateRun) -> dict:
     bs = run.batch_size
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):  # before the data is read
         raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
-    if run.suite and run.attacks:
-        raise AdvtuneError("give --suite or --attacks, not both")
+    for eps in run.eps:  # the eps and the attack specs: built once here to refuse them before the data is read
+        attacks_for(run, eps)
     if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
     device = resolve_device(run.device)

@@ -47,7 +47,7 @@ from .common import dataset_of, load_base, refuse_same_folder
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .harden_plan import HardenPlan, plan_harden, resolve_recipe, with_holdout
+from .harden_plan import HardenPlan, check_harden_settings, plan_harden, resolve_recipe, with_holdout
 from .probe import PROBE, probe_then_mask
 from .record import RunDir, check_resume_overwrite, open_run
 from .selecting import read_table
@@ -280,6 +280,7 @@ def run(run: HardenRun) -> HardenSummary:
     """`advtune harden`: harden the model of a run folder into `run.out`; returns the summary record."""
     # -- validate everything before anything is created or replaced
     check_resume_overwrite(run.resume, run.overwrite)
+    check_harden_settings(run)  # what needs neither the model nor the data: before either is read
     open_run(run.base)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)

@@ -141,31 +141,18 @@ def check_analysis_stage(recipe: Recipe, threat: ThreatModel) -> None:
         raise AdvtuneError(f"--analysis-attack: {e}") from None
 
 
-def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
-    """Validate everything a harden run needs, before anything is written or computed."""
+def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig]:
+    """What harden's settings alone decide, refused before the base or the data are read (plan_harden checks the
+    rest against the model and data): the threat, the evaluation's attacks (Square dropped for l2) and the training
+    settings."""
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
         raise AdvtuneError(f"--keep-best must be a number of checkpoints >= 0, got {run.keep_best!r}")
-    ds = with_holdout(ds, run)
     if run.eps is None:
         raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
     threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
-    layers(model)  # a model with no Conv2d/Linear layer has nothing to select
     check_analysis_stage(run.recipe, threat)
-    example = example_input(model, ds)
-    recipe = resolve_recipe(model, run.recipe, example)
-    check_recipe_fits(model, recipe, example)
-    if probe_stage_attack(recipe.attack) is not None and recipe.granularity != "probe":
-        raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
-    # distill:teacher=probe: all of it refused now, not after the analysis and probe; no teacher before the probe
-    teaching = check_probe_teacher(recipe.attack, run.out or None)
-    objective = build_objective(
-        teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model, load_model=load_model
-    )
-    per_example = cost_per_example(objective, model, example)
-    budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
-    budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
     evaluation = run.evaluation
     if evaluation not in SUITES:
         specs = split_attack_list(evaluation)
@@ -185,4 +172,25 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch, ema, augment
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
+    return threat, evaluation, train
+
+
+def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
+    """Validate everything a harden run needs, before anything is written or computed."""
+    threat, evaluation, train = check_harden_settings(run)
+    ds = with_holdout(ds, run)
+    layers(model)  # a model with no Conv2d/Linear layer has nothing to select
+    example = example_input(model, ds)
+    recipe = resolve_recipe(model, run.recipe, example)
+    check_recipe_fits(model, recipe, example)
+    if probe_stage_attack(recipe.attack) is not None and recipe.granularity != "probe":
+        raise AdvtuneError("distill:teacher=probe needs the probe rule (--granularity probe); or give a model folder")
+    # distill:teacher=probe: all of it refused now, not after the analysis and probe; no teacher before the probe
+    teaching = check_probe_teacher(recipe.attack, run.out or None)
+    objective = build_objective(
+        teaching or recipe.attack, threat, "eval", recipe.eps_warmup, model=model, load_model=load_model
+    )
+    per_example = cost_per_example(objective, model, example)
+    budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
+    budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
     return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0, recipe)
