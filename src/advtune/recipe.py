@@ -52,6 +52,16 @@ NORMS_GRANULARITIES = (*ADAPTER_GRANULARITIES, "sparse", "probe")
 # probe rule only with its quotas: its global ranking lets the output layer's entries compete in the mask)
 HEAD_GRANULARITIES = ("hybrid", "shares", "sparse", "probe")
 PROBE_SHARE = 0.2  # the probe rule's default first stage: 20% of the budget on the whole network (#21, round 18)
+
+
+def check_probe_share_used(probe: float, granularity: str) -> None:
+    """--probe other than its default with another rule would be ignored: refused (harden's recipe, finetune)."""
+    if probe != PROBE_SHARE and granularity != "probe":
+        raise AdvtuneError(
+            f"--probe sets the probe rule's share of the budget: use it with --granularity probe, not {granularity}"
+        )
+
+
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
@@ -198,11 +208,7 @@ class Recipe:
             )
         if not (isinstance(self.probe, (int, float)) and 0 < self.probe < 1):
             raise AdvtuneError(f"--probe must be a share of the budget in (0, 1), got {self.probe!r}")
-        if self.probe != PROBE_SHARE and self.granularity != "probe":  # it would be ignored
-            raise AdvtuneError(
-                f"--probe sets the probe rule's share of the budget: use it with --granularity probe, "
-                f"not {self.granularity}"
-            )
+        check_probe_share_used(self.probe, self.granularity)
         if self.probe_quotas is True and self.granularity != "probe":
             raise AdvtuneError(
                 f"--probe-quotas shapes the probe rule's mask: use it with --granularity probe, not {self.granularity}"

@@ -349,7 +349,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
-    check_selection_flags(run.select, run.params, run.granularity, run.probe)
+    check_selection_flags(run.select, run.params is not None, run.granularity, run.probe)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

@@ -11,7 +11,7 @@ from typing import Any
 from .. import filenames as files
 from ..components import model_params, output_layer
 from ..errors import AdvtuneError
-from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE
+from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, check_probe_share_used
 from ..storage import read_json
 from ..train.lowrank import (
     LowRank,
@@ -80,20 +80,16 @@ def make_selection(
     return selection
 
 
-def check_selection_flags(select: str, params, granularity: str, probe: float = PROBE_SHARE) -> None:
+def check_selection_flags(select: str, budgeted: bool, granularity: str, probe: float = PROBE_SHARE) -> None:
     """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
     sources that take no budget or granularity (--params 0.05 with the default --select all trained every
-    parameter), --probe without the probe rule, and an analysis' budgeted granularities without --params. The
-    probe rule takes its mask from its probe, whatever --select is (runs/probe.py)."""
-    if granularity != "probe" and probe != PROBE_SHARE:
-        raise AdvtuneError(
-            f"--probe sets the probe rule's share of the budget: use it with --granularity probe, not {granularity}"
-        )
+    parameter), --probe without the probe rule, and an analysis' budgeted granularities without --params
+    (`budgeted`: --params is given). The probe rule takes its mask from its probe, whatever --select is."""
+    check_probe_share_used(probe, granularity)
     if granularity == "probe":
         return
     if analysed(select):
-        if granularity in (*NORMS_GRANULARITIES, "quota", "layer") and params is None:
-            raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
+        check_budget_given(granularity, budgeted)
         return
     text = str(select)
     if text == "random":
@@ -108,7 +104,7 @@ def check_selection_flags(select: str, params, granularity: str, probe: float = 
             raise AdvtuneError(f"--select lowrank takes no --granularity (got {granularity}); drop it")
         return
     what = "every parameter" if text == "all" else f"what it names ({text})"
-    if params is not None:
+    if budgeted:
         raise AdvtuneError(
             f"--params budgets a selection, but --select {text} trains {what}: give --select <analyze folder>, "
             "random or lowrank with --params, or drop --params"
@@ -118,6 +114,13 @@ def check_selection_flags(select: str, params, granularity: str, probe: float = 
             f"--granularity {granularity} chooses within an analysis, but --select {text} trains {what}: give "
             "--select <analyze folder>, or drop --granularity"
         )
+
+
+def check_budget_given(granularity: str, budgeted: bool) -> None:
+    """The rules that spend a parameter budget (whole layers, quotas, adapters, entries) need one: without it
+    --granularity layer took the top share of units instead."""
+    if granularity in (*NORMS_GRANULARITIES, "quota", "layer") and not budgeted:
+        raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
 
 
 def analysed(select: Any) -> bool:
@@ -310,8 +313,7 @@ def select_from_table(
     the entries ranked by `entry_scores` (granularity=sparse), or the top share of units (globally or per layer).
     `head` (hybrid, shares, sparse): the output layer, which the analysis does not score, trains whole first,
     out of the same budget."""
-    if granularity in (*NORMS_GRANULARITIES, "quota", "layer") and params is None:
-        raise AdvtuneError(f"--granularity {granularity} needs a parameter budget (--params)")
+    check_budget_given(granularity, params is not None)
     if granularity == "sparse":
         if entry_scores is None:
             raise AdvtuneError(

@@ -13,6 +13,7 @@ from ..metrics import accuracy
 from ..models import describe_meta, load_model, load_weights, model_for
 from ..records import Record
 from ..seeding import seed_everything
+from ..settings import default
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, clean, fit
 from .common import (
@@ -48,12 +49,7 @@ class TrainSummary(Record):
 
 
 # what standard training ignores: refused unless --adversarial (they were dropped without a word)
-ADVERSARIAL_ONLY = (
-    ("--norm", "norm", "linf"),
-    ("--attack-mode", "attack_mode", "eval"),
-    ("--eps-warmup", "eps_warmup", None),
-    ("--guard/--no-guard", "guard", None),
-)
+ADVERSARIAL_ONLY = ("norm", "attack_mode", "eps_warmup", "guard")
 
 
 def run(run: TrainRun) -> TrainSummary:
@@ -84,9 +80,13 @@ def run(run: TrainRun) -> TrainSummary:
         raise AdvtuneError("--eps without --adversarial does nothing; add --adversarial pgd:steps=10, or drop --eps")
     if run.weights_key is not None and run.weights is None:
         raise AdvtuneError("--weights-key names a key of the --weights checkpoint: give --weights, or drop it")
-    ignored = [flag for flag, value, default in ADVERSARIAL_ONLY if getattr(run, value) != default]
+    ignored = [name for name in ADVERSARIAL_ONLY if getattr(run, name) != default(TrainRun, name)]
     if ignored and not run.adversarial:
-        joined = "/".join(ignored)
+        flags = [
+            ("--{0}/--no-{0}" if isinstance(getattr(run, n), bool) else "--{0}").format(n.replace("_", "-"))
+            for n in ignored
+        ]  # a switch is named by both its spellings
+        joined = "/".join(flags)
         raise AdvtuneError(f"adversarial training's settings without --adversarial ({joined}): add it, or drop them")
     device = resolve_device(run.device)
     seed_everything(cfg.seed)

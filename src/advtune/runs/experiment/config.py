@@ -124,10 +124,10 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             )
         if w["kind"] == "finetune":  # the flags its selection would ignore, refused before any variant runs
             try:
-                params = w.get("params", 0.1 if w.get("params_like") else None)  # params_like: a budget, known later
+                budgeted = w.get("params") is not None or bool(w.get("params_like"))  # params_like: known later
                 probe = w.get("probe", PROBE_SHARE)
                 probe = parse_number(probe) if isinstance(probe, str) else probe
-                check_selection_flags(w.get("select", "top"), params, w.get("granularity", "unit"), probe)
+                check_selection_flags(w.get("select", "top"), budgeted, w.get("granularity", "unit"), probe)
             except AdvtuneError as e:
                 raise AdvtuneError(f"{where}: variant {w['name']}: {e}") from None
         if w["kind"] == "finetune" and w.get("granularity") == "probe" and w.get("head") and not w.get("probe_quotas"):
