@@ -17,6 +17,7 @@ from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
 from ..records import AnalyzeSummary  # the summary record, in records.py: the report reads it
 from ..seeding import seed_everything
+from ..settings import default
 from ..threat import ThreatModel
 from ..vulnerability import (
     ConcentrationCurve,
@@ -54,6 +55,16 @@ def check_analysis(run: AnalyzeRun) -> None:
         )
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
+    curve_flags = [
+        f"--{k.replace('_', '-')}"
+        for k in ("shares", "random_seeds")
+        if tuple(getattr(run, k)) != tuple(default(AnalyzeRun, k))
+    ]
+    if run.curve_limit == 0 and curve_flags:
+        raise AdvtuneError(
+            f"{'/'.join(curve_flags)} shape the concentration curve, which --curve-limit 0 skips: drop them or give "
+            "--curve-limit N"
+        )
 
 
 @dataclass

@@ -33,6 +33,8 @@ def attacks_for(run: EvaluateRun, eps: float):
         attacks = suite(run.suite, threat)
     else:
         attacks = [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
+    if run.compile and not any(hasattr(a, "compile") for a in attacks):
+        raise AdvtuneError("--compile speeds up Square's queries, and these attacks have no Square: drop --compile")
     return compiled_queries(attacks, run.compile) if run.compile is not None else attacks  # None: auto
 
 

@@ -20,6 +20,7 @@ from ..patch import cpu_state, write_patch
 from ..recipe import Recipe
 from ..records import Record
 from ..seeding import seed_everything
+from ..settings import default
 from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, fit
@@ -349,7 +350,8 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
-    check_selection_flags(run.select, run.params is not None, run.granularity, run.probe)
+    share_set = run.share != default(FinetuneRun, "share")
+    check_selection_flags(run.select, run.params is not None, run.granularity, run.probe, run.per_layer, share_set)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

@@ -149,6 +149,11 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
         raise AdvtuneError(f"--keep-best must be a number of checkpoints >= 0, got {run.keep_best!r}")
     if run.eps is None:
         raise AdvtuneError("harden needs --eps (e.g. 0.3 or 0.1 for MNIST, 8/255 for CIFAR-10)")
+    if run.keep_best == 0 and run.holdout:  # nothing would be chosen on it: the images would be lost to training
+        raise AdvtuneError(
+            f"--holdout {run.holdout} chooses between checkpoints, but --keep-best 0 keeps the last: "
+            "drop --holdout or give --keep-best N"
+        )
     threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")

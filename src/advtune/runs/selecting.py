@@ -80,12 +80,26 @@ def make_selection(
     return selection
 
 
-def check_selection_flags(select: str, budgeted: bool, granularity: str, probe: float = PROBE_SHARE) -> None:
+def check_selection_flags(
+    select: str,
+    budgeted: bool,
+    granularity: str,
+    probe: float = PROBE_SHARE,
+    per_layer: bool = False,
+    share_set: bool = False,
+) -> None:
     """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
     sources that take no budget or granularity (--params 0.05 with the default --select all trained every
-    parameter), --probe without the probe rule, and an analysis' budgeted granularities without --params
-    (`budgeted`: --params is given). The probe rule takes its mask from its probe, whatever --select is."""
+    parameter), --probe without the probe rule, an analysis' budgeted granularities without --params
+    (`budgeted`: --params is given), and --per-layer or a --share of its own (`share_set`) where no share of
+    components is taken. The probe rule takes its mask from its probe, whatever --select is."""
     check_probe_share_used(probe, granularity)
+    check_select_source(select, budgeted, granularity)
+    check_share_used(select, budgeted, granularity, per_layer, share_set)
+
+
+def check_select_source(select: str, budgeted: bool, granularity: str) -> None:
+    """--params and --granularity only where --select has a budget or an analysis to spend them on."""
     if granularity == "probe":
         return
     if analysed(select):
@@ -114,6 +128,28 @@ def check_selection_flags(select: str, budgeted: bool, granularity: str, probe: 
             f"--granularity {granularity} chooses within an analysis, but --select {text} trains {what}: give "
             "--select <analyze folder>, or drop --granularity"
         )
+
+
+def check_share_used(select: str, budgeted: bool, granularity: str, per_layer: bool, share_set: bool) -> None:
+    """--share and --per-layer only act where the top share of units is taken (an analysis or random, the unit
+    rule, no --params); elsewhere they were dropped without a word."""
+    if not (per_layer or share_set):
+        return
+    takes_share = not budgeted and granularity == "unit" and (analysed(select) or str(select) == "random")
+    if takes_share:
+        return
+    flag = "--per-layer" if per_layer else "--share"
+    why = (
+        "--params sets the size instead"
+        if budgeted
+        else f"--granularity {granularity} takes no share of units"
+        if granularity != "unit"
+        else f"--select {select} takes no share of components"
+    )
+    raise AdvtuneError(
+        f"{flag} applies to the top share of units (--select <analyze folder> or random, without --params); "
+        f"{why}: drop {flag}"
+    )
 
 
 def check_budget_given(granularity: str, budgeted: bool) -> None:
