@@ -28,6 +28,7 @@ MISSING = "no-such-base"  # never read: every case is refused first
         (["finetune", MISSING, "--eps", "0.3", "--momentum", "0.5"], "--momentum is SGD's"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "random", "--params", "0.1", "--per-layer"], "--params"),
         (["finetune", MISSING, "--eps", "0.3", "--per-layer"], "--select all takes no share"),
+        (["finetune", MISSING, "--eps", "0.3", "--select", "random", "--criterion", "restoration"], "reads none"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "lowrank", "--params", ".1", "--share", ".2"], "--share"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "layers:net.conv1", "--share", "0.2"], "drop --share"),
         (["finetune", MISSING, "--eps", "0.3", "--resume", "--overwrite"], "not both"),

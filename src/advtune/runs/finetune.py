@@ -350,8 +350,9 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
-    share_set = run.share != default(FinetuneRun, "share")
-    check_selection_flags(run.select, run.params is not None, run.granularity, run.probe, run.per_layer, share_set)
+    share_set, criterion_set = (getattr(run, k) != default(FinetuneRun, k) for k in ("share", "criterion"))
+    flags = (run.probe, run.per_layer, share_set, criterion_set)
+    check_selection_flags(run.select, run.params is not None, run.granularity, *flags)
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

@@ -87,13 +87,17 @@ def check_selection_flags(
     probe: float = PROBE_SHARE,
     per_layer: bool = False,
     share_set: bool = False,
+    criterion_set: bool = False,
 ) -> None:
     """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
     sources that take no budget or granularity (--params 0.05 with the default --select all trained every
     parameter), --probe without the probe rule, an analysis' budgeted granularities without --params
-    (`budgeted`: --params is given), and --per-layer or a --share of its own (`share_set`) where no share of
-    components is taken. The probe rule takes its mask from its probe, whatever --select is."""
+    (`budgeted`: --params is given), --per-layer or a --share of its own (`share_set`) where no share of
+    components is taken, and a --criterion of its own where no analysis is read. The probe rule takes its mask
+    from its probe, whatever --select is."""
     check_probe_share_used(probe, granularity)
+    if criterion_set and not analysed(select):
+        raise AdvtuneError(f"--criterion chooses an analysis' score table, but --select {select} reads none: drop it")
     check_select_source(select, budgeted, granularity)
     check_share_used(select, budgeted, granularity, per_layer, share_set)
 

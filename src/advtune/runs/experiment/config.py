@@ -127,10 +127,8 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 budgeted = w.get("params") is not None or bool(w.get("params_like"))  # params_like: known later
                 probe = w.get("probe", PROBE_SHARE)
                 probe = parse_number(probe) if isinstance(probe, str) else probe
-                per_layer, share_set = bool(w.get("per_layer")), "share" in w
-                check_selection_flags(
-                    w.get("select", "top"), budgeted, w.get("granularity", "unit"), probe, per_layer, share_set
-                )
+                given = (bool(w.get("per_layer")), "share" in w)  # criterion: `recipe: harden` sets one for all
+                check_selection_flags(w.get("select", "top"), budgeted, w.get("granularity", "unit"), probe, *given)
             except AdvtuneError as e:
                 raise AdvtuneError(f"{where}: variant {w['name']}: {e}") from None
         if w["kind"] == "finetune" and w.get("granularity") == "probe" and w.get("head") and not w.get("probe_quotas"):
