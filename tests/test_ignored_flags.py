@@ -29,6 +29,12 @@ MISSING = "no-such-base"  # never read: every case is refused first
         (["finetune", MISSING, "--eps", "0.3", "--select", "random", "--params", "0.1", "--per-layer"], "--params"),
         (["finetune", MISSING, "--eps", "0.3", "--per-layer"], "--select all takes no share"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "random", "--criterion", "restoration"], "reads none"),
+        (
+            ["finetune", MISSING, "--eps", "0.3", "--select", "an", "--granularity", "probe", "--params", ".1"]
+            + ["--budget", "9000", "--criterion", "restoration"],
+            "only with --probe-quotas",
+        ),
+        (["finetune", MISSING, "--eps", "0.3", "--per-layer", "--share", "0.2"], "--per-layer and --share"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "lowrank", "--params", ".1", "--share", ".2"], "--share"),
         (["finetune", MISSING, "--eps", "0.3", "--select", "layers:net.conv1", "--share", "0.2"], "drop --share"),
         (["finetune", MISSING, "--eps", "0.3", "--resume", "--overwrite"], "not both"),
@@ -41,7 +47,9 @@ MISSING = "no-such-base"  # never read: every case is refused first
         (["train", "--dataset", "mnist", "--model", "small-cnn", "--weights-key", "model"], "give --weights"),
         (["train", "--dataset", "mnist", "--model", "small-cnn", "--optimizer", "adam", "--momentum", "0"], "SGD's"),
         (["evaluate", MISSING, "--eps", "0.3", "--suite", "standard", "--plot"], "give several --eps"),
-        (["evaluate", MISSING, "--eps", "0.3", "--attacks", "apgd-ce", "--compile"], "drop --compile"),
+        (["evaluate", MISSING, "--eps", "0.3", "--attacks", "apgd-ce", "--compile"], "--compile decides"),
+        (["evaluate", MISSING, "--eps", "0.3", "--attacks", "apgd-ce", "--no-compile"], "--no-compile decides"),
+        (["evaluate", MISSING, "--eps", "0.5", "--norm", "l2", "--suite", "standard", "--compile"], "linf-only"),
         (["analyze", MISSING, "--eps", "0.3", "--curve-limit", "0", "--shares", "0.1,0.2"], "--curve-limit 0 skips"),
         (["analyze", MISSING, "--eps", "0.3", "--curve-limit", "0", "--random-seeds", "5"], "--random-seeds shape"),
         (["harden", MISSING, "--eps", "0.3", "--keep-best", "0", "--holdout", "500"], "drop --holdout"),
@@ -114,3 +122,34 @@ def test_layer_granularity_needs_a_parameter_budget():
         select_from_table(
             table, model, 0.1, False, params=None, granularity="layer", example_input=torch.zeros(1, 1, 8, 8)
         )
+
+
+def test_an_experiment_analysis_that_would_skip_its_curve_settings_is_refused_when_loaded():
+    from advtune.runs.experiment.config import load_config, validate_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic-smoke.yaml")
+    cfg["analysis"] = {**(cfg.get("analysis") or {}), "curve_limit": 0, "shares": [0.1, 0.2]}
+    with pytest.raises(AdvtuneError, match="analysis: --shares shapes the concentration curve"):
+        validate_config(cfg)
+    cfg["analysis"]["shares"] = 0.1  # not a list: one line, not a TypeError
+    with pytest.raises(AdvtuneError, match="--shares must be a list"):
+        validate_config(cfg)
+
+
+def test_an_experiment_random_variant_with_a_criterion_of_its_own_is_refused_when_loaded():
+    from advtune.runs.experiment.config import load_config, validate_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic-smoke.yaml")
+    random = next(v for v in cfg["variants"] if v.get("select") == "random")
+    random["criterion"] = "taylor"  # the default restated: accepted
+    validate_config(cfg)
+    random["criterion"] = "restoration"
+    with pytest.raises(AdvtuneError, match="variant random: --criterion chooses"):
+        validate_config(cfg)
+
+
+def test_api_analyze_refuses_shares_without_the_curve():
+    from advtune import api
+
+    with pytest.raises(AdvtuneError, match="curve=False skips"):
+        api.analyze(None, None, eps=0.3, curve=False, shares=[0.1])

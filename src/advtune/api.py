@@ -242,6 +242,8 @@ def analyze(
     evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
     curve: also measure the concentration curve on the same examples. The defaults (attack, limit,
     shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
+    if shares is not None and not curve:
+        raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
     threat = _threat(eps, norm)
     atk = attack if attack is not None else default(AnalyzeRun, "attack")
     atk = build_attack(atk, threat) if isinstance(atk, str) else atk

@@ -55,15 +55,23 @@ def check_analysis(run: AnalyzeRun) -> None:
         )
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
-    curve_flags = [
-        f"--{k.replace('_', '-')}"
-        for k in ("shares", "random_seeds")
-        if tuple(getattr(run, k)) != tuple(default(AnalyzeRun, k))
-    ]
-    if run.curve_limit == 0 and curve_flags:
+    check_curve_flags(run)
+
+
+def check_curve_flags(run: AnalyzeRun) -> None:
+    """--shares and --random-seeds only shape the concentration curve: with --curve-limit 0 (no curve) they were
+    dropped without a word."""
+    given = []
+    for key in ("shares", "random_seeds"):
+        value = getattr(run, key)
+        if not isinstance(value, (list, tuple)):
+            raise AdvtuneError(f"--{key.replace('_', '-')} must be a list, e.g. 0.05,0.1 (got {value!r})")
+        if tuple(value) != tuple(default(AnalyzeRun, key)):
+            given.append(f"--{key.replace('_', '-')}")
+    if run.curve_limit == 0 and given:
         raise AdvtuneError(
-            f"{'/'.join(curve_flags)} shape the concentration curve, which --curve-limit 0 skips: drop them or give "
-            "--curve-limit N"
+            f"{' and '.join(given)} shape{'s' if len(given) == 1 else ''} the concentration curve, which "
+            f"--curve-limit 0 skips: drop {' and '.join(given)} or give --curve-limit N"
         )
 
 

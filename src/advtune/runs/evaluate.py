@@ -33,8 +33,10 @@ def attacks_for(run: EvaluateRun, eps: float):
         attacks = suite(run.suite, threat)
     else:
         attacks = [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
-    if run.compile and not any(hasattr(a, "compile") for a in attacks):
-        raise AdvtuneError("--compile speeds up Square's queries, and these attacks have no Square: drop --compile")
+    if run.compile is not None and not any(hasattr(a, "compile") for a in attacks):
+        flag = "--compile" if run.compile else "--no-compile"
+        l2 = " (Square is linf-only: the standard suite drops it for l2)" if run.norm != "linf" else ""
+        raise AdvtuneError(f"{flag} decides how Square queries the model; these attacks have no Square{l2}: drop it")
     return compiled_queries(attacks, run.compile) if run.compile is not None else attacks  # None: auto
 
 

@@ -351,8 +351,16 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     run = check_finetune(run)
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
     share_set, criterion_set = (getattr(run, k) != default(FinetuneRun, k) for k in ("share", "criterion"))
-    flags = (run.probe, run.per_layer, share_set, criterion_set)
-    check_selection_flags(run.select, run.params is not None, run.granularity, *flags)
+    check_selection_flags(
+        run.select,
+        run.params is not None,
+        run.granularity,
+        run.probe,
+        per_layer=run.per_layer,
+        share_set=share_set,
+        criterion_set=criterion_set,
+        probe_quotas=run.probe_quotas,
+    )
     refuse_same_folder(run.out, run.base)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

@@ -85,19 +85,25 @@ def check_selection_flags(
     budgeted: bool,
     granularity: str,
     probe: float = PROBE_SHARE,
+    *,
     per_layer: bool = False,
     share_set: bool = False,
     criterion_set: bool = False,
+    probe_quotas: bool = False,
 ) -> None:
     """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
     sources that take no budget or granularity (--params 0.05 with the default --select all trained every
     parameter), --probe without the probe rule, an analysis' budgeted granularities without --params
     (`budgeted`: --params is given), --per-layer or a --share of its own (`share_set`) where no share of
-    components is taken, and a --criterion of its own where no analysis is read. The probe rule takes its mask
-    from its probe, whatever --select is."""
+    components is taken, and a --criterion of its own where no score table is read (the probe rule reads one
+    only for its quotas). The probe rule takes its mask from its probe, whatever --select is."""
     check_probe_share_used(probe, granularity)
-    if criterion_set and not analysed(select):
-        raise AdvtuneError(f"--criterion chooses an analysis' score table, but --select {select} reads none: drop it")
+    reads_table = analysed(select) and (granularity != "probe" or probe_quotas)
+    if criterion_set and not reads_table:
+        why = f"--select {select} reads none"
+        if analysed(select):
+            why = "the probe rule reads it only with --probe-quotas"
+        raise AdvtuneError(f"--criterion chooses an analysis' score table, but {why}: drop --criterion")
     check_select_source(select, budgeted, granularity)
     check_share_used(select, budgeted, granularity, per_layer, share_set)
 
@@ -142,7 +148,7 @@ def check_share_used(select: str, budgeted: bool, granularity: str, per_layer: b
     takes_share = not budgeted and granularity == "unit" and (analysed(select) or str(select) == "random")
     if takes_share:
         return
-    flag = "--per-layer" if per_layer else "--share"
+    flag = " and ".join(f for f, given in (("--per-layer", per_layer), ("--share", share_set)) if given)
     why = (
         "--params sets the size instead"
         if budgeted

@@ -18,6 +18,7 @@ from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import check_keys, default, keys, parse_number, settings_from
 from ...train.config import TrainConfig
+from ..analyze import check_curve_flags
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 from ..selecting import check_selection_flags
 
@@ -86,6 +87,12 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
     check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
     check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
+    if cfg.get("analysis"):  # what the analysis would ignore, before the base model trains
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["analysis"].items() if k in ANALYSIS_KEYS}
+        try:
+            check_curve_flags(settings_from(AnalyzeRun, given, base="", out=""))
+        except AdvtuneError as e:
+            raise AdvtuneError(f"{where}: analysis: {e}") from None
     if "pretrained" not in cfg["base"] and not {"dataset", "model"} <= set(cfg["base"]):
         raise AdvtuneError(f"{where}: base needs either pretrained: <run folder> or dataset: and model:")
     if "eps" not in cfg["threat"]:
@@ -127,8 +134,19 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 budgeted = w.get("params") is not None or bool(w.get("params_like"))  # params_like: known later
                 probe = w.get("probe", PROBE_SHARE)
                 probe = parse_number(probe) if isinstance(probe, str) else probe
-                given = (bool(w.get("per_layer")), "share" in w)  # criterion: `recipe: harden` sets one for all
-                check_selection_flags(w.get("select", "top"), budgeted, w.get("granularity", "unit"), probe, *given)
+                share_set, criterion_set = (
+                    k in w and w[k] != default(FinetuneRun, k) for k in ("share", "criterion")
+                )  # as on the command line: a key that restates the default changes nothing
+                check_selection_flags(
+                    w.get("select", "top"),
+                    budgeted,
+                    w.get("granularity", "unit"),
+                    probe,
+                    per_layer=w.get("per_layer") is True,
+                    share_set=share_set,
+                    criterion_set=criterion_set,
+                    probe_quotas=bool(w.get("probe_quotas")),
+                )
             except AdvtuneError as e:
                 raise AdvtuneError(f"{where}: variant {w['name']}: {e}") from None
         if w["kind"] == "finetune" and w.get("granularity") == "probe" and w.get("head") and not w.get("probe_quotas"):
