@@ -157,7 +157,7 @@ def check_share_used(select: str, budgeted: bool, granularity: str, per_layer: b
         else f"--select {select} takes no share of components"
     )
     raise AdvtuneError(
-        f"{flag} applies to the top share of units (--select <analyze folder> or random, without --params); "
+        f"{flag}: only for the top share of units (--select <analyze folder> or random, without --params); "
         f"{why}: drop {flag}"
     )
 
