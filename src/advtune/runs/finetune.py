@@ -20,7 +20,6 @@ from ..patch import cpu_state, write_patch
 from ..recipe import Recipe
 from ..records import Record
 from ..seeding import seed_everything
-from ..settings import default
 from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, fit
@@ -350,15 +349,14 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
-    share_set, criterion_set = (getattr(run, k) != default(FinetuneRun, k) for k in ("share", "criterion"))
     check_selection_flags(
         run.select,
         run.params is not None,
         run.granularity,
         run.probe,
         per_layer=run.per_layer,
-        share_set=share_set,
-        criterion_set=criterion_set,
+        share=run.share,
+        criterion=run.criterion,
         probe_quotas=run.probe_quotas,
     )
     refuse_same_folder(run.out, run.base)

@@ -12,6 +12,7 @@ from .. import filenames as files
 from ..components import model_params, output_layer
 from ..errors import AdvtuneError
 from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, check_probe_share_used
+from ..settings import default
 from ..storage import read_json
 from ..train.lowrank import (
     LowRank,
@@ -35,6 +36,7 @@ from ..vulnerability import (
     select_top,
     select_top_layers,
 )
+from .configs import FinetuneRun
 
 
 def make_selection(
@@ -87,17 +89,21 @@ def check_selection_flags(
     probe: float = PROBE_SHARE,
     *,
     per_layer: bool = False,
-    share_set: bool = False,
-    criterion_set: bool = False,
+    share: float | None = None,
+    criterion: str | None = None,
     probe_quotas: bool = False,
 ) -> None:
     """A fine-tuning's selection flags that the others would ignore, refused before the data loads: the --select
     sources that take no budget or granularity (--params 0.05 with the default --select all trained every
     parameter), --probe without the probe rule, an analysis' budgeted granularities without --params
-    (`budgeted`: --params is given), --per-layer or a --share of its own (`share_set`) where no share of
-    components is taken, and a --criterion of its own where no score table is read (the probe rule reads one
-    only for its quotas). The probe rule takes its mask from its probe, whatever --select is."""
+    (`budgeted`: --params is given), --per-layer or a --share other than the default where no share of
+    components is taken, and a --criterion other than the default where no score table is read (the probe rule
+    reads one only for its quotas); None: not given. A value that restates the default changes nothing and
+    passes. The probe rule takes its mask from its probe, whatever --select is."""
     check_probe_share_used(probe, granularity)
+    share_set, criterion_set = (
+        v is not None and v != default(FinetuneRun, k) for k, v in (("share", share), ("criterion", criterion))
+    )
     reads_table = analysed(select) and (granularity != "probe" or probe_quotas)
     if criterion_set and not reads_table:
         why = f"--select {select} reads none"

@@ -134,17 +134,14 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 budgeted = w.get("params") is not None or bool(w.get("params_like"))  # params_like: known later
                 probe = w.get("probe", PROBE_SHARE)
                 probe = parse_number(probe) if isinstance(probe, str) else probe
-                share_set, criterion_set = (
-                    k in w and w[k] != default(FinetuneRun, k) for k in ("share", "criterion")
-                )  # as on the command line: a key that restates the default changes nothing
                 check_selection_flags(
                     w.get("select", "top"),
                     budgeted,
                     w.get("granularity", "unit"),
                     probe,
                     per_layer=w.get("per_layer") is True,
-                    share_set=share_set,
-                    criterion_set=criterion_set,
+                    share=w.get("share"),
+                    criterion=w.get("criterion"),
                     probe_quotas=bool(w.get("probe_quotas")),
                 )
             except AdvtuneError as e:
