@@ -95,6 +95,23 @@ def test_robust_accuracy_reports_comparable_numbers_and_costs(tiny_model, data):
     assert j["seed"] == 0 and j["threat"]["eps"] == 0.15
 
 
+def test_a_log_says_where_a_long_batch_is_after_each_attack(tiny_model, data, caplog, monkeypatch):
+    """Not a terminal: a batch of the standard suite takes minutes on a CPU, so the log reports after each
+    attack inside a batch (at most once per LOG_EVERY_S), not only when a batch ends."""
+    import advtune.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # every chance, for the test (30 s in real runs)
+    monkeypatch.setattr(progress, "_progress_disabled", False)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    x, y = data
+    with caplog.at_level(logging.INFO, logger="advtune.progress"):
+        robust_accuracy(tiny_model, (x, y), quick(), batch_size=50, generator=torch.Generator().manual_seed(0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
+    assert lines[0].startswith("evaluate: 0/2 (0%)") and "of batch 1 after fgsm" in lines[0], lines
+    assert any(line.startswith("evaluate: 0/2") and "of batch 1 after pgd" in line for line in lines), lines
+    assert lines[-1].startswith("evaluate: 2/2 (100%)") and "clean=" in lines[-1], lines
+
+
 def test_batches_iterable_equals_tensor_pair_and_limit(tiny_model, data):
     x, y = data
     attacks = [build_attack("bim:steps=3", THREAT)]

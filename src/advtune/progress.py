@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Iterable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,9 @@ LOG_EVERY_S = 30.0
 
 class _LogProgress:
     """Progress for logs (stderr is not a terminal): one log line every LOG_EVERY_S seconds with
-    done/total, the rate and an estimate of the time left; quiet for loops shorter than that."""
+    done/total, the rate and an estimate of the time left; quiet for loops shorter than that. A loop whose
+    items each take minutes (an evaluation's batch of attacks) also reports from inside an item: its
+    set_postfix logs the new state when LOG_EVERY_S passed since the last line."""
 
     def __init__(self, iterable: Iterable[T], desc: str, total: int | None) -> None:
         self.iterable, self.desc = iterable, desc
@@ -32,44 +35,36 @@ class _LogProgress:
             total = len(iterable)  # type: ignore[arg-type]
         self.total = total
         self.postfix = ""
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
 
     def set_postfix(self, **kw) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+        self._maybe_log()
 
     def __iter__(self):
-        import logging
-        import time
-
-        log = logging.getLogger("advtune.progress")
-        t0 = last = time.perf_counter()
-        done = 0
+        self.t0 = self.last = time.perf_counter()
         for item in self.iterable:
             yield item
-            done += 1
-            now = time.perf_counter()
-            if now - last >= LOG_EVERY_S:
-                last = now
-                rate = done / (now - t0)
-                if self.total:
-                    left = (self.total - done) / rate if rate > 0 else float("nan")
-                    log.info(
-                        "%s: %d/%d (%.0f%%), %.0f s elapsed, about %.0f s left%s",
-                        self.desc,
-                        done,
-                        self.total,
-                        100 * done / self.total,
-                        now - t0,
-                        left,
-                        f" [{self.postfix}]" if self.postfix else "",
-                    )
-                else:
-                    log.info(
-                        "%s: %d done, %.0f s elapsed%s",
-                        self.desc,
-                        done,
-                        now - t0,
-                        f" [{self.postfix}]" if self.postfix else "",
-                    )
+            self.done += 1
+            self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        done, elapsed = self.done, now - self.t0
+        tail = f" [{self.postfix}]" if self.postfix else ""
+        if self.total:
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = f"about {(self.total - done) / rate:.0f} s left" if rate > 0 else "time left not known yet"
+            log.info(
+                "%s: %d/%d (%.0f%%), %.0f s elapsed, %s%s", self.desc, done, self.total, 100 * done / self.total,
+                elapsed, left, tail,
+            )  # fmt: skip
+        else:
+            log.info("%s: %d done, %.0f s elapsed%s", self.desc, done, elapsed, tail)
 
 
 def progress(

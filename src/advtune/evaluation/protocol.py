@@ -321,6 +321,8 @@ def robust_accuracy(
                     alive[run[hit]] = False
                     status[idx_c[run].cpu()] = hit.to(torch.int8).cpu()
                 batch.status[s] = status
+                if hasattr(bar, "set_postfix"):  # a batch of strong attacks takes minutes: say where it is
+                    bar.set_postfix(robust=f"{int(alive.sum())}/{len(xb)} of batch {b + 1} after {s}")
             done.append(batch)
             n_mine += len(xb)
             n_clean, n_alive = n_clean + len(idx_c), n_alive + int(alive.sum())
