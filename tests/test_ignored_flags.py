@@ -153,3 +153,48 @@ def test_api_analyze_refuses_shares_without_the_curve():
 
     with pytest.raises(AdvtuneError, match="curve=False skips"):
         api.analyze(None, None, eps=0.3, curve=False, shares=[0.1])
+
+
+def test_a_run_started_with_a_now_refused_flag_resumes_without_it(tmp_path, capsys):
+    """A fine-tuning started before --share with --params was refused recorded a share that did nothing: resumed
+    without it, it is not a changed setting. A share that did select still has to match."""
+    import json
+
+    base = tmp_path / "std"
+    train = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--limit", "100"]
+    assert main(train + ["--limit-test", "20", "--out", str(base), "--quiet"]) == 0
+    args = ["finetune", str(base), "--eps", "0.1", "--attack", "pgd:steps=1", "--limit", "64", "--monitor-test", "0"]
+    args += ["--quiet", "--select", "random"]
+
+    def record_share(out: Path, share: float) -> None:  # what the older version wrote
+        config = json.loads((out / "config.json").read_text())
+        config["run"]["share"] = share
+        (out / "config.json").write_text(json.dumps(config))
+
+    budgeted = tmp_path / "budgeted"
+    assert main(args + ["--params", "0.1", "--out", str(budgeted)]) == 0
+    record_share(budgeted, 0.5)
+    assert main(args + ["--params", "0.1", "--out", str(budgeted), "--resume"]) == 0, capsys.readouterr().err
+
+    shared = tmp_path / "shared"
+    assert main(args + ["--out", str(shared)]) == 0
+    record_share(shared, 0.5)  # without --params the share chose the units: a real change
+    assert main(args + ["--out", str(shared), "--resume"]) == 2
+    assert "different settings (share: 0.5 -> 0.1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("recorded", "inert"),
+    [
+        ({"select": "random", "params": 0.1, "share": 0.5, "per_layer": True}, {"share", "per_layer"}),
+        ({"select": "random", "share": 0.5}, set()),  # the share chose the units
+        ({"select": "all", "criterion": "restoration"}, {"criterion"}),
+        ({"select": "an", "granularity": "probe", "params": 0.1, "criterion": "restoration"}, {"criterion"}),
+        ({"select": "an", "granularity": "probe", "params": 0.1, "probe_quotas": True, "criterion": "gradient"}, set()),
+        ({"select": "an", "granularity": "layer", "share": 0.5}, set()),  # refused for another reason (no --params)
+    ],
+)
+def test_the_settings_a_recorded_run_ignored(recorded, inert):
+    from advtune.runs.selecting import inert_selection_settings
+
+    assert inert_selection_settings(recorded) == inert

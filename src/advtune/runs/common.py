@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,15 @@ def fit_steps(cfg, n_train: int) -> int:
     return total_steps(cfg, num_batches(n_train // world, check_global_batch(cfg.batch_size)))
 
 
-def open_training_folder(run, cfg, config: dict) -> RunDir:
+def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collection[str]] | None = None) -> RunDir:
     """The run folder of a training job (train, finetune), once everything is validated: created (or
     an old run replaced), or reopened with --resume after checking the settings and the checkpoint
-    match; config.json written once (a resume appends when)."""
+    match; config.json written once (a resume appends when). `inert`: the recorded settings that had no
+    effect on that run (they are not compared)."""
     rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
     if run.resume and rd.file(files.CONFIG).is_file():
-        check_same_run(rd.read_json(files.CONFIG).get("run", {}), run.to_json())
+        saved = rd.read_json(files.CONFIG).get("run", {})
+        check_same_run(saved, run.to_json(), ignore=set(inert(saved)) if inert else set())
     if run.resume:
         check_resume(rd.path, cfg)
     write_config_once(rd, config)
@@ -202,12 +205,12 @@ RUN_DEFAULTS = {
 }  # keys newer than some records
 
 
-def check_same_run(saved: dict, now: dict) -> None:
+def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None:
     """A resume must use the settings the run started with (training ones included, whether or not a
     checkpoint exists yet); only where it runs may change: the folder's path (a moved run resumes),
-    the device, and the number of epochs."""
+    the device, and the number of epochs; and the settings in `ignore` (ones that had no effect)."""
 
-    ignore = {"resume", "overwrite", "device", "out", "train"}
+    ignore = {"resume", "overwrite", "device", "out", "train", *ignore}
     changed = [
         (k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
         for k in now

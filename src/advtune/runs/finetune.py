@@ -46,7 +46,14 @@ from .common import (
 )
 from .configs import FinetuneRun
 from .record import RunDir, check_resume_overwrite
-from .selecting import check_selection_flags, describe_selection, make_selection, resolve_head, resolve_norms
+from .selecting import (
+    check_selection_flags,
+    describe_selection,
+    inert_selection_settings,
+    make_selection,
+    resolve_head,
+    resolve_norms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +425,8 @@ def finetune_folder(
         "device": str(model_device(model)),
         "steps": cfg.steps,
     }
-    rd = open_training_folder(asked or run, cfg, config)  # everything is validated: only now is it created
+    # everything is validated: only now is it created (a resume may drop the settings its run ignored)
+    rd = open_training_folder(asked or run, cfg, config, inert=inert_selection_settings)
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
     summary = finetune_model(model, ds, job, rd, meta, config, spent)

@@ -38,7 +38,7 @@ from ..vulnerability import check_params, rank_layers
 from .common import check_same_run, example_input
 from .configs import FinetuneRun
 from .finetune import FinetuneSummary, check_probe_rule, finetune_folder, finetune_model, prepare_finetune
-from .selecting import analysed, head_layer, norms_of, read_table, resolve_norms
+from .selecting import analysed, head_layer, inert_selection_settings, norms_of, read_table, resolve_norms
 
 PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
 # the cost counters the second stage's meter starts from (the per-example FLOPs it measures itself)
@@ -146,7 +146,8 @@ def probe_then_mask(
     base_state = cpu_state(model)
     done = broadcast(on_main(lambda: folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite))
     if done:  # finished earlier: read back, if it ran with these settings
-        check_same_run(read_json(folder / files.CONFIG, "probe config").get("run", {}), first.to_json())
+        saved = read_json(folder / files.CONFIG, "probe config").get("run", {})
+        check_same_run(saved, first.to_json(), ignore=inert_selection_settings(saved))
         probed, _ = load_model(folder, model_device(model))
         spent = FinetuneSummary.read(folder / files.SUMMARY).cost
     else:

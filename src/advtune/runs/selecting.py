@@ -114,6 +114,36 @@ def check_selection_flags(
     check_share_used(select, budgeted, granularity, per_layer, share_set)
 
 
+def inert_selection_settings(recorded: dict) -> set[str]:
+    """The selection settings of a recorded fine-tuning (its config.json `run`) that its other settings left
+    without effect: --share, --per-layer or --criterion where check_selection_flags refuses them today. A run
+    started before they were refused (2026-12-06) resumes without them: each is one that check_selection_flags
+    refuses with it and passes without it, so one rule decides both."""
+
+    def refused(**given) -> bool:
+        try:
+            check_selection_flags(
+                recorded.get("select", default(FinetuneRun, "select")),
+                recorded.get("params") is not None,
+                recorded.get("granularity", "unit"),
+                recorded.get("probe", PROBE_SHARE),
+                probe_quotas=bool(recorded.get("probe_quotas", False)),
+                **given,
+            )
+        except AdvtuneError:
+            return True
+        return False
+
+    keys = [
+        k
+        for k in ("share", "per_layer", "criterion")
+        if recorded.get(k, default(FinetuneRun, k)) != default(FinetuneRun, k)
+    ]
+    if not keys or refused():
+        return set()  # nothing set, or refused for another reason: the usual comparison says what changed
+    return {k for k in keys if refused(**{k: recorded[k]})}
+
+
 def check_select_source(select: str, budgeted: bool, granularity: str) -> None:
     """--params and --granularity only where --select has a budget or an analysis to spend them on."""
     if granularity == "probe":
