@@ -192,6 +192,10 @@ def test_a_run_started_with_a_now_refused_flag_resumes_without_it(tmp_path, caps
         ({"select": "an", "granularity": "probe", "params": 0.1, "criterion": "restoration"}, {"criterion"}),
         ({"select": "an", "granularity": "probe", "params": 0.1, "probe_quotas": True, "criterion": "gradient"}, set()),
         ({"select": "an", "granularity": "layer", "share": 0.5}, set()),  # refused for another reason (no --params)
+        (
+            {"select": "all", "probe": 0.3, "share": 0.5, "criterion": "gradient"},
+            {"share", "criterion"},
+        ),  # a probe stage
     ],
 )
 def test_the_settings_a_recorded_run_ignored(recorded, inert):

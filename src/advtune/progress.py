@@ -44,6 +44,7 @@ class _LogProgress:
 
     def __iter__(self):
         self.t0 = self.last = time.perf_counter()
+        self.done = 0
         for item in self.iterable:
             yield item
             self.done += 1

@@ -126,7 +126,8 @@ def inert_selection_settings(recorded: dict) -> set[str]:
                 recorded.get("select", default(FinetuneRun, "select")),
                 recorded.get("params") is not None,
                 recorded.get("granularity", "unit"),
-                recorded.get("probe", PROBE_SHARE),
+                # the probe stage records the rule's --probe with granularity unit: only the rule's own is checked
+                recorded.get("probe", PROBE_SHARE) if recorded.get("granularity") == "probe" else PROBE_SHARE,
                 probe_quotas=bool(recorded.get("probe_quotas", False)),
                 **given,
             )
