@@ -38,9 +38,12 @@ class _LogProgress:
         self.done = 0
         self.t0 = self.last = time.perf_counter()
 
-    def set_postfix(self, **kw) -> None:
+    def set_postfix(self, refresh: bool = True, **kw) -> None:
+        """As tqdm's: refresh=False leaves the state for the next line (the item ends next, and its line
+        then counts it done)."""
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
-        self._maybe_log()
+        if refresh:
+            self._maybe_log()
 
     def __iter__(self):
         self.t0 = self.last = time.perf_counter()

@@ -327,7 +327,7 @@ def robust_accuracy(
             n_mine += len(xb)
             n_clean, n_alive = n_clean + len(idx_c), n_alive + int(alive.sum())
             if hasattr(bar, "set_postfix"):  # what the log line (or the bar) says so far
-                bar.set_postfix(clean=f"{n_clean / n_mine:.1%}", robust=f"{n_alive / n_mine:.1%}", n=n)
+                bar.set_postfix(refresh=False, clean=f"{n_clean / n_mine:.1%}", robust=f"{n_alive / n_mine:.1%}", n=n)
 
         if n == 0:
             raise AdvtuneError("no examples to evaluate (empty data); check the dataset split or the limit")

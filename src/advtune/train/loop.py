@@ -193,6 +193,7 @@ def fit(
                     meter.start()
                 if step % 50 == 0 and hasattr(bar, "set_postfix"):
                     bar.set_postfix(
+                        refresh=False,  # shown with the step's own line, which counts it done
                         loss=f"{(acc_state[0] / acc_state[2]).item():.3f}",
                         acc=f"{(acc_state[1] / acc_state[2]).item():.3f}",
                     )
