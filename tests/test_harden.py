@@ -304,6 +304,15 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     assert "best point at no more compute, 34.4% (full-ft-lr3e-3-noaug's), is 4.4 points above" in text
     short = HardenSummary.from_json({**record, "after": long_after, "at_reference": resnet})  # within full_ft's reach
     assert "rounds 9 and 28) reached 31.2% / 32.1% / 34.4%" in format_summary(short)
+    # the wider network: the control measured, AT from scratch not; the printout says so rather than go quiet
+    wide = at_reference("cifar10", "preact-resnet20-w2", "linf", 8 / 255)
+    harden_default = {**record["cost"], "harden_grad_evals": 600_000}  # 540k, with the analysis and checkpoints
+    text = format_summary(
+        HardenSummary.from_json({**record, "after": long_after, "cost": harden_default, "at_reference": wide})
+    )
+    assert "against adversarial training: not measured on this setting" in text
+    assert "reached 36.7% at 540,000 gradient evaluations" in text
+    assert "the control's best point at no more compute, 36.7%, is 6.7 points above" in text
     # the report says the same: a run on a setting the frontier measured gets the three sentences in report.md/.html
     import shutil
 
@@ -331,6 +340,14 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
 
     root = Path(__file__).resolve().parents[1]
     for setting, ref in AT_REFERENCES.items():
+        if "robust_acc" not in ref:  # only the full fine-tuning control, from a test-split evaluation record
+            assert set(ref) == {"full_ft"}, setting
+            full = ref["full_ft"]
+            lines = [json.loads(x) for x in (root / full["source"]).read_text().splitlines()]
+            arm = next(x for x in lines if x["arm"] == full["variant"])
+            assert arm["config"]["attacks"] == "apgd-ce,apgd-t" and arm["n"] >= 1000, setting  # the references' protocol
+            assert full["curve"] == ((arm["train_grad_evals"], arm["worst_case_accuracy"]),), setting
+            continue
         record = json.loads((root / ref["source"].split(" ")[0]).read_text())
         points = sorted((p for p in record["points"] if p.get("reference")), key=lambda p: p["total_grad_evals"])
         assert points, f"{setting}: no reference curve in {ref['source']}"

@@ -339,8 +339,9 @@ def markdown_table(points: Sequence[Point]) -> str:
 # protocol says so in `protocol`. `full_ft`, where the frontier ran it: the tuned full-network fine-tuning control
 # of a standard model (the other baseline a user weighs a selective patch against), its curve as (gradient
 # evaluations after the standard model, robust accuracy); `full_ft_longer`, where the frontier also ran a longer
-# control: the one quoted when harden spent past `full_ft`'s last point (e.g. --epochs 4). tests/test_harden.py checks
-# every entry against its record.
+# control: the one quoted when harden spent past `full_ft`'s last point (e.g. --epochs 4). A setting where only the
+# control was measured (no AT from scratch) has `full_ft` alone, from a test-split evaluation record (.jsonl, its
+# `variant` the record's `arm`). tests/test_harden.py checks every entry against its record.
 AT_REFERENCE_PROTOCOL = "APGD-CE + APGD-T, without Square"
 AT_REFERENCES = {
     ("mnist", "small-cnn", "linf", 0.3): {
@@ -387,6 +388,14 @@ AT_REFERENCES = {
             "variant": "full-ft-lr3e-3",
             "recipe": "the tuned rate with crop-flip batches, round 25",
             "curve": ((270_000, 0.282), (540_000, 0.34), (810_000, 0.333), (1_080_000, 0.365)),
+        },
+    },
+    ("cifar10", "preact-resnet20-w2", "linf", 8 / 255): {  # no AT from scratch on the wider network (yet)
+        "full_ft": {
+            "source": "docs/results/test-cifar10-resnet-w2-round34.jsonl",
+            "variant": "tuned full fine-tuning, seed 0",
+            "recipe": "preact-resnet20's tuned recipe, round 31",
+            "curve": ((540_000, 0.367),),
         },
     },
     ("mnist", "small-cnn", "linf", 0.2): {

@@ -343,7 +343,9 @@ def harden_comparisons(s: dict) -> list[str]:
             f"(step: robust {curve}; {k['grad_evals']:,} gradient evaluations)"
         )
     ref = s.get("at_reference")
-    if ref:
+    if ref and "robust_acc" not in ref:  # a setting where only the full fine-tuning control was measured
+        out.append("against adversarial training: not measured on this setting (the frontier ran it on others)")
+    elif ref:
         total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
         out.append(
             f"against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
@@ -375,7 +377,7 @@ def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     attacks = list(after.get("accuracy") or {})
     square = any(a.startswith("square") for a in attacks)
     line = (
-        f"against full-network fine-tuning: on this setting's frontier, adversarial fine-tuning of every weight of "
+        f"against full-network fine-tuning: measured on this setting, adversarial fine-tuning of every weight of "
         f"a standard model ({full['recipe']}) reached {' / '.join(f'{100 * r:.1f}%' for _, r in curve)} at "
         f"{' / '.join(f'{g:,}' for g, _ in curve)} gradient evaluations after it ({full['source']}, {full['variant']}, "
         f"{ref.get('protocol', AT_REFERENCE_PROTOCOL)}); this model {100 * after['robust_acc']:.1f}%"
