@@ -345,7 +345,7 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
             full = ref["full_ft"]
             lines = [json.loads(x) for x in (root / full["source"]).read_text().splitlines()]
             arm = next(x for x in lines if x["arm"] == full["variant"])
-            assert arm["config"]["attacks"] == "apgd-ce,apgd-t" and arm["n"] >= 1000, setting  # the references' protocol
+            assert arm["config"]["attacks"] == "apgd-ce,apgd-t" and arm["n"] >= 1000, setting  # the protocol
             assert full["curve"] == ((arm["train_grad_evals"], arm["worst_case_accuracy"]),), setting
             continue
         record = json.loads((root / ref["source"].split(" ")[0]).read_text())
