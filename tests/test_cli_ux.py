@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +223,13 @@ def test_a_full_disk_while_writing_a_record_is_one_line_and_keeps_the_old_file(t
 def _snapshot(folder):
     """Every file of a run folder (temporary ones included), but the lock holder's pid."""
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_demo_full_reads_the_checkout_frontier_config_with_its_seed_and_data_dir(tmp_path):
+    """`advtune demo --full` looked for configs/ under src/ and always failed; --seed and --data-dir were ignored."""
+    from advtune.runs.demo import FULL_CONFIG, full_config
+
+    assert FULL_CONFIG == Path(__file__).resolve().parents[1] / "configs" / "frontier-mnist-eps0.3.yaml"
+    cfg = full_config(str(tmp_path), 3)
+    assert cfg["name"] == "frontier-mnist-eps0.3" and cfg["seed"] == 3 and cfg["data_dir"] == str(tmp_path)
+    assert cfg["base"]["limit"] == 55000 and cfg["threat"]["eps"] == 0.3  # the real sizes, not the demo's

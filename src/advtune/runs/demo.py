@@ -78,17 +78,28 @@ def demo_config(data_dir: str | None = None, seed: int = 0) -> dict:
     }
 
 
+FULL_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "frontier-mnist-eps0.3.yaml"  # the checkout's
+
+
+def full_config(data_dir: str | None, seed: int) -> dict:
+    """`--full`: the MNIST frontier's own config, with the demo's --seed and --data-dir (which it would ignore)."""
+    from .experiment.config import load_config
+
+    if not FULL_CONFIG.is_file():
+        raise AdvtuneError(f"--full needs {FULL_CONFIG} (it ships with the source checkout, not the wheel)")
+    return {**load_config(FULL_CONFIG), "seed": seed, "data_dir": data_dir}
+
+
 def run(cfg: DemoConfig) -> list[dict]:
 
     out = Path(cfg.out)
     if cfg.full:
-        config = str(Path(__file__).resolve().parents[2] / "configs" / "frontier-mnist-eps0.3.yaml")
-        if not Path(config).is_file():
-            raise AdvtuneError(f"--full needs {config} (it ships with the source checkout)")
+        config = full_config(cfg.data_dir, cfg.seed)
     else:
         config = demo_config(cfg.data_dir, cfg.seed)
     print(f"advtune demo -> {out}  ({'full sizes' if cfg.full else DEMO_NOTE})")
-    rows = experiment_job.run(config, out, device=None if cfg.device == "auto" else cfg.device)
+    source = str(FULL_CONFIG) if cfg.full else None
+    rows = experiment_job.run(config, out, device=None if cfg.device == "auto" else cfg.device, source=source)
     std = next((r for r in rows if r["kind"] == "standard"), None)
     if std:
         per = ", ".join(f"{k[4:-1]} {100 * v:.1f}%" for k, v in std.items() if k.startswith("acc["))
