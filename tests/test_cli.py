@@ -145,6 +145,16 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg.write_text("dataset: synthetic\nmodel: [small-cnn\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r3")]) == 2
     assert "not valid YAML at line" in capsys.readouterr().err
+    # a binary file given by mistake (a weights file, a UTF-16 export): one line, not a UnicodeDecodeError
+    cfg.write_bytes(b"\xff\xfe\x00bin")
+    for argv in (
+        ["train", "--config", str(cfg), "--out", str(tmp_path / "r5")],
+        ["experiment", str(cfg), "--out", str(tmp_path / "x")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is not a YAML text file" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r5").exists()
 
 
 def test_python_dash_m_and_eps_fraction(tmp_path):

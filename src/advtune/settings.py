@@ -246,6 +246,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's contents; a missing, unreadable, non-text or malformed file is a one-line error."""
+    import yaml
+
+    if not path.is_file():
+        raise AdvtuneError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AdvtuneError(f"{path} is not a YAML text file (not UTF-8 text; a weights file by mistake?)") from None
+    except OSError as e:
+        raise AdvtuneError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str], argv: list[str]) -> None:
     """`--config FILE`: timm's two stages, YAML gives the command's defaults and explicit flags override
     them; a key that is not a flag of the command, or a value its flag refuses, is one line."""
@@ -255,17 +273,8 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return
-    import yaml
-
     path = Path(known.config)
-    if not path.is_file():
-        raise AdvtuneError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise AdvtuneError(f"{path} must be a mapping of flag names to values")
     if command is None:

@@ -11,12 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ... import filenames as files
 from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, Recipe
-from ...settings import check_keys, default, keys, parse_number, settings_from
+from ...settings import check_keys, default, keys, parse_number, read_yaml, settings_from
 from ...train.config import TrainConfig
 from ..analyze import check_curve_flags
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
@@ -64,16 +62,7 @@ EVAL_NAME = "protocol"
 def load_config(path: str | Path) -> dict:
     """Parse and validate an experiment YAML; errors name the line or the key."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise AdvtuneError(f"experiment config not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise AdvtuneError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    return validate_config(cfg, str(path))
+    return validate_config(read_yaml(Path(path), "experiment config"), str(path))
 
 
 def validate_config(cfg: Any, where: str = "config") -> dict:
