@@ -300,3 +300,27 @@ def test_an_interrupted_evaluation_leaves_the_last_record_and_reruns(tmp_path, c
     monkeypatch.setattr(protocol, "_attack_once", real)
     assert main([*argv[:-3], "--name", "again", "--quiet"]) == 0
     assert json.loads((out / "eval-again.json").read_text())["examples"] == 40
+
+
+def test_evaluate_never_replaces_a_record_of_another_measurement(tmp_path, capsys):
+    """A quick 10-image check under the same attacks and eps wrote over the 40-image record of the same name (and
+    `--name protocol` over harden's own); now it is refused before any work, unless --overwrite. The same
+    measurement again replaces it (a rerun)."""
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    argv = ["evaluate", str(out), "--attacks", "fgsm", "--eps", "0.1", "--batch-size", "10", "--quiet"]
+    assert main([*argv, "--limit-test", "40"]) == 0
+    (record,) = out.glob("eval-*.json")
+    before = record.read_bytes()
+    capsys.readouterr()
+    others = (["--limit-test", "10"], ["--limit-test", "40", "--seed", "1"], ["--limit-test", "40", "--no-cascade"])
+    for other in others:
+        assert main([*argv, *other]) == 2, other
+        err = capsys.readouterr().err
+        assert "already holds an evaluation with other settings" in err and "--name" in err, err
+        assert len(err.strip().splitlines()) == 1 and record.read_bytes() == before
+    assert main([*argv, "--limit-test", "40"]) == 0  # the same measurement: a rerun replaces it
+    assert main([*argv, "--limit-test", "10", "--overwrite"]) == 0
+    assert json.loads(record.read_text())["examples"] == 10
+    record.write_text("{not json")  # a broken record is not judged equal: refused as well
+    assert main([*argv, "--limit-test", "10"]) == 2

@@ -315,6 +315,7 @@ class EvaluateRun:
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
     name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
     record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
+    overwrite: bool = overwrite_setting(None, "replace an eval-<name>.json holding an evaluation with other settings")
     seed: int = seed_setting()
     data_dir: str | None = base_data_dir_setting()
     device: str = device_setting()

@@ -3,6 +3,7 @@ more eps; the record goes to eval-<name>.json."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -125,6 +126,36 @@ def write_evaluation(record: dict, path, plot_title: str | None = None, label: s
     return record
 
 
+# what makes two evaluations the same measurement: a record with other values is never replaced without --overwrite
+SAME_MEASUREMENT = ("eps", "attacks", "suite", "norm", "limit_test", "cascade", "seed")
+
+
+def measurement(config: dict) -> dict:
+    """The settings of an evaluation record's config that decide its numbers (an eps curve never cascades)."""
+    m = {k: config.get(k) for k in SAME_MEASUREMENT}
+    m["eps"] = list(m["eps"] or [])
+    if len(m["eps"]) > 1:
+        m["cascade"] = False
+    return m
+
+
+def check_record_free(path, run: EvaluateRun) -> None:
+    """Refuse, before any work, to replace an evaluation record that measured something else (a 100-image check
+    over an hours-long 1000-image one, or harden's own eval-protocol.json): the same measurement again replaces it."""
+    if run.overwrite or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+        same = measurement(old.get("config") or {}) == measurement(run.to_json())
+    except (OSError, ValueError, AttributeError, TypeError):
+        same = False  # unreadable: not ours to judge
+    if not same:
+        raise AdvtuneError(
+            f"{path} already holds an evaluation with other settings; give --name NAME to keep both, or --overwrite "
+            "to replace it"
+        )
+
+
 def run(run: EvaluateRun) -> dict:
     """`advtune evaluate`: the model of a run folder on its test split; the record goes to
     eval-<name>.json in the run folder (or `record_dir`)."""
@@ -135,13 +166,14 @@ def run(run: EvaluateRun) -> dict:
         attacks_for(run, eps)
     if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
+    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(record_name(run)))
+    check_record_free(path, run)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
     record = evaluation_record(model, ds.test, ds.name, run)
     if run.record_dir and is_main_process():
         RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
-    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(record_name(run)))
     title = f"{run.run}: accuracy vs eps ({run.norm})" if run.plot else None
     return write_evaluation(record, path, title, meta.get("architecture", "model"))
 
