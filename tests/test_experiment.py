@@ -271,6 +271,26 @@ def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
         experiment.run(write(tmp_path, cfg), out)
 
 
+def test_seed_and_flag_defaults_reach_an_experiment(finished, tmp_path, capsys):
+    """`experiment --seed N` was accepted and ignored (the YAML's seed ran again, its finished variants skipped), and
+    `--config` (flag defaults) overwrote the positional experiment YAML: both now do what they say."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("report: false\n")
+    experiment_yaml = write(tmp_path, TINY)
+    # the seed reaches the run: an experiment folder of seed 0 refuses seed 1 before anything is written
+    assert main(["experiment", str(experiment_yaml), "--config", str(defaults), "--seed", "1", "--out", str(out)]) == 2
+    assert "holds an experiment run with seed 0, not 1" in capsys.readouterr().err
+    before = (out / "results.json").read_bytes()
+    html = (out / "report.html").stat().st_mtime_ns
+    # the flag defaults are read as such (report: false), the experiment from the positional YAML: all finished
+    assert main(["experiment", str(experiment_yaml), "--config", str(defaults), "--out", str(out), "--quiet"]) == 0
+    assert (out / "results.json").read_bytes() == before and (out / "report.html").stat().st_mtime_ns == html
+
+
 def test_a_started_variant_resumes_with_the_settings_it_started_with(tmp_path, monkeypatch):
     """A variant begun before a default changed (variants once trained without the eps ramp) resumes
     with what it recorded, not the new default: its resume check would refuse a change."""

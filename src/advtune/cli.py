@@ -84,7 +84,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("general")
     g.add_argument("--config", help="YAML file of defaults for this command's flags (flags override it)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (default: auto)")
-    g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
+    if "--seed" not in p._option_string_actions:  # a command whose seed means something else defines its own
+        g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
     g.add_argument("--verbose", action="store_true", help="debug logging")
     backends = ("auto", "gloo", "nccl")
@@ -228,26 +229,21 @@ def run_finetune(args) -> int:
 
 
 def add_experiment_parser(p) -> None:
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    # not dest "config": that is the general --config (a YAML of this command's flag defaults)
+    p.add_argument("experiment", metavar="CONFIG", help="experiment YAML (see configs/)")
+    p.add_argument("--seed", type=seed_number, help="replaces the YAML's seed: (default: the YAML's, else 0)")
     p.add_argument("--out", required=True, help="experiment folder (runs/<name>)")
     p.add_argument("--only", help="comma list of variant names to run")
-    p.add_argument(
-        "--report",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write the report afterwards (default: yes)",
-    )
+    report_help = "write the report afterwards (default: yes)"
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help=report_help)
 
 
 def run_experiment(args) -> int:
     from .runs.experiment import format_results, run
 
-    rows = run(
-        args.config,
-        args.out,
-        device=None if args.device == "auto" else args.device,
-        only=[o.strip() for o in args.only.split(",")] if args.only else None,
-    )
+    only = [o.strip() for o in args.only.split(",")] if args.only else None
+    device = None if args.device == "auto" else args.device
+    rows = run(args.experiment, args.out, device=device, only=only, seed=args.seed)
     print(format_results(rows))
     if args.report:
         from .report import write_report

@@ -72,10 +72,13 @@ def run(
     device: str | None = None,
     only: list[str] | None = None,
     source: str | None = None,
+    seed: int | None = None,
 ) -> list[dict]:
     """Run every variant not yet finished, evaluate it with the protocol, write results.{json,csv}. `source` says
-    where a config given as a dict came from (recorded in experiment.json)."""
+    where a config given as a dict came from (recorded in experiment.json); `seed` replaces the config's seed:."""
     cfg = load_config(config) if not isinstance(config, dict) else validate_config(config)
+    if seed is not None:
+        cfg["seed"] = seed
     out = Path(out)
     ex = Experiment(
         cfg,
