@@ -159,8 +159,15 @@ def test_the_attack_names_in_the_help_are_the_registry():
             ["report", "--config"],
             "advtune report: error: argument --config: expected one argument (see advtune report --help)",
         ),
+        (  # no abbreviations: --limit was silently --limit-test (the only --limit* flag of export)
+            ["export", "run", "--limit", "5", "--out", "x"],
+            "advtune export: error: unrecognized arguments: --limit 5 (see advtune export --help)",
+        ),
     ],
-    ids=["no-command", "bad-command", "unknown-flag", "bad-type", "bad-choice", "missing", "info-flag", "config"],
+    ids=[
+        *("no-command", "bad-command", "unknown-flag", "bad-type", "bad-choice"),
+        *("missing", "info-flag", "config", "abbrev"),
+    ],
 )
 def test_argparse_errors_are_one_line_pointing_at_help(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -240,7 +240,12 @@ def settings_from(cls, values: dict, **fixed: Any):
 class Parser(argparse.ArgumentParser):
     """argparse's own errors (a missing command, an unknown flag, a bad value or choice) as one line that
     points at --help, instead of the whole usage block; exit status 2 as argparse's. --help is unchanged.
-    The root parser and, through add_subparsers, every command's parser are of this class."""
+    The root parser and, through add_subparsers, every command's parser are of this class. No abbreviated flags:
+    `--limit 5` was taken as `--limit-test 5` where a command has no --limit, and `--share` as `--shares`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
