@@ -390,7 +390,14 @@ def test_harden_settings_are_refused_before_the_base_or_the_data_are_read(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("flags", "message"), [(["--eps", "8"], "write 8/255"), (["--attack", "nosuch"], "nosuch")])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eps", "8"], "write 8/255"),
+        (["--attack", "nosuch"], "nosuch"),
+        (["--shares", "0.1,2"], "each --shares value must be in (0, 1]"),  # it was checked after the scoring
+    ],
+)
 def test_analyze_settings_are_refused_before_the_base_is_read(tmp_path, capsys, flags, message):
     from advtune.cli import main
 

@@ -94,6 +94,18 @@ def test_out_must_name_a_folder(capsys):
     assert "--out must name a run folder" in capsys.readouterr().err
 
 
+def test_an_existing_folder_is_refused_with_the_flags_the_command_has(tmp_path):
+    """analyze and apply have no --resume: their refusal of an existing --out offered it all the same."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(AdvtuneError, match="pass --resume to continue it or --overwrite to replace it"):
+        RunDir.create(out)
+    with pytest.raises(AdvtuneError, match="already exists; pass --overwrite to replace it, or choose another") as e:
+        RunDir.create(out, resumable=False)
+    assert "--resume" not in str(e.value)
+
+
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(

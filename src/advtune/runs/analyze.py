@@ -22,6 +22,7 @@ from ..threat import ThreatModel
 from ..vulnerability import (
     ConcentrationCurve,
     ScoreTable,
+    check_share,
     concentration_curve,
     layer_scores,
     list_criteria,
@@ -73,6 +74,10 @@ def check_curve_flags(run: AnalyzeRun) -> None:
             f"{' and '.join(given)} shape{'s' if len(given) == 1 else ''} the concentration curve, which "
             f"--curve-limit 0 skips: drop {' and '.join(given)} or give --curve-limit N"
         )
+    if not run.shares:
+        raise AdvtuneError("--shares is empty; give e.g. 0.01,0.05,0.1,1")
+    for share in run.shares:  # before the attack and the scoring, not after them (the curve checks them too)
+        check_share(share, "each --shares value")
 
 
 @dataclass
@@ -169,7 +174,7 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))
-    rd = RunDir.create(run.out, overwrite=run.overwrite)  # everything validated: only now create/replace
+    rd = RunDir.create(run.out, overwrite=run.overwrite, resumable=False)  # all validated: only now create
     rd.write_config(
         {
             "command": "analyze",

@@ -34,7 +34,7 @@ def run(run: ApplyRun) -> dict:
         state = load_checkpoint(base, run.weights_key)
     info = patch_info(run.patch)
     patched = apply_to_state(state, run.patch)  # refuses another base; checks the result
-    rd = RunDir.create(run.out, overwrite=run.overwrite)  # everything is checked: only now is --out created
+    rd = RunDir.create(run.out, overwrite=run.overwrite, resumable=False)  # all checked: only now is --out made
     record = {
         "command": "apply",
         "run": {"base": str(base), "patch": str(run.patch)},

@@ -46,16 +46,19 @@ class RunDir:
         self.writer = is_main_process()  # under torch.distributed only rank 0 writes the record
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
+    def create(
+        cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, resumable: bool = True
+    ) -> "RunDir":
+        """`resumable`: whether the command has --resume (its refusal of an existing folder offers it only then)."""
         if str(path).strip() in ("", ".", "./"):
             raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
         check_resume_overwrite(resume, overwrite)
         run = cls(path)
         # rank 0 alone checks, creates, replaces and locks the folder; a refusal stops every rank with it
-        on_main(lambda: run._create(resume=resume, overwrite=overwrite))
+        on_main(lambda: run._create(resume=resume, overwrite=overwrite, resumable=resumable))
         return run
 
-    def _create(self, *, resume: bool, overwrite: bool) -> None:
+    def _create(self, *, resume: bool, overwrite: bool, resumable: bool) -> None:
         run, p = self, self.path
         if p.exists() and not p.is_dir():
             raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
@@ -81,9 +84,8 @@ class RunDir:
                 run.aside = aside
                 log.info("the run in %s is kept at %s until the new run finishes", p, aside)
             else:
-                raise AdvtuneError(
-                    f"output folder {p} already exists; pass --resume to continue it or --overwrite to replace it"
-                )
+                how = "pass --resume to continue it or --overwrite" if resumable else "pass --overwrite"
+                raise AdvtuneError(f"output folder {p} already exists; {how} to replace it, or choose another --out")
         try:
             try:
                 p.mkdir(parents=True, exist_ok=True)
