@@ -374,7 +374,9 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
     [
         (["--eps", "8"], "write 8/255, not 8"),
         (["--eps", "0.3", "--keep-best", "-1"], "--keep-best must be a number of checkpoints"),
-        (["--eps", "0.3", "--evaluation", "apgd-ce,nosuch"], "unknown attack 'nosuch'"),
+        (["--eps", "0.3", "--evaluation", "apgd-ce,nosuch"], "--evaluation: unknown attack 'nosuch'"),
+        (["--eps", "0.3", "--epochs", "0"], "--epochs must be a positive number"),  # the flags named, not "recipe"
+        (["--eps", "0.3", "--eps-warmup", "1"], "--eps-warmup must be a share"),
         (["--eps", "0.3", "--analysis-attack", "pgd:steps=0"], "--analysis-attack:"),
         (["--eps", "0.3", "--limit-test", "0"], "--limit-test must be a positive"),
     ],

@@ -182,15 +182,13 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITY_WORDS:
-            raise AdvtuneError(
-                f"recipe granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
-            )
+            raise AdvtuneError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if not (isinstance(self.params, (int, float)) and 0 < self.params):
-            raise AdvtuneError(f"recipe params must be a positive parameter budget, got {self.params!r}")
+            raise AdvtuneError(f"--params must be a share like 0.1 or a count of entries, got {self.params!r}")
         if not 0 <= self.eps_warmup < 1:
-            raise AdvtuneError(f"eps warm-up must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
+            raise AdvtuneError(f"--eps-warmup must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise AdvtuneError(f"recipe epochs must be positive, got {self.epochs}")
+            raise AdvtuneError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
         if self.norms is True and self.granularity not in NORMS_GRANULARITIES:
             raise AdvtuneError(
                 f"--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "

@@ -164,7 +164,10 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
         if threat.norm != "linf":  # Square is linf-only (as in the standard suite)
             specs = [a for a in specs if not a.strip().lower().startswith("square")] or specs
         for spec in specs:
-            build_attack(spec, threat)
+            try:
+                build_attack(spec, threat)
+            except AdvtuneError as e:
+                raise AdvtuneError(f"--evaluation: {e}") from None
         evaluation = ",".join(specs)
     train = TrainConfig(
         epochs=1,
