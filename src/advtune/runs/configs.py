@@ -39,10 +39,12 @@ def data_dir_setting(group: str | None = None):
     )
 
 
-def base_data_dir_setting():
+def base_data_dir_setting(group: str | None = None):
     """Where the dataset of the run a job starts from is found."""
     return setting(
-        None, help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)"
+        None,
+        help="folder holding <dataset>/ (default: the base run's, $ADVTUNE_DATA, cache, ../shared/data)",
+        group=group,
     )
 
 
@@ -81,11 +83,12 @@ def keep_best_setting(default: int = 0, group: str | None = "training"):
     )
 
 
-def eps_warmup_setting(group: str):
+def eps_warmup_setting(group: str, probe: bool = False):
+    with_probe = "; 0.15 with --granularity probe, so the ramp ends inside the probe" if probe else ""
     return setting(
         None,
         help="share of training over which eps ramps up from 0 "
-        "(default: 0.3, the ramp every recipe here needed; 0: off; TRADES: off unless given)",
+        f"(default: 0.3, the ramp every recipe here needed{with_probe}; 0: off; TRADES: off unless given)",
         type=number,
         group=group,
     )
@@ -189,12 +192,12 @@ class FinetuneRun:
     attack_mode: str = setting(
         "eval", help="model mode while the attack runs", choices=("eval", "train"), group="attack"
     )
-    eps_warmup: float | None = eps_warmup_setting("attack")
+    eps_warmup: float | None = eps_warmup_setting("attack", probe=True)
     guard: bool | None = setting(
         None, help="catastrophic-overfitting guard (default: on for FGSM attacks)", group="attack"
     )
     train: TrainConfig = setting(TrainConfig(epochs=1), help="the training settings", cli=False)
-    data_dir: str | None = data_dir_setting("data")
+    data_dir: str | None = base_data_dir_setting("data")
     limit: int | None = limit_setting()
     limit_test: int | None = limit_test_setting()
     val: float = val_setting()
@@ -212,7 +215,8 @@ class FinetuneRun:
         "with ranks shared out by the layers' scores, hybrid (the best whole layers + adapters on the others), or "
         "quota (the best units of every layer, the budget shared out by the layers' scores), or shares (every layer "
         "a share of the budget by its score: whole where the share pays for it, else the adapter it buys), or sparse "
-        "(every layer's share as single weight entries, those with the largest adversarial Fisher)",
+        "(every layer's share as single weight entries, those with the largest adversarial Fisher), or probe (the "
+        "whole network first for --probe of the budget, then only the entries it moved most: harden's rule)",
         choices=GRANULARITIES,
         group="selection",
     )
