@@ -89,7 +89,7 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     assert f"robust {100 * s['before']['robust_acc']:.2f}% -> {100 * s['after']['robust_acc']:.2f}%" in shown
 
 
-def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
+def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path):
     monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
     monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
     monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
@@ -99,6 +99,17 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch):
     # the record holds the quotas as decided (auto -> on with the probe rule): the explicit flag is the same run
     assert json.loads((hardened / "summary.json").read_text())["recipe"]["probe_quotas"] is True
     assert main([*argv, "--probe-quotas"]) == 0
+    # the same base written another way (a trailing slash, ./) and a moved (here: copied) harden folder resume too;
+    # they were refused as "different settings (base)" and "(out)"
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(hardened, moved)
+    other_way = ["harden", f"{base / 'base'}/", *argv[2:]]
+    other_way[other_way.index("--out") + 1] = str(moved)
+    assert main(other_way) == 0
+    monkeypatch.chdir(base)
+    assert main(["harden", "./base", *argv[2:]]) == 0
 
 
 def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):

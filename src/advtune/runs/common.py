@@ -205,6 +205,16 @@ RUN_DEFAULTS = {
 }  # keys newer than some records
 
 
+PATH_SETTINGS = ("base", "data_dir")  # folders: ./runs/a, runs/a/ and runs/a are one setting
+
+
+def same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names."""
+    if key in PATH_SETTINGS and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
+
+
 def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None:
     """A resume must use the settings the run started with (training ones included, whether or not a
     checkpoint exists yet); only where it runs may change: the folder's path (a moved run resumes),
@@ -214,7 +224,7 @@ def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None
     changed = [
         (k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
         for k in now
-        if k not in ignore and saved.get(k, RUN_DEFAULTS.get(k)) != now[k]
+        if k not in ignore and not same_setting(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
     ]
     if isinstance(now.get("train"), dict):
         changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]

@@ -43,7 +43,7 @@ from ..settings import negatable
 from ..storage import atomic_write_bytes, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
-from .common import dataset_of, load_base, refuse_same_folder
+from .common import dataset_of, load_base, refuse_same_folder, same_setting
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
@@ -293,7 +293,8 @@ def run(run: HardenRun) -> HardenSummary:
         saved = read_json(out / files.CONFIG, "harden config").get("run", {})
         now = run.to_json()
         saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
-        changed = [k for k in now if k not in ("resume", "overwrite", "device") and saved.get(k) != now[k]]
+        ignored = ("resume", "overwrite", "device", "out")  # where it runs: a moved harden folder resumes
+        changed = [k for k in now if k not in ignored and not same_setting(k, saved.get(k), now[k])]
         if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
             recipe = [
                 flag_words(k, saved["recipe"].get(k))
