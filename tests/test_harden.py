@@ -388,6 +388,7 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
         (["--eps", "0.3", "--evaluation", "apgd-ce,nosuch"], "--evaluation: unknown attack 'nosuch'"),
         (["--eps", "0.3", "--epochs", "0"], "--epochs must be a positive number"),  # the flags named, not "recipe"
         (["--eps", "0.3", "--eps-warmup", "1"], "--eps-warmup must be a share"),
+        (["--eps", "0.3", "--attack", "nosuch"], "unknown attack 'nosuch'"),  # the training attack: it was after
         (["--eps", "0.3", "--analysis-attack", "pgd:steps=0"], "--analysis-attack:"),
         (["--eps", "0.3", "--limit-test", "0"], "--limit-test must be a positive"),
     ],
@@ -401,6 +402,29 @@ def test_harden_settings_are_refused_before_the_base_or_the_data_are_read(tmp_pa
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["finetune", "BASE", "--eps", "8"], "write 8/255"),
+        (["finetune", "BASE", "--eps", "0.3", "--attack", "nosuch"], "unknown attack 'nosuch'"),
+        (["train", "--dataset", "mnist", "--model", "nosuch"], "unknown model 'nosuch'"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--adversarial", "pgd"], "needs --eps"),
+        (["train", "--dataset", "mnist", "--model", "small-cnn", "--adversarial", "pgd", "--eps", "8"], "8/255"),
+    ],
+)
+def test_finetune_and_train_settings_are_refused_before_the_base_or_the_data(tmp_path, capsys, argv, message):
+    """What the flags alone decide comes before the base model is read and before a dataset is read or downloaded
+    (a wrong --model left an empty mnist/ in --data-dir, and a finetune's --eps 8 was told the base was missing)."""
+    from advtune.cli import main
+
+    data = tmp_path / "data"
+    argv = [str(tmp_path / "no-such-base") if a == "BASE" else a for a in argv]
+    assert main([*argv, "--data-dir", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not data.exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from ..records import Record
 from ..seeding import seed_everything
 from ..storage import read_json
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, fit
+from ..train import TrainConfig, build_objective, check_objective, fit
 from ..train.keep_best import KeepBest
 from ..train.lowrank import check_adapter_lr_ratio, selection_from_json
 from ..train.sparse import SparseEntries
@@ -115,6 +115,7 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
     run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack))
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
+    check_objective(run.attack, ThreatModel(run.norm, run.eps))  # the eps range and the spec, before the base
     check_val(run.val)
     check_resume_overwrite(run.resume, run.overwrite)
     if run.granularity == "probe" and run.select == "random":

@@ -15,7 +15,7 @@ from ..evaluation import SUITES  # --evaluation may name a suite, as advtune eva
 from ..models import load_model
 from ..recipe import Recipe
 from ..threat import ThreatModel
-from ..train import TrainConfig, build_objective, cost_per_example, probe_stage_attack
+from ..train import TrainConfig, build_objective, check_objective, cost_per_example, probe_stage_attack
 from ..train.distill import check_probe_teacher
 from ..train.lowrank import adaptable_layers, adapter_size, budget_ranks, own_params, share_ranks
 from ..vulnerability import list_criteria
@@ -158,6 +158,7 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):
         raise AdvtuneError(f"--limit-test must be a positive number of test examples, got {run.limit_test}")
     check_analysis_stage(run.recipe, threat)
+    check_objective(run.recipe.attack, threat)  # the training attack: its spec, before the base or the data
     evaluation = run.evaluation
     if evaluation not in SUITES:
         specs = split_attack_list(evaluation)

@@ -10,7 +10,7 @@ from ..data import load_dataset
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
-from ..models import describe_meta, load_model, load_weights, model_for
+from ..models import ARCHITECTURES, describe_meta, is_factory_spec, load_model, load_weights, model_for
 from ..records import Record
 from ..seeding import seed_everything
 from ..settings import default
@@ -88,6 +88,12 @@ def run(run: TrainRun) -> TrainSummary:
         ]  # a switch is named by both its spellings
         joined = "/".join(flags)
         raise AdvtuneError(f"adversarial training's settings without --adversarial ({joined}): add it, or drop them")
+    if run.adversarial and run.eps is None:  # before the data is read (or downloaded)
+        raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
+    if run.eps is not None:
+        ThreatModel(run.norm, run.eps)  # its range, before the data
+    if not is_factory_spec(run.model):
+        ARCHITECTURES.get(run.model)  # an unknown name: "unknown model ...; valid: ...", before a download
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(
@@ -100,8 +106,6 @@ def run(run: TrainRun) -> TrainSummary:
     objective, val_attack, callbacks = clean(), None, []
     meter = CostMeter()
     if run.adversarial:
-        if run.eps is None:
-            raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
         threat = ThreatModel(run.norm, run.eps)
         objective = build_objective(
             run.adversarial, threat, run.attack_mode, run.eps_warmup, model=model, load_model=load_model

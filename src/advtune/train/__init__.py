@@ -26,6 +26,7 @@ _MODULES = {
         "Trades",
         "adversarial",
         "build_objective",
+        "check_objective",
         "clean",
         "forward_to",
         "local_feature",

@@ -357,6 +357,18 @@ OBJECTIVES.register("distill")(build_distill)
 OBJECTIVES.register("awp")(build_awp)
 
 
+def check_objective(spec: str, threat) -> None:
+    """An objective or attack spec refused in one line from the spec alone (its name, its parameters and the
+    threat), before any model or data is read; what needs the model (a layer's name, a teacher) is checked when
+    it is built."""
+    name, raw = parse_spec(spec, "objective")
+    builder = OBJECTIVES.get(name, None)
+    if builder is None:
+        build_attack(spec, threat)
+    else:
+        convert_params(name, raw, builder, title=getattr(builder, "title", name), skip=INJECTED)
+
+
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None, load_model=None):
     """`pgd:steps=10`, `fgsm`, `fgsm-rs`, ... -> adversarial(attack); `trades[:steps=..,beta=..]` -> TRADES;
     `local:layer=<module>[,steps=..,clean=..]` -> the local feature objective of the block ending at
