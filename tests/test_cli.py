@@ -145,6 +145,9 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg.write_text("dataset: synthetic\nmodel: [small-cnn\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r3")]) == 2
     assert "not valid YAML at line" in capsys.readouterr().err
+    cfg.write_text("dataset: synthetic\nmodel: small-cnn\nresume: 'false'\n")  # a quoted "false" is truthy
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r6")]) == 2
+    assert "resume is a switch: write true or false, got 'false'" in capsys.readouterr().err
     # a binary file given by mistake (a weights file, a UTF-16 export): one line, not a UnicodeDecodeError
     cfg.write_bytes(b"\xff\xfe\x00bin")
     for argv in (

@@ -289,6 +289,12 @@ def test_seed_and_flag_defaults_reach_an_experiment(finished, tmp_path, capsys):
     # the flag defaults are read as such (report: false), the experiment from the positional YAML: all finished
     assert main(["experiment", str(experiment_yaml), "--config", str(defaults), "--out", str(out), "--quiet"]) == 0
     assert (out / "results.json").read_bytes() == before and (out / "report.html").stat().st_mtime_ns == html
+    # another kind of folder (here: the experiment's own standard run) is not an experiment's: refused, untouched
+    standard = out / "standard"
+    listing = sorted(p.name for p in standard.iterdir())
+    assert main(["experiment", str(experiment_yaml), "--out", str(standard), "--quiet"]) == 2
+    assert "is not an experiment folder" in capsys.readouterr().err
+    assert sorted(p.name for p in standard.iterdir()) == listing
 
 
 def test_a_started_variant_resumes_with_the_settings_it_started_with(tmp_path, monkeypatch):

@@ -120,3 +120,15 @@ def test_limit_means_training_examples_and_limit_test_test_examples_everywhere(c
     assert main(["evaluate", "runs/x", "--eps", "0.1", "--suite", "quick", "--limit", "50"]) == 2
     err = capsys.readouterr().err
     assert "use --limit-test 50" in err and err.count("\n") == 1
+
+
+def test_a_gradient_evaluation_budget_is_written_the_usual_ways():
+    """--budget 5.4e5 was refused as "invalid int value"; a share or a fraction is not a budget."""
+    import argparse
+
+    from advtune.settings import grad_evals_number
+
+    assert grad_evals_number("5.4e5") == grad_evals_number("540_000") == grad_evals_number("540000") == 540_000
+    for bad in ("0", "1.5", "-3", "inf", "1/2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="whole positive number of gradient evaluations"):
+            grad_evals_number(bad)

@@ -83,6 +83,15 @@ def seed_number(text: str) -> int:
     return v
 
 
+def grad_evals_number(text: str) -> int:
+    """A compute budget in gradient evaluations: a whole positive number, written as the user likes (540000,
+    5.4e5, 540_000)."""
+    v = number(text)
+    if not math.isfinite(v) or v <= 0 or v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole positive number of gradient evaluations")
+    return int(v)
+
+
 def budget_number(text: str) -> float | int:
     """A parameter budget: a share in (0, 1) or a whole number of entries (finite, positive)."""
     v = number(text)
@@ -295,6 +304,9 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
                 f"{path}: unknown key {key!r}" + (f"; did you mean {close[0].replace('_', '-')!r}?" if close else "")
             )
         action = actions[dest]
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+        if switch and not isinstance(value, bool) and not (value is None and action.default is None):
+            raise AdvtuneError(f"{path}: {key} is a switch: write true or false, got {value!r}")  # "false" is truthy
         if isinstance(value, list):  # a YAML list stands for the flag's comma list
             value = ",".join(str(v) for v in value)
         if action.type is not None and value is not None and not isinstance(value, bool):

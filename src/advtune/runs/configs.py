@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..recipe import EVALUATION, GRANULARITIES, HEAD_HELP, PROBE_SHARE, Recipe
-from ..settings import budget_number, number, setting
+from ..settings import budget_number, grad_evals_number, number, setting
 from ..train.config import TrainConfig
 
 # ---------------------------------------------------------------- settings several jobs share
@@ -66,6 +66,7 @@ def budget_setting():
     return setting(
         None,
         help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
+        type=grad_evals_number,
         group="training",
     )
 
@@ -341,6 +342,7 @@ class HardenRun:
         None,
         help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
         "the training attack)",
+        type=grad_evals_number,
     )
     recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)
     limit: int | None = setting(None, help="use only the first N training examples (analysis and fine-tuning)")

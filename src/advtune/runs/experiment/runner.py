@@ -91,6 +91,10 @@ def run(
     )
     variants = _chosen(expand_variants(cfg), only)
     # everything is validated before the first write: a refused re-run leaves the folder as it was
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / files.EXPERIMENT).is_file()):
+        raise AdvtuneError(  # a run or harden folder: its report and records would be written over
+            f"--out {out} exists and is not an experiment folder (no {files.EXPERIMENT}); choose a new --out"
+        )
     _refuse_other_seed(out, ex.seed)
     _refuse_changed_variants(out, variants)
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
