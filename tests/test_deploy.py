@@ -65,7 +65,7 @@ def shipped(tmp_path_factory):
     assert main(["harden", str(root / "base"), *HARDEN, "--out", str(root / "hard"), "--quiet"]) == 0
     for fmt, name in (("onnx", "model.onnx"), ("safetensors", "model.safetensors"), ("pt", "model.pt")):
         argv = ["export", str(root / "hard"), "--format", fmt, "--out", str(root / "ship" / name), "--quiet"]
-        assert main([*argv, "--limit-test", "40"]) == 0
+        assert main([*argv, *(["--limit-test", "40"] if fmt == "onnx" else [])]) == 0  # the ONNX check's
     return root, model
 
 
@@ -259,3 +259,15 @@ def test_a_model_onnx_cannot_export_is_one_line_and_writes_nothing(shipped, tmp_
     err = capsys.readouterr().err.strip()
     assert "ONNX cannot export this model (RuntimeError: Exporting the operator" in err and len(err.splitlines()) == 1
     assert "--format safetensors" in err and not (tmp_path / "ship").exists()  # not even the folder
+
+
+def test_the_onnx_checks_settings_with_another_format_are_refused(shipped, tmp_path, capsys):
+    """--eps/--attack/--limit-test shape the ONNX check alone: with safetensors or pt they were dropped silently."""
+    root, _ = shipped
+    out = tmp_path / "m.safetensors"
+    argv = ["export", str(root / "hard"), "--format", "safetensors", "--out", str(out), "--quiet"]
+    assert main([*argv, "--eps", "0.1", "--limit-test", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eps --limit-test: settings of the ONNX check" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(argv) == 0 and out.is_file()

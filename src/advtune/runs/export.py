@@ -29,6 +29,7 @@ from ..errors import AdvtuneError
 from ..metrics import adversarial_examples
 from ..provenance import versions
 from ..registry import parse_spec
+from ..settings import default
 from ..storage import atomic_write_bytes, atomic_write_json
 from ..threat import ThreatModel
 from ..train.objectives import OBJECTIVES
@@ -37,6 +38,7 @@ from .configs import ExportRun
 
 log = logging.getLogger(__name__)
 
+CHECK_SETTINGS = ("eps", "attack", "norm", "limit_test", "batch_size", "data_dir", "seed")  # the ONNX check's
 TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the logits' scale (float32 kernels differ)
 
 
@@ -49,6 +51,11 @@ def run(run: ExportRun) -> dict:
         raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
     if run.format == "onnx":
         onnx_runtime()  # the extra is installed: checked before any work
+    else:  # the check's settings: only ONNX is checked against the run; elsewhere they were dropped without a word
+        given = [f for f in CHECK_SETTINGS if getattr(run, f) != default(ExportRun, f)]
+        if given:
+            flags = " ".join("--" + f.replace("_", "-") for f in given)
+            raise AdvtuneError(f"{flags}: settings of the ONNX check, which --format {run.format} has not; drop them")
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     model.eval()
