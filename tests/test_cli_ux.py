@@ -81,6 +81,22 @@ def test_info_describes_every_kind_of_run(runs, capsys):
     assert "full-ft" in shown and "standard" in shown  # the experiment's results table
 
 
+def test_info_on_a_record_of_another_shape_is_one_line(runs, tmp_path, capsys):
+    """A hand-edited or foreign record made `info` end in a KeyError/AttributeError traceback."""
+    import json
+    import shutil
+
+    copy = tmp_path / "train"
+    shutil.copytree(runs / "train", copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.pop("test_examples")
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert main(["info", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a record has an unexpected shape (KeyError: 'test_examples')" in err and len(err.splitlines()) == 1
+    assert main(["info", str(copy), "--json"]) == 0  # the raw records still show
+
+
 def test_report_works_on_any_run_folder_and_on_several(runs, capsys):
     assert main(["report", str(runs / "train"), str(runs / "analyze"), str(runs / "exp")]) == 0
     for name in ("train", "analyze", "exp"):

@@ -254,7 +254,18 @@ def run_info(path: str | os.PathLike) -> dict:
 
 
 def format_info(info: dict) -> str:
-    """A human-readable account of a run for the terminal."""
+    """A human-readable account of a run for the terminal; a record of another shape (edited by hand, from
+    another tool) is a one-line error, not a traceback."""
+    try:
+        return _info_lines(info)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise AdvtuneError(
+            f"{info.get('run')}: a record has an unexpected shape ({type(e).__name__}: {e}); "
+            "`advtune info --json` shows the raw records"
+        ) from None
+
+
+def _info_lines(info: dict) -> str:
     cfg = info["config"]
     run = cfg.get("run", {})
     lines = [f"run        {info['run']}", f"command    {cfg.get('command')}   created {cfg.get('created', '?')}"]
