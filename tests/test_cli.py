@@ -327,3 +327,14 @@ def test_evaluate_never_replaces_a_record_of_another_measurement(tmp_path, capsy
     assert json.loads(record.read_text())["examples"] == 10
     record.write_text("{not json")  # a broken record is not judged equal: refused as well
     assert main([*argv, "--limit-test", "10"]) == 2
+
+
+def test_a_relative_data_dir_is_recorded_as_the_folder_it_names(tmp_path, monkeypatch):
+    """Later jobs (harden, finetune, evaluate) read the base run's data folder from its record: recorded as typed
+    (`data`), it named another folder from another working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert main(train_args(tmp_path / "run", "--data-dir", "data")) == 0
+    run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert run["data_dir"] == str(tmp_path.resolve() / "data")
+    assert main(train_args(tmp_path / "run", "--data-dir", "./data/", "--resume")) == 0  # the same folder: resumes

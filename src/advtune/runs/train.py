@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..cost import CostMeter
 from ..data import load_dataset
@@ -56,6 +57,8 @@ def run(run: TrainRun) -> TrainSummary:
     """Train a model by name on a dataset by name into `run.out`; returns the summary record."""
 
     run = replace(run, train=run.train or TrainConfig())
+    if run.data_dir:  # recorded as the folder it names: later jobs read the base's data from any working folder
+        run = replace(run, data_dir=str(Path(run.data_dir).resolve()))
     if run.adversarial:
         run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial))
     cfg = run.train
