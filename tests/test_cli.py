@@ -148,6 +148,9 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg.write_text("dataset: synthetic\nmodel: small-cnn\nresume: 'false'\n")  # a quoted "false" is truthy
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r6")]) == 2
     assert "resume is a switch: write true or false, got 'false'" in capsys.readouterr().err
+    cfg.write_text("head: null\nnorms: ~\n")  # an auto switch (bool | None): null is auto, as its help says
+    assert main(["finetune", str(tmp_path / "no-base"), "--config", str(cfg), "--eps", "0.3", "--out", "x"]) == 2
+    assert "run folder" in capsys.readouterr().err  # the YAML passed; the missing base is what stops it
     # a binary file given by mistake (a weights file, a UTF-16 export): one line, not a UnicodeDecodeError
     cfg.write_bytes(b"\xff\xfe\x00bin")
     for argv in (
@@ -338,3 +341,6 @@ def test_a_relative_data_dir_is_recorded_as_the_folder_it_names(tmp_path, monkey
     run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
     assert run["data_dir"] == str(tmp_path.resolve() / "data")
     assert main(train_args(tmp_path / "run", "--data-dir", "./data/", "--resume")) == 0  # the same folder: resumes
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ as the loaders read it (a YAML or --data-dir=~/data keeps it)
+    assert main(train_args(tmp_path / "home", "--data-dir", "~/data")) == 0
+    assert json.loads((tmp_path / "home" / "config.json").read_text())["run"]["data_dir"] == str(run["data_dir"])

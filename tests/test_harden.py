@@ -110,6 +110,17 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path)
     assert main(other_way) == 0
     monkeypatch.chdir(base)
     assert main(["harden", "./base", *argv[2:]]) == 0
+    # moved while its fine-tuning had not finished: the stage's analysis moved with it (it was refused as
+    # "different settings (select: '<old>/analysis' -> '<new>/analysis')")
+    monkeypatch.undo()  # the stages above are not to run again; this one resumes its last checkpoint
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(hardened, interrupted)
+    for record in (interrupted / "summary.json", interrupted / "finetune" / "summary.json"):
+        record.unlink()
+    resumed = [*argv]
+    resumed[resumed.index("--out") + 1] = str(interrupted)
+    assert main(resumed) == 0
+    assert (interrupted / "summary.json").is_file()
 
 
 def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):

@@ -213,7 +213,8 @@ def add_flags(
             kw["default"] = None if default is _MISSING else default
             if "(default" not in m["help"] and kw.get("action") != "store_true":  # a switch is off by default
                 kw["help"] = f"{m['help']} (default: {_show(kw['default'])})"
-        target.add_argument(flag_name(f.name), **kw)
+        action = target.add_argument(flag_name(f.name), **kw)
+        action.auto = kind == "bool | None"  # a switch with an auto value: null in a --config YAML means auto
 
 
 def from_args(cls, args: argparse.Namespace, **given: Any):
@@ -305,7 +306,7 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
             )
         action = actions[dest]
         switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
-        if switch and not isinstance(value, bool) and not (value is None and action.default is None):
+        if switch and not isinstance(value, bool) and not (value is None and getattr(action, "auto", False)):
             raise AdvtuneError(f"{path}: {key} is a switch: write true or false, got {value!r}")  # "false" is truthy
         if isinstance(value, list):  # a YAML list stands for the flag's comma list
             value = ",".join(str(v) for v in value)

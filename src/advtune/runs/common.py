@@ -205,14 +205,25 @@ RUN_DEFAULTS = {
 }  # keys newer than some records
 
 
-PATH_SETTINGS = ("base", "data_dir")  # folders: ./runs/a, runs/a/ and runs/a are one setting
+PATH_SETTINGS = ("base", "data_dir", "select")  # folders: ./runs/a, runs/a/ and runs/a are one setting
 
 
-def same_setting(key: str, saved: Any, now: Any) -> bool:
-    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names."""
-    if key in PATH_SETTINGS and isinstance(saved, str) and isinstance(now, str):
-        return Path(saved).resolve() == Path(now).resolve()
-    return saved == now
+def _folder(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def same_setting(key: str, saved: Any, now: Any, saved_out: Any = None, now_out: Any = None) -> bool:
+    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names, and
+    an analysis next to the run (`select`: harden's own analysis beside its fine-tuning stage) as the same one when
+    the run moved with it (`saved_out`, `now_out`: the run's folder then and now)."""
+    if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)) or saved == now:
+        return saved == now
+    a, b = _folder(saved), _folder(now)
+    if a == b:
+        return True
+    if key == "select" and isinstance(saved_out, str) and isinstance(now_out, str):
+        return a.name == b.name and a.parent == _folder(saved_out).parent and b.parent == _folder(now_out).parent
+    return False
 
 
 def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None:
@@ -224,7 +235,8 @@ def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None
     changed = [
         (k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
         for k in now
-        if k not in ignore and not same_setting(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
+        if k not in ignore
+        and not same_setting(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k], saved.get("out"), now.get("out"))
     ]
     if isinstance(now.get("train"), dict):
         changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]

@@ -134,6 +134,8 @@ def measurement(config: dict) -> dict:
     """The settings of an evaluation record's config that decide its numbers (an eps curve never cascades)."""
     m = {k: config.get(k) for k in SAME_MEASUREMENT}
     m["eps"] = list(m["eps"] or [])
+    if isinstance(m["attacks"], str):  # "apgd-ce, apgd-t" and "apgd-ce,apgd-t" are one list
+        m["attacks"] = [a.strip() for a in split_attack_list(m["attacks"])]
     if len(m["eps"]) > 1:
         m["cascade"] = False
     return m

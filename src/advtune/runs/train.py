@@ -58,7 +58,7 @@ def run(run: TrainRun) -> TrainSummary:
 
     run = replace(run, train=run.train or TrainConfig())
     if run.data_dir:  # recorded as the folder it names: later jobs read the base's data from any working folder
-        run = replace(run, data_dir=str(Path(run.data_dir).resolve()))
+        run = replace(run, data_dir=str(Path(run.data_dir).expanduser().resolve()))
     if run.adversarial:
         run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial))
     cfg = run.train
