@@ -256,3 +256,12 @@ def test_demo_full_reads_the_checkout_frontier_config_with_its_seed_and_data_dir
     cfg = full_config(str(tmp_path), 3)
     assert cfg["name"] == "frontier-mnist-eps0.3" and cfg["seed"] == 3 and cfg["data_dir"] == str(tmp_path)
     assert cfg["base"]["limit"] == 55000 and cfg["threat"]["eps"] == 0.3  # the real sizes, not the demo's
+
+
+def test_general_flags_before_the_command_are_refused_saying_where_they_go(capsys):
+    """`advtune --quiet info RUN` said "unrecognized arguments: --quiet" (info has it) and `--device cpu info RUN`
+    "invalid choice: 'cpu'"."""
+    for argv, flags in ((["--quiet", "info", "run"], "--quiet"), (["--device", "cpu", "info", "run"], "--device cpu")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"advtune: error: flags go after the command: advtune info ... {flags}"

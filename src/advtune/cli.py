@@ -469,6 +469,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     try:
         apply_yaml_defaults(parser, COMMANDS, argv)
+        first = next((i for i, a in enumerate(argv) if a in COMMANDS), 0)
+        if first and argv[0] not in ("-h", "--help", "--version"):  # `advtune --quiet info RUN`
+            raise AdvtuneError(f"flags go after the command: advtune {argv[first]} ... {' '.join(argv[:first])}")
         args, extra = parser.parse_known_args(argv)
         if extra:  # parse_args's own check, said by the command's parser: "advtune train: error: ..."
             commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
