@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import json
 import pickle
 import struct
 import tarfile
@@ -369,3 +370,21 @@ def test_real_cifar10_npz_layout(isolated):
     ds = load_dataset("cifar10", limit=100, limit_test=10)
     assert ds.input_shape == (3, 32, 32) and ds.train.y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     assert ds.test.y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+def test_a_run_fine_tuned_from_a_custom_data_folder_finds_it_again(isolated, monkeypatch):
+    """train --data-dir X, then finetune (no --data-dir: the base's is used), then evaluate the fine-tuned run: its
+    record has no --data-dir of its own, and the evaluation searched the default places only (and tried a
+    download). It now reads the folder its dataset came from."""
+    from advtune.cli import main
+
+    monkeypatch.chdir(isolated)
+    write_fake_mnist(isolated / "mine" / "fashion-mnist", n_train=64, n_test=16)
+    std, ft = isolated / "std", isolated / "ft"
+    train = ["train", "--dataset", "fashion-mnist", "--data-dir", str(isolated / "mine"), "--model", "small-cnn"]
+    assert main([*train, "--epochs", "1", "--batch-size", "32", "--out", str(std), "--quiet"]) == 0
+    finetune = ["finetune", str(std), "--eps", "0.1", "--attack", "fgsm", "--epochs", "1", "--batch-size", "32"]
+    assert main([*finetune, "--monitor-test", "0", "--out", str(ft), "--quiet"]) == 0
+    assert json.loads((ft / "config.json").read_text())["run"]["data_dir"] is None  # the base's folder was used
+    assert main(["evaluate", str(ft), "--eps", "0.1", "--attacks", "fgsm", "--name", "e", "--quiet"]) == 0
+    assert json.loads((ft / "eval-e.json").read_text())["examples"] == 16

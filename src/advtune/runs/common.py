@@ -262,7 +262,19 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
     if not name:
         raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
-    return load_dataset(name, data_dir or run.get("data_dir"), **kw)
+    return load_dataset(name, data_dir or run.get("data_dir") or folder_read_from(base_config, name), **kw)
+
+
+def folder_read_from(config: dict, name: str) -> str | None:
+    """The data folder a run's dataset was read from, by the file its record names (`dataset.source`, e.g.
+    <data>/cifar10/cifar10.npz): a fine-tuned or hardened run records no --data-dir of its own when its base's
+    was used, and a job on it would otherwise search the default places only."""
+    source = (config.get("dataset") or {}).get("source")
+    if not isinstance(source, str) or not source:
+        return None
+    path = Path(source)
+    holder = next((p for p in (path, *path.parents) if p.name == name), None)
+    return str(holder.parent) if holder is not None and holder.parent.is_dir() else None
 
 
 def guard_on(guard: bool | None, spec: str) -> bool:
