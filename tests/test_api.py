@@ -155,3 +155,45 @@ def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
     alone = advtune.harden(tiny_model, (x[:400], y[:400]), eps=0.2, budget=12000)
     assert alone.before is None and alone.after is None and alone.summary()["after"] is None
     assert all(torch.equal(v, res.model.state_dict()[k]) for k, v in alone.model.state_dict().items())
+
+
+def test_the_api_leaves_the_callers_random_state_and_modes_and_refuses_a_wrong_model_in_one_line(blobs):
+    """A review found analyze and harden reseeding the caller's global generators (their loops' shuffles and
+    dropout repeated), fit leaving the model in train mode, a model or labels that do not fit ending in a
+    traceback from inside analyze/fit/harden, int32 labels refused by the attacks, and harden recording a zoo
+    model as "Sequential" (so its frontier references were lost)."""
+    import random
+
+    import numpy as np
+
+    x, y, xt, yt = blobs
+    model = TinyCNN().eval()
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    expected = torch.rand(1), random.random(), np.random.rand()
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    advtune.analyze(model, (x[:32], y[:32]), eps=0.1, attack="fgsm", limit=32, curve=False, seed=0)
+    assert (torch.rand(1), random.random(), np.random.rand()) == expected
+    advtune.fit(model, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1, batch_size=32))
+    assert not model.training  # given in eval mode, left in eval mode
+    three_channels = torch.rand(4, 3, 16, 16)
+    for call in (
+        lambda: advtune.analyze(model, (three_channels, y[:4]), eps=0.1, attack="fgsm", curve=False),
+        lambda: advtune.fit(model, (three_channels, y[:4]), config=advtune.TrainConfig(epochs=1)),
+        lambda: advtune.harden(model, (three_channels, y[:4]), eps=0.1, budget=1000),
+    ):
+        with pytest.raises(AdvtuneError, match="cannot take inputs of shape") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(AdvtuneError, match=r"labels must be in \[0, 3\]"):
+        advtune.fit(model, (x[:64], y[:64] + 3), config=advtune.TrainConfig(epochs=1))
+    with pytest.raises(AdvtuneError, match="wrap an attack"):
+        advtune.fit(model, (x[:64], y[:64]), advtune.PGD(ThreatModel.linf(0.1)))
+    adv = advtune.PGD(ThreatModel.linf(0.1), steps=2)(model, xt[:8], yt[:8].int())
+    assert (adv - xt[:8]).abs().max() <= 0.1 + 1e-6
+    zoo = advtune.build_model("small-cnn", (1, 16, 16), 4)
+    summary = advtune.harden(zoo, (x[:200], y[:200]), eps=0.1, budget=2000).summary()
+    assert summary["architecture"] == "small-cnn"

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, build_attack, split_attack_list
+from .attacks import Attack, build_attack, logits_of, split_attack_list
 from .components import Selection, model_params
 from .data import Dataset
-from .devices import model_device, model_dtype
+from .devices import eval_mode, model_device, model_dtype, resolve_device
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, resolve_split
@@ -32,7 +32,7 @@ from .recipe import Recipe
 from .runs.analyze import analyze_model
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
-from .seeding import make_generator
+from .seeding import make_generator, preserved_rng
 from .settings import default
 from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
@@ -66,6 +66,15 @@ def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> l
                 "build it with ThreatModel.linf(eps) (or pass attacks by name)"
             )
     return built
+
+
+def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """One forward on two examples before any work: a model that cannot take the inputs or does not return (N,
+    classes) logits, or labels past its outputs, are one-line errors (not a traceback from inside the work)."""
+    with eval_mode(model), torch.no_grad():
+        classes = logits_of(model, x[:2]).shape[1]
+    if len(y) and int(y.max()) >= classes:
+        raise AdvtuneError(f"labels must be in [0, {classes - 1}] for a model of {classes} outputs, got {int(y.max())}")
 
 
 def _take(
@@ -264,7 +273,9 @@ def analyze(
         batch_size=batch_size if batch_size is not None else default(AnalyzeRun, "batch_size"),
         seed=seed,
     )
-    result = analyze_model(model, x, y, settings, attack=atk)
+    _check_model(model, x, y)
+    with preserved_rng():  # the command's code seeds the global state: the caller's is given back
+        result = analyze_model(model, x, y, settings, attack=atk)
     s = result.summary
     return VulnerabilityMap(
         result.tables[criterion],
@@ -324,8 +335,14 @@ def harden(
         (),
         (),
     )
-    meta = {"architecture": type(model).__name__}
-    return harden_model(model, meta, ds, run)
+    device = model_device(model)
+    _check_model(model, train.take(2).tensors(device)[0].to(model_dtype(model)), train.y)
+    # a zoo model by its name (its frontier references are found by it), another by its class
+    meta = {"architecture": getattr(model, "advtune_architecture", None) or type(model).__name__}
+    if getattr(model, "advtune_factory", None) is not None:
+        meta["factory"] = model.advtune_factory
+    with preserved_rng():
+        return harden_model(model, meta, ds, run)
 
 
 def fit(
@@ -342,16 +359,26 @@ def fit(
 
     objective: `clean()` (default), `adversarial(PGD(ThreatModel.linf(0.3), steps=10), eps_warmup=0.3)`,
     `trades(threat)`. selection: train only these components (every other weight stays bit-exact).
-    Further keywords go to `advtune.train.fit` (checkpoint_dir, resume, meter, callbacks, ...)."""
-    return _fit(
-        model,
-        resolve_split(data, "train"),
-        objective,
-        config,
-        selection=selection,
-        val=resolve_split(val, "test") if val is not None else None,
-        **kwargs,
-    )
+    Further keywords go to `advtune.train.fit` (checkpoint_dir, resume, meter, callbacks, ...). The model is left
+    in the mode it was given in."""
+    if objective is not None and not all(hasattr(objective, a) for a in ("attack_grad_evals", "describe")):
+        hint = "; wrap an attack: adversarial(PGD(threat, steps=10))" if isinstance(objective, Attack) else ""
+        hint += "; pass the config as config=TrainConfig(...)" if isinstance(objective, TrainConfig) else ""
+        raise AdvtuneError(f"objective must be an advtune objective, got {type(objective).__name__}{hint}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise AdvtuneError(f"config must be a TrainConfig, got {type(config).__name__}")
+    train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
+    _check_model(model, train.take(2).tensors(model_device(model))[0].to(model_dtype(model)), train.y)
+    with eval_mode(model):  # fit sets train mode; the block gives the caller's modes back
+        return _fit(
+            model,
+            train,
+            objective,
+            config,
+            selection=selection,
+            val=resolve_split(val, "test") if val is not None else None,
+            **kwargs,
+        )
 
 
 # ---------------------------------------------------------------- models on disk
@@ -366,7 +393,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model saved in the folder `path` (a run folder or `save_model`'s), in eval mode. Weights are
     read with safetensors: loading never executes code from the file."""
-    model, _ = _load_model(path, device)
+    model, _ = _load_model(path, resolve_device(device) if isinstance(device, str) else device)
     return model.eval()
 
 

@@ -303,7 +303,9 @@ def attack_entry(name: str, *, images: bool = False):
                     raise AdvtuneError(
                         f"{name} needs images (N, C, H, W), got shape {tuple(x.shape)}; use pgd or apgd-ce"
                     )
-                x = x.detach()
+                x, y = x.detach(), y.long()  # int32 labels (a common dataset dtype): the loss needs int64
+                if isinstance(kwargs.get("target"), Tensor):
+                    kwargs["target"] = kwargs["target"].long()
                 if len(x) == 0:
                     return x.clone()
                 return fn(model, x, y, threat, *args, **kwargs)

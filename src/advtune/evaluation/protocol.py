@@ -7,7 +7,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -221,6 +221,19 @@ def _attack_fitting(
     return torch.cat(hits)
 
 
+def first_examples(pairs: Iterable[tuple[Tensor, Tensor]], limit: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches up to `limit` examples, stopping before the next is read: examples past it are never read or
+    validated (a DataLoader's next batch may hold anything)."""
+    n = 0
+    for x, y in pairs:
+        if limit is not None:
+            x, y = x[: limit - n], y[: limit - n]
+        n += len(x)
+        yield x, y
+        if limit is not None and n >= limit:
+            return
+
+
 def robust_accuracy(
     model: nn.Module,
     data,
@@ -275,7 +288,7 @@ def robust_accuracy(
         importlib.import_module("torch._dynamo")
     with eval_mode(model), counter.attached(model):
         bar = progress(
-            batches(data, batch_size, lower=threat.lower, upper=threat.upper, device=device),
+            first_examples(batches(data, batch_size, lower=threat.lower, upper=threat.upper, device=device), limit),
             desc="evaluate",
             total=total,
         )
