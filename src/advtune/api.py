@@ -27,6 +27,7 @@ from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, resolve_split
 from .models import load_model as _load_model
+from .models import model_identity
 from .models import save_model as _save_model
 from .recipe import Recipe
 from .runs.analyze import analyze_model
@@ -72,7 +73,7 @@ def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
     """One forward on two examples before any work: a model that cannot take the inputs or does not return (N,
     classes) logits, or labels past its outputs, are one-line errors (not a traceback from inside the work)."""
     with eval_mode(model), torch.no_grad():
-        classes = logits_of(model, x[:2]).shape[1]
+        classes = logits_of(model, x[:2].to(model_dtype(model))).shape[1]
     if len(y) and int(y.max()) >= classes:
         raise AdvtuneError(f"labels must be in [0, {classes - 1}] for a model of {classes} outputs, got {int(y.max())}")
 
@@ -335,12 +336,9 @@ def harden(
         (),
         (),
     )
-    device = model_device(model)
-    _check_model(model, train.take(2).tensors(device)[0].to(model_dtype(model)), train.y)
+    _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     # a zoo model by its name (its frontier references are found by it), another by its class
-    meta = {"architecture": getattr(model, "advtune_architecture", None) or type(model).__name__}
-    if getattr(model, "advtune_factory", None) is not None:
-        meta["factory"] = model.advtune_factory
+    meta = {"architecture": type(model).__name__, **model_identity(model)}
     with preserved_rng():
         return harden_model(model, meta, ds, run)
 
@@ -368,7 +366,7 @@ def fit(
     if config is not None and not isinstance(config, TrainConfig):
         raise AdvtuneError(f"config must be a TrainConfig, got {type(config).__name__}")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
-    _check_model(model, train.take(2).tensors(model_device(model))[0].to(model_dtype(model)), train.y)
+    _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     with eval_mode(model):  # fit sets train mode; the block gives the caller's modes back
         return _fit(
             model,

@@ -360,16 +360,21 @@ def build_from_factory(
 # ---------------------------------------------------------------- save / load
 
 
+def model_identity(model: nn.Module) -> dict:
+    """What names a model built by advtune (the zoo's architecture, a factory spec's record): empty for another."""
+    named = {"architecture": getattr(model, "advtune_architecture", None)}
+    if getattr(model, "advtune_factory", None) is not None:
+        named["factory"] = model.advtune_factory
+    return {k: v for k, v in named.items() if v is not None}
+
+
 def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict | None = None) -> Path:
     """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically.
     `state`: the tensors to write instead of `model.state_dict()` (e.g. with adapters merged)."""
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
-    meta = dict(meta)
-    meta.setdefault("architecture", getattr(model, "advtune_architecture", None))
-    if getattr(model, "advtune_factory", None) is not None:
-        meta.setdefault("factory", model.advtune_factory)
+    meta = {"architecture": None, **model_identity(model), **meta}
     for k, v in (getattr(model, "advtune_build", None) or {}).items():  # what rebuilds it
         meta.setdefault(k, v)
     # a parametrized weight counts once (its original), its parametrization's own tensors not at all
