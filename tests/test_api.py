@@ -197,3 +197,39 @@ def test_the_api_leaves_the_callers_random_state_and_modes_and_refuses_a_wrong_m
     zoo = advtune.build_model("small-cnn", (1, 16, 16), 4)
     summary = advtune.harden(zoo, (x[:200], y[:200]), eps=0.1, budget=2000).summary()
     assert summary["architecture"] == "small-cnn"
+
+
+def test_a_float64_model_is_analysed_and_refused_for_training_in_one_line_and_harden_reads_test_only_to_its_limit(
+    blobs, monkeypatch
+):
+    """A review found a float64 model failing deep inside analyze (the cost probe fed it float32), fit and harden
+    (the data pipeline feeds float32 batches), and harden reading a whole test DataLoader before taking
+    limit_test of it."""
+    x, y, xt, yt = blobs
+    model = copy.deepcopy(TinyCNN()).double().eval()
+    vmap = advtune.analyze(model, (x[:32], y[:32]), eps=0.1, attack="fgsm", limit=32, curve=False)
+    assert vmap.n_examples == 32 and len(vmap.table.components) > 0
+    for call in (
+        lambda: advtune.fit(model, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1)),
+        lambda: advtune.harden(model, (x[:64], y[:64]), eps=0.1, budget=1000),
+    ):
+        with pytest.raises(AdvtuneError, match=r"float32 weights.*torch.float64: call model.float\(\)") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+    class CountedBatches:  # an iterable test set that says how far it was read
+        def __init__(self) -> None:
+            self.read = 0
+
+        def __iter__(self):
+            for i in range(0, len(yt), 20):
+                self.read += 1
+                yield xt[i : i + 20], yt[i : i + 20]
+
+    seen = {}
+    monkeypatch.setattr(advtune.api, "harden_model", lambda model, meta, ds, run: seen.setdefault("ds", ds))
+    test = CountedBatches()
+    advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=test, limit_test=30)
+    assert test.read == 2 and len(seen["ds"].test) == 30 and torch.equal(seen["ds"].test.y, yt[:30])
+    with pytest.raises(AdvtuneError, match="limit must be a positive integer"):
+        advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=0)

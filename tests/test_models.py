@@ -78,6 +78,22 @@ def test_save_load_roundtrip(tmp_path):
     assert meta["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_a_wrapped_model_is_saved_as_the_model_inside(tmp_path):
+    """A review found the API's save_model writing DataParallel's `module.` keys (and losing the zoo's name), so
+    load_model could not rebuild it; torch.compile's wrapper prefixes `_orig_mod.` the same way."""
+    import advtune
+
+    model = build_model("small-cnn", (1, 28, 28), 10).eval()
+    for wrapper in (nn.DataParallel(model), torch.compile(model)):
+        folder = tmp_path / type(wrapper).__name__
+        advtune.save_model(wrapper, folder)
+        loaded = advtune.load_model(folder)
+        assert json.loads((folder / files.MODEL_META).read_text())["architecture"] == "small-cnn"
+        x = torch.rand(2, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.equal(model(x), loaded(x))
+
+
 def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     small = build_model("small-cnn", (1, 28, 28), 10)
     save_model(tmp_path, small, {"architecture": "small-cnn", "input_shape": [1, 28, 28], "num_classes": 10})

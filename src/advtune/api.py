@@ -27,7 +27,7 @@ from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, resolve_split
 from .models import load_model as _load_model
-from .models import model_identity
+from .models import model_identity, unwrapped
 from .models import save_model as _save_model
 from .recipe import Recipe
 from .runs.analyze import analyze_model
@@ -76,6 +76,17 @@ def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
         classes = logits_of(model, x[:2].to(model_dtype(model))).shape[1]
     if len(y) and int(y.max()) >= classes:
         raise AdvtuneError(f"labels must be in [0, {classes - 1}] for a model of {classes} outputs, got {int(y.max())}")
+
+
+def _check_float32(model: nn.Module, what: str) -> None:
+    """Training keeps float32 master weights (reduced precision is autocast's job, `amp=`), and its data
+    pipeline feeds float32 batches: another dtype would fail deep inside the first convolution."""
+    dtype = model_dtype(model)
+    if dtype != torch.float32:
+        raise AdvtuneError(
+            f"{what} trains float32 weights, but the model's are {dtype}: call model.float() first "
+            "(for reduced precision on a GPU: TrainConfig(amp='bf16'))"
+        )
 
 
 def _take(
@@ -313,10 +324,10 @@ def harden(
     `test` (an advtune Dataset gives both: train for the work, test for the evaluation). The same
     code as the command (`runs.harden.harden_model`): the same settings give the same weights.
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
+    _check_float32(model, "harden")
     train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test
-    test = as_tensor_data(resolve_split(test, "test"), what="test") if test is not None else None
     run = HardenRun(
         base="(in memory)",
         out="",
@@ -328,17 +339,12 @@ def harden(
         evaluation=evaluation if evaluation is not None else default(HardenRun, "evaluation"),
         seed=seed,
     )
-    ds = Dataset(
-        data.name if isinstance(data, Dataset) else "in-memory",
-        train,
-        test.take(run.limit_test) if test is not None else None,
-        [],
-        (),
-        (),
-    )
+    # only what the evaluation uses is read: a DataLoader over a large test set stops at the limit
+    limited = as_tensor_data(resolve_split(test, "test"), what="test", limit=run.limit_test) if test is not None else None
+    ds = Dataset(data.name if isinstance(data, Dataset) else "in-memory", train, limited, [], (), ())
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     # a zoo model by its name (its frontier references are found by it), another by its class
-    meta = {"architecture": type(model).__name__, **model_identity(model)}
+    meta = {"architecture": type(unwrapped(model)).__name__, **model_identity(model)}
     with preserved_rng():
         return harden_model(model, meta, ds, run)
 
@@ -365,6 +371,7 @@ def fit(
         raise AdvtuneError(f"objective must be an advtune objective, got {type(objective).__name__}{hint}")
     if config is not None and not isinstance(config, TrainConfig):
         raise AdvtuneError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     with eval_mode(model):  # fit sets train mode; the block gives the caller's modes back

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .devices import model_dtype
 from .records import Record
 
 
@@ -102,7 +103,7 @@ class CostMeter:
         # a private copy in eval mode: the probe must not touch the real model's .grad or BN stats
         # (FlopCounterMode cannot wrap autograd.grad on a leaf, so the probe uses backward()).
         probe = copy.deepcopy(model).eval()
-        x = torch.rand(1, *input_shape, device=dev)
+        x = torch.rand(1, *input_shape, device=dev, dtype=model_dtype(model))
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             probe(x)
         self.flops_forward = float(fc.get_total_flops())

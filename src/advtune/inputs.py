@@ -162,19 +162,27 @@ def batches(
         yield (x, y, xa) if allow_adv else (x, y)
 
 
-def as_tensor_data(data: Any, *, what: str = "data"):
-    """Any accepted `data` as an in-memory advtune split (TensorData), validated once.
+def as_tensor_data(data: Any, *, what: str = "data", limit: int | None = None):
+    """Any accepted `data` as an in-memory advtune split (TensorData), validated once; with `limit`,
+    only its first `limit` examples (an iterable is not read past them).
 
     Training shuffles with its own seeded permutation (exact resume), so an iterable such as a
     DataLoader is read once into memory; a random transform in it is therefore sampled once."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AdvtuneError(f"{what}: the limit must be a positive integer or None, got {limit!r}")
     if isinstance(data, TensorData):
-        return data
+        return data.take(limit)
     if isinstance(data, Dataset):
         raise AdvtuneError(f"{what}: pass one split of the dataset (ds.train or ds.test), not the whole dataset")
-    xs, ys = [], []
+    xs, ys, n = [], [], 0
     for x, y in batches(data, 4096, what=what):
+        if limit is not None:
+            x, y = x[: limit - n], y[: limit - n]
         xs.append(x.detach().cpu())
         ys.append(y.detach().cpu())
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
     if not xs or sum(len(y) for y in ys) == 0:
         raise AdvtuneError(f"{what} is empty; check the split or the DataLoader")
     shapes = {tuple(x.shape[1:]) for x in xs}

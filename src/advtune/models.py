@@ -360,8 +360,21 @@ def build_from_factory(
 # ---------------------------------------------------------------- save / load
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers: what is saved and named
+    (a wrapper's state_dict prefixes every key with `module.` or `_orig_mod.`, which the rebuilt model lacks)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def model_identity(model: nn.Module) -> dict:
     """What names a model built by advtune (the zoo's architecture, a factory spec's record): empty for another."""
+    model = unwrapped(model)
     named = {"architecture": getattr(model, "advtune_architecture", None)}
     if getattr(model, "advtune_factory", None) is not None:
         named["factory"] = model.advtune_factory
@@ -372,6 +385,7 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict 
     """Write `model.safetensors` (tensors only) and `model.json` (architecture, shapes, record), atomically.
     `state`: the tensors to write instead of `model.state_dict()` (e.g. with adapters merged)."""
     directory = Path(directory)
+    model = unwrapped(model)
     state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = {"architecture": None, **model_identity(model), **meta}
