@@ -73,6 +73,31 @@ def test_analyze_writes_scores_curves_and_plots(vuln):
     assert rows[0].startswith("rank,component,layer,unit,taylor") and rows[1].startswith("1,net.")
 
 
+def test_finetune_resumes_from_another_working_folder(std_run, vuln, tmp_path, monkeypatch, capsys):
+    """The base and the analysis were recorded as typed, relative to the folder the run started in, and a resume
+    from another folder, naming the same folders by other relative paths, was refused as "different settings"."""
+    import os
+    import shutil
+
+    start, later = tmp_path / "a", tmp_path / "a" / "b"
+    later.mkdir(parents=True)
+
+    def argv(where, base=std_run):
+        rel = lambda p: os.path.relpath(p, where)  # noqa: E731
+        return ["finetune", rel(base), "--select", rel(vuln), "--eps", "0.15", "--attack", "pgd:steps=1"] + [
+            "--epochs", "1", "--limit", "100", "--out", rel(tmp_path / "ft"), "--quiet",
+        ]  # fmt: skip
+
+    monkeypatch.chdir(start)
+    assert main(argv(start)) == 0
+    monkeypatch.chdir(later)
+    assert main([*argv(later), "--resume"]) == 0
+    shutil.copytree(std_run, tmp_path / "copy")  # the same weights in another folder: another base
+    capsys.readouterr()
+    assert main([*argv(later, tmp_path / "copy"), "--resume"]) == 2
+    assert "different settings (base:" in capsys.readouterr().err
+
+
 def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):
     out = tmp_path / "sft"
     assert (

@@ -76,8 +76,10 @@ def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collect
     effect on that run (they are not compared)."""
     rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
     if run.resume and rd.file(files.CONFIG).is_file():
-        saved = rd.read_json(files.CONFIG).get("run", {})
-        check_same_run(saved, run.to_json(), ignore=set(inert(saved)) if inert else set())
+        recorded = rd.read_json(files.CONFIG)
+        saved = recorded.get("run", {})
+        ignore = set(inert(saved)) if inert else set()
+        check_same_run(saved, run.to_json(), ignore=ignore, working_dir=recorded.get("working_dir"))
     if run.resume:
         check_resume(rd.path, cfg)
     write_config_once(rd, config)
@@ -130,7 +132,7 @@ def snapshot_saver(rd: RunDir, meta: dict, config: dict, steps: list[int]):
         sub = RunDir(folder)
         sub.write_config(
             {
-                **{k: v for k, v in config.items() if k not in ("created", "versions")},
+                **{k: v for k, v in config.items() if k not in ("created", "working_dir", "versions")},
                 "snapshot": {"of": str(rd.path), "step": step},
             }
         )
@@ -208,35 +210,43 @@ RUN_DEFAULTS = {
 PATH_SETTINGS = ("base", "data_dir", "select")  # folders: ./runs/a, runs/a/ and runs/a are one setting
 
 
-def _folder(path: str) -> Path:
-    return Path(path).expanduser().resolve()
+def _folder(path: str, working_dir: str | None = None) -> Path:
+    path = Path(path).expanduser()
+    return (Path(working_dir) / path if working_dir else path).resolve()
 
 
-def same_setting(key: str, saved: Any, now: Any, saved_out: Any = None, now_out: Any = None) -> bool:
-    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names, and
-    an analysis next to the run (`select`: harden's own analysis beside its fine-tuning stage) as the same one when
-    the run moved with it (`saved_out`, `now_out`: the run's folder then and now)."""
+def same_setting(
+    key: str, saved: Any, now: Any, saved_out: Any = None, now_out: Any = None, working_dir: str | None = None
+) -> bool:
+    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names (a
+    relative one from the working folder of then, `working_dir`, or of now: a resume from another folder and a
+    tree moved as a whole both match), and an analysis next to the run (`select`: harden's own analysis beside its
+    fine-tuning stage) as the same one when the run moved with it (`saved_out`, `now_out`: the run's folder then
+    and now)."""
     if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)) or saved == now:
         return saved == now
     a, b = _folder(saved), _folder(now)
-    if a == b:
+    if a == b or (working_dir and _folder(saved, working_dir) == b):
         return True
     if key == "select" and isinstance(saved_out, str) and isinstance(now_out, str):
         return a.name == b.name and a.parent == _folder(saved_out).parent and b.parent == _folder(now_out).parent
     return False
 
 
-def check_same_run(saved: dict, now: dict, ignore: Collection[str] = ()) -> None:
+def check_same_run(saved: dict, now: dict, ignore: Collection[str] = (), working_dir: str | None = None) -> None:
     """A resume must use the settings the run started with (training ones included, whether or not a
     checkpoint exists yet); only where it runs may change: the folder's path (a moved run resumes),
-    the device, and the number of epochs; and the settings in `ignore` (ones that had no effect)."""
+    the device, and the number of epochs; and the settings in `ignore` (ones that had no effect).
+    `working_dir`: the folder the run started in (its config's), for the relative paths it recorded."""
 
     ignore = {"resume", "overwrite", "device", "out", "train", *ignore}
     changed = [
         (k, saved.get(k, RUN_DEFAULTS.get(k)), now[k])
         for k in now
         if k not in ignore
-        and not same_setting(k, saved.get(k, RUN_DEFAULTS.get(k)), now[k], saved.get("out"), now.get("out"))
+        and not same_setting(
+            k, saved.get(k, RUN_DEFAULTS.get(k)), now[k], saved.get("out"), now.get("out"), working_dir
+        )
     ]
     if isinstance(now.get("train"), dict):
         changed += [(f"train.{k}", a, b) for k, a, b in config_changes(saved.get("train") or {}, now["train"])]

@@ -290,11 +290,13 @@ def run(run: HardenRun) -> HardenSummary:
     run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
     if out.exists() and run.resume and (out / files.CONFIG).is_file():
-        saved = read_json(out / files.CONFIG, "harden config").get("run", {})
-        now = run.to_json()
+        recorded = read_json(out / files.CONFIG, "harden config")
+        saved, now, working_dir = recorded.get("run", {}), run.to_json(), recorded.get("working_dir")
         saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
         ignored = ("resume", "overwrite", "device", "out")  # where it runs: a moved harden folder resumes
-        changed = [k for k in now if k not in ignored and not same_setting(k, saved.get(k), now[k])]
+        changed = [
+            k for k in now if k not in ignored and not same_setting(k, saved.get(k), now[k], working_dir=working_dir)
+        ]
         if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
             recipe = [
                 flag_words(k, saved["recipe"].get(k))

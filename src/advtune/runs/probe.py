@@ -146,8 +146,11 @@ def probe_then_mask(
     base_state = cpu_state(model)
     done = broadcast(on_main(lambda: folder is not None and (folder / files.SUMMARY).is_file() and not ft.overwrite))
     if done:  # finished earlier: read back, if it ran with these settings
-        saved = read_json(folder / files.CONFIG, "probe config").get("run", {})
-        check_same_run(saved, first.to_json(), ignore=inert_selection_settings(saved))
+        recorded = read_json(folder / files.CONFIG, "probe config")
+        saved = recorded.get("run", {})
+        check_same_run(
+            saved, first.to_json(), ignore=inert_selection_settings(saved), working_dir=recorded.get("working_dir")
+        )
         probed, _ = load_model(folder, model_device(model))
         spent = FinetuneSummary.read(folder / files.SUMMARY).cost
     else:

@@ -175,6 +175,7 @@ class RunDir:
     def write_config(self, config: dict) -> None:
         record = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "working_dir": os.getcwd(),  # what the relative paths among the settings were relative to
             **config,
             "versions": versions(),
             "processes": rank_and_world()[1],  # torchrun: the work was split over this many
