@@ -85,11 +85,11 @@ def keep_best_setting(default: int = 0, group: str | None = "training"):
 
 
 def eps_warmup_setting(group: str, probe: bool = False):
-    with_probe = "; 0.15 with --granularity probe, so the ramp ends inside the probe" if probe else ""
+    with_probe = "; with --granularity probe 0.15 for every attack, so the ramp ends inside the probe" if probe else ""
     return setting(
         None,
         help="share of training over which eps ramps up from 0 "
-        f"(default: 0.3, the ramp every recipe here needed{with_probe}; 0: off; TRADES: off unless given)",
+        f"(default: 0.3, the ramp every recipe here needed, TRADES: off{with_probe}; 0: off)",
         type=number,
         group=group,
     )
