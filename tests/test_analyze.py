@@ -98,6 +98,25 @@ def test_finetune_resumes_from_another_working_folder(std_run, vuln, tmp_path, m
     assert "different settings (base:" in capsys.readouterr().err
 
 
+def test_a_recorded_relative_folder_is_read_from_the_folder_the_run_started_in(tmp_path, monkeypatch):
+    """A review found that the same relative string, typed from another working folder, was accepted for another
+    folder of that name (while the one the run used is still there); a tree moved as a whole still matches."""
+    from advtune.runs.common import same_setting
+
+    for folder in ("x/std", "y/std"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "y")
+    then = str(tmp_path / "x")
+    assert not same_setting("base", "std", "std", working_dir=then)
+    assert not same_setting("base", "std", "./std", working_dir=then)
+    assert same_setting("base", "std", "../x/std", working_dir=then)
+    assert same_setting("base", "std", "std/", working_dir=str(tmp_path / "moved-away"))  # the tree moved
+    assert same_setting("base", "std", "./std")  # a record from before working_dir: read from today's folder
+    # harden's own analysis beside a moved run: matched by its place next to the run
+    assert same_setting("select", "old/analysis", "std/analysis", "old/finetune", "std/finetune", working_dir=then)
+    assert not same_setting("select", "old/analysis", "std/analysis", "old/finetune", "new/finetune", working_dir=then)
+
+
 def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):
     out = tmp_path / "sft"
     assert (

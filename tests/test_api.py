@@ -209,11 +209,16 @@ def test_a_float64_model_is_analysed_and_refused_for_training_in_one_line_and_ha
     model = copy.deepcopy(TinyCNN()).double().eval()
     vmap = advtune.analyze(model, (x[:32], y[:32]), eps=0.1, attack="fgsm", limit=32, curve=False)
     assert vmap.n_examples == 32 and len(vmap.table.components) > 0
+    mixed = TinyCNN()
+    mixed.fc.double()  # one layer in float64: the first parameter alone does not tell
     for call in (
         lambda: advtune.fit(model, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1)),
         lambda: advtune.harden(model, (x[:64], y[:64]), eps=0.1, budget=1000),
+        lambda: advtune.fit(mixed, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1)),
     ):
-        with pytest.raises(AdvtuneError, match=r"float32 weights.*torch.float64: call model.float\(\)") as e:
+        with pytest.raises(
+            AdvtuneError, match=r"float32 weights, but the model has torch.float64 ones: call model.float\(\)"
+        ) as e:
             call()
         assert "\n" not in str(e.value)
 
@@ -231,5 +236,10 @@ def test_a_float64_model_is_analysed_and_refused_for_training_in_one_line_and_ha
     test = CountedBatches()
     advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=test, limit_test=30)
     assert test.read == 2 and len(seen["ds"].test) == 30 and torch.equal(seen["ds"].test.y, yt[:30])
-    with pytest.raises(AdvtuneError, match="limit must be a positive integer"):
+    import numpy as np
+
+    seen.clear()
+    advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=np.int64(25))
+    assert len(seen["ds"].test) == 25
+    with pytest.raises(AdvtuneError, match="limit must be a positive number of examples"):
         advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=0)

@@ -81,10 +81,11 @@ def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
 def _check_float32(model: nn.Module, what: str) -> None:
     """Training keeps float32 master weights (reduced precision is autocast's job, `amp=`), and its data
     pipeline feeds float32 batches: another dtype would fail deep inside the first convolution."""
-    dtype = model_dtype(model)
-    if dtype != torch.float32:
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()} - {torch.float32}
+    if dtypes:
         raise AdvtuneError(
-            f"{what} trains float32 weights, but the model's are {dtype}: call model.float() first "
+            f"{what} trains float32 weights, but the model has {', '.join(sorted(map(str, dtypes)))} ones: call "
+            "model.float() first "
             "(for reduced precision on a GPU: TrainConfig(amp='bf16'))"
         )
 
@@ -340,7 +341,9 @@ def harden(
         seed=seed,
     )
     # only what the evaluation uses is read: a DataLoader over a large test set stops at the limit
-    limited = as_tensor_data(resolve_split(test, "test"), what="test", limit=run.limit_test) if test is not None else None
+    limited = (
+        as_tensor_data(resolve_split(test, "test"), what="test", limit=run.limit_test) if test is not None else None
+    )
     ds = Dataset(data.name if isinstance(data, Dataset) else "in-memory", train, limited, [], (), ())
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     # a zoo model by its name (its frontier references are found by it), another by its class

@@ -15,6 +15,7 @@ outside [0, 1] are refused rather than clipped.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -168,8 +169,14 @@ def as_tensor_data(data: Any, *, what: str = "data", limit: int | None = None):
 
     Training shuffles with its own seeded permutation (exact resume), so an iterable such as a
     DataLoader is read once into memory; a random transform in it is therefore sampled once."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise AdvtuneError(f"{what}: the limit must be a positive integer or None, got {limit!r}")
+    if limit is not None:
+        try:
+            n = -1 if isinstance(limit, bool) else operator.index(limit)  # numpy integers too
+        except TypeError:
+            n = -1
+        if n < 1:
+            raise AdvtuneError(f"{what}: the limit must be a positive number of examples, got {limit!r}")
+        limit = n
     if isinstance(data, TensorData):
         return data.take(limit)
     if isinstance(data, Dataset):

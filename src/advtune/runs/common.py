@@ -218,18 +218,25 @@ def _folder(path: str, working_dir: str | None = None) -> Path:
 def same_setting(
     key: str, saved: Any, now: Any, saved_out: Any = None, now_out: Any = None, working_dir: str | None = None
 ) -> bool:
-    """Whether a recorded setting and its value now are the same; a folder is compared as the path it names (a
-    relative one from the working folder of then, `working_dir`, or of now: a resume from another folder and a
-    tree moved as a whole both match), and an analysis next to the run (`select`: harden's own analysis beside its
-    fine-tuning stage) as the same one when the run moved with it (`saved_out`, `now_out`: the run's folder then
-    and now)."""
-    if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)) or saved == now:
+    """Whether a recorded setting and its value now are the same. A folder is compared as the path it names: a
+    relative one as read from the folder the run started in (`working_dir`) while that folder is still there (so a
+    resume from another working folder matches the same folder, and refuses another one of the same relative
+    name), else as read from today's (a tree moved as a whole, or a record older than `working_dir`). An analysis
+    next to the run (`select`: harden's own analysis beside its fine-tuning stage) is the same one when the run
+    moved with it (`saved_out`, `now_out`: the run's folder then and now)."""
+    if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
         return saved == now
-    a, b = _folder(saved), _folder(now)
-    if a == b or (working_dir and _folder(saved, working_dir) == b):
+    b = _folder(now)
+    then = _folder(saved, working_dir) if working_dir else None
+    if then is not None and then.exists():
+        if then == b:
+            return True
+    elif saved == now or _folder(saved) == b:
         return True
     if key == "select" and isinstance(saved_out, str) and isinstance(now_out, str):
-        return a.name == b.name and a.parent == _folder(saved_out).parent and b.parent == _folder(now_out).parent
+        a = then if then is not None else _folder(saved)
+        out_then = _folder(saved_out, working_dir) if working_dir else _folder(saved_out)
+        return a.name == b.name and a.parent == out_then.parent and b.parent == _folder(now_out).parent
     return False
 
 
