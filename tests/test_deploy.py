@@ -115,7 +115,86 @@ def test_a_patch_for_another_base_or_damaged_is_refused_in_one_line(shipped, tmp
     assert main(["apply", str(root / "base"), str(cut), "--out", str(tmp_path / "o")]) == 2
     assert "truncated or not a safetensors file" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["apply", str(root / "base"), str(patch), "--out", str(root / "hard")]) == 2  # over its own run
-    assert "would overwrite" in capsys.readouterr().err
+    assert "holds the patch" in capsys.readouterr().err
+
+
+def test_apply_never_replaces_its_inputs_and_names_what_is_wrong(shipped, tmp_path, capsys):
+    """A review found `apply --overwrite` moving aside an --out that held its patch one level down (a harden run and
+    its fine-tuning stage's patch: a traceback, the run left hidden) or that was the base file's folder (the base run
+    deleted), --weights-key ignored with a run folder, and damaged patches ending in tracebacks."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    root, _ = shipped
+    hard_before = sorted(p.name for p in (root / "hard").iterdir())
+    stage_patch = root / "hard" / "finetune" / "patch.safetensors"
+    for base, patch, out in (
+        (root / "base", stage_patch, root / "hard"),
+        (root / "base" / "model.safetensors", root / "hard" / "patch.safetensors", root / "base"),
+    ):
+        assert main(["apply", str(base), str(patch), "--out", str(out), "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "and would replace it; write to a new folder" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (root / "hard").iterdir()) == hard_before and (root / "base" / "model.json").is_file()
+    patch = root / "hard" / "patch.safetensors"
+    out = tmp_path / "o"
+    cases = [
+        (["--weights-key", "model"], root / "base", patch, "--weights-key picks the state_dict inside a .pt base"),
+        ([], root / "base", root / "hard", "is a folder; pass the patch file in it"),
+        ([], root / "hard", patch, "already is"),
+    ]
+    tensors = load_file(str(patch))
+    with safe_open(str(patch), framework="pt") as f:
+        meta = f.metadata()
+    full = next(k for k in tensors if k.endswith("::full") or k.endswith("::index"))
+    damaged = {
+        "values": ({**tensors, full: tensors[full].flatten()[:-1]}, meta),
+        "info": (tensors, {**meta, "info": "{not json"}),
+        "changed_entries": (tensors, {k: v for k, v in meta.items() if k != "changed_entries"}),
+    }
+    if full.endswith("::index"):
+        damaged["values"] = ({**tensors, full: -1 - tensors[full]}, meta)  # indices below the first entry
+    for name, (t, m) in damaged.items():
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)
+        cases.append(([], root / "base", tmp_path / f"{name}.safetensors", "the file is damaged"))
+    for extra, base, p, message in cases:
+        assert main(["apply", str(base), str(p), "--out", str(out), *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    # the folder apply writes exports like any run: ONNX's check takes the hardening's eps from the patch
+    assert main(["apply", str(root / "base"), str(patch), "--out", str(out), "--quiet"]) == 0
+    onnx = tmp_path / "applied.onnx"
+    assert main(["export", str(out), "--out", str(onnx), "--limit-test", "10", "--quiet"]) == 0
+    check = json.loads((tmp_path / "applied.onnx.check.json").read_text())
+    assert check["ok"] and check["threat"]["eps"] == 0.2
+    assert check["sha256"] == hashlib.sha256(onnx.read_bytes()).hexdigest() and check["seed"] == 0
+
+
+def test_export_files_are_readable_records_stay_and_bad_batches_are_one_line(shipped, tmp_path, capsys):
+    """A review found the ONNX file written 0600 (mkstemp's mode; the other formats 0644), --batch-size 0 a
+    traceback after the whole export, --out over the run's own model.safetensors accepted, and an older ONNX check
+    left next to a file that replaced it."""
+    root, _ = shipped
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.onnx", "model.pt", "model.safetensors"):
+        assert (root / "ship" / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    out = tmp_path / "m.onnx"
+    for argv, message in (
+        (["--batch-size", "0"], "--batch-size must be a positive number"),
+        (["--out", str(root / "hard" / "model.safetensors"), "--format", "pt", "--overwrite"], "the run's own records"),
+        (["--out", str(tmp_path)], "is a folder; name the file"),
+    ):
+        assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10", "--quiet"]) == 0
+    assert (tmp_path / "m.onnx.check.json").is_file()
+    assert main(["export", str(root / "hard"), "--format", "pt", "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert not (tmp_path / "m.onnx.check.json").exists()  # it checked the file this one replaced
 
 
 def test_onnx_export_equals_pytorch_clean_and_adversarial(shipped):
@@ -194,6 +273,18 @@ def test_checkpoints_that_need_code_or_do_not_fit_are_one_line_errors(shipped, t
     (tmp_path / "cut.pt").write_bytes((root / "ckpt.pt").read_bytes()[:100])
     with pytest.raises(AdvtuneError, match="truncated or not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
+    # files that are no checkpoint at all are named for what they are (they were all "cannot be read without
+    # executing code", and an empty one an IndexError)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "renamed.pt").write_bytes((root / "base" / "model.safetensors").read_bytes())
+    (tmp_path / "meta.pt").write_bytes((root / "base" / "model.json").read_bytes())
+    for name, message in (
+        ("empty.pt", "is empty"),
+        ("renamed.pt", "is a safetensors file; give it the .safetensors suffix"),
+        ("meta.pt", "is not a PyTorch checkpoint (neither a zip nor a pickle)"),
+    ):
+        with pytest.raises(AdvtuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_checkpoint(tmp_path / name)
     wrong = {k: v for k, v in model.state_dict().items() if not k.startswith("head.3")}
     wrong["features.0.weight"] = torch.zeros(4, 1, 3, 3)
     torch.save(wrong, tmp_path / "wrong.pt")

@@ -153,6 +153,8 @@ def write_patch(
 def read_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A patch's tensors and metadata; a truncated, foreign or damaged file is a one-line error."""
     path = Path(path)
+    if path.is_dir():
+        raise AdvtuneError(f"{path} is a folder; pass the patch file in it, {path / 'patch.safetensors'}")
     if not path.is_file():
         raise AdvtuneError(f"patch not found: {path}")
     try:
@@ -172,6 +174,15 @@ def read_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     for key in ("base_sha256", "result_sha256"):
         if len(meta.get(key, "")) != 64:
             raise AdvtuneError(f"{path}: the patch's metadata lacks {key}; the file is damaged")
+    for key in ("changed_entries", "total_entries"):
+        if not str(meta.get(key, "")).isdigit():
+            raise AdvtuneError(f"{path}: the patch's metadata lacks {key}; the file is damaged")
+    try:
+        info = json.loads(meta.get("info") or "{}")
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise AdvtuneError(f"{path}: the patch's info is not a JSON object; the file is damaged")
     return tensors, meta
 
 
@@ -197,6 +208,8 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
     tensors, meta = read_patch(path)
     state = cpu_state(state)
     have = state_sha256(state)
+    if have == meta["result_sha256"]:
+        raise AdvtuneError(f"this model already is {path}'s result: the patch was applied to it before")
     if have != meta["base_sha256"]:
         raise AdvtuneError(
             f"{path} is a patch for another base model (its base has sha256 {meta['base_sha256'][:12]}..., "
@@ -220,11 +233,14 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
                 )
             out[name] = merged_weight(w, value.to(w.dtype), down.to(w.dtype))
         elif part == "full":
+            if value.numel() != out[name].numel():
+                raise AdvtuneError(f"{path}: the values of {name!r} do not fit this model; the file is damaged")
             out[name] = value.to(out[name].dtype).reshape(out[name].shape).clone()
         elif part in LOCATORS:
             values, n = tensors.get(f"{name}::value"), out[name].numel()
             if part == "index":
-                if values is None or values.numel() != value.numel() or (value.numel() and value.max() >= n):
+                outside = value.numel() and (value.max() >= n or value.min() < 0)
+                if values is None or values.numel() != value.numel() or outside:
                     raise AdvtuneError(
                         f"{path}: the changed entries of {name!r} do not fit this model; the file is damaged"
                     )

@@ -45,19 +45,37 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> dict[str, torch
         return load_state(path)
     if not path.is_file():
         raise AdvtuneError(f"weights file not found: {path}")
+    _check_checkpoint_header(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "it holds objects"
+        lines = str(e).strip().splitlines()
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[-1] if lines else "it holds objects")
+        reason = reason.strip()[:200]
         raise AdvtuneError(
             f"{path} cannot be read without executing code (weights_only refused it: {reason}); save its "
             "state_dict instead: torch.save(model.state_dict(), 'weights.pt')"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise AdvtuneError(
-            f"{path} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0][:200]}); re-save it"
-        ) from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise AdvtuneError(f"{path} is truncated or not a PyTorch checkpoint ({reason}); re-save it") from None
     return strip_prefixes(find_state(obj, key, path))
+
+
+def _check_checkpoint_header(path: Path) -> None:
+    """A PyTorch checkpoint is a zip (torch.save) or a pickle (its legacy format): anything else is named for what it
+    is, rather than read as a pickle that "cannot be read without executing code"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise AdvtuneError(f"{path} is empty (an interrupted download or save?); re-save it")
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        raise AdvtuneError(f"{path} is a safetensors file; give it the .safetensors suffix")
+    if head.startswith(b"PK") or (head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5):  # zip; pickle 2+
+        return
+    raise AdvtuneError(
+        f"{path} is not a PyTorch checkpoint (neither a zip nor a pickle); pass the model's weights file"
+    )
 
 
 def find_state(obj: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:

@@ -23,10 +23,14 @@ from .record import RunDir
 def run(run: ApplyRun) -> dict:
     """Apply `run.patch` to `run.base` into `run.out`; returns the record (config.json, with the
     versions and time of the application)."""
-    base = Path(run.base)
-    if Path(run.out).resolve() in (base.resolve(), Path(run.patch).resolve().parent):
-        raise AdvtuneError(f"--out {run.out} would overwrite the base or the patch's run; write to a new folder")
+    base, out = Path(run.base), Path(run.out).resolve()
+    # --overwrite moves --out aside: a folder holding the base or the patch (or being it) would lose them
+    for what, path in (("the base", base), ("the patch", Path(run.patch))):
+        if path.resolve() == out or path.resolve().is_relative_to(out):
+            raise AdvtuneError(f"--out {run.out} holds {what} ({path}) and would replace it; write to a new folder")
     if base.is_dir():
+        if run.weights_key is not None:
+            raise AdvtuneError("--weights-key picks the state_dict inside a .pt base; a run folder's weights have none")
         if not (base / files.WEIGHTS).is_file():
             raise AdvtuneError(f"{base} holds no model ({files.WEIGHTS}); pass a run folder or a weights file")
         state = load_state(base / files.WEIGHTS)
@@ -34,6 +38,10 @@ def run(run: ApplyRun) -> dict:
         state = load_checkpoint(base, run.weights_key)
     info = patch_info(run.patch)
     patched = apply_to_state(state, run.patch)  # refuses another base; checks the result
+    # everything the new folder copies, read before it is made (and before an old one is moved aside)
+    patch_bytes = Path(run.patch).read_bytes()
+    meta = read_json(base / files.MODEL_META, "model metadata") if (base / files.MODEL_META).is_file() else None
+    base_run = _base_run(base) if base.is_dir() else {}
     rd = RunDir.create(run.out, overwrite=run.overwrite, resumable=False)  # all checked: only now is --out made
     record = {
         "command": "apply",
@@ -42,15 +50,14 @@ def run(run: ApplyRun) -> dict:
         "result_sha256": info["result_sha256"],
         "changed_entries": int(info["changed_entries"]),
         "total_entries": int(info["total_entries"]),
-        "patch_bytes": Path(run.patch).stat().st_size,
+        "patch_bytes": len(patch_bytes),
         "patch_info": info["info"],
     }
-    rd.write_config(record if not base.is_dir() else {**record, **_base_run(base)})
+    rd.write_config({**record, **base_run})
     atomic_write_bytes(rd.file(files.WEIGHTS), save(patched, metadata={"format": "pt", "advtune": "1"}))
-    if base.is_dir() and (base / files.MODEL_META).is_file():
-        meta = read_json(base / files.MODEL_META, "model metadata")
+    if base.is_dir() and meta is not None:
         rd.write_json(files.MODEL_META, {**meta, "patched": {"base": str(base), "patch": str(run.patch)}})
-    atomic_write_bytes(rd.file(files.PATCH), Path(run.patch).read_bytes())
+    atomic_write_bytes(rd.file(files.PATCH), patch_bytes)
     rd.done()
     return record
 

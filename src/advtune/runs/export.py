@@ -11,10 +11,10 @@ pixels in [0, 1], as the evaluation did: the normalisation travels inside it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import io
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from .. import filenames as files
 from ..attacks import build_attack
 from ..devices import model_device, resolve_device
 from ..errors import AdvtuneError
@@ -38,6 +39,10 @@ from .configs import ExportRun
 
 log = logging.getLogger(__name__)
 
+CHECK_SUFFIX = ".check.json"  # FILE.check.json: the ONNX check of FILE
+# a run folder's own records: an export never replaces them
+RUN_RECORDS = (files.CONFIG, files.METRICS, files.COST, files.SUMMARY, files.WEIGHTS, files.MODEL_META)
+RUN_RECORDS += (files.CHECKPOINT, files.SELECTION, files.PATCH)
 CHECK_SETTINGS = ("eps", "attack", "norm", "limit_test", "batch_size", "data_dir", "seed")  # the ONNX check's
 TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the logits' scale (float32 kernels differ)
 
@@ -45,10 +50,15 @@ TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the logits' scal
 def run(run: ExportRun) -> dict:
     """Export the model of `run.run` to `run.out`; returns the export record (with the check for ONNX)."""
     out = Path(run.out)
-    if out.exists() and not run.overwrite:
-        raise AdvtuneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if out.is_dir():
         raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
+    if out.resolve().parent == Path(run.run).resolve() and (out.name in RUN_RECORDS or out.name.startswith("eval-")):
+        raise AdvtuneError(f"--out {out} is one of the run's own records; write the export to another file")
+    if out.exists() and not run.overwrite:
+        raise AdvtuneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    bs = run.batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
     if run.format == "onnx":
         onnx_runtime()  # the extra is installed: checked before any work
     else:  # the check's settings: only ONNX is checked against the run; elsewhere they were dropped without a word
@@ -69,6 +79,9 @@ def run(run: ExportRun) -> dict:
         atomic_write_bytes(out, buf.getvalue())
     else:
         record["check"] = _export_onnx(model, meta, base_cfg, run, out)
+    stale = out.with_name(out.name + CHECK_SUFFIX)
+    if run.format != "onnx" and stale.is_file():  # an earlier ONNX export's check would vouch for this file
+        stale.unlink()
     record["bytes"] = out.stat().st_size
     return record
 
@@ -88,7 +101,10 @@ def onnx_runtime():
 def _threat_and_attack(run: ExportRun, base_cfg: dict) -> tuple[ThreatModel, str]:
     """The check's adversarial inputs: the flags, else what the run recorded (its eps, norm, attack)."""
     saved = base_cfg.get("run", {})
+    if saved.get("eps") is None and isinstance(base_cfg.get("patch_info"), dict):
+        saved = base_cfg["patch_info"]  # a folder `advtune apply` wrote: the hardening run's own, from its patch
     recipe = saved.get("recipe") or {}
+    recipe = recipe if isinstance(recipe, dict) else {}
     eps = run.eps if run.eps is not None else saved.get("eps")
     if eps is None:
         raise AdvtuneError(f"{run.run} records no eps (a standard run?); give --eps for the check's adversarial inputs")
@@ -104,44 +120,64 @@ def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -
     attack = build_attack(spec, threat)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
     x, y = ds.test.tensors(model_device(model))
-    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # removed again if refused
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    # exported and checked in a private folder: --out is written (atomically, with the usual permissions) only
+    # once the check passed, and a refusal leaves nothing behind
+    with tempfile.TemporaryDirectory(prefix="advtune-export-") as scratch:
+        tmp = Path(scratch) / "model.onnx"
         _to_onnx(model.cpu(), x[:2].cpu(), tmp)
         model.to(x.device)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (onnxruntime's errors derive from Exception only)
+            raise AdvtuneError(
+                f"onnxruntime cannot load the exported model ({type(e).__name__}: {_first_line(e)}); export --format "
+                "safetensors and convert it with your serving stack's tools"
+            ) from None
         t0 = time.perf_counter()
         x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
+        try:
+            clean, adversarial = (
+                _compare(model, session, x, run.batch_size),
+                _compare(model, session, x_adv, run.batch_size),
+            )
+        except Exception as e:  # noqa: BLE001
+            raise AdvtuneError(
+                f"onnxruntime cannot run the exported model ({type(e).__name__}: {_first_line(e)}); export --format "
+                "safetensors and convert it with your serving stack's tools"
+            ) from None
         check = {
             "examples": len(x),
             "attack": attack.spec,
             "threat": threat.to_json(),
-            "clean": _compare(model, session, x, run.batch_size),
-            "adversarial": _compare(model, session, x_adv, run.batch_size),
+            "seed": run.seed,
+            "batch_size": run.batch_size,
+            "dataset": base_cfg.get("dataset"),
+            "clean": clean,
+            "adversarial": adversarial,
             "tolerance": TOLERANCE,
             "versions": {**versions(), "onnxruntime": ort.__version__},
         }
         check["check_wall_s"] = time.perf_counter() - t0
-        check["ok"] = check["clean"]["ok"] and check["adversarial"]["ok"]
+        check["ok"] = clean["ok"] and adversarial["ok"]
         if not check["ok"]:
-            bad = check["clean"] if not check["clean"]["ok"] else check["adversarial"]
+            bad = clean if not clean["ok"] else adversarial
             raise AdvtuneError(
                 f"the ONNX export disagrees with PyTorch (max |logit difference| {bad['max_abs_diff']:.2e}, "
                 f"{bad['disagreements']} predictions differ); not written: report this model with its run"
             )
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if not out.exists():
-            for d in made:  # innermost first: the folders this export created for a file it did not write
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-    atomic_write_json(out.with_name(out.name + ".check.json"), {"run": str(run.run), "file": str(out), **check})
+        data = tmp.read_bytes()
+    atomic_write_bytes(out, data)
+    record = {
+        "run": str(Path(run.run).resolve()),
+        "file": str(out.resolve()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    atomic_write_json(out.with_name(out.name + CHECK_SUFFIX), {**record, **check})
     return check
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _to_onnx(model, example: torch.Tensor, path: Path) -> None:
@@ -162,6 +198,10 @@ def _to_onnx(model, example: torch.Tensor, path: Path) -> None:
                     kw["dynamo"] = dynamo
                 torch.onnx.export(model, (example,), str(path), input_names=["pixels"], output_names=["logits"], **kw)
             return
+        except OSError as e:  # the scratch folder's disk, not the model
+            raise AdvtuneError(
+                f"cannot write the ONNX file ({e.strerror or e}); free disk space in the temp folder"
+            ) from None
         except Exception as e:  # noqa: BLE001  (an exporter's failure is a message for the user)
             errors.append(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
     raise AdvtuneError(
