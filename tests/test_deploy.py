@@ -165,6 +165,10 @@ def test_apply_never_replaces_its_inputs_and_names_what_is_wrong(shipped, tmp_pa
         assert not out.exists()
     # the folder apply writes exports like any run: ONNX's check takes the hardening's eps from the patch
     assert main(["apply", str(root / "base"), str(patch), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0 and "None" not in capsys.readouterr().out  # apply records no seed/device
+    assert main(["info", str(out / "model.safetensors")]) == 2
+    assert f"is a file; pass the run folder that holds it (e.g. {out})" in capsys.readouterr().err
     onnx = tmp_path / "applied.onnx"
     assert main(["export", str(out), "--out", str(onnx), "--limit-test", "10", "--quiet"]) == 0
     check = json.loads((tmp_path / "applied.onnx.check.json").read_text())

@@ -223,6 +223,8 @@ def _release(path: Path) -> None:
 def open_run(path: str | os.PathLike) -> RunDir:
     """An existing run folder, or a one-line error saying what is missing."""
     p = Path(path)
+    if p.is_file():
+        raise AdvtuneError(f"{p} is a file; pass the run folder that holds it (e.g. {p.parent})")
     if not p.is_dir():
         raise AdvtuneError(f"run folder {p} not found; pass the --out folder of an earlier `advtune train`")
     if not (p / files.CONFIG).is_file():
@@ -274,7 +276,8 @@ def _info_lines(info: dict) -> str:
         arch = run.get("model") or info.get("model", {}).get("architecture") or "?"
         data = run.get("dataset") or (cfg.get("dataset") or {}).get("name") or "?"
         base = f"   from {cfg['base']}" if cfg.get("base") else ""
-        lines.append(f"model      {arch} on {data}   seed {cfg.get('seed')}   device {cfg.get('device')}{base}")
+        where = "".join(f"   {k} {cfg[k]}" for k in ("seed", "device") if cfg.get(k) is not None)  # apply has neither
+        lines.append(f"model      {arch} on {data}{where}{base}")
     if cfg.get("objective"):
         lines.append(f"objective  {json.dumps(cfg['objective'])}")
     if run.get("train"):
