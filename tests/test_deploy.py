@@ -83,6 +83,10 @@ def test_the_patch_is_small_and_rebuilds_the_hardened_weights_bit_for_bit(shippe
     assert main(["apply", str(root / "base"), str(patch), "--out", str(root / "applied"), "--quiet"]) == 0
     rebuilt, hardened = load_file(str(root / "applied" / "model.safetensors")), load_file(str(model_file))
     assert rebuilt.keys() == hardened.keys() and all(torch.equal(rebuilt[k], hardened[k]) for k in hardened)
+    # docs/usage.md's command: the patch applied to the user's own nested DataParallel checkpoint
+    assert main(["apply", str(root / "ckpt.pt"), str(patch), "--out", str(root / "from-ckpt"), "--quiet"]) == 0
+    from_ckpt = load_file(str(root / "from-ckpt" / "model.safetensors"))
+    assert from_ckpt.keys() == hardened.keys() and all(torch.equal(from_ckpt[k], hardened[k]) for k in hardened)
     # the fine-tuning stage's own patch rebuilds its model too (a finetune run writes one)
     ft = root / "hard" / "finetune"
     assert main(["apply", str(root / "base"), str(ft / "patch.safetensors"), "--out", str(root / "ft-applied")]) == 0
