@@ -325,6 +325,8 @@ def test_export_refusals_write_nothing(shipped, tmp_path, capsys, monkeypatch):
     assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10"]) == 2
     assert "disagrees with PyTorch" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bad.onnx*"))
+    failed = json.loads((tmp_path / "bad.onnx.check-failed.json").read_text())  # the numbers, for the report
+    assert not failed["ok"] and failed["clean"]["max_abs_diff"] > 0.99 and failed["file"] is None
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra is not installed
     assert main(["export", str(root / "hard"), "--out", str(out)]) == 2
     assert "pip install 'advtune[onnx]'" in capsys.readouterr().err and not out.exists()

@@ -159,11 +159,14 @@ def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -
         }
         check["check_wall_s"] = time.perf_counter() - t0
         check["ok"] = clean["ok"] and adversarial["ok"]
-        if not check["ok"]:
+        if not check["ok"]:  # the numbers are kept for the report; the model file is not written
             bad = clean if not clean["ok"] else adversarial
+            failed = out.with_name(out.name + ".check-failed.json")
+            atomic_write_json(failed, {"run": str(Path(run.run).resolve()), "file": None, **check})
             raise AdvtuneError(
                 f"the ONNX export disagrees with PyTorch (max |logit difference| {bad['max_abs_diff']:.2e}, "
-                f"{bad['disagreements']} predictions differ); not written: report this model with its run"
+                f"{bad['disagreements']} predictions differ); not written: report this model with its run and "
+                f"{failed}"
             )
         data = tmp.read_bytes()
     atomic_write_bytes(out, data)
