@@ -194,6 +194,27 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
             lambda c: c["variants"][1].update(train={"lr": "fast"}),
             r"variants\[1\] \(full-ft\).train: not a number: 'fast'",
         ),
+        # refused by the jobs only once they ran (a review): now on the config alone, before anything is written
+        (lambda c: c["evaluation"].update(attacks="apgd-cee"), "threat/evaluation: unknown attack 'apgd-cee'"),
+        (lambda c: c["analysis"].update(criteria=["taylr"]), "analysis.criteria: unknown criterion 'taylr'"),
+        (lambda c: c["threat"].update(norm="l3"), "threat/evaluation: .*l3"),
+        (lambda c: c.update(base=None), "base must be a mapping"),
+        (lambda c: c["base"].update(limit="ten"), "base.limit must be a positive whole number"),
+        (lambda c: c["variants"][1].update(points="3"), "points must be a non-negative integer"),
+        (lambda c: c["variants"][1].update(attack="pgd:stepz=2"), "variant full-ft: attack: "),
+        (lambda c: c["variants"][2].update(criterion="taylr"), "unknown criterion 'taylr'"),
+        (lambda c: c["variants"][1].update(name=2024), "quote it"),
+        (lambda c: c["variants"][1].update(name="analysis-x"), "taken by the experiment's own folders"),
+        (lambda c: c["variants"][1].update(name="standard"), "variant name 'standard' used twice|taken by"),
+        (lambda c: c["variants"][3].update(params=1.0) or c["variants"][3].pop("share"), r"'1.0': a share must be"),
+        (lambda c: c["variants"][3].update(budget=1000.5), "not a whole positive number of gradient evaluations"),
+        (lambda c: c["variants"].append({"name": "t", "kind": "train", "share": [0.1, 0.2]}), "does not use share"),
+        (lambda c: c["variants"].append({"name": "h", "kind": "harden", "select": "random"}), "does not use select"),
+        (lambda c: c["variants"][1].update(keep_best=2), "keep_best needs a held-out split"),
+        (
+            lambda c: c["variants"].insert(1, {"name": "c", "select": "random", "params_like": "full-ft"}),
+            "params_like: full-ft must run first",
+        ),
     ],
 )
 def test_bad_experiment_configs(tmp_path, mutate, match):
@@ -269,6 +290,40 @@ def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
     cfg["variants"][3]["share"] = 0.5  # "random" was run with share 0.1
     with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
         experiment.run(write(tmp_path, cfg), out)
+
+
+def test_a_rerun_with_another_evaluation_or_base_is_refused_and_rewrites_nothing(finished, tmp_path):
+    """A review found a re-run into the same folder with another evaluation protocol (or base, or analysis) mixing
+    the old variants' numbers with the new ones', and experiment.json rewritten before any check."""
+    import copy
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = (out / "experiment.json").read_bytes()
+    for change, match in (
+        (lambda c: c["evaluation"].update(attacks="fgsm"), "another evaluation"),
+        (lambda c: c["base"].update(limit=200), "another base"),
+        (lambda c: c["analysis"].update(limit=50), "another analysis"),
+    ):
+        cfg = copy.deepcopy(TINY)
+        change(cfg)
+        with pytest.raises(AdvtuneError, match=match + ".*use a new --out"):
+            experiment.run(write(tmp_path, cfg), out)
+        assert (out / "experiment.json").read_bytes() == before
+
+
+def test_params_like_follows_an_eps_sweep():
+    """params_like names a variant as written; under an eps sweep each control takes its own eps' point (it looked
+    for the unswept name and failed after everything before it had run)."""
+    cfg = {**TINY, "threat": {"eps": [0.1, 0.2]}}
+    cfg["variants"] = [*TINY["variants"], {"name": "ctrl", "select": "random", "params_like": "full-ft"}]
+    variants = experiment.expand_variants(experiment.validate_config(cfg))
+    likes = {v["name"]: v["params_like"] for v in variants if v.get("params_like")}
+    assert likes == {"ctrl-eps0.1": "full-ft-eps0.1", "ctrl-eps0.2": "full-ft-eps0.2"}
+    cfg["variants"][-1] = {"name": "ctrl", "select": "random", "params_like": "sel"}  # sel is also swept by share
+    with pytest.raises(AdvtuneError, match=r"params_like: sel matches none of its sweep points \(swept: eps, share\)"):
+        experiment.validate_config(cfg)
 
 
 def test_seed_and_flag_defaults_reach_an_experiment(finished, tmp_path, capsys):
@@ -383,3 +438,18 @@ def test_a_random_control_on_the_probe_rule_is_refused_before_anything_is_writte
         experiment.validate_config({**TINY, "variants": [{"name": "p", "granularity": "probe", "head": True}]})
     ok = {"name": "p", "granularity": "probe", "head": True, "probe_quotas": True}
     experiment.validate_config({**TINY, "variants": [ok]})
+
+
+def test_a_standard_train_variant_in_an_l2_experiment_is_given_no_threat(tmp_path, monkeypatch):
+    """A train variant without attack in an l2 experiment was handed --norm l2, which train refuses without
+    --adversarial: after the base model and every variant before it had run."""
+    from advtune.runs.experiment import runner
+
+    seen = []
+    monkeypatch.setattr(runner.train_job, "run", lambda run: seen.append(run))
+    cfg = {**TINY, "threat": {"norm": "l2", "eps": 0.5}, "evaluation": {"attacks": "pgd:steps=5", "limit": 20}}
+    cfg["variants"] = [{"name": "t", "kind": "train"}]
+    with pytest.raises(Exception):  # noqa: B017  (nothing was trained: the evaluation finds no model)
+        experiment.run(write(tmp_path, cfg), tmp_path / "o")
+    (variant,) = [r for r in seen if r.out.endswith("/t")]
+    assert variant.adversarial is None and variant.norm == "linf" and variant.eps is None

@@ -4,6 +4,7 @@ configs' own defaults (`settings_from`): a key a variant does not set means the 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import itertools
@@ -14,10 +15,23 @@ from typing import Any
 from ... import filenames as files
 from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, Recipe
-from ...settings import check_keys, default, keys, parse_number, read_yaml, settings_from
+from ...settings import (
+    budget_number,
+    check_keys,
+    default,
+    grad_evals_number,
+    keys,
+    parse_number,
+    read_yaml,
+    settings_from,
+)
+from ...threat import ThreatModel
 from ...train.config import TrainConfig
+from ...train.objectives import check_objective
+from ...vulnerability import list_criteria
 from ..analyze import check_curve_flags
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
+from ..evaluate import attacks_for
 from ..selecting import check_selection_flags
 
 TOP_KEYS = {"name", "base", "threat", "evaluation", "analysis", "variants", "seed", "device", "data_dir", "notes"}
@@ -70,6 +84,9 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     for key in ("base", "threat", "evaluation", "variants"):
         if key not in cfg:
             raise AdvtuneError(f"{where}: missing required key {key!r}")
+    for key in ("base", "threat", "evaluation"):  # an empty section is YAML's null: one line, not a traceback
+        if not isinstance(cfg[key], dict):
+            raise AdvtuneError(f"{where}: {key} must be a mapping of its keys, got {cfg[key]!r}")
     check_keys(cfg["base"], BASE_KEYS, f"{where}: base")
     check_keys(cfg["base"].get("train"), TRAIN_KEYS, f"{where}: base.train")
     _check_train(cfg["base"].get("train"), None, f"{where}: base.train")
@@ -100,6 +117,14 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             _check_train(cfg["base"].get("train") if scratch else {"epochs": 1}, v.get("train"), f"{vw}.train")
         if not v.get("name"):
             raise AdvtuneError(f"{vw}: every variant needs a name")
+        if not isinstance(v["name"], str):
+            raise AdvtuneError(f'{vw}: a variant\'s name is a folder name: quote it, e.g. name: "{v["name"]}"')
+        reserved = v["name"].startswith("analysis") or v["name"] in (".", "..") or v["name"].endswith(".probe")
+        if reserved or "/" in v["name"] or (v["name"] == "standard" and v.get("kind") != "standard"):
+            raise AdvtuneError(
+                f"{vw}: the name {v['name']!r} is taken by the experiment's own folders (standard, analysis*, "
+                "*.probe) or is not a folder name; rename the variant"
+            )
         if v.get("kind", "finetune") not in KINDS:
             raise AdvtuneError(f"{vw}: unknown kind {v.get('kind')!r}; valid: {', '.join(KINDS)}")
         if v["name"] in seen:
@@ -148,7 +173,77 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise AdvtuneError(f"{where}: seed must be an integer in [0, 2^63), got {seed!r}")
+    check_runnable(cfg, where)
     return cfg
+
+
+# what a variant of each kind does not use: refused (they were dropped without a word, and a sweep over one ran
+# the same job twice)
+SELECTION_KEYS = {"select", "share", "per_layer", "criterion", "params", "granularity", "norms", "head", "probe"}
+SELECTION_KEYS |= {"probe_quotas", "keep_best", "params_like"}
+IGNORED_BY_KIND = {
+    "train": SELECTION_KEYS | {"analysis_attack", "analysis_limit"},
+    "harden": {"select", "share", "per_layer", "points", "keep_best", "attack_mode", "guard", "params_like"},
+    "finetune": {"model", "analysis_attack", "analysis_limit"},
+}
+
+
+def check_runnable(cfg: dict, where: str) -> None:
+    """What the jobs would refuse only once they run (after the base model trained and the variants before them
+    ran, hours in): the threat, the evaluation's attacks, the analysis' criteria, the limits, each variant's
+    attack, numbers and the keys its kind ignores, checked on the config alone."""
+    norm = cfg["threat"].get("norm", "linf")
+    eps_all = [eps_value(e) for e in as_list(cfg["threat"]["eps"])]
+    try:
+        for e in eps_all:
+            ThreatModel(norm, e)
+        ev = cfg["evaluation"]
+        given = {k: ev[k] for k in ("attacks", "suite") if ev.get(k)}
+        for e in eps_all:
+            attacks_for(settings_from(EvaluateRun, given, run="", norm=norm), e)
+    except AdvtuneError as e:
+        raise AdvtuneError(f"{where}: threat/evaluation: {e}") from None
+    known = {c.lower() for c in list_criteria()}
+    for c in as_list((cfg.get("analysis") or {}).get("criteria") or []):
+        if str(c).lower() not in known:
+            raise AdvtuneError(
+                f"{where}: analysis.criteria: unknown criterion {c!r}; valid: {', '.join(sorted(known))}"
+            )
+    for section, key in (
+        ("base", "limit"),
+        ("base", "limit_test"),
+        ("evaluation", "limit_test"),
+        ("evaluation", "limit"),
+    ):
+        _positive_int((cfg.get(section) or {}).get(key), f"{where}: {section}.{key}")
+    for w in expand_variants(cfg):
+        vw = f"{where}: variant {w['name']}"
+        ignored = sorted(k for k in IGNORED_BY_KIND.get(w["kind"], ()) if k in w and w[k] is not None)
+        if w.get("recipe") == "harden":  # the recipe fills a fine-tuning variant's selection keys itself
+            ignored = [k for k in ignored if k not in SELECTION_KEYS]
+        if ignored:
+            raise AdvtuneError(f"{vw}: a {w['kind']} variant does not use {', '.join(ignored)}; drop them")
+        _positive_int(w.get("limit"), f"{vw}: limit")
+        points_of(w)
+        params_of(w)
+        budget_of(w)
+        if w["kind"] == "finetune" and w.get("keep_best"):
+            raise AdvtuneError(
+                f"{vw}: keep_best needs a held-out split, which an experiment's finetune has not; use kind: harden "
+                "(it holds one out) or drop keep_best"
+            )
+        if w.get("criterion") is not None and str(w["criterion"]).lower() not in known:
+            raise AdvtuneError(f"{vw}: unknown criterion {w['criterion']!r}; valid: {', '.join(sorted(known))}")
+        if w.get("attack") and w["kind"] in ("train", "finetune"):
+            try:
+                check_objective(str(w["attack"]), ThreatModel(norm, eps_value(w["eps"])))
+            except AdvtuneError as e:
+                raise AdvtuneError(f"{vw}: attack: {e}") from None
+
+
+def _positive_int(value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise AdvtuneError(f"{where} must be a positive whole number of examples, got {value!r}")
 
 
 def trains_adapters(v: dict) -> bool:
@@ -262,6 +357,32 @@ def expand_variants(cfg: dict) -> list[dict]:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise AdvtuneError(f"variant names collide after sweeping: {', '.join(sorted(dup))}; rename the variants")
+    return _resolve_params_like(out)
+
+
+def _resolve_params_like(out: list[dict]) -> list[dict]:
+    """`params_like: NAME` names a variant as written; under a sweep it means NAME's point at the same eps (and the
+    same value of any other axis both sweep), which must run first."""
+    for i, w in enumerate(out):
+        like = w.get("params_like")
+        if not like:
+            continue
+        points = [(j, c) for j, c in enumerate(out) if (c["sweep_of"] or c["name"]) == like]
+        if not points:
+            raise AdvtuneError(f"variant {w['name']}: params_like: {like} names no variant; name one listed before it")
+        swept = [k for k in SWEEPABLE if len({str(c.get(k)) for _, c in points}) > 1]  # NAME's axes
+        points = [(j, c) for j, c in points if all(str(c.get(k)) == str(w.get(k)) for k in swept)]
+        if len(points) != 1:
+            found = "matches none" if not points else "matches several"
+            found += f" of its sweep points (swept: {', '.join(swept)})"
+            raise AdvtuneError(f"variant {w['name']}: params_like: {like} {found}; name one variant listed before it")
+        j, chosen = points[0]
+        if j >= i:
+            raise AdvtuneError(
+                f"variant {w['name']}: params_like: {like} must run first; list {like} before "
+                f"{w['sweep_of'] or w['name']}"
+            )
+        out[i] = {**w, "params_like": chosen["name"]}
     return out
 
 
@@ -289,16 +410,16 @@ def eps_value(v: Any) -> float:
     return parse_number(v)
 
 
-def finite(v: dict, key: str) -> float:
-    n = parse_number(v[key])
-    if not math.isfinite(n) or n <= 0:
-        raise AdvtuneError(f"variant {v['name']}: {key} must be a positive finite number, got {v[key]!r}")
-    return n
-
-
 def budget_of(v: dict) -> int | None:
-    """The variant's training budget in gradient evaluations (None: its epochs)."""
-    return None if v.get("budget") is None else int(finite(v, "budget"))
+    """The variant's training budget in gradient evaluations (None: its epochs), read as the CLI reads --budget."""
+    return None if v.get("budget") is None else _as_flag(grad_evals_number, v, "budget")
+
+
+def _as_flag(parse, v: dict, key: str):
+    try:
+        return parse(str(v[key]))
+    except argparse.ArgumentTypeError as e:
+        raise AdvtuneError(f"variant {v['name']}: {key}: {e}") from None
 
 
 def points_of(v: dict) -> int:
@@ -315,8 +436,7 @@ def params_of(v: dict) -> float | int | None:
     """The variant's parameter budget: a share (< 1) or a count."""
     if v.get("params") is None:
         return None
-    n = finite(v, "params")
-    return n if n < 1 else int(n)
+    return _as_flag(budget_number, v, "params")  # as --params reads it: 1.0 and 2.5 refused, not 1 and 2 entries
 
 
 def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:

@@ -82,6 +82,8 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
         summary = read_json(folder / files.SUMMARY, "summary") if (folder / files.SUMMARY).is_file() else {}
         sel = summary.get("selection") or {}
         selective = kind in SELECTIVE
+        # harden's held-out checkpoint choice (PGD on its held-out split) is part of its cost, as harden counts it
+        held_out = (summary.get("cost") or {}).get("checkpoint_grad_evals", 0) if kind == "harden" else 0
         row = {
             "variant": v["name"],
             "kind": kind,
@@ -101,7 +103,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),
-            "grad_evals": cost.get("grad_evals", 0),
+            "grad_evals": cost.get("grad_evals", 0) + (held_out or 0),
             # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
             "analysis_grad_evals": analysis_cost.get("grad_evals", 0) + (sel.get("scoring") or {}).get("grad_evals", 0),
             "base_grad_evals": base_cost.get("grad_evals", 0) if selective else 0,

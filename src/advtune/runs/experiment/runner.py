@@ -95,7 +95,7 @@ def run(
         raise AdvtuneError(  # a run or harden folder: its report and records would be written over
             f"--out {out} exists and is not an experiment folder (no {files.EXPERIMENT}); choose a new --out"
         )
-    _refuse_other_seed(out, ex.seed)
+    _refuse_other_seed(out, ex.seed, cfg)
     _refuse_changed_variants(out, variants)
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
@@ -224,7 +224,7 @@ def _run_train(ex: Experiment, v: dict, folder: Path) -> Path:
                 limit_test=base.get("limit_test"),
                 device=ex.device,
                 adversarial=attack,
-                norm=ex.norm,
+                norm=ex.norm if attack else default(TrainRun, "norm"),  # standard training has no threat
                 eps=eps_value(v["eps"]) if attack else None,
                 train=train_config(base.get("train"), v.get("train"), ex.seed),
                 budget=budget_of(v),
@@ -391,14 +391,31 @@ def _decided_head(folder: Path) -> bool | None:
     return head if isinstance(head, bool) else None
 
 
-def _refuse_other_seed(out: Path, seed: int) -> None:
-    """An experiment folder holds one seed: its standard model, analysis and runs would be reused under another."""
+# what every variant of an experiment shares: its base model, threat norm, evaluation and analysis
+SHARED = (("base", None), ("threat", "norm"), ("evaluation", None), ("analysis", None))
+
+
+def _refuse_other_seed(out: Path, seed: int, cfg: dict | None = None) -> None:
+    """An experiment folder holds one seed and one setup (`SHARED`): its standard model, analysis and finished
+    variants would be reused or reported next to runs measured another way. The eps list may grow (new points
+    are new variants)."""
     path = out / files.EXPERIMENT
     if not path.is_file():
         return
-    recorded = int((read_json(path, "experiment record").get("config") or {}).get("seed", 0))
+    old = read_json(path, "experiment record").get("config") or {}
+    recorded = int(old.get("seed", 0))
     if recorded != seed:
         raise AdvtuneError(f"{out} holds an experiment run with seed {recorded}, not {seed}; use a new --out")
+    for key, sub_key in SHARED if cfg is not None else ():
+        then, now = old.get(key), cfg.get(key)
+        if sub_key is not None:
+            then, now = (then or {}).get(sub_key), (now or {}).get(sub_key)
+        if (then or None) != (now or None):
+            name = f"{key}.{sub_key}" if sub_key else key
+            raise AdvtuneError(
+                f"{out} holds an experiment run with another {name} ({then!r}, now {now!r}); its variants were "
+                "measured so: use a new --out"
+            )
 
 
 def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
