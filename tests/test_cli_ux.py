@@ -73,7 +73,7 @@ def test_info_describes_every_kind_of_run(runs, capsys):
     for name, expect in (
         ("train", "small-cnn on synthetic"),
         ("analyze", "analysis   64 training examples"),
-        ("exp", "2 variants, 2 finished"),
+        ("exp", "2 runs, 2 finished"),
     ):
         assert main(["info", str(runs / name)]) == 0
         shown = capsys.readouterr().out

@@ -74,6 +74,12 @@ def test_every_variant_is_recorded_and_tabled(finished):
     assert (finished / "results.csv").read_text().splitlines()[0].startswith("variant,kind")
 
 
+def test_info_counts_the_runs_a_sweep_makes(finished, capsys):
+    capsys.readouterr()
+    assert main(["info", str(finished)]) == 0
+    assert "5 runs, 5 finished" in capsys.readouterr().out  # 4 YAML variants, one of them swept over two shares
+
+
 def test_report_numbers_match_the_records(finished):
     assert main(["report", str(finished), "--quiet"]) == 0
     md = (finished / "report.md").read_text()

@@ -430,10 +430,10 @@ def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, t
     assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
     assert "was run with other settings" in capsys.readouterr().err
     assert (out / "experiment.json").read_bytes() == record
-    # a base.pretrained run that is missing is refused before experiment.json is rewritten
+    # another base (here a pretrained run that is missing) is refused before experiment.json is rewritten
     cfg["variants"][0]["attack"] = "fgsm"
     cfg["base"] = {"pretrained": str(tmp_path / "gone")}
     path.write_text(yaml.safe_dump(cfg))
     assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
-    assert "holds no trained model" in capsys.readouterr().err
+    assert "another base" in capsys.readouterr().err
     assert (out / "experiment.json").read_bytes() == record

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ... import filenames as files
 from ...cost import CostRecord
+from ...errors import AdvtuneError
 from ...frontier import Frontier, FrontierPoint
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from ..common import list_snapshots
-from .config import EVAL_NAME, analysis_folder, eps_value
+from .config import EVAL_NAME, analysis_folder, eps_value, expand_variants
 
 SELECTIVE = ("finetune", "harden")  # kinds that start from the base model (its cost counts)
 
@@ -265,13 +266,22 @@ def experiment_info(folder: str | Path) -> dict:
 def format_experiment_info(info: dict) -> str:
     cfg = info["experiment"].get("config", {})
     threat = cfg.get("threat", {})
+    try:  # the runs a sweep makes, as the rows count them ("5 variants, 7 finished" compared YAML entries)
+        planned = f"{len(expand_variants(cfg))} runs"
+    except (AdvtuneError, KeyError, TypeError, AttributeError):
+        planned = f"{len(cfg.get('variants', []))} variants"
     lines = [
         f"experiment {info['run']}   name {cfg.get('name', '?')}   "
         f"source {info['experiment'].get('source') or '(dict)'}",
-        f"threat     {threat.get('norm', 'linf')} eps={threat.get('eps')}   {len(cfg.get('variants', []))} variants, "
-        f"{len(info['rows'])} finished",
+        f"threat     {threat.get('norm', 'linf')} eps={threat.get('eps')}   {planned}, {len(info['rows'])} finished",
     ]
     if info["rows"]:
-        lines += ["", format_results(info["rows"]), ""]
+        try:
+            lines += ["", format_results(info["rows"]), ""]
+        except (KeyError, TypeError, ValueError) as e:  # a row of another shape: one line, not a traceback
+            raise AdvtuneError(
+                f"{info['run']}: results.json has a row of an unexpected shape ({type(e).__name__}: {e}); re-run "
+                "`advtune experiment` to rewrite it, or `advtune info --json` for the raw records"
+            ) from None
     lines.append("files      " + ", ".join(info["files"]))
     return "\n".join(lines)
