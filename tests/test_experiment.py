@@ -459,3 +459,16 @@ def test_a_standard_train_variant_in_an_l2_experiment_is_given_no_threat(tmp_pat
         experiment.run(write(tmp_path, cfg), tmp_path / "o")
     (variant,) = [r for r in seen if r.out.endswith("/t")]
     assert variant.adversarial is None and variant.norm == "linf" and variant.eps is None
+
+
+def test_the_report_names_rows_measured_with_another_protocol():
+    """The report described every row by the config's protocol and the first row's image count; a row measured
+    otherwise (a folder from before a changed evaluation was refused) is named."""
+    from advtune.report.narrative import experiment_protocol
+
+    cfg = {"threat": {"eps": 0.3}, "evaluation": {"attacks": "apgd-ce,apgd-t"}}
+    same = [{"variant": v, "eval_attacks": "apgd-ce,apgd-t", "eval_examples": 1000} for v in ("a", "b")]
+    assert "Not comparable" not in experiment_protocol(cfg, same)
+    mixed = [*same, {"variant": "c", "eval_attacks": "fgsm", "eval_examples": 200}]
+    text = experiment_protocol(cfg, mixed)
+    assert "different protocols (a, b: apgd-ce,apgd-t on 1000 images; c: fgsm on 200 images)" in text

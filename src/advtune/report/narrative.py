@@ -231,11 +231,23 @@ def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
     """The threat model and the evaluation of an experiment."""
     ev = cfg.get("evaluation") or {}
     threat = cfg.get("threat") or {}
-    return (
+    text = (
         f"Threat model {threat.get('norm', 'linf')}, eps {threat.get('eps')}. "
         f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
         "worst case per example over the attacks; the gradient-masking gate ran on every model."
     )
+    # each row's own record says what measured it: rows of another protocol (a folder from before experiments
+    # refused a changed evaluation) are named, not described by the first row's
+    protocols: dict[tuple, list[str]] = {}
+    for r in rows:
+        protocols.setdefault((r.get("eval_attacks"), r.get("eval_examples")), []).append(str(r.get("variant")))
+    if len(protocols) > 1:
+        text += (
+            " Not comparable as they stand: the rows were measured with different protocols ("
+            + "; ".join(f"{', '.join(names)}: {attacks} on {n} images" for (attacks, n), names in protocols.items())
+            + ")."
+        )
+    return text
 
 
 def concentration_notes(analysis: str, curves: Mapping[str, dict]) -> list[str]:
