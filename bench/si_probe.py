@@ -25,6 +25,7 @@ entry scores are omega. The run folder is an ordinary finetune folder plus `si-p
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -79,9 +80,15 @@ class PathIntegral:
 
 
 def run(argv: list[str]) -> int:
-    if "--resume" in argv or "--granularity" not in argv or argv[argv.index("--granularity") + 1] != "probe":
+    flags = argparse.ArgumentParser(add_help=False)  # the few of finetune's flags the bench must see
+    for name in ("--granularity", "--out"):
+        flags.add_argument(name)
+    for name in ("--resume", "--no-probe-quotas"):
+        flags.add_argument(name, action="store_true")
+    seen, _ = flags.parse_known_args(argv)
+    if seen.resume or seen.granularity != "probe":
         raise SystemExit("si_probe: give finetune's flags with --granularity probe (one sitting: no --resume)")
-    if "--no-probe-quotas" in argv:
+    if seen.no_probe_quotas:
         raise SystemExit("si_probe: the score replaces the movement inside the per-layer quotas: keep --probe-quotas")
     integral = PathIntegral()
 
@@ -97,7 +104,7 @@ def run(argv: list[str]) -> int:
         probe_stage.movement_scores = movement
         integral.stop()
     if rc == 0:
-        out = Path(argv[argv.index("--out") + 1])
+        out = Path(seen.out)
         atomic_write_json(
             out / "si-probe.json",
             {"score": "path integral: sum over the probe's steps of -g * dW", "probe_steps": integral.steps},

@@ -202,13 +202,13 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
         ),
         # refused by the jobs only once they ran (a review): now on the config alone, before anything is written
         (lambda c: c["evaluation"].update(attacks="apgd-cee"), "threat/evaluation: unknown attack 'apgd-cee'"),
-        (lambda c: c["analysis"].update(criteria=["taylr"]), "analysis.criteria: unknown criterion 'taylr'"),
+        (lambda c: c["analysis"].update(criteria=["taylr"]), "analysis: unknown criterion taylr"),
         (lambda c: c["threat"].update(norm="l3"), "threat/evaluation: .*l3"),
         (lambda c: c.update(base=None), "base must be a mapping"),
         (lambda c: c["base"].update(limit="ten"), "base.limit must be a positive whole number"),
         (lambda c: c["variants"][1].update(points="3"), "points must be a non-negative integer"),
         (lambda c: c["variants"][1].update(attack="pgd:stepz=2"), "variant full-ft: attack: "),
-        (lambda c: c["variants"][2].update(criterion="taylr"), "unknown criterion 'taylr'"),
+        (lambda c: c["variants"][2].update(criterion="taylr"), "'taylr' is not among the analysis' criteria"),
         (lambda c: c["variants"][1].update(name=2024), "quote it"),
         (lambda c: c["variants"][1].update(name="analysis-x"), "taken by the experiment's own folders"),
         (lambda c: c["variants"][1].update(name="standard"), "variant name 'standard' used twice|taken by"),
@@ -217,6 +217,15 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
         (lambda c: c["variants"].append({"name": "t", "kind": "train", "share": [0.1, 0.2]}), "does not use share"),
         (lambda c: c["variants"].append({"name": "h", "kind": "harden", "select": "random"}), "does not use select"),
         (lambda c: c["variants"][1].update(keep_best=2), "keep_best needs a held-out split"),
+        # a second review: criteria compared exactly and against what the analysis computes, its own checks
+        (lambda c: c["analysis"].update(criteria="taylor"), "analysis.criteria must be a list"),
+        (lambda c: c["analysis"].update(criteria=["Taylor"]), "analysis: unknown criterion Taylor"),
+        (lambda c: c["analysis"].update(limit=0), "analysis: --limit and --batch-size must be positive"),
+        (lambda c: c["analysis"].update(attack="pgd:stepz=3"), "analysis: "),
+        (lambda c: c["evaluation"].update(batch_size=0), "evaluation.batch_size must be a positive"),
+        (lambda c: c["variants"][2].update(criterion="restoration"), "'restoration' is not among the analysis'"),
+        (lambda c: c["variants"][0].update(attack="fgsm"), "a standard variant does not use attack"),
+        (lambda c: c["variants"][1].update(name="results.json"), "taken by the experiment's own folders and files"),
         (
             lambda c: c["variants"].insert(1, {"name": "c", "select": "random", "params_like": "full-ft"}),
             "params_like: full-ft must run first",
@@ -307,6 +316,11 @@ def test_a_rerun_with_another_evaluation_or_base_is_refused_and_rewrites_nothing
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
     before = (out / "experiment.json").read_bytes()
+    cfg = copy.deepcopy(TINY)
+    cfg["threat"].pop("norm")  # the default written out or left out, and evaluation.limit as limit_test: the same
+    cfg["evaluation"]["limit_test"] = cfg["evaluation"].pop("limit")
+    experiment.run(write(tmp_path, cfg), out)
+    before = (out / "experiment.json").read_bytes()
     for change, match in (
         (lambda c: c["evaluation"].update(attacks="fgsm"), "another evaluation"),
         (lambda c: c["base"].update(limit=200), "another base"),
@@ -330,6 +344,10 @@ def test_params_like_follows_an_eps_sweep():
     cfg["variants"][-1] = {"name": "ctrl", "select": "random", "params_like": "sel"}  # sel is also swept by share
     with pytest.raises(AdvtuneError, match=r"params_like: sel matches none of its sweep points \(swept: eps, share\)"):
         experiment.validate_config(cfg)
+    cfg["threat"] = TINY["threat"]  # one point of a sweep, by its own name, as before
+    cfg["variants"][-1] = {"name": "ctrl", "select": "random", "params_like": "sel-share0.1"}
+    (ctrl,) = [v for v in experiment.expand_variants(experiment.validate_config(cfg)) if v["name"] == "ctrl"]
+    assert ctrl["params_like"] == "sel-share0.1"
 
 
 def test_seed_and_flag_defaults_reach_an_experiment(finished, tmp_path, capsys):

@@ -208,7 +208,7 @@ def apply_to_state(state: dict[str, torch.Tensor], path: str | Path) -> dict[str
     tensors, meta = read_patch(path)
     state = cpu_state(state)
     have = state_sha256(state)
-    if have == meta["result_sha256"]:
+    if have == meta["result_sha256"] != meta["base_sha256"]:  # (a patch that changes nothing applies to its base)
         raise AdvtuneError(f"this model already is {path}'s result: the patch was applied to it before")
     if have != meta["base_sha256"]:
         raise AdvtuneError(

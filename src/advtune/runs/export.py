@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CHECK_SUFFIX = ".check.json"  # FILE.check.json: the ONNX check of FILE
 # a run folder's own records: an export never replaces them
 RUN_RECORDS = (files.CONFIG, files.METRICS, files.COST, files.SUMMARY, files.WEIGHTS, files.MODEL_META)
-RUN_RECORDS += (files.CHECKPOINT, files.SELECTION, files.PATCH)
+RUN_RECORDS += (files.CHECKPOINT, files.SELECTION, files.PATCH, files.REPORT_HTML, files.REPORT_MD, files.CONCENTRATION)
 CHECK_SETTINGS = ("eps", "attack", "norm", "limit_test", "batch_size", "data_dir", "seed")  # the ONNX check's
 TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the logits' scale (float32 kernels differ)
 
@@ -79,9 +79,11 @@ def run(run: ExportRun) -> dict:
         atomic_write_bytes(out, buf.getvalue())
     else:
         record["check"] = _export_onnx(model, meta, base_cfg, run, out)
-    stale = out.with_name(out.name + CHECK_SUFFIX)
-    if run.format != "onnx" and stale.is_file():  # an earlier ONNX export's check would vouch for this file
-        stale.unlink()
+    stale = [out.with_name(out.name + ".check-failed.json")]  # a refusal's numbers: this file passed, or is no ONNX
+    stale += [out.with_name(out.name + CHECK_SUFFIX)] if run.format != "onnx" else []  # would vouch for this file
+    for path in stale:
+        if path.is_file():
+            path.unlink()
     record["bytes"] = out.stat().st_size
     return record
 
@@ -142,8 +144,8 @@ def _export_onnx(model, meta: dict, base_cfg: dict, run: ExportRun, out: Path) -
             )
         except Exception as e:  # noqa: BLE001
             raise AdvtuneError(
-                f"onnxruntime cannot run the exported model ({type(e).__name__}: {_first_line(e)}); export --format "
-                "safetensors and convert it with your serving stack's tools"
+                f"the check could not compare PyTorch and onnxruntime on the exported model ({type(e).__name__}: "
+                f"{_first_line(e)}); export --format safetensors and convert it with your serving stack's tools"
             ) from None
         check = {
             "examples": len(x),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import filenames as files
+from ...attacks import build_attack
 from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import (
@@ -29,7 +30,7 @@ from ...threat import ThreatModel
 from ...train.config import TrainConfig
 from ...train.objectives import check_objective
 from ...vulnerability import list_criteria
-from ..analyze import check_curve_flags
+from ..analyze import check_analysis, check_curve_flags
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 from ..evaluate import attacks_for
 from ..selecting import check_selection_flags
@@ -119,11 +120,12 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{vw}: every variant needs a name")
         if not isinstance(v["name"], str):
             raise AdvtuneError(f'{vw}: a variant\'s name is a folder name: quote it, e.g. name: "{v["name"]}"')
-        reserved = v["name"].startswith("analysis") or v["name"] in (".", "..") or v["name"].endswith(".probe")
+        reserved = v["name"].startswith("analysis") or v["name"] in (".", "..")
+        reserved = reserved or v["name"].endswith((".probe", ".json", ".csv", ".html", ".md", ".png"))
         if reserved or "/" in v["name"] or (v["name"] == "standard" and v.get("kind") != "standard"):
             raise AdvtuneError(
-                f"{vw}: the name {v['name']!r} is taken by the experiment's own folders (standard, analysis*, "
-                "*.probe) or is not a folder name; rename the variant"
+                f"{vw}: the name {v['name']!r} is taken by the experiment's own folders and files (standard, "
+                "analysis*, *.probe, *.json, ...) or is not a folder name; rename the variant"
             )
         if v.get("kind", "finetune") not in KINDS:
             raise AdvtuneError(f"{vw}: unknown kind {v.get('kind')!r}; valid: {', '.join(KINDS)}")
@@ -183,8 +185,9 @@ SELECTION_KEYS = {"select", "share", "per_layer", "criterion", "params", "granul
 SELECTION_KEYS |= {"probe_quotas", "keep_best", "params_like"}
 IGNORED_BY_KIND = {
     "train": SELECTION_KEYS | {"analysis_attack", "analysis_limit"},
-    "harden": {"select", "share", "per_layer", "points", "keep_best", "attack_mode", "guard", "params_like"},
     "finetune": {"model", "analysis_attack", "analysis_limit"},
+    "harden": {"select", "share", "per_layer", "points", "keep_best", "attack_mode", "guard", "params_like", "model"},
+    "standard": VARIANT_KEYS - {"name", "kind", "eps", "notes", "reference"},  # the base model, evaluated
 }
 
 
@@ -203,12 +206,21 @@ def check_runnable(cfg: dict, where: str) -> None:
             attacks_for(settings_from(EvaluateRun, given, run="", norm=norm), e)
     except AdvtuneError as e:
         raise AdvtuneError(f"{where}: threat/evaluation: {e}") from None
-    known = {c.lower() for c in list_criteria()}
-    for c in as_list((cfg.get("analysis") or {}).get("criteria") or []):
-        if str(c).lower() not in known:
-            raise AdvtuneError(
-                f"{where}: analysis.criteria: unknown criterion {c!r}; valid: {', '.join(sorted(known))}"
-            )
+    analysis = cfg.get("analysis") or {}
+    if "criteria" in analysis and not isinstance(analysis["criteria"], list):
+        raise AdvtuneError(f"{where}: analysis.criteria must be a list, e.g. [taylor]; got {analysis['criteria']!r}")
+    try:  # the analysis job's own checks and its attack, as it will run at each eps
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in analysis.items() if k in ANALYSIS_KEYS}
+        for e in eps_all:
+            run = settings_from(AnalyzeRun, given, base="", out="", eps=e, norm=norm)
+            check_analysis(run)
+            build_attack(run.attack, ThreatModel(norm, e))
+    except (AdvtuneError, TypeError) as e:
+        raise AdvtuneError(f"{where}: analysis: {e}") from None
+    computed = set(analysis.get("criteria") or default(AnalyzeRun, "criteria"))
+    batch = (cfg["evaluation"] or {}).get("batch_size")
+    if batch is not None:
+        _positive_int(batch, f"{where}: evaluation.batch_size")
     for section, key in (
         ("base", "limit"),
         ("base", "limit_test"),
@@ -232,13 +244,20 @@ def check_runnable(cfg: dict, where: str) -> None:
                 f"{vw}: keep_best needs a held-out split, which an experiment's finetune has not; use kind: harden "
                 "(it holds one out) or drop keep_best"
             )
-        if w.get("criterion") is not None and str(w["criterion"]).lower() not in known:
-            raise AdvtuneError(f"{vw}: unknown criterion {w['criterion']!r}; valid: {', '.join(sorted(known))}")
-        if w.get("attack") and w["kind"] in ("train", "finetune"):
-            try:
-                check_objective(str(w["attack"]), ThreatModel(norm, eps_value(w["eps"])))
-            except AdvtuneError as e:
-                raise AdvtuneError(f"{vw}: attack: {e}") from None
+        criterion = w.get("criterion") or default(FinetuneRun, "criterion")
+        if w["kind"] == "finetune" and w.get("select", "top") == "top" and criterion not in computed:
+            raise AdvtuneError(  # the shared analysis computes only its criteria: the variant reads one of them
+                f"{vw}: criterion {criterion!r} is not among the analysis' criteria ({', '.join(sorted(computed))}); "
+                "add it to analysis.criteria or pick one of them"
+            )
+        if w["kind"] == "harden" and w.get("criterion") is not None and w["criterion"] not in list_criteria():
+            raise AdvtuneError(f"{vw}: unknown criterion {w['criterion']!r}; valid: {', '.join(list_criteria())}")
+        for key in ("attack", "analysis_attack"):
+            if w.get(key) and w["kind"] in ("train", "finetune", "harden"):
+                try:
+                    check_objective(str(w[key]), ThreatModel(norm, eps_value(w["eps"])))
+                except AdvtuneError as e:
+                    raise AdvtuneError(f"{vw}: {key}: {e}") from None
 
 
 def _positive_int(value: Any, where: str) -> None:
@@ -367,7 +386,8 @@ def _resolve_params_like(out: list[dict]) -> list[dict]:
         like = w.get("params_like")
         if not like:
             continue
-        points = [(j, c) for j, c in enumerate(out) if (c["sweep_of"] or c["name"]) == like]
+        points = [(j, c) for j, c in enumerate(out) if c["name"] == like]  # a run by its own name (a sweep point)
+        points = points or [(j, c) for j, c in enumerate(out) if c["sweep_of"] == like]
         if not points:
             raise AdvtuneError(f"variant {w['name']}: params_like: {like} names no variant; name one listed before it")
         swept = [k for k in SWEEPABLE if len({str(c.get(k)) for _, c in points}) > 1]  # NAME's axes

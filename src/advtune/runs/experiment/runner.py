@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ... import filenames as files
 from ...distributed import on_main
@@ -407,7 +408,7 @@ def _refuse_other_seed(out: Path, seed: int, cfg: dict | None = None) -> None:
     if recorded != seed:
         raise AdvtuneError(f"{out} holds an experiment run with seed {recorded}, not {seed}; use a new --out")
     for key, sub_key in SHARED if cfg is not None else ():
-        then, now = old.get(key), cfg.get(key)
+        then, now = _setup(old, key), _setup(cfg, key)
         if sub_key is not None:
             then, now = (then or {}).get(sub_key), (now or {}).get(sub_key)
         if (then or None) != (now or None):
@@ -416,6 +417,22 @@ def _refuse_other_seed(out: Path, seed: int, cfg: dict | None = None) -> None:
                 f"{out} holds an experiment run with another {name} ({then!r}, now {now!r}); its variants were "
                 "measured so: use a new --out"
             )
+
+
+def _setup(cfg: dict, key: str) -> Any:
+    """A shared section as it measures: the norm's default written out, the evaluation's older `limit` read as
+    `limit_test`, and the base's data folder (where the data is, not what) left out."""
+    value = cfg.get(key)
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    if key == "threat":
+        value.setdefault("norm", "linf")
+    if key == "evaluation" and "limit" in value:
+        value.setdefault("limit_test", value.pop("limit"))
+    if key == "base":
+        value.pop("data_dir", None)
+    return value
 
 
 def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
