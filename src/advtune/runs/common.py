@@ -234,8 +234,7 @@ def same_setting(
     elif saved == now or _folder(saved) == b:
         return True
     if key == "select" and isinstance(saved_out, str) and isinstance(now_out, str):
-        a = then if then is not None else _folder(saved)
-        out_then = _folder(saved_out, working_dir) if working_dir else _folder(saved_out)
+        a, out_then = _folder(saved, working_dir), _folder(saved_out, working_dir)  # as recorded, then
         return a.name == b.name and a.parent == out_then.parent and b.parent == _folder(now_out).parent
     return False
 
