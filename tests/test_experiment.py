@@ -435,7 +435,7 @@ def test_adapter_lr_ratio_without_adapters_is_refused_before_anything_is_written
 def test_train_words_reach_the_config_as_written():
     """augment / amp / optimizer / schedule are words: only numeric fields are parsed as numbers (a base
     trained with crop-flip once failed with "not a number: 'crop-flip'")."""
-    from advtune.runs.experiment.config import train_config
+    from advtune.runs.experiment.variants import train_config
 
     cfg = train_config(
         {"epochs": 30, "optimizer": "sgd", "lr": "1e-1", "weight_decay": "5e-4", "augment": "crop-flip"},

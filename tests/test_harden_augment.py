@@ -65,7 +65,7 @@ def test_an_unknown_augmentation_is_refused_in_one_line_before_anything_is_writt
     assert "invalid choice: 'mixup'" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(AdvtuneError, match="unknown augmentation 'mixup'; valid: none, crop-flip"):
         Recipe(augment="mixup")  # the API's and an experiment's recipe
-    from advtune.runs.experiment.config import harden_recipe
+    from advtune.runs.experiment.variants import harden_recipe
 
     assert harden_recipe({"name": "h", "train": {"augment": "crop-flip"}}, {}, "variant h").augment == "crop-flip"
     with pytest.raises(AdvtuneError, match="unknown augmentation 'mixup'"):

@@ -265,7 +265,7 @@ def test_an_experiment_variant_on_hardens_recipe_gets_the_probe_quotas_and_its_r
     """`recipe: harden` follows harden's default (round 20: the probe rule with the analysis' quotas); a
     `select: random` control that names no rule gets random single entries (the probe's mask never depends on
     --select), and a variant that names its rule or its quotas keeps them."""
-    from advtune.runs.experiment.config import with_recipe
+    from advtune.runs.experiment.variants import with_recipe
 
     v = with_recipe({"name": "h", "recipe": "harden"})
     assert (v["select"], v["granularity"], v["probe_quotas"]) == ("top", "probe", True)

@@ -19,13 +19,13 @@ checkpoint. `<out>/results.json` and `results.csv` hold one row per variant.
 
 A key a variant does not set takes the job's declared default (the CLI's: `advtune finetune
 --help`), except `select`, which names what a fine-tuning variant trains (default: `top`, the
-experiment's analysis). Layout: config.py (keys, validation, sweeps), runner.py (the jobs),
-results.py (rows, frontier points, results files).
+experiment's analysis). Layout: config.py (keys, validation), variants.py (sweeps, recipes, each
+variant's numbers), runner.py (the jobs), results.py (rows, frontier points, results files).
 """
 
 from __future__ import annotations
 
-from .config import expand_variants, load_config, train_config, validate_config
+from .config import load_config, validate_config
 from .results import (
     collect_results,
     experiment_info,
@@ -35,6 +35,7 @@ from .results import (
     frontier_points,
 )
 from .runner import run
+from .variants import expand_variants, train_config
 
 __all__ = [
     "collect_results",

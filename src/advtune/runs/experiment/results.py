@@ -14,7 +14,8 @@ from ...errors import AdvtuneError
 from ...frontier import Frontier, FrontierPoint
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from ..common import list_snapshots
-from .config import EVAL_NAME, analysis_folder, eps_value, expand_variants
+from .config import EVAL_NAME
+from .variants import analysis_folder, eps_value, expand_variants
 
 SELECTIVE = ("finetune", "harden")  # kinds that start from the base model (its cost counts)
 

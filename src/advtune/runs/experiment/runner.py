@@ -23,21 +23,18 @@ from .. import train as train_job
 from ..common import list_snapshots
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun, TrainRun
 from ..probe import probe_folder
-from .config import (
-    ANALYSIS_KEYS,
-    EVAL_NAME,
+from .config import ANALYSIS_KEYS, EVAL_NAME, load_config, validate_config
+from .results import collect_results, write_results
+from .variants import (
     analysis_folder,
     budget_of,
     eps_value,
     expand_variants,
     harden_recipe,
-    load_config,
     params_of,
     points_of,
     train_config,
-    validate_config,
 )
-from .results import collect_results, write_results
 
 log = logging.getLogger(__name__)
 
