@@ -315,7 +315,7 @@ def test_records_from_before_norms_existed_still_resume():
     its resume must read the absence as off, not as a changed setting (and an explicit change is refused)."""
     from advtune.runs.common import check_same_run
     from advtune.runs.configs import FinetuneRun
-    from advtune.runs.experiment.runner import _same_settings
+    from advtune.runs.experiment.rerun import same_settings as _same_settings
     from advtune.runs.harden import RECIPE_DEFAULTS
 
     now = FinetuneRun(base="b", out="o", eps=0.1).to_json()

@@ -307,7 +307,7 @@ def test_head_auto_is_decided_alike_by_harden_and_an_experiment_variant_and_a_fi
     from advtune.data import load_dataset
     from advtune.models import model_for
     from advtune.runs.configs import FinetuneRun
-    from advtune.runs.experiment.runner import _same_settings
+    from advtune.runs.experiment.rerun import same_settings as _same_settings
     from advtune.runs.finetune import decided
     from advtune.runs.harden_plan import resolve_recipe
     from advtune.runs.selecting import HEAD_AUTO_SHARE, resolve_head

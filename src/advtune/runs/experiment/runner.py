@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ... import filenames as files
 from ...distributed import on_main
@@ -24,6 +23,7 @@ from ..common import list_snapshots
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun, TrainRun
 from ..probe import probe_folder
 from .config import ANALYSIS_KEYS, EVAL_NAME, load_config, validate_config
+from .rerun import SETTINGS, refuse_changed_variants, refuse_other_setup, resolved_settings
 from .results import collect_results, write_results
 from .variants import (
     analysis_folder,
@@ -37,8 +37,6 @@ from .variants import (
 )
 
 log = logging.getLogger(__name__)
-
-SETTINGS = "variant-settings.json"  # each variant's resolved settings, as first run
 
 
 @dataclass
@@ -93,8 +91,8 @@ def run(
         raise AdvtuneError(  # a run or harden folder: its report and records would be written over
             f"--out {out} exists and is not an experiment folder (no {files.EXPERIMENT}); choose a new --out"
         )
-    _refuse_other_seed(out, ex.seed, cfg)
-    _refuse_changed_variants(out, variants)
+    refuse_other_setup(out, ex.seed, cfg)
+    refuse_changed_variants(out, variants)
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
@@ -109,7 +107,7 @@ def run(
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
         # a variant recorded but with nothing of it on disk (refused, or its folder deleted) starts afresh
-        recorded[v["name"]] = _settings(v)
+        recorded[v["name"]] = resolved_settings(v)
         atomic_write_json(out / SETTINGS, recorded)
         model_dir = JOBS[v["kind"]](ex, v, folder)
         _evaluate_variant(ex, v, folder, model_dir)
@@ -340,117 +338,6 @@ def _evaluate_variant(ex: Experiment, v: dict, folder: Path, model_dir: Path) ->
         100 * record["clean_accuracy"],
         100 * record["worst_case_accuracy"],
     )
-
-
-# keys whose values equal their absence (records from before the key existed): --norms off, or auto (a
-# variant that ran with it off before auto existed recorded norms: false in its run's config.json). The price:
-# a finished variant switched between auto and false is not re-run; its config.json still says what ran, and
-# an unfinished one is refused by the fine-tuning's own resume check
-UNSET = {"norms": (False, None), "head": (False, None), "probe_quotas": (False, None)}
-# the same for a variant's train: keys: augment none is TrainConfig's default, which `recipe: harden` variants record
-# since round 28 (harden's --augment) and older records left out
-TRAIN_UNSET = {"augment": ("none",)}
-
-
-def _settings(v: dict) -> dict:
-    """A variant's resolved settings as variant-settings.json records them."""
-    return {k: val for k, val in v.items() if k != "sweep_of"}
-
-
-def _same_head(recorded: bool | None, now: bool | None, decided: bool | None) -> bool:
-    """head is auto (None) or given. Auto then and now: the same. Auto now, true then: the same where the run decided
-    true (round 21's `recipe: harden` filled head: true before the fine-tuning decided it; the price: an explicit
-    true switched to auto on a model where auto would say no is not re-run). A value now, auto then: what auto
-    decided (`decided`, from the run's config.json; unknown: as UNSET, auto meaning off). Otherwise as given."""
-    if now is None:
-        return recorded is None or (recorded is True and decided is True)
-    if recorded is None and decided is not None:
-        return bool(now) == decided
-    return bool(recorded) == bool(now)
-
-
-def _same_settings(recorded: dict, now: dict, decided_head: bool | None = None) -> bool:
-    def plain(d: dict) -> dict:
-        out = {k: val for k, val in d.items() if k != "head" and not (k in UNSET and val in UNSET[k])}
-        if isinstance(out.get("train"), dict):
-            out["train"] = {k: v for k, v in out["train"].items() if not (k in TRAIN_UNSET and v in TRAIN_UNSET[k])}
-        return out
-
-    return plain(recorded) == plain(now) and _same_head(recorded.get("head"), now.get("head"), decided_head)
-
-
-def _decided_head(folder: Path) -> bool | None:
-    """The --head a variant's run decided (config.json: a fine-tuning's run, or a harden run's recipe); None: none."""
-    path = folder / files.CONFIG
-    if not path.is_file():
-        return None
-    run = read_json(path, "config").get("run") or {}
-    head = run.get("head", (run.get("recipe") or {}).get("head"))
-    return head if isinstance(head, bool) else None
-
-
-# what every variant of an experiment shares: its base model, threat norm, evaluation and analysis
-SHARED = (("base", None), ("threat", "norm"), ("evaluation", None), ("analysis", None))
-
-
-def _refuse_other_seed(out: Path, seed: int, cfg: dict | None = None) -> None:
-    """An experiment folder holds one seed and one setup (`SHARED`): its standard model, analysis and finished
-    variants would be reused or reported next to runs measured another way. The eps list may grow (new points
-    are new variants)."""
-    path = out / files.EXPERIMENT
-    if not path.is_file():
-        return
-    old = read_json(path, "experiment record").get("config") or {}
-    recorded = int(old.get("seed", 0))
-    if recorded != seed:
-        raise AdvtuneError(f"{out} holds an experiment run with seed {recorded}, not {seed}; use a new --out")
-    for key, sub_key in SHARED if cfg is not None else ():
-        then, now = _setup(old, key), _setup(cfg, key)
-        if sub_key is not None:
-            then, now = (then or {}).get(sub_key), (now or {}).get(sub_key)
-        if (then or None) != (now or None):
-            name = f"{key}.{sub_key}" if sub_key else key
-            raise AdvtuneError(
-                f"{out} holds an experiment run with another {name} ({then!r}, now {now!r}); its variants were "
-                "measured so: use a new --out"
-            )
-
-
-def _setup(cfg: dict, key: str) -> Any:
-    """A shared section as it measures: the norm's default written out, the evaluation's older `limit` read as
-    `limit_test`, and the base's data folder (where the data is, not what) left out."""
-    value = cfg.get(key)
-    if not isinstance(value, dict):
-        return value
-    value = dict(value)
-    if key == "threat":
-        value.setdefault("norm", "linf")
-    if key == "evaluation" and "limit" in value:
-        value.setdefault("limit_test", value.pop("limit"))
-    if key == "base":
-        value.pop("data_dir", None)
-    return value
-
-
-def _refuse_changed_variants(out: Path, variants: list[dict]) -> None:
-    """A variant with something on disk (its run or its evaluation) that was run with other settings
-    is refused before anything of the experiment is rewritten: never mixed in."""
-    path = out / SETTINGS
-    if not path.is_file():
-        return
-    recorded = read_json(path, "variant settings")
-    for v in variants:
-        folder = out / v["name"]
-        probe = probe_folder(folder)  # the probe rule's first stage, next to the variant's folder
-        exists = (folder / files.CONFIG).is_file() or (folder / files.evaluation(EVAL_NAME)).is_file()
-        exists = exists or (probe / files.CONFIG).is_file()
-        same = _same_settings(recorded.get(v["name"], {}), _settings(v), _decided_head(folder))
-        if exists and v["name"] in recorded and not same:
-            also = f" and {probe}" if probe.exists() else ""
-            raise AdvtuneError(
-                f"variant {v['name']} in {out} was run with other settings; use a new --out, "
-                f"or delete {folder}{also} to run it again"
-            )
 
 
 def _trainable_of(out: Path, other: str, me: str) -> int:
