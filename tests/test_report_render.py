@@ -245,3 +245,35 @@ def test_a_lowrank_select_is_recorded_as_adapters_not_as_an_analysis(tmp_path):
     text = describe(row)
     assert text.startswith("low-rank adapters on every layer; fine-tuned with pgd:steps=5"), text
     assert text.endswith("trains rank 4 on conv1, rank 4 on fc2"), text
+
+
+def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path, monkeypatch):
+    """A sparse (probe) mask's selection.json names the layers it touches, not units: ringing every unit of those
+    layers said the run trained them all. Its counts are entries; the lead's sum names the checkpoint choice; an
+    unrecorded base cost is not a zero."""
+    from advtune.report import writers
+
+    folder = tmp_path / "hard"
+    summary = fake_harden(folder)
+
+    def sparse(s):
+        s["selection"].update(kind="sparse", by_layer={"net.conv1": [40, 800]}, params_by_layer={"net.conv1": 40})
+        s["cost"].update(checkpoint_grad_evals=1200, harden_grad_evals=summary["cost"]["harden_grad_evals"] + 1200)
+        s["cost"]["base_training_grad_evals"] = None
+
+    rewrite(folder / "summary.json", sparse)
+    (folder / "analysis").mkdir()
+    scores = {"components": [f"net.conv1[{u}]" for u in range(8)], "scores": [float(u) for u in range(8)]}
+    (folder / "analysis" / "scores-taylor.json").write_text(json.dumps(scores))
+    (folder / "selection.json").write_text(json.dumps({"kind": "sparse", "components": ["net.conv1"]}))
+    drawn = {}
+    real = writers.plot_unit_scores
+    monkeypatch.setattr(writers, "plot_unit_scores", lambda sc, path, sel=None: drawn.update(sel=sel) or real(sc, path))
+    md = write_harden_report(folder)["md"].read_text()
+    assert drawn["sel"] is None and "not whole units" in md
+    assert "net.conv1: 40/800 weight entries, 40 parameters" in md
+    assert "+ choosing the checkpoint 1,200)" in md and "cost is unrecorded" in md and "took 0" not in md
+    # a unit selection keeps its rings
+    (folder / "selection.json").write_text(json.dumps({"format": "advtune.selection/1", "components": ["net.conv1[3]"]}))
+    write_harden_report(folder)
+    assert drawn["sel"] == {"hardened": (["net.conv1[3]"], "tab:orange")}

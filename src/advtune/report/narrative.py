@@ -285,14 +285,16 @@ def harden_lead(s: dict) -> str:
     c = s["cost"]
     sel = s.get("selection") or {}
     share = 100 * (s.get("param_share") or 0)
+    choice = f" + choosing the checkpoint {c['checkpoint_grad_evals']:,}" if c.get("checkpoint_grad_evals") else ""
+    base = c.get("base_training_grad_evals")  # None: the base model came without a cost record (not zero)
+    base = f"the base model's own training took {base:,}" if base is not None else "the base model's cost is unrecorded"
     return (
         f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the "
         "model) "
         f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
         f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
         f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
-        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}); the base model's own "
-        f"training took {c['base_training_grad_evals'] or 0:,}."
+        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}{choice}); {base}."
     )
 
 
@@ -326,10 +328,18 @@ def harden_protocol(s: dict) -> str:
     )
 
 
+def counted(sel: dict) -> str:
+    """What a selection's per-layer counts (by_layer) count: a sparse mask's weight entries, adapters' ranks
+    (of the layer's largest rank), or units."""
+    if sel.get("kind") == "sparse":
+        return "weight entries"
+    return "adapter ranks" if sel.get("kind") in ("lowrank", "hybrid") else "units"
+
+
 def harden_layers(s: dict) -> list[str]:
-    """One line per layer the selection trains: units and parameters."""
+    """One line per layer the selection trains: units (entries, ranks) and parameters."""
     sel = s.get("selection") or {}
-    what = "entries" if sel.get("kind") == "sparse" else "units"  # a sparse mask counts entries
+    what = counted(sel)
     return [
         f"{n}: {u}/{t} {what}, {(sel.get('params_by_layer') or {}).get(n, 0):,} parameters"
         for n, (u, t) in (sel.get("by_layer") or {}).items()

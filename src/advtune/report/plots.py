@@ -192,8 +192,9 @@ def plot_unit_scores(
     return save_figure(fig, path)
 
 
-def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
-    """Per layer: the share of its units that the selection trains, and its trained parameters."""
+def plot_selection(sel: dict, path: str | os.PathLike, what: str = "units") -> Path:
+    """Per layer: the share of its units (or, as `what` says, weight entries or adapter ranks) that the selection
+    trains, and its trained parameters."""
     names = list(sel["by_layer"])
     units = [sel["by_layer"][n][0] / max(sel["by_layer"][n][1], 1) for n in names]
     params = [sel.get("params_by_layer", {}).get(n, 0) for n in names]
@@ -204,9 +205,9 @@ def plot_selection(sel: dict, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(names)))
     short = short_layer_names(names)
     ax.set_xticklabels([short[n] for n in names], fontsize=8)
-    ax.set_ylabel("units trained (%)")
+    ax.set_ylabel(f"{what} trained (%)")
     ax.set_ylim(0, 110)
-    ax.set_title("Selected units per layer (labels: trained parameters)", fontsize=9)
+    ax.set_title(f"Trained {what} per layer (labels: trained parameters)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     return save_figure(fig, path)
 

@@ -184,3 +184,10 @@ CURVE = {  # one criterion's curve in concentration.json
     "random_seeds": LIST,
 }
 SELECTION = {"components": list_of(TEXT)}  # selection.json
+
+
+def trained_units(selection: dict) -> list[str] | None:
+    """The units ("layer[unit]") and whole layers a selection.json trains; None for a rule that trains single weight
+    entries or low-rank directions (its record has a `kind`): its `components` only name the layers it touches, and
+    ringing every unit of those would say it trained them all."""
+    return None if selection.get("kind") else list(selection["components"])

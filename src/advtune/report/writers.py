@@ -25,6 +25,7 @@ from .experiment_plots import plot_eps_sweep, plot_frontier, plot_pareto, plot_t
 from .narrative import (
     agreement_notes,
     concentration_notes,
+    counted,
     experiment_protocol,
     experiment_setup,
     harden_comparisons,
@@ -194,8 +195,10 @@ def _selections(
         if r["kind"] != "finetune" or r.get("select") == "all" or (eps is not None and r["eps"] != eps):
             continue
         p = folder / r["variant"] / files.SELECTION
-        if p.is_file():
-            chosen = records.read_record(p, "selection", records.SELECTION, rerun=rerun)["components"]
+        if not p.is_file():
+            continue
+        chosen = records.trained_units(records.read_record(p, "selection", records.SELECTION, rerun=rerun))
+        if chosen is not None:  # an entry or adapter rule trains no whole units: not ringed
             out[r["variant"]] = (chosen, colors.get(r["variant"], "k"))
     return out
 
@@ -232,16 +235,19 @@ def _write_harden_report(folder: Path) -> None:
         )
     scores = records.read_scores(folder / files.ANALYSIS, rerun=rerun)
     if scores and (folder / files.SELECTION).is_file():
-        chosen = records.read_record(folder / files.SELECTION, "selection", records.SELECTION, rerun=rerun)
-        selections = {"hardened": (chosen["components"], "tab:orange")}
-        figs.append(
-            (
-                "Every unit's vulnerability score by layer; rings: the units this run trained",
-                plot_unit_scores(scores, folder / "unit-scores.png", selections),
-            )
+        chosen = records.trained_units(
+            records.read_record(folder / files.SELECTION, "selection", records.SELECTION, rerun=rerun)
         )
+        caption = "Every unit's vulnerability score by layer; rings: the units this run trained"
+        if chosen is None:
+            caption = (
+                f"Every unit's vulnerability score by layer (this run trained {counted(sel)} spread over the layers, "
+                "not whole units: where they sit is in the next figure)"
+            )
+        selections = {"hardened": (chosen, "tab:orange")} if chosen is not None else None
+        figs.append((caption, plot_unit_scores(scores, folder / "unit-scores.png", selections)))
     if sel.get("by_layer"):
-        figs.append(("Where the trained parameters sit", plot_selection(sel, folder / "selection.png")))
+        figs.append(("Where the trained parameters sit", plot_selection(sel, folder / "selection.png", counted(sel))))
     headline_ = harden_lead(s)
     head, body = harden_table(s)
     recipe_line = harden_recipe(s)

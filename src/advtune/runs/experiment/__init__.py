@@ -20,7 +20,8 @@ checkpoint. `<out>/results.json` and `results.csv` hold one row per variant.
 A key a variant does not set takes the job's declared default (the CLI's: `advtune finetune
 --help`), except `select`, which names what a fine-tuning variant trains (default: `top`, the
 experiment's analysis). Layout: config.py (keys, validation), variants.py (sweeps, recipes, each
-variant's numbers), rerun.py (what a re-run must match), runner.py (the jobs), results.py (rows, frontier points, results files).
+variant's numbers), rerun.py (what a re-run must match), runner.py (the jobs), results.py (rows,
+frontier points, results files).
 """
 
 from __future__ import annotations
