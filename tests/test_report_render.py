@@ -274,6 +274,7 @@ def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path
     assert "net.conv1: 40/800 weight entries, 40 parameters" in md
     assert "+ choosing the checkpoint 1,200)" in md and "cost is unrecorded" in md and "took 0" not in md
     # a unit selection keeps its rings
-    (folder / "selection.json").write_text(json.dumps({"format": "advtune.selection/1", "components": ["net.conv1[3]"]}))
+    unit = {"format": "advtune.selection/1", "components": ["net.conv1[3]"]}
+    (folder / "selection.json").write_text(json.dumps(unit))
     write_harden_report(folder)
     assert drawn["sel"] == {"hardened": (["net.conv1[3]"], "tab:orange")}
