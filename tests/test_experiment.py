@@ -143,6 +143,22 @@ def test_the_lead_never_crowns_a_suspect_model():
     assert lead([rows[0]]) == []
 
 
+def test_the_lead_and_the_controls_count_a_harden_variant_as_the_method():
+    """A `kind: harden` variant is the selective method (docs/usage.md lists it as a variant): the lead names it when
+    it is the best selection, and its params_like random control is compared with it."""
+    from advtune.report import headline
+
+    base = {"eps": 0.3, "clean_acc": 0.9, "grad_evals": 10, "suspect": "", "param_share": 0.05}
+    rows = [
+        {**base, "variant": "sel", "kind": "finetune", "select": "top", "robust_acc": 0.6, "trainable_params": 100},
+        {**base, "variant": "hard", "kind": "harden", "robust_acc": 0.7, "trainable_params": 100},
+        {**base, "variant": "rnd", "kind": "finetune", "select": "random", "robust_acc": 0.4, "params_like": "hard"},
+    ]
+    lines = headline(rows)
+    assert any("Selective fine-tuning of 5.0% of the parameters (**hard**) reached 70.00%" in x for x in lines)
+    assert any("selected components (hard) gave 70.00% vs 40.00%" in x for x in lines)
+
+
 def test_rerun_after_interruption_skips_finished_variants(tmp_path, monkeypatch):
     cfg = write(tmp_path, TINY)
     out = tmp_path / "out"

@@ -120,7 +120,7 @@ def lead(rows: list[dict]) -> list[str]:
             f"**{win['variant']} won** {at}: {100 * win['robust_acc']:.2f}% worst-case robust accuracy (clean "
             f"{100 * win['clean_acc']:.2f}%) for {total_cost(win):,} gradient evaluations in total — {describe(win)}."
         )
-        sel = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "top"]
+        sel = [r for r in ok if selective(r)]
         full = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "all"]
         at_ = [r for r in ok if r["kind"] == "train" and r.get("attack")]
         if not sel:
@@ -152,6 +152,11 @@ def lead(rows: list[dict]) -> list[str]:
     return out
 
 
+def selective(r: dict) -> bool:
+    """A row of the method: a fine-tuning of the analysis' selection, or `advtune harden` itself (kind: harden)."""
+    return r["kind"] == "harden" or (r["kind"] == "finetune" and r.get("select") == "top")
+
+
 def _random_kind(r: dict) -> str:
     """What a random control draws: single weight entries (the sparse and probe rules' control) or units."""
     return "random single entries" if r.get("granularity") == "sparse" else "random units"
@@ -166,7 +171,7 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
     for r in rows:
         by_eps.setdefault(r["eps"], []).append(r)
     for eps, rs in sorted(by_eps.items()):
-        sel = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "top" and not r.get("suspect")]
+        sel = [r for r in rs if selective(r) and not r.get("suspect")]
         rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random" and not r.get("suspect")]
         for r in rs:
             if r.get("suspect"):
