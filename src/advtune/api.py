@@ -181,7 +181,7 @@ class VulnerabilityMap:
         return self.table.criterion
 
     def ranked(self, top: int | None = None) -> list[tuple[str, float]]:
-        """Components, most vulnerable first, as ("layer:unit", score)."""
+        """Components, most vulnerable first, as ("layer[unit]", score)."""
         rows = self.table.ranked()
         return [(str(c), s) for c, s in (rows[:top] if top is not None else rows)]
 
