@@ -115,6 +115,15 @@ def test_a_recorded_relative_folder_is_read_from_the_folder_the_run_started_in(t
     # harden's own analysis beside a moved run: matched by its place next to the run
     assert same_setting("select", "old/analysis", "std/analysis", "old/finetune", "std/finetune", working_dir=then)
     assert not same_setting("select", "old/analysis", "std/analysis", "old/finetune", "new/finetune", working_dir=then)
+    # a dataset file and a weights file are paths too (compared as strings, another folder's data.npz was taken);
+    # a dataset by name stays a name
+    for folder in ("x", "y"):
+        (tmp_path / folder / "data.npz").write_bytes(b"")
+    assert not same_setting("dataset", "data.npz", "data.npz", working_dir=then)
+    assert same_setting("dataset", "data.npz", "../x/data.npz", working_dir=then)
+    assert not same_setting("weights", "data.npz", "data.npz", working_dir=then)
+    assert same_setting("dataset", "mnist", "mnist", working_dir=then)
+    assert not same_setting("dataset", "mnist", "cifar10", working_dir=then)
 
 
 def test_finetune_from_analysis_trains_the_top_share(std_run, vuln, tmp_path):

@@ -332,6 +332,47 @@ def test_evaluate_never_replaces_a_record_of_another_measurement(tmp_path, capsy
     assert main([*argv, "--limit-test", "10"]) == 2
 
 
+def test_evaluate_checks_it_can_write_its_record_before_any_attack(tmp_path, capsys, monkeypatch):
+    """A run folder it cannot write to was found out only when the record was written, after every attack (hours on
+    a CPU): now before any work, with --record-dir to write the record elsewhere. A --limit-test of 0 is named as
+    such (it was "already holds an evaluation with other settings" next to an earlier record)."""
+    import advtune.runs.evaluate as evaluate_job
+
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    argv = ["evaluate", str(out), "--attacks", "fgsm", "--eps", "0.1", "--limit-test", "20", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    real = evaluate_job.evaluation_record
+    monkeypatch.setattr(evaluate_job, "evaluation_record", lambda *a, **k: pytest.fail("attacked before the check"))
+    assert main([*argv, "--record-dir", str(tmp_path / "a-file" / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the evaluation record to" in err, err
+    assert main([*argv[:-3], "--limit-test", "0", "--quiet"]) == 2
+    assert "(--limit-test) must be a positive number of examples, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate_job, "evaluation_record", real)
+    assert main([*argv, "--record-dir", str(tmp_path / "elsewhere")]) == 0
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [p.name for p in out.glob("eval-*.json")]
+
+
+def test_info_says_when_an_evaluation_measured_earlier_weights(tmp_path, capsys):
+    """An evaluation, then more training (--resume --epochs 3): info showed the old robustness as the run's own."""
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    assert main(["evaluate", str(out), "--attacks", "fgsm", "--eps", "0.1", "--limit-test", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "measured on earlier weights" not in capsys.readouterr().out
+    longer = train_args(out, "--resume")
+    longer[longer.index("--epochs") + 1] = "3"
+    assert main(longer) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval ")]
+    assert "measured on earlier weights: model.safetensors changed since" in line
+
+
 def test_a_relative_data_dir_is_recorded_as_the_folder_it_names(tmp_path, monkeypatch):
     """Later jobs (harden, finetune, evaluate) read the base run's data folder from its record: recorded as typed
     (`data`), it named another folder from another working directory."""

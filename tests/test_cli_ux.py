@@ -146,6 +146,17 @@ def test_the_attack_names_in_the_help_are_the_registry():
     assert attack_names() == list_attacks()
 
 
+def test_the_criterion_names_in_the_help_are_the_registry(capsys):
+    """analyze's help lists the criteria read from their source (a new criterion needs no edit of the help)."""
+    from advtune.cli import criterion_names, main
+    from advtune.vulnerability import list_criteria
+
+    assert criterion_names() == list_criteria()
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert f"Criteria: {', '.join(list_criteria())}." in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -278,3 +278,31 @@ def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path
     (folder / "selection.json").write_text(json.dumps(unit))
     write_harden_report(folder)
     assert drawn["sel"] == {"hardened": (["net.conv1[3]"], "tab:orange")}
+
+
+def test_an_eps_sweep_gets_one_frontier_figure_per_eps(tmp_path):
+    """One figure drew every eps' curves against one reference's plateau (the first by name, at one eps), while the
+    findings below it compared each eps with its own."""
+    from advtune.frontier import Frontier, FrontierPoint
+
+    exp = tmp_path / "exp"
+    fake_experiment(exp)
+    points = [
+        FrontierPoint(
+            variant=f"{v}-eps{e:g}",
+            kind=k,
+            eps=e,
+            reference=ref,
+            step=s,
+            total_grad_evals=c,
+            clean_acc=0.9,
+            robust_acc=r * e,
+        )
+        for e in (0.1, 0.2)
+        for v, k, ref in (("at", "train", True), ("sel", "finetune", False))
+        for s, c, r in ((100, 10_000, 2.0), (200, 20_000, 3.0), (None, 40_000, 3.1))
+    ]
+    (exp / "frontier.json").write_text(json.dumps(Frontier(points=tuple(points)).to_json()))
+    md = write_report(exp)["md"].read_text()
+    assert "frontier-eps0.1.png" in md and "frontier-eps0.2.png" in md and "(the frontier) at eps=0.2" in md
+    assert (exp / "frontier-eps0.1.png").is_file() and not (exp / "frontier.png").exists()

@@ -56,6 +56,7 @@ def snapshot(folder):
         (["--val", "1.5"], "--val"),
         (["--adversarial", "pgd", "--eps", "0.1", "--budget", "0"], "budget"),
         (["--adversarial", "pgd", "--eps", "0.1", "--points", "-1"], "points"),
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),  # was refused in fit, run moved
     ],
 )
 def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys, bad, message):
@@ -74,7 +75,7 @@ def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys,
     assert snapshot(finished) == before
 
 
-def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, monkeypatch):
+def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     old = snapshot(out)
@@ -86,10 +87,58 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, m
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 130
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-")]
     assert len(aside) == 1 and snapshot(aside[0]) == old  # the old run survives the interruption
+    err = capsys.readouterr().err.strip()  # and the one line says where it is
+    assert len(err.splitlines()) == 1 and f"the run {out} held before is kept at {aside[0]}" in err, err
     monkeypatch.undo()
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
     assert (out / "summary.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-") and p != aside[0]]
+
+
+def test_a_resume_may_change_epochs_only_where_nothing_spans_the_run(tmp_path, capsys):
+    """A cosine schedule and the eps ramp are laid over the run's length: --resume with another --epochs made the
+    learning rate jump from the schedule's end back near its peak (and the ramp restart). A constant schedule with
+    no ramp extends as before."""
+    cases = [
+        (["--schedule", "cosine"], "the cosine learning-rate schedule spans the run's length"),
+        (["--adversarial", "fgsm", "--eps", "0.1"], "the eps ramp (--eps-warmup) spans the run's length"),
+        (["--adversarial", "fgsm", "--eps", "0.1", "--eps-warmup", "0"], None),
+    ]
+    for i, (extra, refused) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main([*TRAIN, *extra, "--out", str(out)]) == 0
+        before, _ = snapshot(out), capsys.readouterr()
+        again = [*TRAIN, *extra, "--out", str(out), "--resume"]
+        again[again.index("--epochs") + 1] = "2"
+        code = main(again)
+        err = capsys.readouterr().err.strip()
+        if refused:
+            assert code == 2 and refused in err and "resume with --epochs 1" in err and len(err.splitlines()) == 1
+            assert snapshot(out) == before
+        else:
+            assert code == 0 and json.loads((out / "model.json").read_text())["training"]["config"]["epochs"] == 2, err
+
+
+def test_out_may_not_hold_the_base_run(finished, capsys):
+    """`analyze H/finetune --out H --overwrite` (H a harden folder) moved H aside with its base inside, then deleted
+    it when the analysis finished."""
+    before = snapshot(finished)
+    for job in (["analyze", "--eps", "0.1"], ["finetune", "--eps", "0.1", "--select", "all"]):
+        assert main([job[0], str(finished), *job[1:], "--out", str(finished.parent), "--overwrite", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {finished.parent} holds the base run {finished}" in err and len(err.splitlines()) == 1, err
+    assert snapshot(finished) == before
+
+
+def test_overwrite_refuses_a_folder_another_tool_made(tmp_path, capsys):
+    """A Hugging Face model folder has a config.json too: --overwrite deleted it as if it were a run."""
+    out = tmp_path / "bert-base"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (out / "pytorch_model.bin").write_bytes(b"weights")
+    assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 2
+    assert "is not an advtune run" in capsys.readouterr().err
+    assert (out / "pytorch_model.bin").read_bytes() == b"weights" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_out_must_name_a_folder(capsys):

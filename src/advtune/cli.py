@@ -1,6 +1,6 @@
 """`advtune train | info | evaluate | analyze | finetune | harden | experiment | report | demo`.
 
-Thin: each subcommand is its entry in HELP and DESCRIPTION, `add_<cmd>_parser(p)` (its own flags on the
+Thin: each subcommand is its entry in cli_text's HELP and DESCRIPTION, `add_<cmd>_parser(p)` (its own flags on the
 parser that `build_parser` makes with those texts and ends with the general flags) + `run_<cmd>(args) -> int`.
 The flags of a job are derived from its config dataclass (`advtune.settings`: declared once, with help and
 defaults), the run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
@@ -21,60 +21,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import filenames as files
+from .cli_text import DESCRIPTION, HELP
 from .errors import AdvtuneError
 from .settings import Parser, add_flags, apply_yaml_defaults, from_args, seed_number
 
 log = logging.getLogger("advtune")
-
-
-# one line per command: `advtune --help` lists them without building (or importing) the rest
-HELP = {
-    "train": "train a model (standard or adversarial) into a run folder",
-    "evaluate": "clean and robust accuracy of a run under attacks, with the gradient-masking gate",
-    "analyze": "vulnerability map of a trained run: per-component scores, per-layer summary, concentration curve",
-    "finetune": "adversarially fine-tune a trained run: selected components, all, or a random control",
-    "experiment": "run a YAML experiment: variants side by side, resumable",
-    "report": "HTML + Markdown report of run folders (experiment, harden, train, finetune, analyze)",
-    "info": "show what a run recorded",
-    "harden": "make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
-    "strong evaluation and report in one command",
-    "apply": "apply a robustness patch (patch.safetensors of a harden run) to its base model",
-    "export": "write a run's model for serving: ONNX (checked against PyTorch), safetensors or pt",
-    "demo": "the main job end to end on MNIST",
-}
-
-# the paragraph atop `advtune <command> --help`
-DESCRIPTION = {
-    "train": "Train a model by name (or your own, file.py:factory) on a dataset. Writes model.safetensors, "
-    "model.json, config.json, metrics.jsonl, cost.json, summary.json to --out.",
-    "evaluate": "Evaluate RUN on its test split. Writes RUN/eval-<name>.json (and .png with --plot). "
-    "Attacks: {attacks} (spec: name:key=value,...; docs/attacks.md).",
-    "analyze": "Score every conv channel / linear unit of BASE under an attack on training data, "
-    "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
-    "Criteria: activation-shift, taylor, restoration.",
-    "finetune": "Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
-    "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
-    "folder (top --share of its --criterion ranking).",
-    "experiment": "Run every variant of CONFIG not yet finished under --out, evaluate each with the "
-    "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
-    "variants and resumes an interrupted one.",
-    "report": "Write <folder>/report.html (self-contained, plots embedded) and report.md from each folder's "
-    "records: the full report of an experiment or a harden run, or a run's record with its plots.",
-    "info": "Config, seed, versions, metrics, cost and evaluations of a run.",
-    "harden": "The method with the best measured recipe as its default (docs/RESULTS.md): rank the components of "
-    "BASE by how much the attack exploits them, adversarially fine-tune only a parameter budget shared out by those "
-    "scores (the weight entries a short whole-network probe moved most in each layer, and the output layer whole), "
-    "evaluate before/after with the strong protocol and the gradient-masking gate, and write a report to --out.",
-    "apply": "Rebuild the hardened model from BASE (a run folder or a weights file) and PATCH (a harden or "
-    "finetune run's patch.safetensors: only what changed). A base whose hash is not the patch's is refused; "
-    "the result is checked bit for bit. Writes the patched weights to --out; from a run folder BASE, a model "
-    "folder evaluate, info and export work on.",
-    "export": "Write RUN's model to --out: safetensors or pt (exactly the state_dict of the model's own module, "
-    "for its strict load_state_dict, no advtune needed) or onnx (the onnx extra; the file is run with "
-    "onnxruntime on the test images, clean and under the run's attack, and compared with PyTorch before it "
-    "is written; the check goes to FILE.check.json). The model takes pixels in [0, 1].",
-    "demo": "Train, attack, analyse, fine-tune, report.",
-}
 
 
 DIST_BACKEND_HELP = "under torchrun: the process group's backend (default: auto = nccl on GPUs, gloo on CPU)"
@@ -166,9 +117,17 @@ def run_evaluate(args) -> int:
 # ---------------------------------------------------------------- analyze
 
 
+def criterion_names() -> list[str]:
+    """The built-in criteria, read from the vulnerability modules' source like attack_names()."""
+    from .registry import registered_in_source
+
+    return registered_in_source(Path(__file__).resolve().parent / "vulnerability", ("register_criterion",))
+
+
 def add_analyze_parser(p) -> None:
     from .runs.configs import AnalyzeRun
 
+    p.description = p.description.format(criteria=", ".join(criterion_names()) or "see docs/usage.md")
     add_flags(p, AnalyzeRun, required={"eps"})
 
 
@@ -487,12 +446,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except AdvtuneError as e:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"advtune: error{where}: {e}", file=sys.stderr)
+        print(f"advtune: error{where}: {e}{_replaced()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # records are written atomically at the end: an interruption leaves the previous ones whole
-        print("advtune: interrupted; nothing half-written left: rerun (training: --resume)", file=sys.stderr)
+        again = "rerun (train, finetune, harden: --resume; analyze: --overwrite)"
+        print(f"advtune: interrupted; nothing half-written left: {again}{_replaced()}", file=sys.stderr)
         return 130
+
+
+def _replaced() -> str:
+    """Where a run an --overwrite was replacing is kept (only a command that opened a run folder can have one)."""
+    record = sys.modules.get("advtune.runs.record")
+    return record.replaced_note() if record is not None else ""
 
 
 if __name__ == "__main__":

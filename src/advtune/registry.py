@@ -219,7 +219,8 @@ def registered_in_source(folder: Path, callees: tuple[str, ...]) -> list[str]:
     """The names a plug-in package registers, read from its source with ast (nothing imported, so a
     command's --help needs no torch): the first string argument of every call to one of `callees`
     (decorators included), module by module in the order the package's `__init__.py` imports them,
-    stacked decorators bottom-up (their order of registration)."""
+    stacked decorators bottom-up (their order of registration); a bare decorator on a class (`@register_criterion`)
+    registers the class' own `name = "..."`."""
     import ast
 
     def tree(path: Path) -> ast.Module | None:
@@ -236,6 +237,16 @@ def registered_in_source(folder: Path, callees: tuple[str, ...]) -> list[str]:
             continue
         for stmt in getattr(tree(folder / f"{module}.py"), "body", []):
             decorators = getattr(stmt, "decorator_list", [])
+            if isinstance(stmt, ast.ClassDef) and any(getattr(d, "id", None) in callees for d in decorators):
+                named = [
+                    a.value.value
+                    for a in stmt.body
+                    if isinstance(a, ast.Assign)
+                    and any(getattr(t, "id", None) == "name" for t in a.targets)
+                    and isinstance(a.value, ast.Constant)
+                    and isinstance(a.value.value, str)
+                ]
+                names += [n for n in named[:1] if n not in names]
             calls = [*reversed(decorators), *(n for n in ast.walk(stmt) if not any(n is d for d in decorators))]
             for call in calls:
                 callee = getattr(call, "func", None)

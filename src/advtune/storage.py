@@ -99,3 +99,17 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of a file's bytes, read in chunks; None when there is no such file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()

@@ -39,6 +39,8 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> dict[str, torch
     """The state_dict in a weights file: safetensors, or a PyTorch checkpoint read with
     weights_only=True (never executing code), found at `key` or a common key, prefixes removed."""
     path = Path(path)
+    if path.is_dir():  # a run folder: its weights are a file in it
+        raise AdvtuneError(f"{path} is a folder, not a weights file; give the file (e.g. {path / 'model.safetensors'})")
     if path.suffix.lower() == ".safetensors":
         if key is not None:
             raise AdvtuneError(f"{path} is a safetensors file: it holds one state_dict, drop the key {key!r}")

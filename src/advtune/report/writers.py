@@ -84,14 +84,19 @@ def _write_report(folder: Path) -> None:
     frontier_notes: list[str] = []
     if (folder / files.FRONTIER).is_file():
         points = Frontier.read(folder / files.FRONTIER, rerun=rerun).points
-        figs.append(
-            (
-                "Robustness per compute: each variant's checkpoints (the frontier)",
-                plot_frontier(
-                    [p.to_json() for p in points], folder / "frontier.png", title=cfg.get("name"), colors=colors
-                ),
+        by_eps: dict[float | None, list] = {}
+        for p in points:  # one figure per eps: a curve is drawn against the reference's plateau at its own eps
+            by_eps.setdefault(p.eps, []).append(p)
+        for eps, pts in sorted(by_eps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            at = f" at eps={eps:g}" if len(by_eps) > 1 and eps is not None else ""
+            name = f"frontier-eps{eps:g}.png" if at else "frontier.png"
+            title = f"{cfg.get('name') or ''}{at}".strip() or None
+            figs.append(
+                (
+                    f"Robustness per compute: each variant's checkpoints (the frontier){at}",
+                    plot_frontier([p.to_json() for p in pts], folder / name, title=title, colors=colors),
+                )
             )
-        )
         frontier_notes = frontier_findings(points)
     figs.append(("Final models: robustness vs total compute", plot_pareto(rows, folder / "pareto.png", colors)))
     units_png = plot_trained_units(rows, folder / "trained-units.png", colors)

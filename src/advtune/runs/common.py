@@ -15,7 +15,7 @@ from .. import filenames as files
 from ..attacks import PGD
 from ..cost import CostMeter
 from ..data import DATASETS, load_dataset, num_batches
-from ..devices import model_device
+from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
@@ -27,6 +27,7 @@ from ..train import (
     steps_for_budget,
     total_steps,
 )
+from ..train.loop import amp_dtype
 from ..train.lowrank import (
     has_adapters,
     plain_state_dict,
@@ -74,14 +75,16 @@ def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collect
     an old run replaced), or reopened with --resume after checking the settings and the checkpoint
     match; config.json written once (a resume appends when). `inert`: the recorded settings that had no
     effect on that run (they are not compared)."""
+    amp_dtype(cfg.amp, resolve_device(run.device))  # --amp fp16 off CUDA: refused before a run is moved aside
     rd = RunDir.create(run.out, resume=run.resume, overwrite=run.overwrite)
     if run.resume and rd.file(files.CONFIG).is_file():
         recorded = rd.read_json(files.CONFIG)
         saved = recorded.get("run", {})
         ignore = set(inert(saved)) if inert else set()
         check_same_run(saved, run.to_json(), ignore=ignore, working_dir=recorded.get("working_dir"))
-    if run.resume:
-        check_resume(rd.path, cfg)
+    if run.resume:  # an adversarial run's eps_warmup: None is the job's auto ramp
+        adversarial = getattr(run, "adversarial", True)
+        check_resume(rd.path, cfg, ramps=bool(adversarial) and getattr(run, "eps_warmup", None) != 0)
     write_config_once(rd, config)
     return rd
 
@@ -187,9 +190,12 @@ def write_config_once(rd: RunDir, config: dict) -> None:
 
 
 def refuse_same_folder(out: str, base: str) -> None:
-
-    if Path(out).resolve() == Path(base).resolve():
+    """--out may not be the base run, nor a folder holding it (--overwrite would move the base aside with it)."""
+    o, b = Path(out).resolve(), Path(base).resolve()
+    if o == b:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
+    if o in b.parents:
+        raise AdvtuneError(f"--out {out} holds the base run {base}; write the new run to a folder outside it")
 
 
 RUN_DEFAULTS = {
@@ -207,7 +213,8 @@ RUN_DEFAULTS = {
 }  # keys newer than some records
 
 
-PATH_SETTINGS = ("base", "data_dir", "select")  # folders: ./runs/a, runs/a/ and runs/a are one setting
+# folders and files: ./runs/a, runs/a/ and runs/a are one setting (a dataset by name is a name, not a path)
+PATH_SETTINGS = ("base", "data_dir", "select", "weights", "dataset")
 
 
 def _folder(path: str, working_dir: str | None = None) -> Path:
@@ -225,6 +232,8 @@ def same_setting(
     next to the run (`select`: harden's own analysis beside its fine-tuning stage) is the same one when the run
     moved with it (`saved_out`, `now_out`: the run's folder then and now)."""
     if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
+        return saved == now
+    if key == "dataset" and (saved.lower() in DATASETS or now.lower() in DATASETS):
         return saved == now
     b = _folder(now)
     then = _folder(saved, working_dir) if working_dir else None

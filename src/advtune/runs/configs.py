@@ -319,7 +319,9 @@ class EvaluateRun:
     )
     plot: bool = setting(False, help="with several eps: write the accuracy-vs-eps PNG")
     name: str | None = setting(None, help="name of the record, eval-<name>.json (default: from the attacks and eps)")
-    record_dir: str | None = setting(None, help="where eval-<name>.json goes (default: the run folder)", cli=False)
+    record_dir: str | None = setting(
+        None, help="the folder eval-<name>.json (and its .png) goes to (default: the run folder; e.g. a read-only RUN)"
+    )
     overwrite: bool = overwrite_setting(None, "replace an eval-<name>.json holding an evaluation with other settings")
     seed: int = seed_setting()
     data_dir: str | None = base_data_dir_setting()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import time
+from pathlib import Path
 
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
@@ -16,7 +18,7 @@ from ..errors import AdvtuneError
 from ..evaluation import EvalResult, compiled_queries, eps_curve, robust_accuracy, suite
 from ..provenance import versions
 from ..seeding import make_generator, seed_everything
-from ..storage import atomic_write_json
+from ..storage import atomic_write_json, file_sha256
 from ..threat import ThreatModel
 from .common import dataset_of, load_base
 from .configs import EvaluateRun
@@ -158,24 +160,42 @@ def check_record_free(path, run: EvaluateRun) -> None:
         )
 
 
+def check_writable(folder: Path) -> None:
+    """Make `folder` if needed and write (and remove) a probe file in it, or refuse in one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise AdvtuneError(
+            f"cannot write the evaluation record to {folder} ({e.strerror or e}); make it writable or give "
+            "--record-dir DIR"
+        ) from None
+
+
 def run(run: EvaluateRun) -> dict:
     """`advtune evaluate`: the model of a run folder on its test split; the record goes to
     eval-<name>.json in the run folder (or `record_dir`)."""
     bs = run.batch_size
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):  # before the data is read
         raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
+    lt = run.limit_test  # before a record of the same name is judged (it was "already holds ... other settings")
+    if lt is not None and (isinstance(lt, bool) or not isinstance(lt, int) or lt < 1):
+        raise AdvtuneError(f"limit_test (--limit-test) must be a positive number of examples, got {lt!r}; leave it out")
     for eps in run.eps:  # the eps and the attack specs: built once here to refuse them before the data is read
         attacks_for(run, eps)
     if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
     path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(record_name(run)))
     check_record_free(path, run)
+    if is_main_process():  # the record's folder takes a file: found out now, not after hours of attacks
+        check_writable(path.parent)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
     record = evaluation_record(model, ds.test, ds.name, run)
-    if run.record_dir and is_main_process():
-        RunDir(run.record_dir).path.mkdir(parents=True, exist_ok=True)
+    if not run.record_dir:  # the record sits next to the weights it measured: `info` says when they changed since
+        record["model_file_sha256"] = file_sha256(open_run(run.run).file(files.WEIGHTS))
     title = f"{run.run}: accuracy vs eps ({run.norm})" if run.plot else None
     return write_evaluation(record, path, title, meta.get("architecture", "model"))
 

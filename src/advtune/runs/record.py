@@ -17,7 +17,7 @@ from ..cost import CostMeter
 from ..distributed import barrier, is_main_process, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..provenance import versions
-from ..storage import atomic_write_json, atomic_write_text, read_json, remove_orphan_tmp, to_jsonable
+from ..storage import atomic_write_json, atomic_write_text, file_sha256, read_json, remove_orphan_tmp, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,25 @@ def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
     loads and by RunDir.create."""
     if resume and overwrite:
         raise AdvtuneError("give --resume (continue the run) or --overwrite (replace it), not both")
+
+
+# runs this process moved aside for --overwrite and has not yet deleted (its new run has not finished): a failure
+# says where the old run is (the CLI's error line), so it is never lost without a word
+REPLACING: dict[Path, Path] = {}
+
+
+def replaced_note() -> str:
+    """For an error line: where the runs this process was replacing are kept (empty when none)."""
+    return "".join(f" (the run {p} held before is kept at {a}: move it back to keep it)" for p, a in REPLACING.items())
+
+
+def _is_advtune_run(p: Path) -> bool:
+    """A folder advtune made: its config.json is advtune's record (every one records the versions it ran with)."""
+    try:
+        record = json.loads((p / files.CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "versions" in record
 
 
 class RunDir:
@@ -67,9 +86,10 @@ class RunDir:
                 if not (p / files.CONFIG).is_file():
                     raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
             elif overwrite:
-                if not (p / files.CONFIG).is_file():
+                if not _is_advtune_run(p):  # another tool's folder may hold a config.json too
                     raise AdvtuneError(
-                        f"--overwrite: {p} is not an advtune run (no {files.CONFIG}); refusing to delete it"
+                        f"--overwrite: {p} is not an advtune run (no {files.CONFIG} written by advtune); refusing "
+                        "to delete it"
                     )
                 run._lock()  # nobody else may be writing the run we are about to replace
                 aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
@@ -82,6 +102,7 @@ class RunDir:
                         "make its parent folder writable or choose another --out"
                     ) from None
                 run.aside = aside
+                REPLACING[p] = aside
                 log.info("the run in %s is kept at %s until the new run finishes", p, aside)
             else:
                 how = "pass --resume to continue it or --overwrite" if resumable else "pass --overwrite"
@@ -115,6 +136,7 @@ class RunDir:
             self.aside.rename(self.path)
         except OSError:
             return False
+        REPLACING.pop(self.path, None)
         self.aside = None
         return True
 
@@ -159,6 +181,7 @@ class RunDir:
         (or a peer) reads a finished run."""
         if self.writer and self.aside is not None and self.aside.is_dir():
             shutil.rmtree(self.aside, ignore_errors=True)
+        REPLACING.pop(self.path, None)
         self.aside = None
         barrier()
 
@@ -245,6 +268,10 @@ def run_info(path: str | os.PathLike) -> dict:
     evals = sorted(rd.path.glob("eval-*.json"))
     if evals:
         info["evaluations"] = {p.name: read_json(p, p.name) for p in evals}
+        now = file_sha256(rd.file(files.WEIGHTS))
+        info["stale_evaluations"] = [  # measured on other weights than the run's model now
+            n for n, e in info["evaluations"].items() if isinstance(e, dict) and e.get("model_file_sha256", now) != now
+        ]
     info["files"] = sorted(p.name for p in rd.path.iterdir() if not p.name.startswith("."))
     sizes = {
         k: rd.file(n).stat().st_size
@@ -331,8 +358,10 @@ def _info_lines(info: dict) -> str:
             + f", FLOPs {c['flops']:.3g}, trainable params {c['trainable_params']:,}/{c['total_params']:,}, "
             f"peak memory {c['peak_memory_bytes'] / 2**20:.0f} MiB"
         )
+    stale = info.get("stale_evaluations", [])
     for name, ev in info.get("evaluations", {}).items():
-        lines.append(f"eval       {name}: " + _eval_line(ev))
+        earlier = f" (measured on earlier weights: {files.WEIGHTS} changed since; evaluate again)"
+        lines.append(f"eval       {name}: " + _eval_line(ev) + (earlier if name in stale else ""))
     lines.append("files      " + ", ".join(info.get("files", [])))
     return "\n".join(lines)
 

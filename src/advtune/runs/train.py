@@ -11,12 +11,22 @@ from ..data import load_dataset
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
-from ..models import ARCHITECTURES, describe_meta, is_factory_spec, load_model, load_weights, model_for
+from ..models import (
+    ARCHITECTURES,
+    describe_meta,
+    factory_record,
+    is_factory_spec,
+    load_model,
+    load_weights,
+    model_for,
+)
 from ..records import Record
 from ..seeding import seed_everything
 from ..settings import default
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, clean, fit
+from ..train.objectives import check_objective
+from ..train.ramp import check_eps_warmup
 from .common import (
     check_val,
     close_training_folder,
@@ -97,6 +107,14 @@ def run(run: TrainRun) -> TrainSummary:
         ThreatModel(run.norm, run.eps)  # its range, before the data
     if not is_factory_spec(run.model):
         ARCHITECTURES.get(run.model)  # an unknown name: "unknown model ...; valid: ...", before a download
+    else:
+        factory_record(run.model)  # the file or module and the name, before a download
+    if run.adversarial:  # the spec and the ramp, before the data is read (or downloaded)
+        check_objective(run.adversarial, ThreatModel(run.norm, run.eps))
+        check_eps_warmup(run.eps_warmup)
+    if run.weights is not None and not Path(run.weights).is_file():
+        what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
+        raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(

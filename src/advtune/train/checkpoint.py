@@ -86,9 +86,9 @@ def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
         )
 
 
-def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
+def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramps: bool = False) -> None:
     """Refuse a resume whose training config differs from its checkpoint's, before anything is
-    written (fit checks again when it loads the checkpoint)."""
+    written (fit checks again when it loads the checkpoint). `ramps`: the run's eps ramps over its length."""
     path = Path(checkpoint_dir) / files.CHECKPOINT
     if not path.is_file():
         return
@@ -101,6 +101,24 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig) -> None:
         ) from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         _refuse_changed_config(state["config"], cfg)
+        _refuse_new_length(state["config"], cfg, ramps)
+
+
+def _refuse_new_length(saved: dict, cfg: TrainConfig, ramps: bool) -> None:
+    """A new --epochs may extend a run only where nothing is laid over its length: a decaying learning-rate
+    schedule and the eps ramp are fractions of the total steps, and would jump mid-run (a cosine's rate from its
+    end back to most of its peak)."""
+    before = saved.get("epochs", cfg.epochs)
+    if cfg.steps or before == cfg.epochs:  # a budget's steps decide the length, not --epochs
+        return
+    what = [f"the {cfg.schedule} learning-rate schedule"] if cfg.schedule != "constant" else []
+    what += ["the eps ramp (--eps-warmup)"] if ramps else []
+    if what:
+        raise AdvtuneError(
+            f"--resume with --epochs {cfg.epochs}, started with {before}: {' and '.join(what)} "
+            f"{'span' if len(what) > 1 else 'spans'} the run's length and would jump mid-run; resume with --epochs "
+            f"{before} or start a new run"
+        )
 
 
 def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device, average=None):
