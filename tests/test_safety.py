@@ -57,6 +57,7 @@ def snapshot(folder):
         (["--adversarial", "pgd", "--eps", "0.1", "--budget", "0"], "budget"),
         (["--adversarial", "pgd", "--eps", "0.1", "--points", "-1"], "points"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),  # was refused in fit, run moved
+        (["--val-attack-limit", "50"], "--val-attack-limit sets how much of the --val split"),  # was dropped
     ],
 )
 def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys, bad, message):

@@ -153,7 +153,8 @@ def run_analyze(args) -> int:
         print(line)
     for k, v in s.get("rank_agreement_with_restoration", {}).items():
         print(f"  rank agreement of {k} with restoration (Spearman): {v:.3f}")
-    print(f"-> {args.out} (scores-*.json/csv, layers-*.json, concentration.json/png, layers.png)")
+    curve = ", concentration.json/png" if args.curve_limit else ""  # --curve-limit 0 writes no curve
+    print(f"-> {args.out} (scores-*.json/csv, layers-*.json{curve}, layers.png)")
     return 0
 
 

@@ -79,6 +79,11 @@ def run(run: TrainRun) -> TrainSummary:
             "leave it at 1"
         )
     check_val(run.val)
+    if cfg.val_attack_limit != TrainConfig().val_attack_limit and not (run.val and run.adversarial):
+        raise AdvtuneError(  # it attacks the validation split of adversarial training only: it was dropped
+            "--val-attack-limit sets how much of the --val split is attacked in adversarial training: give --val "
+            "and --adversarial, or drop it"
+        )
     check_resume_overwrite(run.resume, run.overwrite)
     if cfg.epochs == 0 and run.budget is None and run.weights is None:
         raise AdvtuneError(
