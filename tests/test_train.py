@@ -292,3 +292,25 @@ def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, cap
     lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
     assert lines and lines[0].startswith("train 1/1: 1/4 (25%)") and "s left" in lines[0]
     assert lines[-1].startswith("train 1/1: 4/4 (100%)")
+
+
+def test_a_compile_that_fails_here_trains_eagerly_with_a_warning(synth, monkeypatch, caplog):
+    """torch.compile is lazy: a machine that cannot compile (no C compiler) failed inside the first step, a
+    traceback after the run folder was made. Now one eval-mode forward finds out first and training goes on."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            raise RuntimeError("InductorError: no C compiler found\nmore lines")
+
+    monkeypatch.setattr(torch, "compile", lambda model: Broken(model))
+    model = fresh(synth)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        fit(model, synth.train, cfg=TrainConfig(epochs=1, batch_size=64, compile=True))
+    said = "torch.compile failed on this machine (InductorError: no C compiler found); training without it"
+    assert said in caplog.text
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained

@@ -48,7 +48,8 @@ class TrainConfig:
     )
     compile: bool = setting(
         False,
-        help="torch.compile the model for training (opt-in: no gain measured on CPU for attack+update steps)",
+        help="torch.compile the model for training (opt-in: no gain measured on CPU for attack+update steps; "
+        "where the compiler fails on this machine, training goes on without it, with a warning)",
         group="training",
     )
     augment: Literal["none", "crop-flip"] = setting(

@@ -98,7 +98,7 @@ def fit(
         average = WeightAverage(params, cfg.ema) if cfg.ema else None
         # fp16 gradients underflow without a scale; bf16 has float32's range and needs none
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        step_model = torch.compile(model) if cfg.compile else model  # shares model's parameters
+        step_model = compiled_or_eager(model, example) if cfg.compile else model  # shares model's parameters
         if not meter.flops_forward:
             meter.measure_model(model, tuple(train.x.shape[1:]))
         meter.trainable_params = trainable.count()
@@ -245,6 +245,25 @@ def fit(
         return history
     finally:
         trainable.close()
+
+
+def compiled_or_eager(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """--compile: the compiled module, or the model itself with a warning where torch.compile cannot build it on
+    this machine (no C compiler, an unsupported op): compiling is lazy, so one eval-mode forward (no gradients,
+    BatchNorm statistics untouched) finds out before the first step, not as a traceback inside it."""
+    compiled = torch.compile(model)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            compiled(example)
+    except Exception as e:  # the compiler's failures come as many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        log.warning("--compile: torch.compile failed on this machine (%s); training without it", first)
+        return model
+    finally:
+        model.train(was_training)
+    return compiled
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
