@@ -257,3 +257,27 @@ def test_the_frontier_reads_points_as_records_or_as_their_dicts():
     dicts[4].pop("clean_acc")
     with pytest.raises(AdvtuneError, match=r"^frontier points: missing field 'points\[4\]\.clean_acc'"):
         reference_plateau(dicts)
+
+
+def test_info_shows_a_finetunes_budget_and_selection_and_a_dirty_checkout():
+    """info showed a budgeted fine-tuning as epochs=1 (its steps decide) with no word of what it trained, and a
+    run from a modified checkout under the commit's sha alone."""
+    from advtune.provenance import versions
+    from advtune.runs.record import format_info
+
+    train = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "schedule": "constant"}
+    run = {"select": "runs/a", "granularity": "probe", "budget": 540000, "train": {**train, "weight_decay": 0.0}}
+    config = {
+        "command": "finetune",
+        "run": run,
+        "steps": 1406,
+        "selection": {"kind": "sparse", "trainable_params": 108420, "param_share": 0.1},
+        "versions": {"advtune": "0.1.0", "git_sha": "abc", "git_dirty": True},
+    }
+    text = format_info({"run": "r", "config": config, "metrics": []})
+    assert "training   steps=1406 (--budget 540,000 gradient evaluations), batch_size=64" in text
+    assert "epochs=" not in text
+    assert "selection  --select runs/a (sparse): 108,420 trainable parameters (10.00% of the model)" in text
+    assert "git_sha abc (+ uncommitted changes)" in text
+    v = versions()
+    assert "git_sha" not in v or isinstance(v["git_dirty"], bool)  # recorded with the sha, whenever git answers

@@ -23,7 +23,20 @@ def versions() -> dict[str, str]:
     sha = git_sha()
     if sha:
         out["git_sha"] = sha
+        dirty = _git_dirty()
+        if dirty is not None:  # the code that ran was the commit plus uncommitted changes to tracked files
+            out["git_dirty"] = dirty
     return out
+
+
+def _git_dirty() -> bool | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        command = ["git", "status", "--porcelain", "--untracked-files=no"]
+        r = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(r.stdout.strip()) if r.returncode == 0 else None
 
 
 def git_sha() -> str | None:

@@ -309,9 +309,18 @@ def _info_lines(info: dict) -> str:
         lines.append(f"objective  {json.dumps(cfg['objective'])}")
     if run.get("train"):
         t = run["train"]
+        keys = ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay")
+        length = []
+        if cfg.get("steps"):  # a --budget's steps decide the length: its epochs said nothing (finetune showed 1)
+            budget = f" (--budget {run['budget']:,} gradient evaluations)" if run.get("budget") else ""
+            keys, length = keys[1:], [f"steps={cfg['steps']}{budget}"]
+        lines.append("training   " + ", ".join(length + [f"{k}={t[k]}" for k in keys if k in t]))
+    sel = cfg.get("selection")
+    if isinstance(sel, dict) and sel.get("trainable_params") is not None:  # a fine-tuning: what it trained
+        what = sel.get("kind") or run.get("granularity") or "units"
         lines.append(
-            "training   "
-            + ", ".join(f"{k}={t[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay"))
+            f"selection  --select {run.get('select')} ({what}): {sel['trainable_params']:,} trainable parameters "
+            f"({100 * (sel.get('param_share') or 0):.2f}% of the model)"
         )
     size = info.get("bytes", {})
     if "model" in size:
@@ -323,7 +332,9 @@ def _info_lines(info: dict) -> str:
         )
         lines.append(f"files      model {size['model']:,} bytes{patch}")
     v = cfg.get("versions", {})
-    lines.append("versions   " + ", ".join(f"{k} {v[k]}" for k in ("advtune", "torch", "python", "git_sha") if k in v))
+    dirty = " (+ uncommitted changes)" if v.get("git_dirty") else ""
+    named = ", ".join(f"{k} {v[k]}" for k in ("advtune", "torch", "python", "git_sha") if k in v)
+    lines.append(f"versions   {named}{dirty}")
     for row in info.get("metrics", []):
         lines.append(
             "epoch "
