@@ -115,9 +115,9 @@ def test_no_private_name_crosses_a_module():
 
 def test_run_file_names_have_one_home():
     names = re.compile(
-        r'"(config\.json|summary\.json|cost\.json|metrics\.jsonl|model\.safetensors|model\.json|'
-        r'checkpoint\.pt|selection\.json|report\.html|results\.json)"'
-    )
+        r'["\'](config\.json|summary\.json|cost\.json|metrics\.jsonl|model\.safetensors|model\.json|'
+        r'checkpoint\.pt|selection\.json|report\.html|results\.json)["\']'
+    )  # either quote (an f-string's inner literal is single-quoted)
     bad = [
         str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "filenames.py" and names.search(p.read_text())
     ]

@@ -273,6 +273,11 @@ def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path
     assert drawn["sel"] is None and "not whole units" in md
     assert "net.conv1: 40/800 weight entries, 40 parameters" in md
     assert "+ choosing the checkpoint 1,200)" in md and "cost is unrecorded" in md and "took 0" not in md
+    # the layers an entry rule trains whole (the output layer, here conv1) keep their rings
+    whole = {"kind": "sparse", "components": ["net.conv1"], "whole": ["net.conv1"]}
+    (folder / "selection.json").write_text(json.dumps(whole))
+    md = write_harden_report(folder)["md"].read_text()
+    assert drawn["sel"] == {"hardened": (["net.conv1"], "tab:orange")} and "rings: the layers it trained whole" in md
     # a unit selection keeps its rings
     unit = {"format": "advtune.selection/1", "components": ["net.conv1[3]"]}
     (folder / "selection.json").write_text(json.dumps(unit))

@@ -90,6 +90,8 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, m
     assert len(aside) == 1 and snapshot(aside[0]) == old  # the old run survives the interruption
     err = capsys.readouterr().err.strip()  # and the one line says where it is
     assert len(err.splitlines()) == 1 and f"the run {out} held before is kept at {aside[0]}" in err, err
+    assert main([*TRAIN, "--out", str(tmp_path / "other"), "--epochs", "0"]) == 2  # a later error: said once only
+    assert "kept at" not in capsys.readouterr().err
     monkeypatch.undo()
     assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
     assert (out / "summary.json").is_file()
@@ -100,10 +102,13 @@ def test_a_resume_may_change_epochs_only_where_nothing_spans_the_run(tmp_path, c
     """A cosine schedule and the eps ramp are laid over the run's length: --resume with another --epochs made the
     learning rate jump from the schedule's end back near its peak (and the ramp restart). A constant schedule with
     no ramp extends as before."""
+    ramped = ["--adversarial", "fgsm", "--eps", "0.1"]
     cases = [
         (["--schedule", "cosine"], "the cosine learning-rate schedule spans the run's length"),
-        (["--adversarial", "fgsm", "--eps", "0.1"], "the eps ramp (--eps-warmup) spans the run's length"),
-        (["--adversarial", "fgsm", "--eps", "0.1", "--eps-warmup", "0"], None),
+        ([*ramped, "--eps-warmup", "0.6"], "the eps ramp (over the first 60% of the run) spans the run's length"),
+        ([*ramped, "--eps-warmup", "0"], None),
+        (ramped, None),  # the default ramp (30%) ends before epoch 1 of 1 or of 2: eps stays at its full value
+        (["--schedule", "cosine", "--budget", "512"], None),  # a budget's steps decide the length, not --epochs
     ]
     for i, (extra, refused) in enumerate(cases):
         out = tmp_path / f"run{i}"
@@ -117,7 +122,9 @@ def test_a_resume_may_change_epochs_only_where_nothing_spans_the_run(tmp_path, c
             assert code == 2 and refused in err and "resume with --epochs 1" in err and len(err.splitlines()) == 1
             assert snapshot(out) == before
         else:
-            assert code == 0 and json.loads((out / "model.json").read_text())["training"]["config"]["epochs"] == 2, err
+            assert code == 0, err
+            if "--budget" not in extra:
+                assert json.loads((out / "model.json").read_text())["training"]["config"]["epochs"] == 2
 
 
 def test_out_may_not_hold_the_base_run(finished, capsys):
@@ -129,6 +136,23 @@ def test_out_may_not_hold_the_base_run(finished, capsys):
         err = capsys.readouterr().err.strip()
         assert f"--out {finished.parent} holds the base run {finished}" in err and len(err.splitlines()) == 1, err
     assert snapshot(finished) == before
+
+
+def test_out_may_not_hold_the_weights_it_records(tmp_path, capsys):
+    """`train --weights R/model.safetensors --epochs 0 --out R --overwrite` read the weights, moved R aside and
+    deleted it with them when done; a damaged config.json is named for what it is, not as another tool's folder."""
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    before, _ = snapshot(out), capsys.readouterr()
+    weights = str(out / "model.safetensors")
+    again = [*TRAIN, "--epochs", "0", "--weights", weights, "--out", str(out), "--overwrite"]
+    assert main(again) == 2
+    assert f"--out {out} holds {weights}, which this run reads" in capsys.readouterr().err
+    assert snapshot(out) == before
+    (out / "config.json").write_text('{"cut sho')
+    assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json cannot be read (JSONDecodeError)" in err and "delete the folder yourself" in err, err
 
 
 def test_overwrite_refuses_a_folder_another_tool_made(tmp_path, capsys):

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from . import filenames as files
 from .errors import AdvtuneError
 
 
@@ -40,7 +41,7 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> dict[str, torch
     weights_only=True (never executing code), found at `key` or a common key, prefixes removed."""
     path = Path(path)
     if path.is_dir():  # a run folder: its weights are a file in it
-        raise AdvtuneError(f"{path} is a folder, not a weights file; give the file (e.g. {path / 'model.safetensors'})")
+        raise AdvtuneError(f"{path} is a folder, not a weights file; give the file (e.g. {path / files.WEIGHTS})")
     if path.suffix.lower() == ".safetensors":
         if key is not None:
             raise AdvtuneError(f"{path} is a safetensors file: it holds one state_dict, drop the key {key!r}")

@@ -186,8 +186,10 @@ CURVE = {  # one criterion's curve in concentration.json
 SELECTION = {"components": list_of(TEXT)}  # selection.json
 
 
-def trained_units(selection: dict) -> list[str] | None:
-    """The units ("layer[unit]") and whole layers a selection.json trains; None for a rule that trains single weight
-    entries or low-rank directions (its record has a `kind`): its `components` only name the layers it touches, and
-    ringing every unit of those would say it trained them all."""
-    return None if selection.get("kind") else list(selection["components"])
+def trained_units(selection: dict) -> list[str]:
+    """The units ("layer[unit]") and whole layers a selection.json trains. A rule that trains single weight entries
+    or low-rank directions (its record has a `kind`) trains only its `whole` layers whole: its `components` name
+    every layer it touches, and ringing every unit of those would say it trained them all."""
+    if selection.get("kind"):
+        return [str(n) for n in selection.get("whole") or []]
+    return list(selection["components"])

@@ -168,9 +168,10 @@ def _analysis(
     scores = records.read_scores(a, rerun=rerun)
     if scores:
         selections = _selections(folder, rows, a_eps, colors, rerun)
+        rings = ", and the units each variant trains" if selections else ""  # entry and adapter rules: not units
         figs.append(
             (
-                f"Per-unit vulnerability scores by layer, and the units each variant trains ({a.name})",
+                f"Per-unit vulnerability scores by layer{rings} ({a.name})",
                 plot_unit_scores(scores, folder / f"{a.name}-unit-scores.png", selections),
             )
         )
@@ -203,7 +204,7 @@ def _selections(
         if not p.is_file():
             continue
         chosen = records.trained_units(records.read_record(p, "selection", records.SELECTION, rerun=rerun))
-        if chosen is not None:  # an entry or adapter rule trains no whole units: not ringed
+        if chosen:  # an entry or adapter rule rings only the layers it trains whole
             out[r["variant"]] = (chosen, colors.get(r["variant"], "k"))
     return out
 
@@ -240,16 +241,16 @@ def _write_harden_report(folder: Path) -> None:
         )
     scores = records.read_scores(folder / files.ANALYSIS, rerun=rerun)
     if scores and (folder / files.SELECTION).is_file():
-        chosen = records.trained_units(
-            records.read_record(folder / files.SELECTION, "selection", records.SELECTION, rerun=rerun)
-        )
+        record = records.read_record(folder / files.SELECTION, "selection", records.SELECTION, rerun=rerun)
+        chosen = records.trained_units(record)
         caption = "Every unit's vulnerability score by layer; rings: the units this run trained"
-        if chosen is None:
+        if record.get("kind"):
             caption = (
                 f"Every unit's vulnerability score by layer (this run trained {counted(sel)} spread over the layers, "
-                "not whole units: where they sit is in the next figure)"
+                "not whole units: where they sit is in the next figure"
+                + ("; rings: the layers it trained whole)" if chosen else ")")
             )
-        selections = {"hardened": (chosen, "tab:orange")} if chosen is not None else None
+        selections = {"hardened": (chosen, "tab:orange")} if chosen else None
         figs.append((caption, plot_unit_scores(scores, folder / "unit-scores.png", selections)))
     if sel.get("by_layer"):
         figs.append(("Where the trained parameters sit", plot_selection(sel, folder / "selection.png", counted(sel))))

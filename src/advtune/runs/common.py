@@ -82,9 +82,10 @@ def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collect
         saved = recorded.get("run", {})
         ignore = set(inert(saved)) if inert else set()
         check_same_run(saved, run.to_json(), ignore=ignore, working_dir=recorded.get("working_dir"))
-    if run.resume:  # an adversarial run's eps_warmup: None is the job's auto ramp
-        adversarial = getattr(run, "adversarial", True)
-        check_resume(rd.path, cfg, ramps=bool(adversarial) and getattr(run, "eps_warmup", None) != 0)
+    if run.resume:  # an adversarial run's eps ramp (None: the job's auto ramp, at most the default)
+        ramp = getattr(run, "eps_warmup", None)
+        ramp = (DEFAULT_EPS_WARMUP if ramp is None else float(ramp)) if getattr(run, "adversarial", True) else 0.0
+        check_resume(rd.path, cfg, ramp)
     write_config_once(rd, config)
     return rd
 
@@ -189,13 +190,24 @@ def write_config_once(rd: RunDir, config: dict) -> None:
         rd.write_config(config)
 
 
-def refuse_same_folder(out: str, base: str) -> None:
-    """--out may not be the base run, nor a folder holding it (--overwrite would move the base aside with it)."""
+def refuse_same_folder(out: str, base: str, *inputs: str | None) -> None:
+    """--out may not be the base run, nor a folder holding it or another input (`refuse_out_holding`)."""
     o, b = Path(out).resolve(), Path(base).resolve()
     if o == b:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
     if o in b.parents:
         raise AdvtuneError(f"--out {out} holds the base run {base}; write the new run to a folder outside it")
+    refuse_out_holding(out, *inputs)
+
+
+def refuse_out_holding(out: str, *inputs: str | None) -> None:
+    """--out may not hold an input this run reads from a path (--weights, a --select analysis): --overwrite would
+    move it aside with the old run and delete it when the new one is done."""
+    o = Path(out).resolve()
+    for given in (i for i in inputs if i):
+        p = Path(given).expanduser().resolve()
+        if o == p or o in p.parents:
+            raise AdvtuneError(f"--out {out} holds {given}, which this run reads; write the new run to another folder")
 
 
 RUN_DEFAULTS = {

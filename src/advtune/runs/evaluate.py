@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..devices import model_device, resolve_device
-from ..distributed import barrier, is_main_process, rank_and_world
+from ..distributed import barrier, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..evaluation import EvalResult, compiled_queries, eps_curve, robust_accuracy, suite
 from ..provenance import versions
@@ -188,16 +188,16 @@ def run(run: EvaluateRun) -> dict:
         attacks_for(run, eps)
     if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
-    path = (RunDir(run.record_dir) if run.record_dir else open_run(run.run)).file(files.evaluation(record_name(run)))
+    run_dir = open_run(run.run)  # a typo in RUN is refused before --record-dir is made
+    path = (RunDir(run.record_dir) if run.record_dir else run_dir).file(files.evaluation(record_name(run)))
     check_record_free(path, run)
-    if is_main_process():  # the record's folder takes a file: found out now, not after hours of attacks
-        check_writable(path.parent)
+    on_main(lambda: check_writable(path.parent))  # found out now, not after hours of attacks; every rank refuses
+    weights = run_dir.file(files.WEIGHTS)
+    measured = {"model_file": str(weights.resolve()), "model_file_sha256": file_sha256(weights)}  # before loading
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
-    record = evaluation_record(model, ds.test, ds.name, run)
-    if not run.record_dir:  # the record sits next to the weights it measured: `info` says when they changed since
-        record["model_file_sha256"] = file_sha256(open_run(run.run).file(files.WEIGHTS))
+    record = {**evaluation_record(model, ds.test, ds.name, run), **measured}  # `info` says when the file changed
     title = f"{run.run}: accuracy vs eps ({run.norm})" if run.plot else None
     return write_evaluation(record, path, title, meta.get("architecture", "model"))
 

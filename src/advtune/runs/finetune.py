@@ -367,7 +367,9 @@ def run(run: FinetuneRun) -> FinetuneSummary:
         criterion=run.criterion,
         probe_quotas=run.probe_quotas,
     )
-    refuse_same_folder(run.out, run.base)
+    words = ("all", "random", "top", "lowrank")
+    analysis = run.select if run.select not in words and ":" not in run.select else None  # an analysis folder
+    refuse_same_folder(run.out, run.base, analysis)
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(

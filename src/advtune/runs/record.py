@@ -38,16 +38,26 @@ REPLACING: dict[Path, Path] = {}
 
 
 def replaced_note() -> str:
-    """For an error line: where the runs this process was replacing are kept (empty when none)."""
-    return "".join(f" (the run {p} held before is kept at {a}: move it back to keep it)" for p, a in REPLACING.items())
+    """For an error line: where the runs this process was replacing are kept (empty when none); said once (a later
+    error of the same process is not about them)."""
+    note = "".join(f" (the run {p} held before is kept at {a}: move it back to keep it)" for p, a in REPLACING.items())
+    REPLACING.clear()
+    return note
 
 
 def _is_advtune_run(p: Path) -> bool:
-    """A folder advtune made: its config.json is advtune's record (every one records the versions it ran with)."""
-    try:
-        record = json.loads((p / files.CONFIG).read_text())
-    except (OSError, ValueError):
+    """A folder advtune made: its config.json is advtune's record (every one records the versions it ran with). A
+    config.json that cannot be read is neither: refused in its own words (--overwrite will not judge it)."""
+    path = p / files.CONFIG
+    if not path.is_file():
         return False
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdvtuneError(
+            f"--overwrite: {path} cannot be read ({type(e).__name__}), so {p} is not known to be an advtune run; "
+            "delete the folder yourself if it is one, or choose another --out"
+        ) from None
     return isinstance(record, dict) and "versions" in record
 
 
@@ -118,6 +128,7 @@ class RunDir:
             run._lock()
         except AdvtuneError as e:
             if run.aside is not None and not run._put_back():
+                REPLACING.pop(p, None)  # said here, once
                 raise AdvtuneError(f"{e} (the run it was to replace is kept at {run.aside})") from None
             raise
 
@@ -268,10 +279,7 @@ def run_info(path: str | os.PathLike) -> dict:
     evals = sorted(rd.path.glob("eval-*.json"))
     if evals:
         info["evaluations"] = {p.name: read_json(p, p.name) for p in evals}
-        now = file_sha256(rd.file(files.WEIGHTS))
-        info["stale_evaluations"] = [  # measured on other weights than the run's model now
-            n for n, e in info["evaluations"].items() if isinstance(e, dict) and e.get("model_file_sha256", now) != now
-        ]
+        info["stale_evaluations"] = _stale(rd, info["evaluations"])
     info["files"] = sorted(p.name for p in rd.path.iterdir() if not p.name.startswith("."))
     sizes = {
         k: rd.file(n).stat().st_size
@@ -281,6 +289,21 @@ def run_info(path: str | os.PathLike) -> dict:
     if sizes:
         info["bytes"] = sizes
     return info
+
+
+def _stale(rd: RunDir, evaluations: dict[str, Any]) -> list[str]:
+    """The evaluations of this folder's model file that measured other bytes than it holds now (it trained on, or
+    was replaced); a record of another run's model (harden's, an experiment's) is not judged."""
+    weights = rd.file(files.WEIGHTS)
+    now = file_sha256(weights)
+    return [
+        name
+        for name, e in evaluations.items()
+        if isinstance(e, dict)
+        and isinstance(e.get("model_file"), str)
+        and Path(e["model_file"]) == weights.resolve()
+        and e.get("model_file_sha256") != now
+    ]
 
 
 def format_info(info: dict) -> str:

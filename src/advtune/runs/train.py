@@ -34,6 +34,7 @@ from .common import (
     fit_in_folder,
     open_training_folder,
     overfit_guard,
+    refuse_out_holding,
     resolve_eps_warmup,
     snapshot_steps,
     with_budget,
@@ -79,7 +80,7 @@ def run(run: TrainRun) -> TrainSummary:
             "leave it at 1"
         )
     check_val(run.val)
-    if cfg.val_attack_limit != TrainConfig().val_attack_limit and not (run.val and run.adversarial):
+    if cfg.val_attack_limit != TrainConfig().val_attack_limit and not (run.val and run.adversarial or run.resume):
         raise AdvtuneError(  # it attacks the validation split of adversarial training only: it was dropped
             "--val-attack-limit sets how much of the --val split is attacked in adversarial training: give --val "
             "and --adversarial, or drop it"
@@ -117,6 +118,8 @@ def run(run: TrainRun) -> TrainSummary:
     if run.adversarial:  # the spec and the ramp, before the data is read (or downloaded)
         check_objective(run.adversarial, ThreatModel(run.norm, run.eps))
         check_eps_warmup(run.eps_warmup)
+    if run.weights is not None and run.out:  # --overwrite would delete the weights it is about to record
+        refuse_out_holding(run.out, run.weights)
     if run.weights is not None and not Path(run.weights).is_file():
         what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
         raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")

@@ -86,9 +86,10 @@ def _refuse_changed_config(saved: dict, cfg: TrainConfig) -> None:
         )
 
 
-def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramps: bool = False) -> None:
+def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramp: float = 0.0) -> None:
     """Refuse a resume whose training config differs from its checkpoint's, before anything is
-    written (fit checks again when it loads the checkpoint). `ramps`: the run's eps ramps over its length."""
+    written (fit checks again when it loads the checkpoint). `ramp`: the share of the run over which its eps
+    ramps up (0: none)."""
     path = Path(checkpoint_dir) / files.CHECKPOINT
     if not path.is_file():
         return
@@ -101,18 +102,19 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramps: bool = Fal
         ) from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         _refuse_changed_config(state["config"], cfg)
-        _refuse_new_length(state["config"], cfg, ramps)
+        _refuse_new_length(state["config"], cfg, ramp, int(state.get("epoch", 0)))
 
 
-def _refuse_new_length(saved: dict, cfg: TrainConfig, ramps: bool) -> None:
-    """A new --epochs may extend a run only where nothing is laid over its length: a decaying learning-rate
-    schedule and the eps ramp are fractions of the total steps, and would jump mid-run (a cosine's rate from its
-    end back to most of its peak)."""
+def _refuse_new_length(saved: dict, cfg: TrainConfig, ramp: float, done: int) -> None:
+    """A new --epochs may extend a run only where nothing laid over its length would jump mid-run: a decaying
+    learning-rate schedule (a cosine's rate from its end back to most of its peak) and an eps ramp the run is still
+    inside, before or after the change (`done`: the epochs finished)."""
     before = saved.get("epochs", cfg.epochs)
     if cfg.steps or before == cfg.epochs:  # a budget's steps decide the length, not --epochs
         return
     what = [f"the {cfg.schedule} learning-rate schedule"] if cfg.schedule != "constant" else []
-    what += ["the eps ramp (--eps-warmup)"] if ramps else []
+    if ramp and done / max(before, cfg.epochs) < ramp:  # past the ramp on both lengths: eps stays at its full value
+        what.append(f"the eps ramp (over the first {100 * ramp:g}% of the run)")
     if what:
         raise AdvtuneError(
             f"--resume with --epochs {cfg.epochs}, started with {before}: {' and '.join(what)} "
