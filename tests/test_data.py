@@ -238,6 +238,80 @@ def test_image_folder(tmp_path):
         load_dataset(str(tmp_path / "imgs"))
 
 
+def test_own_npz_labels_are_class_numbers_0_to_k_minus_1(tmp_path, caplog):
+    """An own-data audit: the class count was the largest label + 1 (labels 1..4 made an empty class 0, IDs a million
+    classes, a label near 2^63 hung), one-hot labels were "the files belong to different sets", an empty test split
+    loaded, binary uint8 images read as black, and a constant channel's std of 0 made the model's inputs infinite."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 4, 4), dtype=np.uint8)
+    y = np.arange(8) % 2
+    ok = {"x_train": x, "y_train": y, "x_test": x[:4], "y_test": y[:4]}
+
+    def refused(match, **change):
+        np.savez(tmp_path / "d.npz", **{**ok, **change})
+        with pytest.raises(AdvtuneError, match=match):
+            load_dataset(str(tmp_path / "d.npz"))
+
+    refused(r"no image has class 0 of 0\.\.2; number the classes 0\.\.K-1", y_train=y + 1, y_test=y[:4] + 1)
+    refused(r"has label 999999: number the classes", y_train=np.where(y == 1, 999_999, 0))
+    refused(r"has label 92233720368547758\d\d: number the classes", y_train=np.full(8, 2**63 - 2, np.uint64))
+    refused("holds one class", y_train=np.zeros(8, int), y_test=np.zeros(4, int))
+    refused(r"one-hot\?\); store one class number per image: y_train = y_train.argmax\(1\)", y_train=np.eye(2)[y])
+    refused(r"x_test holds no images", x_test=x[:0], y_test=y[:0])
+    np.savez(tmp_path / "col.npz", **{**ok, "y_train": y[:, None]})  # a column of class numbers is read as one
+    assert load_dataset(str(tmp_path / "col.npz")).train.y.tolist() == y.tolist()
+    with caplog.at_level("WARNING"):
+        np.savez(tmp_path / "bin.npz", **{**ok, "x_train": (x > 127).astype(np.uint8)})
+        load_dataset(str(tmp_path / "bin.npz"))
+    assert "every uint8 pixel is 0 or 1" in caplog.text
+    rgba = rng.integers(0, 256, (8, 4, 4, 4), dtype=np.uint8)
+    rgba[..., 3] = 255  # an opaque alpha channel: constant
+    np.savez(tmp_path / "rgba.npz", **{**ok, "x_train": rgba, "x_test": rgba[:4]})
+    assert min(load_dataset(str(tmp_path / "rgba.npz")).std) > 0
+
+
+def test_a_limit_of_data_ordered_by_class_says_so(tmp_path, caplog):
+    """The first --limit-test images of a file sorted by class are one or two classes: evaluated without a word."""
+    x = np.random.default_rng(0).integers(0, 256, (400, 4, 4), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 100)
+    np.savez(tmp_path / "sorted.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    with caplog.at_level("WARNING"):
+        load_dataset(str(tmp_path / "sorted.npz"), limit=3, limit_test=40)  # 3: too few to judge (a job's peek)
+    assert "the first 40 test examples hold 1 of its 4 classes (is the file ordered by class?)" in caplog.text
+    assert "training examples" not in caplog.text
+
+
+def test_image_folder_classes_order_and_depth(tmp_path):
+    """Hidden folders were classes (labels shifted), test-only classes and unreadable-extension classes vanished,
+    the first --limit images were the first class, 16-bit PNGs were clipped to white and the first image's mode
+    turned colour images grey."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split, n in (("train", 6), ("test", 4)):
+        for ci, c in enumerate(("cat", "dog", "eel")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((6, 6), 40 * ci + i, np.uint8)).save(root / split / c / f"{i}.png")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    ds = load_dataset(str(root), limit_test=6)
+    assert ds.classes == ["cat", "dog", "eel"] and len(ds.test.y.unique()) == 3  # the first 6 hold every class
+    assert load_dataset(str(root)).test.y.tolist()[:6] == ds.test.y.tolist()  # one fixed order, every time
+    wide = np.full((6, 6), 32768, np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(wide).save(root / "train" / "cat" / "0.png")
+    assert abs(int(load_dataset(str(root)).train.x.max()) - 128) <= 1 + 5  # scaled to 8 bits, not clipped to 255
+    Image.fromarray(np.full((6, 6, 3), (200, 0, 0), np.uint8)).save(root / "train" / "dog" / "red.png")
+    assert load_dataset(str(root)).input_shape == (3, 6, 6)  # one colour image: the folder is read as RGB
+    (root / "test" / "fox").mkdir()
+    with pytest.raises(AdvtuneError, match=r"test has classes train/ lacks \(fox\)"):
+        load_dataset(str(root))
+    (root / "test" / "fox").rmdir()
+    (root / "train" / "gnu").mkdir()
+    (root / "train" / "gnu" / "a.tif").write_bytes(b"")
+    with pytest.raises(AdvtuneError, match=r"train/gnu holds no .* images \(skipped: \.tif\)"):
+        load_dataset(str(root))
+
+
 # ---------------------------------------------------------------- download
 
 
@@ -388,3 +462,36 @@ def test_a_run_fine_tuned_from_a_custom_data_folder_finds_it_again(isolated, mon
     assert json.loads((ft / "config.json").read_text())["run"]["data_dir"] is None  # the base's folder was used
     assert main(["evaluate", str(ft), "--eps", "0.1", "--attacks", "fgsm", "--name", "e", "--quiet"]) == 0
     assert json.loads((ft / "eval-e.json").read_text())["examples"] == 16
+
+
+def test_a_later_job_reads_the_data_as_the_model_was_trained_and_names_aliases():
+    """A class folder added or removed after training shifted every label without a word; `--dataset fmnist` was
+    recorded as a path (/cwd/fmnist), so every later job failed to find it."""
+    from advtune.runs.common import dataset_of, dataset_spec
+
+    assert dataset_spec("Fashion_MNIST") == dataset_spec("fmnist") == "fashion-mnist"
+    assert dataset_spec("CIFAR-10") == "cifar10"
+    config = {"run": {"dataset": "synthetic"}}
+    assert dataset_of(config, {"num_classes": 4, "input_shape": [1, 16, 16]}, None, limit=8).num_classes == 4
+    with pytest.raises(AdvtuneError, match=r"now reads as 4 classes of \(1, 16, 16\) images, and the model was"):
+        dataset_of(config, {"num_classes": 5, "input_shape": [1, 16, 16]}, None, limit=8)
+
+
+def test_moved_own_data_is_found_under_data_dir_and_api_labels_name_their_fix(tmp_path):
+    """A run records its own data's absolute path: after a move, --data-dir was ignored for it and the error did not
+    say how to point at the new place. The Python API told (N, 1) and one-hot labels to `pass y.long()`."""
+    from advtune.inputs import as_tensor_data
+
+    x = np.random.default_rng(0).integers(0, 256, (8, 4, 4), dtype=np.uint8)
+    y = np.arange(8) % 2
+    (tmp_path / "new").mkdir()
+    np.savez(tmp_path / "new" / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    gone = str(tmp_path / "old" / "d.npz")
+    with pytest.raises(AdvtuneError, match="data that moved: --data-dir FOLDER holding it under the same name"):
+        load_dataset(gone)
+    assert len(load_dataset(gone, data_dir=str(tmp_path / "new")).train) == 8
+    xs = torch.rand(4, 1, 4, 4)
+    with pytest.raises(AdvtuneError, match=r"pass y.view\(-1\)"):
+        as_tensor_data((xs, torch.zeros(4, 1, dtype=torch.long)))
+    with pytest.raises(AdvtuneError, match=r"one-hot rows\? pass y.argmax\(1\)"):
+        as_tensor_data((xs, torch.eye(2)[[0, 1, 0, 1]]))

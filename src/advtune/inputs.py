@@ -87,9 +87,11 @@ def check_batch(
     if x.dim() < 2:
         raise AdvtuneError(f"{what}: images must be a batch (N, C, H, W), got shape {tuple(x.shape)}")
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        fix = "pass y.long()"  # the fix the shape asks for: a column, one-hot rows, or the dtype
+        if y.dim() == 2 and len(y) == len(x):
+            fix = "pass y.view(-1)" if y.shape[1] == 1 else "one-hot rows? pass y.argmax(1)"
         raise AdvtuneError(
-            f"{what}: labels must be integer class indices of shape ({len(x)},), got "
-            f"{y.dtype} {tuple(y.shape)}; pass y.long()"
+            f"{what}: labels must be integer class indices of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}; {fix}"
         )
     if len(y) and int(y.min()) < 0:
         raise AdvtuneError(f"{what}: labels must be class indices >= 0, got {int(y.min())}")

@@ -62,6 +62,33 @@ def pair_split(x: np.ndarray, y: np.ndarray, xpath, ypath, num_classes: int) -> 
     return TensorData(xt, torch.from_numpy(y.astype(np.int64)))
 
 
+MAX_CLASSES = 100_000  # what a saved model may record (models.load_model refuses more)
+
+
+def check_classes(y: np.ndarray, where: str) -> int:
+    """The class count of integer labels, which must number the classes 0..K-1 (every one present in a split):
+    the count was the largest label + 1, so labels 1..4 made an empty class 0 and IDs made a million classes."""
+    low, high = int(y.min()), int(y.max())
+    if low < 0:
+        raise AdvtuneError(f"{where} has a negative label ({low}); labels must be 0..classes-1")
+    if high >= MAX_CLASSES:
+        raise AdvtuneError(
+            f"{where} has label {high}: number the classes 0..K-1 (K <= {MAX_CLASSES:,}), e.g. "
+            "_, y = np.unique(y, return_inverse=True)"
+        )
+    present = np.unique(y)
+    if len(present) < 2:
+        raise AdvtuneError(f"{where} holds one class ({low}); a classifier needs at least two")
+    if len(present) < high + 1:
+        absent = sorted(set(range(high + 1)) - {int(c) for c in present})
+        shown = ", ".join(map(str, absent[:5])) + (", ..." if len(absent) > 5 else "")
+        raise AdvtuneError(
+            f"{where}: no image has class {shown} of 0..{high}; number the classes 0..K-1 without gaps, e.g. "
+            "_, y = np.unique(y, return_inverse=True)"
+        )
+    return high + 1
+
+
 def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim == 3:
         return x[:, None]
@@ -98,7 +125,16 @@ def load_npz(path: Path) -> Dataset:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
         raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
     for k in ("y_train", "y_test"):
-        y = arrays[k]
+        y, n = arrays[k], len(arrays["x" + k[1:]])
+        if y.ndim == 2 and y.shape == (n, 1):
+            y = arrays[k] = y.reshape(-1)  # a column of class numbers
+        elif y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1:
+            raise AdvtuneError(
+                f"{path}:{k} holds one row of {y.shape[1]} values per image (one-hot?); store one class number per "
+                f"image: {k} = {k}.argmax(1)"
+            )
+        elif y.ndim != 1:
+            raise AdvtuneError(f"{path}:{k} must hold one class number per image (shape (N,)), got shape {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
                 raise AdvtuneError(
@@ -110,8 +146,18 @@ def load_npz(path: Path) -> Dataset:
         x = arrays[k]
         if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
             raise AdvtuneError(f"{path}:{k} contains NaN or infinite pixels; fix or drop those images")
+    for k in ("x_train", "x_test"):
+        if len(arrays[k]) == 0:
+            raise AdvtuneError(f"{path}:{k} holds no images; both splits need some")
+        if arrays[k].dtype == np.uint8 and arrays[k].max() <= 1:
+            log.warning(
+                "%s:%s: every uint8 pixel is 0 or 1, read as 0..1/255 (almost black); binary images are 0/255 in "
+                "uint8 (or 0.0/1.0 as floats)",
+                path,
+                k,
+            )
     ytr, yte = arrays["y_train"].reshape(-1), arrays["y_test"].reshape(-1)
-    classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+    classes = check_classes(np.concatenate([ytr, yte]), str(path))
     xtr = _as_uint8(_to_nchw(arrays["x_train"], f"{path}:x_train"), f"{path}:x_train")
     xte = _as_uint8(_to_nchw(arrays["x_test"], f"{path}:x_test"), f"{path}:x_test")
     train = pair_split(xtr, ytr, f"{path}:x_train", f"{path}:y_train", classes)
@@ -192,40 +238,79 @@ def extract_cifar(archive: Path, folder: Path) -> None:
         raise AdvtuneError(f"{archive} is corrupt or truncated ({e}); delete it and download again") from None
 
 
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
+
+
+def _is_gray(path: Path) -> bool:
+    """Whether an image is grayscale (read from its header only; a folder mixing gray and colour is read as RGB)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode in GRAY_MODES
+    except (UnidentifiedImageError, OSError) as e:
+        raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
+
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    """One image as uint8 in `mode`; a 16-bit grayscale image scaled to 8 bits (convert("L") clipped it to white)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I"):
+                wide = np.asarray(im).astype(np.float64)
+                arr = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+                return arr if mode == "L" else np.repeat(arr[..., None], 3, axis=-1)
+            return np.asarray(im.convert(mode), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
+
+
 def load_image_folder(root: Path) -> Dataset:
-    """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP)."""
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP/GIF; 16-bit PNGs
+    scaled to 8 bits). Hidden folders are not classes; the images are read in one fixed shuffled order, so the
+    first N of a split (--limit) hold every class, not the first classes."""
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")
     if not (root / "test").is_dir():
         raise AdvtuneError(f"{root} has no test/ folder; expected {root}/test/<class>/<image>")
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-    splits = {}
-    mode = None
-    size = None
-    for split in ("train", "test"):
-        xs, ys = [], []
+    extra = sorted(
+        p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+    )
+    if extra:
+        lacks = ", ".join(extra)
+        raise AdvtuneError(f"{root}/test has classes train/ lacks ({lacks}); every class needs training images")
+    paths = {split: [] for split in ("train", "test")}
+    for split in paths:
         for ci, c in enumerate(classes):
-            for p in sorted((root / split / c).glob("*")) if (root / split / c).is_dir() else []:
-                if p.suffix.lower() not in exts:
-                    continue
-                try:
-                    with Image.open(p) as im:
-                        if mode is None:
-                            mode = "L" if im.mode in ("L", "1", "P", "I;16") and im.mode != "P" else "RGB"
-                        arr = np.asarray(im.convert(mode), dtype=np.uint8)
-                except (UnidentifiedImageError, OSError) as e:
-                    raise AdvtuneError(f"cannot read image {p} ({e}); remove or fix it") from None
-                if size is None:
-                    size = arr.shape
-                if arr.shape != size:
-                    raise AdvtuneError(
-                        f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size"
-                    )
-                xs.append(arr)
-                ys.append(ci)
-        if not xs:
+            found = sorted((root / split / c).glob("*")) if (root / split / c).is_dir() else []
+            images = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if split == "train" and not images:
+                skipped = sorted({p.suffix.lower() or p.name for p in found if p.is_file()})
+                also = f" (skipped: {', '.join(skipped)})" if skipped else ""
+                raise AdvtuneError(
+                    f"{root}/train/{c} holds no {'/'.join(sorted(IMAGE_EXTENSIONS))} images{also}; add some or "
+                    "remove the class"
+                )
+            paths[split] += [(p, ci) for p in images]
+        if not paths[split]:
             raise AdvtuneError(f"{root}/{split} holds no images")
+    mode = "L" if all(_is_gray(p) for split in paths.values() for p, _ in split) else "RGB"
+    size = None
+    splits = {}
+    for split, items in paths.items():
+        order = np.random.default_rng(0).permutation(len(items))  # fixed: the same dataset every time
+        xs, ys = [], []
+        for i in order:
+            p, ci = items[i]
+            arr = _read_image(p, mode)
+            if size is None:
+                size = arr.shape
+            if arr.shape != size:
+                raise AdvtuneError(
+                    f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size"
+                )
+            xs.append(arr)
+            ys.append(ci)
         x = _to_nchw(np.stack(xs), str(root))
         splits[split] = TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys))
     mean, std = channel_stats(splits["train"].x)

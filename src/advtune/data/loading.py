@@ -68,28 +68,55 @@ def load_dataset(
             raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
     if download is None:
         download = not os.environ.get("ADVTUNE_NO_DOWNLOAD")
-    key = name.strip().lower().replace("_", "-")
-    key = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    key = dataset_key(name) or name
     if key == "synthetic":
         ds = synthetic_dataset()  # the same data for every run: only shuffles and splits use the seed
     elif key in SPECS:
         ds = _load_named(key, data_dir, download, mirrors)
     else:
         path = Path(name).expanduser()
+        if not path.exists() and data_dir and (Path(data_dir).expanduser() / path.name).exists():
+            path = Path(data_dir).expanduser() / path.name  # own data moved: a run's recorded path, found in --data-dir
         if path.suffix == ".npz" and path.is_file():
             ds = load_npz(path)
         elif path.is_dir() and (path / "train").is_dir():
             ds = load_image_folder(path)
         elif path.suffix == ".npz" or os.sep in name:
             raise AdvtuneError(
-                f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/)"
+                f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/; data "
+                "that moved: --data-dir FOLDER holding it under the same name)"
             )
         else:
             raise AdvtuneError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
+    full = ds
     ds = ds.limit(limit, limit_test)
+    own = key != "synthetic" and key not in SPECS  # the named sets come mixed; a user's file may be sorted by class
+    for split, part, whole in (("training", ds.train, full.train), ("test", ds.test, full.test)) if own else ():
+        held, every = len(part.y.unique()), len(whole.y.unique())
+        if held < every and len(part) >= 10 * every:  # so many examples drawn at random would hold every class
+            log.warning(
+                "%s: the first %d %s examples hold %d of its %d classes (is the file ordered by class?); shuffle it "
+                "once, or take more examples",
+                name,
+                len(part),
+                split,
+                held,
+                every,
+            )
     if val:
         ds = ds.split_validation(val, seed)
     return ds
+
+
+ALIASES = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}
+
+
+def dataset_key(name: str) -> str | None:
+    """The built-in dataset a name means (spelling and aliases: `Fashion_MNIST`, `fmnist`, `CIFAR-10`), or None for
+    a path to the user's own data."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    return key if key == "synthetic" or key in SPECS else None
 
 
 def _probe_folder(key: str, folder: Path) -> tuple[Dataset | None, str | None]:

@@ -148,4 +148,8 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     n = max(1, len(x) * x.shape[2] * x.shape[3])
     mean = s / n
     std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+    # floored at one grey level: a constant channel (an opaque alpha) rounded to 0.0 and Normalize divided by it
+    return tuple(round(float(v), 4) for v in mean), tuple(max(round(float(v), 4), STD_FLOOR) for v in std)
+
+
+STD_FLOOR = 0.0039  # ~1/255

@@ -14,7 +14,7 @@ from typing import Any
 from .. import filenames as files
 from ..attacks import PGD
 from ..cost import CostMeter
-from ..data import DATASETS, load_dataset, num_batches
+from ..data import dataset_key, load_dataset, num_batches
 from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
@@ -176,7 +176,7 @@ def check_val(val) -> None:
 def dataset_spec(name: str) -> str:
     """What rebuilds the dataset later: a registry name, or the absolute path of a file/folder."""
 
-    return name if name.strip().lower() in DATASETS else str(Path(name).expanduser().resolve())
+    return dataset_key(name) or str(Path(name).expanduser().resolve())  # an alias is its name, not a path
 
 
 def write_config_once(rd: RunDir, config: dict) -> None:
@@ -245,8 +245,8 @@ def same_setting(
     moved with it (`saved_out`, `now_out`: the run's folder then and now)."""
     if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
         return saved == now
-    if key == "dataset" and (saved.lower() in DATASETS or now.lower() in DATASETS):
-        return saved == now
+    if key == "dataset" and (dataset_key(saved) or dataset_key(now)):
+        return dataset_key(saved) == dataset_key(now)
     b = _folder(now)
     then = _folder(saved, working_dir) if working_dir else None
     if then is not None and then.exists():
@@ -299,7 +299,15 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
     if not name:
         raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
-    return load_dataset(name, data_dir or run.get("data_dir") or folder_read_from(base_config, name), **kw)
+    ds = load_dataset(name, data_dir or run.get("data_dir") or folder_read_from(base_config, name), **kw)
+    classes, shape = meta.get("num_classes"), meta.get("input_shape")
+    read = (len(ds.classes), list(ds.train.x.shape[1:]))
+    if (classes is not None and classes != read[0]) or (shape is not None and list(shape) != read[1]):
+        raise AdvtuneError(  # a class folder added or removed since: every label would shift without a word
+            f"{name} now reads as {read[0]} classes of {tuple(read[1])} images, and the model was trained on "
+            f"{classes} classes of {tuple(shape or ())}; use the data it was trained on"
+        )
+    return ds
 
 
 def folder_read_from(config: dict, name: str) -> str | None:
