@@ -19,7 +19,9 @@ import torch
 
 from advtune import data
 from advtune.data import TensorData, load_dataset
+from advtune.data.splits import STD_FLOOR
 from advtune.errors import AdvtuneError
+from advtune.models import model_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -264,10 +266,13 @@ def test_own_npz_labels_are_class_numbers_0_to_k_minus_1(tmp_path, caplog):
         np.savez(tmp_path / "bin.npz", **{**ok, "x_train": (x > 127).astype(np.uint8)})
         load_dataset(str(tmp_path / "bin.npz"))
     assert "every uint8 pixel is 0 or 1" in caplog.text
-    rgba = rng.integers(0, 256, (8, 4, 4, 4), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (8, 8, 8, 4), dtype=np.uint8)  # NHWC
     rgba[..., 3] = 255  # an opaque alpha channel: constant
     np.savez(tmp_path / "rgba.npz", **{**ok, "x_train": rgba, "x_test": rgba[:4]})
-    assert min(load_dataset(str(tmp_path / "rgba.npz")).std) > 0
+    ds = load_dataset(str(tmp_path / "rgba.npz"))
+    assert ds.input_shape == (4, 8, 8) and ds.std[3] == STD_FLOOR and min(ds.std[:3]) > 0.1
+    logits = model_for(ds, "small-cnn")(ds.train.to_float(ds.train.x))
+    assert torch.isfinite(logits).all()
 
 
 def test_a_limit_of_data_ordered_by_class_says_so(tmp_path, caplog):
@@ -473,8 +478,12 @@ def test_a_later_job_reads_the_data_as_the_model_was_trained_and_names_aliases()
     assert dataset_spec("CIFAR-10") == "cifar10"
     config = {"run": {"dataset": "synthetic"}}
     assert dataset_of(config, {"num_classes": 4, "input_shape": [1, 16, 16]}, None, limit=8).num_classes == 4
-    with pytest.raises(AdvtuneError, match=r"now reads as 4 classes of \(1, 16, 16\) images, and the model was"):
-        dataset_of(config, {"num_classes": 5, "input_shape": [1, 16, 16]}, None, limit=8)
+    with pytest.raises(AdvtuneError, match=r"now reads as classes .* \(4\) of \(1, 16, 16\) images, and the model"):
+        dataset_of(config, {"classes": ["a", "b", "c", "d"], "input_shape": [1, 16, 16]}, None, limit=8)
+    with pytest.raises(AdvtuneError, match=r"and the model was trained on .* of \(1, 8, 8\)"):
+        dataset_of(config, {"input_shape": [1, 8, 8]}, None, limit=8)
+    with pytest.raises(AdvtuneError, match=r"now reads as classes .* \(4\)"):
+        dataset_of(config, {"num_classes": 5}, None, limit=8)  # no class names recorded: the count
 
 
 def test_moved_own_data_is_found_under_data_dir_and_api_labels_name_their_fix(tmp_path):
@@ -495,3 +504,24 @@ def test_moved_own_data_is_found_under_data_dir_and_api_labels_name_their_fix(tm
         as_tensor_data((xs, torch.zeros(4, 1, dtype=torch.long)))
     with pytest.raises(AdvtuneError, match=r"one-hot rows\? pass y.argmax\(1\)"):
         as_tensor_data((xs, torch.eye(2)[[0, 1, 0, 1]]))
+
+
+def test_a_run_from_before_the_stricter_reader_reads_its_data_as_it_was_trained(tmp_path):
+    """Runs trained before round 37 read a folder sorted by class with any hidden folder as a class, and an .npz
+    with labels 1..K as K+1 classes: a later job reads the data as the model did (its recorded classes and order)."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for ci, c in enumerate(("cat", "dog")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((4, 4), 60 * ci + i, np.uint8)).save(root / split / c / f"{i}.png")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    old = {"classes": [".ipynb_checkpoints", "cat", "dog"], "order": "sorted"}
+    ds = load_dataset(str(root), as_trained=old)
+    assert ds.classes == old["classes"] and ds.test.y.tolist() == [1, 1, 1, 2, 2, 2]
+    assert sorted(load_dataset(str(root)).test.y.tolist()) == [0, 0, 0, 1, 1, 1]  # a new run: no hidden class
+    x = np.random.default_rng(0).integers(0, 256, (6, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "one-based.npz", x_train=x, y_train=np.arange(6) % 2 + 1, x_test=x, y_test=np.arange(6) % 2 + 1)
+    assert load_dataset(str(tmp_path / "one-based.npz"), as_trained={"classes": ["0", "1", "2"]}).num_classes == 3

@@ -90,6 +90,7 @@ def check_batch(
         fix = "pass y.long()"  # the fix the shape asks for: a column, one-hot rows, or the dtype
         if y.dim() == 2 and len(y) == len(x):
             fix = "pass y.view(-1)" if y.shape[1] == 1 else "one-hot rows? pass y.argmax(1)"
+            fix += ".long()" if y.shape[1] == 1 and (y.is_floating_point() or y.dtype == torch.bool) else ""
         raise AdvtuneError(
             f"{what}: labels must be integer class indices of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}; {fix}"
         )

@@ -112,7 +112,7 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
     raise AdvtuneError(f"{where}: images must be uint8 or float in [0,1], got {x.dtype}")
 
 
-def load_npz(path: Path) -> Dataset:
+def load_npz(path: Path, num_classes: int | None = None) -> Dataset:
     """An .npz with x_train, y_train, x_test, y_test (NHWC or NCHW or NHW; uint8 or float [0,1])."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -124,10 +124,13 @@ def load_npz(path: Path) -> Dataset:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
         raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
+    for k in ("x_train", "x_test", "y_train", "y_test"):
+        if arrays[k].ndim == 0:
+            raise AdvtuneError(f"{path}:{k} is a single value, not an array of {'images' if k[0] == 'x' else 'labels'}")
     for k in ("y_train", "y_test"):
         y, n = arrays[k], len(arrays["x" + k[1:]])
-        if y.ndim == 2 and y.shape == (n, 1):
-            y = arrays[k] = y.reshape(-1)  # a column of class numbers
+        if y.ndim == 2 and (y.shape == (n, 1) or y.shape == (1, n)):
+            y = arrays[k] = y.reshape(-1)  # a column (or a row) of class numbers
         elif y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1:
             raise AdvtuneError(
                 f"{path}:{k} holds one row of {y.shape[1]} values per image (one-hot?); store one class number per "
@@ -157,7 +160,9 @@ def load_npz(path: Path) -> Dataset:
                 k,
             )
     ytr, yte = arrays["y_train"].reshape(-1), arrays["y_test"].reshape(-1)
-    classes = check_classes(np.concatenate([ytr, yte]), str(path))
+    # `num_classes`: the count a trained model (or a named set) has, which the labels need only fit: a subset of
+    # CIFAR-10's classes, or a run from before labels had to number the classes without gaps
+    classes = num_classes or check_classes(np.concatenate([ytr, yte]), str(path))
     xtr = _as_uint8(_to_nchw(arrays["x_train"], f"{path}:x_train"), f"{path}:x_train")
     xte = _as_uint8(_to_nchw(arrays["x_test"], f"{path}:x_test"), f"{path}:x_test")
     train = pair_split(xtr, ytr, f"{path}:x_train", f"{path}:y_train", classes)
@@ -239,36 +244,35 @@ def extract_cifar(archive: Path, folder: Path) -> None:
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
+SHUFFLED = "shuffled"  # an image folder's order since round 37 (recorded; older runs read their folder sorted by class)
 
 
-def _is_gray(path: Path) -> bool:
-    """Whether an image is grayscale (read from its header only; a folder mixing gray and colour is read as RGB)."""
+def _read_image(path: Path) -> np.ndarray:
+    """One image as uint8, (H, W) when grayscale or (H, W, 3): 16-bit grayscale scaled to 8 bits (convert("L")
+    clipped it to white), a palette image with a grey palette gray."""
     try:
         with Image.open(path) as im:
-            return im.mode in GRAY_MODES
-    except (UnidentifiedImageError, OSError) as e:
-        raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
-
-
-def _read_image(path: Path, mode: str) -> np.ndarray:
-    """One image as uint8 in `mode`; a 16-bit grayscale image scaled to 8 bits (convert("L") clipped it to white)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I"):
+            if im.mode.startswith("I"):  # 16- or 32-bit grayscale
                 wide = np.asarray(im).astype(np.float64)
-                arr = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
-                return arr if mode == "L" else np.repeat(arr[..., None], 3, axis=-1)
-            return np.asarray(im.convert(mode), dtype=np.uint8)
+                return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+            if im.mode in ("L", "1"):
+                return np.asarray(im.convert("L"), dtype=np.uint8)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            gray = im.mode == "P" and bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            return np.ascontiguousarray(rgb[..., 0]) if gray else rgb
     except (UnidentifiedImageError, OSError) as e:
         raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
 
 
-def load_image_folder(root: Path) -> Dataset:
-    """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP/GIF; 16-bit PNGs
-    scaled to 8 bits). Hidden folders are not classes; the images are read in one fixed shuffled order, so the
-    first N of a split (--limit) hold every class, not the first classes."""
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+def load_image_folder(root: Path, classes: list[str] | None = None, order: str = SHUFFLED) -> Dataset:
+    """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP/GIF; 16-bit grayscale
+    scaled to 8 bits; a folder with any colour image read as RGB). Hidden folders and files are skipped; each class
+    needs training images. The images are read in one fixed shuffled order, so the first N of a split (--limit) hold
+    every class, not the first classes. `classes` and `order`: as a trained model read the folder (its recorded class
+    names, and "sorted" for a run from before the shuffled order), so its labels mean what they meant."""
+    given = classes is not None
+    if classes is None:
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")
     if not (root / "test").is_dir():
@@ -276,42 +280,47 @@ def load_image_folder(root: Path) -> Dataset:
     extra = sorted(
         p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
     )
-    if extra:
+    if extra and not given:
         lacks = ", ".join(extra)
         raise AdvtuneError(f"{root}/test has classes train/ lacks ({lacks}); every class needs training images")
-    paths = {split: [] for split in ("train", "test")}
-    for split in paths:
+    arrays: dict[str, list] = {"train": [], "test": []}
+    labels: dict[str, list] = {"train": [], "test": []}
+    for split in arrays:
         for ci, c in enumerate(classes):
             found = sorted((root / split / c).glob("*")) if (root / split / c).is_dir() else []
+            found = [p for p in found if not p.name.startswith(".")]  # macOS's ._x.png and the like
             images = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
-            if split == "train" and not images:
+            if split == "train" and not images and not given:
                 skipped = sorted({p.suffix.lower() or p.name for p in found if p.is_file()})
                 also = f" (skipped: {', '.join(skipped)})" if skipped else ""
+                sub = "; subfolders are not read" if any(p.is_dir() for p in found) else ""
                 raise AdvtuneError(
-                    f"{root}/train/{c} holds no {'/'.join(sorted(IMAGE_EXTENSIONS))} images{also}; add some or "
+                    f"{root}/train/{c} holds no {'/'.join(sorted(IMAGE_EXTENSIONS))} images{also}{sub}; add some or "
                     "remove the class"
                 )
-            paths[split] += [(p, ci) for p in images]
-        if not paths[split]:
+            arrays[split] += [_read_image(p) for p in images]  # each image read once, in folder order
+            labels[split] += [ci] * len(images)
+        if not arrays[split]:
             raise AdvtuneError(f"{root}/{split} holds no images")
-    mode = "L" if all(_is_gray(p) for split in paths.values() for p, _ in split) else "RGB"
+    colour = any(a.ndim == 3 for split in arrays.values() for a in split)
     size = None
     splits = {}
-    for split, items in paths.items():
-        order = np.random.default_rng(0).permutation(len(items))  # fixed: the same dataset every time
-        xs, ys = [], []
-        for i in order:
-            p, ci = items[i]
-            arr = _read_image(p, mode)
-            if size is None:
-                size = arr.shape
-            if arr.shape != size:
+    for split, xs in arrays.items():
+        xs = [np.repeat(a[..., None], 3, axis=-1) if colour and a.ndim == 2 else a for a in xs]
+        for a, path_label in zip(xs, labels[split]):
+            size = size or a.shape
+            if a.shape != size:
                 raise AdvtuneError(
-                    f"{p} has shape {arr.shape} but earlier images have {size}; resize all images to one size"
+                    f"{root}/{split}/{classes[path_label]} has an image of shape {a.shape} but others have {size}; "
+                    "resize all images to one size"
                 )
-            xs.append(arr)
-            ys.append(ci)
-        x = _to_nchw(np.stack(xs), str(root))
-        splits[split] = TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys))
+        x, y = np.stack(xs), np.asarray(labels[split])
+        if order == SHUFFLED:  # fixed: the same dataset every time
+            perm = np.random.default_rng(0).permutation(len(y))
+            x, y = x[perm], y[perm]
+        x = _to_nchw(x, str(root))
+        splits[split] = TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
     mean, std = channel_stats(splits["train"].x)
-    return Dataset(root.name, splits["train"], splits["test"], classes, mean, std, str(root))
+    ds = Dataset(root.name, splits["train"], splits["test"], list(classes), mean, std, str(root))
+    ds.notes["order"] = order
+    return ds

@@ -6,11 +6,13 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Mapping
 
 from ..distributed import on_main
 from ..errors import AdvtuneError
 from .download import download_files
 from .formats import (
+    SHUFFLED,
     extract_cifar,
     load_cifar_batches,
     load_image_folder,
@@ -57,9 +59,12 @@ def load_dataset(
     val: int | float = 0,
     seed: int = 0,
     mirrors: tuple[str, ...] | None = None,
+    as_trained: Mapping | None = None,
 ) -> Dataset:
     """Load a dataset by name or path. `limit`/`limit_test` take the first examples of each split;
-    `val` holds out that many training examples (or a fraction) as a seeded validation split.
+    `val` holds out that many training examples (or a fraction) as a seeded validation split. `as_trained`: how a
+    trained model read the user's own data ({"classes": its class names, "order": an image folder's order}), so that
+    a later job reads it the same way.
 
     `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set".
     """
@@ -77,10 +82,12 @@ def load_dataset(
         path = Path(name).expanduser()
         if not path.exists() and data_dir and (Path(data_dir).expanduser() / path.name).exists():
             path = Path(data_dir).expanduser() / path.name  # own data moved: a run's recorded path, found in --data-dir
+            log.warning("%s is not there any more; reading %s (same name, in the data folder)", name, path)
+        trained = as_trained or {}  # how a trained model read this data: its classes, a folder's order
         if path.suffix == ".npz" and path.is_file():
-            ds = load_npz(path)
+            ds = load_npz(path, num_classes=len(trained["classes"]) if trained.get("classes") else None)
         elif path.is_dir() and (path / "train").is_dir():
-            ds = load_image_folder(path)
+            ds = load_image_folder(path, trained.get("classes"), trained.get("order", SHUFFLED))
         elif path.suffix == ".npz" or os.sep in name:
             raise AdvtuneError(
                 f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/; data "
@@ -221,7 +228,7 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
         return Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder))
     # cifar10: the .npz layout, the extracted python batches, or the downloaded archive
     if (folder / "cifar10.npz").is_file():
-        ds = load_npz(folder / "cifar10.npz")
+        ds = load_npz(folder / "cifar10.npz", num_classes=len(spec.classes))
         return replace(ds, name=key, classes=list(spec.classes), mean=spec.mean, std=spec.std)
     batches = folder / "cifar-10-batches-py"
     if not batches.is_dir() and (folder / "cifar-10-python.tar.gz").is_file():

@@ -133,6 +133,7 @@ class Dataset:
             "train": len(self.train),
             "test": len(self.test),
             "val": len(self.val) if self.val is not None else 0,
+            **({"order": self.notes["order"]} if "order" in self.notes else {}),  # an image folder's reading order
         }
 
 

@@ -299,13 +299,22 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
     if not name:
         raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
-    ds = load_dataset(name, data_dir or run.get("data_dir") or folder_read_from(base_config, name), **kw)
-    classes, shape = meta.get("num_classes"), meta.get("input_shape")
-    read = (len(ds.classes), list(ds.train.x.shape[1:]))
-    if (classes is not None and classes != read[0]) or (shape is not None and list(shape) != read[1]):
-        raise AdvtuneError(  # a class folder added or removed since: every label would shift without a word
-            f"{name} now reads as {read[0]} classes of {tuple(read[1])} images, and the model was trained on "
-            f"{classes} classes of {tuple(shape or ())}; use the data it was trained on"
+    if not dataset_key(name) and not Path(name).exists() and dataset_key(Path(name).name):
+        name = dataset_key(Path(name).name)  # an alias recorded as a path before aliases were names (/cwd/fmnist)
+    recorded = base_config.get("dataset") or {}
+    as_trained = None
+    if not dataset_key(name) and isinstance(meta.get("classes"), list):  # own data: read as the model read it
+        as_trained = {"classes": meta["classes"], "order": recorded.get("order", "sorted")}  # "sorted": before r37
+    folder = data_dir or run.get("data_dir") or folder_read_from(base_config, name)
+    ds = load_dataset(name, folder, as_trained=as_trained, **kw)
+    classes, shape = meta.get("classes"), meta.get("input_shape")
+    count = meta.get("num_classes")  # a model recorded without class names: its count at least
+    other = classes != ds.classes if isinstance(classes, list) else count not in (None, len(ds.classes))
+    if other or (shape is not None and tuple(shape) != ds.input_shape):
+        raise AdvtuneError(  # a class renamed, added or removed since: every label would shift without a word
+            f"{name} now reads as classes {ds.classes[:6]} ({len(ds.classes)}) of {ds.input_shape} images, and the "
+            f"model was trained on {classes[:6] if isinstance(classes, list) else '?'} of {tuple(shape or ())}; use "
+            "the data it was trained on"
         )
     return ds
 
