@@ -525,3 +525,20 @@ def test_a_run_from_before_the_stricter_reader_reads_its_data_as_it_was_trained(
     x = np.random.default_rng(0).integers(0, 256, (6, 4, 4), dtype=np.uint8)
     np.savez(tmp_path / "one-based.npz", x_train=x, y_train=np.arange(6) % 2 + 1, x_test=x, y_test=np.arange(6) % 2 + 1)
     assert load_dataset(str(tmp_path / "one-based.npz"), as_trained={"classes": ["0", "1", "2"]}).num_classes == 3
+    # what changed since is refused, not read under the old labels: a class renamed, added or removed
+    (root / "train" / "dog").rename(root / "train" / "hound")
+    with pytest.raises(AdvtuneError, match=r"now holds the classes \['cat', 'hound'\], and the model was trained on"):
+        load_dataset(str(root), as_trained=old)
+    np.savez(tmp_path / "fewer.npz", x_train=x, y_train=np.arange(6) % 2, x_test=x, y_test=np.arange(6) % 2)
+    with pytest.raises(AdvtuneError, match="now holds labels up to 1, and the model was trained on 3 classes"):
+        load_dataset(str(tmp_path / "fewer.npz"), as_trained={"classes": ["0", "1", "2"]})
+
+
+def test_an_own_folder_named_like_a_builtin_set_is_not_swapped_for_it(tmp_path):
+    """An alias recorded as a path (/cwd/fmnist) is read as the named set; a user's own folder that happens to be
+    called mnist and has moved is not silently replaced by the real MNIST."""
+    from advtune.runs.common import dataset_of
+
+    meta = {"dataset": "mnist", "classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28]}
+    with pytest.raises(AdvtuneError, match="not found"):  # the moved own folder: named, not swapped
+        dataset_of({"run": {"dataset": str(tmp_path / "mnist")}}, meta, None, limit=1)

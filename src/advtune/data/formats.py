@@ -112,7 +112,7 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
     raise AdvtuneError(f"{where}: images must be uint8 or float in [0,1], got {x.dtype}")
 
 
-def load_npz(path: Path, num_classes: int | None = None) -> Dataset:
+def load_npz(path: Path, num_classes: int | None = None, trained: bool = False) -> Dataset:
     """An .npz with x_train, y_train, x_test, y_test (NHWC or NCHW or NHW; uint8 or float [0,1])."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -163,6 +163,12 @@ def load_npz(path: Path, num_classes: int | None = None) -> Dataset:
     # `num_classes`: the count a trained model (or a named set) has, which the labels need only fit: a subset of
     # CIFAR-10's classes, or a run from before labels had to number the classes without gaps
     classes = num_classes or check_classes(np.concatenate([ytr, yte]), str(path))
+    top = int(max(ytr.max(), yte.max())) + 1
+    if trained and top != classes:  # `trained`: the count is a model's, whose labels ran up to it then
+        raise AdvtuneError(
+            f"{path} now holds labels up to {top - 1}, and the model was trained on {classes} classes; use the data "
+            "it was trained on"
+        )
     xtr = _as_uint8(_to_nchw(arrays["x_train"], f"{path}:x_train"), f"{path}:x_train")
     xte = _as_uint8(_to_nchw(arrays["x_test"], f"{path}:x_test"), f"{path}:x_test")
     train = pair_split(xtr, ytr, f"{path}:x_train", f"{path}:y_train", classes)
@@ -247,11 +253,14 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 SHUFFLED = "shuffled"  # an image folder's order since round 37 (recorded; older runs read their folder sorted by class)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, legacy_mode: str | None = None) -> np.ndarray:
     """One image as uint8, (H, W) when grayscale or (H, W, 3): 16-bit grayscale scaled to 8 bits (convert("L")
-    clipped it to white), a palette image with a grey palette gray."""
+    clipped it to white), a palette image with a grey palette gray. `legacy_mode`: decode as runs from before
+    round 37 did (every image converted to the first image's mode)."""
     try:
         with Image.open(path) as im:
+            if legacy_mode is not None:
+                return np.asarray(im.convert(legacy_mode), dtype=np.uint8)
             if im.mode.startswith("I"):  # 16- or 32-bit grayscale
                 wide = np.asarray(im).astype(np.float64)
                 return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
@@ -264,33 +273,57 @@ def _read_image(path: Path) -> np.ndarray:
         raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
 
 
+def _legacy_mode(path: Path) -> str:
+    """The mode runs from before round 37 read a whole folder in: the first image's."""
+    try:
+        with Image.open(path) as im:
+            return "L" if im.mode in ("L", "1", "I;16") else "RGB"
+    except (UnidentifiedImageError, OSError) as e:
+        raise AdvtuneError(f"cannot read image {path} ({e}); remove or fix it") from None
+
+
+def _class_folders(split: Path) -> list[str]:
+    """A split's class folders, hidden ones left out."""
+    if not split.is_dir():
+        return []
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_image_folder(root: Path, classes: list[str] | None = None, order: str = SHUFFLED) -> Dataset:
     """`<root>/train/<class>/*` and `<root>/test/<class>/*` images of one size (PNG/JPEG/BMP/GIF; 16-bit grayscale
     scaled to 8 bits; a folder with any colour image read as RGB). Hidden folders and files are skipped; each class
     needs training images. The images are read in one fixed shuffled order, so the first N of a split (--limit) hold
     every class, not the first classes. `classes` and `order`: as a trained model read the folder (its recorded class
-    names, and "sorted" for a run from before the shuffled order), so its labels mean what they meant."""
-    given = classes is not None
-    if classes is None:
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    names; "sorted": a run from before round 37, read as it was then), so its labels mean what they meant; a class
+    folder renamed, added or removed since is refused."""
+    if order not in (SHUFFLED, "sorted"):
+        raise AdvtuneError(f"unknown image-folder order {order!r}; the records say shuffled or sorted")
+    legacy = order == "sorted"
+    on_disk = _class_folders(root / "train")
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        named = sorted(c for c in classes if not c.startswith("."))  # a hidden folder was a class before round 37
+        if on_disk != named:
+            raise AdvtuneError(
+                f"{root}/train now holds the classes {on_disk[:8]}, and the model was trained on {named[:8]}; use the "
+                "data it was trained on"
+            )
+    classes = classes if classes is not None else on_disk
     if not classes:
         raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")
     if not (root / "test").is_dir():
         raise AdvtuneError(f"{root} has no test/ folder; expected {root}/test/<class>/<image>")
-    extra = sorted(
-        p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
-    )
-    if extra and not given:
+    extra = [c for c in _class_folders(root / "test") if c not in classes]
+    if extra:
         lacks = ", ".join(extra)
         raise AdvtuneError(f"{root}/test has classes train/ lacks ({lacks}); every class needs training images")
-    arrays: dict[str, list] = {"train": [], "test": []}
-    labels: dict[str, list] = {"train": [], "test": []}
-    for split in arrays:
+    found_at: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for split in found_at:
         for ci, c in enumerate(classes):
             found = sorted((root / split / c).glob("*")) if (root / split / c).is_dir() else []
-            found = [p for p in found if not p.name.startswith(".")]  # macOS's ._x.png and the like
+            found = found if legacy else [p for p in found if not p.name.startswith(".")]  # macOS's ._x.png
             images = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
-            if split == "train" and not images and not given:
+            if split == "train" and not images and not c.startswith("."):
                 skipped = sorted({p.suffix.lower() or p.name for p in found if p.is_file()})
                 also = f" (skipped: {', '.join(skipped)})" if skipped else ""
                 sub = "; subfolders are not read" if any(p.is_dir() for p in found) else ""
@@ -298,24 +331,24 @@ def load_image_folder(root: Path, classes: list[str] | None = None, order: str =
                     f"{root}/train/{c} holds no {'/'.join(sorted(IMAGE_EXTENSIONS))} images{also}{sub}; add some or "
                     "remove the class"
                 )
-            arrays[split] += [_read_image(p) for p in images]  # each image read once, in folder order
-            labels[split] += [ci] * len(images)
-        if not arrays[split]:
+            found_at[split] += [(p, ci) for p in images]
+        if not found_at[split]:
             raise AdvtuneError(f"{root}/{split} holds no images")
+    mode = _legacy_mode(found_at["train"][0][0]) if legacy else None
+    arrays = {split: [_read_image(p, mode) for p, _ in items] for split, items in found_at.items()}  # once each
     colour = any(a.ndim == 3 for split in arrays.values() for a in split)
     size = None
     splits = {}
     for split, xs in arrays.items():
         xs = [np.repeat(a[..., None], 3, axis=-1) if colour and a.ndim == 2 else a for a in xs]
-        for a, path_label in zip(xs, labels[split]):
+        for a, (path, _) in zip(xs, found_at[split]):
             size = size or a.shape
             if a.shape != size:
                 raise AdvtuneError(
-                    f"{root}/{split}/{classes[path_label]} has an image of shape {a.shape} but others have {size}; "
-                    "resize all images to one size"
+                    f"{path} has shape {a.shape} but earlier images have {size}; resize all images to one size"
                 )
-        x, y = np.stack(xs), np.asarray(labels[split])
-        if order == SHUFFLED:  # fixed: the same dataset every time
+        x, y = np.stack(xs), np.asarray([ci for _, ci in found_at[split]])
+        if not legacy:  # one fixed order: the same dataset every time
             perm = np.random.default_rng(0).permutation(len(y))
             x, y = x[perm], y[perm]
         x = _to_nchw(x, str(root))

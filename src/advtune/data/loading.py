@@ -85,7 +85,8 @@ def load_dataset(
             log.warning("%s is not there any more; reading %s (same name, in the data folder)", name, path)
         trained = as_trained or {}  # how a trained model read this data: its classes, a folder's order
         if path.suffix == ".npz" and path.is_file():
-            ds = load_npz(path, num_classes=len(trained["classes"]) if trained.get("classes") else None)
+            count = len(trained["classes"]) if trained.get("classes") else None
+            ds = load_npz(path, num_classes=count, trained=count is not None)
         elif path.is_dir() and (path / "train").is_dir():
             ds = load_image_folder(path, trained.get("classes"), trained.get("order", SHUFFLED))
         elif path.suffix == ".npz" or os.sep in name:

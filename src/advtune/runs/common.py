@@ -299,12 +299,14 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     name = meta.get("dataset_spec") or run.get("dataset") or meta.get("dataset")
     if not name:
         raise AdvtuneError("the base run does not record its dataset; pass a run folder written by `advtune train`")
-    if not dataset_key(name) and not Path(name).exists() and dataset_key(Path(name).name):
-        name = dataset_key(Path(name).name)  # an alias recorded as a path before aliases were names (/cwd/fmnist)
+    base = Path(name).name
+    alias = dataset_key(base)  # an alias recorded as a path before aliases were names (/cwd/fmnist), and only that:
+    if not dataset_key(name) and not Path(name).exists() and alias and alias != base.lower():  # not a folder "mnist"
+        name = alias if meta.get("dataset") == alias else name
     recorded = base_config.get("dataset") or {}
     as_trained = None
-    if not dataset_key(name) and isinstance(meta.get("classes"), list):  # own data: read as the model read it
-        as_trained = {"classes": meta["classes"], "order": recorded.get("order", "sorted")}  # "sorted": before r37
+    if not dataset_key(name):  # own data: read as the model read it ("sorted": an image folder before round 37)
+        as_trained = {"classes": meta.get("classes"), "order": recorded.get("order", "sorted")}
     folder = data_dir or run.get("data_dir") or folder_read_from(base_config, name)
     ds = load_dataset(name, folder, as_trained=as_trained, **kw)
     classes, shape = meta.get("classes"), meta.get("input_shape")

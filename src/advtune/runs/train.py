@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import filenames as files
 from ..cost import CostMeter
-from ..data import load_dataset
+from ..data import dataset_key, load_dataset
 from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
@@ -23,6 +24,7 @@ from ..models import (
 from ..records import Record
 from ..seeding import seed_everything
 from ..settings import default
+from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, clean, fit
 from ..train.objectives import check_objective
@@ -62,6 +64,16 @@ class TrainSummary(Record):
 
 # what standard training ignores: refused unless --adversarial (they were dropped without a word)
 ADVERSARIAL_ONLY = ("norm", "attack_mode", "eps_warmup", "guard")
+
+
+def resumed_reading(run: TrainRun) -> dict | None:
+    """A resumed run on the user's own data reads it as it started (its classes; an image folder of a run from before
+    round 37 sorted by class): the checkpoint's epoch order and the --val split index those examples."""
+    config = Path(run.out) / files.CONFIG if run.out else None
+    if not run.resume or dataset_key(run.dataset) or config is None or not config.is_file():
+        return None
+    recorded = read_json(config, "run config").get("dataset") or {}
+    return {"classes": recorded.get("classes"), "order": recorded.get("order", "sorted")}
 
 
 def run(run: TrainRun) -> TrainSummary:
@@ -126,7 +138,13 @@ def run(run: TrainRun) -> TrainSummary:
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(
-        run.dataset, run.data_dir, limit=run.limit, limit_test=run.limit_test, val=run.val, seed=cfg.seed or 0
+        run.dataset,
+        run.data_dir,
+        limit=run.limit,
+        limit_test=run.limit_test,
+        val=run.val,
+        seed=cfg.seed or 0,
+        as_trained=resumed_reading(run),
     )
     model = model_for(ds, run.model)
     if run.weights is not None:
