@@ -275,6 +275,22 @@ def test_own_npz_labels_are_class_numbers_0_to_k_minus_1(tmp_path, caplog):
     assert torch.isfinite(logits).all()
 
 
+def test_npz_with_an_unusual_channel_count_finds_its_channels(tmp_path):
+    """(N, 8, 8, 2) was read as 8 channels of 8x2 images without a word."""
+    rng = np.random.default_rng(0)
+    y = np.arange(8) % 2
+
+    def read(x):
+        np.savez(tmp_path / "c.npz", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+        return load_dataset(str(tmp_path / "c.npz")).input_shape
+
+    assert read(rng.integers(0, 256, (8, 6, 6, 2), dtype=np.uint8)) == (2, 6, 6)  # channels last
+    assert read(rng.integers(0, 256, (8, 2, 6, 6), dtype=np.uint8)) == (2, 6, 6)  # channels first
+    assert read(rng.integers(0, 256, (8, 6, 6, 3), dtype=np.uint8)) == (3, 6, 6)
+    with pytest.raises(AdvtuneError, match=r"cannot tell which dimension of shape \(8, 2, 6, 5\) holds the channels"):
+        read(rng.integers(0, 256, (8, 2, 6, 5), dtype=np.uint8))
+
+
 def test_a_limit_of_data_ordered_by_class_says_so(tmp_path, caplog):
     """The first --limit-test images of a file sorted by class are one or two classes: evaluated without a word."""
     x = np.random.default_rng(0).integers(0, 256, (400, 4, 4), dtype=np.uint8)
