@@ -115,6 +115,17 @@ def _bad(model, data, match):
     assert "\n" not in str(e.value)
 
 
+class _BatchMean(nn.Module):
+    """A forward that averages over the batch: one row of logits whatever N is."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).mean(0, keepdim=True)
+
+
 def test_bad_input_is_one_line(tiny_model, blobs):
     _, _, xt, yt = blobs
     x, y = xt[:20], yt[:20]
@@ -129,6 +140,7 @@ def test_bad_input_is_one_line(tiny_model, blobs):
     _bad(tiny_model, "data.npz", "must be an \\(x, y\\) pair of tensors, an iterable")
     _bad(tiny_model, (x[:, :, :8], y), "cannot take inputs of shape")
     _bad(nn.Sequential(nn.Conv2d(1, 2, 3)), (x, y), r"logits of shape \(N, classes\)")
+    _bad(_BatchMean(tiny_model), (x, y), r"one row per input, got \(1, 4\) for 2 inputs")  # was a 0.0 worst case
     with pytest.raises(AdvtuneError, match="built for linf eps=0.3"):
         advtune.evaluate(tiny_model, (x, y), eps=0.1, attacks=[advtune.PGD(ThreatModel.linf(0.3))])
     with pytest.raises(AdvtuneError, match="x.unsqueeze\\(1\\)"):
@@ -243,3 +255,12 @@ def test_a_float64_model_is_analysed_and_refused_for_training_in_one_line_and_ha
     assert len(seen["ds"].test) == 25
     with pytest.raises(AdvtuneError, match="limit must be a positive number of examples"):
         advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_evaluated(tiny_model, blobs, dtype):
+    """Its inputs are rounded to the model's dtype: the eps-ball check said "the attack is broken (a bug)"."""
+    _, _, xt, yt = blobs
+    model = copy.deepcopy(tiny_model).to(dtype)
+    r = advtune.evaluate(model, (xt[:20], yt[:20]), eps=0.1, attacks="pgd:steps=3", gate=False)
+    assert 0.0 <= r.worst_case_accuracy <= r.clean_accuracy <= 1.0

@@ -247,10 +247,11 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
             f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first[:160]}; "
             "check the channels and image size the model was built for"
         ) from None
-    if not isinstance(out, Tensor) or out.dim() != 2:
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(x):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise AdvtuneError(
-            f"the model must return logits of shape (N, classes), got "
-            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+            f"the model must return logits of shape (N, classes), one row per input, got {got} for {len(x)} "
+            "inputs; check that its forward keeps the batch dimension"
         )
     return out
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import AdvtuneError
 from ..threat import ThreatModel
 from ._common import (
     LOSSES,
@@ -184,7 +183,8 @@ def apgd_targeted(
     early_stop: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only."""
+    """APGD-T: targeted DLR towards the 2nd, 3rd, ... highest-scoring class, on survivors only (a model with
+    fewer than 4 classes: targeted cross-entropy, as DLR's scale needs a 4th class)."""
     loss_fn = LOSSES["dlr"]
     best = None
     for rank in range(1, n_target_classes + 1):
@@ -195,10 +195,9 @@ def apgd_targeted(
         with torch.no_grad():
             logits = checked_logits(model, xs, ys) if rank == 1 else model(xs)
         if rank == 1 and logits.shape[1] < 4:
-            raise AdvtuneError(
-                f"apgd-t needs a model with at least 4 classes (targeted DLR), this one has "
-                f"{logits.shape[1]}; use apgd-ce instead"
-            )
+            # targeted DLR divides by the gap to the 4th class: with 2 or 3 classes the targeted
+            # cross-entropy steers towards each other class instead (the suite keeps its attacks)
+            loss_fn = LOSSES["ce"]
         if rank >= logits.shape[1]:  # n_target_classes is capped at classes - 1
             break
         tgt = logits.argsort(dim=1, descending=True)[:, rank]

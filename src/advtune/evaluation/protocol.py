@@ -311,7 +311,7 @@ def robust_accuracy(
                     f"values in [{yb.min().item()}, {yb.max().item()}]"
                 )
             with torch.inference_mode():
-                correct = model(xb).argmax(1) == yb
+                correct = logits_of(model, xb).argmax(1) == yb  # every batch checked: the last may be odd-sized
             counter.take()
             idx_c = correct.nonzero().flatten()
             xc, yc = xb[idx_c], yb[idx_c]
