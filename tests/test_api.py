@@ -145,6 +145,15 @@ def test_bad_input_is_one_line(tiny_model, blobs):
         advtune.evaluate(tiny_model, (x, y), eps=0.1, attacks=[advtune.PGD(ThreatModel.linf(0.3))])
     with pytest.raises(AdvtuneError, match="x.unsqueeze\\(1\\)"):
         advtune.fit(TinyCNN(), (x[:, 0], y))
+    # an advtune.TensorData skipped these checks (normalised images trained, float labels were truncated)
+    with pytest.raises(AdvtuneError, match=r"must lie in \[0, 1\]"):
+        advtune.fit(TinyCNN(), advtune.TensorData(x * 2 - 1, y))
+    with pytest.raises(AdvtuneError, match="integer class indices"):
+        advtune.TensorData(x, y.float() + 0.5)
+    with pytest.raises(AdvtuneError, match=r"x.unsqueeze\(1\)"):  # was "cannot take inputs of shape (4, 4)"
+        advtune.analyze(tiny_model, (x[:, 0], y), eps=0.1)
+    with pytest.raises(AdvtuneError, match="batches have different image shapes"):  # was torch.cat's error
+        advtune.analyze(tiny_model, [(x[:4], y[:4]), (x[:4, :, :6, :6], y[:4])], eps=0.1)
 
 
 def test_harden_on_a_user_model_leaves_it_untouched(tiny_model, blobs):
@@ -264,3 +273,36 @@ def test_a_half_precision_model_is_evaluated(tiny_model, blobs, dtype):
     model = copy.deepcopy(tiny_model).to(dtype)
     r = advtune.evaluate(model, (xt[:20], yt[:20]), eps=0.1, attacks="pgd:steps=3", gate=False)
     assert 0.0 <= r.worst_case_accuracy <= r.clean_accuracy <= 1.0
+
+
+def test_a_selection_trains_parameters_the_caller_froze_and_gives_the_flags_back(tiny_model, blobs):
+    """A model frozen for inference trained nothing of its selection (or failed blaming an empty selection)."""
+    x, y, _, _ = blobs
+    model = copy.deepcopy(tiny_model)
+    vmap = advtune.analyze(model, (x[:64], y[:64]), eps=0.1, limit=32)
+    selection = vmap.select(share=0.5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    advtune.fit(model, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1), selection=selection)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed != set(before)  # the selection moved, the rest stayed
+    assert not any(p.requires_grad for p in model.parameters())  # the caller's flags, given back
+    with pytest.raises(AdvtuneError, match=r"got VulnerabilityMap; call its .select\(share=...\) first"):
+        advtune.fit(model, (x[:64], y[:64]), selection=vmap)
+
+
+def test_fit_with_dropout_repeats_from_its_seed_and_leaves_the_global_stream(blobs):
+    """Dropout drew from the caller's global stream: TrainConfig(seed=) did not repeat a run, and fit moved it."""
+    x, y, _, _ = blobs
+
+    def trained():
+        torch.manual_seed(len(torch.get_rng_state()) + torch.randint(1000, ()).item())  # any caller state
+        model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(x[0].numel(), 4))
+        model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+        state = torch.get_rng_state()
+        advtune.fit(model, (x[:64], y[:64]), config=advtune.TrainConfig(epochs=1, batch_size=16, seed=3))
+        assert torch.equal(torch.get_rng_state(), state)
+        return model[2].weight.detach().clone()
+
+    assert torch.equal(trained(), trained())

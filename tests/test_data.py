@@ -435,7 +435,7 @@ def test_validation_split_and_limit():
     ident = data.Dataset(
         "ids",
         TensorData(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50)),
-        TensorData(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1)),
+        TensorData(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)),
         ["a"],
         (0.5,),
         (0.5,),

@@ -141,3 +141,18 @@ def test_user_module_loads_weights(tmp_path):
     load_weights(b, tmp_path / files.WEIGHTS)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(a(x), b(x))
+
+
+def test_a_model_with_tied_weights_is_saved(tmp_path):
+    """safetensors refuses two names for one tensor: advtune.save_model failed on tied weights."""
+    from safetensors.torch import load_file
+
+    import advtune
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    advtune.save_model(model, tmp_path / "tied")
+    back = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    back[1].weight = back[0].weight
+    back.load_state_dict(load_file(tmp_path / "tied" / "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))

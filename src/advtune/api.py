@@ -33,7 +33,7 @@ from .recipe import Recipe
 from .runs.analyze import analyze_model
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
-from .seeding import make_generator, preserved_rng
+from .seeding import make_generator, preserved_rng, seed_everything
 from .settings import default
 from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
@@ -109,6 +109,14 @@ def _take(
             break
     if n == 0:
         raise AdvtuneError(f"{what} is empty; check the split, the DataLoader or the limit")
+    shapes = sorted({tuple(x.shape[1:]) for x in xs})
+    if len(shapes) > 1:
+        raise AdvtuneError(f"{what}: batches have different image shapes {shapes}; resize them to one shape")
+    if xs[0].dim() != 4:
+        raise AdvtuneError(
+            f"{what}: images must be (N, C, H, W), got shape {tuple(xs[0].shape)}; add the channel dimension, "
+            "e.g. x.unsqueeze(1)"
+        )
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -377,7 +385,9 @@ def fit(
     _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
-    with eval_mode(model):  # fit sets train mode; the block gives the caller's modes back
+    # the global stream (dropout) seeded from the config as `advtune train` seeds it, the caller's given back
+    with eval_mode(model), preserved_rng():  # fit sets train mode; the block gives the caller's modes back
+        seed_everything((config or TrainConfig()).seed)
         return _fit(
             model,
             train,

@@ -181,7 +181,12 @@ def as_tensor_data(data: Any, *, what: str = "data", limit: int | None = None):
             raise AdvtuneError(f"{what}: the limit must be a positive number of examples, got {limit!r}")
         limit = n
     if isinstance(data, TensorData):
-        return data.take(limit)
+        part = data.take(limit)
+        if part.x.is_floating_point():  # uint8 is what advtune's loaders store: [0, 255] by construction
+            check_batch(part.x, part.y, what=what)  # range, NaN, labels >= 0, as for an (x, y) pair
+        elif len(part.y) and int(part.y.min()) < 0:
+            raise AdvtuneError(f"{what}: labels must be class indices >= 0, got {int(part.y.min())}")
+        return part
     if isinstance(data, Dataset):
         raise AdvtuneError(f"{what}: pass one split of the dataset (ds.train or ds.test), not the whole dataset")
     xs, ys, n = [], [], 0

@@ -387,6 +387,12 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict 
     directory = Path(directory)
     model = unwrapped(model)
     state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
+    seen: set[tuple[int, int]] = set()
+    for k, v in state.items():  # tied weights (one tensor under two names): safetensors stores each on its own
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        if key in seen:
+            state[k] = v.clone()
+        seen.add(key)
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = {"architecture": None, **model_identity(model), **meta}
     for k, v in (getattr(model, "advtune_build", None) or {}).items():  # what rebuilds it

@@ -26,6 +26,13 @@ class TensorData:
             raise AdvtuneError(f"images must be N,C,H,W; got shape {tuple(self.x.shape)}")
         if len(self.x) != len(self.y):
             raise AdvtuneError(f"{len(self.x)} images but {len(self.y)} labels; they must match")
+        if self.y.ndim != 1 or self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
+            raise AdvtuneError(
+                f"labels must be integer class indices of shape ({len(self.x)},), got {self.y.dtype} "
+                f"{tuple(self.y.shape)}; pass y.long()"
+            )  # .long() would truncate 1.7 to 1 without a word
+        if self.x.dtype != torch.uint8 and not self.x.is_floating_point():
+            raise AdvtuneError(f"images must be uint8 or floating point in [0, 1], got {self.x.dtype}")
         self.y = self.y.long()
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import AdvtuneError
 from .lowrank import check_adapter_lr_ratio, merge, up_factors
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ class Trainable:
         self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.adapted = False
         self.selection = selection
+        if selection is not None and not callable(getattr(selection, "is_everything", None)):
+            hint = "; call its .select(share=...) first" if hasattr(selection, "select") else ""
+            raise AdvtuneError(
+                f"selection must be a Selection (VulnerabilityMap.select(...), a selection.json read back), got "
+                f"{type(selection).__name__}{hint}"
+            )
         if selection is None or selection.is_everything(model):
             return  # (d): selecting everything is exactly the full-training path
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
@@ -53,7 +60,9 @@ class Trainable:
             m = masks.get(name)
             if m is None or not bool(m.any()):
                 p.requires_grad_(False)
-            elif not bool(m.all()):
+                continue
+            p.requires_grad_(True)  # the selection decides, also for a parameter the caller froze (close gives it back)
+            if not bool(m.all()):
                 m = m.to(p.device)
                 self.partial.append((p, m, p.detach().clone()))
         for mod in model.modules():
