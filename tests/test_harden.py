@@ -123,6 +123,27 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path)
     assert (interrupted / "summary.json").is_file()
 
 
+def test_an_overwrite_keeps_the_old_run_until_its_report_is_written(base, hardened, monkeypatch, tmp_path, capsys):
+    """The old run was deleted before the hardened model was published and the report drawn: a failure there lost
+    it, and left a folder with a summary but no model."""
+    import shutil
+
+    out = tmp_path / "hard"
+    shutil.copytree(hardened, out)
+    old = (out / "summary.json").read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("advtune.report.write_harden_report", interrupted)
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "200", "--limit-test", "20", "--budget", "2000"]
+    argv += ["--evaluation", "pgd:steps=2", "--out", str(out), "--overwrite", "--quiet"]
+    assert main(argv) == 130
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".hard.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "summary.json").read_bytes() == old
+    assert f"kept at {aside[0]}" in capsys.readouterr().err
+
+
 def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, capsys):
     """A run saved under an older default (here: no weight average) resumed with today's flags: one line
     that names the recipe keys with their saved values, and nothing rewritten."""

@@ -341,11 +341,11 @@ def run(run: HardenRun) -> HardenSummary:
     factors = patch_factors(rd.path / FINETUNE / files.PATCH)  # low-rank adapters, as the stage stored them
     write_patch(rd.file(files.PATCH), model, hardened.model, info, factors)  # what a fleet with the base needs
     rd.write_json(files.SUMMARY, rec.to_json())
-    rd.done()
     _publish_model(out / FINETUNE, out)
     from ..report import write_harden_report  # matplotlib only where the report is drawn
 
     paths = write_harden_report(out)
+    rd.done()  # only now is a replaced run deleted: a failed publish or report leaves it where the error says
     return replace(hardened.record, report=str(paths["html"]))
 
 
