@@ -155,6 +155,9 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     assert "recipe, saved as --lr 0.003 --ema 0.99" in err and len(err.strip().splitlines()) == 1
     assert main([*argv, "--no-probe-quotas"]) == 2  # the default's quotas (and its head), recorded as decided
     assert "saved as --head --probe-quotas" in capsys.readouterr().err  # no quotas: --head auto is off too
+    argv[argv.index("--limit-test") + 1] = "50"
+    assert main(argv) == 2  # a setting outside the recipe: named with its saved and its new value
+    assert "(limit_test: 60 -> 50)" in capsys.readouterr().err
     assert (hardened / "summary.json").read_bytes() == before
     from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
 
@@ -423,6 +426,8 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
         (["--eps", "0.3", "--attack", "nosuch"], "unknown attack 'nosuch'"),  # the training attack: it was after
         (["--eps", "0.3", "--analysis-attack", "pgd:steps=0"], "--analysis-attack:"),
         (["--eps", "0.3", "--limit-test", "0"], "--limit-test must be a positive"),
+        (["--eps", "0.3", "--budget", "9000", "--epochs", "5"], "--epochs 5 and --budget both set"),  # was ignored
+        (["--eps", "0.3", "--holdout", "0", "--keep-best", "6"], "but --holdout 0 holds none out"),  # was ignored
     ],
 )
 def test_harden_settings_are_refused_before_the_base_or_the_data_are_read(tmp_path, capsys, flags, message):
@@ -475,3 +480,23 @@ def test_analyze_settings_are_refused_before_the_base_is_read(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("job", "reads"),
+    [
+        (["harden", "BASE", "--eps", "0.2"], "advtune.runs.harden.load_base"),
+        (["analyze", "BASE", "--eps", "0.2"], "advtune.runs.analyze.load_base"),
+        (["finetune", "BASE", "--eps", "0.2", "--select", "all"], "advtune.runs.finetune.load_base"),
+        (["train", "--dataset", "synthetic", "--model", "small-cnn"], "advtune.runs.train.load_dataset"),
+    ],
+)
+def test_an_existing_out_is_refused_before_the_model_or_the_data_are_read(
+    base, hardened, job, reads, monkeypatch, capsys
+):
+    """A rerun without --resume loaded the base and the data (a download, a CIFAR-10 decode) to be told the folder
+    exists."""
+    monkeypatch.setattr(reads, lambda *a, **k: pytest.fail("read before the folder was checked"))
+    argv = [str(base / "base") if a == "BASE" else a for a in job]
+    assert main([*argv, "--out", str(hardened), "--quiet"]) == 2
+    assert "already exists; pass --" in capsys.readouterr().err

@@ -49,7 +49,7 @@ from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .harden_plan import HardenPlan, check_harden_settings, plan_harden, resolve_recipe, with_holdout
 from .probe import PROBE, probe_then_mask
-from .record import RunDir, check_resume_overwrite, open_run
+from .record import RunDir, check_out, check_resume_overwrite, open_run
 from .selecting import read_table
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,7 @@ def run(run: HardenRun) -> HardenSummary:
     check_harden_settings(run)  # what needs neither the model nor the data: before either is read
     open_run(run.base)
     refuse_same_folder(run.out, run.base)
+    check_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
@@ -303,7 +304,8 @@ def run(run: HardenRun) -> HardenSummary:
                 for k in now.get("recipe", {})
                 if "recipe" in changed and saved["recipe"].get(k) != now["recipe"][k]
             ]
-            said = [k for k in changed if k != "recipe"] + ([f"recipe, saved as {' '.join(recipe)}"] if recipe else [])
+            said = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed if k != "recipe"]
+            said += [f"recipe, saved as {' '.join(recipe)}"] if recipe else []
             raise AdvtuneError(
                 f"--resume with different settings ({'; '.join(said)}); use the original flags or a new --out"
             )

@@ -14,6 +14,7 @@ from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..models import load_model
 from ..recipe import Recipe
+from ..settings import default
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_objective, cost_per_example, probe_stage_attack
 from ..train.distill import check_probe_teacher
@@ -153,6 +154,15 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
         raise AdvtuneError(
             f"--holdout {run.holdout} chooses between checkpoints, but --keep-best 0 keeps the last: "
             "drop --holdout or give --keep-best N"
+        )
+    if run.holdout == 0 and run.keep_best not in (0, default(HardenRun, "keep_best")):
+        raise AdvtuneError(
+            f"--keep-best {run.keep_best} chooses between checkpoints on the held-out split, but --holdout 0 holds "
+            "none out (the last weights are kept): drop --keep-best or give --holdout N"
+        )
+    if run.budget is not None and run.recipe.epochs != default(Recipe, "epochs"):
+        raise AdvtuneError(
+            f"--epochs {run.recipe.epochs:g} and --budget both set how long the fine-tuning runs; give one of them"
         )
     threat = ThreatModel(run.norm, run.eps)  # refuses eps <= 0 and eps beyond the pixel range
     if run.limit_test is not None and (isinstance(run.limit_test, bool) or run.limit_test < 1):

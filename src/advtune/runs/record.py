@@ -61,6 +61,30 @@ def _is_advtune_run(p: Path) -> bool:
     return isinstance(record, dict) and "versions" in record
 
 
+def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
+    """What RunDir.create would refuse about `--out` as it is now, changing nothing: each job asks before it reads
+    its model and data (a rerun without --resume waited through both to be told the folder exists)."""
+    if str(path).strip() in ("", ".", "./"):
+        raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
+    check_resume_overwrite(resume, overwrite)
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
+    if not (p.is_dir() and any(x.name != files.LOCK for x in p.iterdir())):
+        return
+    if resume:
+        if not (p / files.CONFIG).is_file():
+            raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
+    elif overwrite:
+        if not _is_advtune_run(p):  # another tool's folder may hold a config.json too
+            raise AdvtuneError(
+                f"--overwrite: {p} is not an advtune run (no {files.CONFIG} written by advtune); refusing to delete it"
+            )
+    else:
+        how = "pass --resume to continue it or --overwrite" if resumable else "pass --overwrite"
+        raise AdvtuneError(f"output folder {p} already exists; {how} to replace it, or choose another --out")
+
+
 class RunDir:
     """A run's folder. Creating one refuses to clobber: an existing non-empty folder needs
     resume=True (continue it) or overwrite=True (replace it, only if it is an advtune run).
@@ -79,9 +103,7 @@ class RunDir:
         cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, resumable: bool = True
     ) -> "RunDir":
         """`resumable`: whether the command has --resume (its refusal of an existing folder offers it only then)."""
-        if str(path).strip() in ("", ".", "./"):
-            raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
-        check_resume_overwrite(resume, overwrite)
+        check_out(path, resume=resume, overwrite=overwrite, resumable=resumable)
         run = cls(path)
         # rank 0 alone checks, creates, replaces and locks the folder; a refusal stops every rank with it
         on_main(lambda: run._create(resume=resume, overwrite=overwrite, resumable=resumable))
@@ -89,34 +111,21 @@ class RunDir:
 
     def _create(self, *, resume: bool, overwrite: bool, resumable: bool) -> None:
         run, p = self, self.path
-        if p.exists() and not p.is_dir():
-            raise AdvtuneError(f"output path {p} exists and is a file; pick another --out")
-        if p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):
-            if resume:
-                if not (p / files.CONFIG).is_file():
-                    raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
-            elif overwrite:
-                if not _is_advtune_run(p):  # another tool's folder may hold a config.json too
-                    raise AdvtuneError(
-                        f"--overwrite: {p} is not an advtune run (no {files.CONFIG} written by advtune); refusing "
-                        "to delete it"
-                    )
-                run._lock()  # nobody else may be writing the run we are about to replace
-                aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
-                _release(p)
-                try:
-                    p.rename(aside)
-                except OSError as e:  # the run stays where it was, untouched
-                    raise AdvtuneError(
-                        f"--overwrite: cannot move the run in {p} aside to {aside.name} ({e.strerror or e}); "
-                        "make its parent folder writable or choose another --out"
-                    ) from None
-                run.aside = aside
-                REPLACING[p] = aside
-                log.info("the run in %s is kept at %s until the new run finishes", p, aside)
-            else:
-                how = "pass --resume to continue it or --overwrite" if resumable else "pass --overwrite"
-                raise AdvtuneError(f"output folder {p} already exists; {how} to replace it, or choose another --out")
+        check_out(p, resume=resume, overwrite=overwrite, resumable=resumable)  # again: the folder may have changed
+        if not resume and p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):  # --overwrite
+            run._lock()  # nobody else may be writing the run we are about to replace
+            aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
+            _release(p)
+            try:
+                p.rename(aside)
+            except OSError as e:  # the run stays where it was, untouched
+                raise AdvtuneError(
+                    f"--overwrite: cannot move the run in {p} aside to {aside.name} ({e.strerror or e}); "
+                    "make its parent folder writable or choose another --out"
+                ) from None
+            run.aside = aside
+            REPLACING[p] = aside
+            log.info("the run in %s is kept at %s until the new run finishes", p, aside)
         try:
             try:
                 p.mkdir(parents=True, exist_ok=True)
