@@ -500,3 +500,16 @@ def test_an_existing_out_is_refused_before_the_model_or_the_data_are_read(
     argv = [str(base / "base") if a == "BASE" else a for a in job]
     assert main([*argv, "--out", str(hardened), "--quiet"]) == 2
     assert "already exists; pass --" in capsys.readouterr().err
+
+
+def test_a_base_whose_weights_were_brought_in_has_no_training_cost(base, tmp_path, capsys):
+    """`train --epochs 0 --weights` records 0 gradient evaluations: harden said "the base model's training took 0"
+    and compared its own cost with adversarial training on that."""
+    brought = tmp_path / "brought"
+    weights = str(base / "base" / "model.safetensors")
+    assert main(train_argv(brought, limit=600, epochs=0, extra=("--weights", weights))) == 0
+    out = tmp_path / "hard"
+    argv = ["harden", str(brought), "--eps", "0.2", "--limit", "200", "--limit-test", "20", "--budget", "2000"]
+    assert main([*argv, "--evaluation", "pgd:steps=2", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["cost"]["base_training_grad_evals"] is None
+    assert "the base model's training is not recorded" in capsys.readouterr().out

@@ -335,7 +335,10 @@ def run(run: HardenRun) -> HardenSummary:
         + f", budget {plan.budget:,} gradient evaluations"
     )
     base_cost_file = Path(run.base) / files.COST
-    base_cost = CostRecord.read(base_cost_file).to_json() if base_cost_file.is_file() else {}
+    # the base's whole training cost only where its record is one: a train run from scratch (weights brought in
+    # with --weights, or a finetune/harden folder's last stage, would be counted as the whole and look cheap)
+    whole = base_cfg.get("command") == "train" and not (base_cfg.get("run") or {}).get("weights")
+    base_cost = CostRecord.read(base_cost_file).to_json() if whole and base_cost_file.is_file() else {}
     hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print, plan=plan)
     rec = hardened.record
     info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}
@@ -462,8 +465,12 @@ def format_summary(summary: HardenSummary) -> str:
         f"model): {layers}",
         f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,} gradient "
         "evaluations "
-        f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training took "
-        f"{c['base_training_grad_evals'] or 0:,}",
+        f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training "
+        + (
+            f"took {c['base_training_grad_evals']:,}"
+            if c["base_training_grad_evals"] is not None
+            else "is not recorded (weights brought in, or a base that was itself fine-tuned)"
+        ),
     ]
     lines += [f"  {line}" for line in harden_comparisons(s)]  # the checkpoint kept, AT, full fine-tuning
     if not s["after"]:
