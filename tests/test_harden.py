@@ -75,6 +75,12 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     # every stage left its record, and the summary's numbers are those records'
     ev = json.loads((hardened / "eval-protocol.json").read_text())
     assert s["after"]["robust_acc"] == ev["worst_case_accuracy"] and ev["examples"] == 60
+    from advtune.storage import file_sha256  # the bytes each measured: `info` flags a record of older weights
+
+    for name, folder in (("protocol", hardened), ("base", base / "base")):
+        rec = json.loads((hardened / f"eval-{name}.json").read_text())
+        weights = folder / "model.safetensors"
+        assert (rec["model_file"], rec["model_file_sha256"]) == (str(weights.resolve()), file_sha256(weights))
     assert json.loads((hardened / "eval-base.json").read_text())["worst_case_accuracy"] == s["before"]["robust_acc"]
     cost = json.loads((hardened / "finetune" / "cost.json").read_text())
     assert s["cost"]["finetune_grad_evals"] == cost["grad_evals"] >= 20000
@@ -98,6 +104,7 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path)
     assert main(argv) == 0
     # the record holds the quotas as decided (auto -> on with the probe rule): the explicit flag is the same run
     assert json.loads((hardened / "summary.json").read_text())["recipe"]["probe_quotas"] is True
+    assert json.loads((hardened / "config.json").read_text())["resumed"]  # a resume is recorded, as train's is
     assert main([*argv, "--probe-quotas"]) == 0
     # the same base written another way (a trailing slash, ./) and a moved (here: copied) harden folder resume too;
     # they were refused as "different settings (base)" and "(out)"

@@ -235,7 +235,7 @@ def test_hybrid_trains_whole_layers_and_adapters_within_the_budget(data):
         select_from_table(table, model, 0.1, False, params=None, granularity="hybrid")
 
 
-def test_harden_hybrid_end_to_end(tmp_path):
+def test_harden_hybrid_end_to_end(tmp_path, capsys):
     """`advtune harden --granularity hybrid`: whole layers + adapters, the checkpoint kept on held-out
     data, a report, and a patch with the adapters' factors that `apply` turns into the same weights."""
     from advtune.cli import main
@@ -256,6 +256,8 @@ def test_harden_hybrid_end_to_end(tmp_path):
     assert (out / "report.html").is_file()
     info = patch_info(out / "patch.safetensors")
     assert int(info["stored_entries"]) < int(info["changed_entries"])
+    said = capsys.readouterr().out  # the factors train, the merged layers' entries change: both said
+    assert f"changing {sel['changed_params']:,} entries of the weights" in said and sel["changed_params"] > 0
     rebuilt = apply_patch(load_model(base)[0], out / "patch.safetensors")
     for (k, a), b in zip(load_model(out)[0].state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), k

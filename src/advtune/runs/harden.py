@@ -40,10 +40,10 @@ from ..recipe import Recipe, rule_words
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..report.narrative import harden_comparisons
 from ..settings import negatable
-from ..storage import atomic_write_bytes, read_json
+from ..storage import atomic_write_bytes, file_sha256, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
-from .common import dataset_of, load_base, refuse_same_folder, same_setting
+from .common import dataset_of, load_base, refuse_same_folder, same_setting, write_config_once
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
@@ -256,6 +256,8 @@ def harden_model(
                 continue
             rec = evaluation_record(m, ds.test, ds.name, evaluation_settings(run, plan, where, name, out))
             results[name] = rec["_result"]
+            if out is not None:  # the file it measured (the hardened one as published): `info` flags later changes
+                rec.update(_measured(Path(run.base) if name == "base" else out, out / FINETUNE))
             records[name] = write_evaluation(rec, path) if path is not None else rec
     before, after = records.get("base"), records.get("protocol")
     record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation, ds.name)
@@ -310,19 +312,19 @@ def run(run: HardenRun) -> HardenSummary:
                 f"--resume with different settings ({'; '.join(said)}); use the original flags or a new --out"
             )
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
-    if not rd.file(files.CONFIG).is_file():
-        rd.write_config(
-            {
-                "command": "harden",
-                "run": run.to_json(),
-                "seed": run.seed,
-                "base": str(run.base),
-                "threat": plan.threat.to_json(),
-                "dataset": ds.describe(),
-                "device": str(device),
-                "budget": plan.budget,
-            }
-        )
+    write_config_once(  # a resume adds when it resumed
+        rd,
+        {
+            "command": "harden",
+            "run": run.to_json(),
+            "seed": run.seed,
+            "base": str(run.base),
+            "threat": plan.threat.to_json(),
+            "dataset": ds.describe(),
+            "device": str(device),
+            "budget": plan.budget,
+        },
+    )
     print(
         f"advtune harden: {meta.get('architecture')} from {run.base}, {plan.threat}, "
         f"{len(ds.train) - plan.holdout:,} training examples"
@@ -352,6 +354,15 @@ def run(run: HardenRun) -> HardenSummary:
     paths = write_harden_report(out)
     rd.done()  # only now is a replaced run deleted: a failed publish or report leaves it where the error says
     return replace(hardened.record, report=str(paths["html"]))
+
+
+def _measured(folder: Path, ft_dir: Path) -> dict:
+    """An evaluation record's model file: the base's, or the hardened one at the top of the harden folder (a copy of
+    its fine-tuning's, published when the run ends), with the sha256 of the bytes measured."""
+    source = folder / files.WEIGHTS if folder != ft_dir.parent else ft_dir / files.WEIGHTS
+    if not source.is_file():
+        return {}
+    return {"model_file": str((folder / files.WEIGHTS).resolve()), "model_file_sha256": file_sha256(source)}
 
 
 def _publish_model(ft_dir: Path, out: Path) -> None:
@@ -462,7 +473,13 @@ def format_summary(summary: HardenSummary) -> str:
             for when, r in (("before:", s["before"]), ("after: ", s["after"]))
         ),
         f"  trained {sel.get('trainable_params', 0):,} parameters ({100 * (s.get('param_share') or 0):.2f}% of the "
-        f"model): {layers}",
+        f"model)"
+        + (  # adapters: their factors train, the entries of the layers they merge into change
+            f", changing {sel['changed_params']:,} entries of the weights"
+            if sel.get("changed_params", 0) > sel.get("trainable_params", 0)
+            else ""
+        )
+        + f": {layers}",
         f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,} gradient "
         "evaluations "
         f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training "
