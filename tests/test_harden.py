@@ -99,6 +99,7 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path)
     monkeypatch.setattr("advtune.runs.finetune.run", lambda *a, **k: pytest.fail("fine-tuned again"))
     monkeypatch.setattr("advtune.runs.analyze.run", lambda *a, **k: pytest.fail("analysed again"))
     monkeypatch.setattr("advtune.runs.evaluate.run", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr("advtune.runs.harden.evaluation_record", lambda *a, **k: pytest.fail("evaluated again"))
     argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60"]
     argv += ["--budget", "20000", "--evaluation", PROTOCOL, "--out", str(hardened), "--resume", "--quiet"]
     assert main(argv) == 0
@@ -128,6 +129,15 @@ def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path)
     resumed[resumed.index("--out") + 1] = str(interrupted)
     assert main(resumed) == 0
     assert (interrupted / "summary.json").is_file()
+    # an eval-protocol.json that measured something else (`advtune evaluate OUT --name protocol --overwrite` on
+    # 20 images) was taken as harden's "after" on resume: measured again
+    record = json.loads((interrupted / "eval-protocol.json").read_text())
+    record["config"]["limit_test"], record["worst_case_accuracy"] = 20, 0.0
+    (interrupted / "eval-protocol.json").write_text(json.dumps(record))
+    (interrupted / "summary.json").unlink()
+    assert main(resumed) == 0
+    assert json.loads((interrupted / "eval-protocol.json").read_text())["config"]["limit_test"] == 60
+    assert json.loads((interrupted / "summary.json").read_text())["after"]["robust_acc"] > 0
 
 
 def test_an_overwrite_keeps_the_old_run_until_its_report_is_written(base, hardened, monkeypatch, tmp_path, capsys):
@@ -166,7 +176,7 @@ def test_resume_after_a_default_changed_names_the_saved_recipe(base, hardened, c
     assert main(argv) == 2  # a setting outside the recipe: named with its saved and its new value
     assert "(limit_test: 60 -> 50)" in capsys.readouterr().err
     assert (hardened / "summary.json").read_bytes() == before
-    from advtune.runs.harden import flag_words  # a saved switch is named as the flag that gives it back
+    from advtune.runs.harden_plan import flag_words  # a saved switch is named as the flag that gives it back
 
     assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
 
@@ -520,3 +530,18 @@ def test_a_base_whose_weights_were_brought_in_has_no_training_cost(base, tmp_pat
     assert main([*argv, "--evaluation", "pgd:steps=2", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["cost"]["base_training_grad_evals"] is None
     assert "the base model's training is not recorded" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_base_retrained_in_place(base, hardened, tmp_path, capsys):
+    """The base was compared by its path: retrained in place, a resume mixed the old analysis and fine-tuning with
+    a patch made against the new weights."""
+    import shutil
+
+    out = tmp_path / "hard"
+    shutil.copytree(hardened, out)
+    config = json.loads((out / "config.json").read_text())
+    config["base_sha256"] = "0" * 64  # what the base held when the run started
+    (out / "config.json").write_text(json.dumps(config))
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60", "--budget", "20000"]
+    assert main([*argv, "--evaluation", PROTOCOL, "--out", str(out), "--resume", "--quiet"]) == 2
+    assert f"the weights of {base / 'base'} changed since {out} started" in capsys.readouterr().err

@@ -318,7 +318,7 @@ def test_records_from_before_norms_existed_still_resume():
     from advtune.runs.common import check_same_run
     from advtune.runs.configs import FinetuneRun
     from advtune.runs.experiment.rerun import same_settings as _same_settings
-    from advtune.runs.harden import RECIPE_DEFAULTS
+    from advtune.runs.harden_plan import RECIPE_DEFAULTS
 
     now = FinetuneRun(base="b", out="o", eps=0.1).to_json()
     old = {k: v for k, v in now.items() if k != "norms"}
@@ -453,7 +453,7 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
 def test_a_resume_names_the_recorded_switches_as_flags_that_exist():
     """harden --resume with other settings says what the run was saved with, as flags: --norms and (auto since
     round 21) --head have a --no- form; a plain switch (off by default) would read `without --flag`."""
-    from advtune.runs.harden import flag_words
+    from advtune.runs.harden_plan import flag_words
 
     assert flag_words("norms", False) == "--no-norms" and flag_words("norms", True) == "--norms"
     assert flag_words("head", False) == "--no-head" and flag_words("head", True) == "--head"

@@ -24,30 +24,35 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import filenames as files
 from ..cost import CostRecord
 from ..devices import model_device, resolve_device
-from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
-from ..recipe import Recipe, rule_words
+from ..recipe import rule_words
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..report.narrative import harden_comparisons
-from ..settings import negatable
 from ..storage import atomic_write_bytes, file_sha256, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
-from .common import dataset_of, load_base, refuse_same_folder, same_setting, write_config_once
+from .common import dataset_of, load_base, refuse_same_folder, write_config_once
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
-from .evaluate import evaluation_record, write_evaluation
+from .evaluate import evaluation_record, measurement, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
-from .harden_plan import HardenPlan, check_harden_settings, plan_harden, resolve_recipe, with_holdout
+from .harden_plan import (
+    HardenPlan,
+    check_harden_resume,
+    check_harden_settings,
+    plan_harden,
+    resolve_recipe,
+    with_holdout,
+)
 from .probe import PROBE, probe_then_mask
 from .record import RunDir, check_out, check_resume_overwrite, open_run
 from .selecting import read_table
@@ -55,9 +60,6 @@ from .selecting import read_table
 log = logging.getLogger(__name__)
 
 FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
-# what a harden run recorded before these settings existed ran as (its --resume compares with them)
-HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2, "probe_quotas": False, "augment": "none"}
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
@@ -251,31 +253,23 @@ def harden_model(
         say(f"[4/4] evaluation: worst case of {plan.evaluation} on {len(ds.test)} test examples, masking gate on")
         for name, m, where in (("base", model, run.base), ("protocol", hardened, str(out / FINETUNE) if out else "")):
             path = out / files.evaluation(name) if out is not None else None
-            if path is not None and path.is_file():
-                records[name] = read_json(path, "evaluation")
-                continue
-            rec = evaluation_record(m, ds.test, ds.name, evaluation_settings(run, plan, where, name, out))
+            settings = evaluation_settings(run, plan, where, name, out)
+            measured = _measured(Path(run.base) if name == "base" else out, out / FINETUNE) if out else {}
+            if path is not None and path.is_file():  # a resume: kept where it measured these settings on these bytes
+                saved = read_json(path, "evaluation")
+                same = measurement(saved.get("config") or {}) == measurement(settings.to_json())
+                if same and saved.get("model_file_sha256") in (None, measured.get("model_file_sha256")):
+                    records[name] = saved
+                    continue
+            rec = evaluation_record(m, ds.test, ds.name, settings)
             results[name] = rec["_result"]
-            if out is not None:  # the file it measured (the hardened one as published): `info` flags later changes
-                rec.update(_measured(Path(run.base) if name == "base" else out, out / FINETUNE))
+            rec.update(measured)  # the file it measured (the hardened one as published): `info` flags later changes
             records[name] = write_evaluation(rec, path) if path is not None else rec
     before, after = records.get("base"), records.get("protocol")
     record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation, ds.name)
     return Hardened(
         hardened, selection, table, results.get("base"), results.get("protocol"), record, ft_sum.get("cost", {})
     )
-
-
-def flag_words(key: str, value) -> str:
-    """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`, and
-    `without --flag` for a switch that has no `--no-` form."""
-    flag = "--" + key.replace("_", "-")
-    if isinstance(value, bool):
-        if value:
-            return flag
-        field = next((f for f in fields(Recipe) if f.name == key), None)
-        return "--no-" + key.replace("_", "-") if field and negatable(field, field.default) else f"without {flag}"
-    return f"{flag} {value}"
 
 
 def run(run: HardenRun) -> HardenSummary:
@@ -292,25 +286,9 @@ def run(run: HardenRun) -> HardenSummary:
     plan = plan_harden(model, ds, run)
     run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
-    if out.exists() and run.resume and (out / files.CONFIG).is_file():
-        recorded = read_json(out / files.CONFIG, "harden config")
-        saved, now, working_dir = recorded.get("run", {}), run.to_json(), recorded.get("working_dir")
-        saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
-        ignored = ("resume", "overwrite", "device", "out")  # where it runs: a moved harden folder resumes
-        changed = [
-            k for k in now if k not in ignored and not same_setting(k, saved.get(k), now[k], working_dir=working_dir)
-        ]
-        if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
-            recipe = [
-                flag_words(k, saved["recipe"].get(k))
-                for k in now.get("recipe", {})
-                if "recipe" in changed and saved["recipe"].get(k) != now["recipe"][k]
-            ]
-            said = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed if k != "recipe"]
-            said += [f"recipe, saved as {' '.join(recipe)}"] if recipe else []
-            raise AdvtuneError(
-                f"--resume with different settings ({'; '.join(said)}); use the original flags or a new --out"
-            )
+    base_sha256 = file_sha256(Path(run.base) / files.WEIGHTS)
+    if run.resume:
+        check_harden_resume(out, run, base_sha256)
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
     write_config_once(  # a resume adds when it resumed
         rd,
@@ -323,6 +301,7 @@ def run(run: HardenRun) -> HardenSummary:
             "dataset": ds.describe(),
             "device": str(device),
             "budget": plan.budget,
+            "base_sha256": base_sha256,  # a resume refuses a base retrained in place
         },
     )
     print(

@@ -4,9 +4,11 @@ parameter budget, the held-out split, the evaluation's attacks), as a `HardenPla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
+from .. import filenames as files
 from ..attacks import build_attack, split_attack_list
 from ..components import fingerprint, layers, unit_params
 from ..distributed import check_global_batch
@@ -14,13 +16,14 @@ from ..errors import AdvtuneError
 from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
 from ..models import load_model
 from ..recipe import Recipe
-from ..settings import default
+from ..settings import default, negatable
+from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_objective, cost_per_example, probe_stage_attack
 from ..train.distill import check_probe_teacher
 from ..train.lowrank import adaptable_layers, adapter_size, budget_ranks, own_params, share_ranks
 from ..vulnerability import list_criteria
-from .common import example_input
+from .common import example_input, same_setting
 from .configs import HardenRun
 from .selecting import budget_after_norms, head_layer, resolve_head, resolve_norms
 
@@ -213,3 +216,50 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     budget = run.budget if run.budget is not None else default_budget(run.recipe, per_example, len(ds.train))
     budget = check_budget(budget, per_example, run.recipe.batch_size, len(ds.train))
     return HardenPlan(threat, budget, train, evaluation, len(ds.val) if ds.val is not None else 0, recipe)
+
+
+# what a harden run recorded before these settings existed ran as (its --resume compares with them)
+HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
+RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2, "probe_quotas": False, "augment": "none"}
+
+
+def check_harden_resume(out: Path, run: HardenRun, base_sha256: str) -> None:
+    """--resume continues the run `out` records only: the same settings (each named with its saved value when not)
+    and the same base weights (a base retrained in place would mix two bases' stages)."""
+    if not (out / files.CONFIG).is_file():
+        return
+    recorded = read_json(out / files.CONFIG, "harden config")
+    saved, now, working_dir = recorded.get("run", {}), run.to_json(), recorded.get("working_dir")
+    saved = {**HARDEN_DEFAULTS, **saved, "recipe": {**RECIPE_DEFAULTS, **(saved.get("recipe") or {})}}
+    ignored = ("resume", "overwrite", "device", "out")  # where it runs: a moved harden folder resumes
+    changed = [
+        k for k in now if k not in ignored and not same_setting(k, saved.get(k), now[k], working_dir=working_dir)
+    ]
+    if changed:  # the recipe's keys with their saved values: a default may have changed since, not a flag
+        recipe = [
+            flag_words(k, saved["recipe"].get(k))
+            for k in now.get("recipe", {})
+            if "recipe" in changed and saved["recipe"].get(k) != now["recipe"][k]
+        ]
+        said = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed if k != "recipe"]
+        said += [f"recipe, saved as {' '.join(recipe)}"] if recipe else []
+        raise AdvtuneError(
+            f"--resume with different settings ({'; '.join(said)}); use the original flags or a new --out"
+        )
+    if recorded.get("base_sha256") not in (None, base_sha256):
+        raise AdvtuneError(
+            f"--resume: the weights of {run.base} changed since {out} started (another model in the same folder); "
+            "harden it into a new --out"
+        )
+
+
+def flag_words(key: str, value) -> str:
+    """A recorded setting as the flag that gives it back: `--lr 0.003`, `--norms` / `--no-norms`, and
+    `without --flag` for a switch that has no `--no-` form."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        if value:
+            return flag
+        field = next((f for f in fields(Recipe) if f.name == key), None)
+        return "--no-" + key.replace("_", "-") if field and negatable(field, field.default) else f"without {flag}"
+    return f"{flag} {value}"
