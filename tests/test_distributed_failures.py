@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from advtune.errors import AdvtuneError
 from ddp_helpers import ATOL, TORCHRUN, TRAIN, env, max_diff, one, two, weights
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed")
@@ -130,3 +131,16 @@ def test_no_advtune_flag_is_taken_by_torchrun():
                 if o != "--help" and any(t.startswith(o) for t in theirs)
             ]
     assert taken == []
+
+
+def test_one_gpu_index_for_every_process_of_a_machine_is_refused(monkeypatch):
+    """`torchrun --nproc-per-node 2 ... --device cuda:0` put both processes on GPU 0 (NCCL hangs or fails)."""
+    from advtune.distributed import local_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(AdvtuneError, match="--device cuda:0 under torchrun puts every process of this machine on one"):
+        local_device("cuda:0")
+    assert local_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its one GPU is the user's to name
+    assert local_device("cuda:1") == "cuda:1"

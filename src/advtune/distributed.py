@@ -53,6 +53,11 @@ def local_device(spec: str = "auto") -> str:
     """Under torchrun each rank takes the GPU its LOCAL_RANK names (`auto` or `cuda`); one process keeps `spec`."""
     if launched_by_torchrun() and spec in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if launched_by_torchrun() and spec.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise AdvtuneError(  # every rank of this machine would share one GPU (NCCL refuses, gloo crowds it)
+            f"--device {spec} under torchrun puts every process of this machine on one GPU; give --device cuda "
+            "(each process takes the GPU of its LOCAL_RANK), or choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     return spec
 
 
