@@ -511,3 +511,19 @@ def test_refused_analyze_and_experiment_leave_finished_records_alone(finished, t
     assert main(["experiment", str(path), "--out", str(out), "--quiet"]) == 2
     assert "another base" in capsys.readouterr().err
     assert (out / "experiment.json").read_bytes() == record
+
+
+def test_out_of_memory_in_training_is_one_line(tmp_path, monkeypatch, capsys):
+    """Training and analysis do not retry smaller batches (the evaluation does): a traceback from inside torch."""
+    import torch
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79 GiB total)")
+
+    monkeypatch.setattr("advtune.runs.train.fit", oom)
+    assert main([*TRAIN, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory (CUDA out of memory." in err and "lower --batch-size" in err
+    monkeypatch.setattr("advtune.runs.train.fit", lambda *a, **k: 1 / 0)  # a bug stays a traceback
+    with pytest.raises(ZeroDivisionError):
+        main([*TRAIN, "--out", str(tmp_path / "other")])

@@ -449,6 +449,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
         where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"advtune: error{where}: {e}{_replaced()}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # out of memory in training or analysis (the evaluation retries smaller batches)
+        from .devices import out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(
+            f"advtune: error: out of memory ({first}); lower --batch-size{_replaced()}",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         # records are written atomically at the end: an interruption leaves the previous ones whole
         again = "rerun (train, finetune, harden: --resume; analyze: --overwrite)"
