@@ -11,7 +11,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# constraints.txt pins the CPU torch wheel: no CUDA packages are pulled on a CPU machine.
+	# constraints.txt pins torch 2.13.0; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu gets its CPU build
+	# where the package index would serve the CUDA one (README)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,onnx]'
 	touch $(STAMP)
 

@@ -259,14 +259,26 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
 
 
-def test_demo_full_reads_the_checkout_frontier_config_with_its_seed_and_data_dir(tmp_path):
-    """`advtune demo --full` looked for configs/ under src/ and always failed; --seed and --data-dir were ignored."""
-    from advtune.runs.demo import FULL_CONFIG, full_config
+def test_demo_full_is_the_demo_at_the_frontiers_sizes_in_its_own_folder(tmp_path, monkeypatch):
+    """`advtune demo --full` ran the round-1 frontier config (harden's rule of round 1) into runs/demo, where a
+    `make demo` run refused it ("another base"); --seed and --data-dir were ignored before that."""
+    from advtune.runs import demo
+    from advtune.runs.configs import DemoConfig
+    from advtune.runs.experiment.config import validate_config
 
-    assert FULL_CONFIG == Path(__file__).resolve().parents[1] / "configs" / "frontier-mnist-eps0.3.yaml"
-    cfg = full_config(str(tmp_path), 3)
-    assert cfg["name"] == "frontier-mnist-eps0.3" and cfg["seed"] == 3 and cfg["data_dir"] == str(tmp_path)
-    assert cfg["base"]["limit"] == 55000 and cfg["threat"]["eps"] == 0.3  # the real sizes, not the demo's
+    cfg = demo.demo_config(str(tmp_path), 3, full=True)
+    assert cfg["seed"] == 3 and cfg["data_dir"] == str(tmp_path)
+    assert cfg["base"]["limit"] == 55000 and cfg["evaluation"]["limit_test"] == 1000  # the frontier's sizes
+    variants = {v["name"]: v for v in cfg["variants"]}
+    assert variants["harden"] == {"name": "harden", "recipe": "harden", "budget": 900_000, "points": 5, "limit": 55000}
+    assert variants["pgd-at"]["reference"] and "apgd-t" in cfg["evaluation"]["attacks"]
+    validate_config(cfg)
+    seen = []
+    monkeypatch.setattr(demo.experiment_job, "run", lambda config, out, **k: seen.append((config["name"], out)) or [])
+    monkeypatch.setattr(demo, "write_report", lambda out: {"html": "r.html", "md": "r.md"})
+    for full, name, out in ((True, "advtune-demo-full", "runs/demo-full"), (False, "advtune-demo", "runs/demo")):
+        demo.run(DemoConfig(full=full))
+        assert seen.pop() == (name, Path(out))
 
 
 def test_general_flags_before_the_command_are_refused_saying_where_they_go(capsys):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from advtune.cli import main
+from advtune.errors import AdvtuneError
 from advtune.models import load_model
 from advtune.recipe import PROTOCOL
 from cli_helpers import check_sparse_harden, train_argv
@@ -545,3 +546,21 @@ def test_resume_refuses_a_base_retrained_in_place(base, hardened, tmp_path, caps
     argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "600", "--limit-test", "60", "--budget", "20000"]
     assert main([*argv, "--evaluation", PROTOCOL, "--out", str(out), "--resume", "--quiet"]) == 2
     assert f"the weights of {base / 'base'} changed since {out} started" in capsys.readouterr().err
+
+
+def test_the_new_refusals_leave_runs_started_before_them_resumable():
+    """--epochs with --budget and --keep-best with --holdout 0 were accepted (and ignored) before: a run started so
+    resumes with its own flags, which its record compares."""
+    from dataclasses import replace
+
+    from advtune.recipe import Recipe
+    from advtune.runs.configs import HardenRun
+    from advtune.runs.harden_plan import check_harden_settings
+
+    for run in (
+        HardenRun(base="b", out="o", eps=0.3, budget=9000, recipe=Recipe(epochs=5)),
+        HardenRun(base="b", out="o", eps=0.3, holdout=0, keep_best=2),
+    ):
+        with pytest.raises(AdvtuneError):
+            check_harden_settings(run)
+        check_harden_settings(replace(run, resume=True))

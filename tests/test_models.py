@@ -156,3 +156,18 @@ def test_a_model_with_tied_weights_is_saved(tmp_path):
     back[1].weight = back[0].weight
     back.load_state_dict(load_file(tmp_path / "tied" / "model.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_overlapping_views_of_one_storage_are_saved(tmp_path):
+    """safetensors refuses tensors that overlap in memory: a buffer that views part of another failed to save."""
+    from safetensors.torch import load_file
+
+    import advtune
+
+    model = nn.Linear(4, 4)
+    whole = torch.arange(8.0)
+    model.register_buffer("whole", whole)
+    model.register_buffer("part", whole[2:6])
+    advtune.save_model(model, tmp_path / "views")
+    back = load_file(tmp_path / "views" / "model.safetensors")
+    assert torch.equal(back["part"], whole[2:6]) and torch.equal(back["whole"], whole)

@@ -523,7 +523,7 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("advtune.runs.train.fit", oom)
     assert main([*TRAIN, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "out of memory (CUDA out of memory." in err and "lower --batch-size" in err
+    assert len(err.splitlines()) == 1 and "out of memory (CUDA out of memory." in err and "smaller --batch-size" in err
     monkeypatch.setattr("advtune.runs.train.fit", lambda *a, **k: 1 / 0)  # a bug stays a traceback
     with pytest.raises(ZeroDivisionError):
         main([*TRAIN, "--out", str(tmp_path / "other")])

@@ -112,7 +112,7 @@ def _take(
     shapes = sorted({tuple(x.shape[1:]) for x in xs})
     if len(shapes) > 1:
         raise AdvtuneError(f"{what}: batches have different image shapes {shapes}; resize them to one shape")
-    if xs[0].dim() != 4:
+    if xs[0].dim() == 3:  # (N, H, W): most likely grey images without their channel (a model may take (N, F))
         raise AdvtuneError(
             f"{what}: images must be (N, C, H, W), got shape {tuple(xs[0].shape)}; add the channel dimension, "
             "e.g. x.unsqueeze(1)"

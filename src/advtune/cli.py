@@ -455,8 +455,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if not out_of_memory(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(
-            f"advtune: error: out of memory ({first}); lower --batch-size{_replaced()}",
+            f"advtune: error{where}: out of memory ({first}); rerun with a smaller --batch-size, and --overwrite to "
+            f"replace the run folder it began{_replaced()}",
             file=sys.stderr,
         )
         return 2

@@ -387,9 +387,9 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict 
     directory = Path(directory)
     model = unwrapped(model)
     state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
-    seen: set[tuple[int, int]] = set()
-    for k, v in state.items():  # tied weights (one tensor under two names): safetensors stores each on its own
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+    seen: set[int] = set()
+    for k, v in state.items():  # tied weights or views of one storage: safetensors stores each tensor on its own
+        key = v.untyped_storage().data_ptr() if v.numel() else id(v)
         if key in seen:
             state[k] = v.clone()
         seen.add(key)

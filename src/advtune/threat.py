@@ -137,7 +137,7 @@ class ThreatModel:
     def check(self, x_adv: Tensor, x: Tensor, atol: float = 1e-6, what: str = "x_adv") -> None:
         """Raise AdvtuneError if `x_adv` leaves the threat model (outside the ball or the box, NaN, shape)."""
         if x.dtype in (torch.float16, torch.bfloat16):  # a half-precision model's inputs: rounding, not a bug
-            atol = max(atol, 2 * torch.finfo(x.dtype).eps)
+            atol = max(atol, torch.finfo(x.dtype).eps / 2)  # half a unit in the last place at 1.0
         if x_adv.shape != x.shape:
             raise AdvtuneError(
                 f"{what} has shape {tuple(x_adv.shape)} but the clean input has {tuple(x.shape)}; "

@@ -96,14 +96,9 @@ def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
         raise AdvtuneError(f"{where}: images must have 3 (N,H,W) or 4 dimensions, got shape {x.shape}")
     if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
-    if x.shape[-1] not in (1, 3, 4) and x.shape[1] not in (1, 3, 4) and x.shape[2] != x.shape[3]:
-        # an unusual channel count: the two equal (square) dimensions are the image's height and width
-        if x.shape[1] == x.shape[2]:
-            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # e.g. (N, 8, 8, 2): NHWC
-        raise AdvtuneError(
-            f"{where}: cannot tell which dimension of shape {x.shape} holds the channels; store the images as "
-            "(N, C, H, W), e.g. x.transpose(0, 3, 1, 2) for (N, H, W, C)"
-        )
+    if x.shape[1] == x.shape[2] and x.shape[3] < x.shape[1] and x.shape[1] not in (1, 3, 4):
+        # an unusual channel count last, after square images: (N, 8, 8, 2) is NHWC; anything else stays NCHW
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     return x
 
 

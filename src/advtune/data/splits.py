@@ -29,8 +29,8 @@ class TensorData:
         if self.y.ndim != 1 or self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
             raise AdvtuneError(
                 f"labels must be integer class indices of shape ({len(self.x)},), got {self.y.dtype} "
-                f"{tuple(self.y.shape)}; pass y.long()"
-            )  # .long() would truncate 1.7 to 1 without a word
+                f"{tuple(self.y.shape)}; whole numbers stored as floats: y.round().long(), one-hot rows: y.argmax(1)"
+            )  # .long() here would truncate 1.7 to 1 without a word
         if self.x.dtype != torch.uint8 and not self.x.is_floating_point():
             raise AdvtuneError(f"images must be uint8 or floating point in [0, 1], got {self.x.dtype}")
         self.y = self.y.long()

@@ -35,7 +35,7 @@ from .common import (
     refuse_same_folder,
 )
 from .configs import AnalyzeRun
-from .record import RunDir, check_out
+from .record import RunDir, refuse_taken_out
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
     threat = ThreatModel(run.norm, run.eps)
     attack = build_attack(run.attack, threat)  # refused before the base and the data are read
     refuse_same_folder(run.out, run.base)
-    check_out(run.out, resume=False, overwrite=run.overwrite, resumable=False)  # before the base and the data
+    refuse_taken_out(run.out, resume=False, overwrite=run.overwrite, resumable=False)  # before the base and the data
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=max(run.limit, run.curve_limit))

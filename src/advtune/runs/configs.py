@@ -374,8 +374,14 @@ class HardenRun:
 class DemoConfig:
     """`advtune demo`; its fields are the flags."""
 
-    out: str = setting("runs/demo", help="folder for the demo's runs and report")
-    full: bool = setting(False, help="real sizes instead of the few-minute CPU demo")
+    out: str | None = setting(
+        None, help="folder for the demo's runs and report (default runs/demo; --full: runs/demo-full)"
+    )
+    full: bool = setting(
+        False,
+        help="the same job at the MNIST frontier's sizes (the full training set, 900k per curve, 1000 test images, "
+        "adversarial training to its plateau): hours on a CPU",
+    )
     data_dir: str | None = setting(None, help="folder holding mnist/ (default: search, else download)")
     seed: int = seed_setting()
     device: str = device_setting()

@@ -45,7 +45,7 @@ from .common import (
     with_budget,
 )
 from .configs import FinetuneRun
-from .record import RunDir, check_out, check_resume_overwrite
+from .record import RunDir, check_resume_overwrite, refuse_taken_out
 from .selecting import (
     check_selection_flags,
     describe_selection,
@@ -370,7 +370,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     words = ("all", "random", "top", "lowrank")
     analysis = run.select if run.select not in words and ":" not in run.select else None  # an analysis folder
     refuse_same_folder(run.out, run.base, analysis)
-    check_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
+    refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(

@@ -54,7 +54,7 @@ from .harden_plan import (
     with_holdout,
 )
 from .probe import PROBE, probe_then_mask
-from .record import RunDir, check_out, check_resume_overwrite, open_run
+from .record import RunDir, check_resume_overwrite, open_run, refuse_taken_out
 from .selecting import read_table
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def run(run: HardenRun) -> HardenSummary:
     check_harden_settings(run)  # what needs neither the model nor the data: before either is read
     open_run(run.base)
     refuse_same_folder(run.out, run.base)
-    check_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
+    refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)

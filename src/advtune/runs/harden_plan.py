@@ -158,12 +158,13 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
             f"--holdout {run.holdout} chooses between checkpoints, but --keep-best 0 keeps the last: "
             "drop --holdout or give --keep-best N"
         )
-    if run.holdout == 0 and run.keep_best not in (0, default(HardenRun, "keep_best")):
+    # new runs only: a run started before these were refused resumes with the flags it was started with
+    if not run.resume and run.holdout == 0 and run.keep_best not in (0, default(HardenRun, "keep_best")):
         raise AdvtuneError(
             f"--keep-best {run.keep_best} chooses between checkpoints on the held-out split, but --holdout 0 holds "
             "none out (the last weights are kept): drop --keep-best or give --holdout N"
         )
-    if run.budget is not None and run.recipe.epochs != default(Recipe, "epochs"):
+    if not run.resume and run.budget is not None and run.recipe.epochs != default(Recipe, "epochs"):
         raise AdvtuneError(
             f"--epochs {run.recipe.epochs:g} and --budget both set how long the fine-tuning runs; give one of them"
         )

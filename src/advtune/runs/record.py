@@ -61,9 +61,15 @@ def _is_advtune_run(p: Path) -> bool:
     return isinstance(record, dict) and "versions" in record
 
 
-def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
+def refuse_taken_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
     """What RunDir.create would refuse about `--out` as it is now, changing nothing: each job asks before it reads
-    its model and data (a rerun without --resume waited through both to be told the folder exists)."""
+    its model and data (a rerun without --resume waited through both to be told the folder exists). Rank 0 looks,
+    as in RunDir.create (another rank could see its folder half made), and a refusal stops every rank."""
+    on_main(lambda: check_out(path, resume=resume, overwrite=overwrite, resumable=resumable))
+
+
+def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
+    """`refuse_taken_out` on this process (RunDir.create's own check, on rank 0)."""
     if str(path).strip() in ("", ".", "./"):
         raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
     check_resume_overwrite(resume, overwrite)
@@ -103,7 +109,9 @@ class RunDir:
         cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, resumable: bool = True
     ) -> "RunDir":
         """`resumable`: whether the command has --resume (its refusal of an existing folder offers it only then)."""
-        check_out(path, resume=resume, overwrite=overwrite, resumable=resumable)
+        if str(path).strip() in ("", ".", "./"):
+            raise AdvtuneError("--out must name a run folder (e.g. runs/my-run), not the current folder")
+        check_resume_overwrite(resume, overwrite)
         run = cls(path)
         # rank 0 alone checks, creates, replaces and locks the folder; a refusal stops every rank with it
         on_main(lambda: run._create(resume=resume, overwrite=overwrite, resumable=resumable))

@@ -42,7 +42,7 @@ from .common import (
     with_budget,
 )
 from .configs import TrainRun
-from .record import check_out, check_resume_overwrite
+from .record import check_resume_overwrite, refuse_taken_out
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def run(run: TrainRun) -> TrainSummary:
         what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
         raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")
     if run.out:
-        check_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the data are read
+        refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the data are read
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(

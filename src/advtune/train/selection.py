@@ -42,6 +42,9 @@ class Trainable:
                 f"{type(selection).__name__}{hint}"
             )
         if selection is None or selection.is_everything(model):
+            if selection is not None:  # everything selected trains, also what the caller froze (close gives it back)
+                for p in model.parameters():
+                    p.requires_grad_(True)
             return  # (d): selecting everything is exactly the full-training path
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
             selection.adapt(model)
