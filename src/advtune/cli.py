@@ -465,7 +465,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # records are written atomically at the end: an interruption leaves the previous ones whole
-        again = "rerun (train, finetune, harden: --resume; analyze: --overwrite)"
+        again = "rerun (train, finetune, harden: --resume; analyze: --overwrite; demo, experiment: the same command)"
         print(f"advtune: interrupted; nothing half-written left: {again}{_replaced()}", file=sys.stderr)
         return 130
 

@@ -65,10 +65,10 @@ def write_report(folder: str | os.PathLike) -> dict[str, Path]:
 
 def _write_report(folder: Path) -> None:
     """Every number comes from results.json and the analysis files; nothing is recomputed."""
-    rerun = f"advtune experiment CONFIG --out {folder}"
+    rerun = f"advtune experiment CONFIG --out {folder} (advtune demo for a demo's folder)"
     res = folder / files.RESULTS
     if not res.is_file():
-        raise AdvtuneError(f"{folder} has no results.json; run `advtune experiment CONFIG --out {folder}` first")
+        raise AdvtuneError(f"{folder} has no results.json; run `{rerun}` first")
     rows = records.read_results(res, rerun=rerun)
     if not rows:
         raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
