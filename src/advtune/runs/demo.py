@@ -115,7 +115,10 @@ def run(cfg: DemoConfig) -> list[dict]:
     std = next((r for r in rows if r["kind"] == "standard"), None)
     if std:
         per = ", ".join(f"{k[4:-1]} {100 * v:.1f}%" for k, v in std.items() if k.startswith("acc["))
-        print(f"\nThe standard model: clean {100 * std['clean_acc']:.2f}%; under attack at eps={std['eps']:g}: {per}.")
+        print(
+            f"\nThe standard model: clean {100 * std['clean_acc']:.2f}%; under attack at eps={std['eps']:g}: {per} "
+            "(each attack on what the ones before it left)."
+        )
     print("\n" + format_results(rows) + "\n")
     for line in headline(rows):
         print("* " + line.replace("**", ""))
