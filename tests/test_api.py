@@ -145,6 +145,9 @@ def test_bad_input_is_one_line(tiny_model, blobs):
         advtune.evaluate(tiny_model, (x, y), eps=0.1, attacks=[advtune.PGD(ThreatModel.linf(0.3))])
     with pytest.raises(AdvtuneError, match="x.unsqueeze\\(1\\)"):
         advtune.fit(TinyCNN(), (x[:, 0], y))
+    for kw, said in (({"seed": "a"}, "seed must be an integer"), ({"batch_size": 0}, "batch_size must be a positive")):
+        with pytest.raises(AdvtuneError, match=said):  # were a ValueError from deep inside, or named --batch-size
+            advtune.analyze(tiny_model, (x, y), eps=0.1, **kw)
     # an advtune.TensorData skipped these checks (normalised images trained, float labels were truncated)
     with pytest.raises(AdvtuneError, match=r"must lie in \[0, 1\]"):
         advtune.fit(TinyCNN(), advtune.TensorData(x * 2 - 1, y))

@@ -49,8 +49,14 @@ from .vulnerability import (
 )
 
 
-def _threat(eps: float, norm: str) -> ThreatModel:
-    return ThreatModel(norm, eps)  # validates norm and eps with one-line errors
+def _threat(eps: float, norm: str, seed: Any = 0, batch_size: Any = None) -> ThreatModel:
+    """The threat model (norm and eps validated with one-line errors), and the keywords every call shares: said in
+    the API's words (the commands' checks name their flags)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise AdvtuneError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return ThreatModel(norm, eps)
 
 
 def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> list[Attack]:
@@ -147,7 +153,7 @@ def evaluate(
     """
     from .inputs import check_devices, data_device
 
-    threat = _threat(eps, norm)
+    threat = _threat(eps, norm, seed, batch_size)
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
@@ -274,7 +280,7 @@ def analyze(
     shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
-    threat = _threat(eps, norm)
+    threat = _threat(eps, norm, seed, batch_size)
     atk = attack if attack is not None else default(AnalyzeRun, "attack")
     atk = build_attack(atk, threat) if isinstance(atk, str) else atk
     if getattr(atk, "threat", threat) != threat:
@@ -334,6 +340,7 @@ def harden(
     code as the command (`runs.harden.harden_model`): the same settings give the same weights.
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
+    _threat(eps, norm, seed)  # before the data are read
     train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test
