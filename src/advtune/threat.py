@@ -136,8 +136,17 @@ class ThreatModel:
 
     def check(self, x_adv: Tensor, x: Tensor, atol: float = 1e-6, what: str = "x_adv") -> None:
         """Raise AdvtuneError if `x_adv` leaves the threat model (outside the ball or the box, NaN, shape)."""
-        if x.dtype in (torch.float16, torch.bfloat16):  # a half-precision model's inputs: rounding, not a bug
-            atol = max(atol, torch.finfo(x.dtype).eps / 2)  # half a unit in the last place at 1.0
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        u = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        if half:  # a half-precision model's inputs: rounding, not a bug
+            atol = max(atol, u / 2)  # half a unit in the last place at 1.0
+        ball = atol
+        if self.norm == "l2" and x.numel() and self.eps > 0:
+            d = x[0].numel()
+            if half:  # the rescale rounds (~eps*u), and every pixel rounds on its own: ||r||^2 / (2 eps)
+                ball = atol + 2 * self.eps * u + d * (u / 4) ** 2 / self.eps
+            else:  # float32: the norm's accumulation errs relative to eps (a 224x224 image at eps 3: ~1e-4)
+                ball = atol + self.eps * u * math.sqrt(d) + math.sqrt(d) * u / 4
         if x_adv.shape != x.shape:
             raise AdvtuneError(
                 f"{what} has shape {tuple(x_adv.shape)} but the clean input has {tuple(x.shape)}; "
@@ -152,11 +161,11 @@ class ThreatModel:
             return
         if not torch.isfinite(x_adv).all():
             raise AdvtuneError(f"{what} contains NaN or inf: the attack is broken (a bug, please report it)")
-        dist = self.distance(x_adv, x).max().item()
-        if dist > self.eps + atol:
+        dist = self.distance(x_adv.double(), x.double()).max().item()  # measured exactly, not in the input's dtype
+        if dist > self.eps + ball:
             raise AdvtuneError(
                 f"{what} is outside the {self.norm} ball: max distance {dist:.8g} > eps {self.eps:.8g} "
-                f"(+{atol:g}); the attack is broken (a bug, please report it)"
+                f"(+{ball:g}); the attack is broken (a bug, please report it)"
             )
         lo, hi = x_adv.min().item(), x_adv.max().item()
         if lo < self.lower - atol or hi > self.upper + atol:
