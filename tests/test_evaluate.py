@@ -552,3 +552,13 @@ def test_a_model_that_runs_out_of_memory_in_an_attack_is_retried(tiny_model, dat
         r = robust_accuracy(Hungry(), (x, y), [pgd], batch_size=50, gate=False)
     ref = robust_accuracy(tiny_model, (x, y), [pgd], batch_size=12, gate=False)
     assert r.worst_case_accuracy == ref.worst_case_accuracy and "retrying 12 at a time" in caplog.text
+
+
+def test_the_gate_says_when_its_black_box_check_had_nothing_to_run_on():
+    """Under l2 the standard suite has no black-box attack (Square is linf-only): the gate's black-box check never
+    ran, and every output said "masking gate: passed"."""
+    from advtune.evaluation import passed_line
+
+    assert passed_line(["apgd-ce", "square:queries=500"]) == "masking gate: passed"
+    assert passed_line(["apgd-ce", "transfer:source=runs/at"]) == "masking gate: passed"
+    assert "without its black-box check" in passed_line(["apgd-ce", "apgd-t"])

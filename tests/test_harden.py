@@ -305,6 +305,9 @@ def test_the_default_evaluation_includes_the_black_box_attack(base):
     assert linf.evaluation == PROTOCOL + ",square"
     l2 = plan_harden(model, ds, HardenRun(base=str(base / "base"), out="x", eps=1.0, norm="l2"))
     assert l2.evaluation == PROTOCOL
+    named = HardenRun(base="b", out="x", eps=1.0, norm="l2", evaluation="apgd-ce,square:queries=50")  # dropped unsaid
+    with pytest.raises(AdvtuneError, match="--evaluation: square supports only the linf threat model"):
+        plan_harden(model, ds, named)
 
 
 def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_path):

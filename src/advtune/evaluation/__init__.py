@@ -27,6 +27,7 @@ from .gate import (
     TOL_FGSM,
     is_black_box,
     masking_gate,
+    passed_line,
     sanity_check_large_eps,
     spec_of,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "eps_curve",
     "is_black_box",
     "masking_gate",
+    "passed_line",
     "robust_accuracy",
     "sanity_check_large_eps",
     "spec_of",

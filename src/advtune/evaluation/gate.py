@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD, Attack, margin
 from ..devices import eval_mode
+from ..errors import AdvtuneError
 from ..metrics import correct
 from ..threat import ThreatModel
 from .results import EvalResult
@@ -43,6 +44,25 @@ def spec_of(a) -> str:
 
 def is_black_box(a) -> bool:
     return bool(getattr(a, "black_box", False))
+
+
+def passed_line(specs: Sequence[str]) -> str:
+    """ "masking gate: passed", saying so when its black-box check had nothing to run on (no black-box attack in the
+    list: Square is linf-only, so an l2 evaluation has none unless a transfer attack is given)."""
+    from ..attacks.registry import attack_class, parse_spec
+
+    def black_box(spec: str) -> bool:
+        try:
+            return bool(getattr(attack_class(parse_spec(spec, "attack")[0]), "black_box", False))
+        except AdvtuneError:
+            return False
+
+    if any(black_box(s) for s in specs):
+        return "masking gate: passed"
+    return (
+        "masking gate: passed, without its black-box check (no black-box attack ran: add square under linf, or "
+        "transfer:source=RUN)"
+    )
 
 
 def _acc(model: nn.Module, x: Tensor, y: Tensor) -> float:

@@ -15,7 +15,7 @@ from ..attacks import build_attack, split_attack_list
 from ..devices import model_device, resolve_device
 from ..distributed import barrier, on_main, rank_and_world
 from ..errors import AdvtuneError
-from ..evaluation import EvalResult, compiled_queries, eps_curve, robust_accuracy, suite
+from ..evaluation import EvalResult, compiled_queries, eps_curve, passed_line, robust_accuracy, suite
 from ..provenance import versions
 from ..seeding import make_generator, seed_everything
 from ..storage import atomic_write_json, file_sha256
@@ -230,5 +230,6 @@ def format_evaluation(record: dict) -> str:
         lines.append("!! SUSPECT EVALUATION (possible gradient masking): do not call this model robust:")
         lines.extend(f"!!   {s}" for s in record["suspect"])
     else:
-        lines.append("  masking gate: passed")
+        specs = record["accuracy"] if record["kind"] == "single" else record.get("attacks") or []
+        lines.append("  " + passed_line(list(specs)))
     return "\n".join(lines)

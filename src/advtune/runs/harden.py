@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .. import filenames as files
 from ..cost import CostRecord
 from ..devices import model_device, resolve_device
-from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
+from ..evaluation import SUITES, passed_line  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, write_patch
@@ -474,5 +474,5 @@ def format_summary(summary: HardenSummary) -> str:
     elif s["after"].get("suspect"):
         lines.append("  !! the gradient-masking gate flagged the hardened model: " + "; ".join(s["after"]["suspect"]))
     else:
-        lines.append("  masking gate: passed")
+        lines.append("  " + passed_line(list(s["after"].get("accuracy") or {"square": 0})))
     return "\n".join(lines)

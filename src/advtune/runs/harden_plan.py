@@ -176,7 +176,8 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
     evaluation = run.evaluation
     if evaluation not in SUITES:
         specs = split_attack_list(evaluation)
-        if threat.norm != "linf":  # Square is linf-only (as in the standard suite)
+        if threat.norm != "linf" and evaluation == default(HardenRun, "evaluation"):
+            # the default's Square is linf-only (as in the standard suite); one named in --evaluation is refused below
             specs = [a for a in specs if not a.strip().lower().startswith("square")] or specs
         for spec in specs:
             try:
