@@ -365,7 +365,8 @@ def test_info_says_when_an_evaluation_measured_earlier_weights(tmp_path, capsys)
     assert main(["evaluate", str(out), "--attacks", "fgsm", "--eps", "0.1", "--limit-test", "20", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
-    assert "measured on earlier weights" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "measured on earlier weights" not in said and "linf eps=0.1, clean" in said  # the threat said (l2 too)
     longer = train_args(out, "--resume")
     longer[longer.index("--epochs") + 1] = "3"
     assert main(longer) == 0

@@ -419,6 +419,11 @@ def _info_lines(info: dict) -> str:
 
 def _eval_line(ev: dict) -> str:
     parts = []
+    threat = ev.get("threat") if isinstance(ev.get("threat"), dict) else (ev.get("config") or {})
+    if threat.get("norm") and isinstance(threat.get("eps"), (int, float)):  # a single evaluation's threat
+        parts.append(f"{threat['norm']} eps={threat['eps']:.4g}")
+    elif threat.get("norm"):  # a curve: its eps come with each point
+        parts.append(str(threat["norm"]))
     if "clean_accuracy" in ev:
         parts.append(f"clean {100 * ev['clean_accuracy']:.2f}%")
     if "worst_case_accuracy" in ev:
