@@ -226,3 +226,25 @@ def test_finetune_unknown_criterion_in_folder(std_run, vuln, tmp_path, capsys):
         and "no scores for criterion 'gradcam'; it has: activation-shift, restoration, taylor"
         in capsys.readouterr().err
     )
+
+
+def test_a_finetune_steered_by_scores_of_another_norm_says_so(tmp_path, caplog, monkeypatch):
+    """An analysis made under linf chose the mask of an l2 fine-tuning without a word."""
+    import json
+    from dataclasses import replace
+
+    from advtune.runs import finetune as finetune_job
+    from advtune.runs.configs import FinetuneRun
+
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "config.json").write_text(json.dumps({"threat": {"norm": "linf", "eps": 0.3}}))
+
+    def stop(*a, **k):
+        raise RuntimeError("stopped after the check")
+
+    monkeypatch.setattr(finetune_job, "load_base", stop)
+    run = FinetuneRun(base=str(tmp_path / "b"), out=str(tmp_path / "o"), eps=1.0, norm="l2", select=str(analysis))
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stopped after the check"):
+        finetune_job.run(replace(run, share=0.1))
+    assert f"--select {analysis} scored the model under linf; this fine-tuning attacks under l2" in caplog.text

@@ -370,6 +370,13 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     words = ("all", "random", "top", "lowrank")
     analysis = run.select if run.select not in words and ":" not in run.select else None  # an analysis folder
     refuse_same_folder(run.out, run.base, analysis)
+    scored = Path(analysis) / files.CONFIG if analysis else None
+    if scored is not None and scored.is_file():  # scores of another threat model steer the mask without a word
+        norm = (read_json(scored, "analysis config").get("threat") or {}).get("norm")
+        if norm not in (None, run.norm):
+            log.warning(
+                "--select %s scored the model under %s; this fine-tuning attacks under %s", analysis, norm, run.norm
+            )
     refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
