@@ -128,7 +128,9 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "budget": ran.get("budget") if kind != "standard" else None,
             "eps_warmup": float(ran.get("eps_warmup") or 0.0) if kind != "standard" else None,
             "selected_by_layer": sel.get("by_layer"),
-            "curve": _curve(folder, kind, cost, ev),
+            # the model harden returns (the held-out choice among its checkpoints) cost its choice too: its point
+            # on the frontier sits after the last snapshot's
+            "curve": _curve(folder, kind, {**cost, "grad_evals": cost.get("grad_evals", 0) + (held_out or 0)}, ev),
         }
         rows.append(row)
     return rows
