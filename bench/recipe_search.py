@@ -313,7 +313,10 @@ while step < args.steps:
         loss.backward()
         opt.step()
         average_step(step)
-        grad_evals += len(y) * (atk.grad_evals() + 1)
+        # the attack's passes + the update's, and one more for each extra term on its own forward and backward:
+        # TRADES' clean pass (its objective counts steps + 1 before the update), --clean, --feat
+        extra = (1 if args.trades else 0) + (1 if args.clean else 0) + (1 if args.feat else 0)
+        grad_evals += len(y) * (atk.grad_evals() + 1 + extra)
         step += 1
         train_s += time.time() - ts
         if step in evals:
