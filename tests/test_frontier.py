@@ -149,6 +149,7 @@ def test_report_shows_the_frontier_and_its_findings(done):
     for v in verdicts(pts, plat):
         assert v.best_robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == v.variant)
         assert f"**{v.variant}**" in md
+    assert "read off the evaluated test images after the fact" in md  # a best-of-N on test is said to be one
 
 
 def test_plateau_and_budget_arithmetic():
