@@ -562,3 +562,7 @@ def test_the_gate_says_when_its_black_box_check_had_nothing_to_run_on():
     assert passed_line(["apgd-ce", "square:queries=500"]) == "masking gate: passed"
     assert passed_line(["apgd-ce", "transfer:source=runs/at"]) == "masking gate: passed"
     assert "without its black-box check" in passed_line(["apgd-ce", "apgd-t"])
+    from advtune.runs.evaluate import format_evaluation  # an eps curve records a list of attacks per eps
+
+    curve = {"kind": "curve", "examples": 10, "eps": [0.1], "accuracy": [0.5], "raw_accuracy": [0.5], "suspect": []}
+    assert format_evaluation({**curve, "attacks": [["apgd-ce", "square"]]}).endswith("masking gate: passed")

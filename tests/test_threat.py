@@ -144,11 +144,13 @@ def test_l2_check_uses_the_euclidean_norm():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "shape", "eps"), [(torch.float32, (3, 160, 160), 3.0), (torch.bfloat16, (3, 32, 32), 1.0)]
+    ("dtype", "shape", "eps"),
+    [(torch.float32, (3, 160, 160), 3.0), (torch.bfloat16, (3, 32, 32), 1.0), (torch.bfloat16, (3, 32, 32), 0.5)],
 )
 def test_the_l2_ball_check_allows_rounding_and_still_catches_an_attack_outside(dtype, shape, eps):
     """A fixed 1e-6 called correct l2 attacks broken: on large images (a 160x160 float32 image at eps 3 rounds to
-    ~1e-6 over) and in bfloat16 (each pixel rounds on its own); a perturbation 5% outside is still refused."""
+    ~1e-6 over) and in bfloat16 (each pixel rounds on its own: the check is rounding-limited there); a perturbation
+    10% outside is still refused."""
     from torch import nn
 
     from advtune.attacks import build_attack
@@ -160,6 +162,6 @@ def test_the_l2_ball_check_allows_rounding_and_still_catches_an_attack_outside(d
     for spec in ("fgsm", "pgd:steps=3"):
         threat.check(build_attack(spec, threat)(model, x, model(x).argmax(1)), x)
     direction = torch.randn(4, *shape)
-    outside = x.float() + 1.05 * eps * direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    outside = x.float() + 1.10 * eps * direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     with pytest.raises(AdvtuneError, match="outside the l2 ball"):
         threat.check(outside.to(dtype), x)

@@ -11,6 +11,7 @@ weights: `harden` returns a hardened copy.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,10 @@ from .vulnerability import (
 def _threat(eps: float, norm: str, seed: Any = 0, batch_size: Any = None) -> ThreatModel:
     """The threat model (norm and eps validated with one-line errors), and the keywords every call shares: said in
     the API's words (the commands' checks name their flags)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise AdvtuneError(f"seed must be an integer in [0, 2^63) or None (nondeterministic), got {seed!r}")
+    whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+    if batch_size is not None and (not whole or batch_size < 1):
         raise AdvtuneError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     return ThreatModel(norm, eps)
 

@@ -144,7 +144,7 @@ class ThreatModel:
         if self.norm == "l2" and x.numel() and self.eps > 0:
             d = x[0].numel()
             if half:  # the rescale rounds (~eps*u), and every pixel rounds on its own: ||r||^2 / (2 eps)
-                ball = atol + 2 * self.eps * u + d * (u / 4) ** 2 / self.eps
+                ball = atol + 2 * self.eps * u + d * (u / 4) ** 2 / (2 * self.eps)
             else:  # float32: the norm's accumulation errs relative to eps (a 224x224 image at eps 3: ~1e-4)
                 ball = atol + self.eps * u * math.sqrt(d) + math.sqrt(d) * u / 4
         if x_adv.shape != x.shape:
@@ -161,7 +161,7 @@ class ThreatModel:
             return
         if not torch.isfinite(x_adv).all():
             raise AdvtuneError(f"{what} contains NaN or inf: the attack is broken (a bug, please report it)")
-        dist = self.distance(x_adv.double(), x.double()).max().item()  # measured exactly, not in the input's dtype
+        dist = self._norm((x_adv.float() - x.float()).double()).max().item()  # not rounded again in a half dtype
         if dist > self.eps + ball:
             raise AdvtuneError(
                 f"{what} is outside the {self.norm} ball: max distance {dist:.8g} > eps {self.eps:.8g} "

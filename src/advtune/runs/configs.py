@@ -358,7 +358,7 @@ class HardenRun:
     evaluation: str = setting(
         EVALUATION,
         help="attack list of the evaluation before and after (worst case per example, masking gate on), or a "
-        "suite: standard, quick; Square (black-box) is dropped for l2, which it does not support",
+        "suite: standard, quick; under l2 the default's Square (black-box, linf-only) is dropped, a named one refused",
     )
     seed: int = seed_setting()
     data_dir: str | None = base_data_dir_setting()

@@ -231,5 +231,6 @@ def format_evaluation(record: dict) -> str:
         lines.extend(f"!!   {s}" for s in record["suspect"])
     else:
         specs = record["accuracy"] if record["kind"] == "single" else record.get("attacks") or []
-        lines.append("  " + passed_line(list(specs)))
+        flat = [s for one in specs for s in (one if isinstance(one, list) else [one])]  # a curve: a list per eps
+        lines.append("  " + passed_line(flat))
     return "\n".join(lines)

@@ -372,7 +372,9 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     refuse_same_folder(run.out, run.base, analysis)
     scored = Path(analysis) / files.CONFIG if analysis else None
     if scored is not None and scored.is_file():  # scores of another threat model steer the mask without a word
-        norm = (read_json(scored, "analysis config").get("threat") or {}).get("norm")
+        recorded = read_json(scored, "analysis config")
+        threat = recorded.get("threat") if isinstance(recorded, dict) else None
+        norm = threat.get("norm") if isinstance(threat, dict) else None
         if norm not in (None, run.norm):
             log.warning(
                 "--select %s scored the model under %s; this fine-tuning attacks under %s", analysis, norm, run.norm

@@ -419,8 +419,9 @@ def _info_lines(info: dict) -> str:
 
 def _eval_line(ev: dict) -> str:
     parts = []
-    threat = ev.get("threat") if isinstance(ev.get("threat"), dict) else (ev.get("config") or {})
-    if threat.get("norm") and isinstance(threat.get("eps"), (int, float)):  # a single evaluation's threat
+    threat = next((t for t in (ev.get("threat"), ev.get("config")) if isinstance(t, dict)), {})
+    eps = threat.get("eps")
+    if threat.get("norm") and isinstance(eps, (int, float)) and not isinstance(eps, bool):  # a single evaluation
         parts.append(f"{threat['norm']} eps={threat['eps']:.4g}")
     elif threat.get("norm"):  # a curve: its eps come with each point
         parts.append(str(threat["norm"]))
