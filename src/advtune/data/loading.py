@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-from ..distributed import on_main
+from ..distributed import is_main_process, on_main
 from ..errors import AdvtuneError
 from .download import download_files
 from .formats import (
@@ -101,7 +101,8 @@ def load_dataset(
     own = key != "synthetic" and key not in SPECS  # the named sets come mixed; a user's file may be sorted by class
     for split, part, whole in (("training", ds.train, full.train), ("test", ds.test, full.test)) if own else ():
         held, every = len(part.y.unique()), len(whole.y.unique())
-        if held < every and len(part) >= 10 * every:  # so many examples drawn at random would hold every class
+        # so many examples drawn at random would hold every class; said once, not by every torchrun process
+        if held < every and len(part) >= 10 * every and is_main_process():
             log.warning(
                 "%s: the first %d %s examples hold %d of its %d classes (is the file ordered by class?); shuffle it "
                 "once, or take more examples",
