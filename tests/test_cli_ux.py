@@ -111,6 +111,15 @@ def test_report_works_on_any_run_folder_and_on_several(runs, capsys):
 COMMANDS = ("train", "finetune", "analyze", "evaluate", "harden", "experiment", "demo", "info", "report")
 
 
+def test_commands_that_compute_nothing_take_no_seed_or_device(capsys):
+    """report, info and apply accepted --seed and --device and ignored them."""
+    for cmd in (["report", "x"], ["info", "x"], ["apply", "x", "p", "--out", "o"]):
+        for flag in ("--seed", "--device"):
+            with pytest.raises(SystemExit) as e:
+                main([*cmd, flag, "1"])
+            assert e.value.code == 2 and f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
+
+
 def test_every_help_does_not_import_torch():
     """`advtune --help` and `advtune <command> --help` answer at once: the job settings (runs/configs.py)
     load without torch."""
@@ -130,7 +139,8 @@ def test_every_help_does_not_import_torch():
         "        try: main([cmd, '--help'])\n"
         "        except SystemExit as e: assert e.code == 0, (cmd, e.code)\n"
         "    assert 'torch' not in sys.modules, f'{cmd} --help imported torch'\n"
-        "    assert f'usage: advtune {cmd}' in out.getvalue() and '(default' in out.getvalue(), cmd\n"
+        "    assert f'usage: advtune {cmd}' in out.getvalue(), cmd\n"
+        "    assert '(default' in out.getvalue() or cmd in ('info', 'report'), cmd  # flags without defaults\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -31,9 +31,16 @@ log = logging.getLogger("advtune")
 DIST_BACKEND_HELP = "under torchrun: the process group's backend (default: auto = nccl on GPUs, gloo on CPU)"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+NO_COMPUTE = ("report", "info", "apply")  # read records or add tensors: a --seed or --device would be ignored
+
+
+def _common(p: argparse.ArgumentParser, name: str = "") -> None:
     g = p.add_argument_group("general")
     g.add_argument("--config", help="YAML file of defaults for this command's flags (flags override it)")
+    if name in NO_COMPUTE:
+        g.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+        g.add_argument("--verbose", action="store_true", help="debug logging")
+        return
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (default: auto)")
     if "--seed" not in p._option_string_actions:  # a command whose seed means something else defines its own
         g.add_argument("--seed", type=seed_number, default=0, help="random seed, an integer in [0, 2^63) (default: 0)")
@@ -387,7 +394,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if wanted is None or name == wanted:
             p = sub.add_parser(name, help=HELP[name], description=DESCRIPTION[name])
             add(p)
-            _common(p)
+            _common(p, name)
         else:
             sub.add_parser(name, help=HELP[name])
     return parser
