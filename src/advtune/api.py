@@ -156,6 +156,7 @@ def evaluate(
     from .inputs import check_devices, data_device
 
     threat = _threat(eps, norm, seed, batch_size)
+    seed = None if seed is None else int(seed)  # a numpy integer recorded as a number
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
@@ -283,6 +284,7 @@ def analyze(
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
     threat = _threat(eps, norm, seed, batch_size)
+    seed = None if seed is None else int(seed)  # a numpy integer recorded as a number
     atk = attack if attack is not None else default(AnalyzeRun, "attack")
     atk = build_attack(atk, threat) if isinstance(atk, str) else atk
     if getattr(atk, "threat", threat) != threat:
@@ -343,6 +345,7 @@ def harden(
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
     _threat(eps, norm, seed)  # before the data are read
+    seed = None if seed is None else int(seed)
     train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test
