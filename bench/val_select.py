@@ -24,13 +24,29 @@ from advtune.runs.common import dataset_of
 from advtune.settings import parse_number
 
 
+def _largest_limit(run: Path, config: dict) -> int | None:
+    """The most training images any stage behind `run` saw (the run's own --limit, its base's, the base's base...):
+    the validation tail starts after all of them. None: some stage trained on all of them."""
+    limits, seen = [], set()
+    while config is not None and str(run) not in seen:
+        seen.add(str(run))
+        limits.append((config.get("run") or {}).get("limit"))
+        base = config.get("base")
+        base = Path(base) if isinstance(base, str) and base else None
+        if base is not None and not base.is_absolute():
+            base = Path(config.get("working_dir") or ".") / base
+        if base is None or not (base / "config.json").is_file():
+            break
+        run, config = base, json.loads((base / "config.json").read_text())
+    return None if any(x is None for x in limits) else max(limits)
+
+
 def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
     """The dataset with `test` replaced by the first n training images beyond the run's `limit`."""
     if not (run / "config.json").is_file() or not (run / "model.json").is_file():
         raise AdvtuneError(f"{run}: not a finished run folder (no config.json or model.json); check the path")
     config = json.loads((run / "config.json").read_text())
-    args = config["run"]
-    limit = args.get("limit")
+    limit = _largest_limit(run, config)
     meta = json.loads((run / "model.json").read_text())
     ds = dataset_of(config, meta, None, download=False)  # by its spec: a file dataset's name is no loader's
     if not limit or limit + n > len(ds.train):

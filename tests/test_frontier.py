@@ -203,6 +203,12 @@ def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monk
         val_select.unseen_tail(run, 5000)
     with pytest.raises(AdvtuneError, match="not a finished run folder"):  # a run that never finished: one line
         val_select.unseen_tail(tmp_path / "never-ran", 50)
+    # a fine-tuning on 200 images of a base trained on 300: the tail starts after the base's (its own limit alone
+    # would have validated on images the base was trained on)
+    ft = tmp_path / "ft"
+    argv = ["finetune", str(run), "--eps", "0.1", "--select", "all", "--attack", "fgsm", "--limit", "200"]
+    assert main([*argv, "--out", str(ft), "--quiet"]) == 0
+    assert val_select.unseen_tail(ft, 50)[1] == 300
 
 
 def _pt(variant, kind, cost, robust, clean=0.9, step=1):
