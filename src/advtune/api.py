@@ -26,7 +26,7 @@ from .data import Dataset
 from .devices import eval_mode, model_device, model_dtype, resolve_device
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
-from .inputs import as_tensor_data, batches, resolve_split
+from .inputs import as_tensor_data, batches, check_joinable, resolve_split
 from .models import load_model as _load_model
 from .models import model_identity, unwrapped
 from .models import save_model as _save_model
@@ -50,15 +50,19 @@ from .vulnerability import (
 )
 
 
-def _threat(eps: float, norm: str, seed: Any = 0, batch_size: Any = None) -> ThreatModel:
-    """The threat model (norm and eps validated with one-line errors), and the keywords every call shares: said in
-    the API's words (the commands' checks name their flags)."""
+def _threat(eps: float, norm: str) -> ThreatModel:
+    return ThreatModel(norm, eps)  # validates norm and eps with one-line errors
+
+
+def _seed(seed: Any, batch_size: Any = None) -> int | None:
+    """The keywords every call shares, checked in the API's words (the commands' checks name their flags); the seed
+    as a plain int (a numpy integer is recorded as a number)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
         raise AdvtuneError(f"seed must be an integer in [0, 2^63) or None (nondeterministic), got {seed!r}")
     whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
     if batch_size is not None and (not whole or batch_size < 1):
         raise AdvtuneError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return ThreatModel(norm, eps)
+    return None if seed is None else int(seed)
 
 
 def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> list[Attack]:
@@ -117,14 +121,7 @@ def _take(
             break
     if n == 0:
         raise AdvtuneError(f"{what} is empty; check the split, the DataLoader or the limit")
-    shapes = sorted({tuple(x.shape[1:]) for x in xs})
-    if len(shapes) > 1:
-        raise AdvtuneError(f"{what}: batches have different image shapes {shapes}; resize them to one shape")
-    if xs[0].dim() == 3:  # (N, H, W): most likely grey images without their channel (a model may take (N, F))
-        raise AdvtuneError(
-            f"{what}: images must be (N, C, H, W), got shape {tuple(xs[0].shape)}; add the channel dimension, "
-            "e.g. x.unsqueeze(1)"
-        )
+    check_joinable(xs, what)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -155,8 +152,7 @@ def evaluate(
     """
     from .inputs import check_devices, data_device
 
-    threat = _threat(eps, norm, seed, batch_size)
-    seed = None if seed is None else int(seed)  # a numpy integer recorded as a number
+    threat, seed = _threat(eps, norm), _seed(seed, batch_size)
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
@@ -283,8 +279,7 @@ def analyze(
     shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
-    threat = _threat(eps, norm, seed, batch_size)
-    seed = None if seed is None else int(seed)  # a numpy integer recorded as a number
+    threat, seed = _threat(eps, norm), _seed(seed, batch_size)
     atk = attack if attack is not None else default(AnalyzeRun, "attack")
     atk = build_attack(atk, threat) if isinstance(atk, str) else atk
     if getattr(atk, "threat", threat) != threat:
@@ -344,8 +339,8 @@ def harden(
     code as the command (`runs.harden.harden_model`): the same settings give the same weights.
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
-    _threat(eps, norm, seed)  # before the data are read
-    seed = None if seed is None else int(seed)
+    _threat(eps, norm)  # before the data are read
+    seed = _seed(seed)
     train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test

@@ -16,7 +16,7 @@ outside [0, 1] are refused rather than clipped.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -200,13 +200,18 @@ def as_tensor_data(data: Any, *, what: str = "data", limit: int | None = None):
             break
     if not xs or sum(len(y) for y in ys) == 0:
         raise AdvtuneError(f"{what} is empty; check the split or the DataLoader")
-    shapes = {tuple(x.shape[1:]) for x in xs}
+    check_joinable(xs, what, flat_ok=False)
+    return TensorData(torch.cat(xs).float(), torch.cat(ys).long())
+
+
+def check_joinable(xs: Sequence[Tensor], what: str, flat_ok: bool = True) -> None:
+    """Batches of images that join into one tensor of (N, C, H, W) images, or a one-line error before torch.cat's.
+    flat_ok: (N, F) inputs pass (a model of the user's may take them); (N, H, W) never does (a channel missing)."""
+    shapes = sorted({tuple(x.shape[1:]) for x in xs})
     if len(shapes) > 1:
-        raise AdvtuneError(f"{what}: batches have different image shapes {sorted(shapes)}; resize them to one shape")
-    x = torch.cat(xs)
-    if x.dim() != 4:
+        raise AdvtuneError(f"{what}: batches have different image shapes {shapes}; resize them to one shape")
+    if xs[0].dim() == 3 or (xs[0].dim() != 4 and not flat_ok):
         raise AdvtuneError(
-            f"{what}: images must be (N, C, H, W), got shape {tuple(x.shape)}; "
-            "add the channel dimension, e.g. x.unsqueeze(1)"
+            f"{what}: images must be (N, C, H, W), got shape {tuple(xs[0].shape)}; add the channel dimension, "
+            "e.g. x.unsqueeze(1)"
         )
-    return TensorData(x.float(), torch.cat(ys).long())

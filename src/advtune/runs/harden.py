@@ -254,7 +254,7 @@ def harden_model(
         for name, m, where in (("base", model, run.base), ("protocol", hardened, str(out / FINETUNE) if out else "")):
             path = out / files.evaluation(name) if out is not None else None
             settings = evaluation_settings(run, plan, where, name, out)
-            measured = _measured(Path(run.base) if name == "base" else out, out / FINETUNE) if out else {}
+            measured = _measured(name, Path(run.base), out) if out is not None else {}
             if path is not None and path.is_file():  # a resume: kept where it measured these settings on these bytes
                 saved = read_json(path, "evaluation")
                 same = measurement(saved.get("config") or {}) == measurement(settings.to_json())
@@ -335,13 +335,14 @@ def run(run: HardenRun) -> HardenSummary:
     return replace(hardened.record, report=str(paths["html"]))
 
 
-def _measured(folder: Path, ft_dir: Path) -> dict:
-    """An evaluation record's model file: the base's, or the hardened one at the top of the harden folder (a copy of
-    its fine-tuning's, published when the run ends), with the sha256 of the bytes measured."""
-    source = folder / files.WEIGHTS if folder != ft_dir.parent else ft_dir / files.WEIGHTS
-    if not source.is_file():
+def _measured(name: str, base: Path, out: Path) -> dict:
+    """Evaluation `name`'s model file with the sha256 of the bytes it measured: the base's, or the hardened model,
+    measured in its fine-tuning's folder and published (the same bytes) at the top of `out` when the run ends."""
+    recorded, source = (base, base) if name == "base" else (out, out / FINETUNE)
+    weights = source / files.WEIGHTS
+    if not weights.is_file():
         return {}
-    return {"model_file": str((folder / files.WEIGHTS).resolve()), "model_file_sha256": file_sha256(source)}
+    return {"model_file": str((recorded / files.WEIGHTS).resolve()), "model_file_sha256": file_sha256(weights)}
 
 
 def _publish_model(ft_dir: Path, out: Path) -> None:
