@@ -448,6 +448,22 @@ def test_adapter_lr_ratio_without_adapters_is_refused_before_anything_is_written
     experiment.validate_config(ok)  # shares trains adapters: accepted
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"base": {**TINY["base"], "train": {**TINY["base"]["train"], "regrow": 0.3}}},
+        {"variants": [{"name": "r", "select": "random", "params": 0.1, "train": {"regrow": 0.3}}]},  # random units
+        {"variants": [{"name": "u", "params": 0.1, "train": {"regrow": 0.3}}]},  # unit granularity: nothing moves
+    ],
+)
+def test_regrow_without_a_mask_of_entries_is_refused_before_anything_is_written(tmp_path, where):
+    with pytest.raises(AdvtuneError, match="regrow"):
+        experiment.run({**TINY, **where}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    ok = {**TINY, "variants": [{"name": "a", "params": 0.1, "granularity": "sparse", "train": {"regrow": 0.3}}]}
+    experiment.validate_config(ok)  # single entries: accepted
+
+
 def test_train_words_reach_the_config_as_written():
     """augment / amp / optimizer / schedule are words: only numeric fields are parsed as numbers (a base
     trained with crop-flip once failed with "not a number: 'crop-flip'")."""

@@ -64,7 +64,7 @@ def add_train_parser(p) -> None:
 
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
-    add_flags(p, TrainConfig, groups=groups, exclude={"adapter_lr_ratio"})  # fine-tuning with adapters only
+    add_flags(p, TrainConfig, groups=groups, exclude={"adapter_lr_ratio", "regrow", "regrow_every"})  # fine-tuning
 
 
 def run_train(args) -> int:

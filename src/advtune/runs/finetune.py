@@ -133,6 +133,15 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
             "--head with the probe rule needs --probe-quotas: its global ranking lets the output layer's entries "
             "compete in the mask; add --probe-quotas or drop --head"
         )
+    if run.train.regrow and (run.granularity not in ("probe", "sparse") or run.select == "all"):
+        raise AdvtuneError(
+            "--regrow moves a mask of single weight entries: use it with --granularity probe or sparse (and a "
+            "selection other than all)"
+        )
+    if run.train.regrow and run.keep_best:
+        raise AdvtuneError(
+            "--regrow with --keep-best: the kept checkpoint's mask is not the one the run records; drop one of them"
+        )
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
@@ -287,12 +296,14 @@ def finetune_model(
     meta: dict | None = None,
     config: dict | None = None,
     spent: dict | None = None,
+    base_state: dict | None = None,
 ) -> FinetuneSummary:
     """Adversarial fine-tuning of `model` in place (the one implementation behind `advtune finetune`,
     harden's fine-tuning stage and experiment variants). With a run folder `rd`, it checkpoints there
     (and resumes from it with run.resume), writes metrics and cost as it goes, and saves snapshots
     (a loadable model with `meta` and the run's `config`). `spent`: cost counters of an earlier stage
-    of the same fine-tuning (the probe rule's probe) that its cost meter starts from."""
+    of the same fine-tuning (the probe rule's probe) that its cost meter starts from; `base_state`: the base's
+    weights where `model` does not start at them (what a --regrow mask's dropped entries return to)."""
     run, cfg = job.run, job.cfg
     meter = CostMeter().load_json(spent or {})
     callbacks = overfit_guard(run.guard, run.attack, job.threat, ds, model_device(model), cfg.seed, meter)
@@ -323,8 +334,11 @@ def finetune_model(
         meter=meter,
         callbacks=callbacks,
         desc="finetune",
+        base_state=base_state,
         **in_folder,
     )
+    if cfg.regrow and job.selection_info is not None:  # the mask moved: the rows it touches now
+        job.selection_info["units"] = job.selection.n_units(model)
     if keep is not None:  # the best held-out point's weights, not the last
         chosen = keep.restore(model)
         if chosen is not None and hasattr(job.selection, "factors"):  # low-rank: the kept point's adapters
@@ -442,7 +456,9 @@ def finetune_folder(
     rd = open_training_folder(asked or run, cfg, config, inert=inert_selection_settings)
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
-    summary = finetune_model(model, ds, job, rd, meta, config, spent)
+    summary = finetune_model(model, ds, job, rd, meta, config, spent, base_state)
+    if cfg.regrow:  # the mask the run ended with (the same count of entries per weight as it started with)
+        rd.write_json(files.SELECTION, job.selection.to_json())
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {
         "finetuned_from": str(run.base),

@@ -78,6 +78,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         attack=teaching or ft.attack,
         select="all",
         granularity="unit",
+        train=replace(ft.train, regrow=0.0),  # the probe trains every entry: no mask to move
         params=None,
         norms=False,
         head=False,

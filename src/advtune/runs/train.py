@@ -91,6 +91,11 @@ def run(run: TrainRun) -> TrainSummary:
             "finetune --granularity lowrank, hybrid or shares); training from scratch trains every parameter: "
             "leave it at 1"
         )
+    if cfg.regrow:
+        raise AdvtuneError(
+            "regrow moves a fine-tuning's mask of single entries (advtune finetune --granularity probe or sparse); "
+            "training from scratch trains every parameter: leave it at 0"
+        )
     check_val(run.val)
     if cfg.val_attack_limit != TrainConfig().val_attack_limit and not (run.val and run.adversarial or run.resume):
         raise AdvtuneError(  # it attacks the validation split of adversarial training only: it was dropped

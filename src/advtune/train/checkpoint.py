@@ -43,6 +43,7 @@ def save_checkpoint(
     step: int,
     acc_state: torch.Tensor,
     average=None,
+    regrowth=None,
 ) -> None:
     state = {
         "format": "advtune-checkpoint-1",
@@ -58,6 +59,8 @@ def save_checkpoint(
     }
     if average is not None:  # --ema: the weight average resumes with the run
         state["average"] = average.state_dict()
+    if regrowth is not None:  # --regrow: the mask as it has moved, and the gradient sums since its last move
+        state["regrow"] = regrowth.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -123,7 +126,9 @@ def _refuse_new_length(saved: dict, cfg: TrainConfig, ramp: float, done: int) ->
         )
 
 
-def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device, average=None):
+def load_checkpoint(
+    path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device, average=None, regrowth=None
+):
     try:
         # weights_only: tensors and plain containers only, never code from the file
         state = torch.load(path, map_location=device, weights_only=True)
@@ -145,6 +150,8 @@ def load_checkpoint(path: Path, model, opt, meter: CostMeter, history: History, 
         ) from None
     if average is not None:
         average.load_state_dict(state.get("average"), f"checkpoint {path}")
+    if regrowth is not None:
+        regrowth.load_state_dict(state.get("regrow"), f"checkpoint {path}")
     meter.load_json(state["meter"])
     history.epochs = list(state["history"]["epochs"])
     history.stopped = state["history"]["stopped"]

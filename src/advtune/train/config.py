@@ -76,6 +76,16 @@ class TrainConfig:
         type=number,
         group="training",
     )
+    # a mask that moves (train/regrow.py, #21 round 39): RigL-style drop and regrow of single weight entries
+    regrow: float = setting(
+        0.0,
+        help="move the sparse/probe rule's mask within its budget: every --regrow-every steps this share of "
+        "each weight's entries (cosine-decayed to 0 at three quarters of the run) goes back to the base and as "
+        "many new entries start training where the gradient is largest (0: a fixed mask)",
+        type=number,
+        group="training",
+    )
+    regrow_every: int = setting(100, help="optimizer steps between the moves of --regrow's mask", group="training")
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -118,11 +128,20 @@ class TrainConfig:
         r = self.adapter_lr_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
+        check_regrow(self.regrow, self.regrow_every)
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def check_regrow(share: float, every: int) -> None:
+    """--regrow's share of the mask and --regrow-every's interval (train/regrow.py)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise AdvtuneError(f"--regrow must be a share of the mask in [0, 1) (e.g. 0.3; 0: a fixed mask), got {share!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+        raise AdvtuneError(f"--regrow-every must be a positive number of steps (e.g. 100), got {every!r}")
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from .objectives import (
     Objective,
     clean,
 )
+from .regrow import Regrowth
 from .selection import Trainable
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def fit(
     on_record: Callable[[History], None] | None = None,
     on_step: StepCallback | None = None,
     desc: str = "train",
+    base_state: Mapping[str, torch.Tensor] | None = None,
 ) -> History:
     """Train `model` in place and return its per-epoch history.
 
@@ -76,6 +78,9 @@ def fit(
     on_record: called with the history after each epoch (the CLI writes metrics.jsonl there).
     on_step: called after every optimizer step with (model, steps done, meter), outside the timed
     part (the frontier benchmark saves snapshots there). `cfg.steps` sets the run's length in steps.
+    base_state: with `cfg.regrow`, the values an entry dropped from the moving mask returns to (default: the
+    weights `model` starts with; the probe rule starts elsewhere and passes the base's); the final mask is written
+    back into `selection`.
     """
     train = as_tensor_data(train, what="train")
     val = as_tensor_data(val, what="val") if val is not None else None
@@ -108,12 +113,13 @@ def fit(
         steps_per_epoch = num_batches(len(train) // world, local_batch)
         total = total_steps(cfg, steps_per_epoch)
         n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
+        regrowth = Regrowth(model, trainable, cfg.regrow, cfg.regrow_every, total, base_state) if cfg.regrow else None
         history = History()
         epoch, step = 0, 0
         acc_state = _zero_acc(device)
         ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
         if resume and ckpt is not None and ckpt.is_file():
-            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device, average)
+            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device, average, regrowth)
             trainable.snapshot()  # unselected slices: the loaded weights are the reference
             log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
         elif resume and ckpt is not None:
@@ -161,6 +167,8 @@ def fit(
                     )
                 opt.zero_grad(set_to_none=True)
                 (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
+                if regrowth is not None:  # every entry's gradient, before the mask cuts it
+                    regrowth.observe()
                 trainable.mask_grads()
                 if world > 1:
                     _all_reduce_grads(params, world)
@@ -172,6 +180,10 @@ def fit(
                 trainable.restore_frozen()
                 if average is not None:
                     average.update()
+                if regrowth is not None:
+                    moved = regrowth.step(epoch * steps_per_epoch + step + 1, opt, average)
+                    if moved:
+                        log.info("mask: %d entries moved after step %d", moved, epoch * steps_per_epoch + step + 1)
                 with torch.no_grad():
                     acc_state[0] += out["loss"].detach() * len(y)
                     if out.get("logits") is not None:  # a local objective has no logits
@@ -205,7 +217,7 @@ def fit(
                     and rank == 0
                 ):
                     meter.stop()
-                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average)
+                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average, regrowth)
                     meter.start()
             meter.stop()
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics: rank 0's, on every rank
@@ -237,11 +249,13 @@ def fit(
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
             if ckpt is not None and rank == 0:
-                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average)
+                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average, regrowth)
             if on_record is not None and rank == 0:
                 on_record(history)
         if average is not None:  # the run ends with the averaged weights
             average.copy_to_model()
+        if regrowth is not None:  # the selection records the mask the run ended with
+            regrowth.write_back(selection)
         return history
     finally:
         trainable.close()

@@ -136,10 +136,10 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{vw}: variant name {v['name']!r} used twice")
         seen.add(v["name"])
         _check_numbers(v, vw)
-    if train_config(cfg["base"].get("train"), None, 0).adapter_lr_ratio != 1:
-        raise AdvtuneError(
-            f"{where}: base.train: adapter_lr_ratio is a fine-tuning lever; set it in a variant's train:"
-        )
+    base_train = train_config(cfg["base"].get("train"), None, 0)
+    for lever, off in (("adapter_lr_ratio", 1), ("regrow", 0)):
+        if getattr(base_train, lever) != off:
+            raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
@@ -174,6 +174,12 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
                 "trains none: use it with kind: finetune and granularity lowrank, hybrid or shares (or select: lowrank)"
+            )
+        moving = w["kind"] == "finetune" and w.get("granularity") in ("probe", "sparse") and w.get("select") != "all"
+        if train_config(None, w.get("train"), 0).regrow and not moving:
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: regrow moves a mask of single entries: use it with kind: finetune "
+                "and granularity probe or sparse"
             )
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:

@@ -1,0 +1,137 @@
+"""A mask that moves within its budget (`--regrow SHARE`, #21 round 39): drop and regrow single weight entries.
+
+The sparse and probe rules fix their mask before the masked training starts, from a short look (a Fisher or the
+probe's movement); what matters later in the run may differ. Dynamic sparse training keeps the number of trained
+entries and moves them: every `--regrow-every` steps a share of each weight's selected entries (cosine-decayed from
+`--regrow` to 0 at 75% of the run) is dropped and as many of its unselected entries are grown. RigL (Evci et al.
+2020, from memory) drops the smallest weights and grows where the gradient is largest; here the mask is of changes
+from a base, so a drop is the entry that moved least from the base (it is put back to the base's value, with its
+optimizer moments and weight average, so entries outside the mask stay bit-exact and the changed entries never
+exceed the budget), and a grow is where the summed squared gradient since the last update (an empirical Fisher over
+the window; the loop computes every entry's gradient of a partly selected weight anyway) is largest. Each weight keeps
+its count of entries (its quota); biases and normalization layers are untouched. Only single-entry masks move
+(the sparse and probe rules): the final mask is what the run's selection.json records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import AdvtuneError
+from .config import check_regrow
+
+REGROW_END = 0.75  # RigL's schedule: the mask stops moving at 75% of the run, the rest trains a fixed one
+
+
+def regrow_share(share: float, step: int, total: int) -> float:
+    """The share of each weight's mask swapped at global step `step` of `total`: cosine from `share` to 0 at
+    REGROW_END of the run."""
+    end = REGROW_END * total
+    if step >= end or end <= 0:
+        return 0.0
+    return share * 0.5 * (1 + math.cos(math.pi * step / end))
+
+
+class Regrowth:
+    """Moves the masks of a Trainable's partly selected conv/linear weights (its `partial` entries, in place).
+    `reference`: the values a dropped entry returns to (the base's; default: the weights at the start, which is
+    the base wherever the mask is off)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable,
+        share: float,
+        every: int,
+        total: int,
+        reference: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        check_regrow(share, every)
+        self.share, self.every, self.total = float(share), int(every), int(total)
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights = {
+            id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
+        }
+        # (name, parameter, its live mask, the frozen values the Trainable restores, the base's values)
+        self.moving = []
+        for i, (p, m, frozen) in enumerate(trainable.partial):
+            if id(p) not in weights:
+                continue
+            base = frozen if reference is None else reference[names[id(p)]].to(p.device, p.dtype)
+            self.moving.append((names[id(p)], i, p, base))
+        if not self.moving or getattr(trainable.selection, "kind", None) != "sparse":  # units stay units
+            raise AdvtuneError(
+                "--regrow moves a mask of single weight entries, and this selection has none: use it with "
+                "--granularity probe or sparse"
+            )
+        self.trainable = trainable
+        self.fisher = [torch.zeros_like(p) for _, _, p, _ in self.moving]
+
+    def masks(self) -> dict[str, Tensor]:
+        return {name: self.trainable.partial[i][1] for name, i, _, _ in self.moving}
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """After backward, before the gradients are masked: add every entry's squared gradient."""
+        for f, (_, _, p, _) in zip(self.fisher, self.moving):
+            if p.grad is not None:
+                f.add_(p.grad.detach().float().square().to(f.dtype))
+
+    @torch.no_grad()
+    def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
+        """After `done` optimizer steps: move the masks if an update falls here. Returns the entries swapped."""
+        if done % self.every or done >= REGROW_END * self.total:
+            return 0
+        share = regrow_share(self.share, done, self.total)
+        if dist.is_available() and dist.is_initialized():  # every rank chooses from the same sums
+            for f in self.fisher:
+                dist.all_reduce(f)
+        swapped = 0
+        shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
+        for f, (_, i, p, base) in zip(self.fisher, self.moving):
+            _, m, frozen = self.trainable.partial[i]
+            on = int(m.sum())
+            k = min(int(share * on), m.numel() - on)
+            if k > 0:
+                flat_m = m.view(-1)
+                moved = (p.detach() - base).abs().view(-1).float()
+                drop = moved.masked_fill(~flat_m, math.inf).topk(k, largest=False).indices
+                grow = f.view(-1).float().masked_fill(flat_m, -math.inf).topk(k).indices
+                flat_m[drop] = False
+                flat_m[grow] = True
+                for t in (p.data, frozen, shadows.get(id(p))):
+                    if t is not None:
+                        t.view(-1)[drop] = base.view(-1)[drop]  # dropped: back to the base, bit for bit
+                state = opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):  # both ends start without momentum
+                    buf = state.get(key)
+                    if isinstance(buf, Tensor) and buf.shape == p.shape:
+                        buf.view(-1)[drop] = 0
+                        buf.view(-1)[grow] = 0
+                swapped += k
+            f.zero_()
+        return swapped
+
+    def state_dict(self) -> dict:
+        return {"masks": [m.cpu() for m in self.masks().values()], "fisher": [f.cpu() for f in self.fisher]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict | None, where: str) -> None:
+        """The masks and sums of a checkpoint (call before the Trainable's snapshot: its frozen values are then the
+        loaded weights, the base wherever the loaded mask is off)."""
+        masks = (state or {}).get("masks", ())
+        if len(masks) != len(self.moving) or len(state.get("fisher", ())) != len(self.fisher):
+            raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
+        for (_, i, p, _), m, f, saved in zip(self.moving, masks, self.fisher, state["fisher"]):
+            self.trainable.partial[i][1].copy_(m.to(p.device))
+            f.copy_(saved.to(f.device))
+
+    def write_back(self, selection) -> None:
+        """The final masks into the selection's entries (what selection.json records)."""
+        for name, m in self.masks().items():
+            selection.entries[name] = m.detach().to("cpu", torch.bool).clone()

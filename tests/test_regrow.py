@@ -1,0 +1,161 @@
+"""A mask that moves within its budget (--regrow, train/regrow.py): every weight keeps its count of entries, the
+mask really moves (drops the entries that moved least, grows where the gradient is largest), every entry outside the
+final mask is the base's bit for bit (weight average included), the final mask is what the selection records, a
+resume is exact, and bad settings are one-line errors before any work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from advtune.attacks import PGD
+from advtune.data import TensorData
+from advtune.errors import AdvtuneError
+from advtune.threat import ThreatModel
+from advtune.train import TrainConfig, adversarial, fit
+from advtune.train.regrow import REGROW_END, regrow_share
+from advtune.train.sparse import SparseEntries
+from test_selective import bn_net
+
+THREAT = ThreatModel("linf", 0.1)
+MOVING = ("net.conv1.weight", "net.conv2.weight", "net.fc.weight")
+
+
+@pytest.fixture(scope="module")
+def data():
+    from advtune.data import synthetic_blobs
+
+    x, y = synthetic_blobs(256, generator=torch.Generator().manual_seed(3))
+    return TensorData((x * 255).round().to(torch.uint8), y)
+
+
+def random_mask(model, share=0.2, seed=0) -> SparseEntries:
+    g = torch.Generator().manual_seed(seed)
+    entries = {n: torch.rand(p.shape, generator=g) < share for n, p in model.named_parameters() if n in MOVING}
+    entries["net.conv2.bias"] = torch.ones(16, dtype=torch.bool)  # a whole parameter: never moves
+    return SparseEntries(entries)
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(
+        **{"epochs": 3, "batch_size": 32, "lr": 0.01, "seed": 1, "regrow": 0.5, "regrow_every": 2, "ema": 0.9, **kw}
+    )
+
+
+def test_the_schedule_decays_to_nothing_at_three_quarters_of_the_run():
+    assert regrow_share(0.4, 0, 100) == pytest.approx(0.4)
+    assert regrow_share(0.4, 37.5, 100) == pytest.approx(0.2)
+    assert regrow_share(0.4, int(REGROW_END * 100), 100) == 0.0 and regrow_share(0.4, 99, 100) == 0.0
+
+
+def test_the_mask_moves_within_each_weights_count_and_everything_outside_it_is_the_base(data):
+    model = bn_net()
+    base = copy.deepcopy(model.state_dict())
+    sel = random_mask(model)
+    first = {n: m.clone() for n, m in sel.entries.items()}
+    fit(model, data, adversarial(PGD(THREAT, steps=1)), cfg(), selection=sel)
+    after = model.state_dict()
+    moved_any = False
+    for name in MOVING:
+        m0, m1 = first[name], sel.entries[name]
+        assert int(m1.sum()) == int(m0.sum()), name  # the weight's quota kept
+        moved_any |= not torch.equal(m0, m1)
+        assert torch.equal(after[name][~m1], base[name][~m1]), name  # dropped or never chosen: the base, bit-exact
+        assert int((after[name] != base[name]).sum()) <= int(m1.sum())  # never more changes than the budget
+    assert moved_any and torch.equal(sel.entries["net.conv2.bias"], first["net.conv2.bias"])
+    for name in ("net.conv1.bias", "net.fc.bias", "net.bn2.weight"):  # outside the selection: untouched
+        assert torch.equal(after[name], base[name]), name
+    back = SparseEntries.from_json(sel.to_json())  # what selection.json records is the final mask
+    assert all(torch.equal(back.entries[n], sel.entries[n]) for n in MOVING)
+
+
+def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_moved(data):
+    """One update, checked by hand: the entries that left moved least; those that came had the largest sums."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    start = copy.deepcopy(model.state_dict())
+    sel = random_mask(model, share=0.3)
+    trainable = Trainable(model, sel)
+    regrowth = Regrowth(model, trainable, 0.5, 1, 100)
+    opt = torch.optim.Adam(trainable.params(), lr=0.01)
+    x, y = data.to_float(data.x[:64]), data.y[:64]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    regrowth.observe()
+    fisher = {n: p.grad.square() for n, p in model.named_parameters() if n in MOVING}
+    trainable.mask_grads()
+    opt.step()
+    trainable.restore_frozen()
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    params = dict(model.named_parameters())
+    moved = {n: (params[n].detach() - start[n]).abs() for n in MOVING}
+    assert regrowth.step(1, opt) > 0
+    for name, m1 in regrowth.masks().items():
+        m0 = before[name]
+        left, came = m0 & ~m1, m1 & ~m0
+        assert int(left.sum()) == int(came.sum()) == int(regrow_share(0.5, 1, 100) * int(m0.sum())) > 0
+        assert float(fisher[name][came].min()) >= float(fisher[name][~m0 & ~came].max())
+        assert float(moved[name][left].max()) <= float(moved[name][m0 & m1].min())
+        assert torch.equal(params[name].detach()[left], start[name][left])  # dropped: back to the start, bit-exact
+        for key in ("exp_avg", "exp_avg_sq"):  # both ends start without moments
+            buf = opt.state[params[name]][key]
+            assert not bool(buf[left].any()) and not bool(buf[came].any())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_mask_and_weights(data, tmp_path):
+    config = cfg(checkpoint_every=3)
+    objective = adversarial(PGD(THREAT, steps=1))
+    full, sel_full = bn_net(), random_mask(bn_net())
+    fit(full, data, objective, config, selection=sel_full)
+
+    def crash(model, step, meter):
+        if step == 13:  # after a mid-epoch checkpoint (epoch 2, step 3) and several moves of the mask
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        fit(bn_net(), data, objective, config, selection=random_mask(bn_net()), checkpoint_dir=tmp_path, on_step=crash)
+    resumed, sel_res = bn_net(), random_mask(bn_net())  # the selection as it started: the checkpoint moves it
+    fit(resumed, data, objective, config, selection=sel_res, checkpoint_dir=tmp_path, resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(torch.equal(sel_full.entries[n], sel_res.entries[n]) for n in MOVING)
+
+
+def test_bad_regrow_settings_and_selections_it_cannot_move_are_one_line_errors(data):
+    for bad in ({"regrow": 1.0}, {"regrow": -0.1}, {"regrow_every": 0}, {"regrow": True}):
+        with pytest.raises(AdvtuneError, match="--regrow"):
+            TrainConfig(**bad)
+    from advtune.components import Component, Selection
+
+    units = Selection((Component("net.conv2", 0),))  # whole units: no single entries to move
+    with pytest.raises(AdvtuneError, match="--granularity probe or sparse"):
+        fit(bn_net(), data, adversarial(PGD(THREAT, steps=1)), cfg(), selection=units)
+
+
+def test_finetune_refuses_regrow_without_a_mask_of_entries_or_with_keep_best_before_the_base_is_read(tmp_path, capsys):
+    from advtune.cli import main
+
+    missing = tmp_path / "no-such-base"  # never read: the settings are refused first
+    for extra, match in (
+        (["--regrow", "0.3"], "use it with --granularity probe or sparse"),  # unit granularity
+        (["--granularity", "sparse", "--select", "all", "--regrow", "0.3"], "and a selection other than all"),
+        (
+            ["--granularity", "sparse", "--select", "random", "--params", "0.1", "--regrow", "0.3", "--keep-best", "3"],
+            "--keep-best",
+        ),
+        (["--granularity", "sparse", "--params", "0.1", "--regrow", "1.5"], "--regrow must be a share"),
+    ):
+        assert main(["finetune", str(missing), "--eps", "0.2", *extra, "--out", str(tmp_path / "ft"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "ft").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--regrow" not in capsys.readouterr().out  # training from scratch has no mask to move
