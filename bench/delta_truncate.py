@@ -229,7 +229,8 @@ def probe_then_mask(
     except AdvtuneError as e:
         raise SystemExit(str(e)) from None
     model = probed.start
-    summary = finetune_model(model, ds, prepare_finetune(model, ds, probed.run, select=probed.mask), spent=probed.spent)
+    job = prepare_finetune(model, ds, probed.run, select=probed.mask)
+    summary = finetune_model(model, ds, job, spent=probed.spent, base_state=probed.base_state)
     seeds = [ftrun.train.seed, probed.run.train.seed]
     return (
         model.eval(),

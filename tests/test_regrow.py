@@ -6,6 +6,8 @@ resume is exact, and bad settings are one-line errors before any work."""
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -71,12 +73,13 @@ def test_the_mask_moves_within_each_weights_count_and_everything_outside_it_is_t
     assert all(torch.equal(back.entries[n], sel.entries[n]) for n in MOVING)
 
 
-def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_moved(data):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])  # channels_last: fit's amp on CUDA
+def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_moved(data, layout):
     """One update, checked by hand: the entries that left moved least; those that came had the largest sums."""
     from advtune.train.regrow import Regrowth
     from advtune.train.selection import Trainable
 
-    model = bn_net()
+    model = bn_net().to(memory_format=layout)
     start = copy.deepcopy(model.state_dict())
     sel = random_mask(model, share=0.3)
     trainable = Trainable(model, sel)
@@ -84,8 +87,9 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
     opt = torch.optim.Adam(trainable.params(), lr=0.01)
     x, y = data.to_float(data.x[:64]), data.y[:64]
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    regrowth.observe()
+    regrowth.observe(0)
     fisher = {n: p.grad.square() for n, p in model.named_parameters() if n in MOVING}
+    assert all(torch.equal(f, fisher[n]) for (n, *_), f in zip(regrowth.moving, regrowth.fisher))
     trainable.mask_grads()
     opt.step()
     trainable.restore_frozen()
@@ -103,6 +107,58 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
         for key in ("exp_avg", "exp_avg_sq"):  # both ends start without moments
             buf = opt.state[params[name]][key]
             assert not bool(buf[left].any()) and not bool(buf[came].any())
+
+
+def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):
+    """fp16's gradient scaler skips a step whose gradients overflowed; the regrowth's sums skip it too (NaN and inf
+    would otherwise rank first)."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    sel = random_mask(model)
+    regrowth = Regrowth(model, Trainable(model, sel), 0.3, 10, 100)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    dict(model.named_parameters())["net.fc.weight"].grad[0, 0] = math.inf
+    regrowth.observe(0)
+    assert not any(bool(f.any()) for f in regrowth.fisher)
+    dict(model.named_parameters())["net.fc.weight"].grad[0, 0] = 1.0
+    regrowth.observe(0)
+    assert all(bool((f == 1).all()) for f in regrowth.fisher)
+    regrowth.observe(75)  # past three quarters of the run the mask is fixed: nothing more to sum
+    assert all(bool((f == 1).all()) for f in regrowth.fisher)
+
+
+def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the_probe(tmp_path, capsys):
+    """advtune finetune --granularity probe --regrow: the masked stage starts from the probe's weights; every entry
+    outside the final mask is the base's, the final mask is what selection.json records, and a second run of the same
+    command gives the same weights."""
+    from advtune.cli import main
+    from advtune.models import load_model
+    from advtune.train.sparse import SparseEntries
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=200, limit_test=20)) == 0
+    argv = ["finetune", str(base), "--eps", "0.2", "--granularity", "probe", "--attack", "pgd:steps=1", "--quiet"]
+    argv += ["--limit", "200", "--limit-test", "20", "--monitor-test", "0", "--params", "0.1", "--budget", "8000"]
+    argv += ["--regrow", "0.5", "--regrow-every", "2", "--ema", "0.9"]
+    assert main([*argv, "--out", str(tmp_path / "ft")]) == 0
+    assert "entries moved" not in capsys.readouterr().err  # --quiet
+    was = load_model(base)[0].state_dict()
+    now = load_model(tmp_path / "ft")[0].state_dict()
+    probed = load_model(tmp_path / "ft.probe")[0].state_dict()
+    mask = SparseEntries.from_json(json.loads((tmp_path / "ft" / "selection.json").read_text())).entries
+    weights = [n for n in mask if n.endswith("weight") and not bool(mask[n].all())]
+    assert weights
+    for name in weights:
+        m = mask[name]
+        assert torch.equal(now[name][~m], was[name][~m]), name  # the base's, bit for bit
+        assert not torch.equal(probed[name][~m], was[name][~m]), name  # where the probe had moved them
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    for (k, a), b in zip(now.items(), load_model(tmp_path / "again")[0].state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 class Interrupt(Exception):
@@ -145,7 +201,7 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_or_with_keep_best_bef
     missing = tmp_path / "no-such-base"  # never read: the settings are refused first
     for extra, match in (
         (["--regrow", "0.3"], "use it with --granularity probe or sparse"),  # unit granularity
-        (["--granularity", "sparse", "--select", "all", "--regrow", "0.3"], "and a selection other than all"),
+        (["--granularity", "sparse", "--select", "all", "--regrow", "0.3"], "--select all trains every parameter"),
         (
             ["--granularity", "sparse", "--select", "random", "--params", "0.1", "--regrow", "0.3", "--keep-best", "3"],
             "--keep-best",
@@ -156,6 +212,28 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_or_with_keep_best_bef
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "ft").exists()
+    from advtune.runs.configs import FinetuneRun
+    from advtune.runs.finetune import check_finetune
+
+    probe = FinetuneRun(base="b", out="o", eps=0.2, granularity="probe", params=0.1, budget=10**5, train=cfg())
+    assert check_finetune(probe).train.regrow == 0.5  # the probe rule's mask never comes from --select: accepted
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--regrow" not in capsys.readouterr().out  # training from scratch has no mask to move
+
+
+def test_a_resume_may_not_stretch_a_run_whose_mask_moves_on_its_length(data, tmp_path):
+    from advtune.train.checkpoint import check_resume
+
+    config = cfg(epochs=1)
+    fit(
+        bn_net(),
+        data,
+        adversarial(PGD(THREAT, steps=1)),
+        config,
+        selection=random_mask(bn_net()),
+        checkpoint_dir=tmp_path,
+    )
+    check_resume(tmp_path, config)  # the same length: accepted
+    with pytest.raises(AdvtuneError, match="--regrow schedule"):
+        check_resume(tmp_path, cfg(epochs=2))

@@ -133,11 +133,8 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
             "--head with the probe rule needs --probe-quotas: its global ranking lets the output layer's entries "
             "compete in the mask; add --probe-quotas or drop --head"
         )
-    if run.train.regrow and (run.granularity not in ("probe", "sparse") or run.select == "all"):
-        raise AdvtuneError(
-            "--regrow moves a mask of single weight entries: use it with --granularity probe or sparse (and a "
-            "selection other than all)"
-        )
+    if run.train.regrow and run.granularity not in ("probe", "sparse"):
+        raise AdvtuneError("--regrow moves a mask of single weight entries: use it with --granularity probe or sparse")
     if run.train.regrow and run.keep_best:
         raise AdvtuneError(
             "--regrow with --keep-best: the kept checkpoint's mask is not the one the run records; drop one of them"

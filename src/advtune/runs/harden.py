@@ -240,7 +240,8 @@ def harden_model(
             finetune_folder(hardened, meta, ds, ft, select=select, **stage)
         else:
             job = prepare_finetune(hardened, ds, ft, select=select)
-            ft_sum = finetune_model(hardened, ds, job, spent=stage.get("spent")).to_json()
+            ft_sum = finetune_model(hardened, ds, job, spent=stage.get("spent"), base_state=stage.get("base_state"))
+            ft_sum = ft_sum.to_json()
             selection = job.selection
     if out is not None:  # the fine-tuning's records are the truth: the same whether run now or earlier
         ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()

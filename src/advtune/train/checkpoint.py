@@ -116,6 +116,8 @@ def _refuse_new_length(saved: dict, cfg: TrainConfig, ramp: float, done: int) ->
     if cfg.steps or before == cfg.epochs:  # a budget's steps decide the length, not --epochs
         return
     what = [f"the {cfg.schedule} learning-rate schedule"] if cfg.schedule != "constant" else []
+    if cfg.regrow:  # the mask moves on a schedule over the run's steps (train/regrow.py)
+        what.append("the --regrow schedule of the moving mask")
     if ramp and done / max(before, cfg.epochs) < ramp:  # past the ramp on both lengths: eps stays at its full value
         what.append(f"the eps ramp (over the first {100 * ramp:g}% of the run)")
     if what:

@@ -167,11 +167,13 @@ def fit(
                     )
                 opt.zero_grad(set_to_none=True)
                 (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
-                if regrowth is not None:  # every entry's gradient, before the mask cuts it
-                    regrowth.observe()
-                trainable.mask_grads()
-                if world > 1:
+                if world > 1:  # before the mask (which commutes with the mean): the regrowth sums the global batch's
                     _all_reduce_grads(params, world)
+                if regrowth is not None:  # every entry's gradient (unscaled), before the mask cuts it
+                    if scaler:
+                        scaler.unscale_(opt)
+                    regrowth.observe(epoch * steps_per_epoch + step)
+                trainable.mask_grads()
                 if scaler:  # skips the step when the scaled gradients overflowed, then adapts the scale
                     scaler.step(opt)
                     scaler.update()

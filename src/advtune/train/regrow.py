@@ -19,7 +19,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import AdvtuneError
@@ -35,6 +34,13 @@ def regrow_share(share: float, step: int, total: int) -> float:
     if step >= end or end <= 0:
         return 0.0
     return share * 0.5 * (1 + math.cos(math.pi * step / end))
+
+
+def as_mask(indices: Tensor, like: Tensor) -> Tensor:
+    """A bool tensor of `like`'s shape, True at the flat (logical-order) `indices`."""
+    out = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    out[indices] = True
+    return out.view(like.shape)
 
 
 class Regrowth:
@@ -57,7 +63,7 @@ class Regrowth:
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
         }
-        # (name, parameter, its live mask, the frozen values the Trainable restores, the base's values)
+        # (name, its index in the Trainable's partial list, the parameter, the values a dropped entry returns to)
         self.moving = []
         for i, (p, m, frozen) in enumerate(trainable.partial):
             if id(p) not in weights:
@@ -69,18 +75,27 @@ class Regrowth:
                 "--regrow moves a mask of single weight entries, and this selection has none: use it with "
                 "--granularity probe or sparse"
             )
+        if reference is None and getattr(trainable.selection, "probe", None):  # the probe's weights are not the base
+            raise AdvtuneError("--regrow on the probe rule's mask needs the base's weights (fit's base_state=)")
         self.trainable = trainable
-        self.fisher = [torch.zeros_like(p) for _, _, p, _ in self.moving]
+        self.fisher = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]  # float32, contiguous
 
     def masks(self) -> dict[str, Tensor]:
         return {name: self.trainable.partial[i][1] for name, i, _, _ in self.moving}
 
     @torch.no_grad()
-    def observe(self) -> None:
-        """After backward, before the gradients are masked: add every entry's squared gradient."""
-        for f, (_, _, p, _) in zip(self.fisher, self.moving):
-            if p.grad is not None:
-                f.add_(p.grad.detach().float().square().to(f.dtype))
+    def observe(self, done: int) -> None:
+        """After backward (the gradients of the global batch, unscaled), before they are masked, with `done` steps
+        behind: add every entry's squared gradient while the mask still moves. A step whose gradients are not finite
+        (fp16's scaler skips it) adds nothing."""
+        if done >= REGROW_END * self.total:
+            return
+        squares = [None if p.grad is None else p.grad.detach().float().square() for _, _, p, _ in self.moving]
+        if not all(bool(torch.isfinite(g).all()) for g in squares if g is not None):
+            return
+        for f, g in zip(self.fisher, squares):
+            if g is not None:
+                f.add_(g)
 
     @torch.no_grad()
     def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
@@ -88,9 +103,6 @@ class Regrowth:
         if done % self.every or done >= REGROW_END * self.total:
             return 0
         share = regrow_share(self.share, done, self.total)
-        if dist.is_available() and dist.is_initialized():  # every rank chooses from the same sums
-            for f in self.fisher:
-                dist.all_reduce(f)
         swapped = 0
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
         for f, (_, i, p, base) in zip(self.fisher, self.moving):
@@ -98,21 +110,22 @@ class Regrowth:
             on = int(m.sum())
             k = min(int(share * on), m.numel() - on)
             if k > 0:
-                flat_m = m.view(-1)
-                moved = (p.detach() - base).abs().view(-1).float()
-                drop = moved.masked_fill(~flat_m, math.inf).topk(k, largest=False).indices
-                grow = f.view(-1).float().masked_fill(flat_m, -math.inf).topk(k).indices
-                flat_m[drop] = False
-                flat_m[grow] = True
+                # ranked in the logical order of the entries (reshape copies a channels_last tensor), applied as
+                # full-shape masks, so any memory layout is indexed alike
+                flat_m = m.reshape(-1)
+                moved = (p.detach() - base).abs().float().reshape(-1)
+                drop = as_mask(moved.masked_fill(~flat_m, math.inf).topk(k, largest=False).indices, m)
+                grow = as_mask(f.reshape(-1).masked_fill(flat_m, -math.inf).topk(k).indices, m)
+                m[drop] = False
+                m[grow] = True
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
-                        t.view(-1)[drop] = base.view(-1)[drop]  # dropped: back to the base, bit for bit
+                        t[drop] = base[drop]  # dropped: back to the base, bit for bit
                 state = opt.state.get(p, {})
-                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):  # both ends start without momentum
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):  # both ends: no momentum
                     buf = state.get(key)
                     if isinstance(buf, Tensor) and buf.shape == p.shape:
-                        buf.view(-1)[drop] = 0
-                        buf.view(-1)[grow] = 0
+                        buf[drop | grow] = 0
                 swapped += k
             f.zero_()
         return swapped
