@@ -89,7 +89,7 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
     torch.nn.functional.cross_entropy(model(x), y).backward()
     regrowth.observe(0)
     fisher = {n: p.grad.square() for n, p in model.named_parameters() if n in MOVING}
-    assert all(torch.equal(f, fisher[n]) for (n, *_), f in zip(regrowth.moving, regrowth.fisher))
+    assert all(torch.equal(f, fisher[n]) for (n, *_), f in zip(regrowth.moving, regrowth.squares))
     trainable.mask_grads()
     opt.step()
     trainable.restore_frozen()
@@ -122,12 +122,12 @@ def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data
         p.grad = torch.ones_like(p)
     dict(model.named_parameters())["net.fc.weight"].grad[0, 0] = math.inf
     regrowth.observe(0)
-    assert not any(bool(f.any()) for f in regrowth.fisher)
+    assert not any(bool(f.any()) for f in regrowth.squares + regrowth.sums)
     dict(model.named_parameters())["net.fc.weight"].grad[0, 0] = 1.0
     regrowth.observe(0)
-    assert all(bool((f == 1).all()) for f in regrowth.fisher)
+    assert all(bool((f == 1).all()) for f in regrowth.squares)
     regrowth.observe(75)  # past three quarters of the run the mask is fixed: nothing more to sum
-    assert all(bool((f == 1).all()) for f in regrowth.fisher)
+    assert all(bool((f == 1).all()) for f in regrowth.squares)
 
 
 def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the_probe(tmp_path, capsys):
@@ -159,6 +159,29 @@ def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the
     assert main([*argv, "--out", str(tmp_path / "again")]) == 0
     for (k, a), b in zip(now.items(), load_model(tmp_path / "again")[0].state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_the_movement_score_ranks_where_adam_would_have_moved_an_entry_not_how_loud_its_gradient_is():
+    """--regrow-score movement: |sum g| / sqrt(sum g^2) over the window: a small steady gradient (Adam moves it every
+    step) outranks a large one that changes sign (Adam's steps cancel); the fisher score ranks them the other way."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    regrowth = Regrowth(model, Trainable(model, random_mask(model)), 0.3, 10, 100, score="movement")
+    fc = dict(model.named_parameters())["net.fc.weight"]
+    j = [n for n, *_ in regrowth.moving].index("net.fc.weight")
+    for sign in (1.0, -1.0):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        fc.grad[0, 0], fc.grad[0, 1] = 0.01, 10.0 * sign  # steady and small; large, changing sign
+        regrowth.observe(0)
+    movement = regrowth.scores(j)
+    assert float(movement[0, 0]) == pytest.approx(2**0.5) and float(movement[0, 1]) == 0.0
+    regrowth.score = "fisher"
+    assert float(regrowth.scores(j)[0, 1]) > float(regrowth.scores(j)[0, 0])
+    with pytest.raises(AdvtuneError, match="--regrow-score"):
+        TrainConfig(regrow=0.3, regrow_score="loudest")
 
 
 class Interrupt(Exception):

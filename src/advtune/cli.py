@@ -64,7 +64,8 @@ def add_train_parser(p) -> None:
 
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
-    add_flags(p, TrainConfig, groups=groups, exclude={"adapter_lr_ratio", "regrow", "regrow_every"})  # fine-tuning
+    fine_tuning = {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score"}  # levers of adapters or a mask
+    add_flags(p, TrainConfig, groups=groups, exclude=fine_tuning)
 
 
 def run_train(args) -> int:

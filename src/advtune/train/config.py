@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 
-AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
+AUGMENTS = ("none", "crop-flip")
+REGROW_SCORES = ("fisher", "movement")  # train/regrow.py  # train/augment.py implements them
 SGD_MOMENTUM = 0.9
 
 
@@ -86,6 +87,13 @@ class TrainConfig:
         group="training",
     )
     regrow_every: int = setting(100, help="optimizer steps between the moves of --regrow's mask", group="training")
+    regrow_score: Literal["fisher", "movement"] = setting(
+        "fisher",
+        help="where --regrow's mask grows: fisher = the largest summed squared gradient since the last move; "
+        "movement = how far Adam would have moved the entry, |sum g| / sqrt(sum g^2)",
+        choices=REGROW_SCORES,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -128,7 +136,7 @@ class TrainConfig:
         r = self.adapter_lr_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
-        check_regrow(self.regrow, self.regrow_every)
+        check_regrow(self.regrow, self.regrow_every, self.regrow_score)
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
@@ -136,8 +144,10 @@ class TrainConfig:
         return asdict(self)
 
 
-def check_regrow(share: float, every: int) -> None:
-    """--regrow's share of the mask and --regrow-every's interval (train/regrow.py)."""
+def check_regrow(share: float, every: int, score: str = "fisher") -> None:
+    """--regrow's share of the mask, --regrow-every's interval and --regrow-score (train/regrow.py)."""
+    if score not in REGROW_SCORES:
+        raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AdvtuneError(f"--regrow must be a share of the mask in [0, 1) (e.g. 0.3; 0: a fixed mask), got {share!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:

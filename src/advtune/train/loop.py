@@ -113,7 +113,11 @@ def fit(
         steps_per_epoch = num_batches(len(train) // world, local_batch)
         total = total_steps(cfg, steps_per_epoch)
         n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
-        regrowth = Regrowth(model, trainable, cfg.regrow, cfg.regrow_every, total, base_state) if cfg.regrow else None
+        regrowth = (
+            Regrowth(model, trainable, cfg.regrow, cfg.regrow_every, total, base_state, cfg.regrow_score)
+            if cfg.regrow
+            else None
+        )
         history = History()
         epoch, step = 0, 0
         acc_state = _zero_acc(device)

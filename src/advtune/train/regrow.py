@@ -56,9 +56,10 @@ class Regrowth:
         every: int,
         total: int,
         reference: Mapping[str, Tensor] | None = None,
+        score: str = "fisher",
     ) -> None:
-        check_regrow(share, every)
-        self.share, self.every, self.total = float(share), int(every), int(total)
+        check_regrow(share, every, score)
+        self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
@@ -78,7 +79,9 @@ class Regrowth:
         if reference is None and getattr(trainable.selection, "probe", None):  # the probe's weights are not the base
             raise AdvtuneError("--regrow on the probe rule's mask needs the base's weights (fit's base_state=)")
         self.trainable = trainable
-        self.fisher = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]  # float32, contiguous
+        # the window's sums of each entry's gradient and squared gradient (float32, contiguous)
+        self.sums = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]
+        self.squares = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]
 
     def masks(self) -> dict[str, Tensor]:
         return {name: self.trainable.partial[i][1] for name, i, _, _ in self.moving}
@@ -90,12 +93,21 @@ class Regrowth:
         (fp16's scaler skips it) adds nothing."""
         if done >= REGROW_END * self.total:
             return
-        squares = [None if p.grad is None else p.grad.detach().float().square() for _, _, p, _ in self.moving]
-        if not all(bool(torch.isfinite(g).all()) for g in squares if g is not None):
+        grads = [None if p.grad is None else p.grad.detach().float() for _, _, p, _ in self.moving]
+        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
             return
-        for f, g in zip(self.fisher, squares):
+        for s, q, g in zip(self.sums, self.squares, grads):
             if g is not None:
-                f.add_(g)
+                s.add_(g)
+                q.addcmul_(g, g)
+
+    def scores(self, i: int) -> Tensor:
+        """Where entry i's weight would grow: the window's summed squared gradient (fisher, an empirical Fisher), or
+        how far Adam would have moved each entry over the window (movement: |sum g| / sqrt(sum g^2), as the
+        probe rule's mask ranks what Adam moved)."""
+        if self.score == "fisher":
+            return self.squares[i]
+        return self.sums[i].abs() / self.squares[i].sqrt().clamp_min(1e-30)
 
     @torch.no_grad()
     def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
@@ -105,7 +117,7 @@ class Regrowth:
         share = regrow_share(self.share, done, self.total)
         swapped = 0
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
-        for f, (_, i, p, base) in zip(self.fisher, self.moving):
+        for j, (_, i, p, base) in enumerate(self.moving):
             _, m, frozen = self.trainable.partial[i]
             on = int(m.sum())
             k = min(int(share * on), m.numel() - on)
@@ -115,7 +127,7 @@ class Regrowth:
                 flat_m = m.reshape(-1)
                 moved = (p.detach() - base).abs().float().reshape(-1)
                 drop = as_mask(moved.masked_fill(~flat_m, math.inf).topk(k, largest=False).indices, m)
-                grow = as_mask(f.reshape(-1).masked_fill(flat_m, -math.inf).topk(k).indices, m)
+                grow = as_mask(self.scores(j).reshape(-1).masked_fill(flat_m, -math.inf).topk(k).indices, m)
                 m[drop] = False
                 m[grow] = True
                 for t in (p.data, frozen, shadows.get(id(p))):
@@ -127,22 +139,29 @@ class Regrowth:
                     if isinstance(buf, Tensor) and buf.shape == p.shape:
                         buf[drop | grow] = 0
                 swapped += k
-            f.zero_()
+            self.sums[j].zero_()
+            self.squares[j].zero_()
         return swapped
 
     def state_dict(self) -> dict:
-        return {"masks": [m.cpu() for m in self.masks().values()], "fisher": [f.cpu() for f in self.fisher]}
+        return {
+            "masks": [m.cpu() for m in self.masks().values()],
+            "sums": [s.cpu() for s in self.sums],
+            "squares": [q.cpu() for q in self.squares],
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict | None, where: str) -> None:
         """The masks and sums of a checkpoint (call before the Trainable's snapshot: its frozen values are then the
         loaded weights, the base wherever the loaded mask is off)."""
-        masks = (state or {}).get("masks", ())
-        if len(masks) != len(self.moving) or len(state.get("fisher", ())) != len(self.fisher):
+        state = state or {}
+        masks, sums, squares = (state.get(k, ()) for k in ("masks", "sums", "squares"))
+        if not len(masks) == len(sums) == len(squares) == len(self.moving):
             raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
-        for (_, i, p, _), m, f, saved in zip(self.moving, masks, self.fisher, state["fisher"]):
+        for (_, i, p, _), m, s, q, s_now, q_now in zip(self.moving, masks, sums, squares, self.sums, self.squares):
             self.trainable.partial[i][1].copy_(m.to(p.device))
-            f.copy_(saved.to(f.device))
+            s_now.copy_(s.to(s_now.device))
+            q_now.copy_(q.to(q_now.device))
 
     def write_back(self, selection) -> None:
         """The final masks into the selection's entries (what selection.json records)."""
