@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from advtune.data import TensorData
+from advtune.errors import AdvtuneError
 from advtune.train.keep_best import CURVE, WEIGHTS, KeepBest
 
 
@@ -56,6 +57,36 @@ def test_a_resumed_run_keeps_the_best_measured_before(tmp_path):
     set_correct(model2, False, 4.0)
     resumed(model2, 4)
     assert resumed.restore(model2) == 2 and model2[1].weight[0, 0].item() == 2.0
+
+
+def test_a_moving_masks_best_point_keeps_its_mask_also_across_a_resume(tmp_path):
+    """--regrow: the mask the best point trained with comes back with its weights (the run records it), from memory
+    and from the folder after a resume; a weights file without a mask is refused for such a run."""
+    live = {"w": torch.tensor([True, False])}
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False))
+    x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8) + 255
+    data = TensorData(x, torch.tensor([0, 0, 0, 0]))
+
+    def keeper():
+        return KeepBest(data, Scripted(), [2, 4], folder=tmp_path, batch_size=4, masks=lambda: live)
+
+    keep = keeper()
+    set_correct(model, True, 2.0)
+    keep(model, 2)  # the best point, with the mask of its time
+    live["w"] = torch.tensor([False, True])  # the mask moves, the later point is worse
+    set_correct(model, False, 4.0)
+    keep(model, 4)
+    assert keep.restore(model) == 2 and torch.equal(keep.kept_masks["w"], torch.tensor([True, False]))
+    assert model[1].weight[0, 0].item() == 2.0
+    resumed = keeper()  # a new process: only the folder remembers
+    assert resumed.restore(model) == 2 and torch.equal(resumed.kept_masks["w"], torch.tensor([True, False]))
+    (tmp_path / WEIGHTS).unlink()
+    _, old = setup(tmp_path / "old")
+    set_correct(model, True, 2.0)
+    old(model, 2)  # written without a mask
+    moving = KeepBest(data, Scripted(), [2], folder=tmp_path / "old", batch_size=4, masks=lambda: live)
+    with pytest.raises(AdvtuneError, match="no mask"):
+        moving.restore(model)
 
 
 def test_ties_keep_the_later_point():

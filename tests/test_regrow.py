@@ -130,7 +130,7 @@ def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data
     assert all(bool((f == 1).all()) for f in regrowth.squares)
 
 
-def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the_probe(tmp_path, capsys):
+def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the_probe(tmp_path, capsys, monkeypatch):
     """advtune finetune --granularity probe --regrow: the masked stage starts from the probe's weights; every entry
     outside the final mask is the base's, the final mask is what selection.json records, and a second run of the same
     command gives the same weights."""
@@ -159,6 +159,19 @@ def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the
     assert main([*argv, "--out", str(tmp_path / "again")]) == 0
     for (k, a), b in zip(now.items(), load_model(tmp_path / "again")[0].state_dict().values()):
         assert torch.equal(a, b), k
+    # --keep-best: the point kept comes with the mask it trained with; the first point is made the best (the held-out
+    # accuracy scripted to fall), so the mask moved on after it
+    import advtune.train.keep_best as keep_best
+
+    scripted = iter([0.9, 0.5, 0.4, 0.3])
+    monkeypatch.setattr(keep_best, "robust_accuracy_quick", lambda *a, **k: next(scripted))
+    assert main([*argv, "--val", "64", "--keep-best", "4", "--out", str(tmp_path / "kept")]) == 0
+    kept = load_model(tmp_path / "kept")[0].state_dict()
+    mask = SparseEntries.from_json(json.loads((tmp_path / "kept" / "selection.json").read_text())).entries
+    for name in weights:
+        assert torch.equal(kept[name][~mask[name]], was[name][~mask[name]]), name
+    curve = json.loads((tmp_path / "kept" / "summary.json").read_text())["checkpoints"]
+    assert curve["chosen_step"] == curve["curve"][0]["step"] < 0.75 * curve["curve"][-1]["step"]
 
 
 def test_the_movement_score_ranks_where_adam_would_have_moved_an_entry_not_how_loud_its_gradient_is():
@@ -218,17 +231,13 @@ def test_bad_regrow_settings_and_selections_it_cannot_move_are_one_line_errors(d
         fit(bn_net(), data, adversarial(PGD(THREAT, steps=1)), cfg(), selection=units)
 
 
-def test_finetune_refuses_regrow_without_a_mask_of_entries_or_with_keep_best_before_the_base_is_read(tmp_path, capsys):
+def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_read(tmp_path, capsys):
     from advtune.cli import main
 
     missing = tmp_path / "no-such-base"  # never read: the settings are refused first
     for extra, match in (
         (["--regrow", "0.3"], "use it with --granularity probe or sparse"),  # unit granularity
         (["--granularity", "sparse", "--select", "all", "--regrow", "0.3"], "--select all trains every parameter"),
-        (
-            ["--granularity", "sparse", "--select", "random", "--params", "0.1", "--regrow", "0.3", "--keep-best", "3"],
-            "--keep-best",
-        ),
         (["--granularity", "sparse", "--params", "0.1", "--regrow", "1.5"], "--regrow must be a share"),
     ):
         assert main(["finetune", str(missing), "--eps", "0.2", *extra, "--out", str(tmp_path / "ft"), "--quiet"]) == 2

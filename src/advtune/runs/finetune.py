@@ -135,10 +135,6 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
         )
     if run.train.regrow and run.granularity not in ("probe", "sparse"):
         raise AdvtuneError("--regrow moves a mask of single weight entries: use it with --granularity probe or sparse")
-    if run.train.regrow and run.keep_best:
-        raise AdvtuneError(
-            "--regrow with --keep-best: the kept checkpoint's mask is not the one the run records; drop one of them"
-        )
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:
@@ -319,6 +315,7 @@ def finetune_model(
             folder=rd.path if rd else None,
             batch_size=cfg.eval_batch_size,
             seed=cfg.seed or 0,
+            masks=(lambda: job.selection.entries) if cfg.regrow else None,  # the mask moves: each point's is kept
         )
         in_folder["on_step"] = both(in_folder.get("on_step"), keep)
     history = fit(
@@ -334,13 +331,15 @@ def finetune_model(
         base_state=base_state,
         **in_folder,
     )
-    if cfg.regrow and job.selection_info is not None:  # the mask moved: the rows it touches now
-        job.selection_info["units"] = job.selection.n_units(model)
     if keep is not None:  # the best held-out point's weights, not the last
         chosen = keep.restore(model)
         if chosen is not None and hasattr(job.selection, "factors"):  # low-rank: the kept point's adapters
             job.selection.factors = keep.best_factors  # (None when measured before a resume: a dense patch)
+        if keep.kept_masks is not None:  # a moving mask: the kept point's
+            job.selection.entries.update(keep.kept_masks)
         log.info("kept the checkpoint of step %s (best held-out robust accuracy of %d)", chosen, len(keep.curve))
+    if cfg.regrow and job.selection_info is not None:  # the mask moved: the rows it touches now
+        job.selection_info["units"] = job.selection.n_units(model)
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None
     quick, n_quick = None, None

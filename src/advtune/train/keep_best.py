@@ -29,10 +29,24 @@ CURVE = "keep-best.json"
 WEIGHTS = "keep-best.safetensors"
 
 
+MASK = "mask::"  # the prefix of a moving mask's entries kept next to the weights (--regrow)
+
+
 class KeepBest:
     def __init__(
-        self, data, attack, steps: list[int], *, label: str = "", folder=None, batch_size: int = 500, seed: int = 0
+        self,
+        data,
+        attack,
+        steps: list[int],
+        *,
+        label: str = "",
+        folder=None,
+        batch_size: int = 500,
+        seed: int = 0,
+        masks=None,
     ) -> None:
+        """`masks`: with a mask that moves (--regrow), a callable giving its entries now ({name: bool tensor}); the
+        best point's are kept with its weights, and `kept_masks` holds them after `restore`."""
         if data is None or len(data) == 0:
             raise AdvtuneError("keeping the best checkpoint needs held-out examples; give --val N (N >= 1)")
         self.data = data  # a TensorData split
@@ -43,6 +57,7 @@ class KeepBest:
         self.best_state: dict | None = None
         self.best_factors: dict | None = None  # the best point's low-rank adapters (for the patch)
         self.kept_last = False  # the best point's weights were lost: the run kept its last ones
+        self.masks, self.kept_masks = masks, None
         if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
             self.curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
 
@@ -70,6 +85,9 @@ class KeepBest:
                 state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
                 self.best_factors = adapter_factors(model) if has_adapters(model) else None
                 self.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+                if self.masks is not None:  # the entries this point may have changed: its mask, with its weights
+                    for name, m in self.masks().items():
+                        self.best_state[MASK + name] = m.detach().to("cpu", torch.bool, copy=True).contiguous()
                 if self.folder is not None and is_main_process():  # the weights first, then the curve naming them
                     atomic_write_bytes(self.folder / WEIGHTS, save(self.best_state, metadata={"step": str(step)}))
         if self.folder is not None and is_main_process():
@@ -90,7 +108,11 @@ class KeepBest:
             self.kept_last = True
             return None
         device = next(model.parameters()).device
-        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+        masks = {k[len(MASK) :]: v for k, v in state.items() if k.startswith(MASK)}
+        if self.masks is not None and not masks:
+            raise AdvtuneError(f"{self.folder / WEIGHTS} has no mask for its moving-mask run; start a new run")
+        self.kept_masks = masks or None
+        model.load_state_dict({k: v.to(device) for k, v in state.items() if not k.startswith(MASK)})
         return best["step"]
 
     def record(self) -> dict:

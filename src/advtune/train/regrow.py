@@ -141,6 +141,8 @@ class Regrowth:
                 swapped += k
             self.sums[j].zero_()
             self.squares[j].zero_()
+        if swapped:  # the selection follows the mask as it moves (keep-best keeps the mask of the point it keeps)
+            self.write_back(self.trainable.selection)
         return swapped
 
     def state_dict(self) -> dict:
