@@ -249,6 +249,16 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
 
     probe = FinetuneRun(base="b", out="o", eps=0.2, granularity="probe", params=0.1, budget=10**5, train=cfg())
     assert check_finetune(probe).train.regrow == 0.5  # the probe rule's mask never comes from --select: accepted
+    from dataclasses import replace
+
+    from advtune.runs.probe import probe_settings
+
+    moving = replace(probe, train=cfg(regrow_score="movement", regrow_every=7))
+    fixed = replace(probe, train=cfg(regrow=0.0))
+    # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
+    assert (
+        probe_settings(check_finetune(moving), None).to_json() == probe_settings(check_finetune(fixed), None).to_json()
+    )
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--regrow" not in capsys.readouterr().out  # training from scratch has no mask to move

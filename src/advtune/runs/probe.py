@@ -30,6 +30,7 @@ from ..errors import AdvtuneError
 from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
+from ..train import TrainConfig
 from ..train.distill import check_probe_teacher, with_probe_teacher
 from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
@@ -78,7 +79,7 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         attack=teaching or ft.attack,
         select="all",
         granularity="unit",
-        train=replace(ft.train, regrow=0.0),  # the probe trains every entry: no mask to move
+        train=without_regrow(ft.train),  # the probe trains every entry: no mask to move
         params=None,
         norms=False,
         head=False,
@@ -91,6 +92,13 @@ def probe_settings(ft: FinetuneRun, folder: Path | None) -> FinetuneRun:
         resume=bool(folder) and (folder / files.CONFIG).is_file() and not ft.overwrite,
         overwrite=bool(folder) and ft.overwrite,
     )
+
+
+def without_regrow(train: TrainConfig) -> TrainConfig:
+    """`train` with the moving mask's settings at their defaults (the probe's settings are the same whatever the
+    masked stage's --regrow, so one probe serves both and its recorded settings match on --resume)."""
+    fixed = TrainConfig()
+    return replace(train, regrow=fixed.regrow, regrow_every=fixed.regrow_every, regrow_score=fixed.regrow_score)
 
 
 def probe_folder(out: str | Path) -> Path:
