@@ -88,7 +88,7 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
     x, y = data.to_float(data.x[:64]), data.y[:64]
     torch.nn.functional.cross_entropy(model(x), y).backward()
     regrowth.observe(0)
-    fisher = {n: p.grad.square() for n, p in model.named_parameters() if n in MOVING}
+    fisher = {n: p.grad.double().square() for n, p in model.named_parameters() if n in MOVING}
     assert all(torch.equal(f, fisher[n]) for (n, *_), f in zip(regrowth.moving, regrowth.squares))
     trainable.mask_grads()
     opt.step()
@@ -195,6 +195,25 @@ def test_the_movement_score_ranks_where_adam_would_have_moved_an_entry_not_how_l
     assert float(regrowth.scores(j)[0, 1]) > float(regrowth.scores(j)[0, 0])
     with pytest.raises(AdvtuneError, match="--regrow-score"):
         TrainConfig(regrow=0.3, regrow_score="loudest")
+    for p in model.parameters():  # a gradient whose square underflows float32 scores no more than a steady one
+        p.grad = torch.full_like(p, 1e-23)
+    regrowth.sums[j].zero_(), regrowth.squares[j].zero_()
+    regrowth.score = "movement"
+    regrowth.observe(0), regrowth.observe(0)
+    assert float(regrowth.scores(j).max()) == pytest.approx(2**0.5)
+
+
+def test_a_loaded_mask_is_the_selections_at_once():
+    """After a resume the selection holds the checkpoint's mask before any move (keep-best records it)."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    first, other = random_mask(model, seed=0), random_mask(model, seed=1)
+    state = Regrowth(model, Trainable(model, other), 0.3, 10, 100).state_dict()
+    regrowth = Regrowth(model, Trainable(model, first), 0.3, 10, 100)
+    regrowth.load_state_dict(state, "checkpoint")
+    assert all(torch.equal(first.entries[n], other.entries[n]) for n in MOVING)
 
 
 class Interrupt(Exception):
@@ -239,6 +258,10 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
         (["--regrow", "0.3"], "use it with --granularity probe or sparse"),  # unit granularity
         (["--granularity", "sparse", "--select", "all", "--regrow", "0.3"], "--select all trains every parameter"),
         (["--granularity", "sparse", "--params", "0.1", "--regrow", "1.5"], "--regrow must be a share"),
+        (
+            ["--granularity", "sparse", "--select", "random", "--params", "0.1", "--regrow", "0.3", "--attack", "fgsm"],
+            "give --no-guard",
+        ),
     ):
         assert main(["finetune", str(missing), "--eps", "0.2", *extra, "--out", str(tmp_path / "ft"), "--quiet"]) == 2
         err = capsys.readouterr().err

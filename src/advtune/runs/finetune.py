@@ -135,6 +135,11 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
         )
     if run.train.regrow and run.granularity not in ("probe", "sparse"):
         raise AdvtuneError("--regrow moves a mask of single weight entries: use it with --granularity probe or sparse")
+    if run.train.regrow and guard_on(run.guard, run.attack):  # its rollback would bring back an older mask's weights
+        raise AdvtuneError(
+            "--regrow with the overfitting guard (on by default for fgsm training): the guard's rollback restores "
+            "weights trained under an earlier mask; give --no-guard or drop --regrow"
+        )
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 
-AUGMENTS = ("none", "crop-flip")
-REGROW_SCORES = ("fisher", "movement")  # train/regrow.py  # train/augment.py implements them
+AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
+REGROW_SCORES = ("fisher", "movement")  # train/regrow.py
 SGD_MOMENTUM = 0.9
 
 

@@ -79,9 +79,10 @@ class Regrowth:
         if reference is None and getattr(trainable.selection, "probe", None):  # the probe's weights are not the base
             raise AdvtuneError("--regrow on the probe rule's mask needs the base's weights (fit's base_state=)")
         self.trainable = trainable
-        # the window's sums of each entry's gradient and squared gradient (float32, contiguous)
-        self.sums = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]
-        self.squares = [torch.zeros(p.shape, device=p.device) for _, _, p, _ in self.moving]
+        # the window's sums of each entry's gradient and squared gradient (float64: a tiny gradient's square does not
+        # underflow to a denominator that inflates the movement score; contiguous)
+        self.sums = [torch.zeros(p.shape, device=p.device, dtype=torch.float64) for _, _, p, _ in self.moving]
+        self.squares = [torch.zeros(p.shape, device=p.device, dtype=torch.float64) for _, _, p, _ in self.moving]
 
     def masks(self) -> dict[str, Tensor]:
         return {name: self.trainable.partial[i][1] for name, i, _, _ in self.moving}
@@ -93,7 +94,7 @@ class Regrowth:
         (fp16's scaler skips it) adds nothing."""
         if done >= REGROW_END * self.total:
             return
-        grads = [None if p.grad is None else p.grad.detach().float() for _, _, p, _ in self.moving]
+        grads = [None if p.grad is None else p.grad.detach().double() for _, _, p, _ in self.moving]
         if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
             return
         for s, q, g in zip(self.sums, self.squares, grads):
@@ -107,7 +108,8 @@ class Regrowth:
         probe rule's mask ranks what Adam moved)."""
         if self.score == "fisher":
             return self.squares[i]
-        return self.sums[i].abs() / self.squares[i].sqrt().clamp_min(1e-30)
+        q = self.squares[i]
+        return torch.where(q > 0, self.sums[i].abs() / q.sqrt(), torch.zeros_like(q))  # no gradient: no movement
 
     @torch.no_grad()
     def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
@@ -164,6 +166,7 @@ class Regrowth:
             self.trainable.partial[i][1].copy_(m.to(p.device))
             s_now.copy_(s.to(s_now.device))
             q_now.copy_(q.to(q_now.device))
+        self.write_back(self.trainable.selection)  # the selection follows the loaded mask (keep-best reads it)
 
     def write_back(self, selection) -> None:
         """The final masks into the selection's entries (what selection.json records)."""
