@@ -83,7 +83,7 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
     start = copy.deepcopy(model.state_dict())
     sel = random_mask(model, share=0.3)
     trainable = Trainable(model, sel)
-    regrowth = Regrowth(model, trainable, 0.5, 1, 100)
+    regrowth = Regrowth(model, trainable, 0.5, 1, 100, score="fisher")
     opt = torch.optim.Adam(trainable.params(), lr=0.01)
     x, y = data.to_float(data.x[:64]), data.y[:64]
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -285,6 +285,17 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--regrow" not in capsys.readouterr().out  # training from scratch has no mask to move
+
+
+def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
+    """A fixed mask's regrow_every / regrow_score had no effect: a record with other values (or an older default)
+    resumes; where the mask moves they are compared."""
+    from advtune.train.checkpoint import config_changes
+
+    now = TrainConfig(seed=1).to_json()
+    assert config_changes({**now, "regrow_score": "fisher", "regrow_every": 7}, now) == []
+    moving = cfg().to_json()
+    assert [k for k, *_ in config_changes({**moving, "regrow_score": "fisher"}, moving)] == ["regrow_score"]
 
 
 def test_a_resume_may_not_stretch_a_run_whose_mask_moves_on_its_length(data, tmp_path):

@@ -73,10 +73,13 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     """(key, recorded, now) for every training setting a resume would change, other than
     RESUMABLE_CHANGES; a key an older record lacks counts as its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    inert = set(RESUMABLE_CHANGES)
+    if not saved.get("regrow", defaults["regrow"]) and not now.get("regrow", defaults["regrow"]):
+        inert |= {"regrow_every", "regrow_score"}  # a fixed mask: how it would move had no effect
     return [
         (k, saved.get(k, defaults.get(k)), v)
         for k, v in now.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+        if k not in inert and saved.get(k, defaults.get(k)) != v
     ]
 
 

@@ -56,7 +56,7 @@ class Regrowth:
         every: int,
         total: int,
         reference: Mapping[str, Tensor] | None = None,
-        score: str = "fisher",
+        score: str = "movement",
     ) -> None:
         check_regrow(share, every, score)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
