@@ -313,3 +313,35 @@ def test_a_resume_may_not_stretch_a_run_whose_mask_moves_on_its_length(data, tmp
     check_resume(tmp_path, config)  # the same length: accepted
     with pytest.raises(AdvtuneError, match="--regrow schedule"):
         check_resume(tmp_path, cfg(epochs=2))
+
+
+def test_harden_regrow_moves_the_probe_rules_mask_within_the_budget_and_the_api_gives_the_same_weights(
+    tmp_path, capsys
+):
+    """advtune harden --regrow (an option of the recipe): the hardened model changed only its recorded final mask's
+    entries, at most the budget, the patch rebuilds it, the Python API gives the same weights; a rule without single
+    entries is refused before any work."""
+    import advtune
+    from advtune.cli import main
+    from advtune.data import load_dataset
+    from advtune.models import load_model
+    from advtune.recipe import PROTOCOL, Recipe
+    from cli_helpers import check_sparse_harden, train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=400, limit_test=40)) == 0
+    out = tmp_path / "hard"
+    argv = ["harden", str(base), "--eps", "0.2", "--params", "0.1", "--limit", "400", "--limit-test", "40"]
+    argv += ["--budget", "12000", "--evaluation", PROTOCOL, "--quiet", "--out", str(out)]
+    assert main([*argv, "--granularity", "unit", "--regrow", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--regrow moves a mask of single weight entries" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main([*argv, "--regrow", "0.5"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "finetune" / "config.json").read_text())["stage"]["train"]["regrow"] == 0.5
+    hardened = check_sparse_harden(base, out, s["selection"]["trainable_params"])
+    ds = load_dataset("synthetic", limit=400, limit_test=40)
+    api = advtune.harden(load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(regrow=0.5), evaluation=PROTOCOL)
+    for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -193,6 +193,7 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
         schedule=run.recipe.schedule,
         ema=run.recipe.ema,
         augment=run.recipe.augment,
+        regrow=run.recipe.regrow,
         seed=run.seed,
     )  # validates lr, optimizer, schedule, batch, ema, augment
     check_global_batch(run.recipe.batch_size)  # torchrun: before anything is written
@@ -222,7 +223,15 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
 
 # what a harden run recorded before these settings existed ran as (its --resume compares with them)
 HARDEN_DEFAULTS = {"holdout": 0, "keep_best": 0}
-RECIPE_DEFAULTS = {"ema": 0.0, "norms": False, "head": False, "probe": 0.2, "probe_quotas": False, "augment": "none"}
+RECIPE_DEFAULTS = {
+    "ema": 0.0,
+    "norms": False,
+    "head": False,
+    "probe": 0.2,
+    "probe_quotas": False,
+    "augment": "none",
+    "regrow": 0.0,
+}
 
 
 def check_harden_resume(out: Path, run: HardenRun, base_sha256: str) -> None:
