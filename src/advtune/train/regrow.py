@@ -7,10 +7,13 @@ entries and moves them: every `--regrow-every` steps a share of each weight's se
 2020, from memory) drops the smallest weights and grows where the gradient is largest; here the mask is of changes
 from a base, so a drop is the entry that moved least from the base (it is put back to the base's value, with its
 optimizer moments and weight average, so entries outside the mask stay bit-exact and the changed entries never
-exceed the budget), and a grow is where the summed squared gradient since the last update (an empirical Fisher over
-the window; the loop computes every entry's gradient of a partly selected weight anyway) is largest. Each weight keeps
-its count of entries (its quota); biases and normalization layers are untouched. Only single-entry masks move
-(the sparse and probe rules): the final mask is what the run's selection.json records.
+exceed the budget), and a grow is where a score over the window since the last move is largest: `movement` (the
+default), how far Adam would have moved the entry, |sum g| / sqrt(sum g^2) (the probe rule's own criterion: +1.8 and
++1.1 validation points over the fixed mask on preact-resnet20), or `fisher`, the summed squared gradient (RigL's
+magnitude over the window; level). The loop computes every entry's gradient of a partly selected weight anyway, so
+the sums cost no extra pass. Each weight keeps its count of entries (its quota); biases and normalization layers are
+untouched. Only single-entry masks move (the sparse and probe rules); the selection follows the mask as it moves, and
+the run's selection.json records the final one.
 """
 
 from __future__ import annotations
@@ -90,8 +93,8 @@ class Regrowth:
     @torch.no_grad()
     def observe(self, done: int) -> None:
         """After backward (the gradients of the global batch, unscaled), before they are masked, with `done` steps
-        behind: add every entry's squared gradient while the mask still moves. A step whose gradients are not finite
-        (fp16's scaler skips it) adds nothing."""
+        behind: add every entry's gradient and its square while the mask still moves. A step whose gradients are not
+        finite (fp16's scaler skips it) adds nothing."""
         if done >= REGROW_END * self.total:
             return
         grads = [None if p.grad is None else p.grad.detach().double() for _, _, p, _ in self.moving]
