@@ -462,6 +462,13 @@ def test_regrow_without_a_mask_of_entries_is_refused_before_anything_is_written(
     assert not (tmp_path / "o").exists()
     ok = {**TINY, "variants": [{"name": "a", "params": 0.1, "granularity": "sparse", "train": {"regrow": 0.3}}]}
     experiment.validate_config(ok)  # single entries: accepted
+    hard = {**TINY, "variants": [{"name": "h", "kind": "harden", "train": {"regrow": 0.3}}]}
+    experiment.validate_config(hard)  # harden's recipe (the probe rule): accepted
+    fgsm = [{"name": "f", "params": 0.1, "granularity": "sparse", "attack": "fgsm", "train": {"regrow": 0.3}}]
+    with pytest.raises(AdvtuneError, match="guard: false"):  # its guard's rollback: refused before anything runs
+        experiment.validate_config({**TINY, "variants": fgsm})
+    with pytest.raises(AdvtuneError, match="--regrow"):  # harden's recipe refuses a rule without single entries
+        experiment.validate_config({**TINY, "variants": [{**hard["variants"][0], "granularity": "unit"}]})
 
 
 def test_train_words_reach_the_config_as_written():

@@ -341,6 +341,9 @@ def test_harden_regrow_moves_the_probe_rules_mask_within_the_budget_and_the_api_
     s = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "finetune" / "config.json").read_text())["stage"]["train"]["regrow"] == 0.5
     hardened = check_sparse_harden(base, out, s["selection"]["trainable_params"])
+    from advtune.report.narrative import harden_recipe
+
+    assert "the mask moving (--regrow 0.5" in harden_recipe(s)  # the report says the mask moved
     ds = load_dataset("synthetic", limit=400, limit_test=40)
     api = advtune.harden(load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(regrow=0.5), evaluation=PROTOCOL)
     for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):

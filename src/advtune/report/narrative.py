@@ -313,6 +313,8 @@ def harden_recipe(s: dict) -> str:
     ramp = f"eps ramped over {100 * float(recipe.get('eps_warmup', 0)):g}% of the budget"
     if g == "probe":
         ramp = f"the whole network for the first {100 * float(recipe.get('probe', 0.2)):g}% of the budget ({ramp})"
+    if recipe.get("regrow"):
+        norms += f", the mask moving (--regrow {recipe['regrow']:g}: drop and regrow within its budget)"
     return (
         f"Recipe: {rule_words(g, recipe.get('probe_quotas', False) is not False)}{norms}{ranked} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "

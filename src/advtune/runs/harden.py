@@ -216,6 +216,7 @@ def harden_model(
     # -- 2 + 3. selection and selective fine-tuning
     what = rule_words(recipe.granularity, recipe.quotas) + (" + the normalization layers" if recipe.norms else "")
     what += " + the output layer whole" if recipe.trains_head else ""
+    what += f", the mask moving (--regrow {recipe.regrow:g})" if recipe.regrow else ""
     budget_words = (
         f"{100 * recipe.params:g}% of the parameters" if recipe.params < 1 else f"{recipe.params:,} parameters"
     )

@@ -25,6 +25,7 @@ from ...train.config import TrainConfig
 from ...train.objectives import check_objective
 from ...vulnerability import list_criteria
 from ..analyze import check_analysis, check_curve_flags
+from ..common import guard_on
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 from ..evaluate import attacks_for
 from ..selecting import check_selection_flags
@@ -175,11 +176,17 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
                 f"{where}: variant {w['name']}: adapter_lr_ratio scales low-rank adapters' rate, and this variant "
                 "trains none: use it with kind: finetune and granularity lowrank, hybrid or shares (or select: lowrank)"
             )
+        # harden's recipe refuses its own (harden_recipe above); a fine-tuning variant's here, before any variant runs
         moving = w["kind"] == "finetune" and w.get("granularity") in ("probe", "sparse") and w.get("select") != "all"
-        if train_config(None, w.get("train"), 0).regrow and not moving:
+        if w["kind"] != "harden" and train_config(None, w.get("train"), 0).regrow and not moving:
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: regrow moves a mask of single entries: use it with kind: finetune "
-                "and granularity probe or sparse"
+                "and granularity probe or sparse, or kind: harden"
+            )
+        if moving and train_config(None, w.get("train"), 0).regrow and guard_on(w.get("guard"), w.get("attack") or ""):
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: regrow with the overfitting guard (on for fgsm training): its rollback "
+                "restores weights trained under an earlier mask; set guard: false or drop regrow"
             )
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:

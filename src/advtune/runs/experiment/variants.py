@@ -186,7 +186,8 @@ def analysis_folder(out: Path, cfg: dict | None, eps: float) -> Path:
     return single if eps_all == {eps} else per_eps
 
 
-RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size", "ema", "augment")  # a harden variant's `train:` keys
+# a harden variant's `train:` keys (the recipe's training settings)
+RECIPE_TRAIN_KEYS = ("optimizer", "lr", "schedule", "batch_size", "ema", "augment", "regrow")
 
 
 def harden_recipe(v: dict, evaluation: dict, where: str) -> Recipe:
