@@ -176,8 +176,8 @@ class Recipe:
         "layers (default: auto = on with --granularity probe)",
         group="recipe",
     )
-    # a mask that moves within its budget (#21, round 39; train/regrow.py): +1.8 / +1.1 validation points on
-    # preact-resnet20 (seeds 0, 1), under round 7's +2 rule: an option, off by default
+    # a mask that moves within its budget (#21, round 39; train/regrow.py): +1.8 / +1.1 / +1.6 validation points on
+    # preact-resnet20 (three seeds), +0.8 on preact-resnet20-w2 (seed 0); under round 7's +2 rule: an option, off
     regrow: float = setting(
         0.0,
         help="with --granularity probe or sparse: every 100 steps, until three quarters of the run, this share of "
