@@ -72,6 +72,13 @@ def test_every_variant_is_recorded_and_tabled(finished):
     # PGD-2 fine-tuning: 3 gradient evaluations per example and epoch
     assert sel["full-ft"]["grad_evals"] == 3 * 300
     assert (finished / "results.csv").read_text().splitlines()[0].startswith("variant,kind")
+    # how each variant trained, as its config.json recorded it: two recipes differing only there are told apart
+    for name in ("full-ft", "sel-share0.1", "random"):
+        train = json.loads((finished / name / "config.json").read_text())["run"]["train"]
+        assert {k: sel[name][k] for k in ("optimizer", "lr", "batch_size", "ema", "augment", "regrow")} == {
+            k: train[k] for k in ("optimizer", "lr", "batch_size", "ema", "augment", "regrow")
+        }
+    assert sel["standard"]["lr"] is None and "lr" in (finished / "results.csv").read_text().splitlines()[0].split(",")
 
 
 def test_info_counts_the_runs_a_sweep_makes(finished, capsys):

@@ -247,6 +247,24 @@ def test_a_lowrank_select_is_recorded_as_adapters_not_as_an_analysis(tmp_path):
     assert text.endswith("trains rank 4 on conv1, rank 4 on fc2"), text
 
 
+def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_is_named(tmp_path):
+    """Two harden variants that differ only in lr or --regrow were the same row: the row carries the recipe's training
+    settings and the description says when the mask moved."""
+    from advtune.report import describe
+    from advtune.runs.experiment.results import what_ran
+
+    recipe = {"granularity": "probe", "criterion": "taylor", "attack": "pgd:steps=5", "probe_quotas": None}
+    recipe |= {"optimizer": "adam", "lr": 0.001, "schedule": "cosine", "batch_size": 32, "ema": 0.99}
+    recipe |= {"augment": "none", "regrow": 0.3}
+    (tmp_path / "config.json").write_text(json.dumps({"run": {"recipe": recipe, "budget": 1000}}))
+    ran = what_ran(tmp_path, "harden", {})
+    got = (ran["lr"], ran["schedule"], ran["batch_size"], ran["ema"], ran["regrow"])
+    assert got == (0.001, "cosine", 32, 0.99, 0.3)
+    text = describe({"kind": "harden", **ran})
+    assert "fine-tuned with pgd:steps=5, the mask moving (regrow 0.3)" in text, text
+    assert "mask moving" not in describe({"kind": "harden", **ran, "regrow": 0.0})
+
+
 def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path, monkeypatch):
     """A sparse (probe) mask's selection.json names the layers it touches, not units: ringing every unit of those
     layers said the run trained them all. Its counts are entries; the lead's sum names the checkpoint choice; an

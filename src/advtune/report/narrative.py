@@ -83,6 +83,8 @@ def describe(r: dict) -> str:
             if r.get("share") is None and r.get("params_budget") is not None:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
+        if r.get("regrow"):  # the mask moved within its budget (train/regrow.py): another method than a fixed one
+            what += f", the mask moving (regrow {r['regrow']:g})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units
         where += " entries"

@@ -15,7 +15,7 @@ from ...frontier import Frontier, FrontierPoint
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from ..common import list_snapshots
 from .config import EVAL_NAME
-from .variants import analysis_folder, eps_value, expand_variants
+from .variants import RECIPE_TRAIN_KEYS, analysis_folder, eps_value, expand_variants
 
 SELECTIVE = ("finetune", "harden")  # kinds that start from the base model (its cost counts)
 
@@ -23,18 +23,19 @@ SELECTIVE = ("finetune", "harden")  # kinds that start from the base model (its 
 def what_ran(folder: Path, kind: str, v: dict) -> dict:
     """What a variant ran, as its run folder's config.json recorded it (defaults resolved by the job
     itself, so a row never guesses one): select, share, params, granularity, criterion, attack,
-    eps_warmup, budget, limit."""
+    eps_warmup, budget, limit, and the training settings that tell two recipes apart (optimizer, lr,
+    schedule, batch_size, ema, augment, regrow)."""
     if kind == "standard" or not (folder / files.CONFIG).is_file():
         return {}
     run = read_json(folder / files.CONFIG, "config").get("run", {})
     if kind == "train":
-        return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run)}
+        return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run), **_train(run)}
     if kind == "harden":
         r = run.get("recipe", {})
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
         quotas = r.get("granularity") == "probe" and r.get("probe_quotas", False) is not False  # None: harden's auto
         ran = {"select": "top", "share": None, **{k: r.get(k) for k in keys}, "probe_quotas": quotas}
-        return {**ran, **_cost_keys(run)}
+        return {**ran, **_cost_keys(run), **{k: r.get(k) for k in RECIPE_TRAIN_KEYS}}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
     if adapters:
@@ -55,11 +56,18 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
         **_cost_keys(run),
+        **_train(run),
     }
 
 
 def _cost_keys(run: dict) -> dict:
     return {"budget": run.get("budget"), "limit": run.get("limit")}
+
+
+def _train(run: dict) -> dict:
+    """The training settings a train/finetune run recorded (its `train` block), by harden's recipe keys."""
+    train = run.get("train") or {}
+    return {k: train.get(k) for k in RECIPE_TRAIN_KEYS}
 
 
 def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
@@ -101,6 +109,9 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "probe_quotas": bool(ran.get("probe_quotas")),  # the probe rule's mask within the analysis' layer quotas
             "criterion": ran.get("criterion"),
             "attack": ran.get("attack"),
+            # how it trained (records from before these columns: None), so two variants that differ only there
+            # are told apart in the tables
+            **{k: ran.get(k) for k in RECIPE_TRAIN_KEYS},
             "clean_acc": ev["clean_accuracy"],
             "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
