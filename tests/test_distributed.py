@@ -140,29 +140,32 @@ def test_ddp_awp_pushes_every_rank_to_the_same_weights(tmp_path):
     assert cost["grad_evals"] == 3 * 256  # PGD-1, the push's pass, the update
 
 
-def test_ddp_regrow_moves_the_one_process_mask(trained):
+def test_ddp_regrow_moves_the_one_process_mask(trained, tmp_path):
     """--regrow under torchrun: the window's sums are of the all-reduced gradients, so every rank moves the mask the
     one process moves (a rank's own half-batch sums would grow other entries, and the ranks would drift apart). BIM:
     no random start, so the two processes' adversarial examples are the one process's (PGD's noise is drawn per
     rank: its masks agree on ~75% of the grown entries, their movement scores being near-ties)."""
-    args = ["finetune", "single", "--eps", "0.2", "--select", "random", "--granularity", "sparse", "--params", "0.1"]
+    base = str(trained / "single")  # its runs in a folder of their own (the module's folder counts its runs)
+    args = ["finetune", base, "--eps", "0.2", "--select", "random", "--granularity", "sparse", "--params", "0.1"]
     args += ["--attack", "bim:steps=2", "--limit", "256", "--limit-test", "50", "--batch-size", "64", "--epochs", "3"]
     args += ["--regrow-every", "2", "--device", "cpu", "--quiet"]
-    runs = {"fixed": one(trained, *args, "--out", "rg-fixed")}
-    runs["one"] = one(trained, *args, "--regrow", "0.3", "--out", "rg1")
-    runs["two"] = two(trained, *args, "--regrow", "0.3", "--out", "rg2")
+    runs = {"fixed": one(tmp_path, *args, "--out", "rg-fixed")}
+    runs["one"] = one(tmp_path, *args, "--regrow", "0.3", "--out", "rg1")
+    runs["two"] = two(tmp_path, *args, "--regrow", "0.3", "--out", "rg2")
     for r in runs.values():
         assert r.returncode == 0, r.stderr[-2000:]
 
     def mask(out):
-        entries = json.loads((trained / out / "selection.json").read_text())["entries"]
+        entries = json.loads((tmp_path / out / "selection.json").read_text())["entries"]
         return {(n, i) for n, idx in entries.items() for i in idx}
 
     fixed, m1, m2 = mask("rg-fixed"), mask("rg1"), mask("rg2")
     assert len(fixed) == len(m1) == len(m2)  # the budget: as many entries after the moves as before
     assert len(m1 - fixed) > 0.05 * len(fixed)  # the mask moved
-    assert m1 == m2  # ... and the same way in two processes
-    base, tuned = weights(trained / "single"), weights(trained / "rg2")
+    # ... and the same way in two processes (float rounding aside: a near-tie at the cut may flip on another CPU;
+    # the sums taken before the all-reduce share ~75% of the grown entries)
+    assert len(m1 & m2) >= 0.99 * len(m1)
+    base, tuned = weights(trained / "single"), weights(tmp_path / "rg2")
     for name in base:  # what is outside the final mask is the base, bit for bit
         on = torch.zeros(base[name].numel(), dtype=torch.bool)
         on[[i for n, i in m2 if n == name]] = True

@@ -75,9 +75,8 @@ def test_every_variant_is_recorded_and_tabled(finished):
     # how each variant trained, as its config.json recorded it: two recipes differing only there are told apart
     for name in ("full-ft", "sel-share0.1", "random"):
         train = json.loads((finished / name / "config.json").read_text())["run"]["train"]
-        assert {k: sel[name][k] for k in ("optimizer", "lr", "batch_size", "ema", "augment", "regrow")} == {
-            k: train[k] for k in ("optimizer", "lr", "batch_size", "ema", "augment", "regrow")
-        }
+        keys = ("optimizer", "lr", "batch_size", "ema", "augment", "regrow", "regrow_every", "regrow_score")
+        assert {k: sel[name][k] for k in keys} == {k: train[k] for k in keys}
     assert sel["standard"]["lr"] is None and "lr" in (finished / "results.csv").read_text().splitlines()[0].split(",")
 
 

@@ -197,6 +197,10 @@ def test_a_malformed_field_names_the_file_and_the_field(tmp_path):
     message = report_error(write_report, exp)
     assert message.startswith(f"{exp / 'results.json'}: field 'rows[0].acc[pgd]' is \"0.5\", not a number")
     fake_experiment(exp)
+    rewrite(exp / "results.json", lambda r: r["rows"][1].update(regrow="0.3"))  # the description formats it
+    message = report_error(write_report, exp)
+    assert message.startswith(f"{exp / 'results.json'}: field 'rows[1].regrow' is \"0.3\", not a number")
+    fake_experiment(exp)
     point = {"variant": "standard", "kind": "standard", "total_grad_evals": 120000, "clean_acc": 0.99}
     (exp / "frontier.json").write_text(json.dumps({"points": [{**point, "robust_acc": "none"}]}))
     message = report_error(write_report, exp)
@@ -263,6 +267,8 @@ def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_
     text = describe({"kind": "harden", **ran})
     assert "fine-tuned with pgd:steps=5, the mask moving (regrow 0.3)" in text, text
     assert "mask moving" not in describe({"kind": "harden", **ran, "regrow": 0.0})
+    assert (ran["regrow_every"], ran["regrow_score"]) == (100, "movement")  # harden moves it finetune's default way
+    assert "(regrow 0.3, grown by fisher)" in describe({"kind": "finetune", **ran, "regrow_score": "fisher"})
 
 
 def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path, monkeypatch):

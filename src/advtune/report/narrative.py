@@ -46,6 +46,8 @@ def describe(r: dict) -> str:
     else:
         if r.get("select") == "random" and r.get("granularity") == "sparse":
             what = "control: random single entries (by layer size, no score)"
+            if r.get("regrow"):  # random to start; the moves grow by the gradients' score
+                what = "control: random single entries to start (by layer size)"
             if r.get("norms"):
                 what += ", and the normalization layers' scale and shift"
         elif r.get("select") == "random":
@@ -84,7 +86,8 @@ def describe(r: dict) -> str:
                 what += f", within {_budget_words(r['params_budget'])} of the parameters"
         what += f"; fine-tuned with {attack}"
         if r.get("regrow"):  # the mask moved within its budget (train/regrow.py): another method than a fixed one
-            what += f", the mask moving (regrow {r['regrow']:g})"
+            score = f", grown by {r['regrow_score']}" if r.get("regrow_score") not in (None, "movement") else ""
+            what += f", the mask moving (regrow {r['regrow']:g}{score})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units
         where += " entries"

@@ -163,9 +163,18 @@ RESULT_ROW = {  # one variant's row in results.json (fields from before a column
             "train_examples",
             "budget",
             "epochs",
+            "lr",
+            "batch_size",
+            "ema",
+            "regrow",
+            "regrow_every",
         )
     },
-    **{f"{k}?": nullable(TEXT) for k in ("select", "attack", "criterion", "granularity", "params_like")},
+    **{
+        f"{k}?": nullable(TEXT)
+        for k in ("select", "attack", "criterion", "granularity", "params_like")
+        + ("optimizer", "schedule", "augment", "regrow_score")
+    },
     "selected_by_layer?": nullable(UNITS),
 }
 EXPERIMENT = {  # experiment.json: the experiment's config, for the report's setup lines

@@ -12,7 +12,9 @@ from ... import filenames as files
 from ...cost import CostRecord
 from ...errors import AdvtuneError
 from ...frontier import Frontier, FrontierPoint
+from ...settings import default
 from ...storage import atomic_write_json, atomic_write_text, read_json
+from ...train.config import TrainConfig
 from ..common import list_snapshots
 from .config import EVAL_NAME
 from .variants import RECIPE_TRAIN_KEYS, analysis_folder, eps_value, expand_variants
@@ -35,7 +37,9 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
         quotas = r.get("granularity") == "probe" and r.get("probe_quotas", False) is not False  # None: harden's auto
         ran = {"select": "top", "share": None, **{k: r.get(k) for k in keys}, "probe_quotas": quotas}
-        return {**ran, **_cost_keys(run), **{k: r.get(k) for k in RECIPE_TRAIN_KEYS}}
+        # harden moves its mask the finetune defaults' way (its recipe has no regrow_every / regrow_score)
+        moves = {k: default(TrainConfig, k) for k in ("regrow_every", "regrow_score")} if r.get("regrow") else {}
+        return {**ran, **_cost_keys(run), **{k: r.get(k) for k in TRAIN_KEYS}, **moves}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
     if adapters:
@@ -64,10 +68,14 @@ def _cost_keys(run: dict) -> dict:
     return {"budget": run.get("budget"), "limit": run.get("limit")}
 
 
+# how a variant trained, in its row: harden's recipe keys and how a moving mask moved
+TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score")
+
+
 def _train(run: dict) -> dict:
-    """The training settings a train/finetune run recorded (its `train` block), by harden's recipe keys."""
+    """The training settings a train/finetune run recorded (its `train` block)."""
     train = run.get("train") or {}
-    return {k: train.get(k) for k in RECIPE_TRAIN_KEYS}
+    return {k: train.get(k) for k in TRAIN_KEYS}
 
 
 def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
@@ -110,8 +118,8 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "criterion": ran.get("criterion"),
             "attack": ran.get("attack"),
             # how it trained (records from before these columns: None), so two variants that differ only there
-            # are told apart in the tables
-            **{k: ran.get(k) for k in RECIPE_TRAIN_KEYS},
+            # are told apart in results.json / results.csv (the report's description names a moving mask)
+            **{k: ran.get(k) for k in TRAIN_KEYS},
             "clean_acc": ev["clean_accuracy"],
             "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
