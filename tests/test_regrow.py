@@ -109,6 +109,41 @@ def test_grown_entries_are_where_the_gradient_was_largest_and_drops_the_least_mo
             assert not bool(buf[left].any()) and not bool(buf[came].any())
 
 
+def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_window(data):
+    """--regrow-moments window: Adam reads a grown entry's moments through its bias correction 1 - beta^t (t: the
+    weight's steps), so they are set to the window's mean gradient and mean squared gradient times that factor; zero
+    (round 39's runs) leaves them at 0. SGD's momentum starts at 0 either way."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    regrowth = Regrowth(model, trainable, 0.5, 2, 100, score="movement", moments="window")
+    opt = torch.optim.Adam(trainable.params(), lr=0.01, betas=(0.8, 0.95))
+    for i in range(2):
+        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        regrowth.observe(i)
+        trainable.mask_grads()
+        opt.step()
+        trainable.restore_frozen()
+    sums = {n: (s.clone(), q.clone()) for (n, *_), s, q in zip(regrowth.moving, regrowth.sums, regrowth.squares)}
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    assert regrowth.step(2, opt) > 0
+    params = dict(model.named_parameters())
+    for name, m1 in regrowth.masks().items():
+        came, left = m1 & ~before[name], before[name] & ~m1
+        state = opt.state[params[name]]
+        s, q = sums[name]
+        assert torch.allclose(state["exp_avg"][came].double() / (1 - 0.8**2), s[came] / 2, rtol=1e-5, atol=1e-12)
+        assert torch.allclose(state["exp_avg_sq"][came].double() / (1 - 0.95**2), q[came] / 2, rtol=1e-5, atol=1e-15)
+        assert bool(state["exp_avg_sq"][came].gt(0).any())  # (a grown entry had a gradient)
+        assert not bool(state["exp_avg"][left].any()) and not bool(state["exp_avg_sq"][left].any())
+    with pytest.raises(AdvtuneError, match="--regrow-moments"):
+        TrainConfig(regrow=0.3, regrow_moments="ones")
+
+
 def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):
     """fp16's gradient scaler skips a step whose gradients overflowed; the regrowth's sums skip it too (NaN and inf
     would otherwise rank first)."""
@@ -276,7 +311,7 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
 
     from advtune.runs.probe import probe_settings
 
-    moving = replace(probe, train=cfg(regrow_score="movement", regrow_every=7))
+    moving = replace(probe, train=cfg(regrow_score="movement", regrow_every=7, regrow_moments="window"))
     fixed = replace(probe, train=cfg(regrow=0.0))
     # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
     assert (
@@ -293,9 +328,12 @@ def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
     from advtune.train.checkpoint import config_changes
 
     now = TrainConfig(seed=1).to_json()
-    assert config_changes({**now, "regrow_score": "fisher", "regrow_every": 7}, now) == []
+    assert config_changes({**now, "regrow_score": "fisher", "regrow_every": 7, "regrow_moments": "window"}, now) == []
     moving = cfg().to_json()
     assert [k for k, *_ in config_changes({**moving, "regrow_score": "fisher"}, moving)] == ["regrow_score"]
+    assert [k for k, *_ in config_changes({**moving, "regrow_moments": "window"}, moving)] == ["regrow_moments"]
+    old = {k: v for k, v in moving.items() if k != "regrow_moments"}  # a record from before the setting: zero
+    assert config_changes(old, moving) == []
 
 
 def test_a_resume_may_not_stretch_a_run_whose_mask_moves_on_its_length(data, tmp_path):

@@ -32,7 +32,10 @@ JOBS = {
 
 # fields a command leaves out on purpose (their jobs never read them): training from scratch has no adapters
 # for --adapter-lr-ratio and no mask for --regrow to move
-NOT_FLAGS = {"train": {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score"}, "finetune": {"val_attack_limit"}}
+NOT_FLAGS = {
+    "train": {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score", "regrow_moments"},
+    "finetune": {"val_attack_limit"},
+}
 
 
 def _subparser(command):

@@ -64,7 +64,8 @@ def add_train_parser(p) -> None:
 
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
-    fine_tuning = {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score"}  # levers of adapters or a mask
+    # levers of adapters or a mask
+    fine_tuning = {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score", "regrow_moments"}
     add_flags(p, TrainConfig, groups=groups, exclude=fine_tuning)
 
 

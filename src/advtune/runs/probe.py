@@ -98,7 +98,8 @@ def without_regrow(train: TrainConfig) -> TrainConfig:
     """`train` with the moving mask's settings at their defaults (the probe's settings are the same whatever the
     masked stage's --regrow, so one probe serves both and its recorded settings match on --resume)."""
     fixed = TrainConfig()
-    return replace(train, regrow=fixed.regrow, regrow_every=fixed.regrow_every, regrow_score=fixed.regrow_score)
+    moves = ("regrow", "regrow_every", "regrow_score", "regrow_moments")
+    return replace(train, **{k: getattr(fixed, k) for k in moves})
 
 
 def probe_folder(out: str | Path) -> Path:

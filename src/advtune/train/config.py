@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
 REGROW_SCORES = ("fisher", "movement")  # train/regrow.py
+REGROW_MOMENTS = ("zero", "window")
 SGD_MOMENTUM = 0.9
 
 
@@ -95,6 +96,17 @@ class TrainConfig:
         choices=REGROW_SCORES,
         group="training",
     )
+    # zero (round 39's runs): a grown entry's Adam moments start at 0 while Adam's bias correction counts the
+    # tensor's steps, so its next ~100 steps are 2-4x the rate of an entry that trained all along; window: the
+    # moments a bias-corrected Adam would read equal the window's mean gradient and mean squared gradient
+    regrow_moments: Literal["zero", "window"] = setting(
+        "zero",
+        help="how a grown entry's Adam moments start: zero (its first steps after growing are 2-4x --lr's, "
+        "Adam's bias correction counting the weight's steps) or window (as if it had trained: the window's mean "
+        "gradient and mean squared gradient)",
+        choices=REGROW_MOMENTS,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -137,7 +149,7 @@ class TrainConfig:
         r = self.adapter_lr_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
-        check_regrow(self.regrow, self.regrow_every, self.regrow_score)
+        check_regrow(self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments)
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
@@ -145,10 +157,12 @@ class TrainConfig:
         return asdict(self)
 
 
-def check_regrow(share: float, every: int, score: str = "movement") -> None:
-    """--regrow's share of the mask, --regrow-every's interval and --regrow-score (train/regrow.py)."""
+def check_regrow(share: float, every: int, score: str = "movement", moments: str = "zero") -> None:
+    """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments (train/regrow.py)."""
     if score not in REGROW_SCORES:
         raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
+    if moments not in REGROW_MOMENTS:
+        raise AdvtuneError(f"unknown --regrow-moments {moments!r}; use one of {', '.join(REGROW_MOMENTS)}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AdvtuneError(f"--regrow must be a share of the mask in [0, 1) (e.g. 0.3; 0: a fixed mask), got {share!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:

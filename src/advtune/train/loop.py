@@ -114,7 +114,9 @@ def fit(
         total = total_steps(cfg, steps_per_epoch)
         n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
         regrowth = (
-            Regrowth(model, trainable, cfg.regrow, cfg.regrow_every, total, base_state, cfg.regrow_score)
+            Regrowth(
+                model, trainable, cfg.regrow, cfg.regrow_every, total, base_state, cfg.regrow_score, cfg.regrow_moments
+            )
             if cfg.regrow
             else None
         )

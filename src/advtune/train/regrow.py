@@ -60,9 +60,11 @@ class Regrowth:
         total: int,
         reference: Mapping[str, Tensor] | None = None,
         score: str = "movement",
+        moments: str = "zero",
     ) -> None:
-        check_regrow(share, every, score)
+        check_regrow(share, every, score, moments)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
+        self.moments = moments
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
@@ -138,17 +140,33 @@ class Regrowth:
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
-                state = opt.state.get(p, {})
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):  # both ends: no momentum
-                    buf = state.get(key)
-                    if isinstance(buf, Tensor) and buf.shape == p.shape:
-                        buf[drop | grow] = 0
+                self.reset_moments(opt, p, drop, grow, j)
                 swapped += k
             self.sums[j].zero_()
             self.squares[j].zero_()
         if swapped:  # the selection follows the mask as it moves (keep-best keeps the mask of the point it keeps)
             self.write_back(self.trainable.selection)
         return swapped
+
+    def reset_moments(self, opt: torch.optim.Optimizer, p: Tensor, drop: Tensor, grow: Tensor, j: int) -> None:
+        """The optimizer's state of the swapped entries: a dropped entry's to zero; a grown entry's to zero, or
+        (moments=window, Adam) to the moments whose bias-corrected values are the window's mean gradient and mean
+        squared gradient: Adam divides by 1 - beta^t with t the weight's steps, so moments grown from zero under a
+        large t read as 2-4x too small a second moment and step faster than the entries that trained all along."""
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            buf = state.get(key)
+            if isinstance(buf, Tensor) and buf.shape == p.shape:
+                buf[drop | grow] = 0
+        if self.moments != "window" or not isinstance(state.get("exp_avg_sq"), Tensor):
+            return
+        beta1, beta2 = next(g["betas"] for g in opt.param_groups if any(q is p for q in g["params"]))
+        t = float(state["step"])
+        mean, mean_sq = self.sums[j][grow] / self.every, self.squares[j][grow] / self.every
+        state["exp_avg"][grow] = (mean * (1 - beta1**t)).to(state["exp_avg"].dtype)
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            if isinstance(state.get(key), Tensor) and state[key].shape == p.shape:
+                state[key][grow] = (mean_sq * (1 - beta2**t)).to(state[key].dtype)
 
     def state_dict(self) -> dict:
         return {

@@ -37,8 +37,8 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
         quotas = r.get("granularity") == "probe" and r.get("probe_quotas", False) is not False  # None: harden's auto
         ran = {"select": "top", "share": None, **{k: r.get(k) for k in keys}, "probe_quotas": quotas}
-        # harden moves its mask the finetune defaults' way (its recipe has no regrow_every / regrow_score)
-        moves = {k: default(TrainConfig, k) for k in ("regrow_every", "regrow_score")} if r.get("regrow") else {}
+        # harden moves its mask the finetune defaults' way (its recipe has no regrow_every / regrow_score / ...)
+        moves = {k: default(TrainConfig, k) for k in TRAIN_KEYS if k.startswith("regrow_")} if r.get("regrow") else {}
         return {**ran, **_cost_keys(run), **{k: r.get(k) for k in TRAIN_KEYS}, **moves}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
@@ -69,7 +69,7 @@ def _cost_keys(run: dict) -> dict:
 
 
 # how a variant trained, in its row: harden's recipe keys and how a moving mask moved
-TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score")
+TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments")
 
 
 def _train(run: dict) -> dict:
