@@ -120,7 +120,7 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
     trainable = Trainable(model, random_mask(model, share=0.3))
     regrowth = Regrowth(model, trainable, 0.5, 2, 100, score="movement", moments="window")
     opt = torch.optim.Adam(trainable.params(), lr=0.01, betas=(0.8, 0.95))
-    for i in range(2):
+    for i in range(3):  # one step before the window (its sums cleared): the weight's t = 3, the window's length 2
         x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -128,20 +128,31 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
         trainable.mask_grads()
         opt.step()
         trainable.restore_frozen()
+        if i == 0:
+            for t in regrowth.sums + regrowth.squares:
+                t.zero_()
     sums = {n: (s.clone(), q.clone()) for (n, *_), s, q in zip(regrowth.moving, regrowth.sums, regrowth.squares)}
     before = {n: m.clone() for n, m in regrowth.masks().items()}
     assert regrowth.step(2, opt) > 0
     params = dict(model.named_parameters())
+    assert all(float(opt.state[params[n]]["step"]) == 3 for n in MOVING)
     for name, m1 in regrowth.masks().items():
         came, left = m1 & ~before[name], before[name] & ~m1
         state = opt.state[params[name]]
         s, q = sums[name]
-        assert torch.allclose(state["exp_avg"][came].double() / (1 - 0.8**2), s[came] / 2, rtol=1e-5, atol=1e-12)
-        assert torch.allclose(state["exp_avg_sq"][came].double() / (1 - 0.95**2), q[came] / 2, rtol=1e-5, atol=1e-15)
+        assert torch.allclose(state["exp_avg"][came].double() / (1 - 0.8**3), s[came] / 2, rtol=1e-5, atol=1e-12)
+        assert torch.allclose(state["exp_avg_sq"][came].double() / (1 - 0.95**3), q[came] / 2, rtol=1e-5, atol=1e-15)
         assert bool(state["exp_avg_sq"][came].gt(0).any())  # (a grown entry had a gradient)
         assert not bool(state["exp_avg"][left].any()) and not bool(state["exp_avg_sq"][left].any())
     with pytest.raises(AdvtuneError, match="--regrow-moments"):
         TrainConfig(regrow=0.3, regrow_moments="ones")
+    with pytest.raises(AdvtuneError, match="with --optimizer sgd use zero"):
+        TrainConfig(regrow=0.3, regrow_moments="window", optimizer="sgd")
+    # through fit: the setting reaches the regrowth (another start of the grown entries: other weights)
+    nets = [bn_net(), bn_net()]
+    for net, moments in zip(nets, ("zero", "window")):
+        fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(regrow_moments=moments), selection=random_mask(net))
+    assert any(not torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 
 def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):

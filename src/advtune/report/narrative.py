@@ -87,6 +87,7 @@ def describe(r: dict) -> str:
         what += f"; fine-tuned with {attack}"
         if r.get("regrow"):  # the mask moved within its budget (train/regrow.py): another method than a fixed one
             score = f", grown by {r['regrow_score']}" if r.get("regrow_score") not in (None, "movement") else ""
+            score += ", window moments" if r.get("regrow_moments") == "window" else ""
             what += f", the mask moving (regrow {r['regrow']:g}{score})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units

@@ -97,11 +97,12 @@ class TrainConfig:
         group="training",
     )
     # zero (round 39's runs): a grown entry's Adam moments start at 0 while Adam's bias correction counts the
-    # tensor's steps, so its next ~100 steps are 2-4x the rate of an entry that trained all along; window: the
-    # moments a bias-corrected Adam would read equal the window's mean gradient and mean squared gradient
+    # tensor's steps, so its next steps are up to ~6x (after 100 steps still 2-3x) the rate of an entry that trained
+    # all along; window: the moments a bias-corrected Adam would read equal the window's mean gradient and mean
+    # squared gradient
     regrow_moments: Literal["zero", "window"] = setting(
         "zero",
-        help="how a grown entry's Adam moments start: zero (its first steps after growing are 2-4x --lr's, "
+        help="how a grown entry's Adam moments start: zero (its steps after growing are up to ~6x the others', "
         "Adam's bias correction counting the weight's steps) or window (as if it had trained: the window's mean "
         "gradient and mean squared gradient)",
         choices=REGROW_MOMENTS,
@@ -124,6 +125,8 @@ class TrainConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
             raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.regrow and self.regrow_moments == "window" and self.optimizer != "adam":
+            raise AdvtuneError("--regrow-moments window sets Adam's moments; with --optimizer sgd use zero (default)")
         if self.eval_batch_size <= 0 or self.val_attack_limit <= 0:
             raise AdvtuneError("eval batch size and val attack limit must be positive")
         if not isinstance(self.epochs, int) or self.epochs < 0:

@@ -152,7 +152,8 @@ class Regrowth:
         """The optimizer's state of the swapped entries: a dropped entry's to zero; a grown entry's to zero, or
         (moments=window, Adam) to the moments whose bias-corrected values are the window's mean gradient and mean
         squared gradient: Adam divides by 1 - beta^t with t the weight's steps, so moments grown from zero under a
-        large t read as 2-4x too small a second moment and step faster than the entries that trained all along."""
+        large t read as a far too small second moment, and the entry steps up to ~6x faster than the entries that
+        trained all along (still 2-3x after 100 steps)."""
         state = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
             buf = state.get(key)

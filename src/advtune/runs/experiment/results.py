@@ -75,7 +75,8 @@ TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moment
 def _train(run: dict) -> dict:
     """The training settings a train/finetune run recorded (its `train` block)."""
     train = run.get("train") or {}
-    return {k: train.get(k) for k in TRAIN_KEYS}
+    moved = {k: default(TrainConfig, k) for k in TRAIN_KEYS if k.startswith("regrow_")} if train.get("regrow") else {}
+    return {k: train.get(k, moved.get(k)) for k in TRAIN_KEYS}  # a record from before a regrow_ setting: its default
 
 
 def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
