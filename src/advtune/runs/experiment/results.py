@@ -31,15 +31,15 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         return {}
     run = read_json(folder / files.CONFIG, "config").get("run", {})
     if kind == "train":
-        return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run), **_train(run)}
+        train = _trained(run.get("train") or {})
+        return {"attack": run.get("adversarial"), "eps_warmup": run.get("eps_warmup"), **_cost_keys(run), **train}
     if kind == "harden":
         r = run.get("recipe", {})
         keys = ("granularity", "criterion", "attack", "eps_warmup", "params", "norms", "head")
         quotas = r.get("granularity") == "probe" and r.get("probe_quotas", False) is not False  # None: harden's auto
         ran = {"select": "top", "share": None, **{k: r.get(k) for k in keys}, "probe_quotas": quotas}
         # harden moves its mask the finetune defaults' way (its recipe has no regrow_every / regrow_score / ...)
-        moves = {k: default(TrainConfig, k) for k in TRAIN_KEYS if k.startswith("regrow_")} if r.get("regrow") else {}
-        return {**ran, **_cost_keys(run), **{k: r.get(k) for k in TRAIN_KEYS}, **moves}
+        return {**ran, **_cost_keys(run), **_trained(r)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
     if adapters:
@@ -60,7 +60,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
         **_cost_keys(run),
-        **_train(run),
+        **_trained(run.get("train") or {}),
     }
 
 
@@ -72,11 +72,11 @@ def _cost_keys(run: dict) -> dict:
 TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments")
 
 
-def _train(run: dict) -> dict:
-    """The training settings a train/finetune run recorded (its `train` block)."""
-    train = run.get("train") or {}
+def _trained(train: dict) -> dict:
+    """The training settings a run recorded (a train/finetune run's `train` block, harden's recipe); a regrow_ setting
+    the record lacks where the mask moved is the default it ran."""
     moved = {k: default(TrainConfig, k) for k in TRAIN_KEYS if k.startswith("regrow_")} if train.get("regrow") else {}
-    return {k: train.get(k, moved.get(k)) for k in TRAIN_KEYS}  # a record from before a regrow_ setting: its default
+    return {k: train.get(k, moved.get(k)) for k in TRAIN_KEYS}
 
 
 def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
