@@ -155,6 +155,62 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
     assert any(not torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 
+def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(data):
+    """--regrow-rate R: after a move, an entry the move grew takes R times the optimizer's step; the entries the
+    mask started with, the dropped ones and everything outside the mask take what the optimizer gives."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    regrowth = Regrowth(model, trainable, 0.5, 1, 100, rate=3.0)
+    opt = torch.optim.Adam(trainable.params(), lr=0.01)
+    params = dict(model.named_parameters())
+
+    def step(i, plain=None):
+        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        regrowth.observe(i)
+        trainable.mask_grads()
+        regrowth.update_started()
+        opt.step()
+        trainable.restore_frozen()
+        if plain is not None:  # the optimizer's own step, before the rate
+            plain.update({n: params[n].detach().clone() for n in MOVING})
+        regrowth.update_done()
+
+    step(0)
+    first = {n: m.clone() for n, m in regrowth.masks().items()}
+    assert regrowth.step(1, opt) > 0
+    before, plain = {n: params[n].detach().clone() for n in MOVING}, {}
+    step(1, plain)
+    for (name, *_), late in zip(regrowth.moving, regrowth.late):
+        m = regrowth.masks()[name]
+        assert torch.equal(late, m & ~first[name]) and bool(late.any())  # exactly the grown entries
+        now, was, own = params[name].detach(), before[name], plain[name]
+        assert torch.allclose(now[late], was[late] + 3 * (own[late] - was[late]), atol=1e-7)
+        assert bool((own[late] != was[late]).any())  # (they did move)
+        assert torch.equal(now[~late], own[~late])
+    state = regrowth.state_dict()  # a checkpoint keeps which entries are late (an exact resume)
+    again = Regrowth(model, Trainable(model, random_mask(model, share=0.3)), 0.5, 1, 100, rate=3.0)
+    again.load_state_dict(state, "checkpoint")
+    assert all(torch.equal(a, b) for a, b in zip(again.late, regrowth.late))
+    again.load_state_dict({k: v for k, v in state.items() if k != "late"}, "checkpoint")  # older: none late
+    assert not any(bool(t.any()) for t in again.late)
+    for bad in (0, -1.0, math.inf, True, 1000.0):
+        with pytest.raises(AdvtuneError, match="--regrow-rate"):
+            TrainConfig(regrow=0.3, regrow_rate=bad)
+    # through fit: the rate reaches the run (other weights), and 1 is the run without it
+    nets = [bn_net(), bn_net(), bn_net()]
+    for net, rate in zip(nets, (1.0, 2.0, None)):
+        extra = {} if rate is None else {"regrow_rate": rate}
+        fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(**extra), selection=random_mask(net))
+    states = [n.state_dict() for n in nets]
+    assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[2].values()))
+
+
 def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):
     """fp16's gradient scaler skips a step whose gradients overflowed; the regrowth's sums skip it too (NaN and inf
     would otherwise rank first)."""
@@ -266,8 +322,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_mask_and_weights(data, tmp_path):
-    config = cfg(checkpoint_every=3)
+@pytest.mark.parametrize("rate", [1.0, 2.0])
+def test_an_interrupted_run_resumes_to_the_same_mask_and_weights(data, tmp_path, rate):
+    config = cfg(checkpoint_every=3, regrow_rate=rate)
     objective = adversarial(PGD(THREAT, steps=1))
     full, sel_full = bn_net(), random_mask(bn_net())
     fit(full, data, objective, config, selection=sel_full)
@@ -322,7 +379,9 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
 
     from advtune.runs.probe import probe_settings
 
-    moving = replace(probe, train=cfg(regrow_score="movement", regrow_every=7, regrow_moments="window"))
+    moving = replace(
+        probe, train=cfg(regrow_score="movement", regrow_every=7, regrow_moments="window", regrow_rate=2.0)
+    )
     fixed = replace(probe, train=cfg(regrow=0.0))
     # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
     assert (
@@ -345,6 +404,8 @@ def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
     assert [k for k, *_ in config_changes({**moving, "regrow_moments": "window"}, moving)] == ["regrow_moments"]
     old = {k: v for k, v in moving.items() if k != "regrow_moments"}  # a record from before the setting: zero
     assert config_changes(old, moving) == []
+    assert [k for k, *_ in config_changes({**moving, "regrow_rate": 2.0}, moving)] == ["regrow_rate"]
+    assert config_changes({**now, "regrow_rate": 2.0}, now) == []  # a fixed mask has no grown entries
 
 
 def test_a_resume_may_not_stretch_a_run_whose_mask_moves_on_its_length(data, tmp_path):

@@ -168,6 +168,7 @@ RESULT_ROW = {  # one variant's row in results.json (fields from before a column
             "ema",
             "regrow",
             "regrow_every",
+            "regrow_rate",
         )
     },
     **{

@@ -75,7 +75,8 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     inert = set(RESUMABLE_CHANGES)
     if not saved.get("regrow", defaults["regrow"]) and not now.get("regrow", defaults["regrow"]):
-        inert |= {"regrow_every", "regrow_score", "regrow_moments"}  # a fixed mask: how it would move had no effect
+        # a fixed mask: how it would move had no effect
+        inert |= {"regrow_every", "regrow_score", "regrow_moments", "regrow_rate"}
     return [
         (k, saved.get(k, defaults.get(k)), v)
         for k, v in now.items()

@@ -108,6 +108,14 @@ class TrainConfig:
         choices=REGROW_MOMENTS,
         group="training",
     )
+    # round 41's lever: the late entries train for fewer steps than those the mask started with
+    regrow_rate: float = setting(
+        1.0,
+        help="the steps of the entries --regrow's mask grows, as a multiple of the others' (e.g. 2: they catch up "
+        "on the steps they missed; 1: off)",
+        type=number,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -152,7 +160,7 @@ class TrainConfig:
         r = self.adapter_lr_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
-        check_regrow(self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments)
+        check_regrow(self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments, self.regrow_rate)
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
@@ -160,8 +168,9 @@ class TrainConfig:
         return asdict(self)
 
 
-def check_regrow(share: float, every: int, score: str = "movement", moments: str = "zero") -> None:
-    """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments (train/regrow.py)."""
+def check_regrow(share: float, every: int, score: str = "movement", moments: str = "zero", rate: float = 1.0) -> None:
+    """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments, --regrow-rate
+    (train/regrow.py)."""
     if score not in REGROW_SCORES:
         raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
     if moments not in REGROW_MOMENTS:
@@ -170,6 +179,8 @@ def check_regrow(share: float, every: int, score: str = "movement", moments: str
         raise AdvtuneError(f"--regrow must be a share of the mask in [0, 1) (e.g. 0.3; 0: a fixed mask), got {share!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
         raise AdvtuneError(f"--regrow-every must be a positive number of steps (e.g. 100), got {every!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and 0 < rate <= 100):
+        raise AdvtuneError(f"--regrow-rate must be a multiple in (0, 100] (e.g. 2; 1: off), got {rate!r}")
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -115,7 +115,15 @@ def fit(
         n_epochs = epochs_for(total, steps_per_epoch) if cfg.steps else cfg.epochs
         regrowth = (
             Regrowth(
-                model, trainable, cfg.regrow, cfg.regrow_every, total, base_state, cfg.regrow_score, cfg.regrow_moments
+                model,
+                trainable,
+                cfg.regrow,
+                cfg.regrow_every,
+                total,
+                base_state,
+                cfg.regrow_score,
+                cfg.regrow_moments,
+                cfg.regrow_rate,
             )
             if cfg.regrow
             else None
@@ -180,12 +188,16 @@ def fit(
                         scaler.unscale_(opt)
                     regrowth.observe(epoch * steps_per_epoch + step)
                 trainable.mask_grads()
+                if regrowth is not None:
+                    regrowth.update_started()
                 if scaler:  # skips the step when the scaled gradients overflowed, then adapts the scale
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
                 trainable.restore_frozen()
+                if regrowth is not None:
+                    regrowth.update_done()
                 if average is not None:
                     average.update()
                 if regrowth is not None:

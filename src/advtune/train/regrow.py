@@ -61,10 +61,11 @@ class Regrowth:
         reference: Mapping[str, Tensor] | None = None,
         score: str = "movement",
         moments: str = "zero",
+        rate: float = 1.0,
     ) -> None:
-        check_regrow(share, every, score, moments)
+        check_regrow(share, every, score, moments, rate)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
-        self.moments = moments
+        self.moments, self.rate = moments, float(rate)
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
@@ -88,6 +89,10 @@ class Regrowth:
         # underflow to a denominator that inflates the movement score; contiguous)
         self.sums = [torch.zeros(p.shape, device=p.device, dtype=torch.float64) for _, _, p, _ in self.moving]
         self.squares = [torch.zeros(p.shape, device=p.device, dtype=torch.float64) for _, _, p, _ in self.moving]
+        # the entries a move grew and that are still in the mask (--regrow-rate scales their steps), and the
+        # weights before the optimizer's step (update_started to update_done)
+        self.late = [torch.zeros(p.shape, device=p.device, dtype=torch.bool) for _, _, p, _ in self.moving]
+        self.before: list[Tensor | None] = []
 
     def masks(self) -> dict[str, Tensor]:
         return {name: self.trainable.partial[i][1] for name, i, _, _ in self.moving}
@@ -117,6 +122,24 @@ class Regrowth:
         return torch.where(q > 0, self.sums[i].abs() / q.sqrt(), torch.zeros_like(q))  # no gradient: no movement
 
     @torch.no_grad()
+    def update_started(self) -> None:
+        """Before the optimizer's step: keep the weights that hold late entries (only with --regrow-rate != 1)."""
+        if self.rate != 1:
+            self.before = [
+                p.detach().clone() if bool(late.any()) else None for (_, _, p, _), late in zip(self.moving, self.late)
+            ]
+
+    @torch.no_grad()
+    def update_done(self) -> None:
+        """After the optimizer's step (and the frozen entries' restore): a late entry's step times --regrow-rate.
+        The late entries train for fewer steps than those the mask started with (a move grows them at the base);
+        Adam's zero-moment restart already speeds their first steps up (reset_moments), this is a steady factor."""
+        for (_, _, p, _), late, before in zip(self.moving, self.late, self.before):
+            if before is not None:
+                p.data.copy_(torch.where(late, before + self.rate * (p.data - before), p.data))
+        self.before = []
+
+    @torch.no_grad()
     def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
         """After `done` optimizer steps: move the masks if an update falls here. Returns the entries swapped."""
         if done % self.every or done >= REGROW_END * self.total:
@@ -137,6 +160,8 @@ class Regrowth:
                 grow = as_mask(self.scores(j).reshape(-1).masked_fill(flat_m, -math.inf).topk(k).indices, m)
                 m[drop] = False
                 m[grow] = True
+                self.late[j][drop] = False
+                self.late[j][grow] = True
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
@@ -174,6 +199,7 @@ class Regrowth:
             "masks": [m.cpu() for m in self.masks().values()],
             "sums": [s.cpu() for s in self.sums],
             "squares": [q.cpu() for q in self.squares],
+            "late": [t.cpu() for t in self.late],
         }
 
     @torch.no_grad()
@@ -188,6 +214,12 @@ class Regrowth:
             self.trainable.partial[i][1].copy_(m.to(p.device))
             s_now.copy_(s.to(s_now.device))
             q_now.copy_(q.to(q_now.device))
+        # a checkpoint from before --regrow-rate has no late entries: it ran at rate 1, which resume keeps
+        late = state.get("late") or [torch.zeros_like(t) for t in self.late]
+        if len(late) != len(self.late):
+            raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
+        for t, t_now in zip(late, self.late):
+            t_now.copy_(t.to(t_now.device))
         self.write_back(self.trainable.selection)  # the selection follows the loaded mask (keep-best reads it)
 
     def write_back(self, selection) -> None:

@@ -69,7 +69,7 @@ def _cost_keys(run: dict) -> dict:
 
 
 # how a variant trained, in its row: harden's recipe keys and how a moving mask moved
-TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments")
+TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments", "regrow_rate")
 
 
 def _trained(train: dict) -> dict:
