@@ -155,7 +155,7 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
     assert any(not torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 
-def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(data):
+def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(data, monkeypatch):
     """--regrow-rate R: after a move, an entry the move grew takes R times the optimizer's step; the entries the
     mask started with, the dropped ones and everything outside the mask take what the optimizer gives."""
     from advtune.train.regrow import Regrowth
@@ -192,6 +192,13 @@ def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(d
         assert torch.allclose(now[late], was[late] + 3 * (own[late] - was[late]), atol=1e-7)
         assert bool((own[late] != was[late]).any())  # (they did move)
         assert torch.equal(now[~late], own[~late])
+    for i in range(2, 6):  # more moves: a dropped late entry is no longer late; late entries stay inside the mask
+        was = {n: m.clone() for n, m in regrowth.masks().items()}
+        assert regrowth.step(i, opt) > 0
+        for (name, *_), late in zip(regrowth.moving, regrowth.late):
+            m = regrowth.masks()[name]
+            assert not bool((late & ~m).any()) and torch.equal(late & ~was[name], m & ~was[name])
+        step(i)
     state = regrowth.state_dict()  # a checkpoint keeps which entries are late (an exact resume)
     again = Regrowth(model, Trainable(model, random_mask(model, share=0.3)), 0.5, 1, 100, rate=3.0)
     again.load_state_dict(state, "checkpoint")
@@ -201,14 +208,67 @@ def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(d
     for bad in (0, -1.0, math.inf, True, 1000.0):
         with pytest.raises(AdvtuneError, match="--regrow-rate"):
             TrainConfig(regrow=0.3, regrow_rate=bad)
-    # through fit: the rate reaches the run (other weights), and 1 is the run without it
+    # through fit: the rate reaches the run (other weights), and rate 1 is the run without the hooks
     nets = [bn_net(), bn_net(), bn_net()]
     for net, rate in zip(nets, (1.0, 2.0, None)):
-        extra = {} if rate is None else {"regrow_rate": rate}
-        fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(**extra), selection=random_mask(net))
+        with monkeypatch.context() as patch:
+            if rate is None:
+                patch.setattr(Regrowth, "update_started", lambda self: None)
+                patch.setattr(Regrowth, "update_done", lambda self: None)
+            fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(regrow_rate=rate or 1.0), selection=random_mask(net))
     states = [n.state_dict() for n in nets]
     assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
     assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[2].values()))
+
+
+def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_layers(data):
+    """--regrow-pool global: each weight drops its share of least moved entries, and as many entries in all grow
+    wherever the unit-free movement score is largest, whatever the layer: the total count is kept, the layers' counts
+    move. Fisher's summed squared gradient has each layer's units: refused with a global pool."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    regrowth = Regrowth(model, trainable, 0.5, 3, 100, pool="global")
+    opt = torch.optim.Adam(trainable.params(), lr=0.01)
+    for i in range(3):  # a window of three steps: the movement scores spread over [0, sqrt(3)]
+        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        regrowth.observe(i)
+        trainable.mask_grads()
+        opt.step()
+        trainable.restore_frozen()
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    scores = {n: regrowth.scores(j).clone() for j, (n, *_) in enumerate(regrowth.moving)}
+    swapped = regrowth.step(3, opt)
+    after = regrowth.masks()
+    share = regrow_share(0.5, 3, 100)
+    assert swapped == sum(int(share * int(m.sum())) for m in before.values()) > 0
+    assert sum(int(m.sum()) for m in after.values()) == sum(int(m.sum()) for m in before.values())
+    assert any(int(after[n].sum()) != int(before[n].sum()) for n in MOVING)  # the layers' counts moved
+    came = torch.cat([scores[n][after[n] & ~before[n]] for n in MOVING])
+    stayed_out = torch.cat([scores[n][~after[n] & ~before[n]] for n in MOVING])
+    assert float(came.min()) >= float(stayed_out.max())  # the largest scores of all layers together
+    for n in MOVING:  # each weight dropped its own share
+        assert int((before[n] & ~after[n]).sum()) == int(share * int(before[n].sum()))
+    with pytest.raises(AdvtuneError, match="--regrow-score movement"):
+        TrainConfig(regrow=0.3, regrow_pool="global", regrow_score="fisher")
+    with pytest.raises(AdvtuneError, match="--regrow-pool"):
+        TrainConfig(regrow=0.3, regrow_pool="all")
+    # through fit: the entries outside the final mask are the base's, the count is the start's, the mask differs
+    nets, sels = [bn_net(), bn_net()], []
+    for net, pool in zip(nets, ("layer", "global")):
+        base = copy.deepcopy(net.state_dict())
+        sels.append(random_mask(net))
+        start = sum(int(sels[-1].entries[n].sum()) for n in MOVING)
+        fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(regrow_pool=pool), selection=sels[-1])
+        assert sum(int(sels[-1].entries[n].sum()) for n in MOVING) == start
+        for n in MOVING:
+            m = sels[-1].entries[n]
+            assert torch.equal(net.state_dict()[n][~m], base[n][~m]), n
+    assert any(int(sels[0].entries[n].sum()) != int(sels[1].entries[n].sum()) for n in MOVING)
 
 
 def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):
@@ -379,9 +439,7 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
 
     from advtune.runs.probe import probe_settings
 
-    moving = replace(
-        probe, train=cfg(regrow_score="movement", regrow_every=7, regrow_moments="window", regrow_rate=2.0)
-    )
+    moving = replace(probe, train=cfg(regrow_every=7, regrow_moments="window", regrow_rate=2.0, regrow_pool="global"))
     fixed = replace(probe, train=cfg(regrow=0.0))
     # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
     assert (
@@ -405,6 +463,7 @@ def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
     old = {k: v for k, v in moving.items() if k != "regrow_moments"}  # a record from before the setting: zero
     assert config_changes(old, moving) == []
     assert [k for k, *_ in config_changes({**moving, "regrow_rate": 2.0}, moving)] == ["regrow_rate"]
+    assert [k for k, *_ in config_changes({**moving, "regrow_pool": "global"}, moving)] == ["regrow_pool"]
     assert config_changes({**now, "regrow_rate": 2.0}, now) == []  # a fixed mask has no grown entries
 
 

@@ -271,11 +271,15 @@ def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_
     assert "(regrow 0.3, grown by fisher)" in describe({"kind": "finetune", **ran, "regrow_score": "fisher"})
     assert "(regrow 0.3, window moments)" in describe({"kind": "finetune", **ran, "regrow_moments": "window"})
     assert "(regrow 0.3, grown entries' steps x2)" in describe({"kind": "finetune", **ran, "regrow_rate": 2.0})
+    assert "(regrow 0.3, regrown across layers)" in describe({"kind": "finetune", **ran, "regrow_pool": "global"})
     # a finetune record from before the regrow_ settings existed ran their defaults
     (tmp_path / "config.json").write_text(json.dumps({"run": {"select": "all", "train": {"regrow": 0.3}}}))
     old = what_ran(tmp_path, "finetune", {})
     assert (old["regrow_every"], old["regrow_score"], old["regrow_moments"]) == (100, "movement", "zero")
-    assert old["regrow_rate"] == 1.0 and "steps x" not in describe({"kind": "finetune", **old})
+    assert (old["regrow_rate"], old["regrow_pool"]) == (1.0, "layer")
+    assert "steps x" not in describe({"kind": "finetune", **old}) and "across" not in describe(
+        {"kind": "finetune", **old}
+    )
 
 
 def test_an_entry_rule_is_not_drawn_as_whole_units_and_the_lead_adds_up(tmp_path, monkeypatch):

@@ -33,7 +33,15 @@ JOBS = {
 # fields a command leaves out on purpose (their jobs never read them): training from scratch has no adapters
 # for --adapter-lr-ratio and no mask for --regrow to move
 NOT_FLAGS = {
-    "train": {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score", "regrow_moments", "regrow_rate"},
+    "train": {
+        "adapter_lr_ratio",
+        "regrow",
+        "regrow_every",
+        "regrow_score",
+        "regrow_moments",
+        "regrow_rate",
+        "regrow_pool",
+    },
     "finetune": {"val_attack_limit"},
 }
 

@@ -65,7 +65,15 @@ def add_train_parser(p) -> None:
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
     # levers of adapters or a mask
-    fine_tuning = {"adapter_lr_ratio", "regrow", "regrow_every", "regrow_score", "regrow_moments", "regrow_rate"}
+    fine_tuning = {
+        "adapter_lr_ratio",
+        "regrow",
+        "regrow_every",
+        "regrow_score",
+        "regrow_moments",
+        "regrow_rate",
+        "regrow_pool",
+    }
     add_flags(p, TrainConfig, groups=groups, exclude=fine_tuning)
 
 

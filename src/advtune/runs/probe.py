@@ -98,7 +98,7 @@ def without_regrow(train: TrainConfig) -> TrainConfig:
     """`train` with the moving mask's settings at their defaults (the probe's settings are the same whatever the
     masked stage's --regrow, so one probe serves both and its recorded settings match on --resume)."""
     fixed = TrainConfig()
-    moves = ("regrow", "regrow_every", "regrow_score", "regrow_moments", "regrow_rate")
+    moves = ("regrow", "regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool")
     return replace(train, **{k: getattr(fixed, k) for k in moves})
 
 

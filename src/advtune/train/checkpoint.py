@@ -76,7 +76,7 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     inert = set(RESUMABLE_CHANGES)
     if not saved.get("regrow", defaults["regrow"]) and not now.get("regrow", defaults["regrow"]):
         # a fixed mask: how it would move had no effect
-        inert |= {"regrow_every", "regrow_score", "regrow_moments", "regrow_rate"}
+        inert |= {"regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool"}
     return [
         (k, saved.get(k, defaults.get(k)), v)
         for k, v in now.items()

@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
 REGROW_SCORES = ("fisher", "movement")  # train/regrow.py
 REGROW_MOMENTS = ("zero", "window")
+REGROW_POOLS = ("layer", "global")
 SGD_MOMENTUM = 0.9
 
 
@@ -111,9 +112,20 @@ class TrainConfig:
     # round 41's lever: the late entries train for fewer steps than those the mask started with
     regrow_rate: float = setting(
         1.0,
-        help="the steps of the entries --regrow's mask grows, as a multiple of the others' (e.g. 2: they catch up "
-        "on the steps they missed; 1: off)",
+        help="the steps of the entries --regrow's mask grows, as a multiple of the optimizer's, from their move to "
+        "the end of the run or their drop (e.g. 2: they joined late; on top of --regrow-moments zero's fast start; "
+        "1: off)",
         type=number,
+        group="training",
+    )
+    # global: the layers' counts follow where the gradient moves, one ranking of the unit-free movement score over all
+    # the weights (redistribution across layers as in Sparse Momentum, Dettmers & Zettlemoyer 2019, and DSR, Mostafa
+    # & Wang 2019, from memory; round 41)
+    regrow_pool: Literal["layer", "global"] = setting(
+        "layer",
+        help="where --regrow's dropped entries regrow: layer = within each weight (its count kept), global = "
+        "wherever the movement score is largest over all the weights (the counts move between layers)",
+        choices=REGROW_POOLS,
         group="training",
     )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
@@ -160,7 +172,9 @@ class TrainConfig:
         r = self.adapter_lr_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
-        check_regrow(self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments, self.regrow_rate)
+        check_regrow(
+            self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments, self.regrow_rate, self.regrow_pool
+        )
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
 
@@ -168,13 +182,24 @@ class TrainConfig:
         return asdict(self)
 
 
-def check_regrow(share: float, every: int, score: str = "movement", moments: str = "zero", rate: float = 1.0) -> None:
-    """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments, --regrow-rate
-    (train/regrow.py)."""
+def check_regrow(
+    share: float,
+    every: int,
+    score: str = "movement",
+    moments: str = "zero",
+    rate: float = 1.0,
+    pool: str = "layer",
+) -> None:
+    """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments, --regrow-rate,
+    --regrow-pool (train/regrow.py)."""
     if score not in REGROW_SCORES:
         raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
     if moments not in REGROW_MOMENTS:
         raise AdvtuneError(f"unknown --regrow-moments {moments!r}; use one of {', '.join(REGROW_MOMENTS)}")
+    if pool not in REGROW_POOLS:
+        raise AdvtuneError(f"unknown --regrow-pool {pool!r}; use one of {', '.join(REGROW_POOLS)}")
+    if pool == "global" and score != "movement":  # a summed squared gradient has each layer's own units
+        raise AdvtuneError("--regrow-pool global ranks entries of all layers together: use --regrow-score movement")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AdvtuneError(f"--regrow must be a share of the mask in [0, 1) (e.g. 0.3; 0: a fixed mask), got {share!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:

@@ -124,6 +124,7 @@ def fit(
                 cfg.regrow_score,
                 cfg.regrow_moments,
                 cfg.regrow_rate,
+                cfg.regrow_pool,
             )
             if cfg.regrow
             else None

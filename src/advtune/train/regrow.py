@@ -11,8 +11,10 @@ exceed the budget), and a grow is where a score over the window since the last m
 default), how far Adam would have moved the entry, |sum g| / sqrt(sum g^2) (the probe rule's own criterion: +1.5
 validation points over the fixed mask on preact-resnet20's three seeds), or `fisher`, the summed squared gradient
 (RigL's magnitude over the window; level). The loop computes every entry's gradient of a partly selected weight
-anyway, so the sums cost no extra pass. Each weight keeps its count of entries (its quota); biases and normalization
-layers are untouched. Only single-entry masks move (the sparse and probe rules); the selection follows the mask as
+anyway, so the sums cost no extra pass. Each weight keeps its count of entries (its quota), or with `--regrow-pool
+global` the dropped entries regrow wherever the movement score is largest over all the weights (the counts move
+between layers); `--regrow-rate` multiplies the grown entries' steps (round 41). Biases and normalization layers are
+untouched. Only single-entry masks move (the sparse and probe rules); the selection follows the mask as
 it moves, and the run's selection.json records the final one.
 """
 
@@ -62,10 +64,11 @@ class Regrowth:
         score: str = "movement",
         moments: str = "zero",
         rate: float = 1.0,
+        pool: str = "layer",
     ) -> None:
-        check_regrow(share, every, score, moments, rate)
+        check_regrow(share, every, score, moments, rate, pool)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
-        self.moments, self.rate = moments, float(rate)
+        self.moments, self.rate, self.pool = moments, float(rate), pool
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
@@ -92,6 +95,7 @@ class Regrowth:
         # the entries a move grew and that are still in the mask (--regrow-rate scales their steps), and the
         # weights before the optimizer's step (update_started to update_done)
         self.late = [torch.zeros(p.shape, device=p.device, dtype=torch.bool) for _, _, p, _ in self.moving]
+        self.has_late = [False] * len(self.moving)  # whether late[j] has an entry (read every step: no device sync)
         self.before: list[Tensor | None] = []
 
     def masks(self) -> dict[str, Tensor]:
@@ -125,14 +129,14 @@ class Regrowth:
     def update_started(self) -> None:
         """Before the optimizer's step: keep the weights that hold late entries (only with --regrow-rate != 1)."""
         if self.rate != 1:
-            self.before = [
-                p.detach().clone() if bool(late.any()) else None for (_, _, p, _), late in zip(self.moving, self.late)
-            ]
+            self.before = [p.detach().clone() if has else None for (_, _, p, _), has in zip(self.moving, self.has_late)]
 
     @torch.no_grad()
     def update_done(self) -> None:
-        """After the optimizer's step (and the frozen entries' restore): a late entry's step times --regrow-rate.
-        The late entries train for fewer steps than those the mask started with (a move grows them at the base);
+        """After the optimizer's step (and the frozen entries' restore): a late entry's step times --regrow-rate,
+        from the step after its move until it is dropped (after the mask stops moving: to the end of the run). The
+        late entries train for fewer steps than those the mask started with (a move grows them at the base); a
+        larger step also moves them further from the base, so the next move drops them less often;
         Adam's zero-moment restart already speeds their first steps up (reset_moments), this is a steady factor."""
         for (_, _, p, _), late, before in zip(self.moving, self.late, self.before):
             if before is not None:
@@ -147,31 +151,54 @@ class Regrowth:
         share = regrow_share(self.share, done, self.total)
         swapped = 0
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
-        for j, (_, i, p, base) in enumerate(self.moving):
-            _, m, frozen = self.trainable.partial[i]
+        # which entries leave: each weight's least moved (|change| has the weight's units: ranked within it)
+        drops = []
+        for _, i, p, base in self.moving:
+            m = self.trainable.partial[i][1]
             on = int(m.sum())
-            k = min(int(share * on), m.numel() - on)
-            if k > 0:
-                # ranked in the logical order of the entries (reshape copies a channels_last tensor), applied as
-                # full-shape masks, so any memory layout is indexed alike
-                flat_m = m.reshape(-1)
-                moved = (p.detach() - base).abs().float().reshape(-1)
-                drop = as_mask(moved.masked_fill(~flat_m, math.inf).topk(k, largest=False).indices, m)
-                grow = as_mask(self.scores(j).reshape(-1).masked_fill(flat_m, -math.inf).topk(k).indices, m)
+            k = int(share * on) if self.pool == "global" else min(int(share * on), m.numel() - on)
+            # ranked in the logical order of the entries (reshape copies a channels_last tensor), applied as
+            # full-shape masks, so any memory layout is indexed alike
+            moved = (p.detach() - base).abs().float().reshape(-1)
+            drops.append(as_mask(moved.masked_fill(~m.reshape(-1), math.inf).topk(k, largest=False).indices, m))
+        for j, grow in enumerate(self.grows(drops)):
+            _, i, p, base = self.moving[j]
+            _, m, frozen = self.trainable.partial[i]
+            drop = drops[j]
+            if bool(drop.any()) or bool(grow.any()):
                 m[drop] = False
                 m[grow] = True
                 self.late[j][drop] = False
                 self.late[j][grow] = True
+                self.has_late[j] = bool(self.late[j].any())
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
                 self.reset_moments(opt, p, drop, grow, j)
-                swapped += k
+                swapped += int(drop.sum())
             self.sums[j].zero_()
             self.squares[j].zero_()
         if swapped:  # the selection follows the mask as it moves (keep-best keeps the mask of the point it keeps)
             self.write_back(self.trainable.selection)
         return swapped
+
+    def grows(self, drops: list[Tensor]) -> list[Tensor]:
+        """Where the dropped entries regrow, among the entries outside the mask before the move: within each weight,
+        as many as it dropped (pool=layer: its quota kept), or (pool=global) the largest movement scores over all
+        the moving weights together (the score is unit-free, |sum g| / sqrt(sum g^2) in [0, sqrt(window)], so it
+        ranks entries of different layers alike; a weight's count then follows where the gradient moves)."""
+        masks = [self.trainable.partial[i][1].reshape(-1) for _, i, _, _ in self.moving]
+        scores = [self.scores(j).reshape(-1).masked_fill(m, -math.inf) for j, m in enumerate(masks)]
+        if self.pool != "global":
+            return [as_mask(sc.topk(int(d.sum())).indices, d) for sc, d in zip(scores, drops)]
+        free = sum(int((~m).sum()) for m in masks)
+        chosen = torch.cat(scores).topk(min(sum(int(d.sum()) for d in drops), free)).indices
+        out, offset = [], 0
+        for sc, d in zip(scores, drops):
+            here = chosen[(chosen >= offset) & (chosen < offset + sc.numel())] - offset
+            out.append(as_mask(here, d))
+            offset += sc.numel()
+        return out
 
     def reset_moments(self, opt: torch.optim.Optimizer, p: Tensor, drop: Tensor, grow: Tensor, j: int) -> None:
         """The optimizer's state of the swapped entries: a dropped entry's to zero; a grown entry's to zero, or
@@ -220,6 +247,7 @@ class Regrowth:
             raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
         for t, t_now in zip(late, self.late):
             t_now.copy_(t.to(t_now.device))
+        self.has_late = [bool(t.any()) for t in self.late]
         self.write_back(self.trainable.selection)  # the selection follows the loaded mask (keep-best reads it)
 
     def write_back(self, selection) -> None:

@@ -69,7 +69,7 @@ def _cost_keys(run: dict) -> dict:
 
 
 # how a variant trained, in its row: harden's recipe keys and how a moving mask moved
-TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments", "regrow_rate")
+TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool")
 
 
 def _trained(train: dict) -> dict:
