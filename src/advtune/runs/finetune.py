@@ -458,7 +458,7 @@ def finetune_folder(
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
     summary = finetune_model(model, ds, job, rd, meta, config, spent, base_state)
-    if cfg.regrow:  # the mask the run ended with (the same count of entries per weight as it started with)
+    if cfg.regrow:  # the mask the run ended with (its count; each weight's too unless --regrow-pool global)
         rd.write_json(files.SELECTION, job.selection.to_json())
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {
