@@ -271,6 +271,56 @@ def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_laye
     assert any(int(sels[0].entries[n].sum()) != int(sels[1].entries[n].sum()) for n in MOVING)
 
 
+def test_a_per_step_drop_ranks_an_entry_by_its_change_per_step_since_it_joined(data):
+    """--regrow-drop per-step: an entry that joined at a move has had fewer steps to move than those the mask started
+    with; it leaves by its |change from the base| divided by its steps in the mask, and a checkpoint keeps when each
+    entry joined."""
+    from advtune.train.regrow import Regrowth
+    from advtune.train.selection import Trainable
+
+    model = bn_net()
+    start = copy.deepcopy(model.state_dict())
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    regrowth = Regrowth(model, trainable, 0.5, 1, 100, drop="per-step")
+    opt = torch.optim.Adam(trainable.params(), lr=0.01)
+    params = dict(model.named_parameters())
+    for i in range(4):
+        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        regrowth.observe(i)
+        trainable.mask_grads()
+        opt.step()
+        trainable.restore_frozen()
+        if i == 0:
+            assert regrowth.step(1, opt) > 0  # entries join at step 1
+            assert all(bool((j[late] == 1).all()) for j, late in zip(regrowth.joined, regrowth.late))
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    joined = [t.clone() for t in regrowth.joined]
+    per_step = {
+        n: (params[n].detach() - start[n]).abs() / (4 - joined[j]).clamp(min=1).float()
+        for j, (n, *_) in enumerate(regrowth.moving)
+    }
+    assert regrowth.step(4, opt) > 0
+    for j, (name, *_) in enumerate(regrowth.moving):
+        m0, m1 = before[name], regrowth.masks()[name]
+        left = m0 & ~m1
+        assert bool(left.any()) and float(per_step[name][left].max()) <= float(per_step[name][m0 & m1].min())
+        assert bool((regrowth.joined[j][m1 & ~m0] == 4).all())
+    again = Regrowth(model, Trainable(model, random_mask(model, share=0.3)), 0.5, 1, 100, drop="per-step")
+    again.load_state_dict(regrowth.state_dict(), "checkpoint")
+    assert all(torch.equal(a, b) for a, b in zip(again.joined, regrowth.joined))
+    with pytest.raises(AdvtuneError, match="--regrow-drop"):
+        TrainConfig(regrow=0.3, regrow_drop="oldest")
+    # through fit: the rule reaches the run (another mask)
+    sels = []
+    for rule in ("moved", "per-step"):
+        net = bn_net()
+        sels.append(random_mask(net))
+        fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(regrow_drop=rule), selection=sels[-1])
+    assert any(not torch.equal(sels[0].entries[n], sels[1].entries[n]) for n in MOVING)
+
+
 def test_a_step_with_gradients_that_are_not_finite_adds_nothing_to_the_sums(data):
     """fp16's gradient scaler skips a step whose gradients overflowed; the regrowth's sums skip it too (NaN and inf
     would otherwise rank first)."""
@@ -439,7 +489,12 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
 
     from advtune.runs.probe import probe_settings
 
-    moving = replace(probe, train=cfg(regrow_every=7, regrow_moments="window", regrow_rate=2.0, regrow_pool="global"))
+    moving = replace(
+        probe,
+        train=cfg(
+            regrow_every=7, regrow_moments="window", regrow_rate=2.0, regrow_pool="global", regrow_drop="per-step"
+        ),
+    )
     fixed = replace(probe, train=cfg(regrow=0.0))
     # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
     assert (
@@ -464,6 +519,7 @@ def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
     assert config_changes(old, moving) == []
     assert [k for k, *_ in config_changes({**moving, "regrow_rate": 2.0}, moving)] == ["regrow_rate"]
     assert [k for k, *_ in config_changes({**moving, "regrow_pool": "global"}, moving)] == ["regrow_pool"]
+    assert [k for k, *_ in config_changes({**moving, "regrow_drop": "per-step"}, moving)] == ["regrow_drop"]
     assert config_changes({**now, "regrow_rate": 2.0}, now) == []  # a fixed mask has no grown entries
 
 

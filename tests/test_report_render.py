@@ -272,11 +272,14 @@ def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_
     assert "(regrow 0.3, window moments)" in describe({"kind": "finetune", **ran, "regrow_moments": "window"})
     assert "(regrow 0.3, grown entries' steps x2)" in describe({"kind": "finetune", **ran, "regrow_rate": 2.0})
     assert "(regrow 0.3, regrown across layers)" in describe({"kind": "finetune", **ran, "regrow_pool": "global"})
+    assert "(regrow 0.3, dropped by change per step)" in describe(
+        {"kind": "finetune", **ran, "regrow_drop": "per-step"}
+    )
     # a finetune record from before the regrow_ settings existed ran their defaults
     (tmp_path / "config.json").write_text(json.dumps({"run": {"select": "all", "train": {"regrow": 0.3}}}))
     old = what_ran(tmp_path, "finetune", {})
     assert (old["regrow_every"], old["regrow_score"], old["regrow_moments"]) == (100, "movement", "zero")
-    assert (old["regrow_rate"], old["regrow_pool"]) == (1.0, "layer")
+    assert (old["regrow_rate"], old["regrow_pool"], old["regrow_drop"]) == (1.0, "layer", "moved")
     assert "steps x" not in describe({"kind": "finetune", **old}) and "across" not in describe(
         {"kind": "finetune", **old}
     )

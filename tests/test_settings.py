@@ -41,6 +41,7 @@ NOT_FLAGS = {
         "regrow_moments",
         "regrow_rate",
         "regrow_pool",
+        "regrow_drop",
     },
     "finetune": {"val_attack_limit"},
 }

@@ -61,19 +61,12 @@ def _train_config(args, base):
 def add_train_parser(p) -> None:
     from .runs.configs import TrainRun
     from .train import TrainConfig
+    from .train.config import REGROW_HOW
 
     groups = {g: p.add_argument_group(g) for g in ("data", "training", "adversarial training", "output")}
     add_flags(p, TrainRun, groups=groups)
     # levers of adapters or a mask
-    fine_tuning = {
-        "adapter_lr_ratio",
-        "regrow",
-        "regrow_every",
-        "regrow_score",
-        "regrow_moments",
-        "regrow_rate",
-        "regrow_pool",
-    }
+    fine_tuning = {"adapter_lr_ratio", "regrow", *REGROW_HOW}
     add_flags(p, TrainConfig, groups=groups, exclude=fine_tuning)
 
 

@@ -89,6 +89,7 @@ def describe(r: dict) -> str:
             score = f", grown by {r['regrow_score']}" if r.get("regrow_score") not in (None, "movement") else ""
             score += ", window moments" if r.get("regrow_moments") == "window" else ""
             score += ", regrown across layers" if r.get("regrow_pool") == "global" else ""
+            score += ", dropped by change per step" if r.get("regrow_drop") == "per-step" else ""
             score += f", grown entries' steps x{r['regrow_rate']:g}" if r.get("regrow_rate") not in (None, 1) else ""
             what += f", the mask moving (regrow {r['regrow']:g}{score})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)

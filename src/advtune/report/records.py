@@ -174,7 +174,7 @@ RESULT_ROW = {  # one variant's row in results.json (fields from before a column
     **{
         f"{k}?": nullable(TEXT)
         for k in ("select", "attack", "criterion", "granularity", "params_like")
-        + ("optimizer", "schedule", "augment", "regrow_score", "regrow_moments", "regrow_pool")
+        + ("optimizer", "schedule", "augment", "regrow_score", "regrow_moments", "regrow_pool", "regrow_drop")
     },
     "selected_by_layer?": nullable(UNITS),
 }

@@ -31,6 +31,7 @@ from ..models import load_model
 from ..patch import cpu_state
 from ..storage import read_json
 from ..train import TrainConfig
+from ..train.config import REGROW_HOW
 from ..train.distill import check_probe_teacher, with_probe_teacher
 from ..train.lowrank import adaptable_layers, norm_params
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
@@ -98,7 +99,7 @@ def without_regrow(train: TrainConfig) -> TrainConfig:
     """`train` with the moving mask's settings at their defaults (the probe's settings are the same whatever the
     masked stage's --regrow, so one probe serves both and its recorded settings match on --resume)."""
     fixed = TrainConfig()
-    moves = ("regrow", "regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool")
+    moves = ("regrow", *REGROW_HOW)
     return replace(train, **{k: getattr(fixed, k) for k in moves})
 
 

@@ -17,7 +17,7 @@ from ..cost import CostMeter
 from ..errors import AdvtuneError
 from ..storage import atomic_write_bytes
 from ..weights import check_compatible
-from .config import TrainConfig
+from .config import REGROW_HOW, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     inert = set(RESUMABLE_CHANGES)
     if not saved.get("regrow", defaults["regrow"]) and not now.get("regrow", defaults["regrow"]):
         # a fixed mask: how it would move had no effect
-        inert |= {"regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool"}
+        inert |= set(REGROW_HOW)
     return [
         (k, saved.get(k, defaults.get(k)), v)
         for k, v in now.items()

@@ -21,6 +21,9 @@ AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them
 REGROW_SCORES = ("fisher", "movement")  # train/regrow.py
 REGROW_MOMENTS = ("zero", "window")
 REGROW_POOLS = ("layer", "global")
+REGROW_DROPS = ("moved", "per-step")
+# how a moving mask moves (--regrow > 0): inert on a fixed mask; finetune/harden's levers, never train's
+REGROW_HOW = ("regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool", "regrow_drop")
 SGD_MOMENTUM = 0.9
 
 
@@ -128,6 +131,15 @@ class TrainConfig:
         choices=REGROW_POOLS,
         group="training",
     )
+    # per-step: an entry that joined late has had fewer steps to move, so its total |change| undersells it (the
+    # zero-moment fast start and --regrow-rate protect it by making it move more; this compares it fairly; round 41)
+    regrow_drop: Literal["moved", "per-step"] = setting(
+        "moved",
+        help="which of --regrow's entries leave: moved = the least |change| from the base; per-step = the least "
+        "|change| per step since the entry joined the mask (a late entry is not dropped for having joined late)",
+        choices=REGROW_DROPS,
+        group="training",
+    )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
@@ -173,7 +185,13 @@ class TrainConfig:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
             raise AdvtuneError(f"--adapter-lr-ratio must be a positive number (1: off; LoRA+ uses 16), got {r!r}")
         check_regrow(
-            self.regrow, self.regrow_every, self.regrow_score, self.regrow_moments, self.regrow_rate, self.regrow_pool
+            self.regrow,
+            self.regrow_every,
+            self.regrow_score,
+            self.regrow_moments,
+            self.regrow_rate,
+            self.regrow_pool,
+            self.regrow_drop,
         )
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
@@ -189,15 +207,18 @@ def check_regrow(
     moments: str = "zero",
     rate: float = 1.0,
     pool: str = "layer",
+    drop: str = "moved",
 ) -> None:
     """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments, --regrow-rate,
-    --regrow-pool (train/regrow.py)."""
+    --regrow-pool, --regrow-drop (train/regrow.py)."""
     if score not in REGROW_SCORES:
         raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
     if moments not in REGROW_MOMENTS:
         raise AdvtuneError(f"unknown --regrow-moments {moments!r}; use one of {', '.join(REGROW_MOMENTS)}")
     if pool not in REGROW_POOLS:
         raise AdvtuneError(f"unknown --regrow-pool {pool!r}; use one of {', '.join(REGROW_POOLS)}")
+    if drop not in REGROW_DROPS:
+        raise AdvtuneError(f"unknown --regrow-drop {drop!r}; use one of {', '.join(REGROW_DROPS)}")
     if pool == "global" and score != "movement":  # a summed squared gradient has each layer's own units
         raise AdvtuneError("--regrow-pool global ranks entries of all layers together: use --regrow-score movement")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:

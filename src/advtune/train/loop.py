@@ -125,6 +125,7 @@ def fit(
                 cfg.regrow_moments,
                 cfg.regrow_rate,
                 cfg.regrow_pool,
+                cfg.regrow_drop,
             )
             if cfg.regrow
             else None

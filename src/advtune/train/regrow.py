@@ -65,10 +65,11 @@ class Regrowth:
         moments: str = "zero",
         rate: float = 1.0,
         pool: str = "layer",
+        drop: str = "moved",
     ) -> None:
-        check_regrow(share, every, score, moments, rate, pool)
+        check_regrow(share, every, score, moments, rate, pool, drop)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
-        self.moments, self.rate, self.pool = moments, float(rate), pool
+        self.moments, self.rate, self.pool, self.drop = moments, float(rate), pool, drop
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
             id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
@@ -96,6 +97,8 @@ class Regrowth:
         # weights before the optimizer's step (update_started to update_done)
         self.late = [torch.zeros(p.shape, device=p.device, dtype=torch.bool) for _, _, p, _ in self.moving]
         self.has_late = [False] * len(self.moving)  # whether late[j] has an entry (read every step: no device sync)
+        # the step each entry joined the mask (0: it started in it), for --regrow-drop per-step
+        self.joined = [torch.zeros(p.shape, device=p.device, dtype=torch.int32) for _, _, p, _ in self.moving]
         self.before: list[Tensor | None] = []
 
     def masks(self) -> dict[str, Tensor]:
@@ -151,15 +154,18 @@ class Regrowth:
         share = regrow_share(self.share, done, self.total)
         swapped = 0
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
-        # which entries leave: each weight's least moved (|change| has the weight's units: ranked within it)
+        # which entries leave: each weight's least moved (|change| has the weight's units: ranked within it), or
+        # least moved per step since it joined (per-step)
         drops = []
-        for _, i, p, base in self.moving:
+        for j, (_, i, p, base) in enumerate(self.moving):
             m = self.trainable.partial[i][1]
             on = int(m.sum())
             k = int(share * on) if self.pool == "global" else min(int(share * on), m.numel() - on)
             # ranked in the logical order of the entries (reshape copies a channels_last tensor), applied as
             # full-shape masks, so any memory layout is indexed alike
             moved = (p.detach() - base).abs().float().reshape(-1)
+            if self.drop == "per-step":
+                moved = moved / (done - self.joined[j].reshape(-1)).clamp(min=1).float()
             drops.append(as_mask(moved.masked_fill(~m.reshape(-1), math.inf).topk(k, largest=False).indices, m))
         for j, grow in enumerate(self.grows(drops)):
             _, i, p, base = self.moving[j]
@@ -171,6 +177,7 @@ class Regrowth:
                 self.late[j][drop] = False
                 self.late[j][grow] = True
                 self.has_late[j] = bool(self.late[j].any())
+                self.joined[j][grow] = done
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
@@ -227,6 +234,7 @@ class Regrowth:
             "sums": [s.cpu() for s in self.sums],
             "squares": [q.cpu() for q in self.squares],
             "late": [t.cpu() for t in self.late],
+            "joined": [t.cpu() for t in self.joined],
         }
 
     @torch.no_grad()
@@ -241,12 +249,14 @@ class Regrowth:
             self.trainable.partial[i][1].copy_(m.to(p.device))
             s_now.copy_(s.to(s_now.device))
             q_now.copy_(q.to(q_now.device))
-        # a checkpoint from before --regrow-rate has no late entries: it ran at rate 1, which resume keeps
-        late = state.get("late") or [torch.zeros_like(t) for t in self.late]
-        if len(late) != len(self.late):
-            raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
-        for t, t_now in zip(late, self.late):
-            t_now.copy_(t.to(t_now.device))
+        # a checkpoint from before --regrow-rate / --regrow-drop has neither: it ran at rate 1 and dropped by the
+        # total change, which its resume keeps (a changed setting is refused)
+        for key, now in (("late", self.late), ("joined", self.joined)):
+            saved = state.get(key) or [torch.zeros_like(t) for t in now]
+            if len(saved) != len(now):
+                raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
+            for t, t_now in zip(saved, now):
+                t_now.copy_(t.to(t_now.device))
         self.has_late = [bool(t.any()) for t in self.late]
         self.write_back(self.trainable.selection)  # the selection follows the loaded mask (keep-best reads it)
 

@@ -14,7 +14,7 @@ from ...errors import AdvtuneError
 from ...frontier import Frontier, FrontierPoint
 from ...settings import default
 from ...storage import atomic_write_json, atomic_write_text, read_json
-from ...train.config import TrainConfig
+from ...train.config import REGROW_HOW, TrainConfig
 from ..common import list_snapshots
 from .config import EVAL_NAME
 from .variants import RECIPE_TRAIN_KEYS, analysis_folder, eps_value, expand_variants
@@ -69,7 +69,7 @@ def _cost_keys(run: dict) -> dict:
 
 
 # how a variant trained, in its row: harden's recipe keys and how a moving mask moved
-TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, "regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool")
+TRAIN_KEYS = (*RECIPE_TRAIN_KEYS, *REGROW_HOW)
 
 
 def _trained(train: dict) -> dict:
