@@ -253,6 +253,24 @@ def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_laye
     assert float(came.min()) >= float(stayed_out.max())  # the largest scores of all layers together
     for n in MOVING:  # each weight dropped its own share
         assert int((before[n] & ~after[n]).sum()) == int(share * int(before[n].sum()))
+    # a weight whose free entries all score highest takes all of them but one (a whole weight would no longer move);
+    # the total count is kept
+    model = bn_net()
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    regrowth = Regrowth(model, trainable, 0.5, 3, 100, pool="global")
+    small = min(range(len(MOVING)), key=lambda j: int((~regrowth.masks()[regrowth.moving[j][0]]).sum()))
+    for j, (s_, q) in enumerate(zip(regrowth.sums, regrowth.squares)):
+        s_.fill_(100.0 if j == small else 1.0)
+        q.fill_(100.0 if j == small else 1.0)
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    free_small = int((~before[regrowth.moving[small][0]]).sum())
+    assert regrowth.drop_counts(regrow_share(0.5, 3, 100)) and sum(regrowth.drop_counts(0.45)) > free_small
+    regrowth.step(3, opt)
+    after = regrowth.masks()
+    name = regrowth.moving[small][0]
+    left = int((before[name] & ~after[name]).sum())  # its own drops are free again (they regrow at a later move)
+    assert int((~after[name] & ~before[name]).sum()) == 1 and int((~after[name]).sum()) == 1 + left
+    assert sum(int(m.sum()) for m in after.values()) == sum(int(m.sum()) for m in before.values())
     with pytest.raises(AdvtuneError, match="--regrow-score movement"):
         TrainConfig(regrow=0.3, regrow_pool="global", regrow_score="fisher")
     with pytest.raises(AdvtuneError, match="--regrow-pool"):
@@ -310,6 +328,41 @@ def test_a_per_step_drop_ranks_an_entry_by_its_change_per_step_since_it_joined(d
     again = Regrowth(model, Trainable(model, random_mask(model, share=0.3)), 0.5, 1, 100, drop="per-step")
     again.load_state_dict(regrowth.state_dict(), "checkpoint")
     assert all(torch.equal(a, b) for a, b in zip(again.joined, regrowth.joined))
+    assert all(torch.equal(a, b) for a, b in zip(again.origin, regrowth.origin)) and again.has_late == regrowth.has_late
+    # by hand: the starting entries changed by ~2 in 10 steps (0.2 a step), entries that joined at step 8 by 1 (0.5 a
+    # step): per-step drops starting entries only; the total change would drop the late ones first
+    for rule in ("per-step", "moved"):
+        model = bn_net()
+        trainable = Trainable(model, random_mask(model, share=0.3))
+        regrowth = Regrowth(model, trainable, 0.2, 10, 100, drop=rule)
+        late = {}
+        with torch.no_grad():
+            for j, (name, i, p, base) in enumerate(regrowth.moving):
+                m = trainable.partial[i][1]
+                late[name] = m & (torch.rand(m.shape, generator=torch.Generator().manual_seed(j)) < 0.2)
+                regrowth.joined[j][late[name]] = 8
+                change = 2.0 + 0.01 * torch.rand(m.shape, generator=torch.Generator().manual_seed(9 + j))
+                p.add_(torch.where(late[name], torch.ones_like(p), change) * m)
+        before = {n: m.clone() for n, m in regrowth.masks().items()}
+        assert regrowth.step(10, opt=torch.optim.Adam(trainable.params())) > 0
+        for name, m in regrowth.masks().items():
+            left = before[name] & ~m
+            assert int(left.sum()) < int((before[name] & ~late[name]).sum())  # room for the late ones to stay
+            assert bool((left & late[name]).any()) == (rule == "moved"), (rule, name)
+    # the probe rule starts from weights that are not the base: the change counted is this stage's (from the start,
+    # not from the base): entries A changed by 2 in this stage and 12 from the base, entries B by 3 and 3
+    model = bn_net()
+    trainable = Trainable(model, random_mask(model, share=0.3))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) < 0.5 for n, p in start.items()}
+    base = {n: p - 10.0 * groups[n] for n, p in start.items()}  # the probe moved A by 10
+    regrowth = Regrowth(model, trainable, 0.2, 10, 100, reference=base, drop="per-step")
+    with torch.no_grad():
+        for name, i, p, _ in regrowth.moving:
+            p.add_(torch.where(groups[name], 2.0, 3.0) * trainable.partial[i][1])
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    assert regrowth.step(10, opt=torch.optim.Adam(trainable.params())) > 0
+    assert all(not bool((before[n] & ~m & ~groups[n]).any()) for n, m in regrowth.masks().items())  # only A left
     with pytest.raises(AdvtuneError, match="--regrow-drop"):
         TrainConfig(regrow=0.3, regrow_drop="oldest")
     # through fit: the rule reaches the run (another mask)
@@ -368,6 +421,15 @@ def test_the_probe_rules_moving_mask_returns_dropped_entries_to_the_base_not_the
         m = mask[name]
         assert torch.equal(now[name][~m], was[name][~m]), name  # the base's, bit for bit
         assert not torch.equal(probed[name][~m], was[name][~m]), name  # where the probe had moved them
+    # a global pool moves the layers' counts: the records say the final mask's
+    assert main([*argv, "--regrow-pool", "global", "--out", str(tmp_path / "global")]) == 0
+    final = SparseEntries.from_json(json.loads((tmp_path / "global" / "selection.json").read_text()))
+    recorded = json.loads((tmp_path / "global" / "summary.json").read_text())["selection"]
+    assert recorded["params_by_layer"] == final.params_by_layer(load_model(base)[0])
+    assert (
+        recorded["params_by_layer"]
+        != json.loads((tmp_path / "ft" / "summary.json").read_text())["selection"]["params_by_layer"]
+    )
     assert main([*argv, "--out", str(tmp_path / "again")]) == 0
     for (k, a), b in zip(now.items(), load_model(tmp_path / "again")[0].state_dict().values()):
         assert torch.equal(a, b), k

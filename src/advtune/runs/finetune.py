@@ -343,8 +343,10 @@ def finetune_model(
         if keep.kept_masks is not None:  # a moving mask: the kept point's
             job.selection.entries.update(keep.kept_masks)
         log.info("kept the checkpoint of step %s (best held-out robust accuracy of %d)", chosen, len(keep.curve))
-    if cfg.regrow and job.selection_info is not None:  # the mask moved: the rows it touches now
-        job.selection_info["units"] = job.selection.n_units(model)
+    if cfg.regrow and job.selection_info is not None:  # the mask moved: the rows it touches now, and (a global pool)
+        job.selection_info["units"] = job.selection.n_units(model)  # its layers' counts
+        job.selection_info["by_layer"] = job.selection.by_layer(model)
+        job.selection_info["params_by_layer"] = job.selection.params_by_layer(model)
     # monitoring after training: not counted as training cost
     test_acc = accuracy(model, ds.test, cfg.eval_batch_size) if ds.test is not None else None
     quick, n_quick = None, None
@@ -458,7 +460,7 @@ def finetune_folder(
     if job.selection is not None:
         rd.write_json(files.SELECTION, job.selection.to_json())
     summary = finetune_model(model, ds, job, rd, meta, config, spent, base_state)
-    if cfg.regrow:  # the mask the run ended with (its count; each weight's too unless --regrow-pool global)
+    if cfg.regrow:  # the mask the run ended with (its count kept; each weight's too unless --regrow-pool global)
         rd.write_json(files.SELECTION, job.selection.to_json())
     new_meta = {k: v for k, v in meta.items() if k not in ("parameters", "tensors", "training")}
     new_meta["training"] = {

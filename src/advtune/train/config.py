@@ -127,7 +127,7 @@ class TrainConfig:
     regrow_pool: Literal["layer", "global"] = setting(
         "layer",
         help="where --regrow's dropped entries regrow: layer = within each weight (its count kept), global = "
-        "wherever the movement score is largest over all the weights (the counts move between layers)",
+        "wherever the movement score is largest over all the weights it moves (the counts move between layers)",
         choices=REGROW_POOLS,
         group="training",
     )

@@ -12,10 +12,11 @@ default), how far Adam would have moved the entry, |sum g| / sqrt(sum g^2) (the 
 validation points over the fixed mask on preact-resnet20's three seeds), or `fisher`, the summed squared gradient
 (RigL's magnitude over the window; level). The loop computes every entry's gradient of a partly selected weight
 anyway, so the sums cost no extra pass. Each weight keeps its count of entries (its quota), or with `--regrow-pool
-global` the dropped entries regrow wherever the movement score is largest over all the weights (the counts move
-between layers); `--regrow-rate` multiplies the grown entries' steps (round 41). Biases and normalization layers are
-untouched. Only single-entry masks move (the sparse and probe rules); the selection follows the mask as
-it moves, and the run's selection.json records the final one.
+global` the dropped entries regrow wherever the movement score is largest over all the moving weights (the counts
+move between layers); `--regrow-rate` multiplies the grown entries' steps and `--regrow-drop per-step` drops by the
+change per step since an entry joined (round 41). Biases and normalization layers are untouched. Only single-entry
+masks move (the sparse and probe rules); the selection follows the mask as it moves, and the run's selection.json
+records the final one.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ class Regrowth:
         # weights before the optimizer's step (update_started to update_done)
         self.late = [torch.zeros(p.shape, device=p.device, dtype=torch.bool) for _, _, p, _ in self.moving]
         self.has_late = [False] * len(self.moving)  # whether late[j] has an entry (read every step: no device sync)
-        # the step each entry joined the mask (0: it started in it), for --regrow-drop per-step
+        # the step each entry joined the mask (0: it started in it) and its value then (the masked stage's start: the
+        # probe rule's start keeps the probe's change, which is not this stage's), for --regrow-drop per-step
         self.joined = [torch.zeros(p.shape, device=p.device, dtype=torch.int32) for _, _, p, _ in self.moving]
+        self.origin = [p.detach().clone() for _, _, p, _ in self.moving]
         self.before: list[Tensor | None] = []
 
     def masks(self) -> dict[str, Tensor]:
@@ -156,16 +159,16 @@ class Regrowth:
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
         # which entries leave: each weight's least moved (|change| has the weight's units: ranked within it), or
         # least moved per step since it joined (per-step)
-        drops = []
+        drops, ks = [], self.drop_counts(share)
         for j, (_, i, p, base) in enumerate(self.moving):
-            m = self.trainable.partial[i][1]
-            on = int(m.sum())
-            k = int(share * on) if self.pool == "global" else min(int(share * on), m.numel() - on)
+            m, k = self.trainable.partial[i][1], ks[j]
             # ranked in the logical order of the entries (reshape copies a channels_last tensor), applied as
             # full-shape masks, so any memory layout is indexed alike
-            moved = (p.detach() - base).abs().float().reshape(-1)
-            if self.drop == "per-step":
-                moved = moved / (done - self.joined[j].reshape(-1)).clamp(min=1).float()
+            if self.drop == "per-step":  # the change since the entry joined, per step since
+                steps = (done - self.joined[j].reshape(-1)).clamp(min=1).float()
+                moved = (p.detach() - self.origin[j]).abs().float().reshape(-1) / steps
+            else:
+                moved = (p.detach() - base).abs().float().reshape(-1)
             drops.append(as_mask(moved.masked_fill(~m.reshape(-1), math.inf).topk(k, largest=False).indices, m))
         for j, grow in enumerate(self.grows(drops)):
             _, i, p, base = self.moving[j]
@@ -178,6 +181,7 @@ class Regrowth:
                 self.late[j][grow] = True
                 self.has_late[j] = bool(self.late[j].any())
                 self.joined[j][grow] = done
+                self.origin[j][grow] = base[grow]
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
@@ -189,6 +193,19 @@ class Regrowth:
             self.write_back(self.trainable.selection)
         return swapped
 
+    def drop_counts(self, share: float) -> list[int]:
+        """How many entries each weight drops: its share of its mask; within a weight (pool=layer) no more than it has
+        free to grow, over all of them (pool=global) no more than they can take while each keeps a free entry (a
+        weight whose mask fills up is whole, and a whole weight no longer moves)."""
+        counts = [(int(self.trainable.partial[i][1].sum()), p.numel()) for _, i, p, _ in self.moving]
+        if self.pool != "global":
+            return [min(int(share * on), n - on) for on, n in counts]
+        ks = [int(share * on) for on, _ in counts]
+        room = sum(n - on - 1 for on, n in counts)
+        if sum(ks) > room:  # a mask that nearly fills its weights: fewer drops, the count is kept
+            ks = [k * room // sum(ks) for k in ks]
+        return ks
+
     def grows(self, drops: list[Tensor]) -> list[Tensor]:
         """Where the dropped entries regrow, among the entries outside the mask before the move: within each weight,
         as many as it dropped (pool=layer: its quota kept), or (pool=global) the largest movement scores over all
@@ -198,8 +215,15 @@ class Regrowth:
         scores = [self.scores(j).reshape(-1).masked_fill(m, -math.inf) for j, m in enumerate(masks)]
         if self.pool != "global":
             return [as_mask(sc.topk(int(d.sum())).indices, d) for sc, d in zip(scores, drops)]
-        free = sum(int((~m).sum()) for m in masks)
-        chosen = torch.cat(scores).topk(min(sum(int(d.sum()) for d in drops), free)).indices
+        # the best scores of all the weights, each weight taking at most all its free entries but one (drop_counts
+        # leaves room for every drop): a stable sort, then each weight's first `cap` candidates in that order
+        order = torch.cat(scores).argsort(descending=True, stable=True)
+        owner = torch.cat([torch.full((sc.numel(),), j, device=sc.device) for j, sc in enumerate(scores)])[order]
+        keep = torch.zeros_like(order, dtype=torch.bool)
+        for j, m in enumerate(masks):
+            mine = (owner == j).nonzero().squeeze(1)
+            keep[mine[: max(int((~m).sum()) - 1, 0)]] = True
+        chosen = order[keep][: sum(int(d.sum()) for d in drops)]
         out, offset = [], 0
         for sc, d in zip(scores, drops):
             here = chosen[(chosen >= offset) & (chosen < offset + sc.numel())] - offset
@@ -235,6 +259,7 @@ class Regrowth:
             "squares": [q.cpu() for q in self.squares],
             "late": [t.cpu() for t in self.late],
             "joined": [t.cpu() for t in self.joined],
+            "origin": [t.cpu() for t in self.origin],
         }
 
     @torch.no_grad()
@@ -251,8 +276,8 @@ class Regrowth:
             q_now.copy_(q.to(q_now.device))
         # a checkpoint from before --regrow-rate / --regrow-drop has neither: it ran at rate 1 and dropped by the
         # total change, which its resume keeps (a changed setting is refused)
-        for key, now in (("late", self.late), ("joined", self.joined)):
-            saved = state.get(key) or [torch.zeros_like(t) for t in now]
+        for key, now in (("late", self.late), ("joined", self.joined), ("origin", self.origin)):
+            saved = state.get(key) or [t.clone() if key == "origin" else torch.zeros_like(t) for t in now]
             if len(saved) != len(now):
                 raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
             for t, t_now in zip(saved, now):
