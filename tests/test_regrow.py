@@ -264,13 +264,30 @@ def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_laye
         q.fill_(100.0 if j == small else 1.0)
     before = {n: m.clone() for n, m in regrowth.masks().items()}
     free_small = int((~before[regrowth.moving[small][0]]).sum())
-    assert regrowth.drop_counts(regrow_share(0.5, 3, 100)) and sum(regrowth.drop_counts(0.45)) > free_small
+    assert sum(regrowth.drop_counts(0.45)) > free_small
     regrowth.step(3, opt)
     after = regrowth.masks()
     name = regrowth.moving[small][0]
     left = int((before[name] & ~after[name]).sum())  # its own drops are free again (they regrow at a later move)
     assert int((~after[name] & ~before[name]).sum()) == 1 and int((~after[name]).sum()) == 1 + left
     assert sum(int(m.sum()) for m in after.values()) == sum(int(m.sum()) for m in before.values())
+    # a mask that nearly fills its weights: fewer drops, so that the free entries can take them all (each weight
+    # keeping one free); the count is kept
+    trainable = Trainable(model, random_mask(model, share=0.95))
+    regrowth = Regrowth(model, trainable, 0.5, 3, 100, pool="global")
+    before = {n: m.clone() for n, m in regrowth.masks().items()}
+    room = sum(int((~m).sum()) - 1 for m in before.values())
+    share = regrow_share(0.5, 3, 100)
+    assert sum(int(share * int(m.sum())) for m in before.values()) > room  # (the case: more drops than room)
+    ks = regrowth.drop_counts(share)
+    assert 0 < sum(ks) <= room
+    for s_, q in zip(regrowth.sums, regrowth.squares):
+        s_.fill_(1.0)
+        q.fill_(1.0)
+    assert regrowth.step(3, opt) == sum(ks)
+    after = regrowth.masks()
+    assert sum(int(m.sum()) for m in after.values()) == sum(int(m.sum()) for m in before.values())
+    assert all(int((~after[n]).sum()) >= 1 for n in after)  # none became whole
     with pytest.raises(AdvtuneError, match="--regrow-score movement"):
         TrainConfig(regrow=0.3, regrow_pool="global", regrow_score="fisher")
     with pytest.raises(AdvtuneError, match="--regrow-pool"):
@@ -329,6 +346,16 @@ def test_a_per_step_drop_ranks_an_entry_by_its_change_per_step_since_it_joined(d
     again.load_state_dict(regrowth.state_dict(), "checkpoint")
     assert all(torch.equal(a, b) for a, b in zip(again.joined, regrowth.joined))
     assert all(torch.equal(a, b) for a, b in zip(again.origin, regrowth.origin)) and again.has_late == regrowth.has_late
+    # a checkpoint without origins (written before them): the late entries joined at the base, the others at the start
+    shifted = {n: p.detach() - 1.0 for n, p in model.named_parameters()}  # a base the weights are not (the probe rule)
+    old = Regrowth(
+        model, Trainable(model, random_mask(model, share=0.3)), 0.5, 1, 100, reference=shifted, drop="per-step"
+    )
+    old.load_state_dict({k: v for k, v in regrowth.state_dict().items() if k != "origin"}, "checkpoint")
+    for (*_, p, base), j, o in zip(old.moving, old.joined, old.origin):
+        assert torch.equal(o, torch.where(j > 0, base, p.detach())) and bool((j > 0).any())
+        assert not torch.equal(o, p.detach())
+    assert Regrowth(model, trainable, 0.5, 1, 100).origin == []  # the total-change rule keeps no copy
     # by hand: the starting entries changed by ~2 in 10 steps (0.2 a step), entries that joined at step 8 by 1 (0.5 a
     # step): per-step drops starting entries only; the total change would drop the late ones first
     for rule in ("per-step", "moved"):

@@ -3,7 +3,8 @@
 The sparse and probe rules fix their mask before the masked training starts, from a short look (a Fisher or the
 probe's movement); what matters later in the run may differ. Dynamic sparse training keeps the number of trained
 entries and moves them: every `--regrow-every` steps a share of each weight's selected entries (cosine-decayed from
-`--regrow` to 0 at 75% of the run) is dropped and as many of its unselected entries are grown. RigL (Evci et al.
+`--regrow` to 0 at 75% of the run) is dropped and as many of its unselected entries are grown (with `--regrow-pool
+global`: as many over all the moving weights). RigL (Evci et al.
 2020, from memory) drops the smallest weights and grows where the gradient is largest; here the mask is of changes
 from a base, so a drop is the entry that moved least from the base (it is put back to the base's value, with its
 optimizer moments and weight average, so entries outside the mask stay bit-exact and the changed entries never
@@ -101,7 +102,8 @@ class Regrowth:
         # the step each entry joined the mask (0: it started in it) and its value then (the masked stage's start: the
         # probe rule's start keeps the probe's change, which is not this stage's), for --regrow-drop per-step
         self.joined = [torch.zeros(p.shape, device=p.device, dtype=torch.int32) for _, _, p, _ in self.moving]
-        self.origin = [p.detach().clone() for _, _, p, _ in self.moving]
+        # (a copy of every moving weight: kept only where the per-step rule reads it)
+        self.origin = [p.detach().clone() for _, _, p, _ in self.moving] if drop == "per-step" else []
         self.before: list[Tensor | None] = []
 
     def masks(self) -> dict[str, Tensor]:
@@ -181,7 +183,8 @@ class Regrowth:
                 self.late[j][grow] = True
                 self.has_late[j] = bool(self.late[j].any())
                 self.joined[j][grow] = done
-                self.origin[j][grow] = base[grow]
+                if self.origin:
+                    self.origin[j][grow] = base[grow]
                 for t in (p.data, frozen, shadows.get(id(p))):
                     if t is not None:
                         t[drop] = base[drop]  # dropped: back to the base, bit for bit
@@ -201,7 +204,7 @@ class Regrowth:
         if self.pool != "global":
             return [min(int(share * on), n - on) for on, n in counts]
         ks = [int(share * on) for on, _ in counts]
-        room = sum(n - on - 1 for on, n in counts)
+        room = max(sum(n - on - 1 for on, n in counts), 0)
         if sum(ks) > room:  # a mask that nearly fills its weights: fewer drops, the count is kept
             ks = [k * room // sum(ks) for k in ks]
         return ks
@@ -259,7 +262,7 @@ class Regrowth:
             "squares": [q.cpu() for q in self.squares],
             "late": [t.cpu() for t in self.late],
             "joined": [t.cpu() for t in self.joined],
-            "origin": [t.cpu() for t in self.origin],
+            **({"origin": [t.cpu() for t in self.origin]} if self.origin else {}),
         }
 
     @torch.no_grad()
@@ -276,11 +279,17 @@ class Regrowth:
             q_now.copy_(q.to(q_now.device))
         # a checkpoint from before --regrow-rate / --regrow-drop has neither: it ran at rate 1 and dropped by the
         # total change, which its resume keeps (a changed setting is refused)
-        for key, now in (("late", self.late), ("joined", self.joined), ("origin", self.origin)):
-            saved = state.get(key) or [t.clone() if key == "origin" else torch.zeros_like(t) for t in now]
+        for key, now in (("late", self.late), ("joined", self.joined)):
+            saved = state.get(key) or [torch.zeros_like(t) for t in now]
             if len(saved) != len(now):
                 raise AdvtuneError(f"{where} has no moving mask for this run (--regrow); start a new run")
             for t, t_now in zip(saved, now):
+                t_now.copy_(t.to(t_now.device))
+        if self.origin:  # lacking in a checkpoint of 8941fd8: an entry that joined late joined at the base
+            saved = state.get("origin") or [
+                torch.where(j > 0, base, start) for (*_, base), j, start in zip(self.moving, self.joined, self.origin)
+            ]
+            for t, t_now in zip(saved, self.origin):
                 t_now.copy_(t.to(t_now.device))
         self.has_late = [bool(t.any()) for t in self.late]
         self.write_back(self.trainable.selection)  # the selection follows the loaded mask (keep-best reads it)
