@@ -46,6 +46,22 @@ def cfg(**kw) -> TrainConfig:
     )
 
 
+def train_step(model, trainable, regrowth, opt, data, i: int, plain: dict | None = None) -> None:
+    """One step in fit's order on batch i: backward, the regrowth's sums, the mask, the optimizer, the frozen entries
+    back, the grown entries' rate. `plain`: filled with the moving weights after the optimizer's own step."""
+    x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    regrowth.observe(i)
+    trainable.mask_grads()
+    regrowth.update_started()
+    opt.step()
+    trainable.restore_frozen()
+    if plain is not None:
+        plain.update({n: p.detach().clone() for n, p in model.named_parameters() if n in MOVING})
+    regrowth.update_done()
+
+
 def test_the_schedule_decays_to_nothing_at_three_quarters_of_the_run():
     assert regrow_share(0.4, 0, 100) == pytest.approx(0.4)
     assert regrow_share(0.4, 37.5, 100) == pytest.approx(0.2)
@@ -121,13 +137,7 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
     regrowth = Regrowth(model, trainable, 0.5, 2, 100, score="movement", moments="window")
     opt = torch.optim.Adam(trainable.params(), lr=0.01, betas=(0.8, 0.95))
     for i in range(3):  # one step before the window (its sums cleared): the weight's t = 3, the window's length 2
-        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        regrowth.observe(i)
-        trainable.mask_grads()
-        opt.step()
-        trainable.restore_frozen()
+        train_step(model, trainable, regrowth, opt, data, i)
         if i == 0:
             for t in regrowth.sums + regrowth.squares:
                 t.zero_()
@@ -167,18 +177,8 @@ def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(d
     opt = torch.optim.Adam(trainable.params(), lr=0.01)
     params = dict(model.named_parameters())
 
-    def step(i, plain=None):
-        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        regrowth.observe(i)
-        trainable.mask_grads()
-        regrowth.update_started()
-        opt.step()
-        trainable.restore_frozen()
-        if plain is not None:  # the optimizer's own step, before the rate
-            plain.update({n: params[n].detach().clone() for n in MOVING})
-        regrowth.update_done()
+    def step(i, plain=None):  # plain: the optimizer's own step, before the rate
+        train_step(model, trainable, regrowth, opt, data, i, plain)
 
     step(0)
     first = {n: m.clone() for n, m in regrowth.masks().items()}
@@ -233,13 +233,7 @@ def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_laye
     regrowth = Regrowth(model, trainable, 0.5, 3, 100, pool="global")
     opt = torch.optim.Adam(trainable.params(), lr=0.01)
     for i in range(3):  # a window of three steps: the movement scores spread over [0, sqrt(3)]
-        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        regrowth.observe(i)
-        trainable.mask_grads()
-        opt.step()
-        trainable.restore_frozen()
+        train_step(model, trainable, regrowth, opt, data, i)
     before = {n: m.clone() for n, m in regrowth.masks().items()}
     scores = {n: regrowth.scores(j).clone() for j, (n, *_) in enumerate(regrowth.moving)}
     swapped = regrowth.step(3, opt)
@@ -320,13 +314,7 @@ def test_a_per_step_drop_ranks_an_entry_by_its_change_per_step_since_it_joined(d
     opt = torch.optim.Adam(trainable.params(), lr=0.01)
     params = dict(model.named_parameters())
     for i in range(4):
-        x, y = data.to_float(data.x[32 * i : 32 * i + 32]), data.y[32 * i : 32 * i + 32]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        regrowth.observe(i)
-        trainable.mask_grads()
-        opt.step()
-        trainable.restore_frozen()
+        train_step(model, trainable, regrowth, opt, data, i)
         if i == 0:
             assert regrowth.step(1, opt) > 0  # entries join at step 1
             assert all(bool((j[late] == 1).all()) for j, late in zip(regrowth.joined, regrowth.late))
