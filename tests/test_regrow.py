@@ -17,7 +17,8 @@ from advtune.data import TensorData
 from advtune.errors import AdvtuneError
 from advtune.threat import ThreatModel
 from advtune.train import TrainConfig, adversarial, fit
-from advtune.train.regrow import REGROW_END, regrow_share
+from advtune.train.config import REGROW_END
+from advtune.train.regrow import regrow_share
 from advtune.train.sparse import SparseEntries
 from test_selective import bn_net
 
@@ -66,6 +67,41 @@ def test_the_schedule_decays_to_nothing_at_three_quarters_of_the_run():
     assert regrow_share(0.4, 0, 100) == pytest.approx(0.4)
     assert regrow_share(0.4, 37.5, 100) == pytest.approx(0.2)
     assert regrow_share(0.4, int(REGROW_END * 100), 100) == 0.0 and regrow_share(0.4, 99, 100) == 0.0
+    # --regrow-end: the same cosine, stretched or squeezed to end there
+    assert regrow_share(0.4, 45, 100, 0.9) == pytest.approx(0.2) and regrow_share(0.4, 90, 100, 0.9) == 0.0
+    assert regrow_share(0.4, 99, 100, 1.0) > 0 and regrow_share(0.4, 25, 100, 0.25) == 0.0
+
+
+@pytest.mark.parametrize("end", [0.25, 1.0])
+def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, monkeypatch):
+    """--regrow-end: the moves (and the window's sums) stop at that share of the run's steps; the last mask trains
+    on. 3 epochs of 8 steps, a move every 2 steps: the last move is the last even step before end * 24."""
+    from advtune.train.regrow import Regrowth
+
+    moves, sums_after = [], []
+    step, observe = Regrowth.step, Regrowth.observe
+
+    def counted(self, done, opt, average=None):
+        swapped = step(self, done, opt, average)
+        if swapped:
+            moves.append(done)
+        return swapped
+
+    def watched(self, done):
+        before = [s.clone() for s in self.sums]
+        observe(self, done)
+        if any(not torch.equal(a, b) for a, b in zip(before, self.sums)):
+            sums_after.append(done)
+
+    monkeypatch.setattr(Regrowth, "step", counted)
+    monkeypatch.setattr(Regrowth, "observe", watched)
+    net = bn_net()
+    fit(net, data, adversarial(PGD(THREAT, steps=1)), cfg(regrow_end=end), selection=random_mask(net))
+    last = max(d for d in range(2, 24, 2) if d < end * 24)
+    assert moves and max(moves) == last and max(sums_after) < end * 24
+    for bad in (0, -0.5, 1.5, math.nan, True):
+        with pytest.raises(AdvtuneError, match="--regrow-end"):
+            TrainConfig(regrow=0.3, regrow_end=bad)
 
 
 def test_the_mask_moves_within_each_weights_count_and_everything_outside_it_is_the_base(data):
@@ -569,7 +605,12 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
     moving = replace(
         probe,
         train=cfg(
-            regrow_every=7, regrow_moments="window", regrow_rate=2.0, regrow_pool="global", regrow_drop="per-step"
+            regrow_every=7,
+            regrow_moments="window",
+            regrow_rate=2.0,
+            regrow_pool="global",
+            regrow_drop="per-step",
+            regrow_end=0.9,
         ),
     )
     fixed = replace(probe, train=cfg(regrow=0.0))
@@ -597,6 +638,8 @@ def test_how_a_mask_would_move_is_no_change_on_resume_where_it_does_not_move():
     assert [k for k, *_ in config_changes({**moving, "regrow_rate": 2.0}, moving)] == ["regrow_rate"]
     assert [k for k, *_ in config_changes({**moving, "regrow_pool": "global"}, moving)] == ["regrow_pool"]
     assert [k for k, *_ in config_changes({**moving, "regrow_drop": "per-step"}, moving)] == ["regrow_drop"]
+    assert [k for k, *_ in config_changes({**moving, "regrow_end": 0.9}, moving)] == ["regrow_end"]
+    assert config_changes({k: v for k, v in moving.items() if k != "regrow_end"}, moving) == []  # older: 0.75
     assert config_changes({**now, "regrow_rate": 2.0}, now) == []  # a fixed mask has no grown entries
 
 

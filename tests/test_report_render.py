@@ -275,11 +275,13 @@ def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_
     assert "(regrow 0.3, dropped by change per step)" in describe(
         {"kind": "finetune", **ran, "regrow_drop": "per-step"}
     )
+    assert "(regrow 0.3, moving until 90% of the run)" in describe({"kind": "finetune", **ran, "regrow_end": 0.9})
     # a finetune record from before the regrow_ settings existed ran their defaults
     (tmp_path / "config.json").write_text(json.dumps({"run": {"select": "all", "train": {"regrow": 0.3}}}))
     old = what_ran(tmp_path, "finetune", {})
     assert (old["regrow_every"], old["regrow_score"], old["regrow_moments"]) == (100, "movement", "zero")
     assert (old["regrow_rate"], old["regrow_pool"], old["regrow_drop"]) == (1.0, "layer", "moved")
+    assert old["regrow_end"] == 0.75 and "moving until" not in describe({"kind": "finetune", **old})
     assert "steps x" not in describe({"kind": "finetune", **old}) and "across" not in describe(
         {"kind": "finetune", **old}
     )

@@ -42,6 +42,7 @@ NOT_FLAGS = {
         "regrow_rate",
         "regrow_pool",
         "regrow_drop",
+        "regrow_end",
     },
     "finetune": {"val_attack_limit"},
 }

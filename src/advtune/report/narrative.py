@@ -9,6 +9,7 @@ from typing import Mapping
 
 from ..frontier import AT_REFERENCE_PROTOCOL
 from ..recipe import ADAPTER_GRANULARITIES, rule_words
+from ..train.config import REGROW_END
 from .costs import total_cost
 
 
@@ -91,6 +92,8 @@ def describe(r: dict) -> str:
             score += ", regrown across layers" if r.get("regrow_pool") == "global" else ""
             score += ", dropped by change per step" if r.get("regrow_drop") == "per-step" else ""
             score += f", grown entries' steps x{r['regrow_rate']:g}" if r.get("regrow_rate") not in (None, 1) else ""
+            end = r.get("regrow_end")
+            score += f", moving until {end:.0%} of the run" if end not in (None, REGROW_END) else ""
             what += f", the mask moving (regrow {r['regrow']:g}{score})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units

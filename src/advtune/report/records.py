@@ -169,6 +169,7 @@ RESULT_ROW = {  # one variant's row in results.json (fields from before a column
             "regrow",
             "regrow_every",
             "regrow_rate",
+            "regrow_end",
         )
     },
     **{

@@ -22,8 +22,17 @@ REGROW_SCORES = ("fisher", "movement")  # train/regrow.py
 REGROW_MOMENTS = ("zero", "window")
 REGROW_POOLS = ("layer", "global")
 REGROW_DROPS = ("moved", "per-step")
+REGROW_END = 0.75  # RigL's schedule: the mask stops moving at 75% of the run, the rest trains a fixed one
 # how a moving mask moves (--regrow > 0): inert on a fixed mask; finetune/harden's levers, never train's
-REGROW_HOW = ("regrow_every", "regrow_score", "regrow_moments", "regrow_rate", "regrow_pool", "regrow_drop")
+REGROW_HOW = (
+    "regrow_every",
+    "regrow_score",
+    "regrow_moments",
+    "regrow_rate",
+    "regrow_pool",
+    "regrow_drop",
+    "regrow_end",
+)
 SGD_MOMENTUM = 0.9
 
 
@@ -86,7 +95,7 @@ class TrainConfig:
     regrow: float = setting(
         0.0,
         help="move the sparse/probe rule's mask within its budget: every --regrow-every steps this share of "
-        "each weight's entries (cosine-decayed to 0 at three quarters of the run) goes back to the base and as "
+        "each weight's entries (cosine-decayed to 0 at --regrow-end of the run) goes back to the base and as "
         "many new entries start training where the gradient is largest (0: a fixed mask)",
         type=number,
         group="training",
@@ -138,6 +147,15 @@ class TrainConfig:
         help="which of --regrow's entries leave: moved = the least |change| from the base; per-step = the least "
         "|change| per step since the entry joined the mask (a late entry is not dropped for having joined late)",
         choices=REGROW_DROPS,
+        group="training",
+    )
+    # RigL stops moving at 75% of the run; a longer moving phase explores more entries over the run (ITOP's
+    # in-time over-parameterization, Liu et al. 2021, from memory); round 42
+    regrow_end: float = setting(
+        REGROW_END,
+        help="the share of the run after which --regrow's mask stops moving (its share cosine-decays to 0 there; "
+        "the rest of the run trains the last mask)",
+        type=number,
         group="training",
     )
     # > 0: train exactly this many optimizer steps (as many epochs as that takes; `epochs` is then
@@ -192,6 +210,7 @@ class TrainConfig:
             self.regrow_rate,
             self.regrow_pool,
             self.regrow_drop,
+            self.regrow_end,
         )
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
@@ -208,9 +227,10 @@ def check_regrow(
     rate: float = 1.0,
     pool: str = "layer",
     drop: str = "moved",
+    end: float = REGROW_END,
 ) -> None:
     """--regrow's share of the mask, --regrow-every's interval, --regrow-score, --regrow-moments, --regrow-rate,
-    --regrow-pool, --regrow-drop (train/regrow.py)."""
+    --regrow-pool, --regrow-drop, --regrow-end (train/regrow.py)."""
     if score not in REGROW_SCORES:
         raise AdvtuneError(f"unknown --regrow-score {score!r}; use one of {', '.join(REGROW_SCORES)}")
     if moments not in REGROW_MOMENTS:
@@ -227,6 +247,8 @@ def check_regrow(
         raise AdvtuneError(f"--regrow-every must be a positive number of steps (e.g. 100), got {every!r}")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and 0 < rate <= 100):
         raise AdvtuneError(f"--regrow-rate must be a multiple in (0, 100] (e.g. 2; 1: off), got {rate!r}")
+    if isinstance(end, bool) or not isinstance(end, (int, float)) or not (math.isfinite(end) and 0 < end <= 1):
+        raise AdvtuneError(f"--regrow-end must be a share of the run in (0, 1] (e.g. 0.75), got {end!r}")
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

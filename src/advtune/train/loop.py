@@ -126,6 +126,7 @@ def fit(
                 cfg.regrow_rate,
                 cfg.regrow_pool,
                 cfg.regrow_drop,
+                cfg.regrow_end,
             )
             if cfg.regrow
             else None

@@ -3,8 +3,8 @@
 The sparse and probe rules fix their mask before the masked training starts, from a short look (a Fisher or the
 probe's movement); what matters later in the run may differ. Dynamic sparse training keeps the number of trained
 entries and moves them: every `--regrow-every` steps a share of each weight's selected entries (cosine-decayed from
-`--regrow` to 0 at 75% of the run) is dropped and as many of its unselected entries are grown (with `--regrow-pool
-global`: as many over all the moving weights). RigL (Evci et al.
+`--regrow` to 0 at `--regrow-end`, 75% of the run by default) is dropped and as many of its unselected entries are
+grown (with `--regrow-pool global`: as many over all the moving weights). RigL (Evci et al.
 2020, from memory) drops the smallest weights and grows where the gradient is largest; here the mask is of changes
 from a base, so a drop is the entry that moved least from the base (it is put back to the base's value, with its
 optimizer moments and weight average, so entries outside the mask stay bit-exact and the changed entries never
@@ -29,15 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtuneError
-from .config import check_regrow
-
-REGROW_END = 0.75  # RigL's schedule: the mask stops moving at 75% of the run, the rest trains a fixed one
+from .config import REGROW_END, check_regrow
 
 
-def regrow_share(share: float, step: int, total: int) -> float:
+def regrow_share(share: float, step: int, total: int, end_share: float = REGROW_END) -> float:
     """The share of each weight's mask swapped at global step `step` of `total`: cosine from `share` to 0 at
-    REGROW_END of the run."""
-    end = REGROW_END * total
+    `end_share` of the run."""
+    end = end_share * total
     if step >= end or end <= 0:
         return 0.0
     return share * 0.5 * (1 + math.cos(math.pi * step / end))
@@ -68,9 +66,11 @@ class Regrowth:
         rate: float = 1.0,
         pool: str = "layer",
         drop: str = "moved",
+        end: float = REGROW_END,
     ) -> None:
-        check_regrow(share, every, score, moments, rate, pool, drop)
+        check_regrow(share, every, score, moments, rate, pool, drop, end)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
+        self.end = float(end)
         self.moments, self.rate, self.pool, self.drop = moments, float(rate), pool, drop
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
@@ -114,7 +114,7 @@ class Regrowth:
         """After backward (the gradients of the global batch, unscaled), before they are masked, with `done` steps
         behind: add every entry's gradient and its square while the mask still moves. A step whose gradients are not
         finite (fp16's scaler skips it) adds nothing."""
-        if done >= REGROW_END * self.total:
+        if done >= self.end * self.total:
             return
         grads = [None if p.grad is None else p.grad.detach().double() for _, _, p, _ in self.moving]
         if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
@@ -154,9 +154,9 @@ class Regrowth:
     @torch.no_grad()
     def step(self, done: int, opt: torch.optim.Optimizer, average=None) -> int:
         """After `done` optimizer steps: move the masks if an update falls here. Returns the entries swapped."""
-        if done % self.every or done >= REGROW_END * self.total:
+        if done % self.every or done >= self.end * self.total:
             return 0
-        share = regrow_share(self.share, done, self.total)
+        share = regrow_share(self.share, done, self.total, self.end)
         swapped = 0
         shadows = dict(zip(map(id, average.params), average.shadow)) if average is not None else {}
         # which entries leave: each weight's least moved (|change| has the weight's units: ranked within it), or
