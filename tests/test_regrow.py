@@ -588,6 +588,9 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
             ["--granularity", "sparse", "--select", "random", "--params", "0.1", "--regrow", "0.3", "--attack", "fgsm"],
             "give --no-guard",
         ),
+        # how a mask moves, given to a mask that stays put (no --regrow): it would be ignored
+        (["--granularity", "sparse", "--params", "0.1", "--regrow-end", "0.9"], "--regrow-end sets how --regrow's"),
+        (["--granularity", "sparse", "--params", "0.1", "--regrow-drop", "per-step"], "--regrow-drop sets how"),
     ):
         assert main(["finetune", str(missing), "--eps", "0.2", *extra, "--out", str(tmp_path / "ft"), "--quiet"]) == 2
         err = capsys.readouterr().err
@@ -613,7 +616,7 @@ def test_finetune_refuses_regrow_without_a_mask_of_entries_before_the_base_is_re
             regrow_end=0.9,
         ),
     )
-    fixed = replace(probe, train=cfg(regrow=0.0))
+    fixed = replace(probe, train=cfg(regrow=0.0, regrow_every=100))  # (how a mask moves: refused on a fixed one)
     # the probe stage is the same run whatever the masked stage's --regrow settings: one probe serves both arms
     assert (
         probe_settings(check_finetune(moving), None).to_json() == probe_settings(check_finetune(fixed), None).to_json()
