@@ -150,3 +150,69 @@ def test_the_probe_rule_trains_with_awp_and_pays_for_it(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selection"]["kind"] == "sparse"  # harden's default rule, the probe's entries
     check_sparse_harden(base, out, summary["trainable_params"])
+
+
+def test_rwp_takes_the_loss_at_weights_with_each_filters_noise_sigma_times_its_norm_and_costs_what_pgd_costs():
+    """rwp (round 42): the update's loss at w + n, n Gaussian per output filter with norm sigma ||w_filter||, drawn
+    from the step's generator after the attack; biases and norms untouched, nothing moved in place."""
+    from torch.func import functional_call
+
+    from advtune.train.awp import random_perturbation
+
+    model, (x, y) = mlp(norm=True), data()
+    model[1].weight.requires_grad_(False)  # frozen weights get noise too (the whole network, as Flat-LoRA)
+    threat = ThreatModel("linf", 0.1)
+    obj = build_objective("rwp:sigma=0.1,steps=2", threat)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = obj(model, x, y, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())  # (the statistics move, as in PGD)
+    # by hand, the same generator's stream: the attack's draws, then the noise
+    g = torch.Generator().manual_seed(5)
+    twin = copy.deepcopy(mlp(norm=True))
+    twin.load_state_dict(before)
+    twin.eval()
+    x_adv = obj.attack(twin, x, y, generator=g)
+    twin.train()
+    noisy = random_perturbation(twin, 0.1, g)
+    assert set(noisy) == {"1.weight", "4.weight"} and torch.equal(x_adv, out["x_adv"])
+    for name in noisy:
+        w = before[name]
+        rel = (noisy[name] - w).norm(dim=1) / w.norm(dim=1)
+        assert torch.allclose(rel, torch.full_like(rel, 0.1), atol=1e-5), name  # each filter's own size
+    want = nn.functional.cross_entropy(functional_call(twin, noisy, (x_adv,)), y)
+    assert torch.allclose(out["loss"], want, atol=1e-6)
+    assert float((out["loss"] - nn.functional.cross_entropy(model(x_adv), y)).abs().detach()) > 1e-6  # noise matters
+    # another generator, other noise; no pass finds it: PGD-2 + the update, as PGD training
+    other = obj(model, x, y, generator=torch.Generator().manual_seed(6))
+    assert not torch.allclose(other["loss"], out["loss"])
+    assert obj.attack_grad_evals() == 2 and cost_per_example(obj) == cost_per_example(
+        build_objective("pgd:steps=2", threat)
+    )
+    assert obj.describe()["sigma"] == 0.1 and obj.describe()["objective"] == "rwp"
+    assert build_objective("rwp", threat, "eval", 0.5).at(0.25).attack.threat.eps == pytest.approx(0.05)
+
+
+def test_rwp_sigma_zero_trains_as_pgd_step_for_step_and_a_bad_spec_is_one_line():
+    x, y = data(64)
+    threat = ThreatModel("linf", 0.1)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, seed=3)
+    runs = []
+    for spec in ("pgd:steps=2", "rwp:sigma=0,steps=2", "rwp:sigma=0.05,steps=2"):
+        model = mlp(norm=True)
+        fit(model, (x, y), build_objective(spec, threat), cfg)
+        runs.append(model.state_dict())
+    plain, zero, noisy = runs
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert not torch.allclose(plain["1.weight"], noisy["1.weight"], atol=1e-4)
+    for spec, match in (
+        ("rwp:sigma=-0.1", "sigma"),
+        ("rwp:sigma=1", "sigma"),
+        ("rwp:sigma=nan", "sigma"),
+        ("rwp:steps=0", "steps"),
+        ("rwp:gamma=0.1", "unknown RWP parameter"),
+    ):
+        with pytest.raises(AdvtuneError, match=match) as e:
+            build_objective(spec, threat)
+        assert "\n" not in str(e.value), str(e.value)
+    with pytest.raises(AdvtuneError, match="attack-mode train"):
+        build_objective("rwp", threat, "train")

@@ -58,7 +58,7 @@ def test_every_kind_of_plug_in_is_a_registry():
     for registry in (REGISTRY, CRITERIA, ARCHITECTURES, OBJECTIVES, SPECS):
         assert isinstance(registry, Registry)
     assert list_attacks() == REGISTRY.names() and list_criteria() == CRITERIA.names()
-    assert list_models() == ARCHITECTURES.names() and OBJECTIVES.names() == ["trades", "local", "distill", "awp"]
+    assert list_models() == ARCHITECTURES.names() and OBJECTIVES.names() == ["trades", "local", "distill", "awp", "rwp"]
     assert list_datasets()[:4] == ["mnist", "fashion-mnist", "cifar10", "synthetic"]
 
 

@@ -9,7 +9,14 @@ The aim here (issue 21, RESULTS round 26): a 10% mask fits the adversarial train
 network and generalises worse (round 22). The implementation is this project's own: the perturbed forward is a
 `torch.func.functional_call` with w + v (v detached), so the model's weights are never modified in place and the
 loop, masks and average see an ordinary loss; the pass that finds v runs on copies of the BatchNorm statistics,
-so they move once per step as in PGD training. gamma 0 skips that pass (and its cost): PGD training exactly."""
+so they move once per step as in PGD training. gamma 0 skips that pass (and its cost): PGD training exactly.
+
+`rwp[:sigma=..,steps=..]` is its free cousin (round 42): the same weights pushed by random Gaussian noise instead,
+each output filter's (row's) noise of norm about sigma times that filter's norm, drawn afresh every step from the
+step's generator (Flat-LoRA, Li et al. ICML 2025, and random weight perturbation, Li et al. 2024, from memory: noise
+on the whole network while only the adapters or mask train, to seek a flatter minimum for what trains). No pass finds
+the noise, so it costs what PGD training costs; under torchrun each rank draws its own noise, as it draws its own
+random starts."""
 
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from .ramp import check_eps_warmup, ramped_attack
 
 AWP_STEPS = 5  # PGD steps when the spec gives none: harden's training attack
 AWP_GAMMA = 0.005  # Wu et al.'s size for PGD adversarial training
+RWP_SIGMA = 0.05  # Flat-LoRA's order of size (from memory), ten times AWP's push: random noise is not uphill
 
 
 def pushed_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -74,6 +82,18 @@ def weight_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gamm
         if not bool(torch.isfinite(norm)) or float(norm) == 0:  # a tensor the loss does not reach, or an overflow
             continue
         out[name] = p + (gamma * p.detach().norm() / norm * g.view_as(p)).detach()
+    return out
+
+
+def random_perturbation(model: nn.Module, sigma: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """name -> w + n for each conv and linear weight (`pushed_weights`): n Gaussian, scaled so that each output
+    filter's noise has norm sigma times that filter's norm (a filter of zeros gets none); detached, as AWP's push."""
+    out = {}
+    for name, p in pushed_weights(model):
+        rows = p.detach().reshape(p.shape[0], -1)
+        noise = torch.randn(rows.shape, generator=generator, device=p.device, dtype=p.dtype)
+        size = sigma * rows.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out[name] = p + (noise * size).view_as(p)
     return out
 
 
@@ -123,6 +143,64 @@ class WeightPerturbed:
         }
 
 
+@dataclass(frozen=True)
+class NoisyWeights:
+    """PGD adversarial training on the loss at randomly perturbed weights (module docstring: `rwp`). Costs what PGD
+    training costs: the attack's gradient evaluations and the update's."""
+
+    attack: Any
+    sigma: float = RWP_SIGMA
+    eps_warmup: float = 0.0
+    name: str = "rwp"
+
+    def __post_init__(self) -> None:
+        check_sigma(self.sigma)
+        check_eps_warmup(self.eps_warmup)
+
+    def at(self, progress: float) -> "NoisyWeights":
+        return ramped_attack(self, progress)
+
+    def __call__(self, model, x, y, *, generator=None):
+        with eval_mode(model):
+            x_adv = self.attack(model, x, y, generator=generator)
+        noisy = random_perturbation(model, self.sigma, generator) if self.sigma else {}
+        logits = functional_call(model, noisy, (x_adv,), strict=False) if noisy else model(x_adv)
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
+
+    def attack_grad_evals(self) -> int:
+        return int(self.attack.grad_evals())
+
+    def describe(self) -> dict:
+        return {
+            "objective": self.name,
+            "attack": getattr(self.attack, "spec", repr(self.attack)),
+            "threat": self.attack.threat.to_json(),
+            "sigma": self.sigma,
+            "eps_warmup": self.eps_warmup,
+        }
+
+
+def check_sigma(sigma) -> None:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < 1 or math.isnan(sigma):
+        raise AdvtuneError(
+            f"rwp: sigma (the noise's size relative to each filter's norm) must be in [0, 1), e.g. sigma=0.05; "
+            f"got {sigma!r}"
+        )
+
+
+def training_attack(name: str, attack_mode: str, steps, step_size, random_start: bool):
+    """The PGD attack of awp and rwp's examples, refused in one line where the spec cannot work."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise AdvtuneError(f"{name}: steps must be a positive number of PGD steps, got {steps!r}")
+    if attack_mode != "eval":
+        raise AdvtuneError(f"{name} crafts its examples with the model in eval mode; drop --attack-mode train")
+    if step_size is not None and not 0 < step_size < math.inf:
+        raise AdvtuneError(f"{name}: step_size must be > 0 (or left out: PGD's default), got {step_size!r}")
+    kind = "pgd" if random_start else "bim"  # BIM: PGD from the clean input
+    size = f",step_size={step_size}" if step_size is not None else ""
+    return f"{kind}:steps={steps}{size}"
+
+
 def build_awp(
     threat,
     model,
@@ -138,16 +216,30 @@ def build_awp(
     """`awp[:gamma=..,steps=..,step_size=..,random_start=..]`: PGD training on the loss at adversarially perturbed
     weights (Wu et al. 2020); gamma 0 is PGD training step for step."""
     check_gamma(gamma)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise AdvtuneError(f"awp: steps must be a positive number of PGD steps, got {steps!r}")
-    if attack_mode != "eval":
-        raise AdvtuneError("awp crafts its examples with the model in eval mode; drop --attack-mode train")
-    if step_size is not None and not 0 < step_size < math.inf:
-        raise AdvtuneError(f"awp: step_size must be > 0 (or left out: PGD's default), got {step_size!r}")
-    kind = "pgd" if random_start else "bim"  # BIM: PGD from the clean input
-    size = f",step_size={step_size}" if step_size is not None else ""
-    attack = build_attack(f"{kind}:steps={steps}{size}", threat)
+    attack = build_attack(training_attack("awp", attack_mode, steps, step_size, random_start), threat)
     return WeightPerturbed(attack, float(gamma), eps_warmup)
 
 
 build_awp.title = "AWP"  # type: ignore[attr-defined]
+
+
+def build_rwp(
+    threat,
+    model,
+    attack_mode,
+    eps_warmup,
+    /,
+    *,
+    sigma: float = RWP_SIGMA,
+    steps: int = AWP_STEPS,
+    step_size: float | None = None,
+    random_start: bool = True,
+) -> NoisyWeights:
+    """`rwp[:sigma=..,steps=..,step_size=..,random_start=..]`: PGD training on the loss at randomly perturbed
+    weights (each filter's noise sigma times its norm); sigma 0 is PGD training step for step."""
+    check_sigma(sigma)
+    attack = build_attack(training_attack("rwp", attack_mode, steps, step_size, random_start), threat)
+    return NoisyWeights(attack, float(sigma), eps_warmup)
+
+
+build_rwp.title = "RWP"  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
-from .awp import build_awp
+from .awp import build_awp, build_rwp
 from .distill import INJECTED, build_distill
 from .ramp import check_eps_warmup, ramped_attack
 
@@ -355,6 +355,7 @@ def _build_local(
 
 OBJECTIVES.register("distill")(build_distill)
 OBJECTIVES.register("awp")(build_awp)
+OBJECTIVES.register("rwp")(build_rwp)
 
 
 def check_objective(spec: str, threat) -> None:
@@ -375,7 +376,7 @@ def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: fl
     that module (needs the model: its current weights are the reference); `distill:teacher=<run folder>[,steps=..,
     alpha=..,temperature=..]` -> PGD training with a teacher's soft labels (distill.py; `load_model` loads the
     teacher: pass advtune.models.load_model); `awp[:gamma=..,steps=..]` -> PGD training at adversarially perturbed
-    weights (awp.py). The names in `OBJECTIVES`
+    weights, `rwp[:sigma=..,steps=..]` at randomly perturbed ones (awp.py). The names in `OBJECTIVES`
     are objectives, any other is an attack."""
     name, raw = parse_spec(spec, "objective")
     builder = OBJECTIVES.get(name, None)
