@@ -130,23 +130,27 @@ def test_a_bad_awp_spec_is_refused_in_one_line():
         build_objective("awp", threat, "train")
 
 
-def test_the_probe_rule_trains_with_awp_and_pays_for_it(tmp_path):
+@pytest.mark.parametrize(
+    "spec, name, size, extra",
+    [("awp:gamma=0.01,steps=1", "awp", "gamma", 1), ("rwp:sigma=0.01,steps=1", "rwp", "sigma", 0)],
+)
+def test_the_probe_rule_trains_with_a_weight_perturbation_and_pays_for_it(tmp_path, spec, name, size, extra):
     from advtune.cli import main
     from cli_helpers import check_sparse_harden, train_argv
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=200, limit_test=40)) == 0
     out = tmp_path / "h"
-    argv = ["harden", str(base), "--eps", "0.2", "--attack", "awp:gamma=0.01,steps=1", "--budget", "4000"]
+    argv = ["harden", str(base), "--eps", "0.2", "--attack", spec, "--budget", "4000"]
     argv += ["--limit", "300", "--limit-test", "40", "--evaluation", "pgd:steps=5", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     ft = out / "finetune"
     objective = json.loads((ft / "config.json").read_text())["objective"]
-    assert objective["objective"] == "awp" and objective["gamma"] == 0.01
-    # the masked stage pays PGD-1 + the push + the update per example
+    assert objective["objective"] == name and objective[size] == 0.01
+    # the masked stage pays PGD-1 + the push (awp; rwp's noise is free) + the update per example
     epochs = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
     paid = [(b["grad_evals"] - a["grad_evals"], b["examples"]) for a, b in zip(epochs, epochs[1:])]
-    assert paid and all(g == 3 * n for g, n in paid), paid
+    assert paid and all(g == (2 + extra) * n for g, n in paid), paid
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selection"]["kind"] == "sparse"  # harden's default rule, the probe's entries
     check_sparse_harden(base, out, summary["trainable_params"])
