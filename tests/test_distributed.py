@@ -148,10 +148,10 @@ def test_ddp_regrow_moves_the_one_process_mask(trained, tmp_path):
     base = str(trained / "single")  # its runs in a folder of their own (the module's folder counts its runs)
     args = ["finetune", base, "--eps", "0.2", "--select", "random", "--granularity", "sparse", "--params", "0.1"]
     args += ["--attack", "bim:steps=2", "--limit", "256", "--limit-test", "50", "--batch-size", "64", "--epochs", "3"]
-    args += ["--regrow-every", "2", "--device", "cpu", "--quiet"]
+    args += ["--device", "cpu", "--quiet"]
     runs = {"fixed": one(tmp_path, *args, "--out", "rg-fixed")}
-    runs["one"] = one(tmp_path, *args, "--regrow", "0.3", "--out", "rg1")
-    runs["two"] = two(tmp_path, *args, "--regrow", "0.3", "--out", "rg2")
+    runs["one"] = one(tmp_path, *args, "--regrow", "0.3", "--regrow-every", "2", "--out", "rg1")
+    runs["two"] = two(tmp_path, *args, "--regrow", "0.3", "--regrow-every", "2", "--out", "rg2")
     for r in runs.values():
         assert r.returncode == 0, r.stderr[-2000:]
 

@@ -460,6 +460,10 @@ def test_adapter_lr_ratio_without_adapters_is_refused_before_anything_is_written
         {"base": {**TINY["base"], "train": {**TINY["base"]["train"], "regrow": 0.3}}},
         {"variants": [{"name": "r", "select": "random", "params": 0.1, "train": {"regrow": 0.3}}]},  # random units
         {"variants": [{"name": "u", "params": 0.1, "train": {"regrow": 0.3}}]},  # unit granularity: nothing moves
+        # how a mask moves, on a mask that stays put (no regrow): it would do nothing
+        {"variants": [{"name": "e", "params": 0.1, "granularity": "sparse", "train": {"regrow_end": 0.9}}]},
+        {"variants": [{"name": "t", "kind": "train", "train": {"regrow_every": 50}}]},
+        {"base": {**TINY["base"], "train": {**TINY["base"]["train"], "regrow_pool": "global"}}},
     ],
 )
 def test_regrow_without_a_mask_of_entries_is_refused_before_anything_is_written(tmp_path, where):

@@ -73,7 +73,7 @@ def test_the_schedule_decays_to_nothing_at_three_quarters_of_the_run():
 
 
 @pytest.mark.parametrize("end", [0.25, 1.0])
-def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, monkeypatch):
+def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, monkeypatch, caplog):
     """--regrow-end: the moves (and the window's sums) stop at that share of the run's steps; the last mask trains
     on. 3 epochs of 8 steps, a move every 2 steps: the last move is the last even step before end * 24."""
     from advtune.train.regrow import Regrowth
@@ -82,9 +82,11 @@ def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, m
     step, observe = Regrowth.step, Regrowth.observe
 
     def counted(self, done, opt, average=None):
+        want = sum(self.drop_counts(regrow_share(self.share, done, self.total, end)))  # the share at `end`'s cosine
         swapped = step(self, done, opt, average)
         if swapped:
             moves.append(done)
+            assert swapped == want, (done, swapped, want)
         return swapped
 
     def watched(self, done):
@@ -102,6 +104,12 @@ def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, m
     for bad in (0, -0.5, 1.5, math.nan, True):
         with pytest.raises(AdvtuneError, match="--regrow-end"):
             TrainConfig(regrow=0.3, regrow_end=bad)
+    # an end before the first move: the mask stays put, and the log says so
+    from advtune.train.selection import Trainable
+
+    with caplog.at_level("WARNING", logger="advtune.train.regrow"):
+        Regrowth(net, Trainable(net, random_mask(net)), 0.5, 2, 24, end=0.05)
+    assert "before its first move" in caplog.text
 
 
 def test_the_mask_moves_within_each_weights_count_and_everything_outside_it_is_the_base(data):
@@ -696,3 +704,16 @@ def test_harden_regrow_moves_the_probe_rules_mask_within_the_budget_and_the_api_
     api = advtune.harden(load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(regrow=0.5), evaluation=PROTOCOL)
     for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("setting", [{"regrow": 0.3}, {"regrow_end": 0.9}, {"regrow_drop": "per-step"}])
+def test_training_from_scratch_refuses_a_moving_masks_settings_before_any_folder(tmp_path, setting):
+    """train has no mask: --regrow and how a mask moves (the API's and an experiment's way in; the CLI has no flags)."""
+    from advtune.runs import train as train_job
+    from advtune.runs.configs import TrainRun
+
+    out = tmp_path / "t"
+    run = TrainRun(dataset="synthetic", model="small-cnn", out=str(out), train=TrainConfig(**setting))
+    with pytest.raises(AdvtuneError, match=f"^{next(iter(setting))} moves a fine-tuning's mask"):
+        train_job.run(run)
+    assert not out.exists()

@@ -93,7 +93,7 @@ def describe(r: dict) -> str:
             score += ", dropped by change per step" if r.get("regrow_drop") == "per-step" else ""
             score += f", grown entries' steps x{r['regrow_rate']:g}" if r.get("regrow_rate") not in (None, 1) else ""
             end = r.get("regrow_end")
-            score += f", moving until {end:.0%} of the run" if end not in (None, REGROW_END) else ""
+            score += f", moving until {100 * end:g}% of the run" if end not in (None, REGROW_END) else ""
             what += f", the mask moving (regrow {r['regrow']:g}{score})"
     where = where_trained(r.get("selected_by_layer"), r.get("granularity") in ADAPTER_GRANULARITIES)
     if where and r.get("granularity") in ("sparse", "probe"):  # its counts are entries, not units

@@ -23,7 +23,7 @@ from ..seeding import seed_everything
 from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_objective, fit
-from ..train.config import REGROW_HOW
+from ..train.config import inert_regrow
 from ..train.keep_best import KeepBest
 from ..train.lowrank import check_adapter_lr_ratio, selection_from_json
 from ..train.sparse import SparseEntries
@@ -141,10 +141,10 @@ def check_finetune(run: FinetuneRun) -> FinetuneRun:
             "--regrow with the overfitting guard (on by default for fgsm training): the guard's rollback restores "
             "weights trained under an earlier mask; give --no-guard or drop --regrow"
         )
-    fixed = TrainConfig()
-    inert = [k for k in REGROW_HOW if getattr(run.train, k) != getattr(fixed, k)] if not run.train.regrow else []
+    inert = inert_regrow(run.train)
     if inert:  # how a mask moves, on a mask that stays put: it would be ignored
-        raise AdvtuneError(f"--{inert[0].replace('_', '-')} sets how --regrow's mask moves: add --regrow (e.g. 0.3)")
+        flag = "--" + inert[0].replace("_", "-")
+        raise AdvtuneError(f"{flag} sets how --regrow's mask moves; a fixed mask has none: drop it, or add --regrow")
     if isinstance(run.monitor_test, bool) or not isinstance(run.monitor_test, int) or run.monitor_test < 0:
         raise AdvtuneError(f"--monitor-test must be a number of test examples >= 0 (0: off), got {run.monitor_test!r}")
     if isinstance(run.keep_best, bool) or not isinstance(run.keep_best, int) or run.keep_best < 0:

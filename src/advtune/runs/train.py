@@ -27,6 +27,7 @@ from ..settings import default
 from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, clean, fit
+from ..train.config import inert_regrow
 from ..train.objectives import check_objective
 from ..train.ramp import check_eps_warmup
 from .common import (
@@ -91,10 +92,11 @@ def run(run: TrainRun) -> TrainSummary:
             "finetune --granularity lowrank, hybrid or shares); training from scratch trains every parameter: "
             "leave it at 1"
         )
-    if cfg.regrow:
+    moving = ["regrow"] if cfg.regrow else inert_regrow(cfg)
+    if moving:
         raise AdvtuneError(
-            "regrow moves a fine-tuning's mask of single entries (advtune finetune --granularity probe or sparse); "
-            "training from scratch trains every parameter: leave it at 0"
+            f"{moving[0]} moves a fine-tuning's mask of single entries (advtune finetune --granularity probe or "
+            "sparse); training from scratch trains every parameter: leave it at its default"
         )
     check_val(run.val)
     if cfg.val_attack_limit != TrainConfig().val_attack_limit and not (run.val and run.adversarial or run.resume):

@@ -1,8 +1,8 @@
 """ONE training loop for standard, adversarial and selective training.
 
 `fit(model, train, objective, config, selection=...)`: the objective decides what a step optimises (clean CE,
-adversarial CE on any attack, TRADES, distillation, adversarial weight perturbation); the selection decides which
-parameters may move.
+adversarial CE on any attack, TRADES, distillation, adversarial or random weight perturbation); the selection
+decides which parameters may move.
 Every step is a pure function of (seed, epoch, step), so a run killed at any point resumes from its
 last checkpoint to bit-identical final weights.
 

@@ -16,7 +16,8 @@ each output filter's (row's) noise of norm about sigma times that filter's norm,
 step's generator (Flat-LoRA, Li et al. ICML 2025, and random weight perturbation, Li et al. 2024, from memory: noise
 on the whole network while only the adapters or mask train, to seek a flatter minimum for what trains). No pass finds
 the noise, so it costs what PGD training costs; under torchrun each rank draws its own noise, as it draws its own
-random starts."""
+random starts (so N processes average N draws a step where one process takes one). BatchNorm's running statistics
+are collected at the noisy weights, as AWP's at the pushed ones."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..distributed import rank_and_world
 from ..errors import AdvtuneError
+from ..seeding import sample_on
 from .lowrank import ADAPTABLE
 from .ramp import check_eps_warmup, ramped_attack
 
@@ -91,7 +93,8 @@ def random_perturbation(model: nn.Module, sigma: float, generator: torch.Generat
     out = {}
     for name, p in pushed_weights(model):
         rows = p.detach().reshape(p.shape[0], -1)
-        noise = torch.randn(rows.shape, generator=generator, device=p.device, dtype=p.dtype)
+        where = sample_on(generator, p.device)  # the generator's device, then moved (seeding's rule)
+        noise = torch.randn(rows.shape, generator=generator, device=where, dtype=p.dtype).to(p.device)
         size = sigma * rows.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out[name] = p + (noise * size).view_as(p)
     return out

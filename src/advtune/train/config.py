@@ -251,6 +251,15 @@ def check_regrow(
         raise AdvtuneError(f"--regrow-end must be a share of the run in (0, 1] (e.g. 0.75), got {end!r}")
 
 
+def inert_regrow(cfg: TrainConfig) -> list[str]:
+    """The settings of how a mask moves (REGROW_HOW) set away from their defaults where the mask stays put
+    (regrow 0): they would do nothing, so the jobs refuse them."""
+    if cfg.regrow:
+        return []
+    fixed = TrainConfig()
+    return [k for k in REGROW_HOW if getattr(cfg, k) != getattr(fixed, k)]
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of a run: `cfg.steps` when set, else every step of every epoch."""
     return cfg.steps if cfg.steps else steps_per_epoch * cfg.epochs

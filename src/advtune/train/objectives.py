@@ -1,5 +1,6 @@
 """What a training step optimises: clean CE, adversarial CE on any attack (eps ramped), TRADES, distillation from a
-teacher on adversarial inputs (distill.py), adversarial weight perturbation (awp.py), the local feature objective;
+teacher on adversarial inputs (distill.py), adversarial and random weight perturbation (awp.py), the local feature
+objective;
 `build_objective(spec, threat)` makes one from a CLI/YAML spec.
 
 Spec objectives other than the attacks are builders in `OBJECTIVES` (an `advtune.registry.Registry`):

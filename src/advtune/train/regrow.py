@@ -22,6 +22,7 @@ records the final one.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -30,6 +31,8 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from .config import REGROW_END, check_regrow
+
+log = logging.getLogger(__name__)
 
 
 def regrow_share(share: float, step: int, total: int, end_share: float = REGROW_END) -> float:
@@ -71,6 +74,15 @@ class Regrowth:
         check_regrow(share, every, score, moments, rate, pool, drop, end)
         self.share, self.every, self.total, self.score = float(share), int(every), int(total), score
         self.end = float(end)
+        if share and self.end * self.total <= self.every:  # the first move would fall after the mask stops moving
+            log.warning(
+                "--regrow: the mask stops moving at step %d (--regrow-end %g of %d steps), before its first move at "
+                "step %d: it stays put; lower --regrow-every or raise --regrow-end",
+                int(self.end * self.total),
+                self.end,
+                self.total,
+                self.every,
+            )
         self.moments, self.rate, self.pool, self.drop = moments, float(rate), pool, drop
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {

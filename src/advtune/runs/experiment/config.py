@@ -21,7 +21,7 @@ from ...settings import (
     settings_from,
 )
 from ...threat import ThreatModel
-from ...train.config import TrainConfig
+from ...train.config import TrainConfig, inert_regrow
 from ...train.objectives import check_objective
 from ...vulnerability import list_criteria
 from ..analyze import check_analysis, check_curve_flags
@@ -138,9 +138,9 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         seen.add(v["name"])
         _check_numbers(v, vw)
     base_train = train_config(cfg["base"].get("train"), None, 0)
-    for lever, off in (("adapter_lr_ratio", 1), ("regrow", 0)):
-        if getattr(base_train, lever) != off:
-            raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
+    levers = [k for k, off in (("adapter_lr_ratio", 1), ("regrow", 0)) if getattr(base_train, k) != off]
+    for lever in levers + inert_regrow(base_train):  # (how a mask moves, too)
+        raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
@@ -182,6 +182,12 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(
                 f"{where}: variant {w['name']}: regrow moves a mask of single entries: use it with kind: finetune "
                 "and granularity probe or sparse, or kind: harden"
+            )
+        inert = inert_regrow(train_config(None, w.get("train"), 0))
+        if inert:  # how a mask moves, on a mask that stays put
+            raise AdvtuneError(
+                f"{where}: variant {w['name']}: train: {inert[0]} sets how regrow's mask moves and does nothing on "
+                "a fixed one: drop it, or set regrow"
             )
         if moving and train_config(None, w.get("train"), 0).regrow and guard_on(w.get("guard"), w.get("attack") or ""):
             raise AdvtuneError(
