@@ -89,7 +89,10 @@ def weight_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gamm
 
 def random_perturbation(model: nn.Module, sigma: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """name -> w + n for each conv and linear weight (`pushed_weights`): n Gaussian, scaled so that each output
-    filter's noise has norm sigma times that filter's norm (a filter of zeros gets none); detached, as AWP's push."""
+    filter's noise has norm sigma times that filter's norm (a filter of zeros gets none); detached, as AWP's push.
+    sigma 0 draws nothing (the generator's stream is PGD training's)."""
+    if not sigma:
+        return {}
     out = {}
     for name, p in pushed_weights(model):
         rows = p.detach().reshape(p.shape[0], -1)
@@ -98,6 +101,16 @@ def random_perturbation(model: nn.Module, sigma: float, generator: torch.Generat
         size = sigma * rows.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out[name] = p + (noise * size).view_as(p)
     return out
+
+
+def loss_at_moved_weights(model, x, y, attack, generator, move) -> dict:
+    """awp's and rwp's step: examples crafted at the weights w (eval mode), then CE at `move(x_adv)`'s weights (name
+    -> tensor, detached moves; {} or None: w itself) through `functional_call`, never in place."""
+    with eval_mode(model):
+        x_adv = attack(model, x, y, generator=generator)
+    moved = move(x_adv)
+    logits = functional_call(model, moved, (x_adv,), strict=False) if moved else model(x_adv)
+    return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
 
 
 def check_gamma(gamma) -> None:
@@ -127,11 +140,9 @@ class WeightPerturbed:
         return ramped_attack(self, progress)
 
     def __call__(self, model, x, y, *, generator=None):
-        with eval_mode(model):
-            x_adv = self.attack(model, x, y, generator=generator)
-        perturbed = weight_perturbation(model, x_adv, y, self.gamma)
-        logits = functional_call(model, perturbed, (x_adv,), strict=False) if perturbed else model(x_adv)
-        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
+        return loss_at_moved_weights(
+            model, x, y, self.attack, generator, lambda x_adv: weight_perturbation(model, x_adv, y, self.gamma)
+        )
 
     def attack_grad_evals(self) -> int:
         return int(self.attack.grad_evals()) + (1 if self.gamma else 0)  # the pass that finds the push
@@ -164,11 +175,9 @@ class NoisyWeights:
         return ramped_attack(self, progress)
 
     def __call__(self, model, x, y, *, generator=None):
-        with eval_mode(model):
-            x_adv = self.attack(model, x, y, generator=generator)
-        noisy = random_perturbation(model, self.sigma, generator) if self.sigma else {}
-        logits = functional_call(model, noisy, (x_adv,), strict=False) if noisy else model(x_adv)
-        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
+        return loss_at_moved_weights(
+            model, x, y, self.attack, generator, lambda _: random_perturbation(model, self.sigma, generator)
+        )
 
     def attack_grad_evals(self) -> int:
         return int(self.attack.grad_evals())
