@@ -3,7 +3,9 @@
 Round 42 (issue 21): the same attacks on the first N training images a run trained on and on the first N it never
 saw (bench/val_select.py's validation tail), for the run's final (averaged) weights and, with --live, for the live
 weights of its last checkpoint (no weight average). A model as robust on its training images as on held-out ones
-has no generalization gap to close; one under another model on both falls short in what it reaches.
+has no generalization gap to close; one under another model on both falls short in what it reaches. The first N
+images must all have been trained on: a run that held images out (--val, --keep-best, harden) is refused, and so is
+an N above its training count; a run of less than one pass over its data would mislead (not checked).
 
     python bench/fit_gap.py runs/narrow/fullft-s1 runs/narrow/probe10-s1 --eps 8/255 --n 1000 \\
         --attacks pgd:steps=5,apgd-ce --live --out fit-gap.jsonl
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from advtune import api
+from advtune.attacks import split_attack_list
 from advtune.data.splits import Dataset, TensorData
 from advtune.errors import AdvtuneError
 from advtune.settings import parse_number
@@ -26,14 +29,20 @@ from val_select import emit, unseen_tail
 
 
 def seen_head(run: Path, n: int) -> Dataset:
-    """The dataset with `test` replaced by the first n training images, all of which the run trained on (refused
-    where a --val split held some of them out)."""
+    """The dataset with `test` replaced by the first n training images, all of which the run trained on: refused where
+    the run held some of its images out (--val, --keep-best, harden's hold-out) or trained on fewer than n."""
     config = json.loads((run / "config.json").read_text())
-    if (config.get("run") or {}).get("val"):
+    settings, dataset = config.get("run") or {}, config.get("dataset") or {}
+    held = [k for k in ("val", "keep_best") if settings.get(k)] + (["holdout"] if settings.get("holdout") else [])
+    if dataset.get("val") or held or config.get("command") == "harden":
         raise AdvtuneError(
-            f"{run}: held out a validation split (--val) from its training images, so not all of its first {n} were "
-            "trained on; check a run without --val"
+            f"{run}: held out images of its training data ({', '.join(held) or 'a validation split'}), so not all of "
+            f"its first {n} were trained on; check a finetune or train run without --val, --keep-best or --holdout"
         )
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise AdvtuneError(f"--n must be a positive number of images, got {n!r}")
+    if dataset.get("train") is not None and n > dataset["train"]:
+        raise AdvtuneError(f"{run}: trained on {dataset['train']} images, fewer than --n {n}; ask for fewer")
     data, _ = unseen_tail(run, n)  # (its checks: a finished run folder with unseen images)
     head = TensorData(data.train.x[:n], data.train.y[:n])
     return Dataset(data.name, data.train, head, data.classes, data.mean, data.std, data.source)
@@ -47,7 +56,12 @@ def live_weights(run: Path):
         return None
     model = api.load_model(run)
     state = torch.load(path, map_location="cpu", weights_only=True)  # weights only: no code runs from the file
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:  # e.g. a low-rank run: its checkpoint holds the adapters, not merged weights
+        raise AdvtuneError(
+            f"{run}: its checkpoint's weights do not fit its saved model ({type(e).__name__}); drop --live"
+        ) from None
     return model
 
 
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     eps = parse_number(a.eps)
-    attacks = [s for s in split_specs(a.attacks) if s]
+    attacks = split_attack_list(a.attacks)
     for run in a.runs:
         val, limit = unseen_tail(run, a.n)
         splits = {"train": (seen_head(run, a.n), f"train[0:{a.n}]"), "held-out": (val, f"train[{limit}:{limit + a.n}]")}
@@ -87,18 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                         a.out,
                     )
     return 0
-
-
-def split_specs(text: str) -> list[str]:
-    """Attack specs separated by commas, a spec's own `key=value` parameters kept with it
-    (`pgd:steps=5,apgd-ce` -> ['pgd:steps=5', 'apgd-ce'])."""
-    out: list[str] = []
-    for part in text.split(","):
-        if out and "=" in part and ":" not in part:  # a parameter of the spec before it
-            out[-1] += "," + part
-        else:
-            out.append(part.strip())
-    return out
 
 
 if __name__ == "__main__":

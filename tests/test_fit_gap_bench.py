@@ -21,7 +21,9 @@ def fit_gap(monkeypatch):
     return fit_gap
 
 
-def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refused(tmp_path, fit_gap, capsys):
+def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refused(
+    tmp_path, fit_gap, capsys, monkeypatch
+):
     from advtune import api
     from advtune.data import load_dataset
     from cli_helpers import train_argv
@@ -38,8 +40,19 @@ def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refus
     assert any(not torch.equal(a, b) for a, b in zip(live.parameters(), final.parameters()))  # not the average
     out = tmp_path / "gap.jsonl"
     capsys.readouterr()
-    args = [str(ft), "--eps", "0.1", "--n", "50", "--attacks", "pgd:steps=2,step_size=0.05,fgsm", "--live"]
+    args = [str(ft), "--eps", "0.1", "--n", "50", "--attacks", "pgd:steps=2, step_size=0.05,fgsm", "--live"]
+    seen = []  # what each evaluation got: the weights' first tensor and the images
+    evaluate = api.evaluate
+
+    def watched(model, data, **kw):
+        seen.append((next(model.parameters()).detach().clone(), data.test.x.clone()))
+        return evaluate(model, data, **kw)
+
+    monkeypatch.setattr(api, "evaluate", watched)
     assert fit_gap.main([*args, "--out", str(out)]) == 0
+    monkeypatch.undo()
+    first = {"final": next(final.parameters()).detach(), "live": next(live.parameters()).detach()}
+    images = {"train": full.train.x[:50], "held-out": full.train.x[300:350]}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     got = {(r["weights"], r["split"], r["attack"]) for r in rows}
     specs = ("pgd:steps=2,step_size=0.05", "fgsm")
@@ -47,8 +60,15 @@ def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refus
     assert got == want and len(rows) == 8
     assert {r["images"] for r in rows} == {"train[0:50]", "train[300:350]"}  # the tail starts after the base's
     assert all(0 <= r["robust"] <= r["clean"] <= 1 for r in rows)
+    for r, (weights, x) in zip(rows, seen):  # each row attacked the weights and the images it names
+        assert torch.equal(weights, first[r["weights"]]) and torch.equal(x, images[r["split"]]), r
     held = tmp_path / "held"
     assert main([*argv, "--val", "20", "--out", str(held), "--quiet"]) == 0
-    with pytest.raises(AdvtuneError, match="held out a validation split"):
+    with pytest.raises(AdvtuneError, match="held out images of its training data"):
         fit_gap.seen_head(held, 50)
-    assert fit_gap.split_specs("apgd-t:n_target_classes=3,pgd:steps=5") == ["apgd-t:n_target_classes=3", "pgd:steps=5"]
+    with pytest.raises(AdvtuneError, match="trained on 200 images, fewer than --n 250"):  # 200-249: only the base's
+        fit_gap.seen_head(ft, 250)
+    with pytest.raises(AdvtuneError, match="--n must be a positive"):
+        fit_gap.seen_head(ft, -5)
+    (ft / "checkpoint.pt").unlink()
+    assert fit_gap.live_weights(ft) is None  # no checkpoint: no live weights (main says so and goes on)
