@@ -5,7 +5,7 @@ saw (bench/val_select.py's validation tail), for the run's final (averaged) weig
 weights of its last checkpoint (no weight average). A model as robust on its training images as on held-out ones
 has no generalization gap to close; one under another model on both falls short in what it reaches. The first N
 images must all have been trained on: a run that held images out (--val, --keep-best, harden) is refused, and so is
-an N above its training count; a run of less than one pass over its data would mislead (not checked).
+an N above its training count, and a run of less than one pass over its data (cost.json's examples).
 
     python bench/fit_gap.py runs/narrow/fullft-s1 runs/narrow/probe10-s1 --eps 8/255 --n 1000 \\
         --attacks pgd:steps=5,apgd-ce --live --out fit-gap.jsonl
@@ -30,7 +30,11 @@ from val_select import emit, unseen_tail
 
 def seen_head(run: Path, n: int) -> Dataset:
     """The dataset with `test` replaced by the first n training images, all of which the run trained on: refused where
-    the run held some of its images out (--val, --keep-best, harden's hold-out) or trained on fewer than n."""
+    the run held some of its images out (--val, --keep-best, harden's hold-out), trained on fewer than n or made less
+    than one pass over them."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise AdvtuneError(f"--n must be a positive number of images, got {n!r}")
+    data, _ = unseen_tail(run, n)  # (its checks first: a finished run folder with unseen images)
     config = json.loads((run / "config.json").read_text())
     settings, dataset = config.get("run") or {}, config.get("dataset") or {}
     held = [k for k in ("val", "keep_best") if settings.get(k)] + (["holdout"] if settings.get("holdout") else [])
@@ -39,11 +43,14 @@ def seen_head(run: Path, n: int) -> Dataset:
             f"{run}: held out images of its training data ({', '.join(held) or 'a validation split'}), so not all of "
             f"its first {n} were trained on; check a finetune or train run without --val, --keep-best or --holdout"
         )
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise AdvtuneError(f"--n must be a positive number of images, got {n!r}")
     if dataset.get("train") is not None and n > dataset["train"]:
         raise AdvtuneError(f"{run}: trained on {dataset['train']} images, fewer than --n {n}; ask for fewer")
-    data, _ = unseen_tail(run, n)  # (its checks: a finished run folder with unseen images)
+    cost = json.loads((run / "cost.json").read_text()) if (run / "cost.json").is_file() else {}
+    if dataset.get("train") and cost.get("examples") is not None and cost["examples"] < dataset["train"]:
+        raise AdvtuneError(
+            f"{run}: trained on {cost['examples']} examples, less than one pass over its {dataset['train']} images "
+            "(a probe?), so not all of its first images were trained on; check a run of at least one epoch"
+        )
     head = TensorData(data.train.x[:n], data.train.y[:n])
     return Dataset(data.name, data.train, head, data.classes, data.mean, data.std, data.source)
 

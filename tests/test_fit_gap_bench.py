@@ -70,5 +70,11 @@ def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refus
         fit_gap.seen_head(ft, 250)
     with pytest.raises(AdvtuneError, match="--n must be a positive"):
         fit_gap.seen_head(ft, -5)
+    cost = json.loads((ft / "cost.json").read_text())
+    (ft / "cost.json").write_text(json.dumps({**cost, "examples": 150}))  # as a probe's: less than one pass
+    with pytest.raises(AdvtuneError, match="less than one pass over its 200 images"):
+        fit_gap.seen_head(ft, 50)
     (ft / "checkpoint.pt").unlink()
     assert fit_gap.live_weights(ft) is None  # no checkpoint: no live weights (main says so and goes on)
+    with pytest.raises(AdvtuneError, match="not a finished run folder"):
+        fit_gap.seen_head(tmp_path / "never-ran", 50)
