@@ -113,12 +113,14 @@ def loss_at_moved_weights(model, x, y, attack, generator, move) -> dict:
     return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "x_adv": x_adv}
 
 
+def check_size(objective: str, name: str, value, what: str, example: float) -> None:
+    """awp's gamma and rwp's sigma: a share of a weight's norm in [0, 1), refused in one line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1 or math.isnan(value):
+        raise AdvtuneError(f"{objective}: {name} ({what}) must be in [0, 1), e.g. {name}={example:g}; got {value!r}")
+
+
 def check_gamma(gamma) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1 or math.isnan(gamma):
-        raise AdvtuneError(
-            f"awp: gamma (the weight perturbation's size relative to each tensor's norm) must be in [0, 1), e.g. "
-            f"gamma=0.005; got {gamma!r}"
-        )
+    check_size("awp", "gamma", gamma, "the weight perturbation's size relative to each tensor's norm", AWP_GAMMA)
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,7 @@ class NoisyWeights:
 
 
 def check_sigma(sigma) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < 1 or math.isnan(sigma):
-        raise AdvtuneError(
-            f"rwp: sigma (the noise's size relative to each filter's norm) must be in [0, 1), e.g. sigma=0.05; "
-            f"got {sigma!r}"
-        )
+    check_size("rwp", "sigma", sigma, "the noise's size relative to each filter's norm", RWP_SIGMA)
 
 
 def training_attack(name: str, attack_mode: str, steps, step_size, random_start: bool):
