@@ -46,10 +46,16 @@ def seen_head(run: Path, n: int) -> Dataset:
     if dataset.get("train") is not None and n > dataset["train"]:
         raise AdvtuneError(f"{run}: trained on {dataset['train']} images, fewer than --n {n}; ask for fewer")
     cost = json.loads((run / "cost.json").read_text()) if (run / "cost.json").is_file() else {}
-    if dataset.get("train") and cost.get("examples") is not None and cost["examples"] < dataset["train"]:
+    examples = cost.get("examples")
+    probe = (config.get("selection") or {}).get("probe") or {}
+    if examples is not None and probe.get("grad_evals") and cost.get("grad_evals"):
+        # the probe rule's cost meter starts with its probe's counts: the masked stage's own share of the examples
+        examples = round(examples * (1 - probe["grad_evals"] / cost["grad_evals"]))
+    if dataset.get("train") and examples is not None and examples < dataset["train"]:
         raise AdvtuneError(
-            f"{run}: trained on {cost['examples']} examples, less than one pass over its {dataset['train']} images "
-            "(a probe?), so not all of its first images were trained on; check a run of at least one epoch"
+            f"{run}: trained on {examples} examples{' after its probe' if probe else ''}, less than one pass over its "
+            f"{dataset['train']} images, so not all of its first images were trained on; check a run of at least one "
+            "epoch"
         )
     head = TensorData(data.train.x[:n], data.train.y[:n])
     return Dataset(data.name, data.train, head, data.classes, data.mean, data.std, data.source)

@@ -74,6 +74,17 @@ def test_both_splits_and_both_weights_are_attacked_and_a_held_out_split_is_refus
     (ft / "cost.json").write_text(json.dumps({**cost, "examples": 150}))  # as a probe's: less than one pass
     with pytest.raises(AdvtuneError, match="less than one pass over its 200 images"):
         fit_gap.seen_head(ft, 50)
+    # the probe rule's meter starts with its probe's counts: 300 examples of which the probe's half leave 150 < 200
+    config = json.loads((ft / "config.json").read_text())
+    selection = config.get("selection") or {}
+    (ft / "cost.json").write_text(json.dumps({**cost, "examples": 300, "grad_evals": 1000}))
+    probe = {"share": 0.5, "grad_evals": 500}
+    (ft / "config.json").write_text(json.dumps({**config, "selection": {**selection, "probe": probe}}))
+    with pytest.raises(AdvtuneError, match="150 examples after its probe, less than one pass"):
+        fit_gap.seen_head(ft, 50)
+    probe["grad_evals"] = 100  # 270 of the 300 the masked stage's own: a full pass
+    (ft / "config.json").write_text(json.dumps({**config, "selection": {**selection, "probe": probe}}))
+    assert fit_gap.seen_head(ft, 50).test.x.shape[0] == 50
     (ft / "checkpoint.pt").unlink()
     assert fit_gap.live_weights(ft) is None  # no checkpoint: no live weights (main says so and goes on)
     with pytest.raises(AdvtuneError, match="not a finished run folder"):
