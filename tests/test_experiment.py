@@ -555,3 +555,9 @@ def test_a_harden_variants_frontier_point_counts_its_checkpoint_choice(finished,
     held_out = json.loads((tmp_path / "o" / "hard" / "summary.json").read_text())["cost"]["checkpoint_grad_evals"]
     assert held_out > 0 and row["grad_evals"] == trained + held_out == row["curve"][-1]["grad_evals"]
     assert row["curve"][-1]["robust_acc"] == row["robust_acc"]  # the returned model, at what it cost
+    # and the choice's wall time and FLOPs with it (the run's meter stops while a checkpoint is measured)
+    ran = json.loads((tmp_path / "o" / "hard" / "cost.json").read_text())
+    choice = json.loads((tmp_path / "o" / "hard" / "summary.json").read_text())["checkpoints"]
+    assert choice["wall_s"] > 0 and choice["flops"] > 0
+    for key in ("wall_s", "flops"):
+        assert row[key] == row["curve"][-1][key] == pytest.approx(ran[key] + choice[key])

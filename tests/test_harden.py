@@ -64,6 +64,13 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     best = max(p["robust_acc"] for p in k["curve"])
     assert max(p["step"] for p in k["curve"] if p["robust_acc"] == best) == k["chosen_step"]
     assert s["cost"]["checkpoint_grad_evals"] == 4 * 60 * 10 > 0
+    assert s["cost"]["checkpoint_wall_s"] == k["wall_s"] > 0  # the choice's time: the run's meter stops meanwhile
+    from advtune.records import HardenSummary
+    from advtune.runs.harden import format_summary
+
+    assert f"+ choosing the checkpoint {4 * 60 * 10:,} gradient evaluations" in format_summary(
+        HardenSummary.from_json(s)
+    )
     assert s["after"]["clean_acc"] >= 0.9
     # the default rule (round 20): a whole-network probe, then the entries it moved most within the analysis' layer
     # quotas. The parameter budget (the default: 10%) holds on what trains; the weights change only in the mask

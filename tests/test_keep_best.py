@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from advtune.cost import CostMeter
 from advtune.data import TensorData
 from advtune.errors import AdvtuneError
 from advtune.train.keep_best import CURVE, WEIGHTS, KeepBest
@@ -47,6 +48,21 @@ def test_the_best_point_comes_back_not_the_last(tmp_path):
     rec = json.loads((tmp_path / CURVE).read_text())
     assert rec["chosen_step"] == 4 and rec["grad_evals"] == 3 * 4 * 10 and rec["attack"] == "scripted"
     assert (tmp_path / WEIGHTS).is_file()
+
+
+def test_each_point_records_what_measuring_it_cost(tmp_path):
+    # the run's meter stops while a point is measured, so the choice's wall time and FLOPs are kept here
+    model, keep = setup(tmp_path)
+    meter = CostMeter(flops_forward=3.0, flops_attack_step=7.0)
+    for step in (2, 4):
+        set_correct(model, True, float(step))
+        keep(model, step, meter)
+    rec = json.loads((tmp_path / CURVE).read_text())
+    assert [p["flops"] for p in rec["curve"]] == [4 * (10 * 7.0 + 2 * 3.0)] * 2 and rec["flops"] == 2 * 4 * 76.0
+    assert all(p["wall_s"] >= 0 for p in rec["curve"])
+    assert rec["wall_s"] == pytest.approx(sum(p["wall_s"] for p in rec["curve"]), abs=2e-3)
+    keep(model, 6)  # no meter (a caller without one): its time still counts, its FLOPs cannot
+    assert "flops" not in keep.curve[-1] and keep.record()["flops"] == 2 * 4 * 76.0
 
 
 def test_a_resumed_run_keeps_the_best_measured_before(tmp_path):

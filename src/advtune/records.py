@@ -315,6 +315,7 @@ class HardenCost(HardenCostCore, total=False):
     analysis_wall_s: float
     finetune_wall_s: float
     checkpoint_grad_evals: int  # choosing the checkpoint on the held-out split
+    checkpoint_wall_s: float  # its time (records before it: absent)
     evaluation_grad_evals: int
 
 

@@ -409,6 +409,7 @@ def summarise(
             "analysis_wall_s": a_cost.get("wall_s", 0.0) + scoring.get("wall_s", 0.0),
             "finetune_wall_s": ft_cost.get("wall_s", 0.0),
             "checkpoint_grad_evals": (ft_sum.get("checkpoints") or {}).get("grad_evals", 0),
+            "checkpoint_wall_s": (ft_sum.get("checkpoints") or {}).get("wall_s", 0.0),
             "evaluation_grad_evals": sum(sum((ev or {}).get("grad_evals", {}).values()) for ev in (before, after)),
         },
         "checkpoints": ft_sum.get("checkpoints"),
@@ -462,9 +463,11 @@ def format_summary(summary: HardenSummary) -> str:
             else ""
         )
         + f": {layers}",
-        f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,} gradient "
-        "evaluations "
-        f"({c['analysis_wall_s'] + c['finetune_wall_s']:.0f} s); the base model's training "
+        f"  cost: analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}"
+        + (f" + choosing the checkpoint {c['checkpoint_grad_evals']:,}" if c.get("checkpoint_grad_evals") else "")
+        + " gradient evaluations "
+        f"({c['analysis_wall_s'] + c['finetune_wall_s'] + c.get('checkpoint_wall_s', 0.0):.0f} s); the base model's "
+        "training "
         + (
             f"took {c['base_training_grad_evals']:,}"
             if c["base_training_grad_evals"] is not None

@@ -10,6 +10,7 @@ a folder it records the curve and the best weights there, so a resumed run keeps
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class KeepBest:
     def __call__(self, model, step: int, meter=None) -> None:
         if step not in self.steps or any(p["step"] == step for p in self.curve):
             return  # measured before a resume: its record (and, if best, its weights) are on file
+        started = time.perf_counter()
         with rank0_buffers(model):  # under torchrun every rank measures (and keeps) one model: rank 0's
             point = {
                 "step": step,
@@ -80,6 +82,12 @@ class KeepBest:
                 "clean_acc": accuracy(model, self.data, self.batch_size),
                 "robust_acc": robust_accuracy_quick(model, self.data, self.attack, self.batch_size, self.seed),
             }
+            # what measuring it cost (the run's meter stops meanwhile): the attack's passes, a clean forward and
+            # the attacked one, per held-out example
+            point["wall_s"] = round(time.perf_counter() - started, 3)
+            if meter is not None and meter.flops_attack_step:
+                n = len(self.data)
+                point["flops"] = n * (int(self.attack.grad_evals()) * meter.flops_attack_step + 2 * meter.flops_forward)
             self.curve = sorted([*self.curve, point], key=lambda p: p["step"])
             if self.best is point:
                 state = plain_state_dict(model) if has_adapters(model) else model.state_dict()
@@ -123,6 +131,9 @@ class KeepBest:
             "curve": self.curve,
             "chosen_step": best["step"] if best and not self.kept_last else None,  # None: the last weights
             "grad_evals": self.grad_evals(),
+            # measured per point (records from before these fields: 0 for theirs)
+            "wall_s": round(sum(p.get("wall_s", 0.0) for p in self.curve), 3),
+            "flops": sum(p.get("flops", 0.0) for p in self.curve),
         }
 
 

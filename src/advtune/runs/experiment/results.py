@@ -103,6 +103,13 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
         selective = kind in SELECTIVE
         # harden's held-out checkpoint choice (PGD on its held-out split) is part of its cost, as harden counts it
         held_out = (summary.get("cost") or {}).get("checkpoint_grad_evals", 0) if kind == "harden" else 0
+        choice = (summary.get("checkpoints") or {}) if kind == "harden" else {}  # its wall time and FLOPs
+        cost = {
+            **cost,
+            "grad_evals": cost.get("grad_evals", 0) + (held_out or 0),
+            "wall_s": cost.get("wall_s", 0.0) + choice.get("wall_s", 0.0),
+            "flops": cost.get("flops", 0.0) + choice.get("flops", 0.0),
+        }
         row = {
             "variant": v["name"],
             "kind": kind,
@@ -125,7 +132,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "robust_acc": ev["worst_case_accuracy"],
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),
-            "grad_evals": cost.get("grad_evals", 0) + (held_out or 0),
+            "grad_evals": cost.get("grad_evals", 0),
             # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
             "analysis_grad_evals": analysis_cost.get("grad_evals", 0) + (sel.get("scoring") or {}).get("grad_evals", 0),
             "base_grad_evals": base_cost.get("grad_evals", 0) if selective else 0,
@@ -150,7 +157,7 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "selected_by_layer": sel.get("by_layer"),
             # the model harden returns (the held-out choice among its checkpoints) cost its choice too: its point
             # on the frontier sits after the last snapshot's
-            "curve": _curve(folder, kind, {**cost, "grad_evals": cost.get("grad_evals", 0) + (held_out or 0)}, ev),
+            "curve": _curve(folder, kind, cost, ev),
         }
         rows.append(row)
     return rows
