@@ -217,7 +217,8 @@ class FinetuneRun:
         "quota (the best units of every layer, the budget shared out by the layers' scores), or shares (every layer "
         "a share of the budget by its score: whole where the share pays for it, else the adapter it buys), or sparse "
         "(every layer's share as single weight entries, those with the largest adversarial Fisher), or probe (the "
-        "whole network first for --probe of the budget, then only the entries it moved most: harden's rule)",
+        "whole network first for --probe of the budget, then only the entries it moved most: harden's rule; it needs "
+        "--budget, and an analyze folder only for --probe-quotas)",
         choices=GRANULARITIES,
         group="selection",
     )

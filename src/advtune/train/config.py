@@ -95,8 +95,9 @@ class TrainConfig:
     regrow: float = setting(
         0.0,
         help="move the sparse/probe rule's mask within its budget: every --regrow-every steps this share of "
-        "each weight's entries (cosine-decayed to 0 at --regrow-end of the run) goes back to the base and as "
-        "many new entries start training where the gradient is largest (0: a fixed mask)",
+        "the mask's entries (cosine-decayed to 0 at --regrow-end of the run) goes back to the base and as "
+        "many new entries start training where --regrow-score ranks highest (default movement: where Adam would "
+        "have moved them furthest; 0: a fixed mask)",
         type=number,
         group="training",
     )
