@@ -151,6 +151,20 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg.write_text("head: null\nnorms: ~\n")  # an auto switch (bool | None): null is auto, as its help says
     assert main(["finetune", str(tmp_path / "no-base"), "--config", str(cfg), "--eps", "0.3", "--out", "x"]) == 2
     assert "run folder" in capsys.readouterr().err  # the YAML passed; the missing base is what stops it
+    # an empty value, a switch's word for a value, a number where the flag reads text: one line each (an audit)
+    for text, said in (
+        ("lr:\n", "lr has no value; give one or drop the key"),
+        ("dataset: true\n", "dataset takes a value, not true"),
+        ("device: 1\n", "device"),
+    ):
+        cfg.write_text("dataset: synthetic\nmodel: small-cnn\n" + text)
+        assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r7")]) == 2, text
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r7").exists()
+    cfg.write_text("out:\n")  # finetune's --out is required: null is no folder
+    assert main(["finetune", str(tmp_path / "no-base"), "--config", str(cfg), "--eps", "0.3"]) == 2
+    assert "out has no value" in capsys.readouterr().err
     # a binary file given by mistake (a weights file, a UTF-16 export): one line, not a UnicodeDecodeError
     cfg.write_bytes(b"\xff\xfe\x00bin")
     for argv in (

@@ -252,6 +252,20 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
             lambda c: c["variants"].insert(1, {"name": "c", "select": "random", "params_like": "full-ft"}),
             "params_like: full-ft must run first",
         ),
+        # a third review: what the fine-tuning job itself refuses, and YAML values the CLI would refuse
+        (lambda c: c["variants"].append({"name": "p", "granularity": "probe", "params": 0.1}), "give budget$"),
+        (lambda c: c["variants"].append({"name": "r", "recipe": "harden"}), "variant r: .*give budget"),
+        (
+            lambda c: c["variants"].append({"name": "p", "granularity": "probe", "params": 0.1, "probe": 1.5}),
+            "variant p: probe must be a share of the budget in",
+        ),
+        (lambda c: c["variants"][2].update(granularity="lowrnak"), "granularity must be one of .*got 'lowrnak'"),
+        (lambda c: c["variants"][1].update(attack_mode="training"), "attack_mode must be one of eval, train"),
+        (lambda c: c["variants"].append({"name": "h", "kind": "harden", "norms": "no"}), "norms is a switch"),
+        (lambda c: c["variants"][1].update(train={"compile": "no"}), r"\(full-ft\).train: compile is a switch"),
+        (lambda c: c["base"]["train"].update(compile="false"), "base.train: compile is a switch"),
+        (lambda c: c["evaluation"].update(cascade="false"), "evaluation: cascade is a switch"),
+        (lambda c: c.update(device=1), "device must be auto, cpu, cuda"),
     ],
 )
 def test_bad_experiment_configs(tmp_path, mutate, match):
@@ -261,6 +275,11 @@ def test_bad_experiment_configs(tmp_path, mutate, match):
     mutate(cfg)
     with pytest.raises(AdvtuneError, match=match):
         experiment.run(write(tmp_path, cfg), tmp_path / "o")
+
+
+def test_evaluation_attacks_as_a_yaml_list_mean_the_comma_list():
+    cfg = experiment.validate_config({**TINY, "evaluation": {**TINY["evaluation"], "attacks": ["fgsm", "pgd:steps=2"]}})
+    assert cfg["evaluation"]["attacks"] == "fgsm,pgd:steps=2"
 
 
 def test_report_on_a_folder_without_results(tmp_path, capsys):
@@ -509,7 +528,7 @@ def test_a_random_control_on_the_probe_rule_is_refused_before_anything_is_writte
     # --head with the probe's global ranking (a plain finetune variant has no quotas unless it says so)
     with pytest.raises(AdvtuneError, match="variant p: head: true with granularity: probe needs probe_quotas: true"):
         experiment.validate_config({**TINY, "variants": [{"name": "p", "granularity": "probe", "head": True}]})
-    ok = {"name": "p", "granularity": "probe", "head": True, "probe_quotas": True}
+    ok = {"name": "p", "granularity": "probe", "head": True, "probe_quotas": True, "params": 0.1, "budget": 6000}
     experiment.validate_config({**TINY, "variants": [ok]})
 
 

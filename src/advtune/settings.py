@@ -308,8 +308,16 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
         switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
         if switch and not isinstance(value, bool) and not (value is None and getattr(action, "auto", False)):
             raise AdvtuneError(f"{path}: {key} is a switch: write true or false, got {value!r}")  # "false" is truthy
+        # `out:` with nothing after it (null where the default is null already changes nothing)
+        auto = switch and getattr(action, "auto", False)
+        if value is None and (action.required or action.default is not None) and not auto:
+            raise AdvtuneError(f"{path}: {key} has no value; give one or drop the key")
         if isinstance(value, list):  # a YAML list stands for the flag's comma list
             value = ",".join(str(v) for v in value)
+        if not switch and isinstance(value, bool):
+            raise AdvtuneError(f"{path}: {key} takes a value, not {str(value).lower()}")
+        if not switch and action.type is None and not isinstance(value, str):  # `device: 1` as the CLI's "1"
+            value = str(value)
         if action.type is not None and value is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value))
@@ -335,6 +343,20 @@ def keys(cls, *, only: Iterable[str] | None = None, exclude: Iterable[str] = ())
     if unknown:  # a renamed field must not silently drop a YAML key
         raise AdvtuneError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     return (names if only is None else set(only)) - set(exclude)
+
+
+def check_values(cls, values: dict, where: str) -> None:
+    """The values a YAML mapping gives `cls`'s fields, checked as the CLI checks its flags: a switch takes true or
+    false (a quoted "false" or "no" is a string, and truthy), a field with choices one of them."""
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name)
+        if value is None:
+            continue
+        if str(f.type).replace(" ", "") in ("bool", "bool|None", "<class'bool'>") and not isinstance(value, bool):
+            raise AdvtuneError(f"{where}: {f.name} is a switch: write true or false, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise AdvtuneError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def check_keys(d: Any, allowed: set[str], where: str) -> dict:

@@ -350,16 +350,17 @@ def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter
 DEFAULT_EPS_WARMUP = 0.3  # without a ramp, PGD training from a standard model stalled at chance (docs/RESULTS.md)
 
 
-def resolve_eps_warmup(value: float | None, spec: str) -> float:
-    """--eps-warmup as given, or the default ramp (TRADES has none); says which when it applies it."""
+def resolve_eps_warmup(value: float | None, spec: str, say: bool = True) -> float:
+    """--eps-warmup as given, or the default ramp (TRADES has none); says which when it applies it (`say`)."""
     if value is not None:
         return float(value)
     if spec.strip().lower().startswith("trades"):
         return 0.0
-    log.info(
-        "eps ramps up from 0 over the first %g%% of training (the default; --eps-warmup 0 turns it off)",
-        100 * DEFAULT_EPS_WARMUP,
-    )
+    if say:
+        log.info(
+            "eps ramps up from 0 over the first %g%% of training (the default; --eps-warmup 0 turns it off)",
+            100 * DEFAULT_EPS_WARMUP,
+        )
     return DEFAULT_EPS_WARMUP
 
 

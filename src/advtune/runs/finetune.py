@@ -108,12 +108,13 @@ def trained_words(selection: dict | None) -> str:
     return f"{selection['units']} units, {selection['trainable_params']:,} params"
 
 
-def check_finetune(run: FinetuneRun) -> FinetuneRun:
-    """The fine-tuning settings, refused in one line before any work; the eps ramp resolved."""
+def check_finetune(run: FinetuneRun, say: bool = True) -> FinetuneRun:
+    """The fine-tuning settings, refused in one line before any work; the eps ramp resolved (said in the log unless
+    `say` is off: an experiment checks its variants long before they run)."""
     ramp = run.eps_warmup
     if ramp is None and run.granularity == "probe":  # the probe's ramp must end inside it: the recipe's 15%
         ramp = Recipe().eps_warmup
-    run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack))
+    run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack, say))
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
     check_objective(run.attack, ThreatModel(run.norm, run.eps))  # the eps range and the spec, before the base

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import (
     check_keys,
+    check_values,
     default,
     keys,
     parse_number,
@@ -28,6 +30,7 @@ from ..analyze import check_analysis, check_curve_flags
 from ..common import guard_on
 from ..configs import AnalyzeRun, EvaluateRun, FinetuneRun, TrainRun
 from ..evaluate import attacks_for
+from ..finetune import check_finetune
 from ..selecting import check_selection_flags
 from .variants import (
     as_list,
@@ -97,6 +100,12 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     _check_train(cfg["base"].get("train"), None, f"{where}: base.train")
     check_keys(cfg["threat"], THREAT_KEYS, f"{where}: threat")
     check_keys(cfg["evaluation"], EVAL_KEYS, f"{where}: evaluation")
+    if isinstance(cfg["evaluation"].get("attacks"), list):  # a YAML list stands for the comma list (as the CLI's)
+        cfg["evaluation"]["attacks"] = ",".join(str(a) for a in cfg["evaluation"]["attacks"])
+    check_values(EvaluateRun, cfg["evaluation"], f"{where}: evaluation")  # `cascade: "false"` is a string
+    check_values(TrainConfig, cfg["base"].get("train") or {}, f"{where}: base.train")
+    if "device" in cfg and not isinstance(cfg["device"], str):
+        raise AdvtuneError(f"{where}: device must be auto, cpu, cuda or cuda:<i>, got {cfg['device']!r}")
     check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
     if cfg.get("analysis"):  # what the analysis would ignore, before the base model trains
         given = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["analysis"].items() if k in ANALYSIS_KEYS}
@@ -118,6 +127,7 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         check_keys(v, VARIANT_KEYS, vw)
         check_keys(v.get("train"), TRAIN_KEYS, f"{vw}.train")
         if isinstance(v, dict):  # training from scratch starts from the base's settings, fine-tuning from 1 epoch
+            check_values(TrainConfig, v.get("train") or {}, f"{vw}.train")
             scratch = v.get("kind") == "train"
             _check_train(cfg["base"].get("train") if scratch else {"epochs": 1}, v.get("train"), f"{vw}.train")
         if not v.get("name"):
@@ -142,6 +152,8 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     for lever in levers + inert_regrow(base_train):  # (how a mask moves, too)
         raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
+        kind = {"train": TrainRun, "finetune": FinetuneRun, "harden": Recipe}.get(w["kind"], TrainRun)
+        check_values(kind, w, f"{where}: variant {w['name']}")  # a typo in a choice, a quoted switch
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
         if w["kind"] == "finetune" and w.get("select") == "random" and w.get("granularity") == "probe":
@@ -280,6 +292,27 @@ def check_runnable(cfg: dict, where: str) -> None:
                     check_objective(str(w[key]), ThreatModel(norm, eps_value(w["eps"])))
                 except AdvtuneError as e:
                     raise AdvtuneError(f"{vw}: {key}: {e}") from None
+        if w["kind"] == "finetune":  # the fine-tuning's own checks, as it will run (its analysis a placeholder)
+            select = w.get("select", "top")
+            numbers = {k: parse_number(w[k]) for k in ("share", "eps_warmup", "probe") if isinstance(w.get(k), str)}
+            run = settings_from(
+                FinetuneRun,
+                {**w, **numbers},
+                base="",
+                out="",
+                eps=eps_value(w["eps"]),
+                select="analysis" if select == "top" else select,
+                norm=norm,
+                train=train_config({"epochs": 1}, w.get("train"), 0),
+                params=1 if w.get("params_like") else params_of(w),  # the other variant's count, known later
+                budget=budget_of(w),
+                points=points_of(w),
+                monitor_test=0,
+            )
+            try:
+                check_finetune(run, say=False)
+            except AdvtuneError as e:  # its words name flags: here they are the variant's keys
+                raise AdvtuneError(f"{vw}: {re.sub(r'--([a-z][a-z-]*)', lambda m: m[1].replace('-', '_'), str(e))}")
 
 
 def _positive_int(value: Any, where: str) -> None:
