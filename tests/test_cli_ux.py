@@ -298,3 +298,36 @@ def test_general_flags_before_the_command_are_refused_saying_where_they_go(capsy
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"advtune: error: flags go after the command: advtune info ... {flags}"
+
+
+def test_an_empty_layers_selection_is_refused_before_any_folder_is_touched(tmp_path, capsys):
+    """`--select layers:` named nothing to train and was refused by the training loop, after the run folder was made
+    (and, with --overwrite, after the old run had been moved aside)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("keep me")
+    for out, extra in ((tmp_path / "new", []), (old, ["--overwrite"])):
+        argv = ["finetune", str(tmp_path / "base"), "--select", "layers:", "--eps", "0.3", "--out", str(out), *extra]
+        assert main(argv) == 2
+        assert "--select 'layers:' names no layer" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and (old / "keep.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+@pytest.mark.parametrize(
+    "spec,said",
+    [
+        ("trades:beta=-1", "TRADES needs beta > 0"),
+        ("trades:step_size=-0.01", "TRADES: step_size must be > 0"),  # ran a descent
+        ("trades:step_size=0", "TRADES: step_size must be > 0"),  # meant the default without a word
+        ("trades:step_size=nan", "TRADES: step_size must be > 0"),
+        ("awp:gamma=-1", "awp: gamma"),
+        ("rwp:sigma=2", "rwp: sigma"),
+    ],
+)
+def test_an_objectives_values_are_refused_before_the_base_is_read(spec, said, tmp_path, capsys):
+    """The objective's own values were checked only when it was built, after the base model and the data loaded: a
+    missing base folder here would be named first if they still were."""
+    argv = ["finetune", str(tmp_path / "no-base"), "--eps", "0.1", "--attack", spec, "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "o").exists()

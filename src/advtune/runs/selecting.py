@@ -164,6 +164,10 @@ def check_select_source(select: str, budgeted: bool, granularity: str) -> None:
         if granularity != "unit":
             raise AdvtuneError(f"--select lowrank takes no --granularity (got {granularity}); drop it")
         return
+    if text.startswith("layers:") and not [n for n in text[len("layers:") :].split(",") if n.strip()]:
+        raise AdvtuneError(
+            f"--select {text!r} names no layer: give layers:<name,...> (a wrong name is answered with the layers)"
+        )
     what = "every parameter" if text == "all" else f"what it names ({text})"
     if budgeted:
         raise AdvtuneError(

@@ -113,6 +113,16 @@ class Adversarial:
         }
 
 
+def check_step_size(name: str, step_size) -> None:
+    """An inner maximisation's step: a positive finite number, or None for its default (0 used to mean the default
+    without a word, and a negative one ran a descent)."""
+    ok = step_size is None or (
+        not isinstance(step_size, bool) and isinstance(step_size, (int, float)) and 0 < step_size < math.inf
+    )
+    if not ok:
+        raise AdvtuneError(f"{name}: step_size must be > 0 (or left out: 2.5 x eps / steps), got {step_size!r}")
+
+
 @dataclass(frozen=True)
 class Trades:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), where x_adv maximises the
@@ -132,6 +142,7 @@ class Trades:
             raise AdvtuneError(
                 f"TRADES needs beta > 0 (e.g. trades:beta=6; larger trades clean for robust), got {self.beta!r}"
             )
+        check_step_size("TRADES", self.step_size)
         check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "Trades":
@@ -236,6 +247,7 @@ class LocalFeature:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.clean_weight < 0:
             raise AdvtuneError("the local objective needs steps > 0 and clean_weight >= 0")
+        check_step_size("the local objective", self.step_size)
         check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "LocalFeature":
@@ -355,6 +367,7 @@ def _build_local(
 
 
 OBJECTIVES.register("distill")(build_distill)
+NEEDS_MODEL = ("local", "distill")  # built on the model (its features) or a teacher: checked when they are built
 OBJECTIVES.register("awp")(build_awp)
 OBJECTIVES.register("rwp")(build_rwp)
 
@@ -368,7 +381,9 @@ def check_objective(spec: str, threat) -> None:
     if builder is None:
         build_attack(spec, threat)
     else:
-        convert_params(name, raw, builder, title=getattr(builder, "title", name), skip=INJECTED)
+        kwargs = convert_params(name, raw, builder, title=getattr(builder, "title", name), skip=INJECTED)
+        if name not in NEEDS_MODEL:  # its values (TRADES' beta and step, awp's gamma, ...) checked by building it
+            builder(threat, None, "eval", 0.0, **kwargs)
 
 
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None, load_model=None):
