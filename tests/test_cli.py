@@ -365,6 +365,8 @@ def test_evaluate_checks_it_can_write_its_record_before_any_attack(tmp_path, cap
     assert len(err.splitlines()) == 1 and "cannot write the evaluation record to" in err, err
     assert main([*argv, "--eps", "0.1,0.1", "--plot"]) == 2  # the same eps twice: refused, not plotted as one point
     assert "--eps lists an eps twice (0.1,0.1)" in capsys.readouterr().err
+    assert main([*argv, "--eps", "", "--record-dir", str(tmp_path / "never")]) == 2  # no eps: before the folder
+    assert "evaluate needs --eps" in capsys.readouterr().err and not (tmp_path / "never").exists()
     assert main([*argv[:-3], "--limit-test", "0", "--quiet"]) == 2
     assert "(--limit-test) must be a positive number of examples, got 0" in capsys.readouterr().err
     monkeypatch.setattr(evaluate_job, "evaluation_record", real)

@@ -310,6 +310,10 @@ def test_export_refusals_write_nothing(shipped, tmp_path, capsys, monkeypatch):
     before = target.read_bytes()
     assert main(["export", str(root / "hard"), "--out", str(target), "--limit-test", "10"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err and target.read_bytes() == before
+    trades = tmp_path / "trades.onnx"  # a training objective as the check's attack was replaced by PGD unsaid
+    assert main(["export", str(root / "hard"), "--out", str(trades), "--attack", "trades:beta=6"]) == 2
+    assert "--attack trades:beta=6: a training objective, not an attack" in capsys.readouterr().err
+    assert not trades.exists()
     import onnxruntime
 
     class Off:  # an exported graph that disagrees with PyTorch

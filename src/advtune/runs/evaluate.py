@@ -182,6 +182,8 @@ def run(run: EvaluateRun) -> dict:
     lt = run.limit_test  # before a record of the same name is judged (it was "already holds ... other settings")
     if lt is not None and (isinstance(lt, bool) or not isinstance(lt, int) or lt < 1):
         raise AdvtuneError(f"limit_test (--limit-test) must be a positive number of examples, got {lt!r}; leave it out")
+    if not run.eps:  # (`--eps ""`) before the model, the data and --record-dir
+        raise AdvtuneError("evaluate needs --eps (e.g. 0.3, or 0.1,0.2,0.3 for a curve)")
     if len(set(run.eps)) < len(run.eps):  # a curve through one eps twice measured it twice and drew a point
         raise AdvtuneError(f"--eps lists an eps twice ({','.join(f'{e:g}' for e in run.eps)}); give each once")
     for eps in run.eps:  # the eps and the attack specs: built once here to refuse them before the data is read

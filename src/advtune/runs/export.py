@@ -61,6 +61,11 @@ def run(run: ExportRun) -> dict:
         raise AdvtuneError(f"--batch-size must be a positive number of examples per batch, got {bs!r}")
     if run.format == "onnx":
         onnx_runtime()  # the extra is installed: checked before any work
+        if run.attack and parse_spec(run.attack, "attack")[0] in OBJECTIVES:  # it was replaced by PGD without a word
+            raise AdvtuneError(
+                f"--attack {run.attack}: a training objective, not an attack; give an attack (e.g. pgd:steps=10) or "
+                "leave --attack out"
+            )
     else:  # the check's settings: only ONNX is checked against the run; elsewhere they were dropped without a word
         given = [f for f in CHECK_SETTINGS if getattr(run, f) != default(ExportRun, f)]
         if given:
