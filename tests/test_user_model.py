@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import advtune
 from advtune.cli import main
+from advtune.errors import AdvtuneError
 
 NETS = """
 import torch
@@ -144,6 +145,13 @@ def test_a_package_module_factory(nets, tmp_path):
     assert main(_train(tmp_path / "run", "mypkg.arch:no_args")) == 0
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["factory"]["module"] == "mypkg.arch" and len(meta["factory"]["sha256"]) == 64
+    # a model.json that names a callable without the hash advtune records (edited, or not advtune's): nothing of it
+    # is imported or called (sys.exit would end the process)
+    unhashed = {k: v for k, v in meta["factory"].items() if k != "sha256"}
+    for factory in (unhashed, {"spec": "sys:exit", "module": "sys", "name": "exit"}):
+        (tmp_path / "run" / "model.json").write_text(json.dumps({**meta, "factory": factory}))
+        with pytest.raises(AdvtuneError, match="without its file's sha256.*nothing of it is run"):
+            advtune.load_model(tmp_path / "run")
 
 
 @pytest.mark.parametrize(

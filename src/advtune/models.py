@@ -418,8 +418,9 @@ def read_meta(directory: str | Path) -> dict:
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a saved model from its metadata and load its weights. No code is executed from the
-    weights or metadata files; a model from a `file.py:factory` spec is rebuilt by calling that
-    (recorded, hash-checked) factory, as the user asked when training it."""
+    weights or metadata files; a model from a `file.py:factory` spec is rebuilt by importing and calling that
+    (recorded, hash-checked) factory, as the user asked when training it: a record without the hash is refused
+    before anything is imported."""
     directory = Path(directory)
     meta = read_meta(directory)
     arch = meta.get("architecture")
@@ -428,6 +429,12 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
         isinstance(factory, dict) and isinstance(factory.get("spec"), str) and isinstance(factory.get("name"), str)
     ):
         raise AdvtuneError(f"{directory / files.MODEL_META}: the factory record is damaged; retrain the run")
+    if factory is not None and not isinstance(factory.get("sha256"), str):  # before anything is imported or called
+        raise AdvtuneError(
+            f"{directory / files.MODEL_META} names a factory ({factory['spec']}) without its file's sha256, which "
+            "advtune records for every factory it rebuilds: not a record advtune wrote, so nothing of it is run; "
+            "build the model yourself and load model.safetensors into it"
+        )
     if factory is None and arch is None:
         raise AdvtuneError(
             f"{directory}: this model was saved without a way to rebuild it (not a zoo architecture, "
