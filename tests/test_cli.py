@@ -162,6 +162,18 @@ def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r7").exists()
+    cfg.write_text("limit-test: null\nseed: null\ndevice: null\n")  # null where the setting takes it: accepted
+    assert main(["evaluate", str(tmp_path / "no-run"), "--config", str(cfg), "--eps", "0.1", "--attacks", "fgsm"]) == 2
+    assert "run folder" in capsys.readouterr().err  # the YAML passed; the missing run is what stops it
+    from advtune.cli import COMMANDS, build_parser
+    from advtune.settings import apply_yaml_defaults
+
+    cfg.write_text("only: null\ndevice: 1\n")  # a text flag's null is its default, not the word "None"
+    argv = ["experiment", "exp.yaml", "--config", str(cfg), "--out", "x"]
+    parser = build_parser(argv)
+    apply_yaml_defaults(parser, COMMANDS, argv)
+    args = parser.parse_args(argv)
+    assert args.only is None and args.device == "1"  # (a number for a text flag: the CLI's text)
     cfg.write_text("out:\n")  # finetune's --out is required: null is no folder
     assert main(["finetune", str(tmp_path / "no-base"), "--config", str(cfg), "--eps", "0.3"]) == 2
     assert "out has no value" in capsys.readouterr().err

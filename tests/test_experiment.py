@@ -266,6 +266,12 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
         (lambda c: c["base"]["train"].update(compile="false"), "base.train: compile is a switch"),
         (lambda c: c["evaluation"].update(cascade="false"), "evaluation: cascade is a switch"),
         (lambda c: c.update(device=1), "device must be auto, cpu, cuda"),
+        (  # the job's words name its flags; the variant's message names its keys
+            lambda c: c["variants"].append(
+                {"name": "p", "granularity": "probe", "params": 0.1, "budget": 6000, "probe": 0.1, "eps_warmup": 0.15}
+            ),
+            "variant p: probe 0.1 must be larger than eps_warmup 0.15: .*raise probe or lower eps_warmup$",
+        ),
     ],
 )
 def test_bad_experiment_configs(tmp_path, mutate, match):

@@ -164,6 +164,7 @@ def test_a_package_module_factory(nets, tmp_path):
         ("nets.py:not_a_module", "returned str, not a torch.nn.Module"),
         ("nets.py:", "write path/to/file.py:factory"),
         ("nomodule.sub:make", "no module 'nomodule.sub' on the Python path"),
+        ("sys:exit", "module 'sys' has no .py file to record"),  # a built-in: nothing to hash, nothing called
     ],
 )
 def test_bad_model_specs_are_one_line_errors(nets, tmp_path, capsys, spec, message):

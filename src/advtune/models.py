@@ -263,8 +263,9 @@ def factory_record(spec: str) -> dict[str, Any]:
             f"--model {spec!r}: no module {where!r} on the Python path; run from the folder that holds "
             "it, or give path/to/file.py:factory"
         )
-    if found.origin and Path(found.origin).is_file():
-        record.update(module_file=found.origin, sha256=_sha256(Path(found.origin)))
+    if not (found.origin and Path(found.origin).is_file()):  # a built-in, frozen or zipped module: no file to hash
+        raise AdvtuneError(f"--model {spec!r}: module {where!r} has no .py file to record; give file.py:factory")
+    record.update(module_file=found.origin, sha256=_sha256(Path(found.origin)))
     return record
 
 
@@ -417,10 +418,9 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model from its metadata and load its weights. No code is executed from the
-    weights or metadata files; a model from a `file.py:factory` spec is rebuilt by importing and calling that
-    (recorded, hash-checked) factory, as the user asked when training it: a record without the hash is refused
-    before anything is imported."""
+    """Rebuild a saved model from its metadata and load its weights. No code is executed from the weights or
+    metadata files; a model from a `file.py:factory` spec is rebuilt by importing and calling that (recorded,
+    hash-checked: a record without the hash refused first) factory, as the user asked when training it."""
     directory = Path(directory)
     meta = read_meta(directory)
     arch = meta.get("architecture")

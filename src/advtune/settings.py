@@ -215,6 +215,7 @@ def add_flags(
                 kw["help"] = f"{m['help']} (default: {_show(kw['default'])})"
         action = target.add_argument(flag_name(f.name), **kw)
         action.auto = kind == "bool | None"  # a switch with an auto value: null in a --config YAML means auto
+        action.nullable = "None" in kind  # null in a --config YAML is a value (limit_test: all; seed: random)
 
 
 def from_args(cls, args: argparse.Namespace, **given: Any):
@@ -308,15 +309,15 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
         switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
         if switch and not isinstance(value, bool) and not (value is None and getattr(action, "auto", False)):
             raise AdvtuneError(f"{path}: {key} is a switch: write true or false, got {value!r}")  # "false" is truthy
-        # `out:` with nothing after it (null where the default is null already changes nothing)
-        auto = switch and getattr(action, "auto", False)
-        if value is None and (action.required or action.default is not None) and not auto:
+        # `out:` or `lr:` with nothing after it; null stays where the setting takes it (or the default is null)
+        nullable = getattr(action, "nullable", True) or action.default is None
+        if value is None and not switch and (action.required or not nullable):
             raise AdvtuneError(f"{path}: {key} has no value; give one or drop the key")
         if isinstance(value, list):  # a YAML list stands for the flag's comma list
             value = ",".join(str(v) for v in value)
         if not switch and isinstance(value, bool):
             raise AdvtuneError(f"{path}: {key} takes a value, not {str(value).lower()}")
-        if not switch and action.type is None and not isinstance(value, str):  # `device: 1` as the CLI's "1"
+        if not switch and action.type is None and value is not None and not isinstance(value, str):  # `device: 1`
             value = str(value)
         if action.type is not None and value is not None and not isinstance(value, bool):
             try:

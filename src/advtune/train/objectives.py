@@ -247,7 +247,6 @@ class LocalFeature:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.clean_weight < 0:
             raise AdvtuneError("the local objective needs steps > 0 and clean_weight >= 0")
-        check_step_size("the local objective", self.step_size)
         check_eps_warmup(self.eps_warmup)
 
     def at(self, progress: float) -> "LocalFeature":

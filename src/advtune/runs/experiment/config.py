@@ -5,6 +5,7 @@ configs' own defaults (`settings_from`): a key a variant does not set means the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -104,7 +105,7 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         cfg["evaluation"]["attacks"] = ",".join(str(a) for a in cfg["evaluation"]["attacks"])
     check_values(EvaluateRun, cfg["evaluation"], f"{where}: evaluation")  # `cascade: "false"` is a string
     check_values(TrainConfig, cfg["base"].get("train") or {}, f"{where}: base.train")
-    if "device" in cfg and not isinstance(cfg["device"], str):
+    if cfg.get("device") is not None and not isinstance(cfg["device"], str):  # (null: auto)
         raise AdvtuneError(f"{where}: device must be auto, cpu, cuda or cuda:<i>, got {cfg['device']!r}")
     check_keys(cfg.get("analysis"), ANALYSIS_KEYS, f"{where}: analysis")
     if cfg.get("analysis"):  # what the analysis would ignore, before the base model trains
@@ -312,7 +313,22 @@ def check_runnable(cfg: dict, where: str) -> None:
             try:
                 check_finetune(run, say=False)
             except AdvtuneError as e:  # its words name flags: here they are the variant's keys
-                raise AdvtuneError(f"{vw}: {re.sub(r'--([a-z][a-z-]*)', lambda m: m[1].replace('-', '_'), str(e))}")
+                raise AdvtuneError(f"{vw}: {FLAG.sub(_as_key, str(e))}") from None
+
+
+# the settings a fine-tuning variant writes as keys: its flags, and its train: block's
+VARIANT_FIELDS = {f.name for f in dataclasses.fields(FinetuneRun)} | {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z-]*)")  # a flag in a message (not a path's or a word's "--")
+
+
+def _as_key(flag: re.Match) -> str:
+    """A flag a job's message names, as the variant's key (`--no-guard`: `guard: false`); another text kept."""
+    name = flag[1].replace("-", "_")
+    if name.startswith("no_") and name[3:] in VARIANT_FIELDS:
+        return f"{name[3:]}: false"
+    return name if name in VARIANT_FIELDS else flag[0]
 
 
 def _positive_int(value: Any, where: str) -> None:
