@@ -166,7 +166,11 @@ def test_overwrite_refuses_a_folder_another_tool_made(tmp_path, capsys):
     assert (out / "pytorch_model.bin").read_bytes() == b"weights" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_out_must_name_a_folder(capsys):
+def test_out_must_name_a_folder(capsys, monkeypatch):
+    import advtune.runs.train as train_job
+
+    # refused before the data are read (it was refused only once the run folder was made, after loading them)
+    monkeypatch.setattr(train_job, "load_dataset", lambda *a, **k: pytest.fail("read the data before the check"))
     assert main([*TRAIN, "--out", ""]) == 2
     assert "--out must name a run folder" in capsys.readouterr().err
 

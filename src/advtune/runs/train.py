@@ -142,8 +142,7 @@ def run(run: TrainRun) -> TrainSummary:
     if run.weights is not None and not Path(run.weights).is_file():
         what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
         raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")
-    if run.out:
-        refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the data are read
+    refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the data are read (`--out ''` too)
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(
