@@ -186,8 +186,18 @@ def test_selection_for_another_model_is_refused(vuln, tmp_path, capsys):
         )
         == 0
     )
-    rc = main(["finetune", str(other), "--select", str(vuln), "--eps", "0.1", "--out", str(tmp_path / "x"), "--quiet"])
-    assert rc == 2 and "different model" in capsys.readouterr().err
+    # every rule that reads the table: the budget rules read its layer sums by name, and refused nothing (an audit)
+    for extra in (
+        [],
+        ["--params", "0.05", "--granularity", "lowrank"],
+        ["--params", "0.05", "--granularity", "shares"],
+        ["--params", "0.05", "--granularity", "sparse"],
+        ["--params", "0.05", "--granularity", "probe", "--probe-quotas", "--budget", "3000"],
+    ):
+        argv = ["finetune", str(other), "--select", str(vuln), "--eps", "0.1", "--out", str(tmp_path / "x"), *extra]
+        assert main([*argv, "--quiet"]) == 2, extra
+        assert "different model" in capsys.readouterr().err, extra
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.probe").exists()
 
 
 @pytest.mark.parametrize(
@@ -197,12 +207,15 @@ def test_selection_for_another_model_is_refused(vuln, tmp_path, capsys):
         (["--granularity", "layer"], "granularity 'layer' is not supported"),
         (["--eps", "0"], "eps must be > 0"),
         (["--attack", "cw"], "unknown attack"),
+        (["--criteria", "taylor,taylor"], "--criteria lists taylor twice"),  # was refused after the attack ran
+        (["--random-seeds", "0,0"], "--random-seeds must be distinct integers"),  # a smaller spread, unsaid
+        (["--random-seeds", str(2**64)], "--random-seeds must be distinct integers in [0, 2^63)"),
     ],
 )
 def test_analyze_bad_input(std_run, argv, match, tmp_path, capsys):
     args = ["analyze", str(std_run), "--eps", "0.1", "--out", str(tmp_path / "a"), "--quiet"]
     rc = main(args + argv)
-    assert rc == 2 and match in capsys.readouterr().err
+    assert rc == 2 and match in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
 def test_finetune_unknown_criterion_in_folder(std_run, vuln, tmp_path, capsys):

@@ -209,9 +209,9 @@ def test_a_malformed_field_names_the_file_and_the_field(tmp_path):
     (exp / "frontier.json").unlink()
     fake_experiment(exp)
     (exp / "analysis").mkdir()
-    (exp / "analysis" / "scores-taylor.json").write_text(json.dumps({"components": ["conv1[0]"], "scores": [None]}))
+    (exp / "analysis" / "scores-taylor.json").write_text(json.dumps({"components": ["conv1[0]"], "scores": ["x"]}))
     message = report_error(write_report, exp)
-    assert message.startswith(f"{exp / 'analysis' / 'scores-taylor.json'}: field 'scores' is [null]")
+    assert message.startswith(f"{exp / 'analysis' / 'scores-taylor.json'}: field 'scores' is [\"x\"]")
 
 
 def test_an_adapter_selection_is_described_by_ranks_not_units():
@@ -351,3 +351,15 @@ def test_an_eps_sweep_gets_one_frontier_figure_per_eps(tmp_path):
     md = write_report(exp)["md"].read_text()
     assert "frontier-eps0.1.png" in md and "frontier-eps0.2.png" in md and "(the frontier) at eps=0.2" in md
     assert (exp / "frontier-eps0.1.png").is_file() and not (exp / "frontier.png").exists()
+
+
+def test_a_score_table_with_nan_scores_is_drawn(tmp_path):
+    """A criterion may give NaN (ranked last, null on file): the report's schema refused such a table as corrupt."""
+    from advtune.report.plots import plot_unit_scores
+    from advtune.report.records import read_scores
+
+    table = {"components": ["conv1[0]", "conv1[1]", "fc[0]"], "scores": [0.5, None, 0.2]}
+    (tmp_path / "scores-taylor.json").write_text(json.dumps(table))
+    assert read_scores(tmp_path, rerun="advtune analyze ...") == {"taylor": table}
+    plot_unit_scores({"taylor": table}, tmp_path / "units.png")
+    assert (tmp_path / "units.png").stat().st_size > 1000

@@ -157,7 +157,8 @@ def plot_unit_scores(
         ax = fig.add_subplot(1, len(scores), i + 1)
         by_layer: dict[str, list[tuple[str, float]]] = {}
         for comp, sc in zip(table["components"], table["scores"]):
-            by_layer.setdefault(comp.split("[")[0], []).append((comp, float(sc)))
+            if sc is not None:  # a NaN score (null on file) ranks last and has no place on the axis
+                by_layer.setdefault(comp.split("[")[0], []).append((comp, float(sc)))
         names = list(by_layer)
         short = short_layer_names(names)
         labelled: set[str] = set()

@@ -184,7 +184,7 @@ EXPERIMENT = {  # experiment.json: the experiment's config, for the report's set
     **{f"config.{k}?": nullable(OBJECT) for k in ("base", "evaluation", "threat")},
 }
 ANALYSIS_CONFIG = {"run?": OBJECT, "run.eps?": nullable(NUMBER)}  # an analysis folder's config.json
-SCORES = {"components": list_of(TEXT), "scores": list_of(NUMBER)}  # scores-<criterion>.json
+SCORES = {"components": list_of(TEXT), "scores": list_of(nullable(NUMBER))}  # scores-<criterion>.json (NaN: null)
 CURVE = {  # one criterion's curve in concentration.json
     "n_errors": NUMBER,
     "n_samples": NUMBER,

@@ -54,9 +54,16 @@ def check_analysis(run: AnalyzeRun) -> None:
         raise AdvtuneError(
             f"unknown criterion {unknown[0] if unknown else '(none)'}; valid: {', '.join(list_criteria())}"
         )
+    twice = sorted({c for c in run.criteria if list(run.criteria).count(c) > 1})
+    if twice:  # (the scoring refused it, after the attack and with --out made)
+        raise AdvtuneError(f"--criteria lists {', '.join(twice)} twice; give each once")
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
     check_curve_flags(run)
+    seeds = list(run.random_seeds)
+    bad = any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds)
+    if bad or len(set(seeds)) < len(seeds):  # a repeated seed draws one random control twice: a smaller spread
+        raise AdvtuneError(f"--random-seeds must be distinct integers in [0, 2^63), got {','.join(map(str, seeds))}")
 
 
 def check_curve_flags(run: AnalyzeRun) -> None:

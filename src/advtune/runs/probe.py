@@ -121,6 +121,8 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
     if isinstance(ft.points, bool) or not isinstance(ft.points, int) or ft.points < 0:
         raise AdvtuneError(f"points must be a non-negative integer (snapshots along the run), got {ft.points!r}")
+    if ft.probe_quotas:  # another model's analysis would share the mask out by its layers' sums, without a word
+        (table if table is not None else read_table(ft.select, ft.criterion)).check_model(model)
     budget = check_params(ft.params, model)
     params = dict(model.named_parameters())
     whole = norm_params(model) if ft.probe_quotas and norms else 0  # quotas rank the biases with the weights

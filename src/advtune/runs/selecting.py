@@ -252,7 +252,7 @@ def _make_selection(
             return random_entries(model, budget, seed, exclude, norms_of(model, norms))
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
-        return select_random(model, share=share, seed=seed, per_layer=per_layer)
+        return select_random(model, share=share, seed=seed, per_layer=per_layer, example_input=example_input)
     table = read_table(select, criterion)
     return select_from_table(
         table, model, share, per_layer, params, granularity, example_input, seed, norms, head, entry
@@ -401,6 +401,7 @@ def select_from_table(
     `head` (hybrid, shares, sparse): the output layer, which the analysis does not score, trains whole first,
     out of the same budget."""
     check_budget_given(granularity, params is not None)
+    table.check_model(model)  # every rule: the budget rules read layer sums by name (another model's: a wrong share)
     if granularity == "sparse":
         if entry_scores is None:
             raise AdvtuneError(
