@@ -47,7 +47,7 @@ def test_ddp_train_gives_one_process_weights_and_records(trained):
 
 def test_exactly_one_run_folder_is_written(trained):
     # the training wrote one folder per launch (the other tests' folders are named below)
-    assert {p.name for p in trained.iterdir()} - {"hard1", "hard2"} == {"ddp", "single"}
+    assert {p.name for p in trained.iterdir()} - {"hard1", "hard2", "an1", "an2"} == {"ddp", "single"}
     assert sorted(p.name for p in (trained / "ddp").iterdir()) == sorted(p.name for p in (trained / "single").iterdir())
     assert not [p for p in (trained / "ddp").iterdir() if p.name.endswith(".tmp")]
 
@@ -63,6 +63,18 @@ def test_ddp_evaluate_gives_the_one_process_robust_accuracy(trained):
         assert a[key] == b[key], key
     assert b["processes"] == 2 and a["processes"] == 1
     assert r.stdout.count("worst case") == 1  # rank 0 alone prints the result
+
+
+def test_ddp_analyze_records_the_one_process_cost(trained):
+    """Two batches, two ranks: each scores one, and the record counted rank 0's share of the scoring only."""
+    args = ["analyze", "single", "--eps", "0.2", "--limit", "64", "--curve-limit", "32", "--batch-size", "32"]
+    args += ["--attack", "pgd:steps=2", "--criteria", "taylor", "--device", "cpu", "--quiet"]
+    assert one(trained, *args, "--out", "an1").returncode == 0
+    r = two(trained, *args, "--out", "an2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((trained / f / "summary.json").read_text())["cost"] for f in ("an1", "an2"))
+    assert a["attack_grad_evals"] == b["attack_grad_evals"] > 0  # taylor's gradients: half of them on rank 1
+    assert 0 <= b["forward_evals"] - a["forward_evals"] <= 1  # (each rank traces the model once to know its layers)
 
 
 def test_a_taken_out_folder_stops_every_rank_with_the_same_error(trained):

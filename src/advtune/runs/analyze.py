@@ -13,6 +13,7 @@ from .. import filenames as files
 from ..attacks import Attack, build_attack
 from ..cost import CostMeter, PassCounter
 from ..devices import resolve_device
+from ..distributed import all_sum, rank_and_world
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
 from ..records import AnalyzeSummary  # the summary record, in records.py: the report reads it
@@ -28,6 +29,7 @@ from ..vulnerability import (
     list_criteria,
     rank_agreement,
     score_many,
+    sharded,
 )
 from .common import (
     dataset_of,
@@ -115,12 +117,16 @@ def analyze_model(model, x: Tensor, y: Tensor, run: AnalyzeRun, attack: Attack |
     x, y = x[: max(run.limit, run.curve_limit)], y[: max(run.limit, run.curve_limit)]
     with counter.attached(model):
         x_adv = adversarial_examples(model, attack, x, y, run.batch_size, run.seed)
-    clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
+        clean_ok, adv_ok = correct(model, x, y, run.batch_size), correct(model, x_adv, y, run.batch_size)
+    meter.add_counted(counter)
     n_score = min(run.limit, len(x))
     with counter.attached(model):
         tables = score_many(
             model, (x[:n_score], y[:n_score], x_adv[:n_score]), None, list(run.criteria), batch_size=run.batch_size
         )
+    if sharded(-(-n_score // run.batch_size), rank_and_world()[1]):  # each rank scored its share: all of them
+        counter.grad, counter.fwd = (int(v) for v in all_sum(counter.take()))
+    meter.add_counted(counter)
     per_criterion: dict[str, Any] = {}
     curves = {}
     for name, table in tables.items():
