@@ -208,6 +208,16 @@ def test_cifar_python_batches_and_archive(isolated):
         tar.add(folder, arcname="cifar-10-batches-py")
     ds2 = load_dataset("cifar10", arch_root)
     assert torch.equal(ds2.train.x, ds.train.x)
+    # unpacked whole into a private folder and renamed into place: nothing half-written, no scratch left behind
+    assert sorted(p.name for p in (arch_root / "cifar10").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    (arch_root / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"truncated")  # read back from the batches now
+    assert torch.equal(load_dataset("cifar10", arch_root).train.x, ds.train.x)
+    broken = isolated / "broken"
+    (broken / "cifar10").mkdir(parents=True)
+    (broken / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"truncated")
+    with pytest.raises(AdvtuneError, match="corrupt or truncated"):
+        load_dataset("cifar10", broken)
+    assert [p.name for p in (broken / "cifar10").iterdir()] == ["cifar-10-python.tar.gz"]  # no half-made folder
 
 
 def test_cifar_pickle_that_runs_code_is_refused(isolated):

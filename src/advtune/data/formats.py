@@ -5,9 +5,12 @@ from __future__ import annotations
 import codecs
 import gzip
 import logging
+import os
 import pickle
+import shutil
 import struct
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -244,12 +247,19 @@ def load_cifar_batches(folder: Path, spec: Spec) -> Dataset:
 
 
 def extract_cifar(archive: Path, folder: Path) -> None:
+    """The archive's cifar-10-batches-py/ into `folder`, whole or not at all: unpacked into a private folder beside
+    it and renamed into place, so a reader (another process) never sees half-written batches."""
+    scratch = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=folder))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("cifar-10-batches-py/") and m.isfile()]
-            tar.extractall(folder, members=members, filter="data")
+            tar.extractall(scratch, members=members, filter="data")
+        if not (folder / "cifar-10-batches-py").exists():  # (another process may have finished first)
+            os.replace(scratch / "cifar-10-batches-py", folder / "cifar-10-batches-py")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise AdvtuneError(f"{archive} is corrupt or truncated ({e}); delete it and download again") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}

@@ -15,7 +15,7 @@ from .. import filenames as files
 from ..cost import CostMeter
 from ..data import TensorData, num_batches
 from ..devices import model_device
-from ..distributed import broadcast_state, check_global_batch, rank_and_world
+from ..distributed import all_max, broadcast_state, check_global_batch, rank_and_world
 from ..errors import AdvtuneError
 from ..inputs import as_tensor_data
 from ..metrics import accuracy, robust_accuracy_quick
@@ -176,10 +176,14 @@ def fit(
                 )
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)):
                     out = step_objective(step_model, x, y, generator=g)
-                if not bool(torch.isfinite(out["loss"])):  # never train on (or save) a NaN model
+                finite = bool(torch.isfinite(out["loss"]))
+                if world > 1:  # every rank stops together: one alone left the others in the gradients' all-reduce
+                    finite = all_max([0.0 if finite else 1.0])[0] == 0.0
+                if not finite:  # never train on (or save) a NaN model
+                    loss = out["loss"].detach()
+                    said = float(loss) if not torch.isfinite(loss) else "non-finite on another rank"
                     raise AdvtuneError(
-                        f"the training loss became {float(out['loss'].detach())} at epoch {epoch + 1}, step "
-                        f"{step + 1}; "
+                        f"the training loss became {said} at epoch {epoch + 1}, step {step + 1}; "
                         "lower the learning rate (--lr) or check the data for NaN/huge values"
                     )
                 opt.zero_grad(set_to_none=True)
