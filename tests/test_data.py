@@ -209,7 +209,8 @@ def test_cifar_python_batches_and_archive(isolated):
     ds2 = load_dataset("cifar10", arch_root)
     assert torch.equal(ds2.train.x, ds.train.x)
     # unpacked whole into a private folder and renamed into place: nothing half-written, no scratch left behind
-    assert sorted(p.name for p in (arch_root / "cifar10").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    left = sorted(p.name for p in (arch_root / "cifar10").iterdir())
+    assert left == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     (arch_root / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"truncated")  # read back from the batches now
     assert torch.equal(load_dataset("cifar10", arch_root).train.x, ds.train.x)
     broken = isolated / "broken"
