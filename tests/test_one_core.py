@@ -77,6 +77,10 @@ def _comparable(summary: dict) -> dict:
     if s["selection"].get("probe"):  # the probe rule (harden's default): its folder and wall time
         probe = {k: v for k, v in s["selection"]["probe"].items() if k not in ("folder", "wall_s")}
         s["selection"] = {**s["selection"], "probe": probe}
+    if s.get("checkpoints"):  # the checkpoint choice's time, per point and in all
+        k = s["checkpoints"]
+        curve = [{f: v for f, v in point.items() if f != "wall_s"} for point in k["curve"]]
+        s["checkpoints"] = {**{f: v for f, v in k.items() if f != "wall_s"}, "curve": curve}
     return s
 
 
