@@ -221,6 +221,51 @@ def test_cifar_python_batches_and_archive(isolated):
     assert [p.name for p in (broken / "cifar10").iterdir()] == ["cifar-10-python.tar.gz"]  # no half-made folder
 
 
+def test_cifar_archive_is_unpacked_whole_or_not_at_all(isolated, monkeypatch):
+    """Unpacked into a private folder and renamed into place: a failure halfway leaves nothing a reader would take
+    for the batches, another process that finished first is success, and an unwritable folder is one line."""
+    from advtune.data import formats
+
+    src = isolated / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    for i in range(1, 6):
+        _cifar_batch(src / f"data_batch_{i}", 2, i)
+    _cifar_batch(src / "test_batch", 2, 9)
+    folder = isolated / "arch" / "cifar10"
+    folder.mkdir(parents=True)
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    real = tarfile.TarFile.extractall
+
+    def halfway(self, path, members=None, **kw):  # one batch written, then the disk fills
+        real(self, path, members=members[:1], **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", halfway)
+    with pytest.raises(AdvtuneError, match="No space left"):
+        formats.extract_cifar(archive, folder)
+    assert [p.name for p in folder.iterdir()] == ["cifar-10-python.tar.gz"]  # no half-written batches, no scratch
+
+    def beaten(self, path, members=None, **kw):  # another process renames its copy into place meanwhile
+        real(self, path, members=members, **kw)
+        real(self, folder, members=members, **kw)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", beaten)
+    formats.extract_cifar(archive, folder)  # the batches are there: success, not "corrupt"
+    assert sorted(p.name for p in folder.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert len(load_dataset("cifar10", isolated / "arch").train) == 10
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)
+    (folder / "cifar-10-batches-py").rename(isolated / "moved")
+
+    def unwritable(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(formats.tempfile, "mkdtemp", unwritable)
+    with pytest.raises(AdvtuneError, match="cannot unpack .* \\(Permission denied\\); unpack it there yourself"):
+        load_dataset("cifar10", isolated / "arch")
+
+
 def test_cifar_pickle_that_runs_code_is_refused(isolated):
     folder = isolated / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)

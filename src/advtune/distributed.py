@@ -155,6 +155,23 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def on_each_machine(fn: Callable[[], Any]) -> None:
+    """The first rank of each machine (LOCAL_RANK 0) runs `fn` (unpack a local file, ...) while the rest wait; a
+    one-line error on any of them is raised on every rank. Every rank must call it (a collective)."""
+    if not is_distributed():
+        fn()
+        return
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            fn()
+        except AdvtuneError as e:
+            error = str(e)
+    first = next((e for e in all_gather(error) if e is not None), None)
+    if first is not None:
+        raise AdvtuneError(first)
+
+
 def on_main(fn: Callable[[], T]) -> T | None:
     """Rank 0 runs `fn` (create a folder, download a dataset, ...) while the others wait; a one-line
     error on rank 0 is raised on every rank, so all of them stop with the same message instead of

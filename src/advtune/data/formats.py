@@ -248,14 +248,24 @@ def load_cifar_batches(folder: Path, spec: Spec) -> Dataset:
 
 def extract_cifar(archive: Path, folder: Path) -> None:
     """The archive's cifar-10-batches-py/ into `folder`, whole or not at all: unpacked into a private folder beside
-    it and renamed into place, so a reader (another process) never sees half-written batches."""
-    scratch = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=folder))
+    it and renamed into place, so a reader (another process) never sees half-written batches. Nothing to do where
+    the batches are there (another process may have unpacked them meanwhile)."""
+    target = folder / "cifar-10-batches-py"
+    if target.is_dir():
+        return
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".cifar-extract-", dir=folder))
+    except OSError as e:
+        raise AdvtuneError(f"cannot unpack {archive} in {folder} ({e.strerror}); unpack it there yourself") from None
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("cifar-10-batches-py/") and m.isfile()]
             tar.extractall(scratch, members=members, filter="data")
-        if not (folder / "cifar-10-batches-py").exists():  # (another process may have finished first)
-            os.replace(scratch / "cifar-10-batches-py", folder / "cifar-10-batches-py")
+        try:
+            os.replace(scratch / "cifar-10-batches-py", target)
+        except OSError:
+            if not target.is_dir():  # (a target that exists now: another process finished first)
+                raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise AdvtuneError(f"{archive} is corrupt or truncated ({e}); delete it and download again") from None
     finally:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-from ..distributed import is_main_process, on_main
+from ..distributed import is_main_process, on_each_machine, on_main
 from ..errors import AdvtuneError
 from .download import download_files
 from .formats import (
@@ -233,8 +233,8 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
         ds = load_npz(folder / "cifar10.npz", num_classes=len(spec.classes))
         return replace(ds, name=key, classes=list(spec.classes), mean=spec.mean, std=spec.std)
     batches = folder / "cifar-10-batches-py"
-    if (folder / "cifar-10-python.tar.gz").is_file():  # torchrun: rank 0 looks and unpacks, every rank waits for it
-        on_main(lambda: batches.is_dir() or extract_cifar(folder / "cifar-10-python.tar.gz", folder))
+    if (folder / "cifar-10-python.tar.gz").is_file():  # torchrun: one rank per machine unpacks, the others wait
+        on_each_machine(lambda: extract_cifar(folder / "cifar-10-python.tar.gz", folder))
     if batches.is_dir():
         return load_cifar_batches(batches, spec)
     return None

@@ -4,6 +4,7 @@ and measure how concentrated the adversarial errors are."""
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +63,10 @@ def check_analysis(run: AnalyzeRun) -> None:
     if run.limit <= 0 or run.curve_limit < 0 or run.batch_size <= 0:
         raise AdvtuneError("--limit and --batch-size must be positive and --curve-limit non-negative")
     check_curve_flags(run)
-    seeds = list(run.random_seeds)
-    bad = any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds)
+    seeds = list(run.random_seeds)  # (what torch's manual_seed takes: -2^63 .. 2^64 - 1)
+    bad = any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -(2**63) <= s < 2**64 for s in seeds)
     if bad or len(set(seeds)) < len(seeds):  # a repeated seed draws one random control twice: a smaller spread
-        raise AdvtuneError(f"--random-seeds must be distinct integers in [0, 2^63), got {','.join(map(str, seeds))}")
+        raise AdvtuneError(f"--random-seeds must be distinct integers (64-bit), got {','.join(map(str, seeds))}")
 
 
 def check_curve_flags(run: AnalyzeRun) -> None:
