@@ -144,3 +144,28 @@ def test_one_gpu_index_for_every_process_of_a_machine_is_refused(monkeypatch):
     assert local_device("cpu") == "cpu"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: its one GPU is the user's to name
     assert local_device("cuda:1") == "cuda:1"
+
+
+def test_cifar10_from_its_archive_is_unpacked_once_under_torchrun(tmp_path):
+    """Every rank unpacked the archive into the same folder at once (a rank could read a batch another was
+    writing); now the first rank of the machine unpacks it whole, the other waits, both read the same batches."""
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(8)]}
+        (src / name).write_bytes(pickle.dumps(batch, protocol=2))
+    data = tmp_path / "data" / "cifar10"
+    data.mkdir(parents=True)
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    args = ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "vgg-cifar"]
+    args += ["--epochs", "1", "--batch-size", "8", "--limit", "16", "--limit-test", "8", "--device", "cpu"]
+    r = two(tmp_path, *args, "--out", "run", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
