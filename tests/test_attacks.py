@@ -21,7 +21,7 @@ from advtune.attacks import (
     list_attacks,
     register_attack,
 )
-from advtune.attacks.apgd import checkpoints
+from advtune.attacks.apgd import checkpoints, oscillating
 from advtune.errors import AdvtuneError
 from advtune.threat import ThreatModel
 from conftest import TinyCNN
@@ -472,6 +472,9 @@ def test_restarts_only_rerun_survivors(tiny_model, test_set):
 
 def test_apgd_checkpoints_follow_the_paper():
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    # AutoAttack's oscillation test halves the step when the loss rose in at most 0.75 of the window's steps: 12 of
+    # 16 (the window 41 -> 57) halves it too
+    assert oscillating(torch.tensor([11, 12, 13]), 16, 0.75).tolist() == [True, True, False]
     assert checkpoints(5)[-1] <= 5 and checkpoints(5) == sorted(set(checkpoints(5)))
 
 

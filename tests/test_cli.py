@@ -384,6 +384,18 @@ def test_evaluate_checks_it_can_write_its_record_before_any_attack(tmp_path, cap
     monkeypatch.setattr(evaluate_job, "evaluation_record", real)
     assert main([*argv, "--record-dir", str(tmp_path / "elsewhere")]) == 0
     assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [p.name for p in out.glob("eval-*.json")]
+    # another run into the same --record-dir: its record would have replaced the first run's without a word
+    other = tmp_path / "other"
+    assert main(train_args(other, "--seed", "5")) == 0
+    capsys.readouterr()
+    into = [*argv[:1], str(other), *argv[2:], "--record-dir", str(tmp_path / "elsewhere")]
+    assert main(into) == 2
+    assert "holds the evaluation of another model" in capsys.readouterr().err
+    assert main([*into, "--name", "other"]) == 0 and len(list((tmp_path / "elsewhere").iterdir())) == 2
+    assert main([*argv, "--record-dir", str(tmp_path / "elsewhere")]) == 0  # the first run again: a rerun
+    monkeypatch.setattr(evaluate_job, "load_base", lambda *a, **k: pytest.fail("read the model before the check"))
+    assert main([*argv[:3], "fgsm,fgsm", *argv[4:]]) == 2  # a spec twice: refused before the model is read
+    assert "appears twice" in capsys.readouterr().err
 
 
 def test_info_says_when_an_evaluation_measured_earlier_weights(tmp_path, capsys):

@@ -566,3 +566,13 @@ def test_the_gate_says_when_its_black_box_check_had_nothing_to_run_on():
 
     curve = {"kind": "curve", "examples": 10, "eps": [0.1], "accuracy": [0.5], "raw_accuracy": [0.5], "suspect": []}
     assert format_evaluation({**curve, "attacks": [["apgd-ce", "square"]]}).endswith("masking gate: passed")
+    # black-box attacks alone: nothing to compare them with; no clean-correct example: no probe, nothing checked
+    assert "no gradient attack ran to compare" in passed_line(["square"])
+    assert passed_line(["apgd-ce", "square"], probed=False).startswith("masking gate: not run")
+    single = {"kind": "single", "examples": 4, "threat": {"norm": "linf", "eps": 0.1}, "mode": "cascade"}
+    single |= {"clean_accuracy": 0.0, "accuracy": {"apgd-ce": 0.0}, "worst_case_accuracy": 0.0, "suspect": []}
+    single |= {"grad_evals_per_example": {"apgd-ce": 0.0}, "wall_time_s": {"apgd-ce": 0.0}}
+    single |= {"max_perturbation": {"apgd-ce": 0.0}}
+    assert format_evaluation(single).endswith(
+        "masking gate: not run (no test example is classified correctly, so there was nothing to check)"
+    )

@@ -55,8 +55,8 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def oscillating(increases: Tensor, window: int, rho: float) -> Tensor:
-    """Condition 1: the loss went up in fewer than rho * window of the last `window` steps."""
-    return increases < rho * window
+    """Condition 1: the loss went up in at most rho * window of the last `window` steps (AutoAttack's `<=`)."""
+    return increases <= rho * window
 
 
 def stalled(halved_last: Tensor, best_at_last_check: Tensor, best_now: Tensor) -> Tensor:
@@ -94,7 +94,8 @@ def _apgd_run(
     x_prev = x_cur
     ckpts, j, last_ckpt = checkpoints(steps), 0, 0
     increases = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    # as AutoAttack's reduced_last_check: condition 2 cannot halve the step at the first checkpoint
+    halved_last = torch.ones(len(x), dtype=torch.bool, device=x.device)
     f_max_last = f_max.clone()
     active = None  # indices into the batch of the samples still attacked (None: all of them)
     xs, ys, lt, st = x, y, loss_target, success_target

@@ -31,7 +31,7 @@ from .gate import (
     sanity_check_large_eps,
     spec_of,
 )
-from .protocol import SUITES, compiled_queries, robust_accuracy, suite
+from .protocol import SUITES, check_attacks, compiled_queries, robust_accuracy, suite
 from .results import EpsCurve, EvalResult
 from .transfer import Transfer  # registers the `transfer` attack
 
@@ -43,6 +43,7 @@ __all__ = [
     "LARGE_EPS_MAX_ACC",
     "PROB_ATOL",
     "SUITES",
+    "check_attacks",
     "TOL_BLACK_BOX",
     "TOL_EPS_RISE",
     "TOL_FGSM",

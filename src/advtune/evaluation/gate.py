@@ -46,9 +46,10 @@ def is_black_box(a) -> bool:
     return bool(getattr(a, "black_box", False))
 
 
-def passed_line(specs: Sequence[str]) -> str:
+def passed_line(specs: Sequence[str], probed: bool = True) -> str:
     """ "masking gate: passed", saying so when its black-box check had nothing to run on (no black-box attack in the
-    list: Square is linf-only, so an l2 evaluation has none unless a transfer attack is given)."""
+    list: Square is linf-only, so an l2 evaluation has none unless a transfer attack is given; or no gradient attack
+    to compare it with), and "not run" where no example was classified correctly (`probed` off: no probe to check)."""
     from ..attacks.registry import attack_class, parse_spec
 
     def black_box(spec: str) -> bool:
@@ -57,8 +58,16 @@ def passed_line(specs: Sequence[str]) -> str:
         except AdvtuneError:
             return False
 
-    if any(black_box(s) for s in specs):
+    if not probed:
+        return "masking gate: not run (no test example is classified correctly, so there was nothing to check)"
+    kinds = [black_box(s) for s in specs]
+    if any(kinds) and not all(kinds):
         return "masking gate: passed"
+    if kinds and all(kinds):
+        return (
+            "masking gate: passed, without its black-box check (no gradient attack ran to compare the black-box "
+            "one with)"
+        )
     return (
         "masking gate: passed, without its black-box check (no black-box attack ran: add square under linf, or "
         "transfer:source=RUN)"

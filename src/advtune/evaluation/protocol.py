@@ -94,7 +94,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
         return logits_of(model, x[:2]).shape[1]
 
 
-def _check_attacks(attacks) -> list[Attack]:
+def check_attacks(attacks) -> list[Attack]:
     if not isinstance(attacks, (list, tuple)):
         attacks = [attacks]
     if not attacks:
@@ -256,7 +256,7 @@ def robust_accuracy(
     gate: run `masking_gate` afterwards and record its findings in `EvalResult.suspect`.
     batch_size: examples per batch; None: `default_batch_size` of the model's device.
     """
-    attacks = _check_attacks(attacks)
+    attacks = check_attacks(attacks)
     if cascade:  # the cheapest attack breaks the easy examples, so the expensive ones see fewer
         attacks = sorted(attacks, key=lambda a: (is_black_box(a), int(a.grad_evals())))
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -15,7 +15,7 @@ from ..attacks import build_attack, split_attack_list
 from ..devices import model_device, resolve_device
 from ..distributed import barrier, on_main, rank_and_world
 from ..errors import AdvtuneError
-from ..evaluation import EvalResult, compiled_queries, eps_curve, passed_line, robust_accuracy, suite
+from ..evaluation import EvalResult, check_attacks, compiled_queries, eps_curve, passed_line, robust_accuracy, suite
 from ..provenance import versions
 from ..seeding import make_generator, seed_everything
 from ..storage import atomic_write_json, file_sha256
@@ -34,8 +34,8 @@ def attacks_for(run: EvaluateRun, eps: float):
         raise AdvtuneError("give --suite or --attacks, not both")
     if run.suite:
         attacks = suite(run.suite, threat)
-    else:
-        attacks = [build_attack(s, threat) for s in split_attack_list(run.attacks or "")]
+    else:  # (a spec given twice: refused here, before the model or the data are read)
+        attacks = check_attacks([build_attack(s, threat) for s in split_attack_list(run.attacks or "")])
     if run.compile is not None and not any(hasattr(a, "compile") for a in attacks):
         flag = "--compile" if run.compile else "--no-compile"
         l2 = " (Square is linf-only: the standard suite drops it for l2)" if run.norm != "linf" else ""
@@ -143,20 +143,28 @@ def measurement(config: dict) -> dict:
     return m
 
 
-def check_record_free(path, run: EvaluateRun) -> None:
+def check_record_free(path, run: EvaluateRun, sha256: str | None = None) -> None:
     """Refuse, before any work, to replace an evaluation record that measured something else (a 100-image check
-    over an hours-long 1000-image one, or harden's own eval-protocol.json): the same measurement again replaces it."""
+    over an hours-long 1000-image one, or harden's own eval-protocol.json): the same measurement again replaces it.
+    In a --record-dir shared by several runs, a record of another model's bytes (`sha256`: this one's) is refused
+    too (the default name does not say which run it measured)."""
     if run.overwrite or not path.exists():
         return
     try:
         old = json.loads(path.read_text())
         same = measurement(old.get("config") or {}) == measurement(run.to_json())
+        theirs = old.get("model_file_sha256") if run.record_dir else None
     except (OSError, ValueError, AttributeError, TypeError):
-        same = False  # unreadable: not ours to judge
+        same, theirs = False, None  # unreadable: not ours to judge
     if not same:
         raise AdvtuneError(
             f"{path} already holds an evaluation with other settings; give --name NAME to keep both, or --overwrite "
             "to replace it"
+        )
+    if theirs and sha256 and theirs != sha256:
+        raise AdvtuneError(
+            f"{path} holds the evaluation of another model ({old.get('model_file')}); give --name NAME to keep both, "
+            "or --overwrite to replace it"
         )
 
 
@@ -192,10 +200,10 @@ def run(run: EvaluateRun) -> dict:
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
     run_dir = open_run(run.run)  # a typo in RUN is refused before --record-dir is made
     path = (RunDir(run.record_dir) if run.record_dir else run_dir).file(files.evaluation(record_name(run)))
-    check_record_free(path, run)
-    on_main(lambda: check_writable(path.parent))  # found out now, not after hours of attacks; every rank refuses
     weights = run_dir.file(files.WEIGHTS)
     measured = {"model_file": str(weights.resolve()), "model_file_sha256": file_sha256(weights)}  # before loading
+    check_record_free(path, run, measured["model_file_sha256"])
+    on_main(lambda: check_writable(path.parent))  # found out now, not after hours of attacks; every rank refuses
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
@@ -234,5 +242,5 @@ def format_evaluation(record: dict) -> str:
     else:
         specs = record["accuracy"] if record["kind"] == "single" else record.get("attacks") or []
         flat = [s for one in specs for s in (one if isinstance(one, list) else [one])]  # a curve: a list per eps
-        lines.append("  " + passed_line(flat))
+        lines.append("  " + passed_line(flat, probed=bool(record.get("clean_accuracy", 1))))
     return "\n".join(lines)
