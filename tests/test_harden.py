@@ -332,6 +332,11 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     total = (record["cost"]["base_training_grad_evals"] or 0) + record["cost"]["harden_grad_evals"]
     assert "PGD-AT from scratch plateaus at 89.3% for 3,630,000 gradient evaluations" in text
     assert f"this model cost {total:,}" in text
+    # a base whose training cost is unrecorded (weights brought in, a fine-tuned base, the API): no share claimed
+    unrecorded = {**record, "cost": {**record["cost"], "base_training_grad_evals": None}, "at_reference": ref}
+    text = format_summary(HardenSummary.from_json(unrecorded))
+    assert "the base model's own training is unrecorded, so no share of that is given" in text
+    assert "with its base training" not in text
     # harden's own evaluation has Square: the line says the reference's protocol did not
     assert "measured with APGD-CE + APGD-T, without Square" in text
     # a reference whose best was its last checkpoint says it was still rising
@@ -449,6 +454,8 @@ def test_every_at_reference_is_what_its_published_frontier_record_says():
         (["--eps", "8"], "write 8/255, not 8"),
         (["--eps", "0.3", "--keep-best", "-1"], "--keep-best must be a number of checkpoints"),
         (["--eps", "0.3", "--evaluation", "apgd-ce,nosuch"], "--evaluation: unknown attack 'nosuch'"),
+        # refused at the evaluation, after the whole fine-tuning, and no resume could mend it (an audit)
+        (["--eps", "0.3", "--evaluation", "apgd-ce,apgd-ce"], "--evaluation: attack 'apgd-ce' appears twice"),
         (["--eps", "0.3", "--epochs", "0"], "--epochs must be a positive number"),  # the flags named, not "recipe"
         (["--eps", "0.3", "--eps-warmup", "1"], "--eps-warmup must be a share"),
         (["--eps", "0.3", "--attack", "nosuch"], "unknown attack 'nosuch'"),  # the training attack: it was after

@@ -387,13 +387,19 @@ def harden_comparisons(s: dict) -> list[str]:
     if ref and "robust_acc" not in ref:  # a setting where only the full fine-tuning control was measured
         out.append("against adversarial training: not measured on this setting (the frontier ran it on others)")
     elif ref:
-        total = (c["base_training_grad_evals"] or 0) + c["harden_grad_evals"]
+        base = c["base_training_grad_evals"]  # None: unrecorded (weights brought in, a fine-tuned base, the API)
+        total = (base or 0) + c["harden_grad_evals"]
+        cost = (
+            f"this model cost {total:,} with its base training ({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
+            if base is not None
+            else f"hardening cost {total:,}; the base model's own training is unrecorded, so no share of that is given"
+        )
         out.append(
             f"against adversarial training: on this setting {ref.get('method', 'PGD-AT')} from scratch "
             f"{'plateaus at' if ref.get('plateau', True) else 'reaches (still rising)'} "
             f"{100 * ref['robust_acc']:.1f}% for {ref['plateau_grad_evals']:,} gradient evaluations (the frontier's "
             f"reference, {ref['source'].split(' ')[0]}, measured with {ref.get('protocol', 'APGD-CE + APGD-T')}); "
-            f"this model cost {total:,} with its base training ({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
+            + cost
         )
     if ref and ref.get("full_ft") and s.get("after"):
         out.append(full_ft_comparison(ref, s["after"], c["harden_grad_evals"]))

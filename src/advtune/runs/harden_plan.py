@@ -13,7 +13,7 @@ from ..attacks import build_attack, split_attack_list
 from ..components import fingerprint, layers, unit_params
 from ..distributed import check_global_batch
 from ..errors import AdvtuneError
-from ..evaluation import SUITES  # --evaluation may name a suite, as advtune evaluate --suite
+from ..evaluation import SUITES, check_attacks  # --evaluation may name a suite, as advtune evaluate --suite
 from ..models import load_model
 from ..recipe import Recipe
 from ..settings import default, negatable
@@ -179,11 +179,10 @@ def check_harden_settings(run: HardenRun) -> tuple[ThreatModel, str, TrainConfig
         if threat.norm != "linf" and evaluation == default(HardenRun, "evaluation"):
             # the default's Square is linf-only (as in the standard suite); one named in --evaluation is refused below
             specs = [a for a in specs if not a.strip().lower().startswith("square")] or specs
-        for spec in specs:
-            try:
-                build_attack(spec, threat)
-            except AdvtuneError as e:
-                raise AdvtuneError(f"--evaluation: {e}") from None
+        try:  # each spec, and none twice (refused at the evaluation, after the whole fine-tuning, before)
+            check_attacks([build_attack(spec, threat) for spec in specs])
+        except AdvtuneError as e:
+            raise AdvtuneError(f"--evaluation: {e}") from None
         evaluation = ",".join(specs)
     train = TrainConfig(
         epochs=1,
