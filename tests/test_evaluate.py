@@ -220,6 +220,27 @@ def test_gate_flags_iterative_weaker_than_fgsm(tiny_model, data):
     assert any(s.startswith("iterative-weaker-than-fgsm") and useless.spec in s for s in r.suspect)
 
 
+def test_one_image_on_a_small_test_set_does_not_call_a_model_suspect(tiny_model):
+    """The gate's tolerances are shares (1% for a black-box-only break): on 20 clean-correct images one image was
+    5% and flagged the model; now a flag needs more than two images' worth, as eps_curve's floor."""
+    from types import SimpleNamespace
+
+    from advtune.evaluation.gate import above_noise, masking_gate
+
+    assert above_noise(0.01, 20) == 0.1 and above_noise(0.01, 1000) == 0.01
+    threat = ThreatModel("linf", 0.1)
+    white, square = PGD(threat, steps=2), build_attack("square:queries=10", threat)
+
+    def gate(only_square: int) -> list[str]:
+        broken = {white.spec: torch.zeros(20, dtype=torch.int8), square.spec: torch.zeros(20, dtype=torch.int8)}
+        broken[square.spec][:only_square] = 1  # images the black-box attack alone broke
+        result = SimpleNamespace(n_clean_correct=20, broken=broken)
+        return masking_gate(tiny_model, None, None, threat, result, attacks=[white, square])
+
+    assert gate(1) == [] and gate(2) == []  # 5% and 10%: within two images' worth of 20
+    assert any(s.startswith("black-box-stronger") for s in gate(3))  # 15%
+
+
 # ------------------------------------------------------------------ eps curve
 
 
