@@ -13,6 +13,7 @@ The base model (2 epochs, Adam 1e-3, first 55k images) is trained once and cache
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from advtune.devices import eval_mode
 from advtune.metrics import accuracy, robust_accuracy_quick
 from advtune.models import model_for
 from advtune.seeding import make_generator
+from advtune.storage import atomic_write_bytes
 from advtune.threat import ThreatModel
 
 ap = argparse.ArgumentParser()
@@ -71,7 +73,9 @@ if not os.path.isfile(args.base):  # the standard model, trained once on the fir
 
     fit(model, tr, clean(), TrainConfig(epochs=2, seed=0))
     os.makedirs(os.path.dirname(args.base) or ".", exist_ok=True)
-    torch.save(model.state_dict(), args.base)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(args.base, buf.getvalue())  # a kill mid-write leaves no half cache for the next run to trust
 model.load_state_dict(torch.load(args.base, weights_only=True))
 
 orig = copy.deepcopy(model).eval()

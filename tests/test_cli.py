@@ -120,6 +120,44 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
     assert (tmp_path / "notarun" / "precious.txt").read_text() == "keep me"
 
 
+def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path, capsys):
+    """--overwrite moved the old run aside and deleted it with a dataset, data folder or model file kept inside it
+    (and the new run recorded a dataset path that no longer existed); finetune/harden/analyze with a base whose own
+    data or model file lies inside --out likewise."""
+    import numpy as np
+
+    from advtune.errors import AdvtuneError
+    from advtune.runs.common import refuse_same_folder
+
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2
+    np.savez(out / "mine.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    (out / "net.py").write_text("import torch\ndef make(num_classes):\n    return torch.nn.Linear(64, num_classes)\n")
+    own = ["train", "--dataset", str(out / "mine.npz"), "--model", "small-cnn", "--epochs", "1", "--out", str(out)]
+    factory = [*train_args(out, "--overwrite")]
+    factory[factory.index("small-cnn")] = f"{out / 'net.py'}:make"
+    capsys.readouterr()
+    for argv in ([*own, "--overwrite", "--quiet"], [*factory, "--quiet"]):
+        assert main(argv) == 2
+        assert "which this run reads; write the new run to another folder" in capsys.readouterr().err
+    assert (out / "mine.npz").is_file() and (out / "net.py").is_file() and (out / "config.json").is_file()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"run": {"dataset": str(out / "mine.npz"), "data_dir": None}}))
+    with pytest.raises(AdvtuneError, match=r"holds .*mine\.npz, which this run reads"):
+        refuse_same_folder(str(out), str(base))
+    (base / "config.json").write_text(json.dumps({"run": {"dataset": "mnist", "data_dir": str(out / "data")}}))
+    with pytest.raises(AdvtuneError, match=r"holds .*data, which this run reads"):
+        refuse_same_folder(str(out), str(base))
+    (base / "model.json").write_text(json.dumps({"factory": {"file": str(out / "net.py")}}))
+    (base / "config.json").write_text(json.dumps({"run": {"dataset": "mnist"}}))
+    with pytest.raises(AdvtuneError, match=r"holds .*net\.py, which this run reads"):
+        refuse_same_folder(str(out), str(base))
+    refuse_same_folder(str(tmp_path / "elsewhere"), str(base))  # another --out: nothing to refuse
+
+
 def test_yaml_config_gives_defaults_and_flags_override(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -271,6 +309,7 @@ def test_evaluate_command_records_and_plots(tmp_path, capsys):
     assert "worst case over attacks" in shown and "masking gate" in shown
     rec = json.loads(next(out.glob("eval-fgsm-pgd*.json")).read_text())
     assert rec["attacks"] == ["fgsm", "pgd:steps=3,restarts=2"] and rec["examples"] == 50 and rec["split"] == "test"
+    assert rec["gate_grad_evals"] > 0  # the gate ran (a skipped gate printed "passed" too)
     assert rec["max_perturbation"]["pgd:steps=3,restarts=2"] <= 0.2 + 1e-6
     assert (
         main(
@@ -354,8 +393,10 @@ def test_evaluate_never_replaces_a_record_of_another_measurement(tmp_path, capsy
     assert main([*argv, "--limit-test", "40"]) == 0  # the same measurement: a rerun replaces it
     assert main([*argv, "--limit-test", "10", "--overwrite"]) == 0
     assert json.loads(record.read_text())["examples"] == 10
-    record.write_text("{not json")  # a broken record is not judged equal: refused as well
+    record.write_text("{not json")  # a broken record is not judged equal: refused as well, and named as broken
+    capsys.readouterr()
     assert main([*argv, "--limit-test", "10"]) == 2
+    assert "is unreadable (not an evaluation record)" in capsys.readouterr().err
 
 
 def test_evaluate_checks_it_can_write_its_record_before_any_attack(tmp_path, capsys, monkeypatch):

@@ -75,6 +75,22 @@ def test_a_resumed_run_keeps_the_best_measured_before(tmp_path):
     assert resumed.restore(model2) == 2 and model2[1].weight[0, 0].item() == 2.0
 
 
+def test_a_damaged_keep_best_file_is_one_line_naming_the_file(tmp_path):
+    """A truncated keep-best.safetensors raised safetensors' own error with a traceback on resume; a curve that is
+    not one failed on a missing key."""
+    model, keep = setup(tmp_path)
+    set_correct(model, True, 2.0)
+    keep(model, 2)
+    weights = tmp_path / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:20])
+    model2, resumed = setup(tmp_path)
+    with pytest.raises(AdvtuneError, match=r"keep-best\.safetensors is truncated or corrupt .*rerun with --resume"):
+        resumed.restore(model2)
+    (tmp_path / CURVE).write_text(json.dumps({"curve": [{"step": 2}]}))
+    with pytest.raises(AdvtuneError, match=r"keep-best\.json is not a checkpoint curve; delete keep-best\.\*"):
+        setup(tmp_path)
+
+
 def test_a_moving_masks_best_point_keeps_its_mask_also_across_a_resume(tmp_path):
     """--regrow: the mask the best point trained with comes back with its weights (the run records it), from memory
     and from the folder after a resume; a weights file without a mask is refused for such a run."""
@@ -218,3 +234,24 @@ def test_ema_out_of_range_is_refused():
     for bad in (1.0, -0.1, True):
         with pytest.raises(AdvtuneError, match="--ema must be a decay in"):
             TrainConfig(ema=bad)
+
+
+def test_hardens_held_out_split_is_training_data_kept_apart_never_the_test_split():
+    """harden chooses its checkpoint on `with_holdout`'s split: a tenth of the training data (at most 1000), none of
+    it left in what is analysed and fine-tuned, and not the test split (a harden choosing on test passed every
+    test, both splits having 60 images there)."""
+    from advtune.data import load_dataset
+    from advtune.runs.configs import HardenRun
+    from advtune.runs.harden_plan import with_holdout
+
+    ds = load_dataset("synthetic", limit=600, limit_test=60)
+    held = with_holdout(ds, HardenRun(base="b", out="o", eps=0.1))
+    assert len(held.val) == 60 and len(held.train) == 540 and held.test is ds.test
+
+    def rows(part):
+        return sorted(map(bytes, part.x.reshape(len(part), -1).numpy()))
+
+    assert sorted(rows(held.train) + rows(held.val)) == rows(ds.train)  # the training data, split, nothing lost
+    assert rows(held.val) != rows(ds.test)
+    assert not set(rows(held.val)) & set(rows(held.train))  # disjoint
+    assert with_holdout(ds, HardenRun(base="b", out="o", eps=0.1, keep_best=0)).val is None  # no choice, no split

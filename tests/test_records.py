@@ -206,9 +206,18 @@ def test_a_malformed_field_is_one_line_naming_file_and_field(tmp_path):
     path = write(tmp_path / "ft.json", RECORDS["finetune"].to_json(), lambda r: r.update(stopped=3))
     assert error(FinetuneSummary.read, path).startswith(f"{path}: field 'stopped' is 3, not a string or null")
     (tmp_path / "list.json").write_text("[1, 2]")
-    assert error(TrainSummary.read, tmp_path / "list.json").startswith(
-        f"{tmp_path / 'list.json'}: [1, 2] is not an object"
+    assert f"{tmp_path / 'list.json'} holds a JSON list, not an advtune record" in error(
+        TrainSummary.read, tmp_path / "list.json"
     )
+
+
+def test_a_json_record_that_is_not_an_object_is_one_line(tmp_path):
+    """A config.json holding a list (an edited or foreign file) failed later on `.get` with a traceback."""
+    from advtune.storage import read_json
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(AdvtuneError, match=r"run config .*config\.json holds a JSON list, not an advtune record"):
+        read_json(tmp_path / "config.json", "run config")
 
 
 def test_another_kind_of_record_is_refused(tmp_path):

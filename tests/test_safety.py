@@ -76,7 +76,7 @@ def test_a_refused_overwrite_leaves_the_finished_run_untouched(finished, capsys,
     assert snapshot(finished) == before
 
 
-def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, monkeypatch, capsys):
+def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, monkeypatch, capsys, caplog):
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     old = snapshot(out)
@@ -93,8 +93,11 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_one_is_done(tmp_path, m
     assert main([*TRAIN, "--out", str(tmp_path / "other"), "--epochs", "0"]) == 2  # a later error: said once only
     assert "kept at" not in capsys.readouterr().err
     monkeypatch.undo()
-    assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
+    with caplog.at_level("WARNING", logger="advtune.runs.record"):
+        assert main([*TRAIN, "--out", str(out), "--overwrite"]) == 0
     assert (out / "summary.json").is_file()
+    # the interrupted run's aside is not this run's to delete, and no later command forgot it without a word
+    assert f"moved aside are still kept ({aside[0]})" in caplog.text and aside[0].is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.replaced-") and p != aside[0]]
 
 

@@ -121,7 +121,7 @@ def test_overfit_guard_restores_best_weights_and_stops(tiny_model, blobs):
     with torch.no_grad():
         model.fc.weight.mul_(-1)  # a collapse
     record = {"epoch": 2}
-    assert guard(model, record) == "stop" and record["guard_reverted_to_acc"] > 0.95
+    assert guard(model, record) == "restored" and record["guard_reverted_to_acc"] > 0.95
     assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
 
 

@@ -314,3 +314,81 @@ def test_a_compile_that_fails_here_trains_eagerly_with_a_warning(synth, monkeypa
     said = "torch.compile failed on this machine (InductorError: no C compiler found); training without it"
     assert said in caplog.text
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+
+
+class _RollBack:
+    """An epoch callback like the overfitting guard: remembers epoch 1's weights, puts them back after epoch 2 and
+    ends the run ("restored"); what it remembers goes into the checkpoint."""
+
+    name = "roll-back"
+
+    def __init__(self):
+        self.kept = None
+
+    def __call__(self, model, record):
+        if self.kept is None:
+            self.kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return None
+        model.load_state_dict(self.kept)
+        return "restored"
+
+    def checkpoint_state(self):
+        return {"kept": self.kept}
+
+    def restore_checkpoint_state(self, state):
+        self.kept = state["kept"]
+
+
+def test_weights_a_callback_restored_are_not_overwritten_by_the_weight_average(synth, tmp_path):
+    """--ema laid its average (the collapsed epoch included) over the overfitting guard's rollback: the run ended
+    with neither. And the guard's memory was not in the checkpoint, so a resumed run compared with nothing."""
+    cfg = TrainConfig(epochs=3, batch_size=64, ema=0.9)
+    roll = _RollBack()
+    history = fit(fresh(synth), synth.train.take(256), clean(), cfg, callbacks=[roll], checkpoint_dir=tmp_path / "a")
+    assert history.stopped == "stopped by roll-back after epoch 2" and history.restored
+    model = fresh(synth)
+    fit(model, synth.train.take(256), clean(), cfg, callbacks=[_RollBack()])
+    assert all(torch.equal(roll.kept[k], v) for k, v in model.state_dict().items())  # the rollback, as it was
+    # resumed after epoch 1 (the checkpoint holds what the callback remembered): the same end, bit for bit
+    one = _RollBack()
+    fit(
+        fresh(synth),
+        synth.train.take(256),
+        clean(),
+        TrainConfig(epochs=1, batch_size=64, ema=0.9),
+        callbacks=[one],
+        checkpoint_dir=tmp_path / "b",
+    )
+    again, resumed = _RollBack(), fresh(synth)
+    fit(resumed, synth.train.take(256), clean(), cfg, callbacks=[again], checkpoint_dir=tmp_path / "b", resume=True)
+    assert again.kept is not None and all(torch.equal(roll.kept[k], v) for k, v in resumed.state_dict().items())
+
+
+class _Payload:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_training_checkpoint_never_runs_code_and_a_foreign_one_is_named(synth, tmp_path):
+    """--resume reads checkpoint.pt with weights_only: a file carrying code is refused, the code never runs (only
+    weights files had a test of this); a checkpoint of another program is named as such."""
+    from advtune.train.checkpoint import check_resume
+
+    marker = tmp_path / "pwned"
+    torch.save({"format": "advtune-checkpoint-1", "hook": _Payload(marker)}, tmp_path / files.CHECKPOINT)
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    with pytest.raises(AdvtuneError, match="truncated or corrupt"):
+        check_resume(tmp_path, cfg)
+    with pytest.raises(AdvtuneError, match="truncated or corrupt"):
+        fit(fresh(synth), synth.train.take(64), clean(), cfg, checkpoint_dir=tmp_path, resume=True)
+    assert not marker.exists()
+    torch.save({"epoch": 3, "weights": {}}, tmp_path / files.CHECKPOINT)  # plain tensors and numbers, not ours
+    with pytest.raises(AdvtuneError, match="is not an advtune training checkpoint"):
+        fit(fresh(synth), synth.train.take(64), clean(), cfg, checkpoint_dir=tmp_path, resume=True)

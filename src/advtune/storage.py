@@ -92,13 +92,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """A JSON record: every advtune record is one object, so anything else (a list, a number: an edited or foreign
+    file) is refused here, by name, instead of failing later on a missing key."""
     path = Path(path)
     if not path.is_file():
         raise AdvtuneError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text("utf-8"))
+        record = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
+    if not isinstance(record, dict):
+        raise AdvtuneError(
+            f"{what} {path} holds a JSON {type(record).__name__}, not an advtune record (an object); re-create it or "
+            "delete the run"
+        )
+    return record
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:

@@ -184,7 +184,7 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
     check_analysis(run)
     threat = ThreatModel(run.norm, run.eps)
     attack = build_attack(run.attack, threat)  # refused before the base and the data are read
-    refuse_same_folder(run.out, run.base)
+    refuse_same_folder(run.out, run.base, run.data_dir)
     refuse_taken_out(run.out, resume=False, overwrite=run.overwrite, resumable=False)  # before the base and the data
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)

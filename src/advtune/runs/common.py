@@ -3,6 +3,7 @@ resume checks, selections from `--select`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -191,13 +192,32 @@ def write_config_once(rd: RunDir, config: dict) -> None:
 
 
 def refuse_same_folder(out: str, base: str, *inputs: str | None) -> None:
-    """--out may not be the base run, nor a folder holding it or another input (`refuse_out_holding`)."""
+    """--out may not be the base run, nor a folder holding it or another input (`refuse_out_holding`), the base's
+    own data and model file included."""
     o, b = Path(out).resolve(), Path(base).resolve()
     if o == b:
         raise AdvtuneError(f"--out {out} is the base run itself; write the new run to another folder")
     if o in b.parents:
         raise AdvtuneError(f"--out {out} holds the base run {base}; write the new run to a folder outside it")
-    refuse_out_holding(out, *inputs)
+    refuse_out_holding(out, *inputs, *recorded_inputs(base))
+
+
+def recorded_inputs(base: str) -> list[str]:
+    """The files a job on the run `base` reads besides the run: its own dataset, its recorded data folder, the
+    file its model is built from (where its records name them; an unreadable record is refused later, by name)."""
+    found: list[str] = []
+    for name, keys in ((files.CONFIG, ("run.dataset", "run.data_dir")), (files.MODEL_META, ("factory.file",))):
+        try:
+            record = json.loads((Path(base) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in keys + (("factory.module_file",) if name == files.MODEL_META else ()):
+            value = record
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, str) and value and not (key == "run.dataset" and dataset_key(value)):
+                found.append(value)
+    return found
 
 
 def refuse_out_holding(out: str, *inputs: str | None) -> None:
@@ -308,7 +328,14 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     if not dataset_key(name):  # own data: read as the model read it ("sorted": an image folder before round 37)
         as_trained = {"classes": meta.get("classes"), "order": recorded.get("order", "sorted")}
     folder = data_dir or run.get("data_dir") or folder_read_from(base_config, name)
-    ds = load_dataset(name, folder, as_trained=as_trained, **kw)
+    if data_dir is None and folder and dataset_key(name) and "download" not in kw:
+        try:  # the folder the run recorded first, then the usual places (a folder that moved is no reason to stop)
+            ds = load_dataset(name, folder, as_trained=as_trained, download=False, **kw)
+        except AdvtuneError as e:
+            log.warning("the run's recorded data folder does not serve: %s; looking in the usual places", e)
+            ds = load_dataset(name, None, as_trained=as_trained, **kw)
+    else:
+        ds = load_dataset(name, folder, as_trained=as_trained, **kw)
     classes, shape = meta.get("classes"), meta.get("input_shape")
     count = meta.get("num_classes")  # a model recorded without class names: its count at least
     other = classes != ds.classes if isinstance(classes, list) else count not in (None, len(ds.classes))

@@ -154,8 +154,11 @@ def check_record_free(path, run: EvaluateRun, sha256: str | None = None) -> None
         old = json.loads(path.read_text())
         same = measurement(old.get("config") or {}) == measurement(run.to_json())
         theirs = old.get("model_file_sha256") if run.record_dir else None
-    except (OSError, ValueError, AttributeError, TypeError):
-        same, theirs = False, None  # unreadable: not ours to judge
+    except (OSError, ValueError, AttributeError, TypeError):  # unreadable: not ours to judge, nor to replace unasked
+        raise AdvtuneError(
+            f"{path} is unreadable (not an evaluation record); give --name NAME to write another, or --overwrite to "
+            "replace it"
+        ) from None
     if not same:
         raise AdvtuneError(
             f"{path} already holds an evaluation with other settings; give --name NAME to keep both, or --overwrite "

@@ -392,7 +392,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
     )
     words = ("all", "random", "top", "lowrank")
     analysis = run.select if run.select not in words and ":" not in run.select else None  # an analysis folder
-    refuse_same_folder(run.out, run.base, analysis)
+    refuse_same_folder(run.out, run.base, analysis, run.data_dir)
     scored = Path(analysis) / files.CONFIG if analysis else None
     if scored is not None and scored.is_file():  # scores of another threat model steer the mask without a word
         recorded = read_json(scored, "analysis config")

@@ -280,7 +280,7 @@ def run(run: HardenRun) -> HardenSummary:
     check_resume_overwrite(run.resume, run.overwrite)
     check_harden_settings(run)  # what needs neither the model nor the data: before either is read
     open_run(run.base)
-    refuse_same_folder(run.out, run.base)
+    refuse_same_folder(run.out, run.base, run.data_dir)
     refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
@@ -328,8 +328,8 @@ def run(run: HardenRun) -> HardenSummary:
     info.update(evaluation=rec.evaluation, test_examples=rec.test_examples, before=rec.before, after=rec.after)
     factors = patch_factors(rd.path / FINETUNE / files.PATCH)  # low-rank adapters, as the stage stored them
     write_patch(rd.file(files.PATCH), model, hardened.model, info, factors)  # what a fleet with the base needs
-    rd.write_json(files.SUMMARY, rec.to_json())
     _publish_model(out / FINETUNE, out)
+    rd.write_json(files.SUMMARY, rec.to_json())  # last of the records (filenames.py): what says the run is finished
     from ..report import write_harden_report  # matplotlib only where the report is drawn
 
     paths = write_harden_report(out)

@@ -152,6 +152,15 @@ class RunDir:
         left = remove_orphan_tmp(p)
         if left:
             log.info("removed %d temporary file(s) an interrupted write left in %s", len(left), p)
+        earlier = sorted(x for x in p.parent.glob(f".{p.name}.replaced-*") if x != run.aside and x.is_dir())
+        if earlier:  # an --overwrite killed before its run finished: the old run was kept there, and is still
+            log.warning(
+                "%d run(s) an interrupted --overwrite of %s moved aside are still kept (%s); delete them when no "
+                "longer needed",
+                len(earlier),
+                p,
+                ", ".join(str(x) for x in earlier),
+            )
 
     def _put_back(self) -> bool:
         """The new run could not start: the run it was to replace goes back in its place."""
@@ -395,6 +404,16 @@ def _info_lines(info: dict) -> str:
             f"{100 * s['after']['clean_acc']:.2f}% on {s.get('test_examples')} test examples; trained "
             f"{s.get('trainable_params') or 0:,} parameters ({100 * (s.get('param_share') or 0):.2f}%)"
         )
+        hc = s.get("cost") if isinstance(s.get("cost"), dict) else {}
+        if hc.get("harden_grad_evals") is not None:  # the whole run's cost; cost.json is its fine-tuning stage's
+            base = hc.get("base_training_grad_evals")
+            wall = sum(hc.get(k) or 0 for k in ("analysis_wall_s", "finetune_wall_s", "checkpoint_wall_s"))
+            lines.append(
+                f"harden cost {hc['harden_grad_evals']:,} grad evals (analysis {hc.get('analysis_grad_evals', 0):,}, "
+                f"fine-tuning {hc.get('finetune_grad_evals', 0):,}, checkpoint choice "
+                f"{hc.get('checkpoint_grad_evals') or 0:,}), wall {wall:.1f}s; the base's training "
+                + (f"{base:,} more" if base is not None else "unrecorded")
+            )
     if "adv_acc" in s:  # an analysis run
         lines.append(
             f"analysis   {s['examples_scored']} training examples: clean {100 * s['clean_acc']:.2f}%, "
@@ -403,8 +422,9 @@ def _info_lines(info: dict) -> str:
     if info.get("cost", {}).get("wall_s") is not None:
         c = info["cost"]
         gpe = c.get("grad_evals_per_example")
+        stage = "fine-tuning stage: " if "before" in s and "after" in s else ""
         lines.append(
-            f"cost       wall {c['wall_s']:.1f}s, grad evals {c['grad_evals']:,}"
+            f"cost       {stage}wall {c['wall_s']:.1f}s, grad evals {c['grad_evals']:,}"
             + (f" ({gpe:.2f}/example)" if gpe else "")
             + f", FLOPs {c['flops']:.3g}, trainable params {c['trainable_params']:,}/{c['total_params']:,}, "
             f"peak memory {c['peak_memory_bytes'] / 2**20:.0f} MiB"

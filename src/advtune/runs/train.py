@@ -130,15 +130,18 @@ def run(run: TrainRun) -> TrainSummary:
         raise AdvtuneError("adversarial training needs --eps (e.g. --eps 0.3 for MNIST, --eps 8/255 for CIFAR-10)")
     if run.eps is not None:
         ThreatModel(run.norm, run.eps)  # its range, before the data
+    factory = None
     if not is_factory_spec(run.model):
         ARCHITECTURES.get(run.model)  # an unknown name: "unknown model ...; valid: ...", before a download
     else:
-        factory_record(run.model)  # the file or module and the name, before a download
+        factory = factory_record(run.model)  # the file or module and the name, before a download
     if run.adversarial:  # the spec and the ramp, before the data is read (or downloaded)
         check_objective(run.adversarial, ThreatModel(run.norm, run.eps))
         check_eps_warmup(run.eps_warmup)
-    if run.weights is not None and run.out:  # --overwrite would delete the weights it is about to record
-        refuse_out_holding(run.out, run.weights)
+    if run.out:  # --overwrite would delete a file this run reads (its weights, data or model file) with the old run
+        own_data = None if dataset_key(run.dataset) else run.dataset
+        model_file = factory and (factory.get("file") or factory.get("module_file"))
+        refuse_out_holding(run.out, run.weights, own_data, run.data_dir, model_file)
     if run.weights is not None and not Path(run.weights).is_file():
         what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
         raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class History:
     epochs: list[dict] = field(default_factory=list)
     stopped: str | None = None  # why training stopped early (a callback said so), if it did
+    restored: bool = False  # the callback that stopped it put earlier weights back: the run ends with them as they are
 
     @property
     def last(self) -> dict:
@@ -44,6 +45,8 @@ def save_checkpoint(
     acc_state: torch.Tensor,
     average=None,
     regrowth=None,
+    callbacks=(),
+    scaler=None,
 ) -> None:
     state = {
         "format": "advtune-checkpoint-1",
@@ -53,7 +56,7 @@ def save_checkpoint(
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "meter": meter.to_json(),
-        "history": {"epochs": history.epochs, "stopped": history.stopped},
+        "history": {"epochs": history.epochs, "stopped": history.stopped, "restored": history.restored},
         "acc_state": acc_state.cpu(),
         "rng": torch.get_rng_state(),
     }
@@ -61,6 +64,11 @@ def save_checkpoint(
         state["average"] = average.state_dict()
     if regrowth is not None:  # --regrow: the mask as it has moved, and the gradient sums since its last move
         state["regrow"] = regrowth.state_dict()
+    if scaler is not None:  # fp16: the loss scale the run has adapted to (a fresh one skips steps by overflowing)
+        state["scaler"] = scaler.state_dict()
+    kept = {cb.name: cb.checkpoint_state() for cb in callbacks if hasattr(cb, "checkpoint_state")}
+    if kept:  # an epoch callback's memory (the overfitting guard's best weights): a resume decides as the run would
+        state["callbacks"] = kept
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -105,7 +113,7 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramp: float = 0.0
     except Exception as e:  # torch raises several types for truncated/foreign files
         raise AdvtuneError(
             f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-            "delete it and rerun without --resume"
+            "delete it and rerun with --resume (the run starts again in this folder), or start over with --overwrite"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         _refuse_changed_config(state["config"], cfg)
@@ -133,7 +141,17 @@ def _refuse_new_length(saved: dict, cfg: TrainConfig, ramp: float, done: int) ->
 
 
 def load_checkpoint(
-    path: Path, model, opt, meter: CostMeter, history: History, cfg: TrainConfig, device, average=None, regrowth=None
+    path: Path,
+    model,
+    opt,
+    meter: CostMeter,
+    history: History,
+    cfg: TrainConfig,
+    device,
+    average=None,
+    regrowth=None,
+    callbacks=(),
+    scaler=None,
 ):
     try:
         # weights_only: tensors and plain containers only, never code from the file
@@ -141,7 +159,7 @@ def load_checkpoint(
     except Exception as e:  # torch raises several types for truncated/foreign files
         raise AdvtuneError(
             f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-            "delete it and rerun without --resume"
+            "delete it and rerun with --resume (the run starts again in this folder), or start over with --overwrite"
         ) from None
     if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
         raise AdvtuneError(f"{path} is not an advtune training checkpoint; delete it or pick another --out")
@@ -158,8 +176,15 @@ def load_checkpoint(
         average.load_state_dict(state.get("average"), f"checkpoint {path}")
     if regrowth is not None:
         regrowth.load_state_dict(state.get("regrow"), f"checkpoint {path}")
+    if scaler is not None and isinstance(state.get("scaler"), dict):
+        scaler.load_state_dict(state["scaler"])
+    kept = state.get("callbacks") if isinstance(state.get("callbacks"), dict) else {}
+    for cb in callbacks:
+        if hasattr(cb, "restore_checkpoint_state") and kept.get(cb.name) is not None:
+            cb.restore_checkpoint_state(kept[cb.name])
     meter.load_json(state["meter"])
     history.epochs = list(state["history"]["epochs"])
     history.stopped = state["history"]["stopped"]
+    history.restored = bool(state["history"].get("restored", False))
     torch.set_rng_state(state["rng"].cpu())
     return int(state["epoch"]), int(state["step"]), state["acc_state"].to(device)

@@ -35,6 +35,15 @@ class OverfitGuard:
         self.best_state: dict | None = None
         self.tripped_at: int | None = None
 
+    def checkpoint_state(self) -> dict:
+        """What the guard remembers between epochs, kept in the training checkpoint: a resumed run compares with the
+        same best and restores the same weights as an uninterrupted one."""
+        return {"best_acc": self.best_acc, "best_state": self.best_state}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        self.best_acc = float(state["best_acc"])
+        self.best_state = state.get("best_state")
+
     def __call__(self, model: nn.Module, record: dict) -> str | None:
         data = TensorData(self.x, self.y)
         acc = robust_accuracy_quick(model, data, self.attack, 256, self.seed, self.meter)
@@ -53,5 +62,5 @@ class OverfitGuard:
             model.load_state_dict(self.best_state)
             record["guard_reverted_to_acc"] = self.best_acc
             self.tripped_at = record.get("epoch")
-            return "stop"
+            return "restored"  # these weights are the run's end (--ema's average would lay the collapse over them)
         return None

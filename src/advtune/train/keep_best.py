@@ -60,7 +60,13 @@ class KeepBest:
         self.kept_last = False  # the best point's weights were lost: the run kept its last ones
         self.masks, self.kept_masks = masks, None
         if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
-            self.curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
+            curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
+            if not isinstance(curve, list) or not all(isinstance(p, dict) and "robust_acc" in p for p in curve):
+                raise AdvtuneError(
+                    f"{self.folder / CURVE} is not a checkpoint curve; delete keep-best.* there and rerun with "
+                    "--resume (the choice is then among the points measured after)"
+                )
+            self.curve = curve
 
     @property
     def best(self) -> dict | None:
@@ -108,9 +114,15 @@ class KeepBest:
             return None
         state = self.best_state
         if state is None and self.folder is not None and (self.folder / WEIGHTS).is_file():
-            with safe_open(str(self.folder / WEIGHTS), framework="pt") as f:  # measured before a resume
-                if (f.metadata() or {}).get("step") == str(best["step"]):
-                    state = load_file(str(self.folder / WEIGHTS))
+            try:
+                with safe_open(str(self.folder / WEIGHTS), framework="pt") as f:  # measured before a resume
+                    if (f.metadata() or {}).get("step") == str(best["step"]):
+                        state = load_file(str(self.folder / WEIGHTS))
+            except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+                raise AdvtuneError(
+                    f"{self.folder / WEIGHTS} is truncated or corrupt ({str(e).splitlines()[0][:100]}); delete "
+                    "it and rerun with --resume (the run then keeps its last weights)"
+                ) from None
         if state is None:  # its weights are not on file (a crash between two writes): keep the last ones
             log.warning("the best checkpoint (step %d) was not kept on file; keeping the last weights", best["step"])
             self.kept_last = True

@@ -74,7 +74,9 @@ def fit(
     cfg: TrainConfig() by default.
     checkpoint_dir: where `checkpoint.pt` is written atomically after every epoch (and every
     `cfg.checkpoint_every` steps); with resume=True training continues from it exactly.
-    callbacks: called after each epoch with (model, record); returning "stop" ends training.
+    callbacks: called after each epoch with (model, record); returning "stop" ends training, "restored" ends it
+        with the weights the callback put back (no weight average laid over them). One with a `name`,
+        `checkpoint_state()` and `restore_checkpoint_state(state)` keeps what it remembers in the checkpoint.
     on_record: called with the history after each epoch (the CLI writes metrics.jsonl there).
     on_step: called after every optimizer step with (model, steps done, meter), outside the timed
     part (the frontier benchmark saves snapshots there). `cfg.steps` sets the run's length in steps.
@@ -136,7 +138,9 @@ def fit(
         acc_state = _zero_acc(device)
         ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
         if resume and ckpt is not None and ckpt.is_file():
-            epoch, step, acc_state = load_checkpoint(ckpt, model, opt, meter, history, cfg, device, average, regrowth)
+            epoch, step, acc_state = load_checkpoint(
+                ckpt, model, opt, meter, history, cfg, device, average, regrowth, callbacks, scaler
+            )
             trainable.snapshot()  # unselected slices: the loaded weights are the reference
             log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
         elif resume and ckpt is not None:
@@ -244,7 +248,21 @@ def fit(
                     and rank == 0
                 ):
                     meter.stop()
-                    save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average, regrowth)
+                    save_checkpoint(
+                        ckpt,
+                        model,
+                        opt,
+                        meter,
+                        history,
+                        cfg,
+                        epoch,
+                        step,
+                        acc_state,
+                        average,
+                        regrowth,
+                        callbacks,
+                        scaler,
+                    )
                     meter.start()
             meter.stop()
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics: rank 0's, on every rank
@@ -271,16 +289,20 @@ def fit(
                 "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             )
             for cb in callbacks:
-                if cb(model, record) == "stop":
+                verdict = cb(model, record)
+                if verdict in ("stop", "restored"):
                     history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
+                    history.restored = history.restored or verdict == "restored"
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
             if ckpt is not None and rank == 0:
-                save_checkpoint(ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average, regrowth)
+                save_checkpoint(
+                    ckpt, model, opt, meter, history, cfg, epoch, step, acc_state, average, regrowth, callbacks, scaler
+                )
             if on_record is not None and rank == 0:
                 on_record(history)
-        if average is not None:  # the run ends with the averaged weights
-            average.copy_to_model()
+        if average is not None and not history.restored:  # the run ends with the averaged weights, unless a
+            average.copy_to_model()  # callback (the overfitting guard) put back weights it chose: those stay
         if regrowth is not None:  # the selection records the mask the run ended with
             regrowth.write_back(selection)
         return history
