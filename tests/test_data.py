@@ -431,6 +431,12 @@ def test_download_verifies_checksums(isolated, http_server, monkeypatch):
     ds = load_dataset("fashion-mnist", target, download=True, mirrors=(url,))
     assert ds.train.y.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
     assert sorted(p.name for p in (target / "fashion-mnist").iterdir()) == sorted(arrays)
+    # an interrupted download (a file missing): completed, where it was refused as "incomplete" before
+    (target / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(AdvtuneError, match="is incomplete"):
+        load_dataset("fashion-mnist", target, download=False)
+    again = load_dataset("fashion-mnist", target, download=True, mirrors=(url,))
+    assert again.test.y.tolist() == arrays["t10k-labels-idx1-ubyte.gz"].tolist()
 
 
 def test_download_checksum_mismatch_is_refused_and_leaves_no_file(isolated, http_server, monkeypatch):
@@ -614,3 +620,81 @@ def test_an_own_folder_named_like_a_builtin_set_is_not_swapped_for_it(tmp_path):
     meta = {"dataset": "mnist", "classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28]}
     with pytest.raises(AdvtuneError, match="not found"):  # the moved own folder: named, not swapped
         dataset_of({"run": {"dataset": str(tmp_path / "mnist")}}, meta, None, limit=1)
+
+
+def test_one_idx_set_is_never_read_as_the_other(isolated):
+    """MNIST and Fashion-MNIST share their four file names: a --data-dir that is itself an MNIST folder read as
+    fashion-mnist (digits with Fashion's class names, recorded as fashion-mnist). The training labels say which set
+    the files are: MNIST's .gz by its md5, a decompressed copy by its first labels."""
+    folder = isolated / "digits"
+    write_fake_mnist(folder)
+    labels = np.array([5, 0, 4, 1, 9, 2, 1, 3, 1, 4] * 5)  # MNIST's first ten training labels, decompressed
+    write_idx(folder / "train-labels-idx1-ubyte", labels, compress=False)
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(AdvtuneError, match=r"holds mnist's files, not fashion-mnist's .* <dir>/fashion-mnist/"):
+        load_dataset("fashion-mnist", folder)
+    assert load_dataset("mnist", folder).train.y[:10].tolist() == labels[:10].tolist()
+    if (SHARED / "mnist" / "train-labels-idx1-ubyte.gz").is_file():  # the real .gz, known by its md5
+        with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):
+            load_dataset("fashion-mnist", SHARED / "mnist", limit=10)
+
+
+def test_npz_classes_are_the_training_splits_and_labels_match_images(tmp_path):
+    """A class only the test split had was accepted (never learnt, always failed); empty labels beside images gave a
+    numpy traceback."""
+    x = np.zeros((6, 8, 8), np.uint8)
+    only_test = tmp_path / "only-test.npz"
+    np.savez(only_test, x_train=x, y_train=np.array([0, 1] * 3), x_test=x[:3], y_test=np.array([0, 1, 2]))
+    with pytest.raises(AdvtuneError, match=r"y_test has class 2, which no training image has \(y_train: 0\.\.1\)"):
+        load_dataset(str(only_test))
+    one_in_train = tmp_path / "one-train.npz"
+    np.savez(one_in_train, x_train=x, y_train=np.zeros(6, np.int64), x_test=x[:2], y_test=np.array([0, 1]))
+    with pytest.raises(AdvtuneError, match="y_train holds one class"):
+        load_dataset(str(one_in_train))
+    no_labels = tmp_path / "no-labels.npz"
+    np.savez(no_labels, x_train=x, y_train=np.zeros(0, np.int64), x_test=x[:2], y_test=np.array([0, 1]))
+    with pytest.raises(AdvtuneError, match="x_train holds 6 images and y_train 0 labels"):
+        load_dataset(str(no_labels))
+
+
+def test_an_image_folder_needs_two_classes_and_tiny_colour_images_keep_their_layout(tmp_path):
+    from PIL import Image
+
+    def folder(name: str, classes: tuple[str, ...], shape: tuple[int, ...]) -> Path:
+        for split in ("train", "test"):
+            for c in classes:
+                (tmp_path / name / split / c).mkdir(parents=True)
+                for i in range(2):
+                    Image.fromarray(np.full(shape, 60 * i, np.uint8)).save(tmp_path / name / split / c / f"{i}.png")
+        return tmp_path / name
+
+    with pytest.raises(AdvtuneError, match=r"train holds one class folder \(cat\); a classifier needs at least two"):
+        load_dataset(str(folder("one", ("cat",), (8, 8))))
+    tiny = load_dataset(str(folder("tiny", ("a", "b"), (3, 5, 3))))  # 3 rows of 5 RGB pixels: H looked like channels
+    assert tiny.input_shape == (3, 3, 5)
+
+
+def test_downloads_are_forbidden_by_a_yes_only(isolated, monkeypatch):
+    """ADVTUNE_NO_DOWNLOAD=0 forbade downloads too (any non-empty value did)."""
+    tried = []
+    monkeypatch.setattr(data.loading, "download_files", lambda spec, target, mirrors: tried.append(target))
+    for value, allowed in (("1", False), ("true", False), ("0", True), ("", True), ("no", True)):
+        monkeypatch.setenv("ADVTUNE_NO_DOWNLOAD", value)
+        tried.clear()
+        with pytest.raises(AdvtuneError):  # nothing is there, downloaded or not
+            load_dataset("mnist", isolated / "empty")
+        assert bool(tried) == allowed, value
+
+
+def test_a_runs_recorded_data_folder_that_moved_falls_back_to_the_usual_places(isolated, monkeypatch, caplog):
+    """The docs promise the recorded folder, then the usual places; a folder that was gone stopped every job on the
+    run with an error naming a --data-dir the user never gave."""
+    from advtune.runs.common import dataset_of
+
+    monkeypatch.setenv("ADVTUNE_DATA", str(isolated / "elsewhere"))
+    write_fake_mnist(isolated / "elsewhere" / "mnist")
+    config = {"run": {"dataset": "mnist", "data_dir": str(isolated / "gone")}}
+    with caplog.at_level("WARNING"):
+        ds = dataset_of(config, {"num_classes": 10, "input_shape": [1, 28, 28]}, None, limit=8)
+    assert len(ds.train) == 8 and "recorded data folder does not serve" in caplog.text
+    assert not (isolated / "gone").exists()  # nothing downloaded into (or created at) the vanished folder

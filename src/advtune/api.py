@@ -401,9 +401,22 @@ def fit(
             objective,
             config,
             selection=selection,
-            val=resolve_split(val, "test") if val is not None else None,
+            val=_val_split(val),
             **kwargs,
         )
+
+
+def _val_split(val: Any) -> Any:
+    """fit's monitoring split: a whole Dataset's validation split (`load_dataset(..., val=N)`), never its test split
+    without a word; a Dataset without one is refused (pass `ds.test` to monitor on test on purpose)."""
+    if not isinstance(val, Dataset):
+        return val
+    if val.val is None or not len(val.val):
+        raise AdvtuneError(
+            "val= got a Dataset without a validation split; load it with load_dataset(..., val=N), or pass ds.test "
+            "to monitor on the test split"
+        )
+    return val.val
 
 
 # ---------------------------------------------------------------- models on disk

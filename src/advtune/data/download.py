@@ -59,6 +59,9 @@ def download_files(spec: Spec, target: Path, mirrors: tuple[str, ...] | None = N
                 tmp.unlink(missing_ok=True)
                 errors.append(f"{url}: {e}")
                 continue
+            except BaseException:  # Ctrl-C mid-file: no half file left behind (the next run fetches it whole)
+                tmp.unlink(missing_ok=True)
+                raise
             got = md5sum(tmp)
             if got != rf.md5:
                 tmp.unlink(missing_ok=True)

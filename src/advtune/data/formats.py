@@ -158,6 +158,12 @@ def load_npz(path: Path, num_classes: int | None = None, trained: bool = False) 
     for k in ("x_train", "x_test"):
         if len(arrays[k]) == 0:
             raise AdvtuneError(f"{path}:{k} holds no images; both splits need some")
+        labels = "y" + k[1:]
+        if len(arrays[labels]) != len(arrays[k]):
+            raise AdvtuneError(
+                f"{path}: {k} holds {len(arrays[k])} images and {labels} {len(arrays[labels])} labels; give one "
+                "label per image"
+            )
         if arrays[k].dtype == np.uint8 and arrays[k].max() <= 1:
             log.warning(
                 "%s:%s: every uint8 pixel is 0 or 1, read as 0..1/255 (almost black); binary images are 0/255 in "
@@ -168,7 +174,13 @@ def load_npz(path: Path, num_classes: int | None = None, trained: bool = False) 
     ytr, yte = arrays["y_train"].reshape(-1), arrays["y_test"].reshape(-1)
     # `num_classes`: the count a trained model (or a named set) has, which the labels need only fit: a subset of
     # CIFAR-10's classes, or a run from before labels had to number the classes without gaps
-    classes = num_classes or check_classes(np.concatenate([ytr, yte]), str(path))
+    # the classes are the training split's: a class only the test split has would never be learnt, only failed
+    classes = num_classes or check_classes(ytr, f"{path}:y_train")
+    if not num_classes and int(yte.min()) >= 0 and int(yte.max()) >= classes:
+        raise AdvtuneError(
+            f"{path}:y_test has class {int(yte.max())}, which no training image has (y_train: 0..{classes - 1}); "
+            "give the training split every class"
+        )
     top = int(max(ytr.max(), yte.max())) + 1
     if trained and top != classes:  # `trained`: the count is a model's, whose labels ran up to it then
         raise AdvtuneError(
@@ -260,7 +272,11 @@ def extract_cifar(archive: Path, folder: Path) -> None:
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("cifar-10-batches-py/") and m.isfile()]
-            tar.extractall(scratch, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+ / 3.11.4+: the safe filter
+                tar.extractall(scratch, members=members, filter="data")
+            else:  # older: plain files under the batches' folder only, no path leaving it
+                safe = [m for m in members if not m.name.startswith("/") and ".." not in Path(m.name).parts]
+                tar.extractall(scratch, members=safe)
         try:
             os.replace(scratch / "cifar-10-batches-py", target)
         except OSError:
@@ -334,6 +350,11 @@ def load_image_folder(root: Path, classes: list[str] | None = None, order: str =
     classes = classes if classes is not None else on_disk
     if not classes:
         raise AdvtuneError(f"{root}/train has no class folders; expected {root}/train/<class>/<image>")
+    if len(classes) < 2:
+        raise AdvtuneError(
+            f"{root}/train holds one class folder ({classes[0]}); a classifier needs at least two: "
+            f"{root}/train/<class>/<image>"
+        )
     if not (root / "test").is_dir():
         raise AdvtuneError(f"{root} has no test/ folder; expected {root}/test/<class>/<image>")
     extra = [c for c in _class_folders(root / "test") if c not in classes]
@@ -374,7 +395,7 @@ def load_image_folder(root: Path, classes: list[str] | None = None, order: str =
         if not legacy:  # one fixed order: the same dataset every time
             perm = np.random.default_rng(0).permutation(len(y))
             x, y = x[perm], y[perm]
-        x = _to_nchw(x, str(root))
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # the layout is known here: (N,H,W) or (N,H,W,3)
         splits[split] = TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
     mean, std = channel_stats(splits["train"].x)
     ds = Dataset(root.name, splits["train"], splits["test"], list(classes), mean, std, str(root))

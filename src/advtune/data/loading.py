@@ -10,7 +10,7 @@ from typing import Mapping
 
 from ..distributed import is_main_process, on_each_machine, on_main
 from ..errors import AdvtuneError
-from .download import download_files
+from .download import download_files, md5sum
 from .formats import (
     SHUFFLED,
     extract_cifar,
@@ -66,13 +66,14 @@ def load_dataset(
     trained model read the user's own data ({"classes": its class names, "order": an image folder's order}), so that
     a later job reads it the same way.
 
-    `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set".
+    `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is 1 (true, yes, on)".
     """
     for what, n in (("limit (--limit)", limit), ("limit_test (--limit-test)", limit_test)):
         if n is not None and n <= 0:  # named, and refused before the data is read
             raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
     if download is None:
-        download = not os.environ.get("ADVTUNE_NO_DOWNLOAD")
+        # set to a yes (1, true, yes, on) forbids downloads; 0, false, no, off or empty allow them
+        download = os.environ.get("ADVTUNE_NO_DOWNLOAD", "").strip().lower() not in ("1", "true", "yes", "on")
     key = dataset_key(name) or name
     if key == "synthetic":
         ds = synthetic_dataset()  # the same data for every run: only shuffles and splits use the seed
@@ -152,6 +153,8 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 found, lacking = _probe_folder(key, folder)
                 if found is not None:
                     return found
+                if lacking and download:  # an interrupted download: fetch what is missing (whole files are kept)
+                    return _complete(key, spec, folder, mirrors)
                 if lacking:
                     raise AdvtuneError(f"{key} in --data-dir is incomplete: {lacking}; add the missing file(s)")
         if not download:
@@ -168,6 +171,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     roots = search_roots(data_dir)
     looked: list[str] = []
     incomplete: list[str] = []
+    partial: list[Path] = []
     for root in roots:
         for folder in (root / spec.folder, root):
             if not folder.is_dir():
@@ -178,6 +182,9 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 return found
             if lacking:
                 incomplete.append(lacking)
+                partial.append(folder)
+    if partial and download and partial[0].name == spec.folder:  # an interrupted download: complete it there
+        return _complete(key, spec, partial[0], mirrors)
     if incomplete:
         raise AdvtuneError(
             f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download"
@@ -193,6 +200,16 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     found = _read_if_present(key, target)
     if found is None:
         raise AdvtuneError(f"downloaded {key} into {target} but could not read it")
+    return found
+
+
+def _complete(key: str, spec, folder: Path, mirrors) -> Dataset:
+    """The files `folder` lacks, downloaded into it (md5-checked; the ones it has are kept when their md5 matches)."""
+    log.info("%s: %s is incomplete; downloading what is missing", key, folder)
+    on_main(lambda: download_files(spec, folder, mirrors))
+    found = _read_if_present(key, folder)
+    if found is None:
+        raise AdvtuneError(f"downloaded the missing {key} files into {folder} but could not read it")
     return found
 
 
@@ -225,6 +242,7 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
         if not all(paths):
             return None
         xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+        _refuse_the_other_idx_set(key, folder, paths[1], ytr)  # type: ignore[arg-type]
         train = pair_split(xtr, ytr, paths[0], paths[1], len(spec.classes))
         test = pair_split(xte, yte, paths[2], paths[3], len(spec.classes))
         return Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder))
@@ -240,10 +258,29 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
     return None
 
 
+MNIST_FIRST_LABELS = (5, 0, 4, 1, 9, 2, 1, 3, 1, 4)  # MNIST's first ten training labels, whatever the file's form
+
+
+def _refuse_the_other_idx_set(key: str, folder: Path, labels_file: Path, labels) -> None:
+    """MNIST and Fashion-MNIST share their four file names: a folder of the one, searched for the other (a --data-dir
+    that is itself a dataset folder is searched directly), would read as the other without a word. The training
+    labels say which set it is: the .gz file by its md5, a decompressed one (MNIST) by its first labels."""
+    if labels_file.suffix == ".gz":
+        digest = md5sum(labels_file)
+        held = next((k for k in ("mnist", "fashion-mnist") if SPECS[k].files[1].md5 == digest), None)
+    else:
+        held = "mnist" if tuple(int(v) for v in labels[:10]) == MNIST_FIRST_LABELS else None
+    if held is not None and held != key:
+        raise AdvtuneError(
+            f"{folder} holds {held}'s files, not {key}'s (the two use the same file names); put {key}'s files in "
+            f"<dir>/{SPECS[key].folder}/ and pass --data-dir <dir>"
+        )
+
+
 def _download_target(data_dir) -> Path:
     for cand in (
-        ([Path(data_dir)] if data_dir else [])
-        + ([Path(os.environ["ADVTUNE_DATA"])] if os.environ.get("ADVTUNE_DATA") else [])
+        ([Path(data_dir).expanduser()] if data_dir else [])
+        + ([Path(os.environ["ADVTUNE_DATA"]).expanduser()] if os.environ.get("ADVTUNE_DATA") else [])
         + [cache_dir()]
     ):
         try:

@@ -352,7 +352,8 @@ class HardenRun:
     limit_test: int = setting(1000, help="test examples for the evaluation")
     holdout: int | None = setting(
         None,
-        help="training examples held out (never analysed or trained on) to choose the checkpoint to keep "
+        help="training examples held out (never analysed or fine-tuned on; the base model may have trained on "
+        "them) to choose the checkpoint to keep "
         "(default: 1000, at most a tenth of the training data; 0: none, keep the last; only with --keep-best > 0)",
     )
     keep_best: int = keep_best_setting(4, None)

@@ -120,7 +120,8 @@ HOLDOUT = 1000  # held-out training examples that choose the checkpoint (at most
 
 def with_holdout(ds, run: HardenRun):
     """The dataset with `run.holdout` training examples held out as its validation split (seeded), unless
-    it has one already; the split that chooses harden's checkpoint, never analysed or trained on."""
+    it has one already; the split that chooses harden's checkpoint, never analysed or fine-tuned on (the base
+    model may have trained on them)."""
     if ds.val is not None and len(ds.val):
         return ds
     n = len(ds.train)
