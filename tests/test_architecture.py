@@ -38,7 +38,7 @@ LAYERS = [
         {"errors", "version", "filenames", "lazy", "registry", "settings", "recipe", "distributed", "seeding"}
         | {"devices", "storage", "progress", "provenance", "threat", "weights", "patch", "cost", "data", "records"},
     ),
-    ("foundations", {"attacks", "components", "models", "inputs"}),
+    ("foundations", {"attacks", "components", "models", "factories", "inputs"}),
     ("library", {"train", "evaluation", "vulnerability", "metrics", "frontier", "report"}),
     ("application", {"runs"}),
     ("entry points", {"api", "cli", "cli_text", "__init__", "__main__"}),

@@ -33,6 +33,31 @@ def three_outputs():
 
 def not_a_module():
     return "model"
+
+class _ZeroGradRound(torch.autograd.Function):  # an input quantiser with no gradient: planted gradient masking
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+class _Masked(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(_ZeroGradRound.apply(x))
+
+def masked(input_shape, num_classes):
+    return _Masked(make(input_shape, num_classes))
+
+def tied(input_shape, num_classes):
+    shared = nn.Linear(16, 16)  # one module used twice: its weights appear under two names of the state_dict
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), shared, nn.ReLU(), shared,
+                         nn.Linear(16, num_classes))
 """
 
 
@@ -158,7 +183,7 @@ def test_a_package_module_factory(nets, tmp_path):
     "spec, message",
     [
         ("missing.py:make", "no such file"),
-        ("nets.py:nothere", "has no function 'nothere'; it has: make, no_args"),
+        ("nets.py:nothere", "has no function 'nothere'; it has: make, masked, no_args"),
         ("nets.py:raises", "the factory raised ValueError: bad width"),
         ("nets.py:three_outputs", "returns 3 outputs per example but the data has 4 classes"),
         ("nets.py:not_a_module", "returned str, not a torch.nn.Module"),
@@ -180,3 +205,56 @@ def test_a_plain_user_model_saved_without_a_factory_says_how_to_load_it(tmp_path
     advtune.save_model(TinyCNN(), tmp_path / "m")
     with pytest.raises(advtune.AdvtuneError, match="load the weights into your own model"):
         advtune.load_model(tmp_path / "m")
+
+
+def test_a_module_spec_is_located_and_hashed_without_running_code(tmp_path, monkeypatch):
+    """`pkg.sub:make` was located with importlib.util.find_spec, which imports `pkg` (runs its __init__.py) before
+    the file's hash is compared: a received run folder's model.json ran code even when it was then refused."""
+    from advtune.factories import factory_record
+
+    pkg = "advtune_locate_test_pkg"  # a name no other test imports (sys.modules is shared within a worker)
+    marker = tmp_path / "ran"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (tmp_path / pkg / "nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # after the files exist: it refreshes the import system's caches
+    record = factory_record(f"{pkg}.nets:make")
+    assert record["module_file"] == str(tmp_path / pkg / "nets.py") and len(record["sha256"]) == 64
+    with pytest.raises(AdvtuneError, match=f"no module '{pkg}.absent'"):
+        factory_record(f"{pkg}.absent:make")
+    meta = {"factory": {**record, "sha256": "0" * 64}, "input_shape": [1, 16, 16], "num_classes": 4}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(AdvtuneError, match="changed since this run was written"):
+        advtune.load_model(tmp_path / "run")
+    assert not marker.exists()  # located, hashed and refused: nothing of the package ran
+
+
+def test_a_model_with_tied_weights_exports_as_it_saves(nets, tmp_path):
+    """save_model stored tied weights (one tensor under two names) each on its own; export handed them to
+    safetensors as they were, which refuses tensors sharing memory: a traceback after a finished run."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "tied-run"
+    assert main(_train(run, "nets.py:tied")) == 0
+    out = tmp_path / "tied.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out), "--quiet"]) == 0
+    exported, saved = load_file(out), load_file(run / "model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert torch.equal(exported["3.weight"], exported["5.weight"])
+
+
+def test_the_masking_gate_runs_and_fires_in_the_evaluate_command(nets, tmp_path, capsys):
+    """Nothing above `robust_accuracy` showed that a job runs the gate: a command that skipped it printed
+    "masking gate: passed" for a model whose gradients are zero. A planted masking model, through the command."""
+    run = tmp_path / "masked-run"
+    assert main(_train(run, "nets.py:masked", "--epochs", "2")) == 0
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--eps", "0.3", "--attacks", "pgd:steps=5,square:queries=300", "--limit-test", "60"]
+    assert main([*argv, "--name", "gate"]) == 0
+    shown = capsys.readouterr().out
+    record = json.loads((run / "eval-gate.json").read_text())
+    assert record["clean_accuracy"] > 0.5 and record["gate_grad_evals"] > 0
+    assert any(s.startswith("zero-gradients") for s in record["suspect"]), record["suspect"]
+    assert "masking gate: passed" not in shown and "zero-gradients" in shown

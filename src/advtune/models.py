@@ -4,26 +4,21 @@ weights + JSON metadata (loading never unpickles)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
 import logging
-import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from safetensors.torch import save
 from torch import nn
 
 from . import filenames as files
-from .attacks import logits_of
 from .errors import AdvtuneError
+from .factories import build_from_factory, factory_record  # noqa: F401  (re-exported)
 from .registry import Registry
 from .storage import atomic_write_bytes, atomic_write_json, read_json
-from .weights import check_compatible, load_state, load_weights  # noqa: F401  (re-exported)
+from .weights import check_compatible, load_state, load_weights, storable_state  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -233,131 +228,6 @@ def is_factory_spec(spec: str) -> bool:
     return isinstance(spec, str) and ":" in spec and spec.strip().lower() not in ARCHITECTURES
 
 
-def _split_spec(spec: str) -> tuple[str, str]:
-    where, _, name = spec.strip().rpartition(":")
-    if not where or not name.isidentifier():
-        raise AdvtuneError(
-            f"--model {spec!r}: write path/to/file.py:factory or package.module:factory "
-            "(factory = a function returning an nn.Module)"
-        )
-    return where, name
-
-
-def factory_record(spec: str) -> dict[str, Any]:
-    """What rebuilds the model later: the spec with the file's absolute path, and the file's sha256
-    (a run refuses a changed file). Validates that the file and the name exist."""
-    where, name = _split_spec(spec)
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise AdvtuneError(f"--model {spec!r}: no such file {path}; check the path")
-        return {"spec": f"{path}:{name}", "file": str(path), "name": name, "sha256": _sha256(path)}
-    record: dict[str, Any] = {"spec": f"{where}:{name}", "module": where, "name": name}
-    _importable_from_cwd()
-    try:
-        found = importlib.util.find_spec(where)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
-        raise AdvtuneError(
-            f"--model {spec!r}: no module {where!r} on the Python path; run from the folder that holds "
-            "it, or give path/to/file.py:factory"
-        )
-    if not (found.origin and Path(found.origin).is_file()):  # a built-in, frozen or zipped module: no file to hash
-        raise AdvtuneError(f"--model {spec!r}: module {where!r} has no .py file to record; give file.py:factory")
-    record.update(module_file=found.origin, sha256=_sha256(Path(found.origin)))
-    return record
-
-
-def _importable_from_cwd() -> None:
-    """Like `python -m`: a package in the working folder is importable."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.append(str(Path.cwd()))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
-    name = record["name"]
-    if "file" in record:
-        path = Path(record["file"])
-        mod_name = f"advtune_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        if spec is None or spec.loader is None:
-            raise AdvtuneError(f"--model: cannot load {path} as Python; it must be a .py file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look modules up here
-        where = str(path)
-    else:
-        where = record["module"]
-        module = None
-    try:
-        if module is not None:
-            spec.loader.exec_module(module)
-        else:
-            _importable_from_cwd()
-            module = importlib.import_module(where)
-    except Exception as e:  # the user's code: any error becomes one line naming the file
-        raise AdvtuneError(
-            f"--model: importing {where} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        ) from None
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))[:8]
-        raise AdvtuneError(
-            f"--model: {where} has no function {name!r}" + (f"; it has: {', '.join(have)}" if have else "")
-        )
-    return factory
-
-
-def build_from_factory(
-    spec: str | dict[str, Any], input_shape, num_classes: int, expect_sha256: str | None = None
-) -> nn.Module:
-    """Call the user's factory and check what it returns: an nn.Module that maps a batch of
-    `input_shape` pixels to (N, num_classes) logits. The factory gets `input_shape` and/or
-    `num_classes` as keywords when its signature names them, nothing otherwise."""
-    record = factory_record(spec) if isinstance(spec, str) else spec
-    if expect_sha256 is not None and record.get("sha256") not in (None, expect_sha256):
-        raise AdvtuneError(
-            f"the model file {record.get('file') or record.get('module_file')} changed since this run was written "
-            "(sha256 "
-            f"{record['sha256'][:12]}... vs {expect_sha256[:12]}... recorded); restore it, or train a new run"
-        )
-    factory = _load_factory(record)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    offer = {"input_shape": tuple(int(v) for v in input_shape), "num_classes": int(num_classes)}
-    kwargs = {k: v for k, v in offer.items() if k in params}
-    try:
-        model = factory(**kwargs)
-    except Exception as e:
-        raise AdvtuneError(
-            f"--model {record['spec']}: the factory raised {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise AdvtuneError(
-            f"--model {record['spec']}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
-
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = logits_of(model, torch.zeros(2, *offer["input_shape"]))
-    model.train(was)
-    if out.shape[1] != num_classes:
-        raise AdvtuneError(
-            f"--model {record['spec']}: the model returns {out.shape[1]} outputs per example but the "
-            f"data has {num_classes} classes; make its last layer output {num_classes}"
-        )
-    model.advtune_factory = record  # type: ignore[attr-defined]  # save_model records it
-    model.advtune_build = {"input_shape": list(offer["input_shape"]), "num_classes": int(num_classes)}  # type: ignore[attr-defined]
-    return model
-
-
 # ---------------------------------------------------------------- save / load
 
 
@@ -387,13 +257,7 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict 
     `state`: the tensors to write instead of `model.state_dict()` (e.g. with adapters merged)."""
     directory = Path(directory)
     model = unwrapped(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
-    seen: set[int] = set()
-    for k, v in state.items():  # tied weights or views of one storage: safetensors stores each tensor on its own
-        key = v.untyped_storage().data_ptr() if v.numel() else id(v)
-        if key in seen:
-            state[k] = v.clone()
-        seen.add(key)
+    state = storable_state(state or model.state_dict())
     atomic_write_bytes(directory / files.WEIGHTS, save(state, metadata={"format": "pt", "advtune": "1"}))
     meta = {"architecture": None, **model_identity(model), **meta}
     for k, v in (getattr(model, "advtune_build", None) or {}).items():  # what rebuilds it

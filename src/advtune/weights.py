@@ -146,3 +146,16 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], what: str
             f"{what} does not fit the model: {'; '.join(p for p in parts if p)}; it is for another architecture or "
             "input shape: load it into the model it was saved from"
         )
+
+
+def storable_state(state: dict) -> dict:
+    """`state` as safetensors can store it: every tensor detached, on the CPU, contiguous and with a storage of its
+    own (tied weights or views of one storage cloned: safetensors refuses tensors that share memory)."""
+    out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    seen: set[int] = set()
+    for k, v in out.items():
+        key = v.untyped_storage().data_ptr() if v.numel() else id(v)
+        if key in seen:
+            out[k] = v.clone()
+        seen.add(key)
+    return out

@@ -34,6 +34,7 @@ from ..settings import default
 from ..storage import atomic_write_bytes, atomic_write_json
 from ..threat import ThreatModel
 from ..train.objectives import OBJECTIVES
+from ..weights import storable_state
 from .common import dataset_of, load_base
 from .configs import ExportRun
 
@@ -74,7 +75,7 @@ def run(run: ExportRun) -> dict:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     model.eval()
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = storable_state(model.state_dict())  # tied weights each stored on their own, as save_model stores them
     record = {"run": str(run.run), "format": run.format, "file": str(out), "tensors": len(state)}
     if run.format == "safetensors":
         atomic_write_bytes(out, save(state, metadata={"format": "pt"}))
