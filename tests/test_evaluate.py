@@ -575,6 +575,26 @@ def test_a_model_that_runs_out_of_memory_in_an_attack_is_retried(tiny_model, dat
     assert r.worst_case_accuracy == ref.worst_case_accuracy and "retrying 12 at a time" in caplog.text
 
 
+def test_the_reports_gate_cell_says_what_the_gate_checked():
+    """The report's tables wrote "passed" wherever nothing was flagged, where the printout of the same run said the
+    black-box check never ran (an evaluation without Square, any l2 run) or that the gate was not run at all."""
+    from advtune.evaluation.gate import gate_word
+    from advtune.report.narrative import harden_protocol
+    from advtune.report.tables import harden_table
+
+    assert gate_word([], "apgd-ce,apgd-t:n_target_classes=3,square:queries=5000") == "passed"
+    assert gate_word([], "apgd-ce,apgd-t:n_target_classes=3") == "passed (no black-box check)"
+    assert gate_word([], "standard") == "passed" and gate_word([], "standard", norm="l2") != "passed"
+    assert gate_word(["zero-gradients"], "standard") == "SUSPECT"
+    assert gate_word([], "apgd-ce,square", probed=False) == "not run"
+    side = {"clean_acc": 0.9, "robust_acc": 0.5, "suspect": []}
+    summary = {"before": {**side, "clean_acc": 0.0}, "after": side, "evaluation": "apgd-ce,apgd-t", "norm": "linf"}
+    assert [row[-1] for row in harden_table(summary)[1]] == ["not run", "passed (no black-box check)"]
+    assert harden_protocol({**summary, "test_examples": 10}).endswith(
+        "gate on (without its black-box check: no black-box attack in the evaluation)."
+    )
+
+
 def test_the_gate_says_when_its_black_box_check_had_nothing_to_run_on():
     """Under l2 the standard suite has no black-box attack (Square is linf-only): the gate's black-box check never
     ran, and every output said "masking gate: passed"."""

@@ -87,6 +87,8 @@ def test_info_counts_the_runs_a_sweep_makes(finished, capsys):
 
 
 def test_report_numbers_match_the_records(finished):
+    from advtune.evaluation.gate import gate_word
+
     assert main(["report", str(finished), "--quiet"]) == 0
     md = (finished / "report.md").read_text()
     html = (finished / "report.html").read_text()
@@ -105,7 +107,8 @@ def test_report_numbers_match_the_records(finished):
         total = r["grad_evals"] + r["analysis_grad_evals"] + r["base_grad_evals"]
         assert s["total grad evals"] == f"{total:,}"
         assert (r["base_grad_evals"] > 0) == (r["kind"] == "finetune")
-        assert s["gate"] == ("SUSPECT" if r["suspect"] else "passed")
+        assert s["gate"] == gate_word(r["suspect"], r["eval_attacks"], r["clean_acc"] > 0)
+        assert s["gate"] in ("SUSPECT", "passed (no black-box check)")  # fgsm and pgd: no black-box attack ran
         assert f"<td>{100 * r['robust_acc']:.2f}%</td>" in html
         assert s["training data"] == "300 images"  # every row says what it was trained on
     # each row says what the variant was: method, selection and where its trained units sit
@@ -547,7 +550,7 @@ def test_a_standard_train_variant_in_an_l2_experiment_is_given_no_threat(tmp_pat
     monkeypatch.setattr(runner.train_job, "run", lambda run: seen.append(run))
     cfg = {**TINY, "threat": {"norm": "l2", "eps": 0.5}, "evaluation": {"attacks": "pgd:steps=5", "limit": 20}}
     cfg["variants"] = [{"name": "t", "kind": "train"}]
-    with pytest.raises(Exception):  # noqa: B017  (nothing was trained: the evaluation finds no model)
+    with pytest.raises(AdvtuneError, match=r"o/t not found"):  # nothing was trained: the evaluation finds no model
         experiment.run(write(tmp_path, cfg), tmp_path / "o")
     (variant,) = [r for r in seen if r.out.endswith("/t")]
     assert variant.adversarial is None and variant.norm == "linf" and variant.eps is None

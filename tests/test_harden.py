@@ -101,6 +101,9 @@ def test_harden_makes_the_model_robust_changing_only_the_selection(base, hardene
     shown = capsys.readouterr().out
     assert "small-cnn on synthetic" in shown and "None" not in shown.splitlines()[2]
     assert f"robust {100 * s['before']['robust_acc']:.2f}% -> {100 * s['after']['robust_acc']:.2f}%" in shown
+    # the whole run's cost (info showed only the fine-tuning stage's cost.json, as if it were the run's)
+    assert f"harden cost {s['cost']['harden_grad_evals']:,} grad evals" in shown
+    assert f"analysis {s['cost']['analysis_grad_evals']:,}" in shown and "cost       fine-tuning stage: " in shown
 
 
 def test_rerun_with_resume_redoes_nothing(base, hardened, monkeypatch, tmp_path):
@@ -295,7 +298,7 @@ def test_python_api_hardens_a_users_own_model(blobs):
         res.finetune_cost["grad_evals"] >= 60000
         and res.summary()["after"]["robust_acc"] == res.after.worst_case_accuracy
     )
-    with pytest.raises(Exception, match="must lie in \\[0, 1\\]"):
+    with pytest.raises(AdvtuneError, match="must lie in \\[0, 1\\]"):
         harden(model, (x * 255, y), eps=0.2)
 
 
@@ -346,12 +349,14 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     # the tuned full fine-tuning control's curve, and its best point at no more compute than this model's
     assert "a standard model (the recipe tuned at eps 0.3) reached 78.8% / 83.8% / 86.7% at 200,064" in text
 
-    def line(robust, spent, accuracy=None):
-        after = {**record["after"], "robust_acc": robust}
+    def line(robust, spent, accuracy=None, examples=1000, suspect=()):  # the references' 1000 test images
+        after = {**record["after"], "robust_acc": robust, "suspect": list(suspect)}
         if accuracy is not None:
             after["accuracy"] = accuracy
         cost = {**record["cost"], "harden_grad_evals": spent}
-        summary = HardenSummary.from_json({**record, "after": after, "cost": cost, "at_reference": eps02})
+        summary = HardenSummary.from_json(
+            {**record, "after": after, "cost": cost, "at_reference": eps02, "test_examples": examples}
+        )
         return next(x for x in format_summary(summary).splitlines() if "against full-network fine-tuning" in x)
 
     square = {"apgd-ce": 0.9, "apgd-t:n_target_classes=3": 0.9, "square": 0.9}
@@ -363,6 +368,14 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     assert line(0.5, 300_000, square).endswith(
         "the control's best point at no more compute, 78.8%, is 28.8 points above"
     )
+    # no verdict on another number of test images, nor on a model the gate flagged
+    assert line(0.95, 700_000, square, examples=60).endswith(
+        "not compared: measured on 60 test images, the control on 1000"
+    )
+    assert line(0.95, 700_000, square, suspect=["zero-gradients"]).endswith(
+        "not compared: the masking gate flagged this model's evaluation"
+    )
+    assert "(the references on the first 1000 test images, this model on 60)" in text
     apgd = {"apgd-ce": 0.9, "apgd-t": 0.9}
     assert "(its evaluation adds Square)" not in line(0.5, 300_000, apgd)
     assert line(0.5, 300_000, {"fgsm": 0.5}).endswith("not compared: this model's evaluation lacks APGD-CE or APGD-T")
@@ -373,13 +386,19 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     long_cost = {**record["cost"], "harden_grad_evals": 1_100_000}
     long_after = {**record["after"], "robust_acc": 0.3, "accuracy": apgd}
     text = format_summary(
-        HardenSummary.from_json({**record, "after": long_after, "cost": long_cost, "at_reference": resnet})
+        HardenSummary.from_json(
+            {**record, "after": long_after, "cost": long_cost, "at_reference": resnet, "test_examples": 1000}
+        )
     )
     assert "(the tuned rate with crop-flip batches, round 25) reached 28.2% / 34.0% / 33.3% / 36.5%" in text
     assert "the control's best point at no more compute, 36.5%, is 6.5 points above" in text
     # between the two: the longer control's curve, and the better point of both at no more compute (the main one's)
     mid = {**record["cost"], "harden_grad_evals": 700_000}
-    text = format_summary(HardenSummary.from_json({**record, "after": long_after, "cost": mid, "at_reference": resnet}))
+    text = format_summary(
+        HardenSummary.from_json(
+            {**record, "after": long_after, "cost": mid, "at_reference": resnet, "test_examples": 1000}
+        )
+    )
     assert "best point at no more compute, 34.4% (full-ft-lr3e-3-noaug's), is 4.4 points above" in text
     short = HardenSummary.from_json({**record, "after": long_after, "at_reference": resnet})  # within full_ft's reach
     assert "rounds 9 and 28) reached 31.2% / 32.1% / 34.4%" in format_summary(short)
@@ -387,7 +406,9 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     wide = at_reference("cifar10", "preact-resnet20-w2", "linf", 8 / 255)
     harden_default = {**record["cost"], "harden_grad_evals": 600_000}  # 540k, with the analysis and checkpoints
     text = format_summary(
-        HardenSummary.from_json({**record, "after": long_after, "cost": harden_default, "at_reference": wide})
+        HardenSummary.from_json(
+            {**record, "after": long_after, "cost": harden_default, "at_reference": wide, "test_examples": 1000}
+        )
     )
     assert "against adversarial training: not measured on this setting" in text
     assert "reached 36.7% at 540,000 gradient evaluations" in text
@@ -574,10 +595,10 @@ def test_the_new_refusals_leave_runs_started_before_them_resumable():
     from advtune.runs.configs import HardenRun
     from advtune.runs.harden_plan import check_harden_settings
 
-    for run in (
-        HardenRun(base="b", out="o", eps=0.3, budget=9000, recipe=Recipe(epochs=5)),
-        HardenRun(base="b", out="o", eps=0.3, holdout=0, keep_best=2),
+    for run, refusal in (
+        (HardenRun(base="b", out="o", eps=0.3, budget=9000, recipe=Recipe(epochs=5)), "--epochs 5 and --budget both"),
+        (HardenRun(base="b", out="o", eps=0.3, holdout=0, keep_best=2), "but --holdout 0 holds none out"),
     ):
-        with pytest.raises(AdvtuneError):
+        with pytest.raises(AdvtuneError, match=refusal):
             check_harden_settings(run)
         check_harden_settings(replace(run, resume=True))

@@ -80,6 +80,25 @@ def passed_line(specs: Sequence[str], probed: bool = True) -> str:
     )
 
 
+def gate_word(
+    suspect: Sequence[str] | None, specs: Sequence[str] | str | None, probed: bool = True, norm: str = "linf"
+) -> str:
+    """The gate's verdict in a table cell, as `passed_line` says it: "SUSPECT", "not run", "passed (no black-box
+    check)" where no black-box attack (or no gradient attack to compare it with) ran, else "passed". `specs`: the
+    attacks that measured the model (a list, one comma-separated string, or a suite's name under `norm`)."""
+    if suspect:
+        return "SUSPECT"
+    suites = {"standard": ["apgd-ce", "apgd-t"] + (["square"] if norm == "linf" else []), "quick": ["fgsm", "pgd"]}
+    if isinstance(specs, str):
+        from ..attacks import split_attack_list
+
+        specs = suites.get(specs.strip().lower()) or split_attack_list(specs)
+    line = passed_line(list(specs or []), probed)
+    if "not run" in line:
+        return "not run"
+    return "passed (no black-box check)" if "without its black-box check" in line else "passed"
+
+
 def _acc(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return correct(model, x, y, len(x)).float().mean().item()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..evaluation.gate import gate_word
 from ..frontier import AT_REFERENCE_PROTOCOL
 from ..recipe import ADAPTER_GRANULARITIES, rule_words
 from ..train.config import REGROW_END
@@ -251,7 +252,14 @@ def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
     text = (
         f"Threat model {threat.get('norm', 'linf')}, eps {threat.get('eps')}. "
         f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
-        "worst case per example over the attacks; the gradient-masking gate ran on every model."
+        "worst case per example over the attacks; the gradient-masking gate ran on every model"
+        + (
+            " (without its black-box check: no black-box attack in the evaluation)."
+            if rows
+            and rows[0].get("eval_attacks")
+            and gate_word(None, rows[0]["eval_attacks"], norm=threat.get("norm", "linf")) != "passed"
+            else "."
+        )
     )
     # each row's own record says what measured it: rows of another protocol (a folder from before experiments
     # refused a changed evaluation) are named, not described by the first row's
@@ -331,7 +339,7 @@ def harden_recipe(s: dict) -> str:
         f"Recipe: {rule_words(g, recipe.get('probe_quotas', False) is not False)}{norms}{ranked} "
         f"(analysis: {recipe.get('analysis_attack')} on {s.get('analysis_examples') or recipe.get('analysis_limit')} "
         "training images) within "
-        f"{recipe.get('params')} of the parameters; fine-tuning with {recipe.get('attack')}, {ramp}, "
+        f"{_budget_words(recipe.get('params'))} of the parameters; fine-tuning with {recipe.get('attack')}, {ramp}, "
         f"{recipe.get('optimizer')} lr "
         f"{recipe.get('lr')}, "
         f"{recipe.get('schedule')} schedule, batch {recipe.get('batch_size')}, "
@@ -341,9 +349,11 @@ def harden_recipe(s: dict) -> str:
 
 
 def harden_protocol(s: dict) -> str:
+    partial = gate_word(None, s["evaluation"], norm=s.get("norm") or "linf") != "passed"
     return (
         f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
-        "(the same images before and after), gradient-masking gate on."
+        "(the same images before and after), gradient-masking gate on"
+        + (" (without its black-box check: no black-box attack in the evaluation)." if partial else ".")
     )
 
 
@@ -401,15 +411,21 @@ def harden_comparisons(s: dict) -> list[str]:
             f"reference, {ref['source'].split(' ')[0]}, measured with {ref.get('protocol', 'APGD-CE + APGD-T')}); "
             + cost
         )
+    examples = s.get("test_examples")
+    if ref and "robust_acc" in ref and examples not in (None, REFERENCE_TEST_IMAGES):  # not like for like
+        out[-1] += f" (the references on the first {REFERENCE_TEST_IMAGES} test images, this model on {examples})"
     if ref and ref.get("full_ft") and s.get("after"):
-        out.append(full_ft_comparison(ref, s["after"], c["harden_grad_evals"]))
+        out.append(full_ft_comparison(ref, s["after"], c["harden_grad_evals"], examples))
     return out
+
+
+REFERENCE_TEST_IMAGES = 1000  # every frontier reference was measured on the first 1000 test images (frontier.py)
 
 
 REACH = 1.25  # a control speaks for compute up to a quarter past its last point, not further
 
 
-def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
+def full_ft_comparison(ref: dict, after: dict, spent: int, examples: int | None = None) -> str:
     """harden's line against the full-network fine-tuning control of its setting (`ref`: the setting's entry of
     AT_REFERENCES, with `full_ft`, and `full_ft_longer` where the model spent past `full_ft`'s reach): the control's
     curve, and its best point at no more compute than `spent` (what
@@ -435,6 +451,10 @@ def full_ft_comparison(ref: dict, after: dict, spent: int) -> str:
     within = [(r, variant) for g, r, variant in points if g <= spent]
     if not comparable:
         return line + "; not compared: this model's evaluation lacks APGD-CE or APGD-T"
+    if after.get("suspect"):
+        return line + "; not compared: the masking gate flagged this model's evaluation"
+    if examples not in (None, REFERENCE_TEST_IMAGES):
+        return line + f"; not compared: measured on {examples} test images, the control on {REFERENCE_TEST_IMAGES}"
     if spent > REACH * curve[-1][0]:  # far past the control's last point: that point would understate it
         return line + f"; not compared: the control was measured only up to {curve[-1][0]:,}"
     if not within:

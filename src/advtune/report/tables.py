@@ -3,6 +3,7 @@ its cost on the report's one basis), and a harden run's before/after."""
 
 from __future__ import annotations
 
+from ..evaluation.gate import gate_word
 from .costs import total_cost, total_wall
 from .narrative import describe
 
@@ -59,7 +60,9 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 fmt_int(r["grad_evals"]),
                 fmt_int(total_cost(r)),
                 f"{total_wall(r):.0f}",
-                "SUSPECT" if r.get("suspect") else "passed",
+                gate_word(r.get("suspect"), r.get("eval_attacks"), probed=r["clean_acc"] > 0)
+                if r.get("eval_attacks")
+                else ("SUSPECT" if r.get("suspect") else "passed"),  # a row from before its attacks were recorded
             ]
         )
     return head, body
@@ -73,7 +76,7 @@ def harden_table(s: dict) -> tuple[list[str], list[list[str]]]:
             label,
             f"{100 * s[k]['clean_acc']:.2f}%",
             f"{100 * s[k]['robust_acc']:.2f}%",
-            "SUSPECT" if s[k].get("suspect") else "passed",
+            gate_word(s[k].get("suspect"), s.get("evaluation"), s[k]["clean_acc"] > 0, s.get("norm") or "linf"),
         ]
         for label, k in (("before (base model)", "before"), ("after (hardened)", "after"))
     ]
