@@ -121,6 +121,11 @@ def test_ddp_selective_finetune_keeps_unselected_entries_bit_exact(hardened):
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     selected = set(json.loads((d / "hard2" / "summary.json").read_text())["selection"]["params_by_layer"])
     assert changed and all(any(k.startswith(layer + ".") for layer in selected) for k in changed)
+    from cli_helpers import check_sparse_harden  # entry by entry: an unselected unit of a selected layer stays put
+
+    check_sparse_harden(
+        d / "single", d / "hard2", json.loads((d / "hard2" / "summary.json").read_text())["trainable_params"]
+    )
     one_cost, two_cost = (json.loads((d / f / "cost.json").read_text()) for f in ("hard1", "hard2"))
     assert one_cost["grad_evals"] == two_cost["grad_evals"] >= 1000
     # the selection is the same units in both: the same entries moved

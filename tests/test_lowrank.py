@@ -241,13 +241,12 @@ def test_harden_hybrid_end_to_end(tmp_path, capsys):
     from advtune.cli import main
     from advtune.models import load_model
     from advtune.patch import apply_patch, patch_info
-    from advtune.recipe import PROTOCOL
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
     out = tmp_path / "hard"
     argv = ["harden", str(base), "--eps", "0.2", "--granularity", "hybrid", "--params", "0.1", "--limit", "400"]
-    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", "fgsm", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     sel = s["selection"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from advtune.errors import AdvtuneError
-from advtune.recipe import PROTOCOL, Recipe
+from advtune.recipe import Recipe
 from advtune.train.probe import movement_mask, start_weights, weight_changes
 from test_selective import bn_net
 
@@ -98,7 +98,7 @@ def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
     out = tmp_path / "hard"
     argv = ["harden", str(base), "--eps", "0.2", "--granularity", "probe", "--params", "0.1", "--limit", "400"]
-    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", "fgsm", "--out", str(out), "--quiet"]
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_harden_probe_end_to_end_pays_the_probe_trains_only_its_mask_resumes_and
     # the Python API runs the same two stages in memory: the same weights
     ds = load_dataset("synthetic", limit=400, limit_test=40)
     api = advtune.harden(
-        load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(granularity="probe"), evaluation=PROTOCOL
+        load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(granularity="probe"), evaluation="fgsm"
     )
     assert api.record.selection["probe"]["grad_evals"] == probe
     for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):
@@ -215,7 +215,7 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     model = load_model(base)[0]
     ds = load_dataset("synthetic", limit=400, limit_test=40)
     recipe = Recipe(granularity="probe", probe_quotas=True, head=False, analysis_limit=200)  # the quotas alone
-    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
+    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation="fgsm")
     sel = res.record.selection
     assert sel["probe"]["quotas"] and sel["kind"] == "sparse"
     scores = dict(rank_layers(res.table))
@@ -390,7 +390,7 @@ def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_bud
     ds = load_dataset("synthetic", limit=400, limit_test=40)
     head = output_layer(model, ds.train.to_float(ds.train.x[:1]))
     recipe = Recipe(granularity="probe", analysis_limit=200)  # the default: --head auto = on with the quotas
-    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation=PROTOCOL)
+    res = advtune.harden(model, ds, eps=0.2, budget=8000, recipe=recipe, evaluation="fgsm")
     sel = res.record.selection
     total = sum(p.numel() for p in model.parameters())
     budget = int(round(0.1 * total))

@@ -21,7 +21,16 @@ from advtune.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = {
     "train": ["--limit", "300", "--limit-test", "60"],
-    "harden": ["--limit", "300", "--limit-test", "60", "--budget", "6000"],
+    "harden": [
+        "--limit",
+        "300",
+        "--limit-test",
+        "60",
+        "--budget",
+        "6000",
+        "--evaluation",
+        "apgd-ce:steps=20,square:queries=100",
+    ],
     "analyze": ["--limit", "100", "--curve-limit", "60"],
     "finetune": ["--limit", "200", "--monitor-test", "0"],
     "export": ["--limit-test", "60"],

@@ -681,14 +681,14 @@ def test_harden_regrow_moves_the_probe_rules_mask_within_the_budget_and_the_api_
     from advtune.cli import main
     from advtune.data import load_dataset
     from advtune.models import load_model
-    from advtune.recipe import PROTOCOL, Recipe
+    from advtune.recipe import Recipe
     from cli_helpers import check_sparse_harden, train_argv
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
     out = tmp_path / "hard"
     argv = ["harden", str(base), "--eps", "0.2", "--params", "0.1", "--limit", "400", "--limit-test", "40"]
-    argv += ["--budget", "12000", "--evaluation", PROTOCOL, "--quiet", "--out", str(out)]
+    argv += ["--budget", "12000", "--evaluation", "fgsm", "--quiet", "--out", str(out)]
     assert main([*argv, "--granularity", "unit", "--regrow", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "--regrow moves a mask of single weight entries" in err and len(err.strip().splitlines()) == 1
@@ -701,7 +701,7 @@ def test_harden_regrow_moves_the_probe_rules_mask_within_the_budget_and_the_api_
 
     assert "the mask moving (--regrow 0.5" in harden_recipe(s)  # the report says the mask moved
     ds = load_dataset("synthetic", limit=400, limit_test=40)
-    api = advtune.harden(load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(regrow=0.5), evaluation=PROTOCOL)
+    api = advtune.harden(load_model(base)[0], ds, eps=0.2, budget=12000, recipe=Recipe(regrow=0.5), evaluation="fgsm")
     for (k, a), b in zip(hardened.state_dict().items(), api.model.state_dict().values()):
         assert torch.equal(a, b), k
 

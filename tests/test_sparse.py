@@ -154,14 +154,13 @@ def test_harden_sparse_records_patches_and_reloads_exactly(tmp_path, capsys):
     every changed entry is a selected one, and the patch rebuilds the hardened weights bit for bit."""
     from advtune.cli import main
     from advtune.models import load_model
-    from advtune.recipe import PROTOCOL
     from cli_helpers import check_sparse_harden, train_argv
 
     base = tmp_path / "base"
     assert main(train_argv(base, limit=400, limit_test=40)) == 0
     out = tmp_path / "hard"
     argv = ["harden", str(base), "--eps", "0.2", "--granularity", "sparse", "--params", "0.1", "--limit", "400"]
-    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", PROTOCOL, "--out", str(out), "--quiet"]
+    argv += ["--limit-test", "40", "--budget", "12000", "--evaluation", "fgsm", "--out", str(out), "--quiet"]
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
