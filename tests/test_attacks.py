@@ -620,3 +620,36 @@ def test_apgd_early_stop_fools_the_same_samples_for_less_work(tiny_model, test_s
         assert 0 < int(out[True].sum()) < len(y)
         assert torch.equal(out[True], out[False]), fn.__name__
         assert cost[True] < cost[False], (fn.__name__, cost)  # no pass on a sample once fooled
+
+
+class _Wavy(nn.Module):
+    """A loss that rises and falls along every straight path: logits (sin(40 * sum x), 0). Steps of 2 * eps jump
+    over its crests, so APGD's checkpoints see an oscillating loss and must halve the step."""
+
+    def forward(self, x):
+        s = torch.sin(40 * x.flatten(1).sum(1, keepdim=True))
+        return torch.cat([s, torch.zeros_like(s)], 1)
+
+
+def test_apgd_starts_at_twice_eps_and_halves_its_step_when_the_loss_oscillates(monkeypatch):
+    """Only APGD's pure helpers had tests: a run that never halved its step, or started from another one, passed
+    every strength test (it breaks the fixture models anyway). The step lengths it takes, recorded."""
+    from advtune.attacks import APGD
+    from advtune.threat import ThreatModel as Threat
+
+    taken = []
+    real = Threat.steepest_step
+
+    def spy(self, grad, step):
+        taken.append(step.flatten().clone() if torch.is_tensor(step) else torch.tensor([step]))
+        return real(self, grad, step)
+
+    monkeypatch.setattr(Threat, "steepest_step", spy)
+    threat, steps = Threat("linf", 0.1), 20
+    x, y = torch.full((8, 1, 2, 2), 0.5), torch.zeros(8, dtype=torch.long)
+    APGD(threat, steps=steps, early_stop=False)(_Wavy(), x, y, generator=torch.Generator().manual_seed(0))
+    first = checkpoints(steps)[0]
+    assert len(taken) == steps and all(torch.allclose(t, torch.full_like(t, 0.2)) for t in taken[:first])
+    later = torch.stack(taken[first:])
+    assert torch.isclose(later, torch.tensor(0.1)).any()  # halved at a checkpoint
+    assert (later <= 0.2 + 1e-9).all() and (later[-1] < 0.2).any()  # never grows back
