@@ -637,6 +637,49 @@ def test_one_idx_set_is_never_read_as_the_other(isolated):
     if (SHARED / "mnist" / "train-labels-idx1-ubyte.gz").is_file():  # the real .gz, known by its md5
         with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):
             load_dataset("fashion-mnist", SHARED / "mnist", limit=10)
+    fashion = isolated / "clothes"  # and the reverse: a decompressed Fashion-MNIST folder is no MNIST
+    write_fake_mnist(fashion)
+    write_idx(fashion / "train-labels-idx1-ubyte", np.array([9, 0, 0, 3, 0, 2, 7, 2, 5, 5] * 5), compress=False)
+    (fashion / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(AdvtuneError, match="holds fashion-mnist's files, not mnist's"):
+        load_dataset("mnist", fashion)
+
+
+def test_a_folder_of_the_other_idx_set_does_not_stop_the_search(isolated, monkeypatch):
+    """The identity check stopped the lookup at the first place holding the other set, before a later place (the
+    cache) that held the right one; and completing an "interrupted download" would replace the other set's files."""
+    flat = isolated / "flat"
+    write_fake_mnist(flat)
+    write_idx(flat / "train-labels-idx1-ubyte", np.array([5, 0, 4, 1, 9, 2, 1, 3, 1, 4] * 5), compress=False)
+    (flat / "train-labels-idx1-ubyte.gz").unlink()  # MNIST, held directly in $ADVTUNE_DATA
+    monkeypatch.setenv("ADVTUNE_DATA", str(flat))
+    arrays = write_fake_mnist(isolated / "cache" / "advtune" / "fashion-mnist", seed=3)
+    ds = load_dataset("fashion-mnist", download=False)
+    assert ds.train.y.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
+    (isolated / "cache" / "advtune" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):  # nothing else holds it
+        load_dataset("fashion-mnist", download=False)
+    partial = isolated / "mine"  # three of MNIST's four files, the real .gz where there is one
+    write_fake_mnist(partial)
+    (partial / "t10k-images-idx3-ubyte.gz").unlink()
+    if (SHARED / "mnist" / "train-labels-idx1-ubyte.gz").is_file():
+        (partial / "train-labels-idx1-ubyte.gz").write_bytes(
+            (SHARED / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()
+        )
+        monkeypatch.setattr(data.loading, "download_files", lambda *a: pytest.fail("replaced MNIST's files"))
+        with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):
+            load_dataset("fashion-mnist", partial, download=True)
+
+
+def test_a_recorded_data_folder_that_holds_the_set_gives_its_own_errors(isolated):
+    """The fallback from a run's recorded data folder caught every error: a --val too large for the data was reported
+    as "the folder does not serve", and the search (and a download) went on."""
+    from advtune.runs.common import dataset_of
+
+    write_fake_mnist(isolated / "rec" / "mnist", n_train=30)
+    config = {"run": {"dataset": "mnist", "data_dir": str(isolated / "rec")}}
+    with pytest.raises(AdvtuneError, match="leaves no training data"):
+        dataset_of(config, {"num_classes": 10, "input_shape": [1, 28, 28]}, None, val=100)
 
 
 def test_npz_classes_are_the_training_splits_and_labels_match_images(tmp_path):
@@ -678,7 +721,7 @@ def test_downloads_are_forbidden_by_a_yes_only(isolated, monkeypatch):
     """ADVTUNE_NO_DOWNLOAD=0 forbade downloads too (any non-empty value did)."""
     tried = []
     monkeypatch.setattr(data.loading, "download_files", lambda spec, target, mirrors: tried.append(target))
-    for value, allowed in (("1", False), ("true", False), ("0", True), ("", True), ("no", True)):
+    for value, allowed in (("1", False), ("true", False), ("y", False), ("0", True), ("", True), ("no", True)):
         monkeypatch.setenv("ADVTUNE_NO_DOWNLOAD", value)
         tried.clear()
         with pytest.raises(AdvtuneError):  # nothing is there, downloaded or not
@@ -696,5 +739,5 @@ def test_a_runs_recorded_data_folder_that_moved_falls_back_to_the_usual_places(i
     config = {"run": {"dataset": "mnist", "data_dir": str(isolated / "gone")}}
     with caplog.at_level("WARNING"):
         ds = dataset_of(config, {"num_classes": 10, "input_shape": [1, 28, 28]}, None, limit=8)
-    assert len(ds.train) == 8 and "recorded data folder does not serve" in caplog.text
+    assert len(ds.train) == 8 and "recorded data folder" in caplog.text and "no longer holds it" in caplog.text
     assert not (isolated / "gone").exists()  # nothing downloaded into (or created at) the vanished folder

@@ -56,32 +56,47 @@ def factory_record(spec: str) -> dict[str, Any]:
 def _locate_module(dotted: str):
     """The import spec of module `dotted` found as `import` would find it, without running any code:
     `importlib.util.find_spec("pkg.mod")` imports `pkg` (runs its __init__.py) to look inside, and the file's hash is
-    checked only after this. Already-imported packages are looked in where they are; None when not found."""
-    from importlib.machinery import PathFinder
-
+    checked only after this. Each part is asked of the import system's finders (sys.meta_path: the path, editable
+    installs' hooks) with its parent's search locations; already-imported packages are looked in where they are.
+    None when not found."""
     loaded = sys.modules.get(dotted)
     if loaded is not None and getattr(loaded, "__spec__", None) is not None:  # imported already (os.path too)
         return loaded.__spec__
-    search = None
-    found = None
+    search, found = None, None
     parts = dotted.split(".")
-    for i, part in enumerate(parts):
+    for i in range(len(parts)):
         name = ".".join(parts[: i + 1])
         loaded = sys.modules.get(name)
         if loaded is not None and getattr(loaded, "__spec__", None) is not None:
             found = loaded.__spec__
-        else:
-            try:
-                found = importlib.util.find_spec(name) if i == 0 and name in sys.builtin_module_names else None
-                found = found or PathFinder.find_spec(name, search)
+        elif i == 0:
+            try:  # a top-level name: find_spec imports nothing to find it
+                found = importlib.util.find_spec(name)
             except (ImportError, ValueError):
                 return None
+        else:
+            found = _find_in(name, search)
         if found is None:
             return None
         search = found.submodule_search_locations
         if i < len(parts) - 1 and search is None:  # "mod.sub" where mod is not a package
             return None
     return found
+
+
+def _find_in(name: str, search):
+    """`name`'s spec from the first of sys.meta_path's finders that knows it, inside its parent's `search` path."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            found = find(name, search)
+        except (ImportError, ValueError, TypeError):
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 def _importable_from_cwd() -> None:

@@ -14,7 +14,7 @@ synthetic.py.
 
 from .download import download_files, md5sum
 from .formats import load_image_folder, load_npz, read_idx
-from .loading import cache_dir, dataset_key, load_dataset, search_roots
+from .loading import cache_dir, dataset_key, holds_dataset, load_dataset, search_roots
 from .registry import DATASETS, SPECS, RemoteFile, Spec, list_datasets
 from .splits import Dataset, TensorData, channel_stats, num_batches
 from .synthetic import synthetic_blobs
@@ -29,6 +29,7 @@ __all__ = [
     "cache_dir",
     "channel_stats",
     "dataset_key",
+    "holds_dataset",
     "download_files",
     "list_datasets",
     "load_dataset",

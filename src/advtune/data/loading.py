@@ -66,14 +66,14 @@ def load_dataset(
     trained model read the user's own data ({"classes": its class names, "order": an image folder's order}), so that
     a later job reads it the same way.
 
-    `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is 1 (true, yes, on)".
+    `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set to anything but 0, false, no or off".
     """
     for what, n in (("limit (--limit)", limit), ("limit_test (--limit-test)", limit_test)):
         if n is not None and n <= 0:  # named, and refused before the data is read
             raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
     if download is None:
-        # set to a yes (1, true, yes, on) forbids downloads; 0, false, no, off or empty allow them
-        download = os.environ.get("ADVTUNE_NO_DOWNLOAD", "").strip().lower() not in ("1", "true", "yes", "on")
+        # 0, false, no, off or empty allow downloads; any other value (1, true, yes, ...) forbids them
+        download = os.environ.get("ADVTUNE_NO_DOWNLOAD", "").strip().lower() in ("", "0", "false", "no", "off")
     key = dataset_key(name) or name
     if key == "synthetic":
         ds = synthetic_dataset()  # the same data for every run: only shuffles and splits use the seed
@@ -172,12 +172,17 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     looked: list[str] = []
     incomplete: list[str] = []
     partial: list[Path] = []
+    other: OtherDataset | None = None
     for root in roots:
         for folder in (root / spec.folder, root):
             if not folder.is_dir():
                 continue
             looked.append(str(folder))
-            found, lacking = _probe_folder(key, folder)
+            try:
+                found, lacking = _probe_folder(key, folder)
+            except OtherDataset as e:  # not here: a later place may hold it (refused only if none does)
+                other = other or e
+                continue
             if found is not None:
                 return found
             if lacking:
@@ -185,6 +190,8 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 partial.append(folder)
     if partial and download and partial[0].name == spec.folder:  # an interrupted download: complete it there
         return _complete(key, spec, partial[0], mirrors)
+    if other is not None and not download:
+        raise other
     if incomplete:
         raise AdvtuneError(
             f"{key} is incomplete: {incomplete[0]}; add the missing file(s) or delete the folder to re-download"
@@ -205,12 +212,31 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
 
 def _complete(key: str, spec, folder: Path, mirrors) -> Dataset:
     """The files `folder` lacks, downloaded into it (md5-checked; the ones it has are kept when their md5 matches)."""
+    if key in FIRST_LABELS:  # the files it has are the other set's: completing would replace them
+        _refuse_the_other_idx_set(key, folder)
     log.info("%s: %s is incomplete; downloading what is missing", key, folder)
     on_main(lambda: download_files(spec, folder, mirrors))
     found = _read_if_present(key, folder)
     if found is None:
         raise AdvtuneError(f"downloaded the missing {key} files into {folder} but could not read it")
     return found
+
+
+def holds_dataset(name: str, folder: str | os.PathLike) -> bool:
+    """Whether `folder` (a --data-dir) holds the built-in set `name`'s files, in `<folder>/<set>/` or in itself: a
+    look at the file names, nothing read."""
+    key = dataset_key(name)
+    if key not in SPECS:
+        return False
+    for place in (Path(folder).expanduser() / SPECS[key].folder, Path(folder).expanduser()):
+        if key in FIRST_LABELS and all(_idx_path(place, f) for f in IDX_FILES):
+            return True
+        if key == "cifar10" and any((place / f).exists() for f in CIFAR_FORMS):
+            return True
+    return False
+
+
+CIFAR_FORMS = ("cifar10.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz")
 
 
 def _required_files(key: str) -> list[str]:
@@ -242,7 +268,7 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
         if not all(paths):
             return None
         xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
-        _refuse_the_other_idx_set(key, folder, paths[1], ytr)  # type: ignore[arg-type]
+        _refuse_the_other_idx_set(key, folder, ytr)
         train = pair_split(xtr, ytr, paths[0], paths[1], len(spec.classes))
         test = pair_split(xte, yte, paths[2], paths[3], len(spec.classes))
         return Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder))
@@ -258,20 +284,35 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
     return None
 
 
-MNIST_FIRST_LABELS = (5, 0, 4, 1, 9, 2, 1, 3, 1, 4)  # MNIST's first ten training labels, whatever the file's form
+# the first ten training labels of each IDX set, whatever the file's form (a decompressed file has no known md5)
+FIRST_LABELS = {"mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4), "fashion-mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5)}
 
 
-def _refuse_the_other_idx_set(key: str, folder: Path, labels_file: Path, labels) -> None:
+class OtherDataset(AdvtuneError):
+    """A folder holds the other IDX set's files (MNIST for Fashion-MNIST or the reverse)."""
+
+
+def _other_idx_set(key: str, folder: Path, labels=None) -> str | None:
     """MNIST and Fashion-MNIST share their four file names: a folder of the one, searched for the other (a --data-dir
-    that is itself a dataset folder is searched directly), would read as the other without a word. The training
-    labels say which set it is: the .gz file by its md5, a decompressed one (MNIST) by its first labels."""
-    if labels_file.suffix == ".gz":
-        digest = md5sum(labels_file)
-        held = next((k for k in ("mnist", "fashion-mnist") if SPECS[k].files[1].md5 == digest), None)
-    else:
-        held = "mnist" if tuple(int(v) for v in labels[:10]) == MNIST_FIRST_LABELS else None
-    if held is not None and held != key:
-        raise AdvtuneError(
+    that is itself a dataset folder is searched directly), would read as the other without a word. The set `folder`
+    holds when it is not `key`: by the md5 of any .gz file it has, else by the first training labels."""
+    for i in (1, 3, 0, 2):  # the small label files first
+        name = IDX_FILES[i]
+        if (folder / name).is_file():
+            digest = md5sum(folder / name)
+            held = next((k for k in FIRST_LABELS if SPECS[k].files[i].md5 == digest), None)
+            if held is not None:
+                return held if held != key else None
+    if labels is not None:
+        head = tuple(int(v) for v in labels[:10])
+        return next((k for k, first in FIRST_LABELS.items() if first == head and k != key), None)
+    return None
+
+
+def _refuse_the_other_idx_set(key: str, folder: Path, labels=None) -> None:
+    held = _other_idx_set(key, folder, labels)
+    if held is not None:
+        raise OtherDataset(
             f"{folder} holds {held}'s files, not {key}'s (the two use the same file names); put {key}'s files in "
             f"<dir>/{SPECS[key].folder}/ and pass --data-dir <dir>"
         )
