@@ -587,6 +587,10 @@ def test_the_reports_gate_cell_says_what_the_gate_checked():
     assert gate_word([], "standard") == "passed" and gate_word([], "standard", norm="l2") != "passed"
     assert gate_word(["zero-gradients"], "standard") == "SUSPECT"
     assert gate_word([], "apgd-ce,square", probed=False) == "not run"
+    assert gate_word([], "square:queries=1000") == "passed (black-box attacks only)"
+    assert harden_protocol({"evaluation": "square", "norm": "linf", "test_examples": 10}).endswith(
+        "(without its black-box check: no gradient attack ran to compare the black-box one with)."
+    )
     side = {"clean_acc": 0.9, "robust_acc": 0.5, "suspect": []}
     summary = {"before": {**side, "clean_acc": 0.0}, "after": side, "evaluation": "apgd-ce,apgd-t", "norm": "linf"}
     assert [row[-1] for row in harden_table(summary)[1]] == ["not run", "passed (no black-box check)"]

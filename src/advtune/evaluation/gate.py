@@ -96,6 +96,8 @@ def gate_word(
     line = passed_line(list(specs or []), probed)
     if "not run" in line:
         return "not run"
+    if "no gradient attack ran" in line:
+        return "passed (black-box attacks only)"
     return "passed (no black-box check)" if "without its black-box check" in line else "passed"
 
 

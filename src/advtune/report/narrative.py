@@ -254,10 +254,8 @@ def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
         f"Evaluation: {ev.get('suite') or ev.get('attacks')} on the first {rows[0].get('eval_examples')} test images; "
         "worst case per example over the attacks; the gradient-masking gate ran on every model"
         + (
-            " (without its black-box check: no black-box attack in the evaluation)."
-            if rows
-            and rows[0].get("eval_attacks")
-            and gate_word(None, rows[0]["eval_attacks"], norm=threat.get("norm", "linf")) != "passed"
+            _gate_reason(gate_word(None, rows[0]["eval_attacks"], norm=threat.get("norm", "linf")))
+            if rows and rows[0].get("eval_attacks")
             else "."
         )
     )
@@ -349,12 +347,20 @@ def harden_recipe(s: dict) -> str:
 
 
 def harden_protocol(s: dict) -> str:
-    partial = gate_word(None, s["evaluation"], norm=s.get("norm") or "linf") != "passed"
     return (
         f"Evaluation: worst case per example of {s['evaluation']} on the first {s['test_examples']} test images "
         "(the same images before and after), gradient-masking gate on"
-        + (" (without its black-box check: no black-box attack in the evaluation)." if partial else ".")
+        + _gate_reason(gate_word(None, s["evaluation"], norm=s.get("norm") or "linf"))
     )
+
+
+def _gate_reason(word: str) -> str:
+    """The end of a protocol sentence: why the gate's black-box check did not run, where it did not."""
+    if word == "passed (black-box attacks only)":
+        return " (without its black-box check: no gradient attack ran to compare the black-box one with)."
+    if word == "passed (no black-box check)":
+        return " (without its black-box check: no black-box attack in the evaluation)."
+    return "."
 
 
 def counted(sel: dict) -> str:

@@ -61,7 +61,8 @@ class KeepBest:
         self.masks, self.kept_masks = masks, None
         if self.folder is not None and (self.folder / CURVE).is_file():  # a resumed run: what was measured
             curve = read_json(self.folder / CURVE, "checkpoint curve").get("curve", [])
-            if not isinstance(curve, list) or not all(isinstance(p, dict) and "robust_acc" in p for p in curve):
+            fields = {"robust_acc", "step"}
+            if not isinstance(curve, list) or not all(isinstance(p, dict) and fields <= set(p) for p in curve):
                 raise AdvtuneError(
                     f"{self.folder / CURVE} is not a checkpoint curve; delete keep-best.* there and rerun with "
                     "--resume (the choice is then among the points measured after)"
