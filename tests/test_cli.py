@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,22 @@ def test_train_writes_a_complete_record(tmp_path, capsys):
             "unknown device",
         ),
         (["info", "{tmp}/nothing"], "run folder .* not found"),
+        # refused in one line, before any data (a CLI audit): the budget wins over --epochs without a word before
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "3", "--budget", "1000"]
+            + ["--out", "{tmp}/a"],
+            "--epochs 3 and --budget both set how long it runs; give one of them",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--adversarial", "tradez", "--eps", "0.1"]
+            + ["--out", "{tmp}/a"],
+            "unknown attack 'tradez'; valid attacks: .*; training objectives: trades",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--adversarial", "trades", "--eps", "0.1"]
+            + ["--attack-mode", "train", "--out", "{tmp}/a"],
+            "trades crafts its examples with the model in eval mode",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, match, tmp_path, capsys):
@@ -118,6 +135,36 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
     (tmp_path / "notarun" / "precious.txt").write_text("keep me")
     assert main(train_args(tmp_path / "notarun", "--overwrite")) == 2
     assert (tmp_path / "notarun" / "precious.txt").read_text() == "keep me"
+
+
+def test_finetune_refuses_what_it_found_out_only_after_loading(tmp_path, capsys, monkeypatch):
+    """A CLI audit: a mistyped --select folder, --keep-best without --val and --head with --select all were refused
+    only after the base and the data loaded; an experiment folder given as RUN was "not an advtune run"."""
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 0
+    monkeypatch.setattr("advtune.runs.finetune.load_base", lambda *a: pytest.fail("loaded the base first"))
+    ft = ["finetune", str(out), "--eps", "0.1", "--out", str(tmp_path / "ft"), "--quiet"]
+    capsys.readouterr()
+    for extra, refusal in (
+        (["--select", str(tmp_path / "no-such-analysis")], "no-such-analysis'.*nor an analysis folder"),
+        (["--keep-best", "2"], "--keep-best chooses on held-out training examples: give --val N"),
+        (["--select", "all", "--head"], "--head adds to a selection; --select all trains everything"),
+    ):
+        assert main([*ft, *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(refusal, err) and len(err.strip().splitlines()) == 1, err
+    for argv, hint in (  # the same idea spelled differently by another command: named
+        (["train", "--dataset", "synthetic", "--model", "small-cnn", "--attack", "pgd"], "--attack is --adversarial"),
+        (["harden", str(out), "--eps", "0.3", "--attacks", "fgsm"], "--attacks is --evaluation here"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path / "x")])
+        assert hint in capsys.readouterr().err
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "experiment.json").write_text("{}")
+    (tmp_path / "exp" / "standard").symlink_to(out)
+    assert main(["evaluate", str(tmp_path / "exp"), "--eps", "0.1", "--attacks", "fgsm"]) == 2
+    assert "is an experiment folder, not a run; pass one of its runs (standard" in capsys.readouterr().err
 
 
 def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path, capsys):

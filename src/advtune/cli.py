@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import filenames as files
-from .cli_text import DESCRIPTION, HELP
+from .cli_text import DESCRIPTION, HELP, OTHER_NAME, OUT_OF_MEMORY_FIX
 from .errors import AdvtuneError
 from .settings import Parser, add_flags, apply_yaml_defaults, from_args, seed_number
 
@@ -51,7 +51,10 @@ def _common(p: argparse.ArgumentParser, name: str = "") -> None:
 
 
 def _train_config(args, base):
-    """The TrainConfig of a job from the training flags (defaults from the job's own, `base`)."""
+    """The TrainConfig of a job from the training flags (defaults from the job's own, `base`). --epochs with
+    --budget is refused, as harden refuses it: the budget's steps decide the length (a run started so resumes)."""
+    if getattr(args, "budget", None) is not None and args.epochs != base.epochs and not args.resume:
+        raise AdvtuneError(f"--epochs {args.epochs:g} and --budget both set how long it runs; give one of them")
     return from_args(type(base), args, seed=args.seed, steps=base.steps)
 
 
@@ -445,7 +448,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:  # parse_args's own check, said by the command's parser: "advtune train: error: ..."
             commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-            commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            command = getattr(args, "command", None)
+            hints = [
+                f"{flag} is {OTHER_NAME[command, flag]} here"
+                for flag in dict.fromkeys(a.split("=")[0] for a in extra)
+                if (command, flag) in OTHER_NAME
+            ]  # the same idea is spelled differently across commands
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            commands.get(command, parser).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         _setup_logging(args)
         from .distributed import session  # torch: only once a command runs, never for --help
 
@@ -467,11 +477,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(
-            f"advtune: error{where}: out of memory ({first}); rerun with a smaller --batch-size, and --overwrite to "
-            f"replace the run folder it began{_replaced()}",
-            file=sys.stderr,
-        )
+        command = next((a for a in argv if a in COMMANDS), None)
+        fix = OUT_OF_MEMORY_FIX.get(command, OUT_OF_MEMORY_FIX[None])
+        print(f"advtune: error{where}: out of memory ({first}); {fix}{_replaced()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # records are written atomically at the end: an interruption leaves the previous ones whole

@@ -12,7 +12,7 @@ HELP = {
     "info": "show what a run recorded",
     "harden": "make a trained run robust: analysis, selection, selective adversarial fine-tuning, "
     "strong evaluation and report in one command",
-    "apply": "apply a robustness patch (patch.safetensors of a harden run) to its base model",
+    "apply": "apply a robustness patch (patch.safetensors of a harden or finetune run) to its base model",
     "export": "write a run's model for serving: ONNX (checked against PyTorch), safetensors or pt",
     "demo": "the main job end to end on MNIST",
 }
@@ -48,4 +48,26 @@ DESCRIPTION = {
     "onnxruntime on the test images, clean and under the run's attack, and compared with PyTorch before it "
     "is written; the check goes to FILE.check.json). The model takes pixels in [0, 1].",
     "demo": "Train, attack, analyse, fine-tune, report.",
+}
+
+
+# (command, a flag another command has): this command's flag for the same thing
+OTHER_NAME = {
+    ("harden", "--attacks"): "--evaluation",
+    ("harden", "--suite"): "--evaluation",
+    ("evaluate", "--evaluation"): "--attacks (or --suite)",
+    ("train", "--attack"): "--adversarial",
+    ("finetune", "--adversarial"): "--attack",
+    ("harden", "--adversarial"): "--attack",
+    ("harden", "--val"): "--holdout",
+    ("finetune", "--holdout"): "--val",
+}
+
+# what to do after running out of memory, by command (None: the others)
+OUT_OF_MEMORY_FIX = {
+    "experiment": "set a smaller batch_size in the experiment's YAML and rerun the same command (finished variants "
+    "are kept)",
+    "demo": "the demo's sizes are fixed: run it where more memory is free",
+    "evaluate": "rerun with a smaller --batch-size",
+    None: "rerun with a smaller --batch-size, and --overwrite to replace the run folder it began",
 }

@@ -73,6 +73,9 @@ HEAD_AUTO_HELP = (
 )
 
 
+SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")  # the learning-rate schedules (train/config.py)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The selective adversarial fine-tuning recipe. Defaults = the best measured on the frontier
@@ -120,7 +123,7 @@ class Recipe:
     optimizer: str = setting("adam", help="optimizer", choices=("adam", "sgd"), group="recipe")
     # a small selection takes a higher rate than full training (1e-3 -> 3e-3)
     lr: float = setting(3e-3, help="learning rate", type=number, group="recipe")
-    schedule: str = setting("constant", help="learning-rate schedule", group="recipe")
+    schedule: str = setting("constant", help="learning-rate schedule", choices=SCHEDULES, group="recipe")
     # more, smaller steps for the same gradient evaluations (validation: +5 points)
     batch_size: int = setting(64, help="examples per optimizer step", group="recipe")
     # no augmentation of the fine-tuning batches, even for a base trained with crop-flip (#21, round 28): on the

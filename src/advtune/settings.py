@@ -40,7 +40,7 @@ def parse_number(text: str | float | int) -> float:
         s = str(text).strip()
         return float(Fraction(s)) if "/" in s else float(s)
     except (ValueError, ZeroDivisionError):
-        raise AdvtuneError(f"not a number: {text!r} (examples: 0.3, 8/255)") from None
+        raise AdvtuneError(f"not a number: {text!r} (a plain number or a fraction: 0.1, 8/255, 5.4e5)") from None
 
 
 def number(text: str) -> float:

@@ -272,7 +272,9 @@ class AnalyzeRun:
     criteria: tuple[str, ...] = setting(
         ("activation-shift", "taylor", "restoration"), help="comma list of vulnerability criteria"
     )
-    granularity: str = setting("channel", help="channel (= unit): one conv channel or linear unit per component")
+    granularity: str = setting(
+        "channel", help="channel (= unit): one conv channel or linear unit per component", choices=("channel", "unit")
+    )
     limit: int = setting(2000, help="training examples to score")
     curve_limit: int = setting(1000, help="training examples for the concentration curve (0: skip)")
     shares: tuple[float, ...] = setting(
@@ -310,7 +312,7 @@ class EvaluateRun:
     cascade: bool = setting(
         True,
         help="each attack only on the examples still robust, cheapest first (AutoAttack's protocol); "
-        "--no-cascade: every attack on every example, per-attack numbers comparable",
+        "--no-cascade: every attack on every example, per-attack numbers comparable (an eps curve: always off)",
     )
     compile: bool | None = setting(
         None,
@@ -412,7 +414,7 @@ class ExportRun:
         None, help="eps of the adversarial inputs of the ONNX check (default: the run's)", type=number
     )
     attack: str | None = setting(None, help="attack of the ONNX check's adversarial inputs (default: the run's)")
-    norm: str | None = setting(None, help="threat model norm of the check (default: the run's)")
+    norm: str | None = setting(None, help="threat model norm of the check (default: the run's)", choices=("linf", "l2"))
     limit_test: int = setting(1000, help="test examples the ONNX check compares on, clean and adversarial")
     batch_size: int = setting(256, help="examples per batch in the check")
     seed: int = seed_setting()

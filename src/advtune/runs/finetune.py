@@ -48,6 +48,7 @@ from .common import (
 from .configs import FinetuneRun
 from .record import RunDir, check_resume_overwrite, refuse_taken_out
 from .selecting import (
+    check_select_exists,
     check_selection_flags,
     describe_selection,
     inert_selection_settings,
@@ -114,10 +115,11 @@ def check_finetune(run: FinetuneRun, say: bool = True) -> FinetuneRun:
     ramp = run.eps_warmup
     if ramp is None and run.granularity == "probe":  # the probe's ramp must end inside it: the recipe's 15%
         ramp = Recipe().eps_warmup
-    run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack, say))
+    given_ramp = ramp  # the default ramp is said once the settings pass (not above a refusal)
+    run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack, False))
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
-    check_objective(run.attack, ThreatModel(run.norm, run.eps))  # the eps range and the spec, before the base
+    check_objective(run.attack, ThreatModel(run.norm, run.eps), run.attack_mode)  # before the base
     check_val(run.val)
     check_resume_overwrite(run.resume, run.overwrite)
     if run.granularity == "probe" and run.select == "random":
@@ -156,6 +158,8 @@ def check_finetune(run: FinetuneRun, say: bool = True) -> FinetuneRun:
         raise AdvtuneError(
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
         )
+    if say:
+        resolve_eps_warmup(given_ramp, run.attack, True)
     return run
 
 
@@ -379,6 +383,12 @@ def finetune_model(
 def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
     run = check_finetune(run)
+    # the command's own data and analysis, before the base loads (harden holds its split out itself, and an
+    # experiment's analysis is made after its variants are checked: neither goes through here)
+    if run.keep_best and not run.val:
+        raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
+    if run.select == "all" and (run.head or run.norms):  # every parameter trains: nothing to add to it
+        raise AdvtuneError(f"--{'head' if run.head else 'norms'} adds to a selection; --select all trains everything")
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
     check_selection_flags(
         run.select,
@@ -390,6 +400,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
         criterion=run.criterion,
         probe_quotas=run.probe_quotas,
     )
+    check_select_exists(run.select)  # a mistyped analysis folder, before the base and the data load
     words = ("all", "random", "top", "lowrank")
     analysis = run.select if run.select not in words and ":" not in run.select else None  # an analysis folder
     refuse_same_folder(run.out, run.base, analysis, run.data_dir)

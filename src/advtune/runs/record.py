@@ -288,6 +288,12 @@ def open_run(path: str | os.PathLike) -> RunDir:
     if not p.is_dir():
         raise AdvtuneError(f"run folder {p} not found; pass the --out folder of an earlier `advtune train`")
     if not (p / files.CONFIG).is_file():
+        if (p / files.EXPERIMENT).is_file():  # advtune's, but a folder of runs: name them
+            runs = sorted(x.name for x in p.iterdir() if (x / files.WEIGHTS).is_file() and not x.name.startswith("."))
+            raise AdvtuneError(
+                f"{p} is an experiment folder, not a run; pass one of its runs ({', '.join(runs[:6]) or 'none yet'}: "
+                f"e.g. {p / (runs[0] if runs else 'standard')})"
+            )
         raise AdvtuneError(f"{p} is not an advtune run (no {files.CONFIG})")
     return RunDir(p)
 

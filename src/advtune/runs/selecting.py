@@ -379,6 +379,16 @@ def read_table(source: str | Path, criterion: str) -> ScoreTable:
     return ScoreTable.from_json(read_json(table_file, "score table"))
 
 
+def check_select_exists(select: str) -> None:
+    """--select names a rule or an existing analysis folder or score file: a mistyped folder refused before the base
+    and the data load (it was found out reading the scores, after both)."""
+    if select not in ("all", "random", "top", "lowrank") and ":" not in select and not Path(select).exists():
+        raise AdvtuneError(
+            f"--select {select!r}: not all, random, layers:<names>, lowrank:rank=R, nor an analysis folder (advtune "
+            "analyze --out)"
+        )
+
+
 def select_from_table(
     table: ScoreTable,
     model,

@@ -83,8 +83,9 @@ def run(run: TrainRun) -> TrainSummary:
     run = replace(run, train=run.train or TrainConfig())
     if run.data_dir:  # recorded as the folder it names: later jobs read the base's data from any working folder
         run = replace(run, data_dir=str(Path(run.data_dir).expanduser().resolve()))
+    given_ramp = run.eps_warmup  # the default ramp is said once the settings pass (not above a refusal)
     if run.adversarial:
-        run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial))
+        run = replace(run, eps_warmup=resolve_eps_warmup(run.eps_warmup, run.adversarial, say=False))
     cfg = run.train
     if cfg.adapter_lr_ratio != 1:
         raise AdvtuneError(
@@ -136,7 +137,7 @@ def run(run: TrainRun) -> TrainSummary:
     else:
         factory = factory_record(run.model)  # the file or module and the name, before a download
     if run.adversarial:  # the spec and the ramp, before the data is read (or downloaded)
-        check_objective(run.adversarial, ThreatModel(run.norm, run.eps))
+        check_objective(run.adversarial, ThreatModel(run.norm, run.eps), run.attack_mode)
         check_eps_warmup(run.eps_warmup)
     if run.out:  # --overwrite would delete a file this run reads (its weights, data or model file) with the old run
         own_data = None if dataset_key(run.dataset) else run.dataset
@@ -146,6 +147,8 @@ def run(run: TrainRun) -> TrainSummary:
         what = "is a folder, not a weights file" if Path(run.weights).is_dir() else "not found"
         raise AdvtuneError(f"--weights {run.weights}: {what}; give a .safetensors or .pt file")
     refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the data are read (`--out ''` too)
+    if run.adversarial:
+        resolve_eps_warmup(given_ramp, run.adversarial)
     device = resolve_device(run.device)
     seed_everything(cfg.seed)
     ds = load_dataset(

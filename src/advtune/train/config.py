@@ -9,12 +9,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from ..errors import AdvtuneError
+from ..recipe import SCHEDULES
 from ..settings import number, setting
 
 log = logging.getLogger(__name__)
-
-
-SCHEDULES = ("constant", "cosine", "step", "onecycle", "ssfd")
 
 
 AUGMENTS = ("none", "crop-flip")  # train/augment.py implements them

@@ -371,18 +371,25 @@ OBJECTIVES.register("awp")(build_awp)
 OBJECTIVES.register("rwp")(build_rwp)
 
 
-def check_objective(spec: str, threat) -> None:
-    """An objective or attack spec refused in one line from the spec alone (its name, its parameters and the
-    threat), before any model or data is read; what needs the model (a layer's name, a teacher) is checked when
-    it is built."""
+def check_objective(spec: str, threat, attack_mode: str = "eval") -> None:
+    """An objective or attack spec refused in one line from the spec alone (its name, its parameters, the threat and
+    the attack mode), before any model or data is read; what needs the model (a layer's name, a teacher) is checked
+    when it is built."""
     name, raw = parse_spec(spec, "objective")
     builder = OBJECTIVES.get(name, None)
     if builder is None:
-        build_attack(spec, threat)
+        try:
+            build_attack(spec, threat)
+        except AdvtuneError as e:  # a training spec may also name an objective: list those too
+            if not str(e).startswith("unknown attack"):
+                raise
+            raise AdvtuneError(f"{e}; training objectives: {', '.join(OBJECTIVES)}") from None
     else:
         kwargs = convert_params(name, raw, builder, title=getattr(builder, "title", name), skip=INJECTED)
         if name not in NEEDS_MODEL:  # its values (TRADES' beta and step, awp's gamma, ...) checked by building it
-            builder(threat, None, "eval", 0.0, **kwargs)
+            builder(threat, None, attack_mode, 0.0, **kwargs)
+        elif name == "local" and attack_mode != "eval":  # what local_objective refuses first, without the model
+            raise AdvtuneError("local crafts its examples with the model in eval mode; drop --attack-mode train")
 
 
 def build_objective(spec: str, threat, attack_mode: str = "eval", eps_warmup: float = 0.0, model=None, load_model=None):
