@@ -44,6 +44,11 @@ ANCHOR = {
 
 def run(cmd: list[str], cwd: Path, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # the jobs run in a scratch folder: paths given relative to where this script started must still reach
+    if env.get("ADVTUNE_DATA"):
+        env["ADVTUNE_DATA"] = str(Path(env["ADVTUNE_DATA"]).resolve())
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -148,6 +153,14 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu-suite needs a CUDA GPU; this machine has none")
     gpu = torch.cuda.get_device_name(0)
+    os.environ["ADVTUNE_NO_DOWNLOAD"] = "1"  # a GPU machine may have no network: the data must be there, said now
+    from advtune.data import load_dataset
+    from advtune.errors import AdvtuneError
+
+    try:
+        load_dataset("cifar10", args.data_dir, limit=1, limit_test=1)
+    except AdvtuneError as e:
+        raise SystemExit(f"--gpu-suite: {e}") from None
     eps = "8/255"
     where = ["--device", "cuda", "--quiet"]
     where += ["--data-dir", args.data_dir] if args.data_dir else []
@@ -166,13 +179,15 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
         "pgd10-at": ["train", *common, "--adversarial", "pgd:steps=10", "--eps", eps, "--epochs",
                      epochs(args.pgd_epochs), *sgd],
         "standard": ["train", *common, "--epochs", epochs(30), *sgd],
-        "harden": ["harden", str(work / "standard"), "--eps", eps, *test, *where],  # of the standard model
+        # of the standard model; harden has no --amp (its row runs in float32) and takes the recipe's 2 epochs scaled
+        "harden": ["harden", str(work / "standard"), "--eps", eps, "--epochs", f"{2 * args.gpu_epochs:g}", *test,
+                   *where],
     }  # fmt: skip
     rows = []
     for name, cmd in jobs.items():
         wall = run([*launcher(1), *cmd, "--out", str(work / name)], work, 8)
         run([*launcher(1), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
-        rows.append(_gpu_row(name, work / name, wall, gpu))
+        rows.append({**_gpu_row(name, work / name, wall, gpu), "amp": "off" if name == "harden" else args.amp})
         _save(out, rows)  # a sized run can be cut off: what is done is kept
     return rows
 
@@ -218,8 +233,10 @@ def main() -> None:
     ap.add_argument("--gpu-test", type=int, default=1000, help="GPU suite: test images evaluated (default: 1000)")
     ap.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"), help="precision of the GPU suite")
     ap.add_argument("--pgd-epochs", type=int, default=10, help="PGD-10 AT epochs in the GPU suite")
-    ap.add_argument("--out", default="bench/out/scale.json")
+    ap.add_argument("--out", default="bench/out/scale.json", help="the record (on a lent GPU: $OUT/scale.json)")
     args = ap.parse_args()
+    if args.data_dir:  # the jobs run in a scratch folder
+        args.data_dir = str(Path(args.data_dir).resolve())
     work = Path(tempfile.mkdtemp(prefix="advtune-scale-"))
     out = Path(args.out)
     try:

@@ -355,6 +355,31 @@ def test_a_variant_rerun_with_other_settings_is_refused(finished, tmp_path):
     cfg["variants"][3]["share"] = 0.5  # "random" was run with share 0.1
     with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
         experiment.run(write(tmp_path, cfg), out)
+    # --only another variant: "random" is reported in the rows all the same (under its new settings' labels), so
+    # its change is refused too (--only checked only the variants it runs)
+    with pytest.raises(AdvtuneError, match="variant random in .* was run with other settings"):
+        experiment.run(write(tmp_path, cfg), out, only=[cfg["variants"][0]["name"]])
+
+
+def test_a_standard_model_copied_into_a_new_folder_is_the_experiments_base(finished, tmp_path, monkeypatch):
+    """bench/base-models/README.md says: copy the committed standard model to <out>/standard and run the frontier;
+    the folder was refused as "not an experiment folder". Its own evaluation is kept only if it measured the same."""
+    import copy
+    import shutil
+
+    from advtune.runs.experiment import runner
+
+    out = tmp_path / "fresh"
+    out.mkdir()
+    shutil.copytree(finished / "standard", out / "standard")
+    monkeypatch.setattr(runner.train_job, "run", lambda run: pytest.fail("trained the base again"))
+    other = copy.deepcopy(TINY)
+    other["evaluation"]["attacks"] = "fgsm"
+    with pytest.raises(AdvtuneError, match="delete that file to evaluate the copied model"):
+        experiment.run(write(tmp_path, other), out, only=["standard"])
+    assert not (out / "experiment.json").exists()
+    experiment.run(write(tmp_path, TINY), out, only=["standard"])
+    assert (out / "experiment.json").is_file()
 
 
 def test_a_rerun_with_another_evaluation_or_base_is_refused_and_rewrites_nothing(finished, tmp_path):

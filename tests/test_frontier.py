@@ -176,6 +176,9 @@ def test_plateau_and_budget_arithmetic():
     assert v.reached_target and v.cost_to_target == 70 and v.cost_share_of_reference == pytest.approx(70 / 300)
     assert v.robust_at_reference_budget == 0.885  # 25% of 300 = 75: the points at 30 and 70
     assert robust_at(pts, "s", 50) == 0.5 and robust_at(pts, "s", 10) is None
+    # two curves marked as references (PGD-AT and fast AT): the stronger one is the baseline, not the first name
+    fast = [{**p, "variant": "a-fast-at", "robust_acc": 0.8 * p["robust_acc"]} for p in pts if p["variant"] == "at"]
+    assert reference_plateau(pts + fast).variant == "at"
 
 
 def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monkeypatch, capsys):

@@ -113,13 +113,20 @@ def curves(points: Sequence[P]) -> dict[str, list[P]]:
 
 
 def reference_plateau(points: Sequence[Point], reference: str | None = None) -> Plateau:
-    """The plateau of the reference curve (by name, or the one row marked `reference`)."""
+    """The plateau of the reference curve (by name, or the curve marked `reference`; of several so marked, e.g.
+    PGD-AT and fast AT, the one that plateaus highest: the selection is judged against the stronger baseline, not
+    the first name in the alphabet)."""
     points = as_points(points)
     by = curves(points)
     if reference is None:
         refs = sorted({p.variant for p in points if p.reference})
         if not refs:
             raise AdvtuneError("no reference curve: mark adversarial training from scratch with reference: true")
+        if len(refs) > 1:
+            usable = [r for r in refs if any(not p.suspect for p in by.get(r, []))]
+            plateaus = [reference_plateau(points, r) for r in usable]
+            if plateaus:
+                return max(plateaus, key=lambda q: (q.robust_acc, -q.cost))
         reference = refs[0]
     if reference not in by:
         raise AdvtuneError(f"reference curve {reference!r} has no points; curves: {', '.join(by)}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import filenames as files
+from ...attacks import split_attack_list
 from ...distributed import on_main
 from ...errors import AdvtuneError
 from ...settings import default, parse_number, settings_from
@@ -87,12 +88,16 @@ def run(
     )
     variants = _chosen(expand_variants(cfg), only)
     # everything is validated before the first write: a refused re-run leaves the folder as it was
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / files.EXPERIMENT).is_file()):
+    held = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
+    copied = held == ["standard"] and not cfg["base"].get("pretrained")  # a committed base copied in (base-models/)
+    if out.is_file() or (held and not (out / files.EXPERIMENT).is_file() and not copied):
         raise AdvtuneError(  # a run or harden folder: its report and records would be written over
             f"--out {out} exists and is not an experiment folder (no {files.EXPERIMENT}); choose a new --out"
         )
+    if copied and not (out / files.EXPERIMENT).is_file():
+        _check_copied_base(out / "standard", cfg)
     refuse_other_setup(out, ex.seed, cfg)
-    refuse_changed_variants(out, variants)
+    refuse_changed_variants(out, expand_variants(cfg))  # every variant, not only --only's: the rows report them all
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
@@ -125,6 +130,24 @@ def _chosen(variants: list[dict], only: list[str] | None) -> list[dict]:
             f"--only {missing[0]!r}: no such variant; variants: {', '.join(v['name'] for v in variants)}"
         )
     return [v for v in variants if v["name"] in only]
+
+
+def _check_copied_base(folder: Path, cfg: dict) -> None:
+    """A standard model copied into a new experiment's folder (bench/base-models/README.md) is its base: its own
+    evaluation is kept only if it measured what this experiment's evaluation measures."""
+    if not (folder / files.WEIGHTS).is_file():
+        raise AdvtuneError(f"{folder} holds no trained model: copy a whole run folder there, or remove it")
+    record = folder / files.evaluation(EVAL_NAME)
+    ev = cfg.get("evaluation") or {}
+    if not record.is_file() or not ev.get("attacks"):
+        return
+    kept = read_json(record, "evaluation")
+    want = (split_attack_list(ev["attacks"]), ev.get("limit_test", ev.get("limit", default(EvaluateRun, "limit_test"))))
+    if (kept.get("attacks"), kept.get("examples")) != want:
+        raise AdvtuneError(
+            f"{record} measured {kept.get('attacks')} on {kept.get('examples')} images, this experiment {want[0]} on "
+            f"{want[1]}: delete that file to evaluate the copied model under this experiment"
+        )
 
 
 def _finished(folder: Path) -> bool:
