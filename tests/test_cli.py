@@ -108,11 +108,6 @@ def test_train_writes_a_complete_record(tmp_path, capsys):
             + ["--out", "{tmp}/a"],
             "unknown attack 'tradez'; valid attacks: .*; training objectives: trades",
         ),
-        (
-            ["train", "--dataset", "synthetic", "--model", "small-cnn", "--adversarial", "trades", "--eps", "0.1"]
-            + ["--attack-mode", "train", "--out", "{tmp}/a"],
-            "trades crafts its examples with the model in eval mode",
-        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, match, tmp_path, capsys):
@@ -153,6 +148,12 @@ def test_finetune_refuses_what_it_found_out_only_after_loading(tmp_path, capsys,
         assert main([*ft, *extra]) == 2
         err = capsys.readouterr().err
         assert re.search(refusal, err) and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr("advtune.runs.train.load_dataset", lambda *a, **k: pytest.fail("read the data first"))
+    trades = ["--adversarial", "trades", "--eps", "0.1", "--attack-mode", "train", "--out", str(tmp_path / "t")]
+    assert main(["train", "--dataset", "synthetic", "--model", "small-cnn", *trades]) == 2
+    assert "trades crafts its examples with the model in eval mode" in capsys.readouterr().err
+    assert main([*ft, "--attack", "trades", "--attack-mode", "train"]) == 2  # finetune: before the base
+    assert "trades crafts its examples with the model in eval mode" in capsys.readouterr().err
     for argv, hint in (  # the same idea spelled differently by another command: named
         (["train", "--dataset", "synthetic", "--model", "small-cnn", "--attack", "pgd"], "--attack is --adversarial"),
         (["harden", str(out), "--eps", "0.3", "--attacks", "fgsm"], "--attacks is --evaluation here"),

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import pickle
+import shutil
 import struct
 import tarfile
 import threading
@@ -657,8 +658,19 @@ def test_a_folder_of_the_other_idx_set_does_not_stop_the_search(isolated, monkey
     ds = load_dataset("fashion-mnist", download=False)
     assert ds.train.y.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
     (isolated / "cache" / "advtune" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(AdvtuneError, match="fashion-mnist is incomplete: .* lacks t10k-labels"):  # what to mend
+        load_dataset("fashion-mnist", download=False)
+    shutil.rmtree(isolated / "cache" / "advtune" / "fashion-mnist")
     with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):  # nothing else holds it
         load_dataset("fashion-mnist", download=False)
+    # a download never goes into a folder holding the other set (it replaces every file of another md5)
+    (isolated / "named" / "fashion-mnist").mkdir(parents=True)
+    for f in flat.iterdir():
+        (isolated / "named" / "fashion-mnist" / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(data.loading, "download_files", lambda *a: pytest.fail("downloaded over MNIST's files"))
+    monkeypatch.setenv("ADVTUNE_DATA", str(isolated / "named"))
+    with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):
+        load_dataset("fashion-mnist", download=True)
     partial = isolated / "mine"  # three of MNIST's four files, the real .gz where there is one
     write_fake_mnist(partial)
     (partial / "t10k-images-idx3-ubyte.gz").unlink()
@@ -666,7 +678,6 @@ def test_a_folder_of_the_other_idx_set_does_not_stop_the_search(isolated, monkey
         (partial / "train-labels-idx1-ubyte.gz").write_bytes(
             (SHARED / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()
         )
-        monkeypatch.setattr(data.loading, "download_files", lambda *a: pytest.fail("replaced MNIST's files"))
         with pytest.raises(AdvtuneError, match="holds mnist's files, not fashion-mnist's"):
             load_dataset("fashion-mnist", partial, download=True)
 

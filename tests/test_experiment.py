@@ -373,9 +373,17 @@ def test_a_standard_model_copied_into_a_new_folder_is_the_experiments_base(finis
     out.mkdir()
     shutil.copytree(finished / "standard", out / "standard")
     monkeypatch.setattr(runner.train_job, "run", lambda run: pytest.fail("trained the base again"))
+    for change in (
+        lambda c: c["evaluation"].update(attacks="fgsm"),
+        lambda c: c["threat"].update(eps=c["threat"]["eps"] / 2),  # the same attacks at another eps: not its row
+    ):
+        other = copy.deepcopy(TINY)
+        change(other)
+        with pytest.raises(AdvtuneError, match="delete that file to evaluate the copied model"):
+            experiment.run(write(tmp_path, other), out, only=["standard"])
     other = copy.deepcopy(TINY)
-    other["evaluation"]["attacks"] = "fgsm"
-    with pytest.raises(AdvtuneError, match="delete that file to evaluate the copied model"):
+    other["base"]["model"] = "lenet5"  # a run of another base: refused, not taken for this one
+    with pytest.raises(AdvtuneError, match="is a run of model 'small-cnn', this experiment's base 'lenet5'"):
         experiment.run(write(tmp_path, other), out, only=["standard"])
     assert not (out / "experiment.json").exists()
     experiment.run(write(tmp_path, TINY), out, only=["standard"])

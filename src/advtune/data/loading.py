@@ -163,6 +163,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 f"{', '.join(_required_files(key)[:2])}, ...); fix the path or allow the download"
             )
         target = _download_target(data_dir) / spec.folder  # download into the folder the user named
+        _refuse_to_download_over(key, target)
         on_main(lambda: download_files(spec, target, mirrors))  # torchrun: one download, the others wait
         found = _read_if_present(key, target)
         if found is None:
@@ -190,7 +191,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
                 partial.append(folder)
     if partial and download and partial[0].name == spec.folder:  # an interrupted download: complete it there
         return _complete(key, spec, partial[0], mirrors)
-    if other is not None and not download:
+    if other is not None and not download and not incomplete:
         raise other
     if incomplete:
         raise AdvtuneError(
@@ -203,6 +204,7 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
             "or allow the download"
         )
     target = _download_target(data_dir) / spec.folder
+    _refuse_to_download_over(key, target)
     on_main(lambda: download_files(spec, target, mirrors))  # torchrun: one download, the others wait
     found = _read_if_present(key, target)
     if found is None:
@@ -210,10 +212,16 @@ def _load_named(key: str, data_dir, download: bool, mirrors) -> Dataset:
     return found
 
 
+def _refuse_to_download_over(key: str, target: Path) -> None:
+    """A download replaces every file whose md5 is not the set's: never into a folder holding the other IDX set."""
+    if key in FIRST_LABELS and target.is_dir():
+        labels = _idx_path(target, IDX_FILES[1])  # a decompressed labels file is known by its first labels
+        _refuse_the_other_idx_set(key, target, read_idx(labels) if labels is not None else None)
+
+
 def _complete(key: str, spec, folder: Path, mirrors) -> Dataset:
     """The files `folder` lacks, downloaded into it (md5-checked; the ones it has are kept when their md5 matches)."""
-    if key in FIRST_LABELS:  # the files it has are the other set's: completing would replace them
-        _refuse_the_other_idx_set(key, folder)
+    _refuse_to_download_over(key, folder)  # the files it has are the other set's: completing would replace them
     log.info("%s: %s is incomplete; downloading what is missing", key, folder)
     on_main(lambda: download_files(spec, folder, mirrors))
     found = _read_if_present(key, folder)

@@ -84,8 +84,9 @@ def gate_word(
     suspect: Sequence[str] | None, specs: Sequence[str] | str | None, probed: bool = True, norm: str = "linf"
 ) -> str:
     """The gate's verdict in a table cell, as `passed_line` says it: "SUSPECT", "not run", "passed (no black-box
-    check)" where no black-box attack (or no gradient attack to compare it with) ran, else "passed". `specs`: the
-    attacks that measured the model (a list, one comma-separated string, or a suite's name under `norm`)."""
+    check)" where no black-box attack ran, "passed (black-box attacks only)" where no gradient attack ran to compare
+    them with, else "passed". `specs`: the attacks that measured the model (a list, one comma-separated string, or a
+    suite's name under `norm`)."""
     if suspect:
         return "SUSPECT"
     suites = {"standard": ["apgd-ce", "apgd-t"] + (["square"] if norm == "linf" else []), "quick": ["fgsm", "pgd"]}

@@ -15,7 +15,7 @@ from typing import Any
 from .. import filenames as files
 from ..attacks import PGD
 from ..cost import CostMeter
-from ..data import dataset_key, holds_dataset, load_dataset, num_batches
+from ..data import SPECS, dataset_key, holds_dataset, load_dataset, num_batches
 from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
@@ -328,7 +328,7 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
     if not dataset_key(name):  # own data: read as the model read it ("sorted": an image folder before round 37)
         as_trained = {"classes": meta.get("classes"), "order": recorded.get("order", "sorted")}
     folder = data_dir or run.get("data_dir") or folder_read_from(base_config, name)
-    if data_dir is None and folder and dataset_key(name) and not holds_dataset(name, folder):
+    if data_dir is None and folder and dataset_key(name) in SPECS and not holds_dataset(name, folder):
         # the folder the run recorded no longer holds the set (moved, deleted): the usual places, as documented
         log.warning("%s: the run's recorded data folder %s no longer holds it; looking elsewhere", name, folder)
         folder = None

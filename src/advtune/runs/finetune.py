@@ -382,12 +382,12 @@ def finetune_model(
 
 def run(run: FinetuneRun) -> FinetuneSummary:
     """`advtune finetune`: fine-tune the model of a run folder into `run.out`."""
-    run = check_finetune(run)
-    # the command's own data and analysis, before the base loads (harden holds its split out itself, and an
-    # experiment's analysis is made after its variants are checked: neither goes through here)
+    asked, run = run, check_finetune(run, say=False)  # the default ramp is said once every check below passed
+    # the command's own checks, before the base loads (harden's stages do not come here; an experiment's variants do,
+    # each when its turn comes: its analysis exists by then)
     if run.keep_best and not run.val:
         raise AdvtuneError("--keep-best chooses on held-out training examples: give --val N (e.g. --val 1000)")
-    if run.select == "all" and (run.head or run.norms):  # every parameter trains: nothing to add to it
+    if run.select == "all" and run.granularity != "probe" and (run.head or run.norms):  # the probe's mask is its own
         raise AdvtuneError(f"--{'head' if run.head else 'norms'} adds to a selection; --select all trains everything")
     # not in check_finetune: harden's selection comes as a table, the probe stage keeps its --probe as unit
     check_selection_flags(
@@ -414,6 +414,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
                 "--select %s scored the model under %s; this fine-tuning attacks under %s", analysis, norm, run.norm
             )
     refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
+    check_finetune(asked)  # passed: says the default ramp where it applies
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(

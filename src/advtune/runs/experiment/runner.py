@@ -6,6 +6,7 @@ Resumable: a finished variant is skipped, an interrupted one resumes from its ch
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,20 +134,38 @@ def _chosen(variants: list[dict], only: list[str] | None) -> list[dict]:
 
 
 def _check_copied_base(folder: Path, cfg: dict) -> None:
-    """A standard model copied into a new experiment's folder (bench/base-models/README.md) is its base: its own
-    evaluation is kept only if it measured what this experiment's evaluation measures."""
-    if not (folder / files.WEIGHTS).is_file():
-        raise AdvtuneError(f"{folder} holds no trained model: copy a whole run folder there, or remove it")
+    """A standard model copied into a new experiment's folder (bench/base-models/README.md) is its base: only a run of
+    the base the config describes (dataset, model, training subset), and its own evaluation kept only where it
+    measured what this experiment measures (the threat, the attacks, the images; with several eps it is no row)."""
+    if not (folder / files.WEIGHTS).is_file() or not (folder / files.CONFIG).is_file():
+        raise AdvtuneError(f"{folder} holds no trained run: copy a whole run folder there, or remove it")
+    ran = read_json(folder / files.CONFIG, "copied base config").get("run") or {}
+    base = cfg["base"]
+    for key in ("dataset", "model", "limit"):
+        if ran.get(key) != base.get(key):
+            raise AdvtuneError(
+                f"{folder} is a run of {key} {ran.get(key)!r}, this experiment's base {base.get(key)!r}: copy the "
+                "base its config describes, or remove it"
+            )
     record = folder / files.evaluation(EVAL_NAME)
-    ev = cfg.get("evaluation") or {}
-    if not record.is_file() or not ev.get("attacks"):
+    eps = cfg["threat"]["eps"]
+    if not record.is_file() or (isinstance(eps, list) and len(eps) > 1):
         return
-    kept = read_json(record, "evaluation")
-    want = (split_attack_list(ev["attacks"]), ev.get("limit_test", ev.get("limit", default(EvaluateRun, "limit_test"))))
-    if (kept.get("attacks"), kept.get("examples")) != want:
+    kept, ev = read_json(record, "evaluation"), cfg.get("evaluation") or {}
+    threat = kept.get("threat") or {}
+    value = eps_value(eps[0] if isinstance(eps, list) else eps)
+    attacks = split_attack_list(ev["attacks"]) if ev.get("attacks") else None  # a suite: not compared, not kept
+    want = (
+        cfg["threat"].get("norm", "linf"),
+        attacks,
+        ev.get("limit_test", ev.get("limit", default(EvaluateRun, "limit_test"))),
+    )
+    same = (threat.get("norm"), kept.get("attacks"), kept.get("examples")) == want
+    if not same or not math.isclose(float(threat.get("eps", -1)), value, rel_tol=1e-9):
         raise AdvtuneError(
-            f"{record} measured {kept.get('attacks')} on {kept.get('examples')} images, this experiment {want[0]} on "
-            f"{want[1]}: delete that file to evaluate the copied model under this experiment"
+            f"{record} measured {kept.get('attacks')} at {threat.get('norm')} eps {threat.get('eps')} on "
+            f"{kept.get('examples')} images, not what this experiment measures: delete that file to evaluate the "
+            "copied model under this experiment"
         )
 
 
