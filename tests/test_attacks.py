@@ -186,6 +186,19 @@ def test_pgd_at_least_as_strong_as_fgsm_and_apgd_as_pgd(tiny_model, test_set):
     assert e_apgd >= e_pgd - 0.03
 
 
+@pytest.mark.parametrize("spec", ["bim:steps=10", "mifgsm:steps=10", "apgd-dlr:steps=10", "apgd-t:steps=10"])
+def test_every_iterative_gradient_attack_is_at_least_as_strong_as_fgsm(tiny_model, test_set, spec):
+    """The registry's property tests checked the ball, purity, determinism and cost: an iterative attack that lost its
+    strength (a step of the wrong sign or size) passed them. At the eps where FGSM breaks some, each breaks as many."""
+    from advtune.attacks import build_attack
+
+    x, y = test_set
+    t = ThreatModel("linf", 0.15)
+    e_fgsm = error(tiny_model, FGSM(t)(tiny_model, x, y), y)
+    e = error(tiny_model, build_attack(spec, t)(tiny_model, x, y, generator=torch.Generator().manual_seed(0)), y)
+    assert e_fgsm > 0.02 and e >= e_fgsm - 0.01, (spec, e, e_fgsm)
+
+
 def test_large_eps_breaks_everything(tiny_model, test_set):
     x, y = test_set
     x_adv = PGD(ThreatModel("linf", 0.35), steps=10)(tiny_model, x, y, generator=torch.Generator().manual_seed(0))

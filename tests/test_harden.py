@@ -602,3 +602,20 @@ def test_the_new_refusals_leave_runs_started_before_them_resumable():
         with pytest.raises(AdvtuneError, match=refusal):
             check_harden_settings(run)
         check_harden_settings(replace(run, resume=True))
+
+
+def test_harden_says_when_it_trains_on_images_the_base_kept_out(base, tmp_path, monkeypatch, capsys):
+    """`advtune harden RUN` on a base trained with --limit (the committed CIFAR-10 base: 45k of 50k, the rest a
+    validation split) fine-tunes on every training image, the base's held-out ones included, without a word."""
+    from advtune.errors import AdvtuneError as Stop
+
+    def stop(*a, **k):
+        raise Stop("stopped after the data loaded")
+
+    monkeypatch.setattr("advtune.runs.harden.plan_harden", stop)
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--out", str(tmp_path / "h")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the base trained on the first 600 training images; harden uses all" in err and "--limit 600" in err
+    assert main([*argv, "--limit", "600"]) == 2
+    assert "the base trained on the first" not in capsys.readouterr().err

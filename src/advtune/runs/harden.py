@@ -285,6 +285,14 @@ def run(run: HardenRun) -> HardenSummary:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
+    trained_on = (base_cfg.get("run") or {}).get("limit")
+    if run.limit is None and trained_on and trained_on < len(ds.train):  # images the base kept out (a validation?)
+        log.warning(
+            "the base trained on the first %d training images; harden uses all %d (--limit %d to match)",
+            trained_on,
+            len(ds.train),
+            trained_on,
+        )
     plan = plan_harden(model, ds, run)
     run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
