@@ -612,10 +612,10 @@ def test_harden_says_when_it_trains_on_images_the_base_kept_out(base, tmp_path, 
     def stop(*a, **k):
         raise Stop("stopped after the data loaded")
 
-    monkeypatch.setattr("advtune.runs.harden.plan_harden", stop)
+    monkeypatch.setattr("advtune.runs.harden.write_config_once", stop)  # once every check passed
     argv = ["harden", str(base / "base"), "--eps", "0.2", "--out", str(tmp_path / "h")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "the base trained on the first 600 training images; harden uses all" in err and "--limit 600" in err
-    assert main([*argv, "--limit", "600"]) == 2
+    assert main([*argv, "--limit", "600", "--overwrite"]) == 2
     assert "the base trained on the first" not in capsys.readouterr().err

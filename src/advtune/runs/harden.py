@@ -285,14 +285,6 @@ def run(run: HardenRun) -> HardenSummary:
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=run.limit, limit_test=run.limit_test)
-    trained_on = (base_cfg.get("run") or {}).get("limit")
-    if run.limit is None and trained_on and trained_on < len(ds.train):  # images the base kept out (a validation?)
-        log.warning(
-            "the base trained on the first %d training images; harden uses all %d (--limit %d to match)",
-            trained_on,
-            len(ds.train),
-            trained_on,
-        )
     plan = plan_harden(model, ds, run)
     run = replace(run, recipe=plan.recipe)  # recorded and compared on --resume as it will run
     out = Path(run.out)
@@ -300,6 +292,14 @@ def run(run: HardenRun) -> HardenSummary:
     if run.resume:
         check_harden_resume(out, run, base_sha256)
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
+    trained_on = (base_cfg.get("run") or {}).get("limit")  # said once every check passed (never above a refusal)
+    if run.limit is None and trained_on and trained_on < len(ds.train):  # images the base kept out (a validation?)
+        log.warning(
+            "the base trained on the first %d training images; harden uses all %d (--limit %d to match)",
+            trained_on,
+            len(ds.train),
+            trained_on,
+        )
     write_config_once(  # a resume adds when it resumed
         rd,
         {
