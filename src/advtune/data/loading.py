@@ -237,14 +237,14 @@ def holds_dataset(name: str, folder: str | os.PathLike) -> bool:
     if key not in SPECS:
         return False
     for place in (Path(folder).expanduser() / SPECS[key].folder, Path(folder).expanduser()):
-        if key in FIRST_LABELS and all(_idx_path(place, f) for f in IDX_FILES):
+        if key in FIRST_LABELS and place.is_dir() and not _missing_files(key, place):
             return True
         if key == "cifar10" and any((place / f).exists() for f in CIFAR_FORMS):
             return True
     return False
 
 
-CIFAR_FORMS = ("cifar10.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz")
+CIFAR_FORMS = ("cifar10.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz")  # what _read_if_present reads
 
 
 def _required_files(key: str) -> list[str]:
@@ -303,8 +303,8 @@ class OtherDataset(AdvtuneError):
 def _other_idx_set(key: str, folder: Path, labels=None) -> str | None:
     """MNIST and Fashion-MNIST share their four file names: a folder of the one, searched for the other (a --data-dir
     that is itself a dataset folder is searched directly), would read as the other without a word. The set `folder`
-    holds when it is not `key`: by the md5 of any .gz file it has, else by the first training labels."""
-    for i in (1, 3, 0, 2):  # the small label files first
+    holds when it is not `key`: by the md5 of a .gz labels file, else by the first training labels."""
+    for i in (1, 3):  # the label files: small, and as telling as the images
         name = IDX_FILES[i]
         if (folder / name).is_file():
             digest = md5sum(folder / name)

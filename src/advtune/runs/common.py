@@ -206,12 +206,15 @@ def recorded_inputs(base: str) -> list[str]:
     """The files a job on the run `base` reads besides the run: its own dataset, its recorded data folder, the
     file its model is built from (where its records name them; an unreadable record is refused later, by name)."""
     found: list[str] = []
-    for name, keys in ((files.CONFIG, ("run.dataset", "run.data_dir")), (files.MODEL_META, ("factory.file",))):
+    for name, keys in (
+        (files.CONFIG, ("run.dataset", "run.data_dir")),
+        (files.MODEL_META, ("factory.file", "factory.module_file")),
+    ):
         try:
             record = json.loads((Path(base) / name).read_text())
         except (OSError, ValueError):
             continue
-        for key in keys + (("factory.module_file",) if name == files.MODEL_META else ()):
+        for key in keys:
             value = record
             for part in key.split("."):
                 value = value.get(part) if isinstance(value, dict) else None

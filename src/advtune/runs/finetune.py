@@ -112,10 +112,7 @@ def trained_words(selection: dict | None) -> str:
 def check_finetune(run: FinetuneRun, say: bool = True) -> FinetuneRun:
     """The fine-tuning settings, refused in one line before any work; the eps ramp resolved (said in the log unless
     `say` is off: an experiment checks its variants long before they run)."""
-    ramp = run.eps_warmup
-    if ramp is None and run.granularity == "probe":  # the probe's ramp must end inside it: the recipe's 15%
-        ramp = Recipe().eps_warmup
-    given_ramp = ramp  # the default ramp is said once the settings pass (not above a refusal)
+    ramp = _asked_ramp(run)
     run = replace(run, train=run.train or TrainConfig(epochs=1), eps_warmup=resolve_eps_warmup(ramp, run.attack, False))
     if run.eps is None:
         raise AdvtuneError("finetune needs --eps (e.g. 0.3 for MNIST, 8/255 for CIFAR-10)")
@@ -158,9 +155,16 @@ def check_finetune(run: FinetuneRun, say: bool = True) -> FinetuneRun:
         raise AdvtuneError(
             "--epochs 0 would save the base model unchanged; fine-tune for at least 1 epoch (or give --budget)"
         )
-    if say:
-        resolve_eps_warmup(given_ramp, run.attack, True)
+    if say:  # the default ramp said once the settings pass (not above a refusal)
+        resolve_eps_warmup(ramp, run.attack, True)
     return run
+
+
+def _asked_ramp(run: FinetuneRun) -> float | None:
+    """--eps-warmup as given; with the probe rule unset, the recipe's 15% (its ramp must end inside the probe)."""
+    if run.eps_warmup is None and run.granularity == "probe":
+        return Recipe().eps_warmup
+    return run.eps_warmup
 
 
 def check_probe_rule(run: FinetuneRun) -> None:
@@ -414,7 +418,7 @@ def run(run: FinetuneRun) -> FinetuneSummary:
                 "--select %s scored the model under %s; this fine-tuning attacks under %s", analysis, norm, run.norm
             )
     refuse_taken_out(run.out, resume=run.resume, overwrite=run.overwrite)  # before the base and the data are read
-    check_finetune(asked)  # passed: says the default ramp where it applies
+    resolve_eps_warmup(_asked_ramp(asked), run.attack, True)  # every check passed: the default ramp said
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.base, device)
     ds = dataset_of(
