@@ -474,6 +474,36 @@ def test_square_gives_every_survivor_every_query_whatever_the_chunk(every):
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_square_never_spends_a_query_on_the_point_it_already_holds(channels):
+    """A model no square can fool keeps its starting point (the stripes) all along: every query must propose a
+    different point. Drawing the window's signs blindly proposed the start itself for ~22% of MNIST-shaped
+    queries (a one-pixel window whose sign matched its stripe: the paper's code redraws those)."""
+
+    class Stubborn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            logits = torch.zeros(len(x), 3)
+            logits[:, 0] = 10.0
+            return logits
+
+    model = Stubborn()
+    x, y = torch.rand(6, channels, 12, 12, generator=torch.Generator().manual_seed(0)), torch.zeros(6, dtype=torch.long)
+    # p_init small: the windows are one or two pixels, where a repeat is likeliest
+    x_adv = Square(ThreatModel("linf", 0.1), queries=200, p_init=0.01, compile=False, graphs=False)(
+        model, x, y, generator=torch.Generator().manual_seed(0)
+    )
+    start = model.seen[0]
+    assert torch.equal(x_adv, start)  # nothing accepted: the start is the current point throughout
+    repeats = sum(int((q == start).flatten(1).all(1).sum()) for q in model.seen[1:])
+    assert len(model.seen) == 200 and repeats == 0
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
 def test_restarts_only_rerun_survivors(tiny_model, test_set):
     x, y = test_set
     seen = []

@@ -42,6 +42,25 @@ def test_transfer_from_the_model_itself_is_the_white_box_attack(runs):
     assert list(result.accuracy)[-1].startswith("transfer")  # black-box: last in the cascade
 
 
+def test_transfer_crafts_apgd_to_its_highest_loss_on_the_source(runs):
+    """APGD evaluates with early stopping (a sample leaves at its first success): a transfer attack must not, as
+    that point sits just across the source's boundary. Crafted on the model itself, the transfer's points are
+    APGD-CE's without early stopping: a loss at least that of the early-stopped points on every image."""
+    model, _ = load_model(runs / "a")
+    from advtune.data import load_dataset
+
+    x, y = load_dataset("synthetic").test.take(40).tensors(torch.device("cpu"))
+    x_t = build_attack(f"transfer:source={runs / 'a'}", THREAT)(model, x, y, generator=torch.Generator().manual_seed(1))
+    full = build_attack("apgd-ce:early_stop=false", THREAT)(model, x, y, generator=torch.Generator().manual_seed(1))
+    first = build_attack("apgd-ce", THREAT)(model, x, y, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x_t, full)
+    with torch.no_grad():
+        loss = [torch.nn.functional.cross_entropy(model(p), y, reduction="none") for p in (x_t, first)]
+    fooled = model(first).argmax(1) != y
+    assert fooled.any() and (loss[0][fooled] > loss[1][fooled]).all()
+    assert (x_t - x).abs().max() <= THREAT.eps + 1e-6 and x_t.min() >= 0 and x_t.max() <= 1
+
+
 @pytest.mark.parametrize(
     "spec,match",
     [

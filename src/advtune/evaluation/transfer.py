@@ -1,9 +1,10 @@
 """The transfer attack: adversarial examples crafted on another model, tried on this one.
 
 `transfer:source=<run folder>[,attack=apgd-ce]` runs the white-box `attack` (an attack name with its
-default settings) against the source model (a saved advtune run, loaded weights-only) and returns its
-adversarial examples for the model under evaluation. It never touches the evaluated model's
-gradients, so like Square it is a black-box witness for the masking gate: when examples transferred
+default settings, APGD without early stopping: the highest-loss point transfers) against the source
+model (a saved advtune run, loaded weights-only) and returns its adversarial examples for the model
+under evaluation. It never touches the evaluated model's gradients, so like Square it is a black-box
+witness for the masking gate: when examples transferred
 from, say, an adversarially trained model break more images than the white-box attacks on the model
 itself, those gradients are not to be trusted (Athalye et al. 2018; the issue's check for
 parameter-efficient tuning). Cost: the source model's gradient evaluations, which the evaluation's
@@ -16,7 +17,7 @@ which sits above the attacks).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +57,12 @@ def transfer(
 ) -> Tensor:
     """`attack`'s adversarial examples on the source model (the evaluated `model` is not queried)."""
     src = _source(source, str(x.device))
-    return build_attack(attack, threat)(src, x, y, generator=generator, target=target).detach()
+    crafted = build_attack(attack, threat)
+    if getattr(crafted, "early_stop", False):
+        # the highest-loss point on the source transfers; its first success sits just across the source's boundary
+        # (and an image fooled at the random start would carry no attack at all): about a third as strong
+        crafted = replace(crafted, early_stop=False)
+    return crafted(src, x, y, generator=generator, target=target).detach()
 
 
 @register("transfer")
