@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from advtune.attacks import PGD
 from advtune.data import TensorData
@@ -131,6 +132,32 @@ def test_the_mask_moves_within_each_weights_count_and_everything_outside_it_is_t
         assert torch.equal(after[name], base[name]), name
     back = SparseEntries.from_json(sel.to_json())  # what selection.json records is the final mask
     assert all(torch.equal(back.entries[n], sel.entries[n]) for n in MOVING)
+
+
+def test_a_conv1d_weights_mask_moves_like_the_others(data):
+    """The sparse rule masks Conv1d/Conv3d weights too (lowrank.ADAPTABLE): their masks must move like a Conv2d's,
+    not stay fixed while the docs say every weight's mask moves."""
+
+    class RowConv(nn.Module):  # the image's rows as a sequence
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(16, 12, 3)
+            self.fc = nn.Linear(12 * 14, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x.flatten(1, 2))).flatten(1))
+
+    torch.manual_seed(0)
+    model = RowConv()
+    base = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    weights = {n: p for n, p in model.named_parameters() if "weight" in n}
+    sel = SparseEntries({n: torch.rand(p.shape, generator=g) < 0.2 for n, p in weights.items()})
+    first = sel.entries["conv.weight"].clone()
+    fit(model, data, adversarial(PGD(THREAT, steps=1)), cfg(), selection=sel)
+    moved = sel.entries["conv.weight"]
+    assert int(moved.sum()) == int(first.sum()) and not torch.equal(moved, first)
+    assert torch.equal(model.state_dict()["conv.weight"][~moved], base["conv.weight"][~moved])
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])  # channels_last: fit's amp on CUDA

@@ -83,6 +83,8 @@ def test_lr_schedules(schedule):
         assert lrs[0] == 0.1 and abs(lrs[60] - 0.01) < 1e-12 and abs(lrs[90] - 0.001) < 1e-12
     if schedule == "onecycle":
         assert lrs[0] < lrs[39] and lrs[99] < lrs[60]
+        assert min(lrs) > 0  # every step pays its cost: none at rate 0 (the first was, before)
+        assert max(lrs) == lrs[39] or max(lrs) == lrs[40]  # the peak at 40%
 
 
 @pytest.mark.parametrize(
@@ -93,6 +95,7 @@ def test_lr_schedules(schedule):
         ({"batch_size": 0}, "batch size"),
         ({"optimizer": "lbfgs"}, "unknown optimizer"),
         ({"schedule": "exp"}, "unknown schedule"),
+        ({"schedule": "onecycle", "warmup_epochs": 1}, "does not combine with --schedule onecycle"),
     ],
 )
 def test_bad_train_config(kwargs, match):

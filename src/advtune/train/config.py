@@ -213,6 +213,12 @@ class TrainConfig:
         )
         if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
             raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
+        if self.warmup_epochs and self.schedule == "onecycle":  # its rise is the warm-up: a second would saw-tooth
+            raise AdvtuneError(
+                "--warmup-epochs does not combine with --schedule onecycle (its first 40% is a warm-up already; "
+                "with both the rate fell to 0 after the warm-up): drop --warmup-epochs (warmup_epochs: 0 in an "
+                "experiment's train:) or choose --schedule cosine"
+            )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -289,5 +295,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int | None =
     if cfg.schedule == "step":
         return cfg.lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
     if cfg.schedule == "onecycle":  # triangular: up to the peak at 40%, then down to 0 (fast-AT style)
+        t = (step + 0.5) / max(total, 1)  # each step's middle: no step at rate 0 (its cost would buy nothing)
         return cfg.lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
     return cfg.lr

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtuneError
 from .config import REGROW_END, check_regrow
+from .lowrank import ADAPTABLE
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ class Regrowth:
         self.moments, self.rate, self.pool, self.drop = moments, float(rate), pool, drop
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {
-            id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
+            # every weight the sparse rule masks (lowrank.ADAPTABLE), so none keeps a fixed mask while the others move
+            id(m.weight)
+            for m in model.modules()
+            if isinstance(m, ADAPTABLE) and m.weight is not None
         }
         # (name, its index in the Trainable's partial list, the parameter, the values a dropped entry returns to)
         self.moving = []
