@@ -27,6 +27,7 @@ from advtune.errors import AdvtuneError
 from advtune.frontier import Frontier, as_points, findings, merge_curves
 from advtune.report import write_report
 from advtune.report.experiment_plots import plot_frontier, variant_colors
+from advtune.report.narrative import frontier_notes
 from advtune.runs.experiment import format_results, frontier_csv, load_config, run, validate_config
 from advtune.storage import atomic_write_json, atomic_write_text, read_json
 
@@ -74,7 +75,7 @@ def main() -> None:
     print(format_results(rows))
     if (out / "frontier.json").is_file():
         points = read_json(out / "frontier.json", "frontier")["points"]
-        print_findings(points)
+        print("\n".join("* " + line.replace("**", "") for line in frontier_notes(points, rows)))  # as the report
         if args.publish:
             name = args.publish_as or cfg["name"]
             publish(points, ROOT / "docs" / "results" / name, name, replace=args.replace)

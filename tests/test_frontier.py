@@ -145,7 +145,8 @@ def test_report_shows_the_frontier_and_its_findings(done):
     pts = record["points"]
     plat = reference_plateau(pts)
     assert plat.variant == "at" and plat.robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == "at")
-    assert f"plateaus at {100 * plat.robust_acc:.2f}%" in md
+    verb = "is still rising at its last checkpoint," if plat.still_rising else "plateaus at"
+    assert f"{verb} {100 * plat.robust_acc:.2f}%" in md
     for v in verdicts(pts, plat):
         assert v.best_robust_acc == max(p["robust_acc"] for p in pts if p["variant"] == v.variant)
         assert f"**{v.variant}**" in md

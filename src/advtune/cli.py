@@ -145,6 +145,7 @@ def add_analyze_parser(p) -> None:
 
 
 def run_analyze(args) -> int:
+    from .report.analysis_notes import agreement_words
     from .runs import analyze as analyze_job
     from .runs.configs import AnalyzeRun
 
@@ -165,7 +166,7 @@ def run_analyze(args) -> int:
             line += "\n  " + " " * 17 + " errors repaired by restoring top " + "; ".join(at)
         print(line)
     for k, v in s.get("rank_agreement_with_restoration", {}).items():
-        print(f"  rank agreement of {k} with restoration (Spearman): {v:.3f}")
+        print(f"  rank agreement of {k} with restoration (Spearman): {agreement_words(v)}")
     curve = ", concentration.json/png" if args.curve_limit else ""  # --curve-limit 0 writes no curve
     print(f"-> {args.out} (scores-*.json/csv, layers-*.json{curve}, layers.png)")
     return 0

@@ -84,6 +84,8 @@ class Plateau:
     first_robust_acc: float = 0.0  # robust accuracy of that first point (the plateau's cost is paid there)
     best_cost: int = 0  # total gradient evaluations of the best point
     best_clean_acc: float = 0.0
+    # no point before the last came within the tolerance of the best: no plateau seen, level and cost lower bounds
+    still_rising: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def reference_plateau(points: Sequence[Point], reference: str | None = None) -> 
         first.robust_acc,
         int(top.total_grad_evals),
         top.clean_acc,
+        len(pts) > 1 and first is pts[-1],  # no earlier point came within the tolerance of the best
     )
 
 
@@ -268,21 +271,29 @@ def _findings_one(points: Sequence[FrontierPoint], budget_share: float) -> list[
     except AdvtuneError:
         return []
     # two checkpoints, named apart: the best one sets the level, the first one within the tolerance sets the cost
+    verb = "is still rising at its last checkpoint," if plateau.still_rising else "plateaus at"
     lines = [
-        f"Reference **{plateau.variant}** (adversarial training from scratch) plateaus at "
+        f"Reference **{plateau.variant}** (adversarial training from scratch) {verb} "
         f"{100 * plateau.robust_acc:.2f}% worst-case robust accuracy, its best checkpoint (clean "
         f"{100 * plateau.best_clean_acc:.2f}%, at {plateau.best_cost:,} gradient evaluations); it was first within "
         f"{100 * PLATEAU_TOLERANCE:g} point of that at {plateau.cost:,} ({100 * plateau.first_robust_acc:.2f}%, "
-        f"clean {100 * plateau.clean_acc:.2f}%): the plateau's cost."
+        f"clean {100 * plateau.clean_acc:.2f}%): the plateau's cost"
+        + (" (a lower bound on both: a longer run may climb further)." if plateau.still_rising else ".")
     ]
+    if not plateau.cost:  # a reference whose cost is not recorded (0): no share of it is computed
+        lines[0] += " Its cost is not recorded, so no curve's cost is stated as a share of it."
     for v in verdicts(points, plateau, budget_share):
-        share = f"{100 * v.param_share:.1f}% of the parameters" if v.param_share is not None else "all parameters"
+        share = f"{100 * v.param_share:.1f}% of the parameters" if v.param_share is not None else "share not recorded"
         if v.reached_target:
+            of_ref = (
+                f" = {100 * v.cost_share_of_reference:.1f}% of the reference's cost to its plateau"
+                if v.cost_share_of_reference is not None
+                else ""
+            )
             lines.append(
                 f"**{v.variant}** ({share}) reached {100 * (plateau.robust_acc - TARGET_GAP):.2f}% "
-                f"(the plateau minus {100 * TARGET_GAP:g} points) at {v.cost_to_target:,} gradient evaluations = "
-                f"{100 * v.cost_share_of_reference:.1f}% of the reference's cost to its plateau; "
-                f"best {100 * v.best_robust_acc:.2f}%."
+                f"(the plateau minus {100 * TARGET_GAP:g} points) at {v.cost_to_target:,} gradient evaluations"
+                f"{of_ref}; best {100 * v.best_robust_acc:.2f}%."
             )
         else:
             at = (
@@ -294,7 +305,8 @@ def _findings_one(points: Sequence[FrontierPoint], budget_share: float) -> list[
             lines.append(
                 f"**{v.variant}** ({share}) did not reach the plateau minus {100 * TARGET_GAP:g} points: best "
                 f"{100 * v.best_robust_acc:.2f}% at {v.best_cost:,} gradient evaluations"
-                f" ({100 * v.best_cost / max(plateau.cost, 1):.1f}% of the reference's cost){at}."
+                + (f" ({100 * v.best_cost / plateau.cost:.1f}% of the reference's cost)" if plateau.cost else "")
+                + f"{at}."
             )
     if len(lines) > 1:  # a best-of-N read off the same images that measure it: optimistic alike for every curve
         lines.append(

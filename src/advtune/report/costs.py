@@ -19,3 +19,25 @@ def total_cost(r: dict) -> int:
 def total_wall(r: dict) -> float:
     """Wall seconds on the same basis as `total_cost`."""
     return sum(float(r.get(k) or 0.0) for k in ("wall_s", "analysis_wall_s", "base_wall_s"))
+
+
+def base_unrecorded(r: dict) -> bool:
+    """A fine-tuned row whose base model's training cost is not recorded (None: weights brought in, a fine-tuned
+    base): its total leaves that out, so it is no total."""
+    return r["kind"] in ("finetune", "harden") and "base_grad_evals" in r and r["base_grad_evals"] is None
+
+
+UNRECORDED_BASE = (
+    " Where the base model's training cost is not recorded (weights brought in, or a fine-tuned base; marked >= in "
+    "the table and the figure's legend), a fine-tuned variant's total leaves it out: a lower bound."
+)
+
+
+def cost_basis(rows: list[dict]) -> str:
+    """`COST_BASIS`, and where a row's base cost is unrecorded, that its total is a lower bound."""
+    return COST_BASIS + (UNRECORDED_BASE if any(base_unrecorded(r) for r in rows) else "")
+
+
+def total_words(r: dict) -> str:
+    """A row's `total_cost` for a table or a legend: ">=N" where the base's cost is not in it."""
+    return (">=" if base_unrecorded(r) else "") + f"{total_cost(r):,}"

@@ -8,10 +8,11 @@ import os
 from typing import Mapping
 
 from ..evaluation.gate import gate_word
-from ..frontier import AT_REFERENCE_PROTOCOL
+from ..frontier import AT_REFERENCE_PROTOCOL, as_points
+from ..frontier import findings as frontier_findings
 from ..recipe import ADAPTER_GRANULARITIES, rule_words
 from ..train.config import REGROW_END
-from .costs import total_cost
+from .costs import base_unrecorded, total_cost
 
 
 def short_layer_names(names: list[str]) -> dict[str, str]:
@@ -123,15 +124,27 @@ def lead(rows: list[dict]) -> list[str]:
     by_eps: dict[float, list[dict]] = {}
     for r in rows:
         by_eps.setdefault(r["eps"], []).append(r)
+    mixed = mixed_protocols(rows)
     for eps, rs in sorted(by_eps.items()):
         at = f"at eps={eps:g}"
         ok = [r for r in rs if not r.get("suspect") and r["kind"] != "standard"]
         if not ok:
             continue
+        if eps in mixed:  # a weak attack's number is no match for a strong one's: no winner, no cost share
+            out.append(
+                f"No winner is named {at}: its rows were measured with different protocols (the evaluation line "
+                "names them); rerun them with one evaluation to compare them."
+            )
+            continue
         win = max(ok, key=lambda r: (r["robust_acc"], -total_cost(r)))
+        spent = (
+            f"{total_cost(win):,} gradient evaluations after its base model (whose training cost is not recorded)"
+            if base_unrecorded(win)
+            else f"{total_cost(win):,} gradient evaluations in total"
+        )
         out.append(
             f"**{win['variant']} won** {at}: {100 * win['robust_acc']:.2f}% worst-case robust accuracy (clean "
-            f"{100 * win['clean_acc']:.2f}%) for {total_cost(win):,} gradient evaluations in total — {describe(win)}."
+            f"{100 * win['clean_acc']:.2f}%) for {spent} — {describe(win)}."
         )
         sel = [r for r in ok if selective(r)]
         full = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "all"]
@@ -143,17 +156,19 @@ def lead(rows: list[dict]) -> list[str]:
         parts = [f"Selective fine-tuning of {share} (**{best['variant']}**) reached {100 * best['robust_acc']:.2f}%"]
         if at_:
             ref = max(at_, key=lambda r: r["robust_acc"])
-            ratio = total_cost(best) / max(total_cost(ref), 1)
-            parts[0] += (
-                f" at {100 * ratio:.0f}% of the cost of adversarial training (**{ref['variant']}**: "
-                f"{100 * ref['robust_acc']:.2f}%)"
-            )
+            versus = f"**{ref['variant']}**: {100 * ref['robust_acc']:.2f}%"
+            if base_unrecorded(best) or not total_cost(ref):  # a share of an unknown is no number
+                unknown = "its base model's training" if base_unrecorded(best) else "adversarial training's"
+                parts[0] += f" (adversarial training, {versus}; no cost share: {unknown} cost is not recorded)"
+            else:
+                ratio = total_cost(best) / total_cost(ref)
+                parts[0] += f" at {percent(ratio)} of the cost of adversarial training ({versus})"
         if full:
             f = max(full, key=lambda r: r["robust_acc"])
             ratio = total_cost(f) / max(total_cost(best), 1)
             parts.append(
                 f"full-network fine-tuning (**{f['variant']}**) {100 * f['robust_acc']:.2f}% "
-                f"(at {ratio:.2g}x the selective cost)"
+                f"(at {f'{ratio:.2g}' if ratio < 99.5 else f'{ratio:,.0f}'}x the selective cost)"
             )
         for r in ok:
             if r["kind"] == "finetune" and r.get("select") == "random" and r.get("params_like") == best["variant"]:
@@ -163,6 +178,40 @@ def lead(rows: list[dict]) -> list[str]:
                 )
         out.append("; ".join(parts) + ".")
     return out
+
+
+def frontier_notes(points: list, rows: list[dict]) -> list[str]:
+    """The frontier's findings for an experiment's rows: none at an eps whose rows were measured differently, and
+    the cost shares called lower bounds where the base model's training cost is not recorded."""
+    mixed = mixed_protocols(rows)
+    notes = frontier_findings([p for p in as_points(points) if p.eps not in mixed])
+    if notes and any(base_unrecorded(r) for r in rows):
+        notes.append(
+            "The base model's training cost is not recorded (weights brought in, or a fine-tuned base): the "
+            "fine-tuning curves' costs leave it out, so their shares of the reference's cost are lower bounds."
+        )
+    return notes
+
+
+def protocol_of(r: dict) -> tuple:
+    """What measured a row: its attacks and number of test images (from its evaluation record)."""
+    return (r.get("eval_attacks"), r.get("eval_examples"))
+
+
+def mixed_protocols(rows: list[dict]) -> set[float]:
+    """The eps values whose rows were not all measured the same way (a folder from before experiments refused a
+    changed evaluation): nothing there is compared."""
+    seen: dict[float, set[tuple]] = {}
+    for r in rows:
+        seen.setdefault(r["eps"], set()).add(protocol_of(r))
+    return {eps for eps, protocols in seen.items() if len(protocols) > 1}
+
+
+def percent(ratio: float) -> str:
+    """A cost share as a percentage that never rounds a real cost to "0%" (0.3% stays 0.3%)."""
+    if ratio == 0 or 100 * ratio >= 1:
+        return f"{100 * ratio:.0f}%"
+    return f"{100 * ratio:.1f}%" if 100 * ratio >= 0.1 else "<0.1%"
 
 
 def selective(r: dict) -> bool:
@@ -183,8 +232,9 @@ def headline(rows: list[dict], frontier: bool = False) -> list[str]:
     by_eps: dict[float, list[dict]] = {}
     for r in rows:
         by_eps.setdefault(r["eps"], []).append(r)
+    mixed = mixed_protocols(rows)
     for eps, rs in sorted(by_eps.items()):
-        sel = [r for r in rs if selective(r) and not r.get("suspect")]
+        sel = [r for r in rs if selective(r) and not r.get("suspect") and eps not in mixed]
         rnd = [r for r in rs if r["kind"] == "finetune" and r.get("select") == "random" and not r.get("suspect")]
         for r in rs:
             if r.get("suspect"):
@@ -263,7 +313,7 @@ def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
     # refused a changed evaluation) are named, not described by the first row's
     protocols: dict[tuple, list[str]] = {}
     for r in rows:
-        protocols.setdefault((r.get("eval_attacks"), r.get("eval_examples")), []).append(str(r.get("variant")))
+        protocols.setdefault(protocol_of(r), []).append(str(r.get("variant")))
     if len(protocols) > 1:
         text += (
             " Not comparable as they stand: the rows were measured with different protocols ("
@@ -271,29 +321,6 @@ def experiment_protocol(cfg: dict, rows: list[dict]) -> str:
             + ")."
         )
     return text
-
-
-def concentration_notes(analysis: str, curves: Mapping[str, dict]) -> list[str]:
-    """What restoring the top 1%, 5% and 10% of components repairs, against the random control."""
-    notes = []
-    for name, c in curves.items():
-        pts = {round(s, 4): (r, m) for s, r, m in zip(c["shares"], c["repaired"], c["random_mean"])}
-        for share in (0.01, 0.05, 0.1):
-            if share in pts and pts[share][0] is not None:
-                notes.append(
-                    f"{analysis}: restoring the top {100 * share:g}% of components by {name} repairs "
-                    f"{100 * pts[share][0]:.1f}% of {c['n_errors']} adversarial errors "
-                    f"(random {100 * (pts[share][1] or 0):.1f}%)."
-                )
-    return notes
-
-
-def agreement_notes(analysis: str, agreement: Mapping[str, float]) -> list[str]:
-    """Each criterion's rank agreement with the restoration ground truth."""
-    return [
-        f"{analysis}: rank agreement (Spearman) of {k} with the restoration ground truth: {v:.3f}."
-        for k, v in agreement.items()
-    ]
 
 
 # ---------------------------------------------------------------- the harden report's sentences
@@ -406,7 +433,7 @@ def harden_comparisons(s: dict) -> list[str]:
         base = c["base_training_grad_evals"]  # None: unrecorded (weights brought in, a fine-tuned base, the API)
         total = (base or 0) + c["harden_grad_evals"]
         cost = (
-            f"this model cost {total:,} with its base training ({100 * total / ref['plateau_grad_evals']:.0f}% of that)"
+            f"this model cost {total:,} with its base training ({percent(total / ref['plateau_grad_evals'])} of that)"
             if base is not None
             else f"hardening cost {total:,}; the base model's own training is unrecorded, so no share of that is given"
         )
@@ -418,7 +445,8 @@ def harden_comparisons(s: dict) -> list[str]:
             + cost
         )
     examples = s.get("test_examples")
-    if ref and "robust_acc" in ref and examples not in (None, REFERENCE_TEST_IMAGES):  # not like for like
+    # not like for like (0: harden had no test data to evaluate on, so nothing of this model is compared)
+    if ref and "robust_acc" in ref and examples and examples != REFERENCE_TEST_IMAGES:
         out[-1] += f" (the references on the first {REFERENCE_TEST_IMAGES} test images, this model on {examples})"
     if ref and ref.get("full_ft") and s.get("after"):
         out.append(full_ft_comparison(ref, s["after"], c["harden_grad_evals"], examples))

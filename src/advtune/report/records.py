@@ -110,6 +110,11 @@ def require_each(items: Any, path: Path, spec: Mapping[str, Kind], *, rerun: str
     return items
 
 
+def read_unfinished(path: Path, *, rerun: str) -> list[str]:
+    """The variants an experiment's results.json names as having no row yet (none in a file from before the field)."""
+    return read_record(path, "results", RESULTS, rerun=rerun).get("not_finished") or []
+
+
 def read_results(path: Path, *, rerun: str) -> list[dict]:
     """The rows of an experiment's results.json, each checked (`RESULT_ROW`, and every "acc[attack]"
     column a number)."""
@@ -140,7 +145,7 @@ def read_curves(path: Path, *, rerun: str) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- what each report reads from each file
 
-RESULTS = {"rows": list_of(OBJECT)}  # results.json of an experiment
+RESULTS = {"rows": list_of(OBJECT), "not_finished?": list_of(TEXT)}  # results.json of an experiment
 RESULT_ROW = {  # one variant's row in results.json (fields from before a column existed may be absent)
     "variant": TEXT,
     "kind": TEXT,

@@ -4,7 +4,7 @@ its cost on the report's one basis), and a harden run's before/after."""
 from __future__ import annotations
 
 from ..evaluation.gate import gate_word
-from .costs import total_cost, total_wall
+from .costs import total_wall, total_words
 from .narrative import describe
 
 
@@ -58,7 +58,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 *[f"{100 * r[c]:.2f}%" if c in r else "–" for c in attack_cols],
                 f"{100 * r['robust_acc']:.2f}%",
                 fmt_int(r["grad_evals"]),
-                fmt_int(total_cost(r)),
+                total_words(r),
                 f"{total_wall(r):.0f}",
                 gate_word(r.get("suspect"), r.get("eval_attacks"), probed=r["clean_acc"] > 0)
                 if r.get("eval_attacks")

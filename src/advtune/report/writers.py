@@ -17,17 +17,16 @@ from .. import filenames as files
 from ..distributed import on_main
 from ..errors import AdvtuneError
 from ..frontier import Frontier
-from ..frontier import findings as frontier_findings
 from ..records import AnalyzeSummary, HardenSummary, problem
 from . import records
-from .costs import COST_BASIS
+from .analysis_notes import agreement_notes, concentration_notes
+from .costs import cost_basis
 from .experiment_plots import plot_eps_sweep, plot_frontier, plot_pareto, plot_trained_units, variant_colors
 from .narrative import (
-    agreement_notes,
-    concentration_notes,
     counted,
     experiment_protocol,
     experiment_setup,
+    frontier_notes,
     harden_comparisons,
     harden_layers,
     harden_lead,
@@ -70,6 +69,7 @@ def _write_report(folder: Path) -> None:
     if not res.is_file():
         raise AdvtuneError(f"{folder} has no results.json; run `{rerun}` first")
     rows = records.read_results(res, rerun=rerun)
+    unfinished = records.read_unfinished(res, rerun=rerun)
     if not rows:
         raise AdvtuneError(f"{folder}/results.json holds no finished variant yet; run the experiment first")
     exp_file = folder / files.EXPERIMENT
@@ -81,7 +81,7 @@ def _write_report(folder: Path) -> None:
     cfg = exp.get("config", {})
     colors = variant_colors([r["variant"] for r in rows])
     figs: Figures = []
-    frontier_notes: list[str] = []
+    notes_of_frontier: list[str] = []
     if (folder / files.FRONTIER).is_file():
         points = Frontier.read(folder / files.FRONTIER, rerun=rerun).points
         by_eps: dict[float | None, list] = {}
@@ -97,7 +97,7 @@ def _write_report(folder: Path) -> None:
                     plot_frontier([p.to_json() for p in pts], folder / name, title=title, colors=colors),
                 )
             )
-        frontier_notes = frontier_findings(points)
+        notes_of_frontier = frontier_notes(points, rows)
     figs.append(("Final models: robustness vs total compute", plot_pareto(rows, folder / "pareto.png", colors)))
     units_png = plot_trained_units(rows, folder / "trained-units.png", colors)
     if units_png:
@@ -113,8 +113,14 @@ def _write_report(folder: Path) -> None:
 
     head, body = results_table(rows)
     first_lines = lead(rows)
-    findings = frontier_notes + [f for f in headline(rows) if f not in first_lines]
+    findings = notes_of_frontier + [f for f in headline(rows) if f not in first_lines]
     protocol = experiment_protocol(cfg, rows)
+    if unfinished:  # left out with --only, or interrupted: the comparisons above leave it out, so say which
+        first_lines.append(
+            f"Not finished: {', '.join(unfinished)} (no evaluation record yet); every comparison here leaves "
+            f"{'it' if len(unfinished) == 1 else 'them'} out. Run them with `advtune experiment CONFIG --out "
+            f"{folder}` (`advtune demo` for a demo's folder)."
+        )
     setup = experiment_setup(cfg)
     notes = cfg.get("notes")
     title = f"advtune report: {cfg.get('name', folder.name)}"
@@ -122,7 +128,8 @@ def _write_report(folder: Path) -> None:
     md = [f"# {title}", ""]
     for line in first_lines:  # the lead: what won and at what cost, before anything else
         md += [line, ""]
-    md += [setup, "", protocol, "", COST_BASIS, ""]
+    basis = cost_basis(rows)
+    md += [setup, "", protocol, "", basis, ""]
     if notes:
         md += [f"> {notes}", ""]
     if findings:
@@ -136,7 +143,7 @@ def _write_report(folder: Path) -> None:
     blocks = [
         f"<h1>{esc(title)}</h1>",
         "<div class='lead'>" + "".join(f"<p>{bold(esc(line))}</p>" for line in first_lines) + "</div>",
-        f"<p>{esc(setup)} {esc(protocol)}</p><p class='note'>{esc(COST_BASIS)}</p>",
+        f"<p>{esc(setup)} {esc(protocol)}</p><p class='note'>{esc(basis)}</p>",
     ]
     if notes:
         blocks.append(f"<p class='note'>{esc(str(notes))}</p>")

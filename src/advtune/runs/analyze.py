@@ -4,6 +4,7 @@ and measure how concentrated the adversarial errors are."""
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +150,9 @@ def analyze_model(model, x: Tensor, y: Tensor, run: AnalyzeRun, attack: Attack |
             per_criterion[name]["adversarial_errors"] = curve.n_errors
     agreement = None
     if "restoration" in tables:
+        # None where undefined (one table's scores all equal: NaN), so the record reads back and says so
         agreement = {k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
+        agreement = {k: (None if math.isnan(v) else v) for k, v in agreement.items()}
     meter.stop()
     meter.add_counted(counter)
     summary = AnalyzeSummary(

@@ -14,12 +14,13 @@ from typing import Any
 
 from .. import filenames as files
 from ..attacks import PGD
-from ..cost import CostMeter
+from ..cost import CostMeter, CostRecord
 from ..data import SPECS, dataset_key, holds_dataset, load_dataset, num_batches
 from ..devices import model_device, resolve_device
 from ..distributed import check_global_batch, is_main_process, rank_and_world
 from ..errors import AdvtuneError
 from ..models import load_model, save_model
+from ..storage import read_json
 from ..train import (
     OverfitGuard,
     check_resume,
@@ -313,6 +314,17 @@ def load_base(path: str, device) -> tuple[Any, dict, dict]:
     rd = open_run(path)
     model, meta = load_model(rd.path, device)
     return model, meta, rd.read_json(files.CONFIG)
+
+
+def whole_training_cost(folder: str | Path, config: dict | None = None) -> dict:
+    """A base run's cost.json where it is its model's whole training: a train run from scratch. {} (unrecorded)
+    otherwise: weights brought in with --weights, or a finetune/harden folder's last stage, would be counted as
+    the whole and make everything fine-tuned from them look cheap. `config`: its config.json, when read already."""
+    folder = Path(folder)
+    if config is None:
+        config = read_json(folder / files.CONFIG, "config") if (folder / files.CONFIG).is_file() else {}
+    whole = config.get("command") == "train" and not (config.get("run") or {}).get("weights")
+    return CostRecord.read(folder / files.COST).to_json() if whole and (folder / files.COST).is_file() else {}
 
 
 def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):

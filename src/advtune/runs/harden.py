@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import filenames as files
-from ..cost import CostRecord
 from ..devices import model_device, resolve_device
 from ..evaluation import SUITES, passed_line  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
@@ -41,7 +40,7 @@ from ..report.narrative import harden_comparisons
 from ..storage import atomic_write_bytes, file_sha256, read_json
 from ..train.lowrank import selection_from_json
 from .analyze import analyze_model, write_analysis
-from .common import dataset_of, load_base, refuse_same_folder, write_config_once
+from .common import dataset_of, load_base, refuse_same_folder, whole_training_cost, write_config_once
 from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .evaluate import evaluation_record, measurement, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
@@ -325,11 +324,7 @@ def run(run: HardenRun) -> HardenSummary:
         )
         + f", budget {plan.budget:,} gradient evaluations"
     )
-    base_cost_file = Path(run.base) / files.COST
-    # the base's whole training cost only where its record is one: a train run from scratch (weights brought in
-    # with --weights, or a finetune/harden folder's last stage, would be counted as the whole and look cheap)
-    whole = base_cfg.get("command") == "train" and not (base_cfg.get("run") or {}).get("weights")
-    base_cost = CostRecord.read(base_cost_file).to_json() if whole and base_cost_file.is_file() else {}
+    base_cost = whole_training_cost(run.base, base_cfg)  # {}: unrecorded (weights brought in, a fine-tuned base)
     hardened = harden_model(model, meta, ds, run, rd=rd, base_cost=base_cost, say=print, plan=plan)
     rec = hardened.record
     info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}

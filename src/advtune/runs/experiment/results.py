@@ -15,7 +15,7 @@ from ...frontier import Frontier, FrontierPoint
 from ...settings import default
 from ...storage import atomic_write_json, atomic_write_text, read_json
 from ...train.config import REGROW_HOW, TrainConfig
-from ..common import list_snapshots
+from ..common import list_snapshots, whole_training_cost
 from .config import EVAL_NAME
 from .variants import RECIPE_TRAIN_KEYS, analysis_folder, eps_value, expand_variants
 
@@ -82,7 +82,10 @@ def _trained(train: dict) -> dict:
 def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit: int | None = None) -> list[dict]:
     """One row per variant from its records (nothing is recomputed: the report reads these)."""
     rows = []
-    base_cost = read_cost(base_dir)
+    base_cost = read_cost(base_dir)  # the standard row's own record
+    # what a fine-tuned model's total counts for its base: {} where that is not the base's whole training (weights
+    # brought in, a fine-tuned base): None in the rows, "not recorded" in the report, never a zero
+    base_whole = whole_training_cost(base_dir)
     for v in variants:
         folder = out / v["name"]
         ev_path = folder / files.evaluation(EVAL_NAME)
@@ -135,10 +138,10 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "grad_evals": cost.get("grad_evals", 0),
             # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
             "analysis_grad_evals": analysis_cost.get("grad_evals", 0) + (sel.get("scoring") or {}).get("grad_evals", 0),
-            "base_grad_evals": base_cost.get("grad_evals", 0) if selective else 0,
+            "base_grad_evals": (base_whole.get("grad_evals", 0) if base_whole else None) if selective else 0,
             "wall_s": cost.get("wall_s", 0.0),
             "analysis_wall_s": analysis_cost.get("wall_s", 0.0) + (sel.get("scoring") or {}).get("wall_s", 0.0),
-            "base_wall_s": base_cost.get("wall_s", 0.0) if selective else 0.0,
+            "base_wall_s": (base_whole.get("wall_s", 0.0) if base_whole else None) if selective else 0.0,
             "flops": cost.get("flops", 0.0),
             "trainable_params": sel.get("trainable_params") or cost.get("trainable_params"),
             "total_params": cost.get("total_params"),
@@ -147,8 +150,10 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             "eval_examples": ev.get("examples"),
             "eval_attacks": ",".join(ev.get("attacks", [])),
             "eval_grad_evals": sum(ev.get("grad_evals", {}).values()),
-            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0)
-            / max(cost.get("total_params") or 1, 1),
+            # None where the record has no model size (an old cost.json): never a count read as a share
+            "param_share": (sel.get("trainable_params") or cost.get("trainable_params") or 0) / cost["total_params"]
+            if cost.get("total_params")
+            else None,
             "reference": bool(v.get("reference", kind == "train" and bool(ran.get("attack")))),
             # what the variant was, for the report's rows: its data, budget, warm-up and where its units sit
             "train_examples": ran.get("limit", base_limit) if kind != "standard" else base_limit,
@@ -247,8 +252,13 @@ def frontier_points(rows: list[dict]) -> list[FrontierPoint]:
     return out
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
-    atomic_write_json(out / files.RESULTS, {"rows": rows})
+def write_results(out: Path, rows: list[dict], variants: list[str] | None = None) -> None:
+    """results.json/csv and the frontier; `variants`: every variant the config names, so the report says which
+    have no row yet (left out with --only, or not run to its evaluation yet: an interrupted experiment) instead of
+    judging the rest as if complete."""
+    done = {r["variant"] for r in rows}
+    unfinished = [v for v in variants or [] if v not in done]
+    atomic_write_json(out / files.RESULTS, {"rows": rows, "not_finished": unfinished})
     atomic_write_text(
         out / files.RESULTS_CSV,
         _csv([{k: v for k, v in r.items() if k not in ("curve", "selected_by_layer")} for r in rows]),
@@ -283,12 +293,13 @@ def experiment_info(folder: str | Path) -> dict:
     """What an experiment folder recorded: its config, the variants' result rows, its files."""
     folder = Path(folder)
     record = read_json(folder / files.EXPERIMENT, "experiment record")
-    rows = read_json(folder / files.RESULTS, "results")["rows"] if (folder / files.RESULTS).is_file() else []
+    results = read_json(folder / files.RESULTS, "results") if (folder / files.RESULTS).is_file() else {}
     return {
         "run": str(folder),
         "kind": "experiment",
         "experiment": record,
-        "rows": rows,
+        "rows": results.get("rows", []),
+        "not_finished": results.get("not_finished") or [],
         "files": sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")),
     }
 
@@ -305,6 +316,8 @@ def format_experiment_info(info: dict) -> str:
         f"source {info['experiment'].get('source') or '(dict)'}",
         f"threat     {threat.get('norm', 'linf')} eps={threat.get('eps')}   {planned}, {len(info['rows'])} finished",
     ]
+    if info.get("not_finished"):
+        lines.append(f"not finished {', '.join(map(str, info['not_finished']))}")
     if info["rows"]:
         try:
             lines += ["", format_results(info["rows"]), ""]

@@ -117,8 +117,9 @@ def run(
         atomic_write_json(out / SETTINGS, recorded)
         model_dir = JOBS[v["kind"]](ex, v, folder)
         _evaluate_variant(ex, v, folder, model_dir)
-    rows = collect_results(out, expand_variants(cfg), ex.base_dir, ex.base.get("limit"))
-    write_results(out, rows)
+    variants = expand_variants(cfg)
+    rows = collect_results(out, variants, ex.base_dir, ex.base.get("limit"))
+    write_results(out, rows, [v["name"] for v in variants])
     return rows
 
 
