@@ -125,6 +125,18 @@ def test_overfit_guard_restores_best_weights_and_stops(tiny_model, blobs):
     assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
 
 
+def test_each_epochs_record_counts_what_the_guard_spent_that_epoch(train_data):
+    """The epoch record read the meter before the callbacks ran: the guard's PGD cost showed up one epoch late and
+    the last epoch's record disagreed with cost.json."""
+    model, meter = bn_net(), CostMeter()
+    x, y = train_data.tensors()
+    guard = OverfitGuard(PGD(THREAT, steps=2), x[:40], y[:40], meter=meter)
+    history = fit(model, train_data, clean(), SGD, callbacks=[guard], meter=meter)
+    per_epoch = len(train_data)  # clean training: one gradient evaluation per example
+    assert [r["grad_evals"] for r in history.epochs] == [per_epoch + 80, 2 * (per_epoch + 80)]
+    assert history.epochs[-1]["grad_evals"] == meter.grad_evals
+
+
 def test_trades_objective_trains_within_the_ball(train_data):
     model = bn_net()
     objective = trades(THREAT, steps=3, beta=6.0)

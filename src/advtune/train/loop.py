@@ -293,6 +293,7 @@ def fit(
                 if verdict in ("stop", "restored"):
                     history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
                     history.restored = history.restored or verdict == "restored"
+            record["grad_evals"] = meter.grad_evals  # with what a callback spent (the guard's PGD), as cost.json
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
             if ckpt is not None and rank == 0:
