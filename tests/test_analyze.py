@@ -264,3 +264,16 @@ def test_a_finetune_steered_by_scores_of_another_norm_says_so(tmp_path, caplog, 
     with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stopped after the check"):
         finetune_job.run(replace(run, share=0.1))
     assert f"--select {analysis} scored the model under linf; this fine-tuning attacks under l2" in caplog.text
+
+
+def test_finetune_says_when_the_analysis_scored_another_model(std_run, vuln, tmp_path, capsys):
+    """Another seed of the same architecture passes every shape check, but its unit indices name other units: the
+    selection would be near random. The analysis records its model's fingerprint; finetune compares."""
+    other = tmp_path / "other"
+    assert main(train_argv(other, limit=400, limit_test=100, extra=("--seed", "7"))) == 0
+    argv = ["--select", str(vuln), "--share", "0.1", "--eps", "0.1", "--epochs", "1", "--limit", "64", "--quiet"]
+    capsys.readouterr()
+    assert main(["finetune", str(std_run), *argv, "--out", str(tmp_path / "same")]) == 0
+    assert "scored another model" not in capsys.readouterr().err
+    assert main(["finetune", str(other), *argv, "--out", str(tmp_path / "diff")]) == 0
+    assert "scored another model than this base" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_analyze_select_and_random_control(tiny_model, blobs):
     assert ctrl != sel and abs(ctrl.trainable_params(tiny_model) - sel.trainable_params(tiny_model)) <= 150
     assert len(vmap.select(share=0.25)) == 6
     # a selection holding more entries than the model (adapters near full rank): the control takes the whole count
-    big = type("Big", (), {"trainable_params": lambda self, model: n_params + 1000})()
+    big = type("Big", (), {"trainable_params": lambda self, model, example=None: n_params + 1000})()
     assert len(vmap.random_like(big, seed=2)) == 8 + 16  # every unit of the pool, not a refusal
     with pytest.raises(AdvtuneError, match="more than the model's"):
         vmap.select(params=n_params + 1)
@@ -327,3 +327,30 @@ def test_fit_with_dropout_repeats_from_its_seed_and_leaves_the_global_stream(blo
         return model[2].weight.detach().clone()
 
     assert torch.equal(trained(), trained())
+
+
+def test_a_maps_budget_prices_units_as_fit_trains_them(blobs):
+    """A pre-activation block: the stem conv's BatchNorm sits inside the next block, not beside it. The map's budget
+    priced the stem's channels without it (the static rule), fit traces and trains it: a selection over budget,
+    and a random control with another count than it said."""
+    from advtune.train.selection import Trainable
+
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.block = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.fc = nn.Linear(8 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(self.block(self.stem(x)).flatten(1))
+
+    x, y, _, _ = blobs
+    torch.manual_seed(0)
+    model = PreAct().eval()
+    vmap = advtune.analyze(model, (x[:32], y[:32]), eps=0.1, attack="fgsm", limit=32, curve=False)
+    for sel in (vmap.select(params=200), vmap.select(params=200, granularity="quota")):
+        trained = Trainable(model, sel, example_input=x[:1]).count()  # what fit trains: the traced rule
+        assert trained <= 200 and trained == sel.trainable_params(model, x[:1])
+        control = vmap.random_like(sel)
+        assert Trainable(model, control, example_input=x[:1]).count() <= trained

@@ -188,6 +188,8 @@ class VulnerabilityMap:
     grad_evals: int  # counted: attack + scoring + curve
     curve: ConcentrationCurve | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    # one input of the model's shape: budgets price a unit with the BatchNorm a trace finds after it, as fit trains it
+    example: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def criterion(self) -> str:
@@ -225,18 +227,18 @@ class VulnerabilityMap:
             if params is None:
                 raise AdvtuneError(f"granularity={granularity!r} selects within a parameter budget: pass params=...")
             if granularity == "quota":
-                return select_quota(self.table, model, params)
-            return select_top_layers(self.table, model, params)
+                return select_quota(self.table, model, params, example_input=self.example)
+            return select_top_layers(self.table, model, params, example_input=self.example)
         if params is not None:
-            return select_top(self.table, params=params, model=model)
+            return select_top(self.table, params=params, model=model, example_input=self.example)
         return select_top(self.table, share, per_layer=per_layer)
 
     def random_like(self, selection: Selection, seed: int = 0) -> Selection:
         """The control: random units with as many trainable parameters as `selection`."""
         model = self._model_for("random_like")
-        return select_random(
-            model, params=min(selection.trainable_params(model), model_params(model)), seed=seed, pool=self.table
-        )  # adapters near full rank can hold more entries than the model: then the whole model's count
+        budget = min(selection.trainable_params(model, self.example), model_params(model))
+        # adapters near full rank can hold more entries than the model: then the whole model's count
+        return select_random(model, params=budget, seed=seed, pool=self.table, example_input=self.example)
 
     def _model_for(self, what: str) -> nn.Module:
         if self.model is None:
@@ -313,6 +315,7 @@ def analyze(
         s.cost["grad_evals"],
         result.curves.get(criterion),
         model,
+        x[:1],
     )
 
 

@@ -18,6 +18,7 @@ from ..devices import resolve_device
 from ..distributed import all_sum, rank_and_world
 from ..errors import AdvtuneError
 from ..metrics import adversarial_examples, correct
+from ..patch import state_sha256
 from ..records import AnalyzeSummary  # the summary record, in records.py: the report reads it
 from ..seeding import seed_everything
 from ..settings import default
@@ -199,6 +200,7 @@ def run(run: AnalyzeRun) -> AnalyzeSummary:
             "run": run.to_json(),
             "seed": run.seed,
             "base": str(run.base),
+            "model_state_sha256": state_sha256(model.state_dict()),  # what a --select of this folder is checked with
             "dataset": ds.describe(),
             "split": "train",
             "threat": threat.to_json(),

@@ -28,6 +28,7 @@ from ..train.keep_best import KeepBest
 from ..train.lowrank import check_adapter_lr_ratio, selection_from_json
 from ..train.sparse import SparseEntries
 from ..vulnerability.entries import entry_fisher
+from .analysis_source import check_select_exists
 from .common import (
     check_val,
     close_training_folder,
@@ -48,7 +49,6 @@ from .common import (
 from .configs import FinetuneRun
 from .record import RunDir, check_resume_overwrite, refuse_taken_out
 from .selecting import (
-    check_select_exists,
     check_selection_flags,
     describe_selection,
     inert_selection_settings,

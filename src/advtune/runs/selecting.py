@@ -8,12 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import filenames as files
 from ..components import model_params, output_layer
 from ..errors import AdvtuneError
 from ..recipe import GRANULARITIES, HEAD_GRANULARITIES, NORMS_GRANULARITIES, PROBE_SHARE, check_probe_share_used
 from ..settings import default
-from ..storage import read_json
 from ..train.lowrank import (
     LowRank,
     budget_ranks,
@@ -36,6 +34,7 @@ from ..vulnerability import (
     select_top,
     select_top_layers,
 )
+from .analysis_source import read_table, warn_other_model
 from .configs import FinetuneRun
 
 
@@ -73,6 +72,8 @@ def make_selection(
     selection = _make_selection(
         model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head, entry_scores
     )
+    if isinstance(select, (str, Path)) and Path(select).is_dir():
+        warn_other_model(Path(select), model)
     if norms and not isinstance(selection, (LowRank, SparseEntries)):
         raise AdvtuneError(
             "--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "
@@ -360,33 +361,6 @@ def lowrank_selection(
         selection = LowRank(budget_ranks(model, budget_after_norms(model, params, norms), scores), seed, norms=extra)
     selection.validate(model)
     return selection
-
-
-def read_table(source: str | Path, criterion: str) -> ScoreTable:
-    """The score table of `criterion` in an analysis folder (or a score file itself)."""
-    folder = Path(source)
-    table_file = folder / files.scores(criterion) if folder.is_dir() else folder
-    if folder.is_dir() and not table_file.is_file():
-        have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
-        raise AdvtuneError(
-            f"{folder} has no scores for criterion {criterion!r}"
-            + (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first")
-        )
-    if not table_file.is_file():
-        raise AdvtuneError(
-            f"--select {str(source)!r}: not all, random, layers:<names>, or an analyze folder/score file"
-        )
-    return ScoreTable.from_json(read_json(table_file, "score table"))
-
-
-def check_select_exists(select: str) -> None:
-    """--select names a rule or an existing analysis folder or score file: a mistyped folder refused before the base
-    and the data load (it was found out reading the scores, after both)."""
-    if select not in ("all", "random", "top", "lowrank") and ":" not in select and not Path(select).exists():
-        raise AdvtuneError(
-            f"--select {select!r}: not all, random, layers:<names>, lowrank:rank=R, nor an analysis folder (advtune "
-            "analyze --out)"
-        )
 
 
 def select_from_table(
