@@ -622,3 +622,13 @@ def test_a_harden_variants_frontier_point_counts_its_checkpoint_choice(finished,
     assert choice["wall_s"] > 0 and choice["flops"] > 0
     for key in ("wall_s", "flops"):
         assert row[key] == row["curve"][-1][key] == pytest.approx(ran[key] + choice[key])
+
+
+def test_a_random_entries_control_takes_its_rules_head(tmp_path):
+    """The control of a rule that trained its output layer whole trains it whole too (its count includes it)."""
+    from advtune.runs.experiment.runner import _head_of
+
+    for name, whole in (("hard", ["net.fc"]), ("plain", [])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"selection": {"whole": whole}}))
+    assert _head_of(tmp_path, "hard") is True and _head_of(tmp_path, "plain") is False

@@ -229,3 +229,18 @@ def test_random_sparse_control_draws_as_many_entries_uniformly_outside_the_outpu
     row["selected_by_layer"] = by
     words = describe(row)
     assert words.startswith("control: random single entries") and "normalization" in words and "entries" in words
+
+
+def test_the_random_entries_control_trains_the_head_whole_where_the_rule_does():
+    """harden's rule trains the output layer whole (--head) inside its count; its control spread that count over
+    random hidden entries instead, crediting the vulnerability map with what the head adds."""
+    from advtune.runs.selecting import describe_selection, make_selection
+
+    model = bn_net()
+    fc = sum(p.numel() for p in model.net.fc.parameters())
+    sel = make_selection(model, "random", 0.1, "taylor", False, 3, params=1800, granularity="sparse", head=True)
+    by = describe_selection(sel, model)["by_layer"]
+    assert sel.whole == ("net.fc",) and sel.trainable_params(model) == 1800
+    assert by["net.fc"][0] == fc and by["net.conv1"][0] + by["net.conv2"][0] == 1800 - fc
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole"):  # units: no head to add
+        make_selection(model, "random", 0.1, "taylor", False, 3, params=1800, granularity="unit", head=True)

@@ -156,8 +156,8 @@ def plot_frontier(
         ax.axvline(plat.cost, ls=":", color="grey", lw=1)
         ax.axvline(0.25 * plat.cost, ls=":", color="tab:green", lw=1)
         ax.annotate(
-            f"{plat.variant} plateau {100 * plat.robust_acc:.1f}% (reached within {100 * PLATEAU_TOLERANCE:g} pt at "
-            f"{plat.cost:,}); dotted: plateau - 2 pt",
+            f"{plat.variant} {'best (still rising)' if plat.still_rising else 'plateau'} {100 * plat.robust_acc:.1f}% "
+            f"(reached within {100 * PLATEAU_TOLERANCE:g} pt at {plat.cost:,}); dotted: that - 2 pt",
             (plat.cost, 100 * plat.robust_acc),
             fontsize=7,
             ha="right",

@@ -64,10 +64,12 @@ def make_selection(
     from_analysis = isinstance(select, ScoreTable) or analysed(select)
     if head and isinstance(select, SparseEntries) and not select.whole:  # the probe's mask, taken without its head
         raise AdvtuneError("--head: this mask does not train the output layer whole; take the mask with --head")
-    if head and (granularity not in HEAD_GRANULARITIES or not from_analysis):
+    random_entries_control = select == "random" and granularity == "sparse"  # the sparse/probe rules' control
+    if head and (granularity not in HEAD_GRANULARITIES or not from_analysis) and not random_entries_control:
         raise AdvtuneError(
             "--head trains the output layer whole next to the other layers' adapters: use it with an analysis "
-            f"(--select <analyze folder>) and --granularity {', '.join(HEAD_GRANULARITIES)}"
+            f"(--select <analyze folder>) and --granularity {', '.join(HEAD_GRANULARITIES)}, or in the random "
+            "control of single entries (--select random --granularity sparse)"
         )
     selection = _make_selection(
         model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head, entry_scores
@@ -250,7 +252,8 @@ def _make_selection(
             if params is None:
                 raise AdvtuneError("--select random --granularity sparse needs a parameter budget (--params)")
             budget, exclude = budget_after_norms(model, params, norms), [output_layer(model, example_input)]
-            return random_entries(model, budget, seed, exclude, norms_of(model, norms))
+            fixed = head_layer(model, budget, example_input) if head else []  # as the rule it controls
+            return random_entries(model, budget, seed, exclude, norms_of(model, norms), fixed)
         if params is not None:
             return select_random(model, params=params, seed=seed, example_input=example_input)
         return select_random(model, share=share, seed=seed, per_layer=per_layer, example_input=example_input)

@@ -218,16 +218,24 @@ def sparse_selection(
 
 
 def random_entries(
-    model: nn.Module, budget: int, seed: int, exclude: Sequence[str] = (), norms: Sequence[str] = ()
+    model: nn.Module,
+    budget: int,
+    seed: int,
+    exclude: Sequence[str] = (),
+    norms: Sequence[str] = (),
+    whole: Sequence[str] = (),
 ) -> SparseEntries:
     """The sparse rule's random control: `budget` entries drawn uniformly from the conv/linear layers' weights and
     biases (`exclude`: the output layer, which the sparse rule does not score), so that each layer gets entries in
-    proportion to its size instead of its score, and no Fisher ranks them; `norms` train whole as in the rule."""
+    proportion to its size instead of its score, and no Fisher ranks them; `norms` train whole as in the rule, and
+    `whole` layers (the output layer, as the rule's --head trains it) train whole, paid out of `budget` first: the
+    control then differs from the rule only in which hidden entries train."""
     entries: dict[str, Tensor] = {}
-    for layer in norms:
+    for layer in (*whole, *norms):
         for pname, p in _layer_params(model, layer):
             entries[pname] = torch.ones(p.shape, dtype=torch.bool)
-    layers = [layer for layer in adaptable_layers(model) if layer not in exclude]
+    budget -= sum(own_params(model.get_submodule(n)) for n in whole)
+    layers = [layer for layer in adaptable_layers(model) if layer not in exclude and layer not in whole]
     named = [(n, p) for layer in layers for n, p in _layer_params(model, layer)]
     total = sum(p.numel() for _, p in named)
     if budget <= 0 or not named:
@@ -238,4 +246,4 @@ def random_entries(
     for pname, p in named:
         entries[pname] = chosen[start : start + p.numel()].reshape(p.shape)
         start += p.numel()
-    return SparseEntries(entries, (), norms)
+    return SparseEntries(entries, tuple(whole), norms)

@@ -283,6 +283,8 @@ def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
             select = str(_analysis_for(ex, eps))
         if v.get("params_like"):  # the control: as many trainable parameters as another variant's selection
             v = {**v, "params": _trainable_of(ex.out, v["params_like"], v["name"])}
+            if select == "random" and v.get("granularity") == "sparse" and "head" not in v:
+                v["head"] = _head_of(ex.out, v["params_like"])  # the rule's output layer whole: so the control's
         finetune_job.run(
             settings_from(
                 FinetuneRun,
@@ -397,6 +399,13 @@ def _trainable_of(out: Path, other: str, me: str) -> int:
     n = int(sel["trainable_params"])
     share = sel.get("param_share")  # adapters near full rank can hold more entries than the model: the model's
     return min(n, round(n / share)) if share else n  # size then, as many as a random control can train
+
+
+def _head_of(out: Path, other: str) -> bool:
+    """Whether `other` (a sparse or probe rule, already run) trained its output layer whole (--head): its random
+    control then does too, so the two differ only in which hidden entries train (its head is in the count)."""
+    sel = read_json(out / other / files.SUMMARY, "summary").get("selection") or {}
+    return bool(sel.get("whole"))
 
 
 def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
