@@ -26,8 +26,8 @@ from pathlib import Path
 from advtune.errors import AdvtuneError
 from advtune.frontier import Frontier, as_points, findings, merge_curves
 from advtune.report import write_report
+from advtune.report.comparable import frontier_notes
 from advtune.report.experiment_plots import plot_frontier, variant_colors
-from advtune.report.narrative import frontier_notes
 from advtune.runs.experiment import format_results, frontier_csv, load_config, run, validate_config
 from advtune.storage import atomic_write_json, atomic_write_text, read_json
 

@@ -275,5 +275,10 @@ def test_finetune_says_when_the_analysis_scored_another_model(std_run, vuln, tmp
     capsys.readouterr()
     assert main(["finetune", str(std_run), *argv, "--out", str(tmp_path / "same")]) == 0
     assert "scored another model" not in capsys.readouterr().err
+    # refused after the selection is made (fp16 off CUDA): the refusal is the only line, the warning never above it
+    assert main(["finetune", str(other), *argv, "--amp", "fp16", "--out", str(tmp_path / "refused")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["finetune", str(other), *argv, "--out", str(tmp_path / "diff")]) == 0
     assert "scored another model than this base" in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "diff" / "config.json").read_text())["selection"]
+    assert recorded["analysis_of_other_model"] == str(vuln)

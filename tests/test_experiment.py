@@ -628,7 +628,8 @@ def test_a_random_entries_control_takes_its_rules_head(tmp_path):
     """The control of a rule that trained its output layer whole trains it whole too (its count includes it)."""
     from advtune.runs.experiment.runner import _head_of
 
-    for name, whole in (("hard", ["net.fc"]), ("plain", [])):
+    for name, kind, whole in (("hard", "sparse", ["net.fc"]), ("plain", "sparse", []), ("hyb", "hybrid", ["net.c"])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "summary.json").write_text(json.dumps({"selection": {"whole": whole}}))
+        (tmp_path / name / "summary.json").write_text(json.dumps({"selection": {"kind": kind, "whole": whole}}))
     assert _head_of(tmp_path, "hard") is True and _head_of(tmp_path, "plain") is False
+    assert _head_of(tmp_path, "hyb") is False  # a hybrid rule's whole layers are hidden ones, not its head

@@ -242,5 +242,9 @@ def test_the_random_entries_control_trains_the_head_whole_where_the_rule_does():
     by = describe_selection(sel, model)["by_layer"]
     assert sel.whole == ("net.fc",) and sel.trainable_params(model) == 1800
     assert by["net.fc"][0] == fc and by["net.conv1"][0] + by["net.conv2"][0] == 1800 - fc
+    from advtune.report.narrative import describe
+
+    row = {"kind": "finetune", "select": "random", "granularity": "sparse", "head": True, "attack": "pgd:steps=5"}
+    assert "random single entries (by layer size, no score), and the output layer whole" in describe(row)
     with pytest.raises(AdvtuneError, match="--head trains the output layer whole"):  # units: no head to add
         make_selection(model, "random", 0.1, "taylor", False, 3, params=1800, granularity="unit", head=True)

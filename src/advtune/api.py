@@ -315,7 +315,7 @@ def analyze(
         s.cost["grad_evals"],
         result.curves.get(criterion),
         model,
-        x[:1],
+        x[:1].detach().clone(),  # a copy: a view would keep the whole analysed batch alive with the map
     )
 
 

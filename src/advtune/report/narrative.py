@@ -8,10 +8,10 @@ import os
 from typing import Mapping
 
 from ..evaluation.gate import gate_word
-from ..frontier import AT_REFERENCE_PROTOCOL, as_points
-from ..frontier import findings as frontier_findings
+from ..frontier import AT_REFERENCE_PROTOCOL
 from ..recipe import ADAPTER_GRANULARITIES, rule_words
 from ..train.config import REGROW_END
+from .comparable import mixed_protocols, protocol_of
 from .costs import base_unrecorded, total_cost
 
 
@@ -53,6 +53,8 @@ def describe(r: dict) -> str:
                 what = "control: random single entries to start (by layer size)"
             if r.get("norms"):
                 what += ", and the normalization layers' scale and shift"
+            if r.get("head"):  # as the rule it controls (round 45 on; before, the head's count went to random entries)
+                what += ", and the output layer whole"
         elif r.get("select") == "random":
             if r.get("params_like"):
                 what = f"control: random units with as many parameters as {r['params_like']}"
@@ -178,33 +180,6 @@ def lead(rows: list[dict]) -> list[str]:
                 )
         out.append("; ".join(parts) + ".")
     return out
-
-
-def frontier_notes(points: list, rows: list[dict]) -> list[str]:
-    """The frontier's findings for an experiment's rows: none at an eps whose rows were measured differently, and
-    the cost shares called lower bounds where the base model's training cost is not recorded."""
-    mixed = mixed_protocols(rows)
-    notes = frontier_findings([p for p in as_points(points) if p.eps not in mixed])
-    if notes and any(base_unrecorded(r) for r in rows):
-        notes.append(
-            "The base model's training cost is not recorded (weights brought in, or a fine-tuned base): the "
-            "fine-tuning curves' costs leave it out, so their shares of the reference's cost are lower bounds."
-        )
-    return notes
-
-
-def protocol_of(r: dict) -> tuple:
-    """What measured a row: its attacks and number of test images (from its evaluation record)."""
-    return (r.get("eval_attacks"), r.get("eval_examples"))
-
-
-def mixed_protocols(rows: list[dict]) -> set[float]:
-    """The eps values whose rows were not all measured the same way (a folder from before experiments refused a
-    changed evaluation): nothing there is compared."""
-    seen: dict[float, set[tuple]] = {}
-    for r in rows:
-        seen.setdefault(r["eps"], set()).add(protocol_of(r))
-    return {eps for eps, protocols in seen.items() if len(protocols) > 1}
 
 
 def percent(ratio: float) -> str:

@@ -20,13 +20,13 @@ from ..frontier import Frontier
 from ..records import AnalyzeSummary, HardenSummary, problem
 from . import records
 from .analysis_notes import agreement_notes, concentration_notes
+from .comparable import frontier_notes
 from .costs import cost_basis
 from .experiment_plots import plot_eps_sweep, plot_frontier, plot_pareto, plot_trained_units, variant_colors
 from .narrative import (
     counted,
     experiment_protocol,
     experiment_setup,
-    frontier_notes,
     harden_comparisons,
     harden_layers,
     harden_lead,

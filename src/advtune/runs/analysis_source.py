@@ -3,7 +3,6 @@ before the base loads, and to have scored this very model (not another of the sa
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from .. import filenames as files
@@ -11,8 +10,6 @@ from ..errors import AdvtuneError
 from ..patch import state_sha256
 from ..storage import read_json
 from ..vulnerability import ScoreTable
-
-log = logging.getLogger(__name__)
 
 
 def read_table(source: str | Path, criterion: str) -> ScoreTable:
@@ -42,15 +39,18 @@ def check_select_exists(select: str) -> None:
         )
 
 
-def warn_other_model(analysis: Path, model) -> None:
-    """An analysis of another model of the same architecture (another seed, a fine-tuned copy) passes every shape
-    check, but its unit indices name other units: said once the selection is made (analyses from before the
-    record had the field: nothing to compare)."""
-    config = analysis / files.CONFIG
+def scored_other_model(select, model) -> str | None:
+    """The analysis folder `select` names (or holds the score file it names) when it recorded scoring a model whose
+    weights differ from `model`'s: another seed of the same architecture passes every shape check, but its unit
+    indices name other units. None where it is this model, or the record predates the field (nothing to compare)."""
+    folder = Path(select)
+    folder = folder if folder.is_dir() else folder.parent
+    config = folder / files.CONFIG
     scored = read_json(config, "analysis config").get("model_state_sha256") if config.is_file() else None
-    if scored and scored != state_sha256(model.state_dict()):
-        log.warning(
-            "--select %s scored another model than this base (its weights differ): a unit's rank does not carry over "
-            "between separately trained networks; `advtune analyze` this base for its own map",
-            analysis,
-        )
+    return str(folder) if scored and scored != state_sha256(model.state_dict()) else None
+
+
+OTHER_MODEL = (
+    "--select %s scored another model than this base (its weights differ): a unit's rank does not carry over between "
+    "separately trained networks; `advtune analyze` this base for its own map"
+)

@@ -34,6 +34,7 @@ from ..train.lowrank import (
     has_adapters,
     plain_state_dict,
 )
+from .analysis_source import OTHER_MODEL
 from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collect
         ramp = (DEFAULT_EPS_WARMUP if ramp is None else float(ramp)) if getattr(run, "adversarial", True) else 0.0
         check_resume(rd.path, cfg, ramp)
     write_config_once(rd, config)
+    other = (config.get("selection") or {}).get("analysis_of_other_model")
+    if other and is_main_process():  # said here, once every check passed: a refusal stays the only line
+        log.warning(OTHER_MODEL, other)
     return rd
 
 

@@ -252,7 +252,7 @@ def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
             lambda: sparse_scores(model, ds, threat, seed, scoring),  # called once the budget is checked
         )
     check_adapter_lr_ratio(cfg.adapter_lr_ratio, selection)  # the loop checks it too: here before any folder
-    info = describe_selection(selection, model, example) if selection is not None else None
+    info = describe_selection(selection, model, example, chosen) if selection is not None else None
     if info is not None and scoring:
         info["scoring"] = scoring
     return Finetuning(run, cfg, threat, objective, selection, info, example)

@@ -33,7 +33,7 @@ from ..devices import model_device, resolve_device
 from ..evaluation import SUITES, passed_line  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
 from ..models import load_model
-from ..patch import patch_factors, write_patch
+from ..patch import patch_factors, state_sha256, write_patch
 from ..recipe import rule_words
 from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
 from ..report.narrative import harden_comparisons
@@ -208,6 +208,7 @@ def harden_model(
                     "attack": analysis.summary.attack,
                     "device": str(model_device(model)),
                     "of": "harden",
+                    "model_state_sha256": state_sha256(model.state_dict()),  # as analyze's: --select checks it
                 }
             )
             write_analysis(ard, analysis)

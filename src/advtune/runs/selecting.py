@@ -34,7 +34,7 @@ from ..vulnerability import (
     select_top,
     select_top_layers,
 )
-from .analysis_source import read_table, warn_other_model
+from .analysis_source import read_table, scored_other_model
 from .configs import FinetuneRun
 
 
@@ -74,8 +74,6 @@ def make_selection(
     selection = _make_selection(
         model, select, share, criterion, per_layer, seed, params, granularity, example_input, norms, head, entry_scores
     )
-    if isinstance(select, (str, Path)) and Path(select).is_dir():
-        warn_other_model(Path(select), model)
     if norms and not isinstance(selection, (LowRank, SparseEntries)):
         raise AdvtuneError(
             "--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "
@@ -431,8 +429,9 @@ def select_from_table(
     return selection
 
 
-def describe_selection(selection, model, example=None) -> dict:
-    """What a selection trains, for the records: components, units, parameters (also per layer)."""
+def describe_selection(selection, model, example=None, select=None) -> dict:
+    """What a selection trains, for the records: components, units, parameters (also per layer); `select`: what
+    --select named (an analysis of another model is flagged)."""
 
     trainable = selection.trainable_params(model, example_input=example)
     extra = {}
@@ -453,6 +452,10 @@ def describe_selection(selection, model, example=None) -> dict:
             "norms": list(selection.norms),
             "changed_params": selection.changed_entries(model),
         }
+    # --select's analysis scored another model: recorded, and said once the run folder opens (never above a refusal)
+    other = scored_other_model(select, model) if isinstance(select, (str, Path)) and analysed(select) else None
+    if other:
+        extra["analysis_of_other_model"] = other
     return {
         **extra,
         "components": len(selection),

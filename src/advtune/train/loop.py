@@ -285,15 +285,15 @@ def fit(
                         )
             history.epochs.append(record)
             warn_if_at_chance(record, n_classes, attack_ge)
-            log.info(
-                "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-            )
             for cb in callbacks:
                 verdict = cb(model, record)
                 if verdict in ("stop", "restored"):
                     history.stopped = f"stopped by {getattr(cb, 'name', type(cb).__name__)} after epoch {epoch + 1}"
                     history.restored = history.restored or verdict == "restored"
             record["grad_evals"] = meter.grad_evals  # with what a callback spent (the guard's PGD), as cost.json
+            log.info(
+                "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            )
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
             if ckpt is not None and rank == 0:

@@ -283,7 +283,8 @@ def _run_finetune(ex: Experiment, v: dict, folder: Path) -> Path:
             select = str(_analysis_for(ex, eps))
         if v.get("params_like"):  # the control: as many trainable parameters as another variant's selection
             v = {**v, "params": _trainable_of(ex.out, v["params_like"], v["name"])}
-            if select == "random" and v.get("granularity") == "sparse" and "head" not in v:
+            started = (folder / files.CONFIG).is_file()  # a control begun before this rule: resumed as it began
+            if select == "random" and v.get("granularity") == "sparse" and "head" not in v and not started:
                 v["head"] = _head_of(ex.out, v["params_like"])  # the rule's output layer whole: so the control's
         finetune_job.run(
             settings_from(
@@ -405,7 +406,7 @@ def _head_of(out: Path, other: str) -> bool:
     """Whether `other` (a sparse or probe rule, already run) trained its output layer whole (--head): its random
     control then does too, so the two differ only in which hidden entries train (its head is in the count)."""
     sel = read_json(out / other / files.SUMMARY, "summary").get("selection") or {}
-    return bool(sel.get("whole"))
+    return sel.get("kind") == "sparse" and bool(sel.get("whole"))  # an entry rule's whole layer is its head
 
 
 def _same_point(folder: Path, snaps: list[tuple[int, Path]]) -> Path | None:
