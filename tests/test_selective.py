@@ -146,6 +146,7 @@ def test_trades_objective_trains_within_the_ball(train_data):
     meter = CostMeter()
     fit(model, train_data, objective, TrainConfig(epochs=1, batch_size=64), meter=meter)
     assert meter.grad_evals == 256 * (3 + 1 + 1)
+    assert meter.forward_evals == 256  # the clean prediction: FLOPs, not a gradient evaluation
 
 
 def test_finetune_job_select_random_all_layers(tmp_path):

@@ -146,6 +146,7 @@ def fit(
         elif resume and ckpt is not None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         attack_ge = int(objective.attack_grad_evals())
+        forwards = int(getattr(objective, "forward_passes", lambda: 0)())  # forward-only passes per example (FLOPs)
         n_classes = None
         block_fraction = objective.block_fraction(model, example) if hasattr(objective, "block_fraction") else None
 
@@ -225,6 +226,7 @@ def fit(
                 # record says the same whatever the number of processes
                 if block_fraction is None:
                     meter.add_update(len(y) * world, attack_ge)
+                    meter.add_forward(len(y) * world * forwards)
                 else:  # partial passes through an early block, counted in full-network equivalents
                     meter.add_partial(len(y) * world, attack_ge + objective.update_passes(), block_fraction)
                 step += 1

@@ -184,6 +184,9 @@ class Trades:
     def attack_grad_evals(self) -> int:
         return self.steps + 1  # inner steps, plus the second forward/backward of the update (x and x_adv)
 
+    def forward_passes(self) -> int:
+        return 1  # the clean prediction the inner maximisation starts from (no gradient: FLOPs, not grad evals)
+
     def describe(self) -> dict:
         return {
             "objective": self.name,
