@@ -289,9 +289,7 @@ class AnalyzeSummary(Record):
     threat: dict
     criteria: dict  # per criterion: components, top10, and the concentration curve when measured
     cost: dict  # the CostMeter record (cost.json)
-    rank_agreement_with_restoration: dict[str, float | None] | None = (
-        None  # Spearman per fast criterion; None: undefined
-    )
+    rank_agreement_with_restoration: dict[str, float | None] | None = None  # Spearman per criterion (None: undefined)
 
 
 class RobustnessCore(TypedDict):

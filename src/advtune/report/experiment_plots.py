@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import AdvtuneError
 from ..frontier import PLATEAU_TOLERANCE, curves, reference_plateau
-from .costs import base_unrecorded, total_cost
+from .costs import base_unrecorded, total_cost, total_words
 from .narrative import ADAPTER_GRANULARITIES, describe_short, short_layer_names
 from .plots import figure, label_bars, save_figure
 
@@ -65,7 +65,7 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, colors: Mapping[str, 
             zorder=3,
             label=f"{r['variant']} ({100 * r['robust_acc']:.1f}%)"
             + (" SUSPECT" if r.get("suspect") else "")
-            + (f", cost >= {total_cost(r):,}" if base_unrecorded(r) else ""),
+            + (f", cost {total_words(r)}" if base_unrecorded(r) else ""),
         )
     cost_axis(ax)
     ax.set_xlabel("total gradient evaluations (log): training + base model + analysis")

@@ -4,7 +4,6 @@ and measure how concentrated the adversarial errors are."""
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from ..vulnerability import (
     score_many,
     sharded,
 )
+from ..vulnerability.table import nan_to_none
 from .common import (
     dataset_of,
     load_base,
@@ -152,8 +152,9 @@ def analyze_model(model, x: Tensor, y: Tensor, run: AnalyzeRun, attack: Attack |
     agreement = None
     if "restoration" in tables:
         # None where undefined (one table's scores all equal: NaN), so the record reads back and says so
-        agreement = {k: rank_agreement(t, tables["restoration"]) for k, t in tables.items() if k != "restoration"}
-        agreement = {k: (None if math.isnan(v) else v) for k, v in agreement.items()}
+        agreement = {
+            k: nan_to_none(rank_agreement(t, tables["restoration"])) for k, t in tables.items() if k != "restoration"
+        }
     meter.stop()
     meter.add_counted(counter)
     summary = AnalyzeSummary(
