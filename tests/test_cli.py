@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from advtune.cli import COMMANDS, main
+from advtune.errors import AdvtuneError
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -517,3 +519,57 @@ def test_a_relative_data_dir_is_recorded_as_the_folder_it_names(tmp_path, monkey
     monkeypatch.setenv("HOME", str(tmp_path))  # ~ as the loaders read it (a YAML or --data-dir=~/data keeps it)
     assert main(train_args(tmp_path / "home", "--data-dir", "~/data")) == 0
     assert json.loads((tmp_path / "home" / "config.json").read_text())["run"]["data_dir"] == str(run["data_dir"])
+
+
+def test_finetune_resume_refuses_a_base_retrained_in_place(tmp_path, capsys):
+    """A review: finetune compared its base by path only; retrained in place, a resume took its selection and patch
+    from the new base and its weights from the old base's checkpoint. The probe stage's finished folder too."""
+    base = tmp_path / "base"
+    assert main(train_args(base)) == 0
+    for extra in ([], ["--granularity", "probe", "--probe", "0.5", "--params", "0.2"]):
+        ft = ["finetune", str(base), "--eps", "0.1", "--budget", "4000", "--quiet", *extra]
+        out = tmp_path / f"ft{len(extra)}"
+        assert main([*ft, "--out", str(out)]) == 0
+        assert main([*ft, "--out", str(out), "--resume"]) == 0  # the same base: resumes (finished: records again)
+    capsys.readouterr()
+    tiny = ["finetune", str(base), "--eps", "0.1", "--budget", "400", "--granularity", "probe", "--params", "0.2"]
+    assert main([*tiny, "--out", str(tmp_path / "tiny"), "--quiet"]) == 2  # the probe's one step spent it all
+    assert "leaving none to the masked stage; raise --budget" in capsys.readouterr().err
+    assert main(train_args(base, "--overwrite", "--seed", "1")) == 0
+    capsys.readouterr()
+    for extra in ([], ["--granularity", "probe", "--probe", "0.5", "--params", "0.2"]):
+        ft = ["finetune", str(base), "--eps", "0.1", "--budget", "4000", "--quiet", *extra]
+        assert main([*ft, "--out", str(tmp_path / f"ft{len(extra)}"), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "the base model changed since" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_failed_overwrite_of_the_probe_rule_keeps_the_old_probe(tmp_path, capsys, monkeypatch):
+    """A review: the probe stage's folder (OUT.probe) deleted the probe it replaced as soon as the probe finished, so
+    a masked stage that then failed left the old run without its probe. Both are kept until both stages finish."""
+    import advtune.runs.finetune as ft_job
+
+    base, out = tmp_path / "base", tmp_path / "ft"
+    assert main(train_args(base)) == 0
+    argv = ["finetune", str(base), "--eps", "0.1", "--budget", "4000", "--granularity", "probe", "--probe", "0.5"]
+    argv += ["--params", "0.2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    real = ft_job.finetune_model
+
+    def masked_stage_fails(model, ds, job, rd=None, *a, **k):
+        if rd is not None and rd.path == out:
+            raise AdvtuneError("the masked stage failed")
+        return real(model, ds, job, rd, *a, **k)
+
+    monkeypatch.setattr(ft_job, "finetune_model", masked_stage_fails)
+    assert main([*argv, "--overwrite", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    kept = {p.name.split(".replaced-")[0] for p in tmp_path.glob(".*.replaced-*")}
+    assert kept == {".ft", ".ft.probe"} and "the masked stage failed" in err, (kept, err)
+    probe_aside = next(tmp_path.glob(".ft.probe.replaced-*"))
+    assert (probe_aside / "summary.json").is_file()  # the old run's probe, whole
+    monkeypatch.setattr(ft_job, "finetune_model", real)
+    for p in tmp_path.glob(".*.replaced-*"):  # (put aside by hand: what the error line says to do)
+        shutil.rmtree(p)
+    assert main([*argv, "--overwrite", "--seed", "4"]) == 0
+    assert not list(tmp_path.glob(".*.replaced-*"))  # both stages done: both old folders deleted

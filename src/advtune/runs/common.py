@@ -85,6 +85,7 @@ def open_training_folder(run, cfg, config: dict, inert: Callable[[dict], Collect
         saved = recorded.get("run", {})
         ignore = set(inert(saved)) if inert else set()
         check_same_run(saved, run.to_json(), ignore=ignore, working_dir=recorded.get("working_dir"))
+        check_same_base(recorded, config.get("base_sha256"), rd.path)
     if run.resume:  # an adversarial run's eps ramp (None: the job's auto ramp, at most the default)
         ramp = getattr(run, "eps_warmup", None)
         ramp = (DEFAULT_EPS_WARMUP if ramp is None else float(ramp)) if getattr(run, "adversarial", True) else 0.0
@@ -183,6 +184,18 @@ def dataset_spec(name: str) -> str:
     """What rebuilds the dataset later: a registry name, or the absolute path of a file/folder."""
 
     return dataset_key(name) or str(Path(name).expanduser().resolve())  # an alias is its name, not a path
+
+
+def check_same_base(recorded: dict, base_sha256: str | None, folder) -> None:
+    """A resume continues from the base weights its run started from (`base_sha256`, the state's hash, recorded in its
+    config): a base retrained or replaced in place since would mix two bases in one run (the checkpoint's weights
+    and the selection and patch taken from the new base). Runs recorded before the hash are not checked."""
+    then = recorded.get("base_sha256")
+    if then and base_sha256 and then != base_sha256:
+        raise AdvtuneError(
+            f"--resume: the base model changed since {folder} started (its weights' sha256 was {then[:12]}..., now "
+            f"{base_sha256[:12]}...); a resume would mix two bases: start anew with --overwrite or another --out"
+        )
 
 
 def write_config_once(rd: RunDir, config: dict) -> None:
@@ -360,6 +373,15 @@ def dataset_of(base_config: dict, meta: dict, data_dir: str | None, **kw):
             f"{name} now reads as classes {ds.classes[:6]} ({len(ds.classes)}) of {ds.input_shape} images, and the "
             f"model was trained on {classes[:6] if isinstance(classes, list) else '?'} of {tuple(shape or ())}; use "
             "the data it was trained on"
+        )
+    then, now = recorded.get("images"), ds.notes.get("images")
+    if then is not None and now is not None and then != now:  # an image folder's order is drawn over its count
+        log.warning(
+            "%s holds %d training images now, %d when the base was trained: its reading order changed, so --limit and "
+            "held-out splits now mix in images the base trained on; restore the folder for a clean comparison",
+            name,
+            now,
+            then,
         )
     return ds
 

@@ -16,7 +16,7 @@ from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..metrics import accuracy, quick_robust_acc
 from ..models import load_model
-from ..patch import cpu_state, write_patch
+from ..patch import cpu_state, state_sha256, write_patch
 from ..recipe import Recipe
 from ..records import Record
 from ..seeding import seed_everything
@@ -47,7 +47,7 @@ from .common import (
     with_budget,
 )
 from .configs import FinetuneRun
-from .record import RunDir, check_resume_overwrite, refuse_taken_out
+from .record import RunDir, check_resume_overwrite, refuse_taken_out, replaced_when_all_done
 from .selecting import (
     check_selection_flags,
     describe_selection,
@@ -80,8 +80,7 @@ class FinetuneSummary(Record):
     checkpoints: dict | None = None  # --keep-best: the held-out curve and the step kept
 
 
-def both(first, second):
-    """One on_step callback that calls two (either may be None)."""
+def both(first, second):  # one on_step callback that calls two (either may be None)
     if first is None:
         return second
 
@@ -213,8 +212,7 @@ def decided(model, ds, run: FinetuneRun, chosen) -> FinetuneRun:
 
 
 def prepare_finetune(model, ds, run: FinetuneRun, select=None) -> Finetuning:
-    """Everything a fine-tuning needs, validated: the objective, the selection (`select` overrides
-    `run.select`, e.g. a ScoreTable already in memory) and the steps of the budget."""
+    """Objective, selection and steps, validated (`select` overrides `run.select`, e.g. a ScoreTable in memory)."""
     run = check_finetune(run)
     chosen = run.select if select is None else select
     run = decided(model, ds, run, chosen)
@@ -458,8 +456,9 @@ def finetune_folder(
                 raise AdvtuneError(
                     f"output folder {folder} already exists; pass --resume to continue it or --overwrite to replace it"
                 )
-        probed = probe_then_mask(model, meta, ds, run, probe_folder(out), log.info)
-        return finetune_folder(probed.start, meta, ds, probed.run, probed.mask, probed.base_state, probed.spent, run)
+        with replaced_when_all_done(probe_folder(out), out):  # --overwrite: the old probe goes with the old run
+            p = probe_then_mask(model, meta, ds, run, probe_folder(out), log.info)
+            return finetune_folder(p.start, meta, ds, p.run, p.mask, p.base_state, p.spent, run)
     job = prepare_finetune(model, ds, run, select)
     run, cfg = job.run, job.cfg
     base_state = base_state if base_state is not None else cpu_state(model)  # the patch: what changed
@@ -469,6 +468,7 @@ def finetune_folder(
         **({"stage": run.to_json()} if asked is not None else {}),
         "seed": cfg.seed,
         "base": str(run.base),
+        "base_sha256": state_sha256(base_state),  # a resume refuses a base retrained in place
         "dataset": ds.describe(),
         "objective": job.objective.describe(),
         "threat": job.threat.to_json(),

@@ -28,16 +28,16 @@ from ..devices import model_device
 from ..distributed import broadcast, on_main
 from ..errors import AdvtuneError
 from ..models import load_model
-from ..patch import cpu_state
+from ..patch import cpu_state, state_sha256
 from ..storage import read_json
 from ..train import TrainConfig
 from ..train.config import REGROW_HOW
 from ..train.distill import check_probe_teacher, with_probe_teacher
-from ..train.lowrank import adaptable_layers, norm_params
+from ..train.lowrank import adaptable_layers, norm_params, refuse_parametrized
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
-from .common import check_same_run, example_input
+from .common import check_same_base, check_same_run, example_input
 from .configs import FinetuneRun
 from .finetune import FinetuneSummary, check_probe_rule, finetune_folder, finetune_model, prepare_finetune
 from .selecting import analysed, head_layer, inert_selection_settings, norms_of, read_table, resolve_norms
@@ -113,6 +113,7 @@ def probe_folder(out: str | Path) -> Path:
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
     """Everything the masked stage would refuse, refused before the probe trains (after probe_settings' checks):
     returns the mask's entry budget."""
+    refuse_parametrized(model)
     if ft.probe_quotas and table is None and not analysed(ft.select):
         raise AdvtuneError(
             "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"
@@ -164,6 +165,7 @@ def probe_then_mask(
         check_same_run(
             saved, first.to_json(), ignore=inert_selection_settings(saved), working_dir=recorded.get("working_dir")
         )
+        check_same_base(recorded, state_sha256(base_state), folder)
         probed, _ = load_model(folder, model_device(model))
         spent = FinetuneSummary.read(folder / files.SUMMARY).cost
     else:
@@ -197,6 +199,11 @@ def probe_then_mask(
         "weight_entries": entries,
         "folder": str(folder) if folder is not None else None,
     }
+    if spent["grad_evals"] >= ft.budget:  # its whole batches overshot a tiny budget: nothing left to the mask
+        raise AdvtuneError(
+            f"--budget {ft.budget:,}: the probe stage alone spent {spent['grad_evals']:,} gradient evaluations (whole "
+            "batches), leaving none to the masked stage; raise --budget (with --overwrite: the probe ran with this one)"
+        )
     seed = None if ft.train.seed is None else ft.train.seed + 1  # not the probe's batches again
     rest = replace(
         ft,

@@ -4,6 +4,7 @@ atomically. The jobs that fill them are the other modules of this package."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,23 @@ def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
 # runs this process moved aside for --overwrite and has not yet deleted (its new run has not finished): a failure
 # says where the old run is (the CLI's error line), so it is never lost without a word
 REPLACING: dict[Path, Path] = {}
+DEFERRED: set[Path] = set()  # stages of a larger run (replaced_when_all_done): their done() leaves what they replaced
+
+
+@contextlib.contextmanager
+def replaced_when_all_done(*paths: Path):
+    """Stages of one run (the probe rule's OUT.probe, then OUT): the runs an --overwrite of them moved aside are
+    deleted only once every stage is done; a stage that fails leaves all of them kept (and said where)."""
+    keys = {Path(p) for p in paths}
+    DEFERRED.update(keys)
+    try:
+        yield
+    finally:
+        DEFERRED.difference_update(keys)
+    for p in keys:  # reached only when every stage finished
+        aside = REPLACING.pop(p, None)
+        if aside is not None and is_main_process() and aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def replaced_note() -> str:
@@ -216,6 +234,9 @@ class RunDir:
         """The new run is complete: delete the run it replaced (kept aside until now). Under
         torch.distributed every rank waits here until rank 0 has written everything, so the next job
         (or a peer) reads a finished run."""
+        if self.path in DEFERRED:  # a stage: what it replaced goes when its whole run is done
+            barrier()
+            return
         if self.writer and self.aside is not None and self.aside.is_dir():
             shutil.rmtree(self.aside, ignore_errors=True)
         REPLACING.pop(self.path, None)
