@@ -469,3 +469,48 @@ def test_training_from_scratch_refuses_an_adapter_rate_before_any_folder(tmp_pat
     with pytest.raises(AdvtuneError, match="applies to fine-tuning with low-rank adapters"):
         train_job.run(run)
     assert not out.exists()
+
+
+def test_a_parametrized_weight_is_refused_by_every_selective_rule():
+    """An audit: on a layer with spectral_norm (a torch parametrization) the low-rank merge crashed after training
+    (it took the user's parametrization for an adapter), and the unit and sparse rules silently trained its bias
+    only (the weight lives at parametrizations.weight.original). Refused in one line; everything still trains."""
+    from torch import nn
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from advtune.components import Component, Selection
+    from advtune.runs.selecting import make_selection
+    from advtune.train.lowrank import refuse_parametrized
+    from advtune.train.selection import Trainable
+    from advtune.train.sparse import SparseEntries
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(spectral_norm(nn.Conv2d(1, 4, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+    model = net()
+    names = dict(model.named_parameters())
+    for selection in (
+        LowRank({"3": 1}),  # the plain layer only: the merge still met the parametrized one
+        Selection.of(model, [Component("0", 1)]),
+        SparseEntries({"3.weight": torch.ones_like(names["3.weight"], dtype=torch.bool)}),
+    ):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(AdvtuneError, match=r"layer '0' has a computed weight .*remove_parametrizations"):
+            Trainable(model, selection)
+        assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen or adapted
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(AdvtuneError, match="has a computed weight"):  # the CLI's paths: before any folder
+        make_selection(model, "random", 0.1, "taylor", False, 0)
+    assert make_selection(model, "all", 0.1, "taylor", False, 0) is None  # every parameter: trains as it is
+    Trainable(model, None).close()
+    from torch.nn.utils import spectral_norm as hooked_spectral_norm  # the older kind: hooks over weight_orig
+
+    hooked = nn.Sequential(nn.Flatten(), hooked_spectral_norm(nn.Linear(64, 3)))
+    with pytest.raises(AdvtuneError, match="layer '1' has a computed weight"):
+        Trainable(hooked, Selection.of(hooked, [Component("1", 0)]))
+    adapted = net()
+    adapted[0] = nn.Conv2d(1, 4, 3)  # plain layers only: our own adapters on them are not refused
+    trainable = Trainable(adapted, LowRank({"0": 1, "3": 1}))
+    refuse_parametrized(adapted)  # (while they are on the model)
+    trainable.close()

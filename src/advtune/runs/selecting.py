@@ -19,6 +19,7 @@ from ..train.lowrank import (
     norm_layers,
     norm_params,
     own_params,
+    refuse_parametrized,
     share_ranks,
     uniform_ranks,
 )
@@ -61,6 +62,8 @@ def make_selection(
     `head`: the output layer trains whole, paid out of `params` (hybrid, shares, sparse and probe on an analysis only).
     `entry_scores`: the per-entry scores granularity=sparse ranks entries by (vulnerability.entries), or a function
     that computes them, called only once the budget is known to fit (and only for granularity=sparse)."""
+    if select != "all":
+        refuse_parametrized(model)
     from_analysis = isinstance(select, ScoreTable) or analysed(select)
     if head and isinstance(select, SparseEntries) and not select.whole:  # the probe's mask, taken without its head
         raise AdvtuneError("--head: this mask does not train the output layer whole; take the mask with --head")

@@ -58,6 +58,25 @@ class LowRankDelta(nn.Module):
         return weight + (self.up @ self.down).view_as(weight)
 
 
+def refuse_parametrized(model: nn.Module) -> None:
+    """Refuse, in one line, a conv or linear layer whose weight is computed (spectral_norm, weight_norm: a torch
+    parametrization, or the older hooks over `weight_orig` / `weight_g`, `weight_v`): the selective rules train, mask
+    and adapt the plain `weight` parameter, which such a layer lacks (its unit masks trained only the bias, its
+    adapters stacked on the user's parametrization)."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ADAPTABLE) or isinstance(mod._parameters.get("weight"), nn.Parameter):
+            continue
+        if parametrize.is_parametrized(mod, "weight") and all(
+            isinstance(p, LowRankDelta) for p in mod.parametrizations.weight
+        ):
+            continue  # our own adapters (a selection being trained)
+        raise AdvtuneError(
+            f"layer {name!r} has a computed weight (e.g. spectral_norm or weight_norm): selective fine-tuning trains "
+            "plain weights; remove it first (torch.nn.utils.parametrize.remove_parametrizations, or "
+            "remove_spectral_norm / remove_weight_norm) or train every parameter (finetune --select all)"
+        )
+
+
 def adaptable_layers(model: nn.Module) -> list[str]:
     """Names of the conv and linear layers of `model`, in module order."""
     return [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]

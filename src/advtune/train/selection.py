@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import AdvtuneError
-from .lowrank import check_adapter_lr_ratio, merge, up_factors
+from .lowrank import check_adapter_lr_ratio, merge, refuse_parametrized, up_factors
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Trainable:
                 for p in model.parameters():
                     p.requires_grad_(True)
             return  # (d): selecting everything is exactly the full-training path
+        refuse_parametrized(model)  # before anything is frozen or adapted
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
             selection.adapt(model)
             self.adapted = True
