@@ -258,3 +258,27 @@ def test_the_masking_gate_runs_and_fires_in_the_evaluate_command(nets, tmp_path,
     assert record["clean_accuracy"] > 0.5 and record["gate_grad_evals"] > 0
     assert any(s.startswith("zero-gradients") for s in record["suspect"]), record["suspect"]
     assert "masking gate: passed" not in shown and "zero-gradients" in shown
+
+
+def test_a_factory_file_imports_the_helper_modules_beside_it(tmp_path, monkeypatch):
+    """An audit: `python file.py` imports the modules beside the file; advtune's console script ran the file without
+    its folder on the path ("No module named 'blocks'") unless the command ran from that folder."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # what the import adds is undone after the test
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "advtune_test_blocks.py").write_text("from torch import nn\nWIDTH = 8\n")
+    (code / "mine.py").write_text(
+        "from torch import nn\nfrom advtune_test_blocks import WIDTH\n\n"
+        "def make(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, WIDTH), nn.ReLU(), nn.Linear(WIDTH, num_classes))\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delitem(sys.modules, "advtune_test_blocks", raising=False)
+    from advtune.factories import build_from_factory
+
+    model = build_from_factory(f"{code / 'mine.py'}:make", (1, 16, 16), 4)
+    assert model[1].out_features == 8

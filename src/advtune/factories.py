@@ -125,6 +125,8 @@ def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
         module = None
     try:
         if module is not None:
+            if str(path.parent) not in sys.path:  # its helper modules beside it import (installed ones win a name)
+                sys.path.append(str(path.parent))
             spec.loader.exec_module(module)
         else:
             _importable_from_cwd()
