@@ -194,15 +194,21 @@ def test_export_files_are_readable_records_stay_and_bad_batches_are_one_line(shi
         (["--batch-size", "0"], "--batch-size must be a positive number"),
         (["--out", str(root / "hard" / "model.safetensors"), "--format", "pt", "--overwrite"], "the run's own records"),
         (["--out", str(tmp_path)], "is a folder; name the file"),
+        (["--format", "pt"], "--format pt and --out m.onnx disagree (its suffix says onnx): name the file m.pt"),
+        (["--format", "onnx", "--out", str(tmp_path / "m.safetensors")], "or drop --format to write safetensors"),
     ):
         assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+    out = tmp_path / "m.bin"  # a suffix that names no format: onnx unless --format says otherwise
     assert main(["export", str(root / "hard"), "--out", str(out), "--limit-test", "10", "--quiet"]) == 0
-    assert (tmp_path / "m.onnx.check.json").is_file()
+    assert (tmp_path / "m.bin.check.json").is_file()
     assert main(["export", str(root / "hard"), "--format", "pt", "--out", str(out), "--overwrite", "--quiet"]) == 0
-    assert not (tmp_path / "m.onnx.check.json").exists()  # it checked the file this one replaced
+    assert not (tmp_path / "m.bin.check.json").exists()  # it checked the file this one replaced
+    assert main(["export", str(root / "hard"), "--out", str(tmp_path / "w.safetensors"), "--quiet"]) == 0
+    shipped_keys = load_file(str(root / "ship" / "model.safetensors")).keys()
+    assert load_file(str(tmp_path / "w.safetensors")).keys() == shipped_keys  # the suffix chose safetensors
 
 
 def test_onnx_export_equals_pytorch_clean_and_adversarial(shipped):

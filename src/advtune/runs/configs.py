@@ -299,7 +299,7 @@ class EvaluateRun:
     run: str = setting(help="run folder of the model to evaluate", positional=True)
     eps: tuple[float, ...] = setting((), help="one eps or a comma list for a curve, e.g. 0.3 or 0.1,0.2,0.3 or 8/255")
     attacks: str | None = setting(
-        None, help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t"
+        None, help="comma list of attack specs, e.g. fgsm,pgd:steps=40,restarts=2,apgd-ce,apgd-t (this or --suite)"
     )
     suite: str | None = setting(
         None, help="standard = APGD-CE, APGD-T, Square; quick = FGSM, PGD-20", choices=("standard", "quick")
@@ -402,6 +402,10 @@ class ApplyRun:
     overwrite: bool = overwrite_setting(None)
 
 
+FORMATS = ("onnx", "safetensors", "pt")
+SUFFIX_FORMATS = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}  # export's --out
+
+
 @dataclass(frozen=True)
 class ExportRun:
     """`advtune export`: the model of a run for serving, checked against the model that was evaluated.
@@ -409,7 +413,11 @@ class ExportRun:
 
     run: str = setting(help="run folder of the model to export (a harden, finetune or train run)", positional=True)
     out: str = setting(help="file to write")
-    format: str = setting("onnx", help="file format", choices=("onnx", "safetensors", "pt"))
+    format: str | None = setting(
+        None,
+        help="file format (default: from --out's suffix: .onnx, .safetensors, .pt or .pth; onnx for any other)",
+        choices=FORMATS,
+    )
     eps: float | None = setting(
         None, help="eps of the adversarial inputs of the ONNX check (default: the run's)", type=number
     )

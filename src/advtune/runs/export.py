@@ -18,6 +18,7 @@ import logging
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from ..threat import ThreatModel
 from ..train.objectives import OBJECTIVES
 from ..weights import storable_state
 from .common import dataset_of, load_base
-from .configs import ExportRun
+from .configs import SUFFIX_FORMATS, ExportRun
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def run(run: ExportRun) -> dict:
         raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
     if out.resolve().parent == Path(run.run).resolve() and (out.name in RUN_RECORDS or out.name.startswith("eval-")):
         raise AdvtuneError(f"--out {out} is one of the run's own records; write the export to another file")
+    run = replace(run, format=export_format(run.format, out))
     if out.exists() and not run.overwrite:
         raise AdvtuneError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     bs = run.batch_size
@@ -71,7 +73,7 @@ def run(run: ExportRun) -> dict:
         given = [f for f in CHECK_SETTINGS if getattr(run, f) != default(ExportRun, f)]
         if given:
             flags = " ".join("--" + f.replace("_", "-") for f in given)
-            raise AdvtuneError(f"{flags}: settings of the ONNX check, which --format {run.format} has not; drop them")
+            raise AdvtuneError(f"{flags}: settings of the ONNX check, which a {run.format} export has not; drop them")
     device = resolve_device(run.device)
     model, meta, base_cfg = load_base(run.run, device)
     model.eval()
@@ -92,6 +94,20 @@ def run(run: ExportRun) -> dict:
             path.unlink()
     record["bytes"] = out.stat().st_size
     return record
+
+
+def export_format(fmt: str | None, out: Path) -> str:
+    """--format, or the one --out's suffix names (onnx for any other suffix); a format another suffix contradicts is
+    refused (a pickle named .safetensors fails every reader that trusts the name)."""
+    named = SUFFIX_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        return named or "onnx"
+    if named is not None and named != fmt:
+        raise AdvtuneError(
+            f"--format {fmt} and --out {out.name} disagree (its suffix says {named}): name the file {out.stem}"
+            f"{'.pt' if fmt == 'pt' else '.' + fmt}, or drop --format to write {named}"
+        )
+    return fmt
 
 
 def onnx_runtime():
