@@ -509,6 +509,9 @@ def test_validation_split_and_limit():
     assert split.val.y.tolist() == ident.split_validation(10, seed=4).val.y.tolist()
     with pytest.raises(AdvtuneError, match="leaves no training data"):
         load_dataset("synthetic", val=5000)
+    with pytest.raises(AdvtuneError, match="--val 0.001 of 200 training examples holds out none"):  # an audit: it
+        load_dataset("synthetic", limit=200, val=0.001)  # trained on all 200 with no split and no word
+    assert ident.split_validation(0) is ident  # none asked: none held out
 
 
 # ---------------------------------------------------------------- the real files beside the checkout
@@ -752,3 +755,93 @@ def test_a_runs_recorded_data_folder_that_moved_falls_back_to_the_usual_places(i
         ds = dataset_of(config, {"num_classes": 10, "input_shape": [1, 28, 28]}, None, limit=8)
     assert len(ds.train) == 8 and "recorded data folder" in caplog.text and "no longer holds it" in caplog.text
     assert not (isolated / "gone").exists()  # nothing downloaded into (or created at) the vanished folder
+
+
+def test_an_image_folder_that_gained_images_since_its_base_is_said(tmp_path, caplog):
+    """An audit: a folder's fixed reading order is drawn over its image count, so one image added reshuffled it and a
+    later --limit or held-out split took images the base trained on, without a word. The count is recorded and
+    compared."""
+    import logging
+
+    from PIL import Image
+
+    from advtune.runs.common import dataset_of
+
+    root = tmp_path / "imgs"
+    for split, n in (("train", 30), ("test", 2)):
+        for ci, c in enumerate(("cat", "dog")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((4, 4), 60 * ci + i, np.uint8)).save(root / split / c / f"{i}.png")
+    recorded = load_dataset(str(root), limit=40).describe()
+    assert recorded["images"] == 60 and recorded["train"] == 40  # the folder's count, not the limit's
+    config, meta = {"run": {"dataset": str(root)}, "dataset": recorded}, {"classes": ["cat", "dog"]}
+    with caplog.at_level(logging.WARNING, logger="advtune.runs.common"):
+        dataset_of(config, meta, None)
+        assert not caplog.records  # unchanged: nothing to say
+        Image.fromarray(np.full((4, 4), 7, np.uint8)).save(root / "train" / "dog" / "new.png")
+        dataset_of(config, meta, None)
+    assert "holds 61 training images now, 60 when the base was trained" in caplog.text
+
+
+def test_a_named_sets_file_with_another_sets_images_is_refused(isolated):
+    """An audit: a (40, 28, 28) file named cifar10.npz was read as CIFAR-10 (1x28x28 images under CIFAR-10's
+    3-channel mean and std); an IDX set of other sizes likewise."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10
+    (isolated / "cifar10").mkdir()
+    np.savez(isolated / "cifar10" / "cifar10.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    with pytest.raises(AdvtuneError, match=r"cifar10\.npz holds 1x28x28 images, not cifar10's 3x32x32"):
+        load_dataset("cifar10", isolated)
+    folder = isolated / "fashion-mnist"
+    folder.mkdir()
+    for name, arr in (
+        ("train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 16, 16))),
+        ("train-labels-idx1-ubyte.gz", np.arange(30) % 10),
+        ("t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (10, 16, 16))),
+        ("t10k-labels-idx1-ubyte.gz", np.arange(10)),
+    ):
+        write_idx(folder / name, arr)
+    with pytest.raises(AdvtuneError, match="holds 1x16x16 images, not fashion-mnist's 1x28x28"):
+        load_dataset("fashion-mnist", isolated)
+
+
+def test_a_foreign_cifar_batch_is_one_line(isolated):
+    """An audit: a pickled list gave a raw AttributeError, and int64 pixels were wrapped into uint8 (300 -> 44)."""
+    folder = isolated / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        _cifar_batch(folder / f"data_batch_{i}", 2, i)
+    _cifar_batch(folder / "test_batch", 2, 9)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump([1, 2, 3], f, protocol=2)
+    with pytest.raises(AdvtuneError, match="data_batch_1 holds a list, not a CIFAR-10 batch"):
+        load_dataset("cifar10", isolated)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"labels": [0, 1], b"data": np.full((2, 3072), 300, np.int64)}, f, protocol=2)
+    with pytest.raises(AdvtuneError, match="data_batch_1: CIFAR-10 pixels are uint8, got int64"):
+        load_dataset("cifar10", isolated)
+
+
+def test_train_resume_refuses_an_image_folder_that_changed(tmp_path, capsys):
+    """A review: `train --resume` read a folder that gained an image since in its new order, so the checkpoint's
+    batch positions and the --val split indexed other images."""
+    from PIL import Image
+
+    from advtune.cli import main
+
+    root = tmp_path / "imgs"
+    for split, n in (("train", 20), ("test", 3)):
+        for ci, c in enumerate(("cat", "dog")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((16, 16), 90 * ci + i, np.uint8)).save(root / split / c / f"{i}.png")
+    argv = ["train", "--dataset", str(root), "--model", "small-cnn", "--epochs", "1", "--batch-size", "8"]
+    argv += ["--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0  # unchanged: resumes (finished: records again)
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(root / "train" / "dog" / "new.png")
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 41 training images now, 40 when this run started" in err and len(err.strip().splitlines()) == 1

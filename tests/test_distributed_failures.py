@@ -69,17 +69,21 @@ def test_every_rank_holds_the_same_model_with_frozen_entries_exact(tmp_path):
 
 def test_resume_after_kill_9_of_one_rank(tmp_path):
     args = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--limit", "1536", "--limit-test", "50"]
-    args += ["--batch-size", "64", "--device", "cpu", "--quiet", "--epochs", "3", "--out", "run"]
+    args += ["--batch-size", "64", "--device", "cpu", "--quiet", "--epochs", "3", "--checkpoint-every", "4"]
+    args += ["--out", "run"]
     ref = one(tmp_path, *[a if a != "run" else "ref" for a in args])
     assert ref.returncode == 0, ref.stderr
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "advtune", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+    ckpt, seen = tmp_path / "run" / "checkpoint.pt", None
+    while time.time() < deadline and proc.poll() is None:  # killed after a checkpoint inside epoch 2
+        if seen is None and metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            seen = ckpt.stat().st_mtime_ns
+        if seen is not None and ckpt.stat().st_mtime_ns != seen:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed; make it longer"
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
@@ -92,6 +96,11 @@ def test_resume_after_kill_9_of_one_rank(tmp_path):
     assert max_diff(weights(tmp_path / "ref"), weights(tmp_path / "run")) < ATOL
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
+    # the interrupted epoch's training loss too: every rank's part before the kill counted once (an audit: rank 0's
+    # sums were loaded by every rank, so its part counted twice and the other rank's was lost)
+    refs = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, refs):
+        assert a["examples"] == b["examples"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2), (a, b)
 
 
 def test_a_batch_that_does_not_split_is_refused_before_anything_is_written(tmp_path):

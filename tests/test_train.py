@@ -395,3 +395,28 @@ def test_a_training_checkpoint_never_runs_code_and_a_foreign_one_is_named(synth,
     torch.save({"epoch": 3, "weights": {}}, tmp_path / files.CHECKPOINT)  # plain tensors and numbers, not ours
     with pytest.raises(AdvtuneError, match="is not an advtune training checkpoint"):
         fit(fresh(synth), synth.train.take(64), clean(), cfg, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_carries_the_cuda_generator_when_cuda_is_in_use(tmp_path, monkeypatch):
+    """An audit: only the CPU generator was saved, so a resumed CUDA run with dropout re-drew the masks of its
+    first steps (the device generator re-seeded). Faked CUDA calls: the state goes into the file and back."""
+    from advtune.train import checkpoint
+    from advtune.train.checkpoint import load_checkpoint, save_checkpoint
+    from advtune.train.loop import History
+
+    cuda_state, gpu = torch.arange(16, dtype=torch.uint8), torch.device("cuda", 1)  # the model's device, not cuda:0
+    asked, restored = [], []
+    model = torch.nn.Linear(2, 2)
+    assert checkpoint.cuda_device_of(model) is None  # a CPU model: no device generator
+    monkeypatch.setattr(checkpoint, "cuda_device_of", lambda m: gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: asked.append(d) or cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.append((s.clone(), d)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = TrainConfig(epochs=1)
+    save_checkpoint(tmp_path / "c.pt", model, opt, CostMeter(), History(), cfg, 0, 3, torch.zeros(3))
+    load_checkpoint(tmp_path / "c.pt", model, opt, CostMeter(), History(), cfg, "cpu")
+    assert asked == [gpu] and len(restored) == 1
+    assert torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu
+    monkeypatch.setattr(checkpoint, "cuda_device_of", lambda m: None)  # a CPU run writes none and restores none
+    save_checkpoint(tmp_path / "d.pt", model, opt, CostMeter(), History(), cfg, 0, 3, torch.zeros(3))
+    assert "cuda_rng" not in torch.load(tmp_path / "d.pt", weights_only=True)

@@ -234,10 +234,14 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise AdvtuneError(
             f"{path} is corrupt, truncated or not a CIFAR-10 batch ({e}); delete it and download again"
         ) from None
+    if not isinstance(d, dict):  # a pickled list or array: not a batch (a traceback on .items() before)
+        raise AdvtuneError(f"{path} holds a {type(d).__name__}, not a CIFAR-10 batch; delete it and download again")
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise AdvtuneError(f"{path} is not a CIFAR-10 batch (no data/labels); delete it and download again")
-    x = np.asarray(d["data"], dtype=np.uint8)
+    x = np.asarray(d["data"])
+    if x.dtype != np.uint8:  # pixels 300 or -1 were wrapped into 0..255 without a word
+        raise AdvtuneError(f"{path}: CIFAR-10 pixels are uint8, got {x.dtype}; delete it and download again")
     if x.ndim != 2 or x.shape[1] != 3072:
         raise AdvtuneError(f"{path}: expected data of shape (N, 3072), got {x.shape}")
     return x.reshape(-1, 3, 32, 32), np.asarray(d["labels"], dtype=np.int64)
@@ -400,4 +404,5 @@ def load_image_folder(root: Path, classes: list[str] | None = None, order: str =
     mean, std = channel_stats(splits["train"].x)
     ds = Dataset(root.name, splits["train"], splits["test"], list(classes), mean, std, str(root))
     ds.notes["order"] = order
+    ds.notes["images"] = len(splits["train"])  # the fixed order depends on it: a run compares it (runs.common)
     return ds

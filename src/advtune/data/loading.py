@@ -90,6 +90,13 @@ def load_dataset(
             ds = load_npz(path, num_classes=count, trained=count is not None)
         elif path.is_dir() and (path / "train").is_dir():
             ds = load_image_folder(path, trained.get("classes"), trained.get("order", SHUFFLED))
+            then = trained.get("images")  # a resume: its checkpoint's batch order indexes the folder's order
+            if then is not None and then != ds.notes.get("images", then):
+                raise AdvtuneError(
+                    f"{path} holds {ds.notes['images']} training images now, {then} when this run started: its "
+                    "reading order changed, so the resumed batches and --val split would be other images; restore "
+                    "the folder, or start a new run"
+                )
         elif path.suffix == ".npz" or os.sep in name:
             raise AdvtuneError(
                 f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/; data "
@@ -279,17 +286,33 @@ def _read_if_present(key: str, folder: Path) -> Dataset | None:
         _refuse_the_other_idx_set(key, folder, ytr)
         train = pair_split(xtr, ytr, paths[0], paths[1], len(spec.classes))
         test = pair_split(xte, yte, paths[2], paths[3], len(spec.classes))
-        return Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder))
+        return _of_its_shape(Dataset(key, train, test, list(spec.classes), spec.mean, spec.std, str(folder)), paths[0])
     # cifar10: the .npz layout, the extracted python batches, or the downloaded archive
     if (folder / "cifar10.npz").is_file():
         ds = load_npz(folder / "cifar10.npz", num_classes=len(spec.classes))
-        return replace(ds, name=key, classes=list(spec.classes), mean=spec.mean, std=spec.std)
+        ds = replace(ds, name=key, classes=list(spec.classes), mean=spec.mean, std=spec.std)
+        return _of_its_shape(ds, folder / "cifar10.npz")
     batches = folder / "cifar-10-batches-py"
     if (folder / "cifar-10-python.tar.gz").is_file():  # torchrun: one rank per machine unpacks, the others wait
         on_each_machine(lambda: extract_cifar(folder / "cifar-10-python.tar.gz", folder))
     if batches.is_dir():
         return load_cifar_batches(batches, spec)
     return None
+
+
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # the named sets' images
+
+
+def _of_its_shape(ds: Dataset, path: Path) -> Dataset:
+    """A named set's file holds its images (a (40,28,28) file named cifar10.npz was read as CIFAR-10 with its
+    3-channel mean and std)."""
+    want = SHAPES.get(ds.name)
+    if want is not None and ds.input_shape != want:
+        raise AdvtuneError(
+            f"{path} holds {'x'.join(map(str, ds.input_shape))} images, not {ds.name}'s {'x'.join(map(str, want))}: "
+            "it is another set's file; delete it (or move it) and let advtune fetch the real one"
+        )
+    return ds
 
 
 # the first ten training labels of each IDX set, whatever the file's form (a decompressed file has no known md5)

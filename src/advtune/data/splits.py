@@ -119,6 +119,10 @@ class Dataset:
         """Hold out `size` training examples (or a fraction) as a validation split, seeded."""
         n = len(self.train)
         k = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+        if k <= 0 < size:  # a share that rounds to no example: no split at all was made without a word
+            raise AdvtuneError(
+                f"--val {size:g} of {n} training examples holds out none; give a larger share, or a count"
+            )
         if k <= 0:
             return self
         if k >= n:
@@ -141,6 +145,7 @@ class Dataset:
             "test": len(self.test),
             "val": len(self.val) if self.val is not None else 0,
             **({"order": self.notes["order"]} if "order" in self.notes else {}),  # an image folder's reading order
+            **({"images": self.notes["images"]} if "images" in self.notes else {}),  # and its training images then
         }
 
 

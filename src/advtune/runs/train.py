@@ -74,7 +74,11 @@ def resumed_reading(run: TrainRun) -> dict | None:
     if not run.resume or dataset_key(run.dataset) or config is None or not config.is_file():
         return None
     recorded = read_json(config, "run config").get("dataset") or {}
-    return {"classes": recorded.get("classes"), "order": recorded.get("order", "sorted")}
+    return {
+        "classes": recorded.get("classes"),
+        "order": recorded.get("order", "sorted"),
+        "images": recorded.get("images"),
+    }
 
 
 def run(run: TrainRun) -> TrainSummary:

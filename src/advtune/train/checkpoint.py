@@ -33,6 +33,12 @@ class History:
         return self.epochs[-1] if self.epochs else {}
 
 
+def cuda_device_of(model) -> torch.device | None:
+    """The CUDA device the model trains on (its generator is saved with the CPU's), or None off CUDA."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None and p.device.type == "cuda" else None
+
+
 def save_checkpoint(
     path: Path,
     model,
@@ -60,6 +66,9 @@ def save_checkpoint(
         "acc_state": acc_state.cpu(),
         "rng": torch.get_rng_state(),
     }
+    cuda = cuda_device_of(model)
+    if cuda is not None:  # dropout, augmentation and attack noise on CUDA draw from the device's own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(cuda)
     if average is not None:  # --ema: the weight average resumes with the run
         state["average"] = average.state_dict()
     if regrowth is not None:  # --regrow: the mask as it has moved, and the gradient sums since its last move
@@ -187,4 +196,7 @@ def load_checkpoint(
     history.stopped = state["history"]["stopped"]
     history.restored = bool(state["history"].get("restored", False))
     torch.set_rng_state(state["rng"].cpu())
+    cuda = cuda_device_of(model)
+    if isinstance(state.get("cuda_rng"), torch.Tensor) and cuda is not None:  # (a run begun on the CPU has none)
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), cuda)
     return int(state["epoch"]), int(state["step"]), state["acc_state"].to(device)

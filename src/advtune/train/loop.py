@@ -110,7 +110,8 @@ def fit(
             meter.measure_model(model, tuple(train.x.shape[1:]))
         meter.trainable_params = trainable.count()
         # --batch-size is the global batch: each of the `world` ranks takes its share of every step's
-        # examples, so N processes take the same steps, on the same examples, as one process
+        # examples, so N processes take the same steps, on the same examples, as one process (up to the
+        # len(train) % world examples the shards leave out)
         local_batch = check_global_batch(cfg.batch_size)
         steps_per_epoch = num_batches(len(train) // world, local_batch)
         total = total_steps(cfg, steps_per_epoch)
@@ -142,6 +143,8 @@ def fit(
                 ckpt, model, opt, meter, history, cfg, device, average, regrowth, callbacks, scaler
             )
             trainable.snapshot()  # unselected slices: the loaded weights are the reference
+            if rank != 0:  # the epoch's sums so far are every rank's (saved summed): counted once, on rank 0
+                acc_state.zero_()
             log.info("resumed from %s at epoch %d step %d", ckpt, epoch + 1, step)
         elif resume and ckpt is not None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
@@ -242,29 +245,12 @@ def fit(
                         loss=f"{(acc_state[0] / acc_state[2]).item():.3f}",
                         acc=f"{(acc_state[1] / acc_state[2]).item():.3f}",
                     )
-                if (
-                    cfg.checkpoint_every
-                    and step % cfg.checkpoint_every == 0
-                    and step < steps_per_epoch
-                    and ckpt
-                    and rank == 0
-                ):
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch and ckpt:
                     meter.stop()
-                    save_checkpoint(
-                        ckpt,
-                        model,
-                        opt,
-                        meter,
-                        history,
-                        cfg,
-                        epoch,
-                        step,
-                        acc_state,
-                        average,
-                        regrowth,
-                        callbacks,
-                        scaler,
-                    )
+                    summed = _summed(acc_state, world)  # every rank's part of the epoch so far (a collective)
+                    if rank == 0:
+                        args = (ckpt, model, opt, meter, history, cfg, epoch, step, summed)
+                        save_checkpoint(*args, average, regrowth, callbacks, scaler)
                     meter.start()
             meter.stop()
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics: rank 0's, on every rank
@@ -345,11 +331,15 @@ def _zero_acc(device) -> torch.Tensor:
     return torch.zeros(3, dtype=torch.float64, device=device)
 
 
-def _reduce(t: torch.Tensor, world: int) -> list[float]:
+def _summed(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         t = t.clone()
         dist.all_reduce(t)
-    return [float(v) for v in t.tolist()]
+    return t
+
+
+def _reduce(t: torch.Tensor, world: int) -> list[float]:
+    return [float(v) for v in _summed(t, world).tolist()]
 
 
 def _all_reduce_grads(params, world: int) -> None:
