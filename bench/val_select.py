@@ -26,15 +26,19 @@ from advtune.settings import parse_number
 
 def _largest_limit(run: Path, config: dict) -> int | None:
     """The most training images any stage behind `run` saw (the run's own --limit, its base's, the base's base...):
-    the validation tail starts after all of them. None: some stage trained on all of them."""
+    the validation tail starts after all of them. None: some stage trained on all of them, or on what is not known
+    (weights brought in with --weights, or a base whose record is gone)."""
     limits, seen = [], set()
     while config is not None and str(run) not in seen:
         seen.add(str(run))
-        limits.append((config.get("run") or {}).get("limit"))
+        settings = config.get("run") or {}
+        limits.append(None if settings.get("weights") else settings.get("limit"))
         base = config.get("base")
         base = Path(base) if isinstance(base, str) and base else None
         if base is not None and not base.is_absolute():
             base = Path(config.get("working_dir") or ".") / base
+        if base is not None and not (base / "config.json").is_file():
+            limits.append(None)  # its base's images are unknown
         if base is None or not (base / "config.json").is_file():
             break
         run, config = base, json.loads((base / "config.json").read_text())
@@ -51,8 +55,8 @@ def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
     ds = dataset_of(config, meta, None, download=False)  # by its spec: a file dataset's name is no loader's
     if not limit or limit + n > len(ds.train):
         raise AdvtuneError(
-            f"{run}: trained on {limit or 'all'} of {len(ds.train)} training images; no {n} unseen ones "
-            "to validate on (train with --limit, or ask for fewer with --n)"
+            f"{run}: trained on {limit or 'all (or an unknown share)'} of {len(ds.train)} training images; no {n} "
+            "unseen ones to validate on (train with --limit, or ask for fewer with --n)"
         )
     tail = TensorData(ds.train.x[limit : limit + n], ds.train.y[limit : limit + n])
     return Dataset(ds.name, ds.train, tail, ds.classes, ds.mean, ds.std, ds.source), limit

@@ -354,3 +354,12 @@ def test_a_maps_budget_prices_units_as_fit_trains_them(blobs):
         assert trained <= 200 and trained == sel.trainable_params(model, x[:1])
         control = vmap.random_like(sel)
         assert Trainable(model, control, example_input=x[:1]).count() <= trained
+
+
+def test_analyze_measures_the_curve_on_as_many_examples_as_the_command(tiny_model, blobs):
+    """A docs audit: advtune.analyze "takes advtune analyze's defaults", yet drew its curve on every scored example
+    (the command: the first 1000, --curve-limit), so the two gave different curves and costs."""
+    x, y, xt, yt = blobs
+    data = DataLoader(TensorDataset(torch.cat([x, xt]), torch.cat([y, yt])), batch_size=400)
+    vmap = advtune.analyze(tiny_model, data, eps=0.2, limit=1100, attack="pgd:steps=2")
+    assert vmap.n_examples == 1100 and vmap.curve.n_samples == 1000

@@ -213,6 +213,15 @@ def test_val_select_scores_runs_on_training_images_they_never_saw(tmp_path, monk
     argv = ["finetune", str(run), "--eps", "0.1", "--select", "all", "--attack", "fgsm", "--limit", "200"]
     assert main([*argv, "--out", str(ft), "--quiet"]) == 0
     assert val_select.unseen_tail(ft, 50)[1] == 300
+    # an audit: weights brought in (trained on who knows which images), or a base whose record is gone: unknown
+    brought = tmp_path / "brought"
+    weights = ["--weights", str(run / "model.safetensors"), "--epochs", "0"]
+    assert main(train_argv(brought, limit=300, limit_test=20, extra=tuple(weights))) == 0
+    with pytest.raises(AdvtuneError, match=r"trained on all \(or an unknown share\) of"):
+        val_select.unseen_tail(brought, 50)
+    (run / "config.json").rename(run / "gone.json")
+    with pytest.raises(AdvtuneError, match=r"trained on all \(or an unknown share\) of"):
+        val_select.unseen_tail(ft, 50)
 
 
 def _pt(variant, kind, cost, robust, clean=0.9, step=1):

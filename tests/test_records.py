@@ -220,6 +220,22 @@ def test_a_json_record_that_is_not_an_object_is_one_line(tmp_path):
         read_json(tmp_path / "config.json", "run config")
 
 
+def test_a_json_record_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """An audit: a record the process may not read (permission denied) gave a traceback."""
+    from pathlib import Path
+
+    from advtune.storage import read_json
+
+    (tmp_path / "config.json").write_text("{}")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)  # (chmod does not stop root, who runs CI here)
+    with pytest.raises(AdvtuneError, match=r"run config .*config\.json cannot be read \(Permission denied\)"):
+        read_json(tmp_path / "config.json", "run config")
+
+
 def test_another_kind_of_record_is_refused(tmp_path):
     path = write(tmp_path / "summary.json", RECORDS["analyze"].to_json())
     assert error(HardenSummary.read, path).startswith(

@@ -277,7 +277,8 @@ def analyze(
     """Score every conv channel and linear unit of `model` by how much it carries the adversarial
     perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
     evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
-    curve: also measure the concentration curve on the same examples. The defaults (attack, limit,
+    curve: also measure the concentration curve, on the first 1000 of the same examples (as the command's
+    --curve-limit). The defaults (attack, limit,
     shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
@@ -296,7 +297,7 @@ def analyze(
         attack=getattr(atk, "spec", type(atk).__name__),
         criteria=(criterion,),
         limit=len(x),
-        curve_limit=len(x) if curve else 0,
+        curve_limit=min(len(x), default(AnalyzeRun, "curve_limit")) if curve else 0,  # as the command's
         shares=tuple(shares) if shares is not None else default(AnalyzeRun, "shares"),
         batch_size=batch_size if batch_size is not None else default(AnalyzeRun, "batch_size"),
         seed=seed,
@@ -335,11 +336,12 @@ def harden(
     limit_test: int | None = None,
     seed: int = 0,
 ) -> HardenResult:
-    """`advtune harden` in memory: analyse, select the most vulnerable layers within the recipe's
-    parameter budget, adversarially fine-tune only those for `budget` gradient evaluations (default:
-    the recipe's passes over the data), and evaluate before and after with the strong protocol on
-    `test` (an advtune Dataset gives both: train for the work, test for the evaluation). The same
-    code as the command (`runs.harden.harden_model`): the same settings give the same weights.
+    """`advtune harden` in memory: analyse, select the most vulnerable parts (by default the weight entries a short
+    whole-network probe moves, and the output layer where it is cheap) within the recipe's parameter budget,
+    adversarially fine-tune only those for `budget` gradient evaluations (default: the recipe's passes over the data),
+    and evaluate before and after with the strong protocol on `test` (an advtune Dataset gives both: train for the
+    work, test for the evaluation). The same code as the command (`runs.harden.harden_model`): the same settings give
+    the same weights.
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
     _threat(eps, norm)  # before the data are read

@@ -101,6 +101,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         record = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
+    except OSError as e:  # e.g. permission denied: a traceback before
+        raise AdvtuneError(f"{what} {path} cannot be read ({e.strerror or e}); check the file and its access") from None
     if not isinstance(record, dict):
         raise AdvtuneError(
             f"{what} {path} holds a JSON {type(record).__name__}, not an advtune record (an object); re-create it or "
