@@ -27,8 +27,9 @@ DESCRIPTION = {
     "write scores (JSON, CSV), per-layer summaries, the concentration curve and plots to --out. "
     "Criteria: {criteria}.",
     "finetune": "Adversarial fine-tuning of BASE (a run folder) through the one training loop, on the base "
-    "run's dataset. --select: all (full-network), random (control), layers:<a,b>, or an `advtune analyze` "
-    "folder (top --share of its --criterion ranking).",
+    "run's dataset. --select: all (full-network), random (control), layers:<a,b>, lowrank (adapters on every "
+    "layer), or an `advtune analyze` folder (top --share of its --criterion ranking, or --params with a "
+    "--granularity).",
     "experiment": "Run every variant of CONFIG not yet finished under --out, evaluate each with the "
     "experiment's protocol, and write results.json / results.csv. Re-running skips finished "
     "variants and resumes an interrupted one.",

@@ -65,8 +65,8 @@ def check_probe_share_used(probe: float, granularity: str) -> None:
 HEAD_HELP = (
     "train the output (classifier) layer whole, paid out of --params (the analysis scores no output layer, so the "
     "hybrid and shares rules otherwise give it the smallest adapter, the sparse rule and the probe's quotas "
-    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis, or in the random control of "
-    "single entries (--select random --granularity sparse)"
+    "nothing); with hybrid, shares, sparse or probe (with its quotas) on an analysis, or (finetune) in the random "
+    "control of single entries (--select random --granularity sparse)"
 )
 HEAD_AUTO_HELP = (
     " (default: auto = on with the probe rule's quotas where it costs at most a quarter of what the norms leave of "
