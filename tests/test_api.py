@@ -363,3 +363,36 @@ def test_analyze_measures_the_curve_on_as_many_examples_as_the_command(tiny_mode
     data = DataLoader(TensorDataset(torch.cat([x, xt]), torch.cat([y, yt])), batch_size=400)
     vmap = advtune.analyze(tiny_model, data, eps=0.2, limit=1100, attack="pgd:steps=2")
     assert vmap.n_examples == 1100 and vmap.curve.n_samples == 1000
+
+
+def test_harden_takes_attack_objects_refuses_a_dict_recipe_and_ignores_the_callers_frozen_flags(tiny_model, blobs):
+    """A new-user walk: `evaluation=[PGD(...)]` crashed on `.split`, `recipe={...}` on `.epochs`, and a model with
+    frozen parameters hardened differently (the probe left them out; the masked stage trained them)."""
+    x, y, xt, yt = blobs
+    pgd = advtune.PGD(advtune.ThreatModel.linf(0.2), steps=2)
+    kw = {"eps": 0.2, "test": (xt[:30], yt[:30]), "budget": 3000, "limit_test": 30}
+    res = advtune.harden(tiny_model, (x[:200], y[:200]), evaluation=[pgd], **kw)
+    assert list(res.after.accuracy) == [pgd.spec]
+    with pytest.raises(AdvtuneError, match="recipe must be an advtune.Recipe"):
+        advtune.harden(tiny_model, (x[:200], y[:200]), recipe={"params": 0.2}, **kw)
+    with pytest.raises(AdvtuneError, match="was built for"):
+        advtune.harden(tiny_model, (x[:200], y[:200]), evaluation=[advtune.PGD(advtune.ThreatModel.linf(0.1))], **kw)
+    head = list(tiny_model.parameters())[-1]
+    for p in tiny_model.parameters():
+        p.requires_grad_(False)
+    head.requires_grad_(True)
+    try:
+        frozen = advtune.harden(tiny_model, (x[:200], y[:200]), evaluation=[pgd], **kw)
+        assert [p.requires_grad for p in tiny_model.parameters()][-2:] == [False, True]  # the caller's flags back
+    finally:
+        tiny_model.requires_grad_(True)
+    assert all(torch.equal(a, b) for a, b in zip(frozen.model.state_dict().values(), res.model.state_dict().values()))
+
+
+def test_per_layer_with_a_parameter_budget_is_refused(tiny_model, blobs):
+    """A new-user walk: select(params=0.1, per_layer=True) returned the same selection as without per_layer."""
+    x, y, _, _ = blobs
+    vmap = advtune.analyze(tiny_model, (x[:100], y[:100]), eps=0.2, limit=100, curve=False, attack="pgd:steps=2")
+    with pytest.raises(AdvtuneError, match="per_layer=True takes the top share of each layer: give share="):
+        vmap.select(params=0.1, per_layer=True)
+    assert len(vmap.select(share=0.25, per_layer=True)) > 0

@@ -201,7 +201,8 @@ class VulnerabilityMap:
         return [(str(c), s) for c, s in (rows[:top] if top is not None else rows)]
 
     def layers(self) -> dict[str, dict[str, Any]]:
-        """Per layer: units, the layer's summed and mean score, its share of the total, top units."""
+        """Per layer: units, the summed, mean and largest score (`sum`, `mean`, `max`), and the activation statistics
+        the table recorded (`relative_shift`, `amplification`)."""
         return layer_scores(self.table)
 
     def select(
@@ -220,6 +221,8 @@ class VulnerabilityMap:
             raise AdvtuneError(
                 "select needs exactly one of share=... (of the components) or params=... (a parameter budget)"
             )
+        if per_layer and share is None:  # it was ignored without a word
+            raise AdvtuneError("per_layer=True takes the top share of each layer: give share=..., not params=...")
         model = self._model_for("select")
         if granularity not in ("unit", "layer", "quota"):
             raise AdvtuneError(f"granularity must be 'unit', 'layer' or 'quota', got {granularity!r}")
@@ -344,8 +347,11 @@ def harden(
     the same weights.
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
-    _threat(eps, norm)  # before the data are read
+    threat = _threat(eps, norm)  # before the data are read
     seed = _seed(seed)
+    if recipe is not None and not isinstance(recipe, Recipe):  # a dict crashed deep in the plan
+        raise AdvtuneError(f"recipe must be an advtune.Recipe (e.g. Recipe(params=0.2)), got {type(recipe).__name__}")
+    evaluation = _evaluation_spec(evaluation, threat)
     train = as_tensor_data(resolve_split(data, "train"), what="train")
     if test is None and isinstance(data, Dataset):
         test = data.test
@@ -368,8 +374,31 @@ def harden(
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     # a zoo model by its name (its frontier references are found by it), another by its class
     meta = {"architecture": type(unwrapped(model)).__name__, **model_identity(model)}
-    with preserved_rng():
-        return harden_model(model, meta, ds, run)
+    flags = [p.requires_grad for p in model.parameters()]
+    try:  # the copy harden trains starts with every parameter trainable, as the command's loaded model does
+        model.requires_grad_(True)  # (a frozen one was left out of the probe, then trained in the masked stage)
+        with preserved_rng():
+            return harden_model(model, meta, ds, run)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _evaluation_spec(evaluation: Any, threat: ThreatModel) -> str | None:
+    """harden's `evaluation`: a suite, a spec list, or a list of attacks (specs or attack objects, built for the
+    run's threat) as `evaluate(attacks=...)` takes."""
+    if evaluation is None or isinstance(evaluation, str):
+        return evaluation
+    if not isinstance(evaluation, (list, tuple)) or not evaluation:
+        raise AdvtuneError(f"evaluation must be a suite, a spec list or a list of attacks, got {evaluation!r}")
+    specs = []
+    for a in evaluation:
+        if not isinstance(a, (str, Attack)):
+            raise AdvtuneError(f"evaluation holds {type(a).__name__}; give attacks or their specs (e.g. 'apgd-ce')")
+        if isinstance(a, Attack) and getattr(a, "threat", threat) != threat:
+            raise AdvtuneError(f"the attack {a.spec} was built for {a.threat}, but eps/norm say {threat}")
+        specs.append(a if isinstance(a, str) else a.spec)
+    return ",".join(specs)
 
 
 def fit(
