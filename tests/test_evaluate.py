@@ -621,3 +621,21 @@ def test_the_gate_says_when_its_black_box_check_had_nothing_to_run_on():
     assert format_evaluation(single).endswith(
         "masking gate: not run (no test example is classified correctly, so there was nothing to check)"
     )
+
+
+def test_an_evaluation_without_apgd_says_it_is_an_upper_bound():
+    """A new-user walk: `--suite quick` put a hardened model at 100% (PGD-20) that APGD-T put at 59%, and its output
+    read like a claim. It now says what it is; a suite with APGD does not."""
+    from advtune.runs.evaluate import format_evaluation
+
+    def single(spec):
+        record = {"kind": "single", "examples": 4, "threat": {"norm": "linf", "eps": 0.1}, "mode": "cascade"}
+        record |= {"clean_accuracy": 1.0, "accuracy": {spec: 1.0}, "worst_case_accuracy": 1.0, "suspect": []}
+        return record | {
+            "grad_evals_per_example": {spec: 20.0},
+            "wall_time_s": {spec: 0.1},
+            "max_perturbation": {spec: 0.1},
+        }
+
+    assert "an upper bound" in format_evaluation(single("pgd:steps=20"))
+    assert "an upper bound" not in format_evaluation(single("apgd-ce"))

@@ -331,6 +331,11 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     assert ref["plateau_grad_evals"] == 3_630_000 and ref["robust_acc"] == 0.893
     record = json.loads((hardened / "summary.json").read_text())
     assert "at_reference" not in record  # synthetic data: no reference, no line
+    assert "this selection did not take here" not in format_summary(HardenSummary.from_json(record))
+    flat = {**record, "after": {**record["after"], "robust_acc": record["before"]["robust_acc"] + 0.004}}
+    assert "!! robustness moved +0.4 points: this selection did not take here; try a larger share" in format_summary(
+        HardenSummary.from_json(flat)  # a new-user walk: 0% -> 0% said nothing beyond the numbers
+    )
     text = format_summary(HardenSummary.from_json({**record, "at_reference": ref}))
     total = (record["cost"]["base_training_grad_evals"] or 0) + record["cost"]["harden_grad_evals"]
     assert "PGD-AT from scratch plateaus at 89.3% for 3,630,000 gradient evaluations" in text

@@ -299,7 +299,9 @@ def test_info_shows_a_finetunes_budget_and_selection_and_a_dirty_checkout():
         "selection": {"kind": "sparse", "trainable_params": 108420, "param_share": 0.1},
         "versions": {"advtune": "0.1.0", "git_sha": "abc", "git_dirty": True},
     }
-    text = format_info({"run": "r", "config": config, "metrics": []})
+    summary = {"test_acc": 0.6, "test_examples": 1000, "pgd10_acc_quick": 0.3, "pgd10_examples": 500}
+    text = format_info({"run": "r", "config": config, "metrics": [], "summary": summary})
+    assert "quick PGD  30.00% under PGD-10 on 500 test examples (a monitor, not the claim" in text  # a new-user walk
     assert "training   steps=1406 (--budget 540,000 gradient evaluations), batch_size=64" in text
     assert "epochs=" not in text
     assert "selection  --select runs/a (sparse): 108,420 trainable parameters (10.00% of the model)" in text

@@ -140,6 +140,9 @@ def test_a_factory_model_trains_and_every_command_rebuilds_it(nets, tmp_path, ca
     )
     loaded = advtune.load_model(tmp_path / "ft")
     assert type(loaded).__name__ == "Sequential" and isinstance(loaded[1], torch.nn.BatchNorm2d)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ft")]) == 0  # a new-user walk: "model ? on ..." for a run of an own model
+    assert f"model      {nets}:make on synthetic" in capsys.readouterr().out
     # the file changes: every command refuses the run, in one line
     nets.write_text(NETS + "\n# edited\n")
     capsys.readouterr()

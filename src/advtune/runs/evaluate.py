@@ -22,7 +22,7 @@ from ..storage import atomic_write_json, file_sha256
 from ..threat import ThreatModel
 from .common import dataset_of, load_base
 from .configs import EvaluateRun
-from .record import RunDir, open_run
+from .record import RunDir, model_label, open_run
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def run(run: EvaluateRun) -> dict:
     ds = dataset_of(base_cfg, meta, run.data_dir, limit=1, limit_test=run.limit_test)
     record = {**evaluation_record(model, ds.test, ds.name, run), **measured}  # `info` says when the file changed
     title = f"{run.run}: accuracy vs eps ({run.norm})" if run.plot else None
-    return write_evaluation(record, path, title, meta.get("architecture", "model"))
+    return write_evaluation(record, path, title, model_label(meta) or "model")
 
 
 def format_evaluation(record: dict) -> str:
@@ -246,4 +246,7 @@ def format_evaluation(record: dict) -> str:
         specs = record["accuracy"] if record["kind"] == "single" else record.get("attacks") or []
         flat = [s for one in specs for s in (one if isinstance(one, list) else [one])]  # a curve: a list per eps
         lines.append("  " + passed_line(flat, probed=bool(record.get("clean_accuracy", 1))))
+    if record["kind"] == "single" and not any(str(s).lower().startswith("apgd") for s in record["accuracy"]):
+        # a new-user walk: the quick suite said 100% of a hardened model that APGD-T put at 59%
+        lines.append("  (an upper bound: fixed-step attacks overestimate robustness; the claim is --suite standard)")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ from .harden_plan import (
     with_holdout,
 )
 from .probe import PROBE, probe_then_mask
-from .record import RunDir, check_resume_overwrite, open_run, refuse_taken_out
+from .record import RunDir, check_resume_overwrite, model_label, open_run, refuse_taken_out
 from .selecting import read_table
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def run(run: HardenRun) -> HardenSummary:
         },
     )
     print(
-        f"advtune harden: {meta.get('architecture')} from {run.base}, {plan.threat}, "
+        f"advtune harden: {model_label(meta) or 'the model'} from {run.base}, {plan.threat}, "
         f"{len(ds.train) - plan.holdout:,} training examples"
         + (f" (+ {plan.holdout:,} held out to choose the checkpoint)" if plan.holdout else "")
         + (
@@ -479,6 +479,12 @@ def format_summary(summary: HardenSummary) -> str:
         ),
     ]
     lines += [f"  {line}" for line in harden_comparisons(s)]  # the checkpoint kept, AT, full fine-tuning
+    gain = 100 * (s["after"]["robust_acc"] - s["before"]["robust_acc"]) if s["after"] and s["before"] else None
+    if gain is not None and gain < 1:  # a new-user walk: 0% -> 0% said nothing beyond the numbers
+        lines.append(
+            f"  !! robustness moved {gain:+.1f} points: this selection did not take here; try a larger share "
+            "(--params 0.3) or full-network fine-tuning (advtune finetune RUN --select all)"
+        )
     if not s["after"]:
         lines.append("  masking gate: not run (no test examples)")
     elif s["after"].get("suspect"):

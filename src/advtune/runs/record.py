@@ -371,12 +371,20 @@ def format_info(info: dict) -> str:
         ) from None
 
 
+def model_label(meta: dict | None) -> str | None:
+    """A model's name in words from its model.json: the zoo's architecture, or your factory's spec (file.py:factory);
+    None for neither."""
+    meta = meta if isinstance(meta, dict) else {}
+    factory = meta.get("factory") if isinstance(meta.get("factory"), dict) else {}
+    return meta.get("architecture") or factory.get("spec")
+
+
 def _info_lines(info: dict) -> str:
     cfg = info["config"]
     run = cfg.get("run", {})
     lines = [f"run        {info['run']}", f"command    {cfg.get('command')}   created {cfg.get('created', '?')}"]
     if run:
-        arch = run.get("model") or info.get("model", {}).get("architecture") or "?"
+        arch = run.get("model") or model_label(info.get("model")) or "?"
         data = run.get("dataset") or (cfg.get("dataset") or {}).get("name") or "?"
         base = f"   from {cfg['base']}" if cfg.get("base") else ""
         where = "".join(f"   {k} {cfg[k]}" for k in ("seed", "device") if cfg.get(k) is not None)  # apply has neither
@@ -423,6 +431,11 @@ def _info_lines(info: dict) -> str:
         lines.append(
             f"test acc   {100 * s['test_acc']:.2f}% on {s['test_examples']} examples"
             + (f"   ({s['stopped']})" if s.get("stopped") else "")
+        )
+    if s.get("pgd10_acc_quick") is not None:  # a fine-tuning's quick monitor: shown at its end, lost here before
+        lines.append(
+            f"quick PGD  {100 * s['pgd10_acc_quick']:.2f}% under PGD-10 on {s.get('pgd10_examples')} test examples "
+            "(a monitor, not the claim: advtune evaluate --suite standard)"
         )
     if "before" in s and "after" in s:  # a harden run
         lines.append(
