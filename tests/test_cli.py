@@ -82,6 +82,10 @@ def test_train_writes_a_complete_record(tmp_path, capsys):
             ["train", "--dataset", "synthetic", "--model", "resnet50", "--out", "{tmp}/a"],
             "unknown model 'resnet50'; valid:",
         ),
+        (  # a new-user walk: your own file without its factory was told only the zoo's names
+            ["train", "--dataset", "synthetic", "--model", "mynet.py", "--out", "{tmp}/a"],
+            "or your own as path/to/file.py:factory",
+        ),
         (
             ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "-2", "--out", "{tmp}/a"],
             "epochs must be",
@@ -573,3 +577,26 @@ def test_a_failed_overwrite_of_the_probe_rule_keeps_the_old_probe(tmp_path, caps
         shutil.rmtree(p)
     assert main([*argv, "--overwrite", "--seed", "4"]) == 0
     assert not list(tmp_path.glob(".*.replaced-*"))  # both stages done: both old folders deleted
+
+
+def test_select_of_a_run_that_is_no_analysis_says_how_to_make_one(tmp_path, capsys):
+    """A new-user walk: `--select runs/base` (a train run) said "run advtune analyze into it first"."""
+    base = tmp_path / "base"
+    assert main(train_args(base)) == 0
+    capsys.readouterr()
+    argv = ["finetune", str(base), "--select", str(base), "--eps", "0.1", "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"(not an analysis folder): run `advtune analyze {base} --eps EPS --out DIR` and pass --select DIR" in err
+
+
+def test_a_mistyped_flag_is_answered_with_the_one_meant(tmp_path, capsys):
+    """A new-user walk: `--epoch 1` got "unrecognized arguments" with no suggestion, where a config key gets one."""
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, status 2
+        main(["train", "--dataset", "synthetic", "--model", "small-cnn", "--epoch", "1", "--out", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "unrecognized arguments: --epoch 1 (did you mean --epochs?)" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "synthetic", "--zzzz", "--out", "x"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: nothing suggested

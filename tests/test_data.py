@@ -182,6 +182,11 @@ def test_npz_layouts_and_errors(tmp_path):
     )
     with pytest.raises(AdvtuneError, match=r"float images must lie in \[0,1\]"):
         load_dataset(str(tmp_path / "float.npz"))
+    x = np.full((2, 4, 4), 0.5)
+    x[0, 0, 0] = 1 + 1e-6  # a new-user walk: "(found 1e-06..1)" named no value outside the range
+    np.savez(tmp_path / "over.npz", x_train=x, y_train=[0, 1], x_test=np.zeros((1, 4, 4)), y_test=[0])
+    with pytest.raises(AdvtuneError, match=r"found 0.5..1.000001, 1 values outside\); scale them \(or np.clip"):
+        load_dataset(str(tmp_path / "over.npz"))
 
 
 def _cifar_batch(path: Path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -845,3 +850,18 @@ def test_train_resume_refuses_an_image_folder_that_changed(tmp_path, capsys):
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "holds 41 training images now, 40 when this run started" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_without_train_and_test_says_so(tmp_path):
+    """A new-user walk: `--dataset imgs/train` (the folder exists) said "not found"."""
+    (tmp_path / "imgs" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "test").mkdir()
+    with pytest.raises(AdvtuneError, match=r"has no train/ and test/ subfolders .*; give .*imgs \(it holds train/\)"):
+        load_dataset(str(tmp_path / "imgs" / "train"))
+
+
+def test_a_dataset_prints_its_shape_not_its_pixels():
+    """A new-user walk: print(ds) dumped about 5.6k characters of raw uint8 tensors."""
+    ds = load_dataset("synthetic", limit=100, val=10)
+    assert repr(ds) == "Dataset('synthetic', train=90, test=500, val=10, input_shape=(1, 16, 16), classes=4)"
+    assert repr(ds.train) == "TensorData(90 x (1, 16, 16) uint8)"

@@ -210,3 +210,21 @@ def test_a_new_attack_runs_through_the_cli_without_an_edit(signsteps, tmp_path, 
     record = json.loads(path.read_text())
     assert record["attacks"] == ["signsteps:steps=2"] and "signsteps" in path.name
     assert record["max_perturbation"]["signsteps:steps=2"] <= 0.1 + 1e-6
+
+
+def test_a_step_size_over_the_pixel_range_is_read_as_the_typo_it_is(tmp_path, capsys):
+    """A new-user walk: `pgd:step=2` (meant: steps=2) ran to the end with a step size of 2 on [0, 1] pixels, recorded
+    as given. Refused under linf, for evaluation and for training alike; a step size in range is taken."""
+    from advtune.attacks import build_attack
+    from advtune.cli import main
+    from advtune.errors import AdvtuneError
+    from advtune.threat import ThreatModel
+
+    with pytest.raises(AdvtuneError, match="step size 2 spans the whole pixel range .* write steps=2"):
+        build_attack("pgd:step=2", ThreatModel("linf", 0.3))
+    assert build_attack("pgd:step=2/255", ThreatModel("linf", 8 / 255)).step_size == pytest.approx(2 / 255)
+    assert build_attack("pgd:step=2", ThreatModel("l2", 3.0)).step_size == 2  # an l2 step may be that large
+    argv = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--adversarial", "pgd:step=2", "--eps", "0.1"]
+    assert main([*argv, "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "write steps=2" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -217,7 +217,18 @@ def model_for(dataset, name: str) -> nn.Module:
     """The named architecture (or a `file.py:factory` spec) sized for a `data.Dataset`."""
     if is_factory_spec(name):
         return build_from_factory(name, dataset.input_shape, dataset.num_classes)
+    check_model_name(name)
     return build_model(name, dataset.input_shape, dataset.num_classes, dataset.mean, dataset.std)
+
+
+def check_model_name(name: str) -> None:
+    """A zoo name or a factory spec; anything else refused in one line that names both (`--model mynet.py` was told
+    only the zoo's names)."""
+    if not is_factory_spec(name) and not (isinstance(name, str) and name.strip().lower() in ARCHITECTURES):
+        raise AdvtuneError(
+            f"unknown model {name!r}; valid: {', '.join(ARCHITECTURES.names())}, or your own as "
+            "path/to/file.py:factory (a function returning an nn.Module)"
+        )
 
 
 # ---------------------------------------------------------------- your own model: file.py:factory

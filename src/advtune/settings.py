@@ -259,7 +259,23 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):  # `--epoch 1`: the flag meant, as config keys are answered
+            message += "".join(f" (did you mean {m}?)" for m in self._close_flags(message))
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _close_flags(self, message: str) -> list[str]:
+        import difflib
+
+        known = {o for a in self._actions for o in a.option_strings}
+        for action in self._actions:  # the root parser reports a command's unknown flags: look in the commands too
+            for sub in (
+                (getattr(action, "choices", None) or {}).values()
+                if isinstance(action, argparse._SubParsersAction)
+                else ()
+            ):
+                known |= {o for a in sub._actions for o in a.option_strings}
+        given = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+        return [m for t in given for m in difflib.get_close_matches(t, sorted(known), n=1, cutoff=0.8)]
 
 
 def read_yaml(path: Path, what: str) -> Any:

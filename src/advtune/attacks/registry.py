@@ -61,6 +61,12 @@ def build_attack(spec: str, threat: ThreatModel) -> Attack:
     name, raw = parse_spec(spec, "attack")
     cls = REGISTRY.get(name)
     kwargs = convert_params(name, raw, cls, skip=_skip(name), fold_case=True)  # loss names: any case
+    step = kwargs.get("step_size")
+    if threat.norm == "linf" and isinstance(step, (int, float)) and step >= 1:  # pgd:step=2 meant steps=2
+        raise AdvtuneError(
+            f"attack {spec!r}: step size {step:g} spans the whole pixel range [0, 1] (eps {threat.eps:.4g}); "
+            f"`step` is the step size (e.g. step=2/255): for {step:g} iterations write steps={step:g}"
+        )
     return cls(threat=threat, **REGISTRY.fixed(name), **kwargs)
 
 

@@ -110,9 +110,10 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
         return x
     if np.issubdtype(x.dtype, np.floating):
         if x.size and (x.min() < 0 or x.max() > 1):
+            out = int(((x < 0) | (x > 1)).sum())  # 1.000001 printed as "1" read as no overshoot at all
             raise AdvtuneError(
-                f"{where}: float images must lie in [0,1] (found {x.min():.3g}..{x.max():.3g}); scale them or store "
-                "uint8"
+                f"{where}: float images must lie in [0,1] (found {x.min():.9g}..{x.max():.9g}, {out:,} values "
+                "outside); scale them (or np.clip to [0, 1]) or store uint8"
             )
         return np.round(x * 255).astype(np.uint8)
     raise AdvtuneError(f"{where}: images must be uint8 or float in [0,1], got {x.dtype}")

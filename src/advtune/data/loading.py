@@ -97,6 +97,12 @@ def load_dataset(
                     "reading order changed, so the resumed batches and --val split would be other images; restore "
                     "the folder, or start a new run"
                 )
+        elif path.is_dir():  # it exists: "not found" sent a user looking for a typo
+            hint = f"; give {path.parent} (it holds train/)" if (path.parent / "train").is_dir() else ""
+            raise AdvtuneError(
+                f"dataset folder {name!r} has no train/ and test/ subfolders (an image folder holds "
+                f"train/<class>/*.png and test/<class>/*.png){hint}"
+            )
         elif path.suffix == ".npz" or os.sep in name:
             raise AdvtuneError(
                 f"dataset path {name!r} not found (expected an .npz file or a folder with train/ and test/; data "

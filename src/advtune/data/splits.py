@@ -21,6 +21,9 @@ class TensorData:
     x: torch.Tensor
     y: torch.Tensor
 
+    def __repr__(self) -> str:  # not the pixels (print(ds) dumped thousands of characters of uint8)
+        return f"TensorData({len(self)} x {tuple(self.x.shape[1:])} {str(self.x.dtype).removeprefix('torch.')})"
+
     def __post_init__(self) -> None:
         if self.x.ndim != 4:
             raise AdvtuneError(f"images must be N,C,H,W; got shape {tuple(self.x.shape)}")
@@ -134,6 +137,13 @@ class Dataset:
 
     def limit(self, train: int | None = None, test: int | None = None) -> "Dataset":
         return replace(self, train=self.train.take(train), test=self.test.take(test))
+
+    def __repr__(self) -> str:
+        val = f", val={len(self.val)}" if self.val is not None else ""
+        return (
+            f"Dataset({self.name!r}, train={len(self.train)}, test={len(self.test)}{val}, "
+            f"input_shape={self.input_shape}, classes={len(self.classes)})"
+        )
 
     def describe(self) -> dict:
         return {

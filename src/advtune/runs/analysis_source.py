@@ -20,7 +20,12 @@ def read_table(source: str | Path, criterion: str) -> ScoreTable:
         have = sorted(p.stem.removeprefix("scores-") for p in folder.glob("scores-*.json"))
         raise AdvtuneError(
             f"{folder} has no scores for criterion {criterion!r}"
-            + (f"; it has: {', '.join(have)}" if have else "; run `advtune analyze` into it first")
+            + (
+                f"; it has: {', '.join(have)}"
+                if have
+                else f" (not an analysis folder): run `advtune analyze {folder} --eps EPS --out DIR` and pass "
+                "--select DIR"
+            )
         )
     if not table_file.is_file():
         raise AdvtuneError(

@@ -65,7 +65,8 @@ def val_setting():
 def budget_setting():
     return setting(
         None,
-        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs",
+        help="train for this many gradient evaluations (attack steps + update, per example) instead of --epochs "
+        "(whole optimizer steps: the last one may pass it by up to a batch's cost)",
         type=grad_evals_number,
         group="training",
     )
@@ -346,7 +347,7 @@ class HardenRun:
     budget: int | None = setting(
         None,
         help="training gradient evaluations (default: the recipe's --epochs passes over the training data with "
-        "the training attack)",
+        "the training attack; whole optimizer steps: the last one may pass it by up to a batch's cost)",
         type=grad_evals_number,
     )
     recipe: Recipe = setting(Recipe(), help="the fine-tuning recipe", cli=False)

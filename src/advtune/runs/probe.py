@@ -170,8 +170,8 @@ def probe_then_mask(
         spent = FinetuneSummary.read(folder / files.SUMMARY).cost
     else:
         say(
-            f"probe: the whole network for {100 * ft.probe:g}% of the budget ({first.budget:,} gradient "
-            "evaluations), to find the entries that move"
+            f"probe: the whole network for {100 * ft.probe:g}% of the budget (about {first.budget:,} gradient "
+            "evaluations, in whole steps), to find the entries that move"
         )
         probed = copy.deepcopy(model)
         if folder is not None:

@@ -13,7 +13,7 @@ from ..devices import resolve_device
 from ..errors import AdvtuneError
 from ..metrics import accuracy
 from ..models import (
-    ARCHITECTURES,
+    check_model_name,
     describe_meta,
     factory_record,
     is_factory_spec,
@@ -137,7 +137,7 @@ def run(run: TrainRun) -> TrainSummary:
         ThreatModel(run.norm, run.eps)  # its range, before the data
     factory = None
     if not is_factory_spec(run.model):
-        ARCHITECTURES.get(run.model)  # an unknown name: "unknown model ...; valid: ...", before a download
+        check_model_name(run.model)  # an unknown name: "unknown model ...; valid: ...", before a download
     else:
         factory = factory_record(run.model)  # the file or module and the name, before a download
     if run.adversarial:  # the spec and the ramp, before the data is read (or downloaded)
