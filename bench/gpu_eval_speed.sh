@@ -11,6 +11,8 @@
 # pyautoattack's sources on PYTHONPATH (its wheel is 41 MB, 45 of them an example model: carry the .py files).
 #     bench/gpu_eval_speed.sh <work folder> <output folder>
 set -euo pipefail
+# the checkout's advtune (a bare machine has no install: `python -m advtune` failed "No module named advtune")
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 work=${1:?work folder}
 out=${2:?output folder}
 py=${PYTHON:-python3}

@@ -47,8 +47,9 @@ def run(cmd: list[str], cwd: Path, threads: int) -> float:
     # the jobs run in a scratch folder: paths given relative to where this script started must still reach
     if env.get("ADVTUNE_DATA"):
         env["ADVTUNE_DATA"] = str(Path(env["ADVTUNE_DATA"]).resolve())
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    # and the checkout's advtune first: a bare GPU machine has no install (its jobs failed "No module named advtune")
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(str(Path(p).resolve()) for p in paths if p))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
