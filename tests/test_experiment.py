@@ -408,6 +408,8 @@ def test_a_rerun_with_another_evaluation_or_base_is_refused_and_rewrites_nothing
         (lambda c: c["evaluation"].update(attacks="fgsm"), "another evaluation"),
         (lambda c: c["base"].update(limit=200), "another base"),
         (lambda c: c["analysis"].update(limit=50), "another analysis"),
+        # an audit: one eps becoming several renamed every variant (-eps suffix) and trained them all again
+        (lambda c: c["threat"].update(eps=[0.25, 0.1]), "at eps 0.25; at 0.25, 0.1 its variants would be renamed"),
     ):
         cfg = copy.deepcopy(TINY)
         change(cfg)

@@ -251,6 +251,19 @@ def test_a_lowrank_select_is_recorded_as_adapters_not_as_an_analysis(tmp_path):
     assert text.endswith("trains rank 4 on conv1, rank 4 on fc2"), text
 
 
+def test_a_probe_rule_variant_is_a_selection_whatever_its_select(tmp_path):
+    """An audit: a `granularity: probe` variant with `select: all` (the CLI's default, accepted: the probe reads no
+    analysis) was reported as full fine-tuning and compared with itself."""
+    from advtune.report import describe
+    from advtune.runs.experiment.results import what_ran
+
+    run = {"select": "all", "granularity": "probe", "params": 0.1, "attack": "pgd:steps=5", "probe": 0.2}
+    (tmp_path / "config.json").write_text(json.dumps({"run": run}))
+    ran = what_ran(tmp_path, "finetune", {})
+    assert (ran["select"], ran["granularity"]) == ("top", "probe")
+    assert "all parameters" not in describe({"kind": "finetune", **ran})
+
+
 def test_a_harden_rows_training_settings_come_from_its_recipe_and_a_moving_mask_is_named(tmp_path):
     """Two harden variants that differ only in lr or --regrow were the same row: the row carries the recipe's training
     settings and the description says when the mask moved."""

@@ -68,8 +68,9 @@ SHARED = (("base", None), ("threat", "norm"), ("evaluation", None), ("analysis",
 
 def refuse_other_setup(out: Path, seed: int, cfg: dict | None = None) -> None:
     """An experiment folder holds one seed and one setup (`SHARED`): its standard model, analysis and finished
-    variants would be reused or reported next to runs measured another way. The eps list may grow (new points
-    are new variants)."""
+    variants would be reused or reported next to runs measured another way. A list of several eps may grow (new
+    points are new variants); one eps may not become several, nor several one: the variants' names (an `-eps`
+    suffix only with several) and the analysis folder would change, and every finished variant would train again."""
     path = out / files.EXPERIMENT
     if not path.is_file():
         return
@@ -77,6 +78,13 @@ def refuse_other_setup(out: Path, seed: int, cfg: dict | None = None) -> None:
     recorded = int(old.get("seed", 0))
     if recorded != seed:
         raise AdvtuneError(f"{out} holds an experiment run with seed {recorded}, not {seed}; use a new --out")
+    then_eps, now_eps = _eps_list(old), _eps_list(cfg) if cfg is not None else None
+    if now_eps is not None and then_eps is not None and (len(then_eps) == 1) != (len(now_eps) == 1):
+        raise AdvtuneError(
+            f"{out} holds an experiment run at eps {', '.join(map(str, then_eps))}; at {', '.join(map(str, now_eps))} "
+            "its variants would be renamed (an -eps suffix comes only with several) and every finished one trained "
+            "again: use a new --out for the new eps"
+        )
     for key, sub_key in SHARED if cfg is not None else ():
         then, now = _setup(old, key), _setup(cfg, key)
         if sub_key is not None:
@@ -87,6 +95,11 @@ def refuse_other_setup(out: Path, seed: int, cfg: dict | None = None) -> None:
                 f"{out} holds an experiment run with another {name} ({then!r}, now {now!r}); its variants were "
                 "measured so: use a new --out"
             )
+
+
+def _eps_list(cfg: dict) -> list | None:
+    eps = (cfg.get("threat") or {}).get("eps") if isinstance(cfg.get("threat"), dict) else None
+    return None if eps is None else list(eps) if isinstance(eps, (list, tuple)) else [eps]
 
 
 def _setup(cfg: dict, key: str) -> Any:

@@ -42,7 +42,9 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         return {**ran, **_cost_keys(run), **_trained(r)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
-    if adapters:
+    if run.get("granularity") == "probe":  # the probe's mask, whatever --select said (`all` read as full fine-tuning)
+        select, adapters = "top", False
+    elif adapters:
         select = "lowrank"
     elif select not in ("all", "random") and not select.startswith("layers:"):
         select = "top"  # an analysis folder
