@@ -52,6 +52,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import time
 from dataclasses import replace
 
@@ -354,4 +355,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

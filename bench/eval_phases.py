@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 import advtune.evaluation.protocol as protocol
 from advtune.data import load_dataset
+from advtune.errors import AdvtuneError
 from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.models import load_model
 from advtune.threat import ThreatModel
@@ -125,4 +127,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

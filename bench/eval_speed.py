@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 
 import eval_phases  # bench/: run as a script, its folder is on the path
 from advtune.data import load_dataset
+from advtune.errors import AdvtuneError
 from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.evaluation.protocol import default_batch_size
 from advtune.models import load_model, read_meta
@@ -202,4 +204,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -37,12 +37,14 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from advtune.cost import CostMeter
+from advtune.errors import AdvtuneError
 from advtune.models import save_model
 from advtune.runs.common import dataset_of, example_input, load_base
 from advtune.runs.configs import FinetuneRun
@@ -229,4 +231,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

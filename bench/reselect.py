@@ -34,6 +34,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import time
 from dataclasses import replace
 
@@ -41,6 +42,7 @@ import torch
 
 from advtune.attacks import build_attack
 from advtune.cost import CostMeter
+from advtune.errors import AdvtuneError
 from advtune.evaluation.protocol import robust_accuracy
 from advtune.recipe import Recipe
 from advtune.runs.analyze import analyze_model
@@ -225,4 +227,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")
