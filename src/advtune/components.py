@@ -256,7 +256,8 @@ def followers(model: nn.Module, example_input: torch.Tensor | None = None) -> di
     parent right after the layer is a BatchNorm with matching ``num_features`` (true for
     ``Sequential(conv, bn, ...)``, torchvision-style ResNet blocks and pre-activation blocks, where
     ``bn2`` follows ``conv1``). Pass an example input for models whose forward order differs
-    from their registration order.
+    from their registration order, and for a pre-activation ResNet's stem conv (normalised by the first block's
+    ``bn1``, which only the trace sees).
     """
     if example_input is not None:
         return dict(trace(model, example_input).followers)
