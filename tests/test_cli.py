@@ -600,3 +600,19 @@ def test_a_mistyped_flag_is_answered_with_the_one_meant(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "synthetic", "--zzzz", "--out", "x"])
     assert "did you mean" not in capsys.readouterr().err  # nothing close: nothing suggested
+
+
+def test_resume_of_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
+    """A bad-input audit: --resume on a mistyped folder warned "no checkpoint: starting from scratch" (harden said
+    nothing) and started a new run there."""
+    assert main(train_args(tmp_path / "base")) == 0
+    for argv in (
+        train_args(tmp_path / "nothere", "--resume"),
+        ["finetune", str(tmp_path / "base"), "--eps", "0.1", "--out", str(tmp_path / "nothere"), "--resume"],
+        ["harden", str(tmp_path / "base"), "--eps", "0.1", "--out", str(tmp_path / "nothere"), "--resume"],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "does not exist, so there is nothing to resume" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "nothere").exists()

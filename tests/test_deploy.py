@@ -193,6 +193,7 @@ def test_export_files_are_readable_records_stay_and_bad_batches_are_one_line(shi
     for argv, message in (
         (["--batch-size", "0"], "--batch-size must be a positive number"),
         (["--out", str(root / "hard" / "model.safetensors"), "--format", "pt", "--overwrite"], "the run's own records"),
+        (["--out", str(root / "base" / "model.safetensors"), "--overwrite"], "the run's own records"),  # another run's
         (["--out", str(tmp_path)], "is a folder; name the file"),
         (["--format", "pt"], "--format pt and --out m.onnx disagree (its suffix says onnx): name the file m.pt"),
         (["--format", "onnx", "--out", str(tmp_path / "m.safetensors")], "or drop --format to write safetensors"),

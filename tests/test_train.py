@@ -96,6 +96,8 @@ def test_lr_schedules(schedule):
         ({"optimizer": "lbfgs"}, "unknown optimizer"),
         ({"schedule": "exp"}, "unknown schedule"),
         ({"schedule": "onecycle", "warmup_epochs": 1}, "does not combine with --schedule onecycle"),
+        ({"weight_decay": -1.0}, r"--weight-decay must be >= 0 .*got -1.0"),  # one line named both, whichever
+        ({"optimizer": "sgd", "momentum": 1.5}, r"--momentum must lie in \[0, 1\) .*got 1.5"),
     ],
 )
 def test_bad_train_config(kwargs, match):

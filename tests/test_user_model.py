@@ -285,3 +285,29 @@ def test_a_factory_file_imports_the_helper_modules_beside_it(tmp_path, monkeypat
 
     model = build_from_factory(f"{code / 'mine.py'}:make", (1, 16, 16), 4)
     assert model[1].out_features == 8
+
+
+def test_a_model_that_raises_while_training_is_one_line_naming_its_line(tmp_path, monkeypatch, capsys):
+    """A bad-input audit: a factory model whose forward fails only in train mode printed a 32-line traceback through
+    advtune's loop; with --overwrite nothing said where the replaced run was kept."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flaky.py").write_text(
+        "from torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 14 * 14, 4)\n\n"
+        "    def forward(self, x):\n"
+        "        if self.training:\n"
+        "            raise ValueError('train-mode forward fails')\n"
+        "        return self.fc(self.conv(x).flatten(1))\n\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    assert main(_train(tmp_path / "ok", "small-cnn")) == 0
+    capsys.readouterr()
+    assert main(_train(tmp_path / "ok", "flaky.py:make", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "your model raised ValueError: train-mode forward fails (flaky.py:10)" in err
+    assert "held before is kept at" in err  # where the run it was replacing is

@@ -470,17 +470,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
         where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"advtune: error{where}: {e}{_replaced()}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # out of memory in training or analysis (the evaluation retries smaller batches)
+    except Exception as e:  # out of memory in training or analysis (evaluation retries smaller), or your model's code
         from .devices import out_of_memory
+        from .factories import user_code_line
 
-        if not out_of_memory(e):
+        yours = user_code_line(e)  # a traceback from inside the job named advtune's lines, not the one of yours
+        if not (yours or (isinstance(e, RuntimeError) and out_of_memory(e))):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
-        command = next((a for a in argv if a in COMMANDS), None)
-        fix = OUT_OF_MEMORY_FIX.get(command, OUT_OF_MEMORY_FIX[None])
-        print(f"advtune: error{where}: out of memory ({first}); {fix}{_replaced()}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if os.environ.get("RANK") not in (None, "0") else ""
+        fix = OUT_OF_MEMORY_FIX.get(next((a for a in argv if a in COMMANDS), None), OUT_OF_MEMORY_FIX[None])
+        msg = f"your model raised {type(e).__name__}: {first} ({yours})" if yours else f"out of memory ({first}); {fix}"
+        print(f"advtune: error{where}: {msg}{_replaced()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # records are written atomically at the end: an interruption leaves the previous ones whole

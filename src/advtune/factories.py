@@ -109,6 +109,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+USER_FILES: set[str] = set()  # the model files this process ran: a job's error names the line of yours in them
+
+
+def user_code_line(exc: BaseException) -> str | None:
+    """`file.py:line` of the last frame in `exc`'s traceback that ran in your model's file; None when none did."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in USER_FILES]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else None
+
+
 def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
     name = record["name"]
     if "file" in record:
@@ -120,9 +131,11 @@ def _load_factory(record: dict[str, Any]) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look modules up here
         where = str(path)
+        USER_FILES.add(str(path))
     else:
         where = record["module"]
         module = None
+        USER_FILES.add(str(record.get("module_file", "")))
     try:
         if module is not None:
             if str(path.parent) not in sys.path:  # its helper modules beside it import (installed ones win a name)

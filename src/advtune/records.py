@@ -357,3 +357,11 @@ class HardenSummary(Record):
     checkpoints: dict | None = None  # the held-out curve and the step kept (None: the last was kept)
     at_reference: dict | None = None  # the frontier's references for this setting: AT, and full fine-tuning (tuned)
     report: str | None = None  # report.html, once written
+
+
+def model_label(meta: dict | None) -> str | None:
+    """A model's name in words from its model.json: the zoo's architecture, or your factory's spec (file.py:factory);
+    None for neither."""
+    meta = meta if isinstance(meta, dict) else {}
+    factory = meta.get("factory") if isinstance(meta.get("factory"), dict) else {}
+    return meta.get("architecture") or factory.get("spec")

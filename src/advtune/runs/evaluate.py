@@ -17,12 +17,13 @@ from ..distributed import barrier, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..evaluation import EvalResult, check_attacks, compiled_queries, eps_curve, passed_line, robust_accuracy, suite
 from ..provenance import versions
+from ..records import model_label
 from ..seeding import make_generator, seed_everything
 from ..storage import atomic_write_json, file_sha256
 from ..threat import ThreatModel
 from .common import dataset_of, load_base
 from .configs import EvaluateRun
-from .record import RunDir, model_label, open_run
+from .record import RunDir, open_run
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,10 @@ def run(run: ExportRun) -> dict:
     out = Path(run.out)
     if out.is_dir():
         raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
-    if out.resolve().parent == Path(run.run).resolve() and (out.name in RUN_RECORDS or out.name.startswith("eval-")):
+    folder = out.resolve().parent  # this run's, or any run's (--overwrite replaced another run's model.safetensors)
+    if (folder == Path(run.run).resolve() or (folder / files.CONFIG).is_file()) and (
+        out.name in RUN_RECORDS or out.name.startswith("eval-")
+    ):
         raise AdvtuneError(f"--out {out} is one of the run's own records; write the export to another file")
     run = replace(run, format=export_format(run.format, out))
     if out.exists() and not run.overwrite:

@@ -35,7 +35,7 @@ from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, state_sha256, write_patch
 from ..recipe import rule_words
-from ..records import AnalyzeSummary, HardenSummary  # in records.py: the report reads them
+from ..records import AnalyzeSummary, HardenSummary, model_label  # in records.py: the report reads them
 from ..report.narrative import harden_comparisons
 from ..storage import atomic_write_bytes, file_sha256, read_json
 from ..train.lowrank import selection_from_json
@@ -53,7 +53,7 @@ from .harden_plan import (
     with_holdout,
 )
 from .probe import PROBE, probe_then_mask
-from .record import RunDir, check_resume_overwrite, model_label, open_run, refuse_taken_out
+from .record import RunDir, check_resume_overwrite, open_run, refuse_taken_out
 from .selecting import read_table
 
 log = logging.getLogger(__name__)

@@ -90,7 +90,7 @@ def check_recipe_fits(model, recipe: Recipe, example=None) -> None:
         what = "whole layer" if whole else "unit"
         raise AdvtuneError(
             f"no {what} fits in a budget of {budget:,} parameters (the smallest has {smallest:,}); "
-            f"raise --params or use --granularity unit"
+            "raise --params" + (" or use --granularity unit" if whole else "")
         )
 
 

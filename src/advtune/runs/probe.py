@@ -106,8 +106,7 @@ def without_regrow(train: TrainConfig) -> TrainConfig:
 def probe_folder(out: str | Path) -> Path:
     """Where `advtune finetune --granularity probe --out OUT` keeps its probe stage: next to OUT (OUT itself is
     created only once the mask is known, with the settings it trains with)."""
-    out = Path(out)
-    return out.with_name(out.name + ".probe")
+    return files.probe_sibling(out)
 
 
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:

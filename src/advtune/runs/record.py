@@ -18,6 +18,7 @@ from ..cost import CostMeter
 from ..distributed import barrier, is_main_process, on_main, rank_and_world
 from ..errors import AdvtuneError
 from ..provenance import versions
+from ..records import model_label
 from ..storage import atomic_write_json, atomic_write_text, file_sha256, read_json, remove_orphan_tmp, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,17 @@ def refuse_taken_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, 
     """What RunDir.create would refuse about `--out` as it is now, changing nothing: each job asks before it reads
     its model and data (a rerun without --resume waited through both to be told the folder exists). Rank 0 looks,
     as in RunDir.create (another rank could see its folder half made), and a refusal stops every rank."""
-    on_main(lambda: check_out(path, resume=resume, overwrite=overwrite, resumable=resumable))
+
+    def check() -> None:
+        started = Path(path).is_dir() or files.probe_sibling(path).is_dir()  # (the probe rule's first stage: beside)
+        if resume and str(path).strip() and not started:  # a mistyped folder became a new run
+            raise AdvtuneError(
+                f"--resume: {path} does not exist, so there is nothing to resume; check the path, or drop --resume "
+                "to start the run"
+            )
+        check_out(path, resume=resume, overwrite=overwrite, resumable=resumable)
+
+    on_main(check)
 
 
 def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
@@ -369,14 +380,6 @@ def format_info(info: dict) -> str:
             f"{info.get('run')}: a record has an unexpected shape ({type(e).__name__}: {e}); "
             "`advtune info --json` shows the raw records"
         ) from None
-
-
-def model_label(meta: dict | None) -> str | None:
-    """A model's name in words from its model.json: the zoo's architecture, or your factory's spec (file.py:factory);
-    None for neither."""
-    meta = meta if isinstance(meta, dict) else {}
-    factory = meta.get("factory") if isinstance(meta.get("factory"), dict) else {}
-    return meta.get("architecture") or factory.get("spec")
 
 
 def _info_lines(info: dict) -> str:

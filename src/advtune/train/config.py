@@ -190,8 +190,10 @@ class TrainConfig:
             raise AdvtuneError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
         if self.schedule not in SCHEDULES:
             raise AdvtuneError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.weight_decay < 0 or not (0 <= self.momentum < 1):
-            raise AdvtuneError("weight decay must be >= 0 and momentum in [0, 1)")
+        if self.weight_decay < 0:  # each named with its value (one line said both, whichever was wrong)
+            raise AdvtuneError(f"--weight-decay must be >= 0 (e.g. 5e-4; 0: off), got {self.weight_decay!r}")
+        if not (0 <= self.momentum < 1):
+            raise AdvtuneError(f"--momentum must lie in [0, 1) (e.g. 0.9), got {self.momentum!r}")
         if self.optimizer == "adam" and self.momentum != SGD_MOMENTUM:  # Adam has none: it was ignored
             raise AdvtuneError("--momentum is SGD's (Adam keeps its own moments): use it with --optimizer sgd")
         if self.amp not in ("off", "bf16", "fp16"):
