@@ -865,3 +865,6 @@ def test_a_dataset_prints_its_shape_not_its_pixels():
     ds = load_dataset("synthetic", limit=100, val=10)
     assert repr(ds) == "Dataset('synthetic', train=90, test=500, val=10, input_shape=(1, 16, 16), classes=4)"
     assert repr(ds.train) == "TensorData(90 x (1, 16, 16) uint8)"
+    from dataclasses import replace
+
+    assert "test=None" in repr(replace(ds, test=None))  # harden's in-memory dataset without test data

@@ -208,6 +208,9 @@ def test_export_files_are_readable_records_stay_and_bad_batches_are_one_line(shi
     assert main(["export", str(root / "hard"), "--format", "pt", "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert not (tmp_path / "m.bin.check.json").exists()  # it checked the file this one replaced
     assert main(["export", str(root / "hard"), "--out", str(tmp_path / "w.safetensors"), "--quiet"]) == 0
+    (tmp_path / "hf").mkdir()  # another tool's folder with a config.json of its own: not a run, written to (a review)
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "cnn"}')
+    assert main(["export", str(root / "hard"), "--out", str(tmp_path / "hf" / "model.safetensors"), "--quiet"]) == 0
     shipped_keys = load_file(str(root / "ship" / "model.safetensors")).keys()
     assert load_file(str(tmp_path / "w.safetensors")).keys() == shipped_keys  # the suffix chose safetensors
 

@@ -333,7 +333,7 @@ def test_harden_states_its_cost_against_the_frontier_reference(hardened, tmp_pat
     assert "at_reference" not in record  # synthetic data: no reference, no line
     assert "this selection did not take here" not in format_summary(HardenSummary.from_json(record))
     flat = {**record, "after": {**record["after"], "robust_acc": record["before"]["robust_acc"] + 0.004}}
-    assert "!! robustness moved +0.4 points: this selection did not take here; try a larger share" in format_summary(
+    assert "!! robustness moved +0.4 points: this selection did not take here; try more parameters" in format_summary(
         HardenSummary.from_json(flat)  # a new-user walk: 0% -> 0% said nothing beyond the numbers
     )
     text = format_summary(HardenSummary.from_json({**record, "at_reference": ref}))
@@ -624,3 +624,13 @@ def test_harden_says_when_it_trains_on_images_the_base_kept_out(base, tmp_path, 
     assert "the base trained on the first 600 training images; harden uses all" in err and "--limit 600" in err
     assert main([*argv, "--limit", "600", "--overwrite"]) == 2
     assert "the base trained on the first" not in capsys.readouterr().err
+
+
+def test_resume_into_a_new_folder_starts_the_run_and_says_so(base, tmp_path, capsys):
+    """docs/usage.md: `--resume` on a folder that holds no run yet starts one and the log says so (a script may
+    pass it every time); train and finetune said it, harden did not (a bad-input audit)."""
+    out = tmp_path / "fresh"
+    argv = ["harden", str(base / "base"), "--eps", "0.2", "--limit", "200", "--limit-test", "20", "--budget", "2000"]
+    assert main([*argv, "--evaluation", "pgd:steps=2", "--out", str(out), "--resume"]) == 0
+    assert f"--resume: no run in {out} yet, starting one" in capsys.readouterr().err
+    assert (out / "summary.json").is_file()

@@ -224,6 +224,13 @@ def test_a_step_size_over_the_pixel_range_is_read_as_the_typo_it_is(tmp_path, ca
         build_attack("pgd:step=2", ThreatModel("linf", 0.3))
     assert build_attack("pgd:step=2/255", ThreatModel("linf", 8 / 255)).step_size == pytest.approx(2 / 255)
     assert build_attack("pgd:step=2", ThreatModel("l2", 3.0)).step_size == 2  # an l2 step may be that large
+    assert build_attack("pgd:step=2", ThreatModel("linf", 8, 0, 255)).step_size == 2  # pixels in [0, 255]: in range
+    with pytest.raises(
+        AdvtuneError,
+        match=r"step size 2 spans the whole pixel range \[0, 1\] \(eps 0.3\); `step` is the step size \(e.g. "
+        r"step=2/255\)$",
+    ):
+        build_attack("fgsm:step=2", ThreatModel("linf", 0.3))  # FGSM has no steps: no "write steps=" hint
     argv = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--adversarial", "pgd:step=2", "--eps", "0.1"]
     assert main([*argv, "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "write steps=2" in capsys.readouterr().err

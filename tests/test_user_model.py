@@ -311,3 +311,15 @@ def test_a_model_that_raises_while_training_is_one_line_naming_its_line(tmp_path
     assert len(err.strip().splitlines()) == 1, err
     assert "your model raised ValueError: train-mode forward fails (flaky.py:10)" in err
     assert "held before is kept at" in err  # where the run it was replacing is
+    # out of memory inside your forward: the batch-size fix, not "your model raised" (a review)
+    (tmp_path / "flaky.py").write_text(
+        (tmp_path / "flaky.py")
+        .read_text()
+        .replace(
+            "raise ValueError('train-mode forward fails')",
+            "raise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB')",
+        )
+    )
+    assert main(_train(tmp_path / "oom", "flaky.py:make")) == 2
+    err = capsys.readouterr().err
+    assert "advtune: error: out of memory (CUDA out of memory" in err and "your model raised" not in err

@@ -466,16 +466,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
             with quiet_rank or contextlib.nullcontext():
                 return COMMANDS[args.command][1](args)
     except AdvtuneError as e:
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        where = f" (rank {os.environ['RANK']})" if os.environ.get("RANK") not in (None, "0") else ""
         print(f"advtune: error{where}: {e}{_replaced()}", file=sys.stderr)
         return 2
     except Exception as e:  # out of memory in training or analysis (evaluation retries smaller), or your model's code
         from .devices import out_of_memory
         from .factories import user_code_line
 
-        yours = user_code_line(e)  # a traceback from inside the job named advtune's lines, not the one of yours
-        if not (yours or (isinstance(e, RuntimeError) and out_of_memory(e))):
+        oom = isinstance(e, RuntimeError) and out_of_memory(e)  # its fix first, even raised inside your forward
+        yours = None if oom else user_code_line(e)  # a traceback through the job named advtune's lines, not yours
+        if not (oom or yours):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         where = f" (rank {os.environ['RANK']})" if os.environ.get("RANK") not in (None, "0") else ""

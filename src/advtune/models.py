@@ -224,11 +224,12 @@ def model_for(dataset, name: str) -> nn.Module:
 def check_model_name(name: str) -> None:
     """A zoo name or a factory spec; anything else refused in one line that names both (`--model mynet.py` was told
     only the zoo's names)."""
-    if not is_factory_spec(name) and not (isinstance(name, str) and name.strip().lower() in ARCHITECTURES):
-        raise AdvtuneError(
-            f"unknown model {name!r}; valid: {', '.join(ARCHITECTURES.names())}, or your own as "
-            "path/to/file.py:factory (a function returning an nn.Module)"
-        )
+    if is_factory_spec(name):
+        return
+    try:
+        ARCHITECTURES.get(name)  # as build_model looks it up
+    except AdvtuneError as e:
+        raise AdvtuneError(f"{e}, or your own as path/to/file.py:factory (a function returning an nn.Module)") from None
 
 
 # ---------------------------------------------------------------- your own model: file.py:factory

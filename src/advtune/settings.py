@@ -274,7 +274,7 @@ class Parser(argparse.ArgumentParser):
                 else ()
             ):
                 known |= {o for a in sub._actions for o in a.option_strings}
-        given = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+        given = [t.split("=")[0] for t in message.split(":", 1)[1].split(" (")[0].split() if t.startswith("--")]
         return [m for t in given for m in difflib.get_close_matches(t, sorted(known), n=1, cutoff=0.8)]
 
 

@@ -61,11 +61,13 @@ def build_attack(spec: str, threat: ThreatModel) -> Attack:
     name, raw = parse_spec(spec, "attack")
     cls = REGISTRY.get(name)
     kwargs = convert_params(name, raw, cls, skip=_skip(name), fold_case=True)  # loss names: any case
-    step = kwargs.get("step_size")
-    if threat.norm == "linf" and isinstance(step, (int, float)) and step >= 1:  # pgd:step=2 meant steps=2
+    step, span = kwargs.get("step_size"), threat.upper - threat.lower
+    if threat.norm == "linf" and isinstance(step, (int, float)) and step >= span:  # pgd:step=2 meant steps=2
+        count = "steps" in attack_params(name) and float(step).is_integer()
         raise AdvtuneError(
-            f"attack {spec!r}: step size {step:g} spans the whole pixel range [0, 1] (eps {threat.eps:.4g}); "
-            f"`step` is the step size (e.g. step=2/255): for {step:g} iterations write steps={step:g}"
+            f"attack {spec!r}: step size {step:g} spans the whole pixel range [{threat.lower:g}, {threat.upper:g}] "
+            f"(eps {threat.eps:.4g}); `step` is the step size (e.g. step=2/255)"
+            + (f": for {step:g} iterations write steps={int(step)}" if count else "")
         )
     return cls(threat=threat, **REGISTRY.fixed(name), **kwargs)
 

@@ -140,8 +140,9 @@ class Dataset:
 
     def __repr__(self) -> str:
         val = f", val={len(self.val)}" if self.val is not None else ""
+        test = len(self.test) if self.test is not None else None  # (harden's in-memory dataset may have none)
         return (
-            f"Dataset({self.name!r}, train={len(self.train)}, test={len(self.test)}{val}, "
+            f"Dataset({self.name!r}, train={len(self.train)}, test={test}{val}, "
             f"input_shape={self.input_shape}, classes={len(self.classes)})"
         )
 

@@ -23,8 +23,8 @@ def read_table(source: str | Path, criterion: str) -> ScoreTable:
             + (
                 f"; it has: {', '.join(have)}"
                 if have
-                else f" (not an analysis folder): run `advtune analyze {folder} --eps EPS --out DIR` and pass "
-                "--select DIR"
+                else " (not an analysis folder): run `advtune analyze BASE --eps EPS --out DIR` on the model you "
+                "fine-tune and pass --select DIR"
             )
         )
     if not table_file.is_file():

@@ -38,6 +38,7 @@ from ..train.objectives import OBJECTIVES
 from ..weights import storable_state
 from .common import dataset_of, load_base
 from .configs import SUFFIX_FORMATS, ExportRun
+from .record import is_advtune_run
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def run(run: ExportRun) -> dict:
     if out.is_dir():
         raise AdvtuneError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model.onnx'}")
     folder = out.resolve().parent  # this run's, or any run's (--overwrite replaced another run's model.safetensors)
-    if (folder == Path(run.run).resolve() or (folder / files.CONFIG).is_file()) and (
+    if (folder == Path(run.run).resolve() or is_advtune_run(folder)) and (
         out.name in RUN_RECORDS or out.name.startswith("eval-")
     ):
         raise AdvtuneError(f"--out {out} is one of the run's own records; write the export to another file")

@@ -291,7 +291,10 @@ def run(run: HardenRun) -> HardenSummary:
     base_sha256 = file_sha256(Path(run.base) / files.WEIGHTS)
     if run.resume:
         check_harden_resume(out, run, base_sha256)
+    fresh = run.resume and not (out / files.CONFIG).is_file()  # said as finetune and train say it (docs/usage.md)
     rd = RunDir.create(out, resume=run.resume, overwrite=run.overwrite)
+    if fresh:
+        log.warning("--resume: no run in %s yet, starting one", out)
     trained_on = (base_cfg.get("run") or {}).get("limit")  # said once every check passed (never above a refusal)
     if run.limit is None and trained_on and trained_on < len(ds.train):  # images the base kept out (a validation?)
         log.warning(
@@ -482,8 +485,8 @@ def format_summary(summary: HardenSummary) -> str:
     gain = 100 * (s["after"]["robust_acc"] - s["before"]["robust_acc"]) if s["after"] and s["before"] else None
     if gain is not None and gain < 1:  # a new-user walk: 0% -> 0% said nothing beyond the numbers
         lines.append(
-            f"  !! robustness moved {gain:+.1f} points: this selection did not take here; try a larger share "
-            "(--params 0.3) or full-network fine-tuning (advtune finetune RUN --select all)"
+            f"  !! robustness moved {gain:+.1f} points: this selection did not take here; try more parameters "
+            "(--params) or full-network fine-tuning (advtune finetune RUN --select all)"
         )
     if not s["after"]:
         lines.append("  masking gate: not run (no test examples)")

@@ -64,7 +64,7 @@ def replaced_note() -> str:
     return note
 
 
-def _is_advtune_run(p: Path) -> bool:
+def is_advtune_run(p: Path) -> bool:
     """A folder advtune made: its config.json is advtune's record (every one records the versions it ran with). A
     config.json that cannot be read is neither: refused in its own words (--overwrite will not judge it)."""
     path = p / files.CONFIG
@@ -84,17 +84,7 @@ def refuse_taken_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, 
     """What RunDir.create would refuse about `--out` as it is now, changing nothing: each job asks before it reads
     its model and data (a rerun without --resume waited through both to be told the folder exists). Rank 0 looks,
     as in RunDir.create (another rank could see its folder half made), and a refusal stops every rank."""
-
-    def check() -> None:
-        started = Path(path).is_dir() or files.probe_sibling(path).is_dir()  # (the probe rule's first stage: beside)
-        if resume and str(path).strip() and not started:  # a mistyped folder became a new run
-            raise AdvtuneError(
-                f"--resume: {path} does not exist, so there is nothing to resume; check the path, or drop --resume "
-                "to start the run"
-            )
-        check_out(path, resume=resume, overwrite=overwrite, resumable=resumable)
-
-    on_main(check)
+    on_main(lambda: check_out(path, resume=resume, overwrite=overwrite, resumable=resumable))
 
 
 def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
@@ -111,7 +101,7 @@ def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumab
         if not (p / files.CONFIG).is_file():
             raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
     elif overwrite:
-        if not _is_advtune_run(p):  # another tool's folder may hold a config.json too
+        if not is_advtune_run(p):  # another tool's folder may hold a config.json too
             raise AdvtuneError(
                 f"--overwrite: {p} is not an advtune run (no {files.CONFIG} written by advtune); refusing to delete it"
             )

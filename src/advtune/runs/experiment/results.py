@@ -42,7 +42,8 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         return {**ran, **_cost_keys(run), **_trained(r)}
     select = str(run.get("select", "all"))
     adapters = select == "lowrank" or select.startswith("lowrank:")  # adapters on every layer, no analysis
-    if run.get("granularity") == "probe":  # the probe's mask, whatever --select said (`all` read as full fine-tuning)
+    probe = run.get("granularity") == "probe"
+    if probe:  # the probe's mask, whatever --select said (`all` read as full fine-tuning)
         select, adapters = "top", False
     elif adapters:
         select = "lowrank"
@@ -50,6 +51,7 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         select = "top"  # an analysis folder
     by_share = select in ("top", "random") and run.get("params") is None
     granular = select == "top" or (select == "random" and run.get("granularity") == "sparse")  # + the sparse control
+    quotas = bool(run.get("probe_quotas")) and granular  # the probe reads the analysis (its criterion) only so
     return {
         "select": select,
         "share": run.get("share") if by_share else None,
@@ -57,8 +59,8 @@ def what_ran(folder: Path, kind: str, v: dict) -> dict:
         "granularity": "lowrank" if adapters else run.get("granularity") if granular else None,
         "norms": run.get("norms"),
         "head": run.get("head"),
-        "probe_quotas": bool(run.get("probe_quotas")) and granular,
-        "criterion": run.get("criterion") if select == "top" else None,
+        "probe_quotas": quotas,
+        "criterion": run.get("criterion") if select == "top" and (quotas or not probe) else None,
         "attack": run.get("attack"),
         "eps_warmup": run.get("eps_warmup"),
         **_cost_keys(run),
