@@ -3,11 +3,6 @@
 Every module that reads or writes a run's files takes the names from here; nothing else spells them.
 """
 
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
 # every run
 CONFIG = "config.json"  # how the run started: resolved config, seed, versions (+ resume stamps)
 METRICS = "metrics.jsonl"  # one line per epoch
@@ -52,9 +47,3 @@ def evaluation(name: str) -> str:
 def snapshot(step: int) -> str:
     """The folder of the snapshot taken after `step` optimizer steps."""
     return f"step-{step:07d}"
-
-
-def probe_sibling(out: str | os.PathLike) -> Path:
-    """Where `advtune finetune --granularity probe --out OUT` keeps its probe stage: OUT.probe, next to OUT."""
-    out = Path(out)
-    return out.with_name(out.name + ".probe")

@@ -106,7 +106,8 @@ def without_regrow(train: TrainConfig) -> TrainConfig:
 def probe_folder(out: str | Path) -> Path:
     """Where `advtune finetune --granularity probe --out OUT` keeps its probe stage: next to OUT (OUT itself is
     created only once the mask is known, with the settings it trains with)."""
-    return files.probe_sibling(out)
+    out = Path(out)
+    return out.with_name(out.name + ".probe")
 
 
 def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) -> int:
