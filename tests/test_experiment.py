@@ -635,3 +635,24 @@ def test_a_random_entries_control_takes_its_rules_head(tmp_path):
         (tmp_path / name / "summary.json").write_text(json.dumps({"selection": {"kind": kind, "whole": whole}}))
     assert _head_of(tmp_path, "hard") is True and _head_of(tmp_path, "plain") is False
     assert _head_of(tmp_path, "hyb") is False  # a hybrid rule's whole layers are hidden ones, not its head
+
+
+def test_a_variants_selection_that_does_not_fit_the_model_is_refused_before_any_variant_trains(tmp_path):
+    """A bad-input audit: `select: lowrank:rank=999` (and a layer the model lacks) was refused when its turn came,
+    after the variants before it had trained."""
+    import copy
+
+    for select, refusal in (
+        ("lowrank:rank=999", "variant bad: lowrank:rank=999 is above every layer.s full rank"),
+        ("layers:net.conv9", "variant bad: "),
+    ):
+        cfg = copy.deepcopy(TINY)
+        cfg["variants"] = [
+            {"name": "standard", "kind": "standard"},
+            {"name": "full-ft", "kind": "finetune", "select": "all", "attack": "pgd:steps=2"},
+            {"name": "bad", "kind": "finetune", "select": select, "attack": "pgd:steps=2"},
+        ]
+        out = tmp_path / select.replace(":", "-")
+        with pytest.raises(AdvtuneError, match=refusal):
+            experiment.run(write(tmp_path, cfg), out)
+        assert not (out / "full-ft").exists()  # refused before the first variant trained

@@ -106,6 +106,7 @@ def run(
         out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
     )
     _train_base(ex)
+    _check_on_the_model(ex, variants)
     recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
     for v in variants:
         folder = out / v["name"]
@@ -121,6 +122,33 @@ def run(
     rows = collect_results(out, variants, ex.base_dir, ex.base.get("limit"))
     write_results(out, rows, [v["name"] for v in variants])
     return rows
+
+
+def _check_on_the_model(ex: Experiment, variants: list[dict]) -> None:
+    """What a fine-tuning variant's own selection asks of the model (a low-rank rank that fits, layers it has), checked
+    once the base exists and before any variant trains (it was refused when its turn came, after the others had
+    trained). Analysis-based selections are checked by the jobs themselves (they need the analysis first)."""
+    from ...models import load_model
+    from ...vulnerability import select_layers
+    from ..selecting import lowrank_selection
+
+    pending = [
+        v
+        for v in variants
+        if v["kind"] == "finetune"
+        and not _finished(ex.out / v["name"])
+        and str(v.get("select", "")).startswith(("lowrank", "layers:"))
+    ]
+    model = load_model(ex.base_dir)[0] if pending else None
+    for v in pending:
+        select = str(v["select"])
+        try:
+            if select.startswith("layers:"):
+                select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
+            else:
+                lowrank_selection(model, select, params_of(v), 0)
+        except AdvtuneError as e:
+            raise AdvtuneError(f"variant {v['name']}: {e}") from None
 
 
 def _chosen(variants: list[dict], only: list[str] | None) -> list[dict]:
