@@ -33,6 +33,12 @@ class History:
         return self.epochs[-1] if self.epochs else {}
 
 
+def _reason(e: Exception) -> str:
+    """torch's reason for a file it could not read, to its first sentence (it was cut mid-word at 120 characters)."""
+    first = ((str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]).strip()
+    return first if len(first) <= 120 else first[:117].rsplit(" ", 1)[0] + "..."
+
+
 def cuda_device_of(model) -> torch.device | None:
     """The CUDA device the model trains on (its generator is saved with the CPU's), or None off CUDA."""
     p = next(model.parameters(), None)
@@ -121,7 +127,7 @@ def check_resume(checkpoint_dir: str | Path, cfg: TrainConfig, ramp: float = 0.0
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
         raise AdvtuneError(
-            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            f"checkpoint {path} is truncated or corrupt ({_reason(e)}); "
             "delete it and rerun with --resume (the run starts again in this folder), or start over with --overwrite"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
@@ -167,7 +173,7 @@ def load_checkpoint(
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
         raise AdvtuneError(
-            f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            f"checkpoint {path} is truncated or corrupt ({_reason(e)}); "
             "delete it and rerun with --resume (the run starts again in this folder), or start over with --overwrite"
         ) from None
     if not isinstance(state, dict) or state.get("format") != "advtune-checkpoint-1":
