@@ -129,8 +129,7 @@ def _check_on_the_model(ex: Experiment, variants: list[dict]) -> None:
     once the base exists and before any variant trains (it was refused when its turn came, after the others had
     trained). Analysis-based selections are checked by the jobs themselves (they need the analysis first)."""
     from ...models import load_model
-    from ...vulnerability import select_layers
-    from ..selecting import lowrank_selection
+    from ..selecting import make_selection
 
     pending = [
         v
@@ -140,13 +139,9 @@ def _check_on_the_model(ex: Experiment, variants: list[dict]) -> None:
         and str(v.get("select", "")).startswith(("lowrank", "layers:"))
     ]
     model = load_model(ex.base_dir)[0] if pending else None
-    for v in pending:
-        select = str(v["select"])
+    for v in pending:  # the jobs' own rule (its parsing of the spec, its checks), on the base model
         try:
-            if select.startswith("layers:"):
-                select_layers(model, [n for n in select[len("layers:") :].split(",") if n])
-            else:
-                lowrank_selection(model, select, params_of(v), 0)
+            make_selection(model, str(v["select"]), default(FinetuneRun, "share"), "taylor", False, 0, params_of(v))
         except AdvtuneError as e:
             raise AdvtuneError(f"variant {v['name']}: {e}") from None
 
