@@ -656,3 +656,44 @@ def test_a_variants_selection_that_does_not_fit_the_model_is_refused_before_any_
         with pytest.raises(AdvtuneError, match=refusal):
             experiment.run(write(tmp_path, cfg), out)
         assert not (out / "full-ft").exists()  # refused before the first variant trained
+
+
+def test_a_base_retrained_in_place_under_finished_variants_is_refused(finished, tmp_path):
+    """An audit: finished variants were reported next to a base trained again in place (a `pretrained:` run retrained,
+    `standard/` deleted and trained again): rows from two bases as one experiment."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    experiment.run(write(tmp_path, TINY), out)  # records the base's hash (older folders adopt the base they hold)
+    assert json.loads((out / "experiment.json").read_text())["base_sha256"]
+    before = (out / "experiment.json").read_bytes()
+    weights = out / "standard" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with pytest.raises(AdvtuneError, match="the base model .* changed since .*use a new --out"):
+        experiment.run(write(tmp_path, TINY), out)
+    assert (out / "experiment.json").read_bytes() == before
+
+
+def test_a_control_sized_like_a_variant_that_ran_again_with_another_count_is_refused(finished, tmp_path):
+    """An audit: a params_like control kept the count of its rule's earlier run after the rule was deleted and run
+    again with another size, and was reported as its control."""
+    import copy
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    cfg = copy.deepcopy(TINY)
+    cfg["variants"] += [
+        {"name": "top1", "select": "top", "share": 0.1, "attack": "pgd:steps=2"},
+        {"name": "ctrl", "select": "random", "params_like": "top1", "attack": "pgd:steps=2"},
+    ]
+    experiment.run(write(tmp_path, cfg), out, only=["top1", "ctrl"])
+    shutil.rmtree(out / "top1")  # the rule run again with another share
+    cfg["variants"][-2]["share"] = 0.3
+    with pytest.raises(AdvtuneError, match="variant ctrl was sized like top1's selection when it held .* delete"):
+        experiment.run(write(tmp_path, cfg), out, only=["top1", "ctrl"])
+    assert (out / "top1" / "summary.json").is_file()  # the rule's new run is kept

@@ -15,7 +15,7 @@ from ...attacks import split_attack_list
 from ...distributed import on_main
 from ...errors import AdvtuneError
 from ...settings import default, parse_number, settings_from
-from ...storage import atomic_write_json, atomic_write_text, read_json
+from ...storage import atomic_write_json, atomic_write_text, file_sha256, read_json
 from .. import analyze as analyze_job
 from .. import evaluate as evaluate_job
 from .. import finetune as finetune_job
@@ -101,16 +101,20 @@ def run(
     refuse_changed_variants(out, expand_variants(cfg))  # every variant, not only --only's: the rows report them all
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
+    base_then = _recorded_base(out)
+    _refuse_other_base(ex, base_then)
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
-    atomic_write_json(
-        out / files.EXPERIMENT, {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
-    )
+    record = {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
+    atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": base_then} if base_then else record)
     _train_base(ex)
+    _refuse_other_base(ex, base_then)  # a base deleted and trained again under finished variants
+    atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": file_sha256(ex.base_dir / files.WEIGHTS)})
     _check_on_the_model(ex, variants)
     recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
     for v in variants:
         folder = out / v["name"]
         if _finished(folder):
+            _refuse_stale_control(ex, v, folder)
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
         # a variant recorded but with nothing of it on disk (refused, or its folder deleted) starts afresh
@@ -122,6 +126,38 @@ def run(
     rows = collect_results(out, variants, ex.base_dir, ex.base.get("limit"))
     write_results(out, rows, [v["name"] for v in variants])
     return rows
+
+
+def _recorded_base(out: Path) -> str | None:
+    """The sha256 of the base weights the experiment's variants ran from (recorded since round 47; None before)."""
+    path = out / files.EXPERIMENT
+    return read_json(path, "experiment record").get("base_sha256") if path.is_file() else None
+
+
+def _refuse_other_base(ex: Experiment, then: str | None) -> None:
+    """Finished variants were trained from the base as it was: a base retrained or replaced in place since (a
+    `pretrained:` run trained again, `standard/` deleted and retrained) would report rows from two bases as one."""
+    now = file_sha256(ex.base_dir / files.WEIGHTS)
+    if then and now and then != now:
+        raise AdvtuneError(
+            f"the base model {ex.base_dir} changed since {ex.out}'s variants ran (its weights' sha256 was "
+            f"{then[:12]}..., now {now[:12]}...); its rows would mix two bases: use a new --out"
+        )
+
+
+def _refuse_stale_control(ex: Experiment, v: dict, folder: Path) -> None:
+    """A finished `params_like` control sized to another variant's selection that has run again since with another
+    count (its folder deleted to re-run it) no longer matches it: refused, never reported as its control."""
+    like = v.get("params_like")
+    if not like or not (ex.out / like / files.SUMMARY).is_file() or not (folder / files.CONFIG).is_file():
+        return
+    ran = (read_json(folder / files.CONFIG, "config").get("run") or {}).get("params")
+    now = _trainable_of(ex.out, like, v["name"])
+    if ran is not None and int(ran) != now:
+        raise AdvtuneError(
+            f"variant {v['name']} was sized like {like}'s selection when it held {int(ran):,} trainable parameters, "
+            f"now {now:,} ({like} ran again since): delete {folder} to run the control again"
+        )
 
 
 def _check_on_the_model(ex: Experiment, variants: list[dict]) -> None:
