@@ -282,3 +282,11 @@ def test_finetune_says_when_the_analysis_scored_another_model(std_run, vuln, tmp
     assert "scored another model than this base" in capsys.readouterr().err
     recorded = json.loads((tmp_path / "diff" / "config.json").read_text())["selection"]
     assert recorded["analysis_of_other_model"] == str(vuln)
+
+
+def test_an_analysis_without_random_seeds_prints_no_random_nan(std_run, tmp_path, capsys):
+    """An audit: `--random-seeds ""` (no random control) printed "(random nan%)" next to each share."""
+    argv = ["analyze", str(std_run), "--eps", "0.15", "--attack", "fgsm", "--limit", "60", "--curve-limit", "60"]
+    assert main([*argv, "--random-seeds", "", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "errors repaired by restoring top 1%:" in out and "nan" not in out and "random" not in out

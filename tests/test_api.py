@@ -396,3 +396,46 @@ def test_per_layer_with_a_parameter_budget_is_refused(tiny_model, blobs):
     with pytest.raises(AdvtuneError, match="per_layer=True takes the top share of each layer: give share="):
         vmap.select(params=0.1, per_layer=True)
     assert len(vmap.select(share=0.25, per_layer=True)) > 0
+
+
+def test_wrong_types_and_values_given_to_the_api_are_one_line_before_any_work(tiny_model, blobs, tmp_path):
+    """An audit: each of these crashed with a TypeError/AttributeError/RuntimeError from inside python or torch (or,
+    the last ones, was taken without a word: a string switch, a budget of 1.5 read as 1, val=-1 holding out none)."""
+    from advtune.train import TrainConfig
+
+    x, y, xt, yt = blobs
+    x, y = x[:40], y[:40]
+    threat = ThreatModel.linf(0.1)
+    cases = [
+        (lambda: advtune.harden(tiny_model, (x, y), test=(xt[:8, :, :6, :6], yt[:8]), eps=0.1), "cannot take inputs"),
+        (lambda: advtune.fit(TinyCNN(), (x, y), val=(xt[:8, :, :6, :6], yt[:8])), "cannot take inputs"),
+        (lambda: advtune.fit(TinyCNN(), (x, y), advtune.adversarial("pgd")), r"takes an attack object.*build_attack"),
+        (lambda: advtune.fit(TinyCNN(), (x, y), advtune.trades(0.1)), "trades\\(\\) takes a ThreatModel"),
+        (lambda: advtune.analyze(tiny_model, (x, y), eps=0.1, attack=5), "attack must be a spec"),
+        (lambda: advtune.analyze(tiny_model, (x, y), eps=0.1, shares=0.5), "shares must be a list"),
+        (lambda: advtune.Recipe(eps_warmup="0.1"), "eps_warmup must be a number"),
+        (lambda: advtune.Recipe(epochs="2"), "epochs must be a number"),
+        (lambda: advtune.Recipe(ema=1.5), "ema must be a decay"),
+        (lambda: advtune.load_dataset("synthetic", limit=2.5), "limit .* positive number of examples, got 2.5"),
+        (lambda: advtune.load_dataset("synthetic", limit="5"), "limit .* positive number of examples, got '5'"),
+        (lambda: advtune.load_dataset("synthetic", val=-1), "val .* count of examples or a share"),
+        (lambda: advtune.load_dataset("synthetic", val="5"), "val .* count of examples or a share"),
+        (lambda: advtune.load_dataset("synthetic", val=10, seed="a"), "seed must be an integer"),
+        (lambda: advtune.build_model("small-cnn", input_shape=28), "input_shape must be"),
+        (lambda: advtune.build_model("small-cnn", num_classes=0), "num_classes must be"),
+        (lambda: advtune.build_attack("pgd", 0.1), "needs a ThreatModel"),
+        (lambda: advtune.save_model("x", tmp_path / "m"), "an nn.Module and a dict"),
+        (lambda: advtune.save_model(tiny_model, tmp_path / "m", [1]), "an nn.Module and a dict"),
+        (lambda: TrainConfig(compile="yes"), "compile is a switch: True or False"),
+    ]
+    amap = advtune.analyze(tiny_model, (x, y), eps=0.1, attack=advtune.FGSM(threat), curve=False)
+    cases += [
+        (lambda: amap.random_like("x"), "random_like takes a Selection"),
+        (lambda: amap.random_like(amap.select(0.5), seed="a"), "seed must be an integer"),
+        (lambda: amap.select(params=1.5), "above 1 is a count of entries"),
+    ]
+    for call, said in cases:
+        with pytest.raises(AdvtuneError, match=said) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "m").exists()

@@ -119,17 +119,17 @@ def test_incomplete_folder_names_the_missing_file(isolated):
 
 
 def test_missing_dataset_says_where_it_looked(isolated):
-    with pytest.raises(AdvtuneError, match="fashion-mnist not found .*looked in.*--data-dir"):
+    with pytest.raises(AdvtuneError, match="fashion-mnist not found .*looked in.*data_dir"):
         load_dataset("fashion-mnist", download=False)
 
 
 def test_a_named_data_dir_must_hold_the_dataset(isolated, tmp_path):
     """--data-dir never falls back silently to another folder (issue 11)."""
-    with pytest.raises(AdvtuneError, match="--data-dir .*nowhere does not exist"):
+    with pytest.raises(AdvtuneError, match="data_dir .*nowhere does not exist"):
         load_dataset("fashion-mnist", isolated / "nowhere", download=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(AdvtuneError, match="--data-dir .*empty does not hold fashion-mnist"):
+    with pytest.raises(AdvtuneError, match="data_dir .*empty does not hold fashion-mnist"):
         load_dataset("fashion-mnist", empty, download=False)
     part = tmp_path / "part" / "fashion-mnist"
     part.mkdir(parents=True)
@@ -514,7 +514,7 @@ def test_validation_split_and_limit():
     assert split.val.y.tolist() == ident.split_validation(10, seed=4).val.y.tolist()
     with pytest.raises(AdvtuneError, match="leaves no training data"):
         load_dataset("synthetic", val=5000)
-    with pytest.raises(AdvtuneError, match="--val 0.001 of 200 training examples holds out none"):  # an audit: it
+    with pytest.raises(AdvtuneError, match="val 0.001 of 200 training examples holds out none"):  # an audit: it
         load_dataset("synthetic", limit=200, val=0.001)  # trained on all 200 with no split and no word
     assert ident.split_validation(0) is ident  # none asked: none held out
 
@@ -583,7 +583,7 @@ def test_moved_own_data_is_found_under_data_dir_and_api_labels_name_their_fix(tm
     (tmp_path / "new").mkdir()
     np.savez(tmp_path / "new" / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
     gone = str(tmp_path / "old" / "d.npz")
-    with pytest.raises(AdvtuneError, match="data that moved: --data-dir FOLDER holding it under the same name"):
+    with pytest.raises(AdvtuneError, match="data that moved: data_dir FOLDER holding it under the same name"):
         load_dataset(gone)
     assert len(load_dataset(gone, data_dir=str(tmp_path / "new")).train) == 8
     xs = torch.rand(4, 1, 4, 4)

@@ -232,7 +232,7 @@ def test_ema_out_of_range_is_refused():
     from advtune.train import TrainConfig
 
     for bad in (1.0, -0.1, True):
-        with pytest.raises(AdvtuneError, match="--ema must be a decay in"):
+        with pytest.raises(AdvtuneError, match="ema must be a decay in"):
             TrainConfig(ema=bad)
 
 

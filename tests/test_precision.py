@@ -57,7 +57,7 @@ def test_bf16_adversarial_training_runs_on_cpu_and_learns(data):
 def test_fp16_without_cuda_is_refused_before_training(data, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(AdvtuneError, match="--amp fp16 needs a CUDA device"):
+    with pytest.raises(AdvtuneError, match="amp fp16 needs a CUDA device"):
         fit(model_for(data), data.train, config=TrainConfig(epochs=1, amp="fp16"))
     out = tmp_path / "fp16"
     args = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--limit", "64", "--epochs", "1"]
@@ -67,7 +67,7 @@ def test_fp16_without_cuda_is_refused_before_training(data, tmp_path, capsys):
 
 
 def test_an_unknown_precision_is_a_one_line_error():
-    with pytest.raises(AdvtuneError, match="unknown --amp 'fp8'"):
+    with pytest.raises(AdvtuneError, match="unknown amp 'fp8'"):
         TrainConfig(amp="fp8")
 
 

@@ -80,7 +80,7 @@ def test_start_weights_give_a_frozen_normalization_layer_the_base_statistics_and
 
 
 def test_recipe_refuses_a_probe_that_ends_inside_the_eps_ramp_or_is_no_share():
-    with pytest.raises(AdvtuneError, match="larger than --eps-warmup"):
+    with pytest.raises(AdvtuneError, match="larger than eps_warmup"):
         Recipe(granularity="probe", probe=0.1, eps_warmup=0.15)
     with pytest.raises(AdvtuneError, match=r"share of the budget in \(0, 1\)"):
         Recipe(granularity="probe", probe=1.0)
@@ -223,7 +223,7 @@ def test_probe_quotas_share_the_mask_out_by_the_analysis_and_rank_by_movement_wi
     total = sum(p.numel() for p in model.parameters())
     want = {n: k for n, k in layer_quotas(sizes, scores, int(round(0.1 * total))).items() if k}
     assert sel["params_by_layer"] == want  # small-cnn has no normalization layer: the whole budget in the quotas
-    with pytest.raises(AdvtuneError, match="use it with --granularity probe"):
+    with pytest.raises(AdvtuneError, match="use it with granularity probe"):
         Recipe(granularity="shares", probe_quotas=True)
     assert Recipe().quotas and not Recipe(probe_quotas=False).quotas  # auto: on with the probe rule (the default)
     assert Recipe().trains_head and not Recipe(probe_quotas=False).trains_head  # --head auto: on with the quotas
@@ -404,7 +404,7 @@ def test_probe_quotas_with_head_train_the_output_layer_whole_out_of_the_same_bud
     for name, p in model.get_submodule(head).named_parameters():
         # trained (without --head none of its entries moves; an entry behind a dead ReLU gets no gradient)
         assert (tuned[f"{head}.{name}"] != p).float().mean() > 0.5
-    with pytest.raises(AdvtuneError, match="--head with --no-probe-quotas"):
+    with pytest.raises(AdvtuneError, match="head with probe_quotas=False"):
         Recipe(granularity="probe", head=True, probe_quotas=False)
     analysis = tmp_path / "analysis"
     argv_a = ["analyze", str(base), "--eps", "0.2", "--attack", "pgd:steps=2", "--limit", "100", "--curve-limit", "0"]

@@ -103,7 +103,7 @@ def test_the_mask_moves_until_regrow_end_of_the_run_and_never_after(data, end, m
     last = max(d for d in range(2, 24, 2) if d < end * 24)
     assert moves and max(moves) == last and max(sums_after) < end * 24
     for bad in (0, -0.5, 1.5, math.nan, True):
-        with pytest.raises(AdvtuneError, match="--regrow-end"):
+        with pytest.raises(AdvtuneError, match="regrow_end"):
             TrainConfig(regrow=0.3, regrow_end=bad)
     # an end before the first move: the mask stays put, and the log says so
     from advtune.train.selection import Trainable
@@ -225,9 +225,9 @@ def test_window_moments_start_a_grown_entry_as_if_it_had_trained_through_the_win
         assert torch.allclose(state["exp_avg_sq"][came].double() / (1 - 0.95**3), q[came] / 2, rtol=1e-5, atol=1e-15)
         assert bool(state["exp_avg_sq"][came].gt(0).any())  # (a grown entry had a gradient)
         assert not bool(state["exp_avg"][left].any()) and not bool(state["exp_avg_sq"][left].any())
-    with pytest.raises(AdvtuneError, match="--regrow-moments"):
+    with pytest.raises(AdvtuneError, match="regrow_moments"):
         TrainConfig(regrow=0.3, regrow_moments="ones")
-    with pytest.raises(AdvtuneError, match="with --optimizer sgd use zero"):
+    with pytest.raises(AdvtuneError, match="with optimizer sgd use zero"):
         TrainConfig(regrow=0.3, regrow_moments="window", optimizer="sgd")
     # through fit: the setting reaches the regrowth (another start of the grown entries: other weights)
     nets = [bn_net(), bn_net()]
@@ -277,7 +277,7 @@ def test_regrow_rate_multiplies_the_steps_of_the_grown_entries_and_of_no_other(d
     again.load_state_dict({k: v for k, v in state.items() if k != "late"}, "checkpoint")  # older: none late
     assert not any(bool(t.any()) for t in again.late)
     for bad in (0, -1.0, math.inf, True, 1000.0):
-        with pytest.raises(AdvtuneError, match="--regrow-rate"):
+        with pytest.raises(AdvtuneError, match="regrow_rate"):
             TrainConfig(regrow=0.3, regrow_rate=bad)
     # through fit: the rate reaches the run (other weights), and rate 1 is the run without the hooks
     nets = [bn_net(), bn_net(), bn_net()]
@@ -353,9 +353,9 @@ def test_a_global_pool_regrows_where_the_movement_score_is_largest_over_all_laye
     after = regrowth.masks()
     assert sum(int(m.sum()) for m in after.values()) == sum(int(m.sum()) for m in before.values())
     assert all(int((~after[n]).sum()) >= 1 for n in after)  # none became whole
-    with pytest.raises(AdvtuneError, match="--regrow-score movement"):
+    with pytest.raises(AdvtuneError, match="regrow_score movement"):
         TrainConfig(regrow=0.3, regrow_pool="global", regrow_score="fisher")
-    with pytest.raises(AdvtuneError, match="--regrow-pool"):
+    with pytest.raises(AdvtuneError, match="regrow_pool"):
         TrainConfig(regrow=0.3, regrow_pool="all")
     # through fit: the entries outside the final mask are the base's, the count is the start's, the mask differs
     nets, sels = [bn_net(), bn_net()], []
@@ -449,7 +449,7 @@ def test_a_per_step_drop_ranks_an_entry_by_its_change_per_step_since_it_joined(d
     before = {n: m.clone() for n, m in regrowth.masks().items()}
     assert regrowth.step(10, opt=torch.optim.Adam(trainable.params())) > 0
     assert all(not bool((before[n] & ~m & ~groups[n]).any()) for n, m in regrowth.masks().items())  # only A left
-    with pytest.raises(AdvtuneError, match="--regrow-drop"):
+    with pytest.raises(AdvtuneError, match="regrow_drop"):
         TrainConfig(regrow=0.3, regrow_drop="oldest")
     # through fit: the rule reaches the run (another mask)
     sels = []
@@ -553,7 +553,7 @@ def test_the_movement_score_ranks_where_adam_would_have_moved_an_entry_not_how_l
     assert float(movement[0, 0]) == pytest.approx(2**0.5) and float(movement[0, 1]) == 0.0
     regrowth.score = "fisher"
     assert float(regrowth.scores(j)[0, 1]) > float(regrowth.scores(j)[0, 0])
-    with pytest.raises(AdvtuneError, match="--regrow-score"):
+    with pytest.raises(AdvtuneError, match="regrow_score"):
         TrainConfig(regrow=0.3, regrow_score="loudest")
     for p in model.parameters():  # a gradient whose square underflows float32 scores no more than a steady one
         p.grad = torch.full_like(p, 1e-23)
@@ -602,12 +602,12 @@ def test_an_interrupted_run_resumes_to_the_same_mask_and_weights(data, tmp_path,
 
 def test_bad_regrow_settings_and_selections_it_cannot_move_are_one_line_errors(data):
     for bad in ({"regrow": 1.0}, {"regrow": -0.1}, {"regrow_every": 0}, {"regrow": True}):
-        with pytest.raises(AdvtuneError, match="--regrow"):
+        with pytest.raises(AdvtuneError, match="regrow"):
             TrainConfig(**bad)
     from advtune.components import Component, Selection
 
     units = Selection((Component("net.conv2", 0),))  # whole units: no single entries to move
-    with pytest.raises(AdvtuneError, match="--granularity probe or sparse"):
+    with pytest.raises(AdvtuneError, match="granularity probe or sparse"):
         fit(bn_net(), data, adversarial(PGD(THREAT, steps=1)), cfg(), selection=units)
 
 

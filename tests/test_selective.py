@@ -229,7 +229,7 @@ def test_eps_warmup_ramps_the_attack_then_holds():
     eps = [objective.at(t).attack.threat.eps for t in (0.0, 0.1, 0.25, 0.5, 0.9)]
     assert eps[0] > 0 and eps[1] == pytest.approx(0.06) and eps[2] == pytest.approx(0.15) and eps[3:] == [0.3, 0.3]
     assert objective.at(0.9) is objective
-    with pytest.raises(AdvtuneError, match="--eps-warmup must be a share"):
+    with pytest.raises(AdvtuneError, match="eps_warmup must be a share"):
         adversarial(PGD(THREAT), eps_warmup=1.5)
 
 

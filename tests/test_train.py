@@ -95,9 +95,9 @@ def test_lr_schedules(schedule):
         ({"batch_size": 0}, "batch size"),
         ({"optimizer": "lbfgs"}, "unknown optimizer"),
         ({"schedule": "exp"}, "unknown schedule"),
-        ({"schedule": "onecycle", "warmup_epochs": 1}, "does not combine with --schedule onecycle"),
-        ({"weight_decay": -1.0}, r"--weight-decay must be >= 0 .*got -1.0"),  # one line named both, whichever
-        ({"optimizer": "sgd", "momentum": 1.5}, r"--momentum must lie in \[0, 1\) .*got 1.5"),
+        ({"schedule": "onecycle", "warmup_epochs": 1}, "does not combine with schedule onecycle"),
+        ({"weight_decay": -1.0}, r"weight_decay must be >= 0 .*got -1.0"),  # one line named both, whichever
+        ({"optimizer": "sgd", "momentum": 1.5}, r"momentum must lie in \[0, 1\) .*got 1.5"),
     ],
 )
 def test_bad_train_config(kwargs, match):

@@ -35,7 +35,7 @@ from .runs.analyze import analyze_model
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
 from .seeding import make_generator, preserved_rng, seed_everything
-from .settings import default
+from .settings import default, keyword_errors
 from .threat import ThreatModel
 from .train import History, Objective, TrainConfig
 from .train import fit as _fit
@@ -128,6 +128,7 @@ def _take(
 # ---------------------------------------------------------------- evaluate
 
 
+@keyword_errors(suite="attacks", limit_test="limit")
 def evaluate(
     model: nn.Module,
     data: Any,
@@ -205,6 +206,7 @@ class VulnerabilityMap:
         the table recorded (`relative_shift`, `amplification`)."""
         return layer_scores(self.table)
 
+    @keyword_errors()
     def select(
         self,
         share: float | None = None,
@@ -236,9 +238,13 @@ class VulnerabilityMap:
             return select_top(self.table, params=params, model=model, example_input=self.example)
         return select_top(self.table, share, per_layer=per_layer)
 
+    @keyword_errors()
     def random_like(self, selection: Selection, seed: int = 0) -> Selection:
         """The control: random units with as many trainable parameters as `selection`."""
         model = self._model_for("random_like")
+        if not hasattr(selection, "trainable_params"):  # a Selection, or what prices itself as one
+            raise AdvtuneError(f"random_like takes a Selection (from map.select(...)), got {type(selection).__name__}")
+        _seed(seed)
         budget = min(selection.trainable_params(model, self.example), model_params(model))
         # adapters near full rank can hold more entries than the model: then the whole model's count
         return select_random(model, params=budget, seed=seed, pool=self.table, example_input=self.example)
@@ -263,6 +269,7 @@ class VulnerabilityMap:
         }
 
 
+@keyword_errors(criteria="criterion")
 def analyze(
     model: nn.Module,
     data: Any,
@@ -286,6 +293,10 @@ def analyze(
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)
+    if shares is not None and (isinstance(shares, str) or not isinstance(shares, Sequence)):
+        raise AdvtuneError(f"shares must be a list of shares in (0, 1], e.g. [0.01, 0.1, 1], got {shares!r}")
+    if attack is not None and not isinstance(attack, (str, Attack)):
+        raise AdvtuneError(f"attack must be a spec such as 'pgd:steps=20' or an attack object, got {attack!r}")
     atk = attack if attack is not None else default(AnalyzeRun, "attack")
     atk = build_attack(atk, threat) if isinstance(atk, str) else atk
     if getattr(atk, "threat", threat) != threat:
@@ -326,6 +337,7 @@ def analyze(
 # ---------------------------------------------------------------- harden and fit
 
 
+@keyword_errors(Recipe)  # a recipe's fields too
 def harden(
     model: nn.Module,
     data: Any,
@@ -372,6 +384,8 @@ def harden(
     )
     ds = Dataset(data.name if isinstance(data, Dataset) else "in-memory", train, limited, [], (), ())
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
+    if limited is not None:  # a test split the model cannot take failed deep in the evaluation, after the training
+        _check_model(model, limited.take(2).tensors(model_device(model))[0], limited.y)
     # a zoo model by its name (its frontier references are found by it), another by its class
     meta = {"architecture": type(unwrapped(model)).__name__, **model_identity(model)}
     flags = [p.requires_grad for p in model.parameters()]
@@ -401,6 +415,7 @@ def _evaluation_spec(evaluation: Any, threat: ThreatModel) -> str | None:
     return ",".join(specs)
 
 
+@keyword_errors(TrainConfig, "resume", out="checkpoint_dir")
 def fit(
     model: nn.Module,
     data: Any,
@@ -426,6 +441,11 @@ def fit(
     _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
+    val = _val_split(val)
+    if val is not None:  # read once here (fit reads an iterable so too) and checked on the model like the training data
+        val = as_tensor_data(val, what="val")
+        if len(val):
+            _check_model(model, val.take(2).tensors(model_device(model))[0], val.y)
     # the global stream (dropout) seeded from the config as `advtune train` seeds it, the caller's given back
     with eval_mode(model), preserved_rng():  # fit sets train mode; the block gives the caller's modes back
         seed_everything((config or TrainConfig()).seed)
@@ -435,7 +455,7 @@ def fit(
             objective,
             config,
             selection=selection,
-            val=_val_split(val),
+            val=val,
             **kwargs,
         )
 
@@ -459,9 +479,14 @@ def _val_split(val: Any) -> Any:
 def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write `model.safetensors` (weights only) and `model.json` into the folder `path`. A model from
     advtune's zoo or from a `--model file.py:factory` spec can be rebuilt by `load_model`."""
+    if not isinstance(model, nn.Module) or (meta is not None and not isinstance(meta, dict)):
+        raise AdvtuneError(
+            f"save_model(model, path, meta): an nn.Module and a dict, got {type(model).__name__}, {type(meta).__name__}"
+        )
     return _save_model(path, model, dict(meta or {}))
 
 
+@keyword_errors()
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model saved in the folder `path` (a run folder or `save_model`'s), in eval mode. Weights are
     read with safetensors: loading never executes code from the file."""

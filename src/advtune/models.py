@@ -5,6 +5,7 @@ weights + JSON metadata (loading never unpickles)."""
 from __future__ import annotations
 
 import logging
+import numbers
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -192,6 +193,13 @@ def list_models() -> list[str]:
 def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=None, std=None) -> nn.Sequential:
     """`Sequential(normalize=Normalize(mean, std), net=<architecture>)` for inputs in [0,1]."""
     architecture = ARCHITECTURES.get(name)  # unknown: "unknown model ...; valid: ..."
+    shape_ok = isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+    if not shape_ok or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in input_shape
+    ):
+        raise AdvtuneError(f"input_shape must be (channels, height, width), e.g. (1, 28, 28), got {input_shape!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise AdvtuneError(f"num_classes must be a whole number of at least 2, got {num_classes!r}")
     c, h, w = (int(v) for v in input_shape)
     min_side = 8 if name != "lenet5" else 28
     if h < min_side or w < min_side:

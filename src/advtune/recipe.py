@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .errors import AdvtuneError
-from .settings import budget_number, number, setting
+from .settings import budget_number, keyword_errors, number, setting
 
 PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst case of APGD-CE and APGD-T
 # harden's evaluation adds the black-box Square, so the masking gate's black-box check can fire: on a
@@ -194,15 +194,22 @@ class Recipe:
         2.0, help="default budget: this many passes over the training data", type=number, group="recipe"
     )
 
+    @keyword_errors()  # Recipe(ema=2) names ema, --ema 2 names --ema
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITY_WORDS:
             raise AdvtuneError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if not (isinstance(self.params, (int, float)) and 0 < self.params):
             raise AdvtuneError(f"--params must be a share like 0.1 or a count of entries, got {self.params!r}")
+        for name in ("eps_warmup", "epochs", "ema", "lr", "probe", "regrow"):  # "0.1" crashed on a comparison
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise AdvtuneError(f"{name} must be a number, got {v!r}")
         if not 0 <= self.eps_warmup < 1:
             raise AdvtuneError(f"--eps-warmup must be a share of the fine-tuning in [0, 1), got {self.eps_warmup}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise AdvtuneError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
+        if not 0 <= self.ema < 1:  # accepted here, refused inside harden after the data was read
+            raise AdvtuneError(f"--ema must be a decay in [0, 1) (e.g. 0.99; 0: off), got {self.ema!r}")
         if self.norms is True and self.granularity not in NORMS_GRANULARITIES:
             raise AdvtuneError(
                 f"--norms trains the normalization layers next to low-rank adapters or sparse entries: use it with "

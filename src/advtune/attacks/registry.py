@@ -58,6 +58,10 @@ def attack_params(name: str) -> dict[str, object]:
 
 def build_attack(spec: str, threat: ThreatModel) -> Attack:
     """Parse `spec` and build the attack for `threat`; raises AdvtuneError on any bad name or value."""
+    if not isinstance(threat, ThreatModel):  # build_attack("pgd", 0.1) crashed on the number's missing fields
+        raise AdvtuneError(f"build_attack needs a ThreatModel (e.g. ThreatModel.linf(0.3)), got {threat!r}")
+    if not isinstance(spec, str):
+        raise AdvtuneError(f"an attack spec is a string such as 'pgd:steps=10', got {spec!r}")
     name, raw = parse_spec(spec, "attack")
     cls = REGISTRY.get(name)
     kwargs = convert_params(name, raw, cls, skip=_skip(name), fold_case=True)  # loss names: any case

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Mapping
 
 from ..distributed import is_main_process, on_each_machine, on_main
 from ..errors import AdvtuneError
+from ..settings import keyword_errors
 from .download import download_files, md5sum
 from .formats import (
     SHUFFLED,
@@ -49,6 +51,7 @@ def cache_dir() -> Path:
     return Path(base) / "advtune"
 
 
+@keyword_errors()  # its checks name --limit, --val, --data-dir on the command line
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -68,9 +71,15 @@ def load_dataset(
 
     `download=None` means "allowed unless $ADVTUNE_NO_DOWNLOAD is set to anything but 0, false, no or off".
     """
-    for what, n in (("limit (--limit)", limit), ("limit_test (--limit-test)", limit_test)):
-        if n is not None and n <= 0:  # named, and refused before the data is read
+    for what, n in (("--limit", limit), ("--limit-test", limit_test)):
+        whole = isinstance(n, numbers.Integral) and not isinstance(n, bool)  # 2.5 and "5" crashed inside torch
+        if n is not None and (not whole or n <= 0):  # named, and refused before the data is read
             raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
+    real = isinstance(val, numbers.Real) and not isinstance(val, bool)
+    if not real or val < 0 or (val >= 1 and val != int(val)):  # -1 and "5" held out none, 2.5 two
+        raise AdvtuneError(f"--val must be a count of examples or a share in (0, 1) (0: none), got {val!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     if download is None:
         # 0, false, no, off or empty allow downloads; any other value (1, true, yes, ...) forbids them
         download = os.environ.get("ADVTUNE_NO_DOWNLOAD", "").strip().lower() in ("", "0", "false", "no", "off")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from ..errors import AdvtuneError
 from ..recipe import SCHEDULES
-from ..settings import number, setting
+from ..settings import keyword_errors, number, setting
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,13 @@ class TrainConfig:
     # ignored); schedules span them. Set from a gradient-evaluation budget (--budget).
     steps: int = setting(0, help="optimizer steps (0: epochs decide)", cli=False)
 
+    @keyword_errors()  # TrainConfig(ema=2) names ema, --ema 2 names --ema
     def __post_init__(self) -> None:
+        for f in fields(self):  # a switch is a bool: compile="no" would have compiled
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise AdvtuneError(
+                    f"{f.name} is a switch: True or False (true/false in YAML), got {getattr(self, f.name)!r}"
+                )
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -25,6 +25,7 @@ from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
 from ..registry import Registry, convert_params, parse_spec
+from ..settings import keyword_errors
 from .awp import build_awp, build_rwp
 from .distill import INJECTED, build_distill
 from .ramp import check_eps_warmup, ramped_attack
@@ -75,7 +76,13 @@ class Adversarial:
     eps_warmup: float = 0.0  # share of training over which eps ramps linearly from 0 to eps
     name: str = "adversarial"
 
+    @keyword_errors()
     def __post_init__(self) -> None:
+        if not callable(self.attack) or not hasattr(self.attack, "grad_evals"):  # a spec crashed at the first step
+            raise AdvtuneError(
+                f"adversarial() takes an attack object, e.g. adversarial(PGD(ThreatModel.linf(0.3), steps=10)), got "
+                f"{self.attack!r} (a spec string needs its threat: build_attack('pgd:steps=10', threat))"
+            )
         if self.attack_mode not in ("eval", "train"):
             raise AdvtuneError(f"attack_mode must be eval or train, got {self.attack_mode!r}")
         if not 0 <= self.clean_weight <= 1:
@@ -135,7 +142,12 @@ class Trades:
     eps_warmup: float = 0.0  # share of training over which eps ramps linearly from 0 to eps
     name: str = "trades"
 
+    @keyword_errors()
     def __post_init__(self) -> None:
+        if not hasattr(self.threat, "eps") or not hasattr(self.threat, "with_eps"):  # trades(0.1) crashed later
+            raise AdvtuneError(
+                f"trades() takes a ThreatModel, e.g. trades(ThreatModel.linf(8/255)), got {self.threat!r}"
+            )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise AdvtuneError(f"TRADES needs steps > 0, got {self.steps!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < math.inf:

@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 def check_eps_warmup(eps_warmup: float) -> None:
     """An objective's eps warm-up is a share of training in [0, 1), refused in one line otherwise."""
-    if not 0 <= eps_warmup < 1:
+    if isinstance(eps_warmup, bool) or not isinstance(eps_warmup, (int, float)) or not 0 <= eps_warmup < 1:
         raise AdvtuneError(f"--eps-warmup must be a share of training in [0, 1), got {eps_warmup}")
 
 
