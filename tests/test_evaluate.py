@@ -213,6 +213,43 @@ def test_gate_flags_probability_outputs(tiny_model, data):
     assert any(s.startswith("probability-outputs") for s in r.suspect)
 
 
+class _Scaled(nn.Module):
+    """Logits times a huge factor: the softmax saturates, so the cross-entropy's input gradient is exactly zero."""
+
+    def __init__(self, net, scale=1e4):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+class _Noisy(nn.Module):
+    """Gaussian input noise in the forward, even in eval mode: every call is another random draw."""
+
+    def __init__(self, net, sigma=0.5):
+        super().__init__()
+        self.net, self.sigma = net, sigma
+
+    def forward(self, x):
+        return self.net(x + self.sigma * torch.randn_like(x))
+
+
+def test_gate_flags_a_saturated_softmax_and_a_randomized_forward(tiny_model, data):
+    """An audit: FGSM and PGD (cross-entropy) were blind on a model with logits x 1e4 and reported its clean accuracy
+    as robust with the gate passed (it looked at the margin's gradient only); a model with noise in its forward
+    passed too (AutoAttack checks for randomness)."""
+    x, y = data
+    g = torch.Generator().manual_seed(0)
+    saturated = robust_accuracy(_Scaled(tiny_model), (x, y), quick(), generator=g)
+    assert saturated.accuracy["pgd"] == saturated.clean_accuracy  # blind ...
+    assert any(s.startswith("zero-ce-gradients") for s in saturated.suspect)  # ... and now said so
+    noisy = robust_accuracy(_Noisy(tiny_model), (x, y), quick(), generator=torch.Generator().manual_seed(0))
+    assert any(s.startswith("randomized-outputs") for s in noisy.suspect)
+    honest = robust_accuracy(tiny_model, (x, y), quick(), generator=torch.Generator().manual_seed(0))
+    assert honest.suspect == []  # neither check fires on the plain model
+
+
 def test_gate_flags_iterative_weaker_than_fgsm(tiny_model, data):
     x, y = data
     useless = PGD(THREAT, steps=5, step_size=1e-6)  # an iterative attack that barely moves

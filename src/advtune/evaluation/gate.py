@@ -38,6 +38,9 @@ LARGE_EPS_MAX_ACC = 0.10  # accuracy allowed at linf eps = the full pixel range 
 PROB_ATOL = 1e-5  # outputs within this of a probability simplex are flagged
 
 
+ZERO_CE_SHARE = 0.01  # share of probe samples with an exactly-zero cross-entropy gradient (saturated softmax)
+
+
 def above_noise(tol: float, n: int) -> float:
     """A tolerance on a share of `n` examples, never under two examples' worth (eps_curve's floor): on a small test
     set one image must not call a model suspect."""
@@ -147,7 +150,8 @@ def masking_gate(
 
     (a) an iterative attack leaves more accuracy than single-step FGSM; (b) a black-box attack breaks
     samples the white-box ones did not; (c) accuracy rises with eps or stays well above 0 at
-    linf eps = the full range; (d) zero or non-finite input gradients; (e) probability-like outputs.
+    linf eps = the full range; (d) zero or non-finite input gradients (of the margin and of the cross-entropy);
+    (e) probability-like outputs; (f) a randomized forward (two identical calls differ).
     (x, y) is a small probe of clean-correct samples (`probe_idx`: their positions in `result`).
     """
     suspect: list[str] = []
@@ -166,10 +170,41 @@ def masking_gate(
                     "probability-outputs: the model returns probabilities (rows in [0,1] sum to 1); "
                     "attack the logits (remove the final softmax)"
                 )
-            # (d) input gradients of the (non-saturating) margin loss
+            # (f) a randomized forward (noise, dropout left on): the evaluation saw one random draw (AutoAttack's check)
+            with torch.no_grad():
+                again = model(x)
+            changed = (again.argmax(1) != out.argmax(1)).float().mean().item()
+            if changed or not torch.allclose(again.float(), out.float(), rtol=2e-2, atol=2e-2):  # bf16: ~1e-2 apart
+                flag(
+                    f"randomized-outputs: two identical forwards differ ({changed:.0%} of probe predictions changed); "
+                    "the attacks saw one random draw: evaluate with averaged gradients (EOT) or a deterministic forward"
+                )
+            # (d) input gradients of the (non-saturating) margin loss, and of the cross-entropy FGSM, PGD and APGD-CE
+            # follow: logits scaled up saturate the softmax, so its gradient is exactly zero where the margin's is not
             with torch.enable_grad():
                 xv = x.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(-margin(model(xv), y).sum(), [xv])
+                logits = model(xv)
+                (g,) = torch.autograd.grad(-margin(logits, y).sum(), [xv], retain_graph=True)
+                ce = nn.functional.cross_entropy(logits, y, reduction="sum")  # (fp16: zero past a gap of ~17, as
+                # the attacks' gradients: flagged alike, and only where no attack of the list can go on)
+                (g_ce,) = torch.autograd.grad(ce, [xv])
+            zero_ce = (g_ce.flatten(1).abs().sum(1) == 0).float().mean().item()
+            # a list with a scale-invariant attack (a DLR or margin loss, a black-box one) measured those examples
+            covered = any(
+                is_black_box(a) or getattr(a, "loss", "ce") != "ce" or "apgd-t" in spec_of(a) for a in attacks
+            )
+            if zero_ce > above_noise(ZERO_CE_SHARE, len(x)) and covered:
+                log.warning(
+                    "%.0f%% of probe samples have an all-zero cross-entropy gradient (a saturated softmax); "
+                    "the list's DLR / margin / black-box attacks measured them",
+                    100 * zero_ce,
+                )
+            elif zero_ce > above_noise(ZERO_CE_SHARE, len(x)):
+                flag(
+                    f"zero-ce-gradients: {zero_ce:.0%} of probe samples have an all-zero cross-entropy input gradient "
+                    "(a saturated softmax: logits too large), and no attack of the list has a loss that does not "
+                    "saturate: FGSM, PGD and APGD-CE cannot move them; add apgd-t or square (--suite standard)"
+                )
             g = g.flatten(1)
             nonfinite = (~torch.isfinite(g)).any(1)
             zero = (g.abs().sum(1) == 0) & ~nonfinite
