@@ -439,3 +439,36 @@ def test_wrong_types_and_values_given_to_the_api_are_one_line_before_any_work(ti
             call()
         assert "\n" not in str(e.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_review_fixes_of_the_api_checks(tiny_model, blobs):
+    """A review of the new checks: fit read a shuffled val DataLoader before seeding (the caller's random state
+    changed), val=inf and val=nan crashed, a numpy seed or numpy shares/input_shape were refused or crashed, and the
+    keyword rewrite lost an error's subclass."""
+    import numpy as np
+
+    from advtune.settings import keyword_errors
+
+    x, y, xt, yt = blobs
+    model, loader = TinyCNN(), DataLoader(TensorDataset(xt[:32], yt[:32]), shuffle=True)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    advtune.fit(model, (x[:64], y[:64]), val=loader)
+    assert torch.equal(torch.get_rng_state(), state)
+    for val in (float("inf"), float("nan")):
+        with pytest.raises(AdvtuneError, match="val must be a count of examples or a share"):
+            advtune.load_dataset("synthetic", val=val)
+    assert len(advtune.load_dataset("synthetic", val=10, seed=np.int64(3)).val) == 10
+    assert advtune.build_model("small-cnn", input_shape=np.array([1, 28, 28]), num_classes=10) is not None
+    amap = advtune.analyze(tiny_model, (x[:40], y[:40]), eps=0.1, attack="fgsm", shares=np.array([0.1, 1.0]))
+    assert amap.curve is not None
+
+    class Mine(AdvtuneError):
+        pass
+
+    @keyword_errors()
+    def call(eps_warmup=None):
+        raise Mine("--eps-warmup must be a share")
+
+    with pytest.raises(Mine, match="^eps_warmup must be a share"):
+        call()

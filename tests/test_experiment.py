@@ -540,7 +540,7 @@ def test_regrow_without_a_mask_of_entries_is_refused_before_anything_is_written(
     fgsm = [{"name": "f", "params": 0.1, "granularity": "sparse", "attack": "fgsm", "train": {"regrow": 0.3}}]
     with pytest.raises(AdvtuneError, match="guard: false"):  # its guard's rollback: refused before anything runs
         experiment.validate_config({**TINY, "variants": fgsm})
-    with pytest.raises(AdvtuneError, match="--regrow"):  # harden's recipe refuses a rule without single entries
+    with pytest.raises(AdvtuneError, match="regrow"):  # harden's recipe refuses a rule without single entries
         experiment.validate_config({**TINY, "variants": [{**hard["variants"][0], "granularity": "unit"}]})
 
 
@@ -673,9 +673,13 @@ def test_a_base_retrained_in_place_under_finished_variants_is_refused(finished, 
     weights = out / "standard" / "model.safetensors"
     state = load_file(weights)
     save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
-    with pytest.raises(AdvtuneError, match="the base model .* changed since .*use a new --out"):
+    with pytest.raises(AdvtuneError, match="the base model .* changed .* since full-ft, .*use a new --out"):
         experiment.run(write(tmp_path, TINY), out)
     assert (out / "experiment.json").read_bytes() == before
+    shutil.rmtree(out / "standard")  # deleted: refused before a new one trains (a review: after, the old one was gone)
+    with pytest.raises(AdvtuneError, match="the base model .* is gone since full-ft, .*restore it"):
+        experiment.run(write(tmp_path, TINY), out)
+    assert not (out / "standard").exists() and (out / "experiment.json").read_bytes() == before
 
 
 def test_a_control_sized_like_a_variant_that_ran_again_with_another_count_is_refused(finished, tmp_path):
@@ -697,3 +701,17 @@ def test_a_control_sized_like_a_variant_that_ran_again_with_another_count_is_ref
     with pytest.raises(AdvtuneError, match="variant ctrl was sized like top1's selection when it held .* delete"):
         experiment.run(write(tmp_path, cfg), out, only=["top1", "ctrl"])
     assert (out / "top1" / "summary.json").is_file()  # the rule's new run is kept
+    with pytest.raises(AdvtuneError, match="variant ctrl was sized like top1's"):  # a review: --only skipped it
+        experiment.run(write(tmp_path, cfg), out, only=["standard"])
+
+
+def test_a_variant_without_its_cost_record_is_refused_not_counted_free(finished, tmp_path):
+    """An audit: a finished variant whose cost.json went missing was reported at a cost of 0 (the lead's share of
+    adversarial training's cost fell from 49% to 16%)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    (out / "full-ft" / "cost.json").unlink()
+    with pytest.raises(AdvtuneError, match="full-ft/cost.json is missing: full-ft's cost is not recorded"):
+        experiment.run(write(tmp_path, TINY), out)

@@ -161,6 +161,11 @@ def test_finetune_keep_best_needs_held_out_data(tmp_path, capsys):
     )
     k = json.loads((out / "summary.json").read_text())["checkpoints"]
     assert k["examples"] == 30 and len(k["curve"]) == len({p["step"] for p in k["curve"]}) == 3
+    # an audit: neither the printout nor info said which point was kept, nor what choosing it cost
+    printed = capsys.readouterr().out
+    assert f"of 3 held-out points (choosing cost {k['grad_evals']:,} gradient evaluations)" in printed
+    assert main(["info", str(out)]) == 0
+    assert f"held-out images), choosing cost {k['grad_evals']:,} gradient evaluations" in capsys.readouterr().out
     from safetensors.torch import load_file
 
     kept, saved = load_file(str(out / WEIGHTS)), load_file(str(out / "model.safetensors"))

@@ -429,11 +429,11 @@ def test_head_trains_the_unscored_output_layer_whole_out_of_the_same_budget(data
         select_from_table(table, model, 0.1, False, params=900, granularity="shares", seed=0, head=True)
     with pytest.raises(AdvtuneError, match="--head: the output layer net.fc leaves no budget.*raise --params"):
         select_from_table(table, model, 0.1, False, params=1060, granularity="shares", seed=0, head=True)
-    with pytest.raises(AdvtuneError, match="head trains the output layer whole.*hybrid, shares"):
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid, shares"):
         make_selection(model, table, 0.1, "taylor", False, 0, 2000, "lowrank", None, False, True)
-    with pytest.raises(AdvtuneError, match="head trains the output layer whole.*hybrid, shares"):
+    with pytest.raises(AdvtuneError, match="--head trains the output layer whole.*hybrid, shares"):
         make_selection(model, "random", 0.1, "taylor", False, 0, 2000, "shares", None, False, True)
-    with pytest.raises(AdvtuneError, match="head trains the output layer whole.*not unit"):
+    with pytest.raises(AdvtuneError, match="^head trains the output layer whole.*not unit"):
         Recipe(granularity="unit", head=True)
     with pytest.raises(AdvtuneError, match="head with probe_quotas=False.*drop head, or keep the quotas"):
         Recipe(head=True, probe_quotas=False)  # the probe's global ranking: the output layer's entries compete

@@ -288,7 +288,7 @@ def test_info_shows_a_finetunes_budget_and_selection_and_a_dirty_checkout():
     """info showed a budgeted fine-tuning as epochs=1 (its steps decide) with no word of what it trained, and a
     run from a modified checkout under the commit's sha alone."""
     from advtune.provenance import versions
-    from advtune.runs.record import format_info
+    from advtune.runs.info import format_info
 
     train = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "schedule": "constant"}
     run = {"select": "runs/a", "granularity": "probe", "budget": 540000, "train": {**train, "weight_decay": 0.0}}
@@ -308,3 +308,28 @@ def test_info_shows_a_finetunes_budget_and_selection_and_a_dirty_checkout():
     assert "git_sha abc (+ uncommitted changes)" in text
     v = versions()
     assert "git_sha" not in v or isinstance(v["git_dirty"], bool)  # recorded with the sha, whenever git answers
+
+
+def test_info_says_an_unfinished_run_a_resumed_length_the_images_and_a_small_rate():
+    """An audit of what info shows: an interrupted run read as a finished one, a resume with --epochs 2 still said
+    epochs=1 (config.json keeps how it started), an evaluation of 100 images looked like one of 1000, lr 2e-5 printed
+    as 0.0000, and a hardened model the gate flagged had no word of it on the harden line."""
+    from advtune.runs.info import format_info
+
+    train = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 2e-5, "schedule": "constant"}
+    config = {"command": "train", "run": {"model": "small-cnn", "dataset": "mnist", "train": train}}
+    unfinished = format_info({"run": "r", "config": config, "metrics": [{"epoch": 1, "lr": 2e-5}], "summary": {}})
+    assert "status     unfinished" in unfinished and "--resume" in unfinished
+    assert "lr=2e-05" in unfinished and "0.0000" not in unfinished
+    ev = {"threat": {"norm": "linf", "eps": 0.3}, "clean_accuracy": 0.99, "worst_case_accuracy": 0.9, "examples": 100}
+    ev["attacks"] = ["apgd-ce"]
+    resumed = format_info(
+        {"run": "r", "config": config, "metrics": [], "summary": {"epochs": 2}, "evaluations": {"e": {**ev}}}
+    )
+    assert "unfinished" not in resumed and "epochs=2 (config.json: 1; resumed with another length)" in resumed
+    assert "worst case 90.00% over apgd-ce on 100 test images" in resumed
+    flagged = harden_summary(after={"clean_acc": 0.97, "robust_acc": 0.61, "suspect": ["zero-gradients: 3%"]})
+    text = format_info(
+        {"run": "r", "config": {"command": "harden", "run": {}}, "metrics": [], "summary": flagged.to_json()}
+    )
+    assert "!! masking gate SUSPECT: zero-gradients: 3%" in text

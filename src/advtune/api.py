@@ -293,7 +293,7 @@ def analyze(
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)
-    if shares is not None and (isinstance(shares, str) or not isinstance(shares, Sequence)):
+    if shares is not None and (isinstance(shares, (str, numbers.Number)) or not hasattr(shares, "__iter__")):
         raise AdvtuneError(f"shares must be a list of shares in (0, 1], e.g. [0.01, 0.1, 1], got {shares!r}")
     if attack is not None and not isinstance(attack, (str, Attack)):
         raise AdvtuneError(f"attack must be a spec such as 'pgd:steps=20' or an attack object, got {attack!r}")
@@ -442,13 +442,16 @@ def fit(
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     val = _val_split(val)
-    if val is not None:  # read once here (fit reads an iterable so too) and checked on the model like the training data
-        val = as_tensor_data(val, what="val")
-        if len(val):
-            _check_model(model, val.take(2).tensors(model_device(model))[0], val.y)
-    # the global stream (dropout) seeded from the config as `advtune train` seeds it, the caller's given back
+    # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the
+    # caller's given back
     with eval_mode(model), preserved_rng():  # fit sets train mode; the block gives the caller's modes back
         seed_everything((config or TrainConfig()).seed)
+        if (
+            val is not None
+        ):  # read once here (fit reads an iterable so too), checked on the model like the training data
+            val = as_tensor_data(val, what="val")
+            if len(val):
+                _check_model(model, val.take(2).tensors(model_device(model))[0], val.y)
         return _fit(
             model,
             train,

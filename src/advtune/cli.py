@@ -4,7 +4,7 @@ Thin: each subcommand is its entry in cli_text's HELP and DESCRIPTION, `add_<cmd
 parser that `build_parser` makes with those texts and ends with the general flags) + `run_<cmd>(args) -> int`.
 The flags of a job are derived from its config dataclass (`advtune.settings`: declared once, with help and
 defaults), the run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
-A YAML `--config` gives defaults, flags override them. Errors for people (AdvtuneError) print as one line naming flags.
+A YAML `--config` gives defaults, flags override them. AdvtuneErrors print as one line naming flags, exit 2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from . import filenames as files
 from .cli_text import DESCRIPTION, HELP, OTHER_NAME, OUT_OF_MEMORY_FIX
 from .errors import AdvtuneError
-from .settings import Parser, add_flags, apply_yaml_defaults, flag_words, from_args, seed_number
+from .settings import Parser, add_flags, apply_yaml_defaults, from_args, seed_number, speaking_flags
 
 log = logging.getLogger("advtune")
 
@@ -187,12 +187,11 @@ def run_finetune(args) -> int:
 
     s = finetune_job.run(from_args(FinetuneRun, args, train=_train_config(args, _default(FinetuneRun)))).to_json()
     what = finetune_job.trained_words(s.get("selection"))
-    quick = (
-        f", PGD-10 (quick, {s['pgd10_examples']} ex.) {100 * s['pgd10_acc_quick']:.2f}%"
-        if "pgd10_acc_quick" in s
-        else ""
-    )
-    print(f"fine-tuned {what}: clean test accuracy {100 * s['test_acc']:.2f}%{quick}  -> {args.out}")
+    q, c = s.get("pgd10_acc_quick"), s.get("checkpoints") or {}  # c: --keep-best's choice, and what it cost
+    quick = f", PGD-10 (quick, {s.get('pgd10_examples')} ex.) {100 * q:.2f}%" if q is not None else ""
+    kept = f"step {c.get('chosen_step') or 'last'} of {len(c.get('curve', []))} held-out points" if c else ""
+    kept = f"; kept {kept} (choosing cost {c.get('grad_evals', 0):,} gradient evaluations)" if c else ""
+    print(f"fine-tuned {what}: clean test accuracy {100 * s['test_acc']:.2f}%{quick}{kept}  -> {args.out}")
     return 0
 
 
@@ -233,7 +232,7 @@ def add_report_parser(p) -> None:
 
 def run_report(args) -> int:
     from .report import write_harden_report, write_report, write_run_report
-    from .runs.record import format_info, run_info
+    from .runs.info import format_info, run_info
 
     for folder in args.folders:
         path = Path(folder)
@@ -264,8 +263,8 @@ def add_info_parser(p) -> None:
 
 
 def run_info(args) -> int:
-    from .runs.record import format_info
-    from .runs.record import run_info as info_of
+    from .runs.info import format_info
+    from .runs.info import run_info as info_of
 
     if (Path(args.run) / files.EXPERIMENT).is_file() and not (Path(args.run) / files.CONFIG).is_file():
         from .runs.experiment import experiment_info, format_experiment_info
@@ -435,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-@flag_words()  # the checks shared with the API name settings as this command's flags
+@speaking_flags()  # the checks shared with the API name settings as this command's flags
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)

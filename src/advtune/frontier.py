@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PLATEAU_TOLERANCE = 0.01  # a curve is on its plateau within 1 point of its best
 TARGET_GAP = 0.02  # the target: the reference plateau minus 2 points
+ACC_EPS = 1e-9  # accuracies compared with this slack: 0.259 - 0.02 is 0.23899999999999999 in floats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +138,7 @@ def reference_plateau(points: Sequence[Point], reference: str | None = None) -> 
         raise AdvtuneError(f"every point of the reference curve {reference!r} tripped the masking gate")
     top = max(pts, key=lambda p: (p.robust_acc, -p.total_grad_evals))
     best = top.robust_acc
-    first = next(p for p in pts if p.robust_acc >= best - PLATEAU_TOLERANCE)
+    first = next(p for p in pts if p.robust_acc >= best - PLATEAU_TOLERANCE - ACC_EPS)
     return Plateau(
         reference,
         best,
@@ -147,7 +148,7 @@ def reference_plateau(points: Sequence[Point], reference: str | None = None) -> 
         first.robust_acc,
         int(top.total_grad_evals),
         top.clean_acc,
-        len(pts) > 1 and first is pts[-1],  # no earlier point came within the tolerance of the best
+        first is pts[-1],  # no earlier point came within the tolerance of the best (one checkpoint shows no plateau)
     )
 
 
@@ -161,7 +162,7 @@ def verdicts(points: Sequence[Point], plateau: Plateau, budget_share: float = 0.
         if not ok:
             continue
         best = max(ok, key=lambda p: (p.robust_acc, -p.total_grad_evals))
-        hit = next((p for p in ok if p.robust_acc >= plateau.robust_acc - TARGET_GAP), None)
+        hit = next((p for p in ok if p.robust_acc >= plateau.robust_acc - TARGET_GAP - ACC_EPS), None)
         within = [p.robust_acc for p in ok if p.total_grad_evals <= budget_share * plateau.cost]
         out.append(
             CurveVerdict(

@@ -193,7 +193,10 @@ def list_models() -> list[str]:
 def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=None, std=None) -> nn.Sequential:
     """`Sequential(normalize=Normalize(mean, std), net=<architecture>)` for inputs in [0,1]."""
     architecture = ARCHITECTURES.get(name)  # unknown: "unknown model ...; valid: ..."
-    shape_ok = isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+    input_shape = (
+        tuple(input_shape) if hasattr(input_shape, "__iter__") and not isinstance(input_shape, str) else input_shape
+    )
+    shape_ok = isinstance(input_shape, tuple) and len(input_shape) == 3
     if not shape_ok or not all(
         isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in input_shape
     ):

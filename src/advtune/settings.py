@@ -164,14 +164,14 @@ def flag_name(name: str) -> str:
 # ---------------------------------------------------------------- the words an error names a setting with
 
 # A check shared by the CLI and the Python API names the setting as a flag (`--eps-warmup`); a caller of the API
-# passed a keyword (`eps_warmup=`). The CLI speaks inside `flag_words()`; outside it, `keyword_errors` rewrites the
+# passed a keyword (`eps_warmup=`). The CLI speaks inside `speaking_flags()`; outside it, `keyword_errors` rewrites the
 # flags of the settings the call takes into their keywords (one home for the translation, the checks stay one).
-_FLAG_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar("advtune_flag_words", default=False)
+_FLAG_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar("advtune_speaking_flags", default=False)
 FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z0-9-]*)")  # a flag in a message (not a path's or a word's "--")
 
 
 @contextlib.contextmanager
-def flag_words() -> Iterator[None]:
+def speaking_flags() -> Iterator[None]:
     """Inside: errors name settings by their command-line flags (the CLI); outside: by their Python keywords."""
     token = _FLAG_WORDS.set(True)
     try:
@@ -181,9 +181,10 @@ def flag_words() -> Iterator[None]:
 
 
 def in_keywords(error: AdvtuneError, names: Iterable[str], renamed: Mapping[str, str] | None = None) -> AdvtuneError:
-    """`error` with the flags of `names` written as the keywords they are (`--no-head`: `head=False`; `renamed`:
-    flag name -> keyword where they differ); other flags (`--overwrite`) and the CLI's own errors as they were."""
-    if _FLAG_WORDS.get():
+    """`error`, its message rewritten in place (its type and traceback kept), with the flags of `names` written as the
+    keywords they are (`--no-head`: `head=False`; `renamed`: flag name -> keyword where they differ); other flags
+    (`--overwrite`) and the CLI's own errors as they were."""
+    if _FLAG_WORDS.get() or not error.args or not isinstance(error.args[0], str):
         return error
     names, renamed = set(names), dict(renamed or {})
 
@@ -195,8 +196,8 @@ def in_keywords(error: AdvtuneError, names: Iterable[str], renamed: Mapping[str,
             return f"{name[3:]}=False"
         return name if name in names else flag[0]
 
-    text = FLAG.sub(keyword, str(error))
-    return error if text == str(error) else AdvtuneError(text)
+    error.args = (FLAG.sub(keyword, error.args[0]), *error.args[1:])
+    return error
 
 
 def keyword_errors(*names: str | type, **renamed: str) -> Callable:
@@ -219,7 +220,8 @@ def keyword_errors(*names: str | type, **renamed: str) -> Callable:
                     if args and dataclasses.is_dataclass(args[0])
                     else set()
                 )
-                raise in_keywords(e, own | given | fields, renamed) from None
+                in_keywords(e, own | given | fields, renamed)
+                raise
 
         return call
 

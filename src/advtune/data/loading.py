@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 from dataclasses import replace
@@ -76,10 +77,11 @@ def load_dataset(
         if n is not None and (not whole or n <= 0):  # named, and refused before the data is read
             raise AdvtuneError(f"{what} must be a positive number of examples, got {n!r}; leave it out to use them all")
     real = isinstance(val, numbers.Real) and not isinstance(val, bool)
-    if not real or val < 0 or (val >= 1 and val != int(val)):  # -1 and "5" held out none, 2.5 two
+    if not real or not math.isfinite(val) or val < 0 or (val >= 1 and val != int(val)):  # -1, "5": none; 2.5: two
         raise AdvtuneError(f"--val must be a count of examples or a share in (0, 1) (0: none), got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise AdvtuneError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    seed = int(seed)  # a numpy integer: torch's generator takes a plain int
     if download is None:
         # 0, false, no, off or empty allow downloads; any other value (1, true, yes, ...) forbids them
         download = os.environ.get("ADVTUNE_NO_DOWNLOAD", "").strip().lower() in ("", "0", "false", "no", "off")

@@ -144,10 +144,14 @@ def lead(rows: list[dict]) -> list[str]:
             if base_unrecorded(win)
             else f"{total_cost(win):,} gradient evaluations in total"
         )
+        base = next((r for r in rs if r["kind"] == "standard"), None)  # where every variant started from
+        started = f"; the base model's worst case {100 * base['robust_acc']:.2f}%" if base else ""
         out.append(
             f"**{win['variant']} won** {at}: {100 * win['robust_acc']:.2f}% worst-case robust accuracy (clean "
-            f"{100 * win['clean_acc']:.2f}%) for {spent} — {describe(win)}."
+            f"{100 * win['clean_acc']:.2f}%{started}) for {spent} — {describe(win)}."
         )
+        if base and win["robust_acc"] <= base["robust_acc"]:  # the winner of a field that made the model worse
+            out.append(f"No variant beat the base model's {100 * base['robust_acc']:.2f}% {at}.")
         sel = [r for r in ok if selective(r)]
         full = [r for r in ok if r["kind"] == "finetune" and r.get("select") == "all"]
         at_ = [r for r in ok if r["kind"] == "train" and r.get("attack")]
@@ -183,8 +187,9 @@ def lead(rows: list[dict]) -> list[str]:
 
 
 def percent(ratio: float) -> str:
-    """A cost share as a percentage that never rounds a real cost to "0%" (0.3% stays 0.3%)."""
-    if ratio == 0 or 100 * ratio >= 1:
+    """A cost share as a percentage that never rounds a real cost to "0%" (0.3% stays 0.3%), with a decimal under 100%:
+    the parity target is a share (25% of AT's cost), and 25.2% printed as "25%" read as inside it."""
+    if ratio == 0 or 100 * ratio >= 100:
         return f"{100 * ratio:.0f}%"
     return f"{100 * ratio:.1f}%" if 100 * ratio >= 0.1 else "<0.1%"
 
@@ -313,13 +318,19 @@ def harden_lead(s: dict) -> str:
     choice = f" + choosing the checkpoint {c['checkpoint_grad_evals']:,}" if c.get("checkpoint_grad_evals") else ""
     base = c.get("base_training_grad_evals")  # None: the base model came without a cost record (not zero)
     base = f"the base model's own training took {base:,}" if base is not None else "the base model's cost is unrecorded"
+    changed = sel.get("changed_params", 0)  # adapters: their factors train, the layers they merge into change
+    changed = f", changing {changed:,} entries of the weights," if changed > sel.get("trainable_params", 0) else ""
+    suspect = (s.get("after") or {}).get("suspect")  # the gate's word comes first: the numbers may be masked
+    suspect = "; ".join(suspect) if isinstance(suspect, list) else suspect
+    flagged = f" The masking gate flagged the hardened model ({suspect}): do not call it robust until a stronger "
+    flagged = flagged + "evaluation agrees." if suspect else ""
     return (
         f"Selective adversarial fine-tuning of {sel.get('trainable_params', 0):,} parameters ({share:.2f}% of the "
-        "model) "
+        f"model){changed} "
         f"took worst-case robust accuracy at {s['norm']} eps={s['eps']:g} from {100 * s['before']['robust_acc']:.2f}% "
         f"to {100 * s['after']['robust_acc']:.2f}% (clean {100 * s['before']['clean_acc']:.2f}% -> "
         f"{100 * s['after']['clean_acc']:.2f}%), for {c['harden_grad_evals']:,} gradient evaluations "
-        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}{choice}); {base}."
+        f"(analysis {c['analysis_grad_evals']:,} + fine-tuning {c['finetune_grad_evals']:,}{choice}); {base}.{flagged}"
     )
 
 

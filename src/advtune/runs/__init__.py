@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 # loaded on first use: `configs` (every job's settings, no torch) stays light for the CLI's help
-_EXPORTS = {"RunDir": "record", "format_info": "record", "open_run": "record", "run_info": "record"}
+_EXPORTS = {"RunDir": "record", "format_info": "info", "open_run": "record", "run_info": "info"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -98,10 +98,10 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
         ev = read_json(ev_path, "evaluation")
         kind = v["kind"]
         ran = what_ran(folder, kind, v)
-        cost = base_cost if kind == "standard" else read_cost(folder)
+        cost = base_cost if kind == "standard" else read_cost(folder, required=True)
         analysis_cost = {}
         if kind == "harden":
-            analysis_cost = read_cost(folder / files.ANALYSIS)
+            analysis_cost = read_cost(folder / files.ANALYSIS, required=True)
         elif kind == "finetune" and ran.get("select") == "top":
             a = analysis_folder(out, None, eps_value(v["eps"]))
             analysis_cost = read_cost(a) if a.is_dir() else {}
@@ -181,7 +181,7 @@ def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[
         for step, snap in list_snapshots(folder):
             e = snap / files.evaluation(EVAL_NAME)
             if e.is_file():
-                ev, cost = read_json(e, "evaluation"), read_cost(snap)
+                ev, cost = read_json(e, "evaluation"), read_cost(snap, required=True)
                 pts.append(
                     {
                         "step": step,
@@ -208,9 +208,15 @@ def _curve(folder: Path, kind: str, final_cost: dict, final_eval: dict) -> list[
     return pts
 
 
-def read_cost(folder: Path) -> dict:
-    """A run folder's cost.json, checked (`CostRecord`); {} when it has none."""
+def read_cost(folder: Path, required: bool = False) -> dict:
+    """A run folder's cost.json, checked (`CostRecord`); {} when it has none, unless `required` (a variant that trained:
+    its row would read a cost of 0 and win every comparison of cost)."""
     p = folder / files.COST
+    if required and not p.is_file():
+        raise AdvtuneError(
+            f"{p} is missing: {folder.name}'s cost is not recorded, and its row would read 0; delete {folder} to run "
+            "it again (or restore the file)"
+        )
     return CostRecord.read(p).to_json() if p.is_file() else {}
 
 

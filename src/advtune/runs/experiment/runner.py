@@ -102,19 +102,21 @@ def run(
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
     base_then = _recorded_base(out)
-    _refuse_other_base(ex, base_then)
+    _refuse_other_base(ex, base_then, expand_variants(cfg))  # before the base trains again
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
     record = {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
     atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": base_then} if base_then else record)
     _train_base(ex)
-    _refuse_other_base(ex, base_then)  # a base deleted and trained again under finished variants
     atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": file_sha256(ex.base_dir / files.WEIGHTS)})
     _check_on_the_model(ex, variants)
+    for v in expand_variants(cfg):  # every finished control, not only --only's: the rows report them all
+        if _finished(out / v["name"]):
+            _refuse_stale_control(ex, v, out / v["name"])
     recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
     for v in variants:
         folder = out / v["name"]
         if _finished(folder):
-            _refuse_stale_control(ex, v, folder)
+            _refuse_stale_control(ex, v, folder)  # its rule may have run again just now
             log.info("variant %s: finished earlier, skipped", v["name"])
             continue
         # a variant recorded but with nothing of it on disk (refused, or its folder deleted) starts afresh
@@ -134,14 +136,17 @@ def _recorded_base(out: Path) -> str | None:
     return read_json(path, "experiment record").get("base_sha256") if path.is_file() else None
 
 
-def _refuse_other_base(ex: Experiment, then: str | None) -> None:
-    """Finished variants were trained from the base as it was: a base retrained or replaced in place since (a
-    `pretrained:` run trained again, `standard/` deleted and retrained) would report rows from two bases as one."""
+def _refuse_other_base(ex: Experiment, then: str | None, variants: list[dict]) -> None:
+    """Started variants trained from the base as it was (`then`, its recorded sha256): a base retrained or replaced in
+    place since (a `pretrained:` run trained again), or gone (`standard/` deleted: refused before it trains again),
+    would report rows from two bases as one."""
+    started = [v["name"] for v in variants if v["kind"] != "standard" and (ex.out / v["name"] / files.CONFIG).is_file()]
     now = file_sha256(ex.base_dir / files.WEIGHTS)
-    if then and now and then != now:
+    if then and started and now != then:
+        said = "is gone" if now is None else f"changed (its weights' sha256 was {then[:12]}..., now {now[:12]}...)"
         raise AdvtuneError(
-            f"the base model {ex.base_dir} changed since {ex.out}'s variants ran (its weights' sha256 was "
-            f"{then[:12]}..., now {now[:12]}...); its rows would mix two bases: use a new --out"
+            f"the base model {ex.base_dir} {said} since {', '.join(started)} in {ex.out} trained from it; its rows "
+            "would mix two bases: restore it, or use a new --out"
         )
 
 
