@@ -195,3 +195,19 @@ def test_the_lead_names_the_base_models_robustness_and_a_field_that_made_it_wors
     assert "the base model's worst case 48.00%" in text and "No variant beat the base model's 48.00%" in text
     better = " ".join(lead([base, {**worse, "robust_acc": 0.6}]))
     assert "the base model's worst case 48.00%" in better and "No variant beat" not in better
+
+
+def test_a_base_brought_in_is_not_described_as_standard_training_at_no_cost():
+    """An audit: a base of imported weights (`train --weights ... --epochs 0`, then `pretrained:`) read "the base model:
+    standard training" with own and total costs of 0."""
+    from advtune.report.costs import total_words
+    from advtune.report.narrative import describe
+    from advtune.report.tables import results_table
+
+    base = {**row("standard", "standard", 0.0), "grad_evals": 0, "base_recorded": False}
+    assert describe(base) == "the base model (brought in: how it trained is not recorded)"
+    assert total_words(base) == "not recorded"
+    _, body = results_table([base])
+    assert body[0].count("not recorded") == 2 and "0" not in body[0][-4:-2]
+    trained = {**base, "base_recorded": True, "grad_evals": 110_000}
+    assert describe(trained) == "the base model: standard training" and total_words(trained) == "110,000"

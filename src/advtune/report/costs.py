@@ -40,4 +40,6 @@ def cost_basis(rows: list[dict]) -> str:
 
 def total_words(r: dict) -> str:
     """A row's `total_cost` for a table or a legend: ">=N" where the base's cost is not in it."""
+    if r["kind"] == "standard" and r.get("base_recorded") is False:  # weights brought in: not a cost of 0
+        return "not recorded"
     return (">=" if base_unrecorded(r) else "") + f"{total_cost(r):,}"

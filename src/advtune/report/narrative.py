@@ -40,8 +40,13 @@ def where_trained(by_layer: Mapping[str, list] | None, adapters: bool = False) -
 def describe(r: dict) -> str:
     """What a variant was, in words, from its row: method, selection and where its trained units sit."""
     kind, attack = r["kind"], r.get("attack")
-    if kind == "standard":
-        return "the base model: standard training"
+    if kind == "standard":  # a base brought in (weights, a fine-tuned base) was described as standard training
+        unknown = r.get("base_recorded") is False
+        return (
+            "the base model (brought in: how it trained is not recorded)"
+            if unknown
+            else "the base model: standard training"
+        )
     if kind == "train":
         what = f"adversarial training from scratch with {attack}" if attack else "standard training from scratch"
     elif r.get("select") == "all":

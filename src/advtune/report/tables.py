@@ -57,7 +57,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 f"{100 * r['clean_acc']:.2f}%",
                 *[f"{100 * r[c]:.2f}%" if c in r else "–" for c in attack_cols],
                 f"{100 * r['robust_acc']:.2f}%",
-                fmt_int(r["grad_evals"]),
+                fmt_int(r["grad_evals"]) if r.get("base_recorded") is not False else "not recorded",
                 total_words(r),
                 f"{total_wall(r):.0f}",
                 gate_word(r.get("suspect"), r.get("eval_attacks"), probed=r["clean_acc"] > 0)

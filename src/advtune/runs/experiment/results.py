@@ -140,6 +140,8 @@ def collect_results(out: Path, variants: list[dict], base_dir: Path, base_limit:
             **{f"acc[{k}]": a for k, a in ev["accuracy"].items()},
             "suspect": "; ".join(ev.get("suspect", [])),
             "grad_evals": cost.get("grad_evals", 0),
+            # the standard row of a base brought in (--weights, a fine-tuned base): its training is not in its record
+            **({"base_recorded": bool(base_whole)} if kind == "standard" else {}),
             # the sparse rule's entry scoring is part of choosing what trains: counted with the analysis
             "analysis_grad_evals": analysis_cost.get("grad_evals", 0) + (sel.get("scoring") or {}).get("grad_evals", 0),
             "base_grad_evals": (base_whole.get("grad_evals", 0) if base_whole else None) if selective else 0,
