@@ -248,6 +248,19 @@ def test_gate_flags_a_saturated_softmax_and_a_randomized_forward(tiny_model, dat
     assert any(s.startswith("randomized-outputs") for s in noisy.suspect)
     honest = robust_accuracy(tiny_model, (x, y), quick(), generator=torch.Generator().manual_seed(0))
     assert honest.suspect == []  # neither check fires on the plain model
+    assert honest.gated and honest.to_json()["gated"] is True
+
+
+def test_a_result_says_when_the_gate_did_not_run(tiny_model, data):
+    """An audit: gate=False (and an eps curve's larger eps, where the gate runs at the first only) recorded
+    `suspect: []`, which reads as passed."""
+    from advtune.runs.info import _eval_line
+
+    x, y = data
+    off = robust_accuracy(tiny_model, (x[:20], y[:20]), [FGSM(THREAT)], gate=False)
+    record = off.to_json()
+    assert record["gated"] is False and record["suspect"] == [] and EvalResult.from_json(record).gated is False
+    assert "masking gate not run" in _eval_line(record)
 
 
 def test_gate_flags_iterative_weaker_than_fgsm(tiny_model, data):

@@ -375,6 +375,7 @@ def robust_accuracy(
             n,
             threat,
         )
+        result.gated = bool(gate)
         if gate:
             probes = [bt.probe for bt in done if bt.probe is not None]
 

@@ -45,6 +45,7 @@ class EvalRecord(EvalCounts, total=False):
     mode: str  # cascade or full
     suspect: list[str]
     gate_grad_evals: int
+    gated: bool
     total_wall_s: float
     batch_size: int | None
     attack_chunks: dict[str, int]
@@ -70,6 +71,9 @@ class EvalResult:
     cascade: bool = False
     suspect: list[str] = field(default_factory=list)
     gate_grad_evals: int = 0
+    # whether the masking gate ran (False: gate=False, or an eps curve's larger eps): an empty `suspect` then says
+    # nothing, where it read as "passed"
+    gated: bool = True
     total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
     batch_size: int | None = None  # examples per batch (random draws depend on it); None: not recorded
     # per attack that ran out of device memory: the chunk it ran in after its last halving, the smallest over
@@ -115,6 +119,7 @@ class EvalResult:
             "total_wall_s": self.total_wall_s,
             "max_perturbation": dict(self.max_perturbation),
             "gate_grad_evals": self.gate_grad_evals,
+            "gated": self.gated,
             "suspect": list(self.suspect),
             "batch_size": self.batch_size,
             "attack_chunks": dict(self.attack_chunks),
@@ -152,6 +157,7 @@ class EvalResult:
             cascade=d.get("mode") == "cascade",
             suspect=d.get("suspect", []),
             gate_grad_evals=d.get("gate_grad_evals", 0),
+            gated=bool(d.get("gated", True)),  # records from before the field: as they were read
             total_wall_s=d.get("total_wall_s", 0.0),
         )
 

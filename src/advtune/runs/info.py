@@ -193,4 +193,6 @@ def _eval_line(ev: dict) -> str:
         parts.append("curve " + ", ".join(f"eps {e:g}: {100 * a:.1f}%" for e, a in zip(ev["eps"], ev["accuracy"])))
     if ev.get("suspect"):
         parts.append("SUSPECT: " + "; ".join(ev["suspect"]))
+    elif ev.get("gated") is False:  # no word is no pass where the gate did not run
+        parts.append("masking gate not run")
     return ", ".join(parts) or "(see file)"
