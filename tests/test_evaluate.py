@@ -689,3 +689,6 @@ def test_an_evaluation_without_apgd_says_it_is_an_upper_bound():
 
     assert "an upper bound" in format_evaluation(single("pgd:steps=20"))
     assert "an upper bound" not in format_evaluation(single("apgd-ce"))
+    # an audit: the per-attack lines of a cascade are cumulative, and nothing said so
+    assert "mode cascade: each attack runs on what the ones above left" in format_evaluation(single("apgd-ce"))
+    assert "cumulative" not in format_evaluation({**single("apgd-ce"), "mode": "full"})

@@ -223,6 +223,10 @@ def format_evaluation(record: dict) -> str:
         lines.append(
             f"{record['examples']} test examples, {record['threat']['norm']} eps={record['threat']['eps']:.4g}, "
             f"mode {record['mode']}"
+            + (
+                ": each attack runs on what the ones above left, its accuracy cumulative"
+                * (record["mode"] == "cascade")
+            )
         )
         lines.append(f"  {'clean':28s} {100 * record['clean_accuracy']:6.2f}%")
         for spec, acc in record["accuracy"].items():
