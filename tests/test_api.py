@@ -282,7 +282,7 @@ def test_a_float64_model_is_analysed_and_refused_for_training_in_one_line_and_ha
     seen.clear()
     advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=np.int64(25))
     assert len(seen["ds"].test) == 25
-    with pytest.raises(AdvtuneError, match="limit must be a positive number of examples"):
+    with pytest.raises(AdvtuneError, match="^limit_test must be a positive integer"):  # its keyword, named
         advtune.harden(TinyCNN(), (x[:64], y[:64]), eps=0.1, budget=1000, test=CountedBatches(), limit_test=0)
 
 
@@ -472,3 +472,53 @@ def test_review_fixes_of_the_api_checks(tiny_model, blobs):
 
     with pytest.raises(Mine, match="^eps_warmup must be a share"):
         call()
+
+
+class _Pair(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), x.flatten(1)  # (logits, features)
+
+
+def test_a_new_api_users_mistakes_are_one_line_in_the_callers_words(tiny_model, blobs, tmp_path):
+    """A new-user walk of docs/api.md: each of these was a traceback from inside the library (a state_dict for the
+    model, a one-output model), advice in the command's words (attacks="", the l2 hint said ThreatModel.linf), a
+    value Recipe took and harden refused in other words, or a message that named no keyword."""
+    from advtune.train import TrainConfig
+
+    x, y, _, _ = blobs
+    x, y = x[:20], y[:20]
+    one = nn.Sequential(nn.Flatten(), nn.Linear(256, 1))
+    cases = [
+        (lambda: advtune.evaluate(tiny_model.state_dict(), (x, y), eps=0.1), r"nn.Module, got OrderedDict \(a state_"),
+        (lambda: advtune.fit(lambda z: z, (x, y)), "model must be an nn.Module, got function"),
+        (lambda: advtune.evaluate(one, (x, y), eps=0.1), "returns 1 output per example; .* at least 2 classes"),
+        (lambda: advtune.fit(one, (x, y)), "returns 1 output per example"),
+        (lambda: advtune.evaluate(_Pair(tiny_model), (x, y), eps=0.1), "return the logits tensor alone"),
+        (
+            lambda: advtune.evaluate(tiny_model, (x, y), eps=0.1, attacks=""),
+            "attacks is empty: give attacks='standard'",
+        ),
+        (
+            lambda: advtune.evaluate(
+                tiny_model, (x, y), eps=0.5, norm="l2", attacks=[advtune.PGD(ThreatModel.linf(0.5))]
+            ),
+            r"ThreatModel.l2\(eps\)",
+        ),
+        (lambda: advtune.evaluate(tiny_model, (x.numpy(), y.numpy()), eps=0.1), r"torch.as_tensor\(x\)"),
+        (lambda: advtune.Recipe(batch_size=0), "^batch_size must be a positive number"),
+        (lambda: advtune.Recipe(optimizer="adamw"), "^unknown optimizer 'adamw'"),
+        (lambda: advtune.Recipe(attack=advtune.PGD(ThreatModel.linf(0.1))), "^attack is a spec such as"),
+        (lambda: advtune.harden(tiny_model, (x, y), eps=0.1, limit_test=0), "^limit_test must be a positive integer"),
+        (lambda: TrainConfig(checkpoint_every=-1), "^checkpoint_every must be >= 0, got -1"),
+        (lambda: TrainConfig(lr=0.0), "^lr: the learning rate must be positive"),
+    ]
+    advtune.save_model(tiny_model, tmp_path / "m")
+    cases.append((lambda: advtune.load_model(tmp_path / "m" / "model.safetensors"), "is a file: pass its folder"))
+    for call, said in cases:
+        with pytest.raises(AdvtuneError, match=said) as e:
+            call()
+        assert "\n" not in str(e.value) and "--" not in str(e.value), str(e.value)

@@ -92,7 +92,7 @@ def test_lr_schedules(schedule):
     [
         ({"epochs": -1}, "epochs must be a non-negative"),
         ({"lr": -0.1}, "learning rate must be positive"),
-        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 0}, "batch_size must be positive"),
         ({"optimizer": "lbfgs"}, "unknown optimizer"),
         ({"schedule": "exp"}, "unknown schedule"),
         ({"schedule": "onecycle", "warmup_epochs": 1}, "does not combine with schedule onecycle"),

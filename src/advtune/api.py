@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from .attacks import Attack, build_attack, logits_of, split_attack_list
 from .components import Selection, model_params
 from .data import Dataset
-from .devices import eval_mode, model_device, model_dtype, resolve_device
+from .devices import eval_mode, model_device, model_dtype, require_module, resolve_device
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
-from .inputs import as_tensor_data, batches, check_joinable, resolve_split
+from .inputs import as_tensor_data, batches, check_joinable, resolve_split, validation_split
 from .models import load_model as _load_model
 from .models import model_identity, unwrapped
 from .models import save_model as _save_model
@@ -68,6 +68,10 @@ def _seed(seed: Any, batch_size: Any = None) -> int | None:
 def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> list[Attack]:
     """A suite name ("standard", "quick"), a comma list of specs ("apgd-ce,apgd-t"), or attack objects."""
     if isinstance(attacks, str):
+        if not attacks.strip():  # the command's words ("--attacks ... or --suite") read as no Python
+            raise AdvtuneError(
+                "attacks is empty: give attacks='standard', a list such as 'fgsm,pgd:steps=40', or attacks"
+            )
         if attacks in SUITES:
             return suite(attacks, threat)
         return [build_attack(s, threat) for s in split_attack_list(attacks)]
@@ -76,7 +80,7 @@ def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> l
         if isinstance(getattr(a, "threat", None), ThreatModel) and a.threat != threat:
             raise AdvtuneError(
                 f"attack {getattr(a, 'spec', a)!r} was built for {a.threat}, but eps/norm say {threat}; "
-                "build it with ThreatModel.linf(eps) (or pass attacks by name)"
+                f"build it with ThreatModel.{threat.norm}(eps) (or pass attacks by name)"
             )
     return built
 
@@ -93,6 +97,7 @@ def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
 def _check_float32(model: nn.Module, what: str) -> None:
     """Training keeps float32 master weights (reduced precision is autocast's job, `amp=`), and its data
     pipeline feeds float32 batches: another dtype would fail deep inside the first convolution."""
+    require_module(model)  # a state_dict or a function failed inside with an AttributeError
     dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()} - {torch.float32}
     if dtypes:
         raise AdvtuneError(
@@ -361,6 +366,12 @@ def harden(
     _check_float32(model, "harden")
     threat = _threat(eps, norm)  # before the data are read
     seed = _seed(seed)
+    if limit_test is not None and (
+        isinstance(limit_test, bool) or not isinstance(limit_test, numbers.Integral) or limit_test < 1
+    ):
+        raise AdvtuneError(
+            f"limit_test must be a positive integer or None (the default number of test images), got {limit_test!r}"
+        )
     if recipe is not None and not isinstance(recipe, Recipe):  # a dict crashed deep in the plan
         raise AdvtuneError(f"recipe must be an advtune.Recipe (e.g. Recipe(params=0.2)), got {type(recipe).__name__}")
     evaluation = _evaluation_spec(evaluation, threat)
@@ -441,7 +452,7 @@ def fit(
     _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
-    val = _val_split(val)
+    val = validation_split(val)
     # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the
     # caller's given back
     with eval_mode(model), preserved_rng():  # fit sets train mode; the block gives the caller's modes back
@@ -461,19 +472,6 @@ def fit(
             val=val,
             **kwargs,
         )
-
-
-def _val_split(val: Any) -> Any:
-    """fit's monitoring split: a whole Dataset's validation split (`load_dataset(..., val=N)`), never its test split
-    without a word; a Dataset without one is refused (pass `ds.test` to monitor on test on purpose)."""
-    if not isinstance(val, Dataset):
-        return val
-    if val.val is None or not len(val.val):
-        raise AdvtuneError(
-            "val= got a Dataset without a validation split; load it with load_dataset(..., val=N), or pass ds.test "
-            "to monitor on the test split"
-        )
-    return val.val
 
 
 # ---------------------------------------------------------------- models on disk

@@ -28,11 +28,19 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter or buffer (device follows the model, never cached)."""
+    require_module(model)
     for t in model.parameters():
         return t.device
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def require_module(model) -> None:
+    """The API's functions take an nn.Module: a state_dict or a function failed deep inside with an AttributeError."""
+    if not isinstance(model, nn.Module):
+        hint = " (a state_dict? load it into your model first)" if isinstance(model, dict) else ""
+        raise AdvtuneError(f"model must be an nn.Module, got {type(model).__name__}{hint}")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

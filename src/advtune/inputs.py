@@ -150,6 +150,11 @@ def batches(
             f"{what} must be an (x, y) pair of tensors, an iterable of (x, y) batches such as a "
             f"DataLoader, or an advtune dataset split; got {type(data).__name__}"
         )
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list, dict)):
+        kinds = " and ".join(type(t).__name__ for t in data)  # (x.numpy(), y) read as two batches of one
+        raise AdvtuneError(
+            f"{what}: an (x, y) pair of tensors, got {kinds}: pass (torch.as_tensor(x), torch.as_tensor(y))"
+        )
     else:
         source = data
     for item in source:
@@ -215,3 +220,16 @@ def check_joinable(xs: Sequence[Tensor], what: str, flat_ok: bool = True) -> Non
             f"{what}: images must be (N, C, H, W), got shape {tuple(xs[0].shape)}; add the channel dimension, "
             "e.g. x.unsqueeze(1)"
         )
+
+
+def validation_split(val: Any) -> Any:
+    """fit's monitoring split: a whole Dataset's validation split (`load_dataset(..., val=N)`), never its test split
+    without a word; a Dataset without one is refused (pass `ds.test` to monitor on test on purpose)."""
+    if not isinstance(val, Dataset):
+        return val
+    if val.val is None or not len(val.val):
+        raise AdvtuneError(
+            "val= got a Dataset without a validation split; load it with load_dataset(..., val=N), or pass ds.test "
+            "to monitor on the test split"
+        )
+    return val.val

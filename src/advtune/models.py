@@ -297,9 +297,12 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict, state: dict 
 def read_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     if not (directory / files.MODEL_META).is_file():
+        inside = directory.is_file() and (directory.parent / files.MODEL_META).is_file()  # the weights file itself
         raise AdvtuneError(
-            f"{directory} holds no saved model ({files.MODEL_META} missing); pass a run folder written by `advtune "
-            "train`"
+            f"{directory} is a file: pass its folder, {directory.parent}"
+            if inside
+            else f"{directory} holds no saved model ({files.MODEL_META} missing); pass a run folder written by "
+            "`advtune train` (or the folder save_model wrote)"
         )
     return read_json(directory / files.MODEL_META, "model metadata")
 

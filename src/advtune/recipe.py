@@ -198,7 +198,19 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITY_WORDS:
             raise AdvtuneError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if not (isinstance(self.params, (int, float)) and 0 < self.params):
+        for name in ("batch_size", "analysis_limit"):  # taken here, refused by harden in other words
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise AdvtuneError(f"--{name.replace('_', '-')} must be a positive number (whole), got {v!r}")
+        for name, valid in (("optimizer", ("adam", "sgd")), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in valid:
+                raise AdvtuneError(f"unknown --{name} {getattr(self, name)!r}; use one of {', '.join(valid)}")
+        for name in ("attack", "analysis_attack", "criterion"):  # specs: an attack object is evaluation's, not here
+            if not isinstance(getattr(self, name), str):
+                raise AdvtuneError(
+                    f"--{name.replace('_', '-')} is a spec such as 'pgd:steps=5', got {getattr(self, name)!r}"
+                )
+        if isinstance(self.params, bool) or not (isinstance(self.params, (int, float)) and 0 < self.params):
             raise AdvtuneError(f"--params must be a share like 0.1 or a count of entries, got {self.params!r}")
         for name in ("eps_warmup", "epochs", "ema", "lr", "probe", "regrow"):  # "0.1" crashed on a comparison
             v = getattr(self, name)

@@ -249,9 +249,15 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
         ) from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(x):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        fix = "return the logits tensor alone" if isinstance(out, (tuple, list, dict)) else "keep the batch dimension"
         raise AdvtuneError(
             f"the model must return logits of shape (N, classes), one row per input, got {got} for {len(x)} "
-            "inputs; check that its forward keeps the batch dimension"
+            f"inputs; {fix} in its forward"
+        )
+    if out.shape[1] < 2:  # APGD-T crashed on it, training learned nothing at a loss of 0
+        raise AdvtuneError(
+            f"the model returns {out.shape[1]} output per example; classification needs (N, classes) logits with at "
+            "least 2 classes (a binary task: 2 outputs, not one sigmoid logit)"
         )
     return out
 

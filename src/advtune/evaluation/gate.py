@@ -203,7 +203,7 @@ def masking_gate(
                 flag(
                     f"zero-ce-gradients: {zero_ce:.0%} of probe samples have an all-zero cross-entropy input gradient "
                     "(a saturated softmax: logits too large), and no attack of the list has a loss that does not "
-                    "saturate: FGSM, PGD and APGD-CE cannot move them; add apgd-t or square (--suite standard)"
+                    "saturate: FGSM, PGD and APGD-CE cannot move them; add apgd-t or square (the standard suite)"
                 )
             g = g.flatten(1)
             nonfinite = (~torch.isfinite(g)).any(1)

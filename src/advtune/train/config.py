@@ -187,9 +187,9 @@ class TrainConfig:
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise AdvtuneError(f"epochs must be a non-negative integer, got {self.epochs}")
         if self.batch_size <= 0:
-            raise AdvtuneError(f"batch size must be positive, got {self.batch_size}")
+            raise AdvtuneError(f"--batch-size must be positive, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise AdvtuneError(f"learning rate must be positive, got {self.lr}")
+            raise AdvtuneError(f"--lr: the learning rate must be positive, got {self.lr}")
         if self.augment not in AUGMENTS:
             raise AdvtuneError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
         if self.optimizer not in ("sgd", "adam"):
@@ -219,8 +219,9 @@ class TrainConfig:
             self.regrow_drop,
             self.regrow_end,
         )
-        if self.warmup_epochs < 0 or self.checkpoint_every < 0 or self.steps < 0:
-            raise AdvtuneError("warmup epochs, checkpoint interval and max steps must be >= 0")
+        for name in ("warmup_epochs", "checkpoint_every", "steps"):  # one line named all three, and no value
+            if getattr(self, name) < 0:
+                raise AdvtuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
         if self.warmup_epochs and self.schedule == "onecycle":  # its rise is the warm-up: a second would saw-tooth
             raise AdvtuneError(
                 "--warmup-epochs does not combine with --schedule onecycle (its first 40% is a warm-up already; "

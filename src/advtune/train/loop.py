@@ -359,7 +359,8 @@ def warn_if_at_chance(record: dict, n_classes: int | None, attack_grad_evals: in
         return False
     log.warning(
         "training accuracy under attack is %.1f%% after epoch %d, chance for %d classes: the model is not learning; "
-        "ramp eps up over more of the run (a larger --eps-warmup), lower eps or --lr, or start from a trained model",
+        "ramp eps up over more of the run (a larger eps warm-up: --eps-warmup, eps_warmup=), lower eps or the learning "
+        "rate (--lr, lr=), or start from a trained model",
         100 * acc,
         record.get("epoch", 0),
         n_classes,
