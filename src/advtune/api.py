@@ -289,7 +289,7 @@ def analyze(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> VulnerabilityMap:
-    """Score every conv channel and linear unit of `model` by how much it carries the adversarial
+    """Score every conv channel and hidden linear unit of `model` by how much it carries the adversarial
     perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
     evaluation). criterion: "taylor" (default), "activation-shift" or "restoration".
     curve: also measure the concentration curve, on the first 1000 of the same examples (as the command's
