@@ -516,6 +516,11 @@ def test_a_new_api_users_mistakes_are_one_line_in_the_callers_words(tiny_model, 
         (lambda: TrainConfig(checkpoint_every=-1), "^checkpoint_every must be >= 0, got -1"),
         (lambda: TrainConfig(lr=0.0), "^lr: the learning rate must be positive"),
     ]
+    cases += [  # taken without a word: resume with nothing to resume from, curve="no" as true, a zero std
+        (lambda: advtune.fit(TinyCNN(), (x, y), resume=True), "resume=True continues .* pass checkpoint_dir"),
+        (lambda: advtune.analyze(tiny_model, (x, y), eps=0.1, curve="no"), "curve must be True or False"),
+        (lambda: advtune.build_model("small-cnn", (1, 28, 28), 10, mean=(0.5,), std=(0.0,)), "std must be positive"),
+    ]
     advtune.save_model(tiny_model, tmp_path / "m")
     cases.append((lambda: advtune.load_model(tmp_path / "m" / "model.safetensors"), "is a file: pass its folder"))
     for call, said in cases:

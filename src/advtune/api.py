@@ -295,6 +295,8 @@ def analyze(
     curve: also measure the concentration curve, on the first 1000 of the same examples (as the command's
     --curve-limit). The defaults (attack, limit,
     shares, batch size) are `advtune analyze`'s; the work is its too (`runs.analyze.analyze_model`)."""
+    if not isinstance(curve, bool):  # curve="no" read as true
+        raise AdvtuneError(f"curve must be True or False, got {curve!r}")
     if shares is not None and not curve:
         raise AdvtuneError("shares= shapes the concentration curve, which curve=False skips: drop one of them")
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)

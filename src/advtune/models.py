@@ -213,6 +213,8 @@ def build_model(name: str, input_shape=(1, 28, 28), num_classes: int = 10, mean=
     std = tuple(std) if std is not None else (0.5,) * c
     if len(mean) != c or len(std) != c:
         raise AdvtuneError(f"normalisation has {len(mean)} channels but inputs have {c}")
+    if not all(isinstance(s, (int, float)) and s > 0 for s in std):  # a 0 divided every input by zero
+        raise AdvtuneError(f"std must be positive per channel, got {std}")
     model = nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=architecture(c, h, w, num_classes)))
     model.advtune_architecture = name  # type: ignore[attr-defined]  # save_model records it
     model.advtune_build = {

@@ -138,6 +138,8 @@ def fit(
         epoch, step = 0, 0
         acc_state = _zero_acc(device)
         ckpt = Path(checkpoint_dir) / files.CHECKPOINT if checkpoint_dir else None
+        if resume and ckpt is None:  # nothing to resume from: it was ignored without a word
+            raise AdvtuneError("resume=True continues from checkpoint_dir's checkpoint: pass checkpoint_dir=FOLDER")
         if resume and ckpt is not None and ckpt.is_file():
             epoch, step, acc_state = load_checkpoint(
                 ckpt, model, opt, meter, history, cfg, device, average, regrowth, callbacks, scaler
