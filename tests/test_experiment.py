@@ -83,7 +83,11 @@ def test_every_variant_is_recorded_and_tabled(finished):
 def test_info_counts_the_runs_a_sweep_makes(finished, capsys):
     capsys.readouterr()
     assert main(["info", str(finished)]) == 0
-    assert "5 runs, 5 finished" in capsys.readouterr().out  # 4 YAML variants, one of them swept over two shares
+    out = capsys.readouterr().out
+    assert "5 runs, 5 finished" in out  # 4 YAML variants, one of them swept over two shares
+    # an audit: the table's costs are each variant's own, the report's totals add the base: the table says so
+    base = json.loads((finished / "standard" / "cost.json").read_text())["grad_evals"]
+    assert f"the report's totals add the base's {base:,} to a fine-tuning" in out
 
 
 def test_report_numbers_match_the_records(finished):

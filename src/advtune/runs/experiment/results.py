@@ -298,6 +298,11 @@ def format_results(rows: list[dict]) -> str:
             f"{r['grad_evals']:12,d} {r['analysis_grad_evals']:10,d} {r['wall_s']:8.1f} "
             f"{r['trainable_params'] or 0:10,d}  " + ("SUSPECT " if r["suspect"] else "") + (r["stopped"] or "")
         )
+    base = next((r.get("base_grad_evals") for r in rows if r.get("base_grad_evals")), None)  # the report's basis
+    if base:
+        lines.append(
+            f"(grad evals: each variant's own training; the report's totals add the base's {base:,} to a fine-tuning)"
+        )
     return "\n".join(lines)
 
 
