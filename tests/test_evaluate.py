@@ -692,3 +692,18 @@ def test_an_evaluation_without_apgd_says_it_is_an_upper_bound():
     # an audit: the per-attack lines of a cascade are cumulative, and nothing said so
     assert "mode cascade: each attack runs on what the ones above left" in format_evaluation(single("apgd-ce"))
     assert "cumulative" not in format_evaluation({**single("apgd-ce"), "mode": "full"})
+
+
+def test_an_eps_curve_through_zero_is_taken_and_a_lone_zero_refused(tmp_path, capsys):
+    """An audit: `--eps 0,0.1` was refused ("eps must be > 0") though an eps curve takes 0 as its clean point."""
+    from advtune.cli import main
+    from cli_helpers import train_argv
+
+    base = tmp_path / "base"
+    assert main(train_argv(base, limit=100, limit_test=20)) == 0
+    argv = ["evaluate", str(base), "--attacks", "fgsm", "--limit-test", "10", "--quiet"]
+    assert main([*argv, "--eps", "0,0.1"]) == 0
+    record = json.loads(next(base.glob("eval-fgsm-linf-eps0_0.1.json")).read_text())
+    assert record["eps"][0] == 0 and record["accuracy"][0] == record["clean_accuracy"]
+    capsys.readouterr()
+    assert main([*argv, "--eps", "0"]) == 2 and "eps must be > 0" in capsys.readouterr().err

@@ -49,8 +49,9 @@ def evaluate_model(model, data, run: EvaluateRun) -> dict:
 
     if not run.eps:
         raise AdvtuneError("evaluate needs --eps (e.g. 0.3, or 0.1,0.2,0.3 for a curve)")
-    for e in run.eps:
-        attacks_for(run, e)  # validate every eps and spec before any work
+    for e in run.eps:  # validate every eps and spec before any work (a curve's eps 0 is its clean point: no attack)
+        if e != 0 or len(run.eps) == 1:
+            attacks_for(run, e)
     gen = make_generator(run.seed, model_device(model))
     if len(run.eps) == 1:
         result = robust_accuracy(
@@ -199,7 +200,8 @@ def run(run: EvaluateRun) -> dict:
     if len(set(run.eps)) < len(run.eps):  # a curve through one eps twice measured it twice and drew a point
         raise AdvtuneError(f"--eps lists an eps twice ({','.join(f'{e:g}' for e in run.eps)}); give each once")
     for eps in run.eps:  # the eps and the attack specs: built once here to refuse them before the data is read
-        attacks_for(run, eps)
+        if eps != 0 or len(run.eps) == 1:  # a curve's eps 0 is its clean point (no attack)
+            attacks_for(run, eps)
     if run.plot and len(run.eps) < 2:  # no curve to draw: it was skipped without a word
         raise AdvtuneError("--plot draws accuracy against eps: give several --eps (e.g. 0.1,0.2,0.3), or drop --plot")
     run_dir = open_run(run.run)  # a typo in RUN is refused before --record-dir is made
