@@ -456,12 +456,10 @@ def fit(
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     val = validation_split(val)
     # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the
-    # caller's given back
+    # caller's given back; val read once here (fit reads an iterable so too), checked like the training data
     with eval_mode(model), preserved_rng():  # fit sets train mode; the block gives the caller's modes back
         seed_everything((config or TrainConfig()).seed)
-        if (
-            val is not None
-        ):  # read once here (fit reads an iterable so too), checked on the model like the training data
+        if val is not None:
             val = as_tensor_data(val, what="val")
             if len(val):
                 _check_model(model, val.take(2).tensors(model_device(model))[0], val.y)

@@ -199,7 +199,7 @@ def masking_gate(
                     "the list's DLR / margin / black-box attacks measured them",
                     100 * zero_ce,
                 )
-            elif zero_ce > above_noise(ZERO_CE_SHARE, len(x)):
+            elif zero_ce > above_noise(ZERO_CE_SHARE, len(x)):  # no attack of the list could go on there
                 flag(
                     f"zero-ce-gradients: {zero_ce:.0%} of probe samples have an all-zero cross-entropy input gradient "
                     "(a saturated softmax: logits too large), and no attack of the list has a loss that does not "

@@ -15,6 +15,7 @@ from ...attacks import build_attack
 from ...errors import AdvtuneError
 from ...recipe import ADAPTER_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import (
+    FLAG,
     check_keys,
     check_values,
     default,
@@ -318,9 +319,6 @@ def check_runnable(cfg: dict, where: str) -> None:
 
 # the settings a fine-tuning variant writes as keys: its flags, and its train: block's
 VARIANT_FIELDS = {f.name for f in dataclasses.fields(FinetuneRun)} | {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z-]*)")  # a flag in a message (not a path's or a word's "--")
 
 
 def _as_key(flag: re.Match) -> str:

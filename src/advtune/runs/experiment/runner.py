@@ -87,7 +87,8 @@ def run(
         cfg["threat"].get("norm", "linf"),
         Path(cfg["base"]["pretrained"]) if cfg["base"].get("pretrained") else out / "standard",
     )
-    variants = _chosen(expand_variants(cfg), only)
+    every = expand_variants(cfg)  # the rows report them all, not only --only's
+    variants = _chosen(every, only)
     # everything is validated before the first write: a refused re-run leaves the folder as it was
     held = sorted(x.name for x in out.iterdir()) if out.is_dir() else []
     copied = held == ["standard"] and not cfg["base"].get("pretrained")  # a committed base copied in (base-models/)
@@ -98,18 +99,18 @@ def run(
     if copied and not (out / files.EXPERIMENT).is_file():
         _check_copied_base(out / "standard", cfg)
     refuse_other_setup(out, ex.seed, cfg)
-    refuse_changed_variants(out, expand_variants(cfg))  # every variant, not only --only's: the rows report them all
+    refuse_changed_variants(out, every)
     if cfg["base"].get("pretrained") and not (ex.base_dir / files.WEIGHTS).is_file():
         raise AdvtuneError(f"base.pretrained: {ex.base_dir} holds no trained model; train it first or fix the path")
     base_then = _recorded_base(out)
-    _refuse_other_base(ex, base_then, expand_variants(cfg))  # before the base trains again
+    _refuse_other_base(ex, base_then, every)  # before the base trains again
     on_main(lambda: out.mkdir(parents=True, exist_ok=True))  # torchrun: rank 0 alone creates folders
     record = {"config": cfg, "source": str(config) if not isinstance(config, dict) else source}
     atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": base_then} if base_then else record)
     _train_base(ex)
     atomic_write_json(out / files.EXPERIMENT, {**record, "base_sha256": file_sha256(ex.base_dir / files.WEIGHTS)})
     _check_on_the_model(ex, variants)
-    for v in expand_variants(cfg):  # every finished control, not only --only's: the rows report them all
+    for v in every:  # every finished control
         if _finished(out / v["name"]):
             _refuse_stale_control(ex, v, out / v["name"])
     recorded = read_json(out / SETTINGS, "variant settings") if (out / SETTINGS).is_file() else {}
@@ -124,9 +125,8 @@ def run(
         atomic_write_json(out / SETTINGS, recorded)
         model_dir = JOBS[v["kind"]](ex, v, folder)
         _evaluate_variant(ex, v, folder, model_dir)
-    variants = expand_variants(cfg)
-    rows = collect_results(out, variants, ex.base_dir, ex.base.get("limit"))
-    write_results(out, rows, [v["name"] for v in variants])
+    rows = collect_results(out, every, ex.base_dir, ex.base.get("limit"))
+    write_results(out, rows, [v["name"] for v in every])
     return rows
 
 
