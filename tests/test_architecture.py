@@ -14,7 +14,8 @@ import pytest
 from advtune.threat import ThreatModel  # module level: the registry resolves field annotations here
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "advtune"
-APP = {"runs", "api", "cli", "cli_text", "__init__", "__main__"}  # the application layer and the entry points
+# the application layer and the entry points
+APP = {"runs", "api", "cli", "cli_folders", "cli_text", "__init__", "__main__"}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -41,7 +42,7 @@ LAYERS = [
     ("foundations", {"attacks", "components", "models", "factories", "inputs"}),
     ("library", {"train", "evaluation", "vulnerability", "metrics", "frontier", "report"}),
     ("application", {"runs"}),
-    ("entry points", {"api", "cli", "cli_text", "__init__", "__main__"}),
+    ("entry points", {"api", "cli", "cli_folders", "cli_text", "__init__", "__main__"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
 

@@ -108,7 +108,11 @@ def test_report_works_on_any_run_folder_and_on_several(runs, capsys):
     assert "nope not found" in capsys.readouterr().err
 
 
-COMMANDS = ("train", "finetune", "analyze", "evaluate", "harden", "experiment", "demo", "info", "report")
+def _commands() -> tuple[str, ...]:
+    """Every command the CLI registers (a new job is checked without an edit here)."""
+    from advtune.cli import COMMANDS
+
+    return tuple(COMMANDS)
 
 
 def test_commands_that_compute_nothing_take_no_seed_or_device(capsys):
@@ -134,7 +138,7 @@ def test_every_help_does_not_import_torch():
         "    except SystemExit: pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'harden' in out.getvalue() and 'experiment' in out.getvalue()\n"
-        f"for cmd in {COMMANDS!r}:\n"
+        f"for cmd in {_commands()!r}:\n"
         "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "        try: main([cmd, '--help'])\n"
         "        except SystemExit as e: assert e.code == 0, (cmd, e.code)\n"
@@ -156,15 +160,20 @@ def test_the_attack_names_in_the_help_are_the_registry():
     assert attack_names() == list_attacks()
 
 
-def test_the_criterion_names_in_the_help_are_the_registry(capsys):
-    """analyze's help lists the criteria read from their source (a new criterion needs no edit of the help)."""
+@pytest.mark.parametrize("columns", ["60", "80", "200"])
+def test_the_criterion_names_in_the_help_are_the_registry(capsys, monkeypatch, columns):
+    """analyze's help lists the criteria read from their source (a new criterion needs no edit of the help), each
+    name whole at any terminal width (a line broke `activation-shift` after its hyphen at 200 columns)."""
     from advtune.cli import criterion_names, main
     from advtune.vulnerability import list_criteria
 
+    monkeypatch.setenv("COLUMNS", columns)
     assert criterion_names() == list_criteria()
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
-    assert f"Criteria: {', '.join(list_criteria())}." in " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().out
+    assert f"Criteria: {', '.join(list_criteria())}." in " ".join(out.split())
+    assert not [line for line in out.splitlines() if line.rstrip().endswith("-") and not line.strip() == "-"]
 
 
 @pytest.mark.parametrize(

@@ -537,3 +537,137 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("advtune.runs.train.fit", lambda *a, **k: 1 / 0)  # a bug stays a traceback
     with pytest.raises(ZeroDivisionError):
         main([*TRAIN, "--out", str(tmp_path / "other")])
+
+
+def test_overwrite_refuses_a_run_that_holds_other_runs(tmp_path, capsys):
+    """`finetune RUN --out RUN/hardened`, then `train --out RUN --overwrite`: the run saved inside was deleted with
+    the old one, without a word. Its own snapshots do not count as other runs."""
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(run)]) == 0
+    inner = run / "hardened"
+    assert main([*TRAIN, "--out", str(inner)]) == 0
+    before, _ = snapshot(inner), capsys.readouterr()
+    assert main([*TRAIN, "--seed", "1", "--out", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite: {run} holds other runs (hardened); move them out of it first" in err
+    assert len(err.splitlines()) == 1 and snapshot(inner) == before
+    snapped = tmp_path / "snapped"  # a run with snapshots of itself is replaced as before
+    adv = ["--adversarial", "fgsm", "--eps", "0.1", "--budget", "1024", "--points", "2"]
+    argv = [a for a in TRAIN if a not in ("--epochs", "1")] + adv
+    assert main([*argv, "--out", str(snapped)]) == 0
+    assert list((snapped / "snapshots").iterdir())
+    assert main([*argv, "--seed", "1", "--out", str(snapped), "--overwrite"]) == 0
+
+
+def test_overwrite_refuses_a_symlinked_run_folder(finished, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(finished, target_is_directory=True)
+    before = snapshot(finished)
+    assert main([*TRAIN, "--out", str(link), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite: {link} is a symbolic link (to {finished}); pass the folder it points to" in err
+    assert link.is_symlink() and snapshot(finished) == before
+
+
+def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--out=~/x` (no shell expansion after `=`) and a YAML `out: ~/x` made a folder named `~` here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main([*TRAIN, "--out=~/runs/a"]) == 0
+    assert (tmp_path / "home" / "runs" / "a" / "model.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert main(["info", "~/runs/a"]) == 0 and "runs/a" in capsys.readouterr().out
+
+
+def test_a_longer_resume_of_a_finished_run_reads_unfinished_until_it_ends(tmp_path, monkeypatch, capsys):
+    """A finished run resumed with more epochs and interrupted kept its summary (finished, the old model) next to
+    the cost and metrics of the longer run: info showed the 1-epoch accuracy beside the 2-epoch cost."""
+    import advtune.runs.train as train_job
+    from advtune.runs.info import format_info, run_info
+
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "close_training_folder", interrupted)
+    longer = [*TRAIN, "--out", str(out), "--resume"]
+    longer[longer.index("--epochs") + 1] = "2"
+    assert main(longer) == 130
+    assert not (out / "summary.json").exists() and "status     unfinished" in format_info(run_info(out))
+    monkeypatch.undo()
+    assert main(longer) == 0 and (out / "summary.json").is_file()
+
+
+def test_sigterm_is_handled_as_an_interruption(tmp_path):
+    """A scheduler's SIGTERM ended the process without a word (Ctrl-C said what to rerun)."""
+    argv = [a for a in TRAIN if a != "--quiet"] + ["--out", str(tmp_path / "run")]  # its log says when it trains
+    argv[argv.index("--epochs") + 1] = "500"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advtune", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        for line in proc.stderr:  # the first epoch's log line (or the end of the output, if it died)
+            if "epoch" in line.lower():
+                break
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert "advtune: interrupted by SIGTERM; nothing half-written left" in err
+
+
+def test_a_write_error_names_its_own_fix(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(AdvtuneError, match=r"a part of the path is a file, not a folder"):
+        atomic_write_bytes(afile / "x.bin", b"1")
+
+
+def test_a_damaged_evaluation_record_does_not_hide_the_run(finished, tmp_path, capsys):
+    """One bad eval-*.json refused `info` and `report` for the whole run, and every damaged record's advice was to
+    delete the run: the advice now fits the record, and info leaves the bad evaluation out with a warning."""
+    import shutil
+
+    from advtune.storage import read_json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "eval-broken.json").write_text("{not json")
+    assert main(["info", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "test accuracy" in captured.out or "acc" in captured.out
+    assert "eval-broken.json" in captured.err and "delete this file or rerun advtune evaluate" in captured.err
+    (run / "summary.json").write_text("[1]")
+    with pytest.raises(AdvtuneError, match="rerun the command that made the run with --resume"):
+        read_json(run / "summary.json")
+
+
+def test_a_run_with_a_long_name_can_be_overwritten(tmp_path, capsys):
+    """A 240-byte folder name was made, then could not be moved aside (the aside name passed 255 bytes)."""
+    out = tmp_path / ("運" * 80)
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    assert main([*TRAIN, "--seed", "1", "--out", str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_termination_handlers_keep_nohup_and_a_callers_own():
+    """`nohup advtune ...` ignores SIGHUP: the handler replaced that and a closed session killed the run."""
+    import signal
+
+    from advtune import cli
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        replaced = cli._handle_termination()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is cli._terminated and set(replaced) == {signal.SIGTERM}
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

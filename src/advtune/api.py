@@ -26,7 +26,7 @@ from .data import Dataset
 from .devices import eval_mode, model_device, model_dtype, require_module, resolve_device
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, robust_accuracy, suite
-from .inputs import as_tensor_data, batches, check_joinable, resolve_split, validation_split
+from .inputs import as_tensor_data, batches, check_devices, check_joinable, data_device, resolve_split, validation_split
 from .models import load_model as _load_model
 from .models import model_identity, unwrapped
 from .models import save_model as _save_model
@@ -88,6 +88,7 @@ def _attacks(attacks: str | Attack | Sequence[Attack], threat: ThreatModel) -> l
 def _check_model(model: nn.Module, x: Tensor, y: Tensor) -> None:
     """One forward on two examples before any work: a model that cannot take the inputs or does not return (N,
     classes) logits, or labels past its outputs, are one-line errors (not a traceback from inside the work)."""
+    check_devices(model_device(model))  # a meta model ran the forward and failed later, inside torch
     with eval_mode(model), torch.no_grad():
         classes = logits_of(model, x[:2].to(model_dtype(model))).shape[1]
     if len(y) and int(y.max()) >= classes:
@@ -156,8 +157,6 @@ def evaluate(
     findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
     batch_size: None = 256 on the CPU, 1000 on a GPU (halved where it runs out of memory).
     """
-    from .inputs import check_devices, data_device
-
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
@@ -484,6 +483,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
         raise AdvtuneError(
             f"save_model(model, path, meta): an nn.Module and a dict, got {type(model).__name__}, {type(meta).__name__}"
         )
+    check_devices(model_device(model))  # a meta model has no weights to write
     return _save_model(path, model, dict(meta or {}))
 
 

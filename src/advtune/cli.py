@@ -1,10 +1,11 @@
-"""`advtune train | info | evaluate | analyze | finetune | harden | experiment | report | demo`.
+"""`advtune train | evaluate | analyze | finetune | harden | experiment | report | info | apply | export | demo`.
 
 Thin: each subcommand is its entry in cli_text's HELP and DESCRIPTION, `add_<cmd>_parser(p)` (its own flags on the
 parser that `build_parser` makes with those texts and ends with the general flags) + `run_<cmd>(args) -> int`.
 The flags of a job are derived from its config dataclass (`advtune.settings`: declared once, with help and
 defaults), the run function builds that config from the flags (`from_args`) and calls the job's `run`, then prints.
 A YAML `--config` gives defaults, flags override them. AdvtuneErrors print as one line naming flags, exit 2.
+The commands on finished run folders (report, info, apply, export) are defined in cli_folders.py.
 """
 
 from __future__ import annotations
@@ -12,17 +13,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import filenames as files
+from .cli_folders import (
+    add_apply_parser,
+    add_export_parser,
+    add_info_parser,
+    add_report_parser,
+    run_apply,
+    run_export,
+    run_info,
+    run_report,
+)
 from .cli_text import DESCRIPTION, HELP, OTHER_NAME, OUT_OF_MEMORY_FIX
 from .errors import AdvtuneError
-from .settings import Parser, add_flags, apply_yaml_defaults, from_args, seed_number, speaking_flags
+from .settings import Parser, add_flags, apply_yaml_defaults, from_args, home, seed_number, speaking_flags
 
 log = logging.getLogger("advtune")
 
@@ -213,67 +222,14 @@ def run_experiment(args) -> int:
 
     only = [o.strip() for o in args.only.split(",")] if args.only else None
     device = None if args.device == "auto" else args.device
-    rows = run(args.experiment, args.out, device=device, only=only, seed=args.seed)
+    args.out = home(args.out)  # the report below reads it too
+    rows = run(home(args.experiment), args.out, device=device, only=only, seed=args.seed)
     print(format_results(rows))
     if args.report:
         from .report import write_report
 
         paths = write_report(args.out)
         print(f"report: {paths['html']}")
-    return 0
-
-
-# ---------------------------------------------------------------- report
-
-
-def add_report_parser(p) -> None:
-    p.add_argument("folders", nargs="+", help="run folders written by advtune")
-
-
-def run_report(args) -> int:
-    from .report import write_harden_report, write_report, write_run_report
-    from .runs.info import format_info, run_info
-
-    for folder in args.folders:
-        path = Path(folder)
-        if (path / files.EXPERIMENT).is_file() or (path / files.RESULTS).is_file():
-            paths = write_report(path)
-        elif (path / files.SUMMARY).is_file() and (path / files.ANALYSIS).is_dir():  # a harden folder
-            paths = write_harden_report(path)
-        elif (path / files.CONFIG).is_file():
-            info = run_info(path)
-            paths = write_run_report(path, format_info(info), info.get("metrics", []))
-        elif path.is_dir():
-            raise AdvtuneError(
-                f"{folder} has no results.json (an experiment) nor config.json (a run); pass a folder written by "
-                "advtune train, finetune, analyze, harden or experiment"
-            )
-        else:
-            raise AdvtuneError(f"run folder {folder} not found; pass the --out folder of an earlier advtune command")
-        print(f"report: {paths['html']} and {paths['md']}")
-    return 0
-
-
-# ---------------------------------------------------------------- info
-
-
-def add_info_parser(p) -> None:
-    p.add_argument("run", help="run folder")
-    p.add_argument("--json", action="store_true", help="print the raw record as JSON")
-
-
-def run_info(args) -> int:
-    from .runs.info import format_info
-    from .runs.info import run_info as info_of
-
-    if (Path(args.run) / files.EXPERIMENT).is_file() and not (Path(args.run) / files.CONFIG).is_file():
-        from .runs.experiment import experiment_info, format_experiment_info
-
-        info = experiment_info(args.run)
-        print(json.dumps(info, indent=2) if args.json else format_experiment_info(info))
-        return 0
-    info = info_of(args.run)
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
@@ -297,51 +253,6 @@ def run_harden(args) -> int:
     s = harden_job.run(from_args(HardenRun, args, recipe=from_args(Recipe, args)))
     print(format_summary(s))
     print(f"-> {args.out} (hardened model, records, report.html)")
-    return 0
-
-
-# ---------------------------------------------------------------- apply, export
-
-
-def add_apply_parser(p) -> None:
-    from .runs.configs import ApplyRun
-
-    add_flags(p, ApplyRun, required={"out"})
-
-
-def run_apply(args) -> int:
-    from .runs import apply as apply_job
-    from .runs.configs import ApplyRun
-
-    r = apply_job.run(from_args(ApplyRun, args))
-    print(
-        f"applied {args.patch} ({r['patch_bytes']:,} bytes, {r['changed_entries']:,} of {r['total_entries']:,} "
-        f"entries) to {args.base}: sha256 {r['result_sha256'][:12]}... as recorded -> {args.out}"
-    )
-    return 0
-
-
-def add_export_parser(p) -> None:
-    from .runs.configs import ExportRun
-
-    add_flags(p, ExportRun, required={"out"})
-
-
-def run_export(args) -> int:
-    from .runs import export as export_job
-    from .runs.configs import ExportRun
-
-    r = export_job.run(from_args(ExportRun, args))
-    line = f"exported {args.run} as {r['format']} ({r['bytes']:,} bytes) -> {args.out}"
-    if "check" in r:
-        c = r["check"]
-        line += (
-            f"\n  checked with onnxruntime on {c['examples']} test examples: clean max |logit diff| "
-            f"{c['clean']['max_abs_diff']:.1e}, agreement {100 * c['clean']['agreement']:.2f}%; under "
-            f"{c['attack']}: {c['adversarial']['max_abs_diff']:.1e}, {100 * c['adversarial']['agreement']:.2f}% "
-            f"-> {args.out}.check.json"
-        )
-    print(line)
     return 0
 
 
@@ -421,8 +332,51 @@ def _setup_logging(args) -> None:
     set_progress(not getattr(args, "quiet", False) and rank == 0)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's time limit, `docker stop`, a closed terminal) handled as Ctrl-C: the same
+    message, and where an --overwrite's old run is kept; it ended the process without a word."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _terminated(signum: int, frame) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)  # a second one while the message prints ends the process
+    raise Terminated(signum)
+
+
+def _handle_termination() -> dict:
+    """SIGTERM and SIGHUP raise Terminated where they would end the process (their default action): `nohup` (SIGHUP
+    ignored) and a handler of the caller's are kept. Returns the handlers replaced (to give back)."""
+    import signal
+
+    replaced = {}
+    for sig in (getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)):
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                replaced[sig] = signal.signal(sig, _terminated)
+        except ValueError:  # not the main thread: signals stay as they are
+            break
+    return replaced
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv)
+    # the command line's own process (tests call main([...]) and keep their signals); under torchrun every rank
+    # says it was interrupted, the failing rank's error above it
+    replaced = _handle_termination() if argv is None else {}
+    try:
+        code = _main(argv)
+    finally:
+        import signal
+
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # a torchrun worker whose work is done and written leaves now: gloo's threads can abort the
         # interpreter's own shutdown ("terminate called without an active exception"), which torchrun
@@ -480,11 +434,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         msg = f"your model raised {type(e).__name__}: {first} ({yours})" if yours else f"out of memory ({first}); {fix}"
         print(f"advtune: error{where}: {msg}{_replaced()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # records are written atomically at the end: an interruption leaves the previous ones whole
         again = "rerun (train, finetune, harden: --resume; analyze: --overwrite; demo, experiment: the same command)"
-        print(f"advtune: interrupted; nothing half-written left: {again}{_replaced()}", file=sys.stderr)
-        return 130
+        by = f" by {e.name}" if isinstance(e, Terminated) else ""
+        print(f"advtune: interrupted{by}; nothing half-written left: {again}{_replaced()}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Terminated) else 130
 
 
 def _replaced() -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -456,7 +457,9 @@ def unit_params(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     follow = followers(model, example_input)
     out: dict[str, int] = {}
     for name, m in found:
-        n = m.weight.numel() // unit_count(m) + (1 if getattr(m, "bias", None) is not None else 0)
+        # from the layer's shape, not `m.weight`: reading a spectral_norm weight in train mode moves its u/v buffers
+        per_unit = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
+        n = per_unit + (1 if getattr(m, "bias", None) is not None else 0)
         bn = follow.get(name)
         if bn is not None and getattr(modules[bn], "affine", False):
             n += 2

@@ -110,12 +110,12 @@ class CostMeter:
         flags = [p.requires_grad for p in probe.parameters()]
         for p in probe.parameters():
             p.requires_grad_(False)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, torch.enable_grad():  # also when called under no_grad
             probe(x.clone().requires_grad_(True)).sum().backward()
         self.flops_attack_step = float(fc.get_total_flops())
         for p, f in zip(probe.parameters(), flags):
             p.requires_grad_(f)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, torch.enable_grad():
             out = probe(x).sum()
             if out.requires_grad:
                 out.backward()

@@ -21,6 +21,9 @@ PATCH = "patch.safetensors"  # what fine-tuning changed, against the base model'
 # analysis, evaluation, experiments, reports
 CONCENTRATION = "concentration.json"
 ANALYSIS = "analysis"  # harden's analysis subfolder
+FINETUNE = "finetune"  # harden's fine-tuning stage
+PROBE = "probe"  # harden's probe stage (`advtune finetune` keeps it next to its --out)
+HARDEN_STAGES = (ANALYSIS, FINETUNE, PROBE)  # a harden run's own sub-runs
 EXPERIMENT = "experiment.json"
 RESULTS = "results.json"
 RESULTS_CSV = "results.csv"

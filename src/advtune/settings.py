@@ -22,6 +22,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -292,9 +293,17 @@ def add_flags(
 
 def from_args(cls, args: argparse.Namespace, **given: Any):
     """`cls` built from the parsed flags (every field whose name the namespace has) and `given`."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: home(getattr(args, f.name)) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(given)
     return cls(**values)
+
+
+def home(value: Any) -> Any:
+    """A path the shell did not expand (`--out=~/x`, a YAML `out: ~/x`) with `~` expanded: it made a folder named
+    `~` in the working directory. Other values unchanged (no setting's own value starts with `~`)."""
+    if isinstance(value, str) and (value == "~" or value.startswith(("~/", "~" + os.sep)) or re.match(r"~\w+/", value)):
+        return os.path.expanduser(value)
+    return value
 
 
 def default(cls, name: str) -> Any:
@@ -320,6 +329,22 @@ def settings_from(cls, values: dict, **fixed: Any):
 # ---------------------------------------------------------------- the command line
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, but a line never breaks inside a hyphenated name (`activation-\nshift` could not be copied)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's own errors (a missing command, an unknown flag, a bad value or choice) as one line that
     points at --help, instead of the whole usage block; exit status 2 as argparse's. --help is unchanged.
@@ -328,6 +353,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -377,7 +403,7 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, commands: Iterable[str]
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return
-    path = Path(known.config)
+    path = Path(home(known.config))
     values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise AdvtuneError(f"{path} must be a mapping of flag names to values")

@@ -4,6 +4,7 @@ JSON with a one-line error."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import filenames as files
 from .distributed import is_main_process
 from .errors import AdvtuneError
 
@@ -43,18 +45,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+        _sync_folder(path.parent)  # the rename itself survives a power loss
     except OSError as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise AdvtuneError(
-            f"cannot write {path} ({e.strerror or e}); free disk space or pick a writable folder"
-        ) from None
+        raise AdvtuneError(f"cannot write {path} ({e.strerror or e}); {_write_fix(e)}") from None
     except BaseException:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+
+
+def _write_fix(e: OSError) -> str:
+    """The fix a failed write's cause asks for (every cause was told to free disk space)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable: pick a writable one (or make it writable)"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):  # EEXIST: the mkdir of a folder a file already names
+        return "a part of the path is a file, not a folder: pick another path"
+    if e.errno == errno.EISDIR:
+        return "a folder has that file's name: pick another path"
+    if e.errno == errno.ENAMETOOLONG:
+        return "shorten the path"
+    return "free disk space or pick a writable folder"
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder after a rename into it (POSIX; where a folder cannot be opened, as on Windows, skipped)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_orphan_tmp(folder: str | os.PathLike) -> list[str]:
@@ -100,15 +127,26 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         record = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); re-create it or delete the run") from None
+        raise AdvtuneError(f"{what} {path} is not valid JSON ({e}); {_record_fix(path)}") from None
     except OSError as e:  # e.g. permission denied: a traceback before
         raise AdvtuneError(f"{what} {path} cannot be read ({e.strerror or e}); check the file and its access") from None
     if not isinstance(record, dict):
         raise AdvtuneError(
-            f"{what} {path} holds a JSON {type(record).__name__}, not an advtune record (an object); re-create it or "
-            "delete the run"
+            f"{what} {path} holds a JSON {type(record).__name__}, not an advtune record (an object); "
+            + _record_fix(path)
         )
     return record
+
+
+def _record_fix(path: Path) -> str:
+    """How to get a damaged record back, by which one it is (deleting the run was the advice for every one)."""
+    if path.name.startswith("eval-"):
+        return "delete this file or rerun advtune evaluate with --overwrite (the model is not affected)"
+    if path.name in (files.SUMMARY, files.COST, files.METRICS):
+        return "rerun the command that made the run with --resume (train, finetune) or --overwrite"
+    if path.name == files.RESULTS:
+        return "rerun the experiment's command (its finished variants are kept, the table is rebuilt)"
+    return "re-create it or delete the run"
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:

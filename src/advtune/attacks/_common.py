@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
@@ -239,6 +240,17 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
     inputs the model cannot take (channels, size) and outputs that are not (N, classes) logits."""
     try:
         out = model(x)
+    except TypeError as e:  # forward(self, x, mask): the evaluation and training call model(x) alone
+        try:
+            inspect.signature(model.forward).bind(x)
+        except (TypeError, ValueError):
+            pass  # the call itself is what failed
+        else:
+            raise  # raised inside the forward: the model's own error (the CLI names its line)
+        raise AdvtuneError(
+            f"the model's forward needs more than the inputs ({str(e).strip()[:120]}); wrap it in a module whose "
+            "forward(x) supplies the rest"
+        ) from None
     except RuntimeError as e:
         if out_of_memory(e):  # not the input's fault: the evaluation retries with fewer examples
             raise
@@ -277,9 +289,9 @@ def checked_logits(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None
 def preserved_buffers(model: nn.Module):
     """Attacks are pure: a model in train mode runs the attack with batch statistics, as the caller
     chose, but its BatchNorm running statistics are put back afterwards."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.batchnorm import _NormBase  # BatchNorm and InstanceNorm with running statistics
 
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
     saved = [
         [b.detach().clone() if b is not None else None for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
         for m in bns
@@ -376,11 +388,14 @@ class AttackConfig:
 
     `spec_skip`: fields the registered name implies (`random_start` of pgd vs bim), left out of `spec`.
     `supports_target = False`: the attack picks its own targets and refuses `target=`.
+    `black_box = True`: a score-based or gradient-free attack (Square): the masking gate compares it against the
+    white-box ones, and does not hold it to beating FGSM (without it, every evaluation with it reads SUSPECT).
     `norms`: the threat-model norms it supports (default: linf and l2; Square sets linf only)."""
 
     function: ClassVar[Callable[..., Tensor]]
     spec_skip: ClassVar[tuple[str, ...]] = ()
     supports_target: ClassVar[bool] = True
+    black_box: ClassVar[bool] = False
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
     @property

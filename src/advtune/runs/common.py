@@ -107,9 +107,17 @@ def fit_in_folder(
     return {
         "checkpoint_dir": rd.path,
         "resume": resume,
-        "on_record": lambda h: (rd.write_metrics(h.epochs), rd.write_cost(meter)),
+        "on_record": lambda h: (rd.write_metrics(h.epochs), unfinished(rd), rd.write_cost(meter)),
         "on_step": snapshot_saver(rd, meta, config, snaps),
     }
+
+
+def unfinished(rd: RunDir) -> None:
+    """A finished run made longer (--resume with more epochs) trains again: its summary (the old end) goes once the
+    first longer record is written (a write that failed changed nothing), so that an interruption leaves a run that
+    reads unfinished, not the old summary beside the new costs."""
+    if rd.writer:
+        rd.file(files.SUMMARY).unlink(missing_ok=True)
 
 
 def close_training_folder(rd: RunDir, model, meta: dict, summary, epochs: list[dict] | None = None) -> None:

@@ -58,7 +58,7 @@ from .selecting import read_table
 
 log = logging.getLogger(__name__)
 
-FINETUNE = "finetune"  # the fine-tuning stage's sub-folder
+FINETUNE = files.FINETUNE  # the fine-tuning stage's sub-folder
 
 
 def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:

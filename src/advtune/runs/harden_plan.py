@@ -21,7 +21,15 @@ from ..storage import read_json
 from ..threat import ThreatModel
 from ..train import TrainConfig, build_objective, check_objective, cost_per_example, probe_stage_attack
 from ..train.distill import check_probe_teacher
-from ..train.lowrank import adaptable_layers, adapter_size, budget_ranks, own_params, refuse_parametrized, share_ranks
+from ..train.lowrank import (
+    adaptable_layers,
+    adapter_size,
+    budget_ranks,
+    own_params,
+    refuse_parametrized,
+    refuse_tied,
+    share_ranks,
+)
 from ..vulnerability import list_criteria
 from .common import example_input, same_setting
 from .configs import HardenRun
@@ -206,6 +214,7 @@ def plan_harden(model, ds, run: HardenRun) -> HardenPlan:
     ds = with_holdout(ds, run)
     layers(model)  # a model with no Conv2d/Linear layer has nothing to select
     refuse_parametrized(model)
+    refuse_tied(model)
     example = example_input(model, ds)
     recipe = resolve_recipe(model, run.recipe, example)
     check_recipe_fits(model, recipe, example)

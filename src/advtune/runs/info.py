@@ -4,6 +4,7 @@ and told for a terminal (`format_info`); the run report prints the same account.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from ..errors import AdvtuneError
 from ..records import model_label
 from ..storage import file_sha256, read_json
 from .record import RunDir, open_run
+
+log = logging.getLogger(__name__)
 
 
 def run_info(path: str | os.PathLike) -> dict:
@@ -24,7 +27,12 @@ def run_info(path: str | os.PathLike) -> dict:
             info[key] = rd.read_json(name)
     evals = sorted(rd.path.glob("eval-*.json"))
     if evals:
-        info["evaluations"] = {p.name: read_json(p, p.name) for p in evals}
+        info["evaluations"] = {}
+        for p in evals:  # one damaged evaluation record does not hide the run (its model is fine)
+            try:
+                info["evaluations"][p.name] = read_json(p, p.name)
+            except AdvtuneError as e:
+                log.warning("%s; left out", e)
         info["stale_evaluations"] = _stale(rd, info["evaluations"])
     info["files"] = sorted(p.name for p in rd.path.iterdir() if not p.name.startswith("."))
     sizes = {

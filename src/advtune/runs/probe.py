@@ -33,7 +33,7 @@ from ..storage import read_json
 from ..train import TrainConfig
 from ..train.config import REGROW_HOW
 from ..train.distill import check_probe_teacher, with_probe_teacher
-from ..train.lowrank import adaptable_layers, norm_params, refuse_parametrized
+from ..train.lowrank import adaptable_layers, norm_params, refuse_parametrized, refuse_tied
 from ..train.probe import movement_mask, movement_scores, start_weights, whole_params
 from ..train.sparse import SparseEntries, sparse_selection
 from ..vulnerability import check_params, rank_layers
@@ -42,7 +42,7 @@ from .configs import FinetuneRun
 from .finetune import FinetuneSummary, check_probe_rule, finetune_folder, finetune_model, prepare_finetune
 from .selecting import analysed, head_layer, inert_selection_settings, norms_of, read_table, resolve_norms
 
-PROBE = "probe"  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
+PROBE = files.PROBE  # harden's sub-folder of the probe stage (`advtune finetune` keeps it next to its --out)
 # the cost counters the second stage's meter starts from (the per-example FLOPs it measures itself)
 COUNTERS = (
     "wall_s",
@@ -114,6 +114,7 @@ def check_probe(model, ds, ft: FinetuneRun, norms: tuple[str, ...], table=None) 
     """Everything the masked stage would refuse, refused before the probe trains (after probe_settings' checks):
     returns the mask's entry budget."""
     refuse_parametrized(model)
+    refuse_tied(model)
     if ft.probe_quotas and table is None and not analysed(ft.select):
         raise AdvtuneError(
             "--probe-quotas shares the mask out by an analysis' layer scores: give --select <analyze folder>"

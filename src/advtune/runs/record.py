@@ -5,11 +5,13 @@ atomically. The jobs that fill them are the other modules of this package."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ def replaced_when_all_done(*paths: Path):
     for p in keys:  # reached only when every stage finished
         aside = REPLACING.pop(p, None)
         if aside is not None and is_main_process() and aside.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
+            delete_replaced(aside)
 
 
 def replaced_note() -> str:
@@ -100,13 +102,57 @@ def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool, resumab
         if not (p / files.CONFIG).is_file():
             raise AdvtuneError(f"--resume: {p} is not an advtune run (no {files.CONFIG}); pick the run folder")
     elif overwrite:
+        if p.is_symlink():  # moved aside it would be the link, the run it points to never deleted
+            raise AdvtuneError(
+                f"--overwrite: {p} is a symbolic link (to {os.readlink(p)}); pass the folder it points to as --out"
+            )
         if not is_advtune_run(p):  # another tool's folder may hold a config.json too
             raise AdvtuneError(
                 f"--overwrite: {p} is not an advtune run (no {files.CONFIG} written by advtune); refusing to delete it"
             )
+        others = nested_runs(p)
+        if others:  # `finetune RUN --out RUN/hardened`: replacing RUN deleted the run saved inside it
+            raise AdvtuneError(
+                f"--overwrite: {p} holds other runs ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                "move them out of it first, or choose another --out"
+            )
     else:
         how = "pass --resume to continue it or --overwrite" if resumable else "pass --overwrite"
         raise AdvtuneError(f"output folder {p} already exists; {how} to replace it, or choose another --out")
+
+
+def delete_replaced(aside: Path) -> None:
+    """Delete the run an --overwrite replaced, now that the new one is done; what could not go is said, not hidden."""
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        log.warning("could not delete all of the replaced run kept at %s; delete it yourself", aside)
+
+
+def aside_prefix(p: Path) -> str:
+    """The start of the name an --overwrite moves run `p` aside to; a long name (near the file system's 255 bytes)
+    by its hash, so that a run that could be made can be replaced."""
+    name = p.name if len(p.name.encode()) <= 180 else hashlib.sha256(p.name.encode()).hexdigest()[:16]
+    return f".{name}.replaced-"
+
+
+def nested_runs(p: Path) -> list[str]:
+    """The runs saved inside run folder `p` that are not part of it (its snapshots record what they belong to, a
+    harden run's stages have their own names), as paths relative to `p`; an unreadable record counts as a run."""
+    try:
+        harden = read_json(p / files.CONFIG).get("command") == "harden"
+    except AdvtuneError:
+        harden = False
+    found = []
+    for cfg in sorted(p.rglob(files.CONFIG)):
+        if cfg.parent == p or (harden and cfg.relative_to(p).parts[0] in files.HARDEN_STAGES):
+            continue
+        try:
+            record = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            record = None
+        if not (isinstance(record, dict) and ("snapshot" in record or "of" in record)):
+            found.append(str(cfg.parent.relative_to(p)))
+    return found
 
 
 class RunDir:
@@ -140,7 +186,7 @@ class RunDir:
         check_out(p, resume=resume, overwrite=overwrite, resumable=resumable)  # again: the folder may have changed
         if not resume and p.is_dir() and any(x.name != files.LOCK for x in p.iterdir()):  # --overwrite
             run._lock()  # nobody else may be writing the run we are about to replace
-            aside = p.with_name(f".{p.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
+            aside = p.with_name(f"{aside_prefix(p)}{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
             _release(p)
             try:
                 p.rename(aside)
@@ -170,7 +216,7 @@ class RunDir:
         left = remove_orphan_tmp(p)
         if left:
             log.info("removed %d temporary file(s) an interrupted write left in %s", len(left), p)
-        earlier = sorted(x for x in p.parent.glob(f".{p.name}.replaced-*") if x != run.aside and x.is_dir())
+        earlier = sorted(x for x in p.parent.glob(f"{glob_escape(aside_prefix(p))}*") if x != run.aside and x.is_dir())
         if earlier:  # an --overwrite killed before its run finished: the old run was kept there, and is still
             log.warning(
                 "%d run(s) an interrupted --overwrite of %s moved aside are still kept (%s); delete them when no "
@@ -238,7 +284,7 @@ class RunDir:
             barrier()
             return
         if self.writer and self.aside is not None and self.aside.is_dir():
-            shutil.rmtree(self.aside, ignore_errors=True)
+            delete_replaced(self.aside)
         REPLACING.pop(self.path, None)
         self.aside = None
         barrier()

@@ -20,6 +20,7 @@ from ..train.lowrank import (
     norm_params,
     own_params,
     refuse_parametrized,
+    refuse_tied,
     share_ranks,
     uniform_ranks,
 )
@@ -64,6 +65,7 @@ def make_selection(
     that computes them, called only once the budget is known to fit (and only for granularity=sparse)."""
     if select != "all":
         refuse_parametrized(model)
+        refuse_tied(model)
     from_analysis = isinstance(select, ScoreTable) or analysed(select)
     if head and isinstance(select, SparseEntries) and not select.whole:  # the probe's mask, taken without its head
         raise AdvtuneError("--head: this mask does not train the output layer whole; take the mask with --head")

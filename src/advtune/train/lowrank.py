@@ -77,6 +77,24 @@ def refuse_parametrized(model: nn.Module) -> None:
         )
 
 
+def refuse_tied(model: nn.Module) -> None:
+    """Refuse, in one line, a parameter tensor two conv/linear layers share (tied weights): every selective rule
+    chooses, masks or adapts a layer's entries under that layer's name, so one tensor would be two (the probe rule
+    crashed, adapters merged twice into it, the second layer's units never trained). Full fine-tuning takes them."""
+    owner: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ADAPTABLE):
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) in owner and owner[id(p)] != name:
+                raise AdvtuneError(
+                    f"layers {owner[id(p)]!r} and {name!r} share one parameter tensor (tied weights): the selective "
+                    "rules train each layer's own entries; train every parameter (--select all) or give each layer "
+                    "its own weights"
+                )
+            owner.setdefault(id(p), name)
+
+
 def adaptable_layers(model: nn.Module) -> list[str]:
     """Names of the conv and linear layers of `model`, in module order."""
     return [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]

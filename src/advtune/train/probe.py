@@ -106,7 +106,7 @@ def start_weights(model: nn.Module, base_state: Mapping[str, Tensor], mask: Spar
     masks = mask.masks(model)
     with torch.no_grad():
         for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in mask.norms:
+            if isinstance(m, nn.modules.batchnorm._NormBase) and name not in mask.norms:
                 for b, t in m.named_buffers(recurse=False):
                     key = f"{name}.{b}" if name else b
                     if key in base_state and t is not None:

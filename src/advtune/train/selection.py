@@ -7,10 +7,10 @@ import logging
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase  # BatchNorm and InstanceNorm: the norms with running statistics
 
 from ..errors import AdvtuneError
-from .lowrank import check_adapter_lr_ratio, merge, refuse_parametrized, up_factors
+from .lowrank import check_adapter_lr_ratio, merge, refuse_parametrized, refuse_tied, up_factors
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ class Trainable:
         self.model = model
         self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.partial: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.frozen_bns: list[_BatchNorm] = []
-        self.partial_bns: list[tuple[_BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.frozen_bns: list[_NormBase] = []
+        self.partial_bns: list[tuple[_NormBase, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.adapted = False
         self.selection = selection
         if selection is not None and not callable(getattr(selection, "is_everything", None)):
@@ -41,19 +41,30 @@ class Trainable:
                 f"selection must be a Selection (VulnerabilityMap.select(...), a selection.json read back), got "
                 f"{type(selection).__name__}{hint}"
             )
-        if selection is None or selection.is_everything(model):
-            if selection is not None:  # everything selected trains, also what the caller froze (close gives it back)
-                for p in model.parameters():
-                    p.requires_grad_(True)
+        if selection is None:  # a norm the caller froze and put in eval mode (a frozen backbone) keeps its statistics
+            self.frozen_bns = [
+                m
+                for m in model.modules()
+                if isinstance(m, _NormBase)
+                and m.track_running_stats
+                and not m.training
+                and any(True for _ in m.parameters(recurse=False))
+                and not any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
+            return
+        if selection.is_everything(model):  # everything selected trains, also what the caller froze (close gives it)
+            for p in model.parameters():
+                p.requires_grad_(True)
             return  # (d): selecting everything is exactly the full-training path
         refuse_parametrized(model)  # before anything is frozen or adapted
+        refuse_tied(model)
         if hasattr(selection, "adapt"):  # (e): adapters, everything else frozen
             selection.adapt(model)
             self.adapted = True
             self.frozen_bns = [  # a BatchNorm the selection trains (the norms extra) keeps moving its statistics
                 m
                 for m in model.modules()
-                if isinstance(m, _BatchNorm)
+                if isinstance(m, _NormBase)
                 and m.track_running_stats
                 and not any(p.requires_grad for p in m.parameters(recurse=False))
             ]
@@ -70,7 +81,7 @@ class Trainable:
                 m = m.to(p.device)
                 self.partial.append((p, m, p.detach().clone()))
         for mod in model.modules():
-            if not isinstance(mod, _BatchNorm) or not mod.track_running_stats:
+            if not isinstance(mod, _NormBase) or not mod.track_running_stats:
                 continue
             own = [p for p in mod.parameters(recurse=False)]
             if not own or not any(p.requires_grad for p in own):

@@ -154,7 +154,8 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     for lever in levers + inert_regrow(base_train):  # (how a mask moves, too)
         raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
     for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
-        kind = {"train": TrainRun, "finetune": FinetuneRun, "harden": Recipe}.get(w["kind"], TrainRun)
+        # every kind of KINDS has its settings class here (a new kind without one fails, never checked as train's)
+        kind = {"standard": TrainRun, "train": TrainRun, "finetune": FinetuneRun, "harden": Recipe}[w["kind"]]
         check_values(kind, w, f"{where}: variant {w['name']}")  # a typo in a choice, a quoted switch
         if w["kind"] == "harden":
             harden_recipe(w, cfg["evaluation"], f"{where}: variant {w['name']}")
