@@ -49,8 +49,7 @@ from advtune.runs.analyze import analyze_model
 from advtune.runs.common import dataset_of, load_base
 from advtune.runs.configs import HardenRun
 from advtune.runs.finetune import prepare_finetune
-from advtune.runs.harden import analysis_settings, finetune_settings
-from advtune.runs.harden_plan import plan_harden
+from advtune.runs.harden_plan import analysis_settings, finetune_settings, plan_harden
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
 from advtune.train import fit

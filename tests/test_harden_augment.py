@@ -51,7 +51,7 @@ def test_crop_flip_on_request_reaches_the_fine_tuning_and_the_probe(base, tmp_pa
     assert plan.train.augment == "crop-flip"
     saved = json.loads((tmp_path / "cf" / "config.json").read_text())["run"]["recipe"]
     assert saved["augment"] == "crop-flip"  # recorded, so that a resume compares what ran
-    from advtune.runs.harden import finetune_settings
+    from advtune.runs.harden_plan import finetune_settings
     from advtune.runs.probe import probe_settings
 
     ft = finetune_settings(run, plan, None)

@@ -112,7 +112,7 @@ def _take(
     model: nn.Module, data: Any, limit: int | None, what: str, threat: ThreatModel | None = None, batch_size: int = 1024
 ) -> tuple[Tensor, Tensor]:
     """The first `limit` examples of `data` as validated tensors on the model's device."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
     device, dtype = model_device(model), model_dtype(model)
     lower, upper = (threat.lower, threat.upper) if threat is not None else (0.0, 1.0)
@@ -144,7 +144,7 @@ def evaluate(
     attacks: str | Attack | Sequence[Attack] = "standard",
     limit: int | None = 1000,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     cascade: bool = True,
     gate: bool = True,
 ) -> EvalResult:
@@ -255,7 +255,7 @@ class VulnerabilityMap:
 
     def _model_for(self, what: str) -> nn.Module:
         if self.model is None:
-            raise AdvtuneError(f"{what} needs the model this map was made for (a map read from a file has none)")
+            raise AdvtuneError(f"{what} needs the model this map was made for (a map built without one has none)")
         return self.model
 
     def to_json(self) -> dict[str, Any]:
@@ -286,7 +286,7 @@ def analyze(
     curve: bool = True,
     shares: Sequence[float] | None = None,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> VulnerabilityMap:
     """Score every conv channel and hidden linear unit of `model` by how much it carries the adversarial
     perturbation, on `data` (an advtune Dataset: its *training* split; keep the test split for the
@@ -353,9 +353,9 @@ def harden(
     test: Any = None,
     budget: int | None = None,
     recipe: Recipe | None = None,
-    evaluation: str | None = None,
+    evaluation: str | Sequence[str | Attack] | None = None,
     limit_test: int | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> HardenResult:
     """`advtune harden` in memory: analyse, select the most vulnerable parts (by default the weight entries a short
     whole-network probe moves, and the output layer where it is cheap) within the recipe's parameter budget,

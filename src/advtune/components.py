@@ -314,6 +314,13 @@ class Selection:
     def __iter__(self):
         return iter(sorted(self.components))
 
+    def __repr__(self) -> str:  # per layer, in order: a frozenset of thousands of components said nothing
+        per_layer: dict[str, int] = {}
+        for c in sorted(self.components):
+            per_layer[c.module] = per_layer.get(c.module, 0) + 1
+        shown = ", ".join(f"{m} x{k}" for m, k in list(per_layer.items())[:6]) + (", ..." if len(per_layer) > 6 else "")
+        return f"Selection({len(self.components)} components in {len(per_layer)} layers: {shown})"
+
     def __contains__(self, item: object) -> bool:
         return item in self.components
 

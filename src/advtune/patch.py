@@ -143,6 +143,11 @@ def write_patch(
 ) -> dict[str, str]:
     """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata. Under
     torchrun rank 0 alone builds and writes it (the others return {})."""
+    if not isinstance(path, (str, Path)):
+        raise AdvtuneError(f"write_patch(path, base, hardened): path first, got a {type(path).__name__}")
+    for what, m in (("base", base), ("hardened", hardened)):
+        if not isinstance(m, (torch.nn.Module, dict)):
+            raise AdvtuneError(f"write_patch: {what} must be a model or its state_dict, got {type(m).__name__}")
     if not is_main_process():
         return {}
     tensors, meta = make_patch(base, hardened, info, factors)

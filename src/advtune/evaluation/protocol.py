@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -263,10 +264,14 @@ def robust_accuracy(
         raise AdvtuneError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     threat = attacks[0].threat
     specs = [spec_of(a) for a in attacks]
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    # numbers.Integral: numpy integers too (harden's limit_test took them, evaluate's limit did not)
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1
+    ):
         raise AdvtuneError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, Integral) or limit < 1):
         raise AdvtuneError(f"limit must be a positive integer or None, got {limit!r}")
+    batch_size, limit = (None if v is None else int(v) for v in (batch_size, limit))
     device, dtype = model_device(model), model_dtype(model)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_devices(device, data_device(data))  # a meta model (or meta data): one line, not a failed .item()

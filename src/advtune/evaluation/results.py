@@ -65,7 +65,7 @@ class EvalResult:
     n_robust_worst: int  # robust to every attack
     grad_evals: dict[str, int]  # counted gradient evaluations (examples through forward+backward)
     forward_evals: dict[str, int]  # counted forward-only passes (queries)
-    wall_time_s: dict[str, float]
+    wall_time_s: dict[str, float] = field(compare=False)  # timings: two equal evaluations differ in them
     max_perturbation: dict[str, float]  # largest ||x_adv - x|| observed, in the threat's norm
     seed: int | None = None  # None: nondeterministic
     cascade: bool = False
@@ -74,17 +74,27 @@ class EvalResult:
     # whether the masking gate ran (False: gate=False, or an eps curve's larger eps): an empty `suspect` then says
     # nothing, where it read as "passed"
     gated: bool = True
-    total_wall_s: float = 0.0  # the whole evaluation: clean pass, every attack, checks and the gate
+    # the whole evaluation: clean pass, every attack, checks and the gate
+    total_wall_s: float = field(default=0.0, compare=False)
     batch_size: int | None = None  # examples per batch (random draws depend on it); None: not recorded
     # per attack that ran out of device memory: the chunk it ran in after its last halving, the smallest over
     # processes (the batches before that ran larger chunks, so this says that draws changed, not how to replay
     # them); empty: every attack ran whole batches
     attack_chunks: dict[str, int] = field(default_factory=dict)
     # per evaluated example (CPU tensors, not serialised)
-    robust: Tensor = field(default=None, repr=False)  # bool: clean-correct and robust to all attacks
-    broken: dict[str, Tensor] = field(default=None, repr=False)  # int8: 1 broken, 0 survived, -1 not attacked
-    labels: Tensor = field(default=None, repr=False)
-    checksum: Tensor = field(default=None, repr=False)  # per-example sum of pixels (order fingerprint)
+    # (not compared: `==` of tensors is no bool; the counts above say the same)
+    robust: Tensor | None = field(default=None, repr=False, compare=False)  # bool: clean-correct, robust to all
+    broken: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)  # int8: 1 broken, 0 survived,
+    # -1 not attacked
+    labels: Tensor | None = field(default=None, repr=False, compare=False)
+    checksum: Tensor | None = field(default=None, repr=False, compare=False)  # per-example pixel sums (order)
+
+    def __repr__(self) -> str:  # the numbers a user looks for, not the raw counts and timings
+        gate = ("SUSPECT: " + ", ".join(self.suspect)) if self.suspect else ("passed" if self.gated else "not run")
+        return (
+            f"EvalResult({self.threat}, n={self.n}, clean {100 * self.clean_accuracy:.2f}%, worst case "
+            f"{100 * self.worst_case_accuracy:.2f}%, attacks={self.attacks}, gate {gate})"
+        )
 
     @property
     def clean_accuracy(self) -> float:

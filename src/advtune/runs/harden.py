@@ -28,9 +28,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
+
 from .. import filenames as files
 from ..devices import model_device, resolve_device
-from ..evaluation import SUITES, passed_line  # --evaluation may name a suite, as advtune evaluate --suite
+from ..evaluation import EvalResult, passed_line  # --evaluation may name a suite, as advtune evaluate --suite
 from ..frontier import at_reference
 from ..models import load_model
 from ..patch import patch_factors, state_sha256, write_patch
@@ -39,15 +41,19 @@ from ..records import AnalyzeSummary, HardenSummary, model_label  # in records.p
 from ..report.narrative import harden_comparisons
 from ..storage import atomic_write_bytes, file_sha256, read_json
 from ..train.lowrank import selection_from_json
+from ..vulnerability import ScoreTable
 from .analyze import analyze_model, write_analysis
 from .common import dataset_of, load_base, refuse_same_folder, whole_training_cost, write_config_once
-from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
+from .configs import HardenRun
 from .evaluate import evaluation_record, measurement, write_evaluation
 from .finetune import FinetuneSummary, finetune_folder, finetune_model, prepare_finetune
 from .harden_plan import (
     HardenPlan,
+    analysis_settings,
     check_harden_resume,
     check_harden_settings,
+    evaluation_settings,
+    finetune_settings,
     plan_harden,
     resolve_recipe,
     with_holdout,
@@ -58,91 +64,19 @@ from .selecting import read_table
 
 log = logging.getLogger(__name__)
 
-FINETUNE = files.FINETUNE  # the fine-tuning stage's sub-folder
 
-
-def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
-    """The analysis stage: the recipe's criterion under its attack on the first training examples
-    (--limit caps it too)."""
-    n = min(run.recipe.analysis_limit, n_train)
-    return AnalyzeRun(
-        base=run.base,
-        out=str(out / files.ANALYSIS) if out else "",
-        eps=run.eps,
-        attack=run.recipe.analysis_attack,
-        norm=run.norm,
-        criteria=(run.recipe.criterion,),
-        limit=n,
-        curve_limit=min(n, 1000),
-        seed=run.seed,
-        data_dir=run.data_dir,
-        device=run.device,
-        overwrite=bool(out) and (out / files.ANALYSIS).exists(),
-    )
-
-
-def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> FinetuneRun:
-    """The fine-tuning stage: the recipe on the analysis' selection, for the plan's budget."""
-    ft_dir = out / FINETUNE if out else None
-    return FinetuneRun(
-        base=run.base,
-        out=str(ft_dir) if ft_dir else "",
-        eps=run.eps,
-        select=str(out / files.ANALYSIS) if out else "all",  # in memory: the analysis' table is passed in
-        criterion=run.recipe.criterion,
-        params=run.recipe.params,
-        granularity=run.recipe.granularity,
-        probe=run.recipe.probe,
-        probe_quotas=run.recipe.quotas,
-        norms=run.recipe.norms,
-        head=run.recipe.trains_head,
-        attack=run.recipe.attack,
-        norm=run.norm,
-        eps_warmup=run.recipe.eps_warmup,
-        train=plan.train,
-        data_dir=run.data_dir,
-        limit=run.limit,
-        limit_test=run.limit_test,
-        monitor_test=0,
-        keep_best=run.keep_best if plan.holdout else 0,
-        budget=plan.budget,
-        device=run.device,
-        resume=bool(ft_dir) and (ft_dir / files.CONFIG).is_file(),
-        overwrite=False,
-    )
-
-
-def evaluation_settings(run: HardenRun, plan: HardenPlan, model_dir: str, name: str, out: Path | None) -> EvaluateRun:
-    """The strong evaluation, before and after, on the same test examples."""
-    suite = plan.evaluation if plan.evaluation in SUITES else None
-    return EvaluateRun(
-        run=model_dir,
-        eps=(run.eps,),
-        attacks=None if suite else plan.evaluation,
-        suite=suite,
-        norm=run.norm,
-        limit_test=run.limit_test,
-        cascade=True,
-        name=name,
-        record_dir=str(out) if out else None,
-        seed=run.seed,
-        data_dir=run.data_dir,
-        device=run.device,
-    )
-
-
-@dataclass
-class Hardened:
+@dataclass(repr=False)
+class HardenResult:
     """What `harden_model` returns (and `advtune.harden`): the hardened model (a copy; the input
     model is left as it was), the selection it trained and the score table behind it, the
     evaluations before and after (EvalResults, when test data was given and they ran here), and
     the record as summary.json holds it."""
 
-    model: Any
-    selection: Any
-    table: Any
-    before: Any
-    after: Any
+    model: nn.Module
+    selection: Any  # a Selection, SparseEntries or LowRank (what the rule trained)
+    table: ScoreTable
+    before: EvalResult | None
+    after: EvalResult | None
     record: HardenSummary
     finetune_cost: dict  # the fine-tuning's cost record (cost.json)
 
@@ -158,8 +92,20 @@ class Hardened:
         """The harden record (summary.json's contents)."""
         return self.record.to_json()
 
+    def __repr__(self) -> str:  # the headline, not the model, the score table and both evaluations in full
+        r = self.record
 
-HardenResult = Hardened  # the Python API's name
+        def acc(x) -> str:
+            return f"clean {100 * x['clean_acc']:.1f}%, robust {100 * x['robust_acc']:.1f}%" if x else "not evaluated"
+
+        share = f"{100 * r.param_share:.1f}% of the parameters" if r.param_share is not None else "a selection"
+        return (
+            f"HardenResult({r.norm} eps={r.eps:g}: before {acc(r.before)}; after {acc(r.after)}; trained {share} "
+            f"for {r.budget:,} gradient evaluations)"
+        )
+
+
+Hardened = HardenResult  # the name it had
 
 
 def harden_model(
@@ -172,7 +118,7 @@ def harden_model(
     base_cost: dict | None = None,
     say: Callable[[str], None] = log.info,
     plan: HardenPlan | None = None,
-) -> Hardened:
+) -> HardenResult:
     """The one implementation of harden: analysis -> selection within recipe.params -> selective
     adversarial fine-tuning for the budget -> the strong evaluation before and after (when `ds`
     has a test split). `model` is not modified. With a run folder `rd`, every stage records itself
@@ -223,8 +169,8 @@ def harden_model(
     by = "" if recipe.granularity == "probe" else f" by {recipe.criterion}"  # the probe's words say "moved most"
     say(f"[2/4] selection: {what}{by}, at most {budget_words}")
     ft = finetune_settings(run, plan, out)
-    if out is not None and (out / FINETUNE / files.SUMMARY).is_file():  # finished earlier: read it back
-        hardened, _ = load_model(out / FINETUNE, model_device(model))
+    if out is not None and (out / files.FINETUNE / files.SUMMARY).is_file():  # finished earlier: read it back
+        hardened, _ = load_model(out / files.FINETUNE, model_device(model))
     else:
         hardened, select, stage = copy.deepcopy(model), table, {}
         ramp = f"eps ramped over the first {100 * recipe.eps_warmup:g}% of {plan.budget:,} gradient evaluations"
@@ -245,15 +191,18 @@ def harden_model(
             ft_sum = ft_sum.to_json()
             selection = job.selection
     if out is not None:  # the fine-tuning's records are the truth: the same whether run now or earlier
-        ft_sum = FinetuneSummary.read(out / FINETUNE / files.SUMMARY).to_json()
-        chosen = out / FINETUNE / files.SELECTION
+        ft_sum = FinetuneSummary.read(out / files.FINETUNE / files.SUMMARY).to_json()
+        chosen = out / files.FINETUNE / files.SELECTION
         selection = selection_from_json(read_json(chosen, "selection"), model) if chosen.is_file() else None
     hardened.eval()
     # -- 4. the strong evaluation, before and after, on the same test examples
     results, records = {}, {}
     if ds.test is not None:
         say(f"[4/4] evaluation: worst case of {plan.evaluation} on {len(ds.test)} test examples, masking gate on")
-        for name, m, where in (("base", model, run.base), ("protocol", hardened, str(out / FINETUNE) if out else "")):
+        for name, m, where in (
+            ("base", model, run.base),
+            ("protocol", hardened, str(out / files.FINETUNE) if out else ""),
+        ):
             path = out / files.evaluation(name) if out is not None else None
             settings = evaluation_settings(run, plan, where, name, out)
             measured = _measured(name, Path(run.base), out) if out is not None else {}
@@ -269,7 +218,7 @@ def harden_model(
             records[name] = write_evaluation(rec, path) if path is not None else rec
     before, after = records.get("base"), records.get("protocol")
     record = summarise(run, meta, base_cost or {}, a_sum, ft_sum, before, after, plan.budget, plan.evaluation, ds.name)
-    return Hardened(
+    return HardenResult(
         hardened, selection, table, results.get("base"), results.get("protocol"), record, ft_sum.get("cost", {})
     )
 
@@ -333,9 +282,9 @@ def run(run: HardenRun) -> HardenSummary:
     rec = hardened.record
     info = {"job": "harden", "base": str(run.base), "eps": run.eps, "norm": run.norm, "recipe": rec.recipe}
     info.update(evaluation=rec.evaluation, test_examples=rec.test_examples, before=rec.before, after=rec.after)
-    factors = patch_factors(rd.path / FINETUNE / files.PATCH)  # low-rank adapters, as the stage stored them
+    factors = patch_factors(rd.path / files.FINETUNE / files.PATCH)  # low-rank adapters, as the stage stored them
     write_patch(rd.file(files.PATCH), model, hardened.model, info, factors)  # what a fleet with the base needs
-    _publish_model(out / FINETUNE, out)
+    _publish_model(out / files.FINETUNE, out)
     rd.write_json(files.SUMMARY, rec.to_json())  # last of the records (filenames.py): what says the run is finished
     from ..report import write_harden_report  # matplotlib only where the report is drawn
 
@@ -347,7 +296,7 @@ def run(run: HardenRun) -> HardenSummary:
 def _measured(name: str, base: Path, out: Path) -> dict:
     """Evaluation `name`'s model file with the sha256 of the bytes it measured: the base's, or the hardened model,
     measured in its fine-tuning's folder and published (the same bytes) at the top of `out` when the run ends."""
-    recorded, source = (base, base) if name == "base" else (out, out / FINETUNE)
+    recorded, source = (base, base) if name == "base" else (out, out / files.FINETUNE)
     weights = source / files.WEIGHTS
     if not weights.is_file():
         return {}

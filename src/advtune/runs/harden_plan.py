@@ -32,7 +32,7 @@ from ..train.lowrank import (
 )
 from ..vulnerability import list_criteria
 from .common import example_input, same_setting
-from .configs import HardenRun
+from .configs import AnalyzeRun, EvaluateRun, FinetuneRun, HardenRun
 from .selecting import budget_after_norms, head_layer, resolve_head, resolve_norms
 
 
@@ -284,3 +284,76 @@ def flag_words(key: str, value) -> str:
         field = next((f for f in fields(Recipe) if f.name == key), None)
         return "--no-" + key.replace("_", "-") if field and negatable(field, field.default) else f"without {flag}"
     return f"{flag} {value}"
+
+
+# ---------------------------------------------------------------- the stages' settings, from the plan
+
+
+def analysis_settings(run: HardenRun, n_train: int, out: Path | None) -> AnalyzeRun:
+    """The analysis stage: the recipe's criterion under its attack on the first training examples
+    (--limit caps it too)."""
+    n = min(run.recipe.analysis_limit, n_train)
+    return AnalyzeRun(
+        base=run.base,
+        out=str(out / files.ANALYSIS) if out else "",
+        eps=run.eps,
+        attack=run.recipe.analysis_attack,
+        norm=run.norm,
+        criteria=(run.recipe.criterion,),
+        limit=n,
+        curve_limit=min(n, 1000),
+        seed=run.seed,
+        data_dir=run.data_dir,
+        device=run.device,
+        overwrite=bool(out) and (out / files.ANALYSIS).exists(),
+    )
+
+
+def finetune_settings(run: HardenRun, plan: HardenPlan, out: Path | None) -> FinetuneRun:
+    """The fine-tuning stage: the recipe on the analysis' selection, for the plan's budget."""
+    ft_dir = out / files.FINETUNE if out else None
+    return FinetuneRun(
+        base=run.base,
+        out=str(ft_dir) if ft_dir else "",
+        eps=run.eps,
+        select=str(out / files.ANALYSIS) if out else "all",  # in memory: the analysis' table is passed in
+        criterion=run.recipe.criterion,
+        params=run.recipe.params,
+        granularity=run.recipe.granularity,
+        probe=run.recipe.probe,
+        probe_quotas=run.recipe.quotas,
+        norms=run.recipe.norms,
+        head=run.recipe.trains_head,
+        attack=run.recipe.attack,
+        norm=run.norm,
+        eps_warmup=run.recipe.eps_warmup,
+        train=plan.train,
+        data_dir=run.data_dir,
+        limit=run.limit,
+        limit_test=run.limit_test,
+        monitor_test=0,
+        keep_best=run.keep_best if plan.holdout else 0,
+        budget=plan.budget,
+        device=run.device,
+        resume=bool(ft_dir) and (ft_dir / files.CONFIG).is_file(),
+        overwrite=False,
+    )
+
+
+def evaluation_settings(run: HardenRun, plan: HardenPlan, model_dir: str, name: str, out: Path | None) -> EvaluateRun:
+    """The strong evaluation, before and after, on the same test examples."""
+    suite = plan.evaluation if plan.evaluation in SUITES else None
+    return EvaluateRun(
+        run=model_dir,
+        eps=(run.eps,),
+        attacks=None if suite else plan.evaluation,
+        suite=suite,
+        norm=run.norm,
+        limit_test=run.limit_test,
+        cascade=True,
+        name=name,
+        record_dir=str(out) if out else None,
+        seed=run.seed,
+        data_dir=run.data_dir,
+        device=run.device,
+    )

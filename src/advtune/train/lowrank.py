@@ -218,6 +218,12 @@ class LowRank:
     def __len__(self) -> int:
         return len(self.ranks) + len(self.whole)
 
+    def __repr__(self) -> str:
+        ranks = ", ".join(f"{n}:{r}" for n, r in list(self.ranks.items())[:4]) + (
+            ", ..." if len(self.ranks) > 4 else ""
+        )
+        return f"LowRank({len(self.ranks)} adapted layers ({ranks}), {len(self.whole)} whole, {len(self.norms)} norms)"
+
     def is_everything(self, model: nn.Module) -> bool:
         return False
 

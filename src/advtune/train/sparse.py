@@ -77,6 +77,12 @@ class SparseEntries:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __repr__(self) -> str:
+        return (
+            f"SparseEntries({self.trainable_params():,} entries of {len(self.entries)} parameters; layers whole: "
+            f"{', '.join(self.whole) or 'none'}; norms: {len(self.norms)})"
+        )
+
     def by_layer(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """``{layer: (selected entries, the layer's entries)}`` for every conv/linear layer: for a sparse mask the
         share of a layer it trains is a share of entries (the reports draw it as the units' share of a unit rule)."""
