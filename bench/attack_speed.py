@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from torch import nn
 from advtune.attacks import APGD, APGDT, PGD, Square
 from advtune.data import synthetic_blobs
 from advtune.evaluation import robust_accuracy, suite
+from advtune.storage import atomic_write_text
 from advtune.threat import ThreatModel
 
 
@@ -141,7 +141,7 @@ def contenders(model, x, y, eps, steps):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="PGD-10, 3 repeats, small suite run (about a minute)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -236,8 +236,7 @@ def main() -> None:
         "linear_model_overhead": overhead,
         "standard_suite": None if res is None else {"n": n_suite, "wall_s": suite_s, "result": res.to_json()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

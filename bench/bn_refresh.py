@@ -29,7 +29,7 @@ from advtune.errors import AdvtuneError
 from advtune.settings import parse_number
 from advtune.threat import ThreatModel
 from advtune.train.augment import augment, check_augment
-from val_select import emit, unseen_tail
+from val_select import emit, unseen_tail, writable_out
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def refresh_statistics(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--eps", required=True, help="e.g. 8/255")
     p.add_argument("--n", type=int, default=1000, help="unseen training images to validate on (default 1000)")
@@ -80,18 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     eps = parse_number(a.eps)
+    a.out = writable_out(a.out)
+    check_augment(a.augment)  # before the first evaluation (a typo was refused minutes in)
+    if a.batches < 1:
+        raise AdvtuneError(f"--batches must be at least 1 (0 reset the statistics to their defaults), got {a.batches}")
     for run in a.runs:
         data, limit = unseen_tail(run, a.n)
         model = api.load_model(run)
         rows = []
         if not a.skip_before:
+            t0 = time.perf_counter()
             r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
-            rows.append(("as trained", r, 0))
-        t0 = time.perf_counter()
+            rows.append(("as trained", r, 0, time.perf_counter() - t0))
+        t0 = time.perf_counter()  # each row's own time (the refresh's includes the re-estimate)
         cost = refresh_statistics(model, data.train, limit, eps, a.batches, a.batch_size, kind=a.augment)
         r = api.evaluate(model, data, eps=eps, attacks=a.attacks, limit=a.n, batch_size=500)
-        rows.append((f"statistics re-estimated ({a.augment} batches)", r, cost))
-        for what, r, cost in rows:
+        rows.append((f"statistics re-estimated ({a.augment} batches)", r, cost, time.perf_counter() - t0))
+        for what, r, cost, seconds in rows:
             line = {
                 "run": str(run),
                 "model": what,
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "refresh_grad_evals": cost,
                 "refresh_batches": a.batches if cost else 0,
                 "refresh_augment": a.augment if cost else None,
-                "seconds": round(time.perf_counter() - t0, 1),
+                "seconds": round(seconds, 1),
             }
             emit(line, a.out)
     return 0

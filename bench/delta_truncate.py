@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import time
@@ -75,6 +74,7 @@ from advtune.train.config import TrainConfig
 from advtune.train.lowrank import norm_layers
 from advtune.train.probe import whole_params
 from advtune.train.sparse import SparseEntries
+from val_select import emit, writable_out
 
 log = logging.getLogger("delta_truncate")
 
@@ -258,6 +258,7 @@ def main() -> None:
     p.add_argument("--recalibrate", type=int, default=2000, help="training images for the BatchNorm statistics")
     p.add_argument("--out", required=True, help="JSON lines file the results are appended to")
     args = p.parse_args()
+    args.out = writable_out(args.out)
     arms = args.arms.split(",")
     if set(arms) - set(ARMS):
         raise SystemExit(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}: {', '.join(ARMS)}")
@@ -350,8 +351,7 @@ def main() -> None:
             "tuned": args.tuned,
         }
         log.info("%s", line)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        emit(line, args.out, echo=False)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import advtune
+from advtune.errors import AdvtuneError
 from advtune.provenance import versions
+from advtune.storage import atomic_write_text
 
 NET = textwrap.dedent(
     """
@@ -69,7 +71,7 @@ def bit_identical(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/out/deploy")
     ap.add_argument("--limit", type=int, default=20000, help="harden's training examples")
     ap.add_argument("--n", type=int, default=1000, help="test images of the evaluation and the ONNX check")
@@ -139,7 +141,7 @@ def main() -> None:
         "wall_s": wall,
         "versions": versions(),
     }
-    (out / "deploy.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / "deploy.json", json.dumps(record, indent=2) + "\n")
     s, u = record["small_cnn"], record["user_model"]
     c = u["onnx_check"]
     print("\n| what | number |\n| --- | --- |")
@@ -156,4 +158,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -40,6 +40,8 @@ from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.evaluation.protocol import default_batch_size
 from advtune.models import load_model, read_meta
 from advtune.provenance import versions
+from advtune.settings import parse_number
+from advtune.storage import atomic_write_text
 from advtune.threat import ThreatModel
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders of the models to evaluate")
     ap.add_argument("--n", type=int, default=1000, help="first N test images (default: 1000)")
-    ap.add_argument("--eps", type=float, help="linf eps (default: the run's training eps, else 0.3)")
+    ap.add_argument("--eps", type=parse_number, help="linf eps, e.g. 0.3 or 8/255 (default: the run's training eps)")
     ap.add_argument(
         "--batch-size", type=int, help="both tools' batch (default: evaluate's for the device: 256 CPU, 1000 GPU)"
     )
@@ -131,6 +133,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also split each attack's time into phases")
     ap.add_argument("--out", default="bench/out/eval_speed.json")
     args = ap.parse_args()
+    for run in args.runs:  # every folder checked before any attack: a typo in the second lost the first's hour
+        for name in ("config.json", "model.json"):
+            if not (Path(run) / name).is_file():
+                raise SystemExit(f"eval_speed: {run} is no finished run folder (no {name}); check the path")
+        recorded = json.loads((Path(run) / "config.json").read_text()).get("run", {}).get("eps")
+        if args.eps is None and not recorded:
+            raise SystemExit(f"eval_speed: {run} records no training eps (a standard model): give --eps")
     try:  # checked before any attack runs: a missing reference must not cost the first half of the run
         import pyautoattack  # noqa: F401
     except ImportError:
@@ -141,7 +150,7 @@ def main() -> None:
     for run in args.runs:
         model, meta = load_model(run)
         cfg = json.loads((Path(run) / "config.json").read_text())
-        eps = args.eps or cfg.get("run", {}).get("eps") or 0.3
+        eps = args.eps if args.eps is not None else parse_number(cfg["run"]["eps"])
         ds = load_dataset(meta.get("dataset_spec") or meta["dataset"], limit=1, limit_test=args.n)
         x, y = ds.test.tensors()
         model, x, y = model.to(args.device).eval(), x.to(args.device), y.to(args.device)
@@ -175,6 +184,7 @@ def main() -> None:
             f"{mine_s:.0f} s (ratio {r['time_ratio']:.2f})",
             flush=True,
         )
+        save(rows, args, square)
     print("\n| model | n | eps | clean | AutoAttack | advtune | diff (points) | AA time | advtune time | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -183,8 +193,13 @@ def main() -> None:
             f"{100 * r['advtune_acc']:.2f}% | {r['diff_points']:+.2f} | {r['autoattack_s']:.0f} s | "
             f"{r['advtune_s']:.0f} s | {r['time_ratio']:.2f} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
+    save(rows, args, square)
+
+
+def save(rows: list[dict], args, square: dict) -> None:
+    """The rows so far (written after every model: an interruption keeps the models measured), atomically."""
+    atomic_write_text(
+        args.out,
         json.dumps(
             {
                 "rows": rows,
@@ -192,6 +207,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "omp": os.environ.get("OMP_NUM_THREADS"),
                 "versions": versions(),
+                "argv": sys.argv[1:],
                 "suite": args.suite,
                 "compile": args.compile,
                 "square": square,
@@ -200,6 +216,7 @@ def main() -> None:
             },
             indent=2,
         )
+        + "\n",
     )
 
 

@@ -25,7 +25,7 @@ from advtune.attacks import split_attack_list
 from advtune.data.splits import Dataset, TensorData
 from advtune.errors import AdvtuneError
 from advtune.settings import parse_number
-from val_select import emit, unseen_tail
+from val_select import emit, unseen_tail, writable_out
 
 
 def seen_head(run: Path, n: int) -> Dataset:
@@ -79,7 +79,7 @@ def live_weights(run: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--eps", required=True, help="e.g. 8/255 or 0.3")
     p.add_argument("--n", type=int, default=1000, help="images of each split (default 1000)")
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     eps = parse_number(a.eps)
+    a.out = writable_out(a.out)
     attacks = split_attack_list(a.attacks)
     for run in a.runs:
         val, limit = unseen_tail(run, a.n)

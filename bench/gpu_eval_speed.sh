@@ -11,6 +11,9 @@
 # pyautoattack's sources on PYTHONPATH (its wheel is 41 MB, 45 of them an example model: carry the .py files).
 #     bench/gpu_eval_speed.sh <work folder> <output folder>
 set -euo pipefail
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }  # the header above
+case "${1:-}" in -h | --help) usage; exit 0 ;; esac
+[ $# -ge 2 ] || { usage >&2; exit 2; }
 # the checkout's advtune (a bare machine has no install: `python -m advtune` failed "No module named advtune")
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 work=${1:?work folder}

@@ -144,7 +144,7 @@ def save(folder: Path, model, meta, like_config, record, meter) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("like", type=Path, help="a probe-rule run folder whose settings to use (its config.json)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--start", type=float, default=0.1, help="share of the budget at which the cut begins")

@@ -129,7 +129,7 @@ def line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("frontier", type=Path, help="the frontier's run folder, e.g. runs/frontier-cifar10-resnet")
     p.add_argument("variants", nargs="+", help="variant names (folders of the frontier)")
     p.add_argument("--eps", help="only checked: eps, norm, images and seed are the frontier's own")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import time
@@ -54,13 +53,14 @@ from advtune.settings import parse_number
 from advtune.threat import ThreatModel
 from advtune.train import fit
 from advtune.train.config import SCHEDULES
+from val_select import emit, writable_out
 
 SHARES = Recipe(granularity="shares")  # the rule measured here (harden's default in rounds 7-19)
 log = logging.getLogger("reselect")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("base", help="the standard model's run folder")
     ap.add_argument("--eps", type=parse_number, required=True, help="0.3, 8/255, ...")
     ap.add_argument("--budget", type=int, default=900_000, help="training gradient evaluations of every arm")
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--augment", default="none", help="the fine-tuning's augmentation (crop-flip on CIFAR-10)")
     ap.add_argument("--out", required=True, help="JSON lines file the points are appended to")
     args = ap.parse_args()
+    args.out = writable_out(args.out)
     points = sorted(float(p) for p in args.points.split(","))
     # refused in one line before any work (the eps ramp must end inside the first run; validation never trained on)
     if not 0 < args.ramp < args.switch < 1:
@@ -216,8 +217,7 @@ def run_arm(arm, base, ds, hrun, plan, args, points, val, protocol) -> None:
                 "ranks": job.selection_info.get("ranks") if job.selection_info else None,
             }
             log.info("%s", line)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            emit(line, args.out, echo=False)
 
         meter = CostMeter()
         fit(model, ds.train, job.objective, job.cfg, selection=job.selection, meter=meter, on_step=on_step, desc=arm)

@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# a bare GPU machine runs this checkout by path, with nothing installed: its advtune then comes from src/
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
+
 ANCHOR = {
     "source": "Wong, Rice, Kolter 2020 (Fast is better than free), PreAct ResNet-18, CIFAR-10, eps 8/255",
     "fgsm_rs_minutes": 12,
@@ -194,8 +197,10 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
 
 
 def _save(out: Path, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": rows, "anchor": ANCHOR}, indent=2))
+    from advtune.provenance import versions
+    from advtune.storage import atomic_write_text
+
+    atomic_write_text(out, json.dumps({"gpu": rows, "anchor": ANCHOR, "versions": versions()}, indent=2))
 
 
 def _gpu_row(name: str, folder: Path, wall: float, gpu: str) -> dict:
@@ -251,8 +256,10 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    from advtune.provenance import versions
+    from advtune.storage import atomic_write_text
+
+    atomic_write_text(out, json.dumps({**record, "versions": versions(), "argv": sys.argv[1:]}, indent=2))
     one, many = record["cpu"]
     print(
         f"\ntraining: {one['train_examples_per_s']:.0f} -> {many['train_examples_per_s']:.0f} examples/s "

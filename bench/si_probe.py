@@ -80,6 +80,12 @@ class PathIntegral:
 
 
 def run(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):  # its own words first, then the flags it passes on: advtune finetune's
+        print(
+            __doc__.split("\n\n")[0] + "\n\nusage: python bench/si_probe.py <advtune finetune's flags, with "
+            "--granularity probe --probe-quotas>; advtune finetune --help lists them"
+        )
+        return 0
     flags = argparse.ArgumentParser(add_help=False)  # the few of finetune's flags the bench must see
     for name in ("--granularity", "--out"):
         flags.add_argument(name)

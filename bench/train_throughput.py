@@ -10,14 +10,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from advtune.data import load_dataset
+from advtune.errors import AdvtuneError
 from advtune.models import model_for
+from advtune.storage import atomic_write_text
 from advtune.train import TrainConfig, clean, fit
 
 
@@ -76,8 +78,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"| loop | images/s (median of {args.repeats}) |\n|---|---|")
     for k in ("bare", "fit"):
         print(f"| {k} | {result['images_per_s'][k]:.0f} |")
@@ -85,4 +86,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AdvtuneError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -12,7 +12,9 @@ per model, so a default can be chosen without looking at test numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 from advtune import api
 from advtune.data.splits import Dataset, TensorData
 from advtune.errors import AdvtuneError
+from advtune.provenance import versions
 from advtune.runs.common import dataset_of
 from advtune.settings import parse_number
 
@@ -63,7 +66,7 @@ def unseen_tail(run: Path, n: int) -> tuple[Dataset, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--eps", required=True, help="e.g. 8/255 or 0.3")
     p.add_argument("--n", type=int, default=1000, help="unseen training images (default 1000)")
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     eps = parse_number(a.eps)
+    a.out = writable_out(a.out)
     for run in a.runs:
         data, limit = unseen_tail(run, a.n)
         folders = sorted((run / "snapshots").glob("step-*")) if a.snapshots and (run / "snapshots").is_dir() else []
@@ -101,12 +105,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def emit(line: dict, out: Path | None) -> None:
-    """One result as a JSON line on stdout, and appended to `out` when given."""
-    print(json.dumps(line), flush=True)
+def emit(line: dict, out: Path | None, *, echo: bool = True) -> None:
+    """One result as a JSON line on stdout (`echo`), and appended to `out` when given, with what made it (the script,
+    its arguments, when, the versions and git commit): two sessions' lines in one file stay apart. One write of a
+    whole line, so an interruption leaves no half line."""
+    if echo:
+        print(json.dumps(line), flush=True)
     if out:
-        with out.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        record = {**line, "recorded": provenance()}
+        with Path(out).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    return versions()
+
+
+def provenance() -> dict:
+    return {
+        "script": Path(sys.argv[0]).name,
+        "argv": sys.argv[1:],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+    }
+
+
+def writable_out(out: str | Path | None) -> Path | None:
+    """`--out`'s folder made and checked before any work (a missing one failed after it, with a traceback)."""
+    if out is None:
+        return None
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdvtuneError(f"cannot write --out {out} ({e.strerror or e}); pick a writable path") from None
+    if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):  # nothing made before the work
+        raise AdvtuneError(f"cannot write --out {out} (a folder, or not writable); pick a writable path")
+    return out
 
 
 if __name__ == "__main__":
