@@ -7,7 +7,8 @@ cheapest first, then the masking gate, whose time is included). Both robust accu
 times are measured in this one process, the two runs interleaved per model, so machine load hits both.
 
     pip install -e '.[reference]'          # pyautoattack
-    .venv/bin/python bench/eval_speed.py runs/a-standard-run runs/an-adversarially-trained-run --n 1000
+    .venv/bin/python bench/eval_speed.py runs/an-adversarially-trained-run --n 1000     # at its training eps
+    .venv/bin/python bench/eval_speed.py runs/a-standard-run --eps 0.3 --n 1000         # a standard model: give eps
 
 advtune runs with `evaluate`'s defaults (Square compiles its queries by itself when their load is large);
 `--compile` / `--no-compile` force either; `--square sync_every=1` / `--square graphs=false` force Square's
@@ -40,9 +41,10 @@ from advtune.evaluation import compiled_queries, robust_accuracy, suite
 from advtune.evaluation.protocol import default_batch_size
 from advtune.models import load_model, read_meta
 from advtune.provenance import versions
-from advtune.settings import parse_number
+from advtune.settings import number, parse_number
 from advtune.storage import atomic_write_text
 from advtune.threat import ThreatModel
+from val_select import writable_out
 
 
 def reference(model, x, y, eps: float, batch_size: int) -> tuple[float, float]:
@@ -111,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders of the models to evaluate")
     ap.add_argument("--n", type=int, default=1000, help="first N test images (default: 1000)")
-    ap.add_argument("--eps", type=parse_number, help="linf eps, e.g. 0.3 or 8/255 (default: the run's training eps)")
+    ap.add_argument("--eps", type=number, help="linf eps, e.g. 0.3 or 8/255 (default: the run's training eps)")
     ap.add_argument(
         "--batch-size", type=int, help="both tools' batch (default: evaluate's for the device: 256 CPU, 1000 GPU)"
     )
@@ -140,6 +142,7 @@ def main() -> None:
         recorded = json.loads((Path(run) / "config.json").read_text()).get("run", {}).get("eps")
         if args.eps is None and not recorded:
             raise SystemExit(f"eval_speed: {run} records no training eps (a standard model): give --eps")
+    writable_out(args.out)  # a bad path failed after the first model's AutoAttack run
     try:  # checked before any attack runs: a missing reference must not cost the first half of the run
         import pyautoattack  # noqa: F401
     except ImportError:

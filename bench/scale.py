@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 # a bare GPU machine runs this checkout by path, with nothing installed: its advtune then comes from src/
-sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # as the jobs it runs see it
 
 ANCHOR = {
     "source": "Wong, Rice, Kolter 2020 (Fast is better than free), PreAct ResNet-18, CIFAR-10, eps 8/255",

@@ -3,6 +3,7 @@ equality that works, the public class names, the type-hint marker, one version, 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from pathlib import Path
 
@@ -63,3 +64,26 @@ def test_write_patch_with_its_arguments_swapped_is_one_line(toy, tmp_path):
         advtune.write_patch(model, model, tmp_path / "p.safetensors")
     with pytest.raises(AdvtuneError, match="hardened must be a model or its state_dict, got str"):
         advtune.write_patch(tmp_path / "p.safetensors", model, "hardened.safetensors")
+
+
+def test_fit_takes_the_loops_name_for_its_config_and_refuses_a_non_attack_val_attack(toy):
+    """`fit(m, d, cfg=...)` was "multiple values for argument 'cfg'"; `val_attack=3` trained and measured nothing."""
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 2, (32,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    assert len(advtune.fit(model, (x, y), cfg=advtune.TrainConfig(epochs=2)).epochs) == 2
+    with pytest.raises(AdvtuneError, match="val_attack must be an attack .*got int"):
+        advtune.fit(model, (x, y), val_attack=3)
+
+
+def test_results_on_other_images_differ_and_a_record_read_twice_is_equal(toy):
+    model, x, y = toy
+    a = advtune.evaluate(model, (x[:16], y[:16]), eps=0.1, attacks="fgsm")
+    b = advtune.evaluate(model, (x[16:32], y[16:32]), eps=0.1, attacks="fgsm")
+    assert b.checksum is not None and not torch.equal(a.checksum, b.checksum)
+    same_counts_other_images = dataclasses.replace(a, labels=b.labels, checksum=b.checksum)
+    assert a != same_counts_other_images and a == dataclasses.replace(a)  # another measurement; the same one
+    record = a.to_json()
+    record["max_perturbation"] = {k: None for k in record["max_perturbation"]}  # NaN, as an all_max may give
+    assert advtune.EvalResult.from_json(record) == advtune.EvalResult.from_json(record)
+    empty = advtune.EvalResult.from_json({**a.to_json(), "n": 0, "n_clean_correct": 0, "n_robust_worst": 0})
+    assert "clean n/a" in repr(empty)

@@ -448,6 +448,7 @@ def fit(
         hint = "; wrap an attack: adversarial(PGD(threat, steps=10))" if isinstance(objective, Attack) else ""
         hint += "; pass the config as config=TrainConfig(...)" if isinstance(objective, TrainConfig) else ""
         raise AdvtuneError(f"objective must be an advtune objective, got {type(objective).__name__}{hint}")
+    config = kwargs.pop("cfg", config)  # advtune.train.fit's name for it (with both, a TypeError from Python)
     if config is not None and not isinstance(config, TrainConfig):
         raise AdvtuneError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_float32(model, "fit")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def write_patch(
 ) -> dict[str, str]:
     """Write the patch from `base` to `hardened` to `path` (atomically); returns its metadata. Under
     torchrun rank 0 alone builds and writes it (the others return {})."""
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, os.PathLike)):
         raise AdvtuneError(f"write_patch(path, base, hardened): path first, got a {type(path).__name__}")
     for what, m in (("base", base), ("hardened", hardened)):
         if not isinstance(m, (torch.nn.Module, dict)):

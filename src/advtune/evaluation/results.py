@@ -4,10 +4,12 @@ one back from its record) and `EpsCurve`."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypedDict
 
+import torch
 from torch import Tensor
 
 from ..errors import AdvtuneError
@@ -51,7 +53,7 @@ class EvalRecord(EvalCounts, total=False):
     attack_chunks: dict[str, int]
 
 
-@dataclass
+@dataclass(eq=False)
 class EvalResult:
     """Clean, per-attack and worst-case accuracy with costs. Counts are kept so results can be summed."""
 
@@ -91,10 +93,31 @@ class EvalResult:
 
     def __repr__(self) -> str:  # the numbers a user looks for, not the raw counts and timings
         gate = ("SUSPECT: " + ", ".join(self.suspect)) if self.suspect else ("passed" if self.gated else "not run")
+        clean = f"{100 * self.clean_accuracy:.2f}%" if self.n else "n/a"
+        worst = f"{100 * self.worst_case_accuracy:.2f}%" if self.n else "n/a"
         return (
-            f"EvalResult({self.threat}, n={self.n}, clean {100 * self.clean_accuracy:.2f}%, worst case "
-            f"{100 * self.worst_case_accuracy:.2f}%, attacks={self.attacks}, gate {gate})"
+            f"EvalResult({self.threat}, n={self.n}, clean {clean}, worst case {worst}, attacks={self.attacks}, "
+            f"gate {gate})"
         )
+
+    def __eq__(self, other: object) -> bool:
+        """The same measurement: every compared field (not the timings), NaN equal to NaN in the perturbation sizes,
+        and the same images (labels and pixel checksums) where both results still hold them."""
+        if not isinstance(other, EvalResult):
+            return NotImplemented
+        compared = [f.name for f in fields(self) if f.compare and f.name != "max_perturbation"]
+        if any(getattr(self, n) != getattr(other, n) for n in compared):
+            return False
+        a, b = self.max_perturbation, other.max_perturbation
+        if a.keys() != b.keys() or any(not (a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k]))) for k in a):
+            return False
+        for n in ("labels", "checksum"):
+            x, y = getattr(self, n), getattr(other, n)
+            if x is not None and y is not None and not torch.equal(x, y):
+                return False
+        return True
+
+    __hash__ = None  # mutable, as a dataclass with eq
 
     @property
     def clean_accuracy(self) -> float:

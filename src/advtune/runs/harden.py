@@ -96,7 +96,10 @@ class HardenResult:
         r = self.record
 
         def acc(x) -> str:
-            return f"clean {100 * x['clean_acc']:.1f}%, robust {100 * x['robust_acc']:.1f}%" if x else "not evaluated"
+            if not x:
+                return "not evaluated"
+            gate = f" (masking gate SUSPECT: {', '.join(x['suspect'])})" if x.get("suspect") else ""
+            return f"clean {100 * x['clean_acc']:.1f}%, robust {100 * x['robust_acc']:.1f}%{gate}"
 
         share = f"{100 * r.param_share:.1f}% of the parameters" if r.param_share is not None else "a selection"
         return (

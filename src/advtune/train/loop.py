@@ -88,6 +88,10 @@ def fit(
     val = as_tensor_data(val, what="val") if val is not None else None
     objective = objective if objective is not None else clean()
     cfg = cfg if cfg is not None else TrainConfig()
+    if val_attack is not None and not callable(val_attack):  # `val_attack=3` trained and measured nothing, silently
+        raise AdvtuneError(
+            f"val_attack must be an attack (e.g. PGD(threat, steps=10)), got {type(val_attack).__name__}"
+        )
     if len(train) == 0:
         raise AdvtuneError("the training split is empty; check --limit and the dataset")
     device = model_device(model)
