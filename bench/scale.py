@@ -200,7 +200,8 @@ def _save(out: Path, rows: list[dict]) -> None:
     from advtune.provenance import versions
     from advtune.storage import atomic_write_text
 
-    atomic_write_text(out, json.dumps({"gpu": rows, "anchor": ANCHOR, "versions": versions()}, indent=2))
+    record = {"gpu": rows, "anchor": ANCHOR, "versions": versions(), "argv": sys.argv[1:]}
+    atomic_write_text(out, json.dumps(record, indent=2))
 
 
 def _gpu_row(name: str, folder: Path, wall: float, gpu: str) -> dict:

@@ -389,7 +389,8 @@ class AttackConfig:
     `spec_skip`: fields the registered name implies (`random_start` of pgd vs bim), left out of `spec`.
     `supports_target = False`: the attack picks its own targets and refuses `target=`.
     `black_box = True`: a score-based or gradient-free attack (Square): the masking gate compares it against the
-    white-box ones, and does not hold it to beating FGSM (without it, every evaluation with it reads SUSPECT).
+    white-box ones (without it the gate counts the attack as white-box, and holds it to beating FGSM where its
+    `grad_evals()` is above 1).
     `norms`: the threat-model norms it supports (default: linf and l2; Square sets linf only)."""
 
     function: ClassVar[Callable[..., Tensor]]
