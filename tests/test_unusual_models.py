@@ -173,3 +173,13 @@ def test_analyze_works_when_called_under_no_grad():
             curve=False,
         )
     assert len(vmap.ranked()) == 8
+
+
+def test_a_lazy_model_not_built_yet_is_one_line_for_evaluate_and_works_for_fit():
+    """evaluate blamed the input shape ("Inference tensors cannot be saved for backward"); fit builds it itself."""
+    x, y = _data()
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    with pytest.raises(AdvtuneError, match=r"layer '0' is a lazy module not built yet: run one forward pass first"):
+        advtune.evaluate(model, (x, y), eps=0.1, attacks="fgsm")
+    advtune.fit(model, (x, y), config=advtune.TrainConfig(epochs=1, batch_size=16))
+    assert advtune.evaluate(model, (x, y), eps=0.1, attacks="fgsm").n == len(x)

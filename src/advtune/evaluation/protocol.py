@@ -13,6 +13,7 @@ from numbers import Integral
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..attacks import APGD, APGDT, FGSM, PGD, Attack, Square, logits_of
 from ..cost import PassCounter
@@ -275,6 +276,11 @@ def robust_accuracy(
     device, dtype = model_device(model), model_dtype(model)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_devices(device, data_device(data))  # a meta model (or meta data): one line, not a failed .item()
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:  # built under inference mode its weights could never train; the message blamed the input shape
+        raise AdvtuneError(
+            f"layer {lazy[0]!r} is a lazy module not built yet: run one forward pass first (model(x[:1]))"
+        )
     started = time.perf_counter()
     counter = PassCounter()
     tallies = {s: _Tally() for s in specs}
