@@ -67,7 +67,7 @@ from advtune.runs.common import dataset_of, load_base
 from advtune.runs.configs import FinetuneRun
 from advtune.runs.finetune import finetune_model, prepare_finetune
 from advtune.runs.probe import probe_then_mask as probe_rule
-from advtune.settings import parse_number
+from advtune.settings import number
 from advtune.threat import ThreatModel
 from advtune.train import fit
 from advtune.train.config import TrainConfig
@@ -248,7 +248,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the standard model's run folder")
     p.add_argument("tuned", help="the full-network fine-tuning's run folder (from BASE)")
-    p.add_argument("--eps", required=True, type=parse_number, help="0.3, 8/255, ...")
+    p.add_argument("--eps", required=True, type=number, help="0.3, 8/255, ...")
     p.add_argument("--val-start", type=int, required=True, help="first validation image of the training split")
     p.add_argument("--n", type=int, default=1000, help="validation images")
     p.add_argument("--shares", default="0.1", help="comma list: budgets as shares of the model's parameters")

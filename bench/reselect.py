@@ -49,7 +49,7 @@ from advtune.runs.common import dataset_of, load_base
 from advtune.runs.configs import HardenRun
 from advtune.runs.finetune import prepare_finetune
 from advtune.runs.harden_plan import analysis_settings, finetune_settings, plan_harden
-from advtune.settings import parse_number
+from advtune.settings import number
 from advtune.threat import ThreatModel
 from advtune.train import fit
 from advtune.train.config import SCHEDULES
@@ -62,7 +62,7 @@ log = logging.getLogger("reselect")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("base", help="the standard model's run folder")
-    ap.add_argument("--eps", type=parse_number, required=True, help="0.3, 8/255, ...")
+    ap.add_argument("--eps", type=number, required=True, help="0.3, 8/255, ...")
     ap.add_argument("--budget", type=int, default=900_000, help="training gradient evaluations of every arm")
     ap.add_argument("--switch", type=float, default=0.2, help="share of the budget after which the second run starts")
     ap.add_argument("--ramp", type=float, default=0.15, help="share of the budget over which eps ramps up")
@@ -89,7 +89,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--params",
-        type=parse_number,
+        type=number,
         help="the selection's parameter budget: a share (< 1) or a number of entries (default: harden's 10%%)",
     )
     ap.add_argument(

@@ -447,7 +447,7 @@ def test_review_fixes_of_the_api_checks(tiny_model, blobs):
     keyword rewrite lost an error's subclass."""
     import numpy as np
 
-    from advtune.settings import keyword_errors
+    from advtune.keywords import keyword_errors
 
     x, y, xt, yt = blobs
     model, loader = TinyCNN(), DataLoader(TensorDataset(xt[:32], yt[:32]), shuffle=True)

@@ -36,7 +36,18 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 LAYERS = [
     (
         "ground",
-        {"errors", "version", "filenames", "lazy", "registry", "settings", "recipe", "distributed", "seeding"}
+        {
+            "errors",
+            "version",
+            "filenames",
+            "lazy",
+            "registry",
+            "keywords",
+            "settings",
+            "recipe",
+            "distributed",
+            "seeding",
+        }
         | {"devices", "storage", "progress", "provenance", "threat", "weights", "patch", "cost", "data", "records"},
     ),
     ("foundations", {"attacks", "components", "models", "factories", "inputs"}),

@@ -25,7 +25,7 @@ _EXPORTS = {
     "analyze": "api",
     "harden": "api",
     "fit": "api",
-    "VulnerabilityMap": "api",
+    "VulnerabilityMap": "vulnerability",
     "load_model": "api",
     "save_model": "api",
     # your checkpoints in, a robustness patch out
@@ -77,7 +77,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
     from .api import (
         HardenResult,
-        VulnerabilityMap,
         analyze,
         evaluate,
         fit,
@@ -105,5 +104,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .recipe import Recipe
     from .threat import ThreatModel
     from .train import History, TrainConfig, adversarial, clean, trades
-    from .vulnerability import ConcentrationCurve, ScoreTable
+    from .vulnerability import ConcentrationCurve, ScoreTable, VulnerabilityMap
     from .weights import load_checkpoint

@@ -13,40 +13,35 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, build_attack, logits_of, split_attack_list
-from .components import Selection, model_params
+from .attacks import PGD, Attack, build_attack, logits_of, split_attack_list
+from .components import Selection
 from .data import Dataset
 from .devices import eval_mode, model_device, model_dtype, require_module, resolve_device
 from .errors import AdvtuneError
-from .evaluation import SUITES, EvalResult, robust_accuracy, suite
+from .evaluation import SUITES, EvalResult, compiled_queries, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, check_devices, check_joinable, data_device, resolve_split, validation_split
+from .keywords import keyword_errors
 from .models import load_model as _load_model
 from .models import model_identity, unwrapped
 from .models import save_model as _save_model
 from .recipe import Recipe
 from .runs.analyze import analyze_model
+from .runs.common import guard_on
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
 from .seeding import make_generator, preserved_rng, seed_everything
-from .settings import default, keyword_errors
+from .settings import default
 from .threat import ThreatModel
-from .train import History, Objective, TrainConfig
+from .train import History, Objective, OverfitGuard, TrainConfig
 from .train import fit as _fit
 from .vulnerability import (
-    ConcentrationCurve,
-    ScoreTable,
-    layer_scores,
-    select_quota,
-    select_random,
-    select_top,
-    select_top_layers,
+    VulnerabilityMap,
 )
 
 
@@ -147,6 +142,7 @@ def evaluate(
     seed: int | None = 0,
     cascade: bool = True,
     gate: bool = True,
+    compile: bool | None = None,
 ) -> EvalResult:
     """Clean and worst-case robust accuracy of `model` on `data` (an advtune Dataset: its test split).
 
@@ -155,15 +151,23 @@ def evaluate(
     cascade: each attack runs only on the examples still robust (AutoAttack's protocol; the worst case
     is the same, per-attack numbers become cumulative). gate: the gradient-masking checks, whose
     findings land in `result.suspect` (empty means passed). Examples beyond `limit` are not read.
-    batch_size: None = 256 on the CPU, 1000 on a GPU (halved where it runs out of memory).
+    batch_size: None = 256 on the CPU, 1000 on a GPU (halved where it runs out of memory). compile: how Square queries
+    the model, as the command's --compile / --no-compile (None: decided by the query load, compiled on the CPU).
     """
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)
+    if compile not in (None, True, False):
+        raise AdvtuneError(f"compile must be True, False or None (auto), got {compile!r}")
+    chosen = _attacks(attacks, threat)
+    if compile is not None:
+        if not any(hasattr(a, "compile") for a in chosen):  # as the command refuses it: it would change nothing
+            raise AdvtuneError("compile= decides how Square queries the model; these attacks have no Square: drop it")
+        chosen = compiled_queries(chosen, compile)
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
         model,
         data,
-        _attacks(attacks, threat),
+        chosen,
         batch_size=batch_size,
         generator=make_generator(seed, model_device(model)),
         limit=limit,
@@ -173,104 +177,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- analyze
-
-
-@dataclass
-class VulnerabilityMap:
-    """Which components (conv channels, linear units) adversarial perturbations exploit, ranked.
-
-    `table` holds one score per component; `curve` (when computed) says how concentrated the
-    adversarial errors are: the share of them repaired by restoring the top-p components to their
-    clean activations, against random p shares. `select` turns the ranking into a `Selection` to
-    fine-tune (see `fit(..., selection=...)` and `harden`)."""
-
-    table: ScoreTable
-    threat: ThreatModel
-    attack: str
-    n_examples: int
-    clean_accuracy: float
-    adversarial_accuracy: float
-    grad_evals: int  # counted: attack + scoring + curve
-    curve: ConcentrationCurve | None = None
-    model: nn.Module | None = field(default=None, repr=False, compare=False)
-    # one input of the model's shape: budgets price a unit with the BatchNorm a trace finds after it, as fit trains it
-    example: Tensor | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def criterion(self) -> str:
-        return self.table.criterion
-
-    def ranked(self, top: int | None = None) -> list[tuple[str, float]]:
-        """Components, most vulnerable first, as ("layer[unit]", score)."""
-        rows = self.table.ranked()
-        return [(str(c), s) for c, s in (rows[:top] if top is not None else rows)]
-
-    def layers(self) -> dict[str, dict[str, Any]]:
-        """Per layer: units, the summed, mean and largest score (`sum`, `mean`, `max`), and the activation statistics
-        the table recorded (`relative_shift`, `amplification`)."""
-        return layer_scores(self.table)
-
-    @keyword_errors()
-    def select(
-        self,
-        share: float | None = None,
-        *,
-        params: int | float | None = None,
-        granularity: str = "unit",
-        per_layer: bool = False,
-    ) -> Selection:
-        """The most vulnerable components: the top `share` of them, or as many as fit in `params`
-        trainable parameters (a count, or a share < 1 of the model's). granularity="layer" picks
-        whole layers (best summed score first) within `params`; granularity="quota" the best units of
-        every layer, `params` shared out by the layers' summed scores."""
-        if (share is None) == (params is None):
-            raise AdvtuneError(
-                "select needs exactly one of share=... (of the components) or params=... (a parameter budget)"
-            )
-        if per_layer and share is None:  # it was ignored without a word
-            raise AdvtuneError("per_layer=True takes the top share of each layer: give share=..., not params=...")
-        model = self._model_for("select")
-        if granularity not in ("unit", "layer", "quota"):
-            raise AdvtuneError(f"granularity must be 'unit', 'layer' or 'quota', got {granularity!r}")
-        if granularity in ("layer", "quota"):
-            if params is None:
-                raise AdvtuneError(f"granularity={granularity!r} selects within a parameter budget: pass params=...")
-            if granularity == "quota":
-                return select_quota(self.table, model, params, example_input=self.example)
-            return select_top_layers(self.table, model, params, example_input=self.example)
-        if params is not None:
-            return select_top(self.table, params=params, model=model, example_input=self.example)
-        return select_top(self.table, share, per_layer=per_layer)
-
-    @keyword_errors()
-    def random_like(self, selection: Selection, seed: int = 0) -> Selection:
-        """The control: random units with as many trainable parameters as `selection`."""
-        model = self._model_for("random_like")
-        if not hasattr(selection, "trainable_params"):  # a Selection, or what prices itself as one
-            raise AdvtuneError(f"random_like takes a Selection (from map.select(...)), got {type(selection).__name__}")
-        _seed(seed)
-        budget = min(selection.trainable_params(model, self.example), model_params(model))
-        # adapters near full rank can hold more entries than the model: then the whole model's count
-        return select_random(model, params=budget, seed=seed, pool=self.table, example_input=self.example)
-
-    def _model_for(self, what: str) -> nn.Module:
-        if self.model is None:
-            raise AdvtuneError(f"{what} needs the model this map was made for (a map built without one has none)")
-        return self.model
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "threat": self.threat.to_json(),
-            "attack": self.attack,
-            "criterion": self.criterion,
-            "n_examples": self.n_examples,
-            "clean_accuracy": self.clean_accuracy,
-            "adversarial_accuracy": self.adversarial_accuracy,
-            "grad_evals": self.grad_evals,
-            "scores": self.table.to_json(),
-            "curve": self.curve.to_json() if self.curve else None,
-            "params": model_params(self.model) if self.model is not None else None,
-        }
 
 
 @keyword_errors(criteria="criterion")
@@ -354,7 +260,10 @@ def harden(
     budget: int | None = None,
     recipe: Recipe | None = None,
     evaluation: str | Sequence[str | Attack] | None = None,
+    limit: int | None = None,
     limit_test: int | None = None,
+    holdout: int | None = None,
+    keep_best: int | None = None,
     seed: int | None = 0,
 ) -> HardenResult:
     """`advtune harden` in memory: analyse, select the most vulnerable parts (by default the weight entries a short
@@ -362,21 +271,32 @@ def harden(
     adversarially fine-tune only those for `budget` gradient evaluations (default: the recipe's passes over the data),
     and evaluate before and after with the strong protocol on `test` (an advtune Dataset gives both: train for the
     work, test for the evaluation). The same code as the command (`runs.harden.harden_model`): the same settings give
-    the same weights.
+    the same weights. limit: the first N training examples only. holdout, keep_best: as the command's, training
+    examples held out (default: a Dataset's own `val` split, else 1000, at most a tenth; 0: none) to keep the best of
+    `keep_best` checkpoints (default 4; 0: the last).
     Returns a `HardenResult`; `.model` is the hardened copy, `model` itself is untouched."""
     _check_float32(model, "harden")
     threat = _threat(eps, norm)  # before the data are read
     seed = _seed(seed)
-    if limit_test is not None and (
-        isinstance(limit_test, bool) or not isinstance(limit_test, numbers.Integral) or limit_test < 1
+    for name, value, least in (
+        ("limit", limit, 1),
+        ("limit_test", limit_test, 1),
+        ("holdout", holdout, 0),
+        ("keep_best", keep_best, 0),
     ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+            kind = "a positive integer" if least else "an integer >= 0"
+            raise AdvtuneError(f"{name} must be {kind} or None (the default), got {value!r}")
+    own_val = data.val if isinstance(data, Dataset) and data.val is not None and len(data.val) else None
+    if own_val is not None and holdout is not None:  # two held-out splits: which one chooses was a guess
         raise AdvtuneError(
-            f"limit_test must be a positive integer or None (the default number of test images), got {limit_test!r}"
+            f"the dataset holds out its own val split ({len(own_val)} examples), which chooses the checkpoint: "
+            "drop holdout=, or pass a Dataset without val"
         )
     if recipe is not None and not isinstance(recipe, Recipe):  # a dict crashed deep in the plan
         raise AdvtuneError(f"recipe must be an advtune.Recipe (e.g. Recipe(params=0.2)), got {type(recipe).__name__}")
     evaluation = _evaluation_spec(evaluation, threat)
-    train = as_tensor_data(resolve_split(data, "train"), what="train")
+    train = as_tensor_data(resolve_split(data, "train"), what="train", limit=limit)
     if test is None and isinstance(data, Dataset):
         test = data.test
     run = HardenRun(
@@ -386,7 +306,10 @@ def harden(
         norm=norm,
         budget=budget,
         recipe=recipe or Recipe(),
+        limit=limit,
         limit_test=limit_test if limit_test is not None else default(HardenRun, "limit_test"),
+        holdout=None if holdout is None else int(holdout),
+        keep_best=int(keep_best) if keep_best is not None else default(HardenRun, "keep_best"),
         evaluation=evaluation if evaluation is not None else default(HardenRun, "evaluation"),
         seed=seed,
     )
@@ -394,7 +317,8 @@ def harden(
     limited = (
         as_tensor_data(resolve_split(test, "test"), what="test", limit=run.limit_test) if test is not None else None
     )
-    ds = Dataset(data.name if isinstance(data, Dataset) else "in-memory", train, limited, [], (), ())
+    name = data.name if isinstance(data, Dataset) else "in-memory"
+    ds = Dataset(name, train, limited, [], (), (), val=own_val)
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
     if limited is not None:  # a test split the model cannot take failed deep in the evaluation, after the training
         _check_model(model, limited.take(2).tensors(model_device(model))[0], limited.y)
@@ -436,12 +360,15 @@ def fit(
     *,
     selection: Selection | None = None,
     val: Any = None,
+    guard: bool | None = None,
     **kwargs: Any,
 ) -> History:
     """Train `model` in place (advtune's one training loop) and return its per-epoch history.
 
     objective: `clean()` (default), `adversarial(PGD(ThreatModel.linf(0.3), steps=10), eps_warmup=0.3)`,
     `trades(threat)`. selection: train only these components (every other weight stays bit-exact).
+    guard: the catastrophic-overfitting guard (PGD-10 on 512 training images after each epoch; a collapse restores
+    the best weights and stops), as the commands' --guard: None turns it on for FGSM-type training only.
     Further keywords go to `advtune.train.fit` (checkpoint_dir, resume, meter, callbacks, ...). The model is left
     in the mode it was given in."""
     if objective is not None and not all(hasattr(objective, a) for a in ("attack_grad_evals", "describe")):
@@ -454,6 +381,14 @@ def fit(
     _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
+    attack = getattr(objective, "attack", None)  # the guard watches an attack's training: FGSM's by default
+    if guard not in (None, True, False) or (guard and not isinstance(attack, Attack)):
+        raise AdvtuneError(f"guard=True/False/None watches adversarial training (an attack's objective), got {guard!r}")
+    if guard_on(guard, getattr(attack, "spec", "")):
+        gx, gy = train.take(512).tensors(model_device(model))
+        seed = (config or TrainConfig()).seed
+        watch = OverfitGuard(PGD(attack.threat, steps=10), gx, gy, seed=seed, meter=kwargs.get("meter"))
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), watch]
     val = validation_split(val)
     # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the
     # caller's given back; val read once here (fit reads an iterable so too), checked like the training data

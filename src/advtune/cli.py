@@ -31,7 +31,8 @@ from .cli_folders import (
 )
 from .cli_text import DESCRIPTION, HELP, OTHER_NAME, OUT_OF_MEMORY_FIX
 from .errors import AdvtuneError
-from .settings import Parser, add_flags, apply_yaml_defaults, from_args, home, seed_number, speaking_flags
+from .keywords import speaking_flags
+from .settings import Parser, add_flags, apply_yaml_defaults, from_args, home, seed_number
 
 log = logging.getLogger("advtune")
 

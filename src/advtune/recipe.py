@@ -8,7 +8,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from .errors import AdvtuneError
-from .settings import budget_number, keyword_errors, number, setting
+from .keywords import keyword_errors
+from .settings import budget_number, number, setting
 
 PROTOCOL = "apgd-ce,apgd-t:n_target_classes=3"  # the strong protocol: worst case of APGD-CE and APGD-T
 # harden's evaluation adds the black-box Square, so the masking gate's black-box check can fire: on a

@@ -15,16 +15,12 @@ help stays fast.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import contextvars
 import dataclasses
 import difflib
-import functools
-import inspect
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -160,73 +156,6 @@ def _fields(cls) -> list[dataclasses.Field]:
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-# ---------------------------------------------------------------- the words an error names a setting with
-
-# A check shared by the CLI and the Python API names the setting as a flag (`--eps-warmup`); a caller of the API
-# passed a keyword (`eps_warmup=`). The CLI speaks inside `speaking_flags()`; outside it, `keyword_errors` rewrites the
-# flags of the settings the call takes into their keywords (one home for the translation, the checks stay one).
-_FLAG_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar("advtune_speaking_flags", default=False)
-FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z0-9-]*)")  # a flag in a message (not a path's or a word's "--")
-
-
-@contextlib.contextmanager
-def speaking_flags() -> Iterator[None]:
-    """Inside: errors name settings by their command-line flags (the CLI); outside: by their Python keywords."""
-    token = _FLAG_WORDS.set(True)
-    try:
-        yield
-    finally:
-        _FLAG_WORDS.reset(token)
-
-
-def in_keywords(error: AdvtuneError, names: Iterable[str], renamed: Mapping[str, str] | None = None) -> AdvtuneError:
-    """`error`, its message rewritten in place (its type and traceback kept), with the flags of `names` written as the
-    keywords they are (`--no-head`: `head=False`; `renamed`: flag name -> keyword where they differ); other flags
-    (`--overwrite`) and the CLI's own errors as they were."""
-    if _FLAG_WORDS.get() or not error.args or not isinstance(error.args[0], str):
-        return error
-    names, renamed = set(names), dict(renamed or {})
-
-    def keyword(flag: re.Match) -> str:
-        name = flag[1].replace("-", "_")
-        if name in renamed:
-            return renamed[name]
-        if name.startswith("no_") and name[3:] in names:
-            return f"{name[3:]}=False"
-        return name if name in names else flag[0]
-
-    error.args = (FLAG.sub(keyword, error.args[0]), *error.args[1:])
-    return error
-
-
-def keyword_errors(*names: str | type, **renamed: str) -> Callable:
-    """Decorate an API function (or a settings dataclass's `__post_init__`) so that its errors name the keywords its
-    caller passed: its own parameters, `names` (a dataclass: its fields), `renamed` (flag name -> keyword), and the
-    fields of the dataclass whose method it is."""
-    given = {f.name for n in names if isinstance(n, type) for f in dataclasses.fields(n)}
-    given |= {n for n in names if isinstance(n, str)}
-
-    def wrap(fn: Callable) -> Callable:
-        own = set(inspect.signature(fn).parameters) - {"self"}
-
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except AdvtuneError as e:
-                fields = (
-                    {f.name for f in dataclasses.fields(args[0])}
-                    if args and dataclasses.is_dataclass(args[0])
-                    else set()
-                )
-                in_keywords(e, own | given | fields, renamed)
-                raise
-
-        return call
-
-    return wrap
 
 
 def _show(v: Any) -> str:

@@ -129,6 +129,8 @@ def load_npz(path: Path, num_classes: int | None = None, trained: bool = False) 
                     f"{path} lacks arrays {', '.join(missing)}; an .npz dataset needs x_train, y_train, x_test, y_test"
                 )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except AdvtuneError:  # (a ValueError too: the missing arrays' message is the precise one)
+        raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
         raise AdvtuneError(f"{path} is corrupt or truncated ({e}); re-create or re-download it") from None
     for k in ("x_train", "x_test", "y_train", "y_test"):

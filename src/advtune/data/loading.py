@@ -12,7 +12,7 @@ from typing import Mapping
 
 from ..distributed import is_main_process, on_each_machine, on_main
 from ..errors import AdvtuneError
-from ..settings import keyword_errors
+from ..keywords import keyword_errors
 from .download import download_files, md5sum
 from .formats import (
     SHUFFLED,

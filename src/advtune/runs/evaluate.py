@@ -156,7 +156,9 @@ def check_record_free(path, run: EvaluateRun, sha256: str | None = None) -> None
         old = json.loads(path.read_text())
         same = measurement(old.get("config") or {}) == measurement(run.to_json())
         theirs = old.get("model_file_sha256") if run.record_dir else None
-    except (OSError, ValueError, AttributeError, TypeError):  # unreadable: not ours to judge, nor to replace unasked
+    # unreadable (an AdvtuneError is a ValueError: an old record's attack list that no longer parses is one too): not
+    # ours to judge, nor to replace unasked
+    except (OSError, ValueError, AttributeError, TypeError):
         raise AdvtuneError(
             f"{path} is unreadable (not an evaluation record); give --name NAME to write another, or --overwrite to "
             "replace it"

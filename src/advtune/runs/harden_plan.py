@@ -130,8 +130,8 @@ def with_holdout(ds, run: HardenRun):
     """The dataset with `run.holdout` training examples held out as its validation split (seeded), unless
     it has one already; the split that chooses harden's checkpoint, never analysed or fine-tuned on (the base
     model may have trained on them)."""
-    if ds.val is not None and len(ds.val):
-        return ds
+    if ds.val is not None and len(ds.val):  # the caller's own split (the Python API's Dataset with val)
+        return ds if run.keep_best else replace(ds, val=None)
     n = len(ds.train)
     size = run.holdout if run.holdout is not None else min(HOLDOUT, n // 10)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from ..errors import AdvtuneError
+from ..keywords import keyword_errors
 from ..recipe import SCHEDULES
-from ..settings import keyword_errors, number, setting
+from ..settings import number, setting
 
 log = logging.getLogger(__name__)
 

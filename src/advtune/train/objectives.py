@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..attacks import build_attack
 from ..devices import eval_mode
 from ..errors import AdvtuneError
+from ..keywords import keyword_errors
 from ..registry import Registry, convert_params, parse_spec
-from ..settings import keyword_errors
 from .awp import build_awp, build_rwp
 from .distill import INJECTED, build_distill
 from .ramp import check_eps_warmup, ramped_attack

@@ -13,9 +13,9 @@ from typing import Any
 
 from ...attacks import build_attack
 from ...errors import AdvtuneError
+from ...keywords import FLAG
 from ...recipe import ADAPTER_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import (
-    FLAG,
     check_keys,
     check_values,
     default,
