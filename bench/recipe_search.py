@@ -14,7 +14,6 @@ The base model (2 epochs, Adam 1e-3, first 55k images) is trained once and cache
 import argparse
 import copy
 import io
-import json
 import math
 import os
 import time
@@ -25,11 +24,13 @@ import torch.nn.functional as F
 from advtune.attacks import build_attack
 from advtune.data import load_dataset
 from advtune.devices import eval_mode
+from advtune.errors import AdvtuneError
 from advtune.metrics import accuracy, robust_accuracy_quick
 from advtune.models import model_for
 from advtune.seeding import make_generator
 from advtune.storage import atomic_write_bytes
 from advtune.threat import ThreatModel
+from val_select import emit, writable_out
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--name", required=True)
@@ -62,6 +63,10 @@ ap.add_argument("--apgd", action="store_true")  # also APGD-CE-100 on the valida
 ap.add_argument("--free", type=int, default=0)  # free AT: replay each minibatch this many times (see below)
 ap.add_argument("--ema", type=float, default=0.0)  # evaluate an exponential moving average of the trained weights
 args = ap.parse_args()
+try:
+    out = writable_out(args.log, "--log")  # checked before the base is trained or the data read
+except AdvtuneError as e:
+    ap.error(str(e))
 torch.manual_seed(0)
 ds = load_dataset("mnist")
 tr = ds.train.index(torch.arange(0, 55000))
@@ -194,9 +199,7 @@ def log_eval(step, pending_s):
         trainable=ntrain,
         args=vars(args),
     )
-    print(json.dumps(rec), flush=True)
-    out.write(json.dumps(rec) + "\n")
-    out.flush()
+    emit(rec, out)  # stdout and the log, with what made the line (two sessions' lines stay apart)
 
 
 if args.local:
@@ -206,7 +209,6 @@ step = 0
 t0 = time.time()
 grad_evals = 0
 train_s = 0.0
-out = open(args.log, "a")
 gen = torch.Generator().manual_seed(0)
 while step < args.steps:
     perm = torch.randperm(len(tr), generator=gen)
@@ -251,9 +253,7 @@ while step < args.steps:
                     trainable=ntrain,
                     args=vars(args),
                 )
-                print(json.dumps(rec), flush=True)
-                out.write(json.dumps(rec) + "\n")
-                out.flush()
+                emit(rec, out)
             if step >= args.steps:
                 break
             continue

@@ -131,7 +131,7 @@ def provenance() -> dict:
     }
 
 
-def writable_out(out: str | Path | None) -> Path | None:
+def writable_out(out: str | Path | None, flag: str = "--out") -> Path | None:
     """`--out`'s folder made and checked before any work (a missing one failed after it, with a traceback)."""
     if out is None:
         return None
@@ -139,9 +139,9 @@ def writable_out(out: str | Path | None) -> Path | None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AdvtuneError(f"cannot write --out {out} ({e.strerror or e}); pick a writable path") from None
+        raise AdvtuneError(f"cannot write {flag} {out} ({e.strerror or e}); pick a writable path") from None
     if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):  # nothing made before the work
-        raise AdvtuneError(f"cannot write --out {out} (a folder, or not writable); pick a writable path")
+        raise AdvtuneError(f"cannot write {flag} {out} (a folder, or not writable); pick a writable path")
     return out
 
 

@@ -58,3 +58,16 @@ def test_an_unwritable_out_is_refused_before_any_work(bench, tmp_path):
     blocker.write_text("x")
     with pytest.raises(AdvtuneError, match=r"cannot write --out .*file/x.jsonl .*pick a writable path"):
         bench.writable_out(blocker / "x.jsonl")
+
+
+def test_recipe_search_refuses_an_unwritable_log_before_training(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "recipe_search.py"), "--name", "x", "--log", str(tmp_path / "file" / "x.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # its default base model path is relative: nothing may be trained or written here
+    )
+    assert out.returncode == 2 and "cannot write --log" in out.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
