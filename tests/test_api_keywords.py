@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import advtune
 from advtune import AdvtuneError
@@ -93,6 +94,14 @@ def test_a_vulnerability_map_read_back_from_json_selects_as_the_original(tiny_mo
     other = advtune.build_model("small-cnn", input_shape=(1, 16, 16), num_classes=4)
     with pytest.raises(AdvtuneError, match="made for a different model"):
         advtune.VulnerabilityMap.from_json(data, other)
+    with pytest.raises(AdvtuneError, match=r"made for a model of 2,\d{3} parameters; this one has 5:"):
+        advtune.VulnerabilityMap.from_json(
+            {**data, "scores": {**data["scores"], "metadata": {}}}, torch.nn.Linear(4, 1)
+        )
+    with pytest.raises(AdvtuneError, match=r"^eps must be"):  # the threat's own words, not "malformed"
+        advtune.VulnerabilityMap.from_json({**data, "threat": {**data["threat"], "eps": -1}})
+    with pytest.raises(AdvtuneError, match="malformed vulnerability map JSON"):
+        advtune.VulnerabilityMap.from_json({**data, "params": "many"}, tiny_model)
     with pytest.raises(AdvtuneError, match="not an advtune vulnerability map"):
         advtune.VulnerabilityMap.from_json({"format": "x"})
     with pytest.raises(AdvtuneError, match="malformed vulnerability map JSON"):
@@ -131,6 +140,7 @@ def test_the_map_left_the_api_module_and_is_still_its_name():
     from advtune import api, vulnerability
 
     assert advtune.VulnerabilityMap is vulnerability.VulnerabilityMap is api.VulnerabilityMap
+    assert advtune.VulnerabilityMap.__module__ == "advtune.vulnerability.vulnerability_map"  # one home
 
 
 def test_evaluate_takes_the_commands_compile_choice(tiny_model, blobs):
@@ -171,3 +181,36 @@ def test_fit_guards_fgsm_training_as_the_commands_do(blobs):
     assert watched(advtune.adversarial(advtune.PGD(threat, steps=1)), guard=True)
     with pytest.raises(AdvtuneError, match="^guard=True/False/None watches adversarial training"):
         advtune.fit(TinyCNN(), (x[:300], y[:300]), advtune.clean(), cfg, guard=True)
+    assert watched(advtune.trades(threat, steps=1), guard=True)  # as `train --adversarial trades --guard`
+    # its PGD-10 on 512 images is counted, as the command counts it
+    off = advtune.fit(TinyCNN(), (x[:300], y[:300]), advtune.adversarial(advtune.FGSM(threat)), cfg, guard=False)
+    on = advtune.fit(TinyCNN(), (x[:300], y[:300]), advtune.adversarial(advtune.FGSM(threat)), cfg)
+    assert on.last["grad_evals"] >= off.last["grad_evals"] + 300 * 10  # (its subset: the 300 training images)
+    moving = advtune.TrainConfig(epochs=1, batch_size=100, regrow=0.3)
+    with pytest.raises(AdvtuneError, match="^regrow with the overfitting guard"):
+        advtune.fit(TinyCNN(), (x[:300], y[:300]), advtune.adversarial(advtune.FGSM(threat)), moving)
+
+
+def test_fit_names_the_setting_a_stray_keyword_belongs_to(blobs):
+    x, y, _, _ = blobs
+    with pytest.raises(TypeError, match=r"it is a TrainConfig setting: config=TrainConfig\(epochs=\.\.\.\)"):
+        advtune.fit(TinyCNN(), (x[:64], y[:64]), epochs=1)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'callback'; did you mean callbacks="):
+        advtune.fit(TinyCNN(), (x[:64], y[:64]), callback=[])
+
+
+def test_compile_leaves_an_attack_of_your_own_alone(tiny_model, blobs):
+    _, _, xt, yt = blobs
+    threat = advtune.ThreatModel.linf(0.1)
+
+    class Noise:  # an attack that is not a dataclass
+        spec, threat_ = "noise", threat
+
+        def __init__(self):
+            self.threat = threat
+
+        def perturb(self, model, x, y, generator=None):
+            return x
+
+    chosen = advtune.evaluation.compiled_queries([Noise(), advtune.Square(threat, queries=5)], False)
+    assert isinstance(chosen[0], Noise) and chosen[1].compile is False

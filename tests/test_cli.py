@@ -450,7 +450,7 @@ def test_evaluate_never_replaces_a_record_of_another_measurement(tmp_path, capsy
     record.write_text("{not json")  # a broken record is not judged equal: refused as well, and named as broken
     capsys.readouterr()
     assert main([*argv, "--limit-test", "10"]) == 2
-    assert "is unreadable (not an evaluation record)" in capsys.readouterr().err
+    assert "is unreadable (not an evaluation record this version can compare)" in capsys.readouterr().err
 
 
 def test_evaluate_checks_it_can_write_its_record_before_any_attack(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -719,3 +720,31 @@ def test_a_variant_without_its_cost_record_is_refused_not_counted_free(finished,
     (out / "full-ft" / "cost.json").unlink()
     with pytest.raises(AdvtuneError, match="full-ft/cost.json is missing: full-ft's cost is not recorded"):
         experiment.run(write(tmp_path, TINY), out)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"dataset": "mnst"}, r"bad\.yaml: base: unknown dataset 'mnst'; valid: .*mnist"),
+        ({"model": "smal-cnn"}, r"bad\.yaml: base: unknown model 'smal-cnn'"),
+    ],
+)
+def test_a_misspelt_dataset_or_model_is_refused_before_the_folder_records_it(tmp_path, change, match):
+    """The typo was found when the base was loaded, after experiment.json recorded it: the corrected rerun into the
+    same --out was then refused as "another base"."""
+    cfg = copy.deepcopy(TINY)
+    cfg["base"].update(change)
+    path = write(tmp_path, cfg, "bad.yaml")
+    out = tmp_path / "out"
+    with pytest.raises(AdvtuneError, match=match):
+        experiment.run(path, out)
+    assert not out.exists()
+    (tmp_path / "mine.npz").write_bytes(b"")  # a path to the user's own data is the loader's to judge
+    experiment.validate_config({**TINY, "base": {**TINY["base"], "dataset": str(tmp_path / "mine.npz")}})
+
+
+def test_a_sweep_that_repeats_a_value_names_the_file_and_the_fix(tmp_path):
+    cfg = copy.deepcopy(TINY)
+    cfg["variants"] = [{"name": "sel", "kind": "finetune", "select": "top", "share": [0.1, 0.1]}]
+    with pytest.raises(AdvtuneError, match=r"^x\.yaml: variant names collide after sweeping: .*drop a value"):
+        experiment.validate_config(cfg, "x.yaml")

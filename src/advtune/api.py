@@ -11,6 +11,7 @@ weights: `harden` returns a hardened copy.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +22,13 @@ from torch import Tensor, nn
 
 from .attacks import PGD, Attack, build_attack, logits_of, split_attack_list
 from .components import Selection
+from .cost import CostMeter
 from .data import Dataset
 from .devices import eval_mode, model_device, model_dtype, require_module, resolve_device
 from .errors import AdvtuneError
 from .evaluation import SUITES, EvalResult, compiled_queries, robust_accuracy, suite
 from .inputs import as_tensor_data, batches, check_devices, check_joinable, data_device, resolve_split, validation_split
-from .keywords import keyword_errors
+from .keywords import keyword_errors, unexpected_keyword
 from .models import load_model as _load_model
 from .models import model_identity, unwrapped
 from .models import save_model as _save_model
@@ -376,18 +378,31 @@ def fit(
         hint += "; pass the config as config=TrainConfig(...)" if isinstance(objective, TrainConfig) else ""
         raise AdvtuneError(f"objective must be an advtune objective, got {type(objective).__name__}{hint}")
     config = kwargs.pop("cfg", config)  # advtune.train.fit's name for it (with both, a TypeError from Python)
+    takes = set(inspect.signature(_fit).parameters)
+    for key in kwargs:  # the rest go to advtune.train.fit: one it does not take names the one meant, as elsewhere
+        if key not in takes:
+            raise TypeError(unexpected_keyword(fit, key, takes | {"guard", "val", "selection"}, (TrainConfig,), {}))
     if config is not None and not isinstance(config, TrainConfig):
         raise AdvtuneError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_float32(model, "fit")
     train = as_tensor_data(resolve_split(data, "train"), what="train")  # fit reads it so too: validated once
     _check_model(model, train.take(2).tensors(model_device(model))[0], train.y)
-    attack = getattr(objective, "attack", None)  # the guard watches an attack's training: FGSM's by default
-    if guard not in (None, True, False) or (guard and not isinstance(attack, Attack)):
+    # the guard watches adversarial training (an attack's, TRADES', the local objective's), FGSM's by default
+    attack = getattr(objective, "attack", None)
+    threat = getattr(attack, "threat", None) or getattr(objective, "threat", None)
+    if guard not in (None, True, False) or (guard and threat is None):
         raise AdvtuneError(f"guard=True/False/None watches adversarial training (an attack's objective), got {guard!r}")
     if guard_on(guard, getattr(attack, "spec", "")):
+        cfg = config or TrainConfig()
+        if cfg.regrow:  # as finetune refuses it: the rollback would bring back weights of an earlier mask
+            raise AdvtuneError(
+                "regrow with the overfitting guard (on for FGSM training): pass guard=False or drop regrow"
+            )
         gx, gy = train.take(512).tensors(model_device(model))
-        seed = (config or TrainConfig()).seed
-        watch = OverfitGuard(PGD(attack.threat, steps=10), gx, gy, seed=seed, meter=kwargs.get("meter"))
+        meter = kwargs.setdefault(
+            "meter", CostMeter()
+        )  # one meter: the guard's PGD is counted as the command counts it
+        watch = OverfitGuard(PGD(threat, steps=10), gx, gy, seed=cfg.seed, meter=meter)
         kwargs["callbacks"] = [*kwargs.get("callbacks", ()), watch]
     val = validation_split(val)
     # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the

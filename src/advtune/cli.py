@@ -210,7 +210,7 @@ def run_finetune(args) -> int:
 
 def add_experiment_parser(p) -> None:
     # not dest "config": that is the general --config (a YAML of this command's flag defaults)
-    p.add_argument("experiment", metavar="CONFIG", help="experiment YAML (see configs/)")
+    p.add_argument("experiment", metavar="CONFIG", help="experiment YAML (examples: configs/ in the source repository)")
     p.add_argument("--seed", type=seed_number, help="replaces the YAML's seed: (default: the YAML's, else 0)")
     p.add_argument("--out", required=True, help="experiment folder (runs/<name>)")
     p.add_argument("--only", help="comma list of variant names to run")

@@ -29,8 +29,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def checkout_root() -> Path | None:
+    """The source checkout this code runs from (`src/advtune` under a folder whose pyproject.toml is advtune's), or
+    None for an installed copy: a wheel installed inside another git repository must not record that repository's
+    commit as advtune's, nor search its neighbours for data."""
+    here = Path(__file__).resolve()
+    root = here.parents[2]
+    if here.parents[1].name != "src":
+        return None
+    try:
+        return root if 'name = "advtune"' in (root / "pyproject.toml").read_text() else None
+    except OSError:
+        return None
+
+
 def _git_dirty() -> bool | None:
-    root = Path(__file__).resolve().parents[2]
+    root = checkout_root()
+    if root is None:
+        return None
     try:
         command = ["git", "status", "--porcelain", "--untracked-files=no"]
         r = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=5)
@@ -40,8 +56,8 @@ def _git_dirty() -> bool | None:
 
 
 def git_sha() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
+    root = checkout_root()
+    if root is None or not (root / ".git").exists():
         return None
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

@@ -13,6 +13,7 @@ from typing import Mapping
 from ..distributed import is_main_process, on_each_machine, on_main
 from ..errors import AdvtuneError
 from ..keywords import keyword_errors
+from ..provenance import checkout_root
 from .download import download_files, md5sum
 from .formats import (
     SHUFFLED,
@@ -38,9 +39,10 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     if os.environ.get("ADVTUNE_DATA"):
         roots.append(Path(os.environ["ADVTUNE_DATA"]).expanduser())
     roots.append(cache_dir())
-    # the checkout's neighbour (CI and this workplace keep datasets in ../shared/data)
-    here = Path(__file__).resolve()
-    for base in (Path.cwd(), *here.parents[2:4]):
+    # the checkout's neighbour (CI and this workplace keep datasets in ../shared/data); an installed copy: the working
+    # folder's only (its own parents are the environment's folders)
+    root = checkout_root()
+    for base in (Path.cwd(), *((root, root.parent) if root is not None else ())):
         cand = base.parent / "shared" / "data"
         if cand not in roots and cand.is_dir():
             roots.append(cand)

@@ -58,7 +58,9 @@ def compiled_queries(attacks: Sequence[Attack], compile: bool | None = True) -> 
     """The same attacks with the black-box ones (Square) querying a compiled forward (`compile=True`),
     the eager one (False), or deciding by their query load (None: auto, their default)."""
     return [
-        dataclasses.replace(a, compile=compile) if any(f.name == "compile" for f in dataclasses.fields(a)) else a
+        dataclasses.replace(a, compile=compile)
+        if dataclasses.is_dataclass(a) and any(f.name == "compile" for f in dataclasses.fields(a))
+        else a  # (an attack of your own need not be a dataclass)
         for a in attacks
     ]
 

@@ -160,8 +160,8 @@ def check_record_free(path, run: EvaluateRun, sha256: str | None = None) -> None
     # ours to judge, nor to replace unasked
     except (OSError, ValueError, AttributeError, TypeError):
         raise AdvtuneError(
-            f"{path} is unreadable (not an evaluation record); give --name NAME to write another, or --overwrite to "
-            "replace it"
+            f"{path} is unreadable (not an evaluation record this version can compare); give --name NAME to write "
+            "another, or --overwrite to replace it"
         ) from None
     if not same:
         raise AdvtuneError(

@@ -7,13 +7,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ...attacks import build_attack
+from ...data import list_datasets
+from ...data.loading import dataset_key
 from ...errors import AdvtuneError
 from ...keywords import FLAG
+from ...models import ARCHITECTURES, is_factory_spec
 from ...recipe import ADAPTER_GRANULARITIES, PROBE_SHARE, Recipe
 from ...settings import (
     check_keys,
@@ -89,6 +93,21 @@ def load_config(path: str | Path) -> dict:
     return validate_config(read_yaml(Path(path), "experiment config"), str(path))
 
 
+def _check_names(base: dict, where: str) -> None:
+    """A misspelt dataset or zoo model, before the experiment's folder records its base (a typo recorded there made
+    the corrected rerun into the same --out a different experiment)."""
+    name = base.get("dataset")
+    if isinstance(name, str) and dataset_key(name) is None and os.sep not in name and not name.endswith(".npz"):
+        if not (Path(base.get("data_dir") or ".") / name).exists() and not Path(name).exists():
+            raise AdvtuneError(f"{where}: base: unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
+    model = base.get("model")
+    if isinstance(model, str) and not is_factory_spec(model):
+        try:
+            ARCHITECTURES.get(model)
+        except AdvtuneError as e:
+            raise AdvtuneError(f"{where}: base: {e}") from None
+
+
 def validate_config(cfg: Any, where: str = "config") -> dict:
     cfg = copy.deepcopy(check_keys(cfg, TOP_KEYS, where))
     for key in ("base", "threat", "evaluation", "variants"):
@@ -117,6 +136,7 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
             raise AdvtuneError(f"{where}: analysis: {e}") from None
     if "pretrained" not in cfg["base"] and not {"dataset", "model"} <= set(cfg["base"]):
         raise AdvtuneError(f"{where}: base needs either pretrained: <run folder> or dataset: and model:")
+    _check_names(cfg["base"], where)
     if "eps" not in cfg["threat"]:
         raise AdvtuneError(f"{where}: threat needs eps (e.g. 0.3 or [0.1, 0.2, 0.3])")
     if not cfg["evaluation"].get("attacks") and not cfg["evaluation"].get("suite"):
@@ -153,7 +173,11 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     levers = [k for k, off in (("adapter_lr_ratio", 1), ("regrow", 0)) if getattr(base_train, k) != off]
     for lever in levers + inert_regrow(base_train):  # (how a mask moves, too)
         raise AdvtuneError(f"{where}: base.train: {lever} is a fine-tuning lever; set it in a variant's train:")
-    for w in expand_variants(cfg):  # a harden variant's recipe, as each sweep point will build it
+    try:
+        expanded = expand_variants(cfg)
+    except AdvtuneError as e:  # (names colliding after a sweep: named with the file, as every other check)
+        raise AdvtuneError(f"{where}: {e}") from None
+    for w in expanded:  # a harden variant's recipe, as each sweep point will build it
         # every kind of KINDS has its settings class here (a new kind without one fails, never checked as train's)
         kind = {"standard": TrainRun, "train": TrainRun, "finetune": FinetuneRun, "harden": Recipe}[w["kind"]]
         check_values(kind, w, f"{where}: variant {w['name']}")  # a typo in a choice, a quoted switch

@@ -91,7 +91,10 @@ def expand_variants(cfg: dict) -> list[dict]:
     names = [w["name"] for w in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise AdvtuneError(f"variant names collide after sweeping: {', '.join(sorted(dup))}; rename the variants")
+        raise AdvtuneError(
+            f"variant names collide after sweeping: {', '.join(sorted(dup))}; rename the variants (or drop a value "
+            "a sweep list repeats)"
+        )
     return _resolve_params_like(out)
 
 
