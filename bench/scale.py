@@ -154,9 +154,14 @@ def cpu_scale(args, work: Path) -> list[dict]:
 def gpu_suite(args, work: Path, out: Path) -> list[dict]:
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu-suite needs a CUDA GPU; this machine has none")
-    gpu = torch.cuda.get_device_name(0)
+    device = "cpu" if args.rehearse else "cuda"
+    if args.rehearse:  # the same jobs at toy sizes on the CPU: a lent GPU's minutes are not spent finding a bug
+        args.gpu_limit, args.gpu_epochs, args.gpu_test, args.amp = 64, 0.01, 8, "off"
+        gpu = "cpu (rehearsal: toy sizes, not a measurement)"
+    elif not torch.cuda.is_available():
+        raise SystemExit("--gpu-suite needs a CUDA GPU; this machine has none (--rehearse runs it on the CPU, tiny)")
+    else:
+        gpu = torch.cuda.get_device_name(0)
     os.environ["ADVTUNE_NO_DOWNLOAD"] = "1"  # a GPU machine may have no network: the data must be there, said now
     from advtune.data import load_dataset
     from advtune.errors import AdvtuneError
@@ -166,11 +171,12 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
     except AdvtuneError as e:
         raise SystemExit(f"--gpu-suite: {e}") from None
     eps = "8/255"
-    where = ["--device", "cuda", "--quiet"]
+    where = ["--device", device, "--quiet"]
     where += ["--data-dir", args.data_dir] if args.data_dir else []
     where += ["--limit", str(args.gpu_limit)] if args.gpu_limit else []
-    common = ["--dataset", "cifar10", "--model", "preact-resnet18", *where]
     test = ["--limit-test", str(args.gpu_test)]
+    # (the training jobs' own clean test accuracy reads every test image: on a GPU seconds, on the CPU minutes)
+    common = ["--dataset", "cifar10", "--model", "preact-resnet18", *where, *(test if args.rehearse else [])]
     ev = ["--eps", eps, "--attacks", "apgd-ce,apgd-t:n_target_classes=9", *test, "--name", "suite"]
     sgd = ["--optimizer", "sgd", "--lr", "0.1", "--schedule", "cosine", "--batch-size", "128", "--amp", args.amp]
 
@@ -184,14 +190,15 @@ def gpu_suite(args, work: Path, out: Path) -> list[dict]:
                      epochs(args.pgd_epochs), *sgd],
         "standard": ["train", *common, "--epochs", epochs(30), *sgd],
         # of the standard model; harden has no --amp (its row runs in float32) and takes the recipe's 2 epochs scaled
-        "harden": ["harden", str(work / "standard"), "--eps", eps, "--epochs", f"{2 * args.gpu_epochs:g}", *test,
-                   *where],
+        "harden": ["harden", str(work / "standard"), "--eps", eps, "--epochs",
+                   "5" if args.rehearse else f"{2 * args.gpu_epochs:g}", *test, *where],  # (5: the probe's batch fits)
     }  # fmt: skip
     rows = []
     for name, cmd in jobs.items():
         wall = run([*launcher(1), *cmd, "--out", str(work / name)], work, 8)
-        run([*launcher(1), "evaluate", str(work / name), *ev, "--device", "cuda", "--quiet"], work, 8)
-        rows.append({**_gpu_row(name, work / name, wall, gpu), "amp": "off" if name == "harden" else args.amp})
+        run([*launcher(1), "evaluate", str(work / name), *ev, "--device", device, "--quiet"], work, 8)
+        row = {**_gpu_row(name, work / name, wall, gpu), "amp": "off" if name == "harden" else args.amp}
+        rows.append({**row, "rehearsal": True} if args.rehearse else row)
         _save(out, rows)  # a sized run can be cut off: what is done is kept
     return rows
 
@@ -240,8 +247,16 @@ def main() -> None:
     ap.add_argument("--gpu-test", type=int, default=1000, help="GPU suite: test images evaluated (default: 1000)")
     ap.add_argument("--amp", default="bf16", choices=("off", "bf16", "fp16"), help="precision of the GPU suite")
     ap.add_argument("--pgd-epochs", type=int, default=10, help="PGD-10 AT epochs in the GPU suite")
+    ap.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="with --gpu-suite: run its jobs on the CPU at toy sizes (64 images, 1 epoch, harden 5, 8 test images), "
+        "to check the script end to end before a GPU is lent; its rows say rehearsal and measure nothing",
+    )
     ap.add_argument("--out", default="bench/out/scale.json", help="the record (on a lent GPU: $OUT/scale.json)")
     args = ap.parse_args()
+    if args.rehearse and not args.gpu_suite:
+        ap.error("--rehearse rehearses the GPU suite: give --gpu-suite too")
     if args.data_dir:  # the jobs run in a scratch folder
         args.data_dir = str(Path(args.data_dir).resolve())
     work = Path(tempfile.mkdtemp(prefix="advtune-scale-"))

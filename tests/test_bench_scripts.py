@@ -71,3 +71,10 @@ def test_recipe_search_refuses_an_unwritable_log_before_training(tmp_path):
     )
     assert out.returncode == 2 and "cannot write --log" in out.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_the_gpu_suites_rehearsal_needs_the_suite():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "scale.py"), "--rehearse"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "--rehearse rehearses the GPU suite: give --gpu-suite too" in out.stderr

@@ -604,3 +604,20 @@ def test_a_mistyped_flag_is_answered_with_the_one_meant(tmp_path, capsys):
         main(["harden", "x", "--eps", "0.3", "--val", "0.1", "--out", "y"])
     err = capsys.readouterr().err
     assert "(--val is --holdout here)" in err and "did you mean" not in err
+
+
+def test_a_log_to_a_file_has_times_and_prints_as_they_happen():
+    """Under nohup or a scheduler stdout is a file: harden's stage lines and every result were block-buffered (they
+    came after the end's lines, or never when the job was killed), and no log line said when it was written."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, logging, sys; from advtune.cli import _setup_logging; "
+        "_setup_logging(argparse.Namespace(verbose=True)); print(sys.stdout.line_buffering); "
+        "logging.getLogger('advtune.x').debug('ours'); logging.getLogger('matplotlib.x').debug('theirs')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d DEBUG advtune\.x: ours$", done.stderr, re.M), done.stderr
+    assert "theirs" not in done.stderr  # --verbose is advtune's debug lines, not every library's

@@ -109,7 +109,8 @@ def test_a_log_says_where_a_long_batch_is_after_each_attack(tiny_model, data, ca
     lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
     assert lines[0].startswith("evaluate: 0/2 (0%)") and "of batch 1 after fgsm" in lines[0], lines
     assert any(line.startswith("evaluate: 0/2") and "of batch 1 after pgd" in line for line in lines), lines
-    assert lines[-1].startswith("evaluate: 2/2 (100%)") and "clean=" in lines[-1], lines
+    assert lines[-2].startswith("evaluate: 2/2 (100%)") and "clean=" in lines[-2], lines
+    assert lines[-1].startswith("evaluate: 2/2 done in "), lines  # the loop said it ended
     assert all("clean=" not in line for line in lines if line.startswith("evaluate: 0/2")), lines  # counted done
 
 

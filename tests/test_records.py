@@ -333,3 +333,35 @@ def test_info_says_an_unfinished_run_a_resumed_length_the_images_and_a_small_rat
         {"run": "r", "config": {"command": "harden", "run": {}}, "metrics": [], "summary": flagged.to_json()}
     )
     assert "!! masking gate SUSPECT: zero-gradients: 3%" in text
+
+
+def test_info_on_an_unfinished_harden_says_which_stage_it_reached(tmp_path):
+    """`advtune info` on a harden run that was interrupted (or is running) said only "unfinished" and its folders:
+    which stage it reached, and how far into it, was a matter of reading the stages' files."""
+    import json
+
+    from advtune.runs.info import format_info, run_info
+
+    run = tmp_path / "hard"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "harden", "run": {"eps": 0.3}}))
+    assert "stages     analysis running or not started, probe not started, finetune not started" in format_info(
+        run_info(run)
+    )  # the analysis writes its folder when it ends
+    (run / "analysis").mkdir()
+    (run / "analysis" / "summary.json").write_text("{}")
+    (run / "probe").mkdir()
+    (run / "probe" / "summary.json").write_text("{}")
+    (run / "finetune").mkdir()
+    (run / "finetune" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    text = format_info(run_info(run))
+    assert "stages     analysis finished, probe finished, finetune unfinished (1 epoch recorded)" in text
+    (run / "finetune" / "summary.json").write_text("{}")
+    assert "finetune finished; then the evaluation before and after" in format_info(run_info(run))
+    unit = tmp_path / "unit"  # a rule without the probe stage: none named
+    (unit / "analysis").mkdir(parents=True)
+    (unit / "config.json").write_text(json.dumps({"command": "harden", "run": {"recipe": {"granularity": "unit"}}}))
+    (unit / "analysis" / "summary.json").write_text("{}")
+    assert "stages     analysis finished, finetune running or not started\n" in format_info(run_info(unit)) + "\n"
+    (run / "summary.json").write_text("{}")  # finished: no stage line
+    assert "stages" not in format_info(run_info(run))

@@ -296,7 +296,7 @@ def test_progress_in_a_log_prints_lines_with_done_total_and_time_left(synth, cap
         fit(fresh(synth), synth.train.take(256), clean(), TrainConfig(epochs=1, batch_size=64))
     lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
     assert lines and lines[0].startswith("train 1/1: 1/4 (25%)") and "s left" in lines[0]
-    assert lines[-1].startswith("train 1/1: 4/4 (100%)")
+    assert lines[-2].startswith("train 1/1: 4/4 (100%)") and lines[-1].startswith("train 1/1: 4/4 done in ")
 
 
 def test_a_compile_that_fails_here_trains_eagerly_with_a_warning(synth, monkeypatch, caplog):
@@ -422,3 +422,37 @@ def test_a_checkpoint_carries_the_cuda_generator_when_cuda_is_in_use(tmp_path, m
     monkeypatch.setattr(checkpoint, "cuda_device_of", lambda m: None)  # a CPU run writes none and restores none
     save_checkpoint(tmp_path / "d.pt", model, opt, CostMeter(), History(), cfg, 0, 3, torch.zeros(3))
     assert "cuda_rng" not in torch.load(tmp_path / "d.pt", weights_only=True)
+
+
+def test_a_long_item_gets_a_heartbeat_line_and_the_loop_its_last(caplog, monkeypatch):
+    """An epoch (or Square's queries on a batch) that runs for minutes left the log silent until it ended: a log read
+    later could not tell a slow job from a stalled one. A heartbeat says where it is; the end is said too."""
+    import logging
+    import time
+
+    import advtune.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.15)
+    monkeypatch.setattr(progress, "_progress_disabled", False)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level(logging.INFO, logger="advtune.progress"):
+        bar = progress.progress(range(2), desc="work")
+        for i in bar:
+            bar.set_postfix(refresh=False, running=f"item {i}")
+            time.sleep(0.5)  # one item, several heartbeats long
+    lines = [r.getMessage() for r in caplog.records if r.name == "advtune.progress"]
+    assert any(line.startswith("work: 0/2 (0%)") and "[running=item 0]" in line for line in lines), lines
+    assert lines[-1].startswith("work: 2/2 done in "), lines
+    time.sleep(0.3)
+    assert len([r for r in caplog.records if r.name == "advtune.progress"]) == len(lines)  # the heartbeat stopped
+    with caplog.at_level(logging.INFO, logger="advtune.progress"):
+        for _ in progress.progress(range(3), desc="short"):
+            pass
+    assert not [r for r in caplog.records if r.getMessage().startswith("short")]  # a short loop stays silent
+    with caplog.at_level(logging.INFO, logger="advtune.progress"):
+        for i in progress.progress(range(5), desc="budgeted"):  # a budget's last epoch ends in a break
+            time.sleep(0.2)
+            if i == 2:
+                break
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("budgeted")]
+    assert ended[-1].startswith("budgeted: 2/5 done in "), ended

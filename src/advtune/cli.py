@@ -318,19 +318,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def _setup_logging(args) -> None:
     from .progress import set_progress
 
-    level = (
-        logging.DEBUG
-        if getattr(args, "verbose", False)
-        else logging.WARNING
-        if getattr(args, "quiet", False)
-        else logging.INFO
-    )
+    verbose = getattr(args, "verbose", False)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 logs progress and info
     if rank > 0:
         level = max(level, logging.WARNING)
-    fmt = "%(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, force=True)
+    # the time on every line: a log read hours later says when each stage ran, and whether the job has stalled
+    where = "" if rank == 0 else f"[rank {rank}] "
+    fmt = f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", force=True)
+    # --verbose: advtune's own debug lines (a library's, matplotlib's font search, drowned them)
+    logging.getLogger("advtune").setLevel(logging.DEBUG if verbose and rank == 0 else logging.NOTSET)
     set_progress(not getattr(args, "quiet", False) and rank == 0)
+    # results and stage lines printed to a file (nohup, a scheduler) appear as they happen, not at the end or never
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 class Terminated(KeyboardInterrupt):

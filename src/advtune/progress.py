@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Iterable, TypeVar
 
@@ -25,9 +26,9 @@ LOG_EVERY_S = 30.0
 
 class _LogProgress:
     """Progress for logs (stderr is not a terminal): one log line every LOG_EVERY_S seconds with
-    done/total, the rate and an estimate of the time left; quiet for loops shorter than that. A loop whose
-    items each take minutes (an evaluation's batch of attacks) also reports from inside an item: its
-    set_postfix logs the new state when LOG_EVERY_S passed since the last line."""
+    done/total, the rate and an estimate of the time left, and a last line when it ends; quiet for loops shorter than
+    that. A loop whose items each take minutes (an evaluation's batch of attacks) also reports from inside an item: a
+    heartbeat thread logs the state when LOG_EVERY_S passed since the last line, and set_postfix says what runs."""
 
     def __init__(self, iterable: Iterable[T], desc: str, total: int | None) -> None:
         self.iterable, self.desc = iterable, desc
@@ -35,8 +36,9 @@ class _LogProgress:
             total = len(iterable)  # type: ignore[arg-type]
         self.total = total
         self.postfix = ""
-        self.done = 0
+        self.done, self.said = 0, False
         self.t0 = self.last = time.perf_counter()
+        self.lock = threading.Lock()
 
     def set_postfix(self, refresh: bool = True, **kw) -> None:
         """As tqdm's: refresh=False leaves the state for the next line (the item ends next, and its line
@@ -47,17 +49,39 @@ class _LogProgress:
 
     def __iter__(self):
         self.t0 = self.last = time.perf_counter()
-        self.done = 0
-        for item in self.iterable:
-            yield item
-            self.done += 1
+        self.done, self.said = 0, False
+        # a heartbeat: an item that runs for minutes (an epoch, Square's queries on a batch) still gets its line
+        # every LOG_EVERY_S, so a log read later never shows a silence it cannot tell from a stalled job
+        stop, beat = threading.Event(), None
+        if LOG_EVERY_S > 0:  # (0: a line at every chance, from the loop itself: what the tests set)
+            beat = threading.Thread(target=self._beat, args=(stop,), daemon=True, name=f"progress:{self.desc}")
+            beat.start()
+        try:
+            for item in self.iterable:
+                yield item
+                self.done += 1
+                self._maybe_log()
+        finally:  # (also when the caller broke out: a budget's last, partial epoch; or an error unwound it)
+            stop.set()
+            if beat is not None:
+                beat.join()  # no heartbeat line after the last one
+            if self.said:  # a loop that said where it was says where it ended (a short one stays silent)
+                elapsed, of = time.perf_counter() - self.t0, f"/{self.total}" if self.total else ""
+                log.info("%s: %d%s done in %.0f s", self.desc, self.done, of, elapsed)
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(LOG_EVERY_S / 3):
             self._maybe_log()
 
     def _maybe_log(self) -> None:
-        now = time.perf_counter()
-        if now - self.last < LOG_EVERY_S:
-            return
-        self.last = now
+        with self.lock:  # the loop and its heartbeat: one line per interval
+            now = time.perf_counter()
+            if now - self.last < LOG_EVERY_S:
+                return
+            self.last, self.said = now, True
+        self._log(now)
+
+    def _log(self, now: float) -> None:
         done, elapsed = self.done, now - self.t0
         tail = f" [{self.postfix}]" if self.postfix else ""
         if self.total:

@@ -342,6 +342,8 @@ def robust_accuracy(
             for a, s in zip(attacks, specs):
                 status = torch.full((len(xb),), -1, dtype=torch.int8)  # -1: not attacked
                 run = alive.nonzero().flatten() if cascade else torch.arange(len(xc), device=device)
+                if len(run) and hasattr(bar, "set_postfix"):  # what the heartbeat's line says while it runs
+                    bar.set_postfix(refresh=False, running=f"{s} on {len(run)} of batch {b + 1}")
                 if len(run):
                     hit = _attack_fitting(model, a, s, xc[run], yc[run], threat, gen, counter, tallies[s], fit)
                     alive[run[hit]] = False

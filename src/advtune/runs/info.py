@@ -35,6 +35,9 @@ def run_info(path: str | os.PathLike) -> dict:
                 log.warning("%s; left out", e)
         info["stale_evaluations"] = _stale(rd, info["evaluations"])
     info["files"] = sorted(p.name for p in rd.path.iterdir() if not p.name.startswith("."))
+    if info["config"].get("command") == "harden" and "summary" not in info:  # where an unfinished harden got to
+        recipe = (info["config"].get("run") or {}).get("recipe") or {}
+        info["stages"] = _stages(rd.path, probe=recipe.get("granularity", "probe") == "probe")
     sizes = {
         k: rd.file(n).stat().st_size
         for k, n in (("model", files.WEIGHTS), ("patch", files.PATCH))
@@ -72,12 +75,37 @@ def format_info(info: dict) -> str:
         ) from None
 
 
+def _stages(path, probe: bool = True) -> str:
+    """harden's stages in the order they run (the probe only for the probe rule), each finished, with its epochs so
+    far, or not started; the analysis writes its folder when it ends, so the first stage without one may be running."""
+    said = []
+    names = [n for n in (files.ANALYSIS, files.PROBE, files.FINETUNE) if probe or n != files.PROBE]
+    for i, name in enumerate(names):
+        stage = path / name
+        later = any((path / n).exists() for n in names[i + 1 :])
+        if (stage / files.SUMMARY).is_file():
+            said.append(f"{name} finished")
+        elif (stage / files.METRICS).is_file():
+            epochs = sum(1 for line in (stage / files.METRICS).read_text().splitlines() if line.strip())
+            said.append(f"{name} unfinished ({epochs} epoch{'s' * (epochs != 1)} recorded)")
+        elif stage.is_dir():
+            said.append(f"{name} started")
+        elif not later and (i == 0 or (path / names[i - 1] / files.SUMMARY).is_file()):
+            said.append(f"{name} running or not started")
+        else:
+            said.append(f"{name} not started")
+    last = (path / files.FINETUNE / files.SUMMARY).is_file()
+    return ", ".join(said) + ("; then the evaluation before and after" if last else "")
+
+
 def _info_lines(info: dict) -> str:
     cfg = info["config"]
     run = cfg.get("run", {})
     lines = [f"run        {info['run']}", f"command    {cfg.get('command')}   created {cfg.get('created', '?')}"]
     if not info.get("summary") and cfg.get("command") in ("train", "finetune", "harden"):  # read as a finished run
         lines.append("status     unfinished (no summary.json: interrupted or running): rerun its command with --resume")
+        if info.get("stages"):
+            lines.append(f"stages     {info['stages']}")
     if run:
         arch = run.get("model") or model_label(info.get("model")) or "?"
         data = run.get("dataset") or (cfg.get("dataset") or {}).get("name") or "?"

@@ -286,7 +286,10 @@ def fit(
                     history.restored = history.restored or verdict == "restored"
             record["grad_evals"] = meter.grad_evals  # with what a callback spent (the guard's PGD), as cost.json
             log.info(
-                "epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                "epoch %d/%d: %s",
+                epoch + 1,
+                n_epochs,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()},
             )
             epoch, step = epoch + 1, 0
             acc_state = _zero_acc(device)
