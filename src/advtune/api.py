@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import PGD, Attack, build_attack, logits_of, split_attack_list
+from .attacks import Attack, build_attack, logits_of, split_attack_list
 from .components import Selection
 from .cost import CostMeter
 from .data import Dataset
 from .devices import eval_mode, model_device, model_dtype, require_module, resolve_device
 from .errors import AdvtuneError
-from .evaluation import SUITES, EvalResult, compiled_queries, robust_accuracy, suite
+from .evaluation import SUITES, EvalResult, robust_accuracy, suite, with_compile
 from .inputs import as_tensor_data, batches, check_devices, check_joinable, data_device, resolve_split, validation_split
 from .keywords import keyword_errors, unexpected_keyword
 from .models import load_model as _load_model
@@ -34,13 +34,13 @@ from .models import model_identity, unwrapped
 from .models import save_model as _save_model
 from .recipe import Recipe
 from .runs.analyze import analyze_model
-from .runs.common import guard_on
+from .runs.common import overfit_guard
 from .runs.configs import AnalyzeRun, HardenRun
 from .runs.harden import HardenResult, harden_model
 from .seeding import make_generator, preserved_rng, seed_everything
 from .settings import default
 from .threat import ThreatModel
-from .train import History, Objective, OverfitGuard, TrainConfig
+from .train import History, Objective, TrainConfig
 from .train import fit as _fit
 from .vulnerability import (
     VulnerabilityMap,
@@ -159,11 +159,7 @@ def evaluate(
     threat, seed = _threat(eps, norm), _seed(seed, batch_size)
     if compile not in (None, True, False):
         raise AdvtuneError(f"compile must be True, False or None (auto), got {compile!r}")
-    chosen = _attacks(attacks, threat)
-    if compile is not None:
-        if not any(hasattr(a, "compile") for a in chosen):  # as the command refuses it: it would change nothing
-            raise AdvtuneError("compile= decides how Square queries the model; these attacks have no Square: drop it")
-        chosen = compiled_queries(chosen, compile)
+    chosen = with_compile(_attacks(attacks, threat), compile, "compile=")
     data = resolve_split(data, "test")
     check_devices(model_device(model), data_device(data))  # before the generator is made on the model's device
     return robust_accuracy(
@@ -392,18 +388,12 @@ def fit(
     threat = getattr(attack, "threat", None) or getattr(objective, "threat", None)
     if guard not in (None, True, False) or (guard and threat is None):
         raise AdvtuneError(f"guard=True/False/None watches adversarial training (an attack's objective), got {guard!r}")
-    if guard_on(guard, getattr(attack, "spec", "")):
-        cfg = config or TrainConfig()
-        if cfg.regrow:  # as finetune refuses it: the rollback would bring back weights of an earlier mask
-            raise AdvtuneError(
-                "regrow with the overfitting guard (on for FGSM training): pass guard=False or drop regrow"
-            )
-        gx, gy = train.take(512).tensors(model_device(model))
-        meter = kwargs.setdefault(
-            "meter", CostMeter()
-        )  # one meter: the guard's PGD is counted as the command counts it
-        watch = OverfitGuard(PGD(threat, steps=10), gx, gy, seed=cfg.seed, meter=meter)
-        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), watch]
+    cfg = config or TrainConfig()
+    meter = kwargs.setdefault("meter", CostMeter())  # one meter: the guard's PGD counted, as the command counts it
+    watch = overfit_guard(guard, getattr(attack, "spec", ""), threat, train, model_device(model), cfg.seed, meter)
+    if watch and cfg.regrow:  # as finetune refuses it: the rollback would bring back weights of an earlier mask
+        raise AdvtuneError("regrow with the overfitting guard (on for FGSM training): pass guard=False or drop regrow")
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or ()), *watch]
     val = validation_split(val)
     # the global stream (dropout, a shuffled val DataLoader) seeded from the config as `advtune train` seeds it, the
     # caller's given back; val read once here (fit reads an iterable so too), checked like the training data

@@ -31,7 +31,7 @@ from .gate import (
     sanity_check_large_eps,
     spec_of,
 )
-from .protocol import SUITES, check_attacks, compiled_queries, robust_accuracy, suite
+from .protocol import SUITES, check_attacks, compiled_queries, robust_accuracy, suite, with_compile
 from .results import EpsCurve, EvalResult
 from .transfer import Transfer  # registers the `transfer` attack
 
@@ -56,4 +56,5 @@ __all__ = [
     "sanity_check_large_eps",
     "spec_of",
     "suite",
+    "with_compile",
 ]

@@ -65,6 +65,18 @@ def compiled_queries(attacks: Sequence[Attack], compile: bool | None = True) -> 
     ]
 
 
+def with_compile(attacks: Sequence[Attack], compile: bool | None, said: str) -> list[Attack]:
+    """The attacks with the compile choice applied (None: auto, as they are); a choice with no attack to take it is
+    refused, named as the caller says it (`said`: the command's flag, the API's keyword): it would change nothing."""
+    if compile is None:
+        return list(attacks)
+    if not any(hasattr(a, "compile") for a in attacks):
+        norms = {getattr(getattr(a, "threat", None), "norm", "linf") for a in attacks}
+        l2 = " (Square is linf-only: the standard suite drops it for l2)" if norms - {"linf"} else ""
+        raise AdvtuneError(f"{said} decides how Square queries the model; these attacks have no Square{l2}: drop it")
+    return compiled_queries(attacks, compile)
+
+
 def may_compile(attacks: Sequence[Attack], device: torch.device) -> bool:
     """Whether an attack may torch.compile on `device`: forced (compile=True), or auto (None, Square's
     default), which compiles on the CPU only. Elsewhere importing dynamo (1.5-3 s) would be time lost."""

@@ -411,12 +411,12 @@ def guard_on(guard: bool | None, spec: str) -> bool:
     return guard if guard is not None else spec.strip().lower().startswith("fgsm")
 
 
-def overfit_guard(guard: bool | None, spec: str, threat, ds, device, seed, meter) -> list:
-    """The catastrophic-overfitting guard as a fit callback (when `guard_on`)."""
+def overfit_guard(guard: bool | None, spec: str, threat, train, device, seed, meter) -> list:
+    """The catastrophic-overfitting guard as a fit callback (when `guard_on`), on 512 images of the `train` split."""
     if not guard_on(guard, spec):
         return []
 
-    gx, gy = ds.train.take(512).tensors(device)
+    gx, gy = train.take(512).tensors(device)
     return [OverfitGuard(PGD(threat, steps=10), gx, gy, seed=seed, meter=meter)]
 
 

@@ -15,7 +15,7 @@ from ..attacks import build_attack, split_attack_list
 from ..devices import model_device, resolve_device
 from ..distributed import barrier, on_main, rank_and_world
 from ..errors import AdvtuneError
-from ..evaluation import EvalResult, check_attacks, compiled_queries, eps_curve, passed_line, robust_accuracy, suite
+from ..evaluation import EvalResult, check_attacks, eps_curve, passed_line, robust_accuracy, suite, with_compile
 from ..provenance import versions
 from ..records import model_label
 from ..seeding import make_generator, seed_everything
@@ -37,11 +37,7 @@ def attacks_for(run: EvaluateRun, eps: float):
         attacks = suite(run.suite, threat)
     else:  # (a spec given twice: refused here, before the model or the data are read)
         attacks = check_attacks([build_attack(s, threat) for s in split_attack_list(run.attacks or "")])
-    if run.compile is not None and not any(hasattr(a, "compile") for a in attacks):
-        flag = "--compile" if run.compile else "--no-compile"
-        l2 = " (Square is linf-only: the standard suite drops it for l2)" if run.norm != "linf" else ""
-        raise AdvtuneError(f"{flag} decides how Square queries the model; these attacks have no Square{l2}: drop it")
-    return compiled_queries(attacks, run.compile) if run.compile is not None else attacks  # None: auto
+    return with_compile(attacks, run.compile, "--compile" if run.compile else "--no-compile")  # None: auto
 
 
 def evaluate_model(model, data, run: EvaluateRun) -> dict:

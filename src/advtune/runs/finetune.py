@@ -316,7 +316,7 @@ def finetune_model(
     weights where `model` does not start at them (what a --regrow mask's dropped entries return to)."""
     run, cfg = job.run, job.cfg
     meter = CostMeter().load_json(spent or {})
-    callbacks = overfit_guard(run.guard, run.attack, job.threat, ds, model_device(model), cfg.seed, meter)
+    callbacks = overfit_guard(run.guard, run.attack, job.threat, ds.train, model_device(model), cfg.seed, meter)
     snaps = snapshot_steps(cfg, len(ds.train), run.points)
     snap_meta = {k: v for k, v in (meta or {}).items() if k not in ("parameters", "tensors", "training")}
     in_folder = fit_in_folder(rd, meter, snap_meta, config or {}, snaps, run.resume)

@@ -176,7 +176,7 @@ def run(run: TrainRun) -> TrainSummary:
             run.adversarial, threat, run.attack_mode, run.eps_warmup, model=model, load_model=load_model
         )
         val_attack = getattr(objective, "attack", None)
-        callbacks = overfit_guard(run.guard, run.adversarial, threat, ds, device, cfg.seed, meter)
+        callbacks = overfit_guard(run.guard, run.adversarial, threat, ds.train, device, cfg.seed, meter)
     cfg = with_budget(cfg, run.budget, objective, len(ds.train), model, ds.train.to_float(ds.train.x[:1], device))
     snaps = snapshot_steps(cfg, len(ds.train), run.points)
     config = {
